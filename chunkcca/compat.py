@@ -1,0 +1,190 @@
+"""Drop-in replacements for google/svcca's functions, streamed.
+
+``get_cca_similarity`` takes the same arguments in the same order, the same
+(neurons, datapoints) layout and returns the same dict keys with the same meaning as
+``cca_core.get_cca_similarity`` of google/svcca, but accepts numpy or Dask arrays and
+streams them chunk by chunk: the covariance comes from :class:`~chunkcca.moments.Moments`,
+then the reference's own small solve is repeated on it (max-abs rescaling, pruning of
+neurons whose rescaled variance is below ``epsilon``, ``+ epsilon·I``, ``pinv``, an ``eigh``
+square root, SVD), so results agree to rounding, signs of directions included.
+
+Where the reference fails, this module does the evident intended thing:
+
+- every neuron pruned (or a side with zero variance): the reference raises a ValueError
+  while unpacking; here the reference's intended zero result (``create_zero_dict``) is returned;
+- ``compute_dirns=True`` with ``compute_coefs=False``: the reference raises a NameError;
+  here the directions are computed (the coefficient keys stay out of the result);
+- tiny negative eigenvalues of the pseudo-inverse (rounding) are taken as 0 in the square
+  root rather than giving NaN;
+- ``threshold=0``: the reference averages an empty list (NaN); here ``mean`` is the top coefficient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from .moments import Precision
+from .store import as_activations, datapoints_per_chunk
+from .stream import stream_moments
+
+
+def _as_rows(acts: Any, name: str) -> da.Array:
+    """(neurons, datapoints) input → validated Dask rows (datapoints, neurons), chunked by datapoint."""
+    if not hasattr(acts, "ndim") or acts.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d array (neurons, datapoints), got shape {getattr(acts, 'shape', None)}")
+    if not isinstance(acts, da.Array):
+        per_chunk = datapoints_per_chunk(acts.shape[::-1], np.dtype(acts.dtype).itemsize)
+        acts = da.from_array(acts, chunks=(-1, per_chunk))
+    return as_activations(acts.T, name).data
+
+
+def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix through ``eigh``."""
+    values, vectors = np.linalg.eigh(matrix)
+    return np.dot(vectors, np.dot(np.diag(np.sqrt(np.clip(values, 0, None))), np.conj(vectors).T))
+
+
+def _threshold_index(rho: np.ndarray, threshold: float) -> int:
+    """Smallest n >= 1 whose top-n coefficients hold ``threshold`` of their sum (all if none)."""
+    total = rho.sum()
+    if total <= 0:
+        return rho.size
+    reached = np.flatnonzero(np.cumsum(rho)[:-1] / total >= threshold)
+    return int(reached[0]) + 1 if reached.size else rho.size
+
+
+def _zero_result(compute_dirns: bool, datapoints: int) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "mean": (np.asarray(0), np.asarray(0)),
+        "sum": (np.asarray(0), np.asarray(0)),
+        "cca_coef1": np.asarray(0),
+        "cca_coef2": np.asarray(0),
+        "idx1": 0,
+        "idx2": 0,
+    }
+    if compute_dirns:
+        result["cca_dirns1"] = np.zeros((1, datapoints))
+        result["cca_dirns2"] = np.zeros((1, datapoints))
+    return result
+
+
+def _mean_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype numpy.mean gives for ``dtype`` (float64 for integers)."""
+    return np.dtype(dtype) if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+
+
+def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: float = 0.98,
+                       compute_coefs: bool = True, compute_dirns: bool = False, verbose: bool = True,
+                       *, precision: Precision = "float64", scheduler: Any = None) -> dict[str, Any]:
+    """google/svcca's ``get_cca_similarity``, streamed.
+
+    Parameters
+    ----------
+    acts1, acts2
+        numpy or Dask arrays (neurons1, datapoints), (neurons2, datapoints); fewer neurons
+        than datapoints.
+    epsilon, threshold, compute_coefs, compute_dirns, verbose
+        As in the reference. ``verbose`` prints the steps and a progress bar while streaming.
+    precision
+        dtype of the per-chunk products; "float64" (default) matches the reference's
+        ``np.cov`` to rounding, "float32" is faster.
+    scheduler
+        Dask scheduler (default: the active one).
+
+    Returns
+    -------
+    dict
+        The reference's keys: ``coef_x``, ``invsqrt_xx``, ``full_coef_x``, ``full_invsqrt_xx``
+        (and ``_y``), ``neuron_means1``/``2`` (neurons, 1) in the input dtype,
+        ``cca_coef1``/``2``, ``x_idxs``/``y_idxs``, ``mean`` and ``sum`` tuples, and
+        ``cca_dirns1``/``2`` (neurons, datapoints) with ``compute_dirns`` (a lazy Dask array
+        for Dask input).
+    """
+    for name, acts in (("acts1", acts1), ("acts2", acts2)):
+        if getattr(acts, "ndim", None) == 2 and acts.shape[0] >= acts.shape[1]:
+            raise ValueError(f"{name} has shape {tuple(acts.shape)}: input must be (neurons, datapoints) "
+                             f"with fewer neurons than datapoints")
+    rows1, rows2 = _as_rows(acts1, "acts1"), _as_rows(acts2, "acts2")
+    if rows1.shape[0] != rows2.shape[0]:
+        raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
+    if not np.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+    if verbose:
+        print("streaming covariance")
+    stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, progress=verbose)
+    numx, numy = stats.sizes
+    datapoints = rows1.shape[0]
+    cov = stats.covariance(ddof=1)
+    if not np.all(np.isfinite(cov)):
+        bad = "acts1" if not np.all(np.isfinite(cov[:numx, :numx])) else "acts2"
+        raise ValueError(f"{bad} contains NaN or Inf values")
+    sigma_xx, sigma_xy = cov[:numx, :numx].copy(), cov[:numx, numx:].copy()
+    sigma_yx, sigma_yy = cov[numx:, :numx].copy(), cov[numx:, numx:].copy()
+
+    # The reference's rescaling, pruning and solve, step for step (same matrices, same signs).
+    xmax, ymax = np.max(np.abs(sigma_xx)), np.max(np.abs(sigma_yy))
+    if xmax == 0 or ymax == 0:
+        return _zero_result(compute_dirns, datapoints)
+    sigma_xx /= xmax
+    sigma_yy /= ymax
+    sigma_xy /= np.sqrt(xmax * ymax)
+    sigma_yx /= np.sqrt(xmax * ymax)
+    x_idxs = np.abs(np.diagonal(sigma_xx)) >= epsilon
+    y_idxs = np.abs(np.diagonal(sigma_yy)) >= epsilon
+    if not x_idxs.any() or not y_idxs.any():
+        return _zero_result(compute_dirns, datapoints)
+    sigma_xx = sigma_xx[np.ix_(x_idxs, x_idxs)] + epsilon * np.eye(x_idxs.sum())
+    sigma_yy = sigma_yy[np.ix_(y_idxs, y_idxs)] + epsilon * np.eye(y_idxs.sum())
+    sigma_xy = sigma_xy[np.ix_(x_idxs, y_idxs)]
+    if verbose:
+        print("adding eps to diagonal and taking inverse")
+    invsqrt_xx = _matrix_sqrt(np.linalg.pinv(sigma_xx))
+    invsqrt_yy = _matrix_sqrt(np.linalg.pinv(sigma_yy))
+    if verbose:
+        print("taking final svd")
+    u, s, v = np.linalg.svd(np.dot(invsqrt_xx, np.dot(sigma_xy, invsqrt_yy)))
+    s = np.abs(s)
+
+    result: dict[str, Any] = {}
+    full_coef_x = np.zeros((numx, numx))
+    full_coef_x[np.ix_(x_idxs, x_idxs)] = u.T
+    full_invsqrt_xx = np.zeros((numx, numx))
+    full_invsqrt_xx[np.ix_(x_idxs, x_idxs)] = invsqrt_xx
+    full_coef_y = np.zeros((numy, numy))
+    full_coef_y[np.ix_(y_idxs, y_idxs)] = v
+    full_invsqrt_yy = np.zeros((numy, numy))
+    full_invsqrt_yy[np.ix_(y_idxs, y_idxs)] = invsqrt_yy
+    neuron_means1 = stats.mean[:numx].astype(_mean_dtype(acts1.dtype)).reshape(-1, 1)
+    neuron_means2 = stats.mean[numx:].astype(_mean_dtype(acts2.dtype)).reshape(-1, 1)
+    if compute_coefs:
+        result.update(coef_x=u.T, invsqrt_xx=invsqrt_xx, full_coef_x=full_coef_x,
+                      full_invsqrt_xx=full_invsqrt_xx, coef_y=v, invsqrt_yy=invsqrt_yy,
+                      full_coef_y=full_coef_y, full_invsqrt_yy=full_invsqrt_yy,
+                      neuron_means1=neuron_means1, neuron_means2=neuron_means2)
+    idx = _threshold_index(s, threshold)
+    result["cca_coef1"] = s
+    result["cca_coef2"] = s
+    result["x_idxs"] = x_idxs
+    result["y_idxs"] = y_idxs
+    result["mean"] = (np.mean(s[:idx]), np.mean(s[:idx]))
+    result["sum"] = (np.sum(s), np.sum(s))
+    if compute_dirns:
+        result["cca_dirns1"] = _directions(acts1, full_coef_x @ full_invsqrt_xx, neuron_means1)
+        result["cca_dirns2"] = _directions(acts2, full_coef_y @ full_invsqrt_yy, neuron_means2)
+    return result
+
+
+def _directions(acts: Any, transform: np.ndarray, means: np.ndarray) -> Any:
+    """``transform · (acts − means) + means`` (neurons, datapoints): lazy for Dask input.
+
+    The directions are as large as the input; for numpy input they are computed in memory,
+    like the input itself.
+    """
+    if isinstance(acts, da.Array):
+        return da.dot(transform, acts - means) + means
+    return np.dot(transform, acts - means) + means

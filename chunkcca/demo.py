@@ -1,0 +1,125 @@
+"""The demo: write a store of two synthetic models, stream CCAs over it, print a table, save a plot.
+
+The activations are generated chunk by chunk (seeded per chunk), so the demo itself never holds
+a whole layer: two "models" see the same latent image features through different random
+filters and independent noise; ``conv2`` is (N, 16, 16, 64) post-ReLU, ``pool2`` its 2×2 max pool
+(N, 8, 8, 64).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .measures import cca
+from .store import write_activations
+
+LATENT = 48
+CHANNELS = 64
+SIZE = 16
+
+
+def _demo_conv2(first: int, count: int, model: int, seed: int) -> np.ndarray:
+    """conv2 activations (count, 16, 16, 64) float32 of ``model`` for datapoints first … first+count."""
+    latent = np.random.default_rng([seed, first]).standard_normal((count, SIZE, SIZE, LATENT), dtype=np.float32)
+    filters = np.random.default_rng([seed, 10_000 + model]).standard_normal((LATENT, CHANNELS), dtype=np.float32)
+    noise = np.random.default_rng([seed, first, 1 + model]).standard_normal(
+        (count, SIZE, SIZE, CHANNELS), dtype=np.float32)
+    return np.maximum(latent @ filters / np.sqrt(LATENT) + 0.7 * noise + 0.3, 0)
+
+
+def _demo_pool2(first: int, count: int, model: int, seed: int) -> np.ndarray:
+    conv2 = _demo_conv2(first, count, model, seed)
+    return conv2.reshape(count, SIZE // 2, 2, SIZE // 2, 2, CHANNELS).max(axis=(2, 4))
+
+
+def demo_layers(datapoints: int, *, chunk: int, seed: int = 0) -> dict[str, da.Array]:
+    """The demo's four layers as lazy Dask arrays chunked by ``chunk`` datapoints."""
+    layers = {}
+    for model in (0, 1):
+        for name, make, size in (("conv2", _demo_conv2, SIZE), ("pool2", _demo_pool2, SIZE // 2)):
+            blocks = [
+                da.from_delayed(dask.delayed(make)(first, min(chunk, datapoints - first), model, seed),
+                                shape=(min(chunk, datapoints - first), size, size, CHANNELS), dtype=np.float32)
+                for first in range(0, datapoints, chunk)
+            ]
+            layers[f"model{model}/{name}"] = da.concatenate(blocks)
+    return layers
+
+
+@dataclass
+class PeakMemory:
+    """Peak resident memory (MiB) of this process within a ``with`` block (Linux: reset per block)."""
+
+    mib: float = float("nan")
+
+    @contextmanager
+    def measure(self) -> Iterator[PeakMemory]:
+        status = Path("/proc/self/status")
+        resettable = False
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            resettable = True
+        except OSError:
+            pass
+        yield self
+        if resettable and status.exists():
+            line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+            self.mib = int(line.split()[1]) / 1024
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024
+            self.mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024
+
+
+def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk: int = 250, seed: int = 0,
+             precision: str = "float32", progress: bool = True) -> dict[str, xr.Dataset]:
+    """Write the demo store under ``out``, run the comparisons, print a table and save the plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plot import plot_rho
+
+    out = Path(out)
+    store_path = out / "demo.zarr"
+    print(f"writing {datapoints} datapoints x 2 models x (conv2 16x16x64, pool2 8x8x64) to {store_path}")
+    tree = write_activations(store_path, demo_layers(datapoints, chunk=chunk, seed=seed), chunks=chunk,
+                             overwrite=True, progress=progress)
+    runs = [
+        ("conv2 vs conv2", "model0/conv2", "model1/conv2", "flatten", 1),
+        ("conv2 vs conv2", "model0/conv2", "model1/conv2", "flatten", 2),
+        ("pool2 vs pool2", "model0/pool2", "model1/pool2", "flatten", 1),
+        ("conv2 vs pool2", "model0/conv2", "model1/pool2", "avgpool", 1),
+    ]
+    results: dict[str, xr.Dataset] = {}
+    table = [("comparison", "spatial", "stride", "rows", "mean rho", "seconds", "peak MiB")]
+    for label, layer_a, layer_b, spatial, stride in runs:
+        peak = PeakMemory()
+        with peak.measure():
+            start = time.perf_counter()
+            result = cca(tree[layer_a], tree[layer_b], spatial=spatial, stride=stride, precision=precision,
+                         progress=progress)
+            seconds = time.perf_counter() - start
+        results[f"{label}, {spatial}, stride {stride}"] = result
+        table.append((label, spatial, str(stride), str(int(result["rows"])), f"{float(result['rho_mean']):.4f}",
+                      f"{seconds:.2f}", f"{peak.mib:.0f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    figure_path = out / "cca_coefficients.png"
+    ax = plot_rho(results, title=f"chunkcca demo: {datapoints} datapoints, two models")
+    ax.figure.savefig(figure_path, dpi=120)
+    plt.close(ax.figure)
+    print(f"plot: {figure_path}")
+    return results

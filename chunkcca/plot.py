@@ -1,0 +1,33 @@
+"""Plots of results: canonical correlation coefficient curves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import xarray as xr
+
+
+def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, title: str | None = None) -> Any:
+    """Plot ``rho`` against component for one result or a mapping label → result; return the Axes.
+
+    Uses whatever matplotlib backend is active; for files without a display, call
+    ``matplotlib.use("Agg")`` first or save with :meth:`Figure.savefig`.
+    """
+    import matplotlib.pyplot as plt
+
+    if isinstance(results, xr.Dataset):
+        results = {results.attrs.get("layer_a", "a") + " vs " + results.attrs.get("layer_b", "b"): results}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    for label, result in results.items():
+        rho = result["rho"]
+        ax.plot(rho["component"], rho, lw=2.0, label=f"{label} (mean {float(rho.mean()):.3f})")
+    ax.set_xlabel("CCA component")
+    ax.set_ylabel("canonical correlation ρ")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.4)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return ax

@@ -1,0 +1,187 @@
+"""Activation stores: validate layers, write them to zarr (v3) and open them lazily as a DataTree.
+
+A store is a zarr hierarchy; each layer is a node (e.g. ``model0/conv2``) holding the variable
+``activations`` with dims (datapoint, height, width, channel), or (datapoint, channel) for a
+fully connected layer. Coordinates: ``datapoint`` (an id per input example), ``channel``, and
+``height``/``width`` as pixel-centre positions in input-image units. Only ``datapoint`` is
+chunked, so each chunk holds whole spatial maps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .moments import write_atomically
+
+VARIABLE = "activations"
+CONV_DIMS: tuple[str, ...] = ("datapoint", "height", "width", "channel")
+FC_DIMS: tuple[str, ...] = ("datapoint", "channel")
+#: Bytes per datapoint chunk that ``chunks="auto"`` aims for.
+CHUNK_BYTES = 32 * 2**20
+
+
+def default_codec() -> Any:
+    """Blosc-LZ4 with byte shuffle: decodes several times faster than zstd at 64+ channels."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | str = "auto") -> int:
+    """Datapoints per chunk: ``chunks`` itself, or for "auto" as many as fit :data:`CHUNK_BYTES`."""
+    if chunks == "auto":
+        per_datapoint = int(np.prod(shape[1:])) * itemsize
+        return int(max(1, min(shape[0], CHUNK_BYTES // max(per_datapoint, 1))))
+    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
+        raise ValueError(f"chunks must be a positive number of datapoints or 'auto', got {chunks!r}")
+    return int(chunks)
+
+
+def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto") -> xr.DataArray:
+    """One layer as a Dask-backed DataArray with dims (datapoint, [height, width,] channel).
+
+    ``layer`` is a numpy or Dask array (axis 0 = datapoint, last axis = channel), a DataArray
+    with those dim names (in any order), a Dataset or DataTree node holding ``activations``.
+    ``name`` names the layer in error messages (default: the node path or DataArray name).
+    Raises a ValueError or TypeError naming the layer and the fault. Nothing is computed.
+    """
+    if isinstance(layer, xr.DataTree):
+        name = name or layer.path.lstrip("/") or "/"
+        layer = layer.to_dataset()
+    if isinstance(layer, xr.Dataset):
+        if VARIABLE not in layer:
+            raise ValueError(f"layer {name!r} has no variable {VARIABLE!r} (has {sorted(map(str, layer))})")
+        layer = layer[VARIABLE]
+    if isinstance(layer, xr.DataArray):
+        name = name or (str(layer.name) if layer.name is not None else "activations")
+        array = _order_dims(layer, name)
+    else:
+        if not hasattr(layer, "shape") or not hasattr(layer, "dtype"):
+            raise TypeError(f"layer {name!r}: expected a numpy/Dask array or xarray object, got {type(layer).__name__}")
+        name = name or "activations"
+        if layer.ndim not in (2, 4):
+            raise ValueError(
+                f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected "
+                f"(datapoint, height, width, channel) or (datapoint, channel)")
+        array = xr.DataArray(layer, dims=CONV_DIMS if layer.ndim == 4 else FC_DIMS, name=name)
+    _check_values(array, name)
+    if not isinstance(array.data, da.Array):
+        per_chunk = datapoints_per_chunk(array.shape, array.dtype.itemsize, chunks)
+        array = array.copy(data=da.from_array(array.data, chunks=(per_chunk, *array.shape[1:])))
+    return array.rename(name)
+
+
+def _order_dims(array: xr.DataArray, name: str) -> xr.DataArray:
+    for dims in (CONV_DIMS, FC_DIMS):
+        if set(array.dims) == set(dims):
+            return array.transpose(*dims)
+    raise ValueError(
+        f"layer {name!r} has dims {tuple(map(str, array.dims))}; expected {CONV_DIMS} or {FC_DIMS} "
+        f"(rename yours with DataArray.rename)")
+
+
+def _check_values(array: xr.DataArray, name: str) -> None:
+    dtype = array.dtype
+    if dtype.kind == "b" or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"layer {name!r} has dtype {dtype}; expected real numbers (float or integer)")
+    empty = [str(dim) for dim, size in array.sizes.items() if size == 0]
+    if empty:
+        raise ValueError(f"layer {name!r} is empty: dim {', '.join(empty)} has size 0 (shape {array.shape})")
+
+
+def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataArray:
+    """Add default coordinates where missing: datapoint and channel indices, pixel centres."""
+    coords: dict[Hashable, Any] = {}
+    for dim in ("datapoint", "channel"):
+        if dim not in array.coords:
+            coords[dim] = np.arange(array.sizes[dim])
+    for dim, extent in zip(("height", "width"), image_size):
+        if dim in array.dims and dim not in array.coords:
+            size = array.sizes[dim]
+            coords[dim] = (np.arange(size) + 0.5) * (extent / size)
+    return array.assign_coords(coords)
+
+
+def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, chunks: int | str = "auto",
+                      image_size: int | tuple[int, int] | None = None, overwrite: bool = False,
+                      progress: bool = False) -> xr.DataTree:
+    """Write layers to a zarr (v3) store at ``path`` and return it opened with :func:`open_activations`.
+
+    Parameters
+    ----------
+    layers
+        Layer path (e.g. ``"model0/conv2"``) → numpy array, Dask array or DataArray of dims
+        (datapoint, height, width, channel) or (datapoint, channel). Dask inputs are written
+        chunk by chunk, never materialised.
+    chunks
+        Datapoints per zarr chunk, or "auto" for about 32 MiB per chunk. Only datapoint is chunked.
+    image_size
+        Height and width of the input images, for the ``height``/``width`` pixel-centre
+        coordinates of layers that have none: pixel i of an s-pixel map sits at
+        (i + 0.5)·image_size/s. Default: the largest height/width among ``layers``.
+    overwrite
+        Replace an existing store. The new store is written to a temporary folder beside
+        ``path`` and renamed into place, so an interrupted write never leaves a partial store.
+    """
+    if not layers:
+        raise ValueError("write_activations needs at least one layer")
+    arrays = {str(key).strip("/"): as_activations(value, str(key).strip("/"), chunks=chunks)
+              for key, value in layers.items()}
+    if image_size is None:
+        spatial = [(a.sizes.get("height", 1), a.sizes.get("width", 1)) for a in arrays.values()]
+        image_size = (max(s[0] for s in spatial), max(s[1] for s in spatial))
+    elif isinstance(image_size, (int, np.integer)):
+        image_size = (int(image_size), int(image_size))
+    datasets: dict[str, xr.Dataset] = {}
+    encoding: dict[str, dict[str, Any]] = {}
+    for key, array in arrays.items():
+        array = _labelled(array, image_size)
+        per_chunk = datapoints_per_chunk(array.shape, array.dtype.itemsize, chunks)
+        array = array.chunk({dim: (per_chunk if dim == "datapoint" else -1) for dim in array.dims})
+        datasets[key] = xr.Dataset({VARIABLE: array.rename(None)})
+        encoding["/" + key] = {VARIABLE: {"chunks": array.data.chunksize, "compressors": (default_codec(),)}}
+    tree = xr.DataTree.from_dict(datasets)
+
+    def write(tmp: Path) -> None:
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar():
+                tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
+        else:
+            tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
+
+    write_atomically(path, write, overwrite=overwrite)
+    return open_activations(path)
+
+
+def open_activations(path: str | os.PathLike) -> xr.DataTree:
+    """Open a store read-only as a lazy, Dask-backed DataTree chunked along datapoint only.
+
+    Every node holding ``activations`` is checked for dims and dtype; nothing is read but metadata.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no activation store at {path}")
+    try:
+        tree = xr.open_datatree(path, engine="zarr", chunks={}, consolidated=False)
+    except Exception as error:
+        raise ValueError(f"cannot open {path} as a zarr activation store: {error}") from error
+    found = layer_paths(tree)
+    if not found:
+        raise ValueError(f"{path} holds no layer (no node with a variable {VARIABLE!r})")
+    for layer in found:
+        as_activations(tree[layer], layer)
+    return tree
+
+
+def layer_paths(tree: xr.DataTree) -> list[str]:
+    """Paths (without the leading '/') of the nodes of ``tree`` that hold activations."""
+    return [node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars]

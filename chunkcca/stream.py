@@ -1,0 +1,116 @@
+"""Dask plumbing: one Moments partial per datapoint chunk, tree-reduced, computed on any scheduler.
+
+The engine has the shape of a flox reduction: a chunk function
+(:func:`chunkcca.moments.partial_from_rows` on the rows a spatial adapter gives), a combine
+and aggregate function (:func:`chunkcca.moments.merge_packed`) and a finalize step
+(:func:`chunkcca.moments.unpack`). Memory per task is O(chunk + p²) whatever the number of
+datapoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from .moments import Moments, Precision, merge_packed, partial_from_rows, unpack
+from .spatial import block_rows
+
+#: Partials merged per task in the tree reduction.
+SPLIT_EVERY = 8
+
+
+def _chunk_partial(first: np.ndarray, *blocks: np.ndarray, spatial: str, stride: int,
+                   precision: Precision) -> np.ndarray:
+    """Packed partial (1, p + 2, p) of one datapoint chunk of every side."""
+    first_datapoint = int(first[0]) if first.size else 0
+    rows = [block_rows(block, spatial, first_datapoint, stride) for block in blocks]
+    return partial_from_rows(rows, precision)
+
+
+def _keep(partial: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    return partial
+
+
+def _merge(partials: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    return merge_packed(partials)
+
+
+def moments_graph(sides: Sequence[da.Array], *, spatial: str = "flatten", stride: int = 1,
+                  precision: Precision = "float32", split_every: int = SPLIT_EVERY) -> da.Array:
+    """Lazy packed Moments (1, p + 2, p) of the rows of ``sides``, concatenated along channels.
+
+    ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
+    channel); Dask aligns their datapoint chunks. Nothing is computed here.
+    """
+    n_datapoints = sides[0].shape[0]
+    p = sum(side.shape[-1] for side in sides)
+    first = da.arange(n_datapoints, chunks=(sides[0].chunks[0],))
+    args: list[Any] = [first, ("datapoint",)]
+    for i, side in enumerate(sides):
+        args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
+    partials = da.blockwise(
+        _chunk_partial, ("datapoint", "row", "col"), *args,
+        new_axes={"row": p + 2, "col": p}, adjust_chunks={"datapoint": 1},
+        concatenate=True, dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
+        spatial=spatial, stride=stride, precision=precision,
+    )
+    return da.reduction(
+        partials, _keep, _merge, combine=_merge, axis=0, keepdims=True, dtype=np.float64,
+        split_every=split_every, concatenate=True, meta=np.empty((0, 0, 0), dtype=np.float64),
+    )
+
+
+def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tuple[Any, ...]:
+    """Compute Dask graphs with BLAS pinned to one thread, on the active or given scheduler.
+
+    ``scheduler`` is anything :func:`dask.compute` takes ("threads", "processes",
+    "synchronous", a ``distributed.Client``); by default the active one (a
+    ``distributed.Client`` if one is current, else the local threaded scheduler). With
+    ``progress=True`` a progress bar is shown: Dask's local bar, or distributed's on a cluster.
+    """
+    client = _active_client(scheduler)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if client is not None:
+            futures = client.compute(list(graphs))
+            if progress:
+                from distributed import progress as distributed_progress
+
+                distributed_progress(futures)
+            return tuple(client.gather(futures))
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar():
+                return dask.compute(*graphs, scheduler=scheduler)
+        return dask.compute(*graphs, scheduler=scheduler)
+
+
+def _active_client(scheduler: Any) -> Any:
+    """The ``distributed.Client`` to run on: ``scheduler`` if it is one, else the current one."""
+    try:
+        from distributed import Client, default_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    if isinstance(scheduler, Client):
+        return scheduler
+    if scheduler is not None:
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def stream_moments(sides: Sequence[da.Array], *, spatial: str = "flatten", stride: int = 1,
+                   precision: Precision = "float32", split_every: int = SPLIT_EVERY,
+                   scheduler: Any = None, progress: bool = False) -> Moments:
+    """Compute the :class:`Moments` of ``sides`` in one pass over their chunks."""
+    graph = moments_graph(sides, spatial=spatial, stride=stride, precision=precision,
+                          split_every=split_every)
+    (packed,) = compute(graph, scheduler=scheduler, progress=progress)
+    return unpack(packed, [side.shape[-1] for side in sides])

@@ -1,0 +1,121 @@
+"""Make the golden fixtures for ``chunkcca.compat`` from the published google/svcca code.
+
+The inputs are generated here from fixed seeds; the outputs are what google/svcca's
+``cca_core.get_cca_similarity`` (commit 1f3fbf19) returns for them. Only numbers are
+committed (``svcca_golden/*.npz``); the reference code itself is never part of chunkcca.
+
+Usage::
+
+    python tests/data/make_svcca_golden.py --reference /path/to/google-svcca-checkout \
+        [--shared-data ../shared/data]
+
+Each ``<case>.npz`` holds ``in_acts1``/``in_acts2`` (the inputs, in the layout given to
+the reference, or activations of shape (datapoint, height, width, channel) for the
+flatten cases), ``param_*`` scalars and ``out_<key>`` for every key the reference returned
+(``out_mean`` and ``out_sum`` as length-2 arrays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent / "svcca_golden"
+
+
+def _fc_gauss(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two fully connected layers (12 and 9 neurons, 800 datapoints) sharing 5 latents."""
+    latent = rng.standard_normal((5, 800))
+    acts1 = rng.standard_normal((12, 5)) @ latent + 0.5 * rng.standard_normal((12, 800))
+    acts2 = rng.standard_normal((9, 5)) @ latent + 0.8 * rng.standard_normal((9, 800))
+    return acts1, acts2
+
+
+def _relu_offset(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Post-ReLU float32 layers with a large common offset (mean ~50, spread ~1)."""
+    latent = rng.standard_normal((6, 1500))
+    acts1 = 50.0 + rng.standard_normal((20, 6)) @ latent + rng.standard_normal((20, 1500))
+    acts2 = 50.0 + rng.standard_normal((16, 6)) @ latent + rng.standard_normal((16, 1500))
+    return np.maximum(acts1, 0).astype(np.float32), np.maximum(acts2, 0).astype(np.float32)
+
+
+def _pruned(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Layers with constant (zero-variance) neurons that the reference prunes."""
+    acts1, acts2 = _fc_gauss(rng)
+    acts1 = acts1[:10, :500].copy()
+    acts2 = acts2[:8, :500].copy()
+    acts1[3] = 2.0
+    acts1[7] = -1.0
+    acts2[0] = 0.0
+    return acts1, acts2
+
+
+def _conv(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Conv layers (30, 6, 6, 8) and (30, 6, 6, 6), float32, correlated, post-ReLU."""
+    latent = rng.standard_normal((30, 6, 6, 4))
+    acts1 = latent @ rng.standard_normal((4, 8)) + rng.standard_normal((30, 6, 6, 8))
+    acts2 = latent @ rng.standard_normal((4, 6)) + rng.standard_normal((30, 6, 6, 6))
+    return (np.maximum(acts1 + 0.5, 0).astype(np.float32),
+            np.maximum(acts2 + 0.5, 0).astype(np.float32))
+
+
+def _load_svcca_pickle(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def _save(name: str, acts1, acts2, result: dict, **params) -> None:
+    arrays = {f"param_{k}": np.asarray(v) for k, v in params.items()}
+    if acts1 is not None:
+        arrays["in_acts1"], arrays["in_acts2"] = acts1, acts2
+    for key, value in result.items():
+        arrays[f"out_{key}"] = np.asarray(value)
+    np.savez_compressed(HERE / f"{name}.npz", **arrays)
+    print(f"wrote {name}.npz: {sorted(result)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, required=True,
+                        help="folder holding google/svcca's cca_core.py")
+    parser.add_argument("--shared-data", type=Path, default=Path("../shared/data"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(args.reference))
+    cca_core = importlib.import_module("cca_core")
+    HERE.mkdir(exist_ok=True)
+
+    def ref(a1, a2, **kw):
+        return cca_core.get_cca_similarity(a1, a2, verbose=False, **kw)
+
+    acts1, acts2 = _fc_gauss(np.random.default_rng(0))
+    _save("fc_gauss", acts1, acts2, ref(acts1, acts2, compute_dirns=True), epsilon=0.0, threshold=0.98)
+    _save("fc_gauss_t05", acts1, acts2, ref(acts1, acts2, threshold=0.5), epsilon=0.0, threshold=0.5)
+    acts1, acts2 = _relu_offset(np.random.default_rng(1))
+    _save("relu_offset", acts1, acts2, ref(acts1, acts2, epsilon=1e-10), epsilon=1e-10, threshold=0.98)
+    acts1, acts2 = _pruned(np.random.default_rng(2))
+    _save("pruned", acts1, acts2, ref(acts1, acts2, epsilon=1e-6, compute_dirns=True),
+          epsilon=1e-6, threshold=0.98)
+    conv1, conv2 = _conv(np.random.default_rng(3))
+    for stride in (1, 2, 5):
+        f1 = conv1.reshape(-1, conv1.shape[-1])
+        f2 = conv2.reshape(-1, conv2.shape[-1])
+        result = ref(f1.T[:, ::stride], f2.T[:, ::stride], epsilon=1e-10)
+        _save(f"conv_flatten_s{stride}", conv1, conv2, result, epsilon=1e-10, threshold=0.98,
+              stride=stride)
+    svhn = args.shared_data / "svcca" / "SVHN"
+    if svhn.is_dir():
+        a1 = _load_svcca_pickle(svhn / "model_0_lay06.p").T
+        a2 = _load_svcca_pickle(svhn / "model_1_lay06.p").T
+        result = ref(a1, a2, epsilon=1e-10)
+        keep = {k: result[k] for k in ("cca_coef1", "mean", "sum", "x_idxs", "y_idxs")}
+        _save("svhn_fc", None, None, keep, epsilon=1e-10, threshold=0.98)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Moments: per-chunk partials, the exact merge, chunking invariance, save/load."""
+
+from __future__ import annotations
+
+import itertools
+
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import flatten_rows, scatter
+
+from chunkcca import Moments
+from chunkcca.moments import merge_packed, pack, partial_from_rows, unpack
+from chunkcca.stream import stream_moments
+
+
+def _moments_of(rows: np.ndarray, sizes=None) -> Moments:
+    n, mean, m = scatter(rows)
+    return Moments(n=n, mean=mean, scatter=m, sizes=sizes or (rows.shape[1],))
+
+
+def assert_moments_close(got: Moments, want: Moments, rtol: float) -> None:
+    """Means and scatter agree to ``rtol`` of the data's scale (largest |mean|, largest variance)."""
+    assert got.n == want.n
+    assert got.sizes == want.sizes
+    scale_mean = max(np.abs(want.mean).max(), np.sqrt(np.diag(want.scatter).max() / max(want.n, 1)))
+    np.testing.assert_allclose(got.mean, want.mean, rtol=0, atol=rtol * scale_mean)
+    np.testing.assert_allclose(got.scatter, want.scatter, rtol=0, atol=rtol * np.abs(want.scatter).max())
+
+
+def test_partial_matches_two_pass_float64(rng):
+    rows = rng.standard_normal((5000, 7)) * [1, 2, 3, 4, 5, 6, 7] + 100.0
+    got = unpack(partial_from_rows([rows[:, :3], rows[:, 3:]], "float64"), (3, 4))
+    assert_moments_close(got, _moments_of(rows, (3, 4)), rtol=1e-13)
+
+
+def test_partial_large_offset_keeps_precision(rng):
+    """Post-ReLU-like data with mean 50 and spread 0.1: raw sums would lose ~8 digits; shifting keeps them.
+
+    float32 products: each shifted value is rounded to float32 (rel. 6e-8 of its ~0.1 size) and
+    products accumulate over 8192-row sub-blocks, so 1e-6 of the scatter scale is a safe bound.
+    """
+    rows = (50.0 + 0.1 * rng.standard_normal((20000, 6))).astype(np.float32)
+    want = _moments_of(rows)
+    assert_moments_close(unpack(partial_from_rows([rows], "float64")), want, rtol=1e-12)
+    assert_moments_close(unpack(partial_from_rows([rows], "float32")), want, rtol=1e-6)
+
+
+def test_partial_of_no_rows_is_neutral(rng):
+    rows = rng.standard_normal((10, 3))
+    empty = partial_from_rows([rows[:0]], "float64")
+    assert empty[0, 0, 0] == 0
+    merged = merge_packed(np.concatenate([empty, partial_from_rows([rows], "float64"), empty]))
+    assert_moments_close(unpack(merged), _moments_of(rows), rtol=1e-14)
+
+
+@given(
+    n=st.integers(1, 60),
+    cuts=st.lists(st.integers(0, 60), max_size=6),
+    order=st.randoms(use_true_random=False),
+)
+def test_merge_is_exact_for_any_split_and_order(n, cuts, order):
+    """Chan's merge of any split of the rows, merged in any order, equals the whole (to rounding)."""
+    rows = np.random.default_rng(n).standard_normal((n, 4)) * 3 + 7
+    edges = sorted({0, n, *[c for c in cuts if c <= n]})
+    parts = [partial_from_rows([rows[a:b]], "float64") for a, b in itertools.pairwise(edges)]
+    order.shuffle(parts)
+    assert_moments_close(unpack(merge_packed(np.concatenate(parts))), _moments_of(rows), rtol=1e-12)
+
+
+@given(sizes=st.lists(st.integers(0, 30), min_size=3, max_size=3))
+def test_merge_is_associative(sizes):
+    rng = np.random.default_rng(sum(sizes))
+    a, b, c = (Moments(*_stats(rng.standard_normal((k, 3)) + 5)) for k in sizes)
+    left, right = (a + b) + c, a + (b + c)
+    assert left.n == right.n == sum(sizes)
+    np.testing.assert_allclose(left.mean, right.mean, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(left.scatter, right.scatter, rtol=1e-12, atol=1e-12)
+
+
+def _stats(rows):
+    if rows.shape[0] == 0:
+        return 0, np.zeros(rows.shape[1]), np.zeros((rows.shape[1],) * 2)
+    return scatter(rows)
+
+
+@given(
+    datapoints=st.integers(1, 40),
+    chunk_a=st.integers(1, 40),
+    chunk_b=st.integers(1, 40),
+    stride=st.integers(1, 7),
+    height=st.integers(1, 4),
+)
+def test_streamed_moments_independent_of_chunking(datapoints, chunk_a, chunk_b, stride, height):
+    """Any chunking of either side and any stride give the in-memory Moments of the flattened rows."""
+    rng = np.random.default_rng([datapoints, chunk_a, chunk_b, stride, height])
+    a = rng.standard_normal((datapoints, height, 3, 2)) + 4
+    b = rng.standard_normal((datapoints, height, 3, 3)) - 2
+    got = stream_moments([da.from_array(a, chunks=(chunk_a, -1, -1, -1)),
+                          da.from_array(b, chunks=(chunk_b, 1, -1, -1))],
+                         stride=stride, precision="float64", split_every=2)
+    rows = np.concatenate([flatten_rows(a, stride), flatten_rows(b, stride)], axis=1)
+    assert_moments_close(got, _moments_of(rows, (2, 3)), rtol=1e-12)
+
+
+def test_add_merges_and_checks_sides(rng):
+    rows = rng.standard_normal((100, 5))
+    first, second = (unpack(partial_from_rows([r[:, :2], r[:, 2:]], "float64"), (2, 3)) for r in (rows[:30], rows[30:]))
+    assert_moments_close(first + second, _moments_of(rows, (2, 3)), rtol=1e-13)
+    with pytest.raises(ValueError, match="cannot merge Moments of sides"):
+        first + unpack(partial_from_rows([rows], "float64"), (5,))
+
+
+def test_moments_validates_shapes():
+    with pytest.raises(ValueError, match="scatter has shape"):
+        Moments(n=3, mean=np.zeros(2), scatter=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="do not add up"):
+        Moments(n=3, mean=np.zeros(2), scatter=np.zeros((2, 2)), sizes=(1, 2))
+    with pytest.raises(ValueError, match="needs more than 1 rows"):
+        Moments(n=1, mean=np.zeros(2), scatter=np.zeros((2, 2))).covariance()
+
+
+def test_pack_round_trip(rng):
+    m = _moments_of(rng.standard_normal((9, 4)), (1, 3))
+    back = unpack(pack(m), m.sizes)
+    assert back.n == m.n and back.sizes == m.sizes
+    np.testing.assert_array_equal(back.scatter, m.scatter)
+
+
+def test_save_load_round_trip_and_incremental_merge(tmp_path, rng):
+    rows = rng.standard_normal((200, 4)) + 3
+    old = _moments_of(rows[:120], (2, 2))
+    old.save(tmp_path / "stats")
+    loaded = Moments.load(tmp_path / "stats")
+    assert loaded.n == old.n and loaded.sizes == old.sizes
+    np.testing.assert_array_equal(loaded.mean, old.mean)
+    np.testing.assert_array_equal(loaded.scatter, old.scatter)
+    assert_moments_close(loaded + _moments_of(rows[120:], (2, 2)), _moments_of(rows, (2, 2)), rtol=1e-13)
+
+
+def test_save_is_atomic_and_never_clobbers_by_default(tmp_path, rng):
+    first = _moments_of(rng.standard_normal((10, 2)))
+    second = _moments_of(rng.standard_normal((20, 2)))
+    first.save(tmp_path / "stats")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        second.save(tmp_path / "stats")
+    assert Moments.load(tmp_path / "stats").n == 10
+    second.save(tmp_path / "stats", overwrite=True)
+    assert Moments.load(tmp_path / "stats").n == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats"], "temporary folders must not remain"
+
+
+def test_load_rejects_missing_and_foreign(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no saved Moments"):
+        Moments.load(tmp_path / "nothing")
+    import xarray as xr
+
+    xr.Dataset({"x": ("a", np.arange(3))}).to_zarr(tmp_path / "other", zarr_format=3, consolidated=False)
+    with pytest.raises(ValueError, match="not a saved chunkcca Moments"):
+        Moments.load(tmp_path / "other")
