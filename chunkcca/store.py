@@ -106,6 +106,9 @@ def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataAr
         if dim in array.dims and dim not in array.coords:
             size = array.sizes[dim]
             coords[dim] = (np.arange(size) + 0.5) * (extent / size)
+    for name, coord in array.coords.items():
+        if coord.dtype.kind == "U":  # fixed-width unicode has no stable zarr v3 spec; vlen strings do
+            coords[name] = coord.astype(object)
     return array.assign_coords(coords)
 
 

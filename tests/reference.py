@@ -29,6 +29,7 @@ def canonical_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     no covariance is formed, so this is as accurate as float64 allows.
     """
     def basis(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, dtype=np.float64)
         centred = a - a.mean(axis=0)
         centred = centred[:, centred.std(axis=0) > 0]
         q, r = np.linalg.qr(centred)

@@ -1,0 +1,229 @@
+"""chunkcca.cca against an in-memory float64 QR-based computation, across chunkings, strides, dtypes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import correlated_layers
+from reference import avgpool_rows, canonical_correlations, flatten_rows
+
+import chunkcca
+from chunkcca import Moments, cca, cca_from_moments, compute_moments
+
+#: Tolerances on ρ. float64 products: the covariance route squares the condition number of the
+#: centred data (about 10 here), so 1e-10 leaves four orders of magnitude of margin over the
+#: ~1e-14 seen. float32 products: shifted values rounded to float32 (6e-8 relative) summed in
+#: float32 over 8192-row sub-blocks give ~1e-7 typical, 7e-7 worst seen; 3e-6 bounds it.
+RTOL = {"float64": 1e-10, "float32": 3e-6}
+
+
+@pytest.fixture(scope="module")
+def conv_pair():
+    return correlated_layers(np.random.default_rng(7), 60, (5, 6, 7), (5, 6, 5))
+
+
+@pytest.mark.parametrize("chunk", [7, 25, 60])
+@pytest.mark.parametrize("stride", [1, 2, 5])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_flatten_matches_in_memory(conv_pair, chunk, stride, precision):
+    a, b = conv_pair
+    result = cca(da.from_array(a, chunks=(chunk, -1, -1, -1)), da.from_array(b, chunks=(chunk // 2 + 1, -1, -1, -1)),
+                 stride=stride, precision=precision)
+    want = canonical_correlations(flatten_rows(a, stride), flatten_rows(b, stride))
+    np.testing.assert_allclose(result["rho"], want, rtol=0, atol=RTOL[precision])
+    assert int(result["rows"]) == flatten_rows(a, stride).shape[0]
+    assert result.attrs["stride"] == stride and result.attrs["precision"] == precision
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int16, np.uint8])
+def test_input_dtypes(dtype):
+    a, b = correlated_layers(np.random.default_rng(1), 50, (3, 3, 4), (3, 3, 3), dtype=np.float64)
+    a, b = (np.round(x * 20).astype(dtype) if np.dtype(dtype).kind in "iu" else x.astype(dtype) for x in (a, b))
+    result = cca(a, b, precision="float64")
+    want = canonical_correlations(flatten_rows(a), flatten_rows(b))
+    np.testing.assert_allclose(result["rho"], want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_avgpool_compares_different_spatial_sizes(stride):
+    a, b = correlated_layers(np.random.default_rng(2), 90, (6, 6, 4), (3, 3, 5))
+    result = cca(da.from_array(a, chunks=(13, -1, -1, -1)), b, spatial="avgpool", stride=stride, precision="float64")
+    want = canonical_correlations(avgpool_rows(a, stride), avgpool_rows(b, stride))
+    np.testing.assert_allclose(result["rho"], want, rtol=0, atol=1e-10)
+    assert int(result["rows"]) == len(range(0, 90, stride))
+
+
+def _with_known_correlations(rho: np.ndarray, n: int, p: int, q: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """x (n, p), y (n, q) whose sample canonical correlations are exactly ``rho`` (then zeros)."""
+    rng = np.random.default_rng(seed)
+    k = rho.size
+    basis, _ = np.linalg.qr(np.column_stack([np.ones(n), rng.standard_normal((n, p + q))]))
+    u, w = basis[:, 1 : p + 1], basis[:, p + 1 :]
+    x = u @ rng.standard_normal((p, p)) + 3.0
+    y_latent = np.column_stack([u[:, :k] * rho + w[:, :k] * np.sqrt(1 - rho**2), w[:, k:q]])
+    return x, y_latent @ rng.standard_normal((q, q)) - 1.0
+
+
+def test_recovers_known_canonical_correlations():
+    rho = np.array([0.99, 0.9, 0.5, 0.1])
+    x, y = _with_known_correlations(rho, 3000, 6, 5, seed=3)
+    result = cca(da.from_array(x, chunks=400), da.from_array(y, chunks=700), precision="float64")
+    np.testing.assert_allclose(result["rho"], np.r_[rho, 0.0], atol=1e-10)
+
+
+def test_coefficients_give_unit_variance_variates_with_correlations_rho(conv_pair):
+    a, b = (flatten_rows(x) for x in conv_pair)
+    result = cca(a, b, precision="float64")
+    va = (a - a.mean(axis=0)) @ result["coef_a"].values
+    vb = (b - b.mean(axis=0)) @ result["coef_b"].values
+    cross = va.T @ vb / (a.shape[0] - 1)
+    np.testing.assert_allclose(va.T @ va / (a.shape[0] - 1), np.eye(va.shape[1]), atol=1e-9)
+    np.testing.assert_allclose(np.diag(cross), result["rho"], atol=1e-9)
+    np.testing.assert_allclose(cross - np.diag(np.diag(cross)), 0, atol=1e-9)
+
+
+def test_invariant_to_invertible_linear_maps(conv_pair):
+    a, b = (flatten_rows(x) for x in conv_pair)
+    rng = np.random.default_rng(4)
+    mixed = cca(a @ rng.standard_normal((7, 7)) + 10, b * [1e-3, 1, 5, 1e2, 7], precision="float64")
+    np.testing.assert_allclose(mixed["rho"], cca(a, b, precision="float64")["rho"], atol=1e-9)
+
+
+def test_labelled_layers_align_by_datapoint_label(conv_pair):
+    a, b = conv_pair
+    dims = ("datapoint", "height", "width", "channel")
+    layer_a = xr.DataArray(a, dims=dims, coords={"datapoint": np.arange(60)}, name="net0/conv")
+    order = np.random.default_rng(5).permutation(60)
+    layer_b = xr.DataArray(b[order], dims=dims, coords={"datapoint": order}, name="net1/conv")
+    result = cca(layer_a, layer_b.chunk({"datapoint": 11}), precision="float64")
+    want = canonical_correlations(flatten_rows(a), flatten_rows(b))
+    np.testing.assert_allclose(result["rho"], want, atol=1e-10)
+    assert result.attrs["layer_a"] == "net0/conv" and result.attrs["layer_b"] == "net1/conv"
+
+
+def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):
+    a, b = conv_pair
+    dims = ("datapoint", "height", "width", "channel")
+    layer_a = xr.DataArray(a, dims=dims, coords={"datapoint": np.arange(60)}, name="net0/conv")
+    layer_b = xr.DataArray(b, dims=dims, coords={"datapoint": np.arange(1, 61)}, name="net1/conv")
+    with pytest.raises(ValueError, match=r"1 of layer 'net0/conv' are not in layer 'net1/conv' \(e.g. \[0\]\)"):
+        cca(layer_a, layer_b)
+    with pytest.raises(ValueError, match="layer 'a' has 60 datapoints but layer 'b' has 59"):
+        cca(a, b[:59])
+    repeated = layer_b.assign_coords(datapoint=np.r_[np.arange(59), 0])
+    with pytest.raises(ValueError, match=r"layer 'net1/conv' has repeated datapoint labels, e.g. \[0\]"):
+        cca(layer_a, repeated)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stride": 0}, "stride must be an integer >= 1, got 0"),
+        ({"stride": 1.5}, "stride must be an integer >= 1, got 1.5"),
+        ({"epsilon": -1e-3}, "epsilon must be a finite number >= 0, got -0.001"),
+        ({"epsilon": float("nan")}, "epsilon must be a finite number >= 0"),
+        ({"spatial": "pool"}, "spatial must be one of 'flatten', 'avgpool', got 'pool'"),
+        ({"precision": "float16"}, "precision must be one of 'float32', 'float64', got 'float16'"),
+    ],
+)
+def test_bad_options_are_rejected_before_streaming(conv_pair, options, message):
+    def never(*args):
+        raise AssertionError("streaming started")
+
+    a = da.map_blocks(never, da.zeros((60, 5, 6, 7), chunks=30), dtype=float)
+    with pytest.raises(ValueError, match=message):
+        cca(a, conv_pair[1], **options)
+
+
+def test_flatten_of_different_spatial_sizes_names_both_and_suggests_avgpool():
+    a = xr.DataArray(np.zeros((4, 16, 16, 2)), dims=("datapoint", "height", "width", "channel"), name="conv2")
+    b = xr.DataArray(np.zeros((4, 8, 8, 2)), dims=("datapoint", "height", "width", "channel"), name="pool2")
+    with pytest.raises(ValueError, match=r"layer 'conv2' is 16x16 and layer 'pool2' is 8x8; use spatial='avgpool'"):
+        cca(a, b)
+
+
+def test_zero_variance_channels_are_pruned_and_reported(conv_pair):
+    a, b = (flatten_rows(x) for x in conv_pair)
+    a = a.copy()
+    a[:, 2] = 3.25
+    result = cca(a, b, precision="float32")
+    assert result["pruned_a"].values.tolist() == [False, False, True, False, False, False, False]
+    assert not result["pruned_b"].any()
+    assert int(result["rank_a"]) == 6
+    np.testing.assert_allclose(result["rho"], canonical_correlations(np.delete(a, 2, axis=1), b), atol=RTOL["float32"])
+    np.testing.assert_array_equal(result["coef_a"].sel(channel_a=2), 0)
+
+
+def test_rank_deficiency_is_reported_not_hidden():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((500, 3))
+    a = np.column_stack([x, x[:, 0] + x[:, 1]])
+    b = x @ rng.standard_normal((3, 4)) + 0.1 * rng.standard_normal((500, 4))
+    result = cca(a, b, precision="float64")
+    assert int(result["rank_a"]) == 3 and int(result["rank_b"]) == 4
+    assert np.all(np.isfinite(result["rho"]))
+    assert float(result["rho"][3]) < 1e-6
+    np.testing.assert_allclose(result["rho"][:3], canonical_correlations(x, b)[:3], atol=1e-9)
+
+
+def test_fewer_rows_than_channels_warns():
+    rng = np.random.default_rng(9)
+    with pytest.warns(RuntimeWarning, match="only 6 rows for 8 channels"):
+        cca(rng.standard_normal((6, 8)), rng.standard_normal((6, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_non_finite_values_name_the_layer():
+    rng = np.random.default_rng(10)
+    a, b = rng.standard_normal((40, 3)), rng.standard_normal((40, 2))
+    b[17, 1] = np.nan
+    layer_b = xr.DataArray(b, dims=("datapoint", "channel"), name="model1/fc")
+    with pytest.raises(ValueError, match="layer 'model1/fc' contains NaN or Inf"):
+        cca(a, layer_b)
+
+
+def test_store_layers_stream_and_are_never_modified(tmp_path):
+    a, b = correlated_layers(np.random.default_rng(11), 40, (4, 4, 6), (4, 4, 3))
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": a, "m1/conv": b}, chunks=9)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+    result = cca(tree["m0/conv"], tree["m1/conv"], stride=2, precision="float64")
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+    assert before == after
+    np.testing.assert_allclose(result["rho"], canonical_correlations(flatten_rows(a, 2), flatten_rows(b, 2)),
+                               atol=1e-10)
+    assert result.attrs["layer_a"] == "m0/conv"
+    np.testing.assert_array_equal(result["channel_b"], [0, 1, 2])
+
+
+def test_moments_can_be_saved_merged_and_solved(tmp_path, conv_pair):
+    a, b = conv_pair
+    first = compute_moments(a[:25], b[:25], precision="float64")
+    first.save(tmp_path / "first")
+    total = Moments.load(tmp_path / "first") + compute_moments(a[25:], b[25:], precision="float64")
+    np.testing.assert_allclose(cca_from_moments(total)["rho"], cca(a, b, precision="float64")["rho"], atol=1e-12)
+
+
+def test_same_result_on_a_distributed_client(conv_pair):
+    distributed = pytest.importorskip("distributed")
+    a, b = conv_pair
+    local = cca(a, b, stride=2, precision="float64")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None):
+        remote = cca(da.from_array(a, chunks=13), b, stride=2, precision="float64")
+    np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
+
+
+def test_symmetric_in_its_arguments(conv_pair):
+    a, b = conv_pair
+    np.testing.assert_allclose(cca(a, b, precision="float64")["rho"][:5],
+                               cca(b, a, precision="float64")["rho"], atol=1e-12)
+
+
+def test_epsilon_regularises_towards_zero_correlation(conv_pair):
+    a, b = conv_pair
+    plain, ridge = cca(a, b, precision="float64"), cca(a, b, epsilon=10.0, precision="float64")
+    assert ridge.attrs["epsilon"] == 10.0
+    assert np.all(ridge["rho"].values <= plain["rho"].values + 1e-12)

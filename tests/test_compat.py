@@ -1,0 +1,161 @@
+"""chunkcca.compat.get_cca_similarity against golden values from google/svcca's published code.
+
+The fixtures in data/svcca_golden were made by data/make_svcca_golden.py running the reference
+(commit 1f3fbf19). Tolerance: 1e-6 absolute on cca_coef1 and mean with the default float64
+products (they agree to ~1e-14: the same covariance to rounding). float32 products round
+every shifted value to float32 before the product (6e-8 relative), which moves small
+correlations by up to 1.2e-6 here (seen); they are held to 3e-6, as in test_cca.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import GOLDEN, SHARED_DATA
+from reference import canonical_correlations
+
+from chunkcca.compat import get_cca_similarity
+
+CASES = sorted(p.stem for p in GOLDEN.glob("*.npz") if p.stem != "svhn_fc")
+KEYS_SOLVE = ["coef_x", "coef_y", "invsqrt_xx", "invsqrt_yy", "full_coef_x", "full_coef_y",
+              "full_invsqrt_xx", "full_invsqrt_yy"]
+
+
+def _load(case: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    golden = dict(np.load(GOLDEN / f"{case}.npz"))
+    acts1, acts2 = golden["in_acts1"], golden["in_acts2"]
+    if acts1.ndim == 4:  # conv layers: the tutorial's acts.reshape(-1, C).T[:, ::stride]
+        stride = int(golden["param_stride"])
+        acts1 = acts1.reshape(-1, acts1.shape[-1]).T[:, ::stride]
+        acts2 = acts2.reshape(-1, acts2.shape[-1]).T[:, ::stride]
+    return acts1, acts2, golden
+
+
+def test_golden_cases_are_present():
+    assert len(CASES) >= 7
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("chunk", [64, 333, None])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_matches_reference(case, chunk, precision):
+    acts1, acts2, golden = _load(case)
+    if chunk is not None:
+        acts1, acts2 = da.from_array(acts1, chunks=(-1, chunk)), da.from_array(acts2, chunks=(-1, chunk))
+    result = get_cca_similarity(acts1, acts2, float(golden["param_epsilon"]), float(golden["param_threshold"]),
+                                compute_dirns="out_cca_dirns1" in golden, verbose=False, precision=precision)
+    want_keys = {k[4:] for k in golden if k.startswith("out_")}
+    assert set(result) == want_keys
+    atol = {"float64": 1e-6, "float32": 3e-6}[precision]
+    np.testing.assert_allclose(result["cca_coef1"], golden["out_cca_coef1"], rtol=0, atol=atol)
+    np.testing.assert_allclose(result["mean"], golden["out_mean"], rtol=0, atol=atol)
+    np.testing.assert_allclose(result["sum"], golden["out_sum"], rtol=0, atol=atol * golden["out_cca_coef1"].size)
+    np.testing.assert_array_equal(result["x_idxs"], golden["out_x_idxs"])
+    np.testing.assert_array_equal(result["y_idxs"], golden["out_y_idxs"])
+    assert result["neuron_means1"].dtype == golden["out_neuron_means1"].dtype
+    assert result["neuron_means1"].shape == golden["out_neuron_means1"].shape
+    # The reference averages in the input dtype (pairwise summation: error up to eps·log2(n)
+    # of the values' size); ours rounds the shifted values to the product dtype. Allow the
+    # coarser of the two roundings, twice.
+    coarser = max(np.finfo(golden["out_neuron_means1"].dtype).eps, np.finfo(precision).eps)
+    rounding = 2 * coarser * np.log2(acts1.shape[1])
+    np.testing.assert_allclose(result["neuron_means1"], golden["out_neuron_means1"], rtol=0,
+                               atol=rounding * float(np.abs(golden["in_acts1"]).max()))
+    if precision == "float64":  # same small solve on the same covariance: directions and signs agree
+        for key in KEYS_SOLVE:
+            np.testing.assert_allclose(result[key], golden[f"out_{key}"], rtol=0, atol=1e-8, err_msg=key)
+        if "out_cca_dirns1" in golden:
+            dirns = result["cca_dirns1"]
+            assert isinstance(dirns, da.Array) == (chunk is not None)
+            np.testing.assert_allclose(np.asarray(dirns), golden["out_cca_dirns1"], rtol=0, atol=1e-8)
+
+
+def test_cca_coefficients_are_the_true_canonical_correlations():
+    acts1, acts2, _ = _load("relu_offset")
+    result = get_cca_similarity(acts1, acts2, verbose=False)
+    np.testing.assert_allclose(result["cca_coef1"], canonical_correlations(acts1.T, acts2.T), atol=1e-9)
+
+
+def test_every_neuron_pruned_gives_the_zero_result():
+    """The reference raises here (it unpacks six values into five); its intended zero dict is returned."""
+    acts1 = np.ones((3, 50))
+    acts2 = np.random.default_rng(0).standard_normal((2, 50))
+    result = get_cca_similarity(acts1, acts2, epsilon=1e-6, compute_dirns=True, verbose=False)
+    assert set(result) == {"mean", "sum", "cca_coef1", "cca_coef2", "idx1", "idx2", "cca_dirns1", "cca_dirns2"}
+    assert result["mean"] == (0, 0) and result["cca_coef1"] == 0
+    assert result["cca_dirns1"].shape == (1, 50)
+    tiny = np.random.default_rng(1).standard_normal((3, 50))
+    tiny[0] *= 1e-6
+    tiny[1] *= 1e-7
+    pruned = get_cca_similarity(tiny, acts2, epsilon=0.5, verbose=False)
+    assert pruned["x_idxs"].tolist() == [False, False, True]
+
+
+def test_threshold_rule_and_zero_threshold():
+    acts1, acts2, golden = _load("fc_gauss")
+    rho = golden["out_cca_coef1"]
+    for threshold in (0.3, 0.7, 1.0):
+        result = get_cca_similarity(acts1, acts2, threshold=threshold, verbose=False)
+        n = next((i for i in range(len(rho)) if rho[:i].sum() / rho.sum() >= threshold), len(rho))
+        assert result["mean"][0] == pytest.approx(rho[:n].mean(), abs=1e-12)
+    assert get_cca_similarity(acts1, acts2, threshold=0.0, verbose=False)["mean"][0] == pytest.approx(rho[0])
+
+
+def test_dirns_without_coefs_are_computed():
+    acts1, acts2, golden = _load("fc_gauss")
+    result = get_cca_similarity(acts1, acts2, compute_coefs=False, compute_dirns=True, verbose=False)
+    assert "coef_x" not in result
+    np.testing.assert_allclose(result["cca_dirns1"], golden["out_cca_dirns1"], atol=1e-8)
+
+
+def test_verbose_prints_steps(capsys):
+    acts1, acts2, _ = _load("fc_gauss")
+    get_cca_similarity(acts1, acts2)
+    assert "taking final svd" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("acts1", "acts2", "kwargs", "message"),
+    [
+        (np.zeros((5, 40)), np.zeros((5, 41)), {}, "acts1 has 40 datapoints but acts2 has 41"),
+        (np.zeros((50, 40)), np.zeros((5, 40)), {}, r"acts1 has shape \(50, 40\): input must be \(neurons, datap"),
+        (np.zeros((5, 4, 40)), np.zeros((5, 40)), {}, "acts1 must be a 2-d array"),
+        (np.ones((2, 40)), np.ones((2, 40)), {"epsilon": -1.0}, "epsilon must be a finite number >= 0"),
+        (np.ones((2, 40)), np.ones((2, 40)), {"threshold": 1.5}, "threshold must be between 0 and 1"),
+        (np.ones((2, 40), dtype=complex), np.ones((2, 40)), {}, "layer 'acts1' has dtype complex128"),
+    ],
+)
+def test_bad_input(acts1, acts2, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        get_cca_similarity(acts1, acts2, verbose=False, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_nan_names_the_input():
+    acts = np.random.default_rng(2).standard_normal((2, 30))
+    bad = acts.copy()
+    bad[1, 4] = np.inf
+    with pytest.raises(ValueError, match="acts2 contains NaN or Inf"):
+        get_cca_similarity(acts, bad, verbose=False)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "svcca" / "SVHN").is_dir(),
+                    reason="../shared/data (real SVHN activations) absent")
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_real_svhn_fc_layers_match_reference(precision):
+    """google/svcca's SVHN fc activations (1000 images x 200 units, two seeds), streamed in chunks of 128."""
+    def load(name):
+        with gzip.open(SHARED_DATA / "svcca" / "SVHN" / name, "rb") as f:
+            return pickle.load(f).T
+
+    acts1, acts2 = load("model_0_lay06.p"), load("model_1_lay06.p")
+    golden = np.load(GOLDEN / "svhn_fc.npz")
+    result = get_cca_similarity(da.from_array(acts1, chunks=(-1, 128)), da.from_array(acts2, chunks=(-1, 128)),
+                                epsilon=1e-10, verbose=False, precision=precision)
+    np.testing.assert_array_equal(result["x_idxs"], golden["out_x_idxs"])
+    np.testing.assert_allclose(result["cca_coef1"], golden["out_cca_coef1"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(result["mean"], golden["out_mean"], rtol=0, atol=1e-6)

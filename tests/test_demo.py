@@ -1,0 +1,59 @@
+"""The chunkcca command and its demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import chunkcca
+from chunkcca.cli import main
+from chunkcca.demo import demo_layers, run_demo
+
+
+def test_demo_writes_store_table_and_plot(tmp_path, capsys):
+    assert main(["demo", "--datapoints", "48", "--chunk", "10", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "conv2 vs conv2  flatten       2" in out and "peak MiB" in out
+    png = tmp_path / "cca_coefficients.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tree = chunkcca.open_activations(tmp_path / "demo.zarr")
+    assert sorted(chunkcca.layer_paths(tree)) == ["model0/conv2", "model0/pool2", "model1/conv2", "model1/pool2"]
+    conv2 = tree["model0/conv2"]["activations"]
+    assert conv2.shape == (48, 16, 16, 64) and conv2.data.numblocks[0] == 5
+    assert tree["model1/pool2"]["activations"].shape == (48, 8, 8, 64)
+
+
+def test_demo_results_match_in_memory_and_rerun_overwrites(tmp_path):
+    results = run_demo(tmp_path, datapoints=24, chunk=7, progress=False, precision="float64")
+    run_demo(tmp_path, datapoints=24, chunk=7, progress=False)
+    layers = {k: v.compute() for k, v in demo_layers(24, chunk=7).items()}
+    a = layers["model0/pool2"].reshape(-1, 64).astype(np.float64)
+    b = layers["model1/pool2"].reshape(-1, 64).astype(np.float64)
+    from reference import canonical_correlations
+
+    # 1536 rows for 128 channels: the covariance route squares a condition number of ~1e3-1e4,
+    # so float64 agreement is ~1e-8 here (5e-9 seen).
+    np.testing.assert_allclose(results["pool2 vs pool2, flatten, stride 1"]["rho"], canonical_correlations(a, b),
+                               atol=1e-7)
+    assert np.all(a >= 0), "post-ReLU activations"
+
+
+def test_demo_layers_do_not_depend_on_chunking():
+    small = demo_layers(20, chunk=20)["model1/conv2"].compute()
+    np.testing.assert_array_equal(small[:7], demo_layers(7, chunk=20)["model1/conv2"].compute())
+
+
+def test_bad_arguments_exit_nonzero_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--datapoints", "0"])
+    assert exit_info.value.code == 2
+    assert "must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "chunkcca.cli", "demo", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--datapoints" in out and "--out" in out

@@ -1,0 +1,31 @@
+"""The examples run as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(*args: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+                          env={"MPLBACKEND": "Agg", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_quickstart(tmp_path):
+    out = _run(str(EXAMPLES / "quickstart.py"), str(tmp_path / "out"), cwd=tmp_path)
+    assert "flatten, stride 2: 19200 rows" in out
+    merged = float(out.split("max |d rho| = ")[1].split()[0])
+    assert merged < 1e-10
+    assert (tmp_path / "out" / "quickstart.png").exists()
+
+
+def test_svcca_compat(tmp_path):
+    out = _run(str(EXAMPLES / "svcca_compat.py"), cwd=tmp_path)
+    difference = float(out.split("numpy vs Dask input: ")[1].split()[0])
+    assert difference < 1e-10
+    assert "cca_dirns1 is lazy: Array (50, 20000)" in out

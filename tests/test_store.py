@@ -1,0 +1,129 @@
+"""Activation stores: write, open, labels, validation."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+from chunkcca import layer_paths, open_activations, write_activations
+from chunkcca.store import as_activations
+
+
+def test_round_trip_numpy_dask_and_dataarray(tmp_path, rng):
+    conv = rng.standard_normal((20, 4, 4, 3)).astype(np.float32)
+    fc = rng.standard_normal((20, 5))
+    labelled = xr.DataArray(rng.standard_normal((20, 2, 2, 3)), dims=("datapoint", "height", "width", "channel"),
+                            coords={"datapoint": np.arange(100, 120), "channel": ["r", "g", "b"]})
+    tree = write_activations(tmp_path / "s.zarr", {"m0/conv": conv, "m0/fc": da.from_array(fc, chunks=7),
+                                                   "m1/pool": labelled}, chunks=6)
+    assert sorted(layer_paths(tree)) == ["m0/conv", "m0/fc", "m1/pool"]
+    stored = tree["m0/conv"]["activations"]
+    assert stored.dims == ("datapoint", "height", "width", "channel")
+    assert stored.dtype == np.float32
+    assert isinstance(stored.data, da.Array) and stored.data.chunks[0] == (6, 6, 6, 2)
+    assert all(len(c) == 1 for c in stored.data.chunks[1:]), "only datapoint is chunked"
+    np.testing.assert_array_equal(stored.values, conv)
+    np.testing.assert_array_equal(tree["m0/fc"]["activations"].values, fc)
+    pool = tree["m1/pool"]
+    np.testing.assert_array_equal(pool["datapoint"], np.arange(100, 120))
+    assert list(pool["channel"].values) == ["r", "g", "b"]
+
+
+def test_pixel_centres_in_input_image_units(tmp_path):
+    tree = write_activations(tmp_path / "s.zarr", {"conv2": np.zeros((2, 16, 16, 1)), "pool2": np.zeros((2, 8, 8, 1))})
+    np.testing.assert_allclose(tree["conv2"]["height"], np.arange(16) + 0.5)
+    np.testing.assert_allclose(tree["pool2"]["height"], np.arange(8) * 2 + 1.0)
+    tree = write_activations(tmp_path / "t.zarr", {"pool2": np.zeros((2, 8, 8, 1))}, image_size=32)
+    np.testing.assert_allclose(tree["pool2"]["width"], np.arange(8) * 4 + 2.0)
+
+
+def test_dask_input_is_written_chunk_by_chunk(tmp_path):
+    """Each block of a Dask input is computed once, on its own: the layer is never gathered."""
+    calls = []
+
+    def block(i):
+        calls.append(i)
+        return np.full((5, 3), float(i))
+
+    lazy = da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(5, 3), dtype=float) for i in range(4)])
+    tree = write_activations(tmp_path / "s.zarr", {"fc": lazy}, chunks=5)
+    assert sorted(calls) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(tree["fc"]["activations"].values[:, 0], np.repeat(np.arange(4.0), 5))
+
+
+def test_auto_chunks_target_tens_of_megabytes(tmp_path):
+    array = as_activations(da.zeros((10_000, 16, 16, 64), dtype=np.float32, chunks=(10_000, 16, 16, 64)), "x")
+    assert array.shape[0] == 10_000
+    from chunkcca.store import CHUNK_BYTES, datapoints_per_chunk
+
+    per_chunk = datapoints_per_chunk((10_000, 16, 16, 64), 4)
+    assert per_chunk * 16 * 16 * 64 * 4 <= CHUNK_BYTES < (per_chunk + 1) * 16 * 16 * 64 * 4
+
+
+def test_overwrite_is_explicit_and_atomic(tmp_path):
+    write_activations(tmp_path / "s.zarr", {"fc": np.ones((3, 2))})
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_activations(tmp_path / "s.zarr", {"fc": np.zeros((3, 2))})
+    np.testing.assert_array_equal(open_activations(tmp_path / "s.zarr")["fc"]["activations"].values, 1)
+    write_activations(tmp_path / "s.zarr", {"fc": np.zeros((4, 2))}, overwrite=True)
+    assert open_activations(tmp_path / "s.zarr")["fc"]["activations"].shape == (4, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+
+def test_failed_write_leaves_earlier_store_intact(tmp_path):
+    write_activations(tmp_path / "s.zarr", {"fc": np.ones((3, 2))})
+
+    def broken(i):
+        raise RuntimeError("producer died")
+
+    lazy = da.from_delayed(dask.delayed(broken)(0), shape=(3, 2), dtype=float)
+    with pytest.raises(RuntimeError, match="producer died"):
+        write_activations(tmp_path / "s.zarr", {"fc": lazy}, overwrite=True)
+    np.testing.assert_array_equal(open_activations(tmp_path / "s.zarr")["fc"]["activations"].values, 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+
+@pytest.mark.parametrize(
+    ("layer", "error", "message"),
+    [
+        (np.zeros((4, 3, 2)), ValueError, r"layer 'bad' has 3 dims \(shape \(4, 3, 2\)\)"),
+        (np.zeros((4, 2), dtype=complex), TypeError, "layer 'bad' has dtype complex128; expected real"),
+        (np.zeros((4, 2), dtype=bool), TypeError, "layer 'bad' has dtype bool"),
+        (np.array([["a"]]), TypeError, "layer 'bad' has dtype <U1"),
+        (np.zeros((0, 2)), ValueError, "layer 'bad' is empty: dim datapoint has size 0"),
+        (np.zeros((3, 0)), ValueError, "layer 'bad' is empty: dim channel has size 0"),
+        (xr.DataArray(np.zeros((3, 2)), dims=("x", "channel")), ValueError, r"layer 'bad' has dims \('x', 'channel'\)"),
+        (xr.Dataset({"other": ("x", [1])}), ValueError, "layer 'bad' has no variable 'activations'"),
+        ([1, 2, 3], TypeError, "expected a numpy/Dask array or xarray object, got list"),
+    ],
+)
+def test_bad_layers_are_named_with_their_fault(layer, error, message):
+    with pytest.raises(error, match=message):
+        as_activations(layer, "bad")
+
+
+def test_dims_in_other_order_are_transposed_by_name():
+    array = xr.DataArray(np.zeros((3, 2, 2, 5)), dims=("datapoint", "channel", "height", "width"))
+    assert as_activations(array, "x").dims == ("datapoint", "height", "width", "channel")
+
+
+def test_open_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no activation store at"):
+        open_activations(tmp_path / "missing.zarr")
+    xr.Dataset({"x": ("a", np.arange(3))}).to_zarr(tmp_path / "other.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(ValueError, match="holds no layer"):
+        open_activations(tmp_path / "other.zarr")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "zarr.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot open .*junk as a zarr activation store"):
+        open_activations(tmp_path / "junk")
+
+
+def test_bad_chunks_argument(tmp_path):
+    with pytest.raises(ValueError, match="chunks must be a positive number of datapoints"):
+        write_activations(tmp_path / "s.zarr", {"fc": np.ones((3, 2))}, chunks=0)
+    with pytest.raises(ValueError, match="at least one layer"):
+        write_activations(tmp_path / "s.zarr", {})
