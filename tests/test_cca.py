@@ -227,3 +227,22 @@ def test_epsilon_regularises_towards_zero_correlation(conv_pair):
     plain, ridge = cca(a, b, precision="float64"), cca(a, b, epsilon=10.0, precision="float64")
     assert ridge.attrs["epsilon"] == 10.0
     assert np.all(ridge["rho"].values <= plain["rho"].values + 1e-12)
+
+
+def test_no_task_holds_more_than_a_chunk():
+    """Every task's output is at most one chunk of the inputs: nothing gathers a whole layer."""
+    from dask.callbacks import Callback
+
+    largest = []
+
+    class Sizes(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            largest.append(getattr(result, "nbytes", 0))
+
+    a, b = correlated_layers(np.random.default_rng(12), 400, (4, 4, 8), (4, 4, 6), dtype=np.float64)
+    chunk_bytes = 50 * 4 * 4 * 8 * 8
+    with Sizes():
+        result = cca(da.from_array(a, chunks=(50, -1, -1, -1)), da.from_array(b, chunks=(50, -1, -1, -1)),
+                     precision="float64")
+    assert int(result["rows"]) == 400 * 16
+    assert 0 < max(largest) <= chunk_bytes < a.nbytes / 4
