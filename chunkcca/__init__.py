@@ -1,7 +1,8 @@
 """chunkcca: CCA-family similarity of neural-network representations, streamed from stores larger than memory."""
 
-from .measures import cca, cca_from_moments, compute_moments
+from .measures import cca, cca_from_moments
 from .moments import Moments
+from .pairs import compute_moments
 from .store import layer_paths, open_activations, write_activations
 
 __all__ = [

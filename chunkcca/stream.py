@@ -18,17 +18,17 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .moments import Moments, Precision, merge_packed, partial_from_rows, unpack
-from .spatial import block_rows
+from .spatial import Adapter, block_rows, spatial_shape
 
 #: Partials merged per task in the tree reduction.
 SPLIT_EVERY = 8
 
 
-def _chunk_partial(first: np.ndarray, *blocks: np.ndarray, spatial: str, stride: int,
+def _chunk_partial(first: np.ndarray, *blocks: np.ndarray, adapters: Sequence[Adapter], stride: int,
                    precision: Precision) -> np.ndarray:
-    """Packed partial (1, p + 2, p) of one datapoint chunk of every side."""
+    """Packed partial (1, *batch, p + 2, p) of one datapoint chunk of every side."""
     first_datapoint = int(first[0]) if first.size else 0
-    rows = [block_rows(block, spatial, first_datapoint, stride) for block in blocks]
+    rows = [block_rows(block, adapter, first_datapoint, stride) for block, adapter in zip(blocks, adapters)]
     return partial_from_rows(rows, precision)
 
 
@@ -40,28 +40,32 @@ def _merge(partials: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.
     return merge_packed(partials)
 
 
-def moments_graph(sides: Sequence[da.Array], *, spatial: str = "flatten", stride: int = 1,
+def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, stride: int = 1,
                   precision: Precision = "float32", split_every: int = SPLIT_EVERY) -> da.Array:
-    """Lazy packed Moments (1, p + 2, p) of the rows of ``sides``, concatenated along channels.
+    """Lazy packed Moments (1, *batch, p + 2, p) of the rows of ``sides``, concatenated along channels.
 
     ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
-    channel); Dask aligns their datapoint chunks. Nothing is computed here.
+    channel), with one :class:`~chunkcca.spatial.Adapter` each; Dask aligns their datapoint
+    chunks. Nothing is computed here.
     """
     n_datapoints = sides[0].shape[0]
     p = sum(side.shape[-1] for side in sides)
+    batch = adapters[0].batch_shape
+    batch_axes = {f"batch{i}": size for i, size in enumerate(batch)}
     first = da.arange(n_datapoints, chunks=(sides[0].chunks[0],))
     args: list[Any] = [first, ("datapoint",)]
     for i, side in enumerate(sides):
         args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
+    dtype = np.dtype(np.complex128 if any(a.kind == "dft" for a in adapters) else np.float64)
+    meta = np.empty((0,) * (3 + len(batch)), dtype=dtype)
     partials = da.blockwise(
-        _chunk_partial, ("datapoint", "row", "col"), *args,
-        new_axes={"row": p + 2, "col": p}, adjust_chunks={"datapoint": 1},
-        concatenate=True, dtype=np.float64, meta=np.empty((0, 0, 0), dtype=np.float64),
-        spatial=spatial, stride=stride, precision=precision,
+        _chunk_partial, ("datapoint", *batch_axes, "row", "col"), *args,
+        new_axes={**batch_axes, "row": p + 2, "col": p}, adjust_chunks={"datapoint": 1},
+        concatenate=True, dtype=dtype, meta=meta, adapters=tuple(adapters), stride=stride, precision=precision,
     )
     return da.reduction(
-        partials, _keep, _merge, combine=_merge, axis=0, keepdims=True, dtype=np.float64,
-        split_every=split_every, concatenate=True, meta=np.empty((0, 0, 0), dtype=np.float64),
+        partials, _keep, _merge, combine=_merge, axis=0, keepdims=True, dtype=dtype,
+        split_every=split_every, concatenate=True, meta=meta,
     )
 
 
@@ -106,11 +110,12 @@ def _active_client(scheduler: Any) -> Any:
         return None
 
 
-def stream_moments(sides: Sequence[da.Array], *, spatial: str = "flatten", stride: int = 1,
+def stream_moments(sides: Sequence[da.Array], adapters: Sequence[Adapter] | None = None, *, stride: int = 1,
                    precision: Precision = "float32", split_every: int = SPLIT_EVERY,
                    scheduler: Any = None, progress: bool = False) -> Moments:
-    """Compute the :class:`Moments` of ``sides`` in one pass over their chunks."""
-    graph = moments_graph(sides, spatial=spatial, stride=stride, precision=precision,
-                          split_every=split_every)
+    """Compute the :class:`Moments` of ``sides`` in one pass over their chunks (default adapters: flatten)."""
+    if adapters is None:
+        adapters = [Adapter("flatten", spatial_shape(side.shape)) for side in sides]
+    graph = moments_graph(sides, adapters, stride=stride, precision=precision, split_every=split_every)
     (packed,) = compute(graph, scheduler=scheduler, progress=progress)
     return unpack(packed, [side.shape[-1] for side in sides])

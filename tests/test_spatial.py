@@ -6,11 +6,12 @@ import itertools
 
 import numpy as np
 import pytest
+import xarray as xr
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import avgpool_rows, flatten_rows
 
-from chunkcca.spatial import block_rows, row_count
+from chunkcca.spatial import Adapter, block_rows, interpolation_matrix, plan_adapters, row_count, shared_frequencies
 
 
 @given(datapoints=st.integers(1, 30), height=st.integers(1, 5), width=st.integers(1, 5),
@@ -18,26 +19,83 @@ from chunkcca.spatial import block_rows, row_count
        spatial=st.sampled_from(["flatten", "avgpool"]))
 def test_blocks_reassemble_the_global_strided_rows(datapoints, height, width, stride, cuts, spatial):
     acts = np.arange(datapoints * height * width * 2, dtype=np.float64).reshape(datapoints, height, width, 2)
+    adapter = Adapter(spatial, (height, width))
     edges = sorted({0, datapoints, *[c for c in cuts if c < datapoints]})
-    got = np.concatenate([block_rows(acts[a:b], spatial, a, stride) for a, b in itertools.pairwise(edges)])
+    got = np.concatenate([block_rows(acts[a:b], adapter, a, stride) for a, b in itertools.pairwise(edges)])
     want = flatten_rows(acts, stride) if spatial == "flatten" else avgpool_rows(acts, stride)
     np.testing.assert_array_equal(got, want)
-    assert got.shape[0] == row_count(spatial, acts.shape, stride)
+    assert got.shape[0] == row_count(adapter, datapoints, stride)
 
 
 def test_flatten_is_a_view_and_keeps_every_other_pixel_column():
     acts = np.arange(1 * 2 * 4 * 1, dtype=np.float32).reshape(1, 2, 4, 1)
-    rows = block_rows(acts, "flatten", 0, 2)
+    rows = block_rows(acts, Adapter("flatten", (2, 4)), 0, 2)
     assert np.shares_memory(rows, acts)
     np.testing.assert_array_equal(rows[:, 0], [0, 2, 4, 6])
 
 
 def test_fully_connected_rows_are_datapoints():
     acts = np.arange(12.0).reshape(6, 2)
-    np.testing.assert_array_equal(block_rows(acts[3:], "flatten", 3, 2), acts[4::2])
-    assert row_count("flatten", acts.shape, 4) == 2
+    adapter = Adapter("flatten", (1, 1))
+    np.testing.assert_array_equal(block_rows(acts[3:], adapter, 3, 2), acts[4::2])
+    assert row_count(adapter, 6, 4) == 2
+
+
+def test_dft_rows_are_per_frequency_datapoints():
+    acts = np.random.default_rng(0).standard_normal((5, 4, 6, 3))
+    adapter = Adapter("dft", (4, 6), frequencies=(np.arange(4), np.arange(6)))
+    rows = block_rows(acts[2:], adapter, 2, 2)
+    spectrum = np.fft.fft2(acts, axes=(1, 2))
+    assert rows.shape == (4, 6, 2, 3)
+    np.testing.assert_allclose(rows[1, 3], spectrum[[2, 4], 1, 3], atol=1e-12)
+
+
+def test_shared_frequencies_follow_fft_resize():
+    """google/svcca's fft_resize keeps -m/2 <= f < m/2 of each size, m the smaller one."""
+    big, small = shared_frequencies(8, 4)
+    np.testing.assert_array_equal(small, [0, 1, 2, 3])
+    np.testing.assert_array_equal(big, [0, 1, 6, 7])  # frequencies 0, 1, -2, -1 of an 8-point FFT
+    np.testing.assert_array_equal(np.fft.fftfreq(8, 1 / 8)[big], np.fft.fftfreq(4, 1 / 4))
+
+
+@pytest.mark.parametrize("method", ["linear", "nearest", "cubic"])
+def test_interpolation_matrix_reproduces_polynomials_and_clamps(method):
+    source = np.array([1.0, 3.0, 5.0, 7.0, 9.0])
+    target = np.array([0.5, 1.0, 2.0, 4.5, 8.9, 9.5])
+    matrix = interpolation_matrix(source, target, method)
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-12)
+    values = matrix @ (2 * source + 1)
+    clamped = np.clip(target, 1, 9)
+    if method == "nearest":
+        np.testing.assert_allclose(values, 2 * source[[0, 0, 0, 2, 4, 4]] + 1)  # 2.0 is a tie: the lower one
+    else:  # linear and cubic splines reproduce straight lines, held flat past the ends
+        np.testing.assert_allclose(values, 2 * clamped + 1, atol=1e-12)
+
+
+def test_interp_brings_the_coarser_layer_onto_the_finer_grid():
+    dims = ("datapoint", "height", "width", "channel")
+    fine = xr.DataArray(np.zeros((1, 16, 16, 2)), dims=dims, name="conv2",
+                        coords={"height": np.arange(16) + 0.5, "width": np.arange(16) + 0.5})
+    coarse = xr.DataArray(np.zeros((1, 8, 8, 3)), dims=dims, name="pool2",
+                          coords={"height": np.arange(8) * 2 + 1.0, "width": np.arange(8) * 2 + 1.0})
+    for first, second in ((fine, coarse), (coarse, fine)):
+        adapters = plan_adapters("interp", first, second)
+        assert all(a.out_shape == (16, 16) and a.rows_per_datapoint == 256 for a in adapters)
+    kept, moved = plan_adapters("interp", fine, coarse)
+    assert kept.resample == (None, None)
+    ramp = np.broadcast_to((np.arange(8) * 2 + 1.0)[None, :, None, None], (1, 8, 8, 3))
+    rows = moved.rows(ramp).reshape(16, 16, 3)
+    np.testing.assert_allclose(rows[:, 0, 0], np.clip(np.arange(16) + 0.5, 1, 15))
+
+
+def test_cubic_needs_four_samples():
+    dims = ("datapoint", "height", "width", "channel")
+    a = xr.DataArray(np.zeros((1, 8, 8, 1)), dims=dims, name="big")
+    b = xr.DataArray(np.zeros((1, 3, 3, 1)), dims=dims, name="small")
+    with pytest.raises(ValueError, match="layer 'small' has 3 samples along height; method='cubic' needs at least 4"):
+        plan_adapters("interp", a, b, method="cubic")
 
 
 def test_unknown_adapter_is_named():
     with pytest.raises(ValueError, match="unknown spatial adapter 'fft'"):
-        block_rows(np.zeros((1, 2)), "fft", 0, 1)
+        Adapter("fft", (1, 1)).rows(np.zeros((1, 2)))

@@ -1,0 +1,146 @@
+"""Two layers → one pass → Moments: validation at the door, datapoint alignment, memory budget.
+
+Every measure that compares two layers comes through :func:`stream_pair`: options and layers
+are checked (naming the layer and the fault) before anything streams.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from dask.utils import format_bytes, parse_bytes
+
+from .moments import PRECISIONS, Moments, Precision
+from .spatial import GRIDS, METHODS, SPATIAL, Adapter, plan_adapters, row_count
+from .store import as_activations
+from .stream import SPLIT_EVERY, stream_moments
+
+#: Default memory budget for the statistics held at once (matters for spatial="dft").
+MEMORY_LIMIT = "4GiB"
+
+
+def check_options(*, spatial: str, stride: int, epsilon: float = 0.0, precision: str = "float32",
+                  method: str = "linear", grid: str = "coords") -> None:
+    """Validate the options shared by every streaming measure, naming the argument at fault."""
+    if spatial not in SPATIAL:
+        raise ValueError(f"spatial must be one of {', '.join(map(repr, SPATIAL))}, got {spatial!r}")
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
+    if not isinstance(epsilon, (int, float, np.number)) or not np.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(map(repr, GRIDS))}, got {grid!r}")
+
+
+def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
+    """Put ``b``'s datapoints in ``a``'s order by label; any label missing on one side is an error.
+
+    Layers without a datapoint coordinate are aligned by position and must have equal counts.
+    """
+    name_a, name_b = a.name, b.name
+    if "datapoint" not in a.coords or "datapoint" not in b.coords:
+        if a.sizes["datapoint"] != b.sizes["datapoint"]:
+            raise ValueError(
+                f"layer {name_a!r} has {a.sizes['datapoint']} datapoints but layer {name_b!r} has "
+                f"{b.sizes['datapoint']}; both must hold the same datapoints")
+        return a, b
+    labels_a = a.indexes["datapoint"]
+    labels_b = b.indexes["datapoint"]
+    for name, labels in ((name_a, labels_a), (name_b, labels_b)):
+        if not labels.is_unique:
+            duplicated = labels[labels.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"layer {name!r} has repeated datapoint labels, e.g. {duplicated}")
+    if labels_a.equals(labels_b):
+        return a, b
+    missing_b = labels_a.difference(labels_b)
+    missing_a = labels_b.difference(labels_a)
+    if len(missing_a) or len(missing_b):
+        raise ValueError(
+            f"datapoint labels differ: {len(missing_b)} of layer {name_a!r} are not in layer {name_b!r} "
+            f"(e.g. {missing_b[:5].tolist()}) and {len(missing_a)} of layer {name_b!r} are not in layer "
+            f"{name_a!r} (e.g. {missing_a[:5].tolist()}); no datapoint is dropped silently")
+    return a, b.isel(datapoint=labels_b.get_indexer(labels_a))
+
+
+def _named(layer: Any, default: str) -> xr.DataArray:
+    named = isinstance(layer, xr.DataTree) or (isinstance(layer, xr.DataArray) and layer.name is not None)
+    return as_activations(layer, None if named else default)
+
+
+def prepare_layers(a: Any, b: Any, *, spatial: str, method: str = "linear",
+                   grid: str = "coords") -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
+    """Validate and align two layers and plan their spatial adapters; nothing is read."""
+    layer_a, layer_b = _named(a, "a"), _named(b, "b")
+    if layer_a.name == layer_b.name:
+        layer_a, layer_b = layer_a.rename(f"a ({layer_a.name})"), layer_b.rename(f"b ({layer_b.name})")
+    layer_a, layer_b = align_layers(layer_a, layer_b)
+    return layer_a, layer_b, plan_adapters(spatial, layer_a, layer_b, method=method, grid=grid)
+
+
+def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every: int,
+                    memory_limit: int | str, names: tuple[str, ...]) -> int:
+    """The tree fan-in that keeps the partials held at once within ``memory_limit``, or a clear error.
+
+    A partial holds (p + 2)·p values per batch element (per frequency for dft), complex for dft;
+    a merge task holds ``split_every`` of them plus its output.
+    """
+    limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
+    batch = int(np.prod(adapters[0].batch_shape, dtype=np.int64))
+    itemsize = 16 if adapters[0].kind == "dft" else 8
+    partial = batch * (channels + 2) * channels * itemsize
+    fan_in = min(split_every, max(2, limit // max(partial, 1) - 1))
+    if partial * (fan_in + 1) > limit:
+        what = (f"spatial='dft' keeps {batch} frequencies x {channels}^2 complex statistics"
+                if adapters[0].kind == "dft" else f"{channels}^2 statistics")
+        raise ValueError(
+            f"comparing {' and '.join(map(repr, names))}: {what} = {format_bytes(partial)} per partial, and a "
+            f"merge holds 3 of them ({format_bytes(3 * partial)}), over memory_limit={format_bytes(limit)}; "
+            f"raise memory_limit, compare fewer channels, or use spatial='avgpool' or 'interp'")
+    return fan_in
+
+
+def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
+                precision: Precision = "float32", method: str = "linear", grid: str = "coords",
+                split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
+                progress: bool = False) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter], Moments]:
+    """Validate, align and stream two layers; return both layers (lazy), their adapters and Moments."""
+    check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid)
+    layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid)
+    channels = layer_a.sizes["channel"] + layer_b.sizes["channel"]
+    fan_in = fit_split_every(adapters, channels, split_every=split_every, memory_limit=memory_limit,
+                             names=(str(layer_a.name), str(layer_b.name)))
+    rows = row_count(adapters[0], layer_a.sizes["datapoint"], stride)
+    widest = max(layer_a.sizes["channel"], layer_b.sizes["channel"])
+    if rows <= widest:
+        warnings.warn(
+            f"only {rows} rows for {widest} channels (layers {layer_a.name!r}, {layer_b.name!r}): "
+            f"the covariance is singular and correlations are meaningless without epsilon > 0 "
+            f"or fewer dimensions", RuntimeWarning, stacklevel=3)
+    stats = stream_moments([layer_a.data, layer_b.data], adapters, stride=stride, precision=precision,
+                           split_every=fan_in, scheduler=scheduler, progress=progress)
+    for layer, part in zip((layer_a, layer_b), stats.side_slices()):
+        if not (np.all(np.isfinite(stats.mean[..., part])) and np.all(np.isfinite(stats.scatter[..., part, part]))):
+            raise ValueError(f"layer {layer.name!r} contains NaN or Inf values")
+    return layer_a, layer_b, adapters, stats
+
+
+def compute_moments(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, precision: Precision = "float32",
+                    method: str = "linear", grid: str = "coords", split_every: int = SPLIT_EVERY,
+                    memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
+                    progress: bool = False) -> Moments:
+    """The :class:`~chunkcca.moments.Moments` of two layers' rows, in one streamed pass.
+
+    Arguments as for :func:`chunkcca.cca`. The result can be saved, merged with the Moments of
+    more datapoints (``m1 + m2``) and solved with :func:`chunkcca.cca_from_moments`. For
+    ``spatial="dft"`` it has batch dims (freq_h, freq_w) and complex statistics.
+    """
+    return stream_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
+                       split_every=split_every, memory_limit=memory_limit, scheduler=scheduler,
+                       progress=progress)[3]
