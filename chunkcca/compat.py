@@ -16,7 +16,12 @@ Where the reference fails, this module does the evident intended thing:
   here the directions are computed (the coefficient keys stay out of the result);
 - tiny negative eigenvalues of the pseudo-inverse (rounding) are taken as 0 in the square
   root rather than giving NaN;
-- ``threshold=0``: the reference averages an empty list (NaN); here ``mean`` is the top coefficient.
+- ``threshold=0``: the reference averages an empty list (NaN); here ``mean`` is the top coefficient;
+- complex input with ``compute_coefs=True``: the reference cannot place complex coefficients
+  into its float arrays (TypeError); here the ``full_*`` arrays are complex.
+
+``fourier_ccas`` gives what google/svcca's ``dft_ccas.fourier_ccas`` intends; the published
+function does not run on Python 3 at all (see its docstring for each difference).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from .moments import Precision
+from .moments import Moments, Precision
 from .store import as_activations, datapoints_per_chunk
 from .stream import stream_moments
 
@@ -38,7 +43,7 @@ def _as_rows(acts: Any, name: str) -> da.Array:
     if not isinstance(acts, da.Array):
         per_chunk = datapoints_per_chunk(acts.shape[::-1], np.dtype(acts.dtype).itemsize)
         acts = da.from_array(acts, chunks=(-1, per_chunk))
-    return as_activations(acts.T, name).data
+    return as_activations(acts.T, name, allow_complex=True).data
 
 
 def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -73,7 +78,7 @@ def _zero_result(compute_dirns: bool, datapoints: int) -> dict[str, Any]:
 
 def _mean_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype numpy.mean gives for ``dtype`` (float64 for integers)."""
-    return np.dtype(dtype) if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+    return np.dtype(dtype) if np.issubdtype(dtype, np.inexact) else np.dtype(np.float64)
 
 
 def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: float = 0.98,
@@ -117,27 +122,51 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
     if verbose:
         print("streaming covariance")
     stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, progress=verbose)
-    numx, numy = stats.sizes
-    datapoints = rows1.shape[0]
-    cov = stats.covariance(ddof=1)
-    if not np.all(np.isfinite(cov)):
-        bad = "acts1" if not np.all(np.isfinite(cov[:numx, :numx])) else "acts2"
-        raise ValueError(f"{bad} contains NaN or Inf values")
-    sigma_xx, sigma_xy = cov[:numx, :numx].copy(), cov[:numx, numx:].copy()
-    sigma_yx, sigma_yy = cov[numx:, :numx].copy(), cov[numx:, numx:].copy()
+    if not np.all(np.isfinite(stats.scatter)):
+        numx = stats.sizes[0]
+        raise ValueError(f"{'acts1' if not np.all(np.isfinite(stats.scatter[:numx, :numx])) else 'acts2'} "
+                         f"contains NaN or Inf values")
+    solved = _solve(stats, epsilon, threshold, verbose)
+    if solved is None:
+        return _zero_result(compute_dirns, rows1.shape[0])
+    neuron_means1 = solved.pop("neuron_means1").astype(_mean_dtype(acts1.dtype))
+    neuron_means2 = solved.pop("neuron_means2").astype(_mean_dtype(acts2.dtype))
+    result: dict[str, Any] = {}
+    if compute_coefs:
+        result.update({key: solved[key] for key in COEF_KEYS}, neuron_means1=neuron_means1,
+                      neuron_means2=neuron_means2)
+    result.update({key: solved[key] for key in SUMMARY_KEYS})
+    if compute_dirns:
+        result["cca_dirns1"] = _directions(acts1, solved["full_coef_x"] @ solved["full_invsqrt_xx"], neuron_means1)
+        result["cca_dirns2"] = _directions(acts2, solved["full_coef_y"] @ solved["full_invsqrt_yy"], neuron_means2)
+    return result
 
-    # The reference's rescaling, pruning and solve, step for step (same matrices, same signs).
+
+COEF_KEYS = ("coef_x", "invsqrt_xx", "full_coef_x", "full_invsqrt_xx",
+             "coef_y", "invsqrt_yy", "full_coef_y", "full_invsqrt_yy")
+SUMMARY_KEYS = ("cca_coef1", "cca_coef2", "x_idxs", "y_idxs", "mean", "sum")
+
+
+def _solve(stats: Moments, epsilon: float, threshold: float, verbose: bool = False) -> dict[str, Any] | None:
+    """The reference's rescaling, pruning and solve on the covariance of ``stats``, step for step.
+
+    Same matrices, so the same singular vectors and signs. Returns every key of the reference
+    (neuron means as (neurons, 1) float64/complex128), or None where it gives its zero result.
+    """
+    numx = stats.sizes[0]
+    cov = stats.covariance(ddof=1)
+    sigma_xx, sigma_xy = cov[:numx, :numx].copy(), cov[:numx, numx:].copy()
+    sigma_yy = cov[numx:, numx:].copy()
     xmax, ymax = np.max(np.abs(sigma_xx)), np.max(np.abs(sigma_yy))
     if xmax == 0 or ymax == 0:
-        return _zero_result(compute_dirns, datapoints)
+        return None
     sigma_xx /= xmax
     sigma_yy /= ymax
     sigma_xy /= np.sqrt(xmax * ymax)
-    sigma_yx /= np.sqrt(xmax * ymax)
     x_idxs = np.abs(np.diagonal(sigma_xx)) >= epsilon
     y_idxs = np.abs(np.diagonal(sigma_yy)) >= epsilon
     if not x_idxs.any() or not y_idxs.any():
-        return _zero_result(compute_dirns, datapoints)
+        return None
     sigma_xx = sigma_xx[np.ix_(x_idxs, x_idxs)] + epsilon * np.eye(x_idxs.sum())
     sigma_yy = sigma_yy[np.ix_(y_idxs, y_idxs)] + epsilon * np.eye(y_idxs.sum())
     sigma_xy = sigma_xy[np.ix_(x_idxs, y_idxs)]
@@ -149,34 +178,23 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         print("taking final svd")
     u, s, v = np.linalg.svd(np.dot(invsqrt_xx, np.dot(sigma_xy, invsqrt_yy)))
     s = np.abs(s)
-
-    result: dict[str, Any] = {}
-    full_coef_x = np.zeros((numx, numx))
-    full_coef_x[np.ix_(x_idxs, x_idxs)] = u.T
-    full_invsqrt_xx = np.zeros((numx, numx))
-    full_invsqrt_xx[np.ix_(x_idxs, x_idxs)] = invsqrt_xx
-    full_coef_y = np.zeros((numy, numy))
-    full_coef_y[np.ix_(y_idxs, y_idxs)] = v
-    full_invsqrt_yy = np.zeros((numy, numy))
-    full_invsqrt_yy[np.ix_(y_idxs, y_idxs)] = invsqrt_yy
-    neuron_means1 = stats.mean[:numx].astype(_mean_dtype(acts1.dtype)).reshape(-1, 1)
-    neuron_means2 = stats.mean[numx:].astype(_mean_dtype(acts2.dtype)).reshape(-1, 1)
-    if compute_coefs:
-        result.update(coef_x=u.T, invsqrt_xx=invsqrt_xx, full_coef_x=full_coef_x,
-                      full_invsqrt_xx=full_invsqrt_xx, coef_y=v, invsqrt_yy=invsqrt_yy,
-                      full_coef_y=full_coef_y, full_invsqrt_yy=full_invsqrt_yy,
-                      neuron_means1=neuron_means1, neuron_means2=neuron_means2)
     idx = _threshold_index(s, threshold)
-    result["cca_coef1"] = s
-    result["cca_coef2"] = s
-    result["x_idxs"] = x_idxs
-    result["y_idxs"] = y_idxs
-    result["mean"] = (np.mean(s[:idx]), np.mean(s[:idx]))
-    result["sum"] = (np.sum(s), np.sum(s))
-    if compute_dirns:
-        result["cca_dirns1"] = _directions(acts1, full_coef_x @ full_invsqrt_xx, neuron_means1)
-        result["cca_dirns2"] = _directions(acts2, full_coef_y @ full_invsqrt_yy, neuron_means2)
-    return result
+    return {
+        "coef_x": u.T, "invsqrt_xx": invsqrt_xx,
+        "full_coef_x": _scatter_block(u.T, x_idxs), "full_invsqrt_xx": _scatter_block(invsqrt_xx, x_idxs),
+        "coef_y": v, "invsqrt_yy": invsqrt_yy,
+        "full_coef_y": _scatter_block(v, y_idxs), "full_invsqrt_yy": _scatter_block(invsqrt_yy, y_idxs),
+        "neuron_means1": stats.mean[:numx].reshape(-1, 1), "neuron_means2": stats.mean[numx:].reshape(-1, 1),
+        "cca_coef1": s, "cca_coef2": s, "x_idxs": x_idxs, "y_idxs": y_idxs,
+        "mean": (np.mean(s[:idx]), np.mean(s[:idx])), "sum": (np.sum(s), np.sum(s)),
+    }
+
+
+def _scatter_block(block: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """``block`` (k, k) placed at the kept rows and columns of a zero (n, n) matrix, as np.place does."""
+    full = np.zeros((kept.size, kept.size), dtype=block.dtype)
+    full[np.ix_(kept, kept)] = block
+    return full
 
 
 def _directions(acts: Any, transform: np.ndarray, means: np.ndarray) -> Any:
@@ -188,3 +206,62 @@ def _directions(acts: Any, transform: np.ndarray, means: np.ndarray) -> Any:
     if isinstance(acts, da.Array):
         return da.dot(transform, acts - means) + means
     return np.dot(transform, acts - means) + means
+
+
+def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, compute_dirns: bool = False,
+                 verbose: bool = False, *, epsilon: float = 0.0, threshold: float = 0.98,
+                 precision: Precision = "float64", scheduler: Any = None) -> Any:
+    """google/svcca's ``dft_ccas.fourier_ccas``, as it is meant to work, streamed.
+
+    Both layers (datapoint, height, width, channel), numpy or Dask, are DFT'd over (height,
+    width) chunk by chunk; the frequencies both share are kept (``fft_resize``'s rule) and
+    :func:`get_cca_similarity`'s solve runs at each of them on the streamed complex covariance.
+
+    Returns a ``pandas.DataFrame`` with one row per frequency, in the reference's order
+    (``location`` = (i, j) indices into the kept frequencies, frequencies in FFT order), and
+    the columns ``cca_coef1``, ``cca_coef2``, ``x_idxs``, ``y_idxs``, ``mean``, ``sum``
+    (plus the complex coefficient keys with ``return_coefs``).
+
+    Differences from the published function, which does not run on Python 3 (``xrange``, mixed
+    tabs and spaces, ``DataFrame.append``):
+
+    - it passes ``compute_dirns`` positionally into ``epsilon``; here ``epsilon`` is its own
+      keyword (default 0, which is what the published call gives with ``compute_dirns=False``);
+    - it reads keys ``neuron_coeffs1``/``2`` that ``get_cca_similarity`` never returns and
+      inverse-DFTs them over a neurons × neurons matrix, which has no spatial meaning; here
+      ``return_coefs`` returns the per-frequency complex coefficients as they are;
+    - ``compute_dirns=True`` would inverse-DFT (neurons, datapoints) directions over those two
+      axes, which has no meaning either: it raises a ValueError here (use
+      ``chunkcca.cca(spatial="dft")`` for per-frequency coefficients);
+    - it computes the FFT in complex64 whatever the input; here float64 input keeps complex128;
+    - layers need not be square.
+    """
+    import pandas as pd
+
+    from .pairs import stream_pair
+
+    if compute_dirns:
+        raise ValueError("fourier_ccas does not offer compute_dirns: the reference's inverse DFT of "
+                         "(neurons, datapoints) directions has no spatial meaning; use chunkcca.cca(spatial='dft')")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+    layer_a = as_activations(conv_acts1, "conv_acts1")
+    layer_b = as_activations(conv_acts2, "conv_acts2")
+    for name, layer in (("conv_acts1", layer_a), ("conv_acts2", layer_b)):
+        if layer.ndim != 4:
+            raise ValueError(f"{name} must be (datapoint, height, width, channel), got shape {layer.shape}")
+    if verbose:
+        print("streaming per-frequency covariances")
+    _, _, _, stats = stream_pair(layer_a.data, layer_b.data, spatial="dft", epsilon=epsilon, precision=precision,
+                                 scheduler=scheduler, progress=verbose)
+    records = []
+    for location in np.ndindex(*stats.batch_shape):
+        solved = _solve(stats[location], epsilon, threshold)
+        if solved is None:
+            record = {key: value for key, value in _zero_result(False, stats.n).items()}
+        else:
+            keys = SUMMARY_KEYS + (COEF_KEYS if return_coefs else ())
+            record = {key: solved[key] for key in keys}
+        record["location"] = location
+        records.append(record)
+    return pd.DataFrame.from_records(records)

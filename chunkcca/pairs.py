@@ -74,14 +74,14 @@ def _named(layer: Any, default: str) -> xr.DataArray:
     return as_activations(layer, None if named else default)
 
 
-def prepare_layers(a: Any, b: Any, *, spatial: str, method: str = "linear",
-                   grid: str = "coords") -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
+def prepare_layers(a: Any, b: Any, *, spatial: str, method: str = "linear", grid: str = "coords",
+                   precision: str = "float32") -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
     """Validate and align two layers and plan their spatial adapters; nothing is read."""
     layer_a, layer_b = _named(a, "a"), _named(b, "b")
     if layer_a.name == layer_b.name:
         layer_a, layer_b = layer_a.rename(f"a ({layer_a.name})"), layer_b.rename(f"b ({layer_b.name})")
     layer_a, layer_b = align_layers(layer_a, layer_b)
-    return layer_a, layer_b, plan_adapters(spatial, layer_a, layer_b, method=method, grid=grid)
+    return layer_a, layer_b, plan_adapters(spatial, layer_a, layer_b, method=method, grid=grid, precision=precision)
 
 
 def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every: int,
@@ -112,7 +112,8 @@ def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, ep
                 progress: bool = False) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter], Moments]:
     """Validate, align and stream two layers; return both layers (lazy), their adapters and Moments."""
     check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid)
-    layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid)
+    layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid,
+                                                precision=precision)
     channels = layer_a.sizes["channel"] + layer_b.sizes["channel"]
     fan_in = fit_split_every(adapters, channels, split_every=split_every, memory_limit=memory_limit,
                              names=(str(layer_a.name), str(layer_b.name)))

@@ -44,13 +44,14 @@ class Adapter:
 
     ``resample`` holds the (out, in) interpolation matrices for height and width (``interp``;
     None for an axis left as it is); ``frequencies`` the kept DFT indices along height and
-    width (``dft``).
+    width and ``spectrum_dtype`` the dtype the FFT runs in (``dft``).
     """
 
     kind: str
     shape: tuple[int, int]
     resample: tuple[np.ndarray | None, np.ndarray | None] | None = None
     frequencies: tuple[np.ndarray, np.ndarray] | None = None
+    spectrum_dtype: str = "complex128"
 
     @property
     def out_shape(self) -> tuple[int, int]:
@@ -90,8 +91,7 @@ class Adapter:
                 block = np.einsum("Ww,dhwc->dhWc", along_width, block, optimize=True)
             return block.reshape(-1, channels)
         if self.kind == "dft":
-            dtype = np.complex64 if block.dtype.itemsize <= 4 else np.complex128
-            spectrum = np.fft.fft2(block.astype(dtype, copy=False), axes=(1, 2))
+            spectrum = np.fft.fft2(block.astype(self.spectrum_dtype, copy=False), axes=(1, 2))
             kept_h, kept_w = self.frequencies
             spectrum = spectrum[:, kept_h][:, :, kept_w]
             return np.ascontiguousarray(np.moveaxis(spectrum, 0, 2))  # (freq_h, freq_w, datapoint, channel)
@@ -111,8 +111,11 @@ def row_count(adapter: Adapter, datapoints: int, stride: int) -> int:
 
 
 def plan_adapters(spatial: str, a: xr.DataArray, b: xr.DataArray, *, method: str = "linear",
-                  grid: str = "coords") -> tuple[Adapter, Adapter]:
-    """The adapters of two layers compared with ``spatial``; raises naming the layers if they cannot pair."""
+                  grid: str = "coords", precision: str = "float64") -> tuple[Adapter, Adapter]:
+    """The adapters of two layers compared with ``spatial``; raises naming the layers if they cannot pair.
+
+    ``precision`` sets the FFT's dtype for dft (complex64 for "float32").
+    """
     size_a, size_b = spatial_shape(a.shape), spatial_shape(b.shape)
     if spatial == "flatten":
         if size_a != size_b:
@@ -129,8 +132,9 @@ def plan_adapters(spatial: str, a: xr.DataArray, b: xr.DataArray, *, method: str
                 Adapter("interp", size_b, resample=(matrices[0][1], matrices[1][1])))
     if spatial == "dft":
         kept = [shared_frequencies(size_a[axis], size_b[axis]) for axis in (0, 1)]
-        return (Adapter("dft", size_a, frequencies=(kept[0][0], kept[1][0])),
-                Adapter("dft", size_b, frequencies=(kept[0][1], kept[1][1])))
+        dtype = "complex64" if precision == "float32" else "complex128"
+        return (Adapter("dft", size_a, frequencies=(kept[0][0], kept[1][0]), spectrum_dtype=dtype),
+                Adapter("dft", size_b, frequencies=(kept[0][1], kept[1][1]), spectrum_dtype=dtype))
     raise ValueError(f"spatial must be one of {', '.join(map(repr, SPATIAL))}, got {spatial!r}")
 
 

@@ -44,12 +44,14 @@ def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | st
     return int(chunks)
 
 
-def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto") -> xr.DataArray:
+def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",
+                   allow_complex: bool = False) -> xr.DataArray:
     """One layer as a Dask-backed DataArray with dims (datapoint, [height, width,] channel).
 
     ``layer`` is a numpy or Dask array (axis 0 = datapoint, last axis = channel), a DataArray
     with those dim names (in any order), a Dataset or DataTree node holding ``activations``.
     ``name`` names the layer in error messages (default: the node path or DataArray name).
+    Complex values are refused unless ``allow_complex`` (google/svcca's functions accept them).
     Raises a ValueError or TypeError naming the layer and the fault. Nothing is computed.
     """
     if isinstance(layer, xr.DataTree):
@@ -71,7 +73,7 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                 f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected "
                 f"(datapoint, height, width, channel) or (datapoint, channel)")
         array = xr.DataArray(layer, dims=CONV_DIMS if layer.ndim == 4 else FC_DIMS, name=name)
-    _check_values(array, name)
+    _check_values(array, name, allow_complex)
     if not isinstance(array.data, da.Array):
         per_chunk = datapoints_per_chunk(array.shape, array.dtype.itemsize, chunks)
         array = array.copy(data=da.from_array(array.data, chunks=(per_chunk, *array.shape[1:])))
@@ -87,9 +89,10 @@ def _order_dims(array: xr.DataArray, name: str) -> xr.DataArray:
         f"(rename yours with DataArray.rename)")
 
 
-def _check_values(array: xr.DataArray, name: str) -> None:
+def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -> None:
     dtype = array.dtype
-    if dtype.kind == "b" or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+    complex_refused = np.issubdtype(dtype, np.complexfloating) and not allow_complex
+    if dtype.kind == "b" or not np.issubdtype(dtype, np.number) or complex_refused:
         raise TypeError(f"layer {name!r} has dtype {dtype}; expected real numbers (float or integer)")
     empty = [str(dim) for dim, size in array.sizes.items() if size == 0]
     if empty:

@@ -25,18 +25,19 @@ def avgpool_rows(acts: np.ndarray, stride: int = 1) -> np.ndarray:
 def canonical_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Canonical correlations of the rows of x (n, p) and y (n, q), descending, min(p, q) of them.
 
-    QR of each centred side (constant columns dropped), then the singular values of QxᵀQy:
-    no covariance is formed, so this is as accurate as float64 allows.
+    QR of each centred side (constant columns dropped), then the singular values of QxᴴQy:
+    no covariance is formed, so this is as accurate as float64 allows. Complex rows work too.
     """
     def basis(a: np.ndarray) -> np.ndarray:
-        a = np.asarray(a, dtype=np.float64)
+        a = np.asarray(a)
+        a = a.astype(np.result_type(a, np.float64))
         centred = a - a.mean(axis=0)
         centred = centred[:, centred.std(axis=0) > 0]
         q, r = np.linalg.qr(centred)
         keep = np.abs(np.diag(r)) > np.abs(np.diag(r)).max() * a.shape[0] * np.finfo(float).eps
         return q[:, keep]
 
-    rho = np.linalg.svd(basis(x).T @ basis(y), compute_uv=False)
+    rho = np.linalg.svd(basis(x).conj().T @ basis(y), compute_uv=False)
     out = np.zeros(min(x.shape[1], y.shape[1]))
     out[: rho.size] = rho[: out.size]
     return out
@@ -48,3 +49,48 @@ def scatter(rows: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     mean = rows.mean(axis=0)
     centred = rows - mean
     return rows.shape[0], mean, centred.T @ centred
+
+
+def interpolate_layer(layer: np.ndarray, source: tuple[np.ndarray, np.ndarray], target: tuple[np.ndarray, np.ndarray],
+                      method: str) -> np.ndarray:
+    """A whole layer (datapoint, h, w, c) resampled at target (height, width) positions, in float64.
+
+    scipy's RegularGridInterpolator on every map at once for linear and nearest; for cubic, scipy's
+    not-a-knot spline fitted along height, then along width (RegularGridInterpolator's cubic solves
+    its N-d spline iteratively, to ~1e-7 only). Targets outside the source range are clamped to it
+    (the nearest sample's value along each axis).
+    """
+    from scipy.interpolate import RegularGridInterpolator, make_interp_spline
+
+    if method == "cubic":
+        clamped = [np.clip(t, s[0], s[-1]) for s, t in zip(source, target)]
+        along_height = make_interp_spline(source[0], np.asarray(layer, dtype=np.float64), k=3, axis=1)(clamped[0])
+        return make_interp_spline(source[1], along_height, k=3, axis=2)(clamped[1])
+    values = np.moveaxis(np.asarray(layer, dtype=np.float64), 0, 2)  # (h, w, datapoint, channel)
+    interpolator = RegularGridInterpolator(source, values, method=method)
+    grid_h, grid_w = np.meshgrid(np.clip(target[0], source[0][0], source[0][-1]),
+                                 np.clip(target[1], source[1][0], source[1][-1]), indexing="ij")
+    resampled = interpolator(np.column_stack([grid_h.ravel(), grid_w.ravel()]))  # (H*W, datapoint, channel)
+    return np.moveaxis(resampled.reshape(target[0].size, target[1].size, *values.shape[2:]), 2, 0)
+
+
+def dft_correlations(a: np.ndarray, b: np.ndarray, stride: int = 1) -> np.ndarray:
+    """Canonical correlations per shared spatial frequency (freq_h, freq_w, component), in complex128.
+
+    The whole layers' 2-D FFTs; the frequencies f with -m/2 <= f < m/2 of the smaller size m
+    along each axis, in that size's FFT order; every stride-th datapoint.
+    """
+    spectra = [np.fft.fft2(np.asarray(x, dtype=np.float64), axes=(1, 2)) for x in (a, b)]
+    kept = []
+    for axis in (1, 2):
+        m = min(a.shape[axis], b.shape[axis])
+        order = np.fft.fftfreq(m, 1 / m)
+        kept.append([[int(np.flatnonzero(np.fft.fftfreq(x.shape[axis], 1 / x.shape[axis]) == f)[0]) for f in order]
+                     for x in (a, b)])
+    heights, widths = len(kept[0][0]), len(kept[1][0])
+    out = np.zeros((heights, widths, min(a.shape[-1], b.shape[-1])))
+    for i in range(heights):
+        for j in range(widths):
+            rows = [s[::stride, kept[0][k][i], kept[1][k][j], :] for k, s in enumerate(spectra)]
+            out[i, j] = canonical_correlations(*rows)
+    return out

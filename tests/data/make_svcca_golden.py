@@ -9,6 +9,10 @@ Usage::
     python tests/data/make_svcca_golden.py --reference /path/to/google-svcca-checkout \
         [--shared-data ../shared/data]
 
+The conv-layer cases (average pool, the tutorial's interp2d interpolation, per-frequency DFT)
+need ``scipy.interpolate.interp2d``, which SciPy removed in 1.14: run the script with
+SciPy 1.13 and NumPy < 2 to write them (they are skipped otherwise).
+
 Each ``<case>.npz`` holds ``in_acts1``/``in_acts2`` (the inputs, in the layout given to
 the reference, or activations of shape (datapoint, height, width, channel) for the
 flatten cases), ``param_*`` scalars and ``out_<key>`` for every key the reference returned
@@ -65,6 +69,74 @@ def _conv(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             np.maximum(acts2 + 0.5, 0).astype(np.float32))
 
 
+def _conv_and_pool(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A conv layer (40, 8, 8, 6) and another network's 2x2-max-pooled conv layer (40, 4, 4, 5)."""
+    latent = rng.standard_normal((40, 8, 8, 3))
+    conv = np.maximum(latent @ rng.standard_normal((3, 6)) + rng.standard_normal((40, 8, 8, 6)) + 0.3, 0)
+    other = np.maximum(latent @ rng.standard_normal((3, 5)) + rng.standard_normal((40, 8, 8, 5)) + 0.3, 0)
+    pool = other.reshape(40, 4, 2, 4, 2, 5).max(axis=(2, 4))
+    return conv.astype(np.float32), pool.astype(np.float32)
+
+
+def _tutorial_interp(acts1: np.ndarray, pool2: np.ndarray) -> np.ndarray:
+    """The conv-layer tutorial's interpolation of pool2 onto acts1's grid, verbatim in effect."""
+    from scipy import interpolate
+
+    num_d, h, w, _ = acts1.shape
+    num_c = pool2.shape[-1]
+    pool2_interp = np.zeros((num_d, h, w, num_c))
+    idxs1 = np.linspace(0, pool2.shape[1], pool2.shape[1], endpoint=False)
+    idxs2 = np.linspace(0, pool2.shape[2], pool2.shape[2], endpoint=False)
+    large_idxs1 = np.linspace(0, pool2.shape[1], acts1.shape[1], endpoint=False)
+    large_idxs2 = np.linspace(0, pool2.shape[2], acts1.shape[2], endpoint=False)
+    for d in range(num_d):
+        for c in range(num_c):
+            f_interp = interpolate.interp2d(idxs1, idxs2, pool2[d, :, :, c])
+            pool2_interp[d, :, :, c] = f_interp(large_idxs1, large_idxs2)
+    return pool2_interp
+
+
+def _conv_cases(reference: Path, ref) -> None:
+    try:
+        from scipy.interpolate import interp2d  # noqa: F401
+    except ImportError:
+        print("skipping conv cases: scipy.interpolate.interp2d needs SciPy < 1.14")
+        return
+    import warnings
+
+    warnings.simplefilter("ignore", DeprecationWarning)
+    # dft_ccas.py itself does not import on Python 3 (a TabError further down); run its fft_resize,
+    # which is valid Python 3, from its own source text.
+    source = (reference / "dft_ccas.py").read_text()
+    namespace: dict = {"np": np}
+    exec(source[source.index("def fft_resize"):source.index("def fourier_ccas")], namespace)
+    fft_resize = namespace["fft_resize"]
+    conv, pool = _conv_and_pool(np.random.default_rng(4))
+    avg = ref(conv.mean(axis=(1, 2)).T, pool.mean(axis=(1, 2)).T, epsilon=1e-10)
+    _save("conv_avgpool", conv, pool, avg, epsilon=1e-10, threshold=0.98)
+    interp = _tutorial_interp(conv, pool)
+    flat_conv = conv.reshape(-1, conv.shape[-1])
+    flat_interp = interp.reshape(-1, interp.shape[-1])
+    result = ref(flat_conv.T[:, ::5], flat_interp.T[:, ::5], epsilon=1e-10)
+    result["interpolated"] = interp
+    _save("conv_interp_svcca", conv, pool, result, epsilon=1e-10, threshold=0.98, stride=5)
+    # fourier_ccas does not run on Python 3 (xrange, mixed tabs, missing keys, DataFrame.append);
+    # its intended loop: fft_resize both layers to the shared frequencies, then get_cca_similarity
+    # per frequency, with epsilon 0 (the published call passes compute_dirns=False into epsilon) and
+    # without coefficients (get_cca_similarity cannot place complex coefficients into its float arrays).
+    size = min(conv.shape[1], pool.shape[1])
+    fft1 = fft_resize(conv, resize=True, new_size=(size, size))
+    fft2 = fft_resize(pool, resize=True, new_size=(size, size))
+    coefs = np.zeros((size, size, min(conv.shape[-1], pool.shape[-1])))
+    means = np.zeros((size, size))
+    for i in range(size):
+        for j in range(size):
+            res = ref(fft1[:, i, j, :].T, fft2[:, i, j, :].T, epsilon=0.0, compute_coefs=False)
+            coefs[i, j] = res["cca_coef1"]
+            means[i, j] = res["mean"][0]
+    _save("conv_dft", conv, pool, {"cca_coef1": coefs, "mean": means}, epsilon=0.0, threshold=0.98)
+
+
 def _load_svcca_pickle(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         return pickle.load(f)
@@ -108,6 +180,7 @@ def main() -> None:
         result = ref(f1.T[:, ::stride], f2.T[:, ::stride], epsilon=1e-10)
         _save(f"conv_flatten_s{stride}", conv1, conv2, result, epsilon=1e-10, threshold=0.98,
               stride=stride)
+    _conv_cases(args.reference, ref)
     svhn = args.shared_data / "svcca" / "SVHN"
     if svhn.is_dir():
         a1 = _load_svcca_pickle(svhn / "model_0_lay06.p").T
