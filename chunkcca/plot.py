@@ -31,3 +31,26 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
     if title:
         ax.set_title(title)
     return ax
+
+
+def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | None = None) -> Any:
+    """Heatmap of the mean canonical correlation per spatial frequency of a ``spatial="dft"`` result.
+
+    Frequencies are shown in increasing order (zero in the middle); returns the Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if "rho_freq_mean" not in result:
+        raise ValueError("plot_frequency_means needs a result of cca(..., spatial='dft')")
+    means = result["rho_freq_mean"].sortby("freq_h").sortby("freq_w")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.8, 4.0), layout="constrained")
+    image = ax.imshow(means.values, origin="lower", vmin=0, vmax=1, cmap="viridis",
+                      extent=(float(means.freq_w[0]) - 0.5, float(means.freq_w[-1]) + 0.5,
+                              float(means.freq_h[0]) - 0.5, float(means.freq_h[-1]) + 0.5))
+    ax.set_xlabel("frequency along width (cycles per map)")
+    ax.set_ylabel("frequency along height")
+    ax.figure.colorbar(image, ax=ax, label="mean canonical correlation")
+    if title:
+        ax.set_title(title)
+    return ax

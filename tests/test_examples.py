@@ -29,3 +29,11 @@ def test_svcca_compat(tmp_path):
     difference = float(out.split("numpy vs Dask input: ")[1].split()[0])
     assert difference < 1e-10
     assert "cca_dirns1 is lazy: Array (50, 20000)" in out
+
+
+def test_conv_layers(tmp_path):
+    out = _run(str(EXAMPLES / "conv_layers.py"), "--out", str(tmp_path), "--datapoints", "120", cwd=tmp_path)
+    for step in ("flatten", "flatten_stride2", "avgpool", "interp_stride5", "dft"):
+        assert step in out
+        assert (tmp_path / f"conv_{step}.png").exists()
+    assert "  30720  " in out  # flatten: 120 datapoints x 16 x 16 rows
