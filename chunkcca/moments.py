@@ -12,8 +12,14 @@ which lose every digit on post-ReLU data with a large mean) and merged exactly w
 parallel formula of Chan et al. Merging is associative, so Dask may tree-reduce the
 partials in any order and any chunking gives the same answer to rounding.
 
-For streaming, a partial travels as one array of shape (1, *batch, p + 2, p): row 0 holds
-``n`` in its first element, row 1 the mean and rows 2… the scatter (see :func:`pack`).
+Real Moments also carry fourth-order row-norm sums per side l (centred rows x̃, side block x̃_l):
+``norm_moments[l] = Σ ‖x̃_l‖² x̃`` (L, p) and ``norm_products[l, m] = Σ ‖x̃_l‖² ‖x̃_m‖²`` (L, L).
+They cost O(rows · p) per chunk, merge exactly through the same change of centre, and make the
+full-data debiased CKA exact.
+
+For streaming, a partial travels as one array of shape (1, *batch, p + 2 [+ 2L], p): row 0
+holds ``n`` in its first element, row 1 the mean, rows 2 … p + 1 the scatter, then the L rows
+of ``norm_moments`` and L rows whose first L entries are ``norm_products`` (see :func:`pack`).
 A float64 count is exact up to 2**53 rows.
 """
 
@@ -54,12 +60,18 @@ class Moments:
         ``Σ (z − mean)(z − mean)ᴴ`` over the rows; symmetric (Hermitian).
     sizes : tuple of int
         Channels of each side, in order; ``sum(sizes) == p``.
+    norm_moments : ndarray (L, p) or None
+        ``Σ ‖x̃_l‖² x̃`` per side l = 0 … L − 1 (real Moments only).
+    norm_products : ndarray (L, L) or None
+        ``Σ ‖x̃_l‖² ‖x̃_m‖²`` per pair of sides (real Moments only).
     """
 
     n: int
     mean: np.ndarray
     scatter: np.ndarray
     sizes: tuple[int, ...] = field(default=())
+    norm_moments: np.ndarray | None = None
+    norm_products: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         p = self.mean.shape[-1]
@@ -72,6 +84,12 @@ class Moments:
             raise ValueError(f"sizes {sizes} do not add up to the {p} channels of mean")
         if self.n < 0:
             raise ValueError(f"row count must be >= 0, got {self.n}")
+        if (self.norm_moments is None) != (self.norm_products is None):
+            raise ValueError("norm_moments and norm_products go together")
+        if self.norm_moments is not None and (self.norm_moments.shape != (len(sizes), p)
+                                              or self.norm_products.shape != (len(sizes), len(sizes))):
+            raise ValueError(f"norm_moments {self.norm_moments.shape} / norm_products {self.norm_products.shape} "
+                             f"do not fit {len(sizes)} sides of {p} channels")
 
     @property
     def channels(self) -> int:
@@ -86,6 +104,15 @@ class Moments:
     def __getitem__(self, index: tuple[int, ...] | int) -> Moments:
         """The statistics of one batch element (e.g. one spatial frequency)."""
         return Moments(self.n, self.mean[index], self.scatter[index], self.sizes)
+
+    def select(self, sides: Sequence[int]) -> Moments:
+        """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
+        slices = self.side_slices()
+        index = np.concatenate([np.arange(slices[i].start, slices[i].stop) for i in sides])
+        norms = None if self.norm_moments is None else self.norm_moments[np.ix_(list(sides), index)]
+        products = None if self.norm_products is None else self.norm_products[np.ix_(list(sides), list(sides))]
+        return Moments(self.n, self.mean[..., index], self.scatter[..., index[:, None], index],
+                       tuple(self.sizes[i] for i in sides), norms, products)
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """Covariance ``scatter / (n − ddof)``, shape (*batch, p, p)."""
@@ -104,20 +131,21 @@ class Moments:
         if other.sizes != self.sizes or other.batch_shape != self.batch_shape:
             raise ValueError(f"cannot merge Moments of sides {self.sizes} (batch {self.batch_shape}) and "
                              f"{other.sizes} (batch {other.batch_shape})")
-        return unpack(merge_packed(np.concatenate([pack(self), pack(other)])), self.sizes)
+        return unpack(merge_packed(np.concatenate([pack(self), pack(other)]), self.sizes), self.sizes)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write to a small zarr store at ``path``, atomically (temporary folder, then rename)."""
         batch = tuple(f"batch{i}" for i in range(len(self.batch_shape)))
-        dataset = xr.Dataset(
-            {
-                "n": ((), np.int64(self.n)),
-                "mean": ((*batch, "channel"), self.mean),
-                "scatter": ((*batch, "channel", "channel_t"), self.scatter),
-                "sizes": (("side",), np.asarray(self.sizes, dtype=np.int64)),
-            },
-            attrs={"chunkcca": "Moments"},
-        )
+        variables = {
+            "n": ((), np.int64(self.n)),
+            "mean": ((*batch, "channel"), self.mean),
+            "scatter": ((*batch, "channel", "channel_t"), self.scatter),
+            "sizes": (("side",), np.asarray(self.sizes, dtype=np.int64)),
+        }
+        if self.norm_moments is not None:
+            variables["norm_moments"] = (("side", "channel"), self.norm_moments)
+            variables["norm_products"] = (("side", "side_t"), self.norm_products)
+        dataset = xr.Dataset(variables, attrs={"chunkcca": "Moments"})
         write_atomically(path, lambda tmp: dataset.to_zarr(tmp, zarr_format=3, consolidated=False),
                          overwrite=overwrite)
 
@@ -135,6 +163,8 @@ class Moments:
                 mean=dataset["mean"].values,
                 scatter=dataset["scatter"].values,
                 sizes=tuple(int(s) for s in dataset["sizes"].values),
+                norm_moments=dataset["norm_moments"].values if "norm_moments" in dataset else None,
+                norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
             )
 
 
@@ -160,28 +190,70 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
 
 
 def pack(moments: Moments) -> np.ndarray:
-    """Moments as one array of shape (1, *batch, p + 2, p) (row 0: n; row 1: mean; then scatter)."""
+    """Moments as one array (1, *batch, p + 2 [+ 2L], p): n, mean, scatter [, norm_moments, norm_products]."""
     p = moments.channels
-    packed = np.zeros((1, *moments.batch_shape, p + 2, p), dtype=moments.scatter.dtype)
+    sides = 0 if moments.norm_moments is None else len(moments.sizes)
+    packed = np.zeros((1, *moments.batch_shape, p + 2 + 2 * sides, p), dtype=moments.scatter.dtype)
     packed[0, ..., 0, 0] = moments.n
     packed[0, ..., 1, :] = moments.mean
-    packed[0, ..., 2:, :] = moments.scatter
+    packed[0, ..., 2 : p + 2, :] = moments.scatter
+    if sides:
+        packed[0, p + 2 : p + 2 + sides] = moments.norm_moments
+        packed[0, p + 2 + sides :, :sides] = moments.norm_products
     return packed
 
 
 def unpack(packed: np.ndarray, sizes: Sequence[int] = ()) -> Moments:
-    """Inverse of :func:`pack` for an array of shape (1, *batch, p + 2, p)."""
+    """Inverse of :func:`pack` for an array of shape (1, *batch, p + 2 [+ 2L], p)."""
+    p = packed.shape[-1]
+    sides = (packed.shape[-2] - p - 2) // 2
     count = packed[(0,) + (0,) * (packed.ndim - 1)].real
-    return Moments(n=int(count), mean=packed[0, ..., 1, :].copy(), scatter=packed[0, ..., 2:, :].copy(),
-                   sizes=tuple(sizes))
+    norms = products = None
+    if sides:
+        norms = packed[0, p + 2 : p + 2 + sides].copy()
+        products = packed[0, p + 2 + sides :, :sides].copy()
+    return Moments(n=int(count), mean=packed[0, ..., 1, :].copy(), scatter=packed[0, ..., 2 : p + 2, :].copy(),
+                   sizes=tuple(sizes) or ((p,) if sides <= 1 else ()), norm_moments=norms, norm_products=products)
 
 
-def merge_packed(partials: np.ndarray) -> np.ndarray:
-    """Merge k packed partials (k, *batch, p + 2, p) into one (1, *batch, p + 2, p), exactly.
+def _side_blocks(sizes: Sequence[int], delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """D (L, p): row l holds delta on side l's channels, zeros elsewhere; c (L,): ‖delta_l‖²."""
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    blocks = np.zeros((len(sizes), delta.size))
+    for side, (lo, hi) in enumerate(itertools.pairwise(edges)):
+        blocks[side, lo:hi] = delta[lo:hi]
+    return blocks, (blocks**2).sum(axis=1)
+
+
+def shift_norms(n: float, sums: np.ndarray, products: np.ndarray, norm_sums: np.ndarray, norm_moments: np.ndarray,
+                norm_products: np.ndarray, delta: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row-norm sums about a centre moved by ``delta`` (rows u → u − delta), exactly.
+
+    In the old frame: ``sums = Σ u`` (p), ``products = Σ u uᵀ`` (p, p), ``norm_sums = Σ r``
+    (L), ``norm_moments = Σ r uᵀ`` (L, p), ``norm_products = Σ r rᵀ`` (L, L), with
+    ``r_l = ‖u_l‖²``. With D, c from :func:`_side_blocks`, ``r' = r − 2 D u + c`` expands to the
+    returned ``Σ r' u'ᵀ`` and ``Σ r' r'ᵀ``.
+    """
+    blocks, c = _side_blocks(sizes, delta)
+    d_sums = blocks @ sums
+    d_products = blocks @ products
+    moments = (norm_moments - np.outer(norm_sums, delta) - 2 * d_products + 2 * np.outer(d_sums, delta)
+               + np.outer(c, sums) - n * np.outer(c, delta))
+    cross = norm_moments @ blocks.T
+    squares = (norm_products - 2 * cross - 2 * cross.T + 4 * d_products @ blocks.T
+               + np.outer(norm_sums, c) + np.outer(c, norm_sums) - 2 * np.outer(d_sums, c) - 2 * np.outer(c, d_sums)
+               + n * np.outer(c, c))
+    return moments, squares
+
+
+def merge_packed(partials: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
+    """Merge k packed partials (k, *batch, p + 2 [+ 2L], p) into one (1, …), exactly.
 
     The k-way form of Chan et al.'s update: ``mean = Σ nᵢ μᵢ / n`` and
-    ``M = Σ Mᵢ + Σ nᵢ (μᵢ − mean)(μᵢ − mean)ᴴ``; empty partials (nᵢ = 0) contribute nothing.
+    ``M = Σ Mᵢ + Σ nᵢ (μᵢ − mean)(μᵢ − mean)ᴴ``; row-norm sums are moved to the merged mean
+    with :func:`shift_norms` and added. Empty partials (nᵢ = 0) contribute nothing.
     """
+    p = partials.shape[-1]
     counts = partials[:, ..., 0, 0].real  # (k, *batch), equal across the batch
     total = counts.sum(axis=0)
     merged = np.zeros((1, *partials.shape[1:]), dtype=partials.dtype)
@@ -192,18 +264,32 @@ def merge_packed(partials: np.ndarray) -> np.ndarray:
     mean = (counts[..., None] * means).sum(axis=0) / total[..., None]
     deviation = np.moveaxis(np.sqrt(counts)[..., None] * (means - mean), 0, -1)  # (*batch, p, k)
     merged[0, ..., 1, :] = mean
-    merged[0, ..., 2:, :] = partials[:, ..., 2:, :].sum(axis=0) + deviation @ np.swapaxes(deviation, -1, -2).conj()
+    merged[0, ..., 2 : p + 2, :] = (partials[:, ..., 2 : p + 2, :].sum(axis=0)
+                                    + deviation @ np.swapaxes(deviation, -1, -2).conj())
+    sides = (partials.shape[-2] - p - 2) // 2
+    if sides:
+        sizes = tuple(sizes) or (p,)
+        edges = np.concatenate([[0], np.cumsum(sizes)])
+        for partial, count in zip(partials, counts):
+            if count == 0:
+                continue
+            scatter = partial[2 : p + 2]
+            norm_sums = np.array([np.trace(scatter[lo:hi, lo:hi]) for lo, hi in itertools.pairwise(edges)])
+            moved, squares = shift_norms(count, np.zeros(p), scatter, norm_sums, partial[p + 2 : p + 2 + sides],
+                                         partial[p + 2 + sides :, :sides], mean - partial[1], sizes)
+            merged[0, p + 2 : p + 2 + sides] += moved
+            merged[0, p + 2 + sides :, :sides] += squares
     return merged
 
 
 def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float32") -> np.ndarray:
-    """Packed partial (1, *batch, p + 2, p) of the rows of each side, concatenated along channels.
+    """Packed partial (1, *batch, p + 2 [+ 2L], p) of the rows of each side, concatenated along channels.
 
     ``sides`` are arrays of shape (*batch, rows, pᵢ) with equal batch shape and rows, real or
     complex. The rows are shifted by the mean of the first :data:`SHIFT_ROWS` rows and
     multiplied in ``precision`` (complex64/complex128 for complex rows) one sub-block at a time
     through a single reused buffer; products and sums accumulate in float64 (complex128) and
-    are corrected exactly for the shift.
+    are corrected exactly for the shift. Real rows also give the row-norm sums (L = len(sides)).
     """
     batch, rows = sides[0].shape[:-2], sides[0].shape[-2]
     widths = [side.shape[-1] for side in sides]
@@ -211,7 +297,8 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float
     is_complex = any(np.iscomplexobj(side) for side in sides)
     dtype = np.result_type(precision, np.complex64) if is_complex else np.dtype(precision)
     accumulate = np.dtype(np.complex128 if is_complex else np.float64)
-    packed = np.zeros((1, *batch, p + 2, p), dtype=accumulate)
+    n_sides = 0 if is_complex else len(sides)
+    packed = np.zeros((1, *batch, p + 2 + 2 * n_sides, p), dtype=accumulate)
     if rows == 0:
         return packed
     edges = np.concatenate([[0], np.cumsum(widths)])
@@ -221,6 +308,9 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float
     buffer = np.empty((*batch, per_block, p), dtype=dtype)
     products = np.zeros((*batch, p, p), dtype=accumulate)
     sums = np.zeros((*batch, p), dtype=accumulate)
+    norm_sums = np.zeros(n_sides)
+    norm_moments = np.zeros((n_sides, p))
+    norm_products = np.zeros((n_sides, n_sides))
     for start in range(0, rows, per_block):
         stop = min(start + per_block, rows)
         block = buffer[..., : stop - start, :]
@@ -228,10 +318,21 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float
             np.subtract(side[..., start:stop, :], shift_c[..., lo:hi], out=block[..., lo:hi], casting="unsafe")
         products += np.swapaxes(block, -1, -2) @ (block.conj() if is_complex else block)
         sums += block.sum(axis=-2, dtype=accumulate)
+        if n_sides:
+            norms = np.stack([np.einsum("ij,ij->i", block[:, lo:hi], block[:, lo:hi], dtype=np.float64)
+                              for lo, hi in itertools.pairwise(edges)], axis=1)  # (rows, L)
+            norm_sums += norms.sum(axis=0)
+            norm_moments += (norms.T.astype(dtype) @ block).astype(np.float64)
+            norm_products += norms.T @ norms
     # The exact shift is shift_c (what was subtracted), not the float64 shift.
     shifted_mean = sums / rows
     scatter = products - rows * shifted_mean[..., :, None] * shifted_mean[..., None, :].conj()
     packed[0, ..., 0, 0] = rows
     packed[0, ..., 1, :] = shift_c[..., 0, :].astype(accumulate) + shifted_mean
-    packed[0, ..., 2:, :] = (scatter + np.swapaxes(scatter, -1, -2).conj()) / 2
+    packed[0, ..., 2 : p + 2, :] = (scatter + np.swapaxes(scatter, -1, -2).conj()) / 2
+    if n_sides:
+        moved, squares = shift_norms(rows, sums, products, norm_sums, norm_moments, norm_products, shifted_mean,
+                                     widths)
+        packed[0, p + 2 : p + 2 + n_sides] = moved
+        packed[0, p + 2 + n_sides :, :n_sides] = squares
     return packed

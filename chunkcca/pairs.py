@@ -94,7 +94,8 @@ def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every
     limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
     batch = int(np.prod(adapters[0].batch_shape, dtype=np.int64))
     itemsize = 16 if adapters[0].kind == "dft" else 8
-    partial = batch * (channels + 2) * channels * itemsize
+    norm_rows = 0 if adapters[0].kind == "dft" else 2 * len(adapters)
+    partial = batch * (channels + 2 + norm_rows) * channels * itemsize
     fan_in = min(split_every, max(2, limit // max(partial, 1) - 1))
     if partial * (fan_in + 1) > limit:
         what = (f"spatial='dft' keeps {batch} frequencies x {channels}^2 complex statistics"

@@ -10,6 +10,7 @@ datapoints.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import dask
@@ -36,8 +37,8 @@ def _keep(partial: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.nd
     return partial
 
 
-def _merge(partials: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    return merge_packed(partials)
+def _merge(partials: np.ndarray, axis: Any = None, keepdims: bool = True, sizes: tuple[int, ...] = ()) -> np.ndarray:
+    return merge_packed(partials, sizes)
 
 
 def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, stride: int = 1,
@@ -56,15 +57,18 @@ def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, str
     args: list[Any] = [first, ("datapoint",)]
     for i, side in enumerate(sides):
         args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
-    dtype = np.dtype(np.complex128 if any(a.kind == "dft" for a in adapters) else np.float64)
+    is_complex = any(a.kind == "dft" for a in adapters)
+    dtype = np.dtype(np.complex128 if is_complex else np.float64)
     meta = np.empty((0,) * (3 + len(batch)), dtype=dtype)
+    norm_rows = 0 if is_complex else 2 * len(sides)
     partials = da.blockwise(
         _chunk_partial, ("datapoint", *batch_axes, "row", "col"), *args,
-        new_axes={**batch_axes, "row": p + 2, "col": p}, adjust_chunks={"datapoint": 1},
+        new_axes={**batch_axes, "row": p + 2 + norm_rows, "col": p}, adjust_chunks={"datapoint": 1},
         concatenate=True, dtype=dtype, meta=meta, adapters=tuple(adapters), stride=stride, precision=precision,
     )
+    merge = partial(_merge, sizes=tuple(side.shape[-1] for side in sides))
     return da.reduction(
-        partials, _keep, _merge, combine=_merge, axis=0, keepdims=True, dtype=dtype,
+        partials, _keep, merge, combine=merge, axis=0, keepdims=True, dtype=dtype,
         split_every=split_every, concatenate=True, meta=meta,
     )
 

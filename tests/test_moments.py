@@ -160,3 +160,45 @@ def test_load_rejects_missing_and_foreign(tmp_path):
     xr.Dataset({"x": ("a", np.arange(3))}).to_zarr(tmp_path / "other", zarr_format=3, consolidated=False)
     with pytest.raises(ValueError, match="not a saved chunkcca Moments"):
         Moments.load(tmp_path / "other")
+
+
+def _norm_sums(rows: np.ndarray, sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Σ ‖x̃_l‖² x̃ (L, p) and Σ ‖x̃_l‖²‖x̃_m‖² (L, L) of the centred rows, directly in float64."""
+    centred = rows - rows.mean(axis=0)
+    edges = np.cumsum((0, *sizes))
+    norms = np.stack([(centred[:, a:b] ** 2).sum(axis=1) for a, b in itertools.pairwise(edges)], axis=1)
+    return norms.T @ centred, norms.T @ norms
+
+
+@given(n=st.integers(1, 50), cuts=st.lists(st.integers(0, 50), max_size=5), order=st.randoms(use_true_random=False),
+       offset=st.sampled_from([0.0, 50.0]))
+def test_row_norm_sums_merge_exactly(n, cuts, order, offset):
+    """The fourth-order sums behind debiased CKA: any split, any order, large offsets, to rounding."""
+    rows = np.random.default_rng(n).standard_normal((n, 5)) * [1, 2, 0.1, 3, 1] + offset
+    sizes = (2, 3)
+    edges = sorted({0, n, *[c for c in cuts if c <= n]})
+    parts = [partial_from_rows([rows[a:b, :2], rows[a:b, 2:]], "float64") for a, b in itertools.pairwise(edges)]
+    order.shuffle(parts)
+    merged = unpack(merge_packed(np.concatenate(parts), sizes), sizes)
+    want_moments, want_products = _norm_sums(rows, sizes)
+    scale = max(np.abs(want_products).max(), 1e-300)
+    np.testing.assert_allclose(merged.norm_products, want_products, rtol=0, atol=1e-11 * scale)
+    np.testing.assert_allclose(merged.norm_moments, want_moments, rtol=0,
+                               atol=1e-11 * max(np.abs(want_moments).max(), np.sqrt(scale)))
+
+
+def test_row_norm_sums_with_float32_products(rng):
+    rows = (50.0 + 0.1 * rng.standard_normal((30000, 6))).astype(np.float32)
+    got = unpack(partial_from_rows([rows[:, :4], rows[:, 4:]], "float32"), (4, 2))
+    _, want_products = _norm_sums(rows.astype(np.float64), (4, 2))
+    np.testing.assert_allclose(got.norm_products, want_products, rtol=1e-5)
+
+
+def test_select_sides(rng):
+    rows = rng.standard_normal((40, 6)) + 1
+    whole = unpack(partial_from_rows([rows[:, :1], rows[:, 1:3], rows[:, 3:]], "float64"), (1, 2, 3))
+    pair = whole.select([2, 0])
+    direct = unpack(partial_from_rows([rows[:, 3:], rows[:, :1]], "float64"), (3, 1))
+    assert pair.sizes == (3, 1)
+    for name in ("mean", "scatter", "norm_moments", "norm_products"):
+        np.testing.assert_allclose(getattr(pair, name), getattr(direct, name), rtol=1e-12, atol=1e-12, err_msg=name)
