@@ -20,6 +20,10 @@ Where the reference fails, this module does the evident intended thing:
 - complex input with ``compute_coefs=True``: the reference cannot place complex coefficients
   into its float arrays (TypeError); here the ``full_*`` arrays are complex.
 
+``compute_pwcca`` returns what google/svcca's ``pwcca.compute_pwcca`` returns, its own weighting
+included, computed exactly from the streamed statistics; where its else branch indexes ``acts1``
+with ``y_idxs`` (a crash or a wrong result when ``acts2`` has fewer neurons), ``acts2`` is used.
+
 ``fourier_ccas`` gives what google/svcca's ``dft_ccas.fourier_ccas`` intends; the published
 function does not run on Python 3 at all (see its docstring for each difference).
 """
@@ -195,6 +199,54 @@ def _scatter_block(block: np.ndarray, kept: np.ndarray) -> np.ndarray:
     full = np.zeros((kept.size, kept.size), dtype=block.dtype)
     full[np.ix_(kept, kept)] = block
     return full
+
+
+def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Precision = "float64",
+                  scheduler: Any = None) -> tuple[Any, np.ndarray, np.ndarray]:
+    """google/svcca's ``compute_pwcca``, streamed: ``(pwcca, weights, coefs)`` as the reference returns them.
+
+    The reference forms "directions" ``D = coef · (acts − μ) + μ`` on the side with fewer kept
+    neurons (``coef`` from its SVD, μ its neuron means in the input dtype), orthonormalises them
+    with a QR (``D = P R``) and weights direction i by ``Σⱼ |Pᵢᵀ actsⱼ|``. All of it follows
+    from the statistics: ``DᵀD = C M Cᵀ + n w wᵀ`` and ``Dᵀ acts = C M + n w μᵀ`` with
+    ``w = C (μ_true − μ) + μ``, so ``R`` is the Cholesky factor of ``DᵀD`` (up to signs, which
+    the absolute value removes) and the weights are the row sums of ``|R⁻ᵀ Dᵀ acts|``. The
+    result depends on the SVD's signs exactly as the reference's does, and they agree because
+    the same matrix is decomposed. With every neuron pruned the reference fails; here the
+    result is ``(0.0, empty weights, 0)``.
+    """
+    from scipy.linalg import cholesky, solve_triangular
+
+    for name, acts in (("acts1", acts1), ("acts2", acts2)):
+        if getattr(acts, "ndim", None) == 2 and acts.shape[0] >= acts.shape[1]:
+            raise ValueError(f"{name} has shape {tuple(acts.shape)}: input must be (neurons, datapoints) "
+                             f"with fewer neurons than datapoints")
+    rows1, rows2 = _as_rows(acts1, "acts1"), _as_rows(acts2, "acts2")
+    if rows1.shape[0] != rows2.shape[0]:
+        raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
+    if not np.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler)
+    solved = _solve(stats, epsilon, 0.98)
+    if solved is None:
+        return np.float64(0.0), np.zeros(0), np.asarray(0)
+    use_x = solved["x_idxs"].sum() <= solved["y_idxs"].sum()
+    side, acts = (0, acts1) if use_x else (1, acts2)
+    kept = solved["x_idxs" if use_x else "y_idxs"]
+    coef = solved["coef_x" if use_x else "coef_y"]
+    index = np.flatnonzero(kept) + stats.side_slices()[side].start
+    scatter = stats.scatter[np.ix_(index, index)]
+    true_mean = stats.mean[index]
+    used_mean = true_mean.astype(_mean_dtype(acts.dtype)).astype(np.float64)
+    shift = coef @ (true_mean - used_mean) + used_mean
+    n = stats.n
+    gram = coef @ scatter @ coef.T + n * np.outer(shift, shift)
+    upper = cholesky((gram + gram.T) / 2, lower=False)
+    projections = solve_triangular(upper, coef @ scatter + n * np.outer(shift, true_mean), trans="T")
+    weights = np.abs(projections).sum(axis=1)
+    weights = weights / np.sum(weights)
+    coefs = solved["cca_coef1"]
+    return np.sum(weights * coefs), weights, coefs
 
 
 def _directions(acts: Any, transform: np.ndarray, means: np.ndarray) -> Any:

@@ -107,6 +107,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
             "rank_b": (dims, stacked["rank_b"]),
             "rows": ((), np.int64(moments.n), {"long_name": "rows the statistics were computed from"}),
             "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "mean canonical correlation"}),
+            "r2_cca": ((), (rho**2).mean() if rho.size else np.nan,
+                       {"long_name": "mean squared canonical correlation (R²_CCA)"}),
         },
         coords={"component": np.arange(rho.shape[-1])},
         attrs={"measure": "cca", "epsilon": float(epsilon)},
@@ -114,6 +116,198 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     if batch:
         result["rho_freq_mean"] = (dims, rho.mean(axis=-1), {"long_name": "mean canonical correlation per frequency"})
     return result
+
+
+def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Covariance blocks Σaa, Σab, Σbb of two-sided real Moments."""
+    if len(moments.sizes) != 2 or moments.batch_shape:
+        raise ValueError(f"{name} compares two sides of real, unbatched Moments (got sides {moments.sizes}, "
+                         f"batch {moments.batch_shape}); spatial='dft' is offered by cca only")
+    p, q = moments.sizes
+    cov = moments.covariance()
+    if not np.all(np.isfinite(cov)):
+        raise ValueError("the statistics hold NaN or Inf: the activations contain non-finite values")
+    return cov[:p, :p], cov[:p, p:], cov[p:, p:], p, q
+
+
+def _kept_directions(cov: np.ndarray, keep: float, keep_by: str) -> np.ndarray:
+    """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values."""
+    values, vectors = np.linalg.eigh(cov)
+    values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
+    weights = values if keep_by == "variance" else np.sqrt(values)
+    total = weights.sum()
+    if total == 0:
+        return vectors[:, :0]
+    count = int(np.searchsorted(np.cumsum(weights) / total, keep - 1e-12) + 1)
+    return vectors[:, : min(count, int((values > 0).sum()))]
+
+
+def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "variance",
+                       epsilon: float = 0.0) -> xr.Dataset:
+    """SVCCA (Raghu et al. 2017): per side the fewest principal directions explaining ``keep``, then CCA.
+
+    ``keep_by="variance"`` counts eigenvalues of the covariance (variance explained),
+    ``"singular_values"`` their square roots (the singular values of the centred data, as
+    google/svcca's SVD step). Returns ``rho`` (component), ``dims_a``/``dims_b`` (directions
+    kept), ``rho_mean``, and ``coef_a``/``coef_b`` over the original channels.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    if keep_by not in ("variance", "singular_values"):
+        raise ValueError(f"keep_by must be 'variance' or 'singular_values', got {keep_by!r}")
+    cov_aa, cov_ab, cov_bb, p, q = _pair(moments, "svcca")
+    with threadpool_limits(limits=1, user_api="blas"):
+        basis_a, basis_b = _kept_directions(cov_aa, keep, keep_by), _kept_directions(cov_bb, keep, keep_by)
+        ka, kb = basis_a.shape[1], basis_b.shape[1]
+        reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
+                            [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ cov_bb @ basis_b]])
+        solved = _solve_cca(reduced, (ka, kb), float(epsilon))
+    rho = solved["rho"]
+    return xr.Dataset(
+        {
+            "rho": ("component", rho, {"long_name": "canonical correlation of the kept directions"}),
+            "coef_a": (("channel_a", "component"), basis_a @ solved["coef_a"]),
+            "coef_b": (("channel_b", "component"), basis_b @ solved["coef_b"]),
+            "dims_a": ((), np.int64(ka), {"long_name": f"principal directions of side a holding {keep} of the {keep_by}"}),
+            "dims_b": ((), np.int64(kb), {"long_name": f"principal directions of side b holding {keep} of the {keep_by}"}),
+            "rows": ((), np.int64(moments.n)),
+            "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"}),
+        },
+        coords={"component": np.arange(rho.size)},
+        attrs={"measure": "svcca", "keep": float(keep), "keep_by": keep_by, "epsilon": float(epsilon)},
+    )
+
+
+#: Canonical correlations closer than this are reported as tied (their directions are not unique).
+TIE_TOLERANCE = 1e-8
+
+
+def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0) -> xr.Dataset:
+    """Projection-weighted CCA (Morcos et al. 2018), exactly from Moments.
+
+    On the side with fewer (non-constant) channels, canonical variate i is ``hᵢ = x̃ · coefᵢ``; its weight
+    ``αᵢ ∝ Σⱼ |⟨hᵢ/‖hᵢ‖, x̃ⱼ⟩|`` over that side's channels j, which is
+    ``Σⱼ |(M coefᵢ)ⱼ| / sqrt(coefᵢᵀ M coefᵢ)`` with M the side's scatter. Returns ``pwcca``
+    (``Σ αᵢ ρᵢ``), ``weights`` and ``rho`` (component), ``side`` ("a" or "b"), and ``tied``:
+    components whose ρ equals another's within 1e-8, whose directions (and so weights) are not unique.
+    """
+    cca_result = cca_from_moments(moments, epsilon=epsilon)
+    use_a = int((~cca_result["pruned_a"]).sum()) <= int((~cca_result["pruned_b"]).sum())
+    part = moments.side_slices()[0 if use_a else 1]
+    coef = cca_result["coef_a" if use_a else "coef_b"].values
+    scatter = moments.scatter[part, part]
+    projected = scatter @ coef
+    norms = np.sqrt(np.clip(np.einsum("ik,ik->k", coef, projected), 0, None))
+    weights = np.divide(np.abs(projected).sum(axis=0), norms, out=np.zeros_like(norms), where=norms > 0)
+    weights = weights / weights.sum() if weights.sum() > 0 else weights
+    rho = cca_result["rho"].values
+    gaps = np.diff(rho)
+    tied = np.zeros(rho.size, dtype=bool)
+    close = np.abs(gaps) <= TIE_TOLERANCE
+    tied[:-1] |= close
+    tied[1:] |= close
+    return xr.Dataset(
+        {
+            "pwcca": ((), float(weights @ rho), {"long_name": "projection-weighted mean canonical correlation"}),
+            "weights": ("component", weights, {"long_name": "projection weight of each canonical variate"}),
+            "rho": ("component", rho),
+            "tied": ("component", tied, {"long_name": "rho equal to a neighbour's: direction not unique"}),
+            "side": ((), "a" if use_a else "b", {"long_name": "side whose canonical variates are weighted"}),
+            "rows": ((), np.int64(moments.n)),
+        },
+        coords={"component": cca_result["component"].values},
+        attrs={"measure": "pwcca", "epsilon": float(epsilon)},
+    )
+
+
+def _debiased_hsic(cross: float, norm_product: float, trace_a: float, trace_b: float, n: int) -> float:
+    """Unbiased HSIC (Song et al. 2012) of linear kernels, in feature space (as Kornblith et al.'s code)."""
+    return cross - n / (n - 2) * norm_product + trace_a * trace_b / ((n - 1) * (n - 2))
+
+
+def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
+    """Linear CKA (Kornblith et al. 2019) from Moments: ``‖Mab‖²_F / (‖Maa‖_F ‖Mbb‖_F)``.
+
+    ``debiased=True`` uses the unbiased HSIC estimator on all rows, made exact by the row-norm
+    sums of the Moments (``norm_products``); it needs at least 4 rows.
+    """
+    _pair(moments, "cka")
+    p = moments.sizes[0]
+    scatter, n = moments.scatter, moments.n
+    blocks = {"aa": scatter[:p, :p], "ab": scatter[:p, p:], "bb": scatter[p:, p:]}
+    cross = {key: float(np.sum(block**2)) for key, block in blocks.items()}
+    if debiased:
+        if moments.norm_products is None:
+            raise ValueError("debiased CKA needs Moments with row-norm sums (computed by chunkcca's streaming)")
+        if n < 4:
+            raise ValueError(f"debiased CKA needs at least 4 rows, have {n}")
+        traces = {"a": float(np.trace(blocks["aa"])), "b": float(np.trace(blocks["bb"]))}
+        products = moments.norm_products
+        hsic = {"ab": _debiased_hsic(cross["ab"], products[0, 1], traces["a"], traces["b"], n),
+                "aa": _debiased_hsic(cross["aa"], products[0, 0], traces["a"], traces["a"], n),
+                "bb": _debiased_hsic(cross["bb"], products[1, 1], traces["b"], traces["b"], n)}
+    else:
+        hsic = cross
+    denominator = np.sqrt(hsic["aa"] * hsic["bb"]) if hsic["aa"] > 0 and hsic["bb"] > 0 else 0.0
+    value = hsic["ab"] / denominator if denominator > 0 else np.nan
+    if not np.isfinite(value):
+        raise ValueError("CKA is undefined: one side has no variance (every channel constant)")
+    return xr.Dataset(
+        {"cka": ((), value, {"long_name": "linear CKA" + (" (debiased)" if debiased else "")}),
+         "rows": ((), np.int64(n))},
+        attrs={"measure": "cka", "debiased": int(debiased)},
+    )
+
+
+def procrustes_from_moments(moments: Moments) -> xr.Dataset:
+    """Orthogonal Procrustes distance of the centred, unit-Frobenius-norm sides (Ding et al. 2021).
+
+    ``d² = 2 − 2 ‖Σab‖_* / sqrt(tr Σaa · tr Σbb)``, the smallest ‖X − Y Q‖²_F over orthogonal Q
+    (sides of different widths are zero-padded). Also returns the ``similarity`` ‖Σab‖_* / sqrt(…).
+    """
+    cov_aa, cov_ab, cov_bb, _, _ = _pair(moments, "procrustes")
+    scale = np.sqrt(np.trace(cov_aa) * np.trace(cov_bb))
+    if scale == 0:
+        raise ValueError("Procrustes distance is undefined: one side has no variance (every channel constant)")
+    with threadpool_limits(limits=1, user_api="blas"):
+        similarity = float(np.linalg.svd(cov_ab, compute_uv=False).sum() / scale)
+    return xr.Dataset(
+        {"procrustes": ((), float(np.sqrt(max(0.0, 2 - 2 * similarity))), {"long_name": "Procrustes distance"}),
+         "similarity": ((), similarity, {"long_name": "nuclear norm of the normalised cross-covariance"}),
+         "rows": ((), np.int64(moments.n))},
+        attrs={"measure": "procrustes"},
+    )
+
+
+def _partial_whitener(cov: np.ndarray, alpha: float) -> np.ndarray:
+    """((1 − α) Σ + α (tr Σ / p) I)^(−1/2): α = 0 whitens, α = 1 only rescales (pseudo-inverse if singular)."""
+    regularised = (1 - alpha) * cov + alpha * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+    return inverse_sqrt(regularised)[0]
+
+
+def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dataset:
+    """Angular shape metric of Williams et al. 2021 with partial whitening ``alpha``.
+
+    Each side is mapped by ``Tα = ((1 − α) Σ + α (tr Σ / p) I)^(−1/2)`` (α = 0: CCA-like, full
+    whitening; α = 1: Procrustes-like, no whitening; the identity is scaled by the mean variance so
+    the metric does not depend on the data's scale), then
+    ``θ = arccos(‖Ta Σab Tb‖_* / sqrt(tr(Ta Σaa Ta) tr(Tb Σbb Tb)))`` in radians.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    cov_aa, cov_ab, cov_bb, _, _ = _pair(moments, "shape_metric")
+    if np.trace(cov_aa) == 0 or np.trace(cov_bb) == 0:
+        raise ValueError("the shape metric is undefined: one side has no variance (every channel constant)")
+    with threadpool_limits(limits=1, user_api="blas"):
+        t_a, t_b = _partial_whitener(cov_aa, alpha), _partial_whitener(cov_bb, alpha)
+        nuclear = np.linalg.svd(t_a @ cov_ab @ t_b, compute_uv=False).sum()
+        norm = np.sqrt(np.trace(t_a @ cov_aa @ t_a) * np.trace(t_b @ cov_bb @ t_b))
+    angle = float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))
+    return xr.Dataset(
+        {"shape_distance": ((), angle, {"long_name": "angular shape distance", "units": "radians"}),
+         "rows": ((), np.int64(moments.n))},
+        attrs={"measure": "shape_metric", "alpha": float(alpha)},
+    )
 
 
 def _channel_labels(layer: xr.DataArray) -> np.ndarray:
@@ -187,3 +381,75 @@ def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: f
     return label_result(result, layer_a, layer_b, adapters, spatial=spatial, stride=int(stride),
                         precision=precision, rows=int(stats.n),
                         method=method if spatial == "interp" else None, grid=grid if spatial == "interp" else None)
+
+
+STREAM_OPTIONS = ("precision", "method", "grid", "split_every", "memory_limit", "scheduler", "progress")
+
+
+def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: int, epsilon: float = 0.0,
+              stream_options: dict[str, Any], **solve_options: Any) -> xr.Dataset:
+    """Stream two layers (see :func:`cca` for the options), solve one measure, label the result."""
+    unknown = set(stream_options) - set(STREAM_OPTIONS)
+    if unknown:
+        raise TypeError(f"{name}() got unexpected keyword arguments {sorted(unknown)}; "
+                        f"streaming options are {', '.join(STREAM_OPTIONS)}")
+    if spatial == "dft":
+        raise ValueError(f"{name} supports spatial='flatten', 'avgpool' or 'interp'; spatial='dft' is offered by cca")
+    layer_a, layer_b, adapters, stats = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=epsilon,
+                                                    **stream_options)
+    result = solve(stats, **solve_options)
+    return label_result(result, layer_a, layer_b, adapters, spatial=spatial, stride=int(stride), rows=int(stats.n),
+                        precision=stream_options.get("precision", "float32"))
+
+
+def svcca(a: Any, b: Any, *, keep: float = 0.99, keep_by: str = "variance", epsilon: float = 0.0,
+          spatial: str = "flatten", stride: int = 1, **stream_options: Any) -> xr.Dataset:
+    """SVCCA between two layers, streamed: see :func:`svcca_from_moments`; options as for :func:`cca`."""
+    if not isinstance(keep, (int, float, np.number)) or not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    if keep_by not in ("variance", "singular_values"):
+        raise ValueError(f"keep_by must be 'variance' or 'singular_values', got {keep_by!r}")
+    return _streamed("svcca", svcca_from_moments, a, b, spatial=spatial, stride=stride, epsilon=epsilon,
+                     stream_options=stream_options, keep=keep, keep_by=keep_by)
+
+
+def pwcca(a: Any, b: Any, *, epsilon: float = 0.0, spatial: str = "flatten", stride: int = 1,
+          **stream_options: Any) -> xr.Dataset:
+    """PWCCA between two layers, streamed: see :func:`pwcca_from_moments`; options as for :func:`cca`."""
+    return _streamed("pwcca", pwcca_from_moments, a, b, spatial=spatial, stride=stride, epsilon=epsilon,
+                     stream_options=stream_options)
+
+
+def procrustes(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, **stream_options: Any) -> xr.Dataset:
+    """Orthogonal Procrustes distance, streamed: see :func:`procrustes_from_moments`; options as for :func:`cca`."""
+    return _streamed("procrustes", procrustes_from_moments, a, b, spatial=spatial, stride=stride,
+                     stream_options=stream_options)
+
+
+def shape_metric(a: Any, b: Any, *, alpha: float = 1.0, spatial: str = "flatten", stride: int = 1,
+                 **stream_options: Any) -> xr.Dataset:
+    """Williams et al.'s angular shape metric, streamed: see :func:`shape_metric_from_moments`."""
+    if not isinstance(alpha, (int, float, np.number)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return _streamed("shape_metric", shape_metric_from_moments, a, b, spatial=spatial, stride=stride,
+                     stream_options=stream_options, alpha=alpha)
+
+
+def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None, spatial: str = "flatten",
+        stride: int = 1, **stream_options: Any) -> xr.Dataset:
+    """Linear CKA between two layers, streamed; options as for :func:`cca`.
+
+    Default: from Moments (:func:`cka_from_moments`), biased or, with ``debiased=True``, the exact
+    full-data debiased estimator. ``minibatch=m``: the minibatch CKA of Nguyen, Raghu & Kornblith
+    2021 over consecutive minibatches of m rows (memory O(m²), not O(channels²); see
+    :mod:`chunkcca.minibatch`); it is unbiased per minibatch, so ``debiased`` does not apply.
+    """
+    if minibatch is not None:
+        if debiased:
+            raise ValueError("minibatch CKA is already built from unbiased HSIC; pass debiased=False")
+        from .minibatch import minibatch_cka
+
+        options = {k: v for k, v in stream_options.items() if k not in ("precision", "memory_limit")}
+        return minibatch_cka(a, b, size=minibatch, spatial=spatial, stride=stride, **options)
+    return _streamed("cka", cka_from_moments, a, b, spatial=spatial, stride=stride, stream_options=stream_options,
+                     debiased=bool(debiased))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 
@@ -53,4 +54,26 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
     ax.figure.colorbar(image, ax=ax, label="mean canonical correlation")
     if title:
         ax.set_title(title)
+    return ax
+
+
+def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any = None, annotate: bool = True) -> Any:
+    """Heatmap (layer_a × layer_b) of one measure of :func:`chunkcca.similarity`; returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    measure = measure or result.attrs.get("measures", [None])[0]
+    if measure not in result:
+        raise ValueError(f"no measure {measure!r} in this result (has {sorted(map(str, result.data_vars))})")
+    values = result[measure]
+    if ax is None:
+        size = (1.2 + 0.7 * values.sizes["layer_b"], 1.0 + 0.6 * values.sizes["layer_a"])
+        _, ax = plt.subplots(figsize=(max(size[0], 4.0), max(size[1], 3.0)), layout="constrained")
+    image = ax.imshow(values.values, cmap="magma", aspect="auto")
+    ax.set_xticks(range(values.sizes["layer_b"]), [str(v) for v in values["layer_b"].values], rotation=45, ha="right")
+    ax.set_yticks(range(values.sizes["layer_a"]), [str(v) for v in values["layer_a"].values])
+    if annotate:
+        for (i, j), value in np.ndenumerate(values.values):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black",
+                    fontsize="small")
+    ax.figure.colorbar(image, ax=ax, label=measure)
     return ax

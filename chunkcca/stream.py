@@ -1,15 +1,15 @@
 """Dask plumbing: one Moments partial per datapoint chunk, tree-reduced, computed on any scheduler.
 
-The engine has the shape of a flox reduction: a chunk function
-(:func:`chunkcca.moments.partial_from_rows` on the rows a spatial adapter gives), a combine
-and aggregate function (:func:`chunkcca.moments.merge_packed`) and a finalize step
-(:func:`chunkcca.moments.unpack`). Memory per task is O(chunk + p²) whatever the number of
-datapoints.
+The engine (:func:`rows_reduction`) has the shape of a flox reduction: a chunk function on
+the rows a spatial adapter gives, an associative merge used to combine and aggregate, and a
+finalize step. The Moments are one such reduction (:func:`chunkcca.moments.partial_from_rows`,
+:func:`chunkcca.moments.merge_packed`, :func:`chunkcca.moments.unpack`); minibatch CKA is
+another. Memory per task is O(chunk + partial) whatever the number of datapoints.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -25,52 +25,65 @@ from .spatial import Adapter, block_rows, spatial_shape
 SPLIT_EVERY = 8
 
 
-def _chunk_partial(first: np.ndarray, *blocks: np.ndarray, adapters: Sequence[Adapter], stride: int,
-                   precision: Precision) -> np.ndarray:
-    """Packed partial (1, *batch, p + 2, p) of one datapoint chunk of every side."""
+def _chunk_task(first: np.ndarray, *blocks: np.ndarray, adapters: Sequence[Adapter], stride: int,
+                reduce_rows: Callable[[list[np.ndarray], int], np.ndarray]) -> np.ndarray:
+    """One datapoint chunk of every side → rows per side → ``reduce_rows(rows, first_datapoint)``."""
     first_datapoint = int(first[0]) if first.size else 0
     rows = [block_rows(block, adapter, first_datapoint, stride) for block, adapter in zip(blocks, adapters)]
-    return partial_from_rows(rows, precision)
+    return reduce_rows(rows, first_datapoint)
 
 
 def _keep(partial: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
     return partial
 
 
-def _merge(partials: np.ndarray, axis: Any = None, keepdims: bool = True, sizes: tuple[int, ...] = ()) -> np.ndarray:
-    return merge_packed(partials, sizes)
+def _combine(partials: np.ndarray, axis: Any = None, keepdims: bool = True, *,
+             merge: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    return merge(partials)
+
+
+def rows_reduction(sides: Sequence[da.Array], adapters: Sequence[Adapter], *,
+                   reduce_rows: Callable[[list[np.ndarray], int], np.ndarray],
+                   merge: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], dtype: Any,
+                   stride: int = 1, split_every: int = SPLIT_EVERY) -> da.Array:
+    """The engine: a lazy (1, *shape) reduction of the rows of ``sides``, one partial per datapoint chunk.
+
+    ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
+    channel), with one :class:`~chunkcca.spatial.Adapter` each; Dask aligns their datapoint
+    chunks. ``reduce_rows(rows, first_datapoint)`` maps one chunk's rows (per side, after the
+    adapter and stride) to a partial (1, *shape); ``merge`` maps k stacked partials (k, *shape)
+    to one (1, *shape), associatively; Dask tree-reduces with ``split_every``. Nothing is computed here.
+    """
+    first = da.arange(sides[0].shape[0], chunks=(sides[0].chunks[0],))
+    args: list[Any] = [first, ("datapoint",)]
+    for i, side in enumerate(sides):
+        args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
+    out_axes = {f"out{i}": size for i, size in enumerate(shape)}
+    meta = np.empty((0,) * (1 + len(shape)), dtype=dtype)
+    partials = da.blockwise(
+        _chunk_task, ("datapoint", *out_axes), *args, new_axes=out_axes, adjust_chunks={"datapoint": 1},
+        concatenate=True, dtype=dtype, meta=meta, adapters=tuple(adapters), stride=stride, reduce_rows=reduce_rows,
+    )
+    combine = partial(_combine, merge=merge)
+    return da.reduction(partials, _keep, combine, combine=combine, axis=0, keepdims=True, dtype=dtype,
+                        split_every=split_every, concatenate=True, meta=meta)
+
+
+def _moments_partial(rows: list[np.ndarray], first_datapoint: int, *, precision: Precision) -> np.ndarray:
+    return partial_from_rows(rows, precision)
 
 
 def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, stride: int = 1,
                   precision: Precision = "float32", split_every: int = SPLIT_EVERY) -> da.Array:
-    """Lazy packed Moments (1, *batch, p + 2, p) of the rows of ``sides``, concatenated along channels.
-
-    ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
-    channel), with one :class:`~chunkcca.spatial.Adapter` each; Dask aligns their datapoint
-    chunks. Nothing is computed here.
-    """
-    n_datapoints = sides[0].shape[0]
+    """Lazy packed Moments (1, *batch, p + 2 [+ 2L], p) of the rows of ``sides``, concatenated along channels."""
     p = sum(side.shape[-1] for side in sides)
-    batch = adapters[0].batch_shape
-    batch_axes = {f"batch{i}": size for i, size in enumerate(batch)}
-    first = da.arange(n_datapoints, chunks=(sides[0].chunks[0],))
-    args: list[Any] = [first, ("datapoint",)]
-    for i, side in enumerate(sides):
-        args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
     is_complex = any(a.kind == "dft" for a in adapters)
-    dtype = np.dtype(np.complex128 if is_complex else np.float64)
-    meta = np.empty((0,) * (3 + len(batch)), dtype=dtype)
     norm_rows = 0 if is_complex else 2 * len(sides)
-    partials = da.blockwise(
-        _chunk_partial, ("datapoint", *batch_axes, "row", "col"), *args,
-        new_axes={**batch_axes, "row": p + 2 + norm_rows, "col": p}, adjust_chunks={"datapoint": 1},
-        concatenate=True, dtype=dtype, meta=meta, adapters=tuple(adapters), stride=stride, precision=precision,
-    )
-    merge = partial(_merge, sizes=tuple(side.shape[-1] for side in sides))
-    return da.reduction(
-        partials, _keep, merge, combine=merge, axis=0, keepdims=True, dtype=dtype,
-        split_every=split_every, concatenate=True, meta=meta,
-    )
+    return rows_reduction(
+        sides, adapters, reduce_rows=partial(_moments_partial, precision=precision),
+        merge=partial(merge_packed, sizes=tuple(side.shape[-1] for side in sides)),
+        shape=(*adapters[0].batch_shape, p + 2 + norm_rows, p),
+        dtype=np.complex128 if is_complex else np.float64, stride=stride, split_every=split_every)
 
 
 def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tuple[Any, ...]:

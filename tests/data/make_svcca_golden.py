@@ -98,8 +98,10 @@ def _tutorial_interp(acts1: np.ndarray, pool2: np.ndarray) -> np.ndarray:
 
 def _conv_cases(reference: Path, ref) -> None:
     try:
-        from scipy.interpolate import interp2d  # noqa: F401
-    except ImportError:
+        from scipy.interpolate import interp2d
+
+        interp2d([0, 1], [0, 1], [[0, 0], [0, 0]])
+    except (ImportError, NotImplementedError):
         print("skipping conv cases: scipy.interpolate.interp2d needs SciPy < 1.14")
         return
     import warnings
@@ -135,6 +137,26 @@ def _conv_cases(reference: Path, ref) -> None:
             coefs[i, j] = res["cca_coef1"]
             means[i, j] = res["mean"][0]
     _save("conv_dft", conv, pool, {"cca_coef1": coefs, "mean": means}, epsilon=0.0, threshold=0.98)
+
+
+def _pwcca_cases(reference: Path) -> None:
+    """compute_pwcca of the reference; its else branch indexes acts1 with y_idxs, so for the case
+    where acts2 has fewer neurons that one line is run with acts2 (the evident intent)."""
+    cca_core = importlib.import_module("cca_core")
+    source = (reference / "pwcca.py").read_text()
+    published: dict = {"np": np, "cca_core": cca_core}
+    exec(source, published)
+    fixed_source = source.replace('(acts1[sresults["y_idxs"]]', '(acts2[sresults["y_idxs"]]')
+    assert fixed_source != source
+    fixed: dict = {"np": np, "cca_core": cca_core}
+    exec(fixed_source, fixed)
+    big, small = _fc_gauss(np.random.default_rng(0))  # 12 and 9 neurons
+    for name, acts1, acts2, namespace in (("pwcca_x", small, big, published), ("pwcca_y", big, small, fixed)):
+        value, weights, coefs = namespace["compute_pwcca"](acts1, acts2, epsilon=1e-10)
+        _save(name, acts1, acts2, {"pwcca": value, "weights": weights, "coefs": coefs}, epsilon=1e-10)
+    acts1, acts2 = _relu_offset(np.random.default_rng(1))
+    value, weights, coefs = published["compute_pwcca"](acts2, acts1, epsilon=1e-10)
+    _save("pwcca_relu", acts2, acts1, {"pwcca": value, "weights": weights, "coefs": coefs}, epsilon=1e-10)
 
 
 def _load_svcca_pickle(path: Path) -> np.ndarray:
@@ -180,6 +202,7 @@ def main() -> None:
         result = ref(f1.T[:, ::stride], f2.T[:, ::stride], epsilon=1e-10)
         _save(f"conv_flatten_s{stride}", conv1, conv2, result, epsilon=1e-10, threshold=0.98,
               stride=stride)
+    _pwcca_cases(args.reference)
     _conv_cases(args.reference, ref)
     svhn = args.shared_data / "svcca" / "SVHN"
     if svhn.is_dir():

@@ -1,0 +1,106 @@
+"""Minibatch CKA (Nguyen, Raghu & Kornblith 2021), streamed: for layers too wide for a covariance.
+
+The rows (after the spatial adapter and stride) are cut into consecutive minibatches of ``size``
+rows in their global order; each minibatch gives the unbiased HSIC (Song et al. 2012) of the
+linear Gram matrices K = X Xᵀ and L = Y Yᵀ; CKA = Σ HSIC(K, L) / sqrt(Σ HSIC(K, K) Σ HSIC(L, L)).
+Memory per task is O(chunk + size²) whatever the channels. Chunks are realigned so that no
+minibatch straddles two of them (the result does not depend on the chunking); the rows after the
+last whole minibatch are left out and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .pairs import check_options, prepare_layers
+from .spatial import Adapter, row_count
+from .stream import SPLIT_EVERY, compute, rows_reduction
+
+
+def unbiased_hsic(grams_k: np.ndarray, grams_l: np.ndarray) -> np.ndarray:
+    """Unbiased HSIC of each pair of Gram matrices (batch, m, m), m >= 4; returns (batch,)."""
+    m = grams_k.shape[-1]
+    k, l_ = grams_k.copy(), grams_l.copy()
+    diagonal = np.arange(m)
+    k[:, diagonal, diagonal] = 0
+    l_[:, diagonal, diagonal] = 0
+    trace = np.einsum("bij,bij->b", k, l_)
+    sums = k.sum(axis=(1, 2)) * l_.sum(axis=(1, 2)) / ((m - 1) * (m - 2))
+    cross = np.einsum("bi,bi->b", k.sum(axis=1), l_.sum(axis=2)) * 2 / (m - 2)
+    return (trace + sums - cross) / (m * (m - 3))
+
+
+def _minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int, rows_per_datapoint: int,
+                       stride: int) -> np.ndarray:
+    """[Σ HSIC(K, L), Σ HSIC(K, K), Σ HSIC(L, L), minibatches, rows left over] of one chunk."""
+    first_row = -(-first_datapoint * rows_per_datapoint // stride)
+    if first_row % size:
+        raise RuntimeError(f"chunk starting at datapoint {first_datapoint} splits a minibatch of {size} rows")
+    count = rows[0].shape[0] // size
+    partial_sums = np.zeros((1, 5))
+    partial_sums[0, 4] = rows[0].shape[0] - count * size
+    if count == 0:
+        return partial_sums
+    x, y = (np.asarray(r[: count * size], dtype=np.float64).reshape(count, size, -1) for r in rows)
+    grams_x, grams_y = x @ np.swapaxes(x, 1, 2), y @ np.swapaxes(y, 1, 2)
+    partial_sums[0, :4] = (unbiased_hsic(grams_x, grams_y).sum(), unbiased_hsic(grams_x, grams_x).sum(),
+                           unbiased_hsic(grams_y, grams_y).sum(), count)
+    return partial_sums
+
+
+def _add(partials: np.ndarray) -> np.ndarray:
+    return partials.sum(axis=0, keepdims=True)
+
+
+def aligned_chunks(datapoints: int, chunk: int, *, size: int, rows_per_datapoint: int, stride: int) -> tuple[int, ...]:
+    """Datapoint chunks near ``chunk`` whose boundaries fall on minibatch boundaries of the strided rows."""
+    unit = size * stride // math.gcd(rows_per_datapoint, size * stride)
+    per_chunk = max(1, round(chunk / unit)) * unit
+    sizes = [per_chunk] * (datapoints // per_chunk)
+    return tuple(sizes + ([datapoints % per_chunk] if datapoints % per_chunk else []))
+
+
+def minibatch_cka(a: Any, b: Any, *, size: int, spatial: str = "flatten", stride: int = 1, method: str = "linear",
+                  grid: str = "coords", split_every: int = SPLIT_EVERY, scheduler: Any = None,
+                  progress: bool = False) -> xr.Dataset:
+    """Minibatch linear CKA of two layers over minibatches of ``size`` rows (see the module docstring)."""
+    check_options(spatial=spatial, stride=stride, method=method, grid=grid)
+    if spatial == "dft":
+        raise ValueError("minibatch CKA supports spatial='flatten', 'avgpool' or 'interp'")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 4:
+        raise ValueError(f"minibatch must be an integer >= 4 (the unbiased HSIC needs 4 rows), got {size!r}")
+    layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid)
+    datapoints = layer_a.sizes["datapoint"]
+    rows = row_count(adapters[0], datapoints, stride)
+    if rows < size:
+        raise ValueError(f"layers {layer_a.name!r}, {layer_b.name!r} give {rows} rows, fewer than one minibatch "
+                         f"of {size}")
+    chunks = aligned_chunks(datapoints, max(layer_a.data.chunks[0]), size=size,
+                            rows_per_datapoint=adapters[0].rows_per_datapoint, stride=stride)
+    sides = [layer.data.rechunk({0: chunks}) for layer in (layer_a, layer_b)]
+    graph = rows_reduction(
+        sides, adapters,
+        reduce_rows=partial(_minibatch_partial, size=size, rows_per_datapoint=adapters[0].rows_per_datapoint,
+                            stride=stride),
+        merge=_add, shape=(5,), dtype=np.float64, stride=stride, split_every=split_every)
+    (sums,) = compute(graph, scheduler=scheduler, progress=progress)
+    hsic_ab, hsic_aa, hsic_bb, batches, left_over = sums[0]
+    if hsic_aa <= 0 or hsic_bb <= 0:
+        raise ValueError(f"minibatch CKA is undefined: layer {layer_a.name if hsic_aa <= 0 else layer_b.name!r} "
+                         f"has no variance within minibatches")
+    return xr.Dataset(
+        {"cka": ((), hsic_ab / np.sqrt(hsic_aa * hsic_bb), {"long_name": f"minibatch linear CKA ({size} rows)"}),
+         "minibatches": ((), np.int64(batches)),
+         "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
+         "rows": ((), np.int64(rows))},
+        attrs={"measure": "cka", "minibatch": int(size), "layer_a": str(layer_a.name), "layer_b": str(layer_b.name),
+               "spatial": spatial, "stride": int(stride)},
+    )
+
+
+__all__ = ["Adapter", "aligned_chunks", "minibatch_cka", "unbiased_hsic"]

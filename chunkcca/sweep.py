@@ -1,0 +1,132 @@
+"""All layer pairs in one pass: every chunk of every layer is read once.
+
+The layers of both sets are streamed together into one :class:`~chunkcca.moments.Moments` over
+all their channels (one side per layer); every pair's measures are then small solves on its
+two sides (:meth:`Moments.select`). Memory: (P + 2 + 2L) × P float64 per partial, P the total
+channels of the L distinct layers, checked against ``memory_limit`` before streaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .measures import (
+    cca_from_moments,
+    cka_from_moments,
+    procrustes_from_moments,
+    pwcca_from_moments,
+    svcca_from_moments,
+)
+from .moments import Moments, Precision
+from .pairs import MEMORY_LIMIT, align_layers, check_options, fit_split_every
+from .spatial import plan_adapters, row_count
+from .store import VARIABLE, as_activations
+from .stream import SPLIT_EVERY, stream_moments
+
+#: Each measure of a sweep, as a scalar from one pair's Moments.
+MEASURES: dict[str, Callable[..., float]] = {
+    "mean_cca": lambda m, o: float(cca_from_moments(m, epsilon=o["epsilon"])["rho_mean"]),
+    "r2_cca": lambda m, o: float(cca_from_moments(m, epsilon=o["epsilon"])["r2_cca"]),
+    "svcca": lambda m, o: float(svcca_from_moments(m, keep=o["keep"], epsilon=o["epsilon"])["rho_mean"]),
+    "pwcca": lambda m, o: float(pwcca_from_moments(m, epsilon=o["epsilon"])["pwcca"]),
+    "cka": lambda m, o: float(cka_from_moments(m)["cka"]),
+    "cka_debiased": lambda m, o: float(cka_from_moments(m, debiased=True)["cka"]),
+    "procrustes": lambda m, o: float(procrustes_from_moments(m)["procrustes"]),
+}
+
+
+def _as_layer_set(layers: Any, role: str) -> dict[str, Any]:
+    """A set of layers: a mapping name → layer, a DataTree (every node holding activations) or a list of nodes."""
+    if isinstance(layers, xr.DataTree):
+        return {node.path.lstrip("/"): node for node in layers.subtree if VARIABLE in node.data_vars}
+    if isinstance(layers, Mapping):
+        return {str(name): layer for name, layer in layers.items()}
+    if isinstance(layers, (list, tuple)) and all(isinstance(node, xr.DataTree) for node in layers):
+        return {node.path.lstrip("/"): node for node in layers}
+    raise TypeError(f"{role} must be a mapping of name to layer, a DataTree or a list of DataTree nodes, "
+                    f"got {type(layers).__name__}")
+
+
+def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list[str] = ("mean_cca", "cka"),
+               spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0, keep: float = 0.99,
+               precision: Precision = "float32", split_every: int = SPLIT_EVERY,
+               memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None, progress: bool = False) -> xr.Dataset:
+    """Every measure for every pair (layer_a, layer_b) of two sets of layers, in one streamed pass.
+
+    Parameters
+    ----------
+    a_layers, b_layers
+        Mappings of name → layer (anything :func:`chunkcca.cca` takes), DataTrees (every node
+        with activations) or lists of DataTree nodes. A layer in both sets is read once.
+    measures
+        Any of "mean_cca", "r2_cca", "svcca" (with ``keep`` of the variance), "pwcca", "cka",
+        "cka_debiased", "procrustes".
+    spatial
+        "flatten" (all layers need one spatial size) or "avgpool" (any sizes); interp and dft
+        pair layers individually and are offered by the per-pair functions.
+    stride, epsilon, precision, split_every, memory_limit, scheduler, progress
+        As for :func:`chunkcca.cca`.
+
+    Returns
+    -------
+    xarray.Dataset
+        One variable per measure with dims (layer_a, layer_b), plus ``rows``.
+    """
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise ValueError(f"unknown measure {unknown or measures!r}; choose from {', '.join(MEASURES)}")
+    check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision)
+    if spatial not in ("flatten", "avgpool"):
+        raise ValueError(f"similarity supports spatial='flatten' or 'avgpool'; for {spatial!r} compare pairs with "
+                         f"chunkcca.cca")
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    set_a, set_b = _as_layer_set(a_layers, "a_layers"), _as_layer_set(b_layers, "b_layers")
+    if not set_a or not set_b:
+        raise ValueError("similarity needs at least one layer on each side")
+    layers = {name: as_activations(layer, name) for name, layer in {**set_a, **set_b}.items()}
+    names = list(layers)
+    first = layers[names[0]]
+    layers = {name: align_layers(first, layer)[1] for name, layer in layers.items()}
+    if spatial == "flatten":
+        sizes = {name: layer.shape[1:-1] for name, layer in layers.items()}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{name!r} {'x'.join(map(str, size)) or 'fc'}" for name, size in sizes.items())
+            raise ValueError(f"spatial='flatten' needs one spatial size for all layers, got {listed}; use "
+                             f"spatial='avgpool'")
+    adapters = tuple(plan_adapters(spatial, first, layer)[1] for layer in layers.values())
+    channels = sum(layer.sizes["channel"] for layer in layers.values())
+    fan_in = fit_split_every(adapters, channels, split_every=split_every, memory_limit=memory_limit,
+                             names=tuple(names))
+    rows = row_count(adapters[0], first.sizes["datapoint"], stride)
+    if rows < 4:
+        raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
+    stats = stream_moments([layer.data for layer in layers.values()], adapters, stride=stride, precision=precision,
+                           split_every=fan_in, scheduler=scheduler, progress=progress)
+    for name, part in zip(names, stats.side_slices()):
+        if not np.all(np.isfinite(stats.scatter[part, part])):
+            raise ValueError(f"layer {name!r} contains NaN or Inf values")
+    return _pairwise(stats, names, list(set_a), list(set_b), measures,
+                     {"epsilon": float(epsilon), "keep": float(keep)},
+                     attrs={"spatial": spatial, "stride": int(stride), "precision": precision, "epsilon": float(epsilon),
+                            "keep": float(keep), "rows": int(stats.n)})
+
+
+def _pairwise(stats: Moments, names: list[str], names_a: list[str], names_b: list[str], measures: Any,
+              options: dict[str, float], attrs: dict[str, Any]) -> xr.Dataset:
+    values = {measure: np.full((len(names_a), len(names_b)), np.nan) for measure in measures}
+    for i, name_a in enumerate(names_a):
+        for j, name_b in enumerate(names_b):
+            pair = stats.select([names.index(name_a), names.index(name_b)])
+            for measure in measures:
+                values[measure][i, j] = MEASURES[measure](pair, options)
+    return xr.Dataset(
+        {measure: (("layer_a", "layer_b"), value) for measure, value in values.items()}
+        | {"rows": ((), np.int64(stats.n))},
+        coords={"layer_a": names_a, "layer_b": names_b},
+        attrs={"measures": list(measures), **attrs},
+    )
