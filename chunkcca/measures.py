@@ -118,16 +118,16 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     return result
 
 
-def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Covariance blocks Σaa, Σab, Σbb of two-sided real Moments."""
     if len(moments.sizes) != 2 or moments.batch_shape:
         raise ValueError(f"{name} compares two sides of real, unbatched Moments (got sides {moments.sizes}, "
                          f"batch {moments.batch_shape}); spatial='dft' is offered by cca only")
-    p, q = moments.sizes
+    p = moments.sizes[0]
     cov = moments.covariance()
     if not np.all(np.isfinite(cov)):
         raise ValueError("the statistics hold NaN or Inf: the activations contain non-finite values")
-    return cov[:p, :p], cov[:p, p:], cov[p:, p:], p, q
+    return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 
 def _kept_directions(cov: np.ndarray, keep: float, keep_by: str) -> np.ndarray:
@@ -155,7 +155,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
     if keep_by not in ("variance", "singular_values"):
         raise ValueError(f"keep_by must be 'variance' or 'singular_values', got {keep_by!r}")
-    cov_aa, cov_ab, cov_bb, p, q = _pair(moments, "svcca")
+    cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     with threadpool_limits(limits=1, user_api="blas"):
         basis_a, basis_b = _kept_directions(cov_aa, keep, keep_by), _kept_directions(cov_bb, keep, keep_by)
         ka, kb = basis_a.shape[1], basis_b.shape[1]
@@ -168,8 +168,8 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
             "rho": ("component", rho, {"long_name": "canonical correlation of the kept directions"}),
             "coef_a": (("channel_a", "component"), basis_a @ solved["coef_a"]),
             "coef_b": (("channel_b", "component"), basis_b @ solved["coef_b"]),
-            "dims_a": ((), np.int64(ka), {"long_name": f"principal directions of side a holding {keep} of the {keep_by}"}),
-            "dims_b": ((), np.int64(kb), {"long_name": f"principal directions of side b holding {keep} of the {keep_by}"}),
+            "dims_a": ((), np.int64(ka), {"long_name": f"directions of side a holding {keep} of the {keep_by}"}),
+            "dims_b": ((), np.int64(kb), {"long_name": f"directions of side b holding {keep} of the {keep_by}"}),
             "rows": ((), np.int64(moments.n)),
             "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"}),
         },
@@ -265,7 +265,7 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     ``d² = 2 − 2 ‖Σab‖_* / sqrt(tr Σaa · tr Σbb)``, the smallest ‖X − Y Q‖²_F over orthogonal Q
     (sides of different widths are zero-padded). Also returns the ``similarity`` ‖Σab‖_* / sqrt(…).
     """
-    cov_aa, cov_ab, cov_bb, _, _ = _pair(moments, "procrustes")
+    cov_aa, cov_ab, cov_bb = _pair(moments, "procrustes")
     scale = np.sqrt(np.trace(cov_aa) * np.trace(cov_bb))
     if scale == 0:
         raise ValueError("Procrustes distance is undefined: one side has no variance (every channel constant)")
@@ -295,7 +295,7 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    cov_aa, cov_ab, cov_bb, _, _ = _pair(moments, "shape_metric")
+    cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     if np.trace(cov_aa) == 0 or np.trace(cov_bb) == 0:
         raise ValueError("the shape metric is undefined: one side has no variance (every channel constant)")
     with threadpool_limits(limits=1, user_api="blas"):

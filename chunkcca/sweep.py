@@ -112,8 +112,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
             raise ValueError(f"layer {name!r} contains NaN or Inf values")
     return _pairwise(stats, names, list(set_a), list(set_b), measures,
                      {"epsilon": float(epsilon), "keep": float(keep)},
-                     attrs={"spatial": spatial, "stride": int(stride), "precision": precision, "epsilon": float(epsilon),
-                            "keep": float(keep), "rows": int(stats.n)})
+                     attrs={"spatial": spatial, "stride": int(stride), "precision": precision,
+                            "epsilon": float(epsilon), "keep": float(keep), "rows": int(stats.n)})
 
 
 def _pairwise(stats: Moments, names: list[str], names_a: list[str], names_b: list[str], measures: Any,
