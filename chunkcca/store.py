@@ -189,5 +189,5 @@ def open_activations(path: str | os.PathLike) -> xr.DataTree:
 
 
 def layer_paths(tree: xr.DataTree) -> list[str]:
-    """Paths (without the leading '/') of the nodes of ``tree`` that hold activations."""
-    return [node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars]
+    """Paths (without the leading '/'), sorted, of the nodes of ``tree`` that hold activations."""
+    return sorted(node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars)

@@ -42,7 +42,8 @@ MEASURES: dict[str, Callable[..., float]] = {
 def _as_layer_set(layers: Any, role: str) -> dict[str, Any]:
     """A set of layers: a mapping name → layer, a DataTree (every node holding activations) or a list of nodes."""
     if isinstance(layers, xr.DataTree):
-        return {node.path.lstrip("/"): node for node in layers.subtree if VARIABLE in node.data_vars}
+        nodes = {node.path.lstrip("/"): node for node in layers.subtree if VARIABLE in node.data_vars}
+        return dict(sorted(nodes.items()))
     if isinstance(layers, Mapping):
         return {str(name): layer for name, layer in layers.items()}
     if isinstance(layers, (list, tuple)) and all(isinstance(node, xr.DataTree) for node in layers):

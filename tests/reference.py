@@ -94,3 +94,79 @@ def dft_correlations(a: np.ndarray, b: np.ndarray, stride: int = 1) -> np.ndarra
             rows = [s[::stride, kept[0][k][i], kept[1][k][j], :] for k, s in enumerate(spectra)]
             out[i, j] = canonical_correlations(*rows)
     return out
+
+
+def _centred(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return a - a.mean(axis=0)
+
+
+def svcca_reference(x: np.ndarray, y: np.ndarray, keep: float, keep_by: str) -> tuple[np.ndarray, int, int]:
+    """SVCCA from SVDs of the centred data: the fewest right singular directions holding ``keep`` of
+    the squared singular values ("variance") or of the singular values, then QR-based CCA."""
+    reduced = []
+    for side in (x, y):
+        _, s, vt = np.linalg.svd(_centred(side), full_matrices=False)
+        weights = s**2 if keep_by == "variance" else s
+        k = int(np.argmax(np.cumsum(weights) / weights.sum() >= keep - 1e-12)) + 1
+        reduced.append(_centred(side) @ vt[:k].T)
+    return canonical_correlations(*reduced), reduced[0].shape[1], reduced[1].shape[1]
+
+
+def pwcca_reference(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Morcos et al.'s PWCCA from QR bases: canonical variates H of the side with fewer neurons,
+    αᵢ = Σⱼ |⟨Hᵢ, x̃ⱼ⟩| (normalised), PWCCA = Σ αᵢ ρᵢ."""
+    small, large = (x, y) if x.shape[1] <= y.shape[1] else (y, x)
+    q_small, _ = np.linalg.qr(_centred(small))
+    q_large, _ = np.linalg.qr(_centred(large))
+    u, rho, _ = np.linalg.svd(q_small.T @ q_large, full_matrices=False)
+    variates = q_small @ u
+    weights = np.abs(variates.T @ _centred(small)).sum(axis=1)
+    weights /= weights.sum()
+    return float(weights @ rho), weights, rho
+
+
+def u_centred_gram(features: np.ndarray) -> np.ndarray:
+    """The linear Gram matrix, U-centred (zero diagonal) as in Kornblith et al.'s center_gram(unbiased=True)."""
+    gram = np.asarray(features, dtype=np.float64) @ np.asarray(features, dtype=np.float64).T
+    n = gram.shape[0]
+    np.fill_diagonal(gram, 0)
+    means = gram.sum(axis=0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    gram -= means[:, None]
+    gram -= means[None, :]
+    np.fill_diagonal(gram, 0)
+    return gram
+
+
+def cka_reference(x: np.ndarray, y: np.ndarray, debiased: bool) -> float:
+    """Linear CKA from n × n Gram matrices: centred (biased) or U-centred (debiased)."""
+    if debiased:
+        k, l_ = u_centred_gram(x), u_centred_gram(y)
+    else:
+        k, l_ = _centred(x) @ _centred(x).T, _centred(y) @ _centred(y).T
+    return float(np.sum(k * l_) / np.sqrt(np.sum(k * k) * np.sum(l_ * l_)))
+
+
+def procrustes_reference(x: np.ndarray, y: np.ndarray) -> float:
+    """min over orthogonal R of ‖X̂ − Ŷ R‖_F, X̂, Ŷ centred with unit Frobenius norm (zero-padded to equal width)."""
+    from scipy.linalg import orthogonal_procrustes
+
+    width = max(x.shape[1], y.shape[1])
+    xs, ys = (np.pad(_centred(a), ((0, 0), (0, width - a.shape[1]))) for a in (x, y))
+    xs, ys = xs / np.linalg.norm(xs), ys / np.linalg.norm(ys)
+    rotation, _ = orthogonal_procrustes(ys, xs)
+    return float(np.linalg.norm(xs - ys @ rotation))
+
+
+def shape_reference(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
+    """Williams et al.'s angular distance on the data: X̃ ((1−α)Σ + α (tr Σ/p) I)^(−1/2), then the
+    arccos of the normalised nuclear norm of the cross product."""
+    mapped = []
+    for side in (x, y):
+        centred = _centred(side)
+        cov = centred.T @ centred / (centred.shape[0] - 1)
+        values, vectors = np.linalg.eigh((1 - alpha) * cov + alpha * np.trace(cov) / cov.shape[0] * np.eye(len(cov)))
+        mapped.append(centred @ vectors @ np.diag(values**-0.5) @ vectors.T)
+    nuclear = np.linalg.norm(mapped[0].T @ mapped[1], ord="nuc")
+    return float(np.arccos(min(1.0, nuclear / (np.linalg.norm(mapped[0]) * np.linalg.norm(mapped[1])))))

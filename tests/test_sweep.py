@@ -1,0 +1,94 @@
+"""similarity(): all layer pairs in one pass equal the pairwise computations; each chunk is read once."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import matplotlib
+import numpy as np
+import pytest
+import xarray as xr
+
+import chunkcca
+from chunkcca import cca, cka, procrustes, pwcca, similarity, svcca
+from chunkcca.plot import plot_similarity
+
+matplotlib.use("Agg")
+DIMS = ("datapoint", "height", "width", "channel")
+
+
+def _layers(seed: int = 0, datapoints: int = 60) -> dict[str, xr.DataArray]:
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((datapoints, 4, 4, 3))
+    layers = {}
+    for model in (0, 1):
+        for name, channels in (("conv1", 5), ("conv2", 4)):
+            data = np.maximum(z @ rng.standard_normal((3, channels)) + rng.standard_normal((datapoints, 4, 4, channels)), 0)
+            layers[f"model{model}/{name}"] = xr.DataArray(data, dims=DIMS, name=f"model{model}/{name}")
+    return layers
+
+
+PAIRWISE = {
+    "mean_cca": lambda a, b, **kw: float(cca(a, b, precision="float64", **kw)["rho_mean"]),
+    "r2_cca": lambda a, b, **kw: float(cca(a, b, precision="float64", **kw)["r2_cca"]),
+    "svcca": lambda a, b, **kw: float(svcca(a, b, precision="float64", **kw)["rho_mean"]),
+    "pwcca": lambda a, b, **kw: float(pwcca(a, b, precision="float64", **kw)["pwcca"]),
+    "cka": lambda a, b, **kw: float(cka(a, b, precision="float64", **kw)["cka"]),
+    "cka_debiased": lambda a, b, **kw: float(cka(a, b, debiased=True, precision="float64", **kw)["cka"]),
+    "procrustes": lambda a, b, **kw: float(procrustes(a, b, precision="float64", **kw)["procrustes"]),
+}
+
+
+@pytest.mark.parametrize("spatial", ["flatten", "avgpool"])
+def test_every_pair_equals_the_pairwise_call(spatial):
+    layers = _layers()
+    set_a = {k: v for k, v in layers.items() if k.startswith("model0")}
+    set_b = {k: v.chunk({"datapoint": 13}) for k, v in layers.items() if k.startswith("model1")}
+    result = similarity(set_a, set_b, measures=list(PAIRWISE), spatial=spatial, precision="float64")
+    assert result["cka"].dims == ("layer_a", "layer_b")
+    assert list(result["layer_b"].values) == ["model1/conv1", "model1/conv2"]
+    for name_a, a in set_a.items():
+        for name_b, b in set_b.items():
+            for measure, pairwise in PAIRWISE.items():
+                got = float(result[measure].sel(layer_a=name_a, layer_b=name_b))
+                assert got == pytest.approx(pairwise(a, b, spatial=spatial), abs=1e-9), (measure, name_a, name_b)
+
+
+def test_each_chunk_of_each_layer_is_read_once(tmp_path):
+    reads: list[tuple[str, int]] = []
+
+    def block(layer, index):
+        reads.append((layer, index))
+        rng = np.random.default_rng([hash(layer) % 1000, index])
+        return rng.standard_normal((10, 2, 2, 3))
+
+    def lazy(layer):
+        return da.concatenate([da.from_delayed(dask.delayed(block)(layer, i), shape=(10, 2, 2, 3), dtype=float)
+                               for i in range(4)])
+
+    layers = {name: lazy(name) for name in ("a1", "a2", "b1")}
+    similarity({"a1": layers["a1"], "a2": layers["a2"]}, {"b1": layers["b1"], "a1": layers["a1"]},
+               measures=["cka", "mean_cca"])
+    assert sorted(reads) == sorted((name, i) for name in ("a1", "a2", "b1") for i in range(4))
+
+
+def test_datatree_input_and_heatmap(tmp_path):
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", _layers(), chunks=25)
+    result = similarity(tree["model0"], [tree["model1/conv1"], tree["model1/conv2"]], measures=["cka"])
+    assert list(result["layer_a"].values) == ["model0/conv1", "model0/conv2"]
+    ax = plot_similarity(result, "cka")
+    ax.figure.savefig(tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_sweeps_are_rejected_before_streaming():
+    layers = _layers()
+    small = xr.DataArray(np.zeros((60, 2, 2, 3)), dims=DIMS, name="small")
+    with pytest.raises(ValueError, match="one spatial size for all layers, got 'model0/conv1' 4x4.*'small' 2x2"):
+        similarity({"model0/conv1": layers["model0/conv1"]}, {"small": small})
+    with pytest.raises(ValueError, match="unknown measure \\['cca'\\]"):
+        similarity(layers, layers, measures=["cca"])
+    with pytest.raises(ValueError, match="similarity supports spatial='flatten' or 'avgpool'"):
+        similarity(layers, layers, spatial="dft")
+    with pytest.raises(TypeError, match="a_layers must be a mapping"):
+        similarity(np.zeros(3), layers)
