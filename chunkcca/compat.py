@@ -125,11 +125,8 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
     if verbose:
         print("streaming covariance")
-    stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, progress=verbose)
-    if not np.all(np.isfinite(stats.scatter)):
-        numx = stats.sizes[0]
-        raise ValueError(f"{'acts1' if not np.all(np.isfinite(stats.scatter[:numx, :numx])) else 'acts2'} "
-                         f"contains NaN or Inf values")
+    stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, progress=verbose,
+                           names=("acts1", "acts2"))
     solved = _solve(stats, epsilon, threshold, verbose)
     if solved is None:
         return _zero_result(compute_dirns, rows1.shape[0])
@@ -226,7 +223,7 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
         raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
     if not np.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
-    stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler)
+    stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, names=("acts1", "acts2"))
     solved = _solve(stats, epsilon, 0.98)
     if solved is None:
         return np.float64(0.0), np.zeros(0), np.asarray(0)
@@ -304,7 +301,7 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
             raise ValueError(f"{name} must be (datapoint, height, width, channel), got shape {layer.shape}")
     if verbose:
         print("streaming per-frequency covariances")
-    _, _, _, stats = stream_pair(layer_a.data, layer_b.data, spatial="dft", epsilon=epsilon, precision=precision,
+    _, _, _, stats, _ = stream_pair(layer_a.data, layer_b.data, spatial="dft", epsilon=epsilon, precision=precision,
                                  scheduler=scheduler, progress=verbose)
     records = []
     for location in np.ndindex(*stats.batch_shape):

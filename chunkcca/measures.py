@@ -330,7 +330,7 @@ def label_result(result: xr.Dataset, layer_a: xr.DataArray, layer_b: xr.DataArra
 def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
         precision: Precision = "float32", method: str = "linear", grid: str = "coords",
         split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
-        progress: bool = False) -> xr.Dataset:
+        progress: bool = False, nan_policy: str = "raise", dims: Any = None) -> xr.Dataset:
     """Canonical correlations between two layers, streamed chunk by chunk.
 
     Parameters
@@ -365,6 +365,13 @@ def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: f
     split_every, memory_limit, scheduler, progress
         Tree-reduction fan-in (lowered to fit ``memory_limit``); the Dask scheduler (default: the
         active one, a ``distributed.Client`` if current); show a progress bar.
+    nan_policy
+        "raise" (default): NaN or Inf in the rows used raises a ValueError naming the layer and the
+        chunk's datapoints; "omit": such rows are left out of both sides and counted in the
+        ``rows_omitted`` attr.
+    dims
+        Names of the axes of array inputs (both layers), e.g. ``("datapoint", "channel", "height", "width")``
+        for channels-first data, or a mapping from a DataArray's dim names to these.
 
     Returns
     -------
@@ -374,16 +381,18 @@ def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: f
         ``rows`` (per frequency for dft) and ``rho_mean`` (and ``rho_freq_mean`` for dft); attrs
         record the layers and every option.
     """
-    layer_a, layer_b, adapters, stats = stream_pair(
+    layer_a, layer_b, adapters, stats, omitted = stream_pair(
         a, b, spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid,
-        split_every=split_every, memory_limit=memory_limit, scheduler=scheduler, progress=progress)
+        split_every=split_every, memory_limit=memory_limit, scheduler=scheduler, progress=progress,
+        nan_policy=nan_policy, dims=dims)
     result = cca_from_moments(stats, epsilon=epsilon)
     return label_result(result, layer_a, layer_b, adapters, spatial=spatial, stride=int(stride),
-                        precision=precision, rows=int(stats.n),
+                        precision=precision, rows=int(stats.n), rows_omitted=omitted,
                         method=method if spatial == "interp" else None, grid=grid if spatial == "interp" else None)
 
 
-STREAM_OPTIONS = ("precision", "method", "grid", "split_every", "memory_limit", "scheduler", "progress")
+STREAM_OPTIONS = ("precision", "method", "grid", "split_every", "memory_limit", "scheduler", "progress", "nan_policy",
+                  "dims")
 
 
 def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: int, epsilon: float = 0.0,
@@ -395,11 +404,11 @@ def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: in
                         f"streaming options are {', '.join(STREAM_OPTIONS)}")
     if spatial == "dft":
         raise ValueError(f"{name} supports spatial='flatten', 'avgpool' or 'interp'; spatial='dft' is offered by cca")
-    layer_a, layer_b, adapters, stats = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=epsilon,
-                                                    **stream_options)
+    layer_a, layer_b, adapters, stats, omitted = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=epsilon,
+                                                             **stream_options)
     result = solve(stats, **solve_options)
     return label_result(result, layer_a, layer_b, adapters, spatial=spatial, stride=int(stride), rows=int(stats.n),
-                        precision=stream_options.get("precision", "float32"))
+                        rows_omitted=omitted, precision=stream_options.get("precision", "float32"))
 
 
 def svcca(a: Any, b: Any, *, keep: float = 0.99, keep_by: str = "variance", epsilon: float = 0.0,

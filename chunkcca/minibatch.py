@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .pairs import check_options, prepare_layers
+from .pairs import check_options, prepare_layers, reading
 from .spatial import Adapter, row_count
 from .stream import SPLIT_EVERY, compute, rows_reduction
 
@@ -67,9 +67,11 @@ def aligned_chunks(datapoints: int, chunk: int, *, size: int, rows_per_datapoint
 
 def minibatch_cka(a: Any, b: Any, *, size: int, spatial: str = "flatten", stride: int = 1, method: str = "linear",
                   grid: str = "coords", split_every: int = SPLIT_EVERY, scheduler: Any = None,
-                  progress: bool = False) -> xr.Dataset:
+                  progress: bool = False, nan_policy: str = "raise") -> xr.Dataset:
     """Minibatch linear CKA of two layers over minibatches of ``size`` rows (see the module docstring)."""
-    check_options(spatial=spatial, stride=stride, method=method, grid=grid)
+    check_options(spatial=spatial, stride=stride, method=method, grid=grid, nan_policy=nan_policy)
+    if nan_policy == "omit":
+        raise ValueError("minibatch CKA cannot omit rows (minibatches would shift); use nan_policy='raise'")
     if spatial == "dft":
         raise ValueError("minibatch CKA supports spatial='flatten', 'avgpool' or 'interp'")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 4:
@@ -87,8 +89,10 @@ def minibatch_cka(a: Any, b: Any, *, size: int, spatial: str = "flatten", stride
         sides, adapters,
         reduce_rows=partial(_minibatch_partial, size=size, rows_per_datapoint=adapters[0].rows_per_datapoint,
                             stride=stride),
-        merge=_add, shape=(5,), dtype=np.float64, stride=stride, split_every=split_every)
-    (sums,) = compute(graph, scheduler=scheduler, progress=progress)
+        merge=_add, shape=(5,), dtype=np.float64, stride=stride, split_every=split_every,
+        names=(str(layer_a.name), str(layer_b.name)))
+    with reading((layer_a, layer_b)):
+        (sums,) = compute(graph, scheduler=scheduler, progress=progress)
     hsic_ab, hsic_aa, hsic_bb, batches, left_over = sums[0]
     if hsic_aa <= 0 or hsic_bb <= 0:
         raise ValueError(f"minibatch CKA is undefined: layer {layer_a.name if hsic_aa <= 0 else layer_b.name!r} "

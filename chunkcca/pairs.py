@@ -7,6 +7,8 @@ are checked (naming the layer and the fault) before anything streams.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -16,14 +18,14 @@ from dask.utils import format_bytes, parse_bytes
 from .moments import PRECISIONS, Moments, Precision
 from .spatial import GRIDS, METHODS, SPATIAL, Adapter, plan_adapters, row_count
 from .store import as_activations
-from .stream import SPLIT_EVERY, stream_moments
+from .stream import NAN_POLICIES, SPLIT_EVERY, NonFiniteError, stream_moments
 
 #: Default memory budget for the statistics held at once (matters for spatial="dft").
 MEMORY_LIMIT = "4GiB"
 
 
 def check_options(*, spatial: str, stride: int, epsilon: float = 0.0, precision: str = "float32",
-                  method: str = "linear", grid: str = "coords") -> None:
+                  method: str = "linear", grid: str = "coords", nan_policy: str = "raise") -> None:
     """Validate the options shared by every streaming measure, naming the argument at fault."""
     if spatial not in SPATIAL:
         raise ValueError(f"spatial must be one of {', '.join(map(repr, SPATIAL))}, got {spatial!r}")
@@ -37,6 +39,8 @@ def check_options(*, spatial: str, stride: int, epsilon: float = 0.0, precision:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(map(repr, GRIDS))}, got {grid!r}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {', '.join(map(repr, NAN_POLICIES))}, got {nan_policy!r}")
 
 
 def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
@@ -69,15 +73,34 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
     return a, b.isel(datapoint=labels_b.get_indexer(labels_a))
 
 
-def _named(layer: Any, default: str) -> xr.DataArray:
+def _named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
     named = isinstance(layer, xr.DataTree) or (isinstance(layer, xr.DataArray) and layer.name is not None)
-    return as_activations(layer, None if named else default)
+    return as_activations(layer, None if named else default, dims=dims)
+
+
+@contextmanager
+def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
+    """Re-raise a failure to read store-backed layers (a corrupt chunk, a vanished file) naming the layers
+    and their stores; NaN/Inf errors and errors of in-memory layers pass through unchanged."""
+    try:
+        yield
+    except NonFiniteError:
+        raise
+    except Exception as error:
+        sources = sorted({str(layer.encoding["source"]).rsplit("/", len(str(layer.name).split("/")))[0]
+                          for layer in layers if "source" in layer.encoding})
+        if not sources:
+            raise
+        names = ", ".join(repr(str(layer.name)) for layer in layers)
+        raise OSError(f"reading layers {names} from {', '.join(sources)} failed: "
+                      f"{type(error).__name__}: {error}") from error
 
 
 def prepare_layers(a: Any, b: Any, *, spatial: str, method: str = "linear", grid: str = "coords",
-                   precision: str = "float32") -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
+                   precision: str = "float32", dims: Any = None,
+                   ) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
     """Validate and align two layers and plan their spatial adapters; nothing is read."""
-    layer_a, layer_b = _named(a, "a"), _named(b, "b")
+    layer_a, layer_b = _named(a, "a", dims), _named(b, "b", dims)
     if layer_a.name == layer_b.name:
         layer_a, layer_b = layer_a.rename(f"a ({layer_a.name})"), layer_b.rename(f"b ({layer_b.name})")
     layer_a, layer_b = align_layers(layer_a, layer_b)
@@ -110,11 +133,17 @@ def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every
 def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
                 precision: Precision = "float32", method: str = "linear", grid: str = "coords",
                 split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
-                progress: bool = False) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter], Moments]:
-    """Validate, align and stream two layers; return both layers (lazy), their adapters and Moments."""
-    check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid)
+                progress: bool = False, nan_policy: str = "raise", dims: Any = None,
+                ) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter], Moments, int]:
+    """Validate, align and stream two layers.
+
+    Returns both layers (lazy), their adapters, the Moments and the number of rows left out
+    for NaN/Inf (``nan_policy="omit"``).
+    """
+    check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid,
+                  nan_policy=nan_policy)
     layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid,
-                                                precision=precision)
+                                                precision=precision, dims=dims)
     channels = layer_a.sizes["channel"] + layer_b.sizes["channel"]
     fan_in = fit_split_every(adapters, channels, split_every=split_every, memory_limit=memory_limit,
                              names=(str(layer_a.name), str(layer_b.name)))
@@ -125,18 +154,20 @@ def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, ep
             f"only {rows} rows for {widest} channels (layers {layer_a.name!r}, {layer_b.name!r}): "
             f"the covariance is singular and correlations are meaningless without epsilon > 0 "
             f"or fewer dimensions", RuntimeWarning, stacklevel=3)
-    stats = stream_moments([layer_a.data, layer_b.data], adapters, stride=stride, precision=precision,
-                           split_every=fan_in, scheduler=scheduler, progress=progress)
-    for layer, part in zip((layer_a, layer_b), stats.side_slices()):
-        if not (np.all(np.isfinite(stats.mean[..., part])) and np.all(np.isfinite(stats.scatter[..., part, part]))):
-            raise ValueError(f"layer {layer.name!r} contains NaN or Inf values")
-    return layer_a, layer_b, adapters, stats
+    with reading((layer_a, layer_b)):
+        stats = stream_moments([layer_a.data, layer_b.data], adapters, stride=stride, precision=precision,
+                               split_every=fan_in, scheduler=scheduler, progress=progress, nan_policy=nan_policy,
+                               names=(str(layer_a.name), str(layer_b.name)))
+    omitted = rows - stats.n
+    if stats.n == 0:
+        raise ValueError(f"every row of layers {layer_a.name!r}, {layer_b.name!r} holds NaN or Inf; nothing is left")
+    return layer_a, layer_b, adapters, stats, omitted
 
 
 def compute_moments(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, precision: Precision = "float32",
                     method: str = "linear", grid: str = "coords", split_every: int = SPLIT_EVERY,
                     memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
-                    progress: bool = False) -> Moments:
+                    progress: bool = False, nan_policy: str = "raise", dims: Any = None) -> Moments:
     """The :class:`~chunkcca.moments.Moments` of two layers' rows, in one streamed pass.
 
     Arguments as for :func:`chunkcca.cca`. The result can be saved, merged with the Moments of
@@ -145,4 +176,4 @@ def compute_moments(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1
     """
     return stream_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
                        split_every=split_every, memory_limit=memory_limit, scheduler=scheduler,
-                       progress=progress)[3]
+                       progress=progress, nan_policy=nan_policy, dims=dims)[3]

@@ -10,7 +10,7 @@ chunked, so each chunk holds whole spatial maps.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,18 @@ def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | st
 
 
 def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",
-                   allow_complex: bool = False) -> xr.DataArray:
+                   allow_complex: bool = False, dims: Sequence[str] | Mapping[Hashable, str] | None = None,
+                   ) -> xr.DataArray:
     """One layer as a Dask-backed DataArray with dims (datapoint, [height, width,] channel).
 
     ``layer`` is a numpy or Dask array (axis 0 = datapoint, last axis = channel), a DataArray
     with those dim names (in any order), a Dataset or DataTree node holding ``activations``.
-    ``name`` names the layer in error messages (default: the node path or DataArray name).
-    Complex values are refused unless ``allow_complex`` (google/svcca's functions accept them).
-    Raises a ValueError or TypeError naming the layer and the fault. Nothing is computed.
+    ``dims`` names the axes of an array explicitly (e.g. ``("datapoint", "channel", "height",
+    "width")`` for channels-first data) or maps a DataArray's dim names to these. A 4-d array
+    without ``dims`` whose last two axes are equal and differ from axis 1 looks channels-first
+    and is refused. ``name`` names the layer in error messages (default: the node path or
+    DataArray name). Complex values are refused unless ``allow_complex``. Raises a ValueError
+    or TypeError naming the layer and the fault. Nothing is computed.
     """
     if isinstance(layer, xr.DataTree):
         name = name or layer.path.lstrip("/") or "/"
@@ -63,16 +67,29 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         layer = layer[VARIABLE]
     if isinstance(layer, xr.DataArray):
         name = name or (str(layer.name) if layer.name is not None else "activations")
+        if isinstance(dims, Mapping):
+            layer = layer.rename({old: new for old, new in dims.items() if old in layer.dims})
         array = _order_dims(layer, name)
     else:
         if not hasattr(layer, "shape") or not hasattr(layer, "dtype"):
             raise TypeError(f"layer {name!r}: expected a numpy/Dask array or xarray object, got {type(layer).__name__}")
         name = name or "activations"
-        if layer.ndim not in (2, 4):
-            raise ValueError(
-                f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected "
-                f"(datapoint, height, width, channel) or (datapoint, channel)")
-        array = xr.DataArray(layer, dims=CONV_DIMS if layer.ndim == 4 else FC_DIMS, name=name)
+        if dims is not None and not isinstance(dims, Mapping):
+            if len(dims) != layer.ndim:
+                raise ValueError(f"dims names {len(dims)} axes but layer {name!r} has {layer.ndim}")
+            array = _order_dims(xr.DataArray(layer, dims=tuple(dims), name=name), name)
+        else:
+            if layer.ndim not in (2, 4):
+                raise ValueError(
+                    f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected "
+                    f"(datapoint, height, width, channel) or (datapoint, channel)")
+            if layer.ndim == 4 and layer.shape[2] == layer.shape[3] != layer.shape[1]:
+                raise ValueError(
+                    f"layer {name!r} looks channels-first: shape {tuple(layer.shape)} has equal last two axes; "
+                    f"chunkcca expects (datapoint, height, width, channel). Name the axes with "
+                    f"dims=('datapoint', 'channel', 'height', 'width'), or with "
+                    f"dims=('datapoint', 'height', 'width', 'channel') if it is channels-last")
+            array = xr.DataArray(layer, dims=CONV_DIMS if layer.ndim == 4 else FC_DIMS, name=name)
     _check_values(array, name, allow_complex)
     if not isinstance(array.data, da.Array):
         per_chunk = datapoints_per_chunk(array.shape, array.dtype.itemsize, chunks)
@@ -185,6 +202,7 @@ def open_activations(path: str | os.PathLike) -> xr.DataTree:
         raise ValueError(f"{path} holds no layer (no node with a variable {VARIABLE!r})")
     for layer in found:
         as_activations(tree[layer], layer)
+        tree[layer][VARIABLE].encoding["source"] = str(path / layer)
     return tree
 
 

@@ -25,11 +25,39 @@ from .spatial import Adapter, block_rows, spatial_shape
 SPLIT_EVERY = 8
 
 
+NAN_POLICIES: tuple[str, ...] = ("raise", "omit")
+
+
+class NonFiniteError(ValueError):
+    """Activations hold NaN or Inf where ``nan_policy="raise"``."""
+
+
+def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str], first_datapoint: int,
+                datapoints: int) -> list[np.ndarray]:
+    """Check one chunk's rows for NaN/Inf: raise naming the layer and datapoints, or omit those rows from every side.
+
+    A row is omitted when any side's row (at any frequency, for dft) holds a non-finite value.
+    """
+    finite = [np.isfinite(side).all(axis=tuple(i for i in range(side.ndim) if i != side.ndim - 2)) for side in rows]
+    if all(mask.all() for mask in finite):
+        return rows
+    if nan_policy == "raise":
+        name = next(n for n, mask in zip(names, finite) if not mask.all())
+        raise NonFiniteError(f"layer {name!r} holds NaN or Inf in the chunk of datapoints {first_datapoint} to "
+                         f"{first_datapoint + datapoints - 1}; pass nan_policy='omit' to leave such rows out")
+    keep = np.logical_and.reduce(finite)
+    return [side[..., keep, :] for side in rows]
+
+
 def _chunk_task(first: np.ndarray, *blocks: np.ndarray, adapters: Sequence[Adapter], stride: int,
-                reduce_rows: Callable[[list[np.ndarray], int], np.ndarray]) -> np.ndarray:
-    """One datapoint chunk of every side → rows per side → ``reduce_rows(rows, first_datapoint)``."""
+                reduce_rows: Callable[[list[np.ndarray], int], np.ndarray], nan_policy: str | None,
+                names: Sequence[str]) -> np.ndarray:
+    """One datapoint chunk of every side → rows per side (finite) → ``reduce_rows(rows, first_datapoint)``."""
     first_datapoint = int(first[0]) if first.size else 0
     rows = [block_rows(block, adapter, first_datapoint, stride) for block, adapter in zip(blocks, adapters)]
+    if nan_policy is not None:
+        rows = finite_rows(rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
+                           datapoints=blocks[0].shape[0])
     return reduce_rows(rows, first_datapoint)
 
 
@@ -45,15 +73,19 @@ def _combine(partials: np.ndarray, axis: Any = None, keepdims: bool = True, *,
 def rows_reduction(sides: Sequence[da.Array], adapters: Sequence[Adapter], *,
                    reduce_rows: Callable[[list[np.ndarray], int], np.ndarray],
                    merge: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], dtype: Any,
-                   stride: int = 1, split_every: int = SPLIT_EVERY) -> da.Array:
+                   stride: int = 1, split_every: int = SPLIT_EVERY, nan_policy: str | None = "raise",
+                   names: Sequence[str] = ()) -> da.Array:
     """The engine: a lazy (1, *shape) reduction of the rows of ``sides``, one partial per datapoint chunk.
 
     ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
     channel), with one :class:`~chunkcca.spatial.Adapter` each; Dask aligns their datapoint
     chunks. ``reduce_rows(rows, first_datapoint)`` maps one chunk's rows (per side, after the
     adapter and stride) to a partial (1, *shape); ``merge`` maps k stacked partials (k, *shape)
-    to one (1, *shape), associatively; Dask tree-reduces with ``split_every``. Nothing is computed here.
+    to one (1, *shape), associatively; Dask tree-reduces with ``split_every``. Rows with NaN or
+    Inf raise an error naming the layer (from ``names``) and chunk, or are left out, as
+    ``nan_policy`` says (None: no check). Nothing is computed here.
     """
+    names = tuple(names) or tuple(f"side {i}" for i in range(len(sides)))
     first = da.arange(sides[0].shape[0], chunks=(sides[0].chunks[0],))
     args: list[Any] = [first, ("datapoint",)]
     for i, side in enumerate(sides):
@@ -63,6 +95,7 @@ def rows_reduction(sides: Sequence[da.Array], adapters: Sequence[Adapter], *,
     partials = da.blockwise(
         _chunk_task, ("datapoint", *out_axes), *args, new_axes=out_axes, adjust_chunks={"datapoint": 1},
         concatenate=True, dtype=dtype, meta=meta, adapters=tuple(adapters), stride=stride, reduce_rows=reduce_rows,
+        nan_policy=nan_policy, names=names,
     )
     combine = partial(_combine, merge=merge)
     return da.reduction(partials, _keep, combine, combine=combine, axis=0, keepdims=True, dtype=dtype,
@@ -74,7 +107,8 @@ def _moments_partial(rows: list[np.ndarray], first_datapoint: int, *, precision:
 
 
 def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, stride: int = 1,
-                  precision: Precision = "float32", split_every: int = SPLIT_EVERY) -> da.Array:
+                  precision: Precision = "float32", split_every: int = SPLIT_EVERY, nan_policy: str | None = "raise",
+                  names: Sequence[str] = ()) -> da.Array:
     """Lazy packed Moments (1, *batch, p + 2 [+ 2L], p) of the rows of ``sides``, concatenated along channels."""
     p = sum(side.shape[-1] for side in sides)
     is_complex = any(a.kind == "dft" for a in adapters)
@@ -83,7 +117,8 @@ def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, str
         sides, adapters, reduce_rows=partial(_moments_partial, precision=precision),
         merge=partial(merge_packed, sizes=tuple(side.shape[-1] for side in sides)),
         shape=(*adapters[0].batch_shape, p + 2 + norm_rows, p),
-        dtype=np.complex128 if is_complex else np.float64, stride=stride, split_every=split_every)
+        dtype=np.complex128 if is_complex else np.float64, stride=stride, split_every=split_every,
+        nan_policy=nan_policy, names=names)
 
 
 def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tuple[Any, ...]:
@@ -129,10 +164,12 @@ def _active_client(scheduler: Any) -> Any:
 
 def stream_moments(sides: Sequence[da.Array], adapters: Sequence[Adapter] | None = None, *, stride: int = 1,
                    precision: Precision = "float32", split_every: int = SPLIT_EVERY,
-                   scheduler: Any = None, progress: bool = False) -> Moments:
+                   scheduler: Any = None, progress: bool = False, nan_policy: str | None = "raise",
+                   names: Sequence[str] = ()) -> Moments:
     """Compute the :class:`Moments` of ``sides`` in one pass over their chunks (default adapters: flatten)."""
     if adapters is None:
         adapters = [Adapter("flatten", spatial_shape(side.shape)) for side in sides]
-    graph = moments_graph(sides, adapters, stride=stride, precision=precision, split_every=split_every)
+    graph = moments_graph(sides, adapters, stride=stride, precision=precision, split_every=split_every,
+                          nan_policy=nan_policy, names=names)
     (packed,) = compute(graph, scheduler=scheduler, progress=progress)
     return unpack(packed, [side.shape[-1] for side in sides])

@@ -22,7 +22,7 @@ from .measures import (
     svcca_from_moments,
 )
 from .moments import Moments, Precision
-from .pairs import MEMORY_LIMIT, align_layers, check_options, fit_split_every
+from .pairs import MEMORY_LIMIT, align_layers, check_options, fit_split_every, reading
 from .spatial import plan_adapters, row_count
 from .store import VARIABLE, as_activations
 from .stream import SPLIT_EVERY, stream_moments
@@ -55,7 +55,8 @@ def _as_layer_set(layers: Any, role: str) -> dict[str, Any]:
 def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list[str] = ("mean_cca", "cka"),
                spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0, keep: float = 0.99,
                precision: Precision = "float32", split_every: int = SPLIT_EVERY,
-               memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None, progress: bool = False) -> xr.Dataset:
+               memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None, progress: bool = False,
+               nan_policy: str = "raise") -> xr.Dataset:
     """Every measure for every pair (layer_a, layer_b) of two sets of layers, in one streamed pass.
 
     Parameters
@@ -69,7 +70,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
     spatial
         "flatten" (all layers need one spatial size) or "avgpool" (any sizes); interp and dft
         pair layers individually and are offered by the per-pair functions.
-    stride, epsilon, precision, split_every, memory_limit, scheduler, progress
+    stride, epsilon, precision, split_every, memory_limit, scheduler, progress, nan_policy
         As for :func:`chunkcca.cca`.
 
     Returns
@@ -80,7 +81,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
         raise ValueError(f"unknown measure {unknown or measures!r}; choose from {', '.join(MEASURES)}")
-    check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision)
+    check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, nan_policy=nan_policy)
     if spatial not in ("flatten", "avgpool"):
         raise ValueError(f"similarity supports spatial='flatten' or 'avgpool'; for {spatial!r} compare pairs with "
                          f"chunkcca.cca")
@@ -106,15 +107,15 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
     rows = row_count(adapters[0], first.sizes["datapoint"], stride)
     if rows < 4:
         raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
-    stats = stream_moments([layer.data for layer in layers.values()], adapters, stride=stride, precision=precision,
-                           split_every=fan_in, scheduler=scheduler, progress=progress)
-    for name, part in zip(names, stats.side_slices()):
-        if not np.all(np.isfinite(stats.scatter[part, part])):
-            raise ValueError(f"layer {name!r} contains NaN or Inf values")
+    with reading(list(layers.values())):
+        stats = stream_moments([layer.data for layer in layers.values()], adapters, stride=stride,
+                               precision=precision, split_every=fan_in, scheduler=scheduler, progress=progress,
+                               nan_policy=nan_policy, names=names)
     return _pairwise(stats, names, list(set_a), list(set_b), measures,
                      {"epsilon": float(epsilon), "keep": float(keep)},
                      attrs={"spatial": spatial, "stride": int(stride), "precision": precision,
-                            "epsilon": float(epsilon), "keep": float(keep), "rows": int(stats.n)})
+                            "epsilon": float(epsilon), "keep": float(keep), "rows": int(stats.n),
+                            "rows_omitted": int(rows - stats.n)})
 
 
 def _pairwise(stats: Moments, names: list[str], names_a: list[str], names_b: list[str], measures: Any,

@@ -23,7 +23,8 @@ def _layers(seed: int = 0, datapoints: int = 60) -> dict[str, xr.DataArray]:
     layers = {}
     for model in (0, 1):
         for name, channels in (("conv1", 5), ("conv2", 4)):
-            data = np.maximum(z @ rng.standard_normal((3, channels)) + rng.standard_normal((datapoints, 4, 4, channels)), 0)
+            noise = rng.standard_normal((datapoints, 4, 4, channels))
+            data = np.maximum(z @ rng.standard_normal((3, channels)) + noise, 0)
             layers[f"model{model}/{name}"] = xr.DataArray(data, dims=DIMS, name=f"model{model}/{name}")
     return layers
 
@@ -84,7 +85,7 @@ def test_datatree_input_and_heatmap(tmp_path):
 def test_bad_sweeps_are_rejected_before_streaming():
     layers = _layers()
     small = xr.DataArray(np.zeros((60, 2, 2, 3)), dims=DIMS, name="small")
-    with pytest.raises(ValueError, match="one spatial size for all layers, got 'model0/conv1' 4x4.*'small' 2x2"):
+    with pytest.raises(ValueError, match=r"one spatial size for all layers, got 'model0/conv1' 4x4.*'small' 2x2"):
         similarity({"model0/conv1": layers["model0/conv1"]}, {"small": small})
     with pytest.raises(ValueError, match="unknown measure \\['cca'\\]"):
         similarity(layers, layers, measures=["cca"])
