@@ -35,7 +35,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from .moments import Moments, Precision
+from .moments import PRECISIONS, Moments, Precision
 from .store import as_activations, datapoints_per_chunk
 from .stream import stream_moments
 
@@ -54,6 +54,11 @@ def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix through ``eigh``."""
     values, vectors = np.linalg.eigh(matrix)
     return np.dot(vectors, np.dot(np.diag(np.sqrt(np.clip(values, 0, None))), np.conj(vectors).T))
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
 
 
 def _threshold_index(rho: np.ndarray, threshold: float) -> int:
@@ -123,6 +128,7 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+    _check_precision(precision)
     if verbose:
         print("streaming covariance")
     stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, progress=verbose,
@@ -223,6 +229,7 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
         raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
     if not np.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    _check_precision(precision)
     stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, names=("acts1", "acts2"))
     solved = _solve(stats, epsilon, 0.98)
     if solved is None:
@@ -301,8 +308,8 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
             raise ValueError(f"{name} must be (datapoint, height, width, channel), got shape {layer.shape}")
     if verbose:
         print("streaming per-frequency covariances")
-    _, _, _, stats, _ = stream_pair(layer_a.data, layer_b.data, spatial="dft", epsilon=epsilon, precision=precision,
-                                 scheduler=scheduler, progress=verbose)
+    stats = stream_pair(layer_a.data, layer_b.data, spatial="dft", epsilon=epsilon, precision=precision,
+                        scheduler=scheduler, progress=verbose).moments
     records = []
     for location in np.ndindex(*stats.batch_shape):
         solved = _solve(stats[location], epsilon, threshold)

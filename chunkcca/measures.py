@@ -14,8 +14,8 @@ import xarray as xr
 from threadpoolctl import threadpool_limits
 
 from .moments import Moments, Precision
-from .pairs import MEMORY_LIMIT, stream_pair
-from .spatial import Adapter, frequency_labels
+from .pairs import MEMORY_LIMIT, Streamed, stream_pair
+from .spatial import frequency_labels
 from .stream import SPLIT_EVERY
 
 #: Channels whose variance is at most this fraction of their side's largest are pruned.
@@ -314,9 +314,11 @@ def _channel_labels(layer: xr.DataArray) -> np.ndarray:
     return layer["channel"].values if "channel" in layer.coords else np.arange(layer.sizes["channel"])
 
 
-def label_result(result: xr.Dataset, layer_a: xr.DataArray, layer_b: xr.DataArray,
-                 adapters: tuple[Adapter, Adapter], **options: Any) -> xr.Dataset:
+def label_result(result: xr.Dataset, streamed: Streamed, **options: Any) -> xr.Dataset:
     """Put the layers' channel labels, the frequencies and the options used on a result."""
+    layer_a, layer_b, adapters = streamed.layer_a, streamed.layer_b, streamed.adapters
+    options.update(precision=streamed.precision, precision_auto=streamed.precision_note,
+                   rows=int(streamed.moments.n), rows_omitted=int(streamed.rows_omitted))
     coords: dict[str, Any] = {"channel_a": _channel_labels(layer_a), "channel_b": _channel_labels(layer_b)}
     if adapters[0].kind == "dft":
         coords["freq_h"] = frequency_labels(adapters[0].shape[0], adapters[1].shape[0])
@@ -356,7 +358,9 @@ def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: f
         Added to the diagonal of each side's covariance before whitening.
     precision
         dtype of the per-chunk products ("float32" is 2–3× faster, correlations good to about
-        1e-6; "float64"); accumulation and merging are always float64 (complex128 for dft).
+        1e-6 on well-conditioned data; "float64"; "auto": float32 unless a side's correlation
+        matrix in the first chunk has a condition number above 1e3, recorded in the
+        ``precision_auto`` attr); accumulation and merging are always float64 (complex128 for dft).
     method, grid
         For "interp": "linear", "nearest" or "cubic" (tensor-product, per axis); "coords" places
         samples at the layers' ``height``/``width`` coordinates (pixel centres in input-image
@@ -381,13 +385,12 @@ def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: f
         ``rows`` (per frequency for dft) and ``rho_mean`` (and ``rho_freq_mean`` for dft); attrs
         record the layers and every option.
     """
-    layer_a, layer_b, adapters, stats, omitted = stream_pair(
+    streamed = stream_pair(
         a, b, spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid,
         split_every=split_every, memory_limit=memory_limit, scheduler=scheduler, progress=progress,
         nan_policy=nan_policy, dims=dims)
-    result = cca_from_moments(stats, epsilon=epsilon)
-    return label_result(result, layer_a, layer_b, adapters, spatial=spatial, stride=int(stride),
-                        precision=precision, rows=int(stats.n), rows_omitted=omitted,
+    result = cca_from_moments(streamed.moments, epsilon=epsilon)
+    return label_result(result, streamed, spatial=spatial, stride=int(stride),
                         method=method if spatial == "interp" else None, grid=grid if spatial == "interp" else None)
 
 
@@ -404,11 +407,8 @@ def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: in
                         f"streaming options are {', '.join(STREAM_OPTIONS)}")
     if spatial == "dft":
         raise ValueError(f"{name} supports spatial='flatten', 'avgpool' or 'interp'; spatial='dft' is offered by cca")
-    layer_a, layer_b, adapters, stats, omitted = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=epsilon,
-                                                             **stream_options)
-    result = solve(stats, **solve_options)
-    return label_result(result, layer_a, layer_b, adapters, spatial=spatial, stride=int(stride), rows=int(stats.n),
-                        rows_omitted=omitted, precision=stream_options.get("precision", "float32"))
+    streamed = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=epsilon, **stream_options)
+    return label_result(solve(streamed.moments, **solve_options), streamed, spatial=spatial, stride=int(stride))
 
 
 def svcca(a: Any, b: Any, *, keep: float = 0.99, keep_by: str = "variance", epsilon: float = 0.0,

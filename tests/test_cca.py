@@ -129,7 +129,7 @@ def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):
         ({"spatial": "pool"}, "spatial must be one of 'flatten', 'avgpool', 'interp', 'dft', got 'pool'"),
         ({"spatial": "interp", "method": "spline"}, "method must be one of 'linear', 'nearest', 'cubic', got 'spline'"),
         ({"spatial": "interp", "grid": "pixels"}, "grid must be one of 'coords', 'svcca', got 'pixels'"),
-        ({"precision": "float16"}, "precision must be one of 'float32', 'float64', got 'float16'"),
+        ({"precision": "float16"}, "precision must be one of 'float32', 'float64', 'auto', got 'float16'"),
     ],
 )
 def test_bad_options_are_rejected_before_streaming(conv_pair, options, message):

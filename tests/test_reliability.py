@@ -105,3 +105,72 @@ def test_corrupt_chunk_names_store_and_layer(tmp_path):
     chunk.write_bytes(b"\x00garbage" * 3)
     with pytest.raises(OSError, match=r"reading layers 'm0/conv', 'm1/conv' from .*s.zarr failed"):
         cca(tree["m0/conv"], tree["m1/conv"])
+
+
+def _ill_conditioned(condition: float, seed: int = 0, n: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """Post-ReLU-like x (mean 50, spread ~0.1) whose correlation matrix has the given condition number."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    spread = np.sqrt(np.logspace(0, -np.log10(condition), 6))
+    latent = rng.standard_normal((n, 6))
+    x = 50.0 + 0.1 * (latent * spread) @ basis
+    y = latent[:, :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((n, 4))
+    return x, y
+
+
+@pytest.mark.parametrize("condition", [1e2, 1e4, 1e6])
+def test_large_offset_and_ill_conditioning_float64(condition):
+    """float64 products: the covariance route squares the data's conditioning (up to 1e6 here) on top of
+    eps ~ 1e-16, so 1e-8 bounds the error against the QR reference with room (1e-10 seen at 1e6)."""
+    x, y = _ill_conditioned(condition)
+    result = cca(da.from_array(x, chunks=3000), y, precision="float64")
+    np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-8)
+
+
+def test_precision_auto_switches_to_float64_when_float32_cannot_hold_and_says_so():
+    x, y = _ill_conditioned(1e6)
+    result = cca(da.from_array(x, chunks=3000), y, precision="auto")
+    assert result.attrs["precision"] == "float64"
+    assert "condition number in the first chunk (3000 datapoints) is" in result.attrs["precision_auto"]
+    assert "layer 'a'" in result.attrs["precision_auto"]
+    np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-8)
+    float32 = cca(da.from_array(x, chunks=3000), y, precision="float32")
+    assert np.abs(float32["rho"] - canonical_correlations(x, y)).max() > 1e-5, "float32 really falls short here"
+
+
+def test_precision_auto_keeps_float32_on_well_conditioned_offset_data():
+    x, y = _ill_conditioned(10.0)
+    result = cca(x.astype(np.float32), y.astype(np.float32), precision="auto")
+    assert result.attrs["precision"] == "float32"
+    want = canonical_correlations(x.astype(np.float32), y.astype(np.float32))
+    np.testing.assert_allclose(result["rho"], want, atol=3e-6)
+
+
+def test_killed_writer_leaves_the_earlier_store_intact(tmp_path):
+    """A writer killed midway (SIGKILL) leaves the store it was replacing untouched and readable."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "acts.zarr"
+    chunkcca.write_activations(store, {"fc": np.arange(40.0).reshape(20, 2)}, chunks=5)
+    script = f"""
+import time, dask, dask.array as da, numpy as np, chunkcca
+def slow(i):
+    time.sleep(0.4)
+    return np.full((5, 2), -1.0)
+lazy = da.concatenate([da.from_delayed(dask.delayed(slow)(i), shape=(5, 2), dtype=float) for i in range(40)])
+print("writing", flush=True)
+chunkcca.write_activations({str(store)!r}, {{"fc": lazy}}, chunks=5, overwrite=True)
+"""
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    time.sleep(1.5)
+    assert writer.poll() is None, "the writer finished before it could be killed"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    tree = chunkcca.open_activations(store)
+    np.testing.assert_array_equal(tree["fc"]["activations"].values, np.arange(40.0).reshape(20, 2))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "acts.zarr"]
+    assert all(name.startswith(".acts.zarr.") and name.endswith(".tmp") for name in leftovers)
