@@ -238,7 +238,8 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
     cross = {key: float(np.sum(block**2)) for key, block in blocks.items()}
     if debiased:
         if moments.norm_products is None:
-            raise ValueError("debiased CKA needs Moments with row-norm sums (computed by chunkcca's streaming)")
+            raise ValueError("debiased CKA needs Moments with row-norm sums: compute them with "
+                             "compute_moments(..., row_norms=True)")
         if n < 4:
             raise ValueError(f"debiased CKA needs at least 4 rows, have {n}")
         traces = {"a": float(np.trace(blocks["aa"])), "b": float(np.trace(blocks["bb"]))}
@@ -399,7 +400,7 @@ STREAM_OPTIONS = ("precision", "method", "grid", "split_every", "memory_limit", 
 
 
 def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: int, epsilon: float = 0.0,
-              stream_options: dict[str, Any], **solve_options: Any) -> xr.Dataset:
+              stream_options: dict[str, Any], row_norms: bool = False, **solve_options: Any) -> xr.Dataset:
     """Stream two layers (see :func:`cca` for the options), solve one measure, label the result."""
     unknown = set(stream_options) - set(STREAM_OPTIONS)
     if unknown:
@@ -407,7 +408,8 @@ def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: in
                         f"streaming options are {', '.join(STREAM_OPTIONS)}")
     if spatial == "dft":
         raise ValueError(f"{name} supports spatial='flatten', 'avgpool' or 'interp'; spatial='dft' is offered by cca")
-    streamed = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=epsilon, **stream_options)
+    streamed = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=epsilon, row_norms=row_norms,
+                           **stream_options)
     return label_result(solve(streamed.moments, **solve_options), streamed, spatial=spatial, stride=int(stride))
 
 
@@ -461,4 +463,4 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
         options = {k: v for k, v in stream_options.items() if k not in ("precision", "memory_limit")}
         return minibatch_cka(a, b, size=minibatch, spatial=spatial, stride=stride, **options)
     return _streamed("cka", cka_from_moments, a, b, spatial=spatial, stride=stride, stream_options=stream_options,
-                     debiased=bool(debiased))
+                     row_norms=bool(debiased), debiased=bool(debiased))

@@ -131,6 +131,9 @@ class Moments:
         if other.sizes != self.sizes or other.batch_shape != self.batch_shape:
             raise ValueError(f"cannot merge Moments of sides {self.sizes} (batch {self.batch_shape}) and "
                              f"{other.sizes} (batch {other.batch_shape})")
+        if (self.norm_moments is None) != (other.norm_moments is None):
+            raise ValueError("cannot merge Moments with and without row-norm sums; compute both with the same "
+                             "row_norms setting")
         return unpack(merge_packed(np.concatenate([pack(self), pack(other)]), self.sizes), self.sizes)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -282,14 +285,16 @@ def merge_packed(partials: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
     return merged
 
 
-def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float32") -> np.ndarray:
+def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float32", *,
+                      row_norms: bool = False) -> np.ndarray:
     """Packed partial (1, *batch, p + 2 [+ 2L], p) of the rows of each side, concatenated along channels.
 
     ``sides`` are arrays of shape (*batch, rows, pᵢ) with equal batch shape and rows, real or
     complex. The rows are shifted by the mean of the first :data:`SHIFT_ROWS` rows and
     multiplied in ``precision`` (complex64/complex128 for complex rows) one sub-block at a time
     through a single reused buffer; products and sums accumulate in float64 (complex128) and
-    are corrected exactly for the shift. Real rows also give the row-norm sums (L = len(sides)).
+    are corrected exactly for the shift. With ``row_norms`` real rows also give the row-norm
+    sums (L = len(sides)) that the debiased CKA needs.
     """
     batch, rows = sides[0].shape[:-2], sides[0].shape[-2]
     widths = [side.shape[-1] for side in sides]
@@ -297,7 +302,7 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float
     is_complex = any(np.iscomplexobj(side) for side in sides)
     dtype = np.result_type(precision, np.complex64) if is_complex else np.dtype(precision)
     accumulate = np.dtype(np.complex128 if is_complex else np.float64)
-    n_sides = 0 if is_complex else len(sides)
+    n_sides = len(sides) if row_norms and not is_complex else 0
     packed = np.zeros((1, *batch, p + 2 + 2 * n_sides, p), dtype=accumulate)
     if rows == 0:
         return packed
@@ -306,6 +311,7 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float
     shift_c = shift.astype(dtype)[..., None, :]
     per_block = max(1, min(SUBBLOCK_ROWS, rows, SUBBLOCK_BYTES // (max(1, int(np.prod(batch))) * p * dtype.itemsize)))
     buffer = np.empty((*batch, per_block, p), dtype=dtype)
+    ones = np.ones(per_block, dtype=dtype)
     products = np.zeros((*batch, p, p), dtype=accumulate)
     sums = np.zeros((*batch, p), dtype=accumulate)
     norm_sums = np.zeros(n_sides)
@@ -317,9 +323,9 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float
         for side, lo, hi in zip(sides, edges[:-1], edges[1:]):
             np.subtract(side[..., start:stop, :], shift_c[..., lo:hi], out=block[..., lo:hi], casting="unsafe")
         products += np.swapaxes(block, -1, -2) @ (block.conj() if is_complex else block)
-        sums += block.sum(axis=-2, dtype=accumulate)
+        sums += ones[: stop - start] @ block  # a GEMV: shifted values are small, so float32 sums suffice
         if n_sides:
-            norms = np.stack([np.einsum("ij,ij->i", block[:, lo:hi], block[:, lo:hi], dtype=np.float64)
+            norms = np.stack([np.einsum("ij,ij->i", block[:, lo:hi], block[:, lo:hi]).astype(np.float64)
                               for lo, hi in itertools.pairwise(edges)], axis=1)  # (rows, L)
             norm_sums += norms.sum(axis=0)
             norm_moments += (norms.T.astype(dtype) @ block).astype(np.float64)

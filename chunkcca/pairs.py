@@ -126,7 +126,7 @@ def prepare_layers(a: Any, b: Any, *, spatial: str, method: str = "linear", grid
 
 
 def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every: int,
-                    memory_limit: int | str, names: tuple[str, ...]) -> int:
+                    memory_limit: int | str, names: tuple[str, ...], row_norms: bool = False) -> int:
     """The tree fan-in that keeps the partials held at once within ``memory_limit``, or a clear error.
 
     A partial holds (p + 2)·p values per batch element (per frequency for dft), complex for dft;
@@ -135,7 +135,7 @@ def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every
     limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
     batch = int(np.prod(adapters[0].batch_shape, dtype=np.int64))
     itemsize = 16 if adapters[0].kind == "dft" else 8
-    norm_rows = 0 if adapters[0].kind == "dft" else 2 * len(adapters)
+    norm_rows = 2 * len(adapters) if row_norms and adapters[0].kind != "dft" else 0
     partial = batch * (channels + 2 + norm_rows) * channels * itemsize
     fan_in = min(split_every, max(2, limit // max(partial, 1) - 1))
     if partial * (fan_in + 1) > limit:
@@ -151,12 +151,14 @@ def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every
 def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
                 precision: Precision = "float32", method: str = "linear", grid: str = "coords",
                 split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
-                progress: bool = False, nan_policy: str = "raise", dims: Any = None) -> Streamed:
+                progress: bool = False, nan_policy: str = "raise", dims: Any = None,
+                row_norms: bool = False) -> Streamed:
     """Validate, align and stream two layers into Moments (see :class:`Streamed`).
 
     ``precision="auto"`` first computes float64 Moments of the first datapoint chunk and keeps
     float32 products unless a side's correlation matrix there has a condition number above
-    :data:`AUTO_CONDITION`; the choice and its reason are returned.
+    :data:`AUTO_CONDITION`; the choice and its reason are returned. ``row_norms`` adds the
+    row-norm sums the debiased CKA needs.
     """
     check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid,
                   nan_policy=nan_policy)
@@ -164,7 +166,7 @@ def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, ep
                                                 precision=precision, dims=dims)
     channels = layer_a.sizes["channel"] + layer_b.sizes["channel"]
     fan_in = fit_split_every(adapters, channels, split_every=split_every, memory_limit=memory_limit,
-                             names=(str(layer_a.name), str(layer_b.name)))
+                             names=(str(layer_a.name), str(layer_b.name)), row_norms=row_norms)
     rows = row_count(adapters[0], layer_a.sizes["datapoint"], stride)
     widest = max(layer_a.sizes["channel"], layer_b.sizes["channel"])
     if rows <= widest:
@@ -180,7 +182,7 @@ def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, ep
                                                 scheduler=scheduler)
         stats = stream_moments([layer_a.data, layer_b.data], adapters, stride=stride, precision=precision,
                                split_every=fan_in, scheduler=scheduler, progress=progress, nan_policy=nan_policy,
-                               names=names)
+                               names=names, row_norms=row_norms)
     if stats.n == 0:
         raise ValueError(f"every row of layers {layer_a.name!r}, {layer_b.name!r} holds NaN or Inf; nothing is left")
     return Streamed(layer_a, layer_b, adapters, stats, rows - stats.n, precision, note)
@@ -223,13 +225,15 @@ def _condition(scatter: np.ndarray, kept: np.ndarray) -> float:
 def compute_moments(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, precision: Precision = "float32",
                     method: str = "linear", grid: str = "coords", split_every: int = SPLIT_EVERY,
                     memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
-                    progress: bool = False, nan_policy: str = "raise", dims: Any = None) -> Moments:
+                    progress: bool = False, nan_policy: str = "raise", dims: Any = None,
+                    row_norms: bool = False) -> Moments:
     """The :class:`~chunkcca.moments.Moments` of two layers' rows, in one streamed pass.
 
     Arguments as for :func:`chunkcca.cca`. The result can be saved, merged with the Moments of
     more datapoints (``m1 + m2``) and solved with :func:`chunkcca.cca_from_moments`. For
-    ``spatial="dft"`` it has batch dims (freq_h, freq_w) and complex statistics.
+    ``spatial="dft"`` it has batch dims (freq_h, freq_w) and complex statistics. ``row_norms=True``
+    adds the row-norm sums that :func:`chunkcca.cka_from_moments` needs with ``debiased=True``.
     """
     return stream_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
                        split_every=split_every, memory_limit=memory_limit, scheduler=scheduler,
-                       progress=progress, nan_policy=nan_policy, dims=dims).moments
+                       progress=progress, nan_policy=nan_policy, dims=dims, row_norms=row_norms).moments

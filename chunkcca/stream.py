@@ -102,19 +102,24 @@ def rows_reduction(sides: Sequence[da.Array], adapters: Sequence[Adapter], *,
                         split_every=split_every, concatenate=True, meta=meta)
 
 
-def _moments_partial(rows: list[np.ndarray], first_datapoint: int, *, precision: Precision) -> np.ndarray:
-    return partial_from_rows(rows, precision)
+def _moments_partial(rows: list[np.ndarray], first_datapoint: int, *, precision: Precision,
+                     row_norms: bool) -> np.ndarray:
+    return partial_from_rows(rows, precision, row_norms=row_norms)
 
 
 def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, stride: int = 1,
                   precision: Precision = "float32", split_every: int = SPLIT_EVERY, nan_policy: str | None = "raise",
-                  names: Sequence[str] = ()) -> da.Array:
-    """Lazy packed Moments (1, *batch, p + 2 [+ 2L], p) of the rows of ``sides``, concatenated along channels."""
+                  names: Sequence[str] = (), row_norms: bool = False) -> da.Array:
+    """Lazy packed Moments (1, *batch, p + 2 [+ 2L], p) of the rows of ``sides``, concatenated along channels.
+
+    ``row_norms`` adds the row-norm sums (real rows only) that the debiased CKA needs.
+    """
     p = sum(side.shape[-1] for side in sides)
     is_complex = any(a.kind == "dft" for a in adapters)
-    norm_rows = 0 if is_complex else 2 * len(sides)
+    row_norms = row_norms and not is_complex
+    norm_rows = 2 * len(sides) if row_norms else 0
     return rows_reduction(
-        sides, adapters, reduce_rows=partial(_moments_partial, precision=precision),
+        sides, adapters, reduce_rows=partial(_moments_partial, precision=precision, row_norms=row_norms),
         merge=partial(merge_packed, sizes=tuple(side.shape[-1] for side in sides)),
         shape=(*adapters[0].batch_shape, p + 2 + norm_rows, p),
         dtype=np.complex128 if is_complex else np.float64, stride=stride, split_every=split_every,
@@ -125,10 +130,16 @@ def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tupl
     """Compute Dask graphs with BLAS pinned to one thread, on the active or given scheduler.
 
     ``scheduler`` is anything :func:`dask.compute` takes ("threads", "processes",
-    "synchronous", a ``distributed.Client``); by default the active one (a
+    "synchronous", a ``distributed.Client``) or the address of a Dask scheduler
+    ("tcp://host:8786", connected to for this call); by default the active one (a
     ``distributed.Client`` if one is current, else the local threaded scheduler). With
     ``progress=True`` a progress bar is shown: Dask's local bar, or distributed's on a cluster.
     """
+    if isinstance(scheduler, str) and "://" in scheduler:
+        from distributed import Client
+
+        with Client(scheduler, set_as_default=False) as client:
+            return compute(*graphs, scheduler=client, progress=progress)
     client = _active_client(scheduler)
     with threadpool_limits(limits=1, user_api="blas"):
         if client is not None:
@@ -165,11 +176,11 @@ def _active_client(scheduler: Any) -> Any:
 def stream_moments(sides: Sequence[da.Array], adapters: Sequence[Adapter] | None = None, *, stride: int = 1,
                    precision: Precision = "float32", split_every: int = SPLIT_EVERY,
                    scheduler: Any = None, progress: bool = False, nan_policy: str | None = "raise",
-                   names: Sequence[str] = ()) -> Moments:
+                   names: Sequence[str] = (), row_norms: bool = False) -> Moments:
     """Compute the :class:`Moments` of ``sides`` in one pass over their chunks (default adapters: flatten)."""
     if adapters is None:
         adapters = [Adapter("flatten", spatial_shape(side.shape)) for side in sides]
     graph = moments_graph(sides, adapters, stride=stride, precision=precision, split_every=split_every,
-                          nan_policy=nan_policy, names=names)
+                          nan_policy=nan_policy, names=names, row_norms=row_norms)
     (packed,) = compute(graph, scheduler=scheduler, progress=progress)
     return unpack(packed, [side.shape[-1] for side in sides])

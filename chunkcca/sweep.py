@@ -102,15 +102,16 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
                              f"spatial='avgpool'")
     adapters = tuple(plan_adapters(spatial, first, layer)[1] for layer in layers.values())
     channels = sum(layer.sizes["channel"] for layer in layers.values())
+    row_norms = "cka_debiased" in measures
     fan_in = fit_split_every(adapters, channels, split_every=split_every, memory_limit=memory_limit,
-                             names=tuple(names))
+                             names=tuple(names), row_norms=row_norms)
     rows = row_count(adapters[0], first.sizes["datapoint"], stride)
     if rows < 4:
         raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
     with reading(list(layers.values())):
         stats = stream_moments([layer.data for layer in layers.values()], adapters, stride=stride,
                                precision=precision, split_every=fan_in, scheduler=scheduler, progress=progress,
-                               nan_policy=nan_policy, names=names)
+                               nan_policy=nan_policy, names=names, row_norms=row_norms)
     return _pairwise(stats, names, list(set_a), list(set_b), measures,
                      {"epsilon": float(epsilon), "keep": float(keep)},
                      attrs={"spatial": spatial, "stride": int(stride), "precision": precision,

@@ -177,7 +177,8 @@ def test_row_norm_sums_merge_exactly(n, cuts, order, offset):
     rows = np.random.default_rng(n).standard_normal((n, 5)) * [1, 2, 0.1, 3, 1] + offset
     sizes = (2, 3)
     edges = sorted({0, n, *[c for c in cuts if c <= n]})
-    parts = [partial_from_rows([rows[a:b, :2], rows[a:b, 2:]], "float64") for a, b in itertools.pairwise(edges)]
+    parts = [partial_from_rows([rows[a:b, :2], rows[a:b, 2:]], "float64", row_norms=True)
+             for a, b in itertools.pairwise(edges)]
     order.shuffle(parts)
     merged = unpack(merge_packed(np.concatenate(parts), sizes), sizes)
     want_moments, want_products = _norm_sums(rows, sizes)
@@ -189,16 +190,28 @@ def test_row_norm_sums_merge_exactly(n, cuts, order, offset):
 
 def test_row_norm_sums_with_float32_products(rng):
     rows = (50.0 + 0.1 * rng.standard_normal((30000, 6))).astype(np.float32)
-    got = unpack(partial_from_rows([rows[:, :4], rows[:, 4:]], "float32"), (4, 2))
+    got = unpack(partial_from_rows([rows[:, :4], rows[:, 4:]], "float32", row_norms=True), (4, 2))
     _, want_products = _norm_sums(rows.astype(np.float64), (4, 2))
     np.testing.assert_allclose(got.norm_products, want_products, rtol=1e-5)
 
 
 def test_select_sides(rng):
     rows = rng.standard_normal((40, 6)) + 1
-    whole = unpack(partial_from_rows([rows[:, :1], rows[:, 1:3], rows[:, 3:]], "float64"), (1, 2, 3))
+    whole = unpack(partial_from_rows([rows[:, :1], rows[:, 1:3], rows[:, 3:]], "float64", row_norms=True), (1, 2, 3))
     pair = whole.select([2, 0])
-    direct = unpack(partial_from_rows([rows[:, 3:], rows[:, :1]], "float64"), (3, 1))
+    direct = unpack(partial_from_rows([rows[:, 3:], rows[:, :1]], "float64", row_norms=True), (3, 1))
     assert pair.sizes == (3, 1)
     for name in ("mean", "scatter", "norm_moments", "norm_products"):
         np.testing.assert_allclose(getattr(pair, name), getattr(direct, name), rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_row_norm_sums_survive_save_and_must_match_to_merge(tmp_path, rng):
+    rows = rng.standard_normal((30, 3))
+    with_norms = unpack(partial_from_rows([rows[:, :1], rows[:, 1:]], "float64", row_norms=True), (1, 2))
+    with_norms.save(tmp_path / "m")
+    loaded = Moments.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.norm_products, with_norms.norm_products)
+    np.testing.assert_array_equal(loaded.norm_moments, with_norms.norm_moments)
+    without = unpack(partial_from_rows([rows[:, :1], rows[:, 1:]], "float64"), (1, 2))
+    with pytest.raises(ValueError, match="with and without row-norm sums"):
+        with_norms + without

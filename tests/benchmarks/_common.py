@@ -1,0 +1,75 @@
+"""Shared pieces of the benchmark scripts: synthetic stores written once, one case per subprocess.
+
+Each case runs in a fresh Python process so its peak resident memory (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import chunkcca
+from chunkcca.demo import demo_layers
+
+BENCH_DIR = Path("/tmp/chunkcca-bench")
+
+
+def store_for(datapoints: int, *, channels: int = 64, chunk: int = 256, compression: str | None = "lz4",
+              folder: Path = BENCH_DIR) -> Path:
+    """A two-model store (conv2 of (datapoints, 16, 16, channels) float32 per model), written once and reused."""
+    path = folder / f"conv_{datapoints}x16x16x{channels}_c{chunk}_{compression}.zarr"
+    if not path.exists():
+        layers = {k: v[..., :channels] if channels <= 64 else v for k, v in demo_layers(datapoints, chunk=chunk).items()
+                  if k.endswith("conv2")}
+        if channels > 64:  # widen by repeating with a twist: more channels, same structure
+            import dask.array as da
+
+            layers = {k: da.concatenate([v * (1 + 0.1 * i) + i for i in range(channels // 64)], axis=-1)
+                      for k, v in layers.items()}
+        chunkcca.write_activations(path, layers, chunks=chunk, compression=compression)
+    return path
+
+
+def peak_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_case(script: str, *args: str) -> dict[str, Any]:
+    """Run ``script --case ARGS`` in a fresh interpreter; it prints one JSON line with its results."""
+    done = subprocess.run([sys.executable, script, "--case", *args], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"case {args} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}"
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)

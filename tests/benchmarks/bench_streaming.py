@@ -1,0 +1,79 @@
+"""Streaming vs the floor: Moments over a zarr store against (a) only reading and decoding the same chunks
+and (b) only the per-chunk products on chunks already in memory. Floor = max(a, b); target ratio <= 1.25.
+
+Run: python tests/benchmarks/bench_streaming.py [--datapoints 8192] [--chunk 256] [--precision float32]
+(8192 datapoints = two 0.5 GiB layers; the store is written once under /tmp/chunkcca-bench.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import Timer, machine, peak_mib, report, run_case, store_for, table
+
+
+def case(kind: str, datapoints: int, chunk: int, precision: str, compression: str | None) -> None:
+    import dask.array as da
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    import chunkcca
+    from chunkcca.spatial import Adapter
+    from chunkcca.stream import stream_moments
+
+    tree = chunkcca.open_activations(store_for(datapoints, chunk=chunk, compression=compression))
+    a, b = (tree[f"model{m}/conv2"]["activations"].data for m in (0, 1))
+    adapters = [Adapter("flatten", (16, 16))] * 2
+    if kind == "read":
+        trivial = da.map_blocks(lambda x, y: np.zeros((1,)), a, b, drop_axis=[1, 2, 3], chunks=(1,), dtype=float)
+        with Timer() as timer, threadpool_limits(1, "blas"):
+            trivial.sum().compute()
+    elif kind == "products":
+        a_mem, b_mem = (da.from_array(x.compute(), chunks=x.chunks) for x in (a, b))
+        with Timer() as timer:
+            stream_moments([a_mem, b_mem], adapters, precision=precision)
+    else:
+        with Timer() as timer:
+            stream_moments([a, b], adapters, precision=precision)
+    report({"kind": kind, "seconds": timer.seconds, "peak_mib": peak_mib()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datapoints", type=int, default=8192)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--precision", default="float32")
+    parser.add_argument("--compression", default="lz4", help="lz4, zstd or none")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--case")
+    args = parser.parse_args()
+    compression = None if args.compression == "none" else args.compression
+    if args.case:
+        return case(args.case, args.datapoints, args.chunk, args.precision, compression)
+    store_for(args.datapoints, chunk=args.chunk, compression=compression)
+    options = ("--datapoints", str(args.datapoints), "--chunk", str(args.chunk), "--precision", args.precision,
+               "--compression", args.compression)
+    best = {}
+    for _ in range(args.repeat):
+        for kind in ("read", "products", "chunkcca"):
+            result = run_case(__file__, kind, *options)
+            if kind not in best or result["seconds"] < best[kind]["seconds"]:
+                best[kind] = result
+    floor = max(best["read"]["seconds"], best["products"]["seconds"])
+    gib = args.datapoints * 16 * 16 * 64 * 4 * 2 / 2**30
+    print(f"{machine()}; {args.datapoints} datapoints x 2 layers (16x16x64 float32, {gib:.2f} GiB), chunk "
+          f"{args.chunk}, precision {args.precision}, compression {args.compression}; best of {args.repeat}")
+    rows = [("case", "seconds", "GiB/s", "peak MiB", "vs floor")]
+    for kind, label in (("read", "(a) read + decode only"), ("products", "(b) products on in-memory chunks"),
+                        ("chunkcca", "chunkcca Moments from the store")):
+        seconds = best[kind]["seconds"]
+        rows.append((label, f"{seconds:.2f}", f"{gib / seconds:.2f}", f"{best[kind]['peak_mib']:.0f}",
+                     f"{seconds / floor:.2f}"))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

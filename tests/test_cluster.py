@@ -1,0 +1,98 @@
+"""A real Dask cluster: a scheduler and two workers as separate processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import correlated_layers
+
+import chunkcca
+
+pytest.importorskip("distributed")
+DASK = shutil.which("dask") or str(Path(sys.executable).with_name("dask"))
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the cluster did not come up")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cluster")
+    scheduler_file = folder / "scheduler.json"
+    # workers import this module to run _slow_block
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    processes = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                                   ":0", "--scheduler-file", str(scheduler_file)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    _wait_for(scheduler_file.exists)
+    address = json.loads(scheduler_file.read_text())["address"]
+    for _ in range(2):
+        processes.append(subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+                                           "--dashboard-address", ":0", "--no-nanny"], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=60)
+    yield {"address": address, "workers": processes[1:]}
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+def test_store_comparison_on_a_cluster_equals_local(cluster, tmp_path):
+    a, b = correlated_layers(np.random.default_rng(0), 80, (6, 6, 5), (6, 6, 4))
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": a, "m1/conv": b}, chunks=10)
+    local = chunkcca.cca(tree["m0/conv"], tree["m1/conv"], precision="float64", scheduler="threads")
+    remote = chunkcca.cca(tree["m0/conv"], tree["m1/conv"], precision="float64", scheduler=cluster["address"])
+    np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
+    swept = chunkcca.similarity({"m0": tree["m0/conv"]}, {"m1": tree["m1/conv"]}, measures=["cka"],
+                                precision="float64", scheduler=cluster["address"])
+    assert float(swept["cka"].item()) == pytest.approx(float(chunkcca.cka(a, b, precision="float64")["cka"]),
+                                                       rel=1e-12)
+
+
+def _slow_block(i: int) -> np.ndarray:
+    time.sleep(0.3)
+    return np.random.default_rng(i).standard_normal((20, 3))
+
+
+def test_a_worker_killed_midway_still_gives_the_same_result(cluster):
+    """Dask recomputes the lost worker's tasks on the other one."""
+    blocks = [da.from_delayed(dask.delayed(_slow_block)(i), shape=(20, 3), dtype=float) for i in range(24)]
+    a = da.concatenate(blocks)
+    b = a[:, :2] * 2 + np.random.default_rng(1).standard_normal((480, 2))
+    local = chunkcca.cca(a, b, precision="float64", scheduler="threads")
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(chunkcca.cca, a, b, precision="float64", scheduler=cluster["address"])
+        time.sleep(2.0)
+        if running.done():
+            running.result()  # re-raise whatever went wrong
+        assert not running.done(), "the run finished before a worker could be killed"
+        victim = cluster["workers"][0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        result = running.result(timeout=120)
+    np.testing.assert_allclose(result["rho"], local["rho"], rtol=1e-12)
