@@ -136,8 +136,8 @@ class Moments:
                              "row_norms setting")
         return unpack(merge_packed(np.concatenate([pack(self), pack(other)]), self.sizes), self.sizes)
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write to a small zarr store at ``path``, atomically (temporary folder, then rename)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False, attrs: dict | None = None) -> None:
+        """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along."""
         batch = tuple(f"batch{i}" for i in range(len(self.batch_shape)))
         variables = {
             "n": ((), np.int64(self.n)),
@@ -148,7 +148,7 @@ class Moments:
         if self.norm_moments is not None:
             variables["norm_moments"] = (("side", "channel"), self.norm_moments)
             variables["norm_products"] = (("side", "side_t"), self.norm_products)
-        dataset = xr.Dataset(variables, attrs={"chunkcca": "Moments"})
+        dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments"})
         write_atomically(path, lambda tmp: dataset.to_zarr(tmp, zarr_format=3, consolidated=False),
                          overwrite=overwrite)
 

@@ -6,6 +6,7 @@ are checked (naming the layer and the fault) before anything streams.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -148,6 +149,17 @@ def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every
     return fan_in
 
 
+def plan_pair(a: Any, b: Any, *, spatial: str, stride: int, precision: str, method: str, grid: str,
+              nan_policy: str, dims: Any) -> Streamed:
+    """Validate and align two layers and plan their adapters, without streaming (moments left empty)."""
+    check_options(spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
+                  nan_policy=nan_policy)
+    layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid,
+                                                precision=precision, dims=dims)
+    empty = Moments(0, np.zeros(0), np.zeros((0, 0)))
+    return Streamed(layer_a, layer_b, adapters, empty, 0, precision)
+
+
 def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
                 precision: Precision = "float32", method: str = "linear", grid: str = "coords",
                 split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
@@ -226,14 +238,32 @@ def compute_moments(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1
                     method: str = "linear", grid: str = "coords", split_every: int = SPLIT_EVERY,
                     memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
                     progress: bool = False, nan_policy: str = "raise", dims: Any = None,
-                    row_norms: bool = False) -> Moments:
+                    row_norms: bool = False, checkpoint: str | os.PathLike | None = None,
+                    checkpoint_every: int = 16) -> Moments:
     """The :class:`~chunkcca.moments.Moments` of two layers' rows, in one streamed pass.
 
     Arguments as for :func:`chunkcca.cca`. The result can be saved, merged with the Moments of
     more datapoints (``m1 + m2``) and solved with :func:`chunkcca.cca_from_moments`. For
     ``spatial="dft"`` it has batch dims (freq_h, freq_w) and complex statistics. ``row_norms=True``
     adds the row-norm sums that :func:`chunkcca.cka_from_moments` needs with ``debiased=True``.
+
+    ``checkpoint``: a path where the running Moments are saved (atomically) after every
+    ``checkpoint_every`` chunks of datapoints; calling again with the same path, layers and options
+    after an interruption resumes without reading the finished chunks again (see
+    :mod:`chunkcca.checkpoint`).
     """
+    if checkpoint is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+        if precision == "auto":
+            raise ValueError("checkpointed runs need a fixed precision ('float32' or 'float64'), not 'auto'")
+        from .checkpoint import stream_with_checkpoint
+
+        streamed = plan_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
+                             nan_policy=nan_policy, dims=dims)
+        return stream_with_checkpoint(streamed, checkpoint, every=checkpoint_every, stride=stride,
+                                      precision=precision, split_every=split_every, scheduler=scheduler,
+                                      progress=progress, nan_policy=nan_policy, row_norms=row_norms)
     return stream_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
                        split_every=split_every, memory_limit=memory_limit, scheduler=scheduler,
                        progress=progress, nan_policy=nan_policy, dims=dims, row_norms=row_norms).moments

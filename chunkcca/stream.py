@@ -74,7 +74,7 @@ def rows_reduction(sides: Sequence[da.Array], adapters: Sequence[Adapter], *,
                    reduce_rows: Callable[[list[np.ndarray], int], np.ndarray],
                    merge: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], dtype: Any,
                    stride: int = 1, split_every: int = SPLIT_EVERY, nan_policy: str | None = "raise",
-                   names: Sequence[str] = ()) -> da.Array:
+                   names: Sequence[str] = (), offset: int = 0) -> da.Array:
     """The engine: a lazy (1, *shape) reduction of the rows of ``sides``, one partial per datapoint chunk.
 
     ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
@@ -83,10 +83,11 @@ def rows_reduction(sides: Sequence[da.Array], adapters: Sequence[Adapter], *,
     adapter and stride) to a partial (1, *shape); ``merge`` maps k stacked partials (k, *shape)
     to one (1, *shape), associatively; Dask tree-reduces with ``split_every``. Rows with NaN or
     Inf raise an error naming the layer (from ``names``) and chunk, or are left out, as
-    ``nan_policy`` says (None: no check). Nothing is computed here.
+    ``nan_policy`` says (None: no check). ``offset`` is the global index of the first datapoint of
+    ``sides`` (for the stride pattern when streaming a slice). Nothing is computed here.
     """
     names = tuple(names) or tuple(f"side {i}" for i in range(len(sides)))
-    first = da.arange(sides[0].shape[0], chunks=(sides[0].chunks[0],))
+    first = da.arange(offset, offset + sides[0].shape[0], chunks=(sides[0].chunks[0],))
     args: list[Any] = [first, ("datapoint",)]
     for i, side in enumerate(sides):
         args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
@@ -109,7 +110,7 @@ def _moments_partial(rows: list[np.ndarray], first_datapoint: int, *, precision:
 
 def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, stride: int = 1,
                   precision: Precision = "float32", split_every: int = SPLIT_EVERY, nan_policy: str | None = "raise",
-                  names: Sequence[str] = (), row_norms: bool = False) -> da.Array:
+                  names: Sequence[str] = (), row_norms: bool = False, offset: int = 0) -> da.Array:
     """Lazy packed Moments (1, *batch, p + 2 [+ 2L], p) of the rows of ``sides``, concatenated along channels.
 
     ``row_norms`` adds the row-norm sums (real rows only) that the debiased CKA needs.
@@ -123,7 +124,7 @@ def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, str
         merge=partial(merge_packed, sizes=tuple(side.shape[-1] for side in sides)),
         shape=(*adapters[0].batch_shape, p + 2 + norm_rows, p),
         dtype=np.complex128 if is_complex else np.float64, stride=stride, split_every=split_every,
-        nan_policy=nan_policy, names=names)
+        nan_policy=nan_policy, names=names, offset=offset)
 
 
 def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tuple[Any, ...]:
@@ -176,11 +177,11 @@ def _active_client(scheduler: Any) -> Any:
 def stream_moments(sides: Sequence[da.Array], adapters: Sequence[Adapter] | None = None, *, stride: int = 1,
                    precision: Precision = "float32", split_every: int = SPLIT_EVERY,
                    scheduler: Any = None, progress: bool = False, nan_policy: str | None = "raise",
-                   names: Sequence[str] = (), row_norms: bool = False) -> Moments:
+                   names: Sequence[str] = (), row_norms: bool = False, offset: int = 0) -> Moments:
     """Compute the :class:`Moments` of ``sides`` in one pass over their chunks (default adapters: flatten)."""
     if adapters is None:
         adapters = [Adapter("flatten", spatial_shape(side.shape)) for side in sides]
     graph = moments_graph(sides, adapters, stride=stride, precision=precision, split_every=split_every,
-                          nan_policy=nan_policy, names=names, row_norms=row_norms)
+                          nan_policy=nan_policy, names=names, row_norms=row_norms, offset=offset)
     (packed,) = compute(graph, scheduler=scheduler, progress=progress)
     return unpack(packed, [side.shape[-1] for side in sides])

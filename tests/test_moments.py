@@ -215,3 +215,45 @@ def test_row_norm_sums_survive_save_and_must_match_to_merge(tmp_path, rng):
     without = unpack(partial_from_rows([rows[:, :1], rows[:, 1:]], "float64"), (1, 2))
     with pytest.raises(ValueError, match="with and without row-norm sums"):
         with_norms + without
+
+
+def test_checkpointed_run_resumes_without_rereading_finished_chunks(tmp_path):
+    """An interrupted run leaves its Moments so far; the next call streams only the rest, and the result
+    equals one uninterrupted pass."""
+    import dask
+
+    import chunkcca
+
+    reads: list[int] = []
+    fail_at = {"chunk": 5}
+
+    def block(i):
+        if i == fail_at["chunk"]:
+            fail_at["chunk"] = None
+            raise KeyboardInterrupt("interrupted")
+        reads.append(i)
+        rng = np.random.default_rng(i)
+        return rng.standard_normal((10, 2, 2, 3)) + i
+
+    def lazy():
+        return da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(10, 2, 2, 3), dtype=float)
+                               for i in range(8)])
+
+    layer = lazy()
+    other = layer[..., :2] * 2 + 1
+    with pytest.raises(KeyboardInterrupt):
+        chunkcca.compute_moments(layer, other, precision="float64", stride=3, checkpoint=tmp_path / "ckpt",
+                                 checkpoint_every=2, scheduler="synchronous")
+    assert Moments.load(tmp_path / "ckpt").n == len(range(0, 40 * 4, 3))
+    reads.clear()
+    resumed = chunkcca.compute_moments(layer, other, precision="float64", stride=3, checkpoint=tmp_path / "ckpt",
+                                       checkpoint_every=2, scheduler="synchronous")
+    assert sorted(set(reads)) == [4, 5, 6, 7], "chunks 0-3 were done and are not read again"
+    whole = chunkcca.compute_moments(layer, other, precision="float64", stride=3)
+    assert resumed.n == whole.n
+    np.testing.assert_allclose(resumed.scatter, whole.scatter, rtol=1e-12)
+    again = chunkcca.compute_moments(layer, other, precision="float64", stride=3, checkpoint=tmp_path / "ckpt",
+                                     checkpoint_every=2)
+    assert again.n == whole.n
+    with pytest.raises(ValueError, match="belongs to another run"):
+        chunkcca.compute_moments(layer, other, precision="float32", checkpoint=tmp_path / "ckpt")
