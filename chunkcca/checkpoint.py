@@ -18,6 +18,7 @@ import xarray as xr
 from .moments import Moments
 from .pairs import Streamed, reading
 from .stream import stream_moments
+import itertools
 
 
 def _fingerprint(streamed: Streamed, options: dict[str, Any]) -> str:
@@ -57,7 +58,7 @@ def stream_with_checkpoint(streamed: Streamed, path: str | os.PathLike, *, every
     if edges[-1] != boundaries[-1]:
         edges.append(boundaries[-1])
     names = (str(layer_a.name), str(layer_b.name))
-    for start, stop in zip(edges[:-1], edges[1:]):
+    for start, stop in itertools.pairwise(edges):
         with reading((layer_a, layer_b)):
             part = stream_moments([layer_a.data[start:stop], layer_b.data[start:stop]], adapters, stride=stride,
                                   precision=precision, split_every=split_every, scheduler=scheduler,
