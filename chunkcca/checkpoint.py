@@ -8,6 +8,7 @@ again. A finished checkpoint is simply the full Moments.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,6 @@ import xarray as xr
 from .moments import Moments
 from .pairs import Streamed, reading
 from .stream import stream_moments
-import itertools
 
 
 def _fingerprint(streamed: Streamed, options: dict[str, Any]) -> str:

@@ -82,7 +82,7 @@ class PeakMemory:
 
 
 def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk: int = 250, seed: int = 0,
-             precision: str = "float32", progress: bool = True) -> dict[str, xr.Dataset]:
+             precision: str = "float32", progress: bool = True, scheduler: str | None = None) -> dict[str, xr.Dataset]:
     """Write the demo store under ``out``, run the comparisons, print a table and save the plot."""
     import matplotlib
 
@@ -112,7 +112,7 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
         with peak.measure():
             start = time.perf_counter()
             result = cca(tree[layer_a], tree[layer_b], spatial=spatial, stride=stride, precision=precision,
-                         progress=progress)
+                         progress=progress, scheduler=scheduler)
             seconds = time.perf_counter() - start
         results[f"{label}, {spatial}, stride {stride}"] = result
         table.append((label, spatial, str(stride), str(int(result["rows"])), f"{float(result['rho_mean']):.4f}",
