@@ -1,9 +1,24 @@
-"""The ``chunkcca`` command."""
+"""The ``chunkcca`` command: demo, ingest, info, compare, sweep."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
+
+#: compare's measures: name → (function name in chunkcca, extra keyword, the summary variables printed).
+COMPARE_MEASURES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
+    "cca": ("cca", {}, ("rho_mean", "r2_cca")),
+    "svcca": ("svcca", {}, ("rho_mean", "dims_a", "dims_b")),
+    "pwcca": ("pwcca", {}, ("pwcca",)),
+    "cka": ("cka", {}, ("cka",)),
+    "cka_debiased": ("cka", {"debiased": True}, ("cka",)),
+    "procrustes": ("procrustes", {}, ("procrustes",)),
+    "shape": ("shape_metric", {}, ("shape_distance",)),
+}
 
 
 def _positive_int(text: str) -> int:
@@ -13,9 +28,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _streaming_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spatial", default="flatten", choices=("flatten", "avgpool", "interp", "dft"),
+                        help="how spatial positions become rows (default flatten)")
+    parser.add_argument("--stride", type=_positive_int, default=1, help="keep every n-th row (default 1)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "float64", "auto"),
+                        help="dtype of the per-chunk products (default float32)")
+    parser.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:port) or 'threads'/'synchronous'")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chunkcca", description="Streamed CCA-family similarity of network layers.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     demo = commands.add_parser("demo", help="write a demo store, compare its layers, print a table and save a plot",
                                description="Write a synthetic two-model store and run streamed CCAs over it.")
     demo.add_argument("--datapoints", type=_positive_int, default=2000, help="datapoints per layer (default 2000)")
@@ -24,8 +50,203 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--precision", choices=("float32", "float64"), default="float32",
                       help="dtype of the per-chunk products (default float32)")
+    demo.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:port)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    ingest = commands.add_parser("ingest", help="write .npy/.npz files or google/svcca pickles into a store",
+                                 description="Write arrays from files into a zarr activation store. Pickles are "
+                                             "read with an unpickler that admits numpy arrays only.")
+    ingest.add_argument("store", help="the store to write (a folder)")
+    ingest.add_argument("layers", nargs="+", metavar="LAYER=FILE",
+                        help="layer path and file, e.g. model0/fc=model_0_lay06.p (a .npz gives LAYER/<name>)")
+    ingest.add_argument("--layout", choices=("datapoints", "neurons"), default="datapoints",
+                        help="axis 0 is datapoint (default), or 2-d arrays are (neurons, datapoints) as svcca's")
+    ingest.add_argument("--chunk", type=_positive_int, help="datapoints per chunk (default: about 32 MiB)")
+    ingest.add_argument("--overwrite", action="store_true", help="replace an existing store")
+
+    info = commands.add_parser("info", help="layers, shapes, chunks, dtype and size of a store",
+                               description="Describe the layers of a store.")
+    info.add_argument("store")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    compare = commands.add_parser("compare", help="compare two layers of a store",
+                                  description="Compare two layers with one or more measures, streamed.")
+    compare.add_argument("store")
+    compare.add_argument("layer_a")
+    compare.add_argument("layer_b")
+    compare.add_argument("--measure", nargs="+", default=["cca"], choices=list(COMPARE_MEASURES),
+                         help="measures (default cca)")
+    compare.add_argument("--epsilon", type=float, default=0.0, help="ridge for CCA-family measures (default 0)")
+    _streaming_options(compare)
+    compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    compare.add_argument("--plot", help="save the canonical correlation curves (cca/svcca) to this PNG")
+
+    sweep = commands.add_parser("sweep", help="every layer pair of two groups: a heatmap and a netCDF/zarr",
+                                description="All pairs (layer_a, layer_b) in one pass over the store.")
+    sweep.add_argument("store")
+    sweep.add_argument("--a", required=True, nargs="+", help="layers or groups (e.g. model0) on the first axis")
+    sweep.add_argument("--b", required=True, nargs="+", help="layers or groups on the second axis")
+    sweep.add_argument("--measures", nargs="+", default=["mean_cca", "cka"],
+                       help="mean_cca, r2_cca, svcca, pwcca, cka, cka_debiased, procrustes (default mean_cca cka)")
+    sweep.add_argument("--spatial", default="avgpool", choices=("flatten", "avgpool"),
+                       help="flatten (one spatial size) or avgpool (default)")
+    sweep.add_argument("--stride", type=_positive_int, default=1)
+    sweep.add_argument("--precision", default="float32", choices=("float32", "float64"))
+    sweep.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:port)")
+    sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
+    sweep.add_argument("--plot", help="heatmap PNG of the first measure")
+    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+def _layer(tree: Any, path: str) -> Any:
+    from .store import layer_paths
+
+    try:
+        return tree[path.strip("/")]
+    except KeyError:
+        raise ValueError(f"no layer {path!r} in the store; it has {', '.join(layer_paths(tree))}") from None
+
+
+def _run_ingest(args: argparse.Namespace) -> None:
+    from .ingest import ingest
+    from .store import layer_paths
+
+    sources = {}
+    for item in args.layers:
+        layer, separator, file = item.partition("=")
+        if not separator or not layer or not file:
+            raise ValueError(f"expected LAYER=FILE, got {item!r}")
+        sources[layer] = file
+    tree = ingest(args.store, sources, layout=args.layout, chunks=args.chunk or "auto", overwrite=args.overwrite,
+                  progress=True)
+    print(f"wrote {args.store}: {', '.join(layer_paths(tree))}")
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _run_info(args: argparse.Namespace) -> None:
+    from .store import VARIABLE, layer_paths, open_activations
+
+    tree = open_activations(args.store)
+    rows = []
+    for path in layer_paths(tree):
+        array = tree[path][VARIABLE]
+        rows.append({"layer": path, "shape": list(array.shape), "dims": list(map(str, array.dims)),
+                     "datapoints_per_chunk": int(array.data.chunks[0][0]), "chunks": int(array.data.numblocks[0]),
+                     "dtype": str(array.dtype), "bytes": int(array.nbytes),
+                     "bytes_on_disk": _folder_bytes(Path(args.store) / path)})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{args.store}: {len(rows)} layers")
+    table = [("layer", "shape", "chunk", "chunks", "dtype", "MiB", "MiB on disk")]
+    for row in rows:
+        table.append((row["layer"], "x".join(map(str, row["shape"])), str(row["datapoints_per_chunk"]),
+                      str(row["chunks"]), row["dtype"], f"{row['bytes'] / 2**20:.1f}",
+                      f"{row['bytes_on_disk'] / 2**20:.1f}"))
+    _print_table(table)
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))))
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    import chunkcca
+
+    from .store import open_activations
+
+    tree = open_activations(args.store)
+    a, b = _layer(tree, args.layer_a), _layer(tree, args.layer_b)
+    options = {"spatial": args.spatial, "stride": args.stride, "precision": args.precision,
+               "scheduler": args.scheduler, "progress": not args.no_progress}
+    summary: dict[str, dict[str, Any]] = {}
+    curves = {}
+    for measure in args.measure:
+        function, extra, keys = COMPARE_MEASURES[measure]
+        call = {**options, **extra}
+        if function in ("cca", "svcca", "pwcca"):
+            call["epsilon"] = args.epsilon
+        result = getattr(chunkcca, function)(a, b, **call)
+        summary[measure] = {key: result[key].item() for key in keys}
+        summary[measure]["rows"] = int(result.attrs["rows"])
+        if "rho" in result and result["rho"].ndim == 1:
+            curves[measure] = result
+    if args.json:
+        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "options": {
+            k: v for k, v in options.items() if k != "progress"}, "results": summary}, indent=1, default=float))
+    else:
+        table = [("measure", "value", "rows")]
+        for measure, values in summary.items():
+            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in values.items() if k != "rows")
+            table.append((measure, shown, str(values["rows"])))
+        print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride})")
+        _print_table(table)
+    if args.plot:
+        if not curves:
+            raise ValueError("--plot draws canonical correlations: include cca or svcca in --measure")
+        _save_plot(lambda: _plot_curves(curves, args), args.plot)
+
+
+def _plot_curves(curves: dict[str, Any], args: argparse.Namespace) -> Any:
+    from .plot import plot_rho
+
+    return plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure
+
+
+def _save_plot(make_figure: Any, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = make_figure()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"plot: {path}")
+
+
+def _select(tree: Any, names: list[str]) -> dict[str, Any]:
+    from .store import VARIABLE
+
+    selected = {}
+    for name in names:
+        node = _layer(tree, name)
+        for sub in node.subtree:
+            if VARIABLE in sub.data_vars:
+                selected[sub.path.lstrip("/")] = sub
+    return dict(sorted(selected.items()))
+
+
+def _run_sweep(args: argparse.Namespace) -> None:
+    import chunkcca
+
+    from .moments import write_atomically
+    from .store import open_activations
+
+    tree = open_activations(args.store)
+    result = chunkcca.similarity(_select(tree, args.a), _select(tree, args.b), measures=args.measures,
+                                 spatial=args.spatial, stride=args.stride, precision=args.precision,
+                                 scheduler=args.scheduler, progress=not args.no_progress)
+    out = Path(args.out)
+    result.attrs["measures"] = ",".join(result.attrs["measures"])
+    if out.suffix == ".zarr":
+        write_atomically(out, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False), overwrite=True)
+    else:
+        write_atomically(out, lambda tmp: result.to_netcdf(tmp), overwrite=True)
+    print(result[args.measures].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"results: {out}")
+    if args.plot:
+        from .plot import plot_similarity
+
+        _save_plot(lambda: plot_similarity(result, args.measures[0]).figure, args.plot)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +256,16 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args.out, datapoints=args.datapoints, chunk=args.chunk, seed=args.seed,
-                     precision=args.precision, progress=not args.no_progress)
-    except (ValueError, TypeError, OSError) as error:
-        print(f"chunkcca {args.command}: error: {error}", file=sys.stderr)
+                     precision=args.precision, progress=not args.no_progress, scheduler=args.scheduler)
+        else:
+            {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare, "sweep": _run_sweep}[args.command](args)
+    except (ValueError, TypeError, OSError, KeyError, __import__("pickle").UnpicklingError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"chunkcca {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("MPLBACKEND", "Agg")
     sys.exit(main())

@@ -1,0 +1,113 @@
+"""The chunkcca command: ingest (with the array-only unpickler), info, compare, sweep; errors exit 2."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import SHARED_DATA, correlated_layers
+from reference import canonical_correlations, flatten_rows
+
+import chunkcca
+from chunkcca.cli import main
+from chunkcca.ingest import load_pickled_array
+
+
+@pytest.fixture
+def files(tmp_path):
+    a, b = correlated_layers(np.random.default_rng(0), 50, (4, 4, 6), (4, 4, 5))
+    np.save(tmp_path / "a.npy", a)
+    np.savez(tmp_path / "b.npz", conv=b, fc=b.mean(axis=(1, 2)))
+    with gzip.open(tmp_path / "fc.p", "wb") as f:
+        pickle.dump(np.ascontiguousarray(b.mean(axis=(1, 2)).T), f)  # svcca's layout: (neurons, datapoints)
+    return tmp_path, a, b
+
+
+def test_ingest_info_compare_sweep(files, capsys):
+    folder, a, b = files
+    store = str(folder / "s.zarr")
+    assert main(["ingest", store, f"m0/conv={folder / 'a.npy'}", f"m1={folder / 'b.npz'}"]) == 0
+    assert main(["ingest", str(folder / "t.zarr"), f"m1/fc={folder / 'fc.p'}", "--layout", "neurons"]) == 0
+    tree = chunkcca.open_activations(store)
+    assert chunkcca.layer_paths(tree) == ["m0/conv", "m1/conv", "m1/fc"]
+    np.testing.assert_array_equal(tree["m1/conv"]["activations"].values, b)
+    fc = chunkcca.open_activations(folder / "t.zarr")["m1/fc"]["activations"]
+    np.testing.assert_allclose(fc.values, b.mean(axis=(1, 2)), rtol=1e-6)
+    capsys.readouterr()
+
+    assert main(["info", store, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info[0] == {**info[0], "layer": "m0/conv", "shape": [50, 4, 4, 6], "dtype": "float32"}
+
+    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "cka", "--precision", "float64",
+                 "--stride", "2", "--json", "--no-progress", "--plot", str(folder / "c.png")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[: out.rindex("}") + 1])
+    want = canonical_correlations(flatten_rows(a, 2), flatten_rows(b, 2)).mean()
+    assert report["results"]["cca"]["rho_mean"] == pytest.approx(want, abs=1e-9)
+    assert report["results"]["cka"]["rows"] == 400
+    assert (folder / "c.png").exists()
+
+    assert main(["sweep", store, "--a", "m0", "--b", "m1/conv", "m1/fc", "--measures", "cka", "mean_cca",
+                 "--out", str(folder / "sweep.zarr"), "--plot", str(folder / "h.png"), "--no-progress"]) == 0
+    saved = xr.open_zarr(folder / "sweep.zarr", consolidated=False)
+    assert saved["cka"].dims == ("layer_a", "layer_b") and saved["cka"].shape == (1, 2)
+    assert (folder / "h.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "{store}", "m0/conv", "nope"], "no layer 'nope' in the store; it has m0/conv"),
+        (["info", "{folder}/missing.zarr"], "no activation store at"),
+        (["ingest", "{folder}/x.zarr", "m0/conv"], "expected LAYER=FILE, got 'm0/conv'"),
+        (["ingest", "{folder}/x.zarr", "m0=nothing.npy"], "no such file: nothing.npy"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--stride", "0"], None),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(files, capsys, argv, message):
+    folder, a, _ = files
+    store = folder / "s.zarr"
+    chunkcca.write_activations(store, {"m0/conv": a})
+    argv = [part.format(store=store, folder=folder) for part in argv]
+    if message is None:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickles_admit_numpy_arrays_only(tmp_path, capsys):
+    path = tmp_path / "evil.p"
+    path.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load posix\.system"):
+        load_pickled_array(path)
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"x={path}"]) == 2
+    assert "refusing to load posix.system" in capsys.readouterr().err
+    path.write_bytes(pickle.dumps({"not": "an array"}))
+    with pytest.raises(ValueError, match="holds a dict, not a numpy array"):
+        load_pickled_array(path)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "svcca" / "SVHN").is_dir(), reason="../shared/data absent")
+def test_ingest_real_svcca_pickles(tmp_path):
+    store = tmp_path / "svhn.zarr"
+    assert main(["ingest", str(store), f"model0/fc={SHARED_DATA / 'svcca/SVHN/model_0_lay06.p'}",
+                 f"model1/fc={SHARED_DATA / 'svcca/SVHN/model_1_lay06.p'}"]) == 0
+    tree = chunkcca.open_activations(store)
+    assert tree["model0/fc"]["activations"].shape == (1000, 200)
+    mnist = load_pickled_array(SHARED_DATA / "svcca/MNIST/model_0_lay04.p")  # a plain, uncompressed pickle
+    assert mnist.shape == (10, 10000)
