@@ -56,9 +56,22 @@ def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
     return np.dot(vectors, np.dot(np.diag(np.sqrt(np.clip(values, 0, None))), np.conj(vectors).T))
 
 
-def _check_precision(precision: str) -> None:
+def _stream_neurons_first(acts1: Any, acts2: Any, *, epsilon: float, precision: str, scheduler: Any,
+                          progress: bool = False) -> Moments:
+    """Validate google/svcca-layout inputs (neurons, datapoints) and stream their Moments."""
+    for name, acts in (("acts1", acts1), ("acts2", acts2)):
+        if getattr(acts, "ndim", None) == 2 and acts.shape[0] >= acts.shape[1]:
+            raise ValueError(f"{name} has shape {tuple(acts.shape)}: input must be (neurons, datapoints) "
+                             f"with fewer neurons than datapoints")
+    rows1, rows2 = _as_rows(acts1, "acts1"), _as_rows(acts2, "acts2")
+    if rows1.shape[0] != rows2.shape[0]:
+        raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
+    if not np.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    return stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, progress=progress,
+                          names=("acts1", "acts2"))
 
 
 def _threshold_index(rho: np.ndarray, threshold: float) -> int:
@@ -117,25 +130,15 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         ``cca_dirns1``/``2`` (neurons, datapoints) with ``compute_dirns`` (a lazy Dask array
         for Dask input).
     """
-    for name, acts in (("acts1", acts1), ("acts2", acts2)):
-        if getattr(acts, "ndim", None) == 2 and acts.shape[0] >= acts.shape[1]:
-            raise ValueError(f"{name} has shape {tuple(acts.shape)}: input must be (neurons, datapoints) "
-                             f"with fewer neurons than datapoints")
-    rows1, rows2 = _as_rows(acts1, "acts1"), _as_rows(acts2, "acts2")
-    if rows1.shape[0] != rows2.shape[0]:
-        raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
-    if not np.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
-    _check_precision(precision)
     if verbose:
         print("streaming covariance")
-    stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, progress=verbose,
-                           names=("acts1", "acts2"))
+    stats = _stream_neurons_first(acts1, acts2, epsilon=epsilon, precision=precision, scheduler=scheduler,
+                                  progress=verbose)
     solved = _solve(stats, epsilon, threshold, verbose)
     if solved is None:
-        return _zero_result(compute_dirns, rows1.shape[0])
+        return _zero_result(compute_dirns, stats.n)
     neuron_means1 = solved.pop("neuron_means1").astype(_mean_dtype(acts1.dtype))
     neuron_means2 = solved.pop("neuron_means2").astype(_mean_dtype(acts2.dtype))
     result: dict[str, Any] = {}
@@ -220,17 +223,7 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
     """
     from scipy.linalg import cholesky, solve_triangular
 
-    for name, acts in (("acts1", acts1), ("acts2", acts2)):
-        if getattr(acts, "ndim", None) == 2 and acts.shape[0] >= acts.shape[1]:
-            raise ValueError(f"{name} has shape {tuple(acts.shape)}: input must be (neurons, datapoints) "
-                             f"with fewer neurons than datapoints")
-    rows1, rows2 = _as_rows(acts1, "acts1"), _as_rows(acts2, "acts2")
-    if rows1.shape[0] != rows2.shape[0]:
-        raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
-    if not np.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
-    _check_precision(precision)
-    stats = stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, names=("acts1", "acts2"))
+    stats = _stream_neurons_first(acts1, acts2, epsilon=epsilon, precision=precision, scheduler=scheduler)
     solved = _solve(stats, epsilon, 0.98)
     if solved is None:
         return np.float64(0.0), np.zeros(0), np.asarray(0)
