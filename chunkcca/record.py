@@ -1,0 +1,137 @@
+"""Recording activations from a PyTorch model into a store, batch by batch (torch is an optional extra).
+
+Forward hooks catch each chosen module's output; every batch is appended to the store as it comes,
+NCHW → (datapoint, height, width, channel), so no more than one batch is ever held. The store is written
+to a temporary folder and renamed into place when recording ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .moments import write_atomically
+from .store import CHUNK_BYTES, CONV_DIMS, FC_DIMS, VARIABLE, codecs_for, open_activations
+
+
+def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
+    """Store path → module, from module names (``"features.0"``) or modules themselves."""
+    named = dict(model.named_modules())
+    if not isinstance(layers, Mapping):
+        layers = {str(name).replace(".", "/"): name for name in layers}
+    modules = {}
+    for path, module in layers.items():
+        if isinstance(module, str):
+            if module not in named:
+                raise ValueError(f"layer {path!r}: the model has no module {module!r}; it has "
+                                 f"{', '.join(n for n in named if n) or 'none'}")
+            module = named[module]
+        modules[str(path).strip("/")] = module
+    if not modules:
+        raise ValueError("record needs at least one layer")
+    return modules
+
+
+def _channels_last(output: Any, path: str) -> np.ndarray:
+    array = output.detach().cpu().numpy()
+    if array.ndim == 4:
+        return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+    if array.ndim == 2:
+        return array
+    raise ValueError(f"layer {path!r} gives outputs of shape {tuple(array.shape)}; expected (N, C, H, W) or (N, C)")
+
+
+def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Iterable[Any],
+           path: str | os.PathLike, *, datapoints: Sequence[Any] | None = None, chunks: int | str = "auto",
+           compression: str | None = "lz4", overwrite: bool = False) -> xr.DataTree:
+    """Run ``model`` over ``batches`` and write the outputs of ``layers`` to a store at ``path``.
+
+    Parameters
+    ----------
+    model
+        A ``torch.nn.Module``; it is put in eval mode and run under ``torch.inference_mode()``.
+    layers
+        Module names (``["features.0", "classifier.1"]``, stored as ``features/0``…) or a mapping of store
+        path → module name or module.
+    batches
+        Input tensors, or tuples/lists whose first element is the input (e.g. a ``DataLoader``). For image
+        inputs (N, C, H, W) the layers' ``height``/``width`` coordinates are pixel centres in input pixels.
+    datapoints
+        Labels of the datapoints, in order (default 0, 1, …).
+    chunks, compression, overwrite
+        As for :func:`chunkcca.write_activations`.
+    """
+    import torch
+    import zarr
+
+    modules = _modules(model, layers)
+    compressors = codecs_for(compression)
+    captured: dict[str, np.ndarray] = {}
+    hooks = [module.register_forward_hook(lambda _m, _i, output, path=path: captured.__setitem__(
+        path, _channels_last(output, path))) for path, module in modules.items()]
+    count = {"datapoints": 0}
+    image: dict[str, tuple[int, int]] = {}
+
+    def write(tmp: Path) -> None:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        arrays: dict[str, Any] = {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for batch in batches:
+                    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    if inputs.ndim == 4:
+                        image.setdefault("size", (int(inputs.shape[2]), int(inputs.shape[3])))
+                    captured.clear()
+                    model(inputs)
+                    for path in modules:
+                        if path not in captured:
+                            raise ValueError(f"layer {path!r} produced no output for this batch")
+                        values = captured[path]
+                        if path not in arrays:
+                            per_chunk = chunks if chunks != "auto" else max(1, CHUNK_BYTES // max(1, values[0].nbytes))
+                            arrays[path] = root.create_array(
+                                f"{path}/{VARIABLE}", shape=(0, *values.shape[1:]), dtype=values.dtype,
+                                chunks=(per_chunk, *values.shape[1:]), compressors=compressors,
+                                dimension_names=CONV_DIMS if values.ndim == 4 else FC_DIMS)
+                        arrays[path].append(values, axis=0)
+                    count["datapoints"] += len(next(iter(captured.values())))
+        finally:
+            model.train(was_training)
+        if not arrays:
+            raise ValueError("record got no batches")
+        labels = np.arange(count["datapoints"]) if datapoints is None else np.asarray(datapoints)
+        if labels.shape != (count["datapoints"],):
+            raise ValueError(f"datapoints has {labels.size} labels for {count['datapoints']} recorded datapoints")
+        for path, array in arrays.items():
+            _write_coords(root[path], array.shape, labels, image.get("size"))
+
+    try:
+        write_atomically(path, write, overwrite=overwrite)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return open_activations(path)
+
+
+def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray,
+                  image_size: tuple[int, int] | None) -> None:
+    """Coordinates of one recorded layer: datapoint labels, channel indices, and pixel centres in input-image
+    units (pixel i of an s-pixel map at (i + 0.5) · image / s; the map's own pixels if the input is not an image)."""
+    coords = {"datapoint": labels, "channel": np.arange(shape[-1])}
+    if len(shape) == 4:
+        extent = image_size or shape[1:3]
+        coords["height"] = (np.arange(shape[1]) + 0.5) * extent[0] / shape[1]
+        coords["width"] = (np.arange(shape[2]) + 0.5) * extent[1] / shape[2]
+    for name, values in coords.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "UO":  # variable-length strings have a stable zarr v3 spec; fixed-width do not
+            group.create_array(name, shape=values.shape, dtype=str, dimension_names=(name,))[:] = values.astype(object)
+        else:
+            group.create_array(name, data=values, dimension_names=(name,))
