@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -37,3 +39,12 @@ def test_conv_layers(tmp_path):
         assert step in out
         assert (tmp_path / f"conv_{step}.png").exists()
     assert "  30720  " in out  # flatten: 120 datapoints x 16 x 16 rows
+
+
+def test_digits_cnn(tmp_path):
+    pytest.importorskip("torch", reason="torch (the optional 'torch' extra) is not installed")
+    pytest.importorskip("sklearn", reason="scikit-learn is not installed")
+    out = _run(str(EXAMPLES / "digits_cnn.py"), "--out", str(tmp_path), "--epochs", "2", cwd=tmp_path)
+    assert "model1: held-out accuracy" in out and "conv2 vs pool2, dft" in out
+    for name in ("cka_heatmap", "svcca_heatmap", "conv_rho", "dft"):
+        assert (tmp_path / f"digits_{name}.png").exists()
