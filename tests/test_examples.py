@@ -48,3 +48,14 @@ def test_digits_cnn(tmp_path):
     assert "model1: held-out accuracy" in out and "conv2 vs pool2, dft" in out
     for name in ("cka_heatmap", "svcca_heatmap", "conv_rho", "dft"):
         assert (tmp_path / f"digits_{name}.png").exists()
+
+
+def test_svhn_fc(tmp_path):
+    from conftest import SHARED_DATA
+
+    svhn = SHARED_DATA / "svcca" / "SVHN"
+    if not svhn.is_dir():
+        pytest.skip("../shared/data (real SVHN activations) absent")
+    out = _run(str(EXAMPLES / "svhn_fc.py"), str(svhn), "--out", str(tmp_path), cwd=tmp_path)
+    assert "CCA: mean rho 0.5482" in out and "SVCCA (99% variance): mean rho 0.5500" in out
+    assert (tmp_path / "svhn_fc.png").exists()

@@ -1,0 +1,55 @@
+"""google/svcca's first tutorial with its real SVHN activations: fully connected layers of two networks.
+
+The activations (1000 SVHN test images x 200 units of the fc layer, two networks trained from different
+seeds) ship with google/svcca's tutorials as gzip-compressed pickles: pass the folder holding
+model_0_lay06.p and model_1_lay06.p.
+
+Run: python examples/svhn_fc.py PATH/TO/model_activations/SVHN [--out svhn-output]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+import chunkcca
+from chunkcca.compat import get_cca_similarity
+from chunkcca.ingest import ingest
+from chunkcca.plot import plot_rho
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("folder", type=Path, help="folder with model_0_lay06.p and model_1_lay06.p")
+parser.add_argument("--out", default="svhn-output")
+args = parser.parse_args()
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+
+# The pickles go into a store (read with an unpickler that admits numpy arrays only).
+tree = ingest(out / "svhn.zarr", {f"model{m}/fc": args.folder / f"model_{m}_lay06.p" for m in (0, 1)},
+              overwrite=True)
+a, b = tree["model0/fc"], tree["model1/fc"]
+
+# As in the tutorial: CCA of the two fc layers (google/svcca's call, and chunkcca's)
+svcca_style = get_cca_similarity(a["activations"].data.T, b["activations"].data.T, epsilon=1e-10, verbose=False)
+print(f"get_cca_similarity: mean of the top coefficients {svcca_style['mean'][0]:.4f}")
+results = {"CCA": chunkcca.cca(a, b, epsilon=1e-10, precision="float64")}
+
+# SVCCA: keep the top directions explaining 99% of the variance, then CCA; and a baseline against noise
+results["SVCCA (99% variance)"] = chunkcca.svcca(a, b, keep=0.99, precision="float64")
+noise = np.random.default_rng(0).standard_normal(b["activations"].shape).astype("float32")
+results["SVCCA vs Gaussian noise"] = chunkcca.svcca(a, noise, keep=0.99, precision="float64")
+for label, result in results.items():
+    print(f"{label}: mean rho {float(result['rho_mean']):.4f}")
+print(f"PWCCA {float(chunkcca.pwcca(a, b, precision='float64')['pwcca']):.4f}, "
+      f"CKA {float(chunkcca.cka(a, b, precision='float64')['cka']):.4f}, "
+      f"debiased CKA {float(chunkcca.cka(a, b, debiased=True, precision='float64')['cka']):.4f}")
+figure = plot_rho(results, title="SVHN fc layers of two networks").figure
+figure.savefig(out / "svhn_fc.png", dpi=100)
+plt.close(figure)
+print(f"plot: {out / 'svhn_fc.png'}")
