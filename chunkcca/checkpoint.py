@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dask.base
 import xarray as xr
 
 from .moments import Moments
@@ -22,8 +23,13 @@ from .stream import stream_moments
 
 
 def _fingerprint(streamed: Streamed, options: dict[str, Any]) -> str:
-    layers = [(str(layer.name), list(layer.shape), str(layer.dtype)) for layer in (streamed.layer_a, streamed.layer_b)]
-    return json.dumps({"layers": layers, **{k: v for k, v in sorted(options.items())}}, default=str)
+    """What the saved statistics were computed from: each layer's name, shape, dtype and Dask token (which
+    hashes in-memory data and names store-backed data by file), the adapters and the options."""
+    layers = [(str(layer.name), list(layer.shape), str(layer.dtype), layer.data.name)
+              for layer in (streamed.layer_a, streamed.layer_b)]
+    adapters = [dask.base.tokenize(adapter.kind, adapter.shape, adapter.resample, adapter.frequencies)
+                for adapter in streamed.adapters]
+    return json.dumps({"layers": layers, "adapters": adapters, **dict(sorted(options.items()))}, default=str)
 
 
 def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
@@ -68,6 +74,8 @@ def stream_with_checkpoint(streamed: Streamed, path: str | os.PathLike, *, every
         _save_progress(total, path, stop, fingerprint)
     if total is None:
         raise ValueError(f"checkpoint {path} covers no datapoints and there are none to stream")
+    if total.n == 0:
+        raise ValueError(f"every row of layers {layer_a.name!r}, {layer_b.name!r} holds NaN or Inf; nothing is left")
     return total
 
 

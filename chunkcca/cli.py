@@ -9,16 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-#: compare's measures: name → (function name in chunkcca, extra keyword, the summary variables printed).
+#: compare's measures: name → (solve from Moments, extra keywords, the summary variables printed).
 COMPARE_MEASURES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
-    "cca": ("cca", {}, ("rho_mean", "r2_cca")),
-    "svcca": ("svcca", {}, ("rho_mean", "dims_a", "dims_b")),
-    "pwcca": ("pwcca", {}, ("pwcca",)),
-    "cka": ("cka", {}, ("cka",)),
-    "cka_debiased": ("cka", {"debiased": True}, ("cka",)),
-    "procrustes": ("procrustes", {}, ("procrustes",)),
-    "shape": ("shape_metric", {}, ("shape_distance",)),
+    "cca": ("cca_from_moments", {}, ("rho_mean", "r2_cca")),
+    "svcca": ("svcca_from_moments", {}, ("rho_mean", "dims_a", "dims_b")),
+    "pwcca": ("pwcca_from_moments", {}, ("pwcca",)),
+    "cka": ("cka_from_moments", {}, ("cka",)),
+    "cka_debiased": ("cka_from_moments", {"debiased": True}, ("cka",)),
+    "procrustes": ("procrustes_from_moments", {}, ("procrustes",)),
+    "shape": ("shape_metric_from_moments", {}, ("shape_distance",)),
 }
+EPSILON_MEASURES = ("cca", "svcca", "pwcca")
 
 
 def _positive_int(text: str) -> int:
@@ -158,36 +159,43 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> None:
+    """One streamed pass over the two layers, then every measure from the same Moments."""
     import chunkcca
 
+    from .measures import label_result
+    from .pairs import stream_pair
     from .store import open_activations
 
     tree = open_activations(args.store)
     a, b = _layer(tree, args.layer_a), _layer(tree, args.layer_b)
-    options = {"spatial": args.spatial, "stride": args.stride, "precision": args.precision,
-               "scheduler": args.scheduler, "progress": not args.no_progress}
+    if args.spatial == "dft" and set(args.measure) - {"cca"}:
+        raise ValueError("with --spatial dft only the cca measure is offered")
+    streamed = stream_pair(a, b, spatial=args.spatial, stride=args.stride, epsilon=args.epsilon,
+                           precision=args.precision, scheduler=args.scheduler, progress=not args.no_progress,
+                           row_norms="cka_debiased" in args.measure)
     summary: dict[str, dict[str, Any]] = {}
     curves = {}
     for measure in args.measure:
         function, extra, keys = COMPARE_MEASURES[measure]
-        call = {**options, **extra}
-        if function in ("cca", "svcca", "pwcca"):
-            call["epsilon"] = args.epsilon
-        result = getattr(chunkcca, function)(a, b, **call)
-        summary[measure] = {key: result[key].item() for key in keys}
-        summary[measure]["rows"] = int(result.attrs["rows"])
+        if measure in EPSILON_MEASURES:
+            extra = {**extra, "epsilon": args.epsilon}
+        result = label_result(getattr(chunkcca, function)(streamed.moments, **extra), streamed,
+                              spatial=args.spatial, stride=args.stride)
+        summary[measure] = {key: result[key].item() for key in keys} | {"rows": int(streamed.moments.n)}
         if "rho" in result and result["rho"].ndim == 1:
             curves[measure] = result
+    options = {"spatial": args.spatial, "stride": args.stride, "precision": streamed.precision,
+               "epsilon": args.epsilon, "scheduler": args.scheduler}
     if args.json:
-        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "options": {
-            k: v for k, v in options.items() if k != "progress"}, "results": summary}, indent=1, default=float))
+        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "options": options,
+                          "results": summary}, indent=1, default=float))
     else:
         table = [("measure", "value", "rows")]
         for measure, values in summary.items():
             shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in values.items() if k != "rows")
             table.append((measure, shown, str(values["rows"])))
-        print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride})")
+        print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, one pass)")
         _print_table(table)
     if args.plot:
         if not curves:

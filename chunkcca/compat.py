@@ -59,10 +59,9 @@ def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
 def _stream_neurons_first(acts1: Any, acts2: Any, *, epsilon: float, precision: str, scheduler: Any,
                           progress: bool = False) -> Moments:
     """Validate google/svcca-layout inputs (neurons, datapoints) and stream their Moments."""
-    for name, acts in (("acts1", acts1), ("acts2", acts2)):
-        if getattr(acts, "ndim", None) == 2 and acts.shape[0] >= acts.shape[1]:
-            raise ValueError(f"{name} has shape {tuple(acts.shape)}: input must be (neurons, datapoints) "
-                             f"with fewer neurons than datapoints")
+    if getattr(acts1, "ndim", None) == 2 and acts1.shape[0] >= acts1.shape[1]:  # the reference asserts acts1 only
+        raise ValueError(f"acts1 has shape {tuple(acts1.shape)}: input must be (neurons, datapoints) "
+                         f"with fewer neurons than datapoints")
     rows1, rows2 = _as_rows(acts1, "acts1"), _as_rows(acts2, "acts2")
     if rows1.shape[0] != rows2.shape[0]:
         raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
@@ -222,6 +221,10 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
     result is ``(0.0, empty weights, 0)``.
     """
     from scipy.linalg import cholesky, solve_triangular
+
+    for name, acts in (("acts1", acts1), ("acts2", acts2)):
+        if np.iscomplexobj(np.empty(0, dtype=getattr(acts, "dtype", float))):
+            raise TypeError(f"{name} has dtype {acts.dtype}; compute_pwcca takes real activations")
 
     stats = _stream_neurons_first(acts1, acts2, epsilon=epsilon, precision=precision, scheduler=scheduler)
     solved = _solve(stats, epsilon, 0.98)

@@ -18,8 +18,9 @@ from .pairs import MEMORY_LIMIT, Streamed, stream_pair
 from .spatial import frequency_labels
 from .stream import SPLIT_EVERY
 
-#: Channels whose variance is at most this fraction of their side's largest are pruned.
-ZERO_VARIANCE_RTOL = 1e-12
+#: Channels whose standard deviation is at most this fraction of their mean's magnitude are constant to
+#: rounding and pruned (exactly-zero variance is always pruned).
+CONSTANT_RTOL = 1e-12
 
 
 def inverse_sqrt(cov: np.ndarray) -> tuple[np.ndarray, int]:
@@ -35,15 +36,31 @@ def inverse_sqrt(cov: np.ndarray) -> tuple[np.ndarray, int]:
     return (vectors * scale) @ vectors.conj().T, int(keep.sum())
 
 
-def _nonzero_variance(variance: np.ndarray) -> np.ndarray:
-    return variance > ZERO_VARIANCE_RTOL * max(variance.max(initial=0.0), 0.0)
+def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Channels that vary: variance above zero and above rounding of the mean (scale-free, per channel)."""
+    return (variance > 0) & (variance > (CONSTANT_RTOL * np.abs(mean)) ** 2)
 
 
-def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float) -> dict[str, np.ndarray]:
-    """CCA of one covariance (p + q, p + q), real or Hermitian: rho, coefficients, pruned, ranks."""
+def _whitener(cov: np.ndarray, epsilon: float) -> tuple[np.ndarray, int]:
+    """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; and the rank."""
+    regularised = cov + epsilon * np.eye(cov.shape[0])
+    scale = 1.0 / np.sqrt(np.diagonal(regularised).real)
+    root, rank = inverse_sqrt(regularised * np.outer(scale, scale))
+    return scale[:, None] * root, rank
+
+
+def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
+               mean: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """CCA of one covariance (p + q, p + q), real or Hermitian: rho, coefficients, pruned, ranks.
+
+    Each side is whitened through its correlation matrix (``D (Σ + εI) D``, D the inverse standard
+    deviations), so the result does not depend on the channels' units; with ``coef = D R^(−1/2) U``
+    the canonical variates have unit variance.
+    """
     p, q = sizes
     variance = np.diagonal(cov).real
-    kept_a, kept_b = _nonzero_variance(variance[:p]), _nonzero_variance(variance[p:])
+    mean = np.zeros(p + q) if mean is None else mean
+    kept_a, kept_b = non_constant(variance[:p], mean[:p]), non_constant(variance[p:], mean[p:])
     index_a, index_b = np.flatnonzero(kept_a), np.flatnonzero(kept_b) + p
     n_components = min(p, q)
     rho = np.zeros(n_components)
@@ -51,9 +68,9 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float) -> dict[
     coef_b = np.zeros((q, n_components), dtype=cov.dtype)
     rank_a = rank_b = 0
     if index_a.size and index_b.size:
-        whiten_a, rank_a = inverse_sqrt(cov[np.ix_(index_a, index_a)] + epsilon * np.eye(index_a.size))
-        whiten_b, rank_b = inverse_sqrt(cov[np.ix_(index_b, index_b)] + epsilon * np.eye(index_b.size))
-        u, s, vh = np.linalg.svd(whiten_a @ cov[np.ix_(index_a, index_b)] @ whiten_b)
+        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon)
+        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon)
+        u, s, vh = np.linalg.svd(whiten_a.conj().T @ cov[np.ix_(index_a, index_b)] @ whiten_b)
         k = s.size
         rho[:k] = s
         coef_a[index_a, :k] = whiten_a @ u[:, :k]
@@ -66,8 +83,9 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
                      batch_dims: tuple[str, ...] = ("freq_h", "freq_w")) -> xr.Dataset:
     """Canonical correlation analysis of the two sides of ``moments``.
 
-    Each side's covariance Σ (zero-variance channels pruned) gets ``epsilon`` added to its
-    diagonal and is whitened with its pseudo-inverse square root W; the SVD
+    Each side's covariance Σ (constant channels pruned) gets ``epsilon`` added to its diagonal and
+    is whitened with its pseudo-inverse square root W (through the correlation matrix, so channel
+    units do not matter); the SVD
     ``Wₐ Σₐᵦ Wᵦ = U diag(ρ) Vᴴ`` gives the canonical correlations ρ (descending) and the
     neuron coefficients ``coef_a = Wₐ U``, ``coef_b = Wᵦ V``: canonical variate k of side a is
     ``(x − mean_a) · coef_a[:, k]``, with unit variance when epsilon is 0.
@@ -90,7 +108,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     if len(dims) != len(batch):
         raise ValueError(f"Moments have {len(batch)} batch dims; name them with batch_dims")
     with threadpool_limits(limits=1, user_api="blas"):
-        solved = [_solve_cca(cov[index], moments.sizes, float(epsilon)) for index in np.ndindex(*batch)]
+        solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]))
+                  for index in np.ndindex(*batch)]
     stacked = {key: np.stack([s[key] for s in solved]).reshape((*batch, *np.shape(solved[0][key])))
                for key in solved[0]}
     rho = stacked["rho"]
@@ -155,6 +174,8 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
     if keep_by not in ("variance", "singular_values"):
         raise ValueError(f"keep_by must be 'variance' or 'singular_values', got {keep_by!r}")
+    if not np.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     with threadpool_limits(limits=1, user_api="blas"):
         basis_a, basis_b = _kept_directions(cov_aa, keep, keep_by), _kept_directions(cov_bb, keep, keep_by)
@@ -249,10 +270,13 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
                 "bb": _debiased_hsic(cross["bb"], products[1, 1], traces["b"], traces["b"], n)}
     else:
         hsic = cross
-    denominator = np.sqrt(hsic["aa"] * hsic["bb"]) if hsic["aa"] > 0 and hsic["bb"] > 0 else 0.0
-    value = hsic["ab"] / denominator if denominator > 0 else np.nan
-    if not np.isfinite(value):
+    if cross["aa"] == 0 or cross["bb"] == 0:
         raise ValueError("CKA is undefined: one side has no variance (every channel constant)")
+    if hsic["aa"] <= 0 or hsic["bb"] <= 0:
+        raise ValueError(f"debiased CKA is undefined here: the unbiased HSIC of a side with itself is not positive "
+                         f"(HSIC(a, a) = {hsic['aa']:.3g}, HSIC(b, b) = {hsic['bb']:.3g}), which happens with few "
+                         f"rows ({n}); use more rows or the biased estimator")
+    value = hsic["ab"] / np.sqrt(hsic["aa"] * hsic["bb"])
     return xr.Dataset(
         {"cka": ((), value, {"long_name": "linear CKA" + (" (debiased)" if debiased else "")}),
          "rows": ((), np.int64(n))},
@@ -383,8 +407,8 @@ def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: f
     xarray.Dataset
         ``rho`` ([freq_h, freq_w,] component, descending), ``coef_a`` (channel_a, component),
         ``coef_b`` (channel_b, component), ``pruned_a``/``pruned_b``, ``rank_a``/``rank_b``,
-        ``rows`` (per frequency for dft) and ``rho_mean`` (and ``rho_freq_mean`` for dft); attrs
-        record the layers and every option.
+        ``rows`` (for dft: the rows at each frequency, i.e. datapoints) and ``rho_mean`` (and
+        ``rho_freq_mean`` for dft); attrs record the layers and every option.
     """
     streamed = stream_pair(
         a, b, spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid,
@@ -460,7 +484,10 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
             raise ValueError("minibatch CKA is already built from unbiased HSIC; pass debiased=False")
         from .minibatch import minibatch_cka
 
-        options = {k: v for k, v in stream_options.items() if k not in ("precision", "memory_limit")}
-        return minibatch_cka(a, b, size=minibatch, spatial=spatial, stride=stride, **options)
+        unused = sorted(set(stream_options) & {"precision", "memory_limit"})
+        if unused:
+            raise TypeError(f"{', '.join(unused)} do not apply to minibatch CKA (float64 Gram matrices of "
+                            f"minibatch x minibatch values)")
+        return minibatch_cka(a, b, size=minibatch, spatial=spatial, stride=stride, **stream_options)
     return _streamed("cka", cka_from_moments, a, b, spatial=spatial, stride=stride, stream_options=stream_options,
                      row_norms=bool(debiased), debiased=bool(debiased))

@@ -46,10 +46,12 @@ def _minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: in
     partial_sums[0, 4] = rows[0].shape[0] - count * size
     if count == 0:
         return partial_sums
-    x, y = (np.asarray(r[: count * size], dtype=np.float64).reshape(count, size, -1) for r in rows)
-    grams_x, grams_y = x @ np.swapaxes(x, 1, 2), y @ np.swapaxes(y, 1, 2)
-    partial_sums[0, :4] = (unbiased_hsic(grams_x, grams_y).sum(), unbiased_hsic(grams_x, grams_x).sum(),
-                           unbiased_hsic(grams_y, grams_y).sum(), count)
+    for batch in range(count):  # one minibatch at a time: memory O(size²), whatever the chunk
+        x, y = (np.asarray(r[batch * size : (batch + 1) * size], dtype=np.float64)[None] for r in rows)
+        gram_x, gram_y = x @ np.swapaxes(x, 1, 2), y @ np.swapaxes(y, 1, 2)
+        partial_sums[0, :3] += (unbiased_hsic(gram_x, gram_y)[0], unbiased_hsic(gram_x, gram_x)[0],
+                                unbiased_hsic(gram_y, gram_y)[0])
+    partial_sums[0, 3] = count
     return partial_sums
 
 
@@ -67,7 +69,7 @@ def aligned_chunks(datapoints: int, chunk: int, *, size: int, rows_per_datapoint
 
 def minibatch_cka(a: Any, b: Any, *, size: int, spatial: str = "flatten", stride: int = 1, method: str = "linear",
                   grid: str = "coords", split_every: int = SPLIT_EVERY, scheduler: Any = None,
-                  progress: bool = False, nan_policy: str = "raise") -> xr.Dataset:
+                  progress: bool = False, nan_policy: str = "raise", dims: Any = None) -> xr.Dataset:
     """Minibatch linear CKA of two layers over minibatches of ``size`` rows (see the module docstring)."""
     check_options(spatial=spatial, stride=stride, method=method, grid=grid, nan_policy=nan_policy)
     if nan_policy == "omit":
@@ -76,7 +78,7 @@ def minibatch_cka(a: Any, b: Any, *, size: int, spatial: str = "flatten", stride
         raise ValueError("minibatch CKA supports spatial='flatten', 'avgpool' or 'interp'")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 4:
         raise ValueError(f"minibatch must be an integer >= 4 (the unbiased HSIC needs 4 rows), got {size!r}")
-    layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid)
+    layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid, dims=dims)
     datapoints = layer_a.sizes["datapoint"]
     rows = row_count(adapters[0], datapoints, stride)
     if rows < size:

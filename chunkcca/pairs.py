@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from dask.array import PerformanceWarning
 from dask.utils import format_bytes, parse_bytes
 
 from .moments import PRECISIONS, Moments, Precision
@@ -89,6 +90,10 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
             f"datapoint labels differ: {len(missing_b)} of layer {name_a!r} are not in layer {name_b!r} "
             f"(e.g. {missing_b[:5].tolist()}) and {len(missing_a)} of layer {name_b!r} are not in layer "
             f"{name_a!r} (e.g. {missing_a[:5].tolist()}); no datapoint is dropped silently")
+    warnings.warn(
+        f"layer {name_b!r} holds the datapoints of layer {name_a!r} in another order; chunkcca reorders it "
+        f"lazily, which reads its chunks several times and may hold much of it in memory: store both layers "
+        f"in one order for large data", PerformanceWarning, stacklevel=3)
     return a, b.isel(datapoint=labels_b.get_indexer(labels_a))
 
 
@@ -261,6 +266,10 @@ def compute_moments(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1
 
         streamed = plan_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
                              nan_policy=nan_policy, dims=dims)
+        channels = streamed.layer_a.sizes["channel"] + streamed.layer_b.sizes["channel"]
+        split_every = fit_split_every(streamed.adapters, channels, split_every=split_every, memory_limit=memory_limit,
+                                      names=(str(streamed.layer_a.name), str(streamed.layer_b.name)),
+                                      row_norms=row_norms)
         return stream_with_checkpoint(streamed, checkpoint, every=checkpoint_every, stride=stride,
                                       precision=precision, split_every=split_every, scheduler=scheduler,
                                       progress=progress, nan_policy=nan_policy, row_norms=row_norms)

@@ -160,14 +160,18 @@ def frequency_labels(size_a: int, size_b: int) -> np.ndarray:
     return np.fft.fftfreq(smallest, d=1.0 / smallest).astype(int)
 
 
-def _positions(layer: xr.DataArray, dim: str, grid: str, target_size: int) -> np.ndarray:
-    """Sample positions of ``layer`` along ``dim``: its coordinate, or svcca's index grid."""
+def _positions(layer: xr.DataArray, dim: str, grid: str, extent: int) -> np.ndarray:
+    """Sample positions of ``layer`` along ``dim``: its coordinate, or svcca's index grid.
+
+    A layer without the coordinate is taken to span ``extent`` (the finer layer's size), as
+    :func:`chunkcca.write_activations` places pixel centres: (i + 0.5) · extent / size.
+    """
     size = layer.sizes.get(dim, 1)
     if grid == "svcca":
         return np.linspace(0, size, size, endpoint=False)
     if dim in layer.coords:
         return np.asarray(layer[dim].values, dtype=np.float64)
-    return np.arange(size) + 0.5
+    return (np.arange(size) + 0.5) * extent / size
 
 
 def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,

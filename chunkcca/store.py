@@ -14,7 +14,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -114,9 +113,11 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                     f"dims=('datapoint', 'height', 'width', 'channel') if it is channels-last")
             array = xr.DataArray(layer, dims=CONV_DIMS if layer.ndim == 4 else FC_DIMS, name=name)
     _check_values(array, name, allow_complex)
-    if not isinstance(array.data, da.Array):
-        per_chunk = datapoints_per_chunk(array.shape, array.dtype.itemsize, chunks)
-        array = array.copy(data=da.from_array(array.data, chunks=(per_chunk, *array.shape[1:])))
+    if array.chunks is None:  # numpy, or a lazily indexed backend array: chunk it without reading it
+        preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
+        per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(
+            array.shape, array.dtype.itemsize, chunks)
+        array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
     return array.rename(name)
 
 

@@ -90,7 +90,13 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
     set_a, set_b = _as_layer_set(a_layers, "a_layers"), _as_layer_set(b_layers, "b_layers")
     if not set_a or not set_b:
         raise ValueError("similarity needs at least one layer on each side")
-    layers = {name: as_activations(layer, name) for name, layer in {**set_a, **set_b}.items()}
+    layers = {name: as_activations(layer, name) for name, layer in set_a.items()}
+    for name, layer in set_b.items():
+        array = as_activations(layer, name)
+        if name in layers and layers[name].data.name != array.data.name:
+            raise ValueError(f"layer name {name!r} stands for different layers in a_layers and b_layers; "
+                             f"give them distinct names")
+        layers.setdefault(name, array)
     names = list(layers)
     first = layers[names[0]]
     layers = {name: align_layers(first, layer)[1] for name, layer in layers.items()}
