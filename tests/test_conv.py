@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import xarray as xr
 from conftest import GOLDEN, correlated_layers
+from hypothesis import given
+from hypothesis import strategies as st
 from reference import canonical_correlations, dft_correlations, flatten_rows, interpolate_layer
 
-from chunkcca import cca
+from chunkcca import cca, compute_moments
 from chunkcca.compat import fourier_ccas
 from chunkcca.spatial import plan_adapters
 
@@ -130,3 +132,18 @@ def test_dft_refuses_what_would_not_fit_the_memory_limit(conv_pool):
         cca(conv, pool, spatial="dft", memory_limit=3 * partial - 1)
     result = cca(conv, pool, spatial="dft", memory_limit=3 * partial, precision="float64")
     assert result["rho"].shape == (8, 8, 4)
+
+
+@given(chunk_a=st.integers(1, 24), chunk_b=st.integers(1, 24), stride=st.integers(1, 4),
+       spatial=st.sampled_from(["interp", "dft", "avgpool"]))
+def test_conv_adapters_independent_of_chunking(chunk_a, chunk_b, stride, spatial):
+    """Any chunking of either layer gives the one-chunk Moments, to rounding (float64 products)."""
+    rng = np.random.default_rng([chunk_a, chunk_b, stride])
+    a, b = rng.standard_normal((24, 6, 6, 3)) + 2, rng.standard_normal((24, 3, 3, 2))
+    whole = compute_moments(a, b, spatial=spatial, stride=stride, precision="float64")
+    split = compute_moments(da.from_array(a, chunks=(chunk_a, -1, -1, -1)),
+                            da.from_array(b, chunks=(chunk_b, -1, -1, -1)), spatial=spatial, stride=stride,
+                            precision="float64", split_every=2)
+    assert split.n == whole.n
+    np.testing.assert_allclose(split.mean, whole.mean, rtol=0, atol=1e-12 * np.abs(whole.mean).max())
+    np.testing.assert_allclose(split.scatter, whole.scatter, rtol=0, atol=1e-12 * np.abs(whole.scatter).max())
