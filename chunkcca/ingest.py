@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -70,17 +69,17 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {"": load_pickled_array(path)}
 
 
-def _as_layer(array: np.ndarray, layout: str, source: str) -> Any:
-    """Datapoint-first Dask array of ``array``; ``layout="neurons"`` means (neurons, datapoints) as google/svcca's."""
+def _as_layer(array: np.ndarray, layout: str, source: str) -> np.ndarray:
+    """``array`` datapoint-first (a view: a memory-mapped .npy stays on disk); ``layout="neurons"`` means
+    (neurons, datapoints) as google/svcca's. :func:`chunkcca.write_activations` chunks it."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "neurons":
         if array.ndim != 2:
             raise ValueError(f"{source}: layout 'neurons' needs a 2-d (neurons, datapoints) array, got shape "
                              f"{array.shape}")
-        array = array.T
-    return da.from_array(array, chunks=(max(1, min(array.shape[0], 2**25 // max(1, array[0].nbytes))),
-                                        *array.shape[1:]))
+        return array.T
+    return array
 
 
 def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *, layout: str = "datapoints",

@@ -149,6 +149,20 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 
+def check_svcca_options(keep: Any, keep_by: str) -> None:
+    """``keep`` in (0, 1] and ``keep_by`` one of "variance", "singular_values", or a ValueError naming them."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.number)) or not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    if keep_by not in ("variance", "singular_values"):
+        raise ValueError(f"keep_by must be 'variance' or 'singular_values', got {keep_by!r}")
+
+
+def check_alpha(alpha: Any) -> None:
+    """The shape metric's ``alpha`` in [0, 1], or a ValueError."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+
+
 def _kept_directions(cov: np.ndarray, keep: float, keep_by: str) -> np.ndarray:
     """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values."""
     values, vectors = np.linalg.eigh(cov)
@@ -170,10 +184,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     google/svcca's SVD step). Returns ``rho`` (component), ``dims_a``/``dims_b`` (directions
     kept), ``rho_mean``, and ``coef_a``/``coef_b`` over the original channels.
     """
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
-    if keep_by not in ("variance", "singular_values"):
-        raise ValueError(f"keep_by must be 'variance' or 'singular_values', got {keep_by!r}")
+    check_svcca_options(keep, keep_by)
     if not np.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
@@ -318,8 +329,7 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     the metric does not depend on the data's scale), then
     ``θ = arccos(‖Ta Σab Tb‖_* / sqrt(tr(Ta Σaa Ta) tr(Tb Σbb Tb)))`` in radians.
     """
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    check_alpha(alpha)
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     if np.trace(cov_aa) == 0 or np.trace(cov_bb) == 0:
         raise ValueError("the shape metric is undefined: one side has no variance (every channel constant)")
@@ -440,10 +450,7 @@ def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: in
 def svcca(a: Any, b: Any, *, keep: float = 0.99, keep_by: str = "variance", epsilon: float = 0.0,
           spatial: str = "flatten", stride: int = 1, **stream_options: Any) -> xr.Dataset:
     """SVCCA between two layers, streamed: see :func:`svcca_from_moments`; options as for :func:`cca`."""
-    if not isinstance(keep, (int, float, np.number)) or not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
-    if keep_by not in ("variance", "singular_values"):
-        raise ValueError(f"keep_by must be 'variance' or 'singular_values', got {keep_by!r}")
+    check_svcca_options(keep, keep_by)
     return _streamed("svcca", svcca_from_moments, a, b, spatial=spatial, stride=stride, epsilon=epsilon,
                      stream_options=stream_options, keep=keep, keep_by=keep_by)
 
@@ -464,8 +471,7 @@ def procrustes(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, **s
 def shape_metric(a: Any, b: Any, *, alpha: float = 1.0, spatial: str = "flatten", stride: int = 1,
                  **stream_options: Any) -> xr.Dataset:
     """Williams et al.'s angular shape metric, streamed: see :func:`shape_metric_from_moments`."""
-    if not isinstance(alpha, (int, float, np.number)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    check_alpha(alpha)
     return _streamed("shape_metric", shape_metric_from_moments, a, b, spatial=spatial, stride=stride,
                      stream_options=stream_options, alpha=alpha)
 

@@ -155,14 +155,21 @@ def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every
 
 
 def plan_pair(a: Any, b: Any, *, spatial: str, stride: int, precision: str, method: str, grid: str,
-              nan_policy: str, dims: Any) -> Streamed:
+              nan_policy: str, dims: Any, epsilon: float = 0.0) -> Streamed:
     """Validate and align two layers and plan their adapters, without streaming (moments left empty)."""
-    check_options(spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
+    check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid,
                   nan_policy=nan_policy)
     layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid,
                                                 precision=precision, dims=dims)
     empty = Moments(0, np.zeros(0), np.zeros((0, 0)))
     return Streamed(layer_a, layer_b, adapters, empty, 0, precision)
+
+
+def _fan_in(plan: Streamed, *, split_every: int, memory_limit: int | str, row_norms: bool) -> int:
+    """:func:`fit_split_every` for a planned pair."""
+    channels = plan.layer_a.sizes["channel"] + plan.layer_b.sizes["channel"]
+    return fit_split_every(plan.adapters, channels, split_every=split_every, memory_limit=memory_limit,
+                           names=(str(plan.layer_a.name), str(plan.layer_b.name)), row_norms=row_norms)
 
 
 def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
@@ -177,13 +184,10 @@ def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, ep
     :data:`AUTO_CONDITION`; the choice and its reason are returned. ``row_norms`` adds the
     row-norm sums the debiased CKA needs.
     """
-    check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid,
-                  nan_policy=nan_policy)
-    layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid,
-                                                precision=precision, dims=dims)
-    channels = layer_a.sizes["channel"] + layer_b.sizes["channel"]
-    fan_in = fit_split_every(adapters, channels, split_every=split_every, memory_limit=memory_limit,
-                             names=(str(layer_a.name), str(layer_b.name)), row_norms=row_norms)
+    plan = plan_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
+                     nan_policy=nan_policy, dims=dims, epsilon=epsilon)
+    layer_a, layer_b, adapters = plan.layer_a, plan.layer_b, plan.adapters
+    fan_in = _fan_in(plan, split_every=split_every, memory_limit=memory_limit, row_norms=row_norms)
     rows = row_count(adapters[0], layer_a.sizes["datapoint"], stride)
     widest = max(layer_a.sizes["channel"], layer_b.sizes["channel"])
     if rows <= widest:
@@ -266,10 +270,7 @@ def compute_moments(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1
 
         streamed = plan_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
                              nan_policy=nan_policy, dims=dims)
-        channels = streamed.layer_a.sizes["channel"] + streamed.layer_b.sizes["channel"]
-        split_every = fit_split_every(streamed.adapters, channels, split_every=split_every, memory_limit=memory_limit,
-                                      names=(str(streamed.layer_a.name), str(streamed.layer_b.name)),
-                                      row_norms=row_norms)
+        split_every = _fan_in(streamed, split_every=split_every, memory_limit=memory_limit, row_norms=row_norms)
         return stream_with_checkpoint(streamed, checkpoint, every=checkpoint_every, stride=stride,
                                       precision=precision, split_every=split_every, scheduler=scheduler,
                                       progress=progress, nan_policy=nan_policy, row_norms=row_norms)

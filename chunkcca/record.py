@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from .moments import write_atomically
-from .store import CHUNK_BYTES, CONV_DIMS, FC_DIMS, VARIABLE, codecs_for, open_activations
+from .store import CONV_DIMS, FC_DIMS, VARIABLE, codecs_for, datapoints_per_chunk, open_activations
 
 
 def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
@@ -95,7 +95,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                             raise ValueError(f"layer {path!r} produced no output for this batch")
                         values = captured[path]
                         if path not in arrays:
-                            per_chunk = chunks if chunks != "auto" else max(1, CHUNK_BYTES // max(1, values[0].nbytes))
+                            per_chunk = datapoints_per_chunk(values.shape, values.dtype.itemsize, chunks)
                             arrays[path] = root.create_array(
                                 f"{path}/{VARIABLE}", shape=(0, *values.shape[1:]), dtype=values.dtype,
                                 chunks=(per_chunk, *values.shape[1:]), compressors=compressors,

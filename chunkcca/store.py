@@ -60,7 +60,7 @@ def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | st
     """Datapoints per chunk: ``chunks`` itself, or for "auto" as many as fit :data:`CHUNK_BYTES`."""
     if chunks == "auto":
         per_datapoint = int(np.prod(shape[1:])) * itemsize
-        return int(max(1, min(shape[0], CHUNK_BYTES // max(per_datapoint, 1))))
+        return int(max(1, CHUNK_BYTES // max(per_datapoint, 1)))  # Dask clips it to the array's length
     if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
         raise ValueError(f"chunks must be a positive number of datapoints or 'auto', got {chunks!r}")
     return int(chunks)

@@ -16,6 +16,7 @@ import xarray as xr
 
 from .measures import (
     cca_from_moments,
+    check_svcca_options,
     cka_from_moments,
     procrustes_from_moments,
     pwcca_from_moments,
@@ -85,8 +86,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
     if spatial not in ("flatten", "avgpool"):
         raise ValueError(f"similarity supports spatial='flatten' or 'avgpool'; for {spatial!r} compare pairs with "
                          f"chunkcca.cca")
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    check_svcca_options(keep, "variance")
     set_a, set_b = _as_layer_set(a_layers, "a_layers"), _as_layer_set(b_layers, "b_layers")
     if not set_a or not set_b:
         raise ValueError("similarity needs at least one layer on each side")
