@@ -14,6 +14,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -117,8 +118,32 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
         per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(
             array.shape, array.dtype.itemsize, chunks)
-        array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
+        if isinstance(layer, np.memmap):  # (asking a lazy backend array for .data would read it)
+            array = array.copy(data=_memmap_to_dask(array.data, per_chunk))
+        else:
+            array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
     return array.rename(name)
+
+
+class _FileSlices:
+    """A memory-mapped array seen only through slicing: ``dask.array.from_array`` copies (reads) whole
+    array-likes that have a ``copy`` method, and hashes them for a name; this one is read chunk by chunk."""
+
+    def __init__(self, data: np.memmap) -> None:
+        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.array(self.data[key])
+
+
+def _memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
+    """A memory-mapped array as Dask chunks read from its file on demand, named by file, offset and layout."""
+    from dask.base import tokenize
+
+    source = Path(str(data.filename))
+    token = tokenize(str(source), source.stat().st_mtime_ns, data.offset, data.shape, data.strides, str(data.dtype))
+    return da.from_array(_FileSlices(data), chunks=(per_chunk, *data.shape[1:]), name=f"memmap-{token}",
+                         meta=np.empty((0,) * data.ndim, dtype=data.dtype))
 
 
 def _order_dims(array: xr.DataArray, name: str) -> xr.DataArray:

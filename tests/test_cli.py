@@ -111,3 +111,22 @@ def test_ingest_real_svcca_pickles(tmp_path):
     assert tree["model0/fc"]["activations"].shape == (1000, 200)
     mnist = load_pickled_array(SHARED_DATA / "svcca/MNIST/model_0_lay04.p")  # a plain, uncompressed pickle
     assert mnist.shape == (10, 10000)
+
+
+def test_npy_is_ingested_chunk_by_chunk(tmp_path):
+    """A memory-mapped .npy is read one chunk at a time, never copied whole (Dask's from_array would copy it)."""
+    import tracemalloc
+
+    from chunkcca.ingest import ingest
+
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype="float32", shape=(8000, 8, 8, 16))
+    big[:] = np.arange(16, dtype="float32")
+    big.flush()
+    nbytes = big.nbytes
+    del big
+    tracemalloc.start()
+    tree = ingest(tmp_path / "s.zarr", {"l": tmp_path / "big.npy"}, chunks=250)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < nbytes / 4, f"peak {peak / 2**20:.0f} MiB for a {nbytes / 2**20:.0f} MiB file"
+    assert float(tree["l"]["activations"][..., 7].mean()) == 7.0
