@@ -50,16 +50,37 @@ def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str]
     return [side[..., keep, :] for side in rows]
 
 
-def _chunk_task(first: np.ndarray, *blocks: np.ndarray, adapters: Sequence[Adapter], stride: int,
+def _only_block(nested: Any) -> np.ndarray:
+    """The one block Dask passes (in nested lists, one level per contracted axis) with ``concatenate=False``."""
+    while isinstance(nested, list):
+        (nested,) = nested
+    return nested
+
+
+def _chunk_task(first: np.ndarray, *blocks: Any, adapters: Sequence[Adapter], stride: int,
                 reduce_rows: Callable[[list[np.ndarray], int], np.ndarray], nan_policy: str | None,
-                names: Sequence[str]) -> np.ndarray:
-    """One datapoint chunk of every side → rows per side (finite) → ``reduce_rows(rows, first_datapoint)``."""
+                names: Sequence[str], partial_shows_nonfinite: bool) -> np.ndarray:
+    """One datapoint chunk of every side → rows per side (finite) → ``reduce_rows(rows, first_datapoint)``.
+
+    With ``partial_shows_nonfinite`` (NaN and Inf in any row reach the partial, as they reach
+    the Moments' sums) the rows are searched only when the partial is not finite, so a finite
+    chunk costs no extra pass.
+    """
     first_datapoint = int(first[0]) if first.size else 0
-    rows = [block_rows(block, adapter, first_datapoint, stride) for block, adapter in zip(blocks, adapters)]
-    if nan_policy is not None:
-        rows = finite_rows(rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
-                           datapoints=blocks[0].shape[0])
-    return reduce_rows(rows, first_datapoint)
+    blocks = tuple(_only_block(block) for block in blocks)
+    check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
+                    datapoints=blocks[0].shape[0])
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or Inf in the rows: found and reported below
+        rows = [block_rows(block, adapter, first_datapoint, stride) for block, adapter in zip(blocks, adapters)]
+        if nan_policy is None:
+            return reduce_rows(rows, first_datapoint)
+        if not partial_shows_nonfinite:
+            return reduce_rows(check(rows), first_datapoint)
+        result = reduce_rows(rows, first_datapoint)
+        if np.isfinite(result).all():
+            return result
+        finite = check(rows)
+        return result if finite is rows else reduce_rows(finite, first_datapoint)
 
 
 def _keep(partial: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
@@ -75,7 +96,7 @@ def rows_reduction(sides: Sequence[da.Array], adapters: Sequence[Adapter], *,
                    reduce_rows: Callable[[list[np.ndarray], int], np.ndarray],
                    merge: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], dtype: Any,
                    stride: int = 1, split_every: int = SPLIT_EVERY, nan_policy: str | None = "raise",
-                   names: Sequence[str] = (), offset: int = 0) -> da.Array:
+                   names: Sequence[str] = (), offset: int = 0, partial_shows_nonfinite: bool = False) -> da.Array:
     """The engine: a lazy (1, *shape) reduction of the rows of ``sides``, one partial per datapoint chunk.
 
     ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
@@ -84,20 +105,25 @@ def rows_reduction(sides: Sequence[da.Array], adapters: Sequence[Adapter], *,
     adapter and stride) to a partial (1, *shape); ``merge`` maps k stacked partials (k, *shape)
     to one (1, *shape), associatively; Dask tree-reduces with ``split_every``. Rows with NaN or
     Inf raise an error naming the layer (from ``names``) and chunk, or are left out, as
-    ``nan_policy`` says (None: no check). ``offset`` is the global index of the first datapoint of
-    ``sides`` (for the stride pattern when streaming a slice). Nothing is computed here.
+    ``nan_policy`` says (None: no check); ``partial_shows_nonfinite`` says ``reduce_rows`` gives a
+    non-finite partial whenever a row holds NaN or Inf, which spares the search of finite chunks.
+    ``offset`` is the global index of the first datapoint of ``sides`` (for the stride pattern
+    when streaming a slice). Each side's datapoint chunk reaches ``reduce_rows`` as one block,
+    without the copy Dask makes when it joins blocks (sides chunked along other dims are
+    rechunked whole along them). Nothing is computed here.
     """
     names = tuple(names) or tuple(f"side {i}" for i in range(len(sides)))
     first = da.arange(offset, offset + sides[0].shape[0], chunks=(sides[0].chunks[0],))
     args: list[Any] = [first, ("datapoint",)]
     for i, side in enumerate(sides):
+        side = side.rechunk({axis: -1 for axis in range(1, side.ndim)})  # a no-op when already whole
         args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
     out_axes = {f"out{i}": size for i, size in enumerate(shape)}
     meta = np.empty((0,) * (1 + len(shape)), dtype=dtype)
     partials = da.blockwise(
         _chunk_task, ("datapoint", *out_axes), *args, new_axes=out_axes, adjust_chunks={"datapoint": 1},
-        concatenate=True, dtype=dtype, meta=meta, adapters=tuple(adapters), stride=stride, reduce_rows=reduce_rows,
-        nan_policy=nan_policy, names=names,
+        concatenate=False, dtype=dtype, meta=meta, adapters=tuple(adapters), stride=stride, reduce_rows=reduce_rows,
+        nan_policy=nan_policy, names=names, partial_shows_nonfinite=partial_shows_nonfinite,
     )
     combine = partial(_combine, merge=merge)
     return da.reduction(partials, _keep, combine, combine=combine, axis=0, keepdims=True, dtype=dtype,
@@ -125,7 +151,7 @@ def moments_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], *, str
         merge=partial(merge_packed, sizes=tuple(side.shape[-1] for side in sides)),
         shape=(*adapters[0].batch_shape, p + 2 + norm_rows, p),
         dtype=np.complex128 if is_complex else np.float64, stride=stride, split_every=split_every,
-        nan_policy=nan_policy, names=names, offset=offset)
+        nan_policy=nan_policy, names=names, offset=offset, partial_shows_nonfinite=True)
 
 
 def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tuple[Any, ...]:

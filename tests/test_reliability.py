@@ -46,6 +46,32 @@ def test_nan_omit_drops_rows_from_both_sides_and_counts_them():
     assert float(swept["cka"].item()) == pytest.approx(cka_reference(rows_a[keep], rows_b[keep], False), abs=1e-9)
 
 
+@pytest.mark.parametrize("spatial", ["flatten", "avgpool", "interp", "dft"])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_value_anywhere_is_found(spatial, precision, value):
+    """Finite chunks are not searched (their partial is finite); one bad value still raises, naming its chunk."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((40, 4, 4, 3)) + 3
+    b = rng.standard_normal((40, 4, 4, 2) if spatial == "flatten" else (40, 2, 2, 2))
+    b[33, 1, 0, 1] = value  # past the rows that set the chunk's shift
+    layer_a = xr.DataArray(a, dims=DIMS, name="a").chunk({"datapoint": 10})
+    layer_b = xr.DataArray(b, dims=DIMS, name="b").chunk({"datapoint": 10})
+    with pytest.raises(ValueError, match="layer 'b' holds NaN or Inf in the chunk of datapoints 30 to 39"):
+        cca(layer_a, layer_b, spatial=spatial, precision=precision)
+    if spatial in ("avgpool", "dft"):  # one row per datapoint: omitting it leaves datapoint 33 out
+        omitted = cca(layer_a, layer_b, spatial=spatial, precision="float64", nan_policy="omit")
+        expected = cca(np.delete(a, 33, axis=0), np.delete(b, 33, axis=0), spatial=spatial, precision="float64")
+        assert omitted.attrs["rows_omitted"] == 1
+        np.testing.assert_allclose(omitted["rho"], expected["rho"], rtol=0, atol=1e-10)
+
+
+def test_minibatch_cka_finds_non_finite_rows_left_out_of_minibatches():
+    a, b = _with_nan()
+    with pytest.raises(ValueError, match="layer 'model1/conv' holds NaN or Inf"):
+        cka(a, b[:, :, :, :2], minibatch=7)
+
+
 def test_nan_policy_is_validated():
     a, b = _with_nan()
     with pytest.raises(ValueError, match="nan_policy must be one of 'raise', 'omit', got 'drop'"):
@@ -174,3 +200,12 @@ chunkcca.write_activations({str(store)!r}, {{"fc": lazy}}, chunks=5, overwrite=T
     np.testing.assert_array_equal(tree["fc"]["activations"].values, np.arange(40.0).reshape(20, 2))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "acts.zarr"]
     assert all(name.startswith(".acts.zarr.") and name.endswith(".tmp") for name in leftovers)
+
+
+def test_sides_chunked_along_every_dim_give_the_whole_chunk_moments():
+    """Stores chunked along height, width or channel too: each datapoint chunk is joined whole, as one block."""
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal((30, 4, 4, 6)) + 1, rng.standard_normal((30, 4, 4, 5))
+    split = cca(da.from_array(a, chunks=(7, 2, 3, 4)), da.from_array(b, chunks=(11, 4, 1, 2)), precision="float64")
+    np.testing.assert_allclose(split["rho"], canonical_correlations(flatten_rows(a), flatten_rows(b)),
+                               rtol=0, atol=1e-10)

@@ -38,6 +38,20 @@ def store_for(datapoints: int, *, channels: int = 64, chunk: int = 256, compress
     return path
 
 
+def evict_from_page_cache(path: Path) -> None:
+    """Drop the files of the store at ``path`` from the OS page cache: the next read comes from disk,
+    as it always does for a store larger than memory (posix_fadvise DONTNEED; no privileges needed)."""
+    import os
+
+    for file in path.rglob("*"):
+        if file.is_file():
+            descriptor = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
+
+
 def peak_mib() -> float:
     """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
