@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="layer path and file, e.g. model0/fc=model_0_lay06.p (a .npz gives LAYER/<name>)")
     ingest.add_argument("--layout", choices=("datapoints", "neurons"), default="datapoints",
                         help="axis 0 is datapoint (default), or 2-d arrays are (neurons, datapoints) as svcca's")
-    ingest.add_argument("--chunk", type=_positive_int, help="datapoints per chunk (default: about 32 MiB)")
+    ingest.add_argument("--chunk", type=_positive_int, help="datapoints per chunk (default: about 16 MiB)")
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing store")
 
     info = commands.add_parser("info", help="layers, shapes, chunks, dtype and size of a store",

@@ -24,7 +24,7 @@ VARIABLE = "activations"
 CONV_DIMS: tuple[str, ...] = ("datapoint", "height", "width", "channel")
 FC_DIMS: tuple[str, ...] = ("datapoint", "channel")
 #: Bytes per datapoint chunk that ``chunks="auto"`` aims for.
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 def _size_zarr_thread_pool() -> None:
@@ -193,7 +193,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, chu
         (datapoint, height, width, channel) or (datapoint, channel). Dask inputs are written
         chunk by chunk, never materialised.
     chunks
-        Datapoints per zarr chunk, or "auto" for about 32 MiB per chunk. Only datapoint is chunked.
+        Datapoints per zarr chunk, or "auto" for about 16 MiB per chunk. Only datapoint is chunked.
     image_size
         Height and width of the input images, for the ``height``/``width`` pixel-centre
         coordinates of layers that have none: pixel i of an s-pixel map sits at

@@ -96,3 +96,28 @@ def test_a_worker_killed_midway_still_gives_the_same_result(cluster):
         victim.wait(timeout=30)
         result = running.result(timeout=120)
     np.testing.assert_allclose(result["rho"], local["rho"], rtol=1e-12)
+
+
+def test_local_runs_use_the_configured_scheduler_without_importing_distributed():
+    """Dask's threaded scheduler by default (distributed is not imported for it); a configured one is kept."""
+    code = ("import sys, numpy as np, chunkcca; x = np.random.default_rng(0).standard_normal((50, 3)); "
+            "chunkcca.cca(x, x[:, :2] + x[:, 2:]); print('distributed' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+    import threading
+
+    threads = set()
+
+    def record_thread(block: np.ndarray) -> np.ndarray:
+        threads.add(threading.get_ident())
+        return block
+
+    x = np.random.default_rng(1).standard_normal((60, 4))
+    layer = da.from_array(x, chunks=10).map_blocks(record_thread)
+    with dask.config.set(scheduler="synchronous"):
+        chunkcca.cca(layer, x[:, :3])
+    assert threads == {threading.get_ident()}
+    threads.clear()
+    chunkcca.cca(layer, x[:, :3])
+    assert threading.get_ident() not in threads
