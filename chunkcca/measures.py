@@ -23,6 +23,11 @@ from .stream import SPLIT_EVERY
 CONSTANT_RTOL = 1e-12
 
 
+#: Why finite-looking statistics can hold NaN or Inf (nan_policy=None, or values beyond float32's range).
+NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold non-finite values (nan_policy=None "
+                        "lets them through), or values too large for the products in precision='float32' "
+                        "(use precision='float64')")
+
 def inverse_sqrt(cov: np.ndarray) -> tuple[np.ndarray, int]:
     """Hermitian pseudo-inverse square root of a covariance (p, p) and its numerical rank.
 
@@ -102,7 +107,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
     cov = moments.covariance()
     if not np.all(np.isfinite(cov)):
-        raise ValueError("the statistics hold NaN or Inf: the activations contain non-finite values")
+        raise ValueError(NONFINITE_STATISTICS)
     batch = moments.batch_shape
     dims = batch_dims[: len(batch)]
     if len(dims) != len(batch):
@@ -145,7 +150,7 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     p = moments.sizes[0]
     cov = moments.covariance()
     if not np.all(np.isfinite(cov)):
-        raise ValueError("the statistics hold NaN or Inf: the activations contain non-finite values")
+        raise ValueError(NONFINITE_STATISTICS)
     return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 

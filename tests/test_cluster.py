@@ -74,6 +74,21 @@ def test_store_comparison_on_a_cluster_equals_local(cluster, tmp_path):
                                                        rel=1e-12)
 
 
+def _compare(x: np.ndarray) -> float:
+    return float(chunkcca.cca(da.from_array(x, chunks=10), x[:, :3], precision="float64")["rho"][0])
+
+
+def test_inside_a_worker_task_the_workers_client_computes(cluster):
+    """A comparison run as a task on a worker computes on the cluster, not in a thread pool of its own."""
+    from distributed import Client, get_task_stream
+
+    x = np.random.default_rng(2).standard_normal((60, 4))
+    with Client(cluster["address"], set_as_default=False) as client, get_task_stream(client) as stream:
+        rho = client.submit(_compare, x).result(timeout=120)
+    assert len(stream.data) > 6  # the submitted task and the comparison's (6 chunks and the merges)
+    assert rho == pytest.approx(_compare(x), abs=1e-12)
+
+
 def _slow_block(i: int) -> np.ndarray:
     time.sleep(0.3)
     return np.random.default_rng(i).standard_normal((20, 3))

@@ -54,7 +54,7 @@ def test_one_non_finite_value_anywhere_is_found(spatial, precision, value):
     rng = np.random.default_rng(5)
     a = rng.standard_normal((40, 4, 4, 3)) + 3
     b = rng.standard_normal((40, 4, 4, 2) if spatial == "flatten" else (40, 2, 2, 2))
-    b[33, 1, 0, 1] = value  # past the rows that set the chunk's shift
+    b[33, 1, 0, 1] = value
     layer_a = xr.DataArray(a, dims=DIMS, name="a").chunk({"datapoint": 10})
     layer_b = xr.DataArray(b, dims=DIMS, name="b").chunk({"datapoint": 10})
     with pytest.raises(ValueError, match="layer 'b' holds NaN or Inf in the chunk of datapoints 30 to 39"):
@@ -66,10 +66,37 @@ def test_one_non_finite_value_anywhere_is_found(spatial, precision, value):
         np.testing.assert_allclose(omitted["rho"], expected["rho"], rtol=0, atol=1e-10)
 
 
+def test_non_finite_value_after_the_shift_rows_is_found():
+    """A bad value far past the rows that set a chunk's shift (SHIFT_ROWS) still reaches the partial."""
+    from chunkcca.moments import SHIFT_ROWS
+
+    a = np.random.default_rng(6).standard_normal((300, 4, 4, 3))
+    rows_per_chunk = 100 * 16
+    assert rows_per_chunk > SHIFT_ROWS + 16 * 20
+    b = a[..., :2] * 2 + 1
+    b[180, 3, 3, 1] = np.inf  # row 1295 of the chunk of datapoints 100 to 199
+    with pytest.raises(ValueError, match="layer 'b' holds NaN or Inf in the chunk of datapoints 100 to 199"):
+        cca(xr.DataArray(a, dims=DIMS, name="a").chunk({"datapoint": 100}),
+            xr.DataArray(b, dims=DIMS, name="b").chunk({"datapoint": 100}))
+
+
 def test_minibatch_cka_finds_non_finite_rows_left_out_of_minibatches():
-    a, b = _with_nan()
-    with pytest.raises(ValueError, match="layer 'model1/conv' holds NaN or Inf"):
-        cka(a, b[:, :, :, :2], minibatch=7)
+    """Minibatch CKA searches every row: a NaN in the rows after the last whole minibatch raises too."""
+    rng = np.random.default_rng(7)
+    a = xr.DataArray(rng.standard_normal((40, 3, 3, 4)), dims=DIMS, name="a")
+    b = xr.DataArray(rng.standard_normal((40, 3, 3, 2)), dims=DIMS, name="b")
+    assert cka(a, b, minibatch=7)["rows_left_out"] == 360 % 7 == 3
+    b[39, 2, 2, 0] = np.nan  # the last row: left out of every minibatch
+    with pytest.raises(ValueError, match="layer 'b' holds NaN or Inf"):
+        cka(a, b, minibatch=7)
+
+
+def test_float32_overflow_is_reported_as_such():
+    """Finite values too large for float32 products pass the NaN check; the error says what to do."""
+    a = np.random.default_rng(8).standard_normal((50, 3)) * 3e19
+    with pytest.warns(RuntimeWarning, match="overflow"), pytest.raises(ValueError, match="precision='float64'"):
+        cca(a, a[:, :2] + 1, precision="float32")
+    assert float(cca(a, a[:, :2] + 1, precision="float64")["rho"][0]) == pytest.approx(1, abs=1e-9)
 
 
 def test_nan_policy_is_validated():
