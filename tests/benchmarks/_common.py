@@ -43,6 +43,8 @@ def evict_from_page_cache(path: Path) -> None:
     as it always does for a store larger than memory (posix_fadvise DONTNEED; no privileges needed)."""
     import os
 
+    if not hasattr(os, "posix_fadvise"):
+        raise SystemExit("dropping files from the page cache needs posix_fadvise (Linux); use --cache warm")
     for file in path.rglob("*"):
         if file.is_file():
             descriptor = os.open(file, os.O_RDONLY)
