@@ -36,7 +36,7 @@ import dask.array as da
 import numpy as np
 
 from .moments import PRECISIONS, Moments, Precision
-from .store import as_activations, datapoints_per_chunk
+from .store import as_activations
 from .stream import stream_moments
 
 
@@ -44,10 +44,7 @@ def _as_rows(acts: Any, name: str) -> da.Array:
     """(neurons, datapoints) input → validated Dask rows (datapoints, neurons), chunked by datapoint."""
     if not hasattr(acts, "ndim") or acts.ndim != 2:
         raise ValueError(f"{name} must be a 2-d array (neurons, datapoints), got shape {getattr(acts, 'shape', None)}")
-    if not isinstance(acts, da.Array):
-        per_chunk = datapoints_per_chunk(acts.shape[::-1], np.dtype(acts.dtype).itemsize)
-        acts = da.from_array(acts, chunks=(-1, per_chunk))
-    return as_activations(acts.T, name, allow_complex=True).data
+    return as_activations(acts, name, dims=("channel", "datapoint"), allow_complex=True).data
 
 
 def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:

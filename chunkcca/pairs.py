@@ -111,8 +111,7 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
     except NonFiniteError:
         raise
     except Exception as error:
-        sources = sorted({str(layer.encoding["source"]).rsplit("/", len(str(layer.name).split("/")))[0]
-                          for layer in layers if "source" in layer.encoding})
+        sources = sorted({str(layer.encoding["store"]) for layer in layers if "store" in layer.encoding})
         if not sources:
             raise
         names = ", ".join(repr(str(layer.name)) for layer in layers)

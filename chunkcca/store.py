@@ -118,8 +118,8 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
         per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(
             array.shape, array.dtype.itemsize, chunks)
-        if isinstance(layer, np.memmap):  # (asking a lazy backend array for .data would read it)
-            array = array.copy(data=_memmap_to_dask(array.data, per_chunk))
+        if isinstance(array.variable._data, np.memmap):  # numpy, maybe in a DataArray (not a lazy backend array)
+            array = array.copy(data=_memmap_to_dask(array.variable._data, per_chunk))
         else:
             array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
     return array.rename(name)
@@ -141,7 +141,12 @@ def _memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
     from dask.base import tokenize
 
     source = Path(str(data.filename))
-    token = tokenize(str(source), source.stat().st_mtime_ns, data.offset, data.shape, data.strides, str(data.dtype))
+    mapping = data
+    while isinstance(mapping.base, np.ndarray):  # up to the array over the whole mapping
+        mapping = mapping.base
+    start = data.__array_interface__["data"][0] - mapping.__array_interface__["data"][0]  # of a view, e.g. m[100:]
+    token = tokenize(str(source), source.stat().st_mtime_ns, data.offset, start, data.shape, data.strides,
+                     str(data.dtype))
     return da.from_array(_FileSlices(data), chunks=(per_chunk, *data.shape[1:]), name=f"memmap-{token}",
                          meta=np.empty((0,) * data.ndim, dtype=data.dtype))
 
@@ -255,7 +260,7 @@ def open_activations(path: str | os.PathLike) -> xr.DataTree:
         raise ValueError(f"{path} holds no layer (no node with a variable {VARIABLE!r})")
     for layer in found:
         as_activations(tree[layer], layer)
-        tree[layer][VARIABLE].encoding["source"] = str(path / layer)
+        tree[layer][VARIABLE].encoding["store"] = str(path)  # named by read errors (pairs.reading)
     return tree
 
 

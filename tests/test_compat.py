@@ -162,3 +162,24 @@ def test_real_svhn_fc_layers_match_reference(precision):
     np.testing.assert_array_equal(result["x_idxs"], golden["out_x_idxs"])
     np.testing.assert_allclose(result["cca_coef1"], golden["out_cca_coef1"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(result["mean"], golden["out_mean"], rtol=0, atol=1e-6)
+
+
+def test_memory_mapped_inputs_are_streamed_not_copied(tmp_path):
+    """(neurons, datapoints) memmaps are read chunk by chunk from the file: building the graph reads nothing."""
+    import tracemalloc
+
+    from chunkcca.compat import _as_rows
+
+    x = np.random.default_rng(4).standard_normal((6, 200000)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", x)
+    mapped = np.load(tmp_path / "acts.npy", mmap_mode="r")
+    tracemalloc.start()
+    rows = _as_rows(mapped, "acts1")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert rows.name.startswith("memmap-") and peak < x.nbytes / 20
+    np.testing.assert_array_equal(rows.compute(), x.T)
+    result = get_cca_similarity(mapped[:3], mapped[3:], verbose=False)
+    np.testing.assert_allclose(result["cca_coef1"], canonical_correlations(x[:3].T.astype(np.float64),
+                                                                           x[3:].T.astype(np.float64)),
+                               rtol=0, atol=1e-5)  # float32 products: agreement ~1e-6

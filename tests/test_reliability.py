@@ -158,6 +158,9 @@ def test_corrupt_chunk_names_store_and_layer(tmp_path):
     chunk.write_bytes(b"\x00garbage" * 3)
     with pytest.raises(OSError, match=r"reading layers 'm0/conv', 'm1/conv' from .*s.zarr failed"):
         cca(tree["m0/conv"], tree["m1/conv"])
+    renamed = tree["m1/conv"]["activations"].rename("x")  # the store is named, not derived from the layer's name
+    with pytest.raises(OSError, match=r"reading layers 'm0/conv', 'x' from .*s\.zarr failed: "):
+        cca(tree["m0/conv"], renamed)
 
 
 def _ill_conditioned(condition: float, seed: int = 0, n: int = 20000) -> tuple[np.ndarray, np.ndarray]:

@@ -127,3 +127,32 @@ def test_bad_chunks_argument(tmp_path):
         write_activations(tmp_path / "s.zarr", {"fc": np.ones((3, 2))}, chunks=0)
     with pytest.raises(ValueError, match="at least one layer"):
         write_activations(tmp_path / "s.zarr", {})
+
+
+def test_memory_mapped_views_and_wrapped_memmaps_stream_from_the_file(tmp_path):
+    """Views of one memmap are told apart (named by their place in the file), and a memmap inside a DataArray
+    is read chunk by chunk like a bare one, not copied whole."""
+    import tracemalloc
+
+    from chunkcca import cca
+
+    x = np.random.default_rng(3).standard_normal((200, 3))
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    first, second = as_activations(mapped[:100]), as_activations(mapped[100:])
+    assert first.data.name != second.data.name
+    np.testing.assert_array_equal(second.data.compute(), x[100:])
+    np.testing.assert_allclose(cca(mapped[:100], mapped[100:], precision="float64")["rho"],
+                               cca(x[:100], x[100:], precision="float64")["rho"], rtol=0, atol=1e-12)
+
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype="float32", shape=(4000, 8, 8, 16))
+    big[:] = 1
+    big.flush()
+    del big
+    wrapped = xr.DataArray(np.load(tmp_path / "big.npy", mmap_mode="r"), dims=("datapoint", "height", "width",
+                                                                             "channel"))
+    tracemalloc.start()
+    layer = as_activations(wrapped, chunks=250)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert layer.data.name.startswith("memmap-") and peak < wrapped.nbytes / 100
