@@ -101,13 +101,9 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     directions beyond a side's rank have ρ = 0. Batched Moments (one set per frequency) get
     one solve per batch element, along ``batch_dims``, and ``rho_mean`` averages over all of them.
     """
-    if len(moments.sizes) != 2:
-        raise ValueError(f"CCA compares two sides; these Moments have {len(moments.sizes)}")
     if not np.isfinite(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
-    cov = moments.covariance()
-    if not np.all(np.isfinite(cov)):
-        raise ValueError(NONFINITE_STATISTICS)
+    cov = _covariance(moments, "cca", batched=True)
     batch = moments.batch_shape
     dims = batch_dims[: len(batch)]
     if len(dims) != len(batch):
@@ -142,15 +138,22 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     return result
 
 
-def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Covariance blocks Σaa, Σab, Σbb of two-sided real Moments."""
-    if len(moments.sizes) != 2 or moments.batch_shape:
-        raise ValueError(f"{name} compares two sides of real, unbatched Moments (got sides {moments.sizes}, "
-                         f"batch {moments.batch_shape}); spatial='dft' is offered by cca only")
-    p = moments.sizes[0]
+def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
+    """The finite covariance of two-sided Moments (batched, i.e. per frequency, only if ``batched``)."""
+    if len(moments.sizes) != 2 or (moments.batch_shape and not batched):
+        raise ValueError(f"{name} compares two sides of {'' if batched else 'real, unbatched '}Moments (got sides "
+                         f"{moments.sizes}, batch {moments.batch_shape})"
+                         + ("" if batched else "; spatial='dft' is offered by cca only"))
     cov = moments.covariance()
     if not np.all(np.isfinite(cov)):
         raise ValueError(NONFINITE_STATISTICS)
+    return cov
+
+
+def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Covariance blocks Σaa, Σab, Σbb of two-sided real Moments."""
+    cov = _covariance(moments, name, batched=False)
+    p = moments.sizes[0]
     return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 
@@ -219,7 +222,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
 TIE_TOLERANCE = 1e-8
 
 
-def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0) -> xr.Dataset:
+def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0, solved: xr.Dataset | None = None) -> xr.Dataset:
     """Projection-weighted CCA (Morcos et al. 2018), exactly from Moments.
 
     On the side with fewer (non-constant) channels, canonical variate i is ``hᵢ = x̃ · coefᵢ``; its weight
@@ -227,8 +230,10 @@ def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0) -> xr.Dataset:
     ``Σⱼ |(M coefᵢ)ⱼ| / sqrt(coefᵢᵀ M coefᵢ)`` with M the side's scatter. Returns ``pwcca``
     (``Σ αᵢ ρᵢ``), ``weights`` and ``rho`` (component), ``side`` ("a" or "b"), and ``tied``:
     components whose ρ equals another's within 1e-8, whose directions (and so weights) are not unique.
+    ``solved``: :func:`cca_from_moments` of these Moments with this ``epsilon``, if already computed.
     """
-    cca_result = cca_from_moments(moments, epsilon=epsilon)
+    _covariance(moments, "pwcca", batched=False)
+    cca_result = cca_from_moments(moments, epsilon=epsilon) if solved is None else solved
     use_a = int((~cca_result["pruned_a"]).sum()) <= int((~cca_result["pruned_b"]).sum())
     part = moments.side_slices()[0 if use_a else 1]
     coef = cca_result["coef_a" if use_a else "coef_b"].values
@@ -425,31 +430,34 @@ def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: f
         ``rows`` (for dft: the rows at each frequency, i.e. datapoints) and ``rho_mean`` (and
         ``rho_freq_mean`` for dft); attrs record the layers and every option.
     """
-    streamed = stream_pair(
-        a, b, spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid,
-        split_every=split_every, memory_limit=memory_limit, scheduler=scheduler, progress=progress,
-        nan_policy=nan_policy, dims=dims)
-    result = cca_from_moments(streamed.moments, epsilon=epsilon)
-    return label_result(result, streamed, spatial=spatial, stride=int(stride),
-                        method=method if spatial == "interp" else None, grid=grid if spatial == "interp" else None)
+    return _streamed("cca", cca_from_moments, a, b, spatial=spatial, stride=stride, epsilon=epsilon,
+                     stream_options=dict(precision=precision, method=method, grid=grid, split_every=split_every,
+                                         memory_limit=memory_limit, scheduler=scheduler, progress=progress,
+                                         nan_policy=nan_policy, dims=dims))
 
 
 STREAM_OPTIONS = ("precision", "method", "grid", "split_every", "memory_limit", "scheduler", "progress", "nan_policy",
                   "dims")
 
 
-def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: int, epsilon: float = 0.0,
+def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: int,
               stream_options: dict[str, Any], row_norms: bool = False, **solve_options: Any) -> xr.Dataset:
-    """Stream two layers (see :func:`cca` for the options), solve one measure, label the result."""
+    """Stream two layers (see :func:`cca` for the options), solve one measure, label the result.
+
+    ``solve_options`` (``epsilon`` among them, where the measure has one) go to ``solve``.
+    """
     unknown = set(stream_options) - set(STREAM_OPTIONS)
     if unknown:
         raise TypeError(f"{name}() got unexpected keyword arguments {sorted(unknown)}; "
                         f"streaming options are {', '.join(STREAM_OPTIONS)}")
-    if spatial == "dft":
+    if spatial == "dft" and name != "cca":
         raise ValueError(f"{name} supports spatial='flatten', 'avgpool' or 'interp'; spatial='dft' is offered by cca")
-    streamed = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=epsilon, row_norms=row_norms,
-                           **stream_options)
-    return label_result(solve(streamed.moments, **solve_options), streamed, spatial=spatial, stride=int(stride))
+    streamed = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=solve_options.get("epsilon", 0.0),
+                           row_norms=row_norms, **stream_options)
+    interp = spatial == "interp"
+    return label_result(solve(streamed.moments, **solve_options), streamed, spatial=spatial, stride=int(stride),
+                        method=stream_options.get("method", "linear") if interp else None,
+                        grid=stream_options.get("grid", "coords") if interp else None)
 
 
 def svcca(a: Any, b: Any, *, keep: float = 0.99, keep_by: str = "variance", epsilon: float = 0.0,

@@ -176,59 +176,70 @@ def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, ep
                 split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
                 progress: bool = False, nan_policy: str = "raise", dims: Any = None,
                 row_norms: bool = False) -> Streamed:
-    """Validate, align and stream two layers into Moments (see :class:`Streamed`).
-
-    ``precision="auto"`` first computes float64 Moments of the first datapoint chunk and keeps
-    float32 products unless a side's correlation matrix there has a condition number above
-    :data:`AUTO_CONDITION`; the choice and its reason are returned. ``row_norms`` adds the
-    row-norm sums the debiased CKA needs.
-    """
+    """Validate, align and stream two layers into Moments (see :class:`Streamed` and :func:`stream_layers`)."""
     plan = plan_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
                      nan_policy=nan_policy, dims=dims, epsilon=epsilon)
-    layer_a, layer_b, adapters = plan.layer_a, plan.layer_b, plan.adapters
-    fan_in = _fan_in(plan, split_every=split_every, memory_limit=memory_limit, row_norms=row_norms)
-    rows = row_count(adapters[0], layer_a.sizes["datapoint"], stride)
-    widest = max(layer_a.sizes["channel"], layer_b.sizes["channel"])
-    if rows <= widest:
+    stats, rows_omitted, precision, note = stream_layers(
+        (plan.layer_a, plan.layer_b), plan.adapters, stride=stride, precision=precision, split_every=split_every,
+        memory_limit=memory_limit, scheduler=scheduler, progress=progress, nan_policy=nan_policy,
+        row_norms=row_norms)
+    return Streamed(plan.layer_a, plan.layer_b, plan.adapters, stats, rows_omitted, precision, note)
+
+
+def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], *, stride: int = 1,
+                  precision: Precision = "float32", split_every: int = SPLIT_EVERY,
+                  memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None, progress: bool = False,
+                  nan_policy: str = "raise", row_norms: bool = False) -> tuple[Moments, int, str, str | None]:
+    """Stream aligned, validated layers (one side each) into one Moments, in one pass over their chunks.
+
+    Checks the memory budget first and warns when there are no more rows than a layer's channels.
+    ``precision="auto"`` computes float64 Moments of the first datapoint chunk, keeps float32 products
+    for the rest unless a side's correlation matrix there has a condition number above
+    :data:`AUTO_CONDITION`, and merges the two. Returns (Moments, rows omitted, precision, note on
+    the choice or None); a ValueError if no finite row is left.
+    """
+    names = tuple(str(layer.name) for layer in layers)
+    channels = [layer.sizes["channel"] for layer in layers]
+    fan_in = fit_split_every(tuple(adapters), sum(channels), split_every=split_every, memory_limit=memory_limit,
+                             names=names, row_norms=row_norms)
+    datapoints = layers[0].sizes["datapoint"]
+    rows = row_count(adapters[0], datapoints, stride)
+    if rows <= max(channels):
         warnings.warn(
-            f"only {rows} rows for {widest} channels (layers {layer_a.name!r}, {layer_b.name!r}): "
+            f"only {rows} rows for {max(channels)} channels (layers {', '.join(map(repr, names))}): "
             f"the covariance is singular and correlations are meaningless; regularise with epsilon > 0 "
-            f"or keep fewer dimensions with svcca(keep=...)", RuntimeWarning, stacklevel=3)
-    names = (str(layer_a.name), str(layer_b.name))
+            f"or keep fewer dimensions with svcca(keep=...)", RuntimeWarning, stacklevel=4)
+    data = [layer.data for layer in layers]
+    options = dict(stride=stride, scheduler=scheduler, nan_policy=nan_policy, names=names, row_norms=row_norms)
     note = None
-    with reading((layer_a, layer_b)):
+    with reading(layers):
         if precision == "auto":
-            precision, note = _choose_precision(layer_a, layer_b, adapters, stride=stride, nan_policy=nan_policy,
-                                                scheduler=scheduler)
-        stats = stream_moments([layer_a.data, layer_b.data], adapters, stride=stride, precision=precision,
-                               split_every=fan_in, scheduler=scheduler, progress=progress, nan_policy=nan_policy,
-                               names=names, row_norms=row_norms)
-    if stats.n == 0:
-        raise ValueError(f"every row of layers {layer_a.name!r}, {layer_b.name!r} holds NaN or Inf; nothing is left")
-    return Streamed(layer_a, layer_b, adapters, stats, rows - stats.n, precision, note)
-
-
-def _choose_precision(layer_a: xr.DataArray, layer_b: xr.DataArray, adapters: tuple[Adapter, Adapter], *,
-                      stride: int, nan_policy: str, scheduler: Any) -> tuple[str, str]:
-    """float32 or float64 products for ``precision="auto"``, from the first chunk's correlation matrices."""
-    first = layer_a.data.chunks[0][0]
-    pilot = stream_moments([layer_a.data[:first], layer_b.data[:first]], adapters, stride=stride,
-                           precision="float64", nan_policy=nan_policy, scheduler=scheduler,
-                           names=(str(layer_a.name), str(layer_b.name)))
-    worst, worst_name = 0.0, ""
-    for layer, part in zip((layer_a, layer_b), pilot.side_slices()):
-        scatter = pilot.scatter[..., part, part]
-        variance = np.diagonal(scatter, axis1=-2, axis2=-1).real
-        if pilot.n <= scatter.shape[-1] or np.any(variance <= 0):
-            kept = variance > 0
-            condition = np.inf if pilot.n <= int(kept.sum(axis=-1).max()) else _condition(scatter, kept)
+            first = data[0].chunks[0][0]
+            pilot = stream_moments([d[:first] for d in data], adapters, precision="float64", **options)
+            precision, note = _choose_precision(pilot, names, first)
+            rest = stream_moments([d[first:] for d in data], adapters, precision=precision, split_every=fan_in,
+                                  progress=progress, offset=first, **options) if first < datapoints else None
+            stats = pilot if rest is None else pilot + rest
         else:
-            condition = _condition(scatter, variance > 0)
+            stats = stream_moments(data, adapters, precision=precision, split_every=fan_in, progress=progress,
+                                   **options)
+    if stats.n == 0:
+        raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
+    return stats, rows - stats.n, precision, note
+
+
+def _choose_precision(pilot: Moments, names: Sequence[str], datapoints: int) -> tuple[str, str]:
+    """float32 or float64 products for ``precision="auto"``, from the pilot chunk's correlation matrices."""
+    worst, worst_name = 0.0, ""
+    for name, part in zip(names, pilot.side_slices()):
+        scatter = pilot.scatter[..., part, part]
+        kept = np.diagonal(scatter, axis1=-2, axis2=-1).real > 0
+        condition = np.inf if pilot.n <= int(kept.sum(axis=-1).max()) else _condition(scatter, kept)
         if condition > worst:
-            worst, worst_name = condition, str(layer.name)
+            worst, worst_name = condition, name
     choice = "float64" if worst > AUTO_CONDITION else "float32"
     return choice, (f"auto: {choice} products; the largest correlation-matrix condition number in the first chunk "
-                    f"({first} datapoints) is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
+                    f"({datapoints} datapoints) is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
 
 
 def _condition(scatter: np.ndarray, kept: np.ndarray) -> float:

@@ -8,6 +8,7 @@ channels of the L distinct layers, checked against ``memory_limit`` before strea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,20 +24,20 @@ from .measures import (
     svcca_from_moments,
 )
 from .moments import Moments, Precision
-from .pairs import MEMORY_LIMIT, align_layers, check_options, fit_split_every, reading
+from .pairs import MEMORY_LIMIT, align_layers, check_options, stream_layers
 from .spatial import plan_adapters, row_count
 from .store import VARIABLE, as_activations
-from .stream import SPLIT_EVERY, stream_moments
+from .stream import SPLIT_EVERY
 
-#: Each measure of a sweep, as a scalar from one pair's Moments.
-MEASURES: dict[str, Callable[..., float]] = {
-    "mean_cca": lambda m, o: float(cca_from_moments(m, epsilon=o["epsilon"])["rho_mean"]),
-    "r2_cca": lambda m, o: float(cca_from_moments(m, epsilon=o["epsilon"])["r2_cca"]),
-    "svcca": lambda m, o: float(svcca_from_moments(m, keep=o["keep"], epsilon=o["epsilon"])["rho_mean"]),
-    "pwcca": lambda m, o: float(pwcca_from_moments(m, epsilon=o["epsilon"])["pwcca"]),
-    "cka": lambda m, o: float(cka_from_moments(m)["cka"]),
-    "cka_debiased": lambda m, o: float(cka_from_moments(m, debiased=True)["cka"]),
-    "procrustes": lambda m, o: float(procrustes_from_moments(m)["procrustes"]),
+#: Each measure of a sweep, as a scalar from one pair's Moments, its options and its CCA (solved once per pair).
+MEASURES: dict[str, Callable[[Moments, dict[str, float], Callable[[], xr.Dataset]], float]] = {
+    "mean_cca": lambda m, o, solved: float(solved()["rho_mean"]),
+    "r2_cca": lambda m, o, solved: float(solved()["r2_cca"]),
+    "svcca": lambda m, o, solved: float(svcca_from_moments(m, keep=o["keep"], epsilon=o["epsilon"])["rho_mean"]),
+    "pwcca": lambda m, o, solved: float(pwcca_from_moments(m, epsilon=o["epsilon"], solved=solved())["pwcca"]),
+    "cka": lambda m, o, solved: float(cka_from_moments(m)["cka"]),
+    "cka_debiased": lambda m, o, solved: float(cka_from_moments(m, debiased=True)["cka"]),
+    "procrustes": lambda m, o, solved: float(procrustes_from_moments(m)["procrustes"]),
 }
 
 
@@ -107,22 +108,17 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
             raise ValueError(f"spatial='flatten' needs one spatial size for all layers, got {listed}; use "
                              f"spatial='avgpool'")
     adapters = tuple(plan_adapters(spatial, first, layer)[1] for layer in layers.values())
-    channels = sum(layer.sizes["channel"] for layer in layers.values())
-    row_norms = "cka_debiased" in measures
-    fan_in = fit_split_every(adapters, channels, split_every=split_every, memory_limit=memory_limit,
-                             names=tuple(names), row_norms=row_norms)
     rows = row_count(adapters[0], first.sizes["datapoint"], stride)
     if rows < 4:
         raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
-    with reading(list(layers.values())):
-        stats = stream_moments([layer.data for layer in layers.values()], adapters, stride=stride,
-                               precision=precision, split_every=fan_in, scheduler=scheduler, progress=progress,
-                               nan_policy=nan_policy, names=names, row_norms=row_norms)
-    return _pairwise(stats, names, list(set_a), list(set_b), measures,
-                     {"epsilon": float(epsilon), "keep": float(keep)},
-                     attrs={"spatial": spatial, "stride": int(stride), "precision": precision,
-                            "epsilon": float(epsilon), "keep": float(keep), "rows": int(stats.n),
-                            "rows_omitted": int(rows - stats.n)})
+    stats, rows_omitted, precision, note = stream_layers(
+        list(layers.values()), adapters, stride=stride, precision=precision, split_every=split_every,
+        memory_limit=memory_limit, scheduler=scheduler, progress=progress, nan_policy=nan_policy,
+        row_norms="cka_debiased" in measures)
+    attrs = {"spatial": spatial, "stride": int(stride), "precision": precision, "precision_auto": note,
+             "epsilon": float(epsilon), "keep": float(keep), "rows": int(stats.n), "rows_omitted": int(rows_omitted)}
+    return _pairwise(stats, names, list(set_a), list(set_b), measures, {"epsilon": float(epsilon), "keep": float(keep)},
+                     attrs={key: value for key, value in attrs.items() if value is not None})
 
 
 def _pairwise(stats: Moments, names: list[str], names_a: list[str], names_b: list[str], measures: Any,
@@ -131,8 +127,9 @@ def _pairwise(stats: Moments, names: list[str], names_a: list[str], names_b: lis
     for i, name_a in enumerate(names_a):
         for j, name_b in enumerate(names_b):
             pair = stats.select([names.index(name_a), names.index(name_b)])
+            solved = functools.cache(lambda pair=pair: cca_from_moments(pair, epsilon=options["epsilon"]))
             for measure in measures:
-                values[measure][i, j] = MEASURES[measure](pair, options)
+                values[measure][i, j] = MEASURES[measure](pair, options, solved)
     return xr.Dataset(
         {measure: (("layer_a", "layer_b"), value) for measure, value in values.items()}
         | {"rows": ((), np.int64(stats.n))},

@@ -251,3 +251,24 @@ def test_measures_reject_dft_and_bad_parameters():
         shape_metric(x, y, alpha=2)
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['strid'\\]"):
         cka(x, y, strid=2)
+
+
+def test_epsilon_and_interp_options_reach_every_measure():
+    """svcca and pwcca solve with the epsilon given (not only validate it), and every result records its options."""
+    from chunkcca import compute_moments, pwcca, pwcca_from_moments, svcca, svcca_from_moments
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((300, 6))
+    y = x[:, :4] + rng.standard_normal((300, 4))
+    moments = compute_moments(x, y, precision="float64")
+    for streamed, from_moments, key in ((svcca, svcca_from_moments, "rho_mean"), (pwcca, pwcca_from_moments, "pwcca")):
+        plain, ridge = streamed(x, y, precision="float64"), streamed(x, y, epsilon=50.0, precision="float64")
+        assert ridge.attrs["epsilon"] == 50.0
+        assert float(ridge[key]) < float(plain[key]) - 0.05
+        assert float(ridge[key]) == pytest.approx(float(from_moments(moments, epsilon=50.0)[key]), abs=1e-12)
+    conv = rng.standard_normal((40, 4, 4, 3))
+    pooled = conv.reshape(40, 2, 2, 2, 2, 3).mean(axis=(2, 4))
+    result = svcca(conv, pooled, spatial="interp", method="nearest", precision="float64")
+    assert result.attrs["method"] == "nearest" and result.attrs["grid"] == "coords"
+    with pytest.raises(ValueError, match="pwcca compares two sides of real, unbatched Moments"):
+        pwcca_from_moments(compute_moments(conv, pooled, spatial="dft", precision="float64"))

@@ -93,3 +93,26 @@ def test_bad_sweeps_are_rejected_before_streaming():
         similarity(layers, layers, spatial="dft")
     with pytest.raises(TypeError, match="a_layers must be a mapping"):
         similarity(np.zeros(3), layers)
+
+
+def test_precision_auto_in_a_sweep_and_one_read_per_chunk():
+    """precision='auto' works for sweeps too, and its float64 pilot chunk is not read again by the main pass."""
+    reads: list[tuple[str, int]] = []
+
+    def block(layer, index):
+        reads.append((layer, index))
+        return np.random.default_rng([len(layer), index]).standard_normal((10, 2, 2, 3))
+
+    def lazy(layer):
+        return da.concatenate([da.from_delayed(dask.delayed(block)(layer, i), shape=(10, 2, 2, 3), dtype=float)
+                               for i in range(4)])
+
+    a, b = lazy("a"), lazy("bb")
+    result = chunkcca.cca(a, b, precision="auto")
+    assert sorted(reads) == sorted((name, i) for name in ("a", "bb") for i in range(4))
+    assert result.attrs["precision"] == "float32" and "first chunk (10 datapoints)" in result.attrs["precision_auto"]
+    exact = chunkcca.cca(a, b, precision="float64")
+    np.testing.assert_allclose(result["rho"], exact["rho"], rtol=0, atol=1e-6)  # float32 products after the pilot
+    swept = similarity({"a": a}, {"bb": b}, measures=["mean_cca", "pwcca"], precision="auto")
+    assert swept.attrs["precision"] == "float32" and "precision_auto" in swept.attrs
+    assert float(swept["mean_cca"].item()) == pytest.approx(float(exact["rho_mean"]), abs=1e-6)
