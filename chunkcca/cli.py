@@ -222,15 +222,9 @@ def _save_plot(make_figure: Any, path: str) -> None:
 
 
 def _select(tree: Any, names: list[str]) -> dict[str, Any]:
-    from .store import VARIABLE
+    from .store import layer_paths
 
-    selected = {}
-    for name in names:
-        node = _layer(tree, name)
-        for sub in node.subtree:
-            if VARIABLE in sub.data_vars:
-                selected[sub.path.lstrip("/")] = sub
-    return dict(sorted(selected.items()))
+    return dict(sorted((path, tree.root[path]) for name in names for path in layer_paths(_layer(tree, name))))
 
 
 def _run_sweep(args: argparse.Namespace) -> None:

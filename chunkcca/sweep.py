@@ -26,7 +26,7 @@ from .measures import (
 from .moments import Moments, Precision
 from .pairs import MEMORY_LIMIT, align_layers, check_options, stream_layers
 from .spatial import plan_adapters, row_count
-from .store import VARIABLE, as_activations
+from .store import as_activations, layer_paths
 from .stream import SPLIT_EVERY
 
 #: Each measure of a sweep, as a scalar from one pair's Moments, its options and its CCA (solved once per pair).
@@ -44,8 +44,7 @@ MEASURES: dict[str, Callable[[Moments, dict[str, float], Callable[[], xr.Dataset
 def _as_layer_set(layers: Any, role: str) -> dict[str, Any]:
     """A set of layers: a mapping name → layer, a DataTree (every node holding activations) or a list of nodes."""
     if isinstance(layers, xr.DataTree):
-        nodes = {node.path.lstrip("/"): node for node in layers.subtree if VARIABLE in node.data_vars}
-        return dict(sorted(nodes.items()))
+        return {path: layers.root[path] for path in layer_paths(layers)}
     if isinstance(layers, Mapping):
         return {str(name): layer for name, layer in layers.items()}
     if isinstance(layers, (list, tuple)) and all(isinstance(node, xr.DataTree) for node in layers):
