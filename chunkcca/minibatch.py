@@ -22,17 +22,24 @@ from .spatial import Adapter, row_count
 from .stream import SPLIT_EVERY, compute, rows_reduction
 
 
-def unbiased_hsic(grams_k: np.ndarray, grams_l: np.ndarray) -> np.ndarray:
-    """Unbiased HSIC of each pair of Gram matrices (batch, m, m), m >= 4; returns (batch,)."""
-    m = grams_k.shape[-1]
-    k, l_ = grams_k.copy(), grams_l.copy()
-    diagonal = np.arange(m)
-    k[:, diagonal, diagonal] = 0
-    l_[:, diagonal, diagonal] = 0
-    trace = np.einsum("bij,bij->b", k, l_)
-    sums = k.sum(axis=(1, 2)) * l_.sum(axis=(1, 2)) / ((m - 1) * (m - 2))
-    cross = np.einsum("bi,bi->b", k.sum(axis=1), l_.sum(axis=2)) * 2 / (m - 2)
-    return (trace + sums - cross) / (m * (m - 3))
+def _hollow(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """A Gram matrix (m, m) with its diagonal zeroed in place, its row sums and its total."""
+    np.fill_diagonal(gram, 0)
+    rows = gram.sum(axis=1)
+    return gram, rows, float(rows.sum())
+
+
+def _hsic(k: tuple[np.ndarray, np.ndarray, float], l_: tuple[np.ndarray, np.ndarray, float]) -> float:
+    """Unbiased HSIC (Song et al. 2012) of two hollowed Gram matrices (see :func:`_hollow`), m >= 4."""
+    (gram_k, rows_k, total_k), (gram_l, rows_l, total_l) = k, l_
+    m = gram_k.shape[0]
+    trace = float(np.vdot(gram_k, gram_l))
+    return (trace + total_k * total_l / ((m - 1) * (m - 2)) - 2 * float(rows_k @ rows_l) / (m - 2)) / (m * (m - 3))
+
+
+def unbiased_hsic(gram_k: np.ndarray, gram_l: np.ndarray) -> float:
+    """Unbiased HSIC of two symmetric Gram matrices (m, m), m >= 4 (they are not modified)."""
+    return _hsic(_hollow(gram_k.copy()), _hollow(gram_l.copy()))
 
 
 def _minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int, rows_per_datapoint: int,
@@ -43,15 +50,12 @@ def _minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: in
         raise RuntimeError(f"chunk starting at datapoint {first_datapoint} splits a minibatch of {size} rows")
     count = rows[0].shape[0] // size
     partial_sums = np.zeros((1, 5))
-    partial_sums[0, 4] = rows[0].shape[0] - count * size
-    if count == 0:
-        return partial_sums
-    for batch in range(count):  # one minibatch at a time: memory O(size²), whatever the chunk
-        x, y = (np.asarray(r[batch * size : (batch + 1) * size], dtype=np.float64)[None] for r in rows)
-        gram_x, gram_y = x @ np.swapaxes(x, 1, 2), y @ np.swapaxes(y, 1, 2)
-        partial_sums[0, :3] += (unbiased_hsic(gram_x, gram_y)[0], unbiased_hsic(gram_x, gram_x)[0],
-                                unbiased_hsic(gram_y, gram_y)[0])
     partial_sums[0, 3] = count
+    partial_sums[0, 4] = rows[0].shape[0] - count * size
+    for batch in range(count):  # one minibatch at a time: memory O(size²), whatever the chunk
+        x, y = (np.asarray(r[batch * size : (batch + 1) * size], dtype=np.float64) for r in rows)
+        k, l_ = _hollow(x @ x.T), _hollow(y @ y.T)
+        partial_sums[0, :3] += (_hsic(k, l_), _hsic(k, k), _hsic(l_, l_))
     return partial_sums
 
 
