@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.base
+import numpy as np
 import xarray as xr
 
 from .moments import Moments
@@ -24,11 +25,11 @@ from .stream import stream_moments
 
 def _fingerprint(streamed: Streamed, options: dict[str, Any]) -> str:
     """What the saved statistics were computed from: each layer's name, shape, dtype and Dask token (which
-    hashes in-memory data and names store-backed data by file), the adapters and the options."""
+    hashes in-memory data and names store-backed data by file), the adapters (every field, by Dask token)
+    and the options."""
     layers = [(str(layer.name), list(layer.shape), str(layer.dtype), layer.data.name)
               for layer in (streamed.layer_a, streamed.layer_b)]
-    adapters = [dask.base.tokenize(adapter.kind, adapter.shape, adapter.resample, adapter.frequencies)
-                for adapter in streamed.adapters]
+    adapters = [dask.base.tokenize(adapter) for adapter in streamed.adapters]
     return json.dumps({"layers": layers, "adapters": adapters, **dict(sorted(options.items()))}, default=str)
 
 
@@ -48,15 +49,13 @@ def stream_with_checkpoint(streamed: Streamed, path: str | os.PathLike, *, every
     options = {"spatial": adapters[0].kind, "stride": stride, "precision": precision, "nan_policy": nan_policy,
                "row_norms": row_norms}
     fingerprint = _fingerprint(streamed, options)
-    total, done = None, 0
+    total, done = None, 0  # as_activations refuses empty layers, so a fresh run streams at least one chunk
     if path.exists():
         total, done, saved_fingerprint = load_progress(path)
         if saved_fingerprint != fingerprint:
             raise ValueError(f"checkpoint {path} belongs to another run ({saved_fingerprint}); this run is "
                              f"{fingerprint}. Remove it or pass another path")
-    boundaries = [0]
-    for size in layer_a.data.chunks[0]:
-        boundaries.append(boundaries[-1] + size)
+    boundaries = [0, *np.cumsum(layer_a.data.chunks[0]).tolist()]
     if done not in boundaries:
         raise ValueError(f"checkpoint {path} stopped after datapoint {done}, which is not a chunk boundary of "
                          f"layer {layer_a.name!r} now; stream with the chunking it was made with")
@@ -72,8 +71,6 @@ def stream_with_checkpoint(streamed: Streamed, path: str | os.PathLike, *, every
                                   offset=start)
         total = part if total is None else total + part
         _save_progress(total, path, stop, fingerprint)
-    if total is None:
-        raise ValueError(f"checkpoint {path} covers no datapoints and there are none to stream")
     if total.n == 0:
         raise ValueError(f"every row of layers {layer_a.name!r}, {layer_b.name!r} holds NaN or Inf; nothing is left")
     return total

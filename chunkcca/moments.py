@@ -122,8 +122,7 @@ class Moments:
 
     def side_slices(self) -> list[slice]:
         """The slice of the concatenated channels that belongs to each side."""
-        edges = np.concatenate([[0], np.cumsum(self.sizes)])
-        return [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+        return side_slices(self.sizes)
 
     def __add__(self, other: Moments) -> Moments:
         if not isinstance(other, Moments):
@@ -169,6 +168,17 @@ class Moments:
                 norm_moments=dataset["norm_moments"].values if "norm_moments" in dataset else None,
                 norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
             )
+
+
+def side_slices(sizes: Sequence[int]) -> list[slice]:
+    """The slice of the concatenated channels that belongs to each side of ``sizes`` channels."""
+    edges = itertools.accumulate((int(size) for size in sizes), initial=0)
+    return [slice(lo, hi) for lo, hi in itertools.pairwise(edges)]
+
+
+def _side_traces(matrix: np.ndarray, slices: Sequence[slice]) -> np.ndarray:
+    """Trace of each side's diagonal block of ``matrix`` (p, p): (L,)."""
+    return np.array([np.trace(matrix[part, part]) for part in slices])
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool) -> None:
@@ -221,10 +231,9 @@ def unpack(packed: np.ndarray, sizes: Sequence[int] = ()) -> Moments:
 
 def _side_blocks(sizes: Sequence[int], delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """D (L, p): row l holds delta on side l's channels, zeros elsewhere; c (L,): ‖delta_l‖²."""
-    edges = np.concatenate([[0], np.cumsum(sizes)])
     blocks = np.zeros((len(sizes), delta.size))
-    for side, (lo, hi) in enumerate(itertools.pairwise(edges)):
-        blocks[side, lo:hi] = delta[lo:hi]
+    for side, part in enumerate(side_slices(sizes)):
+        blocks[side, part] = delta[part]
     return blocks, (blocks**2).sum(axis=1)
 
 
@@ -272,13 +281,13 @@ def merge_packed(partials: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
     sides = (partials.shape[-2] - p - 2) // 2
     if sides:
         sizes = tuple(sizes) or (p,)
-        edges = np.concatenate([[0], np.cumsum(sizes)])
+        slices = side_slices(sizes)
         for partial, count in zip(partials, counts):
             if count == 0:
                 continue
             scatter = partial[2 : p + 2]
-            norm_sums = np.array([np.trace(scatter[lo:hi, lo:hi]) for lo, hi in itertools.pairwise(edges)])
-            moved, squares = shift_norms(count, np.zeros(p), scatter, norm_sums, partial[p + 2 : p + 2 + sides],
+            moved, squares = shift_norms(count, np.zeros(p), scatter, _side_traces(scatter, slices),
+                                         partial[p + 2 : p + 2 + sides],
                                          partial[p + 2 + sides :, :sides], mean - partial[1], sizes)
             merged[0, p + 2 : p + 2 + sides] += moved
             merged[0, p + 2 + sides :, :sides] += squares
@@ -306,7 +315,7 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float
     packed = np.zeros((1, *batch, p + 2 + 2 * n_sides, p), dtype=accumulate)
     if rows == 0:
         return packed
-    edges = np.concatenate([[0], np.cumsum(widths)])
+    slices = side_slices(widths)
     shift = np.concatenate([side[..., :SHIFT_ROWS, :].mean(axis=-2, dtype=accumulate) for side in sides], axis=-1)
     shift_c = shift.astype(dtype)[..., None, :]
     per_block = max(1, min(SUBBLOCK_ROWS, rows, SUBBLOCK_BYTES // (max(1, int(np.prod(batch))) * p * dtype.itemsize)))
@@ -314,20 +323,18 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float
     ones = np.ones(per_block, dtype=dtype)
     products = np.zeros((*batch, p, p), dtype=accumulate)
     sums = np.zeros((*batch, p), dtype=accumulate)
-    norm_sums = np.zeros(n_sides)
     norm_moments = np.zeros((n_sides, p))
     norm_products = np.zeros((n_sides, n_sides))
     for start in range(0, rows, per_block):
         stop = min(start + per_block, rows)
         block = buffer[..., : stop - start, :]
-        for side, lo, hi in zip(sides, edges[:-1], edges[1:]):
-            np.subtract(side[..., start:stop, :], shift_c[..., lo:hi], out=block[..., lo:hi], casting="unsafe")
+        for side, part in zip(sides, slices):
+            np.subtract(side[..., start:stop, :], shift_c[..., part], out=block[..., part], casting="unsafe")
         products += np.swapaxes(block, -1, -2) @ (block.conj() if is_complex else block)
         sums += ones[: stop - start] @ block  # a GEMV: shifted values are small, so float32 sums suffice
         if n_sides:
-            norms = np.stack([np.einsum("ij,ij->i", block[:, lo:hi], block[:, lo:hi]).astype(np.float64)
-                              for lo, hi in itertools.pairwise(edges)], axis=1)  # (rows, L)
-            norm_sums += norms.sum(axis=0)
+            norms = np.stack([np.einsum("ij,ij->i", block[:, part], block[:, part]).astype(np.float64)
+                              for part in slices], axis=1)  # (rows, L)
             norm_moments += (norms.T.astype(dtype) @ block).astype(np.float64)
             norm_products += norms.T @ norms
     # The exact shift is shift_c (what was subtracted), not the float64 shift.
@@ -337,8 +344,9 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float
     packed[0, ..., 1, :] = shift_c[..., 0, :].astype(accumulate) + shifted_mean
     packed[0, ..., 2 : p + 2, :] = (scatter + np.swapaxes(scatter, -1, -2).conj()) / 2
     if n_sides:
-        moved, squares = shift_norms(rows, sums, products, norm_sums, norm_moments, norm_products, shifted_mean,
-                                     widths)
+        # Σ ‖u_l‖² over the shifted rows u is the trace of side l's block of Σ u uᵀ
+        moved, squares = shift_norms(rows, sums, products, _side_traces(products, slices), norm_moments,
+                                     norm_products, shifted_mean, widths)
         packed[0, p + 2 : p + 2 + n_sides] = moved
         packed[0, p + 2 + n_sides :, :n_sides] = squares
     return packed

@@ -91,10 +91,14 @@ class Adapter:
                 block = np.einsum("Ww,dhwc->dhWc", along_width, block, optimize=True)
             return block.reshape(-1, channels)
         if self.kind == "dft":
-            spectrum = np.fft.fft2(block.astype(self.spectrum_dtype, copy=False), axes=(1, 2))
+            # numpy >= 2 transforms float32 in complex64, faster from the real block than from a complex64
+            # copy; complex128 runs faster from a complex128 copy than from float64 (the cast is exact either way)
+            single = self.spectrum_dtype == "complex64" and not np.iscomplexobj(block)
+            spectrum = np.fft.fft2(block.astype(np.float32 if single else self.spectrum_dtype, copy=False),
+                                   axes=(1, 2))
             kept_h, kept_w = self.frequencies
-            spectrum = spectrum[:, kept_h][:, :, kept_w]
-            return np.ascontiguousarray(np.moveaxis(spectrum, 0, 2))  # (freq_h, freq_w, datapoint, channel)
+            # one gather, straight into (freq_h, freq_w, datapoint, channel) C order
+            return np.moveaxis(spectrum, 0, 2)[np.ix_(kept_h, kept_w)]
         raise ValueError(f"unknown spatial adapter {self.kind!r}; expected one of {', '.join(SPATIAL)}")
 
 
@@ -144,20 +148,15 @@ def shared_frequencies(size_a: int, size_b: int) -> tuple[np.ndarray, np.ndarray
     As google/svcca's ``fft_resize``: frequencies f (in cycles per map) with
     ``-m/2 <= f < m/2``, m the smaller size.
     """
-    smallest = min(size_a, size_b)
-    order = np.fft.fftfreq(smallest, d=1.0 / smallest)
-
-    def indices(size: int) -> np.ndarray:
-        freqs = np.fft.fftfreq(size, d=1.0 / size)
-        return np.array([int(np.flatnonzero(freqs == f)[0]) for f in order])
-
-    return indices(size_a), indices(size_b)
+    order = frequency_labels(size_a, size_b)
+    return order % size_a, order % size_b  # frequency f sits at index f mod n of an n-point DFT
 
 
 def frequency_labels(size_a: int, size_b: int) -> np.ndarray:
-    """Frequencies (cycles per map) of :func:`shared_frequencies`, in the same order."""
-    smallest = min(size_a, size_b)
-    return np.fft.fftfreq(smallest, d=1.0 / smallest).astype(int)
+    """Frequencies (cycles per map) of :func:`shared_frequencies`, in the same order: numpy's
+    ``fftfreq(m) * m`` for the smaller size m, as exact integers."""
+    index = np.arange(min(size_a, size_b))
+    return np.where(index < (index.size + 1) // 2, index, index - index.size)
 
 
 def _positions(layer: xr.DataArray, dim: str, grid: str, extent: int) -> np.ndarray:

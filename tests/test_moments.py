@@ -257,3 +257,25 @@ def test_checkpointed_run_resumes_without_rereading_finished_chunks(tmp_path):
     assert again.n == whole.n
     with pytest.raises(ValueError, match="belongs to another run"):
         chunkcca.compute_moments(layer, other, precision="float32", checkpoint=tmp_path / "ckpt")
+
+
+def test_checkpoint_fingerprint_covers_every_adapter_field():
+    """A dft run in another spectrum dtype (same layers and options) must not resume the checkpoint."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import xarray as xr
+
+    from chunkcca.checkpoint import _fingerprint
+    from chunkcca.spatial import Adapter, shared_frequencies
+
+    layer = xr.DataArray(da.zeros((4, 8, 8, 2)), dims=("datapoint", "height", "width", "channel"), name="a")
+    kept = shared_frequencies(8, 8)[0]
+    adapter = Adapter("dft", (8, 8), frequencies=(kept, kept), spectrum_dtype="complex128")
+
+    def fingerprint(adapter):
+        streamed = SimpleNamespace(layer_a=layer, layer_b=layer.rename("b"), adapters=(adapter, adapter))
+        return _fingerprint(streamed, {"spatial": "dft"})
+
+    assert fingerprint(adapter) == fingerprint(dataclasses.replace(adapter, frequencies=(kept.copy(), kept.copy())))
+    assert fingerprint(adapter) != fingerprint(dataclasses.replace(adapter, spectrum_dtype="complex64"))

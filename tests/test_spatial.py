@@ -58,6 +58,25 @@ def test_shared_frequencies_follow_fft_resize():
     np.testing.assert_array_equal(np.fft.fftfreq(8, 1 / 8)[big], np.fft.fftfreq(4, 1 / 4))
 
 
+@pytest.mark.parametrize(("size_a", "size_b"), [(49, 2), (98, 49), (103, 7), (5, 5)])
+def test_shared_frequencies_of_sizes_whose_fftfreq_is_inexact(size_a, size_b):
+    """fftfreq(n, 1/n) is not exactly integral for n = 49, 98, 103, …; the indices are f mod n regardless."""
+    small = min(size_a, size_b)
+    wanted = np.rint(np.fft.fftfreq(small, 1 / small)).astype(int)
+    for size, indices in zip((size_a, size_b), shared_frequencies(size_a, size_b)):
+        np.testing.assert_array_equal(np.rint(np.fft.fftfreq(size, 1 / size)[indices]), wanted)
+
+
+def test_dft_rows_of_float64_blocks_in_complex64_equal_those_of_float32_blocks():
+    acts = np.random.default_rng(3).standard_normal((5, 4, 6, 3))
+    adapter = Adapter("dft", (4, 6), frequencies=(np.array([0, 1, 3]), np.arange(6)), spectrum_dtype="complex64")
+    rows = adapter.rows(acts)
+    assert rows.dtype == np.complex64 and rows.shape == (3, 6, 5, 3) and rows.flags.c_contiguous
+    np.testing.assert_array_equal(rows, adapter.rows(acts.astype(np.float32)))
+    spectrum = np.fft.fft2(acts.astype(np.float32).astype(np.complex64), axes=(1, 2))
+    np.testing.assert_array_equal(rows, np.moveaxis(spectrum[:, [0, 1, 3]], 0, 2))
+
+
 @pytest.mark.parametrize("method", ["linear", "nearest", "cubic"])
 def test_interpolation_matrix_reproduces_polynomials_and_clamps(method):
     source = np.array([1.0, 3.0, 5.0, 7.0, 9.0])
