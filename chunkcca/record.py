@@ -1,8 +1,10 @@
 """Recording activations from a PyTorch model into a store, batch by batch (torch is an optional extra).
 
-Forward hooks catch each chosen module's output; every batch is appended to the store as it comes,
-NCHW → (datapoint, height, width, channel), so no more than one batch is ever held. The store is written
-to a temporary folder and renamed into place when recording ends.
+Forward hooks catch each chosen module's output, NCHW → (datapoint, height, width, channel). Each layer's
+batches are gathered in a buffer of one zarr chunk and appended a whole chunk at a time (the rest when
+recording ends), so no more than one chunk per layer and one batch are ever held, and no chunk is written
+twice: appending batches smaller than a chunk would make zarr read, decode and rewrite the partial last
+chunk on every batch. The store is written to a temporary folder and renamed into place when recording ends.
 """
 
 from __future__ import annotations
@@ -46,6 +48,40 @@ def _channels_last(output: Any, path: str) -> np.ndarray:
     raise ValueError(f"layer {path!r} gives outputs of shape {tuple(array.shape)}; expected (N, C, H, W) or (N, C)")
 
 
+class _ChunkWriter:
+    """Appends one layer's batches to a zarr array in whole chunks only, through a buffer of one chunk."""
+
+    def __init__(self, array: Any, path: str) -> None:
+        self.array, self.path = array, path
+        self.per_chunk = array.chunks[0]
+        self.buffer = np.empty((self.per_chunk, *array.shape[1:]), dtype=array.dtype)
+        self.filled = 0
+
+    def add(self, values: np.ndarray) -> None:
+        if values.shape[1:] != self.buffer.shape[1:]:
+            raise ValueError(f"layer {self.path!r} gave outputs of shape {tuple(values.shape)} after outputs of "
+                             f"shape (N, {', '.join(map(str, self.buffer.shape[1:]))})")
+        start = 0
+        while start < len(values):
+            if self.filled == 0 and len(values) - start >= self.per_chunk:  # whole chunks straight from the batch
+                stop = start + (len(values) - start) // self.per_chunk * self.per_chunk
+                self.array.append(values[start:stop], axis=0)
+                start = stop
+                continue
+            taken = min(self.per_chunk - self.filled, len(values) - start)
+            self.buffer[self.filled : self.filled + taken] = values[start : start + taken]
+            self.filled += taken
+            start += taken
+            if self.filled == self.per_chunk:
+                self.flush()
+
+    def flush(self) -> None:
+        """Append what the buffer holds (a whole chunk, or the last, partial one at the end)."""
+        if self.filled:
+            self.array.append(self.buffer[: self.filled], axis=0)
+            self.filled = 0
+
+
 def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Iterable[Any],
            path: str | os.PathLike, *, datapoints: Sequence[Any] | None = None, chunks: int | str = "auto",
            compression: str | None = "lz4", overwrite: bool = False) -> xr.DataTree:
@@ -80,6 +116,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     def write(tmp: Path) -> None:
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         arrays: dict[str, Any] = {}
+        writers: dict[str, _ChunkWriter] = {}
         was_training = model.training
         model.eval()
         try:
@@ -100,10 +137,13 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                                 f"{path}/{VARIABLE}", shape=(0, *values.shape[1:]), dtype=values.dtype,
                                 chunks=(per_chunk, *values.shape[1:]), compressors=compressors,
                                 dimension_names=CONV_DIMS if values.ndim == 4 else FC_DIMS)
-                        arrays[path].append(values, axis=0)
+                            writers[path] = _ChunkWriter(arrays[path], path)
+                        writers[path].add(values)
                     count["datapoints"] += len(next(iter(captured.values())))
         finally:
             model.train(was_training)
+        for writer in writers.values():
+            writer.flush()
         if not arrays:
             raise ValueError("record got no batches")
         labels = np.arange(count["datapoints"]) if datapoints is None else np.asarray(datapoints)

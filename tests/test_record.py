@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,62 @@ def test_module_names_and_errors(tmp_path):
     assert not (tmp_path / "t.zarr").exists()
     with pytest.raises(ValueError, match="datapoints has 3 labels for 6 recorded datapoints"):
         record(net, ["0"], [torch.randn(6, 1, 8, 8)], tmp_path / "u.zarr", datapoints=["a", "b", "c"])
+
+
+def test_appends_whole_chunks_only_and_writes_each_chunk_once(tmp_path, monkeypatch):
+    """Batches smaller and larger than a chunk are buffered into whole chunks: every activations chunk is written
+    once and never read back (appending each batch made zarr read, decode and rewrite the partial last chunk), and
+    the chunks' bytes are those of the same arrays written in one go."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    from chunkcca.store import codecs_for
+
+    sets: list[str] = []
+    gets: list[str] = []
+    set_, get_ = LocalStore.set, LocalStore.get
+
+    async def counting_set(self, key, value):
+        sets.append(key)
+        return await set_(self, key, value)
+
+    async def counting_get(self, key, *args, **kwargs):
+        gets.append(key)
+        return await get_(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "set", counting_set)
+    monkeypatch.setattr(LocalStore, "get", counting_get)
+    net = _net()
+    inputs = torch.randn(23, 1, 8, 8)
+    sizes = [3, 1, 9, 2, 8]  # smaller than a chunk of 4, larger, and a whole chunk straight after a partial one
+    edges = np.cumsum([0, *sizes])
+    tree = record(net, {"conv": "1", "fc": "4"}, [inputs[a:b] for a, b in itertools.pairwise(edges)],
+                  tmp_path / "r.zarr", chunks=4)
+    monkeypatch.undo()
+    chunk_sets = [key for key in sets if "/activations/c/" in key]
+    assert len(chunk_sets) == 2 * 6 and len(set(chunk_sets)) == 2 * 6, "each of the 6 chunks per layer once"
+    assert not [key for key in gets if "/activations/c/" in key], "no chunk is read back while recording"
+
+    with torch.no_grad():  # batch by batch: a matmul's rounding may depend on the batch size
+        parts = [inputs[a:b] for a, b in itertools.pairwise(edges)]
+        want = {"conv": np.concatenate([net[1](net[0](x)).numpy().transpose(0, 2, 3, 1) for x in parts]),
+                "fc": np.concatenate([net(x).numpy() for x in parts])}
+    for layer, values in want.items():
+        np.testing.assert_array_equal(tree[layer]["activations"].values, values)
+        assert tree[layer]["activations"].data.chunks[0] == (4, 4, 4, 4, 4, 3)
+        reference = zarr.create_array(tmp_path / f"{layer}.zarr", data=values, chunks=(4, *values.shape[1:]),
+                                      compressors=codecs_for("lz4"), zarr_format=3)
+        assert reference.nchunks_initialized == 6
+        written = sorted((tmp_path / "r.zarr" / layer / "activations" / "c").rglob("*"))
+        expected = sorted((tmp_path / f"{layer}.zarr" / "c").rglob("*"))
+        assert [p.relative_to(tmp_path / "r.zarr" / layer / "activations") for p in written] == \
+            [p.relative_to(tmp_path / f"{layer}.zarr") for p in expected]
+        for mine, theirs in zip(written, expected):
+            assert mine.is_dir() or mine.read_bytes() == theirs.read_bytes()
+
+
+def test_batches_of_changing_shape_are_refused(tmp_path):
+    net = torch.nn.Flatten()
+    with pytest.raises(ValueError, match="gave outputs of shape"):
+        record(net, {"x": net}, [torch.randn(2, 1, 2, 2), torch.randn(2, 1, 3, 3)], tmp_path / "r.zarr")
+    assert not (tmp_path / "r.zarr").exists()
