@@ -153,51 +153,43 @@ def fit_split_every(adapters: tuple[Adapter, ...], channels: int, *, split_every
     return fan_in
 
 
-def plan_pair(a: Any, b: Any, *, spatial: str, stride: int, precision: str, method: str, grid: str,
-              nan_policy: str, dims: Any, epsilon: float = 0.0) -> Streamed:
-    """Validate and align two layers and plan their adapters, without streaming (moments left empty)."""
+def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
+                precision: Precision = "float32", method: str = "linear", grid: str = "coords",
+                split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
+                progress: bool = False, nan_policy: str = "raise", dims: Any = None, row_norms: bool = False,
+                checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 16) -> Streamed:
+    """Validate, align and stream two layers into Moments (see :class:`Streamed` and :func:`stream_layers`)."""
     check_options(spatial=spatial, stride=stride, epsilon=epsilon, precision=precision, method=method, grid=grid,
                   nan_policy=nan_policy)
     layer_a, layer_b, adapters = prepare_layers(a, b, spatial=spatial, method=method, grid=grid,
                                                 precision=precision, dims=dims)
-    empty = Moments(0, np.zeros(0), np.zeros((0, 0)))
-    return Streamed(layer_a, layer_b, adapters, empty, 0, precision)
-
-
-def _fan_in(plan: Streamed, *, split_every: int, memory_limit: int | str, row_norms: bool) -> int:
-    """:func:`fit_split_every` for a planned pair."""
-    channels = plan.layer_a.sizes["channel"] + plan.layer_b.sizes["channel"]
-    return fit_split_every(plan.adapters, channels, split_every=split_every, memory_limit=memory_limit,
-                           names=(str(plan.layer_a.name), str(plan.layer_b.name)), row_norms=row_norms)
-
-
-def stream_pair(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
-                precision: Precision = "float32", method: str = "linear", grid: str = "coords",
-                split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
-                progress: bool = False, nan_policy: str = "raise", dims: Any = None,
-                row_norms: bool = False) -> Streamed:
-    """Validate, align and stream two layers into Moments (see :class:`Streamed` and :func:`stream_layers`)."""
-    plan = plan_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
-                     nan_policy=nan_policy, dims=dims, epsilon=epsilon)
     stats, rows_omitted, precision, note = stream_layers(
-        (plan.layer_a, plan.layer_b), plan.adapters, stride=stride, precision=precision, split_every=split_every,
+        (layer_a, layer_b), adapters, stride=stride, precision=precision, split_every=split_every,
         memory_limit=memory_limit, scheduler=scheduler, progress=progress, nan_policy=nan_policy,
-        row_norms=row_norms)
-    return Streamed(plan.layer_a, plan.layer_b, plan.adapters, stats, rows_omitted, precision, note)
+        row_norms=row_norms, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+    return Streamed(layer_a, layer_b, adapters, stats, rows_omitted, precision, note)
 
 
 def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], *, stride: int = 1,
                   precision: Precision = "float32", split_every: int = SPLIT_EVERY,
                   memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None, progress: bool = False,
-                  nan_policy: str = "raise", row_norms: bool = False) -> tuple[Moments, int, str, str | None]:
+                  nan_policy: str = "raise", row_norms: bool = False, checkpoint: str | os.PathLike | None = None,
+                  checkpoint_every: int = 16) -> tuple[Moments, int, str, str | None]:
     """Stream aligned, validated layers (one side each) into one Moments, in one pass over their chunks.
 
     Checks the memory budget first and warns when there are no more rows than a layer's channels.
+    With ``checkpoint`` the running Moments are saved there every ``checkpoint_every`` chunks and a
+    run of the same layers and options resumes from them (:mod:`chunkcca.checkpoint`).
     ``precision="auto"`` computes float64 Moments of the first datapoint chunk, keeps float32 products
     for the rest unless a side's correlation matrix there has a condition number above
     :data:`AUTO_CONDITION`, and merges the two. Returns (Moments, rows omitted, precision, note on
     the choice or None); a ValueError if no finite row is left.
     """
+    if checkpoint is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+        if precision == "auto":
+            raise ValueError("checkpointed runs need a fixed precision ('float32' or 'float64'), not 'auto'")
     names = tuple(str(layer.name) for layer in layers)
     channels = [layer.sizes["channel"] for layer in layers]
     fan_in = fit_split_every(tuple(adapters), sum(channels), split_every=split_every, memory_limit=memory_limit,
@@ -220,6 +212,11 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], *
             rest = stream_moments([d[first:] for d in data], adapters, precision=precision, split_every=fan_in,
                                   progress=progress, offset=first, **options) if first < datapoints else None
             stats = pilot if rest is None else pilot + rest
+        elif checkpoint is not None:
+            from .checkpoint import stream_with_checkpoint
+
+            stats = stream_with_checkpoint(layers, adapters, checkpoint, every=checkpoint_every, precision=precision,
+                                           split_every=fan_in, progress=progress, **options)
         else:
             stats = stream_moments(data, adapters, precision=precision, split_every=fan_in, progress=progress,
                                    **options)
@@ -271,19 +268,7 @@ def compute_moments(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1
     after an interruption resumes without reading the finished chunks again (see
     :mod:`chunkcca.checkpoint`).
     """
-    if checkpoint is not None:
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
-        if precision == "auto":
-            raise ValueError("checkpointed runs need a fixed precision ('float32' or 'float64'), not 'auto'")
-        from .checkpoint import stream_with_checkpoint
-
-        streamed = plan_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
-                             nan_policy=nan_policy, dims=dims)
-        split_every = _fan_in(streamed, split_every=split_every, memory_limit=memory_limit, row_norms=row_norms)
-        return stream_with_checkpoint(streamed, checkpoint, every=checkpoint_every, stride=stride,
-                                      precision=precision, split_every=split_every, scheduler=scheduler,
-                                      progress=progress, nan_policy=nan_policy, row_norms=row_norms)
     return stream_pair(a, b, spatial=spatial, stride=stride, precision=precision, method=method, grid=grid,
                        split_every=split_every, memory_limit=memory_limit, scheduler=scheduler,
-                       progress=progress, nan_policy=nan_policy, dims=dims, row_norms=row_norms).moments
+                       progress=progress, nan_policy=nan_policy, dims=dims, row_norms=row_norms,
+                       checkpoint=checkpoint, checkpoint_every=checkpoint_every).moments

@@ -262,7 +262,6 @@ def test_checkpointed_run_resumes_without_rereading_finished_chunks(tmp_path):
 def test_checkpoint_fingerprint_covers_every_adapter_field():
     """A dft run in another spectrum dtype (same layers and options) must not resume the checkpoint."""
     import dataclasses
-    from types import SimpleNamespace
 
     import xarray as xr
 
@@ -274,8 +273,7 @@ def test_checkpoint_fingerprint_covers_every_adapter_field():
     adapter = Adapter("dft", (8, 8), frequencies=(kept, kept), spectrum_dtype="complex128")
 
     def fingerprint(adapter):
-        streamed = SimpleNamespace(layer_a=layer, layer_b=layer.rename("b"), adapters=(adapter, adapter))
-        return _fingerprint(streamed, {"spatial": "dft"})
+        return _fingerprint((layer, layer.rename("b")), (adapter, adapter), {"spatial": "dft"})
 
     assert fingerprint(adapter) == fingerprint(dataclasses.replace(adapter, frequencies=(kept.copy(), kept.copy())))
     assert fingerprint(adapter) != fingerprint(dataclasses.replace(adapter, spectrum_dtype="complex64"))
