@@ -148,14 +148,14 @@ def _run_info(args: argparse.Namespace) -> None:
         table.append((row["layer"], "x".join(map(str, row["shape"])), str(row["datapoints_per_chunk"]),
                       str(row["chunks"]), row["dtype"], f"{row['bytes'] / 2**20:.1f}",
                       f"{row['bytes_on_disk'] / 2**20:.1f}"))
-    _print_table(table)
+    print(format_table(table))
 
 
-def _print_table(rows: list[tuple[str, ...]]) -> None:
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as aligned text: the first column left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                        for i, (cell, width) in enumerate(zip(row, widths))))
+    return "\n".join("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths))) for row in rows)
 
 
 def _run_compare(args: argparse.Namespace) -> None:
@@ -196,11 +196,11 @@ def _run_compare(args: argparse.Namespace) -> None:
                               for k, v in values.items() if k != "rows")
             table.append((measure, shown, str(values["rows"])))
         print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, one pass)")
-        _print_table(table)
+        print(format_table(table))
     if args.plot:
         if not curves:
             raise ValueError("--plot draws canonical correlations: include cca or svcca in --measure")
-        _save_plot(lambda: _plot_curves(curves, args), args.plot)
+        save_figure(lambda: _plot_curves(curves, args), args.plot)
 
 
 def _plot_curves(curves: dict[str, Any], args: argparse.Namespace) -> Any:
@@ -209,14 +209,15 @@ def _plot_curves(curves: dict[str, Any], args: argparse.Namespace) -> Any:
     return plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure
 
 
-def _save_plot(make_figure: Any, path: str) -> None:
+def save_figure(make_figure: Any, path: str | os.PathLike, *, dpi: int = 110) -> None:
+    """Draw a figure (``make_figure()``) off-screen, save it to ``path`` and close it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure = make_figure()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=dpi)
     plt.close(figure)
     print(f"plot: {path}")
 
@@ -248,7 +249,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     if args.plot:
         from .plot import plot_similarity
 
-        _save_plot(lambda: plot_similarity(result, args.measures[0]).figure, args.plot)
+        save_figure(lambda: plot_similarity(result, args.measures[0]).figure, args.plot)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,7 +307,7 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
     for location in np.ndindex(*stats.batch_shape):
         solved = _solve(stats[location], epsilon, threshold)
         if solved is None:
-            record = {key: value for key, value in _zero_result(False, stats.n).items()}
+            record = _zero_result(False, stats.n)
         else:
             keys = SUMMARY_KEYS + (COEF_KEYS if return_coefs else ())
             record = {key: solved[key] for key in keys}

@@ -38,22 +38,24 @@ def _demo_conv2(first: int, count: int, model: int, seed: int) -> np.ndarray:
     return np.maximum(latent @ filters / np.sqrt(LATENT) + 0.7 * noise + 0.3, 0)
 
 
-def _demo_pool2(first: int, count: int, model: int, seed: int) -> np.ndarray:
-    conv2 = _demo_conv2(first, count, model, seed)
-    return conv2.reshape(count, SIZE // 2, 2, SIZE // 2, 2, CHANNELS).max(axis=(2, 4))
+def _max_pool(conv2: np.ndarray) -> np.ndarray:
+    """2x2 max pooling of (count, 16, 16, 64) activations → (count, 8, 8, 64)."""
+    return conv2.reshape(len(conv2), SIZE // 2, 2, SIZE // 2, 2, CHANNELS).max(axis=(2, 4))
 
 
 def demo_layers(datapoints: int, *, chunk: int, seed: int = 0) -> dict[str, da.Array]:
-    """The demo's four layers as lazy Dask arrays chunked by ``chunk`` datapoints."""
+    """The demo's four layers as lazy Dask arrays chunked by ``chunk`` datapoints (pool2 from conv2's tasks)."""
     layers = {}
     for model in (0, 1):
-        for name, make, size in (("conv2", _demo_conv2, SIZE), ("pool2", _demo_pool2, SIZE // 2)):
-            blocks = [
-                da.from_delayed(dask.delayed(make)(first, min(chunk, datapoints - first), model, seed),
-                                shape=(min(chunk, datapoints - first), size, size, CHANNELS), dtype=np.float32)
-                for first in range(0, datapoints, chunk)
-            ]
-            layers[f"model{model}/{name}"] = da.concatenate(blocks)
+        blocks = [
+            da.from_delayed(dask.delayed(_demo_conv2)(first, min(chunk, datapoints - first), model, seed),
+                            shape=(min(chunk, datapoints - first), SIZE, SIZE, CHANNELS), dtype=np.float32)
+            for first in range(0, datapoints, chunk)
+        ]
+        conv2 = da.concatenate(blocks)
+        layers[f"model{model}/conv2"] = conv2
+        layers[f"model{model}/pool2"] = conv2.map_blocks(
+            _max_pool, chunks=(conv2.chunks[0], (SIZE // 2,), (SIZE // 2,), (CHANNELS,)), dtype=np.float32)
     return layers
 
 
@@ -84,11 +86,7 @@ class PeakMemory:
 def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk: int = 250, seed: int = 0,
              precision: str = "float32", progress: bool = True, scheduler: str | None = None) -> dict[str, xr.Dataset]:
     """Write the demo store under ``out``, run the comparisons, print a table and save the plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from .cli import format_table, save_figure
     from .plot import plot_rho
 
     out = Path(out)
@@ -117,12 +115,7 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
         results[f"{label}, {spatial}, stride {stride}"] = result
         table.append((label, spatial, str(stride), str(int(result["rows"])), f"{float(result['rho_mean']):.4f}",
                       f"{seconds:.2f}", f"{peak.mib:.0f}"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
-    figure_path = out / "cca_coefficients.png"
-    ax = plot_rho(results, title=f"chunkcca demo: {datapoints} datapoints, two models")
-    ax.figure.savefig(figure_path, dpi=120)
-    plt.close(ax.figure)
-    print(f"plot: {figure_path}")
+    print(format_table(table))
+    save_figure(lambda: plot_rho(results, title=f"chunkcca demo: {datapoints} datapoints, two models").figure,
+                out / "cca_coefficients.png", dpi=120)
     return results

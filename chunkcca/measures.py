@@ -355,16 +355,12 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     )
 
 
-def _channel_labels(layer: xr.DataArray) -> np.ndarray:
-    return layer["channel"].values if "channel" in layer.coords else np.arange(layer.sizes["channel"])
-
-
 def label_result(result: xr.Dataset, streamed: Streamed, **options: Any) -> xr.Dataset:
     """Put the layers' channel labels, the frequencies and the options used on a result."""
     layer_a, layer_b, adapters = streamed.layer_a, streamed.layer_b, streamed.adapters
     options.update(precision=streamed.precision, precision_auto=streamed.precision_note,
                    rows=int(streamed.moments.n), rows_omitted=int(streamed.rows_omitted))
-    coords: dict[str, Any] = {"channel_a": _channel_labels(layer_a), "channel_b": _channel_labels(layer_b)}
+    coords: dict[str, Any] = {"channel_a": layer_a["channel"].values, "channel_b": layer_b["channel"].values}
     if adapters[0].kind == "dft":
         coords["freq_h"] = frequency_labels(adapters[0].shape[0], adapters[1].shape[0])
         coords["freq_w"] = frequency_labels(adapters[0].shape[1], adapters[1].shape[1])

@@ -9,6 +9,7 @@ another. Memory per task is O(chunk + partial) whatever the number of datapoints
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -70,13 +71,13 @@ def _chunk_task(first: np.ndarray, *blocks: Any, adapters: Sequence[Adapter], st
     """
     first_datapoint = int(first[0]) if first.size else 0
     blocks = tuple(_only_block(block) for block in blocks)
-    check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
-                    datapoints=blocks[0].shape[0])
-    if nan_policy is None:
-        return reduce_rows([block_rows(block, adapter, first_datapoint, stride)
-                            for block, adapter in zip(blocks, adapters)], first_datapoint)
-    with np.errstate(invalid="ignore"):  # arithmetic on NaN or Inf rows: they are found and reported below
+    # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out) below
+    with np.errstate(invalid="ignore") if nan_policy is not None else contextlib.nullcontext():
         rows = [block_rows(block, adapter, first_datapoint, stride) for block, adapter in zip(blocks, adapters)]
+        if nan_policy is None:
+            return reduce_rows(rows, first_datapoint)
+        check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
+                        datapoints=blocks[0].shape[0])
         if not partial_shows_nonfinite:
             return reduce_rows(check(rows), first_datapoint)
         result = reduce_rows(rows, first_datapoint)

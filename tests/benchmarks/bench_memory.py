@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Timer, machine, peak_mib, report, run_case, store_for, table
+from _common import Timer, machine, peak_mib, report, run_case, store_for
+
+from chunkcca.cli import format_table
 
 BYTES_PER_DATAPOINT = 16 * 16 * 64 * 4 * 2  # two float32 conv2 layers
 
@@ -50,7 +52,7 @@ def main() -> None:
         rows.append((f"{gib:g}", str(result["datapoints"]), str(result["rows"]), f"{result['seconds']:.1f}",
                      f"{gib / result['seconds']:.2f}", f"{result['peak_mib']:.0f}",
                      "/".join(map(str, result["peaks"])), f"{result['peak_mib'] / smallest:.2f}"))
-    print(table(rows))
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

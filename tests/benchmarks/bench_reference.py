@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Timer, machine, peak_mib, report, run_case, store_for, table
+from _common import Timer, machine, peak_mib, report, run_case, store_for
+
+from chunkcca.cli import format_table
 
 CASES = {"tutorial": (1000, 64), "large": (4000, 256)}
 
@@ -75,7 +77,7 @@ def main() -> None:
             rows.append((f"{name} {CASES[name][0]}x16x16x{CASES[name][1]}", kind, str(result["rows"]),
                          f"{result['seconds']:.2f}", f"{result['peak_mib']:.0f}",
                          f"{result['seconds'] / base['seconds']:.2f}", f"{result['peak_mib'] / base['peak_mib']:.2f}"))
-    print(table(rows))
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

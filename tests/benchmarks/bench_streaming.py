@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Timer, evict_from_page_cache, machine, peak_mib, report, run_case, store_for, table
+from _common import Timer, evict_from_page_cache, machine, peak_mib, report, run_case, store_for
+
+from chunkcca.cli import format_table
 
 
 def cpu_seconds() -> float:
@@ -103,7 +105,7 @@ def main() -> None:
         seconds = best[kind]["seconds"]
         rows.append((label, f"{seconds:.2f}", f"{best[kind]['cpu_seconds']:.2f}", f"{gib / seconds:.2f}",
                      f"{best[kind]['peak_mib']:.0f}", f"{seconds / floor:.2f}"))
-    print(table(rows))
+    print(format_table(rows))
     print(f"floor max(a, b) = {floor:.2f} s; CPU bound (CPU a + CPU b) / {cores} cores = {cpu_bound:.2f} s; "
           f"chunkcca / max(floor, CPU bound) = {best['chunkcca']['seconds'] / max(floor, cpu_bound):.2f}")
 
