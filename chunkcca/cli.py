@@ -40,6 +40,9 @@ def _streaming_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .ingest import LAYOUTS
+    from .sweep import MEASURES
+
     parser = argparse.ArgumentParser(prog="chunkcca", description="Streamed CCA-family similarity of network layers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("store", help="the store to write (a folder)")
     ingest.add_argument("layers", nargs="+", metavar="LAYER=FILE",
                         help="layer path and file, e.g. model0/fc=model_0_lay06.p (a .npz gives LAYER/<name>)")
-    ingest.add_argument("--layout", choices=("datapoints", "neurons"), default="datapoints",
+    ingest.add_argument("--layout", choices=LAYOUTS, default="datapoints",
                         help="axis 0 is datapoint (default), or 2-d arrays are (neurons, datapoints) as svcca's")
     ingest.add_argument("--chunk", type=_positive_int, help="datapoints per chunk (default: about 16 MiB)")
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -87,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("store")
     sweep.add_argument("--a", required=True, nargs="+", help="layers or groups (e.g. model0) on the first axis")
     sweep.add_argument("--b", required=True, nargs="+", help="layers or groups on the second axis")
-    sweep.add_argument("--measures", nargs="+", default=["mean_cca", "cka"],
-                       help="mean_cca, r2_cca, svcca, pwcca, cka, cka_debiased, procrustes (default mean_cca cka)")
+    sweep.add_argument("--measures", nargs="+", default=["mean_cca", "cka"], choices=list(MEASURES),
+                       help="measures (default mean_cca cka)")
     sweep.add_argument("--spatial", default="avgpool", choices=("flatten", "avgpool"),
                        help="flatten (one spatial size) or avgpool (default)")
     sweep.add_argument("--stride", type=_positive_int, default=1)

@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 
 from .moments import write_atomically
-from .store import datapoints_per_chunk, open_activations, write_activations
+from .store import datapoints_per_chunk, open_activations, pixel_centres, write_activations
 
 #: The only globals a pickle may name: what numpy needs to rebuild arrays (numpy 1 and 2 module paths).
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
@@ -223,4 +223,4 @@ def _place_pixels(store: Path, image: dict[str, tuple[int, int]]) -> None:
     for layer, own in image.items():
         for dim, size, full in zip(("height", "width"), own, extent, strict=True):
             if size != full:
-                zarr.open_array(store / layer / dim, mode="r+")[...] = (np.arange(size) + 0.5) * (full / size)
+                zarr.open_array(store / layer / dim, mode="r+")[...] = pixel_centres(size, full)

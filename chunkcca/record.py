@@ -18,7 +18,15 @@ import numpy as np
 import xarray as xr
 
 from .moments import write_atomically
-from .store import CONV_DIMS, FC_DIMS, VARIABLE, codecs_for, datapoints_per_chunk, open_activations
+from .store import (
+    CONV_DIMS,
+    FC_DIMS,
+    VARIABLE,
+    codecs_for,
+    datapoints_per_chunk,
+    open_activations,
+    pixel_centres,
+)
 
 
 def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
@@ -167,8 +175,7 @@ def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray,
     coords = {"datapoint": labels, "channel": np.arange(shape[-1])}
     if len(shape) == 4:
         extent = image_size or shape[1:3]
-        coords["height"] = (np.arange(shape[1]) + 0.5) * extent[0] / shape[1]
-        coords["width"] = (np.arange(shape[2]) + 0.5) * extent[1] / shape[2]
+        coords["height"], coords["width"] = pixel_centres(shape[1], extent[0]), pixel_centres(shape[2], extent[1])
     for name, values in coords.items():
         values = np.asarray(values)
         if values.dtype.kind in "UO":  # variable-length strings have a stable zarr v3 spec; fixed-width do not

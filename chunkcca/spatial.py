@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
+from .store import pixel_centres
+
 #: The spatial adapters, by name.
 SPATIAL: tuple[str, ...] = ("flatten", "avgpool", "interp", "dft")
 METHODS: tuple[str, ...] = ("linear", "nearest", "cubic")
@@ -170,7 +172,7 @@ def _positions(layer: xr.DataArray, dim: str, grid: str, extent: int) -> np.ndar
         return np.linspace(0, size, size, endpoint=False)
     if dim in layer.coords:
         return np.asarray(layer[dim].values, dtype=np.float64)
-    return (np.arange(size) + 0.5) * extent / size
+    return pixel_centres(size, extent)
 
 
 def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,

@@ -170,6 +170,11 @@ def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -
         raise ValueError(f"layer {name!r} is empty: dim {', '.join(empty)} has size 0 (shape {array.shape})")
 
 
+def pixel_centres(size: int, extent: float) -> np.ndarray:
+    """Centres of the pixels of a ``size``-pixel map spanning ``extent`` (input-image units): (i + 0.5)·extent/size."""
+    return (np.arange(size) + 0.5) * (extent / size)
+
+
 def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataArray:
     """Add default coordinates where missing: datapoint and channel indices, pixel centres."""
     coords: dict[Hashable, Any] = {}
@@ -178,8 +183,7 @@ def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataAr
             coords[dim] = np.arange(array.sizes[dim])
     for dim, extent in zip(("height", "width"), image_size):
         if dim in array.dims and dim not in array.coords:
-            size = array.sizes[dim]
-            coords[dim] = (np.arange(size) + 0.5) * (extent / size)
+            coords[dim] = pixel_centres(array.sizes[dim], extent)
     for name, coord in array.coords.items():
         if coord.dtype.kind == "U":  # fixed-width unicode has no stable zarr v3 spec; vlen strings do
             coords[name] = coord.astype(object)
