@@ -29,9 +29,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _streaming_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spatial", default="flatten", choices=("flatten", "avgpool", "interp", "dft"),
-                        help="how spatial positions become rows (default flatten)")
+def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...] = ("flatten", "avgpool", "interp",
+                                                                                   "dft")) -> None:
+    parser.add_argument("--spatial", default=spatial[0], choices=spatial,
+                        help=f"how spatial positions become rows (default {spatial[0]})")
     parser.add_argument("--stride", type=_positive_int, default=1, help="keep every n-th row (default 1)")
     parser.add_argument("--precision", default="float32", choices=("float32", "float64", "auto"),
                         help="dtype of the per-chunk products (default float32)")
@@ -92,14 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--b", required=True, nargs="+", help="layers or groups on the second axis")
     sweep.add_argument("--measures", nargs="+", default=["mean_cca", "cka"], choices=list(MEASURES),
                        help="measures (default mean_cca cka)")
-    sweep.add_argument("--spatial", default="avgpool", choices=("flatten", "avgpool"),
-                       help="flatten (one spatial size) or avgpool (default)")
-    sweep.add_argument("--stride", type=_positive_int, default=1)
-    sweep.add_argument("--precision", default="float32", choices=("float32", "float64"))
-    sweep.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:port)")
+    _streaming_options(sweep, spatial=("avgpool", "flatten"))  # flatten needs one spatial size for all layers
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
     sweep.add_argument("--plot", help="heatmap PNG of the first measure")
-    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
