@@ -36,6 +36,7 @@ import dask.array as da
 import numpy as np
 
 from .moments import PRECISIONS, Moments, Precision
+from .pairs import check_epsilon
 from .store import as_activations
 from .stream import stream_moments
 
@@ -45,6 +46,11 @@ def _as_rows(acts: Any, name: str) -> da.Array:
     if not hasattr(acts, "ndim") or acts.ndim != 2:
         raise ValueError(f"{name} must be a 2-d array (neurons, datapoints), got shape {getattr(acts, 'shape', None)}")
     return as_activations(acts, name, dims=("channel", "datapoint"), allow_complex=True).data
+
+
+def _check_threshold(threshold: Any) -> None:
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
 
 
 def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -62,8 +68,7 @@ def _stream_neurons_first(acts1: Any, acts2: Any, *, epsilon: float, precision: 
     rows1, rows2 = _as_rows(acts1, "acts1"), _as_rows(acts2, "acts2")
     if rows1.shape[0] != rows2.shape[0]:
         raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
-    if not np.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    check_epsilon(epsilon)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     return stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, progress=progress,
@@ -126,8 +131,7 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         ``cca_dirns1``/``2`` (neurons, datapoints) with ``compute_dirns`` (a lazy Dask array
         for Dask input).
     """
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+    _check_threshold(threshold)
     if verbose:
         print("streaming covariance")
     stats = _stream_neurons_first(acts1, acts2, epsilon=epsilon, precision=precision, scheduler=scheduler,
@@ -292,8 +296,7 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
     if compute_dirns:
         raise ValueError("fourier_ccas does not offer compute_dirns: the reference's inverse DFT of "
                          "(neurons, datapoints) directions has no spatial meaning; use chunkcca.cca(spatial='dft')")
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+    _check_threshold(threshold)
     layer_a = as_activations(conv_acts1, "conv_acts1")
     layer_b = as_activations(conv_acts2, "conv_acts2")
     for name, layer in (("conv_acts1", layer_a), ("conv_acts2", layer_b)):

@@ -14,7 +14,7 @@ import xarray as xr
 from threadpoolctl import threadpool_limits
 
 from .moments import Moments, Precision
-from .pairs import MEMORY_LIMIT, Streamed, stream_pair
+from .pairs import MEMORY_LIMIT, Streamed, check_epsilon, stream_pair
 from .spatial import frequency_labels
 from .stream import SPLIT_EVERY
 
@@ -101,8 +101,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     directions beyond a side's rank have ρ = 0. Batched Moments (one set per frequency) get
     one solve per batch element, along ``batch_dims``, and ``rho_mean`` averages over all of them.
     """
-    if not np.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
+    check_epsilon(epsilon)
     cov = _covariance(moments, "cca", batched=True)
     batch = moments.batch_shape
     dims = batch_dims[: len(batch)]
@@ -193,8 +192,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     kept), ``rho_mean``, and ``coef_a``/``coef_b`` over the original channels.
     """
     check_svcca_options(keep, keep_by)
-    if not np.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
+    check_epsilon(epsilon)
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     with threadpool_limits(limits=1, user_api="blas"):
         basis_a, basis_b = _kept_directions(cov_aa, keep, keep_by), _kept_directions(cov_bb, keep, keep_by)

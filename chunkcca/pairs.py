@@ -51,8 +51,7 @@ def check_options(*, spatial: str, stride: int, epsilon: float = 0.0, precision:
         raise ValueError(f"spatial must be one of {', '.join(map(repr, SPATIAL))}, got {spatial!r}")
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
         raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
-    if not isinstance(epsilon, (int, float, np.number)) or not np.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    check_epsilon(epsilon)
     if precision not in (*PRECISIONS, "auto"):
         raise ValueError(f"precision must be one of {', '.join(map(repr, (*PRECISIONS, 'auto')))}, got {precision!r}")
     if method not in METHODS:
@@ -61,6 +60,13 @@ def check_options(*, spatial: str, stride: int, epsilon: float = 0.0, precision:
         raise ValueError(f"grid must be one of {', '.join(map(repr, GRIDS))}, got {grid!r}")
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {', '.join(map(repr, NAN_POLICIES))}, got {nan_policy!r}")
+
+
+def check_epsilon(epsilon: Any) -> None:
+    """``epsilon`` (the ridge of the CCA family) is a finite number >= 0, or a ValueError saying so."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.number)) or not np.isfinite(epsilon) \
+            or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
 
 
 def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
