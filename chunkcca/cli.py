@@ -22,6 +22,9 @@ COMPARE_MEASURES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
 EPSILON_MEASURES = ("cca", "svcca", "pwcca")
 
 
+STORE_HELP = "the store: a local path or an fsspec URL (file://, s3://, gs://, ...)"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -71,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="layers, shapes, chunks, dtype and size of a store",
                                description="Describe the layers of a store.")
-    info.add_argument("store")
+    info.add_argument("store", help=STORE_HELP)
     info.add_argument("--json", action="store_true", help="print JSON")
 
     compare = commands.add_parser("compare", help="compare two layers of a store",
                                   description="Compare two layers with one or more measures, streamed.")
-    compare.add_argument("store")
+    compare.add_argument("store", help=STORE_HELP)
     compare.add_argument("layer_a")
     compare.add_argument("layer_b")
     compare.add_argument("--measure", nargs="+", default=["cca"], choices=list(COMPARE_MEASURES),
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="every layer pair of two groups: a heatmap and a netCDF/zarr",
                                 description="All pairs (layer_a, layer_b) in one pass over the store.")
-    sweep.add_argument("store")
+    sweep.add_argument("store", help=STORE_HELP)
     sweep.add_argument("--a", required=True, nargs="+", help="layers or groups (e.g. model0) on the first axis")
     sweep.add_argument("--b", required=True, nargs="+", help="layers or groups on the second axis")
     sweep.add_argument("--measures", nargs="+", default=["mean_cca", "cka"], choices=list(MEASURES),
@@ -123,21 +126,18 @@ def _run_ingest(args: argparse.Namespace) -> None:
     print(f"wrote {args.store}: {', '.join(layer_paths(tree))}")
 
 
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def _run_info(args: argparse.Namespace) -> None:
-    from .store import VARIABLE, layer_paths, open_activations
+    from .store import VARIABLE, layer_paths, open_activations, store_filesystem
 
     tree = open_activations(args.store)
+    filesystem, root = store_filesystem(args.store)
     rows = []
     for path in layer_paths(tree):
         array = tree[path][VARIABLE]
         rows.append({"layer": path, "shape": list(array.shape), "dims": list(map(str, array.dims)),
                      "datapoints_per_chunk": int(array.data.chunks[0][0]), "chunks": int(array.data.numblocks[0]),
                      "dtype": str(array.dtype), "bytes": int(array.nbytes),
-                     "bytes_on_disk": _folder_bytes(Path(args.store) / path)})
+                     "bytes_on_disk": int(filesystem.du(f"{root}/{path}"))})
     if args.json:
         print(json.dumps(rows, indent=1))
         return

@@ -247,25 +247,47 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, chu
     return open_activations(path)
 
 
-def open_activations(path: str | os.PathLike) -> xr.DataTree:
+def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> xr.DataTree:
     """Open a store read-only as a lazy, Dask-backed DataTree chunked along datapoint only.
 
-    Every node holding ``activations`` is checked for dims and dtype; nothing is read but metadata.
+    ``path`` is a local path or an fsspec URL (``"s3://bucket/acts.zarr"``, ``"file:///shared/acts.zarr"``;
+    the protocol's fsspec package must be installed), with ``storage_options`` for its filesystem
+    (credentials, endpoint). Every node holding ``activations`` is checked for dims and dtype;
+    nothing is read but metadata.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no activation store at {path}")
+    location = str(path)
+    if is_url(location):
+        filesystem, root = store_filesystem(location, storage_options)
+        if not filesystem.exists(f"{root}/zarr.json"):
+            raise FileNotFoundError(f"no activation store at {location}")
+    elif storage_options:
+        raise ValueError(f"storage_options apply to fsspec URLs only, not to the local path {location}")
+    elif not Path(location).exists():
+        raise FileNotFoundError(f"no activation store at {location}")
     try:
-        tree = xr.open_datatree(path, engine="zarr", chunks={}, consolidated=False)
+        tree = xr.open_datatree(location, engine="zarr", chunks={}, consolidated=False,
+                                storage_options=dict(storage_options) if storage_options else None)
     except Exception as error:
-        raise ValueError(f"cannot open {path} as a zarr activation store: {error}") from error
+        raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
     found = layer_paths(tree)
     if not found:
-        raise ValueError(f"{path} holds no layer (no node with a variable {VARIABLE!r})")
+        raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
     for layer in found:
         as_activations(tree[layer], layer)
-        tree[layer][VARIABLE].encoding["store"] = str(path)  # named by read errors (pairs.reading)
+        tree[layer][VARIABLE].encoding["store"] = location  # named by read errors (pairs.reading)
     return tree
+
+
+def is_url(location: str) -> bool:
+    """Whether ``location`` is an fsspec URL (``protocol://…``) rather than a local path."""
+    return "://" in location
+
+
+def store_filesystem(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem and root path of a store given as a local path or a URL."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(str(location), **dict(storage_options or {}))
 
 
 def layer_paths(tree: xr.DataTree) -> list[str]:

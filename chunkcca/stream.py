@@ -177,9 +177,7 @@ def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tupl
         if client is not None:
             futures = client.compute(list(graphs))
             if progress:
-                from distributed import progress as distributed_progress
-
-                distributed_progress(futures)
+                _cluster_progress(futures, client)
             return tuple(client.gather(futures))
         options: dict[str, Any] = {"scheduler": scheduler}
         if scheduler in (None, "threads") and dask.config.get("scheduler", None) in (None, "threads"):
@@ -196,6 +194,20 @@ def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tupl
             with ProgressBar():
                 return dask.compute(*graphs, **options)
         return dask.compute(*graphs, **options)
+
+
+def _cluster_progress(futures: list[Any], client: Any) -> None:
+    """distributed's progress bar for ``futures`` of ``client``, which need not be the default client.
+
+    In a terminal the bar blocks until the futures finish; in a notebook it is a widget, shown here.
+    """
+    from distributed import progress as distributed_progress
+
+    bar = distributed_progress(futures, scheduler=client.scheduler.address)
+    if bar is not None:  # a Jupyter widget
+        from IPython.display import display
+
+        display(bar)
 
 
 def _active_client(scheduler: Any) -> Any:

@@ -43,6 +43,10 @@ def test_ingest_info_compare_sweep(files, capsys):
     assert main(["info", store, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info[0] == {**info[0], "layer": "m0/conv", "shape": [50, 4, 4, 6], "dtype": "float32"}
+    on_disk = sum(f.stat().st_size for f in (folder / "s.zarr" / "m0" / "conv").rglob("*") if f.is_file())
+    assert info[0]["bytes_on_disk"] == on_disk > 0
+    assert main(["info", (folder / "s.zarr").as_uri(), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == info
 
     assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "cka", "--precision", "float64",
                  "--stride", "2", "--json", "--no-progress", "--plot", str(folder / "c.png")]) == 0

@@ -19,6 +19,8 @@ import pytest
 from conftest import correlated_layers
 
 import chunkcca
+from chunkcca import compat
+from chunkcca.cli import main
 
 pytest.importorskip("distributed")
 DASK = shutil.which("dask") or str(Path(sys.executable).with_name("dask"))
@@ -56,7 +58,7 @@ def cluster(tmp_path_factory):
         process.terminate()
     for process in processes:
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=15)
@@ -72,6 +74,105 @@ def test_store_comparison_on_a_cluster_equals_local(cluster, tmp_path):
                                 precision="float64", scheduler=cluster["address"])
     assert float(swept["cka"].item()) == pytest.approx(float(chunkcca.cka(a, b, precision="float64")["cka"]),
                                                        rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory):
+    """A store that the workers can read, its two layers and their arrays."""
+    a, b = correlated_layers(np.random.default_rng(0), 80, (6, 6, 5), (6, 6, 4))
+    store = tmp_path_factory.mktemp("store") / "s.zarr"
+    tree = chunkcca.write_activations(store, {"m0/conv": a, "m1/conv": b}, chunks=10)
+    return tree["m0/conv"], tree["m1/conv"], a, b, str(store)
+
+
+def _numbers(result) -> list[np.ndarray]:
+    """The numbers of any entry point's result: a Dataset's variables, Moments, a compat dict."""
+    if isinstance(result, chunkcca.Moments):
+        return [np.asarray(result.n), result.mean, result.scatter]
+    if isinstance(result, dict):
+        return [np.asarray(result[key]) for key in ("mean", "cca_coef1", "full_coef_x", "neuron_means1")]
+    return [result[name].values for name in sorted(result.data_vars)]
+
+
+ENTRY_POINTS = {
+    "cca": lambda a, b, arrays, s: chunkcca.cca(a, b, precision="float64", scheduler=s),
+    "cca dft": lambda a, b, arrays, s: chunkcca.cca(a, b, spatial="dft", precision="float64", scheduler=s),
+    "cca avgpool": lambda a, b, arrays, s: chunkcca.cca(a, b, spatial="avgpool", precision="float64", scheduler=s),
+    "svcca": lambda a, b, arrays, s: chunkcca.svcca(a, b, keep=0.9, precision="float64", scheduler=s),
+    "pwcca": lambda a, b, arrays, s: chunkcca.pwcca(a, b, precision="float64", scheduler=s),
+    "cka debiased": lambda a, b, arrays, s: chunkcca.cka(a, b, debiased=True, precision="float64", scheduler=s),
+    "cka minibatch": lambda a, b, arrays, s: chunkcca.cka(a, b, minibatch=20, scheduler=s),
+    "procrustes": lambda a, b, arrays, s: chunkcca.procrustes(a, b, precision="float64", scheduler=s),
+    "shape_metric": lambda a, b, arrays, s: chunkcca.shape_metric(a, b, alpha=0.5, precision="float64", scheduler=s),
+    "similarity": lambda a, b, arrays, s: chunkcca.similarity({"m0": a}, {"m1": b}, precision="float64",
+                                                             scheduler=s),
+    "compute_moments": lambda a, b, arrays, s: chunkcca.compute_moments(a, b, precision="float64", scheduler=s),
+    "compat": lambda a, b, arrays, s: compat.get_cca_similarity(
+        arrays[0].reshape(-1, 5).T, arrays[1].reshape(-1, 4).T, verbose=False, scheduler=s),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_every_entry_point_runs_on_a_cluster_and_equals_local(cluster, layers, entry):
+    a, b, *arrays, _ = layers
+    local = _numbers(ENTRY_POINTS[entry](a, b, arrays, "threads"))
+    remote = _numbers(ENTRY_POINTS[entry](a, b, arrays, cluster["address"]))
+    for got, want in zip(remote, local, strict=True):
+        if np.issubdtype(want.dtype, np.number):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_workers_read_a_store_given_by_url(cluster, layers):
+    *_, store = layers
+    tree = chunkcca.open_activations(Path(store).as_uri())
+    local = chunkcca.cka(layers[0], layers[1], precision="float64", scheduler="threads")
+    remote = chunkcca.cka(tree["m0/conv"], tree["m1/conv"], precision="float64", scheduler=cluster["address"])
+    assert float(remote["cka"]) == pytest.approx(float(local["cka"]), rel=1e-12)
+
+
+def test_a_checkpointed_run_on_a_cluster_equals_local(cluster, layers, tmp_path):
+    a, b, *_ = layers
+    local = chunkcca.compute_moments(a, b, precision="float64", scheduler="threads")
+    remote = chunkcca.compute_moments(a, b, precision="float64", scheduler=cluster["address"],
+                                      checkpoint=tmp_path / "run.ckpt", checkpoint_every=3)
+    np.testing.assert_allclose(remote.scatter, local.scatter, rtol=1e-12)
+
+
+def test_the_active_client_is_used_without_naming_it(cluster, layers):
+    from distributed import Client, get_task_stream
+
+    a, b, *_ = layers
+    local = chunkcca.cca(a, b, precision="float64", scheduler="threads")
+    with Client(cluster["address"]) as client, get_task_stream(client) as stream:
+        remote = chunkcca.cca(a, b, precision="float64")
+    assert len(stream.data) >= 16  # 8 chunk reads per layer, the partials and the merges
+    np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
+
+
+def test_progress_bars_locally_and_on_a_cluster(cluster, layers, capsys):
+    a, b, *_ = layers
+    chunkcca.cca(a, b, progress=True)
+    assert "100% Completed" in capsys.readouterr().out
+    chunkcca.cca(a, b, scheduler=cluster["address"], progress=True)
+    assert "100% Completed" in capsys.readouterr().out
+    chunkcca.cca(a, b, scheduler=cluster["address"])
+    assert "Completed" not in capsys.readouterr().out
+
+
+def test_the_command_line_runs_on_a_cluster(cluster, layers, capsys):
+    store = layers[-1]
+    reports = []
+    for scheduler in ("threads", cluster["address"]):
+        assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "cka", "--precision", "float64",
+                     "--json", "--scheduler", scheduler]) == 0  # with the progress bar, the default
+        out = capsys.readouterr().out
+        assert "100% Completed" in out
+        reports.append(json.loads(out[out.index("{"): out.rindex("}") + 1]))
+    for measure in ("cca", "cka"):
+        for key, value in reports[0]["results"][measure].items():
+            assert reports[1]["results"][measure][key] == pytest.approx(value, rel=1e-12)
 
 
 def _compare(x: np.ndarray) -> float:

@@ -122,6 +122,20 @@ def test_open_errors_name_the_path(tmp_path):
         open_activations(tmp_path / "junk")
 
 
+def test_stores_open_from_fsspec_urls(tmp_path, rng):
+    a = rng.standard_normal((12, 3, 3, 4)).astype(np.float32)
+    write_activations(tmp_path / "s.zarr", {"m0/conv": a}, chunks=5)
+    url = (tmp_path / "s.zarr").as_uri()  # file:///...
+    tree = open_activations(url, storage_options={"auto_mkdir": False})
+    layer = tree["m0/conv"]["activations"]
+    assert layer.encoding["store"] == url and layer.data.chunks[0] == (5, 5, 2)
+    np.testing.assert_array_equal(layer.values, a)
+    with pytest.raises(FileNotFoundError, match="no activation store at file://"):
+        open_activations((tmp_path / "missing.zarr").as_uri())
+    with pytest.raises(ValueError, match="storage_options apply to fsspec URLs only"):
+        open_activations(tmp_path / "s.zarr", storage_options={"anon": True})
+
+
 def test_bad_chunks_argument(tmp_path):
     with pytest.raises(ValueError, match="chunks must be a positive number of datapoints"):
         write_activations(tmp_path / "s.zarr", {"fc": np.ones((3, 2))}, chunks=0)
