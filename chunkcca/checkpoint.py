@@ -21,21 +21,31 @@ import xarray as xr
 
 from .moments import Moments
 from .spatial import Adapter
-from .stream import stream_moments
+from .store import store_signature
+from .stream import connected, stream_moments
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that this run cannot resume (another run's, or not a checkpoint)."""
 
 
 def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: dict[str, Any]) -> str:
-    """What the saved statistics were computed from: each layer's name, shape, dtype and Dask token (which
-    hashes in-memory data and names store-backed data by file), the adapters (every field, by Dask token)
-    and the options."""
-    described = [(str(layer.name), list(layer.shape), str(layer.dtype), layer.data.name) for layer in layers]
+    """What the saved statistics were computed from: each layer's name, shape, dtype, Dask token (which
+    hashes in-memory data and names store-backed data by path) and, for store-backed layers, the hash of
+    their files' names, sizes and modification times (so a rewritten or edited store is another run);
+    the adapters (every field, by Dask token) and the options."""
+    described = [(str(layer.name), list(layer.shape), str(layer.dtype), layer.data.name, store_signature(layer))
+                 for layer in layers]
     tokens = [dask.base.tokenize(adapter) for adapter in adapters]
     return json.dumps({"layers": described, "adapters": tokens, **dict(sorted(options.items()))}, default=str)
 
 
 def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
     """The Moments saved in a checkpoint, the datapoints they cover and the run's fingerprint."""
-    with xr.open_zarr(path, consolidated=False) as saved:
+    with xr.open_zarr(path, consolidated=False, chunks=None) as saved:
+        if "datapoints_done" not in saved.attrs or "fingerprint" not in saved.attrs:
+            raise CheckpointError(f"{path} is not a chunkcca checkpoint (saved Moments without a run's progress); "
+                             f"pass another checkpoint path")
         done, fingerprint = int(saved.attrs["datapoints_done"]), str(saved.attrs["fingerprint"])
     return Moments.load(path), done, fingerprint
 
@@ -54,21 +64,22 @@ def stream_with_checkpoint(layers: Sequence[xr.DataArray], adapters: Sequence[Ad
     if path.exists():
         total, done, saved_fingerprint = load_progress(path)
         if saved_fingerprint != fingerprint:
-            raise ValueError(f"checkpoint {path} belongs to another run ({saved_fingerprint}); this run is "
+            raise CheckpointError(f"checkpoint {path} belongs to another run ({saved_fingerprint}); this run is "
                              f"{fingerprint}. Remove it or pass another path")
     boundaries = [0, *np.cumsum(layers[0].data.chunks[0]).tolist()]
     if done not in boundaries:
-        raise ValueError(f"checkpoint {path} stopped after datapoint {done}, which is not a chunk boundary of "
+        raise CheckpointError(f"checkpoint {path} stopped after datapoint {done}, which is not a chunk boundary of "
                          f"layer {layers[0].name!r} now; stream with the chunking it was made with")
     edges = boundaries[boundaries.index(done) :: every]
     if edges[-1] != boundaries[-1]:
         edges.append(boundaries[-1])
-    for start, stop in itertools.pairwise(edges):
-        part = stream_moments([layer.data[start:stop] for layer in layers], adapters, stride=stride,
-                              precision=precision, nan_policy=nan_policy, row_norms=row_norms, offset=start,
-                              **stream_options)
-        total = part if total is None else total + part
-        _save_progress(total, path, stop, fingerprint)
+    with connected(stream_options.pop("scheduler", None)) as scheduler:  # an address: one connection
+        for start, stop in itertools.pairwise(edges):
+            part = stream_moments([layer.data[start:stop] for layer in layers], adapters, stride=stride,
+                                  precision=precision, nan_policy=nan_policy, row_norms=row_norms, offset=start,
+                                  scheduler=scheduler, **stream_options)
+            total = part if total is None else total + part
+            _save_progress(total, path, stop, fingerprint)
     assert total is not None
     return total
 

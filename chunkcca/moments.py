@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ class Moments:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no saved Moments at {path}")
-        with xr.open_zarr(path, consolidated=False) as dataset:
+        with xr.open_zarr(path, consolidated=False, chunks=None) as dataset:  # numpy: read here, not on a cluster
             if dataset.attrs.get("chunkcca") != "Moments":
                 raise ValueError(f"{path} is not a saved chunkcca Moments store")
             return cls(
@@ -184,8 +185,10 @@ def _side_traces(matrix: np.ndarray, slices: Sequence[slice]) -> np.ndarray:
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool) -> None:
     """Call ``write(tmp_path)`` on a fresh temporary path beside ``path``, then move it into place.
 
-    A write killed midway leaves only a hidden ``.tmp`` folder; an existing ``path`` is
-    replaced only after the new one is complete (and only with ``overwrite=True``).
+    A write killed midway leaves only a hidden ``.tmp`` folder. An existing ``path`` is replaced
+    (only with ``overwrite=True``) after the new one is complete, in one step where the OS can swap two
+    folders (Linux); elsewhere by two renames, putting the old one back if the second fails or is
+    interrupted.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -195,11 +198,35 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
     try:
         target = tmp / "data"
         write(target)
-        if path.exists():
-            os.replace(path, tmp / "old")
-        os.replace(target, path)
+        if not path.exists():
+            os.replace(target, path)
+        elif not exchange_paths(target, path):  # swapped: the old one is at target now
+            try:
+                os.replace(path, tmp / "old")
+                os.replace(target, path)
+            except BaseException:
+                if not path.exists() and (tmp / "old").exists():
+                    os.replace(tmp / "old", path)
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2`` with ``RENAME_EXCHANGE``).
+
+    Returns False, changing nothing, where the OS, C library or filesystem cannot.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc before 2.28, or another C library
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
 
 
 def pack(moments: Moments) -> np.ndarray:

@@ -18,6 +18,7 @@ import xarray as xr
 from dask.array import PerformanceWarning
 from dask.utils import format_bytes, parse_bytes
 
+from .checkpoint import CheckpointError, stream_with_checkpoint
 from .moments import PRECISIONS, Moments, Precision
 from .spatial import GRIDS, METHODS, SPATIAL, Adapter, plan_adapters, row_count
 from .store import as_activations
@@ -111,10 +112,10 @@ def _named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
 @contextmanager
 def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
     """Re-raise a failure to read store-backed layers (a corrupt chunk, a vanished file) naming the layers
-    and their stores; NaN/Inf errors and errors of in-memory layers pass through unchanged."""
+    and their stores; NaN/Inf and checkpoint errors and errors of in-memory layers pass through unchanged."""
     try:
         yield
-    except NonFiniteError:
+    except (NonFiniteError, CheckpointError):
         raise
     except Exception as error:
         sources = sorted({str(layer.encoding["store"]) for layer in layers if "store" in layer.encoding})
@@ -219,8 +220,6 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], *
                                   progress=progress, offset=first, **options) if first < datapoints else None
             stats = pilot if rest is None else pilot + rest
         elif checkpoint is not None:
-            from .checkpoint import stream_with_checkpoint
-
             stats = stream_with_checkpoint(layers, adapters, checkpoint, every=checkpoint_every, precision=precision,
                                            split_every=fan_in, progress=progress, **options)
         else:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import dask.base
 import numpy as np
 import xarray as xr
 
@@ -255,7 +256,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     (credentials, endpoint). Every node holding ``activations`` is checked for dims and dtype;
     nothing is read but metadata.
     """
-    location = str(path)
+    location = str(path) if is_url(str(path)) else os.path.abspath(path)  # one Dask name for any spelling
     if is_url(location):
         filesystem, root = store_filesystem(location, storage_options)
         if not filesystem.exists(f"{root}/zarr.json"):
@@ -274,13 +275,27 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
     for layer in found:
         as_activations(tree[layer], layer)
-        tree[layer][VARIABLE].encoding["store"] = location  # named by read errors (pairs.reading)
+        # where the layer's files are: named by read errors (pairs.reading), hashed by checkpoints (store_signature)
+        tree[layer][VARIABLE].encoding.update(store=location, layer=layer,
+                                              storage_options=dict(storage_options or {}))
     return tree
 
 
 def is_url(location: str) -> bool:
     """Whether ``location`` is an fsspec URL (``protocol://…``) rather than a local path."""
     return "://" in location
+
+
+def store_signature(array: xr.DataArray) -> str | None:
+    """A hash of the names, sizes and modification times (or ETags) of the files that hold a store-backed
+    layer (as opened by :func:`open_activations`), None for other arrays: it changes when the store is
+    rewritten or edited. Only metadata is read: one listing of the layer's folder."""
+    encoding = array.encoding
+    if "store" not in encoding or "layer" not in encoding:
+        return None
+    filesystem, root = store_filesystem(encoding["store"], encoding.get("storage_options"))
+    files = filesystem.find(f"{root}/{encoding['layer']}/{VARIABLE}", detail=True)
+    return dask.base.tokenize(sorted((name, sorted(info.items())) for name, info in files.items()))
 
 
 def store_filesystem(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:

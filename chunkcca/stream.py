@@ -10,9 +10,11 @@ another. Memory per task is O(chunk + partial) whatever the number of datapoints
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -20,7 +22,7 @@ import dask
 import dask.array as da
 import dask.threaded
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from .moments import Moments, Precision, merge_packed, partial_from_rows, unpack
 from .spatial import Adapter, block_rows, spatial_shape
@@ -69,6 +71,7 @@ def _chunk_task(first: np.ndarray, *blocks: Any, adapters: Sequence[Adapter], st
     the Moments' sums) the rows are searched only when the partial is not finite, so a finite
     chunk costs no extra pass.
     """
+    pin_blas()
     first_datapoint = int(first[0]) if first.size else 0
     blocks = tuple(_only_block(block) for block in blocks)
     # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out) below
@@ -85,6 +88,26 @@ def _chunk_task(first: np.ndarray, *blocks: Any, adapters: Sequence[Adapter], st
         return result
     finite = check(rows)
     return result if finite is rows else reduce_rows(finite, first_datapoint)
+
+
+@functools.cache
+def _blas_libraries() -> tuple[Any, ...]:
+    """This process's BLAS libraries (threadpoolctl controllers), looked up once per process."""
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+def pin_blas() -> None:
+    """Limit BLAS to one thread in this process, unless it already is.
+
+    Dask runs as many tasks as it has threads, and BLAS threads under them only compete (5-10x
+    slower here). A local compute pins BLAS for its duration already; every chunk task calls this
+    for the processes of Dask's "processes" scheduler, where the limit then stays, and on a
+    cluster each worker calls it in its own thread (:class:`chunkcca.cluster.PinBlas`): OpenBLAS
+    ignores a limit set from another thread once its thread pool runs.
+    """
+    for library in _blas_libraries():
+        if library.num_threads != 1:
+            library.set_num_threads(1)
 
 
 def _keep(partial: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
@@ -167,14 +190,15 @@ def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tupl
     ``distributed.Client`` if one is current, else the local threaded scheduler). With
     ``progress=True`` a progress bar is shown: Dask's local bar, or distributed's on a cluster.
     """
-    if isinstance(scheduler, str) and "://" in scheduler:
-        from distributed import Client
-
-        with Client(scheduler, set_as_default=False) as client:
+    if is_address(scheduler):
+        with connected(scheduler) as client:
             return compute(*graphs, scheduler=client, progress=progress)
     client = _active_client(scheduler)
     with threadpool_limits(limits=1, user_api="blas"):
         if client is not None:
+            from .cluster import prepare_workers
+
+            prepare_workers(client)
             futures = client.compute(list(graphs))
             if progress:
                 _cluster_progress(futures, client)
@@ -194,6 +218,24 @@ def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tupl
             with ProgressBar():
                 return dask.compute(*graphs, **options)
         return dask.compute(*graphs, **options)
+
+
+def is_address(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is the address of a Dask scheduler ("tcp://host:8786", "host:8786")."""
+    return isinstance(scheduler, str) and ("://" in scheduler or re.fullmatch(r"[\w.\-\[\]:]+:\d+", scheduler)
+                                           is not None)
+
+
+@contextlib.contextmanager
+def connected(scheduler: Any) -> Iterator[Any]:
+    """A ``distributed.Client`` connected for the block when ``scheduler`` is an address, else ``scheduler``."""
+    if not is_address(scheduler):
+        yield scheduler
+        return
+    from distributed import Client
+
+    with Client(scheduler, set_as_default=False) as client:
+        yield client
 
 
 def _cluster_progress(futures: list[Any], client: Any) -> None:

@@ -132,6 +132,43 @@ def test_workers_read_a_store_given_by_url(cluster, layers):
     assert float(remote["cka"]) == pytest.approx(float(local["cka"]), rel=1e-12)
 
 
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return sorted({library["num_threads"] for library in threadpool_info() if library["user_api"] == "blas"})
+
+
+def _two_blas_threads() -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=2, user_api="blas")  # not as a context: the limit stays
+
+
+def test_blas_is_pinned_inside_tasks_on_workers_without_a_nanny(cluster, layers):
+    """The test workers run without a nanny, which would have set OPENBLAS_NUM_THREADS=1 for them."""
+    from distributed import Client
+
+    a, b, *_ = layers
+    with Client(cluster["address"], set_as_default=False) as client:
+        client.run(_two_blas_threads)
+        assert set(map(tuple, client.run(_blas_threads).values())) == {(2,)}
+        chunkcca.cca(a, b, scheduler=cluster["address"].removeprefix("tcp://"))  # host:port works too
+        assert set(map(tuple, client.run(_blas_threads).values())) == {(1,)}
+
+
+def test_saved_moments_and_checkpoints_load_in_the_calling_process(cluster, layers, tmp_path):
+    """Checkpoints live beside the caller, which the workers may not see."""
+    from distributed import Client, get_task_stream
+
+    from chunkcca.checkpoint import load_progress
+
+    a, b, *_ = layers
+    chunkcca.compute_moments(a, b, precision="float64", checkpoint=tmp_path / "run.ckpt", scheduler="threads")
+    with Client(cluster["address"]) as client, get_task_stream(client) as stream:
+        loaded, done, _ = load_progress(tmp_path / "run.ckpt")
+    assert stream.data == [] and done == 80 and loaded.n == 80 * 36
+
+
 def test_a_checkpointed_run_on_a_cluster_equals_local(cluster, layers, tmp_path):
     a, b, *_ = layers
     local = chunkcca.compute_moments(a, b, precision="float64", scheduler="threads")

@@ -277,3 +277,49 @@ def test_checkpoint_fingerprint_covers_every_adapter_field():
 
     assert fingerprint(adapter) == fingerprint(dataclasses.replace(adapter, frequencies=(kept.copy(), kept.copy())))
     assert fingerprint(adapter) != fingerprint(dataclasses.replace(adapter, spectrum_dtype="complex64"))
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_a_checkpoint_of_a_store_edited_or_rewritten_since_does_not_resume(tmp_path, monkeypatch, as_url):
+    """The fingerprint hashes the layer's files (names, sizes, modification times), not only its Dask name,
+    which stays the same when a store given by URL is rewritten, or when chunks are edited in place."""
+    import zarr
+
+    import chunkcca
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "s.zarr"
+    location = path.as_uri() if as_url else str(path)
+    chunkcca.write_activations(path, {"a": rng.standard_normal((40, 3)), "b": rng.standard_normal((40, 2))}, chunks=10)
+    tree = chunkcca.open_activations(location)
+    chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "ckpt",
+                             checkpoint_every=2)
+    again = chunkcca.open_activations(location)
+    assert chunkcca.compute_moments(again["a"], again["b"], precision="float64", checkpoint=tmp_path / "ckpt").n == 40
+    if as_url:
+        chunkcca.write_activations(path, {"a": rng.standard_normal((40, 3)), "b": rng.standard_normal((40, 2))},
+                                   chunks=10, overwrite=True)
+    else:
+        zarr.open_array(path / "a" / "activations", mode="r+")[:10] = 100.0
+    edited = chunkcca.open_activations(location)
+    assert edited["a"]["activations"].data.name == tree["a"]["activations"].data.name or not as_url
+    with pytest.raises(ValueError, match="belongs to another run"):
+        chunkcca.compute_moments(edited["a"], edited["b"], precision="float64", checkpoint=tmp_path / "ckpt")
+
+
+def test_checkpoints_are_told_apart_from_saved_moments_and_any_path_spelling_resumes(tmp_path, monkeypatch):
+    import chunkcca
+
+    rng = np.random.default_rng(1)
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((30, 3)),
+                                                     "b": rng.standard_normal((30, 2))}, chunks=10)
+    tree = chunkcca.open_activations(tmp_path / "s.zarr")
+    moments = chunkcca.compute_moments(tree["a"], tree["b"], precision="float64")
+    moments.save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="is not a chunkcca checkpoint"):
+        chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "plain")
+    chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    relative = chunkcca.open_activations("./s.zarr")
+    resumed = chunkcca.compute_moments(relative["a"], relative["b"], precision="float64", checkpoint="ckpt")
+    np.testing.assert_allclose(resumed.scatter, moments.scatter, rtol=1e-12)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import dask
 import dask.array as da
 import numpy as np
@@ -70,6 +73,36 @@ def test_overwrite_is_explicit_and_atomic(tmp_path):
     np.testing.assert_array_equal(open_activations(tmp_path / "s.zarr")["fc"]["activations"].values, 1)
     write_activations(tmp_path / "s.zarr", {"fc": np.zeros((4, 2))}, overwrite=True)
     assert open_activations(tmp_path / "s.zarr")["fc"]["activations"].shape == (4, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+
+def test_overwrite_swaps_in_one_step_or_puts_the_old_store_back(tmp_path, monkeypatch):
+    from chunkcca import moments
+
+    old_store = tmp_path / "s.zarr"
+    write_activations(old_store, {"fc": np.ones((3, 2))})
+    swapped = []
+    exchange = moments.exchange_paths
+    monkeypatch.setattr(moments, "exchange_paths", lambda a, b: swapped.append(exchange(a, b)) or swapped[-1])
+    write_activations(old_store, {"fc": np.zeros((4, 2))}, overwrite=True)
+    assert swapped == [True]  # Linux: one atomic renameat2(RENAME_EXCHANGE)
+    assert open_activations(old_store)["fc"]["activations"].shape == (4, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+    # where the OS cannot swap: two renames, and an interrupt between them puts the old store back
+    monkeypatch.setattr(moments, "exchange_paths", lambda a, b: False)
+    replace = os.replace
+
+    def interrupted(source, destination):
+        if Path(source).name == "data":
+            raise KeyboardInterrupt
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_activations(old_store, {"fc": np.full((5, 2), 7.0)}, overwrite=True)
+    monkeypatch.setattr(os, "replace", replace)
+    assert open_activations(old_store)["fc"]["activations"].shape == (4, 2)
     assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
 
 
