@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="measures (default cca)")
     compare.add_argument("--epsilon", type=float, default=0.0, help="ridge for CCA-family measures (default 0)")
     _streaming_options(compare)
+    compare.add_argument("--checkpoint", help="save the running statistics to this path as the run goes; "
+                         "running the same comparison again resumes from it (needs a fixed --precision)")
+    compare.add_argument("--checkpoint-every", type=_positive_int, default=16,
+                         help="datapoint chunks between checkpoints (default 16)")
     compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
     compare.add_argument("--plot", help="save the canonical correlation curves (cca/svcca) to this PNG")
 
@@ -171,7 +175,8 @@ def _run_compare(args: argparse.Namespace) -> None:
         raise ValueError("with --spatial dft only the cca measure is offered")
     streamed = stream_pair(a, b, spatial=args.spatial, stride=args.stride, epsilon=args.epsilon,
                            precision=args.precision, scheduler=args.scheduler, progress=not args.no_progress,
-                           row_norms="cka_debiased" in args.measure)
+                           row_norms="cka_debiased" in args.measure, checkpoint=args.checkpoint,
+                           checkpoint_every=args.checkpoint_every)
     summary: dict[str, dict[str, Any]] = {}
     curves = {}
     for measure in args.measure:

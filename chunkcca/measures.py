@@ -7,6 +7,7 @@ of datapoints.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -371,7 +372,8 @@ def label_result(result: xr.Dataset, streamed: Streamed, **options: Any) -> xr.D
 def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
         precision: Precision = "float32", method: str = "linear", grid: str = "coords",
         split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
-        progress: bool = False, nan_policy: str = "raise", dims: Any = None) -> xr.Dataset:
+        progress: bool = False, nan_policy: str = "raise", dims: Any = None,
+        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 16) -> xr.Dataset:
     """Canonical correlations between two layers, streamed chunk by chunk.
 
     Parameters
@@ -415,6 +417,11 @@ def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: f
     dims
         Names of the axes of array inputs (both layers), e.g. ``("datapoint", "channel", "height", "width")``
         for channels-first data, or a mapping from a DataArray's dim names to these.
+    checkpoint, checkpoint_every
+        A path where the running Moments are saved (atomically) after every ``checkpoint_every``
+        datapoint chunks; a later call with the same path, layers and options resumes after the
+        chunks done (and a finished checkpoint is solved without reading the layers again). Needs a
+        fixed ``precision``. See :func:`chunkcca.compute_moments`.
 
     Returns
     -------
@@ -427,11 +434,12 @@ def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: f
     return _streamed("cca", cca_from_moments, a, b, spatial=spatial, stride=stride, epsilon=epsilon,
                      stream_options=dict(precision=precision, method=method, grid=grid, split_every=split_every,
                                          memory_limit=memory_limit, scheduler=scheduler, progress=progress,
-                                         nan_policy=nan_policy, dims=dims))
+                                         nan_policy=nan_policy, dims=dims, checkpoint=checkpoint,
+                                         checkpoint_every=checkpoint_every))
 
 
 STREAM_OPTIONS = ("precision", "method", "grid", "split_every", "memory_limit", "scheduler", "progress", "nan_policy",
-                  "dims")
+                  "dims", "checkpoint", "checkpoint_every")
 
 
 def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: int,

@@ -210,3 +210,19 @@ def test_ingest_holds_one_pickle_at_a_time(tmp_path):
     assert peak < 2 * nbytes, f"peak {peak / nbytes:.2f} files' worth"
     for layer, values in arrays.items():
         np.testing.assert_array_equal(tree[layer]["activations"].values, values)
+
+
+def test_compare_checkpoints_and_resumes(files, capsys):
+    folder, a, b = files
+    store = str(folder / "s.zarr")
+    chunkcca.write_activations(store, {"m0/conv": a, "m1/conv": b}, chunks=10)
+    argv = ["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "--precision", "float64", "--json",
+            "--no-progress", "--checkpoint", str(folder / "run.ckpt"), "--checkpoint-every", "2"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    saved = chunkcca.Moments.load(folder / "run.ckpt")
+    assert saved.n == 50 * 16
+    assert main(argv) == 0  # a finished checkpoint: solved again without streaming
+    assert capsys.readouterr().out == first
+    assert main([*argv[:-4], "--precision", "float32", "--checkpoint", str(folder / "run.ckpt")]) == 2
+    assert "belongs to another run" in capsys.readouterr().err

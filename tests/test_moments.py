@@ -323,3 +323,20 @@ def test_checkpoints_are_told_apart_from_saved_moments_and_any_path_spelling_res
     relative = chunkcca.open_activations("./s.zarr")
     resumed = chunkcca.compute_moments(relative["a"], relative["b"], precision="float64", checkpoint="ckpt")
     np.testing.assert_allclose(resumed.scatter, moments.scatter, rtol=1e-12)
+
+
+def test_every_measure_takes_a_checkpoint(tmp_path):
+    import chunkcca
+
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((60, 2, 2, 4)), rng.standard_normal((60, 2, 2, 3))
+    options = dict(precision="float64", checkpoint=tmp_path / "ckpt", checkpoint_every=2)
+    a_layer, b_layer = (da.from_array(x, chunks=(10, 2, 2, -1)) for x in (a, b))
+    plain = chunkcca.cca(a_layer, b_layer, precision="float64")
+    np.testing.assert_allclose(chunkcca.cca(a_layer, b_layer, **options)["rho"], plain["rho"], rtol=1e-12)
+    # the finished checkpoint of the same layers and options serves the other CCA-family measures
+    svcca = chunkcca.svcca(a_layer, b_layer, **options)
+    assert float(svcca["rho_mean"]) == pytest.approx(float(chunkcca.svcca(a_layer, b_layer, precision="float64")
+                                                           ["rho_mean"]), rel=1e-12)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        chunkcca.cka(a_layer, b_layer, debiased=True, **options)  # needs the row-norm sums too
