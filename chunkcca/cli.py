@@ -235,9 +235,11 @@ def _select(tree: Any, names: list[str]) -> dict[str, Any]:
 def _run_sweep(args: argparse.Namespace) -> None:
     import chunkcca
 
-    from .moments import write_atomically
+    from .moments import is_url, write_atomically
     from .store import open_activations
 
+    if is_url(args.out):
+        raise ValueError(f"--out {args.out}: results are written to local paths only")
     tree = open_activations(args.store)
     result = chunkcca.similarity(_select(tree, args.a), _select(tree, args.b), measures=args.measures,
                                  spatial=args.spatial, stride=args.stride, precision=args.precision,

@@ -190,6 +190,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
     folders (Linux); elsewhere by two renames, putting the old one back if the second fails or is
     interrupted.
     """
+    if is_url(str(path)):
+        raise ValueError(f"{path}: chunkcca writes to local paths only (the write is made atomic by renaming a "
+                         f"finished folder into place); write locally and copy, or to a mounted filesystem")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -210,6 +213,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_url(location: str) -> bool:
+    """Whether ``location`` is an fsspec URL (``protocol://…``) rather than a local path."""
+    return "://" in location
 
 
 def exchange_paths(a: Path, b: Path) -> bool:

@@ -19,7 +19,7 @@ from dask.array import PerformanceWarning
 from dask.utils import format_bytes, parse_bytes
 
 from .checkpoint import CheckpointError, stream_with_checkpoint
-from .moments import PRECISIONS, Moments, Precision
+from .moments import PRECISIONS, Moments, Precision, is_url
 from .spatial import GRIDS, METHODS, SPATIAL, Adapter, plan_adapters, row_count
 from .store import as_activations
 from .stream import NAN_POLICIES, SPLIT_EVERY, NonFiniteError, stream_moments
@@ -197,6 +197,8 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], *
             raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
         if precision == "auto":
             raise ValueError("checkpointed runs need a fixed precision ('float32' or 'float64'), not 'auto'")
+        if is_url(str(checkpoint)):
+            raise ValueError(f"checkpoint {checkpoint}: checkpoints are written to local paths only")
     names = tuple(str(layer.name) for layer in layers)
     channels = [layer.sizes["channel"] for layer in layers]
     fan_in = fit_split_every(tuple(adapters), sum(channels), split_every=split_every, memory_limit=memory_limit,

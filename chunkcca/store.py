@@ -19,7 +19,7 @@ import dask.base
 import numpy as np
 import xarray as xr
 
-from .moments import write_atomically
+from .moments import is_url, write_atomically
 
 VARIABLE = "activations"
 CONV_DIMS: tuple[str, ...] = ("datapoint", "height", "width", "channel")
@@ -279,11 +279,6 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         tree[layer][VARIABLE].encoding.update(store=location, layer=layer,
                                               storage_options=dict(storage_options or {}))
     return tree
-
-
-def is_url(location: str) -> bool:
-    """Whether ``location`` is an fsspec URL (``protocol://…``) rather than a local path."""
-    return "://" in location
 
 
 def store_signature(array: xr.DataArray) -> str | None:

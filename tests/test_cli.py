@@ -226,3 +226,7 @@ def test_compare_checkpoints_and_resumes(files, capsys):
     assert capsys.readouterr().out == first
     assert main([*argv[:-4], "--precision", "float32", "--checkpoint", str(folder / "run.ckpt")]) == 2
     assert "belongs to another run" in capsys.readouterr().err
+    assert main([*argv[:-4], "--checkpoint", "s3://bucket/run.ckpt"]) == 2
+    assert "checkpoints are written to local paths only" in capsys.readouterr().err
+    assert main(["sweep", store, "--a", "m0", "--b", "m1", "--out", "s3://bucket/sweep.zarr", "--no-progress"]) == 2
+    assert "results are written to local paths only" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from chunkcca import layer_paths, open_activations, write_activations
+from chunkcca import Moments, layer_paths, open_activations, write_activations
 from chunkcca.store import as_activations
 
 
@@ -167,6 +167,11 @@ def test_stores_open_from_fsspec_urls(tmp_path, rng):
         open_activations((tmp_path / "missing.zarr").as_uri())
     with pytest.raises(ValueError, match="storage_options apply to fsspec URLs only"):
         open_activations(tmp_path / "s.zarr", storage_options={"anon": True})
+    for write in (lambda: write_activations(f"{url}2", {"m0/conv": a}),
+                  lambda: Moments(1, np.zeros(2), np.zeros((2, 2))).save(f"{url}3")):
+        with pytest.raises(ValueError, match="writes to local paths only"):
+            write()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no local folder named "file:"
 
 
 def test_bad_chunks_argument(tmp_path):
