@@ -29,14 +29,28 @@ NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold no
                         "lets them through), or values too large for the products in precision='float32' "
                         "(use precision='float64')")
 
-def inverse_sqrt(cov: np.ndarray) -> tuple[np.ndarray, int]:
+#: Machine epsilon of float64, the rounding of float64 products.
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def rounding(moments: Moments) -> float:
+    """Relative rounding of the products ``moments`` were computed with (machine epsilon of their precision)."""
+    return float(np.finfo(moments.precision).eps)
+
+
+def _rank_tolerance(values: np.ndarray, eps: float) -> float:
+    """Eigenvalues of a (p, p) covariance at most ``p · eps · largest`` are rounding (as ``numpy.linalg.pinv``)."""
+    return max(values.max(initial=0.0), 0.0) * values.shape[-1] * eps
+
+
+def inverse_sqrt(cov: np.ndarray, eps: float = EPS64) -> tuple[np.ndarray, int]:
     """Hermitian pseudo-inverse square root of a covariance (p, p) and its numerical rank.
 
-    Eigenvalues at most ``p · eps · max eigenvalue`` count as zero (as ``numpy.linalg.pinv``).
+    Eigenvalues at most ``p · eps · max eigenvalue`` count as zero (as ``numpy.linalg.pinv``); ``eps``
+    is the rounding of the products the covariance comes from (float64's, or float32's).
     """
     values, vectors = np.linalg.eigh(cov)
-    tol = max(values.max(initial=0.0), 0.0) * cov.shape[0] * np.finfo(np.float64).eps
-    keep = values > tol
+    keep = values > _rank_tolerance(values, eps)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     return (vectors * scale) @ vectors.conj().T, int(keep.sum())
@@ -47,21 +61,22 @@ def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return (variance > 0) & (variance > (CONSTANT_RTOL * np.abs(mean)) ** 2)
 
 
-def _whitener(cov: np.ndarray, epsilon: float) -> tuple[np.ndarray, int]:
+def _whitener(cov: np.ndarray, epsilon: float, eps: float) -> tuple[np.ndarray, int]:
     """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; and the rank."""
     regularised = cov + epsilon * np.eye(cov.shape[0])
     scale = 1.0 / np.sqrt(np.diagonal(regularised).real)
-    root, rank = inverse_sqrt(regularised * np.outer(scale, scale))
+    root, rank = inverse_sqrt(regularised * np.outer(scale, scale), eps)
     return scale[:, None] * root, rank
 
 
 def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
-               mean: np.ndarray | None = None) -> dict[str, np.ndarray]:
+               mean: np.ndarray | None = None, eps: float = EPS64) -> dict[str, np.ndarray]:
     """CCA of one covariance (p + q, p + q), real or Hermitian: rho, coefficients, pruned, ranks.
 
     Each side is whitened through its correlation matrix (``D (Σ + εI) D``, D the inverse standard
     deviations), so the result does not depend on the channels' units; with ``coef = D R^(−1/2) U``
-    the canonical variates have unit variance.
+    the canonical variates have unit variance. There are min(rank_a, rank_b) canonical directions;
+    the components beyond them get ρ = 0 and zero coefficients (rounding, not directions).
     """
     p, q = sizes
     variance = np.diagonal(cov).real
@@ -74,11 +89,11 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
     coef_b = np.zeros((q, n_components), dtype=cov.dtype)
     rank_a = rank_b = 0
     if index_a.size and index_b.size:
-        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon)
-        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon)
+        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, eps)
+        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon, eps)
         u, s, vh = np.linalg.svd(whiten_a.conj().T @ cov[np.ix_(index_a, index_b)] @ whiten_b)
-        k = s.size
-        rho[:k] = s
+        k = min(rank_a, rank_b)
+        rho[:k] = s[:k]
         coef_a[index_a, :k] = whiten_a @ u[:, :k]
         coef_b[index_b - p, :k] = whiten_b @ vh.conj().T[:, :k]
     return {"rho": rho, "coef_a": coef_a, "coef_b": coef_b, "pruned_a": ~kept_a, "pruned_b": ~kept_b,
@@ -109,7 +124,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     if len(dims) != len(batch):
         raise ValueError(f"Moments have {len(batch)} batch dims; name them with batch_dims")
     with threadpool_limits(limits=1, user_api="blas"):
-        solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]))
+        solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]), rounding(moments))
                   for index in np.ndindex(*batch)]
     stacked = {key: np.stack([s[key] for s in solved]).reshape((*batch, *np.shape(solved[0][key])))
                for key in solved[0]}
@@ -171,10 +186,12 @@ def check_alpha(alpha: Any) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
 
 
-def _kept_directions(cov: np.ndarray, keep: float, keep_by: str) -> np.ndarray:
-    """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values."""
+def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, eps: float) -> np.ndarray:
+    """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values;
+    directions of rounding size (see :func:`inverse_sqrt`) are never kept."""
     values, vectors = np.linalg.eigh(cov)
-    values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
+    values, vectors = values[::-1], vectors[:, ::-1]
+    values = np.where(values > _rank_tolerance(values, eps), values, 0.0)
     weights = values if keep_by == "variance" else np.sqrt(values)
     total = weights.sum()
     if total == 0:
@@ -196,11 +213,11 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     check_epsilon(epsilon)
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     with threadpool_limits(limits=1, user_api="blas"):
-        basis_a, basis_b = _kept_directions(cov_aa, keep, keep_by), _kept_directions(cov_bb, keep, keep_by)
+        basis_a, basis_b = (_kept_directions(cov, keep, keep_by, rounding(moments)) for cov in (cov_aa, cov_bb))
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
                             [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ cov_bb @ basis_b]])
-        solved = _solve_cca(reduced, (ka, kb), float(epsilon))
+        solved = _solve_cca(reduced, (ka, kb), float(epsilon), eps=rounding(moments))
     rho = solved["rho"]
     return xr.Dataset(
         {
@@ -324,10 +341,10 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     )
 
 
-def _partial_whitener(cov: np.ndarray, alpha: float) -> np.ndarray:
+def _partial_whitener(cov: np.ndarray, alpha: float, eps: float) -> np.ndarray:
     """((1 − α) Σ + α (tr Σ / p) I)^(−1/2): α = 0 whitens, α = 1 only rescales (pseudo-inverse if singular)."""
     regularised = (1 - alpha) * cov + alpha * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
-    return inverse_sqrt(regularised)[0]
+    return inverse_sqrt(regularised, eps)[0]
 
 
 def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dataset:
@@ -343,7 +360,7 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     if np.trace(cov_aa) == 0 or np.trace(cov_bb) == 0:
         raise ValueError("the shape metric is undefined: one side has no variance (every channel constant)")
     with threadpool_limits(limits=1, user_api="blas"):
-        t_a, t_b = _partial_whitener(cov_aa, alpha), _partial_whitener(cov_bb, alpha)
+        t_a, t_b = (_partial_whitener(cov, alpha, rounding(moments)) for cov in (cov_aa, cov_bb))
         nuclear = np.linalg.svd(t_a @ cov_ab @ t_b, compute_uv=False).sum()
         norm = np.sqrt(np.trace(t_a @ cov_aa @ t_a) * np.trace(t_b @ cov_bb @ t_b))
     angle = float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))

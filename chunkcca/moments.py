@@ -65,6 +65,10 @@ class Moments:
         ``Σ ‖x̃_l‖² x̃`` per side l = 0 … L − 1 (real Moments only).
     norm_products : ndarray (L, L) or None
         ``Σ ‖x̃_l‖² ‖x̃_m‖²`` per pair of sides (real Moments only).
+    precision : {"float64", "float32"}
+        dtype of the products the statistics were computed with (the coarser of merged ones). The
+        solves count eigenvalues below ``p · eps(precision) · largest`` as rounding, so float32
+        rounding noise is not taken for extra dimensions.
     """
 
     n: int
@@ -73,6 +77,7 @@ class Moments:
     sizes: tuple[int, ...] = field(default=())
     norm_moments: np.ndarray | None = None
     norm_products: np.ndarray | None = None
+    precision: str = "float64"
 
     def __post_init__(self) -> None:
         p = self.mean.shape[-1]
@@ -85,6 +90,8 @@ class Moments:
             raise ValueError(f"sizes {sizes} do not add up to the {p} channels of mean")
         if self.n < 0:
             raise ValueError(f"row count must be >= 0, got {self.n}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if (self.norm_moments is None) != (self.norm_products is None):
             raise ValueError("norm_moments and norm_products go together")
         if self.norm_moments is not None and (self.norm_moments.shape != (len(sizes), p)
@@ -104,7 +111,7 @@ class Moments:
 
     def __getitem__(self, index: tuple[int, ...] | int) -> Moments:
         """The statistics of one batch element (e.g. one spatial frequency)."""
-        return Moments(self.n, self.mean[index], self.scatter[index], self.sizes)
+        return Moments(self.n, self.mean[index], self.scatter[index], self.sizes, precision=self.precision)
 
     def select(self, sides: Sequence[int]) -> Moments:
         """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
@@ -113,7 +120,7 @@ class Moments:
         norms = None if self.norm_moments is None else self.norm_moments[np.ix_(list(sides), index)]
         products = None if self.norm_products is None else self.norm_products[np.ix_(list(sides), list(sides))]
         return Moments(self.n, self.mean[..., index], self.scatter[..., index[:, None], index],
-                       tuple(self.sizes[i] for i in sides), norms, products)
+                       tuple(self.sizes[i] for i in sides), norms, products, self.precision)
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """Covariance ``scatter / (n − ddof)``, shape (*batch, p, p)."""
@@ -134,7 +141,8 @@ class Moments:
         if (self.norm_moments is None) != (other.norm_moments is None):
             raise ValueError("cannot merge Moments with and without row-norm sums; compute both with the same "
                              "row_norms setting")
-        return unpack(merge_packed(np.concatenate([pack(self), pack(other)]), self.sizes), self.sizes)
+        precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
+        return unpack(merge_packed(np.concatenate([pack(self), pack(other)]), self.sizes), self.sizes, precision)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, attrs: dict | None = None) -> None:
         """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along."""
@@ -148,7 +156,7 @@ class Moments:
         if self.norm_moments is not None:
             variables["norm_moments"] = (("side", "channel"), self.norm_moments)
             variables["norm_products"] = (("side", "side_t"), self.norm_products)
-        dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments"})
+        dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision})
         write_atomically(path, lambda tmp: dataset.to_zarr(tmp, zarr_format=3, consolidated=False),
                          overwrite=overwrite)
 
@@ -168,6 +176,7 @@ class Moments:
                 sizes=tuple(int(s) for s in dataset["sizes"].values),
                 norm_moments=dataset["norm_moments"].values if "norm_moments" in dataset else None,
                 norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
+                precision=dataset.attrs.get("precision", "float64"),
             )
 
 
@@ -251,8 +260,8 @@ def pack(moments: Moments) -> np.ndarray:
     return packed
 
 
-def unpack(packed: np.ndarray, sizes: Sequence[int] = ()) -> Moments:
-    """Inverse of :func:`pack` for an array of shape (1, *batch, p + 2 [+ 2L], p)."""
+def unpack(packed: np.ndarray, sizes: Sequence[int] = (), precision: str = "float64") -> Moments:
+    """Inverse of :func:`pack` for an array of shape (1, *batch, p + 2 [+ 2L], p), computed in ``precision``."""
     p = packed.shape[-1]
     sides = (packed.shape[-2] - p - 2) // 2
     count = packed[(0,) + (0,) * (packed.ndim - 1)].real
@@ -261,7 +270,8 @@ def unpack(packed: np.ndarray, sizes: Sequence[int] = ()) -> Moments:
         norms = packed[0, p + 2 : p + 2 + sides].copy()
         products = packed[0, p + 2 + sides :, :sides].copy()
     return Moments(n=int(count), mean=packed[0, ..., 1, :].copy(), scatter=packed[0, ..., 2 : p + 2, :].copy(),
-                   sizes=tuple(sizes) or ((p,) if sides <= 1 else ()), norm_moments=norms, norm_products=products)
+                   sizes=tuple(sizes) or ((p,) if sides <= 1 else ()), norm_moments=norms, norm_products=products,
+                   precision=precision)
 
 
 def _side_blocks(sizes: Sequence[int], delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -283,4 +283,4 @@ def stream_moments(sides: Sequence[da.Array], adapters: Sequence[Adapter] | None
     graph = moments_graph(sides, adapters, stride=stride, precision=precision, split_every=split_every,
                           nan_policy=nan_policy, names=names, row_norms=row_norms, offset=offset)
     (packed,) = compute(graph, scheduler=scheduler, progress=progress)
-    return unpack(packed, [side.shape[-1] for side in sides])
+    return unpack(packed, [side.shape[-1] for side in sides], precision)

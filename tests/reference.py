@@ -7,6 +7,7 @@ Written for the tests only, with plain numpy: whole arrays in memory, QR-based C
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 
 def flatten_rows(acts: np.ndarray, stride: int = 1) -> np.ndarray:
@@ -22,22 +23,24 @@ def avgpool_rows(acts: np.ndarray, stride: int = 1) -> np.ndarray:
     return acts[::stride]
 
 
+def orthonormal_basis(a: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (n, rank) of the centred columns of a (constant columns dropped), by pivoted QR."""
+    a = np.asarray(a)
+    a = a.astype(np.result_type(a, np.float64))
+    centred = a - a.mean(axis=0)
+    centred = centred[:, centred.std(axis=0) > 0]
+    q, r, _ = scipy.linalg.qr(centred, mode="economic", pivoting=True)
+    keep = np.abs(np.diag(r)) > np.abs(np.diag(r)).max(initial=0) * a.shape[0] * np.finfo(float).eps
+    return q[:, keep]
+
+
 def canonical_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Canonical correlations of the rows of x (n, p) and y (n, q), descending, min(p, q) of them.
 
     QR of each centred side (constant columns dropped), then the singular values of QxᴴQy:
     no covariance is formed, so this is as accurate as float64 allows. Complex rows work too.
     """
-    def basis(a: np.ndarray) -> np.ndarray:
-        a = np.asarray(a)
-        a = a.astype(np.result_type(a, np.float64))
-        centred = a - a.mean(axis=0)
-        centred = centred[:, centred.std(axis=0) > 0]
-        q, r = np.linalg.qr(centred)
-        keep = np.abs(np.diag(r)) > np.abs(np.diag(r)).max() * a.shape[0] * np.finfo(float).eps
-        return q[:, keep]
-
-    rho = np.linalg.svd(basis(x).conj().T @ basis(y), compute_uv=False)
+    rho = np.linalg.svd(orthonormal_basis(x).conj().T @ orthonormal_basis(y), compute_uv=False)
     out = np.zeros(min(x.shape[1], y.shape[1]))
     out[: rho.size] = rho[: out.size]
     return out
@@ -114,13 +117,12 @@ def svcca_reference(x: np.ndarray, y: np.ndarray, keep: float, keep_by: str) -> 
 
 
 def pwcca_reference(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Morcos et al.'s PWCCA from QR bases: canonical variates H of the side with fewer neurons,
-    αᵢ = Σⱼ |⟨Hᵢ, x̃ⱼ⟩| (normalised), PWCCA = Σ αᵢ ρᵢ."""
+    """Morcos et al.'s PWCCA from rank-revealing QR bases: canonical variates H of the side with fewer
+    neurons (min(rank_x, rank_y) of them), αᵢ = Σⱼ |⟨Hᵢ, x̃ⱼ⟩| (normalised), PWCCA = Σ αᵢ ρᵢ."""
     small, large = (x, y) if x.shape[1] <= y.shape[1] else (y, x)
-    q_small, _ = np.linalg.qr(_centred(small))
-    q_large, _ = np.linalg.qr(_centred(large))
+    q_small, q_large = orthonormal_basis(small), orthonormal_basis(large)
     u, rho, _ = np.linalg.svd(q_small.T @ q_large, full_matrices=False)
-    variates = q_small @ u
+    variates = q_small @ u[:, : rho.size]
     weights = np.abs(variates.T @ _centred(small)).sum(axis=1)
     weights /= weights.sum()
     return float(weights @ rho), weights, rho

@@ -13,7 +13,7 @@ from dask.array import PerformanceWarning
 from reference import avgpool_rows, canonical_correlations, flatten_rows
 
 import chunkcca
-from chunkcca import Moments, cca, cca_from_moments, compute_moments
+from chunkcca import Moments, cca, cca_from_moments, compute_moments, pwcca
 
 #: Tolerances on ρ. float64 products: the covariance route squares the condition number of the
 #: centred data (about 10 here), so 1e-10 leaves four orders of magnitude of margin over the
@@ -173,6 +173,30 @@ def test_rank_deficiency_is_reported_not_hidden():
     assert np.all(np.isfinite(result["rho"]))
     assert float(result["rho"][3]) < 1e-6
     np.testing.assert_allclose(result["rho"][:3], canonical_correlations(x, b)[:3], atol=1e-9)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_directions_beyond_the_rank_are_neither_correlations_nor_weights(precision):
+    """A linear layer of 8 channels and rank 4: 4 canonical directions, whatever the product precision
+    (float32 rounding must not pass for extra dimensions); PWCCA weights only those (a rank-revealing
+    QR reference)."""
+    from reference import pwcca_reference
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 4))
+    a = x @ rng.standard_normal((4, 8)) + 3
+    b = x @ rng.standard_normal((4, 8)) + 2 * rng.standard_normal((400, 8))
+    tolerance = 1e-9 if precision == "float64" else RTOL["float32"]
+    result = cca(a, b, precision=precision)
+    assert int(result["rank_a"]) == 4 and int(result["rank_b"]) == 8
+    np.testing.assert_array_equal(result["rho"][4:], 0)
+    np.testing.assert_array_equal(result["coef_a"][:, 4:], 0)
+    np.testing.assert_allclose(result["rho"][:4], canonical_correlations(a, b)[:4], atol=tolerance)
+    want, weights, _ = pwcca_reference(a, b)
+    got = pwcca(a, b, precision=precision)
+    np.testing.assert_allclose(got["weights"][:4], weights, atol=tolerance)
+    np.testing.assert_array_equal(got["weights"][4:], 0)
+    assert float(got["pwcca"]) == pytest.approx(want, abs=tolerance)
 
 
 def test_fewer_rows_than_channels_warns():

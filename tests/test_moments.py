@@ -340,3 +340,19 @@ def test_every_measure_takes_a_checkpoint(tmp_path):
                                                            ["rho_mean"]), rel=1e-12)
     with pytest.raises(ValueError, match="belongs to another run"):
         chunkcca.cka(a_layer, b_layer, debiased=True, **options)  # needs the row-norm sums too
+
+
+def test_moments_record_the_precision_of_their_products(tmp_path):
+    import chunkcca
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((40, 5))
+    m32 = chunkcca.compute_moments(x[:20], x[:20, :2], precision="float32")
+    m64 = chunkcca.compute_moments(x[20:], x[20:, :2], precision="float64")
+    assert (m32.precision, m64.precision) == ("float32", "float64")
+    assert (m32 + m64).precision == (m64 + m32).precision == "float32"
+    assert (m64 + m64).precision == "float64" and m32.select([1]).precision == "float32"
+    m32.save(tmp_path / "m")
+    assert Moments.load(tmp_path / "m").precision == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Moments(1, np.zeros(2), np.zeros((2, 2)), precision="float16")
