@@ -40,6 +40,25 @@ def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], op
     return json.dumps({"layers": described, "adapters": tokens, **dict(sorted(options.items()))}, default=str)
 
 
+def _difference(saved: str, current: str) -> str:
+    """What differs between a checkpoint's fingerprint and this run's, in words."""
+    before, now = json.loads(saved), json.loads(current)
+    fields = ("name", "shape", "dtype", "Dask name", "files")
+    if len(before.get("layers", [])) != len(now["layers"]):
+        return f"it has {len(before.get('layers', []))} layers, this run {len(now['layers'])}"
+    for old_layer, new_layer in zip(before["layers"], now["layers"]):
+        for field, was, is_now in zip(fields, old_layer, new_layer):
+            if was != is_now:
+                if field == "files":
+                    return f"the files of layer {new_layer[0]!r} changed since (its store was rewritten or edited)"
+                return f"layer {new_layer[0]!r} has another {field} ({was} then, {is_now} now)"
+    if before.get("adapters") != now["adapters"]:
+        return "the spatial adapters differ (spatial sizes, frequencies, interpolation or spectrum dtype)"
+    changed = [f"{key} {before.get(key)!r} then, {now[key]!r} now" for key in now
+               if key not in ("layers", "adapters") and before.get(key) != now[key]]
+    return "; ".join(changed) or "its fingerprint differs"
+
+
 def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
     """The Moments saved in a checkpoint, the datapoints they cover and the run's fingerprint."""
     with xr.open_zarr(path, consolidated=False, chunks=None) as saved:
@@ -64,8 +83,8 @@ def stream_with_checkpoint(layers: Sequence[xr.DataArray], adapters: Sequence[Ad
     if path.exists():
         total, done, saved_fingerprint = load_progress(path)
         if saved_fingerprint != fingerprint:
-            raise CheckpointError(f"checkpoint {path} belongs to another run ({saved_fingerprint}); this run is "
-                             f"{fingerprint}. Remove it or pass another path")
+            raise CheckpointError(f"checkpoint {path} belongs to another run: "
+                                  f"{_difference(saved_fingerprint, fingerprint)}. Remove it or pass another path")
     boundaries = [0, *np.cumsum(layers[0].data.chunks[0]).tolist()]
     if done not in boundaries:
         raise CheckpointError(f"checkpoint {path} stopped after datapoint {done}, which is not a chunk boundary of "

@@ -19,7 +19,7 @@ import xarray as xr
 
 from .pairs import check_options, prepare_layers, reading
 from .spatial import Adapter, row_count
-from .stream import SPLIT_EVERY, compute, rows_reduction
+from .stream import SPLIT_EVERY, check_scheduler, compute, rows_reduction
 
 
 def _hollow(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -97,6 +97,7 @@ def minibatch_cka(a: Any, b: Any, *, size: int, spatial: str = "flatten", stride
                             stride=stride),
         merge=_add, shape=(5,), dtype=np.float64, stride=stride, split_every=split_every,
         names=(str(layer_a.name), str(layer_b.name)))
+    check_scheduler(scheduler)
     with reading((layer_a, layer_b)):
         (sums,) = compute(graph, scheduler=scheduler, progress=progress)
     hsic_ab, hsic_aa, hsic_bb, batches, left_over = sums[0]

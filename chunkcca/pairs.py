@@ -22,7 +22,7 @@ from .checkpoint import CheckpointError, stream_with_checkpoint
 from .moments import PRECISIONS, Moments, Precision, is_url
 from .spatial import GRIDS, METHODS, SPATIAL, Adapter, plan_adapters, row_count
 from .store import as_activations
-from .stream import NAN_POLICIES, SPLIT_EVERY, NonFiniteError, stream_moments
+from .stream import NAN_POLICIES, SPLIT_EVERY, NonFiniteError, check_scheduler, stream_moments
 
 #: Default memory budget for the statistics held at once (matters for spatial="dft").
 MEMORY_LIMIT = "4GiB"
@@ -199,6 +199,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], *
             raise ValueError("checkpointed runs need a fixed precision ('float32' or 'float64'), not 'auto'")
         if is_url(str(checkpoint)):
             raise ValueError(f"checkpoint {checkpoint}: checkpoints are written to local paths only")
+    check_scheduler(scheduler)
     names = tuple(str(layer.name) for layer in layers)
     channels = [layer.sizes["channel"] for layer in layers]
     fan_in = fit_split_every(tuple(adapters), sum(channels), split_every=split_every, memory_limit=memory_limit,

@@ -9,13 +9,15 @@ chunked, so each chunk holds whole spatial maps.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import dask.array as da
-import dask.base
 import numpy as np
 import xarray as xr
 
@@ -239,7 +241,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, chu
         if progress:
             from dask.diagnostics import ProgressBar
 
-            with ProgressBar():
+            with ProgressBar(out=sys.stderr):
                 tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
         else:
             tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
@@ -281,16 +283,26 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     return tree
 
 
+#: File details that change when a file is rewritten: local size and mtime, object stores' ETags and versions.
+SIGNATURE_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "updated", "generation",
+                    "md5Hash", "version_id")
+
+
 def store_signature(array: xr.DataArray) -> str | None:
-    """A hash of the names, sizes and modification times (or ETags) of the files that hold a store-backed
-    layer (as opened by :func:`open_activations`), None for other arrays: it changes when the store is
-    rewritten or edited. Only metadata is read: one listing of the layer's folder."""
+    """A hash of the names (within the layer), sizes and modification times (or ETags) of the files that hold
+    a store-backed layer as opened by :func:`open_activations`; None for other arrays (and for arrays computed
+    from one, which lose the store in their encoding). It changes when the store is rewritten or edited, not
+    when it is read, moved, mounted elsewhere or has its permissions changed. Reads one listing of the layer's
+    folder, no data."""
     encoding = array.encoding
     if "store" not in encoding or "layer" not in encoding:
         return None
     filesystem, root = store_filesystem(encoding["store"], encoding.get("storage_options"))
-    files = filesystem.find(f"{root}/{encoding['layer']}/{VARIABLE}", detail=True)
-    return dask.base.tokenize(sorted((name, sorted(info.items())) for name, info in files.items()))
+    folder = f"{root}/{encoding['layer']}/{VARIABLE}".rstrip("/")
+    files = filesystem.find(folder, detail=True)
+    listing = sorted((name.removeprefix(folder), [info.get(key) for key in SIGNATURE_FIELDS])
+                     for name, info in files.items())
+    return hashlib.sha1(json.dumps(listing, default=str).encode()).hexdigest()
 
 
 def store_filesystem(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:

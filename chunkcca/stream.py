@@ -215,9 +215,24 @@ def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tupl
         if progress:
             from dask.diagnostics import ProgressBar
 
-            with ProgressBar():
+            with ProgressBar(out=sys.stderr):  # stdout stays for results (e.g. the CLI's --json)
                 return dask.compute(*graphs, **options)
         return dask.compute(*graphs, **options)
+
+
+#: Scheduler names dask.compute takes.
+SCHEDULER_NAMES = ("threads", "threading", "sync", "synchronous", "single-threaded", "processes",
+                   "multiprocessing", "distributed", "dask.distributed")
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """Refuse a ``scheduler`` that is neither None, a name Dask knows, an address, a Client nor a get function."""
+    if scheduler is None or callable(scheduler) or is_address(scheduler) or hasattr(scheduler, "get"):
+        return
+    if isinstance(scheduler, str) and scheduler.lower() in SCHEDULER_NAMES:
+        return
+    raise ValueError(f"scheduler must be 'threads', 'synchronous', 'processes', a Dask scheduler address "
+                     f"('tcp://host:8786' or 'host:8786') or a distributed.Client, got {scheduler!r}")
 
 
 def is_address(scheduler: Any) -> bool:
@@ -241,11 +256,12 @@ def connected(scheduler: Any) -> Iterator[Any]:
 def _cluster_progress(futures: list[Any], client: Any) -> None:
     """distributed's progress bar for ``futures`` of ``client``, which need not be the default client.
 
-    In a terminal the bar blocks until the futures finish; in a notebook it is a widget, shown here.
+    In a terminal the bar (on stderr) blocks until the futures finish; in a notebook it is a widget, shown here.
     """
     from distributed import progress as distributed_progress
 
-    bar = distributed_progress(futures, scheduler=client.scheduler.address)
+    with contextlib.redirect_stdout(sys.stderr):  # the terminal bar prints to stdout, which stays for results
+        bar = distributed_progress(futures, scheduler=client.scheduler.address)
     if bar is not None:  # a Jupyter widget
         from IPython.display import display
 

@@ -191,11 +191,13 @@ def test_the_active_client_is_used_without_naming_it(cluster, layers):
 def test_progress_bars_locally_and_on_a_cluster(cluster, layers, capsys):
     a, b, *_ = layers
     chunkcca.cca(a, b, progress=True)
-    assert "100% Completed" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "100% Completed" in printed.err and printed.out == ""  # stdout stays for results
     chunkcca.cca(a, b, scheduler=cluster["address"], progress=True)
-    assert "100% Completed" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "100% Completed" in printed.err and printed.out == ""
     chunkcca.cca(a, b, scheduler=cluster["address"])
-    assert "Completed" not in capsys.readouterr().out
+    assert "Completed" not in capsys.readouterr().err
 
 
 def test_the_command_line_runs_on_a_cluster(cluster, layers, capsys):
@@ -204,9 +206,9 @@ def test_the_command_line_runs_on_a_cluster(cluster, layers, capsys):
     for scheduler in ("threads", cluster["address"]):
         assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "cka", "--precision", "float64",
                      "--json", "--scheduler", scheduler]) == 0  # with the progress bar, the default
-        out = capsys.readouterr().out
-        assert "100% Completed" in out
-        reports.append(json.loads(out[out.index("{"): out.rindex("}") + 1]))
+        printed = capsys.readouterr()
+        assert "100% Completed" in printed.err
+        reports.append(json.loads(printed.out))  # the progress bar does not break the JSON
     for measure in ("cca", "cka"):
         for key, value in reports[0]["results"][measure].items():
             assert reports[1]["results"][measure][key] == pytest.approx(value, rel=1e-12)
@@ -274,3 +276,11 @@ def test_local_runs_use_the_configured_scheduler_without_importing_distributed()
     threads.clear()
     chunkcca.cca(layer, x[:, :3])
     assert threading.get_ident() not in threads
+
+
+@pytest.mark.parametrize("call", [lambda a, b: chunkcca.cca(a, b, scheduler="bogus"),
+                                  lambda a, b: chunkcca.cka(a, b, minibatch=20, scheduler="bogus")])
+def test_an_unknown_scheduler_is_named_before_reading(layers, call):
+    a, b, *_ = layers
+    with pytest.raises(ValueError, match=r"scheduler must be 'threads'.*got 'bogus'"):
+        call(a, b)

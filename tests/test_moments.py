@@ -294,6 +294,8 @@ def test_a_checkpoint_of_a_store_edited_or_rewritten_since_does_not_resume(tmp_p
     tree = chunkcca.open_activations(location)
     chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "ckpt",
                              checkpoint_every=2)
+    for file in (path / "a").rglob("*"):  # permissions are not content
+        file.chmod(file.stat().st_mode | 0o020)
     again = chunkcca.open_activations(location)
     assert chunkcca.compute_moments(again["a"], again["b"], precision="float64", checkpoint=tmp_path / "ckpt").n == 40
     if as_url:
@@ -303,7 +305,7 @@ def test_a_checkpoint_of_a_store_edited_or_rewritten_since_does_not_resume(tmp_p
         zarr.open_array(path / "a" / "activations", mode="r+")[:10] = 100.0
     edited = chunkcca.open_activations(location)
     assert edited["a"]["activations"].data.name == tree["a"]["activations"].data.name or not as_url
-    with pytest.raises(ValueError, match="belongs to another run"):
+    with pytest.raises(ValueError, match="belongs to another run: the files of layer 'a' changed since"):
         chunkcca.compute_moments(edited["a"], edited["b"], precision="float64", checkpoint=tmp_path / "ckpt")
 
 
