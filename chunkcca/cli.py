@@ -124,6 +124,8 @@ def _run_ingest(args: argparse.Namespace) -> None:
         layer, separator, file = item.partition("=")
         if not separator or not layer or not file:
             raise ValueError(f"expected LAYER=FILE, got {item!r}")
+        if layer in sources:
+            raise ValueError(f"layer {layer!r} is given twice ({sources[layer]} and {file})")
         sources[layer] = file
     tree = ingest(args.store, sources, layout=args.layout, chunks=args.chunk or "auto", overwrite=args.overwrite,
                   progress=True)
@@ -173,6 +175,11 @@ def _run_compare(args: argparse.Namespace) -> None:
     a, b = _layer(tree, args.layer_a), _layer(tree, args.layer_b)
     if args.spatial == "dft" and set(args.measure) - {"cca"}:
         raise ValueError("with --spatial dft only the cca measure is offered")
+    if args.plot:
+        if not set(args.measure) & {"cca", "svcca"} or args.spatial == "dft":
+            raise ValueError("--plot draws canonical correlation curves: include cca or svcca in --measure, "
+                             "and not with --spatial dft (a matrix of frequencies)")
+        _check_folder(args.plot, "--plot")
     streamed = stream_pair(a, b, spatial=args.spatial, stride=args.stride, epsilon=args.epsilon,
                            precision=args.precision, scheduler=args.scheduler, progress=not args.no_progress,
                            row_norms="cka_debiased" in args.measure, checkpoint=args.checkpoint,
@@ -202,9 +209,14 @@ def _run_compare(args: argparse.Namespace) -> None:
         print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, one pass)")
         print(format_table(table))
     if args.plot:
-        if not curves:
-            raise ValueError("--plot draws canonical correlations: include cca or svcca in --measure")
         save_figure(lambda: _plot_curves(curves, args), args.plot)
+
+
+def _check_folder(path: str, option: str) -> None:
+    """Refuse, before any work, an output whose folder does not exist."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: no folder {folder}")
 
 
 def _plot_curves(curves: dict[str, Any], args: argparse.Namespace) -> Any:
@@ -240,12 +252,16 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
     if is_url(args.out):
         raise ValueError(f"--out {args.out}: results are written to local paths only")
+    if Path(args.out).suffix not in (".nc", ".zarr"):
+        raise ValueError(f"--out {args.out}: name a netCDF file (.nc) or a zarr store (.zarr)")
+    _check_folder(args.out, "--out")
+    if args.plot:
+        _check_folder(args.plot, "--plot")
     tree = open_activations(args.store)
     result = chunkcca.similarity(_select(tree, args.a), _select(tree, args.b), measures=args.measures,
                                  spatial=args.spatial, stride=args.stride, precision=args.precision,
                                  scheduler=args.scheduler, progress=not args.no_progress)
     out = Path(args.out)
-    result.attrs["measures"] = ",".join(result.attrs["measures"])
     if out.suffix == ".zarr":
         write_atomically(out, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False), overwrite=True)
     else:

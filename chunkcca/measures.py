@@ -93,7 +93,7 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
         whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon, eps)
         u, s, vh = np.linalg.svd(whiten_a.conj().T @ cov[np.ix_(index_a, index_b)] @ whiten_b)
         k = min(rank_a, rank_b)
-        rho[:k] = s[:k]
+        rho[:k] = np.minimum(s[:k], 1.0)  # a correlation; rounding (float32, few rows) can pass 1
         coef_a[index_a, :k] = whiten_a @ u[:, :k]
         coef_b[index_b - p, :k] = whiten_b @ vh.conj().T[:, :k]
     return {"rho": rho, "coef_a": coef_a, "coef_b": coef_b, "pruned_a": ~kept_a, "pruned_b": ~kept_b,
@@ -522,10 +522,10 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
             raise ValueError("minibatch CKA is already built from unbiased HSIC; pass debiased=False")
         from .minibatch import minibatch_cka
 
-        unused = sorted(set(stream_options) & {"precision", "memory_limit"})
+        unused = sorted(set(stream_options) & {"precision", "memory_limit", "checkpoint", "checkpoint_every"})
         if unused:
             raise TypeError(f"{', '.join(unused)} do not apply to minibatch CKA (float64 Gram matrices of "
-                            f"minibatch x minibatch values)")
+                            f"minibatch x minibatch values, summed in one pass; no Moments to checkpoint)")
         return minibatch_cka(a, b, size=minibatch, spatial=spatial, stride=stride, **stream_options)
     return _streamed("cka", cka_from_moments, a, b, spatial=spatial, stride=stride, stream_options=stream_options,
                      row_norms=bool(debiased), debiased=bool(debiased))

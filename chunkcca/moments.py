@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -225,8 +226,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
 
 
 def is_url(location: str) -> bool:
-    """Whether ``location`` is an fsspec URL (``protocol://…``) rather than a local path."""
-    return "://" in location
+    """Whether ``location`` is an fsspec URL (``protocol://…``, or ``protocol:/…`` as pathlib squashes it)
+    rather than a local path (a Windows drive letter is one character)."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.\-]+:/", location) is not None
 
 
 def exchange_paths(a: Path, b: Path) -> bool:

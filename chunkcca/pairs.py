@@ -84,11 +84,7 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
         return a, b
     labels_a = a.indexes["datapoint"]
     labels_b = b.indexes["datapoint"]
-    for name, labels in ((name_a, labels_a), (name_b, labels_b)):
-        if not labels.is_unique:
-            duplicated = labels[labels.duplicated()].unique()[:5].tolist()
-            raise ValueError(f"layer {name!r} has repeated datapoint labels, e.g. {duplicated}")
-    if labels_a.equals(labels_b):
+    if labels_a.equals(labels_b):  # labels are unique: as_activations refuses repeats
         return a, b
     missing_b = labels_a.difference(labels_b)
     missing_a = labels_b.difference(labels_a)

@@ -117,6 +117,10 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                     f"dims=('datapoint', 'height', 'width', 'channel') if it is channels-last")
             array = xr.DataArray(layer, dims=CONV_DIMS if layer.ndim == 4 else FC_DIMS, name=name)
     _check_values(array, name, allow_complex)
+    labels = array.indexes.get("datapoint")
+    if labels is not None and not labels.is_unique:
+        repeated = labels[labels.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"layer {name!r} has repeated datapoint labels, e.g. {repeated}")
     if array.chunks is None:  # numpy, or a lazily indexed backend array: chunk it without reading it
         preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
         per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(

@@ -133,5 +133,5 @@ def _pairwise(stats: Moments, names: list[str], names_a: list[str], names_b: lis
         {measure: (("layer_a", "layer_b"), value) for measure, value in values.items()}
         | {"rows": ((), np.int64(stats.n))},
         coords={"layer_a": np.array(names_a, dtype=object), "layer_b": np.array(names_b, dtype=object)},
-        attrs={"measures": list(measures), **attrs},
+        attrs={"measures": ",".join(measures), **attrs},  # a string: netCDF attributes take no lists
     )

@@ -199,6 +199,13 @@ def test_directions_beyond_the_rank_are_neither_correlations_nor_weights(precisi
     assert float(got["pwcca"]) == pytest.approx(want, abs=tolerance)
 
 
+def test_correlations_rounded_past_one_are_one():
+    """Rounding can put a covariance's cross term past the product of the standard deviations."""
+    cov = np.array([[1.0, 1.0 + 1e-7], [1.0 + 1e-7, 1.0]])
+    result = cca_from_moments(Moments(10, np.zeros(2), cov * 9, sizes=(1, 1)))
+    assert float(result["rho"][0]) == 1.0
+
+
 def test_fewer_rows_than_channels_warns():
     rng = np.random.default_rng(9)
     with pytest.warns(RuntimeWarning, match="only 6 rows for 8 channels"):

@@ -72,6 +72,13 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["ingest", "{folder}/x.zarr", "m0/conv"], "expected LAYER=FILE, got 'm0/conv'"),
         (["ingest", "{folder}/x.zarr", "m0=nothing.npy"], "no such file: nothing.npy"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--stride", "0"], None),
+        (["ingest", "{folder}/x.zarr", "m0={folder}/a.npy", "m0={folder}/b.npz"], "layer 'm0' is given twice"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--measure", "cka", "--plot", "{folder}/p.png"],
+         "--plot draws canonical correlation curves"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--plot", "{folder}/none/p.png"], "no folder"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "bogus"], "scheduler must be"),
+        (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/x.csv"], "name a netCDF file (.nc)"),
+        (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/none/x.nc"], "no folder"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(files, capsys, argv, message):

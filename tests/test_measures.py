@@ -272,3 +272,9 @@ def test_epsilon_and_interp_options_reach_every_measure():
     assert result.attrs["method"] == "nearest" and result.attrs["grid"] == "coords"
     with pytest.raises(ValueError, match="pwcca compares two sides of real, unbatched Moments"):
         pwcca_from_moments(compute_moments(conv, pooled, spatial="dft", precision="float64"))
+
+
+def test_minibatch_cka_refuses_checkpoints_by_name():
+    x = np.random.default_rng(0).standard_normal((100, 3))
+    with pytest.raises(TypeError, match="checkpoint do not apply to minibatch CKA"):
+        cka(x, x[:, :2], minibatch=20, checkpoint="run.moments")

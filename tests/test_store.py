@@ -168,10 +168,18 @@ def test_stores_open_from_fsspec_urls(tmp_path, rng):
     with pytest.raises(ValueError, match="storage_options apply to fsspec URLs only"):
         open_activations(tmp_path / "s.zarr", storage_options={"anon": True})
     for write in (lambda: write_activations(f"{url}2", {"m0/conv": a}),
+                  lambda: write_activations(Path("file://" + str(tmp_path / "p.zarr")), {"m0/conv": a}),
                   lambda: Moments(1, np.zeros(2), np.zeros((2, 2))).save(f"{url}3")):
         with pytest.raises(ValueError, match="writes to local paths only"):
             write()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no local folder named "file:"
+
+
+def test_repeated_datapoint_labels_are_refused_when_written(tmp_path):
+    layer = xr.DataArray(np.zeros((4, 2)), dims=("datapoint", "channel"), coords={"datapoint": [0, 1, 1, 2]})
+    with pytest.raises(ValueError, match=r"layer 'fc' has repeated datapoint labels, e.g. \[1\]"):
+        write_activations(tmp_path / "s.zarr", {"fc": layer})
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_bad_chunks_argument(tmp_path):

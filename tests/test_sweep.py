@@ -80,6 +80,8 @@ def test_datatree_input_and_heatmap(tmp_path):
     ax = plot_similarity(result, "cka")
     ax.figure.savefig(tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    result.to_netcdf(tmp_path / "sweep.nc")  # attrs a netCDF file can hold
+    assert xr.open_dataset(tmp_path / "sweep.nc").attrs["measures"] == "cka"
 
 
 def test_bad_sweeps_are_rejected_before_streaming():
