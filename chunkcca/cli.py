@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,7 +27,10 @@ STORE_HELP = "the store: a local path or an fsspec URL (file://, s3://, gs://, .
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -119,6 +123,8 @@ def _run_ingest(args: argparse.Namespace) -> None:
     from .ingest import ingest
     from .store import layer_paths
 
+    if os.path.exists(args.store) and not args.overwrite:
+        raise ValueError(f"{args.store} exists; pass --overwrite to replace it")
     sources = {}
     for item in args.layers:
         layer, separator, file = item.partition("=")
@@ -198,8 +204,10 @@ def _run_compare(args: argparse.Namespace) -> None:
     options = {"spatial": args.spatial, "stride": args.stride, "precision": streamed.precision,
                "epsilon": args.epsilon, "scheduler": args.scheduler}
     if args.json:
+        results = {measure: {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                             for key, value in values.items()} for measure, values in summary.items()}
         print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "options": options,
-                          "results": summary}, indent=1, default=float))
+                          "results": results}, indent=1, default=float))  # undefined values (NaN) as null
     else:
         table = [("measure", "value", "rows")]
         for measure, values in summary.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -17,11 +18,17 @@ class PinBlas(WorkerPlugin):
     """
 
     name = "chunkcca-pin-blas"
+    idempotent = True  # registered once per cluster: later registrations change nothing
 
     def setup(self, worker: Any) -> None:
         pin_blas()
 
 
 def prepare_workers(client: Any) -> None:
-    """Register :class:`PinBlas` on ``client``'s cluster (replacing an earlier registration)."""
-    client.register_plugin(PinBlas(), name=PinBlas.name)
+    """Register :class:`PinBlas` on ``client``'s cluster once; a failure only warns (it is an optimisation)."""
+    try:
+        client.register_plugin(PinBlas(), name=PinBlas.name)
+    except Exception as error:  # a worker refusing the plugin must not fail the comparison
+        warnings.warn(f"could not limit BLAS to one thread on the workers ({type(error).__name__}: {error}); "
+                      f"start them with a nanny, or set OPENBLAS_NUM_THREADS=1 for them", RuntimeWarning,
+                      stacklevel=3)

@@ -26,8 +26,7 @@ CONSTANT_RTOL = 1e-12
 
 #: Why finite-looking statistics can hold NaN or Inf (nan_policy=None, or values beyond float32's range).
 NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold non-finite values (nan_policy=None "
-                        "lets them through), or values too large for the products in precision='float32' "
-                        "(use precision='float64')")
+                        "lets them through), or values too large for the products' precision")
 
 #: Machine epsilon of float64, the rounding of float64 products.
 EPS64 = float(np.finfo(np.float64).eps)
@@ -161,7 +160,8 @@ def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
                          + ("" if batched else "; spatial='dft' is offered by cca only"))
     cov = moments.covariance()
     if not np.all(np.isfinite(cov)):
-        raise ValueError(NONFINITE_STATISTICS)
+        advice = " (use precision='float64')" if moments.precision == "float32" else ""
+        raise ValueError(NONFINITE_STATISTICS + advice)
     return cov
 
 

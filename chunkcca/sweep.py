@@ -72,7 +72,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
         "flatten" (all layers need one spatial size) or "avgpool" (any sizes); interp and dft
         pair layers individually and are offered by the per-pair functions.
     stride, epsilon, precision, split_every, memory_limit, scheduler, progress, nan_policy
-        As for :func:`chunkcca.cca`.
+        As for :func:`chunkcca.cca`. With ``nan_policy="omit"`` a row is left out of every pair when any
+        layer holds NaN or Inf in it (all layers are streamed together).
 
     Returns
     -------

@@ -78,6 +78,8 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["compare", "{store}", "m0/conv", "m0/conv", "--plot", "{folder}/none/p.png"], "no folder"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "bogus"], "scheduler must be"),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/x.csv"], "name a netCDF file (.nc)"),
+        (["ingest", "{store}", "m0={folder}/a.npy"], "exists; pass --overwrite to replace it"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--stride", "1.5", "--no-progress"], None),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/none/x.nc"], "no folder"),
     ],
 )
@@ -237,3 +239,12 @@ def test_compare_checkpoints_and_resumes(files, capsys):
     assert "checkpoints are written to local paths only" in capsys.readouterr().err
     assert main(["sweep", store, "--a", "m0", "--b", "m1", "--out", "s3://bucket/sweep.zarr", "--no-progress"]) == 2
     assert "results are written to local paths only" in capsys.readouterr().err
+
+
+def test_compare_json_writes_undefined_values_as_null(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s.zarr"
+    chunkcca.write_activations(store, {"a": rng.standard_normal((30, 3)), "flat": np.ones((30, 2))})
+    assert main(["compare", str(store), "a", "flat", "--measure", "svcca", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)  # strict JSON: no bare NaN
+    assert report["results"]["svcca"]["rho_mean"] is None

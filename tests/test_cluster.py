@@ -150,6 +150,8 @@ def test_blas_is_pinned_inside_tasks_on_workers_without_a_nanny(cluster, layers)
 
     a, b, *_ = layers
     with Client(cluster["address"], set_as_default=False) as client:
+        if "chunkcca-pin-blas" in client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.worker_plugins):
+            client.unregister_worker_plugin("chunkcca-pin-blas")  # registered by earlier tests' runs
         client.run(_two_blas_threads)
         assert set(map(tuple, client.run(_blas_threads).values())) == {(2,)}
         chunkcca.cca(a, b, scheduler=cluster["address"].removeprefix("tcp://"))  # host:port works too

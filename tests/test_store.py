@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import dask
@@ -85,7 +86,8 @@ def test_overwrite_swaps_in_one_step_or_puts_the_old_store_back(tmp_path, monkey
     exchange = moments.exchange_paths
     monkeypatch.setattr(moments, "exchange_paths", lambda a, b: swapped.append(exchange(a, b)) or swapped[-1])
     write_activations(old_store, {"fc": np.zeros((4, 2))}, overwrite=True)
-    assert swapped == [True]  # Linux: one atomic renameat2(RENAME_EXCHANGE)
+    # Linux (ext4, tmpfs, ...): one atomic renameat2(RENAME_EXCHANGE); elsewhere the fallback below
+    assert swapped == [True] or not sys.platform.startswith("linux")
     assert open_activations(old_store)["fc"]["activations"].shape == (4, 2)
     assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
 
