@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("layers", nargs="+", metavar="LAYER=FILE",
                         help="layer path and file, e.g. model0/fc=model_0_lay06.p (a .npz gives LAYER/<name>)")
     ingest.add_argument("--layout", choices=LAYOUTS, default="datapoints",
-                        help="axis 0 is datapoint (default), or 2-d arrays are (neurons, datapoints) as svcca's")
+                        help="datapoint first, channel last (default); 'neurons': 2-d (neurons, datapoints) as "
+                             "svcca's; 'channels_first': (datapoint, channel, height, width) as PyTorch's")
     ingest.add_argument("--chunk", type=_positive_int, help="datapoints per chunk (default: about 16 MiB)")
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing store")
 
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--measure", nargs="+", default=["cca"], choices=list(COMPARE_MEASURES),
                          help="measures (default cca)")
     compare.add_argument("--epsilon", type=float, default=0.0, help="ridge for CCA-family measures (default 0)")
+    compare.add_argument("--keep", type=float, default=0.99,
+                         help="svcca: the share of each side's variance its kept directions hold (default 0.99)")
+    compare.add_argument("--alpha", type=float, default=1.0,
+                         help="shape: partial whitening, 0 (CCA-like) to 1 (Procrustes-like; default)")
     _streaming_options(compare)
     compare.add_argument("--checkpoint", help="save the running statistics to this path as the run goes; "
                          "running the same comparison again resumes from it (needs a fixed --precision)")
@@ -173,7 +178,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     """One streamed pass over the two layers, then every measure from the same Moments."""
     import chunkcca
 
-    from .measures import label_result
+    from .measures import check_alpha, check_svcca_options, label_result
     from .pairs import stream_pair
     from .store import open_activations
 
@@ -181,6 +186,8 @@ def _run_compare(args: argparse.Namespace) -> None:
     a, b = _layer(tree, args.layer_a), _layer(tree, args.layer_b)
     if args.spatial == "dft" and set(args.measure) - {"cca"}:
         raise ValueError("with --spatial dft only the cca measure is offered")
+    check_svcca_options(args.keep, "variance")
+    check_alpha(args.alpha)
     if args.plot:
         if not set(args.measure) & {"cca", "svcca"} or args.spatial == "dft":
             raise ValueError("--plot draws canonical correlation curves: include cca or svcca in --measure, "
@@ -196,6 +203,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         function, extra, keys = COMPARE_MEASURES[measure]
         if measure in EPSILON_MEASURES:
             extra = {**extra, "epsilon": args.epsilon}
+        extra = {**extra, **{"svcca": {"keep": args.keep}, "shape": {"alpha": args.alpha}}.get(measure, {})}
         result = label_result(getattr(chunkcca, function)(streamed.moments, **extra), streamed,
                               spatial=args.spatial, stride=args.stride)
         summary[measure] = {key: result[key].item() for key in keys} | {"rows": int(streamed.moments.n)}

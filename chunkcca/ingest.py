@@ -31,7 +31,9 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     for name in ("_reconstruct", "scalar")
 ) | {("numpy", "ndarray"), ("numpy", "dtype")}
 
-LAYOUTS = ("datapoints", "neurons")
+#: How a file's axes are laid out: datapoint first and channel last (chunkcca's), google/svcca's 2-d
+#: (neurons, datapoints), or PyTorch's channels-first (datapoint, channel, height, width).
+LAYOUTS = ("datapoints", "neurons", "channels_first")
 
 
 class ArrayOnlyUnpickler(pickle.Unpickler):
@@ -93,8 +95,9 @@ def _array_names(path: str | os.PathLike) -> list[str]:
 
 
 def _as_layer(array: np.ndarray, layout: str, source: str) -> np.ndarray:
-    """``array`` datapoint-first (a view: a memory-mapped .npy stays on disk); ``layout="neurons"`` means
-    (neurons, datapoints) as google/svcca's. :func:`chunkcca.write_activations` chunks it."""
+    """``array`` datapoint-first, channel-last (a view: a memory-mapped .npy stays on disk); ``layout="neurons"``
+    means (neurons, datapoints) as google/svcca's, "channels_first" (datapoint, channel, height, width) as
+    PyTorch's. :func:`chunkcca.write_activations` chunks it."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "neurons":
@@ -102,6 +105,11 @@ def _as_layer(array: np.ndarray, layout: str, source: str) -> np.ndarray:
             raise ValueError(f"{source}: layout 'neurons' needs a 2-d (neurons, datapoints) array, got shape "
                              f"{array.shape}")
         return array.T
+    if layout == "channels_first":
+        if array.ndim != 4:
+            raise ValueError(f"{source}: layout 'channels_first' needs a 4-d (datapoint, channel, height, width) "
+                             f"array, got shape {array.shape}")
+        return np.moveaxis(array, 1, -1)
     return array
 
 
@@ -140,7 +148,8 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     """Write the arrays of files into a store: layer path → file (.npy, .npz, or a pickled array).
 
     A .npz gives one layer per array, under ``layer/<array name>``. ``layout="neurons"`` reads 2-d arrays
-    as (neurons, datapoints), google/svcca's layout, and transposes them (lazily).
+    as (neurons, datapoints), google/svcca's layout, and ``layout="channels_first"`` 4-d arrays as
+    (datapoint, channel, height, width), PyTorch's; both are transposed lazily.
 
     The store is the one :func:`chunkcca.write_activations` would write from all the arrays at once, but it is
     written layer by layer, so at most one pickle or .npz member is in memory at a time (a .npy is

@@ -152,6 +152,10 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     return result
 
 
+class UndefinedMeasure(ValueError):
+    """The measure has no value for these statistics (e.g. a side without variance)."""
+
+
 def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
     """The finite covariance of two-sided Moments (batched, i.e. per frequency, only if ``batched``)."""
     if len(moments.sizes) != 2 or (moments.batch_shape and not batched):
@@ -308,11 +312,11 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
     else:
         hsic = cross
     if cross["aa"] == 0 or cross["bb"] == 0:
-        raise ValueError("CKA is undefined: one side has no variance (every channel constant)")
+        raise UndefinedMeasure("CKA is undefined: one side has no variance (every channel constant)")
     if hsic["aa"] <= 0 or hsic["bb"] <= 0:
-        raise ValueError(f"debiased CKA is undefined here: the unbiased HSIC of a side with itself is not positive "
-                         f"(HSIC(a, a) = {hsic['aa']:.3g}, HSIC(b, b) = {hsic['bb']:.3g}), which happens with few "
-                         f"rows ({n}); use more rows or the biased estimator")
+        raise UndefinedMeasure(f"debiased CKA is undefined here: the unbiased HSIC of a side with itself is not "
+                               f"positive (HSIC(a, a) = {hsic['aa']:.3g}, HSIC(b, b) = {hsic['bb']:.3g}), which "
+                               f"happens with few rows ({n}); use more rows or the biased estimator")
     value = hsic["ab"] / np.sqrt(hsic["aa"] * hsic["bb"])
     return xr.Dataset(
         {"cka": ((), value, {"long_name": "linear CKA" + (" (debiased)" if debiased else "")}),
@@ -330,7 +334,7 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     cov_aa, cov_ab, cov_bb = _pair(moments, "procrustes")
     scale = np.sqrt(np.trace(cov_aa) * np.trace(cov_bb))
     if scale == 0:
-        raise ValueError("Procrustes distance is undefined: one side has no variance (every channel constant)")
+        raise UndefinedMeasure("Procrustes distance is undefined: one side has no variance (every channel constant)")
     with threadpool_limits(limits=1, user_api="blas"):
         similarity = float(np.linalg.svd(cov_ab, compute_uv=False).sum() / scale)
     return xr.Dataset(
@@ -358,7 +362,7 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     check_alpha(alpha)
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     if np.trace(cov_aa) == 0 or np.trace(cov_bb) == 0:
-        raise ValueError("the shape metric is undefined: one side has no variance (every channel constant)")
+        raise UndefinedMeasure("the shape metric is undefined: one side has no variance (every channel constant)")
     with threadpool_limits(limits=1, user_api="blas"):
         t_a, t_b = (_partial_whitener(cov, alpha, rounding(moments)) for cov in (cov_aa, cov_bb))
         nuclear = np.linalg.svd(t_a @ cov_ab @ t_b, compute_uv=False).sum()

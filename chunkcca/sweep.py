@@ -9,6 +9,7 @@ channels of the L distinct layers, checked against ``memory_limit`` before strea
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from .measures import (
+    UndefinedMeasure,
     cca_from_moments,
     check_svcca_options,
     cka_from_moments,
@@ -129,7 +131,11 @@ def _pairwise(stats: Moments, names: list[str], names_a: list[str], names_b: lis
             pair = stats.select([names.index(name_a), names.index(name_b)])
             solved = functools.cache(lambda pair=pair: cca_from_moments(pair, epsilon=options["epsilon"]))
             for measure in measures:
-                values[measure][i, j] = MEASURES[measure](pair, options, solved)
+                try:
+                    values[measure][i, j] = MEASURES[measure](pair, options, solved)
+                except UndefinedMeasure as reason:  # one dead layer must not sink the whole sweep
+                    warnings.warn(f"{measure} of {name_a!r} and {name_b!r} is NaN: {reason}", RuntimeWarning,
+                                  stacklevel=3)
     return xr.Dataset(
         {measure: (("layer_a", "layer_b"), value) for measure, value in values.items()}
         | {"rows": ((), np.int64(stats.n))},

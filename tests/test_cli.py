@@ -248,3 +248,31 @@ def test_compare_json_writes_undefined_values_as_null(tmp_path, capsys):
     assert main(["compare", str(store), "a", "flat", "--measure", "svcca", "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)  # strict JSON: no bare NaN
     assert report["results"]["svcca"]["rho_mean"] is None
+
+
+def test_compare_passes_keep_and_alpha(files, capsys):
+    folder, a, b = files
+    store = str(folder / "s.zarr")
+    chunkcca.write_activations(store, {"m0/conv": a, "m1/conv": b}, chunks=10)
+    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "svcca", "shape", "--keep", "0.5",
+                 "--alpha", "0", "--precision", "float64", "--json", "--no-progress"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    tree = chunkcca.open_activations(store)
+    svcca = chunkcca.svcca(tree["m0/conv"], tree["m1/conv"], keep=0.5, precision="float64")
+    shape = chunkcca.shape_metric(tree["m0/conv"], tree["m1/conv"], alpha=0.0, precision="float64")
+    assert results["svcca"]["dims_a"] == int(svcca["dims_a"]) < 6
+    assert results["shape"]["shape_distance"] == pytest.approx(float(shape["shape_distance"]), rel=1e-12)
+    assert main(["compare", store, "m0/conv", "m1/conv", "--alpha", "2"]) == 2
+    assert "alpha" in capsys.readouterr().err
+
+
+def test_ingest_reads_channels_first_files(tmp_path, capsys):
+    nchw = np.random.default_rng(0).standard_normal((12, 5, 4, 3)).astype(np.float32)  # (datapoint, C, H, W)
+    np.save(tmp_path / "conv.npy", nchw)
+    store = tmp_path / "s.zarr"
+    assert main(["ingest", str(store), f"m0/conv={tmp_path / 'conv.npy'}", "--layout", "channels_first"]) == 0
+    layer = chunkcca.open_activations(store)["m0/conv"]["activations"]
+    assert layer.sizes == {"datapoint": 12, "height": 4, "width": 3, "channel": 5}
+    np.testing.assert_array_equal(layer.values, np.moveaxis(nchw, 1, -1))
+    assert main(["ingest", str(tmp_path / "t.zarr"), f"fc={tmp_path / 'conv.npy'}", "--layout", "neurons"]) == 2
+    assert "needs a 2-d (neurons, datapoints) array" in capsys.readouterr().err

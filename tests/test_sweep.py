@@ -118,3 +118,14 @@ def test_precision_auto_in_a_sweep_and_one_read_per_chunk():
     swept = similarity({"a": a}, {"bb": b}, measures=["mean_cca", "pwcca"], precision="auto")
     assert swept.attrs["precision"] == "float32" and "precision_auto" in swept.attrs
     assert float(swept["mean_cca"].item()) == pytest.approx(float(exact["rho_mean"]), abs=1e-6)
+
+
+def test_an_undefined_pair_is_nan_with_a_warning_not_the_end_of_the_sweep():
+    rng = np.random.default_rng(5)
+    live = xr.DataArray(rng.standard_normal((40, 3)), dims=("datapoint", "channel"), name="live")
+    dead = xr.DataArray(np.zeros((40, 2)), dims=("datapoint", "channel"), name="dead")  # a dead ReLU layer
+    with pytest.warns(RuntimeWarning, match="cka of 'live' and 'dead' is NaN: CKA is undefined"):
+        result = similarity({"live": live}, {"live": live, "dead": dead}, measures=["cka", "mean_cca"])
+    assert float(result["cka"].sel(layer_a="live", layer_b="live")) == pytest.approx(1.0)
+    assert np.isnan(float(result["cka"].sel(layer_a="live", layer_b="dead")))
+    assert float(result["mean_cca"].sel(layer_a="live", layer_b="dead")) == 0.0
