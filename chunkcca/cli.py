@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("store", help=STORE_HELP)
     compare.add_argument("layer_a")
     compare.add_argument("layer_b")
-    compare.add_argument("--measure", nargs="+", default=["cca"], choices=list(COMPARE_MEASURES),
-                         help="measures (default cca)")
+    compare.add_argument("--measure", "--measures", dest="measure", nargs="+", default=["cca"],
+                         choices=list(COMPARE_MEASURES), help="measures (default cca)")
     compare.add_argument("--epsilon", type=float, default=0.0, help="ridge for CCA-family measures (default 0)")
     compare.add_argument("--keep", type=float, default=0.99,
                          help="svcca: the share of each side's variance its kept directions hold (default 0.99)")
@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("store", help=STORE_HELP)
     sweep.add_argument("--a", required=True, nargs="+", help="layers or groups (e.g. model0) on the first axis")
     sweep.add_argument("--b", required=True, nargs="+", help="layers or groups on the second axis")
-    sweep.add_argument("--measures", nargs="+", default=["mean_cca", "cka"], choices=list(MEASURES),
-                       help="measures (default mean_cca cka)")
+    sweep.add_argument("--measures", "--measure", dest="measures", nargs="+", default=["mean_cca", "cka"],
+                       choices=list(MEASURES), help="measures (default mean_cca cka)")
     _streaming_options(sweep, spatial=("avgpool", "flatten"))  # flatten needs one spatial size for all layers
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
     sweep.add_argument("--plot", help="heatmap PNG of the first measure")
@@ -158,7 +158,7 @@ def _run_info(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{args.store}: {len(rows)} layers")
+    print(f"{args.store}: {len(rows)} layer{'' if len(rows) == 1 else 's'}")
     table = [("layer", "shape", "chunk", "chunks", "dtype", "MiB", "MiB on disk")]
     for row in rows:
         table.append((row["layer"], "x".join(map(str, row["shape"])), str(row["datapoints_per_chunk"]),

@@ -68,14 +68,19 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix == ".npy":
-        yield "", np.load(path, mmap_mode="r", allow_pickle=False)
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            for key in archive.files:
-                yield key, archive[key]
-    else:
-        yield "", load_pickled_array(path)
+    try:
+        if path.suffix == ".npy":
+            yield "", np.load(path, mmap_mode="r", allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                for key in archive.files:
+                    yield key, archive[key]
+        else:
+            yield "", load_pickled_array(path)
+    except (ValueError, OSError, EOFError) as error:  # numpy's messages do not name the file
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"cannot read {path} as a {path.suffix or 'pickle'} array file: {error}") from error
 
 
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -92,6 +92,8 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
             raise ValueError(f"layer {name!r} has no variable {VARIABLE!r} (has {sorted(map(str, layer))})")
         layer = layer[VARIABLE]
     if isinstance(layer, xr.DataArray):
+        if layer.name in (None, VARIABLE) and layer.encoding.get("layer"):  # a store's: named by its node path
+            name = name or layer.encoding["layer"]
         name = name or (str(layer.name) if layer.name is not None else "activations")
         if isinstance(dims, Mapping):
             layer = layer.rename({old: new for old, new in dims.items() if old in layer.dims})

@@ -276,3 +276,16 @@ def test_ingest_reads_channels_first_files(tmp_path, capsys):
     np.testing.assert_array_equal(layer.values, np.moveaxis(nchw, 1, -1))
     assert main(["ingest", str(tmp_path / "t.zarr"), f"fc={tmp_path / 'conv.npy'}", "--layout", "neurons"]) == 2
     assert "needs a 2-d (neurons, datapoints) array" in capsys.readouterr().err
+
+
+def test_unreadable_files_are_named_and_store_layers_keep_their_paths(tmp_path, capsys):
+    (tmp_path / "text.npy").write_text("not an array")
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"m0={tmp_path / 'text.npy'}"]) == 2
+    assert f"cannot read {tmp_path / 'text.npy'} as a .npy array file" in capsys.readouterr().err
+    rng = np.random.default_rng(0)
+    tree = chunkcca.write_activations(tmp_path / "t.zarr", {"m0/fc": rng.standard_normal((30, 3)),
+                                                             "m1/fc": rng.standard_normal((30, 2))})
+    result = chunkcca.cca(tree["m0/fc"]["activations"], tree["m1/fc"]["activations"])
+    assert (result.attrs["layer_a"], result.attrs["layer_b"]) == ("m0/fc", "m1/fc")
+    assert main(["info", str(tmp_path / "t.zarr")]) == 0
+    assert "2 layers" in capsys.readouterr().out
