@@ -36,6 +36,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _storage_options(text: str) -> dict[str, Any]:
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"anon\": true}}': {error}") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return options
+
+
+def _store_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help=STORE_HELP)
+    parser.add_argument("--storage-options", type=_storage_options, default=None,
+                        help="for a store given by URL: its fsspec filesystem's options as JSON "
+                             "(credentials, endpoint), e.g. '{\"anon\": true}'")
+
+
 def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...] = ("flatten", "avgpool", "interp",
                                                                                    "dft")) -> None:
     parser.add_argument("--spatial", default=spatial[0], choices=spatial,
@@ -79,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="layers, shapes, chunks, dtype and size of a store",
                                description="Describe the layers of a store.")
-    info.add_argument("store", help=STORE_HELP)
+    _store_argument(info)
     info.add_argument("--json", action="store_true", help="print JSON")
 
     compare = commands.add_parser("compare", help="compare two layers of a store",
                                   description="Compare two layers with one or more measures, streamed.")
-    compare.add_argument("store", help=STORE_HELP)
+    _store_argument(compare)
     compare.add_argument("layer_a")
     compare.add_argument("layer_b")
     compare.add_argument("--measure", "--measures", dest="measure", nargs="+", default=["cca"],
@@ -104,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="every layer pair of two groups: a heatmap and a netCDF/zarr",
                                 description="All pairs (layer_a, layer_b) in one pass over the store.")
-    sweep.add_argument("store", help=STORE_HELP)
+    _store_argument(sweep)
     sweep.add_argument("--a", required=True, nargs="+", help="layers or groups (e.g. model0) on the first axis")
     sweep.add_argument("--b", required=True, nargs="+", help="layers or groups on the second axis")
     sweep.add_argument("--measures", "--measure", dest="measures", nargs="+", default=["mean_cca", "cka"],
@@ -146,8 +163,8 @@ def _run_ingest(args: argparse.Namespace) -> None:
 def _run_info(args: argparse.Namespace) -> None:
     from .store import VARIABLE, layer_paths, open_activations, store_filesystem
 
-    tree = open_activations(args.store)
-    filesystem, root = store_filesystem(args.store)
+    tree = open_activations(args.store, storage_options=args.storage_options)
+    filesystem, root = store_filesystem(args.store, args.storage_options)
     rows = []
     for path in layer_paths(tree):
         array = tree[path][VARIABLE]
@@ -182,7 +199,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     from .pairs import stream_pair
     from .store import open_activations
 
-    tree = open_activations(args.store)
+    tree = open_activations(args.store, storage_options=args.storage_options)
     a, b = _layer(tree, args.layer_a), _layer(tree, args.layer_b)
     if args.spatial == "dft" and set(args.measure) - {"cca"}:
         raise ValueError("with --spatial dft only the cca measure is offered")
@@ -273,7 +290,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     _check_folder(args.out, "--out")
     if args.plot:
         _check_folder(args.plot, "--plot")
-    tree = open_activations(args.store)
+    tree = open_activations(args.store, storage_options=args.storage_options)
     result = chunkcca.similarity(_select(tree, args.a), _select(tree, args.b), measures=args.measures,
                                  spatial=args.spatial, stride=args.stride, precision=args.precision,
                                  scheduler=args.scheduler, progress=not args.no_progress)

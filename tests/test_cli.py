@@ -289,3 +289,15 @@ def test_unreadable_files_are_named_and_store_layers_keep_their_paths(tmp_path, 
     assert (result.attrs["layer_a"], result.attrs["layer_b"]) == ("m0/fc", "m1/fc")
     assert main(["info", str(tmp_path / "t.zarr")]) == 0
     assert "2 layers" in capsys.readouterr().out
+
+
+def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):
+    chunkcca.write_activations(tmp_path / "s.zarr", {"fc": np.random.default_rng(0).standard_normal((20, 3))})
+    url = (tmp_path / "s.zarr").as_uri()
+    assert main(["info", url, "--storage-options", '{"auto_mkdir": false}', "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["layer"] == "fc"
+    assert main(["info", str(tmp_path / "s.zarr"), "--storage-options", '{"anon": true}']) == 2
+    assert "storage_options apply to fsspec URLs only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", url, "--storage-options", "anon"])
+    assert "must be a JSON object" in capsys.readouterr().err
