@@ -19,10 +19,12 @@ import xarray as xr
 from .measures import (
     UndefinedMeasure,
     cca_from_moments,
+    check_alpha,
     check_svcca_options,
     cka_from_moments,
     procrustes_from_moments,
     pwcca_from_moments,
+    shape_metric_from_moments,
     svcca_from_moments,
 )
 from .moments import Moments, Precision
@@ -40,6 +42,7 @@ MEASURES: dict[str, Callable[[Moments, dict[str, float], Callable[[], xr.Dataset
     "cka": lambda m, o, solved: float(cka_from_moments(m)["cka"]),
     "cka_debiased": lambda m, o, solved: float(cka_from_moments(m, debiased=True)["cka"]),
     "procrustes": lambda m, o, solved: float(procrustes_from_moments(m)["procrustes"]),
+    "shape": lambda m, o, solved: float(shape_metric_from_moments(m, alpha=o["alpha"])["shape_distance"]),
 }
 
 
@@ -57,7 +60,7 @@ def _as_layer_set(layers: Any, role: str) -> dict[str, Any]:
 
 def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list[str] = ("mean_cca", "cka"),
                spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0, keep: float = 0.99,
-               precision: Precision = "float32", split_every: int = SPLIT_EVERY,
+               alpha: float = 1.0, precision: Precision = "float32", split_every: int = SPLIT_EVERY,
                memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None, progress: bool = False,
                nan_policy: str = "raise") -> xr.Dataset:
     """Every measure for every pair (layer_a, layer_b) of two sets of layers, in one streamed pass.
@@ -69,7 +72,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
         with activations) or lists of DataTree nodes. A layer in both sets is read once.
     measures
         Any of "mean_cca", "r2_cca", "svcca" (with ``keep`` of the variance), "pwcca", "cka",
-        "cka_debiased", "procrustes".
+        "cka_debiased", "procrustes", "shape" (the angular shape distance with partial whitening ``alpha``).
     spatial
         "flatten" (all layers need one spatial size) or "avgpool" (any sizes); interp and dft
         pair layers individually and are offered by the per-pair functions.
@@ -90,6 +93,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
         raise ValueError(f"similarity supports spatial='flatten' or 'avgpool'; for {spatial!r} compare pairs with "
                          f"chunkcca.cca")
     check_svcca_options(keep, "variance")
+    check_alpha(alpha)
     set_a, set_b = _as_layer_set(a_layers, "a_layers"), _as_layer_set(b_layers, "b_layers")
     if not set_a or not set_b:
         raise ValueError("similarity needs at least one layer on each side")
@@ -118,8 +122,10 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
         memory_limit=memory_limit, scheduler=scheduler, progress=progress, nan_policy=nan_policy,
         row_norms="cka_debiased" in measures)
     attrs = {"spatial": spatial, "stride": int(stride), "precision": precision, "precision_auto": note,
-             "epsilon": float(epsilon), "keep": float(keep), "rows": int(stats.n), "rows_omitted": int(rows_omitted)}
-    return _pairwise(stats, names, list(set_a), list(set_b), measures, {"epsilon": float(epsilon), "keep": float(keep)},
+             "epsilon": float(epsilon), "keep": float(keep), "alpha": float(alpha), "rows": int(stats.n),
+             "rows_omitted": int(rows_omitted)}
+    return _pairwise(stats, names, list(set_a), list(set_b), measures,
+                     {"epsilon": float(epsilon), "keep": float(keep), "alpha": float(alpha)},
                      attrs={key: value for key, value in attrs.items() if value is not None})
 
 

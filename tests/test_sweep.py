@@ -10,7 +10,7 @@ import pytest
 import xarray as xr
 
 import chunkcca
-from chunkcca import cca, cka, procrustes, pwcca, similarity, svcca
+from chunkcca import cca, cka, procrustes, pwcca, shape_metric, similarity, svcca
 from chunkcca.plot import plot_similarity
 
 matplotlib.use("Agg")
@@ -37,6 +37,7 @@ PAIRWISE = {
     "cka": lambda a, b, **kw: float(cka(a, b, precision="float64", **kw)["cka"]),
     "cka_debiased": lambda a, b, **kw: float(cka(a, b, debiased=True, precision="float64", **kw)["cka"]),
     "procrustes": lambda a, b, **kw: float(procrustes(a, b, precision="float64", **kw)["procrustes"]),
+    "shape": lambda a, b, **kw: float(shape_metric(a, b, alpha=0.5, precision="float64", **kw)["shape_distance"]),
 }
 
 
@@ -45,7 +46,7 @@ def test_every_pair_equals_the_pairwise_call(spatial):
     layers = _layers()
     set_a = {k: v for k, v in layers.items() if k.startswith("model0")}
     set_b = {k: v.chunk({"datapoint": 13}) for k, v in layers.items() if k.startswith("model1")}
-    result = similarity(set_a, set_b, measures=list(PAIRWISE), spatial=spatial, precision="float64")
+    result = similarity(set_a, set_b, measures=list(PAIRWISE), spatial=spatial, precision="float64", alpha=0.5)
     assert result["cka"].dims == ("layer_a", "layer_b")
     assert list(result["layer_b"].values) == ["model1/conv1", "model1/conv2"]
     for name_a, a in set_a.items():
