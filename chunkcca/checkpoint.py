@@ -46,17 +46,21 @@ def _difference(saved: str, current: str) -> str:
     fields = ("name", "shape", "dtype", "Dask name", "files")
     if len(before.get("layers", [])) != len(now["layers"]):
         return f"it has {len(before.get('layers', []))} layers, this run {len(now['layers'])}"
+    changed = [f"{key} {before.get(key)!r} then, {now[key]!r} now" for key in now
+               if key not in ("layers", "adapters") and before.get(key) != now[key]]
+    if changed:
+        return "; ".join(changed)
     for old_layer, new_layer in zip(before["layers"], now["layers"]):
         for field, was, is_now in zip(fields, old_layer, new_layer):
             if was != is_now:
                 if field == "files":
                     return f"the files of layer {new_layer[0]!r} changed since (its store was rewritten or edited)"
+                if field == "Dask name":
+                    return f"layer {new_layer[0]!r} holds other data (or is computed otherwise) than then"
                 return f"layer {new_layer[0]!r} has another {field} ({was} then, {is_now} now)"
     if before.get("adapters") != now["adapters"]:
         return "the spatial adapters differ (spatial sizes, frequencies, interpolation or spectrum dtype)"
-    changed = [f"{key} {before.get(key)!r} then, {now[key]!r} now" for key in now
-               if key not in ("layers", "adapters") and before.get(key) != now[key]]
-    return "; ".join(changed) or "its fingerprint differs"
+    return "its fingerprint differs"
 
 
 def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:

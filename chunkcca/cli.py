@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--b", required=True, nargs="+", help="layers or groups on the second axis")
     sweep.add_argument("--measures", "--measure", dest="measures", nargs="+", default=["mean_cca", "cka"],
                        choices=list(MEASURES), help="measures (default mean_cca cka)")
+    sweep.add_argument("--epsilon", type=float, default=0.0, help="ridge for CCA-family measures (default 0)")
+    sweep.add_argument("--keep", type=float, default=0.99, help="svcca: share of variance kept (default 0.99)")
     sweep.add_argument("--alpha", type=float, default=1.0, help="shape: partial whitening (default 1)")
     _streaming_options(sweep, spatial=("avgpool", "flatten"))  # flatten needs one spatial size for all layers
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
@@ -293,7 +295,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
         _check_folder(args.plot, "--plot")
     tree = open_activations(args.store, storage_options=args.storage_options)
     result = chunkcca.similarity(_select(tree, args.a), _select(tree, args.b), measures=args.measures,
-                                 alpha=args.alpha,
+                                 epsilon=args.epsilon, keep=args.keep, alpha=args.alpha,
                                  spatial=args.spatial, stride=args.stride, precision=args.precision,
                                  scheduler=args.scheduler, progress=not args.no_progress)
     out = Path(args.out)

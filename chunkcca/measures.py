@@ -28,28 +28,27 @@ CONSTANT_RTOL = 1e-12
 NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold non-finite values (nan_policy=None "
                         "lets them through), or values too large for the products' precision")
 
-#: Machine epsilon of float64, the rounding of float64 products.
-EPS64 = float(np.finfo(np.float64).eps)
+#: Eigenvalues of a correlation matrix (unit diagonal) at most this are rounding when the products were
+#: float32: rank-deficient float32 data leave eigenvalues of about eps32 (at most 1.4e-7 measured, for 8 to 512
+#: channels and up to 200k rows), while genuine ones down to 1e-4 come out within 1e-5..2e-4 of float64's.
+FLOAT32_ROUNDING = 32 * float(np.finfo(np.float32).eps)
 
 
-def rounding(moments: Moments) -> float:
-    """Relative rounding of the products ``moments`` were computed with (machine epsilon of their precision)."""
-    return float(np.finfo(moments.precision).eps)
+def rounding_floor(moments: Moments) -> float:
+    """The eigenvalue of a correlation matrix below which directions are rounding, for these Moments' products."""
+    return FLOAT32_ROUNDING if moments.precision == "float32" else 0.0
 
 
-def _rank_tolerance(values: np.ndarray, eps: float) -> float:
-    """Eigenvalues of a (p, p) covariance at most ``p · eps · largest`` are rounding (as ``numpy.linalg.pinv``)."""
-    return max(values.max(initial=0.0), 0.0) * values.shape[-1] * eps
-
-
-def inverse_sqrt(cov: np.ndarray, eps: float = EPS64) -> tuple[np.ndarray, int]:
+def inverse_sqrt(cov: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, int]:
     """Hermitian pseudo-inverse square root of a covariance (p, p) and its numerical rank.
 
-    Eigenvalues at most ``p · eps · max eigenvalue`` count as zero (as ``numpy.linalg.pinv``); ``eps``
-    is the rounding of the products the covariance comes from (float64's, or float32's).
+    Eigenvalues at most ``max(p · eps64 · max eigenvalue, floor)`` count as zero (the first as
+    ``numpy.linalg.pinv``; ``floor`` for a correlation matrix from float32 products, see
+    :func:`rounding_floor`).
     """
     values, vectors = np.linalg.eigh(cov)
-    keep = values > _rank_tolerance(values, eps)
+    tol = max(max(values.max(initial=0.0), 0.0) * cov.shape[0] * np.finfo(np.float64).eps, floor)
+    keep = values > tol
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     return (vectors * scale) @ vectors.conj().T, int(keep.sum())
@@ -60,16 +59,21 @@ def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return (variance > 0) & (variance > (CONSTANT_RTOL * np.abs(mean)) ** 2)
 
 
-def _whitener(cov: np.ndarray, epsilon: float, eps: float) -> tuple[np.ndarray, int]:
-    """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; and the rank."""
+def _whitener(cov: np.ndarray, epsilon: float, floor: float) -> tuple[np.ndarray, int]:
+    """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; and the rank.
+
+    ``floor`` (rounding of float32 products, :func:`rounding_floor`) applies without a ridge only: with
+    ``epsilon > 0`` the user's regularisation decides. Zero-variance channels get zero weight.
+    """
     regularised = cov + epsilon * np.eye(cov.shape[0])
-    scale = 1.0 / np.sqrt(np.diagonal(regularised).real)
-    root, rank = inverse_sqrt(regularised * np.outer(scale, scale), eps)
+    variance = np.diagonal(regularised).real
+    scale = np.divide(1.0, np.sqrt(variance), out=np.zeros_like(variance), where=variance > 0)
+    root, rank = inverse_sqrt(regularised * np.outer(scale, scale), floor if epsilon == 0 else 0.0)
     return scale[:, None] * root, rank
 
 
 def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
-               mean: np.ndarray | None = None, eps: float = EPS64) -> dict[str, np.ndarray]:
+               mean: np.ndarray | None = None, floor: float = 0.0) -> dict[str, np.ndarray]:
     """CCA of one covariance (p + q, p + q), real or Hermitian: rho, coefficients, pruned, ranks.
 
     Each side is whitened through its correlation matrix (``D (Σ + εI) D``, D the inverse standard
@@ -88,8 +92,8 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
     coef_b = np.zeros((q, n_components), dtype=cov.dtype)
     rank_a = rank_b = 0
     if index_a.size and index_b.size:
-        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, eps)
-        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon, eps)
+        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, floor)
+        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon, floor)
         u, s, vh = np.linalg.svd(whiten_a.conj().T @ cov[np.ix_(index_a, index_b)] @ whiten_b)
         k = min(rank_a, rank_b)
         rho[:k] = np.minimum(s[:k], 1.0)  # a correlation; rounding (float32, few rows) can pass 1
@@ -123,7 +127,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     if len(dims) != len(batch):
         raise ValueError(f"Moments have {len(batch)} batch dims; name them with batch_dims")
     with threadpool_limits(limits=1, user_api="blas"):
-        solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]), rounding(moments))
+        solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]),
+                             rounding_floor(moments))
                   for index in np.ndindex(*batch)]
     stacked = {key: np.stack([s[key] for s in solved]).reshape((*batch, *np.shape(solved[0][key])))
                for key in solved[0]}
@@ -190,18 +195,19 @@ def check_alpha(alpha: Any) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
 
 
-def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, eps: float) -> np.ndarray:
-    """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values;
-    directions of rounding size (see :func:`inverse_sqrt`) are never kept."""
+def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: float) -> np.ndarray:
+    """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values,
+    and no more than the side's rank (counted on its correlation matrix, so rounding of float32 products is
+    not taken for directions whatever the channels' units)."""
     values, vectors = np.linalg.eigh(cov)
-    values, vectors = values[::-1], vectors[:, ::-1]
-    values = np.where(values > _rank_tolerance(values, eps), values, 0.0)
+    values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
     weights = values if keep_by == "variance" else np.sqrt(values)
     total = weights.sum()
     if total == 0:
         return vectors[:, :0]
     count = int(np.searchsorted(np.cumsum(weights) / total, keep - 1e-12) + 1)
-    return vectors[:, : min(count, int((values > 0).sum()))]
+    rank = _whitener(cov, 0.0, floor)[1]
+    return vectors[:, : min(count, rank, int((values > 0).sum()))]
 
 
 def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "variance",
@@ -217,11 +223,11 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     check_epsilon(epsilon)
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     with threadpool_limits(limits=1, user_api="blas"):
-        basis_a, basis_b = (_kept_directions(cov, keep, keep_by, rounding(moments)) for cov in (cov_aa, cov_bb))
+        basis_a, basis_b = (_kept_directions(cov, keep, keep_by, rounding_floor(moments)) for cov in (cov_aa, cov_bb))
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
                             [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ cov_bb @ basis_b]])
-        solved = _solve_cca(reduced, (ka, kb), float(epsilon), eps=rounding(moments))
+        solved = _solve_cca(reduced, (ka, kb), float(epsilon))
     rho = solved["rho"]
     return xr.Dataset(
         {
@@ -345,10 +351,16 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     )
 
 
-def _partial_whitener(cov: np.ndarray, alpha: float, eps: float) -> np.ndarray:
-    """((1 − α) Σ + α (tr Σ / p) I)^(−1/2): α = 0 whitens, α = 1 only rescales (pseudo-inverse if singular)."""
+def _partial_whitener(cov: np.ndarray, alpha: float, floor: float) -> np.ndarray:
+    """((1 − α) Σ + α (tr Σ / p) I)^(−1/2): α = 0 whitens, α = 1 only rescales (pseudo-inverse if singular).
+
+    At α = 0 any whitener gives the same metric (they differ by a rotation), so it whitens through the
+    correlation matrix, where the rank does not depend on channel units (and ``floor`` cuts float32 rounding).
+    """
+    if alpha == 0:
+        return _whitener(cov, 0.0, floor)[0]
     regularised = (1 - alpha) * cov + alpha * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
-    return inverse_sqrt(regularised, eps)[0]
+    return inverse_sqrt(regularised)[0]
 
 
 def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dataset:
@@ -364,9 +376,9 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     if np.trace(cov_aa) == 0 or np.trace(cov_bb) == 0:
         raise UndefinedMeasure("the shape metric is undefined: one side has no variance (every channel constant)")
     with threadpool_limits(limits=1, user_api="blas"):
-        t_a, t_b = (_partial_whitener(cov, alpha, rounding(moments)) for cov in (cov_aa, cov_bb))
-        nuclear = np.linalg.svd(t_a @ cov_ab @ t_b, compute_uv=False).sum()
-        norm = np.sqrt(np.trace(t_a @ cov_aa @ t_a) * np.trace(t_b @ cov_bb @ t_b))
+        t_a, t_b = (_partial_whitener(cov, alpha, rounding_floor(moments)) for cov in (cov_aa, cov_bb))
+        nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
+        norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
     angle = float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))
     return xr.Dataset(
         {"shape_distance": ((), angle, {"long_name": "angular shape distance", "units": "radians"}),

@@ -22,6 +22,7 @@ from .measures import (
     check_alpha,
     check_svcca_options,
     cka_from_moments,
+    non_constant,
     procrustes_from_moments,
     pwcca_from_moments,
     shape_metric_from_moments,
@@ -129,12 +130,26 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
                      attrs={key: value for key, value in attrs.items() if value is not None})
 
 
+def _without_variance(pair: Moments, names: tuple[str, str]) -> str | None:
+    """The name of a side of ``pair`` none of whose channels varies (a dead layer), or None."""
+    variance = np.diagonal(pair.scatter).real
+    for name, part in zip(names, pair.side_slices()):
+        if not non_constant(variance[part], np.abs(pair.mean[part])).any():
+            return name
+    return None
+
+
 def _pairwise(stats: Moments, names: list[str], names_a: list[str], names_b: list[str], measures: Any,
               options: dict[str, float], attrs: dict[str, Any]) -> xr.Dataset:
     values = {measure: np.full((len(names_a), len(names_b)), np.nan) for measure in measures}
     for i, name_a in enumerate(names_a):
         for j, name_b in enumerate(names_b):
             pair = stats.select([names.index(name_a), names.index(name_b)])
+            dead = _without_variance(pair, (name_a, name_b))
+            if dead:  # every measure is undefined: NaN throughout, one warning
+                warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer {dead!r} has no "
+                              f"varying channel", RuntimeWarning, stacklevel=3)
+                continue
             solved = functools.cache(lambda pair=pair: cca_from_moments(pair, epsilon=options["epsilon"]))
             for measure in measures:
                 try:

@@ -272,3 +272,37 @@ def test_no_task_holds_more_than_a_chunk():
                      precision="float64")
     assert int(result["rows"]) == 400 * 16
     assert 0 < max(largest) <= chunk_bytes < a.nbytes / 4
+
+
+def test_float32_products_keep_genuine_small_directions():
+    """Correlation eigenvalues spanning 1.5e-5..15 (channels of very different scales and offsets): float32
+    rounding (~1e-7 on this scale) is far below them, so float32 keeps every direction and agrees with
+    float64 (a rank threshold of p * eps32 * max, 2e-4 here, cut 26 directions)."""
+    rng = np.random.default_rng(4)
+    p, n = 128, 20000
+    vectors, _ = np.linalg.qr(rng.standard_normal((p, p)))
+    values = np.logspace(-6, 0, p)
+    values *= p / values.sum()
+    white = rng.standard_normal((n, p))
+    a = (white @ (vectors * np.sqrt(values)) @ vectors.T) * 10 ** rng.uniform(-2, 1, p) + rng.uniform(0, 5, p)
+    b = white @ np.linalg.qr(rng.standard_normal((p, p)))[0] + 0.7 * rng.standard_normal((n, p))
+    single, double = cca(a, b, precision="float32"), cca(a, b, precision="float64")
+    assert int(single["rank_a"]) == int(double["rank_a"]) == p
+    np.testing.assert_allclose(single["rho"], double["rho"], atol=1e-3)
+    assert float(single["rho_mean"]) == pytest.approx(float(double["rho_mean"]), abs=1e-4)  # 2e-5 seen
+
+
+def test_float32_svcca_and_shape_do_not_depend_on_channel_units():
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((4000, 10))
+    a = (z @ rng.standard_normal((10, 20)) + rng.standard_normal((4000, 20))) * np.logspace(-3, 1, 20)
+    b = z @ rng.standard_normal((10, 8)) + rng.standard_normal((4000, 8))
+    for keep_by in ("variance", "singular_values"):
+        single, double = (chunkcca.svcca(a, b, keep=1.0, keep_by=keep_by, precision=precision)
+                          for precision in ("float32", "float64"))
+        assert int(single["dims_a"]) == int(double["dims_a"]) == 20
+        assert float(single["rho_mean"]) == pytest.approx(float(double["rho_mean"]), abs=1e-6)
+    for alpha in (0.0, 1e-5):
+        single, double = (float(chunkcca.shape_metric(a, b, alpha=alpha, precision=precision)["shape_distance"])
+                          for precision in ("float32", "float64"))
+        assert single == pytest.approx(double, abs=1e-6)

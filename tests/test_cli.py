@@ -79,7 +79,6 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "bogus"], "scheduler must be"),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/x.csv"], "name a netCDF file (.nc)"),
         (["ingest", "{store}", "m0={folder}/a.npy"], "exists; pass --overwrite to replace it"),
-        (["compare", "{store}", "m0/conv", "m0/conv", "--stride", "1.5", "--no-progress"], None),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/none/x.nc"], "no folder"),
     ],
 )
@@ -301,3 +300,25 @@ def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["info", url, "--storage-options", "anon"])
     assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_a_non_integer_stride_gets_a_plain_message(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "s.zarr", "a", "b", "--stride", "1.5"])
+    assert "argument --stride: must be an integer >= 1, got '1.5'" in capsys.readouterr().err
+
+
+def test_sweep_passes_keep_epsilon_and_alpha(files, capsys):
+    folder, a, b = files
+    store = str(folder / "s.zarr")
+    tree = chunkcca.write_activations(store, {"m0/conv": a, "m1/conv": b}, chunks=10)
+    assert main(["sweep", store, "--a", "m0", "--b", "m1", "--measures", "svcca", "mean_cca", "shape",
+                 "--keep", "0.5", "--epsilon", "0.1", "--alpha", "0.3", "--precision", "float64",
+                 "--out", str(folder / "s.nc"), "--no-progress"]) == 0
+    saved = xr.open_dataset(folder / "s.nc")
+    want = chunkcca.similarity({"m0/conv": tree["m0/conv"]}, {"m1/conv": tree["m1/conv"]},
+                               measures=["svcca", "mean_cca", "shape"], keep=0.5, epsilon=0.1, alpha=0.3,
+                               precision="float64", spatial="avgpool")  # the command's default
+    for measure in ("svcca", "mean_cca", "shape"):
+        assert saved[measure].item() == pytest.approx(want[measure].item(), rel=1e-12)
+    assert saved.attrs["keep"] == 0.5 and saved.attrs["alpha"] == 0.3

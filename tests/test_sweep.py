@@ -125,8 +125,24 @@ def test_an_undefined_pair_is_nan_with_a_warning_not_the_end_of_the_sweep():
     rng = np.random.default_rng(5)
     live = xr.DataArray(rng.standard_normal((40, 3)), dims=("datapoint", "channel"), name="live")
     dead = xr.DataArray(np.zeros((40, 2)), dims=("datapoint", "channel"), name="dead")  # a dead ReLU layer
-    with pytest.warns(RuntimeWarning, match="cka of 'live' and 'dead' is NaN: CKA is undefined"):
+    with pytest.warns(RuntimeWarning, match="cka, mean_cca of 'live' and 'dead' are NaN: layer 'dead' has no"):
         result = similarity({"live": live}, {"live": live, "dead": dead}, measures=["cka", "mean_cca"])
     assert float(result["cka"].sel(layer_a="live", layer_b="live")) == pytest.approx(1.0)
-    assert np.isnan(float(result["cka"].sel(layer_a="live", layer_b="dead")))
-    assert float(result["mean_cca"].sel(layer_a="live", layer_b="dead")) == 0.0
+    assert np.isnan(result["cka"].sel(layer_a="live", layer_b="dead").item())
+    assert np.isnan(result["mean_cca"].sel(layer_a="live", layer_b="dead").item())
+
+
+
+def test_a_measure_undefined_for_one_pair_is_nan_there(monkeypatch):
+    """E.g. debiased CKA when a side's unbiased HSIC with itself is not positive (few rows)."""
+    from chunkcca import sweep
+    from chunkcca.measures import UndefinedMeasure
+
+    def undefined(moments, options, solved):
+        raise UndefinedMeasure("debiased CKA is undefined here")
+
+    monkeypatch.setitem(sweep.MEASURES, "cka_debiased", undefined)
+    x = {"x": xr.DataArray(np.random.default_rng(6).standard_normal((30, 3)), dims=("datapoint", "channel"))}
+    with pytest.warns(RuntimeWarning, match="cka_debiased of 'x' and 'x' is NaN: debiased CKA is undefined here"):
+        result = similarity(x, x, measures=["cka_debiased", "cka"])
+    assert np.isnan(result["cka_debiased"].item()) and result["cka"].item() == pytest.approx(1.0)
