@@ -306,3 +306,18 @@ def test_float32_svcca_and_shape_do_not_depend_on_channel_units():
         single, double = (float(chunkcca.shape_metric(a, b, alpha=alpha, precision=precision)["shape_distance"])
                           for precision in ("float32", "float64"))
         assert single == pytest.approx(double, abs=1e-6)
+
+
+def test_float32_rounding_of_wide_low_rank_layers_is_not_taken_for_directions():
+    """512 channels of rank 2 (scales 1e-3..10): float32 products leave hundreds of eigenvalues of rounding up
+    to ~6e-6 on the correlation scale (0.1 eps32 x the largest, which is about p here); an absolute floor
+    alone counted 50 of them as directions and PWCCA gave 0.28 instead of 0.99."""
+    rng = np.random.default_rng(1000 + 512 + 2)
+    scales = rng.permutation(np.logspace(-3, 1, 512))
+    latent = rng.standard_normal((1000, 2))
+    a = ((latent @ rng.standard_normal((2, 512))) * scales + 3 * scales * rng.uniform(-1, 1, 512)).astype(np.float32)
+    b = np.column_stack([latent, rng.standard_normal((1000, 62))]).astype(np.float32)
+    single, double = (pwcca(a, b, precision=precision) for precision in ("float32", "float64"))
+    assert int(cca(a, b, precision="float32")["rank_a"]) == 2
+    assert float(single["pwcca"]) == pytest.approx(float(double["pwcca"]), abs=1e-6)
+    assert float(chunkcca.svcca(a, b, keep=1.0, precision="float32")["dims_a"]) == 2
