@@ -235,7 +235,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         results = {measure: {key: None if isinstance(value, float) and not math.isfinite(value) else value
                              for key, value in values.items()} for measure, values in summary.items()}
         print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "options": options,
-                          "results": results}, indent=1, default=float))  # undefined values (NaN) as null
+                          "results": results}, indent=1))  # undefined values (NaN) as null
     else:
         table = [("measure", "value", "rows")]
         for measure, values in summary.items():
@@ -274,10 +274,11 @@ def save_figure(make_figure: Any, path: str | os.PathLike, *, dpi: int = 110) ->
     print(f"plot: {path}")
 
 
-def _select(tree: Any, names: list[str]) -> dict[str, Any]:
-    from .store import layer_paths
+def _select(tree: Any, names: list[str], role: str) -> dict[str, Any]:
+    """The layers under each of ``names`` (layers or groups), by path."""
+    from .sweep import as_layer_set
 
-    return dict(sorted((path, tree.root[path]) for name in names for path in layer_paths(_layer(tree, name))))
+    return dict(sorted(item for name in names for item in as_layer_set(_layer(tree, name), role).items()))
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
@@ -294,7 +295,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     if args.plot:
         _check_folder(args.plot, "--plot")
     tree = open_activations(args.store, storage_options=args.storage_options)
-    result = chunkcca.similarity(_select(tree, args.a), _select(tree, args.b), measures=args.measures,
+    result = chunkcca.similarity(_select(tree, args.a, "--a"), _select(tree, args.b, "--b"), measures=args.measures,
                                  epsilon=args.epsilon, keep=args.keep, alpha=args.alpha,
                                  spatial=args.spatial, stride=args.stride, precision=args.precision,
                                  scheduler=args.scheduler, progress=not args.no_progress)
@@ -329,5 +330,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("MPLBACKEND", "Agg")
     sys.exit(main())

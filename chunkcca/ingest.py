@@ -83,11 +83,6 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
         raise ValueError(f"cannot read {path} as a {path.suffix or 'pickle'} array file: {error}") from error
 
 
-def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays of one file by name, all loaded (see :func:`iter_arrays`, which loads one at a time)."""
-    return dict(iter_arrays(path))
-
-
 def _array_names(path: str | os.PathLike) -> list[str]:
     """The names :func:`iter_arrays` gives for a file, without loading any array (an .npz's directory only)."""
     path = Path(path)
@@ -102,9 +97,7 @@ def _array_names(path: str | os.PathLike) -> list[str]:
 def _as_layer(array: np.ndarray, layout: str, source: str) -> np.ndarray:
     """``array`` datapoint-first, channel-last (a view: a memory-mapped .npy stays on disk); ``layout="neurons"``
     means (neurons, datapoints) as google/svcca's, "channels_first" (datapoint, channel, height, width) as
-    PyTorch's. :func:`chunkcca.write_activations` chunks it."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    PyTorch's (:func:`ingest` has checked ``layout``). :func:`chunkcca.write_activations` chunks it."""
     if layout == "neurons":
         if array.ndim != 2:
             raise ValueError(f"{source}: layout 'neurons' needs a 2-d (neurons, datapoints) array, got shape "

@@ -37,11 +37,6 @@ def _hsic(k: tuple[np.ndarray, np.ndarray, float], l_: tuple[np.ndarray, np.ndar
     return (trace + total_k * total_l / ((m - 1) * (m - 2)) - 2 * float(rows_k @ rows_l) / (m - 2)) / (m * (m - 3))
 
 
-def unbiased_hsic(gram_k: np.ndarray, gram_l: np.ndarray) -> float:
-    """Unbiased HSIC of two symmetric Gram matrices (m, m), m >= 4 (they are not modified)."""
-    return _hsic(_hollow(gram_k.copy()), _hollow(gram_l.copy()))
-
-
 def _minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int, rows_per_datapoint: int,
                        stride: int) -> np.ndarray:
     """[Σ HSIC(K, L), Σ HSIC(K, K), Σ HSIC(L, L), minibatches, rows left over] of one chunk."""
@@ -114,4 +109,4 @@ def minibatch_cka(a: Any, b: Any, *, size: int, spatial: str = "flatten", stride
     )
 
 
-__all__ = ["Adapter", "aligned_chunks", "minibatch_cka", "unbiased_hsic"]
+__all__ = ["Adapter", "aligned_chunks", "minibatch_cka"]

@@ -47,7 +47,7 @@ MEASURES: dict[str, Callable[[Moments, dict[str, float], Callable[[], xr.Dataset
 }
 
 
-def _as_layer_set(layers: Any, role: str) -> dict[str, Any]:
+def as_layer_set(layers: Any, role: str) -> dict[str, Any]:
     """A set of layers: a mapping name → layer, a DataTree (every node holding activations) or a list of nodes."""
     if isinstance(layers, xr.DataTree):
         return {path: layers.root[path] for path in layer_paths(layers)}
@@ -95,7 +95,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: tuple[str, ...] | list
                          f"chunkcca.cca")
     check_svcca_options(keep, "variance")
     check_alpha(alpha)
-    set_a, set_b = _as_layer_set(a_layers, "a_layers"), _as_layer_set(b_layers, "b_layers")
+    set_a, set_b = as_layer_set(a_layers, "a_layers"), as_layer_set(b_layers, "b_layers")
     if not set_a or not set_b:
         raise ValueError("similarity needs at least one layer on each side")
     layers = {name: as_activations(layer, name) for name, layer in set_a.items()}
