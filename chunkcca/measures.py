@@ -34,6 +34,25 @@ def rounding_floor(moments: Moments) -> float:
     return float(np.finfo(np.float32).eps) if moments.precision == "float32" else 0.0
 
 
+def _rank_tolerance(values: np.ndarray, floor: float) -> float:
+    """The eigenvalue at or below which a direction of a (p, p) matrix with eigenvalues ``values`` is rounding."""
+    largest = max(values.max(initial=0.0), 0.0)
+    return max(largest * values.shape[-1] * np.finfo(np.float64).eps, 32 * floor, largest * floor)
+
+
+def _inverse_std(cov: np.ndarray) -> np.ndarray:
+    """1 / standard deviation of each channel of a covariance (p, p); 0 for zero-variance channels."""
+    variance = np.diagonal(cov).real
+    return np.divide(1.0, np.sqrt(variance), out=np.zeros_like(variance), where=variance > 0)
+
+
+def _correlation_rank(cov: np.ndarray, floor: float) -> int:
+    """Numerical rank of a covariance, counted on its correlation matrix (see :func:`inverse_sqrt`)."""
+    scale = _inverse_std(cov)
+    values = np.linalg.eigvalsh(cov * np.outer(scale, scale))
+    return int((values > _rank_tolerance(values, floor)).sum())
+
+
 def inverse_sqrt(cov: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, int]:
     """Hermitian pseudo-inverse square root of a covariance (p, p) and its numerical rank.
 
@@ -44,9 +63,7 @@ def inverse_sqrt(cov: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, int]:
     largest eigenvalue is then about p). Genuine eigenvalues down to about 1e-5 are kept.
     """
     values, vectors = np.linalg.eigh(cov)
-    largest = max(values.max(initial=0.0), 0.0)
-    tol = max(largest * cov.shape[0] * np.finfo(np.float64).eps, 32 * floor, largest * floor)
-    keep = values > tol
+    keep = values > _rank_tolerance(values, floor)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     return (vectors * scale) @ vectors.conj().T, int(keep.sum())
@@ -64,8 +81,7 @@ def _whitener(cov: np.ndarray, epsilon: float, floor: float) -> tuple[np.ndarray
     ``epsilon > 0`` the user's regularisation decides. Zero-variance channels get zero weight.
     """
     regularised = cov + epsilon * np.eye(cov.shape[0])
-    variance = np.diagonal(regularised).real
-    scale = np.divide(1.0, np.sqrt(variance), out=np.zeros_like(variance), where=variance > 0)
+    scale = _inverse_std(regularised)
     root, rank = inverse_sqrt(regularised * np.outer(scale, scale), floor if epsilon == 0 else 0.0)
     return scale[:, None] * root, rank
 
@@ -204,7 +220,7 @@ def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: float) -
     if total == 0:
         return vectors[:, :0]
     count = int(np.searchsorted(np.cumsum(weights) / total, keep - 1e-12) + 1)
-    rank = _whitener(cov, 0.0, floor)[1]
+    rank = _correlation_rank(cov, floor)
     return vectors[:, : min(count, rank, int((values > 0).sum()))]
 
 
