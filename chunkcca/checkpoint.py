@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import dask.base
-import numpy as np
 import xarray as xr
 
 from .moments import Moments
 from .spatial import Adapter
 from .store import store_signature
-from .stream import connected, stream_moments
+from .stream import common_boundaries, connected, stream_moments
 
 
 class CheckpointError(ValueError):
@@ -89,10 +88,10 @@ def stream_with_checkpoint(layers: Sequence[xr.DataArray], adapters: Sequence[Ad
         if saved_fingerprint != fingerprint:
             raise CheckpointError(f"checkpoint {path} belongs to another run: "
                                   f"{_difference(saved_fingerprint, fingerprint)}. Remove it or pass another path")
-    boundaries = [0, *np.cumsum(layers[0].data.chunks[0]).tolist()]
+    boundaries = common_boundaries([layer.data for layer in layers])  # groups never split a layer's chunk
     if done not in boundaries:
         raise CheckpointError(f"checkpoint {path} stopped after datapoint {done}, which is not a chunk boundary of "
-                         f"layer {layers[0].name!r} now; stream with the chunking it was made with")
+                              f"every layer now; stream with the chunking it was made with")
     edges = boundaries[boundaries.index(done) :: every]
     if edges[-1] != boundaries[-1]:
         edges.append(boundaries[-1])

@@ -110,6 +110,13 @@ def pin_blas() -> None:
             library.set_num_threads(1)
 
 
+def common_boundaries(sides: Sequence[da.Array]) -> list[int]:
+    """Datapoint offsets where every side's chunks start or end (0 and the length included): the places a
+    run can be cut into parts without splitting any side's chunk (which would read it twice)."""
+    ends = [set(np.cumsum((0, *side.chunks[0])).tolist()) for side in sides]
+    return sorted(set.intersection(*ends))
+
+
 def _keep(partial: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
     return partial
 
