@@ -22,7 +22,7 @@ from .checkpoint import CheckpointError, stream_with_checkpoint
 from .moments import PRECISIONS, Moments, Precision, is_url
 from .spatial import GRIDS, METHODS, SPATIAL, Adapter, plan_adapters, row_count
 from .store import as_activations
-from .stream import NAN_POLICIES, SPLIT_EVERY, NonFiniteError, check_scheduler, common_boundaries, stream_moments
+from .stream import NAN_POLICIES, SPLIT_EVERY, NonFiniteError, check_scheduler, stream_moments
 
 #: Default memory budget for the statistics held at once (matters for spatial="dft").
 MEMORY_LIMIT = "4GiB"
@@ -212,7 +212,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], *
     note = None
     with reading(layers):
         if precision == "auto":
-            first = common_boundaries(data)[1]  # the first chunk of every layer, none split
+            first = data[0].chunks[0][0]  # the first layer's first chunk (another's may then be read twice)
             pilot = stream_moments([d[:first] for d in data], adapters, precision="float64", **options)
             precision, note = _choose_precision(pilot, names, first)
             rest = stream_moments([d[first:] for d in data], adapters, precision=precision, split_every=fan_in,
