@@ -38,17 +38,21 @@ a, b = tree["model0/fc"], tree["model1/fc"]
 # As in the tutorial: CCA of the two fc layers (google/svcca's call, and chunkcca's)
 svcca_style = get_cca_similarity(a["activations"].data.T, b["activations"].data.T, epsilon=1e-10, verbose=False)
 print(f"get_cca_similarity: mean of the top coefficients {svcca_style['mean'][0]:.4f}")
-results = {"CCA": chunkcca.cca(a, b, epsilon=1e-10, precision="float64")}
+
+# One streamed pass gives the statistics every measure is solved from (row_norms: for the debiased CKA)
+moments = chunkcca.compute_moments(a, b, precision="float64", row_norms=True)
+solved = chunkcca.cca_from_moments(moments, epsilon=1e-10)
+results = {"CCA": solved}
 
 # SVCCA: keep the top directions explaining 99% of the variance, then CCA; and a baseline against noise
-results["SVCCA (99% variance)"] = chunkcca.svcca(a, b, keep=0.99, precision="float64")
+results["SVCCA (99% variance)"] = chunkcca.svcca_from_moments(moments, keep=0.99)
 noise = np.random.default_rng(0).standard_normal(b["activations"].shape).astype("float32")
 results["SVCCA vs Gaussian noise"] = chunkcca.svcca(a, noise, keep=0.99, precision="float64")
 for label, result in results.items():
     print(f"{label}: mean rho {float(result['rho_mean']):.4f}")
-print(f"PWCCA {float(chunkcca.pwcca(a, b, precision='float64')['pwcca']):.4f}, "
-      f"CKA {float(chunkcca.cka(a, b, precision='float64')['cka']):.4f}, "
-      f"debiased CKA {float(chunkcca.cka(a, b, debiased=True, precision='float64')['cka']):.4f}")
+print(f"PWCCA {float(chunkcca.pwcca_from_moments(moments)['pwcca']):.4f}, "
+      f"CKA {float(chunkcca.cka_from_moments(moments)['cka']):.4f}, "
+      f"debiased CKA {float(chunkcca.cka_from_moments(moments, debiased=True)['cka']):.4f}")
 figure = plot_rho(results, title="SVHN fc layers of two networks").figure
 figure.savefig(out / "svhn_fc.png", dpi=100)
 plt.close(figure)
