@@ -333,11 +333,21 @@ def test_every_measure_takes_a_checkpoint(tmp_path):
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((60, 2, 2, 4)), rng.standard_normal((60, 2, 2, 3))
     options = dict(precision="float64", checkpoint=tmp_path / "ckpt", checkpoint_every=2)
+    reads: list[int] = []
+
+    def counted(block: np.ndarray) -> np.ndarray:
+        reads.append(block.shape[0])
+        return block
+
     a_layer, b_layer = (da.from_array(x, chunks=(10, 2, 2, -1)) for x in (a, b))
+    a_layer = a_layer.map_blocks(counted)
     plain = chunkcca.cca(a_layer, b_layer, precision="float64")
     np.testing.assert_allclose(chunkcca.cca(a_layer, b_layer, **options)["rho"], plain["rho"], rtol=1e-12)
+    assert reads.count(10) == 12  # 6 chunks, streamed twice: plainly and into the checkpoint
     # the finished checkpoint of the same layers and options serves the other CCA-family measures
+    reads.clear()
     svcca = chunkcca.svcca(a_layer, b_layer, **options)
+    assert 10 not in reads, "a finished checkpoint is solved without reading the layers again"
     assert float(svcca["rho_mean"]) == pytest.approx(float(chunkcca.svcca(a_layer, b_layer, precision="float64")
                                                            ["rho_mean"]), rel=1e-12)
     with pytest.raises(ValueError, match="belongs to another run"):
