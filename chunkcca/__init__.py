@@ -1,37 +1,38 @@
 """chunkcca: CCA-family similarity of neural-network representations, streamed from stores larger than memory."""
 
+from .api import cca, cka, compare, compute_moments, procrustes, pwcca, shape_metric, similarity, svcca
 from .measures import (
-    cca,
+    MEASURES,
     cca_from_moments,
-    cka,
     cka_from_moments,
-    procrustes,
     procrustes_from_moments,
-    pwcca,
     pwcca_from_moments,
-    shape_metric,
     shape_metric_from_moments,
-    svcca,
     svcca_from_moments,
 )
 from .moments import Moments
-from .pairs import compute_moments
-from .store import layer_paths, open_activations, write_activations
-from .sweep import similarity
+from .options import SolveOptions, StreamOptions
+from .store import describe_store, layer_paths, open_activations, save_result, write_activations
 
 __all__ = [
+    "MEASURES",
     "Moments",
+    "SolveOptions",
+    "StreamOptions",
     "cca",
     "cca_from_moments",
     "cka",
     "cka_from_moments",
+    "compare",
     "compute_moments",
+    "describe_store",
     "layer_paths",
     "open_activations",
     "procrustes",
     "procrustes_from_moments",
     "pwcca",
     "pwcca_from_moments",
+    "save_result",
     "shape_metric",
     "shape_metric_from_moments",
     "similarity",

@@ -1,14 +1,15 @@
-"""Resumable streaming: Moments written as they grow, so an interrupted run continues where it stopped.
+"""Checkpoints: running Moments saved with the run's progress and fingerprint, so a run can resume.
 
-The datapoints are streamed in groups of chunks; after each group the running Moments and the number of
-datapoints done are saved atomically to the checkpoint. A later call with the same checkpoint, the same
-layers and options loads it and streams only the datapoints not done yet: finished chunks are not read
-again. A finished checkpoint is simply the full Moments.
+The checkpointed pass (:func:`chunkcca.passes.stream_layers`) streams the datapoints in groups of
+chunks and, after each group, saves the running Moments and the number of datapoints done here.
+A later run with the same checkpoint, layers and options loads it and streams only the datapoints
+not done yet; a run of other data or options is refused with what differs. A finished checkpoint is
+simply the full Moments.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -18,10 +19,10 @@ from typing import Any
 import dask.base
 import xarray as xr
 
+from ._fs import filesystem
+from .layers import VARIABLE
 from .moments import Moments
-from .spatial import Adapter
-from .store import store_signature
-from .stream import common_boundaries, connected, stream_moments
+from .rows import Adapter
 
 
 class CheckpointError(ValueError):
@@ -72,39 +73,49 @@ def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
     return Moments.load(path), done, fingerprint
 
 
-def stream_with_checkpoint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], path: str | os.PathLike, *,
-                           every: int, stride: int, precision: str, nan_policy: str, row_norms: bool,
-                           **stream_options: Any) -> Moments:
-    """Stream aligned layers ``every`` datapoint chunks at a time, saving the running Moments to ``path`` after
-    each group; a checkpoint of the same run is resumed after the datapoints it covers. ``stream_options``
-    (split_every, scheduler, progress, names) go to :func:`~chunkcca.stream.stream_moments`."""
+def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
+           options: dict[str, Any], boundaries: Sequence[int]) -> tuple[Moments | None, int, str]:
+    """What a checkpointed run starts from: (saved Moments or None, datapoints done, this run's fingerprint).
+
+    A checkpoint of another run, or one that stopped where the layers have no common chunk boundary
+    (``boundaries``) now, is a :class:`CheckpointError` saying why.
+    """
     path = Path(path)
-    options = {"spatial": adapters[0].kind, "stride": stride, "precision": precision, "nan_policy": nan_policy,
-               "row_norms": row_norms}
     fingerprint = _fingerprint(layers, adapters, options)
-    total, done = None, 0  # as_activations refuses empty layers, so a fresh run streams at least one chunk
-    if path.exists():
-        total, done, saved_fingerprint = load_progress(path)
-        if saved_fingerprint != fingerprint:
-            raise CheckpointError(f"checkpoint {path} belongs to another run: "
-                                  f"{_difference(saved_fingerprint, fingerprint)}. Remove it or pass another path")
-    boundaries = common_boundaries([layer.data for layer in layers])  # groups never split a layer's chunk
+    if not path.exists():
+        return None, 0, fingerprint
+    saved, done, saved_fingerprint = load_progress(path)
+    if saved_fingerprint != fingerprint:
+        raise CheckpointError(f"checkpoint {path} belongs to another run: "
+                              f"{_difference(saved_fingerprint, fingerprint)}. Remove it or pass another path")
     if done not in boundaries:
         raise CheckpointError(f"checkpoint {path} stopped after datapoint {done}, which is not a chunk boundary of "
                               f"every layer now; stream with the chunking it was made with")
-    edges = boundaries[boundaries.index(done) :: every]
-    if edges[-1] != boundaries[-1]:
-        edges.append(boundaries[-1])
-    with connected(stream_options.pop("scheduler", None)) as scheduler:  # an address: one connection
-        for start, stop in itertools.pairwise(edges):
-            part = stream_moments([layer.data[start:stop] for layer in layers], adapters, stride=stride,
-                                  precision=precision, nan_policy=nan_policy, row_norms=row_norms, offset=start,
-                                  scheduler=scheduler, **stream_options)
-            total = part if total is None else total + part
-            _save_progress(total, path, stop, fingerprint)
-    assert total is not None
-    return total
+    return saved, done, fingerprint
 
 
-def _save_progress(moments: Moments, path: Path, done: int, fingerprint: str) -> None:
+def save_progress(moments: Moments, path: str | os.PathLike, done: int, fingerprint: str) -> None:
+    """Save the running Moments, atomically, with the datapoints they cover and the run's fingerprint."""
     moments.save(path, overwrite=True, attrs={"datapoints_done": done, "fingerprint": fingerprint})
+
+
+#: File details that change when a file is rewritten: local size and mtime, object stores' ETags and versions.
+SIGNATURE_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "updated", "generation",
+                    "md5Hash", "version_id")
+
+
+def store_signature(array: xr.DataArray) -> str | None:
+    """A hash of the names (within the layer), sizes and modification times (or ETags) of the files that hold
+    a store-backed layer as opened by :func:`open_activations`; None for other arrays (and for arrays computed
+    from one, which lose the store in their encoding). It changes when the store is rewritten or edited, not
+    when it is read, moved, mounted elsewhere or has its permissions changed. Reads one listing of the layer's
+    folder, no data."""
+    encoding = array.encoding
+    if "store" not in encoding or "layer" not in encoding:
+        return None
+    fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
+    folder = f"{root}/{encoding['layer']}/{VARIABLE}".rstrip("/")
+    files = fs.find(folder, detail=True)
+    listing = sorted((name.removeprefix(folder), [info.get(key) for key in SIGNATURE_FIELDS])
+                     for name, info in files.items())
+    return hashlib.sha1(json.dumps(listing, default=str).encode()).hexdigest()

@@ -7,7 +7,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .stream import pin_blas
+from .blas import pin_blas
 
 
 class PinBlas(WorkerPlugin):

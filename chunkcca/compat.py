@@ -34,18 +34,21 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import xarray as xr
 
-from .moments import PRECISIONS, Moments, Precision
-from .pairs import check_epsilon
-from .store import as_activations
-from .stream import stream_moments
+from .api import compute_moments
+from .layers import as_activations
+from .moments import Moments
+from .options import PRECISIONS, ProductPrecision, StreamOptions, check_choice, check_epsilon
+from .passes import stream_layers
+from .rows import plan_adapters
 
 
-def _as_rows(acts: Any, name: str) -> da.Array:
-    """(neurons, datapoints) input → validated Dask rows (datapoints, neurons), chunked by datapoint."""
+def _as_layer(acts: Any, name: str) -> xr.DataArray:
+    """(neurons, datapoints) input → a validated layer (datapoint, channel) named ``name``, chunked by datapoint."""
     if not hasattr(acts, "ndim") or acts.ndim != 2:
         raise ValueError(f"{name} must be a 2-d array (neurons, datapoints), got shape {getattr(acts, 'shape', None)}")
-    return as_activations(acts, name, dims=("channel", "datapoint"), allow_complex=True).data
+    return as_activations(acts, name, dims=("channel", "datapoint"), allow_complex=True)
 
 
 def _check_threshold(threshold: Any) -> None:
@@ -65,14 +68,14 @@ def _stream_neurons_first(acts1: Any, acts2: Any, *, epsilon: float, precision: 
     if getattr(acts1, "ndim", None) == 2 and acts1.shape[0] >= acts1.shape[1]:  # the reference asserts acts1 only
         raise ValueError(f"acts1 has shape {tuple(acts1.shape)}: input must be (neurons, datapoints) "
                          f"with fewer neurons than datapoints")
-    rows1, rows2 = _as_rows(acts1, "acts1"), _as_rows(acts2, "acts2")
-    if rows1.shape[0] != rows2.shape[0]:
-        raise ValueError(f"acts1 has {rows1.shape[0]} datapoints but acts2 has {rows2.shape[0]}; they must match")
+    layers = (_as_layer(acts1, "acts1"), _as_layer(acts2, "acts2"))
+    if layers[0].shape[0] != layers[1].shape[0]:
+        raise ValueError(f"acts1 has {layers[0].shape[0]} datapoints but acts2 has {layers[1].shape[0]}; "
+                         f"they must match")
     check_epsilon(epsilon)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
-    return stream_moments([rows1, rows2], precision=precision, scheduler=scheduler, progress=progress,
-                          names=("acts1", "acts2"))
+    check_choice("precision", precision, PRECISIONS)
+    options = StreamOptions(precision=precision, scheduler=scheduler, progress=progress)
+    return stream_layers(layers, plan_adapters(*layers, options), options).moments
 
 
 def _threshold_index(rho: np.ndarray, threshold: float) -> int:
@@ -106,7 +109,7 @@ def _mean_dtype(dtype: np.dtype) -> np.dtype:
 
 def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: float = 0.98,
                        compute_coefs: bool = True, compute_dirns: bool = False, verbose: bool = True,
-                       *, precision: Precision = "float64", scheduler: Any = None) -> dict[str, Any]:
+                       *, precision: ProductPrecision = "float64", scheduler: Any = None) -> dict[str, Any]:
     """google/svcca's ``get_cca_similarity``, streamed.
 
     Parameters
@@ -207,7 +210,7 @@ def _scatter_block(block: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return full
 
 
-def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Precision = "float64",
+def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: ProductPrecision = "float64",
                   scheduler: Any = None) -> tuple[Any, np.ndarray, np.ndarray]:
     """google/svcca's ``compute_pwcca``, streamed: ``(pwcca, weights, coefs)`` as the reference returns them.
 
@@ -263,7 +266,7 @@ def _directions(acts: Any, transform: np.ndarray, means: np.ndarray) -> Any:
 
 def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, compute_dirns: bool = False,
                  verbose: bool = False, *, epsilon: float = 0.0, threshold: float = 0.98,
-                 precision: Precision = "float64", scheduler: Any = None) -> Any:
+                 precision: ProductPrecision = "float64", scheduler: Any = None) -> Any:
     """google/svcca's ``dft_ccas.fourier_ccas``, as it is meant to work, streamed.
 
     Both layers (datapoint, height, width, channel), numpy or Dask, are DFT'd over (height,
@@ -291,8 +294,6 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
     """
     import pandas as pd
 
-    from .pairs import stream_pair
-
     if compute_dirns:
         raise ValueError("fourier_ccas does not offer compute_dirns: the reference's inverse DFT of "
                          "(neurons, datapoints) directions has no spatial meaning; use chunkcca.cca(spatial='dft')")
@@ -304,8 +305,10 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
             raise ValueError(f"{name} must be (datapoint, height, width, channel), got shape {layer.shape}")
     if verbose:
         print("streaming per-frequency covariances")
-    stats = stream_pair(layer_a.data, layer_b.data, spatial="dft", epsilon=epsilon, precision=precision,
-                        scheduler=scheduler, progress=verbose).moments
+    check_epsilon(epsilon)
+    check_choice("precision", precision, PRECISIONS)
+    stats = compute_moments(layer_a.data, layer_b.data, spatial="dft", precision=precision, scheduler=scheduler,
+                            progress=verbose)
     records = []
     for location in np.ndindex(*stats.batch_shape):
         solved = _solve(stats[location], epsilon, threshold)

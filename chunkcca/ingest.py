@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .moments import write_atomically
-from .store import datapoints_per_chunk, open_activations, pixel_centres, write_activations
+from ._fs import write_atomically
+from .layers import datapoints_per_chunk
+from .rows import pixel_centres
+from .store import open_activations, write_activations
 
 #: The only globals a pickle may name: what numpy needs to rebuild arrays (numpy 1 and 2 module paths).
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(

@@ -1,23 +1,26 @@
-"""Measures from Moments, and the public entry points that stream two layers into them.
+"""The measures: solves on Moments, and the one registry that declares each measure as data.
 
-Each measure is a small float64 (complex128 for the DFT adapter) solve on a
-:class:`~chunkcca.moments.Moments`, costing O((p + q)³) per frequency whatever the number
-of datapoints.
+Each solver is a small float64 (complex128 for the DFT adapter) computation on a
+:class:`~chunkcca.moments.Moments`, costing O((p + q)³) per frequency whatever the number of
+datapoints. :data:`MEASURES` declares every measure once (its solver, the options it reads, the
+scalar it reports, the statistics it needs, whether it works per spatial frequency); the public
+functions, :func:`chunkcca.compare`, :func:`chunkcca.similarity` and the command line all read it.
+A new measure is a solver here and one :class:`Measure` entry in :data:`MEASURES`.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xarray as xr
-from threadpoolctl import threadpool_limits
 
-from .moments import Moments, Precision
-from .pairs import MEMORY_LIMIT, Streamed, check_epsilon, stream_pair
-from .spatial import frequency_labels
-from .stream import SPLIT_EVERY
+from .blas import one_thread
+from .moments import Moments
+from .options import SolveOptions, check_epsilon
 
 #: Channels whose standard deviation is at most this fraction of their mean's magnitude are constant to
 #: rounding and pruned (exactly-zero variance is always pruned).
@@ -140,7 +143,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     dims = batch_dims[: len(batch)]
     if len(dims) != len(batch):
         raise ValueError(f"Moments have {len(batch)} batch dims; name them with batch_dims")
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_thread():
         solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]),
                              rounding_floor(moments))
                   for index in np.ndindex(*batch)]
@@ -195,20 +198,6 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 
-def check_svcca_options(keep: Any, keep_by: str) -> None:
-    """``keep`` in (0, 1] and ``keep_by`` one of "variance", "singular_values", or a ValueError naming them."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.number)) or not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
-    if keep_by not in ("variance", "singular_values"):
-        raise ValueError(f"keep_by must be 'variance' or 'singular_values', got {keep_by!r}")
-
-
-def check_alpha(alpha: Any) -> None:
-    """The shape metric's ``alpha`` in [0, 1], or a ValueError."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-
-
 def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: float) -> np.ndarray:
     """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values,
     and no more than the side's rank (counted on its correlation matrix, so rounding of float32 products is
@@ -233,10 +222,9 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     google/svcca's SVD step). Returns ``rho`` (component), ``dims_a``/``dims_b`` (directions
     kept), ``rho_mean``, and ``coef_a``/``coef_b`` over the original channels.
     """
-    check_svcca_options(keep, keep_by)
-    check_epsilon(epsilon)
+    SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon)
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_thread():
         basis_a, basis_b = (_kept_directions(cov, keep, keep_by, rounding_floor(moments)) for cov in (cov_aa, cov_bb))
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
@@ -355,7 +343,7 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     scale = np.sqrt(np.trace(cov_aa) * np.trace(cov_bb))
     if scale == 0:
         raise UndefinedMeasure("Procrustes distance is undefined: one side has no variance (every channel constant)")
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_thread():
         similarity = float(np.linalg.svd(cov_ab, compute_uv=False).sum() / scale)
     return xr.Dataset(
         {"procrustes": ((), float(np.sqrt(max(0.0, 2 - 2 * similarity))), {"long_name": "Procrustes distance"}),
@@ -385,11 +373,11 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     the metric does not depend on the data's scale), then
     ``θ = arccos(‖Ta Σab Tb‖_* / sqrt(tr(Ta Σaa Ta) tr(Tb Σbb Tb)))`` in radians.
     """
-    check_alpha(alpha)
+    SolveOptions(alpha=alpha)
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     if np.trace(cov_aa) == 0 or np.trace(cov_bb) == 0:
         raise UndefinedMeasure("the shape metric is undefined: one side has no variance (every channel constant)")
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_thread():
         t_a, t_b = (_partial_whitener(cov, alpha, rounding_floor(moments)) for cov in (cov_aa, cov_bb))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
         norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
@@ -401,161 +389,103 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     )
 
 
-def label_result(result: xr.Dataset, streamed: Streamed, **options: Any) -> xr.Dataset:
-    """Put the layers' channel labels, the frequencies and the options used on a result."""
-    layer_a, layer_b, adapters = streamed.layer_a, streamed.layer_b, streamed.adapters
-    options.update(precision=streamed.precision, precision_auto=streamed.precision_note,
-                   rows=int(streamed.moments.n), rows_omitted=int(streamed.rows_omitted))
-    coords: dict[str, Any] = {"channel_a": layer_a["channel"].values, "channel_b": layer_b["channel"].values}
-    if adapters[0].kind == "dft":
-        coords["freq_h"] = frequency_labels(adapters[0].shape[0], adapters[1].shape[0])
-        coords["freq_w"] = frequency_labels(adapters[0].shape[1], adapters[1].shape[1])
-    result = result.assign_coords({k: v for k, v in coords.items() if k in result.dims})
-    result.attrs.update(layer_a=str(layer_a.name), layer_b=str(layer_b.name),
-                        **{k: v for k, v in options.items() if v is not None})
-    return result
+class PairSolves:
+    """The solves of one pair's Moments under one :class:`~chunkcca.options.SolveOptions`, each done once.
+
+    ``cca`` is shared: mean_cca, r2_cca and pwcca of one pair use one CCA solve.
+    """
+
+    def __init__(self, moments: Moments, options: SolveOptions) -> None:
+        self.moments, self.options = moments, options
+        self._results: dict[str, xr.Dataset] = {}
+
+    @functools.cached_property
+    def cca(self) -> xr.Dataset:
+        return cca_from_moments(self.moments, epsilon=self.options.epsilon)
+
+    def result(self, measure: str) -> xr.Dataset:
+        """The full result of ``measure`` (a name in :data:`MEASURES`) on this pair."""
+        if measure not in self._results:
+            self._results[measure] = MEASURES[measure].solve(self)
+        return self._results[measure]
+
+    def value(self, measure: str) -> Any:
+        """The scalar that ``measure`` reports (per frequency for batched Moments: their mean)."""
+        return self.result(measure)[MEASURES[measure].value].values
 
 
-def cca(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, epsilon: float = 0.0,
-        precision: Precision = "float32", method: str = "linear", grid: str = "coords",
-        split_every: int = SPLIT_EVERY, memory_limit: int | str = MEMORY_LIMIT, scheduler: Any = None,
-        progress: bool = False, nan_policy: str = "raise", dims: Any = None,
-        checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 16) -> xr.Dataset:
-    """Canonical correlations between two layers, streamed chunk by chunk.
+@dataclass(frozen=True)
+class Measure:
+    """One measure, declared as data.
 
-    Parameters
+    Attributes
     ----------
-    a, b
-        Layers of dims (datapoint, height, width, channel) or (datapoint, channel): DataArrays
-        (aligned by their ``datapoint`` labels; a label on one side only is an error), DataTree
-        nodes or Datasets holding ``activations``, or numpy/Dask arrays (aligned by position).
-    spatial
-        How spatial positions become rows:
-
-        - "flatten": every (datapoint, height, width) is a row; needs equal spatial sizes.
-        - "avgpool": the mean over height and width; one row per datapoint.
-        - "interp": the coarser layer is interpolated onto the finer layer's grid (per axis,
-          per chunk), then flattened; see ``method`` and ``grid``.
-        - "dft": the 2-D DFT over (height, width) per datapoint; frequencies both layers share
-          are kept and a CCA is solved per frequency. Memory: frequencies × (p + q)² complex
-          values per partial (16 bytes each), checked against ``memory_limit`` before streaming.
-    stride
-        Keep every ``stride``-th row of the global row order (google/svcca's ``[:, ::stride]``),
-        whatever the chunking. For avgpool and dft the rows are datapoints.
-    epsilon
-        Added to the diagonal of each side's covariance before whitening.
-    precision
-        dtype of the per-chunk products ("float32" is 2–3× faster, correlations good to about
-        1e-6 on well-conditioned data; "float64"; "auto": float32 unless a side's correlation
-        matrix in the first chunk has a condition number above 1e3, recorded in the
-        ``precision_auto`` attr); accumulation and merging are always float64 (complex128 for dft).
-    method, grid
-        For "interp": "linear", "nearest" or "cubic" (tensor-product, per axis); "coords" places
-        samples at the layers' ``height``/``width`` coordinates (pixel centres in input-image
-        units), "svcca" at google/svcca's tutorial positions (``linspace(0, small, large,
-        endpoint=False)`` on sample indices). Targets past the last sample take the nearest one.
-    split_every, memory_limit, scheduler, progress
-        Tree-reduction fan-in (lowered to fit ``memory_limit``); the Dask scheduler (default: the
-        active one, a ``distributed.Client`` if current); show a progress bar.
-    nan_policy
-        "raise" (default): NaN or Inf in the rows used raises a ValueError naming the layer and the
-        chunk's datapoints; "omit": such rows are left out of both sides and counted in the
-        ``rows_omitted`` attr.
-    dims
-        Names of the axes of array inputs (both layers), e.g. ``("datapoint", "channel", "height", "width")``
-        for channels-first data, or a mapping from a DataArray's dim names to these.
-    checkpoint, checkpoint_every
-        A path where the running Moments are saved (atomically) after every ``checkpoint_every``
-        datapoint chunks; a later call with the same path, layers and options resumes after the
-        chunks done (and a finished checkpoint is solved without reading the layers again). Needs a
-        fixed ``precision``. See :func:`chunkcca.compute_moments`.
-
-    Returns
-    -------
-    xarray.Dataset
-        ``rho`` ([freq_h, freq_w,] component, descending), ``coef_a`` (channel_a, component),
-        ``coef_b`` (channel_b, component), ``pruned_a``/``pruned_b``, ``rank_a``/``rank_b``,
-        ``rows`` (for dft: the rows at each frequency, i.e. datapoints) and ``rho_mean`` (and
-        ``rho_freq_mean`` for dft); attrs record the layers and every option.
+    name
+        Its name everywhere: Python, :func:`chunkcca.compare`, :func:`chunkcca.similarity`, the CLI.
+    solve
+        The full result (an ``xarray.Dataset``) from a pair's :class:`PairSolves`.
+    value
+        The variable of that result holding the scalar the measure reports.
+    description
+        What the scalar is, in a few words (the ``long_name`` of compare's and similarity's variables).
+    options
+        The :class:`~chunkcca.options.SolveOptions` fields it reads.
+    row_norms
+        It needs the Moments' row-norm sums (computed only when a measure asks).
+    per_frequency
+        It works on the per-frequency (batched, complex) Moments of ``spatial="dft"``.
+    canonical
+        It is a CCA-family measure: :func:`chunkcca.compare` adds the canonical correlations ``rho``.
+    details
+        Other variables of the result that :func:`chunkcca.compare` reports, as ``<name>_<variable>``.
     """
-    return _streamed("cca", cca_from_moments, a, b, spatial=spatial, stride=stride, epsilon=epsilon,
-                     stream_options=dict(precision=precision, method=method, grid=grid, split_every=split_every,
-                                         memory_limit=memory_limit, scheduler=scheduler, progress=progress,
-                                         nan_policy=nan_policy, dims=dims, checkpoint=checkpoint,
-                                         checkpoint_every=checkpoint_every))
+
+    name: str
+    solve: Callable[[PairSolves], xr.Dataset]
+    value: str
+    description: str
+    options: tuple[str, ...] = ()
+    row_norms: bool = False
+    per_frequency: bool = False
+    canonical: bool = False
+    details: tuple[str, ...] = ()
 
 
-STREAM_OPTIONS = ("precision", "method", "grid", "split_every", "memory_limit", "scheduler", "progress", "nan_policy",
-                  "dims", "checkpoint", "checkpoint_every")
+#: Every measure, by name, in the order they are documented.
+MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
+    Measure("mean_cca", lambda pair: pair.cca, "rho_mean", "mean canonical correlation", ("epsilon",),
+            per_frequency=True, canonical=True),
+    Measure("r2_cca", lambda pair: pair.cca, "r2_cca", "mean squared canonical correlation (R²_CCA)", ("epsilon",),
+            per_frequency=True, canonical=True),
+    Measure("svcca", lambda pair: svcca_from_moments(pair.moments, keep=pair.options.keep,
+                                                      keep_by=pair.options.keep_by, epsilon=pair.options.epsilon),
+            "rho_mean", "SVCCA similarity (mean canonical correlation of the kept directions)",
+            ("epsilon", "keep", "keep_by"), canonical=True, details=("dims_a", "dims_b", "rho")),
+    Measure("pwcca", lambda pair: pwcca_from_moments(pair.moments, epsilon=pair.options.epsilon, solved=pair.cca),
+            "pwcca", "projection-weighted mean canonical correlation", ("epsilon",), canonical=True),
+    Measure("cka", lambda pair: cka_from_moments(pair.moments), "cka", "linear CKA"),
+    Measure("cka_debiased", lambda pair: cka_from_moments(pair.moments, debiased=True), "cka",
+            "linear CKA (debiased)", row_norms=True),
+    Measure("procrustes", lambda pair: procrustes_from_moments(pair.moments), "procrustes",
+            "orthogonal Procrustes distance"),
+    Measure("shape", lambda pair: shape_metric_from_moments(pair.moments, alpha=pair.options.alpha),
+            "shape_distance", "angular shape distance (radians)", ("alpha",)),
+)}
 
 
-def _streamed(name: str, solve: Any, a: Any, b: Any, *, spatial: str, stride: int,
-              stream_options: dict[str, Any], row_norms: bool = False, **solve_options: Any) -> xr.Dataset:
-    """Stream two layers (see :func:`cca` for the options), solve one measure, label the result.
-
-    ``solve_options`` (``epsilon`` among them, where the measure has one) go to ``solve``.
-    """
-    unknown = set(stream_options) - set(STREAM_OPTIONS)
-    if unknown:
-        raise TypeError(f"{name}() got unexpected keyword arguments {sorted(unknown)}; "
-                        f"streaming options are {', '.join(STREAM_OPTIONS)}")
-    if spatial == "dft" and name != "cca":
-        raise ValueError(f"{name} supports spatial='flatten', 'avgpool' or 'interp'; spatial='dft' is offered by cca")
-    streamed = stream_pair(a, b, spatial=spatial, stride=stride, epsilon=solve_options.get("epsilon", 0.0),
-                           row_norms=row_norms, **stream_options)
-    interp = spatial == "interp"
-    return label_result(solve(streamed.moments, **solve_options), streamed, spatial=spatial, stride=int(stride),
-                        method=stream_options.get("method", "linear") if interp else None,
-                        grid=stream_options.get("grid", "coords") if interp else None)
-
-
-def svcca(a: Any, b: Any, *, keep: float = 0.99, keep_by: str = "variance", epsilon: float = 0.0,
-          spatial: str = "flatten", stride: int = 1, **stream_options: Any) -> xr.Dataset:
-    """SVCCA between two layers, streamed: see :func:`svcca_from_moments`; options as for :func:`cca`."""
-    check_svcca_options(keep, keep_by)
-    return _streamed("svcca", svcca_from_moments, a, b, spatial=spatial, stride=stride, epsilon=epsilon,
-                     stream_options=stream_options, keep=keep, keep_by=keep_by)
-
-
-def pwcca(a: Any, b: Any, *, epsilon: float = 0.0, spatial: str = "flatten", stride: int = 1,
-          **stream_options: Any) -> xr.Dataset:
-    """PWCCA between two layers, streamed: see :func:`pwcca_from_moments`; options as for :func:`cca`."""
-    return _streamed("pwcca", pwcca_from_moments, a, b, spatial=spatial, stride=stride, epsilon=epsilon,
-                     stream_options=stream_options)
-
-
-def procrustes(a: Any, b: Any, *, spatial: str = "flatten", stride: int = 1, **stream_options: Any) -> xr.Dataset:
-    """Orthogonal Procrustes distance, streamed: see :func:`procrustes_from_moments`; options as for :func:`cca`."""
-    return _streamed("procrustes", procrustes_from_moments, a, b, spatial=spatial, stride=stride,
-                     stream_options=stream_options)
-
-
-def shape_metric(a: Any, b: Any, *, alpha: float = 1.0, spatial: str = "flatten", stride: int = 1,
-                 **stream_options: Any) -> xr.Dataset:
-    """Williams et al.'s angular shape metric, streamed: see :func:`shape_metric_from_moments`."""
-    check_alpha(alpha)
-    return _streamed("shape_metric", shape_metric_from_moments, a, b, spatial=spatial, stride=stride,
-                     stream_options=stream_options, alpha=alpha)
-
-
-def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None, spatial: str = "flatten",
-        stride: int = 1, **stream_options: Any) -> xr.Dataset:
-    """Linear CKA between two layers, streamed; options as for :func:`cca`.
-
-    Default: from Moments (:func:`cka_from_moments`), biased or, with ``debiased=True``, the exact
-    full-data debiased estimator. ``minibatch=m``: the minibatch CKA of Nguyen, Raghu & Kornblith
-    2021 over consecutive minibatches of m rows (memory O(m²), not O(channels²); see
-    :mod:`chunkcca.minibatch`); it is unbiased per minibatch, so ``debiased`` does not apply.
-    """
-    if minibatch is not None:
-        if debiased:
-            raise ValueError("minibatch CKA is already built from unbiased HSIC; pass debiased=False")
-        from .minibatch import minibatch_cka
-
-        unused = sorted(set(stream_options) & {"precision", "memory_limit", "checkpoint", "checkpoint_every"})
-        if unused:
-            raise TypeError(f"{', '.join(unused)} do not apply to minibatch CKA (float64 Gram matrices of "
-                            f"minibatch x minibatch values, summed in one pass; no Moments to checkpoint)")
-        return minibatch_cka(a, b, size=minibatch, spatial=spatial, stride=stride, **stream_options)
-    return _streamed("cka", cka_from_moments, a, b, spatial=spatial, stride=stride, stream_options=stream_options,
-                     row_norms=bool(debiased), debiased=bool(debiased))
+def check_measures(measures: Any, *, batched: bool = False) -> tuple[str, ...]:
+    """``measures`` as a tuple of known names, at least one and none twice; with ``batched`` (per-frequency
+    Moments) only measures that work per frequency. A ValueError naming the measure at fault."""
+    names = (measures,) if isinstance(measures, str) else tuple(measures)
+    unknown = [name for name in names if name not in MEASURES]
+    if unknown or not names:
+        raise ValueError(f"unknown measure {unknown[0] if unknown else names!r}; choose from {', '.join(MEASURES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"measures {names!r} name a measure twice")
+    if batched:
+        flat = [name for name in names if not MEASURES[name].per_frequency]
+        if flat:
+            offered = ", ".join(name for name, measure in MEASURES.items() if measure.per_frequency)
+            raise ValueError(f"{flat[0]} does not work per spatial frequency (spatial='dft'); with spatial='dft' "
+                             f"choose from {offered}, or use spatial='flatten', 'avgpool' or 'interp'")
+    return names

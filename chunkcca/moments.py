@@ -27,20 +27,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
-import shutil
-import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import xarray as xr
 
-Precision = Literal["float32", "float64"]
-PRECISIONS: tuple[str, ...] = ("float32", "float64")
+from ._fs import write_atomically
+from .options import PRECISIONS, ProductPrecision
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).
 SUBBLOCK_BYTES = 16 * 2**20
@@ -78,7 +73,7 @@ class Moments:
     sizes: tuple[int, ...] = field(default=())
     norm_moments: np.ndarray | None = None
     norm_products: np.ndarray | None = None
-    precision: str = "float64"
+    precision: ProductPrecision = "float64"
 
     def __post_init__(self) -> None:
         p = self.mean.shape[-1]
@@ -192,62 +187,6 @@ def _side_traces(matrix: np.ndarray, slices: Sequence[slice]) -> np.ndarray:
     return np.array([np.trace(matrix[part, part]) for part in slices])
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool) -> None:
-    """Call ``write(tmp_path)`` on a fresh temporary path beside ``path``, then move it into place.
-
-    A write killed midway leaves only a hidden ``.tmp`` folder. An existing ``path`` is replaced
-    (only with ``overwrite=True``) after the new one is complete, in one step where the OS can swap two
-    folders (Linux); elsewhere by two renames, putting the old one back if the second fails or is
-    interrupted.
-    """
-    if is_url(str(path)):
-        raise ValueError(f"{path}: chunkcca writes to local paths only (the write is made atomic by renaming a "
-                         f"finished folder into place); write locally and copy, or to a mounted filesystem")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        target = tmp / "data"
-        write(target)
-        if not path.exists():
-            os.replace(target, path)
-        elif not exchange_paths(target, path):  # swapped: the old one is at target now
-            try:
-                os.replace(path, tmp / "old")
-                os.replace(target, path)
-            except BaseException:
-                if not path.exists() and (tmp / "old").exists():
-                    os.replace(tmp / "old", path)
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def is_url(location: str) -> bool:
-    """Whether ``location`` is an fsspec URL (``protocol://…``, or ``protocol:/…`` as pathlib squashes it)
-    rather than a local path (a Windows drive letter is one character)."""
-    return re.match(r"[A-Za-z][A-Za-z0-9+.\-]+:/", location) is not None
-
-
-def exchange_paths(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step (Linux ``renameat2`` with ``RENAME_EXCHANGE``).
-
-    Returns False, changing nothing, where the OS, C library or filesystem cannot.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:  # glibc before 2.28, or another C library
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_cwd, rename_exchange = -100, 2
-    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
-
-
 def pack(moments: Moments) -> np.ndarray:
     """Moments as one array (1, *batch, p + 2 [+ 2L], p): n, mean, scatter [, norm_moments, norm_products]."""
     p = moments.channels
@@ -341,7 +280,7 @@ def merge_packed(partials: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
     return merged
 
 
-def partial_from_rows(sides: Sequence[np.ndarray], precision: Precision = "float32", *,
+def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision = "float32", *,
                       row_norms: bool = False) -> np.ndarray:
     """Packed partial (1, *batch, p + 2 [+ 2L], p) of the rows of each side, concatenated along channels.
 

@@ -58,10 +58,17 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
 
 
 def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any = None, annotate: bool = True) -> Any:
-    """Heatmap (layer_a × layer_b) of one measure of :func:`chunkcca.similarity`; returns the Axes."""
+    """Heatmap (layer_a × layer_b) of one measure of :func:`chunkcca.similarity` (default: the first one asked
+    for); returns the Axes."""
     import matplotlib.pyplot as plt
 
-    measure = measure or result.attrs.get("measures", [None])[0]
+    if measure is None:
+        layered = [str(name) for name, value in result.data_vars.items() if value.dims == ("layer_a", "layer_b")]
+        if not layered:
+            raise ValueError("plot_similarity needs a result of chunkcca.similarity (variables with dims "
+                             "(layer_a, layer_b))")
+        asked = str(result.attrs.get("measures", "")).split(",")
+        measure = next((name for name in asked if name in layered), layered[0])
     if measure not in result:
         raise ValueError(f"no measure {measure!r} in this result (has {sorted(map(str, result.data_vars))})")
     values = result[measure]

@@ -17,16 +17,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .moments import write_atomically
-from .store import (
-    CONV_DIMS,
-    FC_DIMS,
-    VARIABLE,
-    codecs_for,
-    datapoints_per_chunk,
-    open_activations,
-    pixel_centres,
-)
+from ._fs import write_atomically
+from .layers import CONV_DIMS, FC_DIMS, VARIABLE, datapoints_per_chunk
+from .rows import pixel_centres
+from .store import codecs_for, open_activations
 
 
 def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:

@@ -9,42 +9,18 @@ chunked, so each chunk holds whole spatial maps.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .moments import is_url, write_atomically
-
-VARIABLE = "activations"
-CONV_DIMS: tuple[str, ...] = ("datapoint", "height", "width", "channel")
-FC_DIMS: tuple[str, ...] = ("datapoint", "channel")
-#: Bytes per datapoint chunk that ``chunks="auto"`` aims for.
-CHUNK_BYTES = 16 * 2**20
-
-
-def _size_zarr_thread_pool() -> None:
-    """Give zarr's decoding thread pool one thread per core, unless the user configured it.
-
-    zarr's default (cores + 4 threads) oversubscribes CPU-bound Blosc decoding, and every extra thread
-    grows glibc's malloc arenas: streaming a 16 GiB store peaked at 570 MiB with the default against
-    420 MiB with one thread per core, at the same speed (docs/performance.md).
-    """
-    import zarr
-
-    if zarr.config.get("threading.max_workers", None) is None:
-        zarr.config.set({"threading.max_workers": os.cpu_count() or 2})
-
-
-_size_zarr_thread_pool()
-
+from ._fs import filesystem, is_url, write_atomically
+from .layers import VARIABLE, as_activations, datapoints_per_chunk
+from .rows import pixel_centres
 
 COMPRESSIONS: tuple[str | None, ...] = ("lz4", "zstd", None)
 
@@ -58,130 +34,6 @@ def codecs_for(compression: str | None) -> tuple[Any, ...]:
     if compression is None:
         return ()
     return (BloscCodec(cname=compression, clevel=5 if compression == "lz4" else 3, shuffle="shuffle"),)
-
-
-def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | str = "auto") -> int:
-    """Datapoints per chunk: ``chunks`` itself, or for "auto" as many as fit :data:`CHUNK_BYTES`."""
-    if chunks == "auto":
-        per_datapoint = int(np.prod(shape[1:])) * itemsize
-        return int(max(1, CHUNK_BYTES // max(per_datapoint, 1)))  # Dask clips it to the array's length
-    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
-        raise ValueError(f"chunks must be a positive number of datapoints or 'auto', got {chunks!r}")
-    return int(chunks)
-
-
-def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",
-                   allow_complex: bool = False, dims: Sequence[str] | Mapping[Hashable, str] | None = None,
-                   ) -> xr.DataArray:
-    """One layer as a Dask-backed DataArray with dims (datapoint, [height, width,] channel).
-
-    ``layer`` is a numpy or Dask array (axis 0 = datapoint, last axis = channel), a DataArray
-    with those dim names (in any order), a Dataset or DataTree node holding ``activations``.
-    ``dims`` names the axes of an array explicitly (e.g. ``("datapoint", "channel", "height",
-    "width")`` for channels-first data) or maps a DataArray's dim names to these. A 4-d array
-    without ``dims`` whose last two axes are equal and differ from axis 1 looks channels-first
-    and is refused. ``name`` names the layer in error messages (default: the node path or
-    DataArray name). Complex values are refused unless ``allow_complex``. Raises a ValueError
-    or TypeError naming the layer and the fault. Nothing is computed.
-    """
-    if isinstance(layer, xr.DataTree):
-        name = name or layer.path.lstrip("/") or "/"
-        layer = layer.to_dataset()
-    if isinstance(layer, xr.Dataset):
-        if VARIABLE not in layer:
-            raise ValueError(f"layer {name!r} has no variable {VARIABLE!r} (has {sorted(map(str, layer))})")
-        layer = layer[VARIABLE]
-    if isinstance(layer, xr.DataArray):
-        if layer.name in (None, VARIABLE) and layer.encoding.get("layer"):  # a store's: named by its node path
-            name = name or layer.encoding["layer"]
-        name = name or (str(layer.name) if layer.name is not None else "activations")
-        if isinstance(dims, Mapping):
-            layer = layer.rename({old: new for old, new in dims.items() if old in layer.dims})
-        array = _order_dims(layer, name)
-    else:
-        if not hasattr(layer, "shape") or not hasattr(layer, "dtype"):
-            raise TypeError(f"layer {name!r}: expected a numpy/Dask array or xarray object, got {type(layer).__name__}")
-        name = name or "activations"
-        if dims is not None and not isinstance(dims, Mapping):
-            if len(dims) != layer.ndim:
-                raise ValueError(f"dims names {len(dims)} axes but layer {name!r} has {layer.ndim}")
-            array = _order_dims(xr.DataArray(layer, dims=tuple(dims), name=name), name)
-        else:
-            if layer.ndim not in (2, 4):
-                raise ValueError(
-                    f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected "
-                    f"(datapoint, height, width, channel) or (datapoint, channel)")
-            if layer.ndim == 4 and layer.shape[2] == layer.shape[3] != layer.shape[1]:
-                raise ValueError(
-                    f"layer {name!r} looks channels-first: shape {tuple(layer.shape)} has equal last two axes; "
-                    f"chunkcca expects (datapoint, height, width, channel). Name the axes with "
-                    f"dims=('datapoint', 'channel', 'height', 'width'), or with "
-                    f"dims=('datapoint', 'height', 'width', 'channel') if it is channels-last")
-            array = xr.DataArray(layer, dims=CONV_DIMS if layer.ndim == 4 else FC_DIMS, name=name)
-    _check_values(array, name, allow_complex)
-    labels = array.indexes.get("datapoint")
-    if labels is not None and not labels.is_unique:
-        repeated = labels[labels.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"layer {name!r} has repeated datapoint labels, e.g. {repeated}")
-    if array.chunks is None:  # numpy, or a lazily indexed backend array: chunk it without reading it
-        preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
-        per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(
-            array.shape, array.dtype.itemsize, chunks)
-        if isinstance(array.variable._data, np.memmap):  # numpy, maybe in a DataArray (not a lazy backend array)
-            array = array.copy(data=_memmap_to_dask(array.variable._data, per_chunk))
-        else:
-            array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
-    return array.rename(name)
-
-
-class _FileSlices:
-    """A memory-mapped array seen only through slicing: ``dask.array.from_array`` copies (reads) whole
-    array-likes that have a ``copy`` method, and hashes them for a name; this one is read chunk by chunk."""
-
-    def __init__(self, data: np.memmap) -> None:
-        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return np.array(self.data[key])
-
-
-def _memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
-    """A memory-mapped array as Dask chunks read from its file on demand, named by file, offset and layout."""
-    from dask.base import tokenize
-
-    source = Path(str(data.filename))
-    mapping = data
-    while isinstance(mapping.base, np.ndarray):  # up to the array over the whole mapping
-        mapping = mapping.base
-    start = data.__array_interface__["data"][0] - mapping.__array_interface__["data"][0]  # of a view, e.g. m[100:]
-    token = tokenize(str(source), source.stat().st_mtime_ns, data.offset, start, data.shape, data.strides,
-                     str(data.dtype))
-    return da.from_array(_FileSlices(data), chunks=(per_chunk, *data.shape[1:]), name=f"memmap-{token}",
-                         meta=np.empty((0,) * data.ndim, dtype=data.dtype))
-
-
-def _order_dims(array: xr.DataArray, name: str) -> xr.DataArray:
-    for dims in (CONV_DIMS, FC_DIMS):
-        if set(array.dims) == set(dims):
-            return array.transpose(*dims)
-    raise ValueError(
-        f"layer {name!r} has dims {tuple(map(str, array.dims))}; expected {CONV_DIMS} or {FC_DIMS} "
-        f"(rename yours with DataArray.rename)")
-
-
-def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -> None:
-    dtype = array.dtype
-    complex_refused = np.issubdtype(dtype, np.complexfloating) and not allow_complex
-    if dtype.kind == "b" or not np.issubdtype(dtype, np.number) or complex_refused:
-        raise TypeError(f"layer {name!r} has dtype {dtype}; expected real numbers (float or integer)")
-    empty = [str(dim) for dim, size in array.sizes.items() if size == 0]
-    if empty:
-        raise ValueError(f"layer {name!r} is empty: dim {', '.join(empty)} has size 0 (shape {array.shape})")
-
-
-def pixel_centres(size: int, extent: float) -> np.ndarray:
-    """Centres of the pixels of a ``size``-pixel map spanning ``extent`` (input-image units): (i + 0.5)·extent/size."""
-    return (np.arange(size) + 0.5) * (extent / size)
 
 
 def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataArray:
@@ -266,8 +118,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     """
     location = str(path) if is_url(str(path)) else os.path.abspath(path)  # one Dask name for any spelling
     if is_url(location):
-        filesystem, root = store_filesystem(location, storage_options)
-        if not filesystem.exists(f"{root}/zarr.json"):
+        fs, root = filesystem(location, storage_options)
+        if not fs.exists(f"{root}/zarr.json"):
             raise FileNotFoundError(f"no activation store at {location}")
     elif storage_options:
         raise ValueError(f"storage_options apply to fsspec URLs only, not to the local path {location}")
@@ -283,41 +135,41 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
     for layer in found:
         as_activations(tree[layer], layer)
-        # where the layer's files are: named by read errors (pairs.reading), hashed by checkpoints (store_signature)
+        # where the layer's files are: named by read errors, hashed by checkpoints (checkpoint.store_signature)
         tree[layer][VARIABLE].encoding.update(store=location, layer=layer,
                                               storage_options=dict(storage_options or {}))
     return tree
 
 
-#: File details that change when a file is rewritten: local size and mtime, object stores' ETags and versions.
-SIGNATURE_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "updated", "generation",
-                    "md5Hash", "version_id")
-
-
-def store_signature(array: xr.DataArray) -> str | None:
-    """A hash of the names (within the layer), sizes and modification times (or ETags) of the files that hold
-    a store-backed layer as opened by :func:`open_activations`; None for other arrays (and for arrays computed
-    from one, which lose the store in their encoding). It changes when the store is rewritten or edited, not
-    when it is read, moved, mounted elsewhere or has its permissions changed. Reads one listing of the layer's
-    folder, no data."""
-    encoding = array.encoding
-    if "store" not in encoding or "layer" not in encoding:
-        return None
-    filesystem, root = store_filesystem(encoding["store"], encoding.get("storage_options"))
-    folder = f"{root}/{encoding['layer']}/{VARIABLE}".rstrip("/")
-    files = filesystem.find(folder, detail=True)
-    listing = sorted((name.removeprefix(folder), [info.get(key) for key in SIGNATURE_FIELDS])
-                     for name, info in files.items())
-    return hashlib.sha1(json.dumps(listing, default=str).encode()).hexdigest()
-
-
-def store_filesystem(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
-    """The fsspec filesystem and root path of a store given as a local path or a URL."""
-    from fsspec.core import url_to_fs
-
-    return url_to_fs(str(location), **dict(storage_options or {}))
-
-
 def layer_paths(tree: xr.DataTree) -> list[str]:
     """Paths (without the leading '/'), sorted, of the nodes of ``tree`` that hold activations."""
     return sorted(node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars)
+
+
+def describe_store(path: str | os.PathLike, *,
+                   storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The layers of a store: for each, its path, shape, dims, datapoints per chunk, chunks, dtype, bytes and
+    bytes on disk (what ``chunkcca info`` prints). Reads metadata and a listing of files, no data."""
+    tree = open_activations(path, storage_options=storage_options)
+    fs, root = filesystem(tree[layer_paths(tree)[0]][VARIABLE].encoding["store"], storage_options)
+    rows = []
+    for layer in layer_paths(tree):
+        array = tree[layer][VARIABLE]
+        rows.append({"layer": layer, "shape": list(array.shape), "dims": list(map(str, array.dims)),
+                     "datapoints_per_chunk": int(array.data.chunks[0][0]), "chunks": int(array.data.numblocks[0]),
+                     "dtype": str(array.dtype), "bytes": int(array.nbytes),
+                     "bytes_on_disk": int(fs.du(f"{root}/{layer}"))})
+    return rows
+
+
+def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write a result to a local netCDF file (``.nc``) or zarr store (``.zarr``), atomically: a temporary file
+    beside ``path`` renamed into place, so an interrupted write leaves any older file whole."""
+    suffix = Path(path).suffix
+    if suffix == ".zarr":
+        write_atomically(path, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False),
+                         overwrite=overwrite)
+    elif suffix == ".nc":
+        write_atomically(path, lambda tmp: result.to_netcdf(tmp), overwrite=overwrite)
+    else:
+        raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")

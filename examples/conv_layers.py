@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 import chunkcca
-from chunkcca.demo import demo_layers
+from chunkcca.datasets import demo_layers
 from chunkcca.plot import plot_frequency_means, plot_rho
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -48,14 +48,19 @@ def test_ingest_info_compare_sweep(files, capsys):
     assert main(["info", (folder / "s.zarr").as_uri(), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == info
 
-    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "cka", "--precision", "float64",
+    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "mean_cca", "cka", "--precision", "float64",
                  "--stride", "2", "--json", "--no-progress", "--plot", str(folder / "c.png")]) == 0
     out = capsys.readouterr().out
     report = json.loads(out[: out.rindex("}") + 1])
-    want = canonical_correlations(flatten_rows(a, 2), flatten_rows(b, 2)).mean()
-    assert report["results"]["cca"]["rho_mean"] == pytest.approx(want, abs=1e-9)
-    assert report["results"]["cka"]["rows"] == 400
+    want = canonical_correlations(flatten_rows(a, 2), flatten_rows(b, 2))
+    assert report["results"]["mean_cca"]["value"] == pytest.approx(want.mean(), abs=1e-9)
+    assert report["rows"] == 400
     assert (folder / "c.png").exists()
+    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "--precision", "float64",
+                 "--stride", "2", "--no-progress"]) == 0
+    shown = capsys.readouterr()
+    assert "--measure cca is deprecated; it stands for mean_cca r2_cca" in shown.err
+    assert f"mean_cca  {want.mean():.4f}" in shown.out and f"r2_cca    {(want**2).mean():.4f}" in shown.out
 
     assert main(["sweep", store, "--a", "m0", "--b", "m1/conv", "m1/fc", "--measures", "cka", "mean_cca",
                  "--out", str(folder / "sweep.zarr"), "--plot", str(folder / "h.png"), "--no-progress"]) == 0
@@ -77,7 +82,7 @@ def test_ingest_info_compare_sweep(files, capsys):
          "--plot draws canonical correlation curves"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--plot", "{folder}/none/p.png"], "no folder"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "bogus"], "scheduler must be"),
-        (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/x.csv"], "name a netCDF file (.nc)"),
+        (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/x.csv"], "name a local netCDF file (.nc)"),
         (["ingest", "{store}", "m0={folder}/a.npy"], "exists; pass --overwrite to replace it"),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/none/x.nc"], "no folder"),
     ],
@@ -237,7 +242,7 @@ def test_compare_checkpoints_and_resumes(files, capsys):
     assert main([*argv[:-4], "--checkpoint", "s3://bucket/run.ckpt"]) == 2
     assert "checkpoints are written to local paths only" in capsys.readouterr().err
     assert main(["sweep", store, "--a", "m0", "--b", "m1", "--out", "s3://bucket/sweep.zarr", "--no-progress"]) == 2
-    assert "results are written to local paths only" in capsys.readouterr().err
+    assert "name a local netCDF file (.nc) or zarr store (.zarr)" in capsys.readouterr().err
 
 
 def test_compare_json_writes_undefined_values_as_null(tmp_path, capsys):
@@ -246,7 +251,7 @@ def test_compare_json_writes_undefined_values_as_null(tmp_path, capsys):
     chunkcca.write_activations(store, {"a": rng.standard_normal((30, 3)), "flat": np.ones((30, 2))})
     assert main(["compare", str(store), "a", "flat", "--measure", "svcca", "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)  # strict JSON: no bare NaN
-    assert report["results"]["svcca"]["rho_mean"] is None
+    assert report["results"]["svcca"]["value"] is None
 
 
 def test_compare_passes_keep_and_alpha(files, capsys):
@@ -260,9 +265,12 @@ def test_compare_passes_keep_and_alpha(files, capsys):
     svcca = chunkcca.svcca(tree["m0/conv"], tree["m1/conv"], keep=0.5, precision="float64")
     shape = chunkcca.shape_metric(tree["m0/conv"], tree["m1/conv"], alpha=0.0, precision="float64")
     assert results["svcca"]["dims_a"] == int(svcca["dims_a"]) < 6
-    assert results["shape"]["shape_distance"] == pytest.approx(float(shape["shape_distance"]), rel=1e-12)
-    assert main(["compare", store, "m0/conv", "m1/conv", "--alpha", "2"]) == 2
-    assert "alpha" in capsys.readouterr().err
+    assert results["svcca"]["value"] == pytest.approx(float(svcca["rho_mean"]), rel=1e-12)
+    assert results["shape"]["value"] == pytest.approx(float(shape["shape_distance"]), rel=1e-12)
+    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "shape", "--alpha", "2"]) == 2
+    assert "alpha must be in [0, 1], got 2.0" in capsys.readouterr().err
+    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cka", "--alpha", "0.5"]) == 2
+    assert "alpha is not read by cka" in capsys.readouterr().err
 
 
 def test_ingest_reads_channels_first_files(tmp_path, capsys):

@@ -206,12 +206,12 @@ def test_the_command_line_runs_on_a_cluster(cluster, layers, capsys):
     store = layers[-1]
     reports = []
     for scheduler in ("threads", cluster["address"]):
-        assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "cka", "--precision", "float64",
-                     "--json", "--scheduler", scheduler]) == 0  # with the progress bar, the default
+        assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "mean_cca", "cka", "--precision",
+                     "float64", "--json", "--scheduler", scheduler]) == 0  # with the progress bar, the default
         printed = capsys.readouterr()
         assert "100% Completed" in printed.err
         reports.append(json.loads(printed.out))  # the progress bar does not break the JSON
-    for measure in ("cca", "cka"):
+    for measure in ("mean_cca", "cka"):
         for key, value in reports[0]["results"][measure].items():
             assert reports[1]["results"][measure][key] == pytest.approx(value, rel=1e-12)
 

@@ -168,13 +168,13 @@ def test_memory_mapped_inputs_are_streamed_not_copied(tmp_path):
     """(neurons, datapoints) memmaps are read chunk by chunk from the file: building the graph reads nothing."""
     import tracemalloc
 
-    from chunkcca.compat import _as_rows
+    from chunkcca.compat import _as_layer
 
     x = np.random.default_rng(4).standard_normal((6, 200000)).astype(np.float32)
     np.save(tmp_path / "acts.npy", x)
     mapped = np.load(tmp_path / "acts.npy", mmap_mode="r")
     tracemalloc.start()
-    rows = _as_rows(mapped, "acts1")
+    rows = _as_layer(mapped, "acts1").data
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert rows.name.startswith("memmap-") and peak < x.nbytes / 20

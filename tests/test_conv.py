@@ -13,7 +13,8 @@ from reference import canonical_correlations, dft_correlations, flatten_rows, in
 
 from chunkcca import cca, compute_moments
 from chunkcca.compat import fourier_ccas
-from chunkcca.spatial import plan_adapters
+from chunkcca.options import StreamOptions
+from chunkcca.rows import plan_adapters
 
 DIMS = ("datapoint", "height", "width", "channel")
 #: float64 products agree with the QR reference to ~1e-13 here; 1e-9 leaves room for conditioning.
@@ -61,7 +62,7 @@ def test_interp_svcca_grid_reproduces_the_tutorials_interp2d():
     golden = np.load(GOLDEN / "conv_interp_svcca.npz")
     conv, pool = golden["in_acts1"], golden["in_acts2"]
     names = [xr.DataArray(x, dims=DIMS, name=n) for x, n in ((conv, "conv"), (pool, "pool"))]
-    _, moved = plan_adapters("interp", *names, grid="svcca")
+    _, moved = plan_adapters(*names, StreamOptions(spatial="interp", grid="svcca"))
     resampled = moved.rows(pool.astype(np.float64)).reshape(golden["out_interpolated"].shape)
     np.testing.assert_allclose(resampled, golden["out_interpolated"], rtol=0, atol=1e-12)
     for chunk in (40, 9):
@@ -127,8 +128,8 @@ def test_compat_fourier_ccas_matches_reference_golden():
 def test_dft_refuses_what_would_not_fit_the_memory_limit(conv_pool):
     conv, pool = conv_pool
     partial = 64 * 11 * 9 * 16  # frequencies x (p + q + 2) x (p + q) complex128
-    with pytest.raises(ValueError, match=r"'net0/conv2' and 'net1/pool2': spatial='dft' keeps 64 frequencies "
-                                         r"x 9\^2 complex statistics = 99.00 kiB per partial.* over memory_limit"):
+    with pytest.raises(ValueError, match=r"'net0/conv2' and 'net1/pool2': 9\^2 complex statistics at each of 64 "
+                                         r"spatial frequencies = 99.00 kiB per partial.* over memory_limit"):
         cca(conv, pool, spatial="dft", memory_limit=3 * partial - 1)
     result = cca(conv, pool, spatial="dft", memory_limit=3 * partial, precision="float64")
     assert result["rho"].shape == (8, 8, 4)

@@ -10,7 +10,8 @@ import pytest
 
 import chunkcca
 from chunkcca.cli import main
-from chunkcca.demo import demo_layers, run_demo
+from chunkcca.datasets import demo_layers
+from chunkcca.demo import run_demo
 
 
 def test_demo_writes_store_table_and_plot(tmp_path, capsys):

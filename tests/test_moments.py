@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from reference import flatten_rows, scatter
 
 from chunkcca import Moments
+from chunkcca.engine import moments_reduction, run
 from chunkcca.moments import merge_packed, pack, partial_from_rows, unpack
-from chunkcca.stream import stream_moments
+from chunkcca.rows import Adapter
 
 
 def _moments_of(rows: np.ndarray, sizes=None) -> Moments:
@@ -98,9 +99,9 @@ def test_streamed_moments_independent_of_chunking(datapoints, chunk_a, chunk_b, 
     rng = np.random.default_rng([datapoints, chunk_a, chunk_b, stride, height])
     a = rng.standard_normal((datapoints, height, 3, 2)) + 4
     b = rng.standard_normal((datapoints, height, 3, 3)) - 2
-    got = stream_moments([da.from_array(a, chunks=(chunk_a, -1, -1, -1)),
-                          da.from_array(b, chunks=(chunk_b, 1, -1, -1))],
-                         stride=stride, precision="float64", split_every=2)
+    adapters = [Adapter("flatten", (height, 3), stride)] * 2
+    got = run([da.from_array(a, chunks=(chunk_a, -1, -1, -1)), da.from_array(b, chunks=(chunk_b, 1, -1, -1))],
+              adapters, moments_reduction(adapters, (2, 3), precision="float64"), split_every=2)
     rows = np.concatenate([flatten_rows(a, stride), flatten_rows(b, stride)], axis=1)
     assert_moments_close(got, _moments_of(rows, (2, 3)), rtol=1e-12)
 
@@ -266,7 +267,7 @@ def test_checkpoint_fingerprint_covers_every_adapter_field():
     import xarray as xr
 
     from chunkcca.checkpoint import _fingerprint
-    from chunkcca.spatial import Adapter, shared_frequencies
+    from chunkcca.rows import shared_frequencies
 
     layer = xr.DataArray(da.zeros((4, 8, 8, 2)), dims=("datapoint", "height", "width", "channel"), name="a")
     kept = shared_frequencies(8, 8)[0]

@@ -196,10 +196,21 @@ def test_precision_auto_switches_to_float64_when_float32_cannot_hold_and_says_so
 
 def test_precision_auto_keeps_float32_on_well_conditioned_offset_data():
     x, y = _ill_conditioned(10.0)
-    result = cca(x.astype(np.float32), y.astype(np.float32), precision="auto")
+    result = cca(da.from_array(x.astype(np.float32), chunks=3000), y.astype(np.float32), precision="auto")
     assert result.attrs["precision"] == "float32"
+    assert "auto: float32 products" in result.attrs["precision_auto"]
     want = canonical_correlations(x.astype(np.float32), y.astype(np.float32))
     np.testing.assert_allclose(result["rho"], want, atol=3e-6)
+
+
+def test_precision_auto_on_one_chunk_reports_the_float64_products_it_made():
+    """The pilot chunk is computed in float64; when it is the only chunk, every product was float64."""
+    x, y = _ill_conditioned(10.0)
+    result = cca(x.astype(np.float32), y.astype(np.float32), precision="auto")
+    assert result.attrs["precision"] == "float64"
+    assert "auto: float32 products" in result.attrs["precision_auto"]  # what it would have used for more chunks
+    want = canonical_correlations(x.astype(np.float32), y.astype(np.float32))
+    np.testing.assert_allclose(result["rho"], want, atol=1e-10)
 
 
 def test_killed_writer_leaves_the_earlier_store_intact(tmp_path):

@@ -13,7 +13,7 @@ from reference import canonical_correlations
 import chunkcca
 from chunkcca import Moments, cca, cka, similarity, svcca_from_moments
 from chunkcca.compat import compute_pwcca, get_cca_similarity
-from chunkcca.store import as_activations
+from chunkcca.layers import as_activations
 
 
 def test_interp_without_coordinates_uses_the_shared_extent():

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reference import avgpool_rows, flatten_rows
 
-from chunkcca.spatial import Adapter, block_rows, interpolation_matrix, plan_adapters, row_count, shared_frequencies
+from chunkcca.options import StreamOptions
+from chunkcca.rows import Adapter, interpolation_matrix, plan_adapters, shared_frequencies
 
 
 @given(datapoints=st.integers(1, 30), height=st.integers(1, 5), width=st.integers(1, 5),
@@ -19,32 +20,32 @@ from chunkcca.spatial import Adapter, block_rows, interpolation_matrix, plan_ada
        spatial=st.sampled_from(["flatten", "avgpool"]))
 def test_blocks_reassemble_the_global_strided_rows(datapoints, height, width, stride, cuts, spatial):
     acts = np.arange(datapoints * height * width * 2, dtype=np.float64).reshape(datapoints, height, width, 2)
-    adapter = Adapter(spatial, (height, width))
+    adapter = Adapter(spatial, (height, width), stride)
     edges = sorted({0, datapoints, *[c for c in cuts if c < datapoints]})
-    got = np.concatenate([block_rows(acts[a:b], adapter, a, stride) for a, b in itertools.pairwise(edges)])
+    got = np.concatenate([adapter.block_rows(acts[a:b], a) for a, b in itertools.pairwise(edges)])
     want = flatten_rows(acts, stride) if spatial == "flatten" else avgpool_rows(acts, stride)
     np.testing.assert_array_equal(got, want)
-    assert got.shape[0] == row_count(adapter, datapoints, stride)
+    assert got.shape[0] == adapter.row_count(datapoints)
 
 
 def test_flatten_is_a_view_and_keeps_every_other_pixel_column():
     acts = np.arange(1 * 2 * 4 * 1, dtype=np.float32).reshape(1, 2, 4, 1)
-    rows = block_rows(acts, Adapter("flatten", (2, 4)), 0, 2)
+    rows = Adapter("flatten", (2, 4), 2).block_rows(acts, 0)
     assert np.shares_memory(rows, acts)
     np.testing.assert_array_equal(rows[:, 0], [0, 2, 4, 6])
 
 
 def test_fully_connected_rows_are_datapoints():
     acts = np.arange(12.0).reshape(6, 2)
-    adapter = Adapter("flatten", (1, 1))
-    np.testing.assert_array_equal(block_rows(acts[3:], adapter, 3, 2), acts[4::2])
-    assert row_count(adapter, 6, 4) == 2
+    adapter = Adapter("flatten", (1, 1), 2)
+    np.testing.assert_array_equal(adapter.block_rows(acts[3:], 3), acts[4::2])
+    assert Adapter("flatten", (1, 1), 4).row_count(6) == 2
 
 
 def test_dft_rows_are_per_frequency_datapoints():
     acts = np.random.default_rng(0).standard_normal((5, 4, 6, 3))
-    adapter = Adapter("dft", (4, 6), frequencies=(np.arange(4), np.arange(6)))
-    rows = block_rows(acts[2:], adapter, 2, 2)
+    adapter = Adapter("dft", (4, 6), 2, frequencies=(np.arange(4), np.arange(6)))
+    rows = adapter.block_rows(acts[2:], 2)
     spectrum = np.fft.fft2(acts, axes=(1, 2))
     assert rows.shape == (4, 6, 2, 3)
     np.testing.assert_allclose(rows[1, 3], spectrum[[2, 4], 1, 3], atol=1e-12)
@@ -98,9 +99,9 @@ def test_interp_brings_the_coarser_layer_onto_the_finer_grid():
     coarse = xr.DataArray(np.zeros((1, 8, 8, 3)), dims=dims, name="pool2",
                           coords={"height": np.arange(8) * 2 + 1.0, "width": np.arange(8) * 2 + 1.0})
     for first, second in ((fine, coarse), (coarse, fine)):
-        adapters = plan_adapters("interp", first, second)
+        adapters = plan_adapters(first, second, StreamOptions(spatial="interp"))
         assert all(a.out_shape == (16, 16) and a.rows_per_datapoint == 256 for a in adapters)
-    kept, moved = plan_adapters("interp", fine, coarse)
+    kept, moved = plan_adapters(fine, coarse, StreamOptions(spatial="interp"))
     assert kept.resample == (None, None)
     ramp = np.broadcast_to((np.arange(8) * 2 + 1.0)[None, :, None, None], (1, 8, 8, 3))
     rows = moved.rows(ramp).reshape(16, 16, 3)
@@ -112,7 +113,7 @@ def test_cubic_needs_four_samples():
     a = xr.DataArray(np.zeros((1, 8, 8, 1)), dims=dims, name="big")
     b = xr.DataArray(np.zeros((1, 3, 3, 1)), dims=dims, name="small")
     with pytest.raises(ValueError, match="layer 'small' has 3 samples along height; method='cubic' needs at least 4"):
-        plan_adapters("interp", a, b, method="cubic")
+        plan_adapters(a, b, StreamOptions(spatial="interp", method="cubic"))
 
 
 def test_unknown_adapter_is_named():

@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 
 from chunkcca import Moments, layer_paths, open_activations, write_activations
-from chunkcca.store import as_activations
+from chunkcca.layers import as_activations
 
 
 def test_round_trip_numpy_dask_and_dataarray(tmp_path, rng):
@@ -61,7 +61,7 @@ def test_dask_input_is_written_chunk_by_chunk(tmp_path):
 def test_auto_chunks_target_tens_of_megabytes(tmp_path):
     array = as_activations(da.zeros((10_000, 16, 16, 64), dtype=np.float32, chunks=(10_000, 16, 16, 64)), "x")
     assert array.shape[0] == 10_000
-    from chunkcca.store import CHUNK_BYTES, datapoints_per_chunk
+    from chunkcca.layers import CHUNK_BYTES, datapoints_per_chunk
 
     per_chunk = datapoints_per_chunk((10_000, 16, 16, 64), 4)
     assert per_chunk * 16 * 16 * 64 * 4 <= CHUNK_BYTES < (per_chunk + 1) * 16 * 16 * 64 * 4
@@ -78,13 +78,13 @@ def test_overwrite_is_explicit_and_atomic(tmp_path):
 
 
 def test_overwrite_swaps_in_one_step_or_puts_the_old_store_back(tmp_path, monkeypatch):
-    from chunkcca import moments
+    from chunkcca import _fs
 
     old_store = tmp_path / "s.zarr"
     write_activations(old_store, {"fc": np.ones((3, 2))})
     swapped = []
-    exchange = moments.exchange_paths
-    monkeypatch.setattr(moments, "exchange_paths", lambda a, b: swapped.append(exchange(a, b)) or swapped[-1])
+    exchange = _fs.exchange_paths
+    monkeypatch.setattr(_fs, "exchange_paths", lambda a, b: swapped.append(exchange(a, b)) or swapped[-1])
     write_activations(old_store, {"fc": np.zeros((4, 2))}, overwrite=True)
     # Linux (ext4, tmpfs, ...): one atomic renameat2(RENAME_EXCHANGE); elsewhere the fallback below
     assert swapped == [True] or not sys.platform.startswith("linux")
@@ -92,7 +92,7 @@ def test_overwrite_swaps_in_one_step_or_puts_the_old_store_back(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
 
     # where the OS cannot swap: two renames, and an interrupt between them puts the old store back
-    monkeypatch.setattr(moments, "exchange_paths", lambda a, b: False)
+    monkeypatch.setattr(_fs, "exchange_paths", lambda a, b: False)
     replace = os.replace
 
     def interrupted(source, destination):

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import Timer, machine, peak_mib, report, run_case, store_for
 
-from chunkcca.cli import format_table
+from chunkcca.report import format_table
 
 BYTES_PER_DATAPOINT = 16 * 16 * 64 * 4 * 2  # two float32 conv2 layers
 

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import Timer, machine, peak_mib, report, run_case, store_for
 
-from chunkcca.cli import format_table
+from chunkcca.report import format_table
 
 CASES = {"tutorial": (1000, 64), "large": (4000, 256)}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import Timer, evict_from_page_cache, machine, peak_mib, report, run_case, store_for
 
-from chunkcca.cli import format_table
+from chunkcca.report import format_table
 
 
 def cpu_seconds() -> float:
@@ -34,16 +34,21 @@ def cpu_seconds() -> float:
 def case(kind: str, datapoints: int, chunk: int, precision: str, compression: str | None, cache: str) -> None:
     import dask.array as da
     import numpy as np
+    from chunkcca.engine import moments_reduction
+    from chunkcca.engine import run as run_reduction
+    from chunkcca.rows import Adapter
     from threadpoolctl import threadpool_limits
 
     import chunkcca
-    from chunkcca.spatial import Adapter
-    from chunkcca.stream import stream_moments
 
     path = store_for(datapoints, chunk=chunk, compression=compression)
     tree = chunkcca.open_activations(path)
     a, b = (tree[f"model{m}/conv2"]["activations"].data for m in (0, 1))
     adapters = [Adapter("flatten", (16, 16))] * 2
+    reduction = moments_reduction(adapters, (64, 64), precision=precision)
+
+    def stream_moments(sides: list) -> None:
+        run_reduction(sides, adapters, reduction, split_every=8)
     if kind == "read":
         # one value per pair of aligned chunks; keeping every axis spares Dask's join (a copy) of the blocks
         trivial = da.map_blocks(lambda x, y: np.zeros((1, 1, 1, 1)), a, b,
@@ -56,11 +61,11 @@ def case(kind: str, datapoints: int, chunk: int, precision: str, compression: st
         a_mem, b_mem = (da.from_array(x.compute(), chunks=x.chunks) for x in (a, b))
 
         def run() -> None:
-            stream_moments([a_mem, b_mem], adapters, precision=precision)
+            stream_moments([a_mem, b_mem])
     else:
 
         def run() -> None:
-            stream_moments([a, b], adapters, precision=precision)
+            stream_moments([a, b])
     run()  # warm-up: imports, thread pools (and the page cache, for --cache warm)
     if cache == "cold" and kind != "products":
         evict_from_page_cache(path)

@@ -1,4 +1,4 @@
-"""Spatial adapters: turn one chunk of a layer into the rows that enter the statistics.
+"""Row adapters: turn one chunk of a layer into the rows that enter the statistics.
 
 A block is a numpy array of shape (datapoint, height, width, channel) or (datapoint, channel)
 (fully connected: height = width = 1). An :class:`Adapter` maps it to rows of shape
@@ -13,26 +13,35 @@ A block is a numpy array of shape (datapoint, height, width, channel) or (datapo
 - ``dft``: the 2-D DFT over (height, width), restricted to the kept frequencies; batch dims
   (freq_h, freq_w), one row per datapoint per frequency.
 
-``stride`` then keeps every ``stride``-th row of the *global* row order, whatever the
+The adapter's ``stride`` then keeps every ``stride``-th row of the *global* row order, whatever the
 chunking: a block whose first datapoint is ``d0`` starts at global row ``d0 · rows_per_datapoint``.
 With ``flatten`` that is exactly google/svcca's ``acts.reshape(-1, C)[::stride]``: a
 deterministic pattern (every other pixel column when the width is even), not random sampling.
+
+This module is the only one that knows the adapters by name: everything else asks an
+:class:`Adapter` (or :func:`is_batched`) what it gives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from .store import pixel_centres
+from .options import METHODS, PER_FREQUENCY, StreamOptions
 
-#: The spatial adapters, by name.
-SPATIAL: tuple[str, ...] = ("flatten", "avgpool", "interp", "dft")
-METHODS: tuple[str, ...] = ("linear", "nearest", "cubic")
-GRIDS: tuple[str, ...] = ("coords", "svcca")
+
+def is_batched(spatial: str) -> bool:
+    """Whether the adapter ``spatial`` gives one set of statistics per spatial frequency (batch dims)."""
+    return spatial in PER_FREQUENCY
+
+
+def pixel_centres(size: int, extent: float) -> np.ndarray:
+    """Centres of the pixels of a ``size``-pixel map spanning ``extent`` (input-image units): (i + 0.5)·extent/size."""
+    return (np.arange(size) + 0.5) * (extent / size)
 
 
 def spatial_shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -44,15 +53,21 @@ def spatial_shape(shape: Sequence[int]) -> tuple[int, int]:
 class Adapter:
     """How one layer's blocks become rows.
 
-    ``resample`` holds the (out, in) interpolation matrices for height and width (``interp``;
-    None for an axis left as it is); ``frequencies`` the kept DFT indices along height and
-    width and ``spectrum_dtype`` the dtype the FFT runs in (``dft``).
+    ``kind`` is the spatial adapter, ``shape`` the layer's (height, width), ``stride`` the step
+    through the global row order. ``resample`` holds the (out, in) interpolation matrices for
+    height and width (``interp``, made with ``method`` on ``grid``; None for an axis left as it
+    is); ``frequencies`` the kept DFT indices along height and width, ``frequency_labels`` their
+    frequencies in cycles per map, and ``spectrum_dtype`` the dtype the FFT runs in (``dft``).
     """
 
     kind: str
     shape: tuple[int, int]
+    stride: int = 1
     resample: tuple[np.ndarray | None, np.ndarray | None] | None = None
+    method: str | None = None
+    grid: str | None = None
     frequencies: tuple[np.ndarray, np.ndarray] | None = None
+    frequency_labels: tuple[np.ndarray, np.ndarray] | None = None
     spectrum_dtype: str = "complex128"
 
     @property
@@ -72,9 +87,39 @@ class Adapter:
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
+        """(freq_h, freq_w) sizes for dft, () for the others."""
         if self.frequencies is None:
             return ()
         return (self.frequencies[0].size, self.frequencies[1].size)
+
+    @property
+    def batch_coords(self) -> dict[str, np.ndarray]:
+        """Labels of the batch dims: ``freq_h``/``freq_w`` in cycles per map for dft, none for the others."""
+        if self.frequency_labels is None:
+            return {}
+        return {"freq_h": self.frequency_labels[0], "freq_w": self.frequency_labels[1]}
+
+    @property
+    def is_complex(self) -> bool:
+        """Whether the rows are complex (dft)."""
+        return self.kind == "dft"
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """What a result records of the rows: the adapter, the stride, and method and grid for interp."""
+        interp = {"method": self.method, "grid": self.grid} if self.method is not None else {}
+        return {"spatial": self.kind, "stride": int(self.stride), **interp}
+
+    def row_count(self, datapoints: int) -> int:
+        """Rows ``datapoints`` give (per frequency for dft): ceil(N · rows_per_datapoint / stride)."""
+        return -(-datapoints * self.rows_per_datapoint // self.stride)
+
+    def block_rows(self, block: np.ndarray, first_datapoint: int) -> np.ndarray:
+        """Rows (*batch, rows, channel) of ``block`` whose first datapoint is ``first_datapoint``, keeping
+        the global rows ≡ 0 (mod ``stride``)."""
+        rows = self.rows(block)
+        start = (-first_datapoint * self.rows_per_datapoint) % self.stride
+        return rows[..., start :: self.stride, :]
 
     def rows(self, block: np.ndarray) -> np.ndarray:
         """All rows (*batch, rows, channel) of ``block``, before the stride."""
@@ -101,27 +146,15 @@ class Adapter:
             kept_h, kept_w = self.frequencies
             # one gather, straight into (freq_h, freq_w, datapoint, channel) C order
             return np.moveaxis(spectrum, 0, 2)[np.ix_(kept_h, kept_w)]
-        raise ValueError(f"unknown spatial adapter {self.kind!r}; expected one of {', '.join(SPATIAL)}")
+        raise ValueError(f"unknown spatial adapter {self.kind!r}")
 
 
-def block_rows(block: np.ndarray, adapter: Adapter, first_datapoint: int, stride: int) -> np.ndarray:
-    """Rows (*batch, rows, channel) of ``block`` under ``adapter``, keeping global rows ≡ 0 (mod ``stride``)."""
-    rows = adapter.rows(block)
-    start = (-first_datapoint * adapter.rows_per_datapoint) % stride
-    return rows[..., start::stride, :]
+def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> tuple[Adapter, Adapter]:
+    """The adapters of two layers compared with ``options.spatial``; raises naming the layers if they cannot pair.
 
-
-def row_count(adapter: Adapter, datapoints: int, stride: int) -> int:
-    """Rows ``datapoints`` give under ``adapter`` and ``stride`` (per frequency for dft): ceil(N·r / stride)."""
-    return -(-datapoints * adapter.rows_per_datapoint // stride)
-
-
-def plan_adapters(spatial: str, a: xr.DataArray, b: xr.DataArray, *, method: str = "linear",
-                  grid: str = "coords", precision: str = "float64") -> tuple[Adapter, Adapter]:
-    """The adapters of two layers compared with ``spatial``; raises naming the layers if they cannot pair.
-
-    ``precision`` sets the FFT's dtype for dft (complex64 for "float32").
+    ``options.precision`` sets the FFT's dtype for dft (complex64 for "float32").
     """
+    spatial, stride = options.spatial, options.stride
     size_a, size_b = spatial_shape(a.shape), spatial_shape(b.shape)
     if spatial == "flatten":
         if size_a != size_b:
@@ -129,19 +162,36 @@ def plan_adapters(spatial: str, a: xr.DataArray, b: xr.DataArray, *, method: str
                 f"spatial='flatten' needs equal spatial sizes, but layer {a.name!r} is {size_a[0]}x{size_a[1]} "
                 f"and layer {b.name!r} is {size_b[0]}x{size_b[1]}; use spatial='avgpool', 'interp' or 'dft' "
                 f"to compare layers of different spatial sizes")
-        return Adapter("flatten", size_a), Adapter("flatten", size_b)
+        return Adapter("flatten", size_a, stride), Adapter("flatten", size_b, stride)
     if spatial == "avgpool":
-        return Adapter("avgpool", size_a), Adapter("avgpool", size_b)
+        return Adapter("avgpool", size_a, stride), Adapter("avgpool", size_b, stride)
     if spatial == "interp":
+        method, grid = options.method, options.grid
         matrices = [_resample_axis(dim, a, b, method=method, grid=grid) for dim in ("height", "width")]
-        return (Adapter("interp", size_a, resample=(matrices[0][0], matrices[1][0])),
-                Adapter("interp", size_b, resample=(matrices[0][1], matrices[1][1])))
-    if spatial == "dft":
-        kept = [shared_frequencies(size_a[axis], size_b[axis]) for axis in (0, 1)]
-        dtype = "complex64" if precision == "float32" else "complex128"
-        return (Adapter("dft", size_a, frequencies=(kept[0][0], kept[1][0]), spectrum_dtype=dtype),
-                Adapter("dft", size_b, frequencies=(kept[0][1], kept[1][1]), spectrum_dtype=dtype))
-    raise ValueError(f"spatial must be one of {', '.join(map(repr, SPATIAL))}, got {spatial!r}")
+        return (Adapter("interp", size_a, stride, resample=(matrices[0][0], matrices[1][0]), method=method, grid=grid),
+                Adapter("interp", size_b, stride, resample=(matrices[0][1], matrices[1][1]), method=method, grid=grid))
+    kept = [shared_frequencies(size_a[axis], size_b[axis]) for axis in (0, 1)]
+    labels = (frequency_labels(size_a[0], size_b[0]), frequency_labels(size_a[1], size_b[1]))
+    dtype = "complex64" if options.precision == "float32" else "complex128"
+    return (Adapter("dft", size_a, stride, frequencies=(kept[0][0], kept[1][0]), frequency_labels=labels,
+                    spectrum_dtype=dtype),
+            Adapter("dft", size_b, stride, frequencies=(kept[0][1], kept[1][1]), frequency_labels=labels,
+                    spectrum_dtype=dtype))
+
+
+def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) -> tuple[Adapter, ...]:
+    """One adapter per layer for a sweep, where every layer's rows must not depend on its partner's
+    (flatten, with one spatial size for all, or avgpool); raises naming the layers otherwise."""
+    if options.spatial not in ("flatten", "avgpool"):
+        raise ValueError(f"similarity supports spatial='flatten' or 'avgpool'; spatial={options.spatial!r} "
+                         f"pairs each two layers on their own: compare pairs with chunkcca.compare or chunkcca.cca")
+    if options.spatial == "flatten":
+        sizes = {str(layer.name): tuple(layer.shape[1:-1]) for layer in layers}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{name!r} {'x'.join(map(str, size)) or 'fc'}" for name, size in sizes.items())
+            raise ValueError(f"spatial='flatten' needs one spatial size for all layers, got {listed}; use "
+                             f"spatial='avgpool'")
+    return tuple(Adapter(options.spatial, spatial_shape(layer.shape), options.stride) for layer in layers)
 
 
 def shared_frequencies(size_a: int, size_b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +260,7 @@ def interpolation_matrix(source: np.ndarray, target: np.ndarray, method: str, *,
     """
     from scipy.interpolate import make_interp_spline
 
-    if method not in METHODS:
+    if method not in METHODS:  # a public helper: StreamOptions checks the method of a comparison
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     if source.size == 1:
         return np.ones((target.size, 1))

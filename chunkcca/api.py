@@ -1,0 +1,376 @@
+"""The public functions: layers in, one streamed pass, labelled ``xarray`` results out.
+
+Every function checks its options once, at the door (:class:`~chunkcca.options.StreamOptions`,
+:class:`~chunkcca.options.SolveOptions`), aligns and plans the layers (nothing is read), streams
+them once (:mod:`chunkcca.passes`) and solves the measures declared in
+:data:`chunkcca.measures.MEASURES` on the Moments.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .engine import minibatch_reduction
+from .layers import align_layers, as_activations, named
+from .measures import MEASURES, PairSolves, UndefinedMeasure, check_measures, non_constant
+from .minibatch import aligned_chunks
+from .moments import Moments
+from .options import SOLVE_NAMES, SolveOptions, StreamOptions, check_int
+from .passes import Streamed, run_reduction, stream_layers
+from .rows import Adapter, is_batched, plan_adapters, plan_sweep_adapters
+from .store import layer_paths
+
+
+def _pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
+    """Validate, name and align two layers and plan their adapters; nothing is read."""
+    layer_a, layer_b = named(a, "a", options.dims), named(b, "b", options.dims)
+    if layer_a.name == layer_b.name:
+        layer_a, layer_b = layer_a.rename(f"a ({layer_a.name})"), layer_b.rename(f"b ({layer_b.name})")
+    layer_a, layer_b = align_layers(layer_a, layer_b)
+    return layer_a, layer_b, plan_adapters(layer_a, layer_b, options)
+
+
+def _warn_few_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> None:
+    """Warn when the layers give no more rows than the widest has channels (a singular covariance)."""
+    rows = adapters[0].row_count(layers[0].sizes["datapoint"])
+    channels = max(layer.sizes["channel"] for layer in layers)
+    if rows <= channels:
+        warnings.warn(
+            f"only {rows} rows for {channels} channels (layers {', '.join(repr(str(x.name)) for x in layers)}): the "
+            f"covariance is singular and correlations are meaningless; regularise with epsilon > 0 or keep fewer "
+            f"dimensions with svcca(keep=...)", RuntimeWarning, stacklevel=4)
+
+
+def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False) -> Streamed:
+    """Two layers → one pass → their Moments."""
+    layer_a, layer_b, adapters = _pair(a, b, options)
+    _warn_few_rows((layer_a, layer_b), adapters)
+    return stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms)
+
+
+def _streaming_attrs(streamed: Streamed) -> dict[str, Any]:
+    """What a result records of its streaming: the layers, the rows' adapter, precision, rows used and omitted."""
+    attrs = {"layer_a": str(streamed.layers[0].name), "layer_b": str(streamed.layers[-1].name),
+             **streamed.adapters[0].attrs, "precision": streamed.moments.precision,
+             "precision_auto": streamed.precision_note, "rows": int(streamed.moments.n),
+             "rows_omitted": int(streamed.rows_omitted)}
+    return {key: value for key, value in attrs.items() if value is not None}
+
+
+def _label(result: xr.Dataset, streamed: Streamed) -> xr.Dataset:
+    """Put the layers' channel labels, the frequencies and the streaming's attrs on a pair's result."""
+    layer_a, layer_b = streamed.layers
+    coords: dict[str, Any] = {"channel_a": layer_a["channel"].values, "channel_b": layer_b["channel"].values,
+                              **streamed.adapters[0].batch_coords}
+    result = result.assign_coords({k: v for k, v in coords.items() if k in result.dims})
+    result.attrs.update(_streaming_attrs(streamed))
+    return result
+
+
+def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[str, Any], where: str) -> xr.Dataset:
+    """Stream two layers for one registered measure and return its labelled result."""
+    stream = StreamOptions.from_kwargs(where, options)
+    check_measures([name], batched=is_batched(stream.spatial))
+    streamed = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms)
+    return _label(PairSolves(streamed.moments, solve).result(name), streamed)
+
+
+def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) -> Moments:
+    """The :class:`~chunkcca.moments.Moments` of two layers' rows, in one streamed pass.
+
+    Parameters
+    ----------
+    a, b
+        Two layers, as for :func:`cca`.
+    row_norms
+        Add the row-norm sums that :func:`chunkcca.cka_from_moments` needs with ``debiased=True``.
+    **options
+        Streaming options (:class:`~chunkcca.options.StreamOptions`). With ``checkpoint`` the running
+        Moments are saved as the run goes and a later call resumes after the chunks done.
+
+    Returns
+    -------
+    Moments
+        Can be saved, merged with the Moments of more datapoints (``m1 + m2``) and solved with
+        :func:`chunkcca.cca_from_moments` and the other ``*_from_moments``. For ``spatial="dft"`` it
+        has batch dims (freq_h, freq_w) and complex statistics.
+    """
+    stream = StreamOptions.from_kwargs("compute_moments", options)
+    return _stream_pair(a, b, stream, row_norms=row_norms).moments
+
+
+def cca(a: Any, b: Any, *, epsilon: float = 0.0, **options: Any) -> xr.Dataset:
+    """Canonical correlations between two layers, streamed chunk by chunk.
+
+    Parameters
+    ----------
+    a, b
+        Layers of dims (datapoint, height, width, channel) or (datapoint, channel): DataArrays
+        (aligned by their ``datapoint`` labels; a label on one side only is an error), DataTree
+        nodes or Datasets holding ``activations``, or numpy/Dask arrays (aligned by position).
+    epsilon
+        Added to the diagonal of each side's covariance before whitening.
+    **options
+        Streaming options (:class:`~chunkcca.options.StreamOptions`): ``spatial`` ("flatten",
+        "avgpool", "interp" or "dft": a CCA per spatial frequency), ``stride``, ``precision``,
+        ``method``, ``grid``, ``nan_policy``, ``split_every``, ``memory_limit``, ``scheduler``,
+        ``progress``, ``dims``, ``checkpoint``, ``checkpoint_every``.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``rho`` ([freq_h, freq_w,] component, descending), ``coef_a`` (channel_a, component),
+        ``coef_b`` (channel_b, component), ``pruned_a``/``pruned_b``, ``rank_a``/``rank_b``,
+        ``rows`` (for dft: the rows at each frequency, i.e. datapoints), ``rho_mean`` and ``r2_cca``
+        (and ``rho_freq_mean`` for dft); attrs record the layers and every option.
+    """
+    return _measure("mean_cca", a, b, SolveOptions(epsilon=epsilon), options, "cca")
+
+
+def svcca(a: Any, b: Any, *, keep: float = 0.99, keep_by: str = "variance", epsilon: float = 0.0,
+          **options: Any) -> xr.Dataset:
+    """SVCCA between two layers, streamed: see :func:`chunkcca.svcca_from_moments`; options as for :func:`cca`."""
+    return _measure("svcca", a, b, SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon), options, "svcca")
+
+
+def pwcca(a: Any, b: Any, *, epsilon: float = 0.0, **options: Any) -> xr.Dataset:
+    """PWCCA between two layers, streamed: see :func:`chunkcca.pwcca_from_moments`; options as for :func:`cca`."""
+    return _measure("pwcca", a, b, SolveOptions(epsilon=epsilon), options, "pwcca")
+
+
+def procrustes(a: Any, b: Any, **options: Any) -> xr.Dataset:
+    """Orthogonal Procrustes distance, streamed: see :func:`chunkcca.procrustes_from_moments`; options as for
+    :func:`cca`."""
+    return _measure("procrustes", a, b, SolveOptions(), options, "procrustes")
+
+
+def shape_metric(a: Any, b: Any, *, alpha: float = 1.0, **options: Any) -> xr.Dataset:
+    """Williams et al.'s angular shape metric, streamed: see :func:`chunkcca.shape_metric_from_moments`; options
+    as for :func:`cca`."""
+    return _measure("shape", a, b, SolveOptions(alpha=alpha), options, "shape_metric")
+
+
+#: Streaming options that minibatch CKA has no use for.
+_NOT_MINIBATCH = ("precision", "memory_limit", "checkpoint", "checkpoint_every")
+
+
+def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None, **options: Any) -> xr.Dataset:
+    """Linear CKA between two layers, streamed; options as for :func:`cca`.
+
+    Default: from Moments (:func:`chunkcca.cka_from_moments`), biased or, with ``debiased=True``, the
+    exact full-data debiased estimator. ``minibatch=m``: the minibatch CKA of Nguyen, Raghu & Kornblith
+    2021 over consecutive minibatches of m rows (memory O(m²), not O(channels²); see
+    :mod:`chunkcca.minibatch`); it is unbiased per minibatch, so ``debiased`` does not apply.
+    """
+    if minibatch is None:
+        return _measure("cka_debiased" if debiased else "cka", a, b, SolveOptions(), options, "cka")
+    if debiased:
+        raise ValueError("minibatch CKA is already built from unbiased HSIC; pass debiased=False")
+    unused = sorted(set(options) & set(_NOT_MINIBATCH))
+    if unused:
+        raise TypeError(f"{', '.join(unused)} do not apply to minibatch CKA (float64 Gram matrices of "
+                        f"minibatch x minibatch values, summed in one pass; no Moments to checkpoint)")
+    return _minibatch_cka(a, b, minibatch, StreamOptions.from_kwargs("cka", options))
+
+
+def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Dataset:
+    """Minibatch linear CKA of two layers over minibatches of ``size`` rows (see :mod:`chunkcca.minibatch`)."""
+    if options.nan_policy == "omit":
+        raise ValueError("minibatch CKA cannot omit rows (minibatches would shift); use nan_policy='raise'")
+    if is_batched(options.spatial):
+        raise ValueError("minibatch CKA supports spatial='flatten', 'avgpool' or 'interp'")
+    try:
+        size = check_int("minibatch", size, 4)
+    except ValueError:
+        raise ValueError(f"minibatch must be an integer >= 4 (the unbiased HSIC needs 4 rows), got {size!r}") from None
+    layer_a, layer_b, adapters = _pair(a, b, options)
+    datapoints = layer_a.sizes["datapoint"]
+    rows = adapters[0].row_count(datapoints)
+    if rows < size:
+        raise ValueError(f"layers {layer_a.name!r}, {layer_b.name!r} give {rows} rows, fewer than one minibatch "
+                         f"of {size}")
+    chunks = aligned_chunks(datapoints, max(layer_a.data.chunks[0]), size=size,
+                            rows_per_datapoint=adapters[0].rows_per_datapoint, stride=options.stride)
+    sums = run_reduction((layer_a, layer_b), adapters, minibatch_reduction(adapters, size), options, chunks=chunks)
+    hsic_ab, hsic_aa, hsic_bb, batches, left_over = sums
+    if hsic_aa <= 0 or hsic_bb <= 0:
+        raise ValueError(f"minibatch CKA is undefined: layer {layer_a.name if hsic_aa <= 0 else layer_b.name!r} "
+                         f"has no variance within minibatches")
+    return xr.Dataset(
+        {"cka": ((), hsic_ab / np.sqrt(hsic_aa * hsic_bb), {"long_name": f"minibatch linear CKA ({size} rows)"}),
+         "minibatches": ((), np.int64(batches)),
+         "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
+         "rows": ((), np.int64(rows))},
+        attrs={"measure": "cka", "minibatch": int(size), "layer_a": str(layer_a.name), "layer_b": str(layer_b.name),
+               **adapters[0].attrs},
+    )
+
+
+def _solve_options(measures: Sequence[str], given: Mapping[str, Any], where: str) -> SolveOptions:
+    """The solve options of ``given`` (keywords the caller set), each read by some measure of ``measures``."""
+    used = {option for name in measures for option in MEASURES[name].options}
+    unused = sorted(set(given) - used)
+    if unused:
+        raise TypeError(f"{where}(): {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not read by "
+                        f"{', '.join(measures)}")
+    return SolveOptions(**given)
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments split into solve options and streaming options."""
+    solve = {key: options.pop(key) for key in SOLVE_NAMES if key in options}
+    return solve, options
+
+
+def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **options: Any) -> xr.Dataset:
+    """Several measures of one pair of layers from one streamed pass.
+
+    Parameters
+    ----------
+    a, b
+        Two layers, as for :func:`cca`.
+    measures
+        Names from :data:`chunkcca.measures.MEASURES`: "mean_cca", "r2_cca", "svcca", "pwcca",
+        "cka", "cka_debiased", "procrustes", "shape". With ``spatial="dft"``: "mean_cca", "r2_cca".
+    **options
+        The solve options the measures read (:class:`~chunkcca.options.SolveOptions`: ``epsilon``,
+        ``keep``, ``keep_by``, ``alpha``; one no measure reads is a TypeError) and the streaming
+        options (:class:`~chunkcca.options.StreamOptions`).
+
+    Returns
+    -------
+    xarray.Dataset
+        One scalar variable per measure, named as the measure (the mean over frequencies for
+        dft); ``rho`` (the canonical correlations, [freq_h, freq_w,] component) when a CCA-family
+        measure is asked; each measure's details (``svcca_dims_a``, ``svcca_dims_b``); ``rows``.
+        attrs: ``measures`` (comma-separated), the layers and every option used.
+    """
+    solve_given, stream_given = _split_options(dict(options))
+    stream = StreamOptions.from_kwargs("compare", stream_given)
+    names = check_measures(measures, batched=is_batched(stream.spatial))
+    solve = _solve_options(names, solve_given, "compare")
+    streamed = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names))
+    pair = PairSolves(streamed.moments, solve)
+    variables: dict[str, Any] = {}
+    for name in names:
+        measure = MEASURES[name]
+        result = pair.result(name)
+        variables[name] = result[measure.value].assign_attrs(long_name=measure.description)
+        for detail in measure.details:
+            variables[f"{name}_{detail}"] = result[detail].rename(
+                {dim: f"{name}_{dim}" for dim in result[detail].dims if dim == "component"})
+    if any(MEASURES[name].canonical for name in names):
+        variables["rho"] = pair.cca["rho"]
+        if "rho_freq_mean" in pair.cca:
+            variables["rho_freq_mean"] = pair.cca["rho_freq_mean"]
+    variables["rows"] = xr.DataArray(np.int64(streamed.moments.n), attrs={"long_name": "rows the statistics were "
+                                                                                          "computed from"})
+    read = {option for name in names for option in MEASURES[name].options}
+    attrs = {"measures": ",".join(names), **{key: value for key, value in vars(solve).items() if key in read}}
+    return _label(xr.Dataset(variables, attrs=attrs), streamed)
+
+
+def as_layer_set(layers: Any, role: str) -> dict[str, Any]:
+    """A set of layers: a mapping name → layer, a DataTree (every node holding activations) or a list of nodes."""
+    if isinstance(layers, xr.DataTree):
+        return {path: layers.root[path] for path in layer_paths(layers)}
+    if isinstance(layers, Mapping):
+        return {str(name): layer for name, layer in layers.items()}
+    if isinstance(layers, (list, tuple)) and all(isinstance(node, xr.DataTree) for node in layers):
+        return {node.path.lstrip("/"): node for node in layers}
+    raise TypeError(f"{role} must be a mapping of name to layer, a DataTree or a list of DataTree nodes, "
+                    f"got {type(layers).__name__}")
+
+
+def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = ("mean_cca", "cka"),
+               **options: Any) -> xr.Dataset:
+    """Every measure for every pair (layer_a, layer_b) of two sets of layers, in one streamed pass.
+
+    Parameters
+    ----------
+    a_layers, b_layers
+        Mappings of name → layer (anything :func:`cca` takes), DataTrees (every node with
+        activations) or lists of DataTree nodes. A layer in both sets is read once.
+    measures
+        Names from :data:`chunkcca.measures.MEASURES`, as for :func:`compare`.
+    **options
+        Solve options (``epsilon``, ``keep``, ``keep_by``, ``alpha``) and streaming options as for
+        :func:`compare`. ``spatial`` is "flatten" (all layers need one spatial size) or "avgpool"
+        (any sizes); interp and dft pair layers individually: use :func:`compare` per pair. With
+        ``nan_policy="omit"`` a row is left out of every pair when any layer holds NaN or Inf in it.
+
+    Returns
+    -------
+    xarray.Dataset
+        One variable per measure with dims (layer_a, layer_b), plus ``rows``. A pair a measure is
+        undefined for (e.g. a layer without variance) is NaN, with a warning.
+    """
+    solve_given, stream_given = _split_options(dict(options))
+    stream = StreamOptions.from_kwargs("similarity", stream_given)
+    names = check_measures(measures)
+    solve = _solve_options(names, solve_given, "similarity")
+    set_a, set_b = as_layer_set(a_layers, "a_layers"), as_layer_set(b_layers, "b_layers")
+    if not set_a or not set_b:
+        raise ValueError("similarity needs at least one layer on each side")
+    layers = {name: as_activations(layer, name, dims=stream.dims) for name, layer in set_a.items()}
+    for name, layer in set_b.items():
+        array = as_activations(layer, name, dims=stream.dims)
+        if name in layers and layers[name].data.name != array.data.name:
+            raise ValueError(f"layer name {name!r} stands for different layers in a_layers and b_layers; "
+                             f"give them distinct names")
+        layers.setdefault(name, array)
+    order = list(layers)
+    first = layers[order[0]]
+    aligned = [align_layers(first, layer)[1] for layer in layers.values()]
+    adapters = plan_sweep_adapters(aligned, stream)
+    rows = adapters[0].row_count(first.sizes["datapoint"])
+    if rows < 4:
+        raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
+    _warn_few_rows(aligned, adapters)
+    streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names))
+    values = _pairwise(streamed.moments, order, list(set_a), list(set_b), names, solve)
+    attrs = {"measures": ",".join(names), **vars(solve), **_streaming_attrs(streamed)}
+    for key in ("layer_a", "layer_b"):
+        attrs.pop(key)
+    return xr.Dataset(
+        {name: (("layer_a", "layer_b"), value, {"long_name": MEASURES[name].description})
+         for name, value in values.items()} | {"rows": ((), np.int64(streamed.moments.n))},
+        coords={"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)},
+        attrs=attrs,  # measures as a string: netCDF attributes take no lists
+    )
+
+
+def _without_variance(pair: Moments, names: tuple[str, str]) -> str | None:
+    """The name of a side of ``pair`` none of whose channels varies (a dead layer), or None."""
+    variance = np.diagonal(pair.scatter).real
+    for name, part in zip(names, pair.side_slices()):
+        if not non_constant(variance[part], np.abs(pair.mean[part])).any():
+            return name
+    return None
+
+
+def _pairwise(stats: Moments, order: list[str], names_a: list[str], names_b: list[str], measures: Sequence[str],
+              solve: SolveOptions) -> dict[str, np.ndarray]:
+    """Each measure's (layer_a, layer_b) values from the Moments of all layers (one side each, in ``order``)."""
+    values = {measure: np.full((len(names_a), len(names_b)), np.nan) for measure in measures}
+    for i, name_a in enumerate(names_a):
+        for j, name_b in enumerate(names_b):
+            moments = stats.select([order.index(name_a), order.index(name_b)])
+            dead = _without_variance(moments, (name_a, name_b))
+            if dead:  # every measure is undefined: NaN throughout, one warning
+                warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer {dead!r} has no "
+                              f"varying channel", RuntimeWarning, stacklevel=3)
+                continue
+            pair = PairSolves(moments, solve)
+            for measure in measures:
+                try:
+                    values[measure][i, j] = float(pair.value(measure))
+                except UndefinedMeasure as reason:  # one dead layer must not sink the whole sweep
+                    warnings.warn(f"{measure} of {name_a!r} and {name_b!r} is NaN: {reason}", RuntimeWarning,
+                                  stacklevel=3)
+    return values

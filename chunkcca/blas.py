@@ -1,0 +1,36 @@
+"""BLAS on one thread: Dask supplies the parallelism.
+
+On this project's 2-core reference machine OpenBLAS with 2 threads under 2 Dask threads made the
+per-chunk products 5–10× slower and small ``eigh``/``pinv`` calls 50–100× slower (DESIGN.md §9).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from threadpoolctl import ThreadpoolController, threadpool_limits
+
+
+@functools.cache
+def _blas_libraries() -> tuple[Any, ...]:
+    """This process's BLAS libraries (threadpoolctl controllers), looked up once per process."""
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+def pin_blas() -> None:
+    """Limit BLAS to one thread in this process, unless it already is.
+
+    A local compute pins BLAS for its duration already (:func:`one_thread`); every chunk task calls
+    this for the processes of Dask's "processes" scheduler, where the limit then stays, and on a
+    cluster each worker calls it in its own thread (:class:`chunkcca.cluster.PinBlas`): OpenBLAS
+    ignores a limit set from another thread once its thread pool runs.
+    """
+    for library in _blas_libraries():
+        if library.num_threads != 1:
+            library.set_num_threads(1)
+
+
+def one_thread() -> threadpool_limits:
+    """A context in which BLAS runs on one thread, restored afterwards."""
+    return threadpool_limits(limits=1, user_api="blas")

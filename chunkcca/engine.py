@@ -1,0 +1,290 @@
+"""The Dask engine: one reduction over the datapoint chunks of aligned layers, tree-merged, on any scheduler.
+
+A :class:`Reduction` is declared as data, in the shape of flox's ``Aggregation``: a ``chunk``
+function from one chunk's rows (per side, after each side's :class:`~chunkcca.rows.Adapter`) to a
+partial, an associative ``combine`` of stacked partials, and a ``finalize`` from the merged
+partial to the result. :func:`reduction_graph` builds the lazy graph for any reduction (one
+partial per datapoint chunk, then a tree reduction with ``split_every``) and :func:`compute` runs
+graphs on the active or given scheduler with BLAS on one thread. The Moments
+(:func:`moments_reduction`) and minibatch CKA (:func:`minibatch_reduction`) are two such
+reductions. Memory per task is O(chunk + split_every · partial) whatever the number of datapoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import dask
+import dask.array as da
+import dask.threaded
+import numpy as np
+from dask.base import tokenize
+
+from .blas import one_thread, pin_blas
+from .minibatch import add_partials, minibatch_partial
+from .moments import Moments, merge_packed, partial_from_rows, unpack
+from .options import ProductPrecision, is_address
+from .rows import Adapter
+
+
+class NonFiniteError(ValueError):
+    """Activations hold NaN or Inf where ``nan_policy="raise"``."""
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A reduction over rows, declared as data.
+
+    ``chunk(rows, first_datapoint)`` maps one chunk's rows (a list, one (*batch, rows, channel)
+    array per side) to a partial of shape (1, *shape); ``combine`` maps k stacked partials
+    (k, *shape) to one (1, *shape), associatively; ``finalize`` maps the merged partial to the
+    result. ``nonfinite_shows`` says a row holding NaN or Inf always makes the partial non-finite,
+    which spares the search of finite chunks for such rows. ``name`` prefixes the graph's layers.
+    """
+
+    name: str
+    chunk: Callable[[list[np.ndarray], int], np.ndarray]
+    combine: Callable[[np.ndarray], np.ndarray]
+    finalize: Callable[[np.ndarray], Any]
+    shape: tuple[int, ...]
+    dtype: Any
+    nonfinite_shows: bool = False
+
+
+def _moments_chunk(rows: list[np.ndarray], first_datapoint: int, *, precision: ProductPrecision,
+                   row_norms: bool) -> np.ndarray:
+    return partial_from_rows(rows, precision, row_norms=row_norms)
+
+
+def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, precision: ProductPrecision,
+                      row_norms: bool = False) -> Reduction:
+    """The :class:`~chunkcca.moments.Moments` of the rows of sides of ``widths`` channels, concatenated.
+
+    ``row_norms`` adds the row-norm sums (real rows only) that the debiased CKA needs.
+    """
+    p = sum(widths)
+    is_complex = any(adapter.is_complex for adapter in adapters)
+    row_norms = row_norms and not is_complex
+    return Reduction(
+        name="moments",
+        chunk=partial(_moments_chunk, precision=precision, row_norms=row_norms),
+        combine=partial(merge_packed, sizes=tuple(widths)),
+        finalize=partial(_finalize_moments, sizes=tuple(widths), precision=precision),
+        shape=(*adapters[0].batch_shape, p + 2 + (2 * len(widths) if row_norms else 0), p),
+        dtype=np.complex128 if is_complex else np.float64,
+        nonfinite_shows=True)
+
+
+def _finalize_moments(packed: np.ndarray, *, sizes: tuple[int, ...], precision: ProductPrecision) -> Moments:
+    return unpack(packed, sizes, precision)
+
+
+def minibatch_reduction(adapters: Sequence[Adapter], size: int) -> Reduction:
+    """Sums of minibatch HSICs over minibatches of ``size`` rows (see :mod:`chunkcca.minibatch`)."""
+    return Reduction(
+        name="minibatch-cka",
+        chunk=partial(minibatch_partial, size=size, rows_per_datapoint=adapters[0].rows_per_datapoint,
+                      stride=adapters[0].stride),
+        combine=add_partials, finalize=_only_partial, shape=(5,), dtype=np.float64)
+
+
+def _only_partial(merged: np.ndarray) -> np.ndarray:
+    return merged[0]
+
+
+def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str], first_datapoint: int,
+                datapoints: int) -> list[np.ndarray]:
+    """Check one chunk's rows for NaN/Inf: raise naming the layer and datapoints, or omit those rows from every side.
+
+    A row is omitted when any side's row (at any frequency, for dft) holds a non-finite value.
+    """
+    finite = [np.isfinite(side).all(axis=tuple(i for i in range(side.ndim) if i != side.ndim - 2)) for side in rows]
+    if all(mask.all() for mask in finite):
+        return rows
+    if nan_policy == "raise":
+        name = next(n for n, mask in zip(names, finite) if not mask.all())
+        raise NonFiniteError(f"layer {name!r} holds NaN or Inf in the chunk of datapoints {first_datapoint} to "
+                             f"{first_datapoint + datapoints - 1}; pass nan_policy='omit' to leave such rows out")
+    keep = np.logical_and.reduce(finite)
+    return [side[..., keep, :] for side in rows]
+
+
+def _only_block(nested: Any) -> np.ndarray:
+    """The one block Dask passes (in nested lists, one level per contracted axis) with ``concatenate=False``."""
+    while isinstance(nested, list):
+        (nested,) = nested
+    return nested
+
+
+def _chunk_task(first: np.ndarray, *blocks: Any, adapters: Sequence[Adapter], reduction: Reduction,
+                nan_policy: str | None, names: Sequence[str]) -> np.ndarray:
+    """One datapoint chunk of every side → rows per side (finite) → ``reduction.chunk(rows, first_datapoint)``."""
+    pin_blas()
+    first_datapoint = int(first[0]) if first.size else 0
+    blocks = tuple(_only_block(block) for block in blocks)
+    reduce_rows = reduction.chunk
+    # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out) below
+    with np.errstate(invalid="ignore") if nan_policy is not None else contextlib.nullcontext():
+        rows = [adapter.block_rows(block, first_datapoint) for block, adapter in zip(blocks, adapters)]
+        if nan_policy is None:
+            return reduce_rows(rows, first_datapoint)
+        check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
+                        datapoints=blocks[0].shape[0])
+        if not reduction.nonfinite_shows:
+            return reduce_rows(check(rows), first_datapoint)
+        result = reduce_rows(rows, first_datapoint)
+    if np.isfinite(result).all():
+        return result
+    finite = check(rows)
+    return result if finite is rows else reduce_rows(finite, first_datapoint)
+
+
+def _keep(partial_: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    return partial_
+
+
+def _combine(partials: np.ndarray, axis: Any = None, keepdims: bool = True, *,
+             merge: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    return merge(partials)
+
+
+def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *,
+                    split_every: int, nan_policy: str | None = "raise", names: Sequence[str] = (),
+                    offset: int = 0) -> da.Array:
+    """The lazy merged partial (1, *reduction.shape) of the rows of ``sides``, one partial per datapoint chunk.
+
+    ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
+    channel), with one adapter each; Dask aligns their datapoint chunks. Rows with NaN or Inf
+    raise an error naming the layer (from ``names``) and chunk, or are left out, as ``nan_policy``
+    says (None: no check). ``offset`` is the global index of the first datapoint of ``sides`` (for
+    the stride pattern when streaming a slice). Each side's datapoint chunk reaches the chunk
+    function as one block, without the copy Dask makes when it joins blocks (sides chunked along
+    other dims are rechunked whole along them). The graph's layers are named
+    ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. Nothing is computed here.
+    """
+    names = tuple(names) or tuple(f"side {i}" for i in range(len(sides)))
+    first = da.arange(offset, offset + sides[0].shape[0], chunks=(sides[0].chunks[0],))
+    args: list[Any] = [first, ("datapoint",)]
+    for i, side in enumerate(sides):
+        side = side.rechunk({axis: -1 for axis in range(1, side.ndim)})  # a no-op when already whole
+        args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
+    out_axes = {f"out{i}": size for i, size in enumerate(reduction.shape)}
+    meta = np.empty((0,) * (1 + len(reduction.shape)), dtype=reduction.dtype)
+    partials = da.blockwise(
+        _chunk_task, ("datapoint", *out_axes), *args, new_axes=out_axes, adjust_chunks={"datapoint": 1},
+        concatenate=False, dtype=reduction.dtype, meta=meta, token=f"chunkcca-{reduction.name}-chunk",
+        adapters=tuple(adapters), reduction=reduction, nan_policy=nan_policy, names=names)
+    combine = partial(_combine, merge=reduction.combine)
+    return da.reduction(partials, _keep, combine, combine=combine, axis=0, keepdims=True, dtype=reduction.dtype,
+                        split_every=split_every, concatenate=True, meta=meta,
+                        name=f"chunkcca-{reduction.name}-merge-{tokenize(partials.name, split_every)}")
+
+
+def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tuple[Any, ...]:
+    """Compute Dask graphs with BLAS pinned to one thread, on the active or given scheduler.
+
+    ``scheduler`` is anything :func:`dask.compute` takes ("threads", "processes",
+    "synchronous", a ``distributed.Client``) or the address of a Dask scheduler
+    ("tcp://host:8786", connected to for this call); by default the active one (a
+    ``distributed.Client`` if one is current, else the local threaded scheduler). With
+    ``progress=True`` a progress bar is shown on stderr: Dask's local bar, or distributed's on a cluster.
+    """
+    if is_address(scheduler):
+        with connected(scheduler) as client:
+            return compute(*graphs, scheduler=client, progress=progress)
+    client = _active_client(scheduler)
+    with one_thread():
+        if client is not None:
+            from .cluster import prepare_workers
+
+            prepare_workers(client)
+            futures = client.compute(list(graphs))
+            if progress:
+                _cluster_progress(futures, client)
+            return tuple(client.gather(futures))
+        options: dict[str, Any] = {"scheduler": scheduler}
+        if scheduler in (None, "threads") and dask.config.get("scheduler", None) in (None, "threads"):
+            if "distributed" not in sys.modules:  # then no Client exists, not even a worker's own
+                # named by its function, Dask's threaded scheduler runs without importing distributed
+                options["scheduler"] = dask.threaded.get
+            if dask.config.get("num_workers", None) is None:
+                # one thread more than cores lets a chunk's products overlap the next chunk's decoding
+                # (measured 0.97-1.02 s against 1.02-1.34 s with one thread per core; docs/performance.md)
+                options["num_workers"] = (os.cpu_count() or 1) + 1
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar(out=sys.stderr):  # stdout stays for results (e.g. the CLI's --json)
+                return dask.compute(*graphs, **options)
+        return dask.compute(*graphs, **options)
+
+
+def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, split_every: int,
+        scheduler: Any = None, progress: bool = False, nan_policy: str | None = "raise", names: Sequence[str] = (),
+        offset: int = 0) -> Any:
+    """Build, compute and finalize one reduction (see :func:`reduction_graph` and :func:`compute`)."""
+    graph = reduction_graph(sides, adapters, reduction, split_every=split_every, nan_policy=nan_policy,
+                            names=names, offset=offset)
+    (merged,) = compute(graph, scheduler=scheduler, progress=progress)
+    return reduction.finalize(merged)
+
+
+@contextlib.contextmanager
+def connected(scheduler: Any) -> Iterator[Any]:
+    """A ``distributed.Client`` connected for the block when ``scheduler`` is an address, else ``scheduler``."""
+    if not is_address(scheduler):
+        yield scheduler
+        return
+    from distributed import Client
+
+    with Client(scheduler, set_as_default=False) as client:
+        yield client
+
+
+def _cluster_progress(futures: list[Any], client: Any) -> None:
+    """distributed's progress bar for ``futures`` of ``client``, which need not be the default client.
+
+    In a terminal the bar (on stderr) blocks until the futures finish; in a notebook it is a widget, shown here.
+    """
+    from distributed import progress as distributed_progress
+
+    with contextlib.redirect_stdout(sys.stderr):  # the terminal bar prints to stdout, which stays for results
+        bar = distributed_progress(futures, scheduler=client.scheduler.address)
+    if bar is not None:  # a Jupyter widget
+        from IPython.display import display
+
+        display(bar)
+
+
+def _active_client(scheduler: Any) -> Any:
+    """The ``distributed.Client`` to run on: ``scheduler`` if it is one, else the current one.
+
+    A Client exists only once ``distributed`` is imported, so a local run does not import it
+    (the import costs about 0.15 s). Inside a task on a worker, Dask's own choice (``scheduler``
+    None) finds the worker's client.
+    """
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import Client, default_client
+
+    if isinstance(scheduler, Client):
+        return scheduler
+    if scheduler is not None:
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def common_boundaries(sides: Sequence[da.Array]) -> list[int]:
+    """Datapoint offsets where every side's chunks start or end (0 and the length included): the places a
+    run can be cut into parts without splitting any side's chunk (which would read it twice)."""
+    ends = [set(np.cumsum((0, *side.chunks[0])).tolist()) for side in sides]
+    return sorted(set.intersection(*ends))

@@ -1,0 +1,179 @@
+"""One layer as a labelled, Dask-backed DataArray: dims, dtype, datapoint labels, alignment by label.
+
+A layer has dims (datapoint, height, width, channel), or (datapoint, channel) for a fully connected
+layer. Anything a measure takes (numpy and Dask arrays, DataArrays, Datasets and DataTree nodes holding
+``activations``) becomes one here, checked and named, without reading it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.array import PerformanceWarning
+
+VARIABLE = "activations"
+CONV_DIMS: tuple[str, ...] = ("datapoint", "height", "width", "channel")
+FC_DIMS: tuple[str, ...] = ("datapoint", "channel")
+#: Bytes per datapoint chunk that ``chunks="auto"`` aims for.
+CHUNK_BYTES = 16 * 2**20
+
+
+def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | str = "auto") -> int:
+    """Datapoints per chunk: ``chunks`` itself, or for "auto" as many as fit :data:`CHUNK_BYTES`."""
+    if chunks == "auto":
+        per_datapoint = int(np.prod(shape[1:])) * itemsize
+        return int(max(1, CHUNK_BYTES // max(per_datapoint, 1)))  # Dask clips it to the array's length
+    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
+        raise ValueError(f"chunks must be a positive number of datapoints or 'auto', got {chunks!r}")
+    return int(chunks)
+
+
+def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",
+                   allow_complex: bool = False, dims: Sequence[str] | Mapping[Hashable, str] | None = None,
+                   ) -> xr.DataArray:
+    """One layer as a Dask-backed DataArray with dims (datapoint, [height, width,] channel).
+
+    ``layer`` is a numpy or Dask array (axis 0 = datapoint, last axis = channel), a DataArray
+    with those dim names (in any order), a Dataset or DataTree node holding ``activations``.
+    ``dims`` names the axes of an array explicitly (e.g. ``("datapoint", "channel", "height",
+    "width")`` for channels-first data) or maps a DataArray's dim names to these. A 4-d array
+    without ``dims`` whose last two axes are equal and differ from axis 1 looks channels-first
+    and is refused. ``name`` names the layer in error messages (default: the node path or
+    DataArray name). Complex values are refused unless ``allow_complex``. Raises a ValueError
+    or TypeError naming the layer and the fault. Nothing is computed.
+    """
+    if isinstance(layer, xr.DataTree):
+        name = name or layer.path.lstrip("/") or "/"
+        layer = layer.to_dataset()
+    if isinstance(layer, xr.Dataset):
+        if VARIABLE not in layer:
+            raise ValueError(f"layer {name!r} has no variable {VARIABLE!r} (has {sorted(map(str, layer))})")
+        layer = layer[VARIABLE]
+    if isinstance(layer, xr.DataArray):
+        if layer.name in (None, VARIABLE) and layer.encoding.get("layer"):  # a store's: named by its node path
+            name = name or layer.encoding["layer"]
+        name = name or (str(layer.name) if layer.name is not None else "activations")
+        if isinstance(dims, Mapping):
+            layer = layer.rename({old: new for old, new in dims.items() if old in layer.dims})
+        array = _order_dims(layer, name)
+    else:
+        if not hasattr(layer, "shape") or not hasattr(layer, "dtype"):
+            raise TypeError(f"layer {name!r}: expected a numpy/Dask array or xarray object, got {type(layer).__name__}")
+        name = name or "activations"
+        if dims is not None and not isinstance(dims, Mapping):
+            if len(dims) != layer.ndim:
+                raise ValueError(f"dims names {len(dims)} axes but layer {name!r} has {layer.ndim}")
+            array = _order_dims(xr.DataArray(layer, dims=tuple(dims), name=name), name)
+        else:
+            if layer.ndim not in (2, 4):
+                raise ValueError(
+                    f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected "
+                    f"(datapoint, height, width, channel) or (datapoint, channel)")
+            if layer.ndim == 4 and layer.shape[2] == layer.shape[3] != layer.shape[1]:
+                raise ValueError(
+                    f"layer {name!r} looks channels-first: shape {tuple(layer.shape)} has equal last two axes; "
+                    f"chunkcca expects (datapoint, height, width, channel). Name the axes with "
+                    f"dims=('datapoint', 'channel', 'height', 'width'), or with "
+                    f"dims=('datapoint', 'height', 'width', 'channel') if it is channels-last")
+            array = xr.DataArray(layer, dims=CONV_DIMS if layer.ndim == 4 else FC_DIMS, name=name)
+    _check_values(array, name, allow_complex)
+    labels = array.indexes.get("datapoint")
+    if labels is not None and not labels.is_unique:
+        repeated = labels[labels.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"layer {name!r} has repeated datapoint labels, e.g. {repeated}")
+    if array.chunks is None:  # numpy, or a lazily indexed backend array: chunk it without reading it
+        preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
+        per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(
+            array.shape, array.dtype.itemsize, chunks)
+        if isinstance(array.variable._data, np.memmap):  # numpy, maybe in a DataArray (not a lazy backend array)
+            array = array.copy(data=_memmap_to_dask(array.variable._data, per_chunk))
+        else:
+            array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
+    return array.rename(name)
+
+
+class _FileSlices:
+    """A memory-mapped array seen only through slicing: ``dask.array.from_array`` copies (reads) whole
+    array-likes that have a ``copy`` method, and hashes them for a name; this one is read chunk by chunk."""
+
+    def __init__(self, data: np.memmap) -> None:
+        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.array(self.data[key])
+
+
+def _memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
+    """A memory-mapped array as Dask chunks read from its file on demand, named by file, offset and layout."""
+    from dask.base import tokenize
+
+    source = Path(str(data.filename))
+    mapping = data
+    while isinstance(mapping.base, np.ndarray):  # up to the array over the whole mapping
+        mapping = mapping.base
+    start = data.__array_interface__["data"][0] - mapping.__array_interface__["data"][0]  # of a view, e.g. m[100:]
+    token = tokenize(str(source), source.stat().st_mtime_ns, data.offset, start, data.shape, data.strides,
+                     str(data.dtype))
+    return da.from_array(_FileSlices(data), chunks=(per_chunk, *data.shape[1:]), name=f"memmap-{token}",
+                         meta=np.empty((0,) * data.ndim, dtype=data.dtype))
+
+
+def _order_dims(array: xr.DataArray, name: str) -> xr.DataArray:
+    for dims in (CONV_DIMS, FC_DIMS):
+        if set(array.dims) == set(dims):
+            return array.transpose(*dims)
+    raise ValueError(
+        f"layer {name!r} has dims {tuple(map(str, array.dims))}; expected {CONV_DIMS} or {FC_DIMS} "
+        f"(rename yours with DataArray.rename)")
+
+
+def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -> None:
+    dtype = array.dtype
+    complex_refused = np.issubdtype(dtype, np.complexfloating) and not allow_complex
+    if dtype.kind == "b" or not np.issubdtype(dtype, np.number) or complex_refused:
+        raise TypeError(f"layer {name!r} has dtype {dtype}; expected real numbers (float or integer)")
+    empty = [str(dim) for dim, size in array.sizes.items() if size == 0]
+    if empty:
+        raise ValueError(f"layer {name!r} is empty: dim {', '.join(empty)} has size 0 (shape {array.shape})")
+
+
+def named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
+    """:func:`as_activations` of ``layer``, named by its node path or DataArray name, else ``default``."""
+    is_named = isinstance(layer, xr.DataTree) or (isinstance(layer, xr.DataArray) and layer.name is not None)
+    return as_activations(layer, None if is_named else default, dims=dims)
+
+
+def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
+    """Put ``b``'s datapoints in ``a``'s order by label; any label missing on one side is an error.
+
+    Layers without a datapoint coordinate are aligned by position and must have equal counts.
+    """
+    name_a, name_b = a.name, b.name
+    if "datapoint" not in a.coords or "datapoint" not in b.coords:
+        if a.sizes["datapoint"] != b.sizes["datapoint"]:
+            raise ValueError(
+                f"layer {name_a!r} has {a.sizes['datapoint']} datapoints but layer {name_b!r} has "
+                f"{b.sizes['datapoint']}; both must hold the same datapoints")
+        return a, b
+    labels_a = a.indexes["datapoint"]
+    labels_b = b.indexes["datapoint"]
+    if labels_a.equals(labels_b):  # labels are unique: as_activations refuses repeats
+        return a, b
+    missing_b = labels_a.difference(labels_b)
+    missing_a = labels_b.difference(labels_a)
+    if len(missing_a) or len(missing_b):
+        raise ValueError(
+            f"datapoint labels differ: {len(missing_b)} of layer {name_a!r} are not in layer {name_b!r} "
+            f"(e.g. {missing_b[:5].tolist()}) and {len(missing_a)} of layer {name_b!r} are not in layer "
+            f"{name_a!r} (e.g. {missing_a[:5].tolist()}); no datapoint is dropped silently")
+    warnings.warn(
+        f"layer {name_b!r} holds the datapoints of layer {name_a!r} in another order; chunkcca reorders it "
+        f"lazily, which reads its chunks several times and may hold much of it in memory: store both layers "
+        f"in one order for large data", PerformanceWarning, stacklevel=3)
+    return a, b.isel(datapoint=labels_b.get_indexer(labels_a))

@@ -1,0 +1,235 @@
+"""Every option of chunkcca, its type, default and validator, written once.
+
+Two objects carry the options from the public functions down: :class:`StreamOptions` (how layers are
+read, turned into rows and streamed) and :class:`SolveOptions` (the ridge and the measure parameters of
+the final solve). Both validate themselves on construction, naming the argument at fault, so nothing
+below the public functions checks an option again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+import numpy as np
+from dask.utils import parse_bytes
+
+from ._fs import is_url
+
+Spatial = Literal["flatten", "avgpool", "interp", "dft"]
+Precision = Literal["float32", "float64", "auto"]
+#: The dtype the per-chunk products of a Moments were computed in.
+ProductPrecision = Literal["float32", "float64"]
+Method = Literal["linear", "nearest", "cubic"]
+Grid = Literal["coords", "svcca"]
+NanPolicy = Literal["raise", "omit"]
+KeepBy = Literal["variance", "singular_values"]
+
+SPATIAL: tuple[str, ...] = get_args(Spatial)
+#: The adapters that give one set of statistics per spatial frequency (batch dims) rather than one.
+PER_FREQUENCY: tuple[str, ...] = ("dft",)
+PRECISIONS: tuple[str, ...] = get_args(ProductPrecision)
+METHODS: tuple[str, ...] = get_args(Method)
+GRIDS: tuple[str, ...] = get_args(Grid)
+NAN_POLICIES: tuple[str, ...] = get_args(NanPolicy)
+KEEP_BY: tuple[str, ...] = get_args(KeepBy)
+
+#: Partials merged per task in the tree reduction.
+SPLIT_EVERY = 8
+#: Default memory budget for the statistics held at once.
+MEMORY_LIMIT = "4GiB"
+#: Datapoint chunks between two saves of a checkpoint.
+CHECKPOINT_EVERY = 16
+#: Scheduler names dask.compute takes.
+SCHEDULER_NAMES = ("threads", "threading", "sync", "synchronous", "single-threaded", "processes",
+                   "multiprocessing", "distributed", "dask.distributed")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """``value`` is one of ``allowed``, or a ValueError naming the argument."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (bools refused), or a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(name: str, value: Any, low: float, high: float = np.inf, *, low_open: bool = False) -> float:
+    """``value`` as a finite float in [low, high] ((low, high] with ``low_open``), or a ValueError naming it."""
+    is_number = not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+    if not is_number or not np.isfinite(value) or value > high or value < low or (low_open and value == low):
+        bounds = (f"in {'(' if low_open else '['}{low:g}, {high:g}]" if np.isfinite(high)
+                  else f"a finite number >= {low:g}")
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+    return float(value)
+
+
+def check_epsilon(epsilon: Any) -> float:
+    """``epsilon`` (the ridge of the CCA family) is a finite number >= 0, or a ValueError saying so."""
+    return check_number("epsilon", epsilon, 0.0)
+
+
+def is_address(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is the address of a Dask scheduler ("tcp://host:8786", "host:8786")."""
+    return isinstance(scheduler, str) and ("://" in scheduler or re.fullmatch(r"[\w.\-\[\]:]+:\d+", scheduler)
+                                           is not None)
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """Refuse a ``scheduler`` that is neither None, a name Dask knows, an address, a Client nor a get function."""
+    if scheduler is None or callable(scheduler) or is_address(scheduler) or hasattr(scheduler, "get"):
+        return
+    if isinstance(scheduler, str) and scheduler.lower() in SCHEDULER_NAMES:
+        return
+    raise ValueError(f"scheduler must be 'threads', 'synchronous', 'processes', a Dask scheduler address "
+                     f"('tcp://host:8786' or 'host:8786') or a distributed.Client, got {scheduler!r}")
+
+
+def memory_bytes(memory_limit: Any) -> int:
+    """``memory_limit`` ("4GiB", "200MB" or a number of bytes) in bytes, or a ValueError naming it."""
+    try:
+        limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else check_int("memory_limit",
+                                                                                          memory_limit)
+    except ValueError as error:
+        raise ValueError(f"memory_limit must be a number of bytes or a size such as '4GiB', got {memory_limit!r}"
+                         ) from error
+    if limit < 1:
+        raise ValueError(f"memory_limit must be positive, got {memory_limit!r}")
+    return int(limit)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How two (or more) layers are read, turned into rows and streamed into Moments.
+
+    Every public measure takes these as keyword arguments.
+
+    Attributes
+    ----------
+    spatial : {"flatten", "avgpool", "interp", "dft"}
+        How spatial positions become rows: "flatten" makes every (datapoint, height, width) a row
+        (equal spatial sizes needed); "avgpool" averages over height and width (one row per
+        datapoint); "interp" interpolates the coarser layer onto the finer layer's grid, then
+        flattens (see ``method``, ``grid``); "dft" takes the 2-D DFT over (height, width) and keeps
+        one set of statistics per spatial frequency both layers share (CCA only). Memory for dft:
+        frequencies × (p + q)² complex values per partial, checked against ``memory_limit``.
+    stride : int
+        Keep every ``stride``-th row of the global row order (google/svcca's ``[::stride]``),
+        whatever the chunking. For avgpool and dft the rows are datapoints.
+    precision : {"float32", "float64", "auto"}
+        dtype of the per-chunk products: "float32" is 2–3× faster, correlations good to about 1e-6
+        on well-conditioned data; "auto" computes the first chunk in float64 and keeps float32
+        unless a side's correlation matrix there has a condition number above 1e3 (the choice is in
+        the ``precision_auto`` attr). Accumulation and merging are always float64.
+    method, grid
+        For "interp": "linear", "nearest" or "cubic" (tensor-product, per axis); "coords" places
+        samples at the layers' ``height``/``width`` coordinates (pixel centres in input-image
+        units), "svcca" at google/svcca's tutorial positions.
+    nan_policy : {"raise", "omit"}
+        NaN or Inf in the rows used raises an error naming the layer and the chunk's datapoints,
+        or ("omit") such rows are left out of every side and counted in the ``rows_omitted`` attr.
+    split_every : int
+        Partials merged per task of the tree reduction (lowered to fit ``memory_limit``).
+    memory_limit : int or str
+        Budget for the statistics held at once ("4GiB" by default), checked before streaming.
+    scheduler
+        The Dask scheduler: None (the active one: a current ``distributed.Client``, else the local
+        threads), "threads", "synchronous", "processes", a ``distributed.Client`` or an address.
+    progress : bool
+        Show a progress bar (on stderr).
+    dims
+        Names of the axes of array inputs, e.g. ``("datapoint", "channel", "height", "width")``
+        for channels-first data, or a mapping from a DataArray's dim names to chunkcca's.
+    checkpoint, checkpoint_every
+        A local path where the running Moments are saved (atomically) after every
+        ``checkpoint_every`` datapoint chunks; a later run with the same path, layers and options
+        resumes after the chunks done. Needs a fixed ``precision``.
+    """
+
+    spatial: Spatial = "flatten"
+    stride: int = 1
+    precision: Precision = "float32"
+    method: Method = "linear"
+    grid: Grid = "coords"
+    nan_policy: NanPolicy = "raise"
+    split_every: int = SPLIT_EVERY
+    memory_limit: int | str = MEMORY_LIMIT
+    scheduler: Any = None
+    progress: bool = False
+    dims: Any = None
+    checkpoint: str | os.PathLike | None = None
+    checkpoint_every: int = CHECKPOINT_EVERY
+
+    def __post_init__(self) -> None:
+        check_choice("spatial", self.spatial, SPATIAL)
+        object.__setattr__(self, "stride", check_int("stride", self.stride))
+        check_choice("precision", self.precision, (*PRECISIONS, "auto"))
+        check_choice("method", self.method, METHODS)
+        check_choice("grid", self.grid, GRIDS)
+        check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        object.__setattr__(self, "split_every", check_int("split_every", self.split_every, 2))
+        memory_bytes(self.memory_limit)
+        check_scheduler(self.scheduler)
+        object.__setattr__(self, "progress", bool(self.progress))
+        if self.checkpoint is not None:
+            check_int("checkpoint_every", self.checkpoint_every)
+            if self.precision == "auto":
+                raise ValueError("checkpointed runs need a fixed precision ('float32' or 'float64'), not 'auto'")
+            if is_url(str(self.checkpoint)):
+                raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
+
+    @classmethod
+    def from_kwargs(cls, where: str, options: Mapping[str, Any]) -> StreamOptions:
+        """The options of a public function's ``**options``; an unknown name is a TypeError naming ``where``."""
+        unknown = sorted(set(options) - set(NAMES))
+        if unknown:
+            raise TypeError(f"{where}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(map(repr, unknown))}; its streaming options are {', '.join(NAMES)}")
+        return cls(**options)
+
+    @property
+    def memory_bytes(self) -> int:
+        return memory_bytes(self.memory_limit)
+
+
+#: The names of the streaming options.
+NAMES: tuple[str, ...] = tuple(field.name for field in fields(StreamOptions))
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """The parameters of the final solves.
+
+    Attributes
+    ----------
+    epsilon : float
+        Ridge added to the diagonal of each side's covariance (CCA, SVCCA, PWCCA); >= 0.
+    keep : float
+        SVCCA: each side keeps the fewest principal directions holding this share, in (0, 1].
+    keep_by : {"variance", "singular_values"}
+        SVCCA: ``keep`` counts variance (eigenvalues of the covariance) or singular values of the
+        centred data (their square roots, as google/svcca's SVD step).
+    alpha : float
+        Shape metric: partial whitening, 0 (CCA-like) to 1 (Procrustes-like).
+    """
+
+    epsilon: float = 0.0
+    keep: float = 0.99
+    keep_by: KeepBy = "variance"
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon", check_epsilon(self.epsilon))
+        object.__setattr__(self, "keep", check_number("keep", self.keep, 0.0, 1.0, low_open=True))
+        check_choice("keep_by", self.keep_by, KEEP_BY)
+        object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0.0, 1.0))
+
+
+SOLVE_NAMES: tuple[str, ...] = tuple(field.name for field in fields(SolveOptions))

@@ -1,0 +1,181 @@
+"""The passes over aligned layers: plain, auto-precision pilot, checkpointed groups; the memory budget.
+
+:func:`stream_layers` streams any number of aligned, validated layers (one side each) into one
+:class:`~chunkcca.moments.Moments` in one pass over their chunks, whichever pass the options ask
+for; :func:`run_reduction` runs another declared reduction (minibatch CKA) the same way. Failures
+to read a store name the layers and stores at fault.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.utils import format_bytes
+
+from .checkpoint import CheckpointError, resume, save_progress
+from .engine import NonFiniteError, Reduction, common_boundaries, connected, moments_reduction, run
+from .moments import Moments
+from .options import ProductPrecision, StreamOptions
+from .rows import Adapter
+
+#: precision="auto" keeps float32 products while every side's correlation matrix in the first chunk has a
+#: condition number at most this: float32 products were measured to move correlations by up to ~1e-6 at
+#: condition numbers near 1e3 and by 1e-5 to 7e-5 near 1e4.
+AUTO_CONDITION = 1e3
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """Aligned layers, their adapters, their Moments, and what the streaming decided.
+
+    ``moments.precision`` is the precision every product was actually computed in (the coarser of
+    the passes' for ``precision="auto"``); ``precision_note`` says how "auto" chose.
+    """
+
+    layers: tuple[xr.DataArray, ...]
+    adapters: tuple[Adapter, ...]
+    moments: Moments
+    rows_omitted: int
+    precision_note: str | None = None
+
+
+@contextmanager
+def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
+    """Re-raise a failure to read store-backed layers (a corrupt chunk, a vanished file) naming the layers
+    and their stores; NaN/Inf and checkpoint errors and errors of in-memory layers pass through unchanged."""
+    try:
+        yield
+    except (NonFiniteError, CheckpointError):
+        raise
+    except Exception as error:
+        sources = sorted({str(layer.encoding["store"]) for layer in layers if "store" in layer.encoding})
+        if not sources:
+            raise
+        names = ", ".join(repr(str(layer.name)) for layer in layers)
+        raise OSError(f"reading layers {names} from {', '.join(sources)} failed: "
+                      f"{type(error).__name__}: {error}") from error
+
+
+def fit_split_every(reduction: Reduction, options: StreamOptions, names: Sequence[str]) -> int:
+    """The tree fan-in that keeps the partials held at once within ``options.memory_limit``, or a clear error.
+
+    A merge task holds ``split_every`` partials plus its output.
+    """
+    limit = options.memory_bytes
+    partial = int(np.prod(reduction.shape, dtype=np.int64)) * np.dtype(reduction.dtype).itemsize
+    fan_in = min(options.split_every, max(2, limit // max(partial, 1) - 1))
+    if partial * (fan_in + 1) > limit:
+        batch = reduction.shape[:-2]
+        what = "complex " if np.dtype(reduction.dtype).kind == "c" else ""
+        per = f" at each of {int(np.prod(batch))} spatial frequencies" if batch else ""
+        raise ValueError(
+            f"comparing {' and '.join(map(repr, names))}: {reduction.shape[-1]}^2 {what}statistics{per} = "
+            f"{format_bytes(partial)} per partial, and a merge holds 3 of them ({format_bytes(3 * partial)}), over "
+            f"memory_limit={format_bytes(limit)}; raise memory_limit, compare fewer channels, or use "
+            f"spatial='avgpool' or 'interp'")
+    return fan_in
+
+
+def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, *,
+                  row_norms: bool = False) -> Streamed:
+    """Stream aligned, validated layers (one side each) into one Moments, in one pass over their chunks.
+
+    Checks the memory budget first. With ``options.checkpoint`` the running Moments are saved there
+    every ``options.checkpoint_every`` chunks and a run of the same layers and options resumes from
+    them (:mod:`chunkcca.checkpoint`). ``precision="auto"`` computes float64 Moments of the first
+    datapoint chunk, keeps float32 products for the rest unless a side's correlation matrix there has
+    a condition number above :data:`AUTO_CONDITION`, and merges the two. A ValueError if no finite row
+    is left.
+    """
+    names = tuple(str(layer.name) for layer in layers)
+    widths = [layer.sizes["channel"] for layer in layers]
+    precision = "float64" if options.precision == "auto" else options.precision
+    fan_in = fit_split_every(moments_reduction(adapters, widths, precision=precision, row_norms=row_norms),
+                             options, names)
+    data = [layer.data for layer in layers]
+    datapoints = layers[0].sizes["datapoint"]
+
+    def moments_of(start: int, stop: int, product: ProductPrecision, *, scheduler: Any = options.scheduler,
+                   progress: bool = options.progress) -> Moments:
+        reduction = moments_reduction(adapters, widths, precision=product, row_norms=row_norms)
+        return run([d[start:stop] for d in data], adapters, reduction, split_every=fan_in, scheduler=scheduler,
+                   progress=progress, nan_policy=options.nan_policy, names=names, offset=start)
+
+    note = None
+    with reading(layers):
+        if options.precision == "auto":
+            first = data[0].chunks[0][0]  # the first layer's first chunk (another's may then be read twice)
+            stats = moments_of(0, first, "float64", progress=False)
+            choice, note = _choose_precision(stats, names, first)
+            if first < datapoints:
+                stats = stats + moments_of(first, datapoints, choice)
+        elif options.checkpoint is not None:
+            stats = _checkpointed(layers, adapters, options, row_norms, moments_of)
+        else:
+            stats = moments_of(0, datapoints, options.precision)
+    if stats.n == 0:
+        raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
+    rows = adapters[0].row_count(datapoints)
+    return Streamed(tuple(layers), tuple(adapters), stats, rows - stats.n, note)
+
+
+def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions,
+                  row_norms: bool, moments_of: Any) -> Moments:
+    """Stream ``options.checkpoint_every`` datapoint chunks at a time, saving the running Moments after each
+    group; a checkpoint of the same run is resumed after the datapoints it covers."""
+    boundaries = common_boundaries([layer.data for layer in layers])  # groups never split a layer's chunk
+    run_options = {"spatial": adapters[0].kind, "stride": adapters[0].stride, "precision": options.precision,
+                   "nan_policy": options.nan_policy, "row_norms": row_norms}
+    total, done, fingerprint = resume(options.checkpoint, layers, adapters, run_options, boundaries)
+    edges = boundaries[boundaries.index(done) :: options.checkpoint_every]
+    if edges[-1] != boundaries[-1]:
+        edges.append(boundaries[-1])
+    with connected(options.scheduler) as scheduler:  # an address: one connection for every group
+        for start, stop in itertools.pairwise(edges):
+            part = moments_of(start, stop, options.precision, scheduler=scheduler)
+            total = part if total is None else total + part
+            save_progress(total, options.checkpoint, stop, fingerprint)
+    assert total is not None  # as_activations refuses empty layers, so a fresh run streams at least one chunk
+    return total
+
+
+def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], reduction: Reduction,
+                  options: StreamOptions, *, chunks: tuple[int, ...] | None = None) -> Any:
+    """One pass of any declared reduction over aligned layers (rechunked along datapoint to ``chunks`` if given)."""
+    sides: list[da.Array] = [layer.data if chunks is None else layer.data.rechunk({0: chunks}) for layer in layers]
+    with reading(layers):
+        return run(sides, adapters, reduction, split_every=options.split_every, scheduler=options.scheduler,
+                   progress=options.progress, nan_policy=options.nan_policy,
+                   names=tuple(str(layer.name) for layer in layers))
+
+
+def _choose_precision(pilot: Moments, names: Sequence[str], datapoints: int) -> tuple[ProductPrecision, str]:
+    """float32 or float64 products for ``precision="auto"``, from the pilot chunk's correlation matrices."""
+    worst, worst_name = 0.0, ""
+    for name, part in zip(names, pilot.side_slices()):
+        scatter = pilot.scatter[..., part, part]
+        kept = np.diagonal(scatter, axis1=-2, axis2=-1).real > 0
+        condition = np.inf if pilot.n <= int(kept.sum(axis=-1).max()) else _condition(scatter, kept)
+        if condition > worst:
+            worst, worst_name = condition, name
+    choice: ProductPrecision = "float64" if worst > AUTO_CONDITION else "float32"
+    return choice, (f"auto: {choice} products; the largest correlation-matrix condition number in the first chunk "
+                    f"({datapoints} datapoints) is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
+
+
+def _condition(scatter: np.ndarray, kept: np.ndarray) -> float:
+    """Largest condition number of the correlation matrices of the kept (non-constant) channels."""
+    worst = 0.0
+    for index in np.ndindex(*scatter.shape[:-2]):
+        keep = np.flatnonzero(kept[index])
+        block = scatter[index][np.ix_(keep, keep)]
+        scale = np.sqrt(np.diagonal(block).real)
+        worst = max(worst, float(np.linalg.cond(block / np.outer(scale, scale))))
+    return worst
