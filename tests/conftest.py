@@ -14,6 +14,8 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 #: Real activations recorded by others (google/svcca's tutorials); absent in a user's clone.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GOLDEN = Path(__file__).parent / "data" / "svcca_golden"
+#: The dims of a conv layer.
+DIMS = ("datapoint", "height", "width", "channel")
 
 
 def correlated_layers(rng: np.random.Generator, datapoints: int, shape_a: tuple[int, ...], shape_b: tuple[int, ...],

@@ -19,8 +19,10 @@ import pytest
 from conftest import correlated_layers
 
 import chunkcca
-from chunkcca import compat
+from chunkcca import cca, compat
 from chunkcca.cli import main
+
+pytestmark = pytest.mark.cluster
 
 pytest.importorskip("distributed")
 DASK = shutil.which("dask") or str(Path(sys.executable).with_name("dask"))
@@ -286,3 +288,12 @@ def test_an_unknown_scheduler_is_named_before_reading(layers, call):
     a, b, *_ = layers
     with pytest.raises(ValueError, match=r"scheduler must be 'threads'.*got 'bogus'"):
         call(a, b)
+
+
+def test_same_result_on_a_distributed_client():
+    distributed = pytest.importorskip("distributed")
+    a, b = correlated_layers(np.random.default_rng(7), 60, (5, 6, 7), (5, 6, 5))
+    local = cca(a, b, stride=2, precision="float64")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None):
+        remote = cca(da.from_array(a, chunks=13), b, stride=2, precision="float64")
+    np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)

@@ -16,9 +16,11 @@ import dask.array as da
 import numpy as np
 import pytest
 from conftest import GOLDEN, SHARED_DATA
-from reference import canonical_correlations
+from reference import (
+    canonical_correlations,
+)
 
-from chunkcca.compat import get_cca_similarity
+from chunkcca.compat import compute_pwcca, fourier_ccas, get_cca_similarity
 
 #: Cases of get_cca_similarity itself; the conv adapters' cases are checked in test_conv.
 CASES = sorted(p.stem for p in GOLDEN.glob("*.npz")
@@ -183,3 +185,48 @@ def test_memory_mapped_inputs_are_streamed_not_copied(tmp_path):
     np.testing.assert_allclose(result["cca_coef1"], canonical_correlations(x[:3].T.astype(np.float64),
                                                                            x[3:].T.astype(np.float64)),
                                rtol=0, atol=1e-5)  # float32 products: agreement ~1e-6
+
+
+def test_compat_checks_acts1_only_and_pwcca_refuses_complex():
+    rng = np.random.default_rng(8)
+    acts1, acts2 = rng.standard_normal((3, 20)), rng.standard_normal((25, 20))
+    assert get_cca_similarity(acts1, acts2, epsilon=1e-6, verbose=False)["cca_coef1"].shape == (3,)
+    with pytest.raises(TypeError, match="compute_pwcca takes real activations"):
+        compute_pwcca(acts1 + 1j, acts1)
+
+
+def test_compat_fourier_ccas_matches_reference_golden():
+    golden = np.load(GOLDEN / "conv_dft.npz")
+    frame = fourier_ccas(da.from_array(golden["in_acts1"], chunks=(13, -1, -1, -1)), golden["in_acts2"])
+    assert list(frame["location"]) == [(i, j) for i in range(4) for j in range(4)]
+    coefs = np.stack(frame["cca_coef1"]).reshape(golden["out_cca_coef1"].shape)
+    np.testing.assert_allclose(coefs, golden["out_cca_coef1"], rtol=0, atol=1e-6)
+    means = np.array([m[0] for m in frame["mean"]]).reshape(4, 4)
+    np.testing.assert_allclose(means, golden["out_mean"], rtol=0, atol=1e-6)
+    with_coefs = fourier_ccas(golden["in_acts1"], golden["in_acts2"], return_coefs=True)
+    assert np.iscomplexobj(with_coefs["coef_x"][0]) and with_coefs["full_coef_x"][0].shape == (6, 6)
+    with pytest.raises(ValueError, match="does not offer compute_dirns"):
+        fourier_ccas(golden["in_acts1"], golden["in_acts2"], compute_dirns=True)
+
+
+@pytest.mark.parametrize("case", ["pwcca_x", "pwcca_y", "pwcca_relu"])
+@pytest.mark.parametrize("chunk", [None, 128])
+def test_compat_compute_pwcca_matches_reference(case, chunk):
+    """Golden: google/svcca's compute_pwcca (its acts1/acts2 slip in the else branch fixed for pwcca_y).
+
+    float64 products agree to ~1e-13 (7e-10 on float32 inputs, where the reference's float32
+    means differ): the issue's 1e-6 holds with room.
+    """
+    golden = np.load(GOLDEN / f"{case}.npz")
+    acts1, acts2 = golden["in_acts1"], golden["in_acts2"]
+    if chunk:
+        acts1, acts2 = da.from_array(acts1, chunks=(-1, chunk)), da.from_array(acts2, chunks=(-1, chunk))
+    value, weights, coefs = compute_pwcca(acts1, acts2, epsilon=float(golden["param_epsilon"]))
+    assert value == pytest.approx(float(golden["out_pwcca"]), abs=1e-6)
+    np.testing.assert_allclose(weights, golden["out_weights"], atol=1e-6)
+    np.testing.assert_allclose(coefs, golden["out_coefs"], atol=1e-6)
+
+
+def test_compat_compute_pwcca_all_pruned():
+    value, weights, _ = compute_pwcca(np.ones((3, 40)), np.random.default_rng(0).standard_normal((2, 40)))
+    assert value == 0 and weights.size == 0

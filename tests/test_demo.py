@@ -14,6 +14,7 @@ from chunkcca.datasets import demo_layers
 from chunkcca.demo import run_demo
 
 
+@pytest.mark.slow
 def test_demo_writes_store_table_and_plot(tmp_path, capsys):
     assert main(["demo", "--datapoints", "48", "--chunk", "10", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -27,6 +28,7 @@ def test_demo_writes_store_table_and_plot(tmp_path, capsys):
     assert tree["model1/pool2"]["activations"].shape == (48, 8, 8, 64)
 
 
+@pytest.mark.slow
 def test_demo_results_match_in_memory_and_rerun_overwrites(tmp_path):
     results = run_demo(tmp_path, datapoints=24, chunk=7, progress=False, precision="float64")
     run_demo(tmp_path, datapoints=24, chunk=7, progress=False)
@@ -54,6 +56,7 @@ def test_bad_arguments_exit_nonzero_with_one_line(capsys):
     assert "must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "chunkcca.cli", "demo", "--help"], capture_output=True, text=True,
                          check=True).stdout

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import dask.array as da
 import numpy as np
 import pytest
-from conftest import GOLDEN
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import (
@@ -19,8 +20,8 @@ from reference import (
 )
 from scipy.stats import ortho_group
 
-from chunkcca import cca, cka, procrustes, pwcca, shape_metric, svcca
-from chunkcca.compat import compute_pwcca
+import chunkcca
+from chunkcca import Moments, cca, cka, procrustes, pwcca, shape_metric, svcca, svcca_from_moments
 
 #: float64 products: the covariance route vs the QR/Gram references agrees to ~1e-13 on this
 #: well-conditioned data; 1e-9 leaves margin. float32 products: 3e-6 as in test_cca.
@@ -82,29 +83,6 @@ def test_pwcca_reports_ties():
     result = pwcca(x, x @ np.random.default_rng(0).standard_normal((6, 6)), precision="float64")
     assert result["tied"].all(), "an invertible map of the same data: every correlation is 1"
     np.testing.assert_allclose(result["rho"], 1.0, atol=1e-9)
-
-
-@pytest.mark.parametrize("case", ["pwcca_x", "pwcca_y", "pwcca_relu"])
-@pytest.mark.parametrize("chunk", [None, 128])
-def test_compat_compute_pwcca_matches_reference(case, chunk):
-    """Golden: google/svcca's compute_pwcca (its acts1/acts2 slip in the else branch fixed for pwcca_y).
-
-    float64 products agree to ~1e-13 (7e-10 on float32 inputs, where the reference's float32
-    means differ): the issue's 1e-6 holds with room.
-    """
-    golden = np.load(GOLDEN / f"{case}.npz")
-    acts1, acts2 = golden["in_acts1"], golden["in_acts2"]
-    if chunk:
-        acts1, acts2 = da.from_array(acts1, chunks=(-1, chunk)), da.from_array(acts2, chunks=(-1, chunk))
-    value, weights, coefs = compute_pwcca(acts1, acts2, epsilon=float(golden["param_epsilon"]))
-    assert value == pytest.approx(float(golden["out_pwcca"]), abs=1e-6)
-    np.testing.assert_allclose(weights, golden["out_weights"], atol=1e-6)
-    np.testing.assert_allclose(coefs, golden["out_coefs"], atol=1e-6)
-
-
-def test_compat_compute_pwcca_all_pruned():
-    value, weights, _ = compute_pwcca(np.ones((3, 40)), np.random.default_rng(0).standard_normal((2, 40)))
-    assert value == 0 and weights.size == 0
 
 
 @pytest.mark.parametrize("debiased", [False, True])
@@ -279,3 +257,32 @@ def test_minibatch_cka_refuses_checkpoints_by_name():
     x = np.random.default_rng(0).standard_normal((100, 3))
     with pytest.raises(TypeError, match="checkpoint do not apply to minibatch CKA"):
         cka(x, x[:, :2], minibatch=20, checkpoint="run.moments")
+
+
+def test_minibatch_memory_is_per_minibatch():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4000, 16))
+    y = x[:, :8] + rng.standard_normal((4000, 8))
+    tracemalloc.start()
+    result = cka(da.from_array(x, chunks=4000), y, minibatch=500, scheduler="synchronous")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert int(result["minibatches"]) == 8
+    assert peak < 6 * 500 * 500 * 8 + 2 * x.nbytes, f"peak {peak / 2**20:.0f} MiB"  # a few 500 x 500 Grams
+
+
+def test_minibatch_takes_dims_and_refuses_options_it_ignores():
+    rng = np.random.default_rng(7)
+    nchw = rng.standard_normal((40, 3, 4, 4))
+    result = cka(nchw, nchw[:, :2], minibatch=16, dims=("datapoint", "channel", "height", "width"))
+    assert int(result["minibatches"]) == 40 * 16 // 16
+    with pytest.raises(TypeError, match="precision do not apply to minibatch CKA"):
+        cka(nchw, nchw, minibatch=16, precision="float64", dims=("datapoint", "channel", "height", "width"))
+
+
+def test_svcca_from_moments_checks_epsilon():
+    moments = chunkcca.compute_moments(np.random.default_rng(9).standard_normal((5, 2)),
+                                       np.random.default_rng(10).standard_normal((5, 2)), precision="float64")
+    assert isinstance(moments, Moments)
+    with pytest.raises(ValueError, match="epsilon must be a finite number >= 0"):
+        svcca_from_moments(moments, epsilon=-1.0)

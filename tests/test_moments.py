@@ -218,143 +218,6 @@ def test_row_norm_sums_survive_save_and_must_match_to_merge(tmp_path, rng):
         with_norms + without
 
 
-def test_checkpointed_run_resumes_without_rereading_finished_chunks(tmp_path):
-    """An interrupted run leaves its Moments so far; the next call streams only the rest, and the result
-    equals one uninterrupted pass."""
-    import dask
-
-    import chunkcca
-
-    reads: list[int] = []
-    fail_at = {"chunk": 5}
-
-    def block(i):
-        if i == fail_at["chunk"]:
-            fail_at["chunk"] = None
-            raise KeyboardInterrupt("interrupted")
-        reads.append(i)
-        rng = np.random.default_rng(i)
-        return rng.standard_normal((10, 2, 2, 3)) + i
-
-    def lazy():
-        return da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(10, 2, 2, 3), dtype=float)
-                               for i in range(8)])
-
-    layer = lazy()
-    other = layer[..., :2] * 2 + 1
-    with pytest.raises(KeyboardInterrupt):
-        chunkcca.compute_moments(layer, other, precision="float64", stride=3, checkpoint=tmp_path / "ckpt",
-                                 checkpoint_every=2, scheduler="synchronous")
-    assert Moments.load(tmp_path / "ckpt").n == len(range(0, 40 * 4, 3))
-    reads.clear()
-    resumed = chunkcca.compute_moments(layer, other, precision="float64", stride=3, checkpoint=tmp_path / "ckpt",
-                                       checkpoint_every=2, scheduler="synchronous")
-    assert sorted(set(reads)) == [4, 5, 6, 7], "chunks 0-3 were done and are not read again"
-    whole = chunkcca.compute_moments(layer, other, precision="float64", stride=3)
-    assert resumed.n == whole.n
-    np.testing.assert_allclose(resumed.scatter, whole.scatter, rtol=1e-12)
-    again = chunkcca.compute_moments(layer, other, precision="float64", stride=3, checkpoint=tmp_path / "ckpt",
-                                     checkpoint_every=2)
-    assert again.n == whole.n
-    with pytest.raises(ValueError, match="belongs to another run"):
-        chunkcca.compute_moments(layer, other, precision="float32", checkpoint=tmp_path / "ckpt")
-
-
-def test_checkpoint_fingerprint_covers_every_adapter_field():
-    """A dft run in another spectrum dtype (same layers and options) must not resume the checkpoint."""
-    import dataclasses
-
-    import xarray as xr
-
-    from chunkcca.checkpoint import _fingerprint
-    from chunkcca.rows import shared_frequencies
-
-    layer = xr.DataArray(da.zeros((4, 8, 8, 2)), dims=("datapoint", "height", "width", "channel"), name="a")
-    kept = shared_frequencies(8, 8)[0]
-    adapter = Adapter("dft", (8, 8), frequencies=(kept, kept), spectrum_dtype="complex128")
-
-    def fingerprint(adapter):
-        return _fingerprint((layer, layer.rename("b")), (adapter, adapter), {"spatial": "dft"})
-
-    assert fingerprint(adapter) == fingerprint(dataclasses.replace(adapter, frequencies=(kept.copy(), kept.copy())))
-    assert fingerprint(adapter) != fingerprint(dataclasses.replace(adapter, spectrum_dtype="complex64"))
-
-
-@pytest.mark.parametrize("as_url", [False, True])
-def test_a_checkpoint_of_a_store_edited_or_rewritten_since_does_not_resume(tmp_path, monkeypatch, as_url):
-    """The fingerprint hashes the layer's files (names, sizes, modification times), not only its Dask name,
-    which stays the same when a store given by URL is rewritten, or when chunks are edited in place."""
-    import zarr
-
-    import chunkcca
-
-    rng = np.random.default_rng(0)
-    path = tmp_path / "s.zarr"
-    location = path.as_uri() if as_url else str(path)
-    chunkcca.write_activations(path, {"a": rng.standard_normal((40, 3)), "b": rng.standard_normal((40, 2))}, chunks=10)
-    tree = chunkcca.open_activations(location)
-    chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "ckpt",
-                             checkpoint_every=2)
-    for file in (path / "a").rglob("*"):  # permissions are not content
-        file.chmod(file.stat().st_mode | 0o020)
-    again = chunkcca.open_activations(location)
-    assert chunkcca.compute_moments(again["a"], again["b"], precision="float64", checkpoint=tmp_path / "ckpt").n == 40
-    if as_url:
-        chunkcca.write_activations(path, {"a": rng.standard_normal((40, 3)), "b": rng.standard_normal((40, 2))},
-                                   chunks=10, overwrite=True)
-    else:
-        zarr.open_array(path / "a" / "activations", mode="r+")[:10] = 100.0
-    edited = chunkcca.open_activations(location)
-    assert edited["a"]["activations"].data.name == tree["a"]["activations"].data.name or not as_url
-    with pytest.raises(ValueError, match="belongs to another run: the files of layer 'a' changed since"):
-        chunkcca.compute_moments(edited["a"], edited["b"], precision="float64", checkpoint=tmp_path / "ckpt")
-
-
-def test_checkpoints_are_told_apart_from_saved_moments_and_any_path_spelling_resumes(tmp_path, monkeypatch):
-    import chunkcca
-
-    rng = np.random.default_rng(1)
-    chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((30, 3)),
-                                                     "b": rng.standard_normal((30, 2))}, chunks=10)
-    tree = chunkcca.open_activations(tmp_path / "s.zarr")
-    moments = chunkcca.compute_moments(tree["a"], tree["b"], precision="float64")
-    moments.save(tmp_path / "plain")
-    with pytest.raises(ValueError, match="is not a chunkcca checkpoint"):
-        chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "plain")
-    chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "ckpt")
-    monkeypatch.chdir(tmp_path)
-    relative = chunkcca.open_activations("./s.zarr")
-    resumed = chunkcca.compute_moments(relative["a"], relative["b"], precision="float64", checkpoint="ckpt")
-    np.testing.assert_allclose(resumed.scatter, moments.scatter, rtol=1e-12)
-
-
-def test_every_measure_takes_a_checkpoint(tmp_path):
-    import chunkcca
-
-    rng = np.random.default_rng(3)
-    a, b = rng.standard_normal((60, 2, 2, 4)), rng.standard_normal((60, 2, 2, 3))
-    options = dict(precision="float64", checkpoint=tmp_path / "ckpt", checkpoint_every=2)
-    reads: list[int] = []
-
-    def counted(block: np.ndarray) -> np.ndarray:
-        reads.append(block.shape[0])
-        return block
-
-    a_layer, b_layer = (da.from_array(x, chunks=(10, 2, 2, -1)) for x in (a, b))
-    a_layer = a_layer.map_blocks(counted)
-    plain = chunkcca.cca(a_layer, b_layer, precision="float64")
-    np.testing.assert_allclose(chunkcca.cca(a_layer, b_layer, **options)["rho"], plain["rho"], rtol=1e-12)
-    assert reads.count(10) == 12  # 6 chunks, streamed twice: plainly and into the checkpoint
-    # the finished checkpoint of the same layers and options serves the other CCA-family measures
-    reads.clear()
-    svcca = chunkcca.svcca(a_layer, b_layer, **options)
-    assert 10 not in reads, "a finished checkpoint is solved without reading the layers again"
-    assert float(svcca["rho_mean"]) == pytest.approx(float(chunkcca.svcca(a_layer, b_layer, precision="float64")
-                                                           ["rho_mean"]), rel=1e-12)
-    with pytest.raises(ValueError, match="belongs to another run"):
-        chunkcca.cka(a_layer, b_layer, debiased=True, **options)  # needs the row-norm sums too
-
-
 def test_moments_record_the_precision_of_their_products(tmp_path):
     import chunkcca
 
@@ -371,23 +234,12 @@ def test_moments_record_the_precision_of_their_products(tmp_path):
         Moments(1, np.zeros(2), np.zeros((2, 2)), precision="float16")
 
 
-def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
-    """Layers chunked differently (5 and 20 datapoints): checkpoint groups cut only where both have a chunk
-    boundary, so each chunk of the wide-chunked layer is read once."""
-    import dask
-
-    import chunkcca
-
-    reads: list[int] = []
-
-    def block(i):
-        reads.append(i)
-        return np.random.default_rng(i).standard_normal((20, 3))
-
-    wide = da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(20, 3), dtype=float) for i in range(3)])
-    narrow = da.from_array(np.random.default_rng(9).standard_normal((60, 2)), chunks=5)
-    got = chunkcca.compute_moments(narrow, wide, precision="float64", checkpoint=tmp_path / "ckpt",
-                                   checkpoint_every=1)  # the narrow-chunked layer first
-    assert sorted(reads) == [0, 1, 2]
-    want = chunkcca.compute_moments(narrow, wide, precision="float64")
-    np.testing.assert_allclose(got.scatter, want.scatter, rtol=1e-12)
+def test_counts_are_exact_past_two_to_the_31():
+    """Row counts travel as float64 (exact to 2**53) and come back as Python ints."""
+    big = 2**31 + 12345
+    rng = np.random.default_rng(0)
+    parts = [Moments(n=big + i, mean=rng.standard_normal(3), scatter=np.eye(3) * (i + 1)) for i in range(3)]
+    merged = unpack(merge_packed(np.concatenate([pack(m) for m in parts])))
+    assert merged.n == 3 * big + 3
+    assert isinstance(merged.n, int)
+    assert (parts[0] + parts[1]).n == 2 * big + 1

@@ -34,12 +34,12 @@ def cpu_seconds() -> float:
 def case(kind: str, datapoints: int, chunk: int, precision: str, compression: str | None, cache: str) -> None:
     import dask.array as da
     import numpy as np
-    from chunkcca.engine import moments_reduction
-    from chunkcca.engine import run as run_reduction
-    from chunkcca.rows import Adapter
     from threadpoolctl import threadpool_limits
 
     import chunkcca
+    from chunkcca.engine import moments_reduction
+    from chunkcca.engine import run as run_reduction
+    from chunkcca.rows import Adapter
 
     path = store_for(datapoints, chunk=chunk, compression=compression)
     tree = chunkcca.open_activations(path)

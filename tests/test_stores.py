@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tracemalloc
 from pathlib import Path
 
 import dask
@@ -11,8 +12,10 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import correlated_layers
 
-from chunkcca import Moments, layer_paths, open_activations, write_activations
+import chunkcca
+from chunkcca import Moments, cca, layer_paths, open_activations, write_activations
 from chunkcca.layers import as_activations
 
 
@@ -218,3 +221,74 @@ def test_memory_mapped_views_and_wrapped_memmaps_stream_from_the_file(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert layer.data.name.startswith("memmap-") and peak < wrapped.nbytes / 100
+
+
+def test_channels_first_input_is_named_and_dims_fix_it():
+    a, b = correlated_layers(np.random.default_rng(1), 30, (6, 6, 5), (6, 6, 4), dtype=np.float64)
+    nchw = np.moveaxis(a, 3, 1)  # (30, 5, 6, 6)
+    with pytest.raises(ValueError, match=r"layer 'a' looks channels-first: shape \(30, 5, 6, 6\).*dims="):
+        cca(nchw, b)
+    nchw_b = np.moveaxis(b, 3, 1)
+    named = cca(nchw, nchw_b, dims=("datapoint", "channel", "height", "width"), precision="float64")
+    np.testing.assert_allclose(named["rho"], cca(a, b, precision="float64")["rho"], atol=1e-12)
+    renamed = xr.DataArray(a, dims=("n", "y", "x", "c"))
+    mapped = cca(renamed, b, dims={"n": "datapoint", "y": "height", "x": "width", "c": "channel"}, precision="float64")
+    np.testing.assert_allclose(mapped["rho"], named["rho"], atol=1e-12)
+    with pytest.raises(ValueError, match="dims names 3 axes but layer 'a' has 4"):
+        cca(nchw, nchw_b, dims=("datapoint", "channel", "height"))
+
+
+def test_corrupt_chunk_names_store_and_layer(tmp_path):
+    a, b = correlated_layers(np.random.default_rng(2), 40, (3, 3, 4), (3, 3, 3))
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": a, "m1/conv": b}, chunks=10)
+    chunk = next((tmp_path / "s.zarr" / "m1" / "conv" / "activations").rglob("c/2/*/*/*"))
+    chunk.write_bytes(b"\x00garbage" * 3)
+    with pytest.raises(OSError, match=r"reading layers 'm0/conv', 'm1/conv' from .*s.zarr failed"):
+        cca(tree["m0/conv"], tree["m1/conv"])
+    renamed = tree["m1/conv"]["activations"].rename("x")  # the store is named, not derived from the layer's name
+    with pytest.raises(OSError, match=r"reading layers 'm0/conv', 'x' from .*s\.zarr failed: "):
+        cca(tree["m0/conv"], renamed)
+
+
+@pytest.mark.slow
+def test_killed_writer_leaves_the_earlier_store_intact(tmp_path):
+    """A writer killed midway (SIGKILL) leaves the store it was replacing untouched and readable."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "acts.zarr"
+    chunkcca.write_activations(store, {"fc": np.arange(40.0).reshape(20, 2)}, chunks=5)
+    script = f"""
+import time, dask, dask.array as da, numpy as np, chunkcca
+def slow(i):
+    time.sleep(0.4)
+    return np.full((5, 2), -1.0)
+lazy = da.concatenate([da.from_delayed(dask.delayed(slow)(i), shape=(5, 2), dtype=float) for i in range(40)])
+print("writing", flush=True)
+chunkcca.write_activations({str(store)!r}, {{"fc": lazy}}, chunks=5, overwrite=True)
+"""
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    time.sleep(1.5)
+    assert writer.poll() is None, "the writer finished before it could be killed"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    tree = chunkcca.open_activations(store)
+    np.testing.assert_array_equal(tree["fc"]["activations"].values, np.arange(40.0).reshape(20, 2))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "acts.zarr"]
+    assert all(name.startswith(".acts.zarr.") and name.endswith(".tmp") for name in leftovers)
+
+
+def test_lazy_backend_arrays_are_not_read_to_be_chunked(tmp_path):
+    layer = np.random.default_rng(5).standard_normal((2000, 8, 8, 16)).astype(np.float32)  # 8 MiB
+    chunkcca.write_activations(tmp_path / "s.zarr", {"conv": layer}, chunks=100)
+    lazy = xr.open_datatree(tmp_path / "s.zarr", engine="zarr", consolidated=False)["conv"]["activations"]
+    assert lazy.chunks is None
+    tracemalloc.start()
+    array = as_activations(lazy, "conv")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < layer.nbytes / 4, f"as_activations allocated {peak} bytes"
+    assert isinstance(array.data, da.Array) and array.data.chunks[0][0] == 100

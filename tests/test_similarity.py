@@ -132,7 +132,6 @@ def test_an_undefined_pair_is_nan_with_a_warning_not_the_end_of_the_sweep():
     assert np.isnan(result["mean_cca"].sel(layer_a="live", layer_b="dead").item())
 
 
-
 def test_a_measure_undefined_for_one_pair_is_nan_there(monkeypatch):
     """E.g. debiased CKA when a side's unbiased HSIC with itself is not positive (few rows)."""
     import dataclasses
@@ -147,3 +146,10 @@ def test_a_measure_undefined_for_one_pair_is_nan_there(monkeypatch):
     with pytest.warns(RuntimeWarning, match="cka_debiased of 'x' and 'x' is NaN: debiased CKA is undefined here"):
         result = similarity(x, x, measures=["cka_debiased", "cka"])
     assert np.isnan(result["cka_debiased"].item()) and result["cka"].item() == pytest.approx(1.0)
+
+
+def test_similarity_refuses_one_name_for_two_layers():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((50, 3)), rng.standard_normal((50, 3))
+    with pytest.raises(ValueError, match="layer name 'fc1' stands for different layers"):
+        similarity({"fc1": a}, {"fc1": b}, measures=["cka"])
