@@ -1,4 +1,5 @@
-"""similarity(): all layer pairs in one pass equal the pairwise computations; each chunk is read once."""
+"""similarity() and compare(): all layer pairs, or several measures of one pair, in one pass equal the single
+computations; each chunk is read once."""
 
 from __future__ import annotations
 
@@ -153,3 +154,82 @@ def test_similarity_refuses_one_name_for_two_layers():
     a, b = rng.standard_normal((50, 3)), rng.standard_normal((50, 3))
     with pytest.raises(ValueError, match="layer name 'fc1' stands for different layers"):
         similarity({"fc1": a}, {"fc1": b}, measures=["cka"])
+
+
+def _counted_layer(name: str, reads: list, chunks: int = 5, size: int = 40) -> da.Array:
+    """A (chunks · size, 3, 3, c) lazy layer whose every chunk read is logged in ``reads``."""
+    channels = {"a": 4, "b": 3}[name]
+
+    def block(index: int) -> np.ndarray:
+        reads.append((name, index))
+        rng = np.random.default_rng([len(name), index])
+        latent = rng.standard_normal((size, 3, 3, 2))
+        mix = np.random.default_rng(len(name) + 7).standard_normal((2, channels))
+        return latent @ mix + 0.5 * rng.standard_normal((size, 3, 3, channels)) + 1.0
+
+    return da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(size, 3, 3, channels), dtype=float)
+                           for i in range(chunks)])
+
+
+@pytest.mark.parametrize("spatial", ["flatten", "avgpool"])
+def test_compare_equals_each_measure_alone_from_one_read_of_each_chunk(spatial):
+    """compare(measures=[...]) gives what the single-measure functions give (1e-12: the same float64 solves on
+    the same Moments, merged in the same order) and reads every chunk once."""
+    from chunkcca import cca, cka, compare, procrustes, pwcca, shape_metric, svcca
+
+    reads: list = []
+    a, b = _counted_layer("a", reads), _counted_layer("b", reads)
+    measures = ["mean_cca", "r2_cca", "svcca", "pwcca", "cka", "cka_debiased", "procrustes", "shape"]
+    result = compare(a, b, measures=measures, spatial=spatial, precision="float64", keep=0.9, alpha=0.5)
+    assert sorted(reads) == sorted((name, i) for name in "ab" for i in range(5))
+    options = {"spatial": spatial, "precision": "float64"}
+    alone = {"mean_cca": float(cca(a, b, **options)["rho_mean"]), "r2_cca": float(cca(a, b, **options)["r2_cca"]),
+             "svcca": float(svcca(a, b, keep=0.9, **options)["rho_mean"]),
+             "pwcca": float(pwcca(a, b, **options)["pwcca"]), "cka": float(cka(a, b, **options)["cka"]),
+             "cka_debiased": float(cka(a, b, debiased=True, **options)["cka"]),
+             "procrustes": float(procrustes(a, b, **options)["procrustes"]),
+             "shape": float(shape_metric(a, b, alpha=0.5, **options)["shape_distance"])}
+    for measure, value in alone.items():
+        assert float(result[measure]) == pytest.approx(value, rel=1e-12, abs=1e-12), measure
+    np.testing.assert_allclose(result["rho"], cca(a, b, **options)["rho"], rtol=1e-12)
+    assert int(result["svcca_dims_a"]) == int(svcca(a, b, keep=0.9, **options)["dims_a"])
+    assert result.attrs["measures"] == ",".join(measures)
+    assert result.attrs["keep"] == 0.9 and result.attrs["alpha"] == 0.5 and result.attrs["spatial"] == spatial
+
+
+def test_compare_per_frequency_and_its_refusals():
+    from chunkcca import cca, compare
+
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((30, 4, 4, 3)), rng.standard_normal((30, 4, 4, 2))
+    result = compare(a, b, measures=["mean_cca"], spatial="dft", precision="float64")
+    want = cca(a, b, spatial="dft", precision="float64")
+    assert float(result["mean_cca"]) == pytest.approx(float(want["rho_mean"]), rel=1e-12)
+    assert result["rho"].dims == ("freq_h", "freq_w", "component") and "rho_freq_mean" in result
+    with pytest.raises(ValueError, match="cka does not work per spatial frequency"):
+        compare(a, b, measures=["mean_cca", "cka"], spatial="dft")
+    with pytest.raises(TypeError, match=r"compare\(\): keep is not read by cka"):
+        compare(a, b, measures=["cka"], keep=0.5)
+    with pytest.raises(ValueError, match="name a measure twice"):
+        compare(a, b, measures=["cka", "cka"])
+    with pytest.raises(TypeError, match=r"compare\(\) got unexpected keyword argument 'sptial'"):
+        compare(a, b, sptial="dft")
+
+
+def test_plot_similarity_defaults_to_the_first_measure_asked(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from chunkcca.plot import plot_similarity
+
+    layers = _layers()
+    result = similarity(layers, layers, measures=["cka", "mean_cca"], spatial="avgpool")
+    result.to_netcdf(tmp_path / "s.nc")
+    for saved in (result, xr.open_dataset(tmp_path / "s.nc")):
+        ax = plot_similarity(saved)
+        assert ax.figure.axes[-1].get_ylabel() == "cka"
+        plt.close(ax.figure)
+    with pytest.raises(ValueError, match=r"needs a result of chunkcca\.similarity"):
+        plot_similarity(xr.Dataset({"x": ((), 1.0)}))

@@ -1,0 +1,105 @@
+"""The package's floor plan: three tiers importing only downward, at most 8 import levels, no cycles, a CLI on the
+public API, and an import that changes no global configuration (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "chunkcca"
+
+#: Each module's tier: it may import modules of its own tier or of lower ones only.
+TIERS: dict[str, int] = {
+    **dict.fromkeys(("_fs", "options", "blas"), 0),  # plumbing: files, options, BLAS threads
+    **dict.fromkeys(("moments", "rows", "minibatch", "measures"), 1),  # numpy core: no Dask graphs, no stores
+    **dict.fromkeys(("layers", "store", "ingest", "record"), 2),  # inputs and storage
+    **dict.fromkeys(("engine", "cluster", "checkpoint", "passes"), 3),  # the Dask engine
+    **dict.fromkeys(("api", "compat", "plot", "report", "datasets", "demo", "cli", "__init__"), 4),  # xarray front
+}
+#: What the command line may import: the package and its documented modules.
+PUBLIC = {"__init__", "demo", "ingest", "record", "compat", "options", "plot", "report"}
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module (file stem) → the package modules it imports anywhere in its body, from its source."""
+    graph = {}
+    for path in PACKAGE.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("chunkcca")):
+                module = (node.module or "").removeprefix("chunkcca").lstrip(".")
+                if not module:  # "from . import x" or "from chunkcca import x": the package, or its modules
+                    found |= {alias.name for alias in node.names if (PACKAGE / f"{alias.name}.py").exists()}
+                    found |= {"__init__"} if node.module == "chunkcca" and not found else set()
+                else:
+                    found.add(module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == "chunkcca":
+                        found.add("__init__")
+                    elif alias.name.startswith("chunkcca."):
+                        found.add(alias.name.split(".")[1])
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def _levels(graph: dict[str, set[str]]) -> dict[str, int]:
+    levels: dict[str, int] = {}
+
+    def level(module: str, path: tuple[str, ...] = ()) -> int:
+        if module in path:
+            raise AssertionError(f"import cycle: {' -> '.join((*path, module))}")
+        if module not in levels:
+            levels[module] = 1 + max((level(m, (*path, module)) for m in graph[module]), default=0)
+        return levels[module]
+
+    for module in graph:
+        level(module)
+    return levels
+
+
+def test_every_module_has_a_tier():
+    assert set(_imports()) == set(TIERS)
+
+
+def test_no_cycles_and_at_most_eight_levels():
+    levels = _levels(_imports())
+    assert max(levels.values()) <= 8, levels
+
+
+def test_modules_import_only_from_their_tier_or_below():
+    upward = [(module, imported) for module, imports in _imports().items() for imported in imports
+              if TIERS[imported] > TIERS[module]]
+    assert not upward
+
+
+def test_the_command_line_uses_the_public_api_only():
+    assert _imports()["cli"] <= PUBLIC
+
+
+def test_only_the_adapters_module_names_an_adapter():
+    """No module outside rows.py (and options.py, which declares the names) tests a spatial adapter by name."""
+    tested = []
+    for path in PACKAGE.glob("*.py"):
+        if path.stem in ("rows", "options"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(side, ast.Constant) and side.value in ("flatten", "avgpool", "interp", "dft")
+                    for side in (node.left, *node.comparators)):
+                tested.append(f"{path.name}:{node.lineno}")
+    assert not tested
+
+
+@pytest.mark.slow
+def test_importing_chunkcca_changes_no_global_configuration():
+    code = ("import dask, zarr, sys; before = (dask.config.config.copy(), zarr.config.get('threading.max_workers'))\n"
+            "import chunkcca\n"
+            "after = (dask.config.config, zarr.config.get('threading.max_workers'))\n"
+            "assert before == after, (before, after)\n"
+            "assert 'distributed' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
