@@ -230,13 +230,13 @@ def _run_compare(args: argparse.Namespace) -> None:
         print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": int(result["rows"]),
                           "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
     else:
-        table = [("measure", "value", "")]
+        table = [("measure", "value", "details")]
         for name, shown in values.items():
             details = ", ".join(f"{key} {_shown(value)}" for key, value in shown.items() if key != "value")
             table.append((name, _shown(shown["value"]), details))
         print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, "
               f"{int(result['rows'])} rows, one pass)")
-        print(format_table(table).rstrip())
+        print(format_table(table, left=(0, 2)))
     if args.plot:
         save_figure(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot)
 

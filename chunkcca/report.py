@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 
-def format_table(rows: list[tuple[str, ...]]) -> str:
-    """Rows of cells as aligned text: the first column left-aligned, the others right-aligned."""
+def format_table(rows: list[tuple[str, ...]], *, left: tuple[int, ...] = (0,)) -> str:
+    """Rows of cells as aligned text: the columns numbered in ``left`` left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                               for i, (cell, width) in enumerate(zip(row, widths))) for row in rows)
+    return "\n".join("  ".join(cell.ljust(width) if i in left else cell.rjust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows)
 
 
 def save_figure(make_figure: Callable[[], Any], path: str | os.PathLike, *, dpi: int = 110) -> None:
