@@ -8,6 +8,7 @@ them once (:mod:`chunkcca.passes`) and solves the measures declared in
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,10 +36,22 @@ def _pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray, xr.Data
     return layer_a, layer_b, plan_adapters(layer_a, layer_b, options)
 
 
-def _warn_few_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> None:
-    """Warn when the layers give no more rows than the widest has channels (a singular covariance)."""
-    rows = adapters[0].row_count(layers[0].sizes["datapoint"])
+def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> None:
+    """Before streaming: refuse a stride that leaves no more rows than the widest layer has channels, naming the
+    largest stride that does; warn when the layers themselves give no more rows than that (a singular
+    covariance), which a ridge can still make sense of."""
+    datapoints = layers[0].sizes["datapoint"]
+    rows = adapters[0].row_count(datapoints)
     channels = max(layer.sizes["channel"] for layer in layers)
+    stride = adapters[0].stride
+    if rows <= channels and stride > 1:
+        total = dataclasses.replace(adapters[0], stride=1).row_count(datapoints)
+        largest = -(-total // channels) - 1
+        advice = (f"use a stride of at most {largest}" if largest >= 1 else
+                  f"even stride 1 gives only {total}")
+        raise ValueError(f"stride {stride} leaves {rows} of the {total} rows of layers "
+                         f"{', '.join(repr(str(x.name)) for x in layers)}, no more than their {channels} channels: "
+                         f"{advice}")
     if rows <= channels:
         warnings.warn(
             f"only {rows} rows for {channels} channels (layers {', '.join(repr(str(x.name)) for x in layers)}): the "
@@ -49,7 +62,7 @@ def _warn_few_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) 
 def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False) -> Streamed:
     """Two layers → one pass → their Moments."""
     layer_a, layer_b, adapters = _pair(a, b, options)
-    _warn_few_rows((layer_a, layer_b), adapters)
+    _check_rows((layer_a, layer_b), adapters)
     return stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms)
 
 
@@ -317,23 +330,25 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     set_a, set_b = as_layer_set(a_layers, "a_layers"), as_layer_set(b_layers, "b_layers")
     if not set_a or not set_b:
         raise ValueError("similarity needs at least one layer on each side")
-    layers = {name: as_activations(layer, name, dims=stream.dims) for name, layer in set_a.items()}
-    for name, layer in set_b.items():
-        array = as_activations(layer, name, dims=stream.dims)
-        if name in layers and layers[name].data.name != array.data.name:
-            raise ValueError(f"layer name {name!r} stands for different layers in a_layers and b_layers; "
-                             f"give them distinct names")
-        layers.setdefault(name, array)
-    order = list(layers)
-    first = layers[order[0]]
-    aligned = [align_layers(first, layer)[1] for layer in layers.values()]
+    distinct: dict[str, xr.DataArray] = {}  # Dask name → layer: a layer given twice is streamed once
+    sides: dict[str, list[int]] = {"a": [], "b": []}  # each set's layers, as indices into distinct
+    for role, layer_set in (("a", set_a), ("b", set_b)):
+        for name, layer in layer_set.items():
+            array = as_activations(layer, name, dims=stream.dims)
+            if array.data.name not in distinct:
+                if any(other.name == array.name for other in distinct.values()):  # one name, two layers
+                    array = array.rename(f"{name} ({role}_layers)")
+                distinct[array.data.name] = array
+            sides[role].append(list(distinct).index(array.data.name))
+    first, *_ = distinct.values()
+    aligned = [align_layers(first, layer)[1] for layer in distinct.values()]
     adapters = plan_sweep_adapters(aligned, stream)
     rows = adapters[0].row_count(first.sizes["datapoint"])
     if rows < 4:
         raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
-    _warn_few_rows(aligned, adapters)
+    _check_rows(aligned, adapters)
     streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names))
-    values = _pairwise(streamed.moments, order, list(set_a), list(set_b), names, solve)
+    values = _pairwise(streamed.moments, [str(layer.name) for layer in aligned], sides, names, solve)
     attrs = {"measures": ",".join(names), **vars(solve), **_streaming_attrs(streamed)}
     for key in ("layer_a", "layer_b"):
         attrs.pop(key)
@@ -354,13 +369,15 @@ def _without_variance(pair: Moments, names: tuple[str, str]) -> str | None:
     return None
 
 
-def _pairwise(stats: Moments, order: list[str], names_a: list[str], names_b: list[str], measures: Sequence[str],
+def _pairwise(stats: Moments, labels: list[str], sides: dict[str, list[int]], measures: Sequence[str],
               solve: SolveOptions) -> dict[str, np.ndarray]:
-    """Each measure's (layer_a, layer_b) values from the Moments of all layers (one side each, in ``order``)."""
-    values = {measure: np.full((len(names_a), len(names_b)), np.nan) for measure in measures}
-    for i, name_a in enumerate(names_a):
-        for j, name_b in enumerate(names_b):
-            moments = stats.select([order.index(name_a), order.index(name_b)])
+    """Each measure's (layer_a, layer_b) values from the Moments of all layers (one side each, named by
+    ``labels``); ``sides`` lists the sides of set a and of set b."""
+    values = {measure: np.full((len(sides["a"]), len(sides["b"])), np.nan) for measure in measures}
+    for i, side_a in enumerate(sides["a"]):
+        for j, side_b in enumerate(sides["b"]):
+            name_a, name_b = labels[side_a], labels[side_b]
+            moments = stats.select([side_a, side_b])
             dead = _without_variance(moments, (name_a, name_b))
             if dead:  # every measure is undefined: NaN throughout, one warning
                 warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer {dead!r} has no "

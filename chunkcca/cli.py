@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ MEASURES = tuple(chunkcca.MEASURES)
 #: Old spellings of measures, kept working with a deprecation message.
 ALIASES: dict[str, tuple[str, ...]] = {"cca": ("mean_cca", "r2_cca")}
 
+SCHEDULER_HELP = "a Dask scheduler address (tcp://host:port), or 'threads', 'synchronous' or 'processes'"
 STORE_HELP = "the store: a local path or an fsspec URL (file://, s3://, gs://, ...)"
 
 
@@ -60,7 +62,7 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
     parser.add_argument("--stride", type=_positive_int, default=1, help="keep every n-th row (default 1)")
     parser.add_argument("--precision", default="float32", choices=(*PRECISIONS, "auto"),
                         help="dtype of the per-chunk products (default float32)")
-    parser.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:port) or 'threads'/'synchronous'")
+    parser.add_argument("--scheduler", help=SCHEDULER_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -102,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chunk", type=_positive_int, default=250, help="datapoints per chunk (default 250)")
     demo.add_argument("--out", default="chunkcca-demo", help="output folder (default ./chunkcca-demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--precision", choices=PRECISIONS, default="float32",
+    demo.add_argument("--precision", choices=(*PRECISIONS, "auto"), default="float32",
                       help="dtype of the per-chunk products (default float32)")
-    demo.add_argument("--scheduler", help="a Dask scheduler address (tcp://host:port)")
+    demo.add_argument("--scheduler", help=SCHEDULER_HELP)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     ingest = commands.add_parser("ingest", help="write .npy/.npz files or google/svcca pickles into a store",
@@ -113,11 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("store", help="the store to write (a folder)")
     ingest.add_argument("layers", nargs="+", metavar="LAYER=FILE",
                         help="layer path and file, e.g. model0/fc=model_0_lay06.p (a .npz gives LAYER/<name>)")
-    ingest.add_argument("--layout", choices=LAYOUTS, default="datapoints",
-                        help="datapoint first, channel last (default); 'neurons': 2-d (neurons, datapoints) as "
-                             "svcca's; 'channels_first': (datapoint, channel, height, width) as PyTorch's")
+    ingest.add_argument("--layout", choices=LAYOUTS,
+                        help="'datapoints': datapoint first, channel last (the default, for arrays that do not "
+                             "look like the others); 'neurons': 2-d (neurons, datapoints) as svcca's; "
+                             "'channels_first': (datapoint, channel, height, width) as PyTorch's")
     ingest.add_argument("--chunk", type=_positive_int, help="datapoints per chunk (default: about 16 MiB)")
-    ingest.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    written = ingest.add_mutually_exclusive_group()
+    written.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    written.add_argument("--append", action="store_true",
+                         help="add the layers to an existing store, after its own, leaving those as they are")
+    ingest.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     info = commands.add_parser("info", help="layers, shapes, chunks, dtype and size of a store",
                                description="Describe the layers of a store.")
@@ -128,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Compare two layers with one or more measures, streamed.")
     _store_argument(compare)
     compare.add_argument("layer_a")
-    compare.add_argument("layer_b")
+    compare.add_argument("layer_b", help="a layer of the store, or of --b-store")
+    compare.add_argument("--b-store", help="take layer_b from this store (e.g. another model's recording)")
     compare.add_argument("--measure", "--measures", dest="measure", nargs="+", default=["mean_cca"],
                          choices=[*MEASURES, *ALIASES], metavar="MEASURE",
                          help=f"measures, from {', '.join(MEASURES)} (default mean_cca)")
@@ -146,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     _store_argument(sweep)
     sweep.add_argument("--a", required=True, nargs="+", help="layers or groups (e.g. model0) on the first axis")
     sweep.add_argument("--b", required=True, nargs="+", help="layers or groups on the second axis")
+    sweep.add_argument("--b-store", help="take the --b layers from this store (e.g. another model's recording)")
     sweep.add_argument("--measures", "--measure", dest="measures", nargs="+", default=["mean_cca", "cka"],
                        choices=[*MEASURES, *ALIASES], metavar="MEASURE",
                        help=f"measures, from {', '.join(MEASURES)} (default mean_cca cka)")
     _solve_options(sweep)
-    _streaming_options(sweep, spatial=("avgpool", "flatten"))  # flatten needs one spatial size for all layers
+    _streaming_options(sweep, spatial=("flatten", "avgpool"))  # flatten needs one spatial size for all layers
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
     sweep.add_argument("--plot", help="heatmap PNG of the first measure")
     return parser
@@ -163,9 +172,17 @@ def _layer(tree: Any, path: str) -> Any:
         raise ValueError(f"no layer {path!r} in the store; it has {', '.join(chunkcca.layer_paths(tree))}") from None
 
 
+def _stores(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The store of the a layers and that of the b layers (--b-store, or the same one)."""
+    tree = chunkcca.open_activations(args.store, storage_options=args.storage_options)
+    if args.b_store is None:
+        return tree, tree
+    return tree, chunkcca.open_activations(args.b_store, storage_options=args.storage_options)
+
+
 def _run_ingest(args: argparse.Namespace) -> None:
-    if os.path.exists(args.store) and not args.overwrite:
-        raise ValueError(f"{args.store} exists; pass --overwrite to replace it")
+    if os.path.exists(args.store) and not (args.overwrite or args.append):
+        raise ValueError(f"{args.store} exists; pass --overwrite to replace it, or --append to add layers to it")
     sources = {}
     for item in args.layers:
         layer, separator, file = item.partition("=")
@@ -174,8 +191,8 @@ def _run_ingest(args: argparse.Namespace) -> None:
         if layer in sources:
             raise ValueError(f"layer {layer!r} is given twice ({sources[layer]} and {file})")
         sources[layer] = file
-    tree = ingest(args.store, sources, layout=args.layout, chunks=args.chunk or "auto", overwrite=args.overwrite,
-                  progress=True)
+    tree = ingest(args.store, sources, layout=args.layout, mode="a" if args.append else "w",
+                  chunks=args.chunk or "auto", overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {args.store}: {', '.join(chunkcca.layer_paths(tree))}")
 
 
@@ -212,8 +229,8 @@ def _run_compare(args: argparse.Namespace) -> None:
                              "r2_cca, svcca, pwcca) in --measure, and not with --spatial dft (a matrix of "
                              "frequencies)")
         _check_folder(args.plot, "--plot")
-    tree = chunkcca.open_activations(args.store, storage_options=args.storage_options)
-    a, b = _layer(tree, args.layer_a), _layer(tree, args.layer_b)
+    tree_a, tree_b = _stores(args)
+    a, b = _layer(tree_a, args.layer_a), _layer(tree_b, args.layer_b)
     result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint,
                               checkpoint_every=args.checkpoint_every, **_given_solve_options(args), **_streaming(args))
     curves = {name: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
@@ -249,8 +266,9 @@ def _check_folder(path: str, option: str) -> None:
 
 
 def _select(tree: Any, names: list[str]) -> dict[str, Any]:
-    """The layers under each of ``names`` (layers or groups), by path."""
-    return dict(sorted((path, tree[path]) for name in names for path in chunkcca.layer_paths(_layer(tree, name))))
+    """The layers under each of ``names`` (layers or groups), by path, in the order named and, within a group, in
+    the store's (network) order."""
+    return {path: tree[path] for name in names for path in chunkcca.layer_paths(_layer(tree, name))}
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
@@ -261,8 +279,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
     _check_folder(args.out, "--out")
     if args.plot:
         _check_folder(args.plot, "--plot")
-    tree = chunkcca.open_activations(args.store, storage_options=args.storage_options)
-    result = chunkcca.similarity(_select(tree, args.a), _select(tree, args.b), measures=measures,
+    tree_a, tree_b = _stores(args)
+    result = chunkcca.similarity(_select(tree_a, args.a), _select(tree_b, args.b), measures=measures,
                                  **_given_solve_options(args), **_streaming(args))
     chunkcca.save_result(result, out, overwrite=True)
     print(result[measures].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"))
@@ -286,14 +304,26 @@ def _size_decode_pool() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
     args = build_parser().parse_args(argv)
     _size_decode_pool()
+
+    def one_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        print(f"chunkcca {args.command}: warning: {str(message).splitlines()[0]}", file=sys.stderr)
+
     try:
-        if args.command == "demo":
-            run_demo(args.out, datapoints=args.datapoints, chunk=args.chunk, seed=args.seed,
-                     precision=args.precision, progress=not args.no_progress, scheduler=args.scheduler)
-        else:
-            {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare, "sweep": _run_sweep}[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            if args.command == "demo":
+                run_demo(args.out, datapoints=args.datapoints, chunk=args.chunk, seed=args.seed,
+                         precision=args.precision, progress=not args.no_progress, scheduler=args.scheduler)
+            else:
+                {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare,
+                 "sweep": _run_sweep}[args.command](args)
+    except ImportError as error:  # e.g. the fsspec package of a URL's protocol (s3fs for s3://) is missing
+        missing = f"the package {error.name!r} is not installed" if error.name else "a package is missing"
+        print(f"chunkcca {args.command}: error: {missing}: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError, KeyError, pickle.UnpicklingError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"chunkcca {args.command}: error: {message}", file=sys.stderr)

@@ -30,6 +30,7 @@ from .blas import one_thread, pin_blas
 from .minibatch import add_partials, minibatch_partial
 from .moments import Moments, merge_packed, partial_from_rows, unpack
 from .options import ProductPrecision, is_address
+from .progress import Progress
 from .rows import Adapter
 
 
@@ -186,14 +187,15 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
                         name=f"chunkcca-{reduction.name}-merge-{tokenize(partials.name, split_every)}")
 
 
-def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tuple[Any, ...]:
+def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None) -> tuple[Any, ...]:
     """Compute Dask graphs with BLAS pinned to one thread, on the active or given scheduler.
 
     ``scheduler`` is anything :func:`dask.compute` takes ("threads", "processes",
     "synchronous", a ``distributed.Client``) or the address of a Dask scheduler
     ("tcp://host:8786", connected to for this call); by default the active one (a
     ``distributed.Client`` if one is current, else the local threaded scheduler). With
-    ``progress=True`` a progress bar is shown on stderr: Dask's local bar, or distributed's on a cluster.
+    ``progress`` (a label saying what is computed) a progress bar is shown on stderr: a labelled Dask bar
+    locally (:class:`chunkcca.progress.Progress`), distributed's after the label on a cluster.
     """
     if is_address(scheduler):
         with connected(scheduler) as client:
@@ -206,7 +208,7 @@ def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tupl
             prepare_workers(client)
             futures = client.compute(list(graphs))
             if progress:
-                _cluster_progress(futures, client)
+                _cluster_progress(futures, client, progress)
             return tuple(client.gather(futures))
         options: dict[str, Any] = {"scheduler": scheduler}
         if scheduler in (None, "threads") and dask.config.get("scheduler", None) in (None, "threads"):
@@ -218,15 +220,13 @@ def compute(*graphs: Any, scheduler: Any = None, progress: bool = False) -> tupl
                 # (measured 0.97-1.02 s against 1.02-1.34 s with one thread per core; docs/performance.md)
                 options["num_workers"] = (os.cpu_count() or 1) + 1
         if progress:
-            from dask.diagnostics import ProgressBar
-
-            with ProgressBar(out=sys.stderr):  # stdout stays for results (e.g. the CLI's --json)
+            with Progress(progress):  # on stderr: stdout stays for results (e.g. the CLI's --json)
                 return dask.compute(*graphs, **options)
         return dask.compute(*graphs, **options)
 
 
 def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, split_every: int,
-        scheduler: Any = None, progress: bool = False, nan_policy: str | None = "raise", names: Sequence[str] = (),
+        scheduler: Any = None, progress: str | None = None, nan_policy: str | None = "raise", names: Sequence[str] = (),
         offset: int = 0) -> Any:
     """Build, compute and finalize one reduction (see :func:`reduction_graph` and :func:`compute`)."""
     graph = reduction_graph(sides, adapters, reduction, split_every=split_every, nan_policy=nan_policy,
@@ -247,13 +247,15 @@ def connected(scheduler: Any) -> Iterator[Any]:
         yield client
 
 
-def _cluster_progress(futures: list[Any], client: Any) -> None:
-    """distributed's progress bar for ``futures`` of ``client``, which need not be the default client.
+def _cluster_progress(futures: list[Any], client: Any, label: str) -> None:
+    """distributed's progress bar for ``futures`` of ``client``, which need not be the default client, after
+    ``label``.
 
     In a terminal the bar (on stderr) blocks until the futures finish; in a notebook it is a widget, shown here.
     """
     from distributed import progress as distributed_progress
 
+    print(f"{label} on {client.scheduler.address}", file=sys.stderr)
     with contextlib.redirect_stdout(sys.stderr):  # the terminal bar prints to stdout, which stays for results
         bar = distributed_progress(futures, scheduler=client.scheduler.address)
     if bar is not None:  # a Jupyter widget

@@ -14,17 +14,17 @@ import gzip
 import os
 import pickle
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from ._fs import write_atomically
-from .layers import datapoints_per_chunk
+from .layers import CONV_DIMS, FC_DIMS, datapoints_per_chunk
 from .rows import pixel_centres
-from .store import open_activations, write_activations
+from .store import WriteMode, check_new_layers, move_layer, open_activations, write_activations, write_store
 
 #: The only globals a pickle may name: what numpy needs to rebuild arrays (numpy 1 and 2 module paths).
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
@@ -79,10 +79,12 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
                     yield key, archive[key]
         else:
             yield "", load_pickled_array(path)
-    except (ValueError, OSError, EOFError) as error:  # numpy's messages do not name the file
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
+            AttributeError) as error:  # numpy's and pickle's messages do not name the file
         if str(path) in str(error):
             raise
-        raise ValueError(f"cannot read {path} as a {path.suffix or 'pickle'} array file: {error}") from error
+        kind = path.suffix if path.suffix in (".npy", ".npz") else "pickled array"
+        raise ValueError(f"cannot read {path} as a {kind} file: {type(error).__name__}: {error}") from error
 
 
 def _array_names(path: str | os.PathLike) -> list[str]:
@@ -96,14 +98,28 @@ def _array_names(path: str | os.PathLike) -> list[str]:
     return [""]
 
 
-def _as_layer(array: np.ndarray, layout: str, source: str) -> np.ndarray:
+def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
     """``array`` datapoint-first, channel-last (a view: a memory-mapped .npy stays on disk); ``layout="neurons"``
     means (neurons, datapoints) as google/svcca's, "channels_first" (datapoint, channel, height, width) as
-    PyTorch's (:func:`ingest` has checked ``layout``). :func:`chunkcca.write_activations` chunks it."""
+    PyTorch's (:func:`ingest` has checked ``layout``); None is "datapoints" for arrays that do not look like
+    either. :func:`chunkcca.write_activations` chunks it."""
+    if layout is None and array.ndim == 2 and array.shape[0] < array.shape[1]:
+        raise ValueError(f"{source}: a 2-d array of shape {array.shape} has fewer rows than columns, as "
+                         f"google/svcca's (neurons, datapoints) layout has: pass --layout neurons (layout='neurons') "
+                         f"if its rows are neurons, or --layout datapoints (layout='datapoints') if they are "
+                         f"datapoints")
+    if layout is None and array.ndim == 4 and array.shape[2] == array.shape[3] != array.shape[1]:
+        raise ValueError(f"{source}: shape {array.shape} looks channels-first (datapoint, channel, height, width), "
+                         f"PyTorch's: pass --layout channels_first (layout='channels_first') if it is, or "
+                         f"--layout datapoints (layout='datapoints') if it is (datapoint, height, width, channel)")
     if layout == "neurons":
         if array.ndim != 2:
             raise ValueError(f"{source}: layout 'neurons' needs a 2-d (neurons, datapoints) array, got shape "
                              f"{array.shape}")
+        if array.shape[0] >= array.shape[1]:
+            warnings.warn(f"{source}: layout 'neurons' reads shape {array.shape} as {array.shape[0]} neurons of "
+                          f"{array.shape[1]} datapoints, no more datapoints than neurons; if its rows are "
+                          f"datapoints, leave the layout out", RuntimeWarning, stacklevel=4)
         return array.T
     if layout == "channels_first":
         if array.ndim != 4:
@@ -111,6 +127,12 @@ def _as_layer(array: np.ndarray, layout: str, source: str) -> np.ndarray:
                              f"array, got shape {array.shape}")
         return np.moveaxis(array, 1, -1)
     return array
+
+
+def _named_axes(values: Any, dims: tuple[str, ...] | None) -> Any:
+    """``values`` with its axes named as :func:`_as_layer` laid them out (an array of another rank is left for
+    :func:`chunkcca.write_activations` to refuse with its own message)."""
+    return values if dims is None else xr.DataArray(values, dims=dims)
 
 
 class _Loaded:
@@ -143,34 +165,55 @@ class _Loaded:
         self.data = None
 
 
-def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *, layout: str = "datapoints",
-           chunks: int | str = "auto", overwrite: bool = False, progress: bool = False) -> xr.DataTree:
+def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *, layout: str | None = None,
+           mode: WriteMode = "w", chunks: int | str = "auto", overwrite: bool = False,
+           progress: bool = False) -> xr.DataTree:
     """Write the arrays of files into a store: layer path → file (.npy, .npz, or a pickled array).
 
-    A .npz gives one layer per array, under ``layer/<array name>``. ``layout="neurons"`` reads 2-d arrays
-    as (neurons, datapoints), google/svcca's layout, and ``layout="channels_first"`` 4-d arrays as
-    (datapoint, channel, height, width), PyTorch's; both are transposed lazily.
+    Parameters
+    ----------
+    path
+        The store to write (a local folder).
+    sources
+        Layer path → file, in network order. A .npz gives one layer per array, under ``layer/<array name>``.
+    layout
+        How the files' axes are laid out. None (default) or "datapoints": datapoint first, channel last; a 2-d
+        array with fewer rows than columns is then refused, as it looks like google/svcca's (neurons,
+        datapoints). "neurons": 2-d (neurons, datapoints), google/svcca's; "channels_first": 4-d
+        (datapoint, channel, height, width), PyTorch's; both are transposed lazily.
+    mode
+        "w": a new store (``overwrite`` replaces an existing one); "a": add the layers to the existing store
+        at ``path`` without touching its own (a layer path it holds already is an error).
+    chunks, progress
+        As for :func:`chunkcca.write_activations`.
+
+    Returns
+    -------
+    xarray.DataTree
+        The store, opened lazily.
 
     The store is the one :func:`chunkcca.write_activations` would write from all the arrays at once, but it is
     written layer by layer, so at most one pickle or .npz member is in memory at a time (a .npy is
     memory-mapped and streamed chunk by chunk). It is written to a temporary folder and renamed into place.
     """
-    if layout not in LAYOUTS:
+    if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    seen: set[str] = set()
+    seen: list[str] = []
     for layer, source in sources.items():  # every file exists and no layer comes twice, before writing any
         for key in _array_names(source):
             name = _layer_name(layer, key)
             if name in seen:
                 raise ValueError(f"layer {name!r} is given twice ({source} gives it again)")
-            seen.add(name)
+            seen.append(name)
     if not seen:
         raise ValueError("ingest needs at least one layer")
+    check_new_layers(path, seen, mode=mode, overwrite=overwrite)
 
-    def write(tmp: Path) -> None:
+    def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
         parts = tmp / ".parts"
         image: dict[str, tuple[int, int]] = {}  # 4-d layer → its height and width
         written = 0
+        tmp.mkdir(parents=True, exist_ok=True)
         try:
             for layer, source in sources.items():
                 # No zip/enumerate around iter_arrays: they keep their last item while fetching the next.
@@ -179,23 +222,25 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                     values = _as_layer(array, layout, str(source))
                     if values.ndim == 4:
                         image[name] = (int(values.shape[1]), int(values.shape[2]))
+                    dims = CONV_DIMS if values.ndim == 4 else FC_DIMS if values.ndim == 2 else None
                     if isinstance(values, np.memmap):  # write_activations streams it from the file
-                        write_activations(part, {name: values}, chunks=chunks, progress=progress)
+                        write_activations(part, {name: _named_axes(values, dims)}, chunks=chunks,
+                                          progress=progress)
                     else:
                         loaded = _Loaded(values)
                         try:
-                            write_activations(part, {name: loaded.as_dask(chunks)}, chunks=chunks,
-                                              progress=progress)
+                            write_activations(part, {name: _named_axes(loaded.as_dask(chunks), dims)},
+                                              chunks=chunks, progress=progress)
                         finally:
                             loaded.release()
                     del array, values  # before the next one is loaded
-                    _move_layer(part, tmp, name)
+                    move_layer(part, tmp, name)
                     written += 1
         finally:
             shutil.rmtree(parts, ignore_errors=True)
-        _place_pixels(tmp, image)
+        return seen, _place_pixels(tmp, image, stored)
 
-    write_atomically(path, write, overwrite=overwrite)
+    write_store(path, build, mode=mode, overwrite=overwrite)
     return open_activations(path)
 
 
@@ -203,33 +248,19 @@ def _layer_name(layer: str, key: str) -> str:
     return f"{layer}/{key}".strip("/") if key else str(layer).strip("/")
 
 
-def _move_layer(part: Path, store: Path, layer: str) -> None:
-    """Move one layer's node from ``part`` (a store :func:`chunkcca.write_activations` wrote) into ``store``,
-    with the group metadata of the root and the layer's parents where ``store`` has none yet.
-
-    A zarr v3 store on disk keeps each node in a folder of its path, its metadata in the folder's
-    ``zarr.json``, so a node moves with its folder.
-    """
-    node = PurePosixPath(layer)
-    for group in [*reversed(node.parents), node]:
-        (store / group).mkdir(parents=True, exist_ok=True)
-        if not (store / group / "zarr.json").exists():
-            os.replace(part / group / "zarr.json", store / group / "zarr.json")
-    for child in (part / node).iterdir():
-        if child.name != "zarr.json":
-            os.replace(child, store / node / child.name)
-
-
-def _place_pixels(store: Path, image: dict[str, tuple[int, int]]) -> None:
-    """Set the ``height``/``width`` coordinates of 4-d layers in units of the largest map of all layers, as
-    :func:`chunkcca.write_activations` does when given all layers at once (each layer was written alone, in
-    units of its own map): pixel i of an s-pixel map at (i + 0.5) · extent / s."""
+def _place_pixels(store: Path, image: dict[str, tuple[int, int]],
+                  stored: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Set the ``height``/``width`` coordinates of 4-d layers in units of the largest map of all layers (or
+    of the store's own image size, when adding to a store), as :func:`chunkcca.write_activations` does when
+    given all layers at once (each layer was written alone, in units of its own map): pixel i of an s-pixel
+    map at (i + 0.5) · extent / s. Returns the extent."""
     import zarr
 
     if not image:
-        return
-    extent = (max(h for h, _ in image.values()), max(w for _, w in image.values()))
+        return stored
+    extent = stored or (max(h for h, _ in image.values()), max(w for _, w in image.values()))
     for layer, own in image.items():
         for dim, size, full in zip(("height", "width"), own, extent, strict=True):
             if size != full:
                 zarr.open_array(store / layer / dim, mode="r+")[...] = pixel_centres(size, full)
+    return extent

@@ -50,6 +50,11 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     """
     if isinstance(layer, xr.DataTree):
         name = name or layer.path.lstrip("/") or "/"
+        if VARIABLE not in layer.data_vars:
+            below = [node.path.strip("/") for node in layer.subtree if VARIABLE in node.data_vars]
+            if below:
+                raise ValueError(f"{name!r} is a group, not a layer; its layers are {', '.join(below)}: pass one of "
+                                 f"them (or the group to similarity, for every pair)")
         layer = layer.to_dataset()
     if isinstance(layer, xr.Dataset):
         if VARIABLE not in layer:

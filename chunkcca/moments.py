@@ -95,6 +95,12 @@ class Moments:
             raise ValueError(f"norm_moments {self.norm_moments.shape} / norm_products {self.norm_products.shape} "
                              f"do not fit {len(sizes)} sides of {p} channels")
 
+    def __repr__(self) -> str:
+        batch = f", batch={self.batch_shape}" if self.batch_shape else ""
+        kind = ", complex" if np.iscomplexobj(self.scatter) else ""
+        norms = ", with row-norm sums" if self.norm_moments is not None else ""
+        return f"Moments(n={self.n}, sizes={self.sizes}{batch}, precision={self.precision!r}{kind}{norms})"
+
     @property
     def channels(self) -> int:
         """Total channels p over all sides."""

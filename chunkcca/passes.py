@@ -102,20 +102,23 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     data = [layer.data for layer in layers]
     datapoints = layers[0].sizes["datapoint"]
 
+    reading_what = f"reading {', '.join(map(repr, names))}"
+
     def moments_of(start: int, stop: int, product: ProductPrecision, *, scheduler: Any = options.scheduler,
-                   progress: bool = options.progress) -> Moments:
+                   step: str = "") -> Moments:
         reduction = moments_reduction(adapters, widths, precision=product, row_norms=row_norms)
+        label = f"{reading_what}{step} ({product} products)" if options.progress else None
         return run([d[start:stop] for d in data], adapters, reduction, split_every=fan_in, scheduler=scheduler,
-                   progress=progress, nan_policy=options.nan_policy, names=names, offset=start)
+                   progress=label, nan_policy=options.nan_policy, names=names, offset=start)
 
     note = None
     with reading(layers):
         if options.precision == "auto":
             first = data[0].chunks[0][0]  # the first layer's first chunk (another's may then be read twice)
-            stats = moments_of(0, first, "float64", progress=False)
+            stats = moments_of(0, first, "float64", step=", pass 1 of 2: the first chunk")
             choice, note = _choose_precision(stats, names, first)
             if first < datapoints:
-                stats = stats + moments_of(first, datapoints, choice)
+                stats = stats + moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest")
         elif options.checkpoint is not None:
             stats = _checkpointed(layers, adapters, options, row_norms, moments_of)
         else:
@@ -139,7 +142,8 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
         edges.append(boundaries[-1])
     with connected(options.scheduler) as scheduler:  # an address: one connection for every group
         for start, stop in itertools.pairwise(edges):
-            part = moments_of(start, stop, options.precision, scheduler=scheduler)
+            part = moments_of(start, stop, options.precision, scheduler=scheduler,
+                              step=f", datapoints {start} to {stop - 1} of {edges[-1]}")
             total = part if total is None else total + part
             save_progress(total, options.checkpoint, stop, fingerprint)
     assert total is not None  # as_activations refuses empty layers, so a fresh run streams at least one chunk
@@ -151,9 +155,10 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
     """One pass of any declared reduction over aligned layers (rechunked along datapoint to ``chunks`` if given)."""
     sides: list[da.Array] = [layer.data if chunks is None else layer.data.rechunk({0: chunks}) for layer in layers]
     with reading(layers):
+        names = tuple(str(layer.name) for layer in layers)
+        label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
         return run(sides, adapters, reduction, split_every=options.split_every, scheduler=options.scheduler,
-                   progress=options.progress, nan_policy=options.nan_policy,
-                   names=tuple(str(layer.name) for layer in layers))
+                   progress=label, nan_policy=options.nan_policy, names=names)
 
 
 def _choose_precision(pilot: Moments, names: Sequence[str], datapoints: int) -> tuple[ProductPrecision, str]:

@@ -1,4 +1,4 @@
-"""Plots of results: canonical correlation coefficient curves."""
+"""Plots of results: canonical correlation coefficient curves and similarity heatmaps."""
 
 from __future__ import annotations
 
@@ -8,12 +8,30 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+MARKS_PER_CURVE = 10  # markers drawn along each curve (not at every component)
+
 
 def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, title: str | None = None) -> Any:
-    """Plot ``rho`` against component for one result or a mapping label → result; return the Axes.
+    """Plot ``rho`` against component for one result or a mapping label → result.
 
-    Uses whatever matplotlib backend is active; for files without a display, call
-    ``matplotlib.use("Agg")`` first or save with :meth:`Figure.savefig`.
+    Each curve gets its own colour, line style and marker, so curves that coincide stay visible. Uses
+    whatever matplotlib backend is active; for files without a display, call ``matplotlib.use("Agg")``
+    first or save with :meth:`Figure.savefig`.
+
+    Parameters
+    ----------
+    results
+        A result of :func:`chunkcca.cca`, or a mapping legend label → result.
+    ax
+        Axes to draw on (default: a new figure).
+    title
+        Axes title (default: none).
+
+    Returns
+    -------
+    The Axes.
     """
     import matplotlib.pyplot as plt
 
@@ -21,9 +39,13 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
         results = {results.attrs.get("layer_a", "a") + " vs " + results.attrs.get("layer_b", "b"): results}
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
-    for label, result in results.items():
+    first = len(ax.get_lines())  # curves already on ax keep theirs; new ones continue the cycle
+    for index, (label, result) in enumerate(results.items(), start=first):
         rho = result["rho"]
-        ax.plot(rho["component"], rho, lw=2.0, label=f"{label} (mean {float(rho.mean()):.3f})")
+        step = max(1, rho.sizes["component"] // MARKS_PER_CURVE)
+        ax.plot(rho["component"], rho, lw=2.0, linestyle=LINESTYLES[index % len(LINESTYLES)],
+                marker=MARKERS[index % len(MARKERS)], markersize=5, markevery=(index % step, step),
+                label=f"{label} (mean {float(rho.mean()):.3f})")
     ax.set_xlabel("CCA component")
     ax.set_ylabel("canonical correlation ρ")
     ax.set_ylim(0, 1.02)
@@ -34,32 +56,74 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
     return ax
 
 
-def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | None = None) -> Any:
+def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | None = None, vmin: float | None = None,
+                         vmax: float | None = None) -> Any:
     """Heatmap of the mean canonical correlation per spatial frequency of a ``spatial="dft"`` result.
 
-    Frequencies are shown in increasing order (zero in the middle); returns the Axes.
+    Frequencies are shown in increasing order (zero in the middle). The title goes over the whole figure
+    when the plot makes the figure, else over ``ax``; the colour bar stops short of the axes' top, so the
+    title does not run into it.
+
+    Parameters
+    ----------
+    result
+        A result of ``cca(..., spatial="dft")`` (with ``rho_freq_mean``).
+    ax
+        Axes to draw on (default: a new figure).
+    title
+        Title (default: none).
+    vmin, vmax
+        Colour range (default: the finite data's min and max); the colour bar label states it.
+
+    Returns
+    -------
+    The Axes.
     """
     import matplotlib.pyplot as plt
 
     if "rho_freq_mean" not in result:
         raise ValueError("plot_frequency_means needs a result of cca(..., spatial='dft')")
     means = result["rho_freq_mean"].sortby("freq_h").sortby("freq_w")
-    if ax is None:
+    vmin, vmax = _colour_range(means.values, vmin, vmax)
+    own_figure = ax is None
+    if own_figure:
         _, ax = plt.subplots(figsize=(4.8, 4.0), layout="constrained")
-    image = ax.imshow(means.values, origin="lower", vmin=0, vmax=1, cmap="viridis",
+    image = ax.imshow(means.values, origin="lower", vmin=vmin, vmax=vmax, cmap="viridis",
                       extent=(float(means.freq_w[0]) - 0.5, float(means.freq_w[-1]) + 0.5,
                               float(means.freq_h[0]) - 0.5, float(means.freq_h[-1]) + 0.5))
     ax.set_xlabel("frequency along width (cycles per map)")
     ax.set_ylabel("frequency along height")
-    ax.figure.colorbar(image, ax=ax, label="mean canonical correlation")
-    if title:
-        ax.set_title(title)
+    _colorbar(ax, image, f"mean canonical correlation\n{_range_text(vmin, vmax)}")
+    _title(ax, title, own_figure)
     return ax
 
 
-def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any = None, annotate: bool = True) -> Any:
-    """Heatmap (layer_a × layer_b) of one measure of :func:`chunkcca.similarity` (default: the first one asked
-    for); returns the Axes."""
+def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any = None, annotate: bool = True,
+                    title: str | None = None, vmin: float | None = None, vmax: float | None = None) -> Any:
+    """Heatmap (layer_a × layer_b) of one measure of :func:`chunkcca.similarity`.
+
+    Cell labels are dark on light cells and light on dark cells; undefined (NaN) pairs read "n/a".
+
+    Parameters
+    ----------
+    result
+        A result of :func:`chunkcca.similarity` (variables with dims ``(layer_a, layer_b)``).
+    measure
+        The variable to draw (default: the first of ``attrs["measures"]``).
+    ax
+        Axes to draw on (default: a new figure sized to the layers).
+    annotate
+        Write each cell's value in it.
+    title
+        Title, placed as in :func:`plot_frequency_means` (default: the measure, the layers and the
+        spatial reduction and stride from attrs; ``""`` for none).
+    vmin, vmax
+        Colour range (default: the finite data's min and max); the colour bar label states it.
+
+    Returns
+    -------
+    The Axes.
+    """
     import matplotlib.pyplot as plt
 
     if measure is None:
@@ -72,15 +136,61 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
     if measure not in result:
         raise ValueError(f"no measure {measure!r} in this result (has {sorted(map(str, result.data_vars))})")
     values = result[measure]
-    if ax is None:
-        size = (1.2 + 0.7 * values.sizes["layer_b"], 1.0 + 0.6 * values.sizes["layer_a"])
-        _, ax = plt.subplots(figsize=(max(size[0], 4.0), max(size[1], 3.0)), layout="constrained")
-    image = ax.imshow(values.values, cmap="magma", aspect="auto")
+    data = np.asarray(values.values, dtype=float)
+    vmin, vmax = _colour_range(data, vmin, vmax)
+    if title is None:
+        details = [str(result.attrs["spatial"])] if "spatial" in result.attrs else []
+        details += [f"stride {result.attrs['stride']}"] if "stride" in result.attrs else []
+        title = f"{measure}: layer_a vs layer_b" + (f" ({', '.join(details)})" if details else "")
+    own_figure = ax is None
+    if own_figure:
+        width = max(1.6 + 0.7 * values.sizes["layer_b"], 4.4, 0.1 * len(title))  # ~0.1 inch a title character
+        _, ax = plt.subplots(figsize=(width, max(1.0 + 0.6 * values.sizes["layer_a"], 3.4)), layout="constrained")
+    cmap = plt.get_cmap("magma").with_extremes(bad="lightgrey")
+    image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(values.sizes["layer_b"]), [str(v) for v in values["layer_b"].values], rotation=45, ha="right")
     ax.set_yticks(range(values.sizes["layer_a"]), [str(v) for v in values["layer_a"].values])
+    ax.set_xlabel("layer_b")
+    ax.set_ylabel("layer_a")
     if annotate:
-        for (i, j), value in np.ndenumerate(values.values):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black",
-                    fontsize="small")
-    ax.figure.colorbar(image, ax=ax, label=measure)
+        for (i, j), value in np.ndenumerate(data):
+            dark_cell = _luminance(cmap(image.norm(value))) < 0.18  # where white text contrasts more than black
+            ax.text(j, i, f"{value:.2f}" if np.isfinite(value) else "n/a", ha="center", va="center",
+                    color="white" if dark_cell else "black", fontsize="small")
+    _colorbar(ax, image, f"{measure}\n{_range_text(vmin, vmax)}")
+    _title(ax, title, own_figure)
     return ax
+
+
+def _colour_range(data: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    """``vmin``/``vmax``, each defaulting to the finite data's min/max (0/1 if no value is finite)."""
+    finite = np.asarray(data, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    low = float(finite.min()) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 1.0
+    return (low if vmin is None else float(vmin)), (high if vmax is None else float(vmax))
+
+
+def _range_text(vmin: float, vmax: float) -> str:
+    """The colour range as a colour bar states it, e.g. ``(colour range 0.21 to 0.98)``."""
+    return f"(colour range {vmin:.2f} to {vmax:.2f})"
+
+
+def _colorbar(ax: Any, image: Any, label: str) -> Any:
+    """A colour bar right of ``ax``, a little shorter than it and flush with its bottom, so the axes' title
+    (above the axes' top) never overlaps the bar or its top tick label."""
+    return ax.figure.colorbar(image, ax=ax, label=label, shrink=0.85, anchor=(0.0, 0.0))
+
+
+def _title(ax: Any, title: str | None, own_figure: bool) -> None:
+    """Title a heatmap: over the whole figure (axes and colour bar) if the plot made the figure, else over ``ax``."""
+    if title and own_figure:
+        ax.figure.suptitle(title)
+    elif title:
+        ax.set_title(title)
+
+
+def _luminance(rgba: tuple[float, ...]) -> float:
+    """Relative luminance (WCAG, 0 black to 1 white) of an sRGB colour."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]

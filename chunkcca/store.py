@@ -9,18 +9,32 @@ chunked, so each chunk holds whole spatial maps.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import sys
-from collections.abc import Hashable, Mapping
-from pathlib import Path
-from typing import Any
+import shutil
+import tempfile
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 
 from ._fs import filesystem, is_url, write_atomically
 from .layers import VARIABLE, as_activations, datapoints_per_chunk
+from .options import check_choice
+from .progress import Progress
 from .rows import pixel_centres
+
+#: Root attributes of a store: its layers in the order they were written (network order), and the input image
+#: size (height, width) its layers' pixel centres are measured in.
+ORDER_ATTR = "chunkcca_layers"
+IMAGE_ATTR = "chunkcca_image_size"
+WriteMode = Literal["w", "a"]
+#: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
+#: centres in (None for a new store); returns the layer paths it wrote, in order, and the image size it used.
+Build = Callable[[Path, "tuple[int, int] | None"], "tuple[list[str], tuple[int, int] | None]"]
 
 COMPRESSIONS: tuple[str | None, ...] = ("lz4", "zstd", None)
 
@@ -51,61 +65,156 @@ def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataAr
     return array.assign_coords(coords)
 
 
-def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, chunks: int | str = "auto",
-                      image_size: int | tuple[int, int] | None = None, overwrite: bool = False,
-                      compression: str | None = "lz4", progress: bool = False) -> xr.DataTree:
+def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mode: WriteMode = "w",
+                      chunks: int | str = "auto", image_size: int | tuple[int, int] | None = None,
+                      overwrite: bool = False, compression: str | None = "lz4",
+                      progress: bool = False) -> xr.DataTree:
     """Write layers to a zarr (v3) store at ``path`` and return it opened with :func:`open_activations`.
 
     Parameters
     ----------
+    path
+        A local folder.
     layers
         Layer path (e.g. ``"model0/conv2"``) → numpy array, Dask array or DataArray of dims
         (datapoint, height, width, channel) or (datapoint, channel). Dask inputs are written
-        chunk by chunk, never materialised.
+        chunk by chunk, never materialised. The store remembers their order (network order).
+    mode
+        "w" (default): a new store (see ``overwrite``); "a": add the layers to the existing store at
+        ``path``, after its own, without touching them (a layer path it already holds is an error).
     chunks
         Datapoints per zarr chunk, or "auto" for about 16 MiB per chunk. Only datapoint is chunked.
     image_size
         Height and width of the input images, for the ``height``/``width`` pixel-centre
         coordinates of layers that have none: pixel i of an s-pixel map sits at
-        (i + 0.5)·image_size/s. Default: the largest height/width among ``layers``.
+        (i + 0.5)·image_size/s. Default: the store's own when adding to one, else the largest
+        height/width among ``layers``.
+    overwrite
+        Replace an existing store (mode "w"). The new store is written to a temporary folder beside
+        ``path`` and renamed into place, so an interrupted write never leaves a partial store.
     compression
         "lz4" (default: Blosc-LZ4 with byte shuffle, which decodes fast), "zstd" (smaller files,
         slower reads) or None (no compression: the fastest reads when decoding is the bottleneck).
-    overwrite
-        Replace an existing store. The new store is written to a temporary folder beside
-        ``path`` and renamed into place, so an interrupted write never leaves a partial store.
+    progress
+        Show a progress bar (on stderr).
+
+    Returns
+    -------
+    xarray.DataTree
+        The store, opened lazily.
     """
     if not layers:
         raise ValueError("write_activations needs at least one layer")
     compressors = codecs_for(compression)
     arrays = {str(key).strip("/"): as_activations(value, str(key).strip("/"), chunks=chunks)
               for key, value in layers.items()}
-    if image_size is None:
-        spatial = [(a.sizes.get("height", 1), a.sizes.get("width", 1)) for a in arrays.values()]
-        image_size = (max(s[0] for s in spatial), max(s[1] for s in spatial))
-    elif isinstance(image_size, (int, np.integer)):
+    check_new_layers(path, arrays, mode=mode, overwrite=overwrite)
+    if isinstance(image_size, (int, np.integer)):
         image_size = (int(image_size), int(image_size))
-    datasets: dict[str, xr.Dataset] = {}
-    encoding: dict[str, dict[str, Any]] = {}
-    for key, array in arrays.items():
-        array = _labelled(array, image_size)
-        per_chunk = datapoints_per_chunk(array.shape, array.dtype.itemsize, chunks)
-        array = array.chunk({dim: (per_chunk if dim == "datapoint" else -1) for dim in array.dims})
-        datasets[key] = xr.Dataset({VARIABLE: array.rename(None)})
-        encoding["/" + key] = {VARIABLE: {"chunks": array.data.chunksize, "compressors": compressors}}
-    tree = xr.DataTree.from_dict(datasets)
 
-    def write(tmp: Path) -> None:
-        if progress:
-            from dask.diagnostics import ProgressBar
-
-            with ProgressBar(out=sys.stderr):
-                tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
-        else:
+    def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
+        spatial = [(a.sizes.get("height", 1), a.sizes.get("width", 1)) for a in arrays.values()]
+        size = image_size or stored or (max(s[0] for s in spatial), max(s[1] for s in spatial))
+        datasets: dict[str, xr.Dataset] = {}
+        encoding: dict[str, dict[str, Any]] = {}
+        for key, array in arrays.items():
+            array = _labelled(array, size)
+            per_chunk = datapoints_per_chunk(array.shape, array.dtype.itemsize, chunks)
+            array = array.chunk({dim: (per_chunk if dim == "datapoint" else -1) for dim in array.dims})
+            datasets[key] = xr.Dataset({VARIABLE: array.rename(None)})
+            encoding["/" + key] = {VARIABLE: {"chunks": array.data.chunksize, "compressors": compressors}}
+        tree = xr.DataTree.from_dict(datasets)
+        with Progress(f"writing {', '.join(arrays)}") if progress else contextlib.nullcontext():
             tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
+        return list(arrays), (int(size[0]), int(size[1]))
 
-    write_atomically(path, write, overwrite=overwrite)
+    write_store(path, build, mode=mode, overwrite=overwrite)
     return open_activations(path)
+
+
+def _existing_order(path: str | os.PathLike) -> tuple[list[str], tuple[int, int] | None]:
+    """The layers of the store at ``path``, in order, and the image size it records (None if it records none)."""
+    tree = open_activations(path)
+    stored = tree.attrs.get(IMAGE_ATTR)
+    return layer_paths(tree), (int(stored[0]), int(stored[1])) if stored is not None else None
+
+
+def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str, overwrite: bool) -> None:
+    """Before any work: ``mode`` is "w" or "a"; with "a", the store at ``path`` exists and holds none of ``names``."""
+    check_choice("mode", mode, ("w", "a"))
+    if mode == "w":
+        return
+    if overwrite:
+        raise ValueError("mode='a' adds layers to a store and overwrite=True replaces it: pass one of them")
+    order, _ = _existing_order(path)
+    present = [name for name in names if name in order]
+    if present:
+        raise ValueError(f"{path} already holds layer{'s' if len(present) > 1 else ''} {', '.join(present)}; "
+                         f"adding leaves every existing layer as it is: choose other names")
+
+
+def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w", overwrite: bool = False) -> None:
+    """Write a store's layers with ``build`` and record their order, never leaving a partial store.
+
+    ``mode="w"``: the store is built in a temporary folder beside ``path`` and renamed into place
+    (replacing an existing one only with ``overwrite``). ``mode="a"``: the new layers are built in a
+    temporary store beside ``path``, checked against the layers ``path`` holds, and each moved into it by
+    one rename of its folder (so each arrives whole or not at all); the list of layers is updated last.
+    The layers already there are not touched.
+    """
+    check_choice("mode", mode, ("w", "a"))
+    if mode == "w":
+        def write(tmp: Path) -> None:
+            names, image = build(tmp, None)
+            _set_root_attrs(tmp, names, image)
+
+        write_atomically(path, write, overwrite=overwrite)
+        return
+    if is_url(str(path)):
+        raise ValueError(f"{path}: chunkcca writes to local paths only")
+    order, stored = _existing_order(path)
+    store = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{store.name}.", suffix=".tmp", dir=store.parent))
+    try:
+        names, image = build(tmp / "data", stored)
+        present = [name for name in names if name in order]
+        if present:
+            raise ValueError(f"{path} already holds layer{'s' if len(present) > 1 else ''} {', '.join(present)}")
+        for name in names:
+            move_layer(tmp / "data", store, name)
+        _set_root_attrs(store, [*order, *names], stored or image)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None) -> None:
+    """Record the layers' order and the image size in the store's root metadata, replacing the file in one step."""
+    metadata_path = store / "zarr.json"
+    metadata = json.loads(metadata_path.read_text())
+    attributes = metadata.setdefault("attributes", {})
+    attributes[ORDER_ATTR] = list(order)
+    if image is not None:
+        attributes[IMAGE_ATTR] = [int(image[0]), int(image[1])]
+    fresh = metadata_path.with_name(".zarr.json.tmp")
+    fresh.write_text(json.dumps(metadata, indent=2))
+    os.replace(fresh, metadata_path)
+
+
+def move_layer(part: Path, store: Path, layer: str) -> None:
+    """Move one layer's node from ``part`` (a store) into ``store``, with the group metadata of the root and the
+    layer's parents where ``store`` has none yet.
+
+    A zarr v3 store on disk keeps each node in a folder of its path, its metadata in the folder's
+    ``zarr.json``, so a node moves with its folder.
+    """
+    node = PurePosixPath(layer)
+    for group in [*reversed(node.parents), node]:
+        (store / group).mkdir(parents=True, exist_ok=True)
+        if not (store / group / "zarr.json").exists():
+            os.replace(part / group / "zarr.json", store / group / "zarr.json")
+    for child in (part / node).iterdir():
+        if child.name != "zarr.json":
+            os.replace(child, store / node / child.name)
 
 
 def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> xr.DataTree:
@@ -142,8 +251,12 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
 
 
 def layer_paths(tree: xr.DataTree) -> list[str]:
-    """Paths (without the leading '/'), sorted, of the nodes of ``tree`` that hold activations."""
-    return sorted(node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars)
+    """Paths (without the leading '/') of the nodes of ``tree`` (a store or a group of one) that hold
+    activations, in the order they were written (network order); layers the store does not list (stores
+    written before chunkcca recorded the order) follow, sorted."""
+    found = [node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars]
+    rank = {path: i for i, path in enumerate(tree.root.attrs.get(ORDER_ATTR) or ())}
+    return sorted(found, key=lambda path: (rank.get(path, len(rank)), path))
 
 
 def describe_store(path: str | os.PathLike, *,

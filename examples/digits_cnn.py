@@ -84,8 +84,7 @@ def main() -> None:
                                 precision="float64")
     print(sweep["cka"].to_pandas().round(3).to_string())
     for measure in ("svcca", "cka"):
-        figure = plot_similarity(sweep, measure).figure
-        figure.suptitle(f"{measure}, average pooled, model0 x model1")
+        figure = plot_similarity(sweep, measure, title=f"{measure}, average pooled, model0 x model1").figure
         figure.savefig(out / f"digits_{measure}_heatmap.png", dpi=100)
         plt.close(figure)
 

@@ -5,7 +5,7 @@ Run: python examples/quickstart.py [output folder]
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import dask.array as da
@@ -17,7 +17,9 @@ from chunkcca.plot import plot_rho
 
 matplotlib.use("Agg")
 
-out = Path(sys.argv[1] if len(sys.argv) > 1 else "quickstart-output")
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("out", nargs="?", default="quickstart-output", help="output folder (default quickstart-output)")
+out = Path(parser.parse_args().out)
 out.mkdir(parents=True, exist_ok=True)
 
 # Two "models" seeing the same 16 latent features per pixel through different filters, post-ReLU.

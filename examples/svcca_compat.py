@@ -5,10 +5,14 @@ Run: python examples/svcca_compat.py
 
 from __future__ import annotations
 
+import argparse
+
 import dask.array as da
 import numpy as np
 
 from chunkcca.compat import get_cca_similarity
+
+argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
 
 # (neurons, datapoints), as google/svcca expects: 50 and 40 neurons over 20,000 datapoints.
 rng = np.random.default_rng(0)

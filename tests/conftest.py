@@ -11,8 +11,9 @@ settings.register_profile("ci", max_examples=40, deadline=None)
 settings.register_profile("dev", max_examples=20, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-#: Real activations recorded by others (google/svcca's tutorials); absent in a user's clone.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: Real activations recorded by others (google/svcca's tutorials): the folder CHUNKCCA_TEST_DATA names, else
+#: ../shared/data beside the checkout; absent in a user's clone, where the tests that need it are skipped.
+SHARED_DATA = Path(os.environ.get("CHUNKCCA_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 GOLDEN = Path(__file__).parent / "data" / "svcca_golden"
 #: The dims of a conv layer.
 DIMS = ("datapoint", "height", "width", "channel")

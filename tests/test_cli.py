@@ -61,7 +61,7 @@ def test_ingest_info_compare_sweep(files, capsys):
     assert f"mean_cca  {want.mean():.4f}" in shown.out and f"r2_cca    {(want**2).mean():.4f}" in shown.out
 
     assert main(["sweep", store, "--a", "m0", "--b", "m1/conv", "m1/fc", "--measures", "cka", "mean_cca",
-                 "--out", str(folder / "sweep.zarr"), "--plot", str(folder / "h.png"), "--no-progress"]) == 0
+                 "--spatial", "avgpool", "--out", str(folder / "sweep.zarr"), "--plot", str(folder / "h.png"), "--no-progress"]) == 0
     saved = xr.open_zarr(folder / "sweep.zarr", consolidated=False)
     assert saved["cka"].dims == ("layer_a", "layer_b") and saved["cka"].shape == (1, 2)
     assert (folder / "h.png").exists()
@@ -176,7 +176,7 @@ def test_sweep_passes_keep_epsilon_and_alpha(files, capsys):
     saved = xr.open_dataset(folder / "s.nc")
     want = chunkcca.similarity({"m0/conv": tree["m0/conv"]}, {"m1/conv": tree["m1/conv"]},
                                measures=["svcca", "mean_cca", "shape"], keep=0.5, epsilon=0.1, alpha=0.3,
-                               precision="float64", spatial="avgpool")  # the command's default
+                               precision="float64")  # spatial="flatten", the command's default as everywhere
     for measure in ("svcca", "mean_cca", "shape"):
         assert saved[measure].item() == pytest.approx(want[measure].item(), rel=1e-12)
     assert saved.attrs["keep"] == 0.5 and saved.attrs["alpha"] == 0.3

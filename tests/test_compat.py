@@ -149,7 +149,7 @@ def test_nan_names_the_input():
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "svcca" / "SVHN").is_dir(),
-                    reason="../shared/data (real SVHN activations) absent")
+                    reason="real SVHN activations absent (../shared/data, or the folder CHUNKCCA_TEST_DATA names)")
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 def test_real_svhn_fc_layers_match_reference(precision):
     """google/svcca's SVHN fc activations (1000 images x 200 units, two seeds), streamed in chunks of 128."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -178,3 +180,29 @@ def test_sides_chunked_along_every_dim_give_the_whole_chunk_moments():
     split = cca(da.from_array(a, chunks=(7, 2, 3, 4)), da.from_array(b, chunks=(11, 4, 1, 2)), precision="float64")
     np.testing.assert_allclose(split["rho"], canonical_correlations(flatten_rows(a), flatten_rows(b)),
                                rtol=0, atol=1e-10)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_says_what_it_reads_and_writes_one_line_into_logs(capsys):
+    """Not a terminal (a log, CI): one line when done, no carriage returns; a terminal: a redrawn, labelled bar."""
+    from chunkcca import cca
+    from chunkcca.progress import Progress
+
+    x = da.from_array(np.random.default_rng(0).standard_normal((400, 3)), chunks=100)
+    named = xr.DataArray(x, dims=("datapoint", "channel"), name="model0/fc")
+    cca(named, x[:, :2] + 1, progress=True)
+    err = capsys.readouterr().err
+    assert err == f"reading 'model0/fc', 'b' (float32 products): done in {err.split('done in ')[1]}"
+    assert "\r" not in err and err.count("\n") == 1
+    cca(named, x[:, :2] + 1, precision="auto", progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "reading 'model0/fc', 'b', pass 1 of 2", "reading 'model0/fc', 'b', pass 2 of 2"]
+    terminal = _Terminal()
+    with Progress("reading 'x'", out=terminal):
+        x.sum().compute()
+    assert terminal.getvalue().startswith("\rreading 'x': [") and "100% |" in terminal.getvalue()

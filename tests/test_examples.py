@@ -57,7 +57,7 @@ def test_svhn_fc(tmp_path):
 
     svhn = SHARED_DATA / "svcca" / "SVHN"
     if not svhn.is_dir():
-        pytest.skip("../shared/data (real SVHN activations) absent")
+        pytest.skip("real SVHN activations absent (../shared/data, or the folder CHUNKCCA_TEST_DATA names)")
     out = _run(str(EXAMPLES / "svhn_fc.py"), str(svhn), "--out", str(tmp_path), cwd=tmp_path)
     assert "CCA: mean rho 0.5482" in out and "SVCCA (99% variance): mean rho 0.5500" in out
     assert (tmp_path / "svhn_fc.png").exists()

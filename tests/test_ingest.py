@@ -32,7 +32,8 @@ def test_pickles_admit_numpy_arrays_only(tmp_path, capsys):
         load_pickled_array(path)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "svcca" / "SVHN").is_dir(), reason="../shared/data absent")
+@pytest.mark.skipif(not (SHARED_DATA / "svcca" / "SVHN").is_dir(),
+                    reason="real SVHN activations absent (../shared/data or CHUNKCCA_TEST_DATA)")
 def test_ingest_real_svcca_pickles(tmp_path):
     store = tmp_path / "svhn.zarr"
     assert main(["ingest", str(store), f"model0/fc={SHARED_DATA / 'svcca/SVHN/model_0_lay06.p'}",
@@ -85,7 +86,7 @@ def test_ingest_writes_what_write_activations_writes(tmp_path):
     chunkcca.write_activations(tmp_path / "w.zarr", {"m0/conv": big, "m0/fc": big.mean(axis=(1, 2)),
                                                      "m1/conv": small, "m2": small, "m1/fc": fc}, chunks=7)
     assert _store_files(tmp_path / "s.zarr") == _store_files(tmp_path / "w.zarr")
-    assert chunkcca.layer_paths(tree) == ["m0/conv", "m0/fc", "m1/conv", "m1/fc", "m2"]
+    assert chunkcca.layer_paths(tree) == ["m0/conv", "m0/fc", "m1/conv", "m2", "m1/fc"]  # in the order given
     np.testing.assert_allclose(tree["m1/conv"]["height"], [1.5, 4.5])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "fc.p", "s.zarr", "small.npy", "small.p",
                                                          "w.zarr"], "no temporary folder is left"
@@ -131,7 +132,7 @@ def test_ingest_holds_one_pickle_at_a_time(tmp_path):
     ingest(tmp_path / "warm.zarr", {"w": tmp_path / "warm.p"}, chunks=8)  # first-use imports and caches
     tracemalloc.start()
     with dask.config.set(num_workers=4):  # chunks in flight at once: at most one per thread
-        tree = ingest(tmp_path / "s.zarr", sources, chunks=32)
+        tree = ingest(tmp_path / "s.zarr", sources, chunks=32, layout="datapoints")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 2 * nbytes, f"peak {peak / nbytes:.2f} files' worth"
@@ -154,7 +155,7 @@ def test_ingest_reads_channels_first_files(tmp_path, capsys):
 def test_unreadable_files_are_named_and_store_layers_keep_their_paths(tmp_path, capsys):
     (tmp_path / "text.npy").write_text("not an array")
     assert main(["ingest", str(tmp_path / "s.zarr"), f"m0={tmp_path / 'text.npy'}"]) == 2
-    assert f"cannot read {tmp_path / 'text.npy'} as a .npy array file" in capsys.readouterr().err
+    assert f"cannot read {tmp_path / 'text.npy'} as a .npy file" in capsys.readouterr().err
     rng = np.random.default_rng(0)
     tree = chunkcca.write_activations(tmp_path / "t.zarr", {"m0/fc": rng.standard_normal((30, 3)),
                                                              "m1/fc": rng.standard_normal((30, 2))})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import tracemalloc
@@ -216,6 +217,7 @@ def test_memory_mapped_views_and_wrapped_memmaps_stream_from_the_file(tmp_path):
     del big
     wrapped = xr.DataArray(np.load(tmp_path / "big.npy", mmap_mode="r"), dims=("datapoint", "height", "width",
                                                                              "channel"))
+    gc.collect()  # garbage of earlier tests, freed while tracing, is not this call's
     tracemalloc.start()
     layer = as_activations(wrapped, chunks=250)
     _, peak = tracemalloc.get_traced_memory()

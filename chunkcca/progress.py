@@ -1,0 +1,53 @@
+"""Progress bars that say what they are reading, and write no carriage-return noise into logs.
+
+:class:`Progress` is Dask's local progress bar (a scheduler callback) with a label: in a terminal it
+redraws one line, ``reading 'model0/conv', 'model1/conv': [#####     ] 50% | 1.2s``; on a stream that is
+not a terminal (a log file, CI, a pipe) it writes one line when the computation ends and nothing before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from timeit import default_timer
+from typing import Any, TextIO
+
+from dask.diagnostics import ProgressBar
+from dask.utils import format_time
+
+
+class Progress(ProgressBar):
+    """Dask's progress bar for the local schedulers, labelled; one final line where ``out`` is no terminal.
+
+    Parameters
+    ----------
+    label
+        What is being computed, e.g. "reading 'a', 'b'".
+    out
+        The stream (default ``sys.stderr``, so that standard output stays for results).
+    """
+
+    def __init__(self, label: str, out: TextIO | None = None) -> None:
+        out = sys.stderr if out is None else out
+        super().__init__(out=out)
+        self.label = label
+        self.terminal = bool(getattr(out, "isatty", lambda: False)())
+
+    def _draw_bar(self, frac: float, elapsed: float) -> None:
+        if not self.terminal:
+            return
+        bar = "#" * int(self._width * frac)
+        with contextlib.suppress(ValueError):
+            self._file.write(f"\r{self.label}: [{bar:<{self._width}}] {int(100 * frac):3d}% | {format_time(elapsed)}")
+            self._file.flush()
+
+    def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+        if self.terminal:
+            super()._finish(dsk, state, errored)
+            return
+        self._running = False
+        self._timer.join()
+        self.last_duration = elapsed = default_timer() - self._start_time
+        with contextlib.suppress(ValueError):
+            self._file.write(f"{self.label}: {'failed after' if errored else 'done in'} {format_time(elapsed)}\n")
+            self._file.flush()

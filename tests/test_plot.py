@@ -1,0 +1,155 @@
+"""The figures: distinguishable curves, readable heatmap labels, stated colour ranges, titles clear of colour bars."""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import xarray as xr
+from matplotlib.colors import to_rgba
+from matplotlib.text import Text
+
+from chunkcca.plot import plot_frequency_means, plot_rho, plot_similarity
+
+matplotlib.use("Agg")
+
+LONG_TITLE = "conv2 (model0) vs pool2 (model1), per frequency"
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _rho(values: np.ndarray, **attrs: str) -> xr.Dataset:
+    """A cca-like result with a ``rho`` curve."""
+    rho = xr.DataArray(values, dims="component", coords={"component": np.arange(len(values))})
+    return xr.Dataset({"rho": rho}, attrs=attrs)
+
+
+def _sweep(values: np.ndarray, **attrs) -> xr.Dataset:
+    """A similarity-like result with one measure, ``cka``."""
+    rows, columns = values.shape
+    return xr.Dataset({"cka": (("layer_a", "layer_b"), values)},
+                      coords={"layer_a": [f"model0/l{i}" for i in range(rows)],
+                              "layer_b": [f"model1/l{j}" for j in range(columns)]},
+                      attrs={"measures": "cka", **attrs})
+
+
+def _frequencies(values: np.ndarray) -> xr.Dataset:
+    """A dft-like result with ``rho_freq_mean``, frequencies in FFT order."""
+    freq = np.fft.fftfreq(values.shape[0], 1 / values.shape[0]).astype(int)
+    return xr.Dataset({"rho_freq_mean": (("freq_h", "freq_w"), values)}, coords={"freq_h": freq, "freq_w": freq})
+
+
+def _luminance(colour) -> float:
+    red, green, blue = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in to_rgba(colour)[:3])
+    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+
+def _contrast(one, other) -> float:
+    light, dark = sorted((_luminance(one), _luminance(other)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def _titles_clear_of_colorbar(ax, title: str) -> None:
+    figure = ax.figure
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    [text] = [t for t in figure.findobj(Text) if t.get_text() == title and t.get_visible()]
+    colorbar = figure.axes[-1]
+    assert colorbar is not ax and colorbar.get_label() == "<colorbar>"
+    title_box = text.get_window_extent(renderer)
+    assert not title_box.overlaps(colorbar.get_tightbbox(renderer)), (title_box, colorbar.get_tightbbox(renderer))
+
+
+def test_identical_rho_curves_differ_in_line_style_or_marker():
+    curve = np.linspace(0.99, 0.2, 40)
+    ax = plot_rho({"conv2, stride 1": _rho(curve), "conv2, stride 2": _rho(curve.copy())})
+    first, second = ax.get_lines()
+    assert (first.get_linestyle(), first.get_marker()) != (second.get_linestyle(), second.get_marker())
+    assert first.get_linestyle() != second.get_linestyle() and first.get_marker() != second.get_marker()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        f"conv2, stride {s} (mean {curve.mean():.3f})" for s in (1, 2)]
+
+
+def test_rho_styles_stay_distinct_for_the_demos_four_curves_and_across_calls_on_one_axes():
+    curve = np.linspace(0.9, 0.1, 12)
+    ax = plot_rho({str(i): _rho(curve) for i in range(4)})
+    plot_rho({"fifth": _rho(curve)}, ax=ax)
+    styles = [(line.get_linestyle(), line.get_marker()) for line in ax.get_lines()]
+    assert len(set(styles)) == 5
+
+
+def test_rho_takes_a_single_result():
+    ax = plot_rho(_rho(np.array([0.9, 0.5, 0.1]), layer_a="conv1", layer_b="conv2"), title="one")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["conv1 vs conv2 (mean 0.500)"]
+    assert ax.get_title() == "one"
+
+
+def test_similarity_labels_contrast_with_their_cells():
+    # all values below 0.6: the pale top cell used to get a white label
+    ax = plot_similarity(_sweep(np.array([[0.10, 0.20], [0.30, 0.40]])))
+    image = ax.images[0]
+    for text in ax.texts:
+        column, row = text.get_position()
+        cell = image.cmap(image.norm(image.get_array()[int(row), int(column)]))
+        other = "black" if _luminance(text.get_color()) > 0.5 else "white"
+        assert _contrast(text.get_color(), cell) >= _contrast(other, cell), (text.get_text(), cell)
+    labels = {text.get_text(): _luminance(text.get_color()) for text in ax.texts}
+    assert labels["0.40"] < 0.2 < labels["0.10"]  # dark text on the palest cell, light on the darkest
+
+
+def test_similarity_states_its_colour_range_and_has_a_title():
+    ax = plot_similarity(_sweep(np.array([[0.21, 0.5], [0.7, 0.98]]), spatial="avgpool", stride=2))
+    assert ax.images[0].get_clim() == (0.21, 0.98)
+    label = ax.figure.axes[-1].get_ylabel()
+    assert label.startswith("cka") and "colour range 0.21 to 0.98" in label
+    title = ax.figure.get_suptitle() or ax.get_title()
+    assert title.startswith("cka: layer_a vs layer_b") and "avgpool" in title and "stride 2" in title
+    _titles_clear_of_colorbar(ax, title)
+
+
+def test_similarity_takes_a_colour_range_and_a_title():
+    ax = plot_similarity(_sweep(np.array([[0.21, 0.5], [0.7, 0.98]])), "cka", vmin=0, vmax=1, title="sweep")
+    assert ax.images[0].get_clim() == (0, 1)
+    assert "colour range 0.00 to 1.00" in ax.figure.axes[-1].get_ylabel()
+    assert "sweep" in (ax.figure.get_suptitle(), ax.get_title())
+    ax = plot_similarity(_sweep(np.array([[0.5]])), title="")
+    assert ax.figure.get_suptitle() == "" and ax.get_title() == ""
+
+
+def test_similarity_labels_undefined_pairs():
+    ax = plot_similarity(_sweep(np.array([[0.3, np.nan], [0.6, 0.9]])))
+    texts = [text.get_text() for text in ax.texts]
+    assert "n/a" in texts and "nan" not in texts
+    assert ax.images[0].get_clim() == (0.3, 0.9)
+    ax.figure.canvas.draw()
+    plot_similarity(_sweep(np.full((2, 2), np.nan)))  # nothing defined: no crash
+
+
+def test_similarity_still_defaults_to_the_first_measure_asked():
+    sweep = _sweep(np.array([[0.2, 0.4]])).assign(svcca=(("layer_a", "layer_b"), np.array([[0.3, 0.5]])))
+    sweep.attrs["measures"] = "svcca,cka"
+    assert plot_similarity(sweep).figure.axes[-1].get_ylabel().startswith("svcca")
+
+
+def test_frequency_means_colour_range_follows_the_data():
+    values = np.random.default_rng(0).uniform(0.3, 0.5, (6, 6))
+    ax = plot_frequency_means(_frequencies(values))
+    assert ax.images[0].get_clim() == (values.min(), values.max())
+    assert f"colour range {values.min():.2f} to {values.max():.2f}" in ax.figure.axes[-1].get_ylabel()
+    ax = plot_frequency_means(_frequencies(values), vmin=0, vmax=1)
+    assert ax.images[0].get_clim() == (0, 1)
+
+
+@pytest.mark.parametrize("given_axes", [False, True])
+def test_frequency_means_title_clears_its_colour_bar(given_axes):
+    values = np.random.default_rng(1).uniform(0.2, 0.9, (8, 8))
+    ax = None
+    if given_axes:
+        _, (ax, _) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    ax = plot_frequency_means(_frequencies(values), ax=ax, title=LONG_TITLE)
+    _titles_clear_of_colorbar(ax, LONG_TITLE)
