@@ -61,7 +61,8 @@ def test_ingest_info_compare_sweep(files, capsys):
     assert f"mean_cca  {want.mean():.4f}" in shown.out and f"r2_cca    {(want**2).mean():.4f}" in shown.out
 
     assert main(["sweep", store, "--a", "m0", "--b", "m1/conv", "m1/fc", "--measures", "cka", "mean_cca",
-                 "--spatial", "avgpool", "--out", str(folder / "sweep.zarr"), "--plot", str(folder / "h.png"), "--no-progress"]) == 0
+                 "--spatial", "avgpool", "--out", str(folder / "sweep.zarr"), "--plot", str(folder / "h.png"),
+                 "--no-progress"]) == 0
     saved = xr.open_zarr(folder / "sweep.zarr", consolidated=False)
     assert saved["cka"].dims == ("layer_a", "layer_b") and saved["cka"].shape == (1, 2)
     assert (folder / "h.png").exists()
@@ -180,3 +181,57 @@ def test_sweep_passes_keep_epsilon_and_alpha(files, capsys):
     for measure in ("svcca", "mean_cca", "shape"):
         assert saved[measure].item() == pytest.approx(want[measure].item(), rel=1e-12)
     assert saved.attrs["keep"] == 0.5 and saved.attrs["alpha"] == 0.3
+
+
+def test_two_recorded_models_compared_across_stores(tmp_path, capsys):
+    """Each model in its own store, layers of the same names: compare and sweep take b's from --b-store, in
+    network order."""
+    rng = np.random.default_rng(5)
+    latent = rng.standard_normal((60, 3))
+    layers = [{name: latent @ rng.standard_normal((3, width)) + 0.3 * rng.standard_normal((60, width))
+               for name, width in (("conv2", 4), ("conv10", 5), ("fc", 3))} for _ in range(2)]
+    for model, store in enumerate(("m0.zarr", "m1.zarr")):
+        chunkcca.write_activations(tmp_path / store, layers[model])
+    stores = [str(tmp_path / "m0.zarr"), "--b-store", str(tmp_path / "m1.zarr")]
+    assert main(["compare", stores[0], "fc", "conv10", *stores[1:], "--measure", "cka", "--json",
+                 "--precision", "float64", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    want = chunkcca.cka(layers[0]["fc"], layers[1]["conv10"], precision="float64")
+    assert report["results"]["cka"]["value"] == pytest.approx(float(want["cka"]), rel=1e-12)
+    assert main(["sweep", stores[0], "--a", "/", "--b", "/", *stores[1:], "--measures", "cka", "--precision",
+                 "float64", "--out", str(tmp_path / "s.nc"), "--no-progress"]) == 0
+    saved = xr.open_dataset(tmp_path / "s.nc")
+    assert list(saved["layer_a"].values) == list(saved["layer_b"].values) == ["conv2", "conv10", "fc"]
+    want = chunkcca.cka(layers[0]["conv2"], layers[1]["fc"], precision="float64")
+    assert float(saved["cka"].sel(layer_a="conv2", layer_b="fc")) == pytest.approx(float(want["cka"]), rel=1e-12)
+
+
+def test_a_stride_that_leaves_too_few_rows_is_refused_before_streaming(files, capsys):
+    folder, a, _ = files
+    store = folder / "s.zarr"
+    chunkcca.write_activations(store, {"m0/conv": a})
+    assert main(["compare", str(store), "m0/conv", "m0/conv", "--stride", "300000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chunkcca compare: error: stride 300000 leaves 1 of the 800 rows of layers")
+    assert "use a stride of at most 133" in err and "Completed" not in err and "done in" not in err
+
+
+def test_warnings_are_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((6, 8)),
+                                                     "b": rng.standard_normal((6, 3))})
+    assert main(["compare", str(tmp_path / "s.zarr"), "a", "b", "--measure", "cka", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("chunkcca compare: warning: only 6 rows for 8 channels") and err.count("\n") == 1
+
+
+def test_a_url_whose_filesystem_package_is_missing_is_one_line(capsys):
+    pytest.importorskip("fsspec")
+    try:
+        import s3fs  # noqa: F401
+        pytest.skip("s3fs is installed")
+    except ImportError:
+        pass
+    assert main(["info", "s3://bucket/acts.zarr"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chunkcca info: error: ") and "s3fs" in err and len(err.strip().splitlines()) == 1

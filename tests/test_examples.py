@@ -61,3 +61,10 @@ def test_svhn_fc(tmp_path):
     out = _run(str(EXAMPLES / "svhn_fc.py"), str(svhn), "--out", str(tmp_path), cwd=tmp_path)
     assert "CCA: mean rho 0.5482" in out and "SVCCA (99% variance): mean rho 0.5500" in out
     assert (tmp_path / "svhn_fc.png").exists()
+
+
+def test_help_runs_no_example(tmp_path):
+    for script in ("quickstart.py", "svcca_compat.py"):
+        out = _run(str(EXAMPLES / script), "--help", cwd=tmp_path)
+        assert out.startswith("usage:")
+    assert not any(tmp_path.iterdir()), "--help wrote nothing"

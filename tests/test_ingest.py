@@ -163,3 +163,50 @@ def test_unreadable_files_are_named_and_store_layers_keep_their_paths(tmp_path, 
     assert (result.attrs["layer_a"], result.attrs["layer_b"]) == ("m0/fc", "m1/fc")
     assert main(["info", str(tmp_path / "t.zarr")]) == 0
     assert "2 layers" in capsys.readouterr().out
+
+
+def test_ingest_appends_to_a_store(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    np.save(tmp_path / "a.npy", rng.standard_normal((30, 4)).astype("float32"))
+    np.save(tmp_path / "b.npy", rng.standard_normal((30, 3)).astype("float32"))
+    store = str(tmp_path / "s.zarr")
+    assert main(["ingest", store, f"model0/fc={tmp_path / 'a.npy'}", "--no-progress"]) == 0
+    assert main(["ingest", store, f"model1/fc={tmp_path / 'b.npy'}", "--append", "--no-progress"]) == 0
+    assert chunkcca.layer_paths(chunkcca.open_activations(store)) == ["model0/fc", "model1/fc"]
+    assert main(["ingest", store, f"model1/fc={tmp_path / 'b.npy'}", "--append"]) == 2
+    assert "already holds layer model1/fc" in capsys.readouterr().err
+    assert main(["ingest", store, f"model2/fc={tmp_path / 'b.npy'}"]) == 2
+    assert "pass --overwrite to replace it, or --append to add layers to it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("shape", "layout", "message"), [
+    ((10, 300), None, "has fewer rows than columns, as google/svcca's (neurons, datapoints) layout has: pass "
+                      "--layout neurons"),
+    ((12, 5, 4, 4), None, "looks channels-first (datapoint, channel, height, width), PyTorch's: pass --layout "
+                          "channels_first"),
+])
+def test_ingest_refuses_an_orientation_it_would_guess(tmp_path, capsys, shape, layout, message):
+    """MNIST's logits (10, 10000) must not become 10 datapoints of 10000 channels; the advice names the option."""
+    np.save(tmp_path / "x.npy", np.zeros(shape, dtype="float32"))
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'x.npy'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'x.npy'}", "--layout", "datapoints",
+                 "--no-progress"]) == 0  # said so: taken as it is
+    assert chunkcca.open_activations(tmp_path / "s.zarr")["x"]["activations"].shape == (
+        shape if len(shape) == 2 else (12, 5, 4, 4))
+
+
+def test_neurons_layout_of_more_neurons_than_datapoints_warns_in_one_line(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((1000, 200)).astype("float32"))
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'x.npy'}", "--layout", "neurons",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("chunkcca ingest: warning: ") and "as 1000 neurons of 200 datapoints" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_text_file_is_named(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("layer,value\n1,2\n")
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'notes.txt'}"]) == 2
+    assert f"cannot read {tmp_path / 'notes.txt'} as a pickled array file" in capsys.readouterr().err

@@ -294,3 +294,55 @@ def test_lazy_backend_arrays_are_not_read_to_be_chunked(tmp_path):
     tracemalloc.stop()
     assert peak < layer.nbytes / 4, f"as_activations allocated {peak} bytes"
     assert isinstance(array.data, da.Array) and array.data.chunks[0][0] == 100
+
+
+def _files(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of a store: its bytes and modification time."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_store_keeps_its_layers_in_the_order_written(tmp_path, rng):
+    """Network order, not alphabetical: conv2 before conv10 before fc, in layer_paths, groups and sweeps."""
+    order = ["model0/stem", "model0/conv2", "model0/conv10", "model0/fc", "model1/stem"]
+    layers = {name: rng.standard_normal((12, 3)) for name in order}
+    tree = write_activations(tmp_path / "s.zarr", layers)
+    assert layer_paths(tree) == order
+    assert layer_paths(tree["model0"]) == order[:4]
+    result = chunkcca.similarity(tree["model0"], tree["model1"], measures=["cka"])
+    assert list(result["layer_a"].values) == order[:4]
+
+
+def test_adding_layers_leaves_the_store_s_own_untouched(tmp_path, rng):
+    store = tmp_path / "s.zarr"
+    first = {"model0/conv": rng.standard_normal((20, 4, 4, 3)), "model0/fc": rng.standard_normal((20, 5))}
+    write_activations(store, first, image_size=32)
+    before = _files(store / "model0")
+    added = {"model1/conv": rng.standard_normal((20, 2, 2, 3)), "model1/fc": rng.standard_normal((20, 5))}
+    tree = write_activations(store, added, mode="a")
+    assert layer_paths(tree) == [*first, *added]
+    assert _files(store / "model0") == before  # not rewritten, not even touched
+    np.testing.assert_array_equal(tree["model1/conv"]["activations"].values, added["model1/conv"])
+    np.testing.assert_allclose(tree["model1/conv"]["height"], [8.0, 24.0])  # in the store's 32-pixel units
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"], "no temporary folder is left"
+    with pytest.raises(ValueError, match="already holds layer model0/fc; adding leaves every existing layer"):
+        write_activations(store, {"model0/fc": first["model0/fc"], "model2/fc": first["model0/fc"]}, mode="a")
+    assert layer_paths(open_activations(store)) == [*first, *added], "a refused addition adds nothing"
+    with pytest.raises(FileNotFoundError, match="no activation store at"):
+        write_activations(tmp_path / "none.zarr", added, mode="a")
+    with pytest.raises(ValueError, match="mode='a' adds layers to a store and overwrite=True replaces it"):
+        write_activations(store, {"x": first["model0/fc"]}, mode="a", overwrite=True)
+    with pytest.raises(ValueError, match="mode must be one of 'w', 'a', got 'r'"):
+        write_activations(store, {"x": first["model0/fc"]}, mode="r")
+
+
+def test_a_group_given_as_a_layer_is_named_with_its_layers(tmp_path, rng):
+    tree = write_activations(tmp_path / "s.zarr", {"model0/conv": rng.standard_normal((20, 3)),
+                                                   "model0/fc": rng.standard_normal((20, 2))})
+    with pytest.raises(ValueError, match="'model0' is a group, not a layer; its layers are model0/conv, model0/fc"):
+        cca(tree["model0"], tree["model0/fc"])
+
+
+def test_moments_print_short():
+    moments = Moments(n=10, mean=np.zeros(300), scatter=np.eye(300), sizes=(200, 100))
+    assert repr(moments) == "Moments(n=10, sizes=(200, 100), precision='float64')"
