@@ -1,6 +1,7 @@
 """chunkcca: CCA-family similarity of neural-network representations, streamed from stores larger than memory."""
 
 from .api import cca, cka, compare, compute_moments, procrustes, pwcca, shape_metric, similarity, svcca
+from .layers import layer_paths
 from .measures import (
     MEASURES,
     cca_from_moments,
@@ -12,7 +13,7 @@ from .measures import (
 )
 from .moments import Moments
 from .options import SolveOptions, StreamOptions
-from .store import describe_store, layer_paths, open_activations, save_result, write_activations
+from .store import describe_store, open_activations, save_result, write_activations
 
 __all__ = [
     "MEASURES",

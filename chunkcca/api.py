@@ -1,9 +1,9 @@
 """The public functions: layers in, one streamed pass, labelled ``xarray`` results out.
 
-Every function checks its options once, at the door (:class:`~chunkcca.options.StreamOptions`,
-:class:`~chunkcca.options.SolveOptions`), aligns and plans the layers (nothing is read), streams
-them once (:mod:`chunkcca.passes`) and solves the measures declared in
-:data:`chunkcca.measures.MEASURES` on the Moments.
+Every function checks its options once, at the door ([`StreamOptions`][chunkcca.options.StreamOptions],
+[`SolveOptions`][chunkcca.options.SolveOptions]), aligns and plans the layers (nothing is read), streams
+them once (``chunkcca.passes``) and solves the measures declared in
+[`chunkcca.measures.MEASURES`][chunkcca.measures.MEASURES] on the Moments.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ import numpy as np
 import xarray as xr
 
 from .engine import minibatch_reduction
-from .layers import align_layers, as_activations, named
+from .layers import align_layers, as_activations, layer_paths, named
 from .measures import MEASURES, PairSolves, UndefinedMeasure, check_measures, non_constant
 from .minibatch import aligned_chunks
 from .moments import Moments
 from .options import SOLVE_NAMES, SolveOptions, StreamOptions, check_int
 from .passes import Streamed, run_reduction, stream_layers
 from .rows import Adapter, is_batched, plan_adapters, plan_sweep_adapters
-from .store import layer_paths
 
 
-def _pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
+def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
     """Validate, name and align two layers and plan their adapters; nothing is read."""
     layer_a, layer_b = named(a, "a", options.dims), named(b, "b", options.dims)
     if layer_a.name == layer_b.name:
@@ -61,7 +60,7 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> 
 
 def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False) -> Streamed:
     """Two layers → one pass → their Moments."""
-    layer_a, layer_b, adapters = _pair(a, b, options)
+    layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     _check_rows((layer_a, layer_b), adapters)
     return stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms)
 
@@ -88,29 +87,31 @@ def _label(result: xr.Dataset, streamed: Streamed) -> xr.Dataset:
 def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[str, Any], where: str) -> xr.Dataset:
     """Stream two layers for one registered measure and return its labelled result."""
     stream = StreamOptions.from_kwargs(where, options)
-    check_measures([name], batched=is_batched(stream.spatial))
+    check_measures([name], batched=is_batched(stream.spatial), where=f"{where}()")
     streamed = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms)
     return _label(PairSolves(streamed.moments, solve).result(name), streamed)
 
 
 def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) -> Moments:
-    """The :class:`~chunkcca.moments.Moments` of two layers' rows, in one streamed pass.
+    """The [`Moments`][chunkcca.Moments] of two layers' rows, in one streamed pass.
 
     Parameters
     ----------
     a, b
-        Two layers, as for :func:`cca`.
+        Two layers, as for [`cca()`][chunkcca.cca].
     row_norms
-        Add the row-norm sums that :func:`chunkcca.cka_from_moments` needs with ``debiased=True``.
+        Add the row-norm sums that [`chunkcca.cka_from_moments()`][chunkcca.cka_from_moments] needs with
+        ``debiased=True``.
     **options
-        Streaming options (:class:`~chunkcca.options.StreamOptions`). With ``checkpoint`` the running
+        Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]). With ``checkpoint`` the running
         Moments are saved as the run goes and a later call resumes after the chunks done.
 
     Returns
     -------
     Moments
         Can be saved, merged with the Moments of more datapoints (``m1 + m2``) and solved with
-        :func:`chunkcca.cca_from_moments` and the other ``*_from_moments``. For ``spatial="dft"`` it
+        [`chunkcca.cca_from_moments()`][chunkcca.cca_from_moments] and the other ``*_from_moments``. For
+        ``spatial="dft"`` it
         has batch dims (freq_h, freq_w) and complex statistics.
     """
     stream = StreamOptions.from_kwargs("compute_moments", options)
@@ -129,7 +130,7 @@ def cca(a: Any, b: Any, *, epsilon: float = 0.0, **options: Any) -> xr.Dataset:
     epsilon
         Added to the diagonal of each side's covariance before whitening.
     **options
-        Streaming options (:class:`~chunkcca.options.StreamOptions`): ``spatial`` ("flatten",
+        Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]): ``spatial`` ("flatten",
         "avgpool", "interp" or "dft": a CCA per spatial frequency), ``stride``, ``precision``,
         ``method``, ``grid``, ``nan_policy``, ``split_every``, ``memory_limit``, ``scheduler``,
         ``progress``, ``dims``, ``checkpoint``, ``checkpoint_every``.
@@ -147,24 +148,84 @@ def cca(a: Any, b: Any, *, epsilon: float = 0.0, **options: Any) -> xr.Dataset:
 
 def svcca(a: Any, b: Any, *, keep: float = 0.99, keep_by: str = "variance", epsilon: float = 0.0,
           **options: Any) -> xr.Dataset:
-    """SVCCA between two layers, streamed: see :func:`chunkcca.svcca_from_moments`; options as for :func:`cca`."""
+    """SVCCA between two layers, streamed.
+
+    Parameters
+    ----------
+    a, b
+        Two layers, as for [`cca()`][chunkcca.cca].
+    keep, keep_by, epsilon
+        As for [`svcca_from_moments()`][chunkcca.svcca_from_moments].
+    **options
+        Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]), as for [`cca()`][chunkcca.cca].
+
+    Returns
+    -------
+    xarray.Dataset
+        As [`svcca_from_moments()`][chunkcca.svcca_from_moments], with the channel labels and attrs
+        recording the layers and every option.
+    """
     return _measure("svcca", a, b, SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon), options, "svcca")
 
 
 def pwcca(a: Any, b: Any, *, epsilon: float = 0.0, **options: Any) -> xr.Dataset:
-    """PWCCA between two layers, streamed: see :func:`chunkcca.pwcca_from_moments`; options as for :func:`cca`."""
+    """PWCCA (Morcos et al. 2018) between two layers, streamed.
+
+    Parameters
+    ----------
+    a, b
+        Two layers, as for [`cca()`][chunkcca.cca].
+    epsilon
+        Ridge of the CCA, >= 0.
+    **options
+        Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]), as for [`cca()`][chunkcca.cca].
+
+    Returns
+    -------
+    xarray.Dataset
+        As [`pwcca_from_moments()`][chunkcca.pwcca_from_moments], with attrs recording the layers and every
+        option.
+    """
     return _measure("pwcca", a, b, SolveOptions(epsilon=epsilon), options, "pwcca")
 
 
 def procrustes(a: Any, b: Any, **options: Any) -> xr.Dataset:
-    """Orthogonal Procrustes distance, streamed: see :func:`chunkcca.procrustes_from_moments`; options as for
-    :func:`cca`."""
+    """Orthogonal Procrustes distance between two layers, streamed.
+
+    Parameters
+    ----------
+    a, b
+        Two layers, as for [`cca()`][chunkcca.cca].
+    **options
+        Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]), as for [`cca()`][chunkcca.cca].
+
+    Returns
+    -------
+    xarray.Dataset
+        As [`procrustes_from_moments()`][chunkcca.procrustes_from_moments], with attrs recording the layers
+        and every option.
+    """
     return _measure("procrustes", a, b, SolveOptions(), options, "procrustes")
 
 
 def shape_metric(a: Any, b: Any, *, alpha: float = 1.0, **options: Any) -> xr.Dataset:
-    """Williams et al.'s angular shape metric, streamed: see :func:`chunkcca.shape_metric_from_moments`; options
-    as for :func:`cca`."""
+    """Williams et al.'s angular shape metric between two layers, streamed.
+
+    Parameters
+    ----------
+    a, b
+        Two layers, as for [`cca()`][chunkcca.cca].
+    alpha
+        Partial whitening in [0, 1]: 0 CCA-like, 1 Procrustes-like.
+    **options
+        Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]), as for [`cca()`][chunkcca.cca].
+
+    Returns
+    -------
+    xarray.Dataset
+        As [`shape_metric_from_moments()`][chunkcca.shape_metric_from_moments], with attrs recording the
+        layers and every option.
+    """
     return _measure("shape", a, b, SolveOptions(alpha=alpha), options, "shape_metric")
 
 
@@ -173,12 +234,27 @@ _NOT_MINIBATCH = ("precision", "memory_limit", "checkpoint", "checkpoint_every")
 
 
 def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None, **options: Any) -> xr.Dataset:
-    """Linear CKA between two layers, streamed; options as for :func:`cca`.
+    """Linear CKA between two layers, streamed.
 
-    Default: from Moments (:func:`chunkcca.cka_from_moments`), biased or, with ``debiased=True``, the
-    exact full-data debiased estimator. ``minibatch=m``: the minibatch CKA of Nguyen, Raghu & Kornblith
-    2021 over consecutive minibatches of m rows (memory O(m²), not O(channels²); see
-    :mod:`chunkcca.minibatch`); it is unbiased per minibatch, so ``debiased`` does not apply.
+    Parameters
+    ----------
+    a, b
+        Two layers, as for [`cca()`][chunkcca.cca].
+    debiased
+        The exact full-data debiased estimator (unbiased HSIC) instead of the biased one.
+    minibatch
+        The minibatch CKA of Nguyen, Raghu & Kornblith 2021 over consecutive minibatches of this many rows
+        (>= 4): memory O(minibatch²), not O(channels²), for layers too wide for a covariance; unbiased per
+        minibatch, so ``debiased`` does not apply, nor do ``precision``, ``memory_limit`` and checkpoints.
+    **options
+        Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]), as for [`cca()`][chunkcca.cca].
+
+    Returns
+    -------
+    xarray.Dataset
+        As [`cka_from_moments()`][chunkcca.cka_from_moments] (``cka``, ``rows``); with ``minibatch``, also
+        ``minibatches`` and ``rows_left_out`` (rows after the last whole minibatch). attrs record the layers
+        and every option.
     """
     if minibatch is None:
         return _measure("cka_debiased" if debiased else "cka", a, b, SolveOptions(), options, "cka")
@@ -192,7 +268,7 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
 
 
 def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Dataset:
-    """Minibatch linear CKA of two layers over minibatches of ``size`` rows (see :mod:`chunkcca.minibatch`)."""
+    """Minibatch linear CKA of two layers over minibatches of ``size`` rows (see ``chunkcca.minibatch``)."""
     if options.nan_policy == "omit":
         raise ValueError("minibatch CKA cannot omit rows (minibatches would shift); use nan_policy='raise'")
     if is_batched(options.spatial):
@@ -201,7 +277,7 @@ def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Data
         size = check_int("minibatch", size, 4)
     except ValueError:
         raise ValueError(f"minibatch must be an integer >= 4 (the unbiased HSIC needs 4 rows), got {size!r}") from None
-    layer_a, layer_b, adapters = _pair(a, b, options)
+    layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     datapoints = layer_a.sizes["datapoint"]
     rows = adapters[0].row_count(datapoints)
     if rows < size:
@@ -246,14 +322,14 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
     Parameters
     ----------
     a, b
-        Two layers, as for :func:`cca`.
+        Two layers, as for [`cca()`][chunkcca.cca].
     measures
-        Names from :data:`chunkcca.measures.MEASURES`: "mean_cca", "r2_cca", "svcca", "pwcca",
+        Names from [`chunkcca.measures.MEASURES`][chunkcca.measures.MEASURES]: "mean_cca", "r2_cca", "svcca", "pwcca",
         "cka", "cka_debiased", "procrustes", "shape". With ``spatial="dft"``: "mean_cca", "r2_cca".
     **options
-        The solve options the measures read (:class:`~chunkcca.options.SolveOptions`: ``epsilon``,
+        The solve options the measures read ([`SolveOptions`][chunkcca.options.SolveOptions]: ``epsilon``,
         ``keep``, ``keep_by``, ``alpha``; one no measure reads is a TypeError) and the streaming
-        options (:class:`~chunkcca.options.StreamOptions`).
+        options ([`StreamOptions`][chunkcca.options.StreamOptions]).
 
     Returns
     -------
@@ -307,14 +383,14 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     Parameters
     ----------
     a_layers, b_layers
-        Mappings of name → layer (anything :func:`cca` takes), DataTrees (every node with
+        Mappings of name → layer (anything [`cca()`][chunkcca.cca] takes), DataTrees (every node with
         activations) or lists of DataTree nodes. A layer in both sets is read once.
     measures
-        Names from :data:`chunkcca.measures.MEASURES`, as for :func:`compare`.
+        Names from [`chunkcca.measures.MEASURES`][chunkcca.measures.MEASURES], as for [`compare()`][chunkcca.compare].
     **options
         Solve options (``epsilon``, ``keep``, ``keep_by``, ``alpha``) and streaming options as for
-        :func:`compare`. ``spatial`` is "flatten" (all layers need one spatial size) or "avgpool"
-        (any sizes); interp and dft pair layers individually: use :func:`compare` per pair. With
+        [`compare()`][chunkcca.compare]. ``spatial`` is "flatten" (all layers need one spatial size) or "avgpool"
+        (any sizes); interp and dft pair layers individually: use [`compare()`][chunkcca.compare] per pair. With
         ``nan_policy="omit"`` a row is left out of every pair when any layer holds NaN or Inf in it.
 
     Returns

@@ -21,9 +21,9 @@ def _blas_libraries() -> tuple[Any, ...]:
 def pin_blas() -> None:
     """Limit BLAS to one thread in this process, unless it already is.
 
-    A local compute pins BLAS for its duration already (:func:`one_thread`); every chunk task calls
+    A local compute pins BLAS for its duration already (``one_thread()``); every chunk task calls
     this for the processes of Dask's "processes" scheduler, where the limit then stays, and on a
-    cluster each worker calls it in its own thread (:class:`chunkcca.cluster.PinBlas`): OpenBLAS
+    cluster each worker calls it in its own thread (``chunkcca.cluster.PinBlas``): OpenBLAS
     ignores a limit set from another thread once its thread pool runs.
     """
     for library in _blas_libraries():

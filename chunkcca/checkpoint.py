@@ -1,6 +1,6 @@
 """Checkpoints: running Moments saved with the run's progress and fingerprint, so a run can resume.
 
-The checkpointed pass (:func:`chunkcca.passes.stream_layers`) streams the datapoints in groups of
+The checkpointed pass (``chunkcca.passes.stream_layers()``) streams the datapoints in groups of
 chunks and, after each group, saves the running Moments and the number of datapoints done here.
 A later run with the same checkpoint, layers and options loads it and streams only the datapoints
 not done yet; a run of other data or options is refused with what differs. A finished checkpoint is
@@ -24,6 +24,9 @@ from .layers import VARIABLE
 from .moments import Moments
 from .rows import Adapter
 
+#: The layout of a checkpoint's fingerprint; a checkpoint of another layout was made by another chunkcca.
+FORMAT = 2
+
 
 class CheckpointError(ValueError):
     """A checkpoint that this run cannot resume (another run's, or not a checkpoint)."""
@@ -37,17 +40,20 @@ def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], op
     described = [(str(layer.name), list(layer.shape), str(layer.dtype), layer.data.name, store_signature(layer))
                  for layer in layers]
     tokens = [dask.base.tokenize(adapter) for adapter in adapters]
-    return json.dumps({"layers": described, "adapters": tokens, **dict(sorted(options.items()))}, default=str)
+    return json.dumps({"format": FORMAT, "layers": described, "adapters": tokens, **dict(sorted(options.items()))},
+                      default=str)
 
 
 def _difference(saved: str, current: str) -> str:
     """What differs between a checkpoint's fingerprint and this run's, in words."""
     before, now = json.loads(saved), json.loads(current)
+    if before.get("format") != now["format"]:
+        return "it was made by another version of chunkcca, whose checkpoints this one does not resume"
     fields = ("name", "shape", "dtype", "Dask name", "files")
     if len(before.get("layers", [])) != len(now["layers"]):
         return f"it has {len(before.get('layers', []))} layers, this run {len(now['layers'])}"
     changed = [f"{key} {before.get(key)!r} then, {now[key]!r} now" for key in now
-               if key not in ("layers", "adapters") and before.get(key) != now[key]]
+               if key not in ("format", "layers", "adapters") and before.get(key) != now[key]]
     if changed:
         return "; ".join(changed)
     for old_layer, new_layer in zip(before["layers"], now["layers"]):
@@ -78,13 +84,19 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
     """What a checkpointed run starts from: (saved Moments or None, datapoints done, this run's fingerprint).
 
     A checkpoint of another run, or one that stopped where the layers have no common chunk boundary
-    (``boundaries``) now, is a :class:`CheckpointError` saying why.
+    (``boundaries``) now, is a ``CheckpointError`` saying why.
     """
     path = Path(path)
     fingerprint = _fingerprint(layers, adapters, options)
     if not path.exists():
         return None, 0, fingerprint
-    saved, done, saved_fingerprint = load_progress(path)
+    try:
+        saved, done, saved_fingerprint = load_progress(path)
+    except CheckpointError:
+        raise
+    except Exception as error:  # not a zarr store, a file, unreadable: say so, not "reading layers … failed"
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); remove it or "
+                              f"pass another path") from error
     if saved_fingerprint != fingerprint:
         raise CheckpointError(f"checkpoint {path} belongs to another run: "
                               f"{_difference(saved_fingerprint, fingerprint)}. Remove it or pass another path")
@@ -96,7 +108,10 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
 
 def save_progress(moments: Moments, path: str | os.PathLike, done: int, fingerprint: str) -> None:
     """Save the running Moments, atomically, with the datapoints they cover and the run's fingerprint."""
-    moments.save(path, overwrite=True, attrs={"datapoints_done": done, "fingerprint": fingerprint})
+    try:
+        moments.save(path, overwrite=True, attrs={"datapoints_done": done, "fingerprint": fingerprint})
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be written ({type(error).__name__}: {error})") from error
 
 
 #: File details that change when a file is rewritten: local size and mtime, object stores' ETags and versions.
@@ -106,7 +121,7 @@ SIGNATURE_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modif
 
 def store_signature(array: xr.DataArray) -> str | None:
     """A hash of the names (within the layer), sizes and modification times (or ETags) of the files that hold
-    a store-backed layer as opened by :func:`open_activations`; None for other arrays (and for arrays computed
+    a store-backed layer as opened by ``open_activations()``; None for other arrays (and for arrays computed
     from one, which lose the store in their encoding). It changes when the store is rewritten or edited, not
     when it is read, moved, mounted elsewhere or has its permissions changed. Reads one listing of the layer's
     folder, no data."""

@@ -17,7 +17,7 @@ import xarray as xr
 import chunkcca
 from chunkcca.demo import run_demo
 from chunkcca.ingest import LAYOUTS, ingest
-from chunkcca.options import KEEP_BY, PER_FREQUENCY, PRECISIONS, SOLVE_NAMES, SPATIAL
+from chunkcca.options import KEEP_BY, PER_FREQUENCY, PRECISIONS, SOLVE_NAMES, SPATIAL, SWEEP_SPATIAL
 from chunkcca.plot import plot_rho, plot_similarity
 from chunkcca.report import format_table, save_figure
 
@@ -66,7 +66,7 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _solve_options(parser: argparse.ArgumentParser) -> None:
+def _add_solve_options(parser: argparse.ArgumentParser) -> None:
     """The measures' own options; only those given are passed on (one no chosen measure reads is an error)."""
     parser.add_argument("--epsilon", type=float, help="ridge for CCA-family measures (default 0)")
     parser.add_argument("--keep", type=float, help="svcca: the share of each side's variance its kept directions "
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--measure", "--measures", dest="measure", nargs="+", default=["mean_cca"],
                          choices=[*MEASURES, *ALIASES], metavar="MEASURE",
                          help=f"measures, from {', '.join(MEASURES)} (default mean_cca)")
-    _solve_options(compare)
+    _add_solve_options(compare)
     _streaming_options(compare)
     compare.add_argument("--checkpoint", help="save the running statistics to this path as the run goes; "
                          "running the same comparison again resumes from it (needs a fixed --precision)")
@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--measures", "--measure", dest="measures", nargs="+", default=["mean_cca", "cka"],
                        choices=[*MEASURES, *ALIASES], metavar="MEASURE",
                        help=f"measures, from {', '.join(MEASURES)} (default mean_cca cka)")
-    _solve_options(sweep)
-    _streaming_options(sweep, spatial=("flatten", "avgpool"))  # flatten needs one spatial size for all layers
+    _add_solve_options(sweep)
+    _streaming_options(sweep, spatial=SWEEP_SPATIAL)  # flatten needs one spatial size for all layers
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
     sweep.add_argument("--plot", help="heatmap PNG of the first measure")
     return parser
@@ -289,7 +289,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
         save_figure(lambda: plot_similarity(result, measures[0]).figure, args.plot)
 
 
-def _size_decode_pool() -> None:
+def size_decode_pool() -> None:
     """Give zarr's decoding thread pool one thread per core in this process, unless the user configured it.
 
     zarr's default (cores + 4 threads) oversubscribes CPU-bound Blosc decoding, and every extra thread
@@ -306,7 +306,7 @@ def _size_decode_pool() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
     args = build_parser().parse_args(argv)
-    _size_decode_pool()
+    size_decode_pool()
 
     def one_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
         print(f"chunkcca {args.command}: warning: {str(message).splitlines()[0]}", file=sys.stderr)

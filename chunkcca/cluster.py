@@ -25,7 +25,7 @@ class PinBlas(WorkerPlugin):
 
 
 def prepare_workers(client: Any) -> None:
-    """Register :class:`PinBlas` on ``client``'s cluster once; a failure only warns (it is an optimisation)."""
+    """Register ``PinBlas`` on ``client``'s cluster once; a failure only warns (it is an optimisation)."""
     try:
         client.register_plugin(PinBlas(), name=PinBlas.name)
     except Exception as error:  # a worker refusing the plugin must not fail the comparison

@@ -3,7 +3,7 @@
 ``get_cca_similarity`` takes the same arguments in the same order, the same
 (neurons, datapoints) layout and returns the same dict keys with the same meaning as
 ``cca_core.get_cca_similarity`` of google/svcca, but accepts numpy or Dask arrays and
-streams them chunk by chunk: the covariance comes from :class:`~chunkcca.moments.Moments`,
+streams them chunk by chunk: the covariance comes from [`Moments`][chunkcca.Moments],
 then the reference's own small solve is repeated on it (max-abs rescaling, pruning of
 neurons whose rescaled variance is below ``epsilon``, ``+ epsilon·I``, ``pinv``, an ``eigh``
 square root, SVD), so results agree to rounding, signs of directions included.
@@ -39,7 +39,7 @@ import xarray as xr
 from .api import compute_moments
 from .layers import as_activations
 from .moments import Moments
-from .options import PRECISIONS, ProductPrecision, StreamOptions, check_choice, check_epsilon
+from .options import MEMORY_LIMIT, PRECISIONS, ProductPrecision, StreamOptions, check_choice, check_epsilon
 from .passes import stream_layers
 from .rows import plan_adapters
 
@@ -63,7 +63,7 @@ def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
 
 
 def _stream_neurons_first(acts1: Any, acts2: Any, *, epsilon: float, precision: str, scheduler: Any,
-                          progress: bool = False) -> Moments:
+                          memory_limit: int | str, progress: bool = False) -> Moments:
     """Validate google/svcca-layout inputs (neurons, datapoints) and stream their Moments."""
     if getattr(acts1, "ndim", None) == 2 and acts1.shape[0] >= acts1.shape[1]:  # the reference asserts acts1 only
         raise ValueError(f"acts1 has shape {tuple(acts1.shape)}: input must be (neurons, datapoints) "
@@ -74,7 +74,7 @@ def _stream_neurons_first(acts1: Any, acts2: Any, *, epsilon: float, precision: 
                          f"they must match")
     check_epsilon(epsilon)
     check_choice("precision", precision, PRECISIONS)
-    options = StreamOptions(precision=precision, scheduler=scheduler, progress=progress)
+    options = StreamOptions(precision=precision, scheduler=scheduler, progress=progress, memory_limit=memory_limit)
     return stream_layers(layers, plan_adapters(*layers, options), options).moments
 
 
@@ -109,7 +109,8 @@ def _mean_dtype(dtype: np.dtype) -> np.dtype:
 
 def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: float = 0.98,
                        compute_coefs: bool = True, compute_dirns: bool = False, verbose: bool = True,
-                       *, precision: ProductPrecision = "float64", scheduler: Any = None) -> dict[str, Any]:
+                       *, precision: ProductPrecision = "float64", scheduler: Any = None,
+                       memory_limit: int | str = MEMORY_LIMIT) -> dict[str, Any]:
     """google/svcca's ``get_cca_similarity``, streamed.
 
     Parameters
@@ -124,6 +125,9 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         ``np.cov`` to rounding, "float32" is faster.
     scheduler
         Dask scheduler (default: the active one).
+    memory_limit
+        Budget for the statistics held at once (default "4GiB"): (p + q + 2) · (p + q) float64 values per
+        partial, p and q the neurons; checked before streaming.
 
     Returns
     -------
@@ -138,6 +142,7 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
     if verbose:
         print("streaming covariance")
     stats = _stream_neurons_first(acts1, acts2, epsilon=epsilon, precision=precision, scheduler=scheduler,
+                                  memory_limit=memory_limit,
                                   progress=verbose)
     solved = _solve(stats, epsilon, threshold, verbose)
     if solved is None:
@@ -211,7 +216,7 @@ def _scatter_block(block: np.ndarray, kept: np.ndarray) -> np.ndarray:
 
 
 def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: ProductPrecision = "float64",
-                  scheduler: Any = None) -> tuple[Any, np.ndarray, np.ndarray]:
+                  scheduler: Any = None, memory_limit: int | str = MEMORY_LIMIT) -> tuple[Any, np.ndarray, np.ndarray]:
     """google/svcca's ``compute_pwcca``, streamed: ``(pwcca, weights, coefs)`` as the reference returns them.
 
     The reference forms "directions" ``D = coef · (acts − μ) + μ`` on the side with fewer kept
@@ -223,6 +228,19 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
     result depends on the SVD's signs exactly as the reference's does, and they agree because
     the same matrix is decomposed. With every neuron pruned the reference fails; here the
     result is ``(0.0, empty weights, 0)``.
+
+    Parameters
+    ----------
+    acts1, acts2, epsilon
+        As for [`get_cca_similarity()`][chunkcca.compat.get_cca_similarity]; real values only.
+    precision, scheduler, memory_limit
+        As for [`get_cca_similarity()`][chunkcca.compat.get_cca_similarity].
+
+    Returns
+    -------
+    tuple
+        ``(pwcca, weights, coefs)``: the weighted mean canonical correlation, the weight of each
+        canonical direction, and the canonical correlations.
     """
     from scipy.linalg import cholesky, solve_triangular
 
@@ -230,7 +248,8 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
         if np.iscomplexobj(np.empty(0, dtype=getattr(acts, "dtype", float))):
             raise TypeError(f"{name} has dtype {acts.dtype}; compute_pwcca takes real activations")
 
-    stats = _stream_neurons_first(acts1, acts2, epsilon=epsilon, precision=precision, scheduler=scheduler)
+    stats = _stream_neurons_first(acts1, acts2, epsilon=epsilon, precision=precision, scheduler=scheduler,
+                                  memory_limit=memory_limit)
     solved = _solve(stats, epsilon, 0.98)
     if solved is None:
         return np.float64(0.0), np.zeros(0), np.asarray(0)
@@ -266,17 +285,14 @@ def _directions(acts: Any, transform: np.ndarray, means: np.ndarray) -> Any:
 
 def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, compute_dirns: bool = False,
                  verbose: bool = False, *, epsilon: float = 0.0, threshold: float = 0.98,
-                 precision: ProductPrecision = "float64", scheduler: Any = None) -> Any:
+                 precision: ProductPrecision = "float64", scheduler: Any = None,
+                 memory_limit: int | str = MEMORY_LIMIT) -> Any:
     """google/svcca's ``dft_ccas.fourier_ccas``, as it is meant to work, streamed.
 
     Both layers (datapoint, height, width, channel), numpy or Dask, are DFT'd over (height,
     width) chunk by chunk; the frequencies both share are kept (``fft_resize``'s rule) and
-    :func:`get_cca_similarity`'s solve runs at each of them on the streamed complex covariance.
-
-    Returns a ``pandas.DataFrame`` with one row per frequency, in the reference's order
-    (``location`` = (i, j) indices into the kept frequencies, frequencies in FFT order), and
-    the columns ``cca_coef1``, ``cca_coef2``, ``x_idxs``, ``y_idxs``, ``mean``, ``sum``
-    (plus the complex coefficient keys with ``return_coefs``).
+    [`get_cca_similarity()`][chunkcca.compat.get_cca_similarity]'s solve runs at each of them on the streamed complex
+    covariance.
 
     Differences from the published function, which does not run on Python 3 (``xrange``, mixed
     tabs and spaces, ``DataFrame.append``):
@@ -291,6 +307,27 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
       ``chunkcca.cca(spatial="dft")`` for per-frequency coefficients);
     - it computes the FFT in complex64 whatever the input; here float64 input keeps complex128;
     - layers need not be square.
+
+    Parameters
+    ----------
+    conv_acts1, conv_acts2
+        Layers (datapoint, height, width, channel), numpy or Dask.
+    return_coefs
+        Add the per-frequency complex coefficient keys of
+        [`get_cca_similarity()`][chunkcca.compat.get_cca_similarity].
+    compute_dirns
+        Refused (see below).
+    verbose
+        Print the steps and a progress bar.
+    epsilon, threshold, precision, scheduler, memory_limit
+        As for [`get_cca_similarity()`][chunkcca.compat.get_cca_similarity].
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per frequency, in the reference's order (``location`` = (i, j) indices into the kept
+        frequencies, frequencies in FFT order), with the columns ``cca_coef1``, ``cca_coef2``,
+        ``x_idxs``, ``y_idxs``, ``mean``, ``sum`` (plus the coefficient keys with ``return_coefs``).
     """
     import pandas as pd
 
@@ -308,6 +345,7 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
     check_epsilon(epsilon)
     check_choice("precision", precision, PRECISIONS)
     stats = compute_moments(layer_a.data, layer_b.data, spatial="dft", precision=precision, scheduler=scheduler,
+                            memory_limit=memory_limit,
                             progress=verbose)
     records = []
     for location in np.ndindex(*stats.batch_shape):

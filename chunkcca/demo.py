@@ -1,6 +1,6 @@
 """The demo: write a store of two synthetic models, stream CCAs over it, print a table, save a plot.
 
-The layers come from :func:`chunkcca.datasets.demo_layers`, generated chunk by chunk, so the demo
+The layers come from ``chunkcca.datasets.demo_layers()``, generated chunk by chunk, so the demo
 itself never holds a whole layer.
 """
 

@@ -1,12 +1,12 @@
 """The Dask engine: one reduction over the datapoint chunks of aligned layers, tree-merged, on any scheduler.
 
-A :class:`Reduction` is declared as data, in the shape of flox's ``Aggregation``: a ``chunk``
-function from one chunk's rows (per side, after each side's :class:`~chunkcca.rows.Adapter`) to a
+A ``Reduction`` is declared as data, in the shape of flox's ``Aggregation``: a ``chunk``
+function from one chunk's rows (per side, after each side's ``Adapter``) to a
 partial, an associative ``combine`` of stacked partials, and a ``finalize`` from the merged
-partial to the result. :func:`reduction_graph` builds the lazy graph for any reduction (one
-partial per datapoint chunk, then a tree reduction with ``split_every``) and :func:`compute` runs
+partial to the result. ``reduction_graph()`` builds the lazy graph for any reduction (one
+partial per datapoint chunk, then a tree reduction with ``split_every``) and ``compute()`` runs
 graphs on the active or given scheduler with BLAS on one thread. The Moments
-(:func:`moments_reduction`) and minibatch CKA (:func:`minibatch_reduction`) are two such
+(``moments_reduction()``) and minibatch CKA (``minibatch_reduction()``) are two such
 reductions. Memory per task is O(chunk + split_every · partial) whatever the number of datapoints.
 """
 
@@ -65,7 +65,7 @@ def _moments_chunk(rows: list[np.ndarray], first_datapoint: int, *, precision: P
 
 def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, precision: ProductPrecision,
                       row_norms: bool = False) -> Reduction:
-    """The :class:`~chunkcca.moments.Moments` of the rows of sides of ``widths`` channels, concatenated.
+    """The ``Moments`` of the rows of sides of ``widths`` channels, concatenated.
 
     ``row_norms`` adds the row-norm sums (real rows only) that the debiased CKA needs.
     """
@@ -87,7 +87,7 @@ def _finalize_moments(packed: np.ndarray, *, sizes: tuple[int, ...], precision: 
 
 
 def minibatch_reduction(adapters: Sequence[Adapter], size: int) -> Reduction:
-    """Sums of minibatch HSICs over minibatches of ``size`` rows (see :mod:`chunkcca.minibatch`)."""
+    """Sums of minibatch HSICs over minibatches of ``size`` rows (see ``chunkcca.minibatch``)."""
     return Reduction(
         name="minibatch-cka",
         chunk=partial(minibatch_partial, size=size, rows_per_datapoint=adapters[0].rows_per_datapoint,
@@ -124,17 +124,15 @@ def _only_block(nested: Any) -> np.ndarray:
 
 
 def _chunk_task(first: np.ndarray, *blocks: Any, adapters: Sequence[Adapter], reduction: Reduction,
-                nan_policy: str | None, names: Sequence[str]) -> np.ndarray:
+                nan_policy: str, names: Sequence[str]) -> np.ndarray:
     """One datapoint chunk of every side → rows per side (finite) → ``reduction.chunk(rows, first_datapoint)``."""
     pin_blas()
     first_datapoint = int(first[0]) if first.size else 0
     blocks = tuple(_only_block(block) for block in blocks)
     reduce_rows = reduction.chunk
     # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out) below
-    with np.errstate(invalid="ignore") if nan_policy is not None else contextlib.nullcontext():
+    with np.errstate(invalid="ignore"):
         rows = [adapter.block_rows(block, first_datapoint) for block, adapter in zip(blocks, adapters)]
-        if nan_policy is None:
-            return reduce_rows(rows, first_datapoint)
         check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
                         datapoints=blocks[0].shape[0])
         if not reduction.nonfinite_shows:
@@ -156,14 +154,14 @@ def _combine(partials: np.ndarray, axis: Any = None, keepdims: bool = True, *,
 
 
 def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *,
-                    split_every: int, nan_policy: str | None = "raise", names: Sequence[str] = (),
+                    split_every: int, nan_policy: str = "raise", names: Sequence[str] = (),
                     offset: int = 0) -> da.Array:
     """The lazy merged partial (1, *reduction.shape) of the rows of ``sides``, one partial per datapoint chunk.
 
     ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
     channel), with one adapter each; Dask aligns their datapoint chunks. Rows with NaN or Inf
     raise an error naming the layer (from ``names``) and chunk, or are left out, as ``nan_policy``
-    says (None: no check). ``offset`` is the global index of the first datapoint of ``sides`` (for
+    says. ``offset`` is the global index of the first datapoint of ``sides`` (for
     the stride pattern when streaming a slice). Each side's datapoint chunk reaches the chunk
     function as one block, without the copy Dask makes when it joins blocks (sides chunked along
     other dims are rechunked whole along them). The graph's layers are named
@@ -190,12 +188,12 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
 def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None) -> tuple[Any, ...]:
     """Compute Dask graphs with BLAS pinned to one thread, on the active or given scheduler.
 
-    ``scheduler`` is anything :func:`dask.compute` takes ("threads", "processes",
+    ``scheduler`` is anything ``dask.compute()`` takes ("threads", "processes",
     "synchronous", a ``distributed.Client``) or the address of a Dask scheduler
     ("tcp://host:8786", connected to for this call); by default the active one (a
     ``distributed.Client`` if one is current, else the local threaded scheduler). With
     ``progress`` (a label saying what is computed) a progress bar is shown on stderr: a labelled Dask bar
-    locally (:class:`chunkcca.progress.Progress`), distributed's after the label on a cluster.
+    locally (``chunkcca.progress.Progress``), distributed's after the label on a cluster.
     """
     if is_address(scheduler):
         with connected(scheduler) as client:
@@ -226,9 +224,9 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None) ->
 
 
 def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, split_every: int,
-        scheduler: Any = None, progress: str | None = None, nan_policy: str | None = "raise", names: Sequence[str] = (),
+        scheduler: Any = None, progress: str | None = None, nan_policy: str = "raise", names: Sequence[str] = (),
         offset: int = 0) -> Any:
-    """Build, compute and finalize one reduction (see :func:`reduction_graph` and :func:`compute`)."""
+    """Build, compute and finalize one reduction (see ``reduction_graph()`` and ``compute()``)."""
     graph = reduction_graph(sides, adapters, reduction, split_every=split_every, nan_policy=nan_policy,
                             names=names, offset=offset)
     (merged,) = compute(graph, scheduler=scheduler, progress=progress)

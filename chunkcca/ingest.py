@@ -4,7 +4,8 @@ Loading a pickle runs code chosen by whoever wrote it. chunkcca reads pickles wi
 that admits numpy arrays only (the globals numpy's array pickling needs: ``_reconstruct``, ``ndarray``,
 ``dtype``, ``scalar``) and refuses anything else with an error naming the file and the global it met.
 ``.npy`` files are memory-mapped, so a large one is written to the store chunk by chunk. Pickles and .npz
-members are loaded whole, but one at a time: :func:`ingest` writes layer by layer, so it holds at most one
+members are loaded whole, but one at a time: [`ingest()`][chunkcca.ingest.ingest] writes layer by layer, so it holds
+at most one
 loaded file (or .npz member) however many it ingests.
 """
 
@@ -53,7 +54,20 @@ class ArrayOnlyUnpickler(pickle.Unpickler):
 
 
 def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
-    """A numpy array from a (optionally gzip-compressed) pickle, as google/svcca's tutorials ship them."""
+    """A numpy array from a (optionally gzip-compressed) pickle, as google/svcca's tutorials ship them.
+
+    The pickle is read with an unpickler that admits numpy arrays only: any other global is refused with
+    an error naming the file and the global.
+
+    Parameters
+    ----------
+    path
+        The pickle file.
+
+    Returns
+    -------
+    numpy.ndarray
+    """
     path = Path(path)
     with open(path, "rb") as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
@@ -88,7 +102,7 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _array_names(path: str | os.PathLike) -> list[str]:
-    """The names :func:`iter_arrays` gives for a file, without loading any array (an .npz's directory only)."""
+    """The names ``iter_arrays()`` gives for a file, without loading any array (an .npz's directory only)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
@@ -101,8 +115,9 @@ def _array_names(path: str | os.PathLike) -> list[str]:
 def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
     """``array`` datapoint-first, channel-last (a view: a memory-mapped .npy stays on disk); ``layout="neurons"``
     means (neurons, datapoints) as google/svcca's, "channels_first" (datapoint, channel, height, width) as
-    PyTorch's (:func:`ingest` has checked ``layout``); None is "datapoints" for arrays that do not look like
-    either. :func:`chunkcca.write_activations` chunks it."""
+    PyTorch's ([`ingest()`][chunkcca.ingest.ingest] has checked ``layout``); None is "datapoints" for arrays that do
+    not look like
+    either. [`chunkcca.write_activations()`][chunkcca.write_activations] chunks it."""
     if layout is None and array.ndim == 2 and array.shape[0] < array.shape[1]:
         raise ValueError(f"{source}: a 2-d array of shape {array.shape} has fewer rows than columns, as "
                          f"google/svcca's (neurons, datapoints) layout has: pass --layout neurons (layout='neurons') "
@@ -130,16 +145,17 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
 
 
 def _named_axes(values: Any, dims: tuple[str, ...] | None) -> Any:
-    """``values`` with its axes named as :func:`_as_layer` laid them out (an array of another rank is left for
-    :func:`chunkcca.write_activations` to refuse with its own message)."""
+    """``values`` with its axes named as ``_as_layer()`` laid them out (an array of another rank is left for
+    [`chunkcca.write_activations()`][chunkcca.write_activations] to refuse with its own message)."""
     return values if dims is None else xr.DataArray(values, dims=dims)
 
 
 class _Loaded:
-    """An array in memory, seen by Dask only through slicing, until :meth:`release`.
+    """An array in memory, seen by Dask only through slicing, until ``release()``.
 
     ``dask.array.from_array`` copies a numpy array whole (doubling the memory a loaded file takes), and the
-    graph that holds it outlives :func:`chunkcca.write_activations` in reference cycles until the garbage
+    graph that holds it outlives [`chunkcca.write_activations()`][chunkcca.write_activations] in reference cycles
+    until the garbage
     collector runs; through this wrapper Dask reads chunk by chunk without a copy, and ``release`` drops the
     array however long the graph lives.
     """
@@ -154,7 +170,8 @@ class _Loaded:
         return self.data[key]
 
     def as_dask(self, chunks: int | str) -> Any:
-        """Chunked as :func:`chunkcca.write_activations` will write it (so it does not rechunk)."""
+        """Chunked as [`chunkcca.write_activations()`][chunkcca.write_activations] will write it (so it does not
+            rechunk)."""
         import dask.array as da
 
         per_chunk = datapoints_per_chunk(self.shape, self.dtype.itemsize, chunks)
@@ -185,14 +202,15 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
         "w": a new store (``overwrite`` replaces an existing one); "a": add the layers to the existing store
         at ``path`` without touching its own (a layer path it holds already is an error).
     chunks, progress
-        As for :func:`chunkcca.write_activations`.
+        As for [`chunkcca.write_activations()`][chunkcca.write_activations].
 
     Returns
     -------
     xarray.DataTree
         The store, opened lazily.
 
-    The store is the one :func:`chunkcca.write_activations` would write from all the arrays at once, but it is
+    The store is the one [`chunkcca.write_activations()`][chunkcca.write_activations] would write from all the arrays
+    at once, but it is
     written layer by layer, so at most one pickle or .npz member is in memory at a time (a .npy is
     memory-mapped and streamed chunk by chunk). It is written to a temporary folder and renamed into place.
     """
@@ -251,7 +269,8 @@ def _layer_name(layer: str, key: str) -> str:
 def _place_pixels(store: Path, image: dict[str, tuple[int, int]],
                   stored: tuple[int, int] | None) -> tuple[int, int] | None:
     """Set the ``height``/``width`` coordinates of 4-d layers in units of the largest map of all layers (or
-    of the store's own image size, when adding to a store), as :func:`chunkcca.write_activations` does when
+    of the store's own image size, when adding to a store), as
+    [`chunkcca.write_activations()`][chunkcca.write_activations] does when
     given all layers at once (each layer was written alone, in units of its own map): pixel i of an s-pixel
     map at (i + 0.5) · extent / s. Returns the extent."""
     import zarr

@@ -18,6 +18,8 @@ import xarray as xr
 from dask.array import PerformanceWarning
 
 VARIABLE = "activations"
+#: Root attribute of a store: its layers in the order they were written (network order).
+ORDER_ATTR = "chunkcca_layers"
 CONV_DIMS: tuple[str, ...] = ("datapoint", "height", "width", "channel")
 FC_DIMS: tuple[str, ...] = ("datapoint", "channel")
 #: Bytes per datapoint chunk that ``chunks="auto"`` aims for.
@@ -25,7 +27,7 @@ CHUNK_BYTES = 16 * 2**20
 
 
 def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | str = "auto") -> int:
-    """Datapoints per chunk: ``chunks`` itself, or for "auto" as many as fit :data:`CHUNK_BYTES`."""
+    """Datapoints per chunk: ``chunks`` itself, or for "auto" as many as fit ``CHUNK_BYTES``."""
     if chunks == "auto":
         per_datapoint = int(np.prod(shape[1:])) * itemsize
         return int(max(1, CHUNK_BYTES // max(per_datapoint, 1)))  # Dask clips it to the array's length
@@ -51,7 +53,7 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     if isinstance(layer, xr.DataTree):
         name = name or layer.path.lstrip("/") or "/"
         if VARIABLE not in layer.data_vars:
-            below = [node.path.strip("/") for node in layer.subtree if VARIABLE in node.data_vars]
+            below = layer_paths(layer)
             if below:
                 raise ValueError(f"{name!r} is a group, not a layer; its layers are {', '.join(below)}: pass one of "
                                  f"them (or the group to similarity, for every pair)")
@@ -149,7 +151,7 @@ def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -
 
 
 def named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
-    """:func:`as_activations` of ``layer``, named by its node path or DataArray name, else ``default``."""
+    """``as_activations()`` of ``layer``, named by its node path or DataArray name, else ``default``."""
     is_named = isinstance(layer, xr.DataTree) or (isinstance(layer, xr.DataArray) and layer.name is not None)
     return as_activations(layer, None if is_named else default, dims=dims)
 
@@ -182,3 +184,22 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
         f"lazily, which reads its chunks several times and may hold much of it in memory: store both layers "
         f"in one order for large data", PerformanceWarning, stacklevel=3)
     return a, b.isel(datapoint=labels_b.get_indexer(labels_a))
+
+
+def layer_paths(tree: xr.DataTree) -> list[str]:
+    """The layers of a store, or of a group of one, in the order they were written (network order).
+
+    Parameters
+    ----------
+    tree
+        A store opened with [`open_activations()`][chunkcca.open_activations], or a node of one.
+
+    Returns
+    -------
+    list of str
+        Node paths without the leading '/', e.g. ``["model0/conv1", "model0/conv2"]``; layers a store
+        does not list (stores written before chunkcca recorded the order) follow, sorted.
+    """
+    found = [node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars]
+    rank = {path: i for i, path in enumerate(tree.root.attrs.get(ORDER_ATTR) or ())}
+    return sorted(found, key=lambda path: (rank.get(path, len(rank)), path))

@@ -1,11 +1,12 @@
 """The measures: solves on Moments, and the one registry that declares each measure as data.
 
 Each solver is a small float64 (complex128 for the DFT adapter) computation on a
-:class:`~chunkcca.moments.Moments`, costing O((p + q)³) per frequency whatever the number of
-datapoints. :data:`MEASURES` declares every measure once (its solver, the options it reads, the
+[`Moments`][chunkcca.Moments], costing O((p + q)³) per frequency whatever the number of
+datapoints. [`MEASURES`][chunkcca.measures.MEASURES] declares every measure once (its solver, the options it reads, the
 scalar it reports, the statistics it needs, whether it works per spatial frequency); the public
-functions, :func:`chunkcca.compare`, :func:`chunkcca.similarity` and the command line all read it.
-A new measure is a solver here and one :class:`Measure` entry in :data:`MEASURES`.
+functions, [`chunkcca.compare()`][chunkcca.compare], [`chunkcca.similarity()`][chunkcca.similarity] and the command
+line all read it.
+A new measure is a solver here and one ``Measure`` entry in [`MEASURES`][chunkcca.measures.MEASURES].
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ CONSTANT_RTOL = 1e-12
 
 
 #: Why finite-looking statistics can hold NaN or Inf (nan_policy=None, or values beyond float32's range).
-NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold non-finite values (nan_policy=None "
-                        "lets them through), or values too large for the products' precision")
+NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold values too large for the products' "
+                        "precision, or the Moments were built from non-finite values")
 
 def rounding_floor(moments: Moments) -> float:
     """The rounding unit of these Moments' products that the rank must allow for: float32's epsilon, or 0
@@ -50,7 +51,7 @@ def _inverse_std(cov: np.ndarray) -> np.ndarray:
 
 
 def _correlation_rank(cov: np.ndarray, floor: float) -> int:
-    """Numerical rank of a covariance, counted on its correlation matrix (see :func:`inverse_sqrt`)."""
+    """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``)."""
     scale = _inverse_std(cov)
     values = np.linalg.eigvalsh(cov * np.outer(scale, scale))
     return int((values > _rank_tolerance(values, floor)).sum())
@@ -60,7 +61,7 @@ def inverse_sqrt(cov: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, int]:
     """Hermitian pseudo-inverse square root of a covariance (p, p) and its numerical rank.
 
     Eigenvalues at most ``p · eps64 · max`` count as zero (as ``numpy.linalg.pinv``). For a correlation
-    matrix from float32 products, ``floor`` = eps32 (:func:`rounding_floor`) also cuts eigenvalues at most
+    matrix from float32 products, ``floor`` = eps32 (``rounding_floor()``) also cuts eigenvalues at most
     ``max(32 · eps32, eps32 · max)``: the rounding those products leave, measured on rank-deficient layers
     at up to about 6 · eps32 absolute, and up to 0.1 · eps32 · max for wide layers of very low rank (the
     largest eigenvalue is then about p). Genuine eigenvalues down to about 1e-5 are kept.
@@ -80,7 +81,7 @@ def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
 def _whitener(cov: np.ndarray, epsilon: float, floor: float) -> tuple[np.ndarray, int]:
     """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; and the rank.
 
-    ``floor`` (rounding of float32 products, :func:`rounding_floor`) applies without a ridge only: with
+    ``floor`` (rounding of float32 products, ``rounding_floor()``) applies without a ridge only: with
     ``epsilon > 0`` the user's regularisation decides. Zero-variance channels get zero weight.
     """
     regularised = cov + epsilon * np.eye(cov.shape[0])
@@ -126,16 +127,29 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
 
     Each side's covariance Σ (constant channels pruned) gets ``epsilon`` added to its diagonal and
     is whitened with its pseudo-inverse square root W (through the correlation matrix, so channel
-    units do not matter); the SVD
-    ``Wₐ Σₐᵦ Wᵦ = U diag(ρ) Vᴴ`` gives the canonical correlations ρ (descending) and the
-    neuron coefficients ``coef_a = Wₐ U``, ``coef_b = Wᵦ V``: canonical variate k of side a is
-    ``(x − mean_a) · coef_a[:, k]``, with unit variance when epsilon is 0.
+    units do not matter); the SVD ``Wₐ Σₐᵦ Wᵦ = U diag(ρ) Vᴴ`` gives the canonical correlations ρ
+    (descending) and the neuron coefficients ``coef_a = Wₐ U``, ``coef_b = Wᵦ V``: canonical variate k
+    of side a is ``(x − mean_a) · coef_a[:, k]``, with unit variance when epsilon is 0.
 
-    Returns a Dataset with ``rho`` (component), ``coef_a`` (channel_a, component), ``coef_b``
-    (channel_b, component), ``pruned_a``/``pruned_b`` (zero-variance channels, coefficient 0),
-    ``rank_a``/``rank_b``, ``rows`` and ``rho_mean``. component has min(p, q) entries;
-    directions beyond a side's rank have ρ = 0. Batched Moments (one set per frequency) get
-    one solve per batch element, along ``batch_dims``, and ``rho_mean`` averages over all of them.
+    Parameters
+    ----------
+    moments
+        Two-sided Moments, e.g. from [`compute_moments()`][chunkcca.compute_moments] or loaded with
+        [`Moments.load`][chunkcca.Moments.load]. Batched Moments (one set per spatial frequency, from ``spatial="dft"``)
+        get one solve per frequency.
+    epsilon
+        Ridge added to the diagonal of each side's covariance, >= 0.
+    batch_dims
+        Names of the batch dims of batched Moments.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``rho`` ([*batch_dims,] component; min(p, q) entries, directions beyond a side's rank have
+        ρ = 0), ``coef_a`` (channel_a, component), ``coef_b`` (channel_b, component),
+        ``pruned_a``/``pruned_b`` (zero-variance channels, coefficient 0), ``rank_a``/``rank_b``,
+        ``rows``, ``rho_mean`` and ``r2_cca`` (over every frequency, for batched Moments, which also get
+        ``rho_freq_mean``).
     """
     check_epsilon(epsilon)
     cov = _covariance(moments, "cca", batched=True)
@@ -217,10 +231,24 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
                        epsilon: float = 0.0) -> xr.Dataset:
     """SVCCA (Raghu et al. 2017): per side the fewest principal directions explaining ``keep``, then CCA.
 
-    ``keep_by="variance"`` counts eigenvalues of the covariance (variance explained),
-    ``"singular_values"`` their square roots (the singular values of the centred data, as
-    google/svcca's SVD step). Returns ``rho`` (component), ``dims_a``/``dims_b`` (directions
-    kept), ``rho_mean``, and ``coef_a``/``coef_b`` over the original channels.
+    Parameters
+    ----------
+    moments
+        Two-sided Moments, e.g. from [`compute_moments()`][chunkcca.compute_moments] or loaded with
+        [`Moments.load`][chunkcca.Moments.load].
+    keep
+        The share, in (0, 1], of each side's variance (or singular values) its kept directions hold.
+    keep_by
+        "variance" counts eigenvalues of the covariance (variance explained), "singular_values" their
+        square roots (the singular values of the centred data, as google/svcca's SVD step).
+    epsilon
+        Ridge of the CCA on the kept directions, >= 0.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``rho`` (component), ``dims_a``/``dims_b`` (directions kept), ``rho_mean``, ``rows``, and
+        ``coef_a``/``coef_b`` over the original channels.
     """
     SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon)
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
@@ -255,10 +283,25 @@ def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0, solved: xr.Dat
 
     On the side with fewer (non-constant) channels, canonical variate i is ``hᵢ = x̃ · coefᵢ``; its weight
     ``αᵢ ∝ Σⱼ |⟨hᵢ/‖hᵢ‖, x̃ⱼ⟩|`` over that side's channels j, which is
-    ``Σⱼ |(M coefᵢ)ⱼ| / sqrt(coefᵢᵀ M coefᵢ)`` with M the side's scatter. Returns ``pwcca``
-    (``Σ αᵢ ρᵢ``), ``weights`` and ``rho`` (component), ``side`` ("a" or "b"), and ``tied``:
-    components whose ρ equals another's within 1e-8, whose directions (and so weights) are not unique.
-    ``solved``: :func:`cca_from_moments` of these Moments with this ``epsilon``, if already computed.
+    ``Σⱼ |(M coefᵢ)ⱼ| / sqrt(coefᵢᵀ M coefᵢ)`` with M the side's scatter.
+
+    Parameters
+    ----------
+    moments
+        Two-sided Moments, e.g. from [`compute_moments()`][chunkcca.compute_moments] or loaded with
+        [`Moments.load`][chunkcca.Moments.load].
+    epsilon
+        Ridge of the CCA, >= 0.
+    solved
+        [`cca_from_moments()`][chunkcca.cca_from_moments] of these Moments with this ``epsilon``, if already
+        computed.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``pwcca`` (``Σ αᵢ ρᵢ``), ``weights`` and ``rho`` (component), ``side`` ("a" or "b"), ``rows``, and
+        ``tied``: components whose ρ equals another's within 1e-8, whose directions (and so weights) are
+        not unique.
     """
     _covariance(moments, "pwcca", batched=False)
     cca_result = cca_from_moments(moments, epsilon=epsilon) if solved is None else solved
@@ -298,8 +341,19 @@ def _debiased_hsic(cross: float, norm_product: float, trace_a: float, trace_b: f
 def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
     """Linear CKA (Kornblith et al. 2019) from Moments: ``‖Mab‖²_F / (‖Maa‖_F ‖Mbb‖_F)``.
 
-    ``debiased=True`` uses the unbiased HSIC estimator on all rows, made exact by the row-norm
-    sums of the Moments (``norm_products``); it needs at least 4 rows.
+    Parameters
+    ----------
+    moments
+        Two-sided Moments, e.g. from [`compute_moments()`][chunkcca.compute_moments] or loaded with
+        [`Moments.load`][chunkcca.Moments.load].
+    debiased
+        Use the unbiased HSIC estimator on all rows, made exact by the row-norm sums of the Moments
+        (``norm_products``: ``compute_moments(..., row_norms=True)``); it needs at least 4 rows.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``cka`` and ``rows``.
     """
     _pair(moments, "cka")
     p = moments.sizes[0]
@@ -337,7 +391,18 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     """Orthogonal Procrustes distance of the centred, unit-Frobenius-norm sides (Ding et al. 2021).
 
     ``d² = 2 − 2 ‖Σab‖_* / sqrt(tr Σaa · tr Σbb)``, the smallest ‖X − Y Q‖²_F over orthogonal Q
-    (sides of different widths are zero-padded). Also returns the ``similarity`` ‖Σab‖_* / sqrt(…).
+    (sides of different widths are zero-padded).
+
+    Parameters
+    ----------
+    moments
+        Two-sided Moments, e.g. from [`compute_moments()`][chunkcca.compute_moments] or loaded with
+        [`Moments.load`][chunkcca.Moments.load].
+
+    Returns
+    -------
+    xarray.Dataset
+        ``procrustes`` (the distance d), ``similarity`` (‖Σab‖_* / sqrt(tr Σaa · tr Σbb)) and ``rows``.
     """
     cov_aa, cov_ab, cov_bb = _pair(moments, "procrustes")
     scale = np.sqrt(np.trace(cov_aa) * np.trace(cov_bb))
@@ -368,10 +433,22 @@ def _partial_whitener(cov: np.ndarray, alpha: float, floor: float) -> np.ndarray
 def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dataset:
     """Angular shape metric of Williams et al. 2021 with partial whitening ``alpha``.
 
-    Each side is mapped by ``Tα = ((1 − α) Σ + α (tr Σ / p) I)^(−1/2)`` (α = 0: CCA-like, full
-    whitening; α = 1: Procrustes-like, no whitening; the identity is scaled by the mean variance so
-    the metric does not depend on the data's scale), then
-    ``θ = arccos(‖Ta Σab Tb‖_* / sqrt(tr(Ta Σaa Ta) tr(Tb Σbb Tb)))`` in radians.
+    Each side is mapped by ``Tα = ((1 − α) Σ + α (tr Σ / p) I)^(−1/2)`` (the identity scaled by the mean
+    variance, so the metric does not depend on the data's scale), then
+    ``θ = arccos(‖Ta Σab Tb‖_* / sqrt(tr(Ta Σaa Ta) tr(Tb Σbb Tb)))``.
+
+    Parameters
+    ----------
+    moments
+        Two-sided Moments, e.g. from [`compute_moments()`][chunkcca.compute_moments] or loaded with
+        [`Moments.load`][chunkcca.Moments.load].
+    alpha
+        In [0, 1]: 0 whitens fully (CCA-like), 1 not at all (Procrustes-like).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``shape_distance`` (θ, radians) and ``rows``.
     """
     SolveOptions(alpha=alpha)
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
@@ -390,7 +467,7 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
 
 
 class PairSolves:
-    """The solves of one pair's Moments under one :class:`~chunkcca.options.SolveOptions`, each done once.
+    """The solves of one pair's Moments under one [`SolveOptions`][chunkcca.options.SolveOptions], each done once.
 
     ``cca`` is shared: mean_cca, r2_cca and pwcca of one pair use one CCA solve.
     """
@@ -404,7 +481,7 @@ class PairSolves:
         return cca_from_moments(self.moments, epsilon=self.options.epsilon)
 
     def result(self, measure: str) -> xr.Dataset:
-        """The full result of ``measure`` (a name in :data:`MEASURES`) on this pair."""
+        """The full result of ``measure`` (a name in [`MEASURES`][chunkcca.measures.MEASURES]) on this pair."""
         if measure not in self._results:
             self._results[measure] = MEASURES[measure].solve(self)
         return self._results[measure]
@@ -421,23 +498,24 @@ class Measure:
     Attributes
     ----------
     name
-        Its name everywhere: Python, :func:`chunkcca.compare`, :func:`chunkcca.similarity`, the CLI.
+        Its name everywhere: Python, [`chunkcca.compare()`][chunkcca.compare],
+        [`chunkcca.similarity()`][chunkcca.similarity], the CLI.
     solve
-        The full result (an ``xarray.Dataset``) from a pair's :class:`PairSolves`.
+        The full result (an ``xarray.Dataset``) from a pair's ``PairSolves``.
     value
         The variable of that result holding the scalar the measure reports.
     description
         What the scalar is, in a few words (the ``long_name`` of compare's and similarity's variables).
     options
-        The :class:`~chunkcca.options.SolveOptions` fields it reads.
+        The [`SolveOptions`][chunkcca.options.SolveOptions] fields it reads.
     row_norms
         It needs the Moments' row-norm sums (computed only when a measure asks).
     per_frequency
         It works on the per-frequency (batched, complex) Moments of ``spatial="dft"``.
     canonical
-        It is a CCA-family measure: :func:`chunkcca.compare` adds the canonical correlations ``rho``.
+        It is a CCA-family measure: [`chunkcca.compare()`][chunkcca.compare] adds the canonical correlations ``rho``.
     details
-        Other variables of the result that :func:`chunkcca.compare` reports, as ``<name>_<variable>``.
+        Other variables of the result that [`chunkcca.compare()`][chunkcca.compare] reports, as ``<name>_<variable>``.
     """
 
     name: str
@@ -473,9 +551,10 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
 )}
 
 
-def check_measures(measures: Any, *, batched: bool = False) -> tuple[str, ...]:
+def check_measures(measures: Any, *, batched: bool = False, where: str | None = None) -> tuple[str, ...]:
     """``measures`` as a tuple of known names, at least one and none twice; with ``batched`` (per-frequency
-    Moments) only measures that work per frequency. A ValueError naming the measure at fault."""
+    Moments) only measures that work per frequency. A ValueError naming the measure (or ``where``, the function
+    computing it) at fault."""
     names = (measures,) if isinstance(measures, str) else tuple(measures)
     unknown = [name for name in names if name not in MEASURES]
     if unknown or not names:
@@ -486,6 +565,7 @@ def check_measures(measures: Any, *, batched: bool = False) -> tuple[str, ...]:
         flat = [name for name in names if not MEASURES[name].per_frequency]
         if flat:
             offered = ", ".join(name for name, measure in MEASURES.items() if measure.per_frequency)
-            raise ValueError(f"{flat[0]} does not work per spatial frequency (spatial='dft'); with spatial='dft' "
+            raise ValueError(f"{where or flat[0]} does not work per spatial frequency (spatial='dft'); with "
+                             f"spatial='dft' "
                              f"choose from {offered}, or use spatial='flatten', 'avgpool' or 'interp'")
     return names

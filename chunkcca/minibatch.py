@@ -23,7 +23,7 @@ def _hollow(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _hsic(k: tuple[np.ndarray, np.ndarray, float], l_: tuple[np.ndarray, np.ndarray, float]) -> float:
-    """Unbiased HSIC (Song et al. 2012) of two hollowed Gram matrices (see :func:`_hollow`), m >= 4."""
+    """Unbiased HSIC (Song et al. 2012) of two hollowed Gram matrices (see ``_hollow()``), m >= 4."""
     (gram_k, rows_k, total_k), (gram_l, rows_l, total_l) = k, l_
     m = gram_k.shape[0]
     trace = float(np.vdot(gram_k, gram_l))

@@ -1,6 +1,6 @@
 """Moments: the mergeable second-order statistics every measure is computed from.
 
-A :class:`Moments` holds, for the concatenated channels ``z = [x | y | ...]`` of the
+A [`Moments`][chunkcca.Moments] holds, for the concatenated channels ``z = [x | y | ...]`` of the
 sides being compared, the row count ``n``, the ``mean`` (shape (p,)) and the centred
 scatter matrix ``scatter = Σ (z − mean)(z − mean)ᴴ`` (shape (p, p)), in float64, or
 complex128 for the per-frequency statistics of the DFT adapter (then Hermitian, with
@@ -19,7 +19,7 @@ full-data debiased CKA exact.
 
 For streaming, a partial travels as one array of shape (1, *batch, p + 2 [+ 2L], p): row 0
 holds ``n`` in its first element, row 1 the mean, rows 2 … p + 1 the scatter, then the L rows
-of ``norm_moments`` and L rows whose first L entries are ``norm_products`` (see :func:`pack`).
+of ``norm_moments`` and L rows whose first L entries are ``norm_products`` (see ``pack()``).
 A float64 count is exact up to 2**53 rows.
 """
 
@@ -164,7 +164,7 @@ class Moments:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Moments:
-        """Read Moments written by :meth:`save`."""
+        """Read Moments written by ``save()``."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no saved Moments at {path}")
@@ -208,7 +208,7 @@ def pack(moments: Moments) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray, sizes: Sequence[int] = (), precision: str = "float64") -> Moments:
-    """Inverse of :func:`pack` for an array of shape (1, *batch, p + 2 [+ 2L], p), computed in ``precision``."""
+    """Inverse of ``pack()`` for an array of shape (1, *batch, p + 2 [+ 2L], p), computed in ``precision``."""
     p = packed.shape[-1]
     sides = (packed.shape[-2] - p - 2) // 2
     count = packed[(0,) + (0,) * (packed.ndim - 1)].real
@@ -235,7 +235,7 @@ def shift_norms(n: float, sums: np.ndarray, products: np.ndarray, norm_sums: np.
 
     In the old frame: ``sums = Σ u`` (p), ``products = Σ u uᵀ`` (p, p), ``norm_sums = Σ r``
     (L), ``norm_moments = Σ r uᵀ`` (L, p), ``norm_products = Σ r rᵀ`` (L, L), with
-    ``r_l = ‖u_l‖²``. With D, c from :func:`_side_blocks`, ``r' = r − 2 D u + c`` expands to the
+    ``r_l = ‖u_l‖²``. With D, c from ``_side_blocks()``, ``r' = r − 2 D u + c`` expands to the
     returned ``Σ r' u'ᵀ`` and ``Σ r' r'ᵀ``.
     """
     blocks, c = _side_blocks(sizes, delta)
@@ -255,7 +255,7 @@ def merge_packed(partials: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
 
     The k-way form of Chan et al.'s update: ``mean = Σ nᵢ μᵢ / n`` and
     ``M = Σ Mᵢ + Σ nᵢ (μᵢ − mean)(μᵢ − mean)ᴴ``; row-norm sums are moved to the merged mean
-    with :func:`shift_norms` and added. Empty partials (nᵢ = 0) contribute nothing.
+    with ``shift_norms()`` and added. Empty partials (nᵢ = 0) contribute nothing.
     """
     p = partials.shape[-1]
     counts = partials[:, ..., 0, 0].real  # (k, *batch), equal across the batch
@@ -291,7 +291,7 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision =
     """Packed partial (1, *batch, p + 2 [+ 2L], p) of the rows of each side, concatenated along channels.
 
     ``sides`` are arrays of shape (*batch, rows, pᵢ) with equal batch shape and rows, real or
-    complex. The rows are shifted by the mean of the first :data:`SHIFT_ROWS` rows and
+    complex. The rows are shifted by the mean of the first ``SHIFT_ROWS`` rows and
     multiplied in ``precision`` (complex64/complex128 for complex rows) one sub-block at a time
     through a single reused buffer; products and sums accumulate in float64 (complex128) and
     are corrected exactly for the shift. With ``row_norms`` real rows also give the row-norm

@@ -1,7 +1,9 @@
 """Every option of chunkcca, its type, default and validator, written once.
 
-Two objects carry the options from the public functions down: :class:`StreamOptions` (how layers are
-read, turned into rows and streamed) and :class:`SolveOptions` (the ridge and the measure parameters of
+Two objects carry the options from the public functions down: [`StreamOptions`][chunkcca.options.StreamOptions] (how
+layers are
+read, turned into rows and streamed) and [`SolveOptions`][chunkcca.options.SolveOptions] (the ridge and the measure
+parameters of
 the final solve). Both validate themselves on construction, naming the argument at fault, so nothing
 below the public functions checks an option again.
 """
@@ -31,6 +33,9 @@ KeepBy = Literal["variance", "singular_values"]
 SPATIAL: tuple[str, ...] = get_args(Spatial)
 #: The adapters that give one set of statistics per spatial frequency (batch dims) rather than one.
 PER_FREQUENCY: tuple[str, ...] = ("dft",)
+#: The adapters whose rows of a layer do not depend on the layer it is compared with: those a sweep of every
+#: pair in one pass can use.
+SWEEP_SPATIAL: tuple[str, ...] = ("flatten", "avgpool")
 PRECISIONS: tuple[str, ...] = get_args(ProductPrecision)
 METHODS: tuple[str, ...] = get_args(Method)
 GRIDS: tuple[str, ...] = get_args(Grid)
@@ -93,15 +98,15 @@ def check_scheduler(scheduler: Any) -> None:
 
 
 def memory_bytes(memory_limit: Any) -> int:
-    """``memory_limit`` ("4GiB", "200MB" or a number of bytes) in bytes, or a ValueError naming it."""
+    """``memory_limit`` ("4GiB", "200MB" or a positive number of bytes) in bytes, or a ValueError naming it."""
+    is_number = not isinstance(memory_limit, bool) and isinstance(memory_limit, (int, float, np.number))
     try:
-        limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else check_int("memory_limit",
-                                                                                          memory_limit)
-    except ValueError as error:
-        raise ValueError(f"memory_limit must be a number of bytes or a size such as '4GiB', got {memory_limit!r}"
-                         ) from error
-    if limit < 1:
-        raise ValueError(f"memory_limit must be positive, got {memory_limit!r}")
+        limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit if is_number else None
+    except ValueError:
+        limit = None
+    if limit is None or not np.isfinite(limit) or limit < 1:
+        raise ValueError(f"memory_limit must be a positive number of bytes or a size such as '4GiB', "
+                         f"got {memory_limit!r}")
     return int(limit)
 
 
@@ -136,9 +141,10 @@ class StreamOptions:
         NaN or Inf in the rows used raises an error naming the layer and the chunk's datapoints,
         or ("omit") such rows are left out of every side and counted in the ``rows_omitted`` attr.
     split_every : int
-        Partials merged per task of the tree reduction (lowered to fit ``memory_limit``).
-    memory_limit : int or str
-        Budget for the statistics held at once ("4GiB" by default), checked before streaming.
+        Partials merged per task of the tree reduction, at least 2 (lowered to fit ``memory_limit``).
+    memory_limit : int, float or str
+        Budget for the statistics held at once ("4GiB" by default), checked before streaming; kept in
+        bytes.
     scheduler
         The Dask scheduler: None (the active one: a current ``distributed.Client``, else the local
         threads), "threads", "synchronous", "processes", a ``distributed.Client`` or an address.
@@ -160,7 +166,7 @@ class StreamOptions:
     grid: Grid = "coords"
     nan_policy: NanPolicy = "raise"
     split_every: int = SPLIT_EVERY
-    memory_limit: int | str = MEMORY_LIMIT
+    memory_limit: int | float | str = MEMORY_LIMIT
     scheduler: Any = None
     progress: bool = False
     dims: Any = None
@@ -175,7 +181,7 @@ class StreamOptions:
         check_choice("grid", self.grid, GRIDS)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         object.__setattr__(self, "split_every", check_int("split_every", self.split_every, 2))
-        memory_bytes(self.memory_limit)
+        object.__setattr__(self, "memory_limit", memory_bytes(self.memory_limit))
         check_scheduler(self.scheduler)
         object.__setattr__(self, "progress", bool(self.progress))
         if self.checkpoint is not None:
@@ -193,10 +199,6 @@ class StreamOptions:
             raise TypeError(f"{where}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} "
                             f"{', '.join(map(repr, unknown))}; its streaming options are {', '.join(NAMES)}")
         return cls(**options)
-
-    @property
-    def memory_bytes(self) -> int:
-        return memory_bytes(self.memory_limit)
 
 
 #: The names of the streaming options.

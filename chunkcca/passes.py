@@ -1,8 +1,8 @@
 """The passes over aligned layers: plain, auto-precision pilot, checkpointed groups; the memory budget.
 
-:func:`stream_layers` streams any number of aligned, validated layers (one side each) into one
-:class:`~chunkcca.moments.Moments` in one pass over their chunks, whichever pass the options ask
-for; :func:`run_reduction` runs another declared reduction (minibatch CKA) the same way. Failures
+``stream_layers()`` streams any number of aligned, validated layers (one side each) into one
+``Moments`` in one pass over their chunks, whichever pass the options ask
+for; ``run_reduction()`` runs another declared reduction (minibatch CKA) the same way. Failures
 to read a store name the layers and stores at fault.
 """
 
@@ -68,7 +68,7 @@ def fit_split_every(reduction: Reduction, options: StreamOptions, names: Sequenc
 
     A merge task holds ``split_every`` partials plus its output.
     """
-    limit = options.memory_bytes
+    limit = int(options.memory_limit)
     partial = int(np.prod(reduction.shape, dtype=np.int64)) * np.dtype(reduction.dtype).itemsize
     fan_in = min(options.split_every, max(2, limit // max(partial, 1) - 1))
     if partial * (fan_in + 1) > limit:
@@ -89,9 +89,9 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
 
     Checks the memory budget first. With ``options.checkpoint`` the running Moments are saved there
     every ``options.checkpoint_every`` chunks and a run of the same layers and options resumes from
-    them (:mod:`chunkcca.checkpoint`). ``precision="auto"`` computes float64 Moments of the first
+    them (``chunkcca.checkpoint``). ``precision="auto"`` computes float64 Moments of the first
     datapoint chunk, keeps float32 products for the rest unless a side's correlation matrix there has
-    a condition number above :data:`AUTO_CONDITION`, and merges the two. A ValueError if no finite row
+    a condition number above ``AUTO_CONDITION``, and merges the two. A ValueError if no finite row
     is left.
     """
     names = tuple(str(layer.name) for layer in layers)
@@ -116,9 +116,12 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
         if options.precision == "auto":
             first = data[0].chunks[0][0]  # the first layer's first chunk (another's may then be read twice)
             stats = moments_of(0, first, "float64", step=", pass 1 of 2: the first chunk")
-            choice, note = _choose_precision(stats, names, first)
+            choice, reason = _choose_precision(stats, names, first)
             if first < datapoints:
                 stats = stats + moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest")
+                note = f"auto: {choice} products; {reason}"
+            else:
+                note = f"auto: float64 products, as the first chunk is the whole run ({choice} for the rest); {reason}"
         elif options.checkpoint is not None:
             stats = _checkpointed(layers, adapters, options, row_norms, moments_of)
         else:
@@ -162,7 +165,7 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
 
 
 def _choose_precision(pilot: Moments, names: Sequence[str], datapoints: int) -> tuple[ProductPrecision, str]:
-    """float32 or float64 products for ``precision="auto"``, from the pilot chunk's correlation matrices."""
+    """float32 or float64 products for ``precision="auto"``, from the pilot chunk's correlation matrices, and why."""
     worst, worst_name = 0.0, ""
     for name, part in zip(names, pilot.side_slices()):
         scatter = pilot.scatter[..., part, part]
@@ -171,8 +174,8 @@ def _choose_precision(pilot: Moments, names: Sequence[str], datapoints: int) -> 
         if condition > worst:
             worst, worst_name = condition, name
     choice: ProductPrecision = "float64" if worst > AUTO_CONDITION else "float32"
-    return choice, (f"auto: {choice} products; the largest correlation-matrix condition number in the first chunk "
-                    f"({datapoints} datapoints) is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
+    return choice, (f"the largest correlation-matrix condition number in the first chunk ({datapoints} datapoints) "
+                    f"is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
 
 
 def _condition(scatter: np.ndarray, kept: np.ndarray) -> float:

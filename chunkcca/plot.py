@@ -18,12 +18,12 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
 
     Each curve gets its own colour, line style and marker, so curves that coincide stay visible. Uses
     whatever matplotlib backend is active; for files without a display, call ``matplotlib.use("Agg")``
-    first or save with :meth:`Figure.savefig`.
+    first or save with ``Figure.savefig()``.
 
     Parameters
     ----------
     results
-        A result of :func:`chunkcca.cca`, or a mapping legend label → result.
+        A result of [`chunkcca.cca()`][chunkcca.cca], or a mapping legend label → result.
     ax
         Axes to draw on (default: a new figure).
     title
@@ -100,14 +100,14 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
 
 def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any = None, annotate: bool = True,
                     title: str | None = None, vmin: float | None = None, vmax: float | None = None) -> Any:
-    """Heatmap (layer_a × layer_b) of one measure of :func:`chunkcca.similarity`.
+    """Heatmap (layer_a × layer_b) of one measure of [`chunkcca.similarity()`][chunkcca.similarity].
 
     Cell labels are dark on light cells and light on dark cells; undefined (NaN) pairs read "n/a".
 
     Parameters
     ----------
     result
-        A result of :func:`chunkcca.similarity` (variables with dims ``(layer_a, layer_b)``).
+        A result of [`chunkcca.similarity()`][chunkcca.similarity] (variables with dims ``(layer_a, layer_b)``).
     measure
         The variable to draw (default: the first of ``attrs["measures"]``).
     ax
@@ -115,7 +115,8 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
     annotate
         Write each cell's value in it.
     title
-        Title, placed as in :func:`plot_frequency_means` (default: the measure, the layers and the
+        Title, placed as in [`plot_frequency_means()`][chunkcca.plot.plot_frequency_means] (default: the measure, the
+        layers and the
         spatial reduction and stride from attrs; ``""`` for none).
     vmin, vmax
         Colour range (default: the finite data's min and max); the colour bar label states it.

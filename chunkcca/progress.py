@@ -1,6 +1,6 @@
 """Progress bars that say what they are reading, and write no carriage-return noise into logs.
 
-:class:`Progress` is Dask's local progress bar (a scheduler callback) with a label: in a terminal it
+``Progress`` is Dask's local progress bar (a scheduler callback) with a label: in a terminal it
 redraws one line, ``reading 'model0/conv', 'model1/conv': [#####     ] 50% | 1.2s``; on a stream that is
 not a terminal (a log file, CI, a pipe) it writes one line when the computation ends and nothing before.
 """

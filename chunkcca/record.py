@@ -102,7 +102,12 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     datapoints
         Labels of the datapoints, in order (default 0, 1, …).
     chunks, compression, overwrite
-        As for :func:`chunkcca.write_activations`.
+        As for [`chunkcca.write_activations()`][chunkcca.write_activations].
+
+    Returns
+    -------
+    xarray.DataTree
+        The store, opened lazily, its layers in the order ``layers`` names them.
     """
     import torch
     import zarr

@@ -1,7 +1,7 @@
 """Row adapters: turn one chunk of a layer into the rows that enter the statistics.
 
 A block is a numpy array of shape (datapoint, height, width, channel) or (datapoint, channel)
-(fully connected: height = width = 1). An :class:`Adapter` maps it to rows of shape
+(fully connected: height = width = 1). An ``Adapter`` maps it to rows of shape
 (*batch, rows, channel), ``rows_per_datapoint`` rows per datapoint in C order of
 (datapoint, height, width):
 
@@ -19,7 +19,7 @@ With ``flatten`` that is exactly google/svcca's ``acts.reshape(-1, C)[::stride]`
 deterministic pattern (every other pixel column when the width is even), not random sampling.
 
 This module is the only one that knows the adapters by name: everything else asks an
-:class:`Adapter` (or :func:`is_batched`) what it gives.
+``Adapter`` (or ``is_batched()``) what it gives.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .options import METHODS, PER_FREQUENCY, StreamOptions
+from .options import METHODS, PER_FREQUENCY, SWEEP_SPATIAL, StreamOptions
 
 
 def is_batched(spatial: str) -> bool:
@@ -182,7 +182,7 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
 def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) -> tuple[Adapter, ...]:
     """One adapter per layer for a sweep, where every layer's rows must not depend on its partner's
     (flatten, with one spatial size for all, or avgpool); raises naming the layers otherwise."""
-    if options.spatial not in ("flatten", "avgpool"):
+    if options.spatial not in SWEEP_SPATIAL:
         raise ValueError(f"similarity supports spatial='flatten' or 'avgpool'; spatial={options.spatial!r} "
                          f"pairs each two layers on their own: compare pairs with chunkcca.compare or chunkcca.cca")
     if options.spatial == "flatten":
@@ -205,7 +205,7 @@ def shared_frequencies(size_a: int, size_b: int) -> tuple[np.ndarray, np.ndarray
 
 
 def frequency_labels(size_a: int, size_b: int) -> np.ndarray:
-    """Frequencies (cycles per map) of :func:`shared_frequencies`, in the same order: numpy's
+    """Frequencies (cycles per map) of ``shared_frequencies()``, in the same order: numpy's
     ``fftfreq(m) * m`` for the smaller size m, as exact integers."""
     index = np.arange(min(size_a, size_b))
     return np.where(index < (index.size + 1) // 2, index, index - index.size)
@@ -215,7 +215,7 @@ def _positions(layer: xr.DataArray, dim: str, grid: str, extent: int) -> np.ndar
     """Sample positions of ``layer`` along ``dim``: its coordinate, or svcca's index grid.
 
     A layer without the coordinate is taken to span ``extent`` (the finer layer's size), as
-    :func:`chunkcca.write_activations` places pixel centres: (i + 0.5) · extent / size.
+    ``chunkcca.write_activations()`` places pixel centres: (i + 0.5) · extent / size.
     """
     size = layer.sizes.get(dim, 1)
     if grid == "svcca":

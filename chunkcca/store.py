@@ -22,14 +22,12 @@ import numpy as np
 import xarray as xr
 
 from ._fs import filesystem, is_url, write_atomically
-from .layers import VARIABLE, as_activations, datapoints_per_chunk
+from .layers import ORDER_ATTR, VARIABLE, as_activations, datapoints_per_chunk, layer_paths
 from .options import check_choice
 from .progress import Progress
 from .rows import pixel_centres
 
-#: Root attributes of a store: its layers in the order they were written (network order), and the input image
-#: size (height, width) its layers' pixel centres are measured in.
-ORDER_ATTR = "chunkcca_layers"
+#: Root attribute of a store: the input image size (height, width) its layers' pixel centres are measured in.
 IMAGE_ATTR = "chunkcca_image_size"
 WriteMode = Literal["w", "a"]
 #: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
@@ -69,7 +67,8 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
                       chunks: int | str = "auto", image_size: int | tuple[int, int] | None = None,
                       overwrite: bool = False, compression: str | None = "lz4",
                       progress: bool = False) -> xr.DataTree:
-    """Write layers to a zarr (v3) store at ``path`` and return it opened with :func:`open_activations`.
+    """Write layers to a zarr (v3) store at ``path`` and return it opened with
+        [`open_activations()`][chunkcca.open_activations].
 
     Parameters
     ----------
@@ -220,10 +219,21 @@ def move_layer(part: Path, store: Path, layer: str) -> None:
 def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> xr.DataTree:
     """Open a store read-only as a lazy, Dask-backed DataTree chunked along datapoint only.
 
-    ``path`` is a local path or an fsspec URL (``"s3://bucket/acts.zarr"``, ``"file:///shared/acts.zarr"``;
-    the protocol's fsspec package must be installed), with ``storage_options`` for its filesystem
-    (credentials, endpoint). Every node holding ``activations`` is checked for dims and dtype;
-    nothing is read but metadata.
+    Every node holding ``activations`` is checked for dims and dtype; nothing is read but metadata.
+
+    Parameters
+    ----------
+    path
+        A local path or an fsspec URL (``"s3://bucket/acts.zarr"``, ``"file:///shared/acts.zarr"``; the
+        protocol's fsspec package must be installed).
+    storage_options
+        Options of a URL's filesystem (credentials, endpoint).
+
+    Returns
+    -------
+    xarray.DataTree
+        One node per layer (e.g. ``tree["model0/conv2"]``), each holding ``activations``; pass nodes to
+        the measures, or groups to [`similarity()`][chunkcca.similarity].
     """
     location = str(path) if is_url(str(path)) else os.path.abspath(path)  # one Dask name for any spelling
     if is_url(location):
@@ -250,19 +260,21 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     return tree
 
 
-def layer_paths(tree: xr.DataTree) -> list[str]:
-    """Paths (without the leading '/') of the nodes of ``tree`` (a store or a group of one) that hold
-    activations, in the order they were written (network order); layers the store does not list (stores
-    written before chunkcca recorded the order) follow, sorted."""
-    found = [node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars]
-    rank = {path: i for i, path in enumerate(tree.root.attrs.get(ORDER_ATTR) or ())}
-    return sorted(found, key=lambda path: (rank.get(path, len(rank)), path))
-
-
 def describe_store(path: str | os.PathLike, *,
                    storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The layers of a store: for each, its path, shape, dims, datapoints per chunk, chunks, dtype, bytes and
-    bytes on disk (what ``chunkcca info`` prints). Reads metadata and a listing of files, no data."""
+    """The layers of a store, as ``chunkcca info`` prints them; reads metadata and a file listing, no data.
+
+    Parameters
+    ----------
+    path, storage_options
+        As for [`open_activations()`][chunkcca.open_activations].
+
+    Returns
+    -------
+    list of dict
+        Per layer, in network order: ``layer``, ``shape``, ``dims``, ``datapoints_per_chunk``, ``chunks``,
+        ``dtype``, ``bytes`` and ``bytes_on_disk``.
+    """
     tree = open_activations(path, storage_options=storage_options)
     fs, root = filesystem(tree[layer_paths(tree)[0]][VARIABLE].encoding["store"], storage_options)
     rows = []
@@ -276,8 +288,20 @@ def describe_store(path: str | os.PathLike, *,
 
 
 def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Write a result to a local netCDF file (``.nc``) or zarr store (``.zarr``), atomically: a temporary file
-    beside ``path`` renamed into place, so an interrupted write leaves any older file whole."""
+    """Write a result to a local netCDF file or zarr store, atomically.
+
+    A temporary file beside ``path`` is renamed into place, so an interrupted write leaves any older file
+    whole.
+
+    Parameters
+    ----------
+    result
+        A result of chunkcca (or any Dataset whose attrs netCDF can hold).
+    path
+        A local ``.nc`` (netCDF) or ``.zarr`` path.
+    overwrite
+        Replace an existing file.
+    """
     suffix = Path(path).suffix
     if suffix == ".zarr":
         write_atomically(path, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False),

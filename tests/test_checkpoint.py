@@ -180,3 +180,22 @@ def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
     assert sorted(reads) == [0, 1, 2]
     want = chunkcca.compute_moments(narrow, wide, precision="float64")
     np.testing.assert_allclose(got.scatter, want.scatter, rtol=1e-12)
+
+
+def test_an_unreadable_or_older_checkpoint_is_named_as_such(tmp_path):
+    import json
+
+    from chunkcca import cca
+    from chunkcca.checkpoint import CheckpointError, load_progress
+
+    x = np.random.default_rng(0).standard_normal((40, 3))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"checkpoint .*empty cannot be read"):
+        cca(x, x[:, :2], checkpoint=tmp_path / "empty")
+    cca(x, x[:, :2], checkpoint=tmp_path / "run")
+    moments, done, fingerprint = load_progress(tmp_path / "run")
+    older = json.loads(fingerprint)
+    del older["format"]  # as the checkpoints of chunkcca before the re-laid package
+    moments.save(tmp_path / "old", attrs={"datapoints_done": done, "fingerprint": json.dumps(older)})
+    with pytest.raises(CheckpointError, match="made by another version of chunkcca"):
+        cca(x, x[:, :2], checkpoint=tmp_path / "old")

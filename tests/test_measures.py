@@ -219,7 +219,7 @@ def test_constant_side_is_reported_not_nan():
 
 def test_measures_reject_dft_and_bad_parameters():
     x, y = _pair(15)
-    with pytest.raises(ValueError, match=r"cka does not work per spatial frequency \(spatial='dft'\); with "
+    with pytest.raises(ValueError, match=r"cka\(\) does not work per spatial frequency \(spatial='dft'\); with "
                                          r"spatial='dft' choose from mean_cca, r2_cca"):
         cka(x, y, spatial="dft")
     with pytest.raises(ValueError, match=r"keep must be in \(0, 1\], got 1.5"):

@@ -17,22 +17,13 @@ from typing import Any
 import numpy as np
 
 import chunkcca
+from chunkcca.cli import size_decode_pool
 from chunkcca.datasets import demo_layers
 
 BENCH_DIR = Path("/tmp/chunkcca-bench")
 
 
-def size_decode_pool() -> None:
-    """zarr's decode pool at one thread per core, as the ``chunkcca`` command sets it (docs/performance.md)."""
-    import os
-
-    import zarr
-
-    if zarr.config.get("threading.max_workers", None) is None:
-        zarr.config.set({"threading.max_workers": os.cpu_count() or 2})
-
-
-size_decode_pool()
+size_decode_pool()  # one zarr decode thread per core, as the chunkcca command runs (docs/performance.md)
 
 
 def store_for(datapoints: int, *, channels: int = 64, chunk: int = 256, compression: str | None = "lz4",
