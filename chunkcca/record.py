@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ._fs import write_atomically
 from .layers import CONV_DIMS, FC_DIMS, VARIABLE, datapoints_per_chunk
 from .rows import pixel_centres
-from .store import codecs_for, open_activations
+from .store import WriteMode, check_new_layers, codecs_for, open_activations, write_store
 
 
 def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
@@ -85,8 +84,8 @@ class _ChunkWriter:
 
 
 def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Iterable[Any],
-           path: str | os.PathLike, *, datapoints: Sequence[Any] | None = None, chunks: int | str = "auto",
-           compression: str | None = "lz4", overwrite: bool = False) -> xr.DataTree:
+           path: str | os.PathLike, *, datapoints: Sequence[Any] | None = None, mode: WriteMode = "w",
+           chunks: int | str = "auto", compression: str | None = "lz4", overwrite: bool = False) -> xr.DataTree:
     """Run ``model`` over ``batches`` and write the outputs of ``layers`` to a store at ``path``.
 
     Parameters
@@ -101,6 +100,10 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         inputs (N, C, H, W) the layers' ``height``/``width`` coordinates are pixel centres in input pixels.
     datapoints
         Labels of the datapoints, in order (default 0, 1, …).
+    mode
+        "w": a new store (``overwrite`` replaces an existing one); "a": add the layers to the existing store at
+        ``path`` (e.g. a second model's, recorded on the same inputs) without touching its own; a layer path
+        it holds already is an error, raised before the model runs.
     chunks, compression, overwrite
         As for [`chunkcca.write_activations()`][chunkcca.write_activations].
 
@@ -114,13 +117,14 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
 
     modules = _modules(model, layers)
     compressors = codecs_for(compression)
+    check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
     captured: dict[str, np.ndarray] = {}
     hooks = [module.register_forward_hook(lambda _m, _i, output, path=path: captured.__setitem__(
         path, _channels_last(output, path))) for path, module in modules.items()]
     count = {"datapoints": 0}
     image: dict[str, tuple[int, int]] = {}
 
-    def write(tmp: Path) -> None:
+    def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         arrays: dict[str, Any] = {}
         writers: dict[str, _ChunkWriter] = {}
@@ -156,11 +160,13 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         labels = np.arange(count["datapoints"]) if datapoints is None else np.asarray(datapoints)
         if labels.shape != (count["datapoints"],):
             raise ValueError(f"datapoints has {labels.size} labels for {count['datapoints']} recorded datapoints")
+        extent = stored or image.get("size")
         for path, array in arrays.items():
-            _write_coords(root[path], array.shape, labels, image.get("size"))
+            _write_coords(root[path], array.shape, labels, extent)
+        return list(modules), extent
 
     try:
-        write_atomically(path, write, overwrite=overwrite)
+        write_store(path, build, mode=mode, overwrite=overwrite)
     finally:
         for hook in hooks:
             hook.remove()

@@ -25,7 +25,9 @@ from chunkcca.cli import main
 pytestmark = pytest.mark.cluster
 
 pytest.importorskip("distributed")
-DASK = shutil.which("dask") or str(Path(sys.executable).with_name("dask"))
+#: The dask command of this Python's environment (a virtual environment's, not another one on the PATH).
+DASK = str(Path(sys.executable).with_name("dask")) if Path(sys.executable).with_name("dask").exists() \
+    else shutil.which("dask")
 
 
 def _wait_for(predicate, timeout: float = 60.0) -> None:

@@ -118,3 +118,22 @@ def test_batches_of_changing_shape_are_refused(tmp_path):
     with pytest.raises(ValueError, match="gave outputs of shape"):
         record(net, {"x": net}, [torch.randn(2, 1, 2, 2), torch.randn(2, 1, 3, 3)], tmp_path / "r.zarr")
     assert not (tmp_path / "r.zarr").exists()
+
+
+def test_two_models_recorded_into_one_store_in_network_order(tmp_path):
+    """The second model is added to the first one's store, after it, leaving it untouched; layers keep the order
+    named (conv before fc, not alphabetical)."""
+    inputs = torch.randn(12, 1, 8, 8)
+    first, second = _net(), _net()
+    with torch.no_grad():
+        second[0].weight.mul_(-1)
+    record(first, {"m0/conv": "0", "m0/fc": "4"}, [inputs[:6], inputs[6:]], tmp_path / "r.zarr")
+    before = {p: p.read_bytes() for p in (tmp_path / "r.zarr" / "m0").rglob("*") if p.is_file()}
+    tree = record(second, {"m1/conv": "0", "m1/fc": "4"}, [inputs[:6], inputs[6:]], tmp_path / "r.zarr", mode="a")
+    assert chunkcca.layer_paths(tree) == ["m0/conv", "m0/fc", "m1/conv", "m1/fc"]
+    assert {p: p.read_bytes() for p in (tmp_path / "r.zarr" / "m0").rglob("*") if p.is_file()} == before
+    np.testing.assert_allclose(tree["m1/conv"]["height"], tree["m0/conv"]["height"])
+    with pytest.raises(ValueError, match="already holds layer m1/fc"):
+        record(second, {"m1/fc": "4"}, [inputs], tmp_path / "r.zarr", mode="a")
+    result = chunkcca.similarity(tree["m0"], tree["m1"], measures=["cka"], spatial="avgpool")
+    assert list(result["layer_a"].values) == ["m0/conv", "m0/fc"]
