@@ -61,3 +61,10 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "chunkcca.cli", "demo", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--datapoints" in out and "--out" in out
+
+
+@pytest.mark.slow
+def test_demo_takes_the_precision_and_scheduler_forms_of_the_other_commands(tmp_path, capsys):
+    assert main(["demo", "--datapoints", "80", "--chunk", "40", "--out", str(tmp_path), "--precision", "auto",
+                 "--scheduler", "synchronous", "--no-progress"]) == 0
+    assert "conv2 vs pool2  avgpool" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,20 @@ def test_help_runs_no_example(tmp_path):
         out = _run(str(EXAMPLES / script), "--help", cwd=tmp_path)
         assert out.startswith("usage:")
     assert not any(tmp_path.iterdir()), "--help wrote nothing"
+
+
+def test_the_readme_quick_start_runs_twice(tmp_path):
+    """The README's quick start, as printed, run twice in the same folder (it overwrites its own store)."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = readme.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "quick.py").write_text(code)
+    for _ in range(2):
+        out = _run(str(tmp_path / "quick.py"), cwd=tmp_path)
+        assert out.split()[-1] == "16000"  # rows: 500 datapoints x 8 x 8 positions, every other one
+
+
+def test_real_activations_are_found_where_chunkcca_test_data_points(tmp_path):
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", "import conftest; print(conftest.SHARED_DATA)"], cwd=tests,
+                          capture_output=True, text=True, env={**os.environ, "CHUNKCCA_TEST_DATA": str(tmp_path)})
+    assert done.stdout.strip() == str(tmp_path), done.stderr
