@@ -1,15 +1,22 @@
-"""Files: atomic writes, URLs and fsspec filesystems (no statistics)."""
+"""Files: atomic writes, temporary folders that say whose they are, URLs and fsspec filesystems (no statistics)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+#: The file in each temporary folder that names the process writing it.
+OWNER = "owner.json"
 
 
 def is_url(location: str) -> bool:
@@ -25,27 +32,80 @@ def filesystem(location: str | os.PathLike, storage_options: Mapping[str, Any] |
     return url_to_fs(str(location), **dict(storage_options or {}))
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool) -> None:
+def leftovers(path: str | os.PathLike) -> list[tuple[Path, bool]]:
+    """The temporary folders beside ``path`` that writes of it left (``.<name>.*.tmp``), each with whether it is
+    stale: its writer, a process of this machine, is gone (a folder with no owner, from an older chunkcca, is
+    not called stale)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for folder in sorted(path.parent.glob(f".{path.name}.*.tmp")):
+        try:
+            owner = json.loads((folder / OWNER).read_text())
+        except (OSError, ValueError):
+            found.append((folder, False))
+            continue
+        found.append((folder, owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0)))))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh hidden folder beside ``path`` (so renames from it are atomic), naming its writer, removed afterwards.
+
+    Stale folders that killed writes of ``path`` left are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for folder, stale in leftovers(path):
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        (tmp / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool,
+                     replaceable: Callable[[Path], bool] | None = None, what: str = "file") -> None:
     """Call ``write(tmp_path)`` on a fresh temporary path beside ``path``, then move it into place.
 
-    A write killed midway leaves only a hidden ``.tmp`` folder. An existing ``path`` is replaced
-    (only with ``overwrite=True``) after the new one is complete, in one step where the OS can swap two
-    folders (Linux); elsewhere by two renames, putting the old one back if the second fails or is
-    interrupted.
+    A write killed midway leaves only a hidden ``.tmp`` folder (removed by the next write of ``path``). Without
+    ``overwrite`` an existing ``path`` is an error, also when another writer puts one there meanwhile: exactly
+    one of two concurrent writers wins. With ``overwrite`` an existing ``path`` is replaced after the new one is
+    complete, in one step where the OS can swap two folders (Linux), elsewhere by two renames (putting the old
+    one back if the second fails), and only if ``replaceable(path)`` says it is a ``what`` (e.g. an activation
+    store), never whatever else stands there.
     """
     if is_url(str(path)):
         raise ValueError(f"{path}: chunkcca writes to local paths only (the write is made atomic by renaming a "
                          f"finished folder into place); write locally and copy, or to a mounted filesystem")
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    check_replaceable(path, overwrite, replaceable, what)
+    with temporary_beside(path) as tmp:
         target = tmp / "data"
         write(target)
+        if not overwrite:
+            rename_no_replace(target, path)
+            return
+        check_replaceable(path, overwrite, replaceable, what)
         if not path.exists():
-            os.replace(target, path)
+            rename_no_replace(target, path)
         elif not exchange_paths(target, path):  # swapped: the old one is at target now
             try:
                 os.replace(path, tmp / "old")
@@ -54,8 +114,33 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
                 if not path.exists() and (tmp / "old").exists():
                     os.replace(tmp / "old", path)
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(path: Path, overwrite: bool, replaceable: Callable[[Path], bool] | None, what: str) -> None:
+    """``path`` may be written: it does not exist, or ``overwrite`` is set and ``replaceable(path)`` says it is a
+    ``what`` chunkcca wrote; else a FileExistsError saying which."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if path.is_symlink() or (replaceable is not None and not replaceable(path)):
+        raise FileExistsError(f"{path} exists and is not a {what} chunkcca wrote; overwrite=True replaces only "
+                              f"that, never anything else: choose another path")
+
+
+def rename_no_replace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, failing with FileExistsError if ``target`` exists (also when it appears
+    meanwhile): Linux ``renameat2`` with ``RENAME_NOREPLACE``; elsewhere a hard link for files, a rename for
+    folders (which fails onto a folder that is not empty)."""
+    if _renameat2(source, target, flags=1):
+        return
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    if source.is_dir():
+        os.rename(source, target)
+    else:
+        os.link(source, target)
+        os.unlink(source)
 
 
 def exchange_paths(a: Path, b: Path) -> bool:
@@ -63,13 +148,25 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
     Returns False, changing nothing, where the OS, C library or filesystem cannot.
     """
+    return _renameat2(a, b, flags=2)
+
+
+def _renameat2(source: Path, target: Path, *, flags: int) -> bool:
+    """Linux ``renameat2``: True if done; False where unavailable; FileExistsError for RENAME_NOREPLACE onto an
+    existing ``target``."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
 
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
     if renameat2 is None:  # glibc before 2.28, or another C library
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_cwd, rename_exchange = -100, 2
-    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(source), at_cwd, os.fsencode(target), flags) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno == 17:  # EEXIST
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    return False

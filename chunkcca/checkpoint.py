@@ -37,8 +37,13 @@ def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], op
     hashes in-memory data and names store-backed data by path) and, for store-backed layers, the hash of
     their files' names, sizes and modification times (so a rewritten or edited store is another run);
     the adapters (every field, by Dask token) and the options."""
-    described = [(str(layer.name), list(layer.shape), str(layer.dtype), layer.data.name, store_signature(layer))
-                 for layer in layers]
+    # A store-backed layer is known by its files (names, sizes, mtimes), not by its Dask name, which holds the
+    # store's path: a moved store resumes its checkpoint.
+    described = []
+    for layer in layers:
+        files = store_signature(layer)
+        described.append((str(layer.name), list(layer.shape), str(layer.dtype), None if files else layer.data.name,
+                          files))
     tokens = [dask.base.tokenize(adapter) for adapter in adapters]
     return json.dumps({"format": FORMAT, "layers": described, "adapters": tokens, **dict(sorted(options.items()))},
                       default=str)

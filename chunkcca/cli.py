@@ -181,7 +181,7 @@ def _stores(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _run_ingest(args: argparse.Namespace) -> None:
-    if os.path.exists(args.store) and not (args.overwrite or args.append):
+    if os.path.lexists(args.store) and not (args.overwrite or args.append):
         raise ValueError(f"{args.store} exists; pass --overwrite to replace it, or --append to add layers to it")
     sources = {}
     for item in args.layers:
@@ -320,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare,
                  "sweep": _run_sweep}[args.command](args)
+    except MemoryError as error:
+        print(f"chunkcca {args.command}: error: out of memory{': ' + str(error).splitlines()[0] if str(error) else ''}",
+              file=sys.stderr)
+        return 2
     except ImportError as error:  # e.g. the fsspec package of a URL's protocol (s3fs for s3://) is missing
         missing = f"the package {error.name!r} is not installed" if error.name else "a package is missing"
         print(f"chunkcca {args.command}: error: {missing}: {str(error).splitlines()[0]}", file=sys.stderr)

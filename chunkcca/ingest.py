@@ -16,6 +16,7 @@ import os
 import pickle
 import shutil
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,66 @@ from .layers import CONV_DIMS, FC_DIMS, datapoints_per_chunk
 from .rows import pixel_centres
 from .store import WriteMode, check_new_layers, move_layer, open_activations, write_activations, write_store
 
-#: The only globals a pickle may name: what numpy needs to rebuild arrays (numpy 1 and 2 module paths).
+#: The only globals a pickle may name: what numpy needs to rebuild arrays (numpy 1 and 2 module paths), in
+#: every pickle protocol: ``_frombuffer`` (protocol 5) and ``_codecs.encode`` (the bytes of protocols 0–2, admitted
+#: for latin-1 only, see :func:`_latin1_bytes`).
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     (module, name)
     for module in ("numpy.core.multiarray", "numpy._core.multiarray")
     for name in ("_reconstruct", "scalar")
-) | {("numpy", "ndarray"), ("numpy", "dtype")}
+) | frozenset((module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")) | {
+    ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocols 0–2 use it for bytes (``encode(text, "latin1")``), and nothing else."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1", errors)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to allocate (Linux's MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class _Bounded:
+    """A file read through a budget: a read asking for more bytes than remain (a pickle declares the size of
+    its data before it) is refused before anything is allocated."""
+
+    def __init__(self, file: Any, budget: int | None, source: str) -> None:
+        self.file, self.remaining, self.source = file, budget, source
+
+    def _spend(self, size: int) -> None:
+        if self.remaining is None:
+            return
+        if size > self.remaining:
+            raise MemoryError(f"{self.source}: the pickle declares more data than the memory available "
+                              f"({self.remaining / 2**30:.1f} GiB left); refusing to expand it")
+        self.remaining -= size
+
+    def read(self, size: int = -1) -> bytes:
+        if size is not None and size >= 0:
+            self._spend(size)
+        data = self.file.read(size)
+        if size is None or size < 0:
+            self._spend(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        self._spend(len(buffer))
+        return self.file.readinto(buffer)
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self.file.readline(size)
+        self._spend(len(line))
+        return line
 
 #: How a file's axes are laid out: datapoint first and channel last (chunkcca's), google/svcca's 2-d
 #: (neurons, datapoints), or PyTorch's channels-first (datapoint, channel, height, width).
@@ -49,6 +104,8 @@ class ArrayOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         raise pickle.UnpicklingError(f"{self.source}: refusing to load {module}.{name}; chunkcca reads pickles of "
                                      f"numpy arrays only")
 
@@ -72,7 +129,7 @@ def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
     with open(path, "rb") as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
     with (gzip.open(path, "rb") if compressed else open(path, "rb")) as file:
-        value = ArrayOnlyUnpickler(file, source=str(path)).load()
+        value = ArrayOnlyUnpickler(_Bounded(file, _available_memory(), str(path)), source=str(path)).load()
     if not isinstance(value, np.ndarray):
         raise ValueError(f"{path} holds a {type(value).__name__}, not a numpy array")
     return value
@@ -107,8 +164,15 @@ def _array_names(path: str | os.PathLike) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            return list(archive.files)
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                others = [member for member in archive.zip.namelist() if not member.endswith(".npy")]
+                if others:
+                    raise ValueError(f"{path} holds {others[0]!r}, which is not a .npy array; an .npz for chunkcca "
+                                     f"holds arrays only")
+                return list(archive.files)
+        except (OSError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"cannot read {path} as a .npz file: {type(error).__name__}: {error}") from error
     return [""]
 
 
@@ -225,6 +289,10 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
             seen.append(name)
     if not seen:
         raise ValueError("ingest needs at least one layer")
+    output = Path(path).resolve()
+    for source in sources.values():
+        if output == Path(source).resolve() or output in Path(source).resolve().parents:
+            raise ValueError(f"{path} is where {source} is read from: write the store elsewhere")
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:

@@ -7,6 +7,7 @@ layer. Anything a measure takes (numpy and Dask arrays, DataArrays, Datasets and
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -203,3 +204,42 @@ def layer_paths(tree: xr.DataTree) -> list[str]:
     found = [node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars]
     rank = {path: i for i, path in enumerate(tree.root.attrs.get(ORDER_ATTR) or ())}
     return sorted(found, key=lambda path: (rank.get(path, len(rank)), path))
+
+
+#: Characters a layer path's parts may hold: letters, digits and ``_ - . + =``.
+_SAFE_PART = re.compile(r"[A-Za-z0-9_+=\-][A-Za-z0-9_+=.\-]*")
+
+
+def layer_path(name: Any) -> str:
+    """``name`` as a layer path: parts split by '/', leading and trailing '/' dropped; a ValueError naming it when a
+    part is empty, hidden (starts with '.', which chunkcca keeps for its temporary folders), reserved by zarr
+    (starts with '__') or holds other characters than letters, digits and ``_ - . + =``."""
+    path = str(name).strip("/")
+    for part in path.split("/"):
+        if not _SAFE_PART.fullmatch(part) or part.startswith("__") or part in (VARIABLE, *CONV_DIMS):
+            raise ValueError(f"layer path {name!r}: each part between '/' must be a name of letters, digits and "
+                             f"_ - . + = that does not start with '.' or '__' and is not {VARIABLE!r} or a dim name "
+                             f"(part {part!r})")
+    return path
+
+
+def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), where: str = "") -> list[str]:
+    """Layer paths normalised by :func:`layer_path`, refused if one is given twice (``"fc"`` and ``"/fc"`` too), is
+    in ``existing`` already, or holds another layer (``"x"`` and ``"x/y"``: a layer is a leaf of the store)."""
+    paths = [layer_path(name) for name in names]
+    seen: dict[str, Any] = {}
+    for name, path in zip(names, paths):
+        if path in seen:
+            raise ValueError(f"layer path {path!r} is given twice ({seen[path]!r} and {name!r})")
+        seen[path] = name
+    place = f" in {where}" if where else ""
+    for path in paths:
+        if path in existing:
+            raise ValueError(f"{where or 'the store'} already holds layer {path}; adding leaves every existing layer "
+                             f"as it is: choose another name")
+        for other in (*paths, *existing):
+            if other.startswith(path + "/") or path.startswith(other + "/"):
+                outer, inner = (path, other) if other.startswith(path + "/") else (other, path)
+                raise ValueError(f"layer {outer!r} would hold layer {inner!r}{place}: a layer cannot hold another; "
+                                 f"name them side by side (e.g. {outer + '/out'!r} and {inner!r})")
+    return paths

@@ -24,6 +24,7 @@ from .engine import NonFiniteError, Reduction, common_boundaries, connected, mom
 from .moments import Moments
 from .options import ProductPrecision, StreamOptions
 from .rows import Adapter
+from .store import check_complete, check_unchanged
 
 #: precision="auto" keeps float32 products while every side's correlation matrix in the first chunk has a
 #: condition number at most this: float32 products were measured to move correlations by up to ~1e-6 at
@@ -112,6 +113,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
                    progress=label, nan_policy=options.nan_policy, names=names, offset=start)
 
     note = None
+    check_complete(layers)
     with reading(layers):
         if options.precision == "auto":
             first = data[0].chunks[0][0]  # the first layer's first chunk (another's may then be read twice)
@@ -126,6 +128,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
             stats = _checkpointed(layers, adapters, options, row_norms, moments_of)
         else:
             stats = moments_of(0, datapoints, options.precision)
+    check_unchanged(layers)
     if stats.n == 0:
         raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
     rows = adapters[0].row_count(datapoints)
@@ -157,11 +160,14 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
                   options: StreamOptions, *, chunks: tuple[int, ...] | None = None) -> Any:
     """One pass of any declared reduction over aligned layers (rechunked along datapoint to ``chunks`` if given)."""
     sides: list[da.Array] = [layer.data if chunks is None else layer.data.rechunk({0: chunks}) for layer in layers]
+    check_complete(layers)
     with reading(layers):
         names = tuple(str(layer.name) for layer in layers)
         label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
-        return run(sides, adapters, reduction, split_every=options.split_every, scheduler=options.scheduler,
-                   progress=label, nan_policy=options.nan_policy, names=names)
+        result = run(sides, adapters, reduction, split_every=options.split_every, scheduler=options.scheduler,
+                     progress=label, nan_policy=options.nan_policy, names=names)
+    check_unchanged(layers)
+    return result
 
 
 def _choose_precision(pilot: Moments, names: Sequence[str], datapoints: int) -> tuple[ProductPrecision, str]:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -21,14 +20,16 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from ._fs import filesystem, is_url, write_atomically
-from .layers import ORDER_ATTR, VARIABLE, as_activations, datapoints_per_chunk, layer_paths
+from ._fs import check_replaceable, filesystem, is_url, temporary_beside, write_atomically
+from .layers import ORDER_ATTR, VARIABLE, as_activations, check_layer_paths, datapoints_per_chunk, layer_paths
 from .options import check_choice
 from .progress import Progress
 from .rows import pixel_centres
 
-#: Root attribute of a store: the input image size (height, width) its layers' pixel centres are measured in.
+#: Root attributes of a store: the input image size (height, width) its layers' pixel centres are measured in,
+#: and its generation (new each time the store is written whole), by which a reader sees a replacement.
 IMAGE_ATTR = "chunkcca_image_size"
+GENERATION_ATTR = "chunkcca_generation"
 WriteMode = Literal["w", "a"]
 #: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
 #: centres in (None for a new store); returns the layer paths it wrote, in order, and the image size it used.
@@ -38,14 +39,25 @@ COMPRESSIONS: tuple[str | None, ...] = ("lz4", "zstd", None)
 
 
 def codecs_for(compression: str | None) -> tuple[Any, ...]:
-    """zarr v3 compressors: Blosc-LZ4 (fast decode), Blosc-zstd (smaller, slower) or none (fastest reads)."""
-    from zarr.codecs import BloscCodec
+    """zarr v3 bytes codecs: Blosc-LZ4 (fast decode), Blosc-zstd (smaller, slower) or no compression (fastest
+    reads), then a CRC32C checksum of each stored chunk, which zarr verifies on every read (a corrupted chunk is
+    an error, never a different number)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     if compression is None:
-        return ()
-    return (BloscCodec(cname=compression, clevel=5 if compression == "lz4" else 3, shuffle="shuffle"),)
+        return (Crc32cCodec(),)
+    return (BloscCodec(cname=compression, clevel=5 if compression == "lz4" else 3, shuffle="shuffle"),
+            Crc32cCodec())
+
+
+def every_chunk_written() -> Any:
+    """A context in which zarr writes every chunk, also one equal to the fill value (so that a chunk file that
+    is missing is always damage, never a chunk of zeros left out)."""
+    import zarr
+
+    return zarr.config.set({"array.write_empty_chunks": True})
 
 
 def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataArray:
@@ -105,9 +117,8 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     if not layers:
         raise ValueError("write_activations needs at least one layer")
     compressors = codecs_for(compression)
-    arrays = {str(key).strip("/"): as_activations(value, str(key).strip("/"), chunks=chunks)
-              for key, value in layers.items()}
-    check_new_layers(path, arrays, mode=mode, overwrite=overwrite)
+    paths = check_new_layers(path, list(layers), mode=mode, overwrite=overwrite)
+    arrays = {path_: as_activations(value, path_, chunks=chunks) for path_, value in zip(paths, layers.values())}
     if isinstance(image_size, (int, np.integer)):
         image_size = (int(image_size), int(image_size))
 
@@ -123,7 +134,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
             datasets[key] = xr.Dataset({VARIABLE: array.rename(None)})
             encoding["/" + key] = {VARIABLE: {"chunks": array.data.chunksize, "compressors": compressors}}
         tree = xr.DataTree.from_dict(datasets)
-        with Progress(f"writing {', '.join(arrays)}") if progress else contextlib.nullcontext():
+        with Progress(f"writing {', '.join(arrays)}") if progress else contextlib.nullcontext(), every_chunk_written():
             tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
         return list(arrays), (int(size[0]), int(size[1]))
 
@@ -138,18 +149,20 @@ def _existing_order(path: str | os.PathLike) -> tuple[list[str], tuple[int, int]
     return layer_paths(tree), (int(stored[0]), int(stored[1])) if stored is not None else None
 
 
-def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str, overwrite: bool) -> None:
-    """Before any work: ``mode`` is "w" or "a"; with "a", the store at ``path`` exists and holds none of ``names``."""
+def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str, overwrite: bool) -> list[str]:
+    """Before any work: ``mode`` is "w" or "a" and ``names`` are layer paths the store can take
+    ([`check_layer_paths`][chunkcca.layers.check_layer_paths]); with "w", ``path`` is free or (``overwrite``)
+    an activation store; with "a", it is a store holding none of ``names``. Returns the normalised paths."""
     check_choice("mode", mode, ("w", "a"))
     if mode == "w":
-        return
+        if is_url(str(path)):
+            raise ValueError(f"{path}: chunkcca writes to local paths only")
+        check_replaceable(Path(path), overwrite, is_activation_store, "activation store")
+        return check_layer_paths(names)
     if overwrite:
         raise ValueError("mode='a' adds layers to a store and overwrite=True replaces it: pass one of them")
     order, _ = _existing_order(path)
-    present = [name for name in names if name in order]
-    if present:
-        raise ValueError(f"{path} already holds layer{'s' if len(present) > 1 else ''} {', '.join(present)}; "
-                         f"adding leaves every existing layer as it is: choose other names")
+    return check_layer_paths(names, existing=order, where=str(path))
 
 
 def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w", overwrite: bool = False) -> None:
@@ -165,33 +178,45 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     if mode == "w":
         def write(tmp: Path) -> None:
             names, image = build(tmp, None)
-            _set_root_attrs(tmp, names, image)
+            _set_root_attrs(tmp, names, image, generation=uuid.uuid4().hex)
+            open_activations(tmp)  # a store that would not open never replaces a good one
 
-        write_atomically(path, write, overwrite=overwrite)
+        write_atomically(path, write, overwrite=overwrite, replaceable=is_activation_store, what="activation store")
         return
     if is_url(str(path)):
         raise ValueError(f"{path}: chunkcca writes to local paths only")
     order, stored = _existing_order(path)
     store = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{store.name}.", suffix=".tmp", dir=store.parent))
-    try:
+    with temporary_beside(store) as tmp:
         names, image = build(tmp / "data", stored)
-        present = [name for name in names if name in order]
-        if present:
-            raise ValueError(f"{path} already holds layer{'s' if len(present) > 1 else ''} {', '.join(present)}")
+        check_layer_paths(names, existing=order, where=str(path))
+        _set_root_attrs(tmp / "data", names, image)
+        open_activations(tmp / "data")
         for name in names:
             move_layer(tmp / "data", store, name)
         _set_root_attrs(store, [*order, *names], stored or image)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None) -> None:
-    """Record the layers' order and the image size in the store's root metadata, replacing the file in one step."""
+def is_activation_store(path: Path) -> bool:
+    """Whether ``path`` is a folder holding a zarr group with at least one layer (an ``activations`` array)."""
+    try:
+        metadata = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (metadata.get("node_type") == "group" and not path.is_symlink()
+            and (ORDER_ATTR in metadata.get("attributes", {}) or any(path.glob(f"**/{VARIABLE}/zarr.json"))))
+
+
+def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None, *,
+                    generation: str | None = None) -> None:
+    """Record the layers' order, the image size and (for a new store) its generation in the store's root
+    metadata, replacing the file in one step."""
     metadata_path = store / "zarr.json"
     metadata = json.loads(metadata_path.read_text())
     attributes = metadata.setdefault("attributes", {})
     attributes[ORDER_ATTR] = list(order)
+    if generation is not None:
+        attributes[GENERATION_ATTR] = generation
     if image is not None:
         attributes[IMAGE_ATTR] = [int(image[0]), int(image[1])]
     fresh = metadata_path.with_name(".zarr.json.tmp")
@@ -255,7 +280,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     for layer in found:
         as_activations(tree[layer], layer)
         # where the layer's files are: named by read errors, hashed by checkpoints (checkpoint.store_signature)
-        tree[layer][VARIABLE].encoding.update(store=location, layer=layer,
+        tree[layer][VARIABLE].encoding.update(store=location, layer=layer, generation=tree.attrs.get(GENERATION_ATTR),
                                               storage_options=dict(storage_options or {}))
     return tree
 
@@ -310,3 +335,61 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         write_atomically(path, lambda tmp: result.to_netcdf(tmp), overwrite=overwrite)
     else:
         raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
+
+
+def _chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
+    """Every stored object's key (chunk, or shard) of a zarr v3 array, by its grid index, from its metadata."""
+    shape = metadata["shape"]
+    chunk_shape = metadata["chunk_grid"]["configuration"]["chunk_shape"]
+    encoding = metadata.get("chunk_key_encoding", {"name": "default"})
+    separator = encoding.get("configuration", {}).get("separator", "/" if encoding["name"] == "default" else ".")
+    grid = [-(-size // chunk) for size, chunk in zip(shape, chunk_shape)]
+    keys = {}
+    for index in np.ndindex(*grid):
+        parts = separator.join(map(str, index))
+        keys[index] = (f"c{separator}{parts}" if parts else "c") if encoding["name"] == "default" else (parts or "0")
+    return keys
+
+
+def check_complete(layers: Sequence[xr.DataArray]) -> None:
+    """Before reading: every chunk file of each store-backed layer is there. zarr reads a missing chunk as its
+    fill value, which would be a wrong number; here it is an error naming the layer and its datapoints. One
+    listing of each layer's folder, no data."""
+    for layer in layers:
+        encoding = layer.encoding
+        if "store" not in encoding or "layer" not in encoding:
+            continue
+        fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
+        folder = f"{root}/{encoding['layer']}/{VARIABLE}".rstrip("/")
+        metadata = json.loads(fs.cat(f"{folder}/zarr.json"))
+        present = {name.removeprefix(folder).lstrip("/") for name in fs.find(folder)}
+        missing = [index for index, key in _chunk_keys(metadata).items() if key not in present]
+        if missing:
+            per_chunk, total = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], metadata["shape"][0]
+            spans = sorted({(i[0] * per_chunk, min((i[0] + 1) * per_chunk, total) - 1) for i in missing})
+            shown = ", ".join(f"{first} to {last}" for first, last in spans[:5]) + (" …" if len(spans) > 5 else "")
+            raise OSError(f"layer {encoding['layer']!r} of {encoding['store']} lacks {len(missing)} chunk "
+                          f"file{'s' if len(missing) > 1 else ''}, of datapoints {shown}: the store is damaged "
+                          f"(a chunk deleted, or never written); chunkcca never reads a missing chunk as a fill "
+                          f"value: write the layer again")
+
+
+def store_generation(location: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The generation a store's root metadata records (new at each whole write), None for a store with none."""
+    fs, root = filesystem(location, storage_options)
+    return json.loads(fs.cat(f"{root}/zarr.json")).get("attributes", {}).get(GENERATION_ATTR)
+
+
+def check_unchanged(layers: Sequence[xr.DataArray]) -> None:
+    """After reading: no store-backed layer's store was replaced since it was opened (a read that overlapped a
+    replacement would mix old and new chunks); an error saying so, never a mixed result."""
+    for location, generation, options in {(layer.encoding["store"], layer.encoding.get("generation"),
+                                           json.dumps(layer.encoding.get("storage_options") or {}))
+                                          for layer in layers if layer.encoding.get("generation")}:
+        try:
+            now = store_generation(location, json.loads(options))
+        except (OSError, ValueError):
+            now = None
+        if now != generation:
+            raise OSError(f"{location} was replaced while it was read, so the chunks read may mix the old store "
+                          f"and the new one; open it again and run again")
