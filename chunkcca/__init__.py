@@ -13,7 +13,7 @@ from .measures import (
 )
 from .moments import Moments
 from .options import SolveOptions, StreamOptions
-from .store import describe_store, open_activations, save_result, write_activations
+from .store import describe_store, leftover_writes, open_activations, save_result, write_activations
 
 __all__ = [
     "MEASURES",
@@ -28,6 +28,7 @@ __all__ = [
     "compute_moments",
     "describe_store",
     "layer_paths",
+    "leftover_writes",
     "open_activations",
     "procrustes",
     "procrustes_from_moments",

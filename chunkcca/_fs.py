@@ -82,14 +82,14 @@ def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool,
-                     replaceable: Callable[[Path], bool] | None = None, what: str = "file") -> None:
+                     replaceable: Callable[[Path], bool] | None = None, what: str = "a file") -> None:
     """Call ``write(tmp_path)`` on a fresh temporary path beside ``path``, then move it into place.
 
     A write killed midway leaves only a hidden ``.tmp`` folder (removed by the next write of ``path``). Without
     ``overwrite`` an existing ``path`` is an error, also when another writer puts one there meanwhile: exactly
     one of two concurrent writers wins. With ``overwrite`` an existing ``path`` is replaced after the new one is
     complete, in one step where the OS can swap two folders (Linux), elsewhere by two renames (putting the old
-    one back if the second fails), and only if ``replaceable(path)`` says it is a ``what`` (e.g. an activation
+    one back if the second fails), and only if ``replaceable(path)`` says it is ``what`` (e.g. an activation
     store), never whatever else stands there.
     """
     if is_url(str(path)):
@@ -124,7 +124,7 @@ def check_replaceable(path: Path, overwrite: bool, replaceable: Callable[[Path],
     if not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if path.is_symlink() or (replaceable is not None and not replaceable(path)):
-        raise FileExistsError(f"{path} exists and is not a {what} chunkcca wrote; overwrite=True replaces only "
+        raise FileExistsError(f"{path} exists and is not {what} chunkcca wrote; overwrite=True replaces only "
                               f"that, never anything else: choose another path")
 
 

@@ -208,6 +208,12 @@ def _run_info(args: argparse.Namespace) -> None:
                       str(row["chunks"]), row["dtype"], f"{row['bytes'] / 2**20:.1f}",
                       f"{row['bytes_on_disk'] / 2**20:.1f}"))
     print(format_table(table))
+    left = chunkcca.leftover_writes(args.store)
+    if left:
+        stale = sum(folder["stale"] for folder in left)
+        print(f"{len(left)} temporary folder{'s' if len(left) > 1 else ''} beside it left by a killed write "
+              f"({sum(folder['bytes'] for folder in left) / 2**20:.1f} MiB): {', '.join(f['path'] for f in left)}; "
+              f"{stale} of them stale (their writer is gone), which the next write of the store removes")
 
 
 def _streaming(args: argparse.Namespace) -> dict[str, Any]:

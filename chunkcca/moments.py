@@ -26,6 +26,7 @@ A float64 count is exact up to 2**53 rows.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ class Moments:
             variables["norm_products"] = (("side", "side_t"), self.norm_products)
         dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision})
         write_atomically(path, lambda tmp: dataset.to_zarr(tmp, zarr_format=3, consolidated=False),
-                         overwrite=overwrite)
+                         overwrite=overwrite, replaceable=_is_saved_moments, what="saved Moments")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Moments:
@@ -180,6 +181,15 @@ class Moments:
                 norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
                 precision=dataset.attrs.get("precision", "float64"),
             )
+
+
+def _is_saved_moments(path: Path) -> bool:
+    """Whether ``path`` holds Moments written by :meth:`Moments.save` (a zarr group so marked)."""
+    try:
+        metadata = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return metadata.get("attributes", {}).get("chunkcca") == "Moments"
 
 
 def side_slices(sizes: Sequence[int]) -> list[slice]:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from ._fs import check_replaceable, filesystem, is_url, temporary_beside, write_atomically
+from ._fs import check_replaceable, filesystem, is_url, leftovers, temporary_beside, write_atomically
 from .layers import ORDER_ATTR, VARIABLE, as_activations, check_layer_paths, datapoints_per_chunk, layer_paths
 from .options import check_choice
 from .progress import Progress
@@ -157,7 +157,7 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
     if mode == "w":
         if is_url(str(path)):
             raise ValueError(f"{path}: chunkcca writes to local paths only")
-        check_replaceable(Path(path), overwrite, is_activation_store, "activation store")
+        check_replaceable(Path(path), overwrite, is_activation_store, "an activation store")
         return check_layer_paths(names)
     if overwrite:
         raise ValueError("mode='a' adds layers to a store and overwrite=True replaces it: pass one of them")
@@ -181,7 +181,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
             _set_root_attrs(tmp, names, image, generation=uuid.uuid4().hex)
             open_activations(tmp)  # a store that would not open never replaces a good one
 
-        write_atomically(path, write, overwrite=overwrite, replaceable=is_activation_store, what="activation store")
+        write_atomically(path, write, overwrite=overwrite, replaceable=is_activation_store, what="an activation store")
         return
     if is_url(str(path)):
         raise ValueError(f"{path}: chunkcca writes to local paths only")
@@ -330,11 +330,23 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
     suffix = Path(path).suffix
     if suffix == ".zarr":
         write_atomically(path, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False),
-                         overwrite=overwrite)
+                         overwrite=overwrite, replaceable=lambda old: (old / "zarr.json").is_file(),
+                         what="a zarr store")
     elif suffix == ".nc":
-        write_atomically(path, lambda tmp: result.to_netcdf(tmp), overwrite=overwrite)
+        write_atomically(path, lambda tmp: result.to_netcdf(tmp), overwrite=overwrite,
+                         replaceable=_is_netcdf, what="a netCDF file")
     else:
         raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
+
+
+def _is_netcdf(path: Path) -> bool:
+    """Whether ``path`` is a netCDF file (classic or HDF5-based), by its first bytes."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(8)
+    except OSError:
+        return False
+    return head[:3] == b"CDF" or head == b"\x89HDF\r\n\x1a\n"
 
 
 def _chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
@@ -393,3 +405,23 @@ def check_unchanged(layers: Sequence[xr.DataArray]) -> None:
         if now != generation:
             raise OSError(f"{location} was replaced while it was read, so the chunks read may mix the old store "
                           f"and the new one; open it again and run again")
+
+
+def leftover_writes(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The temporary folders beside a local store that interrupted writes of it left.
+
+    Parameters
+    ----------
+    path
+        The store.
+
+    Returns
+    -------
+    list of dict
+        Per folder: ``path``, ``bytes`` and ``stale`` (its writer, a process of this machine, is gone: the next
+        write of the store removes it; a folder whose writer is unknown is left for you to judge).
+    """
+    if is_url(str(path)):
+        return []
+    return [{"path": str(folder), "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+             "stale": stale} for folder, stale in leftovers(path)]

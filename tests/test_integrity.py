@@ -1,0 +1,175 @@
+"""Nothing silently wrong in a store: missing and corrupted chunks, overwrites of what is not a store, concurrent
+readers and writers, unsafe layer paths, leftovers of killed writes (docs/reliability.md lists each guarantee)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import chunkcca
+from chunkcca import cca, open_activations, write_activations
+from chunkcca._fs import leftovers
+from chunkcca.cli import main
+
+
+def _store(tmp_path: Path, dtype: str = "int16", compression: str | None = "lz4") -> Path:
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((400, 3))
+    layers = {"a": (latent @ rng.standard_normal((3, 4)) * 100).astype(dtype),
+              "b": (latent @ rng.standard_normal((3, 3)) * 100 + rng.standard_normal((400, 3)) * 50).astype(dtype)}
+    write_activations(tmp_path / "s.zarr", layers, chunks=50, compression=compression)
+    return tmp_path / "s.zarr"
+
+
+def test_a_missing_chunk_is_an_error_naming_the_layer_and_datapoints(tmp_path):
+    """zarr reads a missing chunk as the fill value: rho_mean moved from 0.70 to 0.66 with no error before."""
+    store = _store(tmp_path)
+    os.remove(store / "b" / "activations" / "c" / "3" / "0")
+    tree = open_activations(store)
+    with pytest.raises(OSError, match=r"layer 'b' of .*s.zarr lacks 1 chunk file, of datapoints 150 to 199: the "
+                                      r"store is damaged"):
+        cca(tree["a"], tree["b"])
+    assert main(["compare", str(store), "a", "b", "--no-progress"]) == 2
+
+
+def test_every_chunk_is_written_even_one_of_zeros(tmp_path):
+    """So that a missing file is always damage: zarr leaves out chunks equal to the fill value by default."""
+    zeros = np.zeros((100, 3), dtype="int16")
+    zeros[50:] = np.arange(150).reshape(50, 3)
+    tree = write_activations(tmp_path / "s.zarr", {"a": zeros, "b": zeros + 1}, chunks=50)
+    assert (tmp_path / "s.zarr" / "a" / "activations" / "c" / "0" / "0").exists()
+    assert float(cca(tree["a"], tree["b"])["rho"][0]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("compression", ["lz4", None])
+def test_a_flipped_bit_is_an_error_not_a_number(tmp_path, compression):
+    """Before checksums, 28 of 60 single-bit flips in an LZ4 chunk (and one overwritten value of an uncompressed
+    store) changed the result silently."""
+    store = _store(tmp_path, dtype="float32", compression=compression)
+    tree = open_activations(store)
+    want = float(cca(tree["a"], tree["b"])["rho_mean"])
+    chunk = store / "b" / "activations" / "c" / "2" / "0"
+    original = chunk.read_bytes()
+    for position in np.random.default_rng(1).choice(len(original) - 4, 20, replace=False):
+        damaged = bytearray(original)
+        damaged[position] ^= 1 << int(position % 8)
+        chunk.write_bytes(bytes(damaged))
+        with pytest.raises(OSError, match="checksum"):
+            cca(open_activations(store)["a"], open_activations(store)["b"])
+    chunk.write_bytes(original)
+    assert float(cca(tree["a"], tree["b"])["rho_mean"]) == want
+
+
+def test_overwrite_replaces_only_an_activation_store(tmp_path, capsys):
+    """--overwrite once removed a folder holding thesis.tex, and replaced the input .npy it was pointed at."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "thesis.tex").write_text("years of work")
+    x = np.random.default_rng(0).standard_normal((20, 3)).astype("float32")
+    np.save(tmp_path / "a.npy", x)
+    assert main(["ingest", str(project), f"x={tmp_path / 'a.npy'}", "--overwrite"]) == 2
+    assert "is not an activation store chunkcca wrote" in capsys.readouterr().err
+    assert (project / "thesis.tex").read_text() == "years of work"
+    assert main(["ingest", str(tmp_path / "a.npy"), f"x={tmp_path / 'a.npy'}", "--overwrite"]) == 2
+    assert "is where" in capsys.readouterr().err and np.load(tmp_path / "a.npy").shape == (20, 3)
+    with pytest.raises(FileExistsError, match="is not an activation store chunkcca wrote"):
+        write_activations(project, {"x": x}, overwrite=True)
+    write_activations(tmp_path / "s.zarr", {"x": x})
+    write_activations(tmp_path / "s.zarr", {"y": x}, overwrite=True)  # a store chunkcca wrote: replaced
+    assert chunkcca.layer_paths(open_activations(tmp_path / "s.zarr")) == ["y"]
+
+
+def test_a_failed_ingest_leaves_the_old_store_whole(tmp_path, capsys):
+    """Nested layers (x and x/y) once made ingest --overwrite replace a good store with one that would not open."""
+    x = np.random.default_rng(0).standard_normal((20, 3)).astype("float32")
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", x[:, :2])
+    store = str(tmp_path / "s.zarr")
+    assert main(["ingest", store, f"old={tmp_path / 'a.npy'}", "--no-progress"]) == 0
+    assert main(["ingest", store, f"x={tmp_path / 'a.npy'}", f"x/y={tmp_path / 'b.npy'}", "--overwrite"]) == 2
+    assert "layer 'x' would hold layer 'x/y'" in capsys.readouterr().err
+    assert chunkcca.layer_paths(open_activations(store)) == ["old"]
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    ({"fc": 0, "/fc": 1}, "layer path 'fc' is given twice"),
+    ({".parts": 0}, "layer path '.parts'"),
+    ({"a b": 0}, "layer path 'a b'"),
+    ({"m//x": 0}, "layer path 'm//x'"),
+    ({"__x": 0}, "layer path '__x'"),
+])
+def test_layer_paths_are_normalised_and_unsafe_ones_refused(tmp_path, layers, message):
+    x = np.zeros((10, 2))
+    with pytest.raises(ValueError, match=message):
+        write_activations(tmp_path / "s.zarr", {name: x + i for name, i in layers.items()})
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_concurrent_writers_one_wins(tmp_path):
+    """Two writers with overwrite=False: exactly one succeeds, the other is told the store exists."""
+    x = np.random.default_rng(0).standard_normal((2000, 8)).astype("float32")
+    outcomes: list[str] = []
+    start = threading.Barrier(2)
+
+    def write(value: float) -> None:
+        start.wait()
+        try:
+            write_activations(tmp_path / "s.zarr", {"x": x + value})
+            outcomes.append("wrote")
+        except FileExistsError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=write, args=(value,)) for value in (0.0, 1.0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["refused", "wrote"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+def test_a_read_overlapping_a_replacement_is_an_error_not_a_mix(tmp_path):
+    """A reader gets the old data, the new data or an error: here the store is replaced after it was opened."""
+    store = _store(tmp_path, dtype="float32")
+    tree = open_activations(store)
+    old = float(cca(tree["a"], tree["b"])["rho_mean"])
+    rng = np.random.default_rng(9)
+    write_activations(store, {"a": rng.standard_normal((400, 4)).astype("float32"),
+                              "b": rng.standard_normal((400, 3)).astype("float32")}, chunks=50, overwrite=True)
+    with pytest.raises(OSError, match="was replaced while it was read"):
+        cca(tree["a"], tree["b"])
+    fresh = open_activations(store)
+    assert float(cca(fresh["a"], fresh["b"])["rho_mean"]) != old
+
+
+def test_killed_writers_leave_folders_that_info_reports_and_the_next_write_removes(tmp_path, capsys):
+    store = _store(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".s.zarr.abc123.tmp"
+    (stale / "data").mkdir(parents=True)
+    (stale / "owner.json").write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    (stale / "data" / "big").write_bytes(b"x" * 1000)
+    assert leftovers(store) == [(stale, True)]
+    assert main(["info", str(store)]) == 0
+    assert "1 temporary folder beside it left by a killed write" in capsys.readouterr().out
+    write_activations(store, {"c": np.zeros((10, 2))}, overwrite=True)
+    assert not stale.exists()
+
+
+def test_a_moved_store_resumes_its_checkpoint(tmp_path):
+    store = _store(tmp_path, dtype="float32")
+    tree = open_activations(store)
+    want = cca(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "run")
+    moved = tmp_path / "elsewhere" / "moved.zarr"
+    moved.parent.mkdir()
+    os.rename(store, moved)
+    tree = open_activations(moved)
+    got = cca(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "run")
+    assert float(got["rho_mean"]) == float(want["rho_mean"])
