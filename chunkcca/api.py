@@ -8,9 +8,10 @@ them once (``chunkcca.passes``) and solves the measures declared in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,20 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
     stream = StreamOptions.from_kwargs(where, options)
     check_measures([name], batched=is_batched(stream.spatial), where=f"{where}()")
     streamed = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms)
-    return _label(PairSolves(streamed.moments, solve).result(name), streamed)
+    with _sides_named(streamed):
+        return _label(PairSolves(streamed.moments, solve).result(name), streamed)
+
+
+@contextlib.contextmanager
+def _sides_named(streamed: Streamed) -> Iterator[None]:
+    """An undefined measure's "side a"/"side b" named by the layers they are."""
+    try:
+        yield
+    except UndefinedMeasure as error:
+        message = str(error)
+        for side, layer in zip(("side a", "side b"), streamed.layers):
+            message = message.replace(side, f"layer {str(layer.name)!r}")
+        raise UndefinedMeasure(message) from error
 
 
 def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) -> Moments:
@@ -346,6 +360,9 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
     streamed = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names))
     pair = PairSolves(streamed.moments, solve)
     variables: dict[str, Any] = {}
+    with _sides_named(streamed):
+        for name in names:
+            pair.result(name)
     for name in names:
         measure = MEASURES[name]
         result = pair.result(name)

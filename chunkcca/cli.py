@@ -60,9 +60,12 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
     parser.add_argument("--spatial", default=spatial[0], choices=spatial,
                         help=f"how spatial positions become rows (default {spatial[0]})")
     parser.add_argument("--stride", type=_positive_int, default=1, help="keep every n-th row (default 1)")
-    parser.add_argument("--precision", default="float32", choices=(*PRECISIONS, "auto"),
-                        help="dtype of the per-chunk products (default float32)")
+    parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+                        help="dtype of the per-chunk products (default auto: float64 for the first chunk, and "
+                             "float32 for the rest unless that chunk is ill-conditioned)")
     parser.add_argument("--scheduler", help=SCHEDULER_HELP)
+    parser.add_argument("--connect-timeout", type=float, default=10.0,
+                        help="seconds to wait for a scheduler given by address (default 10)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -104,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chunk", type=_positive_int, default=250, help="datapoints per chunk (default 250)")
     demo.add_argument("--out", default="chunkcca-demo", help="output folder (default ./chunkcca-demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--precision", choices=(*PRECISIONS, "auto"), default="float32",
-                      help="dtype of the per-chunk products (default float32)")
+    demo.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                      help="dtype of the per-chunk products (default auto)")
     demo.add_argument("--scheduler", help=SCHEDULER_HELP)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_solve_options(compare)
     _streaming_options(compare)
     compare.add_argument("--checkpoint", help="save the running statistics to this path as the run goes; "
-                         "running the same comparison again resumes from it (needs a fixed --precision)")
+                         "running the same comparison again resumes from it (with --precision auto, in float64)")
     compare.add_argument("--checkpoint-every", type=_positive_int, default=16,
                          help="datapoint chunks between checkpoints (default 16)")
     compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -219,7 +222,12 @@ def _run_info(args: argparse.Namespace) -> None:
 def _streaming(args: argparse.Namespace) -> dict[str, Any]:
     """The streaming options of compare and sweep."""
     return {"spatial": args.spatial, "stride": args.stride, "precision": args.precision,
-            "scheduler": args.scheduler, "progress": not args.no_progress}
+            "scheduler": args.scheduler, "connect_timeout": args.connect_timeout, "progress": not args.no_progress}
+
+
+def _json_value(value: Any) -> Any:
+    """A value for strict JSON: NaN and infinities (undefined values) as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _shown(value: Any) -> str:
@@ -248,8 +256,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     if args.json:
         options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", *SOLVE_NAMES)
                    if key in result.attrs} | {"scheduler": args.scheduler}
-        results = {name: {key: None if isinstance(value, float) and not math.isfinite(value) else value
-                          for key, value in shown.items()} for name, shown in values.items()}
+        results = {name: {key: _json_value(value) for key, value in shown.items()} for name, shown in values.items()}
         print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": int(result["rows"]),
                           "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
     else:

@@ -19,7 +19,7 @@ from .store import write_activations
 
 
 def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk: int = 250, seed: int = 0,
-             precision: str = "float32", progress: bool = True, scheduler: str | None = None) -> dict[str, xr.Dataset]:
+             precision: str = "auto", progress: bool = True, scheduler: str | None = None) -> dict[str, xr.Dataset]:
     """Write the demo store under ``out``, run the comparisons, print a table and save the plot."""
     out = Path(out)
     store_path = out / "demo.zarr"

@@ -234,14 +234,20 @@ def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduc
 
 
 @contextlib.contextmanager
-def connected(scheduler: Any) -> Iterator[Any]:
-    """A ``distributed.Client`` connected for the block when ``scheduler`` is an address, else ``scheduler``."""
+def connected(scheduler: Any, *, timeout: float = 10.0) -> Iterator[Any]:
+    """A ``distributed.Client`` connected for the block when ``scheduler`` is an address (an OSError naming it
+    after ``timeout`` seconds if it does not answer), else ``scheduler``."""
     if not is_address(scheduler):
         yield scheduler
         return
     from distributed import Client
 
-    with Client(scheduler, set_as_default=False) as client:
+    try:
+        client = Client(scheduler, set_as_default=False, timeout=timeout)
+    except (OSError, TimeoutError) as error:
+        raise OSError(f"no Dask scheduler answered at {scheduler} within {timeout:g} s (connect_timeout): "
+                      f"{type(error).__name__}: {error}") from error
+    with client:
         yield client
 
 

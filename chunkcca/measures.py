@@ -153,6 +153,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     """
     check_epsilon(epsilon)
     cov = _covariance(moments, "cca", batched=True)
+    require_variance(moments, "CCA")
     batch = moments.batch_shape
     dims = batch_dims[: len(batch)]
     if len(dims) != len(batch):
@@ -190,6 +191,16 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
 
 class UndefinedMeasure(ValueError):
     """The measure has no value for these statistics (e.g. a side without variance)."""
+
+
+def require_variance(moments: Moments, measure: str) -> None:
+    """The one rule for a side with no variance (every channel constant, to rounding): every measure is undefined,
+    an [`UndefinedMeasure`][chunkcca.measures.UndefinedMeasure] naming the side (a sweep makes the pair NaN, with a
+    warning). Batched Moments: a side constant at every frequency."""
+    variance = np.diagonal(moments.scatter, axis1=-2, axis2=-1).real
+    for side, part in zip("ab", moments.side_slices()):
+        if not non_constant(variance[..., part], np.abs(moments.mean[..., part])).any():
+            raise UndefinedMeasure(f"{measure} is undefined: side {side} has no variance (every channel constant)")
 
 
 def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
@@ -252,6 +263,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     """
     SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon)
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
+    require_variance(moments, "SVCCA")
     with one_thread():
         basis_a, basis_b = (_kept_directions(cov, keep, keep_by, rounding_floor(moments)) for cov in (cov_aa, cov_bb))
         ka, kb = basis_a.shape[1], basis_b.shape[1]
@@ -264,6 +276,8 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
             "rho": ("component", rho, {"long_name": "canonical correlation of the kept directions"}),
             "coef_a": (("channel_a", "component"), basis_a @ solved["coef_a"]),
             "coef_b": (("channel_b", "component"), basis_b @ solved["coef_b"]),
+            "rank_a": ((), np.int64(solved["rank_a"]), {"long_name": "rank of side a's kept directions, as used"}),
+            "rank_b": ((), np.int64(solved["rank_b"]), {"long_name": "rank of side b's kept directions, as used"}),
             "dims_a": ((), np.int64(ka), {"long_name": f"directions of side a holding {keep} of the {keep_by}"}),
             "dims_b": ((), np.int64(kb), {"long_name": f"directions of side b holding {keep} of the {keep_by}"}),
             "rows": ((), np.int64(moments.n)),
@@ -326,6 +340,8 @@ def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0, solved: xr.Dat
             "rho": ("component", rho),
             "tied": ("component", tied, {"long_name": "rho equal to a neighbour's: direction not unique"}),
             "side": ((), "a" if use_a else "b", {"long_name": "side whose canonical variates are weighted"}),
+            "rank_a": cca_result["rank_a"],
+            "rank_b": cca_result["rank_b"],
             "rows": ((), np.int64(moments.n)),
         },
         coords={"component": cca_result["component"].values},
@@ -373,8 +389,7 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
                 "bb": _debiased_hsic(cross["bb"], products[1, 1], traces["b"], traces["b"], n)}
     else:
         hsic = cross
-    if cross["aa"] == 0 or cross["bb"] == 0:
-        raise UndefinedMeasure("CKA is undefined: one side has no variance (every channel constant)")
+    require_variance(moments, "CKA")
     if hsic["aa"] <= 0 or hsic["bb"] <= 0:
         raise UndefinedMeasure(f"debiased CKA is undefined here: the unbiased HSIC of a side with itself is not "
                                f"positive (HSIC(a, a) = {hsic['aa']:.3g}, HSIC(b, b) = {hsic['bb']:.3g}), which "
@@ -406,8 +421,7 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     """
     cov_aa, cov_ab, cov_bb = _pair(moments, "procrustes")
     scale = np.sqrt(np.trace(cov_aa) * np.trace(cov_bb))
-    if scale == 0:
-        raise UndefinedMeasure("Procrustes distance is undefined: one side has no variance (every channel constant)")
+    require_variance(moments, "the Procrustes distance")
     with one_thread():
         similarity = float(np.linalg.svd(cov_ab, compute_uv=False).sum() / scale)
     return xr.Dataset(
@@ -418,16 +432,17 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     )
 
 
-def _partial_whitener(cov: np.ndarray, alpha: float, floor: float) -> np.ndarray:
-    """((1 − α) Σ + α (tr Σ / p) I)^(−1/2): α = 0 whitens, α = 1 only rescales (pseudo-inverse if singular).
+def _partial_whitener(cov: np.ndarray, alpha: float, floor: float) -> tuple[np.ndarray, int]:
+    """((1 − α) Σ + α (tr Σ / p) I)^(−1/2), and its rank: α = 0 whitens, α = 1 only rescales (pseudo-inverse if
+    singular).
 
     At α = 0 any whitener gives the same metric (they differ by a rotation), so it whitens through the
     correlation matrix, where the rank does not depend on channel units (and ``floor`` cuts float32 rounding).
     """
     if alpha == 0:
-        return _whitener(cov, 0.0, floor)[0]
+        return _whitener(cov, 0.0, floor)
     regularised = (1 - alpha) * cov + alpha * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
-    return inverse_sqrt(regularised)[0]
+    return inverse_sqrt(regularised)
 
 
 def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dataset:
@@ -452,15 +467,17 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     """
     SolveOptions(alpha=alpha)
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
-    if np.trace(cov_aa) == 0 or np.trace(cov_bb) == 0:
-        raise UndefinedMeasure("the shape metric is undefined: one side has no variance (every channel constant)")
+    require_variance(moments, "the shape metric")
     with one_thread():
-        t_a, t_b = (_partial_whitener(cov, alpha, rounding_floor(moments)) for cov in (cov_aa, cov_bb))
+        (t_a, rank_a), (t_b, rank_b) = (_partial_whitener(cov, alpha, rounding_floor(moments))
+                                        for cov in (cov_aa, cov_bb))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
         norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
     angle = float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))
     return xr.Dataset(
         {"shape_distance": ((), angle, {"long_name": "angular shape distance", "units": "radians"}),
+         "rank_a": ((), np.int64(rank_a), {"long_name": "rank of side a's (partially) whitened covariance"}),
+         "rank_b": ((), np.int64(rank_b), {"long_name": "rank of side b's (partially) whitened covariance"}),
          "rows": ((), np.int64(moments.n))},
         attrs={"measure": "shape_metric", "alpha": float(alpha)},
     )

@@ -128,11 +128,13 @@ class StreamOptions:
     stride : int
         Keep every ``stride``-th row of the global row order (google/svcca's ``[::stride]``),
         whatever the chunking. For avgpool and dft the rows are datapoints.
-    precision : {"float32", "float64", "auto"}
-        dtype of the per-chunk products: "float32" is 2–3× faster, correlations good to about 1e-6
-        on well-conditioned data; "auto" computes the first chunk in float64 and keeps float32
-        unless a side's correlation matrix there has a condition number above 1e3 (the choice is in
-        the ``precision_auto`` attr). Accumulation and merging are always float64.
+    precision : {"auto", "float32", "float64"}
+        dtype of the per-chunk products. "auto" (default) computes the first chunk in float64 and keeps
+        float32 for the rest unless a side's correlation matrix there has a condition number above 1e3
+        (the choice is in the ``precision_auto`` attr; a checkpointed run takes float64); "float32" is
+        2–3× faster than "float64", correlations good to about 1e-6 on well-conditioned data, but
+        directions of ill-conditioned layers can fall under its rounding. Accumulation and merging are
+        always float64.
     method, grid
         For "interp": "linear", "nearest" or "cubic" (tensor-product, per axis); "coords" places
         samples at the layers' ``height``/``width`` coordinates (pixel centres in input-image
@@ -156,12 +158,14 @@ class StreamOptions:
     checkpoint, checkpoint_every
         A local path where the running Moments are saved (atomically) after every
         ``checkpoint_every`` datapoint chunks; a later run with the same path, layers and options
-        resumes after the chunks done. Needs a fixed ``precision``.
+        resumes after the chunks done.
+    connect_timeout : float
+        Seconds to wait for a Dask scheduler given by address (default 10) before an error naming it.
     """
 
     spatial: Spatial = "flatten"
     stride: int = 1
-    precision: Precision = "float32"
+    precision: Precision = "auto"
     method: Method = "linear"
     grid: Grid = "coords"
     nan_policy: NanPolicy = "raise"
@@ -172,6 +176,7 @@ class StreamOptions:
     dims: Any = None
     checkpoint: str | os.PathLike | None = None
     checkpoint_every: int = CHECKPOINT_EVERY
+    connect_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         check_choice("spatial", self.spatial, SPATIAL)
@@ -184,10 +189,10 @@ class StreamOptions:
         object.__setattr__(self, "memory_limit", memory_bytes(self.memory_limit))
         check_scheduler(self.scheduler)
         object.__setattr__(self, "progress", bool(self.progress))
+        object.__setattr__(self, "connect_timeout", check_number("connect_timeout", self.connect_timeout, 0.0,
+                                                                 low_open=True))
         if self.checkpoint is not None:
             check_int("checkpoint_every", self.checkpoint_every)
-            if self.precision == "auto":
-                raise ValueError("checkpointed runs need a fixed precision ('float32' or 'float64'), not 'auto'")
             if is_url(str(self.checkpoint)):
                 raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
 

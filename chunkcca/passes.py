@@ -9,7 +9,8 @@ to read a store name the layers and stores at fault.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.array import PerformanceWarning
 from dask.utils import format_bytes
 
 from .checkpoint import CheckpointError, resume, save_progress
@@ -47,17 +49,34 @@ class Streamed:
     precision_note: str | None = None
 
 
+#: Packages whose frames in a traceback mark an error as one of reading a store.
+READERS = ("zarr", "numcodecs", "fsspec", "s3fs", "gcsfs", "xarray.backends", "google_crc32c")
+
+
+def _raised_while_reading(error: BaseException) -> bool:
+    """Whether ``error`` was raised by the code that reads stores (zarr, its codecs, fsspec), here or on a
+    worker (distributed re-raises a worker's error with its traceback)."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        module = traceback.tb_frame.f_globals.get("__name__", "")
+        if module.split(".")[0] in READERS or module.startswith(READERS):
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 @contextmanager
 def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
     """Re-raise a failure to read store-backed layers (a corrupt chunk, a vanished file) naming the layers
-    and their stores; NaN/Inf and checkpoint errors and errors of in-memory layers pass through unchanged."""
+    and their stores; any other error (NaN/Inf, a checkpoint, a lost scheduler, a solve) passes through as it
+    is, naming its own cause."""
     try:
         yield
     except (NonFiniteError, CheckpointError):
         raise
     except Exception as error:
         sources = sorted({str(layer.encoding["store"]) for layer in layers if "store" in layer.encoding})
-        if not sources:
+        if not sources or not _raised_while_reading(error):
             raise
         names = ", ".join(repr(str(layer.name)) for layer in layers)
         raise OSError(f"reading layers {names} from {', '.join(sources)} failed: "
@@ -97,37 +116,23 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     """
     names = tuple(str(layer.name) for layer in layers)
     widths = [layer.sizes["channel"] for layer in layers]
-    precision = "float64" if options.precision == "auto" else options.precision
-    fan_in = fit_split_every(moments_reduction(adapters, widths, precision=precision, row_norms=row_norms),
+    fan_in = fit_split_every(moments_reduction(adapters, widths, precision="float64", row_norms=row_norms),
                              options, names)
     data = [layer.data for layer in layers]
     datapoints = layers[0].sizes["datapoint"]
-
-    reading_what = f"reading {', '.join(map(repr, names))}"
-
-    def moments_of(start: int, stop: int, product: ProductPrecision, *, scheduler: Any = options.scheduler,
-                   step: str = "") -> Moments:
-        reduction = moments_reduction(adapters, widths, precision=product, row_norms=row_norms)
-        label = f"{reading_what}{step} ({product} products)" if options.progress else None
-        return run([d[start:stop] for d in data], adapters, reduction, split_every=fan_in, scheduler=scheduler,
-                   progress=label, nan_policy=options.nan_policy, names=names, offset=start)
-
-    note = None
+    _warn_small_chunks(layers)
     check_complete(layers)
-    with reading(layers):
-        if options.precision == "auto":
-            first = data[0].chunks[0][0]  # the first layer's first chunk (another's may then be read twice)
-            stats = moments_of(0, first, "float64", step=", pass 1 of 2: the first chunk")
-            choice, reason = _choose_precision(stats, names, first)
-            if first < datapoints:
-                stats = stats + moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest")
-                note = f"auto: {choice} products; {reason}"
-            else:
-                note = f"auto: float64 products, as the first chunk is the whole run ({choice} for the rest); {reason}"
-        elif options.checkpoint is not None:
-            stats = _checkpointed(layers, adapters, options, row_norms, moments_of)
-        else:
-            stats = moments_of(0, datapoints, options.precision)
+    reading_what = f"reading {', '.join(map(repr, names))}"
+    with connected(options.scheduler, timeout=options.connect_timeout) as scheduler:  # an address: one connection
+
+        def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "") -> Moments:
+            reduction = moments_reduction(adapters, widths, precision=product, row_norms=row_norms)
+            label = f"{reading_what}{step} ({product} products)" if options.progress else None
+            return run([d[start:stop] for d in data], adapters, reduction, split_every=fan_in, scheduler=scheduler,
+                       progress=label, nan_policy=options.nan_policy, names=names, offset=start)
+
+        with reading(layers):
+            stats, note = _one_pass(layers, adapters, options, row_norms, moments_of)
     check_unchanged(layers)
     if stats.n == 0:
         raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
@@ -135,23 +140,46 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     return Streamed(tuple(layers), tuple(adapters), stats, rows - stats.n, note)
 
 
+#: Computes the Moments of the datapoints start … stop − 1 with the given products (and a progress label step).
+MomentsOf = Callable[..., Moments]
+
+
+def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, row_norms: bool,
+              moments_of: MomentsOf) -> tuple[Moments, str | None]:
+    """The pass the options ask for: checkpointed groups, the auto-precision pilot and the rest, or plain."""
+    datapoints = layers[0].sizes["datapoint"]
+    if options.checkpoint is not None:
+        stats = _checkpointed(layers, adapters, options, row_norms, moments_of)
+        auto = options.precision == "auto"
+        return stats, "auto: float64 products, as a checkpointed run resumes with the products it began with" \
+            if auto else None
+    if options.precision != "auto":
+        return moments_of(0, datapoints, options.precision), None
+    first = layers[0].data.chunks[0][0]  # the first layer's first chunk (another's may then be read twice)
+    stats = moments_of(0, first, "float64", step=", pass 1 of 2: the first chunk")
+    choice, reason = _choose_precision(stats, tuple(str(layer.name) for layer in layers), first)
+    if first == datapoints:
+        return stats, f"auto: float64 products, as the first chunk is the whole run ({choice} for the rest); {reason}"
+    stats = stats + moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest")
+    return stats, f"auto: {choice} products; {reason}"
+
+
 def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions,
-                  row_norms: bool, moments_of: Any) -> Moments:
+                  row_norms: bool, moments_of: MomentsOf) -> Moments:
     """Stream ``options.checkpoint_every`` datapoint chunks at a time, saving the running Moments after each
     group; a checkpoint of the same run is resumed after the datapoints it covers."""
     boundaries = common_boundaries([layer.data for layer in layers])  # groups never split a layer's chunk
-    run_options = {"spatial": adapters[0].kind, "stride": adapters[0].stride, "precision": options.precision,
+    precision: ProductPrecision = "float64" if options.precision == "auto" else options.precision
+    run_options = {"spatial": adapters[0].kind, "stride": adapters[0].stride, "precision": precision,
                    "nan_policy": options.nan_policy, "row_norms": row_norms}
     total, done, fingerprint = resume(options.checkpoint, layers, adapters, run_options, boundaries)
     edges = boundaries[boundaries.index(done) :: options.checkpoint_every]
     if edges[-1] != boundaries[-1]:
         edges.append(boundaries[-1])
-    with connected(options.scheduler) as scheduler:  # an address: one connection for every group
-        for start, stop in itertools.pairwise(edges):
-            part = moments_of(start, stop, options.precision, scheduler=scheduler,
-                              step=f", datapoints {start} to {stop - 1} of {edges[-1]}")
-            total = part if total is None else total + part
-            save_progress(total, options.checkpoint, stop, fingerprint)
+    for start, stop in itertools.pairwise(edges):
+        part = moments_of(start, stop, precision, step=f", datapoints {start} to {stop - 1} of {edges[-1]}")
+        total = part if total is None else total + part
+        save_progress(total, options.checkpoint, stop, fingerprint)
     assert total is not None  # as_activations refuses empty layers, so a fresh run streams at least one chunk
     return total
 
@@ -160,14 +188,33 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
                   options: StreamOptions, *, chunks: tuple[int, ...] | None = None) -> Any:
     """One pass of any declared reduction over aligned layers (rechunked along datapoint to ``chunks`` if given)."""
     sides: list[da.Array] = [layer.data if chunks is None else layer.data.rechunk({0: chunks}) for layer in layers]
+    _warn_small_chunks(layers)
     check_complete(layers)
-    with reading(layers):
-        names = tuple(str(layer.name) for layer in layers)
-        label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
-        result = run(sides, adapters, reduction, split_every=options.split_every, scheduler=options.scheduler,
+    names = tuple(str(layer.name) for layer in layers)
+    label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
+    with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
+        result = run(sides, adapters, reduction, split_every=options.split_every, scheduler=scheduler,
                      progress=label, nan_policy=options.nan_policy, names=names)
     check_unchanged(layers)
     return result
+
+
+#: A layer is read in chunks too small to stream well when it has more chunks than this of less than
+#: SMALL_CHUNK_BYTES each: 10,000 one-datapoint chunks ran 16x slower than well-sized ones (per-task overhead).
+MANY_CHUNKS = 256
+SMALL_CHUNK_BYTES = 2**20
+
+
+def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
+    """Warn, naming the layer, when it is read in many small chunks (slow: every chunk is a task)."""
+    for layer in layers:
+        chunks = layer.data.numblocks[0]
+        per_chunk = layer.nbytes / max(chunks, 1)
+        if chunks > MANY_CHUNKS and per_chunk < SMALL_CHUNK_BYTES:
+            warnings.warn(f"layer {str(layer.name)!r} is read in {chunks} chunks of {format_bytes(per_chunk)}: each "
+                          f"chunk is a task, and chunks this small stream many times slower than chunks of 16-64 "
+                          f"MiB; write it with chunks='auto' (or rechunk an in-memory array)", PerformanceWarning,
+                          stacklevel=4)
 
 
 def _choose_precision(pilot: Moments, names: Sequence[str], datapoints: int) -> tuple[ProductPrecision, str]:
@@ -189,6 +236,8 @@ def _condition(scatter: np.ndarray, kept: np.ndarray) -> float:
     worst = 0.0
     for index in np.ndindex(*scatter.shape[:-2]):
         keep = np.flatnonzero(kept[index])
+        if keep.size == 0:  # constant in the first chunk: nothing tells float32 is safe
+            return np.inf
         block = scatter[index][np.ix_(keep, keep)]
         scale = np.sqrt(np.diagonal(block).real)
         worst = max(worst, float(np.linalg.cond(block / np.outer(scale, scale))))

@@ -125,9 +125,11 @@ def test_compare_json_writes_undefined_values_as_null(tmp_path, capsys):
     rng = np.random.default_rng(0)
     store = tmp_path / "s.zarr"
     chunkcca.write_activations(store, {"a": rng.standard_normal((30, 3)), "flat": np.ones((30, 2))})
-    assert main(["compare", str(store), "a", "flat", "--measure", "svcca", "--json", "--no-progress"]) == 0
-    report = json.loads(capsys.readouterr().out)  # strict JSON: no bare NaN
-    assert report["results"]["svcca"]["value"] is None
+    assert main(["compare", str(store), "a", "flat", "--measure", "svcca", "--json", "--no-progress"]) == 2
+    assert "SVCCA is undefined: layer 'flat' has no variance" in capsys.readouterr().err
+    from chunkcca.cli import _json_value
+
+    assert json.dumps({"x": _json_value(float("nan"))}) == '{"x": null}'  # strict JSON: never a bare NaN
 
 
 def test_compare_passes_keep_and_alpha(files, capsys):

@@ -195,7 +195,7 @@ def test_progress_says_what_it_reads_and_writes_one_line_into_logs(capsys):
 
     x = da.from_array(np.random.default_rng(0).standard_normal((400, 3)), chunks=100)
     named = xr.DataArray(x, dims=("datapoint", "channel"), name="model0/fc")
-    cca(named, x[:, :2] + 1, progress=True)
+    cca(named, x[:, :2] + 1, precision="float32", progress=True)
     err = capsys.readouterr().err
     assert err == f"reading 'model0/fc', 'b' (float32 products): done in {err.split('done in ')[1]}"
     assert "\r" not in err and err.count("\n") == 1

@@ -210,9 +210,17 @@ def test_cca_invariant_to_invertible_linear_maps(seed, scale):
 
 def test_constant_side_is_reported_not_nan():
     x, y = _pair(14)
-    for call, message in ((lambda: cka(np.ones_like(x), y), "CKA is undefined: one side has no variance"),
-                          (lambda: procrustes(np.ones_like(x), y), "Procrustes distance is undefined"),
-                          (lambda: shape_metric(x, np.zeros_like(y)), "shape metric is undefined")):
+    """One rule for a side without variance: every measure is undefined, and says which layer."""
+    from chunkcca import compare, pwcca
+
+    for call, message in ((lambda: cka(np.ones_like(x), y), "CKA is undefined: layer 'a' has no variance"),
+                          (lambda: procrustes(np.ones_like(x), y), "Procrustes distance is undefined: layer 'a'"),
+                          (lambda: shape_metric(x, np.zeros_like(y)), "shape metric is undefined: layer 'b'"),
+                          (lambda: cca(x, np.zeros_like(y)), "CCA is undefined: layer 'b' has no variance"),
+                          (lambda: svcca(np.ones_like(x), y), "SVCCA is undefined: layer 'a'"),
+                          (lambda: pwcca(np.ones_like(x), y), "CCA is undefined: layer 'a'"),
+                          (lambda: compare(x, 5 + 0 * y, measures=["cka", "mean_cca"]),
+                           "CKA is undefined: layer 'b' has no variance")):
         with pytest.raises(ValueError, match=message):
             call()
 
