@@ -30,6 +30,7 @@ function does not run on Python 3 at all (see its docstring for each difference)
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import dask.array as da
@@ -165,6 +166,10 @@ COEF_KEYS = ("coef_x", "invsqrt_xx", "full_coef_x", "full_invsqrt_xx",
 SUMMARY_KEYS = ("cca_coef1", "cca_coef2", "x_idxs", "y_idxs", "mean", "sum")
 
 
+#: A canonical correlation above 1 by more than this is not rounding: the solve broke down.
+RHO_TOLERANCE = 1e-6
+
+
 def _solve(stats: Moments, epsilon: float, threshold: float, verbose: bool = False) -> dict[str, Any] | None:
     """The reference's rescaling, pruning and solve on the covariance of ``stats``, step for step.
 
@@ -196,6 +201,12 @@ def _solve(stats: Moments, epsilon: float, threshold: float, verbose: bool = Fal
         print("taking final svd")
     u, s, v = np.linalg.svd(np.dot(invsqrt_xx, np.dot(sigma_xy, invsqrt_yy)))
     s = np.abs(s)
+    if s.size and s[0] > 1 + RHO_TOLERANCE:
+        raise ValueError(f"canonical correlation {s[0]:.6g} > 1 at epsilon={epsilon:g}: a side's covariance is "
+                         f"singular "
+                         f"to rounding (duplicate or collinear neurons) and epsilon too small to regularise it, so the "
+                         f"reference's pinv square root gives numbers without meaning; raise epsilon, or use "
+                         f"chunkcca.cca, which counts the rank")
     idx = _threshold_index(s, threshold)
     return {
         "coef_x": u.T, "invsqrt_xx": invsqrt_xx,
@@ -264,12 +275,37 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
     shift = coef @ (true_mean - used_mean) + used_mean
     n = stats.n
     gram = coef @ scatter @ coef.T + n * np.outer(shift, shift)
-    upper = cholesky((gram + gram.T) / 2, lower=False)
-    projections = solve_triangular(upper, coef @ scatter + n * np.outer(shift, true_mean), trans="T")
-    weights = np.abs(projections).sum(axis=1)
+    gram = (gram + gram.T) / 2
+    independent = _independent_columns(gram)
+    if independent.size < gram.shape[0]:
+        warnings.warn(f"compute_pwcca: {gram.shape[0] - independent.size} of the {gram.shape[0]} directions of "
+                      f"{'acts1' if use_x else 'acts2'} depend on earlier ones (duplicate or collinear neurons); the "
+                      f"reference's QR gives them rounding noise as weights, here they weigh 0", RuntimeWarning,
+                      stacklevel=2)
+    upper = cholesky(gram[np.ix_(independent, independent)], lower=False)
+    projections = solve_triangular(upper, (coef @ scatter + n * np.outer(shift, true_mean))[independent], trans="T")
+    weights = np.zeros(gram.shape[0])
+    weights[independent] = np.abs(projections).sum(axis=1)
     weights = weights / np.sum(weights)
     coefs = solved["cca_coef1"]
     return np.sum(weights * coefs), weights, coefs
+
+
+def _independent_columns(gram: np.ndarray) -> np.ndarray:
+    """Indices of the columns of D (given DᵀD) that a Gram–Schmidt in order keeps: each one's residual after the
+    earlier kept ones is above rounding (k · eps · the largest squared norm). The QR of the kept columns gives
+    the same directions as the QR of all of them."""
+    tolerance = gram.shape[0] * np.finfo(np.float64).eps * max(float(np.max(np.diag(gram))), 0.0)
+    kept: list[int] = []
+    lower = np.zeros_like(gram)  # Cholesky rows of the kept columns
+    for column in range(gram.shape[0]):
+        row = np.linalg.solve(lower[np.ix_(kept, kept)], gram[kept, column]) if kept else np.zeros(0)
+        residual = gram[column, column] - row @ row
+        if residual > tolerance:
+            lower[column, kept] = row
+            lower[column, column] = np.sqrt(residual)
+            kept.append(column)
+    return np.asarray(kept, dtype=int)
 
 
 def _directions(acts: Any, transform: np.ndarray, means: np.ndarray) -> Any:

@@ -296,6 +296,21 @@ def merge_packed(partials: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
     return merged
 
 
+#: float32 products of values whose squares average below this per row have lost digits to underflow (float32's
+#: smallest normal number is 2**-126): such a chunk is computed again in float64.
+SINGLE_UNDERFLOW = 2.0**-110
+
+
+def _beyond_single(products: np.ndarray, sums: np.ndarray, rows: int) -> bool:
+    """Whether single-precision products of a chunk's shifted rows over- or underflowed: the sums of the values
+    are finite but their products are not, or a channel's squares average below :data:`SINGLE_UNDERFLOW` while
+    its values are not all zero. O(p): the products are not searched."""
+    if np.isfinite(sums).all() and not np.isfinite(products).all():
+        return True
+    squares = np.diagonal(products, axis1=-2, axis2=-1).real / rows
+    return bool((((squares == 0) & (sums != 0)) | ((squares > 0) & (squares < SINGLE_UNDERFLOW))).any())
+
+
 def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision = "float32", *,
                       row_norms: bool = False) -> np.ndarray:
     """Packed partial (1, *batch, p + 2 [+ 2L], p) of the rows of each side, concatenated along channels.
@@ -332,13 +347,16 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision =
         block = buffer[..., : stop - start, :]
         for side, part in zip(sides, slices):
             np.subtract(side[..., start:stop, :], shift_c[..., part], out=block[..., part], casting="unsafe")
-        products += np.swapaxes(block, -1, -2) @ (block.conj() if is_complex else block)
+        with np.errstate(over="ignore"):  # float32 overflow is found below and the chunk done again in float64
+            products += np.swapaxes(block, -1, -2) @ (block.conj() if is_complex else block)
         sums += ones[: stop - start] @ block  # a GEMV: shifted values are small, so float32 sums suffice
         if n_sides:
             norms = np.stack([np.einsum("ij,ij->i", block[:, part], block[:, part]).astype(np.float64)
                               for part in slices], axis=1)  # (rows, L)
             norm_moments += (norms.T.astype(dtype) @ block).astype(np.float64)
             norm_products += norms.T @ norms
+    if dtype in (np.float32, np.complex64) and _beyond_single(products, sums, rows):
+        return partial_from_rows(sides, "float64", row_norms=row_norms)
     # The exact shift is shift_c (what was subtracted), not the float64 shift.
     shifted_mean = sums / rows
     scatter = products - rows * shifted_mean[..., :, None] * shifted_mean[..., None, :].conj()

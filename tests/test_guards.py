@@ -1,0 +1,156 @@
+"""Numerical guards and errors that name their cause (issue: nothing silently wrong, items 9-17)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import warnings
+import zipfile
+
+import dask.array as da
+import numpy as np
+import pytest
+from reference import canonical_correlations
+
+import chunkcca
+from chunkcca import cca, shape_metric
+from chunkcca.cli import main
+from chunkcca.compat import compute_pwcca, get_cca_similarity
+from chunkcca.ingest import load_pickled_array
+
+
+def _ill_conditioned_pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Y = X·W + tiny noise with cond(W) ≈ 3e3: b has 10 genuine directions, one of them small."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3000, 10))
+    u, _, vt = np.linalg.svd(rng.standard_normal((10, 10)))
+    w = u @ np.diag(np.logspace(0, -np.log10(3e3), 10)) @ vt
+    return x.astype("float32"), (x @ w + 1e-6 * rng.standard_normal((3000, 10))).astype("float32")
+
+
+def test_the_default_precision_keeps_a_direction_float32_would_drop():
+    """float32 products lose the smallest direction here (rank_b 9, mean rho 0.90, shape 0.32 rad: 6 of 200 seeds
+    at cond(W) 1e3, every seed at 3e3); the default ('auto') takes float64 for such layers and reports the ranks
+    it used in every whitening measure."""
+    lost = 0
+    for seed in range(8):
+        x, y = _ill_conditioned_pair(seed)
+        chunked = da.from_array(x, chunks=1000), da.from_array(y, chunks=1000)
+        default = cca(*chunked)
+        assert int(default["rank_b"]) == 10 and float(default["rho_mean"]) == pytest.approx(1.0, abs=1e-6)
+        assert default.attrs["precision"] == "float64"
+        shape = shape_metric(*chunked, alpha=0.0)
+        # cos θ within 1e-6 of 1 (the noise): θ up to ~1.5e-3 rad; float32 products gave 0.32
+        assert float(shape["shape_distance"]) < 2e-3 and int(shape["rank_b"]) == 10
+        lost += int(cca(*chunked, precision="float32")["rank_b"]) < 10
+    assert lost == 8, "float32 really loses the direction here"
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-22, 1e22, 1e25])
+def test_float32_data_far_from_one_keeps_every_digit(scale):
+    """At 1e-25 float32 squares underflow (rho_mean was 0, every channel pruned); such chunks go float64."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 5))
+    y = x[:, :3] @ rng.standard_normal((3, 4)) + 0.8 * rng.standard_normal((2000, 4))
+    want = canonical_correlations(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = cca((x * scale).astype("float32"), (y * scale).astype("float32"), precision="float32")
+    np.testing.assert_allclose(got["rho"], want, atol=3e-6)
+
+
+def test_auto_precision_with_a_layer_constant_in_its_first_chunk():
+    """cond on an empty matrix once raised LinAlgError and ended a whole sweep."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 3))
+    x[:100] = 2.0
+    y = x + rng.standard_normal((400, 3))
+    result = cca(da.from_array(x, chunks=100), y)
+    assert result.attrs["precision"] == "float64" and "is inf" in result.attrs["precision_auto"]
+    np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-9)
+    sweep = chunkcca.similarity({"x": da.from_array(x, chunks=100)}, {"y": y}, measures=["cka"])
+    assert np.isfinite(sweep["cka"].item())
+
+
+def test_compat_never_returns_a_correlation_above_one():
+    """The reference's pinv square root gave rho = 2066.9 at epsilon=1e-10 on collinear neurons."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3, 300))
+    acts1 = np.vstack([base, base + 1e-9 * rng.standard_normal((3, 300))])
+    acts2 = rng.standard_normal((4, 300)) + base[:1]
+    for epsilon in (1e-10, 1e-12):
+        with pytest.raises(ValueError, match=rf"canonical correlation .* > 1 at epsilon={epsilon:g}"):
+            get_cca_similarity(acts1, acts2, epsilon=epsilon, verbose=False)
+
+
+def test_compat_pwcca_of_duplicate_neurons_gives_values_and_says_why():
+    """A bare LinAlgError before; the reference (else-branch fixed) returns values, its dependent directions'
+    weights being QR rounding noise: here they weigh 0, with a warning, and the rest follows the reference."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3, 300))
+    acts1 = np.vstack([base, base])
+    acts2 = rng.standard_normal((6, 300))
+    acts2[:3] += base
+    with pytest.warns(RuntimeWarning, match="2 of the 6 directions of acts1 depend on earlier ones"):
+        value, weights, coefs = compute_pwcca(acts1, acts2)
+    assert np.isfinite(value) and weights.sum() == pytest.approx(1.0) and (weights[-2:] == 0).all()
+    assert 0 < value <= coefs.max()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 3, 4, 5])
+def test_numpy_pickles_of_every_protocol_load(tmp_path, protocol):
+    array = np.arange(12.0, dtype="float32").reshape(3, 4)
+    with gzip.open(tmp_path / "a.p", "wb") as file:
+        pickle.dump(array, file, protocol=protocol)
+    np.testing.assert_array_equal(load_pickled_array(tmp_path / "a.p"), array)
+
+
+def test_a_pickle_bomb_is_refused_before_it_expands(tmp_path, monkeypatch, capsys):
+    """A 1.9 MB compressed pickle once expanded to 4 GB: the size it declares is checked against the memory
+    available before anything is allocated."""
+    import chunkcca.ingest as ingest_module
+
+    array = np.zeros((2000, 2000))  # 32 MB of zeros, a few kB compressed
+    with gzip.open(tmp_path / "bomb.p", "wb") as file:
+        pickle.dump(array, file, protocol=4)
+    monkeypatch.setattr(ingest_module, "_available_memory", lambda: 16 * 2**20)
+    with pytest.raises(MemoryError, match="declares more data than the memory available"):
+        load_pickled_array(tmp_path / "bomb.p")
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'bomb.p'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chunkcca ingest: error: out of memory") and len(err.strip().splitlines()) == 1
+
+
+def test_an_npz_with_other_members_is_named(tmp_path, capsys):
+    with zipfile.ZipFile(tmp_path / "a.npz", "w") as archive:
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros((5, 2)))
+        archive.writestr("fc.npy", buffer.getvalue())
+        archive.writestr("notes.txt", "hello")
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"m={tmp_path / 'a.npz'}"]) == 2
+    assert "holds 'notes.txt', which is not a .npy array" in capsys.readouterr().err
+
+
+def test_an_unreachable_scheduler_fails_fast_and_says_so(capsys):
+    pytest.importorskip("distributed")
+    x = np.random.default_rng(0).standard_normal((50, 3))
+    with pytest.raises(OSError, match=r"no Dask scheduler answered at tcp://127.0.0.1:9 within 1 s"):
+        cca(x, x[:, :2], scheduler="tcp://127.0.0.1:9", connect_timeout=1)
+
+
+def test_errors_that_are_not_reading_errors_are_not_called_so(tmp_path):
+    """A checkpoint that cannot be written is a checkpoint error, not 'reading layers … failed'."""
+    from chunkcca.checkpoint import CheckpointError
+
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.random.default_rng(0).standard_normal((40, 3))})
+    (tmp_path / "blocked").write_text("a file where the checkpoint's folder would go")
+    with pytest.raises(CheckpointError, match=r"cannot be written|cannot be read") as raised:
+        cca(tree["a"], tree["a"], checkpoint=tmp_path / "blocked" / "run")
+    assert "reading layers" not in str(raised.value)
+
+
+def test_many_tiny_chunks_are_named(tmp_path):
+    x = np.random.default_rng(0).standard_normal((600, 3))
+    with pytest.warns(da.PerformanceWarning, match=r"layer 'a' is read in 600 chunks of 24.0 B"):
+        cca(da.from_array(x, chunks=1), x[:, :2] + 1)
