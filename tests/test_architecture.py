@@ -4,6 +4,7 @@ public API, and an import that changes no global configuration (docs/architectur
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,15 @@ def test_importing_chunkcca_changes_no_global_configuration():
             "assert before == after, (before, after)\n"
             "assert 'distributed' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_the_reliability_page_names_tests_that_exist():
+    """Each guarantee in docs/reliability.md names its test; a renamed or removed test fails here."""
+    page = (PACKAGE.parent / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`|`::(test_\w+)`", page)
+    assert len(named) > 15
+    current = None
+    for file, test, continued in named:
+        current = file or current
+        source = (PACKAGE.parent / "tests" / current).read_text()
+        assert f"def {test or continued}(" in source, f"{current}::{test or continued} is not a test"

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-import chunkcca
 from chunkcca.cli import size_decode_pool
 from chunkcca.datasets import demo_layers
 
@@ -27,9 +26,10 @@ size_decode_pool()  # one zarr decode thread per core, as the chunkcca command r
 
 
 def store_for(datapoints: int, *, channels: int = 64, chunk: int = 256, compression: str | None = "lz4",
-              folder: Path = BENCH_DIR) -> Path:
-    """A two-model store (conv2 of (datapoints, 16, 16, channels) float32 per model), written once and reused."""
-    path = folder / f"conv_{datapoints}x16x16x{channels}_c{chunk}_{compression}.zarr"
+              folder: Path = BENCH_DIR, checksum: bool = True) -> Path:
+    """A two-model store (conv2 of (datapoints, 16, 16, channels) float32 per model), written once and reused;
+    ``checksum=False`` writes it without the CRC32C of each chunk (for measuring what checksums cost)."""
+    path = folder / f"conv_{datapoints}x16x16x{channels}_c{chunk}_{compression}{'' if checksum else '_nocrc'}.zarr"
     if not path.exists():
         layers = {k: v[..., :channels] if channels <= 64 else v for k, v in demo_layers(datapoints, chunk=chunk).items()
                   if k.endswith("conv2")}
@@ -38,7 +38,16 @@ def store_for(datapoints: int, *, channels: int = 64, chunk: int = 256, compress
 
             layers = {k: da.concatenate([v * (1 + 0.1 * i) + i for i in range(channels // 64)], axis=-1)
                       for k, v in layers.items()}
-        chunkcca.write_activations(path, layers, chunks=chunk, compression=compression)
+        import chunkcca.store
+
+        codecs_for = chunkcca.store.codecs_for
+        if not checksum:  # this benchmark's own store only: chunkcca always writes checksums
+            chunkcca.store.codecs_for = lambda name: tuple(c for c in codecs_for(name)
+                                                            if "Crc32c" not in type(c).__name__)
+        try:
+            chunkcca.write_activations(path, layers, chunks=chunk, compression=compression)
+        finally:
+            chunkcca.store.codecs_for = codecs_for
     return path
 
 
