@@ -14,12 +14,13 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 
 from .engine import minibatch_reduction
 from .layers import align_layers, as_activations, layer_paths, named
-from .measures import MEASURES, PairSolves, UndefinedMeasure, check_measures, non_constant
+from .measures import MEASURES, PairSolves, UndefinedMeasure, check_measures, jackknife, non_constant
 from .minibatch import aligned_chunks
 from .moments import Moments
 from .options import SOLVE_NAMES, SolveOptions, StreamOptions, check_int
@@ -59,11 +60,56 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> 
             f"dimensions with svcca(keep=...)", RuntimeWarning, stacklevel=4)
 
 
-def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False) -> Streamed:
-    """Two layers → one pass → their Moments."""
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """Which group (or fold) each datapoint is in: ``codes`` (datapoint,) 0 … len(labels) − 1, chunked as the
+    layers, the groups' ``labels`` and the ``dim`` the results gain."""
+
+    codes: da.Array
+    labels: np.ndarray
+    dim: str
+
+
+def _groups(layer: xr.DataArray, options: StreamOptions) -> Groups | None:
+    """The groups ``options.groupby`` or ``options.folds`` asks for, from the coordinate of ``layer`` (the layer
+    every other is aligned to) or the datapoints' order; None for neither. Reads the coordinate, not the data."""
+    chunks = (layer.data.chunks[0],)
+    if isinstance(options.folds, int):
+        datapoints = layer.sizes["datapoint"]
+        if options.folds > datapoints:
+            raise ValueError(f"folds={options.folds} is more than the {datapoints} datapoints")
+        sizes = [len(part) for part in np.array_split(np.arange(datapoints), options.folds)]
+        codes = np.repeat(np.arange(options.folds), sizes)
+        return Groups(da.from_array(codes, chunks=chunks), np.arange(options.folds), "fold")
+    name = options.groupby if options.groupby is not None else options.folds
+    if name is None:
+        return None
+    option = "groupby" if options.groupby is not None else "folds"
+    if name not in layer.coords or layer.coords[name].dims != ("datapoint",):
+        found = [str(c) for c, coord in layer.coords.items() if coord.dims == ("datapoint",) and c != "datapoint"]
+        raise ValueError(f"{option}={name!r}: layer {str(layer.name)!r} has no coordinate {name!r} on datapoint "
+                         f"(it has {', '.join(found) or 'none but datapoint'})")
+    labels, codes = np.unique(np.asarray(layer.coords[name].values), return_inverse=True)
+    if option == "folds" and len(labels) < 2:
+        raise ValueError(f"folds={name!r} gives {len(labels)} fold; folds need at least 2")
+    return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels, name if option == "groupby" else "fold")
+
+
+def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False) -> tuple[Streamed, Groups | None]:
+    """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     _check_rows((layer_a, layer_b), adapters)
-    return stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms)
+    groups = _groups(layer_a, options)
+    streamed = stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms,
+                             codes=None if groups is None else groups.codes,
+                             groups=0 if groups is None else len(groups.labels))
+    return streamed, groups
+
+
+def _by_group(results: Sequence[xr.Dataset], groups: Groups) -> xr.Dataset:
+    """Per-group results along a dim named after the grouping, labelled by the group values."""
+    return xr.concat(list(results), dim=xr.DataArray(groups.labels, dims=groups.dim, name=groups.dim),
+                     combine_attrs="override")
 
 
 def _streaming_attrs(streamed: Streamed) -> dict[str, Any]:
@@ -89,9 +135,23 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
     """Stream two layers for one registered measure and return its labelled result."""
     stream = StreamOptions.from_kwargs(where, options)
     check_measures([name], batched=is_batched(stream.spatial), where=f"{where}()")
-    streamed = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms)
+    if stream.folds is not None:
+        raise TypeError(f"{where}() takes groupby, not folds: folds give error bars and held-out measures in "
+                        f"chunkcca.compare and chunkcca.similarity, and their Moments in compute_moments")
+    streamed, groups = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms)
     with _sides_named(streamed):
-        return _label(PairSolves(streamed.moments, solve).result(name), streamed)
+        if groups is None:
+            return _label(PairSolves(streamed.moments, solve).result(name), streamed)
+        return _label(_by_group([_in_group(PairSolves(part, solve).result, name, label, groups)
+                                 for part, label in zip(streamed.groups, groups.labels)], groups), streamed)
+
+
+def _in_group(solve: Any, name: str, label: Any, groups: Groups) -> xr.Dataset:
+    """``solve(name)`` for one group; an undefined measure says which group."""
+    try:
+        return solve(name)
+    except UndefinedMeasure as error:
+        raise UndefinedMeasure(f"{error} in the group {groups.dim}={label!r}") from error
 
 
 @contextlib.contextmanager
@@ -106,7 +166,7 @@ def _sides_named(streamed: Streamed) -> Iterator[None]:
         raise UndefinedMeasure(message) from error
 
 
-def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) -> Moments:
+def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) -> Moments | dict[Any, Moments]:
     """The [`Moments`][chunkcca.Moments] of two layers' rows, in one streamed pass.
 
     Parameters
@@ -122,14 +182,20 @@ def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) 
 
     Returns
     -------
-    Moments
-        Can be saved, merged with the Moments of more datapoints (``m1 + m2``) and solved with
+    Moments or dict
+        With ``groupby`` or ``folds``: a dict group label (fold number) → that group's Moments, in label
+        order, whose merge ``sum(...)`` (or ``m1 + m2 + …``) is the full data's. Each can be saved, merged and
+        solved later, e.g. with ``heldout_cca_from_folds(list(d.values()))``. Otherwise one Moments, which
+        can be saved, merged with the Moments of more datapoints (``m1 + m2``) and solved with
         [`chunkcca.cca_from_moments()`][chunkcca.cca_from_moments] and the other ``*_from_moments``. For
         ``spatial="dft"`` it
         has batch dims (freq_h, freq_w) and complex statistics.
     """
     stream = StreamOptions.from_kwargs("compute_moments", options)
-    return _stream_pair(a, b, stream, row_norms=row_norms).moments
+    streamed, groups = _stream_pair(a, b, stream, row_norms=row_norms)
+    if groups is None:
+        return streamed.moments
+    return dict(zip(groups.labels.tolist(), streamed.groups))
 
 
 def cca(a: Any, b: Any, *, epsilon: float = 0.0, **options: Any) -> xr.Dataset:
@@ -314,9 +380,11 @@ def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Data
     )
 
 
-def _solve_options(measures: Sequence[str], given: Mapping[str, Any], where: str) -> SolveOptions:
-    """The solve options of ``given`` (keywords the caller set), each read by some measure of ``measures``."""
-    used = {option for name in measures for option in MEASURES[name].options}
+def _solve_options(measures: Sequence[str], given: Mapping[str, Any], where: str, *,
+                   folds: bool = False) -> SolveOptions:
+    """The solve options of ``given`` (keywords the caller set), each read by some measure of ``measures`` (or,
+    with ``folds``, the jackknife's ``confidence``)."""
+    used = {option for name in measures for option in MEASURES[name].options} | ({"confidence"} if folds else set())
     unused = sorted(set(given) - used)
     if unused:
         raise TypeError(f"{where}(): {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not read by "
@@ -355,30 +423,58 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
     """
     solve_given, stream_given = _split_options(dict(options))
     stream = StreamOptions.from_kwargs("compare", stream_given)
-    names = check_measures(measures, batched=is_batched(stream.spatial))
-    solve = _solve_options(names, solve_given, "compare")
-    streamed = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names))
-    pair = PairSolves(streamed.moments, solve)
-    variables: dict[str, Any] = {}
+    names = _checked_measures(measures, stream)
+    solve = _solve_options(names, solve_given, "compare", folds=stream.folds is not None)
+    streamed, groups = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names))
     with _sides_named(streamed):
-        for name in names:
-            pair.result(name)
+        if groups is not None and groups.dim != "fold":
+            result = _by_group([_compared(PairSolves(part, solve), names, label, groups)
+                                for part, label in zip(streamed.groups, groups.labels)], groups)
+        else:
+            folds = None if groups is None else streamed.groups
+            result = _compared(PairSolves(streamed.moments, solve, folds), names)
+    read = {option for name in names for option in MEASURES[name].options} | (
+        {"confidence"} if stream.folds is not None else set())
+    result.attrs = {"measures": ",".join(names), **{key: value for key, value in vars(solve).items() if key in read}}
+    return _label(result, streamed)
+
+
+def _checked_measures(measures: Any, stream: StreamOptions, *, batched: bool = True) -> tuple[str, ...]:
+    """The measures, checked against the adapter (per frequency? unless ``batched`` is False: a sweep refuses
+    such adapters itself) and the folds (held-out measures need them)."""
+    names = check_measures(measures, batched=batched and is_batched(stream.spatial))
+    needing = [name for name in names if MEASURES[name].per_fold is not None]
+    if needing and stream.folds is None:
+        raise ValueError(f"{needing[0]} is measured on held-out folds: pass folds=K (K >= 2)")
+    return names
+
+
+def _compared(pair: PairSolves, names: Sequence[str], label: Any = None, groups: Groups | None = None) -> xr.Dataset:
+    """One scalar per measure (with its details, and the jackknife's ``_se``/``_ci`` when ``pair`` has folds),
+    ``rho`` for CCA-family measures, and ``rows``."""
+    variables: dict[str, Any] = {}
     for name in names:
         measure = MEASURES[name]
-        result = pair.result(name)
+        result = pair.result(name) if groups is None else _in_group(pair.result, name, label, groups)
         variables[name] = result[measure.value].assign_attrs(long_name=measure.description)
         for detail in measure.details:
-            variables[f"{name}_{detail}"] = result[detail].rename(
+            variables[measure.detail_name(detail)] = result[detail].rename(
                 {dim: f"{name}_{dim}" for dim in result[detail].dims if dim == "component"})
+        if pair.folds is not None:
+            se, interval = jackknife(result[measure.value].values, pair.leave_outs(name), pair.options.confidence)
+            dims = result[measure.value].dims
+            variables[f"{name}_se"] = (dims, se, {"long_name": f"jackknife standard error of {name}"})
+            variables[f"{name}_ci"] = ((*dims, "bound"), interval,
+                                       {"long_name": f"{pair.options.confidence:g} interval of {name} "
+                                                     f"(Student t, {len(pair.folds) - 1} degrees of freedom)"})
     if any(MEASURES[name].canonical for name in names):
         variables["rho"] = pair.cca["rho"]
         if "rho_freq_mean" in pair.cca:
             variables["rho_freq_mean"] = pair.cca["rho_freq_mean"]
-    variables["rows"] = xr.DataArray(np.int64(streamed.moments.n), attrs={"long_name": "rows the statistics were "
-                                                                                          "computed from"})
-    read = {option for name in names for option in MEASURES[name].options}
-    attrs = {"measures": ",".join(names), **{key: value for key, value in vars(solve).items() if key in read}}
-    return _label(xr.Dataset(variables, attrs=attrs), streamed)
+    variables["rows"] = xr.DataArray(np.int64(pair.moments.n), attrs={"long_name": "rows the statistics were "
+                                                                                     "computed from"})
+    coords = {"bound": ["lower", "upper"]} if pair.folds is not None else {}
+    return xr.Dataset(variables, coords=coords)
 
 
 def as_layer_set(layers: Any, role: str) -> dict[str, Any]:
@@ -418,8 +514,10 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     """
     solve_given, stream_given = _split_options(dict(options))
     stream = StreamOptions.from_kwargs("similarity", stream_given)
-    names = check_measures(measures)
-    solve = _solve_options(names, solve_given, "similarity")
+    names = _checked_measures(measures, stream, batched=False)
+    solve = _solve_options(names, solve_given, "similarity", folds=stream.folds is not None)
+    if len(solve.ridges) > 1:
+        raise ValueError("similarity takes one ridge; compare one pair with several (a ridge dim)")
     set_a, set_b = as_layer_set(a_layers, "a_layers"), as_layer_set(b_layers, "b_layers")
     if not set_a or not set_b:
         raise ValueError("similarity needs at least one layer on each side")
@@ -440,17 +538,22 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     if rows < 4:
         raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
     _check_rows(aligned, adapters)
-    streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names))
-    values = _pairwise(streamed.moments, [str(layer.name) for layer in aligned], sides, names, solve)
+    groups = _groups(first, stream)
+    streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names),
+                             codes=None if groups is None else groups.codes,
+                             groups=0 if groups is None else len(groups.labels))
+    labels = [str(layer.name) for layer in aligned]
+    coords = {"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)}
+    if groups is not None and groups.dim != "fold":
+        result = _by_group([_pairwise(part, labels, sides, names, solve, coords) for part in streamed.groups], groups)
+    else:
+        folds = None if groups is None else streamed.groups
+        result = _pairwise(streamed.moments, labels, sides, names, solve, coords, folds)
     attrs = {"measures": ",".join(names), **vars(solve), **_streaming_attrs(streamed)}
     for key in ("layer_a", "layer_b"):
         attrs.pop(key)
-    return xr.Dataset(
-        {name: (("layer_a", "layer_b"), value, {"long_name": MEASURES[name].description})
-         for name, value in values.items()} | {"rows": ((), np.int64(streamed.moments.n))},
-        coords={"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)},
-        attrs=attrs,  # measures as a string: netCDF attributes take no lists
-    )
+    result.attrs = attrs  # measures as a string: netCDF attributes take no lists
+    return result
 
 
 def _without_variance(pair: Moments, names: tuple[str, str]) -> str | None:
@@ -463,10 +566,14 @@ def _without_variance(pair: Moments, names: tuple[str, str]) -> str | None:
 
 
 def _pairwise(stats: Moments, labels: list[str], sides: dict[str, list[int]], measures: Sequence[str],
-              solve: SolveOptions) -> dict[str, np.ndarray]:
+              solve: SolveOptions, coords: dict[str, np.ndarray], folds: Sequence[Moments] | None = None) -> xr.Dataset:
     """Each measure's (layer_a, layer_b) values from the Moments of all layers (one side each, named by
-    ``labels``); ``sides`` lists the sides of set a and of set b."""
-    values = {measure: np.full((len(sides["a"]), len(sides["b"])), np.nan) for measure in measures}
+    ``labels``); ``sides`` lists the sides of set a and of set b. With ``folds`` (each fold's Moments of all
+    layers) also each measure's jackknife ``_se`` and ``_ci`` (bound), and the held-out measures."""
+    shape = (len(sides["a"]), len(sides["b"]))
+    values = {measure: np.full(shape, np.nan) for measure in measures}
+    errors = {measure: np.full(shape, np.nan) for measure in measures}
+    intervals = {measure: np.full((*shape, 2), np.nan) for measure in measures}
     for i, side_a in enumerate(sides["a"]):
         for j, side_b in enumerate(sides["b"]):
             name_a, name_b = labels[side_a], labels[side_b]
@@ -476,11 +583,26 @@ def _pairwise(stats: Moments, labels: list[str], sides: dict[str, list[int]], me
                 warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer {dead!r} has no "
                               f"varying channel", RuntimeWarning, stacklevel=3)
                 continue
-            pair = PairSolves(moments, solve)
+            pair = PairSolves(moments, solve, None if folds is None else
+                              [fold.select([side_a, side_b]) for fold in folds])
             for measure in measures:
                 try:
                     values[measure][i, j] = float(pair.value(measure))
+                    if folds is not None:
+                        errors[measure][i, j], intervals[measure][i, j] = jackknife(
+                            values[measure][i, j], pair.leave_outs(measure), solve.confidence)
                 except UndefinedMeasure as reason:  # one dead layer must not sink the whole sweep
                     warnings.warn(f"{measure} of {name_a!r} and {name_b!r} is NaN: {reason}", RuntimeWarning,
                                   stacklevel=3)
-    return values
+    variables: dict[str, Any] = {
+        measure: (("layer_a", "layer_b"), value, {"long_name": MEASURES[measure].description})
+        for measure, value in values.items()}
+    if folds is not None:
+        for measure in measures:
+            variables[f"{measure}_se"] = (("layer_a", "layer_b"), errors[measure],
+                                          {"long_name": f"jackknife standard error of {measure}"})
+            variables[f"{measure}_ci"] = (("layer_a", "layer_b", "bound"), intervals[measure],
+                                          {"long_name": f"{solve.confidence:g} interval of {measure} (Student t, "
+                                                        f"{len(folds) - 1} degrees of freedom)"})
+        coords = {**coords, "bound": ["lower", "upper"]}
+    return xr.Dataset(variables | {"rows": ((), np.int64(stats.n))}, coords=coords)

@@ -69,6 +69,20 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _add_group_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--groupby", help="a coordinate on datapoint (e.g. a class label): every measure per group")
+    parser.add_argument("--folds", type=_folds, help="K >= 2 contiguous folds of the datapoints, or a coordinate "
+                                                     "naming each one's fold: jackknife errors and intervals, and "
+                                                     "the held-out measures heldout_cca and predictivity")
+    parser.add_argument("--confidence", type=float, help="with --folds: the intervals' level (default 0.95)")
+    parser.add_argument("--ridge", type=float, nargs="+", help="predictivity: the ridge, relative to the mean "
+                                                               "variance (default 0.01)")
+
+
+def _folds(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
 def _add_solve_options(parser: argparse.ArgumentParser) -> None:
     """The measures' own options; only those given are passed on (one no chosen measure reads is an error)."""
     parser.add_argument("--epsilon", type=float, help="ridge for CCA-family measures (default 0)")
@@ -80,8 +94,10 @@ def _add_solve_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _given_solve_options(args: argparse.Namespace) -> dict[str, Any]:
+    ridge = args.ridge[0] if args.ridge is not None and len(args.ridge) == 1 else args.ridge
     return {key: value for key, value in (("epsilon", args.epsilon), ("keep", args.keep),
-                                          ("keep_by", args.keep_by), ("alpha", args.alpha)) if value is not None}
+                                          ("keep_by", args.keep_by), ("alpha", args.alpha), ("ridge", ridge),
+                                          ("confidence", args.confidence)) if value is not None}
 
 
 def _measure_names(names: list[str], option: str) -> list[str]:
@@ -144,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=[*MEASURES, *ALIASES], metavar="MEASURE",
                          help=f"measures, from {', '.join(MEASURES)} (default mean_cca)")
     _add_solve_options(compare)
+    _add_group_options(compare)
     _streaming_options(compare)
     compare.add_argument("--checkpoint", help="save the running statistics to this path as the run goes; "
                          "running the same comparison again resumes from it (with --precision auto, in float64)")
@@ -162,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=[*MEASURES, *ALIASES], metavar="MEASURE",
                        help=f"measures, from {', '.join(MEASURES)} (default mean_cca cka)")
     _add_solve_options(sweep)
+    _add_group_options(sweep)
     _streaming_options(sweep, spatial=SWEEP_SPATIAL)  # flatten needs one spatial size for all layers
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
     sweep.add_argument("--plot", help="heatmap PNG of the first measure")
@@ -222,15 +240,25 @@ def _run_info(args: argparse.Namespace) -> None:
 def _streaming(args: argparse.Namespace) -> dict[str, Any]:
     """The streaming options of compare and sweep."""
     return {"spatial": args.spatial, "stride": args.stride, "precision": args.precision,
-            "scheduler": args.scheduler, "connect_timeout": args.connect_timeout, "progress": not args.no_progress}
+            "scheduler": args.scheduler, "connect_timeout": args.connect_timeout, "progress": not args.no_progress,
+            "groupby": args.groupby, "folds": args.folds}
+
+
+def _scalar(value: xr.DataArray) -> Any:
+    """A measure's value: a number, or a list where it has a dim (per group, per ridge)."""
+    return value.item() if value.ndim == 0 else value.values.tolist()
 
 
 def _json_value(value: Any) -> Any:
     """A value for strict JSON: NaN and infinities (undefined values) as null."""
+    if isinstance(value, list):
+        return [_json_value(item) for item in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(item) for item in value) + "]"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -250,22 +278,35 @@ def _run_compare(args: argparse.Namespace) -> None:
     curves = {name: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
               for name, variable in (("cca", "rho"), ("svcca", "svcca_rho"))
               if variable in result and result[variable].ndim == 1}
-    values = {name: {"value": result[name].item(),
-                     **{detail: result[f"{name}_{detail}"].item() for detail in chunkcca.MEASURES[name].details
-                        if result[f"{name}_{detail}"].ndim == 0}} for name in measures}
+    values = {name: {"value": _scalar(result[name]),
+                     **({"se": float(result[f"{name}_se"]), "ci": result[f"{name}_ci"].values.tolist()}
+                        if f"{name}_se" in result and result[f"{name}_se"].ndim == 0 else {}),
+                     **{detail: result[key].item() for detail in chunkcca.MEASURES[name].details
+                        if (key := chunkcca.MEASURES[name].detail_name(detail)) in result and result[key].ndim == 0}}
+              for name in measures}
     if args.json:
         options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", *SOLVE_NAMES)
                    if key in result.attrs} | {"scheduler": args.scheduler}
         results = {name: {key: _json_value(value) for key, value in shown.items()} for name, shown in values.items()}
-        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": int(result["rows"]),
+        if args.groupby:  # each value is then a list, one per group
+            options |= {"groupby": args.groupby, "groups": _json_value(result[args.groupby].values.tolist())}
+        if args.folds is not None:
+            options |= {"folds": args.folds, "confidence": result.attrs.get("confidence")}
+        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": result.attrs["rows"],
                           "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
     else:
         table = [("measure", "value", "details")]
         for name, shown in values.items():
-            details = ", ".join(f"{key} {_shown(value)}" for key, value in shown.items() if key != "value")
-            table.append((name, _shown(shown["value"]), details))
+            value = _shown(shown["value"])
+            if "ci" in shown:
+                value += f" ± {(shown['ci'][1] - shown['ci'][0]) / 2:.4f}"
+            details = ", ".join(f"{result.attrs.get('confidence', 0.95):g} interval {_shown(value)}" if key == "ci"
+                                else f"{key} {_shown(value)}" for key, value in shown.items() if key != "value")
+            table.append((name, value, details))
         print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, "
-              f"{int(result['rows'])} rows, one pass)")
+              f"{result.attrs['rows']} rows, one pass)")
+        if args.groupby:
+            print(f"per {args.groupby}: {', '.join(map(str, result[args.groupby].values.tolist()))}")
         print(format_table(table, left=(0, 2)))
     if args.plot:
         save_figure(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot)

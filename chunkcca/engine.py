@@ -56,6 +56,28 @@ class Reduction:
     shape: tuple[int, ...]
     dtype: Any
     nonfinite_shows: bool = False
+    groups: int = 0
+
+
+def grouped(reduction: Reduction, groups: int) -> Reduction:
+    """``reduction`` kept apart for each of ``groups`` groups of datapoints, in the same pass (as flox's grouped
+    reductions): partials gain a leading group dim (1, groups, *shape), each group merged on its own; the result
+    is a list of the groups' results. Each datapoint's group code (0 … groups − 1) is given to
+    ``reduction_graph()``; a row belongs to its datapoint's group."""
+    return Reduction(name=f"{reduction.name}-by-group", chunk=reduction.chunk,
+                     combine=partial(_combine_groups, combine=reduction.combine),
+                     finalize=partial(_finalize_groups, finalize=reduction.finalize),
+                     shape=(groups, *reduction.shape), dtype=reduction.dtype,
+                     nonfinite_shows=reduction.nonfinite_shows, groups=groups)
+
+
+def _combine_groups(partials: np.ndarray, *, combine: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """k stacked grouped partials (k, groups, *shape) → (1, groups, *shape), each group merged alone."""
+    return np.stack([combine(partials[:, group]) for group in range(partials.shape[1])], axis=1)
+
+
+def _finalize_groups(merged: np.ndarray, *, finalize: Callable[[np.ndarray], Any]) -> list[Any]:
+    return [finalize(merged[:, group]) for group in range(merged.shape[1])]
 
 
 def _moments_chunk(rows: list[np.ndarray], first_datapoint: int, *, precision: ProductPrecision,
@@ -125,23 +147,35 @@ def _only_block(nested: Any) -> np.ndarray:
 
 def _chunk_task(first: np.ndarray, *blocks: Any, adapters: Sequence[Adapter], reduction: Reduction,
                 nan_policy: str, names: Sequence[str]) -> np.ndarray:
-    """One datapoint chunk of every side → rows per side (finite) → ``reduction.chunk(rows, first_datapoint)``."""
+    """One datapoint chunk of every side → rows per side (finite) → ``reduction.chunk(rows, first_datapoint)``;
+    for a grouped reduction the first block is the datapoints' group codes and each group's rows are reduced
+    alone."""
     pin_blas()
     first_datapoint = int(first[0]) if first.size else 0
     blocks = tuple(_only_block(block) for block in blocks)
-    reduce_rows = reduction.chunk
+    codes, blocks = (blocks[0], blocks[1:]) if reduction.groups else (None, blocks)
+    check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
+                    datapoints=blocks[0].shape[0])
     # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out) below
     with np.errstate(invalid="ignore"):
         rows = [adapter.block_rows(block, first_datapoint) for block, adapter in zip(blocks, adapters)]
-        check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
-                        datapoints=blocks[0].shape[0])
-        if not reduction.nonfinite_shows:
-            return reduce_rows(check(rows), first_datapoint)
-        result = reduce_rows(rows, first_datapoint)
+        if codes is None:
+            return _reduce_finite(rows, first_datapoint, reduction, check)
+        row_codes = codes[adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint)]
+        return np.stack([_reduce_finite([side[..., row_codes == group, :] for side in rows], first_datapoint,
+                                        reduction, check)[0] for group in range(reduction.groups)])[None]
+
+
+def _reduce_finite(rows: list[np.ndarray], first_datapoint: int, reduction: Reduction,
+                   check: Callable[[list[np.ndarray]], list[np.ndarray]]) -> np.ndarray:
+    """``reduction.chunk`` of the rows, with rows holding NaN or Inf reported or left out (``check``)."""
+    if not reduction.nonfinite_shows:
+        return reduction.chunk(check(rows), first_datapoint)
+    result = reduction.chunk(rows, first_datapoint)
     if np.isfinite(result).all():
         return result
     finite = check(rows)
-    return result if finite is rows else reduce_rows(finite, first_datapoint)
+    return result if finite is rows else reduction.chunk(finite, first_datapoint)
 
 
 def _keep(partial_: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
@@ -155,7 +189,7 @@ def _combine(partials: np.ndarray, axis: Any = None, keepdims: bool = True, *,
 
 def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *,
                     split_every: int, nan_policy: str = "raise", names: Sequence[str] = (),
-                    offset: int = 0) -> da.Array:
+                    offset: int = 0, codes: da.Array | None = None) -> da.Array:
     """The lazy merged partial (1, *reduction.shape) of the rows of ``sides``, one partial per datapoint chunk.
 
     ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
@@ -165,11 +199,16 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     the stride pattern when streaming a slice). Each side's datapoint chunk reaches the chunk
     function as one block, without the copy Dask makes when it joins blocks (sides chunked along
     other dims are rechunked whole along them). The graph's layers are named
-    ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. Nothing is computed here.
+    ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. A ``grouped()`` reduction takes
+    ``codes``: each datapoint's group (datapoint,). Nothing is computed here.
     """
     names = tuple(names) or tuple(f"side {i}" for i in range(len(sides)))
     first = da.arange(offset, offset + sides[0].shape[0], chunks=(sides[0].chunks[0],))
     args: list[Any] = [first, ("datapoint",)]
+    if reduction.groups:
+        if codes is None:
+            raise ValueError("a grouped reduction needs the datapoints' group codes")
+        args += [codes.rechunk((sides[0].chunks[0],)), ("datapoint",)]
     for i, side in enumerate(sides):
         side = side.rechunk({axis: -1 for axis in range(1, side.ndim)})  # a no-op when already whole
         args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
@@ -225,10 +264,10 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None) ->
 
 def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, split_every: int,
         scheduler: Any = None, progress: str | None = None, nan_policy: str = "raise", names: Sequence[str] = (),
-        offset: int = 0) -> Any:
+        offset: int = 0, codes: da.Array | None = None) -> Any:
     """Build, compute and finalize one reduction (see ``reduction_graph()`` and ``compute()``)."""
     graph = reduction_graph(sides, adapters, reduction, split_every=split_every, nan_policy=nan_policy,
-                            names=names, offset=offset)
+                            names=names, offset=offset, codes=codes)
     (merged,) = compute(graph, scheduler=scheduler, progress=progress)
     return reduction.finalize(merged)
 

@@ -30,7 +30,7 @@ from .store import WriteMode, check_new_layers, move_layer, open_activations, wr
 
 #: The only globals a pickle may name: what numpy needs to rebuild arrays (numpy 1 and 2 module paths), in
 #: every pickle protocol: ``_frombuffer`` (protocol 5) and ``_codecs.encode`` (the bytes of protocols 0–2, admitted
-#: for latin-1 only, see :func:`_latin1_bytes`).
+#: for latin-1 only, see ``_latin1_bytes()``).
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     (module, name)
     for module in ("numpy.core.multiarray", "numpy._core.multiarray")

@@ -224,7 +224,7 @@ def layer_path(name: Any) -> str:
 
 
 def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), where: str = "") -> list[str]:
-    """Layer paths normalised by :func:`layer_path`, refused if one is given twice (``"fc"`` and ``"/fc"`` too), is
+    """Layer paths normalised by ``layer_path()``, refused if one is given twice (``"fc"`` and ``"/fc"`` too), is
     in ``existing`` already, or holds another layer (``"x"`` and ``"x/y"``: a layer is a leaf of the store)."""
     paths = [layer_path(name) for name in names]
     seen: dict[str, Any] = {}

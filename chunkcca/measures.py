@@ -12,7 +12,7 @@ A new measure is a solver here and one ``Measure`` entry in [`MEASURES`][chunkcc
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -483,14 +483,142 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     )
 
 
+def _merge(parts: Sequence[Moments]) -> Moments:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def _leave_out(folds: Sequence[Moments], fold: int) -> Moments:
+    """The Moments of every fold but ``fold``: the training data of that fold."""
+    return _merge([part for i, part in enumerate(folds) if i != fold])
+
+
+def _fold_covariances(folds: Sequence[Moments], measure: str) -> None:
+    if len(folds) < 2:
+        raise ValueError(f"{measure} needs folds=K with K >= 2")
+    small = [i for i, part in enumerate(folds) if part.n < 2]
+    if small:
+        raise ValueError(f"{measure}: fold {small[0]} holds {folds[small[0]].n} rows; every fold needs at least 2")
+
+
+def _variate_correlations(left: np.ndarray, right: np.ndarray, cov: np.ndarray, p: int) -> np.ndarray:
+    """Correlations, under the covariance ``cov`` (p + q, p + q), of the paired projections ``left`` (p, k) of
+    side a and ``right`` (q, k) of side b: one per column; 0 where a projection has no variance."""
+    cross = np.einsum("ik,ij,jk->k", left, cov[:p, p:], right)
+    spread = np.sqrt(np.einsum("ik,ij,jk->k", left, cov[:p, :p], left)
+                     * np.einsum("ik,ij,jk->k", right, cov[p:, p:], right))
+    return np.divide(cross, spread, out=np.zeros_like(cross), where=spread > 0)
+
+
+def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) -> xr.Dataset:
+    """Held-out CCA: for each fold, canonical directions fitted on the other folds' Moments and the correlation of
+    each pair of canonical variates on the held-out fold's.
+
+    In-sample canonical correlations are biased upwards when channels are not few compared with rows (on
+    independent data they are far from 0); held-out ones are not.
+
+    Parameters
+    ----------
+    folds
+        The Moments of each fold (``compute_moments(..., folds=K)``), K >= 2, two real sides.
+    epsilon
+        Ridge of the fitted CCA, >= 0.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``heldout_rho`` (component): each component's held-out correlation, averaged over folds;
+        ``heldout_cca``: its mean over components; ``heldout_cca_per_fold`` (fold): that mean per fold.
+    """
+    check_epsilon(epsilon)
+    _fold_covariances(folds, "heldout_cca")
+    p = folds[0].sizes[0]
+    per_fold = []
+    for fold in range(len(folds)):
+        fitted = cca_from_moments(_leave_out(folds, fold), epsilon=epsilon)
+        per_fold.append(_variate_correlations(fitted["coef_a"].values, fitted["coef_b"].values,
+                                              folds[fold].covariance(), p))
+    rho = np.mean(per_fold, axis=0)
+    return xr.Dataset(
+        {"heldout_rho": ("component", rho, {"long_name": "held-out canonical correlation, mean over folds"}),
+         "heldout_cca": ((), float(rho.mean()) if rho.size else np.nan, {"long_name": "mean held-out CCA"}),
+         "heldout_cca_per_fold": ("fold", [float(r.mean()) for r in per_fold]),
+         "rows": ((), np.int64(sum(part.n for part in folds)))},
+        coords={"component": np.arange(rho.size), "fold": np.arange(len(folds))},
+        attrs={"measure": "heldout_cca", "epsilon": float(epsilon), "folds": len(folds)})
+
+
+def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence[float] = 0.01) -> xr.Dataset:
+    """Ridge predictivity a → b: for each fold, ridge regression from a's channels to each of b's, fitted on the
+    other folds' Moments, scored on the held-out fold by the Pearson correlation of prediction and truth.
+
+    With C the training folds' covariances, ``B = (C_aa + λ · mean(diag C_aa) · I)⁻¹ C_ab``; on a held-out fold
+    of covariance S, channel j scores ``(Bᵀ S_ab)_jj / sqrt((Bᵀ S_aa B)_jj · (S_bb)_jj)``.
+
+    Parameters
+    ----------
+    folds
+        The Moments of each fold, K >= 2, two real sides (a predicts b).
+    ridge
+        λ, relative to the mean variance of a's channels; several values give a ``ridge`` dim.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``predictivity_per_channel`` ([ridge,] channel_b): each channel's correlation, mean over folds;
+        ``predictivity`` ([ridge]): its median over b's channels (the summary of neural-predictivity
+        benchmarks); ``predictivity_per_fold`` ([ridge,] fold): the median per fold.
+    """
+    _fold_covariances(folds, "predictivity")
+    ridges = tuple(ridge) if isinstance(ridge, (list, tuple, np.ndarray)) else (ridge,)
+    p = folds[0].sizes[0]
+    scores = np.zeros((len(ridges), len(folds), folds[0].sizes[1]))
+    for fold in range(len(folds)):
+        train = _leave_out(folds, fold).covariance()
+        test = folds[fold].covariance()
+        c_aa, c_ab = train[:p, :p], train[:p, p:]
+        for r, value in enumerate(ridges):
+            weights = np.linalg.solve(c_aa + value * np.mean(np.diag(c_aa)) * np.eye(p), c_ab)
+            cross = np.einsum("ij,ij->j", weights, test[:p, p:])
+            spread = np.sqrt(np.einsum("ij,ik,kj->j", weights, test[:p, :p], weights) * np.diag(test[p:, p:]))
+            scores[r, fold] = np.divide(cross, spread, out=np.zeros_like(cross), where=spread > 0)
+    per_channel = scores.mean(axis=1)
+    result = xr.Dataset(
+        {"predictivity_per_channel": (("ridge", "channel_b"), per_channel,
+                                      {"long_name": "held-out Pearson r of ridge predictions, mean over folds"}),
+         "predictivity": ("ridge", np.median(per_channel, axis=-1),
+                          {"long_name": "median over channels of the held-out prediction correlation"}),
+         "predictivity_per_fold": (("ridge", "fold"), np.median(scores, axis=-1)),
+         "rows": ((), np.int64(sum(part.n for part in folds)))},
+        coords={"ridge": list(ridges), "fold": np.arange(len(folds))},
+        attrs={"measure": "predictivity", "folds": len(folds)})
+    return result if isinstance(ridge, (list, tuple, np.ndarray)) else result.squeeze("ridge")
+
+
+def jackknife(full: Any, leave_outs: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-fold-out jackknife: the standard error ``sqrt((K − 1)/K · Σ (θ₍ᵢ₎ − θ̄)²)`` of a measure θ from
+    its K leave-one-out values θ₍ᵢ₎ (first axis), and the interval ``θ ± t · SE`` around the full-data value,
+    t the Student quantile of ``(1 + confidence)/2`` with K − 1 degrees of freedom (last axis: lower, upper)."""
+    from scipy.stats import t as student
+
+    leave_outs = np.asarray(leave_outs, dtype=np.float64)
+    folds = leave_outs.shape[0]
+    spread = np.sqrt((folds - 1) / folds * ((leave_outs - leave_outs.mean(axis=0)) ** 2).sum(axis=0))
+    half = student.ppf((1 + confidence) / 2, folds - 1) * spread
+    return spread, np.stack([np.asarray(full) - half, np.asarray(full) + half], axis=-1)
+
+
 class PairSolves:
     """The solves of one pair's Moments under one [`SolveOptions`][chunkcca.options.SolveOptions], each done once.
 
-    ``cca`` is shared: mean_cca, r2_cca and pwcca of one pair use one CCA solve.
+    ``cca`` is shared: mean_cca, r2_cca and pwcca of one pair use one CCA solve. ``folds`` (each fold's
+    Moments, whose merge is ``moments``) serve the held-out measures and the jackknife.
     """
 
-    def __init__(self, moments: Moments, options: SolveOptions) -> None:
-        self.moments, self.options = moments, options
+    def __init__(self, moments: Moments, options: SolveOptions, folds: Sequence[Moments] | None = None) -> None:
+        self.moments, self.options, self.folds = moments, options, folds
         self._results: dict[str, xr.Dataset] = {}
 
     @functools.cached_property
@@ -506,6 +634,21 @@ class PairSolves:
     def value(self, measure: str) -> Any:
         """The scalar that ``measure`` reports (per frequency for batched Moments: their mean)."""
         return self.result(measure)[MEASURES[measure].value].values
+
+    def leave_outs(self, measure: str) -> np.ndarray:
+        """``measure``'s value with each fold left out in turn (first axis: fold), for the jackknife. A measure of
+        held-out folds is the mean of its per-fold values, so its leave-one-out values are means of the others."""
+        declared = MEASURES[measure]
+        if declared.per_fold is not None:
+            values = np.moveaxis(self.result(measure)[declared.per_fold].values, -1, 0)
+            return (values.sum(axis=0) - values) / (len(values) - 1)
+        return np.stack([PairSolves(_leave_out(self.folds, fold), self.options).value(measure)
+                         for fold in range(len(self.folds))])
+
+    def needed_folds(self, measure: str) -> Sequence[Moments]:
+        if self.folds is None:
+            raise ValueError(f"{measure} needs folds: pass folds=K (K >= 2)")
+        return self.folds
 
 
 @dataclass(frozen=True)
@@ -532,7 +675,9 @@ class Measure:
     canonical
         It is a CCA-family measure: [`chunkcca.compare()`][chunkcca.compare] adds the canonical correlations ``rho``.
     details
-        Other variables of the result that [`chunkcca.compare()`][chunkcca.compare] reports, as ``<name>_<variable>``.
+        Other variables of the result that [`chunkcca.compare()`][chunkcca.compare] reports (see ``detail_name``).
+    per_fold
+        For a measure of held-out folds (it needs ``folds``): the variable holding its value per fold.
     """
 
     name: str
@@ -544,6 +689,12 @@ class Measure:
     per_frequency: bool = False
     canonical: bool = False
     details: tuple[str, ...] = ()
+    per_fold: str | None = None
+
+    def detail_name(self, detail: str) -> str:
+        """The name [`compare()`][chunkcca.compare] gives a detail: ``<measure>_<detail>``, or the detail's own
+        when it names the measure already (``heldout_rho``)."""
+        return detail if detail.startswith(self.name.split("_")[0] + "_") else f"{self.name}_{detail}"
 
 
 #: Every measure, by name, in the order they are documented.
@@ -565,6 +716,14 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
             "orthogonal Procrustes distance"),
     Measure("shape", lambda pair: shape_metric_from_moments(pair.moments, alpha=pair.options.alpha),
             "shape_distance", "angular shape distance (radians)", ("alpha",)),
+    Measure("heldout_cca", lambda pair: heldout_cca_from_folds(pair.needed_folds("heldout_cca"),
+                                                              epsilon=pair.options.epsilon),
+            "heldout_cca", "mean held-out canonical correlation", ("epsilon",), details=("heldout_rho",),
+            per_fold="heldout_cca_per_fold"),
+    Measure("predictivity", lambda pair: predictivity_from_folds(pair.needed_folds("predictivity"),
+                                                                ridge=pair.options.ridge),
+            "predictivity", "median held-out correlation of ridge predictions a → b", ("ridge",),
+            details=("predictivity_per_channel",), per_fold="predictivity_per_fold"),
 )}
 
 

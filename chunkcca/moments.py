@@ -147,6 +147,12 @@ class Moments:
         precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
         return unpack(merge_packed(np.concatenate([pack(self), pack(other)]), self.sizes), self.sizes, precision)
 
+    def __radd__(self, other: object) -> Moments:
+        """``0 + m`` is ``m``, so that ``sum(moments)`` merges a list of them."""
+        if isinstance(other, int) and other == 0:
+            return self
+        return NotImplemented
+
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, attrs: dict | None = None) -> None:
         """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along."""
         batch = tuple(f"batch{i}" for i in range(len(self.batch_shape)))

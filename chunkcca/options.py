@@ -48,6 +48,8 @@ SPLIT_EVERY = 8
 MEMORY_LIMIT = "4GiB"
 #: Datapoint chunks between two saves of a checkpoint.
 CHECKPOINT_EVERY = 16
+#: Predictivity's default ridge, relative to the mean variance of the predicting layer's channels.
+RIDGE = 0.01
 #: Scheduler names dask.compute takes.
 SCHEDULER_NAMES = ("threads", "threading", "sync", "synchronous", "single-threaded", "processes",
                    "multiprocessing", "distributed", "dask.distributed")
@@ -161,6 +163,13 @@ class StreamOptions:
         resumes after the chunks done.
     connect_timeout : float
         Seconds to wait for a Dask scheduler given by address (default 10) before an error naming it.
+    groupby : str
+        A coordinate on ``datapoint`` (a class label, a dataset split): one Moments per value, in the same
+        pass, and every measure per group, along a dim named after the coordinate.
+    folds : int or str
+        K >= 2: contiguous blocks of the datapoints in their order, sized as ``numpy.array_split(range(n),
+        K)``; or a coordinate on ``datapoint`` naming each datapoint's fold. One Moments per fold, in the same
+        pass: jackknife errors and intervals, held-out CCA and predictivity (compare, similarity).
     """
 
     spatial: Spatial = "flatten"
@@ -177,6 +186,8 @@ class StreamOptions:
     checkpoint: str | os.PathLike | None = None
     checkpoint_every: int = CHECKPOINT_EVERY
     connect_timeout: float = 10.0
+    groupby: str | None = None
+    folds: int | str | None = None
 
     def __post_init__(self) -> None:
         check_choice("spatial", self.spatial, SPATIAL)
@@ -191,6 +202,14 @@ class StreamOptions:
         object.__setattr__(self, "progress", bool(self.progress))
         object.__setattr__(self, "connect_timeout", check_number("connect_timeout", self.connect_timeout, 0.0,
                                                                  low_open=True))
+        if self.groupby is not None and not isinstance(self.groupby, str):
+            raise ValueError(f"groupby must name a coordinate on datapoint, got {self.groupby!r}")
+        if self.folds is not None and not isinstance(self.folds, str):
+            object.__setattr__(self, "folds", check_int("folds", self.folds, 2))
+        if self.groupby is not None and self.folds is not None:
+            raise ValueError("pass groupby or folds, not both")
+        if self.checkpoint is not None and (self.groupby is not None or self.folds is not None):
+            raise ValueError("a checkpoint holds one Moments: run groupby or folds without checkpoint")
         if self.checkpoint is not None:
             check_int("checkpoint_every", self.checkpoint_every)
             if is_url(str(self.checkpoint)):
@@ -225,18 +244,41 @@ class SolveOptions:
         centred data (their square roots, as google/svcca's SVD step).
     alpha : float
         Shape metric: partial whitening, 0 (CCA-like) to 1 (Procrustes-like).
+    ridge : float or sequence of float
+        Predictivity: the ridge λ of ``B = (C_aa + λ · mean(diag C_aa) · I)⁻¹ C_ab``, >= 0, relative to the
+        mean variance of a's channels. Default 0.01: enough to make C_aa invertible when a's channels are
+        collinear or outnumber the training rows, while a direction holding more than about 1% of the mean
+        variance is shrunk by at most half. Several values give a ``ridge`` dim.
+    confidence : float
+        With folds: the level of the jackknife intervals ``<measure>_ci``, in (0, 1).
     """
 
     epsilon: float = 0.0
     keep: float = 0.99
     keep_by: KeepBy = "variance"
     alpha: float = 1.0
+    ridge: float | tuple[float, ...] = RIDGE
+    confidence: float = 0.95
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilon", check_epsilon(self.epsilon))
         object.__setattr__(self, "keep", check_number("keep", self.keep, 0.0, 1.0, low_open=True))
         check_choice("keep_by", self.keep_by, KEEP_BY)
         object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0.0, 1.0))
+        ridges = self.ridge if isinstance(self.ridge, (list, tuple, np.ndarray)) else (self.ridge,)
+        if not len(ridges):
+            raise ValueError("ridge needs at least one value")
+        values = tuple(check_number("ridge", value, 0.0) for value in ridges)
+        object.__setattr__(self, "ridge", values if isinstance(self.ridge, (list, tuple, np.ndarray)) else values[0])
+        object.__setattr__(self, "confidence", check_number("confidence", self.confidence, 0.0, 1.0,
+                                                            low_open=True))
+        if self.confidence == 1.0:
+            raise ValueError("confidence must be below 1, got 1.0")
+
+    @property
+    def ridges(self) -> tuple[float, ...]:
+        """``ridge`` as a tuple."""
+        return self.ridge if isinstance(self.ridge, tuple) else (self.ridge,)
 
 
 SOLVE_NAMES: tuple[str, ...] = tuple(field.name for field in fields(SolveOptions))

@@ -22,7 +22,7 @@ from dask.array import PerformanceWarning
 from dask.utils import format_bytes
 
 from .checkpoint import CheckpointError, resume, save_progress
-from .engine import NonFiniteError, Reduction, common_boundaries, connected, moments_reduction, run
+from .engine import NonFiniteError, Reduction, common_boundaries, connected, grouped, moments_reduction, run
 from .moments import Moments
 from .options import ProductPrecision, StreamOptions
 from .rows import Adapter
@@ -47,6 +47,7 @@ class Streamed:
     moments: Moments
     rows_omitted: int
     precision_note: str | None = None
+    groups: tuple[Moments, ...] | None = None
 
 
 #: Packages whose frames in a traceback mark an error as one of reading a store.
@@ -104,7 +105,7 @@ def fit_split_every(reduction: Reduction, options: StreamOptions, names: Sequenc
 
 
 def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, *,
-                  row_norms: bool = False) -> Streamed:
+                  row_norms: bool = False, codes: da.Array | None = None, groups: int = 0) -> Streamed:
     """Stream aligned, validated layers (one side each) into one Moments, in one pass over their chunks.
 
     Checks the memory budget first. With ``options.checkpoint`` the running Moments are saved there
@@ -112,12 +113,18 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     them (``chunkcca.checkpoint``). ``precision="auto"`` computes float64 Moments of the first
     datapoint chunk, keeps float32 products for the rest unless a side's correlation matrix there has
     a condition number above ``AUTO_CONDITION``, and merges the two. A ValueError if no finite row
-    is left.
+    is left. With ``codes`` (each datapoint's group, 0 … ``groups`` − 1) the Moments of each group are kept
+    apart in the same pass (``Streamed.groups``; ``Streamed.moments`` is their merge), and the memory budget
+    is checked for all of them.
     """
     names = tuple(str(layer.name) for layer in layers)
     widths = [layer.sizes["channel"] for layer in layers]
-    fan_in = fit_split_every(moments_reduction(adapters, widths, precision="float64", row_norms=row_norms),
-                             options, names)
+
+    def reduction_of(product: ProductPrecision) -> Reduction:
+        reduction = moments_reduction(adapters, widths, precision=product, row_norms=row_norms)
+        return grouped(reduction, groups) if codes is not None else reduction
+
+    fan_in = fit_split_every(reduction_of("float64"), options, names)
     data = [layer.data for layer in layers]
     datapoints = layers[0].sizes["datapoint"]
     _warn_small_chunks(layers)
@@ -125,27 +132,45 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     reading_what = f"reading {', '.join(map(repr, names))}"
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler:  # an address: one connection
 
-        def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "") -> Moments:
-            reduction = moments_reduction(adapters, widths, precision=product, row_norms=row_norms)
+        def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "") -> Parts:
             label = f"{reading_what}{step} ({product} products)" if options.progress else None
-            return run([d[start:stop] for d in data], adapters, reduction, split_every=fan_in, scheduler=scheduler,
-                       progress=label, nan_policy=options.nan_policy, names=names, offset=start)
+            result = run([d[start:stop] for d in data], adapters, reduction_of(product), split_every=fan_in,
+                         scheduler=scheduler, progress=label, nan_policy=options.nan_policy, names=names,
+                         offset=start, codes=None if codes is None else codes[start:stop])
+            return tuple(result) if codes is not None else (result,)
 
         with reading(layers):
-            stats, note = _one_pass(layers, adapters, options, row_norms, moments_of)
+            parts, note = _one_pass(layers, adapters, options, row_norms, moments_of)
     check_unchanged(layers)
+    stats = _merged(parts)
     if stats.n == 0:
         raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
     rows = adapters[0].row_count(datapoints)
-    return Streamed(tuple(layers), tuple(adapters), stats, rows - stats.n, note)
+    return Streamed(tuple(layers), tuple(adapters), stats, rows - stats.n, note,
+                    parts if codes is not None else None)
 
 
-#: Computes the Moments of the datapoints start … stop − 1 with the given products (and a progress label step).
-MomentsOf = Callable[..., Moments]
+#: The Moments of each group of a pass (one for an ungrouped pass).
+Parts = tuple[Moments, ...]
+#: Computes the Parts of the datapoints start … stop − 1 with the given products (and a progress label step).
+MomentsOf = Callable[..., Parts]
+
+
+def _merged(parts: Parts) -> Moments:
+    """The Moments of all groups together (exact: Chan's merge)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def _added(first: Parts, second: Parts) -> Parts:
+    """Two passes' Parts merged group by group."""
+    return tuple(a + b for a, b in zip(first, second))
 
 
 def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, row_norms: bool,
-              moments_of: MomentsOf) -> tuple[Moments, str | None]:
+              moments_of: MomentsOf) -> tuple[Parts, str | None]:
     """The pass the options ask for: checkpointed groups, the auto-precision pilot and the rest, or plain."""
     datapoints = layers[0].sizes["datapoint"]
     if options.checkpoint is not None:
@@ -156,16 +181,16 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     if options.precision != "auto":
         return moments_of(0, datapoints, options.precision), None
     first = layers[0].data.chunks[0][0]  # the first layer's first chunk (another's may then be read twice)
-    stats = moments_of(0, first, "float64", step=", pass 1 of 2: the first chunk")
-    choice, reason = _choose_precision(stats, tuple(str(layer.name) for layer in layers), first)
+    pilot = moments_of(0, first, "float64", step=", pass 1 of 2: the first chunk")
+    choice, reason = _choose_precision(_merged(pilot), tuple(str(layer.name) for layer in layers), first)
     if first == datapoints:
-        return stats, f"auto: float64 products, as the first chunk is the whole run ({choice} for the rest); {reason}"
-    stats = stats + moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest")
-    return stats, f"auto: {choice} products; {reason}"
+        return pilot, f"auto: float64 products, as the first chunk is the whole run ({choice} for the rest); {reason}"
+    rest = moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest")
+    return _added(pilot, rest), f"auto: {choice} products; {reason}"
 
 
 def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions,
-                  row_norms: bool, moments_of: MomentsOf) -> Moments:
+                  row_norms: bool, moments_of: MomentsOf) -> Parts:
     """Stream ``options.checkpoint_every`` datapoint chunks at a time, saving the running Moments after each
     group; a checkpoint of the same run is resumed after the datapoints it covers."""
     boundaries = common_boundaries([layer.data for layer in layers])  # groups never split a layer's chunk
@@ -177,11 +202,11 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     if edges[-1] != boundaries[-1]:
         edges.append(boundaries[-1])
     for start, stop in itertools.pairwise(edges):
-        part = moments_of(start, stop, precision, step=f", datapoints {start} to {stop - 1} of {edges[-1]}")
+        (part,) = moments_of(start, stop, precision, step=f", datapoints {start} to {stop - 1} of {edges[-1]}")
         total = part if total is None else total + part
         save_progress(total, options.checkpoint, stop, fingerprint)
     assert total is not None  # as_activations refuses empty layers, so a fresh run streams at least one chunk
-    return total
+    return (total,)
 
 
 def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], reduction: Reduction,

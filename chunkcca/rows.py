@@ -114,6 +114,12 @@ class Adapter:
         """Rows ``datapoints`` give (per frequency for dft): ceil(N · rows_per_datapoint / stride)."""
         return -(-datapoints * self.rows_per_datapoint // self.stride)
 
+    def block_datapoints(self, datapoints: int, first_datapoint: int) -> np.ndarray:
+        """For the rows :meth:`block_rows` gives of a block of ``datapoints`` datapoints starting at global datapoint
+        ``first_datapoint``: the block-local datapoint each row comes from, shape (rows,)."""
+        start = (-first_datapoint * self.rows_per_datapoint) % self.stride
+        return np.arange(start, datapoints * self.rows_per_datapoint, self.stride) // self.rows_per_datapoint
+
     def block_rows(self, block: np.ndarray, first_datapoint: int) -> np.ndarray:
         """Rows (*batch, rows, channel) of ``block`` whose first datapoint is ``first_datapoint``, keeping
         the global rows ≡ 0 (mod ``stride``)."""

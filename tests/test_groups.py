@@ -1,0 +1,155 @@
+"""Groups and folds from one pass: per-group measures, jackknife errors, held-out CCA and predictivity, each
+against a brute-force in-memory float64 computation on the same datapoints."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.linalg
+import xarray as xr
+from reference import canonical_correlations
+from scipy.stats import t as student
+
+import chunkcca
+from chunkcca import cca, cka, compare, compute_moments, procrustes, pwcca, shape_metric, similarity, svcca
+
+#: float64 products on the same rows agree with the in-memory computations to ~1e-13; 1e-10 (groups) and 1e-8
+#: (fold fits, where directions are fitted and applied) leave room for the conditioning of the solves.
+GROUP_TOL, FOLD_TOL = 1e-10, 1e-8
+
+
+def _labelled(seed: int = 0, n: int = 240, p: int = 5, q: int = 4) -> tuple[xr.DataArray, xr.DataArray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, 2, p)) + 1.0
+    y = x[..., :3] @ rng.standard_normal((3, q)) + rng.standard_normal((n, 3, 2, q))
+    labels = rng.choice(["cat", "dog", "eel"], n)
+    dims = ("datapoint", "height", "width", "channel")
+    return (xr.DataArray(x, dims=dims, name="a", coords={"label": ("datapoint", labels)}).chunk({"datapoint": 37}),
+            xr.DataArray(y, dims=dims, name="b", coords={"label": ("datapoint", labels)}).chunk({"datapoint": 50}))
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_each_group_equals_the_measure_on_its_datapoints_alone(stride):
+    a, b = _labelled()
+    labels = a["label"].values
+    calls = [(cca, "rho_mean", {}), (svcca, "rho_mean", {"keep": 0.9}), (pwcca, "pwcca", {}), (cka, "cka", {}),
+             (cka, "cka", {"debiased": True}), (procrustes, "procrustes", {}), (shape_metric, "shape_distance",
+                                                                               {"alpha": 0.5})]
+    for call, variable, options in calls:
+        grouped = call(a, b, groupby="label", stride=stride, precision="float64", **options)
+        assert list(grouped["label"].values) == ["cat", "dog", "eel"]
+        for group in ("cat", "dog", "eel"):
+            alone = call(a.values[labels == group], b.values[labels == group], stride=stride, precision="float64",
+                         **options)
+            assert float(grouped[variable].sel(label=group)) == pytest.approx(float(alone[variable]), rel=GROUP_TOL,
+                                                                              abs=GROUP_TOL), (call, options)
+
+
+def test_groups_in_compare_similarity_and_compute_moments():
+    a, b = _labelled(1)
+    labels = a["label"].values
+    moments = compute_moments(a, b, groupby="label", precision="float64")
+    assert list(moments) == ["cat", "dog", "eel"] and sum(moments.values()).n == a.sizes["datapoint"] * 6
+    result = compare(a, b, measures=["cka", "mean_cca"], groupby="label", precision="float64")
+    sweep = similarity({"a": a}, {"b": b}, measures=["cka"], groupby="label", precision="float64")
+    for group in ("cat", "dog", "eel"):
+        want = float(cka(a.values[labels == group], b.values[labels == group], precision="float64")["cka"])
+        assert float(result["cka"].sel(label=group)) == pytest.approx(want, rel=GROUP_TOL)
+        assert float(sweep["cka"].sel(label=group).item()) == pytest.approx(want, rel=GROUP_TOL)
+        assert float(chunkcca.cka_from_moments(moments[group])["cka"]) == pytest.approx(want, rel=GROUP_TOL)
+
+
+def _folds(n: int, k: int) -> list[np.ndarray]:
+    return np.array_split(np.arange(n), k)
+
+
+def _cca_directions(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical directions of in-memory rows (brute force: covariances, inverse square roots, an SVD)."""
+    cx, cy, cxy = np.cov(x.T), np.cov(y.T), (x - x.mean(0)).T @ (y - y.mean(0)) / (len(x) - 1)
+    wx, wy = (np.real(scipy.linalg.inv(scipy.linalg.sqrtm(c))) for c in (cx, cy))
+    u, _, vt = np.linalg.svd(wx @ cxy @ wy)
+    k = min(x.shape[1], y.shape[1])
+    return wx @ u[:, :k], wy @ vt.T[:, :k]
+
+
+def test_heldout_cca_predictivity_and_jackknife_equal_brute_force_over_the_same_folds():
+    rng = np.random.default_rng(4)
+    n, k = 300, 4
+    x = rng.standard_normal((n, 6)) + 2.0
+    y = x[:, :3] @ rng.standard_normal((3, 5)) + rng.standard_normal((n, 5))
+    result = compare(da.from_array(x, chunks=41), da.from_array(y, chunks=64), folds=k, precision="float64",
+                     measures=["mean_cca", "cka", "heldout_cca", "predictivity"], ridge=0.05, confidence=0.9)
+    held, predicted, leave_out = [], [], {"mean_cca": [], "cka": []}
+    for test in _folds(n, k):
+        train = np.setdiff1d(np.arange(n), test)
+        wa, wb = _cca_directions(x[train], y[train])
+        held.append([np.corrcoef(x[test] @ wa[:, c], y[test] @ wb[:, c])[0, 1] for c in range(wa.shape[1])])
+        cov = np.cov(np.hstack([x[train], y[train]]).T)
+        c_aa, c_ab = cov[:6, :6], cov[:6, 6:]
+        weights = np.linalg.solve(c_aa + 0.05 * np.mean(np.diag(c_aa)) * np.eye(6), c_ab)
+        prediction = (x[test] - x[train].mean(0)) @ weights
+        predicted.append([np.corrcoef(prediction[:, j], y[test][:, j])[0, 1] for j in range(5)])
+        leave_out["mean_cca"].append(canonical_correlations(x[train], y[train]).mean())
+        gram_x, gram_y = (m - m.mean(0) for m in (x[train], y[train]))
+        leave_out["cka"].append(np.linalg.norm(gram_x.T @ gram_y) ** 2 / (np.linalg.norm(gram_x.T @ gram_x)
+                                                                       * np.linalg.norm(gram_y.T @ gram_y)))
+    np.testing.assert_allclose(result["heldout_rho"], np.mean(held, axis=0), atol=FOLD_TOL)
+    assert float(result["heldout_cca"]) == pytest.approx(np.mean(held), abs=FOLD_TOL)
+    np.testing.assert_allclose(result["predictivity_per_channel"], np.mean(predicted, axis=0), atol=FOLD_TOL)
+    assert float(result["predictivity"]) == pytest.approx(np.median(np.mean(predicted, axis=0)), abs=FOLD_TOL)
+    t = student.ppf(0.95, k - 1)
+    for measure, values in leave_out.items():
+        values = np.asarray(values)
+        se = np.sqrt((k - 1) / k * ((values - values.mean()) ** 2).sum())
+        assert float(result[f"{measure}_se"]) == pytest.approx(se, rel=FOLD_TOL)
+        np.testing.assert_allclose(result[f"{measure}_ci"], float(result[measure]) + np.array([-t, t]) * se,
+                                   rtol=FOLD_TOL)
+    per_fold = np.mean(held, axis=1)
+    loo = (per_fold.sum() - per_fold) / (k - 1)
+    assert float(result["heldout_cca_se"]) == pytest.approx(np.sqrt((k - 1) / k * ((loo - loo.mean()) ** 2).sum()),
+                                                            rel=FOLD_TOL)
+
+
+def test_folds_by_coordinate_and_several_ridges():
+    a, b = _labelled(2, n=120, p=3, q=3)
+    by_label = compare(a, b, measures=["predictivity"], folds="label", ridge=[0.0, 0.1, 10.0], precision="float64")
+    assert by_label["predictivity"].dims == ("ridge",) and by_label["predictivity_ci"].dims == ("ridge", "bound")
+    assert list(compute_moments(a, b, folds="label")) == ["cat", "dog", "eel"]
+    assert by_label["predictivity"].sel(ridge=10.0) <= by_label["predictivity"].sel(ridge=0.0) + 0.05
+
+
+def test_independent_data_in_sample_cca_is_high_held_out_near_zero():
+    """p/n = 0.1: the in-sample mean canonical correlation of independent noise is far from 0; held out, ~0."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((1000, 100)), rng.standard_normal((1000, 100))
+    result = compare(x, y, measures=["mean_cca", "heldout_cca"], folds=5, precision="float64")
+    assert float(result["mean_cca"]) > 0.25
+    assert abs(float(result["heldout_cca"])) < 0.03
+
+
+def test_each_chunk_is_read_once_with_groups_and_folds():
+    reads: list = []
+
+    def block(index: int) -> np.ndarray:
+        reads.append(index)
+        return np.random.default_rng(index).standard_normal((25, 4))
+
+    layer = da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(25, 4), dtype=float) for i in range(6)])
+    compare(layer, layer[:, :3] + 1, measures=["cka", "heldout_cca"], folds=4, precision="float64")
+    assert sorted(reads) == list(range(6))
+
+
+def test_the_memory_of_every_group_is_checked_before_streaming():
+    x = np.zeros((100, 40))
+    x[:, 0] = np.arange(100)
+    one = (80 + 2) * 80 * 8
+    with pytest.raises(ValueError, match=r"memory_limit"):
+        compare(x, x + 1, measures=["cka"], folds=10, memory_limit=3 * one * 5)
+    with pytest.raises(ValueError, match="heldout_cca is measured on held-out folds: pass folds=K"):
+        compare(x, x + 1, measures=["heldout_cca"])
+    with pytest.raises(ValueError, match=r"groupby='kind': layer 'a' has no coordinate 'kind' on datapoint"):
+        cca(x, x + 1, groupby="kind")
+    with pytest.raises(TypeError, match=r"cca\(\) takes groupby, not folds"):
+        cca(x, x + 1, folds=3)
