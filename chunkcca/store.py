@@ -131,6 +131,9 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
             array = _labelled(array, size)
             per_chunk = datapoints_per_chunk(array.shape, array.dtype.itemsize, chunks)
             array = array.chunk({dim: (per_chunk if dim == "datapoint" else -1) for dim in array.dims})
+            # coordinates are labels, one per datapoint or channel: written as they are, not as Dask arrays
+            array = array.assign_coords({name: coord.compute() for name, coord in array.coords.items()
+                                         if coord.chunks is not None})
             datasets[key] = xr.Dataset({VARIABLE: array.rename(None)})
             encoding["/" + key] = {VARIABLE: {"chunks": array.data.chunksize, "compressors": compressors}}
         tree = xr.DataTree.from_dict(datasets)

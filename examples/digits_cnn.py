@@ -106,6 +106,28 @@ def main() -> None:
     figure = plot_frequency_means(dft, title="conv2 (model0) vs pool2 (model1), per frequency").figure
     figure.savefig(out / "digits_dft.png", dpi=100)
     plt.close(figure)
+    # Per class: the digit of each held-out image as a coordinate on datapoint, then one Moments per digit in one
+    # pass, and an error bar from 5 folds for the CKA of all digits together.
+    digit = ("datapoint", test_y.numpy())
+    per_class = {}
+    for name in ("conv1", "conv2", "fc1"):
+        a = model0[f"model0/{name}"]["activations"].assign_coords(digit=digit)
+        b = model1[f"model1/{name}"]["activations"].assign_coords(digit=digit)
+        per_class[name] = chunkcca.cka(a, b, spatial="avgpool", groupby="digit", precision="float64")["cka"]
+        overall = chunkcca.compare(a, b, measures=["cka"], spatial="avgpool", folds=5, precision="float64")
+        half = float(overall["cka_ci"][1] - overall["cka_ci"][0]) / 2
+        print(f"{name}: CKA {float(overall['cka']):.3f} ± {half:.3f} (95%, 5 folds); "
+              f"per digit {float(per_class[name].min()):.3f} to {float(per_class[name].max()):.3f}")
+    figure, ax = plt.subplots(figsize=(6.0, 3.6), layout="constrained")
+    for marker, (name, values) in zip("os^", per_class.items()):
+        ax.plot(values["digit"], values, marker=marker, label=f"{name} vs {name}")
+    ax.set_xticks(range(10))
+    ax.set_xlabel("digit (held-out images of that class only)")
+    ax.set_ylabel("linear CKA, average pooled")
+    ax.set_title("model0 vs model1, per class")
+    ax.legend()
+    figure.savefig(out / "digits_per_class_cka.png", dpi=100)
+    plt.close(figure)
     print(f"figures: {out}/digits_*.png")
 
 

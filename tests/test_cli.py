@@ -237,3 +237,28 @@ def test_a_url_whose_filesystem_package_is_missing_is_one_line(capsys):
     assert main(["info", "s3://bucket/acts.zarr"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("chunkcca info: error: ") and "s3fs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_and_sweep_with_folds_and_groups(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 5))
+    y = x[:, :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((300, 4))
+    labels = np.repeat(["a", "b", "c"], 100)
+    layers = {name: xr.DataArray(value, dims=("datapoint", "channel"), coords={"split": ("datapoint", labels)})
+              for name, value in (("m0/fc", x), ("m1/fc", y))}
+    store = str(tmp_path / "s.zarr")
+    chunkcca.write_activations(store, layers)
+    assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "cka", "heldout_cca", "--folds", "5",
+                 "--confidence", "0.9", "--precision", "float64", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    want = chunkcca.compare(x, y, measures=["cka", "heldout_cca"], folds=5, confidence=0.9, precision="float64")
+    assert report["results"]["cka"]["se"] == pytest.approx(float(want["cka_se"]), rel=1e-12)
+    assert report["results"]["heldout_cca"]["ci"] == pytest.approx(want["heldout_cca_ci"].values.tolist(), rel=1e-12)
+    assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "cka", "--groupby", "split", "--no-progress"]) == 0
+    assert "per split: a, b, c" in capsys.readouterr().out
+    assert main(["sweep", store, "--a", "m0", "--b", "m1", "--measures", "predictivity", "--folds", "split",
+                 "--ridge", "0.1", "--out", str(tmp_path / "s.nc"), "--no-progress"]) == 0
+    saved = xr.open_dataset(tmp_path / "s.nc")
+    assert saved["predictivity_ci"].dims == ("layer_a", "layer_b", "bound") and saved.attrs["ridge"] == 0.1
+    assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "predictivity"]) == 2
+    assert "predictivity is measured on held-out folds: pass folds=K" in capsys.readouterr().err

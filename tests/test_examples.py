@@ -86,3 +86,8 @@ def test_real_activations_are_found_where_chunkcca_test_data_points(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import conftest; print(conftest.SHARED_DATA)"], cwd=tests,
                           capture_output=True, text=True, env={**os.environ, "CHUNKCCA_TEST_DATA": str(tmp_path)})
     assert done.stdout.strip() == str(tmp_path), done.stderr
+
+
+def test_folds(tmp_path):
+    out = _run(str(EXAMPLES / "folds.py"), "--out", str(tmp_path), "--rows", "400", cwd=tmp_path)
+    assert "held-out mean CCA" in out and (tmp_path / "heldout_vs_insample.png").exists()
