@@ -145,23 +145,42 @@ def _only_block(nested: Any) -> np.ndarray:
     return nested
 
 
+def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], names: Sequence[str],
+                first_datapoint: int) -> list[np.ndarray | None]:
+    """The mask each side's adapter applies: its own (avgpool, last), or where every side is real (flatten).
+    A datapoint with no real position in a layer is an error naming it."""
+    for mask, name in zip(masks, names):
+        if mask is not None:
+            empty = np.flatnonzero(~mask.reshape(mask.shape[0], -1).any(axis=1))
+            if empty.size:
+                raise ValueError(f"layer {name!r}: datapoint {first_datapoint + int(empty[0])} has no real position "
+                                 f"(its mask is False everywhere); leave such datapoints out")
+    given = [mask for mask in masks if mask is not None]
+    together = np.logical_and.reduce(given) if given else None
+    return [together if adapter.mask_rule == "pair" else mask for mask, adapter in zip(masks, adapters)]
+
+
 def _chunk_task(first: np.ndarray, *blocks: Any, adapters: Sequence[Adapter], reduction: Reduction,
-                nan_policy: str, names: Sequence[str]) -> np.ndarray:
-    """One datapoint chunk of every side → rows per side (finite) → ``reduction.chunk(rows, first_datapoint)``;
-    for a grouped reduction the first block is the datapoints' group codes and each group's rows are reduced
-    alone."""
+                nan_policy: str, names: Sequence[str], masked: Sequence[bool]) -> np.ndarray:
+    """One datapoint chunk of every side → rows per side (finite; under the padding masks of the sides that are
+    ``masked``, whose mask blocks follow the sides') → ``reduction.chunk(rows, first_datapoint)``; for a
+    grouped reduction the first block is the datapoints' group codes and each group's rows are reduced alone."""
     pin_blas()
     first_datapoint = int(first[0]) if first.size else 0
     blocks = tuple(_only_block(block) for block in blocks)
     codes, blocks = (blocks[0], blocks[1:]) if reduction.groups else (None, blocks)
+    given = iter(blocks[len(adapters):])
+    blocks = blocks[: len(adapters)]
+    masks = _side_masks([next(given) if has else None for has in masked], adapters, names, first_datapoint)
     check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
                     datapoints=blocks[0].shape[0])
     # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out) below
     with np.errstate(invalid="ignore"):
-        rows = [adapter.block_rows(block, first_datapoint) for block, adapter in zip(blocks, adapters)]
+        rows = [adapter.block_rows(block, first_datapoint, mask)
+                for block, adapter, mask in zip(blocks, adapters, masks)]
         if codes is None:
             return _reduce_finite(rows, first_datapoint, reduction, check)
-        row_codes = codes[adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint)]
+        row_codes = codes[adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint, masks[0])]
         return np.stack([_reduce_finite([side[..., row_codes == group, :] for side in rows], first_datapoint,
                                         reduction, check)[0] for group in range(reduction.groups)])[None]
 
@@ -189,7 +208,8 @@ def _combine(partials: np.ndarray, axis: Any = None, keepdims: bool = True, *,
 
 def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *,
                     split_every: int, nan_policy: str = "raise", names: Sequence[str] = (),
-                    offset: int = 0, codes: da.Array | None = None) -> da.Array:
+                    offset: int = 0, codes: da.Array | None = None,
+                    masks: Sequence[da.Array | None] = ()) -> da.Array:
     """The lazy merged partial (1, *reduction.shape) of the rows of ``sides``, one partial per datapoint chunk.
 
     ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
@@ -200,7 +220,8 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     function as one block, without the copy Dask makes when it joins blocks (sides chunked along
     other dims are rechunked whole along them). The graph's layers are named
     ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. A ``grouped()`` reduction takes
-    ``codes``: each datapoint's group (datapoint,). Nothing is computed here.
+    ``codes``: each datapoint's group (datapoint,). ``masks``: per side, its padding mask (datapoint,
+    *positions) or None. Nothing is computed here.
     """
     names = tuple(names) or tuple(f"side {i}" for i in range(len(sides)))
     first = da.arange(offset, offset + sides[0].shape[0], chunks=(sides[0].chunks[0],))
@@ -212,12 +233,18 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     for i, side in enumerate(sides):
         side = side.rechunk({axis: -1 for axis in range(1, side.ndim)})  # a no-op when already whole
         args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
+    masks = list(masks) or [None] * len(sides)
+    for i, (side, mask) in enumerate(zip(sides, masks)):
+        if mask is not None:
+            mask = mask.rechunk((side.chunks[0], *((-1,) * (mask.ndim - 1))))
+            args += [mask, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, mask.ndim)))]
     out_axes = {f"out{i}": size for i, size in enumerate(reduction.shape)}
     meta = np.empty((0,) * (1 + len(reduction.shape)), dtype=reduction.dtype)
     partials = da.blockwise(
         _chunk_task, ("datapoint", *out_axes), *args, new_axes=out_axes, adjust_chunks={"datapoint": 1},
         concatenate=False, dtype=reduction.dtype, meta=meta, token=f"chunkcca-{reduction.name}-chunk",
-        adapters=tuple(adapters), reduction=reduction, nan_policy=nan_policy, names=names)
+        adapters=tuple(adapters), reduction=reduction, nan_policy=nan_policy, names=names,
+        masked=tuple(mask is not None for mask in masks))
     combine = partial(_combine, merge=reduction.combine)
     return da.reduction(partials, _keep, combine, combine=combine, axis=0, keepdims=True, dtype=reduction.dtype,
                         split_every=split_every, concatenate=True, meta=meta,
@@ -264,10 +291,10 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None) ->
 
 def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, split_every: int,
         scheduler: Any = None, progress: str | None = None, nan_policy: str = "raise", names: Sequence[str] = (),
-        offset: int = 0, codes: da.Array | None = None) -> Any:
+        offset: int = 0, codes: da.Array | None = None, masks: Sequence[da.Array | None] = ()) -> Any:
     """Build, compute and finalize one reduction (see ``reduction_graph()`` and ``compute()``)."""
     graph = reduction_graph(sides, adapters, reduction, split_every=split_every, nan_policy=nan_policy,
-                            names=names, offset=offset, codes=codes)
+                            names=names, offset=offset, codes=codes, masks=masks)
     (merged,) = compute(graph, scheduler=scheduler, progress=progress)
     return reduction.finalize(merged)
 

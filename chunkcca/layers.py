@@ -18,11 +18,18 @@ import numpy as np
 import xarray as xr
 from dask.array import PerformanceWarning
 
+from .options import MASK
+
 VARIABLE = "activations"
+#: At most this many position dims (volumes: depth, height, width).
+MAX_POSITIONS = 3
 #: Root attribute of a store: its layers in the order they were written (network order).
 ORDER_ATTR = "chunkcca_layers"
 CONV_DIMS: tuple[str, ...] = ("datapoint", "height", "width", "channel")
 FC_DIMS: tuple[str, ...] = ("datapoint", "channel")
+#: The dims an array without names is given, by its number of axes.
+DEFAULT_DIMS: dict[int, tuple[str, ...]] = {2: FC_DIMS, 3: ("datapoint", "token", "channel"), 4: CONV_DIMS,
+                                             5: ("datapoint", "depth", "height", "width", "channel")}
 #: Bytes per datapoint chunk that ``chunks="auto"`` aims for.
 CHUNK_BYTES = 16 * 2**20
 
@@ -40,14 +47,18 @@ def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | st
 def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",
                    allow_complex: bool = False, dims: Sequence[str] | Mapping[Hashable, str] | None = None,
                    ) -> xr.DataArray:
-    """One layer as a Dask-backed DataArray with dims (datapoint, [height, width,] channel).
+    """One layer as a Dask-backed DataArray with dims (datapoint, *positions, channel), 0 to 3 position dims.
 
     ``layer`` is a numpy or Dask array (axis 0 = datapoint, last axis = channel), a DataArray
-    with those dim names (in any order), a Dataset or DataTree node holding ``activations``.
-    ``dims`` names the axes of an array explicitly (e.g. ``("datapoint", "channel", "height",
-    "width")`` for channels-first data) or maps a DataArray's dim names to these. A 4-d array
-    without ``dims`` whose last two axes are equal and differ from axis 1 looks channels-first
-    and is refused. ``name`` names the layer in error messages (default: the node path or
+    with dims ``datapoint`` and ``channel`` (in any order; the others are its positions, e.g. ``token``
+    or ``time``), a Dataset or DataTree node holding ``activations`` (and, if padded, a boolean ``mask``
+    (datapoint, *positions), carried as the coordinate ``mask``; True = a real position). Unnamed arrays
+    get: 2-d (datapoint, channel), 3-d (datapoint, token, channel), 4-d (datapoint, height, width,
+    channel), 5-d (datapoint, depth, height, width, channel). ``dims`` names the axes of an array
+    explicitly (e.g. ``("datapoint", "channel", "height", "width")`` for channels-first data) or maps a
+    DataArray's dim names to these. A 4-d array without ``dims`` whose last two axes are equal and differ
+    from axis 1 looks channels-first and is refused. ``name`` names the layer in error messages (default: the
+    node path or
     DataArray name). Complex values are refused unless ``allow_complex``. Raises a ValueError
     or TypeError naming the layer and the fault. Nothing is computed.
     """
@@ -62,7 +73,10 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     if isinstance(layer, xr.Dataset):
         if VARIABLE not in layer:
             raise ValueError(f"layer {name!r} has no variable {VARIABLE!r} (has {sorted(map(str, layer))})")
+        mask = layer[MASK] if MASK in layer.data_vars else None
         layer = layer[VARIABLE]
+        if mask is not None:
+            layer = layer.assign_coords({MASK: mask.variable})
     if isinstance(layer, xr.DataArray):
         if layer.name in (None, VARIABLE) and layer.encoding.get("layer"):  # a store's: named by its node path
             name = name or layer.encoding["layer"]
@@ -79,18 +93,20 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                 raise ValueError(f"dims names {len(dims)} axes but layer {name!r} has {layer.ndim}")
             array = _order_dims(xr.DataArray(layer, dims=tuple(dims), name=name), name)
         else:
-            if layer.ndim not in (2, 4):
+            if layer.ndim not in DEFAULT_DIMS:
                 raise ValueError(
-                    f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected "
-                    f"(datapoint, height, width, channel) or (datapoint, channel)")
+                    f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected (datapoint, "
+                    f"*positions, channel) with at most {MAX_POSITIONS} position dims, e.g. (datapoint, channel), "
+                    f"(datapoint, token, channel), (datapoint, height, width, channel)")
             if layer.ndim == 4 and layer.shape[2] == layer.shape[3] != layer.shape[1]:
                 raise ValueError(
                     f"layer {name!r} looks channels-first: shape {tuple(layer.shape)} has equal last two axes; "
                     f"chunkcca expects (datapoint, height, width, channel). Name the axes with "
                     f"dims=('datapoint', 'channel', 'height', 'width'), or with "
                     f"dims=('datapoint', 'height', 'width', 'channel') if it is channels-last")
-            array = xr.DataArray(layer, dims=CONV_DIMS if layer.ndim == 4 else FC_DIMS, name=name)
+            array = xr.DataArray(layer, dims=DEFAULT_DIMS[layer.ndim], name=name)
     _check_values(array, name, allow_complex)
+    _check_mask(array, name)
     labels = array.indexes.get("datapoint")
     if labels is not None and not labels.is_unique:
         repeated = labels[labels.duplicated()].unique()[:5].tolist()
@@ -133,12 +149,29 @@ def _memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
 
 
 def _order_dims(array: xr.DataArray, name: str) -> xr.DataArray:
-    for dims in (CONV_DIMS, FC_DIMS):
-        if set(array.dims) == set(dims):
-            return array.transpose(*dims)
-    raise ValueError(
-        f"layer {name!r} has dims {tuple(map(str, array.dims))}; expected {CONV_DIMS} or {FC_DIMS} "
-        f"(rename yours with DataArray.rename)")
+    """``array`` transposed to (datapoint, *positions, channel), positions in their given order."""
+    positions = [dim for dim in array.dims if dim not in ("datapoint", "channel")]
+    if "datapoint" not in array.dims or "channel" not in array.dims or len(positions) > MAX_POSITIONS:
+        raise ValueError(
+            f"layer {name!r} has dims {tuple(map(str, array.dims))}; expected 'datapoint', 'channel' and at most "
+            f"{MAX_POSITIONS} position dims such as 'token', 'time' or 'height', 'width' (rename yours with "
+            f"DataArray.rename, or pass dims=)")
+    return array.transpose("datapoint", *positions, "channel")
+
+
+def positions(layer: xr.DataArray) -> tuple[str, ...]:
+    """A layer's position dims (none for a fully connected layer)."""
+    return tuple(str(dim) for dim in layer.dims[1:-1])
+
+
+def _check_mask(array: xr.DataArray, name: str) -> None:
+    """A ``mask`` coordinate is boolean with dims (datapoint, *positions) (in that order once transposed)."""
+    if MASK not in array.coords:
+        return
+    mask = array.coords[MASK]
+    if mask.dtype != bool or set(mask.dims) != {"datapoint", *positions(array)}:
+        raise ValueError(f"layer {name!r}: its mask must be boolean with dims {('datapoint', *positions(array))}, "
+                         f"got {mask.dtype} {tuple(map(str, mask.dims))}")
 
 
 def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -> None:

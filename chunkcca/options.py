@@ -21,7 +21,7 @@ from dask.utils import parse_bytes
 
 from ._fs import is_url
 
-Spatial = Literal["flatten", "avgpool", "interp", "dft"]
+Spatial = Literal["flatten", "avgpool", "interp", "dft", "first", "last"]
 Precision = Literal["float32", "float64", "auto"]
 #: The dtype the per-chunk products of a Moments were computed in.
 ProductPrecision = Literal["float32", "float64"]
@@ -35,7 +35,9 @@ SPATIAL: tuple[str, ...] = get_args(Spatial)
 PER_FREQUENCY: tuple[str, ...] = ("dft",)
 #: The adapters whose rows of a layer do not depend on the layer it is compared with: those a sweep of every
 #: pair in one pass can use.
-SWEEP_SPATIAL: tuple[str, ...] = ("flatten", "avgpool")
+SWEEP_SPATIAL: tuple[str, ...] = ("flatten", "avgpool", "first", "last")
+#: The variable beside a layer's activations (and the coordinate on them) holding its padding mask.
+MASK = "mask"
 PRECISIONS: tuple[str, ...] = get_args(ProductPrecision)
 METHODS: tuple[str, ...] = get_args(Method)
 GRIDS: tuple[str, ...] = get_args(Grid)
@@ -120,13 +122,16 @@ class StreamOptions:
 
     Attributes
     ----------
-    spatial : {"flatten", "avgpool", "interp", "dft"}
-        How spatial positions become rows: "flatten" makes every (datapoint, height, width) a row
-        (equal spatial sizes needed); "avgpool" averages over height and width (one row per
-        datapoint); "interp" interpolates the coarser layer onto the finer layer's grid, then
-        flattens (see ``method``, ``grid``); "dft" takes the 2-D DFT over (height, width) and keeps
-        one set of statistics per spatial frequency both layers share (CCA only). Memory for dft:
-        frequencies × (p + q)² complex values per partial, checked against ``memory_limit``.
+    spatial : {"flatten", "avgpool", "interp", "dft", "first", "last"}
+        How positions (token, time, height and width, …) become rows: "flatten" makes every
+        (datapoint, *positions) a row (equal positions needed; under padding masks, the rows where
+        both layers are real); "avgpool" averages over the positions (the real ones, under a mask),
+        one row per datapoint, and pairs layers of any positions; "first" takes each datapoint's
+        first position (e.g. a CLS token), "last" its last real one; "interp" interpolates the
+        coarser layer onto the finer layer's grid along each position dim, then flattens (see
+        ``method``, ``grid``); "dft" takes the DFT over the positions and keeps one set of
+        statistics per frequency both layers share (CCA only). Memory for dft: frequencies ×
+        (p + q)² complex values per partial, checked against ``memory_limit``.
     stride : int
         Keep every ``stride``-th row of the global row order (google/svcca's ``[::stride]``),
         whatever the chunking. For avgpool and dft the rows are datapoints.

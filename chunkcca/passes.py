@@ -24,7 +24,7 @@ from dask.utils import format_bytes
 from .checkpoint import CheckpointError, resume, save_progress
 from .engine import NonFiniteError, Reduction, common_boundaries, connected, grouped, moments_reduction, run
 from .moments import Moments
-from .options import ProductPrecision, StreamOptions
+from .options import MASK, ProductPrecision, StreamOptions
 from .rows import Adapter
 from .store import check_complete, check_unchanged
 
@@ -126,6 +126,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
 
     fan_in = fit_split_every(reduction_of("float64"), options, names)
     data = [layer.data for layer in layers]
+    masks = _masks(layers)
     datapoints = layers[0].sizes["datapoint"]
     _warn_small_chunks(layers)
     check_complete(layers)
@@ -136,7 +137,8 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
             label = f"{reading_what}{step} ({product} products)" if options.progress else None
             result = run([d[start:stop] for d in data], adapters, reduction_of(product), split_every=fan_in,
                          scheduler=scheduler, progress=label, nan_policy=options.nan_policy, names=names,
-                         offset=start, codes=None if codes is None else codes[start:stop])
+                         offset=start, codes=None if codes is None else codes[start:stop],
+                         masks=[None if mask is None else mask[start:stop] for mask in masks])
             return tuple(result) if codes is not None else (result,)
 
         with reading(layers):
@@ -148,6 +150,11 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     rows = adapters[0].row_count(datapoints)
     return Streamed(tuple(layers), tuple(adapters), stats, rows - stats.n, note,
                     parts if codes is not None else None)
+
+
+def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:
+    """Each layer's padding mask (a Dask array (datapoint, *positions)), or None."""
+    return [layer.coords[MASK].data if MASK in layer.coords else None for layer in layers]
 
 
 #: The Moments of each group of a pass (one for an ungrouped pass).
@@ -219,7 +226,8 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
         result = run(sides, adapters, reduction, split_every=options.split_every, scheduler=scheduler,
-                     progress=label, nan_policy=options.nan_policy, names=names)
+                     progress=label, nan_policy=options.nan_policy, names=names,
+                     masks=_masks(layers))
     check_unchanged(layers)
     return result
 

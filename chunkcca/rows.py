@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .options import METHODS, PER_FREQUENCY, SWEEP_SPATIAL, StreamOptions
+from .options import MASK, METHODS, PER_FREQUENCY, SWEEP_SPATIAL, StreamOptions
 
 
 def is_batched(spatial: str) -> bool:
@@ -44,60 +44,79 @@ def pixel_centres(size: int, extent: float) -> np.ndarray:
     return (np.arange(size) + 0.5) * (extent / size)
 
 
-def spatial_shape(shape: Sequence[int]) -> tuple[int, int]:
-    """(height, width) of a layer of shape (datapoint, height, width, channel) or (datapoint, channel)."""
-    return (int(shape[1]), int(shape[2])) if len(shape) == 4 else (1, 1)
+def spatial_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The position sizes of a layer of shape (datapoint, *positions, channel): () for a fully connected layer."""
+    return tuple(int(size) for size in shape[1:-1])
+
+
+#: Short names of the frequency dims of the usual position dims (older results call them so).
+_FREQUENCY_DIMS = {"height": "freq_h", "width": "freq_w"}
+
+
+def frequency_dim(position: str) -> str:
+    """The name of the frequency dim along a position dim: ``freq_h``, ``freq_w``, else ``freq_<dim>``."""
+    return _FREQUENCY_DIMS.get(position, f"freq_{position}")
 
 
 @dataclass(frozen=True)
 class Adapter:
     """How one layer's blocks become rows.
 
-    ``kind`` is the spatial adapter, ``shape`` the layer's (height, width), ``stride`` the step
-    through the global row order. ``resample`` holds the (out, in) interpolation matrices for
-    height and width (``interp``, made with ``method`` on ``grid``; None for an axis left as it
-    is); ``frequencies`` the kept DFT indices along height and width, ``frequency_labels`` their
-    frequencies in cycles per map, and ``spectrum_dtype`` the dtype the FFT runs in (``dft``).
+    ``kind`` is the spatial adapter, ``shape`` the layer's position sizes (() for a fully connected
+    layer) along its position dims ``dims``, ``stride`` the step through the global row order.
+    ``resample`` holds an (out, in) interpolation matrix per position dim (``interp``, made with
+    ``method`` on ``grid``; None for an axis left as it is); ``frequencies`` the kept DFT indices
+    per position dim, ``frequency_labels`` their frequencies in cycles per map, and
+    ``spectrum_dtype`` the dtype the FFT runs in (``dft``).
+
+    A padding mask (datapoint, *positions), True at real positions, selects rows: ``flatten`` keeps
+    the rows (after the stride) where the mask it is given is True (both layers' masks, combined
+    by the engine: ``mask_rule`` "pair"); ``avgpool`` averages each datapoint's real positions and
+    ``last`` takes its last real position, each under its own layer's mask (``mask_rule`` "own").
     """
 
     kind: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     stride: int = 1
-    resample: tuple[np.ndarray | None, np.ndarray | None] | None = None
+    dims: tuple[str, ...] = ()
+    resample: tuple[np.ndarray | None, ...] | None = None
     method: str | None = None
     grid: str | None = None
-    frequencies: tuple[np.ndarray, np.ndarray] | None = None
-    frequency_labels: tuple[np.ndarray, np.ndarray] | None = None
+    frequencies: tuple[np.ndarray, ...] | None = None
+    frequency_labels: tuple[np.ndarray, ...] | None = None
     spectrum_dtype: str = "complex128"
 
     @property
-    def out_shape(self) -> tuple[int, int]:
-        """(height, width) of the maps whose positions become rows."""
+    def out_shape(self) -> tuple[int, ...]:
+        """Position sizes of the maps whose positions become rows."""
         if self.resample is None:
             return self.shape
-        return tuple(size if matrix is None else matrix.shape[0]  # type: ignore[return-value]
-                     for size, matrix in zip(self.shape, self.resample))
+        return tuple(size if matrix is None else matrix.shape[0] for size, matrix in zip(self.shape, self.resample))
 
     @property
     def rows_per_datapoint(self) -> int:
-        if self.kind in ("avgpool", "dft"):
+        if self.kind in PER_DATAPOINT:
             return 1
-        height, width = self.out_shape
-        return height * width
+        return int(np.prod(self.out_shape, dtype=np.int64))
+
+    @property
+    def mask_rule(self) -> str:
+        """How a padding mask selects rows: "pair" (rows where both layers are real), "own" (each layer's own)."""
+        return "pair" if self.kind in ("flatten",) else "own"
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
-        """(freq_h, freq_w) sizes for dft, () for the others."""
+        """Frequencies per position dim for dft, () for the others."""
         if self.frequencies is None:
             return ()
-        return (self.frequencies[0].size, self.frequencies[1].size)
+        return tuple(kept.size for kept in self.frequencies)
 
     @property
     def batch_coords(self) -> dict[str, np.ndarray]:
-        """Labels of the batch dims: ``freq_h``/``freq_w`` in cycles per map for dft, none for the others."""
+        """Labels of the batch dims: ``freq_h``/``freq_w`` (``freq_<dim>``) in cycles per map for dft."""
         if self.frequency_labels is None:
             return {}
-        return {"freq_h": self.frequency_labels[0], "freq_w": self.frequency_labels[1]}
+        return {frequency_dim(dim): labels for dim, labels in zip(self.dims, self.frequency_labels)}
 
     @property
     def is_complex(self) -> bool:
@@ -111,48 +130,70 @@ class Adapter:
         return {"spatial": self.kind, "stride": int(self.stride), **interp}
 
     def row_count(self, datapoints: int) -> int:
-        """Rows ``datapoints`` give (per frequency for dft): ceil(N · rows_per_datapoint / stride)."""
+        """Rows ``datapoints`` give (per frequency for dft) before any mask: ceil(N · rows_per_datapoint / stride)."""
         return -(-datapoints * self.rows_per_datapoint // self.stride)
 
-    def block_datapoints(self, datapoints: int, first_datapoint: int) -> np.ndarray:
-        """For the rows :meth:`block_rows` gives of a block of ``datapoints`` datapoints starting at global datapoint
+    def _selected(self, datapoints: int, first_datapoint: int,
+                  mask: np.ndarray | None) -> tuple[int, np.ndarray | None]:
+        """The first kept row of a block (the stride's pattern over the global rows) and, with a mask that
+        selects rows, which of the strided rows it keeps."""
+        start = (-first_datapoint * self.rows_per_datapoint) % self.stride
+        if mask is None or self.mask_rule != "pair":
+            return start, None
+        return start, mask.reshape(-1)[start :: self.stride]
+
+    def block_datapoints(self, datapoints: int, first_datapoint: int, mask: np.ndarray | None = None) -> np.ndarray:
+        """For the rows ``block_rows`` gives of a block of ``datapoints`` datapoints starting at global datapoint
         ``first_datapoint``: the block-local datapoint each row comes from, shape (rows,)."""
-        start = (-first_datapoint * self.rows_per_datapoint) % self.stride
-        return np.arange(start, datapoints * self.rows_per_datapoint, self.stride) // self.rows_per_datapoint
+        start, keep = self._selected(datapoints, first_datapoint, mask)
+        index = np.arange(start, datapoints * self.rows_per_datapoint, self.stride) // self.rows_per_datapoint
+        return index if keep is None else index[keep]
 
-    def block_rows(self, block: np.ndarray, first_datapoint: int) -> np.ndarray:
+    def block_rows(self, block: np.ndarray, first_datapoint: int, mask: np.ndarray | None = None) -> np.ndarray:
         """Rows (*batch, rows, channel) of ``block`` whose first datapoint is ``first_datapoint``, keeping
-        the global rows ≡ 0 (mod ``stride``)."""
-        rows = self.rows(block)
-        start = (-first_datapoint * self.rows_per_datapoint) % self.stride
-        return rows[..., start :: self.stride, :]
+        the global rows ≡ 0 (mod ``stride``) and, under ``mask`` (datapoint, *positions), the real ones."""
+        rows = self.rows(block, mask if self.mask_rule == "own" else None)
+        start, keep = self._selected(block.shape[0], first_datapoint, mask)
+        rows = rows[..., start :: self.stride, :]
+        return rows if keep is None else rows[..., keep, :]
 
-    def rows(self, block: np.ndarray) -> np.ndarray:
-        """All rows (*batch, rows, channel) of ``block``, before the stride."""
-        channels = block.shape[-1]
-        if block.ndim == 2:
-            block = block[:, None, None, :]
+    def rows(self, block: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """All rows (*batch, rows, channel) of ``block`` (datapoint, *positions, channel), before the stride;
+        ``mask`` (datapoint, *positions): the layer's own padding mask, for avgpool and last."""
+        datapoints, channels = block.shape[0], block.shape[-1]
         if self.kind == "flatten":
             return block.reshape(-1, channels)
+        per_datapoint = block.reshape(datapoints, -1, channels)
         if self.kind == "avgpool":
-            return block.reshape(block.shape[0], -1, channels).mean(axis=1, dtype=np.float64)
+            if mask is None:
+                return per_datapoint.mean(axis=1, dtype=np.float64)
+            real = mask.reshape(datapoints, -1, 1)
+            return (per_datapoint * real).sum(axis=1, dtype=np.float64) / real.sum(axis=1)
+        if self.kind == "first":
+            return per_datapoint[:, 0]
+        if self.kind == "last":
+            if mask is None:
+                return per_datapoint[:, -1]
+            last = mask.shape[1] - 1 - np.argmax(mask.reshape(datapoints, -1)[:, ::-1], axis=1)
+            return per_datapoint[np.arange(datapoints), last]
         if self.kind == "interp":
-            along_height, along_width = self.resample
-            if along_height is not None:
-                block = np.einsum("Hh,dhwc->dHwc", along_height, block, optimize=True)
-            if along_width is not None:
-                block = np.einsum("Ww,dhwc->dhWc", along_width, block, optimize=True)
+            for axis, matrix in enumerate(self.resample or ()):
+                if matrix is not None:
+                    block = np.moveaxis(np.tensordot(matrix, block, axes=(1, axis + 1)), 0, axis + 1)
             return block.reshape(-1, channels)
         if self.kind == "dft":
             # numpy >= 2 transforms float32 in complex64, faster from the real block than from a complex64
             # copy; complex128 runs faster from a complex128 copy than from float64 (the cast is exact either way)
             single = self.spectrum_dtype == "complex64" and not np.iscomplexobj(block)
-            spectrum = np.fft.fft2(block.astype(np.float32 if single else self.spectrum_dtype, copy=False),
-                                   axes=(1, 2))
-            kept_h, kept_w = self.frequencies
-            # one gather, straight into (freq_h, freq_w, datapoint, channel) C order
-            return np.moveaxis(spectrum, 0, 2)[np.ix_(kept_h, kept_w)]
+            axes = tuple(range(1, block.ndim - 1))
+            spectrum = np.fft.fftn(block.astype(np.float32 if single else self.spectrum_dtype, copy=False), axes=axes)
+            # one gather, straight into (*frequencies, datapoint, channel) C order
+            return np.moveaxis(spectrum, 0, -2)[np.ix_(*self.frequencies)]
         raise ValueError(f"unknown spatial adapter {self.kind!r}")
+
+
+#: The adapters that give one row per datapoint.
+PER_DATAPOINT = ("avgpool", "dft", "first", "last")
 
 
 def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> tuple[Adapter, Adapter]:
@@ -162,26 +203,41 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
     """
     spatial, stride = options.spatial, options.stride
     size_a, size_b = spatial_shape(a.shape), spatial_shape(b.shape)
+    dims_a, dims_b = tuple(map(str, a.dims[1:-1])), tuple(map(str, b.dims[1:-1]))
+    described = {name: f"{'x'.join(map(str, size)) or 'fc'} ({', '.join(dims) or 'no positions'})"
+                 for name, size, dims in ((a.name, size_a, dims_a), (b.name, size_b, dims_b))}
+    if spatial in ("first", "last") and (not size_a or not size_b):
+        raise ValueError(f"spatial={spatial!r} takes a position of each datapoint, but a layer has none: "
+                         f"{a.name!r} {described[a.name]}, {b.name!r} {described[b.name]}")
+    if spatial in ("avgpool", "first", "last"):
+        return Adapter(spatial, size_a, stride, dims_a), Adapter(spatial, size_b, stride, dims_b)
+    masked = [str(layer.name) for layer in (a, b) if MASK in layer.coords]
     if spatial == "flatten":
         if size_a != size_b:
             raise ValueError(
-                f"spatial='flatten' needs equal spatial sizes, but layer {a.name!r} is {size_a[0]}x{size_a[1]} "
-                f"and layer {b.name!r} is {size_b[0]}x{size_b[1]}; use spatial='avgpool', 'interp' or 'dft' "
-                f"to compare layers of different spatial sizes")
-        return Adapter("flatten", size_a, stride), Adapter("flatten", size_b, stride)
-    if spatial == "avgpool":
-        return Adapter("avgpool", size_a, stride), Adapter("avgpool", size_b, stride)
+                f"spatial='flatten' needs equal positions, but layer {a.name!r} is {described[a.name]} and layer "
+                f"{b.name!r} is {described[b.name]}; use spatial='avgpool' (any positions), or 'interp' or 'dft' "
+                f"for maps of different sizes")
+        return Adapter("flatten", size_a, stride, dims_a), Adapter("flatten", size_b, stride, dims_b)
+    if masked:
+        raise ValueError(f"spatial={spatial!r} has no meaning on padded positions, and layer {masked[0]!r} has a "
+                         f"mask; use spatial='flatten', 'avgpool', 'first' or 'last'")
+    if dims_a != dims_b or not dims_a:
+        raise ValueError(f"spatial={spatial!r} pairs layers position dim by position dim, but layer {a.name!r} is "
+                         f"{described[a.name]} and layer {b.name!r} is {described[b.name]}; use spatial='avgpool'")
     if spatial == "interp":
         method, grid = options.method, options.grid
-        matrices = [_resample_axis(dim, a, b, method=method, grid=grid) for dim in ("height", "width")]
-        return (Adapter("interp", size_a, stride, resample=(matrices[0][0], matrices[1][0]), method=method, grid=grid),
-                Adapter("interp", size_b, stride, resample=(matrices[0][1], matrices[1][1]), method=method, grid=grid))
-    kept = [shared_frequencies(size_a[axis], size_b[axis]) for axis in (0, 1)]
-    labels = (frequency_labels(size_a[0], size_b[0]), frequency_labels(size_a[1], size_b[1]))
+        matrices = [_resample_axis(dim, a, b, method=method, grid=grid) for dim in dims_a]
+        return (Adapter("interp", size_a, stride, dims_a, resample=tuple(m[0] for m in matrices), method=method,
+                        grid=grid),
+                Adapter("interp", size_b, stride, dims_b, resample=tuple(m[1] for m in matrices), method=method,
+                        grid=grid))
+    kept = [shared_frequencies(size_a[axis], size_b[axis]) for axis in range(len(dims_a))]
+    labels = tuple(frequency_labels(size_a[axis], size_b[axis]) for axis in range(len(dims_a)))
     dtype = "complex64" if options.precision == "float32" else "complex128"
-    return (Adapter("dft", size_a, stride, frequencies=(kept[0][0], kept[1][0]), frequency_labels=labels,
+    return (Adapter("dft", size_a, stride, dims_a, frequencies=tuple(k[0] for k in kept), frequency_labels=labels,
                     spectrum_dtype=dtype),
-            Adapter("dft", size_b, stride, frequencies=(kept[0][1], kept[1][1]), frequency_labels=labels,
+            Adapter("dft", size_b, stride, dims_b, frequencies=tuple(k[1] for k in kept), frequency_labels=labels,
                     spectrum_dtype=dtype))
 
 
@@ -197,7 +253,8 @@ def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) 
             listed = ", ".join(f"{name!r} {'x'.join(map(str, size)) or 'fc'}" for name, size in sizes.items())
             raise ValueError(f"spatial='flatten' needs one spatial size for all layers, got {listed}; use "
                              f"spatial='avgpool'")
-    return tuple(Adapter(options.spatial, spatial_shape(layer.shape), options.stride) for layer in layers)
+    return tuple(Adapter(options.spatial, spatial_shape(layer.shape), options.stride, tuple(map(str, layer.dims[1:-1])))
+                 for layer in layers)
 
 
 def shared_frequencies(size_a: int, size_b: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ import xarray as xr
 
 from ._fs import check_replaceable, filesystem, is_url, leftovers, temporary_beside, write_atomically
 from .layers import ORDER_ATTR, VARIABLE, as_activations, check_layer_paths, datapoints_per_chunk, layer_paths
-from .options import check_choice
+from .options import MASK, check_choice
 from .progress import Progress
 from .rows import pixel_centres
 
@@ -375,18 +375,24 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
         if "store" not in encoding or "layer" not in encoding:
             continue
         fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
-        folder = f"{root}/{encoding['layer']}/{VARIABLE}".rstrip("/")
-        metadata = json.loads(fs.cat(f"{folder}/zarr.json"))
-        present = {name.removeprefix(folder).lstrip("/") for name in fs.find(folder)}
-        missing = [index for index, key in _chunk_keys(metadata).items() if key not in present]
-        if missing:
-            per_chunk, total = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], metadata["shape"][0]
-            spans = sorted({(i[0] * per_chunk, min((i[0] + 1) * per_chunk, total) - 1) for i in missing})
-            shown = ", ".join(f"{first} to {last}" for first, last in spans[:5]) + (" …" if len(spans) > 5 else "")
-            raise OSError(f"layer {encoding['layer']!r} of {encoding['store']} lacks {len(missing)} chunk "
-                          f"file{'s' if len(missing) > 1 else ''}, of datapoints {shown}: the store is damaged "
-                          f"(a chunk deleted, or never written); chunkcca never reads a missing chunk as a fill "
-                          f"value: write the layer again")
+        for variable in (VARIABLE, MASK) if MASK in layer.coords else (VARIABLE,):
+            _check_chunks(fs, f"{root}/{encoding['layer']}/{variable}".rstrip("/"), encoding, variable)
+
+
+def _check_chunks(fs: Any, folder: str, encoding: Mapping[str, Any], variable: str) -> None:
+    """Every chunk file of one array of a layer is there, or an OSError naming the layer and datapoints."""
+    metadata = json.loads(fs.cat(f"{folder}/zarr.json"))
+    present = {name.removeprefix(folder).lstrip("/") for name in fs.find(folder)}
+    missing = [index for index, key in _chunk_keys(metadata).items() if key not in present]
+    if missing:
+        per_chunk, total = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], metadata["shape"][0]
+        spans = sorted({(i[0] * per_chunk, min((i[0] + 1) * per_chunk, total) - 1) for i in missing})
+        shown = ", ".join(f"{first} to {last}" for first, last in spans[:5]) + (" …" if len(spans) > 5 else "")
+        what = "" if variable == VARIABLE else f"'s {variable}"
+        raise OSError(f"layer {encoding['layer']!r}{what} of {encoding['store']} lacks {len(missing)} chunk "
+                      f"file{'s' if len(missing) > 1 else ''}, of datapoints {shown}: the store is damaged "
+                      f"(a chunk deleted, or never written); chunkcca never reads a missing chunk as a fill "
+                      f"value: write the layer again")
 
 
 def store_generation(location: str, storage_options: Mapping[str, Any] | None = None) -> str | None:

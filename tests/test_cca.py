@@ -128,7 +128,7 @@ def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):
         ({"stride": 1.5}, "stride must be an integer >= 1, got 1.5"),
         ({"epsilon": -1e-3}, "epsilon must be a finite number >= 0, got -0.001"),
         ({"epsilon": float("nan")}, "epsilon must be a finite number >= 0"),
-        ({"spatial": "pool"}, "spatial must be one of 'flatten', 'avgpool', 'interp', 'dft', got 'pool'"),
+        ({"spatial": "pool"}, "spatial must be one of 'flatten', 'avgpool', 'interp', 'dft', 'first', 'last', got 'pool'"),
         ({"spatial": "interp", "method": "spline"}, "method must be one of 'linear', 'nearest', 'cubic', got 'spline'"),
         ({"spatial": "interp", "grid": "pixels"}, "grid must be one of 'coords', 'svcca', got 'pixels'"),
         ({"precision": "float16"}, "precision must be one of 'float32', 'float64', 'auto', got 'float16'"),
@@ -146,7 +146,8 @@ def test_bad_options_are_rejected_before_streaming(conv_pair, options, message):
 def test_flatten_of_different_spatial_sizes_names_both_and_suggests_avgpool():
     a = xr.DataArray(np.zeros((4, 16, 16, 2)), dims=("datapoint", "height", "width", "channel"), name="conv2")
     b = xr.DataArray(np.zeros((4, 8, 8, 2)), dims=("datapoint", "height", "width", "channel"), name="pool2")
-    message = r"layer 'conv2' is 16x16 and layer 'pool2' is 8x8; use spatial='avgpool', 'interp' or 'dft'"
+    message = (r"layer 'conv2' is 16x16 \(height, width\) and layer 'pool2' is 8x8 \(height, width\); use "
+               r"spatial='avgpool' \(any positions\), or 'interp' or 'dft'")
     with pytest.raises(ValueError, match=message):
         cca(a, b)
 

@@ -128,7 +128,7 @@ def test_failed_write_leaves_earlier_store_intact(tmp_path):
 @pytest.mark.parametrize(
     ("layer", "error", "message"),
     [
-        (np.zeros((4, 3, 2)), ValueError, r"layer 'bad' has 3 dims \(shape \(4, 3, 2\)\)"),
+        (np.zeros((4, 3, 2, 2, 2, 2)), ValueError, r"layer 'bad' has 6 dims \(shape \(4, 3, 2, 2, 2, 2\)\)"),
         (np.zeros((4, 2), dtype=complex), TypeError, "layer 'bad' has dtype complex128; expected real"),
         (np.zeros((4, 2), dtype=bool), TypeError, "layer 'bad' has dtype bool"),
         (np.array([["a"]]), TypeError, "layer 'bad' has dtype <U1"),
