@@ -122,7 +122,7 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
 
 
 def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
-                     batch_dims: tuple[str, ...] = ("freq_h", "freq_w")) -> xr.Dataset:
+                     batch_dims: tuple[str, ...] = ("freq_h", "freq_w", "freq_d")) -> xr.Dataset:
     """Canonical correlation analysis of the two sides of ``moments``.
 
     Each side's covariance Σ (constant channels pruned) gets ``epsilon`` added to its diagonal and

@@ -21,7 +21,15 @@ import numpy as np
 import xarray as xr
 
 from ._fs import check_replaceable, filesystem, is_url, leftovers, temporary_beside, write_atomically
-from .layers import ORDER_ATTR, VARIABLE, as_activations, check_layer_paths, datapoints_per_chunk, layer_paths
+from .layers import (
+    ORDER_ATTR,
+    VARIABLE,
+    as_activations,
+    check_layer_paths,
+    datapoints_per_chunk,
+    layer_path,
+    layer_paths,
+)
 from .options import MASK, check_choice
 from .progress import Progress
 from .rows import pixel_centres
@@ -61,10 +69,11 @@ def every_chunk_written() -> Any:
 
 
 def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataArray:
-    """Add default coordinates where missing: datapoint and channel indices, pixel centres."""
+    """Add default coordinates where missing: datapoint, channel and position indices (a token's index, a time
+    step), and pixel centres for height and width."""
     coords: dict[Hashable, Any] = {}
-    for dim in ("datapoint", "channel"):
-        if dim not in array.coords:
+    for dim in array.dims:
+        if dim not in array.coords and dim not in ("height", "width"):
             coords[dim] = np.arange(array.sizes[dim])
     for dim, extent in zip(("height", "width"), image_size):
         if dim in array.dims and dim not in array.coords:
@@ -76,9 +85,9 @@ def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataAr
 
 
 def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mode: WriteMode = "w",
-                      chunks: int | str = "auto", image_size: int | tuple[int, int] | None = None,
-                      overwrite: bool = False, compression: str | None = "lz4",
-                      progress: bool = False) -> xr.DataTree:
+                      masks: Mapping[str, Any] | None = None, chunks: int | str = "auto",
+                      image_size: int | tuple[int, int] | None = None, overwrite: bool = False,
+                      compression: str | None = "lz4", progress: bool = False) -> xr.DataTree:
     """Write layers to a zarr (v3) store at ``path`` and return it opened with
         [`open_activations()`][chunkcca.open_activations].
 
@@ -88,8 +97,13 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         A local folder.
     layers
         Layer path (e.g. ``"model0/conv2"``) → numpy array, Dask array or DataArray of dims
-        (datapoint, height, width, channel) or (datapoint, channel). Dask inputs are written
-        chunk by chunk, never materialised. The store remembers their order (network order).
+        (datapoint, *positions, channel): (datapoint, channel), (datapoint, token, channel),
+        (datapoint, height, width, channel), …. Dask inputs are written chunk by chunk, never
+        materialised. The store remembers their order (network order).
+    masks
+        Layer path → boolean padding mask (datapoint, *positions), True at real positions (e.g. an
+        attention mask), stored as the variable ``mask`` beside the layer's ``activations`` and used by
+        every measure given the layer. A DataArray layer with a ``mask`` coordinate carries its own.
     mode
         "w" (default): a new store (see ``overwrite``); "a": add the layers to the existing store at
         ``path``, after its own, without touching them (a layer path it already holds is an error).
@@ -119,6 +133,11 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     compressors = codecs_for(compression)
     paths = check_new_layers(path, list(layers), mode=mode, overwrite=overwrite)
     arrays = {path_: as_activations(value, path_, chunks=chunks) for path_, value in zip(paths, layers.values())}
+    for name, mask in (masks or {}).items():
+        key = layer_path(name)
+        if key not in arrays:
+            raise ValueError(f"masks names layer {name!r}, which is not among the layers written")
+        arrays[key] = as_activations(arrays[key].assign_coords({MASK: _as_mask(mask, arrays[key])}), key)
     if isinstance(image_size, (int, np.integer)):
         image_size = (int(image_size), int(image_size))
 
@@ -134,8 +153,15 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
             # coordinates are labels, one per datapoint or channel: written as they are, not as Dask arrays
             array = array.assign_coords({name: coord.compute() for name, coord in array.coords.items()
                                          if coord.chunks is not None})
-            datasets[key] = xr.Dataset({VARIABLE: array.rename(None)})
+            mask = array.coords.get(MASK)
+            variables = {VARIABLE: array.drop_vars(MASK, errors="ignore").rename(None)}
             encoding["/" + key] = {VARIABLE: {"chunks": array.data.chunksize, "compressors": compressors}}
+            if mask is not None:
+                variables[MASK] = mask.variable.chunk({dim: per_chunk if dim == "datapoint" else -1
+                                                       for dim in mask.dims})
+                encoding["/" + key][MASK] = {"chunks": (min(per_chunk, mask.shape[0]), *mask.shape[1:]),
+                                             "compressors": compressors}
+            datasets[key] = xr.Dataset(variables)
         tree = xr.DataTree.from_dict(datasets)
         with Progress(f"writing {', '.join(arrays)}") if progress else contextlib.nullcontext(), every_chunk_written():
             tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
@@ -143,6 +169,17 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
 
     write_store(path, build, mode=mode, overwrite=overwrite)
     return open_activations(path)
+
+
+def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
+    """A padding mask for ``layer``: dims (datapoint, *positions), named as the layer's, boolean."""
+    dims = ("datapoint", *layer.dims[1:-1])
+    if isinstance(mask, xr.DataArray):
+        return mask.transpose(*dims).variable
+    if getattr(mask, "shape", None) != tuple(layer.shape[:-1]):
+        raise ValueError(f"layer {str(layer.name)!r}: its mask must have the shape (datapoint, *positions) "
+                         f"{tuple(layer.shape[:-1])}, got {getattr(mask, 'shape', None)}")
+    return xr.Variable(dims, mask)
 
 
 def _existing_order(path: str | os.PathLike) -> tuple[list[str], tuple[int, int] | None]:
