@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--layout", choices=LAYOUTS,
                         help="'datapoints': datapoint first, channel last (the default, for arrays that do not "
                              "look like the others); 'neurons': 2-d (neurons, datapoints) as svcca's; "
-                             "'channels_first': (datapoint, channel, height, width) as PyTorch's")
+                             "'channels_first': (datapoint, channel, *positions) as PyTorch's, e.g. (N, C, H, W)")
+    ingest.add_argument("--mask", action="append", default=[], metavar="LAYER=FILE",
+                        help="a layer's padding mask (datapoint, *positions) from a .npy file, True at real "
+                             "positions (e.g. an attention mask); repeat for more layers")
     ingest.add_argument("--chunk", type=_positive_int, help="datapoints per chunk (default: about 16 MiB)")
     written = ingest.add_mutually_exclusive_group()
     written.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -212,7 +215,13 @@ def _run_ingest(args: argparse.Namespace) -> None:
         if layer in sources:
             raise ValueError(f"layer {layer!r} is given twice ({sources[layer]} and {file})")
         sources[layer] = file
-    tree = ingest(args.store, sources, layout=args.layout, mode="a" if args.append else "w",
+    masks = {}
+    for item in args.mask:
+        layer, separator, file = item.partition("=")
+        if not separator or not layer or not file:
+            raise ValueError(f"--mask: expected LAYER=FILE, got {item!r}")
+        masks[layer] = file
+    tree = ingest(args.store, sources, layout=args.layout, masks=masks, mode="a" if args.append else "w",
                   chunks=args.chunk or "auto", overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {args.store}: {', '.join(chunkcca.layer_paths(tree))}")
 

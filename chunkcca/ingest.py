@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .layers import CONV_DIMS, FC_DIMS, datapoints_per_chunk
+from .layers import DEFAULT_DIMS, datapoints_per_chunk, layer_path
 from .rows import pixel_centres
 from .store import WriteMode, check_new_layers, move_layer, open_activations, write_activations, write_store
 
@@ -201,11 +201,32 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
                           f"datapoints, leave the layout out", RuntimeWarning, stacklevel=4)
         return array.T
     if layout == "channels_first":
-        if array.ndim != 4:
-            raise ValueError(f"{source}: layout 'channels_first' needs a 4-d (datapoint, channel, height, width) "
-                             f"array, got shape {array.shape}")
+        if array.ndim not in (3, 4, 5):
+            raise ValueError(f"{source}: layout 'channels_first' needs a (datapoint, channel, *positions) array of "
+                             f"1 to 3 positions, got shape {array.shape}")
         return np.moveaxis(array, 1, -1)
     return array
+
+
+def _dims(ndim: int, layout: str | None) -> tuple[str, ...] | None:
+    """The dims of a laid-out array: as ``as_activations`` names unnamed ones, but a channels-first 3-d array is
+    a 1-d conv's (datapoint, time, channel)."""
+    if layout == "channels_first" and ndim == 3:
+        return ("datapoint", "time", "channel")
+    return DEFAULT_DIMS.get(ndim)
+
+
+def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
+    """A padding mask from a .npy file, boolean, of the layer's (datapoint, *positions) shape, or a clear error."""
+    try:
+        mask = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the mask {file} as a .npy file: {error}") from error
+    if mask.shape != tuple(shape):
+        raise ValueError(f"the mask {file} has shape {mask.shape}; its layer needs (datapoint, *positions) {shape}")
+    if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"the mask {file} holds values other than 0/1 or True/False")
+    return mask.astype(bool)
 
 
 def _named_axes(values: Any, dims: tuple[str, ...] | None) -> Any:
@@ -247,8 +268,8 @@ class _Loaded:
 
 
 def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *, layout: str | None = None,
-           mode: WriteMode = "w", chunks: int | str = "auto", overwrite: bool = False,
-           progress: bool = False) -> xr.DataTree:
+           masks: Mapping[str, str | os.PathLike] | None = None, mode: WriteMode = "w", chunks: int | str = "auto",
+           overwrite: bool = False, progress: bool = False) -> xr.DataTree:
     """Write the arrays of files into a store: layer path → file (.npy, .npz, or a pickled array).
 
     Parameters
@@ -260,8 +281,12 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     layout
         How the files' axes are laid out. None (default) or "datapoints": datapoint first, channel last; a 2-d
         array with fewer rows than columns is then refused, as it looks like google/svcca's (neurons,
-        datapoints). "neurons": 2-d (neurons, datapoints), google/svcca's; "channels_first": 4-d
-        (datapoint, channel, height, width), PyTorch's; both are transposed lazily.
+        datapoints). 3-d arrays are (datapoint, token, channel), 5-d (datapoint, depth, height, width,
+        channel). "neurons": 2-d (neurons, datapoints), google/svcca's; "channels_first": PyTorch's
+        (datapoint, channel, *positions), e.g. a 1-d conv's (N, C, L) or (N, C, H, W); both transposed lazily.
+    masks
+        Layer path → a .npy file of its boolean padding mask (datapoint, *positions), True at real positions
+        (e.g. the attention mask of padded sequences).
     mode
         "w": a new store (``overwrite`` replaces an existing one); "a": add the layers to the existing store
         at ``path`` without touching its own (a layer path it holds already is an error).
@@ -289,8 +314,12 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
             seen.append(name)
     if not seen:
         raise ValueError("ingest needs at least one layer")
+    masks = {layer_path(name): file for name, file in (masks or {}).items()}
+    unknown = sorted(set(masks) - set(seen))
+    if unknown:
+        raise ValueError(f"masks name layer {unknown[0]!r}, which is not among the layers ingested")
     output = Path(path).resolve()
-    for source in sources.values():
+    for source in (*sources.values(), *masks.values()):
         if output == Path(source).resolve() or output in Path(source).resolve().parents:
             raise ValueError(f"{path} is where {source} is read from: write the store elsewhere")
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
@@ -308,14 +337,15 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                     values = _as_layer(array, layout, str(source))
                     if values.ndim == 4:
                         image[name] = (int(values.shape[1]), int(values.shape[2]))
-                    dims = CONV_DIMS if values.ndim == 4 else FC_DIMS if values.ndim == 2 else None
+                    dims = _dims(values.ndim, layout)
+                    mask = {name: _mask_file(masks[name], values.shape[:-1])} if name in masks else None
                     if isinstance(values, np.memmap):  # write_activations streams it from the file
-                        write_activations(part, {name: _named_axes(values, dims)}, chunks=chunks,
+                        write_activations(part, {name: _named_axes(values, dims)}, masks=mask, chunks=chunks,
                                           progress=progress)
                     else:
                         loaded = _Loaded(values)
                         try:
-                            write_activations(part, {name: _named_axes(loaded.as_dask(chunks), dims)},
+                            write_activations(part, {name: _named_axes(loaded.as_dask(chunks), dims)}, masks=mask,
                                               chunks=chunks, progress=progress)
                         finally:
                             loaded.release()

@@ -215,3 +215,26 @@ def test_a_text_file_is_named(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("layer,value\n1,2\n")
     assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'notes.txt'}"]) == 2
     assert f"cannot read {tmp_path / 'notes.txt'} as a pickled array file" in capsys.readouterr().err
+
+
+def test_ingest_takes_sequences_and_their_masks(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((20, 6, 4)).astype("float32")  # (N, T, C)
+    lengths = rng.integers(1, 7, 20)
+    np.save(tmp_path / "enc.npy", tokens)
+    np.save(tmp_path / "mask.npy", np.arange(6)[None] < lengths[:, None])
+    np.save(tmp_path / "conv.npy", np.moveaxis(tokens, 2, 1))  # a 1-d conv's (N, C, L)
+    store = str(tmp_path / "s.zarr")
+    assert main(["ingest", store, f"enc={tmp_path / 'enc.npy'}", "--mask", f"enc={tmp_path / 'mask.npy'}",
+                 "--no-progress"]) == 0
+    tree = chunkcca.open_activations(store)
+    assert tree["enc"]["activations"].dims == ("datapoint", "token", "channel")
+    np.testing.assert_array_equal(tree["enc"]["mask"].values, np.arange(6)[None] < lengths[:, None])
+    assert main(["ingest", store, f"conv={tmp_path / 'conv.npy'}", "--layout", "channels_first", "--append",
+                 "--no-progress"]) == 0
+    tree = chunkcca.open_activations(store)
+    assert tree["conv"]["activations"].dims == ("datapoint", "time", "channel")
+    np.testing.assert_array_equal(tree["conv"]["activations"].values, tokens)
+    assert main(["ingest", str(tmp_path / "t.zarr"), f"enc={tmp_path / 'enc.npy'}", "--mask",
+                 f"enc={tmp_path / 'conv.npy'}"]) == 2
+    assert "its layer needs (datapoint, *positions) (20, 6)" in capsys.readouterr().err

@@ -137,3 +137,49 @@ def test_two_models_recorded_into_one_store_in_network_order(tmp_path):
         record(second, {"m1/fc": "4"}, [inputs], tmp_path / "r.zarr", mode="a")
     result = chunkcca.similarity(tree["m0"], tree["m1"], measures=["cka"], spatial="avgpool")
     assert list(result["layer_a"].values) == ["m0/conv", "m0/fc"]
+
+
+class _Sequences(torch.nn.Module):
+    """A small transformer encoder with a 1-d conv and a 3-d conv beside it, and a tuple-returning block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(3, 8)
+        self.encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)
+        self.conv = torch.nn.Conv1d(8, 5, 3, padding=1)
+        self.volume = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.gru = torch.nn.GRU(8, 6, batch_first=True)  # returns (output, hidden)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(self.embed(x), src_key_padding_mask=~attention_mask)
+        self.conv(hidden.transpose(1, 2))
+        self.gru(hidden)
+        self.volume(x[:, :1, :, None, None].expand(-1, 1, 3, 2, 2).contiguous())
+        return hidden
+
+
+def test_records_transformer_layers_with_their_attention_masks(tmp_path):
+    """Tuple outputs give their first tensor; (N, C, L) conv1d and (N, C, D, H, W) conv3d outputs become channels-last;
+    the batch's attention mask becomes the mask of every layer of its length."""
+    net = _Sequences()
+    x = torch.randn(30, 6, 3)
+    lengths = torch.randint(1, 7, (30,))
+    mask = torch.arange(6)[None] < lengths[:, None]
+    batches = [{"x": x[i : i + 10], "attention_mask": mask[i : i + 10]} for i in range(0, 30, 10)]
+    tree = record(net, {"enc/0": "encoder.layers.0", "enc/1": "encoder.layers.1", "conv": "conv", "gru": "gru",
+                        "volume": "volume"}, batches, tmp_path / "r.zarr")
+    assert tree["enc/0"]["activations"].dims == ("datapoint", "token", "channel")
+    assert tree["conv"]["activations"].dims == ("datapoint", "time", "channel")
+    assert tree["gru"]["activations"].shape == (30, 6, 6)
+    assert tree["volume"]["activations"].dims == ("datapoint", "depth", "height", "width", "channel")
+    np.testing.assert_array_equal(tree["enc/1"]["mask"].values, mask.numpy())
+    net.eval()  # as record runs it: no dropout
+    with torch.inference_mode():
+        want = net.encoder.layers[0](net.embed(x), src_key_padding_mask=~mask).numpy()
+        conv = net.conv(torch.from_numpy(tree["enc/1"]["activations"].values).transpose(1, 2)).numpy()
+    real = mask.numpy()
+    np.testing.assert_allclose(tree["enc/0"]["activations"].values[real], want[real], atol=1e-5)
+    np.testing.assert_allclose(tree["conv"]["activations"].values, conv.transpose(0, 2, 1), atol=1e-5)
+    result = chunkcca.cca(tree["enc/0"], tree["enc/1"], precision="float64")
+    assert int(result["rows"]) == int(mask.sum())  # flatten keeps the real tokens only
