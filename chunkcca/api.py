@@ -23,7 +23,7 @@ from .layers import align_layers, as_activations, layer_paths, named
 from .measures import MEASURES, PairSolves, UndefinedMeasure, check_measures, jackknife, non_constant
 from .minibatch import aligned_chunks
 from .moments import Moments
-from .options import SOLVE_NAMES, SolveOptions, StreamOptions, check_int
+from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int
 from .passes import Streamed, run_reduction, stream_layers
 from .rows import Adapter, is_batched, plan_adapters, plan_sweep_adapters
 
@@ -360,6 +360,10 @@ def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Data
     except ValueError:
         raise ValueError(f"minibatch must be an integer >= 4 (the unbiased HSIC needs 4 rows), got {size!r}") from None
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
+    padded = [str(layer.name) for layer in (layer_a, layer_b) if MASK in layer.coords]
+    if padded and adapters[0].mask_rule == "pair":
+        raise ValueError(f"minibatch CKA cuts the rows into minibatches of fixed size, which the padding of layer "
+                         f"{padded[0]!r} would shift; use spatial='avgpool', 'first' or 'last', or the full-data CKA")
     datapoints = layer_a.sizes["datapoint"]
     rows = adapters[0].row_count(datapoints)
     if rows < size:

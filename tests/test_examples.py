@@ -91,3 +91,12 @@ def test_real_activations_are_found_where_chunkcca_test_data_points(tmp_path):
 def test_folds(tmp_path):
     out = _run(str(EXAMPLES / "folds.py"), "--out", str(tmp_path), "--rows", "400", cwd=tmp_path)
     assert "held-out mean CCA" in out and (tmp_path / "heldout_vs_insample.png").exists()
+
+
+def test_transformer_layers(tmp_path):
+    pytest.importorskip("torch", reason="torch (the optional 'torch' extra) is not installed")
+    pytest.importorskip("sklearn", reason="scikit-learn is not installed")
+    out = _run(str(EXAMPLES / "transformer_layers.py"), "--out", str(tmp_path), "--epochs", "2", cwd=tmp_path)
+    assert "model1: held-out accuracy" in out and "last: CKA on the diagonal" in out
+    assert "store: model0/embed, model0/layer0, model0/layer1, model0/layer2, model1/embed" in out
+    assert (tmp_path / "transformer_layers.png").exists()

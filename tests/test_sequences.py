@@ -140,3 +140,12 @@ def test_layers_of_different_ranks_pair_by_avgpool_only():
         cca(tokens, image)
     with pytest.raises(ValueError, match="spatial='interp' pairs layers position dim by position dim"):
         cca(tokens, image, spatial="interp")
+
+
+def test_minibatch_cka_of_padded_tokens_is_refused_but_pooled_rows_work():
+    x, y, mask, _ = _sequences(8)
+    a, b = _layer(x, mask, 12, "a"), _layer(y, mask, 12, "b")
+    with pytest.raises(ValueError, match="minibatch CKA cuts the rows into minibatches of fixed size"):
+        cka(a, b, minibatch=8)
+    got = cka(a, b, spatial="last", minibatch=10)
+    assert int(got["minibatches"]) == 6
