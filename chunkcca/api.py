@@ -24,8 +24,8 @@ from .measures import MEASURES, PairSolves, UndefinedMeasure, check_measures, ja
 from .minibatch import aligned_chunks
 from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int
-from .passes import Streamed, run_reduction, stream_layers
-from .rows import Adapter, is_batched, plan_adapters, plan_sweep_adapters
+from .passes import Streamed, gram_pass, run_reduction, stream_layers
+from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 
 
 def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
@@ -137,6 +137,9 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
     """Stream two layers for one registered measure and return its labelled result."""
     stream = StreamOptions.from_kwargs(where, options)
     check_measures([name], batched=is_batched(stream.spatial), where=f"{where}()")
+    if by_gram(stream.spatial):
+        _check_gram([name], stream, f"{where}()")
+        return _gram_cka(a, b, stream)
     if stream.folds is not None:
         raise TypeError(f"{where}() takes groupby, not folds: folds give error bars and held-out measures in "
                         f"chunkcca.compare and chunkcca.similarity, and their Moments in compute_moments")
@@ -146,6 +149,33 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
             return _label(PairSolves(streamed.moments, solve).result(name), streamed)
         return _label(_by_group([_in_group(PairSolves(part, solve).result, name, label, groups)
                                  for part, label in zip(streamed.groups, groups.labels)], groups), streamed)
+
+
+def _check_gram(names: Sequence[str], stream: StreamOptions, where: str) -> None:
+    """spatial="features" gives linear CKA from Gram matrices only (the rows are too wide for a covariance)."""
+    others = [name for name in names if name != "cka"]
+    if others:
+        raise ValueError(f"{where}: {others[0]} needs covariances, and spatial='features' makes each datapoint's "
+                         f"whole map one row, too wide for them; with 'features' measure linear CKA (cka), exactly "
+                         f"from Gram matrices or with minibatch=")
+    if stream.groupby is not None or stream.folds is not None:
+        raise ValueError(f"{where}: spatial='features' takes no groupby or folds")
+
+
+def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
+    """Exact full-data linear CKA of two layers' per-datapoint feature vectors, from Gram blocks."""
+    layer_a, layer_b, adapters = _prepare_pair(a, b, options)
+    sums = gram_pass((layer_a, layer_b), adapters, options)
+    if sums[0, 0] <= 0 or sums[1, 1] <= 0:
+        dead = layer_a.name if sums[0, 0] <= 0 else layer_b.name
+        raise UndefinedMeasure(f"CKA is undefined: layer {str(dead)!r} has no variance (every feature constant)")
+    rows = adapters[0].row_count(layer_a.sizes["datapoint"])
+    return xr.Dataset(
+        {"cka": ((), sums[0, 1] / np.sqrt(sums[0, 0] * sums[1, 1]),
+                 {"long_name": "linear CKA of whole per-datapoint maps (exact, from Gram blocks)"}),
+         "rows": ((), np.int64(rows))},
+        attrs={"measure": "cka", "layer_a": str(layer_a.name), "layer_b": str(layer_b.name), **adapters[0].attrs,
+               "rows": int(rows)})
 
 
 def _in_group(solve: Any, name: str, label: Any, groups: Groups) -> xr.Dataset:
@@ -431,6 +461,11 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
     stream = StreamOptions.from_kwargs("compare", stream_given)
     names = _checked_measures(measures, stream)
     solve = _solve_options(names, solve_given, "compare", folds=stream.folds is not None)
+    if by_gram(stream.spatial):
+        _check_gram(names, stream, "compare()")
+        result = _gram_cka(a, b, stream)
+        result.attrs["measures"] = "cka"
+        return result
     streamed, groups = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names))
     with _sides_named(streamed):
         if groups is not None and groups.dim != "fold":
@@ -543,6 +578,16 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     rows = adapters[0].row_count(first.sizes["datapoint"])
     if rows < 4:
         raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
+    if by_gram(stream.spatial):
+        _check_gram(names, stream, "similarity()")
+        sums = gram_pass(aligned, adapters, stream)
+        scale = np.sqrt(np.diag(sums))
+        values = np.divide(sums, np.outer(scale, scale), out=np.full_like(sums, np.nan), where=scale[:, None] > 0)
+        coords = {"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)}
+        return xr.Dataset({"cka": (("layer_a", "layer_b"), values[np.ix_(sides["a"], sides["b"])],
+                                   {"long_name": "linear CKA of whole per-datapoint maps (exact)"})},
+                          coords=coords, attrs={"measures": "cka", "spatial": stream.spatial,
+                                                "stride": stream.stride})
     _check_rows(aligned, adapters)
     groups = _groups(first, stream)
     streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names),

@@ -13,6 +13,7 @@ reductions. Memory per task is O(chunk + split_every · partial) whatever the nu
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -119,6 +120,56 @@ def minibatch_reduction(adapters: Sequence[Adapter], size: int) -> Reduction:
 
 def _only_partial(merged: np.ndarray) -> np.ndarray:
     return merged[0]
+
+
+def _sums_chunk(rows: list[np.ndarray], first_datapoint: int) -> np.ndarray:
+    """[Σ rows of each side …, row count] of one chunk, (1, p + 1)."""
+    return np.concatenate([*(side.sum(axis=0, dtype=np.float64) for side in rows), [rows[0].shape[0]]])[None]
+
+
+def _means(merged: np.ndarray, *, widths: tuple[int, ...]) -> list[np.ndarray]:
+    edges = np.cumsum((0, *widths))
+    return [merged[0, lo:hi] / merged[0, -1] for lo, hi in itertools.pairwise(edges)]
+
+
+def means_reduction(widths: Sequence[int]) -> Reduction:
+    """Each side's mean row (its column means), for centring the Gram matrices of ``gram_graph``."""
+    return Reduction(name="means", chunk=_sums_chunk, combine=add_partials,
+                     finalize=partial(_means, widths=tuple(widths)), shape=(sum(widths) + 1,), dtype=np.float64)
+
+
+def _gram_pair(first_i: int, first_j: int, blocks_i: list[np.ndarray], blocks_j: list[np.ndarray], *,
+               adapters: Sequence[Adapter], means: Sequence[np.ndarray], names: Sequence[str],
+               weight: float) -> np.ndarray:
+    """``weight`` · ⟨K̃ₗ, K̃ₘ⟩ for every pair of sides l, m, with K̃ₗ = X̃ₗ,ᵢ X̃ₗ,ⱼᵀ the centred Gram block of
+    datapoint chunks i and j of side l: (L, L)."""
+    pin_blas()
+    grams = []
+    for block_i, block_j, adapter, mean, name in zip(blocks_i, blocks_j, adapters, means, names):
+        rows_i = adapter.block_rows(block_i, first_i).astype(np.float64) - mean
+        rows_j = rows_i if block_j is block_i else adapter.block_rows(block_j, first_j).astype(np.float64) - mean
+        if not (np.isfinite(rows_i).all() and np.isfinite(rows_j).all()):
+            raise NonFiniteError(f"layer {name!r} holds NaN or Inf in the datapoints from {first_i} or {first_j}")
+        grams.append(rows_i @ rows_j.T)
+    flat = np.stack([gram.ravel() for gram in grams])
+    return weight * (flat @ flat.T)
+
+
+def gram_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], means: Sequence[np.ndarray], *,
+               names: Sequence[str], split_every: int) -> Any:
+    """The lazy (L, L) sums ``Σ ⟨K̃ₗ, K̃ₘ⟩`` over every pair of datapoint chunks (each unordered pair once, the
+    off-diagonal ones twice): tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly, whatever the
+    features' width. Memory per task O(chunk² · L + chunk · features); chunk i is read once per chunk j."""
+    chunks = sides[0].chunks[0]
+    sides = [side.rechunk({0: chunks, **{axis: -1 for axis in range(1, side.ndim)}}) for side in sides]
+    firsts = np.cumsum((0, *chunks))[:-1]
+    task = partial(_gram_pair, adapters=tuple(adapters), means=tuple(means), names=tuple(names))
+    pairs = [dask.delayed(task)(int(firsts[i]), int(firsts[j]), [side.blocks[i] for side in sides],
+                                [side.blocks[j] for side in sides], weight=1.0 if i == j else 2.0)
+             for i in range(len(chunks)) for j in range(i, len(chunks))]
+    while len(pairs) > 1:  # a tree of sums, split_every at a time
+        pairs = [dask.delayed(sum)(pairs[k : k + split_every]) for k in range(0, len(pairs), split_every)]
+    return pairs[0]
 
 
 def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str], first_datapoint: int,

@@ -21,7 +21,7 @@ from dask.utils import parse_bytes
 
 from ._fs import is_url
 
-Spatial = Literal["flatten", "avgpool", "interp", "dft", "first", "last"]
+Spatial = Literal["flatten", "avgpool", "interp", "dft", "first", "last", "features"]
 Precision = Literal["float32", "float64", "auto"]
 #: The dtype the per-chunk products of a Moments were computed in.
 ProductPrecision = Literal["float32", "float64"]
@@ -35,7 +35,7 @@ SPATIAL: tuple[str, ...] = get_args(Spatial)
 PER_FREQUENCY: tuple[str, ...] = ("dft",)
 #: The adapters whose rows of a layer do not depend on the layer it is compared with: those a sweep of every
 #: pair in one pass can use.
-SWEEP_SPATIAL: tuple[str, ...] = ("flatten", "avgpool", "first", "last")
+SWEEP_SPATIAL: tuple[str, ...] = ("flatten", "avgpool", "first", "last", "features")
 #: The variable beside a layer's activations (and the coordinate on them) holding its padding mask.
 MASK = "mask"
 PRECISIONS: tuple[str, ...] = get_args(ProductPrecision)
@@ -131,7 +131,10 @@ class StreamOptions:
         coarser layer onto the finer layer's grid along each position dim, then flattens (see
         ``method``, ``grid``); "dft" takes the DFT over the positions and keeps one set of
         statistics per frequency both layers share (CCA only). Memory for dft: frequencies ×
-        (p + q)² complex values per partial, checked against ``memory_limit``.
+        (p + q)² complex values per partial, checked against ``memory_limit``. "features" makes
+        each datapoint's whole activation map (positions × channels) one feature vector, as the
+        CKA papers and libraries do for conv layers: linear CKA only, exact from Gram blocks of
+        pairs of datapoint chunks, or minibatch CKA.
     stride : int
         Keep every ``stride``-th row of the global row order (google/svcca's ``[::stride]``),
         whatever the chunking. For avgpool and dft the rows are datapoints.

@@ -22,7 +22,18 @@ from dask.array import PerformanceWarning
 from dask.utils import format_bytes
 
 from .checkpoint import CheckpointError, resume, save_progress
-from .engine import NonFiniteError, Reduction, common_boundaries, connected, grouped, moments_reduction, run
+from .engine import (
+    NonFiniteError,
+    Reduction,
+    common_boundaries,
+    compute,
+    connected,
+    gram_graph,
+    grouped,
+    means_reduction,
+    moments_reduction,
+    run,
+)
 from .moments import Moments
 from .options import MASK, ProductPrecision, StreamOptions
 from .rows import Adapter
@@ -248,6 +259,27 @@ def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
                           f"chunk is a task, and chunks this small stream many times slower than chunks of 16-64 "
                           f"MiB; write it with chunks='auto' (or rechunk an in-memory array)", PerformanceWarning,
                           stacklevel=4)
+
+
+def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions) -> np.ndarray:
+    """tr(K̃ₗ K̃ₘ) for every pair of aligned layers (one side each), K̃ the centred Gram matrix of their rows
+    (spatial="features": each datapoint's whole map): one pass for the features' means, one over the pairs of
+    datapoint chunks. (L, L)."""
+    if options.nan_policy == "omit":
+        raise ValueError("spatial='features' cannot omit rows (the Gram matrices would shift); use "
+                         "nan_policy='raise'")
+    names = tuple(str(layer.name) for layer in layers)
+    widths = [int(np.prod(layer.shape[1:])) for layer in layers]
+    data = [layer.data for layer in layers]
+    check_complete(layers)
+    label = f"reading {', '.join(map(repr, names))}" if options.progress else None
+    with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
+        means = run(data, adapters, means_reduction(widths), split_every=options.split_every, scheduler=scheduler,
+                    progress=None if label is None else f"{label} (means)", nan_policy="raise", names=names)
+        (sums,) = compute(gram_graph(data, adapters, means, names=names, split_every=options.split_every),
+                          scheduler=scheduler, progress=None if label is None else f"{label} (Gram blocks)")
+    check_unchanged(layers)
+    return np.asarray(sums)
 
 
 def _choose_precision(pilot: Moments, names: Sequence[str], datapoints: int) -> tuple[ProductPrecision, str]:

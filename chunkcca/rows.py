@@ -34,6 +34,12 @@ import xarray as xr
 from .options import MASK, METHODS, PER_FREQUENCY, SWEEP_SPATIAL, StreamOptions
 
 
+def by_gram(spatial: str) -> bool:
+    """Whether the adapter ``spatial`` gives rows too wide for a covariance (a datapoint's whole map), so that
+    measures come from Gram matrices of datapoints instead of Moments."""
+    return spatial == "features"
+
+
 def is_batched(spatial: str) -> bool:
     """Whether the adapter ``spatial`` gives one set of statistics per spatial frequency (batch dims)."""
     return spatial in PER_FREQUENCY
@@ -171,6 +177,8 @@ class Adapter:
             return (per_datapoint * real).sum(axis=1, dtype=np.float64) / real.sum(axis=1)
         if self.kind == "first":
             return per_datapoint[:, 0]
+        if self.kind == "features":
+            return block.reshape(datapoints, -1)
         if self.kind == "last":
             if mask is None:
                 return per_datapoint[:, -1]
@@ -193,7 +201,7 @@ class Adapter:
 
 
 #: The adapters that give one row per datapoint.
-PER_DATAPOINT = ("avgpool", "dft", "first", "last")
+PER_DATAPOINT = ("avgpool", "dft", "first", "last", "features")
 
 
 def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> tuple[Adapter, Adapter]:
@@ -209,9 +217,12 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
     if spatial in ("first", "last") and (not size_a or not size_b):
         raise ValueError(f"spatial={spatial!r} takes a position of each datapoint, but a layer has none: "
                          f"{a.name!r} {described[a.name]}, {b.name!r} {described[b.name]}")
-    if spatial in ("avgpool", "first", "last"):
-        return Adapter(spatial, size_a, stride, dims_a), Adapter(spatial, size_b, stride, dims_b)
     masked = [str(layer.name) for layer in (a, b) if MASK in layer.coords]
+    if spatial == "features" and masked:
+        raise ValueError(f"spatial='features' makes each datapoint's whole map a vector, padding included, and "
+                         f"layer {masked[0]!r} has a mask; use spatial='avgpool', 'first' or 'last'")
+    if spatial in ("avgpool", "first", "last", "features"):
+        return Adapter(spatial, size_a, stride, dims_a), Adapter(spatial, size_b, stride, dims_b)
     if spatial == "flatten":
         if size_a != size_b:
             raise ValueError(

@@ -1,0 +1,82 @@
+"""spatial="features": each datapoint's whole map is one feature vector, as the CKA papers and libraries take conv
+layers; exact full-data linear CKA from Gram blocks of pairs of datapoint chunks, and minibatch CKA, against
+in-memory float64 n × n Gram references."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunkcca import cca, cka, compare, similarity
+
+#: The Gram route sums float64 products of n × n blocks: ~1e-14 relative; 1e-11 leaves room for the sums.
+TOL = 1e-11
+
+
+def _maps(seed: int, n: int = 70) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 4, 4, 3)) + 1.0
+    y = np.tanh(x[..., :2] @ rng.standard_normal((2, 5))) + rng.standard_normal((n, 4, 4, 5))
+    return x, y
+
+
+def _gram_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of the rows x.reshape(n, -1), y.reshape(n, -1) from the centred n × n Gram matrices."""
+    n = len(x)
+    centre = np.eye(n) - 1 / n
+    k = centre @ x.reshape(n, -1) @ x.reshape(n, -1).T @ centre
+    l_ = centre @ y.reshape(n, -1) @ y.reshape(n, -1).T @ centre
+    return float((k * l_).sum() / np.sqrt((k * k).sum() * (l_ * l_).sum()))
+
+
+def _minibatch_gram_cka(x: np.ndarray, y: np.ndarray, size: int) -> float:
+    """Minibatch CKA (Nguyen et al. 2021) with the unbiased HSIC of each minibatch's n × n Gram matrices."""
+    def hsic(k: np.ndarray, l_: np.ndarray) -> float:
+        m = len(k)
+        k, l_ = k - np.diag(np.diag(k)), l_ - np.diag(np.diag(l_))
+        return float(np.trace(k @ l_) + k.sum() * l_.sum() / ((m - 1) * (m - 2))
+                     - 2 * k.sum(0) @ l_.sum(0) / (m - 2)) / (m * (m - 3))
+
+    sums = np.zeros(3)
+    for start in range(0, len(x) - size + 1, size):
+        rows_x, rows_y = (v[start : start + size].reshape(size, -1) for v in (x, y))
+        k, l_ = rows_x @ rows_x.T, rows_y @ rows_y.T
+        sums += (hsic(k, l_), hsic(k, k), hsic(l_, l_))
+    return float(sums[0] / np.sqrt(sums[1] * sums[2]))
+
+
+@settings(max_examples=12, deadline=None)
+@given(chunk_a=st.integers(5, 70), chunk_b=st.integers(5, 70), stride=st.integers(1, 3), seed=st.integers(0, 5))
+def test_exact_feature_cka_equals_the_gram_reference_in_any_chunking(chunk_a, chunk_b, stride, seed):
+    x, y = _maps(seed)
+    got = cka(da.from_array(x, chunks=chunk_a), da.from_array(y, chunks=chunk_b), spatial="features", stride=stride)
+    assert float(got["cka"]) == pytest.approx(_gram_cka(x[::stride], y[::stride]), rel=TOL)
+    assert int(got["rows"]) == len(x[::stride])
+
+
+def test_minibatch_feature_cka_equals_the_minibatch_gram_reference():
+    x, y = _maps(1, n=90)
+    for chunk in (7, 90):
+        got = cka(da.from_array(x, chunks=chunk), y, spatial="features", minibatch=20)
+        assert float(got["cka"]) == pytest.approx(_minibatch_gram_cka(x, y, 20), rel=1e-10)
+
+
+def test_feature_cka_of_every_pair_of_a_sweep_and_in_compare():
+    x, y = _maps(2)
+    pooled = x[:, ::2, ::2]  # another map size: features pair any shapes
+    sweep = similarity({"x": x, "y": y}, {"y": y, "pooled": pooled}, spatial="features", measures=["cka"])
+    want = [[_gram_cka(x, y), _gram_cka(x, pooled)], [1.0, _gram_cka(y, pooled)]]
+    np.testing.assert_allclose(sweep["cka"].values, want, rtol=TOL)
+    assert float(compare(x, y, spatial="features", measures=["cka"])["cka"]) == pytest.approx(want[0][0], rel=TOL)
+
+
+def test_covariance_measures_refuse_features_and_say_why():
+    x, y = _maps(3)
+    with pytest.raises(ValueError, match="mean_cca needs covariances, and spatial='features' makes each datapoint's "
+                                         "whole map one row"):
+        cca(x, y, spatial="features")
+    with pytest.raises(ValueError, match="pwcca needs covariances"):
+        compare(x, y, spatial="features", measures=["cka", "pwcca"])
