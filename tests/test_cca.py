@@ -129,7 +129,7 @@ def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):
         ({"epsilon": -1e-3}, "epsilon must be a finite number >= 0, got -0.001"),
         ({"epsilon": float("nan")}, "epsilon must be a finite number >= 0"),
         ({"spatial": "pool"},
-         "spatial must be one of 'flatten', 'avgpool', 'interp', 'dft', 'first', 'last', got 'pool'"),
+         "spatial must be one of 'flatten', 'avgpool', 'interp', 'dft', 'first', 'last', 'features', got 'pool'"),
         ({"spatial": "interp", "method": "spline"}, "method must be one of 'linear', 'nearest', 'cubic', got 'spline'"),
         ({"spatial": "interp", "grid": "pixels"}, "grid must be one of 'coords', 'svcca', got 'pixels'"),
         ({"precision": "float16"}, "precision must be one of 'float32', 'float64', 'auto', got 'float16'"),
