@@ -207,7 +207,9 @@ def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], nam
                 raise ValueError(f"layer {name!r}: datapoint {first_datapoint + int(empty[0])} has no real position "
                                  f"(its mask is False everywhere); leave such datapoints out")
     given = [mask for mask in masks if mask is not None]
-    together = np.logical_and.reduce(given) if given else None
+    if not given or all(adapter.mask_rule == "own" for adapter in adapters):
+        return masks
+    together = np.logical_and.reduce(given)  # flatten: the sides share their positions
     return [together if adapter.mask_rule == "pair" else mask for mask, adapter in zip(masks, adapters)]
 
 

@@ -165,7 +165,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
 
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:
     """Each layer's padding mask (a Dask array (datapoint, *positions)), or None."""
-    return [layer.coords[MASK].data if MASK in layer.coords else None for layer in layers]
+    return [da.asarray(layer.coords[MASK].data) if MASK in layer.coords else None for layer in layers]
 
 
 #: The Moments of each group of a pass (one for an ungrouped pass).

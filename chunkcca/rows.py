@@ -173,8 +173,8 @@ class Adapter:
         if self.kind == "avgpool":
             if mask is None:
                 return per_datapoint.mean(axis=1, dtype=np.float64)
-            real = mask.reshape(datapoints, -1, 1)
-            return (per_datapoint * real).sum(axis=1, dtype=np.float64) / real.sum(axis=1)
+            real = mask.reshape(datapoints, -1, 1)  # padding may hold anything, NaN included: left out, not scaled
+            return np.where(real, per_datapoint, 0).sum(axis=1, dtype=np.float64) / real.sum(axis=1)
         if self.kind == "first":
             return per_datapoint[:, 0]
         if self.kind == "features":
@@ -182,7 +182,8 @@ class Adapter:
         if self.kind == "last":
             if mask is None:
                 return per_datapoint[:, -1]
-            last = mask.shape[1] - 1 - np.argmax(mask.reshape(datapoints, -1)[:, ::-1], axis=1)
+            flat = mask.reshape(datapoints, -1)
+            last = flat.shape[1] - 1 - np.argmax(flat[:, ::-1], axis=1)
             return per_datapoint[np.arange(datapoints), last]
         if self.kind == "interp":
             for axis, matrix in enumerate(self.resample or ()):

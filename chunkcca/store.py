@@ -152,7 +152,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
             array = array.chunk({dim: (per_chunk if dim == "datapoint" else -1) for dim in array.dims})
             # coordinates are labels, one per datapoint or channel: written as they are, not as Dask arrays
             array = array.assign_coords({name: coord.compute() for name, coord in array.coords.items()
-                                         if coord.chunks is not None})
+                                         if coord.chunks is not None and name != MASK})
             mask = array.coords.get(MASK)
             variables = {VARIABLE: array.drop_vars(MASK, errors="ignore").rename(None)}
             encoding["/" + key] = {VARIABLE: {"chunks": array.data.chunksize, "compressors": compressors}}
@@ -370,8 +370,9 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
     suffix = Path(path).suffix
     if suffix == ".zarr":
         write_atomically(path, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False),
-                         overwrite=overwrite, replaceable=lambda old: (old / "zarr.json").is_file(),
-                         what="a zarr store")
+                         overwrite=overwrite,
+                         replaceable=lambda old: (old / "zarr.json").is_file() and not is_activation_store(old),
+                         what="a zarr result (never an activation store)")
     elif suffix == ".nc":
         write_atomically(path, lambda tmp: result.to_netcdf(tmp), overwrite=overwrite,
                          replaceable=_is_netcdf, what="a netCDF file")

@@ -84,6 +84,12 @@ def test_overwrite_replaces_only_an_activation_store(tmp_path, capsys):
     write_activations(tmp_path / "s.zarr", {"x": x})
     write_activations(tmp_path / "s.zarr", {"y": x}, overwrite=True)  # a store chunkcca wrote: replaced
     assert chunkcca.layer_paths(open_activations(tmp_path / "s.zarr")) == ["y"]
+    result = cca(x, x[:, :2])
+    with pytest.raises(FileExistsError, match=r"is not a zarr result \(never an activation store\)"):
+        chunkcca.save_result(result, tmp_path / "s.zarr", overwrite=True)  # a result never replaces the data
+    assert chunkcca.layer_paths(open_activations(tmp_path / "s.zarr")) == ["y"]
+    chunkcca.save_result(result, tmp_path / "r.zarr")
+    chunkcca.save_result(result, tmp_path / "r.zarr", overwrite=True)  # a result chunkcca wrote: replaced
 
 
 def test_a_failed_ingest_leaves_the_old_store_whole(tmp_path, capsys):

@@ -149,3 +149,36 @@ def test_minibatch_cka_of_padded_tokens_is_refused_but_pooled_rows_work():
         cka(a, b, minibatch=8)
     got = cka(a, b, spatial="last", minibatch=10)
     assert int(got["minibatches"]) == 6
+
+
+def test_masks_of_each_layer_its_own_under_avgpool_and_last_and_nan_padding_is_left_out():
+    """avgpool and last read each layer's own mask (sizes and masks differ); padding may hold NaN."""
+    x, y, mask_x, lengths = _sequences(9)
+    y, mask_y = y[:, :6], mask_x[:, :6].copy()
+    mask_y[:, 0] = True
+    x = np.where(mask_x[..., None], x, np.nan)  # padding written as NaN by some recorders
+    a = _layer(x, mask_x, 11, "a")
+    b = xr.DataArray(y, dims=("datapoint", "token", "channel"), name="b").assign_coords(
+        mask=(("datapoint", "token"), mask_y))  # a numpy mask coordinate
+    pooled_x = np.nanmean(x, axis=1)
+    pooled_y = (y * mask_y[..., None]).sum(1) / mask_y.sum(1)[:, None]
+    got = cca(a, b, spatial="avgpool", precision="float64")
+    np.testing.assert_allclose(got["rho"], canonical_correlations(pooled_x, pooled_y), atol=TOL)
+    last_y = np.array([y[d, np.flatnonzero(mask_y[d])[-1]] for d in range(60)])
+    got = cca(a, b, spatial="last", precision="float64")
+    np.testing.assert_allclose(got["rho"], canonical_correlations(x[np.arange(60), lengths - 1], last_y), atol=TOL)
+
+
+def test_last_under_a_two_dimensional_mask_takes_the_last_real_position_in_row_major_order():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((40, 3, 4, 3))
+    y = x @ rng.standard_normal((3, 2)) + rng.standard_normal((40, 3, 4, 2))
+    mask = rng.random((40, 3, 4)) < 0.6
+    mask[:, 0, 0] = True
+    dims = ("datapoint", "height", "width")
+    a = xr.DataArray(x, dims=(*dims, "channel")).assign_coords(mask=(dims, mask))
+    b = xr.DataArray(y, dims=(*dims, "channel")).assign_coords(mask=(dims, mask))
+    last = [np.flatnonzero(m.reshape(-1))[-1] for m in mask]
+    want = [v.reshape(40, 12, -1)[np.arange(40), last] for v in (x, y)]
+    got = cca(a, b, spatial="last", precision="float64")
+    np.testing.assert_allclose(got["rho"], canonical_correlations(*want), atol=TOL)
