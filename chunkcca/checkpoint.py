@@ -25,7 +25,7 @@ from .moments import Moments
 from .rows import Adapter
 
 #: The layout of a checkpoint's fingerprint; a checkpoint of another layout was made by another chunkcca.
-FORMAT = 2
+FORMAT = 3
 
 
 class CheckpointError(ValueError):
@@ -35,18 +35,29 @@ class CheckpointError(ValueError):
 def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: dict[str, Any]) -> str:
     """What the saved statistics were computed from: each layer's name, shape, dtype, Dask token (which
     hashes in-memory data and names store-backed data by path) and, for store-backed layers, the hash of
-    their files' names, sizes and modification times (so a rewritten or edited store is another run);
-    the adapters (every field, by Dask token) and the options."""
+    their files' names, sizes and modification times (so a rewritten or edited store is another run) and of
+    their labels (so another slice of the same shape is another run); the adapters (every field, by Dask
+    token) and the options."""
     # A store-backed layer is known by its files (names, sizes, mtimes), not by its Dask name, which holds the
     # store's path: a moved store resumes its checkpoint.
     described = []
     for layer in layers:
         files = store_signature(layer)
+        labels = _labels_hash(layer) if files else None
         described.append((str(layer.name), list(layer.shape), str(layer.dtype), None if files else layer.data.name,
-                          files))
+                          files, labels))
     tokens = [dask.base.tokenize(adapter) for adapter in adapters]
     return json.dumps({"format": FORMAT, "layers": described, "adapters": tokens, **dict(sorted(options.items()))},
                       default=str)
+
+
+def _labels_hash(layer: xr.DataArray) -> str:
+    """A hash of every label of ``layer`` (datapoint, position and channel indexes), as text."""
+    digest = hashlib.sha256()
+    for dim, index in sorted(layer.indexes.items()):
+        digest.update(f"{dim}:{len(index)}:".encode())
+        digest.update("\x1f".join(map(str, index.tolist())).encode())
+    return digest.hexdigest()
 
 
 def _difference(saved: str, current: str) -> str:
@@ -54,7 +65,7 @@ def _difference(saved: str, current: str) -> str:
     before, now = json.loads(saved), json.loads(current)
     if before.get("format") != now["format"]:
         return "it was made by another version of chunkcca, whose checkpoints this one does not resume"
-    fields = ("name", "shape", "dtype", "Dask name", "files")
+    fields = ("name", "shape", "dtype", "Dask name", "files", "labels")
     if len(before.get("layers", [])) != len(now["layers"]):
         return f"it has {len(before.get('layers', []))} layers, this run {len(now['layers'])}"
     changed = [f"{key} {before.get(key)!r} then, {now[key]!r} now" for key in now
@@ -66,6 +77,9 @@ def _difference(saved: str, current: str) -> str:
             if was != is_now:
                 if field == "files":
                     return f"the files of layer {new_layer[0]!r} changed since (its store was rewritten or edited)"
+                if field == "labels":
+                    return (f"layer {new_layer[0]!r} is another selection of its store than then (other datapoint, "
+                            f"position or channel labels)")
                 if field == "Dask name":
                     return f"layer {new_layer[0]!r} holds other data (or is computed otherwise) than then"
                 return f"layer {new_layer[0]!r} has another {field} ({was} then, {is_now} now)"

@@ -199,3 +199,20 @@ def test_an_unreadable_or_older_checkpoint_is_named_as_such(tmp_path):
     moments.save(tmp_path / "old", attrs={"datapoints_done": done, "fingerprint": json.dumps(older)})
     with pytest.raises(CheckpointError, match="made by another version of chunkcca"):
         cca(x, x[:, :2], checkpoint=tmp_path / "old")
+
+
+def test_a_checkpoint_of_one_slice_of_a_store_does_not_resume_another(tmp_path):
+    """Two slices of one store have the same shape, dtype and files: their labels tell them apart."""
+    import chunkcca
+
+    rng = np.random.default_rng(2)
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((40, 3)),
+                                                     "b": rng.standard_normal((40, 2))}, chunks=10)
+    tree = chunkcca.open_activations(tmp_path / "s.zarr")
+    first, second = ({name: tree[name].isel(datapoint=part) for name in "ab"}
+                     for part in (slice(0, 20), slice(20, 40)))
+    done = chunkcca.compute_moments(first["a"], first["b"], precision="float64", checkpoint=tmp_path / "ckpt")
+    assert chunkcca.compute_moments(first["a"], first["b"], precision="float64",
+                                    checkpoint=tmp_path / "ckpt").n == done.n == 20
+    with pytest.raises(ValueError, match=r"layer 'a.* is another selection of its store than then"):
+        chunkcca.compute_moments(second["a"], second["b"], precision="float64", checkpoint=tmp_path / "ckpt")
