@@ -342,7 +342,7 @@ def shape_metric(a: Any, b: Any, *, alpha: float = 1.0, **options: Any) -> xr.Da
 
 
 #: Streaming options that minibatch CKA has no use for.
-_NOT_MINIBATCH = ("precision", "memory_limit", "checkpoint", "checkpoint_every")
+_NOT_MINIBATCH = ("precision", "memory_limit", "checkpoint", "checkpoint_every", "groupby", "folds")
 
 
 def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None, **options: Any) -> xr.Dataset:
@@ -357,7 +357,8 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
     minibatch
         The minibatch CKA of Nguyen, Raghu & Kornblith 2021 over consecutive minibatches of this many rows
         (>= 4): memory O(minibatch²), not O(channels²), for layers too wide for a covariance; unbiased per
-        minibatch, so ``debiased`` does not apply, nor do ``precision``, ``memory_limit`` and checkpoints.
+        minibatch, so ``debiased`` does not apply, nor do ``precision``, ``memory_limit``, checkpoints,
+        ``groupby`` and ``folds``.
     **options
         Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]), as for [`cca()`][chunkcca.cca].
 
@@ -375,7 +376,8 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
     unused = sorted(set(options) & set(_NOT_MINIBATCH))
     if unused:
         raise TypeError(f"{', '.join(unused)} do not apply to minibatch CKA (float64 Gram matrices of "
-                        f"minibatch x minibatch values, summed in one pass; no Moments to checkpoint)")
+                        f"minibatch x minibatch values, summed in one pass over all rows; no Moments to checkpoint "
+                        f"or to group)")
     return _minibatch_cka(a, b, minibatch, StreamOptions.from_kwargs("cka", options))
 
 

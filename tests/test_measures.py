@@ -286,6 +286,9 @@ def test_minibatch_takes_dims_and_refuses_options_it_ignores():
     assert int(result["minibatches"]) == 40 * 16 // 16
     with pytest.raises(TypeError, match="precision do not apply to minibatch CKA"):
         cka(nchw, nchw, minibatch=16, precision="float64", dims=("datapoint", "channel", "height", "width"))
+    for grouping in ({"folds": 4}, {"groupby": "datapoint"}):  # one pass over all rows: never per group
+        with pytest.raises(TypeError, match=f"{next(iter(grouping))} do not apply to minibatch CKA"):
+            cka(nchw, nchw, minibatch=16, dims=("datapoint", "channel", "height", "width"), **grouping)
 
 
 def test_svcca_from_moments_checks_epsilon():
