@@ -179,11 +179,12 @@ def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
 
 
 def _in_group(solve: Any, name: str, label: Any, groups: Groups) -> xr.Dataset:
-    """``solve(name)`` for one group; an undefined measure says which group."""
+    """``solve(name)`` for one group; an undefined measure (or a group too small to solve) says which group."""
     try:
         return solve(name)
-    except UndefinedMeasure as error:
-        raise UndefinedMeasure(f"{error} in the group {groups.dim}={label!r}") from error
+    except ValueError as error:  # UndefinedMeasure included: the same type, with the group named
+        plain = label.item() if isinstance(label, np.generic) else label
+        raise type(error)(f"{error} in the group {groups.dim}={plain!r}") from error
 
 
 @contextlib.contextmanager

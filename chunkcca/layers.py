@@ -246,13 +246,13 @@ _SAFE_PART = re.compile(r"[A-Za-z0-9_+=\-][A-Za-z0-9_+=.\-]*")
 def layer_path(name: Any) -> str:
     """``name`` as a layer path: parts split by '/', leading and trailing '/' dropped; a ValueError naming it when a
     part is empty, hidden (starts with '.', which chunkcca keeps for its temporary folders), reserved by zarr
-    (starts with '__') or holds other characters than letters, digits and ``_ - . + =``."""
+    (starts with '__' or is 'zarr.json') or holds other characters than letters, digits and ``_ - . + =``."""
     path = str(name).strip("/")
     for part in path.split("/"):
-        if not _SAFE_PART.fullmatch(part) or part.startswith("__") or part in (VARIABLE, *CONV_DIMS):
+        if not _SAFE_PART.fullmatch(part) or part.startswith("__") or part in (VARIABLE, "zarr.json", *CONV_DIMS):
             raise ValueError(f"layer path {name!r}: each part between '/' must be a name of letters, digits and "
-                             f"_ - . + = that does not start with '.' or '__' and is not {VARIABLE!r} or a dim name "
-                             f"(part {part!r})")
+                             f"_ - . + = that does not start with '.' or '__' and is not {VARIABLE!r}, 'zarr.json' "
+                             f"or a dim name (part {part!r})")
     return path
 
 

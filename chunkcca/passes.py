@@ -104,9 +104,10 @@ def fit_split_every(reduction: Reduction, options: StreamOptions, names: Sequenc
     partial = int(np.prod(reduction.shape, dtype=np.int64)) * np.dtype(reduction.dtype).itemsize
     fan_in = min(options.split_every, max(2, limit // max(partial, 1) - 1))
     if partial * (fan_in + 1) > limit:
-        batch = reduction.shape[:-2]
+        frequencies = reduction.shape[1 if reduction.groups else 0 : -2]
         what = "complex " if np.dtype(reduction.dtype).kind == "c" else ""
-        per = f" at each of {int(np.prod(batch))} spatial frequencies" if batch else ""
+        per = f" at each of {int(np.prod(frequencies))} spatial frequencies" if frequencies else ""
+        per += f" for each of {reduction.groups} groups" if reduction.groups else ""
         raise ValueError(
             f"comparing {' and '.join(map(repr, names))}: {reduction.shape[-1]}^2 {what}statistics{per} = "
             f"{format_bytes(partial)} per partial, and a merge holds 3 of them ({format_bytes(3 * partial)}), over "

@@ -145,7 +145,7 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
     x = np.zeros((100, 40))
     x[:, 0] = np.arange(100)
     one = (80 + 2) * 80 * 8
-    with pytest.raises(ValueError, match=r"memory_limit"):
+    with pytest.raises(ValueError, match=r"80\^2 statistics for each of 10 groups = .* over memory_limit"):
         compare(x, x + 1, measures=["cka"], folds=10, memory_limit=3 * one * 5)
     with pytest.raises(ValueError, match="heldout_cca is measured on held-out folds: pass folds=K"):
         compare(x, x + 1, measures=["heldout_cca"])
@@ -153,3 +153,6 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
         cca(x, x + 1, groupby="kind")
     with pytest.raises(TypeError, match=r"cca\(\) takes groupby, not folds"):
         cca(x, x + 1, folds=3)
+    kinds = xr.DataArray(x, dims=("datapoint", "channel")).assign_coords(kind=("datapoint", ["p"] * 99 + ["q"]))
+    with pytest.raises(ValueError, match=r"have 1 in the group kind='q'"):
+        cca(kinds, kinds + np.arange(40), groupby="kind")

@@ -110,6 +110,7 @@ def test_a_failed_ingest_leaves_the_old_store_whole(tmp_path, capsys):
     ({"a b": 0}, "layer path 'a b'"),
     ({"m//x": 0}, "layer path 'm//x'"),
     ({"__x": 0}, "layer path '__x'"),
+    ({"m/zarr.json": 0}, "layer path 'm/zarr.json'"),
 ])
 def test_layer_paths_are_normalised_and_unsafe_ones_refused(tmp_path, layers, message):
     x = np.zeros((10, 2))
