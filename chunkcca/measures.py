@@ -569,7 +569,9 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
     xarray.Dataset
         ``predictivity_per_channel`` ([ridge,] channel_b): each channel's correlation, mean over folds;
         ``predictivity`` ([ridge]): its median over b's channels (the summary of neural-predictivity
-        benchmarks); ``predictivity_per_fold`` ([ridge,] fold): the median per fold.
+        benchmarks); ``predictivity_per_fold`` ([ridge,] fold): the median per fold;
+        ``predictivity_per_fold_channel`` ([ridge,] fold, channel_b): each fold's correlation per channel.
+        With ``ridge=0`` and a singular training covariance of a, the least-squares solution of least norm.
     """
     _fold_covariances(folds, "predictivity")
     ridges = tuple(ridge) if isinstance(ridge, (list, tuple, np.ndarray)) else (ridge,)
@@ -580,7 +582,7 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
         test = folds[fold].covariance()
         c_aa, c_ab = train[:p, :p], train[:p, p:]
         for r, value in enumerate(ridges):
-            weights = np.linalg.solve(c_aa + value * np.mean(np.diag(c_aa)) * np.eye(p), c_ab)
+            weights = np.linalg.lstsq(c_aa + value * np.mean(np.diag(c_aa)) * np.eye(p), c_ab, rcond=None)[0]
             cross = np.einsum("ij,ij->j", weights, test[:p, p:])
             spread = np.sqrt(np.einsum("ij,ik,kj->j", weights, test[:p, :p], weights) * np.diag(test[p:, p:]))
             scores[r, fold] = np.divide(cross, spread, out=np.zeros_like(cross), where=spread > 0)
@@ -591,6 +593,7 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
          "predictivity": ("ridge", np.median(per_channel, axis=-1),
                           {"long_name": "median over channels of the held-out prediction correlation"}),
          "predictivity_per_fold": (("ridge", "fold"), np.median(scores, axis=-1)),
+         "predictivity_per_fold_channel": (("ridge", "fold", "channel_b"), scores),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
         coords={"ridge": list(ridges), "fold": np.arange(len(folds))},
         attrs={"measure": "predictivity", "folds": len(folds)})
@@ -637,11 +640,14 @@ class PairSolves:
 
     def leave_outs(self, measure: str) -> np.ndarray:
         """``measure``'s value with each fold left out in turn (first axis: fold), for the jackknife. A measure of
-        held-out folds is the mean of its per-fold values, so its leave-one-out values are means of the others."""
+        held-out folds averages its per-fold values (then, with ``per_fold_summary``, summarises them over units,
+        e.g. the median over channels), so its leave-one-out values do the same over the other folds."""
         declared = MEASURES[measure]
         if declared.per_fold is not None:
-            values = np.moveaxis(self.result(measure)[declared.per_fold].values, -1, 0)
-            return (values.sum(axis=0) - values) / (len(values) - 1)
+            per_fold = self.result(measure)[declared.per_fold]
+            values = np.moveaxis(per_fold.values, per_fold.dims.index("fold"), 0)
+            others = (values.sum(axis=0) - values) / (len(values) - 1)
+            return others if declared.per_fold_summary is None else declared.per_fold_summary(others)
         return np.stack([PairSolves(_leave_out(self.folds, fold), self.options).value(measure)
                          for fold in range(len(self.folds))])
 
@@ -677,7 +683,11 @@ class Measure:
     details
         Other variables of the result that [`chunkcca.compare()`][chunkcca.compare] reports (see ``detail_name``).
     per_fold
-        For a measure of held-out folds (it needs ``folds``): the variable holding its value per fold.
+        For a measure of held-out folds (it needs ``folds``): the variable holding its value per fold (first or
+        only dim ``fold`` after any ``ridge``), averaged over folds to give the measure.
+    per_fold_summary
+        With ``per_fold`` values per fold and unit (last axis, e.g. channel): what summarises the fold means
+        over units (the median of predictivity).
     """
 
     name: str
@@ -690,6 +700,7 @@ class Measure:
     canonical: bool = False
     details: tuple[str, ...] = ()
     per_fold: str | None = None
+    per_fold_summary: Callable[[np.ndarray], np.ndarray] | None = None
 
     def detail_name(self, detail: str) -> str:
         """The name [`compare()`][chunkcca.compare] gives a detail: ``<measure>_<detail>``, or the detail's own
@@ -723,7 +734,8 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
     Measure("predictivity", lambda pair: predictivity_from_folds(pair.needed_folds("predictivity"),
                                                                 ridge=pair.options.ridge),
             "predictivity", "median held-out correlation of ridge predictions a → b", ("ridge",),
-            details=("predictivity_per_channel",), per_fold="predictivity_per_fold"),
+            details=("predictivity_per_channel",), per_fold="predictivity_per_fold_channel",
+            per_fold_summary=functools.partial(np.median, axis=-1)),
 )}
 
 

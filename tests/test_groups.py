@@ -110,6 +110,11 @@ def test_heldout_cca_predictivity_and_jackknife_equal_brute_force_over_the_same_
     loo = (per_fold.sum() - per_fold) / (k - 1)
     assert float(result["heldout_cca_se"]) == pytest.approx(np.sqrt((k - 1) / k * ((loo - loo.mean()) ** 2).sum()),
                                                             rel=FOLD_TOL)
+    # predictivity is a median over channels of means over folds: each leave-out the median of the others' means
+    predicted = np.asarray(predicted)
+    loo = np.median([(predicted.sum(0) - predicted[i]) / (k - 1) for i in range(k)], axis=1)
+    assert float(result["predictivity_se"]) == pytest.approx(np.sqrt((k - 1) / k * ((loo - loo.mean()) ** 2).sum()),
+                                                             rel=FOLD_TOL)
 
 
 def test_folds_by_coordinate_and_several_ridges():
@@ -156,3 +161,14 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
     kinds = xr.DataArray(x, dims=("datapoint", "channel")).assign_coords(kind=("datapoint", ["p"] * 99 + ["q"]))
     with pytest.raises(ValueError, match=r"have 1 in the group kind='q'"):
         cca(kinds, kinds + np.arange(40), groupby="kind")
+
+
+def test_unridged_predictivity_of_a_layer_with_a_repeated_channel_is_that_without_it():
+    """ridge=0 and a singular training covariance: the least-norm solution predicts as the layer without the
+    repeated channel does (the same span), where a plain solve raised LinAlgError."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((90, 3))
+    y = x[:, :2] + rng.standard_normal((90, 2))
+    repeated = compare(np.hstack([x, x[:, :1]]), y, folds=3, measures=["predictivity"], ridge=0, precision="float64")
+    plain = compare(x, y, folds=3, measures=["predictivity"], ridge=0, precision="float64")
+    np.testing.assert_allclose(repeated["predictivity_per_channel"], plain["predictivity_per_channel"], atol=1e-10)
