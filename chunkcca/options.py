@@ -151,7 +151,8 @@ class StreamOptions:
         units), "svcca" at google/svcca's tutorial positions.
     nan_policy : {"raise", "omit"}
         NaN or Inf in the rows used raises an error naming the layer and the chunk's datapoints,
-        or ("omit") such rows are left out of every side and counted in the ``rows_omitted`` attr.
+        or ("omit") such rows are left out of every side and counted in the ``rows_omitted`` attr (with
+        padding masks, that count includes the padded positions, which are left out either way).
     split_every : int
         Partials merged per task of the tree reduction, at least 2 (lowered to fit ``memory_limit``).
     memory_limit : int, float or str

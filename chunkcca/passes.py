@@ -159,8 +159,9 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     stats = _merged(parts)
     if stats.n == 0:
         raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
-    rows = adapters[0].row_count(datapoints)
-    return Streamed(tuple(layers), tuple(adapters), stats, rows - stats.n, note,
+    # rows left out: none but padding under nan_policy="raise"; under "omit", non-finite rows and padding alike
+    omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
+    return Streamed(tuple(layers), tuple(adapters), stats, omitted, note,
                     parts if codes is not None else None)
 
 

@@ -79,6 +79,9 @@ def test_masks_are_stored_beside_the_layer_and_used_from_a_store(tmp_path):
     assert tree["m0/enc"]["mask"].dtype == bool and list(tree["m0/enc"]["token"].values) == list(range(9))
     got = cca(tree["m0/enc"], tree["m1/enc"], precision="float64")
     np.testing.assert_allclose(got["rho"], canonical_correlations(x[mask], y[mask]), atol=TOL)
+    assert got.attrs["rows_omitted"] == 0 and int(got["rows"]) == mask.sum()  # padding is not a NaN omitted
+    omitted = cca(tree["m0/enc"], tree["m1/enc"], precision="float64", nan_policy="omit")
+    assert omitted.attrs["rows_omitted"] == mask.size - mask.sum()
     sweep = similarity(tree["m0"], tree["m1"], measures=["cka"], spatial="last", precision="float64")
     want = cka(x[np.arange(60), lengths - 1], y[np.arange(60), lengths - 1], precision="float64")
     assert sweep["cka"].item() == pytest.approx(float(want["cka"]), rel=1e-12)
