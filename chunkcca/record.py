@@ -240,7 +240,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             raise ValueError(f"datapoints has {labels.size} labels for {count['datapoints']} recorded datapoints")
         extent = stored or image.get("size")
         for path, array in arrays.items():
-            _write_coords(root[path], array.shape, labels, extent, tuple(array.metadata.dimension_names))
+            _write_coords(root[path], array.shape, labels, extent, tuple(array.metadata.dimension_names),
+                          compressors)
         return list(modules), extent
 
     try:
@@ -252,10 +253,10 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
 
 
 def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray,
-                  image_size: tuple[int, int] | None, dims: tuple[str, ...]) -> None:
+                  image_size: tuple[int, int] | None, dims: tuple[str, ...], compressors: tuple[Any, ...]) -> None:
     """Coordinates of one recorded layer: datapoint labels, channel and position indices (token, time, depth),
     and pixel centres in input-image units (pixel i of an s-pixel map at (i + 0.5) · image / s; the map's own
-    pixels if the input is not an image)."""
+    pixels if the input is not an image); checksummed as the activations are."""
     coords = {"datapoint": labels, **{dim: np.arange(size) for dim, size in zip(dims[1:], shape[1:])
                                       if dim not in ("height", "width")}}
     if "height" in dims:
@@ -265,6 +266,7 @@ def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray,
     for name, values in coords.items():
         values = np.asarray(values)
         if values.dtype.kind in "UO":  # variable-length strings have a stable zarr v3 spec; fixed-width do not
-            group.create_array(name, shape=values.shape, dtype=str, dimension_names=(name,))[:] = values.astype(object)
+            group.create_array(name, shape=values.shape, dtype=str, dimension_names=(name,),
+                               compressors=compressors)[:] = values.astype(object)
         else:
-            group.create_array(name, data=values, dimension_names=(name,))
+            group.create_array(name, data=values, dimension_names=(name,), compressors=compressors)

@@ -155,7 +155,9 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
                                          if coord.chunks is not None and name != MASK})
             mask = array.coords.get(MASK)
             variables = {VARIABLE: array.drop_vars(MASK, errors="ignore").rename(None)}
-            encoding["/" + key] = {VARIABLE: {"chunks": array.data.chunksize, "compressors": compressors}}
+            encoding["/" + key] = {VARIABLE: {"chunks": array.data.chunksize, "compressors": compressors},
+                                   **{str(name): {"compressors": compressors} for name in array.coords
+                                      if name != MASK}}  # labels are checksummed as the values are
             if mask is not None:
                 variables[MASK] = mask.variable.chunk({dim: per_chunk if dim == "datapoint" else -1
                                                        for dim in mask.dims})

@@ -180,3 +180,20 @@ def test_a_moved_store_resumes_its_checkpoint(tmp_path):
     tree = open_activations(moved)
     got = cca(tree["a"], tree["b"], precision="float64", checkpoint=tmp_path / "run")
     assert float(got["rho_mean"]) == float(want["rho_mean"])
+
+
+def test_a_corrupted_label_chunk_is_an_error_too(tmp_path):
+    """Coordinates (datapoint labels, channels, pixel centres) carry the CRC32C of the activations: a flipped
+    bit in a label is an error when the store is opened, never a relabelled datapoint."""
+    import xarray as xr
+
+    labels = [f"image{i}" for i in range(20)]
+    layer = xr.DataArray(np.random.default_rng(0).standard_normal((20, 2, 2, 3)),
+                         dims=("datapoint", "height", "width", "channel"), coords={"datapoint": labels})
+    write_activations(tmp_path / "s.zarr", {"a": layer})
+    chunk = tmp_path / "s.zarr" / "a" / "datapoint" / "c" / "0"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 4
+    chunk.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="checksum"):
+        open_activations(tmp_path / "s.zarr")

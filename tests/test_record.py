@@ -42,6 +42,10 @@ def test_records_every_layer_batch_by_batch(tmp_path):
     assert tree["net/pool"]["activations"].data.chunks[0] == (4, 4, 4, 4, 4, 3)
     np.testing.assert_allclose(tree["net/pool"]["height"], [1, 3, 5, 7])  # 2x2-pooled centres in input pixels
     assert list(tree["net/fc"]["datapoint"].values[:2]) == ["img0", "img1"]
+    import zarr
+
+    for coordinate in ("net/conv/datapoint", "net/conv/height", "net/fc/channel"):  # labels are checksummed too
+        assert "crc32c" in str(zarr.open_array(tmp_path / "r.zarr" / coordinate).metadata.codecs).lower()
     assert not any(module._forward_hooks for module in net.modules()), "hooks are removed"
     assert net.training, "the model's mode is restored"
     result = chunkcca.cca(tree["net/conv"], tree["net/pool"], spatial="interp", precision="float64")
