@@ -20,7 +20,15 @@ import xarray as xr
 
 from .engine import minibatch_reduction
 from .layers import align_layers, as_activations, layer_paths, named
-from .measures import MEASURES, PairSolves, UndefinedMeasure, check_measures, jackknife, non_constant
+from .measures import (
+    MEASURES,
+    PairSolves,
+    UndefinedMeasure,
+    check_measures,
+    default_batch_dims,
+    jackknife,
+    non_constant,
+)
 from .minibatch import aligned_chunks
 from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int
@@ -124,8 +132,8 @@ def _streaming_attrs(streamed: Streamed) -> dict[str, Any]:
 def _label(result: xr.Dataset, streamed: Streamed) -> xr.Dataset:
     """Put the layers' channel labels, the frequencies and the streaming's attrs on a pair's result."""
     layer_a, layer_b = streamed.layers
-    batch = streamed.adapters[0].batch_coords  # the solves name frequency dims freq_h, freq_w, freq_d in order
-    result = result.rename({old: new for old, new in zip(("freq_h", "freq_w", "freq_d"), batch)
+    batch = streamed.adapters[0].batch_coords  # the solves name frequency dims by default_batch_dims
+    result = result.rename({old: new for old, new in zip(default_batch_dims(len(batch)), batch)
                             if old in result.dims and old != new})
     coords: dict[str, Any] = {"channel_a": layer_a["channel"].values, "channel_b": layer_b["channel"].values, **batch}
     result = result.assign_coords({k: v for k, v in coords.items() if k in result.dims})

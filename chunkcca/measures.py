@@ -121,8 +121,14 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
             "rank_a": np.int64(rank_a), "rank_b": np.int64(rank_b)}
 
 
+def default_batch_dims(count: int) -> tuple[str, ...]:
+    """Names of ``count`` batch dims when none are given: ``freq_h``, ``freq_w`` for the 2-d DFT of images,
+    else ``freq_0``, ``freq_1``, … (a 1-d or 3-d DFT's frequencies are not height and width)."""
+    return ("freq_h", "freq_w") if count == 2 else tuple(f"freq_{i}" for i in range(count))
+
+
 def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
-                     batch_dims: tuple[str, ...] = ("freq_h", "freq_w", "freq_d")) -> xr.Dataset:
+                     batch_dims: tuple[str, ...] | None = None) -> xr.Dataset:
     """Canonical correlation analysis of the two sides of ``moments``.
 
     Each side's covariance Σ (constant channels pruned) gets ``epsilon`` added to its diagonal and
@@ -140,7 +146,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     epsilon
         Ridge added to the diagonal of each side's covariance, >= 0.
     batch_dims
-        Names of the batch dims of batched Moments.
+        Names of the batch dims of batched Moments (default: ``freq_h``, ``freq_w`` for two, else
+        ``freq_0``, ``freq_1``, …).
 
     Returns
     -------
@@ -155,9 +162,9 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     cov = _covariance(moments, "cca", batched=True)
     require_variance(moments, "CCA")
     batch = moments.batch_shape
-    dims = batch_dims[: len(batch)]
+    dims = default_batch_dims(len(batch)) if batch_dims is None else tuple(batch_dims)
     if len(dims) != len(batch):
-        raise ValueError(f"Moments have {len(batch)} batch dims; name them with batch_dims")
+        raise ValueError(f"Moments have {len(batch)} batch dims, batch_dims names {len(dims)}: {dims}")
     with one_thread():
         solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]),
                              rounding_floor(moments))
