@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .layers import DEFAULT_DIMS, datapoints_per_chunk, layer_path
+from .layers import DEFAULT_DIMS, datapoints_per_chunk, layer_path, memmap_to_dask
 from .rows import pixel_centres
 from .store import WriteMode, check_new_layers, move_layer, open_activations, write_activations, write_store
 
@@ -216,17 +216,25 @@ def _dims(ndim: int, layout: str | None) -> tuple[str, ...] | None:
     return DEFAULT_DIMS.get(ndim)
 
 
-def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
-    """A padding mask from a .npy file, boolean, of the layer's (datapoint, *positions) shape, or a clear error."""
+#: Datapoints of a mask file checked at a time (its values read once, never held whole).
+_MASK_BLOCK = 4096
+
+
+def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> Any:
+    """A padding mask from a .npy file, boolean, of the layer's (datapoint, *positions) shape, read from the file
+    chunk by chunk (memory-mapped), or a clear error; its values are checked before anything is written."""
     try:
-        mask = np.load(file, allow_pickle=False)
+        mask = np.load(file, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read the mask {file} as a .npy file: {error}") from error
     if mask.shape != tuple(shape):
         raise ValueError(f"the mask {file} has shape {mask.shape}; its layer needs (datapoint, *positions) {shape}")
-    if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
-        raise ValueError(f"the mask {file} holds values other than 0/1 or True/False")
-    return mask.astype(bool)
+    if mask.dtype != bool:
+        for start in range(0, mask.shape[0], _MASK_BLOCK):
+            if not np.isin(mask[start : start + _MASK_BLOCK], (0, 1)).all():
+                raise ValueError(f"the mask {file} holds values other than 0/1 or True/False (datapoints from "
+                                 f"{start})")
+    return memmap_to_dask(mask, _MASK_BLOCK).astype(bool)
 
 
 def _named_axes(values: Any, dims: tuple[str, ...] | None) -> Any:

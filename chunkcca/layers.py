@@ -116,7 +116,7 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(
             array.shape, array.dtype.itemsize, chunks)
         if isinstance(array.variable._data, np.memmap):  # numpy, maybe in a DataArray (not a lazy backend array)
-            array = array.copy(data=_memmap_to_dask(array.variable._data, per_chunk))
+            array = array.copy(data=memmap_to_dask(array.variable._data, per_chunk))
         else:
             array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
     return array.rename(name)
@@ -133,7 +133,7 @@ class _FileSlices:
         return np.array(self.data[key])
 
 
-def _memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
+def memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
     """A memory-mapped array as Dask chunks read from its file on demand, named by file, offset and layout."""
     from dask.base import tokenize
 

@@ -238,3 +238,24 @@ def test_ingest_takes_sequences_and_their_masks(tmp_path, capsys):
     assert main(["ingest", str(tmp_path / "t.zarr"), f"enc={tmp_path / 'enc.npy'}", "--mask",
                  f"enc={tmp_path / 'conv.npy'}"]) == 2
     assert "its layer needs (datapoint, *positions) (20, 6)" in capsys.readouterr().err
+
+
+def test_mask_files_are_read_in_blocks_and_checked_before_writing(tmp_path, capsys, monkeypatch):
+    """A 0/1 integer mask file is taken block by block from its memory map; a bad value in a later block is
+    named before any store is written."""
+    import chunkcca.ingest
+
+    monkeypatch.setattr(chunkcca.ingest, "_MASK_BLOCK", 7)
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "enc.npy", rng.standard_normal((20, 6, 4)).astype("float32"))
+    mask = (np.arange(6)[None] < rng.integers(1, 7, 20)[:, None]).astype("int8")
+    np.save(tmp_path / "mask.npy", mask)
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"enc={tmp_path / 'enc.npy'}", "--mask",
+                 f"enc={tmp_path / 'mask.npy'}", "--no-progress"]) == 0
+    np.testing.assert_array_equal(chunkcca.open_activations(tmp_path / "s.zarr")["enc"]["mask"].values, mask == 1)
+    mask[15, 0] = 2
+    np.save(tmp_path / "bad.npy", mask)
+    assert main(["ingest", str(tmp_path / "t.zarr"), f"enc={tmp_path / 'enc.npy'}", "--mask",
+                 f"enc={tmp_path / 'bad.npy'}", "--no-progress"]) == 2
+    assert "holds values other than 0/1 or True/False (datapoints from 14)" in capsys.readouterr().err
+    assert not (tmp_path / "t.zarr").exists()
