@@ -63,6 +63,24 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (created if missing, never removed: removing a lock file races
+    with its next user) against every other process and thread that asks for it; POSIX ``flock``, on a
+    system without it no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
     """A fresh hidden folder beside ``path`` (so renames from it are atomic), naming its writer, removed afterwards.
 

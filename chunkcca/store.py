@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from ._fs import check_replaceable, filesystem, is_url, leftovers, temporary_beside, write_atomically
+from ._fs import check_replaceable, exclusive, filesystem, is_url, leftovers, temporary_beside, write_atomically
 from .layers import (
     ORDER_ATTR,
     VARIABLE,
@@ -37,6 +37,8 @@ from .rows import pixel_centres
 #: Root attributes of a store: the input image size (height, width) its layers' pixel centres are measured in,
 #: and its generation (new each time the store is written whole), by which a reader sees a replacement.
 IMAGE_ATTR = "chunkcca_image_size"
+#: The lock file beside a store (``.<store name>.append-lock``) that serialises the last step of appends to it.
+APPEND_LOCK = ".{name}.append-lock"
 GENERATION_ATTR = "chunkcca_generation"
 WriteMode = Literal["w", "a"]
 #: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
@@ -214,7 +216,9 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     (replacing an existing one only with ``overwrite``). ``mode="a"``: the new layers are built in a
     temporary store beside ``path``, checked against the layers ``path`` holds, and each moved into it by
     one rename of its folder (so each arrives whole or not at all); the list of layers is updated last.
-    The layers already there are not touched.
+    The layers already there are not touched. Appends to one store from several processes at once are
+    serialised at that last step (a lock file ``.<store name>.append-lock`` beside the store, left there),
+    each re-reading the list, so none loses another's place in it.
     """
     check_choice("mode", mode, ("w", "a"))
     if mode == "w":
@@ -227,16 +231,21 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
         return
     if is_url(str(path)):
         raise ValueError(f"{path}: chunkcca writes to local paths only")
-    order, stored = _existing_order(path)
+    _, stored = _existing_order(path)
     store = Path(path)
     with temporary_beside(store) as tmp:
         names, image = build(tmp / "data", stored)
-        check_layer_paths(names, existing=order, where=str(path))
         _set_root_attrs(tmp / "data", names, image)
         open_activations(tmp / "data")
-        for name in names:
-            move_layer(tmp / "data", store, name)
-        _set_root_attrs(store, [*order, *names], stored or image)
+        with exclusive(store.parent / APPEND_LOCK.format(name=store.name)):
+            order, now_stored = _existing_order(path)  # another append may have finished meanwhile
+            check_layer_paths(names, existing=order, where=str(path))
+            if stored is None and now_stored is not None and image is not None and tuple(image) != now_stored:
+                raise ValueError(f"{path}: another append set the store's image size to {now_stored} while these "
+                                 f"layers were written for {tuple(image)}; add them again")
+            for name in names:
+                move_layer(tmp / "data", store, name)
+            _set_root_attrs(store, [*order, *names], now_stored or image)
 
 
 def is_activation_store(path: Path) -> bool:

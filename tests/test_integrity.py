@@ -197,3 +197,37 @@ def test_a_corrupted_label_chunk_is_an_error_too(tmp_path):
     chunk.write_bytes(bytes(damaged))
     with pytest.raises(ValueError, match="checksum"):
         open_activations(tmp_path / "s.zarr")
+
+
+def test_concurrent_appends_keep_every_layer_in_the_order(tmp_path, monkeypatch):
+    """Two appends to one store at once: each re-reads the list of layers under a lock before adding its own,
+    so neither loses the other's (before, the second to finish wrote the list it had read first)."""
+    import chunkcca.store
+
+    x = np.random.default_rng(0).standard_normal((30, 3))
+    write_activations(tmp_path / "s.zarr", {"first": x})
+    both_built = threading.Barrier(2)
+    original = chunkcca.store._set_root_attrs
+
+    def after_both_built(target, *args, **kwargs):
+        if Path(target).name == "data":  # each append's own temporary store, built: wait for the other's
+            both_built.wait(timeout=60)
+        return original(target, *args, **kwargs)
+
+    monkeypatch.setattr(chunkcca.store, "_set_root_attrs", after_both_built)
+    errors: list[BaseException] = []
+
+    def append(name: str) -> None:
+        try:
+            write_activations(tmp_path / "s.zarr", {name: x}, mode="a")
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=append, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    listed = open_activations(tmp_path / "s.zarr").attrs["chunkcca_layers"]  # the order, not a sorted fallback
+    assert listed[0] == "first" and sorted(listed) == ["a", "b", "first"]
