@@ -64,20 +64,31 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def exclusive(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_file`` (created if missing, never removed: removing a lock file races
-    with its next user) against every other process and thread that asks for it; POSIX ``flock``, on a
-    system without it no lock."""
+    """Hold an exclusive lock on ``lock_file`` against every other process and thread that asks for it, and
+    remove the file afterwards. POSIX ``flock``; a lock taken on a file another holder has removed meanwhile
+    is dropped and taken again on the file now there. On a system without ``flock``, no lock."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    while True:
+        descriptor = os.open(lock_file, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            current = os.stat(lock_file)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(descriptor)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(descriptor)  # the file was removed by the holder before us: lock the one there now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_file)
+        os.close(descriptor)  # unlinked while held: the next holder makes a new file
 
 
 @contextlib.contextmanager

@@ -217,8 +217,8 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     temporary store beside ``path``, checked against the layers ``path`` holds, and each moved into it by
     one rename of its folder (so each arrives whole or not at all); the list of layers is updated last.
     The layers already there are not touched. Appends to one store from several processes at once are
-    serialised at that last step (a lock file ``.<store name>.append-lock`` beside the store, left there),
-    each re-reading the list, so none loses another's place in it.
+    serialised at that last step (a lock file ``.<store name>.append-lock`` beside the store while it is
+    held), each re-reading the list, so none loses another's place in it.
     """
     check_choice("mode", mode, ("w", "a"))
     if mode == "w":
