@@ -27,7 +27,7 @@ from .measures import (
     check_measures,
     default_batch_dims,
     jackknife,
-    non_constant,
+    side_without_variance,
 )
 from .minibatch import aligned_chunks
 from .moments import Moments
@@ -618,15 +618,6 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     return result
 
 
-def _without_variance(pair: Moments, names: tuple[str, str]) -> str | None:
-    """The name of a side of ``pair`` none of whose channels varies (a dead layer), or None."""
-    variance = np.diagonal(pair.scatter).real
-    for name, part in zip(names, pair.side_slices()):
-        if not non_constant(variance[part], np.abs(pair.mean[part])).any():
-            return name
-    return None
-
-
 def _pairwise(stats: Moments, labels: list[str], sides: dict[str, list[int]], measures: Sequence[str],
               solve: SolveOptions, coords: dict[str, np.ndarray], folds: Sequence[Moments] | None = None) -> xr.Dataset:
     """Each measure's (layer_a, layer_b) values from the Moments of all layers (one side each, named by
@@ -640,10 +631,10 @@ def _pairwise(stats: Moments, labels: list[str], sides: dict[str, list[int]], me
         for j, side_b in enumerate(sides["b"]):
             name_a, name_b = labels[side_a], labels[side_b]
             moments = stats.select([side_a, side_b])
-            dead = _without_variance(moments, (name_a, name_b))
-            if dead:  # every measure is undefined: NaN throughout, one warning
-                warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer {dead!r} has no "
-                              f"varying channel", RuntimeWarning, stacklevel=3)
+            dead = side_without_variance(moments)
+            if dead is not None:  # every measure is undefined: NaN throughout, one warning
+                warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer "
+                              f"{(name_a, name_b)[dead]!r} has no varying channel", RuntimeWarning, stacklevel=3)
                 continue
             pair = PairSolves(moments, solve, None if folds is None else
                               [fold.select([side_a, side_b]) for fold in folds])

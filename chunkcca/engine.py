@@ -29,7 +29,7 @@ from dask.base import tokenize
 
 from .blas import one_thread, pin_blas
 from .minibatch import add_partials, minibatch_partial
-from .moments import Moments, merge_packed, partial_from_rows, unpack
+from .moments import merge_packed, partial_from_rows, unpack
 from .options import ProductPrecision, is_address
 from .progress import Progress
 from .rows import Adapter
@@ -99,22 +99,17 @@ def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, pre
         name="moments",
         chunk=partial(_moments_chunk, precision=precision, row_norms=row_norms),
         combine=partial(merge_packed, sizes=tuple(widths)),
-        finalize=partial(_finalize_moments, sizes=tuple(widths), precision=precision),
+        finalize=partial(unpack, sizes=tuple(widths), precision=precision),
         shape=(*adapters[0].batch_shape, p + 2 + (2 * len(widths) if row_norms else 0), p),
         dtype=np.complex128 if is_complex else np.float64,
         nonfinite_shows=True)
-
-
-def _finalize_moments(packed: np.ndarray, *, sizes: tuple[int, ...], precision: ProductPrecision) -> Moments:
-    return unpack(packed, sizes, precision)
 
 
 def minibatch_reduction(adapters: Sequence[Adapter], size: int) -> Reduction:
     """Sums of minibatch HSICs over minibatches of ``size`` rows (see ``chunkcca.minibatch``)."""
     return Reduction(
         name="minibatch-cka",
-        chunk=partial(minibatch_partial, size=size, rows_per_datapoint=adapters[0].rows_per_datapoint,
-                      stride=adapters[0].stride),
+        chunk=partial(minibatch_partial, size=size, rows_before=adapters[0].row_count),
         combine=add_partials, finalize=_only_partial, shape=(5,), dtype=np.float64)
 
 
@@ -135,35 +130,33 @@ def _means(merged: np.ndarray, *, widths: tuple[int, ...]) -> list[np.ndarray]:
 def means_reduction(widths: Sequence[int]) -> Reduction:
     """Each side's mean row (its column means), for centring the Gram matrices of ``gram_graph``."""
     return Reduction(name="means", chunk=_sums_chunk, combine=add_partials,
-                     finalize=partial(_means, widths=tuple(widths)), shape=(sum(widths) + 1,), dtype=np.float64)
+                     finalize=partial(_means, widths=tuple(widths)), shape=(sum(widths) + 1,), dtype=np.float64,
+                     nonfinite_shows=True)
 
 
 def _gram_pair(first_i: int, first_j: int, blocks_i: list[np.ndarray], blocks_j: list[np.ndarray], *,
-               adapters: Sequence[Adapter], means: Sequence[np.ndarray], names: Sequence[str],
-               weight: float) -> np.ndarray:
+               adapters: Sequence[Adapter], means: Sequence[np.ndarray], weight: float) -> np.ndarray:
     """``weight`` · ⟨K̃ₗ, K̃ₘ⟩ for every pair of sides l, m, with K̃ₗ = X̃ₗ,ᵢ X̃ₗ,ⱼᵀ the centred Gram block of
-    datapoint chunks i and j of side l: (L, L)."""
+    datapoint chunks i and j of side l: (L, L). The means pass has refused NaN and Inf already."""
     pin_blas()
     grams = []
-    for block_i, block_j, adapter, mean, name in zip(blocks_i, blocks_j, adapters, means, names):
+    for block_i, block_j, adapter, mean in zip(blocks_i, blocks_j, adapters, means):
         rows_i = adapter.block_rows(block_i, first_i).astype(np.float64) - mean
         rows_j = rows_i if block_j is block_i else adapter.block_rows(block_j, first_j).astype(np.float64) - mean
-        if not (np.isfinite(rows_i).all() and np.isfinite(rows_j).all()):
-            raise NonFiniteError(f"layer {name!r} holds NaN or Inf in the datapoints from {first_i} or {first_j}")
         grams.append(rows_i @ rows_j.T)
     flat = np.stack([gram.ravel() for gram in grams])
     return weight * (flat @ flat.T)
 
 
 def gram_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], means: Sequence[np.ndarray], *,
-               names: Sequence[str], split_every: int) -> Any:
+               split_every: int) -> Any:
     """The lazy (L, L) sums ``Σ ⟨K̃ₗ, K̃ₘ⟩`` over every pair of datapoint chunks (each unordered pair once, the
     off-diagonal ones twice): tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly, whatever the
     features' width. Memory per task O(chunk² · L + chunk · features); chunk i is read once per chunk j."""
     chunks = sides[0].chunks[0]
     sides = [side.rechunk({0: chunks, **{axis: -1 for axis in range(1, side.ndim)}}) for side in sides]
     firsts = np.cumsum((0, *chunks))[:-1]
-    task = partial(_gram_pair, adapters=tuple(adapters), means=tuple(means), names=tuple(names))
+    task = partial(_gram_pair, adapters=tuple(adapters), means=tuple(means))
     pairs = [dask.delayed(task)(int(firsts[i]), int(firsts[j]), [side.blocks[i] for side in sides],
                                 [side.blocks[j] for side in sides], weight=1.0 if i == j else 2.0)
              for i in range(len(chunks)) for j in range(i, len(chunks))]
@@ -308,15 +301,12 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None) ->
     """Compute Dask graphs with BLAS pinned to one thread, on the active or given scheduler.
 
     ``scheduler`` is anything ``dask.compute()`` takes ("threads", "processes",
-    "synchronous", a ``distributed.Client``) or the address of a Dask scheduler
-    ("tcp://host:8786", connected to for this call); by default the active one (a
+    "synchronous", a ``distributed.Client``; an address is connected to by ``connected()`` first); by
+    default the active one (a
     ``distributed.Client`` if one is current, else the local threaded scheduler). With
     ``progress`` (a label saying what is computed) a progress bar is shown on stderr: a labelled Dask bar
     locally (``chunkcca.progress.Progress``), distributed's after the label on a cluster.
     """
-    if is_address(scheduler):
-        with connected(scheduler) as client:
-            return compute(*graphs, scheduler=client, progress=progress)
     client = _active_client(scheduler)
     with one_thread():
         if client is not None:

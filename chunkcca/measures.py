@@ -204,10 +204,19 @@ def require_variance(moments: Moments, measure: str) -> None:
     """The one rule for a side with no variance (every channel constant, to rounding): every measure is undefined,
     an [`UndefinedMeasure`][chunkcca.measures.UndefinedMeasure] naming the side (a sweep makes the pair NaN, with a
     warning). Batched Moments: a side constant at every frequency."""
+    dead = side_without_variance(moments)
+    if dead is not None:
+        raise UndefinedMeasure(f"{measure} is undefined: side {'ab'[dead]} has no variance (every channel constant)")
+
+
+def side_without_variance(moments: Moments) -> int | None:
+    """The index of the first side none of whose channels varies (to rounding; batched: at any frequency), or
+    None."""
     variance = np.diagonal(moments.scatter, axis1=-2, axis2=-1).real
-    for side, part in zip("ab", moments.side_slices()):
+    for index, part in enumerate(moments.side_slices()):
         if not non_constant(variance[..., part], np.abs(moments.mean[..., part])).any():
-            raise UndefinedMeasure(f"{measure} is undefined: side {side} has no variance (every channel constant)")
+            return index
+    return None
 
 
 def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
@@ -490,16 +499,10 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     )
 
 
-def _merge(parts: Sequence[Moments]) -> Moments:
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
-
-
 def _leave_out(folds: Sequence[Moments], fold: int) -> Moments:
     """The Moments of every fold but ``fold``: the training data of that fold."""
-    return _merge([part for i, part in enumerate(folds) if i != fold])
+    others = [part for i, part in enumerate(folds) if i != fold]
+    return sum(others[1:], others[0])
 
 
 def _fold_covariances(folds: Sequence[Moments], measure: str) -> None:
@@ -655,8 +658,12 @@ class PairSolves:
             values = np.moveaxis(per_fold.values, per_fold.dims.index("fold"), 0)
             others = (values.sum(axis=0) - values) / (len(values) - 1)
             return others if declared.per_fold_summary is None else declared.per_fold_summary(others)
-        return np.stack([PairSolves(_leave_out(self.folds, fold), self.options).value(measure)
-                         for fold in range(len(self.folds))])
+        return np.stack([solves.value(measure) for solves in self._left_out])
+
+    @functools.cached_property
+    def _left_out(self) -> list[PairSolves]:
+        """The solves of every fold but one, one per fold, shared by every measure's jackknife (one CCA each)."""
+        return [PairSolves(_leave_out(self.folds, fold), self.options) for fold in range(len(self.folds))]
 
     def needed_folds(self, measure: str) -> Sequence[Moments]:
         if self.folds is None:

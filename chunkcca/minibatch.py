@@ -11,6 +11,7 @@ last whole minibatch are left out and counted.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,10 +31,11 @@ def _hsic(k: tuple[np.ndarray, np.ndarray, float], l_: tuple[np.ndarray, np.ndar
     return (trace + total_k * total_l / ((m - 1) * (m - 2)) - 2 * float(rows_k @ rows_l) / (m - 2)) / (m * (m - 3))
 
 
-def minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int, rows_per_datapoint: int,
-                      stride: int) -> np.ndarray:
-    """[Σ HSIC(K, L), Σ HSIC(K, K), Σ HSIC(L, L), minibatches, rows left over] of one chunk."""
-    first_row = -(-first_datapoint * rows_per_datapoint // stride)
+def minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int,
+                      rows_before: Callable[[int], int]) -> np.ndarray:
+    """[Σ HSIC(K, L), Σ HSIC(K, K), Σ HSIC(L, L), minibatches, rows left over] of one chunk; ``rows_before(d)``
+    counts the rows of the datapoints before d (the adapter's ``row_count``)."""
+    first_row = rows_before(first_datapoint)
     if first_row % size:
         raise RuntimeError(f"chunk starting at datapoint {first_datapoint} splits a minibatch of {size} rows")
     count = rows[0].shape[0] // size

@@ -178,10 +178,7 @@ MomentsOf = Callable[..., Parts]
 
 def _merged(parts: Parts) -> Moments:
     """The Moments of all groups together (exact: Chan's merge)."""
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
+    return sum(parts[1:], parts[0])
 
 
 def _added(first: Parts, second: Parts) -> Parts:
@@ -200,7 +197,9 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
             if auto else None
     if options.precision != "auto":
         return moments_of(0, datapoints, options.precision), None
-    first = layers[0].data.chunks[0][0]  # the first layer's first chunk (another's may then be read twice)
+    # the first layer's first chunk: a pilot of bounded size (another layer's chunk across it is read twice; a
+    # cut at a common chunk boundary could be the whole run)
+    first = layers[0].data.chunks[0][0]
     pilot = moments_of(0, first, "float64", step=", pass 1 of 2: the first chunk")
     choice, reason = _choose_precision(_merged(pilot), tuple(str(layer.name) for layer in layers), first)
     if first == datapoints:
@@ -278,7 +277,7 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
         means = run(data, adapters, means_reduction(widths), split_every=options.split_every, scheduler=scheduler,
                     progress=None if label is None else f"{label} (means)", nan_policy="raise", names=names)
-        (sums,) = compute(gram_graph(data, adapters, means, names=names, split_every=options.split_every),
+        (sums,) = compute(gram_graph(data, adapters, means, split_every=options.split_every),
                           scheduler=scheduler, progress=None if label is None else f"{label} (Gram blocks)")
     check_unchanged(layers)
     return np.asarray(sums)

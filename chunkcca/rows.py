@@ -139,8 +139,7 @@ class Adapter:
         """Rows ``datapoints`` give (per frequency for dft) before any mask: ceil(N · rows_per_datapoint / stride)."""
         return -(-datapoints * self.rows_per_datapoint // self.stride)
 
-    def _selected(self, datapoints: int, first_datapoint: int,
-                  mask: np.ndarray | None) -> tuple[int, np.ndarray | None]:
+    def _selected(self, first_datapoint: int, mask: np.ndarray | None) -> tuple[int, np.ndarray | None]:
         """The first kept row of a block (the stride's pattern over the global rows) and, with a mask that
         selects rows, which of the strided rows it keeps."""
         start = (-first_datapoint * self.rows_per_datapoint) % self.stride
@@ -151,7 +150,7 @@ class Adapter:
     def block_datapoints(self, datapoints: int, first_datapoint: int, mask: np.ndarray | None = None) -> np.ndarray:
         """For the rows ``block_rows`` gives of a block of ``datapoints`` datapoints starting at global datapoint
         ``first_datapoint``: the block-local datapoint each row comes from, shape (rows,)."""
-        start, keep = self._selected(datapoints, first_datapoint, mask)
+        start, keep = self._selected(first_datapoint, mask)
         index = np.arange(start, datapoints * self.rows_per_datapoint, self.stride) // self.rows_per_datapoint
         return index if keep is None else index[keep]
 
@@ -159,7 +158,7 @@ class Adapter:
         """Rows (*batch, rows, channel) of ``block`` whose first datapoint is ``first_datapoint``, keeping
         the global rows ≡ 0 (mod ``stride``) and, under ``mask`` (datapoint, *positions), the real ones."""
         rows = self.rows(block, mask if self.mask_rule == "own" else None)
-        start, keep = self._selected(block.shape[0], first_datapoint, mask)
+        start, keep = self._selected(first_datapoint, mask)
         rows = rows[..., start :: self.stride, :]
         return rows if keep is None else rows[..., keep, :]
 
