@@ -22,8 +22,15 @@ import xarray as xr
 
 from .layers import CONV_DIMS, FC_DIMS, VARIABLE, datapoints_per_chunk
 from .options import MASK
-from .rows import pixel_centres
-from .store import WriteMode, check_new_layers, codecs_for, every_chunk_written, open_activations, write_store
+from .store import (
+    WriteMode,
+    check_new_layers,
+    codecs_for,
+    default_coords,
+    every_chunk_written,
+    open_activations,
+    write_store,
+)
 
 
 def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
@@ -254,15 +261,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
 
 def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray,
                   image_size: tuple[int, int] | None, dims: tuple[str, ...], compressors: tuple[Any, ...]) -> None:
-    """Coordinates of one recorded layer: datapoint labels, channel and position indices (token, time, depth),
-    and pixel centres in input-image units (pixel i of an s-pixel map at (i + 0.5) · image / s; the map's own
-    pixels if the input is not an image); checksummed as the activations are."""
-    coords = {"datapoint": labels, **{dim: np.arange(size) for dim, size in zip(dims[1:], shape[1:])
-                                      if dim not in ("height", "width")}}
-    if "height" in dims:
-        shape = (shape[0], shape[dims.index("height")], shape[dims.index("width")], shape[-1])
-        extent = image_size or shape[1:3]
-        coords["height"], coords["width"] = pixel_centres(shape[1], extent[0]), pixel_centres(shape[2], extent[1])
+    """Coordinates of one recorded layer: the datapoint labels and ``default_coords`` (pixel centres in input-image
+    units, the map's own pixels if the input is not an image); checksummed as the activations are."""
+    coords = {**default_coords(dict(zip(dims, shape)), image_size), "datapoint": labels}
     for name, values in coords.items():
         values = np.asarray(values)
         if values.dtype.kind in "UO":  # variable-length strings have a stable zarr v3 spec; fixed-width do not

@@ -70,16 +70,24 @@ def every_chunk_written() -> Any:
     return zarr.config.set({"array.write_empty_chunks": True})
 
 
+def default_coords(sizes: Mapping[Hashable, int], image_size: tuple[float, float] | None = None,
+                   ) -> dict[Hashable, np.ndarray]:
+    """A layer's default coordinates, by dim size: datapoint, channel and position indices (a token's index, a
+    time step), and for height and width the pixel centres in input-image units (pixel i of an s-pixel map at
+    (i + 0.5) · image / s; the map's own pixels without ``image_size``)."""
+    coords: dict[Hashable, np.ndarray] = {}
+    for dim, size in sizes.items():
+        if dim in ("height", "width"):
+            coords[dim] = pixel_centres(size, image_size[("height", "width").index(dim)] if image_size else size)
+        else:
+            coords[dim] = np.arange(size)
+    return coords
+
+
 def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataArray:
-    """Add default coordinates where missing: datapoint, channel and position indices (a token's index, a time
-    step), and pixel centres for height and width."""
-    coords: dict[Hashable, Any] = {}
-    for dim in array.dims:
-        if dim not in array.coords and dim not in ("height", "width"):
-            coords[dim] = np.arange(array.sizes[dim])
-    for dim, extent in zip(("height", "width"), image_size):
-        if dim in array.dims and dim not in array.coords:
-            coords[dim] = pixel_centres(array.sizes[dim], extent)
+    """Add default coordinates (``default_coords``) where missing."""
+    coords = {dim: values for dim, values in default_coords(array.sizes, image_size).items()
+              if dim not in array.coords}
     for name, coord in array.coords.items():
         if coord.dtype.kind == "U":  # fixed-width unicode has no stable zarr v3 spec; vlen strings do
             coords[name] = coord.astype(object)
