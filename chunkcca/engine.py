@@ -2,12 +2,13 @@
 
 A ``Reduction`` is declared as data, in the shape of flox's ``Aggregation``: a ``chunk``
 function from one chunk's rows (per side, after each side's ``Adapter``) to a
-partial, an associative ``combine`` of stacked partials, and a ``finalize`` from the merged
-partial to the result. ``reduction_graph()`` builds the lazy graph for any reduction (one
-partial per datapoint chunk, then a tree reduction with ``split_every``) and ``compute()`` runs
-graphs on the active or given scheduler with BLAS on one thread. The Moments
-(``moments_reduction()``) and minibatch CKA (``minibatch_reduction()``) are two such
-reductions. Memory per task is O(chunk + split_every · partial) whatever the number of datapoints.
+partial, an associative ``merge`` of one partial into another (in place where it can), and a ``finalize``
+from the merged partial to the result. ``reduction_graph()`` builds the lazy graph for any reduction: the
+datapoint chunks are dealt to a few chains (one per thread at most), each chunk's partial is merged into its
+chain's accumulator as soon as it is made, and the chains' accumulators are merged at the end. ``compute()``
+runs graphs on the active or given scheduler with BLAS on one thread. The Moments (``moments_reduction()``)
+and minibatch CKA (``minibatch_reduction()``) are two such reductions. Memory is O(chains · (2 partials +
+one chunk's work)), whatever the number of datapoints.
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ import dask
 import dask.array as da
 import dask.threaded
 import numpy as np
+from dask._task_spec import GraphNode, convert_legacy_graph
+from dask.array.core import common_blockdim
 from dask.base import tokenize
+from dask.core import flatten, reverse_dict
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
 from .blas import one_thread, pin_blas
-from .minibatch import add_partials, minibatch_partial
-from .moments import merge_packed, partial_from_rows, unpack
+from .minibatch import minibatch_partial
+from .moments import RowCheck, fold_rows, merge_into, partial_from_rows, unpack
 from .options import ProductPrecision, is_address
 from .progress import Progress
 from .rows import Adapter
@@ -39,25 +45,63 @@ class NonFiniteError(ValueError):
     """Activations hold NaN or Inf where ``nan_policy="raise"``."""
 
 
+#: Merges one chunk's rows (a list, one (*batch, rows, channel) array per side) into an accumulated partial
+#: (1, *shape) or, given None, makes the first: ``fold(accumulated, rows, first_datapoint, check)``, where
+#: ``check`` (see ``finite_rows()``) raises naming the layer or leaves out rows holding NaN or Inf.
+Fold = Callable[[np.ndarray | None, list[np.ndarray], int, RowCheck], np.ndarray]
+
+
 @dataclass(frozen=True)
 class Reduction:
     """A reduction over rows, declared as data.
 
-    ``chunk(rows, first_datapoint)`` maps one chunk's rows (a list, one (*batch, rows, channel)
-    array per side) to a partial of shape (1, *shape); ``combine`` maps k stacked partials
-    (k, *shape) to one (1, *shape), associatively; ``finalize`` maps the merged partial to the
-    result. ``nonfinite_shows`` says a row holding NaN or Inf always makes the partial non-finite,
-    which spares the search of finite chunks for such rows. ``name`` prefixes the graph's layers.
+    ``fold`` merges one chunk's rows into its chain's accumulated partial (in place where it can; see ``Fold``);
+    ``merge(into, part)`` merges the partial ``part`` into ``into`` (in place where it can) and returns the
+    merged partial, associatively; ``finalize`` maps the merged partial to the result. A chain holds
+    ``partials_held`` partials at most (its accumulator, and a chunk's partial when it is made apart). ``name``
+    prefixes the graph's layers. ``chunk_fold()`` makes a fold from a function of one chunk's rows.
     """
 
     name: str
-    chunk: Callable[[list[np.ndarray], int], np.ndarray]
-    combine: Callable[[np.ndarray], np.ndarray]
+    fold: Fold
+    merge: Callable[[np.ndarray, np.ndarray], np.ndarray]
     finalize: Callable[[np.ndarray], Any]
     shape: tuple[int, ...]
     dtype: Any
-    nonfinite_shows: bool = False
+    partials_held: int = 2
     groups: int = 0
+
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of one partial."""
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def chunk_fold(chunk: Callable[[list[np.ndarray], int], np.ndarray],
+               merge: Callable[[np.ndarray, np.ndarray], np.ndarray], *, nonfinite_shows: bool = False) -> Fold:
+    """The fold of a reduction given by ``chunk(rows, first_datapoint)``, one chunk's partial (1, *shape), and
+    ``merge``. ``nonfinite_shows`` says a row holding NaN or Inf always makes the partial non-finite, which
+    spares the search of finite chunks for such rows."""
+    return partial(_fold_chunk, chunk=chunk, merge=merge, nonfinite_shows=nonfinite_shows)
+
+
+def _fold_chunk(accumulated: np.ndarray | None, rows: list[np.ndarray], first_datapoint: int, check: RowCheck, *,
+                chunk: Callable[[list[np.ndarray], int], np.ndarray],
+                merge: Callable[[np.ndarray, np.ndarray], np.ndarray], nonfinite_shows: bool) -> np.ndarray:
+    if not nonfinite_shows:
+        part = chunk(check(rows), first_datapoint)
+    else:
+        part = chunk(rows, first_datapoint)
+        if not np.isfinite(part).all():
+            finite = check(rows)
+            part = part if finite is rows else chunk(finite, first_datapoint)
+    return part if accumulated is None else merge(accumulated, part)
+
+
+def add_into(into: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """The merge of partials that are sums: ``into += part``."""
+    into += part
+    return into
 
 
 def grouped(reduction: Reduction, groups: int) -> Reduction:
@@ -65,25 +109,38 @@ def grouped(reduction: Reduction, groups: int) -> Reduction:
     reductions): partials gain a leading group dim (1, groups, *shape), each group merged on its own; the result
     is a list of the groups' results. Each datapoint's group code (0 … groups − 1) is given to
     ``reduction_graph()``; a row belongs to its datapoint's group."""
-    return Reduction(name=f"{reduction.name}-by-group", chunk=reduction.chunk,
-                     combine=partial(_combine_groups, combine=reduction.combine),
+    return Reduction(name=f"{reduction.name}-by-group", fold=reduction.fold,
+                     merge=partial(_merge_groups, merge=reduction.merge),
                      finalize=partial(_finalize_groups, finalize=reduction.finalize),
                      shape=(groups, *reduction.shape), dtype=reduction.dtype,
-                     nonfinite_shows=reduction.nonfinite_shows, groups=groups)
+                     partials_held=reduction.partials_held, groups=groups)
 
 
-def _combine_groups(partials: np.ndarray, *, combine: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """k stacked grouped partials (k, groups, *shape) → (1, groups, *shape), each group merged alone."""
-    return np.stack([combine(partials[:, group]) for group in range(partials.shape[1])], axis=1)
+def _merge_groups(into: np.ndarray, part: np.ndarray, *,
+                  merge: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """A grouped partial (1, groups, *shape) merged into another, each group alone."""
+    for group in range(into.shape[1]):
+        target = into[:, group]
+        merged = merge(target, part[:, group])
+        if merged is not target:
+            target[...] = merged
+    return into
 
 
 def _finalize_groups(merged: np.ndarray, *, finalize: Callable[[np.ndarray], Any]) -> list[Any]:
     return [finalize(merged[:, group]) for group in range(merged.shape[1])]
 
 
-def _moments_chunk(rows: list[np.ndarray], first_datapoint: int, *, precision: ProductPrecision,
-                   row_norms: bool) -> np.ndarray:
-    return partial_from_rows(rows, precision, row_norms=row_norms)
+def _moments_fold(accumulated: np.ndarray | None, rows: list[np.ndarray], first_datapoint: int, check: RowCheck,
+                  *, precision: ProductPrecision, row_norms: bool, sizes: tuple[int, ...], shape: tuple[int, ...],
+                  dtype: Any) -> np.ndarray:
+    """Rows folded into the accumulated Moments, their products added straight into its scatter; with row-norm
+    sums, a chunk's partial is made apart and merged."""
+    if row_norms:
+        part = partial_from_rows(rows, precision, row_norms=True, check=check)
+        return part if accumulated is None else merge_into(accumulated, part, sizes)
+    into = np.zeros((1, *shape), dtype=dtype) if accumulated is None else accumulated
+    return fold_rows(into, rows, precision, check=check)
 
 
 def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, precision: ProductPrecision,
@@ -95,22 +152,23 @@ def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, pre
     p = sum(widths)
     is_complex = any(adapter.is_complex for adapter in adapters)
     row_norms = row_norms and not is_complex
+    shape = (*adapters[0].batch_shape, p + 2 + (2 * len(widths) if row_norms else 0), p)
+    dtype = np.complex128 if is_complex else np.float64
     return Reduction(
         name="moments",
-        chunk=partial(_moments_chunk, precision=precision, row_norms=row_norms),
-        combine=partial(merge_packed, sizes=tuple(widths)),
+        fold=partial(_moments_fold, precision=precision, row_norms=row_norms, sizes=tuple(widths), shape=shape,
+                     dtype=dtype),
+        merge=partial(merge_into, sizes=tuple(widths)),
         finalize=partial(unpack, sizes=tuple(widths), precision=precision),
-        shape=(*adapters[0].batch_shape, p + 2 + (2 * len(widths) if row_norms else 0), p),
-        dtype=np.complex128 if is_complex else np.float64,
-        nonfinite_shows=True)
+        shape=shape, dtype=dtype, partials_held=2 if row_norms else 1)
 
 
 def minibatch_reduction(adapters: Sequence[Adapter], size: int) -> Reduction:
     """Sums of minibatch HSICs over minibatches of ``size`` rows (see ``chunkcca.minibatch``)."""
     return Reduction(
         name="minibatch-cka",
-        chunk=partial(minibatch_partial, size=size, rows_before=adapters[0].row_count),
-        combine=add_partials, finalize=_only_partial, shape=(5,), dtype=np.float64)
+        fold=chunk_fold(partial(minibatch_partial, size=size, rows_before=adapters[0].row_count), add_into),
+        merge=add_into, finalize=_only_partial, shape=(5,), dtype=np.float64)
 
 
 def _only_partial(merged: np.ndarray) -> np.ndarray:
@@ -129,9 +187,8 @@ def _means(merged: np.ndarray, *, widths: tuple[int, ...]) -> list[np.ndarray]:
 
 def means_reduction(widths: Sequence[int]) -> Reduction:
     """Each side's mean row (its column means), for centring the Gram matrices of ``gram_graph``."""
-    return Reduction(name="means", chunk=_sums_chunk, combine=add_partials,
-                     finalize=partial(_means, widths=tuple(widths)), shape=(sum(widths) + 1,), dtype=np.float64,
-                     nonfinite_shows=True)
+    return Reduction(name="means", fold=chunk_fold(_sums_chunk, add_into, nonfinite_shows=True), merge=add_into,
+                     finalize=partial(_means, widths=tuple(widths)), shape=(sum(widths) + 1,), dtype=np.float64)
 
 
 def _gram_pair(first_i: int, first_j: int, blocks_i: list[np.ndarray], blocks_j: list[np.ndarray], *,
@@ -206,98 +263,154 @@ def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], nam
     return [together if adapter.mask_rule == "pair" else mask for mask, adapter in zip(masks, adapters)]
 
 
-def _chunk_task(first: np.ndarray, *blocks: Any, adapters: Sequence[Adapter], reduction: Reduction,
-                nan_policy: str, names: Sequence[str], masked: Sequence[bool]) -> np.ndarray:
-    """One datapoint chunk of every side → rows per side (finite; under the padding masks of the sides that are
-    ``masked``, whose mask blocks follow the sides') → ``reduction.chunk(rows, first_datapoint)``; for a
-    grouped reduction the first block is the datapoints' group codes and each group's rows are reduced alone."""
+def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np.ndarray,
+               adapters: Sequence[Adapter], reduction: Reduction, nan_policy: str, names: Sequence[str],
+               masked: Sequence[bool]) -> np.ndarray:
+    """One datapoint chunk of every side → rows per side (under the padding masks of the sides that are
+    ``masked``, whose mask blocks follow the sides') → folded into the chain's accumulator ``accumulated`` (None
+    for a chain's first chunk), which is returned. For a grouped reduction the first block is the datapoints'
+    group codes and each group's rows are folded into its own accumulator."""
     pin_blas()
-    first_datapoint = int(first[0]) if first.size else 0
-    blocks = tuple(_only_block(block) for block in blocks)
     codes, blocks = (blocks[0], blocks[1:]) if reduction.groups else (None, blocks)
     given = iter(blocks[len(adapters):])
     blocks = blocks[: len(adapters)]
     masks = _side_masks([next(given) if has else None for has in masked], adapters, names, first_datapoint)
     check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
                     datapoints=blocks[0].shape[0])
-    # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out) below
+    # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out)
     with np.errstate(invalid="ignore"):
         rows = [adapter.block_rows(block, first_datapoint, mask)
                 for block, adapter, mask in zip(blocks, adapters, masks)]
         if codes is None:
-            return _reduce_finite(rows, first_datapoint, reduction, check)
+            return reduction.fold(accumulated, rows, first_datapoint, check)
         row_codes = codes[adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint, masks[0])]
-        return np.stack([_reduce_finite([side[..., row_codes == group, :] for side in rows], first_datapoint,
-                                        reduction, check)[0] for group in range(reduction.groups)])[None]
+        made = []
+        for group in range(reduction.groups):
+            group_rows = [side[..., row_codes == group, :] for side in rows]
+            target = None if accumulated is None else accumulated[:, group]
+            result = reduction.fold(target, group_rows, first_datapoint, check)
+            if target is None:
+                made.append(result[0])
+            elif result is not target:
+                target[...] = result
+        return np.stack(made)[None] if accumulated is None else accumulated
 
 
-def _reduce_finite(rows: list[np.ndarray], first_datapoint: int, reduction: Reduction,
-                   check: Callable[[list[np.ndarray]], list[np.ndarray]]) -> np.ndarray:
-    """``reduction.chunk`` of the rows, with rows holding NaN or Inf reported or left out (``check``)."""
-    if not reduction.nonfinite_shows:
-        return reduction.chunk(check(rows), first_datapoint)
-    result = reduction.chunk(rows, first_datapoint)
-    if np.isfinite(result).all():
-        return result
-    finite = check(rows)
-    return result if finite is rows else reduction.chunk(finite, first_datapoint)
+def _merge_chains(accumulators: list[np.ndarray], *, reduction: Reduction) -> np.ndarray:
+    """The chains' accumulators merged into the first."""
+    merged = accumulators[0]
+    for accumulator in accumulators[1:]:
+        merged = reduction.merge(merged, accumulator)
+    return merged
 
 
-def _keep(partial_: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    return partial_
+def aligned(sides: Sequence[da.Array], masks: Sequence[da.Array | None] = (),
+            codes: da.Array | None = None) -> tuple[list[da.Array], list[da.Array | None], da.Array | None]:
+    """The sides, masks and codes in common datapoint chunks, each whole along its other axes (a no-op for
+    arrays already so)."""
+    chunks = common_blockdim([side.chunks[0] for side in sides])
+
+    def whole(array: da.Array) -> da.Array:
+        return array.rechunk((chunks, *((-1,) * (array.ndim - 1))))
+
+    return ([whole(side) for side in sides], [None if mask is None else whole(mask) for mask in masks],
+            None if codes is None else whole(codes))
 
 
-def _combine(partials: np.ndarray, axis: Any = None, keepdims: bool = True, *,
-             merge: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    return merge(partials)
+def chain_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction) -> int:
+    """Bytes one chain holds at most: its ``reduction.partials_held`` partials, the temporaries that fold a chunk
+    into them (one sub-block's products in at most float64, the sub-block buffer, a merge's outer products), the
+    largest datapoint chunk of every side, and what the adapters make for one sub-block of rows (dft spectra)."""
+    from .moments import MADE_SUBBLOCK_BYTES, OUTER_BYTES, PRODUCT_BYTES, SUBBLOCK_BYTES
+
+    sides = aligned(sides)[0]
+    largest = max(sides[0].chunks[0])
+    chunk = sum(largest * int(np.prod(side.shape[1:])) * side.dtype.itemsize for side in sides)
+    itemsize, p = np.dtype(reduction.dtype).itemsize, reduction.shape[-1]
+    batch = int(np.prod(reduction.shape[:-2], dtype=np.int64))  # frequencies (and groups)
+    sub_block = MADE_SUBBLOCK_BYTES if any(adapter.made_as_taken for adapter in adapters) else SUBBLOCK_BYTES
+    rows_at_once = max(1, min(largest * adapters[0].rows_per_datapoint, sub_block // (batch * p * itemsize)))
+    made = sum(adapter.made_bytes(side.shape[-1], largest, rows_at_once) for adapter, side in zip(adapters, sides))
+    products = min(batch * p * p, max(PRODUCT_BYTES // itemsize, p * p)) * itemsize
+    temporaries = products + 2 * rows_at_once * batch * p * itemsize + min(OUTER_BYTES, p * p * itemsize)
+    return reduction.partials_held * reduction.partial_bytes + temporaries + chunk + made
 
 
 def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *,
-                    split_every: int, nan_policy: str = "raise", names: Sequence[str] = (),
+                    chains: int, nan_policy: str = "raise", names: Sequence[str] = (),
                     offset: int = 0, codes: da.Array | None = None,
-                    masks: Sequence[da.Array | None] = ()) -> da.Array:
-    """The lazy merged partial (1, *reduction.shape) of the rows of ``sides``, one partial per datapoint chunk.
+                    masks: Sequence[da.Array | None] = ()) -> Delayed:
+    """The lazy merged partial (1, *reduction.shape) of the rows of ``sides``.
 
-    ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, [height, width,]
-    channel), with one adapter each; Dask aligns their datapoint chunks. Rows with NaN or Inf
-    raise an error naming the layer (from ``names``) and chunk, or are left out, as ``nan_policy``
-    says. ``offset`` is the global index of the first datapoint of ``sides`` (for
-    the stride pattern when streaming a slice). Each side's datapoint chunk reaches the chunk
-    function as one block, without the copy Dask makes when it joins blocks (sides chunked along
-    other dims are rechunked whole along them). The graph's layers are named
+    ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, *positions, channel), with
+    one adapter each; they are read in common datapoint chunks (``aligned()``), each side's chunk reaching the
+    chunk function as one block. The chunks are dealt in turn to ``chains`` chains: each chunk's partial is
+    merged into its chain's accumulator (in place, for Moments) by the task that makes it, and the chains'
+    accumulators are merged by one last task, so at most ``chains`` accumulators and as many chunks in work are
+    held whatever the number of chunks. Rows with NaN or Inf raise an error naming the layer (from ``names``)
+    and chunk, or are left out, as ``nan_policy`` says. ``offset`` is the global index of the first datapoint
+    of ``sides`` (for the stride pattern when streaming a slice). The graph's layers are named
     ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. A ``grouped()`` reduction takes
     ``codes``: each datapoint's group (datapoint,). ``masks``: per side, its padding mask (datapoint,
     *positions) or None. Nothing is computed here.
     """
     names = tuple(names) or tuple(f"side {i}" for i in range(len(sides)))
-    first = da.arange(offset, offset + sides[0].shape[0], chunks=(sides[0].chunks[0],))
-    args: list[Any] = [first, ("datapoint",)]
-    if reduction.groups:
-        if codes is None:
-            raise ValueError("a grouped reduction needs the datapoints' group codes")
-        args += [codes.rechunk((sides[0].chunks[0],)), ("datapoint",)]
-    for i, side in enumerate(sides):
-        side = side.rechunk({axis: -1 for axis in range(1, side.ndim)})  # a no-op when already whole
-        args += [side, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, side.ndim)))]
+    if reduction.groups and codes is None:
+        raise ValueError("a grouped reduction needs the datapoints' group codes")
     masks = list(masks) or [None] * len(sides)
-    for i, (side, mask) in enumerate(zip(sides, masks)):
-        if mask is not None:
-            mask = mask.rechunk((side.chunks[0], *((-1,) * (mask.ndim - 1))))
-            args += [mask, ("datapoint", *tuple(f"side{i}_axis{k}" for k in range(1, mask.ndim)))]
-    out_axes = {f"out{i}": size for i, size in enumerate(reduction.shape)}
-    meta = np.empty((0,) * (1 + len(reduction.shape)), dtype=reduction.dtype)
-    partials = da.blockwise(
-        _chunk_task, ("datapoint", *out_axes), *args, new_axes=out_axes, adjust_chunks={"datapoint": 1},
-        concatenate=False, dtype=reduction.dtype, meta=meta, token=f"chunkcca-{reduction.name}-chunk",
-        adapters=tuple(adapters), reduction=reduction, nan_policy=nan_policy, names=names,
-        masked=tuple(mask is not None for mask in masks))
-    combine = partial(_combine, merge=reduction.combine)
-    return da.reduction(partials, _keep, combine, combine=combine, axis=0, keepdims=True, dtype=reduction.dtype,
-                        split_every=split_every, concatenate=True, meta=meta,
-                        name=f"chunkcca-{reduction.name}-merge-{tokenize(partials.name, split_every)}")
+    sides, masks, codes = aligned(sides, masks, codes)
+    inputs = [*([codes] if reduction.groups else []), *sides, *(mask for mask in masks if mask is not None)]
+    block_keys = [list(flatten(array.__dask_keys__())) for array in inputs]
+    firsts = (offset + np.cumsum((0, *sides[0].chunks[0]))[:-1]).tolist()
+    task = partial(_fold_task, adapters=tuple(adapters), reduction=reduction, nan_policy=nan_policy, names=names,
+                   masked=tuple(mask is not None for mask in masks))
+    token = tokenize([array.name for array in inputs], reduction, chains, nan_policy, names, offset)
+    chunk_name, merge_name = f"chunkcca-{reduction.name}-chunk-{token}", f"chunkcca-{reduction.name}-merge-{token}"
+    chains = max(1, min(chains, len(firsts)))
+    last: list[Any] = [None] * chains
+    layer: dict[Any, Any] = {}
+    for index, first in enumerate(firsts):
+        key = (chunk_name, index)
+        layer[key] = (task, last[index % chains], first, *(keys[index] for keys in block_keys))
+        last[index % chains] = key
+    layer[merge_name] = (partial(_merge_chains, reduction=reduction), last)
+    graph = HighLevelGraph.from_collections(merge_name, layer, dependencies=inputs)
+    return Delayed(merge_name, _reads_inside(graph, [(chunk_name, index) for index in range(len(firsts))]))
 
 
-def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None) -> tuple[Any, ...]:
+def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any]) -> dict[Any, GraphNode]:
+    """The graph with each of ``tasks`` fused with the tasks that only it uses (the reads of its chunks and what
+    they alone need), so a chunk is read by the task that reduces it, when its chain comes to it. Left apart,
+    reads are ready from the start and a scheduler runs them ahead, holding every chunk read until its chain
+    takes it."""
+    dsk = convert_legacy_graph(dict(graph))
+    dependents = reverse_dict({key: node.dependencies for key, node in dsk.items()})
+    kept = set(tasks)
+    for key in tasks:
+        fused, waiting = [dsk[key]], list(dsk[key].dependencies)
+        while waiting:
+            dependency = waiting.pop()
+            if dependency in dsk and dependency not in kept and len(dependents[dependency]) == 1:
+                fused.append(dsk.pop(dependency))
+                waiting.extend(fused[-1].dependencies)
+        dsk[key] = GraphNode.fuse(*fused, key=key) if len(fused) > 1 else fused[0]
+    return dsk
+
+
+def scheduler_threads(scheduler: Any = None) -> int:
+    """Tasks the active or given scheduler runs at once: a cluster's threads, 1 for the synchronous scheduler,
+    else the local pool's workers (Dask's ``num_workers`` setting, or one more than the cores)."""
+    client = _active_client(scheduler)
+    if client is not None:
+        return max(1, sum(client.nthreads().values()))
+    name = scheduler if isinstance(scheduler, str) else dask.config.get("scheduler", None)
+    if name in ("synchronous", "sync", "single-threaded"):
+        return 1
+    return int(dask.config.get("num_workers", None) or (os.cpu_count() or 1) + 1)
+
+
+def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
+            threads: int | None = None) -> tuple[Any, ...]:
     """Compute Dask graphs with BLAS pinned to one thread, on the active or given scheduler.
 
     ``scheduler`` is anything ``dask.compute()`` takes ("threads", "processes",
@@ -305,7 +418,8 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None) ->
     default the active one (a
     ``distributed.Client`` if one is current, else the local threaded scheduler). With
     ``progress`` (a label saying what is computed) a progress bar is shown on stderr: a labelled Dask bar
-    locally (``chunkcca.progress.Progress``), distributed's after the label on a cluster.
+    locally (``chunkcca.progress.Progress``), distributed's after the label on a cluster. ``threads`` caps the
+    local pool's workers (reads beyond what the graph's chains use would only run ahead and be held).
     """
     client = _active_client(scheduler)
     with one_thread():
@@ -325,20 +439,24 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None) ->
             if dask.config.get("num_workers", None) is None:
                 # one thread more than cores lets a chunk's products overlap the next chunk's decoding
                 # (measured 0.97-1.02 s against 1.02-1.34 s with one thread per core; docs/performance.md)
-                options["num_workers"] = (os.cpu_count() or 1) + 1
+                workers = (os.cpu_count() or 1) + 1
+                options["num_workers"] = min(workers, threads) if threads else workers
         if progress:
             with Progress(progress):  # on stderr: stdout stays for results (e.g. the CLI's --json)
                 return dask.compute(*graphs, **options)
         return dask.compute(*graphs, **options)
 
 
-def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, split_every: int,
+def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, chains: int | None = None,
         scheduler: Any = None, progress: str | None = None, nan_policy: str = "raise", names: Sequence[str] = (),
         offset: int = 0, codes: da.Array | None = None, masks: Sequence[da.Array | None] = ()) -> Any:
-    """Build, compute and finalize one reduction (see ``reduction_graph()`` and ``compute()``)."""
-    graph = reduction_graph(sides, adapters, reduction, split_every=split_every, nan_policy=nan_policy,
+    """Build, compute and finalize one reduction (see ``reduction_graph()`` and ``compute()``) in as many chains
+    as the scheduler has threads, or ``chains`` if fewer (a memory budget)."""
+    threads = scheduler_threads(scheduler)
+    chains = threads if chains is None else min(chains, threads)
+    graph = reduction_graph(sides, adapters, reduction, chains=chains, nan_policy=nan_policy,
                             names=names, offset=offset, codes=codes, masks=masks)
-    (merged,) = compute(graph, scheduler=scheduler, progress=progress)
+    (merged,) = compute(graph, scheduler=scheduler, progress=progress, threads=chains + 1)
     return reduction.finalize(merged)
 
 

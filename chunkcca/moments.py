@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,8 @@ from .options import PRECISIONS, ProductPrecision
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).
 SUBBLOCK_BYTES = 16 * 2**20
+#: The same for rows made as they are taken (dft spectra, not ndarrays), whose making holds a few times as much.
+MADE_SUBBLOCK_BYTES = 4 * 2**20
 SUBBLOCK_ROWS = 8192
 #: Rows whose mean is the per-chunk shift.
 SHIFT_ROWS = 1024
@@ -145,7 +147,7 @@ class Moments:
             raise ValueError("cannot merge Moments with and without row-norm sums; compute both with the same "
                              "row_norms setting")
         precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
-        return unpack(merge_packed(np.concatenate([pack(self), pack(other)]), self.sizes), self.sizes, precision)
+        return unpack(merge_into(pack(self), pack(other), self.sizes), self.sizes, precision)
 
     def __radd__(self, other: object) -> Moments:
         """``0 + m`` is ``m``, so that ``sum(moments)`` merges a list of them."""
@@ -232,7 +234,10 @@ def unpack(packed: np.ndarray, sizes: Sequence[int] = (), precision: str = "floa
     if sides:
         norms = packed[0, p + 2 : p + 2 + sides].copy()
         products = packed[0, p + 2 + sides :, :sides].copy()
-    return Moments(n=int(count), mean=packed[0, ..., 1, :].copy(), scatter=packed[0, ..., 2 : p + 2, :].copy(),
+    scatter = packed[0, ..., 2 : p + 2, :].copy()
+    if np.iscomplexobj(scatter):
+        _make_hermitian(scatter)
+    return Moments(n=int(count), mean=packed[0, ..., 1, :].copy(), scatter=scatter,
                    sizes=tuple(sizes) or ((p,) if sides <= 1 else ()), norm_moments=norms, norm_products=products,
                    precision=precision)
 
@@ -267,39 +272,65 @@ def shift_norms(n: float, sums: np.ndarray, products: np.ndarray, norm_sums: np.
 
 
 def merge_packed(partials: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
-    """Merge k packed partials (k, *batch, p + 2 [+ 2L], p) into one (1, …), exactly.
+    """Merge k packed partials (k, *batch, p + 2 [+ 2L], p) into one (1, …), exactly (``merge_into()`` in turn)."""
+    merged = partials[:1].copy()
+    for part in partials[1:]:
+        merge_into(merged, part[None], sizes)
+    return merged
 
-    The k-way form of Chan et al.'s update: ``mean = Σ nᵢ μᵢ / n`` and
-    ``M = Σ Mᵢ + Σ nᵢ (μᵢ − mean)(μᵢ − mean)ᴴ``; row-norm sums are moved to the merged mean
-    with ``shift_norms()`` and added. Empty partials (nᵢ = 0) contribute nothing.
+
+#: Bytes of the temporaries of one step of ``add_outer()``.
+OUTER_BYTES = 8 * 2**20
+
+
+def add_outer(target: np.ndarray, vector: np.ndarray, weight: float) -> None:
+    """``target += weight · v vᴴ`` in place, per batch element: target (*batch, p, p), vector (*batch, p), with
+    temporaries of at most ``OUTER_BYTES`` (a few rows of one batch element's outer product at a time)."""
+    p = vector.shape[-1]
+    step = max(1, OUTER_BYTES // max(1, p * target.itemsize))
+    for index in np.ndindex(*vector.shape[:-1]):
+        matrix, v = target[index], vector[index]
+        right = v.conj()
+        for lo in range(0, p, step):
+            matrix[lo : lo + step] += weight * np.multiply.outer(v[lo : lo + step], right)
+
+
+def merge_into(into: np.ndarray, part: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
+    """Merge the packed partial ``part`` into the packed partial ``into`` (both (1, *batch, p + 2 [+ 2L], p)) in
+    place, exactly, and return ``into``.
+
+    Chan et al.'s update: with δ = μ_b − μ_a, ``M = M_a + M_b + (n_a n_b / n) δδᴴ`` and
+    ``μ = μ_a + δ n_b / n``; row-norm sums are moved to the merged mean with ``shift_norms()`` and added.
+    Temporaries are O(batch · p) (and O(p · L) for row-norm sums), never a second p × p matrix.
     """
-    p = partials.shape[-1]
-    counts = partials[:, ..., 0, 0].real  # (k, *batch), equal across the batch
-    total = counts.sum(axis=0)
-    merged = np.zeros((1, *partials.shape[1:]), dtype=partials.dtype)
-    merged[0, ..., 0, 0] = total
-    if not np.any(total):
-        return merged
-    means = partials[:, ..., 1, :]
-    mean = (counts[..., None] * means).sum(axis=0) / total[..., None]
-    deviation = np.moveaxis(np.sqrt(counts)[..., None] * (means - mean), 0, -1)  # (*batch, p, k)
-    merged[0, ..., 1, :] = mean
-    merged[0, ..., 2 : p + 2, :] = (partials[:, ..., 2 : p + 2, :].sum(axis=0)
-                                    + deviation @ np.swapaxes(deviation, -1, -2).conj())
-    sides = (partials.shape[-2] - p - 2) // 2
-    if sides:
+    p = into.shape[-1]
+    n_a = float(into[(0,) * into.ndim].real)
+    n_b = float(part[(0,) * part.ndim].real)
+    if n_b == 0:
+        return into
+    if n_a == 0:
+        into[...] = part
+        return into
+    n = n_a + n_b
+    mean_a, mean_b = into[0, ..., 1, :], part[0, ..., 1, :]
+    scatter_a, scatter_b = into[0, ..., 2 : p + 2, :], part[0, ..., 2 : p + 2, :]
+    delta = mean_b - mean_a
+    sides = (into.shape[-2] - p - 2) // 2
+    if sides:  # real Moments, no batch: move both sides' row-norm sums to the merged mean before M_a changes
         sizes = tuple(sizes) or (p,)
         slices = side_slices(sizes)
-        for partial, count in zip(partials, counts):
-            if count == 0:
-                continue
-            scatter = partial[2 : p + 2]
-            moved, squares = shift_norms(count, np.zeros(p), scatter, _side_traces(scatter, slices),
-                                         partial[p + 2 : p + 2 + sides],
-                                         partial[p + 2 + sides :, :sides], mean - partial[1], sizes)
-            merged[0, p + 2 : p + 2 + sides] += moved
-            merged[0, p + 2 + sides :, :sides] += squares
-    return merged
+        mean = mean_a + delta * (n_b / n)
+        shifted = [shift_norms(count, np.zeros(p), scatter, _side_traces(scatter, slices),
+                               packed[0, p + 2 : p + 2 + sides], packed[0, p + 2 + sides :, :sides],
+                               mean - packed[0, 1], sizes)
+                   for count, scatter, packed in ((n_a, scatter_a, into), (n_b, scatter_b, part))]
+        into[0, p + 2 : p + 2 + sides] = shifted[0][0] + shifted[1][0]
+        into[0, p + 2 + sides :, :sides] = shifted[0][1] + shifted[1][1]
+    scatter_a += scatter_b
+    add_outer(scatter_a, delta, n_a * n_b / n)
+    mean_a += delta * (n_b / n)
+    into[0, ..., 0, 0] = n
+    return into
 
 
 #: float32 products of values whose squares average below this per row have lost digits to underflow (float32's
@@ -317,62 +348,224 @@ def _beyond_single(products: np.ndarray, sums: np.ndarray, rows: int) -> bool:
     return bool((((squares == 0) & (sums != 0)) | ((squares > 0) & (squares < SINGLE_UNDERFLOW))).any())
 
 
-def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision = "float32", *,
-                      row_norms: bool = False) -> np.ndarray:
-    """Packed partial (1, *batch, p + 2 [+ 2L], p) of the rows of each side, concatenated along channels.
+#: Bytes of one sub-block's products held at once in the product precision: batched (per-frequency) products
+#: are made a few frequencies at a time (a single matrix larger than this is made whole).
+PRODUCT_BYTES = 8 * 2**20
 
-    ``sides`` are arrays of shape (*batch, rows, pᵢ) with equal batch shape and rows, real or
-    complex. The rows are shifted by the mean of the first ``SHIFT_ROWS`` rows and
-    multiplied in ``precision`` (complex64/complex128 for complex rows) one sub-block at a time
-    through a single reused buffer; products and sums accumulate in float64 (complex128) and
-    are corrected exactly for the shift. With ``row_norms`` real rows also give the row-norm
-    sums (L = len(sides)) that the debiased CKA needs.
+#: Checks one sub-block's rows (a list, one (*batch, rows, pᵢ) array per side) when they hold NaN or Inf: raises
+#: naming the layer, or returns them without the rows at fault.
+RowCheck = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    """A view of (*batch, m, n) as (B, m, n)."""
+    flat = array.reshape(int(np.prod(array.shape[:-2], dtype=np.int64)), *array.shape[-2:])
+    assert flat.size == 0 or np.may_share_memory(flat, array), "batched products are added in place"
+    return flat
+
+
+def _add_products(products: np.ndarray, block: np.ndarray) -> None:
+    """``products += Bᵀ B̄`` per batch element, multiplied in the block's precision a few batch elements at a time
+    (``PRODUCT_BYTES``): products (*batch, p, p) float64/complex128, block (*batch, rows, p). A real block's
+    Bᵀ B runs as one symmetric rank-k update (SYRK), exactly symmetric."""
+    flat_products, flat_block = _flat(products), _flat(block)
+    p = block.shape[-1]
+    group = max(1, PRODUCT_BYTES // (p * p * block.itemsize))
+    temp = np.empty((min(group, flat_block.shape[0]), p, p), dtype=block.dtype)
+    for lo in range(0, flat_block.shape[0], group):
+        part = flat_block[lo : lo + group]
+        out = temp[: part.shape[0]]
+        np.matmul(np.swapaxes(part, -1, -2), part.conj() if np.iscomplexobj(part) else part, out=out)
+        flat_products[lo : lo + group] += out
+
+
+#: float32 products of values whose squares average below this per row have lost digits to underflow (float32's
+#: smallest normal number is 2**-126); squares summing above SINGLE_OVERFLOW may overflow in a product. Such a
+#: sub-block of rows is multiplied in float64.
+SINGLE_UNDERFLOW = 2.0**-110
+SINGLE_OVERFLOW = 2.0**120
+
+
+def _beyond_single(block: np.ndarray, sums: np.ndarray) -> bool:
+    """Whether single-precision products of a sub-block of shifted rows (*batch, rows, p) would over- or
+    underflow, from the sums of each channel's squares (made in single precision: an overflow shows as Inf, an
+    underflow as squares of 0 from values that are not all 0) and the values' sums. O(rows · p)."""
+    values = block.view(block.real.dtype) if np.iscomplexobj(block) else block  # (re, im) pairs: no copy
+    squares = np.einsum("...ij,...ij->...j", values, values)
+    if np.iscomplexobj(block):
+        squares = squares[..., 0::2] + squares[..., 1::2]
+    if not np.isfinite(sums).all() or not (squares <= SINGLE_OVERFLOW).all():
+        return True
+    mean_squares = squares / max(block.shape[-2], 1)
+    return bool((((mean_squares == 0) & (sums != 0)) | ((mean_squares > 0) & (mean_squares < SINGLE_UNDERFLOW))).any())
+
+
+class _Shifted:
+    """The rows of each side, shifted by ``shift`` and concatenated along channels, one sub-block of at most
+    ``per_block`` rows at a time through one reused buffer of the product precision."""
+
+    def __init__(self, sides: Sequence[np.ndarray], precision: ProductPrecision) -> None:
+        batch, self.rows = sides[0].shape[:-2], sides[0].shape[-2]
+        self.sides, self.slices = sides, side_slices([side.shape[-1] for side in sides])
+        p = self.slices[-1].stop
+        self.is_complex = any(np.iscomplexobj(side) for side in sides)
+        self.dtype = np.dtype(np.result_type(precision, np.complex64) if self.is_complex else precision)
+        self.wide = np.dtype(np.complex128 if self.is_complex else np.float64)
+        budget = SUBBLOCK_BYTES if all(isinstance(side, np.ndarray) for side in sides) else MADE_SUBBLOCK_BYTES
+        self.per_block = max(1, min(SUBBLOCK_ROWS, self.rows,
+                                    budget // (max(1, int(np.prod(batch))) * p * self.dtype.itemsize)))
+        self.buffer = np.empty((*batch, self.per_block, p), dtype=self.dtype)
+        self.ones = np.ones(self.per_block, dtype=self.dtype)
+        # dft rows are transformed as they are taken: the first sub-block is taken once, for the shift too
+        self.first = [side[..., : self.per_block, :] for side in sides]
+        leading = [side[..., :SHIFT_ROWS, :] for side in self.first]
+        shift = np.concatenate([side.mean(axis=-2, dtype=self.wide) for side in leading], axis=-1)
+        if not np.isfinite(shift).all():  # the mean of the finite rows among them (rows with NaN or Inf go to check)
+            finite = np.logical_and.reduce([np.isfinite(side).all(axis=tuple(i for i in range(side.ndim)
+                                                                              if i != side.ndim - 2))
+                                            for side in leading])
+            shift = np.concatenate([side[..., finite, :].mean(axis=-2, dtype=self.wide) if finite.any()
+                                    else np.zeros(side.shape[:-2] + side.shape[-1:], self.wide)
+                                    for side in leading], axis=-1)
+        self.shift = shift.astype(self.dtype)[..., None, :]  # what is subtracted, exactly
+
+    def taken(self, start: int) -> list[np.ndarray]:
+        """Each side's rows start … start + per_block − 1."""
+        stop = min(start + self.per_block, self.rows)
+        if start == 0:
+            first, self.first = self.first, []  # not held past its turn
+            return first
+        return [side[..., start:stop, :] for side in self.sides]
+
+    def block(self, taken: list[np.ndarray], wide: bool = False) -> np.ndarray:
+        """The taken rows shifted into the buffer (a new float64/complex128 array if ``wide``): (*batch, rows, p)."""
+        rows = taken[0].shape[-2]
+        block = np.empty((*self.buffer.shape[:-2], rows, self.buffer.shape[-1]), self.wide) if wide \
+            else self.buffer[..., :rows, :]
+        for side, part in zip(taken, self.slices):
+            np.subtract(side, self.shift[..., part], out=block[..., part], casting="unsafe")
+        return block
+
+
+def _accumulate(products: np.ndarray, sides: Sequence[np.ndarray], precision: ProductPrecision, *,
+                check: RowCheck | None, row_norms: bool) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """Add ``Σ u uᴴ`` of the rows u = z − shift (each side's rows z, concatenated) into ``products`` (*batch, p, p)
+    in place, one sub-block at a time; returns the shift (*batch, p), ``Σ u`` (*batch, p), the rows counted and,
+    with ``row_norms``, ``Σ ‖u_l‖² uᵀ`` (L, p) and ``Σ ‖u_l‖² ‖u_m‖²`` (L, L) about the shift.
+
+    A sub-block whose sums are not finite goes to ``check`` (which raises or leaves the rows at fault out); one
+    whose single-precision products would over- or underflow is multiplied in float64 (``_beyond_single``).
     """
-    batch, rows = sides[0].shape[:-2], sides[0].shape[-2]
-    widths = [side.shape[-1] for side in sides]
-    p = sum(widths)
-    is_complex = any(np.iscomplexobj(side) for side in sides)
-    dtype = np.result_type(precision, np.complex64) if is_complex else np.dtype(precision)
-    accumulate = np.dtype(np.complex128 if is_complex else np.float64)
-    n_sides = len(sides) if row_norms and not is_complex else 0
-    packed = np.zeros((1, *batch, p + 2 + 2 * n_sides, p), dtype=accumulate)
-    if rows == 0:
-        return packed
-    slices = side_slices(widths)
-    shift = np.concatenate([side[..., :SHIFT_ROWS, :].mean(axis=-2, dtype=accumulate) for side in sides], axis=-1)
-    shift_c = shift.astype(dtype)[..., None, :]
-    per_block = max(1, min(SUBBLOCK_ROWS, rows, SUBBLOCK_BYTES // (max(1, int(np.prod(batch))) * p * dtype.itemsize)))
-    buffer = np.empty((*batch, per_block, p), dtype=dtype)
-    ones = np.ones(per_block, dtype=dtype)
-    products = np.zeros((*batch, p, p), dtype=accumulate)
-    sums = np.zeros((*batch, p), dtype=accumulate)
-    norm_moments = np.zeros((n_sides, p))
-    norm_products = np.zeros((n_sides, n_sides))
-    for start in range(0, rows, per_block):
-        stop = min(start + per_block, rows)
-        block = buffer[..., : stop - start, :]
-        for side, part in zip(sides, slices):
-            np.subtract(side[..., start:stop, :], shift_c[..., part], out=block[..., part], casting="unsafe")
-        with np.errstate(over="ignore"):  # float32 overflow is found below and the chunk done again in float64
-            products += np.swapaxes(block, -1, -2) @ (block.conj() if is_complex else block)
-        sums += ones[: stop - start] @ block  # a GEMV: shifted values are small, so float32 sums suffice
+    shifted = _Shifted(sides, precision)
+    n_sides = len(sides) if row_norms and not shifted.is_complex else 0
+    sums = np.zeros(shifted.shift.shape[:-2] + shifted.shift.shape[-1:], dtype=shifted.wide)
+    norm_moments, norm_products = np.zeros((n_sides, products.shape[-1])), np.zeros((n_sides, n_sides))
+    counted = 0
+    for start in range(0, shifted.rows, shifted.per_block):
+        taken = shifted.taken(start)
+        with np.errstate(over="ignore", invalid="ignore"):
+            block = shifted.block(taken)
+            block_sums = shifted.ones[: block.shape[-2]] @ block  # a GEMV: shifted values are small
+            if check is not None and not np.isfinite(block_sums).all():
+                taken = check(taken)
+                block = shifted.block(taken)
+                block_sums = shifted.ones[: block.shape[-2]] @ block
+            if shifted.dtype != shifted.wide and _beyond_single(block, block_sums):
+                block = shifted.block(taken, wide=True)
+                block_sums = block.sum(axis=-2)
+        if block.shape[-2] == 0:  # every row of the sub-block left out
+            continue
+        _add_products(products, block)
+        sums += block_sums
+        counted += block.shape[-2]
         if n_sides:
             norms = np.stack([np.einsum("ij,ij->i", block[:, part], block[:, part]).astype(np.float64)
-                              for part in slices], axis=1)  # (rows, L)
-            norm_moments += (norms.T.astype(dtype) @ block).astype(np.float64)
+                              for part in shifted.slices], axis=1)  # (rows, L)
+            norm_moments += (norms.T.astype(block.dtype) @ block).astype(np.float64)
             norm_products += norms.T @ norms
-    if dtype in (np.float32, np.complex64) and _beyond_single(products, sums, rows):
-        return partial_from_rows(sides, "float64", row_norms=row_norms)
-    # The exact shift is shift_c (what was subtracted), not the float64 shift.
-    shifted_mean = sums / rows
-    scatter = products - rows * shifted_mean[..., :, None] * shifted_mean[..., None, :].conj()
-    packed[0, ..., 0, 0] = rows
-    packed[0, ..., 1, :] = shift_c[..., 0, :].astype(accumulate) + shifted_mean
-    packed[0, ..., 2 : p + 2, :] = (scatter + np.swapaxes(scatter, -1, -2).conj()) / 2
-    if n_sides:
-        # Σ ‖u_l‖² over the shifted rows u is the trace of side l's block of Σ u uᵀ
-        moved, squares = shift_norms(rows, sums, products, _side_traces(products, slices), norm_moments,
-                                     norm_products, shifted_mean, widths)
-        packed[0, p + 2 : p + 2 + n_sides] = moved
-        packed[0, p + 2 + n_sides :, :n_sides] = squares
+    return shifted.shift[..., 0, :].astype(shifted.wide), sums, counted, norm_moments, norm_products
+
+
+def fold_rows(into: np.ndarray, sides: Sequence[np.ndarray], precision: ProductPrecision = "float32", *,
+              check: RowCheck | None = None) -> np.ndarray:
+    """Merge the rows of each side (concatenated along channels) into the packed partial ``into``
+    (1, *batch, p + 2, p, no row-norm sums) in place, exactly, and return it.
+
+    The rows' products (``Σ u uᴴ``, u the rows shifted by the mean of their first rows) are added straight into
+    its scatter, one sub-block at a time (no second p × p matrix is made); then the change of centre:
+    ``M = M_a + Σ u uᴴ − n_b ū ūᴴ + (n_a n_b / n) δδᴴ``, δ = (shift + ū) − μ_a (Chan et al.). ``check`` as for
+    ``_accumulate()``.
+    """
+    p = into.shape[-1]
+    if sides[0].shape[-2] == 0:
+        return into
+    scatter = into[0, ..., 2 : p + 2, :]
+    shift, sums, count, _, _ = _accumulate(scatter, sides, precision, check=check, row_norms=False)
+    if count == 0:
+        return into
+    n_a = float(into[(0,) * into.ndim].real)
+    n = n_a + count
+    shifted_mean = sums / count
+    add_outer(scatter, shifted_mean, -count)  # the rows' own scatter, about their mean
+    mean = into[0, ..., 1, :]
+    if n_a:
+        delta = shift + shifted_mean - mean
+        add_outer(scatter, delta, n_a * count / n)
+        mean += delta * (count / n)
+    else:
+        mean[...] = shift + shifted_mean
+    into[0, ..., 0, 0] = n
+    return into
+
+
+def empty_partial(batch: tuple[int, ...], p: int, dtype: np.dtype, sides: int = 0) -> np.ndarray:
+    """A packed partial of no rows: (1, *batch, p + 2 + 2 · sides, p) zeros."""
+    return np.zeros((1, *batch, p + 2 + 2 * sides, p), dtype=dtype)
+
+
+def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision = "float32", *,
+                      row_norms: bool = False, check: RowCheck | None = None) -> np.ndarray:
+    """Packed partial (1, *batch, p + 2 [+ 2L], p) of the rows of each side, concatenated along channels.
+
+    ``sides`` are arrays of shape (*batch, rows, pᵢ) with equal batch shape and rows, real or complex (or, for
+    dft, ``rows.SpectrumRows``, whose slices are transformed as they are taken: each sub-block is taken once).
+    The rows are shifted by the mean of the first ``SHIFT_ROWS`` rows (of the first sub-block) and multiplied in
+    ``precision`` (complex64/complex128 for complex rows) one sub-block at a time through a single reused
+    buffer; products and sums accumulate in float64 (complex128) and are corrected exactly for the shift. With
+    ``row_norms`` real rows also give the row-norm sums (L = len(sides)) that the debiased CKA needs.
+    """
+    batch, p = sides[0].shape[:-2], sum(side.shape[-1] for side in sides)
+    is_complex = any(np.iscomplexobj(side) for side in sides)
+    n_sides = len(sides) if row_norms and not is_complex else 0
+    packed = empty_partial(batch, p, np.dtype(np.complex128 if is_complex else np.float64), n_sides)
+    if sides[0].shape[-2] == 0:
+        return packed
+    if not n_sides:
+        return fold_rows(packed, sides, precision, check=check)
+    products = packed[0, 2 : p + 2]
+    shift, sums, count, norm_moments, norm_products = _accumulate(products, sides, precision, check=check,
+                                                                  row_norms=True)
+    if count == 0:
+        return packed
+    shifted_mean = sums / count
+    # Σ ‖u_l‖² over the shifted rows u is the trace of side l's block of Σ u uᵀ
+    widths = [side.shape[-1] for side in sides]
+    moved, squares = shift_norms(count, sums, products, _side_traces(products, side_slices(widths)), norm_moments,
+                                 norm_products, shifted_mean, widths)
+    packed[0, p + 2 : p + 2 + n_sides] = moved
+    packed[0, p + 2 + n_sides :, :n_sides] = squares
+    add_outer(products, shifted_mean, -count)
+    packed[0, 0, 0] = count
+    packed[0, 1] = shift + shifted_mean
     return packed
+
+
+def _make_hermitian(scatter: np.ndarray) -> None:
+    """Each (p, p) matrix of a complex scatter (*batch, p, p) made exactly Hermitian in place: its lower triangle
+    kept and mirrored, its diagonal made real (Bᵀ B̄ runs as a general product, not exactly Hermitian)."""
+    p = scatter.shape[-1]
+    upper, diagonal = np.triu_indices(p, 1), np.arange(p)
+    for index in np.ndindex(*scatter.shape[:-2]):
+        matrix = scatter[index]
+        matrix[upper] = matrix.T[upper].conj()
+        matrix[diagonal, diagonal] = matrix[diagonal, diagonal].real

@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError, resume, save_progress
 from .engine import (
     NonFiniteError,
     Reduction,
+    chain_bytes,
     common_boundaries,
     compute,
     connected,
@@ -95,25 +96,25 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
                       f"{type(error).__name__}: {error}") from error
 
 
-def fit_split_every(reduction: Reduction, options: StreamOptions, names: Sequence[str]) -> int:
-    """The tree fan-in that keeps the partials held at once within ``options.memory_limit``, or a clear error.
-
-    A merge task holds ``split_every`` partials plus its output.
-    """
+def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter], options: StreamOptions,
+               names: Sequence[str]) -> int:
+    """The chains (chunks in work at once, each with its accumulator) that ``options.memory_limit`` affords, at
+    least 1, or a clear error before anything is read (``engine.chain_bytes()`` says what a chain holds)."""
     limit = int(options.memory_limit)
-    partial = int(np.prod(reduction.shape, dtype=np.int64)) * np.dtype(reduction.dtype).itemsize
-    fan_in = min(options.split_every, max(2, limit // max(partial, 1) - 1))
-    if partial * (fan_in + 1) > limit:
+    per_chain = chain_bytes(sides, adapters, reduction)
+    if per_chain > limit:
+        partial = reduction.partial_bytes
         frequencies = reduction.shape[1 if reduction.groups else 0 : -2]
         what = "complex " if np.dtype(reduction.dtype).kind == "c" else ""
         per = f" at each of {int(np.prod(frequencies))} spatial frequencies" if frequencies else ""
         per += f" for each of {reduction.groups} groups" if reduction.groups else ""
         raise ValueError(
             f"comparing {' and '.join(map(repr, names))}: {reduction.shape[-1]}^2 {what}statistics{per} = "
-            f"{format_bytes(partial)} per partial, and a merge holds 3 of them ({format_bytes(3 * partial)}), over "
-            f"memory_limit={format_bytes(limit)}; raise memory_limit, compare fewer channels, or use "
-            f"spatial='avgpool' or 'interp'")
-    return fan_in
+            f"{format_bytes(partial)} per partial; reading one chunk at a time holds {reduction.partials_held} of "
+            f"them, the chunk and its rows ({format_bytes(per_chain)}), over memory_limit={format_bytes(limit)}; "
+            f"raise memory_limit, compare "
+            f"fewer channels, read smaller chunks, or use spatial='avgpool' or 'interp'")
+    return limit // per_chain
 
 
 def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, *,
@@ -136,8 +137,8 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
         reduction = moments_reduction(adapters, widths, precision=product, row_norms=row_norms)
         return grouped(reduction, groups) if codes is not None else reduction
 
-    fan_in = fit_split_every(reduction_of("float64"), options, names)
     data = [layer.data for layer in layers]
+    chains = fit_chains(reduction_of("float64"), data, adapters, options, names)
     masks = _masks(layers)
     datapoints = layers[0].sizes["datapoint"]
     _warn_small_chunks(layers)
@@ -147,7 +148,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
 
         def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "") -> Parts:
             label = f"{reading_what}{step} ({product} products)" if options.progress else None
-            result = run([d[start:stop] for d in data], adapters, reduction_of(product), split_every=fan_in,
+            result = run([d[start:stop] for d in data], adapters, reduction_of(product), chains=chains,
                          scheduler=scheduler, progress=label, nan_policy=options.nan_policy, names=names,
                          offset=start, codes=None if codes is None else codes[start:stop],
                          masks=[None if mask is None else mask[start:stop] for mask in masks])
@@ -237,7 +238,8 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
     names = tuple(str(layer.name) for layer in layers)
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
-        result = run(sides, adapters, reduction, split_every=options.split_every, scheduler=scheduler,
+        result = run(sides, adapters, reduction, chains=fit_chains(reduction, sides, adapters, options, names),
+                     scheduler=scheduler,
                      progress=label, nan_policy=options.nan_policy, names=names,
                      masks=_masks(layers))
     check_unchanged(layers)
@@ -275,7 +277,7 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     check_complete(layers)
     label = f"reading {', '.join(map(repr, names))}" if options.progress else None
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
-        means = run(data, adapters, means_reduction(widths), split_every=options.split_every, scheduler=scheduler,
+        means = run(data, adapters, means_reduction(widths), scheduler=scheduler,
                     progress=None if label is None else f"{label} (means)", nan_policy="raise", names=names)
         (sums,) = compute(gram_graph(data, adapters, means, split_every=options.split_every),
                           scheduler=scheduler, progress=None if label is None else f"{label} (Gram blocks)")

@@ -125,6 +125,11 @@ class Adapter:
         return {frequency_dim(dim): labels for dim, labels in zip(self.dims, self.frequency_labels)}
 
     @property
+    def made_as_taken(self) -> bool:
+        """Whether ``block_rows()`` makes rows as they are taken (``SpectrumRows``: dft)."""
+        return self.kind == "dft"
+
+    @property
     def is_complex(self) -> bool:
         """Whether the rows are complex (dft)."""
         return self.kind == "dft"
@@ -134,6 +139,21 @@ class Adapter:
         """What a result records of the rows: the adapter, the stride, and method and grid for interp."""
         interp = {"method": self.method, "grid": self.grid} if self.method is not None else {}
         return {"spatial": self.kind, "stride": int(self.stride), **interp}
+
+    def made_bytes(self, channels: int, datapoints: int, rows_at_once: int) -> int:
+        """Bytes of the new arrays ``block_rows()`` makes at most for a chunk of ``datapoints`` datapoints of
+        ``channels`` channels whose rows are taken ``rows_at_once`` at a time: for dft, per datapoint
+        transformed at once, its block taken and cast, its whole spectrum and the kept frequencies; for interp,
+        per datapoint, each resampling step's output and its move; 0 for the others (views, or one row per
+        datapoint)."""
+        positions = int(np.prod(self.shape, dtype=np.int64))
+        if self.kind == "dft":
+            kept = int(np.prod(self.batch_shape, dtype=np.int64))
+            per = (2 * positions + kept) * channels * np.dtype(self.spectrum_dtype).itemsize
+            return min(datapoints, rows_at_once) * per
+        if self.kind == "interp":
+            return datapoints * 2 * max(positions, int(np.prod(self.out_shape, dtype=np.int64))) * channels * 8
+        return 0
 
     def row_count(self, datapoints: int) -> int:
         """Rows ``datapoints`` give (per frequency for dft) before any mask: ceil(N · rows_per_datapoint / stride)."""
@@ -156,7 +176,10 @@ class Adapter:
 
     def block_rows(self, block: np.ndarray, first_datapoint: int, mask: np.ndarray | None = None) -> np.ndarray:
         """Rows (*batch, rows, channel) of ``block`` whose first datapoint is ``first_datapoint``, keeping
-        the global rows ≡ 0 (mod ``stride``) and, under ``mask`` (datapoint, *positions), the real ones."""
+        the global rows ≡ 0 (mod ``stride``) and, under ``mask`` (datapoint, *positions), the real ones. For dft,
+        ``SpectrumRows``: each slice of rows is transformed when it is taken."""
+        if self.kind == "dft":
+            return SpectrumRows(self, block, self.block_datapoints(block.shape[0], first_datapoint, mask))
         rows = self.rows(block, mask if self.mask_rule == "own" else None)
         start, keep = self._selected(first_datapoint, mask)
         rows = rows[..., start :: self.stride, :]
@@ -190,14 +213,41 @@ class Adapter:
                     block = np.moveaxis(np.tensordot(matrix, block, axes=(1, axis + 1)), 0, axis + 1)
             return block.reshape(-1, channels)
         if self.kind == "dft":
-            # numpy >= 2 transforms float32 in complex64, faster from the real block than from a complex64
-            # copy; complex128 runs faster from a complex128 copy than from float64 (the cast is exact either way)
-            single = self.spectrum_dtype == "complex64" and not np.iscomplexobj(block)
-            axes = tuple(range(1, block.ndim - 1))
-            spectrum = np.fft.fftn(block.astype(np.float32 if single else self.spectrum_dtype, copy=False), axes=axes)
-            # one gather, straight into (*frequencies, datapoint, channel) C order
-            return np.moveaxis(spectrum, 0, -2)[np.ix_(*self.frequencies)]
+            return self.spectrum(block)
         raise ValueError(f"unknown spatial adapter {self.kind!r}")
+
+    def spectrum(self, block: np.ndarray) -> np.ndarray:
+        """The kept frequencies of each datapoint's map: (*frequencies, datapoint, channel), ``spectrum_dtype``."""
+        # numpy >= 2 transforms float32 in complex64, faster from the real block than from a complex64
+        # copy; complex128 runs faster from a complex128 copy than from float64 (the cast is exact either way)
+        single = self.spectrum_dtype == "complex64" and not np.iscomplexobj(block)
+        axes = tuple(range(1, block.ndim - 1))
+        spectrum = np.fft.fftn(block.astype(np.float32 if single else self.spectrum_dtype, copy=False), axes=axes)
+        # one gather, straight into (*frequencies, datapoint, channel) C order
+        return np.moveaxis(spectrum, 0, -2)[np.ix_(*self.frequencies)]
+
+
+class SpectrumRows:
+    """The dft rows (*frequencies, rows, channel) of a block, transformed a slice of rows at a time as they are
+    taken (``rows[..., lo:hi, :]``, any index along rows): a chunk's whole spectrum, several times the chunk,
+    is never held at once. ``np.asarray()`` transforms all of them."""
+
+    def __init__(self, adapter: Adapter, block: np.ndarray, datapoints: np.ndarray) -> None:
+        self.adapter, self.block, self.datapoints = adapter, block, datapoints
+        self.dtype = np.dtype(adapter.spectrum_dtype)
+        self.shape = (*adapter.batch_shape, datapoints.size, block.shape[-1])
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        """``rows[..., rows_index, :]`` or ``rows[..., rows_index]``: the spectra of those rows."""
+        if not (isinstance(index, tuple) and index[0] is Ellipsis and len(index) in (2, 3)
+                and (len(index) == 2 or index[2] == slice(None))):
+            raise IndexError(f"SpectrumRows takes rows[..., rows, :], got {index!r}")
+        return self.adapter.spectrum(self.block[self.datapoints[index[1]]])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        rows = self[..., :, :]
+        return rows if dtype is None else rows.astype(dtype)
 
 
 #: The adapters that give one row per datapoint.

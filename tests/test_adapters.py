@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from conftest import GOLDEN, correlated_layers
+from dask.utils import parse_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import avgpool_rows, canonical_correlations, dft_correlations, flatten_rows, interpolate_layer
@@ -52,7 +53,12 @@ def test_dft_rows_are_per_frequency_datapoints():
     rows = adapter.block_rows(acts[2:], 2)
     spectrum = np.fft.fft2(acts, axes=(1, 2))
     assert rows.shape == (4, 6, 2, 3)
-    np.testing.assert_allclose(rows[1, 3], spectrum[[2, 4], 1, 3], atol=1e-12)
+    np.testing.assert_allclose(np.asarray(rows)[1, 3], spectrum[[2, 4], 1, 3], atol=1e-12)
+    # rows are transformed as they are taken, a slice (or any index) of rows at a time
+    np.testing.assert_allclose(rows[..., 1:, :], np.moveaxis(spectrum[[4]], 0, -2), atol=1e-12)
+    np.testing.assert_allclose(rows[..., [True, False]], np.moveaxis(spectrum[[2]], 0, -2), atol=1e-12)
+    with pytest.raises(IndexError, match="rows"):
+        rows[1, 3]
 
 
 def test_shared_frequencies_follow_fft_resize():
@@ -234,9 +240,33 @@ def test_dft_refuses_what_would_not_fit_the_memory_limit(conv_pool):
     partial = 64 * 11 * 9 * 16  # frequencies x (p + q + 2) x (p + q) complex128
     with pytest.raises(ValueError, match=r"'net0/conv2' and 'net1/pool2': 9\^2 complex statistics at each of 64 "
                                          r"spatial frequencies = 99.00 kiB per partial.* over memory_limit"):
-        cca(conv, pool, spatial="dft", memory_limit=3 * partial - 1)
-    result = cca(conv, pool, spatial="dft", memory_limit=3 * partial, precision="float64")
+        cca(conv, pool, spatial="dft", memory_limit=3 * partial)  # the partials alone, without the chunk's work
+    result = cca(conv, pool, spatial="dft", memory_limit="16MiB", precision="float64")
     assert result["rho"].shape == (8, 8, 4)
+
+
+@pytest.mark.parametrize("limit", ["9MiB", "20MiB", "60MiB"])
+def test_dft_memory_limit_bounds_the_run(limit):
+    """The arrays a DFT run allocates while streaming (traced by tracemalloc: spectra, partials, accumulators and
+    temporaries; the layers are in memory beforehand) stay within memory_limit, from one chain (9 MiB) to one
+    per thread (60 MiB); the result is the one of an unbounded run."""
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((600, 8, 8, 12)).astype(np.float32)
+    a = xr.DataArray(x, dims=DIMS, name="a").chunk({"datapoint": 60})
+    b = xr.DataArray(x[..., :10] + 0.5 * rng.standard_normal((600, 8, 8, 10)).astype(np.float32), dims=DIMS,
+                     name="b").chunk({"datapoint": 60})
+    want = cca(a, b, spatial="dft", precision="float64", memory_limit="1GiB")
+    a, b = a.persist(), b.persist()
+    tracemalloc.start()
+    try:
+        got = cca(a, b, spatial="dft", precision="float64", memory_limit=limit)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= parse_bytes(limit)
+    np.testing.assert_allclose(got["rho"], want["rho"], rtol=0, atol=1e-12)
 
 
 @given(chunk_a=st.integers(1, 24), chunk_b=st.integers(1, 24), stride=st.integers(1, 4),
@@ -248,7 +278,7 @@ def test_conv_adapters_independent_of_chunking(chunk_a, chunk_b, stride, spatial
     whole = compute_moments(a, b, spatial=spatial, stride=stride, precision="float64")
     split = compute_moments(da.from_array(a, chunks=(chunk_a, -1, -1, -1)),
                             da.from_array(b, chunks=(chunk_b, -1, -1, -1)), spatial=spatial, stride=stride,
-                            precision="float64", split_every=2)
+                            precision="float64")
     assert split.n == whole.n
     np.testing.assert_allclose(split.mean, whole.mean, rtol=0, atol=1e-12 * np.abs(whole.mean).max())
     np.testing.assert_allclose(split.scatter, whole.scatter, rtol=0, atol=1e-12 * np.abs(whole.scatter).max())

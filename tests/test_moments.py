@@ -93,15 +93,17 @@ def _stats(rows):
     chunk_b=st.integers(1, 40),
     stride=st.integers(1, 7),
     height=st.integers(1, 4),
+    chains=st.integers(1, 4),
 )
-def test_streamed_moments_independent_of_chunking(datapoints, chunk_a, chunk_b, stride, height):
-    """Any chunking of either side and any stride give the in-memory Moments of the flattened rows."""
+def test_streamed_moments_independent_of_chunking(datapoints, chunk_a, chunk_b, stride, height, chains):
+    """Any chunking of either side, any stride and any number of chains give the in-memory Moments of the
+    flattened rows."""
     rng = np.random.default_rng([datapoints, chunk_a, chunk_b, stride, height])
     a = rng.standard_normal((datapoints, height, 3, 2)) + 4
     b = rng.standard_normal((datapoints, height, 3, 3)) - 2
     adapters = [Adapter("flatten", (height, 3), stride)] * 2
     got = run([da.from_array(a, chunks=(chunk_a, -1, -1, -1)), da.from_array(b, chunks=(chunk_b, 1, -1, -1))],
-              adapters, moments_reduction(adapters, (2, 3), precision="float64"), split_every=2)
+              adapters, moments_reduction(adapters, (2, 3), precision="float64"), chains=chains)
     rows = np.concatenate([flatten_rows(a, stride), flatten_rows(b, stride)], axis=1)
     assert_moments_close(got, _moments_of(rows, (2, 3)), rtol=1e-12)
 
