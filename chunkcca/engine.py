@@ -26,7 +26,7 @@ import dask
 import dask.array as da
 import dask.threaded
 import numpy as np
-from dask._task_spec import GraphNode, convert_legacy_graph
+from dask._task_spec import GraphNode, Task, TaskRef, convert_legacy_graph
 from dask.array.core import common_blockdim
 from dask.base import tokenize
 from dask.core import flatten, reverse_dict
@@ -375,14 +375,16 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
         last[index % chains] = key
     layer[merge_name] = (partial(_merge_chains, reduction=reduction), last)
     graph = HighLevelGraph.from_collections(merge_name, layer, dependencies=inputs)
-    return Delayed(merge_name, _reads_inside(graph, [(chunk_name, index) for index in range(len(firsts))]))
+    return Delayed(merge_name, _reads_inside(graph, [(chunk_name, index) for index in range(len(firsts))], chains))
 
 
-def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any]) -> dict[Any, GraphNode]:
-    """The graph with each of ``tasks`` fused with the tasks that only it uses (the reads of its chunks and what
-    they alone need), so a chunk is read by the task that reduces it, when its chain comes to it. Left apart,
-    reads are ready from the start and a scheduler runs them ahead, holding every chunk read until its chain
-    takes it."""
+def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int) -> dict[Any, GraphNode]:
+    """The graph with each of ``tasks`` (the chunks' folds, dealt in turn to ``chains`` chains) fused with the
+    tasks that only it uses (the reads of its chunks and what they alone need), so a chunk is read by the task
+    that folds it, when its chain comes to it. A task several folds share (a store chunk cut into the common
+    chunks of layers chunked differently) waits for the fold ``chains`` before the first that uses it. Left
+    apart, reads are ready from the start and a scheduler runs them ahead, holding every chunk read until its
+    chain takes it."""
     dsk = convert_legacy_graph(dict(graph))
     dependents = reverse_dict({key: node.dependencies for key, node in dsk.items()})
     kept = set(tasks)
@@ -394,7 +396,28 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any]) -> dict[Any, Grap
                 fused.append(dsk.pop(dependency))
                 waiting.extend(fused[-1].dependencies)
         dsk[key] = GraphNode.fuse(*fused, key=key) if len(fused) > 1 else fused[0]
+    order = {key: index for index, key in enumerate(tasks)}
+    dependents = reverse_dict({key: node.dependencies for key, node in dsk.items()})
+    for key in list(dsk):
+        users = dependents.get(key, ())
+        if key in kept or not users or not all(user in order for user in users):
+            continue
+        first = min(order[user] for user in users)
+        if first < chains:
+            continue
+        gate = tasks[first - chains]
+        done = (f"{gate[0]}-done", gate[1])  # a token, so a cluster moves no accumulator to the read
+        dsk[done] = Task(done, _done, TaskRef(gate))
+        dsk[key] = Task(key, _first, dsk[key], TaskRef(done))  # the read, run inline once the gate is done
     return dsk
+
+
+def _done(accumulated: Any) -> None:
+    return None
+
+
+def _first(value: Any, gate: None) -> Any:
+    return value
 
 
 def scheduler_threads(scheduler: Any = None) -> int:

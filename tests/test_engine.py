@@ -210,3 +210,32 @@ def test_progress_says_what_it_reads_and_writes_one_line_into_logs(capsys):
     with Progress("reading 'x'", out=terminal):
         x.sum().compute()
     assert terminal.getvalue().startswith("\rreading 'x': [") and "100% |" in terminal.getvalue()
+
+
+def _made_on_read(array: np.ndarray, chunks: int) -> da.Array:
+    """``array`` as a Dask array whose every chunk is a new array when it is read (as a store's chunks are)."""
+    return da.from_array(array, chunks=(chunks, *array.shape[1:])).map_blocks(np.copy)
+
+
+@pytest.mark.parametrize("chunk_b", [50, 500])
+def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b):
+    """Memory holds a few chunks, not all: each datapoint chunk is read by the task that folds it, and a chunk
+    that several folds share (layers chunked differently) only once the chains are near it. Reading every
+    chunk of b ahead would hold its 32 MiB; the fold's arrays are a few MiB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((4000, 16))
+    b = rng.standard_normal((4000, 8, 8, 16))
+    want = cka(a, b.mean(axis=(1, 2)), precision="float64")
+    layer_a = xr.DataArray(_made_on_read(a, 50), dims=("datapoint", "channel"), name="a")
+    layer_b = xr.DataArray(_made_on_read(b, chunk_b), dims=DIMS, name="b")
+    cka(layer_a, layer_b, spatial="avgpool", precision="float64")  # what a first run imports is not traced
+    tracemalloc.start()
+    try:
+        got = cka(layer_a, layer_b, spatial="avgpool", precision="float64")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+    assert float(got["cka"]) == pytest.approx(float(want["cka"]), abs=1e-12)
