@@ -34,6 +34,7 @@ from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int
 from .passes import Streamed, gram_pass, run_reduction, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
+from .tiles import TiledMoments
 
 
 def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
@@ -603,7 +604,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     groups = _groups(first, stream)
     streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names),
                              codes=None if groups is None else groups.codes,
-                             groups=0 if groups is None else len(groups.labels))
+                             groups=0 if groups is None else len(groups.labels),
+                             pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
     labels = [str(layer.name) for layer in aligned]
     coords = {"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)}
     if groups is not None and groups.dim != "fold":
@@ -618,8 +620,9 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     return result
 
 
-def _pairwise(stats: Moments, labels: list[str], sides: dict[str, list[int]], measures: Sequence[str],
-              solve: SolveOptions, coords: dict[str, np.ndarray], folds: Sequence[Moments] | None = None) -> xr.Dataset:
+def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str, list[int]], measures: Sequence[str],
+              solve: SolveOptions, coords: dict[str, np.ndarray],
+              folds: Sequence[Moments | TiledMoments] | None = None) -> xr.Dataset:
     """Each measure's (layer_a, layer_b) values from the Moments of all layers (one side each, named by
     ``labels``); ``sides`` lists the sides of set a and of set b. With ``folds`` (each fold's Moments of all
     layers) also each measure's jackknife ``_se`` and ``_ci`` (bound), and the held-out measures."""

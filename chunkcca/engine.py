@@ -58,8 +58,10 @@ class Reduction:
     ``fold`` merges one chunk's rows into its chain's accumulated partial (in place where it can; see ``Fold``);
     ``merge(into, part)`` merges the partial ``part`` into ``into`` (in place where it can) and returns the
     merged partial, associatively; ``finalize`` maps the merged partial to the result. A chain holds
-    ``partials_held`` partials at most (its accumulator, and a chunk's partial when it is made apart). ``name``
-    prefixes the graph's layers. ``chunk_fold()`` makes a fold from a function of one chunk's rows.
+    ``partials_held`` partials at most (its accumulator, and a chunk's partial when it is made apart). For the
+    memory budget: the rows are ``width`` channels wide, ``batch`` sets of them (frequencies), and a fold makes
+    products of at most ``product`` elements at once per batch element. ``name`` prefixes the graph's layers.
+    ``chunk_fold()`` makes a fold from a function of one chunk's rows.
     """
 
     name: str
@@ -69,6 +71,9 @@ class Reduction:
     shape: tuple[int, ...]
     dtype: Any
     partials_held: int = 2
+    width: int = 0
+    batch: int = 1
+    product: int = 0
     groups: int = 0
 
     @property
@@ -113,7 +118,8 @@ def grouped(reduction: Reduction, groups: int) -> Reduction:
                      merge=partial(_merge_groups, merge=reduction.merge),
                      finalize=partial(_finalize_groups, finalize=reduction.finalize),
                      shape=(groups, *reduction.shape), dtype=reduction.dtype,
-                     partials_held=reduction.partials_held, groups=groups)
+                     partials_held=reduction.partials_held, width=reduction.width, batch=reduction.batch,
+                     product=reduction.product, groups=groups)
 
 
 def _merge_groups(into: np.ndarray, part: np.ndarray, *,
@@ -160,7 +166,8 @@ def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, pre
                      dtype=dtype),
         merge=partial(merge_into, sizes=tuple(widths)),
         finalize=partial(unpack, sizes=tuple(widths), precision=precision),
-        shape=shape, dtype=dtype, partials_held=2 if row_norms else 1)
+        shape=shape, dtype=dtype, partials_held=2 if row_norms else 1, width=p,
+        batch=int(np.prod(adapters[0].batch_shape, dtype=np.int64)), product=p * p)
 
 
 def minibatch_reduction(adapters: Sequence[Adapter], size: int) -> Reduction:
@@ -168,7 +175,7 @@ def minibatch_reduction(adapters: Sequence[Adapter], size: int) -> Reduction:
     return Reduction(
         name="minibatch-cka",
         fold=chunk_fold(partial(minibatch_partial, size=size, rows_before=adapters[0].row_count), add_into),
-        merge=add_into, finalize=_only_partial, shape=(5,), dtype=np.float64)
+        merge=add_into, finalize=_only_partial, shape=(5,), dtype=np.float64, product=size * size)
 
 
 def _only_partial(merged: np.ndarray) -> np.ndarray:
@@ -188,7 +195,8 @@ def _means(merged: np.ndarray, *, widths: tuple[int, ...]) -> list[np.ndarray]:
 def means_reduction(widths: Sequence[int]) -> Reduction:
     """Each side's mean row (its column means), for centring the Gram matrices of ``gram_graph``."""
     return Reduction(name="means", fold=chunk_fold(_sums_chunk, add_into, nonfinite_shows=True), merge=add_into,
-                     finalize=partial(_means, widths=tuple(widths)), shape=(sum(widths) + 1,), dtype=np.float64)
+                     finalize=partial(_means, widths=tuple(widths)), shape=(sum(widths) + 1,), dtype=np.float64,
+                     width=sum(widths))
 
 
 def _gram_pair(first_i: int, first_j: int, blocks_i: list[np.ndarray], blocks_j: list[np.ndarray], *,
@@ -326,13 +334,13 @@ def chain_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reductio
     sides = aligned(sides)[0]
     largest = max(sides[0].chunks[0])
     chunk = sum(largest * int(np.prod(side.shape[1:])) * side.dtype.itemsize for side in sides)
-    itemsize, p = np.dtype(reduction.dtype).itemsize, reduction.shape[-1]
-    batch = int(np.prod(reduction.shape[:-2], dtype=np.int64))  # frequencies (and groups)
+    itemsize = np.dtype(reduction.dtype).itemsize
+    row_bytes = reduction.batch * max(reduction.width, 1) * itemsize
     sub_block = MADE_SUBBLOCK_BYTES if any(adapter.made_as_taken for adapter in adapters) else SUBBLOCK_BYTES
-    rows_at_once = max(1, min(largest * adapters[0].rows_per_datapoint, sub_block // (batch * p * itemsize)))
+    rows_at_once = max(1, min(largest * adapters[0].rows_per_datapoint, sub_block // row_bytes))
     made = sum(adapter.made_bytes(side.shape[-1], largest, rows_at_once) for adapter, side in zip(adapters, sides))
-    products = min(batch * p * p, max(PRODUCT_BYTES // itemsize, p * p)) * itemsize
-    temporaries = products + 2 * rows_at_once * batch * p * itemsize + min(OUTER_BYTES, p * p * itemsize)
+    products = min(reduction.batch * reduction.product, max(PRODUCT_BYTES // itemsize, reduction.product)) * itemsize
+    temporaries = products + 2 * rows_at_once * row_bytes + min(OUTER_BYTES, reduction.product * itemsize)
     return reduction.partials_held * reduction.partial_bytes + temporaries + chunk + made
 
 
@@ -422,14 +430,14 @@ def _first(value: Any, gate: None) -> Any:
 
 def scheduler_threads(scheduler: Any = None) -> int:
     """Tasks the active or given scheduler runs at once: a cluster's threads, 1 for the synchronous scheduler,
-    else the local pool's workers (Dask's ``num_workers`` setting, or one more than the cores)."""
+    else the local pool's workers (Dask's ``num_workers`` setting, or one per core)."""
     client = _active_client(scheduler)
     if client is not None:
         return max(1, sum(client.nthreads().values()))
     name = scheduler if isinstance(scheduler, str) else dask.config.get("scheduler", None)
     if name in ("synchronous", "sync", "single-threaded"):
         return 1
-    return int(dask.config.get("num_workers", None) or (os.cpu_count() or 1) + 1)
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
 def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
@@ -441,8 +449,9 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
     default the active one (a
     ``distributed.Client`` if one is current, else the local threaded scheduler). With
     ``progress`` (a label saying what is computed) a progress bar is shown on stderr: a labelled Dask bar
-    locally (``chunkcca.progress.Progress``), distributed's after the label on a cluster. ``threads`` caps the
-    local pool's workers (reads beyond what the graph's chains use would only run ahead and be held).
+    locally (``chunkcca.progress.Progress``), distributed's after the label on a cluster. ``threads`` sets the
+    local pool's workers unless Dask's ``num_workers`` is set (a chained reduction's chains: more workers would
+    only run reads ahead).
     """
     client = _active_client(scheduler)
     with one_thread():
@@ -460,10 +469,9 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
                 # named by its function, Dask's threaded scheduler runs without importing distributed
                 options["scheduler"] = dask.threaded.get
             if dask.config.get("num_workers", None) is None:
-                # one thread more than cores lets a chunk's products overlap the next chunk's decoding
-                # (measured 0.97-1.02 s against 1.02-1.34 s with one thread per core; docs/performance.md)
-                workers = (os.cpu_count() or 1) + 1
-                options["num_workers"] = min(workers, threads) if threads else workers
+                # for graphs whose reads are tasks of their own (the Gram blocks), one thread more than cores lets
+                # a chunk's products overlap the next chunk's decoding (docs/performance.md)
+                options["num_workers"] = threads or (os.cpu_count() or 1) + 1
         if progress:
             with Progress(progress):  # on stderr: stdout stays for results (e.g. the CLI's --json)
                 return dask.compute(*graphs, **options)
@@ -474,12 +482,13 @@ def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduc
         scheduler: Any = None, progress: str | None = None, nan_policy: str = "raise", names: Sequence[str] = (),
         offset: int = 0, codes: da.Array | None = None, masks: Sequence[da.Array | None] = ()) -> Any:
     """Build, compute and finalize one reduction (see ``reduction_graph()`` and ``compute()``) in as many chains
-    as the scheduler has threads, or ``chains`` if fewer (a memory budget)."""
+    as the scheduler runs tasks at once (locally, one per core: each chain reads its own chunks, so a chain
+    more than the cores was measured to gain nothing), or ``chains`` if fewer (a memory budget)."""
     threads = scheduler_threads(scheduler)
     chains = threads if chains is None else min(chains, threads)
     graph = reduction_graph(sides, adapters, reduction, chains=chains, nan_policy=nan_policy,
                             names=names, offset=offset, codes=codes, masks=masks)
-    (merged,) = compute(graph, scheduler=scheduler, progress=progress, threads=chains + 1)
+    (merged,) = compute(graph, scheduler=scheduler, progress=progress, threads=chains)
     return reduction.finalize(merged)
 
 

@@ -30,6 +30,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -447,11 +448,13 @@ class _Shifted:
         return block
 
 
-def _accumulate(products: np.ndarray, sides: Sequence[np.ndarray], precision: ProductPrecision, *,
-                check: RowCheck | None, row_norms: bool) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
-    """Add ``Σ u uᴴ`` of the rows u = z − shift (each side's rows z, concatenated) into ``products`` (*batch, p, p)
-    in place, one sub-block at a time; returns the shift (*batch, p), ``Σ u`` (*batch, p), the rows counted and,
-    with ``row_norms``, ``Σ ‖u_l‖² uᵀ`` (L, p) and ``Σ ‖u_l‖² ‖u_m‖²`` (L, L) about the shift.
+def accumulate(add_products: Callable[[np.ndarray], None], sides: Sequence[np.ndarray], precision: ProductPrecision,
+               *, check: RowCheck | None,
+               row_norms: bool = False) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """Give the rows u = z − shift (each side's rows z, concatenated) to ``add_products`` one sub-block at a time
+    (*batch, rows, p), which adds their products where they are kept (``Σ u uᴴ`` into a scatter, or some of its
+    blocks); returns the shift (*batch, p), ``Σ u`` (*batch, p), the rows counted and, with ``row_norms``,
+    ``Σ ‖u_l‖² uᵀ`` (L, p) and ``Σ ‖u_l‖² ‖u_m‖²`` (L, L) about the shift.
 
     A sub-block whose sums are not finite goes to ``check`` (which raises or leaves the rows at fault out); one
     whose single-precision products would over- or underflow is multiplied in float64 (``_beyond_single``).
@@ -459,7 +462,7 @@ def _accumulate(products: np.ndarray, sides: Sequence[np.ndarray], precision: Pr
     shifted = _Shifted(sides, precision)
     n_sides = len(sides) if row_norms and not shifted.is_complex else 0
     sums = np.zeros(shifted.shift.shape[:-2] + shifted.shift.shape[-1:], dtype=shifted.wide)
-    norm_moments, norm_products = np.zeros((n_sides, products.shape[-1])), np.zeros((n_sides, n_sides))
+    norm_moments, norm_products = np.zeros((n_sides, shifted.buffer.shape[-1])), np.zeros((n_sides, n_sides))
     counted = 0
     for start in range(0, shifted.rows, shifted.per_block):
         taken = shifted.taken(start)
@@ -475,7 +478,7 @@ def _accumulate(products: np.ndarray, sides: Sequence[np.ndarray], precision: Pr
                 block_sums = block.sum(axis=-2)
         if block.shape[-2] == 0:  # every row of the sub-block left out
             continue
-        _add_products(products, block)
+        add_products(block)
         sums += block_sums
         counted += block.shape[-2]
         if n_sides:
@@ -494,13 +497,13 @@ def fold_rows(into: np.ndarray, sides: Sequence[np.ndarray], precision: ProductP
     The rows' products (``Σ u uᴴ``, u the rows shifted by the mean of their first rows) are added straight into
     its scatter, one sub-block at a time (no second p × p matrix is made); then the change of centre:
     ``M = M_a + Σ u uᴴ − n_b ū ūᴴ + (n_a n_b / n) δδᴴ``, δ = (shift + ū) − μ_a (Chan et al.). ``check`` as for
-    ``_accumulate()``.
+    ``accumulate()``.
     """
     p = into.shape[-1]
     if sides[0].shape[-2] == 0:
         return into
     scatter = into[0, ..., 2 : p + 2, :]
-    shift, sums, count, _, _ = _accumulate(scatter, sides, precision, check=check, row_norms=False)
+    shift, sums, count, _, _ = accumulate(partial(_add_products, scatter), sides, precision, check=check)
     if count == 0:
         return into
     n_a = float(into[(0,) * into.ndim].real)
@@ -543,8 +546,8 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision =
     if not n_sides:
         return fold_rows(packed, sides, precision, check=check)
     products = packed[0, 2 : p + 2]
-    shift, sums, count, norm_moments, norm_products = _accumulate(products, sides, precision, check=check,
-                                                                  row_norms=True)
+    shift, sums, count, norm_moments, norm_products = accumulate(partial(_add_products, products), sides, precision,
+                                                                 check=check, row_norms=True)
     if count == 0:
         return packed
     shifted_mean = sums / count

@@ -154,10 +154,13 @@ class StreamOptions:
         or ("omit") such rows are left out of every side and counted in the ``rows_omitted`` attr (with
         padding masks, that count includes the padded positions, which are left out either way).
     split_every : int
-        Partials merged per task of the tree reduction, at least 2 (lowered to fit ``memory_limit``).
+        Gram blocks summed per task of the tree that adds them up (spatial="features"), at least 2. The
+        Moments need none: each thread folds its chunks into one accumulator.
     memory_limit : int, float or str
-        Budget for the statistics held at once ("4GiB" by default), checked before streaming; kept in
-        bytes.
+        Budget for what a pass holds at once ("4GiB" by default), checked before streaming; kept in bytes.
+        Each thread reading (one per core locally) holds its accumulated statistics, the chunk it folds
+        and that chunk's temporaries; fewer threads read when the budget affords fewer, and a pass that
+        cannot fit one is refused, naming the layers and sizes.
     scheduler
         The Dask scheduler: None (the active one: a current ``distributed.Client``, else the local
         threads), "threads", "synchronous", "processes", a ``distributed.Client`` or an address.

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import dask.array as da
@@ -35,10 +36,11 @@ from .engine import (
     moments_reduction,
     run,
 )
-from .moments import Moments
+from .moments import Moments, RowCheck
 from .options import MASK, ProductPrecision, StreamOptions
 from .rows import Adapter
 from .store import check_complete, check_unchanged
+from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
 
 #: precision="auto" keeps float32 products while every side's correlation matrix in the first chunk has a
 #: condition number at most this: float32 products were measured to move correlations by up to ~1e-6 at
@@ -56,10 +58,10 @@ class Streamed:
 
     layers: tuple[xr.DataArray, ...]
     adapters: tuple[Adapter, ...]
-    moments: Moments
+    moments: Moments | TiledMoments
     rows_omitted: int
     precision_note: str | None = None
-    groups: tuple[Moments, ...] | None = None
+    groups: tuple[Moments | TiledMoments, ...] | None = None
 
 
 #: Packages whose frames in a traceback mark an error as one of reading a store.
@@ -117,8 +119,26 @@ def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequen
     return limit // per_chain
 
 
+def _tiled_fold(accumulated: np.ndarray | None, rows: list[np.ndarray], first_datapoint: int, check: RowCheck, *,
+                tiling: Tiling, precision: ProductPrecision) -> np.ndarray:
+    into = np.zeros((1, tiling.size)) if accumulated is None else accumulated
+    return fold_tiled(into, rows, tiling, precision, check=check)
+
+
+def tiled_reduction(tiling: Tiling, *, precision: ProductPrecision) -> Reduction:
+    """The ``TiledMoments`` of real rows of sides of ``tiling.sizes`` channels: only the blocks of the scatter
+    that the pairs ``tiling.pairs`` read, each chunk's products added straight into them."""
+    largest = max(size * width for size, width in zip(tiling.sizes, tiling.widths))
+    return Reduction(
+        name="tiled-moments", fold=partial(_tiled_fold, tiling=tiling, precision=precision),
+        merge=partial(merge_tiled, tiling=tiling), finalize=partial(TiledMoments.unpack, tiling=tiling,
+                                                                    precision=precision),
+        shape=(tiling.size,), dtype=np.float64, partials_held=1, width=tiling.channels, product=largest)
+
+
 def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, *,
-                  row_norms: bool = False, codes: da.Array | None = None, groups: int = 0) -> Streamed:
+                  row_norms: bool = False, codes: da.Array | None = None, groups: int = 0,
+                  pairs: Sequence[tuple[int, int]] | None = None) -> Streamed:
     """Stream aligned, validated layers (one side each) into one Moments, in one pass over their chunks.
 
     Checks the memory budget first. With ``options.checkpoint`` the running Moments are saved there
@@ -128,13 +148,20 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     a condition number above ``AUTO_CONDITION``, and merges the two. A ValueError if no finite row
     is left. With ``codes`` (each datapoint's group, 0 … ``groups`` − 1) the Moments of each group are kept
     apart in the same pass (``Streamed.groups``; ``Streamed.moments`` is their merge), and the memory budget
-    is checked for all of them.
+    is checked for all of them. With ``pairs`` (of indices into ``layers``), only the blocks of the scatter
+    those pairs read are kept (``TiledMoments``, whose ``select()`` gives a pair's Moments), unless row-norm
+    sums, complex rows or a checkpoint ask for whole Moments.
     """
     names = tuple(str(layer.name) for layer in layers)
     widths = [layer.sizes["channel"] for layer in layers]
+    tiling = None
+    if pairs is not None and not row_norms and options.checkpoint is None and not any(
+            adapter.is_complex for adapter in adapters):
+        tiling = Tiling.of(widths, pairs)
 
     def reduction_of(product: ProductPrecision) -> Reduction:
-        reduction = moments_reduction(adapters, widths, precision=product, row_norms=row_norms)
+        reduction = (moments_reduction(adapters, widths, precision=product, row_norms=row_norms) if tiling is None
+                     else tiled_reduction(tiling, precision=product))
         return grouped(reduction, groups) if codes is not None else reduction
 
     data = [layer.data for layer in layers]
@@ -172,12 +199,12 @@ def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:
 
 
 #: The Moments of each group of a pass (one for an ungrouped pass).
-Parts = tuple[Moments, ...]
+Parts = tuple[Moments | TiledMoments, ...]
 #: Computes the Parts of the datapoints start … stop − 1 with the given products (and a progress label step).
 MomentsOf = Callable[..., Parts]
 
 
-def _merged(parts: Parts) -> Moments:
+def _merged(parts: Parts) -> Moments | TiledMoments:
     """The Moments of all groups together (exact: Chan's merge)."""
     return sum(parts[1:], parts[0])
 
@@ -285,11 +312,12 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     return np.asarray(sums)
 
 
-def _choose_precision(pilot: Moments, names: Sequence[str], datapoints: int) -> tuple[ProductPrecision, str]:
+def _choose_precision(pilot: Moments | TiledMoments, names: Sequence[str],
+                      datapoints: int) -> tuple[ProductPrecision, str]:
     """float32 or float64 products for ``precision="auto"``, from the pilot chunk's correlation matrices, and why."""
     worst, worst_name = 0.0, ""
-    for name, part in zip(names, pilot.side_slices()):
-        scatter = pilot.scatter[..., part, part]
+    for side, name in enumerate(names):
+        scatter = pilot.select([side]).scatter
         kept = np.diagonal(scatter, axis1=-2, axis2=-1).real > 0
         condition = np.inf if pilot.n <= int(kept.sum(axis=-1).max()) else _condition(scatter, kept)
         if condition > worst:

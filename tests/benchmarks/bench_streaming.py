@@ -48,7 +48,7 @@ def case(kind: str, datapoints: int, chunk: int, precision: str, compression: st
     reduction = moments_reduction(adapters, (64, 64), precision=precision)
 
     def stream_moments(sides: list) -> None:
-        run_reduction(sides, adapters, reduction, split_every=8)
+        run_reduction(sides, adapters, reduction)
     if kind == "read":
         # one value per pair of aligned chunks; keeping every axis spares Dask's join (a copy) of the blocks
         trivial = da.map_blocks(lambda x, y: np.zeros((1, 1, 1, 1)), a, b,

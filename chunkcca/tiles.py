@@ -1,0 +1,208 @@
+"""Moments kept only for the pairs of layers a sweep compares: the blocks of the scatter it reads, never all of it.
+
+A sweep of layers a₁ … a_m against b₁ … b_k reads, for each pair (a, b), the blocks [a, a], [a, b] and [b, b] of
+the scatter of all the layers' channels; the blocks [a, a'] between two layers of one set are never read, and
+for two sets of similar width they are about two thirds of the whole. A ``Tiling`` says which blocks are kept:
+for each side l (a layer, in the order streamed) its *tile*, the rows of l's channels against the columns of l
+itself and of the later sides paired with it (each block is kept once, under the first of its two sides).
+
+``TiledMoments`` holds the row count, the mean of every channel and the tiles, merges exactly (Chan et al., as
+``Moments``), and gives the ``Moments`` of one side or of one kept pair (``select()``). For streaming, a partial
+travels as one flat float64 array (1, size): the count, the mean (P), then each tile, row-major (``Tiling``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property, partial
+
+import numpy as np
+
+from .moments import Moments, RowCheck, accumulate, side_slices
+from .options import ProductPrecision
+
+#: A run of channels [start, stop) of the concatenated sides.
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Which blocks of the scatter of sides of ``sizes`` channels are kept: ``pairs``, the pairs of sides (i, j)
+    compared (in any order; a side's own block is always kept)."""
+
+    sizes: tuple[int, ...]
+    pairs: frozenset[tuple[int, int]]
+
+    @classmethod
+    def of(cls, sizes: Sequence[int], pairs: Sequence[tuple[int, int]]) -> Tiling:
+        return cls(tuple(int(size) for size in sizes), frozenset((min(i, j), max(i, j)) for i, j in pairs))
+
+    @cached_property
+    def partners(self) -> tuple[tuple[int, ...], ...]:
+        """For each side l, the later sides paired with it, in order."""
+        return tuple(tuple(sorted(j for i, j in self.pairs if i == side and j != side))
+                     for side in range(len(self.sizes)))
+
+    @cached_property
+    def columns(self) -> tuple[tuple[Span, ...], ...]:
+        """For each side l, the column spans of its tile: l's own channels, then its partners' (adjacent ones
+        joined, so a set of consecutive layers is one span and one product)."""
+        slices = side_slices(self.sizes)
+        tiles = []
+        for side, partners in enumerate(self.partners):
+            spans = [(slices[side].start, slices[side].stop)]
+            for partner in partners:
+                start, stop = slices[partner].start, slices[partner].stop
+                if len(spans) > 1 and spans[-1][1] == start:
+                    spans[-1] = (spans[-1][0], stop)
+                else:
+                    spans.append((start, stop))
+            tiles.append(tuple(spans))
+        return tuple(tiles)
+
+    @cached_property
+    def widths(self) -> tuple[int, ...]:
+        """Columns of each side's tile."""
+        return tuple(sum(stop - start for start, stop in spans) for spans in self.columns)
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """Where each tile starts in a packed partial (after the count and the mean), and the end."""
+        sizes = (size * width for size, width in zip(self.sizes, self.widths))
+        return tuple(itertools.accumulate(sizes, initial=1 + self.channels))
+
+    @property
+    def channels(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def size(self) -> int:
+        """Elements of a packed partial."""
+        return self.offsets[-1]
+
+    def tiles(self, packed: np.ndarray) -> list[np.ndarray]:
+        """Views of the tiles (sizeₗ, widthₗ) of a packed partial (1, size)."""
+        return [packed[0, lo:hi].reshape(size, width) for lo, hi, size, width
+                in zip(self.offsets, self.offsets[1:], self.sizes, self.widths)]
+
+    def column_index(self, side: int) -> np.ndarray:
+        """The channels of side's tile's columns, in order."""
+        return np.concatenate([np.arange(start, stop) for start, stop in self.columns[side]])
+
+    def add_outer(self, packed: np.ndarray, vector: np.ndarray, weight: float) -> None:
+        """Each tile += weight · v[rows] v[columns]ᵀ, in place (the kept blocks of weight · v vᵀ)."""
+        for side, (tile, part) in enumerate(zip(self.tiles(packed), side_slices(self.sizes))):
+            tile += weight * np.multiply.outer(vector[part], vector[self.column_index(side)])
+
+    def add_products(self, packed: np.ndarray, block: np.ndarray) -> None:
+        """Each tile += the products of the block's rows (rows, P) for its blocks, made in the block's precision
+        one span at a time."""
+        for side, (tile, part) in enumerate(zip(self.tiles(packed), side_slices(self.sizes))):
+            rows = block[:, part].T
+            column = 0
+            for start, stop in self.columns[side]:
+                tile[:, column : column + stop - start] += rows @ block[:, start:stop]
+                column += stop - start
+
+
+def fold_tiled(into: np.ndarray, sides: Sequence[np.ndarray], tiling: Tiling, precision: ProductPrecision, *,
+               check: RowCheck | None = None) -> np.ndarray:
+    """Merge the rows of each side (rows, pᵢ), real, into the packed tiled partial ``into`` in place, exactly, as
+    ``moments.fold_rows`` does for a whole scatter, and return it."""
+    if sides[0].shape[-2] == 0:
+        return into
+    shift, sums, count, _, _ = accumulate(partial(tiling.add_products, into), sides, precision, check=check)
+    if count == 0:
+        return into
+    p = tiling.channels
+    n_a = float(into[0, 0])
+    n = n_a + count
+    shifted_mean = sums / count
+    tiling.add_outer(into, shifted_mean, -count)
+    mean = into[0, 1 : p + 1]
+    if n_a:
+        delta = shift + shifted_mean - mean
+        tiling.add_outer(into, delta, n_a * count / n)
+        mean += delta * (count / n)
+    else:
+        mean[...] = shift + shifted_mean
+    into[0, 0] = n
+    return into
+
+
+def merge_tiled(into: np.ndarray, part: np.ndarray, tiling: Tiling) -> np.ndarray:
+    """Merge the packed tiled partial ``part`` into ``into`` in place, exactly (Chan et al.), and return it."""
+    n_a, n_b = float(into[0, 0]), float(part[0, 0])
+    if n_b == 0:
+        return into
+    if n_a == 0:
+        into[...] = part
+        return into
+    p, n = tiling.channels, n_a + n_b
+    delta = part[0, 1 : p + 1] - into[0, 1 : p + 1]
+    into[0, p + 1 :] += part[0, p + 1 :]
+    tiling.add_outer(into, delta, n_a * n_b / n)
+    into[0, 1 : p + 1] += delta * (n_b / n)
+    into[0, 0] = n
+    return into
+
+
+@dataclass(frozen=True)
+class TiledMoments:
+    """Row count, mean (P,) and the kept blocks of the centred scatter of many sides (see ``Tiling``).
+
+    ``select()`` gives the ``Moments`` of one side or of a kept pair of sides; ``+`` merges exactly.
+    """
+
+    n: int
+    mean: np.ndarray
+    packed: np.ndarray
+    tiling: Tiling
+    precision: ProductPrecision = "float64"
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray, tiling: Tiling, precision: ProductPrecision = "float64") -> TiledMoments:
+        return cls(int(packed[0, 0]), packed[0, 1 : tiling.channels + 1].copy(), packed.copy(), tiling, precision)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.tiling.sizes
+
+    def side_slices(self) -> list[slice]:
+        return side_slices(self.sizes)
+
+    def __repr__(self) -> str:
+        return (f"TiledMoments(n={self.n}, sizes={self.sizes}, pairs={len(self.tiling.pairs)}, "
+                f"precision={self.precision!r})")
+
+    def select(self, sides: Sequence[int]) -> Moments:
+        """The Moments of one side, or of two sides whose pair is kept (a side with itself included)."""
+        slices, tiles = self.side_slices(), self.tiling.tiles(self.packed)
+        first = min(sides)
+        if len(sides) > 2 or any((first, side) not in self.tiling.pairs and side != first for side in sides):
+            raise KeyError(f"the pair of sides {tuple(sides)} is not kept; kept: {sorted(self.tiling.pairs)}")
+        index = np.concatenate([np.arange(slices[side].start, slices[side].stop) for side in sides])
+        scatter = np.empty((index.size, index.size))
+        starts = np.cumsum([0, *(self.sizes[side] for side in sides)])
+        for (i, side_i), (j, side_j) in itertools.product(enumerate(sides), repeat=2):
+            low, high = min(side_i, side_j), max(side_i, side_j)
+            columns = np.searchsorted(self.tiling.column_index(low), np.arange(slices[high].start, slices[high].stop))
+            block = tiles[low][:, columns]
+            scatter[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block if side_i == low else block.T
+        return Moments(self.n, self.mean[index], scatter, tuple(self.sizes[side] for side in sides),
+                       precision=self.precision)
+
+    def __add__(self, other: TiledMoments) -> TiledMoments:
+        if not isinstance(other, TiledMoments):
+            return NotImplemented
+        if other.tiling != self.tiling:
+            raise ValueError("cannot merge TiledMoments of different tilings")
+        precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
+        return TiledMoments.unpack(merge_tiled(self.packed.copy(), other.packed, self.tiling), self.tiling, precision)
+
+    def __radd__(self, other: object) -> TiledMoments:
+        if isinstance(other, int) and other == 0:
+            return self
+        return NotImplemented
