@@ -7,6 +7,7 @@ per-chunk products 5–10× slower and small ``eigh``/``pinv`` calls 50–100× 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from threadpoolctl import ThreadpoolController, threadpool_limits
@@ -34,3 +35,14 @@ def pin_blas() -> None:
 def one_thread() -> threadpool_limits:
     """A context in which BLAS runs on one thread, restored afterwards."""
     return threadpool_limits(limits=1, user_api="blas")
+
+
+#: Order of the dense solves (eigh, SVD) from which BLAS runs on every core: below it, more threads made
+#: small calls 50-100x slower; at 8192 channels one thread took 92 s for a CCA (docs/performance.md).
+WIDE_SOLVE = 1024
+
+
+def solve_threads(order: int) -> threadpool_limits:
+    """A context for a dense solve of matrices of ``order`` rows: BLAS on one thread for small ones, on every
+    core from ``WIDE_SOLVE`` (restored afterwards)."""
+    return threadpool_limits(limits=1 if order < WIDE_SOLVE else os.cpu_count() or 1, user_api="blas")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .blas import one_thread
+from .blas import solve_threads
 from .moments import Moments
 from .options import SolveOptions, check_epsilon
 
@@ -165,7 +165,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     dims = default_batch_dims(len(batch)) if batch_dims is None else tuple(batch_dims)
     if len(dims) != len(batch):
         raise ValueError(f"Moments have {len(batch)} batch dims, batch_dims names {len(dims)}: {dims}")
-    with one_thread():
+    with solve_threads(moments.channels):
         solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]),
                              rounding_floor(moments))
                   for index in np.ndindex(*batch)]
@@ -280,7 +280,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon)
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     require_variance(moments, "SVCCA")
-    with one_thread():
+    with solve_threads(moments.channels):
         basis_a, basis_b = (_kept_directions(cov, keep, keep_by, rounding_floor(moments)) for cov in (cov_aa, cov_bb))
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
@@ -438,7 +438,7 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     cov_aa, cov_ab, cov_bb = _pair(moments, "procrustes")
     scale = np.sqrt(np.trace(cov_aa) * np.trace(cov_bb))
     require_variance(moments, "the Procrustes distance")
-    with one_thread():
+    with solve_threads(moments.channels):
         similarity = float(np.linalg.svd(cov_ab, compute_uv=False).sum() / scale)
     return xr.Dataset(
         {"procrustes": ((), float(np.sqrt(max(0.0, 2 - 2 * similarity))), {"long_name": "Procrustes distance"}),
@@ -484,7 +484,7 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     SolveOptions(alpha=alpha)
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     require_variance(moments, "the shape metric")
-    with one_thread():
+    with solve_threads(moments.channels):
         (t_a, rank_a), (t_b, rank_b) = (_partial_whitener(cov, alpha, rounding_floor(moments))
                                         for cov in (cov_aa, cov_bb))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
