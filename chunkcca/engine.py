@@ -1,14 +1,13 @@
-"""The Dask engine: one reduction over the datapoint chunks of aligned layers, tree-merged, on any scheduler.
+"""The Dask engine: one reduction over the datapoint chunks of aligned layers, folded in a few chains, on any scheduler.
 
-A ``Reduction`` is declared as data, in the shape of flox's ``Aggregation``: a ``chunk``
-function from one chunk's rows (per side, after each side's ``Adapter``) to a
-partial, an associative ``merge`` of one partial into another (in place where it can), and a ``finalize``
-from the merged partial to the result. ``reduction_graph()`` builds the lazy graph for any reduction: the
-datapoint chunks are dealt to a few chains (one per thread at most), each chunk's partial is merged into its
-chain's accumulator as soon as it is made, and the chains' accumulators are merged at the end. ``compute()``
-runs graphs on the active or given scheduler with BLAS on one thread. The Moments (``moments_reduction()``)
-and minibatch CKA (``minibatch_reduction()``) are two such reductions. Memory is O(chains · (2 partials +
-one chunk's work)), whatever the number of datapoints.
+A ``Reduction`` is declared as data, in the shape of flox's ``Aggregation``: a ``fold`` of one chunk's rows
+(per side, after each side's ``Adapter``) into an accumulated partial, an associative ``merge`` of one partial
+into another (both in place where they can), and a ``finalize`` from the merged partial to the result.
+``reduction_graph()`` builds the lazy graph for any reduction: the datapoint chunks are dealt in turn to a few
+chains (one per thread at most), each chunk read by the task that folds it into its chain's accumulator, and
+the chains' accumulators merged at the end. ``compute()`` runs graphs on the active or given scheduler with BLAS
+on one thread. The Moments (``moments_reduction()``) and minibatch CKA (``minibatch_reduction()``) are two such
+reductions. Memory is O(chains · (accumulator + one chunk's work)), whatever the number of datapoints.
 """
 
 from __future__ import annotations
@@ -247,13 +246,6 @@ def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str]
     return [side[..., keep, :] for side in rows]
 
 
-def _only_block(nested: Any) -> np.ndarray:
-    """The one block Dask passes (in nested lists, one level per contracted axis) with ``concatenate=False``."""
-    while isinstance(nested, list):
-        (nested,) = nested
-    return nested
-
-
 def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], names: Sequence[str],
                 first_datapoint: int) -> list[np.ndarray | None]:
     """The mask each side's adapter applies: its own (avgpool, last), or where every side is real (flatten).
@@ -292,16 +284,15 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
         if codes is None:
             return reduction.fold(accumulated, rows, first_datapoint, check)
         row_codes = codes[adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint, masks[0])]
-        made = []
+        if accumulated is None:  # every group's accumulator at once, each folded into in place
+            accumulated = np.zeros((1, *reduction.shape), dtype=reduction.dtype)
         for group in range(reduction.groups):
-            group_rows = [side[..., row_codes == group, :] for side in rows]
-            target = None if accumulated is None else accumulated[:, group]
-            result = reduction.fold(target, group_rows, first_datapoint, check)
-            if target is None:
-                made.append(result[0])
-            elif result is not target:
+            target = accumulated[:, group]
+            result = reduction.fold(target, [side[..., row_codes == group, :] for side in rows], first_datapoint,
+                                    check)
+            if result is not target:
                 target[...] = result
-        return np.stack(made)[None] if accumulated is None else accumulated
+        return accumulated
 
 
 def _merge_chains(accumulators: list[np.ndarray], *, reduction: Reduction) -> np.ndarray:
@@ -325,29 +316,42 @@ def aligned(sides: Sequence[da.Array], masks: Sequence[da.Array | None] = (),
             None if codes is None else whole(codes))
 
 
-def chain_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction) -> int:
-    """Bytes one chain holds at most: its ``reduction.partials_held`` partials, the temporaries that fold a chunk
-    into them (one sub-block's products in at most float64, the sub-block buffer, a merge's outer products), the
-    largest datapoint chunk of every side, and what the adapters make for one sub-block of rows (dft spectra)."""
+def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, chains: int) -> int:
+    """Bytes a pass in ``chains`` chains holds at most.
+
+    Each chain holds its ``reduction.partials_held`` partials, the temporaries that fold a chunk into them (one
+    sub-block's products in at most float64, the sub-block buffer and its copy, a merge's outer products), the
+    largest common chunk of the sides read whole for it, and what the adapters make for one sub-block of rows
+    (dft spectra). Shared by the chains: the store chunks of sides chunked more coarsely than the common chunks
+    (each cut into several folds' pieces): those the chains' current pieces lie in, and the next one.
+    """
     from .moments import MADE_SUBBLOCK_BYTES, OUTER_BYTES, PRODUCT_BYTES, SUBBLOCK_BYTES
 
-    sides = aligned(sides)[0]
-    largest = max(sides[0].chunks[0])
-    chunk = sum(largest * int(np.prod(side.shape[1:])) * side.dtype.itemsize for side in sides)
+    common = aligned(sides)[0]
+    largest = max(common[0].chunks[0])
+    shared = chunk = 0
+    for side in sides:
+        per_datapoint = int(np.prod(side.shape[1:])) * side.dtype.itemsize
+        if side.chunks[0] == common[0].chunks[0]:
+            chunk += largest * per_datapoint
+        else:
+            coarse = max(side.chunks[0])
+            shared += min(len(side.chunks[0]), -(-chains * largest // coarse) + 1) * coarse * per_datapoint
     itemsize = np.dtype(reduction.dtype).itemsize
     row_bytes = reduction.batch * max(reduction.width, 1) * itemsize
     sub_block = MADE_SUBBLOCK_BYTES if any(adapter.made_as_taken for adapter in adapters) else SUBBLOCK_BYTES
-    rows_at_once = max(1, min(largest * adapters[0].rows_per_datapoint, sub_block // row_bytes))
+    rows_at_once = max(1, min(largest * adapters[0].rows_per_datapoint,
+                              max(reduction.width // 2 if reduction.batch == 1 else 1, sub_block // row_bytes)))
     made = sum(adapter.made_bytes(side.shape[-1], largest, rows_at_once) for adapter, side in zip(adapters, sides))
     products = min(reduction.batch * reduction.product, max(PRODUCT_BYTES // itemsize, reduction.product)) * itemsize
     temporaries = products + 2 * rows_at_once * row_bytes + min(OUTER_BYTES, reduction.product * itemsize)
-    return reduction.partials_held * reduction.partial_bytes + temporaries + chunk + made
+    return shared + chains * (reduction.partials_held * reduction.partial_bytes + temporaries + chunk + made)
 
 
 def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *,
                     chains: int, nan_policy: str = "raise", names: Sequence[str] = (),
                     offset: int = 0, codes: da.Array | None = None,
-                    masks: Sequence[da.Array | None] = ()) -> Delayed:
+                    masks: Sequence[da.Array | None] = (), start: np.ndarray | None = None) -> Delayed:
     """The lazy merged partial (1, *reduction.shape) of the rows of ``sides``.
 
     ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, *positions, channel), with
@@ -360,7 +364,8 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     of ``sides`` (for the stride pattern when streaming a slice). The graph's layers are named
     ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. A ``grouped()`` reduction takes
     ``codes``: each datapoint's group (datapoint,). ``masks``: per side, its padding mask (datapoint,
-    *positions) or None. Nothing is computed here.
+    *positions) or None. ``start``: a partial (1, *reduction.shape) the first chain folds into (an earlier
+    pass's, so as not to hold it beside this one's), which it then owns. Nothing is computed here.
     """
     names = tuple(names) or tuple(f"side {i}" for i in range(len(sides)))
     if reduction.groups and codes is None:
@@ -372,11 +377,15 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     firsts = (offset + np.cumsum((0, *sides[0].chunks[0]))[:-1]).tolist()
     task = partial(_fold_task, adapters=tuple(adapters), reduction=reduction, nan_policy=nan_policy, names=names,
                    masked=tuple(mask is not None for mask in masks))
-    token = tokenize([array.name for array in inputs], reduction, chains, nan_policy, names, offset)
+    token = tokenize([array.name for array in inputs], reduction, tuple(adapters), chains, nan_policy, names, offset,
+                     tuple(mask is not None for mask in masks), start)
     chunk_name, merge_name = f"chunkcca-{reduction.name}-chunk-{token}", f"chunkcca-{reduction.name}-merge-{token}"
+    layer: dict[Any, Any] = {}
     chains = max(1, min(chains, len(firsts)))
     last: list[Any] = [None] * chains
-    layer: dict[Any, Any] = {}
+    if start is not None:
+        last[0] = f"chunkcca-{reduction.name}-start-{token}"
+        layer[last[0]] = start
     for index, first in enumerate(firsts):
         key = (chunk_name, index)
         layer[key] = (task, last[index % chains], first, *(keys[index] for keys in block_keys))
@@ -480,14 +489,15 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
 
 def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, chains: int | None = None,
         scheduler: Any = None, progress: str | None = None, nan_policy: str = "raise", names: Sequence[str] = (),
-        offset: int = 0, codes: da.Array | None = None, masks: Sequence[da.Array | None] = ()) -> Any:
+        offset: int = 0, codes: da.Array | None = None, masks: Sequence[da.Array | None] = (),
+        start: np.ndarray | None = None) -> Any:
     """Build, compute and finalize one reduction (see ``reduction_graph()`` and ``compute()``) in as many chains
     as the scheduler runs tasks at once (locally, one per core: each chain reads its own chunks, so a chain
     more than the cores was measured to gain nothing), or ``chains`` if fewer (a memory budget)."""
     threads = scheduler_threads(scheduler)
     chains = threads if chains is None else min(chains, threads)
     graph = reduction_graph(sides, adapters, reduction, chains=chains, nan_policy=nan_policy,
-                            names=names, offset=offset, codes=codes, masks=masks)
+                            names=names, offset=offset, codes=codes, masks=masks, start=start)
     (merged,) = compute(graph, scheduler=scheduler, progress=progress, threads=chains)
     return reduction.finalize(merged)
 

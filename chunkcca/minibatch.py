@@ -49,11 +49,6 @@ def minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int
     return partial_sums
 
 
-def add_partials(partials: np.ndarray) -> np.ndarray:
-    """k stacked partials (k, 5) summed into one (1, 5)."""
-    return partials.sum(axis=0, keepdims=True)
-
-
 def aligned_chunks(datapoints: int, chunk: int, *, size: int, rows_per_datapoint: int, stride: int) -> tuple[int, ...]:
     """Datapoint chunks near ``chunk`` whose boundaries fall on minibatch boundaries of the strided rows."""
     unit = size * stride // math.gcd(rows_per_datapoint, size * stride)

@@ -272,14 +272,6 @@ def shift_norms(n: float, sums: np.ndarray, products: np.ndarray, norm_sums: np.
     return moments, squares
 
 
-def merge_packed(partials: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
-    """Merge k packed partials (k, *batch, p + 2 [+ 2L], p) into one (1, …), exactly (``merge_into()`` in turn)."""
-    merged = partials[:1].copy()
-    for part in partials[1:]:
-        merge_into(merged, part[None], sizes)
-    return merged
-
-
 #: Bytes of the temporaries of one step of ``add_outer()``.
 OUTER_BYTES = 8 * 2**20
 
@@ -293,7 +285,9 @@ def add_outer(target: np.ndarray, vector: np.ndarray, weight: float) -> None:
         matrix, v = target[index], vector[index]
         right = v.conj()
         for lo in range(0, p, step):
-            matrix[lo : lo + step] += weight * np.multiply.outer(v[lo : lo + step], right)
+            outer = np.multiply.outer(v[lo : lo + step], right)
+            outer *= weight  # after the product, so that the update stays exactly symmetric
+            matrix[lo : lo + step] += outer
 
 
 def merge_into(into: np.ndarray, part: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
@@ -332,21 +326,6 @@ def merge_into(into: np.ndarray, part: np.ndarray, sizes: Sequence[int] = ()) ->
     mean_a += delta * (n_b / n)
     into[0, ..., 0, 0] = n
     return into
-
-
-#: float32 products of values whose squares average below this per row have lost digits to underflow (float32's
-#: smallest normal number is 2**-126): such a chunk is computed again in float64.
-SINGLE_UNDERFLOW = 2.0**-110
-
-
-def _beyond_single(products: np.ndarray, sums: np.ndarray, rows: int) -> bool:
-    """Whether single-precision products of a chunk's shifted rows over- or underflowed: the sums of the values
-    are finite but their products are not, or a channel's squares average below :data:`SINGLE_UNDERFLOW` while
-    its values are not all zero. O(p): the products are not searched."""
-    if np.isfinite(sums).all() and not np.isfinite(products).all():
-        return True
-    squares = np.diagonal(products, axis1=-2, axis2=-1).real / rows
-    return bool((((squares == 0) & (sums != 0)) | ((squares > 0) & (squares < SINGLE_UNDERFLOW))).any())
 
 
 #: Bytes of one sub-block's products held at once in the product precision: batched (per-frequency) products

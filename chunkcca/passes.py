@@ -26,7 +26,6 @@ from .checkpoint import CheckpointError, resume, save_progress
 from .engine import (
     NonFiniteError,
     Reduction,
-    chain_bytes,
     common_boundaries,
     compute,
     connected,
@@ -34,9 +33,10 @@ from .engine import (
     grouped,
     means_reduction,
     moments_reduction,
+    pass_bytes,
     run,
 )
-from .moments import Moments, RowCheck
+from .moments import Moments, RowCheck, pack
 from .options import MASK, ProductPrecision, StreamOptions
 from .rows import Adapter
 from .store import check_complete, check_unchanged
@@ -98,25 +98,34 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
                       f"{type(error).__name__}: {error}") from error
 
 
+#: The most chains a pass is planned for (more threads than this fold in as many chains as fit).
+MOST_CHAINS = 256
+
+
 def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter], options: StreamOptions,
                names: Sequence[str]) -> int:
     """The chains (chunks in work at once, each with its accumulator) that ``options.memory_limit`` affords, at
-    least 1, or a clear error before anything is read (``engine.chain_bytes()`` says what a chain holds)."""
+    least 1, or a clear error before anything is read (``engine.pass_bytes()`` says what a pass holds)."""
     limit = int(options.memory_limit)
-    per_chain = chain_bytes(sides, adapters, reduction)
-    if per_chain > limit:
+    one = pass_bytes(sides, adapters, reduction, 1)
+    if one > limit:
         partial = reduction.partial_bytes
         frequencies = reduction.shape[1 if reduction.groups else 0 : -2]
         what = "complex " if np.dtype(reduction.dtype).kind == "c" else ""
-        per = f" at each of {int(np.prod(frequencies))} spatial frequencies" if frequencies else ""
+        whole = reduction.product == reduction.width**2
+        statistics = (f"{reduction.width}^2 {what}statistics" if whole
+                      else f"the statistics kept of {reduction.width} channels")
+        per = f" at each of {int(np.prod(frequencies))} spatial frequencies" if frequencies and whole else ""
         per += f" for each of {reduction.groups} groups" if reduction.groups else ""
         raise ValueError(
-            f"comparing {' and '.join(map(repr, names))}: {reduction.shape[-1]}^2 {what}statistics{per} = "
-            f"{format_bytes(partial)} per partial; reading one chunk at a time holds {reduction.partials_held} of "
-            f"them, the chunk and its rows ({format_bytes(per_chain)}), over memory_limit={format_bytes(limit)}; "
-            f"raise memory_limit, compare "
-            f"fewer channels, read smaller chunks, or use spatial='avgpool' or 'interp'")
-    return limit // per_chain
+            f"comparing {' and '.join(map(repr, names))}: {statistics}{per} = {format_bytes(partial)} per partial; "
+            f"reading one chunk at a time holds {reduction.partials_held} of them with the chunks and rows in work "
+            f"({format_bytes(one)}), over memory_limit={format_bytes(limit)}; raise memory_limit, compare fewer "
+            f"channels, read smaller chunks, or use spatial='avgpool' or 'interp'")
+    chains = 1
+    while chains < MOST_CHAINS and pass_bytes(sides, adapters, reduction, chains + 1) <= limit:
+        chains += 1
+    return chains
 
 
 def _tiled_fold(accumulated: np.ndarray | None, rows: list[np.ndarray], first_datapoint: int, check: RowCheck, *,
@@ -173,12 +182,14 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     reading_what = f"reading {', '.join(map(repr, names))}"
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler:  # an address: one connection
 
-        def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "") -> Parts:
+        def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "",
+                       after: Parts | None = None) -> Parts:
             label = f"{reading_what}{step} ({product} products)" if options.progress else None
             result = run([d[start:stop] for d in data], adapters, reduction_of(product), chains=chains,
                          scheduler=scheduler, progress=label, nan_policy=options.nan_policy, names=names,
                          offset=start, codes=None if codes is None else codes[start:stop],
-                         masks=[None if mask is None else mask[start:stop] for mask in masks])
+                         masks=[None if mask is None else mask[start:stop] for mask in masks],
+                         start=None if after is None else _packed(after, codes is not None))
             return tuple(result) if codes is not None else (result,)
 
         with reading(layers):
@@ -209,9 +220,10 @@ def _merged(parts: Parts) -> Moments | TiledMoments:
     return sum(parts[1:], parts[0])
 
 
-def _added(first: Parts, second: Parts) -> Parts:
-    """Two passes' Parts merged group by group."""
-    return tuple(a + b for a, b in zip(first, second))
+def _packed(parts: Parts, grouped: bool) -> np.ndarray:
+    """A pass's Parts as the packed partial a reduction folds into: (1, *shape), or (1, groups, *shape)."""
+    packed = [part.packed if isinstance(part, TiledMoments) else pack(part) for part in parts]
+    return np.stack([one[0] for one in packed])[None] if grouped else packed[0]
 
 
 def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, row_norms: bool,
@@ -232,8 +244,9 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     choice, reason = _choose_precision(_merged(pilot), tuple(str(layer.name) for layer in layers), first)
     if first == datapoints:
         return pilot, f"auto: float64 products, as the first chunk is the whole run ({choice} for the rest); {reason}"
-    rest = moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest")
-    return _added(pilot, rest), f"auto: {choice} products; {reason}"
+    # the pilot's statistics are the first chain's accumulator in the rest of the run: not held beside it
+    return moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest", after=pilot), \
+        f"auto: {choice} products; {reason}"
 
 
 def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions,
@@ -265,8 +278,8 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
     names = tuple(str(layer.name) for layer in layers)
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
-        result = run(sides, adapters, reduction, chains=fit_chains(reduction, sides, adapters, options, names),
-                     scheduler=scheduler,
+        # one minibatch's Grams at a time: its memory is set by the minibatch, which memory_limit does not bound
+        result = run(sides, adapters, reduction, scheduler=scheduler,
                      progress=label, nan_policy=options.nan_policy, names=names,
                      masks=_masks(layers))
     check_unchanged(layers)

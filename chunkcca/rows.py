@@ -238,11 +238,14 @@ class SpectrumRows:
         self.shape = (*adapter.batch_shape, datapoints.size, block.shape[-1])
         self.ndim = len(self.shape)
 
-    def __getitem__(self, index: Any) -> np.ndarray:
-        """``rows[..., rows_index, :]`` or ``rows[..., rows_index]``: the spectra of those rows."""
+    def __getitem__(self, index: Any) -> np.ndarray | SpectrumRows:
+        """``rows[..., rows_index, :]`` or ``rows[..., rows_index]``: for a slice, the spectra of those rows; for
+        an index array or mask (a group's rows, the finite ones), those rows, still made as they are taken."""
         if not (isinstance(index, tuple) and index[0] is Ellipsis and len(index) in (2, 3)
                 and (len(index) == 2 or index[2] == slice(None))):
             raise IndexError(f"SpectrumRows takes rows[..., rows, :], got {index!r}")
+        if not isinstance(index[1], slice):
+            return SpectrumRows(self.adapter, self.block, self.datapoints[index[1]])
         return self.adapter.spectrum(self.block[self.datapoints[index[1]]])
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

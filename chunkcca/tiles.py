@@ -20,7 +20,7 @@ from functools import cached_property, partial
 
 import numpy as np
 
-from .moments import Moments, RowCheck, accumulate, side_slices
+from .moments import OUTER_BYTES, Moments, RowCheck, accumulate, side_slices
 from .options import ProductPrecision
 
 #: A run of channels [start, stop) of the concatenated sides.
@@ -92,9 +92,15 @@ class Tiling:
         return np.concatenate([np.arange(start, stop) for start, stop in self.columns[side]])
 
     def add_outer(self, packed: np.ndarray, vector: np.ndarray, weight: float) -> None:
-        """Each tile += weight · v[rows] v[columns]ᵀ, in place (the kept blocks of weight · v vᵀ)."""
+        """Each tile += weight · v[rows] v[columns]ᵀ, in place (the kept blocks of weight · v vᵀ), a few rows at a
+        time (temporaries of at most ``moments.OUTER_BYTES``)."""
         for side, (tile, part) in enumerate(zip(self.tiles(packed), side_slices(self.sizes))):
-            tile += weight * np.multiply.outer(vector[part], vector[self.column_index(side)])
+            rows, columns = vector[part], vector[self.column_index(side)]
+            step = max(1, OUTER_BYTES // (columns.size * columns.itemsize))
+            for lo in range(0, rows.size, step):
+                outer = np.multiply.outer(rows[lo : lo + step], columns)
+                outer *= weight  # after the product, so that the diagonal blocks stay exactly symmetric
+                tile[lo : lo + step] += outer
 
     def add_products(self, packed: np.ndarray, block: np.ndarray) -> None:
         """Each tile += the products of the block's rows (rows, P) for its blocks, made in the block's precision
@@ -164,7 +170,9 @@ class TiledMoments:
 
     @classmethod
     def unpack(cls, packed: np.ndarray, tiling: Tiling, precision: ProductPrecision = "float64") -> TiledMoments:
-        return cls(int(packed[0, 0]), packed[0, 1 : tiling.channels + 1].copy(), packed.copy(), tiling, precision)
+        """The TiledMoments of a packed partial (1, size), which they keep (not a copy: a pass's merged partial
+        is used by nothing else, and it is the size of all the kept blocks)."""
+        return cls(int(packed[0, 0]), packed[0, 1 : tiling.channels + 1], packed, tiling, precision)
 
     @property
     def sizes(self) -> tuple[int, ...]:

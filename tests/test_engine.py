@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -233,9 +234,32 @@ def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b):
     cka(layer_a, layer_b, spatial="avgpool", precision="float64")  # what a first run imports is not traced
     tracemalloc.start()
     try:
-        got = cka(layer_a, layer_b, spatial="avgpool", precision="float64")
+        with dask.config.set(num_workers=2):  # two chains, whatever the machine
+            got = cka(layer_a, layer_b, spatial="avgpool", precision="float64")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 16 * 2**20, peak
     assert float(got["cka"]) == pytest.approx(float(want["cka"]), abs=1e-12)
+
+
+def test_wide_solves_use_every_core():
+    """Dense solves of WIDE_SOLVE channels or more run BLAS on every core, smaller ones on one thread (in a fresh
+    process: BLAS's thread count is the process's, which other tests' Dask threads set too)."""
+    import subprocess
+    import sys
+
+    script = """
+import os
+from threadpoolctl import threadpool_info
+from chunkcca.blas import WIDE_SOLVE, solve_threads
+def threads():
+    return {library["num_threads"] for library in threadpool_info() if library["user_api"] == "blas"}
+with solve_threads(WIDE_SOLVE):
+    wide = threads()
+with solve_threads(WIDE_SOLVE - 1):
+    small = threads()
+print(wide == {os.cpu_count()}, small == {1})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True"]

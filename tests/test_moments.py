@@ -13,7 +13,7 @@ from reference import flatten_rows, scatter
 
 from chunkcca import Moments
 from chunkcca.engine import moments_reduction, run
-from chunkcca.moments import merge_packed, pack, partial_from_rows, unpack
+from chunkcca.moments import merge_into, pack, partial_from_rows, unpack
 from chunkcca.rows import Adapter
 
 
@@ -49,11 +49,19 @@ def test_partial_large_offset_keeps_precision(rng):
     assert_moments_close(unpack(partial_from_rows([rows], "float32")), want, rtol=1e-6)
 
 
+def _merge_all(parts: list[np.ndarray], sizes: tuple[int, ...] = ()) -> np.ndarray:
+    """Packed partials merged in turn into a copy of the first (merge_into, in place)."""
+    merged = parts[0].copy()
+    for part in parts[1:]:
+        merge_into(merged, part, sizes)
+    return merged
+
+
 def test_partial_of_no_rows_is_neutral(rng):
     rows = rng.standard_normal((10, 3))
     empty = partial_from_rows([rows[:0]], "float64")
     assert empty[0, 0, 0] == 0
-    merged = merge_packed(np.concatenate([empty, partial_from_rows([rows], "float64"), empty]))
+    merged = _merge_all([empty, partial_from_rows([rows], "float64"), empty])
     assert_moments_close(unpack(merged), _moments_of(rows), rtol=1e-14)
 
 
@@ -68,7 +76,10 @@ def test_merge_is_exact_for_any_split_and_order(n, cuts, order):
     edges = sorted({0, n, *[c for c in cuts if c <= n]})
     parts = [partial_from_rows([rows[a:b]], "float64") for a, b in itertools.pairwise(edges)]
     order.shuffle(parts)
-    assert_moments_close(unpack(merge_packed(np.concatenate(parts))), _moments_of(rows), rtol=1e-12)
+    assert_moments_close(unpack(_merge_all(parts)), _moments_of(rows), rtol=1e-12)
+    while len(parts) > 1:  # and as a tree, pairs of pairs, as chains' accumulators meet
+        parts = [_merge_all(parts[k : k + 2]) for k in range(0, len(parts), 2)]
+    assert_moments_close(unpack(parts[0]), _moments_of(rows), rtol=1e-12)
 
 
 @given(sizes=st.lists(st.integers(0, 30), min_size=3, max_size=3))
@@ -183,7 +194,7 @@ def test_row_norm_sums_merge_exactly(n, cuts, order, offset):
     parts = [partial_from_rows([rows[a:b, :2], rows[a:b, 2:]], "float64", row_norms=True)
              for a, b in itertools.pairwise(edges)]
     order.shuffle(parts)
-    merged = unpack(merge_packed(np.concatenate(parts), sizes), sizes)
+    merged = unpack(_merge_all(parts, sizes), sizes)
     want_moments, want_products = _norm_sums(rows, sizes)
     scale = max(np.abs(want_products).max(), 1e-300)
     np.testing.assert_allclose(merged.norm_products, want_products, rtol=0, atol=1e-11 * scale)
@@ -241,7 +252,7 @@ def test_counts_are_exact_past_two_to_the_31():
     big = 2**31 + 12345
     rng = np.random.default_rng(0)
     parts = [Moments(n=big + i, mean=rng.standard_normal(3), scatter=np.eye(3) * (i + 1)) for i in range(3)]
-    merged = unpack(merge_packed(np.concatenate([pack(m) for m in parts])))
+    merged = unpack(_merge_all([pack(m) for m in parts]))
     assert merged.n == 3 * big + 3
     assert isinstance(merged.n, int)
     assert (parts[0] + parts[1]).n == 2 * big + 1
