@@ -127,8 +127,8 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
     scheduler
         Dask scheduler (default: the active one).
     memory_limit
-        Budget for the statistics held at once (default "4GiB"): (p + q + 2) · (p + q) float64 values per
-        partial, p and q the neurons; checked before streaming.
+        Budget for what the pass holds at once (default "1.5GiB"): (p + q + 2) · (p + q) float64 values per
+        reading thread, p and q the neurons, with the chunks in work; checked before streaming.
 
     Returns
     -------

@@ -327,12 +327,12 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     """
     from .moments import MADE_SUBBLOCK_BYTES, OUTER_BYTES, PRODUCT_BYTES, SUBBLOCK_BYTES
 
-    common = aligned(sides)[0]
-    largest = max(common[0].chunks[0])
+    common = common_blockdim([side.chunks[0] for side in sides])
+    largest = max(common)
     shared = chunk = 0
     for side in sides:
         per_datapoint = int(np.prod(side.shape[1:])) * side.dtype.itemsize
-        if side.chunks[0] == common[0].chunks[0]:
+        if side.chunks[0] == common:
             chunk += largest * per_datapoint
         else:
             coarse = max(side.chunks[0])
@@ -423,7 +423,7 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int) -> d
         if first < chains:
             continue
         gate = tasks[first - chains]
-        done = (f"{gate[0]}-done", gate[1])  # a token, so a cluster moves no accumulator to the read
+        done = (f"{gate[0]}-done", gate[1])  # a token: the read waits for the fold, not for its accumulator
         dsk[done] = Task(done, _done, TaskRef(gate))
         dsk[key] = Task(key, _first, dsk[key], TaskRef(done))  # the read, run inline once the gate is done
     return dsk

@@ -7,10 +7,12 @@ complex128 for the per-frequency statistics of the DFT adapter (then Hermitian, 
 ``numpy.cov``'s convention ``scatter[i, j] = Σ zᵢ conj(zⱼ)``). Optional leading batch dims
 hold one set of statistics per spatial frequency, all over the same rows.
 
-Partials are computed per chunk on shifted data (never as raw sums ``Σ zzᵀ − n μμᵀ``,
-which lose every digit on post-ReLU data with a large mean) and merged exactly with the
-parallel formula of Chan et al. Merging is associative, so Dask may tree-reduce the
-partials in any order and any chunking gives the same answer to rounding.
+Each chunk's rows are multiplied on shifted data (never as raw sums ``Σ zzᵀ − n μμᵀ``, which lose
+every digit on post-ReLU data with a large mean) and folded into an accumulated partial in place
+(``fold_rows``: the products added straight into its scatter, then the change of centre of Chan et
+al. as rank-1 updates); partials merge exactly by the same formula (``merge_into``). Merging is
+associative, so chunks may be folded and partials merged in any order and any chunking gives the
+same answer to rounding.
 
 Real Moments also carry fourth-order row-norm sums per side l (centred rows x̃, side block x̃_l):
 ``norm_moments[l] = Σ ‖x̃_l‖² x̃`` (L, p) and ``norm_products[l, m] = Σ ‖x̃_l‖² ‖x̃_m‖²`` (L, L).

@@ -44,10 +44,12 @@ GRIDS: tuple[str, ...] = get_args(Grid)
 NAN_POLICIES: tuple[str, ...] = get_args(NanPolicy)
 KEEP_BY: tuple[str, ...] = get_args(KeepBy)
 
-#: Partials merged per task in the tree reduction.
+#: Gram blocks summed per task of the tree that adds them up (spatial="features").
 SPLIT_EVERY = 8
-#: Default memory budget for the statistics held at once.
-MEMORY_LIMIT = "4GiB"
+#: Default memory budget of a pass (statistics, chunks in work, temporaries): what a laptop can spare. Two
+#: ResNet-18s' 20 conv layers each, swept, fit in one chain (1.2 GB peak) and the jobs with smaller statistics
+#: in one per core (docs/performance.md).
+MEMORY_LIMIT = "1.5GiB"
 #: Datapoint chunks between two saves of a checkpoint.
 CHECKPOINT_EVERY = 16
 #: Predictivity's default ridge, relative to the mean variance of the predicting layer's channels.
@@ -157,7 +159,7 @@ class StreamOptions:
         Gram blocks summed per task of the tree that adds them up (spatial="features"), at least 2. The
         Moments need none: each thread folds its chunks into one accumulator.
     memory_limit : int, float or str
-        Budget for what a pass holds at once ("4GiB" by default), checked before streaming; kept in bytes.
+        Budget for what a pass holds at once ("1.5GiB" by default), checked before streaming; kept in bytes.
         Each thread reading (one per core locally) holds its accumulated statistics, the chunk it folds
         and that chunk's temporaries; fewer threads read when the budget affords fewer, and a pass that
         cannot fit one is refused, naming the layers and sizes.

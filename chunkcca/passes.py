@@ -98,8 +98,8 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
                       f"{type(error).__name__}: {error}") from error
 
 
-#: The most chains a pass is planned for (more threads than this fold in as many chains as fit).
-MOST_CHAINS = 256
+#: The most chains a pass is planned for (more threads than this fold in this many chains).
+MOST_CHAINS = 64
 
 
 def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter], options: StreamOptions,
