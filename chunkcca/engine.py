@@ -490,11 +490,15 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
 def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, chains: int | None = None,
         scheduler: Any = None, progress: str | None = None, nan_policy: str = "raise", names: Sequence[str] = (),
         offset: int = 0, codes: da.Array | None = None, masks: Sequence[da.Array | None] = (),
-        start: np.ndarray | None = None) -> Any:
+        start: np.ndarray | None = None, spare: bool = False) -> Any:
     """Build, compute and finalize one reduction (see ``reduction_graph()`` and ``compute()``) in as many chains
-    as the scheduler runs tasks at once (locally, one per core: each chain reads its own chunks, so a chain
-    more than the cores was measured to gain nothing), or ``chains`` if fewer (a memory budget)."""
+    as the scheduler runs tasks at once (locally, one per core), or ``chains`` if fewer (a memory budget). With
+    ``spare`` (a chain costs little) the local threaded scheduler runs one chain more than cores, so that a read
+    waiting on the disk leaves no core idle (cold streaming of 1 GiB: 1.43-1.61 s against 1.83 s)."""
     threads = scheduler_threads(scheduler)
+    if spare and _active_client(scheduler) is None and scheduler in (None, "threads") \
+            and dask.config.get("num_workers", None) is None:
+        threads += 1
     chains = threads if chains is None else min(chains, threads)
     graph = reduction_graph(sides, adapters, reduction, chains=chains, nan_policy=nan_policy,
                             names=names, offset=offset, codes=codes, masks=masks, start=start)

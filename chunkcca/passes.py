@@ -100,6 +100,9 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
 
 #: The most chains a pass is planned for (more threads than this fold in this many chains).
 MOST_CHAINS = 64
+#: A pass whose one chain holds at most this share of memory_limit reads with one chain more than cores locally,
+#: to keep reads in flight while the cores multiply; heavier passes (dft, sweeps) keep to one per core.
+SPARE_CHAIN_SHARE = 1 / 16
 
 
 def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter], options: StreamOptions,
@@ -175,6 +178,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
 
     data = [layer.data for layer in layers]
     chains = fit_chains(reduction_of("float64"), data, adapters, options, names)
+    spare = pass_bytes(data, adapters, reduction_of("float64"), 1) <= options.memory_limit * SPARE_CHAIN_SHARE
     masks = _masks(layers)
     datapoints = layers[0].sizes["datapoint"]
     _warn_small_chunks(layers)
@@ -185,7 +189,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
         def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "",
                        after: Parts | None = None) -> Parts:
             label = f"{reading_what}{step} ({product} products)" if options.progress else None
-            result = run([d[start:stop] for d in data], adapters, reduction_of(product), chains=chains,
+            result = run([d[start:stop] for d in data], adapters, reduction_of(product), chains=chains, spare=spare,
                          scheduler=scheduler, progress=label, nan_policy=options.nan_policy, names=names,
                          offset=start, codes=None if codes is None else codes[start:stop],
                          masks=[None if mask is None else mask[start:stop] for mask in masks],

@@ -37,18 +37,13 @@ def case(kind: str, datapoints: int, chunk: int, precision: str, compression: st
     from threadpoolctl import threadpool_limits
 
     import chunkcca
-    from chunkcca.engine import moments_reduction
-    from chunkcca.engine import run as run_reduction
-    from chunkcca.rows import Adapter
 
     path = store_for(datapoints, chunk=chunk, compression=compression)
     tree = chunkcca.open_activations(path)
     a, b = (tree[f"model{m}/conv2"]["activations"].data for m in (0, 1))
-    adapters = [Adapter("flatten", (16, 16))] * 2
-    reduction = moments_reduction(adapters, (64, 64), precision=precision)
 
-    def stream_moments(sides: list) -> None:
-        run_reduction(sides, adapters, reduction)
+    def stream_moments(sides: list) -> None:  # as a user streams them: the layers' checks, budget and chains
+        chunkcca.compute_moments(*sides, precision=precision)
     if kind == "read":
         # one value per pair of aligned chunks; keeping every axis spares Dask's join (a copy) of the blocks
         trivial = da.map_blocks(lambda x, y: np.zeros((1, 1, 1, 1)), a, b,
