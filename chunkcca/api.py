@@ -396,7 +396,8 @@ def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Data
     if options.nan_policy == "omit":
         raise ValueError("minibatch CKA cannot omit rows (minibatches would shift); use nan_policy='raise'")
     if is_batched(options.spatial):
-        raise ValueError("minibatch CKA supports spatial='flatten', 'avgpool' or 'interp'")
+        raise ValueError("minibatch CKA does not work per spatial frequency (spatial='dft'); use spatial='flatten', "
+                         "'avgpool', 'interp', 'first', 'last' or 'features'")
     try:
         size = check_int("minibatch", size, 4)
     except ValueError:
@@ -597,7 +598,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         values = np.divide(sums, np.outer(scale, scale), out=np.full_like(sums, np.nan), where=scale[:, None] > 0)
         coords = {"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)}
         return xr.Dataset({"cka": (("layer_a", "layer_b"), values[np.ix_(sides["a"], sides["b"])],
-                                   {"long_name": "linear CKA of whole per-datapoint maps (exact)"})},
+                                   {"long_name": "linear CKA of whole per-datapoint maps (exact)"}),
+                           "rows": ((), np.int64(rows))},
                           coords=coords, attrs={"measures": "cka", "spatial": stream.spatial,
                                                 "stride": stream.stride})
     _check_rows(aligned, adapters)

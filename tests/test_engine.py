@@ -107,6 +107,8 @@ def test_nan_policy_is_validated():
         cca(a, b, nan_policy="drop")
     with pytest.raises(ValueError, match="minibatch CKA cannot omit rows"):
         cka(a, b, minibatch=8, nan_policy="omit")
+    with pytest.raises(ValueError, match=r"minibatch CKA does not work per spatial frequency.*'features'"):
+        cka(a, b, minibatch=8, spatial="dft")
 
 
 def test_all_rows_non_finite():

@@ -70,6 +70,7 @@ def test_feature_cka_of_every_pair_of_a_sweep_and_in_compare():
     sweep = similarity({"x": x, "y": y}, {"y": y, "pooled": pooled}, spatial="features", measures=["cka"])
     want = [[_gram_cka(x, y), _gram_cka(x, pooled)], [1.0, _gram_cka(y, pooled)]]
     np.testing.assert_allclose(sweep["cka"].values, want, rtol=TOL)
+    assert int(sweep["rows"]) == x.shape[0]  # one row per datapoint: its whole map
     assert float(compare(x, y, spatial="features", measures=["cka"])["cka"]) == pytest.approx(want[0][0], rel=TOL)
 
 
