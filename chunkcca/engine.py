@@ -437,16 +437,27 @@ def _first(value: Any, gate: None) -> Any:
     return value
 
 
-def scheduler_threads(scheduler: Any = None) -> int:
+def _local_pool(scheduler: Any) -> bool:
+    """Whether the work runs on Dask's local threaded scheduler (no Client, no other scheduler named), whose pool
+    chunkcca sizes unless Dask's ``num_workers`` is set."""
+    return (_active_client(scheduler) is None and scheduler in (None, "threads")
+            and dask.config.get("scheduler", None) in (None, "threads"))
+
+
+def scheduler_threads(scheduler: Any = None, *, spare: bool = False) -> int:
     """Tasks the active or given scheduler runs at once: a cluster's threads, 1 for the synchronous scheduler,
-    else the local pool's workers (Dask's ``num_workers`` setting, or one per core)."""
+    else the local pool's workers (Dask's ``num_workers`` setting, or one per core, and one more with ``spare``
+    on the local threaded scheduler)."""
     client = _active_client(scheduler)
     if client is not None:
         return max(1, sum(client.nthreads().values()))
     name = scheduler if isinstance(scheduler, str) else dask.config.get("scheduler", None)
     if name in ("synchronous", "sync", "single-threaded"):
         return 1
-    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    configured = dask.config.get("num_workers", None)
+    if configured:
+        return int(configured)
+    return (os.cpu_count() or 1) + (1 if spare and _local_pool(scheduler) else 0)
 
 
 def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
@@ -473,7 +484,7 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
                 _cluster_progress(futures, client, progress)
             return tuple(client.gather(futures))
         options: dict[str, Any] = {"scheduler": scheduler}
-        if scheduler in (None, "threads") and dask.config.get("scheduler", None) in (None, "threads"):
+        if _local_pool(scheduler):
             if "distributed" not in sys.modules:  # then no Client exists, not even a worker's own
                 # named by its function, Dask's threaded scheduler runs without importing distributed
                 options["scheduler"] = dask.threaded.get
@@ -495,10 +506,7 @@ def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduc
     as the scheduler runs tasks at once (locally, one per core), or ``chains`` if fewer (a memory budget). With
     ``spare`` (a chain costs little) the local threaded scheduler runs one chain more than cores, so that a read
     waiting on the disk leaves no core idle (cold streaming of 1 GiB: 1.43-1.61 s against 1.83 s)."""
-    threads = scheduler_threads(scheduler)
-    if spare and _active_client(scheduler) is None and scheduler in (None, "threads") \
-            and dask.config.get("num_workers", None) is None:
-        threads += 1
+    threads = scheduler_threads(scheduler, spare=spare)
     chains = threads if chains is None else min(chains, threads)
     graph = reduction_graph(sides, adapters, reduction, chains=chains, nan_policy=nan_policy,
                             names=names, offset=offset, codes=codes, masks=masks, start=start)

@@ -292,6 +292,21 @@ def add_outer(target: np.ndarray, vector: np.ndarray, weight: float) -> None:
             matrix[lo : lo + step] += outer
 
 
+def move_centre(mean: np.ndarray, n_a: float, n_b: float, mean_b: np.ndarray,
+                add_outer: Callable[[np.ndarray, float], None]) -> float:
+    """Chan et al.'s change of centre, once the scatter of n_b rows about ``mean_b`` was added to one of n_a rows
+    about ``mean``: ``add_outer(v, w)`` adds w · v vᴴ where the scatter is kept, here (n_a n_b / n) δδᴴ with
+    δ = mean_b − mean, and ``mean`` moves in place to the merged mean. Returns n = n_a + n_b."""
+    n = n_a + n_b
+    if n_a:
+        delta = mean_b - mean
+        add_outer(delta, n_a * n_b / n)
+        mean += delta * (n_b / n)
+    else:
+        mean[...] = mean_b
+    return n
+
+
 def merge_into(into: np.ndarray, part: np.ndarray, sizes: Sequence[int] = ()) -> np.ndarray:
     """Merge the packed partial ``part`` into the packed partial ``into`` (both (1, *batch, p + 2 [+ 2L], p)) in
     place, exactly, and return ``into``.
@@ -324,9 +339,7 @@ def merge_into(into: np.ndarray, part: np.ndarray, sizes: Sequence[int] = ()) ->
         into[0, p + 2 : p + 2 + sides] = shifted[0][0] + shifted[1][0]
         into[0, p + 2 + sides :, :sides] = shifted[0][1] + shifted[1][1]
     scatter_a += scatter_b
-    add_outer(scatter_a, delta, n_a * n_b / n)
-    mean_a += delta * (n_b / n)
-    into[0, ..., 0, 0] = n
+    into[0, ..., 0, 0] = move_centre(mean_a, n_a, n_b, mean_b, partial(add_outer, scatter_a))
     return into
 
 
@@ -346,40 +359,52 @@ def _flat(array: np.ndarray) -> np.ndarray:
     return flat
 
 
-def _add_products(products: np.ndarray, block: np.ndarray) -> None:
+#: Adds one sub-block's products where they are kept: ``add(block, sums, widen)``, block (*batch, rows, p) in the
+#: product precision, sums its column sums, ``widen()`` the same rows in float64 (complex128), for products that
+#: ``single_failed``; returns whether it widened any.
+AddProducts = Callable[[np.ndarray, np.ndarray, Callable[[], np.ndarray]], bool]
+
+
+def _add_products(products: np.ndarray, block: np.ndarray, sums: np.ndarray, widen: Callable[[], np.ndarray]) -> bool:
     """``products += Bᵀ B̄`` per batch element, multiplied in the block's precision a few batch elements at a time
-    (``PRODUCT_BYTES``): products (*batch, p, p) float64/complex128, block (*batch, rows, p). A real block's
-    Bᵀ B runs as one symmetric rank-k update (SYRK), exactly symmetric."""
-    flat_products, flat_block = _flat(products), _flat(block)
-    p = block.shape[-1]
+    (``PRODUCT_BYTES``), a group whose single-precision products failed made again from ``widen()``: products
+    (*batch, p, p) float64/complex128, block (*batch, rows, p). A real block's Bᵀ B runs as one symmetric rank-k
+    update (SYRK), exactly symmetric. Returns whether a group was widened."""
+    flat_products, flat_block, flat_sums = _flat(products), _flat(block), sums.reshape(-1, sums.shape[-1])
+    p, rows = block.shape[-1], block.shape[-2]
     group = max(1, PRODUCT_BYTES // (p * p * block.itemsize))
     temp = np.empty((min(group, flat_block.shape[0]), p, p), dtype=block.dtype)
+    widened = False
     for lo in range(0, flat_block.shape[0], group):
         part = flat_block[lo : lo + group]
         out = temp[: part.shape[0]]
-        np.matmul(np.swapaxes(part, -1, -2), part.conj() if np.iscomplexobj(part) else part, out=out)
-        flat_products[lo : lo + group] += out
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            np.matmul(np.swapaxes(part, -1, -2), part.conj() if np.iscomplexobj(part) else part, out=out)
+        if single_failed(out, flat_sums[lo : lo + group], rows):
+            wide = _flat(widen())[lo : lo + group]
+            flat_products[lo : lo + group] += np.swapaxes(wide, -1, -2) @ (wide.conj() if np.iscomplexobj(wide)
+                                                                          else wide)
+            widened = True
+        else:
+            flat_products[lo : lo + group] += out
+    return widened
 
 
 #: float32 products of values whose squares average below this per row have lost digits to underflow (float32's
-#: smallest normal number is 2**-126); squares summing above SINGLE_OVERFLOW may overflow in a product. Such a
-#: sub-block of rows is multiplied in float64.
+#: smallest normal number is 2**-126): they are made again in float64, as are products that overflowed.
 SINGLE_UNDERFLOW = 2.0**-110
-SINGLE_OVERFLOW = 2.0**120
 
 
-def _beyond_single(block: np.ndarray, sums: np.ndarray) -> bool:
-    """Whether single-precision products of a sub-block of shifted rows (*batch, rows, p) would over- or
-    underflow, from the sums of each channel's squares (made in single precision: an overflow shows as Inf, an
-    underflow as squares of 0 from values that are not all 0) and the values' sums. O(rows · p)."""
-    values = block.view(block.real.dtype) if np.iscomplexobj(block) else block  # (re, im) pairs: no copy
-    squares = np.einsum("...ij,...ij->...j", values, values)
-    if np.iscomplexobj(block):
-        squares = squares[..., 0::2] + squares[..., 1::2]
-    if not np.isfinite(sums).all() or not (squares <= SINGLE_OVERFLOW).all():
+def single_failed(products: np.ndarray, sums: np.ndarray, rows: int) -> bool:
+    """Whether single-precision products (…, p, p) of rows whose column sums are ``sums`` (…, p) over- or
+    underflowed: not finite, or a channel's squares (the diagonal) averaging 0 or below ``SINGLE_UNDERFLOW``
+    while its values are not all 0. False for products in float64 (complex128). O(p²), on products made."""
+    if products.dtype not in (np.float32, np.complex64):
+        return False
+    if not np.isfinite(products).all():
         return True
-    mean_squares = squares / max(block.shape[-2], 1)
-    return bool((((mean_squares == 0) & (sums != 0)) | ((mean_squares > 0) & (mean_squares < SINGLE_UNDERFLOW))).any())
+    squares = np.diagonal(products, axis1=-2, axis2=-1).real / max(rows, 1)
+    return bool((((squares == 0) & (sums != 0)) | ((squares > 0) & (squares < SINGLE_UNDERFLOW))).any())
 
 
 class _Shifted:
@@ -432,7 +457,14 @@ class _Shifted:
         return block
 
 
-def accumulate(add_products: Callable[[np.ndarray], None], sides: Sequence[np.ndarray], precision: ProductPrecision,
+def _widened(made: list[np.ndarray], shifted: _Shifted, taken: list[np.ndarray]) -> np.ndarray:
+    """The taken rows shifted in float64 (complex128), made once (kept in ``made``)."""
+    if not made:
+        made.append(shifted.block(taken, wide=True))
+    return made[0]
+
+
+def accumulate(add_products: AddProducts, sides: Sequence[np.ndarray], precision: ProductPrecision,
                *, check: RowCheck | None,
                row_norms: bool = False) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
     """Give the rows u = z − shift (each side's rows z, concatenated) to ``add_products`` one sub-block at a time
@@ -441,7 +473,8 @@ def accumulate(add_products: Callable[[np.ndarray], None], sides: Sequence[np.nd
     ``Σ ‖u_l‖² uᵀ`` (L, p) and ``Σ ‖u_l‖² ‖u_m‖²`` (L, L) about the shift.
 
     A sub-block whose sums are not finite goes to ``check`` (which raises or leaves the rows at fault out); one
-    whose single-precision products would over- or underflow is multiplied in float64 (``_beyond_single``).
+    whose single-precision sums overflowed is taken in float64, and products that failed in single precision
+    (``single_failed``) are made again from it.
     """
     shifted = _Shifted(sides, precision)
     n_sides = len(sides) if row_norms and not shifted.is_complex else 0
@@ -457,12 +490,15 @@ def accumulate(add_products: Callable[[np.ndarray], None], sides: Sequence[np.nd
                 taken = check(taken)
                 block = shifted.block(taken)
                 block_sums = shifted.ones[: block.shape[-2]] @ block
-            if shifted.dtype != shifted.wide and _beyond_single(block, block_sums):
+            if not np.isfinite(block_sums).all():  # finite rows whose single-precision sums overflowed
                 block = shifted.block(taken, wide=True)
                 block_sums = block.sum(axis=-2)
         if block.shape[-2] == 0:  # every row of the sub-block left out
             continue
-        add_products(block)
+        wide: list[np.ndarray] = []
+        if add_products(block, block_sums, partial(_widened, wide, shifted, taken)):
+            block = wide[0]  # the sums (and row norms), as the products, of the rows in float64
+            block_sums = block.sum(axis=-2)
         sums += block_sums
         counted += block.shape[-2]
         if n_sides:
@@ -490,24 +526,11 @@ def fold_rows(into: np.ndarray, sides: Sequence[np.ndarray], precision: ProductP
     shift, sums, count, _, _ = accumulate(partial(_add_products, scatter), sides, precision, check=check)
     if count == 0:
         return into
-    n_a = float(into[(0,) * into.ndim].real)
-    n = n_a + count
     shifted_mean = sums / count
     add_outer(scatter, shifted_mean, -count)  # the rows' own scatter, about their mean
-    mean = into[0, ..., 1, :]
-    if n_a:
-        delta = shift + shifted_mean - mean
-        add_outer(scatter, delta, n_a * count / n)
-        mean += delta * (count / n)
-    else:
-        mean[...] = shift + shifted_mean
-    into[0, ..., 0, 0] = n
+    into[0, ..., 0, 0] = move_centre(into[0, ..., 1, :], float(into[(0,) * into.ndim].real), count,
+                                     shift + shifted_mean, partial(add_outer, scatter))
     return into
-
-
-def empty_partial(batch: tuple[int, ...], p: int, dtype: np.dtype, sides: int = 0) -> np.ndarray:
-    """A packed partial of no rows: (1, *batch, p + 2 + 2 · sides, p) zeros."""
-    return np.zeros((1, *batch, p + 2 + 2 * sides, p), dtype=dtype)
 
 
 def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision = "float32", *,
@@ -524,7 +547,7 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision =
     batch, p = sides[0].shape[:-2], sum(side.shape[-1] for side in sides)
     is_complex = any(np.iscomplexobj(side) for side in sides)
     n_sides = len(sides) if row_norms and not is_complex else 0
-    packed = empty_partial(batch, p, np.dtype(np.complex128 if is_complex else np.float64), n_sides)
+    packed = np.zeros((1, *batch, p + 2 + 2 * n_sides, p), dtype=np.complex128 if is_complex else np.float64)
     if sides[0].shape[-2] == 0:
         return packed
     if not n_sides:
@@ -542,8 +565,7 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision =
     packed[0, p + 2 : p + 2 + n_sides] = moved
     packed[0, p + 2 + n_sides :, :n_sides] = squares
     add_outer(products, shifted_mean, -count)
-    packed[0, 0, 0] = count
-    packed[0, 1] = shift + shifted_mean
+    packed[0, 0, 0] = move_centre(packed[0, 1], 0.0, count, shift + shifted_mean, partial(add_outer, products))
     return packed
 
 

@@ -14,13 +14,13 @@ travels as one flat float64 array (1, size): the count, the mean (P), then each 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
 
 import numpy as np
 
-from .moments import OUTER_BYTES, Moments, RowCheck, accumulate, side_slices
+from .moments import OUTER_BYTES, Moments, RowCheck, accumulate, move_centre, side_slices, single_failed
 from .options import ProductPrecision
 
 #: A run of channels [start, stop) of the concatenated sides.
@@ -102,16 +102,28 @@ class Tiling:
                 outer *= weight  # after the product, so that the diagonal blocks stay exactly symmetric
                 tile[lo : lo + step] += outer
 
-    def add_products(self, packed: np.ndarray, block: np.ndarray) -> None:
+    def add_products(self, packed: np.ndarray, block: np.ndarray, sums: np.ndarray,
+                     widen: Callable[[], np.ndarray]) -> bool:
         """Each tile += the products of the block's rows (rows, P) for its blocks, made in the block's precision
-        one span at a time."""
+        one span at a time; a tile whose own block failed in single precision (``moments.single_failed``) is made
+        from ``widen()`` (the rows in float64), as is any other span whose product did not stay finite. Returns
+        whether any was widened."""
+        widened = False
         for side, (tile, part) in enumerate(zip(self.tiles(packed), side_slices(self.sizes))):
-            rows = block[:, part].T
-            column = 0
+            source, column = block, 0
             for start, stop in self.columns[side]:
-                tile[:, column : column + stop - start] += rows @ block[:, start:stop]
+                with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                    product = source[:, part].T @ source[:, start:stop]
+                failed = (single_failed(product[:, : part.stop - part.start], sums[part], block.shape[0])
+                          if column == 0 else product.dtype == np.float32 and not np.isfinite(product).all())
+                if failed:
+                    widened = True
+                    if column == 0:  # the whole tile from the rows in float64
+                        source = widen()
+                    product = widen()[:, part].T @ widen()[:, start:stop]
+                tile[:, column : column + stop - start] += product
                 column += stop - start
-
+        return widened
 
 def fold_tiled(into: np.ndarray, sides: Sequence[np.ndarray], tiling: Tiling, precision: ProductPrecision, *,
                check: RowCheck | None = None) -> np.ndarray:
@@ -122,19 +134,10 @@ def fold_tiled(into: np.ndarray, sides: Sequence[np.ndarray], tiling: Tiling, pr
     shift, sums, count, _, _ = accumulate(partial(tiling.add_products, into), sides, precision, check=check)
     if count == 0:
         return into
-    p = tiling.channels
-    n_a = float(into[0, 0])
-    n = n_a + count
     shifted_mean = sums / count
-    tiling.add_outer(into, shifted_mean, -count)
-    mean = into[0, 1 : p + 1]
-    if n_a:
-        delta = shift + shifted_mean - mean
-        tiling.add_outer(into, delta, n_a * count / n)
-        mean += delta * (count / n)
-    else:
-        mean[...] = shift + shifted_mean
-    into[0, 0] = n
+    tiling.add_outer(into, shifted_mean, -count)  # the rows' own scatter, about their mean
+    into[0, 0] = move_centre(into[0, 1 : tiling.channels + 1], float(into[0, 0]), count, shift + shifted_mean,
+                             partial(tiling.add_outer, into))
     return into
 
 
@@ -146,12 +149,9 @@ def merge_tiled(into: np.ndarray, part: np.ndarray, tiling: Tiling) -> np.ndarra
     if n_a == 0:
         into[...] = part
         return into
-    p, n = tiling.channels, n_a + n_b
-    delta = part[0, 1 : p + 1] - into[0, 1 : p + 1]
+    p = tiling.channels
     into[0, p + 1 :] += part[0, p + 1 :]
-    tiling.add_outer(into, delta, n_a * n_b / n)
-    into[0, 1 : p + 1] += delta * (n_b / n)
-    into[0, 0] = n
+    into[0, 0] = move_centre(into[0, 1 : p + 1], n_a, n_b, part[0, 1 : p + 1], partial(tiling.add_outer, into))
     return into
 
 

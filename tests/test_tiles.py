@@ -102,3 +102,17 @@ def test_a_sweep_streams_only_the_blocks_it_reads(precision):
     for pair in PAIRS:
         np.testing.assert_allclose(tiled.select(list(pair)).scatter, whole.select(list(pair)).scatter,
                                    rtol=tolerance, atol=tolerance * np.abs(whole.scatter).max())
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e18])
+def test_tiles_of_values_beyond_single_precision_are_made_in_float64(scale):
+    """Values whose float32 products would underflow or overflow: the tiles that failed are made again from the
+    rows in float64, and every kept pair equals the float64 Moments to float32's rounding."""
+    rng = np.random.default_rng(9)
+    rows = [(r * scale).astype(np.float32) for r in _rows(rng, 200)]
+    tiling = Tiling.of(SIZES, PAIRS)
+    tiled = TiledMoments.unpack(fold_tiled(np.zeros((1, tiling.size)), rows, tiling, "float32"), tiling)
+    for pair in PAIRS:
+        _, scatter = _moments([r.astype(np.float64) for r in rows], list(pair))
+        np.testing.assert_allclose(tiled.select(list(pair)).scatter, scatter, rtol=0,
+                                   atol=1e-5 * np.abs(scatter).max())
