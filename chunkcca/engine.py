@@ -4,10 +4,11 @@ A ``Reduction`` is declared as data, in the shape of flox's ``Aggregation``: a `
 (per side, after each side's ``Adapter``) into an accumulated partial, an associative ``merge`` of one partial
 into another (both in place where they can), and a ``finalize`` from the merged partial to the result.
 ``reduction_graph()`` builds the lazy graph for any reduction: the datapoint chunks are dealt in turn to a few
-chains (one per thread at most), each chunk read by the task that folds it into its chain's accumulator, and
-the chains' accumulators merged at the end. ``compute()`` runs graphs on the active or given scheduler with BLAS
-on one thread. The Moments (``moments_reduction()``) and minibatch CKA (``minibatch_reduction()``) are two such
-reductions. Memory is O(chains · (accumulator + one chunk's work)), whatever the number of datapoints.
+chains (one per thread at most), each chunk read by the task that folds it into its chain's accumulator (or a
+few folds before, on the local pool: ``reads_ahead()``), and the chains' accumulators merged at the end.
+``compute()`` runs graphs on the active or given scheduler with BLAS on one thread. The Moments
+(``moments_reduction()``) and minibatch CKA (``minibatch_reduction()``) are two such reductions. Memory is
+O(chains · (accumulator + a few chunks' work)), whatever the number of datapoints.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dask.highlevelgraph import HighLevelGraph
 from .blas import one_thread, pin_blas
 from .minibatch import minibatch_partial
 from .moments import RowCheck, fold_rows, merge_into, partial_from_rows, unpack
-from .options import ProductPrecision, is_address
+from .options import READ_AHEAD, ProductPrecision, is_address
 from .progress import Progress
 from .rows import Adapter
 
@@ -316,14 +317,16 @@ def aligned(sides: Sequence[da.Array], masks: Sequence[da.Array | None] = (),
             None if codes is None else whole(codes))
 
 
-def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, chains: int) -> int:
-    """Bytes a pass in ``chains`` chains holds at most.
+def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, chains: int,
+               ahead: int = 0) -> int:
+    """Bytes a pass in ``chains`` chains, each reading ``ahead`` chunks ahead, holds at most.
 
     Each chain holds its ``reduction.partials_held`` partials, the temporaries that fold a chunk into them (one
     sub-block's products in at most float64, the sub-block buffer and its copy, a merge's outer products), the
-    largest common chunk of the sides read whole for it, and what the adapters make for one sub-block of rows
-    (dft spectra). Shared by the chains: the store chunks of sides chunked more coarsely than the common chunks
-    (each cut into several folds' pieces): those the chains' current pieces lie in, and the next one.
+    largest common chunk of the sides read whole for it and the ``ahead`` read for its next folds, and what the
+    adapters make for one sub-block of rows (dft spectra). Shared by the chains: the store chunks of sides
+    chunked more coarsely than the common chunks (each cut into several folds' pieces): those the chains'
+    pieces in work and read ahead lie in, and the next one.
     """
     from .moments import MADE_SUBBLOCK_BYTES, OUTER_BYTES, PRODUCT_BYTES, SUBBLOCK_BYTES
 
@@ -333,10 +336,11 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     for side in sides:
         per_datapoint = int(np.prod(side.shape[1:])) * side.dtype.itemsize
         if side.chunks[0] == common:
-            chunk += largest * per_datapoint
+            chunk += (1 + ahead) * largest * per_datapoint
         else:
             coarse = max(side.chunks[0])
-            shared += min(len(side.chunks[0]), -(-chains * largest // coarse) + 1) * coarse * per_datapoint
+            in_work = chains * (1 + ahead) * largest
+            shared += min(len(side.chunks[0]), -(-in_work // coarse) + 1) * coarse * per_datapoint
     itemsize = np.dtype(reduction.dtype).itemsize
     row_bytes = reduction.batch * max(reduction.width, 1) * itemsize
     sub_block = MADE_SUBBLOCK_BYTES if any(adapter.made_as_taken for adapter in adapters) else SUBBLOCK_BYTES
@@ -351,7 +355,8 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
 def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *,
                     chains: int, nan_policy: str = "raise", names: Sequence[str] = (),
                     offset: int = 0, codes: da.Array | None = None,
-                    masks: Sequence[da.Array | None] = (), start: np.ndarray | None = None) -> Delayed:
+                    masks: Sequence[da.Array | None] = (), start: np.ndarray | None = None,
+                    ahead: int = 0) -> Delayed:
     """The lazy merged partial (1, *reduction.shape) of the rows of ``sides``.
 
     ``sides`` are Dask arrays sharing axis 0 (datapoint), each (datapoint, *positions, channel), with
@@ -365,7 +370,8 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. A ``grouped()`` reduction takes
     ``codes``: each datapoint's group (datapoint,). ``masks``: per side, its padding mask (datapoint,
     *positions) or None. ``start``: a partial (1, *reduction.shape) the first chain folds into (an earlier
-    pass's, so as not to hold it beside this one's), which it then owns. Nothing is computed here.
+    pass's, so as not to hold it beside this one's), which it then owns. ``ahead``: chunks each chain reads
+    ahead of the one it folds (see ``_reads_inside()``). Nothing is computed here.
     """
     names = tuple(names) or tuple(f"side {i}" for i in range(len(sides)))
     if reduction.groups and codes is None:
@@ -392,44 +398,59 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
         last[index % chains] = key
     layer[merge_name] = (partial(_merge_chains, reduction=reduction), last)
     graph = HighLevelGraph.from_collections(merge_name, layer, dependencies=inputs)
-    return Delayed(merge_name, _reads_inside(graph, [(chunk_name, index) for index in range(len(firsts))], chains))
+    return Delayed(merge_name, _reads_inside(graph, [(chunk_name, index) for index in range(len(firsts))], chains,
+                                             ahead))
 
 
-def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int) -> dict[Any, GraphNode]:
-    """The graph with each of ``tasks`` (the chunks' folds, dealt in turn to ``chains`` chains) fused with the
-    tasks that only it uses (the reads of its chunks and what they alone need), so a chunk is read by the task
-    that folds it, when its chain comes to it. A task several folds share (a store chunk cut into the common
-    chunks of layers chunked differently) waits for the fold ``chains`` before the first that uses it. Left
-    apart, reads are ready from the start and a scheduler runs them ahead, holding every chunk read until its
-    chain takes it."""
+def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahead: int = 0) -> dict[Any, GraphNode]:
+    """The graph with the reads of each of ``tasks`` (the chunks' folds, dealt in turn to ``chains`` chains)
+    held back until the chain that folds them is at most ``ahead`` folds from them. Left free, reads are ready
+    from the start and a scheduler runs them ahead, holding every chunk read until its chain takes it.
+
+    With ``ahead`` 0 each fold is fused with the tasks that only it uses (the reads of its chunks and what they
+    alone need): a chunk is read by the task that folds it, when its chain comes to it. With ``ahead`` n the
+    reads stay tasks of their own and a chain's next n chunks are read while it folds: the reads of fold k
+    wait for fold k − chains · (1 + n), and a chain's first reads ahead for its first chunk's reads (so that
+    the first folds start soon). A task several folds share (a store chunk cut into the common chunks of layers
+    chunked differently) waits likewise for the first fold that needs it.
+    """
     dsk = convert_legacy_graph(dict(graph))
-    dependents = reverse_dict({key: node.dependencies for key, node in dsk.items()})
     kept = set(tasks)
-    for key in tasks:
-        fused, waiting = [dsk[key]], list(dsk[key].dependencies)
+    if not ahead:
+        dependents = reverse_dict({key: node.dependencies for key, node in dsk.items()})
+        for key in tasks:
+            fused, waiting = [dsk[key]], list(dsk[key].dependencies)
+            while waiting:
+                dependency = waiting.pop()
+                if dependency in dsk and dependency not in kept and len(dependents[dependency]) == 1:
+                    fused.append(dsk.pop(dependency))
+                    waiting.extend(fused[-1].dependencies)
+            dsk[key] = GraphNode.fuse(*fused, key=key) if len(fused) > 1 else fused[0]
+    first_use: dict[Any, int] = {}  # each task the folds need: the first fold that needs it
+    for index, key in enumerate(tasks):
+        waiting = [dependency for dependency in dsk[key].dependencies if dependency not in kept]
         while waiting:
             dependency = waiting.pop()
-            if dependency in dsk and dependency not in kept and len(dependents[dependency]) == 1:
-                fused.append(dsk.pop(dependency))
-                waiting.extend(fused[-1].dependencies)
-        dsk[key] = GraphNode.fuse(*fused, key=key) if len(fused) > 1 else fused[0]
-    order = {key: index for index, key in enumerate(tasks)}
-    dependents = reverse_dict({key: node.dependencies for key, node in dsk.items()})
-    for key in list(dsk):
-        users = dependents.get(key, ())
-        if key in kept or not users or not all(user in order for user in users):
+            if dependency in dsk and dependency not in first_use:
+                first_use[dependency] = index
+                waiting.extend(d for d in dsk[dependency].dependencies if d not in kept)
+    depth = chains * (1 + ahead)
+    for key, first in first_use.items():
+        if first < chains or not isinstance(dsk[key], Task):  # data (a constant) costs nothing to hold
             continue
-        first = min(order[user] for user in users)
-        if first < chains:
-            continue
-        gate = tasks[first - chains]
-        done = (f"{gate[0]}-done", gate[1])  # a token: the read waits for the fold, not for its accumulator
-        dsk[done] = Task(done, _done, TaskRef(gate))
+        if first >= depth:  # the fold ``depth`` before it is done: a token waits for it, not for its accumulator
+            gate, done = tasks[first - depth], (f"{tasks[first - depth][0]}-done", tasks[first - depth][1])
+            waits = [TaskRef(gate)]
+        else:  # a chain's first read ahead waits for its first read, so that the chains' first folds start soon
+            gate, done = tasks[first - chains], (f"{tasks[first - chains][0]}-read", tasks[first - chains][1])
+            waits = [TaskRef(read) for read in dsk[gate].dependencies if read not in kept and read in dsk]
+        if done not in dsk:
+            dsk[done] = Task(done, _done, *waits)
         dsk[key] = Task(key, _first, dsk[key], TaskRef(done))  # the read, run inline once the gate is done
     return dsk
 
 
-def _done(accumulated: Any) -> None:
+def _done(*done: Any) -> None:
     return None
 
 
@@ -444,10 +465,9 @@ def _local_pool(scheduler: Any) -> bool:
             and dask.config.get("scheduler", None) in (None, "threads"))
 
 
-def scheduler_threads(scheduler: Any = None, *, spare: bool = False) -> int:
+def scheduler_threads(scheduler: Any = None) -> int:
     """Tasks the active or given scheduler runs at once: a cluster's threads, 1 for the synchronous scheduler,
-    else the local pool's workers (Dask's ``num_workers`` setting, or one per core, and one more with ``spare``
-    on the local threaded scheduler)."""
+    else the local pool's workers (Dask's ``num_workers`` setting, or one per core)."""
     client = _active_client(scheduler)
     if client is not None:
         return max(1, sum(client.nthreads().values()))
@@ -457,7 +477,15 @@ def scheduler_threads(scheduler: Any = None, *, spare: bool = False) -> int:
     configured = dask.config.get("num_workers", None)
     if configured:
         return int(configured)
-    return (os.cpu_count() or 1) + (1 if spare and _local_pool(scheduler) else 0)
+    return os.cpu_count() or 1
+
+
+def reads_ahead(scheduler: Any = None) -> int:
+    """Chunks each chain may read ahead of the one it folds on the active or given scheduler: ``READ_AHEAD`` on
+    the local threaded pool that chunkcca sizes, where a read waiting on the disk then leaves no core idle
+    (docs/performance.md); none on a cluster, where a chunk is read by the worker that folds it, nor on a pool
+    whose size Dask's ``num_workers`` sets."""
+    return READ_AHEAD if _local_pool(scheduler) and dask.config.get("num_workers", None) is None else 0
 
 
 def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
@@ -470,8 +498,8 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
     ``distributed.Client`` if one is current, else the local threaded scheduler). With
     ``progress`` (a label saying what is computed) a progress bar is shown on stderr: a labelled Dask bar
     locally (``chunkcca.progress.Progress``), distributed's after the label on a cluster. ``threads`` sets the
-    local pool's workers unless Dask's ``num_workers`` is set (a chained reduction's chains: more workers would
-    only run reads ahead).
+    local pool's workers unless Dask's ``num_workers`` is set (a chained reduction's chains and the reads they
+    run ahead).
     """
     client = _active_client(scheduler)
     with one_thread():
@@ -501,16 +529,15 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
 def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *, chains: int | None = None,
         scheduler: Any = None, progress: str | None = None, nan_policy: str = "raise", names: Sequence[str] = (),
         offset: int = 0, codes: da.Array | None = None, masks: Sequence[da.Array | None] = (),
-        start: np.ndarray | None = None, spare: bool = False) -> Any:
+        start: np.ndarray | None = None, ahead: int = 0) -> Any:
     """Build, compute and finalize one reduction (see ``reduction_graph()`` and ``compute()``) in as many chains
-    as the scheduler runs tasks at once (locally, one per core), or ``chains`` if fewer (a memory budget). With
-    ``spare`` (a chain costs little) the local threaded scheduler runs one chain more than cores, so that a read
-    waiting on the disk leaves no core idle (cold streaming of 1 GiB: 1.43-1.61 s against 1.83 s)."""
-    threads = scheduler_threads(scheduler, spare=spare)
-    chains = threads if chains is None else min(chains, threads)
+    as the scheduler runs tasks at once (locally, one per core), or ``chains`` if fewer (a memory budget), each
+    reading ``ahead`` chunks ahead of the one it folds (locally on a pool of a thread per chain and per chunk
+    read ahead)."""
+    chains = min(chains or scheduler_threads(scheduler), scheduler_threads(scheduler))
     graph = reduction_graph(sides, adapters, reduction, chains=chains, nan_policy=nan_policy,
-                            names=names, offset=offset, codes=codes, masks=masks, start=start)
-    (merged,) = compute(graph, scheduler=scheduler, progress=progress, threads=chains)
+                            names=names, offset=offset, codes=codes, masks=masks, start=start, ahead=ahead)
+    (merged,) = compute(graph, scheduler=scheduler, progress=progress, threads=chains * (1 + ahead))
     return reduction.finalize(merged)
 
 

@@ -220,11 +220,14 @@ def _made_on_read(array: np.ndarray, chunks: int) -> da.Array:
     return da.from_array(array, chunks=(chunks, *array.shape[1:])).map_blocks(np.copy)
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("chunk_b", [50, 500])
-def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b):
-    """Memory holds a few chunks, not all: each datapoint chunk is read by the task that folds it, and a chunk
-    that several folds share (layers chunked differently) only once the chains are near it. Reading every
-    chunk of b ahead would hold its 32 MiB; the fold's arrays are a few MiB."""
+def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b, ahead, monkeypatch):
+    """Memory holds a few chunks, not all: each datapoint chunk is read by the task that folds it (or, on the
+    pool chunkcca sizes, READ_AHEAD folds before), and a chunk that several folds share (layers chunked
+    differently) only once the chains are near it. Reading every chunk of b ahead would hold its 32 MiB; the
+    fold's arrays and the chunks read ahead are a few MiB."""
+    import os
     import tracemalloc
 
     rng = np.random.default_rng(8)
@@ -234,15 +237,99 @@ def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b):
     layer_a = xr.DataArray(_made_on_read(a, 50), dims=("datapoint", "channel"), name="a")
     layer_b = xr.DataArray(_made_on_read(b, chunk_b), dims=DIMS, name="b")
     cka(layer_a, layer_b, spatial="avgpool", precision="float64")  # what a first run imports is not traced
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # two chains, whatever the machine
     tracemalloc.start()
     try:
-        with dask.config.set(num_workers=2):  # two chains, whatever the machine
+        with dask.config.set(num_workers=None if ahead else 2):  # a pool of Dask's size reads nothing ahead
             got = cka(layer_a, layer_b, spatial="avgpool", precision="float64")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 16 * 2**20, peak
     assert float(got["cka"]) == pytest.approx(float(want["cka"]), abs=1e-12)
+
+
+def _read_and_folded(layers: list[xr.DataArray], **options) -> tuple[list[tuple[str, int]], xr.Dataset]:
+    """cca of ``layers`` with what happened in order: ("read", chunk) as a chunk of the first layer is read,
+    ("fold", chunk) as a chain has folded it."""
+    import threading
+
+    from dask.callbacks import Callback
+
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def read(block: np.ndarray, block_info=None) -> np.ndarray:
+        with lock:
+            events.append(("read", block_info[0]["chunk-location"][0]))
+        return block.copy()
+
+    def folded(key, result, dsk, state, worker_id) -> None:
+        if isinstance(key, tuple) and key[0].startswith("chunkcca-moments-chunk-") and key[0].count("-") == 3:
+            with lock:
+                events.append(("fold", key[1]))
+
+    first = layers[0].copy(data=layers[0].data.map_blocks(read, dtype=layers[0].dtype))
+    with Callback(posttask=folded):
+        result = cca(first, *layers[1:], **options)
+    return events, result
+
+
+def test_chains_read_ahead_of_their_folds_and_no_further(monkeypatch):
+    """On the pool chunkcca sizes each chain reads the next READ_AHEAD chunks while it folds: chunk k is read
+    once fold k − chains·(1 + READ_AHEAD) is done (and a chain's first chunks once its first is read), never
+    sooner; reads do run ahead of their chain's fold; the result is that of a run that reads nothing ahead."""
+    import os
+
+    from chunkcca.options import READ_AHEAD
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    rng = np.random.default_rng(12)
+    a, b = correlated_layers(rng, 1200, (4, 4, 24), (4, 4, 20), dtype=np.float64)
+    layers = [xr.DataArray(x, dims=DIMS, name=name).chunk({"datapoint": 50}) for x, name in ((a, "a"), (b, "b"))]
+    events, got = _read_and_folded(layers, precision="float64")
+    depth = 2 * (1 + READ_AHEAD)
+    for place, (what, chunk) in enumerate(events):
+        done = {index for kind, index in events[:place] if kind == "fold"}
+        if what == "read" and chunk >= depth:
+            assert chunk - depth in done, (chunk, sorted(done))
+    ahead = [chunk for place, (what, chunk) in enumerate(events) if what == "read" and chunk >= 2
+             and chunk - 2 not in {index for kind, index in events[:place] if kind == "fold"}]
+    assert ahead, events
+    with dask.config.set(num_workers=2):  # a pool of Dask's size: each chunk read by its fold
+        events, want = _read_and_folded(layers, precision="float64")
+    assert not [chunk for place, (what, chunk) in enumerate(events) if what == "read" and chunk >= 2
+                and chunk - 2 not in {index for kind, index in events[:place] if kind == "fold"}]
+    np.testing.assert_allclose(got["rho"], want["rho"], rtol=0, atol=1e-13)
+
+
+def test_heavy_passes_and_tight_budgets_read_nothing_ahead(monkeypatch):
+    """Reading ahead costs a chunk per chain and chunk read ahead: a pass whose chain holds more than
+    READ_AHEAD_SHARE of memory_limit, or whose budget cannot hold the chunks ahead beside its chains, reads none
+    ahead (one chain's bytes as the refusal of a smaller budget states them)."""
+    import os
+    import re
+
+    from dask.utils import parse_bytes
+
+    from chunkcca import passes
+    from chunkcca.options import READ_AHEAD
+
+    cores = [2]
+    monkeypatch.setattr(os, "cpu_count", lambda: cores[0])
+    chosen: list[int] = []
+    choose = passes._ahead
+    monkeypatch.setattr(passes, "_ahead", lambda *args: chosen.append(choose(*args)) or chosen[-1])
+    rng = np.random.default_rng(13)
+    a, b = correlated_layers(rng, 1200, (4, 4, 24), (4, 4, 20), dtype=np.float64)
+    layers = [xr.DataArray(x, dims=DIMS, name=name).chunk({"datapoint": 200}) for x, name in ((a, "a"), (b, "b"))]
+    with pytest.raises(ValueError, match="over memory_limit") as refused:
+        cca(*layers, precision="float64", memory_limit=1)
+    one = parse_bytes(re.search(r"in work \(([^)]+)\)", str(refused.value)).group(1).replace(" ", ""))
+    # light; a chain over 1/16 of the budget; light, but 16 chains (one per core) and no chunk more
+    for cores[0], share in ((2, 64), (2, 8), (16, 16.5)):
+        cca(*layers, precision="float64", memory_limit=int(share * one))
+    assert chosen == [READ_AHEAD, 0, 0]
 
 
 def test_wide_solves_use_every_core():
