@@ -128,7 +128,8 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         Dask scheduler (default: the active one).
     memory_limit
         Budget for what the pass holds at once (default "1.5GiB"): (p + q + 2) · (p + q) float64 values per
-        reading thread, p and q the neurons, with the chunks in work; checked before streaming.
+        chain of folds (one per core locally), p and q the neurons, with the chunks in work; checked before
+        streaming.
 
     Returns
     -------

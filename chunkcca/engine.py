@@ -323,10 +323,11 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
 
     Each chain holds its ``reduction.partials_held`` partials, the temporaries that fold a chunk into them (one
     sub-block's products in at most float64, the sub-block buffer and its copy, a merge's outer products), the
-    largest common chunk of the sides read whole for it and the ``ahead`` read for its next folds, and what the
-    adapters make for one sub-block of rows (dft spectra). Shared by the chains: the store chunks of sides
-    chunked more coarsely than the common chunks (each cut into several folds' pieces): those the chains'
-    pieces in work and read ahead lie in, and the next one.
+    largest common chunk of the sides read whole for it and the ``ahead`` read for its next folds (for a side
+    chunked more coarsely, the pieces cut from its store chunks), and what the adapters make for one sub-block
+    of rows (dft spectra). Shared by the chains: the store chunks of sides chunked more coarsely than the common
+    chunks (each cut into several folds' pieces): those the chains' pieces in work and read ahead lie in, and
+    the next one (two when reading ahead, as the chains drift apart).
     """
     from .moments import MADE_SUBBLOCK_BYTES, OUTER_BYTES, PRODUCT_BYTES, SUBBLOCK_BYTES
 
@@ -335,12 +336,13 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     shared = chunk = 0
     for side in sides:
         per_datapoint = int(np.prod(side.shape[1:])) * side.dtype.itemsize
-        if side.chunks[0] == common:
-            chunk += (1 + ahead) * largest * per_datapoint
-        else:
+        chunk += (1 + ahead) * largest * per_datapoint  # a coarse store chunk's pieces are copies too
+        if side.chunks[0] != common:
             coarse = max(side.chunks[0])
             in_work = chains * (1 + ahead) * largest
-            shared += min(len(side.chunks[0]), -(-in_work // coarse) + 1) * coarse * per_datapoint
+            # and one more where chains that read ahead drift apart (each gates only its own reads)
+            held = -(-in_work // coarse) + 1 + (1 if ahead else 0)
+            shared += min(len(side.chunks[0]), held) * coarse * per_datapoint
     itemsize = np.dtype(reduction.dtype).itemsize
     row_bytes = reduction.batch * max(reduction.width, 1) * itemsize
     sub_block = MADE_SUBBLOCK_BYTES if any(adapter.made_as_taken for adapter in adapters) else SUBBLOCK_BYTES
@@ -363,10 +365,10 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     one adapter each; they are read in common datapoint chunks (``aligned()``), each side's chunk reaching the
     chunk function as one block. The chunks are dealt in turn to ``chains`` chains: each chunk's partial is
     merged into its chain's accumulator (in place, for Moments) by the task that makes it, and the chains'
-    accumulators are merged by one last task, so at most ``chains`` accumulators and as many chunks in work are
-    held whatever the number of chunks. Rows with NaN or Inf raise an error naming the layer (from ``names``)
-    and chunk, or are left out, as ``nan_policy`` says. ``offset`` is the global index of the first datapoint
-    of ``sides`` (for the stride pattern when streaming a slice). The graph's layers are named
+    accumulators are merged by one last task, so at most ``chains`` accumulators and ``chains · (1 + ahead)``
+    chunks in work are held whatever the number of chunks. Rows with NaN or Inf raise an error naming the
+    layer (from ``names``) and chunk, or are left out, as ``nan_policy`` says. ``offset`` is the global index of
+    the first datapoint of ``sides`` (for the stride pattern when streaming a slice). The graph's layers are named
     ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. A ``grouped()`` reduction takes
     ``codes``: each datapoint's group (datapoint,). ``masks``: per side, its padding mask (datapoint,
     *positions) or None. ``start``: a partial (1, *reduction.shape) the first chain folds into (an earlier
@@ -384,7 +386,7 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     task = partial(_fold_task, adapters=tuple(adapters), reduction=reduction, nan_policy=nan_policy, names=names,
                    masked=tuple(mask is not None for mask in masks))
     token = tokenize([array.name for array in inputs], reduction, tuple(adapters), chains, nan_policy, names, offset,
-                     tuple(mask is not None for mask in masks), start)
+                     tuple(mask is not None for mask in masks), start, ahead)
     chunk_name, merge_name = f"chunkcca-{reduction.name}-chunk-{token}", f"chunkcca-{reduction.name}-merge-{token}"
     layer: dict[Any, Any] = {}
     chains = max(1, min(chains, len(firsts)))
@@ -410,9 +412,10 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahea
     With ``ahead`` 0 each fold is fused with the tasks that only it uses (the reads of its chunks and what they
     alone need): a chunk is read by the task that folds it, when its chain comes to it. With ``ahead`` n the
     reads stay tasks of their own and a chain's next n chunks are read while it folds: the reads of fold k
-    wait for fold k − chains · (1 + n), and a chain's first reads ahead for its first chunk's reads (so that
-    the first folds start soon). A task several folds share (a store chunk cut into the common chunks of layers
-    chunked differently) waits likewise for the first fold that needs it.
+    wait for fold k − chains · (1 + n), and a chain's first n reads ahead each for the reads of its chunk
+    before (so that they do not compete with the first chunks' reads, and the first folds start soon). A task
+    several folds share (a store chunk cut into the common chunks of layers chunked differently) waits likewise
+    for the first fold that needs it.
     """
     dsk = convert_legacy_graph(dict(graph))
     kept = set(tasks)
@@ -441,7 +444,7 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahea
         if first >= depth:  # the fold ``depth`` before it is done: a token waits for it, not for its accumulator
             gate, done = tasks[first - depth], (f"{tasks[first - depth][0]}-done", tasks[first - depth][1])
             waits = [TaskRef(gate)]
-        else:  # a chain's first read ahead waits for its first read, so that the chains' first folds start soon
+        else:  # a chain's first reads ahead wait each for its previous chunk's, so the first folds start soon
             gate, done = tasks[first - chains], (f"{tasks[first - chains][0]}-read", tasks[first - chains][1])
             waits = [TaskRef(read) for read in dsk[gate].dependencies if read not in kept and read in dsk]
         if done not in dsk:
@@ -484,8 +487,9 @@ def reads_ahead(scheduler: Any = None) -> int:
     """Chunks each chain may read ahead of the one it folds on the active or given scheduler: ``READ_AHEAD`` on
     the local threaded pool that chunkcca sizes, where a read waiting on the disk then leaves no core idle
     (docs/performance.md); none on a cluster, where a chunk is read by the worker that folds it, nor on a pool
-    whose size Dask's ``num_workers`` sets."""
-    return READ_AHEAD if _local_pool(scheduler) and dask.config.get("num_workers", None) is None else 0
+    that Dask's ``num_workers`` or ``pool`` settings give."""
+    sized = dask.config.get("num_workers", None) is None and dask.config.get("pool", None) is None
+    return READ_AHEAD if _local_pool(scheduler) and sized else 0
 
 
 def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,

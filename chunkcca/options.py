@@ -161,7 +161,7 @@ class StreamOptions:
         padding masks, that count includes the padded positions, which are left out either way).
     split_every : int
         Gram blocks summed per task of the tree that adds them up (spatial="features"), at least 2. The
-        Moments need none: each thread folds its chunks into one accumulator.
+        Moments need none: each chain folds its chunks into one accumulator.
     memory_limit : int, float or str
         Budget for what a pass holds at once ("1.5GiB" by default), checked before streaming; kept in bytes.
         Each chain of folds (one per core locally) holds its accumulated statistics, the chunk it folds

@@ -102,9 +102,11 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
 
 #: The most chains a pass is planned for (more threads than this fold in this many chains).
 MOST_CHAINS = 64
+
+
 def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter], options: StreamOptions,
                names: Sequence[str]) -> int:
-    """The chains (chunks in work at once, each with its accumulator) that ``options.memory_limit`` affords, at
+    """The chains (each an accumulator and its chunk in work) that ``options.memory_limit`` affords, at
     least 1, or a clear error before anything is read (``engine.pass_bytes()`` says what a pass holds)."""
     limit = int(options.memory_limit)
     one = pass_bytes(sides, adapters, reduction, 1)

@@ -220,15 +220,19 @@ def _made_on_read(array: np.ndarray, chunks: int) -> da.Array:
     return da.from_array(array, chunks=(chunks, *array.shape[1:])).map_blocks(np.copy)
 
 
-@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("chunk_b", [50, 500])
-def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b, ahead, monkeypatch):
-    """Memory holds a few chunks, not all: each datapoint chunk is read by the task that folds it (or, on the
-    pool chunkcca sizes, READ_AHEAD folds before), and a chunk that several folds share (layers chunked
-    differently) only once the chains are near it. Reading every chunk of b ahead would hold its 32 MiB; the
-    fold's arrays and the chunks read ahead are a few MiB."""
+def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b, monkeypatch):
+    """Memory holds a few chunks, not all: each datapoint chunk is read by the task that folds it (a pool of
+    Dask's size) or, on the pool chunkcca sizes, READ_AHEAD folds before, and a chunk that several folds share
+    (layers chunked differently) only once the chains are near it. Reading every chunk of b ahead would hold
+    its 32 MiB; the fold's arrays and the chunks read ahead are a few MiB. What reading ahead adds is at most
+    what the pass says it adds (``pass_bytes``) and two chunks' worth of slack (measured: up to 1.6 chunks more,
+    a chunk the scheduler is still releasing and its bookkeeping for more threads)."""
     import os
     import tracemalloc
+
+    from chunkcca import passes
+    from chunkcca.options import READ_AHEAD
 
     rng = np.random.default_rng(8)
     a = rng.standard_normal((4000, 16))
@@ -238,15 +242,30 @@ def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b, ahead, monkeypatc
     layer_b = xr.DataArray(_made_on_read(b, chunk_b), dims=DIMS, name="b")
     cka(layer_a, layer_b, spatial="avgpool", precision="float64")  # what a first run imports is not traced
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # two chains, whatever the machine
-    tracemalloc.start()
-    try:
-        with dask.config.set(num_workers=None if ahead else 2):  # a pool of Dask's size reads nothing ahead
-            got = cka(layer_a, layer_b, spatial="avgpool", precision="float64")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 16 * 2**20, peak
-    assert float(got["cka"]) == pytest.approx(float(want["cka"]), abs=1e-12)
+    stated: list[tuple[int, int]] = []  # (chunks read ahead, bytes the pass says it holds)
+    choose = passes._ahead
+
+    def spy(reduction, sides, adapters, options, chains, scheduler) -> int:
+        picked = choose(reduction, sides, adapters, options, chains, scheduler)
+        stated.append((picked, passes.pass_bytes(sides, adapters, reduction, chains, picked)))
+        return picked
+
+    monkeypatch.setattr(passes, "_ahead", spy)
+    peaks = []
+    for workers in (2, None):  # a pool of Dask's size reads nothing ahead
+        tracemalloc.start()
+        try:
+            with dask.config.set(num_workers=workers):
+                got = cka(layer_a, layer_b, spatial="avgpool", precision="float64")
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert peaks[-1] < 16 * 2**20, peaks
+        assert float(got["cka"]) == pytest.approx(float(want["cka"]), abs=1e-12)
+    (none, holds), (ahead, holds_ahead) = stated
+    assert (none, ahead) == (0, READ_AHEAD)
+    one_chunk = 50 * (16 + 8 * 8 * 16) * 8
+    assert peaks[1] - peaks[0] <= holds_ahead - holds + 2 * one_chunk, (peaks, holds, holds_ahead)
 
 
 def _read_and_folded(layers: list[xr.DataArray], **options) -> tuple[list[tuple[str, int]], xr.Dataset]:
@@ -293,9 +312,10 @@ def test_chains_read_ahead_of_their_folds_and_no_further(monkeypatch):
         done = {index for kind, index in events[:place] if kind == "fold"}
         if what == "read" and chunk >= depth:
             assert chunk - depth in done, (chunk, sorted(done))
-    ahead = [chunk for place, (what, chunk) in enumerate(events) if what == "read" and chunk >= 2
-             and chunk - 2 not in {index for kind, index in events[:place] if kind == "fold"}]
-    assert ahead, events
+    for far in (2, depth - 2):  # reads that ran before the fold one chunk, and READ_AHEAD chunks, before theirs
+        ahead = [chunk for place, (what, chunk) in enumerate(events) if what == "read" and chunk >= far
+                 and chunk - far not in {index for kind, index in events[:place] if kind == "fold"}]
+        assert ahead, (far, events)
     with dask.config.set(num_workers=2):  # a pool of Dask's size: each chunk read by its fold
         events, want = _read_and_folded(layers, precision="float64")
     assert not [chunk for place, (what, chunk) in enumerate(events) if what == "read" and chunk >= 2
@@ -326,10 +346,30 @@ def test_heavy_passes_and_tight_budgets_read_nothing_ahead(monkeypatch):
     with pytest.raises(ValueError, match="over memory_limit") as refused:
         cca(*layers, precision="float64", memory_limit=1)
     one = parse_bytes(re.search(r"in work \(([^)]+)\)", str(refused.value)).group(1).replace(" ", ""))
-    # light; a chain over 1/16 of the budget; light, but 16 chains (one per core) and no chunk more
-    for cores[0], share in ((2, 64), (2, 8), (16, 16.5)):
-        cca(*layers, precision="float64", memory_limit=int(share * one))
-    assert chosen == [READ_AHEAD, 0, 0]
+    chunk = 200 * 4 * 4 * (24 + 20) * 8
+    # light; a chain over 1/16 of the budget; light, but 16 chains (one per core) and no chunk more; room for
+    # one chunk ahead in each of 16 chains, not two
+    for cores[0], limit in ((2, 64 * one), (2, 8 * one), (16, 16.5 * one), (16, 16 * (one + 1.5 * chunk))):
+        cca(*layers, precision="float64", memory_limit=int(limit))
+    assert chosen == [READ_AHEAD, 0, 0, 1]
+
+
+def test_only_the_pool_chunkcca_sizes_reads_ahead():
+    """A cluster reads each chunk on the worker that folds it; the synchronous and processes schedulers and a
+    pool that Dask's settings give read nothing ahead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chunkcca.engine import reads_ahead
+    from chunkcca.options import READ_AHEAD
+
+    assert reads_ahead() == reads_ahead("threads") == READ_AHEAD
+    assert reads_ahead("synchronous") == reads_ahead("processes") == 0
+    with dask.config.set(num_workers=3):
+        assert reads_ahead() == 0
+    with ThreadPoolExecutor(2) as pool, dask.config.set(pool=pool):
+        assert reads_ahead() == 0
+    with dask.config.set(scheduler="synchronous"):
+        assert reads_ahead() == 0
 
 
 def test_wide_solves_use_every_core():

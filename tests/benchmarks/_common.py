@@ -22,7 +22,7 @@ from chunkcca.datasets import demo_layers
 BENCH_DIR = Path("/tmp/chunkcca-bench")
 
 
-size_decode_pool()  # one zarr decode thread per core, as the chunkcca command runs (docs/performance.md)
+size_decode_pool()  # zarr's decode pool sized as the chunkcca command sizes it (docs/performance.md)
 
 
 def store_for(datapoints: int, *, channels: int = 64, chunk: int = 256, compression: str | None = "lz4",
