@@ -262,3 +262,22 @@ def test_compare_and_sweep_with_folds_and_groups(tmp_path, capsys):
     assert saved["predictivity_ci"].dims == ("layer_a", "layer_b", "bound") and saved.attrs["ridge"] == 0.1
     assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "predictivity"]) == 2
     assert "predictivity is measured on held-out folds: pass folds=K" in capsys.readouterr().err
+
+
+def test_the_command_gives_zarr_one_decode_thread_per_chunk_read_ahead():
+    """The command sizes zarr's decode pool (made once per process) to READ_AHEAD threads per core, and keeps a
+    size the user configured; in a fresh process, as the pool is the process's."""
+    import subprocess
+    import sys
+
+    code = ("import os, zarr\n"
+            "from chunkcca.cli import size_decode_pool\n"
+            "from chunkcca.options import READ_AHEAD\n"
+            "size_decode_pool()\n"
+            "print(zarr.config.get('threading.max_workers') == os.cpu_count() * READ_AHEAD)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True"]
+    configured = code.replace("size_decode_pool()\n", "zarr.config.set({'threading.max_workers': 3})\n"
+                              "size_decode_pool()\n").replace("os.cpu_count() * READ_AHEAD", "3")
+    done = subprocess.run([sys.executable, "-c", configured], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True"]
