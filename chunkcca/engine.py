@@ -127,10 +127,14 @@ def _merge_groups(into: np.ndarray, part: np.ndarray, *,
     """A grouped partial (1, groups, *shape) merged into another, each group alone."""
     for group in range(into.shape[1]):
         target = into[:, group]
-        merged = merge(target, part[:, group])
-        if merged is not target:
-            target[...] = merged
+        _kept_in(target, merge(target, part[:, group]))
     return into
+
+
+def _kept_in(target: np.ndarray, result: np.ndarray) -> None:
+    """``result`` of an in-place-where-it-can merge or fold into ``target`` (a view), kept in ``target``."""
+    if result is not target:
+        target[...] = result
 
 
 def _finalize_groups(merged: np.ndarray, *, finalize: Callable[[np.ndarray], Any]) -> list[Any]:
@@ -289,10 +293,8 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
             accumulated = np.zeros((1, *reduction.shape), dtype=reduction.dtype)
         for group in range(reduction.groups):
             target = accumulated[:, group]
-            result = reduction.fold(target, [side[..., row_codes == group, :] for side in rows], first_datapoint,
-                                    check)
-            if result is not target:
-                target[...] = result
+            _kept_in(target, reduction.fold(target, [side[..., row_codes == group, :] for side in rows],
+                                            first_datapoint, check))
         return accumulated
 
 
@@ -442,11 +444,13 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahea
         if first < chains or not isinstance(dsk[key], Task):  # data (a constant) costs nothing to hold
             continue
         if first >= depth:  # the fold ``depth`` before it is done: a token waits for it, not for its accumulator
-            gate, done = tasks[first - depth], (f"{tasks[first - depth][0]}-done", tasks[first - depth][1])
-            waits = [TaskRef(gate)]
+            name, done = tasks[first - depth]
+            waits = [TaskRef((name, done))]
+            done = (f"{name}-done", done)
         else:  # a chain's first reads ahead wait each for its previous chunk's, so the first folds start soon
-            gate, done = tasks[first - chains], (f"{tasks[first - chains][0]}-read", tasks[first - chains][1])
-            waits = [TaskRef(read) for read in dsk[gate].dependencies if read not in kept and read in dsk]
+            name, done = tasks[first - chains]
+            waits = [TaskRef(read) for read in dsk[(name, done)].dependencies if read not in kept and read in dsk]
+            done = (f"{name}-read", done)
         if done not in dsk:
             dsk[done] = Task(done, _done, *waits)
         dsk[key] = Task(key, _first, dsk[key], TaskRef(done))  # the read, run inline once the gate is done
@@ -462,10 +466,16 @@ def _first(value: Any, gate: None) -> Any:
 
 
 def _local_pool(scheduler: Any) -> bool:
-    """Whether the work runs on Dask's local threaded scheduler (no Client, no other scheduler named), whose pool
-    chunkcca sizes unless Dask's ``num_workers`` is set."""
+    """Whether the work runs on Dask's local threaded scheduler (no Client, no other scheduler named)."""
     return (_active_client(scheduler) is None and scheduler in (None, "threads")
             and dask.config.get("scheduler", None) in (None, "threads"))
+
+
+def _sized_pool(scheduler: Any) -> bool:
+    """Whether the work runs on the local threaded pool that chunkcca sizes: no pool or ``num_workers`` set in
+    Dask's settings."""
+    return (_local_pool(scheduler) and dask.config.get("num_workers", None) is None
+            and dask.config.get("pool", None) is None)
 
 
 def scheduler_threads(scheduler: Any = None) -> int:
@@ -488,8 +498,7 @@ def reads_ahead(scheduler: Any = None) -> int:
     the local threaded pool that chunkcca sizes, where a read waiting on the disk then leaves no core idle
     (docs/performance.md); none on a cluster, where a chunk is read by the worker that folds it, nor on a pool
     that Dask's ``num_workers`` or ``pool`` settings give."""
-    sized = dask.config.get("num_workers", None) is None and dask.config.get("pool", None) is None
-    return READ_AHEAD if _local_pool(scheduler) and sized else 0
+    return READ_AHEAD if _sized_pool(scheduler) else 0
 
 
 def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
@@ -502,8 +511,8 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
     ``distributed.Client`` if one is current, else the local threaded scheduler). With
     ``progress`` (a label saying what is computed) a progress bar is shown on stderr: a labelled Dask bar
     locally (``chunkcca.progress.Progress``), distributed's after the label on a cluster. ``threads`` sets the
-    local pool's workers unless Dask's ``num_workers`` is set (a chained reduction's chains and the reads they
-    run ahead).
+    local pool's workers unless Dask's ``num_workers`` or ``pool`` is set (a chained reduction's chains and the
+    reads they run ahead).
     """
     client = _active_client(scheduler)
     with one_thread():
@@ -520,7 +529,7 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
             if "distributed" not in sys.modules:  # then no Client exists, not even a worker's own
                 # named by its function, Dask's threaded scheduler runs without importing distributed
                 options["scheduler"] = dask.threaded.get
-            if dask.config.get("num_workers", None) is None:
+            if _sized_pool(scheduler):
                 # for graphs whose reads are tasks of their own (the Gram blocks), one thread more than cores lets
                 # a chunk's products overlap the next chunk's decoding (docs/performance.md)
                 options["num_workers"] = threads or (os.cpu_count() or 1) + 1
@@ -538,7 +547,8 @@ def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduc
     as the scheduler runs tasks at once (locally, one per core), or ``chains`` if fewer (a memory budget), each
     reading ``ahead`` chunks ahead of the one it folds (locally on a pool of a thread per chain and per chunk
     read ahead)."""
-    chains = min(chains or scheduler_threads(scheduler), scheduler_threads(scheduler))
+    threads = scheduler_threads(scheduler)
+    chains = min(chains or threads, threads)
     graph = reduction_graph(sides, adapters, reduction, chains=chains, nan_policy=nan_policy,
                             names=names, offset=offset, codes=codes, masks=masks, start=start, ahead=ahead)
     (merged,) = compute(graph, scheduler=scheduler, progress=progress, threads=chains * (1 + ahead))

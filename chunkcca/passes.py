@@ -192,15 +192,16 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
         return grouped(reduction, groups) if codes is not None else reduction
 
     data = [layer.data for layer in layers]
-    chains = fit_chains(reduction_of("float64"), data, adapters, options, names)
+    budget = reduction_of("float64")  # what the budget is checked for: the widest products
+    chains = fit_chains(budget, data, adapters, options, names)
     masks = _masks(layers)
     datapoints = layers[0].sizes["datapoint"]
     _warn_small_chunks(layers)
     check_complete(layers)
     reading_what = f"reading {', '.join(map(repr, names))}"
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler:  # an address: one connection
-        ahead = _ahead(reduction_of("float64"), data, adapters, options, min(chains, scheduler_threads(scheduler)),
-                       scheduler)
+        chains = min(chains, scheduler_threads(scheduler))
+        ahead = _ahead(budget, data, adapters, options, chains, scheduler)
 
         def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "",
                        after: Parts | None = None) -> Parts:
