@@ -48,6 +48,11 @@ from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
 #: condition number at most this: float32 products were measured to move correlations by up to ~1e-6 at
 #: condition numbers near 1e3 and by 1e-5 to 7e-5 near 1e4.
 AUTO_CONDITION = 1e3
+#: The pilot ("first chunk") of precision="auto" holds at least this many rows per channel of the widest layer
+#: (``_pilot_end``). Fewer make a correlation matrix ill-conditioned by sampling alone: at 4 rows per channel,
+#: white noise has a condition number near 9, ((1 + 1/2) / (1 − 1/2))² (Marchenko–Pastur); at 1 or fewer, the
+#: matrix is singular. A pass with no such first chunk takes float64 throughout, without a pilot.
+PILOT_ROWS_PER_CHANNEL = 4
 
 
 @dataclass(frozen=True)
@@ -258,9 +263,11 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
             if auto else None
     if options.precision != "auto":
         return moments_of(0, datapoints, options.precision), None
-    # the first layer's first chunk: a pilot of bounded size (another layer's chunk across it is read twice; a
-    # cut at a common chunk boundary could be the whole run)
-    first = layers[0].data.chunks[0][0]
+    first, widest = _pilot_end(layers, adapters)
+    if first is None:
+        return moments_of(0, datapoints, "float64"), (
+            f"auto: float64 products, as no first chunk short of the whole run has {PILOT_ROWS_PER_CHANNEL} rows "
+            f"per channel of layer {widest!r}: fewer cannot show its conditioning")
     pilot = moments_of(0, first, "float64", step=", pass 1 of 2: the first chunk")
     choice, reason = _choose_precision(_merged(pilot), tuple(str(layer.name) for layer in layers), first)
     if first == datapoints:
@@ -344,6 +351,28 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
                           scheduler=scheduler, progress=None if label is None else f"{label} (Gram blocks)")
     check_unchanged(layers)
     return np.asarray(sums)
+
+
+def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> tuple[int | None, str]:
+    """Where the pilot ("the first chunk") of ``precision="auto"`` ends, and the widest layer's name.
+
+    The pilot needs ``PILOT_ROWS_PER_CHANNEL`` rows per channel of the widest layer. It ends at the first place
+    that gives them where every layer's chunks end together, so that no chunk is read twice, if that comes
+    before the end of the run; else at the first such end of a chunk of the first layer (a chunk of another
+    layer across it is then read again by the rest). None if no chunk end of the first layer gives them.
+    """
+    widths = [layer.sizes["channel"] for layer in layers]
+    widest = int(np.argmax(widths))
+    rows_needed = PILOT_ROWS_PER_CHANNEL * widths[widest]
+    datapoints = layers[0].sizes["datapoint"]
+
+    def first_enough(ends: Sequence[int]) -> int | None:
+        return next((end for end in ends if end > 0 and adapters[0].row_count(end) >= rows_needed), None)
+
+    common = first_enough(common_boundaries([layer.data for layer in layers]))
+    if common is not None and common < datapoints:
+        return common, str(layers[widest].name)
+    return first_enough(np.cumsum(layers[0].data.chunks[0]).tolist()), str(layers[widest].name)
 
 
 def _choose_precision(pilot: Moments | TiledMoments, names: Sequence[str],

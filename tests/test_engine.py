@@ -180,6 +180,47 @@ def test_precision_auto_on_one_chunk_reports_the_float64_products_it_made():
     np.testing.assert_allclose(result["rho"], want, atol=1e-10)
 
 
+def _counted_layer(name: str, chunk_sizes: list[int], channels: int, reads: list[tuple[str, int]]) -> da.Array:
+    """A (datapoint, 2, 2, channels) layer of the given chunk sizes whose every chunk read is logged in ``reads``."""
+    def block(index: int, size: int) -> np.ndarray:
+        reads.append((name, index))
+        return np.random.default_rng([len(name), index]).standard_normal((size, 2, 2, channels)) + 3.0
+
+    return da.concatenate([da.from_delayed(dask.delayed(block)(index, size), shape=(size, 2, 2, channels),
+                                           dtype=float) for index, size in enumerate(chunk_sizes)])
+
+
+def test_precision_auto_pilot_holds_four_rows_per_channel_and_ends_where_all_chunks_end():
+    """avgpool gives one row per datapoint and 6 channels need a pilot of 24 rows: the first layer's first chunk
+    (10 datapoints) is too short and its next end (25) would cut the second layer's first chunk, so the pilot
+    runs to 30, where both layers' chunks end, and every chunk is read once."""
+    reads: list[tuple[str, int]] = []
+    a, b = _counted_layer("a", [10, 15, 5, 30], 6, reads), _counted_layer("bb", [30, 30], 4, reads)
+    result = cca(a, b, spatial="avgpool", precision="auto")
+    assert result.attrs["precision"] == "float32"
+    assert "condition number in the first chunk (30 datapoints)" in result.attrs["precision_auto"]
+    assert sorted(reads) == sorted([("a", i) for i in range(4)] + [("bb", i) for i in range(2)])
+    exact = cca(a, b, spatial="avgpool", precision="float64")
+    np.testing.assert_allclose(result["rho"], exact["rho"], rtol=0, atol=1e-6)  # float32 products after the pilot
+
+
+def test_precision_auto_without_a_pilot_long_enough_takes_float64_in_one_pass(capsys):
+    """A layer of 40 channels needs a pilot of 160 rows; 60 datapoints of one row each never give them, so the
+    run takes float64 products in one pass (no pilot pass reading the first chunks twice) and says why."""
+    reads: list[tuple[str, int]] = []
+    a = xr.DataArray(_counted_layer("a", [20, 20, 20], 40, reads), dims=DIMS, name="wide")
+    b = _counted_layer("bb", [60], 3, reads)
+    result = cca(a, b, spatial="avgpool", precision="auto", progress=True)
+    assert result.attrs["precision"] == "float64"
+    assert result.attrs["precision_auto"] == ("auto: float64 products, as no first chunk short of the whole run "
+                                              "has 4 rows per channel of layer 'wide': fewer cannot show its "
+                                              "conditioning")
+    assert sorted(reads) == sorted([("a", 0), ("a", 1), ("a", 2), ("bb", 0)])
+    assert "pass 1 of 2" not in capsys.readouterr().err
+    np.testing.assert_allclose(result["rho"], cca(a, b, spatial="avgpool", precision="float64")["rho"],
+                               rtol=0, atol=1e-12)
+
+
 def test_sides_chunked_along_every_dim_give_the_whole_chunk_moments():
     """Stores chunked along height, width or channel too: each datapoint chunk is joined whole, as one block."""
     rng = np.random.default_rng(9)
