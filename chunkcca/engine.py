@@ -203,35 +203,56 @@ def means_reduction(widths: Sequence[int]) -> Reduction:
                      width=sum(widths))
 
 
-def _gram_pair(first_i: int, first_j: int, blocks_i: list[np.ndarray], blocks_j: list[np.ndarray], *,
-               adapters: Sequence[Adapter], means: Sequence[np.ndarray], weight: float) -> np.ndarray:
-    """``weight`` · ⟨K̃ₗ, K̃ₘ⟩ for every pair of sides l, m, with K̃ₗ = X̃ₗ,ᵢ X̃ₗ,ⱼᵀ the centred Gram block of
-    datapoint chunks i and j of side l: (L, L). The means pass has refused NaN and Inf already."""
+def _centred(first: int, blocks: list[np.ndarray], *, adapters: Sequence[Adapter],
+             means: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The rows of one datapoint chunk of every side in float64, less the side's mean: [(rows, featuresₗ)]."""
+    centred = []
+    for block, adapter, mean in zip(blocks, adapters, means):
+        rows = adapter.block_rows(block, first).astype(np.float64)  # a copy even when the block is float64
+        rows -= mean
+        centred.append(rows)
+    return centred
+
+
+def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int, blocks_j: list[np.ndarray] | None,
+               held_j: list[np.ndarray] | None, *, adapters: Sequence[Adapter],
+               means: Sequence[np.ndarray]) -> np.ndarray:
+    """Σᵢ weightᵢ · ⟨K̃ₗ, K̃ₘ⟩ for every pair of sides l, m, with K̃ₗ = X̃ₗ,ᵢ X̃ₗ,ⱼᵀ the centred Gram block of
+    datapoint chunk i of the band (``band``: centred rows per chunk, per side) and chunk j (read from ``blocks_j``
+    and centred here, or ``held_j``, a chunk of the band): (L, L). The means pass has refused NaN and Inf."""
     pin_blas()
-    grams = []
-    for block_i, block_j, adapter, mean in zip(blocks_i, blocks_j, adapters, means):
-        rows_i = adapter.block_rows(block_i, first_i).astype(np.float64) - mean
-        rows_j = rows_i if block_j is block_i else adapter.block_rows(block_j, first_j).astype(np.float64) - mean
-        grams.append(rows_i @ rows_j.T)
-    flat = np.stack([gram.ravel() for gram in grams])
-    return weight * (flat @ flat.T)
+    rows_j = held_j if held_j is not None else _centred(first_j, blocks_j or [], adapters=adapters, means=means)
+    sums = np.zeros((len(rows_j), len(rows_j)))
+    for rows_i, weight in zip(band, weights):
+        flat = np.stack([(side_i @ side_j.T).ravel() for side_i, side_j in zip(rows_i, rows_j)])
+        sums += weight * (flat @ flat.T)
+    return sums
 
 
-def gram_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], means: Sequence[np.ndarray], *,
-               split_every: int) -> Any:
-    """The lazy (L, L) sums ``Σ ⟨K̃ₗ, K̃ₘ⟩`` over every pair of datapoint chunks (each unordered pair once, the
-    off-diagonal ones twice): tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly, whatever the
-    features' width. Memory per task O(chunk² · L + chunk · features); chunk i is read once per chunk j."""
+def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], means: Sequence[np.ndarray],
+                    band: range, *, split_every: int) -> Any:
+    """The lazy (L, L) sums ``Σ ⟨K̃ₗ, K̃ₘ⟩`` over the pairs of datapoint chunks (i, j), i in ``band`` (a range
+    of chunk indices) and j ≥ i, the off-diagonal ones twice: summed over the bands that cover all chunks,
+    tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly, whatever the features' width. The
+    band's chunks are read once and held as centred float64 rows; every later chunk is read once, by the
+    task that multiplies it with the whole band."""
     chunks = sides[0].chunks[0]
     sides = [side.rechunk({0: chunks, **{axis: -1 for axis in range(1, side.ndim)}}) for side in sides]
-    firsts = np.cumsum((0, *chunks))[:-1]
-    task = partial(_gram_pair, adapters=tuple(adapters), means=tuple(means))
-    pairs = [dask.delayed(task)(int(firsts[i]), int(firsts[j]), [side.blocks[i] for side in sides],
-                                [side.blocks[j] for side in sides], weight=1.0 if i == j else 2.0)
-             for i in range(len(chunks)) for j in range(i, len(chunks))]
-    while len(pairs) > 1:  # a tree of sums, split_every at a time
-        pairs = [dask.delayed(sum)(pairs[k : k + split_every]) for k in range(0, len(pairs), split_every)]
-    return pairs[0]
+    firsts = [int(first) for first in np.cumsum((0, *chunks))[:-1]]
+    context = {"adapters": tuple(adapters), "means": tuple(means)}
+    held = [dask.delayed(partial(_centred, **context))(firsts[i], [side.blocks[i] for side in sides])
+            for i in band]
+    parts = []
+    for j in range(band.start, len(chunks)):
+        inside = j - band.start if j < band.stop else None
+        within = held if inside is None else held[: inside + 1]
+        weights = [2.0] * len(within) if inside is None else [2.0] * inside + [1.0]
+        blocks_j = [side.blocks[j] for side in sides] if inside is None else None
+        parts.append(dask.delayed(partial(_gram_band, **context))(within, weights, firsts[j], blocks_j,
+                                                                  None if inside is None else held[inside]))
+    while len(parts) > 1:  # a tree of sums, split_every at a time
+        parts = [dask.delayed(sum)(parts[k : k + split_every]) for k in range(0, len(parts), split_every)]
+    return parts[0]
 
 
 def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str], first_datapoint: int,

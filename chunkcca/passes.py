@@ -29,7 +29,7 @@ from .engine import (
     common_boundaries,
     compute,
     connected,
-    gram_graph,
+    gram_band_graph,
     grouped,
     means_reduction,
     moments_reduction,
@@ -334,8 +334,9 @@ def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
 
 def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions) -> np.ndarray:
     """tr(K̃ₗ K̃ₘ) for every pair of aligned layers (one side each), K̃ the centred Gram matrix of their rows
-    (spatial="features": each datapoint's whole map): one pass for the features' means, one over the pairs of
-    datapoint chunks. (L, L)."""
+    (spatial="features": each datapoint's whole map): one pass for the features' means, then one per band of
+    datapoint chunks (``gram_band_chunks``), each over the pairs of a chunk of the band and a chunk at or after
+    it. (L, L)."""
     if options.nan_policy == "omit":
         raise ValueError("spatial='features' cannot omit rows (the Gram matrices would shift); use "
                          "nan_policy='raise'")
@@ -344,13 +345,34 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     data = [layer.data for layer in layers]
     check_complete(layers)
     label = f"reading {', '.join(map(repr, names))}" if options.progress else None
+    chunks = len(data[0].chunks[0])
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
         means = run(data, adapters, means_reduction(widths), scheduler=scheduler,
                     progress=None if label is None else f"{label} (means)", nan_policy="raise", names=names)
-        (sums,) = compute(gram_graph(data, adapters, means, split_every=options.split_every),
-                          scheduler=scheduler, progress=None if label is None else f"{label} (Gram blocks)")
+        threads = scheduler_threads(scheduler)
+        band = gram_band_chunks(layers, options.memory_limit, threads)
+        bands = range(0, chunks, band)
+        sums = np.zeros((len(layers), len(layers)))
+        for number, start in enumerate(bands, 1):
+            step = f"Gram blocks, band {number} of {len(bands)}" if len(bands) > 1 else "Gram blocks"
+            graph = gram_band_graph(data, adapters, means, range(start, min(start + band, chunks)),
+                                    split_every=options.split_every)
+            (part,) = compute(graph, scheduler=scheduler, threads=threads,
+                              progress=None if label is None else f"{label} ({step})")
+            sums += part
     check_unchanged(layers)
-    return np.asarray(sums)
+    return sums
+
+
+def gram_band_chunks(layers: Sequence[xr.DataArray], memory_limit: int, threads: int) -> int:
+    """Datapoint chunks one band of the Gram pass holds (as centred float64 rows of every layer): as many as fit
+    in ``memory_limit`` beside ``threads`` tasks that each hold a chunk as read and as centred rows; at least
+    one. The pass reads each chunk once per band that starts at or before it."""
+    largest = max(layers[0].data.chunks[0])
+    features = [int(np.prod(layer.shape[1:])) for layer in layers]
+    centred = largest * sum(features) * 8
+    as_read = largest * sum(width * layer.dtype.itemsize for width, layer in zip(features, layers))
+    return max(1, int((memory_limit - threads * (as_read + centred)) // centred))
 
 
 def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> tuple[int | None, str]:

@@ -4,6 +4,9 @@ in-memory float64 n × n Gram references."""
 
 from __future__ import annotations
 
+import collections
+
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -49,12 +52,35 @@ def _minibatch_gram_cka(x: np.ndarray, y: np.ndarray, size: int) -> float:
 
 
 @settings(max_examples=12, deadline=None)
-@given(chunk_a=st.integers(5, 70), chunk_b=st.integers(5, 70), stride=st.integers(1, 3), seed=st.integers(0, 5))
-def test_exact_feature_cka_equals_the_gram_reference_in_any_chunking(chunk_a, chunk_b, stride, seed):
+@given(chunk_a=st.integers(5, 70), chunk_b=st.integers(5, 70), stride=st.integers(1, 3), seed=st.integers(0, 5),
+       memory_limit=st.sampled_from(["1.5GiB", 1]))
+def test_exact_feature_cka_equals_the_gram_reference_in_any_chunking(chunk_a, chunk_b, stride, seed, memory_limit):
+    """Under the default memory_limit one band holds every chunk; under 1 byte each band holds one chunk."""
     x, y = _maps(seed)
-    got = cka(da.from_array(x, chunks=chunk_a), da.from_array(y, chunks=chunk_b), spatial="features", stride=stride)
+    got = cka(da.from_array(x, chunks=chunk_a), da.from_array(y, chunks=chunk_b), spatial="features", stride=stride,
+              memory_limit=memory_limit)
     assert float(got["cka"]) == pytest.approx(_gram_cka(x[::stride], y[::stride]), rel=TOL)
     assert int(got["rows"]) == len(x[::stride])
+
+
+def test_the_gram_pass_reads_each_chunk_once_per_band_that_reaches_it():
+    """A band of the Gram pass holds as many chunks as memory_limit affords beside the tasks at work (one, on the
+    synchronous scheduler), each as read and as centred float64 rows; a chunk is read once by the means pass and
+    once by each band starting at or before it. Here bands of 3 chunks over 8: chunk j is read 2 + j // 3 times."""
+    reads: collections.Counter = collections.Counter()
+    rng = np.random.default_rng(4)
+    data = {name: rng.standard_normal((128, 2, 2, width)) + 1 for name, width in (("a", 8), ("bb", 4))}
+
+    def block(name: str, index: int) -> np.ndarray:
+        reads[(name, index)] += 1
+        return data[name][16 * index : 16 * index + 16]
+
+    a, b = (da.concatenate([da.from_delayed(dask.delayed(block)(name, index), shape=(16, 2, 2, values.shape[-1]),
+                                            dtype=float) for index in range(8)]) for name, values in data.items())
+    centred = 16 * (32 + 16) * 8  # one chunk of both layers, float64 rows; as read it is float64 too
+    got = cka(a, b, spatial="features", memory_limit=2 * centred + 3 * centred, scheduler="synchronous")
+    assert dict(reads) == {(name, index): 2 + index // 3 for name in data for index in range(8)}
+    assert float(got["cka"]) == pytest.approx(_gram_cka(data["a"], data["bb"]), rel=TOL)
 
 
 def test_minibatch_feature_cka_equals_the_minibatch_gram_reference():
