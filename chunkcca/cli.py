@@ -61,8 +61,9 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
                         help=f"how spatial positions become rows (default {spatial[0]})")
     parser.add_argument("--stride", type=_positive_int, default=1, help="keep every n-th row (default 1)")
     parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
-                        help="dtype of the per-chunk products (default auto: float64 for the first chunk, and "
-                             "float32 for the rest unless that chunk is ill-conditioned)")
+                        help="dtype of the per-chunk products (default auto: float64 for the first datapoints, "
+                             "4 rows per channel of the widest layer, and float32 for the rest unless they are "
+                             "ill-conditioned; float64 throughout for runs with fewer rows)")
     parser.add_argument("--scheduler", help=SCHEDULER_HELP)
     parser.add_argument("--connect-timeout", type=float, default=10.0,
                         help="seconds to wait for a scheduler given by address (default 10)")

@@ -44,14 +44,14 @@ from .rows import Adapter
 from .store import check_complete, check_unchanged
 from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
 
-#: precision="auto" keeps float32 products while every side's correlation matrix in the first chunk has a
+#: precision="auto" keeps float32 products while every side's correlation matrix in the pilot has a
 #: condition number at most this: float32 products were measured to move correlations by up to ~1e-6 at
 #: condition numbers near 1e3 and by 1e-5 to 7e-5 near 1e4.
 AUTO_CONDITION = 1e3
-#: The pilot ("first chunk") of precision="auto" holds at least this many rows per channel of the widest layer
-#: (``_pilot_end``). Fewer make a correlation matrix ill-conditioned by sampling alone: at 4 rows per channel,
+#: The pilot (the first datapoints) of precision="auto" holds at least this many rows per channel of the widest
+#: layer (``_pilot_end``). Fewer make a correlation matrix ill-conditioned by sampling alone: at 4 rows per channel,
 #: white noise has a condition number near 9, ((1 + 1/2) / (1 − 1/2))² (Marchenko–Pastur); at 1 or fewer, the
-#: matrix is singular. A pass with no such first chunk takes float64 throughout, without a pilot.
+#: matrix is singular. A run with too few rows for it takes float64 throughout, without a pilot.
 PILOT_ROWS_PER_CHANNEL = 4
 
 
@@ -176,8 +176,8 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     Checks the memory budget first. With ``options.checkpoint`` the running Moments are saved there
     every ``options.checkpoint_every`` chunks and a run of the same layers and options resumes from
     them (``chunkcca.checkpoint``). ``precision="auto"`` computes float64 Moments of the first
-    datapoint chunk, keeps float32 products for the rest unless a side's correlation matrix there has
-    a condition number above ``AUTO_CONDITION``, and merges the two. A ValueError if no finite row
+    datapoints (the pilot, ``_pilot_end``), keeps float32 products for the rest unless a side's correlation
+    matrix there has a condition number above ``AUTO_CONDITION``, and merges the two. A ValueError if no finite row
     is left. With ``codes`` (each datapoint's group, 0 … ``groups`` − 1) the Moments of each group are kept
     apart in the same pass (``Streamed.groups``; ``Streamed.moments`` is their merge), and the memory budget
     is checked for all of them. With ``pairs`` (of indices into ``layers``), only the blocks of the scatter
@@ -263,15 +263,20 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
             if auto else None
     if options.precision != "auto":
         return moments_of(0, datapoints, options.precision), None
-    first, widest = _pilot_end(layers, adapters)
+    first, widest, width = _pilot_end(layers, adapters)
+    needed = PILOT_ROWS_PER_CHANNEL * width
     if first is None:
         return moments_of(0, datapoints, "float64"), (
-            f"auto: float64 products, as no first chunk short of the whole run has {PILOT_ROWS_PER_CHANNEL} rows "
-            f"per channel of layer {widest!r}: fewer cannot show its conditioning")
-    pilot = moments_of(0, first, "float64", step=", pass 1 of 2: the first chunk")
+            f"auto: float64 products, as the run's {adapters[0].row_count(datapoints)} rows are fewer than "
+            f"{PILOT_ROWS_PER_CHANNEL} per channel of layer {widest!r} ({width} channels), too few to show its "
+            f"conditioning")
+    pilot = moments_of(0, first, "float64", step=f", pass 1 of 2: the first {first} datapoints")
     choice, reason = _choose_precision(_merged(pilot), tuple(str(layer.name) for layer in layers), first)
+    if _merged(pilot).n < needed:  # padding or omitted rows took some out
+        reason += (f"; only {_merged(pilot).n} of its rows are real (padding and omitted rows are left out), "
+                   f"fewer than the {needed} that show layer {widest!r}'s conditioning")
     if first == datapoints:
-        return pilot, f"auto: float64 products, as the first chunk is the whole run ({choice} for the rest); {reason}"
+        return pilot, f"auto: float64 products, as the pilot is the whole run ({choice} for the rest); {reason}"
     # the pilot's statistics are the first chain's accumulator in the rest of the run: not held beside it
     return moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest", after=pilot), \
         f"auto: {choice} products; {reason}"
@@ -375,26 +380,29 @@ def gram_band_chunks(layers: Sequence[xr.DataArray], memory_limit: int, threads:
     return max(1, int((memory_limit - threads * (as_read + centred)) // centred))
 
 
-def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> tuple[int | None, str]:
-    """Where the pilot ("the first chunk") of ``precision="auto"`` ends, and the widest layer's name.
+def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> tuple[int | None, str, int]:
+    """Where the pilot (the first datapoints) of ``precision="auto"`` ends; the widest layer's name and channels.
 
-    The pilot needs ``PILOT_ROWS_PER_CHANNEL`` rows per channel of the widest layer. It ends at the first place
-    that gives them where every layer's chunks end together, so that no chunk is read twice, if that comes
-    before the end of the run; else at the first such end of a chunk of the first layer (a chunk of another
-    layer across it is then read again by the rest). None if no chunk end of the first layer gives them.
+    The pilot needs ``PILOT_ROWS_PER_CHANNEL`` rows (before padding and omitted rows are left out) per channel of
+    the widest layer. It ends at the first end of a chunk of the first layer that gives them, or at the first
+    place after it that gives them where every layer's chunks end together (then no chunk is read twice), if
+    that comes before the end of the run and at most the longest chunk of any layer later (what a chunk read
+    twice would cost). None if even the whole run has too few rows.
     """
     widths = [layer.sizes["channel"] for layer in layers]
     widest = int(np.argmax(widths))
     rows_needed = PILOT_ROWS_PER_CHANNEL * widths[widest]
     datapoints = layers[0].sizes["datapoint"]
+    longest = max(max(layer.data.chunks[0]) for layer in layers)
 
     def first_enough(ends: Sequence[int]) -> int | None:
         return next((end for end in ends if end > 0 and adapters[0].row_count(end) >= rows_needed), None)
 
+    own = first_enough(np.cumsum(layers[0].data.chunks[0]).tolist())
     common = first_enough(common_boundaries([layer.data for layer in layers]))
-    if common is not None and common < datapoints:
-        return common, str(layers[widest].name)
-    return first_enough(np.cumsum(layers[0].data.chunks[0]).tolist()), str(layers[widest].name)
+    if own is not None and common is not None and common < datapoints and common - own <= longest:
+        own = common
+    return own, str(layers[widest].name), widths[widest]
 
 
 def _choose_precision(pilot: Moments | TiledMoments, names: Sequence[str],
@@ -408,7 +416,7 @@ def _choose_precision(pilot: Moments | TiledMoments, names: Sequence[str],
         if condition > worst:
             worst, worst_name = condition, name
     choice: ProductPrecision = "float64" if worst > AUTO_CONDITION else "float32"
-    return choice, (f"the largest correlation-matrix condition number in the first chunk ({datapoints} datapoints) "
+    return choice, (f"the largest correlation-matrix condition number in the first {datapoints} datapoints "
                     f"is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
 
 
@@ -417,7 +425,7 @@ def _condition(scatter: np.ndarray, kept: np.ndarray) -> float:
     worst = 0.0
     for index in np.ndindex(*scatter.shape[:-2]):
         keep = np.flatnonzero(kept[index])
-        if keep.size == 0:  # constant in the first chunk: nothing tells float32 is safe
+        if keep.size == 0:  # constant in the pilot: nothing tells float32 is safe
             return np.inf
         block = scatter[index][np.ix_(keep, keep)]
         scale = np.sqrt(np.diagonal(block).real)

@@ -153,7 +153,7 @@ def test_precision_auto_switches_to_float64_when_float32_cannot_hold_and_says_so
     x, y = _ill_conditioned(1e6)
     result = cca(da.from_array(x, chunks=3000), y, precision="auto")
     assert result.attrs["precision"] == "float64"
-    assert "condition number in the first chunk (3000 datapoints) is" in result.attrs["precision_auto"]
+    assert "condition number in the first 3000 datapoints is" in result.attrs["precision_auto"]
     assert "layer 'a'" in result.attrs["precision_auto"]
     np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-8)
     float32 = cca(da.from_array(x, chunks=3000), y, precision="float32")
@@ -174,7 +174,7 @@ def test_precision_auto_on_one_chunk_reports_the_float64_products_it_made():
     x, y = _ill_conditioned(10.0)
     result = cca(x.astype(np.float32), y.astype(np.float32), precision="auto")
     assert result.attrs["precision"] == "float64"
-    assert result.attrs["precision_auto"].startswith("auto: float64 products, as the first chunk is the whole run "
+    assert result.attrs["precision_auto"].startswith("auto: float64 products, as the pilot is the whole run "
                                                      "(float32 for the rest); the largest")
     want = canonical_correlations(x.astype(np.float32), y.astype(np.float32))
     np.testing.assert_allclose(result["rho"], want, atol=1e-10)
@@ -190,17 +190,31 @@ def _counted_layer(name: str, chunk_sizes: list[int], channels: int, reads: list
                                            dtype=float) for index, size in enumerate(chunk_sizes)])
 
 
-def test_precision_auto_pilot_holds_four_rows_per_channel_and_ends_where_all_chunks_end():
-    """avgpool gives one row per datapoint and 6 channels need a pilot of 24 rows: the first layer's first chunk
-    (10 datapoints) is too short and its next end (25) would cut the second layer's first chunk, so the pilot
-    runs to 30, where both layers' chunks end, and every chunk is read once."""
+@pytest.mark.parametrize(("chunks_a", "width_a", "chunks_b", "width_b", "stride", "pilot", "read_twice"), [
+    # 24 rows: the first layer's end at 25 would cut the second layer's first chunk; at 30 all chunks end
+    ([10, 15, 5, 30], 6, [30, 30], 4, 1, 30, []),
+    # the widest layer is the second: 32 rows
+    ([10] * 6, 3, [10] * 6, 8, 1, 40, []),
+    # every second row: 24 rows from 48 datapoints
+    ([10] * 6, 6, [10] * 6, 4, 2, 50, []),
+    # 12 rows at 14, where all chunks end only at 84, 70 datapoints on: the second layer's chunk across 14 is
+    # read again
+    ([7] * 12 + [16], 3, [12] * 8 + [4], 2, 1, 14, [("bb", 1)]),
+])
+def test_precision_auto_pilot_holds_four_rows_per_channel_of_the_widest_layer(chunks_a, width_a, chunks_b, width_b,
+                                                                             stride, pilot, read_twice):
+    """avgpool gives one row per datapoint (every ``stride``-th kept). The pilot ends at the first chunk end of
+    the first layer that gives 4 rows per channel of the widest layer, or at the next place where all layers'
+    chunks end if that is at most the longest chunk further (then every chunk is read once)."""
     reads: list[tuple[str, int]] = []
-    a, b = _counted_layer("a", [10, 15, 5, 30], 6, reads), _counted_layer("bb", [30, 30], 4, reads)
-    result = cca(a, b, spatial="avgpool", precision="auto")
+    a = _counted_layer("a", chunks_a, width_a, reads)
+    b = _counted_layer("bb", chunks_b, width_b, reads)
+    result = cca(a, b, spatial="avgpool", stride=stride, precision="auto")
     assert result.attrs["precision"] == "float32"
-    assert "condition number in the first chunk (30 datapoints)" in result.attrs["precision_auto"]
-    assert sorted(reads) == sorted([("a", i) for i in range(4)] + [("bb", i) for i in range(2)])
-    exact = cca(a, b, spatial="avgpool", precision="float64")
+    assert f"condition number in the first {pilot} datapoints is" in result.attrs["precision_auto"]
+    want = [("a", i) for i in range(len(chunks_a))] + [("bb", i) for i in range(len(chunks_b))] + read_twice
+    assert sorted(reads) == sorted(want)
+    exact = cca(a, b, spatial="avgpool", stride=stride, precision="float64")
     np.testing.assert_allclose(result["rho"], exact["rho"], rtol=0, atol=1e-6)  # float32 products after the pilot
 
 
@@ -212,8 +226,8 @@ def test_precision_auto_without_a_pilot_long_enough_takes_float64_in_one_pass(ca
     b = _counted_layer("bb", [60], 3, reads)
     result = cca(a, b, spatial="avgpool", precision="auto", progress=True)
     assert result.attrs["precision"] == "float64"
-    assert result.attrs["precision_auto"] == ("auto: float64 products, as no first chunk short of the whole run "
-                                              "has 4 rows per channel of layer 'wide': fewer cannot show its "
+    assert result.attrs["precision_auto"] == ("auto: float64 products, as the run's 60 rows are fewer than 4 per "
+                                              "channel of layer 'wide' (40 channels), too few to show its "
                                               "conditioning")
     assert sorted(reads) == sorted([("a", 0), ("a", 1), ("a", 2), ("bb", 0)])
     assert "pass 1 of 2" not in capsys.readouterr().err

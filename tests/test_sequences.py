@@ -193,3 +193,18 @@ def test_last_under_a_two_dimensional_mask_takes_the_last_real_position_in_row_m
     want = [v.reshape(40, 12, -1)[np.arange(40), last] for v in (x, y)]
     got = cca(a, b, spatial="last", precision="float64")
     np.testing.assert_allclose(got["rho"], canonical_correlations(*want), atol=TOL)
+
+
+def test_precision_auto_says_when_padding_leaves_its_pilot_too_few_real_rows():
+    """Flattened tokens: the pilot is sized by rows before padding (10 datapoints × 9 tokens = 90 ≥ 4 × 5); with
+    one real token each only 10 rows are real, too few to show the conditioning surely, and the note says so."""
+    x, y, _, _ = _sequences(4)
+    mask = np.zeros(x.shape[:2], dtype=bool)
+    mask[:, 0] = True
+    mask[30:] = True  # the rest of the run is fully real
+    result = cca(_layer(x, mask, 10, "a"), _layer(y, mask, 10, "b"), precision="auto")
+    assert ("only 10 of its rows are real (padding and omitted rows are left out), fewer than the 20 that show "
+            "layer 'b''s conditioning") in result.attrs["precision_auto"]
+    keep = mask.reshape(-1)
+    want = canonical_correlations(x.reshape(-1, 4)[keep], y.reshape(-1, 5)[keep])
+    np.testing.assert_allclose(result["rho"], want, atol=1e-6 if result.attrs["precision"] == "float32" else TOL)

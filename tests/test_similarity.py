@@ -114,7 +114,7 @@ def test_precision_auto_in_a_sweep_and_one_read_per_chunk():
     a, b = lazy("a"), lazy("bb")
     result = chunkcca.cca(a, b, precision="auto")
     assert sorted(reads) == sorted((name, i) for name in ("a", "bb") for i in range(4))
-    assert result.attrs["precision"] == "float32" and "first chunk (10 datapoints)" in result.attrs["precision_auto"]
+    assert result.attrs["precision"] == "float32" and "first 10 datapoints" in result.attrs["precision_auto"]
     exact = chunkcca.cca(a, b, precision="float64")
     np.testing.assert_allclose(result["rho"], exact["rho"], rtol=0, atol=1e-6)  # float32 products after the pilot
     swept = similarity({"a": a}, {"bb": b}, measures=["mean_cca", "pwcca"], precision="auto")
