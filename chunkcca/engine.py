@@ -206,25 +206,31 @@ def means_reduction(widths: Sequence[int]) -> Reduction:
 def _centred(first: int, blocks: list[np.ndarray], *, adapters: Sequence[Adapter],
              means: Sequence[np.ndarray]) -> list[np.ndarray]:
     """The rows of one datapoint chunk of every side in float64, less the side's mean: [(rows, featuresₗ)]."""
-    centred = []
-    for block, adapter, mean in zip(blocks, adapters, means):
-        rows = adapter.block_rows(block, first).astype(np.float64)  # a copy even when the block is float64
-        rows -= mean
-        centred.append(rows)
-    return centred
+    return [_centred_side(first, block, adapter, mean) for block, adapter, mean in zip(blocks, adapters, means)]
+
+
+def _centred_side(first: int, block: np.ndarray, adapter: Adapter, mean: np.ndarray) -> np.ndarray:
+    rows = adapter.block_rows(block, first).astype(np.float64)  # a copy even when the block is float64
+    rows -= mean
+    return rows
 
 
 def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int, blocks_j: list[np.ndarray] | None,
                held_j: list[np.ndarray] | None, *, adapters: Sequence[Adapter],
                means: Sequence[np.ndarray]) -> np.ndarray:
     """Σᵢ weightᵢ · ⟨K̃ₗ, K̃ₘ⟩ for every pair of sides l, m, with K̃ₗ = X̃ₗ,ᵢ X̃ₗ,ⱼᵀ the centred Gram block of
-    datapoint chunk i of the band (``band``: centred rows per chunk, per side) and chunk j (read from ``blocks_j``
-    and centred here, or ``held_j``, a chunk of the band): (L, L). The means pass has refused NaN and Inf."""
+    datapoint chunk i of the band (``band``: centred rows per chunk, per side) and chunk j (``held_j``, a chunk
+    of the band, or read from ``blocks_j`` and centred here one side at a time): (L, L). The means pass has
+    refused NaN and Inf."""
     pin_blas()
-    rows_j = held_j if held_j is not None else _centred(first_j, blocks_j or [], adapters=adapters, means=means)
-    sums = np.zeros((len(rows_j), len(rows_j)))
-    for rows_i, weight in zip(band, weights):
-        flat = np.stack([(side_i @ side_j.T).ravel() for side_i, side_j in zip(rows_i, rows_j)])
+    grams: list[list[np.ndarray]] = [[] for _ in band]  # per chunk of the band, per side: (rowsᵢ, rowsⱼ)
+    for side, (adapter, mean) in enumerate(zip(adapters, means)):
+        rows_j = held_j[side] if held_j is not None else _centred_side(first_j, (blocks_j or [])[side], adapter, mean)
+        for gram, rows_i in zip(grams, band):
+            gram.append(rows_i[side] @ rows_j.T)
+    sums = np.zeros((len(adapters), len(adapters)))
+    for gram, weight in zip(grams, weights):
+        flat = np.stack([block.ravel() for block in gram])
         sums += weight * (flat @ flat.T)
     return sums
 

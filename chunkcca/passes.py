@@ -371,13 +371,14 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
 
 def gram_band_chunks(layers: Sequence[xr.DataArray], memory_limit: int, threads: int) -> int:
     """Datapoint chunks one band of the Gram pass holds (as centred float64 rows of every layer): as many as fit
-    in ``memory_limit`` beside ``threads`` tasks that each hold a chunk as read and as centred rows; at least
-    one. The pass reads each chunk once per band that starts at or before it."""
+    in ``memory_limit`` beside ``threads`` tasks that each hold a chunk of every layer as read and one layer's
+    centred rows at a time; at least one. The pass reads each chunk once per band that starts at or before it."""
     largest = max(layers[0].data.chunks[0])
     features = [int(np.prod(layer.shape[1:])) for layer in layers]
     centred = largest * sum(features) * 8
-    as_read = largest * sum(width * layer.dtype.itemsize for width, layer in zip(features, layers))
-    return max(1, int((memory_limit - threads * (as_read + centred)) // centred))
+    at_work = largest * (sum(width * layer.dtype.itemsize for width, layer in zip(features, layers))
+                         + max(features) * 8)
+    return max(1, int((memory_limit - threads * at_work) // centred))
 
 
 def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> tuple[int | None, str, int]:

@@ -65,7 +65,7 @@ def test_exact_feature_cka_equals_the_gram_reference_in_any_chunking(chunk_a, ch
 
 def test_the_gram_pass_reads_each_chunk_once_per_band_that_reaches_it():
     """A band of the Gram pass holds as many chunks as memory_limit affords beside the tasks at work (one, on the
-    synchronous scheduler), each as read and as centred float64 rows; a chunk is read once by the means pass and
+    synchronous scheduler: a chunk as read, one layer's centred rows); a chunk is read once by the means pass and
     once by each band starting at or before it. Here bands of 3 chunks over 8: chunk j is read 2 + j // 3 times."""
     reads: collections.Counter = collections.Counter()
     rng = np.random.default_rng(4)
@@ -77,8 +77,9 @@ def test_the_gram_pass_reads_each_chunk_once_per_band_that_reaches_it():
 
     a, b = (da.concatenate([da.from_delayed(dask.delayed(block)(name, index), shape=(16, 2, 2, values.shape[-1]),
                                             dtype=float) for index in range(8)]) for name, values in data.items())
-    centred = 16 * (32 + 16) * 8  # one chunk of both layers, float64 rows; as read it is float64 too
-    got = cka(a, b, spatial="features", memory_limit=2 * centred + 3 * centred, scheduler="synchronous")
+    centred = 16 * (32 + 16) * 8  # one chunk of both layers as centred float64 rows
+    at_work = 16 * (32 + 16) * 8 + 16 * 32 * 8  # a task: a chunk of both as read (float64), one layer centred
+    got = cka(a, b, spatial="features", memory_limit=at_work + 3 * centred, scheduler="synchronous")
     assert dict(reads) == {(name, index): 2 + index // 3 for name in data for index in range(8)}
     assert float(got["cka"]) == pytest.approx(_gram_cka(data["a"], data["bb"]), rel=TOL)
 
