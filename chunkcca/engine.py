@@ -236,12 +236,13 @@ def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int,
 
 
 def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], means: Sequence[np.ndarray],
-                    band: range, *, split_every: int) -> Any:
+                    band: range, *, split_every: int, threads: int) -> Delayed:
     """The lazy (L, L) sums ``Σ ⟨K̃ₗ, K̃ₘ⟩`` over the pairs of datapoint chunks (i, j), i in ``band`` (a range
     of chunk indices) and j ≥ i, the off-diagonal ones twice: summed over the bands that cover all chunks,
     tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly, whatever the features' width. The
-    band's chunks are read once and held as centred float64 rows; every later chunk is read once, by the
-    task that multiplies it with the whole band."""
+    band's chunks are read once and held as centred float64 rows; every later chunk is read once, inside the
+    task that multiplies it with the whole band (a store chunk that several of them share waits until the
+    task ``threads`` before its first is done; see ``_reads_inside()``)."""
     chunks = sides[0].chunks[0]
     sides = [side.rechunk({0: chunks, **{axis: -1 for axis in range(1, side.ndim)}}) for side in sides]
     firsts = [int(first) for first in np.cumsum((0, *chunks))[:-1]]
@@ -256,9 +257,10 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
         blocks_j = [side.blocks[j] for side in sides] if inside is None else None
         parts.append(dask.delayed(partial(_gram_band, **context))(within, weights, firsts[j], blocks_j,
                                                                   None if inside is None else held[inside]))
+    tasks = [task.key for task in (*held, *parts)]
     while len(parts) > 1:  # a tree of sums, split_every at a time
         parts = [dask.delayed(sum)(parts[k : k + split_every]) for k in range(0, len(parts), split_every)]
-    return parts[0]
+    return Delayed(parts[0].key, _reads_inside(parts[0].__dask_graph__(), tasks, max(1, threads)))
 
 
 def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str], first_datapoint: int,

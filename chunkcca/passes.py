@@ -361,7 +361,7 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
         for number, start in enumerate(bands, 1):
             step = f"Gram blocks, band {number} of {len(bands)}" if len(bands) > 1 else "Gram blocks"
             graph = gram_band_graph(data, adapters, means, range(start, min(start + band, chunks)),
-                                    split_every=options.split_every)
+                                    split_every=options.split_every, threads=threads)
             (part,) = compute(graph, scheduler=scheduler, threads=threads,
                               progress=None if label is None else f"{label} ({step})")
             sums += part
