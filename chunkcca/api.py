@@ -383,16 +383,33 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
         return _measure("cka_debiased" if debiased else "cka", a, b, SolveOptions(), options, "cka")
     if debiased:
         raise ValueError("minibatch CKA is already built from unbiased HSIC; pass debiased=False")
-    unused = sorted(set(options) & set(_NOT_MINIBATCH))
-    if unused:
-        raise TypeError(f"{', '.join(unused)} do not apply to minibatch CKA (float64 Gram matrices of "
-                        f"minibatch x minibatch values, summed in one pass over all rows; no Moments to checkpoint "
-                        f"or to group)")
+    _check_minibatch_options(options)
     return _minibatch_cka(a, b, minibatch, StreamOptions.from_kwargs("cka", options))
 
 
 def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Dataset:
     """Minibatch linear CKA of two layers over minibatches of ``size`` rows (see ``chunkcca.minibatch``)."""
+    layer_a, layer_b, adapters = _prepare_pair(a, b, options)
+    size, hsic, batches, left_over, rows = _minibatch_sums([layer_a, layer_b], adapters, size, options)
+    if hsic[0, 0] <= 0 or hsic[1, 1] <= 0:
+        raise ValueError(f"minibatch CKA is undefined: layer {layer_a.name if hsic[0, 0] <= 0 else layer_b.name!r} "
+                         f"has no variance within minibatches")
+    return xr.Dataset(
+        {"cka": ((), hsic[0, 1] / np.sqrt(hsic[0, 0] * hsic[1, 1]),
+                 {"long_name": f"minibatch linear CKA ({size} rows)"}),
+         "minibatches": ((), np.int64(batches)),
+         "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
+         "rows": ((), np.int64(rows))},
+        attrs={"measure": "cka", "minibatch": int(size), "layer_a": str(layer_a.name), "layer_b": str(layer_b.name),
+               **adapters[0].attrs},
+    )
+
+
+def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], size: Any,
+                    options: StreamOptions) -> tuple[int, np.ndarray, int, int, int]:
+    """Checked minibatch ``size`` and, over consecutive minibatches of that many rows of aligned ``layers``, the
+    summed unbiased HSIC of every pair of their linear Gram matrices (L, L), the minibatches, the rows after
+    the last whole one and all rows: one pass (see ``chunkcca.minibatch``)."""
     if options.nan_policy == "omit":
         raise ValueError("minibatch CKA cannot omit rows (minibatches would shift); use nan_policy='raise'")
     if is_batched(options.spatial):
@@ -402,31 +419,29 @@ def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Data
         size = check_int("minibatch", size, 4)
     except ValueError:
         raise ValueError(f"minibatch must be an integer >= 4 (the unbiased HSIC needs 4 rows), got {size!r}") from None
-    layer_a, layer_b, adapters = _prepare_pair(a, b, options)
-    padded = [str(layer.name) for layer in (layer_a, layer_b) if MASK in layer.coords]
+    padded = [str(layer.name) for layer in layers if MASK in layer.coords]
     if padded and adapters[0].mask_rule == "pair":
         raise ValueError(f"minibatch CKA cuts the rows into minibatches of fixed size, which the padding of layer "
                          f"{padded[0]!r} would shift; use spatial='avgpool', 'first' or 'last', or the full-data CKA")
-    datapoints = layer_a.sizes["datapoint"]
+    datapoints = layers[0].sizes["datapoint"]
     rows = adapters[0].row_count(datapoints)
     if rows < size:
-        raise ValueError(f"layers {layer_a.name!r}, {layer_b.name!r} give {rows} rows, fewer than one minibatch "
-                         f"of {size}")
-    chunks = aligned_chunks(datapoints, max(layer_a.data.chunks[0]), size=size,
+        raise ValueError(f"layers {', '.join(repr(str(layer.name)) for layer in layers)} give {rows} rows, fewer "
+                         f"than one minibatch of {size}")
+    chunks = aligned_chunks(datapoints, max(layers[0].data.chunks[0]), size=size,
                             rows_per_datapoint=adapters[0].rows_per_datapoint, stride=options.stride)
-    sums = run_reduction((layer_a, layer_b), adapters, minibatch_reduction(adapters, size), options, chunks=chunks)
-    hsic_ab, hsic_aa, hsic_bb, batches, left_over = sums
-    if hsic_aa <= 0 or hsic_bb <= 0:
-        raise ValueError(f"minibatch CKA is undefined: layer {layer_a.name if hsic_aa <= 0 else layer_b.name!r} "
-                         f"has no variance within minibatches")
-    return xr.Dataset(
-        {"cka": ((), hsic_ab / np.sqrt(hsic_aa * hsic_bb), {"long_name": f"minibatch linear CKA ({size} rows)"}),
-         "minibatches": ((), np.int64(batches)),
-         "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
-         "rows": ((), np.int64(rows))},
-        attrs={"measure": "cka", "minibatch": int(size), "layer_a": str(layer_a.name), "layer_b": str(layer_b.name),
-               **adapters[0].attrs},
-    )
+    sums = run_reduction(layers, adapters, minibatch_reduction(adapters, size), options, chunks=chunks)
+    sides = len(layers)
+    return size, sums[: sides * sides].reshape(sides, sides), int(sums[-2]), int(sums[-1]), rows
+
+
+def _check_minibatch_options(given: Mapping[str, Any]) -> None:
+    """Refuse the streaming options minibatch CKA has no use for."""
+    unused = sorted(set(given) & set(_NOT_MINIBATCH))
+    if unused:
+        raise TypeError(f"{', '.join(unused)} do not apply to minibatch CKA (float64 Gram matrices of "
+                        f"minibatch x minibatch values, summed in one pass over all rows; no Moments to checkpoint "
+                        f"or to group)")
 
 
 def _solve_options(measures: Sequence[str], given: Mapping[str, Any], where: str, *,
@@ -544,7 +559,7 @@ def as_layer_set(layers: Any, role: str) -> dict[str, Any]:
 
 
 def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = ("mean_cca", "cka"),
-               **options: Any) -> xr.Dataset:
+               minibatch: int | None = None, **options: Any) -> xr.Dataset:
     """Every measure for every pair (layer_a, layer_b) of two sets of layers, in one streamed pass.
 
     Parameters
@@ -554,6 +569,11 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         activations) or lists of DataTree nodes. A layer in both sets is read once.
     measures
         Names from [`chunkcca.measures.MEASURES`][chunkcca.measures.MEASURES], as for [`compare()`][chunkcca.compare].
+    minibatch
+        With ``measures=["cka"]``: the minibatch CKA of every pair over consecutive minibatches of this many
+        rows, in one pass over all layers, as for [`cka()`][chunkcca.cka] (memory O(layers · minibatch²);
+        ``precision``, ``memory_limit``, checkpoints, ``groupby`` and ``folds`` do not apply). The result then
+        also has ``minibatches`` and ``rows_left_out``.
     **options
         Solve options (``epsilon``, ``keep``, ``keep_by``, ``alpha``) and streaming options as for
         [`compare()`][chunkcca.compare]. ``spatial`` is "flatten" (all layers need one spatial size) or "avgpool"
@@ -567,8 +587,13 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         undefined for (e.g. a layer without variance) is NaN, with a warning.
     """
     solve_given, stream_given = _split_options(dict(options))
+    if minibatch is not None:
+        _check_minibatch_options(stream_given)
     stream = StreamOptions.from_kwargs("similarity", stream_given)
     names = _checked_measures(measures, stream, batched=False)
+    if minibatch is not None and names != ("cka",):
+        raise ValueError(f"minibatch applies to measures=['cka'] only, got {list(names)}: the others need the "
+                         f"layers' covariances")
     solve = _solve_options(names, solve_given, "similarity", folds=stream.folds is not None)
     if len(solve.ridges) > 1:
         raise ValueError("similarity takes one ridge; compare one pair with several (a ridge dim)")
@@ -591,6 +616,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     rows = adapters[0].row_count(first.sizes["datapoint"])
     if rows < 4:
         raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
+    if minibatch is not None:
+        return _minibatch_similarity(aligned, adapters, minibatch, stream, sides, set_a, set_b)
     if by_gram(stream.spatial):
         _check_gram(names, stream, "similarity()")
         sums = gram_pass(aligned, adapters, stream)
@@ -620,6 +647,29 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         attrs.pop(key)
     result.attrs = attrs  # measures as a string: netCDF attributes take no lists
     return result
+
+
+def _minibatch_similarity(aligned: Sequence[xr.DataArray], adapters: Sequence[Adapter], size: Any,
+                          stream: StreamOptions, sides: dict[str, list[int]], set_a: Mapping[str, Any],
+                          set_b: Mapping[str, Any]) -> xr.Dataset:
+    """Minibatch linear CKA of every pair (layer_a, layer_b) from one pass over all layers; NaN, with a warning,
+    for a pair with a layer that has no variance within minibatches."""
+    size, hsic, batches, left_over, rows = _minibatch_sums(aligned, adapters, size, stream)
+    own = np.diag(hsic)
+    for index in np.flatnonzero(own <= 0):
+        warnings.warn(f"minibatch CKA of layer {str(aligned[index].name)!r} is NaN: it has no variance within "
+                      f"minibatches", RuntimeWarning, stacklevel=3)
+    scale = np.sqrt(np.clip(own, 0, None))
+    values = np.divide(hsic, np.outer(scale, scale), out=np.full_like(hsic, np.nan),
+                       where=(scale[:, None] > 0) & (scale[None, :] > 0))
+    coords = {"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)}
+    return xr.Dataset(
+        {"cka": (("layer_a", "layer_b"), values[np.ix_(sides["a"], sides["b"])],
+                 {"long_name": f"minibatch linear CKA ({size} rows)"}),
+         "minibatches": ((), np.int64(batches)),
+         "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
+         "rows": ((), np.int64(rows))},
+        coords=coords, attrs={"measures": "cka", "minibatch": int(size), **adapters[0].attrs})
 
 
 def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str, list[int]], measures: Sequence[str],

@@ -175,11 +175,13 @@ def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, pre
 
 
 def minibatch_reduction(adapters: Sequence[Adapter], size: int) -> Reduction:
-    """Sums of minibatch HSICs over minibatches of ``size`` rows (see ``chunkcca.minibatch``)."""
+    """Sums of minibatch HSICs of every pair of the L sides over minibatches of ``size`` rows, then the
+    minibatches and the rows left over: (L² + 2,) (see ``chunkcca.minibatch``)."""
     return Reduction(
         name="minibatch-cka",
         fold=chunk_fold(partial(minibatch_partial, size=size, rows_before=adapters[0].row_count), add_into),
-        merge=add_into, finalize=_only_partial, shape=(5,), dtype=np.float64, product=size * size)
+        merge=add_into, finalize=_only_partial, shape=(len(adapters) ** 2 + 2,), dtype=np.float64,
+        product=len(adapters) * size * size)
 
 
 def _only_partial(merged: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 The rows (after the spatial adapter and stride) are cut into consecutive minibatches of ``size``
 rows in their global order; each minibatch gives the unbiased HSIC (Song et al. 2012) of the
 linear Gram matrices K = X Xᵀ and L = Y Yᵀ; CKA = Σ HSIC(K, L) / sqrt(Σ HSIC(K, K) Σ HSIC(L, L)).
-Memory per task is O(chunk + size²) whatever the channels. Chunks are realigned so that no
+Memory per task is O(chunk + L · size²) for L layers, whatever the channels. Chunks are realigned so that no
 minibatch straddles two of them (the result does not depend on the chunking); the rows after the
 last whole minibatch are left out and counted.
 """
@@ -33,20 +33,23 @@ def _hsic(k: tuple[np.ndarray, np.ndarray, float], l_: tuple[np.ndarray, np.ndar
 
 def minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int,
                       rows_before: Callable[[int], int]) -> np.ndarray:
-    """[Σ HSIC(K, L), Σ HSIC(K, K), Σ HSIC(L, L), minibatches, rows left over] of one chunk; ``rows_before(d)``
-    counts the rows of the datapoints before d (the adapter's ``row_count``)."""
+    """[Σ HSIC(Kₗ, Kₘ) for every pair of the L sides, row-major (L × L, symmetric), minibatches, rows left over]
+    of one chunk, (1, L² + 2); ``rows_before(d)`` counts the rows of the datapoints before d (the adapter's
+    ``row_count``)."""
     first_row = rows_before(first_datapoint)
     if first_row % size:
         raise RuntimeError(f"chunk starting at datapoint {first_datapoint} splits a minibatch of {size} rows")
+    sides = len(rows)
     count = rows[0].shape[0] // size
-    partial_sums = np.zeros((1, 5))
-    partial_sums[0, 3] = count
-    partial_sums[0, 4] = rows[0].shape[0] - count * size
-    for batch in range(count):  # one minibatch at a time: memory O(size²), whatever the chunk
-        x, y = (np.asarray(r[batch * size : (batch + 1) * size], dtype=np.float64) for r in rows)
-        k, l_ = _hollow(x @ x.T), _hollow(y @ y.T)
-        partial_sums[0, :3] += (_hsic(k, l_), _hsic(k, k), _hsic(l_, l_))
-    return partial_sums
+    hsic = np.zeros((sides, sides))
+    for batch in range(count):  # one minibatch at a time: memory O(L · size²), whatever the chunk
+        grams = [_hollow((x := np.asarray(r[batch * size : (batch + 1) * size], dtype=np.float64)) @ x.T)
+                 for r in rows]
+        for left in range(sides):
+            for right in range(left, sides):
+                hsic[left, right] += _hsic(grams[left], grams[right])
+    hsic = np.triu(hsic) + np.triu(hsic, 1).T
+    return np.concatenate([hsic.ravel(), [count, rows[0].shape[0] - count * size]])[None]
 
 
 def aligned_chunks(datapoints: int, chunk: int, *, size: int, rows_per_datapoint: int, stride: int) -> tuple[int, ...]:

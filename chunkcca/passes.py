@@ -310,11 +310,13 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
     check_complete(layers)
     names = tuple(str(layer.name) for layer in layers)
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
+    # as many chains as memory_limit affords the chunks in work (one when even one chain is over it: a minibatch's
+    # chunks hold whole minibatches of every layer, which memory_limit cannot shrink)
+    chains = fit_chains(reduction, sides, adapters, options, names) \
+        if pass_bytes(sides, adapters, reduction, 1) <= options.memory_limit else 1
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
-        # one minibatch's Grams at a time: its memory is set by the minibatch, which memory_limit does not bound
-        result = run(sides, adapters, reduction, scheduler=scheduler,
-                     progress=label, nan_policy=options.nan_policy, names=names,
-                     masks=_masks(layers))
+        result = run(sides, adapters, reduction, chains=min(chains, scheduler_threads(scheduler)), scheduler=scheduler,
+                     progress=label, nan_policy=options.nan_policy, names=names, masks=_masks(layers))
     check_unchanged(layers)
     return result
 

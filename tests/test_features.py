@@ -108,3 +108,28 @@ def test_covariance_measures_refuse_features_and_say_why():
         cca(x, y, spatial="features")
     with pytest.raises(ValueError, match="pwcca needs covariances"):
         compare(x, y, spatial="features", measures=["cka", "pwcca"])
+
+
+def test_minibatch_feature_cka_of_every_pair_of_a_sweep_in_one_pass():
+    """similarity(minibatch=m) gives, in one pass over all layers, for every pair, what cka(minibatch=m) gives."""
+    x, y = _maps(3, n=90)
+    pooled = x[:, ::2, ::2]
+    layers_a = {"x": da.from_array(x, chunks=7), "y": y}
+    layers_b = {"x": layers_a["x"], "pooled": pooled}  # x is read once, for both sets (and pairs (y, x) below it)
+    sweep = similarity(layers_a, layers_b, spatial="features", measures=["cka"], minibatch=20)
+    for name_a, a in (("x", x), ("y", y)):
+        for name_b, b in (("x", x), ("pooled", pooled)):
+            want = _minibatch_gram_cka(a, b, 20)
+            assert float(sweep["cka"].sel(layer_a=name_a, layer_b=name_b)) == pytest.approx(want, rel=1e-10)
+            single = cka(layers_a[name_a], b, spatial="features", minibatch=20)
+            assert float(sweep["cka"].sel(layer_a=name_a, layer_b=name_b)) == pytest.approx(float(single["cka"]),
+                                                                                             rel=1e-12)
+    assert int(sweep["minibatches"]) == 4 and int(sweep["rows_left_out"]) == 10 and sweep.attrs["minibatch"] == 20
+    with pytest.raises(ValueError, match=r"minibatch applies to measures=\['cka'\] only, got \['mean_cca', 'cka'\]"):
+        similarity(layers_a, layers_b, minibatch=20)
+    with pytest.raises(TypeError, match="memory_limit do not apply to minibatch CKA"):
+        similarity(layers_a, layers_b, measures=["cka"], minibatch=20, memory_limit="1GiB")
+    dead = {"dead": np.zeros_like(y)}
+    with pytest.warns(RuntimeWarning, match="minibatch CKA of layer 'dead' is NaN: it has no variance"):
+        partial = similarity(layers_a, dead, measures=["cka"], minibatch=20)
+    assert np.isnan(partial["cka"].values).all()

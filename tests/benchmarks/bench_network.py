@@ -9,7 +9,7 @@ The peers are installed for this benchmark only (pip install torch-cka ckatorch)
 rows say so. Their failures are results: a row names what failed and its error. Each case runs in a fresh
 process, so its peak RSS is its own; the store is written once under /tmp/chunkcca-bench and reused.
 
-Run: python tests/benchmarks/bench_network.py [--inputs 2000] [--batch 250] [--minibatch-pairs all|diagonal]
+Run: python tests/benchmarks/bench_network.py [--inputs 2000] [--batch 250]
 """
 
 from __future__ import annotations
@@ -164,20 +164,14 @@ def case_chunkcca_features(inputs: int, batch: int) -> dict[str, Any]:
     return {"seconds": timer.seconds, "cka": matrix(result["cka"])}
 
 
-def case_chunkcca_minibatch(inputs: int, batch: int, pairs: str = "all") -> dict[str, Any]:
-    """chunkcca's minibatch CKA of whole maps, one cka() call per pair (similarity has no minibatch CKA)."""
-    import numpy as np
-
+def case_chunkcca_minibatch(inputs: int, batch: int) -> dict[str, Any]:
+    """chunkcca's minibatch CKA of whole maps, every pair in one pass (similarity(minibatch=...))."""
     import chunkcca
 
     a, b = layer_sets(inputs)
-    values = np.full((len(a), len(b)), np.nan)
     with Timer() as timer:
-        for i, name_a in enumerate(a):
-            for j, name_b in enumerate(b):
-                if pairs == "all" or i == j:
-                    values[i, j] = float(chunkcca.cka(a[name_a], b[name_b], spatial="features", minibatch=batch)["cka"])
-    return {"seconds": timer.seconds, "cka": matrix(values)}
+        result = chunkcca.similarity(a, b, measures=["cka"], spatial="features", minibatch=batch)
+    return {"seconds": timer.seconds, "cka": matrix(result["cka"])}
 
 
 def case_torch_cka(inputs: int, batch: int) -> dict[str, Any]:
@@ -365,16 +359,13 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=2000, help="examples run through both models")
     parser.add_argument("--batch", type=int, default=250,
                         help="forward batch and minibatch size of every minibatch CKA (chunkcca's, the peers')")
-    parser.add_argument("--minibatch-pairs", choices=("all", "diagonal"), default="all",
-                        help="chunkcca's minibatch CKA is one pass per pair: all 100 pairs, or the 10 matching ones")
     parser.add_argument("--numpy-max-gib", type=float, default=12.0,
                         help="run the in-memory numpy whole-map CKA only when what it holds fits in this many GiB "
                              "(and in 80%% of MemAvailable)")
     parser.add_argument("--case", choices=list(CASES))
     args = parser.parse_args()
     if args.case:
-        extra = {"pairs": args.minibatch_pairs} if args.case == "chunkcca-minibatch" else {}
-        result = CASES[args.case](args.inputs, args.batch, **extra)
+        result = CASES[args.case](args.inputs, args.batch)
         report({**result, "peak_mib": peak_mib()})
         return
 
@@ -384,8 +375,7 @@ def main() -> None:
     results["record"] = (run("record", args) if not store_path(args.inputs).exists()
                          else {"seconds": float("nan"), "peak_mib": float("nan"), "reused": True})
     for name in ("forward", "numpy-avgpool", "chunkcca-avgpool", "chunkcca-features", "chunkcca-minibatch"):
-        results[name] = run(name, args, *(("--minibatch-pairs", args.minibatch_pairs)
-                                         if name == "chunkcca-minibatch" else ()))
+        results[name] = run(name, args)
     held_gib = (2 * FLOATS_PER_EXAMPLE * 4 * args.inputs + 2 * len(LAYERS) * args.inputs**2 * 8) / 2**30
     fits = min(args.numpy_max_gib, 0.8 * mem_available_gib())
     results["numpy-features"] = (run("numpy-features", args) if held_gib <= fits else
@@ -413,7 +403,7 @@ def main() -> None:
             value, pair, nans = largest_difference(result["cka"], reference)
             gap = f"{value:.2g}" if value == value else "all NaN"
             where = f"{against} ({pair})" if pair else against
-            if nans and (name != "chunkcca-minibatch" or args.minibatch_pairs == "all"):
+            if nans:
                 notes = f"{nans} of {len(LAYERS) ** 2} pairs NaN; {notes}".rstrip("; ")
         if result.get("error"):
             stopped = f" (after {seconds:.1f} s)" if failed and seconds == seconds else ""
@@ -442,9 +432,8 @@ def main() -> None:
         "chunkcca exact", features_notes)
     add("chunkcca-features", "chunkcca similarity cka", "whole maps, exact", "numpy-features", None, "",
         "spatial='features'; the reference of the Δ below")
-    add("chunkcca-minibatch", f"chunkcca cka(minibatch={args.batch})", f"whole maps, minibatch {args.batch}",
-        "numpy-features", exact, "chunkcca exact",
-        f"one cka() per pair: {args.minibatch_pairs} pairs")
+    add("chunkcca-minibatch", f"chunkcca similarity cka, minibatch={args.batch}", f"whole maps, minibatch {args.batch}",
+        "numpy-features", exact, "chunkcca exact", "every pair in one pass")
     torch_notes = ""
     if results["torch-cka"].get("cka") is not None and minibatch is not None:
         value, pair, _ = largest_difference(results["torch-cka"]["cka"], minibatch)
