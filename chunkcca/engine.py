@@ -199,7 +199,7 @@ def _means(merged: np.ndarray, *, widths: tuple[int, ...]) -> list[np.ndarray]:
 
 
 def means_reduction(widths: Sequence[int]) -> Reduction:
-    """Each side's mean row (its column means), for centring the Gram matrices of ``gram_graph``."""
+    """Each side's mean row (its column means), for centring the Gram matrices of ``gram_band_graph``."""
     return Reduction(name="means", fold=chunk_fold(_sums_chunk, add_into, nonfinite_shows=True), merge=add_into,
                      finalize=partial(_means, widths=tuple(widths)), shape=(sum(widths) + 1,), dtype=np.float64,
                      width=sum(widths))
@@ -230,6 +230,7 @@ def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int,
         rows_j = held_j[side] if held_j is not None else _centred_side(first_j, (blocks_j or [])[side], adapter, mean)
         for gram, rows_i in zip(grams, band):
             gram.append(rows_i[side] @ rows_j.T)
+        del rows_j  # one layer's centred rows at a time
     sums = np.zeros((len(adapters), len(adapters)))
     for gram, weight in zip(grams, weights):
         flat = np.stack([block.ravel() for block in gram])
@@ -475,17 +476,25 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahea
         if first < chains or not isinstance(dsk[key], Task):  # data (a constant) costs nothing to hold
             continue
         if first >= depth:  # the fold ``depth`` before it is done: a token waits for it, not for its accumulator
-            name, done = tasks[first - depth]
-            waits = [TaskRef((name, done))]
-            done = (f"{name}-done", done)
+            before = tasks[first - depth]
+            waits = [TaskRef(before)]
+            done = _token(before, "done")
         else:  # a chain's first reads ahead wait each for its previous chunk's, so the first folds start soon
-            name, done = tasks[first - chains]
-            waits = [TaskRef(read) for read in dsk[(name, done)].dependencies if read not in kept and read in dsk]
-            done = (f"{name}-read", done)
+            before = tasks[first - chains]
+            waits = [TaskRef(read) for read in dsk[before].dependencies if read not in kept and read in dsk]
+            done = _token(before, "read")
         if done not in dsk:
             dsk[done] = Task(done, _done, *waits)
         dsk[key] = Task(key, _first, dsk[key], TaskRef(done))  # the read, run inline once the gate is done
     return dsk
+
+
+def _token(key: Any, what: str) -> Any:
+    """The key of a gate token for task ``key``: ``(f"{name}-{what}", index)`` for a (name, index) key, else
+    ``f"{key}-{what}"``."""
+    if isinstance(key, tuple) and len(key) == 2:
+        return (f"{key[0]}-{what}", key[1])
+    return f"{key}-{what}"
 
 
 def _done(*done: Any) -> None:

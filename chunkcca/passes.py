@@ -373,14 +373,18 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
 
 def gram_band_chunks(layers: Sequence[xr.DataArray], memory_limit: int, threads: int) -> int:
     """Datapoint chunks one band of the Gram pass holds (as centred float64 rows of every layer): as many as fit
-    in ``memory_limit`` beside ``threads`` tasks that each hold a chunk of every layer as read and one layer's
-    centred rows at a time; at least one. The pass reads each chunk once per band that starts at or before it."""
+    in ``memory_limit`` beside ``threads`` tasks that each hold a chunk of every layer as read, one layer's
+    centred rows at a time and, per chunk of the band, its chunk × chunk Gram block of every layer; at least
+    one. The pass reads each chunk once per band that starts at or before it. Not counted: store chunks
+    coarser than the first layer's, read whole for each chunk they overlap, and on a cluster one copy of the
+    band per worker process."""
     largest = max(layers[0].data.chunks[0])
     features = [int(np.prod(layer.shape[1:])) for layer in layers]
     centred = largest * sum(features) * 8
     at_work = largest * (sum(width * layer.dtype.itemsize for width, layer in zip(features, layers))
                          + max(features) * 8)
-    return max(1, int((memory_limit - threads * at_work) // centred))
+    grams = 2 * len(layers) * largest * largest * 8  # a task's blocks, and their stack, per chunk of the band
+    return max(1, int((memory_limit - threads * at_work) // (centred + threads * grams)))
 
 
 def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> tuple[int | None, str, int]:
