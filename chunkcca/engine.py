@@ -541,8 +541,7 @@ def reads_ahead(scheduler: Any = None) -> int:
     return READ_AHEAD if _sized_pool(scheduler) else 0
 
 
-def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
-            threads: int | None = None) -> tuple[Any, ...]:
+def compute(*graphs: Any, threads: int, scheduler: Any = None, progress: str | None = None) -> tuple[Any, ...]:
     """Compute Dask graphs with BLAS pinned to one thread, on the active or given scheduler.
 
     ``scheduler`` is anything ``dask.compute()`` takes ("threads", "processes",
@@ -552,7 +551,7 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
     ``progress`` (a label saying what is computed) a progress bar is shown on stderr: a labelled Dask bar
     locally (``chunkcca.progress.Progress``), distributed's after the label on a cluster. ``threads`` sets the
     local pool's workers unless Dask's ``num_workers`` or ``pool`` is set (a chained reduction's chains and the
-    reads they run ahead).
+    reads they run ahead; the Gram pass's tasks at work).
     """
     client = _active_client(scheduler)
     with one_thread():
@@ -570,9 +569,7 @@ def compute(*graphs: Any, scheduler: Any = None, progress: str | None = None,
                 # named by its function, Dask's threaded scheduler runs without importing distributed
                 options["scheduler"] = dask.threaded.get
             if _sized_pool(scheduler):
-                # for graphs whose reads are tasks of their own (the Gram blocks), one thread more than cores lets
-                # a chunk's products overlap the next chunk's decoding (docs/performance.md)
-                options["num_workers"] = threads or (os.cpu_count() or 1) + 1
+                options["num_workers"] = threads
         if progress:
             with Progress(progress):  # on stderr: stdout stays for results (e.g. the CLI's --json)
                 return dask.compute(*graphs, **options)
