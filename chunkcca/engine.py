@@ -244,26 +244,49 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
     of chunk indices) and j ≥ i, the off-diagonal ones twice: summed over the bands that cover all chunks,
     tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly, whatever the features' width. The
     band's chunks are read once and held as centred float64 rows; every later chunk is read once, inside the
-    task that multiplies it with the whole band (a store chunk that several of them share waits until the
-    task ``threads`` before its first is done; see ``_reads_inside()``)."""
+    task that multiplies it with the whole band. A store chunk that several of these tasks share (a layer
+    stored more coarsely than the first) is read once and waits until the task ``threads`` before its first is
+    done (see ``_reads_inside()``)."""
     chunks = sides[0].chunks[0]
     sides = [side.rechunk({0: chunks, **{axis: -1 for axis in range(1, side.ndim)}}) for side in sides]
+    block_keys = [list(flatten(side.__dask_keys__())) for side in sides]  # one block per datapoint chunk
     firsts = [int(first) for first in np.cumsum((0, *chunks))[:-1]]
     context = {"adapters": tuple(adapters), "means": tuple(means)}
-    held = [dask.delayed(partial(_centred, **context))(firsts[i], [side.blocks[i] for side in sides])
-            for i in band]
-    parts = []
+    token = tokenize([side.name for side in sides], tuple(adapters), [np.asarray(mean) for mean in means],
+                     band.start, band.stop, split_every, threads)
+    held_name, part_name, sum_name = (f"chunkcca-gram-{what}-{token}" for what in ("band", "part", "sum"))
+    layer: dict[Any, Any] = {}
+    for i in band:
+        layer[(held_name, i)] = (partial(_centred_task, **context), firsts[i], *(keys[i] for keys in block_keys))
+    parts: list[Any] = []
     for j in range(band.start, len(chunks)):
         inside = j - band.start if j < band.stop else None
-        within = held if inside is None else held[: inside + 1]
+        within = list(band) if inside is None else list(band)[: inside + 1]
         weights = [2.0] * len(within) if inside is None else [2.0] * inside + [1.0]
-        blocks_j = [side.blocks[j] for side in sides] if inside is None else None
-        parts.append(dask.delayed(partial(_gram_band, **context))(within, weights, firsts[j], blocks_j,
-                                                                  None if inside is None else held[inside]))
-    tasks = [task.key for task in (*held, *parts)]
+        blocks_j = [keys[j] for keys in block_keys] if inside is None else None
+        layer[(part_name, j)] = (partial(_gram_band, **context), [(held_name, i) for i in within], weights,
+                                 firsts[j], blocks_j, None if inside is None else (held_name, j))
+        parts.append((part_name, j))
+    tasks = [(held_name, i) for i in band] + list(parts)
+    level = 0
     while len(parts) > 1:  # a tree of sums, split_every at a time
-        parts = [dask.delayed(sum)(parts[k : k + split_every]) for k in range(0, len(parts), split_every)]
-    return Delayed(parts[0].key, _reads_inside(parts[0].__dask_graph__(), tasks, max(1, threads)))
+        parts_above = []
+        for k in range(0, len(parts), split_every):
+            layer[(sum_name, level, k)] = (sum, parts[k : k + split_every])
+            parts_above.append((sum_name, level, k))
+        parts, level = parts_above, level + 1
+    layer[sum_name] = (_first_of, parts[0])
+    graph = HighLevelGraph.from_collections(sum_name, layer, dependencies=sides)
+    return Delayed(sum_name, _reads_inside(graph, tasks, max(1, threads)))
+
+
+def _centred_task(first: int, *blocks: np.ndarray, adapters: Sequence[Adapter],
+                  means: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return _centred(first, list(blocks), adapters=adapters, means=means)
+
+
+def _first_of(value: Any) -> Any:
+    return value
 
 
 def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str], first_datapoint: int,

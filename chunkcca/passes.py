@@ -376,8 +376,8 @@ def gram_band_chunks(layers: Sequence[xr.DataArray], memory_limit: int, threads:
     in ``memory_limit`` beside ``threads`` tasks that each hold a chunk of every layer as read, one layer's
     centred rows at a time and, per chunk of the band, its chunk × chunk Gram block of every layer; at least
     one. The pass reads each chunk once per band that starts at or before it. Not counted: store chunks
-    coarser than the first layer's, read whole for each chunk they overlap, and on a cluster one copy of the
-    band per worker process."""
+    coarser than the first layer's, each held while the tasks that share it run, and on a cluster one copy of
+    the band per worker process."""
     largest = max(layers[0].data.chunks[0])
     features = [int(np.prod(layer.shape[1:])) for layer in layers]
     centred = largest * sum(features) * 8

@@ -86,6 +86,25 @@ def test_the_gram_pass_reads_each_chunk_once_per_band_that_reaches_it():
     assert float(got["cka"]) == pytest.approx(_gram_cka(data["a"], data["bb"]), rel=TOL)
 
 
+def test_a_layer_stored_more_coarsely_is_read_once_per_band():
+    """The second layer's chunks of 32 datapoints are cut into the first layer's 16: each is read once by the means
+    pass and once by the Gram pass (one band), not once per piece."""
+    reads: collections.Counter = collections.Counter()
+    rng = np.random.default_rng(6)
+    data = {"a": rng.standard_normal((128, 2, 2, 8)), "bb": rng.standard_normal((128, 2, 2, 4)) + 1}
+
+    def block(name: str, index: int, size: int) -> np.ndarray:
+        reads[(name, index)] += 1
+        return data[name][size * index : size * index + size]
+
+    a, b = (da.concatenate([da.from_delayed(dask.delayed(block)(name, index, size),
+                                            shape=(size, 2, 2, data[name].shape[-1]), dtype=float)
+                            for index in range(128 // size)]) for name, size in (("a", 16), ("bb", 32)))
+    got = cka(a, b, spatial="features", scheduler="synchronous")
+    assert dict(reads) == {**{("a", index): 2 for index in range(8)}, **{("bb", index): 2 for index in range(4)}}
+    assert float(got["cka"]) == pytest.approx(_gram_cka(data["a"], data["bb"]), rel=TOL)
+
+
 def test_the_gram_pass_is_exact_when_dask_fuses_nothing():
     """With Dask's fusion off, the reads of a layer chunked more coarsely than the first are tasks of their own,
     shared by several tasks of a band, and gated (once a crash: the gates assumed (name, index) keys)."""
