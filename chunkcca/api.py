@@ -620,15 +620,12 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         return _minibatch_similarity(aligned, adapters, minibatch, stream, sides, set_a, set_b)
     if by_gram(stream.spatial):
         _check_gram(names, stream, "similarity()")
-        sums = gram_pass(aligned, adapters, stream)
-        scale = np.sqrt(np.diag(sums))
-        values = np.divide(sums, np.outer(scale, scale), out=np.full_like(sums, np.nan), where=scale[:, None] > 0)
-        coords = {"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)}
-        return xr.Dataset({"cka": (("layer_a", "layer_b"), values[np.ix_(sides["a"], sides["b"])],
+        values = _cka_of_pairs(gram_pass(aligned, adapters, stream), aligned, sides, "its whole maps do not vary")
+        return xr.Dataset({"cka": (("layer_a", "layer_b"), values,
                                    {"long_name": "linear CKA of whole per-datapoint maps (exact)"}),
                            "rows": ((), np.int64(rows))},
-                          coords=coords, attrs={"measures": "cka", "spatial": stream.spatial,
-                                                "stride": stream.stride})
+                          coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "spatial": stream.spatial,
+                                                                    "stride": stream.stride})
     _check_rows(aligned, adapters)
     groups = _groups(first, stream)
     streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names),
@@ -636,7 +633,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                              groups=0 if groups is None else len(groups.labels),
                              pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
     labels = [str(layer.name) for layer in aligned]
-    coords = {"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)}
+    coords = _pair_coords(set_a, set_b)
     if groups is not None and groups.dim != "fold":
         result = _by_group([_pairwise(part, labels, sides, names, solve, coords) for part in streamed.groups], groups)
     else:
@@ -655,21 +652,33 @@ def _minibatch_similarity(aligned: Sequence[xr.DataArray], adapters: Sequence[Ad
     """Minibatch linear CKA of every pair (layer_a, layer_b) from one pass over all layers; NaN, with a warning,
     for a pair with a layer that has no variance within minibatches."""
     size, hsic, batches, left_over, rows = _minibatch_sums(aligned, adapters, size, stream)
-    own = np.diag(hsic)
-    for index in np.flatnonzero(own <= 0):
-        warnings.warn(f"minibatch CKA of layer {str(aligned[index].name)!r} is NaN: it has no variance within "
-                      f"minibatches", RuntimeWarning, stacklevel=3)
-    scale = np.sqrt(np.clip(own, 0, None))
-    values = np.divide(hsic, np.outer(scale, scale), out=np.full_like(hsic, np.nan),
-                       where=(scale[:, None] > 0) & (scale[None, :] > 0))
-    coords = {"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)}
+    values = _cka_of_pairs(hsic, aligned, sides, "it has no variance within minibatches", "minibatch CKA",
+                           stacklevel=4)
     return xr.Dataset(
-        {"cka": (("layer_a", "layer_b"), values[np.ix_(sides["a"], sides["b"])],
-                 {"long_name": f"minibatch linear CKA ({size} rows)"}),
+        {"cka": (("layer_a", "layer_b"), values, {"long_name": f"minibatch linear CKA ({size} rows)"}),
          "minibatches": ((), np.int64(batches)),
          "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
          "rows": ((), np.int64(rows))},
-        coords=coords, attrs={"measures": "cka", "minibatch": int(size), **adapters[0].attrs})
+        coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "minibatch": int(size), **adapters[0].attrs})
+
+
+def _cka_of_pairs(sums: np.ndarray, layers: Sequence[xr.DataArray], sides: dict[str, list[int]], why: str,
+                  what: str = "CKA", stacklevel: int = 3) -> np.ndarray:
+    """(layer_a, layer_b) linear CKA sums[a, b] / sqrt(sums[a, a] · sums[b, b]) from the (L, L) sums of every pair
+    of ``layers`` (tr(K̃L̃), or summed HSICs); NaN, with a warning saying ``why``, for a layer whose own sum is
+    not positive (``stacklevel`` names the user's call)."""
+    own = np.diag(sums)
+    for index in np.flatnonzero(own <= 0):
+        warnings.warn(f"{what} of layer {str(layers[index].name)!r} is NaN: {why}", RuntimeWarning,
+                      stacklevel=stacklevel)
+    scale = np.sqrt(np.clip(own, 0, None))
+    values = np.divide(sums, np.outer(scale, scale), out=np.full_like(sums, np.nan),
+                       where=(scale[:, None] > 0) & (scale[None, :] > 0))
+    return values[np.ix_(sides["a"], sides["b"])]
+
+
+def _pair_coords(set_a: Mapping[str, Any], set_b: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {"layer_a": np.array(list(set_a), dtype=object), "layer_b": np.array(list(set_b), dtype=object)}
 
 
 def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str, list[int]], measures: Sequence[str],

@@ -205,7 +205,7 @@ def means_reduction(widths: Sequence[int]) -> Reduction:
                      width=sum(widths))
 
 
-def _centred(first: int, blocks: list[np.ndarray], *, adapters: Sequence[Adapter],
+def _centred(first: int, *blocks: np.ndarray, adapters: Sequence[Adapter],
              means: Sequence[np.ndarray]) -> list[np.ndarray]:
     """The rows of one datapoint chunk of every side in float64, less the side's mean: [(rows, featuresₗ)]."""
     return [_centred_side(first, block, adapter, mean) for block, adapter, mean in zip(blocks, adapters, means)]
@@ -257,7 +257,7 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
     held_name, part_name, sum_name = (f"chunkcca-gram-{what}-{token}" for what in ("band", "part", "sum"))
     layer: dict[Any, Any] = {}
     for i in band:
-        layer[(held_name, i)] = (partial(_centred_task, **context), firsts[i], *(keys[i] for keys in block_keys))
+        layer[(held_name, i)] = (partial(_centred, **context), firsts[i], *(keys[i] for keys in block_keys))
     parts: list[Any] = []
     for j in range(band.start, len(chunks)):
         inside = j - band.start if j < band.stop else None
@@ -269,24 +269,13 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
         parts.append((part_name, j))
     tasks = [(held_name, i) for i in band] + list(parts)
     level = 0
-    while len(parts) > 1:  # a tree of sums, split_every at a time
-        parts_above = []
-        for k in range(0, len(parts), split_every):
-            layer[(sum_name, level, k)] = (sum, parts[k : k + split_every])
-            parts_above.append((sum_name, level, k))
-        parts, level = parts_above, level + 1
-    layer[sum_name] = (_first_of, parts[0])
+    while len(parts) > split_every:  # a tree of sums, split_every at a time, to the one named sum_name
+        starts = range(0, len(parts), split_every)
+        layer.update({(sum_name, level, k): (sum, parts[k : k + split_every]) for k in starts})
+        parts, level = [(sum_name, level, k) for k in starts], level + 1
+    layer[sum_name] = (sum, parts)
     graph = HighLevelGraph.from_collections(sum_name, layer, dependencies=sides)
     return Delayed(sum_name, _reads_inside(graph, tasks, max(1, threads)))
-
-
-def _centred_task(first: int, *blocks: np.ndarray, adapters: Sequence[Adapter],
-                  means: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return _centred(first, list(blocks), adapters=adapters, means=means)
-
-
-def _first_of(value: Any) -> Any:
-    return value
 
 
 def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str], first_datapoint: int,

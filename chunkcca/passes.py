@@ -129,6 +129,12 @@ def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequen
             f"reading one chunk at a time holds {reduction.partials_held} of them with the chunks and rows in work "
             f"({format_bytes(one)}), over memory_limit={format_bytes(limit)}; raise memory_limit, compare fewer "
             f"channels, read smaller chunks, or use spatial='avgpool' or 'interp'")
+    return affordable_chains(reduction, sides, adapters, limit)
+
+
+def affordable_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter],
+                      limit: int) -> int:
+    """The most chains (up to ``MOST_CHAINS``) whose pass holds at most ``limit`` bytes; 1 if even one is over."""
     chains = 1
     while chains < MOST_CHAINS and pass_bytes(sides, adapters, reduction, chains + 1) <= limit:
         chains += 1
@@ -271,9 +277,10 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
             f"{PILOT_ROWS_PER_CHANNEL} per channel of layer {widest!r} ({width} channels), too few to show its "
             f"conditioning")
     pilot = moments_of(0, first, "float64", step=f", pass 1 of 2: the first {first} datapoints")
-    choice, reason = _choose_precision(_merged(pilot), tuple(str(layer.name) for layer in layers), first)
-    if _merged(pilot).n < needed:  # padding or omitted rows took some out
-        reason += (f"; only {_merged(pilot).n} of its rows are real (padding and omitted rows are left out), "
+    merged = _merged(pilot)
+    choice, reason = _choose_precision(merged, tuple(str(layer.name) for layer in layers), first)
+    if merged.n < needed:  # padding or omitted rows took some out
+        reason += (f"; only {merged.n} of its rows are real (padding and omitted rows are left out), "
                    f"fewer than the {needed} that show layer {widest!r}'s conditioning")
     if first == datapoints:
         return pilot, f"auto: float64 products, as the pilot is the whole run ({choice} for the rest); {reason}"
@@ -310,13 +317,12 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
     check_complete(layers)
     names = tuple(str(layer.name) for layer in layers)
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
-    # as many chains as memory_limit affords the chunks in work (one when even one chain is over it: a minibatch's
-    # chunks hold whole minibatches of every layer, which memory_limit cannot shrink)
-    chains = fit_chains(reduction, sides, adapters, options, names) \
-        if pass_bytes(sides, adapters, reduction, 1) <= options.memory_limit else 1
+    # as many chains as memory_limit affords (one when even one is over it: a minibatch's chunks hold whole
+    # minibatches of every layer, which memory_limit cannot shrink)
+    chains = affordable_chains(reduction, sides, adapters, int(options.memory_limit))
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
-        result = run(sides, adapters, reduction, chains=min(chains, scheduler_threads(scheduler)), scheduler=scheduler,
-                     progress=label, nan_policy=options.nan_policy, names=names, masks=_masks(layers))
+        result = run(sides, adapters, reduction, chains=chains, scheduler=scheduler, progress=label,
+                     nan_policy=options.nan_policy, names=names, masks=_masks(layers))
     check_unchanged(layers)
     return result
 

@@ -137,6 +137,14 @@ def test_feature_cka_of_every_pair_of_a_sweep_and_in_compare():
     assert float(compare(x, y, spatial="features", measures=["cka"])["cka"]) == pytest.approx(want[0][0], rel=TOL)
 
 
+def test_exact_feature_cka_of_a_dead_layer_is_nan_with_a_warning():
+    x, _ = _maps(7)
+    with pytest.warns(RuntimeWarning, match="CKA of layer 'dead' is NaN: its whole maps do not vary"):
+        sweep = similarity({"x": x}, {"x": x, "dead": np.zeros_like(x)}, spatial="features", measures=["cka"])
+    assert sweep["cka"].sel(layer_a="x", layer_b="x").item() == pytest.approx(1.0, rel=TOL)
+    assert np.isnan(sweep["cka"].sel(layer_a="x", layer_b="dead").item())
+
+
 def test_covariance_measures_refuse_features_and_say_why():
     x, y = _maps(3)
     with pytest.raises(ValueError, match="mean_cca needs covariances, and spatial='features' makes each datapoint's "
