@@ -239,15 +239,15 @@ def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int,
 
 
 def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], means: Sequence[np.ndarray],
-                    band: range, *, split_every: int, threads: int) -> Delayed:
-    """The lazy (L, L) sums ``Σ ⟨K̃ₗ, K̃ₘ⟩`` over the pairs of datapoint chunks (i, j), i in ``band`` (a range
-    of chunk indices) and j ≥ i, the off-diagonal ones twice: summed over the bands that cover all chunks,
-    tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly, whatever the features' width. The
-    band's chunks are read once and held as centred float64 rows; every later chunk is read once, inside the
-    task that multiplies it with the whole band. A store chunk that several of these tasks share (a layer
-    stored more coarsely than the first) is read once and waits until the task ``threads`` before its first is
-    done (see ``_reads_inside()``)."""
-    chunks = sides[0].chunks[0]
+                    chunks: Sequence[int], band: range, *, split_every: int, threads: int) -> Delayed:
+    """The lazy (L, L) sums ``Σ ⟨K̃ₗ, K̃ₘ⟩`` over the pairs of datapoint chunks (i, j) of ``chunks`` (the sides
+    are cut to them), i in ``band`` (a range of chunk indices) and j ≥ i, the off-diagonal ones twice: summed
+    over the bands that cover all chunks, tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly,
+    whatever the features' width. The band's chunks are read once and held as centred float64 rows; every later
+    chunk is read once, inside the task that multiplies it with the whole band. A store chunk that several of
+    these tasks share (a layer stored in other chunks) is read once and waits until the task ``threads`` before
+    its first is done (see ``_reads_inside()``)."""
+    chunks = tuple(chunks)
     sides = [side.rechunk({0: chunks, **{axis: -1 for axis in range(1, side.ndim)}}) for side in sides]
     block_keys = [list(flatten(side.__dask_keys__())) for side in sides]  # one block per datapoint chunk
     firsts = [int(first) for first in np.cumsum((0, *chunks))[:-1]]

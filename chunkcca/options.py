@@ -140,7 +140,8 @@ class StreamOptions:
         (p + q)² complex values per partial, checked against ``memory_limit``. "features" makes
         each datapoint's whole activation map (positions × channels) one feature vector, as the
         CKA papers and libraries do for conv layers: linear CKA only, exact from Gram blocks of
-        pairs of datapoint chunks, or minibatch CKA.
+        pairs of datapoint chunks, in bands that fit ``memory_limit`` (chunks too large for it are
+        cut), or minibatch CKA.
     stride : int
         Keep every ``stride``-th row of the global row order (google/svcca's ``[::stride]``),
         whatever the chunking. For avgpool and dft the rows are datapoints.

@@ -348,8 +348,8 @@ def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
 def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions) -> np.ndarray:
     """tr(K̃ₗ K̃ₘ) for every pair of aligned layers (one side each), K̃ the centred Gram matrix of their rows
     (spatial="features": each datapoint's whole map): one pass for the features' means, then one per band of
-    datapoint chunks (``gram_band_chunks``), each over the pairs of a chunk of the band and a chunk at or after
-    it. (L, L)."""
+    datapoint chunks (``gram_plan``), each over the pairs of a chunk of the band and a chunk at or after it.
+    (L, L)."""
     if options.nan_policy == "omit":
         raise ValueError("spatial='features' cannot omit rows (the Gram matrices would shift); use "
                          "nan_policy='raise'")
@@ -358,17 +358,16 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     data = [layer.data for layer in layers]
     check_complete(layers)
     label = f"reading {', '.join(map(repr, names))}" if options.progress else None
-    chunks = len(data[0].chunks[0])
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
+        threads = scheduler_threads(scheduler)
+        chunks, band = gram_plan(layers, options.memory_limit, threads)  # refuses before anything is read
         means = run(data, adapters, means_reduction(widths), scheduler=scheduler,
                     progress=None if label is None else f"{label} (means)", nan_policy="raise", names=names)
-        threads = scheduler_threads(scheduler)
-        band = gram_band_chunks(layers, options.memory_limit, threads)
-        bands = range(0, chunks, band)
+        bands = range(0, len(chunks), band)
         sums = np.zeros((len(layers), len(layers)))
         for number, start in enumerate(bands, 1):
             step = f"Gram blocks, band {number} of {len(bands)}" if len(bands) > 1 else "Gram blocks"
-            graph = gram_band_graph(data, adapters, means, range(start, min(start + band, chunks)),
+            graph = gram_band_graph(data, adapters, means, chunks, range(start, min(start + band, len(chunks))),
                                     split_every=options.split_every, threads=threads)
             (part,) = compute(graph, scheduler=scheduler, threads=threads,
                               progress=None if label is None else f"{label} ({step})")
@@ -377,20 +376,64 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     return sums
 
 
-def gram_band_chunks(layers: Sequence[xr.DataArray], memory_limit: int, threads: int) -> int:
-    """Datapoint chunks one band of the Gram pass holds (as centred float64 rows of every layer): as many as fit
-    in ``memory_limit`` beside ``threads`` tasks that each hold a chunk of every layer as read, one layer's
-    centred rows at a time and, per chunk of the band, its chunk × chunk Gram block of every layer; at least
-    one. The pass reads each chunk once per band that starts at or before it. Not counted: store chunks
-    coarser than the first layer's, each held while the tasks that share it run, and on a cluster one copy of
-    the band per worker process."""
-    largest = max(layers[0].data.chunks[0])
+def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int) -> tuple[tuple[int, ...], int]:
+    """The datapoint chunks of the Gram pass and how many of them one band holds, so that the pass holds at
+    most ``memory_limit`` (``gram_bytes``): the first layer's chunks, each cut into pieces of at most half, a
+    quarter … of the largest while not even one chunk a band fits; a clear error if one datapoint a piece does
+    not fit, before anything is read."""
+    stored = tuple(int(size) for size in layers[0].data.chunks[0])
+    size = max(stored)
+    while True:
+        chunks = stored if size == max(stored) else cut(stored, size)
+        fixed, per_chunk = gram_bytes(layers, chunks, threads)
+        if fixed + per_chunk <= memory_limit:
+            return chunks, int((memory_limit - fixed) // per_chunk)
+        if size == 1:
+            names = " and ".join(repr(str(layer.name)) for layer in layers)
+            stores = store_chunk_bytes(layers, chunks, threads)
+            raise ValueError(f"exact CKA of whole maps (spatial='features') of {names}: one datapoint of every layer "
+                             f"as centred float64 rows, with {threads} tasks at work and the store chunks they lie "
+                             f"in ({format_bytes(stores)}), holds {format_bytes(fixed + per_chunk)}, over "
+                             f"memory_limit={format_bytes(memory_limit)}; raise memory_limit, compare fewer layers, "
+                             f"store them in smaller chunks, or pass minibatch=")
+        size //= 2
+
+
+def cut(chunks: Sequence[int], size: int) -> tuple[int, ...]:
+    """Each chunk cut into the fewest pieces of nearly equal length at most ``size``."""
+    pieces = [(chunk, -(-chunk // size)) for chunk in chunks]
+    return tuple(chunk // count + (index < chunk % count) for chunk, count in pieces for index in range(count))
+
+
+def gram_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], threads: int) -> tuple[int, int]:
+    """Bytes the Gram pass over datapoint ``chunks`` holds at most: (beside the band, per chunk of the band).
+
+    Beside the band: ``threads`` tasks that each hold a chunk of every layer as read (a copy, if cut from a
+    store chunk) and one layer's centred float64 rows at a time, and the store chunks of every layer stored in
+    other chunks than ``chunks`` that the tasks at work lie in, and the next. Per chunk of the band: its centred
+    float64 rows of every layer and, in each task, its chunk × chunk Gram blocks of every layer and their stack.
+    Not counted: on a cluster, each worker process's own copy of the band.
+    """
+    largest = max(chunks)
     features = [int(np.prod(layer.shape[1:])) for layer in layers]
-    centred = largest * sum(features) * 8
     at_work = largest * (sum(width * layer.dtype.itemsize for width, layer in zip(features, layers))
                          + max(features) * 8)
-    grams = 2 * len(layers) * largest * largest * 8  # a task's blocks, and their stack, per chunk of the band
-    return max(1, int((memory_limit - threads * at_work) // (centred + threads * grams)))
+    per_chunk = largest * sum(features) * 8 + threads * 2 * len(layers) * largest * largest * 8
+    return store_chunk_bytes(layers, chunks, threads) + threads * at_work, per_chunk
+
+
+def store_chunk_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], threads: int) -> int:
+    """Bytes of the store chunks the Gram pass's ``threads`` tasks at work over datapoint ``chunks`` lie in, and
+    the next, of every layer stored in other chunks (each read whole and held while the tasks sharing it run;
+    a layer chunked along another axis too is counted so, whole along it)."""
+    held_bytes = 0
+    for layer in layers:
+        stored = layer.data.chunks[0]
+        if tuple(stored) != tuple(chunks) or any(len(other) > 1 for other in layer.data.chunks[1:]):
+            coarse = max(stored)
+            held = -(-threads * max(chunks) // coarse) + 1
+            held_bytes += min(len(stored), held) * coarse * int(np.prod(layer.shape[1:])) * layer.dtype.itemsize
+    return held_bytes
 
 
 def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> tuple[int | None, str, int]:

@@ -53,10 +53,10 @@ def _minibatch_gram_cka(x: np.ndarray, y: np.ndarray, size: int) -> float:
 
 @settings(max_examples=12, deadline=None)
 @given(chunk_a=st.integers(5, 70), chunk_b=st.integers(5, 70), stride=st.integers(1, 3), seed=st.integers(0, 5),
-       memory_limit=st.sampled_from(["1.5GiB", 1, 60_000]))
+       memory_limit=st.sampled_from(["1.5GiB", 400_000, 150_000]))
 def test_exact_feature_cka_equals_the_gram_reference_in_any_chunking(chunk_a, chunk_b, stride, seed, memory_limit):
-    """Under the default memory_limit one band holds every chunk; under 1 byte each band holds one chunk; 60 kB
-    gives bands of several chunks and a shorter last band for most chunkings."""
+    """Under the default memory_limit one band holds every chunk; under 400 kB or 150 kB (enough for any of
+    these chunkings) bands hold a few chunks, the last one shorter, and large chunks are cut into pieces to fit."""
     x, y = _maps(seed)
     got = cka(da.from_array(x, chunks=chunk_a), da.from_array(y, chunks=chunk_b), spatial="features", stride=stride,
               memory_limit=memory_limit)
@@ -116,8 +116,65 @@ def test_the_gram_pass_is_exact_when_dask_fuses_nothing():
                                for start in range(0, len(values), chunk)])
 
     with dask.config.set({"optimization.fuse.active": False}):
-        got = cka(lazy(x, 5), lazy(y, 35), spatial="features", memory_limit=20_000)
+        got = cka(lazy(x, 5), lazy(y, 35), spatial="features", memory_limit=82_000)  # bands of 3 chunks
     assert float(got["cka"]) == pytest.approx(_gram_cka(x, y), rel=TOL)
+
+
+@pytest.mark.parametrize("case", ["plain", "coarse b", "a in one chunk"])
+def test_memory_limit_bounds_the_gram_pass(case):
+    """The arrays an exact feature CKA run allocates (traced by tracemalloc: chunks read, centred rows of the
+    band, Gram blocks, store chunks shared by several tasks) stay within a memory_limit that affords bands of
+    two chunks, with 8 threads: both layers in chunks of 40 datapoints; b in chunks of 200, each read whole and
+    cut into five pieces; or a in one chunk of 600, which the pass cuts into pieces to fit. The result is the
+    in-memory Gram reference's."""
+    import tracemalloc
+
+    import xarray as xr
+
+    from chunkcca.passes import cut, gram_bytes, gram_plan
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((600, 6, 6, 12)).astype(np.float32)
+    y = (x[..., :10] + rng.standard_normal((600, 6, 6, 10)).astype(np.float32)).astype(np.float32)
+    chunk_a, chunk_b = {"plain": (40, 40), "coarse b": (40, 200), "a in one chunk": (600, 40)}[case]
+    a, b = (xr.DataArray(da.from_array(values, chunks=chunk).map_blocks(np.copy), dims=("datapoint", "height",
+                         "width", "channel"), name=name)  # each chunk a new array when read
+            for values, chunk, name in ((x, chunk_a, "a"), (y, chunk_b, "b")))
+    planned = cut(a.data.chunks[0], 75) if case == "a in one chunk" else a.data.chunks[0]
+    fixed, per_chunk = gram_bytes([a, b], planned, 8)
+    limit = fixed + 2 * per_chunk
+    chunks, band = gram_plan([a, b], limit, 8)
+    assert (chunks, band) == (planned, 2)
+    with dask.config.set(num_workers=8):
+        cka(a, b, spatial="features", memory_limit=limit)  # once untraced: what it first imports is not the run's
+    tracemalloc.start()
+    try:
+        with dask.config.set(num_workers=8):
+            got = cka(a, b, spatial="features", memory_limit=limit)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= limit, f"peak {peak} over memory_limit {limit}"
+    assert float(got["cka"]) == pytest.approx(_gram_cka(x.astype(np.float64), y.astype(np.float64)), rel=1e-9)
+
+
+def test_the_gram_pass_refuses_what_one_datapoint_a_piece_would_not_fit():
+    """Before anything is read: the layers, the store chunks held (b's two chunks of 35 datapoints, 43.75 kiB,
+    and two of a's chunks of 10, cut into pieces of 1) and the limit are named."""
+    reads: collections.Counter = collections.Counter()
+
+    def block(index: int) -> np.ndarray:
+        reads[index] += 1
+        return np.ones((35, 4, 4, 5))
+
+    x, _ = _maps(3)
+    y = da.concatenate([da.from_delayed(dask.delayed(block)(index), shape=(35, 4, 4, 5), dtype=float)
+                        for index in range(2)])
+    with pytest.raises(ValueError, match=r"exact CKA of whole maps \(spatial='features'\) of 'a' and 'b': one "
+                                         r"datapoint .* store chunks they lie in \(51.25 kiB\).* over "
+                                         r"memory_limit=40.00 kiB; raise memory_limit"):
+        cka(da.from_array(x, chunks=10), y, spatial="features", memory_limit="40kiB")
+    assert not reads
 
 
 def test_minibatch_feature_cka_equals_the_minibatch_gram_reference():
