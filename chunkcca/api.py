@@ -352,7 +352,7 @@ def shape_metric(a: Any, b: Any, *, alpha: float = 1.0, **options: Any) -> xr.Da
 
 
 #: Streaming options that minibatch CKA has no use for.
-_NOT_MINIBATCH = ("precision", "memory_limit", "checkpoint", "checkpoint_every", "groupby", "folds")
+_NOT_MINIBATCH = ("precision", "checkpoint", "checkpoint_every", "groupby", "folds")
 
 
 def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None, **options: Any) -> xr.Dataset:
@@ -367,8 +367,9 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
     minibatch
         The minibatch CKA of Nguyen, Raghu & Kornblith 2021 over consecutive minibatches of this many rows
         (>= 4): memory O(minibatch²), not O(channels²), for layers too wide for a covariance; unbiased per
-        minibatch, so ``debiased`` does not apply, nor do ``precision``, ``memory_limit``, checkpoints,
-        ``groupby`` and ``folds``.
+        minibatch, so ``debiased`` does not apply, nor do ``precision``, checkpoints, ``groupby`` and
+        ``folds``. A task reads a chunk of both layers (whole minibatches, near the first layer's chunk);
+        ``memory_limit`` sets how many run at once, and a run over it with one is refused before reading.
     **options
         Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]), as for [`cca()`][chunkcca.cca].
 
@@ -430,7 +431,9 @@ def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
                          f"than one minibatch of {size}")
     chunks = aligned_chunks(datapoints, max(layers[0].data.chunks[0]), size=size,
                             rows_per_datapoint=adapters[0].rows_per_datapoint, stride=options.stride)
-    sums = run_reduction(layers, adapters, minibatch_reduction(adapters, size), options, chunks=chunks)
+    widest = max(int(np.prod(layer.shape[1:])) if by_gram(options.spatial) else layer.sizes["channel"]
+                 for layer in layers)  # a row: a datapoint's whole map, or its channels
+    sums = run_reduction(layers, adapters, minibatch_reduction(adapters, size, widest), options, chunks=chunks)
     sides = len(layers)
     return size, sums[: sides * sides].reshape(sides, sides), int(sums[-2]), int(sums[-1]), rows
 
@@ -571,9 +574,9 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         Names from [`chunkcca.measures.MEASURES`][chunkcca.measures.MEASURES], as for [`compare()`][chunkcca.compare].
     minibatch
         With ``measures=["cka"]``: the minibatch CKA of every pair over consecutive minibatches of this many
-        rows, in one pass over all layers, as for [`cka()`][chunkcca.cka] (memory O(layers · minibatch²);
-        ``precision``, ``memory_limit``, checkpoints, ``groupby`` and ``folds`` do not apply). The result then
-        also has ``minibatches`` and ``rows_left_out``.
+        rows, in one pass over all layers, as for [`cka()`][chunkcca.cka]: a task reads a chunk (whole
+        minibatches) of every layer, and ``memory_limit`` bounds them; ``precision``, checkpoints, ``groupby``
+        and ``folds`` do not apply. The result then also has ``minibatches`` and ``rows_left_out``.
     **options
         Solve options (``epsilon``, ``keep``, ``keep_by``, ``alpha``) and streaming options as for
         [`compare()`][chunkcca.compare]. ``spatial`` is "flatten" (all layers need one spatial size) or "avgpool"

@@ -59,8 +59,9 @@ class Reduction:
     ``merge(into, part)`` merges the partial ``part`` into ``into`` (in place where it can) and returns the
     merged partial, associatively; ``finalize`` maps the merged partial to the result. A chain holds
     ``partials_held`` partials at most (its accumulator, and a chunk's partial when it is made apart). For the
-    memory budget: the rows are ``width`` channels wide, ``batch`` sets of them (frequencies), and a fold makes
-    products of at most ``product`` elements at once per batch element. ``name`` prefixes the graph's layers.
+    memory budget: the rows are ``width`` channels wide, ``batch`` sets of them (frequencies), a fold makes
+    products of at most ``product`` elements at once per batch element and ``made`` bytes of other arrays
+    (a minibatch of rows cast to float64). ``name`` prefixes the graph's layers.
     ``chunk_fold()`` makes a fold from a function of one chunk's rows.
     """
 
@@ -75,6 +76,7 @@ class Reduction:
     batch: int = 1
     product: int = 0
     groups: int = 0
+    made: int = 0
 
     @property
     def partial_bytes(self) -> int:
@@ -174,14 +176,15 @@ def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, pre
         batch=int(np.prod(adapters[0].batch_shape, dtype=np.int64)), product=p * p)
 
 
-def minibatch_reduction(adapters: Sequence[Adapter], size: int) -> Reduction:
+def minibatch_reduction(adapters: Sequence[Adapter], size: int, widest: int) -> Reduction:
     """Sums of minibatch HSICs of every pair of the L sides over minibatches of ``size`` rows, then the
-    minibatches and the rows left over: (L² + 2,) (see ``chunkcca.minibatch``)."""
+    minibatches and the rows left over: (L² + 2,) (see ``chunkcca.minibatch``). ``widest``: the widest side's
+    row width, whose minibatch is cast to float64."""
     return Reduction(
         name="minibatch-cka",
         fold=chunk_fold(partial(minibatch_partial, size=size, rows_before=adapters[0].row_count), add_into),
         merge=add_into, finalize=_only_partial, shape=(len(adapters) ** 2 + 2,), dtype=np.float64,
-        product=len(adapters) * size * size)
+        product=len(adapters) * size * size, made=size * widest * 8)
 
 
 def _only_partial(merged: np.ndarray) -> np.ndarray:
@@ -364,31 +367,33 @@ def aligned(sides: Sequence[da.Array], masks: Sequence[da.Array | None] = (),
 
 
 def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, chains: int,
-               ahead: int = 0) -> int:
+               ahead: int = 0, stored: Sequence[tuple[int, ...]] = ()) -> int:
     """Bytes a pass in ``chains`` chains, each reading ``ahead`` chunks ahead, holds at most.
 
     Each chain holds its ``reduction.partials_held`` partials, the temporaries that fold a chunk into them (one
     sub-block's products in at most float64, the sub-block buffer and its copy, a merge's outer products), the
     largest common chunk of the sides read whole for it and the ``ahead`` read for its next folds (for a side
     chunked more coarsely, the pieces cut from its store chunks), and what the adapters make for one sub-block
-    of rows (dft spectra). Shared by the chains: the store chunks of sides chunked more coarsely than the common
-    chunks (each cut into several folds' pieces): those the chains' pieces in work and read ahead lie in, and
-    the next one (two when reading ahead, as the chains drift apart).
+    of rows (dft spectra), and the reduction's ``made`` bytes. Shared by the chains: the store chunks of sides
+    stored in other chunks than the common ones (each cut into several folds' pieces, or joined into one):
+    those the chains' pieces in work and read ahead lie in, and the next one (two when reading ahead, as the
+    chains drift apart). ``stored``: each side's datapoint chunks in its store, when the sides were rechunked
+    for the pass (else their own).
     """
     from .moments import MADE_SUBBLOCK_BYTES, OUTER_BYTES, PRODUCT_BYTES, SUBBLOCK_BYTES
 
     common = common_blockdim([side.chunks[0] for side in sides])
     largest = max(common)
     shared = chunk = 0
-    for side in sides:
+    for side, store in zip(sides, stored or [side.chunks[0] for side in sides]):
         per_datapoint = int(np.prod(side.shape[1:])) * side.dtype.itemsize
         chunk += (1 + ahead) * largest * per_datapoint  # a coarse store chunk's pieces are copies too
-        if side.chunks[0] != common:
-            coarse = max(side.chunks[0])
+        if tuple(store) != tuple(common):
+            coarse = max(store)
             in_work = chains * (1 + ahead) * largest
             # and one more where chains that read ahead drift apart (each gates only its own reads)
             held = -(-in_work // coarse) + 1 + (1 if ahead else 0)
-            shared += min(len(side.chunks[0]), held) * coarse * per_datapoint
+            shared += min(len(store), held) * coarse * per_datapoint
     itemsize = np.dtype(reduction.dtype).itemsize
     row_bytes = reduction.batch * max(reduction.width, 1) * itemsize
     sub_block = MADE_SUBBLOCK_BYTES if any(adapter.made_as_taken for adapter in adapters) else SUBBLOCK_BYTES
@@ -397,7 +402,8 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     made = sum(adapter.made_bytes(side.shape[-1], largest, rows_at_once) for adapter, side in zip(adapters, sides))
     products = min(reduction.batch * reduction.product, max(PRODUCT_BYTES // itemsize, reduction.product)) * itemsize
     temporaries = products + 2 * rows_at_once * row_bytes + min(OUTER_BYTES, reduction.product * itemsize)
-    return shared + chains * (reduction.partials_held * reduction.partial_bytes + temporaries + chunk + made)
+    return shared + chains * (reduction.partials_held * reduction.partial_bytes + temporaries + chunk + made
+                              + reduction.made)
 
 
 def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *,

@@ -133,10 +133,11 @@ def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequen
 
 
 def affordable_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter],
-                      limit: int) -> int:
-    """The most chains (up to ``MOST_CHAINS``) whose pass holds at most ``limit`` bytes; 1 if even one is over."""
+                      limit: int, stored: Sequence[tuple[int, ...]] = ()) -> int:
+    """The most chains (up to ``MOST_CHAINS``) whose pass holds at most ``limit`` bytes; 1 if even one is over.
+    ``stored`` as for ``pass_bytes()``."""
     chains = 1
-    while chains < MOST_CHAINS and pass_bytes(sides, adapters, reduction, chains + 1) <= limit:
+    while chains < MOST_CHAINS and pass_bytes(sides, adapters, reduction, chains + 1, stored=stored) <= limit:
         chains += 1
     return chains
 
@@ -317,9 +318,17 @@ def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], r
     check_complete(layers)
     names = tuple(str(layer.name) for layer in layers)
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
-    # as many chains as memory_limit affords (one when even one is over it: a minibatch's chunks hold whole
-    # minibatches of every layer, which memory_limit cannot shrink)
-    chains = affordable_chains(reduction, sides, adapters, int(options.memory_limit))
+    # as many chains as memory_limit affords, with the store chunks joined or cut for the pass's chunks; a
+    # minibatch's chunk holds a whole minibatch of every layer, which memory_limit cannot shrink
+    stored = [layer.data.chunks[0] for layer in layers]
+    one, limit = pass_bytes(sides, adapters, reduction, 1, stored=stored), int(options.memory_limit)
+    if one > limit:
+        raise ValueError(f"the {reduction.name} pass over {', '.join(map(repr, names))}: reading "
+                         f"{max(sides[0].chunks[0])} datapoints of every layer at a time, with the store chunks they "
+                         f"lie in, holds "
+                         f"{format_bytes(one)}, over memory_limit={format_bytes(limit)}; raise memory_limit, "
+                         f"compare fewer layers, or take smaller minibatches")
+    chains = affordable_chains(reduction, sides, adapters, limit, stored=stored)
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
         result = run(sides, adapters, reduction, chains=chains, scheduler=scheduler, progress=label,
                      nan_policy=options.nan_policy, names=names, masks=_masks(layers))

@@ -211,6 +211,39 @@ def test_covariance_measures_refuse_features_and_say_why():
         compare(x, y, spatial="features", measures=["cka", "pwcca"])
 
 
+@pytest.mark.parametrize("chains", [1, 2])
+def test_memory_limit_bounds_minibatch_cka(chains):
+    """The arrays a minibatch CKA run allocates (traced: chunks joined from the store's smaller chunks, the
+    float64 minibatch, its Gram matrices) stay within memory_limit set to what the run says one chain needs (its
+    refusal of a smaller limit states it), or twice that, with 8 threads; the result is an unbounded run's."""
+    import re
+    import tracemalloc
+
+    from dask.utils import parse_bytes
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((600, 6, 6, 12)).astype(np.float32)
+    y = (x[..., :10] + rng.standard_normal((600, 6, 6, 10))).astype(np.float32)
+    a, b = (da.from_array(values, chunks=(40, 6, 6, -1)).map_blocks(np.copy) for values in (x, y))  # 100s joined
+    with pytest.raises(ValueError, match=r"the minibatch-cka pass over 'a', 'b': reading 100 datapoints of every "
+                                         r"layer at a time, with the store chunks they lie in, holds (.*), over "
+                                         r"memory_limit=1 B; raise memory_limit") as refused:
+        cka(a, b, spatial="features", minibatch=100, memory_limit=1)
+    one = parse_bytes(re.search(r"holds ([^,]+), over", str(refused.value)).group(1).replace(" ", ""))
+    limit = int(chains * one * 1.01)  # its rounding in the message
+    want = cka(a, b, spatial="features", minibatch=100, memory_limit="1GiB")
+    tracemalloc.start()
+    try:
+        with dask.config.set(num_workers=8):
+            got = cka(a, b, spatial="features", minibatch=100, memory_limit=limit)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= limit, f"peak {peak} over memory_limit {limit}"
+    assert float(got["cka"]) == pytest.approx(float(want["cka"]), rel=1e-12)
+    assert float(got["cka"]) == pytest.approx(_minibatch_gram_cka(x.astype(float), y.astype(float), 100), rel=1e-10)
+
+
 def test_minibatch_feature_cka_of_every_pair_of_a_sweep_in_one_pass():
     """similarity(minibatch=m) gives, in one pass over all layers, for every pair, what cka(minibatch=m) gives."""
     x, y = _maps(3, n=90)
@@ -228,8 +261,8 @@ def test_minibatch_feature_cka_of_every_pair_of_a_sweep_in_one_pass():
     assert int(sweep["minibatches"]) == 4 and int(sweep["rows_left_out"]) == 10 and sweep.attrs["minibatch"] == 20
     with pytest.raises(ValueError, match=r"minibatch applies to measures=\['cka'\] only, got \['mean_cca', 'cka'\]"):
         similarity(layers_a, layers_b, minibatch=20)
-    with pytest.raises(TypeError, match="memory_limit do not apply to minibatch CKA"):
-        similarity(layers_a, layers_b, measures=["cka"], minibatch=20, memory_limit="1GiB")
+    with pytest.raises(TypeError, match="precision do not apply to minibatch CKA"):
+        similarity(layers_a, layers_b, measures=["cka"], minibatch=20, precision="float64")
     dead = {"dead": np.zeros_like(y)}
     with pytest.warns(RuntimeWarning, match="minibatch CKA of layer 'dead' is NaN: it has no variance"):
         partial = similarity(layers_a, dead, measures=["cka"], minibatch=20)
