@@ -17,7 +17,16 @@ import xarray as xr
 import chunkcca
 from chunkcca.demo import run_demo
 from chunkcca.ingest import LAYOUTS, ingest
-from chunkcca.options import KEEP_BY, PER_FREQUENCY, PRECISIONS, READ_AHEAD, SOLVE_NAMES, SPATIAL, SWEEP_SPATIAL
+from chunkcca.options import (
+    KEEP_BY,
+    MEMORY_LIMIT,
+    PER_FREQUENCY,
+    PRECISIONS,
+    READ_AHEAD,
+    SOLVE_NAMES,
+    SPATIAL,
+    SWEEP_SPATIAL,
+)
 from chunkcca.plot import plot_rho, plot_similarity
 from chunkcca.report import format_table, save_figure
 
@@ -64,6 +73,9 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
                         help="dtype of the per-chunk products (default auto: float64 for the first datapoints, "
                              "4 rows per channel of the widest layer, and float32 for the rest unless they are "
                              "ill-conditioned; float64 throughout for runs with fewer rows)")
+    parser.add_argument("--memory-limit", default=MEMORY_LIMIT,
+                        help=f"budget for what a pass holds at once, e.g. 4GiB (default {MEMORY_LIMIT}); a run that "
+                             f"cannot fit says so before reading")
     parser.add_argument("--scheduler", help=SCHEDULER_HELP)
     parser.add_argument("--connect-timeout", type=float, default=10.0,
                         help="seconds to wait for a scheduler given by address (default 10)")
@@ -250,7 +262,8 @@ def _run_info(args: argparse.Namespace) -> None:
 def _streaming(args: argparse.Namespace) -> dict[str, Any]:
     """The streaming options of compare and sweep."""
     return {"spatial": args.spatial, "stride": args.stride, "precision": args.precision,
-            "scheduler": args.scheduler, "connect_timeout": args.connect_timeout, "progress": not args.no_progress,
+            "memory_limit": args.memory_limit, "scheduler": args.scheduler, "connect_timeout": args.connect_timeout,
+            "progress": not args.no_progress,
             "groupby": args.groupby, "folds": args.folds}
 
 
