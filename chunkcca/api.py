@@ -18,7 +18,6 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .engine import minibatch_reduction
 from .layers import align_layers, as_activations, layer_paths, named
 from .measures import (
     MEASURES,
@@ -29,10 +28,9 @@ from .measures import (
     jackknife,
     side_without_variance,
 )
-from .minibatch import aligned_chunks
 from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int
-from .passes import Streamed, gram_pass, run_reduction, stream_layers
+from .passes import Streamed, gram_pass, minibatch_pass, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 from .tiles import TiledMoments
 
@@ -429,11 +427,7 @@ def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     if rows < size:
         raise ValueError(f"layers {', '.join(repr(str(layer.name)) for layer in layers)} give {rows} rows, fewer "
                          f"than one minibatch of {size}")
-    chunks = aligned_chunks(datapoints, max(layers[0].data.chunks[0]), size=size,
-                            rows_per_datapoint=adapters[0].rows_per_datapoint, stride=options.stride)
-    widest = max(int(np.prod(layer.shape[1:])) if by_gram(options.spatial) else layer.sizes["channel"]
-                 for layer in layers)  # a row: a datapoint's whole map, or its channels
-    sums = run_reduction(layers, adapters, minibatch_reduction(adapters, size, widest), options, chunks=chunks)
+    sums = minibatch_pass(layers, adapters, size, options)
     sides = len(layers)
     return size, sums[: sides * sides].reshape(sides, sides), int(sums[-2]), int(sums[-1]), rows
 

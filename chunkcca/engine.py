@@ -18,7 +18,7 @@ import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -116,12 +116,9 @@ def grouped(reduction: Reduction, groups: int) -> Reduction:
     reductions): partials gain a leading group dim (1, groups, *shape), each group merged on its own; the result
     is a list of the groups' results. Each datapoint's group code (0 … groups − 1) is given to
     ``reduction_graph()``; a row belongs to its datapoint's group."""
-    return Reduction(name=f"{reduction.name}-by-group", fold=reduction.fold,
-                     merge=partial(_merge_groups, merge=reduction.merge),
-                     finalize=partial(_finalize_groups, finalize=reduction.finalize),
-                     shape=(groups, *reduction.shape), dtype=reduction.dtype,
-                     partials_held=reduction.partials_held, width=reduction.width, batch=reduction.batch,
-                     product=reduction.product, groups=groups)
+    return replace(reduction, name=f"{reduction.name}-by-group", merge=partial(_merge_groups, merge=reduction.merge),
+                   finalize=partial(_finalize_groups, finalize=reduction.finalize), shape=(groups, *reduction.shape),
+                   groups=groups)
 
 
 def _merge_groups(into: np.ndarray, part: np.ndarray, *,
@@ -366,8 +363,21 @@ def aligned(sides: Sequence[da.Array], masks: Sequence[da.Array | None] = (),
             None if codes is None else whole(codes))
 
 
+def held_store_bytes(array: da.Array, stored: tuple[tuple[int, ...], ...], chunks: Sequence[int], in_work: int,
+                     spare: int = 1) -> int:
+    """Bytes of the store chunks of ``array`` (``stored``: its chunks along every axis in its store) that tasks
+    at work on ``in_work`` datapoints of a pass over datapoint ``chunks`` lie in, and ``spare`` more: each is
+    read whole, cut into the pass's pieces or joined into one, and held while the tasks sharing it run. 0 for
+    an array stored in the pass's chunks and whole along its other axes (a chunk is then read as it is used)."""
+    if tuple(stored[0]) == tuple(chunks) and all(len(axis) == 1 for axis in stored[1:]):
+        return 0
+    coarse = max(stored[0])
+    held = -(-in_work // coarse) + spare
+    return min(len(stored[0]), held) * coarse * int(np.prod(array.shape[1:])) * array.dtype.itemsize
+
+
 def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, chains: int,
-               ahead: int = 0, stored: Sequence[tuple[int, ...]] = ()) -> int:
+               ahead: int = 0, stored: Sequence[tuple[tuple[int, ...], ...]] = ()) -> int:
     """Bytes a pass in ``chains`` chains, each reading ``ahead`` chunks ahead, holds at most.
 
     Each chain holds its ``reduction.partials_held`` partials, the temporaries that fold a chunk into them (one
@@ -375,25 +385,20 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     largest common chunk of the sides read whole for it and the ``ahead`` read for its next folds (for a side
     chunked more coarsely, the pieces cut from its store chunks), and what the adapters make for one sub-block
     of rows (dft spectra), and the reduction's ``made`` bytes. Shared by the chains: the store chunks of sides
-    stored in other chunks than the common ones (each cut into several folds' pieces, or joined into one):
-    those the chains' pieces in work and read ahead lie in, and the next one (two when reading ahead, as the
-    chains drift apart). ``stored``: each side's datapoint chunks in its store, when the sides were rechunked
-    for the pass (else their own).
+    stored in other chunks than the common ones or chunked along other axes (``held_store_bytes()``): those
+    the chains' pieces in work and read ahead lie in, and the next one (two when reading ahead, as the chains
+    drift apart). ``stored``: each side's chunks in its store, when the sides were rechunked for the pass
+    (else their own).
     """
     from .moments import MADE_SUBBLOCK_BYTES, OUTER_BYTES, PRODUCT_BYTES, SUBBLOCK_BYTES
 
     common = common_blockdim([side.chunks[0] for side in sides])
     largest = max(common)
     shared = chunk = 0
-    for side, store in zip(sides, stored or [side.chunks[0] for side in sides]):
-        per_datapoint = int(np.prod(side.shape[1:])) * side.dtype.itemsize
-        chunk += (1 + ahead) * largest * per_datapoint  # a coarse store chunk's pieces are copies too
-        if tuple(store) != tuple(common):
-            coarse = max(store)
-            in_work = chains * (1 + ahead) * largest
-            # and one more where chains that read ahead drift apart (each gates only its own reads)
-            held = -(-in_work // coarse) + 1 + (1 if ahead else 0)
-            shared += min(len(store), held) * coarse * per_datapoint
+    for side, store in zip(sides, stored or [side.chunks for side in sides]):
+        chunk += (1 + ahead) * largest * int(np.prod(side.shape[1:])) * side.dtype.itemsize  # pieces are copies
+        # and one more where chains that read ahead drift apart (each gates only its own reads)
+        shared += held_store_bytes(side, store, common, chains * (1 + ahead) * largest, 1 + bool(ahead))
     itemsize = np.dtype(reduction.dtype).itemsize
     row_bytes = reduction.batch * max(reduction.width, 1) * itemsize
     sub_block = MADE_SUBBLOCK_BYTES if any(adapter.made_as_taken for adapter in adapters) else SUBBLOCK_BYTES

@@ -43,8 +43,11 @@ def minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int
     count = rows[0].shape[0] // size
     hsic = np.zeros((sides, sides))
     for batch in range(count):  # one minibatch at a time: memory O(L · size²), whatever the chunk
-        grams = [_hollow((x := np.asarray(r[batch * size : (batch + 1) * size], dtype=np.float64)) @ x.T)
-                 for r in rows]
+        grams = []
+        for side in rows:  # one side's minibatch in float64 at a time
+            minibatch = np.asarray(side[batch * size : (batch + 1) * size], dtype=np.float64)
+            grams.append(_hollow(minibatch @ minibatch.T))
+            del minibatch
         for left in range(sides):
             for right in range(left, sides):
                 hsic[left, right] += _hsic(grams[left], grams[right])

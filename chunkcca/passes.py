@@ -2,8 +2,8 @@
 
 ``stream_layers()`` streams any number of aligned, validated layers (one side each) into one
 ``Moments`` in one pass over their chunks, whichever pass the options ask
-for; ``run_reduction()`` runs another declared reduction (minibatch CKA) the same way. Failures
-to read a store name the layers and stores at fault.
+for; ``minibatch_pass()`` runs another declared reduction (minibatch CKA) the same way and
+``gram_pass()`` the Gram blocks of whole maps. Failures to read a store name the layers and stores at fault.
 """
 
 from __future__ import annotations
@@ -31,16 +31,19 @@ from .engine import (
     connected,
     gram_band_graph,
     grouped,
+    held_store_bytes,
     means_reduction,
+    minibatch_reduction,
     moments_reduction,
     pass_bytes,
     reads_ahead,
     run,
     scheduler_threads,
 )
+from .minibatch import aligned_chunks
 from .moments import Moments, RowCheck, pack
 from .options import MASK, ProductPrecision, StreamOptions
-from .rows import Adapter
+from .rows import Adapter, by_gram
 from .store import check_complete, check_unchanged
 from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
 
@@ -310,24 +313,35 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     return (total,)
 
 
-def run_reduction(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], reduction: Reduction,
-                  options: StreamOptions, *, chunks: tuple[int, ...] | None = None) -> Any:
-    """One pass of any declared reduction over aligned layers (rechunked along datapoint to ``chunks`` if given)."""
-    sides: list[da.Array] = [layer.data if chunks is None else layer.data.rechunk({0: chunks}) for layer in layers]
+def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], size: int,
+                   options: StreamOptions) -> np.ndarray:
+    """[Σ HSIC(Kₗ, Kₘ) of every pair, row-major (L²), minibatches, rows left over] over consecutive minibatches
+    of ``size`` rows of aligned layers (see ``chunkcca.minibatch``), in one pass over chunks of whole
+    minibatches: near the first layer's chunk, halved while one chain (a chunk of every layer, joined from or
+    cut out of its store chunks) is over ``options.memory_limit``, in as many chains as fit. A clear error,
+    before anything is read, if a chunk of one minibatch is over it."""
+    widest = max(int(np.prod(layer.shape[1:])) if by_gram(options.spatial) else layer.sizes["channel"]
+                 for layer in layers)  # a row: a datapoint's whole map, or its channels
+    reduction = minibatch_reduction(adapters, size, widest)
+    names = tuple(str(layer.name) for layer in layers)
+    limit, stored = int(options.memory_limit), [layer.data.chunks for layer in layers]
+    chunk, previous = max(layers[0].data.chunks[0]), None
+    while True:
+        chunks = aligned_chunks(layers[0].sizes["datapoint"], chunk, size=size,
+                                rows_per_datapoint=adapters[0].rows_per_datapoint, stride=options.stride)
+        sides = [layer.data.rechunk({0: chunks}) for layer in layers]
+        one = pass_bytes(sides, adapters, reduction, 1, stored=stored)
+        if one <= limit:
+            break
+        if chunks == previous:  # one minibatch a chunk
+            raise ValueError(f"minibatch CKA of {', '.join(map(repr, names))}: reading {max(chunks)} datapoints "
+                             f"(whole minibatches of {size} rows) of every layer at a time, with the store chunks "
+                             f"they lie in, holds {format_bytes(one)}, over memory_limit={format_bytes(limit)}; "
+                             f"raise memory_limit, compare fewer layers, or take smaller minibatches")
+        chunk, previous = max(chunks) // 2, chunks
     _warn_small_chunks(layers)
     check_complete(layers)
-    names = tuple(str(layer.name) for layer in layers)
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
-    # as many chains as memory_limit affords, with the store chunks joined or cut for the pass's chunks; a
-    # minibatch's chunk holds a whole minibatch of every layer, which memory_limit cannot shrink
-    stored = [layer.data.chunks[0] for layer in layers]
-    one, limit = pass_bytes(sides, adapters, reduction, 1, stored=stored), int(options.memory_limit)
-    if one > limit:
-        raise ValueError(f"the {reduction.name} pass over {', '.join(map(repr, names))}: reading "
-                         f"{max(sides[0].chunks[0])} datapoints of every layer at a time, with the store chunks they "
-                         f"lie in, holds "
-                         f"{format_bytes(one)}, over memory_limit={format_bytes(limit)}; raise memory_limit, "
-                         f"compare fewer layers, or take smaller minibatches")
     chains = affordable_chains(reduction, sides, adapters, limit, stored=stored)
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
         result = run(sides, adapters, reduction, chains=chains, scheduler=scheduler, progress=label,
@@ -368,43 +382,80 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     check_complete(layers)
     label = f"reading {', '.join(map(repr, names))}" if options.progress else None
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
-        threads = scheduler_threads(scheduler)
-        chunks, band = gram_plan(layers, options.memory_limit, threads)  # refuses before anything is read
+        plan = gram_plan(layers, int(options.memory_limit), scheduler_threads(scheduler))  # refuses before reading
         means = run(data, adapters, means_reduction(widths), scheduler=scheduler,
                     progress=None if label is None else f"{label} (means)", nan_policy="raise", names=names)
-        bands = range(0, len(chunks), band)
+        bands = range(0, len(plan.chunks), plan.band)
         sums = np.zeros((len(layers), len(layers)))
         for number, start in enumerate(bands, 1):
             step = f"Gram blocks, band {number} of {len(bands)}" if len(bands) > 1 else "Gram blocks"
-            graph = gram_band_graph(data, adapters, means, chunks, range(start, min(start + band, len(chunks))),
-                                    split_every=options.split_every, threads=threads)
-            (part,) = compute(graph, scheduler=scheduler, threads=threads,
+            graph = gram_band_graph(data, adapters, means, plan.chunks,
+                                    range(start, min(start + plan.band, len(plan.chunks))),
+                                    split_every=options.split_every, threads=plan.tasks)
+            (part,) = compute(graph, scheduler=scheduler, threads=plan.tasks,
                               progress=None if label is None else f"{label} ({step})")
             sums += part
     check_unchanged(layers)
     return sums
 
 
-def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int) -> tuple[tuple[int, ...], int]:
-    """The datapoint chunks of the Gram pass and how many of them one band holds, so that the pass holds at
-    most ``memory_limit`` (``gram_bytes``): the first layer's chunks, each cut into pieces of at most half, a
-    quarter … of the largest while not even one chunk a band fits; a clear error if one datapoint a piece does
-    not fit, before anything is read."""
+@dataclass(frozen=True)
+class GramPlan:
+    """How the Gram pass runs: its datapoint chunks, how many of them a band holds, and its tasks at once."""
+
+    chunks: tuple[int, ...]
+    band: int
+    tasks: int
+
+
+#: Reading, decoding and centring a chunk of r datapoints of every layer takes about READ_COST_ROWS / r times as
+#: long as its Gram products with one chunk of a band: 0.8 at r = 64 on the whole-network benchmark, whose
+#: features pass took 102.7 s in bands of 3 chunks and 113.7 s in bands of 2 (docs/performance.md).
+READ_COST_ROWS = 50
+#: Gram products of pieces of r datapoints take about 1 + GEMM_ROWS / r times as long as those of large ones
+#: (float64 (r × F) by (F × 64) here: 27.7 GFLOP/s at r = 64, 29.9 at 640; at r = 1 a dot product, memory-bound).
+GEMM_ROWS = 8
+
+
+def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int) -> GramPlan:
+    """The Gram pass's plan within ``memory_limit`` (``gram_bytes``): for each number of tasks at once up to
+    ``threads``, the largest band that fits (``_fitted_band``); of these, the one with the least estimated time,
+    (1 + GEMM_ROWS / chunk + READ_COST_ROWS / (chunk · band)) / tasks (the products, slower for small pieces,
+    and each chunk read once per band, shared by the tasks), the most tasks on a tie. A clear error, before
+    anything is read, if one task does not fit one datapoint a piece."""
+    plans = [plan for tasks in range(threads, 0, -1) if (plan := _fitted_band(layers, memory_limit, tasks))]
+    if not plans:
+        names = " and ".join(repr(str(layer.name)) for layer in layers)
+        pieces = cut(layers[0].data.chunks[0], 1)
+        fixed, per_chunk = gram_bytes(layers, pieces, 1)
+        stores = sum(held_store_bytes(layer.data, layer.data.chunks, pieces, 1) for layer in layers)
+        raise ValueError(f"exact CKA of whole maps (spatial='features') of {names}: one datapoint of every layer "
+                         f"as centred float64 rows, with the store chunks it lies in ({format_bytes(stores)}), "
+                         f"holds {format_bytes(fixed + per_chunk)}, over memory_limit={format_bytes(memory_limit)}; "
+                         f"raise memory_limit, compare fewer layers, store them in smaller chunks, or use "
+                         f"minibatch CKA (cka(..., minibatch=m))")
+    return min(plans, key=_estimated_time)
+
+
+def _estimated_time(plan: GramPlan) -> float:
+    """The Gram pass's time under ``plan``, relative to its products' alone on one thread in large pieces."""
+    rows = max(plan.chunks)
+    return (1 + GEMM_ROWS / rows + READ_COST_ROWS / (rows * plan.band)) / plan.tasks
+
+
+def _fitted_band(layers: Sequence[xr.DataArray], memory_limit: int, tasks: int) -> GramPlan | None:
+    """The first layer's chunks, each cut into pieces of at most half, a quarter … of the largest while not even
+    one chunk a band fits beside ``tasks`` tasks at work, and as many chunks a band as fit; None if one
+    datapoint a piece does not fit."""
     stored = tuple(int(size) for size in layers[0].data.chunks[0])
     size = max(stored)
     while True:
         chunks = stored if size == max(stored) else cut(stored, size)
-        fixed, per_chunk = gram_bytes(layers, chunks, threads)
+        fixed, per_chunk = gram_bytes(layers, chunks, tasks)
         if fixed + per_chunk <= memory_limit:
-            return chunks, int((memory_limit - fixed) // per_chunk)
+            return GramPlan(chunks, min(len(chunks), int((memory_limit - fixed) // per_chunk)), tasks)
         if size == 1:
-            names = " and ".join(repr(str(layer.name)) for layer in layers)
-            stores = store_chunk_bytes(layers, chunks, threads)
-            raise ValueError(f"exact CKA of whole maps (spatial='features') of {names}: one datapoint of every layer "
-                             f"as centred float64 rows, with {threads} tasks at work and the store chunks they lie "
-                             f"in ({format_bytes(stores)}), holds {format_bytes(fixed + per_chunk)}, over "
-                             f"memory_limit={format_bytes(memory_limit)}; raise memory_limit, compare fewer layers, "
-                             f"store them in smaller chunks, or pass minibatch=")
+            return None
         size //= 2
 
 
@@ -414,35 +465,22 @@ def cut(chunks: Sequence[int], size: int) -> tuple[int, ...]:
     return tuple(chunk // count + (index < chunk % count) for chunk, count in pieces for index in range(count))
 
 
-def gram_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], threads: int) -> tuple[int, int]:
+def gram_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], tasks: int) -> tuple[int, int]:
     """Bytes the Gram pass over datapoint ``chunks`` holds at most: (beside the band, per chunk of the band).
 
-    Beside the band: ``threads`` tasks that each hold a chunk of every layer as read (a copy, if cut from a
-    store chunk) and one layer's centred float64 rows at a time, and the store chunks of every layer stored in
-    other chunks than ``chunks`` that the tasks at work lie in, and the next. Per chunk of the band: its centred
-    float64 rows of every layer and, in each task, its chunk × chunk Gram blocks of every layer and their stack.
-    Not counted: on a cluster, each worker process's own copy of the band.
+    Beside the band: ``tasks`` tasks at work that each hold a chunk of every layer as read (a copy, if cut from
+    or joined from store chunks) and one layer's centred float64 rows at a time, and the store chunks they lie
+    in, and the next, of the layers stored in other chunks or chunked along other axes (``held_store_bytes``).
+    Per chunk of the band: its centred float64 rows of every layer and, in each task, its chunk × chunk Gram
+    blocks of every layer and their stack. Not counted: on a cluster, each worker process's own copy of the band.
     """
     largest = max(chunks)
     features = [int(np.prod(layer.shape[1:])) for layer in layers]
     at_work = largest * (sum(width * layer.dtype.itemsize for width, layer in zip(features, layers))
                          + max(features) * 8)
-    per_chunk = largest * sum(features) * 8 + threads * 2 * len(layers) * largest * largest * 8
-    return store_chunk_bytes(layers, chunks, threads) + threads * at_work, per_chunk
-
-
-def store_chunk_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], threads: int) -> int:
-    """Bytes of the store chunks the Gram pass's ``threads`` tasks at work over datapoint ``chunks`` lie in, and
-    the next, of every layer stored in other chunks (each read whole and held while the tasks sharing it run;
-    a layer chunked along another axis too is counted so, whole along it)."""
-    held_bytes = 0
-    for layer in layers:
-        stored = layer.data.chunks[0]
-        if tuple(stored) != tuple(chunks) or any(len(other) > 1 for other in layer.data.chunks[1:]):
-            coarse = max(stored)
-            held = -(-threads * max(chunks) // coarse) + 1
-            held_bytes += min(len(stored), held) * coarse * int(np.prod(layer.shape[1:])) * layer.dtype.itemsize
-    return held_bytes
+    stores = sum(held_store_bytes(layer.data, layer.data.chunks, chunks, tasks * largest) for layer in layers)
+    per_chunk = largest * sum(features) * 8 + tasks * 2 * len(layers) * largest * largest * 8
+    return stores + tasks * at_work, per_chunk
 
 
 def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> tuple[int | None, str, int]:

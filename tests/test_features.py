@@ -10,6 +10,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,14 @@ from chunkcca import cca, cka, compare, similarity
 
 #: The Gram route sums float64 products of n × n blocks: ~1e-14 relative; 1e-11 leaves room for the sums.
 TOL = 1e-11
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """The memory limits below are sized for two tasks at once, whatever the machine's cores (tests that
+    trace a run's memory set their own)."""
+    with dask.config.set(num_workers=2):
+        yield
 
 
 def _maps(seed: int, n: int = 70) -> tuple[np.ndarray, np.ndarray]:
@@ -120,42 +129,79 @@ def test_the_gram_pass_is_exact_when_dask_fuses_nothing():
     assert float(got["cka"]) == pytest.approx(_gram_cka(x, y), rel=TOL)
 
 
-@pytest.mark.parametrize("case", ["plain", "coarse b", "a in one chunk"])
-def test_memory_limit_bounds_the_gram_pass(case):
-    """The arrays an exact feature CKA run allocates (traced by tracemalloc: chunks read, centred rows of the
-    band, Gram blocks, store chunks shared by several tasks) stay within a memory_limit that affords bands of
-    two chunks, with 8 threads: both layers in chunks of 40 datapoints; b in chunks of 200, each read whole and
-    cut into five pieces; or a in one chunk of 600, which the pass cuts into pieces to fit. The result is the
-    in-memory Gram reference's."""
-    import tracemalloc
+#: Wide enough maps (4096 and 3072 features) that the arrays, not Dask's bookkeeping, make a traced peak.
+WIDE = {"a": (16, 16, 16), "b": (16, 16, 12)}
+#: Chunkings of the memory tests (a, b): equal; b stored 5 times as coarsely (each store chunk read whole and cut);
+#: a in one chunk (the Gram pass cuts it into pieces); both also chunked along their channels (joined when read),
+#: in chunks of 40 datapoints or of 100 (a minibatch chunk).
+CHUNKINGS = {"equal": ((40, -1, -1, -1), (40, -1, -1, -1)), "coarse b": ((40, -1, -1, -1), (200, -1, -1, -1)),
+             "a in one chunk": ((-1, -1, -1, -1), (40, -1, -1, -1)),
+             "by channels": ((40, -1, -1, 4), (40, -1, -1, 3)),
+             "100s by channels": ((100, -1, -1, 4), (100, -1, -1, 3))}
 
-    import xarray as xr
+
+def _wide_layers(case: str, n: int = 400) -> tuple[xr.DataArray, xr.DataArray, np.ndarray, np.ndarray]:
+    """Two float32 layers of WIDE maps, as lazy DataArrays chunked as CHUNKINGS[case] (each chunk a new array when
+    read, as from a store), and their values."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((n, *WIDE["a"]), dtype=np.float32)
+    y = (x[..., :12] + rng.standard_normal((n, *WIDE["b"]), dtype=np.float32)).astype(np.float32)
+    layers = [xr.DataArray(da.from_array(values, chunks=chunks), dims=("datapoint", "height", "width", "channel"),
+                           name=name) for values, chunks, name in zip((x, y), CHUNKINGS[case], "ab")]
+    return layers[0], layers[1], x, y
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize("case", ["equal", "coarse b", "a in one chunk", "by channels"])
+def test_memory_limit_bounds_the_gram_pass(case, threads):
+    """The arrays an exact feature CKA run allocates (traced by tracemalloc: chunks read, centred rows of the
+    band, Gram blocks, store chunks shared by several tasks or joined) stay within a memory_limit that affords
+    bands of two chunks beside ``threads`` tasks, on that many threads, in every chunking of CHUNKINGS; a first
+    layer in one chunk is cut into pieces. The result is the in-memory Gram reference's."""
+    import tracemalloc
 
     from chunkcca.passes import cut, gram_bytes, gram_plan
 
-    rng = np.random.default_rng(8)
-    x = rng.standard_normal((600, 6, 6, 12)).astype(np.float32)
-    y = (x[..., :10] + rng.standard_normal((600, 6, 6, 10)).astype(np.float32)).astype(np.float32)
-    chunk_a, chunk_b = {"plain": (40, 40), "coarse b": (40, 200), "a in one chunk": (600, 40)}[case]
-    a, b = (xr.DataArray(da.from_array(values, chunks=chunk).map_blocks(np.copy), dims=("datapoint", "height",
-                         "width", "channel"), name=name)  # each chunk a new array when read
-            for values, chunk, name in ((x, chunk_a, "a"), (y, chunk_b, "b")))
-    planned = cut(a.data.chunks[0], 75) if case == "a in one chunk" else a.data.chunks[0]
-    fixed, per_chunk = gram_bytes([a, b], planned, 8)
+    a, b, x, y = _wide_layers(case)
+    planned = cut(a.data.chunks[0], 50) if case == "a in one chunk" else a.data.chunks[0]
+    fixed, per_chunk = gram_bytes([a, b], planned, threads)
     limit = fixed + 2 * per_chunk
-    chunks, band = gram_plan([a, b], limit, 8)
-    assert (chunks, band) == (planned, 2)
-    with dask.config.set(num_workers=8):
+    plan = gram_plan([a, b], limit, threads)
+    assert plan.tasks <= threads and len(plan.chunks) > plan.band  # several bands
+    assert max(plan.chunks) < 400 if case == "a in one chunk" else plan.chunks == planned
+    with dask.config.set(num_workers=threads):
         cka(a, b, spatial="features", memory_limit=limit)  # once untraced: what it first imports is not the run's
-    tracemalloc.start()
-    try:
-        with dask.config.set(num_workers=8):
+        tracemalloc.start()
+        try:
             got = cka(a, b, spatial="features", memory_limit=limit)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
     assert peak <= limit, f"peak {peak} over memory_limit {limit}"
     assert float(got["cka"]) == pytest.approx(_gram_cka(x.astype(np.float64), y.astype(np.float64)), rel=1e-9)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8, 64])
+def test_the_gram_plan_fits_the_limit_and_takes_its_fastest_layout(threads):
+    """Under a limit that holds everything, the plan keeps the stored chunks, one band, a task per thread. Under
+    tighter limits (bands of a few chunks beside two tasks; one chunk beside one task) it fits: its tasks'
+    work, the store chunks and its band hold at most the limit; and no other number of tasks at once has a
+    smaller estimated time (fewer tasks make room for wider bands and larger pieces, more share the work)."""
+    from chunkcca.passes import _estimated_time, _fitted_band, gram_bytes, gram_plan
+
+    a, b, _, _ = _wide_layers("equal")
+    stored = a.data.chunks[0]
+    plan = gram_plan([a, b], 2**40, threads)
+    assert (plan.chunks, plan.band, plan.tasks) == (stored, len(stored), threads)
+    fixed_two, per_chunk_two = gram_bytes([a, b], stored, 2)
+    fixed_one, per_chunk_one = gram_bytes([a, b], stored, 1)
+    for limit in (fixed_two + 3 * per_chunk_two, fixed_one + per_chunk_one):
+        plan = gram_plan([a, b], limit, threads)
+        fixed, per_chunk = gram_bytes([a, b], plan.chunks, plan.tasks)
+        assert plan.tasks <= threads and plan.band >= 1 and fixed + plan.band * per_chunk <= limit
+        assert sum(plan.chunks) == 400
+        others = [other for tasks in range(1, threads + 1) if (other := _fitted_band([a, b], limit, tasks))]
+        assert _estimated_time(plan) == min(map(_estimated_time, others))
 
 
 def test_the_gram_pass_refuses_what_one_datapoint_a_piece_would_not_fit():
@@ -171,7 +217,7 @@ def test_the_gram_pass_refuses_what_one_datapoint_a_piece_would_not_fit():
     y = da.concatenate([da.from_delayed(dask.delayed(block)(index), shape=(35, 4, 4, 5), dtype=float)
                         for index in range(2)])
     with pytest.raises(ValueError, match=r"exact CKA of whole maps \(spatial='features'\) of 'a' and 'b': one "
-                                         r"datapoint .* store chunks they lie in \(51.25 kiB\).* over "
+                                         r"datapoint .* store chunks it lies in \(51.25 kiB\).* over "
                                          r"memory_limit=40.00 kiB; raise memory_limit"):
         cka(da.from_array(x, chunks=10), y, spatial="features", memory_limit="40kiB")
     assert not reads
@@ -212,36 +258,67 @@ def test_covariance_measures_refuse_features_and_say_why():
 
 
 @pytest.mark.parametrize("chains", [1, 2])
-def test_memory_limit_bounds_minibatch_cka(chains):
-    """The arrays a minibatch CKA run allocates (traced: chunks joined from the store's smaller chunks, the
-    float64 minibatch, its Gram matrices) stay within memory_limit set to what the run says one chain needs (its
-    refusal of a smaller limit states it), or twice that, with 8 threads; the result is an unbounded run's."""
-    import re
+@pytest.mark.parametrize("case", ["coarse b", "by channels", "100s by channels", "stride"])
+def test_memory_limit_bounds_minibatch_cka(case, chains):
+    """The arrays a minibatch CKA run allocates (traced: chunks joined from or cut out of store chunks, the
+    float64 minibatch, its Gram matrices) stay within memory_limit set to what ``pass_bytes`` says one chain
+    of the pass's chunks needs, or two, with 8 threads: b stored in chunks of 200 (cut), both chunked along
+    their channels too (joined) in chunks of 40 datapoints or of 100, or a stride of 2; chunks of 40 are joined
+    into minibatch chunks of 100 (200 for the stride). The result is an unbounded run's and the in-memory
+    reference's."""
     import tracemalloc
 
-    from dask.utils import parse_bytes
+    from chunkcca.engine import minibatch_reduction, pass_bytes
+    from chunkcca.minibatch import aligned_chunks
+    from chunkcca.options import StreamOptions
+    from chunkcca.rows import plan_adapters
 
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((600, 6, 6, 12)).astype(np.float32)
-    y = (x[..., :10] + rng.standard_normal((600, 6, 6, 10))).astype(np.float32)
-    a, b = (da.from_array(values, chunks=(40, 6, 6, -1)).map_blocks(np.copy) for values in (x, y))  # 100s joined
-    with pytest.raises(ValueError, match=r"the minibatch-cka pass over 'a', 'b': reading 100 datapoints of every "
-                                         r"layer at a time, with the store chunks they lie in, holds (.*), over "
-                                         r"memory_limit=1 B; raise memory_limit") as refused:
-        cka(a, b, spatial="features", minibatch=100, memory_limit=1)
-    one = parse_bytes(re.search(r"holds ([^,]+), over", str(refused.value)).group(1).replace(" ", ""))
-    limit = int(chains * one * 1.01)  # its rounding in the message
-    want = cka(a, b, spatial="features", minibatch=100, memory_limit="1GiB")
-    tracemalloc.start()
-    try:
-        with dask.config.set(num_workers=8):
-            got = cka(a, b, spatial="features", minibatch=100, memory_limit=limit)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    a, b, x, y = _wide_layers("equal" if case == "stride" else case)
+    stride = 2 if case == "stride" else 1
+    options = StreamOptions(spatial="features", stride=stride)
+    adapters = plan_adapters(a, b, options)
+    chunks = aligned_chunks(400, 40, size=100, rows_per_datapoint=1, stride=stride)
+    assert max(chunks) == 100 * stride
+    sides = [layer.data.rechunk({0: chunks}) for layer in (a, b)]
+    one = pass_bytes(sides, adapters, minibatch_reduction(adapters, 100, 4096), 1,
+                     stored=[a.data.chunks, b.data.chunks])
+    limit = pass_bytes(sides, adapters, minibatch_reduction(adapters, 100, 4096), chains,
+                       stored=[a.data.chunks, b.data.chunks])
+    with pytest.raises(ValueError, match=r"minibatch CKA of 'a', 'b': reading \d+ datapoints \(whole minibatches "
+                                         r"of 100 rows\) of every layer at a time, with the store chunks they lie in, "
+                                         r"holds .*, over memory_limit=.*; raise memory_limit"):
+        cka(a, b, spatial="features", minibatch=100, stride=stride, memory_limit=one - 1)
+    want = cka(a, b, spatial="features", minibatch=100, stride=stride, memory_limit="1GiB")
+    with dask.config.set(num_workers=8):
+        cka(a, b, spatial="features", minibatch=100, stride=stride, memory_limit=limit)  # imports untraced
+        tracemalloc.start()
+        try:
+            got = cka(a, b, spatial="features", minibatch=100, stride=stride, memory_limit=limit)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
     assert peak <= limit, f"peak {peak} over memory_limit {limit}"
     assert float(got["cka"]) == pytest.approx(float(want["cka"]), rel=1e-12)
-    assert float(got["cka"]) == pytest.approx(_minibatch_gram_cka(x.astype(float), y.astype(float), 100), rel=1e-10)
+    reference = _minibatch_gram_cka(x[::stride].astype(float), y[::stride].astype(float), 100)
+    assert float(got["cka"]) == pytest.approx(reference, rel=1e-9)
+
+
+def test_minibatch_cka_reads_smaller_chunks_to_fit_memory_limit():
+    """A first layer stored in one chunk of 400 datapoints: the pass halves its chunks of whole minibatches (400,
+    200, 100) until one chain fits memory_limit, rather than refusing, and the result is unchanged."""
+    from chunkcca.engine import minibatch_reduction, pass_bytes
+    from chunkcca.options import StreamOptions
+    from chunkcca.rows import plan_adapters
+
+    a, b, x, y = _wide_layers("a in one chunk")
+    adapters = plan_adapters(a, b, StreamOptions(spatial="features"))
+    sides = [layer.data.rechunk({0: (100,) * 4}) for layer in (a, b)]
+    limit = pass_bytes(sides, adapters, minibatch_reduction(adapters, 100, 4096), 1,
+                       stored=[a.data.chunks, b.data.chunks])
+    got = cka(a, b, spatial="features", minibatch=100, memory_limit=limit)
+    assert float(got["cka"]) == pytest.approx(_minibatch_gram_cka(x.astype(float), y.astype(float), 100), rel=1e-9)
+    with pytest.raises(ValueError, match=r"reading 100 datapoints \(whole minibatches of 100 rows\)"):
+        cka(a, b, spatial="features", minibatch=100, memory_limit=limit - 1)
 
 
 def test_minibatch_feature_cka_of_every_pair_of_a_sweep_in_one_pass():
