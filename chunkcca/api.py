@@ -366,8 +366,9 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
         The minibatch CKA of Nguyen, Raghu & Kornblith 2021 over consecutive minibatches of this many rows
         (>= 4): memory O(minibatch²), not O(channels²), for layers too wide for a covariance; unbiased per
         minibatch, so ``debiased`` does not apply, nor do ``precision``, checkpoints, ``groupby`` and
-        ``folds``. A task reads a chunk of both layers (whole minibatches, near the first layer's chunk);
-        ``memory_limit`` sets how many run at once, and a run over it with one is refused before reading.
+        ``folds``. Tasks read chunks of whole minibatches (a layer's, or both layers', whichever holds
+        less); ``memory_limit`` sets their size and how many run at once, and a run over it with one task of
+        one minibatch is refused before reading.
     **options
         Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]), as for [`cca()`][chunkcca.cca].
 
@@ -568,9 +569,10 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         Names from [`chunkcca.measures.MEASURES`][chunkcca.measures.MEASURES], as for [`compare()`][chunkcca.compare].
     minibatch
         With ``measures=["cka"]``: the minibatch CKA of every pair over consecutive minibatches of this many
-        rows, in one pass over all layers, as for [`cka()`][chunkcca.cka]: a task reads a chunk (whole
-        minibatches) of every layer, and ``memory_limit`` bounds them; ``precision``, checkpoints, ``groupby``
-        and ``folds`` do not apply. The result then also has ``minibatches`` and ``rows_left_out``.
+        rows, in one pass over all layers, as for [`cka()`][chunkcca.cka] (a task reads whole minibatches of
+        one layer, or of every layer, whichever holds less, within ``memory_limit``); ``precision``,
+        checkpoints, ``groupby`` and ``folds`` do not apply. The result then also has ``minibatches`` and
+        ``rows_left_out``.
     **options
         Solve options (``epsilon``, ``keep``, ``keep_by``, ``alpha``) and streaming options as for
         [`compare()`][chunkcca.compare]. ``spatial`` is "flatten" (all layers need one spatial size) or "avgpool"

@@ -34,7 +34,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .blas import one_thread, pin_blas
-from .minibatch import minibatch_partial
+from .minibatch import Hollow, check_boundary, minibatch_gram, minibatch_partial, pair_hsic
 from .moments import RowCheck, fold_rows, merge_into, partial_from_rows, unpack
 from .options import READ_AHEAD, ProductPrecision, is_address
 from .progress import Progress
@@ -205,9 +205,10 @@ def means_reduction(widths: Sequence[int]) -> Reduction:
                      width=sum(widths))
 
 
-def _centred(first: int, *blocks: np.ndarray, adapters: Sequence[Adapter],
+def _centred(first: int, blocks: list[np.ndarray], *after: Any, adapters: Sequence[Adapter],
              means: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The rows of one datapoint chunk of every side in float64, less the side's mean: [(rows, featuresₗ)]."""
+    """The rows of one datapoint chunk of every side in float64, less the side's mean: [(rows, featuresₗ)].
+    ``after``: what the task waits for (``_in_turn()``), unused."""
     return [_centred_side(first, block, adapter, mean) for block, adapter, mean in zip(blocks, adapters, means)]
 
 
@@ -218,7 +219,7 @@ def _centred_side(first: int, block: np.ndarray, adapter: Adapter, mean: np.ndar
 
 
 def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int, blocks_j: list[np.ndarray] | None,
-               held_j: list[np.ndarray] | None, *, adapters: Sequence[Adapter],
+               held_j: list[np.ndarray] | None, *after: Any, adapters: Sequence[Adapter],
                means: Sequence[np.ndarray]) -> np.ndarray:
     """Σᵢ weightᵢ · ⟨K̃ₗ, K̃ₘ⟩ for every pair of sides l, m, with K̃ₗ = X̃ₗ,ᵢ X̃ₗ,ⱼᵀ the centred Gram block of
     datapoint chunk i of the band (``band``: centred rows per chunk, per side) and chunk j (``held_j``, a chunk
@@ -257,7 +258,7 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
     held_name, part_name, sum_name = (f"chunkcca-gram-{what}-{token}" for what in ("band", "part", "sum"))
     layer: dict[Any, Any] = {}
     for i in band:
-        layer[(held_name, i)] = (partial(_centred, **context), firsts[i], *(keys[i] for keys in block_keys))
+        layer[(held_name, i)] = (partial(_centred, **context), firsts[i], [keys[i] for keys in block_keys])
     parts: list[Any] = []
     for j in range(band.start, len(chunks)):
         inside = j - band.start if j < band.stop else None
@@ -267,15 +268,85 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
         layer[(part_name, j)] = (partial(_gram_band, **context), [(held_name, i) for i in within], weights,
                                  firsts[j], blocks_j, None if inside is None else (held_name, j))
         parts.append((part_name, j))
-    tasks = [(held_name, i) for i in band] + list(parts)
+    return _summed_in_turn(layer, [(held_name, i) for i in band] + list(parts), parts, sum_name, sides,
+                           width=max(1, threads), split_every=split_every)
+
+
+def _summed_in_turn(layer: dict[Any, Any], tasks: list[Any], parts: list[Any], sum_name: str,
+                    arrays: Sequence[da.Array], *, width: int, split_every: int) -> Delayed:
+    """The graph ``layer`` over ``arrays`` as one lazy sum of ``parts`` (a tree, ``split_every`` at a time, to
+    the key ``sum_name``), its independent ``tasks`` at most ``width`` at a time (``_in_turn()``), their reads
+    inside them (``_reads_inside()``)."""
+    _in_turn(layer, tasks, width)
     level = 0
-    while len(parts) > split_every:  # a tree of sums, split_every at a time, to the one named sum_name
+    while len(parts) > split_every:
         starts = range(0, len(parts), split_every)
         layer.update({(sum_name, level, k): (sum, parts[k : k + split_every]) for k in starts})
         parts, level = [(sum_name, level, k) for k in starts], level + 1
     layer[sum_name] = (sum, parts)
-    graph = HighLevelGraph.from_collections(sum_name, layer, dependencies=sides)
-    return Delayed(sum_name, _reads_inside(graph, tasks, max(1, threads)))
+    graph = HighLevelGraph.from_collections(sum_name, layer, dependencies=arrays)
+    return Delayed(sum_name, _reads_inside(graph, tasks, width))
+
+
+def _layer_minibatches(first_datapoint: int, block: np.ndarray, mask: np.ndarray | None, *after: Any,
+                       adapter: Adapter, size: int, name: str) -> tuple[list[Hollow], int]:
+    """One layer's chunk of whole minibatches → the hollowed Gram matrix of each (one minibatch in float64 at a
+    time) and its rows; a row holding NaN or Inf (those after the last whole minibatch too) raises, naming the
+    layer. ``after``: what the task waits for (``minibatch_layers_graph()``), unused."""
+    pin_blas()
+    (mask,) = _side_masks([mask], [adapter], [name], first_datapoint)
+    with np.errstate(invalid="ignore"):
+        rows = adapter.block_rows(block, first_datapoint, mask)
+    finite_rows([rows], nan_policy="raise", names=[name], first_datapoint=first_datapoint,
+                datapoints=block.shape[0])
+    check_boundary(adapter.row_count(first_datapoint), size, first_datapoint)
+    return [minibatch_gram(rows, batch, size) for batch in range(rows.shape[0] // size)], rows.shape[0]
+
+
+def _minibatch_hsic(layers: list[tuple[list[Hollow], int]], *, size: int) -> np.ndarray:
+    """[Σ HSIC(Kₗ, Kₘ) of every pair (L²), minibatches, rows left over] of one chunk from its layers' Gram
+    matrices, (L² + 2,)."""
+    batches, rows = len(layers[0][0]), layers[0][1]
+    hsic = sum((pair_hsic([grams[batch] for grams, _ in layers]) for batch in range(batches)),
+               np.zeros((len(layers), len(layers))))
+    return np.concatenate([hsic.ravel(), [batches, rows - batches * size]])
+
+
+def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array | None],
+                           adapters: Sequence[Adapter], chunks: Sequence[int], *, size: int, names: Sequence[str],
+                           tasks: int, split_every: int) -> Delayed:
+    """The lazy sums [Σ HSIC(Kₗ, Kₘ) of every pair (L²), minibatches, rows left over] (L² + 2,) over
+    minibatches of ``size`` rows, for rows of one per datapoint: one task per layer and datapoint chunk of
+    ``chunks`` (whole minibatches) makes that layer's Gram matrices, reading only it, and one per chunk their
+    pairs' HSIC, so a task holds one layer's chunk, not every layer's. The layer tasks of chunk c wait for the
+    HSIC of chunk c − window (window = ⌈tasks / L⌉ + 1 chunks of Gram matrices held at most); their reads
+    are inside them, a store chunk several share gated (``_reads_inside()``)."""
+    chunks = tuple(chunks)
+
+    def whole(array: da.Array) -> da.Array:
+        return array.rechunk({0: chunks, **{axis: -1 for axis in range(1, array.ndim)}})
+
+    keys = [list(flatten(whole(side).__dask_keys__())) for side in sides]
+    mask_keys = [None if mask is None else list(flatten(whole(mask).__dask_keys__())) for mask in masks]
+    arrays = [whole(side) for side in sides] + [whole(mask) for mask in masks if mask is not None]
+    firsts = [int(first) for first in np.cumsum((0, *chunks))[:-1]]
+    token = tokenize([array.name for array in arrays], tuple(adapters), chunks, size, tuple(names), tasks,
+                     split_every)
+    grams_name, part_name, sum_name = (f"chunkcca-minibatch-{what}-{token}" for what in ("grams", "part", "sum"))
+    window = -(-tasks // len(sides)) + 1
+    layer: dict[Any, Any] = {}
+    layer_tasks: list[Any] = []
+    for c, first in enumerate(firsts):
+        after = [(part_name, c - window)] if c >= window else []
+        for index, (adapter, name) in enumerate(zip(adapters, names)):
+            mask = None if mask_keys[index] is None else mask_keys[index][c]
+            layer[(grams_name, c, index)] = (partial(_layer_minibatches, adapter=adapter, size=size, name=name),
+                                             first, keys[index][c], mask, *after)
+            layer_tasks.append((grams_name, c, index))
+        layer[(part_name, c)] = (partial(_minibatch_hsic, size=size),
+                                 [(grams_name, c, index) for index in range(len(sides))])
+    return _summed_in_turn(layer, layer_tasks, [(part_name, c) for c in range(len(firsts))], sum_name, arrays,
+                           width=max(1, tasks), split_every=split_every)
 
 
 def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str], first_datapoint: int,
@@ -522,6 +593,16 @@ def _token(key: Any, what: str) -> Any:
 
 def _done(*done: Any) -> None:
     return None
+
+
+def _in_turn(layer: dict[Any, Any], tasks: Sequence[Any], width: int) -> None:
+    """Make each of ``tasks`` (task tuples in ``layer`` whose functions take a trailing ``*after``) wait for the
+    one ``width`` before it to be done (a token, not its result), so that at most ``width`` run at once
+    whatever the size of the pool: chained folds are so by their accumulators, independent tasks are not."""
+    for index in range(width, len(tasks)):
+        turn = _token(tasks[index - width], "turn")
+        layer[turn] = (_done, tasks[index - width])
+        layer[tasks[index]] = (*layer[tasks[index]], turn)
 
 
 def _first(value: Any, gate: None) -> Any:

@@ -3,15 +3,17 @@
 The rows (after the spatial adapter and stride) are cut into consecutive minibatches of ``size``
 rows in their global order; each minibatch gives the unbiased HSIC (Song et al. 2012) of the
 linear Gram matrices K = X Xᵀ and L = Y Yᵀ; CKA = Σ HSIC(K, L) / sqrt(Σ HSIC(K, K) Σ HSIC(L, L)).
-Memory per task is O(chunk + L · size²) for L layers, whatever the channels. Chunks are realigned so that no
-minibatch straddles two of them (the result does not depend on the chunking); the rows after the
-last whole minibatch are left out and counted.
+Memory per task is O(chunk + L · size²) for L layers, whatever the channels, when a task takes a chunk of every
+layer (``minibatch_partial``), or O(one layer's chunk + its Gram matrices) when it takes one layer's
+(``minibatch_gram`` then ``pair_hsic`` per chunk; ``passes.minibatch_pass`` takes whichever holds less). Chunks
+are realigned so that no minibatch straddles two of them (the result does not depend on the chunking); the
+rows after the last whole minibatch are left out and counted.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -31,27 +33,41 @@ def _hsic(k: tuple[np.ndarray, np.ndarray, float], l_: tuple[np.ndarray, np.ndar
     return (trace + total_k * total_l / ((m - 1) * (m - 2)) - 2 * float(rows_k @ rows_l) / (m - 2)) / (m * (m - 3))
 
 
+Hollow = tuple[np.ndarray, np.ndarray, float]
+
+
+def minibatch_gram(rows: np.ndarray, batch: int, size: int) -> Hollow:
+    """The hollowed Gram matrix (``_hollow()``) of minibatch ``batch`` of ``rows`` (rows, p), in float64."""
+    minibatch = np.asarray(rows[batch * size : (batch + 1) * size], dtype=np.float64)
+    return _hollow(minibatch @ minibatch.T)
+
+
+def pair_hsic(grams: Sequence[Hollow]) -> np.ndarray:
+    """HSIC(Kₗ, Kₘ) of every pair of one minibatch's hollowed Gram matrices, (L, L), symmetric."""
+    sides = len(grams)
+    hsic = np.zeros((sides, sides))
+    for left in range(sides):
+        for right in range(left, sides):
+            hsic[left, right] = hsic[right, left] = _hsic(grams[left], grams[right])
+    return hsic
+
+
+def check_boundary(first_row: int, size: int, first_datapoint: int) -> None:
+    """Refuse a chunk whose first row (global) does not start a minibatch."""
+    if first_row % size:
+        raise RuntimeError(f"chunk starting at datapoint {first_datapoint} splits a minibatch of {size} rows")
+
+
 def minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int,
                       rows_before: Callable[[int], int]) -> np.ndarray:
     """[Σ HSIC(Kₗ, Kₘ) for every pair of the L sides, row-major (L × L, symmetric), minibatches, rows left over]
     of one chunk, (1, L² + 2); ``rows_before(d)`` counts the rows of the datapoints before d (the adapter's
     ``row_count``)."""
-    first_row = rows_before(first_datapoint)
-    if first_row % size:
-        raise RuntimeError(f"chunk starting at datapoint {first_datapoint} splits a minibatch of {size} rows")
-    sides = len(rows)
+    check_boundary(rows_before(first_datapoint), size, first_datapoint)
     count = rows[0].shape[0] // size
-    hsic = np.zeros((sides, sides))
-    for batch in range(count):  # one minibatch at a time: memory O(L · size²), whatever the chunk
-        grams = []
-        for side in rows:  # one side's minibatch in float64 at a time
-            minibatch = np.asarray(side[batch * size : (batch + 1) * size], dtype=np.float64)
-            grams.append(_hollow(minibatch @ minibatch.T))
-            del minibatch
-        for left in range(sides):
-            for right in range(left, sides):
-                hsic[left, right] += _hsic(grams[left], grams[right])
-    hsic = np.triu(hsic) + np.triu(hsic, 1).T
+    hsic = np.zeros((len(rows), len(rows)))
+    for batch in range(count):  # one minibatch at a time (one side's in float64 at a time): O(L · size²)
+        hsic += pair_hsic([minibatch_gram(side, batch, size) for side in rows])
     return np.concatenate([hsic.ravel(), [count, rows[0].shape[0] - count * size]])[None]
 
 

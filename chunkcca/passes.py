@@ -33,6 +33,7 @@ from .engine import (
     grouped,
     held_store_bytes,
     means_reduction,
+    minibatch_layers_graph,
     minibatch_reduction,
     moments_reduction,
     pass_bytes,
@@ -317,37 +318,75 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
                    options: StreamOptions) -> np.ndarray:
     """[Σ HSIC(Kₗ, Kₘ) of every pair, row-major (L²), minibatches, rows left over] over consecutive minibatches
     of ``size`` rows of aligned layers (see ``chunkcca.minibatch``), in one pass over chunks of whole
-    minibatches: near the first layer's chunk, halved while one chain (a chunk of every layer, joined from or
-    cut out of its store chunks) is over ``options.memory_limit``, in as many chains as fit. A clear error,
-    before anything is read, if a chunk of one minibatch is over it."""
-    widest = max(int(np.prod(layer.shape[1:])) if by_gram(options.spatial) else layer.sizes["channel"]
-                 for layer in layers)  # a row: a datapoint's whole map, or its channels
-    reduction = minibatch_reduction(adapters, size, widest)
+    minibatches, near the first layer's chunk and halved while ``options.memory_limit`` cannot hold one task.
+
+    Where that holds less (wide layers of one row per datapoint: avgpool, first, last, features), a task reads
+    one layer's chunk and makes its Gram matrices, and one per chunk takes every pair's HSIC
+    (``engine.minibatch_layers_graph``), as many such tasks at once as fit (``minibatch_layer_bytes``); else
+    (narrow layers, whose Gram matrices of a chunk would outweigh it, or rows of many positions a datapoint)
+    a chunk of every layer is folded at a time (``engine.minibatch_reduction``), in as many chains as fit. A
+    clear error, before anything is read, if a chunk of one minibatch does not fit."""
+    widths = [int(np.prod(layer.shape[1:])) if by_gram(options.spatial) else layer.sizes["channel"]
+              for layer in layers]  # a row: a datapoint's whole map, or its channels
+    reduction = minibatch_reduction(adapters, size, max(widths))
+    by_layer = adapters[0].rows_per_datapoint == 1
     names = tuple(str(layer.name) for layer in layers)
     limit, stored = int(options.memory_limit), [layer.data.chunks for layer in layers]
+
+    def holds(chunks: tuple[int, ...], tasks: int, by_layer: bool) -> int:
+        if by_layer:
+            return minibatch_layer_bytes(layers, widths, chunks, size, tasks)
+        return pass_bytes([layer.data.rechunk({0: chunks}) for layer in layers], adapters, reduction, tasks,
+                          stored=stored)
+
     chunk, previous = max(layers[0].data.chunks[0]), None
     while True:
         chunks = aligned_chunks(layers[0].sizes["datapoint"], chunk, size=size,
                                 rows_per_datapoint=adapters[0].rows_per_datapoint, stride=options.stride)
-        sides = [layer.data.rechunk({0: chunks}) for layer in layers]
-        one = pass_bytes(sides, adapters, reduction, 1, stored=stored)
-        if one <= limit:
+        # a layer at a time where that holds less (wide layers), else a chunk of every layer at a time
+        by_layer = adapters[0].rows_per_datapoint == 1 and holds(chunks, 1, True) < holds(chunks, 1, False)
+        if (one := holds(chunks, 1, by_layer)) <= limit:
             break
         if chunks == previous:  # one minibatch a chunk
-            raise ValueError(f"minibatch CKA of {', '.join(map(repr, names))}: reading {max(chunks)} datapoints "
-                             f"(whole minibatches of {size} rows) of every layer at a time, with the store chunks "
-                             f"they lie in, holds {format_bytes(one)}, over memory_limit={format_bytes(limit)}; "
-                             f"raise memory_limit, compare fewer layers, or take smaller minibatches")
+            what = "one layer's chunk" if by_layer else "a chunk of every layer"
+            raise ValueError(f"minibatch CKA of {', '.join(map(repr, names))}: {what} of {max(chunks)} datapoints "
+                             f"(whole minibatches of {size} rows) read at a time, with the store chunks it lies in, "
+                             f"holds {format_bytes(one)}, over memory_limit={format_bytes(limit)}; raise "
+                             f"memory_limit, compare fewer layers, or take smaller minibatches")
         chunk, previous = max(chunks) // 2, chunks
     _warn_small_chunks(layers)
     check_complete(layers)
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
-    chains = affordable_chains(reduction, sides, adapters, limit, stored=stored)
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
-        result = run(sides, adapters, reduction, chains=chains, scheduler=scheduler, progress=label,
-                     nan_policy=options.nan_policy, names=names, masks=_masks(layers))
+        if by_layer:
+            tasks = max(t for t in range(1, scheduler_threads(scheduler) + 1) if holds(chunks, t, True) <= limit)
+            graph = minibatch_layers_graph([layer.data for layer in layers], _masks(layers), adapters, chunks,
+                                           size=size, names=names, tasks=tasks, split_every=options.split_every)
+            (result,) = compute(graph, scheduler=scheduler, threads=tasks, progress=label)
+        else:
+            sides = [layer.data.rechunk({0: chunks}) for layer in layers]
+            result = run(sides, adapters, reduction, scheduler=scheduler, progress=label,
+                         chains=affordable_chains(reduction, sides, adapters, limit, stored=stored),
+                         nan_policy=options.nan_policy, names=names, masks=_masks(layers))
     check_unchanged(layers)
     return result
+
+
+def minibatch_layer_bytes(layers: Sequence[xr.DataArray], widths: Sequence[int], chunks: Sequence[int], size: int,
+                          tasks: int) -> int:
+    """Bytes ``engine.minibatch_layers_graph`` over datapoint ``chunks`` (one row each, ``widths`` wide) holds at
+    most with ``tasks`` tasks at once. Each task: the store chunks its layer's chunk lies in, that chunk (cut or
+    joined from them) and its rows, one minibatch in float64, its Gram matrix and product. Between tasks: per
+    layer stored in other chunks, the two store chunks that straddle its chunks' ends; the Gram matrices of the
+    chunks in work and waiting for their HSIC (``window`` + 1 chunks of every layer's)."""
+    largest, gram = max(chunks), size * size * 8
+    window = -(-tasks // len(layers)) + 1
+    per_task = max(held_store_bytes(layer.data, layer.data.chunks, chunks, largest, 1)
+                   + 2 * largest * int(np.prod(layer.shape[1:])) * layer.dtype.itemsize + size * width * 8
+                   for layer, width in zip(layers, widths)) + 2 * gram
+    straddling = sum(held_store_bytes(layer.data, layer.data.chunks, chunks, 1, 1) for layer in layers)
+    grams = (window + 1) * len(layers) * (largest // size + 1) * gram
+    return tasks * per_task + straddling + grams
 
 
 #: A layer is read in chunks too small to stream well when it has more chunks than this of less than

@@ -5,6 +5,7 @@ in-memory float64 n × n Gram references."""
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import dask
 import dask.array as da
@@ -257,68 +258,166 @@ def test_covariance_measures_refuse_features_and_say_why():
         compare(x, y, spatial="features", measures=["cka", "pwcca"])
 
 
-@pytest.mark.parametrize("chains", [1, 2])
-@pytest.mark.parametrize("case", ["coarse b", "by channels", "100s by channels", "stride"])
-def test_memory_limit_bounds_minibatch_cka(case, chains):
+def _minibatch_run(layers: list[xr.DataArray], stride: int, memory_limit: Any) -> xr.Dataset:
+    """Minibatch CKA of minibatches of 100 rows of whole maps: of the pair for two layers, else of every pair of
+    the first two against the rest."""
+    options = {"spatial": "features", "minibatch": 100, "stride": stride, "memory_limit": memory_limit}
+    if len(layers) == 2:
+        return cka(*layers, **options)
+    return similarity({layer.name: layer for layer in layers[:2]}, {layer.name: layer for layer in layers[2:]},
+                      measures=["cka"], **options)
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+@pytest.mark.parametrize("case", ["coarse b", "by channels", "100s by channels", "stride", "five layers"])
+def test_memory_limit_bounds_minibatch_cka(case, tasks, monkeypatch):
     """The arrays a minibatch CKA run allocates (traced: chunks joined from or cut out of store chunks, the
-    float64 minibatch, its Gram matrices) stay within memory_limit set to what ``pass_bytes`` says one chain
-    of the pass's chunks needs, or two, with 8 threads: b stored in chunks of 200 (cut), both chunked along
-    their channels too (joined) in chunks of 40 datapoints or of 100, or a stride of 2; chunks of 40 are joined
-    into minibatch chunks of 100 (200 for the stride). The result is an unbounded run's and the in-memory
-    reference's."""
+    float64 minibatch, its Gram matrices, those waiting for their HSIC) stay within memory_limit set to what
+    the run says one task needs (its refusal of a smaller limit states it), or twice that, with 8 threads: b
+    stored in chunks of 200 (cut), both chunked along their channels too (joined) in chunks of 40 datapoints or
+    of 100, a stride of 2, or five wide layers (a layer's chunk at a time: the five layers' chunks at once hold
+    more). The result is the in-memory reference's."""
+    import re
     import tracemalloc
 
-    from chunkcca.engine import minibatch_reduction, pass_bytes
-    from chunkcca.minibatch import aligned_chunks
-    from chunkcca.options import StreamOptions
-    from chunkcca.rows import plan_adapters
+    from dask.utils import parse_bytes
 
-    a, b, x, y = _wide_layers("equal" if case == "stride" else case)
+    from chunkcca import passes
+
+    graphs: list[str] = []  # which way the pass went: a layer's chunk or every layer's chunk a task
+    by_layer = passes.minibatch_layers_graph
+    monkeypatch.setattr(passes, "minibatch_layers_graph", lambda *args, **kwargs: graphs.append("layer") or
+                        by_layer(*args, **kwargs))
+    a, b, x, y = _wide_layers(case if case in CHUNKINGS else "equal")
+    layers, values = [a, b], [x, y]
+    if case == "five layers":
+        for name, scale in (("c", 2.0), ("d", -1.0), ("e", 0.5)):
+            layers.append(b.copy(data=b.data * scale).rename(name))
+            values.append(y * scale)
     stride = 2 if case == "stride" else 1
-    options = StreamOptions(spatial="features", stride=stride)
-    adapters = plan_adapters(a, b, options)
-    chunks = aligned_chunks(400, 40, size=100, rows_per_datapoint=1, stride=stride)
-    assert max(chunks) == 100 * stride
-    sides = [layer.data.rechunk({0: chunks}) for layer in (a, b)]
-    one = pass_bytes(sides, adapters, minibatch_reduction(adapters, 100, 4096), 1,
-                     stored=[a.data.chunks, b.data.chunks])
-    limit = pass_bytes(sides, adapters, minibatch_reduction(adapters, 100, 4096), chains,
-                       stored=[a.data.chunks, b.data.chunks])
-    with pytest.raises(ValueError, match=r"minibatch CKA of 'a', 'b': reading \d+ datapoints \(whole minibatches "
-                                         r"of 100 rows\) of every layer at a time, with the store chunks they lie in, "
-                                         r"holds .*, over memory_limit=.*; raise memory_limit"):
-        cka(a, b, spatial="features", minibatch=100, stride=stride, memory_limit=one - 1)
-    want = cka(a, b, spatial="features", minibatch=100, stride=stride, memory_limit="1GiB")
+    with pytest.raises(ValueError, match=r"minibatch CKA of 'a', 'b'.*: (one layer's chunk|a chunk of every layer) "
+                                         r"of \d+ datapoints \(whole minibatches of 100 rows\) read at a time, "
+                                         r"with the store chunks it lies in, holds (.*), over memory_limit=1 B; "
+                                         r"raise memory_limit") as refused:
+        _minibatch_run(layers, stride, 1)
+    one = parse_bytes(re.search(r"holds ([^,]+), over", str(refused.value)).group(1).replace(" ", ""))
+    limit = int(tasks * one * 1.01)  # its rounding in the message
     with dask.config.set(num_workers=8):
-        cka(a, b, spatial="features", minibatch=100, stride=stride, memory_limit=limit)  # imports untraced
+        _minibatch_run(layers, stride, limit)  # once untraced: what it first imports is not the run's
+        graphs.clear()
         tracemalloc.start()
         try:
-            got = cka(a, b, spatial="features", minibatch=100, stride=stride, memory_limit=limit)
+            got = _minibatch_run(layers, stride, limit)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
     assert peak <= limit, f"peak {peak} over memory_limit {limit}"
-    assert float(got["cka"]) == pytest.approx(float(want["cka"]), rel=1e-12)
-    reference = _minibatch_gram_cka(x[::stride].astype(float), y[::stride].astype(float), 100)
-    assert float(got["cka"]) == pytest.approx(reference, rel=1e-9)
+    assert graphs == (["layer"] if case == "five layers" else [])
+    values = [value[::stride].astype(np.float64) for value in values]
+    if len(layers) == 2:
+        assert float(got["cka"]) == pytest.approx(_minibatch_gram_cka(*values, 100), rel=1e-9)
+    else:
+        want = [[_minibatch_gram_cka(left, right, 100) for right in values[2:]] for left in values[:2]]
+        np.testing.assert_allclose(got["cka"].values, want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_minibatch_cka_a_layer_at_a_time_equals_every_layer_at_a_time(threads):
+    """The two ways of the minibatch pass (each taken by making the other's budget look unaffordable) give the
+    same sums and the in-memory reference's, in chunkings differing per layer, with padding masks (avgpool)."""
+    import unittest.mock
+
+    from chunkcca import passes
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((240, 6, 6, 40))
+    mask = rng.random((240, 6, 6)) < 0.8
+    mask[:, 0, 0] = True
+    layers = {name: xr.DataArray(x[..., : 40 - 5 * k] * (k + 1) + rng.standard_normal((240, 6, 6, 40 - 5 * k)),
+                                 dims=("datapoint", "height", "width", "channel"), name=name,
+                                 coords={"mask": (("datapoint", "height", "width"), mask)}
+                                 ).chunk({"datapoint": (7, 50, 100)[k % 3]})
+              for k, name in enumerate("abcde")}
+    first, rest = {n: layers[n] for n in "ab"}, {n: layers[n] for n in "cde"}
+    graphs: list[str] = []
+    by_layer = passes.minibatch_layers_graph
+    results = []
+    with dask.config.set(num_workers=threads), unittest.mock.patch.object(
+            passes, "minibatch_layers_graph", lambda *args, **kwargs: graphs.append("layer") or by_layer(*args,
+                                                                                                        **kwargs)):
+        for layer_bytes in (1, 2**62):  # a layer's chunk a task; every layer's chunk a task
+            with unittest.mock.patch.object(passes, "minibatch_layer_bytes", lambda *args, b=layer_bytes: b):
+                results.append(similarity(first, rest, measures=["cka"], spatial="avgpool", minibatch=30))
+    assert graphs == ["layer"]
+    np.testing.assert_allclose(results[0]["cka"].values, results[1]["cka"].values, rtol=1e-12)
+    rest["d"] = rest["d"].copy(deep=True)
+    rest["d"][235, 0, 0, 0] = np.nan  # a real position: its mean is NaN
+    with unittest.mock.patch.object(passes, "minibatch_layer_bytes", lambda *args: 1), \
+            pytest.raises(ValueError, match="layer 'd' holds NaN or Inf in the chunk of datapoints 210 to 239"):
+        similarity(first, rest, measures=["cka"], spatial="avgpool", minibatch=30)
+    pooled = {n: (np.where(mask[..., None], layers[n].values, 0).sum((1, 2)) / mask.sum((1, 2))[:, None])
+              for n in "abcde"}
+    want = [[_minibatch_gram_cka(pooled[left], pooled[right], 30) for right in "cde"] for left in "ab"]
+    np.testing.assert_allclose(results[0]["cka"].values, want, rtol=1e-9)
+    assert int(results[0]["minibatches"]) == int(results[1]["minibatches"]) == 8
+
+
+@pytest.mark.parametrize("work", ["_gram_band", "_layer_minibatches"])
+def test_no_more_tasks_work_at_once_than_planned_whatever_the_pool(work, monkeypatch):
+    """The Gram pass's tasks and the minibatch pass's layer tasks are independent of one another: on a pool of 8
+    threads, a plan of one task at a time (the Gram pass's forced, the minibatch pass's from a limit that
+    affords one) still runs one at a time (each waits for the one before it), as its memory budget assumes."""
+    import threading
+    import time
+
+    from chunkcca import engine, passes
+
+    lock, at_work, most = threading.Lock(), [0], [0]
+    original = getattr(engine, work)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            at_work[0] += 1
+            most[0] = max(most[0], at_work[0])
+        time.sleep(0.01)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                at_work[0] -= 1
+
+    monkeypatch.setattr(engine, work, counted)
+    a, b, x, y = _wide_layers("equal", n=200)
+    with dask.config.set(num_workers=8):
+        if work == "_gram_band":
+            monkeypatch.setattr(passes, "gram_plan", lambda layers, limit, threads: passes.GramPlan(
+                layers[0].data.chunks[0], 2, 1))
+            got = cka(a, b, spatial="features")
+            assert float(got["cka"]) == pytest.approx(_gram_cka(x.astype(float), y.astype(float)), rel=1e-9)
+        else:
+            layers = [a, b] + [b.copy(data=b.data * k).rename(name) for k, name in ((2.0, "c"), (3.0, "d"))]
+            monkeypatch.setattr(passes, "minibatch_layer_bytes", lambda layers, widths, chunks, size, tasks: tasks)
+            _minibatch_run(layers, 1, 1)  # affords one task, and the layer way (patched to cost 1 a task)
+    assert most[0] == 1
 
 
 def test_minibatch_cka_reads_smaller_chunks_to_fit_memory_limit():
     """A first layer stored in one chunk of 400 datapoints: the pass halves its chunks of whole minibatches (400,
-    200, 100) until one chain fits memory_limit, rather than refusing, and the result is unchanged."""
-    from chunkcca.engine import minibatch_reduction, pass_bytes
-    from chunkcca.options import StreamOptions
-    from chunkcca.rows import plan_adapters
-
+    200, 100) until one task fits memory_limit, rather than refusing, and the result is unchanged."""
     a, b, x, y = _wide_layers("a in one chunk")
-    adapters = plan_adapters(a, b, StreamOptions(spatial="features"))
-    sides = [layer.data.rechunk({0: (100,) * 4}) for layer in (a, b)]
-    limit = pass_bytes(sides, adapters, minibatch_reduction(adapters, 100, 4096), 1,
-                       stored=[a.data.chunks, b.data.chunks])
-    got = cka(a, b, spatial="features", minibatch=100, memory_limit=limit)
+    with pytest.raises(ValueError, match=r"of 100 datapoints \(whole minibatches of 100 rows\) read at a time, "
+                                         r"with the store chunks it lies in, holds (.*), over memory_limit=1 B"
+                       ) as refused:
+        cka(a, b, spatial="features", minibatch=100, memory_limit=1)
+    import re
+
+    from dask.utils import parse_bytes
+
+    one = parse_bytes(re.search(r"holds ([^,]+), over", str(refused.value)).group(1).replace(" ", ""))
+    got = cka(a, b, spatial="features", minibatch=100, memory_limit=int(one * 1.01))
     assert float(got["cka"]) == pytest.approx(_minibatch_gram_cka(x.astype(float), y.astype(float), 100), rel=1e-9)
-    with pytest.raises(ValueError, match=r"reading 100 datapoints \(whole minibatches of 100 rows\)"):
-        cka(a, b, spatial="features", minibatch=100, memory_limit=limit - 1)
+    with pytest.raises(ValueError, match=r"of 100 datapoints \(whole minibatches of 100 rows\)"):
+        cka(a, b, spatial="features", minibatch=100, memory_limit=int(one * 0.99))
 
 
 def test_minibatch_feature_cka_of_every_pair_of_a_sweep_in_one_pass():
