@@ -277,7 +277,7 @@ def _summed_in_turn(layer: dict[Any, Any], tasks: list[Any], parts: list[Any], s
     """The graph ``layer`` over ``arrays`` as one lazy sum of ``parts`` (a tree, ``split_every`` at a time, to
     the key ``sum_name``), its independent ``tasks`` at most ``width`` at a time (``_in_turn()``), their reads
     inside them (``_reads_inside()``)."""
-    _in_turn(layer, tasks, width)
+    kept = [*_in_turn(layer, tasks, width), *parts]  # tokens and parts a task waits for: not its reads
     level = 0
     while len(parts) > split_every:
         starts = range(0, len(parts), split_every)
@@ -285,7 +285,7 @@ def _summed_in_turn(layer: dict[Any, Any], tasks: list[Any], parts: list[Any], s
         parts, level = [(sum_name, level, k) for k in starts], level + 1
     layer[sum_name] = (sum, parts)
     graph = HighLevelGraph.from_collections(sum_name, layer, dependencies=arrays)
-    return Delayed(sum_name, _reads_inside(graph, tasks, width))
+    return Delayed(sum_name, _reads_inside(graph, tasks, width, kept=kept))
 
 
 def _layer_minibatches(first_datapoint: int, block: np.ndarray, mask: np.ndarray | None, *after: Any,
@@ -297,7 +297,7 @@ def _layer_minibatches(first_datapoint: int, block: np.ndarray, mask: np.ndarray
     (mask,) = _side_masks([mask], [adapter], [name], first_datapoint)
     with np.errstate(invalid="ignore"):
         rows = adapter.block_rows(block, first_datapoint, mask)
-    finite_rows([rows], nan_policy="raise", names=[name], first_datapoint=first_datapoint,
+    finite_rows([rows], nan_policy="refuse", names=[name], first_datapoint=first_datapoint,
                 datapoints=block.shape[0])
     check_boundary(adapter.row_count(first_datapoint), size, first_datapoint)
     return [minibatch_gram(rows, batch, size) for batch in range(rows.shape[0] // size)], rows.shape[0]
@@ -353,15 +353,17 @@ def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str]
                 datapoints: int) -> list[np.ndarray]:
     """Check one chunk's rows for NaN/Inf: raise naming the layer and datapoints, or omit those rows from every side.
 
-    A row is omitted when any side's row (at any frequency, for dft) holds a non-finite value.
+    A row is omitted when any side's row (at any frequency, for dft) holds a non-finite value. ``nan_policy``:
+    "raise", "omit", or "refuse" (raise, for passes that cannot leave rows out: minibatches, whole maps).
     """
     finite = [np.isfinite(side).all(axis=tuple(i for i in range(side.ndim) if i != side.ndim - 2)) for side in rows]
     if all(mask.all() for mask in finite):
         return rows
-    if nan_policy == "raise":
+    if nan_policy in ("raise", "refuse"):
         name = next(n for n, mask in zip(names, finite) if not mask.all())
+        hint = "; pass nan_policy='omit' to leave such rows out" if nan_policy == "raise" else ""
         raise NonFiniteError(f"layer {name!r} holds NaN or Inf in the chunk of datapoints {first_datapoint} to "
-                             f"{first_datapoint + datapoints - 1}; pass nan_policy='omit' to leave such rows out")
+                             f"{first_datapoint + datapoints - 1}{hint}")
     keep = np.logical_and.reduce(finite)
     return [side[..., keep, :] for side in rows]
 
@@ -532,7 +534,8 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
                                              ahead))
 
 
-def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahead: int = 0) -> dict[Any, GraphNode]:
+def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahead: int = 0,
+                  kept: Sequence[Any] = ()) -> dict[Any, GraphNode]:
     """The graph with the reads of each of ``tasks`` (the chunks' folds, dealt in turn to ``chains`` chains)
     held back until the chain that folds them is at most ``ahead`` folds from them. Left free, reads are ready
     from the start and a scheduler runs them ahead, holding every chunk read until its chain takes it.
@@ -546,7 +549,7 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahea
     for the first fold that needs it.
     """
     dsk = convert_legacy_graph(dict(graph))
-    kept = set(tasks)
+    kept = {*tasks, *kept}  # not reads: neither fused into the tasks nor gated
     if not ahead:
         dependents = reverse_dict({key: node.dependencies for key, node in dsk.items()})
         for key in tasks:
@@ -584,10 +587,10 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahea
 
 
 def _token(key: Any, what: str) -> Any:
-    """The key of a gate token for task ``key``: ``(f"{name}-{what}", index)`` for a (name, index) key, else
+    """The key of a gate token for task ``key``: ``(f"{name}-{what}", *index)`` for a (name, *index) key, else
     ``f"{key}-{what}"``."""
-    if isinstance(key, tuple) and len(key) == 2:
-        return (f"{key[0]}-{what}", key[1])
+    if isinstance(key, tuple) and key:
+        return (f"{key[0]}-{what}", *key[1:])
     return f"{key}-{what}"
 
 
@@ -595,14 +598,17 @@ def _done(*done: Any) -> None:
     return None
 
 
-def _in_turn(layer: dict[Any, Any], tasks: Sequence[Any], width: int) -> None:
+def _in_turn(layer: dict[Any, Any], tasks: Sequence[Any], width: int) -> list[Any]:
     """Make each of ``tasks`` (task tuples in ``layer`` whose functions take a trailing ``*after``) wait for the
     one ``width`` before it to be done (a token, not its result), so that at most ``width`` run at once
-    whatever the size of the pool: chained folds are so by their accumulators, independent tasks are not."""
+    whatever the size of the pool: chained folds are so by their accumulators, independent tasks are not.
+    Returns the tokens' keys (to be kept apart from the tasks, so that no result is held for them)."""
+    turns = []
     for index in range(width, len(tasks)):
-        turn = _token(tasks[index - width], "turn")
+        turns.append(turn := _token(tasks[index - width], "turn"))
         layer[turn] = (_done, tasks[index - width])
         layer[tasks[index]] = (*layer[tasks[index]], turn)
+    return turns
 
 
 def _first(value: Any, gate: None) -> Any:

@@ -335,7 +335,8 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
 
     def holds(chunks: tuple[int, ...], tasks: int, by_layer: bool) -> int:
         if by_layer:
-            return minibatch_layer_bytes(layers, widths, chunks, size, tasks)
+            batches = -(-adapters[0].row_count(max(chunks)) // size)  # at most, in a chunk
+            return minibatch_layer_bytes(layers, widths, chunks, size, batches, tasks)
         return pass_bytes([layer.data.rechunk({0: chunks}) for layer in layers], adapters, reduction, tasks,
                           stored=stored)
 
@@ -367,25 +368,26 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
             sides = [layer.data.rechunk({0: chunks}) for layer in layers]
             result = run(sides, adapters, reduction, scheduler=scheduler, progress=label,
                          chains=affordable_chains(reduction, sides, adapters, limit, stored=stored),
-                         nan_policy=options.nan_policy, names=names, masks=_masks(layers))
+                         nan_policy="refuse", names=names, masks=_masks(layers))
     check_unchanged(layers)
     return result
 
 
 def minibatch_layer_bytes(layers: Sequence[xr.DataArray], widths: Sequence[int], chunks: Sequence[int], size: int,
-                          tasks: int) -> int:
-    """Bytes ``engine.minibatch_layers_graph`` over datapoint ``chunks`` (one row each, ``widths`` wide) holds at
-    most with ``tasks`` tasks at once. Each task: the store chunks its layer's chunk lies in, that chunk (cut or
-    joined from them) and its rows, one minibatch in float64, its Gram matrix and product. Between tasks: per
-    layer stored in other chunks, the two store chunks that straddle its chunks' ends; the Gram matrices of the
-    chunks in work and waiting for their HSIC (``window`` + 1 chunks of every layer's)."""
+                          batches: int, tasks: int) -> int:
+    """Bytes ``engine.minibatch_layers_graph`` over datapoint ``chunks`` (one row each, ``widths`` wide, at most
+    ``batches`` minibatches of ``size`` rows a chunk) holds at most with ``tasks`` tasks at once. Each task:
+    the store chunks its layer's chunk lies in, that chunk (cut or joined from them) and its rows, one
+    minibatch in float64, its Gram matrix and product. Between tasks: per layer stored in other chunks, the
+    two store chunks that straddle its chunks' ends; the Gram matrices of the chunks in work and waiting for
+    their HSIC (``window`` + 1 chunks of every layer's)."""
     largest, gram = max(chunks), size * size * 8
     window = -(-tasks // len(layers)) + 1
     per_task = max(held_store_bytes(layer.data, layer.data.chunks, chunks, largest, 1)
                    + 2 * largest * int(np.prod(layer.shape[1:])) * layer.dtype.itemsize + size * width * 8
                    for layer, width in zip(layers, widths)) + 2 * gram
     straddling = sum(held_store_bytes(layer.data, layer.data.chunks, chunks, 1, 1) for layer in layers)
-    grams = (window + 1) * len(layers) * (largest // size + 1) * gram
+    grams = (window + 1) * len(layers) * batches * gram
     return tasks * per_task + straddling + grams
 
 
@@ -423,7 +425,7 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
         plan = gram_plan(layers, int(options.memory_limit), scheduler_threads(scheduler))  # refuses before reading
         means = run(data, adapters, means_reduction(widths), scheduler=scheduler,
-                    progress=None if label is None else f"{label} (means)", nan_policy="raise", names=names)
+                    progress=None if label is None else f"{label} (means)", nan_policy="refuse", names=names)
         bands = range(0, len(plan.chunks), plan.band)
         sums = np.zeros((len(layers), len(layers)))
         for number, start in enumerate(bands, 1):

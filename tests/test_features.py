@@ -396,9 +396,72 @@ def test_no_more_tasks_work_at_once_than_planned_whatever_the_pool(work, monkeyp
             assert float(got["cka"]) == pytest.approx(_gram_cka(x.astype(float), y.astype(float)), rel=1e-9)
         else:
             layers = [a, b] + [b.copy(data=b.data * k).rename(name) for k, name in ((2.0, "c"), (3.0, "d"))]
-            monkeypatch.setattr(passes, "minibatch_layer_bytes", lambda layers, widths, chunks, size, tasks: tasks)
+            monkeypatch.setattr(passes, "minibatch_layer_bytes", lambda *args: args[-1])  # tasks
             _minibatch_run(layers, 1, 1)  # affords one task, and the layer way (patched to cost 1 a task)
     assert most[0] == 1
+
+
+@pytest.mark.parametrize("tasks", [2, 8])
+def test_minibatch_gram_matrices_held_stay_within_the_window(tasks, monkeypatch):
+    """A layer at a time, the Gram matrices of at most window + 1 chunks (window = ⌈tasks / layers⌉ + 1) of
+    every layer are alive at once (watched by weak references), whatever the number of chunks: here 48 chunks
+    of two layers, two or eight tasks at once on a pool of 8 threads, layer tasks of uneven lengths. Left free,
+    the HSIC tasks fall behind and every chunk's Gram matrices pile up; a task's turn token fused into the task
+    ``tasks`` later held its result until that one started."""
+    import threading
+    import time
+    import weakref
+
+    from chunkcca import engine, passes
+
+    lock, alive, most = threading.Lock(), [0], [0]
+    layer_task = engine._layer_minibatches
+    jitter = np.random.default_rng(12)
+
+    def gone() -> None:
+        with lock:
+            alive[0] -= 1
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(float(jitter.uniform(0, 0.004)))
+        grams, rows = layer_task(*args, **kwargs)
+        with lock:
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+        weakref.finalize(grams[0][0], gone)  # the chunk's first Gram matrix, freed with the rest
+        return grams, rows
+
+    monkeypatch.setattr(engine, "_layer_minibatches", watched)
+    monkeypatch.setattr(passes, "minibatch_layer_bytes", lambda *args: args[-1])  # a limit of n affords n tasks
+    x, y = _maps(13, n=480)
+    with dask.config.set(num_workers=8):
+        got = cka(da.from_array(x, chunks=10), da.from_array(y, chunks=10), spatial="features", minibatch=10,
+                  memory_limit=tasks)
+    assert float(got["cka"]) == pytest.approx(_minibatch_gram_cka(x, y, 10), rel=1e-10)
+    window = -(-tasks // 2) + 1
+    assert most[0] <= (window + 1) * 2, most[0]
+
+
+def test_minibatch_cka_a_layer_at_a_time_counts_and_checks_the_rows_left_over(monkeypatch):
+    """233 datapoints in minibatches of 30: 7 minibatches and 23 rows left out, as in memory; a NaN in a row left
+    out still raises, naming the layer; a chunk that would split a minibatch is refused."""
+    from chunkcca import engine, passes
+    from chunkcca.options import StreamOptions
+    from chunkcca.rows import plan_adapters
+
+    monkeypatch.setattr(passes, "minibatch_layer_bytes", lambda *args: 1)  # a layer at a time
+    x, y = _maps(14, n=233)
+    got = cka(da.from_array(x, chunks=50), y, spatial="features", minibatch=30)
+    assert (int(got["minibatches"]), int(got["rows_left_out"])) == (7, 23)
+    assert float(got["cka"]) == pytest.approx(_minibatch_gram_cka(x, y, 30), rel=1e-10)
+    y[225, 1, 1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"layer 'b' holds NaN or Inf in the chunk of datapoints 180 to 232$"):
+        cka(da.from_array(x, chunks=50), y, spatial="features", minibatch=30)
+    adapter = plan_adapters(xr.DataArray(x, dims=("datapoint", "height", "width", "channel")),
+                            xr.DataArray(x, dims=("datapoint", "height", "width", "channel")),
+                            StreamOptions(spatial="features"))[0]
+    with pytest.raises(RuntimeError, match="chunk starting at datapoint 15 splits a minibatch of 30 rows"):
+        engine._layer_minibatches(15, x[15:60], None, adapter=adapter, size=30, name="a")
 
 
 def test_minibatch_cka_reads_smaller_chunks_to_fit_memory_limit():
