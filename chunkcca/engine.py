@@ -34,7 +34,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .blas import one_thread, pin_blas
-from .minibatch import Hollow, check_boundary, minibatch_gram, minibatch_partial, pair_hsic
+from .minibatch import Hollow, check_boundary, chunk_hsic, minibatch_gram, minibatch_partial
 from .moments import RowCheck, fold_rows, merge_into, partial_from_rows, unpack
 from .options import READ_AHEAD, ProductPrecision, is_address
 from .progress import Progress
@@ -248,8 +248,7 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
     chunk is read once, inside the task that multiplies it with the whole band. A store chunk that several of
     these tasks share (a layer stored in other chunks) is read once and waits until the task ``threads`` before
     its first is done (see ``_reads_inside()``)."""
-    chunks = tuple(chunks)
-    sides = [side.rechunk({0: chunks, **{axis: -1 for axis in range(1, side.ndim)}}) for side in sides]
+    sides = [_in_chunks(side, chunks) for side in sides]
     block_keys = [list(flatten(side.__dask_keys__())) for side in sides]  # one block per datapoint chunk
     firsts = [int(first) for first in np.cumsum((0, *chunks))[:-1]]
     context = {"adapters": tuple(adapters), "means": tuple(means)}
@@ -306,10 +305,9 @@ def _layer_minibatches(first_datapoint: int, block: np.ndarray, mask: np.ndarray
 def _minibatch_hsic(layers: list[tuple[list[Hollow], int]], *, size: int) -> np.ndarray:
     """[Σ HSIC(Kₗ, Kₘ) of every pair (L²), minibatches, rows left over] of one chunk from its layers' Gram
     matrices, (L² + 2,)."""
-    batches, rows = len(layers[0][0]), layers[0][1]
-    hsic = sum((pair_hsic([grams[batch] for grams, _ in layers]) for batch in range(batches)),
-               np.zeros((len(layers), len(layers))))
-    return np.concatenate([hsic.ravel(), [batches, rows - batches * size]])
+    rows = layers[0][1]
+    return chunk_hsic(([grams[batch] for grams, _ in layers] for batch in range(rows // size)), len(layers), rows,
+                      size)
 
 
 def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array | None],
@@ -321,16 +319,13 @@ def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array |
     pairs' HSIC, so a task holds one layer's chunk, not every layer's. The layer tasks of chunk c wait for the
     HSIC of chunk c − window (window = ⌈tasks / L⌉ + 1 chunks of Gram matrices held at most); their reads
     are inside them, a store chunk several share gated (``_reads_inside()``)."""
-    chunks = tuple(chunks)
-
-    def whole(array: da.Array) -> da.Array:
-        return array.rechunk({0: chunks, **{axis: -1 for axis in range(1, array.ndim)}})
-
-    keys = [list(flatten(whole(side).__dask_keys__())) for side in sides]
-    mask_keys = [None if mask is None else list(flatten(whole(mask).__dask_keys__())) for mask in masks]
-    arrays = [whole(side) for side in sides] + [whole(mask) for mask in masks if mask is not None]
+    sides = [_in_chunks(side, chunks) for side in sides]
+    masks = [None if mask is None else _in_chunks(mask, chunks) for mask in masks]
+    keys = [list(flatten(side.__dask_keys__())) for side in sides]
+    mask_keys = [None if mask is None else list(flatten(mask.__dask_keys__())) for mask in masks]
+    arrays = [*sides, *(mask for mask in masks if mask is not None)]
     firsts = [int(first) for first in np.cumsum((0, *chunks))[:-1]]
-    token = tokenize([array.name for array in arrays], tuple(adapters), chunks, size, tuple(names), tasks,
+    token = tokenize([array.name for array in arrays], tuple(adapters), tuple(chunks), size, tuple(names), tasks,
                      split_every)
     grams_name, part_name, sum_name = (f"chunkcca-minibatch-{what}-{token}" for what in ("grams", "part", "sum"))
     window = -(-tasks // len(sides)) + 1
@@ -428,12 +423,14 @@ def aligned(sides: Sequence[da.Array], masks: Sequence[da.Array | None] = (),
     """The sides, masks and codes in common datapoint chunks, each whole along its other axes (a no-op for
     arrays already so)."""
     chunks = common_blockdim([side.chunks[0] for side in sides])
+    return ([_in_chunks(side, chunks) for side in sides],
+            [None if mask is None else _in_chunks(mask, chunks) for mask in masks],
+            None if codes is None else _in_chunks(codes, chunks))
 
-    def whole(array: da.Array) -> da.Array:
-        return array.rechunk((chunks, *((-1,) * (array.ndim - 1))))
 
-    return ([whole(side) for side in sides], [None if mask is None else whole(mask) for mask in masks],
-            None if codes is None else whole(codes))
+def _in_chunks(array: da.Array, chunks: Sequence[int]) -> da.Array:
+    """``array`` in datapoint ``chunks``, each whole along its other axes (a no-op for an array already so)."""
+    return array.rechunk((tuple(chunks), *((-1,) * (array.ndim - 1))))
 
 
 def held_store_bytes(array: da.Array, stored: tuple[tuple[int, ...], ...], chunks: Sequence[int], in_work: int,

@@ -5,7 +5,7 @@ rows in their global order; each minibatch gives the unbiased HSIC (Song et al. 
 linear Gram matrices K = X Xᵀ and L = Y Yᵀ; CKA = Σ HSIC(K, L) / sqrt(Σ HSIC(K, K) Σ HSIC(L, L)).
 Memory per task is O(chunk + L · size²) for L layers, whatever the channels, when a task takes a chunk of every
 layer (``minibatch_partial``), or O(one layer's chunk + its Gram matrices) when it takes one layer's
-(``minibatch_gram`` then ``pair_hsic`` per chunk; ``passes.minibatch_pass`` takes whichever holds less). Chunks
+(``minibatch_gram`` then ``chunk_hsic`` per chunk; ``passes.minibatch_pass`` takes whichever holds less). Chunks
 are realigned so that no minibatch straddles two of them (the result does not depend on the chunking); the
 rows after the last whole minibatch are left out and counted.
 """
@@ -13,7 +13,7 @@ rows after the last whole minibatch are left out and counted.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -65,10 +65,19 @@ def minibatch_partial(rows: list[np.ndarray], first_datapoint: int, *, size: int
     ``row_count``)."""
     check_boundary(rows_before(first_datapoint), size, first_datapoint)
     count = rows[0].shape[0] // size
-    hsic = np.zeros((len(rows), len(rows)))
-    for batch in range(count):  # one minibatch at a time (one side's in float64 at a time): O(L · size²)
-        hsic += pair_hsic([minibatch_gram(side, batch, size) for side in rows])
-    return np.concatenate([hsic.ravel(), [count, rows[0].shape[0] - count * size]])[None]
+    # one minibatch at a time (one side's in float64 at a time): O(L · size²)
+    minibatches = ([minibatch_gram(side, batch, size) for side in rows] for batch in range(count))
+    return chunk_hsic(minibatches, len(rows), rows[0].shape[0], size)[None]
+
+
+def chunk_hsic(minibatches: Iterable[Sequence[Hollow]], sides: int, rows: int, size: int) -> np.ndarray:
+    """[Σ HSIC(Kₗ, Kₘ) of every pair, row-major (L²), minibatches, rows left over] of a chunk of ``rows`` rows
+    from its whole minibatches' hollowed Gram matrices of the L ``sides``, taken one minibatch at a time."""
+    hsic = np.zeros((sides, sides))
+    for grams in minibatches:
+        hsic += pair_hsic(grams)
+    count = rows // size
+    return np.concatenate([hsic.ravel(), [count, rows - count * size]])
 
 
 def aligned_chunks(datapoints: int, chunk: int, *, size: int, rows_per_datapoint: int, stride: int) -> tuple[int, ...]:

@@ -137,7 +137,7 @@ def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequen
 
 
 def affordable_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter],
-                      limit: int, stored: Sequence[tuple[int, ...]] = ()) -> int:
+                      limit: int, stored: Sequence[tuple[tuple[int, ...], ...]] = ()) -> int:
     """The most chains (up to ``MOST_CHAINS``) whose pass holds at most ``limit`` bytes; 1 if even one is over.
     ``stored`` as for ``pass_bytes()``."""
     chains = 1
@@ -329,12 +329,11 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
     widths = [int(np.prod(layer.shape[1:])) if by_gram(options.spatial) else layer.sizes["channel"]
               for layer in layers]  # a row: a datapoint's whole map, or its channels
     reduction = minibatch_reduction(adapters, size, max(widths))
-    by_layer = adapters[0].rows_per_datapoint == 1
     names = tuple(str(layer.name) for layer in layers)
     limit, stored = int(options.memory_limit), [layer.data.chunks for layer in layers]
 
-    def holds(chunks: tuple[int, ...], tasks: int, by_layer: bool) -> int:
-        if by_layer:
+    def holds(chunks: tuple[int, ...], tasks: int, a_layer_at_a_time: bool) -> int:
+        if a_layer_at_a_time:
             batches = -(-adapters[0].row_count(max(chunks)) // size)  # at most, in a chunk
             return minibatch_layer_bytes(layers, widths, chunks, size, batches, tasks)
         return pass_bytes([layer.data.rechunk({0: chunks}) for layer in layers], adapters, reduction, tasks,
@@ -345,8 +344,10 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
         chunks = aligned_chunks(layers[0].sizes["datapoint"], chunk, size=size,
                                 rows_per_datapoint=adapters[0].rows_per_datapoint, stride=options.stride)
         # a layer at a time where that holds less (wide layers), else a chunk of every layer at a time
-        by_layer = adapters[0].rows_per_datapoint == 1 and holds(chunks, 1, True) < holds(chunks, 1, False)
-        if (one := holds(chunks, 1, by_layer)) <= limit:
+        every_layer = holds(chunks, 1, False)
+        one_layer = holds(chunks, 1, True) if adapters[0].rows_per_datapoint == 1 else every_layer
+        by_layer, one = one_layer < every_layer, min(one_layer, every_layer)
+        if one <= limit:
             break
         if chunks == previous:  # one minibatch a chunk
             what = "one layer's chunk" if by_layer else "a chunk of every layer"
@@ -386,7 +387,7 @@ def minibatch_layer_bytes(layers: Sequence[xr.DataArray], widths: Sequence[int],
     per_task = max(held_store_bytes(layer.data, layer.data.chunks, chunks, largest, 1)
                    + 2 * largest * int(np.prod(layer.shape[1:])) * layer.dtype.itemsize + size * width * 8
                    for layer, width in zip(layers, widths)) + 2 * gram
-    straddling = sum(held_store_bytes(layer.data, layer.data.chunks, chunks, 1, 1) for layer in layers)
+    straddling = store_bytes(layers, chunks, 1)
     grams = (window + 1) * len(layers) * batches * gram
     return tasks * per_task + straddling + grams
 
@@ -469,7 +470,7 @@ def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int) -
         names = " and ".join(repr(str(layer.name)) for layer in layers)
         pieces = cut(layers[0].data.chunks[0], 1)
         fixed, per_chunk = gram_bytes(layers, pieces, 1)
-        stores = sum(held_store_bytes(layer.data, layer.data.chunks, pieces, 1) for layer in layers)
+        stores = store_bytes(layers, pieces, 1)
         raise ValueError(f"exact CKA of whole maps (spatial='features') of {names}: one datapoint of every layer "
                          f"as centred float64 rows, with the store chunks it lies in ({format_bytes(stores)}), "
                          f"holds {format_bytes(fixed + per_chunk)}, over memory_limit={format_bytes(memory_limit)}; "
@@ -519,9 +520,15 @@ def gram_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], tasks: int
     features = [int(np.prod(layer.shape[1:])) for layer in layers]
     at_work = largest * (sum(width * layer.dtype.itemsize for width, layer in zip(features, layers))
                          + max(features) * 8)
-    stores = sum(held_store_bytes(layer.data, layer.data.chunks, chunks, tasks * largest) for layer in layers)
+    stores = store_bytes(layers, chunks, tasks * largest)
     per_chunk = largest * sum(features) * 8 + tasks * 2 * len(layers) * largest * largest * 8
     return stores + tasks * at_work, per_chunk
+
+
+def store_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], in_work: int) -> int:
+    """Bytes of the store chunks of ``layers`` that tasks at work on ``in_work`` datapoints of a pass over
+    datapoint ``chunks`` lie in, and the next (``engine.held_store_bytes`` of each)."""
+    return sum(held_store_bytes(layer.data, layer.data.chunks, chunks, in_work) for layer in layers)
 
 
 def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> tuple[int | None, str, int]:
