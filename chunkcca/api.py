@@ -30,7 +30,7 @@ from .measures import (
 )
 from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int
-from .passes import Streamed, gram_pass, minibatch_pass, stream_layers
+from .passes import GramSums, Streamed, gram_pass, minibatch_pass, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 from .tiles import TiledMoments
 
@@ -172,7 +172,8 @@ def _check_gram(names: Sequence[str], stream: StreamOptions, where: str) -> None
 def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
     """Exact full-data linear CKA of two layers' per-datapoint feature vectors, from Gram blocks."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
-    sums = gram_pass((layer_a, layer_b), adapters, options)
+    gram = gram_pass((layer_a, layer_b), adapters, options)
+    sums = gram.sums
     if sums[0, 0] <= 0 or sums[1, 1] <= 0:
         dead = layer_a.name if sums[0, 0] <= 0 else layer_b.name
         raise UndefinedMeasure(f"CKA is undefined: layer {str(dead)!r} has no variance (every feature constant)")
@@ -182,7 +183,13 @@ def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
                  {"long_name": "linear CKA of whole per-datapoint maps (exact, from Gram blocks)"}),
          "rows": ((), np.int64(rows))},
         attrs={"measure": "cka", "layer_a": str(layer_a.name), "layer_b": str(layer_b.name), **adapters[0].attrs,
-               "rows": int(rows)})
+               **_gram_attrs(gram), "rows": int(rows)})
+
+
+def _gram_attrs(gram: GramSums) -> dict[str, str]:
+    """The precision of a Gram pass's blocks and, for precision="auto", why."""
+    return {"precision": gram.precision,
+            **({} if gram.precision_note is None else {"precision_auto": gram.precision_note})}
 
 
 def _in_group(solve: Any, name: str, label: Any, groups: Groups) -> xr.Dataset:
@@ -619,12 +626,13 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         return _minibatch_similarity(aligned, adapters, minibatch, stream, sides, set_a, set_b)
     if by_gram(stream.spatial):
         _check_gram(names, stream, "similarity()")
-        values = _cka_of_pairs(gram_pass(aligned, adapters, stream), aligned, sides, "its whole maps do not vary")
+        gram = gram_pass(aligned, adapters, stream)
+        values = _cka_of_pairs(gram.sums, aligned, sides, "its whole maps do not vary")
         return xr.Dataset({"cka": (("layer_a", "layer_b"), values,
                                    {"long_name": "linear CKA of whole per-datapoint maps (exact)"}),
                            "rows": ((), np.int64(rows))},
                           coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "spatial": stream.spatial,
-                                                                    "stride": stream.stride})
+                                                                    "stride": stream.stride, **_gram_attrs(gram)})
     _check_rows(aligned, adapters)
     groups = _groups(first, stream)
     streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names),

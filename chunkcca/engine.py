@@ -189,71 +189,98 @@ def _only_partial(merged: np.ndarray) -> np.ndarray:
 
 
 def _sums_chunk(rows: list[np.ndarray], first_datapoint: int) -> np.ndarray:
-    """[Σ rows of each side …, row count] of one chunk, (1, p + 1)."""
-    return np.concatenate([*(side.sum(axis=0, dtype=np.float64) for side in rows), [rows[0].shape[0]]])[None]
+    """[Σ rows of each side …, row count, max of each side …, −min of each side …] of one chunk, (1, p + 1 + 2L)."""
+    return np.concatenate([*(side.sum(axis=0, dtype=np.float64) for side in rows), [rows[0].shape[0]],
+                           [side.max(initial=-np.inf) for side in rows],  # an empty chunk: no extremes
+                           [-side.min(initial=np.inf) for side in rows]])[None]
 
 
-def _means(merged: np.ndarray, *, widths: tuple[int, ...]) -> list[np.ndarray]:
+def _merge_sums(into: np.ndarray, part: np.ndarray, *, sums: int) -> np.ndarray:
+    """The merge of ``_sums_chunk`` partials: the first ``sums`` values add, the extremes after them take the larger."""
+    into[..., :sums] += part[..., :sums]
+    np.maximum(into[..., sums:], part[..., sums:], out=into[..., sums:])
+    return into
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Each side's mean row (its column means, (featuresₗ,)) and the range of its values (max − min), (L,)."""
+
+    means: list[np.ndarray]
+    ranges: np.ndarray
+
+
+def _feature_stats(merged: np.ndarray, *, widths: tuple[int, ...]) -> FeatureStats:
+    p, sides = sum(widths), len(widths)
     edges = np.cumsum((0, *widths))
-    return [merged[0, lo:hi] / merged[0, -1] for lo, hi in itertools.pairwise(edges)]
+    means = [merged[0, lo:hi] / merged[0, p] for lo, hi in itertools.pairwise(edges)]
+    return FeatureStats(means, merged[0, p + 1 : p + 1 + sides] + merged[0, p + 1 + sides :])
 
 
 def means_reduction(widths: Sequence[int]) -> Reduction:
-    """Each side's mean row (its column means), for centring the Gram matrices of ``gram_band_graph``."""
-    return Reduction(name="means", fold=chunk_fold(_sums_chunk, add_into, nonfinite_shows=True), merge=add_into,
-                     finalize=partial(_means, widths=tuple(widths)), shape=(sum(widths) + 1,), dtype=np.float64,
-                     width=sum(widths))
+    """Each side's mean row and range (``FeatureStats``), for centring the Gram matrices of ``gram_band_graph``
+    and choosing their precision."""
+    merge = partial(_merge_sums, sums=sum(widths) + 1)
+    return Reduction(name="means", fold=chunk_fold(_sums_chunk, merge, nonfinite_shows=True), merge=merge,
+                     finalize=partial(_feature_stats, widths=tuple(widths)),
+                     shape=(sum(widths) + 1 + 2 * len(widths),), dtype=np.float64, width=sum(widths))
 
 
 def _centred(first: int, blocks: list[np.ndarray], *after: Any, adapters: Sequence[Adapter],
-             means: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The rows of one datapoint chunk of every side in float64, less the side's mean: [(rows, featuresₗ)].
-    ``after``: what the task waits for (``_in_turn()``), unused."""
-    return [_centred_side(first, block, adapter, mean) for block, adapter, mean in zip(blocks, adapters, means)]
+             means: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> list[np.ndarray]:
+    """The rows of one datapoint chunk of every side less the side's mean, in its Gram precision:
+    [(rows, featuresₗ)]. ``after``: what the task waits for (``_in_turn()``), unused."""
+    return [_centred_side(first, block, adapter, mean, dtype)
+            for block, adapter, mean, dtype in zip(blocks, adapters, means, dtypes)]
 
 
-def _centred_side(first: int, block: np.ndarray, adapter: Adapter, mean: np.ndarray) -> np.ndarray:
-    rows = adapter.block_rows(block, first).astype(np.float64)  # a copy even when the block is float64
-    rows -= mean
-    return rows
+def _centred_side(first: int, block: np.ndarray, adapter: Adapter, mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One side's rows less its (float64) mean, subtracted in float64 and stored in ``dtype`` (float32 or float64)."""
+    rows = adapter.block_rows(block, first)
+    centred = np.empty(rows.shape, dtype=dtype)  # a new array even when the block is float64
+    np.subtract(rows, mean, out=centred, dtype=np.float64, casting="unsafe")  # in float64, a buffer at a time
+    return centred
 
 
 def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int, blocks_j: list[np.ndarray] | None,
                held_j: list[np.ndarray] | None, *after: Any, adapters: Sequence[Adapter],
-               means: Sequence[np.ndarray]) -> np.ndarray:
+               means: Sequence[np.ndarray], dtypes: Sequence[np.dtype]) -> np.ndarray:
     """Σᵢ weightᵢ · ⟨K̃ₗ, K̃ₘ⟩ for every pair of sides l, m, with K̃ₗ = X̃ₗ,ᵢ X̃ₗ,ⱼᵀ the centred Gram block of
     datapoint chunk i of the band (``band``: centred rows per chunk, per side) and chunk j (``held_j``, a chunk
-    of the band, or read from ``blocks_j`` and centred here one side at a time): (L, L). The means pass has
-    refused NaN and Inf."""
+    of the band, or read from ``blocks_j`` and centred here one side at a time): (L, L). Each side's blocks are
+    made in its ``dtypes`` (float32 where its values' range keeps them finite and clear of underflow, see
+    ``passes.gram_precisions``), their inner products in float64. The means pass has refused NaN and Inf."""
     pin_blas()
     grams: list[list[np.ndarray]] = [[] for _ in band]  # per chunk of the band, per side: (rowsᵢ, rowsⱼ)
-    for side, (adapter, mean) in enumerate(zip(adapters, means)):
-        rows_j = held_j[side] if held_j is not None else _centred_side(first_j, (blocks_j or [])[side], adapter, mean)
+    for side, (adapter, mean, dtype) in enumerate(zip(adapters, means, dtypes)):
+        rows_j = held_j[side] if held_j is not None else _centred_side(first_j, (blocks_j or [])[side], adapter,
+                                                                       mean, dtype)
         for gram, rows_i in zip(grams, band):
             gram.append(rows_i[side] @ rows_j.T)
         del rows_j  # one layer's centred rows at a time
     sums = np.zeros((len(adapters), len(adapters)))
     for gram, weight in zip(grams, weights):
-        flat = np.stack([block.ravel() for block in gram])
+        flat = np.stack([block.ravel() for block in gram], dtype=np.float64)
         sums += weight * (flat @ flat.T)
     return sums
 
 
 def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], means: Sequence[np.ndarray],
-                    chunks: Sequence[int], band: range, *, split_every: int, threads: int) -> Delayed:
+                    dtypes: Sequence[np.dtype], chunks: Sequence[int], band: range, *, split_every: int,
+                    threads: int) -> Delayed:
     """The lazy (L, L) sums ``Σ ⟨K̃ₗ, K̃ₘ⟩`` over the pairs of datapoint chunks (i, j) of ``chunks`` (the sides
     are cut to them), i in ``band`` (a range of chunk indices) and j ≥ i, the off-diagonal ones twice: summed
-    over the bands that cover all chunks, tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly,
-    whatever the features' width. The band's chunks are read once and held as centred float64 rows; every later
-    chunk is read once, inside the task that multiplies it with the whole band. A store chunk that several of
-    these tasks share (a layer stored in other chunks) is read once and waits until the task ``threads`` before
-    its first is done (see ``_reads_inside()``)."""
+    over the bands that cover all chunks, tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly
+    (up to each side's ``dtypes``, float32 or float64), whatever the features' width. The band's chunks are read
+    once and held as centred rows; every later chunk is read once, inside the task that multiplies it with the
+    whole band. A store chunk that several of these tasks share (a layer stored in other chunks) is read once and
+    waits until the task ``threads`` before its first is done (see ``_reads_inside()``)."""
     sides = [_in_chunks(side, chunks) for side in sides]
     block_keys = [list(flatten(side.__dask_keys__())) for side in sides]  # one block per datapoint chunk
     firsts = [int(first) for first in np.cumsum((0, *chunks))[:-1]]
-    context = {"adapters": tuple(adapters), "means": tuple(means)}
+    context = {"adapters": tuple(adapters), "means": tuple(means), "dtypes": tuple(dtypes)}
     token = tokenize([side.name for side in sides], tuple(adapters), [np.asarray(mean) for mean in means],
-                     band.start, band.stop, split_every, threads)
+                     [str(dtype) for dtype in dtypes], band.start, band.stop, split_every, threads)
     held_name, part_name, sum_name = (f"chunkcca-gram-{what}-{token}" for what in ("band", "part", "sum"))
     layer: dict[Any, Any] = {}
     for i in band:

@@ -410,11 +410,30 @@ def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
                           stacklevel=4)
 
 
-def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions) -> np.ndarray:
+#: A side's Gram blocks are made in float32 (precision "auto" or "float32") when the range r (max − min) of its
+#: F features' values is at least FLOAT32_SMALLEST_RANGE and F · r² at most FLOAT32_LARGEST_SUM. The latter
+#: bounds every product and partial sum of its blocks below float32's largest (about 2**128); the former keeps
+#: its largest products far above float32's underflow: what underflows changes a Gram entry by at most
+#: F · 2**-149, under 1e-10 of the largest (at least r² / 4 ≥ 2**-92) for up to 10**7 features. Else float64.
+FLOAT32_SMALLEST_RANGE = 2.0**-45
+FLOAT32_LARGEST_SUM = 2.0**120
+
+
+@dataclass(frozen=True)
+class GramSums:
+    """What the Gram pass gives: tr(K̃ₗ K̃ₘ) for every pair of layers (L, L); the precision of the Gram blocks
+    ("float32" if any layer's were); for ``precision="auto"``, how it chose (else None)."""
+
+    sums: np.ndarray
+    precision: ProductPrecision
+    precision_note: str | None
+
+
+def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions) -> GramSums:
     """tr(K̃ₗ K̃ₘ) for every pair of aligned layers (one side each), K̃ the centred Gram matrix of their rows
-    (spatial="features": each datapoint's whole map): one pass for the features' means, then one per band of
-    datapoint chunks (``gram_plan``), each over the pairs of a chunk of the band and a chunk at or after it.
-    (L, L)."""
+    (spatial="features": each datapoint's whole map): one pass for the features' means and ranges, then one per
+    band of datapoint chunks (``gram_plan``), each over the pairs of a chunk of the band and a chunk at or after
+    it, each layer's blocks in the precision ``gram_precisions`` gives it."""
     if options.nan_policy == "omit":
         raise ValueError("spatial='features' cannot omit rows (the Gram matrices would shift); use "
                          "nan_policy='raise'")
@@ -423,22 +442,54 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     data = [layer.data for layer in layers]
     check_complete(layers)
     label = f"reading {', '.join(map(repr, names))}" if options.progress else None
+    single = 8 if options.precision == "float64" else 4  # a layer's range may yet ask for float64
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
-        plan = gram_plan(layers, int(options.memory_limit), scheduler_threads(scheduler))  # refuses before reading
-        means = run(data, adapters, means_reduction(widths), scheduler=scheduler,
+        threads, limit = scheduler_threads(scheduler), int(options.memory_limit)
+        plan = gram_plan(layers, limit, threads, [single] * len(layers))  # refuses before reading
+        stats = run(data, adapters, means_reduction(widths), scheduler=scheduler,
                     progress=None if label is None else f"{label} (means)", nan_policy="refuse", names=names)
+        dtypes, precision, note = gram_precisions(stats.ranges, widths, names, options.precision)
+        if any(dtype.itemsize != single for dtype in dtypes):
+            plan = gram_plan(layers, limit, threads, [dtype.itemsize for dtype in dtypes])
         bands = range(0, len(plan.chunks), plan.band)
         sums = np.zeros((len(layers), len(layers)))
         for number, start in enumerate(bands, 1):
             step = f"Gram blocks, band {number} of {len(bands)}" if len(bands) > 1 else "Gram blocks"
-            graph = gram_band_graph(data, adapters, means, plan.chunks,
+            graph = gram_band_graph(data, adapters, stats.means, dtypes, plan.chunks,
                                     range(start, min(start + plan.band, len(plan.chunks))),
                                     split_every=options.split_every, threads=plan.tasks)
             (part,) = compute(graph, scheduler=scheduler, threads=plan.tasks,
                               progress=None if label is None else f"{label} ({step})")
             sums += part
     check_unchanged(layers)
-    return sums
+    return GramSums(sums, precision, note)
+
+
+def gram_precisions(ranges: np.ndarray, widths: Sequence[int], names: Sequence[str],
+                    precision: str) -> tuple[list[np.dtype], ProductPrecision, str | None]:
+    """Each layer's Gram block dtype, the pass's precision and, for ``precision="auto"``, why.
+
+    "float64" makes every block in float64. "float32" and "auto" make a layer's blocks in float32 where the
+    range of its values (``ranges``, max − min) fits float32 for its ``widths`` features
+    (``FLOAT32_SMALLEST_RANGE``, ``FLOAT32_LARGEST_SUM``), else in float64: linear CKA inverts nothing, so
+    unlike the covariance measures it needs no check of conditioning; float32 blocks (their inner products in
+    float64) keep it within 1e-6 (measured 5e-9 or less).
+    """
+    if precision == "float64":
+        return [np.dtype(np.float64)] * len(widths), "float64", None
+    single = [bool(FLOAT32_SMALLEST_RANGE <= value and width * value**2 <= FLOAT32_LARGEST_SUM)
+              for value, width in zip(ranges, widths)]
+    dtypes = [np.dtype(np.float32 if ok else np.float64) for ok in single]
+    if precision != "auto":
+        return dtypes, "float32" if any(single) else "float64", None
+    wide = ", ".join(f"{name!r} (values spanning {value:.3g})" for name, value, ok in zip(names, ranges, single)
+                     if not ok)
+    if not any(single):
+        note = f"spatial='features': float64 Gram blocks, as float32 products of {wide} would overflow or underflow"
+    else:
+        note = ("spatial='features': float32 Gram blocks (summed in float64), as linear CKA inverts nothing"
+                + (f"; float64 for {wide}, whose float32 products would overflow or underflow" if wide else ""))
+    return dtypes, "float32" if any(single) else "float64", note
 
 
 @dataclass(frozen=True)
@@ -456,23 +507,27 @@ class GramPlan:
 READ_COST_ROWS = 50
 #: Gram products of pieces of r datapoints take about 1 + GEMM_ROWS / r times as long as those of large ones
 #: (float64 (r × F) by (F × 64) here: 27.7 GFLOP/s at r = 64, 29.9 at 640; at r = 1 a dot product, memory-bound).
+#: Both constants were measured with float64 products; float32 ones take half the time, so reading weighs about
+#: twice as much then, which on this machine's two threads leaves the plan's choice (two tasks) unchanged.
 GEMM_ROWS = 8
 
 
-def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int) -> GramPlan:
-    """The Gram pass's plan within ``memory_limit`` (``gram_bytes``): for each number of tasks at once up to
-    ``threads``, the largest band that fits (``_fitted_band``); of these, the one with the least estimated time,
-    (1 + GEMM_ROWS / chunk + READ_COST_ROWS / (chunk · band)) / tasks (the products, slower for small pieces,
-    and each chunk read once per band, shared by the tasks), the most tasks on a tie. A clear error, before
-    anything is read, if one task does not fit one datapoint a piece."""
-    plans = [plan for tasks in range(threads, 0, -1) if (plan := _fitted_band(layers, memory_limit, tasks))]
+def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int, itemsizes: Sequence[int]) -> GramPlan:
+    """The Gram pass's plan within ``memory_limit`` (``gram_bytes``, each layer's centred rows held in
+    ``itemsizes`` bytes a value): for each number of tasks at once up to ``threads``, the largest band that fits
+    (``_fitted_band``); of these, the one with the least estimated time, (1 + GEMM_ROWS / chunk + READ_COST_ROWS
+    / (chunk · band)) / tasks (the products, slower for small pieces, and each chunk read once per band, shared
+    by the tasks), the most tasks on a tie. A clear error, before anything is read, if one task does not fit
+    one datapoint a piece."""
+    plans = [plan for tasks in range(threads, 0, -1) if (plan := _fitted_band(layers, memory_limit, tasks, itemsizes))]
     if not plans:
         names = " and ".join(repr(str(layer.name)) for layer in layers)
         pieces = cut(layers[0].data.chunks[0], 1)
-        fixed, per_chunk = gram_bytes(layers, pieces, 1)
+        fixed, per_chunk = gram_bytes(layers, pieces, 1, itemsizes)
         stores = store_bytes(layers, pieces, 1)
+        kinds = " and ".join(sorted({f"float{8 * size}" for size in itemsizes}))
         raise ValueError(f"exact CKA of whole maps (spatial='features') of {names}: one datapoint of every layer "
-                         f"as centred float64 rows, with the store chunks it lies in ({format_bytes(stores)}), "
+                         f"as centred {kinds} rows, with the store chunks it lies in ({format_bytes(stores)}), "
                          f"holds {format_bytes(fixed + per_chunk)}, over memory_limit={format_bytes(memory_limit)}; "
                          f"raise memory_limit, compare fewer layers, store them in smaller chunks, or use "
                          f"minibatch CKA (cka(..., minibatch=m))")
@@ -485,7 +540,8 @@ def _estimated_time(plan: GramPlan) -> float:
     return (1 + GEMM_ROWS / rows + READ_COST_ROWS / (rows * plan.band)) / plan.tasks
 
 
-def _fitted_band(layers: Sequence[xr.DataArray], memory_limit: int, tasks: int) -> GramPlan | None:
+def _fitted_band(layers: Sequence[xr.DataArray], memory_limit: int, tasks: int,
+                 itemsizes: Sequence[int]) -> GramPlan | None:
     """The first layer's chunks, each cut into pieces of at most half, a quarter … of the largest while not even
     one chunk a band fits beside ``tasks`` tasks at work, and as many chunks a band as fit; None if one
     datapoint a piece does not fit."""
@@ -493,7 +549,7 @@ def _fitted_band(layers: Sequence[xr.DataArray], memory_limit: int, tasks: int) 
     size = max(stored)
     while True:
         chunks = stored if size == max(stored) else cut(stored, size)
-        fixed, per_chunk = gram_bytes(layers, chunks, tasks)
+        fixed, per_chunk = gram_bytes(layers, chunks, tasks, itemsizes)
         if fixed + per_chunk <= memory_limit:
             return GramPlan(chunks, min(len(chunks), int((memory_limit - fixed) // per_chunk)), tasks)
         if size == 1:
@@ -507,21 +563,24 @@ def cut(chunks: Sequence[int], size: int) -> tuple[int, ...]:
     return tuple(chunk // count + (index < chunk % count) for chunk, count in pieces for index in range(count))
 
 
-def gram_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], tasks: int) -> tuple[int, int]:
+def gram_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], tasks: int,
+               itemsizes: Sequence[int]) -> tuple[int, int]:
     """Bytes the Gram pass over datapoint ``chunks`` holds at most: (beside the band, per chunk of the band).
 
     Beside the band: ``tasks`` tasks at work that each hold a chunk of every layer as read (a copy, if cut from
-    or joined from store chunks) and one layer's centred float64 rows at a time, and the store chunks they lie
-    in, and the next, of the layers stored in other chunks or chunked along other axes (``held_store_bytes``).
-    Per chunk of the band: its centred float64 rows of every layer and, in each task, its chunk × chunk Gram
-    blocks of every layer and their stack. Not counted: on a cluster, each worker process's own copy of the band.
+    or joined from store chunks) and one layer's centred rows at a time (``itemsizes``: bytes a value, per
+    layer), and the store chunks they lie in, and the next, of the layers stored in other chunks or chunked
+    along other axes (``held_store_bytes``). Per chunk of the band: its centred rows of every layer and, in
+    each task, its chunk × chunk Gram blocks of every layer and their float64 stack. Not counted: on a
+    cluster, each worker process's own copy of the band.
     """
     largest = max(chunks)
     features = [int(np.prod(layer.shape[1:])) for layer in layers]
     at_work = largest * (sum(width * layer.dtype.itemsize for width, layer in zip(features, layers))
-                         + max(features) * 8)
+                         + max(width * size for width, size in zip(features, itemsizes)))
     stores = store_bytes(layers, chunks, tasks * largest)
-    per_chunk = largest * sum(features) * 8 + tasks * 2 * len(layers) * largest * largest * 8
+    per_chunk = (largest * sum(width * size for width, size in zip(features, itemsizes))
+                 + tasks * 2 * len(layers) * largest * largest * 8)
     return stores + tasks * at_work, per_chunk
 
 

@@ -19,6 +19,15 @@ from chunkcca import cca, cka, compare, similarity
 
 #: The Gram route sums float64 products of n × n blocks: ~1e-14 relative; 1e-11 leaves room for the sums.
 TOL = 1e-11
+#: float32 Gram blocks (precision "auto" or "float32"): each centred value and product is rounded to 2**-24
+#: (6e-8) relative, and the errors average out in the float64 sums: measured 2e-11 to 5e-9 on maps of 4096 to
+#: 65536 features; 1e-6 leaves room.
+TOL32 = 1e-6
+
+
+def _tol(result: xr.Dataset) -> float:
+    """The tolerance of a feature CKA result, by the precision its attrs say its Gram blocks were made in."""
+    return {"float64": TOL, "float32": TOL32}[result.attrs["precision"]]
 
 
 @pytest.fixture(autouse=True)
@@ -61,23 +70,69 @@ def _minibatch_gram_cka(x: np.ndarray, y: np.ndarray, size: int) -> float:
     return float(sums[0] / np.sqrt(sums[1] * sums[2]))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(chunk_a=st.integers(5, 70), chunk_b=st.integers(5, 70), stride=st.integers(1, 3), seed=st.integers(0, 5),
-       memory_limit=st.sampled_from(["1.5GiB", 400_000, 150_000]))
-def test_exact_feature_cka_equals_the_gram_reference_in_any_chunking(chunk_a, chunk_b, stride, seed, memory_limit):
+       memory_limit=st.sampled_from(["1.5GiB", 400_000, 150_000]),
+       precision=st.sampled_from(["float64", "float32", "auto"]))
+def test_exact_feature_cka_equals_the_gram_reference_in_any_chunking(chunk_a, chunk_b, stride, seed, memory_limit,
+                                                                     precision):
     """Under the default memory_limit one band holds every chunk; under 400 kB or 150 kB (enough for any of
-    these chunkings) bands hold a few chunks, the last one shorter, and large chunks are cut into pieces to fit."""
+    these chunkings) bands hold a few chunks, the last one shorter, and large chunks are cut into pieces to fit.
+    "auto" makes these blocks in float32, as "float32" does."""
     x, y = _maps(seed)
     got = cka(da.from_array(x, chunks=chunk_a), da.from_array(y, chunks=chunk_b), spatial="features", stride=stride,
-              memory_limit=memory_limit)
-    assert float(got["cka"]) == pytest.approx(_gram_cka(x[::stride], y[::stride]), rel=TOL)
+              memory_limit=memory_limit, precision=precision)
+    assert got.attrs["precision"] == ("float64" if precision == "float64" else "float32")
+    assert ("precision_auto" in got.attrs) == (precision == "auto")
+    assert float(got["cka"]) == pytest.approx(_gram_cka(x[::stride], y[::stride]), rel=_tol(got))
     assert int(got["rows"]) == len(x[::stride])
 
 
-def test_the_gram_pass_reads_each_chunk_once_per_band_that_reaches_it():
+def test_feature_cka_takes_float32_gram_blocks_where_each_layers_range_allows():
+    """precision="auto" (the default) and "float32" make a layer's Gram blocks in float32 unless the range of its
+    values would overflow (F · range² over 2**120) or underflow float32 products; those layers take float64, as
+    "auto" says, and every value is the reference's (a huge layer in float32 would give NaN)."""
+    x, y = _maps(9)
+    layers = {"x": x, "y": y, "tiny": y * 1e-30, "huge": y * 1e25}
+    reference = _gram_cka(x, y)
+    auto = similarity({"x": x}, layers, spatial="features", measures=["cka"])
+    assert auto.attrs["precision"] == "float32"
+    assert auto.attrs["precision_auto"].endswith("float64 for 'tiny' (values spanning 8.88e-30), 'huge' (values "
+                                                 "spanning 8.88e+25), whose float32 products would overflow or "
+                                                 "underflow")
+    np.testing.assert_allclose(auto["cka"].sel(layer_a="x").values, [1.0, reference, reference, reference],
+                               rtol=TOL32)
+    explicit = similarity({"x": x}, layers, spatial="features", measures=["cka"], precision="float32")
+    assert "precision_auto" not in explicit.attrs
+    np.testing.assert_allclose(explicit["cka"].values, auto["cka"].values, rtol=0)
+    exact = similarity({"x": x}, layers, spatial="features", measures=["cka"], precision="float64")
+    assert exact.attrs["precision"] == "float64" and "precision_auto" not in exact.attrs
+    np.testing.assert_allclose(exact["cka"].sel(layer_a="x").values, [1.0, reference, reference, reference],
+                               rtol=TOL)
+
+
+def test_gram_precisions_at_the_edges_of_the_float32_range():
+    from chunkcca.passes import FLOAT32_LARGEST_SUM, FLOAT32_SMALLEST_RANGE, gram_precisions
+
+    low, high = FLOAT32_SMALLEST_RANGE, FLOAT32_LARGEST_SUM
+    width = 1024
+    ranges = np.array([low, low / 2, np.sqrt(high / width), np.sqrt(high / width) * 1.01, 0.0])
+    dtypes, precision, note = gram_precisions(ranges, [width] * 5, list("abcde"), "float32")
+    assert [dtype.itemsize for dtype in dtypes] == [4, 8, 4, 8, 8] and precision == "float32" and note is None
+    dtypes, precision, note = gram_precisions(ranges[[1, 4]], [width] * 2, ["b", "e"], "auto")
+    assert [dtype.itemsize for dtype in dtypes] == [8, 8] and precision == "float64"
+    assert note == ("spatial='features': float64 Gram blocks, as float32 products of 'b' (values spanning "
+                    "1.42e-14), 'e' (values spanning 0) would overflow or underflow")
+    dtypes, precision, note = gram_precisions(ranges, [width] * 5, list("abcde"), "float64")
+    assert {dtype.itemsize for dtype in dtypes} == {8} and precision == "float64" and note is None
+
+
+@pytest.mark.parametrize("precision", ["float64", "auto"])
+def test_the_gram_pass_reads_each_chunk_once_per_band_that_reaches_it(precision):
     """A band of the Gram pass holds as many chunks as memory_limit affords beside the tasks at work (one, on the
     synchronous scheduler: a chunk as read, one layer's centred rows); a chunk is read once by the means pass and
-    once by each band starting at or before it. Here bands of 3 chunks over 8: chunk j is read 2 + j // 3 times."""
+    once by each band starting at or before it. Here bands of 3 chunks over 8: chunk j is read 2 + j // 3 times.
+    Centred rows take 8 bytes a value in float64, 4 in float32 ("auto" here)."""
     reads: collections.Counter = collections.Counter()
     rng = np.random.default_rng(4)
     data = {name: rng.standard_normal((128, 2, 2, width)) + 1 for name, width in (("a", 8), ("bb", 4))}
@@ -88,12 +143,14 @@ def test_the_gram_pass_reads_each_chunk_once_per_band_that_reaches_it():
 
     a, b = (da.concatenate([da.from_delayed(dask.delayed(block)(name, index), shape=(16, 2, 2, values.shape[-1]),
                                             dtype=float) for index in range(8)]) for name, values in data.items())
-    centred = 16 * (32 + 16) * 8  # one chunk of both layers as centred float64 rows
-    at_work = 16 * (32 + 16) * 8 + 16 * 32 * 8  # a task: a chunk of both as read (float64), one layer centred
+    itemsize = 8 if precision == "float64" else 4
+    centred = 16 * (32 + 16) * itemsize  # one chunk of both layers as centred rows
+    at_work = 16 * (32 + 16) * 8 + 16 * 32 * itemsize  # a task: a chunk of both as read (float64), one layer centred
     grams = 2 * 2 * 16 * 16 * 8  # and per chunk of the band its 16 × 16 Gram blocks of both layers, stacked
-    got = cka(a, b, spatial="features", memory_limit=at_work + 3 * (centred + grams), scheduler="synchronous")
+    got = cka(a, b, spatial="features", memory_limit=at_work + 3 * (centred + grams), scheduler="synchronous",
+              precision=precision)
     assert dict(reads) == {(name, index): 2 + index // 3 for name in data for index in range(8)}
-    assert float(got["cka"]) == pytest.approx(_gram_cka(data["a"], data["bb"]), rel=TOL)
+    assert float(got["cka"]) == pytest.approx(_gram_cka(data["a"], data["bb"]), rel=_tol(got))
 
 
 def test_a_layer_stored_more_coarsely_is_read_once_per_band():
@@ -112,7 +169,7 @@ def test_a_layer_stored_more_coarsely_is_read_once_per_band():
                             for index in range(128 // size)]) for name, size in (("a", 16), ("bb", 32)))
     got = cka(a, b, spatial="features", scheduler="synchronous")
     assert dict(reads) == {**{("a", index): 2 for index in range(8)}, **{("bb", index): 2 for index in range(4)}}
-    assert float(got["cka"]) == pytest.approx(_gram_cka(data["a"], data["bb"]), rel=TOL)
+    assert float(got["cka"]) == pytest.approx(_gram_cka(data["a"], data["bb"]), rel=_tol(got))
 
 
 def test_the_gram_pass_is_exact_when_dask_fuses_nothing():
@@ -127,7 +184,7 @@ def test_the_gram_pass_is_exact_when_dask_fuses_nothing():
 
     with dask.config.set({"optimization.fuse.active": False}):
         got = cka(lazy(x, 5), lazy(y, 35), spatial="features", memory_limit=82_000)  # bands of 3 chunks
-    assert float(got["cka"]) == pytest.approx(_gram_cka(x, y), rel=TOL)
+    assert float(got["cka"]) == pytest.approx(_gram_cka(x, y), rel=_tol(got))
 
 
 #: Wide enough maps (4096 and 3072 features) that the arrays, not Dask's bookkeeping, make a traced peak.
@@ -152,34 +209,38 @@ def _wide_layers(case: str, n: int = 400) -> tuple[xr.DataArray, xr.DataArray, n
     return layers[0], layers[1], x, y
 
 
-@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize(("threads", "precision"), [(1, "auto"), (2, "auto"), (8, "auto"), (2, "float64")])
 @pytest.mark.parametrize("case", ["equal", "coarse b", "a in one chunk", "by channels"])
-def test_memory_limit_bounds_the_gram_pass(case, threads):
+def test_memory_limit_bounds_the_gram_pass(case, threads, precision):
     """The arrays an exact feature CKA run allocates (traced by tracemalloc: chunks read, centred rows of the
     band, Gram blocks, store chunks shared by several tasks or joined) stay within a memory_limit that affords
     bands of two chunks beside ``threads`` tasks, on that many threads, in every chunking of CHUNKINGS; a first
-    layer in one chunk is cut into pieces. The result is the in-memory Gram reference's."""
+    layer in one chunk is cut into pieces. Centred rows are float32 ("auto": 4 bytes a value) or float64. The
+    result is the in-memory Gram reference's."""
     import tracemalloc
 
     from chunkcca.passes import cut, gram_bytes, gram_plan
 
     a, b, x, y = _wide_layers(case)
+    itemsizes = [8 if precision == "float64" else 4] * 2
     planned = cut(a.data.chunks[0], 50) if case == "a in one chunk" else a.data.chunks[0]
-    fixed, per_chunk = gram_bytes([a, b], planned, threads)
+    fixed, per_chunk = gram_bytes([a, b], planned, threads, itemsizes)
     limit = fixed + 2 * per_chunk
-    plan = gram_plan([a, b], limit, threads)
+    plan = gram_plan([a, b], limit, threads, itemsizes)
     assert plan.tasks <= threads and len(plan.chunks) > plan.band  # several bands
     assert max(plan.chunks) < 400 if case == "a in one chunk" else plan.chunks == planned
     with dask.config.set(num_workers=threads):
-        cka(a, b, spatial="features", memory_limit=limit)  # once untraced: what it first imports is not the run's
+        cka(a, b, spatial="features", memory_limit=limit, precision=precision)  # untraced: first imports
         tracemalloc.start()
         try:
-            got = cka(a, b, spatial="features", memory_limit=limit)
+            got = cka(a, b, spatial="features", memory_limit=limit, precision=precision)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
     assert peak <= limit, f"peak {peak} over memory_limit {limit}"
-    assert float(got["cka"]) == pytest.approx(_gram_cka(x.astype(np.float64), y.astype(np.float64)), rel=1e-9)
+    assert got.attrs["precision"] == ("float64" if precision == "float64" else "float32")
+    assert float(got["cka"]) == pytest.approx(_gram_cka(x.astype(np.float64), y.astype(np.float64)),
+                                              rel=max(1e-9, _tol(got)))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 8, 64])
@@ -191,18 +252,20 @@ def test_the_gram_plan_fits_the_limit_and_takes_its_fastest_layout(threads):
     from chunkcca.passes import _estimated_time, _fitted_band, gram_bytes, gram_plan
 
     a, b, _, _ = _wide_layers("equal")
-    stored = a.data.chunks[0]
-    plan = gram_plan([a, b], 2**40, threads)
+    stored, sizes = a.data.chunks[0], [4, 8]  # a's centred rows in float32, b's in float64
+    plan = gram_plan([a, b], 2**40, threads, sizes)
     assert (plan.chunks, plan.band, plan.tasks) == (stored, len(stored), threads)
-    fixed_two, per_chunk_two = gram_bytes([a, b], stored, 2)
-    fixed_one, per_chunk_one = gram_bytes([a, b], stored, 1)
+    fixed_two, per_chunk_two = gram_bytes([a, b], stored, 2, sizes)
+    fixed_one, per_chunk_one = gram_bytes([a, b], stored, 1, sizes)
     for limit in (fixed_two + 3 * per_chunk_two, fixed_one + per_chunk_one):
-        plan = gram_plan([a, b], limit, threads)
-        fixed, per_chunk = gram_bytes([a, b], plan.chunks, plan.tasks)
+        plan = gram_plan([a, b], limit, threads, sizes)
+        fixed, per_chunk = gram_bytes([a, b], plan.chunks, plan.tasks, sizes)
         assert plan.tasks <= threads and plan.band >= 1 and fixed + plan.band * per_chunk <= limit
         assert sum(plan.chunks) == 400
-        others = [other for tasks in range(1, threads + 1) if (other := _fitted_band([a, b], limit, tasks))]
+        others = [other for tasks in range(1, threads + 1) if (other := _fitted_band([a, b], limit, tasks, sizes))]
         assert _estimated_time(plan) == min(map(_estimated_time, others))
+    single, double = (gram_plan([a, b], fixed_one + per_chunk_one, 1, sizes) for sizes in ([4, 4], [8, 8]))
+    assert max(single.chunks) * single.band > max(double.chunks) * double.band  # float32 bands hold more
 
 
 def test_the_gram_pass_refuses_what_one_datapoint_a_piece_would_not_fit():
@@ -236,16 +299,17 @@ def test_feature_cka_of_every_pair_of_a_sweep_and_in_compare():
     pooled = x[:, ::2, ::2]  # another map size: features pair any shapes
     sweep = similarity({"x": x, "y": y}, {"y": y, "pooled": pooled}, spatial="features", measures=["cka"])
     want = [[_gram_cka(x, y), _gram_cka(x, pooled)], [1.0, _gram_cka(y, pooled)]]
-    np.testing.assert_allclose(sweep["cka"].values, want, rtol=TOL)
+    np.testing.assert_allclose(sweep["cka"].values, want, rtol=_tol(sweep))
     assert int(sweep["rows"]) == x.shape[0]  # one row per datapoint: its whole map
-    assert float(compare(x, y, spatial="features", measures=["cka"])["cka"]) == pytest.approx(want[0][0], rel=TOL)
+    compared = compare(x, y, spatial="features", measures=["cka"])
+    assert float(compared["cka"]) == pytest.approx(want[0][0], rel=_tol(compared))
 
 
 def test_exact_feature_cka_of_a_dead_layer_is_nan_with_a_warning():
     x, _ = _maps(7)
     with pytest.warns(RuntimeWarning, match="CKA of layer 'dead' is NaN: its whole maps do not vary"):
         sweep = similarity({"x": x}, {"x": x, "dead": np.zeros_like(x)}, spatial="features", measures=["cka"])
-    assert sweep["cka"].sel(layer_a="x", layer_b="x").item() == pytest.approx(1.0, rel=TOL)
+    assert sweep["cka"].sel(layer_a="x", layer_b="x").item() == pytest.approx(1.0, rel=_tol(sweep))
     assert np.isnan(sweep["cka"].sel(layer_a="x", layer_b="dead").item())
 
 
@@ -390,7 +454,7 @@ def test_no_more_tasks_work_at_once_than_planned_whatever_the_pool(work, monkeyp
     a, b, x, y = _wide_layers("equal", n=200)
     with dask.config.set(num_workers=8):
         if work == "_gram_band":
-            monkeypatch.setattr(passes, "gram_plan", lambda layers, limit, threads: passes.GramPlan(
+            monkeypatch.setattr(passes, "gram_plan", lambda layers, limit, threads, sizes: passes.GramPlan(
                 layers[0].data.chunks[0], 2, 1))
             got = cka(a, b, spatial="features")
             assert float(got["cka"]) == pytest.approx(_gram_cka(x.astype(float), y.astype(float)), rel=1e-9)
