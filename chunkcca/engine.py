@@ -189,14 +189,16 @@ def _only_partial(merged: np.ndarray) -> np.ndarray:
 
 
 def _sums_chunk(rows: list[np.ndarray], first_datapoint: int) -> np.ndarray:
-    """[Σ rows of each side …, row count, max of each side …, −min of each side …] of one chunk, (1, p + 1 + 2L)."""
+    """[Σ rows of each side …, row count, column maxima of each side …, −column minima of each side …] of one
+    chunk, (1, 3p + 1)."""
     return np.concatenate([*(side.sum(axis=0, dtype=np.float64) for side in rows), [rows[0].shape[0]],
-                           [side.max(initial=-np.inf) for side in rows],  # an empty chunk: no extremes
-                           [-side.min(initial=np.inf) for side in rows]])[None]
+                           *(side.max(axis=0, initial=-np.inf) for side in rows),  # an empty chunk: no extremes
+                           *(-side.min(axis=0, initial=np.inf) for side in rows)])[None]
 
 
 def _merge_sums(into: np.ndarray, part: np.ndarray, *, sums: int) -> np.ndarray:
-    """The merge of ``_sums_chunk`` partials: the first ``sums`` values add, the extremes after them take the larger."""
+    """The merge of ``_sums_chunk`` partials: the first ``sums`` values add, the extremes after them take the
+    larger (so the partial must not start at zeros, as ``grouped()``'s do)."""
     into[..., :sums] += part[..., :sums]
     np.maximum(into[..., sums:], part[..., sums:], out=into[..., sums:])
     return into
@@ -204,17 +206,19 @@ def _merge_sums(into: np.ndarray, part: np.ndarray, *, sums: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FeatureStats:
-    """Each side's mean row (its column means, (featuresₗ,)) and the range of its values (max − min), (L,)."""
+    """Each side's mean row (its column means, (featuresₗ,)) and the largest range of one of its features
+    (max − min of a column), (L,)."""
 
     means: list[np.ndarray]
     ranges: np.ndarray
 
 
 def _feature_stats(merged: np.ndarray, *, widths: tuple[int, ...]) -> FeatureStats:
-    p, sides = sum(widths), len(widths)
+    p = sum(widths)
     edges = np.cumsum((0, *widths))
     means = [merged[0, lo:hi] / merged[0, p] for lo, hi in itertools.pairwise(edges)]
-    return FeatureStats(means, merged[0, p + 1 : p + 1 + sides] + merged[0, p + 1 + sides :])
+    spans = merged[0, p + 1 : 2 * p + 1] + merged[0, 2 * p + 1 :]  # max − min of each column
+    return FeatureStats(means, np.array([spans[lo:hi].max() for lo, hi in itertools.pairwise(edges)]))
 
 
 def means_reduction(widths: Sequence[int]) -> Reduction:
@@ -222,8 +226,8 @@ def means_reduction(widths: Sequence[int]) -> Reduction:
     and choosing their precision."""
     merge = partial(_merge_sums, sums=sum(widths) + 1)
     return Reduction(name="means", fold=chunk_fold(_sums_chunk, merge, nonfinite_shows=True), merge=merge,
-                     finalize=partial(_feature_stats, widths=tuple(widths)),
-                     shape=(sum(widths) + 1 + 2 * len(widths),), dtype=np.float64, width=sum(widths))
+                     finalize=partial(_feature_stats, widths=tuple(widths)), shape=(3 * sum(widths) + 1,),
+                     dtype=np.float64, width=sum(widths))
 
 
 def _centred(first: int, blocks: list[np.ndarray], *after: Any, adapters: Sequence[Adapter],

@@ -155,8 +155,8 @@ class StreamOptions:
         always float64. With spatial="features" (exact CKA from Gram blocks), "auto" and "float32" make
         each layer's Gram blocks in float32 (their inner products in float64), about twice as fast and
         with bands of twice the datapoints: linear CKA inverts nothing, so no conditioning check is needed
-        (measured within 5e-9 of float64); a layer whose values' range would overflow or underflow float32
-        products takes float64, as the ``precision_auto`` attr says.
+        (measured up to 2e-7 from float64, absolute); a layer whose features' ranges would overflow or
+        underflow float32 products takes float64, as the ``precision_auto`` attr says.
     method, grid
         For "interp": "linear", "nearest" or "cubic" (tensor-product, per axis); "coords" places
         samples at the layers' ``height``/``width`` coordinates (pixel centres in input-image
@@ -173,7 +173,9 @@ class StreamOptions:
         Each chain of folds (one per core locally) holds its accumulated statistics, the chunk it folds
         and that chunk's temporaries, and on the local pool the chunks it reads ahead where it costs
         little; fewer chains read when the budget affords fewer, and a pass that cannot fit one is
-        refused, naming the layers and sizes.
+        refused, naming the layers and sizes. It bounds the arrays a pass allocates (the tests trace
+        them); the process's resident memory adds the interpreter and its libraries (about 120 MiB with
+        a store open), the libraries' own buffers and what the allocator keeps (measured up to 11% of the limit).
     scheduler
         The Dask scheduler: None (the active one: a current ``distributed.Client``, else the local
         threads), "threads", "synchronous", "processes", a ``distributed.Client`` or an address.

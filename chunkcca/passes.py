@@ -410,11 +410,13 @@ def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
                           stacklevel=4)
 
 
-#: A side's Gram blocks are made in float32 (precision "auto" or "float32") when the range r (max − min) of its
-#: F features' values is at least FLOAT32_SMALLEST_RANGE and F · r² at most FLOAT32_LARGEST_SUM. The latter
-#: bounds every product and partial sum of its blocks below float32's largest (about 2**128); the former keeps
-#: its largest products far above float32's underflow: what underflows changes a Gram entry by at most
-#: F · 2**-149, under 1e-10 of the largest (at least r² / 4 ≥ 2**-92) for up to 10**7 features. Else float64.
+#: A side's Gram blocks are made in float32 (precision "auto" or "float32") when the largest range r of one of
+#: its F features (max − min of a column, the bound of its centred values) is at least FLOAT32_SMALLEST_RANGE
+#: and F · r² at most FLOAT32_LARGEST_SUM. The latter bounds every product and partial sum of its blocks below
+#: float32's largest (about 2**128); the former keeps its largest products far above float32's underflow: the
+#: feature of range r has a centred value of at least r / 2, so the largest Gram entry is at least r² / 4 ≥
+#: 2**-92, and what underflows changes an entry by at most F · 2**-149, under 1e-10 of it for up to 10**7
+#: features. Else float64.
 FLOAT32_SMALLEST_RANGE = 2.0**-45
 FLOAT32_LARGEST_SUM = 2.0**120
 
@@ -445,12 +447,18 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     single = 8 if options.precision == "float64" else 4  # a layer's range may yet ask for float64
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
         threads, limit = scheduler_threads(scheduler), int(options.memory_limit)
-        plan = gram_plan(layers, limit, threads, [single] * len(layers))  # refuses before reading
+        plan = gram_plan(layers, limit, threads, [single] * len(layers))  # refuses before reading, in the
+        # precision asked for (a layer that must stay float64 can make the plan refuse after the means pass)
         stats = run(data, adapters, means_reduction(widths), scheduler=scheduler,
                     progress=None if label is None else f"{label} (means)", nan_policy="refuse", names=names)
         dtypes, precision, note = gram_precisions(stats.ranges, widths, names, options.precision)
-        if any(dtype.itemsize != single for dtype in dtypes):
-            plan = gram_plan(layers, limit, threads, [dtype.itemsize for dtype in dtypes])
+        if any(dtype.itemsize != single for dtype in dtypes):  # known only now: the values' ranges ask for it
+            wide = ", ".join(repr(name) for name, dtype in zip(names, dtypes) if dtype.itemsize == 8)
+            try:
+                plan = gram_plan(layers, limit, threads, [dtype.itemsize for dtype in dtypes])
+            except ValueError as error:
+                raise ValueError(f"{error} (the ranges of the values of {wide}, read by the means pass, need "
+                                 f"float64 rows)") from None
         bands = range(0, len(plan.chunks), plan.band)
         sums = np.zeros((len(layers), len(layers)))
         for number, start in enumerate(bands, 1):
@@ -470,10 +478,10 @@ def gram_precisions(ranges: np.ndarray, widths: Sequence[int], names: Sequence[s
     """Each layer's Gram block dtype, the pass's precision and, for ``precision="auto"``, why.
 
     "float64" makes every block in float64. "float32" and "auto" make a layer's blocks in float32 where the
-    range of its values (``ranges``, max − min) fits float32 for its ``widths`` features
+    largest range of one of its features (``ranges``) fits float32 for its ``widths`` features
     (``FLOAT32_SMALLEST_RANGE``, ``FLOAT32_LARGEST_SUM``), else in float64: linear CKA inverts nothing, so
     unlike the covariance measures it needs no check of conditioning; float32 blocks (their inner products in
-    float64) keep it within 1e-6 (measured 5e-9 or less).
+    float64) keep it within 1e-6 (measured up to 2e-7 absolute, with a few features far larger than the rest).
     """
     if precision == "float64":
         return [np.dtype(np.float64)] * len(widths), "float64", None
@@ -482,8 +490,8 @@ def gram_precisions(ranges: np.ndarray, widths: Sequence[int], names: Sequence[s
     dtypes = [np.dtype(np.float32 if ok else np.float64) for ok in single]
     if precision != "auto":
         return dtypes, "float32" if any(single) else "float64", None
-    wide = ", ".join(f"{name!r} (values spanning {value:.3g})" for name, value, ok in zip(names, ranges, single)
-                     if not ok)
+    wide = ", ".join(f"{name!r} ({'constant' if value == 0 else f'a feature spanning {value:.3g}'})"
+                     for name, value, ok in zip(names, ranges, single) if not ok)
     if not any(single):
         note = f"spatial='features': float64 Gram blocks, as float32 products of {wide} would overflow or underflow"
     else:
