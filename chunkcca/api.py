@@ -169,7 +169,7 @@ def _check_gram(names: Sequence[str], stream: StreamOptions, where: str) -> None
         raise ValueError(f"{where}: spatial='features' takes no groupby or folds")
     if stream.checkpoint is not None:
         raise ValueError(f"{where}: spatial='features' takes no checkpoint: its Gram pass keeps no Moments to "
-                         f"save (a run reads in bands; a smaller one, or more memory_limit, is what shortens it)")
+                         f"save; a larger memory_limit (fewer bands of chunks to read) is what shortens it")
 
 
 def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:

@@ -189,11 +189,18 @@ def _only_partial(merged: np.ndarray) -> np.ndarray:
 
 
 def _sums_chunk(rows: list[np.ndarray], first_datapoint: int) -> np.ndarray:
-    """[Σ rows of each side …, row count, column maxima of each side …, −column minima of each side …] of one
-    chunk, (1, 3p + 1)."""
+    """[Σ rows of each side …, row count, then for each side its largest value, −its smallest value and its
+    widest column's range in this chunk] of one chunk, (1, p + 1 + 3L); the extremes in float64 (integer
+    layers too), −inf for an empty chunk."""
+    extremes = []
+    for side in rows:
+        if side.shape[0] == 0:
+            extremes.extend((-np.inf, -np.inf, -np.inf))
+            continue
+        top, bottom = side.max(axis=0).astype(np.float64), side.min(axis=0).astype(np.float64)
+        extremes.extend((top.max(), -bottom.min(), (top - bottom).max()))
     return np.concatenate([*(side.sum(axis=0, dtype=np.float64) for side in rows), [rows[0].shape[0]],
-                           *(side.max(axis=0, initial=-np.inf) for side in rows),  # an empty chunk: no extremes
-                           *(-side.min(axis=0, initial=np.inf) for side in rows)])[None]
+                           extremes])[None]
 
 
 def _merge_sums(into: np.ndarray, part: np.ndarray, *, sums: int) -> np.ndarray:
@@ -206,27 +213,29 @@ def _merge_sums(into: np.ndarray, part: np.ndarray, *, sums: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FeatureStats:
-    """Each side's mean row (its column means, (featuresₗ,)) and the largest range of one of its features
-    (max − min of a column), (L,)."""
+    """Of each side: its mean row (column means, (featuresₗ,)); ``spans`` (L,), the range of all its values (max −
+    min: no centred value is larger); ``widest`` (L,), the largest range of one of its columns within one chunk
+    (the largest range of a column over all datapoints is at least this)."""
 
     means: list[np.ndarray]
-    ranges: np.ndarray
+    spans: np.ndarray
+    widest: np.ndarray
 
 
 def _feature_stats(merged: np.ndarray, *, widths: tuple[int, ...]) -> FeatureStats:
     p = sum(widths)
     edges = np.cumsum((0, *widths))
     means = [merged[0, lo:hi] / merged[0, p] for lo, hi in itertools.pairwise(edges)]
-    spans = merged[0, p + 1 : 2 * p + 1] + merged[0, 2 * p + 1 :]  # max − min of each column
-    return FeatureStats(means, np.array([spans[lo:hi].max() for lo, hi in itertools.pairwise(edges)]))
+    top, minus_bottom, widest = merged[0, p + 1 :].reshape(len(widths), 3).T
+    return FeatureStats(means, top + minus_bottom, widest)
 
 
 def means_reduction(widths: Sequence[int]) -> Reduction:
-    """Each side's mean row and range (``FeatureStats``), for centring the Gram matrices of ``gram_band_graph``
-    and choosing their precision."""
+    """Each side's mean row and the ranges of its values (``FeatureStats``), for centring the Gram matrices of
+    ``gram_band_graph`` and choosing their precision."""
     merge = partial(_merge_sums, sums=sum(widths) + 1)
     return Reduction(name="means", fold=chunk_fold(_sums_chunk, merge, nonfinite_shows=True), merge=merge,
-                     finalize=partial(_feature_stats, widths=tuple(widths)), shape=(3 * sum(widths) + 1,),
+                     finalize=partial(_feature_stats, widths=tuple(widths)), shape=(sum(widths) + 1 + 3 * len(widths),),
                      dtype=np.float64, width=sum(widths))
 
 
@@ -252,7 +261,7 @@ def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int,
     """Σᵢ weightᵢ · ⟨K̃ₗ, K̃ₘ⟩ for every pair of sides l, m, with K̃ₗ = X̃ₗ,ᵢ X̃ₗ,ⱼᵀ the centred Gram block of
     datapoint chunk i of the band (``band``: centred rows per chunk, per side) and chunk j (``held_j``, a chunk
     of the band, or read from ``blocks_j`` and centred here one side at a time): (L, L). Each side's blocks are
-    made in its ``dtypes`` (float32 where its values' range keeps them finite and clear of underflow, see
+    made in its ``dtypes`` (float32 where the ranges of its values keep them finite and clear of underflow, see
     ``passes.gram_precisions``), their inner products in float64. The means pass has refused NaN and Inf."""
     pin_blas()
     grams: list[list[np.ndarray]] = [[] for _ in band]  # per chunk of the band, per side: (rowsᵢ, rowsⱼ)
@@ -260,13 +269,30 @@ def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int,
         rows_j = held_j[side] if held_j is not None else _centred_side(first_j, (blocks_j or [])[side], adapter,
                                                                        mean, dtype)
         for gram, rows_i in zip(grams, band):
-            gram.append(rows_i[side] @ rows_j.T)
+            gram.append(_gram_block(rows_i[side], rows_j))
         del rows_j  # one layer's centred rows at a time
     sums = np.zeros((len(adapters), len(adapters)))
     for gram, weight in zip(grams, weights):
         flat = np.stack([block.ravel() for block in gram], dtype=np.float64)
         sums += weight * (flat @ flat.T)
     return sums
+
+
+#: float32 Gram products sum at most this many features in float32 (a GEMM each), and those sums in float64: one
+#: float32 GEMM over 262,144 features with a few loud ones was 2e-6 off in CKA, its float32 sums growing.
+FLOAT32_GEMM_FEATURES = 16384
+
+
+def _gram_block(rows_i: np.ndarray, rows_j: np.ndarray) -> np.ndarray:
+    """rows_i · rows_jᵀ (rowsᵢ, rowsⱼ): float64 rows in one GEMM; float32 rows in GEMMs over at most
+    ``FLOAT32_GEMM_FEATURES`` features each, added in float64 (one GEMM, kept in float32, when they fit)."""
+    features = rows_i.shape[1]
+    if rows_i.dtype != np.float32 or features <= FLOAT32_GEMM_FEATURES:
+        return rows_i @ rows_j.T
+    block = np.zeros((rows_i.shape[0], rows_j.shape[0]))
+    for start in range(0, features, FLOAT32_GEMM_FEATURES):
+        block += rows_i[:, start : start + FLOAT32_GEMM_FEATURES] @ rows_j[:, start : start + FLOAT32_GEMM_FEATURES].T
+    return block
 
 
 def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], means: Sequence[np.ndarray],

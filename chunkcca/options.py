@@ -155,7 +155,7 @@ class StreamOptions:
         always float64. With spatial="features" (exact CKA from Gram blocks), "auto" and "float32" make
         each layer's Gram blocks in float32 (their inner products in float64), about twice as fast and
         with bands of twice the datapoints: linear CKA inverts nothing, so no conditioning check is needed
-        (measured up to 2e-7 from float64, absolute); a layer whose features' ranges would overflow or
+        (measured up to 2e-7 from float64, absolute); a layer whose values' ranges would overflow or
         underflow float32 products takes float64, as the ``precision_auto`` attr says.
     method, grid
         For "interp": "linear", "nearest" or "cubic" (tensor-product, per axis); "coords" places
@@ -187,7 +187,7 @@ class StreamOptions:
     checkpoint, checkpoint_every
         A local path where the running Moments are saved (atomically) after every
         ``checkpoint_every`` datapoint chunks; a later run with the same path, layers and options
-        resumes after the chunks done.
+        resumes after the chunks done. Not for spatial="features", whose Gram pass keeps no Moments.
     connect_timeout : float
         Seconds to wait for a Dask scheduler given by address (default 10) before an error naming it.
     groupby : str

@@ -24,6 +24,7 @@ from dask.utils import format_bytes
 
 from .checkpoint import CheckpointError, resume, save_progress
 from .engine import (
+    FeatureStats,
     NonFiniteError,
     Reduction,
     common_boundaries,
@@ -410,15 +411,20 @@ def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
                           stacklevel=4)
 
 
-#: A side's Gram blocks are made in float32 (precision "auto" or "float32") when the largest range r of one of
-#: its F features (max − min of a column, the bound of its centred values) is at least FLOAT32_SMALLEST_RANGE
-#: and F · r² at most FLOAT32_LARGEST_SUM. The latter bounds every product and partial sum of its blocks below
-#: float32's largest (about 2**128); the former keeps its largest products far above float32's underflow: the
-#: feature of range r has a centred value of at least r / 2, so the largest Gram entry is at least r² / 4 ≥
-#: 2**-92, and what underflows changes an entry by at most F · 2**-149, under 1e-10 of it for up to 10**7
-#: features. Else float64.
+#: A side's Gram blocks are made in float32 (precision "auto" or "float32") when its F features' centred values
+#: fit float32's products. Overflow: no centred value exceeds the span s of all its values (max − min), so
+#: F · s² ≤ FLOAT32_LARGEST_SUM bounds every product and partial sum of its blocks below float32's largest
+#: (about 2**128). Underflow: one of its columns spans at least w (its widest range within one chunk) and so has
+#: a centred value of at least w / 2, which makes the largest Gram entry at least w² / 4; with w ≥
+#: FLOAT32_SMALLEST_RANGE that is ≥ 2**-92, and what underflows float32 changes an entry by at most F · 2**-149,
+#: under 1e-10 of it for up to 10**7 features. Else float64.
 FLOAT32_SMALLEST_RANGE = 2.0**-45
 FLOAT32_LARGEST_SUM = 2.0**120
+#: What float64 Gram products hold: a layer whose values span s with F · s² above FLOAT64_LARGEST_SUM would
+#: overflow them (float64's largest is about 2**1024), and one spanning 0 < s < FLOAT64_SMALLEST_SPAN would
+#: underflow them; either is refused, naming the layer, rather than giving 0 or "no variance".
+FLOAT64_LARGEST_SUM = 2.0**1000
+FLOAT64_SMALLEST_SPAN = 2.0**-480
 
 
 @dataclass(frozen=True)
@@ -449,16 +455,16 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
         threads, limit = scheduler_threads(scheduler), int(options.memory_limit)
         plan = gram_plan(layers, limit, threads, [single] * len(layers))  # refuses before reading, in the
         # precision asked for (a layer that must stay float64 can make the plan refuse after the means pass)
-        stats = run(data, adapters, means_reduction(widths), scheduler=scheduler,
+        stats = run(data, adapters, means_reduction(widths), chains=plan.tasks, scheduler=scheduler,
                     progress=None if label is None else f"{label} (means)", nan_policy="refuse", names=names)
-        dtypes, precision, note = gram_precisions(stats.ranges, widths, names, options.precision)
+        dtypes, precision, note = gram_precisions(stats, widths, names, options.precision)
         if any(dtype.itemsize != single for dtype in dtypes):  # known only now: the values' ranges ask for it
             wide = ", ".join(repr(name) for name, dtype in zip(names, dtypes) if dtype.itemsize == 8)
             try:
                 plan = gram_plan(layers, limit, threads, [dtype.itemsize for dtype in dtypes])
             except ValueError as error:
-                raise ValueError(f"{error} (the ranges of the values of {wide}, read by the means pass, need "
-                                 f"float64 rows)") from None
+                raise ValueError(f"the values of {wide}, read by the means pass, need float64 rows (their float32 "
+                                 f"products would overflow or underflow), and so: {error}") from None
         bands = range(0, len(plan.chunks), plan.band)
         sums = np.zeros((len(layers), len(layers)))
         for number, start in enumerate(bands, 1):
@@ -473,40 +479,58 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     return GramSums(sums, precision, note)
 
 
-def gram_precisions(ranges: np.ndarray, widths: Sequence[int], names: Sequence[str],
+def gram_precisions(stats: FeatureStats, widths: Sequence[int], names: Sequence[str],
                     precision: str) -> tuple[list[np.dtype], ProductPrecision, str | None]:
     """Each layer's Gram block dtype, the pass's precision and, for ``precision="auto"``, why.
 
     "float64" makes every block in float64. "float32" and "auto" make a layer's blocks in float32 where the
-    largest range of one of its features (``ranges``) fits float32 for its ``widths`` features
+    ranges of its values (``stats.spans``, ``stats.widest``) fit float32 products for its ``widths`` features
     (``FLOAT32_SMALLEST_RANGE``, ``FLOAT32_LARGEST_SUM``), else in float64: linear CKA inverts nothing, so
-    unlike the covariance measures it needs no check of conditioning; float32 blocks (their inner products in
-    float64) keep it within 1e-6 (measured up to 2e-7 absolute, with a few features far larger than the rest).
+    unlike the covariance measures it needs no check of conditioning; float32 blocks (float32 sums of at most
+    ``engine.FLOAT32_GEMM_FEATURES`` features, added in float64) keep it within 1e-6. A layer whose values
+    float64 products cannot hold either is refused (``FLOAT64_LARGEST_SUM``, ``FLOAT64_SMALLEST_SPAN``).
     """
+    for name, span, width in zip(names, stats.spans, widths):
+        if span > np.sqrt(FLOAT64_LARGEST_SUM / width) or 0 < span < FLOAT64_SMALLEST_SPAN:
+            raise ValueError(f"exact CKA of whole maps (spatial='features'): layer {name!r}'s values span {span:.3g}, "
+                             f"beyond what float64 Gram products of its {width} features hold; rescale it")
     if precision == "float64":
         return [np.dtype(np.float64)] * len(widths), "float64", None
-    single = [bool(FLOAT32_SMALLEST_RANGE <= value and width * value**2 <= FLOAT32_LARGEST_SUM)
-              for value, width in zip(ranges, widths)]
-    dtypes = [np.dtype(np.float32 if ok else np.float64) for ok in single]
+    causes = [_not_float32(span, widest, width) for span, widest, width in zip(stats.spans, stats.widest, widths)]
+    dtypes = [np.dtype(np.float64 if cause else np.float32) for cause in causes]
+    single = any(cause is None for cause in causes)
     if precision != "auto":
-        return dtypes, "float32" if any(single) else "float64", None
-    wide = ", ".join(f"{name!r} ({'constant' if value == 0 else f'a feature spanning {value:.3g}'})"
-                     for name, value, ok in zip(names, ranges, single) if not ok)
-    if not any(single):
+        return dtypes, "float32" if single else "float64", None
+    wide = ", ".join(f"{name!r} ({cause})" for name, cause in zip(names, causes) if cause)
+    if not single:
         note = f"spatial='features': float64 Gram blocks, as float32 products of {wide} would overflow or underflow"
     else:
         note = ("spatial='features': float32 Gram blocks (summed in float64), as linear CKA inverts nothing"
                 + (f"; float64 for {wide}, whose float32 products would overflow or underflow" if wide else ""))
-    return dtypes, "float32" if any(single) else "float64", note
+    return dtypes, "float32" if single else "float64", note
+
+
+def _not_float32(span: float, widest: float, width: int) -> str | None:
+    """Why float32 products cannot hold a layer of ``width`` features whose values span ``span`` and whose widest
+    column spans ``widest`` in a chunk (see ``FLOAT32_SMALLEST_RANGE``), or None if they can."""
+    if span == 0:
+        return "constant"
+    if span > np.sqrt(FLOAT32_LARGEST_SUM / width):
+        return f"values spanning {span:.3g}"
+    if widest < FLOAT32_SMALLEST_RANGE:
+        return f"no feature spanning more than {widest:.3g} in a chunk"
+    return None
 
 
 @dataclass(frozen=True)
 class GramPlan:
-    """How the Gram pass runs: its datapoint chunks, how many of them a band holds, and its tasks at once."""
+    """How the Gram pass runs: its datapoint chunks, how many of them a band holds, and its tasks at once;
+    ``products``: the cost of its Gram products against float64 ones (0.5 for float32 rows throughout)."""
 
     chunks: tuple[int, ...]
     band: int
     tasks: int
+    products: float = 1.0
 
 
 #: Reading, decoding and centring a chunk of r datapoints of every layer takes about READ_COST_ROWS / r times as
@@ -515,18 +539,18 @@ class GramPlan:
 READ_COST_ROWS = 50
 #: Gram products of pieces of r datapoints take about 1 + GEMM_ROWS / r times as long as those of large ones
 #: (float64 (r × F) by (F × 64) here: 27.7 GFLOP/s at r = 64, 29.9 at 640; at r = 1 a dot product, memory-bound).
-#: Both constants were measured with float64 products; float32 ones take half the time, so reading weighs about
-#: twice as much then, which on this machine's two threads leaves the plan's choice (two tasks) unchanged.
+#: Both constants were measured with float64 products; float32 ones (59–61 GFLOP/s against 29–31) take half the
+#: time, which ``GramPlan.products`` weighs.
 GEMM_ROWS = 8
 
 
 def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int, itemsizes: Sequence[int]) -> GramPlan:
     """The Gram pass's plan within ``memory_limit`` (``gram_bytes``, each layer's centred rows held in
     ``itemsizes`` bytes a value): for each number of tasks at once up to ``threads``, the largest band that fits
-    (``_fitted_band``); of these, the one with the least estimated time, (1 + GEMM_ROWS / chunk + READ_COST_ROWS
-    / (chunk · band)) / tasks (the products, slower for small pieces, and each chunk read once per band, shared
-    by the tasks), the most tasks on a tie. A clear error, before anything is read, if one task does not fit
-    one datapoint a piece."""
+    (``_fitted_band``); of these, the one with the least estimated time, (products · (1 + GEMM_ROWS / chunk) +
+    READ_COST_ROWS / (chunk · band)) / tasks (the products, slower for small pieces and half as costly in
+    float32, and each chunk read once per band, shared by the tasks), the most tasks on a tie. A clear error,
+    before anything is read, if one task does not fit one datapoint a piece."""
     plans = [plan for tasks in range(threads, 0, -1) if (plan := _fitted_band(layers, memory_limit, tasks, itemsizes))]
     if not plans:
         names = " and ".join(repr(str(layer.name)) for layer in layers)
@@ -545,7 +569,7 @@ def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int, i
 def _estimated_time(plan: GramPlan) -> float:
     """The Gram pass's time under ``plan``, relative to its products' alone on one thread in large pieces."""
     rows = max(plan.chunks)
-    return (1 + GEMM_ROWS / rows + READ_COST_ROWS / (rows * plan.band)) / plan.tasks
+    return (plan.products * (1 + GEMM_ROWS / rows) + READ_COST_ROWS / (rows * plan.band)) / plan.tasks
 
 
 def _fitted_band(layers: Sequence[xr.DataArray], memory_limit: int, tasks: int,
@@ -554,12 +578,14 @@ def _fitted_band(layers: Sequence[xr.DataArray], memory_limit: int, tasks: int,
     one chunk a band fits beside ``tasks`` tasks at work, and as many chunks a band as fit; None if one
     datapoint a piece does not fit."""
     stored = tuple(int(size) for size in layers[0].data.chunks[0])
+    features = [int(np.prod(layer.shape[1:])) for layer in layers]
+    products = sum(width * item for width, item in zip(features, itemsizes)) / (8 * sum(features))
     size = max(stored)
     while True:
         chunks = stored if size == max(stored) else cut(stored, size)
         fixed, per_chunk = gram_bytes(layers, chunks, tasks, itemsizes)
         if fixed + per_chunk <= memory_limit:
-            return GramPlan(chunks, min(len(chunks), int((memory_limit - fixed) // per_chunk)), tasks)
+            return GramPlan(chunks, min(len(chunks), int((memory_limit - fixed) // per_chunk)), tasks, products)
         if size == 1:
             return None
         size //= 2

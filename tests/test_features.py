@@ -106,9 +106,9 @@ def test_feature_cka_takes_float32_gram_blocks_where_each_layers_range_allows():
     reference = _gram_cka(x, y)
     auto = similarity({"x": x}, layers, spatial="features", measures=["cka"])
     assert auto.attrs["precision"] == "float32"
-    assert auto.attrs["precision_auto"].endswith("float64 for 'tiny' (a feature spanning 8.29e-30), 'huge' (a "
-                                                 "feature spanning 8.29e+25), whose float32 products would "
-                                                 "overflow or underflow")
+    assert auto.attrs["precision_auto"].endswith("float64 for 'tiny' (no feature spanning more than 8.29e-30 in a "
+                                                 "chunk), 'huge' (values spanning 8.88e+25), whose float32 "
+                                                 "products would overflow or underflow")
     _close(auto["cka"].sel(layer_a="x").values, [1.0, reference, reference, reference], auto)
     explicit = similarity({"x": x}, layers, spatial="features", measures=["cka"], precision="float32")
     assert "precision_auto" not in explicit.attrs
@@ -127,7 +127,7 @@ def test_float32_gram_blocks_judge_each_feature_not_the_layer():
     y = rng.standard_normal((200, 64))
     x = np.concatenate([np.ones((200, 1)), 1e-23 * (y[:, :32] + rng.standard_normal((200, 32)))], axis=1)
     got = cka(x, y, spatial="features")
-    assert "float64 for 'a' (a feature spanning" in got.attrs["precision_auto"]
+    assert "float64 for 'a' (no feature spanning more than" in got.attrs["precision_auto"]
     # centred first: the reference's centring matrix would leave 1e-16 of the constant feature, over the rest
     assert float(got["cka"]) == pytest.approx(_gram_cka(x - x.mean(axis=0), y), **_tol(got))  # y's in float32
 
@@ -155,27 +155,69 @@ def test_a_layer_kept_in_float64_that_no_longer_fits_is_refused_naming_it():
                                                                                 "channel"), name=name)
             for v, name in ((x, "a"), (y * 1e25, "huge")))
     fixed, per_chunk = gram_bytes([a, b], (1,) * 64, 1, [4, 4])  # one datapoint a piece, in float32: it fits
-    with pytest.raises(ValueError, match=r"memory_limit=.*\(the ranges of the values of 'huge', read by the means "
-                                         r"pass, need float64 rows\)"):
+    with pytest.raises(ValueError, match=r"^the values of 'huge', read by the means pass, need float64 rows \(their "
+                                         r"float32 products would overflow or underflow\), and so: .* over "
+                                         r"memory_limit="):
         cka(a, b, spatial="features", memory_limit=fixed + per_chunk)
     assert float(cka(a, b, spatial="features", precision="float64")["cka"]) == pytest.approx(
         _gram_cka(x.astype(np.float32).astype(float), (y * 1e25).astype(np.float32).astype(float)), rel=TOL)
 
 
-def test_gram_precisions_at_the_edges_of_the_float32_range():
-    from chunkcca.passes import FLOAT32_LARGEST_SUM, FLOAT32_SMALLEST_RANGE, gram_precisions
+def test_gram_precisions_at_the_edges_of_the_float32_and_float64_ranges():
+    from chunkcca.engine import FeatureStats
+    from chunkcca.passes import (
+        FLOAT32_LARGEST_SUM,
+        FLOAT32_SMALLEST_RANGE,
+        FLOAT64_LARGEST_SUM,
+        FLOAT64_SMALLEST_SPAN,
+        gram_precisions,
+    )
 
-    low, high = FLOAT32_SMALLEST_RANGE, FLOAT32_LARGEST_SUM
-    width = 1024
-    ranges = np.array([low, low / 2, np.sqrt(high / width), np.sqrt(high / width) * 1.01, 0.0])
-    dtypes, precision, note = gram_precisions(ranges, [width] * 5, list("abcde"), "float32")
+    low, high, width = FLOAT32_SMALLEST_RANGE, FLOAT32_LARGEST_SUM, 1024
+    top = np.sqrt(high / width)
+    # a, b: widest column at and under the float32 floor; c, d: span at and over the float32 ceiling; e: constant
+    stats = FeatureStats([], np.array([1.0, 1.0, top, top * 1.01, 0.0]), np.array([low, low / 2, 1.0, 1.0, 0.0]))
+    dtypes, precision, note = gram_precisions(stats, [width] * 5, list("abcde"), "float32")
     assert [dtype.itemsize for dtype in dtypes] == [4, 8, 4, 8, 8] and precision == "float32" and note is None
-    dtypes, precision, note = gram_precisions(ranges[[1, 4]], [width] * 2, ["b", "e"], "auto")
+    dtypes, precision, note = gram_precisions(stats, [width] * 5, list("abcde"), "auto")
+    assert note == ("spatial='features': float32 Gram blocks (summed in float64), as linear CKA inverts nothing; "
+                    "float64 for 'b' (no feature spanning more than 1.42e-14 in a chunk), 'd' (values spanning "
+                    "3.64e+16), 'e' (constant), whose float32 products would overflow or underflow")
+    only_wide = FeatureStats([], stats.spans[[1, 4]], stats.widest[[1, 4]])
+    dtypes, precision, note = gram_precisions(only_wide, [width] * 2, ["b", "e"], "auto")
     assert [dtype.itemsize for dtype in dtypes] == [8, 8] and precision == "float64"
-    assert note == ("spatial='features': float64 Gram blocks, as float32 products of 'b' (a feature spanning "
-                    "1.42e-14), 'e' (constant) would overflow or underflow")
-    dtypes, precision, note = gram_precisions(ranges, [width] * 5, list("abcde"), "float64")
+    assert note.startswith("spatial='features': float64 Gram blocks, as float32 products of 'b' (no feature")
+    dtypes, precision, note = gram_precisions(stats, [width] * 5, list("abcde"), "float64")
     assert {dtype.itemsize for dtype in dtypes} == {8} and precision == "float64" and note is None
+    for span in (np.sqrt(FLOAT64_LARGEST_SUM / width) * 1.01, FLOAT64_SMALLEST_SPAN / 2):
+        with pytest.raises(ValueError, match=r"layer 'x''s values span .* beyond what float64 Gram products of its "
+                                             r"1024 features hold; rescale it"):
+            gram_precisions(FeatureStats([], np.array([span]), np.array([span])), [width], ["x"], "float64")
+
+
+def test_feature_cka_of_integer_layers_and_of_values_float64_cannot_hold():
+    """Integer layers (uint8, int8, int64) give the reference's value (their extremes taken in float64, no
+    wrap-around); values around 1e200 are refused naming the layer, not given as 0."""
+    x, y = _maps(11)
+    for dtype in (np.uint8, np.int8, np.int64):
+        xi = np.clip(np.round(x * 40), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+        got = cka(xi, y, spatial="features")
+        assert float(got["cka"]) == pytest.approx(_gram_cka(xi.astype(float), y), **_tol(got))
+    with pytest.raises(ValueError, match=r"layer 'b''s values span .* rescale it"):
+        cka(x, y * 1e200, spatial="features")
+
+
+def test_float32_gram_products_add_their_slices_of_features_in_float64(monkeypatch):
+    """Float32 Gram blocks sum at most FLOAT32_GEMM_FEATURES features in float32 (one GEMM each), the slices in
+    float64 (262,144 features with four loud ones: 2e-6 off in one float32 GEMM, 1.4e-7 in slices); here slices
+    of 7 features over 48, against the reference."""
+    from chunkcca import engine
+
+    monkeypatch.setattr(engine, "FLOAT32_GEMM_FEATURES", 7)
+    x, y = _maps(12)
+    got = cka(da.from_array(x, chunks=20), da.from_array(y, chunks=30), spatial="features")
+    assert got.attrs["precision"] == "float32"
+    assert float(got["cka"]) == pytest.approx(_gram_cka(x, y), **_tol(got))
 
 
 @pytest.mark.parametrize("precision", ["float64", "auto"])
@@ -294,6 +336,34 @@ def test_memory_limit_bounds_the_gram_pass(case, threads, precision):
                                               **(_tol(got) if precision != "float64" else {"rel": 1e-9}))
 
 
+def test_memory_limit_bounds_the_means_pass_of_many_wide_layers():
+    """Ten layers of 16,384 features in chunks of 4 datapoints, on 8 threads, under a limit that affords bands of
+    two chunks beside two tasks: the means pass (as many chains as the plan's tasks, a partial of p + 1 + 3L
+    values each) and the Gram pass stay within it. With a chain per thread the means pass went over (fails
+    here); a review found it at 3 times the limit with per-column extremes in its partials."""
+    import tracemalloc
+
+    from chunkcca.passes import gram_bytes
+
+    rng = np.random.default_rng(13)
+    base = rng.standard_normal((32, 16, 16, 64), dtype=np.float32)
+    layers = [xr.DataArray(da.from_array(base + np.float32(i), chunks=(4, -1, -1, -1)),
+                           dims=("datapoint", "height", "width", "channel"), name=f"l{i}") for i in range(10)]
+    fixed, per_chunk = gram_bytes(layers, layers[0].data.chunks[0], 2, [4] * 10)  # fits two tasks, not 8
+    limit = fixed + 2 * per_chunk
+    sets = ({layer.name: layer for layer in layers[:5]}, {layer.name: layer for layer in layers[5:]})
+    with dask.config.set(num_workers=8):
+        similarity(*sets, spatial="features", measures=["cka"], memory_limit=limit)  # untraced: first imports
+        tracemalloc.start()
+        try:
+            got = similarity(*sets, spatial="features", measures=["cka"], memory_limit=limit)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak <= limit, f"peak {peak} over memory_limit {limit}"
+    np.testing.assert_allclose(got["cka"].values, 1.0, atol=TOL32)  # each layer is base shifted: CKA 1
+
+
 @pytest.mark.parametrize("threads", [1, 2, 8, 64])
 def test_the_gram_plan_fits_the_limit_and_takes_its_fastest_layout(threads):
     """Under a limit that holds everything, the plan keeps the stored chunks, one band, a task per thread. Under
@@ -315,6 +385,7 @@ def test_the_gram_plan_fits_the_limit_and_takes_its_fastest_layout(threads):
         assert sum(plan.chunks) == 400
         others = [other for tasks in range(1, threads + 1) if (other := _fitted_band([a, b], limit, tasks, sizes))]
         assert _estimated_time(plan) == min(map(_estimated_time, others))
+        assert plan.products == pytest.approx((4096 * 4 + 3072 * 8) / (8 * (4096 + 3072)))  # by the features
     single, double = (gram_plan([a, b], fixed_one + per_chunk_one, 1, sizes) for sizes in ([4, 4], [8, 8]))
     assert max(single.chunks) * single.band > max(double.chunks) * double.band  # float32 bands hold more
 
