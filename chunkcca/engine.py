@@ -203,23 +203,32 @@ def _sums_chunk(rows: list[np.ndarray], first_datapoint: int) -> np.ndarray:
                            extremes])[None]
 
 
-def _merge_sums(into: np.ndarray, part: np.ndarray, *, sums: int) -> np.ndarray:
-    """The merge of ``_sums_chunk`` partials: the first ``sums`` values add, the extremes after them take the
-    larger (so the partial must not start at zeros, as ``grouped()``'s do)."""
-    into[..., :sums] += part[..., :sums]
-    np.maximum(into[..., sums:], part[..., sums:], out=into[..., sums:])
+def _merge_stats(into: np.ndarray, part: np.ndarray, *, widths: tuple[int, ...]) -> np.ndarray:
+    """The merge of ``_sums_chunk`` partials: the sums and the count add, the extremes take the larger, and each
+    side's widest column range also takes the largest difference of a column's means in the two partials (both
+    lie within the column's range). So the partial must not start at zeros, as ``grouped()``'s do."""
+    p = sum(widths)
+    counts = into[0, p], part[0, p]
+    if counts[0] > 0 and counts[1] > 0:
+        apart = np.abs(into[0, :p] / counts[0] - part[0, :p] / counts[1])
+        edges = np.cumsum((0, *widths))
+        widest = into[0, p + 3 : p + 1 + 3 * len(widths) : 3]  # each side's third extreme, a view
+        np.maximum(widest, [apart[lo:hi].max() for lo, hi in itertools.pairwise(edges)], out=widest)
+    into[..., : p + 1] += part[..., : p + 1]
+    np.maximum(into[..., p + 1 :], part[..., p + 1 :], out=into[..., p + 1 :])
     return into
 
 
 @dataclass(frozen=True)
 class FeatureStats:
     """Of each side: its mean row (column means, (featuresₗ,)); ``spans`` (L,), the range of all its values (max −
-    min: no centred value is larger); ``widest`` (L,), the largest range of one of its columns within one chunk
-    (the largest range of a column over all datapoints is at least this)."""
+    min: no centred value is larger); ``widest`` (L,), a lower bound of the largest range of one of its columns
+    (the largest within one chunk, or between the column means of two merged partials); and the ``rows``."""
 
     means: list[np.ndarray]
     spans: np.ndarray
     widest: np.ndarray
+    rows: int
 
 
 def _feature_stats(merged: np.ndarray, *, widths: tuple[int, ...]) -> FeatureStats:
@@ -227,13 +236,13 @@ def _feature_stats(merged: np.ndarray, *, widths: tuple[int, ...]) -> FeatureSta
     edges = np.cumsum((0, *widths))
     means = [merged[0, lo:hi] / merged[0, p] for lo, hi in itertools.pairwise(edges)]
     top, minus_bottom, widest = merged[0, p + 1 :].reshape(len(widths), 3).T
-    return FeatureStats(means, top + minus_bottom, widest)
+    return FeatureStats(means, top + minus_bottom, widest, int(merged[0, p]))
 
 
 def means_reduction(widths: Sequence[int]) -> Reduction:
     """Each side's mean row and the ranges of its values (``FeatureStats``), for centring the Gram matrices of
     ``gram_band_graph`` and choosing their precision."""
-    merge = partial(_merge_sums, sums=sum(widths) + 1)
+    merge = partial(_merge_stats, widths=tuple(widths))
     return Reduction(name="means", fold=chunk_fold(_sums_chunk, merge, nonfinite_shows=True), merge=merge,
                      finalize=partial(_feature_stats, widths=tuple(widths)), shape=(sum(widths) + 1 + 3 * len(widths),),
                      dtype=np.float64, width=sum(widths))

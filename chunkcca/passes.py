@@ -414,17 +414,20 @@ def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
 #: A side's Gram blocks are made in float32 (precision "auto" or "float32") when its F features' centred values
 #: fit float32's products. Overflow: no centred value exceeds the span s of all its values (max − min), so
 #: F · s² ≤ FLOAT32_LARGEST_SUM bounds every product and partial sum of its blocks below float32's largest
-#: (about 2**128). Underflow: one of its columns spans at least w (its widest range within one chunk) and so has
-#: a centred value of at least w / 2, which makes the largest Gram entry at least w² / 4; with w ≥
-#: FLOAT32_SMALLEST_RANGE that is ≥ 2**-92, and what underflows float32 changes an entry by at most F · 2**-149,
-#: under 1e-10 of it for up to 10**7 features. Else float64.
+#: (about 2**128). Underflow: one of its columns spans at least w (``FeatureStats.widest``, a lower bound) and
+#: so has a centred value of at least w / 2, which makes the largest Gram entry at least w² / 4; with w ≥
+#: FLOAT32_SMALLEST_RANGE that is ≥ 2**-92, and what underflows float32 changes an entry by at most F · 2**-149.
+#: Summed over the n² entries of a Gram matrix against its norm (at least that largest entry), CKA moves by at
+#: most about n · F · 2**-57: under 1e-6 for n · F up to 1e11 (and rounding that lands so systematically on
+#: subnormals is not seen in data). Else float64.
 FLOAT32_SMALLEST_RANGE = 2.0**-45
 FLOAT32_LARGEST_SUM = 2.0**120
-#: What float64 Gram products hold: a layer whose values span s with F · s² above FLOAT64_LARGEST_SUM would
-#: overflow them (float64's largest is about 2**1024), and one spanning 0 < s < FLOAT64_SMALLEST_SPAN would
-#: underflow them; either is refused, naming the layer, rather than giving 0 or "no variance".
-FLOAT64_LARGEST_SUM = 2.0**1000
-FLOAT64_SMALLEST_SPAN = 2.0**-480
+#: What float64 holds: the inner products of Gram matrices sum n² products of entries of at most F · s², so a
+#: layer with n · F · s² above FLOAT64_LARGEST_SUM (their square, 2**1000, near float64's largest) would overflow
+#: them (CKA 0); one spanning 0 < s < FLOAT64_SMALLEST_SPAN would underflow them (a false "no variance"). Either
+#: is refused, naming the layer.
+FLOAT64_LARGEST_SUM = 2.0**500
+FLOAT64_SMALLEST_SPAN = 2.0**-200
 
 
 @dataclass(frozen=True)
@@ -491,9 +494,10 @@ def gram_precisions(stats: FeatureStats, widths: Sequence[int], names: Sequence[
     float64 products cannot hold either is refused (``FLOAT64_LARGEST_SUM``, ``FLOAT64_SMALLEST_SPAN``).
     """
     for name, span, width in zip(names, stats.spans, widths):
-        if span > np.sqrt(FLOAT64_LARGEST_SUM / width) or 0 < span < FLOAT64_SMALLEST_SPAN:
+        if span > np.sqrt(FLOAT64_LARGEST_SUM / (width * max(stats.rows, 1))) or 0 < span < FLOAT64_SMALLEST_SPAN:
             raise ValueError(f"exact CKA of whole maps (spatial='features'): layer {name!r}'s values span {span:.3g}, "
-                             f"beyond what float64 Gram products of its {width} features hold; rescale it")
+                             f"beyond what float64 Gram products of its {width} features over {stats.rows} rows "
+                             f"hold; rescale it")
     if precision == "float64":
         return [np.dtype(np.float64)] * len(widths), "float64", None
     causes = [_not_float32(span, widest, width) for span, widest, width in zip(stats.spans, stats.widest, widths)]

@@ -176,23 +176,24 @@ def test_gram_precisions_at_the_edges_of_the_float32_and_float64_ranges():
     low, high, width = FLOAT32_SMALLEST_RANGE, FLOAT32_LARGEST_SUM, 1024
     top = np.sqrt(high / width)
     # a, b: widest column at and under the float32 floor; c, d: span at and over the float32 ceiling; e: constant
-    stats = FeatureStats([], np.array([1.0, 1.0, top, top * 1.01, 0.0]), np.array([low, low / 2, 1.0, 1.0, 0.0]))
+    stats = FeatureStats([], np.array([1.0, 1.0, top, top * 1.01, 0.0]), np.array([low, low / 2, 1.0, 1.0, 0.0]),
+                         100)
     dtypes, precision, note = gram_precisions(stats, [width] * 5, list("abcde"), "float32")
     assert [dtype.itemsize for dtype in dtypes] == [4, 8, 4, 8, 8] and precision == "float32" and note is None
     dtypes, precision, note = gram_precisions(stats, [width] * 5, list("abcde"), "auto")
     assert note == ("spatial='features': float32 Gram blocks (summed in float64), as linear CKA inverts nothing; "
                     "float64 for 'b' (no feature spanning more than 1.42e-14 in a chunk), 'd' (values spanning "
                     "3.64e+16), 'e' (constant), whose float32 products would overflow or underflow")
-    only_wide = FeatureStats([], stats.spans[[1, 4]], stats.widest[[1, 4]])
+    only_wide = FeatureStats([], stats.spans[[1, 4]], stats.widest[[1, 4]], 100)
     dtypes, precision, note = gram_precisions(only_wide, [width] * 2, ["b", "e"], "auto")
     assert [dtype.itemsize for dtype in dtypes] == [8, 8] and precision == "float64"
     assert note.startswith("spatial='features': float64 Gram blocks, as float32 products of 'b' (no feature")
     dtypes, precision, note = gram_precisions(stats, [width] * 5, list("abcde"), "float64")
     assert {dtype.itemsize for dtype in dtypes} == {8} and precision == "float64" and note is None
-    for span in (np.sqrt(FLOAT64_LARGEST_SUM / width) * 1.01, FLOAT64_SMALLEST_SPAN / 2):
+    for span in (np.sqrt(FLOAT64_LARGEST_SUM / (width * 100)) * 1.01, FLOAT64_SMALLEST_SPAN / 2):
         with pytest.raises(ValueError, match=r"layer 'x''s values span .* beyond what float64 Gram products of its "
-                                             r"1024 features hold; rescale it"):
-            gram_precisions(FeatureStats([], np.array([span]), np.array([span])), [width], ["x"], "float64")
+                                             r"1024 features over 100 rows hold; rescale it"):
+            gram_precisions(FeatureStats([], np.array([span]), np.array([span]), 100), [width], ["x"], "float64")
 
 
 def test_feature_cka_of_integer_layers_and_of_values_float64_cannot_hold():
@@ -203,21 +204,44 @@ def test_feature_cka_of_integer_layers_and_of_values_float64_cannot_hold():
         xi = np.clip(np.round(x * 40), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
         got = cka(xi, y, spatial="features")
         assert float(got["cka"]) == pytest.approx(_gram_cka(xi.astype(float), y), **_tol(got))
-    with pytest.raises(ValueError, match=r"layer 'b''s values span .* rescale it"):
-        cka(x, y * 1e200, spatial="features")
+    for scale in (1e200, 1e75, 1e-85):  # a review: CKA 0 from 1e75, a false "no variance" from 1e-85 before
+        with pytest.raises(ValueError, match=r"layer 'b''s values span .* rescale it"):
+            cka(x, y * scale, spatial="features", precision="float64")
+    for scale in (1e60, 1e-60):  # within float64's reach: the reference's value
+        got = cka(x, y * scale, spatial="features", precision="float64")
+        assert float(got["cka"]) == pytest.approx(_gram_cka(x, y), rel=1e-9)
 
 
 def test_float32_gram_products_add_their_slices_of_features_in_float64(monkeypatch):
     """Float32 Gram blocks sum at most FLOAT32_GEMM_FEATURES features in float32 (one GEMM each), the slices in
-    float64 (262,144 features with four loud ones: 2e-6 off in one float32 GEMM, 1.4e-7 in slices); here slices
-    of 7 features over 48, against the reference."""
+    float64 (262,144 features with four loud ones: 2e-6 off in one float32 GEMM, 1.4e-7 in slices). A block over
+    more features than a slice is float64, equal to the float64 product of its float32 rows; over a slice's
+    features or fewer, one float32 GEMM. Then a whole run with slices of 7 features over 48."""
     from chunkcca import engine
 
     monkeypatch.setattr(engine, "FLOAT32_GEMM_FEATURES", 7)
+    rng = np.random.default_rng(14)
+    rows_i, rows_j = (rng.standard_normal((n, 20)).astype(np.float32) for n in (5, 6))
+    block = engine._gram_block(rows_i, rows_j)
+    assert block.dtype == np.float64 and block.shape == (5, 6)
+    np.testing.assert_allclose(block, rows_i.astype(float) @ rows_j.astype(float).T, rtol=1e-6)
+    assert engine._gram_block(rows_i[:, :7], rows_j[:, :7]).dtype == np.float32
     x, y = _maps(12)
     got = cka(da.from_array(x, chunks=20), da.from_array(y, chunks=30), spatial="features")
     assert got.attrs["precision"] == "float32"
     assert float(got["cka"]) == pytest.approx(_gram_cka(x, y), **_tol(got))
+
+
+def test_float32_gram_blocks_in_chunks_of_one_row():
+    """Chunks of one datapoint (or a stride past the chunks) show no column's range within a chunk; the means of
+    merged partials do, so ordinary data keeps float32 (a review found it falling back to float64, then refused
+    under a limit that fits float32)."""
+    x, y = _maps(15, n=40)
+    for chunks, stride in ((1, 1), (3, 4)):
+        got = cka(da.from_array(x, chunks=chunks), da.from_array(y, chunks=chunks), spatial="features",
+                  stride=stride)
+        assert got.attrs["precision"] == "float32" and "float64 for" not in got.attrs["precision_auto"]
+        assert float(got["cka"]) == pytest.approx(_gram_cka(x[::stride], y[::stride]), **_tol(got))
 
 
 @pytest.mark.parametrize("precision", ["float64", "auto"])
