@@ -206,7 +206,8 @@ def _sums_chunk(rows: list[np.ndarray], first_datapoint: int) -> np.ndarray:
 def _merge_stats(into: np.ndarray, part: np.ndarray, *, widths: tuple[int, ...]) -> np.ndarray:
     """The merge of ``_sums_chunk`` partials: the sums and the count add, the extremes take the larger, and each
     side's widest column range also takes the largest difference of a column's means in the two partials (both
-    lie within the column's range). So the partial must not start at zeros, as ``grouped()``'s do."""
+    lie within the column's range). Zeros are no starting partial for these extremes (as ``grouped()``'s
+    accumulators start): the first partial is a chunk's."""
     p = sum(widths)
     counts = into[0, p], part[0, p]
     if counts[0] > 0 and counts[1] > 0:

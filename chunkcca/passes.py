@@ -424,10 +424,11 @@ FLOAT32_SMALLEST_RANGE = 2.0**-45
 FLOAT32_LARGEST_SUM = 2.0**120
 #: What float64 holds: the inner products of Gram matrices sum n² products of entries of at most F · s², so a
 #: layer with n · F · s² above FLOAT64_LARGEST_SUM (their square, 2**1000, near float64's largest) would overflow
-#: them (CKA 0); one spanning 0 < s < FLOAT64_SMALLEST_SPAN would underflow them (a false "no variance"). Either
-#: is refused, naming the layer.
+#: them (CKA 0); one that varies but whose widest column spans w < FLOAT64_SMALLEST_RANGE (its largest entries
+#: under w² / 4) would underflow them (a wrong value, or a false "no variance"). Either is refused, naming the
+#: layer.
 FLOAT64_LARGEST_SUM = 2.0**500
-FLOAT64_SMALLEST_SPAN = 2.0**-200
+FLOAT64_SMALLEST_RANGE = 2.0**-200
 
 
 @dataclass(frozen=True)
@@ -491,13 +492,14 @@ def gram_precisions(stats: FeatureStats, widths: Sequence[int], names: Sequence[
     (``FLOAT32_SMALLEST_RANGE``, ``FLOAT32_LARGEST_SUM``), else in float64: linear CKA inverts nothing, so
     unlike the covariance measures it needs no check of conditioning; float32 blocks (float32 sums of at most
     ``engine.FLOAT32_GEMM_FEATURES`` features, added in float64) keep it within 1e-6. A layer whose values
-    float64 products cannot hold either is refused (``FLOAT64_LARGEST_SUM``, ``FLOAT64_SMALLEST_SPAN``).
+    float64 products cannot hold either is refused (``FLOAT64_LARGEST_SUM``, ``FLOAT64_SMALLEST_RANGE``).
     """
-    for name, span, width in zip(names, stats.spans, widths):
-        if span > np.sqrt(FLOAT64_LARGEST_SUM / (width * max(stats.rows, 1))) or 0 < span < FLOAT64_SMALLEST_SPAN:
-            raise ValueError(f"exact CKA of whole maps (spatial='features'): layer {name!r}'s values span {span:.3g}, "
-                             f"beyond what float64 Gram products of its {width} features over {stats.rows} rows "
-                             f"hold; rescale it")
+    for name, span, widest, width in zip(names, stats.spans, stats.widest, widths):
+        overflows = span > np.sqrt(FLOAT64_LARGEST_SUM / (width * max(stats.rows, 1)))
+        if overflows or (0 < span and widest < FLOAT64_SMALLEST_RANGE):
+            raise ValueError(f"exact CKA of whole maps (spatial='features'): layer {name!r}'s values span {span:.3g} "
+                             f"(its widest column at least {widest:.3g}), beyond what float64 Gram products of its "
+                             f"{width} features over {stats.rows} rows hold; rescale it")
     if precision == "float64":
         return [np.dtype(np.float64)] * len(widths), "float64", None
     causes = [_not_float32(span, widest, width) for span, widest, width in zip(stats.spans, stats.widest, widths)]
@@ -516,13 +518,12 @@ def gram_precisions(stats: FeatureStats, widths: Sequence[int], names: Sequence[
 
 def _not_float32(span: float, widest: float, width: int) -> str | None:
     """Why float32 products cannot hold a layer of ``width`` features whose values span ``span`` and whose widest
-    column spans ``widest`` in a chunk (see ``FLOAT32_SMALLEST_RANGE``), or None if they can."""
-    if span == 0:
-        return "constant"
+    column spans at least ``widest`` (``FeatureStats``), or None if they can (a constant layer too: its blocks
+    are zeros in any precision)."""
     if span > np.sqrt(FLOAT32_LARGEST_SUM / width):
         return f"values spanning {span:.3g}"
-    if widest < FLOAT32_SMALLEST_RANGE:
-        return f"no feature spanning more than {widest:.3g} in a chunk"
+    if 0 < span and widest < FLOAT32_SMALLEST_RANGE:
+        return f"no column seen spanning more than {widest:.3g}"
     return None
 
 

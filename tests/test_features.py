@@ -106,9 +106,9 @@ def test_feature_cka_takes_float32_gram_blocks_where_each_layers_range_allows():
     reference = _gram_cka(x, y)
     auto = similarity({"x": x}, layers, spatial="features", measures=["cka"])
     assert auto.attrs["precision"] == "float32"
-    assert auto.attrs["precision_auto"].endswith("float64 for 'tiny' (no feature spanning more than 8.29e-30 in a "
-                                                 "chunk), 'huge' (values spanning 8.88e+25), whose float32 "
-                                                 "products would overflow or underflow")
+    assert auto.attrs["precision_auto"].endswith("float64 for 'tiny' (no column seen spanning more than 8.29e-30), "
+                                                 "'huge' (values spanning 8.88e+25), whose float32 products would "
+                                                 "overflow or underflow")
     _close(auto["cka"].sel(layer_a="x").values, [1.0, reference, reference, reference], auto)
     explicit = similarity({"x": x}, layers, spatial="features", measures=["cka"], precision="float32")
     assert "precision_auto" not in explicit.attrs
@@ -127,7 +127,7 @@ def test_float32_gram_blocks_judge_each_feature_not_the_layer():
     y = rng.standard_normal((200, 64))
     x = np.concatenate([np.ones((200, 1)), 1e-23 * (y[:, :32] + rng.standard_normal((200, 32)))], axis=1)
     got = cka(x, y, spatial="features")
-    assert "float64 for 'a' (no feature spanning more than" in got.attrs["precision_auto"]
+    assert "float64 for 'a' (no column seen spanning more than" in got.attrs["precision_auto"]
     # centred first: the reference's centring matrix would leave 1e-16 of the constant feature, over the rest
     assert float(got["cka"]) == pytest.approx(_gram_cka(x - x.mean(axis=0), y), **_tol(got))  # y's in float32
 
@@ -169,7 +169,7 @@ def test_gram_precisions_at_the_edges_of_the_float32_and_float64_ranges():
         FLOAT32_LARGEST_SUM,
         FLOAT32_SMALLEST_RANGE,
         FLOAT64_LARGEST_SUM,
-        FLOAT64_SMALLEST_SPAN,
+        FLOAT64_SMALLEST_RANGE,
         gram_precisions,
     )
 
@@ -179,21 +179,22 @@ def test_gram_precisions_at_the_edges_of_the_float32_and_float64_ranges():
     stats = FeatureStats([], np.array([1.0, 1.0, top, top * 1.01, 0.0]), np.array([low, low / 2, 1.0, 1.0, 0.0]),
                          100)
     dtypes, precision, note = gram_precisions(stats, [width] * 5, list("abcde"), "float32")
-    assert [dtype.itemsize for dtype in dtypes] == [4, 8, 4, 8, 8] and precision == "float32" and note is None
+    assert [dtype.itemsize for dtype in dtypes] == [4, 8, 4, 8, 4] and precision == "float32" and note is None
     dtypes, precision, note = gram_precisions(stats, [width] * 5, list("abcde"), "auto")
     assert note == ("spatial='features': float32 Gram blocks (summed in float64), as linear CKA inverts nothing; "
-                    "float64 for 'b' (no feature spanning more than 1.42e-14 in a chunk), 'd' (values spanning "
-                    "3.64e+16), 'e' (constant), whose float32 products would overflow or underflow")
-    only_wide = FeatureStats([], stats.spans[[1, 4]], stats.widest[[1, 4]], 100)
-    dtypes, precision, note = gram_precisions(only_wide, [width] * 2, ["b", "e"], "auto")
+                    "float64 for 'b' (no column seen spanning more than 1.42e-14), 'd' (values spanning 3.64e+16), "
+                    "whose float32 products would overflow or underflow")
+    only_wide = FeatureStats([], stats.spans[[1, 3]], stats.widest[[1, 3]], 100)
+    dtypes, precision, note = gram_precisions(only_wide, [width] * 2, ["b", "d"], "auto")
     assert [dtype.itemsize for dtype in dtypes] == [8, 8] and precision == "float64"
-    assert note.startswith("spatial='features': float64 Gram blocks, as float32 products of 'b' (no feature")
+    assert note.startswith("spatial='features': float64 Gram blocks, as float32 products of 'b' (no column")
     dtypes, precision, note = gram_precisions(stats, [width] * 5, list("abcde"), "float64")
     assert {dtype.itemsize for dtype in dtypes} == {8} and precision == "float64" and note is None
-    for span in (np.sqrt(FLOAT64_LARGEST_SUM / (width * 100)) * 1.01, FLOAT64_SMALLEST_SPAN / 2):
+    for span, widest in ((np.sqrt(FLOAT64_LARGEST_SUM / (width * 100)) * 1.01, 1.0),
+                         (1.0, FLOAT64_SMALLEST_RANGE / 2)):  # too large; a column too narrow beside a constant one
         with pytest.raises(ValueError, match=r"layer 'x''s values span .* beyond what float64 Gram products of its "
                                              r"1024 features over 100 rows hold; rescale it"):
-            gram_precisions(FeatureStats([], np.array([span]), np.array([span]), 100), [width], ["x"], "float64")
+            gram_precisions(FeatureStats([], np.array([span]), np.array([widest]), 100), [width], ["x"], "float64")
 
 
 def test_feature_cka_of_integer_layers_and_of_values_float64_cannot_hold():
@@ -207,6 +208,10 @@ def test_feature_cka_of_integer_layers_and_of_values_float64_cannot_hold():
     for scale in (1e200, 1e75, 1e-85):  # a review: CKA 0 from 1e75, a false "no variance" from 1e-85 before
         with pytest.raises(ValueError, match=r"layer 'b''s values span .* rescale it"):
             cka(x, y * scale, spatial="features", precision="float64")
+    beside_constant = np.concatenate([np.ones((70, 4, 4, 1)), y * 1e-81], axis=-1)  # span 1, columns of 1e-81
+    for precision in ("float64", "auto"):  # a review: 3.5e-4 off, or a false "no variance", before
+        with pytest.raises(ValueError, match=r"layer 'b''s values span 1 \(its widest column at least"):
+            cka(x, beside_constant, spatial="features", precision=precision)
     for scale in (1e60, 1e-60):  # within float64's reach: the reference's value
         got = cka(x, y * scale, spatial="features", precision="float64")
         assert float(got["cka"]) == pytest.approx(_gram_cka(x, y), rel=1e-9)
