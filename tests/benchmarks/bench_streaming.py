@@ -4,7 +4,9 @@ chunkcca within 1.15 x max(floor, CPU bound) with a cold cache. (c) runs the sam
 held back, as a measured ceiling of overlap (below).
 
 Run: python tests/benchmarks/bench_streaming.py [--datapoints 8192] [--chunk 256] [--precision float32]
-         [--compression lz4|zstd|none] [--cache cold|warm]
+         [--compression lz4|zstd|none] [--cache cold|warm] [--repeat 3]
+The table takes each case's best of the repeats; the last line also gives each repeat's own ratio (its four
+cases run one after the other) and their median, since the machine's speed drifts between repeats.
 (8192 datapoints = two 0.5 GiB layers; the store is written once under /tmp/chunkcca-bench.) Each case runs in a
 fresh process, once to warm up and once timed. (a) runs on cores + 1 Dask threads; (b) and chunkcca on the pool
 chunkcca sizes (one thread per chain and per chunk it reads ahead); zarr's decode pool has cores x READ_AHEAD
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import sys
 from pathlib import Path
 
@@ -147,15 +150,22 @@ def main() -> None:
     store_for(args.datapoints, chunk=args.chunk, compression=compression)
     options = ("--datapoints", str(args.datapoints), "--chunk", str(args.chunk), "--precision", args.precision,
                "--compression", args.compression, "--cache", args.cache)
-    best = {}
+    best: dict[str, dict] = {}
+    rounds = []  # each repeat's four cases, run one after the other
     for _ in range(args.repeat):
+        rounds.append({})
         for kind in ("read", "products", "free", "chunkcca"):
-            result = run_case(__file__, kind, *options)
+            result = rounds[-1][kind] = run_case(__file__, kind, *options)
             if kind not in best or result["seconds"] < best[kind]["seconds"]:
                 best[kind] = result
-    floor = max(best["read"]["seconds"], best["products"]["seconds"])
     cores = os.cpu_count() or 1
-    cpu_bound = (best["read"]["cpu_seconds"] + best["products"]["cpu_seconds"]) / cores
+
+    def bounds(cases: dict) -> tuple[float, float]:
+        """max(a, b) and the CPU bound (CPU a + CPU b) / cores of one set of cases."""
+        return (max(cases["read"]["seconds"], cases["products"]["seconds"]),
+                (cases["read"]["cpu_seconds"] + cases["products"]["cpu_seconds"]) / cores)
+
+    floor, cpu_bound = bounds(best)
     gib = args.datapoints * 16 * 16 * 64 * 4 * 2 / 2**30
     print(f"{machine()}; {args.datapoints} datapoints x 2 layers (16x16x64 float32, {gib:.2f} GiB), chunk "
           f"{args.chunk}, precision {args.precision}, compression {args.compression}, {args.cache} page cache; "
@@ -172,6 +182,9 @@ def main() -> None:
           f"chunkcca / max(floor, CPU bound) = {best['chunkcca']['seconds'] / max(floor, cpu_bound):.2f}; "
           f"(c) / max(floor, CPU bound) = {best['free']['seconds'] / max(floor, cpu_bound):.2f}; "
           f"chunkcca / (c) = {best['chunkcca']['seconds'] / best['free']['seconds']:.2f}")
+    each = sorted(cases["chunkcca"]["seconds"] / max(bounds(cases)) for cases in rounds)
+    print(f"each repeat's own chunkcca / max(floor, CPU bound): {', '.join(f'{ratio:.2f}' for ratio in each)} "
+          f"(median {statistics.median(each):.2f})")
 
 
 if __name__ == "__main__":
