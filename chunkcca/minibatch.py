@@ -42,16 +42,6 @@ def minibatch_gram(rows: np.ndarray, batch: int, size: int) -> Hollow:
     return _hollow(minibatch @ minibatch.T)
 
 
-def pair_hsic(grams: Sequence[Hollow]) -> np.ndarray:
-    """HSIC(Kₗ, Kₘ) of every pair of one minibatch's hollowed Gram matrices, (L, L), symmetric."""
-    sides = len(grams)
-    hsic = np.zeros((sides, sides))
-    for left in range(sides):
-        for right in range(left, sides):
-            hsic[left, right] = hsic[right, left] = _hsic(grams[left], grams[right])
-    return hsic
-
-
 def check_boundary(first_row: int, size: int, first_datapoint: int) -> None:
     """Refuse a chunk whose first row (global) does not start a minibatch."""
     if first_row % size:
@@ -75,7 +65,10 @@ def chunk_hsic(minibatches: Iterable[Sequence[Hollow]], sides: int, rows: int, s
     from its whole minibatches' hollowed Gram matrices of the L ``sides``, taken one minibatch at a time."""
     hsic = np.zeros((sides, sides))
     for grams in minibatches:
-        hsic += pair_hsic(grams)
+        for left in range(sides):
+            for right in range(left, sides):
+                hsic[left, right] += _hsic(grams[left], grams[right])
+    hsic = np.triu(hsic) + np.triu(hsic, 1).T  # symmetric
     count = rows // size
     return np.concatenate([hsic.ravel(), [count, rows - count * size]])
 
