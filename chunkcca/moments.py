@@ -359,19 +359,19 @@ def _flat(array: np.ndarray) -> np.ndarray:
     return flat
 
 
-#: Adds one sub-block's products where they are kept: ``add(block, sums, widen)``, block (*batch, rows, p) in the
-#: product precision, sums its column sums, ``widen()`` the same rows in float64 (complex128), for products that
-#: ``single_failed``; returns whether it widened any.
-AddProducts = Callable[[np.ndarray, np.ndarray, Callable[[], np.ndarray]], bool]
+#: Adds one sub-block's products where they are kept: ``add(block, widen)``, block (*batch, rows, p) in the
+#: product precision, ``widen()`` the same rows in float64 (complex128), for products that ``single_failed``;
+#: returns whether it widened any.
+AddProducts = Callable[[np.ndarray, Callable[[], np.ndarray]], bool]
 
 
-def _add_products(products: np.ndarray, block: np.ndarray, sums: np.ndarray, widen: Callable[[], np.ndarray]) -> bool:
+def _add_products(products: np.ndarray, block: np.ndarray, widen: Callable[[], np.ndarray]) -> bool:
     """``products += Bᵀ B̄`` per batch element, multiplied in the block's precision a few batch elements at a time
     (``PRODUCT_BYTES``), a group whose single-precision products failed made again from ``widen()``: products
     (*batch, p, p) float64/complex128, block (*batch, rows, p). A real block's Bᵀ B runs as one symmetric rank-k
     update (SYRK), exactly symmetric. Returns whether a group was widened."""
-    flat_products, flat_block, flat_sums = _flat(products), _flat(block), sums.reshape(-1, sums.shape[-1])
-    p, rows = block.shape[-1], block.shape[-2]
+    flat_products, flat_block = _flat(products), _flat(block)
+    p = block.shape[-1]
     group = max(1, PRODUCT_BYTES // (p * p * block.itemsize))
     temp = np.empty((min(group, flat_block.shape[0]), p, p), dtype=block.dtype)
     widened = False
@@ -380,7 +380,7 @@ def _add_products(products: np.ndarray, block: np.ndarray, sums: np.ndarray, wid
         out = temp[: part.shape[0]]
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             np.matmul(np.swapaxes(part, -1, -2), part.conj() if np.iscomplexobj(part) else part, out=out)
-        if single_failed(out, flat_sums[lo : lo + group], rows):
+        if single_failed(out, part):
             wide = _flat(widen())[lo : lo + group]
             flat_products[lo : lo + group] += np.swapaxes(wide, -1, -2) @ (wide.conj() if np.iscomplexobj(wide)
                                                                           else wide)
@@ -395,16 +395,21 @@ def _add_products(products: np.ndarray, block: np.ndarray, sums: np.ndarray, wid
 SINGLE_UNDERFLOW = 2.0**-110
 
 
-def single_failed(products: np.ndarray, sums: np.ndarray, rows: int) -> bool:
-    """Whether single-precision products (…, p, p) of rows whose column sums are ``sums`` (…, p) over- or
-    underflowed: not finite, or a channel's squares (the diagonal) averaging 0 or below ``SINGLE_UNDERFLOW``
-    while its values are not all 0. False for products in float64 (complex128). O(p²), on products made."""
+def single_failed(products: np.ndarray, block: np.ndarray) -> bool:
+    """Whether single-precision products (…, p, p) of the rows ``block`` (…, rows, p) over- or underflowed: not
+    finite, or a channel's squares (the diagonal) averaging below ``SINGLE_UNDERFLOW``, or 0 while its values
+    are not all 0. False for products in float64 (complex128). O(p²) on products made, and O(rows) for each
+    channel whose squares are 0."""
     if products.dtype not in (np.float32, np.complex64):
         return False
     if not np.isfinite(products).all():
         return True
-    squares = np.diagonal(products, axis1=-2, axis2=-1).real / max(rows, 1)
-    return bool((((squares == 0) & (sums != 0)) | ((squares > 0) & (squares < SINGLE_UNDERFLOW))).any())
+    squares = np.diagonal(products, axis1=-2, axis2=-1).real / max(block.shape[-2], 1)
+    if ((squares > 0) & (squares < SINGLE_UNDERFLOW)).any():
+        return True
+    zero = squares == 0  # (…, p): a dead channel, or values whose squares underflowed to 0
+    columns = np.flatnonzero(zero.reshape(-1, zero.shape[-1]).any(axis=0))
+    return bool(columns.size) and bool(((block[..., columns] != 0) & zero[..., None, columns]).any())
 
 
 class _Shifted:
@@ -437,7 +442,11 @@ class _Shifted:
             shift = np.concatenate([side[..., finite, :].mean(axis=-2, dtype=self.wide) if finite.any()
                                     else np.zeros(side.shape[:-2] + side.shape[-1:], self.wide)
                                     for side in leading], axis=-1)
-        self.shift = shift.astype(self.dtype)[..., None, :]  # what is subtracted, exactly
+        # what is subtracted, exactly: in the rows' own precision where it is finer than the products' (float64
+        # rows, float32 products), so that a constant channel shifts to 0 and a common offset costs no digits;
+        # else in the products' (float32 rows: the subtraction stays in float32)
+        finest = np.result_type(*(side.dtype for side in sides), self.dtype)
+        self.shift = shift.astype(finest if finest.itemsize > self.dtype.itemsize else self.dtype)[..., None, :]
 
     def taken(self, start: int) -> list[np.ndarray]:
         """Each side's rows start … start + per_block − 1."""
@@ -496,7 +505,7 @@ def accumulate(add_products: AddProducts, sides: Sequence[np.ndarray], precision
         if block.shape[-2] == 0:  # every row of the sub-block left out
             continue
         wide: list[np.ndarray] = []
-        if add_products(block, block_sums, partial(_widened, wide, shifted, taken)):
+        if add_products(block, partial(_widened, wide, shifted, taken)):
             block = wide[0]  # the sums (and row norms), as the products, of the rows in float64
             block_sums = block.sum(axis=-2)
         sums += block_sums

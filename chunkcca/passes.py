@@ -9,6 +9,7 @@ for; ``minibatch_pass()`` runs another declared reduction (minibatch CKA) the sa
 from __future__ import annotations
 
 import itertools
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -236,10 +237,24 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     stats = _merged(parts)
     if stats.n == 0:
         raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
+    wanted, why = _whole_run_precision(parts, names, datapoints) if options.precision == "float32" else ("", "")
+    if wanted == "float64":
+        warnings.warn(f"precision='float32' on ill-conditioned layers ({why}): float32 products can move "
+                      f"correlations by 1e-3 and more there; precision='auto' (the default) or 'float64' would "
+                      f"not", RuntimeWarning, stacklevel=_user_level())
     # rows left out: none but padding under nan_policy="raise"; under "omit", non-finite rows and padding alike
     omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
     return Streamed(tuple(layers), tuple(adapters), stats, omitted, note,
                     parts if codes is not None else None)
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` that makes a warning given by the caller name the first frame outside chunkcca (the
+    user's call, whichever entry point it went through)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "chunkcca":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:
@@ -284,15 +299,24 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
             f"conditioning")
     pilot = moments_of(0, first, "float64", step=f", pass 1 of 2: the first {first} datapoints")
     merged = _merged(pilot)
-    choice, reason = _choose_precision(merged, tuple(str(layer.name) for layer in layers), first)
+    names = tuple(str(layer.name) for layer in layers)
+    choice, reason = _choose_precision(merged, names, f"the first {first} datapoints")
     if merged.n < needed:  # padding or omitted rows took some out
         reason += (f"; only {merged.n} of its rows are real (padding and omitted rows are left out), "
                    f"fewer than the {needed} that show layer {widest!r}'s conditioning")
     if first == datapoints:
         return pilot, f"auto: float64 products, as the pilot is the whole run ({choice} for the rest); {reason}"
     # the pilot's statistics are the first chain's accumulator in the rest of the run: not held beside it
-    return moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest", after=pilot), \
-        f"auto: {choice} products; {reason}"
+    parts = moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest", after=pilot)
+    if choice == "float64":
+        return parts, f"auto: float64 products; {reason}"
+    # the pilot may not show the whole run's conditioning (datapoints stored sorted by class), nor a group's
+    whole, whole_reason = _whole_run_precision(parts, names, datapoints)
+    if whole == "float32":
+        return parts, f"auto: float32 products; {reason}; {whole_reason}"
+    del parts
+    return moments_of(0, datapoints, "float64", step=", pass 3: all again, in float64"), (
+        f"auto: float64 products, in a third pass over all the datapoints: {reason}, but {whole_reason}")
 
 
 def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions,
@@ -408,7 +432,7 @@ def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
             warnings.warn(f"layer {str(layer.name)!r} is read in {chunks} chunks of {format_bytes(per_chunk)}: each "
                           f"chunk is a task, and chunks this small stream many times slower than chunks of 16-64 "
                           f"MiB; write it with chunks='auto' (or rechunk an in-memory array)", PerformanceWarning,
-                          stacklevel=4)
+                          stacklevel=_user_level())
 
 
 #: A side's Gram blocks are made in float32 (precision "auto" or "float32") when its F features' centred values
@@ -655,8 +679,9 @@ def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> t
 
 
 def _choose_precision(pilot: Moments | TiledMoments, names: Sequence[str],
-                      datapoints: int) -> tuple[ProductPrecision, str]:
-    """float32 or float64 products for ``precision="auto"``, from the pilot chunk's correlation matrices, and why."""
+                      where: str) -> tuple[ProductPrecision, str]:
+    """float32 or float64 products for ``precision="auto"``, from the correlation matrices of Moments (the
+    pilot's, the whole run's or a group's: ``where``, e.g. "the first 100 datapoints"), and why."""
     worst, worst_name = 0.0, ""
     for side, name in enumerate(names):
         scatter = pilot.select([side]).scatter
@@ -665,8 +690,32 @@ def _choose_precision(pilot: Moments | TiledMoments, names: Sequence[str],
         if condition > worst:
             worst, worst_name = condition, name
     choice: ProductPrecision = "float64" if worst > AUTO_CONDITION else "float32"
-    return choice, (f"the largest correlation-matrix condition number in the first {datapoints} datapoints "
+    return choice, (f"the largest correlation-matrix condition number in {where} "
                     f"is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
+
+
+def _whole_run_precision(parts: Parts, names: Sequence[str], datapoints: int) -> tuple[ProductPrecision, str]:
+    """float64 if the correlation matrices of the whole run or of a group (``parts``) are worse conditioned than
+    ``AUTO_CONDITION`` allows, else float32, and why. Valid on float32 products: they move a correlation matrix
+    by ~1e-6, far less than the threshold's 1 / 1e3."""
+    choice, reason = _choose_precision(_merged(parts), names, f"all {datapoints} datapoints")
+    if choice == "float32" and len(parts) > 1:
+        choice, reason = _groups_precision(parts, names, reason)
+    return choice, reason
+
+
+def _groups_precision(parts: Parts, names: Sequence[str], reason: str) -> tuple[ProductPrecision, str]:
+    """float64 if a group's correlation matrices are worse conditioned than ``AUTO_CONDITION`` allows, else
+    float32 (with ``reason``, the whole run's). A group with no more rows than a layer's varying channels is
+    singular in any precision and is not judged."""
+    for group, part in enumerate(parts):
+        varying = max(int((np.diagonal(part.select([side]).scatter, axis1=-2, axis2=-1).real > 0).sum(axis=-1).max())
+                      for side in range(len(names)))
+        if part.n > varying:
+            choice, why = _choose_precision(part, names, f"the {part.n} rows of group {group}")
+            if choice == "float64":
+                return choice, why
+    return "float32", reason + "; and in each group's"
 
 
 def _condition(scatter: np.ndarray, kept: np.ndarray) -> float:

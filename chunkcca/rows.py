@@ -72,8 +72,9 @@ class Adapter:
     layer) along its position dims ``dims``, ``stride`` the step through the global row order.
     ``resample`` holds an (out, in) interpolation matrix per position dim (``interp``, made with
     ``method`` on ``grid``; None for an axis left as it is); ``frequencies`` the kept DFT indices
-    per position dim, ``frequency_labels`` their frequencies in cycles per map, and
-    ``spectrum_dtype`` the dtype the FFT runs in (``dft``).
+    per position dim and ``frequency_labels`` their frequencies in cycles per map (``dft``, whose FFT runs in
+    complex128 whatever the products' precision: a common offset rounded with the values in complex64 moved
+    ρ by 8e-3 at 1e6).
 
     A padding mask (datapoint, *positions), True at real positions, selects rows: ``flatten`` keeps
     the rows (after the stride) where the mask it is given is True (both layers' masks, combined
@@ -90,7 +91,6 @@ class Adapter:
     grid: str | None = None
     frequencies: tuple[np.ndarray, ...] | None = None
     frequency_labels: tuple[np.ndarray, ...] | None = None
-    spectrum_dtype: str = "complex128"
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -149,7 +149,7 @@ class Adapter:
         positions = int(np.prod(self.shape, dtype=np.int64))
         if self.kind == "dft":
             kept = int(np.prod(self.batch_shape, dtype=np.int64))
-            per = (2 * positions + kept) * channels * np.dtype(self.spectrum_dtype).itemsize
+            per = (2 * positions + kept) * channels * np.dtype(np.complex128).itemsize
             return min(datapoints, rows_at_once) * per
         if self.kind == "interp":
             return datapoints * 2 * max(positions, int(np.prod(self.out_shape, dtype=np.int64))) * channels * 8
@@ -217,12 +217,12 @@ class Adapter:
         raise ValueError(f"unknown spatial adapter {self.kind!r}")
 
     def spectrum(self, block: np.ndarray) -> np.ndarray:
-        """The kept frequencies of each datapoint's map: (*frequencies, datapoint, channel), ``spectrum_dtype``."""
-        # numpy >= 2 transforms float32 in complex64, faster from the real block than from a complex64
-        # copy; complex128 runs faster from a complex128 copy than from float64 (the cast is exact either way)
-        single = self.spectrum_dtype == "complex64" and not np.iscomplexobj(block)
+        """The kept frequencies of each datapoint's map: (*frequencies, datapoint, channel), complex128. Products
+        in single precision take these rows less their shift, then rounded (``moments``), so an offset common to
+        the values costs no digits."""
         axes = tuple(range(1, block.ndim - 1))
-        spectrum = np.fft.fftn(block.astype(np.float32 if single else self.spectrum_dtype, copy=False), axes=axes)
+        # complex128 runs faster from a complex128 copy than from float64 (the cast is exact either way)
+        spectrum = np.fft.fftn(block.astype(np.complex128, copy=False), axes=axes)
         # one gather, straight into (*frequencies, datapoint, channel) C order
         return np.moveaxis(spectrum, 0, -2)[np.ix_(*self.frequencies)]
 
@@ -234,7 +234,7 @@ class SpectrumRows:
 
     def __init__(self, adapter: Adapter, block: np.ndarray, datapoints: np.ndarray) -> None:
         self.adapter, self.block, self.datapoints = adapter, block, datapoints
-        self.dtype = np.dtype(adapter.spectrum_dtype)
+        self.dtype = np.dtype(np.complex128)
         self.shape = (*adapter.batch_shape, datapoints.size, block.shape[-1])
         self.ndim = len(self.shape)
 
@@ -260,7 +260,6 @@ PER_DATAPOINT = ("avgpool", "dft", "first", "last", "features")
 def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> tuple[Adapter, Adapter]:
     """The adapters of two layers compared with ``options.spatial``; raises naming the layers if they cannot pair.
 
-    ``options.precision`` sets the FFT's dtype for dft (complex64 for "float32").
     """
     spatial, stride = options.spatial, options.stride
     size_a, size_b = spatial_shape(a.shape), spatial_shape(b.shape)
@@ -298,11 +297,8 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
                         grid=grid))
     kept = [shared_frequencies(size_a[axis], size_b[axis]) for axis in range(len(dims_a))]
     labels = tuple(frequency_labels(size_a[axis], size_b[axis]) for axis in range(len(dims_a)))
-    dtype = "complex64" if options.precision == "float32" else "complex128"
-    return (Adapter("dft", size_a, stride, dims_a, frequencies=tuple(k[0] for k in kept), frequency_labels=labels,
-                    spectrum_dtype=dtype),
-            Adapter("dft", size_b, stride, dims_b, frequencies=tuple(k[1] for k in kept), frequency_labels=labels,
-                    spectrum_dtype=dtype))
+    return (Adapter("dft", size_a, stride, dims_a, frequencies=tuple(k[0] for k in kept), frequency_labels=labels),
+            Adapter("dft", size_b, stride, dims_b, frequencies=tuple(k[1] for k in kept), frequency_labels=labels))
 
 
 def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) -> tuple[Adapter, ...]:

@@ -102,8 +102,7 @@ class Tiling:
                 outer *= weight  # after the product, so that the diagonal blocks stay exactly symmetric
                 tile[lo : lo + step] += outer
 
-    def add_products(self, packed: np.ndarray, block: np.ndarray, sums: np.ndarray,
-                     widen: Callable[[], np.ndarray]) -> bool:
+    def add_products(self, packed: np.ndarray, block: np.ndarray, widen: Callable[[], np.ndarray]) -> bool:
         """Each tile += the products of the block's rows (rows, P) for its blocks, made in the block's precision
         one span at a time; a tile whose own block failed in single precision (``moments.single_failed``) is made
         from ``widen()`` (the rows in float64), as is any other span whose product did not stay finite. Returns
@@ -114,7 +113,7 @@ class Tiling:
             for start, stop in self.columns[side]:
                 with np.errstate(over="ignore", under="ignore", invalid="ignore"):
                     product = source[:, part].T @ source[:, start:stop]
-                failed = (single_failed(product[:, : part.stop - part.start], sums[part], block.shape[0])
+                failed = (single_failed(product[:, : part.stop - part.start], source[:, part])
                           if column == 0 else product.dtype == np.float32 and not np.isfinite(product).all())
                 if failed:
                     widened = True

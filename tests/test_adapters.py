@@ -80,14 +80,26 @@ def test_shared_frequencies_of_sizes_whose_fftfreq_is_inexact(size_a, size_b):
         np.testing.assert_array_equal(np.rint(np.fft.fftfreq(size, 1 / size)[indices]), wanted)
 
 
-def test_dft_rows_of_float64_blocks_in_complex64_equal_those_of_float32_blocks():
+def test_dft_rows_are_the_complex128_spectrum_of_float32_and_float64_blocks():
     acts = np.random.default_rng(3).standard_normal((5, 4, 6, 3))
-    adapter = Adapter("dft", (4, 6), frequencies=(np.array([0, 1, 3]), np.arange(6)), spectrum_dtype="complex64")
+    adapter = Adapter("dft", (4, 6), frequencies=(np.array([0, 1, 3]), np.arange(6)))
     rows = adapter.rows(acts)
-    assert rows.dtype == np.complex64 and rows.shape == (3, 6, 5, 3) and rows.flags.c_contiguous
-    np.testing.assert_array_equal(rows, adapter.rows(acts.astype(np.float32)))
-    spectrum = np.fft.fft2(acts.astype(np.float32).astype(np.complex64), axes=(1, 2))
+    assert rows.dtype == np.complex128 and rows.shape == (3, 6, 5, 3) and rows.flags.c_contiguous
+    spectrum = np.fft.fft2(acts, axes=(1, 2))
     np.testing.assert_array_equal(rows, np.moveaxis(spectrum[:, [0, 1, 3]], 0, 2))
+    single = acts.astype(np.float32)
+    np.testing.assert_array_equal(adapter.rows(single), adapter.rows(single.astype(np.float64)))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_dft_cca_in_float32_keeps_the_digits_of_values_with_a_common_offset(offset):
+    """The FFT ran in complex64 under precision="float32": an offset of 1e6 (a spread of 1) moved rho by 8e-3.
+    Now the FFT runs in complex128 and only the shifted rows are rounded."""
+    rng = np.random.default_rng(21)
+    a, b = rng.standard_normal((300, 4, 4, 5)), rng.standard_normal((300, 4, 4, 6))
+    b[..., :2] += a[..., :2]
+    got = cca(da.from_array(a + offset, chunks=(70, -1, -1, -1)), b, spatial="dft", precision="float32")["rho"]
+    np.testing.assert_allclose(got, dft_correlations(a + offset, b), atol=1e-5)  # float32 products: ~1e-6 here
 
 
 @pytest.mark.parametrize("method", ["linear", "nearest", "cubic"])

@@ -327,6 +327,24 @@ def test_channel_units_do_not_matter(scale):
     np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-9)
 
 
+@pytest.mark.parametrize("chunks", [500, 7, 3])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_a_constant_float64_channel_is_pruned_and_a_varying_one_far_from_zero_is_kept(chunks, precision):
+    """A constant float64 channel once kept a variance of 7e-11 of its mean under float32 products (its shift
+    was rounded to float32), so it was not pruned; a real channel of mean 1e12 and spread 0.98 (8000 rounding
+    units of its mean) was pruned as constant by the old 1e-12 rule."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((500, 4))
+    y = x[:, :3] @ rng.standard_normal((3, 3)) + 0.5 * rng.standard_normal((500, 3))
+    x[:, 0] += 1e12
+    x[:, 3] = np.pi * 1e5
+    result = cca(da.from_array(x, chunks=chunks), y, precision=precision)
+    assert result["pruned_a"].values.tolist() == [False, False, False, True]
+    if chunks == 500:  # in smaller chunks the merge of means near 1e12 costs ~2e-6 (docs/concepts.md)
+        want = canonical_correlations(x[:, :3] - x[:, :3].mean(axis=0), y)
+        np.testing.assert_allclose(result["rho"], want, atol=1e-5 if precision == "float32" else 1e-8)
+
+
 def test_constant_channels_at_an_offset_are_pruned():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((300, 3)).astype(np.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import dask
 import dask.array as da
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reference import canonical_correlations, cka_reference, flatten_rows
 
-from chunkcca import cca, cka, similarity
+from chunkcca import cca, cka, compare, similarity
 
 
 def _with_nan(seed: int = 0) -> tuple[np.ndarray, xr.DataArray]:
@@ -156,8 +157,80 @@ def test_precision_auto_switches_to_float64_when_float32_cannot_hold_and_says_so
     assert "condition number in the first 3000 datapoints is" in result.attrs["precision_auto"]
     assert "layer 'a'" in result.attrs["precision_auto"]
     np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-8)
-    float32 = cca(da.from_array(x, chunks=3000), y, precision="float32")
-    assert np.abs(float32["rho"] - canonical_correlations(x, y)).max() > 1e-5, "float32 really falls short here"
+    with pytest.warns(RuntimeWarning, match="ill-conditioned layers"):
+        float32 = cca(da.from_array(x, chunks=3000), y, precision="float32")
+    # 4.5e-6 since float64 rows are shifted in float64 before rounding (1.1e-5 before), 450 times auto's 1e-8
+    assert np.abs(float32["rho"] - canonical_correlations(x, y)).max() > 1e-6, "float32 really falls short here"
+
+
+def _sorted_by_class(seed: int = 17) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Datapoints stored by class (300 each); channels 0 and 5 share a class signal 1000 times their spread, so
+    that the whole run's correlation matrix is ill-conditioned (about 3e6) and any one class's is not; y0 reads
+    x0 − x5. Returns x, y and the classes."""
+    rng = np.random.default_rng(seed)
+    classes = np.repeat(np.arange(10), 300)
+    x = rng.standard_normal((3000, 6))
+    x[:, [0, 5]] += 1000 * rng.standard_normal(10)[classes, None]
+    y = rng.standard_normal((3000, 3))
+    y[:, 0] = x[:, 0] - x[:, 5] + 0.5 * rng.standard_normal(3000)
+    return x, y, classes
+
+
+def test_precision_auto_checks_the_whole_run_when_the_pilot_did_not_show_its_conditioning():
+    """The pilot (the first class) was well conditioned (1.85); float32 products then lost x0 − x5 at the
+    solve (rank 5 of 6) and gave rho_1 0.05 against 0.94. Now the whole run is checked and made again in
+    float64."""
+    x, y, _ = _sorted_by_class()
+    result = cca(da.from_array(x, chunks=100), da.from_array(y, chunks=100))
+    assert result.attrs["precision"] == "float64"
+    assert "in a third pass over all the datapoints" in result.attrs["precision_auto"]
+    assert "condition number in all 3000 datapoints is 3." in result.attrs["precision_auto"]
+    np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-8)
+    with pytest.warns(RuntimeWarning, match="ill-conditioned layers"):
+        float32 = cca(da.from_array(x, chunks=100), da.from_array(y, chunks=100), precision="float32")
+    assert abs(float(float32["rho"][0]) - canonical_correlations(x, y)[0]) > 0.5, "float32 really falls short"
+
+
+def test_explicit_float32_on_ill_conditioned_layers_warns_at_the_users_call():
+    x, y, _ = _sorted_by_class()
+    a, b = da.from_array(x, chunks=100), da.from_array(y, chunks=100)
+    for call in (lambda: cca(a, b, precision="float32"),
+                 lambda: compare(a, b, measures=["cka"], precision="float32"),
+                 lambda: similarity({"a": a}, {"b": b}, measures=["cka"], precision="float32")):
+        with pytest.warns(RuntimeWarning, match=r"precision='float32' on ill-conditioned layers \(the largest "
+                                                r"correlation-matrix condition number in all 3000 datapoints is 3\.") \
+                as caught:
+            call()
+        assert {record.filename for record in caught} == {__file__}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cca(a, b)  # auto: no warning, float64 where needed
+        cca(da.from_array(y, chunks=100), da.from_array(x[:, 1:5], chunks=100), precision="float32")
+
+
+def test_precision_auto_checks_each_group_when_the_whole_run_is_well_conditioned():
+    """Within each class x3 ≈ x0 (cond ~1e6); across classes the class offsets keep them apart (cond ~3), in the
+    pilot (the classes are mixed) as in the whole run."""
+    rng = np.random.default_rng(3)
+    classes = rng.permutation(np.repeat(np.arange(4), 1000))
+    x = rng.standard_normal((4000, 4))
+    x[:, 3] = x[:, 0] + 1e-3 * rng.standard_normal(4000) + 10 * rng.standard_normal(4)[classes]
+    y = rng.standard_normal((4000, 2))
+    y[:, 0] = 1000 * (x[:, 3] - x[:, 0]) + 0.3 * rng.standard_normal(4000)
+    coords = {"label": ("datapoint", classes)}
+    a = xr.DataArray(x, dims=("datapoint", "channel"), name="a", coords=coords).chunk({"datapoint": 250})
+    b = xr.DataArray(y, dims=("datapoint", "channel"), name="b", coords=coords).chunk({"datapoint": 250})
+    result = cca(a, b, groupby="label")
+    assert result.attrs["precision"] == "float64", result.attrs["precision_auto"]
+    assert "rows of group" in result.attrs["precision_auto"]
+    for label in range(4):
+        chosen = classes == label
+        np.testing.assert_allclose(result["rho"].sel(label=label), canonical_correlations(x[chosen], y[chosen]),
+                                   atol=1e-8)
+    with pytest.warns(RuntimeWarning, match="ill-conditioned layers"):
+        float32 = cca(a, b, groupby="label", precision="float32")
+    first = classes == 0
+    assert float(float32["rho"].sel(label=0)[0]) < 0.1 < 0.9 < canonical_correlations(x[first], y[first])[0]
 
 
 def test_precision_auto_keeps_float32_on_well_conditioned_offset_data():

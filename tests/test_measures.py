@@ -225,6 +225,19 @@ def test_constant_side_is_reported_not_nan():
             call()
 
 
+def test_a_side_constant_to_rounding_is_undefined_for_every_measure():
+    """Varying by 3e-15 of 1e3 (14 rounding units, below the 64 of ``CONSTANT_RTOL``): CCA pruned every channel
+    and gave rho_mean 0.0 (rank 0) while the variance check, judging the scatter (n − 1 = 399 times the
+    variances), let it through."""
+    from chunkcca import pwcca
+
+    x, y = _pair(16)
+    constant = 1e3 + 3e-12 * np.random.default_rng(16).standard_normal(x.shape)
+    for call in (cca, svcca, pwcca, cka, procrustes):
+        with pytest.raises(ValueError, match="is undefined: layer 'a' has no variance"):
+            call(constant, y, precision="float64")
+
+
 def test_measures_reject_dft_and_bad_parameters():
     x, y = _pair(15)
     with pytest.raises(ValueError, match=r"cka\(\) does not work per spatial frequency \(spatial='dft'\); with "
