@@ -29,7 +29,7 @@ from .measures import (
     side_without_variance,
 )
 from .moments import Moments
-from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int
+from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int, group_codes
 from .passes import GramSums, Streamed, gram_pass, minibatch_pass, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 from .tiles import TiledMoments
@@ -96,7 +96,7 @@ def _groups(layer: xr.DataArray, options: StreamOptions) -> Groups | None:
         found = [str(c) for c, coord in layer.coords.items() if coord.dims == ("datapoint",) and c != "datapoint"]
         raise ValueError(f"{option}={name!r}: layer {str(layer.name)!r} has no coordinate {name!r} on datapoint "
                          f"(it has {', '.join(found) or 'none but datapoint'})")
-    labels, codes = np.unique(np.asarray(layer.coords[name].values), return_inverse=True)
+    labels, codes = group_codes(layer.coords[name].values, option, name, str(layer.name))
     if option == "folds" and len(labels) < 2:
         raise ValueError(f"folds={name!r} gives {len(labels)} fold; folds need at least 2")
     return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels, name if option == "groupby" else "fold")

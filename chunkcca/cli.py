@@ -78,7 +78,7 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
                              f"cannot fit says so before reading")
     parser.add_argument("--scheduler", help=SCHEDULER_HELP)
     parser.add_argument("--connect-timeout", type=float, default=10.0,
-                        help="seconds to wait for a scheduler given by address (default 10)")
+                        help="seconds (> 0) to wait for a scheduler given by address (default 10)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -87,13 +87,22 @@ def _add_group_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=_folds, help="K >= 2 contiguous folds of the datapoints, or a coordinate "
                                                      "naming each one's fold: jackknife errors and intervals, and "
                                                      "the held-out measures heldout_cca and predictivity")
-    parser.add_argument("--confidence", type=float, help="with --folds: the intervals' level (default 0.95)")
+    parser.add_argument("--confidence", type=float, help="with --folds: the intervals' level, in (0, 1) (default 0.95)")
     parser.add_argument("--ridge", type=float, nargs="+", help="predictivity: the ridge, relative to the mean "
                                                                "variance (default 0.01)")
 
 
-def _folds(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
+def _folds(text: str) -> int | float | str:
+    """--folds as given: a number (K, which StreamOptions checks) or a coordinate name."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
 
 
 def _add_solve_options(parser: argparse.ArgumentParser) -> None:
@@ -293,7 +302,9 @@ def _run_compare(args: argparse.Namespace) -> None:
             raise ValueError("--plot draws canonical correlation curves: include a CCA-family measure (mean_cca, "
                              "r2_cca, svcca, pwcca) in --measure, and not with --spatial dft (a matrix of "
                              "frequencies)")
-        _check_folder(args.plot, "--plot")
+        _check_plot(args)
+    if args.checkpoint and "://" not in args.checkpoint:  # StreamOptions refuses a URL
+        _check_folder(args.checkpoint, "--checkpoint")
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a), _layer(tree_b, args.layer_b)
     result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint,
@@ -342,6 +353,22 @@ def _check_folder(path: str, option: str) -> None:
         raise ValueError(f"{option} {path}: no folder {folder}")
 
 
+def _check_plot(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a --plot that could not be drawn or saved: with --groupby (one figure, not one per
+    group), a folder, a file type matplotlib does not write or a missing folder."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if args.groupby:
+        raise ValueError(f"--plot {args.plot}: draws one figure of all the datapoints, not one per group; run "
+                         f"--groupby {args.groupby} without --plot")
+    if Path(args.plot).is_dir():
+        raise ValueError(f"--plot {args.plot}: is a folder; name an image file, e.g. plot.png")
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if Path(args.plot).suffix.lower().lstrip(".") not in formats:
+        raise ValueError(f"--plot {args.plot}: name an image file ending in one of .{', .'.join(formats)}")
+    _check_folder(args.plot, "--plot")
+
+
 def _select(tree: Any, names: list[str]) -> dict[str, Any]:
     """The layers under each of ``names`` (layers or groups), by path, in the order named and, within a group, in
     the store's (network) order."""
@@ -355,7 +382,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")
     _check_folder(args.out, "--out")
     if args.plot:
-        _check_folder(args.plot, "--plot")
+        _check_plot(args)
     tree_a, tree_b = _stores(args)
     result = chunkcca.similarity(_select(tree_a, args.a), _select(tree_b, args.b), measures=measures,
                                  **_given_solve_options(args), **_streaming(args))
@@ -382,6 +409,16 @@ def size_decode_pool() -> None:
         zarr.config.set({"threading.max_workers": (os.cpu_count() or 2) * max(1, READ_AHEAD)})
 
 
+def _resume_note(args: argparse.Namespace) -> str:
+    """What an interrupted run's --checkpoint holds for the next one."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if not checkpoint:
+        return ""
+    if os.path.exists(checkpoint):
+        return f"; run the same command again to resume from the checkpoint {checkpoint}"
+    return f"; no checkpoint was saved to {checkpoint} yet, so the same command starts again"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
     args = build_parser().parse_args(argv)
@@ -399,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare,
                  "sweep": _run_sweep}[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C
+        print(f"chunkcca {args.command}: error: interrupted{_resume_note(args)}", file=sys.stderr)
+        return 2
     except MemoryError as error:
         print(f"chunkcca {args.command}: error: out of memory{': ' + str(error).splitlines()[0] if str(error) else ''}",
               file=sys.stderr)

@@ -10,6 +10,7 @@ below the public functions checks an option again.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -50,6 +51,9 @@ SPLIT_EVERY = 8
 #: ResNet-18s' 20 conv layers each, swept, fit in one chain (1.2 GB peak) and the jobs with smaller statistics
 #: in one per core (docs/performance.md).
 MEMORY_LIMIT = "1.5GiB"
+#: The largest memory_limit (1 EiB): far beyond any machine, and within numpy's int64 (and exactly a float, so that
+#: a size at most this never rounds over it).
+MAX_MEMORY_LIMIT = 2**60
 #: Chunks each chain reads ahead of the one it folds on the local pool (``engine.reads_ahead()``), so that the
 #: disk is busy while the cores multiply: cold streaming of 1 GiB, median 1.35 s against 1.80 s with none
 #: (docs/performance.md).
@@ -76,12 +80,15 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_number(name: str, value: Any, low: float, high: float = np.inf, *, low_open: bool = False) -> float:
-    """``value`` as a finite float in [low, high] ((low, high] with ``low_open``), or a ValueError naming it."""
+def check_number(name: str, value: Any, low: float, high: float = np.inf, *, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """``value`` as a finite float in [low, high] (open at ``low`` with ``low_open``, at ``high`` with
+    ``high_open``), or a ValueError naming it and the rule."""
     is_number = not isinstance(value, bool) and isinstance(value, (int, float, np.number))
-    if not is_number or not np.isfinite(value) or value > high or value < low or (low_open and value == low):
-        bounds = (f"in {'(' if low_open else '['}{low:g}, {high:g}]" if np.isfinite(high)
-                  else f"a finite number >= {low:g}")
+    if (not is_number or not np.isfinite(value) or value > high or value < low or (low_open and value == low)
+            or (high_open and value == high)):
+        bounds = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if np.isfinite(high)
+                  else f"a finite number {'>' if low_open else '>='} {low:g}")
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
     return float(value)
 
@@ -108,16 +115,36 @@ def check_scheduler(scheduler: Any) -> None:
 
 
 def memory_bytes(memory_limit: Any) -> int:
-    """``memory_limit`` ("4GiB", "200MB" or a positive number of bytes) in bytes, or a ValueError naming it."""
-    is_number = not isinstance(memory_limit, bool) and isinstance(memory_limit, (int, float, np.number))
+    """``memory_limit`` ("4GiB", "200MB" or a positive number of bytes, at most ``MAX_MEMORY_LIMIT``) in bytes, or
+    a ValueError naming it."""
+    is_number = not isinstance(memory_limit, bool) and isinstance(memory_limit, (int, float, np.integer, np.floating))
     try:
         limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit if is_number else None
     except ValueError:
         limit = None
-    if limit is None or not np.isfinite(limit) or limit < 1:
+    except OverflowError:  # a size beyond floats, such as "1e400"
+        limit = math.inf
+    if limit is None or not limit >= 1:  # NaN too
         raise ValueError(f"memory_limit must be a positive number of bytes or a size such as '4GiB', "
                          f"got {memory_limit!r}")
+    if limit > MAX_MEMORY_LIMIT:
+        raise ValueError(f"memory_limit must be at most 2**60 bytes ({MAX_MEMORY_LIMIT}), got {memory_limit!r}")
     return int(limit)
+
+
+def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted labels of the coordinate ``name`` that ``option`` ("groupby" or "folds") names, and each
+    datapoint's index into them, from the coordinate's ``values`` on ``layer``; a ValueError naming the coordinate
+    when its values cannot be sorted (None or NaN among strings)."""
+    values = np.asarray(values).reshape(-1)
+    try:
+        labels, codes = np.unique(values, return_inverse=True)
+    except TypeError:
+        kinds = sorted({type(value).__name__ for value in values})
+        raise ValueError(f"{option}={name!r}: the coordinate {name!r} of layer {layer!r} mixes values of types "
+                         f"{', '.join(kinds)} (None or NaN among labels?), which cannot be sorted into groups; give "
+                         f"every datapoint a label of one type") from None
+    return labels, codes.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -169,7 +196,8 @@ class StreamOptions:
         Gram blocks summed per task of the tree that adds them up (spatial="features"), at least 2. The
         Moments need none: each chain folds its chunks into one accumulator.
     memory_limit : int, float or str
-        Budget for what a pass holds at once ("1.5GiB" by default), checked before streaming; kept in bytes.
+        Budget for what a pass holds at once ("1.5GiB" by default, at most 2**60 bytes), checked before streaming;
+        kept in bytes.
         Each chain of folds (one per core locally) holds its accumulated statistics, the chunk it folds
         and that chunk's temporaries, and on the local pool the chunks it reads ahead where it costs
         little; fewer chains read when the budget affords fewer, and a pass that cannot fit one is
@@ -189,7 +217,7 @@ class StreamOptions:
         ``checkpoint_every`` datapoint chunks; a later run with the same path, layers and options
         resumes after the chunks done. Not for spatial="features", whose Gram pass keeps no Moments.
     connect_timeout : float
-        Seconds to wait for a Dask scheduler given by address (default 10) before an error naming it.
+        Seconds (> 0) to wait for a Dask scheduler given by address (default 10) before an error naming it.
     groupby : str
         A coordinate on ``datapoint`` (a class label, a dataset split): one Moments per value, in the same
         pass, and every measure per group, along a dim named after the coordinate.
@@ -232,7 +260,10 @@ class StreamOptions:
         if self.groupby is not None and not isinstance(self.groupby, str):
             raise ValueError(f"groupby must name a coordinate on datapoint, got {self.groupby!r}")
         if self.folds is not None and not isinstance(self.folds, str):
-            object.__setattr__(self, "folds", check_int("folds", self.folds, 2))
+            is_int = not isinstance(self.folds, bool) and isinstance(self.folds, (int, np.integer))
+            if not is_int or self.folds < 2:
+                raise ValueError(f"folds must be an integer >= 2 or a coordinate on datapoint, got {self.folds!r}")
+            object.__setattr__(self, "folds", int(self.folds))
         if self.groupby is not None and self.folds is not None:
             raise ValueError("pass groupby or folds, not both")
         if self.checkpoint is not None and (self.groupby is not None or self.folds is not None):
@@ -298,9 +329,7 @@ class SolveOptions:
         values = tuple(check_number("ridge", value, 0.0) for value in ridges)
         object.__setattr__(self, "ridge", values if isinstance(self.ridge, (list, tuple, np.ndarray)) else values[0])
         object.__setattr__(self, "confidence", check_number("confidence", self.confidence, 0.0, 1.0,
-                                                            low_open=True))
-        if self.confidence == 1.0:
-            raise ValueError("confidence must be below 1, got 1.0")
+                                                            low_open=True, high_open=True))
 
     @property
     def ridges(self) -> tuple[float, ...]:

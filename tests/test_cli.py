@@ -88,6 +88,18 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/x.csv"], "name a local netCDF file (.nc)"),
         (["ingest", "{store}", "m0={folder}/a.npy"], "exists; pass --overwrite to replace it"),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/none/x.nc"], "no folder"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--memory-limit", "1e30"],
+         "memory_limit must be at most 2**60 bytes (1152921504606846976), got '1e30'"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--connect-timeout", "0"],
+         "connect_timeout must be a finite number > 0, got 0.0"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--folds", "3", "--confidence", "2"],
+         "confidence must be in (0, 1), got 2.0"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--folds", "3", "--confidence", "1"],
+         "confidence must be in (0, 1), got 1.0"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--folds", "-1"],
+         "folds must be an integer >= 2 or a coordinate on datapoint, got -1"),
+        (["sweep", "{store}", "--a", "m0", "--b", "m0", "--folds", "2.5", "--out", "{folder}/f.nc"],
+         "folds must be an integer >= 2 or a coordinate on datapoint, got 2.5"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(files, capsys, argv, message):
@@ -101,8 +113,92 @@ def test_bad_input_exits_2_with_one_line(files, capsys, argv, message):
         assert exit_info.value.code == 2
         return
     assert main(argv) == 2
+    shown = capsys.readouterr()
+    assert message in shown.err and len(shown.err.strip().splitlines()) == 1
+    assert shown.out == ""  # refused before computing anything
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "{store}", "m0/fc", "m1/fc", "--groupby", "digit", "--plot", "{folder}/g.png"],
+         "--plot {folder}/g.png: draws one figure of all the datapoints, not one per group; run --groupby digit "
+         "without --plot"),
+        (["sweep", "{store}", "--a", "m0", "--b", "m1", "--groupby", "digit", "--plot", "{folder}/g.png"],
+         "--plot {folder}/g.png: draws one figure of all the datapoints, not one per group"),
+        (["compare", "{store}", "m0/fc", "m1/fc", "--plot", "{folder}/curves.txt"],
+         "--plot {folder}/curves.txt: name an image file ending in one of .avif, .eps"),
+        (["sweep", "{store}", "--a", "m0", "--b", "m1", "--plot", "{folder}/curves"],
+         "--plot {folder}/curves: name an image file ending in one of"),
+        (["compare", "{store}", "m0/fc", "m1/fc", "--plot", "{folder}"],
+         "--plot {folder}: is a folder; name an image file, e.g. plot.png"),
+        (["compare", "{store}", "m0/fc", "m1/fc", "--checkpoint", "{folder}/none/run.moments"],
+         "--checkpoint {folder}/none/run.moments: no folder {folder}/none"),
+    ],
+)
+def test_outputs_that_cannot_be_written_are_refused_before_computing(tmp_path, capsys, argv, message):
+    rng = np.random.default_rng(0)
+    digit = ("datapoint", np.repeat([0, 1, 2], 20))
+    store = tmp_path / "s.zarr"
+    chunkcca.write_activations(store, {name: xr.DataArray(rng.standard_normal((60, 3)), dims=("datapoint", "channel"),
+                                                           coords={"digit": digit}) for name in ("m0/fc", "m1/fc")})
+    argv = [part.format(store=store, folder=tmp_path) for part in argv]
+    assert main([*argv, "--no-progress", *(["--out", str(tmp_path / "s.nc")] if argv[0] == "sweep" else [])]) == 2
+    shown = capsys.readouterr()
+    assert shown.err.startswith(f"chunkcca {argv[0]}: error: {message.format(folder=tmp_path)}")
+    assert len(shown.err.strip().splitlines()) == 1
+    assert shown.out == "" and sorted(path.name for path in tmp_path.iterdir()) == ["s.zarr"]  # nothing written
+
+
+def test_a_coordinate_whose_labels_cannot_be_sorted_is_named(tmp_path, capsys, monkeypatch):
+    """A label coordinate holding None (NaN once in an array) among strings cannot be sorted into groups."""
+    labels = np.array(["a"] * 30 + [None] * 30, dtype=object)
+    layer = xr.Dataset({"activations": (("datapoint", "channel"), np.random.default_rng(0).standard_normal((60, 3)))},
+                       coords={"split": ("datapoint", labels)})
+    tree = xr.DataTree.from_dict({"m0/fc": layer, "m1/fc": layer})
+    monkeypatch.setattr(chunkcca, "open_activations", lambda *_, **__: tree)  # a store as read, in memory
+    assert main(["compare", "s.zarr", "m0/fc", "m1/fc", "--groupby", "split", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("chunkcca compare: error: groupby='split': the coordinate 'split' of layer 'm0/fc' mixes "
+                          "values of types float, str (None or NaN among labels?)") and err.count("\n") == 1
+    assert main(["sweep", "s.zarr", "--a", "m0", "--b", "m1", "--folds", "split", "--out", str(tmp_path / "s.nc"),
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("chunkcca sweep: error: folds='split': the coordinate 'split'")
+
+
+def test_ctrl_c_is_one_line_that_says_whether_a_checkpoint_resumes(files):
+    """A real SIGINT while computing, in a fresh process (pytest would take it for its own): one line each, exit
+    status 2, no traceback."""
+    import subprocess
+    import sys
+
+    folder, a, b = files
+    store, checkpoint = str(folder / "s.zarr"), str(folder / "run.moments")
+    chunkcca.write_activations(store, {"m0/conv": a, "m1/conv": b})
+    code = f"""
+import os, signal, time
+import chunkcca
+from chunkcca.cli import main
+
+def interrupted(*_, **__):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while computing
+    time.sleep(30)
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the test runner ignores SIGINT
+chunkcca.compare = chunkcca.similarity = interrupted
+compare = ["compare", {store!r}, "m0/conv", "m1/conv", "--no-progress", "--checkpoint", {checkpoint!r}]
+print(main(compare))
+os.mkdir({checkpoint!r})  # as a run interrupted after its first save leaves it
+print(main(compare))
+print(main(["sweep", {store!r}, "--a", "m0", "--b", "m1", "--out", {str(folder / "s.nc")!r}, "--no-progress"]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr.splitlines() == [
+        f"chunkcca compare: error: interrupted; no checkpoint was saved to {checkpoint} yet, so the same command "
+        f"starts again",
+        f"chunkcca compare: error: interrupted; run the same command again to resume from the checkpoint {checkpoint}",
+        "chunkcca sweep: error: interrupted"]
+    assert done.stdout.split() == ["2", "2", "2"]
 
 
 def test_compare_checkpoints_and_resumes(files, capsys):
