@@ -78,13 +78,12 @@ def _difference(saved: str, current: str) -> str:
                 if field == "files":
                     return f"the files of layer {new_layer[0]!r} changed since (its store was rewritten or edited)"
                 if field == "labels":
-                    return (f"layer {new_layer[0]!r} is another selection of its store than then (other datapoint, "
-                            f"position or channel labels)")
+                    return f"layer {new_layer[0]!r} has other datapoint, position or channel labels than then"
                 if field == "Dask name":
                     return f"layer {new_layer[0]!r} holds other data (or is computed otherwise) than then"
                 return f"layer {new_layer[0]!r} has another {field} ({was} then, {is_now} now)"
     if before.get("adapters") != now["adapters"]:
-        return "the spatial adapters differ (spatial sizes, frequencies, interpolation or spectrum dtype)"
+        return "the spatial adapters differ (spatial sizes, frequencies or interpolation)"
     return "its fingerprint differs"
 
 
@@ -140,12 +139,13 @@ SIGNATURE_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modif
 
 def store_signature(array: xr.DataArray) -> str | None:
     """A hash of the names (within the layer), sizes and modification times (or ETags) of the files that hold
-    a store-backed layer as opened by ``open_activations()``; None for other arrays (and for arrays computed
-    from one, which lose the store in their encoding). It changes when the store is rewritten or edited, not
-    when it is read, moved, mounted elsewhere or has its permissions changed. Reads one listing of the layer's
-    folder, no data."""
+    a store-backed layer as opened by ``open_activations()``; None for other arrays, and for arrays computed
+    from one (whose Dask name is not the one it was opened with). It changes when the store is rewritten or
+    edited, not when it is read, moved, mounted elsewhere or has its permissions changed. Reads one listing of
+    the layer's folder, no data."""
     encoding = array.encoding
-    if "store" not in encoding or "layer" not in encoding:
+    if "store" not in encoding or "layer" not in encoding or getattr(array.data, "name", None) != encoding.get(
+            "dask_name"):  # computed from the layer (roll, copy(data=...)) though the encoding stayed
         return None
     fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
     folder = f"{root}/{encoding['layer']}/{VARIABLE}".rstrip("/")

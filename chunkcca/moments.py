@@ -171,7 +171,11 @@ class Moments:
             variables["norm_moments"] = (("side", "channel"), self.norm_moments)
             variables["norm_products"] = (("side", "side_t"), self.norm_products)
         dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision})
-        write_atomically(path, lambda tmp: dataset.to_zarr(tmp, zarr_format=3, consolidated=False),
+        from zarr.codecs import Crc32cCodec
+
+        # a CRC32C of each chunk, which zarr checks on every read: a damaged file is an error, never other Moments
+        encoding = {name: {"compressors": (Crc32cCodec(),)} for name in variables}
+        write_atomically(path, lambda tmp: dataset.to_zarr(tmp, zarr_format=3, consolidated=False, encoding=encoding),
                          overwrite=overwrite, replaceable=_is_saved_moments, what="saved Moments")
 
     @classmethod
@@ -180,18 +184,29 @@ class Moments:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no saved Moments at {path}")
+        import zarr
+
         with xr.open_zarr(path, consolidated=False, chunks=None) as dataset:  # numpy: read here, not on a cluster
             if dataset.attrs.get("chunkcca") != "Moments":
                 raise ValueError(f"{path} is not a saved chunkcca Moments store")
-            return cls(
-                n=int(dataset["n"].values),
-                mean=dataset["mean"].values,
-                scatter=dataset["scatter"].values,
-                sizes=tuple(int(s) for s in dataset["sizes"].values),
-                norm_moments=dataset["norm_moments"].values if "norm_moments" in dataset else None,
-                norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
-                precision=dataset.attrs.get("precision", "float64"),
-            )
+            for name, array in zarr.open_group(path, mode="r").arrays():  # zarr reads a lost file as its fill value
+                if array.nchunks_initialized < array.nchunks:
+                    raise ValueError(f"saved Moments at {path} are damaged: {name!r} lacks "
+                                     f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files")
+            try:
+                return cls(
+                    n=int(dataset["n"].values),
+                    mean=dataset["mean"].values,
+                    scatter=dataset["scatter"].values,
+                    sizes=tuple(int(s) for s in dataset["sizes"].values),
+                    norm_moments=dataset["norm_moments"].values if "norm_moments" in dataset else None,
+                    norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
+                    precision=dataset.attrs.get("precision", "float64"),
+                )
+            except ValueError as error:
+                if "checksum" not in str(error):
+                    raise
+                raise ValueError(f"saved Moments at {path} are damaged: a file fails its checksum ({error})") from None
 
 
 def _is_saved_moments(path: Path) -> bool:

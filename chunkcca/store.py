@@ -336,11 +336,14 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     found = layer_paths(tree)
     if not found:
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
+    check_store_files(location, storage_options, tree)
     for layer in found:
         as_activations(tree[layer], layer)
         # where the layer's files are: named by read errors, hashed by checkpoints (checkpoint.store_signature)
+        # and which Dask array reads them as they are: a layer computed from it may keep this encoding (roll, copy)
         tree[layer][VARIABLE].encoding.update(store=location, layer=layer, generation=tree.attrs.get(GENERATION_ATTR),
-                                              storage_options=dict(storage_options or {}))
+                                              storage_options=dict(storage_options or {}),
+                                              dask_name=tree[layer][VARIABLE].data.name)
     return tree
 
 
@@ -424,32 +427,88 @@ def _chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
 
 
 def check_complete(layers: Sequence[xr.DataArray]) -> None:
-    """Before reading: every chunk file of each store-backed layer is there. zarr reads a missing chunk as its
-    fill value, which would be a wrong number; here it is an error naming the layer and its datapoints. One
-    listing of each layer's folder, no data."""
+    """Before reading: every chunk file of each store-backed layer is there, and of every zarr array a layer
+    computed from one reads (``layer.astype(...)``, arithmetic, selections lose the store in their encoding).
+    zarr reads a missing chunk as its fill value, which would be a wrong number; here it is an error naming the
+    layer and its datapoints. One listing of each layer's folder, no data."""
     for layer in layers:
         encoding = layer.encoding
-        if "store" not in encoding or "layer" not in encoding:
+        if "store" in encoding and "layer" in encoding:
+            fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
+            for variable in (VARIABLE, MASK) if MASK in layer.coords else (VARIABLE,):
+                folder = f"{root}/{encoding['layer']}/{variable}".rstrip("/")
+                metadata = json.loads(fs.cat(f"{folder}/zarr.json"))
+                present = {name.removeprefix(folder).lstrip("/") for name in fs.find(folder)}
+                what = f"layer {encoding['layer']!r}" + ("" if variable == VARIABLE else f"'s {variable}")
+                _check_chunks(metadata, present, what, encoding["store"])
+        for array in [] if layer.data is None or not hasattr(layer.data, "dask") else zarr_arrays(layer.data):
+            if array.nchunks_initialized < array.nchunks:
+                raise OSError(f"layer {str(layer.name)!r} reads {array.store_path}, which lacks "
+                              f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files: the "
+                              f"store is damaged (a chunk deleted, or never written); chunkcca never reads a missing "
+                              f"chunk as a fill value: write the layer again")
+
+
+def zarr_arrays(data: Any) -> list[Any]:
+    """The zarr arrays a Dask array reads through xarray's zarr backend: the sources ``dask.array.from_array``
+    keeps under ``original-`` names in its graph, unwrapped from xarray's lazy indexing."""
+    from xarray.backends.zarr import ZarrArrayWrapper
+
+    found = []
+    for name, graph_layer in data.__dask_graph__().layers.items():
+        if not str(name).startswith("original-"):
             continue
-        fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
-        for variable in (VARIABLE, MASK) if MASK in layer.coords else (VARIABLE,):
-            _check_chunks(fs, f"{root}/{encoding['layer']}/{variable}".rstrip("/"), encoding, variable)
+        for source in graph_layer.values():
+            while hasattr(source, "array") and not isinstance(source, ZarrArrayWrapper):
+                source = source.array
+            if isinstance(source, ZarrArrayWrapper):
+                found.append(source.get_array())
+    return found
 
 
-def _check_chunks(fs: Any, folder: str, encoding: Mapping[str, Any], variable: str) -> None:
-    """Every chunk file of one array of a layer is there, or an OSError naming the layer and datapoints."""
-    metadata = json.loads(fs.cat(f"{folder}/zarr.json"))
-    present = {name.removeprefix(folder).lstrip("/") for name in fs.find(folder)}
+def check_store_files(location: str, storage_options: Mapping[str, Any] | None, tree: xr.DataTree) -> None:
+    """At open: every layer the store lists is there, and every array in it (layers, masks, labels) has each of
+    its chunk files; else an OSError naming what is missing. One listing of the store and its arrays' metadata
+    (fetched together), no data."""
+    found = set(layer_paths(tree))
+    lost = [layer for layer in tree.attrs.get(ORDER_ATTR) or () if layer not in found]
+    if lost:
+        raise OSError(f"{location} lists layer{'s' if len(lost) > 1 else ''} {', '.join(map(repr, lost))} but holds "
+                      f"no readable {VARIABLE!r} for {'them' if len(lost) > 1 else 'it'} (its metadata is missing): "
+                      f"the store is damaged; write {'them' if len(lost) > 1 else 'it'} again")
+    fs, root = filesystem(location, storage_options)
+    files = {name.removeprefix(root).lstrip("/") for name in fs.find(root)}
+    paths = sorted(name for name in files if name == "zarr.json" or name.endswith("/zarr.json"))
+    texts = fs.cat([f"{root}/{name}" for name in paths])
+    for name in paths:
+        metadata = json.loads(texts[f"{root}/{name}"])
+        if metadata.get("node_type") != "array":
+            continue
+        folder = str(PurePosixPath(name).parent)
+        present = {file.removeprefix(folder).lstrip("/") for file in files if file.startswith(f"{folder}/")}
+        node, _, variable = folder.rpartition("/")
+        what = (f"layer {node!r}" if variable == VARIABLE else f"layer {node!r}'s {variable}" if variable == MASK
+                else f"the labels {variable!r} of {node or 'the store'!r}")
+        _check_chunks(metadata, present, what, location)
+
+
+def _check_chunks(metadata: dict[str, Any], present: set[str], what: str, store: str) -> None:
+    """Every chunk file of one zarr array (its ``metadata``; ``present`` the names of its files) is there, or an
+    OSError naming ``what`` it holds and, along datapoint, which datapoints are lost."""
     missing = [index for index, key in _chunk_keys(metadata).items() if key not in present]
-    if missing:
+    if not missing:
+        return
+    many = "s" if len(missing) > 1 else ""
+    if (metadata.get("dimension_names") or [None])[0] == "datapoint":
         per_chunk, total = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], metadata["shape"][0]
         spans = sorted({(i[0] * per_chunk, min((i[0] + 1) * per_chunk, total) - 1) for i in missing})
-        shown = ", ".join(f"{first} to {last}" for first, last in spans[:5]) + (" …" if len(spans) > 5 else "")
-        what = "" if variable == VARIABLE else f"'s {variable}"
-        raise OSError(f"layer {encoding['layer']!r}{what} of {encoding['store']} lacks {len(missing)} chunk "
-                      f"file{'s' if len(missing) > 1 else ''}, of datapoints {shown}: the store is damaged "
-                      f"(a chunk deleted, or never written); chunkcca never reads a missing chunk as a fill "
-                      f"value: write the layer again")
+        where = ", of datapoints " + ", ".join(f"{first} to {last}" for first, last in spans[:5])
+        where += " …" if len(spans) > 5 else ""
+    else:
+        where = f" ({', '.join(map(str, missing[:5]))}{' …' if len(missing) > 5 else ''})"
+    raise OSError(f"{what} of {store} lacks {len(missing)} chunk file{many}{where}: the store is damaged (a "
+                  f"chunk deleted, or never written); chunkcca never reads a missing chunk as a fill value: write "
+                  f"the layer again")
 
 
 def store_generation(location: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
