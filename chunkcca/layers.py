@@ -191,10 +191,14 @@ def named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
 
 
 def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
-    """Put ``b``'s datapoints in ``a``'s order by label; any label missing on one side is an error.
+    """Put ``b``'s datapoints in ``a``'s order by label, and its position dims in ``a``'s order by name when both
+    have the same ones (lazily); any datapoint label missing on one side is an error.
 
     Layers without a datapoint coordinate are aligned by position and must have equal counts.
     """
+    positions = a.dims[1:-1]
+    if b.dims[1:-1] != positions and sorted(map(str, b.dims[1:-1])) == sorted(map(str, positions)):
+        b = b.transpose("datapoint", *positions, "channel")  # rows pair positions by name, as xarray does
     name_a, name_b = a.name, b.name
     if "datapoint" not in a.coords or "datapoint" not in b.coords:
         if a.sizes["datapoint"] != b.sizes["datapoint"]:
