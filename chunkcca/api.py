@@ -30,7 +30,7 @@ from .measures import (
 )
 from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int, group_codes
-from .passes import GramSums, Streamed, gram_pass, minibatch_pass, stream_layers
+from .passes import GramSums, Streamed, gram_pass, minibatch_pass, stream_layers, user_stacklevel
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 from .tiles import TiledMoments
 
@@ -110,13 +110,30 @@ def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = Fa
     streamed = stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels))
+    _warn_small_groups(streamed, groups)
     return streamed, groups
+
+
+def _warn_small_groups(streamed: Streamed, groups: Groups | None) -> None:
+    """Warn, as ``_check_rows`` does for a whole run, when a group (of ``groupby``; folds are measured on the
+    rest) has no more rows than the widest layer has channels: its covariance is singular."""
+    if groups is None or groups.dim == "fold" or streamed.groups is None:
+        return
+    channels = max(layer.sizes["channel"] for layer in streamed.layers)
+    small = [(label, part.n) for label, part in zip(groups.labels.tolist(), streamed.groups) if part.n <= channels]
+    if small:
+        shown = ", ".join(f"{label!r} ({rows})" for label, rows in small[:5]) + (" …" if len(small) > 5 else "")
+        warnings.warn(f"{len(small)} group{'s' if len(small) > 1 else ''} of {groups.dim} ha"
+                      f"{'ve' if len(small) > 1 else 's'} no more rows than the {channels} channels of the widest "
+                      f"layer: {shown}; their covariances are singular and their correlations meaningless "
+                      f"(regularise with epsilon > 0)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _by_group(results: Sequence[xr.Dataset], groups: Groups) -> xr.Dataset:
     """Per-group results along a dim named after the grouping, labelled by the group values."""
+    # outer: a group's SVCCA may keep fewer components than another's (NaN beyond them)
     return xr.concat(list(results), dim=xr.DataArray(groups.labels, dims=groups.dim, name=groups.dim),
-                     combine_attrs="override")
+                     combine_attrs="override", join="outer")
 
 
 def _streaming_attrs(streamed: Streamed) -> dict[str, Any]:
@@ -642,6 +659,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels),
                              pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
+    _warn_small_groups(streamed, groups)
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
     if groups is not None and groups.dim != "fold":

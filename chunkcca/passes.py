@@ -239,16 +239,17 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
         raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
     wanted, why = _whole_run_precision(parts, names, datapoints) if options.precision == "float32" else ("", "")
     if wanted == "float64":
-        warnings.warn(f"precision='float32' on ill-conditioned layers ({why}): float32 products can move "
-                      f"correlations by 1e-3 and more there; precision='auto' (the default) or 'float64' would "
-                      f"not", RuntimeWarning, stacklevel=_user_level())
+        warnings.warn(f"precision='float32' on ill-conditioned or rank-deficient layers ({why}): float32 "
+                      f"products cannot tell directions weaker than about 4e-6 of the strongest from rounding, so "
+                      f"they are dropped, and move correlations by 1e-3 and more near there; precision='auto' (the "
+                      f"default) or 'float64' keep them", RuntimeWarning, stacklevel=user_stacklevel())
     # rows left out: none but padding under nan_policy="raise"; under "omit", non-finite rows and padding alike
     omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
     return Streamed(tuple(layers), tuple(adapters), stats, omitted, note,
                     parts if codes is not None else None)
 
 
-def _user_level() -> int:
+def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning given by the caller name the first frame outside chunkcca (the
     user's call, whichever entry point it went through)."""
     frame, level = sys._getframe(2), 2
@@ -432,7 +433,7 @@ def _warn_small_chunks(layers: Sequence[xr.DataArray]) -> None:
             warnings.warn(f"layer {str(layer.name)!r} is read in {chunks} chunks of {format_bytes(per_chunk)}: each "
                           f"chunk is a task, and chunks this small stream many times slower than chunks of 16-64 "
                           f"MiB; write it with chunks='auto' (or rechunk an in-memory array)", PerformanceWarning,
-                          stacklevel=_user_level())
+                          stacklevel=user_stacklevel())
 
 
 #: A side's Gram blocks are made in float32 (precision "auto" or "float32") when its F features' centred values

@@ -157,7 +157,7 @@ def test_precision_auto_switches_to_float64_when_float32_cannot_hold_and_says_so
     assert "condition number in the first 3000 datapoints is" in result.attrs["precision_auto"]
     assert "layer 'a'" in result.attrs["precision_auto"]
     np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-8)
-    with pytest.warns(RuntimeWarning, match="ill-conditioned layers"):
+    with pytest.warns(RuntimeWarning, match="ill-conditioned or rank-deficient layers"):
         float32 = cca(da.from_array(x, chunks=3000), y, precision="float32")
     # 4.5e-6 since float64 rows are shifted in float64 before rounding (1.1e-5 before), 450 times auto's 1e-8
     assert np.abs(float32["rho"] - canonical_correlations(x, y)).max() > 1e-6, "float32 really falls short here"
@@ -186,7 +186,7 @@ def test_precision_auto_checks_the_whole_run_when_the_pilot_did_not_show_its_con
     assert "in a third pass over all the datapoints" in result.attrs["precision_auto"]
     assert "condition number in all 3000 datapoints is 3." in result.attrs["precision_auto"]
     np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-8)
-    with pytest.warns(RuntimeWarning, match="ill-conditioned layers"):
+    with pytest.warns(RuntimeWarning, match="ill-conditioned or rank-deficient layers"):
         float32 = cca(da.from_array(x, chunks=100), da.from_array(y, chunks=100), precision="float32")
     assert abs(float(float32["rho"][0]) - canonical_correlations(x, y)[0]) > 0.5, "float32 really falls short"
 
@@ -197,9 +197,9 @@ def test_explicit_float32_on_ill_conditioned_layers_warns_at_the_users_call():
     for call in (lambda: cca(a, b, precision="float32"),
                  lambda: compare(a, b, measures=["cka"], precision="float32"),
                  lambda: similarity({"a": a}, {"b": b}, measures=["cka"], precision="float32")):
-        with pytest.warns(RuntimeWarning, match=r"precision='float32' on ill-conditioned layers \(the largest "
-                                                r"correlation-matrix condition number in all 3000 datapoints is 3\.") \
-                as caught:
+        with pytest.warns(RuntimeWarning, match=r"precision='float32' on ill-conditioned or rank-deficient layers "
+                                                r"\(the largest correlation-matrix condition number in all 3000 "
+                                                r"datapoints is 3\.") as caught:
             call()
         assert {record.filename for record in caught} == {__file__}
     with warnings.catch_warnings():
@@ -227,7 +227,7 @@ def test_precision_auto_checks_each_group_when_the_whole_run_is_well_conditioned
         chosen = classes == label
         np.testing.assert_allclose(result["rho"].sel(label=label), canonical_correlations(x[chosen], y[chosen]),
                                    atol=1e-8)
-    with pytest.warns(RuntimeWarning, match="ill-conditioned layers"):
+    with pytest.warns(RuntimeWarning, match="ill-conditioned or rank-deficient layers"):
         float32 = cca(a, b, groupby="label", precision="float32")
     first = classes == 0
     assert float(float32["rho"].sel(label=0)[0]) < 0.1 < 0.9 < canonical_correlations(x[first], y[first])[0]

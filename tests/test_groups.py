@@ -3,6 +3,8 @@ against a brute-force in-memory float64 computation on the same datapoints."""
 
 from __future__ import annotations
 
+import warnings
+
 import dask
 import dask.array as da
 import numpy as np
@@ -159,7 +161,8 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
     with pytest.raises(TypeError, match=r"cca\(\) takes groupby, not folds"):
         cca(x, x + 1, folds=3)
     kinds = xr.DataArray(x, dims=("datapoint", "channel")).assign_coords(kind=("datapoint", ["p"] * 99 + ["q"]))
-    with pytest.raises(ValueError, match=r"have 1 in the group kind='q'"):
+    with pytest.raises(ValueError, match=r"have 1 in the group kind='q'"), pytest.warns(RuntimeWarning,
+                                                                                        match=r"'q' \(1\)"):
         cca(kinds, kinds + np.arange(40), groupby="kind")
 
 
@@ -172,3 +175,23 @@ def test_unridged_predictivity_of_a_layer_with_a_repeated_channel_is_that_withou
     repeated = compare(np.hstack([x, x[:, :1]]), y, folds=3, measures=["predictivity"], ridge=0, precision="float64")
     plain = compare(x, y, folds=3, measures=["predictivity"], ridge=0, precision="float64")
     np.testing.assert_allclose(repeated["predictivity_per_channel"], plain["predictivity_per_channel"], atol=1e-10)
+
+
+def test_a_group_with_no_more_rows_than_channels_is_named_in_a_warning():
+    """A group of 3 rows and 5 channels gave svcca and pwcca 1.0 silently, while the same rows ungrouped warn."""
+    rng = np.random.default_rng(9)
+    labels = np.array(["cat"] * 100 + ["dog"] * 100 + ["eel"] * 3)
+    coords = {"label": ("datapoint", labels)}
+    a = xr.DataArray(rng.standard_normal((203, 5)), dims=("datapoint", "channel"), name="a", coords=coords)
+    b = xr.DataArray(rng.standard_normal((203, 4)), dims=("datapoint", "channel"), name="b", coords=coords)
+    message = r"1 group of label has no more rows than the 5 channels of the widest layer: 'eel' \(3\)"
+    for call in (lambda: compare(a, b, groupby="label", measures=["svcca", "pwcca"]),
+                 lambda: cca(a, b, groupby="label"),
+                 lambda: similarity({"a": a}, {"b": b}, groupby="label", measures=["cka"])):
+        with pytest.warns(RuntimeWarning, match=message) as caught:
+            call()
+        assert {record.filename for record in caught} == {__file__}  # the user's call, and no xarray warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare(a, b, folds=2, measures=["cka"])  # folds are measured on the rest
+        cca(a.isel(datapoint=slice(0, 200)), b.isel(datapoint=slice(0, 200)), groupby="label")
