@@ -23,7 +23,8 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
     Parameters
     ----------
     results
-        A result of [`chunkcca.cca()`][chunkcca.cca], or a mapping legend label → result.
+        A result of [`chunkcca.cca()`][chunkcca.cca], or a mapping legend label → result; each ``rho`` must
+        have the one dim ``component`` (select one group or frequency of a groupby or dft result first).
     ax
         Axes to draw on (default: a new figure).
     title
@@ -37,11 +38,12 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
 
     if isinstance(results, xr.Dataset):
         results = {results.attrs.get("layer_a", "a") + " vs " + results.attrs.get("layer_b", "b"): results}
+    curves = {label: _with_dims(result["rho"], ("component",), f"plot_rho: the rho of {label!r}")
+              for label, result in results.items()}
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
     first = len(ax.get_lines())  # curves already on ax keep theirs; new ones continue the cycle
-    for index, (label, result) in enumerate(results.items(), start=first):
-        rho = result["rho"]
+    for index, (label, rho) in enumerate(curves.items(), start=first):
         step = max(1, rho.sizes["component"] // MARKS_PER_CURVE)
         ax.plot(rho["component"], rho, lw=2.0, linestyle=LINESTYLES[index % len(LINESTYLES)],
                 marker=MARKERS[index % len(MARKERS)], markersize=5, markevery=(index % step, step),
@@ -67,7 +69,8 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
     Parameters
     ----------
     result
-        A result of ``cca(..., spatial="dft")`` (with ``rho_freq_mean``).
+        A result of ``cca(..., spatial="dft")`` (with ``rho_freq_mean``, dims ``freq_h`` and ``freq_w`` in
+        either order; others are refused).
     ax
         Axes to draw on (default: a new figure).
     title
@@ -83,7 +86,8 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
 
     if "rho_freq_mean" not in result:
         raise ValueError("plot_frequency_means needs a result of cca(..., spatial='dft')")
-    means = result["rho_freq_mean"].sortby("freq_h").sortby("freq_w")
+    means = _with_dims(result["rho_freq_mean"], ("freq_h", "freq_w"), "plot_frequency_means: rho_freq_mean")
+    means = means.sortby("freq_h").sortby("freq_w")
     vmin, vmax = _colour_range(means.values, vmin, vmax)
     own_figure = ax is None
     if own_figure:
@@ -107,7 +111,9 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
     Parameters
     ----------
     result
-        A result of [`chunkcca.similarity()`][chunkcca.similarity] (variables with dims ``(layer_a, layer_b)``).
+        A result of [`chunkcca.similarity()`][chunkcca.similarity] (variables with dims ``layer_a`` and
+        ``layer_b``, in either order: cells are placed by the dims' names). A measure with other dims (e.g.
+        ``groupby``'s) is refused: select one group first.
     measure
         The variable to draw (default: the first of ``attrs["measures"]``).
     ax
@@ -128,7 +134,7 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
     import matplotlib.pyplot as plt
 
     if measure is None:
-        layered = [str(name) for name, value in result.data_vars.items() if value.dims == ("layer_a", "layer_b")]
+        layered = [str(name) for name, value in result.data_vars.items() if {"layer_a", "layer_b"} <= set(value.dims)]
         if not layered:
             raise ValueError("plot_similarity needs a result of chunkcca.similarity (variables with dims "
                              "(layer_a, layer_b))")
@@ -136,7 +142,7 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
         measure = next((name for name in asked if name in layered), layered[0])
     if measure not in result:
         raise ValueError(f"no measure {measure!r} in this result (has {sorted(map(str, result.data_vars))})")
-    values = result[measure]
+    values = _with_dims(result[measure], ("layer_a", "layer_b"), f"plot_similarity: {measure!r}")
     data = np.asarray(values.values, dtype=float)
     vmin, vmax = _colour_range(data, vmin, vmax)
     if title is None:
@@ -161,6 +167,18 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
     _colorbar(ax, image, f"{measure}\n{_range_text(vmin, vmax)}")
     _title(ax, title, own_figure)
     return ax
+
+
+def _with_dims(values: xr.DataArray, dims: tuple[str, ...], what: str) -> xr.DataArray:
+    """``values`` transposed to ``dims`` by name, whatever order its dims come in; a ValueError if it has other
+    dims (e.g. a groupby dim: one plot draws one group) or lacks some."""
+    if set(values.dims) != set(dims):
+        got = ", ".join(map(str, values.dims))
+        others = [str(dim) for dim in values.dims if dim not in dims]
+        hint = f"; select one first, e.g. result.isel({', '.join(f'{dim}=0' for dim in others)})" \
+            if others and set(dims) <= set(values.dims) else ""
+        raise ValueError(f"{what} has dims ({got}); the plot needs ({', '.join(dims)}){hint}")
+    return values.transpose(*dims)
 
 
 def _colour_range(data: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:

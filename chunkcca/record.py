@@ -3,7 +3,15 @@
 Forward hooks catch each chosen module's output and lay it out channels-last: (N, C, H, W) → (datapoint,
 height, width, channel), a 1-d conv's (N, C, L) → (datapoint, time, channel), a 3-d conv's (N, C, D, H, W) →
 (datapoint, depth, height, width, channel); a transformer's (N, T, C) stays (datapoint, token, channel), and
-the batch's attention mask becomes the layer's padding mask. Each layer's
+the batch's attention mask becomes the layer's padding mask. Whether a 3-d output (N, ·, ·) is (N, C, L) or
+(N, T, C) is decided in this order: channels first from a module whose class ends in ``1d`` (Conv1d, pooling,
+batch norm) or is a GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a submodule
+made, when the module returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its input, when
+the output has the input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual
+block after a Conv1d: every module is hooked while recording to know this); channels last from any other module
+with parameters (Linear, attention, a transformer layer, an RNN). Any other parameter-free module (a ReLU on the
+model's input, on a sum or on a transpose; an Upsample) is refused, naming the layer: ``layouts=`` gives its
+layout. 4-d and 5-d outputs are channels first unless ``layouts=`` says otherwise. Each layer's
 batches are gathered in a buffer of one zarr chunk and appended a whole chunk at a time (the rest when
 recording ends), so no more than one chunk per layer and one batch are ever held, and no chunk is written
 twice: appending batches smaller than a chunk would make zarr read, decode and rewrite the partial last
@@ -15,12 +23,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 
-from .layers import CONV_DIMS, FC_DIMS, VARIABLE, datapoints_per_chunk
+from .layers import FC_DIMS, VARIABLE, datapoints_per_chunk
 from .options import MASK
 from .store import (
     WriteMode,
@@ -70,29 +78,61 @@ def first_tensor(output: Any) -> Any:
     return None
 
 
-def _channels_last(output: Any, module: Any, path: str, select: Any) -> tuple[np.ndarray, tuple[str, ...]]:
-    """A module's output as (datapoint, *positions, channel) and its dims (see the module docstring)."""
+Layout = Literal["channels_first", "channels_last"]
+LAYOUTS: tuple[Layout, ...] = ("channels_first", "channels_last")
+CHANNELS_FIRST_MODULES = ("GroupNorm", "SyncBatchNorm", "LocalResponseNorm")  # (N, C, *) whatever the rank
+POSITIONS = {3: ("time",), 4: ("height", "width"), 5: ("depth", "height", "width")}
+
+
+def _layout(module: Any, inputs: Sequence[Any], tensor: Any, known: Any) -> Layout | None:
+    """Where the channels of a module's 3-d output ``tensor`` are (see the module docstring); None if it cannot
+    tell. ``known``: the layouts of the 3-d tensors the model's modules made so far in this forward pass."""
+    if tensor.is_nested:  # PyTorch's nested sequences: (N, T, C) with T ragged
+        return "channels_last"
+    name = type(module).__name__
+    if name.endswith("1d") or name in CHANNELS_FIRST_MODULES:
+        return "channels_first"
+    if tensor in known:  # returned as a submodule made it
+        return known[tensor]
+    source = first_tensor(list(inputs))
+    if source is not None and source in known and not source.is_nested and source.shape == tensor.shape:
+        return known[source]
+    if next(module.parameters(), None) is None:  # no channel count of its own to go by
+        return None
+    return "channels_last"
+
+
+def _channels_last(array: np.ndarray, path: str, layout: Layout) -> tuple[np.ndarray, tuple[str, ...]]:
+    """A module's output as (datapoint, *positions, channel) and its dims, given where its channels are."""
+    if array.ndim == 2:
+        return array, FC_DIMS
+    if array.ndim not in POSITIONS:
+        raise ValueError(f"layer {path!r} gives outputs of shape {tuple(array.shape)}; expected (N, C), (N, T, C), "
+                         f"(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
+    if layout == "channels_last":
+        return array, ("datapoint", *(("token",) if array.ndim == 3 else POSITIONS[array.ndim]), "channel")
+    return np.ascontiguousarray(np.moveaxis(array, 1, -1)), ("datapoint", *POSITIONS[array.ndim], "channel")
+
+
+def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select: Callable[[Any], Any],
+              layout: Layout | None, known: Any) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), and its dims; laid out
+    as ``layout`` (from ``layouts=``) says, else as ``_layout`` finds (4-d and 5-d: channels first)."""
     tensor = select(output)
     if tensor is None:
         raise ValueError(f"layer {path!r} gives a {type(output).__name__} holding no tensor; pass output= to say "
                          f"which to record")
+    if layout is None and tensor.dim() == 3:
+        layout = _layout(module, inputs, tensor, known)
+        if layout is None:
+            raise ValueError(f"layer {path!r}: where the channels of its {tuple(tensor.shape)} output are is "
+                             f"unknown: {type(module).__name__} has no parameters to tell by, and its input has "
+                             f"another shape or no module of the model made it (the model's input, a sum, a "
+                             f"transpose); pass layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), "
+                             f"'channels_last' if (N, T, C)")
     if getattr(tensor, "is_nested", False):  # PyTorch's transformer fast path leaves padding out: put it back
         tensor = tensor.to_padded_tensor(0.0)
-    array = tensor.detach().cpu().numpy()
-    one_d = type(module).__name__.endswith("1d")  # Conv1d, MaxPool1d, BatchNorm1d…: (N, C, L)
-    if array.ndim == 2:
-        return array, FC_DIMS
-    if array.ndim == 3:
-        if one_d:
-            return np.ascontiguousarray(array.transpose(0, 2, 1)), ("datapoint", "time", "channel")
-        return array, ("datapoint", "token", "channel")
-    if array.ndim == 4:
-        return np.ascontiguousarray(array.transpose(0, 2, 3, 1)), CONV_DIMS
-    if array.ndim == 5:
-        return np.ascontiguousarray(array.transpose(0, 2, 3, 4, 1)), ("datapoint", "depth", "height", "width",
-                                                                      "channel")
-    raise ValueError(f"layer {path!r} gives outputs of shape {tuple(array.shape)}; expected (N, C), (N, T, C), "
-                     f"(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
+    return _channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first")
 
 
 def attention_mask(batch: Any) -> Any:
@@ -148,7 +188,8 @@ class _ChunkWriter:
 def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Iterable[Any],
            path: str | os.PathLike, *, datapoints: Sequence[Any] | None = None, mode: WriteMode = "w",
            output: Callable[[Any], Any] = first_tensor, mask: Callable[[Any], Any] | None = attention_mask,
-           chunks: int | str = "auto", compression: str | None = "lz4", overwrite: bool = False) -> xr.DataTree:
+           chunks: int | str = "auto", compression: str | None = "lz4", overwrite: bool = False,
+           layouts: Mapping[str, Layout] | None = None) -> xr.DataTree:
     """Run ``model`` over ``batches`` and write the outputs of ``layers`` to a store at ``path``.
 
     Parameters
@@ -176,6 +217,10 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         ``attention_mask``; None: no masks). Recorded as the ``mask`` of every layer of T positions.
     chunks, compression, overwrite
         As for [`chunkcca.write_activations()`][chunkcca.write_activations].
+    layouts
+        Store path → ``"channels_first"`` ((N, C, L), (N, C, H, W), (N, C, D, H, W)) or ``"channels_last"``
+        ((N, T, C), (N, H, W, C), (N, D, H, W, C)) for layers whose layout the rule of ``chunkcca.record`` gets
+        wrong or cannot tell (it refuses a parameter-free module, e.g. a ReLU, given a 3-d tensor no module made).
 
     Returns
     -------
@@ -184,13 +229,31 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     """
     import torch
     import zarr
+    from torch.utils.weak import WeakIdKeyDictionary
 
     modules = _modules(model, layers)
     compressors = codecs_for(compression)
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
+    given = {str(layer).strip("/"): layout for layer, layout in (layouts or {}).items()}
+    for layer, layout in given.items():
+        if layer not in modules:
+            raise ValueError(f"layouts names {layer!r}, which is not a recorded layer ({', '.join(modules)})")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layouts[{layer!r}] is {layout!r}; choose from {', '.join(LAYOUTS)}")
     captured: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
-    hooks = [module.register_forward_hook(lambda module_, _i, out, path=path: captured.__setitem__(
-        path, _channels_last(out, module_, path, output))) for path, module in modules.items()]
+    known = WeakIdKeyDictionary()  # 3-d tensors made by the model's modules in this forward pass → their layout
+
+    def track(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        tensor = first_tensor(out)
+        if tensor is not None and tensor.dim() == 3:
+            layout = _layout(module, [*args, *kwargs.values()], tensor, known)
+            if layout is not None:
+                known[tensor] = layout
+
+    hooks = [module.register_forward_hook(track, with_kwargs=True) for module in model.modules()]
+    hooks += [module.register_forward_hook(lambda module_, args, kwargs, out, path=path: captured.__setitem__(
+        path, _recorded(module_, [*args, *kwargs.values()], out, path, output, given.get(path), known)),
+        with_kwargs=True) for path, module in modules.items()]
     count = {"datapoints": 0}
     image: dict[str, tuple[int, int]] = {}
 
@@ -204,6 +267,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             with torch.inference_mode(), every_chunk_written():
                 for batch in batches:
                     captured.clear()
+                    known.clear()
                     inputs = _call(model, batch)
                     if getattr(inputs, "ndim", 0) == 4:
                         image.setdefault("size", (int(inputs.shape[2]), int(inputs.shape[3])))

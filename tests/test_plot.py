@@ -153,3 +153,62 @@ def test_frequency_means_title_clears_its_colour_bar(given_axes):
         _, (ax, _) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     ax = plot_frequency_means(_frequencies(values), ax=ax, title=LONG_TITLE)
     _titles_clear_of_colorbar(ax, LONG_TITLE)
+
+
+def test_similarity_places_cells_by_the_dims_names_in_either_order():
+    # a transposed result used to get three x ticks for two columns and its values under the wrong layer pair
+    values = np.array([[0.11, 0.12, 0.13], [0.21, 0.22, 0.23]])
+    for order in (("layer_b", "layer_a"), ("layer_a", "layer_b")):
+        for measure in ("cka", None):
+            ax = plot_similarity(_sweep(values).transpose(*order), measure)
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["model1/l0", "model1/l1", "model1/l2"]
+            assert [t.get_text() for t in ax.get_yticklabels()] == ["model0/l0", "model0/l1"]
+            assert (ax.get_xlabel(), ax.get_ylabel()) == ("layer_b", "layer_a")
+            np.testing.assert_array_equal(ax.images[0].get_array(), values)
+            cells = {tuple(text.get_position()): text.get_text() for text in ax.texts}
+            assert cells == {(column, row): f"{values[row, column]:.2f}" for row in range(2) for column in range(3)}
+
+
+def test_similarity_refuses_a_measure_with_other_dims():
+    # per group, (digit, layer_a, layer_b) with 3 layer_b was drawn as an RGB image, then failed labelling cells
+    sweep = _sweep(np.zeros((2, 3))).expand_dims(digit=[0, 1])
+    for measure in ("cka", None):
+        with pytest.raises(ValueError, match=r"plot_similarity: 'cka' has dims \(digit, layer_a, layer_b\); the plot "
+                                             r"needs \(layer_a, layer_b\); select one first, e\.g\. "
+                                             r"result\.isel\(digit=0\)"):
+            plot_similarity(sweep, measure)
+    ax = plot_similarity(sweep.isel(digit=1))
+    np.testing.assert_array_equal(ax.images[0].get_array(), np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("dims", [("digit", "component"), ("component", "digit")])
+def test_rho_refuses_more_than_one_curve_per_result(dims):
+    # three groups' curves used to be drawn as three unlabelled lines, or as lines across the groups
+    rho = xr.DataArray(np.random.default_rng(2).uniform(0, 1, (3, 3)), dims=dims,
+                       coords={"component": np.arange(3), "digit": [4, 5, 6]})
+    _, ax = plt.subplots()
+    with pytest.raises(ValueError, match=r"plot_rho: the rho of 'per digit' has dims \(" + ", ".join(dims) +
+                       r"\); the plot needs \(component\); select one first, e\.g\. result\.isel\(digit=0\)"):
+        plot_rho({"one": _rho(np.array([0.9, 0.5])), "per digit": xr.Dataset({"rho": rho})}, ax=ax)
+    assert not ax.get_lines(), "nothing is drawn"
+    ax = plot_rho(xr.Dataset({"rho": rho}).sel(digit=5))
+    np.testing.assert_array_equal(ax.get_lines()[0].get_ydata(), rho.sel(digit=5).values)
+
+
+def test_frequency_means_places_frequencies_by_the_dims_names_in_either_order():
+    # a transposed result used to be drawn transposed under the same axis labels and extent
+    freq_h, freq_w = [0, 1, -1], [0, 1, -2, -1]
+    values = np.arange(12.0).reshape(3, 4)
+    result = xr.Dataset({"rho_freq_mean": (("freq_h", "freq_w"), values)}, coords={"freq_h": freq_h, "freq_w": freq_w})
+    for order in (("freq_w", "freq_h"), ("freq_h", "freq_w")):
+        ax = plot_frequency_means(result.transpose(*order))
+        np.testing.assert_array_equal(ax.images[0].get_array(), values[np.argsort(freq_h)][:, np.argsort(freq_w)])
+        assert ax.images[0].get_extent() == [-2.5, 1.5, -1.5, 1.5]
+
+
+def test_frequency_means_refuses_other_dims():
+    # per group, (digit, freq_h, freq_w) of one digit used to be drawn as a 1 x 4 RGBA image
+    result = _frequencies(np.zeros((4, 4))).expand_dims(digit=[3])
+    with pytest.raises(ValueError, match=r"rho_freq_mean has dims \(digit, freq_h, freq_w\); the plot needs "
+                                         r"\(freq_h, freq_w\); select one first, e\.g\. result\.isel\(digit=0\)"):
+        plot_frequency_means(result)

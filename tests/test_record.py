@@ -187,3 +187,58 @@ def test_records_transformer_layers_with_their_attention_masks(tmp_path):
     np.testing.assert_allclose(tree["conv"]["activations"].values, conv.transpose(0, 2, 1), atol=1e-5)
     result = chunkcca.cca(tree["enc/0"], tree["enc/1"], precision="float64")
     assert int(result["rows"]) == int(mask.sum())  # flatten keeps the real tokens only
+
+
+class _Block(torch.nn.Module):
+    """A block returning what its last submodule, a ReLU after a Conv1d, made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(16, 16, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv(x))
+
+
+def test_elementwise_modules_take_the_layout_of_their_input(tmp_path):
+    """A ReLU, GELU, Dropout, BatchNorm1d or block after a Conv1d is (N, C, L), as the Conv1d is; after a Linear,
+    (N, T, C). It used to store a ReLU after a Conv1d as (token=16 channels, channel=20 positions)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv1d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm1d(16),
+                               torch.nn.GELU(), torch.nn.Dropout(0.5), _Block())
+    inputs = torch.randn(6, 3, 20)
+    tree = record(conv, [str(i) for i in range(6)], [inputs[:4], inputs[4:]], tmp_path / "conv.zarr")
+    conv.eval()
+    with torch.inference_mode():
+        x = inputs
+        for i, module in enumerate(conv):
+            x = module(x)
+            assert tree[str(i)]["activations"].dims == ("datapoint", "time", "channel"), type(module).__name__
+            np.testing.assert_allclose(tree[str(i)]["activations"].values, x.numpy().transpose(0, 2, 1), atol=1e-6)
+    tokens = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.GELU())
+    tree = record(tokens, ["1"], [torch.randn(6, 20, 3)], tmp_path / "tokens.zarr")
+    assert tree["1"]["activations"].dims == ("datapoint", "token", "channel")
+    assert tree["1"]["activations"].shape == (6, 20, 16)
+
+
+def test_a_layout_it_cannot_tell_is_refused_unless_given(tmp_path):
+    """A ReLU on the model's input could be (N, C, L) or (N, T, C): refused, naming the layer and how to say which;
+    ``layouts=`` says which."""
+    net = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv1d(3, 4, 1))
+    inputs = torch.randn(5, 3, 20)
+    with pytest.raises(ValueError, match=r"layer 'relu': where the channels of its \(5, 3, 20\) output are is "
+                                         r"unknown: ReLU .* pass layouts=\{'relu': 'channels_first'\}"):
+        record(net, {"relu": "0"}, [inputs], tmp_path / "r.zarr")
+    assert not (tmp_path / "r.zarr").exists()
+    tree = record(net, {"relu": "0"}, [inputs], tmp_path / "r.zarr", layouts={"relu": "channels_first"})
+    assert tree["relu"]["activations"].dims == ("datapoint", "time", "channel")
+    np.testing.assert_array_equal(tree["relu"]["activations"].values, inputs.relu().numpy().transpose(0, 2, 1))
+    tree = record(net, {"relu": "0"}, [inputs], tmp_path / "s.zarr", layouts={"relu": "channels_last"})
+    assert tree["relu"]["activations"].dims == ("datapoint", "token", "channel")
+    np.testing.assert_array_equal(tree["relu"]["activations"].values, inputs.relu().numpy())
+    with pytest.raises(ValueError, match=r"layouts names 'conv', which is not a recorded layer \(relu\)"):
+        record(net, {"relu": "0"}, [inputs], tmp_path / "t.zarr", layouts={"conv": "channels_first"})
+    with pytest.raises(ValueError, match=r"layouts\['relu'\] is 'NCL'; choose from channels_first, channels_last"):
+        record(net, {"relu": "0"}, [inputs], tmp_path / "t.zarr", layouts={"relu": "NCL"})
+    assert not (tmp_path / "t.zarr").exists()
