@@ -20,7 +20,7 @@ import dask.base
 import xarray as xr
 
 from ._fs import filesystem
-from .layers import VARIABLE
+from .layers import ORDER_ATTR, VARIABLE
 from .moments import Moments
 from .rows import Adapter
 
@@ -91,8 +91,9 @@ def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
     """The Moments saved in a checkpoint, the datapoints they cover and the run's fingerprint."""
     with xr.open_zarr(path, consolidated=False, chunks=None) as saved:
         if "datapoints_done" not in saved.attrs or "fingerprint" not in saved.attrs:
-            raise CheckpointError(f"{path} is not a chunkcca checkpoint (saved Moments without a run's progress); "
-                             f"pass another checkpoint path")
+            what = ("saved Moments without a run's progress" if saved.attrs.get("chunkcca") == "Moments" else
+                    "an activation store" if ORDER_ATTR in saved.attrs else "another zarr store")
+            raise CheckpointError(f"{path} is not a chunkcca checkpoint ({what}); pass another checkpoint path")
         done, fingerprint = int(saved.attrs["datapoints_done"]), str(saved.attrs["fingerprint"])
     return Moments.load(path), done, fingerprint
 

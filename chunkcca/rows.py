@@ -359,6 +359,12 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
     fine_is_a = size_a >= size_b
     fine, coarse = (a, b) if fine_is_a else (b, a)
     fine_size, coarse_size = max(size_a, size_b), min(size_a, size_b)
+    spans = [_pixel_span(layer[dim].values) if grid == "coords" and dim in layer.coords else None for layer in (a, b)]
+    if None not in spans and not np.isclose(spans[0], spans[1], rtol=1e-9, atol=0):
+        raise ValueError(f"layer {a.name!r} spans {spans[0]:g} input pixels along {dim} and layer {b.name!r} "
+                         f"{spans[1]:g}: their pixel centres are in units of inputs of different sizes (a store "
+                         f"written without image_size= takes its largest layer's size); write both with one "
+                         f"image_size=, or set their {dim} coordinates, or use grid='svcca'")
     source = _positions(coarse, dim, grid, fine_size)
     if grid == "svcca":
         target = np.linspace(0, coarse_size, fine_size, endpoint=False)
@@ -371,6 +377,17 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
     if fine_size == coarse_size and np.allclose(matrix, np.eye(fine_size)):
         matrix = None
     return (None, matrix) if fine_is_a else (matrix, None)
+
+
+def _pixel_span(centres: Any) -> float | None:
+    """The extent whose pixel centres ``centres`` are ((i + 0.5) · extent / size, as ``default_coords`` places
+    them), or None for other positions (a crop, an offset, uneven steps: then there is nothing to compare)."""
+    centres = np.asarray(centres, dtype=np.float64)
+    if centres.size == 0 or not np.all(np.isfinite(centres)):
+        return None
+    step = centres[1] - centres[0] if centres.size > 1 else 2 * centres[0]
+    even = np.allclose(np.diff(centres), step, rtol=1e-9, atol=0) and np.isclose(centres[0], step / 2, rtol=1e-9)
+    return float(step * centres.size) if even and step > 0 else None
 
 
 def interpolation_matrix(source: np.ndarray, target: np.ndarray, method: str, *, name: str = "",

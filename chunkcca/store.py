@@ -320,19 +320,21 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         the measures, or groups to [`similarity()`][chunkcca.similarity].
     """
     location = str(path) if is_url(str(path)) else os.path.abspath(path)  # one Dask name for any spelling
-    if is_url(location):
-        fs, root = filesystem(location, storage_options)
-        if not fs.exists(f"{root}/zarr.json"):
-            raise FileNotFoundError(f"no activation store at {location}")
-    elif storage_options:
+    if storage_options and not is_url(location):
         raise ValueError(f"storage_options apply to fsspec URLs only, not to the local path {location}")
-    elif not Path(location).exists():
-        raise FileNotFoundError(f"no activation store at {location}")
+    fs, root = filesystem(location, storage_options)
+    if not fs.exists(f"{root}/zarr.json"):
+        if fs.exists(f"{root}/.zgroup") or fs.exists(f"{root}/.zattrs"):
+            raise ValueError(f"{location} is a zarr v2 store; chunkcca reads zarr v3 activation stores: write its "
+                             f"layers again with chunkcca.write_activations (or chunkcca ingest)")
+        if is_url(location) or not Path(location).exists():
+            raise FileNotFoundError(f"no activation store at {location}")
     try:
         tree = xr.open_datatree(location, engine="zarr", chunks={}, consolidated=False,
                                 storage_options=dict(storage_options) if storage_options else None)
     except Exception as error:
-        raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
+        raise ValueError(f"cannot open {location} as a zarr activation store: {_unreadable_metadata(fs, root) or error}"
+                         ) from error
     found = layer_paths(tree)
     if not found:
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
@@ -345,6 +347,17 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
                                               storage_options=dict(storage_options or {}),
                                               dask_name=tree[layer][VARIABLE].data.name)
     return tree
+
+
+def _unreadable_metadata(fs: Any, root: str) -> str | None:
+    """Which metadata file (``zarr.json``) of the store at ``root`` is not JSON, and why; None if all are."""
+    for name in sorted(fs.find(root)):
+        if name.endswith("zarr.json"):
+            try:
+                json.loads(fs.cat(name))
+            except ValueError as error:
+                return f"its metadata file {name.removeprefix(root).lstrip('/')} is damaged (not JSON: {error})"
+    return None
 
 
 def describe_store(path: str | os.PathLike, *,
@@ -391,6 +404,10 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
     """
     suffix = Path(path).suffix
     if suffix == ".zarr":
+        # fixed-width unicode (pwcca's side, layer names) has no stable zarr v3 spec; vlen strings do
+        texts = {name: variable.astype(object) for name, variable in result.variables.items()
+                 if variable.dtype.kind == "U"}
+        result = result.assign(texts) if texts else result
         write_atomically(path, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False),
                          overwrite=overwrite,
                          replaceable=lambda old: (old / "zarr.json").is_file() and not is_activation_store(old),

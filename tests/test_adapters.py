@@ -327,3 +327,25 @@ def test_conv_adapters_independent_of_chunking(chunk_a, chunk_b, stride, spatial
     assert split.n == whole.n
     np.testing.assert_allclose(split.mean, whole.mean, rtol=0, atol=1e-12 * np.abs(whole.mean).max())
     np.testing.assert_allclose(split.scatter, whole.scatter, rtol=0, atol=1e-12 * np.abs(whole.scatter).max())
+
+
+def test_interp_refuses_layers_whose_pixel_centres_are_of_inputs_of_different_sizes(tmp_path):
+    """Written to two stores apart, a conv (8 x 8) and its pool (4 x 4) each took their own size as the image's:
+    the pool's centres 0.5 … 3.5 were read as pixels of the conv's 8 x 8 input, silently (a tester's pair:
+    rho_mean 0.05, against 0.28 with both in one store)."""
+    import chunkcca
+
+    rng = np.random.default_rng(0)
+    conv = rng.standard_normal((200, 8, 8, 4))
+    pool = conv.reshape(200, 4, 2, 4, 2, 4).mean(axis=(2, 4)) + 0.1 * rng.standard_normal((200, 4, 4, 4))
+    apart = [chunkcca.write_activations(tmp_path / f"{name}.zarr", {name: value}, chunks=100)[name]
+             for name, value in (("conv", conv), ("pool", pool))]
+    together = chunkcca.write_activations(tmp_path / "both.zarr", {"conv": conv, "pool": pool}, chunks=100)
+    with pytest.raises(ValueError, match=r"layer 'conv' spans 8 input pixels along height and layer 'pool' 4: "
+                                         r"their pixel centres are in units of inputs of different sizes"):
+        cca(*apart, spatial="interp")
+    given = [chunkcca.write_activations(tmp_path / f"{name}8.zarr", {name: value}, chunks=100, image_size=8)[name]
+             for name, value in (("conv", conv), ("pool", pool))]
+    np.testing.assert_allclose(cca(*given, spatial="interp", precision="float64")["rho"],
+                               cca(together["conv"], together["pool"], spatial="interp", precision="float64")["rho"],
+                               atol=1e-12)

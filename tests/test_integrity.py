@@ -263,3 +263,50 @@ def test_concurrent_appends_keep_every_layer_in_the_order(tmp_path, monkeypatch)
     assert not errors
     listed = open_activations(tmp_path / "s.zarr").attrs["chunkcca_layers"]  # the order, not a sorted fallback
     assert listed[0] == "first" and sorted(listed) == ["a", "b", "first"]
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_results_with_text_save_and_read_back_whole(tmp_path, suffix):
+    """pwcca's ``side`` and a sweep's layer names are text: zarr v3 warned that fixed-width unicode has no stable
+    spec (its files may become unreadable); they are written as variable-length strings."""
+    import warnings
+
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 4))
+    y = x[:, :2] + rng.standard_normal((200, 2))
+    for name, result in (("pwcca", chunkcca.pwcca(x, y)),
+                         ("sweep", chunkcca.similarity({"a": x}, {"b": y}, measures=["cka", "pwcca"]))):
+        path = tmp_path / f"{name}{suffix}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            chunkcca.save_result(result, path)
+        with xr.open_dataset(path, engine="zarr" if suffix == ".zarr" else None,
+                             **({"consolidated": False} if suffix == ".zarr" else {})) as back:
+            for variable in result.variables:
+                assert back[variable].values.tolist() == result[variable].values.tolist(), variable
+
+
+def test_a_zarr_v2_store_a_damaged_metadata_file_or_a_store_given_as_checkpoint_is_named(tmp_path):
+    """A zarr v2 store opened for info but failed to compare on a missing zarr.json; a truncated zarr.json gave
+    "Expecting value: line 4 column 6" without saying which file; an activation store given as a checkpoint was
+    called "saved Moments without a run's progress"."""
+    import xarray as xr
+
+    values = np.random.default_rng(0).standard_normal((10, 3))
+    xr.Dataset({"activations": (("datapoint", "channel"), values)}).to_zarr(tmp_path / "v2.zarr", zarr_format=2,
+                                                                           consolidated=False)
+    with pytest.raises(ValueError, match=r"v2.zarr is a zarr v2 store; chunkcca reads zarr v3 activation stores"):
+        open_activations(tmp_path / "v2.zarr")
+    assert main(["info", str(tmp_path / "v2.zarr")]) == 2
+    store = _store(tmp_path)
+    metadata = store / "b" / "channel" / "zarr.json"
+    metadata.write_text(metadata.read_text()[:40])
+    with pytest.raises(ValueError, match=r"its metadata file b/channel/zarr.json is damaged \(not JSON"):
+        open_activations(store)
+    good = _store(tmp_path / "good")
+    tree = open_activations(good)
+    with pytest.raises(chunkcca.checkpoint.CheckpointError, match=r"s.zarr is not a chunkcca checkpoint \(an "
+                                                                  r"activation store\)"):
+        cca(tree["a"], tree["b"], checkpoint=good)
