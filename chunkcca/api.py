@@ -473,12 +473,22 @@ def _solve_options(measures: Sequence[str], given: Mapping[str, Any], where: str
                    folds: bool = False) -> SolveOptions:
     """The solve options of ``given`` (keywords the caller set), each read by some measure of ``measures`` (or,
     with ``folds``, the jackknife's ``confidence``)."""
-    used = {option for name in measures for option in MEASURES[name].options} | ({"confidence"} if folds else set())
-    unused = sorted(set(given) - used)
+    unused = sorted(set(given) - _read_options(measures, folds))
     if unused:
         raise TypeError(f"{where}(): {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not read by "
                         f"{', '.join(measures)}")
     return SolveOptions(**given)
+
+
+def _read_options(measures: Sequence[str], folds: bool) -> set[str]:
+    """The solve options some measure of ``measures`` reads (with ``folds``, also the jackknife's ``confidence``)."""
+    return {option for name in measures for option in MEASURES[name].options} | ({"confidence"} if folds else set())
+
+
+def _solve_attrs(solve: SolveOptions, measures: Sequence[str], folds: bool) -> dict[str, Any]:
+    """The solve options a result records: those its measures read."""
+    read = _read_options(measures, folds)
+    return {key: value for key, value in vars(solve).items() if key in read}
 
 
 def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -527,9 +537,7 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
         else:
             folds = None if groups is None else streamed.groups
             result = _compared(PairSolves(streamed.moments, solve, folds), names)
-    read = {option for name in names for option in MEASURES[name].options} | (
-        {"confidence"} if stream.folds is not None else set())
-    result.attrs = {"measures": ",".join(names), **{key: value for key, value in vars(solve).items() if key in read}}
+    result.attrs = {"measures": ",".join(names), **_solve_attrs(solve, names, stream.folds is not None)}
     return _label(result, streamed)
 
 
@@ -667,7 +675,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     else:
         folds = None if groups is None else streamed.groups
         result = _pairwise(streamed.moments, labels, sides, names, solve, coords, folds)
-    attrs = {"measures": ",".join(names), **vars(solve), **_streaming_attrs(streamed)}
+    attrs = {"measures": ",".join(names), **_solve_attrs(solve, names, stream.folds is not None),
+             **_streaming_attrs(streamed)}
     for key in ("layer_a", "layer_b"):
         attrs.pop(key)
     result.attrs = attrs  # measures as a string: netCDF attributes take no lists

@@ -10,7 +10,7 @@ import pickle
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import xarray as xr
 
@@ -135,8 +135,15 @@ def _measure_names(names: list[str], option: str) -> list[str]:
     return chosen
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error answered in one line like every other failure (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chunkcca", description="Streamed CCA-family similarity of network layers.")
+    parser = _Parser(prog="chunkcca", description="Streamed CCA-family similarity of network layers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="write a demo store, compare its layers, print a table and save a plot",
@@ -242,6 +249,8 @@ def _run_ingest(args: argparse.Namespace) -> None:
         layer, separator, file = item.partition("=")
         if not separator or not layer or not file:
             raise ValueError(f"--mask: expected LAYER=FILE, got {item!r}")
+        if layer in masks:
+            raise ValueError(f"--mask: layer {layer!r} is given twice ({masks[layer]} and {file})")
         masks[layer] = file
     tree = ingest(args.store, sources, layout=args.layout, masks=masks, mode="a" if args.append else "w",
                   chunks=args.chunk or "auto", overwrite=args.overwrite, progress=not args.no_progress)

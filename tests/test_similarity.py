@@ -200,6 +200,8 @@ def test_compare_equals_each_measure_alone_from_one_read_of_each_chunk(spatial):
     assert int(result["svcca_dims_a"]) == int(svcca(a, b, keep=0.9, **options)["dims_a"])
     assert result.attrs["measures"] == ",".join(measures)
     assert result.attrs["keep"] == 0.9 and result.attrs["alpha"] == 0.5 and result.attrs["spatial"] == spatial
+    only_cka = similarity({"a": a}, {"b": b}, measures=["cka"], **options)
+    assert not {"keep", "alpha", "ridge", "epsilon", "confidence"} & set(only_cka.attrs)  # none read: none recorded
 
 
 def test_compare_per_frequency_and_its_refusals():
