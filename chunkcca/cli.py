@@ -318,14 +318,16 @@ def _run_compare(args: argparse.Namespace) -> None:
     a, b = _layer(tree_a, args.layer_a), _layer(tree_b, args.layer_b)
     result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint,
                               checkpoint_every=args.checkpoint_every, **_given_solve_options(args), **_streaming(args))
+    drawn = {"cca": {"mean_cca", "r2_cca", "pwcca"} & set(measures), "svcca": {"svcca"} & set(measures)}
     curves = {name: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
               for name, variable in (("cca", "rho"), ("svcca", "svcca_rho"))
-              if variable in result and result[variable].ndim == 1}
+              if drawn[name] and variable in result and result[variable].ndim == 1}
     values = {name: {"value": _scalar(result[name]),
                      **({"se": float(result[f"{name}_se"]), "ci": result[f"{name}_ci"].values.tolist()}
                         if f"{name}_se" in result and result[f"{name}_se"].ndim == 0 else {}),
-                     **{detail: result[key].item() for detail in chunkcca.MEASURES[name].details
-                        if (key := chunkcca.MEASURES[name].detail_name(detail)) in result and result[key].ndim == 0}}
+                     **{detail: _scalar(result[key]) for detail in chunkcca.MEASURES[name].details  # one per value
+                        if (key := chunkcca.MEASURES[name].detail_name(detail)) in result
+                        and set(result[key].dims) <= set(result[name].dims)}}
               for name in measures}
     if args.json:
         options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", *SOLVE_NAMES)
@@ -348,8 +350,9 @@ def _run_compare(args: argparse.Namespace) -> None:
             table.append((name, value, details))
         print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, "
               f"{result.attrs['rows']} rows, one pass)")
-        if args.groupby:
-            print(f"per {args.groupby}: {', '.join(map(str, result[args.groupby].values.tolist()))}")
+        for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
+            if dim in result.dims:
+                print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
         print(format_table(table, left=(0, 2)))
     if args.plot:
         save_figure(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot)

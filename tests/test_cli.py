@@ -385,3 +385,30 @@ def test_the_command_gives_zarr_one_decode_thread_per_chunk_read_ahead():
                               "size_decode_pool()\n").replace("os.cpu_count() * READ_AHEAD", "3")
     done = subprocess.run([sys.executable, "-c", configured], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True"]
+
+
+def test_compare_shows_details_per_group_ridges_by_value_and_plots_only_the_curves_asked_for(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """With --groupby, svcca's dims_a and dims_b went missing from the table and JSON; --ridge 0.1 1 printed a
+    bare list; --measure svcca --plot also drew a "cca" curve."""
+    import chunkcca.cli
+
+    rng = np.random.default_rng(0)
+    digit = ("datapoint", np.repeat([0, 1, 2], 100))
+    store = tmp_path / "s.zarr"
+    chunkcca.write_activations(store, {name: xr.DataArray(rng.standard_normal((300, 3)), dims=("datapoint", "channel"),
+                                                           coords={"digit": digit}) for name in ("m0/fc", "m1/fc")})
+    base = ["compare", str(store), "m0/fc", "m1/fc", "--no-progress"]
+    assert main([*base, "--measure", "svcca", "--groupby", "digit"]) == 0
+    shown = capsys.readouterr().out
+    assert "per digit: 0, 1, 2" in shown and "dims_a [3, 3, 3], dims_b [3, 3, 3]" in shown
+    assert main([*base, "--measure", "svcca", "--groupby", "digit", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"]["svcca"]["dims_a"] == [3, 3, 3]
+    assert main([*base, "--measure", "predictivity", "--folds", "3", "--ridge", "0.1", "1"]) == 0
+    assert "per ridge: 0.1, 1.0" in capsys.readouterr().out
+    drawn = []
+    monkeypatch.setattr(chunkcca.cli, "plot_rho", lambda curves, **_: drawn.append(sorted(curves)) or
+                        chunkcca.plot.plot_rho(curves))
+    for measures, curves in ((["svcca"], ["svcca"]), (["pwcca"], ["cca"]), (["svcca", "mean_cca"], ["cca", "svcca"])):
+        assert main([*base, "--measure", *measures, "--plot", str(tmp_path / "p.png")]) == 0
+        assert drawn.pop() == curves
