@@ -20,7 +20,7 @@ import dask.base
 import xarray as xr
 
 from ._fs import filesystem
-from .layers import ORDER_ATTR, VARIABLE
+from .layers import ORDER_ATTR, VARIABLE, zarr_arrays
 from .moments import Moments
 from .rows import Adapter
 
@@ -34,18 +34,18 @@ class CheckpointError(ValueError):
 
 def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: dict[str, Any]) -> str:
     """What the saved statistics were computed from: each layer's name, shape, dtype, Dask token (which
-    hashes in-memory data and names store-backed data by path) and, for store-backed layers, the hash of
+    hashes in-memory data and names store-backed data by path) and, for layers that read stores, the hash of
     their files' names, sizes and modification times (so a rewritten or edited store is another run) and of
-    their labels (so another slice of the same shape is another run); the adapters (every field, by Dask
-    token) and the options."""
-    # A store-backed layer is known by its files (names, sizes, mtimes), not by its Dask name, which holds the
-    # store's path: a moved store resumes its checkpoint.
+    their labels; the adapters (every field, by Dask token) and the options."""
+    # A store's layer as opened is known by its files, not by its Dask name, which holds the store's path: a moved
+    # store resumes its checkpoint. A layer computed from one (chunkcca's own reordering or transposing included)
+    # is known by both: its Dask name says how it is computed, its files whether they changed.
     described = []
     for layer in layers:
         files = store_signature(layer)
         labels = _labels_hash(layer) if files else None
-        described.append((str(layer.name), list(layer.shape), str(layer.dtype), None if files else layer.data.name,
-                          files, labels))
+        described.append((str(layer.name), list(layer.shape), str(layer.dtype),
+                          None if _as_opened(layer) else layer.data.name, files, labels))
     tokens = [dask.base.tokenize(adapter) for adapter in adapters]
     return json.dumps({"format": FORMAT, "layers": described, "adapters": tokens, **dict(sorted(options.items()))},
                       default=str)
@@ -138,19 +138,33 @@ SIGNATURE_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modif
                     "md5Hash", "version_id")
 
 
-def store_signature(array: xr.DataArray) -> str | None:
-    """A hash of the names (within the layer), sizes and modification times (or ETags) of the files that hold
-    a store-backed layer as opened by ``open_activations()``; None for other arrays, and for arrays computed
-    from one (whose Dask name is not the one it was opened with). It changes when the store is rewritten or
-    edited, not when it is read, moved, mounted elsewhere or has its permissions changed. Reads one listing of
-    the layer's folder, no data."""
+def _as_opened(array: xr.DataArray) -> bool:
+    """Whether ``array`` is a store's layer as ``open_activations()`` opened it (not computed from one, which may
+    keep its encoding: a roll, ``copy(data=...)``, or chunkcca's own reordering or transposing to a partner)."""
     encoding = array.encoding
-    if "store" not in encoding or "layer" not in encoding or getattr(array.data, "name", None) != encoding.get(
-            "dask_name"):  # computed from the layer (roll, copy(data=...)) though the encoding stayed
+    return "store" in encoding and "layer" in encoding and getattr(array.data, "name", None) == encoding.get(
+        "dask_name")
+
+
+def store_signature(array: xr.DataArray) -> str | None:
+    """A hash of the names, sizes and modification times (or ETags) of the files that hold ``array``: of its
+    layer's folder for a store's layer as opened by ``open_activations()``, else of the folders of every zarr
+    array its Dask graph reads; None for arrays that read none. It changes when the store is rewritten or edited,
+    not when it is read or has its permissions changed, nor (for a layer as opened, named by its path within the
+    store) when the store is moved or mounted elsewhere. Reads one listing of each folder, no data."""
+    options = array.encoding.get("storage_options")
+    if _as_opened(array):
+        folders = [(f"{array.encoding['store']}/{array.encoding['layer']}/{VARIABLE}", "")]
+    else:
+        data = array.data
+        sources = zarr_arrays(data) if hasattr(data, "__dask_graph__") else []
+        folders = [(str(source.store_path), str(source.store_path)) for source in sources]
+    if not folders:
         return None
-    fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
-    folder = f"{root}/{encoding['layer']}/{VARIABLE}".rstrip("/")
-    files = fs.find(folder, detail=True)
-    listing = sorted((name.removeprefix(folder), [info.get(key) for key in SIGNATURE_FIELDS])
-                     for name, info in files.items())
+    listing = []
+    for location, label in folders:
+        fs, folder = filesystem(location, options)
+        folder = folder.rstrip("/")
+        listing += sorted((label + name.removeprefix(folder), [info.get(key) for key in SIGNATURE_FIELDS])
+                          for name, info in fs.find(folder, detail=True).items())
     return hashlib.sha1(json.dumps(listing, default=str).encode()).hexdigest()

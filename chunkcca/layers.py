@@ -280,3 +280,20 @@ def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), whe
                 raise ValueError(f"layer {outer!r} would hold layer {inner!r}{place}: a layer cannot hold another; "
                                  f"name them side by side (e.g. {outer + '/out'!r} and {inner!r})")
     return paths
+
+
+def zarr_arrays(data: Any) -> list[Any]:
+    """The zarr arrays a Dask array reads through xarray's zarr backend: the sources ``dask.array.from_array``
+    keeps under ``original-`` names in its graph, unwrapped from xarray's lazy indexing."""
+    from xarray.backends.zarr import ZarrArrayWrapper
+
+    found = []
+    for name, graph_layer in data.__dask_graph__().layers.items():
+        if not str(name).startswith("original-"):
+            continue
+        for source in graph_layer.values():
+            while hasattr(source, "array") and not isinstance(source, ZarrArrayWrapper):
+                source = source.array
+            if isinstance(source, ZarrArrayWrapper):
+                found.append(source.get_array())
+    return found

@@ -302,17 +302,18 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     count["datapoints"] += len(next(iter(captured.values()))[0])
         finally:
             model.train(was_training)
-        for writer in writers.values():
-            writer.flush()
         if not arrays:
             raise ValueError("record got no batches")
         labels = np.arange(count["datapoints"]) if datapoints is None else np.asarray(datapoints)
         if labels.shape != (count["datapoints"],):
             raise ValueError(f"datapoints has {labels.size} labels for {count['datapoints']} recorded datapoints")
         extent = stored or image.get("size")
-        for path, array in arrays.items():
-            _write_coords(root[path], array.shape, labels, extent, tuple(array.metadata.dimension_names),
-                          compressors)
+        with every_chunk_written():  # the last chunks and the labels too (a label 0 equals the fill value)
+            for writer in writers.values():
+                writer.flush()
+            for path, array in arrays.items():
+                _write_coords(root[path], array.shape, labels, extent, tuple(array.metadata.dimension_names),
+                              compressors)
         return list(modules), extent
 
     try:

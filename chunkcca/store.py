@@ -29,6 +29,7 @@ from .layers import (
     datapoints_per_chunk,
     layer_path,
     layer_paths,
+    zarr_arrays,
 )
 from .options import MASK, check_choice
 from .progress import Progress
@@ -443,6 +444,12 @@ def _chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
     return keys
 
 
+#: What a lost chunk file means, and what to do.
+LOST_CHUNKS = ("the store is damaged (a chunk deleted), or its writer left out chunks equal to the fill value "
+               "(zarr's default; chunkcca.record's labels and last chunks before 2026-12-02); chunkcca never reads "
+               "a missing chunk as a fill value: write the layer again")
+
+
 def check_complete(layers: Sequence[xr.DataArray]) -> None:
     """Before reading: every chunk file of each store-backed layer is there, and of every zarr array a layer
     computed from one reads (``layer.astype(...)``, arithmetic, selections lose the store in their encoding).
@@ -461,26 +468,8 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
         for array in [] if layer.data is None or not hasattr(layer.data, "dask") else zarr_arrays(layer.data):
             if array.nchunks_initialized < array.nchunks:
                 raise OSError(f"layer {str(layer.name)!r} reads {array.store_path}, which lacks "
-                              f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files: the "
-                              f"store is damaged (a chunk deleted, or never written); chunkcca never reads a missing "
-                              f"chunk as a fill value: write the layer again")
-
-
-def zarr_arrays(data: Any) -> list[Any]:
-    """The zarr arrays a Dask array reads through xarray's zarr backend: the sources ``dask.array.from_array``
-    keeps under ``original-`` names in its graph, unwrapped from xarray's lazy indexing."""
-    from xarray.backends.zarr import ZarrArrayWrapper
-
-    found = []
-    for name, graph_layer in data.__dask_graph__().layers.items():
-        if not str(name).startswith("original-"):
-            continue
-        for source in graph_layer.values():
-            while hasattr(source, "array") and not isinstance(source, ZarrArrayWrapper):
-                source = source.array
-            if isinstance(source, ZarrArrayWrapper):
-                found.append(source.get_array())
-    return found
+                              f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files: "
+                              f"{LOST_CHUNKS}")
 
 
 def check_store_files(location: str, storage_options: Mapping[str, Any] | None, tree: xr.DataTree) -> None:
@@ -494,19 +483,22 @@ def check_store_files(location: str, storage_options: Mapping[str, Any] | None, 
                       f"no readable {VARIABLE!r} for {'them' if len(lost) > 1 else 'it'} (its metadata is missing): "
                       f"the store is damaged; write {'them' if len(lost) > 1 else 'it'} again")
     fs, root = filesystem(location, storage_options)
-    files = {name.removeprefix(root).lstrip("/") for name in fs.find(root)}
+    files = [name.removeprefix(root).lstrip("/") for name in fs.find(root)]
     paths = sorted(name for name in files if name == "zarr.json" or name.endswith("/zarr.json"))
     texts = fs.cat([f"{root}/{name}" for name in paths])
-    for name in paths:
-        metadata = json.loads(texts[f"{root}/{name}"])
-        if metadata.get("node_type") != "array":
-            continue
-        folder = str(PurePosixPath(name).parent)
-        present = {file.removeprefix(folder).lstrip("/") for file in files if file.startswith(f"{folder}/")}
+    arrays = {str(PurePosixPath(name).parent): json.loads(texts[f"{root}/{name}"]) for name in paths}
+    arrays = {folder: metadata for folder, metadata in arrays.items() if metadata.get("node_type") == "array"}
+    present: dict[str, set[str]] = {folder: set() for folder in arrays}
+    for file in files:  # each file to the array holding it: the nearest folder up that is one
+        for folder in PurePosixPath(file).parents:
+            if str(folder) in present:
+                present[str(folder)].add(file.removeprefix(f"{folder}/"))
+                break
+    for folder, metadata in arrays.items():
         node, _, variable = folder.rpartition("/")
         what = (f"layer {node!r}" if variable == VARIABLE else f"layer {node!r}'s {variable}" if variable == MASK
                 else f"the labels {variable!r} of {node or 'the store'!r}")
-        _check_chunks(metadata, present, what, location)
+        _check_chunks(metadata, present[folder], what, location)
 
 
 def _check_chunks(metadata: dict[str, Any], present: set[str], what: str, store: str) -> None:
@@ -523,9 +515,7 @@ def _check_chunks(metadata: dict[str, Any], present: set[str], what: str, store:
         where += " …" if len(spans) > 5 else ""
     else:
         where = f" ({', '.join(map(str, missing[:5]))}{' …' if len(missing) > 5 else ''})"
-    raise OSError(f"{what} of {store} lacks {len(missing)} chunk file{many}{where}: the store is damaged (a "
-                  f"chunk deleted, or never written); chunkcca never reads a missing chunk as a fill value: write "
-                  f"the layer again")
+    raise OSError(f"{what} of {store} lacks {len(missing)} chunk file{many}{where}: {LOST_CHUNKS}")
 
 
 def store_generation(location: str, storage_options: Mapping[str, Any] | None = None) -> str | None:

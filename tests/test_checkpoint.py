@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -254,3 +256,32 @@ def test_damaged_saved_moments_and_checkpoints_are_errors_not_other_numbers(tmp_
     with pytest.raises(CheckpointError, match=r"checkpoint .*run cannot be read \(ValueError: saved Moments "
                                                        r"at .*run are damaged: 'mean' lacks 1 of its 1 chunk files"):
         chunkcca.cca(da.from_array(x, chunks=100), y, precision="float64", checkpoint=tmp_path / "run")
+
+
+@pytest.mark.parametrize("change", ["transposed", "reordered"])
+def test_a_layer_chunkcca_transposes_or_reorders_does_not_resume_after_its_store_is_edited(tmp_path, change):
+    """Reordered by label or transposed to its partner's positions, a layer is no longer as opened; its checkpoint
+    was then keyed by its Dask name alone, which an edited chunk file leaves as it is: the stale statistics
+    resumed (0.99999 against 0.7578)."""
+    import shutil
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((40, 2, 2, 3))
+    y = np.einsum("nhwc,cd->nhwd", x, rng.standard_normal((3, 2))) + rng.standard_normal((40, 2, 2, 2))
+    dims = ("datapoint", "height", "width", "channel")
+    b = xr.DataArray(y, dims=dims)
+    if change == "transposed":
+        b = b.transpose("datapoint", "width", "height", "channel")
+    else:
+        b = b.isel(datapoint=slice(None, None, -1)).assign_coords(datapoint=np.arange(40)[::-1])
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": xr.DataArray(x, dims=dims), "b": b}, chunks=10)
+    run = {"precision": "float64", "checkpoint": tmp_path / "run"}
+    with pytest.warns() if change == "reordered" else contextlib.nullcontext():
+        chunkcca.cca(tree["a"], tree["b"], **run)
+    chunks = tmp_path / "s.zarr" / "b" / "activations" / "c"
+    first = next(path for path in sorted(chunks.rglob("*")) if path.is_file())
+    shutil.copyfile(next(path for path in sorted(chunks.rglob("*")) if path.is_file() and path != first), first)
+    tree = chunkcca.open_activations(tmp_path / "s.zarr")
+    with pytest.raises(CheckpointError, match=r"the files of layer 'b' changed since"), \
+            (pytest.warns() if change == "reordered" else contextlib.nullcontext()):
+        chunkcca.cca(tree["a"], tree["b"], **run)

@@ -242,3 +242,16 @@ def test_a_layout_it_cannot_tell_is_refused_unless_given(tmp_path):
     with pytest.raises(ValueError, match=r"layouts\['relu'\] is 'NCL'; choose from channels_first, channels_last"):
         record(net, {"relu": "0"}, [inputs], tmp_path / "t.zarr", layouts={"relu": "NCL"})
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_labels_and_last_chunks_equal_to_the_fill_value_are_written(tmp_path):
+    """The labels and the last partial chunks were written after zarr's every-chunk setting ended: a 1-unit layer's
+    channel label [0] equals the fill value, so its chunk was left out and the store did not open ("damaged")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1), torch.nn.ReLU())
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)  # the last layer is dead: every chunk of it is zeros
+    tree = record(model, ["0", "3"], [torch.randn(16, 8) for _ in range(3)], tmp_path / "r.zarr", chunks=10)
+    assert tree["3"]["activations"].shape == (48, 1) and float(abs(tree["3"]["activations"]).max()) == 0.0
+    assert (tmp_path / "r.zarr" / "3" / "channel" / "c" / "0").exists()
+    assert (tmp_path / "r.zarr" / "3" / "activations" / "c" / "4" / "0").exists()  # the last, partial chunk
