@@ -102,14 +102,16 @@ def _groups(layer: xr.DataArray, options: StreamOptions) -> Groups | None:
     return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels, name if option == "groupby" else "fold")
 
 
-def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False) -> tuple[Streamed, Groups | None]:
-    """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints."""
+def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False,
+                 whitens: bool = True) -> tuple[Streamed, Groups | None]:
+    """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints
+    (``whitens``: as for ``stream_layers``)."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     _check_rows((layer_a, layer_b), adapters)
     groups = _groups(layer_a, options)
     streamed = stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
-                             groups=0 if groups is None else len(groups.labels))
+                             groups=0 if groups is None else len(groups.labels), whitens=whitens)
     _warn_small_groups(streamed, groups)
     return streamed, groups
 
@@ -167,7 +169,7 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
     if stream.folds is not None:
         raise TypeError(f"{where}() takes groupby, not folds: folds give error bars and held-out measures in "
                         f"chunkcca.compare and chunkcca.similarity, and their Moments in compute_moments")
-    streamed, groups = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms)
+    streamed, groups = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms, whitens=MEASURES[name].whitens)
     with _sides_named(streamed):
         if groups is None:
             return _label(PairSolves(streamed.moments, solve).result(name), streamed)
@@ -529,7 +531,8 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
         result = _gram_cka(a, b, stream)
         result.attrs["measures"] = "cka"
         return result
-    streamed, groups = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names))
+    streamed, groups = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names),
+                                    whitens=any(MEASURES[name].whitens for name in names))
     with _sides_named(streamed):
         if groups is not None and groups.dim != "fold":
             result = _by_group([_compared(PairSolves(part, solve), names, label, groups)
@@ -666,7 +669,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names),
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels),
-                             pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
+                             pairs=[(a, b) for a in sides["a"] for b in sides["b"]],
+                             whitens=any(MEASURES[name].whitens for name in names))
     _warn_small_groups(streamed, groups)
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)

@@ -705,6 +705,9 @@ class Measure:
     per_fold_summary
         With ``per_fold`` values per fold and unit (last axis, e.g. channel): what summarises the fold means
         over units (the median of predictivity).
+    whitens
+        It inverts (part of) a covariance, so float32 products lose its weak directions on an ill-conditioned layer
+        (``precision="auto"`` then takes float64); CKA and Procrustes invert none.
     """
 
     name: str
@@ -718,6 +721,7 @@ class Measure:
     details: tuple[str, ...] = ()
     per_fold: str | None = None
     per_fold_summary: Callable[[np.ndarray], np.ndarray] | None = None
+    whitens: bool = True
 
     def detail_name(self, detail: str) -> str:
         """The name [`compare()`][chunkcca.compare] gives a detail: ``<measure>_<detail>``, or the detail's own
@@ -737,11 +741,11 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
             ("epsilon", "keep", "keep_by"), canonical=True, details=("dims_a", "dims_b", "rho")),
     Measure("pwcca", lambda pair: pwcca_from_moments(pair.moments, epsilon=pair.options.epsilon, solved=pair.cca),
             "pwcca", "projection-weighted mean canonical correlation", ("epsilon",), canonical=True),
-    Measure("cka", lambda pair: cka_from_moments(pair.moments), "cka", "linear CKA"),
+    Measure("cka", lambda pair: cka_from_moments(pair.moments), "cka", "linear CKA", whitens=False),
     Measure("cka_debiased", lambda pair: cka_from_moments(pair.moments, debiased=True), "cka",
-            "linear CKA (debiased)", row_norms=True),
+            "linear CKA (debiased)", row_norms=True, whitens=False),
     Measure("procrustes", lambda pair: procrustes_from_moments(pair.moments), "procrustes",
-            "orthogonal Procrustes distance"),
+            "orthogonal Procrustes distance", whitens=False),
     Measure("shape", lambda pair: shape_metric_from_moments(pair.moments, alpha=pair.options.alpha),
             "shape_distance", "angular shape distance (radians)", ("alpha",)),
     Measure("heldout_cca", lambda pair: heldout_cca_from_folds(pair.needed_folds("heldout_cca"),

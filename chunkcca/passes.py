@@ -183,7 +183,7 @@ def tiled_reduction(tiling: Tiling, *, precision: ProductPrecision) -> Reduction
 
 def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, *,
                   row_norms: bool = False, codes: da.Array | None = None, groups: int = 0,
-                  pairs: Sequence[tuple[int, int]] | None = None) -> Streamed:
+                  pairs: Sequence[tuple[int, int]] | None = None, whitens: bool = True) -> Streamed:
     """Stream aligned, validated layers (one side each) into one Moments, in one pass over their chunks.
 
     Checks the memory budget first. With ``options.checkpoint`` the running Moments are saved there
@@ -195,7 +195,9 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     apart in the same pass (``Streamed.groups``; ``Streamed.moments`` is their merge), and the memory budget
     is checked for all of them. With ``pairs`` (of indices into ``layers``), only the blocks of the scatter
     those pairs read are kept (``TiledMoments``, whose ``select()`` gives a pair's Moments), unless row-norm
-    sums, complex rows or a checkpoint ask for whole Moments.
+    sums, complex rows or a checkpoint ask for whole Moments. ``whitens``: some measure to be taken inverts a
+    covariance (``measures.Measure.whitens``), so float32 products are checked against the whole run's
+    conditioning (and each ``groupby`` group's): "auto" reads again in float64, explicit float32 warns.
     """
     names = tuple(str(layer.name) for layer in layers)
     widths = [layer.sizes["channel"] for layer in layers]
@@ -232,12 +234,13 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
             return tuple(result) if codes is not None else (result,)
 
         with reading(layers):
-            parts, note = _one_pass(layers, adapters, options, row_norms, moments_of)
+            parts, note = _one_pass(layers, adapters, options, row_norms, moments_of, whitens)
     check_unchanged(layers)
     stats = _merged(parts)
     if stats.n == 0:
         raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
-    wanted, why = _whole_run_precision(parts, names, datapoints) if options.precision == "float32" else ("", "")
+    wanted, why = (_whole_run_precision(parts, names, datapoints, options) if whitens
+                   and options.precision == "float32" else ("", ""))
     if wanted == "float64":
         warnings.warn(f"precision='float32' on ill-conditioned or rank-deficient layers ({why}): float32 "
                       f"products cannot tell directions weaker than about 4e-6 of the strongest from rounding, so "
@@ -281,7 +284,7 @@ def _packed(parts: Parts, grouped: bool) -> np.ndarray:
 
 
 def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, row_norms: bool,
-              moments_of: MomentsOf) -> tuple[Parts, str | None]:
+              moments_of: MomentsOf, whitens: bool = True) -> tuple[Parts, str | None]:
     """The pass the options ask for: checkpointed groups, the auto-precision pilot and the rest, or plain."""
     datapoints = layers[0].sizes["datapoint"]
     if options.checkpoint is not None:
@@ -309,10 +312,10 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
         return pilot, f"auto: float64 products, as the pilot is the whole run ({choice} for the rest); {reason}"
     # the pilot's statistics are the first chain's accumulator in the rest of the run: not held beside it
     parts = moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest", after=pilot)
-    if choice == "float64":
-        return parts, f"auto: float64 products; {reason}"
+    if choice == "float64" or not whitens:
+        return parts, f"auto: {choice} products; {reason}"
     # the pilot may not show the whole run's conditioning (datapoints stored sorted by class), nor a group's
-    whole, whole_reason = _whole_run_precision(parts, names, datapoints)
+    whole, whole_reason = _whole_run_precision(parts, names, datapoints, options)
     if whole == "float32":
         return parts, f"auto: float32 products; {reason}; {whole_reason}"
     del parts
@@ -695,28 +698,23 @@ def _choose_precision(pilot: Moments | TiledMoments, names: Sequence[str],
                     f"is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
 
 
-def _whole_run_precision(parts: Parts, names: Sequence[str], datapoints: int) -> tuple[ProductPrecision, str]:
-    """float64 if the correlation matrices of the whole run or of a group (``parts``) are worse conditioned than
-    ``AUTO_CONDITION`` allows, else float32, and why. Valid on float32 products: they move a correlation matrix
-    by ~1e-6, far less than the threshold's 1 / 1e3."""
+def _whole_run_precision(parts: Parts, names: Sequence[str], datapoints: int,
+                         options: StreamOptions) -> tuple[ProductPrecision, str]:
+    """float64 if the correlation matrices of the whole run or of a ``groupby`` group (``parts``) are worse
+    conditioned than ``AUTO_CONDITION`` allows, else float32, and why. Valid on float32 products: they move a
+    correlation matrix by ~1e-6, far less than the threshold's 1 / 1e3. Folds are not judged one by one (their
+    measures solve the rest of the run), nor a group with fewer rows than the pilot would need
+    (``PILOT_ROWS_PER_CHANNEL`` per channel: sampling alone makes it ill-conditioned)."""
     choice, reason = _choose_precision(_merged(parts), names, f"all {datapoints} datapoints")
-    if choice == "float32" and len(parts) > 1:
-        choice, reason = _groups_precision(parts, names, reason)
-    return choice, reason
-
-
-def _groups_precision(parts: Parts, names: Sequence[str], reason: str) -> tuple[ProductPrecision, str]:
-    """float64 if a group's correlation matrices are worse conditioned than ``AUTO_CONDITION`` allows, else
-    float32 (with ``reason``, the whole run's). A group with no more rows than a layer's varying channels is
-    singular in any precision and is not judged."""
+    if choice == "float64" or len(parts) == 1 or options.folds is not None:
+        return choice, reason
+    needed = PILOT_ROWS_PER_CHANNEL * max(parts[0].sizes)
     for group, part in enumerate(parts):
-        varying = max(int((np.diagonal(part.select([side]).scatter, axis1=-2, axis2=-1).real > 0).sum(axis=-1).max())
-                      for side in range(len(names)))
-        if part.n > varying:
+        if part.n >= needed:
             choice, why = _choose_precision(part, names, f"the {part.n} rows of group {group}")
             if choice == "float64":
                 return choice, why
-    return "float32", reason + "; and in each group's"
+    return "float32", reason + "; and in each group's with enough rows to tell"
 
 
 def _condition(scatter: np.ndarray, kept: np.ndarray) -> float:

@@ -195,8 +195,8 @@ def test_explicit_float32_on_ill_conditioned_layers_warns_at_the_users_call():
     x, y, _ = _sorted_by_class()
     a, b = da.from_array(x, chunks=100), da.from_array(y, chunks=100)
     for call in (lambda: cca(a, b, precision="float32"),
-                 lambda: compare(a, b, measures=["cka"], precision="float32"),
-                 lambda: similarity({"a": a}, {"b": b}, measures=["cka"], precision="float32")):
+                 lambda: compare(a, b, measures=["cka", "mean_cca"], precision="float32"),
+                 lambda: similarity({"a": a}, {"b": b}, measures=["pwcca"], precision="float32")):
         with pytest.warns(RuntimeWarning, match=r"precision='float32' on ill-conditioned or rank-deficient layers "
                                                 r"\(the largest correlation-matrix condition number in all 3000 "
                                                 r"datapoints is 3\.") as caught:
@@ -205,6 +205,9 @@ def test_explicit_float32_on_ill_conditioned_layers_warns_at_the_users_call():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cca(a, b)  # auto: no warning, float64 where needed
+        # CKA and Procrustes invert no covariance: neither a warning nor a third pass in float64
+        compare(a, b, measures=["cka", "procrustes"], precision="float32")
+        assert "third pass" not in similarity({"a": a}, {"b": b}, measures=["cka"]).attrs["precision_auto"]
         cca(da.from_array(y, chunks=100), da.from_array(x[:, 1:5], chunks=100), precision="float32")
 
 
@@ -520,3 +523,21 @@ print(wide == {os.cpu_count()}, small == {1})
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "True"]
+
+
+def test_precision_auto_judges_neither_folds_nor_groups_too_small_to_tell():
+    """40 rows a fold and 32 channels: a fold alone is ill-conditioned by sampling (3.6e4), and every datapoint was
+    read again in float64, though fold measures solve the rest of the run; groups under the pilot's 4 rows per
+    channel likewise."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4000, 32))
+    y = x[:, :8] @ rng.standard_normal((8, 6)) + rng.standard_normal((4000, 6))
+    a, b = da.from_array(x, chunks=500), da.from_array(y, chunks=500)
+    folds = compare(a, b, measures=["mean_cca", "heldout_cca"], folds=100)
+    assert folds.attrs["precision"] == "float32" and "third pass" not in folds.attrs["precision_auto"]
+    labels = ("datapoint", np.arange(4000) % 40)  # 100 rows a group, under 4 x 32
+    grouped = cca(xr.DataArray(x, dims=("datapoint", "channel"), name="a", coords={"label": labels}).chunk(500),
+                  xr.DataArray(y, dims=("datapoint", "channel"), name="b", coords={"label": labels}).chunk(500),
+                  groupby="label")
+    assert grouped.attrs["precision"] == "float32", grouped.attrs["precision_auto"]
+    assert "in each group's with enough rows to tell" in grouped.attrs["precision_auto"]
