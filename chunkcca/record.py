@@ -8,14 +8,16 @@ the batch's attention mask becomes the layer's padding mask. Whether a 3-d outpu
 batch norm) or is a GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a submodule
 made, when the module returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its input, when
 the output has the input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual
-block after a Conv1d: every module is hooked while recording to know this); channels last from any other module
-with parameters (Linear, attention, a transformer layer, an RNN). Any other parameter-free module (a ReLU on the
-model's input, on a sum or on a transpose; an Upsample) is refused, naming the layer: ``layouts=`` gives its
-layout. 4-d and 5-d outputs are channels first unless ``layouts=`` says otherwise. Each layer's
-batches are gathered in a buffer of one zarr chunk and appended a whole chunk at a time (the rest when
-recording ends), so no more than one chunk per layer and one batch are ever held, and no chunk is written
-twice: appending batches smaller than a chunk would make zarr read, decode and rewrite the partial last
-chunk on every batch. The store is written to a temporary folder and renamed into place when recording ends.
+block after a Conv1d: every module but TorchScript ones is hooked while recording to know this); the layout of
+the latest tensor of the output's shape a module made (a function in between, such as ``F.relu``, keeps it);
+channels last from any other module with parameters (Linear, attention, a transformer layer, an RNN). Any other
+parameter-free module (a ReLU on a function of the model's input or on a transpose; an Upsample) is refused,
+naming the layer: ``layouts=`` gives its layout. 4-d and 5-d outputs are channels first unless ``layouts=``
+says otherwise. Each layer's batches are gathered in a buffer of one zarr chunk and appended a whole chunk at
+a time (the rest when recording ends), so no more than one chunk per layer and one batch are ever held, and
+no chunk is written twice: appending batches smaller than a chunk would make zarr read, decode and rewrite the
+partial last chunk on every batch. The store is written to a temporary folder and renamed into place when
+recording ends.
 """
 
 from __future__ import annotations
@@ -84,19 +86,41 @@ CHANNELS_FIRST_MODULES = ("GroupNorm", "SyncBatchNorm", "LocalResponseNorm")  # 
 POSITIONS = {3: ("time",), 4: ("height", "width"), 5: ("depth", "height", "width")}
 
 
-def _layout(module: Any, inputs: Sequence[Any], tensor: Any, known: Any) -> Layout | None:
+class _Made:
+    """The 3-d tensors the model's modules made so far in one forward pass, with their layouts, and the layout of
+    the latest one of each shape."""
+
+    def __init__(self) -> None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.tensors: Any = WeakIdKeyDictionary()
+        self.shapes: dict[tuple[int, ...], Layout] = {}
+
+    def add(self, tensor: Any, layout: Layout) -> None:
+        self.tensors[tensor] = layout
+        if not tensor.is_nested:
+            self.shapes[tuple(tensor.shape)] = layout
+
+    def clear(self) -> None:
+        self.tensors.clear()
+        self.shapes.clear()
+
+
+def _layout(module: Any, inputs: Sequence[Any], tensor: Any, made: _Made) -> Layout | None:
     """Where the channels of a module's 3-d output ``tensor`` are (see the module docstring); None if it cannot
-    tell. ``known``: the layouts of the 3-d tensors the model's modules made so far in this forward pass."""
+    tell."""
     if tensor.is_nested:  # PyTorch's nested sequences: (N, T, C) with T ragged
         return "channels_last"
     name = type(module).__name__
     if name.endswith("1d") or name in CHANNELS_FIRST_MODULES:
         return "channels_first"
-    if tensor in known:  # returned as a submodule made it
-        return known[tensor]
+    if tensor in made.tensors:  # returned as a submodule made it
+        return made.tensors[tensor]
     source = first_tensor(list(inputs))
-    if source is not None and source in known and not source.is_nested and source.shape == tensor.shape:
-        return known[source]
+    if source is not None and source in made.tensors and not source.is_nested and source.shape == tensor.shape:
+        return made.tensors[source]
+    if tuple(tensor.shape) in made.shapes:  # a function of a module's output (F.relu, a sum) keeps its shape
+        return made.shapes[tuple(tensor.shape)]
     if next(module.parameters(), None) is None:  # no channel count of its own to go by
         return None
     return "channels_last"
@@ -115,7 +139,7 @@ def _channels_last(array: np.ndarray, path: str, layout: Layout) -> tuple[np.nda
 
 
 def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select: Callable[[Any], Any],
-              layout: Layout | None, known: Any) -> tuple[np.ndarray, tuple[str, ...]]:
+              layout: Layout | None, made: _Made) -> tuple[np.ndarray, tuple[str, ...]]:
     """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), and its dims; laid out
     as ``layout`` (from ``layouts=``) says, else as ``_layout`` finds (4-d and 5-d: channels first)."""
     tensor = select(output)
@@ -123,11 +147,11 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
         raise ValueError(f"layer {path!r} gives a {type(output).__name__} holding no tensor; pass output= to say "
                          f"which to record")
     if layout is None and tensor.dim() == 3:
-        layout = _layout(module, inputs, tensor, known)
+        layout = _layout(module, inputs, tensor, made)
         if layout is None:
             raise ValueError(f"layer {path!r}: where the channels of its {tuple(tensor.shape)} output are is "
-                             f"unknown: {type(module).__name__} has no parameters to tell by, and its input has "
-                             f"another shape or no module of the model made it (the model's input, a sum, a "
+                             f"unknown: {type(module).__name__} has no parameters to tell by, and no module of the "
+                             f"model made a tensor of its shape before it (a function of the model's input, a "
                              f"transpose); pass layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), "
                              f"'channels_last' if (N, T, C)")
     if getattr(tensor, "is_nested", False):  # PyTorch's transformer fast path leaves padding out: put it back
@@ -229,8 +253,6 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     """
     import torch
     import zarr
-    from torch.utils.weak import WeakIdKeyDictionary
-
     modules = _modules(model, layers)
     compressors = codecs_for(compression)
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
@@ -241,18 +263,21 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         if layout not in LAYOUTS:
             raise ValueError(f"layouts[{layer!r}] is {layout!r}; choose from {', '.join(LAYOUTS)}")
     captured: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
-    known = WeakIdKeyDictionary()  # 3-d tensors made by the model's modules in this forward pass → their layout
+    made = _Made()
 
     def track(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         tensor = first_tensor(out)
         if tensor is not None and tensor.dim() == 3:
-            layout = _layout(module, [*args, *kwargs.values()], tensor, known)
+            layout = _layout(module, [*args, *kwargs.values()], tensor, made)
             if layout is not None:
-                known[tensor] = layout
+                made.add(tensor, layout)
 
-    hooks = [module.register_forward_hook(track, with_kwargs=True) for module in model.modules()]
+    # every module but TorchScript ones, which take no hooks (their insides are not seen: a layout after one is
+    # told by its own rule)
+    hooks = [module.register_forward_hook(track, with_kwargs=True) for module in model.modules()
+             if not isinstance(module, torch.jit.ScriptModule)]
     hooks += [module.register_forward_hook(lambda module_, args, kwargs, out, path=path: captured.__setitem__(
-        path, _recorded(module_, [*args, *kwargs.values()], out, path, output, given.get(path), known)),
+        path, _recorded(module_, [*args, *kwargs.values()], out, path, output, given.get(path), made)),
         with_kwargs=True) for path, module in modules.items()]
     count = {"datapoints": 0}
     image: dict[str, tuple[int, int]] = {}
@@ -267,7 +292,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             with torch.inference_mode(), every_chunk_written():
                 for batch in batches:
                     captured.clear()
-                    known.clear()
+                    made.clear()
                     inputs = _call(model, batch)
                     if getattr(inputs, "ndim", 0) == 4:
                         image.setdefault("size", (int(inputs.shape[2]), int(inputs.shape[3])))

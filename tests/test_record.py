@@ -255,3 +255,32 @@ def test_labels_and_last_chunks_equal_to_the_fill_value_are_written(tmp_path):
     assert tree["3"]["activations"].shape == (48, 1) and float(abs(tree["3"]["activations"]).max()) == 0.0
     assert (tmp_path / "r.zarr" / "3" / "channel" / "c" / "0").exists()
     assert (tmp_path / "r.zarr" / "3" / "activations" / "c" / "4" / "0").exists()  # the last, partial chunk
+
+
+def test_layouts_through_functions_and_torchscript_submodules(tmp_path):
+    """The dropout after F.relu inside nn.TransformerEncoderLayer was refused (no module made its input); a block
+    returning F.relu(conv1d(x)) was stored as (token=channels, channel=positions); a model holding a TorchScript
+    submodule failed to record at all (ScriptModules take no hooks)."""
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
+
+        def forward(self, x):
+            return torch.nn.functional.relu(self.conv(x))
+
+    model = torch.nn.Sequential(Block(), torch.nn.Dropout(0.0))
+    tree = record(model, ["0", "1"], [torch.randn(6, 4, 50) for _ in range(2)], tmp_path / "c.zarr")
+    for layer in ("0", "1"):
+        assert tree[layer]["activations"].dims == ("datapoint", "time", "channel")
+        assert tree[layer]["activations"].shape == (12, 50, 8)
+    encoder = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval()
+    tree = record(encoder, ["dropout"], [torch.randn(4, 10, 16) for _ in range(2)], tmp_path / "t.zarr")
+    assert tree["dropout"]["activations"].dims == ("datapoint", "token", "channel")
+    assert tree["dropout"]["activations"].shape == (8, 10, 32)
+    scripted = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.jit.script(torch.nn.Sequential(
+        torch.nn.Linear(16, 16), torch.nn.ReLU())), torch.nn.Linear(16, 4))
+    tree = record(scripted, ["0", "2"], [torch.randn(5, 8) for _ in range(2)], tmp_path / "s.zarr")
+    assert tree["2"]["activations"].shape == (10, 4)
