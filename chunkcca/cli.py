@@ -312,8 +312,6 @@ def _run_compare(args: argparse.Namespace) -> None:
                              "r2_cca, svcca, pwcca) in --measure, and not with --spatial dft (a matrix of "
                              "frequencies)")
         _check_plot(args)
-    if args.checkpoint and "://" not in args.checkpoint:  # StreamOptions refuses a URL
-        _check_folder(args.checkpoint, "--checkpoint")
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a), _layer(tree_b, args.layer_b)
     result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint,

@@ -213,7 +213,7 @@ class StreamOptions:
         Names of the axes of array inputs, e.g. ``("datapoint", "channel", "height", "width")``
         for channels-first data, or a mapping from a DataArray's dim names to chunkcca's.
     checkpoint, checkpoint_every
-        A local path where the running Moments are saved (atomically) after every
+        A local path (in an existing folder) where the running Moments are saved (atomically) after every
         ``checkpoint_every`` datapoint chunks; a later run with the same path, layers and options
         resumes after the chunks done. Not for spatial="features", whose Gram pass keeps no Moments.
     connect_timeout : float
@@ -272,6 +272,9 @@ class StreamOptions:
             check_int("checkpoint_every", self.checkpoint_every)
             if is_url(str(self.checkpoint)):
                 raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
+            folder = os.path.dirname(os.path.abspath(self.checkpoint))
+            if not os.path.isdir(folder):  # as every output: a typo in a folder is not a new folder
+                raise ValueError(f"checkpoint {self.checkpoint}: no folder {folder}")
 
     @classmethod
     def from_kwargs(cls, where: str, options: Mapping[str, Any]) -> StreamOptions:

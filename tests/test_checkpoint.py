@@ -285,3 +285,11 @@ def test_a_layer_chunkcca_transposes_or_reorders_does_not_resume_after_its_store
     with pytest.raises(CheckpointError, match=r"the files of layer 'b' changed since"), \
             (pytest.warns() if change == "reordered" else contextlib.nullcontext()):
         chunkcca.cca(tree["a"], tree["b"], **run)
+
+
+def test_a_checkpoint_in_a_missing_folder_is_refused_before_any_work(tmp_path):
+    """The API made the missing folder while the command line refused it: one rule, as for every output."""
+    x = np.random.default_rng(0).standard_normal((40, 3))
+    with pytest.raises(ValueError, match=r"checkpoint .*none/run.moments: no folder .*none$"):
+        chunkcca.cca(x, x[:, :2], checkpoint=tmp_path / "none" / "run.moments")
+    assert not (tmp_path / "none").exists()

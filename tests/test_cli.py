@@ -137,7 +137,7 @@ def test_bad_input_exits_2_with_one_line(files, capsys, argv, message: str):
         (["compare", "{store}", "m0/fc", "m1/fc", "--plot", "{folder}"],
          "--plot {folder}: is a folder; name an image file, e.g. plot.png"),
         (["compare", "{store}", "m0/fc", "m1/fc", "--checkpoint", "{folder}/none/run.moments"],
-         "--checkpoint {folder}/none/run.moments: no folder {folder}/none"),
+         "checkpoint {folder}/none/run.moments: no folder {folder}/none"),
     ],
 )
 def test_outputs_that_cannot_be_written_are_refused_before_computing(tmp_path, capsys, argv, message):
