@@ -78,8 +78,8 @@ class Adapter:
 
     A padding mask (datapoint, *positions), True at real positions, selects rows: ``flatten`` keeps
     the rows (after the stride) where the mask it is given is True (both layers' masks, combined
-    by the engine: ``mask_rule`` "pair"); ``avgpool`` averages each datapoint's real positions and
-    ``last`` takes its last real position, each under its own layer's mask (``mask_rule`` "own").
+    by the engine: ``mask_rule`` "pair"); ``avgpool`` averages each datapoint's real positions, and ``first``
+    and ``last`` take its first and last real positions, each under its own layer's mask (``mask_rule`` "own").
     """
 
     kind: str
@@ -187,7 +187,7 @@ class Adapter:
 
     def rows(self, block: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """All rows (*batch, rows, channel) of ``block`` (datapoint, *positions, channel), before the stride;
-        ``mask`` (datapoint, *positions): the layer's own padding mask, for avgpool and last."""
+        ``mask`` (datapoint, *positions): the layer's own padding mask, for avgpool, first and last."""
         datapoints, channels = block.shape[0], block.shape[-1]
         if self.kind == "flatten":
             return block.reshape(-1, channels)
@@ -198,7 +198,10 @@ class Adapter:
             real = mask.reshape(datapoints, -1, 1)  # padding may hold anything, NaN included: left out, not scaled
             return np.where(real, per_datapoint, 0).sum(axis=1, dtype=np.float64) / real.sum(axis=1)
         if self.kind == "first":
-            return per_datapoint[:, 0]
+            if mask is None:
+                return per_datapoint[:, 0]
+            first = np.argmax(mask.reshape(datapoints, -1), axis=1)  # the first real position (left padding)
+            return per_datapoint[np.arange(datapoints), first]
         if self.kind == "features":
             return block.reshape(datapoints, -1)
         if self.kind == "last":

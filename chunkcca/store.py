@@ -341,6 +341,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
     check_store_files(location, storage_options, tree)
     for layer in found:
+        if MASK in tree[layer].data_vars:  # a coordinate, so that tree[layer]["activations"] carries its padding
+            tree[layer].dataset = tree[layer].to_dataset(inherit=False).set_coords(MASK)
         as_activations(tree[layer], layer)
         # where the layer's files are: named by read errors, hashed by checkpoints (checkpoint.store_signature)
         # and which Dask array reads them as they are: a layer computed from it may keep this encoding (roll, copy)

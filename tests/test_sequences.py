@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import canonical_correlations
+from reference import canonical_correlations, cka_reference
 
 import chunkcca
 from chunkcca import cca, cka, similarity
@@ -63,6 +63,20 @@ def test_avgpool_first_and_last_under_masks(chunk, stride):
         assert got.attrs["spatial"] == spatial
     assert float(cka(a, b, spatial="last", precision="float64")["cka"]) == pytest.approx(
         float(cka(want["last"][0], want["last"][1], precision="float64")["cka"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [7, 60])
+def test_first_and_last_follow_left_padding(chunk):
+    """Left-padded sequences: "first" took position 0, padding, whatever the mask (rho_mean 0.735, the padding's,
+    against 0.119 from the first real tokens), silently; "last" followed the mask."""
+    x, y, mask, lengths = _sequences(1)
+    x, y, mask = x[:, ::-1], y[:, ::-1], mask[:, ::-1]  # the same sequences, padded on the left
+    start = mask.shape[1] - lengths
+    a, b = _layer(x, mask, chunk, "a"), _layer(y, mask, chunk, "b")
+    rows = np.arange(60)
+    for spatial, at in (("first", start), ("last", np.full(60, mask.shape[1] - 1))):
+        got = cca(a, b, spatial=spatial, precision="float64")
+        np.testing.assert_allclose(got["rho"], canonical_correlations(x[rows, at], y[rows, at]), atol=TOL)
 
 
 def test_a_datapoint_with_no_real_position_is_named():
@@ -208,3 +222,26 @@ def test_precision_auto_says_when_padding_leaves_its_pilot_too_few_real_rows():
     keep = mask.reshape(-1)
     want = canonical_correlations(x.reshape(-1, 4)[keep], y.reshape(-1, 5)[keep])
     np.testing.assert_allclose(result["rho"], want, atol=1e-6 if result.attrs["precision"] == "float32" else TOL)
+
+
+def test_a_stored_layers_activations_carry_its_padding_mask(tmp_path):
+    """The mask was a variable beside ``activations``: ``tree[layer]["activations"]`` (the groupby idiom of
+    docs/groups_folds.md) left it behind and counted the padding (CKA 0.0024 against 0.4349 on a tester's
+    layers), silently."""
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 6, 3))
+    y = x @ rng.random((3, 2)) + 0.1 * rng.random((300, 6, 2))
+    mask = np.ones((300, 6), bool)
+    mask[:, 4:] = False
+    x[:, 4:] = 100 * rng.random((300, 2, 3))  # junk in the padding
+    dims = ("datapoint", "token", "channel")
+    layers = {"a": xr.DataArray(x, dims=dims), "b": xr.DataArray(y, dims=dims)}
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", layers, masks={"a": mask, "b": mask})
+    assert "mask" in tree["a"]["activations"].coords
+    whole = chunkcca.cka(tree["a"], tree["b"], precision="float64")
+    alone = chunkcca.cka(tree["a"]["activations"], tree["b"]["activations"], precision="float64")
+    assert int(alone["rows"]) == int(whole["rows"]) == 1200
+    assert float(alone["cka"]) == float(whole["cka"])
+    kept = mask.reshape(-1)
+    want = cka_reference(x.reshape(-1, 3)[kept], y.reshape(-1, 2)[kept], debiased=False)
+    assert float(alone["cka"]) == pytest.approx(want, abs=1e-12)
