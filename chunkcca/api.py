@@ -77,9 +77,11 @@ class Groups:
     dim: str
 
 
-def _groups(layer: xr.DataArray, options: StreamOptions) -> Groups | None:
-    """The groups ``options.groupby`` or ``options.folds`` asks for, from the coordinate of ``layer`` (the layer
-    every other is aligned to) or the datapoints' order; None for neither. Reads the coordinate, not the data."""
+def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | None:
+    """The groups ``options.groupby`` or ``options.folds`` asks for, from the coordinate of the first of the aligned
+    ``layers`` (every other layer holding the coordinate must agree with it) or the datapoints' order; None for
+    neither. Reads the coordinate, not the data."""
+    layer = layers[0]
     chunks = (layer.data.chunks[0],)
     if isinstance(options.folds, int):
         datapoints = layer.sizes["datapoint"]
@@ -96,6 +98,10 @@ def _groups(layer: xr.DataArray, options: StreamOptions) -> Groups | None:
         found = [str(c) for c, coord in layer.coords.items() if coord.dims == ("datapoint",) and c != "datapoint"]
         raise ValueError(f"{option}={name!r}: layer {str(layer.name)!r} has no coordinate {name!r} on datapoint "
                          f"(it has {', '.join(found) or 'none but datapoint'})")
+    for other in layers[1:]:  # xarray's equality: NaN labels equal NaN
+        if name in other.coords and not other.coords[name].variable.equals(layer.coords[name].variable):
+            raise ValueError(f"{option}={name!r}: layers {str(layer.name)!r} and {str(other.name)!r} label their "
+                             f"datapoints differently in {name!r}; give them the same labels")
     labels, codes = group_codes(layer.coords[name].values, option, name, str(layer.name))
     if option == "folds" and len(labels) < 2:
         raise ValueError(f"folds={name!r} gives {len(labels)} fold; folds need at least 2")
@@ -108,7 +114,7 @@ def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = Fa
     (``whitens``: as for ``stream_layers``)."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     _check_rows((layer_a, layer_b), adapters)
-    groups = _groups(layer_a, options)
+    groups = _groups((layer_a, layer_b), options)
     streamed = stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels), whitens=whitens)
@@ -261,6 +267,10 @@ def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) 
         has batch dims (freq_h, freq_w) and complex statistics.
     """
     stream = StreamOptions.from_kwargs("compute_moments", options)
+    if by_gram(stream.spatial):
+        raise ValueError("compute_moments(): spatial='features' makes each datapoint's whole map one row, too wide "
+                         "for Moments (a covariance); measure linear CKA with cka(..., spatial='features') or "
+                         "similarity(..., measures=['cka'], spatial='features')")
     streamed, groups = _stream_pair(a, b, stream, row_norms=row_norms)
     if groups is None:
         return streamed.moments
@@ -665,7 +675,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                           coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "spatial": stream.spatial,
                                                                     "stride": stream.stride, **_gram_attrs(gram)})
     _check_rows(aligned, adapters)
-    groups = _groups(first, stream)
+    groups = _groups([first, *aligned], stream)
     streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names),
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels),

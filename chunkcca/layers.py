@@ -105,6 +105,9 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                     f"dims=('datapoint', 'channel', 'height', 'width'), or with "
                     f"dims=('datapoint', 'height', 'width', 'channel') if it is channels-last")
             array = xr.DataArray(layer, dims=DEFAULT_DIMS[layer.ndim], name=name)
+    if any(np.isnan(size) for sizes in array.chunks or () for size in sizes):  # .chunks reads nothing
+        raise ValueError(f"layer {name!r} has chunks of unknown size (a Dask array selected by a mask, e.g. "
+                         f"x[x[:, 0] > 0]); call its .compute_chunk_sizes() first")
     _check_values(array, name, allow_complex)
     _check_mask(array, name)
     labels = array.indexes.get("datapoint")

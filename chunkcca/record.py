@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -276,9 +277,14 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     # told by its own rule)
     hooks = [module.register_forward_hook(track, with_kwargs=True) for module in model.modules()
              if not isinstance(module, torch.jit.ScriptModule)]
-    hooks += [module.register_forward_hook(lambda module_, args, kwargs, out, path=path: captured.__setitem__(
-        path, _recorded(module_, [*args, *kwargs.values()], out, path, output, given.get(path), made)),
-        with_kwargs=True) for path, module in modules.items()]
+    def capture(path: str, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        if path in captured:  # a module used twice (shared weights): which call is the layer?
+            raise ValueError(f"layer {path!r} ran more than once in one forward pass; record one call: wrap it in a "
+                             f"module of its own (e.g. nn.Identity() after it) and record that")
+        captured[path] = _recorded(module, [*args, *kwargs.values()], out, path, output, given.get(path), made)
+
+    hooks += [module.register_forward_hook(partial(capture, path), with_kwargs=True)
+              for path, module in modules.items()]
     count = {"datapoints": 0}
     image: dict[str, tuple[int, int]] = {}
 

@@ -349,3 +349,20 @@ def test_interp_refuses_layers_whose_pixel_centres_are_of_inputs_of_different_si
     np.testing.assert_allclose(cca(*given, spatial="interp", precision="float64")["rho"],
                                cca(together["conv"], together["pool"], spatial="interp", precision="float64")["rho"],
                                atol=1e-12)
+
+
+def test_interp_refuses_positions_that_are_only_numbered():
+    """record() numbers time steps 0 … L − 1: a 40-step Conv1d output against a 9-step strided one put the coarse
+    samples at 0 … 8, so 31 of the 40 fine steps read the last coarse value (rho_mean 0.05 against 0.14 with
+    the steps at their centres), silently."""
+    rng = np.random.default_rng(8)
+    dims = ("datapoint", "time", "channel")
+    fine = xr.DataArray(rng.standard_normal((60, 40, 3)), dims=dims, name="fine",
+                        coords={"time": np.arange(40)})
+    coarse = xr.DataArray(rng.standard_normal((60, 9, 2)), dims=dims, name="coarse", coords={"time": np.arange(9)})
+    with pytest.raises(ValueError, match=r"layers 'fine' and 'coarse' number their time positions 0, 1, … \(40 and "
+                                         r"9 of them\)"):
+        cca(fine, coarse, spatial="interp")
+    placed = coarse.assign_coords(time=(np.arange(9) + 0.5) * 40 / 9 - 0.5)  # the steps' centres, in fine steps
+    assert cca(fine, placed, spatial="interp")["rho"].size == 2
+    assert cca(fine, coarse, spatial="interp", grid="svcca")["rho"].size == 2

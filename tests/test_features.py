@@ -15,7 +15,7 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkcca import cca, cka, compare, similarity
+from chunkcca import cca, cka, compare, compute_moments, similarity
 
 #: The Gram route sums float64 products of n × n blocks: ~1e-14 relative; 1e-11 leaves room for the sums.
 TOL = 1e-11
@@ -473,6 +473,9 @@ def test_covariance_measures_refuse_features_and_say_why():
         compare(x, y, spatial="features", measures=["cka", "pwcca"])
     with pytest.raises(ValueError, match="spatial='features' takes no checkpoint"):
         compare(x, y, spatial="features", measures=["cka"], checkpoint="run.moments")
+    with pytest.raises(ValueError, match=r"compute_moments\(\): spatial='features' makes each datapoint's whole "
+                                         r"map one row, too wide for Moments"):  # was a numpy broadcasting error
+        compute_moments(x, y, spatial="features")
 
 
 def _minibatch_run(layers: list[xr.DataArray], stride: int, memory_limit: Any) -> xr.Dataset:

@@ -160,9 +160,9 @@ def test_errors_that_are_not_reading_errors_are_not_called_so(tmp_path):
     from chunkcca.checkpoint import CheckpointError
 
     tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.random.default_rng(0).standard_normal((40, 3))})
-    (tmp_path / "blocked").write_text("a file where the checkpoint's folder would go")
+    (tmp_path / "blocked").write_text("a file where the checkpoint would go")
     with pytest.raises(CheckpointError, match=r"cannot be written|cannot be read") as raised:
-        cca(tree["a"], tree["a"], checkpoint=tmp_path / "blocked" / "run")
+        cca(tree["a"], tree["a"], checkpoint=tmp_path / "blocked")
     assert "reading layers" not in str(raised.value)
 
 
@@ -170,3 +170,12 @@ def test_many_tiny_chunks_are_named(tmp_path):
     x = np.random.default_rng(0).standard_normal((600, 3))
     with pytest.warns(da.PerformanceWarning, match=r"layer 'a' is read in 600 chunks of 24.0 B"):
         cca(da.from_array(x, chunks=1), x[:, :2] + 1)
+
+
+def test_a_dask_array_with_chunks_of_unknown_size_is_named():
+    """x[x[:, 0] > 0] has chunks of unknown size: the error was "layer 'a' has nan datapoints but layer 'b' has
+    nan"."""
+    x = da.from_array(np.random.default_rng(0).standard_normal((100, 3)), chunks=30)
+    kept = x[:, 0] > -99
+    with pytest.raises(ValueError, match=r"layer 'a' has chunks of unknown size .* call its \.compute_chunk_sizes"):
+        cca(x[kept], x[kept][:, :2])

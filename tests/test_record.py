@@ -257,6 +257,7 @@ def test_labels_and_last_chunks_equal_to_the_fill_value_are_written(tmp_path):
     assert (tmp_path / "r.zarr" / "3" / "activations" / "c" / "4" / "0").exists()  # the last, partial chunk
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # still what models hold
 def test_layouts_through_functions_and_torchscript_submodules(tmp_path):
     """The dropout after F.relu inside nn.TransformerEncoderLayer was refused (no module made its input); a block
     returning F.relu(conv1d(x)) was stored as (token=channels, channel=positions); a model holding a TorchScript
@@ -284,3 +285,19 @@ def test_layouts_through_functions_and_torchscript_submodules(tmp_path):
         torch.nn.Linear(16, 16), torch.nn.ReLU())), torch.nn.Linear(16, 4))
     tree = record(scripted, ["0", "2"], [torch.randn(5, 8) for _ in range(2)], tmp_path / "s.zarr")
     assert tree["2"]["activations"].shape == (10, 4)
+
+
+def test_a_module_that_runs_twice_in_one_forward_pass_is_refused(tmp_path):
+    """A shared Linear applied twice kept only its last call's output, silently."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.shared(torch.relu(self.shared(x)))
+
+    with pytest.raises(ValueError, match=r"layer 'shared' ran more than once in one forward pass"):
+        record(Twice(), ["shared"], [torch.randn(3, 4)], tmp_path / "t.zarr")
+    assert not (tmp_path / "t.zarr").exists()
