@@ -44,10 +44,10 @@ def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray,
     return layer_a, layer_b, plan_adapters(layer_a, layer_b, options)
 
 
-def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> None:
+def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True) -> None:
     """Before streaming: refuse a stride that leaves no more rows than the widest layer has channels, naming the
-    largest stride that does; warn when the layers themselves give no more rows than that (a singular
-    covariance), which a ridge can still make sense of."""
+    largest stride that does; warn, for measures that invert a covariance (``whitens``), when the layers themselves
+    give no more rows than that (a singular covariance), which a ridge can still make sense of."""
     datapoints = layers[0].sizes["datapoint"]
     rows = adapters[0].row_count(datapoints)
     channels = max(layer.sizes["channel"] for layer in layers)
@@ -60,7 +60,7 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> 
         raise ValueError(f"stride {stride} leaves {rows} of the {total} rows of layers "
                          f"{', '.join(repr(str(x.name)) for x in layers)}, no more than their {channels} channels: "
                          f"{advice}")
-    if rows <= channels:
+    if rows <= channels and whitens:
         warnings.warn(
             f"only {rows} rows for {channels} channels (layers {', '.join(repr(str(x.name)) for x in layers)}): the "
             f"covariance is singular and correlations are meaningless; regularise with epsilon > 0 or keep fewer "
@@ -113,19 +113,19 @@ def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = Fa
     """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints
     (``whitens``: as for ``stream_layers``)."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
-    _check_rows((layer_a, layer_b), adapters)
+    _check_rows((layer_a, layer_b), adapters, whitens)
     groups = _groups((layer_a, layer_b), options)
     streamed = stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels), whitens=whitens)
-    _warn_small_groups(streamed, groups)
+    _warn_small_groups(streamed, groups, whitens)
     return streamed, groups
 
 
-def _warn_small_groups(streamed: Streamed, groups: Groups | None) -> None:
+def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool) -> None:
     """Warn, as ``_check_rows`` does for a whole run, when a group (of ``groupby``; folds are measured on the
     rest) has no more rows than the widest layer has channels: its covariance is singular."""
-    if groups is None or groups.dim == "fold" or streamed.groups is None:
+    if groups is None or groups.dim == "fold" or streamed.groups is None or not whitens:
         return
     channels = max(layer.sizes["channel"] for layer in streamed.layers)
     small = [(label, part.n) for label, part in zip(groups.labels.tolist(), streamed.groups) if part.n <= channels]
@@ -674,14 +674,15 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                            "rows": ((), np.int64(rows))},
                           coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "spatial": stream.spatial,
                                                                     "stride": stream.stride, **_gram_attrs(gram)})
-    _check_rows(aligned, adapters)
+    whitens = any(MEASURES[name].whitens for name in names)
+    _check_rows(aligned, adapters, whitens)
     groups = _groups([first, *aligned], stream)
     streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names),
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels),
                              pairs=[(a, b) for a in sides["a"] for b in sides["b"]],
-                             whitens=any(MEASURES[name].whitens for name in names))
-    _warn_small_groups(streamed, groups)
+                             whitens=whitens)
+    _warn_small_groups(streamed, groups, whitens)
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
     if groups is not None and groups.dim != "fold":

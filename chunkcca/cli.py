@@ -321,8 +321,8 @@ def _run_compare(args: argparse.Namespace) -> None:
               for name, variable in (("cca", "rho"), ("svcca", "svcca_rho"))
               if drawn[name] and variable in result and result[variable].ndim == 1}
     values = {name: {"value": _scalar(result[name]),
-                     **({"se": float(result[f"{name}_se"]), "ci": result[f"{name}_ci"].values.tolist()}
-                        if f"{name}_se" in result and result[f"{name}_se"].ndim == 0 else {}),
+                     **({"se": _scalar(result[f"{name}_se"]), "ci": result[f"{name}_ci"].values.tolist()}
+                        if f"{name}_se" in result else {}),
                      **{detail: _scalar(result[key]) for detail in chunkcca.MEASURES[name].details  # one per value
                         if (key := chunkcca.MEASURES[name].detail_name(detail)) in result
                         and set(result[key].dims) <= set(result[name].dims)}}
@@ -341,7 +341,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         table = [("measure", "value", "details")]
         for name, shown in values.items():
             value = _shown(shown["value"])
-            if "ci" in shown:
+            if "ci" in shown and not isinstance(shown["value"], list):  # per ridge or group: the intervals list
                 value += f" ± {(shown['ci'][1] - shown['ci'][0]) / 2:.4f}"
             details = ", ".join(f"{result.attrs.get('confidence', 0.95):g} interval {_shown(value)}" if key == "ci"
                                 else f"{key} {_shown(value)}" for key, value in shown.items() if key != "value")

@@ -300,8 +300,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     captured.clear()
                     made.clear()
                     inputs = _call(model, batch)
-                    if getattr(inputs, "ndim", 0) == 4:
-                        image.setdefault("size", (int(inputs.shape[2]), int(inputs.shape[3])))
+                    if getattr(inputs, "ndim", 0) in (4, 5):  # images (N, C, H, W), volumes (N, C, D, H, W)
+                        image.setdefault("size", (int(inputs.shape[-2]), int(inputs.shape[-1])))
                     padding = mask(batch) if mask is not None else None
                     padding = None if padding is None else padding.detach().cpu().numpy().astype(bool)
                     for path in modules:

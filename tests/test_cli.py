@@ -405,7 +405,8 @@ def test_compare_shows_details_per_group_ridges_by_value_and_plots_only_the_curv
     assert main([*base, "--measure", "svcca", "--groupby", "digit", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"]["svcca"]["dims_a"] == [3, 3, 3]
     assert main([*base, "--measure", "predictivity", "--folds", "3", "--ridge", "0.1", "1"]) == 0
-    assert "per ridge: 0.1, 1.0" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "per ridge: 0.1, 1.0" in shown and "se [" in shown and "0.95 interval [[" in shown  # errors per ridge
     drawn = []
     monkeypatch.setattr(chunkcca.cli, "plot_rho", lambda curves, **_: drawn.append(sorted(curves)) or
                         chunkcca.plot.plot_rho(curves))

@@ -187,13 +187,14 @@ def test_a_group_with_no_more_rows_than_channels_is_named_in_a_warning():
     message = r"1 group of label has no more rows than the 5 channels of the widest layer: 'eel' \(3\)"
     for call in (lambda: compare(a, b, groupby="label", measures=["svcca", "pwcca"]),
                  lambda: cca(a, b, groupby="label"),
-                 lambda: similarity({"a": a}, {"b": b}, groupby="label", measures=["cka"])):
+                 lambda: similarity({"a": a}, {"b": b}, groupby="label", measures=["cka", "pwcca"])):
         with pytest.warns(RuntimeWarning, match=message) as caught:
             call()
         assert {record.filename for record in caught} == {__file__}  # the user's call, and no xarray warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compare(a, b, folds=2, measures=["cka"])  # folds are measured on the rest
+        similarity({"a": a}, {"b": b}, groupby="label", measures=["cka"])  # CKA inverts no covariance
         cca(a.isel(datapoint=slice(0, 200)), b.isel(datapoint=slice(0, 200)), groupby="label")
 
 

@@ -301,3 +301,13 @@ def test_a_module_that_runs_twice_in_one_forward_pass_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"layer 'shared' ran more than once in one forward pass"):
         record(Twice(), ["shared"], [torch.randn(3, 4)], tmp_path / "t.zarr")
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_volumes_get_pixel_centres_in_input_pixels(tmp_path):
+    """A Conv3d then a MaxPool3d: height and width were each layer's own pixels (0.5 … 3.5 for the pooled one,
+    not 1, 3, 5, 7), so interp refused the pair, blaming a store written without image_size=."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.MaxPool3d(2))
+    tree = record(model, ["0", "1"], [torch.randn(5, 2, 4, 8, 8) for _ in range(2)], tmp_path / "v.zarr")
+    np.testing.assert_allclose(tree["0"]["height"].values, np.arange(8) + 0.5)
+    np.testing.assert_allclose(tree["1"]["width"].values, [1.0, 3.0, 5.0, 7.0])
