@@ -99,7 +99,8 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
         raise ValueError(f"{option}={name!r}: layer {str(layer.name)!r} has no coordinate {name!r} on datapoint "
                          f"(it has {', '.join(found) or 'none but datapoint'})")
     for other in layers[1:]:  # xarray's equality: NaN labels equal NaN
-        if name in other.coords and not other.coords[name].variable.equals(layer.coords[name].variable):
+        if (name in other.coords and other.coords[name].dims == ("datapoint",)
+                and not other.coords[name].variable.equals(layer.coords[name].variable)):
             raise ValueError(f"{option}={name!r}: layers {str(layer.name)!r} and {str(other.name)!r} label their "
                              f"datapoints differently in {name!r}; give them the same labels")
     labels, codes = group_codes(layer.coords[name].values, option, name, str(layer.name))

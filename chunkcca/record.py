@@ -9,7 +9,8 @@ batch norm) or is a GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of
 made, when the module returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its input, when
 the output has the input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual
 block after a Conv1d: every module but TorchScript ones is hooked while recording to know this); the layout of
-the latest tensor of the output's shape a module made (a function in between, such as ``F.relu``, keeps it);
+the latest tensor of the output's shape a module made (a function in between, such as ``F.relu``, keeps it; not
+for a square (N, L, L), where a transpose cannot be told);
 channels last from any other module with parameters (Linear, attention, a transformer layer, an RNN). Any other
 parameter-free module (a ReLU on a function of the model's input or on a transpose; an Upsample) is refused,
 naming the layer: ``layouts=`` gives its layout. 4-d and 5-d outputs are channels first unless ``layouts=``
@@ -102,6 +103,11 @@ class _Made:
         if not tensor.is_nested:
             self.shapes[tuple(tensor.shape)] = layout
 
+    def of_shape(self, shape: tuple[int, ...]) -> Layout | None:
+        """The layout of the latest tensor of ``shape`` a module made; None when a transpose could hide behind it
+        (a square (N, L, L): (N, C, L) and (N, T, C) look alike)."""
+        return self.shapes.get(shape) if shape[1] != shape[2] else None
+
     def clear(self) -> None:
         self.tensors.clear()
         self.shapes.clear()
@@ -120,8 +126,8 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, made: _Made) -> Lay
     source = first_tensor(list(inputs))
     if source is not None and source in made.tensors and not source.is_nested and source.shape == tensor.shape:
         return made.tensors[source]
-    if tuple(tensor.shape) in made.shapes:  # a function of a module's output (F.relu, a sum) keeps its shape
-        return made.shapes[tuple(tensor.shape)]
+    if made.of_shape(tuple(tensor.shape)) is not None:  # a function of a module's output (F.relu) keeps its shape
+        return made.of_shape(tuple(tensor.shape))
     if next(module.parameters(), None) is None:  # no channel count of its own to go by
         return None
     return "channels_last"
@@ -153,8 +159,9 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
             raise ValueError(f"layer {path!r}: where the channels of its {tuple(tensor.shape)} output are is "
                              f"unknown: {type(module).__name__} has no parameters to tell by, and no module of the "
                              f"model made a tensor of its shape before it (a function of the model's input, a "
-                             f"transpose); pass layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), "
-                             f"'channels_last' if (N, T, C)")
+                             f"transpose), or its shape is square, where a transpose cannot be told; pass "
+                             f"layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), 'channels_last' "
+                             f"if (N, T, C)")
     if getattr(tensor, "is_nested", False):  # PyTorch's transformer fast path leaves padding out: put it back
         tensor = tensor.to_padded_tensor(0.0)
     return _channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first")

@@ -211,3 +211,4 @@ def test_layers_that_label_their_groups_differently_are_refused():
         with pytest.raises(ValueError, match=message):
             call()
     assert cca(a, b.drop_vars("g"), groupby="g")["rho"].sizes["g"] == 3  # one side labelled: its labels
+    assert cca(a, b.drop_vars("g").assign_coords(g=5), groupby="g")["rho"].sizes["g"] == 3  # not a datapoint label

@@ -311,3 +311,20 @@ def test_volumes_get_pixel_centres_in_input_pixels(tmp_path):
     tree = record(model, ["0", "1"], [torch.randn(5, 2, 4, 8, 8) for _ in range(2)], tmp_path / "v.zarr")
     np.testing.assert_allclose(tree["0"]["height"].values, np.arange(8) + 0.5)
     np.testing.assert_allclose(tree["1"]["width"].values, [1.0, 3.0, 5.0, 7.0])
+
+
+def test_a_square_output_after_a_transpose_is_refused_not_guessed(tmp_path):
+    """(N, 64, 64) made by a Conv1d, transposed, then a ReLU: the layout of the latest tensor of that shape was
+    taken, and the ReLU stored with time and channel swapped."""
+
+    class Square(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act = torch.nn.Conv1d(8, 64, 1), torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.conv(x).transpose(1, 2))
+
+    with pytest.raises(ValueError, match=r"layer 'act': where the channels of its \(4, 64, 64\) output are is "
+                                         r"unknown"):
+        record(Square(), ["act"], [torch.randn(4, 8, 64)], tmp_path / "s.zarr")
