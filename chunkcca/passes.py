@@ -59,6 +59,11 @@ AUTO_CONDITION = 1e3
 #: white noise has a condition number near 9, ((1 + 1/2) / (1 − 1/2))² (Marchenko–Pastur); at 1 or fewer, the
 #: matrix is singular. A run with too few rows for it takes float64 throughout, without a pilot.
 PILOT_ROWS_PER_CHANNEL = 4
+#: After a float32 pass, precision="auto" judges a groupby group's conditioning when it holds at least this many
+#: rows per channel of the widest layer: white noise at 2 rows per channel has a condition number near 34,
+#: ((1 + 1/√2) / (1 − 1/√2))², far below ``AUTO_CONDITION``, so what it finds above is the data's, not sampling's
+#: (nearer one row per channel sampling alone passes 1e3).
+GROUP_ROWS_PER_CHANNEL = 2
 
 
 @dataclass(frozen=True)
@@ -703,12 +708,12 @@ def _whole_run_precision(parts: Parts, names: Sequence[str], datapoints: int,
     """float64 if the correlation matrices of the whole run or of a ``groupby`` group (``parts``) are worse
     conditioned than ``AUTO_CONDITION`` allows, else float32, and why. Valid on float32 products: they move a
     correlation matrix by ~1e-6, far less than the threshold's 1 / 1e3. Folds are not judged one by one (their
-    measures solve the rest of the run), nor a group with fewer rows than the pilot would need
-    (``PILOT_ROWS_PER_CHANNEL`` per channel: sampling alone makes it ill-conditioned)."""
+    measures solve the rest of the run), nor a group with fewer than ``GROUP_ROWS_PER_CHANNEL`` rows per channel
+    (sampling alone would make it ill-conditioned)."""
     choice, reason = _choose_precision(_merged(parts), names, f"all {datapoints} datapoints")
     if choice == "float64" or len(parts) == 1 or options.folds is not None:
         return choice, reason
-    needed = PILOT_ROWS_PER_CHANNEL * max(parts[0].sizes)
+    needed = GROUP_ROWS_PER_CHANNEL * max(parts[0].sizes)
     for group, part in enumerate(parts):
         if part.n >= needed:
             choice, why = _choose_precision(part, names, f"the {part.n} rows of group {group}")

@@ -527,15 +527,15 @@ print(wide == {os.cpu_count()}, small == {1})
 
 def test_precision_auto_judges_neither_folds_nor_groups_too_small_to_tell():
     """40 rows a fold and 32 channels: a fold alone is ill-conditioned by sampling (3.6e4), and every datapoint was
-    read again in float64, though fold measures solve the rest of the run; groups under the pilot's 4 rows per
-    channel likewise."""
+    read again in float64, though fold measures solve the rest of the run; groups under 2 rows per channel
+    likewise (35 rows for 32 channels: sampling alone gives condition numbers near 2e3)."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((4000, 32))
     y = x[:, :8] @ rng.standard_normal((8, 6)) + rng.standard_normal((4000, 6))
     a, b = da.from_array(x, chunks=500), da.from_array(y, chunks=500)
     folds = compare(a, b, measures=["mean_cca", "heldout_cca"], folds=100)
     assert folds.attrs["precision"] == "float32" and "third pass" not in folds.attrs["precision_auto"]
-    labels = ("datapoint", np.arange(4000) % 40)  # 100 rows a group, under 4 x 32
+    labels = ("datapoint", np.arange(4000) % 114)  # 35 or 36 rows a group, under 2 x 32
     grouped = cca(xr.DataArray(x, dims=("datapoint", "channel"), name="a", coords={"label": labels}).chunk(500),
                   xr.DataArray(y, dims=("datapoint", "channel"), name="b", coords={"label": labels}).chunk(500),
                   groupby="label")
