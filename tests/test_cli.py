@@ -326,7 +326,7 @@ def test_warnings_are_one_line(tmp_path, capsys):
     rng = np.random.default_rng(0)
     chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((6, 8)),
                                                      "b": rng.standard_normal((6, 3))})
-    assert main(["compare", str(tmp_path / "s.zarr"), "a", "b", "--measure", "cka", "--no-progress"]) == 0
+    assert main(["compare", str(tmp_path / "s.zarr"), "a", "b", "--measure", "mean_cca", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.startswith("chunkcca compare: warning: only 6 rows for 8 channels") and err.count("\n") == 1
 
