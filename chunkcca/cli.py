@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -449,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C
         print(f"chunkcca {args.command}: error: interrupted{_resume_note(args)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output left (| head): nothing more to say, nowhere to say it
+        with contextlib.suppress(OSError, ValueError):  # the exit's flush of stdout then fails quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MemoryError as error:
         print(f"chunkcca {args.command}: error: out of memory{': ' + str(error).splitlines()[0] if str(error) else ''}",
               file=sys.stderr)

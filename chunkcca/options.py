@@ -135,7 +135,7 @@ def memory_bytes(memory_limit: Any) -> int:
 def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
     """The sorted labels of the coordinate ``name`` that ``option`` ("groupby" or "folds") names, and each
     datapoint's index into them, from the coordinate's ``values`` on ``layer``; a ValueError naming the coordinate
-    when its values cannot be sorted (None or NaN among strings)."""
+    when its values cannot be sorted (None or NaN among strings) or some are NaN (no group)."""
     values = np.asarray(values).reshape(-1)
     try:
         labels, codes = np.unique(values, return_inverse=True)
@@ -144,6 +144,10 @@ def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.nda
         raise ValueError(f"{option}={name!r}: the coordinate {name!r} of layer {layer!r} mixes values of types "
                          f"{', '.join(kinds)} (None or NaN among labels?), which cannot be sorted into groups; give "
                          f"every datapoint a label of one type") from None
+    if labels.dtype.kind in "fc" and np.isnan(labels).any():
+        raise ValueError(f"{option}={name!r}: the coordinate {name!r} of layer {layer!r} is NaN for "
+                         f"{int(np.isnan(values).sum())} datapoints, which then belong to no group; select the others "
+                         f"(layer.isel(datapoint=...)) or label them")
     return labels, codes.reshape(-1)
 
 

@@ -413,3 +413,27 @@ def test_compare_shows_details_per_group_ridges_by_value_and_plots_only_the_curv
     for measures, curves in ((["svcca"], ["svcca"]), (["pwcca"], ["cca"]), (["svcca", "mean_cca"], ["cca", "svcca"])):
         assert main([*base, "--measure", *measures, "--plot", str(tmp_path / "p.png")]) == 0
         assert drawn.pop() == curves
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path, capsys, monkeypatch):
+    """`chunkcca compare ... --json | head` ended with "error: [Errno 32] Broken pipe"."""
+    import io
+    import sys
+
+    rng = np.random.default_rng(0)
+    layers = {"a": rng.standard_normal((60, 3)), "b": rng.standard_normal((60, 2))}
+    chunkcca.write_activations(tmp_path / "s.zarr", layers)
+
+    class LeftEarly:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:  # as io.StringIO: no file behind it
+            raise io.UnsupportedOperation("fileno")
+
+    monkeypatch.setattr(sys, "stdout", LeftEarly())
+    assert main(["compare", str(tmp_path / "s.zarr"), "a", "b", "--json", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

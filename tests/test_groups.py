@@ -212,3 +212,16 @@ def test_layers_that_label_their_groups_differently_are_refused():
             call()
     assert cca(a, b.drop_vars("g"), groupby="g")["rho"].sizes["g"] == 3  # one side labelled: its labels
     assert cca(a, b.drop_vars("g").assign_coords(g=5), groupby="g")["rho"].sizes["g"] == 3  # not a datapoint label
+
+
+def test_a_nan_group_label_is_refused():
+    """A NaN label became a group of its own ("more than 1 rows" in group nan), or a fold of its own."""
+    rng = np.random.default_rng(12)
+    labels = np.where(np.arange(120) < 110, np.arange(120) % 2, np.nan)
+    a = xr.DataArray(rng.standard_normal((120, 3)), dims=("datapoint", "channel"), name="a",
+                     coords={"g": ("datapoint", labels)})
+    b = a.rename("b")[:, :2]
+    with pytest.raises(ValueError, match=r"groupby='g': the coordinate 'g' of layer 'a' is NaN for 10 datapoints"):
+        cca(a, b, groupby="g")
+    with pytest.raises(ValueError, match=r"folds='g': the coordinate 'g' of layer 'a' is NaN for 10 datapoints"):
+        compare(a, b, measures=["cka"], folds="g")
