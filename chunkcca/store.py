@@ -339,7 +339,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     found = layer_paths(tree)
     if not found:
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
-    check_store_files(location, storage_options, tree)
+    check_store_files(location, storage_options, tree.attrs.get(ORDER_ATTR) or (), found)
     for layer in found:
         if MASK in tree[layer].data_vars:  # a coordinate, so that tree[layer]["activations"] carries its padding
             tree[layer].dataset = tree[layer].to_dataset(inherit=False).set_coords(MASK)
@@ -453,10 +453,10 @@ LOST_CHUNKS = ("the store is damaged (a chunk deleted), or its writer left out c
 
 
 def check_complete(layers: Sequence[xr.DataArray]) -> None:
-    """Before reading: every chunk file of each store-backed layer is there, and of every zarr array a layer
-    computed from one reads (``layer.astype(...)``, arithmetic, selections lose the store in their encoding).
-    zarr reads a missing chunk as its fill value, which would be a wrong number; here it is an error naming the
-    layer and its datapoints. One listing of each layer's folder, no data."""
+    """Before reading: every chunk file of each store-backed layer is there, or, for a layer computed from one
+    (``layer.astype(...)``, arithmetic, selections lose the store in their encoding), of every zarr array its
+    graph reads. zarr reads a missing chunk as its fill value, which would be a wrong number; here it is an error
+    naming the layer (and, for a store's layer, its datapoints). One listing of each array's folder, no data."""
     for layer in layers:
         encoding = layer.encoding
         if "store" in encoding and "layer" in encoding:
@@ -467,19 +467,20 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
                 present = {name.removeprefix(folder).lstrip("/") for name in fs.find(folder)}
                 what = f"layer {encoding['layer']!r}" + ("" if variable == VARIABLE else f"'s {variable}")
                 _check_chunks(metadata, present, what, encoding["store"])
-        for array in [] if layer.data is None or not hasattr(layer.data, "dask") else zarr_arrays(layer.data):
+            continue  # its folder is listed: not again through its graph
+        for array in zarr_arrays(layer.data) if hasattr(layer.data, "__dask_graph__") else []:
             if array.nchunks_initialized < array.nchunks:
                 raise OSError(f"layer {str(layer.name)!r} reads {array.store_path}, which lacks "
                               f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files: "
                               f"{LOST_CHUNKS}")
 
 
-def check_store_files(location: str, storage_options: Mapping[str, Any] | None, tree: xr.DataTree) -> None:
-    """At open: every layer the store lists is there, and every array in it (layers, masks, labels) has each of
-    its chunk files; else an OSError naming what is missing. One listing of the store and its arrays' metadata
-    (fetched together), no data."""
-    found = set(layer_paths(tree))
-    lost = [layer for layer in tree.attrs.get(ORDER_ATTR) or () if layer not in found]
+def check_store_files(location: str, storage_options: Mapping[str, Any] | None, listed: Sequence[str],
+                      found: Sequence[str]) -> None:
+    """At open: every layer the store lists (``listed``, its root's order) is among those ``found``, and every array
+    in it (layers, masks, labels) has each of its chunk files; else an OSError naming what is missing. One listing
+    of the store and its arrays' metadata (fetched together), no data."""
+    lost = [layer for layer in listed if layer not in found]
     if lost:
         raise OSError(f"{location} lists layer{'s' if len(lost) > 1 else ''} {', '.join(map(repr, lost))} but holds "
                       f"no readable {VARIABLE!r} for {'them' if len(lost) > 1 else 'it'} (its metadata is missing): "
