@@ -238,12 +238,18 @@ def layer_paths(tree: xr.DataTree) -> list[str]:
     Returns
     -------
     list of str
-        Node paths without the leading '/', e.g. ``["model0/conv1", "model0/conv2"]``; layers a store
-        does not list (stores written before chunkcca recorded the order) follow, sorted.
+        Node paths without the leading '/', e.g. ``["model0/conv1", "model0/conv2"]``. A tree cut from a
+        store (``tree["model0"].isel(...)``, whose root no longer lists the order) keeps the order its layers
+        had when opened; layers a store does not list (stores written before chunkcca recorded the order)
+        follow, sorted.
     """
-    found = [node.path.strip("/") for node in tree.subtree if VARIABLE in node.data_vars]
+    nodes = {node.path.strip("/"): node for node in tree.subtree if VARIABLE in node.data_vars}
     rank = {path: i for i, path in enumerate(tree.root.attrs.get(ORDER_ATTR) or ())}
-    return sorted(found, key=lambda path: (rank.get(path, len(rank)), path))
+
+    def place(path: str) -> tuple[int, int, str]:
+        opened = nodes[path][VARIABLE].encoding.get("order")
+        return rank.get(path, len(rank)), len(nodes) if opened is None else int(opened), path
+    return sorted(nodes, key=place)
 
 
 #: Characters a layer path's parts may hold: letters, digits and ``_ - . + =``.

@@ -340,13 +340,15 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     if not found:
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
     check_store_files(location, storage_options, tree.attrs.get(ORDER_ATTR) or (), found)
+    order = {layer: i for i, layer in enumerate(found)}  # network order, which a node's copies keep (isel, sel)
     for layer in found:
         if MASK in tree[layer].data_vars:  # a coordinate, so that tree[layer]["activations"] carries its padding
             tree[layer].dataset = tree[layer].to_dataset(inherit=False).set_coords(MASK)
         as_activations(tree[layer], layer)
         # where the layer's files are: named by read errors, hashed by checkpoints (checkpoint.store_signature)
         # and which Dask array reads them as they are: a layer computed from it may keep this encoding (roll, copy)
-        tree[layer][VARIABLE].encoding.update(store=location, layer=layer, generation=tree.attrs.get(GENERATION_ATTR),
+        tree[layer][VARIABLE].encoding.update(store=location, layer=layer, order=order[layer],
+                                              generation=tree.attrs.get(GENERATION_ATTR),
                                               storage_options=dict(storage_options or {}),
                                               dask_name=tree[layer][VARIABLE].data.name)
     return tree

@@ -311,6 +311,11 @@ def test_a_store_keeps_its_layers_in_the_order_written(tmp_path, rng):
     assert layer_paths(tree["model0"]) == order[:4]
     result = chunkcca.similarity(tree["model0"], tree["model1"], measures=["cka"])
     assert list(result["layer_a"].values) == order[:4]
+    # a node cut from the store (its root no longer lists the order) keeps its layers' order
+    first_half = tree["model0"].isel(datapoint=slice(0, 6))
+    assert layer_paths(first_half) == ["stem", "conv2", "conv10", "fc"]
+    result = chunkcca.similarity(first_half, tree["model1"].isel(datapoint=slice(0, 6)), measures=["cka"])
+    assert list(result["layer_a"].values) == ["stem", "conv2", "conv10", "fc"]
 
 
 def test_adding_layers_leaves_the_store_s_own_untouched(tmp_path, rng):
