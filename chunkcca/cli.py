@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="layer path and file, e.g. model0/fc=model_0_lay06.p (a .npz gives LAYER/<name>)")
     ingest.add_argument("--layout", choices=LAYOUTS,
                         help="'datapoints': datapoint first, channel last (the default, for arrays that do not "
-                             "look like the others); 'neurons': 2-d (neurons, datapoints) as svcca's; "
+                             "look like the others; a 3-d array is (datapoint, token, channel)); "
+                             "'neurons': 2-d (neurons, datapoints) as svcca's; "
                              "'channels_first': (datapoint, channel, *positions) as PyTorch's, e.g. (N, C, H, W)")
     ingest.add_argument("--mask", action="append", default=[], metavar="LAYER=FILE",
                         help="a layer's padding mask (datapoint, *positions) from a .npy file, True at real "
@@ -255,7 +256,12 @@ def _run_ingest(args: argparse.Namespace) -> None:
         masks[layer] = file
     tree = ingest(args.store, sources, layout=args.layout, masks=masks, mode="a" if args.append else "w",
                   chunks=args.chunk or "auto", overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"wrote {args.store}: {', '.join(chunkcca.layer_paths(tree))}")
+    written = [path for path in chunkcca.layer_paths(tree)
+               if any(path == layer.strip("/") or path.startswith(layer.strip("/") + "/") for layer in sources)]
+    print(f"wrote {args.store}:")
+    for path in written:  # the dims each file was read as (a 3-d file is tokens unless --layout says otherwise)
+        activations = tree[path]["activations"]
+        print(f"  {path}  ({', '.join(f'{dim} {size}' for dim, size in activations.sizes.items())})")
 
 
 def _run_info(args: argparse.Namespace) -> None:

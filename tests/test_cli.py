@@ -30,7 +30,11 @@ def test_ingest_info_compare_sweep(files, capsys):
     folder, a, b = files
     store = str(folder / "s.zarr")
     assert main(["ingest", store, f"m0/conv={folder / 'a.npy'}", f"m1={folder / 'b.npz'}"]) == 0
+    assert capsys.readouterr().out == (f"wrote {store}:\n  m0/conv  (datapoint 50, height 4, width 4, channel 6)\n"
+                                       "  m1/conv  (datapoint 50, height 4, width 4, channel 5)\n"
+                                       "  m1/fc  (datapoint 50, channel 5)\n")
     assert main(["ingest", str(folder / "t.zarr"), f"m1/fc={folder / 'fc.p'}", "--layout", "neurons"]) == 0
+    assert capsys.readouterr().out.endswith(":\n  m1/fc  (datapoint 50, channel 5)\n"), "only the layers written"
     tree = chunkcca.open_activations(store)
     assert chunkcca.layer_paths(tree) == ["m0/conv", "m1/conv", "m1/fc"]
     np.testing.assert_array_equal(tree["m1/conv"]["activations"].values, b)

@@ -176,7 +176,9 @@ def test_ingest_appends_to_a_store(tmp_path, capsys):
     np.save(tmp_path / "b.npy", rng.standard_normal((30, 3)).astype("float32"))
     store = str(tmp_path / "s.zarr")
     assert main(["ingest", store, f"model0/fc={tmp_path / 'a.npy'}", "--no-progress"]) == 0
+    capsys.readouterr()
     assert main(["ingest", store, f"model1/fc={tmp_path / 'b.npy'}", "--append", "--no-progress"]) == 0
+    assert capsys.readouterr().out == f"wrote {store}:\n  model1/fc  (datapoint 30, channel 3)\n", "the layers added"
     assert chunkcca.layer_paths(chunkcca.open_activations(store)) == ["model0/fc", "model1/fc"]
     assert main(["ingest", store, f"model1/fc={tmp_path / 'b.npy'}", "--append"]) == 2
     assert "already holds layer model1/fc" in capsys.readouterr().err
