@@ -63,7 +63,7 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     or TypeError naming the layer and the fault. Nothing is computed.
     """
     if isinstance(layer, xr.DataTree):
-        name = name or layer.path.lstrip("/") or "/"
+        name = name or node_name(layer)
         if VARIABLE not in layer.data_vars:
             below = layer_paths(layer)
             if below:
@@ -185,6 +185,16 @@ def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -
     empty = [str(dim) for dim, size in array.sizes.items() if size == 0]
     if empty:
         raise ValueError(f"layer {name!r} is empty: dim {', '.join(empty)} has size 0 (shape {array.shape})")
+
+
+def node_name(node: xr.DataTree) -> str:
+    """A node's path; for a node cut from a store (``tree["model0/conv"].isel(...)``, whose path became '/', or
+    a layer of a cut group) the path it was opened at, which its activations keep in their encoding."""
+    path = node.path.strip("/")
+    opened = node[VARIABLE].encoding.get("layer") if VARIABLE in node.data_vars else None
+    if isinstance(opened, str) and (not path or opened == path or opened.endswith(f"/{path}")):
+        return opened
+    return path or "/"
 
 
 def named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:

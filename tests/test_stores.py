@@ -318,6 +318,17 @@ def test_a_store_keeps_its_layers_in_the_order_written(tmp_path, rng):
     assert list(result["layer_a"].values) == ["stem", "conv2", "conv10", "fc"]
 
 
+def test_a_node_cut_from_a_store_keeps_its_name(tmp_path, rng):
+    """``isel`` makes a node the root of a new tree (path '/'): results still name the layer it was opened as."""
+    layers = {"model0/conv": rng.standard_normal((12, 3)), "model1/conv": rng.standard_normal((12, 3))}
+    tree = write_activations(tmp_path / "s.zarr", layers)
+    result = chunkcca.cka(tree["model0/conv"].isel(datapoint=slice(0, 6)),
+                          tree["model1"].isel(datapoint=slice(0, 6))["conv"])
+    assert (result.attrs["layer_a"], result.attrs["layer_b"]) == ("model0/conv", "model1/conv")
+    renamed = xr.DataTree.from_dict({"mine": tree["model0/conv"].to_dataset()})["mine"]
+    assert chunkcca.cka(renamed, tree["model1/conv"]).attrs["layer_a"] == "mine", "a node the user named keeps it"
+
+
 def test_adding_layers_leaves_the_store_s_own_untouched(tmp_path, rng):
     store = tmp_path / "s.zarr"
     first = {"model0/conv": rng.standard_normal((20, 4, 4, 3)), "model0/fc": rng.standard_normal((20, 5))}
