@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -120,7 +121,26 @@ def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = Fa
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels), whitens=whitens)
     _warn_small_groups(streamed, groups, whitens)
-    return streamed, groups
+    return _with_provenance(streamed), groups
+
+
+def _rows_from(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> str:
+    """How a pair's rows are made, as its Moments record it: the adapter's attrs and, if any, the sides whose
+    padding masks select rows, e.g. ``"spatial='flatten', stride=2, mask='a'"``."""
+    made = dict(adapters[0].attrs)
+    masked = ",".join(side for side, layer in zip("ab", layers) if MASK in layer.coords)
+    if masked:
+        made["mask"] = masked
+    return ", ".join(f"{key}={value!r}" for key, value in made.items())
+
+
+def _with_provenance(streamed: Streamed) -> Streamed:
+    """``streamed`` with its Moments, and each group's, marked with the layers' names (as the results' ``layer_a``
+    and ``layer_b``) and how the rows were made, so that Moments of other layers or rows refuse to merge."""
+    mark = functools.partial(dataclasses.replace, layers=tuple(str(layer.name) for layer in streamed.layers),
+                             rows_from=_rows_from(streamed.layers, streamed.adapters))
+    groups = None if streamed.groups is None else tuple(map(mark, streamed.groups))
+    return dataclasses.replace(streamed, moments=mark(streamed.moments), groups=groups)
 
 
 def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool) -> None:

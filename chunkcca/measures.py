@@ -5,7 +5,7 @@ Each solver is a small float64 (complex128 for the DFT adapter) computation on a
 datapoints. [`MEASURES`][chunkcca.measures.MEASURES] declares every measure once (its solver, the options it reads, the
 scalar it reports, the statistics it needs, whether it works per spatial frequency); the public
 functions, [`chunkcca.compare()`][chunkcca.compare], [`chunkcca.similarity()`][chunkcca.similarity] and the command
-line all read it.
+line all read it. A result's attrs name the layers (``layer_a``, ``layer_b``) when its Moments know them.
 A new measure is a solver here and one ``Measure`` entry in [`MEASURES`][chunkcca.measures.MEASURES].
 """
 
@@ -129,6 +129,17 @@ def default_batch_dims(count: int) -> tuple[str, ...]:
     return ("freq_h", "freq_w") if count == 2 else tuple(f"freq_{i}" for i in range(count))
 
 
+def _layer_attrs(*moments: Moments) -> dict[str, str]:
+    """``layer_a`` and ``layer_b`` of a result, as the streamed measures name them: the layer of each side of
+    ``moments`` (over several, e.g. folds, the first that knows it), each only when known."""
+    attrs = {}
+    for key, side in (("layer_a", 0), ("layer_b", 1)):
+        known = [m.layers[side] for m in moments if len(m.layers) > side and m.layers[side]]
+        if known:
+            attrs[key] = known[0]
+    return attrs
+
+
 def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
                      batch_dims: tuple[str, ...] | None = None) -> xr.Dataset:
     """Canonical correlation analysis of the two sides of ``moments``.
@@ -191,7 +202,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
                        {"long_name": "mean squared canonical correlation (R²_CCA)"}),
         },
         coords={"component": np.arange(rho.shape[-1])},
-        attrs={"measure": "cca", "epsilon": float(epsilon)},
+        attrs={"measure": "cca", "epsilon": float(epsilon), **_layer_attrs(moments)},
     )
     if batch:
         result["rho_freq_mean"] = (dims, rho.mean(axis=-1), {"long_name": "mean canonical correlation per frequency"})
@@ -303,7 +314,8 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
             "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"}),
         },
         coords={"component": np.arange(rho.size)},
-        attrs={"measure": "svcca", "keep": float(keep), "keep_by": keep_by, "epsilon": float(epsilon)},
+        attrs={"measure": "svcca", "keep": float(keep), "keep_by": keep_by, "epsilon": float(epsilon),
+               **_layer_attrs(moments)},
     )
 
 
@@ -364,7 +376,7 @@ def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0, solved: xr.Dat
             "rows": ((), np.int64(moments.n)),
         },
         coords={"component": cca_result["component"].values},
-        attrs={"measure": "pwcca", "epsilon": float(epsilon)},
+        attrs={"measure": "pwcca", "epsilon": float(epsilon), **_layer_attrs(moments)},
     )
 
 
@@ -417,7 +429,7 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
     return xr.Dataset(
         {"cka": ((), value, {"long_name": "linear CKA" + (" (debiased)" if debiased else "")}),
          "rows": ((), np.int64(n))},
-        attrs={"measure": "cka", "debiased": int(debiased)},
+        attrs={"measure": "cka", "debiased": int(debiased), **_layer_attrs(moments)},
     )
 
 
@@ -447,7 +459,7 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
         {"procrustes": ((), float(np.sqrt(max(0.0, 2 - 2 * similarity))), {"long_name": "Procrustes distance"}),
          "similarity": ((), similarity, {"long_name": "nuclear norm of the normalised cross-covariance"}),
          "rows": ((), np.int64(moments.n))},
-        attrs={"measure": "procrustes"},
+        attrs={"measure": "procrustes", **_layer_attrs(moments)},
     )
 
 
@@ -498,7 +510,7 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
          "rank_a": ((), np.int64(rank_a), {"long_name": "rank of side a's (partially) whitened covariance"}),
          "rank_b": ((), np.int64(rank_b), {"long_name": "rank of side b's (partially) whitened covariance"}),
          "rows": ((), np.int64(moments.n))},
-        attrs={"measure": "shape_metric", "alpha": float(alpha)},
+        attrs={"measure": "shape_metric", "alpha": float(alpha), **_layer_attrs(moments)},
     )
 
 
@@ -560,7 +572,7 @@ def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) ->
          "heldout_cca_per_fold": ("fold", [float(r.mean()) for r in per_fold]),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
         coords={"component": np.arange(rho.size), "fold": np.arange(len(folds))},
-        attrs={"measure": "heldout_cca", "epsilon": float(epsilon), "folds": len(folds)})
+        attrs={"measure": "heldout_cca", "epsilon": float(epsilon), "folds": len(folds), **_layer_attrs(*folds)})
 
 
 def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence[float] = 0.01) -> xr.Dataset:
@@ -609,7 +621,7 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
          "predictivity_per_fold_channel": (("ridge", "fold", "channel_b"), scores),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
         coords={"ridge": list(ridges), "fold": np.arange(len(folds))},
-        attrs={"measure": "predictivity", "folds": len(folds)})
+        attrs={"measure": "predictivity", "folds": len(folds), **_layer_attrs(*folds)})
     return result if isinstance(ridge, (list, tuple, np.ndarray)) else result.squeeze("ridge")
 
 

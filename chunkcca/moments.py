@@ -31,7 +31,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -71,6 +71,12 @@ class Moments:
         dtype of the products the statistics were computed with (the coarser of merged ones). The
         solves count eigenvalues below ``p · eps(precision) · largest`` as rounding, so float32
         rounding noise is not taken for extra dimensions.
+    layers : tuple of str
+        The layer each side's channels came from ("" unknown; all unknown by default), one per side.
+    rows_from : str
+        How the rows were made from the layers (the spatial adapter and its settings, e.g.
+        ``"spatial='flatten', stride=1"``); "" unknown. Moments merge only when both fields agree, an unknown
+        value agreeing with any; to merge deliberately, set them equal with ``dataclasses.replace``.
     """
 
     n: int
@@ -80,6 +86,8 @@ class Moments:
     norm_moments: np.ndarray | None = None
     norm_products: np.ndarray | None = None
     precision: ProductPrecision = "float64"
+    layers: tuple[str, ...] = field(default=())
+    rows_from: str = ""
 
     def __post_init__(self) -> None:
         p = self.mean.shape[-1]
@@ -100,12 +108,22 @@ class Moments:
                                               or self.norm_products.shape != (len(sizes), len(sizes))):
             raise ValueError(f"norm_moments {self.norm_moments.shape} / norm_products {self.norm_products.shape} "
                              f"do not fit {len(sizes)} sides of {p} channels")
+        layers = tuple(self.layers) or ("",) * len(sizes)
+        if isinstance(self.layers, str) or len(layers) != len(sizes) or not all(isinstance(x, str) for x in layers):
+            raise ValueError(f"layers must name each of the {len(sizes)} sides with a str (\"\" unknown), "
+                             f"got {self.layers!r}")
+        object.__setattr__(self, "layers", layers)
+        if not isinstance(self.rows_from, str):
+            raise ValueError(f"rows_from must be a str (\"\" unknown), got {self.rows_from!r}")
 
     def __repr__(self) -> str:
         batch = f", batch={self.batch_shape}" if self.batch_shape else ""
         kind = ", complex" if np.iscomplexobj(self.scatter) else ""
         norms = ", with row-norm sums" if self.norm_moments is not None else ""
-        return f"Moments(n={self.n}, sizes={self.sizes}{batch}, precision={self.precision!r}{kind}{norms})"
+        layers = f", layers={self.layers}" if any(self.layers) else ""
+        rows = f", rows_from={self.rows_from!r}" if self.rows_from else ""
+        return (f"Moments(n={self.n}, sizes={self.sizes}{batch}, precision={self.precision!r}{kind}{norms}{layers}"
+                f"{rows})")
 
     @property
     def channels(self) -> int:
@@ -119,7 +137,8 @@ class Moments:
 
     def __getitem__(self, index: tuple[int, ...] | int) -> Moments:
         """The statistics of one batch element (e.g. one spatial frequency)."""
-        return Moments(self.n, self.mean[index], self.scatter[index], self.sizes, precision=self.precision)
+        return Moments(self.n, self.mean[index], self.scatter[index], self.sizes, precision=self.precision,
+                       layers=self.layers, rows_from=self.rows_from)
 
     def select(self, sides: Sequence[int]) -> Moments:
         """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
@@ -128,7 +147,8 @@ class Moments:
         norms = None if self.norm_moments is None else self.norm_moments[np.ix_(list(sides), index)]
         products = None if self.norm_products is None else self.norm_products[np.ix_(list(sides), list(sides))]
         return Moments(self.n, self.mean[..., index], self.scatter[..., index[:, None], index],
-                       tuple(self.sizes[i] for i in sides), norms, products, self.precision)
+                       tuple(self.sizes[i] for i in sides), norms, products, self.precision,
+                       tuple(self.layers[i] for i in sides), self.rows_from)
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """Covariance ``scatter / (n − ddof)``, shape (*batch, p, p)."""
@@ -149,8 +169,24 @@ class Moments:
         if (self.norm_moments is None) != (other.norm_moments is None):
             raise ValueError("cannot merge Moments with and without row-norm sums; compute both with the same "
                              "row_norms setting")
+        layers, rows_from = self._merged_provenance(other)
         precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
-        return unpack(merge_into(pack(self), pack(other), self.sizes), self.sizes, precision)
+        merged = unpack(merge_into(pack(self), pack(other), self.sizes), self.sizes, precision)
+        return replace(merged, layers=layers, rows_from=rows_from)
+
+    def _merged_provenance(self, other: Moments) -> tuple[tuple[str, ...], str]:
+        """The layers and ``rows_from`` of ``self + other``: the known value of each ("" is unknown); raises when
+        both are known and differ."""
+        if self.rows_from and other.rows_from and self.rows_from != other.rows_from:
+            raise ValueError(f"cannot merge Moments whose rows were made differently, {self.rows_from!r} and "
+                             f"{other.rows_from!r}: they are statistics of different rows; compute both with the "
+                             f"same spatial options, or, if the rows are the same, merge deliberately: "
+                             f"m1 + dataclasses.replace(m2, rows_from={self.rows_from!r})")
+        if any(a and b and a != b for a, b in zip(self.layers, other.layers)):
+            raise ValueError(f"cannot merge Moments of layers {self.layers} and {other.layers}: they describe "
+                             f"different layers; if they are the same layers under other names, merge "
+                             f"deliberately: m1 + dataclasses.replace(m2, layers={self.layers!r})")
+        return tuple(a or b for a, b in zip(self.layers, other.layers)), self.rows_from or other.rows_from
 
     def __radd__(self, other: object) -> Moments:
         """``0 + m`` is ``m``, so that ``sum(moments)`` merges a list of them."""
@@ -170,7 +206,8 @@ class Moments:
         if self.norm_moments is not None:
             variables["norm_moments"] = (("side", "channel"), self.norm_moments)
             variables["norm_products"] = (("side", "side_t"), self.norm_products)
-        dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision})
+        dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision,
+                                               "layers": list(self.layers), "rows_from": self.rows_from})
         from zarr.codecs import Crc32cCodec
 
         # a CRC32C of each chunk, which zarr checks on every read: a damaged file is an error, never other Moments
@@ -202,6 +239,8 @@ class Moments:
                     norm_moments=dataset["norm_moments"].values if "norm_moments" in dataset else None,
                     norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
                     precision=dataset.attrs.get("precision", "float64"),
+                    layers=tuple(dataset.attrs.get("layers", ())),  # saves before provenance: unknown
+                    rows_from=dataset.attrs.get("rows_from", ""),
                 )
             except ValueError as error:
                 if "checksum" not in str(error):

@@ -225,3 +225,13 @@ def test_a_nan_group_label_is_refused():
         cca(a, b, groupby="g")
     with pytest.raises(ValueError, match=r"folds='g': the coordinate 'g' of layer 'a' is NaN for 10 datapoints"):
         compare(a, b, measures=["cka"], folds="g")
+
+
+def test_each_groups_moments_record_the_layers_and_rows():
+    a, b = _labelled(2)
+    grouped = compute_moments(a, b, groupby="label", stride=3, precision="float64")
+    assert {(m.layers, m.rows_from) for m in grouped.values()} == {(("a", "b"), "spatial='flatten', stride=3")}
+    assert sum(grouped.values()).layers == ("a", "b")
+    other = compute_moments(a, b.rename("c"), groupby="label", stride=3, precision="float64")
+    with pytest.raises(ValueError, match=r"cannot merge Moments of layers \('a', 'b'\) and \('a', 'c'\)"):
+        grouped["cat"] + other["dog"]

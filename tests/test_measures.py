@@ -22,6 +22,7 @@ from scipy.stats import ortho_group
 
 import chunkcca
 from chunkcca import Moments, cca, cka, procrustes, pwcca, shape_metric, svcca, svcca_from_moments
+from chunkcca.measures import heldout_cca_from_folds, predictivity_from_folds
 
 #: float64 products: the covariance route vs the QR/Gram references agrees to ~1e-13 on this
 #: well-conditioned data; 1e-9 leaves margin. float32 products: 3e-6 as in test_cca.
@@ -310,3 +311,25 @@ def test_svcca_from_moments_checks_epsilon():
     assert isinstance(moments, Moments)
     with pytest.raises(ValueError, match="epsilon must be a finite number >= 0"):
         svcca_from_moments(moments, epsilon=-1.0)
+
+
+def test_results_from_moments_name_their_layers_as_the_streamed_ones():
+    import xarray as xr
+
+    x, y = _pair(12, n=120)
+    a = xr.DataArray(x, dims=("datapoint", "channel"), name="block1/relu")
+    b = xr.DataArray(y, dims=("datapoint", "channel"), name="block2/relu")
+    moments = chunkcca.compute_moments(a, b, row_norms=True, precision="float64")
+    solvers = [chunkcca.cca_from_moments, chunkcca.svcca_from_moments, chunkcca.pwcca_from_moments,
+               chunkcca.cka_from_moments, chunkcca.procrustes_from_moments, chunkcca.shape_metric_from_moments]
+    streamed = cca(a, b, precision="float64").attrs
+    assert (streamed["layer_a"], streamed["layer_b"]) == ("block1/relu", "block2/relu")
+    for solve in solvers:
+        attrs = solve(moments).attrs
+        assert (attrs["layer_a"], attrs["layer_b"]) == (streamed["layer_a"], streamed["layer_b"]), solve.__name__
+    folds = list(chunkcca.compute_moments(a, b, folds=3, precision="float64").values())
+    for solve in (heldout_cca_from_folds, predictivity_from_folds):
+        assert solve(folds).attrs["layer_a"] == "block1/relu" and solve(folds).attrs["layer_b"] == "block2/relu"
+    anonymous = Moments(moments.n, moments.mean, moments.scatter, moments.sizes)
+    for solve in solvers[:-2]:
+        assert "layer_a" not in solve(anonymous).attrs and "layer_b" not in solve(anonymous).attrs

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import dask.array as da
 import numpy as np
 import pytest
+import xarray as xr
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import flatten_rows, scatter
 
+import chunkcca
 from chunkcca import Moments
 from chunkcca.engine import moments_reduction, run
 from chunkcca.moments import merge_into, pack, partial_from_rows, unpack
@@ -256,3 +259,120 @@ def test_counts_are_exact_past_two_to_the_31():
     assert merged.n == 3 * big + 3
     assert isinstance(merged.n, int)
     assert (parts[0] + parts[1]).n == 2 * big + 1
+
+
+def _conv_layers(seed: int = 0, n: int = 40) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+    """Three named conv layers (datapoint, height, width, channel) of 3 channels each, chunked."""
+    rng = np.random.default_rng(seed)
+    dims = ("datapoint", "height", "width", "channel")
+    return tuple(xr.DataArray(rng.standard_normal((n, 4, 4, 3)) + 1, dims=dims, name=name).chunk({"datapoint": 7})
+                 for name in ("conv1", "conv2", "conv3"))
+
+
+def test_compute_moments_record_their_layers_and_rows():
+    conv1, conv2, _ = _conv_layers()
+    m = chunkcca.compute_moments(conv1, conv2, spatial="avgpool", stride=2, precision="float64")
+    assert m.layers == ("conv1", "conv2") and m.rows_from == "spatial='avgpool', stride=2"
+    interp = chunkcca.compute_moments(conv1, conv2, spatial="interp", method="nearest", precision="float64")
+    assert interp.rows_from == "spatial='interp', stride=1, method='nearest', grid='coords'"
+    mask = xr.DataArray(np.ones((40, 4, 4), bool), dims=("datapoint", "height", "width"))
+    masked = chunkcca.compute_moments(conv1.assign_coords(mask=mask), conv2, precision="float64")
+    assert masked.rows_from == "spatial='flatten', stride=1, mask='a'"
+    for part in chunkcca.compute_moments(conv1, conv2, folds=3, precision="float64").values():
+        assert part.layers == m.layers and part.rows_from == "spatial='flatten', stride=1"
+    assert "layers=('conv1', 'conv2')" in repr(m)
+
+
+@pytest.mark.parametrize("other, spatial_options, message", [
+    ("conv3", {}, r"cannot merge Moments of layers \('conv1', 'conv2'\) and \('conv1', 'conv3'\): they describe "
+                  r"different layers; .* m1 \+ dataclasses.replace\(m2, layers=\('conv1', 'conv2'\)\)"),
+    ("conv2", {"spatial": "avgpool"}, r"rows were made differently, \"spatial='flatten', stride=1\" and "
+                                      r"\"spatial='avgpool', stride=1\".* m1 \+ dataclasses.replace\(m2, rows_from="),
+    ("conv2", {"stride": 2}, r"\"spatial='flatten', stride=1\" and \"spatial='flatten', stride=2\""),
+    ("conv2", {"spatial": "interp", "method": "nearest"}, r"\"spatial='interp', stride=1, method='nearest'"),
+])
+def test_moments_of_other_layers_or_rows_refuse_to_merge(other, spatial_options, message):
+    """Equal channel counts used to merge them silently into a wrong number."""
+    layers = dict(zip(("conv1", "conv2", "conv3"), _conv_layers()))
+    first = chunkcca.compute_moments(layers["conv1"][:20], layers["conv2"][:20], precision="float64")
+    second = chunkcca.compute_moments(layers["conv1"][20:], layers[other][20:], precision="float64",
+                                      **spatial_options)
+    with pytest.raises(ValueError, match=message):
+        first + second
+    with pytest.raises(ValueError, match=message.split(".*")[0]):
+        sum([first, second])
+    deliberate = first + dataclasses.replace(second, layers=first.layers, rows_from=first.rows_from)
+    assert deliberate.n == first.n + second.n and deliberate.layers == first.layers
+
+
+def test_dft_moments_of_another_stride_refuse_to_merge():
+    conv1, conv2, _ = _conv_layers()
+    first = chunkcca.compute_moments(conv1[:20], conv2[:20], spatial="dft", precision="float64")
+    second = chunkcca.compute_moments(conv1[20:], conv2[20:], spatial="dft", stride=2, precision="float64")
+    assert first.batch_shape == second.batch_shape == (4, 4)
+    with pytest.raises(ValueError, match="\"spatial='dft', stride=1\" and \"spatial='dft', stride=2\""):
+        first + second
+    assert first[0, 1].layers == ("conv1", "conv2") and first[0, 1].rows_from == first.rows_from
+
+
+def test_matching_merge_equals_the_one_pass_moments_and_keeps_provenance():
+    conv1, conv2, _ = _conv_layers(3)
+    options = {"spatial": "avgpool", "precision": "float64"}
+    whole = chunkcca.compute_moments(conv1, conv2, row_norms=True, **options)
+    merged = (chunkcca.compute_moments(conv1[:13], conv2[:13], row_norms=True, **options)
+              + chunkcca.compute_moments(conv1[13:], conv2[13:], row_norms=True, **options))
+    assert_moments_close(merged, whole, rtol=1e-13)
+    np.testing.assert_allclose(merged.norm_products, whole.norm_products, rtol=1e-12)
+    assert (merged.layers, merged.rows_from) == (whole.layers, whole.rows_from) == (("conv1", "conv2"),
+                                                                                      "spatial='avgpool', stride=1")
+
+
+def test_moments_without_provenance_still_merge_and_take_the_known(rng):
+    rows = rng.standard_normal((60, 5)) + 2
+    first, second = _moments_of(rows[:25], (2, 3)), _moments_of(rows[25:], (2, 3))
+    assert first.layers == ("", "") and first.rows_from == ""
+    assert_moments_close(first + second, _moments_of(rows, (2, 3)), rtol=1e-13)
+    known = dataclasses.replace(second, layers=("", "fc"), rows_from="spatial='flatten', stride=1")
+    for merged in (first + known, known + first):
+        assert merged.layers == ("", "fc") and merged.rows_from == "spatial='flatten', stride=1"
+        assert_moments_close(merged, _moments_of(rows, (2, 3)), rtol=1e-13)
+    half = dataclasses.replace(first, layers=("conv", ""))
+    assert (half + known).layers == ("conv", "fc")
+    with pytest.raises(ValueError, match="layers must name each of the 2 sides"):
+        dataclasses.replace(first, layers=("conv",))
+    with pytest.raises(ValueError, match="layers must name each of the 2 sides"):
+        dataclasses.replace(first, layers="ab")
+
+
+def test_provenance_survives_select_save_and_load(tmp_path, rng):
+    rows = rng.standard_normal((40, 6)) + 1
+    whole = dataclasses.replace(
+        unpack(partial_from_rows([rows[:, :1], rows[:, 1:3], rows[:, 3:]], "float64", row_norms=True), (1, 2, 3)),
+        layers=("l1", "l2", "l3"), rows_from="spatial='avgpool', stride=1")
+    pair = whole.select([2, 0])
+    assert pair.layers == ("l3", "l1") and pair.rows_from == whole.rows_from
+    pair.save(tmp_path / "m")
+    loaded = Moments.load(tmp_path / "m")
+    assert loaded.layers == ("l3", "l1") and loaded.rows_from == "spatial='avgpool', stride=1"
+    with pytest.raises(ValueError, match="cannot merge Moments of layers"):
+        loaded + dataclasses.replace(pair, layers=("l3", "l2"))
+
+
+def test_saves_made_before_provenance_load_as_unknown(tmp_path, rng):
+    import json
+
+    rows = rng.standard_normal((30, 3))
+    old = _moments_of(rows[:20], (1, 2))
+    old.save(tmp_path / "old")
+    metadata_path = tmp_path / "old" / "zarr.json"
+    metadata = json.loads(metadata_path.read_text())
+    for key in ("layers", "rows_from"):  # as a save by an earlier version
+        metadata["attributes"].pop(key)
+    metadata_path.write_text(json.dumps(metadata))
+    loaded = Moments.load(tmp_path / "old")
+    assert loaded.layers == ("", "") and loaded.rows_from == ""
+    new = dataclasses.replace(_moments_of(rows[20:], (1, 2)), layers=("a", "b"), rows_from="spatial='flatten', "
+                                                                                          "stride=1")
+    merged = loaded + new
+    assert merged.layers == ("a", "b")
+    assert_moments_close(merged, _moments_of(rows, (1, 2)), rtol=1e-13)
