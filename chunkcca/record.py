@@ -3,22 +3,31 @@
 Forward hooks catch each chosen module's output and lay it out channels-last: (N, C, H, W) → (datapoint,
 height, width, channel), a 1-d conv's (N, C, L) → (datapoint, time, channel), a 3-d conv's (N, C, D, H, W) →
 (datapoint, depth, height, width, channel); a transformer's (N, T, C) stays (datapoint, token, channel), and
-the batch's attention mask becomes the layer's padding mask. Whether a 3-d output (N, ·, ·) is (N, C, L) or
-(N, T, C) is decided in this order: channels first from a module whose class ends in ``1d`` (Conv1d, pooling,
-batch norm) or is a GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a submodule
-made, when the module returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its input, when
-the output has the input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual
-block after a Conv1d: every module but TorchScript ones is hooked while recording to know this); the layout of
-the latest tensor of the output's shape a module made (a function in between, such as ``F.relu``, keeps it; not
-for a square (N, L, L), where a transpose cannot be told);
-channels last from any other module with parameters (Linear, attention, a transformer layer, an RNN). Any other
-parameter-free module (a ReLU on a function of the model's input or on a transpose; an Upsample) is refused,
-naming the layer: ``layouts=`` gives its layout. 4-d and 5-d outputs are channels first unless ``layouts=``
-says otherwise. Each layer's batches are gathered in a buffer of one zarr chunk and appended a whole chunk at
-a time (the rest when recording ends), so no more than one chunk per layer and one batch are ever held, and
-no chunk is written twice: appending batches smaller than a chunk would make zarr read, decode and rewrite the
-partial last chunk on every batch. The store is written to a temporary folder and renamed into place when
-recording ends.
+the batch's attention mask becomes the layer's padding mask. A recurrent module's (``torch.nn.RNNBase``: RNN,
+LSTM, GRU) output is (datapoint, token, channel): with ``batch_first=False`` its (T, N, C) is transposed, as are
+those of attention and transformer modules with ``batch_first=False`` and of the modules that keep the (T, N)
+leading dims of such a tensor (a Dropout, a Linear after it). A ``PackedSequence`` is refused, naming the layer.
+
+Where the channels of an output of 3 to 5 dims are is decided in this order: channels first from a module whose
+class ends in ``1d``, ``2d`` or ``3d`` as its output has 3, 4 or 5 dims (conv, pooling, batch norm) or is a
+GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a submodule made, when the module
+returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its input, when the output has the
+input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d
+or a Linear: every module but TorchScript ones is hooked while recording to know this); the layout of the latest
+tensor of the output's shape a module made (a function in between, such as ``F.relu`` or a residual sum, keeps
+it; not for a square shape, where the first position and the channels have one size, (N, L, L) or (N, C, H, C),
+since a transpose cannot be told); channels last from a module that acts on the last dim, whatever the rank
+(``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim: ConvNeXt and Swin blocks apply
+them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the channels of (N, C, H, W), is
+not taken for one).
+Failing all these, a 3-d output is channels last from any other module with parameters (attention, a transformer
+layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
+transpose; an Upsample), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first
+unless ``layouts=`` says otherwise. Each layer's batches are gathered in a buffer of one zarr chunk and appended
+a whole chunk at a time (the rest when recording ends), so no more than one chunk per layer and one batch are
+ever held, and no chunk is written twice: appending batches smaller than a chunk would make zarr read, decode and
+rewrite the partial last chunk on every batch. The store is written to a temporary folder and renamed into place
+when recording ends.
 """
 
 from __future__ import annotations
@@ -84,51 +93,87 @@ def first_tensor(output: Any) -> Any:
 
 Layout = Literal["channels_first", "channels_last"]
 LAYOUTS: tuple[Layout, ...] = ("channels_first", "channels_last")
+Found = Literal["channels_first", "channels_last", "time_first"]  # time first: (T, N, C), channels last
 CHANNELS_FIRST_MODULES = ("GroupNorm", "SyncBatchNorm", "LocalResponseNorm")  # (N, C, *) whatever the rank
 POSITIONS = {3: ("time",), 4: ("height", "width"), 5: ("depth", "height", "width")}
 
 
 class _Made:
-    """The 3-d tensors the model's modules made so far in one forward pass, with their layouts, and the layout of
-    the latest one of each shape."""
+    """The tensors of 3 to 5 dims the model's modules made so far in one forward pass, with their layouts, and the
+    layout of the latest one of each shape."""
 
     def __init__(self) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
 
         self.tensors: Any = WeakIdKeyDictionary()
-        self.shapes: dict[tuple[int, ...], Layout] = {}
+        self.shapes: dict[tuple[int, ...], Found] = {}
 
-    def add(self, tensor: Any, layout: Layout) -> None:
+    def add(self, tensor: Any, layout: Found) -> None:
         self.tensors[tensor] = layout
         if not tensor.is_nested:
             self.shapes[tuple(tensor.shape)] = layout
 
-    def of_shape(self, shape: tuple[int, ...]) -> Layout | None:
-        """The layout of the latest tensor of ``shape`` a module made; None when a transpose could hide behind it
-        (a square (N, L, L): (N, C, L) and (N, T, C) look alike)."""
-        return self.shapes.get(shape) if shape[1] != shape[2] else None
+    def of_shape(self, shape: tuple[int, ...]) -> Found | None:
+        """The layout of the latest tensor of ``shape`` a module made; None when a transpose could hide behind it:
+        channels first and last look alike when the first position and the channels have one size ((N, L, L),
+        (N, C, H, C)), (T, N, C) and (N, T, C) when T = N."""
+        layout = self.shapes.get(shape)
+        square = shape[0] == shape[1] if layout == "time_first" else shape[1] == shape[-1]
+        return None if square else layout
 
     def clear(self) -> None:
         self.tensors.clear()
         self.shapes.clear()
 
 
-def _layout(module: Any, inputs: Sequence[Any], tensor: Any, made: _Made) -> Layout | None:
-    """Where the channels of a module's 3-d output ``tensor`` are (see the module docstring); None if it cannot
-    tell."""
+def _time_first(module: Any) -> bool:
+    """Whether a module gives (T, N, C) sequences: a torch RNN, attention or transformer with ``batch_first=False``."""
+    from torch import nn
+
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)):
+        return not module.batch_first
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        return not module.layers[0].self_attn.batch_first
+    return False
+
+
+def _acts_on_last_dim(module: Any) -> bool:
+    """Whether a module works on the last dim of a tensor of any rank, so its output is channels last: a torch
+    Linear, Bilinear, Embedding, or LayerNorm or RMSNorm over one dim, with torch's own ``forward`` (a subclass
+    may rewrite it, e.g. to normalise the channels of (N, C, H, W))."""
+    from torch import nn
+
+    norms = tuple(getattr(nn, name) for name in ("LayerNorm", "RMSNorm") if hasattr(nn, name))
+    for kind in (nn.Linear, nn.Bilinear, nn.Embedding, *norms):
+        if isinstance(module, kind):
+            return type(module).forward is kind.forward and (kind not in norms or len(module.normalized_shape) == 1)
+    return False
+
+
+def _layout(module: Any, inputs: Sequence[Any], tensor: Any, made: _Made) -> Found | None:
+    """Where the channels of a module's output ``tensor`` of 3 to 5 dims are (see the module docstring), or
+    "time_first" for a (T, N, C) sequence (one that ``record``'s hook noted as made by a ``_time_first`` module,
+    or of its T and N); None if it cannot tell (a 4-d or 5-d output is then channels first)."""
     if tensor.is_nested:  # PyTorch's nested sequences: (N, T, C) with T ragged
         return "channels_last"
     name = type(module).__name__
-    if name.endswith("1d") or name in CHANNELS_FIRST_MODULES:
+    if name.endswith(f"{tensor.dim() - 2}d") or name in CHANNELS_FIRST_MODULES:
         return "channels_first"
     if tensor in made.tensors:  # returned as a submodule made it
         return made.tensors[tensor]
     source = first_tensor(list(inputs))
-    if source is not None and source in made.tensors and not source.is_nested and source.shape == tensor.shape:
-        return made.tensors[source]
+    if source is not None and source in made.tensors and not source.is_nested:
+        if source.shape == tensor.shape:
+            return made.tensors[source]
+        if made.tensors[source] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
+            return "time_first"  # a Linear on (T, N, C) keeps T and N
     if made.of_shape(tuple(tensor.shape)) is not None:  # a function of a module's output (F.relu) keeps its shape
         return made.of_shape(tuple(tensor.shape))
-    if next(module.parameters(), None) is None:  # no channel count of its own to go by
+    if _acts_on_last_dim(module):
+        return "channels_last"
+    if tensor.dim() > 3 or next(module.parameters(), None) is None:  # 4-d, 5-d: channels first by default
         return None
     return "channels_last"
 
@@ -145,23 +190,42 @@ def _channels_last(array: np.ndarray, path: str, layout: Layout) -> tuple[np.nda
     return np.ascontiguousarray(np.moveaxis(array, 1, -1)), ("datapoint", *POSITIONS[array.ndim], "channel")
 
 
+def _packed(output: Any) -> Any:
+    """The ``PackedSequence`` a module returns (alone or first of a tuple, as an RNN does), else None."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    for item in (output, *(output[:1] if isinstance(output, (tuple, list)) else ())):
+        if isinstance(item, PackedSequence):
+            return item
+    return None
+
+
 def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select: Callable[[Any], Any],
               layout: Layout | None, made: _Made) -> tuple[np.ndarray, tuple[str, ...]]:
     """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), and its dims; laid out
-    as ``layout`` (from ``layouts=``) says, else as ``_layout`` finds (4-d and 5-d: channels first)."""
+    as ``layout`` (from ``layouts=``) says, else as ``_layout`` finds (4-d and 5-d: channels first by default); a
+    (T, N, C) sequence is made batch first either way."""
     tensor = select(output)
     if tensor is None:
         raise ValueError(f"layer {path!r} gives a {type(output).__name__} holding no tensor; pass output= to say "
                          f"which to record")
+    packed = _packed(output)
+    if packed is not None and tensor is packed.data:
+        raise ValueError(f"layer {path!r} gives a PackedSequence, whose rows are the steps of every sequence packed "
+                         f"together, not datapoints; record it padded: pass output=lambda out: torch.nn.utils.rnn."
+                         f"pad_packed_sequence(out[0], batch_first=True, total_length=T)[0] (and mask= for the "
+                         f"padding), or record a module after the model's own pad_packed_sequence")
+    found = _layout(module, inputs, tensor, made) if tensor.dim() in POSITIONS else None
+    if found == "time_first":  # (T, N, C) → (N, T, C)
+        tensor, found = tensor.transpose(0, 1), "channels_last"
+    layout = layout or found
     if layout is None and tensor.dim() == 3:
-        layout = _layout(module, inputs, tensor, made)
-        if layout is None:
-            raise ValueError(f"layer {path!r}: where the channels of its {tuple(tensor.shape)} output are is "
-                             f"unknown: {type(module).__name__} has no parameters to tell by, and no module of the "
-                             f"model made a tensor of its shape before it (a function of the model's input, a "
-                             f"transpose), or its shape is square, where a transpose cannot be told; pass "
-                             f"layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), 'channels_last' "
-                             f"if (N, T, C)")
+        raise ValueError(f"layer {path!r}: where the channels of its {tuple(tensor.shape)} output are is "
+                         f"unknown: {type(module).__name__} has no parameters to tell by, and no module of the "
+                         f"model made a tensor of its shape before it (a function of the model's input, a "
+                         f"transpose), or its shape is square, where a transpose cannot be told; pass "
+                         f"layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), 'channels_last' "
+                         f"if (N, T, C)")
     if getattr(tensor, "is_nested", False):  # PyTorch's transformer fast path leaves padding out: put it back
         tensor = tensor.to_padded_tensor(0.0)
     return _channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first")
@@ -243,7 +307,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         it holds already is an error, raised before the model runs.
     output
         Which tensor of a module's output to record (default ``first_tensor``: the tensor, the first of a
-        tuple, a model output's ``last_hidden_state``).
+        tuple, a model output's ``last_hidden_state``). A ``PackedSequence`` is refused: pad it here, e.g.
+        ``lambda out: torch.nn.utils.rnn.pad_packed_sequence(out[0], batch_first=True, total_length=T)[0]``.
     mask
         The batch's padding mask (N, T), True (or 1) at real tokens, from a batch (default: a dict batch's
         ``attention_mask``; None: no masks). Recorded as the ``mask`` of every layer of T positions.
@@ -252,7 +317,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     layouts
         Store path → ``"channels_first"`` ((N, C, L), (N, C, H, W), (N, C, D, H, W)) or ``"channels_last"``
         ((N, T, C), (N, H, W, C), (N, D, H, W, C)) for layers whose layout the rule of ``chunkcca.record`` gets
-        wrong or cannot tell (it refuses a parameter-free module, e.g. a ReLU, given a 3-d tensor no module made).
+        wrong or cannot tell (it refuses a parameter-free module, e.g. a ReLU, given a 3-d tensor no module made;
+        it takes a 4-d or 5-d output it cannot tell for channels first). A (T, N, C) output it finds (an RNN's
+        with ``batch_first=False``) is made (N, T, C) first.
 
     Returns
     -------
@@ -275,8 +342,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
 
     def track(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         tensor = first_tensor(out)
-        if tensor is not None and tensor.dim() == 3:
-            layout = _layout(module, [*args, *kwargs.values()], tensor, made)
+        if tensor is not None and tensor.dim() in POSITIONS:
+            time_first = tensor.dim() == 3 and _time_first(module)  # its own output, not one output= makes
+            layout = "time_first" if time_first else _layout(module, [*args, *kwargs.values()], tensor, made)
             if layout is not None:
                 made.add(tensor, layout)
 

@@ -328,3 +328,173 @@ def test_a_square_output_after_a_transpose_is_refused_not_guessed(tmp_path):
     with pytest.raises(ValueError, match=r"layer 'act': where the channels of its \(4, 64, 64\) output are is "
                                          r"unknown"):
         record(Square(), ["act"], [torch.randn(4, 8, 64)], tmp_path / "s.zarr")
+
+
+class _ConvNeXtBlock(torch.nn.Module):
+    """A ConvNeXt-like block: a Conv2d, then LayerNorm, Linear, GELU, Linear on the (N, H, W, C) permutation of its
+    output, permuted back, through a Dropout and added to the conv's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm, self.up, self.act = torch.nn.LayerNorm(8), torch.nn.Linear(8, 32), torch.nn.GELU()
+        self.down, self.drop = torch.nn.Linear(32, 8), torch.nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        y = self.down(self.act(self.up(self.norm(x.permute(0, 2, 3, 1)))))
+        return x + self.drop(y.permute(0, 3, 1, 2))
+
+
+def test_linear_and_layernorm_outputs_are_channels_last_at_any_rank(tmp_path):
+    """A LayerNorm, Linear and the GELU after it on (N, H, W, C) were stored as channels first: (datapoint, height=W,
+    width=C, channel=H). So were a Linear and ReLU on (N, D, H, W, C); a LayerNorm without parameters on (N, T, C)
+    made by a function was refused."""
+    net = _ConvNeXtBlock()
+    inputs = torch.randn(6, 3, 5, 7)
+    layers = {"conv": "conv", "norm": "norm", "up": "up", "act": "act", "down": "down", "drop": "drop", "block": net}
+    tree = record(net, layers, [inputs[:4], inputs[4:]], tmp_path / "c.zarr")
+    with torch.inference_mode():
+        conv = net.conv(inputs)
+        norm = net.norm(conv.permute(0, 2, 3, 1))
+        up = net.up(norm)
+        act = net.act(up)
+        down = net.down(act)
+        want = {"conv": conv.permute(0, 2, 3, 1), "norm": norm, "up": up, "act": act, "down": down,
+                "drop": down, "block": (conv + down.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)}
+    for layer, values in want.items():
+        assert tree[layer]["activations"].dims == ("datapoint", "height", "width", "channel"), layer
+        np.testing.assert_array_equal(tree[layer]["activations"].values, values.numpy(), err_msg=layer)
+
+    torch.manual_seed(0)
+    volume = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    inputs = torch.randn(5, 2, 6, 7, 3)
+    tree = record(volume, ["0", "1"], [inputs], tmp_path / "v.zarr")
+    with torch.inference_mode():
+        want = volume(inputs).numpy()
+    assert tree["1"]["activations"].dims == ("datapoint", "depth", "height", "width", "channel")
+    np.testing.assert_array_equal(tree["1"]["activations"].values, want)
+    tokens = torch.nn.Sequential(torch.nn.Identity(), torch.nn.LayerNorm(4, elementwise_affine=False))
+    inputs = torch.randn(5, 7, 4)
+    tree = record(tokens, ["1"], [inputs], tmp_path / "t.zarr")
+    assert tree["1"]["activations"].dims == ("datapoint", "token", "channel")
+    np.testing.assert_array_equal(tree["1"]["activations"].values, tokens(inputs).numpy())
+
+
+def test_norms_that_do_not_act_on_the_last_dim_keep_their_inputs_layout(tmp_path):
+    """A LayerNorm over (H, W) and a LayerNorm subclass whose forward normalises the channels of (N, C, H, W) (as
+    a LayerNorm2d) are not taken for channels-last modules; a LayerNorm over the last dim of a Conv1d's
+    (N, C, L) keeps its input's layout (its last dim is positions). Each used to be right; guards the new rule,
+    with a Linear on (N, H, W, C) that was not."""
+
+    class ChannelNorm(torch.nn.LayerNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.spatial, self.chnorm = torch.nn.Conv2d(3, 8, 1), torch.nn.LayerNorm([5, 7]), ChannelNorm(8)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.chnorm(self.spatial(self.conv(x)))
+            return self.fc(x.permute(0, 2, 3, 1))
+
+    net = Net()
+    inputs = torch.randn(4, 3, 5, 7)
+    tree = record(net, ["spatial", "chnorm", "fc"], [inputs], tmp_path / "n.zarr")
+    with torch.inference_mode():
+        spatial = net.spatial(net.conv(inputs))
+        chnorm = net.chnorm(spatial)
+    np.testing.assert_array_equal(tree["spatial"]["activations"].values, spatial.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(tree["chnorm"]["activations"].values, chnorm.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(tree["fc"]["activations"].values, net(inputs).detach().numpy())
+    seq = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 1), torch.nn.LayerNorm(11))
+    inputs = torch.randn(4, 3, 11)
+    tree = record(seq, ["1"], [inputs], tmp_path / "s.zarr")
+    assert tree["1"]["activations"].dims == ("datapoint", "time", "channel")
+    np.testing.assert_array_equal(tree["1"]["activations"].values, seq(inputs).detach().numpy().transpose(0, 2, 1))
+
+
+class _Recurrent(torch.nn.Module):
+    """An LSTM over (N, T, C) inputs, given them as (T, N, C) when not batch first, then a Dropout and a Linear."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = torch.nn.LSTM(3, 5, batch_first=batch_first)
+        self.drop, self.head = torch.nn.Dropout(0.0), torch.nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x if self.lstm.batch_first else x.transpose(0, 1))
+        return self.head(self.drop(out))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_recurrent_outputs_are_datapoint_token_channel(tmp_path, batch_first):
+    """An LSTM with batch_first=False gives (T, N, C): it was stored as if T were the datapoints (its datapoints as
+    tokens), as were the Dropout and Linear after it."""
+    net = _Recurrent(batch_first)
+    inputs = torch.randn(8, 7, 3)
+    tree = record(net, ["lstm", "drop", "head"], [inputs[:4], inputs[4:]], tmp_path / "r.zarr")
+    with torch.inference_mode():  # batch by batch, in the model's own layout: rounding may depend on both
+        parts = [net.lstm(x if batch_first else x.transpose(0, 1))[0] for x in (inputs[:4], inputs[4:])]
+        heads = [net.head(out) for out in parts]
+        if not batch_first:
+            parts, heads = [out.transpose(0, 1) for out in parts], [out.transpose(0, 1) for out in heads]
+        out = torch.cat(parts)
+        want = {"lstm": out, "drop": out, "head": torch.cat(heads)}
+    assert tree["lstm"]["activations"].dims == ("datapoint", "token", "channel")
+    for layer, values in want.items():
+        assert tree[layer]["activations"].shape == values.shape, layer
+        np.testing.assert_array_equal(tree[layer]["activations"].values, values.numpy(), err_msg=layer)
+
+
+def test_sequence_first_attention_and_transformer_layers_are_made_batch_first(tmp_path):
+    """A TransformerEncoderLayer with batch_first=False and its attention, norm, feed-forward Linear and the Dropout
+    after its F.relu give (T, N, C): they were stored as if T were the datapoints."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0).eval()
+    inputs = torch.randn(9, 6, 8)  # (T, N, C)
+    tree = record(layer, {"layer": layer, "self_attn": "self_attn", "norm1": "norm1", "linear1": "linear1",
+                          "dropout": "dropout"}, [inputs], tmp_path / "t.zarr")
+    with torch.inference_mode():
+        attention = layer.self_attn(inputs, inputs, inputs, need_weights=False)[0]
+        norm1 = layer.norm1(inputs + attention)
+        linear1 = layer.linear1(norm1)
+        want = {"layer": layer(inputs), "self_attn": attention, "norm1": norm1, "linear1": linear1,
+                "dropout": linear1.relu()}
+    for name, values in want.items():
+        assert tree[name]["activations"].dims == ("datapoint", "token", "channel"), name
+        np.testing.assert_array_equal(tree[name]["activations"].values, values.transpose(0, 1).numpy(), err_msg=name)
+
+
+def test_a_packed_sequence_is_refused_unless_output_pads_it(tmp_path):
+    """An LSTM given a PackedSequence returns one: its rows (the steps of all sequences packed together) were stored
+    as datapoints. Refused, naming the layer; ``output=`` padding it records (N, T, C)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class Packed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lstm = torch.nn.LSTM(3, 5, batch_first=True)
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return self.lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))[0]
+
+    net = Packed()
+    x, lengths = torch.randn(4, 6, 3), torch.tensor([6, 2, 4, 3])
+    with pytest.raises(ValueError, match=r"layer 'lstm' gives a PackedSequence.*pass output="):
+        record(net, ["lstm"], [{"x": x, "lengths": lengths}], tmp_path / "p.zarr")
+    assert not (tmp_path / "p.zarr").exists()
+    tree = record(net, ["lstm"], [{"x": x, "lengths": lengths}], tmp_path / "p.zarr",
+                  output=lambda out: pad_packed_sequence(out[0], batch_first=True, total_length=6)[0])
+    with torch.inference_mode():
+        want = pad_packed_sequence(net(x, lengths), batch_first=True, total_length=6)[0]
+    assert tree["lstm"]["activations"].dims == ("datapoint", "token", "channel")
+    np.testing.assert_array_equal(tree["lstm"]["activations"].values, want.numpy())
