@@ -19,7 +19,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .layers import align_layers, as_activations, layer_paths, named
+from .layers import align_layers, as_activations, layer_paths, named, user_stacklevel
 from .measures import (
     MEASURES,
     PairSolves,
@@ -31,7 +31,7 @@ from .measures import (
 )
 from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int, group_codes
-from .passes import GramSums, Streamed, gram_pass, minibatch_pass, stream_layers, user_stacklevel
+from .passes import GramSums, Streamed, gram_pass, minibatch_pass, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 from .tiles import TiledMoments
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .layers import DEFAULT_DIMS, datapoints_per_chunk, layer_path, memmap_to_dask
+from .layers import DEFAULT_DIMS, datapoints_per_chunk, layer_path, memmap_to_dask, unnamed_layout
 from .rows import pixel_centres
 from .store import WriteMode, check_new_layers, move_layer, open_activations, write_activations, write_store
 
@@ -187,10 +187,12 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
                          f"google/svcca's (neurons, datapoints) layout has: pass --layout neurons (layout='neurons') "
                          f"if its rows are neurons, or --layout datapoints (layout='datapoints') if they are "
                          f"datapoints")
-    if layout is None and array.ndim == 4 and array.shape[2] == array.shape[3] != array.shape[1]:
-        raise ValueError(f"{source}: shape {array.shape} looks channels-first (datapoint, channel, height, width), "
-                         f"PyTorch's: pass --layout channels_first (layout='channels_first') if it is, or "
-                         f"--layout datapoints (layout='datapoints') if it is (datapoint, height, width, channel)")
+    unsure = layout is None and array.ndim == 4 and unnamed_layout(array.shape)
+    if unsure in ("channels_first", "unsure"):  # (N, C, H, W) of a square map, or a map that is not square
+        raise ValueError(f"{source}: shape {array.shape} may be channels-first (datapoint, channel, height, width), "
+                         f"PyTorch's ({'equal last two axes' if unsure == 'channels_first' else 'either layout fits'}"
+                         f"): pass --layout channels_first (layout='channels_first') if it is, or --layout "
+                         f"datapoints (layout='datapoints') if it is (datapoint, height, width, channel)")
     if layout == "neurons":
         if array.ndim != 2:
             raise ValueError(f"{source}: layout 'neurons' needs a 2-d (neurons, datapoints) array, got shape "
@@ -287,10 +289,11 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     sources
         Layer path → file, in network order. A .npz gives one layer per array, under ``layer/<array name>``.
     layout
-        How the files' axes are laid out. None (default) or "datapoints": datapoint first, channel last; a 2-d
-        array with fewer rows than columns is then refused, as it looks like google/svcca's (neurons,
-        datapoints). 3-d arrays are (datapoint, token, channel), 5-d (datapoint, depth, height, width,
-        channel). "neurons": 2-d (neurons, datapoints), google/svcca's; "channels_first": PyTorch's
+        How the files' axes are laid out. None (default) or "datapoints": datapoint first, channel last; with
+        None, a 2-d array with fewer rows than columns is refused, as it looks like google/svcca's (neurons,
+        datapoints), and so is a 4-d array unless its map is square and channels last ((N, 56, 56, 64)), as
+        it may be PyTorch's (N, C, H, W). 3-d arrays are (datapoint, token, channel), 5-d (datapoint, depth,
+        height, width, channel). "neurons": 2-d (neurons, datapoints), google/svcca's; "channels_first": PyTorch's
         (datapoint, channel, *positions), e.g. a 1-d conv's (N, C, L) or (N, C, H, W); both transposed lazily.
     masks
         Layer path → a .npy file of its boolean padding mask (datapoint, *positions), True at real positions

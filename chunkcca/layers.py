@@ -8,10 +8,11 @@ layer. Anything a measure takes (numpy and Dask arrays, DataArrays, Datasets and
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -56,11 +57,11 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     get: 2-d (datapoint, channel), 3-d (datapoint, token, channel), 4-d (datapoint, height, width,
     channel), 5-d (datapoint, depth, height, width, channel). ``dims`` names the axes of an array
     explicitly (e.g. ``("datapoint", "channel", "height", "width")`` for channels-first data) or maps a
-    DataArray's dim names to these. A 4-d array without ``dims`` whose last two axes are equal and differ
-    from axis 1 looks channels-first and is refused. ``name`` names the layer in error messages (default: the
-    node path or
-    DataArray name). Complex values are refused unless ``allow_complex``. Raises a ValueError
-    or TypeError naming the layer and the fault. Nothing is computed.
+    DataArray's dim names to these. A 4-d array without ``dims`` is refused when it looks channels-first and
+    read with a warning when either layout fits (``unnamed_layout()``).
+    ``name`` names the layer in error messages (default: the node path or DataArray name). Complex values are
+    refused unless ``allow_complex``. Raises a ValueError or TypeError naming the layer and the fault. Nothing is
+    computed.
     """
     if isinstance(layer, xr.DataTree):
         name = name or node_name(layer)
@@ -98,12 +99,18 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                     f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected (datapoint, "
                     f"*positions, channel) with at most {MAX_POSITIONS} position dims, e.g. (datapoint, channel), "
                     f"(datapoint, token, channel), (datapoint, height, width, channel)")
-            if layer.ndim == 4 and layer.shape[2] == layer.shape[3] != layer.shape[1]:
-                raise ValueError(
-                    f"layer {name!r} looks channels-first: shape {tuple(layer.shape)} has equal last two axes; "
-                    f"chunkcca expects (datapoint, height, width, channel). Name the axes with "
-                    f"dims=('datapoint', 'channel', 'height', 'width'), or with "
-                    f"dims=('datapoint', 'height', 'width', 'channel') if it is channels-last")
+            layout = unnamed_layout(layer.shape) if layer.ndim == 4 else "channels_last"
+            name_axes = ("name its axes: dims=('datapoint', 'channel', 'height', 'width') if it is, or ('datapoint', "
+                         "'height', 'width', 'channel') if not, to the measures, or give write_activations an "
+                         "xarray.DataArray(array, dims=...)")
+            if layout == "channels_first":
+                raise ValueError(f"layer {name!r} looks channels-first (PyTorch's (N, C, H, W)): shape "
+                                 f"{tuple(layer.shape)} has equal last two axes; {name_axes}")
+            if layout == "unsure":
+                _, height, width, channels = layer.shape
+                warnings.warn(f"layer {name!r} of shape {tuple(layer.shape)} is read as (datapoint, height {height}, "
+                              f"width {width}, channel {channels}), but may be channels-first (PyTorch's (N, C, H, "
+                              f"W)); {name_axes}", UserWarning, stacklevel=user_stacklevel())
             array = xr.DataArray(layer, dims=DEFAULT_DIMS[layer.ndim], name=name)
     if any(np.isnan(size) for sizes in array.chunks or () for size in sizes):  # .chunks reads nothing
         raise ValueError(f"layer {name!r} has chunks of unknown size (a Dask array selected by a mask, e.g. "
@@ -123,6 +130,26 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         else:
             array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
     return array.rename(name)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning given by the caller name the first frame outside chunkcca (the
+    user's call, whichever entry point it went through)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "chunkcca":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def unnamed_layout(shape: Sequence[int]) -> Literal["channels_first", "channels_last", "unsure"]:
+    """How an unnamed 4-d shape (N, ·, ·, ·) reads: "channels_first" when its last two axes are equal and axis 1
+    differs (PyTorch's (N, C, H, W) of a square map, (N, 64, 56, 56)), "channels_last" when its middle two are
+    equal and the last differs ((N, 56, 56, 64)), else "unsure" (a map that is not square, (N, 16, 12, 10), or
+    three equal axes): either layout fits."""
+    _, first, second, third = (int(size) for size in shape)
+    if second == third != first:
+        return "channels_first"
+    return "channels_last" if first == second != third else "unsure"
 
 
 class _FileSlices:

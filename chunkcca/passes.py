@@ -9,7 +9,6 @@ for; ``minibatch_pass()`` runs another declared reduction (minibatch CKA) the sa
 from __future__ import annotations
 
 import itertools
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from .engine import (
     run,
     scheduler_threads,
 )
+from .layers import user_stacklevel
 from .minibatch import aligned_chunks
 from .moments import Moments, RowCheck, pack
 from .options import MASK, ProductPrecision, StreamOptions
@@ -255,15 +255,6 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
     return Streamed(tuple(layers), tuple(adapters), stats, omitted, note,
                     parts if codes is not None else None)
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning given by the caller name the first frame outside chunkcca (the
-    user's call, whichever entry point it went through)."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "chunkcca":
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:

@@ -78,7 +78,7 @@ def test_ingest_writes_what_write_activations_writes(tmp_path):
     from chunkcca.ingest import ingest
 
     rng = np.random.default_rng(1)
-    big, small, fc = (rng.standard_normal(shape).astype("float32") for shape in [(30, 6, 6, 3), (30, 2, 3, 4),
+    big, small, fc = (rng.standard_normal(shape).astype("float32") for shape in [(30, 6, 6, 3), (30, 2, 2, 4),
                                                                                   (30, 5)])
     np.savez_compressed(tmp_path / "a.npz", conv=big, fc=big.mean(axis=(1, 2)))
     np.save(tmp_path / "small.npy", small)
@@ -189,8 +189,10 @@ def test_ingest_appends_to_a_store(tmp_path, capsys):
 @pytest.mark.parametrize(("shape", "layout", "message"), [
     ((10, 300), None, "has fewer rows than columns, as google/svcca's (neurons, datapoints) layout has: pass "
                       "--layout neurons"),
-    ((12, 5, 4, 4), None, "looks channels-first (datapoint, channel, height, width), PyTorch's: pass --layout "
-                          "channels_first"),
+    ((12, 5, 4, 4), None, "may be channels-first (datapoint, channel, height, width), PyTorch's (equal last two "
+                          "axes): pass --layout channels_first"),
+    ((12, 5, 4, 3), None, "may be channels-first (datapoint, channel, height, width), PyTorch's (either layout "
+                          "fits): pass --layout channels_first"),  # a map that is not square: it was taken as NHWC
 ])
 def test_ingest_refuses_an_orientation_it_would_guess(tmp_path, capsys, shape, layout, message):
     """MNIST's logits (10, 10000) must not become 10 datapoints of 10000 channels; the advice names the option."""
@@ -200,8 +202,7 @@ def test_ingest_refuses_an_orientation_it_would_guess(tmp_path, capsys, shape, l
     assert message in err and len(err.strip().splitlines()) == 1
     assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'x.npy'}", "--layout", "datapoints",
                  "--no-progress"]) == 0  # said so: taken as it is
-    assert chunkcca.open_activations(tmp_path / "s.zarr")["x"]["activations"].shape == (
-        shape if len(shape) == 2 else (12, 5, 4, 4))
+    assert chunkcca.open_activations(tmp_path / "s.zarr")["x"]["activations"].shape == shape
 
 
 def test_neurons_layout_of_more_neurons_than_datapoints_warns_in_one_line(tmp_path, capsys):

@@ -6,6 +6,7 @@ import gc
 import os
 import sys
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import dask
@@ -228,8 +229,18 @@ def test_memory_mapped_views_and_wrapped_memmaps_stream_from_the_file(tmp_path):
 def test_channels_first_input_is_named_and_dims_fix_it():
     a, b = correlated_layers(np.random.default_rng(1), 30, (6, 6, 5), (6, 6, 4), dtype=np.float64)
     nchw = np.moveaxis(a, 3, 1)  # (30, 5, 6, 6)
-    with pytest.raises(ValueError, match=r"layer 'a' looks channels-first: shape \(30, 5, 6, 6\).*dims="):
+    with pytest.raises(ValueError, match=r"layer 'a' looks channels-first \(PyTorch's \(N, C, H, W\)\): shape "
+                                         r"\(30, 5, 6, 6\) has equal last two axes; name its axes: dims="):
         cca(nchw, b)
+    x, y = np.random.default_rng(2).standard_normal((30, 6, 5, 3)), np.random.default_rng(3).standard_normal((30, 4))
+    with pytest.warns(UserWarning, match=r"layer 'a' of shape \(30, 6, 5, 3\) is read as \(datapoint, height 6, "
+                                         r"width 5, channel 3\), but may be channels-first") as caught:
+        cca(x, y, spatial="avgpool")  # a map that is not square: it was read as NHWC without a word
+    assert [warning.filename for warning in caught] == [__file__], "one warning, naming the user's line"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cca(a, b)  # (N, 6, 6, 5): a square map, channels last
+        cca(xr.DataArray(x, dims=("datapoint", "channel", "height", "width")), y, spatial="avgpool")
     nchw_b = np.moveaxis(b, 3, 1)
     named = cca(nchw, nchw_b, dims=("datapoint", "channel", "height", "width"), precision="float64")
     np.testing.assert_allclose(named["rho"], cca(a, b, precision="float64")["rho"], atol=1e-12)
