@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ._fs import check_replaceable, exclusive, filesystem, is_url, leftovers, temporary_beside, write_atomically
 from .layers import (
@@ -301,6 +302,50 @@ def move_layer(part: Path, store: Path, layer: str) -> None:
             os.replace(child, store / node / child.name)
 
 
+#: Names of zarr metadata files, which a reader may look for and not find; every other key is a chunk.
+METADATA_FILES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
+
+
+class WholeStore(WrapperStore):
+    """A read-only zarr store whose missing chunk is an error, where zarr reads it as the fill value: a Dask worker
+    that cannot see the store's files (another machine's disk, a memory filesystem of the client's process) or a
+    file lost after the store was opened never gives fill values. Named and tokenized by its location (and, for a
+    local store, its folder's modification time, as xarray names a store opened by path)."""
+
+    def __init__(self, store: Any, location: str, token: tuple[Any, ...] = ()) -> None:
+        super().__init__(store)
+        self.location, self.token = location, token
+
+    @classmethod
+    def at(cls, location: str, storage_options: Mapping[str, Any] | None = None) -> WholeStore:
+        """The store at a local path or fsspec URL, read-only."""
+        if is_url(location):
+            return cls(FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=True),
+                       location)
+        return cls(LocalStore(location, read_only=True), location, (os.path.getmtime(location),))
+
+    def _with_store(self, store: Any) -> WholeStore:
+        return type(self)(store, self.location, self.token)
+
+    def __str__(self) -> str:
+        return self.location
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        return (type(self).__name__, self.location, *self.token)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and PurePosixPath(key).name not in METADATA_FILES:
+            raise FileNotFoundError(f"chunk file {key} of {self.location} is missing where it was read: by a Dask "
+                                    f"worker that cannot see the store's files (put the store where every worker "
+                                    f"reads it: a shared disk or an object store), or lost after the store was "
+                                    f"opened (write the layer again); chunkcca never reads it as a fill value")
+        return value
+
+
 def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> xr.DataTree:
     """Open a store read-only as a lazy, Dask-backed DataTree chunked along datapoint only.
 
@@ -331,9 +376,11 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         if is_url(location) or not Path(location).exists():
             raise FileNotFoundError(f"no activation store at {location}")
     try:
-        tree = xr.open_datatree(location, engine="zarr", chunks={}, consolidated=False,
-                                storage_options=dict(storage_options) if storage_options else None)
+        tree = xr.open_datatree(WholeStore.at(location, storage_options), engine="zarr", chunks={},
+                                consolidated=False)
     except Exception as error:
+        with contextlib.suppress(ValueError):  # a label's chunk file lost (xarray reads labels): name it
+            check_store_files(location, storage_options, (), ())
         raise ValueError(f"cannot open {location} as a zarr activation store: {_unreadable_metadata(fs, root) or error}"
                          ) from error
     found = layer_paths(tree)
@@ -351,6 +398,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
                                               generation=tree.attrs.get(GENERATION_ATTR),
                                               storage_options=dict(storage_options or {}),
                                               dask_name=tree[layer][VARIABLE].data.name)
+        if MASK in tree[layer].coords:  # which Dask array reads its own mask (checkpoint.store_signature)
+            tree[layer][VARIABLE].encoding["mask_dask_name"] = tree[layer][MASK].data.name
     return tree
 
 
