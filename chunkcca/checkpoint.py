@@ -22,10 +22,11 @@ import xarray as xr
 from ._fs import filesystem
 from .layers import ORDER_ATTR, VARIABLE, zarr_arrays
 from .moments import Moments
+from .options import MASK
 from .rows import Adapter
 
 #: The layout of a checkpoint's fingerprint; a checkpoint of another layout was made by another chunkcca.
-FORMAT = 3
+FORMAT = 4
 
 
 class CheckpointError(ValueError):
@@ -34,9 +35,9 @@ class CheckpointError(ValueError):
 
 def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: dict[str, Any]) -> str:
     """What the saved statistics were computed from: each layer's name, shape, dtype, Dask token (which
-    hashes in-memory data and names store-backed data by path) and, for layers that read stores, the hash of
-    their files' names, sizes and modification times (so a rewritten or edited store is another run) and of
-    their labels; the adapters (every field, by Dask token) and the options."""
+    hashes in-memory data and names store-backed data by path), padding mask and, for layers that read stores,
+    the hash of their (and their masks') files' names, sizes and modification times (so a rewritten or edited
+    store is another run) and of their labels; the adapters (every field, by Dask token) and the options."""
     # A store's layer as opened is known by its files, not by its Dask name, which holds the store's path: a moved
     # store resumes its checkpoint. A layer computed from one (chunkcca's own reordering or transposing included)
     # is known by both: its Dask name says how it is computed, its files whether they changed.
@@ -44,8 +45,11 @@ def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], op
     for layer in layers:
         files = store_signature(layer)
         labels = _labels_hash(layer) if files else None
+        # a store's mask as opened by its files, an in-memory one by its values, a computed one by its Dask name
+        mask = (None if MASK not in layer.coords else "its store's" if _mask_as_opened(layer)
+                else dask.base.tokenize(layer.coords[MASK].data))
         described.append((str(layer.name), list(layer.shape), str(layer.dtype),
-                          None if _as_opened(layer) else layer.data.name, files, labels))
+                          None if _as_opened(layer) else layer.data.name, mask, files, labels))
     tokens = [dask.base.tokenize(adapter) for adapter in adapters]
     return json.dumps({"format": FORMAT, "layers": described, "adapters": tokens, **dict(sorted(options.items()))},
                       default=str)
@@ -65,7 +69,7 @@ def _difference(saved: str, current: str) -> str:
     before, now = json.loads(saved), json.loads(current)
     if before.get("format") != now["format"]:
         return "it was made by another version of chunkcca, whose checkpoints this one does not resume"
-    fields = ("name", "shape", "dtype", "Dask name", "files", "labels")
+    fields = ("name", "shape", "dtype", "Dask name", "mask", "files", "labels")
     if len(before.get("layers", [])) != len(now["layers"]):
         return f"it has {len(before.get('layers', []))} layers, this run {len(now['layers'])}"
     changed = [f"{key} {before.get(key)!r} then, {now[key]!r} now" for key in now
@@ -79,6 +83,8 @@ def _difference(saved: str, current: str) -> str:
                     return f"the files of layer {new_layer[0]!r} changed since (its store was rewritten or edited)"
                 if field == "labels":
                     return f"layer {new_layer[0]!r} has other datapoint, position or channel labels than then"
+                if field == "mask":
+                    return f"layer {new_layer[0]!r} has another padding mask than then"
                 if field == "Dask name":
                     return f"layer {new_layer[0]!r} holds other data (or is computed otherwise) than then"
                 return f"layer {new_layer[0]!r} has another {field} ({was} then, {is_now} now)"
@@ -138,6 +144,13 @@ SIGNATURE_FIELDS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modif
                     "md5Hash", "version_id")
 
 
+def _file_signature(info: dict[str, Any]) -> list[Any]:
+    """The ``SIGNATURE_FIELDS`` of a file's fsspec details; where a filesystem keeps no modification time or tag
+    (fsspec's memory one), when the file was made, which a rewrite changes."""
+    fields = [info.get(key) for key in SIGNATURE_FIELDS]
+    return fields if any(field is not None for field in fields[1:]) else [*fields, info.get("created")]
+
+
 def _as_opened(array: xr.DataArray) -> bool:
     """Whether ``array`` is a store's layer as ``open_activations()`` opened it (not computed from one, which may
     keep its encoding: a roll, ``copy(data=...)``, or chunkcca's own reordering or transposing to a partner)."""
@@ -146,25 +159,34 @@ def _as_opened(array: xr.DataArray) -> bool:
         "dask_name")
 
 
+def _mask_as_opened(array: xr.DataArray) -> bool:
+    """Whether ``array``'s padding mask is its store's as ``open_activations()`` opened it."""
+    mask = array.coords[MASK].data if MASK in array.coords else None
+    return mask is not None and getattr(mask, "name", None) == array.encoding.get("mask_dask_name")
+
+
 def store_signature(array: xr.DataArray) -> str | None:
-    """A hash of the names, sizes and modification times (or ETags) of the files that hold ``array``: of its
-    layer's folder for a store's layer as opened by ``open_activations()``, else of the folders of every zarr
-    array its Dask graph reads; None for arrays that read none. It changes when the store is rewritten or edited,
-    not when it is read or has its permissions changed, nor (for a layer as opened, named by its path within the
-    store) when the store is moved or mounted elsewhere. Reads one listing of each folder, no data."""
+    """A hash of the names, sizes and modification times (or ETags) of the files that hold ``array`` and its
+    padding mask: of its layer's folder (and its mask's) for a store's layer as opened by ``open_activations()``,
+    else of the folders of every zarr array their Dask graphs read; None for arrays that read none. It changes
+    when the store is rewritten or edited, not when it is read or has its permissions changed, nor (for a layer
+    as opened, named by its path within the store) when the store is moved or mounted elsewhere. Reads one
+    listing of each folder, no data."""
     options = array.encoding.get("storage_options")
-    if _as_opened(array):
-        folders = [(f"{array.encoding['store']}/{array.encoding['layer']}/{VARIABLE}", "")]
-    else:
-        data = array.data
-        sources = zarr_arrays(data) if hasattr(data, "__dask_graph__") else []
-        folders = [(str(source.store_path), str(source.store_path)) for source in sources]
+    mask = array.coords[MASK].data if MASK in array.coords else None
+    folders = []
+    for data, variable, as_opened in ((array.data, VARIABLE, _as_opened(array)),
+                                      (mask, MASK, mask is not None and _mask_as_opened(array))):
+        if as_opened:
+            folders.append((f"{array.encoding['store']}/{array.encoding['layer']}/{variable}", variable))
+        elif hasattr(data, "__dask_graph__"):
+            folders += [(str(source.store_path), str(source.store_path)) for source in zarr_arrays(data)]
     if not folders:
         return None
     listing = []
     for location, label in folders:
         fs, folder = filesystem(location, options)
         folder = folder.rstrip("/")
-        listing += sorted((label + name.removeprefix(folder), [info.get(key) for key in SIGNATURE_FIELDS])
+        listing += sorted((label + name.removeprefix(folder), _file_signature(info))
                           for name, info in fs.find(folder, detail=True).items())
     return hashlib.sha1(json.dumps(listing, default=str).encode()).hexdigest()

@@ -293,3 +293,58 @@ def test_a_checkpoint_in_a_missing_folder_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint .*none/run.moments: no folder .*none$"):
         chunkcca.cca(x, x[:, :2], checkpoint=tmp_path / "none" / "run.moments")
     assert not (tmp_path / "none").exists()
+
+
+def test_a_checkpoint_does_not_resume_with_another_padding_mask(tmp_path):
+    """The fingerprint held the activations' files, not the mask's: a run interrupted and resumed with the mask
+    given anew (``assign_coords``), rewritten in the store or left out merged the statistics of two row sets
+    (n 4046 against 4800 in the audit's case)."""
+    import zarr
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((80, 6, 3))
+    mask = np.arange(6) < rng.integers(2, 7, 80)[:, None]
+    path, checkpoint = tmp_path / "s.zarr", tmp_path / "ckpt"
+    tree = chunkcca.write_activations(path, {"a": x, "b": x[..., :2] + 1}, masks={"a": mask, "b": mask}, chunks=10)
+    chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=checkpoint, checkpoint_every=2)
+    moved = chunkcca.open_activations(path)
+    assert chunkcca.compute_moments(moved["a"], moved["b"], precision="float64", checkpoint=checkpoint).n == \
+        mask.sum(), "the same store and mask resume"
+    full = np.ones_like(mask)
+    given = [tree[side]["activations"].assign_coords(mask=(("datapoint", "token"), full)) for side in "ab"]
+    dropped = [tree[side]["activations"].drop_vars("mask") for side in "ab"]
+    for sides in (given, dropped):
+        with pytest.raises(CheckpointError, match="belongs to another run: layer 'a' has another padding mask"):
+            chunkcca.compute_moments(*sides, precision="float64", checkpoint=checkpoint)
+    zarr.open_group(path, mode="r+")["a/mask"][:40] = full[:40]
+    rewritten = chunkcca.open_activations(path)
+    with pytest.raises(CheckpointError, match="belongs to another run: the files of layer 'a' changed since"):
+        chunkcca.compute_moments(rewritten["a"], rewritten["b"], precision="float64", checkpoint=checkpoint)
+
+
+def test_a_store_on_a_filesystem_without_modification_times_edited_in_place_does_not_resume(tmp_path):
+    """fsspec's memory filesystem gives a file's size and when it was made, none of the modification times or
+    tags the fingerprint read: a chunk rewritten at its size resumed, merging old and new statistics."""
+    import fsspec
+    import zarr
+
+    rng = np.random.default_rng(16)
+    source = tmp_path / "s.zarr"
+    chunkcca.write_activations(source, {"a": rng.standard_normal((40, 3)), "b": rng.standard_normal((40, 2))},
+                               chunks=10, compression=None)
+    memory = fsspec.filesystem("memory")
+    for file in source.rglob("*"):
+        if file.is_file():
+            memory.pipe(f"/edited-in-place/{file.relative_to(source)}", file.read_bytes())
+    try:
+        tree = chunkcca.open_activations("memory://edited-in-place")
+        checkpoint = tmp_path / "ckpt"
+        chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=checkpoint, checkpoint_every=2)
+        again = chunkcca.open_activations("memory://edited-in-place")
+        assert chunkcca.compute_moments(again["a"], again["b"], precision="float64", checkpoint=checkpoint).n == 40
+        zarr.open_group("memory://edited-in-place", mode="r+")["a/activations"][:10] = -1.0  # same size, uncompressed
+        edited = chunkcca.open_activations("memory://edited-in-place")
+        with pytest.raises(CheckpointError, match="the files of layer 'a' changed since"):
+            chunkcca.compute_moments(edited["a"], edited["b"], precision="float64", checkpoint=checkpoint)
+    finally:
+        memory.rm("/edited-in-place", recursive=True)
