@@ -734,9 +734,14 @@ def compute(*graphs: Any, threads: int, scheduler: Any = None, progress: str | N
 
             prepare_workers(client)
             futures = client.compute(list(graphs))
-            if progress:
-                _cluster_progress(futures, client, progress)
-            return tuple(client.gather(futures))
+            try:
+                if progress:
+                    _cluster_progress(futures, client, progress)
+                return tuple(client.gather(futures))
+            except BaseException:  # release them: an erred key kept would re-raise on the same call again
+                with contextlib.suppress(Exception):
+                    client.cancel(futures)
+                raise
         options: dict[str, Any] = {"scheduler": scheduler}
         if _local_pool(scheduler):
             if "distributed" not in sys.modules:  # then no Client exists, not even a worker's own

@@ -39,6 +39,34 @@ def test_a_missing_chunk_is_an_error_naming_the_layer_and_datapoints(tmp_path):
     with pytest.raises(OSError, match=damaged):  # lost before: opening it says so
         open_activations(store)
     assert main(["compare", str(store), "a", "b", "--no-progress"]) == 2
+    with pytest.raises(FileNotFoundError, match=r"chunk file b/activations/c/3/0 of .*s.zarr is missing where it was "
+                                                r"read.*never reads it as a fill value"):
+        tree["b"]["activations"].values  # read past chunkcca's checks, zarr gave NaN  # noqa: B018
+
+
+@pytest.mark.cluster
+def test_a_worker_that_cannot_see_the_store_is_an_error_not_fill_values(tmp_path):
+    """A store in the client's memory filesystem, which a worker process does not hold (as another machine's disk
+    would be): the worker read every chunk as NaN, an error that advised nan_policy='omit', which then dropped
+    them all; an int16 store's 0 gave a wrong number silently."""
+    import fsspec
+    from distributed import Client, LocalCluster
+
+    store = _store(tmp_path, dtype="int16")
+    memory = fsspec.filesystem("memory")
+    for file in store.rglob("*"):
+        if file.is_file():
+            memory.pipe(f"/worker-blind/{file.relative_to(store)}", file.read_bytes())
+    tree = open_activations("memory://worker-blind")
+    local = float(cca(tree["a"], tree["b"], precision="float64")["rho_mean"])
+    assert local == pytest.approx(float(cca(open_activations(store)["a"], open_activations(store)["b"],
+                                            precision="float64")["rho_mean"]), abs=1e-12)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(OSError, match=r"chunk file [ab]/activations/c/\d+/0 of memory://worker-blind is missing "
+                                          r"where it was read: by a Dask worker that cannot see the store's files"):
+            cca(tree["a"], tree["b"], precision="float64", scheduler=client)
+    memory.rm("/worker-blind", recursive=True)
 
 
 def test_a_layer_computed_from_a_store_with_a_missing_chunk_is_an_error(tmp_path):
@@ -50,7 +78,7 @@ def test_a_layer_computed_from_a_store_with_a_missing_chunk_is_an_error(tmp_path
     os.remove(store / "b" / "activations" / "c" / "3" / "0")
     layer = tree["b"]["activations"]
     for derived in (layer.astype("float32"), layer * 2.0, layer.data):
-        with pytest.raises(OSError, match=r"layer '\w+' reads file://.*s.zarr/b/activations, which lacks 1 of its 8 "
+        with pytest.raises(OSError, match=r"layer '\w+' reads .*s.zarr/b/activations, which lacks 1 of its 8 "
                                           r"chunk files: the store is damaged"):
             cca(tree["a"], derived, nan_policy="omit")
 
@@ -310,3 +338,34 @@ def test_a_zarr_v2_store_a_damaged_metadata_file_or_a_store_given_as_checkpoint_
     with pytest.raises(chunkcca.checkpoint.CheckpointError, match=r"s.zarr is not a chunkcca checkpoint \(an "
                                                                   r"activation store\)"):
         cca(tree["a"], tree["b"], checkpoint=good)
+
+
+@pytest.mark.cluster
+def test_a_run_that_failed_on_a_client_runs_again_on_it(tmp_path):
+    """A failed run kept its futures on the client, so the same call, once the cause was gone, raised the old error
+    again (a resumed checkpoint too) until the client was restarted."""
+    import dask.array as da
+    import xarray as xr
+    from distributed import Client, LocalCluster
+
+    failing = tmp_path / "failing"
+    failing.touch()
+
+    def read(block, flag=str(failing)):  # a read failing while the file exists (a disk gone for a while)
+        import os
+
+        if os.path.exists(flag):
+            raise RuntimeError("transient read failure")
+        return block
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((200, 4))
+    a, b = (xr.DataArray(da.from_array(values, chunks=(50, -1)).map_blocks(read, dtype=float),
+                         dims=("datapoint", "channel"), name=name) for values, name in ((x, "a"), (x[:, :3] ** 2, "b")))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(RuntimeError, match="transient read failure"):
+            chunkcca.compute_moments(a, b, precision="float64", scheduler=client)
+        failing.unlink()
+        moments = chunkcca.compute_moments(a, b, precision="float64", scheduler=client)
+        assert moments.n == 200
