@@ -146,7 +146,12 @@ def _with_provenance(streamed: Streamed) -> Streamed:
 def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool) -> None:
     """Warn, as ``_check_rows`` does for a whole run, when a group (of ``groupby``; folds are measured on the
     rest) has no more rows than the widest layer has channels: its covariance is singular."""
-    if groups is None or groups.dim == "fold" or streamed.groups is None or not whitens:
+    if groups is None or streamed.groups is None:
+        return
+    if groups.dim == "fold":
+        _warn_small_folds(streamed, groups)
+        return
+    if not whitens:
         return
     channels = max(layer.sizes["channel"] for layer in streamed.layers)
     small = [(label, part.n) for label, part in zip(groups.labels.tolist(), streamed.groups) if part.n <= channels]
@@ -156,6 +161,21 @@ def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool)
                       f"{'ve' if len(small) > 1 else 's'} no more rows than the {channels} channels of the widest "
                       f"layer: {shown}; their covariances are singular and their correlations meaningless "
                       f"(regularise with epsilon > 0)", RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def _warn_small_folds(streamed: Streamed, groups: Groups) -> None:
+    """Warn when a fold holds fewer than half the rows of the median fold: its held-out correlations, measured on
+    its own rows, are the noisiest (those of two rows are ±1) and weigh as much as any fold's in the mean."""
+    rows = [part.n for part in streamed.groups]
+    half = float(np.median(rows)) / 2
+    small = [(label, n) for label, n in zip(groups.labels.tolist(), rows) if n < half]
+    if small:
+        shown = ", ".join(f"{label!r} ({n})" for label, n in small[:5]) + (" …" if len(small) > 5 else "")
+        warnings.warn(f"{len(small)} fold{'s' if len(small) > 1 else ''} ha{'ve' if len(small) > 1 else 's'} "
+                      f"fewer than half the rows of the median fold ({float(np.median(rows)):g}): {shown}; "
+                      f"held-out values are measured on each fold's rows and averaged over folds unweighted, so a "
+                      f"small fold's noise weighs as much as a large one's", RuntimeWarning,
+                      stacklevel=user_stacklevel())
 
 
 def _by_group(results: Sequence[xr.Dataset], groups: Groups) -> xr.Dataset:
@@ -311,9 +331,10 @@ def cca(a: Any, b: Any, *, epsilon: float = 0.0, **options: Any) -> xr.Dataset:
         Added to the diagonal of each side's covariance before whitening.
     **options
         Streaming options ([`StreamOptions`][chunkcca.options.StreamOptions]): ``spatial`` ("flatten",
-        "avgpool", "interp" or "dft": a CCA per spatial frequency), ``stride``, ``precision``,
-        ``method``, ``grid``, ``nan_policy``, ``split_every``, ``memory_limit``, ``scheduler``,
-        ``progress``, ``dims``, ``checkpoint``, ``checkpoint_every``.
+        "avgpool", "first", "last", "interp" or "dft": a CCA per spatial frequency), ``stride``,
+        ``precision``, ``method`` and ``grid`` (with "interp" only), ``nan_policy``, ``memory_limit``,
+        ``scheduler``, ``progress``, ``dims``, ``checkpoint``, ``checkpoint_every`` (with ``checkpoint``
+        only), ``connect_timeout``, ``groupby``. An option given without the mode that reads it is a TypeError.
 
     Returns
     -------
@@ -321,7 +342,11 @@ def cca(a: Any, b: Any, *, epsilon: float = 0.0, **options: Any) -> xr.Dataset:
         ``rho`` ([freq_h, freq_w,] component, descending), ``coef_a`` (channel_a, component),
         ``coef_b`` (channel_b, component), ``pruned_a``/``pruned_b``, ``rank_a``/``rank_b``,
         ``rows`` (for dft: the rows at each frequency, i.e. datapoints), ``rho_mean`` and ``r2_cca``
-        (and ``rho_freq_mean`` for dft); attrs record the layers and every option.
+        (and ``rho_freq_mean`` for dft). attrs record the measure and its ``epsilon``, the layers, how the rows
+        were made (``spatial``, ``stride``; ``method`` and ``grid`` for interp), the dtype of the products and why
+        (``precision``, ``precision_auto``), ``rows`` and ``rows_omitted``; not ``nan_policy`` (rows it omits
+        are counted in ``rows_omitted``) nor the options of how the pass runs (``memory_limit``,
+        ``scheduler``, ``checkpoint``, …).
     """
     return _measure("mean_cca", a, b, SolveOptions(epsilon=epsilon), options, "cca")
 
@@ -342,8 +367,8 @@ def svcca(a: Any, b: Any, *, keep: float = 0.99, keep_by: str = "variance", epsi
     Returns
     -------
     xarray.Dataset
-        As [`svcca_from_moments()`][chunkcca.svcca_from_moments], with the channel labels and attrs
-        recording the layers and every option.
+        As [`svcca_from_moments()`][chunkcca.svcca_from_moments], with the channel labels and attrs as
+        [`cca()`][chunkcca.cca]'s (with ``keep``, ``keep_by`` and ``epsilon``).
     """
     return _measure("svcca", a, b, SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon), options, "svcca")
 
@@ -363,8 +388,7 @@ def pwcca(a: Any, b: Any, *, epsilon: float = 0.0, **options: Any) -> xr.Dataset
     Returns
     -------
     xarray.Dataset
-        As [`pwcca_from_moments()`][chunkcca.pwcca_from_moments], with attrs recording the layers and every
-        option.
+        As [`pwcca_from_moments()`][chunkcca.pwcca_from_moments], with attrs as [`cca()`][chunkcca.cca]'s.
     """
     return _measure("pwcca", a, b, SolveOptions(epsilon=epsilon), options, "pwcca")
 
@@ -382,8 +406,8 @@ def procrustes(a: Any, b: Any, **options: Any) -> xr.Dataset:
     Returns
     -------
     xarray.Dataset
-        As [`procrustes_from_moments()`][chunkcca.procrustes_from_moments], with attrs recording the layers
-        and every option.
+        As [`procrustes_from_moments()`][chunkcca.procrustes_from_moments], with attrs as
+        [`cca()`][chunkcca.cca]'s (no solve option).
     """
     return _measure("procrustes", a, b, SolveOptions(), options, "procrustes")
 
@@ -403,8 +427,8 @@ def shape_metric(a: Any, b: Any, *, alpha: float = 1.0, **options: Any) -> xr.Da
     Returns
     -------
     xarray.Dataset
-        As [`shape_metric_from_moments()`][chunkcca.shape_metric_from_moments], with attrs recording the
-        layers and every option.
+        As [`shape_metric_from_moments()`][chunkcca.shape_metric_from_moments], with attrs as
+        [`cca()`][chunkcca.cca]'s (with ``alpha``).
     """
     return _measure("shape", a, b, SolveOptions(alpha=alpha), options, "shape_metric")
 
@@ -436,15 +460,16 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
     -------
     xarray.Dataset
         As [`cka_from_moments()`][chunkcca.cka_from_moments] (``cka``, ``rows``); with ``minibatch``, also
-        ``minibatches`` and ``rows_left_out`` (rows after the last whole minibatch). attrs record the layers
-        and every option.
+        ``minibatches`` and ``rows_left_out`` (rows after the last whole minibatch). attrs as
+        [`cca()`][chunkcca.cca]'s (with ``debiased``; no ``rows_omitted`` with spatial="features"); with
+        ``minibatch``, the layers, ``spatial``, ``stride`` and ``minibatch`` only.
     """
     if minibatch is None:
         return _measure("cka_debiased" if debiased else "cka", a, b, SolveOptions(), options, "cka")
     if debiased:
         raise ValueError("minibatch CKA is already built from unbiased HSIC; pass debiased=False")
     _check_minibatch_options(options)
-    return _minibatch_cka(a, b, minibatch, StreamOptions.from_kwargs("cka", options))
+    return _minibatch_cka(a, b, minibatch, StreamOptions.from_kwargs("cka", options, reads=("split_every",)))
 
 
 def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Dataset:
@@ -539,19 +564,26 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
         Two layers, as for [`cca()`][chunkcca.cca].
     measures
         Names from [`chunkcca.measures.MEASURES`][chunkcca.measures.MEASURES]: "mean_cca", "r2_cca", "svcca", "pwcca",
-        "cka", "cka_debiased", "procrustes", "shape". With ``spatial="dft"``: "mean_cca", "r2_cca".
+        "cka", "cka_debiased", "procrustes", "shape", and with ``folds`` "heldout_cca" and "predictivity".
+        With ``spatial="dft"``: "mean_cca", "r2_cca". With ``spatial="features"``: "cka".
     **options
         The solve options the measures read ([`SolveOptions`][chunkcca.options.SolveOptions]: ``epsilon``,
-        ``keep``, ``keep_by``, ``alpha``; one no measure reads is a TypeError) and the streaming
-        options ([`StreamOptions`][chunkcca.options.StreamOptions]).
+        ``keep``, ``keep_by``, ``alpha``, ``ridge`` (predictivity; several give a ``ridge`` dim) and, with
+        ``folds``, ``confidence``; one no measure reads is a TypeError) and the streaming options
+        ([`StreamOptions`][chunkcca.options.StreamOptions]), ``groupby`` and ``folds`` among them; one given
+        without the mode that reads it (``method`` without ``spatial="interp"``) is a TypeError too.
 
     Returns
     -------
     xarray.Dataset
         One scalar variable per measure, named as the measure (the mean over frequencies for
         dft); ``rho`` (the canonical correlations, [freq_h, freq_w,] component) when a CCA-family
-        measure is asked; each measure's details (``svcca_dims_a``, ``svcca_dims_b``); ``rows``.
-        attrs: ``measures`` (comma-separated), the layers and every option used.
+        measure is asked; each measure's details, a component dim named after the measure
+        (``svcca_dims_a``, ``svcca_dims_b``, ``svcca_rho`` (svcca_component), ``heldout_rho``
+        (heldout_cca_component), ``predictivity_per_channel`` (channel_b)); with ``folds``, ``<measure>_se``
+        and ``<measure>_ci`` (bound); with ``groupby``, a dim named after the coordinate; ``rows``.
+        attrs: ``measures`` (comma-separated), the solve options they read (and ``confidence`` with folds), and
+        the layers and streaming as [`cca()`][chunkcca.cca] records them.
     """
     solve_given, stream_given = _split_options(dict(options))
     stream = StreamOptions.from_kwargs("compare", stream_given)
@@ -644,8 +676,10 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         ``rows_left_out``.
     **options
         Solve options (``epsilon``, ``keep``, ``keep_by``, ``alpha``) and streaming options as for
-        [`compare()`][chunkcca.compare]. ``spatial`` is "flatten" (all layers need one spatial size) or "avgpool"
-        (any sizes); interp and dft pair layers individually: use [`compare()`][chunkcca.compare] per pair. With
+        [`compare()`][chunkcca.compare]. ``spatial`` is "flatten" (all layers need one spatial size),
+        "avgpool", "first" or "last" (any sizes), or "features" (``measures=["cka"]`` only: exact CKA of whole
+        maps, from Gram blocks); interp and dft pair layers individually: use [`compare()`][chunkcca.compare]
+        per pair. With
         ``nan_policy="omit"`` a row is left out of every pair when any layer holds NaN or Inf in it.
 
     Returns
@@ -657,7 +691,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     solve_given, stream_given = _split_options(dict(options))
     if minibatch is not None:
         _check_minibatch_options(stream_given)
-    stream = StreamOptions.from_kwargs("similarity", stream_given)
+    stream = StreamOptions.from_kwargs("similarity", stream_given, reads=("split_every",) if minibatch else ())
     names = _checked_measures(measures, stream, batched=False)
     if minibatch is not None and names != ("cka",):
         raise ValueError(f"minibatch applies to measures=['cka'] only, got {list(names)}: the others need the "
@@ -707,7 +741,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
     if groups is not None and groups.dim != "fold":
-        result = _by_group([_pairwise(part, labels, sides, names, solve, coords) for part in streamed.groups], groups)
+        result = _by_group([_in_group(lambda _, part=part: _pairwise(part, labels, sides, names, solve, coords), "",
+                                      label, groups) for part, label in zip(streamed.groups, groups.labels)], groups)
     else:
         folds = None if groups is None else streamed.groups
         result = _pairwise(streamed.moments, labels, sides, names, solve, coords, folds)

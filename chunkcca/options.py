@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -60,6 +60,14 @@ MAX_MEMORY_LIMIT = 2**60
 READ_AHEAD = 2
 #: Datapoint chunks between two saves of a checkpoint.
 CHECKPOINT_EVERY = 16
+#: The options only one mode reads, each with the option that sets the mode and the values of it that read it (None:
+#: any value but None). Given without its mode, such an option is a TypeError (``StreamOptions.from_kwargs``).
+MODAL: dict[str, tuple[str, tuple[Any, ...] | None]] = {
+    "method": ("spatial", ("interp",)),
+    "grid": ("spatial", ("interp",)),
+    "split_every": ("spatial", ("features",)),
+    "checkpoint_every": ("checkpoint", None),
+}
 #: Predictivity's default ridge, relative to the mean variance of the predicting layer's channels.
 RIDGE = 0.01
 #: Scheduler names dask.compute takes.
@@ -155,11 +163,14 @@ def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.nda
 class StreamOptions:
     """How two (or more) layers are read, turned into rows and streamed into Moments.
 
-    Every public measure takes these as keyword arguments.
+    Every public measure takes these as keyword arguments. An option that one mode alone reads (``method``
+    and ``grid``: spatial="interp"; ``split_every``: spatial="features" or minibatch CKA; ``checkpoint_every``:
+    ``checkpoint``) given to a public function without that mode is a TypeError naming the option and the mode,
+    never silently ignored (``from_kwargs``).
 
     Attributes
     ----------
-    spatial : {"flatten", "avgpool", "interp", "dft", "first", "last"}
+    spatial : {"flatten", "avgpool", "interp", "dft", "first", "last", "features"}
         How positions (token, time, height and width, …) become rows: "flatten" makes every
         (datapoint, *positions) a row (equal positions needed; under padding masks, the rows where
         both layers are real); "avgpool" averages over the positions (the real ones, under a mask),
@@ -189,16 +200,16 @@ class StreamOptions:
         (measured up to 2e-7 from float64, absolute); a layer whose values' ranges would overflow or
         underflow float32 products takes float64, as the ``precision_auto`` attr says.
     method, grid
-        For "interp": "linear", "nearest" or "cubic" (tensor-product, per axis); "coords" places
-        samples at the layers' ``height``/``width`` coordinates (pixel centres in input-image
+        For "interp" only: "linear" (default), "nearest" or "cubic" (tensor-product, per axis); "coords"
+        (default) places samples at the layers' ``height``/``width`` coordinates (pixel centres in input-image
         units), "svcca" at google/svcca's tutorial positions.
     nan_policy : {"raise", "omit"}
         NaN or Inf in the rows used raises an error naming the layer and the chunk's datapoints,
         or ("omit") such rows are left out of every side and counted in the ``rows_omitted`` attr (with
         padding masks, that count includes the padded positions, which are left out either way).
     split_every : int
-        Gram blocks summed per task of the tree that adds them up (spatial="features"), at least 2. The
-        Moments need none: each chain folds its chunks into one accumulator.
+        For spatial="features" and minibatch CKA only: Gram blocks summed per task of the tree that adds them
+        up, at least 2 (default 8). The Moments need none: each chain folds its chunks into one accumulator.
     memory_limit : int, float or str
         Budget for what a pass holds at once ("1.5GiB" by default, at most 2**60 bytes), checked before streaming;
         kept in bytes.
@@ -218,8 +229,9 @@ class StreamOptions:
         for channels-first data, or a mapping from a DataArray's dim names to chunkcca's.
     checkpoint, checkpoint_every
         A local path (in an existing folder) where the running Moments are saved (atomically) after every
-        ``checkpoint_every`` datapoint chunks; a later run with the same path, layers and options
-        resumes after the chunks done. Not for spatial="features", whose Gram pass keeps no Moments.
+        ``checkpoint_every`` datapoint chunks (default 16; given without ``checkpoint``, a TypeError); a
+        later run with the same path, layers and options resumes after the chunks done. Not
+        for spatial="features", whose Gram pass keeps no Moments.
     connect_timeout : float
         Seconds (> 0) to wait for a Dask scheduler given by address (default 10) before an error naming it.
     groupby : str
@@ -272,8 +284,8 @@ class StreamOptions:
             raise ValueError("pass groupby or folds, not both")
         if self.checkpoint is not None and (self.groupby is not None or self.folds is not None):
             raise ValueError("a checkpoint holds one Moments: run groupby or folds without checkpoint")
+        object.__setattr__(self, "checkpoint_every", check_int("checkpoint_every", self.checkpoint_every))
         if self.checkpoint is not None:
-            check_int("checkpoint_every", self.checkpoint_every)
             if is_url(str(self.checkpoint)):
                 raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
             folder = os.path.dirname(os.path.abspath(self.checkpoint))
@@ -281,13 +293,30 @@ class StreamOptions:
                 raise ValueError(f"checkpoint {self.checkpoint}: no folder {folder}")
 
     @classmethod
-    def from_kwargs(cls, where: str, options: Mapping[str, Any]) -> StreamOptions:
-        """The options of a public function's ``**options``; an unknown name is a TypeError naming ``where``."""
+    def from_kwargs(cls, where: str, options: Mapping[str, Any], *, reads: Sequence[str] = ()) -> StreamOptions:
+        """The options of a public function's ``**options``; an unknown name is a TypeError naming ``where``, and
+        so is an option given without the mode that reads it (``MODAL``; ``reads``: those ``where`` reads
+        anyway, e.g. ``split_every`` for minibatch CKA)."""
         unknown = sorted(set(options) - set(NAMES))
         if unknown:
             raise TypeError(f"{where}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} "
                             f"{', '.join(map(repr, unknown))}; its streaming options are {', '.join(NAMES)}")
-        return cls(**options)
+        made = cls(**options)
+        misplaced: dict[str, list[str]] = {}
+        for name, (mode, values) in MODAL.items():
+            setting = getattr(made, mode)
+            if name in options and name not in reads and (setting is None if values is None else setting not in values):
+                misplaced.setdefault(mode, []).append(name)
+        for mode, names in misplaced.items():
+            listed, values = " and ".join(names), MODAL[names[0]][1]
+            verb, pronoun = ("applies", "it") if len(names) == 1 else ("apply", "them")
+            if values is None:
+                raise TypeError(f"{listed} {verb} only with {mode}=, which is not given; pass {mode}= too or leave "
+                                f"{pronoun} out")
+            wanted = " or ".join(f"{mode}={value!r}" for value in values)
+            raise TypeError(f"{listed} {verb} only to {wanted}, not {mode}={getattr(made, mode)!r}; pass {wanted} or "
+                            f"leave {pronoun} out")
+        return made
 
 
 #: The names of the streaming options.

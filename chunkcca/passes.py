@@ -135,11 +135,12 @@ def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequen
                       else f"the statistics kept of {reduction.width} channels")
         per = f" at each of {int(np.prod(frequencies))} spatial frequencies" if frequencies and whole else ""
         per += f" for each of {reduction.groups} groups" if reduction.groups else ""
+        fewer_rows = ", or use spatial='avgpool' or 'interp'" if adapters[0].dims else ""  # not for fc layers
         raise ValueError(
             f"comparing {' and '.join(map(repr, names))}: {statistics}{per} = {format_bytes(partial)} per partial; "
             f"reading one chunk at a time holds {reduction.partials_held} of them with the chunks and rows in work "
             f"({format_bytes(one)}), over memory_limit={format_bytes(limit)}; raise memory_limit, compare fewer "
-            f"channels, read smaller chunks, or use spatial='avgpool' or 'interp'")
+            f"channels, read smaller chunks{fewer_rows}")
     return affordable_chains(reduction, sides, adapters, limit)
 
 
@@ -297,7 +298,8 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
             f"auto: float64 products, as the run's {adapters[0].row_count(datapoints)} rows are fewer than "
             f"{PILOT_ROWS_PER_CHANNEL} per channel of layer {widest!r} ({width} channels), too few to show its "
             f"conditioning")
-    pilot = moments_of(0, first, "float64", step=f", pass 1 of 2: the first {first} datapoints")
+    pilot = moments_of(0, first, "float64",
+                       step="" if first == datapoints else f", pass 1 of 2: the first {first} datapoints")
     merged = _merged(pilot)
     names = tuple(str(layer.name) for layer in layers)
     choice, reason = _choose_precision(merged, names, f"the first {first} datapoints")

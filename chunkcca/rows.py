@@ -306,9 +306,11 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
 
 def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) -> tuple[Adapter, ...]:
     """One adapter per layer for a sweep, where every layer's rows must not depend on its partner's
-    (flatten, with one spatial size for all, or avgpool); raises naming the layers otherwise."""
+    (``SWEEP_SPATIAL``: flatten, with one spatial size for all, avgpool, first, last, features); raises naming the
+    layers otherwise."""
     if options.spatial not in SWEEP_SPATIAL:
-        raise ValueError(f"similarity supports spatial='flatten' or 'avgpool'; spatial={options.spatial!r} "
+        raise ValueError(f"similarity supports spatial={' or '.join(map(repr, SWEEP_SPATIAL))}; "
+                         f"spatial={options.spatial!r} "
                          f"pairs each two layers on their own: compare pairs with chunkcca.compare or chunkcca.cca")
     if options.spatial == "flatten":
         sizes = {str(layer.name): tuple(layer.shape[1:-1]) for layer in layers}

@@ -340,6 +340,8 @@ def test_progress_says_what_it_reads_and_writes_one_line_into_logs(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(":")[0] for line in lines] == [
         "reading 'model0/fc', 'b', pass 1 of 2", "reading 'model0/fc', 'b', pass 2 of 2"]
+    cca(named[:40], x[:40, :2] + 1, precision="auto", progress=True)  # the pilot is the whole run: one pass
+    assert capsys.readouterr().err.startswith("reading 'model0/fc', 'b' (float64 products): done in ")
     terminal = _Terminal()
     with Progress("reading 'x'", out=terminal):
         x.sum().compute()

@@ -127,6 +127,21 @@ def test_folds_by_coordinate_and_several_ridges():
     assert by_label["predictivity"].sel(ridge=10.0) <= by_label["predictivity"].sel(ridge=0.0) + 0.05
 
 
+def test_a_fold_much_smaller_than_the_others_is_warned_of():
+    """A 2-datapoint fold (its held-out correlations are ±1) moved heldout_cca from 0.62 to 0.55 silently: folds
+    are averaged unweighted."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((300, 3))
+    x, y = z @ rng.standard_normal((3, 6)) + rng.standard_normal((300, 6)), z + rng.standard_normal((300, 3))
+    folds = np.repeat([0, 1, 2], [180, 118, 2])
+    a, b = (xr.DataArray(v, dims=("datapoint", "channel"), coords={"fold": ("datapoint", folds)}) for v in (x, y))
+    with pytest.warns(RuntimeWarning, match=r"1 fold has fewer than half the rows of the median fold \(118\): 2 \(2\)"):
+        compare(a, b, measures=["heldout_cca"], folds="fold", precision="float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare(x, y, measures=["heldout_cca"], folds=3, precision="float64")  # folds of equal size
+
+
 def test_independent_data_in_sample_cca_is_high_held_out_near_zero():
     """p/n = 0.1: the in-sample mean canonical correlation of independent noise is far from 0; held out, ~0."""
     rng = np.random.default_rng(0)
@@ -235,3 +250,15 @@ def test_each_groups_moments_record_the_layers_and_rows():
     other = compute_moments(a, b.rename("c"), groupby="label", stride=3, precision="float64")
     with pytest.raises(ValueError, match=r"cannot merge Moments of layers \('a', 'b'\) and \('a', 'c'\)"):
         grouped["cat"] + other["dog"]
+
+
+def test_a_measure_undefined_in_one_group_is_an_error_naming_the_group():
+    rng = np.random.default_rng(0)
+    groups = np.repeat([0, 1], [37, 3])
+    a, b = (xr.DataArray(rng.standard_normal((40, p)), dims=("datapoint", "channel"),
+                         coords={"g": ("datapoint", groups)}) for p in (3, 2))
+    message = r"debiased CKA needs at least 4 rows, have 3 in the group g=1"
+    with pytest.raises(ValueError, match=message):
+        compare(a, b, measures=["cka_debiased"], groupby="g")
+    with pytest.raises(ValueError, match=message):  # a sweep named no group
+        similarity({"a": a}, {"b": b}, measures=["cka_debiased"], groupby="g")

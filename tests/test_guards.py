@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import pickle
@@ -179,3 +180,50 @@ def test_a_dask_array_with_chunks_of_unknown_size_is_named():
     kept = x[:, 0] > -99
     with pytest.raises(ValueError, match=r"layer 'a' has chunks of unknown size .* call its \.compute_chunk_sizes"):
         cca(x[kept], x[kept][:, :2])
+
+
+def _conv_pair(tmp_path):
+    """Two conv layers of one spatial size in a store, and the store's two models (for a sweep)."""
+    rng = np.random.default_rng(0)
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": rng.standard_normal((40, 4, 4, 3)),
+                                                            "m1/conv": rng.standard_normal((40, 4, 4, 2))})
+    return tree["m0/conv"], tree["m1/conv"], tree["m0"], tree["m1"]
+
+
+@pytest.mark.parametrize(("call", "options", "message"), [
+    ("cca", {"method": "cubic"}, r"^method applies only to spatial='interp', not spatial='flatten'"),
+    ("cca", {"method": "linear"}, r"^method applies only to spatial='interp'"),  # given, though the default value
+    ("cca", {"method": "cubic", "grid": "svcca"}, r"^method and grid apply only to spatial='interp'"),
+    ("cca", {"spatial": "avgpool", "grid": "svcca"}, r"^grid applies only to spatial='interp', not spatial='avgpool'"),
+    ("cca", {"spatial": "dft", "method": "nearest"}, r"^method applies only to spatial='interp', not spatial='dft'"),
+    ("cca", {"checkpoint_every": 4}, r"^checkpoint_every applies only with checkpoint=, which is not given"),
+    ("compute_moments", {"checkpoint_every": 1}, r"^checkpoint_every applies only with checkpoint="),
+    ("compare", {"split_every": 4}, r"^split_every applies only to spatial='features', not spatial='flatten'"),
+    ("cka", {"spatial": "avgpool", "split_every": 4}, r"^split_every applies only to spatial='features'"),
+    ("similarity", {"spatial": "avgpool", "method": "nearest"}, r"^method applies only to spatial='interp'"),
+])
+def test_an_option_without_the_mode_that_reads_it_is_refused_naming_both(tmp_path, call, options, message):
+    """method=, grid= (spatial='interp'), split_every= (spatial='features') and checkpoint_every= (checkpoint=)
+    were silently ignored without their mode: cca(a, b, method='cubic') ran flatten."""
+    a, b, model0, model1 = _conv_pair(tmp_path)
+    pair = (model0, model1) if call == "similarity" else (a, b)
+    with pytest.raises(TypeError, match=message):
+        getattr(chunkcca, call)(*pair, **options)
+
+
+def test_options_with_their_mode_are_kept_and_left_out_take_their_defaults(tmp_path):
+    from_kwargs = chunkcca.options.StreamOptions.from_kwargs
+    with pytest.raises(TypeError, match=r"^method and grid apply only to spatial='interp'"):
+        from_kwargs("cca", {"method": "nearest", "grid": "svcca"})
+    given = from_kwargs("cca", {"spatial": "interp", "method": "nearest", "grid": "svcca"})
+    assert (given.method, given.grid, given.split_every, given.checkpoint_every) == ("nearest", "svcca", 8, 16)
+    default = from_kwargs("cca", {})
+    assert (default.method, default.grid, default.split_every, default.checkpoint_every) == ("linear", "coords", 8, 16)
+    assert from_kwargs("cka", {"spatial": "features", "split_every": 3}).split_every == 3
+    assert from_kwargs("cka", {"split_every": 3}, reads=("split_every",)).split_every == 3  # minibatch CKA reads it
+    run = from_kwargs("cca", {"checkpoint": tmp_path / "run.ckpt", "checkpoint_every": 3})
+    assert run.checkpoint_every == 3
+    assert dataclasses.replace(default, stride=2).stride == 2, "options are plain dataclasses"
+    a, b, _, _ = _conv_pair(tmp_path)
+    assert chunkcca.cka(a, b, minibatch=10, spatial="avgpool", split_every=4)["cka"].size == 1
+
