@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import math
 import os
 import pickle
+import re
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,13 +33,17 @@ from chunkcca.options import (
     SWEEP_SPATIAL,
 )
 from chunkcca.plot import plot_rho, plot_similarity
-from chunkcca.report import format_table, save_figure
+from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
 
 MEASURES = tuple(chunkcca.MEASURES)
 #: Old spellings of measures, kept working with a deprecation message.
 ALIASES: dict[str, tuple[str, ...]] = {"cca": ("mean_cca", "r2_cca")}
 
 SCHEDULER_HELP = "a Dask scheduler address (tcp://host:port), or 'threads', 'synchronous' or 'processes'"
+#: The local schedulers' names Dask knows (``distributed`` needs a Client, which only Python code can make).
+LOCAL_SCHEDULERS = ("threads", "threading", "sync", "synchronous", "single-threaded", "processes", "multiprocessing")
+#: Protocols a scheduler listens on (inproc:// is within one process).
+PROTOCOLS = ("tcp", "tls", "ws", "wss", "ucx")
 STORE_HELP = "the store: a local path or an fsspec URL (file://, s3://, gs://, ...)"
 
 
@@ -47,6 +55,32 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _scheduler(text: str) -> str:
+    """--scheduler: a local scheduler's name, or a scheduler's address checked (and a trailing ``/`` dropped)
+    before any work, as distributed fails on a malformed one only when connecting (with a traceback)."""
+    name = text.strip()
+    if name.lower() in LOCAL_SCHEDULERS:
+        return name.lower()
+    if name.lower() in ("distributed", "dask.distributed"):
+        raise argparse.ArgumentTypeError(f"{text!r} runs on a distributed.Client made in Python, which a command has "
+                                         f"none of: give the scheduler's address, e.g. tcp://host:8786")
+    scheme, separator, location = name.partition("://")
+    if not separator:
+        scheme, location = "tcp", name
+    location = location.rstrip("/")
+    if not separator and not re.fullmatch(r"\[[0-9A-Fa-f:.]+\]:\d+|[\w.\-]+:\d+", location):
+        raise argparse.ArgumentTypeError(f"scheduler must be 'threads', 'synchronous', 'processes' or a Dask "
+                                         f"scheduler's address (tcp://host:8786), got {text!r}")
+    if scheme.lower() not in PROTOCOLS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a Dask scheduler's address starts with "
+                                         f"{', '.join(f'{p}://' for p in PROTOCOLS)} (or is host:port), not {scheme}://")
+    host_port = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[\w.\-]+):(\d+)", location)
+    if host_port is None or not 0 < int(host_port[2]) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: a Dask scheduler's address is {scheme.lower()}://host:port, "
+                                         f"with a port from 1 to 65535 (e.g. {scheme.lower()}://10.0.0.5:8786)")
+    return f"{scheme.lower()}://{location}" if separator else location
 
 
 def _storage_options(text: str) -> dict[str, Any]:
@@ -77,7 +111,7 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
     parser.add_argument("--memory-limit", default=MEMORY_LIMIT,
                         help=f"budget for what a pass holds at once, e.g. 4GiB (default {MEMORY_LIMIT}); a run that "
                              f"cannot fit says so before reading")
-    parser.add_argument("--scheduler", help=SCHEDULER_HELP)
+    parser.add_argument("--scheduler", type=_scheduler, help=SCHEDULER_HELP)
     parser.add_argument("--connect-timeout", type=float, default=10.0,
                         help="seconds (> 0) to wait for a scheduler given by address (default 10)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -155,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                       help="dtype of the per-chunk products (default auto)")
-    demo.add_argument("--scheduler", help=SCHEDULER_HELP)
+    demo.add_argument("--scheduler", type=_scheduler, help=SCHEDULER_HELP)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     ingest = commands.add_parser("ingest", help="write .npy/.npz files or google/svcca pickles into a store",
@@ -198,10 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     _streaming_options(compare)
     compare.add_argument("--checkpoint", help="save the running statistics to this path as the run goes; "
                          "running the same comparison again resumes from it (with --precision auto, in float64)")
-    compare.add_argument("--checkpoint-every", type=_positive_int, default=16,
+    compare.add_argument("--checkpoint-every", type=_positive_int,
                          help="datapoint chunks between checkpoints (default 16)")
     compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
     compare.add_argument("--plot", help="save the canonical correlation curves (CCA-family measures) to this PNG")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="replace an existing --plot that chunkcca drew (never another file)")
 
     sweep = commands.add_parser("sweep", help="every layer pair of two groups: a heatmap and a netCDF/zarr",
                                 description="All pairs (layer_a, layer_b) in one pass over the store.")
@@ -217,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     _streaming_options(sweep, spatial=SWEEP_SPATIAL)  # flatten needs one spatial size for all layers
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
     sweep.add_argument("--plot", help="heatmap PNG of the first measure")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="replace an existing --out (a sweep result) and --plot that chunkcca wrote (never "
+                            "another file)")
     return parser
 
 
@@ -284,10 +323,10 @@ def _run_info(args: argparse.Namespace) -> None:
               f"{stale} of them stale (their writer is gone), which the next write of the store removes")
 
 
-def _streaming(args: argparse.Namespace) -> dict[str, Any]:
-    """The streaming options of compare and sweep."""
+def _streaming(args: argparse.Namespace, scheduler: Any) -> dict[str, Any]:
+    """The streaming options of compare and sweep, on ``scheduler`` (``--scheduler``, connected by ``_connected``)."""
     return {"spatial": args.spatial, "stride": args.stride, "precision": args.precision,
-            "memory_limit": args.memory_limit, "scheduler": args.scheduler, "connect_timeout": args.connect_timeout,
+            "memory_limit": args.memory_limit, "scheduler": scheduler, "connect_timeout": args.connect_timeout,
             "progress": not args.no_progress,
             "groupby": args.groupby, "folds": args.folds}
 
@@ -321,8 +360,10 @@ def _run_compare(args: argparse.Namespace) -> None:
         _check_plot(args)
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a), _layer(tree_b, args.layer_b)
-    result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint,
-                              checkpoint_every=args.checkpoint_every, **_given_solve_options(args), **_streaming(args))
+    every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
+    with _connected(args) as scheduler:
+        result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint, **every,
+                                  **_given_solve_options(args), **_streaming(args, scheduler))
     drawn = {"cca": {"mean_cca", "r2_cca", "pwcca"} & set(measures), "svcca": {"svcca"} & set(measures)}
     curves = {name: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
               for name, variable in (("cca", "rho"), ("svcca", "svcca_rho"))
@@ -360,7 +401,8 @@ def _run_compare(args: argparse.Namespace) -> None:
                 print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
         print(format_table(table, left=(0, 2)))
     if args.plot:
-        save_figure(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot)
+        _save_plot(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
+                   overwrite=args.overwrite)
 
 
 def _check_folder(path: str, option: str) -> None:
@@ -368,6 +410,87 @@ def _check_folder(path: str, option: str) -> None:
     folder = Path(path).absolute().parent
     if not folder.is_dir():
         raise ValueError(f"{option} {path}: no folder {folder}")
+
+
+def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse, before any work (and again before writing), an output that exists, unless ``overwrite`` (the flag
+    ``--overwrite``) is given and ``ours(path)`` says it is ``what`` chunkcca wrote: never another file or folder."""
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise ValueError(f"{option} {path} exists; pass --overwrite to replace it")
+    if Path(path).is_symlink() or not ours(Path(path)):
+        raise ValueError(f"{option} {path} exists and is not {what} chunkcca wrote; --overwrite replaces only that, "
+                         f"never another file or folder: choose another path")
+
+
+def _is_sweep_result(path: Path) -> bool:
+    """Whether ``path`` holds a result that ``chunkcca sweep`` wrote: a netCDF file (.nc) or zarr store (.zarr)
+    that ``chunkcca.save_result`` marked (``chunkcca="result"``), with dims ``layer_a`` and ``layer_b`` (not saved
+    Moments, not an activation store, not another dataset or another command's result)."""
+    try:
+        if path.suffix == ".zarr":
+            if not (path / "zarr.json").is_file():
+                return False
+            opened = xr.open_zarr(path, consolidated=False, zarr_format=3, chunks=None)
+        elif path.is_file():
+            opened = xr.open_dataset(path, cache=False)
+        else:
+            return False
+        with opened as dataset:
+            return {"layer_a", "layer_b"} <= set(dataset.dims) and dataset.attrs.get("chunkcca") == "result"
+    except Exception:  # not a dataset xarray can read: not ours
+        return False
+
+
+def _check_plot_output(args: argparse.Namespace) -> None:
+    """An existing --plot is replaced only with --overwrite, and only if the command drew it."""
+    if os.path.lexists(args.plot) and args.overwrite and plot_format(args.plot) not in PLOT_MARK_KEYS:
+        raise ValueError(f"--plot {args.plot} exists, and --overwrite replaces only a plot chunkcca drew, which it "
+                         f"can tell only in .{', .'.join(PLOT_MARK_KEYS)} files (they hold its mark): remove it or "
+                         f"choose another path")
+    _check_output(args.plot, "--plot", args.overwrite, is_chunkcca_plot, "a plot")
+
+
+def _save_plot(make_figure: Callable[[], Any], path: str, *, overwrite: bool) -> None:
+    """``report.save_figure`` to ``--plot``, checked again first (the run took a while), and a plot put there
+    meanwhile named with the flag."""
+    _check_output(path, "--plot", overwrite, is_chunkcca_plot, "a plot")
+    try:
+        save_figure(make_figure, path, overwrite=overwrite)
+    except FileExistsError:
+        _check_output(path, "--plot", overwrite, is_chunkcca_plot, "a plot")
+        raise
+
+
+class ClusterLost(OSError):
+    """A run that failed on its Dask cluster: the scheduler lost, the run's tasks cancelled, workers killed."""
+
+
+@contextlib.contextmanager
+def _connected(args: argparse.Namespace) -> Iterator[Any]:
+    """``--scheduler`` as given, or for an address a ``distributed.Client`` connected to it, closed at the end (also
+    when the run fails or its scheduler is lost) without a traceback or a wait at exit. A failure of the cluster
+    during the run is a ``ClusterLost`` saying whether a ``--checkpoint`` resumes the run."""
+    if args.scheduler is None or args.scheduler in LOCAL_SCHEDULERS:
+        yield args.scheduler
+        return
+    timeout = getattr(args, "connect_timeout", 10.0)
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"connect_timeout must be a finite number > 0, got {timeout}")
+    from chunkcca.cluster import close_quietly, connect, lost_scheduler_unlogged
+
+    client = connect(args.scheduler, timeout=timeout)
+    try:
+        with lost_scheduler_unlogged():
+            yield client
+    except (Exception, asyncio.CancelledError) as error:
+        message = _cluster_failure(error, args, lost=getattr(client, "status", "running") != "running")
+        if message is None:
+            raise
+        raise ClusterLost(message) from error
+    finally:
+        close_quietly(client)
 
 
 def _check_plot(args: argparse.Namespace) -> None:
@@ -384,6 +507,7 @@ def _check_plot(args: argparse.Namespace) -> None:
     if Path(args.plot).suffix.lower().lstrip(".") not in formats:
         raise ValueError(f"--plot {args.plot}: name an image file ending in one of .{', .'.join(formats)}")
     _check_folder(args.plot, "--plot")
+    _check_plot_output(args)
 
 
 def _select(tree: Any, names: list[str]) -> dict[str, Any]:
@@ -398,16 +522,25 @@ def _run_sweep(args: argparse.Namespace) -> None:
     if "://" in args.out or Path(args.out).suffix not in (".nc", ".zarr"):
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")
     _check_folder(args.out, "--out")
+    _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
     if args.plot:
         _check_plot(args)
     tree_a, tree_b = _stores(args)
-    result = chunkcca.similarity(_select(tree_a, args.a), _select(tree_b, args.b), measures=measures,
-                                 **_given_solve_options(args), **_streaming(args))
-    chunkcca.save_result(result, out, overwrite=True)
+    with _connected(args) as scheduler:
+        result = chunkcca.similarity(_select(tree_a, args.a), _select(tree_b, args.b), measures=measures,
+                                     **_given_solve_options(args), **_streaming(args, scheduler))
+    # again before writing (the run took a while); save_result itself replaces any netCDF file or any zarr store
+    # but an activation store, so only a sweep result passes this
+    _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
+    try:
+        chunkcca.save_result(result, out, overwrite=args.overwrite)
+    except FileExistsError:  # put there while the sweep ran
+        _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
+        raise
     print(result[measures].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"results: {out}")
     if args.plot:
-        save_figure(lambda: plot_similarity(result, measures[0]).figure, args.plot)
+        _save_plot(lambda: plot_similarity(result, measures[0]).figure, args.plot, overwrite=args.overwrite)
 
 
 def size_decode_pool() -> None:
@@ -436,6 +569,37 @@ def _resume_note(args: argparse.Namespace) -> str:
     return f"; no checkpoint was saved to {checkpoint} yet, so the same command starts again"
 
 
+def _cluster_failure(error: BaseException, args: argparse.Namespace, *, lost: bool = False) -> str | None:
+    """One line for a run that failed on its Dask cluster (the scheduler lost, its tasks cancelled, workers killed),
+    saying whether a --checkpoint resumes it; None for any other error. ``error`` or one it was raised from (a
+    failure to read layers wraps the one that stopped it) is distributed's or a cancellation, or ``lost`` says
+    the Client lost its scheduler (then a failure to reconnect, an OSError, is the cluster's too)."""
+    from distributed.comm.core import CommClosedError
+
+    cause: BaseException | None = error
+    while cause is not None and not (isinstance(cause, (CommClosedError, concurrent.futures.CancelledError,
+                                                        asyncio.CancelledError))
+                                     or type(cause).__module__.partition(".")[0] == "distributed"):
+        cause = cause.__cause__
+    if cause is None and lost and isinstance(error, (OSError, TimeoutError)):
+        cause = error
+    if cause is None:
+        return None
+    reason = getattr(cause, "reason", None) or (str(cause).splitlines()[0] if str(cause) else "")
+    happened = (f"a task of the run killed workers of the Dask cluster at {args.scheduler}"
+                if type(cause).__name__ == "KilledWorker" else
+                f"lost the Dask cluster at {args.scheduler} during the run")
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint and os.path.exists(checkpoint):
+        then = f"run the same command again to resume from the checkpoint {checkpoint}"
+    elif checkpoint:
+        then = f"no checkpoint was saved to {checkpoint} yet, so the same command starts again"
+    else:
+        then = "nothing of the run was kept, so the same command starts again" + (
+            " (--checkpoint keeps a run's progress)" if args.command == "compare" else "")
+    return f"{happened} ({type(cause).__name__}{': ' + reason if reason else ''}); {then}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
     args = build_parser().parse_args(argv)
@@ -448,8 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = one_line
             if args.command == "demo":
-                run_demo(args.out, datapoints=args.datapoints, chunk=args.chunk, seed=args.seed,
-                         precision=args.precision, progress=not args.no_progress, scheduler=args.scheduler)
+                with _connected(args) as scheduler:
+                    run_demo(args.out, datapoints=args.datapoints, chunk=args.chunk, seed=args.seed,
+                             precision=args.precision, progress=not args.no_progress, scheduler=scheduler)
             else:
                 {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare,
                  "sweep": _run_sweep}[args.command](args)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -25,10 +28,91 @@ class PinBlas(WorkerPlugin):
 
 
 def prepare_workers(client: Any) -> None:
-    """Register ``PinBlas`` on ``client``'s cluster once; a failure only warns (it is an optimisation)."""
+    """Register ``PinBlas`` on ``client``'s cluster once; a failure only warns (it is an optimisation), and a
+    connection lost meanwhile not even that: the run then fails saying so."""
+    from distributed.comm.core import CommClosedError
+
     try:
         client.register_plugin(PinBlas(), name=PinBlas.name)
+    except CommClosedError:
+        return
     except Exception as error:  # a worker refusing the plugin must not fail the comparison
         warnings.warn(f"could not limit BLAS to one thread on the workers ({type(error).__name__}: {error}); "
                       f"start them with a nanny, or set OPENBLAS_NUM_THREADS=1 for them", RuntimeWarning,
                       stacklevel=3)
+
+
+def connect(address: str, *, timeout: float) -> Any:
+    """A ``distributed.Client`` connected to the scheduler at ``address``, not made the default.
+
+    A scheduler that does not answer within ``timeout`` seconds is an OSError naming it; an address, protocol or
+    security setting that distributed refuses is a ValueError naming it. A Client that fails to connect is closed
+    here: distributed leaves it for the interpreter's exit, which waited 20 s on it and printed a traceback.
+    """
+    from distributed import Client
+    from distributed.comm.addressing import parse_address
+    from distributed.security import Security
+
+    scheme = parse_address(address)[0] if "://" in address else "tcp"
+    if scheme in ("tls", "wss") and Security().get_connection_args("client").get("ssl_context") is None:
+        raise ValueError(f"{address}: a {scheme}:// scheduler needs the client's TLS settings in Dask's configuration "
+                         f"(distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and .key, e.g. as "
+                         f"DASK_DISTRIBUTED__COMM__TLS__CA_FILE); none are set")
+    client = Client.__new__(Client)  # made first, so that one whose __init__ fails can still be closed
+    try:
+        client.__init__(address, set_as_default=False, timeout=timeout)
+    except BaseException as error:
+        close_quietly(client)
+        if isinstance(error, (OSError, TimeoutError)):
+            raise OSError(f"no Dask scheduler answered at {address} within {timeout:g} s (connect_timeout): "
+                          f"{type(error).__name__}: {_first_line(error)}") from error
+        if isinstance(error, (ValueError, TypeError, KeyError)):
+            raise ValueError(f"cannot connect to a Dask scheduler at {address}: {type(error).__name__}: "
+                             f"{_first_line(error)}") from error
+        raise
+    return client
+
+
+class _Unlogged(logging.Filter):
+    """Drops distributed's log records that start with one of ``starts`` (the caller reports what they say)."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+@contextlib.contextmanager
+def lost_scheduler_unlogged() -> Iterator[None]:
+    """Within the block, distributed does not log that a Client failed to reconnect to its scheduler (a line on
+    stderr beside the caller's own error saying the scheduler was lost)."""
+    unlogged = _Unlogged("Failed to reconnect to scheduler")
+    logger = logging.getLogger("distributed.client")
+    logger.addFilter(unlogged)
+    try:
+        yield
+    finally:
+        logger.removeFilter(unlogged)
+
+
+def close_quietly(client: Any, timeout: float = 5.0) -> None:
+    """Close ``client``, whatever state it is in (never connected, connected, its scheduler gone), within about
+    ``timeout`` seconds and without a word: no error, no log line, nothing left for the interpreter's exit."""
+    quiet = logging.getLogger("distributed.client")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # "Failed to reconnect to scheduler ...": the caller says what happened
+    try:
+        with contextlib.suppress(Exception):
+            client.close(timeout=timeout)
+        if getattr(client, "status", "closed") != "closed":  # the close timed out: leave nothing to __del__
+            with contextlib.suppress(Exception):
+                client.status = "closed"
+                client._loop_runner.stop()
+    finally:
+        quiet.setLevel(level)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

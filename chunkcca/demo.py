@@ -49,5 +49,5 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
                       f"{seconds:.2f}", f"{peak.mib:.0f}"))
     print(format_table(table))
     save_figure(lambda: plot_rho(results, title=f"chunkcca demo: {datapoints} datapoints, two models").figure,
-                out / "cca_coefficients.png", dpi=120)
+                out / "cca_coefficients.png", overwrite=True, dpi=120)  # its own plot of an earlier run, only
     return results

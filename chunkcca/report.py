@@ -5,6 +5,7 @@ Used by the command line, the demo and the benchmarks alike.
 
 from __future__ import annotations
 
+import gzip
 import os
 import resource
 import sys
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._fs import write_atomically
+
 
 def format_table(rows: list[tuple[str, ...]], *, left: tuple[int, ...] = (0,)) -> str:
     """Rows of cells as aligned text: the columns numbered in ``left`` left-aligned, the others right-aligned."""
@@ -22,16 +25,57 @@ def format_table(rows: list[tuple[str, ...]], *, left: tuple[int, ...] = (0,)) -
                                for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows)
 
 
-def save_figure(make_figure: Callable[[], Any], path: str | os.PathLike, *, dpi: int = 110) -> None:
-    """Draw a figure (``make_figure()``) off-screen, save it to ``path`` and close it."""
+#: What marks a plot chunkcca drew: the metadata key, per file type, that holds ``PLOT_MARK``. Other types
+#: carry no metadata, so chunkcca cannot tell its own from another file and never replaces one.
+PLOT_MARK = "chunkcca plot"
+PLOT_MARK_KEYS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "svgz": "Creator", "eps": "Creator",
+                  "ps": "Creator"}
+#: How each type stores the mark (and begins).
+PLOT_MARK_BYTES = {"png": (b"\x89PNG", b"tEXtSoftware\x00" + PLOT_MARK.encode()),
+                   "pdf": (b"%PDF", b"/Creator (" + PLOT_MARK.encode() + b")"),
+                   "svg": (b"", b"<dc:title>" + PLOT_MARK.encode() + b"</dc:title>"),
+                   "eps": (b"%!PS", b"%%Creator: " + PLOT_MARK.encode()),
+                   "ps": (b"%!PS", b"%%Creator: " + PLOT_MARK.encode())}
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """A figure file's type, from its suffix ("png")."""
+    return Path(path).suffix.lower().lstrip(".")
+
+
+def is_chunkcca_plot(path: Path) -> bool:
+    """Whether ``path`` is a plot that chunkcca drew: a file of its type holding ``PLOT_MARK``."""
+    kind = plot_format(path)
+    if kind not in PLOT_MARK_KEYS or path.is_symlink() or not path.is_file() or path.stat().st_size > 2**28:
+        return False
+    try:
+        data = path.read_bytes()
+        if kind == "svgz":
+            kind, data = "svg", gzip.decompress(data)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return False
+    start, mark = PLOT_MARK_BYTES[kind]
+    return data.startswith(start) and mark in data
+
+
+def save_figure(make_figure: Callable[[], Any], path: str | os.PathLike, *, overwrite: bool = False,
+                dpi: int = 110) -> None:
+    """Draw a figure (``make_figure()``) off-screen and write it to ``path`` atomically, marked as chunkcca's
+    (``PLOT_MARK`` in its metadata, where its file type has any); an existing ``path`` is replaced only with
+    ``overwrite`` and only if it is a plot chunkcca drew (a FileExistsError otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    kind = plot_format(path)
+    metadata = {"metadata": {PLOT_MARK_KEYS[kind]: PLOT_MARK}} if kind in PLOT_MARK_KEYS else {}
     figure = make_figure()
-    figure.savefig(path, dpi=dpi)
-    plt.close(figure)
+    try:
+        write_atomically(path, lambda tmp: figure.savefig(tmp, format=kind, dpi=dpi, **metadata),
+                         overwrite=overwrite, replaceable=is_chunkcca_plot, what="a plot chunkcca drew")
+    finally:
+        plt.close(figure)
     print(f"plot: {path}")
 
 

@@ -58,4 +58,4 @@ def figure():
     return fig
 
 
-save_figure(figure, out / "heldout_vs_insample.png")
+save_figure(figure, out / "heldout_vs_insample.png", overwrite=True)

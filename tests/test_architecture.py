@@ -22,7 +22,7 @@ TIERS: dict[str, int] = {
     **dict.fromkeys(("api", "compat", "plot", "report", "datasets", "demo", "cli", "__init__"), 4),  # xarray front
 }
 #: What the command line may import: the package and its documented modules.
-PUBLIC = {"__init__", "demo", "ingest", "record", "compat", "options", "plot", "report"}
+PUBLIC = {"__init__", "demo", "ingest", "record", "compat", "options", "plot", "report", "cluster"}
 
 
 def _imports() -> dict[str, set[str]]:

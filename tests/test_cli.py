@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import os
 import pickle
 
 import numpy as np
@@ -90,6 +92,22 @@ def test_ingest_info_compare_sweep(files, capsys):
          "--plot draws canonical correlation curves"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--plot", "{folder}/none/p.png"], "no folder"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "bogus"], "scheduler must be"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "distributed"],
+         "argument --scheduler: 'distributed' runs on a distributed.Client made in Python, which a command has none "
+         "of: give the scheduler's address, e.g. tcp://host:8786"),
+        (["sweep", "{store}", "--a", "m0", "--b", "m0", "--scheduler", "dask.distributed", "--out", "{folder}/f.nc"],
+         "argument --scheduler: 'dask.distributed' runs on a distributed.Client made in Python"),
+        (["demo", "--out", "{folder}/demo", "--scheduler", "distributed"],
+         "'distributed' runs on a distributed.Client"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "tcp://host:8786/status"],
+         "'tcp://host:8786/status': a Dask scheduler's address is tcp://host:port, with a port from 1 to 65535"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "tcp://host"],
+         "'tcp://host': a Dask scheduler's address is tcp://host:port"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "tcp://host:70000"],
+         "with a port from 1 to 65535"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--scheduler", "inproc://x"],
+         "'inproc://x': a Dask scheduler's address starts with tcp://, tls://, ws://, wss://, ucx:// (or is "
+         "host:port), not inproc://"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--memory-limit", "lots"],
          "memory_limit must be a positive number of bytes or a size such as '4GiB', got 'lots'"),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--measures", "cka", "--spatial", "features",
@@ -415,7 +433,7 @@ def test_compare_shows_details_per_group_ridges_by_value_and_plots_only_the_curv
     monkeypatch.setattr(chunkcca.cli, "plot_rho", lambda curves, **_: drawn.append(sorted(curves)) or
                         chunkcca.plot.plot_rho(curves))
     for measures, curves in ((["svcca"], ["svcca"]), (["pwcca"], ["cca"]), (["svcca", "mean_cca"], ["cca", "svcca"])):
-        assert main([*base, "--measure", *measures, "--plot", str(tmp_path / "p.png")]) == 0
+        assert main([*base, "--measure", *measures, "--plot", str(tmp_path / "p.png"), "--overwrite"]) == 0
         assert drawn.pop() == curves
 
 
@@ -441,3 +459,241 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path, capsys, m
     monkeypatch.setattr(sys, "stdout", LeftEarly())
     assert main(["compare", str(tmp_path / "s.zarr"), "a", "b", "--json", "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_scheduler_addresses_are_checked_and_normalised():
+    """A trailing slash ended in distributed's int('8786/') and a Client that hung the exit for 20 s."""
+    from chunkcca.cli import _scheduler
+
+    assert _scheduler("tcp://10.0.0.5:8786/") == "tcp://10.0.0.5:8786"
+    assert _scheduler(" TLS://host.example:8786// ") == "tls://host.example:8786"
+    assert _scheduler("host:8786") == "host:8786" and _scheduler("[::1]:8786") == "[::1]:8786"
+    assert _scheduler("tcp://[::1]:8786/") == "tcp://[::1]:8786"
+    assert _scheduler("Threads") == "threads" and _scheduler("synchronous") == "synchronous"
+
+
+def _sweep_layers(tmp_path):
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s.zarr"
+    tree = chunkcca.write_activations(store, {"m0/fc": rng.standard_normal((40, 3)),
+                                              "m1/fc": rng.standard_normal((40, 2))})
+    return store, tree
+
+
+def _others(tmp_path, tree):
+    """Files and folders that chunkcca sweep did not write: a user's netCDF file and zarr dataset, saved
+    Moments, an activation store, a user's text file named .nc, a folder named .nc."""
+    xr.Dataset({"mine": ("x", np.arange(5))}).to_netcdf(tmp_path / "mine.nc")
+    xr.Dataset({"mine": ("x", np.arange(5))}).to_zarr(tmp_path / "mine.zarr", mode="w", zarr_format=3,
+                                                       consolidated=False)
+    chunkcca.compute_moments(tree["m0/fc"], tree["m1/fc"]).save(tmp_path / "moments.zarr")
+    chunkcca.write_activations(tmp_path / "acts.zarr", {"x": np.ones((4, 2))})
+    (tmp_path / "notes.nc").write_text("my notes")
+    (tmp_path / "folder.nc").mkdir()
+    return ["mine.nc", "mine.zarr", "moments.zarr", "acts.zarr", "notes.nc", "folder.nc"]
+
+
+def _contents(path):
+    return sorted((str(p.relative_to(path)), p.read_bytes()) for p in [path, *path.rglob("*")] if p.is_file()) \
+        if path.is_dir() else path.read_bytes()
+
+
+def test_sweep_refuses_an_existing_out_before_computing_unless_overwrite(tmp_path, capsys, monkeypatch):
+    """sweep --out replaced any netCDF file and any zarr store but an activation store (a user's dataset, saved
+    Moments), with no --overwrite flag; without --overwrite now any existing --out is refused, before any work."""
+    store, tree = _sweep_layers(tmp_path)
+    others = _others(tmp_path, tree)
+    xr.Dataset().to_netcdf(tmp_path / "s.nc")  # an empty result of the user's
+    before = {name: _contents(tmp_path / name) for name in [*others, "s.nc"]}
+    monkeypatch.setattr(chunkcca, "similarity", lambda *_, **__: pytest.fail("computed before refusing"))
+    for name in [*others, "s.nc"]:
+        assert main(["sweep", str(store), "--a", "m0", "--b", "m1", "--out", str(tmp_path / name),
+                     "--no-progress"]) == 2
+        shown = capsys.readouterr()
+        assert shown.err == f"chunkcca sweep: error: --out {tmp_path / name} exists; pass --overwrite to replace it\n"
+        assert shown.out == ""
+    assert {name: _contents(tmp_path / name) for name in before} == before
+
+
+def test_sweep_overwrite_replaces_only_a_sweep_result(tmp_path, capsys):
+    """With --overwrite, a sweep result (.nc or .zarr) is replaced; anything else is refused and left as it was,
+    although chunkcca.save_result(overwrite=True) would replace any netCDF file and any non-activation zarr store."""
+    store, tree = _sweep_layers(tmp_path)
+    others = _others(tmp_path, tree)
+    before = {name: _contents(tmp_path / name) for name in others}
+    sweep = ["sweep", str(store), "--a", "m0", "--b", "m1", "--measures", "cka", "--no-progress", "--overwrite"]
+    for name in others:
+        assert main([*sweep, "--out", str(tmp_path / name)]) == 2
+        shown = capsys.readouterr()
+        assert shown.err == (f"chunkcca sweep: error: --out {tmp_path / name} exists and is not a sweep result "
+                             f"chunkcca wrote; --overwrite replaces only that, never another file or folder: choose "
+                             f"another path\n") and shown.out == ""
+    assert {name: _contents(tmp_path / name) for name in before} == before
+    for name in ("out.nc", "out.zarr"):
+        out = str(tmp_path / name)
+        assert main([*sweep[:-1], "--out", out]) == 0  # new: no --overwrite needed
+        assert main([*sweep[:-1], "--out", out]) == 2
+        assert capsys.readouterr().err.endswith(f"--out {out} exists; pass --overwrite to replace it\n")
+        assert main([*sweep[:-1], "--measures", "mean_cca", "--out", out, "--overwrite"]) == 0
+        opened = xr.open_zarr(out, consolidated=False) if name.endswith(".zarr") else xr.open_dataset(out)
+        with opened as saved:
+            assert sorted(saved.data_vars) == ["mean_cca", "rows"]  # replaced by the second sweep's
+    capsys.readouterr()
+
+
+def test_plots_replace_only_a_plot_the_command_drew(tmp_path, capsys):
+    """--plot wrote over any file (a user's photo.png) without asking; now an existing plot is refused unless
+    --overwrite, which replaces only a plot the command drew (it marks them), and the plot is written atomically."""
+    store, _ = _sweep_layers(tmp_path)
+    compare = ["compare", str(store), "m0/fc", "m1/fc", "--no-progress"]
+    mine = tmp_path / "photo.png"
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure()
+    figure.savefig(mine)  # matplotlib's own mark, not the command's
+    plt.close(figure)
+    photo = mine.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert main([*compare, "--plot", str(mine), *extra]) == 2
+        shown = capsys.readouterr()
+        assert shown.err == (f"chunkcca compare: error: --plot {mine} exists; pass --overwrite to replace it\n"
+                             if not extra else
+                             f"chunkcca compare: error: --plot {mine} exists and is not a plot chunkcca wrote; "
+                             f"--overwrite replaces only that, never another file or folder: choose another path\n")
+        assert shown.out == ""
+    assert mine.read_bytes() == photo
+    for kind in ("png", "pdf", "svg", "svgz", "eps"):
+        plot = tmp_path / f"curves.{kind}"
+        assert main([*compare, "--plot", str(plot)]) == 0
+        drawn = plot.read_bytes()
+        assert main([*compare, "--plot", str(plot)]) == 2
+        assert capsys.readouterr().err.endswith(f"--plot {plot} exists; pass --overwrite to replace it\n")
+        assert main(["compare", str(store), "m1/fc", "m0/fc", "--no-progress", "--plot", str(plot), "--overwrite"]) == 0
+        assert plot.read_bytes() != drawn  # replaced (by m1/fc vs m0/fc): the command drew it
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 a user's photo")
+    assert main(["sweep", str(store), "--a", "m0", "--b", "m1", "--out", str(tmp_path / "h.nc"), "--plot",
+                 str(tmp_path / "photo.jpg"), "--overwrite", "--no-progress"]) == 2
+    jpg = tmp_path / "photo.jpg"
+    assert (f"--plot {jpg} exists, and --overwrite replaces only a plot chunkcca drew, which it can tell only in "
+            f".png, .pdf") in capsys.readouterr().err
+    assert (tmp_path / "photo.jpg").read_bytes() == b"\xff\xd8\xff\xe0 a user's photo"
+    assert not (tmp_path / "h.nc").exists()  # refused before the sweep
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+@pytest.mark.parametrize(("command", "checkpoint", "then"), [
+    ("compare", None, "nothing of the run was kept, so the same command starts again (--checkpoint keeps a run's "
+                      "progress)"),
+    ("compare", "saved", "run the same command again to resume from the checkpoint {checkpoint}"),
+    ("compare", "unsaved", "no checkpoint was saved to {checkpoint} yet, so the same command starts again"),
+    ("sweep", None, "nothing of the run was kept, so the same command starts again"),
+])
+def test_a_lost_cluster_is_one_line_that_says_whether_a_checkpoint_resumes(tmp_path, capsys, monkeypatch, command,
+                                                                          checkpoint, then):
+    """The scheduler gone mid-run ended in a 41-line traceback and exit status 1 (distributed's
+    FutureCancelledError is no error main() caught)."""
+    distributed = pytest.importorskip("distributed")
+    import chunkcca.cluster
+
+    store, _ = _sweep_layers(tmp_path)
+    closed = []
+    monkeypatch.setattr(chunkcca.cluster, "connect", lambda address, timeout: f"client of {address}")
+    monkeypatch.setattr(chunkcca.cluster, "close_quietly", closed.append)
+
+    def lost(*_, **options):
+        assert options["scheduler"] == "client of tcp://127.0.0.1:8786"  # the command's own Client
+        raise distributed.client.FutureCancelledError("chunkcca-moments-merge-1", reason="scheduler-connection-lost",
+                                                      msg="Client lost the connection to the scheduler.")
+
+    monkeypatch.setattr(chunkcca, "compare", lost)
+    monkeypatch.setattr(chunkcca, "similarity", lost)
+    path = tmp_path / "run.moments"
+    if checkpoint == "saved":
+        path.mkdir()
+    argv = (["compare", str(store), "m0/fc", "m1/fc"] if command == "compare" else
+            ["sweep", str(store), "--a", "m0", "--b", "m1", "--out", str(tmp_path / "s.nc")])
+    argv += ["--scheduler", "tcp://127.0.0.1:8786/", "--no-progress",
+             *(["--checkpoint", str(path)] if checkpoint else [])]
+    assert main(argv) == 2
+    shown = capsys.readouterr()
+    assert shown.err == (f"chunkcca {command}: error: lost the Dask cluster at tcp://127.0.0.1:8786 during the run "
+                         f"(FutureCancelledError: scheduler-connection-lost); {then.format(checkpoint=path)}\n")
+    assert closed == ["client of tcp://127.0.0.1:8786"] and shown.out == ""
+
+
+def test_an_address_that_cannot_be_used_is_one_line_at_once_and_the_exit_does_not_wait(tmp_path):
+    """A trailing slash or tls:// printed the error, then a Client.__del__ traceback after a 20 s wait at exit."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("distributed")
+    store, _ = _sweep_layers(tmp_path)
+    for address, message in (("tls://127.0.0.1:9", "tls://127.0.0.1:9: a tls:// scheduler needs the client's TLS "
+                                                    "settings in Dask's configuration"),
+                             ("tcp://127.0.0.1:9/", "no Dask scheduler answered at tcp://127.0.0.1:9 within 1 s")):
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "chunkcca.cli", "compare", str(store), "m0/fc", "m1/fc",
+                               "--scheduler", address, "--connect-timeout", "1", "--no-progress"],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": ""})
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.startswith(f"chunkcca compare: error: {message}") and done.stderr.count("\n") == 1
+        assert time.monotonic() - start < 15  # the 20 s wait on a Client that never connected is gone
+
+
+def test_a_client_that_fails_to_connect_is_closed_quietly():
+    """chunkcca.cluster.connect closes a Client whose __init__ failed (distributed left it for the exit)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("distributed")
+    code = ("from chunkcca.cluster import connect\n"
+            "try:\n"
+            "    connect('tcp://127.0.0.1:9/', timeout=1)\n"  # distributed: int('9/') fails inside Client
+            "except ValueError as error:\n"
+            "    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout == ("cannot connect to a Dask scheduler at tcp://127.0.0.1:9/: ValueError: invalid literal "
+                           "for int() with base 10: '9/'\n")
+    assert done.stderr == "" and done.returncode == 0
+
+
+def test_a_failure_to_reconnect_to_a_lost_scheduler_is_named_as_the_cluster_lost(tmp_path, capfd, monkeypatch):
+    """Between two parts of a run, the lost scheduler shows as distributed's plain OSError "Timed out trying to
+    connect" (after a log line "Failed to reconnect to scheduler", which the command leaves out): the Client's
+    status says the cluster was lost; a plain OSError with the Client still connected is any other error."""
+    import types
+
+    pytest.importorskip("distributed")
+    import chunkcca.cluster
+
+    store, _ = _sweep_layers(tmp_path)
+    client = types.SimpleNamespace(status="closing")
+    monkeypatch.setattr(chunkcca.cluster, "connect", lambda address, timeout: client)
+    monkeypatch.setattr(chunkcca.cluster, "close_quietly", lambda client: None)
+
+    def reconnecting(*_, **__):
+        logging.getLogger("distributed.client").error("Failed to reconnect to scheduler after %.2f seconds, closing "
+                                                      "client", 2.0)
+        raise OSError("Timed out trying to connect to tcp://127.0.0.1:8786 after 2 s")
+
+    monkeypatch.setattr(chunkcca, "compare", reconnecting)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("distributed.client").addHandler(handler)  # beside distributed's own, on stderr
+    argv = ["compare", str(store), "m0/fc", "m1/fc", "--scheduler", "127.0.0.1:8786", "--no-progress"]
+    try:
+        assert main(argv) == 2
+    finally:
+        logging.getLogger("distributed.client").removeHandler(handler)
+    assert logged == []
+    assert capfd.readouterr().err == (
+        "chunkcca compare: error: lost the Dask cluster at 127.0.0.1:8786 during the run (OSError: Timed out trying "
+        "to connect to tcp://127.0.0.1:8786 after 2 s); nothing of the run was kept, so the same command starts "
+        "again (--checkpoint keeps a run's progress)\n")
+    client.status = "running"
+    assert main(argv) == 2
+    assert capfd.readouterr().err == ("chunkcca compare: error: Timed out trying to connect to tcp://127.0.0.1:8786 "
+                                       "after 2 s\n")

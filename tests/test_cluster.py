@@ -301,3 +301,57 @@ def test_same_result_on_a_distributed_client():
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None):
         remote = cca(da.from_array(a, chunks=13), b, stride=2, precision="float64")
     np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
+
+
+def test_a_scheduler_lost_mid_run_is_one_line_and_its_checkpoint_resumes(tmp_path):
+    """The scheduler gone mid-run ended the command in a 41-line traceback (FutureCancelledError), exit status 1;
+    now one line saying so and that the checkpoint resumes, exit status 2, once distributed has waited
+    --connect-timeout for the scheduler to come back (between two parts of the run)."""
+    from distributed import Client
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1200, 6))
+    store = tmp_path / "s.zarr"
+    chunkcca.write_activations(store, {"a": x, "b": x[:, :4] + rng.standard_normal((1200, 4))}, chunks=10)
+    scheduler_file, checkpoint = tmp_path / "scheduler.json", tmp_path / "run.moments"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    processes = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                                   ":0", "--scheduler-file", str(scheduler_file)], **quiet)]
+    try:
+        _wait_for(scheduler_file.exists)
+        address = json.loads(scheduler_file.read_text())["address"]
+        processes.append(subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+                                           "--dashboard-address", ":0", "--no-nanny"], **quiet))
+        with Client(address, set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=60)
+        argv = ["compare", str(store), "a", "b", "--measure", "mean_cca", "cka", "--precision", "float64",
+                "--checkpoint", str(checkpoint), "--checkpoint-every", "1", "--no-progress", "--json"]
+        run = subprocess.Popen([sys.executable, "-m", "chunkcca.cli", *argv, "--scheduler", address,
+                                "--connect-timeout", "2"],  # how long a lost scheduler is waited for
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(checkpoint.exists)
+        assert run.poll() is None, "the run finished before its scheduler could be killed"
+        processes[0].kill()
+        lost = time.monotonic()
+        out, err = run.communicate(timeout=120)
+        waited = time.monotonic() - lost
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=30)
+    assert (run.returncode, out) == (2, "")
+    assert err == (f"chunkcca compare: error: lost the Dask cluster at {address} during the run "
+                   f"(FutureCancelledError: scheduler-connection-lost); run the same command again to resume from "
+                   f"the checkpoint {checkpoint}\n") or (
+        err.startswith(f"chunkcca compare: error: lost the Dask cluster at {address} during the run (")
+        and err.endswith(f"); run the same command again to resume from the checkpoint {checkpoint}\n")
+        and err.count("\n") == 1), err  # the connection may also be found closed (CommClosedError)
+    assert waited < 8, "the command waited longer than --connect-timeout for the scheduler to come back"
+    resumed = subprocess.run([sys.executable, "-m", "chunkcca.cli", *argv], capture_output=True, text=True,
+                             timeout=120)  # locally
+    tree = chunkcca.open_activations(store)
+    want = chunkcca.compare(tree["a"], tree["b"], measures=["mean_cca", "cka"], precision="float64",
+                            scheduler="threads")
+    report = json.loads(resumed.stdout)
+    for measure in ("mean_cca", "cka"):
+        assert report["results"][measure]["value"] == pytest.approx(float(want[measure]), rel=1e-9)

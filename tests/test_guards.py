@@ -227,3 +227,12 @@ def test_options_with_their_mode_are_kept_and_left_out_take_their_defaults(tmp_p
     a, b, _, _ = _conv_pair(tmp_path)
     assert chunkcca.cka(a, b, minibatch=10, spatial="avgpool", split_every=4)["cka"].size == 1
 
+
+def test_the_cli_refuses_checkpoint_every_without_checkpoint(tmp_path, capsys):
+    """chunkcca compare passes its --checkpoint-every default whether or not --checkpoint is given; another value
+    without --checkpoint is an error, not ignored."""
+    _conv_pair(tmp_path)
+    store = str(tmp_path / "s.zarr")
+    assert main(["compare", store, "m0/conv", "m1/conv", "--no-progress", "--checkpoint-every", "4"]) == 2
+    assert "checkpoint_every applies only with checkpoint=" in capsys.readouterr().err
+    assert main(["compare", store, "m0/conv", "m1/conv", "--no-progress"]) == 0
