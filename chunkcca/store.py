@@ -454,23 +454,42 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
     path
         A local ``.nc`` (netCDF) or ``.zarr`` path.
     overwrite
-        Replace an existing file.
+        Replace an existing result that ``save_result`` wrote (its attrs say ``chunkcca="result"``); never
+        another file or store (a FileExistsError).
     """
     suffix = Path(path).suffix
+    result = result.assign_attrs({RESULT_ATTR: RESULT})
     if suffix == ".zarr":
         # fixed-width unicode (pwcca's side, layer names) has no stable zarr v3 spec; vlen strings do
         texts = {name: variable.astype(object) for name, variable in result.variables.items()
                  if variable.dtype.kind == "U"}
         result = result.assign(texts) if texts else result
         write_atomically(path, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False),
-                         overwrite=overwrite,
-                         replaceable=lambda old: (old / "zarr.json").is_file() and not is_activation_store(old),
-                         what="a zarr result (never an activation store)")
+                         overwrite=overwrite, replaceable=is_saved_result, what="a zarr result save_result wrote")
     elif suffix == ".nc":
         write_atomically(path, lambda tmp: result.to_netcdf(tmp), overwrite=overwrite,
-                         replaceable=_is_netcdf, what="a netCDF file")
+                         replaceable=is_saved_result, what="a netCDF result save_result wrote")
     else:
         raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
+
+
+#: The attribute ``save_result`` marks its files with, and its value: what ``overwrite=True`` may replace.
+RESULT_ATTR, RESULT = "chunkcca", "result"
+
+
+def is_saved_result(path: Path) -> bool:
+    """Whether ``path`` holds a result ``save_result`` wrote: a zarr group or netCDF file whose attrs say so (not
+    saved Moments, an activation store or another dataset). Reads metadata only."""
+    try:
+        if path.suffix == ".zarr":
+            attributes = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+            return attributes.get(RESULT_ATTR) == RESULT
+        if not (path.is_file() and _is_netcdf(path)):
+            return False
+        with xr.open_dataset(path, cache=False) as dataset:
+            return dataset.attrs.get(RESULT_ATTR) == RESULT
+    except Exception:  # unreadable: not ours
+        return False
 
 
 def _is_netcdf(path: Path) -> bool:

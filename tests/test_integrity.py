@@ -28,6 +28,12 @@ def _store(tmp_path: Path, dtype: str = "int16", compression: str | None = "lz4"
     return tmp_path / "s.zarr"
 
 
+def _contents(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (or the file itself) and its bytes."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(file.relative_to(path.parent)): file.read_bytes() for file in files}
+
+
 def test_a_missing_chunk_is_an_error_naming_the_layer_and_datapoints(tmp_path):
     """zarr reads a missing chunk as the fill value: rho_mean moved from 0.70 to 0.66 with no error before."""
     store = _store(tmp_path)
@@ -145,11 +151,21 @@ def test_overwrite_replaces_only_an_activation_store(tmp_path, capsys):
     write_activations(tmp_path / "s.zarr", {"y": x}, overwrite=True)  # a store chunkcca wrote: replaced
     assert chunkcca.layer_paths(open_activations(tmp_path / "s.zarr")) == ["y"]
     result = cca(x, x[:, :2])
-    with pytest.raises(FileExistsError, match=r"is not a zarr result \(never an activation store\)"):
+    with pytest.raises(FileExistsError, match=r"is not a zarr result save_result wrote"):
         chunkcca.save_result(result, tmp_path / "s.zarr", overwrite=True)  # a result never replaces the data
     assert chunkcca.layer_paths(open_activations(tmp_path / "s.zarr")) == ["y"]
     chunkcca.save_result(result, tmp_path / "r.zarr")
     chunkcca.save_result(result, tmp_path / "r.zarr", overwrite=True)  # a result chunkcca wrote: replaced
+    result.to_netcdf(tmp_path / "mine.nc")  # a netCDF file chunkcca did not write (it replaced any)
+    moments = chunkcca.compute_moments(x, x[:, :2])
+    moments.save(tmp_path / "m.zarr")  # and saved Moments (it replaced any zarr store but an activation store)
+    for name, kind in (("mine.nc", "netCDF"), ("m.zarr", "zarr")):
+        before = _contents(tmp_path / name)
+        with pytest.raises(FileExistsError, match=f"is not a {kind} result save_result wrote"):
+            chunkcca.save_result(result, tmp_path / name, overwrite=True)
+        assert _contents(tmp_path / name) == before
+    chunkcca.save_result(result, tmp_path / "r.nc")
+    chunkcca.save_result(result, tmp_path / "r.nc", overwrite=True)
 
 
 def test_a_failed_ingest_leaves_the_old_store_whole(tmp_path, capsys):
