@@ -161,8 +161,8 @@ def _as_opened(array: xr.DataArray) -> bool:
 
 def _mask_as_opened(array: xr.DataArray) -> bool:
     """Whether ``array``'s padding mask is its store's as ``open_activations()`` opened it."""
-    mask = array.coords[MASK].data if MASK in array.coords else None
-    return mask is not None and getattr(mask, "name", None) == array.encoding.get("mask_dask_name")
+    opened = array.encoding.get("mask_dask_name")
+    return opened is not None and MASK in array.coords and getattr(array.coords[MASK].data, "name", None) == opened
 
 
 def store_signature(array: xr.DataArray) -> str | None:

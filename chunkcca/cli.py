@@ -358,6 +358,8 @@ def _run_compare(args: argparse.Namespace) -> None:
                              "r2_cca, svcca, pwcca) in --measure, and not with --spatial dft (a matrix of "
                              "frequencies)")
         _check_plot(args)
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        raise ValueError("--checkpoint-every applies only with --checkpoint, which is not given")
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a), _layer(tree_b, args.layer_b)
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
@@ -529,8 +531,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     with _connected(args) as scheduler:
         result = chunkcca.similarity(_select(tree_a, args.a), _select(tree_b, args.b), measures=measures,
                                      **_given_solve_options(args), **_streaming(args, scheduler))
-    # again before writing (the run took a while); save_result itself replaces any netCDF file or any zarr store
-    # but an activation store, so only a sweep result passes this
+    # again before writing (the run took a while): save_result replaces any result it wrote, a sweep's only here
     _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
     try:
         chunkcca.save_result(result, out, overwrite=args.overwrite)

@@ -58,6 +58,7 @@ def connect(address: str, *, timeout: float) -> Any:
         raise ValueError(f"{address}: a {scheme}:// scheduler needs the client's TLS settings in Dask's configuration "
                          f"(distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and .key, e.g. as "
                          f"DASK_DISTRIBUTED__COMM__TLS__CA_FILE); none are set")
+    _handshake(address, timeout)
     client = Client.__new__(Client)  # made first, so that one whose __init__ fails can still be closed
     try:
         client.__init__(address, set_as_default=False, timeout=timeout)
@@ -71,6 +72,32 @@ def connect(address: str, *, timeout: float) -> Any:
                              f"{_first_line(error)}") from error
         raise
     return client
+
+
+def _handshake(address: str, timeout: float) -> None:
+    """Open and close one connection to ``address`` within ``timeout`` seconds, handshake included, which a Client
+    waits for without a limit (a dashboard's port or any other server that does not answer as a scheduler: it
+    hung); else an OSError, or a ValueError for a malformed address or a server that answers otherwise."""
+    import asyncio
+    import concurrent.futures
+
+    from distributed.comm import connect as open_comm
+    from distributed.security import Security
+
+    async def shake() -> None:
+        comm = await open_comm(address, timeout=timeout, **Security().get_connection_args("client"))
+        await comm.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop of its own, also under a running one (Jupyter)
+        try:
+            pool.submit(asyncio.run, asyncio.wait_for(shake(), timeout)).result()
+        except (OSError, TimeoutError) as error:
+            raise OSError(f"no Dask scheduler answered at {address} within {timeout:g} s (connect_timeout; a "
+                          f"dashboard's port, 8787, is not the scheduler's): {type(error).__name__}: "
+                          f"{_first_line(error)}") from error
+        except Exception as error:  # a malformed address; a server that sends first, read as a message of exabytes
+            raise ValueError(f"cannot connect to a Dask scheduler at {address}: {type(error).__name__}: "
+                             f"{_first_line(error)}") from error
 
 
 class _Unlogged(logging.Filter):
@@ -106,10 +133,6 @@ def close_quietly(client: Any, timeout: float = 5.0) -> None:
     try:
         with contextlib.suppress(Exception):
             client.close(timeout=timeout)
-        if getattr(client, "status", "closed") != "closed":  # the close timed out: leave nothing to __del__
-            with contextlib.suppress(Exception):
-                client.status = "closed"
-                client._loop_runner.stop()
     finally:
         quiet.setLevel(level)
 

@@ -169,10 +169,13 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, made: _Made) -> Fou
             return made.tensors[source]
         if made.tensors[source] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
             return "time_first"  # a Linear on (T, N, C) keeps T and N
-    if made.of_shape(tuple(tensor.shape)) is not None:  # a function of a module's output (F.relu) keeps its shape
-        return made.of_shape(tuple(tensor.shape))
-    if _acts_on_last_dim(module):
+    shaped = made.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
+    if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
+        return shaped
+    if _acts_on_last_dim(module):  # whatever the layout of earlier tensors of its shape
         return "channels_last"
+    if shaped is not None:
+        return shaped
     if tensor.dim() > 3 or next(module.parameters(), None) is None:  # 4-d, 5-d: channels first by default
         return None
     return "channels_last"

@@ -10,6 +10,7 @@ chunked, so each chunk holds whole spatial maps.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -319,9 +320,10 @@ class WholeStore(WrapperStore):
     @classmethod
     def at(cls, location: str, storage_options: Mapping[str, Any] | None = None) -> WholeStore:
         """The store at a local path or fsspec URL, read-only."""
-        if is_url(location):
+        if is_url(location):  # the options name the endpoint and account: two of them are two stores
+            options = json.dumps(dict(storage_options or {}), sort_keys=True, default=str)
             return cls(FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=True),
-                       location)
+                       location, (hashlib.sha1(options.encode()).hexdigest(),))
         return cls(LocalStore(location, read_only=True), location, (os.path.getmtime(location),))
 
     def _with_store(self, store: Any) -> WholeStore:
@@ -337,7 +339,15 @@ class WholeStore(WrapperStore):
         return (type(self).__name__, self.location, *self.token)
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        value = await self._store.get(key, prototype, byte_range)
+        return self._present(key, await self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        return [self._present(key, value) for (key, _), value in zip(key_ranges, values)]
+
+    def _present(self, key: str, value: Any) -> Any:
+        """``value`` read at ``key``; for a chunk (or shard) file that is missing, a FileNotFoundError naming it."""
         if value is None and PurePosixPath(key).name not in METADATA_FILES:
             raise FileNotFoundError(f"chunk file {key} of {self.location} is missing where it was read: by a Dask "
                                     f"worker that cannot see the store's files (put the store where every worker "

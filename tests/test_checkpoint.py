@@ -316,6 +316,11 @@ def test_a_checkpoint_does_not_resume_with_another_padding_mask(tmp_path):
     for sides in (given, dropped):
         with pytest.raises(CheckpointError, match="belongs to another run: layer 'a' has another padding mask"):
             chunkcca.compute_moments(*sides, precision="float64", checkpoint=checkpoint)
+    in_memory = [xr.DataArray(da.from_array(values, chunks=10), dims=("datapoint", "token", "channel"),
+                              coords={"mask": (("datapoint", "token"), mask)}) for values in (x, x[..., :2] + 1)]
+    for _ in range(2):  # a numpy mask beside Dask activations (it raised KeyError 'store'), then resumed
+        assert chunkcca.compute_moments(*in_memory, precision="float64", checkpoint=tmp_path / "mem",
+                                        checkpoint_every=2).n == mask.sum()
     zarr.open_group(path, mode="r+")["a/mask"][:40] = full[:40]
     rewritten = chunkcca.open_activations(path)
     with pytest.raises(CheckpointError, match="belongs to another run: the files of layer 'a' changed since"):

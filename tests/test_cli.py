@@ -517,7 +517,7 @@ def test_sweep_refuses_an_existing_out_before_computing_unless_overwrite(tmp_pat
 
 def test_sweep_overwrite_replaces_only_a_sweep_result(tmp_path, capsys):
     """With --overwrite, a sweep result (.nc or .zarr) is replaced; anything else is refused and left as it was,
-    although chunkcca.save_result(overwrite=True) would replace any netCDF file and any non-activation zarr store."""
+    and a result of another kind (save_result's mark says only that chunkcca wrote it) is refused too."""
     store, tree = _sweep_layers(tmp_path)
     others = _others(tmp_path, tree)
     before = {name: _contents(tmp_path / name) for name in others}

@@ -154,6 +154,24 @@ def test_an_unreachable_scheduler_fails_fast_and_says_so(capsys):
     x = np.random.default_rng(0).standard_normal((50, 3))
     with pytest.raises(OSError, match=r"no Dask scheduler answered at tcp://127.0.0.1:9 within 1 s"):
         cca(x, x[:, :2], scheduler="tcp://127.0.0.1:9", connect_timeout=1)
+    import socket
+    import threading
+
+    with socket.socket() as silent:  # listens and never answers, as a dashboard's port does: the Client hung
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address, failed = f"tcp://127.0.0.1:{silent.getsockname()[1]}", []
+
+        def connect() -> None:
+            try:
+                cca(x, x[:, :2], scheduler=address, connect_timeout=1)
+            except OSError as error:
+                failed.append(error)
+
+        run = threading.Thread(target=connect, daemon=True)
+        run.start()
+        run.join(30)  # not a timing: a bound on a hang
+        assert failed and "no Dask scheduler answered" in str(failed[0]), "the handshake has no limit"
 
 
 def test_errors_that_are_not_reading_errors_are_not_called_so(tmp_path):
@@ -234,5 +252,5 @@ def test_the_cli_refuses_checkpoint_every_without_checkpoint(tmp_path, capsys):
     _conv_pair(tmp_path)
     store = str(tmp_path / "s.zarr")
     assert main(["compare", store, "m0/conv", "m1/conv", "--no-progress", "--checkpoint-every", "4"]) == 2
-    assert "checkpoint_every applies only with checkpoint=" in capsys.readouterr().err
+    assert "--checkpoint-every applies only with --checkpoint, which is not given" in capsys.readouterr().err
     assert main(["compare", store, "m0/conv", "m1/conv", "--no-progress"]) == 0

@@ -385,3 +385,21 @@ def test_a_run_that_failed_on_a_client_runs_again_on_it(tmp_path):
         failing.unlink()
         moments = chunkcca.compute_moments(a, b, precision="float64", scheduler=client)
         assert moments.n == 200
+
+
+def test_the_store_wrapper_reads_a_missing_chunk_as_an_error_by_every_method(tmp_path):
+    """Whole or in ranges, a missing chunk file is a FileNotFoundError naming it; a metadata file zarr probes for
+    and does not find is None, as zarr expects."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+
+    from chunkcca.store import WholeStore
+
+    store = WholeStore.at(str(_store(tmp_path)))
+    prototype = default_buffer_prototype()
+    assert asyncio.run(store.get("a/.zattrs", prototype)) is None
+    for read in (store.get("a/activations/c/99/0", prototype),
+                 store.get_partial_values(prototype, [("a/activations/c/0/0", None), ("a/activations/c/99/0", None)])):
+        with pytest.raises(FileNotFoundError, match=r"a/activations/c/99/0"):
+            asyncio.run(read)

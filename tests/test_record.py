@@ -498,3 +498,26 @@ def test_a_packed_sequence_is_refused_unless_output_pads_it(tmp_path):
         want = pad_packed_sequence(net(x, lengths), batch_first=True, total_length=6)[0]
     assert tree["lstm"]["activations"].dims == ("datapoint", "token", "channel")
     np.testing.assert_array_equal(tree["lstm"]["activations"].values, want.numpy())
+
+
+def test_a_linear_is_channels_last_whatever_the_tensors_of_its_shape_before(tmp_path):
+    """A Linear whose output has the shape of an earlier channels-first tensor took that tensor's layout (the
+    latest-tensor-of-its-shape rule came first) and was stored transposed."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.head = torch.nn.Conv2d(3, 4, 1), torch.nn.Linear(5, 8)
+
+        def forward(self, image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+            return self.conv(image).sum() + self.head(grid)  # (N, 4, 6, 8) twice: channels first, then last
+
+    net = Net()
+    batch = {"image": torch.randn(2, 3, 6, 8), "grid": torch.randn(2, 4, 6, 5)}
+    tree = record(net, ["conv", "head"], [batch], tmp_path / "s.zarr")
+    with torch.inference_mode():
+        want = net.head(batch["grid"]).numpy()
+    assert tree["head"]["activations"].dims == ("datapoint", "height", "width", "channel")
+    np.testing.assert_array_equal(tree["head"]["activations"].values, want)
+    assert tree["conv"]["activations"].shape == (2, 6, 8, 4)

@@ -340,6 +340,16 @@ def test_a_node_cut_from_a_store_keeps_its_name(tmp_path, rng):
     assert chunkcca.cka(renamed, tree["model1/conv"]).attrs["layer_a"] == "mine", "a node the user named keeps it"
 
 
+def test_one_url_with_other_storage_options_is_another_store(tmp_path, rng):
+    """The options name the endpoint and account: with one Dask name for both, a sweep took them for one layer
+    and Dask merged their graphs (one store read for both sides)."""
+    write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((12, 3))})
+    url = (tmp_path / "s.zarr").as_uri()
+    names = [open_activations(url, storage_options=options)["a"]["activations"].data.name
+             for options in ({}, {"auto_mkdir": False}, {})]
+    assert names[0] != names[1] and names[0] == names[2]
+
+
 def test_adding_layers_leaves_the_store_s_own_untouched(tmp_path, rng):
     store = tmp_path / "s.zarr"
     first = {"model0/conv": rng.standard_normal((20, 4, 4, 3)), "model0/fc": rng.standard_normal((20, 5))}
