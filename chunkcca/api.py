@@ -19,7 +19,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .layers import align_layers, as_activations, layer_paths, named, user_stacklevel
+from .layers import align_layers, as_activations, layer_paths, named, node_name, user_stacklevel
 from .measures import (
     MEASURES,
     PairSolves,
@@ -647,12 +647,12 @@ def _compared(pair: PairSolves, names: Sequence[str], label: Any = None, groups:
 
 def as_layer_set(layers: Any, role: str) -> dict[str, Any]:
     """A set of layers: a mapping name → layer, a DataTree (every node holding activations) or a list of nodes."""
-    if isinstance(layers, xr.DataTree):
-        return {path: layers.root[path] for path in layer_paths(layers)}
+    if isinstance(layers, xr.DataTree):  # named as the measures name them: a node cut from a store by its path there
+        return {node_name(layers.root[path]): layers.root[path] for path in layer_paths(layers)}
     if isinstance(layers, Mapping):
         return {str(name): layer for name, layer in layers.items()}
     if isinstance(layers, (list, tuple)) and all(isinstance(node, xr.DataTree) for node in layers):
-        return {node.path.lstrip("/"): node for node in layers}
+        return {node_name(node): node for node in layers}
     raise TypeError(f"{role} must be a mapping of name to layer, a DataTree or a list of DataTree nodes, "
                     f"got {type(layers).__name__}")
 
