@@ -32,6 +32,17 @@ def filesystem(location: str | os.PathLike, storage_options: Mapping[str, Any] |
     return url_to_fs(str(location), **dict(storage_options or {}))
 
 
+def zarr_attributes(path: Path) -> dict[str, Any]:
+    """The attributes in the ``zarr.json`` of the zarr group or array at ``path``; {} where there is none or it is
+    not JSON. Reads one small file."""
+    try:
+        metadata = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    attributes = metadata.get("attributes", {}) if isinstance(metadata, dict) else {}
+    return attributes if isinstance(attributes, dict) else {}
+
+
 def leftovers(path: str | os.PathLike) -> list[tuple[Path, bool]]:
     """The temporary folders beside ``path`` that writes of it left (``.<name>.*.tmp``), each with whether it is
     stale: its writer, a process of this machine, is gone (a folder with no owner, from an older chunkcca, is

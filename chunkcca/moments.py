@@ -28,7 +28,6 @@ A float64 count is exact up to 2**53 rows.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ._fs import write_atomically
+from ._fs import write_atomically, zarr_attributes
 from .options import PRECISIONS, ProductPrecision
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).
@@ -250,11 +249,7 @@ class Moments:
 
 def _is_saved_moments(path: Path) -> bool:
     """Whether ``path`` holds Moments written by :meth:`Moments.save` (a zarr group so marked)."""
-    try:
-        metadata = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return metadata.get("attributes", {}).get("chunkcca") == "Moments"
+    return zarr_attributes(path).get("chunkcca") == "Moments"
 
 
 def side_slices(sizes: Sequence[int]) -> list[slice]:

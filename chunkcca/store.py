@@ -22,7 +22,16 @@ import numpy as np
 import xarray as xr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from ._fs import check_replaceable, exclusive, filesystem, is_url, leftovers, temporary_beside, write_atomically
+from ._fs import (
+    check_replaceable,
+    exclusive,
+    filesystem,
+    is_url,
+    leftovers,
+    temporary_beside,
+    write_atomically,
+    zarr_attributes,
+)
 from .layers import (
     ORDER_ATTR,
     VARIABLE,
@@ -492,8 +501,7 @@ def is_saved_result(path: Path) -> bool:
     saved Moments, an activation store or another dataset). Reads metadata only."""
     try:
         if path.suffix == ".zarr":
-            attributes = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-            return attributes.get(RESULT_ATTR) == RESULT
+            return zarr_attributes(path).get(RESULT_ATTR) == RESULT
         if not (path.is_file() and _is_netcdf(path)):
             return False
         with xr.open_dataset(path, cache=False) as dataset:
