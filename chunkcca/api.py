@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import dask.array as da
@@ -156,10 +156,9 @@ def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool)
     channels = max(layer.sizes["channel"] for layer in streamed.layers)
     small = [(label, part.n) for label, part in zip(groups.labels.tolist(), streamed.groups) if part.n <= channels]
     if small:
-        shown = ", ".join(f"{label!r} ({rows})" for label, rows in small[:5]) + (" …" if len(small) > 5 else "")
         warnings.warn(f"{len(small)} group{'s' if len(small) > 1 else ''} of {groups.dim} ha"
                       f"{'ve' if len(small) > 1 else 's'} no more rows than the {channels} channels of the widest "
-                      f"layer: {shown}; their covariances are singular and their correlations meaningless "
+                      f"layer: {_rows_of(small)}; their covariances are singular and their correlations meaningless "
                       f"(regularise with epsilon > 0)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
@@ -170,12 +169,16 @@ def _warn_small_folds(streamed: Streamed, groups: Groups) -> None:
     half = float(np.median(rows)) / 2
     small = [(label, n) for label, n in zip(groups.labels.tolist(), rows) if n < half]
     if small:
-        shown = ", ".join(f"{label!r} ({n})" for label, n in small[:5]) + (" …" if len(small) > 5 else "")
         warnings.warn(f"{len(small)} fold{'s' if len(small) > 1 else ''} ha{'ve' if len(small) > 1 else 's'} "
-                      f"fewer than half the rows of the median fold ({float(np.median(rows)):g}): {shown}; "
+                      f"fewer than half the rows of the median fold ({float(np.median(rows)):g}): {_rows_of(small)}; "
                       f"held-out values are measured on each fold's rows and averaged over folds unweighted, so a "
                       f"small fold's noise weighs as much as a large one's", RuntimeWarning,
                       stacklevel=user_stacklevel())
+
+
+def _rows_of(groups: Sequence[tuple[Any, int]]) -> str:
+    """Groups (label, rows) as a warning lists them: the first five, ``'cat' (3), 'dog' (2) …``."""
+    return ", ".join(f"{label!r} ({rows})" for label, rows in groups[:5]) + (" …" if len(groups) > 5 else "")
 
 
 def _by_group(results: Sequence[xr.Dataset], groups: Groups) -> xr.Dataset:
@@ -220,7 +223,7 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
     with _sides_named(streamed):
         if groups is None:
             return _label(PairSolves(streamed.moments, solve).result(name), streamed)
-        return _label(_by_group([_in_group(PairSolves(part, solve).result, name, label, groups)
+        return _label(_by_group([_in_group(functools.partial(PairSolves(part, solve).result, name), label, groups)
                                  for part, label in zip(streamed.groups, groups.labels)], groups), streamed)
 
 
@@ -261,10 +264,10 @@ def _gram_attrs(gram: GramSums) -> dict[str, str]:
             **({} if gram.precision_note is None else {"precision_auto": gram.precision_note})}
 
 
-def _in_group(solve: Any, name: str, label: Any, groups: Groups) -> xr.Dataset:
-    """``solve(name)`` for one group; an undefined measure (or a group too small to solve) says which group."""
+def _in_group(solve: Callable[[], xr.Dataset], label: Any, groups: Groups) -> xr.Dataset:
+    """``solve()`` for one group; an undefined measure (or a group too small to solve) says which group."""
     try:
-        return solve(name)
+        return solve()
     except ValueError as error:  # UndefinedMeasure included: the same type, with the group named
         plain = label.item() if isinstance(label, np.generic) else label
         raise type(error)(f"{error} in the group {groups.dim}={plain!r}") from error
@@ -623,7 +626,7 @@ def _compared(pair: PairSolves, names: Sequence[str], label: Any = None, groups:
     variables: dict[str, Any] = {}
     for name in names:
         measure = MEASURES[name]
-        result = pair.result(name) if groups is None else _in_group(pair.result, name, label, groups)
+        result = pair.result(name) if groups is None else _in_group(functools.partial(pair.result, name), label, groups)
         variables[name] = result[measure.value].assign_attrs(long_name=measure.description)
         for detail in measure.details:
             variables[measure.detail_name(detail)] = result[detail].rename(
@@ -741,8 +744,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
     if groups is not None and groups.dim != "fold":
-        result = _by_group([_in_group(lambda _, part=part: _pairwise(part, labels, sides, names, solve, coords), "",
-                                      label, groups) for part, label in zip(streamed.groups, groups.labels)], groups)
+        result = _by_group([_in_group(functools.partial(_pairwise, part, labels, sides, names, solve, coords), label,
+                                      groups) for part, label in zip(streamed.groups, groups.labels)], groups)
     else:
         folds = None if groups is None else streamed.groups
         result = _pairwise(streamed.moments, labels, sides, names, solve, coords, folds)
