@@ -113,15 +113,19 @@ class _Unlogged(logging.Filter):
 
 @contextlib.contextmanager
 def lost_scheduler_unlogged() -> Iterator[None]:
-    """Within the block, distributed does not log that a Client failed to reconnect to its scheduler (a line on
-    stderr beside the caller's own error saying the scheduler was lost)."""
+    """Within the block, distributed logs no more than warnings, and not that a Client failed to reconnect to its
+    scheduler: its info records on a lost connection carry tracebacks ("Batched Comm Closed", "Lost connection"),
+    lines on stderr beside the caller's own one-line error saying the scheduler was lost."""
     unlogged = _Unlogged("Failed to reconnect to scheduler")
-    logger = logging.getLogger("distributed.client")
-    logger.addFilter(unlogged)
+    client_logger, distributed_logger = logging.getLogger("distributed.client"), logging.getLogger("distributed")
+    level = distributed_logger.level
+    client_logger.addFilter(unlogged)
+    distributed_logger.setLevel(max(level, logging.WARNING))
     try:
         yield
     finally:
-        logger.removeFilter(unlogged)
+        distributed_logger.setLevel(level)
+        client_logger.removeFilter(unlogged)
 
 
 def close_quietly(client: Any, timeout: float = 5.0) -> None:

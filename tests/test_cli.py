@@ -661,8 +661,9 @@ def test_a_client_that_fails_to_connect_is_closed_quietly():
 
 def test_a_failure_to_reconnect_to_a_lost_scheduler_is_named_as_the_cluster_lost(tmp_path, capfd, monkeypatch):
     """Between two parts of a run, the lost scheduler shows as distributed's plain OSError "Timed out trying to
-    connect" (after a log line "Failed to reconnect to scheduler", which the command leaves out): the Client's
-    status says the cluster was lost; a plain OSError with the Client still connected is any other error."""
+    connect" (after log lines "Batched Comm Closed" with a traceback and "Failed to reconnect to scheduler", which
+    the command leaves out): the Client's status says the cluster was lost; a plain OSError with the Client still
+    connected is any other error."""
     import types
 
     pytest.importorskip("distributed")
@@ -674,6 +675,10 @@ def test_a_failure_to_reconnect_to_a_lost_scheduler_is_named_as_the_cluster_lost
     monkeypatch.setattr(chunkcca.cluster, "close_quietly", lambda client: None)
 
     def reconnecting(*_, **__):
+        try:
+            raise ConnectionError("the scheduler's socket closed")
+        except ConnectionError:  # distributed's info records on a lost connection carry its traceback
+            logging.getLogger("distributed.batched").info("Batched Comm Closed %r", "<TCP (closed)>", exc_info=True)
         logging.getLogger("distributed.client").error("Failed to reconnect to scheduler after %.2f seconds, closing "
                                                       "client", 2.0)
         raise OSError("Timed out trying to connect to tcp://127.0.0.1:8786 after 2 s")
@@ -682,12 +687,13 @@ def test_a_failure_to_reconnect_to_a_lost_scheduler_is_named_as_the_cluster_lost
     logged = []
     handler = logging.Handler()
     handler.emit = logged.append
-    logging.getLogger("distributed.client").addHandler(handler)  # beside distributed's own, on stderr
+    logging.getLogger("distributed").addHandler(handler)  # beside distributed's own, on stderr
     argv = ["compare", str(store), "m0/fc", "m1/fc", "--scheduler", "127.0.0.1:8786", "--no-progress"]
     try:
+        assert logging.getLogger("distributed.batched").isEnabledFor(logging.INFO)  # distributed's configuration
         assert main(argv) == 2
     finally:
-        logging.getLogger("distributed.client").removeHandler(handler)
+        logging.getLogger("distributed").removeHandler(handler)
     assert logged == []
     assert capfd.readouterr().err == (
         "chunkcca compare: error: lost the Dask cluster at 127.0.0.1:8786 during the run (OSError: Timed out trying "
