@@ -403,28 +403,35 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
         ``cka`` and ``rows``.
     """
     _pair(moments, "cka")
+    require_variance(moments, "CKA")
     p = moments.sizes[0]
     scatter, n = moments.scatter, moments.n
+    # each side divided by its total variance first: CKA does not change, and the squares stay in float64's range
+    # whatever the values' scale (‖Maa‖²_F of values of 1e76 overflowed, of 1e-100 underflowed)
+    traces = {"a": float(np.trace(scatter[:p, :p])), "b": float(np.trace(scatter[p:, p:]))}
+    scales = {"aa": traces["a"], "ab": np.sqrt(traces["a"]) * np.sqrt(traces["b"]), "bb": traces["b"]}
     blocks = {"aa": scatter[:p, :p], "ab": scatter[:p, p:], "bb": scatter[p:, p:]}
-    cross = {key: float(np.sum(block**2)) for key, block in blocks.items()}
+    cross = {key: float(np.sum((block / scales[key]) ** 2)) for key, block in blocks.items()}
     if debiased:
         if moments.norm_products is None:
             raise ValueError("debiased CKA needs Moments with row-norm sums: compute them with "
                              "compute_moments(..., row_norms=True)")
         if n < 4:
             raise ValueError(f"debiased CKA needs at least 4 rows, have {n}")
-        traces = {"a": float(np.trace(blocks["aa"])), "b": float(np.trace(blocks["bb"]))}
         products = moments.norm_products
-        hsic = {"ab": _debiased_hsic(cross["ab"], products[0, 1], traces["a"], traces["b"], n),
-                "aa": _debiased_hsic(cross["aa"], products[0, 0], traces["a"], traces["a"], n),
-                "bb": _debiased_hsic(cross["bb"], products[1, 1], traces["b"], traces["b"], n)}
+        if not (np.isfinite(products).all() and (np.diag(products) > 0).all()):  # Σ‖u‖⁴ past float64's range
+            went = "overflowed" if not np.isfinite(products).all() else "underflowed"
+            raise UndefinedMeasure(f"debiased CKA needs fourth powers of the values in float64, which {went} "
+                                   f"(total variances {traces['a'] / (n - 1):.3g} and {traces['b'] / (n - 1):.3g}): "
+                                   f"rescale the layers, or use the biased estimator")
+        hsic = {key: _debiased_hsic(cross[key], products["ab".index(key[0]), "ab".index(key[1])] / scales[key]
+                                    / scales[key], 1.0, 1.0, n) for key in blocks}
+        if hsic["aa"] <= 0 or hsic["bb"] <= 0:
+            raise UndefinedMeasure(f"debiased CKA is undefined here: the unbiased HSIC of a side with itself is not "
+                                   f"positive (HSIC(a, a) = {hsic['aa']:.3g}, HSIC(b, b) = {hsic['bb']:.3g}), "
+                                   f"which happens with few rows ({n}); use more rows or the biased estimator")
     else:
         hsic = cross
-    require_variance(moments, "CKA")
-    if hsic["aa"] <= 0 or hsic["bb"] <= 0:
-        raise UndefinedMeasure(f"debiased CKA is undefined here: the unbiased HSIC of a side with itself is not "
-                               f"positive (HSIC(a, a) = {hsic['aa']:.3g}, HSIC(b, b) = {hsic['bb']:.3g}), which "
-                               f"happens with few rows ({n}); use more rows or the biased estimator")
     value = hsic["ab"] / np.sqrt(hsic["aa"] * hsic["bb"])
     return xr.Dataset(
         {"cka": ((), value, {"long_name": "linear CKA" + (" (debiased)" if debiased else "")}),

@@ -95,6 +95,24 @@ def test_cka_matches_gram_computation(debiased, offset):
     assert result.attrs["debiased"] == int(debiased)
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("scale", [1e76, 1e60, 1e-60, 1e-100])
+def test_cka_of_values_at_the_ends_of_float64s_range(scale, debiased):
+    """CKA is scale-invariant, but ‖Maa‖²_F overflowed at values of 1e76 (CKA 0.0, silently) and underflowed at
+    1e-100 (an error blaming the debiased estimator for the biased one). Each side is now divided by its total
+    variance before the squares: the same value as at unit scale, to rounding (1e-12). The debiased estimator
+    needs the values' fourth powers (Σ‖u‖⁴, summed while streaming), which leave float64's range beyond about
+    1e±75: an error saying so, not a NaN."""
+    x, y = _pair(5, n=300)
+    if debiased and abs(np.log10(scale)) > 75:
+        with pytest.raises(ValueError, match="debiased CKA needs fourth powers of the values in float64, which "
+                                             f"{'over' if scale > 1 else 'under'}flowed"):
+            cka(x * scale, y, debiased=True, precision="float64")
+        return
+    got = float(cka(x * scale, y, debiased=debiased, precision="float64")["cka"])
+    assert got == pytest.approx(cka_reference(x, y, debiased), abs=1e-12)
+
+
 def test_debiased_cka_float32_on_offset_data():
     x, y = _pair(6, n=2000, offset=50.0)
     got = float(cka(x.astype(np.float32), y.astype(np.float32), debiased=True)["cka"])
