@@ -31,6 +31,10 @@ FC_DIMS: tuple[str, ...] = ("datapoint", "channel")
 #: The dims an array without names is given, by its number of axes.
 DEFAULT_DIMS: dict[int, tuple[str, ...]] = {2: FC_DIMS, 3: ("datapoint", "token", "channel"), 4: CONV_DIMS,
                                              5: ("datapoint", "depth", "height", "width", "channel")}
+#: Position dims in the order rows take them, whatever order a layer gives them in: a layer stored as (datapoint,
+#: width, height, channel) makes its rows (and ``stride`` picks them) as one stored (datapoint, height, width,
+#: channel) does, so that its partner's order or its place in a sweep does not change which rows are compared.
+STANDARD_POSITIONS: tuple[str, ...] = ("time", "token", "depth", "height", "width")
 #: Bytes per datapoint chunk that ``chunks="auto"`` aims for.
 CHUNK_BYTES = 16 * 2**20
 
@@ -179,14 +183,29 @@ def memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
 
 
 def _order_dims(array: xr.DataArray, name: str) -> xr.DataArray:
-    """``array`` transposed to (datapoint, *positions, channel), positions in their given order."""
+    """``array`` transposed to (datapoint, *positions, channel): positions named in ``STANDARD_POSITIONS`` in its
+    order (rows are in C order of the positions, which ``stride`` picks from), other names as given."""
     positions = [dim for dim in array.dims if dim not in ("datapoint", "channel")]
     if "datapoint" not in array.dims or "channel" not in array.dims or len(positions) > MAX_POSITIONS:
         raise ValueError(
             f"layer {name!r} has dims {tuple(map(str, array.dims))}; expected 'datapoint', 'channel' and at most "
             f"{MAX_POSITIONS} position dims such as 'token', 'time' or 'height', 'width' (rename yours with "
             f"DataArray.rename, or pass dims=)")
+    if all(dim in STANDARD_POSITIONS for dim in positions):
+        positions.sort(key=STANDARD_POSITIONS.index)
+    _check_position_coords(array, positions, name)
     return array.transpose("datapoint", *positions, "channel")
+
+
+def _check_position_coords(array: xr.DataArray, positions: Sequence[Hashable], name: str) -> None:
+    """Numeric coordinates of position dims increase: positions pair by their order, so a layer flipped with its
+    labels (``isel(height=slice(None, None, -1))``) would pair each pixel with its mirror image."""
+    for dim in positions:
+        if dim in array.coords and np.issubdtype(array[dim].dtype, np.number) and array.sizes[dim] > 1:
+            if not (np.diff(array[dim].values) > 0).all():
+                raise ValueError(f"layer {name!r}: its {dim!r} coordinates do not increase; layers pair positions "
+                                 f"by their order, so put them in increasing order first "
+                                 f"(layer.sortby({str(dim)!r}))")
 
 
 def positions(layer: xr.DataArray) -> tuple[str, ...]:
@@ -238,7 +257,11 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
     """
     positions = a.dims[1:-1]
     if b.dims[1:-1] != positions and sorted(map(str, b.dims[1:-1])) == sorted(map(str, positions)):
-        b = b.transpose("datapoint", *positions, "channel")  # rows pair positions by name, as xarray does
+        # names of STANDARD_POSITIONS are in one order already: which of two orders of others makes the rows?
+        raise ValueError(f"layers {a.name!r} and {b.name!r} hold position dims {tuple(map(str, positions))} and "
+                         f"{tuple(map(str, b.dims[1:-1]))}: rows are taken in C order of the positions, so give both "
+                         f"in one order (layer.transpose('datapoint', {', '.join(map(repr, map(str, positions)))}, "
+                         f"'channel'))")
     name_a, name_b = a.name, b.name
     if "datapoint" not in a.coords or "datapoint" not in b.coords:
         if a.sizes["datapoint"] != b.sizes["datapoint"]:
