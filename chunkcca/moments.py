@@ -496,6 +496,8 @@ class _Shifted:
         # else in the products' (float32 rows: the subtraction stays in float32)
         finest = np.result_type(*(side.dtype for side in sides), self.dtype)
         self.shift = shift.astype(finest if finest.itemsize > self.dtype.itemsize else self.dtype)[..., None, :]
+        #: whether the rows are cast to a narrower type for the products (float64 rows, float32 products)
+        self.narrowed = finest.itemsize > self.dtype.itemsize
 
     def taken(self, start: int) -> list[np.ndarray]:
         """Each side's rows start … start + per_block − 1."""
@@ -504,6 +506,30 @@ class _Shifted:
             first, self.first = self.first, []  # not held past its turn
             return first
         return [side[..., start:stop, :] for side in self.sides]
+
+    def flushed(self, block: np.ndarray, block_sums: np.ndarray, taken: list[np.ndarray]) -> bool:
+        """Whether casting the taken rows to the product precision made a varying column all 0 in ``block`` (its
+        values, shifted, below float32's smallest, 1.4e-45), which the products cannot tell from a dead channel.
+        Only columns whose ``block_sums`` are 0 are looked at, in the block and in the rows taken."""
+        if not self.narrowed:
+            return False
+        candidates = block_sums == 0  # (*batch, p): a column all 0 sums to 0
+        if not candidates.any():
+            return False
+        for side, part in zip(taken, self.slices):
+            columns = candidates[..., part]
+            if not columns.any():
+                continue
+            if side.ndim == 2:  # only those columns
+                index = np.flatnonzero(columns)
+                zero = ~np.logical_or.reduce(block[:, part][:, index], axis=0)
+                varies = np.logical_or.reduce(side[:, index] != self.shift[0, part][index], axis=0)
+            else:
+                zero = ~np.logical_or.reduce(block[..., part], axis=-2) & columns
+                varies = np.logical_or.reduce(side != self.shift[..., part], axis=-2)
+            if (zero & varies).any():
+                return True
+        return False
 
     def block(self, taken: list[np.ndarray], wide: bool = False) -> np.ndarray:
         """The taken rows shifted into the buffer (a new float64/complex128 array if ``wide``): (*batch, rows, p)."""
@@ -548,7 +574,8 @@ def accumulate(add_products: AddProducts, sides: Sequence[np.ndarray], precision
                 taken = check(taken)
                 block = shifted.block(taken)
                 block_sums = shifted.ones[: block.shape[-2]] @ block
-            if not np.isfinite(block_sums).all():  # finite rows whose single-precision sums overflowed
+            if not np.isfinite(block_sums).all() or shifted.flushed(block, block_sums, taken):  # finite rows whose
+                # single-precision sums overflowed, or whose values the cast flushed to 0
                 block = shifted.block(taken, wide=True)
                 block_sums = block.sum(axis=-2)
         if block.shape[-2] == 0:  # every row of the sub-block left out

@@ -12,7 +12,7 @@ import zipfile
 import dask.array as da
 import numpy as np
 import pytest
-from reference import canonical_correlations
+from reference import canonical_correlations, flatten_rows
 
 import chunkcca
 from chunkcca import cca, shape_metric
@@ -74,6 +74,25 @@ def test_a_tiny_channel_beside_ordinary_ones_keeps_its_variance_in_float32(chunk
     x[:, 0] *= 1e-25
     for precision in ("float32", "auto"):
         got = cca(da.from_array(x, chunks=chunks), y, precision=precision)
+        np.testing.assert_allclose(got["rho"], want, atol=3e-6)  # float32 products of well-conditioned data
+
+
+@pytest.mark.parametrize("spatial", ["flatten", "dft"])
+def test_float64_values_below_float32s_range_are_not_flushed_to_zero(spatial):
+    """A float64 channel at 1e-50 is 0 once cast to float32 (its smallest value is 1.4e-45), which the products
+    cannot tell from a dead channel: under "auto" the float64 pilot kept the channel and the float32 chunks
+    after it lost it, ρ̄ 0.527 against 0.678, silently. A sub-block whose cast made a varying column all 0 is
+    now taken in float64."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 2, 2, 5))
+    y = x[..., :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((400, 2, 2, 4))
+    x[..., 0] *= 1e-50
+    want = cca(x, y, spatial=spatial, precision="float64")["rho"]
+    if spatial == "flatten":  # CCA does not change when a channel is scaled
+        np.testing.assert_allclose(want, canonical_correlations(flatten_rows(x * [1e50, 1, 1, 1, 1]),
+                                                                flatten_rows(y)), atol=1e-10)
+    for precision in ("float32", "auto"):
+        got = cca(da.from_array(x, chunks=(50, -1, -1, -1)), y, spatial=spatial, precision=precision)
         np.testing.assert_allclose(got["rho"], want, atol=3e-6)  # float32 products of well-conditioned data
 
 
