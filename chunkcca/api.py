@@ -80,7 +80,7 @@ class Groups:
 
 def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | None:
     """The groups ``options.groupby`` or ``options.folds`` asks for, from the coordinate of the first of the aligned
-    ``layers`` (every other layer holding the coordinate must agree with it) or the datapoints' order; None for
+    ``layers`` that holds it (every other layer holding it must agree) or the datapoints' order; None for
     neither. Reads the coordinate, not the data."""
     layer = layers[0]
     chunks = (layer.data.chunks[0],)
@@ -95,11 +95,13 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     if name is None:
         return None
     option = "groupby" if options.groupby is not None else "folds"
+    layer = next((held for held in layers if name in held.coords and held.coords[name].dims == ("datapoint",)),
+                 layer)
     if name not in layer.coords or layer.coords[name].dims != ("datapoint",):
         found = [str(c) for c, coord in layer.coords.items() if coord.dims == ("datapoint",) and c != "datapoint"]
         raise ValueError(f"{option}={name!r}: layer {str(layer.name)!r} has no coordinate {name!r} on datapoint "
                          f"(it has {', '.join(found) or 'none but datapoint'})")
-    for other in layers[1:]:  # xarray's equality: NaN labels equal NaN
+    for other in layers:  # xarray's equality: NaN labels equal NaN
         if (name in other.coords and other.coords[name].dims == ("datapoint",)
                 and not other.coords[name].variable.equals(layer.coords[name].variable)):
             raise ValueError(f"{option}={name!r}: layers {str(layer.name)!r} and {str(other.name)!r} label their "

@@ -49,6 +49,17 @@ def test_each_group_equals_the_measure_on_its_datapoints_alone(stride):
                                                                               abs=GROUP_TOL), (call, options)
 
 
+def test_the_group_coordinate_may_be_on_either_layer():
+    """Labels on side a alone were taken, on side b alone refused (the first layer's coordinates were read): the
+    labels name datapoints, which the layers share, so either side's serve, and the values are the same."""
+    a, b = _labelled()
+    want = cca(a, b, groupby="label", precision="float64")["rho_mean"]
+    for pair in ((a, b.drop_vars("label")), (a.drop_vars("label"), b)):
+        xr.testing.assert_allclose(cca(*pair, groupby="label", precision="float64")["rho_mean"], want, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"groupby='label': layer 'a' has no coordinate 'label' on datapoint"):
+        cca(a.drop_vars("label"), b.drop_vars("label"), groupby="label")
+
+
 def test_groups_in_compare_similarity_and_compute_moments():
     a, b = _labelled(1)
     labels = a["label"].values
