@@ -52,10 +52,15 @@ def _inverse_std(cov: np.ndarray) -> np.ndarray:
     return np.divide(1.0, np.sqrt(variance), out=np.zeros_like(variance), where=variance > 0)
 
 
+def _scaled(cov: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``D cov D``, D = diag(scale), one side at a time: the outer product of the scales alone leaves float64's
+    range for variances beyond it (values of 1e-155: 1/variance is 1e310)."""
+    return cov * scale[:, None] * scale[None, :]
+
+
 def _correlation_rank(cov: np.ndarray, floor: float) -> int:
     """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``)."""
-    scale = _inverse_std(cov)
-    values = np.linalg.eigvalsh(cov * np.outer(scale, scale))
+    values = np.linalg.eigvalsh(_scaled(cov, _inverse_std(cov)))
     return int((values > _rank_tolerance(values, floor)).sum())
 
 
@@ -88,7 +93,7 @@ def _whitener(cov: np.ndarray, epsilon: float, floor: float) -> tuple[np.ndarray
     """
     regularised = cov + epsilon * np.eye(cov.shape[0])
     scale = _inverse_std(regularised)
-    root, rank = inverse_sqrt(regularised * np.outer(scale, scale), floor if epsilon == 0 else 0.0)
+    root, rank = inverse_sqrt(_scaled(regularised, scale), floor if epsilon == 0 else 0.0)
     return scale[:, None] * root, rank
 
 

@@ -724,5 +724,7 @@ def _condition(scatter: np.ndarray, kept: np.ndarray) -> float:
             return np.inf
         block = scatter[index][np.ix_(keep, keep)]
         scale = np.sqrt(np.diagonal(block).real)
-        worst = max(worst, float(np.linalg.cond(block / np.outer(scale, scale))))
+        if not (np.isfinite(block).all() and (scale > 0).all()):  # past float64's range: nothing tells float32 is
+            return np.inf  # safe (the measure names what is wrong)
+        worst = max(worst, float(np.linalg.cond(block / scale[:, None] / scale[None, :])))
     return worst

@@ -113,6 +113,24 @@ def test_cka_of_values_at_the_ends_of_float64s_range(scale, debiased):
     assert got == pytest.approx(cka_reference(x, y, debiased), abs=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1e-155, 1e150])
+@pytest.mark.parametrize("precision", ["float64", "auto"])
+def test_whitening_measures_of_values_whose_variances_are_at_float64s_ends(scale, precision):
+    """Values of 1e-155 have variances of 1e-310, whose inverse (1e310) is past float64's range: the correlation
+    matrix, made as Σ ∘ (d dᵀ), was NaN and every whitening measure raised LinAlgError ("Eigenvalues did not
+    converge"). It is now made one side at a time (D Σ D): the same values as at unit scale, to 1e-10 (the
+    subnormal variances keep about 13 digits). Values whose squares overflow float64 (1e153) are an error saying
+    so, not a LinAlgError."""
+    x, y = _pair(5, n=300)
+    for measure in ("mean_cca", "svcca", "shape", "procrustes"):
+        call = SYMMETRIC[measure]
+        assert call(x * scale, y) == pytest.approx(call(x, y), abs=1e-10), measure
+    assert float(pwcca(x * scale, y, precision=precision)["pwcca"]) == pytest.approx(
+        float(pwcca(x, y, precision=precision)["pwcca"]), abs=1e-10)
+    with pytest.raises(ValueError, match="the statistics hold NaN or Inf"):
+        cca(x * 1e153, y, precision=precision)
+
+
 def test_debiased_cka_float32_on_offset_data():
     x, y = _pair(6, n=2000, offset=50.0)
     got = float(cka(x.astype(np.float32), y.astype(np.float32), debiased=True)["cka"])
