@@ -284,6 +284,7 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
                 f"spatial='flatten' needs equal positions, but layer {a.name!r} is {described[a.name]} and layer "
                 f"{b.name!r} is {described[b.name]}; use spatial='avgpool' (any positions), or 'interp' or 'dft' "
                 f"for maps of different sizes")
+        _check_flatten_names([a, b])
         return Adapter("flatten", size_a, stride, dims_a), Adapter("flatten", size_b, stride, dims_b)
     if masked:
         raise ValueError(f"spatial={spatial!r} has no meaning on padded positions, and layer {masked[0]!r} has a "
@@ -304,6 +305,16 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
             Adapter("dft", size_b, stride, dims_b, frequencies=tuple(k[1] for k in kept), frequency_labels=labels))
 
 
+def _check_flatten_names(layers: Sequence[xr.DataArray]) -> None:
+    """Flattened layers of more than one position dim pair them by name: other names (x, y against height,
+    width) are refused, as which pairs with which is a guess. One position dim pairs by order (token with time)."""
+    named = {str(layer.name): tuple(map(str, layer.dims[1:-1])) for layer in layers}
+    if len(set(named.values())) > 1 and max(map(len, named.values())) > 1:
+        listed = ", ".join(f"{name!r} {dims}" for name, dims in named.items())
+        raise ValueError(f"spatial='flatten' pairs position dims by name, and the layers name theirs differently: "
+                         f"{listed}; give them one set of names (DataArray.rename, or dims=)")
+
+
 def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) -> tuple[Adapter, ...]:
     """One adapter per layer for a sweep, where every layer's rows must not depend on its partner's
     (``SWEEP_SPATIAL``: flatten, with one spatial size for all, avgpool, first, last, features); raises naming the
@@ -318,6 +329,7 @@ def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) 
             listed = ", ".join(f"{name!r} {'x'.join(map(str, size)) or 'fc'}" for name, size in sizes.items())
             raise ValueError(f"spatial='flatten' needs one spatial size for all layers, got {listed}; use "
                              f"spatial='avgpool'")
+        _check_flatten_names(layers)
     return tuple(Adapter(options.spatial, spatial_shape(layer.shape), options.stride, tuple(map(str, layer.dims[1:-1])))
                  for layer in layers)
 

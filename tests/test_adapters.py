@@ -132,6 +132,31 @@ def test_rows_take_height_before_width_whatever_order_a_layer_gives():
         cca(xy, yx.transpose("datapoint", "y", "x", "channel"))
 
 
+def test_flatten_refuses_position_dims_named_otherwise_on_each_side():
+    """(datapoint, x, y, channel) against (datapoint, height, width, channel) paired x with height by position, a
+    guess (x is as often the width); flatten now refuses other names for maps of more than one position dim, in
+    pairs and sweeps. One position dim pairs by order (token with time), and avgpool ignores the names."""
+    import chunkcca
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 3, 3, 2))
+    y = x @ rng.standard_normal((2, 2)) + rng.standard_normal((40, 3, 3, 2))
+    a = xr.DataArray(x, dims=("datapoint", "x", "y", "channel"), name="a")
+    b = xr.DataArray(y, dims=DIMS, name="b")
+    message = (r"spatial='flatten' pairs position dims by name, and the layers name theirs differently: 'a' "
+               r"\('x', 'y'\), 'b' \('height', 'width'\); give them one set of names")
+    with pytest.raises(ValueError, match=message):
+        cca(a, b)
+    with pytest.raises(ValueError, match=message):
+        chunkcca.similarity({"a": a}, {"b": b})
+    np.testing.assert_allclose(cca(a, b, spatial="avgpool", precision="float64")["rho"],
+                               canonical_correlations(avgpool_rows(x), avgpool_rows(y)), atol=1e-10)
+    tokens = xr.DataArray(x[:, 0], dims=("datapoint", "token", "channel"), name="tokens")
+    steps = xr.DataArray(y[:, 0], dims=("datapoint", "time", "channel"), name="steps")
+    np.testing.assert_allclose(cca(tokens, steps, precision="float64")["rho"],
+                               canonical_correlations(x[:, 0].reshape(-1, 2), y[:, 0].reshape(-1, 2)), atol=1e-10)
+
+
 @pytest.mark.parametrize("spatial", ["flatten", "avgpool", "dft"])
 def test_position_coordinates_that_decrease_are_refused(spatial):
     """Positions pair by their order: a partner flipped with its labels (``b.isel(height=slice(None, None, -1))``,
