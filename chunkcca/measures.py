@@ -34,16 +34,39 @@ CONSTANT_RTOL = 64 * float(np.finfo(np.float64).eps)
 NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold values too large for the products' "
                         "precision, or the Moments were built from non-finite values")
 
-def rounding_floor(moments: Moments) -> float:
-    """The rounding unit of these Moments' products that the rank must allow for: float32's epsilon, or 0
-    for float64 products (whose rounding ``p · eps64 · max`` always allows for)."""
-    return float(np.finfo(np.float32).eps) if moments.precision == "float32" else 0.0
+@dataclass(frozen=True)
+class Rounding:
+    """What the rank of one side counts as rounding, on its correlation matrix: ``products``, the relative
+    rounding of float32 products (eps32; 0 for float64's, which ``p · eps64 · largest`` allows for), and
+    ``noise``, the eigenvalue that the rounding of the activations themselves can give a direction they do not
+    hold (``rounding()``)."""
+
+    products: float = 0.0
+    noise: float = 0.0
+
+    def tolerance(self, values: np.ndarray) -> float:
+        """The eigenvalue at or below which a direction of a (p, p) matrix with eigenvalues ``values`` is
+        rounding."""
+        largest = max(values.max(initial=0.0), 0.0)
+        return max(largest * values.shape[-1] * np.finfo(np.float64).eps, 32 * self.products,
+                   largest * self.products, self.noise)
 
 
-def _rank_tolerance(values: np.ndarray, floor: float) -> float:
-    """The eigenvalue at or below which a direction of a (p, p) matrix with eigenvalues ``values`` is rounding."""
-    largest = max(values.max(initial=0.0), 0.0)
-    return max(largest * values.shape[-1] * np.finfo(np.float64).eps, 32 * floor, largest * floor)
+def rounding(moments: Moments, side: int, index: tuple[int, ...] = ()) -> Rounding:
+    """The ``Rounding`` of one side of ``moments`` (of batch element ``index``). Values of relative rounding e
+    (``Moments.value_rounding``) carry errors of variance up to e² (mean² + variance) in each channel, e² (1 +
+    mean² / variance) in the correlation matrix's units; the largest over the side's varying channels is the
+    most a direction the values do not hold can show (a float32 LayerNorm output's exact null direction came
+    out at 1e-15, and chunkings counted it or not)."""
+    products = float(np.finfo(np.float32).eps) if moments.precision == "float32" else 0.0
+    eps = moments.value_rounding[side]
+    part = moments.side_slices()[side]
+    variance = np.diagonal(moments.scatter[index]).real[part] / max(moments.n - 1, 1)
+    mean = np.abs(moments.mean[index][part])
+    varying = non_constant(variance, mean)
+    if not eps or not varying.any():
+        return Rounding(products)
+    return Rounding(products, eps**2 * float((1 + mean[varying] ** 2 / variance[varying]).max()))
 
 
 def _inverse_std(cov: np.ndarray) -> np.ndarray:
@@ -58,23 +81,24 @@ def _scaled(cov: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return cov * scale[:, None] * scale[None, :]
 
 
-def _correlation_rank(cov: np.ndarray, floor: float) -> int:
+def _correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
     """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``)."""
     values = np.linalg.eigvalsh(_scaled(cov, _inverse_std(cov)))
-    return int((values > _rank_tolerance(values, floor)).sum())
+    return int((values > floor.tolerance(values)).sum())
 
 
-def inverse_sqrt(cov: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, int]:
+def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> tuple[np.ndarray, int]:
     """Hermitian pseudo-inverse square root of a covariance (p, p) and its numerical rank.
 
     Eigenvalues at most ``p · eps64 · max`` count as zero (as ``numpy.linalg.pinv``). For a correlation
-    matrix from float32 products, ``floor`` = eps32 (``rounding_floor()``) also cuts eigenvalues at most
+    matrix from float32 products, ``floor.products`` = eps32 also cuts eigenvalues at most
     ``max(32 · eps32, eps32 · max)``: the rounding those products leave, measured on rank-deficient layers
     at up to about 6 · eps32 absolute, and up to 0.1 · eps32 · max for wide layers of very low rank (the
-    largest eigenvalue is then about p). Genuine eigenvalues down to about 1e-5 are kept.
+    largest eigenvalue is then about p). Genuine eigenvalues down to about 1e-5 are kept. ``floor.noise``
+    cuts what the activations' own rounding can make (``rounding()``): about 1.4e-14 for float32 values.
     """
     values, vectors = np.linalg.eigh(cov)
-    keep = values > _rank_tolerance(values, floor)
+    keep = values > floor.tolerance(values)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     return (vectors * scale) @ vectors.conj().T, int(keep.sum())
@@ -85,20 +109,20 @@ def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return (variance > 0) & (variance > (CONSTANT_RTOL * np.abs(mean)) ** 2)
 
 
-def _whitener(cov: np.ndarray, epsilon: float, floor: float) -> tuple[np.ndarray, int]:
+def _whitener(cov: np.ndarray, epsilon: float, floor: Rounding) -> tuple[np.ndarray, int]:
     """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; and the rank.
 
-    ``floor`` (rounding of float32 products, ``rounding_floor()``) applies without a ridge only: with
+    ``floor`` (``Rounding``: of float32 products and of the values) applies without a ridge only: with
     ``epsilon > 0`` the user's regularisation decides. Zero-variance channels get zero weight.
     """
     regularised = cov + epsilon * np.eye(cov.shape[0])
     scale = _inverse_std(regularised)
-    root, rank = inverse_sqrt(_scaled(regularised, scale), floor if epsilon == 0 else 0.0)
+    root, rank = inverse_sqrt(_scaled(regularised, scale), floor if epsilon == 0 else Rounding())
     return scale[:, None] * root, rank
 
 
-def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
-               mean: np.ndarray | None = None, floor: float = 0.0) -> dict[str, np.ndarray]:
+def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np.ndarray | None = None,
+               floors: tuple[Rounding, Rounding] = (Rounding(), Rounding())) -> dict[str, np.ndarray]:
     """CCA of one covariance (p + q, p + q), real or Hermitian: rho, coefficients, pruned, ranks.
 
     Each side is whitened through its correlation matrix (``D (Σ + εI) D``, D the inverse standard
@@ -117,8 +141,8 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float,
     coef_b = np.zeros((q, n_components), dtype=cov.dtype)
     rank_a = rank_b = 0
     if index_a.size and index_b.size:
-        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, floor)
-        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon, floor)
+        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, floors[0])
+        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon, floors[1])
         u, s, vh = np.linalg.svd(whiten_a.conj().T @ cov[np.ix_(index_a, index_b)] @ whiten_b)
         k = min(rank_a, rank_b)
         rho[:k] = np.minimum(s[:k], 1.0)  # a correlation; rounding (float32, few rows) can pass 1
@@ -185,7 +209,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
         raise ValueError(f"Moments have {len(batch)} batch dims, batch_dims names {len(dims)}: {dims}")
     with solve_threads(moments.channels):
         solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]),
-                             rounding_floor(moments))
+                             (rounding(moments, 0, index), rounding(moments, 1, index)))
                   for index in np.ndindex(*batch)]
     stacked = {key: np.stack([s[key] for s in solved]).reshape((*batch, *np.shape(solved[0][key])))
                for key in solved[0]}
@@ -258,7 +282,7 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 
-def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: float) -> np.ndarray:
+def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> np.ndarray:
     """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values,
     and no more than the side's rank (counted on its correlation matrix, so rounding of float32 products is
     not taken for directions whatever the channels' units)."""
@@ -300,7 +324,8 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     require_variance(moments, "SVCCA")
     with solve_threads(moments.channels):
-        basis_a, basis_b = (_kept_directions(cov, keep, keep_by, rounding_floor(moments)) for cov in (cov_aa, cov_bb))
+        basis_a, basis_b = (_kept_directions(cov, keep, keep_by, rounding(moments, side))
+                            for side, cov in enumerate((cov_aa, cov_bb)))
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
                             [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ cov_bb @ basis_b]])
@@ -475,7 +500,7 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     )
 
 
-def _partial_whitener(cov: np.ndarray, alpha: float, floor: float) -> tuple[np.ndarray, int]:
+def _partial_whitener(cov: np.ndarray, alpha: float, floor: Rounding) -> tuple[np.ndarray, int]:
     """((1 − α) Σ + α (tr Σ / p) I)^(−1/2), and its rank: α = 0 whitens, α = 1 only rescales (pseudo-inverse if
     singular).
 
@@ -512,8 +537,8 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     require_variance(moments, "the shape metric")
     with solve_threads(moments.channels):
-        (t_a, rank_a), (t_b, rank_b) = (_partial_whitener(cov, alpha, rounding_floor(moments))
-                                        for cov in (cov_aa, cov_bb))
+        (t_a, rank_a), (t_b, rank_b) = (_partial_whitener(cov, alpha, rounding(moments, side))
+                                        for side, cov in enumerate((cov_aa, cov_bb)))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
         norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
     angle = float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))

@@ -76,6 +76,11 @@ class Moments:
         How the rows were made from the layers (the spatial adapter and its settings, e.g.
         ``"spatial='flatten', stride=1"``); "" unknown. Moments merge only when both fields agree, an unknown
         value agreeing with any; to merge deliberately, set them equal with ``dataclasses.replace``.
+    value_rounding : tuple of float
+        The relative rounding of each side's activations (``value_eps``: float32's 2⁻²³ for float32 values, 0 for
+        float64 and integers), one per side; all 0 by default. The solves count as rounding a direction the
+        values' own rounding could make (a float32 LayerNorm output's exact null direction at 1e-15 of the
+        largest eigenvalue), whatever the products' precision. Merged Moments keep the coarser.
     """
 
     n: int
@@ -87,6 +92,7 @@ class Moments:
     precision: ProductPrecision = "float64"
     layers: tuple[str, ...] = field(default=())
     rows_from: str = ""
+    value_rounding: tuple[float, ...] = field(default=())
 
     def __post_init__(self) -> None:
         p = self.mean.shape[-1]
@@ -114,6 +120,11 @@ class Moments:
         object.__setattr__(self, "layers", layers)
         if not isinstance(self.rows_from, str):
             raise ValueError(f"rows_from must be a str (\"\" unknown), got {self.rows_from!r}")
+        rounding = tuple(float(x) for x in self.value_rounding) or (0.0,) * len(sizes)
+        if len(rounding) != len(sizes) or not all(np.isfinite(x) and 0 <= x < 1 for x in rounding):
+            raise ValueError(f"value_rounding must give each of the {len(sizes)} sides a relative rounding in [0, 1), "
+                             f"got {self.value_rounding!r}")
+        object.__setattr__(self, "value_rounding", rounding)
 
     def __repr__(self) -> str:
         batch = f", batch={self.batch_shape}" if self.batch_shape else ""
@@ -121,8 +132,9 @@ class Moments:
         norms = ", with row-norm sums" if self.norm_moments is not None else ""
         layers = f", layers={self.layers}" if any(self.layers) else ""
         rows = f", rows_from={self.rows_from!r}" if self.rows_from else ""
+        rounding = f", value_rounding={self.value_rounding}" if any(self.value_rounding) else ""
         return (f"Moments(n={self.n}, sizes={self.sizes}{batch}, precision={self.precision!r}{kind}{norms}{layers}"
-                f"{rows})")
+                f"{rows}{rounding})")
 
     @property
     def channels(self) -> int:
@@ -137,7 +149,7 @@ class Moments:
     def __getitem__(self, index: tuple[int, ...] | int) -> Moments:
         """The statistics of one batch element (e.g. one spatial frequency)."""
         return Moments(self.n, self.mean[index], self.scatter[index], self.sizes, precision=self.precision,
-                       layers=self.layers, rows_from=self.rows_from)
+                       layers=self.layers, rows_from=self.rows_from, value_rounding=self.value_rounding)
 
     def select(self, sides: Sequence[int]) -> Moments:
         """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
@@ -147,7 +159,8 @@ class Moments:
         products = None if self.norm_products is None else self.norm_products[np.ix_(list(sides), list(sides))]
         return Moments(self.n, self.mean[..., index], self.scatter[..., index[:, None], index],
                        tuple(self.sizes[i] for i in sides), norms, products, self.precision,
-                       tuple(self.layers[i] for i in sides), self.rows_from)
+                       tuple(self.layers[i] for i in sides), self.rows_from,
+                       tuple(self.value_rounding[i] for i in sides))
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """Covariance ``scatter / (n − ddof)``, shape (*batch, p, p)."""
@@ -171,7 +184,8 @@ class Moments:
         layers, rows_from = self._merged_provenance(other)
         precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
         merged = unpack(merge_into(pack(self), pack(other), self.sizes), self.sizes, precision)
-        return replace(merged, layers=layers, rows_from=rows_from)
+        return replace(merged, layers=layers, rows_from=rows_from,
+                       value_rounding=tuple(map(max, self.value_rounding, other.value_rounding)))
 
     def _merged_provenance(self, other: Moments) -> tuple[tuple[str, ...], str]:
         """The layers and ``rows_from`` of ``self + other``: the known value of each ("" is unknown); raises when
@@ -206,7 +220,8 @@ class Moments:
             variables["norm_moments"] = (("side", "channel"), self.norm_moments)
             variables["norm_products"] = (("side", "side_t"), self.norm_products)
         dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision,
-                                               "layers": list(self.layers), "rows_from": self.rows_from})
+                                               "layers": list(self.layers), "rows_from": self.rows_from,
+                                               "value_rounding": list(self.value_rounding)})
         from zarr.codecs import Crc32cCodec
 
         # a CRC32C of each chunk, which zarr checks on every read: a damaged file is an error, never other Moments
@@ -240,11 +255,22 @@ class Moments:
                     precision=dataset.attrs.get("precision", "float64"),
                     layers=tuple(dataset.attrs.get("layers", ())),  # saves before provenance: unknown
                     rows_from=dataset.attrs.get("rows_from", ""),
+                    value_rounding=tuple(dataset.attrs.get("value_rounding", ())),  # saves before it: none
                 )
             except ValueError as error:
                 if "checksum" not in str(error):
                     raise
                 raise ValueError(f"saved Moments at {path} are damaged: a file fails its checksum ({error})") from None
+
+
+def value_eps(dtype: np.dtype) -> float:
+    """The relative rounding of activations of ``dtype``, as ``Moments.value_rounding`` records it: the machine
+    epsilon of a float (or complex) type coarser than float64; 0 for float64, whose rounding the solves allow
+    for anyway, and for integers, which are exact."""
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.inexact) or np.finfo(dtype).bits >= 64:
+        return 0.0
+    return float(np.finfo(dtype).eps)
 
 
 def _is_saved_moments(path: Path) -> bool:

@@ -12,7 +12,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -44,7 +44,7 @@ from .engine import (
 )
 from .layers import user_stacklevel
 from .minibatch import aligned_chunks
-from .moments import Moments, RowCheck, pack
+from .moments import Moments, RowCheck, pack, value_eps
 from .options import MASK, ProductPrecision, StreamOptions
 from .rows import Adapter, by_gram
 from .store import check_complete, check_unchanged
@@ -256,8 +256,9 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
                       f"default) or 'float64' keep them", RuntimeWarning, stacklevel=user_stacklevel())
     # rows left out: none but padding under nan_policy="raise"; under "omit", non-finite rows and padding alike
     omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
-    return Streamed(tuple(layers), tuple(adapters), stats, omitted, note,
-                    parts if codes is not None else None)
+    rounded = partial(replace, value_rounding=tuple(value_eps(layer.dtype) for layer in layers))
+    return Streamed(tuple(layers), tuple(adapters), rounded(stats), omitted, note,
+                    tuple(map(rounded, parts)) if codes is not None else None)
 
 
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, partial
 
 import numpy as np
@@ -166,6 +166,8 @@ class TiledMoments:
     packed: np.ndarray
     tiling: Tiling
     precision: ProductPrecision = "float64"
+    #: each side's ``Moments.value_rounding`` (empty: none known)
+    value_rounding: tuple[float, ...] = ()
 
     @classmethod
     def unpack(cls, packed: np.ndarray, tiling: Tiling, precision: ProductPrecision = "float64") -> TiledMoments:
@@ -199,7 +201,8 @@ class TiledMoments:
             block = tiles[low][:, columns]
             scatter[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block if side_i == low else block.T
         return Moments(self.n, self.mean[index], scatter, tuple(self.sizes[side] for side in sides),
-                       precision=self.precision)
+                       precision=self.precision,
+                       value_rounding=tuple(self.value_rounding[side] for side in sides) if self.value_rounding else ())
 
     def __add__(self, other: TiledMoments) -> TiledMoments:
         if not isinstance(other, TiledMoments):
@@ -207,7 +210,10 @@ class TiledMoments:
         if other.tiling != self.tiling:
             raise ValueError("cannot merge TiledMoments of different tilings")
         precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
-        return TiledMoments.unpack(merge_tiled(self.packed.copy(), other.packed, self.tiling), self.tiling, precision)
+        merged = TiledMoments.unpack(merge_tiled(self.packed.copy(), other.packed, self.tiling), self.tiling, precision)
+        rounding = tuple(map(max, self.value_rounding or other.value_rounding, other.value_rounding or
+                             self.value_rounding))
+        return replace(merged, value_rounding=rounding)
 
     def __radd__(self, other: object) -> TiledMoments:
         if isinstance(other, int) and other == 0:

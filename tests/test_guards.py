@@ -49,6 +49,46 @@ def test_the_default_precision_keeps_a_direction_float32_would_drop():
     assert lost == 8, "float32 really loses the direction here"
 
 
+def _float32_layernorm_pair() -> tuple[np.ndarray, np.ndarray]:
+    """A float32 layer and a float32 LayerNorm (with affine) of a map of it, as torch computes it: its channels
+    sum to a constant, so it has one direction fewer than channels, which float32 rounding leaves at 3.5e-8 of
+    the largest singular value (1.2e-15 of the largest eigenvalue)."""
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((30, 6, 8)).astype("float32")
+    z = (a @ rng.standard_normal((8, 8)) + rng.standard_normal((30, 6, 8))).astype("float32")
+    gain, bias = rng.uniform(0.5, 1.5, 8).astype("float32"), rng.uniform(-1, 1, 8).astype("float32")
+    return a, (z - z.mean(-1, keepdims=True)) / z.std(-1, keepdims=True) * gain + bias
+
+
+def test_the_rounding_of_float32_values_is_not_taken_for_a_direction(tmp_path):
+    """float64 products of a float32 LayerNorm output counted its rounding-made direction in some chunkings and
+    not in others (rank_b 8 or 7, rho_mean 0.6787-0.6793 or 0.6697): Moments now record their values' rounding
+    (float32's eps) and the rank leaves out what it can make (eps² (1 + mean²/variance), here 1.4e-14). The
+    value is that of the layer's 7 directions, computed here from the float64 rows cut to rank 7 (to 1e-8: the
+    rows are float32). A genuine direction at 1e-5 (eigenvalue 1e-10) is kept."""
+    a, b = _float32_layernorm_pair()
+    rows_a, rows_b = a.reshape(-1, 8).astype(float), b.reshape(-1, 8).astype(float)
+    u, _, _ = np.linalg.svd(rows_b - rows_b.mean(axis=0), full_matrices=False)
+    want = canonical_correlations(rows_a, u[:, :7]).sum() / 8
+    for chunks in (1, 3, 7, 30):
+        for precision in ("float64", "auto"):
+            result = cca(da.from_array(a, chunks=(chunks, -1, -1)), b, precision=precision)
+            assert int(result["rank_b"]) == 7 and int(result["rank_a"]) == 8, (chunks, precision)
+            assert float(result["rho_mean"]) == pytest.approx(want, abs=1e-8), (chunks, precision)
+    moments = chunkcca.compute_moments(a, b, precision="float64")
+    assert moments.value_rounding == (float(np.finfo(np.float32).eps),) * 2
+    assert (moments + moments).value_rounding == moments.value_rounding
+    moments.save(tmp_path / "m")
+    assert chunkcca.Moments.load(tmp_path / "m").value_rounding == moments.value_rounding
+    assert int(chunkcca.cca_from_moments(moments)["rank_b"]) == 7
+    assert chunkcca.compute_moments(rows_a, rows_b).value_rounding == (0.0, 0.0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 10))
+    left, _, right = np.linalg.svd(rng.standard_normal((10, 10)))
+    weak = (x @ left @ np.diag(np.logspace(0, -5, 10)) @ right).astype("float32")  # down to 1e-5 of the strongest
+    assert int(cca(x.astype("float32"), weak, precision="float64")["rank_b"]) == 10
+
+
 @pytest.mark.parametrize("scale", [1e-25, 1e-22, 1e22, 1e25])
 def test_float32_data_far_from_one_keeps_every_digit(scale):
     """At 1e-25 float32 squares underflow (rho_mean was 0, every channel pruned); such chunks go float64."""
