@@ -273,9 +273,7 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
         raise ValueError(f"spatial={spatial!r} takes a position of each datapoint, but a layer has none: "
                          f"{a.name!r} {described[a.name]}, {b.name!r} {described[b.name]}")
     masked = [str(layer.name) for layer in (a, b) if MASK in layer.coords]
-    if spatial == "features" and masked:
-        raise ValueError(f"spatial='features' makes each datapoint's whole map a vector, padding included, and "
-                         f"layer {masked[0]!r} has a mask; use spatial='avgpool', 'first' or 'last'")
+    _refuse_masked_features([a, b], spatial)
     if spatial in ("avgpool", "first", "last", "features"):
         return Adapter(spatial, size_a, stride, dims_a), Adapter(spatial, size_b, stride, dims_b)
     if spatial == "flatten":
@@ -305,6 +303,14 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
             Adapter("dft", size_b, stride, dims_b, frequencies=tuple(k[1] for k in kept), frequency_labels=labels))
 
 
+def _refuse_masked_features(layers: Sequence[xr.DataArray], spatial: str) -> None:
+    """``spatial="features"`` takes each datapoint's whole map, padding included: refused for a masked layer."""
+    masked = [str(layer.name) for layer in layers if MASK in layer.coords]
+    if spatial == "features" and masked:
+        raise ValueError(f"spatial='features' makes each datapoint's whole map a vector, padding included, and "
+                         f"layer {masked[0]!r} has a mask; use spatial='avgpool', 'first' or 'last'")
+
+
 def _check_flatten_names(layers: Sequence[xr.DataArray]) -> None:
     """Flattened layers of more than one position dim pair them by name: other names (x, y against height,
     width) are refused, as which pairs with which is a guess. One position dim pairs by order (token with time)."""
@@ -323,6 +329,7 @@ def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) 
         raise ValueError(f"similarity supports spatial={' or '.join(map(repr, SWEEP_SPATIAL))}; "
                          f"spatial={options.spatial!r} "
                          f"pairs each two layers on their own: compare pairs with chunkcca.compare or chunkcca.cca")
+    _refuse_masked_features(layers, options.spatial)
     if options.spatial == "flatten":
         sizes = {str(layer.name): tuple(layer.shape[1:-1]) for layer in layers}
         if len(set(sizes.values())) > 1:

@@ -245,3 +245,19 @@ def test_a_stored_layers_activations_carry_its_padding_mask(tmp_path):
     kept = mask.reshape(-1)
     want = cka_reference(x.reshape(-1, 3)[kept], y.reshape(-1, 2)[kept], debiased=False)
     assert float(alone["cka"]) == pytest.approx(want, abs=1e-12)
+
+
+def test_whole_maps_of_masked_layers_are_refused_in_pairs_and_sweeps():
+    """spatial='features' takes each datapoint's whole map, padding included: cka() and compare() refused a
+    masked layer, but similarity() took its padding (CKA 0.99999746 with padding of ±1e3, against 0.619 with
+    the padding zeroed), minibatch too. Every entry point now refuses it, naming the layer."""
+    x, y, mask, _ = _sequences(3)
+    a, b = _layer(x, mask, 7, "a"), _layer(y, mask, 7, "b")
+    message = "spatial='features' makes each datapoint's whole map a vector, padding included, and layer 'a' has a mask"
+    calls = {"cka": lambda: cka(a, b, spatial="features"),
+             "compare": lambda: chunkcca.compare(a, b, measures=["cka"], spatial="features"),
+             "similarity": lambda: similarity({"a": a}, {"b": b}, measures=["cka"], spatial="features"),
+             "minibatch": lambda: similarity({"a": a}, {"b": b}, measures=["cka"], spatial="features", minibatch=8)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=message):
+            call()
