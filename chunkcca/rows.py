@@ -383,13 +383,15 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
     fine_is_a = size_a >= size_b
     fine, coarse = (a, b) if fine_is_a else (b, a)
     fine_size, coarse_size = max(size_a, size_b), min(size_a, size_b)
-    numbered = [grid == "coords" and dim in layer.coords
-                and np.array_equal(layer[dim].values, np.arange(layer.sizes[dim])) for layer in (a, b)]
+    # positions only numbered 0, 1, … (a store's tokens, time steps, depths), or, off the image's height and width
+    # (whose unlabelled maps span one image), not labelled at all: nothing says where each sits in the input
+    numbered = [grid == "coords" and (np.array_equal(layer[dim].values, np.arange(layer.sizes[dim]))
+                                      if dim in layer.coords else dim not in ("height", "width")) for layer in (a, b)]
     if all(numbered) and size_a != size_b:
-        raise ValueError(f"layers {a.name!r} and {b.name!r} number their {dim} positions 0, 1, … ({size_a} and "
-                         f"{size_b} of them): numbers say nothing of where each sits in the input, so interp cannot "
-                         f"place one on the other; set their {dim} coordinates to positions in the input (e.g. "
-                         f"sample centres), or use grid='svcca' (both spanning the same input)")
+        raise ValueError(f"layers {a.name!r} and {b.name!r} number their {dim} positions 0, 1, … or do not label "
+                         f"them ({size_a} and {size_b} of them): that says nothing of where each sits in the input, "
+                         f"so interp cannot place one on the other; set their {dim} coordinates to positions in the "
+                         f"input (e.g. sample centres), or use grid='svcca' (both spanning the same input)")
     spans = [_pixel_span(layer[dim].values) if grid == "coords" and dim in layer.coords else None for layer in (a, b)]
     if None not in spans and not np.isclose(spans[0], spans[1], rtol=1e-9, atol=0):
         raise ValueError(f"layer {a.name!r} spans {spans[0]:g} input pixels along {dim} and layer {b.name!r} "

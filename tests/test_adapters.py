@@ -434,9 +434,14 @@ def test_interp_refuses_positions_that_are_only_numbered():
     fine = xr.DataArray(rng.standard_normal((60, 40, 3)), dims=dims, name="fine",
                         coords={"time": np.arange(40)})
     coarse = xr.DataArray(rng.standard_normal((60, 9, 2)), dims=dims, name="coarse", coords={"time": np.arange(9)})
-    with pytest.raises(ValueError, match=r"layers 'fine' and 'coarse' number their time positions 0, 1, … \(40 and "
-                                         r"9 of them\)"):
+    message = r"layers 'fine' and 'coarse' number their time positions 0, 1, … or do not label them \(40 and 9 of them\)"
+    with pytest.raises(ValueError, match=message):
         cca(fine, coarse, spatial="interp")
+    # unlabelled, the same layers were placed as if both spanned one input (where stored, numbered, they were
+    # refused); off the image's height and width they are refused alike
+    with pytest.raises(ValueError, match=message):
+        cca(fine.drop_vars("time"), coarse.drop_vars("time"), spatial="interp")
     placed = coarse.assign_coords(time=(np.arange(9) + 0.5) * 40 / 9 - 0.5)  # the steps' centres, in fine steps
     assert cca(fine, placed, spatial="interp")["rho"].size == 2
     assert cca(fine, coarse, spatial="interp", grid="svcca")["rho"].size == 2
+    assert cca(fine.drop_vars("time"), coarse.drop_vars("time"), spatial="interp", grid="svcca")["rho"].size == 2
