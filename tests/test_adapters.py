@@ -434,7 +434,8 @@ def test_interp_refuses_positions_that_are_only_numbered():
     fine = xr.DataArray(rng.standard_normal((60, 40, 3)), dims=dims, name="fine",
                         coords={"time": np.arange(40)})
     coarse = xr.DataArray(rng.standard_normal((60, 9, 2)), dims=dims, name="coarse", coords={"time": np.arange(9)})
-    message = r"layers 'fine' and 'coarse' number their time positions 0, 1, … or do not label them \(40 and 9 of them\)"
+    message = (r"layers 'fine' and 'coarse' number their time positions 0, 1, … or do not label them \(40 and 9 of "
+               r"them\)")
     with pytest.raises(ValueError, match=message):
         cca(fine, coarse, spatial="interp")
     # unlabelled, the same layers were placed as if both spanned one input (where stored, numbered, they were

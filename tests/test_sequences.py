@@ -261,3 +261,4 @@ def test_whole_maps_of_masked_layers_are_refused_in_pairs_and_sweeps():
     for name, call in calls.items():
         with pytest.raises(ValueError, match=message):
             call()
+            pytest.fail(f"{name} took the padding")
