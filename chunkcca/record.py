@@ -33,6 +33,7 @@ when recording ends.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from .layers import FC_DIMS, VARIABLE, datapoints_per_chunk
+from .layers import FC_DIMS, VARIABLE, datapoints_per_chunk, user_stacklevel
 from .options import MASK
 from .store import (
     WriteMode,
@@ -314,7 +315,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         ``lambda out: torch.nn.utils.rnn.pad_packed_sequence(out[0], batch_first=True, total_length=T)[0]``.
     mask
         The batch's padding mask (N, T), True (or 1) at real tokens, from a batch (default: a dict batch's
-        ``attention_mask``; None: no masks). Recorded as the ``mask`` of every layer of T positions.
+        ``attention_mask``; None: no masks). Recorded as the ``mask`` of every layer of T positions; a layer of
+        another length (a strided convolution, a prepended token) is recorded without one, with a warning.
     chunks, compression, overwrite
         As for [`chunkcca.write_activations()`][chunkcca.write_activations].
     layouts
@@ -397,6 +399,11 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                                 f"{path}/{VARIABLE}", shape=(0, *values.shape[1:]), dtype=values.dtype,
                                 chunks=(per_chunk, *values.shape[1:]), compressors=compressors, dimension_names=dims)
                             writers[path] = _ChunkWriter(arrays[path], path)
+                            if padding is not None and values.ndim == 3 and not masked:
+                                warnings.warn(f"layer {path!r} has {values.shape[1]} positions and the batch's mask "
+                                              f"{padding.shape[1]}: it is recorded without a mask, so its padded "
+                                              f"positions count as real ones (spatial='avgpool', 'last' and "
+                                              f"'flatten' read them)", RuntimeWarning, stacklevel=user_stacklevel())
                             if masked:
                                 writers[f"{path}/{MASK}"] = _ChunkWriter(root.create_array(
                                     f"{path}/{MASK}", shape=(0, values.shape[1]), dtype=bool,

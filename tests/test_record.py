@@ -189,6 +189,32 @@ def test_records_transformer_layers_with_their_attention_masks(tmp_path):
     assert int(result["rows"]) == int(mask.sum())  # flatten keeps the real tokens only
 
 
+class _Strided(torch.nn.Module):
+    """Token embeddings (N, T, 4) and a strided Conv1d over them (N, 5, T / 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(3, 4)
+        self.conv = torch.nn.Conv1d(4, 5, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embedded = self.embed(x)
+        return self.conv(embedded.transpose(1, 2))
+
+
+def test_a_layer_of_another_length_than_the_mask_is_recorded_with_a_warning(tmp_path):
+    """A strided Conv1d (3 steps) under a batch mask of 6 tokens was stored without a mask, silently, so that
+    avgpool, last and flatten read its padded steps as real; the layers of the mask's length keep it."""
+    x = torch.randn(8, 6, 3)
+    mask = torch.arange(6)[None] < torch.tensor([6, 5, 4, 3, 6, 2, 6, 1])[:, None]
+    with pytest.warns(RuntimeWarning, match=r"layer 'conv' has 3 positions and the batch's mask 6: it is recorded "
+                                            r"without a mask, so its padded positions count as real ones"):
+        tree = record(_Strided(), {"embed": "embed", "conv": "conv"}, [{"x": x, "attention_mask": mask}],
+                      tmp_path / "r.zarr")
+    assert "mask" in tree["embed"]["activations"].coords and "mask" not in tree["conv"]["activations"].coords
+
+
 class _Block(torch.nn.Module):
     """A block returning what its last submodule, a ReLU after a Conv1d, made."""
 
