@@ -175,7 +175,8 @@ class StreamOptions:
         (datapoint, *positions) a row (equal positions needed; under padding masks, the rows where
         both layers are real); "avgpool" averages over the positions (the real ones, under a mask),
         one row per datapoint, and pairs layers of any positions; "first" takes each datapoint's
-        first position (e.g. a CLS token), "last" its last real one; "interp" interpolates the
+        first real position (e.g. a CLS token; after left padding, the first unpadded one), "last" its
+        last real one; "interp" interpolates the
         coarser layer onto the finer layer's grid along each position dim, then flattens (see
         ``method``, ``grid``); "dft" takes the DFT over the positions and keeps one set of
         statistics per frequency both layers share (CCA only). Memory for dft: frequencies ×

@@ -278,10 +278,11 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
         return Adapter(spatial, size_a, stride, dims_a), Adapter(spatial, size_b, stride, dims_b)
     if spatial == "flatten":
         if size_a != size_b:
+            others = (", or 'interp' or 'dft' (the same position dims, of other sizes)" if dims_a == dims_b
+                      and dims_a else "")
             raise ValueError(
                 f"spatial='flatten' needs equal positions, but layer {a.name!r} is {described[a.name]} and layer "
-                f"{b.name!r} is {described[b.name]}; use spatial='avgpool' (any positions), or 'interp' or 'dft' "
-                f"for maps of different sizes")
+                f"{b.name!r} is {described[b.name]}; use spatial='avgpool' (any positions){others}")
         _check_flatten_names([a, b])
         return Adapter("flatten", size_a, stride, dims_a), Adapter("flatten", size_b, stride, dims_b)
     if masked:

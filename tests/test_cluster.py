@@ -30,12 +30,28 @@ DASK = str(Path(sys.executable).with_name("dask")) if Path(sys.executable).with_
     else shutil.which("dask")
 
 
-def _wait_for(predicate, timeout: float = 60.0) -> None:
+def _wait_for(predicate, timeout: float = 60.0, what: str = "the cluster did not come up") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError("the cluster did not come up")
+            raise TimeoutError(what)
         time.sleep(0.2)
+
+
+def _scheduler_address(scheduler_file: Path) -> str:
+    """The address in a scheduler's file once it is written whole: distributed creates the file, then writes its
+    JSON into it, so a file that exists may still be empty (read then, it failed with a JSONDecodeError)."""
+    found: list[str] = []
+
+    def written() -> bool:
+        try:
+            found.append(json.loads(scheduler_file.read_text())["address"])
+        except (OSError, ValueError, KeyError):  # not there yet, or not written whole yet
+            return False
+        return True
+
+    _wait_for(written)
+    return found[-1]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +63,7 @@ def cluster(tmp_path_factory):
     processes = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
                                    ":0", "--scheduler-file", str(scheduler_file)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    _wait_for(scheduler_file.exists)
-    address = json.loads(scheduler_file.read_text())["address"]
+    address = _scheduler_address(scheduler_file)
     for _ in range(2):
         processes.append(subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
                                            "--dashboard-address", ":0", "--no-nanny"], env=env,
@@ -317,9 +332,9 @@ def test_a_scheduler_lost_mid_run_is_one_line_and_its_checkpoint_resumes(tmp_pat
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     processes = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
                                    ":0", "--scheduler-file", str(scheduler_file)], **quiet)]
+    run = None
     try:
-        _wait_for(scheduler_file.exists)
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = _scheduler_address(scheduler_file)
         processes.append(subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
                                            "--dashboard-address", ":0", "--no-nanny"], **quiet))
         with Client(address, set_as_default=False) as client:
@@ -329,13 +344,16 @@ def test_a_scheduler_lost_mid_run_is_one_line_and_its_checkpoint_resumes(tmp_pat
         run = subprocess.Popen([sys.executable, "-m", "chunkcca.cli", *argv, "--scheduler", address,
                                 "--connect-timeout", "2"],  # how long a lost scheduler is waited for
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for(checkpoint.exists)
+        _wait_for(checkpoint.exists, what="the run saved no checkpoint")
         assert run.poll() is None, "the run finished before its scheduler could be killed"
         processes[0].kill()
         lost = time.monotonic()
         out, err = run.communicate(timeout=120)
         waited = time.monotonic() - lost
     finally:
+        if run is not None and run.poll() is None:  # the command hung (communicate timed out): not left running
+            run.kill()
+            run.communicate(timeout=30)
         for process in processes:
             process.kill()
             process.wait(timeout=30)
