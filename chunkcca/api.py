@@ -19,7 +19,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .layers import align_layers, as_activations, layer_paths, named, node_name, user_stacklevel
+from ._stack import user_stacklevel
+from .layers import align_layers, as_activations, layer_paths, named, node_name
 from .measures import (
     MEASURES,
     PairSolves,
@@ -680,8 +681,9 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         checkpoints, ``groupby`` and ``folds`` do not apply. The result then also has ``minibatches`` and
         ``rows_left_out``.
     **options
-        Solve options (``epsilon``, ``keep``, ``keep_by``, ``alpha``) and streaming options as for
-        [`compare()`][chunkcca.compare]. ``spatial`` is "flatten" (all layers need one spatial size),
+        Solve options (``epsilon``, ``keep``, ``keep_by``, ``alpha``; with ``folds``, one ``ridge`` and
+        ``confidence``) and streaming options as for [`compare()`][chunkcca.compare]. ``spatial`` is
+        "flatten" (all layers need one spatial size),
         "avgpool", "first" or "last" (any sizes), or "features" (``measures=["cka"]`` only: exact CKA of whole
         maps, from Gram blocks); interp and dft pair layers individually: use [`compare()`][chunkcca.compare]
         per pair. With
@@ -818,12 +820,17 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
             for measure in measures:
                 try:
                     values[measure][i, j] = float(pair.value(measure))
-                    if folds is not None:
-                        errors[measure][i, j], intervals[measure][i, j] = jackknife(
-                            values[measure][i, j], pair.leave_outs(measure), solve.confidence)
                 except UndefinedMeasure as reason:  # one dead layer must not sink the whole sweep
                     warnings.warn(f"{measure} of {name_a!r} and {name_b!r} is NaN: {reason}", RuntimeWarning,
                                   stacklevel=3)
+                    continue
+                if folds is not None:
+                    try:
+                        errors[measure][i, j], intervals[measure][i, j] = jackknife(
+                            values[measure][i, j], pair.leave_outs(measure), solve.confidence)
+                    except UndefinedMeasure as reason:
+                        warnings.warn(f"{measure}_se and {measure}_ci of {name_a!r} and {name_b!r} are NaN: {reason}",
+                                      RuntimeWarning, stacklevel=3)
     variables: dict[str, Any] = {
         measure: (("layer_a", "layer_b"), value, {"long_name": MEASURES[measure].description})
         for measure, value in values.items()}

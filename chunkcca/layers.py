@@ -8,7 +8,6 @@ layer. Anything a measure takes (numpy and Dask arrays, DataArrays, Datasets and
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import xarray as xr
 from dask.array import PerformanceWarning
 
+from ._stack import user_stacklevel
 from .options import MASK
 
 VARIABLE = "activations"
@@ -134,15 +134,6 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         else:
             array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
     return array.rename(name)
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning given by the caller name the first frame outside chunkcca (the
-    user's call, whichever entry point it went through)."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "chunkcca":
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def unnamed_layout(shape: Sequence[int]) -> Literal["channels_first", "channels_last", "unsure"]:

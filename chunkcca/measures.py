@@ -12,6 +12,7 @@ A new measure is a solver here and one ``Measure`` entry in [`MEASURES`][chunkcc
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ._stack import user_stacklevel
 from .blas import solve_threads
 from .moments import Moments
 from .options import SolveOptions, check_epsilon
@@ -562,16 +564,34 @@ def _fold_covariances(folds: Sequence[Moments], measure: str) -> None:
         raise ValueError(f"{measure} needs folds=K with K >= 2")
     small = [i for i, part in enumerate(folds) if part.n < 2]
     if small:
-        raise ValueError(f"{measure}: fold {small[0]} holds {folds[small[0]].n} rows; every fold needs at least 2")
+        rows = folds[small[0]].n
+        raise ValueError(f"{measure}: fold {small[0]} holds {rows} row{'' if rows == 1 else 's'}; every fold needs at "
+                         f"least 2")
 
 
 def _variate_correlations(left: np.ndarray, right: np.ndarray, cov: np.ndarray, p: int) -> np.ndarray:
     """Correlations, under the covariance ``cov`` (p + q, p + q), of the paired projections ``left`` (p, k) of
-    side a and ``right`` (q, k) of side b: one per column; 0 where a projection has no variance."""
+    side a and ``right`` (q, k) of side b: one per column; NaN (undefined) where a projection has no variance."""
     cross = np.einsum("ik,ij,jk->k", left, cov[:p, p:], right)
     spread = np.sqrt(np.einsum("ik,ij,jk->k", left, cov[:p, :p], left)
                      * np.einsum("ik,ij,jk->k", right, cov[p:, p:], right))
-    return np.divide(cross, spread, out=np.zeros_like(cross), where=spread > 0)
+    return np.divide(cross, spread, out=np.full_like(cross, np.nan), where=spread > 0)
+
+
+def _mean_of_defined(values: np.ndarray, axis: int, measure: str, what: str) -> np.ndarray:
+    """The mean along ``axis`` of the defined (not NaN) held-out correlations, with a warning naming how many
+    were undefined (a fold where a layer, a channel or a variate does not vary): never a 0 averaged in. NaN
+    where none is defined."""
+    undefined = np.isnan(values)
+    if undefined.any():
+        folds = sorted(set(np.nonzero(undefined)[axis].tolist()))
+        warnings.warn(f"{measure}: {undefined.sum()} held-out correlation{'s are' if undefined.sum() > 1 else ' is'} "
+                      f"undefined ({what} does not vary in the held-out fold{'s' if len(folds) > 1 else ''} "
+                      f"{', '.join(map(str, folds))}): each mean over folds is of the others", RuntimeWarning,
+                      stacklevel=user_stacklevel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all undefined: NaN, as said
+        return np.nanmean(values, axis=axis)
 
 
 def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) -> xr.Dataset:
@@ -592,17 +612,26 @@ def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) ->
     -------
     xarray.Dataset
         ``heldout_rho`` (component): each component's held-out correlation, averaged over folds;
-        ``heldout_cca``: its mean over components; ``heldout_cca_per_fold`` (fold): that mean per fold.
+        ``heldout_cca``: its mean over components; ``heldout_cca_per_fold`` (fold): that mean per fold. A
+        correlation undefined in a fold (a variate without variance there, e.g. a layer constant within the
+        fold) is NaN in that fold and left out of the means over folds, with a warning.
     """
     check_epsilon(epsilon)
     _fold_covariances(folds, "heldout_cca")
     p = folds[0].sizes[0]
+    rows, channels = sum(part.n for part in folds), sum(folds[0].sizes)
+    few = [fold for fold, part in enumerate(folds) if rows - part.n <= channels]
+    if few and epsilon == 0:
+        warnings.warn(f"heldout_cca: without fold {few[0]} the fit has {rows - folds[few[0]].n} rows for {channels} "
+                      f"channels, so every in-sample correlation is 1 and the fitted directions are not unique: the "
+                      f"held-out value then depends on the channels' scales, order and chunking; pass epsilon > 0, "
+                      f"or fewer channels or more rows", RuntimeWarning, stacklevel=user_stacklevel())
     per_fold = []
     for fold in range(len(folds)):
         fitted = cca_from_moments(_leave_out(folds, fold), epsilon=epsilon)
         per_fold.append(_variate_correlations(fitted["coef_a"].values, fitted["coef_b"].values,
                                               folds[fold].covariance(), p))
-    rho = np.mean(per_fold, axis=0)
+    rho = _mean_of_defined(np.array(per_fold), 0, "heldout_cca", "a canonical variate")
     return xr.Dataset(
         {"heldout_rho": ("component", rho, {"long_name": "held-out canonical correlation, mean over folds"}),
          "heldout_cca": ((), float(rho.mean()) if rho.size else np.nan, {"long_name": "mean held-out CCA"}),
@@ -634,6 +663,8 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
         benchmarks); ``predictivity_per_fold`` ([ridge,] fold): the median per fold;
         ``predictivity_per_fold_channel`` ([ridge,] fold, channel_b): each fold's correlation per channel.
         With ``ridge=0`` and a singular training covariance of a, the least-squares solution of least norm.
+        A correlation undefined in a fold (the channel, or its prediction, constant there: a dead unit) is
+        NaN there and left out of the means over folds and of the medians over channels, with a warning.
     """
     _fold_covariances(folds, "predictivity")
     ridges = tuple(ridge) if isinstance(ridge, (list, tuple, np.ndarray)) else (ridge,)
@@ -647,19 +678,26 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
             weights = np.linalg.lstsq(c_aa + value * np.mean(np.diag(c_aa)) * np.eye(p), c_ab, rcond=None)[0]
             cross = np.einsum("ij,ij->j", weights, test[:p, p:])
             spread = np.sqrt(np.einsum("ij,ik,kj->j", weights, test[:p, :p], weights) * np.diag(test[p:, p:]))
-            scores[r, fold] = np.divide(cross, spread, out=np.zeros_like(cross), where=spread > 0)
-    per_channel = scores.mean(axis=1)
+            scores[r, fold] = np.divide(cross, spread, out=np.full_like(cross, np.nan), where=spread > 0)
+    per_channel = _mean_of_defined(scores, 1, "predictivity", "a channel of b, or its prediction,")
     result = xr.Dataset(
         {"predictivity_per_channel": (("ridge", "channel_b"), per_channel,
                                       {"long_name": "held-out Pearson r of ridge predictions, mean over folds"}),
-         "predictivity": ("ridge", np.median(per_channel, axis=-1),
+         "predictivity": ("ridge", _median_of_defined(per_channel),
                           {"long_name": "median over channels of the held-out prediction correlation"}),
-         "predictivity_per_fold": (("ridge", "fold"), np.median(scores, axis=-1)),
+         "predictivity_per_fold": (("ridge", "fold"), _median_of_defined(scores)),
          "predictivity_per_fold_channel": (("ridge", "fold", "channel_b"), scores),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
         coords={"ridge": list(ridges), "fold": np.arange(len(folds))},
         attrs={"measure": "predictivity", "folds": len(folds), **_layer_attrs(*folds)})
     return result if isinstance(ridge, (list, tuple, np.ndarray)) else result.squeeze("ridge")
+
+
+def _median_of_defined(values: np.ndarray) -> np.ndarray:
+    """The median over the last axis (channels) of the defined values; NaN where none is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all undefined: NaN
+        return np.nanmedian(values, axis=-1)
 
 
 def jackknife(full: Any, leave_outs: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
@@ -708,9 +746,19 @@ class PairSolves:
         if declared.per_fold is not None:
             per_fold = self.result(measure)[declared.per_fold]
             values = np.moveaxis(per_fold.values, per_fold.dims.index("fold"), 0)
-            others = (values.sum(axis=0) - values) / (len(values) - 1)
+            defined = ~np.isnan(values)  # the means over folds are of the defined values (_mean_of_defined)
+            known = np.where(defined, values, 0.0)
+            others = np.divide(known.sum(axis=0) - known, defined.sum(axis=0) - defined,
+                               out=np.full(values.shape, np.nan), where=defined.sum(axis=0) - defined > 0)
             return others if declared.per_fold_summary is None else declared.per_fold_summary(others)
-        return np.stack([solves.value(measure) for solves in self._left_out])
+        values = []
+        for fold, solves in enumerate(self._left_out):
+            try:
+                values.append(solves.value(measure))
+            except UndefinedMeasure as error:
+                raise UndefinedMeasure(f"the jackknife of {measure} needs it with each fold left out in turn, and "
+                                       f"without fold {fold} it is undefined: {error}") from None
+        return np.stack(values)
 
     @functools.cached_property
     def _left_out(self) -> list[PairSolves]:
@@ -805,7 +853,7 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
                                                                 ridge=pair.options.ridge),
             "predictivity", "median held-out correlation of ridge predictions a → b", ("ridge",),
             details=("predictivity_per_channel",), per_fold="predictivity_per_fold_channel",
-            per_fold_summary=functools.partial(np.median, axis=-1)),
+            per_fold_summary=_median_of_defined),
 )}
 
 

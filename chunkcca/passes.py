@@ -22,6 +22,7 @@ import xarray as xr
 from dask.array import PerformanceWarning
 from dask.utils import format_bytes
 
+from ._stack import user_stacklevel
 from .checkpoint import CheckpointError, resume, save_progress
 from .engine import (
     FeatureStats,
@@ -42,7 +43,6 @@ from .engine import (
     run,
     scheduler_threads,
 )
-from .layers import user_stacklevel
 from .minibatch import aligned_chunks
 from .moments import Moments, RowCheck, pack, value_eps
 from .options import MASK, ProductPrecision, StreamOptions

@@ -42,7 +42,8 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from .layers import FC_DIMS, VARIABLE, datapoints_per_chunk, user_stacklevel
+from ._stack import user_stacklevel
+from .layers import FC_DIMS, VARIABLE, datapoints_per_chunk
 from .options import MASK
 from .store import (
     WriteMode,

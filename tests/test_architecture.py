@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chunkcca"
 
 #: Each module's tier: it may import modules of its own tier or of lower ones only.
 TIERS: dict[str, int] = {
-    **dict.fromkeys(("_fs", "options", "blas", "progress"), 0),  # plumbing: files, options, BLAS, progress bars
+    **dict.fromkeys(("_fs", "_stack", "options", "blas", "progress"), 0),  # plumbing: files, the user's frame,
+    # options, BLAS, progress bars
     **dict.fromkeys(("moments", "tiles", "rows", "minibatch", "measures"), 1),  # numpy core: no Dask graphs, no stores
     **dict.fromkeys(("layers", "store", "ingest", "record"), 2),  # inputs and storage
     **dict.fromkeys(("engine", "cluster", "checkpoint", "passes"), 3),  # the Dask engine

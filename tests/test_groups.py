@@ -130,6 +130,66 @@ def test_heldout_cca_predictivity_and_jackknife_equal_brute_force_over_the_same_
                                                              rel=FOLD_TOL)
 
 
+def test_a_correlation_undefined_in_a_held_out_fold_is_left_out_not_counted_as_zero():
+    """Layer b constant in fold 0 (dead units): its held-out correlations there are 0/0, which were counted as 0
+    and averaged in (heldout_cca 0.393 against 0.590 over the folds where it is defined), silently. They are
+    NaN in that fold now, left out of the means over folds (and of the jackknife's), with a warning; the
+    values equal brute force over the other folds."""
+    rng = np.random.default_rng(0)
+    n, k = 30, 3
+    x = rng.standard_normal((n, 4))
+    y = x[:, :3] + rng.standard_normal((n, 3))
+    y[:10] = 0
+    with pytest.warns(RuntimeWarning, match=r"heldout_cca: 3 held-out correlations are undefined \(a canonical "
+                                            r"variate does not vary in the held-out fold 0\)"), \
+            pytest.warns(RuntimeWarning, match=r"predictivity: 3 held-out correlations are undefined \(a channel of "
+                                               r"b, or its prediction, does not vary in the held-out fold 0\)"):
+        result = compare(x, y, folds=k, precision="float64", measures=["heldout_cca", "predictivity"], ridge=0.05)
+    held, predicted = [], []
+    for test in _folds(n, k)[1:]:
+        train = np.setdiff1d(np.arange(n), test)
+        wa, wb = _cca_directions(x[train], y[train])
+        held.append([np.corrcoef(x[test] @ wa[:, c], y[test] @ wb[:, c])[0, 1] for c in range(wa.shape[1])])
+        cov = np.cov(np.hstack([x[train], y[train]]).T)
+        weights = np.linalg.solve(cov[:4, :4] + 0.05 * np.mean(np.diag(cov[:4, :4])) * np.eye(4), cov[:4, 4:])
+        prediction = (x[test] - x[train].mean(0)) @ weights
+        predicted.append([np.corrcoef(prediction[:, j], y[test][:, j])[0, 1] for j in range(3)])
+    np.testing.assert_allclose(result["heldout_rho"], np.mean(held, axis=0), atol=FOLD_TOL)
+    assert float(result["heldout_cca"]) == pytest.approx(np.mean(held), abs=FOLD_TOL)
+    np.testing.assert_allclose(result["predictivity_per_channel"], np.mean(predicted, axis=0), atol=FOLD_TOL)
+    assert np.isfinite(result["heldout_cca_se"]) and np.isfinite(result["predictivity_se"])
+
+
+def test_held_out_cca_warns_when_its_fits_have_no_more_rows_than_channels():
+    """16 rows, 12 + 5 channels, 2 folds: each fit has 8 rows, every in-sample correlation is 1 and the directions
+    are not unique, so heldout_cca moved with the channels' scale, order and chunking (0.278, 0.327, 0.324),
+    silently. It warns now, naming the remedy; epsilon > 0 makes the fit unique."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 12))
+    y = x[:, :5] + rng.standard_normal((16, 5))
+    with pytest.warns(RuntimeWarning, match=r"heldout_cca: without fold 0 the fit has 8 rows for 17 channels.*pass "
+                                            r"epsilon > 0"):
+        compare(x, y, folds=2, measures=["heldout_cca"], precision="float64")
+    values = [float(compare(a, y, folds=2, measures=["heldout_cca"], epsilon=0.1, precision="float64")
+                    ["heldout_cca"]) for a in (x, x[:, ::-1])]  # the channels in another order: the same fit
+    assert values[0] == pytest.approx(values[1], abs=1e-10)
+
+
+def test_a_jackknife_replicate_that_is_undefined_says_so():
+    """b varies in fold 0 only: CKA of all the data is defined, CKA without fold 0 is not. compare raised "CKA is
+    undefined: layer 'b' has no variance" as if the data had none, and similarity warned that cka was NaN
+    while returning it; both now name the jackknife and the fold."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((30, 4)), rng.standard_normal((30, 3))
+    y[10:] = 0
+    with pytest.raises(ValueError, match=r"the jackknife of cka needs it with each fold left out in turn, and "
+                                         r"without fold 0 it is undefined: CKA is undefined"):
+        compare(x, y, measures=["cka"], folds=3)
+    with pytest.warns(RuntimeWarning, match=r"cka_se and cka_ci of 'x' and 'y' are NaN: the jackknife of cka"):
+        swept = similarity({"x": x}, {"y": y}, measures=["cka"], folds=3)
+    assert np.isfinite(swept["cka"]).all() and np.isnan(swept["cka_se"]).all()
+
+
 def test_folds_by_coordinate_and_several_ridges():
     a, b = _labelled(2, n=120, p=3, q=3)
     by_label = compare(a, b, measures=["predictivity"], folds="label", ridge=[0.0, 0.1, 10.0], precision="float64")

@@ -1,0 +1,14 @@
+"""The user's frame: the ``stacklevel`` that makes a warning given anywhere in chunkcca name the user's call."""
+
+from __future__ import annotations
+
+import sys
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning given by the caller name the first frame outside chunkcca (the
+    user's call, whichever entry point it went through)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "chunkcca":
+        frame, level = frame.f_back, level + 1
+    return level
