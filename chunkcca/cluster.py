@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -37,9 +38,26 @@ def prepare_workers(client: Any) -> None:
     except CommClosedError:
         return
     except Exception as error:  # a worker refusing the plugin must not fail the comparison
+        if getattr(client, "status", "running") != "running":  # its scheduler lost meanwhile (a plain OSError
+            return  # "Timed out trying to connect"): the run says so
         warnings.warn(f"could not limit BLAS to one thread on the workers ({type(error).__name__}: {error}); "
                       f"start them with a nanny, or set OPENBLAS_NUM_THREADS=1 for them", RuntimeWarning,
                       stacklevel=3)
+
+
+def gathered(client: Any, futures: list[Any]) -> list[Any]:
+    """``client.gather(futures)``, except that a Client that lost its scheduler and closed raises a
+    CommClosedError at once: its futures then never finish, and gather waited for them forever."""
+    from distributed.comm.core import CommClosedError
+
+    pause = 0.001
+    while not all(future.done() for future in futures):
+        if getattr(client, "status", "running") in ("closing", "closed"):
+            address = getattr(getattr(client, "scheduler", None), "address", "its address")
+            raise CommClosedError(f"the Client lost its scheduler at {address} and closed")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+    return client.gather(futures)
 
 
 def connect(address: str, *, timeout: float) -> Any:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -657,6 +658,39 @@ def test_a_client_that_fails_to_connect_is_closed_quietly():
     assert done.stdout == ("cannot connect to a Dask scheduler at tcp://127.0.0.1:9/: ValueError: invalid literal "
                            "for int() with base 10: '9/'\n")
     assert done.stderr == "" and done.returncode == 0
+
+
+def test_a_client_that_lost_its_scheduler_neither_hangs_nor_warns_of_blas():
+    """A scheduler lost between the steps of one part of a run: registering the BLAS plugin failed with a plain
+    OSError, which printed a warning line above the command's one-line error, and a Client that gave up
+    reconnecting before its futures finished left gather waiting forever (the command hung). Both now give way
+    to the error saying the cluster was lost."""
+    import types
+    import warnings
+
+    pytest.importorskip("distributed")
+    from distributed.comm.core import CommClosedError
+
+    from chunkcca.cluster import gathered, prepare_workers
+
+    def refused(*_, **__):
+        raise OSError("Timed out trying to connect to tcp://127.0.0.1:8786 after 2 s")
+
+    closed = types.SimpleNamespace(status="closed", register_plugin=refused,
+                                   scheduler=types.SimpleNamespace(address="tcp://127.0.0.1:8786"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_workers(closed)
+    with pytest.warns(RuntimeWarning, match="could not limit BLAS to one thread on the workers"):
+        prepare_workers(types.SimpleNamespace(status="running", register_plugin=refused))
+    never = types.SimpleNamespace(done=lambda: False)
+    started = time.monotonic()
+    with pytest.raises(CommClosedError, match=r"the Client lost its scheduler at tcp://127\.0\.0\.1:8786 and closed"):
+        gathered(closed, [never])
+    assert time.monotonic() - started < 1
+    finished = types.SimpleNamespace(done=lambda: True)
+    running = types.SimpleNamespace(status="running", gather=lambda futures: ["value"] * len(futures))
+    assert gathered(running, [finished]) == ["value"]
 
 
 def test_a_failure_to_reconnect_to_a_lost_scheduler_is_named_as_the_cluster_lost(tmp_path, capfd, monkeypatch):
