@@ -63,16 +63,19 @@ def test_a_worker_that_cannot_see_the_store_is_an_error_not_fill_values(tmp_path
     for file in store.rglob("*"):
         if file.is_file():
             memory.pipe(f"/worker-blind/{file.relative_to(store)}", file.read_bytes())
-    tree = open_activations("memory://worker-blind")
-    local = float(cca(tree["a"], tree["b"], precision="float64")["rho_mean"])
-    assert local == pytest.approx(float(cca(open_activations(store)["a"], open_activations(store)["b"],
-                                            precision="float64")["rho_mean"]), abs=1e-12)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        with pytest.raises(OSError, match=r"chunk file [ab]/activations/c/\d+/0 of memory://worker-blind is missing "
-                                          r"where it was read: by a Dask worker that cannot see the store's files"):
-            cca(tree["a"], tree["b"], precision="float64", scheduler=client)
-    memory.rm("/worker-blind", recursive=True)
+    try:
+        tree = open_activations("memory://worker-blind")
+        local = float(cca(tree["a"], tree["b"], precision="float64")["rho_mean"])
+        assert local == pytest.approx(float(cca(open_activations(store)["a"], open_activations(store)["b"],
+                                                precision="float64")["rho_mean"]), abs=1e-12)
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            with pytest.raises(OSError, match=r"chunk file [ab]/activations/c/\d+/0 of memory://worker-blind is "
+                                              r"missing where it was read: by a Dask worker that cannot see the "
+                                              r"store's files"):
+                cca(tree["a"], tree["b"], precision="float64", scheduler=client)
+    finally:  # the memory filesystem lives as long as the test process
+        memory.rm("/worker-blind", recursive=True)
 
 
 def test_a_layer_computed_from_a_store_with_a_missing_chunk_is_an_error(tmp_path):
