@@ -337,7 +337,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
         parts = tmp / ".parts"
-        image: dict[str, tuple[int, int]] = {}  # 4-d layer → its height and width
+        image: dict[str, tuple[int, int]] = {}  # layer with height and width (images, volumes) → their sizes
         written = 0
         tmp.mkdir(parents=True, exist_ok=True)
         try:
@@ -346,9 +346,9 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                 for key, array in iter_arrays(source):
                     name, part = _layer_name(layer, key), parts / str(written)
                     values = _as_layer(array, layout, str(source))
-                    if values.ndim == 4:
-                        image[name] = (int(values.shape[1]), int(values.shape[2]))
                     dims = _dims(values.ndim, layout)
+                    if dims is not None and "height" in dims and "width" in dims:  # images and volumes
+                        image[name] = (int(values.shape[dims.index("height")]), int(values.shape[dims.index("width")]))
                     mask = {name: _mask_file(masks[name], values.shape[:-1])} if name in masks else None
                     if isinstance(values, np.memmap):  # write_activations streams it from the file
                         write_activations(part, {name: _named_axes(values, dims)}, masks=mask, chunks=chunks,
@@ -377,7 +377,7 @@ def _layer_name(layer: str, key: str) -> str:
 
 def _place_pixels(store: Path, image: dict[str, tuple[int, int]],
                   stored: tuple[int, int] | None) -> tuple[int, int] | None:
-    """Set the ``height``/``width`` coordinates of 4-d layers in units of the largest map of all layers (or
+    """Set the ``height``/``width`` coordinates of image and volume layers in units of the largest map of all layers (or
     of the store's own image size, when adding to a store), as
     [`chunkcca.write_activations()`][chunkcca.write_activations] does when
     given all layers at once (each layer was written alone, in units of its own map): pixel i of an s-pixel

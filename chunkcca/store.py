@@ -164,8 +164,10 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         image_size = (int(image_size), int(image_size))
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
-        spatial = [(a.sizes.get("height", 1), a.sizes.get("width", 1)) for a in arrays.values()]
-        size = image_size or stored or (max(s[0] for s in spatial), max(s[1] for s in spatial))
+        # the image's size: given, the store's, or its largest map (none: no layer has height and width yet; a
+        # store of fully connected layers recorded 1 x 1, and conv layers added later got centres of 1/32)
+        spatial = [(a.sizes["height"], a.sizes["width"]) for a in arrays.values() if {"height", "width"} <= set(a.dims)]
+        size = image_size or stored or ((max(s[0] for s in spatial), max(s[1] for s in spatial)) if spatial else None)
         datasets: dict[str, xr.Dataset] = {}
         encoding: dict[str, dict[str, Any]] = {}
         for key, array in arrays.items():
@@ -189,7 +191,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         tree = xr.DataTree.from_dict(datasets)
         with Progress(f"writing {', '.join(arrays)}") if progress else contextlib.nullcontext(), every_chunk_written():
             tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
-        return list(arrays), (int(size[0]), int(size[1]))
+        return list(arrays), None if size is None else (int(size[0]), int(size[1]))
 
     write_store(path, build, mode=mode, overwrite=overwrite)
     return open_activations(path)
@@ -198,7 +200,21 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
 def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
     """A padding mask for ``layer``: dims (datapoint, *positions), named as the layer's, boolean."""
     dims = ("datapoint", *layer.dims[1:-1])
+    name = str(layer.name)
     if isinstance(mask, xr.DataArray):
+        if set(mask.dims) != set(dims):
+            raise ValueError(f"layer {name!r}: its mask must have dims {dims}, got {tuple(map(str, mask.dims))}")
+        if mask.sizes["datapoint"] != layer.sizes["datapoint"]:
+            raise ValueError(f"layer {name!r}: its mask has {mask.sizes['datapoint']} datapoints, the layer "
+                             f"{layer.sizes['datapoint']}")
+        if "datapoint" in mask.coords and "datapoint" in layer.coords:  # by label, as layers are aligned: a
+            labels, own = layer.indexes["datapoint"], mask.indexes["datapoint"]  # mask in another order was taken
+            if not own.equals(labels):  # by position, silently
+                missing = labels.difference(own)
+                if len(missing) or not own.is_unique:
+                    raise ValueError(f"layer {name!r}: its mask labels its datapoints otherwise ({len(missing)} of "
+                                     f"the layer's are not in it, e.g. {missing[:5].tolist()})")
+                mask = mask.sel(datapoint=labels)
         return mask.transpose(*dims).variable
     if getattr(mask, "shape", None) != tuple(layer.shape[:-1]):
         raise ValueError(f"layer {str(layer.name)!r}: its mask must have the shape (datapoint, *positions) "
@@ -274,8 +290,17 @@ def is_activation_store(path: Path) -> bool:
         metadata = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
         return False
-    return (metadata.get("node_type") == "group" and not path.is_symlink()
+    return (metadata.get("node_type") == "group" and not path.is_symlink() and not _in_zarr_group(path)
             and (ORDER_ATTR in metadata.get("attributes", {}) or any(path.glob(f"**/{VARIABLE}/zarr.json"))))
+
+
+def _in_zarr_group(path: Path) -> bool:
+    """Whether ``path`` is a node inside a zarr hierarchy (a group or layer of a store), not a store of its own:
+    overwriting it replaced part of that store, which then did not open."""
+    try:
+        return json.loads((path.resolve().parent / "zarr.json").read_text()).get("node_type") == "group"
+    except (OSError, ValueError):
+        return False
 
 
 def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None, *,

@@ -99,6 +99,32 @@ def test_ingest_writes_what_write_activations_writes(tmp_path):
         ingest(tmp_path / "t.zarr", {"m0": tmp_path / "a.npz", "m0/conv": tmp_path / "small.npy"})
 
 
+def test_ingest_places_the_pixels_of_volumes_and_stores_of_fc_layers_first(tmp_path):
+    """Volumes (datapoint, depth, height, width, channel) kept the centres of their own map in an ingested store
+    (a 4 x 4 one at 0.5 … 3.5 beside an 8 x 8 one: interp refused the pair), where write_activations placed them
+    in the largest map's units (1, 3, 5, 7); and a store begun with fully connected layers recorded an image of
+    1 x 1, so conv layers appended later got centres of 1/32. Both write what write_activations writes."""
+    from chunkcca.ingest import ingest
+
+    rng = np.random.default_rng(2)
+    big, small = rng.standard_normal((20, 2, 8, 8, 3)), rng.standard_normal((20, 2, 4, 4, 3))
+    np.save(tmp_path / "big.npy", big)
+    np.save(tmp_path / "small.npy", small)
+    tree = ingest(tmp_path / "v.zarr", {"v8": tmp_path / "big.npy", "v4": tmp_path / "small.npy"})
+    np.testing.assert_allclose(tree["v4"]["height"], [1, 3, 5, 7])
+    written = chunkcca.write_activations(tmp_path / "w.zarr", {"v8": big, "v4": small})
+    np.testing.assert_allclose(written["v4"]["width"], [1, 3, 5, 7])
+    np.save(tmp_path / "fc.npy", rng.standard_normal((20, 4)))
+    np.save(tmp_path / "conv.npy", rng.standard_normal((20, 16, 16, 4)))
+    ingest(tmp_path / "f.zarr", {"fc": tmp_path / "fc.npy"})
+    appended = ingest(tmp_path / "f.zarr", {"conv": tmp_path / "conv.npy"}, mode="a")
+    np.testing.assert_allclose(appended["conv"]["height"][:3], [0.5, 1.5, 2.5])
+    assert appended.attrs["chunkcca_image_size"] == [16, 16]
+    chunkcca.write_activations(tmp_path / "g.zarr", {"fc": rng.standard_normal((20, 4))})
+    added = chunkcca.write_activations(tmp_path / "g.zarr", {"conv": rng.standard_normal((20, 16, 16, 4))}, mode="a")
+    np.testing.assert_allclose(added["conv"]["width"][:3], [0.5, 1.5, 2.5])
+
+
 def test_ingest_failing_midway_leaves_nothing(tmp_path):
     from chunkcca.ingest import ingest
 
