@@ -235,6 +235,8 @@ class Moments:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no saved Moments at {path}")
+        if not (path / "zarr.json").is_file():
+            raise ValueError(f"{path} is not a saved chunkcca Moments store (not a zarr store)")
         import zarr
 
         with xr.open_zarr(path, consolidated=False, chunks=None) as dataset:  # numpy: read here, not on a cluster

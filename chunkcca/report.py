@@ -73,7 +73,7 @@ def save_figure(make_figure: Callable[[], Any], path: str | os.PathLike, *, over
     figure = make_figure()
     try:
         write_atomically(path, lambda tmp: figure.savefig(tmp, format=kind, dpi=dpi, **metadata),
-                         overwrite=overwrite, replaceable=is_chunkcca_plot, what="a plot chunkcca drew")
+                         overwrite=overwrite, replaceable=is_chunkcca_plot, what="a plot")
     finally:
         plt.close(figure)
     print(f"plot: {path}")

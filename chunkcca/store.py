@@ -419,6 +419,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
                              f"layers again with chunkcca.write_activations (or chunkcca ingest)")
         if is_url(location) or not Path(location).exists():
             raise FileNotFoundError(f"no activation store at {location}")
+        raise ValueError(f"{location} is not an activation store: a zarr v3 store is a folder with a zarr.json, and "
+                         f"this is {'a file' if Path(location).is_file() else 'a folder without one'}")
     try:
         tree = xr.open_datatree(WholeStore.at(location, storage_options), engine="zarr", chunks={},
                                 consolidated=False)
@@ -509,10 +511,14 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
                  if variable.dtype.kind == "U"}
         result = result.assign(texts) if texts else result
         write_atomically(path, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False),
-                         overwrite=overwrite, replaceable=is_saved_result, what="a zarr result save_result wrote")
+                         overwrite=overwrite, replaceable=is_saved_result, what="a zarr result")
     elif suffix == ".nc":
+        complex_values = [str(name) for name, variable in result.variables.items() if variable.dtype.kind == "c"]
+        if complex_values:  # netCDF3, which xarray writes without a netCDF4 library, has no complex type
+            raise ValueError(f"{path}: netCDF files cannot hold the complex values of {', '.join(complex_values)} "
+                             f"(spatial='dft' coefficients); save to a zarr store (.zarr), which can")
         write_atomically(path, lambda tmp: result.to_netcdf(tmp), overwrite=overwrite,
-                         replaceable=is_saved_result, what="a netCDF result save_result wrote")
+                         replaceable=is_saved_result, what="a netCDF result")
     else:
         raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
 

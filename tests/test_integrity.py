@@ -154,7 +154,7 @@ def test_overwrite_replaces_only_an_activation_store(tmp_path, capsys):
     write_activations(tmp_path / "s.zarr", {"y": x}, overwrite=True)  # a store chunkcca wrote: replaced
     assert chunkcca.layer_paths(open_activations(tmp_path / "s.zarr")) == ["y"]
     result = cca(x, x[:, :2])
-    with pytest.raises(FileExistsError, match=r"is not a zarr result save_result wrote"):
+    with pytest.raises(FileExistsError, match=r"is not a zarr result chunkcca wrote"):
         chunkcca.save_result(result, tmp_path / "s.zarr", overwrite=True)  # a result never replaces the data
     assert chunkcca.layer_paths(open_activations(tmp_path / "s.zarr")) == ["y"]
     chunkcca.save_result(result, tmp_path / "r.zarr")
@@ -164,7 +164,7 @@ def test_overwrite_replaces_only_an_activation_store(tmp_path, capsys):
     moments.save(tmp_path / "m.zarr")  # and saved Moments (it replaced any zarr store but an activation store)
     for name, kind in (("mine.nc", "netCDF"), ("m.zarr", "zarr")):
         before = _contents(tmp_path / name)
-        with pytest.raises(FileExistsError, match=f"is not a {kind} result save_result wrote"):
+        with pytest.raises(FileExistsError, match=f"is not a {kind} result chunkcca wrote"):
             chunkcca.save_result(result, tmp_path / name, overwrite=True)
         assert _contents(tmp_path / name) == before
     chunkcca.save_result(result, tmp_path / "r.nc")

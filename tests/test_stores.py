@@ -428,3 +428,28 @@ def test_overwrite_never_replaces_a_group_or_layer_inside_a_store(tmp_path, rng,
     assert layer_paths(open_activations(tmp_path / "s.zarr")) == ["model0/a", "model0/b"]
     write_activations(tmp_path / "s.zarr", {"c": x}, overwrite=True)  # the store itself: replaced
     assert layer_paths(open_activations(tmp_path / "s.zarr")) == ["c"]
+
+
+def test_a_path_that_is_not_a_store_and_a_complex_result_in_netcdf_are_named(tmp_path, rng, capsys):
+    """A file or a folder that is not a zarr store printed "chunkcca info: error: []" (an empty file list from
+    the check of its chunk files), and saved Moments read a netCDF file with zarr's GroupNotFoundError; a
+    spatial='dft' result saved to .nc failed in xarray ("NetCDF 3 does not support type complex128")."""
+    from chunkcca.cli import main
+
+    np.save(tmp_path / "a.npy", np.ones((4, 2)))
+    (tmp_path / "empty").mkdir()
+    for path, what in ((tmp_path / "a.npy", "a file"), (tmp_path / "empty", "a folder without one")):
+        with pytest.raises(ValueError, match=f"is not an activation store: a zarr v3 store is a folder with a "
+                                             f"zarr.json, and this is {what}"):
+            open_activations(path)
+        assert main(["info", str(path)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(ValueError, match="is not a saved chunkcca Moments store"):
+        Moments.load(tmp_path / "a.npy")
+    x, y = correlated_layers(rng, 60, (4, 4, 3), (4, 4, 2))
+    result = cca(x, y, spatial="dft")
+    with pytest.raises(ValueError, match=r"netCDF files cannot hold the complex values of coef_a, coef_b .*save to "
+                                         r"a zarr store \(\.zarr\)"):
+        chunkcca.save_result(result, tmp_path / "dft.nc")
+    assert not (tmp_path / "dft.nc").exists()
+    chunkcca.save_result(result, tmp_path / "dft.zarr")
