@@ -150,6 +150,17 @@ def _add_solve_options(parser: argparse.ArgumentParser) -> None:
                                                     "default)")
 
 
+def _check_fold_flags(args: argparse.Namespace, measures: list[str]) -> None:
+    """Before any work, in flag words: the held-out measures and ``--confidence`` need ``--folds``."""
+    if args.folds is not None:
+        return
+    held_out = [name for name in measures if chunkcca.MEASURES[name].per_fold is not None]
+    if held_out:
+        raise ValueError(f"{held_out[0]} is measured on held-out folds: pass --folds K (K >= 2) or --folds COORDINATE")
+    if args.confidence is not None:
+        raise ValueError("--confidence sets the level of the intervals --folds gives, which is not given")
+
+
 def _given_solve_options(args: argparse.Namespace) -> dict[str, Any]:
     ridge = args.ridge[0] if args.ridge is not None and len(args.ridge) == 1 else args.ridge
     return {key: value for key, value in (("epsilon", args.epsilon), ("keep", args.keep),
@@ -259,11 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _layer(tree: Any, path: str) -> Any:
+def _layer(tree: Any, path: str, store: str) -> Any:
+    """The layer (or group) at ``path`` of ``tree``, the store opened from ``store``."""
     try:
         return tree[path.strip("/")]
     except KeyError:
-        raise ValueError(f"no layer {path!r} in the store; it has {', '.join(chunkcca.layer_paths(tree))}") from None
+        raise ValueError(f"no layer {path!r} in {store}; it has {', '.join(chunkcca.layer_paths(tree))}") from None
 
 
 def _stores(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -360,8 +372,9 @@ def _run_compare(args: argparse.Namespace) -> None:
         _check_plot(args)
     if args.checkpoint_every is not None and args.checkpoint is None:
         raise ValueError("--checkpoint-every applies only with --checkpoint, which is not given")
+    _check_fold_flags(args, measures)
     tree_a, tree_b = _stores(args)
-    a, b = _layer(tree_a, args.layer_a), _layer(tree_b, args.layer_b)
+    a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
     with _connected(args) as scheduler:
         result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint, **every,
@@ -512,14 +525,15 @@ def _check_plot(args: argparse.Namespace) -> None:
     _check_plot_output(args)
 
 
-def _select(tree: Any, names: list[str]) -> dict[str, Any]:
+def _select(tree: Any, names: list[str], store: str) -> dict[str, Any]:
     """The layers under each of ``names`` (layers or groups), by path, in the order named and, within a group, in
     the store's (network) order."""
-    return {path: tree[path] for name in names for path in chunkcca.layer_paths(_layer(tree, name))}
+    return {path: tree[path] for name in names for path in chunkcca.layer_paths(_layer(tree, name, store))}
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
     measures = _measure_names(args.measures, "--measures")
+    _check_fold_flags(args, measures)
     out = Path(args.out)
     if "://" in args.out or Path(args.out).suffix not in (".nc", ".zarr"):
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")
@@ -529,7 +543,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
         _check_plot(args)
     tree_a, tree_b = _stores(args)
     with _connected(args) as scheduler:
-        result = chunkcca.similarity(_select(tree_a, args.a), _select(tree_b, args.b), measures=measures,
+        result = chunkcca.similarity(_select(tree_a, args.a, args.store), _select(tree_b, args.b, args.b_store or
+                                                                                      args.store), measures=measures,
                                      **_given_solve_options(args), **_streaming(args, scheduler))
     # again before writing (the run took a while): save_result replaces any result it wrote, a sweep's only here
     _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")

@@ -78,7 +78,11 @@ def test_ingest_info_compare_sweep(files, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["compare", "{store}", "m0/conv", "nope"], "no layer 'nope' in the store; it has m0/conv"),
+        (["compare", "{store}", "m0/conv", "nope"], "no layer 'nope' in {store}; it has m0/conv"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--measure", "heldout_cca"],
+         "heldout_cca is measured on held-out folds: pass --folds K (K >= 2) or --folds COORDINATE"),
+        (["sweep", "{store}", "--a", "m0", "--b", "m0", "--confidence", "0.9", "--out", "{folder}/c.nc"],
+         "--confidence sets the level of the intervals --folds gives, which is not given"),
         (["info", "{folder}/missing.zarr"], "no activation store at"),
         (["ingest", "{folder}/x.zarr", "m0/conv"], "expected LAYER=FILE, got 'm0/conv'"),
         (["ingest", "{folder}/x.zarr", "m0=nothing.npy"], "no such file: nothing.npy"),
@@ -141,7 +145,7 @@ def test_bad_input_exits_2_with_one_line(files, capsys, argv, message: str):
         status = exit_info.code
     assert status == 2
     shown = capsys.readouterr()
-    assert message in shown.err and len(shown.err.strip().splitlines()) == 1
+    assert message.format(store=store) in shown.err and len(shown.err.strip().splitlines()) == 1
     assert shown.out == ""  # refused before computing anything
 
 
@@ -388,7 +392,8 @@ def test_compare_and_sweep_with_folds_and_groups(tmp_path, capsys):
     saved = xr.open_dataset(tmp_path / "s.nc")
     assert saved["predictivity_ci"].dims == ("layer_a", "layer_b", "bound") and saved.attrs["ridge"] == 0.1
     assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "predictivity"]) == 2
-    assert "predictivity is measured on held-out folds: pass folds=K" in capsys.readouterr().err
+    assert ("predictivity is measured on held-out folds: pass --folds K (K >= 2) or --folds COORDINATE"
+            in capsys.readouterr().err)
 
 
 def test_the_command_gives_zarr_one_decode_thread_per_chunk_read_ahead():
