@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'datapoints': datapoint first, channel last (the default, for arrays that do not "
                              "look like the others; a 3-d array is (datapoint, token, channel)); "
                              "'neurons': 2-d (neurons, datapoints) as svcca's; "
-                             "'channels_first': (datapoint, channel, *positions) as PyTorch's, e.g. (N, C, H, W)")
+                             "'channels_first': (datapoint, channel, *positions) as PyTorch's, e.g. (N, C, H, W) "
+                             "(a 2-d array as it is)")
     ingest.add_argument("--mask", action="append", default=[], metavar="LAYER=FILE",
                         help="a layer's padding mask (datapoint, *positions) from a .npy file, True at real "
                              "positions (e.g. an attention mask); repeat for more layers")

@@ -178,8 +178,9 @@ def _array_names(path: str | os.PathLike) -> list[str]:
 
 def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
     """``array`` datapoint-first, channel-last (a view: a memory-mapped .npy stays on disk); ``layout="neurons"``
-    means (neurons, datapoints) as google/svcca's, "channels_first" (datapoint, channel, height, width) as
-    PyTorch's ([`ingest()`][chunkcca.ingest.ingest] has checked ``layout``); None is "datapoints" for arrays that do
+    means (neurons, datapoints) as google/svcca's, "channels_first" (datapoint, channel, *positions) as
+    PyTorch's, a 2-d array as it is ([`ingest()`][chunkcca.ingest.ingest] has checked ``layout``); None is
+    "datapoints" for arrays that do
     not look like
     either. [`chunkcca.write_activations()`][chunkcca.write_activations] chunks it."""
     if layout is None and array.ndim == 2 and array.shape[0] < array.shape[1]:
@@ -203,9 +204,11 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
                           f"datapoints, leave the layout out", RuntimeWarning, stacklevel=4)
         return array.T
     if layout == "channels_first":
+        if array.ndim == 2:  # (datapoint, channel) in either layout: a fully connected layer beside conv ones
+            return array
         if array.ndim not in (3, 4, 5):
             raise ValueError(f"{source}: layout 'channels_first' needs a (datapoint, channel, *positions) array of "
-                             f"1 to 3 positions, got shape {array.shape}")
+                             f"0 to 3 positions, got shape {array.shape}")
         return np.moveaxis(array, 1, -1)
     return array
 
@@ -345,7 +348,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                 # No zip/enumerate around iter_arrays: they keep their last item while fetching the next.
                 for key, array in iter_arrays(source):
                     name, part = _layer_name(layer, key), parts / str(written)
-                    values = _as_layer(array, layout, str(source))
+                    values = _as_layer(array, layout, f"{source} ({key})" if key else str(source))
                     dims = _dims(values.ndim, layout)
                     if dims is not None and "height" in dims and "width" in dims:  # images and volumes
                         image[name] = (int(values.shape[dims.index("height")]), int(values.shape[dims.index("width")]))

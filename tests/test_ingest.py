@@ -288,3 +288,18 @@ def test_mask_files_are_read_in_blocks_and_checked_before_writing(tmp_path, caps
                  f"enc={tmp_path / 'bad.npy'}", "--no-progress"]) == 2
     assert "holds values other than 0/1 or True/False (datapoints from 14)" in capsys.readouterr().err
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_a_pytorch_npz_of_conv_and_fc_layers_is_ingested_with_channels_first(tmp_path, capsys):
+    """An .npz of a PyTorch CNN's conv (N, C, H, W) and fc (N, C) outputs could not be ingested: without --layout
+    the conv array was refused, with --layout channels_first the fc one ("got shape (20, 10)"), and the error
+    named the file, not the array. channels_first now reads a 2-d array as it is; errors name the array."""
+    rng = np.random.default_rng(3)
+    conv, fc = rng.standard_normal((20, 3, 4, 4)), rng.standard_normal((20, 10))
+    np.savez(tmp_path / "cnn.npz", conv=conv, fc=fc)
+    assert main(["ingest", str(tmp_path / "a.zarr"), f"net={tmp_path / 'cnn.npz'}"]) == 2
+    assert f"{tmp_path / 'cnn.npz'} (conv): shape (20, 3, 4, 4) may be channels-first" in capsys.readouterr().err
+    assert main(["ingest", str(tmp_path / "b.zarr"), f"net={tmp_path / 'cnn.npz'}", "--layout", "channels_first"]) == 0
+    tree = chunkcca.open_activations(tmp_path / "b.zarr")
+    np.testing.assert_array_equal(tree["net/conv"]["activations"].values, conv.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(tree["net/fc"]["activations"].values, fc)
