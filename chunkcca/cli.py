@@ -497,16 +497,16 @@ def _connected(args: argparse.Namespace) -> Iterator[Any]:
     from chunkcca.cluster import close_quietly, connect, lost_scheduler_unlogged
 
     client = connect(args.scheduler, timeout=timeout)
-    try:
-        with lost_scheduler_unlogged():
+    with lost_scheduler_unlogged():  # also while the Client closes: its IO thread logs a lost connection then
+        try:
             yield client
-    except (Exception, asyncio.CancelledError) as error:
-        message = _cluster_failure(error, args, lost=getattr(client, "status", "running") != "running")
-        if message is None:
-            raise
-        raise ClusterLost(message) from error
-    finally:
-        close_quietly(client)
+        except (Exception, asyncio.CancelledError) as error:
+            message = _cluster_failure(error, args, lost=getattr(client, "status", "running") != "running")
+            if message is None:
+                raise
+            raise ClusterLost(message) from error
+        finally:
+            close_quietly(client)
 
 
 def _check_plot(args: argparse.Namespace) -> None:

@@ -192,8 +192,9 @@ def _check_position_coords(array: xr.DataArray, positions: Sequence[Hashable], n
     """Numeric coordinates of position dims increase: positions pair by their order, so a layer flipped with its
     labels (``isel(height=slice(None, None, -1))``) would pair each pixel with its mirror image."""
     for dim in positions:
-        if dim in array.coords and np.issubdtype(array[dim].dtype, np.number) and array.sizes[dim] > 1:
-            if not (np.diff(array[dim].values) > 0).all():
+        if dim in array.coords and array[dim].dtype.kind in "iufmM" and array.sizes[dim] > 1:  # numbers, times
+            values = array[dim].values
+            if not (values[1:] > values[:-1]).all():  # not np.diff, which wraps around for unsigned integers
                 raise ValueError(f"layer {name!r}: its {dim!r} coordinates do not increase; layers pair positions "
                                  f"by their order, so put them in increasing order first "
                                  f"(layer.sortby({str(dim)!r}))")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,35 +40,46 @@ NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold va
 class Rounding:
     """What the rank of one side counts as rounding, on its correlation matrix: ``products``, the relative
     rounding of float32 products (eps32; 0 for float64's, which ``p · eps64 · largest`` allows for), and
-    ``noise``, the eigenvalue that the rounding of the activations themselves can give a direction they do not
-    hold (``rounding()``)."""
+    ``channels``, the variance the rounding of each channel's own values adds in the correlation matrix's units
+    (``rounding()``; None: exact values)."""
 
     products: float = 0.0
-    noise: float = 0.0
+    channels: np.ndarray | None = None
 
-    def tolerance(self, values: np.ndarray) -> float:
-        """The eigenvalue at or below which a direction of a (p, p) matrix with eigenvalues ``values`` is
-        rounding."""
+    def kept(self, index: np.ndarray) -> Rounding:
+        """The Rounding of the channels at ``index`` only (the side's kept channels, in that order)."""
+        return self if self.channels is None else replace(self, channels=self.channels[index])
+
+    def tolerance(self, values: np.ndarray, vectors: np.ndarray | None = None) -> np.ndarray | float:
+        """The eigenvalue at or below which each direction of a (p, p) matrix with eigenvalues ``values`` (and
+        eigenvectors ``vectors``, columns) is rounding. Independent rounding of each channel's values puts
+        Σᵢ |vᵢₖ|² cᵢ on direction k (``channels`` c): a direction made of channels known to 7 digits is not cut
+        for a channel beside them known to fewer (a BatchNorm unit of mean 100 and spread 0.01)."""
         largest = max(values.max(initial=0.0), 0.0)
-        return max(largest * values.shape[-1] * np.finfo(np.float64).eps, 32 * self.products,
-                   largest * self.products, self.noise)
+        floor = max(largest * values.shape[-1] * np.finfo(np.float64).eps, 32 * self.products,
+                    largest * self.products)
+        if self.channels is None or vectors is None:
+            return floor
+        return np.maximum(floor, (np.abs(vectors) ** 2).T @ self.channels)
 
 
 def rounding(moments: Moments, side: int, index: tuple[int, ...] = ()) -> Rounding:
     """The ``Rounding`` of one side of ``moments`` (of batch element ``index``). Values of relative rounding e
-    (``Moments.value_rounding``) carry errors of variance up to e² (mean² + variance) in each channel, e² (1 +
-    mean² / variance) in the correlation matrix's units; the largest over the side's varying channels is the
-    most a direction the values do not hold can show (a float32 LayerNorm output's exact null direction came
-    out at 1e-15, and chunkings counted it or not)."""
+    (``Moments.value_rounding``) carry errors of variance up to e² (mean² + variance) in each channel: e² (1 +
+    mean² / variance) in the correlation matrix's units, 12 times the variance of rounding to nearest (a float32
+    LayerNorm output's exact null direction came out at 1e-15 of the largest eigenvalue, under 1.4e-14, and
+    chunkings counted it or not). Channels constant to rounding (pruned) get 0."""
     products = float(np.finfo(np.float32).eps) if moments.precision == "float32" else 0.0
     eps = moments.value_rounding[side]
+    if not eps:
+        return Rounding(products)
     part = moments.side_slices()[side]
     variance = np.diagonal(moments.scatter[index]).real[part] / max(moments.n - 1, 1)
     mean = np.abs(moments.mean[index][part])
     varying = non_constant(variance, mean)
-    if not eps or not varying.any():
-        return Rounding(products)
-    return Rounding(products, eps**2 * float((1 + mean[varying] ** 2 / variance[varying]).max()))
+    channels = np.zeros(variance.shape)
+    channels[varying] = eps**2 * (1 + mean[varying] ** 2 / variance[varying])
+    return Rounding(products, channels)
 
 
 def _inverse_std(cov: np.ndarray) -> np.ndarray:
@@ -85,8 +96,8 @@ def _scaled(cov: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def _correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
     """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``)."""
-    values = np.linalg.eigvalsh(_scaled(cov, _inverse_std(cov)))
-    return int((values > floor.tolerance(values)).sum())
+    values, vectors = np.linalg.eigh(_scaled(cov, _inverse_std(cov)))
+    return int((values > floor.tolerance(values, vectors)).sum())
 
 
 def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> tuple[np.ndarray, int]:
@@ -96,11 +107,12 @@ def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> tuple[np.ndar
     matrix from float32 products, ``floor.products`` = eps32 also cuts eigenvalues at most
     ``max(32 · eps32, eps32 · max)``: the rounding those products leave, measured on rank-deficient layers
     at up to about 6 · eps32 absolute, and up to 0.1 · eps32 · max for wide layers of very low rank (the
-    largest eigenvalue is then about p). Genuine eigenvalues down to about 1e-5 are kept. ``floor.noise``
-    cuts what the activations' own rounding can make (``rounding()``): about 1.4e-14 for float32 values.
+    largest eigenvalue is then about p). Genuine eigenvalues down to about 1e-5 are kept. ``floor.channels``
+    cuts, direction by direction, what the activations' own rounding can make (``rounding()``): about 1.4e-14
+    for float32 values of a mean no larger than their spread.
     """
     values, vectors = np.linalg.eigh(cov)
-    keep = values > floor.tolerance(values)
+    keep = values > floor.tolerance(values, vectors)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     return (vectors * scale) @ vectors.conj().T, int(keep.sum())
@@ -143,8 +155,8 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np
     coef_b = np.zeros((q, n_components), dtype=cov.dtype)
     rank_a = rank_b = 0
     if index_a.size and index_b.size:
-        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, floors[0])
-        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon, floors[1])
+        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, floors[0].kept(index_a))
+        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon, floors[1].kept(index_b - p))
         u, s, vh = np.linalg.svd(whiten_a.conj().T @ cov[np.ix_(index_a, index_b)] @ whiten_b)
         k = min(rank_a, rank_b)
         rho[:k] = np.minimum(s[:k], 1.0)  # a correlation; rounding (float32, few rows) can pass 1
@@ -571,19 +583,21 @@ def _fold_covariances(folds: Sequence[Moments], measure: str) -> None:
 
 def _variate_correlations(left: np.ndarray, right: np.ndarray, cov: np.ndarray, p: int) -> np.ndarray:
     """Correlations, under the covariance ``cov`` (p + q, p + q), of the paired projections ``left`` (p, k) of
-    side a and ``right`` (q, k) of side b: one per column; NaN (undefined) where a projection has no variance."""
+    side a and ``right`` (q, k) of side b: one per column; NaN (undefined) where a fitted projection has no
+    variance, 0 for components beyond the fit's rank (zero coefficients, as their ρ is 0)."""
     cross = np.einsum("ik,ij,jk->k", left, cov[:p, p:], right)
     spread = np.sqrt(np.einsum("ik,ij,jk->k", left, cov[:p, :p], left)
                      * np.einsum("ik,ij,jk->k", right, cov[p:, p:], right))
-    return np.divide(cross, spread, out=np.full_like(cross, np.nan), where=spread > 0)
+    fitted = np.any(left != 0, axis=0) & np.any(right != 0, axis=0)
+    return np.divide(cross, spread, out=np.where(fitted, np.nan, 0.0), where=spread > 0)
 
 
 def _mean_of_defined(values: np.ndarray, axis: int, measure: str, what: str) -> np.ndarray:
     """The mean along ``axis`` of the defined (not NaN) held-out correlations, with a warning naming how many
-    were undefined (a fold where a layer, a channel or a variate does not vary): never a 0 averaged in. NaN
-    where none is defined."""
+    were undefined (a fold where a layer, a channel or a variate does not vary; no warning without ``measure``):
+    never a 0 averaged in. NaN where none is defined."""
     undefined = np.isnan(values)
-    if undefined.any():
+    if undefined.any() and measure:
         folds = sorted(set(np.nonzero(undefined)[axis].tolist()))
         warnings.warn(f"{measure}: {undefined.sum()} held-out correlation{'s are' if undefined.sum() > 1 else ' is'} "
                       f"undefined ({what} does not vary in the held-out fold{'s' if len(folds) > 1 else ''} "
@@ -623,7 +637,7 @@ def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) ->
     few = [fold for fold, part in enumerate(folds) if rows - part.n <= channels]
     if few and epsilon == 0:
         warnings.warn(f"heldout_cca: without fold {few[0]} the fit has {rows - folds[few[0]].n} rows for {channels} "
-                      f"channels, so every in-sample correlation is 1 and the fitted directions are not unique: the "
+                      f"channels, so in-sample correlations reach 1 and the fitted directions are not unique: the "
                       f"held-out value then depends on the channels' scales, order and chunking; pass epsilon > 0, "
                       f"or fewer channels or more rows", RuntimeWarning, stacklevel=user_stacklevel())
     per_fold = []
@@ -635,7 +649,7 @@ def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) ->
     return xr.Dataset(
         {"heldout_rho": ("component", rho, {"long_name": "held-out canonical correlation, mean over folds"}),
          "heldout_cca": ((), float(rho.mean()) if rho.size else np.nan, {"long_name": "mean held-out CCA"}),
-         "heldout_cca_per_fold": ("fold", [float(r.mean()) for r in per_fold]),
+         "heldout_cca_per_fold": ("fold", _mean_of_defined(np.array(per_fold), 1, "", "")),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
         coords={"component": np.arange(rho.size), "fold": np.arange(len(folds))},
         attrs={"measure": "heldout_cca", "epsilon": float(epsilon), "folds": len(folds), **_layer_attrs(*folds)})

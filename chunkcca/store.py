@@ -290,17 +290,22 @@ def is_activation_store(path: Path) -> bool:
         metadata = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
         return False
-    return (metadata.get("node_type") == "group" and not path.is_symlink() and not _in_zarr_group(path)
+    return (metadata.get("node_type") == "group" and not path.is_symlink() and not _in_activation_store(path)
             and (ORDER_ATTR in metadata.get("attributes", {}) or any(path.glob(f"**/{VARIABLE}/zarr.json"))))
 
 
-def _in_zarr_group(path: Path) -> bool:
-    """Whether ``path`` is a node inside a zarr hierarchy (a group or layer of a store), not a store of its own:
-    overwriting it replaced part of that store, which then did not open."""
-    try:
-        return json.loads((path.resolve().parent / "zarr.json").read_text()).get("node_type") == "group"
-    except (OSError, ValueError):
-        return False
+def _in_activation_store(path: Path) -> bool:
+    """Whether ``path`` is a group or layer inside an activation store (an ancestor lists its layers), not a store
+    of its own: overwriting it replaced part of that store, which then did not open. A store kept in a zarr group
+    of the user's own is a store of its own."""
+    for folder in path.resolve().parents:
+        try:
+            attributes = json.loads((folder / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError):
+            return False  # above the zarr hierarchy
+        if ORDER_ATTR in attributes:
+            return True
+    return False
 
 
 def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None, *,

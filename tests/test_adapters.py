@@ -179,6 +179,9 @@ def test_position_coordinates_that_decrease_are_refused(spatial):
                                atol=1e-12)
     other_units = b.assign_coords(height=4 * centres["height"] + 100, width=4 * centres["width"])
     np.testing.assert_allclose(cca(a, other_units, spatial=spatial, precision="float64")["rho"], want, atol=1e-12)
+    unsigned = b.assign_coords(height=np.arange(4, dtype=np.uint32)).isel(height=slice(None, None, -1))
+    with pytest.raises(ValueError, match="layer 'b': its 'height' coordinates do not increase"):  # np.diff wraps
+        cca(a, unsigned, spatial=spatial)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e6])

@@ -160,6 +160,27 @@ def test_a_correlation_undefined_in_a_held_out_fold_is_left_out_not_counted_as_z
     assert np.isfinite(result["heldout_cca_se"]) and np.isfinite(result["predictivity_se"])
 
 
+def test_components_beyond_a_fit_s_rank_count_as_zero_not_undefined():
+    """A dead unit on the narrower side makes every fit one direction short: that component's coefficients are 0
+    (as its ρ), so its held-out correlation is 0, not undefined; made NaN, it made heldout_cca NaN (0.567
+    before), with a warning that blamed every fold."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 4))
+    y = x[:, :3] @ rng.standard_normal((3, 3)) + rng.standard_normal((300, 3))
+    y[:, 2] = 0.0  # b, the narrower side, has 2 live channels: the fits have 2 directions of 3 components
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = compare(x, y, folds=3, measures=["heldout_cca"], precision="float64")
+    held = []
+    for test in _folds(300, 3):
+        train = np.setdiff1d(np.arange(300), test)
+        wa, wb = _cca_directions(x[train], y[train][:, :2])
+        held.append([np.corrcoef(x[test] @ wa[:, c], y[test][:, :2] @ wb[:, c])[0, 1] for c in range(2)] + [0.0])
+    np.testing.assert_allclose(result["heldout_rho"], np.mean(held, axis=0), atol=FOLD_TOL)
+    assert float(result["heldout_cca"]) == pytest.approx(np.mean(held), abs=FOLD_TOL)
+    assert np.isfinite(result["heldout_cca_se"])
+
+
 def test_held_out_cca_warns_when_its_fits_have_no_more_rows_than_channels():
     """16 rows, 12 + 5 channels, 2 folds: each fit has 8 rows, every in-sample correlation is 1 and the directions
     are not unique, so heldout_cca moved with the channels' scale, order and chunking (0.278, 0.327, 0.324),

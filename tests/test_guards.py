@@ -89,6 +89,23 @@ def test_the_rounding_of_float32_values_is_not_taken_for_a_direction(tmp_path):
     assert int(cca(x.astype("float32"), weak, precision="float64")["rank_b"]) == 10
 
 
+def test_a_channel_known_to_few_digits_does_not_cut_the_directions_of_the_others():
+    """The values' rounding was taken at its worst channel for every direction: one float32 channel of mean 100
+    and spread 0.01 (a BatchNorm unit whose gain decayed), rounding at 1.4e-6 in correlation units, cut genuine
+    directions of the other channels at 1e-7 and 8e-7 (ρ̄ 0.803 against 1.0). Each direction now counts the
+    rounding of the channels it is made of (Σ |v|² c): the others keep their 10 directions, as float64 values do."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 10))
+    left, _, right = np.linalg.svd(rng.standard_normal((10, 10)))
+    weak = x @ left @ np.diag(np.logspace(0, -3.5, 10)) @ right  # eigenvalues down to 1e-7 of the strongest
+    unit = 100 + 0.01 * rng.standard_normal((3000, 1))
+    y = np.hstack([weak, unit])
+    for values in (y.astype("float32"), y):
+        result = cca(x.astype(values.dtype), values, precision="float64")
+        assert int(result["rank_b"]) == 11
+        assert float(result["rho_mean"]) == pytest.approx(1.0, abs=1e-6)  # b holds x: 10 correlations of 1
+
+
 @pytest.mark.parametrize("scale", [1e-25, 1e-22, 1e22, 1e25])
 def test_float32_data_far_from_one_keeps_every_digit(scale):
     """At 1e-25 float32 squares underflow (rho_mean was 0, every channel pruned); such chunks go float64."""

@@ -428,6 +428,12 @@ def test_overwrite_never_replaces_a_group_or_layer_inside_a_store(tmp_path, rng,
     assert layer_paths(open_activations(tmp_path / "s.zarr")) == ["model0/a", "model0/b"]
     write_activations(tmp_path / "s.zarr", {"c": x}, overwrite=True)  # the store itself: replaced
     assert layer_paths(open_activations(tmp_path / "s.zarr")) == ["c"]
+    import zarr
+
+    zarr.open_group(tmp_path / "project", mode="w")  # a zarr group of the user's own holds a store: replaceable
+    for layer in ("first", "second"):
+        write_activations(tmp_path / "project" / "run", {layer: x}, overwrite=True)
+    assert layer_paths(open_activations(tmp_path / "project" / "run")) == ["second"]
 
 
 def test_a_path_that_is_not_a_store_and_a_complex_result_in_netcdf_are_named(tmp_path, rng, capsys):
