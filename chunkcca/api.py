@@ -141,7 +141,8 @@ def _with_provenance(streamed: Streamed) -> Streamed:
     """``streamed`` with its Moments, and each group's, marked with the layers' names (as the results' ``layer_a``
     and ``layer_b``) and how the rows were made, so that Moments of other layers or rows refuse to merge."""
     mark = functools.partial(dataclasses.replace, layers=tuple(str(layer.name) for layer in streamed.layers),
-                             rows_from=_rows_from(streamed.layers, streamed.adapters))
+                             rows_from=_rows_from(streamed.layers, streamed.adapters),
+                             channel_labels=tuple(layer["channel"].values for layer in streamed.layers))
     groups = None if streamed.groups is None else tuple(map(mark, streamed.groups))
     return dataclasses.replace(streamed, moments=mark(streamed.moments), groups=groups)
 

@@ -172,6 +172,18 @@ def default_batch_dims(count: int) -> tuple[str, ...]:
     return ("freq_h", "freq_w") if count == 2 else tuple(f"freq_{i}" for i in range(count))
 
 
+def _channel_coords(*moments: Moments) -> dict[str, np.ndarray]:
+    """``channel_a`` and ``channel_b`` of a result: each side's channel labels, as the first of ``moments`` that
+    knows them records them (none when no Moments do)."""
+    coords = {}
+    for key, side in (("channel_a", 0), ("channel_b", 1)):
+        known = [m.channel_labels[side] for m in moments if len(m.channel_labels) > side
+                 and m.channel_labels[side] is not None]
+        if known:
+            coords[key] = known[0]
+    return coords
+
+
 def _layer_attrs(*moments: Moments) -> dict[str, str]:
     """``layer_a`` and ``layer_b`` of a result, as the streamed measures name them: the layer of each side of
     ``moments`` (over several, e.g. folds, the first that knows it), each only when known."""
@@ -244,7 +256,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
             "r2_cca": ((), (rho**2).mean() if rho.size else np.nan,
                        {"long_name": "mean squared canonical correlation (R²_CCA)"}),
         },
-        coords={"component": np.arange(rho.shape[-1])},
+        coords={"component": np.arange(rho.shape[-1]), **_channel_coords(moments)},
         attrs={"measure": "cca", "epsilon": float(epsilon), **_layer_attrs(moments)},
     )
     if batch:
@@ -357,7 +369,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
             "rows": ((), np.int64(moments.n)),
             "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"}),
         },
-        coords={"component": np.arange(rho.size)},
+        coords={"component": np.arange(rho.size), **_channel_coords(moments)},
         attrs={"measure": "svcca", "keep": float(keep), "keep_by": keep_by, "epsilon": float(epsilon),
                **_layer_attrs(moments)},
     )
@@ -702,7 +714,8 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
          "predictivity_per_fold": (("ridge", "fold"), _median_of_defined(scores)),
          "predictivity_per_fold_channel": (("ridge", "fold", "channel_b"), scores),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
-        coords={"ridge": list(ridges), "fold": np.arange(len(folds))},
+        coords={"ridge": list(ridges), "fold": np.arange(len(folds)),
+                **{key: value for key, value in _channel_coords(*folds).items() if key == "channel_b"}},
         attrs={"measure": "predictivity", "folds": len(folds), **_layer_attrs(*folds)})
     return result if isinstance(ridge, (list, tuple, np.ndarray)) else result.squeeze("ridge")
 

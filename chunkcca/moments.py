@@ -81,6 +81,10 @@ class Moments:
         float64 and integers), one per side; all 0 by default. The solves count as rounding a direction the
         values' own rounding could make (a float32 LayerNorm output's exact null direction at 1e-15 of the
         largest eigenvalue), whatever the products' precision. Merged Moments keep the coarser.
+    channel_labels : tuple of (ndarray or None)
+        Each side's channel labels (a layer's ``channel`` coordinate; None unknown, the default), which the
+        results of ``*_from_moments`` carry as ``channel_a`` and ``channel_b``. Moments merge only when known
+        labels agree.
     """
 
     n: int
@@ -93,6 +97,7 @@ class Moments:
     layers: tuple[str, ...] = field(default=())
     rows_from: str = ""
     value_rounding: tuple[float, ...] = field(default=())
+    channel_labels: tuple[np.ndarray | None, ...] = field(default=())
 
     def __post_init__(self) -> None:
         p = self.mean.shape[-1]
@@ -125,6 +130,10 @@ class Moments:
             raise ValueError(f"value_rounding must give each of the {len(sizes)} sides a relative rounding in [0, 1), "
                              f"got {self.value_rounding!r}")
         object.__setattr__(self, "value_rounding", rounding)
+        labels = tuple(None if x is None else np.asarray(x) for x in self.channel_labels) or (None,) * len(sizes)
+        if len(labels) != len(sizes) or any(x is not None and x.shape != (size,) for x, size in zip(labels, sizes)):
+            raise ValueError(f"channel_labels must give each of the {len(sizes)} sides its {sizes} labels or None")
+        object.__setattr__(self, "channel_labels", labels)
 
     def __repr__(self) -> str:
         batch = f", batch={self.batch_shape}" if self.batch_shape else ""
@@ -149,7 +158,8 @@ class Moments:
     def __getitem__(self, index: tuple[int, ...] | int) -> Moments:
         """The statistics of one batch element (e.g. one spatial frequency)."""
         return Moments(self.n, self.mean[index], self.scatter[index], self.sizes, precision=self.precision,
-                       layers=self.layers, rows_from=self.rows_from, value_rounding=self.value_rounding)
+                       layers=self.layers, rows_from=self.rows_from, value_rounding=self.value_rounding,
+                       channel_labels=self.channel_labels)
 
     def select(self, sides: Sequence[int]) -> Moments:
         """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
@@ -160,7 +170,7 @@ class Moments:
         return Moments(self.n, self.mean[..., index], self.scatter[..., index[:, None], index],
                        tuple(self.sizes[i] for i in sides), norms, products, self.precision,
                        tuple(self.layers[i] for i in sides), self.rows_from,
-                       tuple(self.value_rounding[i] for i in sides))
+                       tuple(self.value_rounding[i] for i in sides), tuple(self.channel_labels[i] for i in sides))
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """Covariance ``scatter / (n − ddof)``, shape (*batch, p, p)."""
@@ -184,8 +194,14 @@ class Moments:
         layers, rows_from = self._merged_provenance(other)
         precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
         merged = unpack(merge_into(pack(self), pack(other), self.sizes), self.sizes, precision)
+        for ours, theirs in zip(self.channel_labels, other.channel_labels):
+            if ours is not None and theirs is not None and not np.array_equal(ours, theirs):
+                raise ValueError(f"cannot merge Moments of channels labelled otherwise ({ours[:3].tolist()}… and "
+                                 f"{theirs[:3].tolist()}…): they describe other channels")
         return replace(merged, layers=layers, rows_from=rows_from,
-                       value_rounding=tuple(map(max, self.value_rounding, other.value_rounding)))
+                       value_rounding=tuple(map(max, self.value_rounding, other.value_rounding)),
+                       channel_labels=tuple(theirs if ours is None else ours
+                                            for ours, theirs in zip(self.channel_labels, other.channel_labels)))
 
     def _merged_provenance(self, other: Moments) -> tuple[tuple[str, ...], str]:
         """The layers and ``rows_from`` of ``self + other``: the known value of each ("" is unknown); raises when
@@ -219,6 +235,10 @@ class Moments:
         if self.norm_moments is not None:
             variables["norm_moments"] = (("side", "channel"), self.norm_moments)
             variables["norm_products"] = (("side", "side_t"), self.norm_products)
+        for side, labels in enumerate(self.channel_labels):  # text as variable-length strings, which zarr v3 has
+            if labels is not None:
+                variables[f"channel_labels{side}"] = ((f"channel{side}",), labels.astype(object)
+                                                      if labels.dtype.kind == "U" else labels)
         dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision,
                                                "layers": list(self.layers), "rows_from": self.rows_from,
                                                "value_rounding": list(self.value_rounding)})
@@ -258,6 +278,8 @@ class Moments:
                     layers=tuple(dataset.attrs.get("layers", ())),  # saves before provenance: unknown
                     rows_from=dataset.attrs.get("rows_from", ""),
                     value_rounding=tuple(dataset.attrs.get("value_rounding", ())),  # saves before it: none
+                    channel_labels=tuple(dataset[f"channel_labels{side}"].values if f"channel_labels{side}" in dataset
+                                         else None for side in range(dataset.sizes["side"])),
                 )
             except ValueError as error:
                 if "checksum" not in str(error):

@@ -376,3 +376,36 @@ def test_saves_made_before_provenance_load_as_unknown(tmp_path, rng):
     merged = loaded + new
     assert merged.layers == ("a", "b")
     assert_moments_close(merged, _moments_of(rows, (1, 2)), rtol=1e-13)
+
+
+def test_moments_carry_channel_labels_into_results_from_moments(tmp_path):
+    """cca_from_moments(compute_moments(a, b)) had no channel_a / channel_b labels where cca(a, b) has them, so
+    .sel(channel_a="u") failed on the first and worked on the second; predictivity_from_folds likewise. Moments
+    now carry each side's labels (saved, selected, merged: other labels refuse to merge)."""
+    import dataclasses
+
+    import xarray as xr
+
+    from chunkcca.measures import predictivity_from_folds
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((200, 3))
+    y = x @ rng.standard_normal((3, 2)) + rng.standard_normal((200, 2))
+    a = xr.DataArray(x, dims=("datapoint", "channel"), coords={"channel": ["u", "v", "w"]}, name="a")
+    b = xr.DataArray(y, dims=("datapoint", "channel"), coords={"channel": [10, 20]}, name="b")
+    moments = chunkcca.compute_moments(a, b, precision="float64")
+    direct = chunkcca.cca(a, b, precision="float64")
+    from_moments = chunkcca.cca_from_moments(moments)
+    assert list(from_moments["channel_a"].values) == ["u", "v", "w"] and list(from_moments["channel_b"]) == [10, 20]
+    xr.testing.assert_allclose(from_moments["coef_a"].sel(channel_a="v"), direct["coef_a"].sel(channel_a="v"))
+    assert list(chunkcca.svcca_from_moments(moments)["channel_a"].values) == ["u", "v", "w"]
+    moments.save(tmp_path / "m")
+    loaded = chunkcca.Moments.load(tmp_path / "m")
+    assert list(loaded.channel_labels[0]) == ["u", "v", "w"] and list(loaded.channel_labels[1]) == [10, 20]
+    assert list(loaded.select([1]).channel_labels[0]) == [10, 20]
+    folds = list(chunkcca.compute_moments(a, b, folds=3, precision="float64").values())
+    assert list(predictivity_from_folds(folds)["channel_b"].values) == [10, 20]
+    relabelled = dataclasses.replace(moments, channel_labels=(np.array(["u", "v", "z"]), None))
+    with pytest.raises(ValueError, match="cannot merge Moments of channels labelled otherwise"):
+        moments + relabelled
+    assert list((moments + dataclasses.replace(moments, channel_labels=())).channel_labels[0]) == ["u", "v", "w"]
