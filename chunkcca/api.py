@@ -202,13 +202,12 @@ def _streaming_attrs(streamed: Streamed) -> dict[str, Any]:
 
 
 def _label(result: xr.Dataset, streamed: Streamed) -> xr.Dataset:
-    """Put the layers' channel labels, the frequencies and the streaming's attrs on a pair's result."""
-    layer_a, layer_b = streamed.layers
+    """Put the frequencies and the streaming's attrs on a pair's result (the channel labels come with its
+    Moments, ``_with_provenance``)."""
     batch = streamed.adapters[0].batch_coords  # the solves name frequency dims by default_batch_dims
     result = result.rename({old: new for old, new in zip(default_batch_dims(len(batch)), batch)
                             if old in result.dims and old != new})
-    coords: dict[str, Any] = {"channel_a": layer_a["channel"].values, "channel_b": layer_b["channel"].values, **batch}
-    result = result.assign_coords({k: v for k, v in coords.items() if k in result.dims})
+    result = result.assign_coords({k: v for k, v in batch.items() if k in result.dims})
     result.attrs.update(_streaming_attrs(streamed))
     return result
 

@@ -153,14 +153,14 @@ def _moments_fold(accumulated: np.ndarray | None, rows: list[np.ndarray], first_
 
 
 def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, precision: ProductPrecision,
-                      row_norms: bool = False, complex_values: bool = False) -> Reduction:
+                      row_norms: bool = False, complex_rows: bool = False) -> Reduction:
     """The ``Moments`` of the rows of sides of ``widths`` channels, concatenated.
 
-    ``row_norms`` adds the row-norm sums (real rows only) that the debiased CKA needs; ``complex_values``: some
-    layer holds complex values (the rows are complex whatever the adapter, as dft's always are).
+    ``row_norms`` adds the row-norm sums (real rows only) that the debiased CKA needs; ``complex_rows``: the rows
+    are complex (dft's, or a layer of complex values).
     """
     p = sum(widths)
-    is_complex = complex_values or any(adapter.is_complex for adapter in adapters)
+    is_complex = complex_rows
     row_norms = row_norms and not is_complex
     shape = (*adapters[0].batch_shape, p + 2 + (2 * len(widths) if row_norms else 0), p)
     dtype = np.complex128 if is_complex else np.float64

@@ -604,20 +604,25 @@ def _variate_correlations(left: np.ndarray, right: np.ndarray, cov: np.ndarray, 
     return np.divide(cross, spread, out=np.where(fitted, np.nan, 0.0), where=spread > 0)
 
 
-def _mean_of_defined(values: np.ndarray, axis: int, measure: str, what: str) -> np.ndarray:
-    """The mean along ``axis`` of the defined (not NaN) held-out correlations, with a warning naming how many
-    were undefined (a fold where a layer, a channel or a variate does not vary; no warning without ``measure``):
-    never a 0 averaged in. NaN where none is defined."""
+def _warn_undefined(values: np.ndarray, fold_axis: int, measure: str, what: str) -> None:
+    """Warn how many held-out correlations are NaN (undefined: a fold where a layer, a channel or a variate does
+    not vary), naming their folds: the means over folds (``_of_defined``) are of the others, never a 0 averaged
+    in."""
     undefined = np.isnan(values)
-    if undefined.any() and measure:
-        folds = sorted(set(np.nonzero(undefined)[axis].tolist()))
+    if undefined.any():
+        folds = sorted(set(np.nonzero(undefined)[fold_axis].tolist()))
         warnings.warn(f"{measure}: {undefined.sum()} held-out correlation{'s are' if undefined.sum() > 1 else ' is'} "
                       f"undefined ({what} does not vary in the held-out fold{'s' if len(folds) > 1 else ''} "
                       f"{', '.join(map(str, folds))}): each mean over folds is of the others", RuntimeWarning,
                       stacklevel=user_stacklevel())
+
+
+def _of_defined(reduce: Callable[..., np.ndarray], values: np.ndarray, axis: int) -> np.ndarray:
+    """``reduce`` (``np.nanmean``, ``np.nanmedian``) of the defined values along ``axis``; NaN where none is (the
+    warning is ``_warn_undefined``'s)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all undefined: NaN, as said
-        return np.nanmean(values, axis=axis)
+        warnings.simplefilter("ignore", RuntimeWarning)  # all undefined: NaN
+        return reduce(values, axis=axis)
 
 
 def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) -> xr.Dataset:
@@ -657,11 +662,13 @@ def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) ->
         fitted = cca_from_moments(_leave_out(folds, fold), epsilon=epsilon)
         per_fold.append(_variate_correlations(fitted["coef_a"].values, fitted["coef_b"].values,
                                               folds[fold].covariance(), p))
-    rho = _mean_of_defined(np.array(per_fold), 0, "heldout_cca", "a canonical variate")
+    held = np.array(per_fold)  # (fold, component)
+    _warn_undefined(held, 0, "heldout_cca", "a canonical variate")
+    rho = _of_defined(np.nanmean, held, 0)
     return xr.Dataset(
         {"heldout_rho": ("component", rho, {"long_name": "held-out canonical correlation, mean over folds"}),
          "heldout_cca": ((), float(rho.mean()) if rho.size else np.nan, {"long_name": "mean held-out CCA"}),
-         "heldout_cca_per_fold": ("fold", _mean_of_defined(np.array(per_fold), 1, "", "")),
+         "heldout_cca_per_fold": ("fold", _of_defined(np.nanmean, held, 1)),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
         coords={"component": np.arange(rho.size), "fold": np.arange(len(folds))},
         attrs={"measure": "heldout_cca", "epsilon": float(epsilon), "folds": len(folds), **_layer_attrs(*folds)})
@@ -705,26 +712,20 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
             cross = np.einsum("ij,ij->j", weights, test[:p, p:])
             spread = np.sqrt(np.einsum("ij,ik,kj->j", weights, test[:p, :p], weights) * np.diag(test[p:, p:]))
             scores[r, fold] = np.divide(cross, spread, out=np.full_like(cross, np.nan), where=spread > 0)
-    per_channel = _mean_of_defined(scores, 1, "predictivity", "a channel of b, or its prediction,")
+    _warn_undefined(scores, 1, "predictivity", "a channel of b, or its prediction,")
+    per_channel = _of_defined(np.nanmean, scores, 1)
     result = xr.Dataset(
         {"predictivity_per_channel": (("ridge", "channel_b"), per_channel,
                                       {"long_name": "held-out Pearson r of ridge predictions, mean over folds"}),
-         "predictivity": ("ridge", _median_of_defined(per_channel),
+         "predictivity": ("ridge", _of_defined(np.nanmedian, per_channel, -1),
                           {"long_name": "median over channels of the held-out prediction correlation"}),
-         "predictivity_per_fold": (("ridge", "fold"), _median_of_defined(scores)),
+         "predictivity_per_fold": (("ridge", "fold"), _of_defined(np.nanmedian, scores, -1)),
          "predictivity_per_fold_channel": (("ridge", "fold", "channel_b"), scores),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
         coords={"ridge": list(ridges), "fold": np.arange(len(folds)),
                 **{key: value for key, value in _channel_coords(*folds).items() if key == "channel_b"}},
         attrs={"measure": "predictivity", "folds": len(folds), **_layer_attrs(*folds)})
     return result if isinstance(ridge, (list, tuple, np.ndarray)) else result.squeeze("ridge")
-
-
-def _median_of_defined(values: np.ndarray) -> np.ndarray:
-    """The median over the last axis (channels) of the defined values; NaN where none is."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all undefined: NaN
-        return np.nanmedian(values, axis=-1)
 
 
 def jackknife(full: Any, leave_outs: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
@@ -773,7 +774,7 @@ class PairSolves:
         if declared.per_fold is not None:
             per_fold = self.result(measure)[declared.per_fold]
             values = np.moveaxis(per_fold.values, per_fold.dims.index("fold"), 0)
-            defined = ~np.isnan(values)  # the means over folds are of the defined values (_mean_of_defined)
+            defined = ~np.isnan(values)  # the means over folds are of the defined values (_of_defined)
             known = np.where(defined, values, 0.0)
             others = np.divide(known.sum(axis=0) - known, defined.sum(axis=0) - defined,
                                out=np.full(values.shape, np.nan), where=defined.sum(axis=0) - defined > 0)
@@ -880,7 +881,7 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
                                                                 ridge=pair.options.ridge),
             "predictivity", "median held-out correlation of ridge predictions a → b", ("ridge",),
             details=("predictivity_per_channel",), per_fold="predictivity_per_fold_channel",
-            per_fold_summary=_median_of_defined),
+            per_fold_summary=functools.partial(_of_defined, np.nanmedian, axis=-1)),
 )}
 
 

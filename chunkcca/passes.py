@@ -207,15 +207,15 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     """
     names = tuple(str(layer.name) for layer in layers)
     widths = [layer.sizes["channel"] for layer in layers]
-    complex_values = any(np.iscomplexobj(layer.data) for layer in layers)  # compat's complex activations
+    complex_rows = (any(adapter.is_complex for adapter in adapters)  # dft's rows
+                    or any(np.iscomplexobj(layer.data) for layer in layers))  # compat's complex activations
     tiling = None
-    if pairs is not None and not row_norms and options.checkpoint is None and not complex_values and not any(
-            adapter.is_complex for adapter in adapters):
+    if pairs is not None and not row_norms and options.checkpoint is None and not complex_rows:
         tiling = Tiling.of(widths, pairs)
 
     def reduction_of(product: ProductPrecision) -> Reduction:
         reduction = (moments_reduction(adapters, widths, precision=product, row_norms=row_norms,
-                                       complex_values=complex_values) if tiling is None
+                                       complex_rows=complex_rows) if tiling is None
                      else tiled_reduction(tiling, precision=product))
         return grouped(reduction, groups) if codes is not None else reduction
 

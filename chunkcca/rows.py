@@ -272,8 +272,7 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
     if spatial in ("first", "last") and (not size_a or not size_b):
         raise ValueError(f"spatial={spatial!r} takes a position of each datapoint, but a layer has none: "
                          f"{a.name!r} {described[a.name]}, {b.name!r} {described[b.name]}")
-    masked = [str(layer.name) for layer in (a, b) if MASK in layer.coords]
-    _refuse_masked_features([a, b], spatial)
+    _refuse_masks([a, b], spatial)
     if spatial in ("avgpool", "first", "last", "features"):
         return Adapter(spatial, size_a, stride, dims_a), Adapter(spatial, size_b, stride, dims_b)
     if spatial == "flatten":
@@ -285,9 +284,6 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
                 f"{b.name!r} is {described[b.name]}; use spatial='avgpool' (any positions){others}")
         _check_flatten_names([a, b])
         return Adapter("flatten", size_a, stride, dims_a), Adapter("flatten", size_b, stride, dims_b)
-    if masked:
-        raise ValueError(f"spatial={spatial!r} has no meaning on padded positions, and layer {masked[0]!r} has a "
-                         f"mask; use spatial='flatten', 'avgpool', 'first' or 'last'")
     if dims_a != dims_b or not dims_a:
         raise ValueError(f"spatial={spatial!r} pairs layers position dim by position dim, but layer {a.name!r} is "
                          f"{described[a.name]} and layer {b.name!r} is {described[b.name]}; use spatial='avgpool'")
@@ -304,12 +300,15 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
             Adapter("dft", size_b, stride, dims_b, frequencies=tuple(k[1] for k in kept), frequency_labels=labels))
 
 
-def _refuse_masked_features(layers: Sequence[xr.DataArray], spatial: str) -> None:
-    """``spatial="features"`` takes each datapoint's whole map, padding included: refused for a masked layer."""
+def _refuse_masks(layers: Sequence[xr.DataArray], spatial: str) -> None:
+    """A padding mask selects rows under flatten, avgpool, first and last only: a masked layer is refused under the
+    others ("features" takes each datapoint's whole map, padding included; interp and dft mix positions)."""
     masked = [str(layer.name) for layer in layers if MASK in layer.coords]
-    if spatial == "features" and masked:
-        raise ValueError(f"spatial='features' makes each datapoint's whole map a vector, padding included, and "
-                         f"layer {masked[0]!r} has a mask; use spatial='avgpool', 'first' or 'last'")
+    if masked and spatial not in ("flatten", "avgpool", "first", "last"):
+        why = ("makes each datapoint's whole map a vector, padding included" if spatial == "features"
+               else "has no meaning on padded positions")
+        raise ValueError(f"spatial={spatial!r} {why}, and layer {masked[0]!r} has a mask; use spatial='flatten', "
+                         f"'avgpool', 'first' or 'last'")
 
 
 def _check_flatten_names(layers: Sequence[xr.DataArray]) -> None:
@@ -330,7 +329,7 @@ def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) 
         raise ValueError(f"similarity supports spatial={' or '.join(map(repr, SWEEP_SPATIAL))}; "
                          f"spatial={options.spatial!r} "
                          f"pairs each two layers on their own: compare pairs with chunkcca.compare or chunkcca.cca")
-    _refuse_masked_features(layers, options.spatial)
+    _refuse_masks(layers, options.spatial)
     if options.spatial == "flatten":
         sizes = {str(layer.name): tuple(layer.shape[1:-1]) for layer in layers}
         if len(set(sizes.values())) > 1:

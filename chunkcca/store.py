@@ -299,11 +299,9 @@ def _in_activation_store(path: Path) -> bool:
     of its own: overwriting it replaced part of that store, which then did not open. A store kept in a zarr group
     of the user's own is a store of its own."""
     for folder in path.resolve().parents:
-        try:
-            attributes = json.loads((folder / "zarr.json").read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            return False  # above the zarr hierarchy
-        if ORDER_ATTR in attributes:
+        if not (folder / "zarr.json").is_file():  # above the zarr hierarchy
+            return False
+        if ORDER_ATTR in zarr_attributes(folder):
             return True
     return False
 
