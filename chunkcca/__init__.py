@@ -1,19 +1,42 @@
-"""chunkcca: CCA-family similarity of neural-network representations, streamed from stores larger than memory."""
+"""chunkcca: CCA-family similarity of neural-network representations, streamed from stores larger than memory.
 
-from .api import cca, cka, compare, compute_moments, procrustes, pwcca, shape_metric, similarity, svcca
-from .layers import layer_paths
-from .measures import (
-    MEASURES,
-    cca_from_moments,
-    cka_from_moments,
-    procrustes_from_moments,
-    pwcca_from_moments,
-    shape_metric_from_moments,
-    svcca_from_moments,
-)
-from .moments import Moments
-from .options import SolveOptions, StreamOptions
-from .store import describe_store, leftover_writes, open_activations, save_result, write_activations
+The public names load on first use (PEP 562): ``import chunkcca`` takes milliseconds, and the ``chunkcca`` command
+loads Dask, xarray and zarr where a Ctrl-C is answered in one line (``chunkcca.cli``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .api import cca, cka, compare, compute_moments, procrustes, pwcca, shape_metric, similarity, svcca
+    from .layers import layer_paths
+    from .measures import (
+        MEASURES,
+        cca_from_moments,
+        cka_from_moments,
+        procrustes_from_moments,
+        pwcca_from_moments,
+        shape_metric_from_moments,
+        svcca_from_moments,
+    )
+    from .moments import Moments
+    from .options import SolveOptions, StreamOptions
+    from .store import describe_store, leftover_writes, open_activations, save_result, write_activations
+
+#: Each public name → the module that defines it.
+_HOMES: dict[str, str] = {
+    **dict.fromkeys(("cca", "cka", "compare", "compute_moments", "procrustes", "pwcca", "shape_metric",
+                     "similarity", "svcca"), "api"),
+    "layer_paths": "layers",
+    **dict.fromkeys(("MEASURES", "cca_from_moments", "cka_from_moments", "procrustes_from_moments",
+                     "pwcca_from_moments", "shape_metric_from_moments", "svcca_from_moments"), "measures"),
+    "Moments": "moments",
+    **dict.fromkeys(("SolveOptions", "StreamOptions"), "options"),
+    **dict.fromkeys(("describe_store", "leftover_writes", "open_activations", "save_result", "write_activations"),
+                    "store"),
+}
 
 __all__ = [
     "MEASURES",
@@ -44,3 +67,16 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its module the first time it is asked for."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

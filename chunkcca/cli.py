@@ -2,38 +2,44 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import concurrent.futures
-import contextlib
-import json
-import math
-import os
-import pickle
-import re
 import sys
-import warnings
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, NoReturn
 
-import xarray as xr
+try:  # the libraries load in the command's first second or so: a Ctrl-C then is one line too (as in main)
+    import argparse
+    import asyncio
+    import concurrent.futures
+    import contextlib
+    import json
+    import math
+    import os
+    import pickle
+    import re
+    import warnings
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+    from typing import Any, NoReturn
 
-import chunkcca
-from chunkcca.demo import run_demo
-from chunkcca.ingest import LAYOUTS, ingest
-from chunkcca.options import (
-    KEEP_BY,
-    MEMORY_LIMIT,
-    PER_FREQUENCY,
-    PRECISIONS,
-    READ_AHEAD,
-    SOLVE_NAMES,
-    SPATIAL,
-    SWEEP_SPATIAL,
-)
-from chunkcca.plot import plot_rho, plot_similarity
-from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
+    import xarray as xr
+
+    import chunkcca
+    from chunkcca.demo import run_demo
+    from chunkcca.ingest import LAYOUTS, ingest
+    from chunkcca.options import (
+        KEEP_BY,
+        MEMORY_LIMIT,
+        PER_FREQUENCY,
+        PRECISIONS,
+        READ_AHEAD,
+        SOLVE_NAMES,
+        SPATIAL,
+        SWEEP_SPATIAL,
+    )
+    from chunkcca.plot import plot_rho, plot_similarity
+    from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
+except KeyboardInterrupt:
+    print(f"chunkcca{''.join(f' {arg}' for arg in sys.argv[1:2] if not arg.startswith('-'))}: error: interrupted",
+          file=sys.stderr)
+    raise SystemExit(2) from None
 
 MEASURES = tuple(chunkcca.MEASURES)
 #: Old spellings of measures, kept working with a deprecation message.

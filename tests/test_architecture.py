@@ -4,6 +4,7 @@ public API, and an import that changes no global configuration (docs/architectur
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -100,11 +101,31 @@ def test_only_the_adapters_module_names_an_adapter():
 @pytest.mark.slow
 def test_importing_chunkcca_changes_no_global_configuration():
     code = ("import dask, zarr, sys; before = (dask.config.config.copy(), zarr.config.get('threading.max_workers'))\n"
-            "import chunkcca\n"
+            "import chunkcca\nchunkcca.cca\n"  # the public names load on first use
             "after = (dask.config.config, zarr.config.get('threading.max_workers'))\n"
             "assert before == after, (before, after)\n"
             "assert 'distributed' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_the_package_loads_its_public_names_on_first_use():
+    """``import chunkcca`` loads no library (the command answers a Ctrl-C while they load); each public name
+    comes from the module its table names, is listed in ``__all__`` and ``dir()``, and nothing else is offered."""
+    import chunkcca
+
+    assert sorted(chunkcca.__all__) == sorted(chunkcca._HOMES)
+    checked = ast.parse((PACKAGE / "__init__.py").read_text())
+    typed = {alias.name: node.module for node in ast.walk(checked) if isinstance(node, ast.ImportFrom) and node.level
+             for alias in node.names}
+    assert typed == chunkcca._HOMES  # what type checkers see is what loads
+    for name, home in chunkcca._HOMES.items():
+        assert getattr(chunkcca, name) is getattr(importlib.import_module(f"chunkcca.{home}"), name)
+    assert set(chunkcca.__all__) <= set(dir(chunkcca))
+    with pytest.raises(AttributeError, match="has no attribute 'cca_zoo'"):
+        chunkcca.cca_zoo  # noqa: B018
+    code = "import sys, chunkcca; print(sorted({'dask', 'xarray', 'zarr', 'numpy'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_reliability_page_names_tests_that_exist():

@@ -232,6 +232,33 @@ print(main(["sweep", {store!r}, "--a", "m0", "--b", "m1", "--out", {str(folder /
     assert done.stdout.split() == ["2", "2", "2"]
 
 
+@pytest.mark.parametrize("loading", ["xarray", "dask.array", "chunkcca.api"])
+def test_ctrl_c_while_the_libraries_load_is_one_line(loading):
+    """Ctrl-C during the command's first second or so, while Dask, xarray and chunkcca load (the package loads its
+    names on first use, the command's module catches it while it imports them): one line, exit status 2, no
+    traceback."""
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib.abc, os, signal, sys
+
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, *_):
+        if name == {loading!r}:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the test runner ignores SIGINT
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["chunkcca", "compare", "s.zarr", "a", "b"]
+from chunkcca.cli import main  # as the installed script does
+sys.exit(main())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: interrupted\n")
+
+
 def test_compare_checkpoints_and_resumes(files, capsys):
     folder, a, b = files
     store = str(folder / "s.zarr")

@@ -513,6 +513,7 @@ def test_wide_solves_use_every_core():
 
     script = """
 import os
+import numpy, scipy.linalg  # the BLAS the solves run on, loaded as the measures load it
 from threadpoolctl import threadpool_info
 from chunkcca.blas import WIDE_SOLVE, solve_threads
 def threads():
