@@ -555,6 +555,14 @@ def _solve_attrs(solve: SolveOptions, measures: Sequence[str], folds: bool) -> d
     return {key: value for key, value in vars(solve).items() if key in read}
 
 
+def _fold_attrs(stream: StreamOptions, groups: Groups | None) -> dict[str, Any]:
+    """What a result measured on folds records of them: ``folds``, their number K, and ``folds_by``, the
+    coordinate that made them when one was given."""
+    if groups is None or groups.dim != "fold":
+        return {}
+    return {"folds": len(groups.labels), **({"folds_by": stream.folds} if isinstance(stream.folds, str) else {})}
+
+
 def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keyword arguments split into solve options and streaming options."""
     solve = {key: options.pop(key) for key in SOLVE_NAMES if key in options}
@@ -588,8 +596,9 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
         (``svcca_dims_a``, ``svcca_dims_b``, ``svcca_rho`` (svcca_component), ``heldout_rho``
         (heldout_cca_component), ``predictivity_per_channel`` (channel_b)); with ``folds``, ``<measure>_se``
         and ``<measure>_ci`` (bound); with ``groupby``, a dim named after the coordinate; ``rows``.
-        attrs: ``measures`` (comma-separated), the solve options they read (and ``confidence`` with folds), and
-        the layers and streaming as [`cca()`][chunkcca.cca] records them.
+        attrs: ``measures`` (comma-separated), the solve options they read (with folds ``confidence``,
+        ``folds``, their number, and ``folds_by``, the coordinate that made them if one did), and the layers and
+        streaming as [`cca()`][chunkcca.cca] records them.
     """
     solve_given, stream_given = _split_options(dict(options))
     stream = StreamOptions.from_kwargs("compare", stream_given)
@@ -609,7 +618,8 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
         else:
             folds = None if groups is None else streamed.groups
             result = _compared(PairSolves(streamed.moments, solve, folds), names)
-    result.attrs = {"measures": ",".join(names), **_solve_attrs(solve, names, stream.folds is not None)}
+    result.attrs = {"measures": ",".join(names), **_solve_attrs(solve, names, stream.folds is not None),
+                    **_fold_attrs(stream, groups)}
     return _label(result, streamed)
 
 
@@ -692,8 +702,10 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     Returns
     -------
     xarray.Dataset
-        One variable per measure with dims (layer_a, layer_b), plus ``rows``. A pair a measure is
-        undefined for (e.g. a layer without variance) is NaN, with a warning.
+        One variable per measure with dims (layer_a, layer_b), plus ``rows``; with ``folds``, each
+        measure's ``<measure>_se`` and ``<measure>_ci`` (bound). A pair a measure is undefined for (e.g. a
+        layer without variance) is NaN, with a warning. attrs as [`compare()`][chunkcca.compare]'s, without
+        ``layer_a`` and ``layer_b``.
     """
     solve_given, stream_given = _split_options(dict(options))
     if minibatch is not None:
@@ -754,7 +766,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         folds = None if groups is None else streamed.groups
         result = _pairwise(streamed.moments, labels, sides, names, solve, coords, folds)
     attrs = {"measures": ",".join(names), **_solve_attrs(solve, names, stream.folds is not None),
-             **_streaming_attrs(streamed)}
+             **_fold_attrs(stream, groups), **_streaming_attrs(streamed)}
     for key in ("layer_a", "layer_b"):
         attrs.pop(key)
     result.attrs = attrs  # measures as a string: netCDF attributes take no lists

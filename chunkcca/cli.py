@@ -560,7 +560,11 @@ def _run_sweep(args: argparse.Namespace) -> None:
     except FileExistsError:  # put there while the sweep ran
         _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
         raise
-    print(result[measures].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"))
+    shown = [variable for name in measures for variable in (name, f"{name}_se") if variable in result]
+    print(result[shown].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"))
+    if "folds" in result.attrs:
+        print(f"_se: jackknife standard error over {result.attrs['folds']} folds; "
+              f"{result.attrs['confidence']:g} intervals (_ci) in the results")
     print(f"results: {out}")
     if args.plot:
         _save_plot(lambda: plot_similarity(result, measures[0]).figure, args.plot, overwrite=args.overwrite)

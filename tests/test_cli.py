@@ -418,6 +418,11 @@ def test_compare_and_sweep_with_folds_and_groups(tmp_path, capsys):
                  "--ridge", "0.1", "--out", str(tmp_path / "s.nc"), "--no-progress"]) == 0
     saved = xr.open_dataset(tmp_path / "s.nc")
     assert saved["predictivity_ci"].dims == ("layer_a", "layer_b", "bound") and saved.attrs["ridge"] == 0.1
+    assert (saved.attrs["folds"], saved.attrs["folds_by"]) == (3, "split")  # K, and what made the folds
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["predictivity", "predictivity_se"]
+    se = f"{float(saved['predictivity_se'].sel(layer_a='m0/fc', layer_b='m1/fc')):.4f}"
+    assert printed[2].split()[-1] == se and "standard error over 3 folds; 0.95 intervals" in printed[3]
     assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "predictivity"]) == 2
     assert ("predictivity is measured on held-out folds: pass --folds K (K >= 2) or --folds COORDINATE"
             in capsys.readouterr().err)

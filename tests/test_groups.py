@@ -112,6 +112,7 @@ def test_heldout_cca_predictivity_and_jackknife_equal_brute_force_over_the_same_
     assert float(result["heldout_cca"]) == pytest.approx(np.mean(held), abs=FOLD_TOL)
     np.testing.assert_allclose(result["predictivity_per_channel"], np.mean(predicted, axis=0), atol=FOLD_TOL)
     assert float(result["predictivity"]) == pytest.approx(np.median(np.mean(predicted, axis=0)), abs=FOLD_TOL)
+    assert result.attrs["folds"] == k and "folds_by" not in result.attrs  # K is recorded, and saved with it
     t = student.ppf(0.95, k - 1)
     for measure, values in leave_out.items():
         values = np.asarray(values)
