@@ -695,7 +695,8 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
         ``predictivity`` ([ridge]): its median over b's channels (the summary of neural-predictivity
         benchmarks); ``predictivity_per_fold`` ([ridge,] fold): the median per fold;
         ``predictivity_per_fold_channel`` ([ridge,] fold, channel_b): each fold's correlation per channel.
-        With ``ridge=0`` and a singular training covariance of a, the least-squares solution of least norm.
+        With ``ridge=0`` and a singular training covariance of a, the least-squares solution of least norm
+        in units of each channel's spread (so a channel's units do not change the predictions).
         A correlation undefined in a fold (the channel, or its prediction, constant there: a dead unit) is
         NaN there and left out of the means over folds and of the medians over channels, with a warning.
     """
@@ -707,8 +708,14 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
         train = _leave_out(folds, fold).covariance()
         test = folds[fold].covariance()
         c_aa, c_ab = train[:p, :p], train[:p, p:]
+        # solved as D (C_aa + λ m I) D · D⁻¹B = D C_ab, D = 1 / each channel's spread: the same B, but lstsq's
+        # cutoff no longer drops a channel for its units (a channel in units 1e-9 was left out at ridge=0)
+        spread_a = np.sqrt(np.diag(c_aa))
+        unit = np.divide(1.0, spread_a, out=np.ones(p), where=spread_a > 0)
         for r, value in enumerate(ridges):
-            weights = np.linalg.lstsq(c_aa + value * np.mean(np.diag(c_aa)) * np.eye(p), c_ab, rcond=None)[0]
+            shifted = c_aa + value * np.mean(np.diag(c_aa)) * np.eye(p)
+            weights = unit[:, None] * np.linalg.lstsq(unit[:, None] * shifted * unit, unit[:, None] * c_ab,
+                                                      rcond=None)[0]
             cross = np.einsum("ij,ij->j", weights, test[:p, p:])
             spread = np.sqrt(np.einsum("ij,ik,kj->j", weights, test[:p, :p], weights) * np.diag(test[p:, p:]))
             scores[r, fold] = np.divide(cross, spread, out=np.full_like(cross, np.nan), where=spread > 0)

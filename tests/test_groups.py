@@ -274,6 +274,27 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
         cca(kinds, kinds + np.arange(40), groupby="kind")
 
 
+def test_unridged_predictivity_does_not_depend_on_a_channels_units():
+    """Least squares is unchanged by the units of a's channels; lstsq's relative cutoff dropped a channel in units
+    of 1e-9 (its variance 1e-18 of the others') at ridge=0, and the predictions lost it. Compared with brute force
+    over the same folds, in float64 (tolerance: the solves' rounding on 300 rows)."""
+    rng = np.random.default_rng(11)
+    n, k = 300, 3
+    x = rng.standard_normal((n, 4))
+    y = x @ rng.standard_normal((4, 3)) + 0.3 * rng.standard_normal((n, 3))
+    small = x * np.array([1.0, 1e-9, 1.0, 1.0])
+    result = compare(small, y, folds=k, measures=["predictivity"], ridge=0, precision="float64")
+    plain = compare(x, y, folds=k, measures=["predictivity"], ridge=0, precision="float64")
+    np.testing.assert_allclose(result["predictivity_per_channel"], plain["predictivity_per_channel"], rtol=1e-9)
+    predicted = []
+    for test in _folds(n, k):
+        train = np.setdiff1d(np.arange(n), test)
+        weights = np.linalg.lstsq(x[train] - x[train].mean(0), y[train] - y[train].mean(0), rcond=None)[0]
+        prediction = (x[test] - x[train].mean(0)) @ weights
+        predicted.append([np.corrcoef(prediction[:, j], y[test][:, j])[0, 1] for j in range(3)])
+    np.testing.assert_allclose(result["predictivity_per_channel"], np.mean(predicted, axis=0), rtol=1e-9)
+
+
 def test_unridged_predictivity_of_a_layer_with_a_repeated_channel_is_that_without_it():
     """ridge=0 and a singular training covariance: the least-norm solution predicts as the layer without the
     repeated channel does (the same span), where a plain solve raised LinAlgError."""
