@@ -97,7 +97,7 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
                               float(means.freq_h[0]) - 0.5, float(means.freq_h[-1]) + 0.5))
     ax.set_xlabel("frequency along width (cycles per map)")
     ax.set_ylabel("frequency along height")
-    _colorbar(ax, image, f"mean canonical correlation\n{_range_text(vmin, vmax)}")
+    _colorbar(ax, image, "mean canonical correlation")
     _title(ax, title, own_figure)
     return ax
 
@@ -164,7 +164,7 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
             dark_cell = _luminance(cmap(image.norm(value))) < 0.18  # where white text contrasts more than black
             ax.text(j, i, f"{value:.2f}" if np.isfinite(value) else "n/a", ha="center", va="center",
                     color="white" if dark_cell else "black", fontsize="small")
-    _colorbar(ax, image, f"{measure}\n{_range_text(vmin, vmax)}")
+    _colorbar(ax, image, measure)
     _title(ax, title, own_figure)
     return ax
 
@@ -190,15 +190,13 @@ def _colour_range(data: np.ndarray, vmin: float | None, vmax: float | None) -> t
     return (low if vmin is None else float(vmin)), (high if vmax is None else float(vmax))
 
 
-def _range_text(vmin: float, vmax: float) -> str:
-    """The colour range as a colour bar states it, e.g. ``(colour range 0.21 to 0.98)``."""
-    return f"(colour range {vmin:.2f} to {vmax:.2f})"
-
-
-def _colorbar(ax: Any, image: Any, label: str) -> Any:
+def _colorbar(ax: Any, image: Any, name: str) -> Any:
     """A colour bar right of ``ax``, a little shorter than it and flush with its bottom, so the axes' title
-    (above the axes' top) never overlaps the bar or its top tick label."""
-    return ax.figure.colorbar(image, ax=ax, label=label, shrink=0.85, anchor=(0.0, 0.0))
+    (above the axes' top) never overlaps the bar or its top tick label; labelled ``name`` and the colour range it
+    draws, e.g. ``(colour range 0.21 to 0.98)`` (matplotlib widens a range of one value, 1 to 1, to 0.9 to 1.1)."""
+    bar = ax.figure.colorbar(image, ax=ax, shrink=0.85, anchor=(0.0, 0.0))
+    bar.set_label(f"{name}\n(colour range {image.norm.vmin:.2f} to {image.norm.vmax:.2f})")
+    return bar
 
 
 def _title(ax: Any, title: str | None, own_figure: bool) -> None:

@@ -121,6 +121,15 @@ def test_similarity_takes_a_colour_range_and_a_title():
     assert ax.figure.get_suptitle() == "" and ax.get_title() == ""
 
 
+def test_a_colour_range_of_one_value_is_stated_as_drawn():
+    """One value throughout (every pair 1.0): matplotlib draws the bar from 0.9 to 1.1, and the label said
+    "colour range 1.00 to 1.00"; it states the range drawn."""
+    ax = plot_similarity(_sweep(np.ones((2, 2))))
+    low, high = ax.figure.axes[-1].get_ylim()
+    assert (round(low, 2), round(high, 2)) == (0.9, 1.1)
+    assert "colour range 0.90 to 1.10" in ax.figure.axes[-1].get_ylabel()
+
+
 def test_similarity_labels_undefined_pairs():
     ax = plot_similarity(_sweep(np.array([[0.3, np.nan], [0.6, 0.9]])))
     texts = [text.get_text() for text in ax.texts]
