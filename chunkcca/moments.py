@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -38,6 +39,7 @@ import numpy as np
 import xarray as xr
 
 from ._fs import write_atomically, zarr_attributes
+from ._stack import user_stacklevel
 from .options import PRECISIONS, ProductPrecision
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).
@@ -266,6 +268,11 @@ class Moments:
                 if array.nchunks_initialized < array.nchunks:
                     raise ValueError(f"saved Moments at {path} are damaged: {name!r} lacks "
                                      f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files")
+            if "value_rounding" not in dataset.attrs:  # saved before Moments recorded it
+                warnings.warn(f"saved Moments at {path} do not record their activations' rounding (saved by an "
+                              f"earlier chunkcca): directions within float32 rounding are kept as real; compute "
+                              f"them again, or give it: dataclasses.replace(moments, value_rounding=(eps_a, eps_b))",
+                              UserWarning, stacklevel=user_stacklevel())
             try:
                 return cls(
                     n=int(dataset["n"].values),
@@ -277,7 +284,7 @@ class Moments:
                     precision=dataset.attrs.get("precision", "float64"),
                     layers=tuple(dataset.attrs.get("layers", ())),  # saves before provenance: unknown
                     rows_from=dataset.attrs.get("rows_from", ""),
-                    value_rounding=tuple(dataset.attrs.get("value_rounding", ())),  # saves before it: none
+                    value_rounding=tuple(dataset.attrs.get("value_rounding", ())),
                     channel_labels=tuple(dataset[f"channel_labels{side}"].values if f"channel_labels{side}" in dataset
                                          else None for side in range(dataset.sizes["side"])),
                 )

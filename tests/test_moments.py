@@ -366,10 +366,14 @@ def test_saves_made_before_provenance_load_as_unknown(tmp_path, rng):
     old.save(tmp_path / "old")
     metadata_path = tmp_path / "old" / "zarr.json"
     metadata = json.loads(metadata_path.read_text())
-    for key in ("layers", "rows_from"):  # as a save by an earlier version
+    for key in ("layers", "rows_from", "value_rounding"):  # as a save by an earlier version
         metadata["attributes"].pop(key)
     metadata_path.write_text(json.dumps(metadata))
-    loaded = Moments.load(tmp_path / "old")
+    with pytest.warns(UserWarning, match=r"do not record their activations' rounding .* compute them again, or "
+                                         r"give it: dataclasses.replace\(moments, value_rounding=") as caught:
+        loaded = Moments.load(tmp_path / "old")
+    assert caught[0].filename == __file__  # the user's line
+    assert loaded.value_rounding == (0.0, 0.0)
     assert loaded.layers == ("", "") and loaded.rows_from == ""
     new = dataclasses.replace(_moments_of(rows[20:], (1, 2)), layers=("a", "b"), rows_from="spatial='flatten', "
                                                                                           "stride=1")
