@@ -51,7 +51,7 @@ def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | st
 
 def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",
                    allow_complex: bool = False, dims: Sequence[str] | Mapping[Hashable, str] | None = None,
-                   ) -> xr.DataArray:
+                   guess_layout: bool = True) -> xr.DataArray:
     """One layer as a Dask-backed DataArray with dims (datapoint, *positions, channel), 0 to 3 position dims.
 
     ``layer`` is a numpy or Dask array (axis 0 = datapoint, last axis = channel), a DataArray
@@ -62,7 +62,8 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     channel), 5-d (datapoint, depth, height, width, channel). ``dims`` names the axes of an array
     explicitly (e.g. ``("datapoint", "channel", "height", "width")`` for channels-first data) or maps a
     DataArray's dim names to these. A 4-d array without ``dims`` is refused when it looks channels-first and
-    read with a warning when either layout fits (``unnamed_layout()``).
+    read with a warning when either layout fits (``unnamed_layout()``); refused then too without
+    ``guess_layout`` (a store records the guess as its dims).
     ``name`` names the layer in error messages (default: the node path or DataArray name). Complex values are
     refused unless ``allow_complex``. Raises a ValueError or TypeError naming the layer and the fault. Nothing is
     computed.
@@ -110,6 +111,12 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
             if layout == "channels_first":
                 raise ValueError(f"layer {name!r} looks channels-first (PyTorch's (N, C, H, W)): shape "
                                  f"{tuple(layer.shape)} has equal last two axes; {name_axes}")
+            if layout == "unsure" and not guess_layout:
+                raise ValueError(f"layer {name!r} of shape {tuple(layer.shape)} may be channels-first (PyTorch's "
+                                 f"(N, C, H, W)) or channels-last: either layout fits, and the store would record "
+                                 f"the guess as its dims; give an xarray.DataArray(array, dims=('datapoint', "
+                                 f"'height', 'width', 'channel')), or dims=('datapoint', 'channel', 'height', "
+                                 f"'width') if it is channels-first")
             if layout == "unsure":
                 _, height, width, channels = layer.shape
                 warnings.warn(f"layer {name!r} of shape {tuple(layer.shape)} is read as (datapoint, height {height}, "
@@ -121,10 +128,13 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                          f"x[x[:, 0] > 0]); call its .compute_chunk_sizes() first")
     _check_values(array, name, allow_complex)
     _check_mask(array, name)
-    labels = array.indexes.get("datapoint")
-    if labels is not None and not labels.is_unique:
-        repeated = labels[labels.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"layer {name!r} has repeated datapoint labels, e.g. {repeated}")
+    for dim in ("datapoint", "channel"):  # results are labelled by them: .sel and alignment need each once
+        labels = array.indexes.get(dim)
+        if labels is not None and not labels.is_unique:
+            repeated = labels[labels.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"layer {name!r} has repeated {dim} labels, e.g. {repeated}"
+                             + ("; give each channel its own label, or drop them: layer.drop_vars('channel')"
+                                if dim == "channel" else ""))
     if array.chunks is None:  # numpy, or a lazily indexed backend array: chunk it without reading it
         preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
         per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(

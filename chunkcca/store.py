@@ -154,7 +154,8 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         raise ValueError("write_activations needs at least one layer")
     compressors = codecs_for(compression)
     paths = check_new_layers(path, list(layers), mode=mode, overwrite=overwrite)
-    arrays = {path_: as_activations(value, path_, chunks=chunks) for path_, value in zip(paths, layers.values())}
+    arrays = {path_: as_activations(value, path_, chunks=chunks, guess_layout=False)  # a store keeps no guess
+              for path_, value in zip(paths, layers.values())}
     for name, mask in (masks or {}).items():
         key = layer_path(name)
         if key not in arrays:

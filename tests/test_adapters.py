@@ -415,6 +415,7 @@ def test_interp_refuses_layers_whose_pixel_centres_are_of_inputs_of_different_si
     rng = np.random.default_rng(0)
     conv = rng.standard_normal((200, 8, 8, 4))
     pool = conv.reshape(200, 4, 2, 4, 2, 4).mean(axis=(2, 4)) + 0.1 * rng.standard_normal((200, 4, 4, 4))
+    pool = xr.DataArray(pool, dims=("datapoint", "height", "width", "channel"))  # a cube: either layout fits
     apart = [chunkcca.write_activations(tmp_path / f"{name}.zarr", {name: value}, chunks=100)[name]
              for name, value in (("conv", conv), ("pool", pool))]
     together = chunkcca.write_activations(tmp_path / "both.zarr", {"conv": conv, "pool": pool}, chunks=100)

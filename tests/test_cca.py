@@ -120,6 +120,10 @@ def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):
     repeated = layer_b.assign_coords(datapoint=np.r_[np.arange(59), 0])
     with pytest.raises(ValueError, match=r"layer 'net1/conv' has repeated datapoint labels, e.g. \[0\]"):
         cca(layer_a, repeated)
+    channels = layer_b.assign_coords(channel=["relu", "gelu", "relu", "tanh", "gelu"][: b.shape[-1]])
+    with pytest.raises(ValueError, match=r"layer 'net1/conv' has repeated channel labels, e.g. \['relu'(, 'gelu')?\]; "
+                                         r"give each channel its own label, or drop them"):
+        cca(layer_a, channels)
 
 
 @pytest.mark.parametrize(

@@ -182,9 +182,12 @@ def test_stores_open_from_fsspec_urls(tmp_path, rng):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no local folder named "file:"
 
 
-def test_repeated_datapoint_labels_are_refused_when_written(tmp_path):
+def test_repeated_datapoint_or_channel_labels_are_refused_when_written(tmp_path):
     layer = xr.DataArray(np.zeros((4, 2)), dims=("datapoint", "channel"), coords={"datapoint": [0, 1, 1, 2]})
     with pytest.raises(ValueError, match=r"layer 'fc' has repeated datapoint labels, e.g. \[1\]"):
+        write_activations(tmp_path / "s.zarr", {"fc": layer})
+    layer = xr.DataArray(np.zeros((4, 2)), dims=("datapoint", "channel"), coords={"channel": ["u", "u"]})
+    with pytest.raises(ValueError, match=r"layer 'fc' has repeated channel labels, e.g. \['u'\]"):
         write_activations(tmp_path / "s.zarr", {"fc": layer})
     assert not (tmp_path / "s.zarr").exists()
 
@@ -226,7 +229,7 @@ def test_memory_mapped_views_and_wrapped_memmaps_stream_from_the_file(tmp_path):
     assert layer.data.name.startswith("memmap-") and peak < wrapped.nbytes / 100
 
 
-def test_channels_first_input_is_named_and_dims_fix_it():
+def test_channels_first_input_is_named_and_dims_fix_it(tmp_path):
     a, b = correlated_layers(np.random.default_rng(1), 30, (6, 6, 5), (6, 6, 4), dtype=np.float64)
     nchw = np.moveaxis(a, 3, 1)  # (30, 5, 6, 6)
     with pytest.raises(ValueError, match=r"layer 'a' looks channels-first \(PyTorch's \(N, C, H, W\)\): shape "
@@ -237,8 +240,13 @@ def test_channels_first_input_is_named_and_dims_fix_it():
                                          r"width 5, channel 3\), but may be channels-first") as caught:
         cca(x, y, spatial="avgpool")  # a map that is not square: it was read as NHWC without a word
     assert [warning.filename for warning in caught] == [__file__], "one warning, naming the user's line"
+    with pytest.raises(ValueError, match=r"layer 'm0/conv' of shape \(30, 6, 5, 3\) may be channels-first .* "
+                                         r"either layout fits, and the store would record the guess as its dims"):
+        chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": x})  # a store kept the guess, warned once
+    assert not (tmp_path / "s.zarr").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": a})  # (N, 6, 6, 5): channels last
         cca(a, b)  # (N, 6, 6, 5): a square map, channels last
         cca(xr.DataArray(x, dims=("datapoint", "channel", "height", "width")), y, spatial="avgpool")
     nchw_b = np.moveaxis(b, 3, 1)
@@ -252,7 +260,7 @@ def test_channels_first_input_is_named_and_dims_fix_it():
 
 
 def test_corrupt_chunk_names_store_and_layer(tmp_path):
-    a, b = correlated_layers(np.random.default_rng(2), 40, (3, 3, 4), (3, 3, 3))
+    a, b = correlated_layers(np.random.default_rng(2), 40, (3, 3, 4), (3, 3, 5))
     tree = chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": a, "m1/conv": b}, chunks=10)
     chunk = next((tmp_path / "s.zarr" / "m1" / "conv" / "activations").rglob("c/2/*/*/*"))
     chunk.write_bytes(b"\x00garbage" * 3)
