@@ -10,6 +10,8 @@ import functools
 import os
 from typing import Any
 
+import numpy  # noqa: F401  (the BLAS libraries chunkcca's maths runs on, loaded before _blas_libraries looks:
+import scipy.linalg  # noqa: F401  a worker that unpickles a task loads only the modules it names)
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
 
