@@ -696,7 +696,7 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
         benchmarks); ``predictivity_per_fold`` ([ridge,] fold): the median per fold;
         ``predictivity_per_fold_channel`` ([ridge,] fold, channel_b): each fold's correlation per channel.
         With ``ridge=0`` and a singular training covariance of a, the least-squares solution of least norm
-        in units of each channel's spread (so a channel's units do not change the predictions).
+        (the limit of ridge → 0).
         A correlation undefined in a fold (the channel, or its prediction, constant there: a dead unit) is
         NaN there and left out of the means over folds and of the medians over channels, with a warning.
     """
@@ -708,14 +708,9 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
         train = _leave_out(folds, fold).covariance()
         test = folds[fold].covariance()
         c_aa, c_ab = train[:p, :p], train[:p, p:]
-        # solved as D (C_aa + λ m I) D · D⁻¹B = D C_ab, D = 1 / each channel's spread: the same B, but lstsq's
-        # cutoff no longer drops a channel for its units (a channel in units 1e-9 was left out at ridge=0)
-        spread_a = np.sqrt(np.diag(c_aa))
-        unit = np.divide(1.0, spread_a, out=np.ones(p), where=spread_a > 0)
         for r, value in enumerate(ridges):
-            shifted = c_aa + value * np.mean(np.diag(c_aa)) * np.eye(p)
-            weights = unit[:, None] * np.linalg.lstsq(unit[:, None] * shifted * unit, unit[:, None] * c_ab,
-                                                      rcond=None)[0]
+            weights = (np.linalg.lstsq(c_aa + value * np.mean(np.diag(c_aa)) * np.eye(p), c_ab, rcond=None)[0]
+                       if value > 0 else _least_squares(c_aa, c_ab))
             cross = np.einsum("ij,ij->j", weights, test[:p, p:])
             spread = np.sqrt(np.einsum("ij,ik,kj->j", weights, test[:p, :p], weights) * np.diag(test[p:, p:]))
             scores[r, fold] = np.divide(cross, spread, out=np.full_like(cross, np.nan), where=spread > 0)
@@ -733,6 +728,16 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
                 **{key: value for key, value in _channel_coords(*folds).items() if key == "channel_b"}},
         attrs={"measure": "predictivity", "folds": len(folds), **_layer_attrs(*folds)})
     return result if isinstance(ridge, (list, tuple, np.ndarray)) else result.squeeze("ridge")
+
+
+def _least_squares(c_aa: np.ndarray, c_ab: np.ndarray) -> np.ndarray:
+    """``B`` of ``C_aa B = C_ab`` (p, p) · (p, q): for a non-singular ``C_aa`` solved with each channel scaled to
+    unit spread (the same B; lstsq's cutoff, relative to the largest singular value, dropped a channel in units of
+    1e-9 unscaled), for a singular one the solution of least norm, the limit of the ridge going to 0."""
+    spread = np.sqrt(np.diag(c_aa))
+    unit = np.divide(1.0, spread, out=np.ones(len(spread)), where=spread > 0)
+    scaled, rank = np.linalg.lstsq(unit[:, None] * c_aa * unit, unit[:, None] * c_ab, rcond=None)[:3:2]
+    return unit[:, None] * scaled if rank == len(spread) else np.linalg.lstsq(c_aa, c_ab, rcond=None)[0]
 
 
 def jackknife(full: Any, leave_outs: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:

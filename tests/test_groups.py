@@ -283,16 +283,21 @@ def test_unridged_predictivity_does_not_depend_on_a_channels_units():
     x = rng.standard_normal((n, 4))
     y = x @ rng.standard_normal((4, 3)) + 0.3 * rng.standard_normal((n, 3))
     small = x * np.array([1.0, 1e-9, 1.0, 1.0])
-    result = compare(small, y, folds=k, measures=["predictivity"], ridge=0, precision="float64")
+    result = compare(small, y, folds=k, measures=["predictivity"], ridge=[0, 0.01], precision="float64")
     plain = compare(x, y, folds=k, measures=["predictivity"], ridge=0, precision="float64")
-    np.testing.assert_allclose(result["predictivity_per_channel"], plain["predictivity_per_channel"], rtol=1e-9)
-    predicted = []
-    for test in _folds(n, k):
-        train = np.setdiff1d(np.arange(n), test)
-        weights = np.linalg.lstsq(x[train] - x[train].mean(0), y[train] - y[train].mean(0), rcond=None)[0]
-        prediction = (x[test] - x[train].mean(0)) @ weights
-        predicted.append([np.corrcoef(prediction[:, j], y[test][:, j])[0, 1] for j in range(3)])
-    np.testing.assert_allclose(result["predictivity_per_channel"], np.mean(predicted, axis=0), rtol=1e-9)
+    np.testing.assert_allclose(result["predictivity_per_channel"].sel(ridge=0), plain["predictivity_per_channel"],
+                               rtol=1e-9)
+    for ridge in (0, 0.01):  # a ridge > 0 is relative to the mean variance, so the tiny channel is all but cut
+        predicted = []
+        for test in _folds(n, k):
+            train = np.setdiff1d(np.arange(n), test)
+            c_aa = np.cov(small[train], rowvar=False)
+            c_ab = np.cov(small[train], y[train], rowvar=False)[:4, 4:]
+            weights = np.linalg.solve(c_aa + ridge * np.mean(np.diag(c_aa)) * np.eye(4), c_ab)
+            prediction = (small[test] - small[train].mean(0)) @ weights
+            predicted.append([np.corrcoef(prediction[:, j], y[test][:, j])[0, 1] for j in range(3)])
+        np.testing.assert_allclose(result["predictivity_per_channel"].sel(ridge=ridge), np.mean(predicted, axis=0),
+                                   rtol=1e-8)
 
 
 def test_unridged_predictivity_of_a_layer_with_a_repeated_channel_is_that_without_it():
