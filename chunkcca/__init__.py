@@ -69,14 +69,23 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    """A public name, imported from its module the first time it is asked for."""
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
+#: The package's modules, each loaded as an attribute when first asked for (``chunkcca.measures``).
+_SUBMODULES = ("api", "blas", "checkpoint", "cli", "cluster", "compat", "datasets", "demo", "engine", "ingest",
+               "layers", "measures", "minibatch", "moments", "options", "passes", "plot", "progress", "record",
+               "report", "rows", "store", "tiles")
+
+if not TYPE_CHECKING:  # type checkers read the imports above; a module __getattr__ would make any name pass
+
+    def __getattr__(name: str) -> Any:
+        """A public name or module, imported the first time it is asked for."""
+        if name in _SUBMODULES:
+            return importlib.import_module(f".{name}", __name__)
+        if name not in _HOMES:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*__all__, *_SUBMODULES, *(name for name in globals() if name.startswith("__"))})

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+
+def _interrupted_line(argv: list[str] | None) -> str:
+    """The one line of a Ctrl-C that came before ``main`` knew its command (``argv``: its arguments, None for
+    the process's)."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return f"chunkcca{''.join(f' {arg}' for arg in arguments[:1] if not arg.startswith('-'))}: error: interrupted"
+
 
 try:  # the libraries load in the command's first second or so: a Ctrl-C then is one line too (as in main)
     import argparse
@@ -10,8 +19,8 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     import concurrent.futures
     import contextlib
     import json
+    import logging
     import math
-    import os
     import pickle
     import re
     import warnings
@@ -37,8 +46,9 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     from chunkcca.plot import plot_rho, plot_similarity
     from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
 except KeyboardInterrupt:
-    print(f"chunkcca{''.join(f' {arg}' for arg in sys.argv[1:2] if not arg.startswith('-'))}: error: interrupted",
-          file=sys.stderr)
+    if __name__ != "__main__" and os.path.basename(sys.argv[0]) != "chunkcca":  # imported by a program of its own
+        raise
+    print(_interrupted_line(None), file=sys.stderr)
     raise SystemExit(2) from None
 
 MEASURES = tuple(chunkcca.MEASURES)
@@ -586,6 +596,14 @@ def size_decode_pool() -> None:
         zarr.config.set({"threading.max_workers": (os.cpu_count() or 2) * max(1, READ_AHEAD)})
 
 
+def _quiet_teardown() -> None:
+    """After a Ctrl-C, let what it cut short (zarr's reads pending on its event loop) be torn down at exit without
+    asyncio's "Task was destroyed but it is pending!" and "Exception ignored" tracebacks under the command's one
+    line (20 lines of them when it came while zarr read a store's metadata)."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = lambda _: None
+
+
 def _resume_note(args: argparse.Namespace) -> str:
     """What an interrupted run's --checkpoint holds for the next one."""
     checkpoint = getattr(args, "checkpoint", None)
@@ -629,8 +647,12 @@ def _cluster_failure(error: BaseException, args: argparse.Namespace, *, lost: bo
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
-    args = build_parser().parse_args(argv)
-    size_decode_pool()
+    try:
+        args = build_parser().parse_args(argv)
+        size_decode_pool()
+    except KeyboardInterrupt:
+        print(_interrupted_line(argv), file=sys.stderr)
+        return 2
 
     def one_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
         print(f"chunkcca {args.command}: warning: {str(message).splitlines()[0]}", file=sys.stderr)
@@ -647,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                  "sweep": _run_sweep}[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C
         print(f"chunkcca {args.command}: error: interrupted{_resume_note(args)}", file=sys.stderr)
+        _quiet_teardown()
         return 2
     except BrokenPipeError:  # the reader of our output left (| head): nothing more to say, nowhere to say it
         with contextlib.suppress(OSError, ValueError):  # the exit's flush of stdout then fails quietly

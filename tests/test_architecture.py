@@ -120,7 +120,13 @@ def test_the_package_loads_its_public_names_on_first_use():
     assert typed == chunkcca._HOMES  # what type checkers see is what loads
     for name, home in chunkcca._HOMES.items():
         assert getattr(chunkcca, name) is getattr(importlib.import_module(f"chunkcca.{home}"), name)
-    assert set(chunkcca.__all__) <= set(dir(chunkcca))
+    assert set(chunkcca.__all__) <= set(dir(chunkcca)) and "importlib" not in dir(chunkcca)
+    modules = {path.stem for path in PACKAGE.glob("*.py") if not path.stem.startswith("_")}
+    assert set(chunkcca._SUBMODULES) == modules
+    code = ("import chunkcca; print(chunkcca.measures.__name__, chunkcca.options.StreamOptions.__name__, "
+            "chunkcca.compat.__name__)")  # as after the eager import of old, and the docs' examples use them
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert done.stdout.split() == ["chunkcca.measures", "StreamOptions", "chunkcca.compat"]
     with pytest.raises(AttributeError, match="has no attribute 'cca_zoo'"):
         chunkcca.cca_zoo  # noqa: B018
     code = "import sys, chunkcca; print(sorted({'dask', 'xarray', 'zarr', 'numpy'} & set(sys.modules)))"

@@ -257,6 +257,59 @@ sys.exit(main())
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: interrupted\n")
+    # a program of the user's that imports the command's module gets its Ctrl-C as a KeyboardInterrupt
+    program = code.replace('sys.argv = ["chunkcca", "compare", "s.zarr", "a", "b"]', 'sys.argv = ["mine.py", "run"]')
+    program = program.replace("from chunkcca.cli import main  # as the installed script does\nsys.exit(main())",
+                              "try:\n    from chunkcca.cli import main\nexcept KeyboardInterrupt:\n"
+                              "    print('my handler')")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "my handler\n", "")
+
+
+def test_ctrl_c_leaves_no_asyncio_tracebacks_under_its_line():
+    """A Ctrl-C while zarr read a store's metadata left its tasks pending on zarr's event loop: at exit asyncio
+    printed 20 lines ("Task was destroyed but it is pending!", "Exception ignored in ... Event loop is closed")
+    under the command's one line."""
+    import subprocess
+    import sys
+
+    code = """
+import asyncio, gc, signal, sys
+import chunkcca
+from chunkcca.cli import main
+
+def interrupted(*_, **__):
+    global pending
+    loop = asyncio.new_event_loop()
+    pending = loop.create_task(asyncio.sleep(3600))  # cut short, as zarr's reads are
+    loop.run_until_complete(asyncio.sleep(0))  # the task started, and waits
+    loop.close()
+    raise KeyboardInterrupt
+
+class Unraisable:
+    def __del__(self):
+        raise RuntimeError("Event loop is closed")
+
+chunkcca.describe_store = interrupted
+code = main(["info", "s.zarr"])
+del pending
+Unraisable()
+gc.collect()
+sys.exit(code)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, "chunkcca info: error: interrupted\n")
+
+
+def test_ctrl_c_while_the_command_reads_its_arguments_is_one_line(monkeypatch, capsys):
+    import chunkcca.cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chunkcca.cli, "size_decode_pool", interrupted)
+    assert main(["info", "s.zarr"]) == 2
+    assert capsys.readouterr().err == "chunkcca info: error: interrupted\n"
 
 
 def test_compare_checkpoints_and_resumes(files, capsys):
