@@ -51,7 +51,7 @@ def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | st
 
 def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",
                    allow_complex: bool = False, dims: Sequence[str] | Mapping[Hashable, str] | None = None,
-                   guess_layout: bool = True) -> xr.DataArray:
+                   guess_layout: bool = True, unique_channels: bool = True) -> xr.DataArray:
     """One layer as a Dask-backed DataArray with dims (datapoint, *positions, channel), 0 to 3 position dims.
 
     ``layer`` is a numpy or Dask array (axis 0 = datapoint, last axis = channel), a DataArray
@@ -63,7 +63,9 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     explicitly (e.g. ``("datapoint", "channel", "height", "width")`` for channels-first data) or maps a
     DataArray's dim names to these. A 4-d array without ``dims`` is refused when it looks channels-first and
     read with a warning when either layout fits (``unnamed_layout()``); refused then too without
-    ``guess_layout`` (a store records the guess as its dims).
+    ``guess_layout`` (a store records the guess as its dims). Repeated datapoint labels are refused, and
+    repeated channel labels unless not ``unique_channels`` (a store opens whole with such a layer; measuring or
+    writing it refuses them).
     ``name`` names the layer in error messages (default: the node path or DataArray name). Complex values are
     refused unless ``allow_complex``. Raises a ValueError or TypeError naming the layer and the fault. Nothing is
     computed.
@@ -128,7 +130,7 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                          f"x[x[:, 0] > 0]); call its .compute_chunk_sizes() first")
     _check_values(array, name, allow_complex)
     _check_mask(array, name)
-    for dim in ("datapoint", "channel"):  # results are labelled by them: .sel and alignment need each once
+    for dim in ("datapoint", "channel") if unique_channels else ("datapoint",):  # results are labelled by them
         labels = array.indexes.get(dim)
         if labels is not None and not labels.is_unique:
             repeated = labels[labels.duplicated()].unique()[:5].tolist()

@@ -441,7 +441,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     for layer in found:
         if MASK in tree[layer].data_vars:  # a coordinate, so that tree[layer]["activations"] carries its padding
             tree[layer].dataset = tree[layer].to_dataset(inherit=False).set_coords(MASK)
-        as_activations(tree[layer], layer)
+        as_activations(tree[layer], layer, unique_channels=False)  # refused where measured, not in the way here
         # where the layer's files are: named by read errors, hashed by checkpoints (checkpoint.store_signature)
         # and which Dask array reads them as they are: a layer computed from it may keep this encoding (roll, copy)
         tree[layer][VARIABLE].encoding.update(store=location, layer=layer, order=order[layer],

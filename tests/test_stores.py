@@ -192,6 +192,24 @@ def test_repeated_datapoint_or_channel_labels_are_refused_when_written(tmp_path)
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_a_store_with_repeated_channel_labels_opens_and_refuses_only_that_layer(tmp_path):
+    """A layer written with repeated channel labels (earlier versions wrote them) did not let its store open at all:
+    every other layer was out of reach too. The store opens; measuring that layer is refused, with the remedy."""
+    import zarr
+
+    rng = np.random.default_rng(0)
+    layers = {name: rng.standard_normal((20, 3)) for name in ("m0/fc", "m1/fc", "m2/fc")}
+    write_activations(tmp_path / "s.zarr", layers)
+    zarr.open_array(tmp_path / "s.zarr" / "m0" / "fc" / "channel", mode="r+")[:] = [0, 0, 1]  # as written before
+    tree = open_activations(tmp_path / "s.zarr")
+    assert float(chunkcca.cka(tree["m1/fc"], tree["m2/fc"])["cka"]) >= 0
+    with pytest.raises(ValueError, match=r"layer 'm0/fc' has repeated channel labels, e.g. \[0\]; give each channel "
+                                         r"its own label, or drop them"):
+        chunkcca.cka(tree["m0/fc"], tree["m1/fc"])
+    fixed = tree["m0/fc"]["activations"].drop_vars("channel")
+    assert float(chunkcca.cka(fixed, tree["m1/fc"])["cka"]) >= 0
+
+
 def test_bad_chunks_argument(tmp_path):
     with pytest.raises(ValueError, match="chunks must be a positive number of datapoints"):
         write_activations(tmp_path / "s.zarr", {"fc": np.ones((3, 2))}, chunks=0)
