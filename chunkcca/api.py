@@ -72,11 +72,13 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whi
 @dataclasses.dataclass(frozen=True)
 class Groups:
     """Which group (or fold) each datapoint is in: ``codes`` (datapoint,) 0 … len(labels) − 1, chunked as the
-    layers, the groups' ``labels`` and the ``dim`` the results gain."""
+    layers, the groups' ``labels``, the ``dim`` the results gain, and whether they are ``folds`` (measured on the
+    rest) rather than groups of ``groupby`` (which may be named "fold" too)."""
 
     codes: da.Array
     labels: np.ndarray
     dim: str
+    folds: bool = False
 
 
 def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | None:
@@ -91,7 +93,7 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
             raise ValueError(f"folds={options.folds} is more than the {datapoints} datapoints")
         sizes = [len(part) for part in np.array_split(np.arange(datapoints), options.folds)]
         codes = np.repeat(np.arange(options.folds), sizes)
-        return Groups(da.from_array(codes, chunks=chunks), np.arange(options.folds), "fold")
+        return Groups(da.from_array(codes, chunks=chunks), np.arange(options.folds), "fold", folds=True)
     name = options.groupby if options.groupby is not None else options.folds
     if name is None:
         return None
@@ -110,7 +112,8 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     labels, codes = group_codes(layer.coords[name].values, option, name, str(layer.name))
     if option == "folds" and len(labels) < 2:
         raise ValueError(f"folds={name!r} gives {len(labels)} fold; folds need at least 2")
-    return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels, name if option == "groupby" else "fold")
+    return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels, name if option == "groupby" else "fold",
+                  folds=option == "folds")
 
 
 def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False,
@@ -152,7 +155,7 @@ def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool)
     rest) has no more rows than the widest layer has channels: its covariance is singular."""
     if groups is None or streamed.groups is None:
         return
-    if groups.dim == "fold":
+    if groups.folds:
         _warn_small_folds(streamed, groups)
         return
     if not whitens:
@@ -558,7 +561,7 @@ def _solve_attrs(solve: SolveOptions, measures: Sequence[str], folds: bool) -> d
 def _fold_attrs(stream: StreamOptions, groups: Groups | None) -> dict[str, Any]:
     """What a result measured on folds records of them: ``folds``, their number K, and ``folds_by``, the
     coordinate that made them when one was given."""
-    if groups is None or groups.dim != "fold":
+    if groups is None or not groups.folds:
         return {}
     return {"folds": len(groups.labels), **({"folds_by": stream.folds} if isinstance(stream.folds, str) else {})}
 
@@ -612,7 +615,7 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
     streamed, groups = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names),
                                     whitens=any(MEASURES[name].whitens for name in names))
     with _sides_named(streamed):
-        if groups is not None and groups.dim != "fold":
+        if groups is not None and not groups.folds:
             result = _by_group([_compared(PairSolves(part, solve), names, label, groups)
                                 for part, label in zip(streamed.groups, groups.labels)], groups)
         else:
@@ -759,7 +762,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     _warn_small_groups(streamed, groups, whitens)
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
-    if groups is not None and groups.dim != "fold":
+    if groups is not None and not groups.folds:
         result = _by_group([_in_group(functools.partial(_pairwise, part, labels, sides, names, solve, coords), label,
                                       groups) for part, label in zip(streamed.groups, groups.labels)], groups)
     else:

@@ -212,6 +212,24 @@ def test_a_jackknife_replicate_that_is_undefined_says_so():
     assert np.isfinite(swept["cka"]).all() and np.isnan(swept["cka_se"]).all()
 
 
+def test_groups_of_a_coordinate_named_fold_are_groups_not_folds():
+    """groupby="fold" (a user's coordinate of that name) was taken for folds: each measure got a jackknife over
+    the groups instead of one value per group. Each group's value now equals the measure on its own rows."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((90, 4))
+    y = x @ rng.standard_normal((4, 3)) + rng.standard_normal((90, 3))
+    labels = np.repeat([0, 1, 2], 30)
+    a = xr.DataArray(x, dims=("datapoint", "channel"), coords={"fold": ("datapoint", labels)})
+    result = compare(a, y, groupby="fold", measures=["mean_cca"], precision="float64")
+    swept = similarity({"a": a}, {"b": y}, groupby="fold", measures=["mean_cca"], precision="float64")
+    assert "mean_cca_se" not in result and "mean_cca_se" not in swept and "folds" not in result.attrs
+    for group in range(3):
+        rows = labels == group
+        want = canonical_correlations(x[rows], y[rows]).mean()
+        assert float(result["mean_cca"].sel(fold=group)) == pytest.approx(want, abs=1e-12)
+        assert float(swept["mean_cca"].sel(fold=group, layer_a="a", layer_b="b")) == pytest.approx(want, abs=1e-12)
+
+
 def test_folds_by_coordinate_and_several_ridges():
     a, b = _labelled(2, n=120, p=3, q=3)
     by_label = compare(a, b, measures=["predictivity"], folds="label", ridge=[0.0, 0.1, 10.0], precision="float64")
