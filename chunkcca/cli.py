@@ -414,7 +414,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         if args.groupby:  # each value is then a list, one per group
             options |= {"groupby": args.groupby, "groups": _json_value(result[args.groupby].values.tolist())}
         if args.folds is not None:
-            options |= {"folds": args.folds, "confidence": result.attrs.get("confidence")}
+            options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
         print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": result.attrs["rows"],
                           "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
     else:

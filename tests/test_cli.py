@@ -462,11 +462,16 @@ def test_compare_and_sweep_with_folds_and_groups(tmp_path, capsys):
     assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "cka", "heldout_cca", "--folds", "5",
                  "--confidence", "0.9", "--precision", "float64", "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert {key: report["options"][key] for key in ("folds", "confidence")} == {"folds": 5, "confidence": 0.9}
     want = chunkcca.compare(x, y, measures=["cka", "heldout_cca"], folds=5, confidence=0.9, precision="float64")
     assert report["results"]["cka"]["se"] == pytest.approx(float(want["cka_se"]), rel=1e-12)
     assert report["results"]["heldout_cca"]["ci"] == pytest.approx(want["heldout_cca_ci"].values.tolist(), rel=1e-12)
     assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "cka", "--groupby", "split", "--no-progress"]) == 0
     assert "per split: a, b, c" in capsys.readouterr().out
+    assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "cka", "--folds", "split", "--json",
+                 "--no-progress"]) == 0
+    options = json.loads(capsys.readouterr().out)["options"]  # K, as the result records it, and its coordinate
+    assert (options["folds"], options["folds_by"], options["confidence"]) == (3, "split", 0.95)
     assert main(["sweep", store, "--a", "m0", "--b", "m1", "--measures", "predictivity", "--folds", "split",
                  "--ridge", "0.1", "--out", str(tmp_path / "s.nc"), "--no-progress"]) == 0
     saved = xr.open_dataset(tmp_path / "s.nc")
