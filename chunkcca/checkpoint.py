@@ -21,7 +21,7 @@ import xarray as xr
 
 from ._fs import filesystem
 from .layers import ORDER_ATTR, VARIABLE, zarr_arrays
-from .moments import Moments
+from .moments import Moments, read_saved
 from .options import MASK
 from .rows import Adapter
 
@@ -101,7 +101,7 @@ def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
                     "an activation store" if ORDER_ATTR in saved.attrs else "another zarr store")
             raise CheckpointError(f"{path} is not a chunkcca checkpoint ({what}); pass another checkpoint path")
         done, fingerprint = int(saved.attrs["datapoints_done"]), str(saved.attrs["fingerprint"])
-    return Moments.load(path), done, fingerprint
+    return read_saved(path)[0], done, fingerprint  # its value_rounding comes from the layers (passes)
 
 
 def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],

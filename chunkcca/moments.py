@@ -254,44 +254,52 @@ class Moments:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Moments:
         """Read Moments written by ``save()``."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no saved Moments at {path}")
-        if not (path / "zarr.json").is_file():
-            raise ValueError(f"{path} is not a saved chunkcca Moments store (not a zarr store)")
-        import zarr
+        moments, rounding_known = read_saved(path)
+        if not rounding_known:  # saved before Moments recorded it
+            warnings.warn(f"saved Moments at {path} do not record their activations' rounding (saved by an earlier "
+                          f"chunkcca): directions within float32 rounding are kept as real; compute them again, or "
+                          f"give each side's: dataclasses.replace(moments, value_rounding=(eps_a, eps_b)) with "
+                          f"eps = chunkcca.moments.value_eps(dtype of its activations)", UserWarning,
+                          stacklevel=user_stacklevel())
+        return moments
 
-        with xr.open_zarr(path, consolidated=False, chunks=None) as dataset:  # numpy: read here, not on a cluster
-            if dataset.attrs.get("chunkcca") != "Moments":
-                raise ValueError(f"{path} is not a saved chunkcca Moments store")
-            for name, array in zarr.open_group(path, mode="r").arrays():  # zarr reads a lost file as its fill value
-                if array.nchunks_initialized < array.nchunks:
-                    raise ValueError(f"saved Moments at {path} are damaged: {name!r} lacks "
-                                     f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files")
-            if "value_rounding" not in dataset.attrs:  # saved before Moments recorded it
-                warnings.warn(f"saved Moments at {path} do not record their activations' rounding (saved by an "
-                              f"earlier chunkcca): directions within float32 rounding are kept as real; compute "
-                              f"them again, or give it: dataclasses.replace(moments, value_rounding=(eps_a, eps_b))",
-                              UserWarning, stacklevel=user_stacklevel())
-            try:
-                return cls(
-                    n=int(dataset["n"].values),
-                    mean=dataset["mean"].values,
-                    scatter=dataset["scatter"].values,
-                    sizes=tuple(int(s) for s in dataset["sizes"].values),
-                    norm_moments=dataset["norm_moments"].values if "norm_moments" in dataset else None,
-                    norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
-                    precision=dataset.attrs.get("precision", "float64"),
-                    layers=tuple(dataset.attrs.get("layers", ())),  # saves before provenance: unknown
-                    rows_from=dataset.attrs.get("rows_from", ""),
-                    value_rounding=tuple(dataset.attrs.get("value_rounding", ())),
-                    channel_labels=tuple(dataset[f"channel_labels{side}"].values if f"channel_labels{side}" in dataset
-                                         else None for side in range(dataset.sizes["side"])),
-                )
-            except ValueError as error:
-                if "checksum" not in str(error):
-                    raise
-                raise ValueError(f"saved Moments at {path} are damaged: a file fails its checksum ({error})") from None
+
+def read_saved(path: str | os.PathLike) -> tuple[Moments, bool]:
+    """Moments written by ``Moments.save()`` and whether they record ``value_rounding`` (saves before it do not:
+    theirs loads as 0, exact)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no saved Moments at {path}")
+    if not (path / "zarr.json").is_file():
+        raise ValueError(f"{path} is not a saved chunkcca Moments store (not a zarr store)")
+    import zarr
+
+    with xr.open_zarr(path, consolidated=False, chunks=None) as dataset:  # numpy: read here, not on a cluster
+        if dataset.attrs.get("chunkcca") != "Moments":
+            raise ValueError(f"{path} is not a saved chunkcca Moments store")
+        for name, array in zarr.open_group(path, mode="r").arrays():  # zarr reads a lost file as its fill value
+            if array.nchunks_initialized < array.nchunks:
+                raise ValueError(f"saved Moments at {path} are damaged: {name!r} lacks "
+                                 f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files")
+        try:
+            return Moments(
+                n=int(dataset["n"].values),
+                mean=dataset["mean"].values,
+                scatter=dataset["scatter"].values,
+                sizes=tuple(int(s) for s in dataset["sizes"].values),
+                norm_moments=dataset["norm_moments"].values if "norm_moments" in dataset else None,
+                norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
+                precision=dataset.attrs.get("precision", "float64"),
+                layers=tuple(dataset.attrs.get("layers", ())),  # saves before provenance: unknown
+                rows_from=dataset.attrs.get("rows_from", ""),
+                value_rounding=tuple(dataset.attrs.get("value_rounding", ())),
+                channel_labels=tuple(dataset[f"channel_labels{side}"].values if f"channel_labels{side}" in dataset
+                                     else None for side in range(dataset.sizes["side"])),
+            ), "value_rounding" in dataset.attrs
+        except ValueError as error:
+            if "checksum" not in str(error):
+                raise
+            raise ValueError(f"saved Moments at {path} are damaged: a file fails its checksum ({error})") from None
 
 
 def value_eps(dtype: np.dtype) -> float:

@@ -204,6 +204,26 @@ def test_an_unreadable_or_older_checkpoint_is_named_as_such(tmp_path):
         cca(x, x[:, :2], checkpoint=tmp_path / "old")
 
 
+def test_a_checkpoint_saved_before_value_rounding_resumes_quietly_with_the_layers_rounding(tmp_path):
+    """A checkpoint of the same format saved before Moments recorded value_rounding: the saved Moments' warning
+    (compute again, or replace a field of Moments the user never held) does not apply, as the run takes the
+    rounding from its layers; the resumed result equals a fresh run."""
+    import json
+    import warnings
+
+    x = np.random.default_rng(0).standard_normal((40, 3)).astype(np.float32)
+    y = x[:, :2] + 1
+    chunkcca.cca(x, y, checkpoint=tmp_path / "run")
+    metadata = json.loads((tmp_path / "run" / "zarr.json").read_text())
+    del metadata["attributes"]["value_rounding"]  # as saved then
+    (tmp_path / "run" / "zarr.json").write_text(json.dumps(metadata))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = chunkcca.cca(x, y, checkpoint=tmp_path / "run")
+    fresh = chunkcca.cca(x, y)
+    np.testing.assert_array_equal(resumed["rho"], fresh["rho"])
+
+
 def test_a_checkpoint_of_one_slice_of_a_store_does_not_resume_another(tmp_path):
     """Two slices of one store have the same shape, dtype and files: their Dask graphs tell them apart. So do a
     layer rolled or given other data, which keep the store's encoding (they resumed the layer's checkpoint)."""

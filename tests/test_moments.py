@@ -370,7 +370,8 @@ def test_saves_made_before_provenance_load_as_unknown(tmp_path, rng):
         metadata["attributes"].pop(key)
     metadata_path.write_text(json.dumps(metadata))
     with pytest.warns(UserWarning, match=r"do not record their activations' rounding .* compute them again, or "
-                                         r"give it: dataclasses.replace\(moments, value_rounding=") as caught:
+                                         r"give each side's: dataclasses.replace\(moments, value_rounding=\(eps_a, "
+                                         r"eps_b\)\) with eps = chunkcca.moments.value_eps") as caught:
         loaded = Moments.load(tmp_path / "old")
     assert caught[0].filename == __file__  # the user's line
     assert loaded.value_rounding == (0.0, 0.0)
