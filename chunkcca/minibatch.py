@@ -37,9 +37,12 @@ Hollow = tuple[np.ndarray, np.ndarray, float]
 
 
 def minibatch_gram(rows: np.ndarray, batch: int, size: int) -> Hollow:
-    """The hollowed Gram matrix (``_hollow()``) of minibatch ``batch`` of ``rows`` (rows, p), in float64."""
-    minibatch = np.asarray(rows[batch * size : (batch + 1) * size], dtype=np.float64)
-    return _hollow(minibatch @ minibatch.T)
+    """The hollowed Gram matrix (``_hollow()``) of minibatch ``batch`` of ``rows`` (rows, p), in float64, of its
+    rows centred on their mean: the unbiased HSIC is the same for any common offset, and a large one (1e4 against
+    a spread of 1) no longer cancels in the Gram matrix (CKA 1.33 against 0.39)."""
+    centred = np.array(rows[batch * size : (batch + 1) * size], dtype=np.float64)  # one float64 copy, as budgeted
+    centred -= centred.mean(axis=0)
+    return _hollow(centred @ centred.T)
 
 
 def check_boundary(first_row: int, size: int, first_datapoint: int) -> None:
