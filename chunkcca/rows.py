@@ -361,8 +361,9 @@ def frequency_labels(size_a: int, size_b: int) -> np.ndarray:
 def _positions(layer: xr.DataArray, dim: str, grid: str, extent: int) -> np.ndarray:
     """Sample positions of ``layer`` along ``dim``: its coordinate, or svcca's index grid.
 
-    A layer without the coordinate is taken to span ``extent`` (the finer layer's size), as
-    ``chunkcca.write_activations()`` places pixel centres: (i + 0.5) · extent / size.
+    A layer without the coordinate is taken to span ``extent`` (the other layer's input, as its pixel centres
+    say, or the finer layer's size when neither is labelled), as ``chunkcca.write_activations()`` places pixel
+    centres: (i + 0.5) · extent / size.
     """
     size = layer.sizes.get(dim, 1)
     if grid == "svcca":
@@ -399,11 +400,21 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
                          f"written without image_size= takes its largest layer's size); write both into one store "
                          f"(chunkcca ingest: one command, or --append to the first store) or with one image_size=, "
                          f"or set their {dim} coordinates, or use grid='svcca'")
-    source = _positions(coarse, dim, grid, fine_size)
+    extent = fine_size  # what an unlabelled layer spans: one input, in the units of the labelled one's centres
+    labelled = [grid == "coords" and dim in layer.coords for layer in (a, b)]
+    if sum(labelled) == 1:
+        extent = spans[labelled.index(True)]
+        if extent is None:
+            named, unnamed = (a, b) if labelled[0] else (b, a)
+            raise ValueError(f"layer {named.name!r} places its {dim} positions otherwise than as the pixel centres "
+                             f"of one input (a crop, an offset) and layer {unnamed.name!r} does not label them, so "
+                             f"interp cannot tell where its samples sit; set its {dim} coordinates too, or use "
+                             f"grid='svcca'")
+    source = _positions(coarse, dim, grid, extent)
     if grid == "svcca":
         target = np.linspace(0, coarse_size, fine_size, endpoint=False)
     else:
-        target = _positions(fine, dim, grid, fine_size)
+        target = _positions(fine, dim, grid, extent)
     matrix = interpolation_matrix(source, target, method, name=str(coarse.name), dim=dim)
     if fine_size == coarse_size and np.allclose(matrix, np.eye(fine_size)):
         matrix = None

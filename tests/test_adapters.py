@@ -429,6 +429,27 @@ def test_interp_refuses_layers_whose_pixel_centres_are_of_inputs_of_different_si
                                atol=1e-12)
 
 
+def test_interp_places_an_unlabelled_layer_on_the_labelled_ones_input(tmp_path):
+    """An 8 x 8 layer from a store (centres 0.5 … 7.5, its own pixels) against an unlabelled 16 x 16 array: the
+    unlabelled one was spread over 16 units, so the coarse map covered its first half (rho_mean 0.02 against 0.33
+    when both span one image, silently). An unlabelled layer spans the labelled one's input; against positions
+    that are not pixel centres of one input (a crop) it is refused."""
+    import chunkcca
+
+    rng = np.random.default_rng(26)
+    fine = rng.standard_normal((30, 16, 16, 3))
+    coarse = (fine[:, ::2, ::2] + fine[:, 1::2, 1::2]) @ rng.standard_normal((3, 4))
+    want = cca(fine, coarse, spatial="interp", precision="float64")["rho"]  # both unlabelled: one image each
+    stored = chunkcca.write_activations(tmp_path / "coarse.zarr", {"coarse": coarse})["coarse"]
+    np.testing.assert_allclose(cca(fine, stored, spatial="interp", precision="float64")["rho"], want, atol=1e-12)
+    wide = chunkcca.write_activations(tmp_path / "fine.zarr", {"fine": fine}, image_size=32)["fine"]
+    np.testing.assert_allclose(cca(wide, coarse, spatial="interp", precision="float64")["rho"], want, atol=1e-12)
+    cropped = stored["activations"].assign_coords(height=np.arange(8) + 3.0)
+    with pytest.raises(ValueError, match=r"layer 'coarse' places its height positions otherwise than as the pixel "
+                                         r"centres of one input .* and layer 'a' does not label them"):
+        cca(fine, cropped, spatial="interp")
+
+
 def test_interp_refuses_positions_that_are_only_numbered():
     """record() numbers time steps 0 … L − 1: a 40-step Conv1d output against a 9-step strided one put the coarse
     samples at 0 … 8, so 31 of the 40 fine steps read the last coarse value (rho_mean 0.05 against 0.14 with
