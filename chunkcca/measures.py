@@ -298,7 +298,34 @@ def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
     if not np.all(np.isfinite(cov)):
         advice = " (use precision='float64')" if moments.precision == "float32" else ""
         raise ValueError(NONFINITE_STATISTICS + advice)
+    _check_normal_range(moments, np.diagonal(cov, axis1=-2, axis2=-1).real)
     return cov
+
+
+#: Below this, a variance (a mean square) keeps fewer than 36 bits (about 11 digits): subnormal float64 numbers
+#: keep log2(v / 2**-1074) bits, so variances of values of 1e-155 (1e-310) keep 13 digits, of 1e-161 a few (1e-5
+#: of ρ̄), and of 1e-162 none (the channel then looks constant and is pruned).
+SMALLEST_VARIANCE = 2.0**-1074 * 2.0**36
+
+
+def _check_normal_range(moments: Moments, variance: np.ndarray) -> None:
+    """Refuse channels whose squares are too small for float64: a variance in (0, SMALLEST_VARIANCE), or none at
+    all where the values are not 0 but their squares would be (|mean| < √SMALLEST_VARIANCE): their products lost
+    digits, or the channel was taken for constant, silently."""
+    mean = np.abs(moments.mean)
+    tiny = (variance > 0) & (variance < SMALLEST_VARIANCE)
+    tiny |= (variance == 0) & (mean > 0) & (mean < np.sqrt(SMALLEST_VARIANCE))
+    if tiny.any():
+        channel = int(np.nonzero(tiny.reshape(-1, tiny.shape[-1]).any(axis=0))[0][0])
+        side = next(i for i, part in enumerate(moments.side_slices()) if part.start <= channel < part.stop)
+        named = moments.layers[side] if len(moments.layers) > side and moments.layers[side] else "ab"[side]
+        size = float(np.sqrt(variance.reshape(-1, tiny.shape[-1])[:, channel].max())) or float(
+            mean.reshape(-1, tiny.shape[-1])[:, channel].max())
+        raise ValueError(f"layer {named!r} has a channel ({channel - moments.side_slices()[side].start}) of values "
+                         f"about {size:.1g} in size, whose squares are too small for float64 (below "
+                         f"{SMALLEST_VARIANCE:.2g} they keep fewer than 11 digits): its statistics lose digits or "
+                         f"vanish; multiply the layer by a large factor (the measures do not change with a layer's "
+                         f"scale)")
 
 
 def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

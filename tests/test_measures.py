@@ -7,6 +7,7 @@ import tracemalloc
 import dask.array as da
 import numpy as np
 import pytest
+import xarray as xr
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import (
@@ -21,7 +22,7 @@ from reference import (
 from scipy.stats import ortho_group
 
 import chunkcca
-from chunkcca import Moments, cca, cka, procrustes, pwcca, shape_metric, svcca, svcca_from_moments
+from chunkcca import Moments, cca, cka, compare, procrustes, pwcca, shape_metric, svcca, svcca_from_moments
 from chunkcca.measures import heldout_cca_from_folds, predictivity_from_folds
 
 #: float64 products: the covariance route vs the QR/Gram references agrees to ~1e-13 on this
@@ -129,6 +130,21 @@ def test_whitening_measures_of_values_whose_variances_are_at_float64s_ends(scale
         float(pwcca(x, y, precision=precision)["pwcca"]), abs=1e-10)
     with pytest.raises(ValueError, match="the statistics hold NaN or Inf"):
         cca(x * 1e153, y, precision=precision)
+
+
+@pytest.mark.parametrize("scale", [1e-158, 1e-162])
+@pytest.mark.parametrize("channels", ["all", "one"])
+def test_values_whose_squares_are_too_small_for_float64_are_refused(scale, channels):
+    """Values of 1e-158 have variances of 1e-316, which keep 7 digits in float64 (1e-161: ρ̄ off by 1e-5), and
+    of 1e-162 none (the channel was pruned as constant: ρ̄ 0.41 against 0.72), silently. They are refused, naming
+    the layer and channel; 1e-155 keeps 13 digits and is measured (above)."""
+    x, y = _pair(5, n=300)
+    factor = np.full(x.shape[1], scale) if channels == "all" else np.r_[1.0, scale, np.ones(x.shape[1] - 2)]
+    layer = xr.DataArray(x * factor, dims=("datapoint", "channel"), name="tiny")
+    for measure in ("mean_cca", "cka", "pwcca"):
+        with pytest.raises(ValueError, match=rf"layer 'tiny' has a channel \({0 if channels == 'all' else 1}\) of "
+                                             r"values about \S+ in size, whose squares are too small for float64"):
+            compare(layer, y, measures=[measure], precision="float64")
 
 
 def test_debiased_cka_float32_on_offset_data():
