@@ -17,6 +17,8 @@ from typing import Any
 
 #: The file in each temporary folder that names the process writing it.
 OWNER = "owner.json"
+#: The attribute of an activation store's root group that lists its layers (in network order): it marks a store.
+ORDER_ATTR = "chunkcca_layers"
 
 
 def is_url(location: str) -> bool:
@@ -41,6 +43,26 @@ def zarr_attributes(path: Path) -> dict[str, Any]:
         return {}
     attributes = metadata.get("attributes", {}) if isinstance(metadata, dict) else {}
     return attributes if isinstance(attributes, dict) else {}
+
+
+def store_holding(path: str | os.PathLike) -> Path | None:
+    """The activation store whose folder holds ``path`` (the nearest ancestor in an unbroken zarr hierarchy whose
+    metadata lists layers), or None: a group or layer of it, or anything put inside it."""
+    for folder in Path(path).resolve().parents:
+        if not (folder / "zarr.json").is_file():  # above the zarr hierarchy
+            return None
+        if ORDER_ATTR in zarr_attributes(folder):
+            return folder
+    return None
+
+
+def check_outside_stores(path: str | os.PathLike, what: str) -> None:
+    """Refuse an output ``path`` (``what``: its option or kind, for the message) inside an activation store: a file
+    or group put there changes an input, and the store then warns of it or no longer opens."""
+    store = store_holding(path)
+    if store is not None:
+        raise ValueError(f"{what} {path}: is inside the activation store {store}; chunkcca never writes into a "
+                         f"store (it would no longer open as one): choose a path outside it")
 
 
 def leftovers(path: str | os.PathLike) -> list[tuple[Path, bool]]:
@@ -117,7 +139,10 @@ def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
     try:
         (tmp / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
         yield tmp
-    finally:
+    finally:  # the owner file last: a removal cut short (Ctrl-C) leaves a folder the next write knows is stale
+        for child in tmp.iterdir() if tmp.is_dir() else ():
+            if child.name != OWNER:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -135,6 +160,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
     if is_url(str(path)):
         raise ValueError(f"{path}: chunkcca writes to local paths only (the write is made atomic by renaming a "
                          f"finished folder into place); write locally and copy, or to a mounted filesystem")
+    check_outside_stores(path, what)
     path = Path(path)
     check_replaceable(path, overwrite, replaceable, what)
     with temporary_beside(path) as tmp:

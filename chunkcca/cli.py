@@ -6,6 +6,12 @@ import os
 import sys
 
 
+def _as_command() -> bool:
+    """Whether this process is the ``chunkcca`` command (the installed script, or ``python -m chunkcca.cli``),
+    which owns its process, rather than a program that imports this module."""
+    return __name__ == "__main__" or os.path.basename(sys.argv[0]) == "chunkcca"
+
+
 def _interrupted_line(argv: list[str] | None) -> str:
     """The one line of a Ctrl-C that came before ``main`` knew its command (``argv``: its arguments, None for
     the process's)."""
@@ -23,6 +29,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     import math
     import pickle
     import re
+    import signal
     import warnings
     from collections.abc import Callable, Iterator
     from pathlib import Path
@@ -42,11 +49,12 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         SOLVE_NAMES,
         SPATIAL,
         SWEEP_SPATIAL,
+        check_output_place,
     )
     from chunkcca.plot import plot_rho, plot_similarity
     from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
 except KeyboardInterrupt:
-    if __name__ != "__main__" and os.path.basename(sys.argv[0]) != "chunkcca":  # imported by a program of its own
+    if not _as_command():  # imported by a program of its own: its KeyboardInterrupt
         raise
     print(_interrupted_line(None), file=sys.stderr)
     raise SystemExit(2) from None
@@ -437,13 +445,6 @@ def _run_compare(args: argparse.Namespace) -> None:
                    overwrite=args.overwrite)
 
 
-def _check_folder(path: str, option: str) -> None:
-    """Refuse, before any work, an output whose folder does not exist."""
-    folder = Path(path).absolute().parent
-    if not folder.is_dir():
-        raise ValueError(f"{option} {path}: no folder {folder}")
-
-
 def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path], bool], what: str) -> None:
     """Refuse, before any work (and again before writing), an output that exists, unless ``overwrite`` (the flag
     ``--overwrite``) is given and ``ours(path)`` says it is ``what`` chunkcca wrote: never another file or folder."""
@@ -538,7 +539,7 @@ def _check_plot(args: argparse.Namespace) -> None:
     formats = sorted(FigureCanvasBase.get_supported_filetypes())
     if Path(args.plot).suffix.lower().lstrip(".") not in formats:
         raise ValueError(f"--plot {args.plot}: name an image file ending in one of .{', .'.join(formats)}")
-    _check_folder(args.plot, "--plot")
+    check_output_place(args.plot, "--plot")
     _check_plot_output(args)
 
 
@@ -554,7 +555,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if "://" in args.out or Path(args.out).suffix not in (".nc", ".zarr"):
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")
-    _check_folder(args.out, "--out")
+    check_output_place(args.out, "--out")
     _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
     if args.plot:
         _check_plot(args)
@@ -598,9 +599,11 @@ def size_decode_pool() -> None:
 
 def _quiet_teardown() -> None:
     """After a Ctrl-C, let what it cut short (zarr's reads pending on its event loop) be torn down at exit without
-    asyncio's "Task was destroyed but it is pending!" and "Exception ignored" tracebacks under the command's one
-    line (20 lines of them when it came while zarr read a store's metadata)."""
+    asyncio's "Task was destroyed but it is pending!", "coroutine … was never awaited" and "Exception ignored"
+    tracebacks under the command's one line (20 lines of them when it came while zarr read a store's metadata).
+    The command's process only: these are the process's settings."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     sys.unraisablehook = lambda _: None
 
 
@@ -669,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                  "sweep": _run_sweep}[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C
         print(f"chunkcca {args.command}: error: interrupted{_resume_note(args)}", file=sys.stderr)
-        _quiet_teardown()
+        if _as_command():
+            _quiet_teardown()
         return 2
     except BrokenPipeError:  # the reader of our output left (| head): nothing more to say, nowhere to say it
         with contextlib.suppress(OSError, ValueError):  # the exit's flush of stdout then fails quietly
@@ -687,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"chunkcca {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if _as_command():  # all is said: a Ctrl-C while the process tears down (0.35 s) would end it unsaid
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
 
 

@@ -18,14 +18,13 @@ import numpy as np
 import xarray as xr
 from dask.array import PerformanceWarning
 
+from ._fs import ORDER_ATTR
 from ._stack import user_stacklevel
 from .options import MASK
 
 VARIABLE = "activations"
 #: At most this many position dims (volumes: depth, height, width).
 MAX_POSITIONS = 3
-#: Root attribute of a store: its layers in the order they were written (network order).
-ORDER_ATTR = "chunkcca_layers"
 CONV_DIMS: tuple[str, ...] = ("datapoint", "height", "width", "channel")
 FC_DIMS: tuple[str, ...] = ("datapoint", "channel")
 #: The dims an array without names is given, by its number of axes.

@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from dask.utils import parse_bytes
 
-from ._fs import is_url
+from ._fs import check_outside_stores, is_url
 
 Spatial = Literal["flatten", "avgpool", "interp", "dft", "first", "last", "features"]
 Precision = Literal["float32", "float64", "auto"]
@@ -73,6 +73,15 @@ RIDGE = 0.01
 #: Scheduler names dask.compute takes.
 SCHEDULER_NAMES = ("threads", "threading", "sync", "synchronous", "single-threaded", "processes",
                    "multiprocessing", "distributed", "dask.distributed")
+
+
+def check_output_place(path: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work, an output ``path`` (``what``: its option, for the message) whose folder does not
+    exist (a typo in a folder is not a new folder) or that lies inside an activation store."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: no folder {folder}")
+    check_outside_stores(path, what)
 
 
 def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -289,9 +298,7 @@ class StreamOptions:
         if self.checkpoint is not None:
             if is_url(str(self.checkpoint)):
                 raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
-            folder = os.path.dirname(os.path.abspath(self.checkpoint))
-            if not os.path.isdir(folder):  # as every output: a typo in a folder is not a new folder
-                raise ValueError(f"checkpoint {self.checkpoint}: no folder {folder}")
+            check_output_place(self.checkpoint, "checkpoint")
 
     @classmethod
     def from_kwargs(cls, where: str, options: Mapping[str, Any], *, reads: Sequence[str] = ()) -> StreamOptions:

@@ -28,6 +28,7 @@ from ._fs import (
     filesystem,
     is_url,
     leftovers,
+    store_holding,
     temporary_beside,
     write_atomically,
     zarr_attributes,
@@ -291,20 +292,8 @@ def is_activation_store(path: Path) -> bool:
         metadata = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
         return False
-    return (metadata.get("node_type") == "group" and not path.is_symlink() and not _in_activation_store(path)
+    return (metadata.get("node_type") == "group" and not path.is_symlink() and store_holding(path) is None
             and (ORDER_ATTR in metadata.get("attributes", {}) or any(path.glob(f"**/{VARIABLE}/zarr.json"))))
-
-
-def _in_activation_store(path: Path) -> bool:
-    """Whether ``path`` is a group or layer inside an activation store (an ancestor lists its layers), not a store
-    of its own: overwriting it replaced part of that store, which then did not open. A store kept in a zarr group
-    of the user's own is a store of its own."""
-    for folder in path.resolve().parents:
-        if not (folder / "zarr.json").is_file():  # above the zarr hierarchy
-            return False
-        if ORDER_ATTR in zarr_attributes(folder):
-            return True
-    return False
 
 
 def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None, *,

@@ -290,15 +290,40 @@ class Unraisable:
     def __del__(self):
         raise RuntimeError("Event loop is closed")
 
+async def cut_short():
+    pass
+
 chunkcca.describe_store = interrupted
+sys.argv = ["chunkcca", "info", "s.zarr"]  # the command, which owns its process
 code = main(["info", "s.zarr"])
 del pending
 Unraisable()
+cut_short()  # a coroutine made and never awaited, as zarr's sync() leaves one
 gc.collect()
 sys.exit(code)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (2, "chunkcca info: error: interrupted\n")
+
+
+def test_ctrl_c_after_the_command_said_all_changes_nothing(tmp_path):
+    """Ctrl-C in the third of a second between a command's last output and its exit killed it by the signal (exit
+    status 130), with nothing said; the command has finished, so its status stands."""
+    import subprocess
+    import sys
+
+    chunkcca.write_activations(tmp_path / "s.zarr", {"m0/fc": np.random.default_rng(0).standard_normal((20, 3))})
+    code = f"""
+import os, signal, sys
+from chunkcca.cli import main
+signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the test runner ignores SIGINT
+sys.argv = ["chunkcca", "info", {str(tmp_path / "s.zarr")!r}]
+status = main(sys.argv[1:])
+os.kill(os.getpid(), signal.SIGINT)  # while the process tears down
+sys.exit(status)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, "") and "m0/fc" in done.stdout
 
 
 def test_ctrl_c_while_the_command_reads_its_arguments_is_one_line(monkeypatch, capsys):
@@ -592,6 +617,38 @@ def _others(tmp_path, tree):
 def _contents(path):
     return sorted((str(p.relative_to(path)), p.read_bytes()) for p in [path, *path.rglob("*")] if p.is_file()) \
         if path.is_dir() else path.read_bytes()
+
+
+def test_no_output_is_written_inside_an_activation_store(tmp_path, capsys):
+    """A plot, a sweep's --out, a checkpoint or a new store named inside an input store were written there: the
+    store then warned of a foreign object on every read, or no longer opened ("not aligned with its parents").
+    Each is refused before any work, naming the store, which is left as it was."""
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s.zarr"
+    chunkcca.write_activations(store, {"m0/fc": rng.standard_normal((40, 3)), "m1/fc": rng.standard_normal((40, 4))})
+    np.save(tmp_path / "x.npy", rng.standard_normal((40, 2)))
+
+    def digest() -> str:
+        return hashlib.sha256(b"".join(path.relative_to(store).as_posix().encode() + path.read_bytes()
+                                       for path in sorted(store.rglob("*")) if path.is_file())).hexdigest()
+
+    before = digest()
+    for argv in (["compare", str(store), "m0/fc", "m1/fc", "--plot", str(store / "p.png")],
+                 ["sweep", str(store), "--a", "m0", "--b", "m1", "--out", str(store / "m0" / "s.nc")],
+                 ["compare", str(store), "m0/fc", "m1/fc", "--checkpoint", str(store / "m0" / "fc" / "ck.moments")],
+                 ["ingest", str(store / "m0" / "new.zarr"), f"m/x={tmp_path / 'x.npy'}"]):
+        assert main([*argv, *(["--no-progress"] if argv[0] != "ingest" else [])]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"is inside the activation store {store}; chunkcca never writes into a store" in err, err
+        assert err.count("\n") == 1
+    result = chunkcca.compare(*(chunkcca.open_activations(store)[name] for name in ("m0/fc", "m1/fc")))
+    with pytest.raises(ValueError, match="is inside the activation store"):
+        chunkcca.save_result(result, store / "m0" / "r.nc")
+    with pytest.raises(ValueError, match="is inside the activation store"):
+        chunkcca.compute_moments(rng.standard_normal((40, 3)), rng.standard_normal((40, 2))).save(store / "m.moments")
+    assert digest() == before and sorted(chunkcca.layer_paths(chunkcca.open_activations(store))) == ["m0/fc", "m1/fc"]
 
 
 def test_sweep_refuses_an_existing_out_before_computing_unless_overwrite(tmp_path, capsys, monkeypatch):
