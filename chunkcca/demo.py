@@ -6,11 +6,13 @@ itself never holds a whole layer.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import xarray as xr
 
+from ._fs import ORDER_ATTR, zarr_attributes
 from .api import cca
 from .datasets import CHANNELS, demo_layers
 from .plot import plot_rho
@@ -20,12 +22,16 @@ from .store import write_activations
 
 def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk: int = 250, seed: int = 0,
              precision: str = "auto", progress: bool = True, scheduler: str | None = None) -> dict[str, xr.Dataset]:
-    """Write the demo store under ``out``, run the comparisons, print a table and save the plot."""
+    """Write the demo store under ``out`` (replacing only a store an earlier demo wrote there), run the
+    comparisons, print a table and save the plot."""
     out = Path(out)
     store_path = out / "demo.zarr"
     print(f"writing {datapoints} datapoints x 2 models x (conv2 16x16x64, pool2 8x8x64) to {store_path}")
-    tree = write_activations(store_path, demo_layers(datapoints, chunk=chunk, seed=seed), chunks=chunk,
-                             overwrite=True, progress=progress)
+    layers = demo_layers(datapoints, chunk=chunk, seed=seed)
+    if os.path.lexists(store_path) and zarr_attributes(store_path).get(ORDER_ATTR) != list(layers):
+        raise ValueError(f"{store_path} exists and is not a store the demo wrote (its layers are not "
+                         f"{', '.join(layers)}): the demo replaces only its own; choose another --out")
+    tree = write_activations(store_path, layers, chunks=chunk, overwrite=True, progress=progress)
     runs = [
         ("conv2 vs conv2", "model0/conv2", "model1/conv2", "flatten", 1),
         ("conv2 vs conv2", "model0/conv2", "model1/conv2", "flatten", 2),

@@ -44,6 +44,20 @@ def test_demo_results_match_in_memory_and_rerun_overwrites(tmp_path):
     assert np.all(a >= 0), "post-ReLU activations"
 
 
+def test_demo_replaces_only_a_store_it_wrote(tmp_path, capsys):
+    """demo --out DIR replaced any activation store at DIR/demo.zarr, the user's own data included, unasked."""
+    import hashlib
+
+    store = tmp_path / "demo.zarr"
+    chunkcca.write_activations(store, {"mydata/fc": np.random.default_rng(0).standard_normal((10, 3))})
+    before = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(store.rglob("*")) if path.is_file()))
+    assert main(["demo", "--datapoints", "12", "--chunk", "6", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert (f"{store} exists and is not a store the demo wrote (its layers are not model0/conv2, "
+            in capsys.readouterr().err)
+    after = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(store.rglob("*")) if path.is_file()))
+    assert after.hexdigest() == before.hexdigest() and not (tmp_path / "cca_coefficients.png").exists()
+
+
 def test_demo_layers_do_not_depend_on_chunking():
     small = demo_layers(20, chunk=20)["model1/conv2"].compute()
     np.testing.assert_array_equal(small[:7], demo_layers(7, chunk=20)["model1/conv2"].compute())
