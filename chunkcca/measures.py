@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -604,10 +604,21 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     )
 
 
-def _leave_out(folds: Sequence[Moments], fold: int) -> Moments:
-    """The Moments of every fold but ``fold``: the training data of that fold."""
-    others = [part for i, part in enumerate(folds) if i != fold]
-    return sum(others[1:], others[0])
+def _leave_outs(folds: Sequence[Moments]) -> Iterator[Moments]:
+    """The Moments of every fold but fold i, for i = 0, 1, … in turn: each fold's training data. Each half of a
+    range of folds is merged once and handed down to the other half's, so K folds take O(K log K) merges with
+    O(log K) Moments held, not K − 1 merges each (--folds 500 of a 1000 x 200 pair did not end in 90 s)."""
+
+    def without(start: int, stop: int, rest: Moments | None) -> Iterator[Moments]:
+        if stop - start == 1:
+            yield rest  # K >= 2: some fold is always left in
+            return
+        middle = (start + stop) // 2
+        for part, other in (((start, middle), (middle, stop)), ((middle, stop), (start, middle))):
+            merged = sum(folds[other[0] + 1 : other[1]], folds[other[0]])
+            yield from without(*part, merged if rest is None else rest + merged)
+
+    return without(0, len(folds), None)
 
 
 def _fold_covariances(folds: Sequence[Moments], measure: str) -> None:
@@ -685,8 +696,8 @@ def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) ->
                       f"held-out value then depends on the channels' scales, order and chunking; pass epsilon > 0, "
                       f"or fewer channels or more rows", RuntimeWarning, stacklevel=user_stacklevel())
     per_fold = []
-    for fold in range(len(folds)):
-        fitted = cca_from_moments(_leave_out(folds, fold), epsilon=epsilon)
+    for fold, train in enumerate(_leave_outs(folds)):
+        fitted = cca_from_moments(train, epsilon=epsilon)
         per_fold.append(_variate_correlations(fitted["coef_a"].values, fitted["coef_b"].values,
                                               folds[fold].covariance(), p))
     held = np.array(per_fold)  # (fold, component)
@@ -731,8 +742,8 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
     ridges = tuple(ridge) if isinstance(ridge, (list, tuple, np.ndarray)) else (ridge,)
     p = folds[0].sizes[0]
     scores = np.zeros((len(ridges), len(folds), folds[0].sizes[1]))
-    for fold in range(len(folds)):
-        train = _leave_out(folds, fold).covariance()
+    for fold, left_in in enumerate(_leave_outs(folds)):
+        train = left_in.covariance()
         test = folds[fold].covariance()
         c_aa, c_ab = train[:p, :p], train[:p, p:]
         for r, value in enumerate(ridges):
@@ -830,7 +841,7 @@ class PairSolves:
     @functools.cached_property
     def _left_out(self) -> list[PairSolves]:
         """The solves of every fold but one, one per fold, shared by every measure's jackknife (one CCA each)."""
-        return [PairSolves(_leave_out(self.folds, fold), self.options) for fold in range(len(self.folds))]
+        return [PairSolves(train, self.options) for train in _leave_outs(self.folds)]
 
     def needed_folds(self, measure: str) -> Sequence[Moments]:
         if self.folds is None:
