@@ -415,6 +415,9 @@ def _run_compare(args: argparse.Namespace) -> None:
                         if (key := chunkcca.MEASURES[name].detail_name(detail)) in result
                         and set(result[key].dims) <= set(result[name].dims)}}
               for name in measures}
+    if args.plot:  # drawn before the values are printed, so that --json prints one JSON document
+        _save_plot(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
+                   overwrite=args.overwrite)
     if args.json:
         options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", *SOLVE_NAMES)
                    if key in result.attrs} | {"scheduler": args.scheduler}
@@ -424,7 +427,8 @@ def _run_compare(args: argparse.Namespace) -> None:
         if args.folds is not None:
             options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
         print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": result.attrs["rows"],
-                          "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
+                          "options": options, "results": results, **({"plot": args.plot} if args.plot else {})},
+                         indent=1))  # undefined values (NaN) as null
     else:
         table = [("measure", "value", "details")]
         for name, shown in values.items():
@@ -440,9 +444,8 @@ def _run_compare(args: argparse.Namespace) -> None:
             if dim in result.dims:
                 print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
         print(format_table(table, left=(0, 2)))
-    if args.plot:
-        _save_plot(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
-                   overwrite=args.overwrite)
+        if args.plot:
+            print(f"plot: {args.plot}")
 
 
 def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path], bool], what: str) -> None:
@@ -579,6 +582,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     print(f"results: {out}")
     if args.plot:
         _save_plot(lambda: plot_similarity(result, measures[0]).figure, args.plot, overwrite=args.overwrite)
+        print(f"plot: {args.plot}")
 
 
 def size_decode_pool() -> None:

@@ -56,4 +56,5 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
     print(format_table(table))
     save_figure(lambda: plot_rho(results, title=f"chunkcca demo: {datapoints} datapoints, two models").figure,
                 out / "cca_coefficients.png", overwrite=True, dpi=120)  # its own plot of an earlier run, only
+    print(f"plot: {out / 'cca_coefficients.png'}")
     return results

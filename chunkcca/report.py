@@ -76,7 +76,6 @@ def save_figure(make_figure: Callable[[], Any], path: str | os.PathLike, *, over
                          overwrite=overwrite, replaceable=is_chunkcca_plot, what="a plot")
     finally:
         plt.close(figure)
-    print(f"plot: {path}")
 
 
 @dataclass

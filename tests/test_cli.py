@@ -55,8 +55,8 @@ def test_ingest_info_compare_sweep(files, capsys):
 
     assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "mean_cca", "cka", "--precision", "float64",
                  "--stride", "2", "--json", "--no-progress", "--plot", str(folder / "c.png")]) == 0
-    out = capsys.readouterr().out
-    report = json.loads(out[: out.rindex("}") + 1])
+    report = json.loads(capsys.readouterr().out)  # one JSON document, the plot named in it
+    assert report["plot"] == str(folder / "c.png")
     want = canonical_correlations(flatten_rows(a, 2), flatten_rows(b, 2))
     assert report["results"]["mean_cca"]["value"] == pytest.approx(want.mean(), abs=1e-9)
     assert report["rows"] == 400
