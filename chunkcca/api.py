@@ -47,26 +47,27 @@ def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray,
 
 
 def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True) -> None:
-    """Before streaming: refuse a stride that leaves no more rows than the widest layer has channels, naming the
-    largest stride that does; warn, for measures that invert a covariance (``whitens``), when the layers themselves
-    give no more rows than that (a singular covariance), which a ridge can still make sense of."""
+    """Before streaming: refuse a stride that leaves fewer than 2 rows; warn, for measures that invert a covariance
+    (``whitens``), when the rows are no more than the widest layer's channels (a singular covariance, which a ridge
+    can still make sense of), naming the largest stride that gives more where a stride took them below."""
     datapoints = layers[0].sizes["datapoint"]
     rows = adapters[0].row_count(datapoints)
     channels = max(layer.sizes["channel"] for layer in layers)
-    stride = adapters[0].stride
-    if rows <= channels and stride > 1:
-        total = dataclasses.replace(adapters[0], stride=1).row_count(datapoints)
+    names = ", ".join(repr(str(x.name)) for x in layers)
+    stride, total = adapters[0].stride, dataclasses.replace(adapters[0], stride=1).row_count(datapoints)
+    if stride > 1 and rows < 2 <= total:
+        raise ValueError(f"stride {stride} leaves {rows} of the {total} rows of layers {names}: every measure needs "
+                         f"at least 2; use a smaller stride")
+    if rows > channels or not whitens:
+        return
+    fewer = ""
+    if stride > 1:
         largest = -(-total // channels) - 1
-        advice = (f"use a stride of at most {largest}" if largest >= 1 else
-                  f"even stride 1 gives only {total}")
-        raise ValueError(f"stride {stride} leaves {rows} of the {total} rows of layers "
-                         f"{', '.join(repr(str(x.name)) for x in layers)}, no more than their {channels} channels: "
-                         f"{advice}")
-    if rows <= channels and whitens:
-        warnings.warn(
-            f"only {rows} rows for {channels} channels (layers {', '.join(repr(str(x.name)) for x in layers)}): the "
-            f"covariance is singular and correlations are meaningless; regularise with epsilon > 0 or keep fewer "
-            f"dimensions with svcca(keep=...)", RuntimeWarning, stacklevel=4)
+        fewer = (f"; stride {stride} leaves {rows} of their {total} rows: "
+                 + (f"a stride of at most {largest} gives more" if largest >= 1 else f"even stride 1 gives {total}"))
+    warnings.warn(f"only {rows} rows for {channels} channels (layers {names}){fewer}: the covariance is singular and "
+                  f"correlations are meaningless; regularise with epsilon > 0 or keep fewer dimensions with "
+                  f"svcca(keep=...)", RuntimeWarning, stacklevel=4)
 
 
 @dataclasses.dataclass(frozen=True)

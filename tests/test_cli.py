@@ -444,14 +444,21 @@ def test_two_recorded_models_compared_across_stores(tmp_path, capsys):
     assert float(saved["cka"].sel(layer_a="conv2", layer_b="fc")) == pytest.approx(float(want["cka"]), rel=1e-12)
 
 
-def test_a_stride_that_leaves_too_few_rows_is_refused_before_streaming(files, capsys):
+def test_a_stride_that_leaves_too_few_rows_is_refused_or_warned_of_before_streaming(files, capsys):
     folder, a, _ = files
     store = folder / "s.zarr"
     chunkcca.write_activations(store, {"m0/conv": a})
     assert main(["compare", str(store), "m0/conv", "m0/conv", "--stride", "300000"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("chunkcca compare: error: stride 300000 leaves 1 of the 800 rows of layers")
-    assert "use a stride of at most 133" in err and "Completed" not in err and "done in" not in err
+    assert "every measure needs at least 2" in err and "Completed" not in err and "done in" not in err
+    # a stride leaving no more rows than channels: a warning naming a stride that gives more (CCA), nothing for CKA
+    assert main(["compare", str(store), "m0/conv", "m0/conv", "--stride", "150", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "stride 150 leaves 6 of their 800 rows: a stride of at most 133 gives more" in err
+    assert main(["compare", str(store), "m0/conv", "m0/conv", "--stride", "150", "--measure", "cka",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_warnings_are_one_line(tmp_path, capsys):

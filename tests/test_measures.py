@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -145,6 +146,16 @@ def test_values_whose_squares_are_too_small_for_float64_are_refused(scale, chann
         with pytest.raises(ValueError, match=rf"layer 'tiny' has a channel \({0 if channels == 'all' else 1}\) of "
                                              r"values about \S+ in size, whose squares are too small for float64"):
             compare(layer, y, measures=[measure], precision="float64")
+
+
+def test_cka_of_a_stride_leaving_fewer_rows_than_channels_is_measured():
+    """CKA inverts nothing: a stride leaving no more rows than channels was refused for it (and with epsilon for
+    the others); it is the CKA of the strided rows."""
+    x, y = _pair(9, n=400, p=30, q=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = float(cka(x, y, stride=16, precision="float64")["cka"])  # 25 rows, 30 channels
+    assert got == pytest.approx(cka_reference(x[::16], y[::16], False), abs=1e-12)
 
 
 def test_debiased_cka_float32_on_offset_data():
