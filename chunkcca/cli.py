@@ -43,6 +43,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     from chunkcca.options import (
         KEEP_BY,
         MEMORY_LIMIT,
+        NAN_POLICIES,
         PER_FREQUENCY,
         PRECISIONS,
         READ_AHEAD,
@@ -135,6 +136,9 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
     parser.add_argument("--memory-limit", default=MEMORY_LIMIT,
                         help=f"budget for what a pass holds at once, e.g. 4GiB (default {MEMORY_LIMIT}); a run that "
                              f"cannot fit says so before reading")
+    parser.add_argument("--nan-policy", default="raise", choices=NAN_POLICIES,
+                        help="rows holding NaN or Inf: an error (raise, the default) or left out of every measure "
+                             "(omit)")
     parser.add_argument("--scheduler", type=_scheduler, help=SCHEDULER_HELP)
     parser.add_argument("--connect-timeout", type=float, default=10.0,
                         help="seconds (> 0) to wait for a scheduler given by address (default 10)")
@@ -364,7 +368,7 @@ def _streaming(args: argparse.Namespace, scheduler: Any) -> dict[str, Any]:
     """The streaming options of compare and sweep, on ``scheduler`` (``--scheduler``, connected by ``_connected``)."""
     return {"spatial": args.spatial, "stride": args.stride, "precision": args.precision,
             "memory_limit": args.memory_limit, "scheduler": scheduler, "connect_timeout": args.connect_timeout,
-            "progress": not args.no_progress,
+            "progress": not args.no_progress, "nan_policy": args.nan_policy,
             "groupby": args.groupby, "folds": args.folds}
 
 

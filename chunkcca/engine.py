@@ -424,7 +424,8 @@ def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str]
         return rows
     if nan_policy in ("raise", "refuse"):
         name = next(n for n, mask in zip(names, finite) if not mask.all())
-        hint = "; pass nan_policy='omit' to leave such rows out" if nan_policy == "raise" else ""
+        hint = ("; pass nan_policy='omit' (--nan-policy omit) to leave such rows out" if nan_policy == "raise"
+                else "")
         raise NonFiniteError(f"layer {name!r} holds NaN or Inf in the chunk of datapoints {first_datapoint} to "
                              f"{first_datapoint + datapoints - 1}{hint}")
     keep = np.logical_and.reduce(finite)

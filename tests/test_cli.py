@@ -461,6 +461,22 @@ def test_a_stride_that_leaves_too_few_rows_is_refused_or_warned_of_before_stream
     assert capsys.readouterr().err == ""
 
 
+def test_rows_holding_nan_are_an_error_or_left_out_with_nan_policy(tmp_path, capsys):
+    """The error told a command's user to pass nan_policy='omit', which the command did not take."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((60, 3)), rng.standard_normal((60, 2))
+    a[7, 1] = np.nan
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": a, "b": b})
+    argv = ["compare", str(tmp_path / "s.zarr"), "a", "b", "--measure", "cka", "--precision", "float64", "--json",
+            "--no-progress"]
+    assert main(argv) == 2
+    assert "pass nan_policy='omit' (--nan-policy omit) to leave such rows out" in capsys.readouterr().err
+    assert main([*argv, "--nan-policy", "omit"]) == 0
+    want = chunkcca.cka(np.delete(a, 7, axis=0), np.delete(b, 7, axis=0), precision="float64")
+    assert json.loads(capsys.readouterr().out)["results"]["cka"]["value"] == pytest.approx(float(want["cka"]),
+                                                                                            rel=1e-12)
+
+
 def test_warnings_are_one_line(tmp_path, capsys):
     rng = np.random.default_rng(0)
     chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((6, 8)),
