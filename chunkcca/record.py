@@ -330,7 +330,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     Returns
     -------
     xarray.DataTree
-        The store, opened lazily, its layers in the order ``layers`` names them.
+        The store, opened lazily; [`layer_paths()`][chunkcca.layer_paths] lists its layers in the order ``layers``
+        names them (a node's ``.children`` are in the order zarr lists them).
     """
     import torch
     import zarr
