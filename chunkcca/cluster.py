@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -106,16 +107,26 @@ def _handshake(address: str, timeout: float) -> None:
         comm = await open_comm(address, timeout=timeout, **Security().get_connection_args("client"))
         await comm.close()
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a loop of its own, also under a running one (Jupyter)
+    outcome: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:  # a loop of its own, also under a running one (Jupyter)
         try:
-            pool.submit(asyncio.run, asyncio.wait_for(shake(), timeout)).result()
-        except (OSError, TimeoutError) as error:
-            raise OSError(f"no Dask scheduler answered at {address} within {timeout:g} s (connect_timeout; a "
-                          f"dashboard's port, 8787, is not the scheduler's): {type(error).__name__}: "
-                          f"{_first_line(error)}") from error
-        except Exception as error:  # a malformed address; a server that sends first, read as a message of exabytes
-            raise ValueError(f"cannot connect to a Dask scheduler at {address}: {type(error).__name__}: "
-                             f"{_first_line(error)}") from error
+            outcome.set_result(asyncio.run(asyncio.wait_for(shake(), timeout)))
+        except BaseException as error:  # handed to the caller
+            outcome.set_exception(error)
+
+    # a daemon thread: a Ctrl-C ends the wait at once, and the exit does not wait out the timeout for it (a pool's
+    # thread held the command for the whole --connect-timeout)
+    threading.Thread(target=run, name="chunkcca-handshake", daemon=True).start()
+    try:
+        outcome.result()
+    except (OSError, TimeoutError) as error:
+        raise OSError(f"no Dask scheduler answered at {address} within {timeout:g} s (connect_timeout; a "
+                      f"dashboard's port, 8787, is not the scheduler's): {type(error).__name__}: "
+                      f"{_first_line(error)}") from error
+    except Exception as error:  # a malformed address; a server that sends first, read as a message of exabytes
+        raise ValueError(f"cannot connect to a Dask scheduler at {address}: {type(error).__name__}: "
+                         f"{_first_line(error)}") from error
 
 
 class _Unlogged(logging.Filter):

@@ -326,6 +326,35 @@ sys.exit(status)
     assert (done.returncode, done.stderr) == (0, "") and "m0/fc" in done.stdout
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_connecting_to_a_silent_scheduler_ends_the_command_at_once(tmp_path):
+    """A Ctrl-C while the command waited for an address that accepts but never answers (a dashboard's port) ended
+    it only when --connect-timeout ran out (the handshake's pool thread was waited for)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.zeros((10, 2)), "b": np.ones((10, 2))})
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        argv = ["chunkcca", "compare", str(tmp_path / "s.zarr"), "a", "b", "--scheduler",
+                f"tcp://127.0.0.1:{silent.getsockname()[1]}", "--connect-timeout", "60", "--no-progress"]
+        code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                f"sys.argv = {argv!r}\nfrom chunkcca.cli import main\nprint('started', flush=True)\n"
+                "sys.exit(main(sys.argv[1:]))\n")
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        assert process.stdout.readline() == "started\n"
+        time.sleep(2)  # connecting by now
+        process.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = process.communicate(timeout=50)
+    assert time.monotonic() - start < 10
+    assert (process.returncode, err) == (2, "chunkcca compare: error: interrupted\n")
+
+
 def test_ctrl_c_while_the_command_reads_its_arguments_is_one_line(monkeypatch, capsys):
     import chunkcca.cli
 
