@@ -141,8 +141,10 @@ def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
     finally:  # the owner file last: a removal cut short (Ctrl-C) leaves a folder the next write knows is stale
         for child in tmp.iterdir() if tmp.is_dir() else ():
-            if child.name != OWNER:
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            elif child.name != OWNER:
+                child.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
