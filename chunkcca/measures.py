@@ -319,13 +319,11 @@ def _check_normal_range(moments: Moments, variance: np.ndarray) -> None:
         channel = int(np.nonzero(tiny.reshape(-1, tiny.shape[-1]).any(axis=0))[0][0])
         side = next(i for i, part in enumerate(moments.side_slices()) if part.start <= channel < part.stop)
         named = moments.layers[side] if len(moments.layers) > side and moments.layers[side] else "ab"[side]
-        size = float(np.sqrt(variance.reshape(-1, tiny.shape[-1])[:, channel].max())) or float(
-            mean.reshape(-1, tiny.shape[-1])[:, channel].max())
-        raise ValueError(f"layer {named!r} has a channel ({channel - moments.side_slices()[side].start}) of values "
-                         f"about {size:.1g} in size, whose squares are too small for float64 (below "
-                         f"{SMALLEST_VARIANCE:.2g} they keep fewer than 11 digits): its statistics lose digits or "
-                         f"vanish; multiply the layer by a large factor (the measures do not change with a layer's "
-                         f"scale)")
+        raise ValueError(f"layer {named!r} has a channel ({channel - moments.side_slices()[side].start}) whose "
+                         f"values or spread are below {np.sqrt(SMALLEST_VARIANCE):.1g}, too small for float64 "
+                         f"squares (below {SMALLEST_VARIANCE:.2g} they keep fewer than 11 digits): its statistics "
+                         f"lose digits or vanish; multiply the layer by a large factor (the measures do not change "
+                         f"with a layer's scale)")
 
 
 def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -743,7 +741,7 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
     p = folds[0].sizes[0]
     scores = np.zeros((len(ridges), len(folds), folds[0].sizes[1]))
     for fold, left_in in enumerate(_leave_outs(folds)):
-        train = left_in.covariance()
+        train = _covariance(left_in, "predictivity", batched=False)
         test = folds[fold].covariance()
         c_aa, c_ab = train[:p, :p], train[:p, p:]
         for r, value in enumerate(ridges):
@@ -775,7 +773,9 @@ def _least_squares(c_aa: np.ndarray, c_ab: np.ndarray) -> np.ndarray:
     spread = np.sqrt(np.diag(c_aa))
     unit = np.divide(1.0, spread, out=np.ones(len(spread)), where=spread > 0)
     scaled, rank = np.linalg.lstsq(unit[:, None] * c_aa * unit, unit[:, None] * c_ab, rcond=None)[:3:2]
-    return unit[:, None] * scaled if rank == len(spread) else np.linalg.lstsq(c_aa, c_ab, rcond=None)[0]
+    # a dead (constant) channel is no singularity here: its row and column are 0 and its weight 0 either way
+    live = np.count_nonzero(spread > 0)
+    return unit[:, None] * scaled if rank == live else np.linalg.lstsq(c_aa, c_ab, rcond=None)[0]
 
 
 def jackknife(full: Any, leave_outs: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:

@@ -388,7 +388,9 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
     # (whose unlabelled maps span one image), not labelled at all: nothing says where each sits in the input
     numbered = [grid == "coords" and (np.array_equal(layer[dim].values, np.arange(layer.sizes[dim]))
                                       if dim in layer.coords else dim not in ("height", "width")) for layer in (a, b)]
-    if all(numbered) and size_a != size_b:
+    if all(numbered) and size_a == size_b:  # position i of one is position i of the other
+        return None, None
+    if all(numbered):
         raise ValueError(f"layers {a.name!r} and {b.name!r} number their {dim} positions 0, 1, … or do not label "
                          f"them ({size_a} and {size_b} of them): that says nothing of where each sits in the input, "
                          f"so interp cannot place one on the other; set their {dim} coordinates to positions in the "

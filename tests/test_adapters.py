@@ -444,6 +444,11 @@ def test_interp_places_an_unlabelled_layer_on_the_labelled_ones_input(tmp_path):
     np.testing.assert_allclose(cca(fine, stored, spatial="interp", precision="float64")["rho"], want, atol=1e-12)
     wide = chunkcca.write_activations(tmp_path / "fine.zarr", {"fine": fine}, image_size=32)["fine"]
     np.testing.assert_allclose(cca(wide, coarse, spatial="interp", precision="float64")["rho"], want, atol=1e-12)
+    tokens = rng.standard_normal((40, 10, 3))  # a store numbers tokens 0, 1, …: of equal lengths they pair as they are
+    partner = tokens @ rng.standard_normal((3, 2)) + 0.3 * rng.standard_normal((40, 10, 2))
+    numbered = chunkcca.write_activations(tmp_path / "tokens.zarr", {"tok": tokens})["tok"]
+    np.testing.assert_allclose(cca(numbered, partner, spatial="interp", precision="float64")["rho"],
+                               cca(tokens, partner, spatial="interp", precision="float64")["rho"], atol=1e-12)
     cropped = stored["activations"].assign_coords(height=np.arange(8) + 3.0)
     with pytest.raises(ValueError, match=r"layer 'coarse' places its height positions otherwise than as the pixel "
                                          r"centres of one input .* and layer 'a' does not label them"):

@@ -328,6 +328,9 @@ def test_unridged_predictivity_does_not_depend_on_a_channels_units():
     plain = compare(x, y, folds=k, measures=["predictivity"], ridge=0, precision="float64")
     np.testing.assert_allclose(result["predictivity_per_channel"].sel(ridge=0), plain["predictivity_per_channel"],
                                rtol=1e-9)
+    dead = compare(np.hstack([small, np.zeros((n, 1))]), y, folds=k, measures=["predictivity"], ridge=0,
+                   precision="float64")  # a dead channel beside it (it made the scaled solve fall back: 0.79)
+    np.testing.assert_allclose(dead["predictivity_per_channel"], plain["predictivity_per_channel"], rtol=1e-9)
     for ridge in (0, 0.01):  # a ridge > 0 is relative to the mean variance, so the tiny channel is all but cut
         predicted = []
         for test in _folds(n, k):
