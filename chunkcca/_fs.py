@@ -46,11 +46,9 @@ def zarr_attributes(path: Path) -> dict[str, Any]:
 
 
 def store_holding(path: str | os.PathLike) -> Path | None:
-    """The activation store whose folder holds ``path`` (the nearest ancestor in an unbroken zarr hierarchy whose
-    metadata lists layers), or None: a group or layer of it, or anything put inside it."""
+    """The activation store whose folder holds ``path`` (the nearest ancestor whose zarr metadata lists layers),
+    or None: a group or layer of it, or anything put inside it, in a folder of its own or not."""
     for folder in Path(path).resolve().parents:
-        if not (folder / "zarr.json").is_file():  # above the zarr hierarchy
-            return None
         if ORDER_ATTR in zarr_attributes(folder):
             return folder
     return None

@@ -419,9 +419,6 @@ def _run_compare(args: argparse.Namespace) -> None:
                         if (key := chunkcca.MEASURES[name].detail_name(detail)) in result
                         and set(result[key].dims) <= set(result[name].dims)}}
               for name in measures}
-    if args.plot:  # drawn before the values are printed, so that --json prints one JSON document
-        _save_plot(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
-                   overwrite=args.overwrite)
     if args.json:
         options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", *SOLVE_NAMES)
                    if key in result.attrs} | {"scheduler": args.scheduler}
@@ -431,8 +428,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         if args.folds is not None:
             options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
         print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": result.attrs["rows"],
-                          "options": options, "results": results, **({"plot": args.plot} if args.plot else {})},
-                         indent=1))  # undefined values (NaN) as null
+                          "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
     else:
         table = [("measure", "value", "details")]
         for name, shown in values.items():
@@ -448,7 +444,10 @@ def _run_compare(args: argparse.Namespace) -> None:
             if dim in result.dims:
                 print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
         print(format_table(table, left=(0, 2)))
-        if args.plot:
+    if args.plot:  # after the values, which a plot that cannot be saved must not take with it
+        _save_plot(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
+                   overwrite=args.overwrite)
+        if not args.json:  # stdout holds one JSON document with --json
             print(f"plot: {args.plot}")
 
 
@@ -658,6 +657,21 @@ def _cluster_failure(error: BaseException, args: argparse.Namespace, *, lost: bo
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
+    status = _run(argv)
+    if _as_command():  # all is said: a Ctrl-C while the process tears down (0.35 s) ends it at once, status kept
+        signal.signal(signal.SIGINT, lambda *_: _exit_now(status))
+    return status
+
+
+def _exit_now(status: int) -> None:
+    """End the process with ``status`` at once, what it printed flushed (not waiting on threads at exit)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         size_decode_pool()
@@ -699,9 +713,6 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"chunkcca {args.command}: error: {message}", file=sys.stderr)
         return 2
-    finally:
-        if _as_command():  # all is said: a Ctrl-C while the process tears down (0.35 s) would end it unsaid
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
 
 

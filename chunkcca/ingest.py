@@ -339,7 +339,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
-        parts = tmp / ".parts"
+        parts = tmp.parent / ".parts"  # beside the store being built (in the same temporary folder), not in it
         image: dict[str, tuple[int, int]] = {}  # layer with height and width (images, volumes) → their sizes
         written = 0
         tmp.mkdir(parents=True, exist_ok=True)

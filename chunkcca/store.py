@@ -23,6 +23,7 @@ import xarray as xr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ._fs import (
+    check_outside_stores,
     check_replaceable,
     exclusive,
     filesystem,
@@ -243,6 +244,7 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
         return check_layer_paths(names)
     if overwrite:
         raise ValueError("mode='a' adds layers to a store and overwrite=True replaces it: pass one of them")
+    check_outside_stores(path, "the store appended to")
     order, _ = _existing_order(path)
     return check_layer_paths(names, existing=order, where=str(path))
 

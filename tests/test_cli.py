@@ -55,8 +55,7 @@ def test_ingest_info_compare_sweep(files, capsys):
 
     assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "mean_cca", "cka", "--precision", "float64",
                  "--stride", "2", "--json", "--no-progress", "--plot", str(folder / "c.png")]) == 0
-    report = json.loads(capsys.readouterr().out)  # one JSON document, the plot named in it
-    assert report["plot"] == str(folder / "c.png")
+    report = json.loads(capsys.readouterr().out)  # one JSON document
     want = canonical_correlations(flatten_rows(a, 2), flatten_rows(b, 2))
     assert report["results"]["mean_cca"]["value"] == pytest.approx(want.mean(), abs=1e-9)
     assert report["rows"] == 400
@@ -686,21 +685,28 @@ def test_no_output_is_written_inside_an_activation_store(tmp_path, capsys):
         return hashlib.sha256(b"".join(path.relative_to(store).as_posix().encode() + path.read_bytes()
                                        for path in sorted(store.rglob("*")) if path.is_file())).hexdigest()
 
+    (store / "plots").mkdir()  # a plain folder inside the store (it warns of it, as of any foreign object)
     before = digest()
     for argv in (["compare", str(store), "m0/fc", "m1/fc", "--plot", str(store / "p.png")],
+                 ["compare", str(store), "m0/fc", "m1/fc", "--plot", str(store / "plots" / "p.png")],
+                 ["ingest", str(store / "m0"), f"new={tmp_path / 'x.npy'}", "--append"],
                  ["sweep", str(store), "--a", "m0", "--b", "m1", "--out", str(store / "m0" / "s.nc")],
                  ["compare", str(store), "m0/fc", "m1/fc", "--checkpoint", str(store / "m0" / "fc" / "ck.moments")],
                  ["ingest", str(store / "m0" / "new.zarr"), f"m/x={tmp_path / 'x.npy'}"]):
         assert main([*argv, *(["--no-progress"] if argv[0] != "ingest" else [])]) == 2, argv
         err = capsys.readouterr().err
-        assert f"is inside the activation store {store}; chunkcca never writes into a store" in err, err
-        assert err.count("\n") == 1
+        errors = [line for line in err.splitlines() if ": error: " in line]  # (and the plain folder's warning)
+        assert len(errors) == 1 and f"is inside the activation store {store}; chunkcca never writes" in errors[0], err
     result = chunkcca.compare(*(chunkcca.open_activations(store)[name] for name in ("m0/fc", "m1/fc")))
     with pytest.raises(ValueError, match="is inside the activation store"):
         chunkcca.save_result(result, store / "m0" / "r.nc")
     with pytest.raises(ValueError, match="is inside the activation store"):
+        chunkcca.write_activations(store / "plots" / "new.zarr", {"x": np.zeros((4, 2))})
+    with pytest.raises(ValueError, match="is inside the activation store"):
         chunkcca.compute_moments(rng.standard_normal((40, 3)), rng.standard_normal((40, 2))).save(store / "m.moments")
-    assert digest() == before and sorted(chunkcca.layer_paths(chunkcca.open_activations(store))) == ["m0/fc", "m1/fc"]
+    assert digest() == before and not any((store / "plots").iterdir())
+    with pytest.warns(UserWarning, match="Object at plots is not recognized"):
+        assert sorted(chunkcca.layer_paths(chunkcca.open_activations(store))) == ["m0/fc", "m1/fc"]
 
 
 def test_sweep_refuses_an_existing_out_before_computing_unless_overwrite(tmp_path, capsys, monkeypatch):
