@@ -524,6 +524,10 @@ def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
         raise ValueError(f"layers {', '.join(repr(str(layer.name)) for layer in layers)} give {rows} rows, fewer "
                          f"than one minibatch of {size}")
     sums = minibatch_pass(layers, adapters, size, options)
+    if not np.all(np.isfinite(sums)):  # NaN and Inf in the values are refused while streaming: an overflow
+        raise ValueError(f"minibatch CKA of layers {', '.join(repr(str(layer.name)) for layer in layers)}: the sums "
+                         f"of products of their minibatches' Gram matrices overflow float64 (values too large); "
+                         f"divide the layers by a large factor (CKA does not change with a layer's scale)")
     sides = len(layers)
     return size, sums[: sides * sides].reshape(sides, sides), int(sums[-2]), int(sums[-1]), rows
 

@@ -192,6 +192,18 @@ def test_minibatch_cka_does_not_depend_on_an_offset(spatial):
     assert float(shifted["cka"]) == pytest.approx(_minibatch_reference(x, y, 50), abs=ATOL)
 
 
+def test_minibatch_cka_of_values_whose_gram_products_overflow_is_refused():
+    """Values of 1e100 gave a NaN minibatch CKA with numpy's overflow warnings (exact CKA refuses such layers)."""
+    x, y = _pair(7, n=400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's own overflow warnings on the way
+        with pytest.raises(ValueError, match=r"minibatch CKA of layers .*: the sums of products of their "
+                                             r"minibatches' Gram matrices overflow float64"):
+            cka(x * 1e100, y, minibatch=50)
+        with pytest.raises(ValueError, match="overflow float64"):
+            chunkcca.similarity({"x": x * 1e100}, {"y": y}, measures=["cka"], minibatch=50)
+
+
 def test_minibatch_cka_on_conv_rows_with_stride():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((30, 3, 5, 4))
