@@ -19,8 +19,8 @@ from typing import Any
 import dask.base
 import xarray as xr
 
-from ._fs import filesystem
-from .layers import ORDER_ATTR, VARIABLE, zarr_arrays
+from ._fs import ORDER_ATTR, filesystem
+from .layers import VARIABLE, zarr_arrays
 from .moments import Moments, read_saved
 from .options import MASK
 from .rows import Adapter

@@ -13,8 +13,7 @@ def _as_command() -> bool:
 
 
 def _interrupted_line(argv: list[str] | None) -> str:
-    """The one line of a Ctrl-C that came before ``main`` knew its command (``argv``: its arguments, None for
-    the process's)."""
+    """The one line of a Ctrl-C (``argv``: the command's arguments, None for the process's, which name it)."""
     arguments = sys.argv[1:] if argv is None else argv
     return f"chunkcca{''.join(f' {arg}' for arg in arguments[:1] if not arg.startswith('-'))}: error: interrupted"
 
@@ -693,7 +692,7 @@ def _run(argv: list[str] | None) -> int:
                 {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare,
                  "sweep": _run_sweep}[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C
-        print(f"chunkcca {args.command}: error: interrupted{_resume_note(args)}", file=sys.stderr)
+        print(_interrupted_line([args.command]) + _resume_note(args), file=sys.stderr)
         if _as_command():
             _quiet_teardown()
         return 2

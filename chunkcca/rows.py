@@ -384,10 +384,11 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
     fine_is_a = size_a >= size_b
     fine, coarse = (a, b) if fine_is_a else (b, a)
     fine_size, coarse_size = max(size_a, size_b), min(size_a, size_b)
+    labelled = [grid == "coords" and dim in layer.coords for layer in (a, b)]
     # positions only numbered 0, 1, … (a store's tokens, time steps, depths), or, off the image's height and width
     # (whose unlabelled maps span one image), not labelled at all: nothing says where each sits in the input
-    numbered = [grid == "coords" and (np.array_equal(layer[dim].values, np.arange(layer.sizes[dim]))
-                                      if dim in layer.coords else dim not in ("height", "width")) for layer in (a, b)]
+    numbered = [grid == "coords" and (np.array_equal(layer[dim].values, np.arange(layer.sizes[dim])) if known
+                                      else dim not in ("height", "width")) for layer, known in zip((a, b), labelled)]
     if all(numbered) and size_a == size_b:  # position i of one is position i of the other
         return None, None
     if all(numbered):
@@ -395,7 +396,7 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
                          f"them ({size_a} and {size_b} of them): that says nothing of where each sits in the input, "
                          f"so interp cannot place one on the other; set their {dim} coordinates to positions in the "
                          f"input (e.g. sample centres), or use grid='svcca' (both spanning the same input)")
-    spans = [_pixel_span(layer[dim].values) if grid == "coords" and dim in layer.coords else None for layer in (a, b)]
+    spans = [_pixel_span(layer[dim].values) if known else None for layer, known in zip((a, b), labelled)]
     if None not in spans and not np.isclose(spans[0], spans[1], rtol=1e-9, atol=0):
         raise ValueError(f"layer {a.name!r} spans {spans[0]:g} input pixels along {dim} and layer {b.name!r} "
                          f"{spans[1]:g}: their pixel centres are in units of inputs of different sizes (a store "
@@ -403,7 +404,6 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
                          f"(chunkcca ingest: one command, or --append to the first store) or with one image_size=, "
                          f"or set their {dim} coordinates, or use grid='svcca'")
     extent = fine_size  # what an unlabelled layer spans: one input, in the units of the labelled one's centres
-    labelled = [grid == "coords" and dim in layer.coords for layer in (a, b)]
     if sum(labelled) == 1:
         extent = spans[labelled.index(True)]
         if extent is None:

@@ -23,6 +23,7 @@ import xarray as xr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ._fs import (
+    ORDER_ATTR,
     check_outside_stores,
     check_replaceable,
     exclusive,
@@ -35,7 +36,6 @@ from ._fs import (
     zarr_attributes,
 )
 from .layers import (
-    ORDER_ATTR,
     VARIABLE,
     as_activations,
     check_layer_paths,
