@@ -127,6 +127,7 @@ def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = Fa
     streamed = stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels), whitens=whitens)
+    streamed, groups = _without_emptied_folds(streamed, groups)
     _warn_small_groups(streamed, groups, whitens)
     return _with_provenance(streamed), groups
 
@@ -149,6 +150,28 @@ def _with_provenance(streamed: Streamed) -> Streamed:
                              channel_labels=tuple(layer["channel"].values for layer in streamed.layers))
     groups = None if streamed.groups is None else tuple(map(mark, streamed.groups))
     return dataclasses.replace(streamed, moments=mark(streamed.moments), groups=groups)
+
+
+def _without_emptied_folds(streamed: Streamed, groups: Groups | None) -> tuple[Streamed, Groups | None]:
+    """``streamed`` and ``groups`` without the folds whose every row nan_policy="omit" left out, with a warning
+    naming them: an empty fold would count in the jackknife's K (its leave-out is the full data) and leave a
+    held-out measure nothing to test on. Fewer than 2 folds left is an error."""
+    if groups is None or not groups.folds or streamed.groups is None:
+        return streamed, groups
+    kept = np.array([index for index, part in enumerate(streamed.groups) if part.n > 0], dtype=np.int64)
+    if kept.size == len(groups.labels):
+        return streamed, groups
+    emptied = ", ".join(repr(label) for label in np.delete(groups.labels, kept).tolist()[:5])
+    lost = f"nan_policy='omit' left out every row of fold{'s' if len(groups.labels) - kept.size > 1 else ''} {emptied}"
+    if kept.size < 2:
+        raise ValueError(f"{lost}: {kept.size} of the {len(groups.labels)} folds keep rows; folds need at least 2")
+    warnings.warn(f"{lost}; the jackknife and held-out measures use the other {kept.size} folds", RuntimeWarning,
+                  stacklevel=user_stacklevel())
+    renumbered = np.full(len(groups.labels), -1, dtype=np.int64)  # the emptied folds' datapoints were all left out
+    renumbered[kept] = np.arange(kept.size)
+    folds = dataclasses.replace(groups, codes=groups.codes.map_blocks(renumbered.__getitem__, dtype=np.int64),
+                                labels=groups.labels[kept])
+    return dataclasses.replace(streamed, groups=tuple(streamed.groups[index] for index in kept)), folds
 
 
 def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool) -> None:
@@ -764,6 +787,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                              groups=0 if groups is None else len(groups.labels),
                              pairs=[(a, b) for a in sides["a"] for b in sides["b"]],
                              whitens=whitens)
+    streamed, groups = _without_emptied_folds(streamed, groups)
     _warn_small_groups(streamed, groups, whitens)
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)

@@ -276,6 +276,40 @@ def test_a_fold_much_smaller_than_the_others_is_warned_of():
         compare(x, y, measures=["heldout_cca"], folds=3, precision="float64")  # folds of equal size
 
 
+def test_a_fold_whose_every_row_is_omitted_leaves_the_jackknife_and_the_held_out_folds():
+    """nan_policy="omit" emptying fold 1 of 4: the jackknife counted it (K = 4, its leave-out the full data; SE
+    0.0210 against 0.0195 over the 3 folds that keep rows) and heldout_cca refused it; now both use the other
+    folds, with a warning naming the emptied one, and record K = 3. Fewer than 2 folds left is an error."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((80, 6))
+    y = x @ rng.standard_normal((6, 5)) + rng.standard_normal((80, 5))
+    x[20:40, 0] = np.nan
+    kept = [np.arange(0, 20), np.arange(40, 60), np.arange(60, 80)]
+    leave_outs = np.array([canonical_correlations(np.delete(x, fold, 0)[~np.isnan(np.delete(x, fold, 0)[:, 0])],
+                                                  np.delete(y, fold, 0)[~np.isnan(np.delete(x, fold, 0)[:, 0])]).mean()
+                           for fold in kept])
+    se = np.sqrt(2 / 3 * ((leave_outs - leave_outs.mean()) ** 2).sum())
+    held = []
+    for test in kept:
+        train = np.setdiff1d(np.concatenate(kept), test)
+        wa, wb = _cca_directions(x[train], y[train])
+        held.append(np.mean([np.corrcoef(x[test] @ wa[:, c], y[test] @ wb[:, c])[0, 1] for c in range(5)]))
+    message = r"nan_policy='omit' left out every row of fold 1; the jackknife and held-out measures use the other 3"
+    with pytest.warns(RuntimeWarning, match=message):
+        result = compare(da.from_array(x, chunks=30), y, measures=["mean_cca", "heldout_cca"], folds=4,
+                         nan_policy="omit", precision="float64")
+    assert float(result["mean_cca_se"]) == pytest.approx(se, rel=FOLD_TOL) and result.attrs["folds"] == 3
+    assert float(result["heldout_cca"]) == pytest.approx(np.mean(held), abs=FOLD_TOL)
+    with pytest.warns(RuntimeWarning, match=message):
+        sweep = similarity({"x": x}, {"y": y}, measures=["mean_cca"], folds=4, nan_policy="omit", precision="float64")
+    assert float(sweep["mean_cca_se"].item()) == pytest.approx(se, rel=FOLD_TOL) and sweep.attrs["folds"] == 3
+    assert "2 degrees of freedom" in sweep["mean_cca_ci"].attrs["long_name"]
+    x[40:, 0] = np.nan
+    with pytest.raises(ValueError, match=r"left out every row of folds 1, 2, 3: 1 of the 4 folds keep rows; folds "
+                                         r"need at least 2"):
+        compare(x, y, measures=["mean_cca"], folds=4, nan_policy="omit")
+
+
 def test_independent_data_in_sample_cca_is_high_held_out_near_zero():
     """p/n = 0.1: the in-sample mean canonical correlation of independent noise is far from 0; held out, ~0."""
     rng = np.random.default_rng(0)
