@@ -23,6 +23,7 @@ from ._stack import user_stacklevel
 from .layers import align_layers, as_activations, layer_paths, named, node_name
 from .measures import (
     MEASURES,
+    SMALLEST_VARIANCE,
     PairSolves,
     UndefinedMeasure,
     check_measures,
@@ -510,8 +511,8 @@ def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Data
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     size, hsic, batches, left_over, rows = _minibatch_sums([layer_a, layer_b], adapters, size, options)
     if hsic[0, 0] <= 0 or hsic[1, 1] <= 0:
-        raise ValueError(f"minibatch CKA is undefined: layer {layer_a.name if hsic[0, 0] <= 0 else layer_b.name!r} "
-                         f"has no variance within minibatches")
+        raise ValueError(f"minibatch CKA is undefined for layer "
+                         f"{str(layer_a.name if hsic[0, 0] <= 0 else layer_b.name)!r}: {NO_MINIBATCH_VARIANCE}")
     return xr.Dataset(
         {"cka": ((), hsic[0, 1] / np.sqrt(hsic[0, 0] * hsic[1, 1]),
                  {"long_name": f"minibatch linear CKA ({size} rows)"}),
@@ -521,6 +522,14 @@ def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Data
         attrs={"measure": "cka", "minibatch": int(size), "layer_a": str(layer_a.name), "layer_b": str(layer_b.name),
                **adapters[0].attrs},
     )
+
+
+#: What to do about a layer whose minibatch Gram products underflow float64 (values of about 1e-80 and below).
+TINY_GRAM_ADVICE = ("multiply the layer by a large factor (CKA does not change with a layer's scale), or measure the "
+                    "full-data CKA (no minibatch)")
+#: Why a minibatch CKA is undefined for a layer whose HSIC with itself is 0.
+NO_MINIBATCH_VARIANCE = ("it has no variance within minibatches, or values too small for float64 products of its "
+                         f"Gram matrices: then {TINY_GRAM_ADVICE}")
 
 
 def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], size: Any,
@@ -551,8 +560,15 @@ def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
         raise ValueError(f"minibatch CKA of layers {', '.join(repr(str(layer.name)) for layer in layers)}: the sums "
                          f"of products of their minibatches' Gram matrices overflow float64 (values too large); "
                          f"divide the layers by a large factor (CKA does not change with a layer's scale)")
-    sides = len(layers)
-    return size, sums[: sides * sides].reshape(sides, sides), int(sums[-2]), int(sums[-1]), rows
+    sides, batches = len(layers), int(sums[-2])
+    hsic = sums[: sides * sides].reshape(sides, sides)
+    # each minibatch's HSIC of a layer with itself rounds by about 2**-1075 where its Gram products are subnormal
+    tiny = np.flatnonzero((np.diag(hsic) > 0) & (np.diag(hsic) < batches * SMALLEST_VARIANCE))
+    if tiny.size:
+        raise ValueError(f"minibatch CKA of layer {str(layers[tiny[0]].name)!r}: its values are too small for float64 "
+                         f"products of its minibatches' Gram matrices (their HSIC, {hsic[tiny[0], tiny[0]]:.3g}, keeps "
+                         f"fewer than 11 digits below {batches * SMALLEST_VARIANCE:.2g}); {TINY_GRAM_ADVICE}")
+    return size, hsic, batches, int(sums[-1]), rows
 
 
 def _check_minibatch_options(given: Mapping[str, Any]) -> None:
@@ -811,7 +827,7 @@ def _minibatch_similarity(aligned: Sequence[xr.DataArray], adapters: Sequence[Ad
     """Minibatch linear CKA of every pair (layer_a, layer_b) from one pass over all layers; NaN, with a warning,
     for a pair with a layer that has no variance within minibatches."""
     size, hsic, batches, left_over, rows = _minibatch_sums(aligned, adapters, size, stream)
-    values = _cka_of_pairs(hsic, aligned, sides, "it has no variance within minibatches", "minibatch CKA",
+    values = _cka_of_pairs(hsic, aligned, sides, NO_MINIBATCH_VARIANCE, "minibatch CKA",
                            stacklevel=4)
     return xr.Dataset(
         {"cka": (("layer_a", "layer_b"), values, {"long_name": f"minibatch linear CKA ({size} rows)"}),

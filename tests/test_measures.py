@@ -204,6 +204,23 @@ def test_minibatch_cka_of_values_whose_gram_products_overflow_is_refused():
             chunkcca.similarity({"x": x * 1e100}, {"y": y}, measures=["cka"], minibatch=50)
 
 
+def test_minibatch_cka_of_values_whose_gram_products_lose_digits_is_refused():
+    """Values of 1e-80 (Gram entries of 1e-160, whose squares are subnormal) gave a minibatch CKA off by 1.5e-5,
+    of 1e-81 off by 9%, silently; smaller ones were called constant. 1e-78 keeps 13 digits and is measured."""
+    x, y = _pair(7, n=400)
+    want = _minibatch_reference(x, y, 50)
+    assert float(cka(x * 1e-78, y, minibatch=50)["cka"]) == pytest.approx(want, rel=1e-11)
+    for scale in (1e-79, 1e-80, 1e-81):
+        with pytest.raises(ValueError, match=r"minibatch CKA of layer 'a': its values are too small for float64 "
+                                             r"products of its minibatches' Gram matrices .*multiply the layer"):
+            cka(x * scale, y, minibatch=50)
+    with pytest.raises(ValueError, match=r"layer 'x': its values are too small"):
+        chunkcca.similarity({"x": x * 1e-80}, {"y": y}, measures=["cka"], minibatch=50)
+    with pytest.raises(ValueError, match=r"undefined for layer 'a': it has no variance within minibatches, or "
+                                         r"values too small for float64 products"):
+        cka(x * 1e-90, y, minibatch=50)
+
+
 def test_minibatch_cka_on_conv_rows_with_stride():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((30, 3, 5, 4))
