@@ -177,8 +177,14 @@ def _add_solve_options(parser: argparse.ArgumentParser) -> None:
                                                     "default)")
 
 
-def _check_fold_flags(args: argparse.Namespace, measures: list[str]) -> None:
-    """Before any work, in flag words: the held-out measures and ``--confidence`` need ``--folds``."""
+def _check_measure_flags(args: argparse.Namespace, measures: list[str]) -> None:
+    """Before any work, in flag words: each measure option given is read by a chosen measure, and the held-out
+    measures and ``--confidence`` need ``--folds``."""
+    for option in _given_solve_options(args).keys() - {"confidence"}:
+        if not any(option in chunkcca.MEASURES[name].options for name in measures):
+            readers = [name for name, measure in chunkcca.MEASURES.items() if option in measure.options]
+            raise ValueError(f"--{option.replace('_', '-')} is not read by {', '.join(measures)}, only by "
+                             f"{', '.join(readers)} (choose with --measure)")
     if args.folds is not None:
         return
     held_out = [name for name in measures if chunkcca.MEASURES[name].per_fold is not None]
@@ -400,7 +406,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         _check_plot(args)
     if args.checkpoint_every is not None and args.checkpoint is None:
         raise ValueError("--checkpoint-every applies only with --checkpoint, which is not given")
-    _check_fold_flags(args, measures)
+    _check_measure_flags(args, measures)
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
@@ -438,7 +444,7 @@ def _run_compare(args: argparse.Namespace) -> None:
                                 else f"{key} {_shown(value)}" for key, value in shown.items() if key != "value")
             table.append((name, value, details))
         print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, "
-              f"{result.attrs['rows']} rows, one pass)")
+              f"{result.attrs['rows']} rows, {result.attrs.get('precision', 'float64')} products)")
         for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
             if dim in result.dims:
                 print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
@@ -556,7 +562,7 @@ def _select(tree: Any, names: list[str], store: str) -> dict[str, Any]:
 
 def _run_sweep(args: argparse.Namespace) -> None:
     measures = _measure_names(args.measures, "--measures")
-    _check_fold_flags(args, measures)
+    _check_measure_flags(args, measures)
     out = Path(args.out)
     if "://" in args.out or Path(args.out).suffix not in (".nc", ".zarr"):
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")

@@ -296,7 +296,7 @@ def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
                          + ("" if batched else "; spatial='dft' is offered by cca only"))
     cov = moments.covariance()
     if not np.all(np.isfinite(cov)):
-        advice = " (use precision='float64')" if moments.precision == "float32" else ""
+        advice = " (use precision='float64', --precision float64)" if moments.precision == "float32" else ""
         raise ValueError(NONFINITE_STATISTICS + advice)
     _check_normal_range(moments, np.diagonal(cov, axis1=-2, axis2=-1).real)
     return cov
@@ -951,5 +951,5 @@ def check_measures(measures: Any, *, batched: bool = False, where: str | None = 
             offered = ", ".join(name for name, measure in MEASURES.items() if measure.per_frequency)
             raise ValueError(f"{where or flat[0]} does not work per spatial frequency (spatial='dft'); with "
                              f"spatial='dft' "
-                             f"choose from {offered}, or use spatial='flatten', 'avgpool' or 'interp'")
+                             f"choose from {offered}, or use spatial='flatten', 'avgpool' or 'interp' (--spatial)")
     return names

@@ -281,12 +281,13 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
                       and dims_a else "")
             raise ValueError(
                 f"spatial='flatten' needs equal positions, but layer {a.name!r} is {described[a.name]} and layer "
-                f"{b.name!r} is {described[b.name]}; use spatial='avgpool' (any positions){others}")
+                f"{b.name!r} is {described[b.name]}; use spatial='avgpool' (--spatial avgpool: any positions){others}")
         _check_flatten_names([a, b])
         return Adapter("flatten", size_a, stride, dims_a), Adapter("flatten", size_b, stride, dims_b)
     if dims_a != dims_b or not dims_a:
         raise ValueError(f"spatial={spatial!r} pairs layers position dim by position dim, but layer {a.name!r} is "
-                         f"{described[a.name]} and layer {b.name!r} is {described[b.name]}; use spatial='avgpool'")
+                         f"{described[a.name]} and layer {b.name!r} is {described[b.name]}; use spatial='avgpool' "
+                         f"(--spatial avgpool)")
     if spatial == "interp":
         method, grid = options.method, options.grid
         matrices = [_resample_axis(dim, a, b, method=method, grid=grid) for dim in dims_a]
@@ -308,7 +309,7 @@ def _refuse_masks(layers: Sequence[xr.DataArray], spatial: str) -> None:
         why = ("makes each datapoint's whole map a vector, padding included" if spatial == "features"
                else "has no meaning on padded positions")
         raise ValueError(f"spatial={spatial!r} {why}, and layer {masked[0]!r} has a mask; use spatial='flatten', "
-                         f"'avgpool', 'first' or 'last'")
+                         f"'avgpool', 'first' or 'last' (--spatial)")
 
 
 def _check_flatten_names(layers: Sequence[xr.DataArray]) -> None:

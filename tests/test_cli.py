@@ -412,7 +412,17 @@ def test_compare_passes_keep_and_alpha(files, capsys):
     assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "shape", "--alpha", "2"]) == 2
     assert "alpha must be in [0, 1], got 2.0" in capsys.readouterr().err
     assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cka", "--alpha", "0.5"]) == 2
-    assert "alpha is not read by cka" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("chunkcca compare: error: --alpha is not read by cka, only by shape (choose "
+                                       "with --measure)\n")  # in flag words: it said "compare(): alpha is not ..."
+    assert main(["sweep", store, "--a", "m0/conv", "--b", "m1/conv", "--measure", "cka", "mean_cca", "--keep-by",
+                 "singular_values", "--out", str(folder / "s.nc")]) == 2
+    assert capsys.readouterr().err.startswith("chunkcca sweep: error: --keep-by is not read by cka, mean_cca, only by "
+                                              "svcca")
+    for precision in ("auto", "float64"):  # "one pass", also after auto's pilot and second pass
+        assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cka", "--precision", precision]) == 0
+        chosen = "float32" if precision == "auto" else precision  # auto: well conditioned, 800 rows of 11 channels
+        assert capsys.readouterr().out.splitlines()[0] == (f"m0/conv vs m1/conv (flatten, stride 1, {50 * 16} rows, "
+                                                           f"{chosen} products)")
 
 
 def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):

@@ -162,9 +162,9 @@ def test_layers_of_different_ranks_pair_by_avgpool_only():
     np.testing.assert_allclose(pooled["rho"], canonical_correlations(tokens.mean(1), image.mean(axis=(1, 2))),
                                atol=TOL)
     with pytest.raises(ValueError, match=r"spatial='flatten' needs equal positions, but layer 'a' is 5 \(token\) "
-                                         r"and layer 'b' is 4x4 \(height, width\); use spatial='avgpool' \(any "
-                                         r"positions\)$"):  # not interp or dft, which need the same position dims
-        cca(tokens, image)
+                                         r"and layer 'b' is 4x4 \(height, width\); use spatial='avgpool' "
+                                         r"\(--spatial avgpool: any positions\)$"):
+        cca(tokens, image)  # not interp or dft, which need the same position dims
     with pytest.raises(ValueError, match="spatial='interp' pairs layers position dim by position dim"):
         cca(tokens, image, spatial="interp")
 
