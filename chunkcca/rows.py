@@ -211,13 +211,24 @@ class Adapter:
             last = flat.shape[1] - 1 - np.argmax(flat[:, ::-1], axis=1)
             return per_datapoint[np.arange(datapoints), last]
         if self.kind == "interp":
-            for axis, matrix in enumerate(self.resample or ()):
-                if matrix is not None:
-                    block = np.moveaxis(np.tensordot(matrix, block, axes=(1, axis + 1)), 0, axis + 1)
-            return block.reshape(-1, channels)
+            return self._resampled(block).reshape(-1, channels)
         if self.kind == "dft":
             return self.spectrum(block)
         raise ValueError(f"unknown spatial adapter {self.kind!r}")
+
+    def _resampled(self, block: np.ndarray) -> np.ndarray:
+        """``block`` (datapoint, *positions, channel) resampled along each position dim by ``self.resample``'s
+        matrices (target, source). A NaN or Inf reaches only the values whose weights on it are not 0 (NaN there),
+        not, through 0 · NaN, every value of its datapoint: nan_policy="omit" then leaves out only those rows."""
+        broken = None if np.isfinite(block).all() else ~np.isfinite(block)
+        if broken is not None:
+            block = np.where(broken, 0.0, block)
+        for axis, matrix in enumerate(self.resample or ()):
+            if matrix is not None:
+                block = np.moveaxis(np.tensordot(matrix, block, axes=(1, axis + 1)), 0, axis + 1)
+                if broken is not None:
+                    broken = np.moveaxis(np.tensordot(matrix != 0, broken, axes=(1, axis + 1)), 0, axis + 1)
+        return block if broken is None else np.where(broken, np.nan, block)
 
     def spectrum(self, block: np.ndarray) -> np.ndarray:
         """The kept frequencies of each datapoint's map: (*frequencies, datapoint, channel), complex128. Products

@@ -281,6 +281,27 @@ def test_interp_on_coords_matches_in_memory(conv_pool, method, chunk, stride):
     assert result.attrs["method"] == method and result.attrs["grid"] == "coords"
 
 
+@pytest.mark.parametrize("method", ["linear", "nearest"])
+@pytest.mark.parametrize("chunk", [60, 7])
+def test_interp_omits_only_the_rows_a_nan_reaches(conv_pool, method, chunk):
+    """A NaN in one value of the resampled layer left out all 256 rows of its datapoint (0 · NaN spread it
+    through the resampling matrices); now only the rows whose weights on it are not 0. The reference takes
+    those rows from resampling the NaN's indicator (linear and nearest weights are >= 0)."""
+    conv, pool = conv_pool
+    broken = pool.copy(data=pool.values.copy())
+    broken.values[9, 3, 5, 2] = np.nan
+    broken.values[30, 0, 7, 1] = np.inf
+    positions = (pool.height.values, pool.width.values), (conv.height.values, conv.width.values)
+    reached = interpolate_layer((~np.isfinite(broken.values)).any(axis=-1, keepdims=True) * 1.0, *positions, method)
+    moved = interpolate_layer(np.nan_to_num(broken.values, nan=0.0, posinf=0.0), *positions, method)
+    kept = flatten_rows(reached, 1)[:, 0] == 0
+    want = canonical_correlations(flatten_rows(conv.values, 1)[kept], flatten_rows(moved, 1)[kept])
+    result = cca(conv.chunk({"datapoint": chunk}), broken.chunk({"datapoint": chunk}), spatial="interp",
+                 method=method, nan_policy="omit", precision="float64")
+    assert result.attrs["rows_omitted"] == np.count_nonzero(~kept) < 2 * 16  # not 2 × 256
+    np.testing.assert_allclose(result["rho"], want, atol=ATOL["float64"])
+
+
 def test_interp_either_order_and_float32(conv_pool):
     conv, pool = conv_pool
     forward = cca(conv, pool, spatial="interp", stride=2, precision="float64")
