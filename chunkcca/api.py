@@ -638,8 +638,9 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
     -------
     xarray.Dataset
         One scalar variable per measure, named as the measure (the mean over frequencies for
-        dft); ``rho`` (the canonical correlations, [freq_h, freq_w,] component) when a CCA-family
-        measure is asked; each measure's details, a component dim named after the measure
+        dft); ``rho`` (the canonical correlations, [freq_h, freq_w,] component) and each side's rank
+        ``rank_a``, ``rank_b`` when a CCA-family measure is asked (components beyond the smaller rank have
+        ρ = 0, and mean_cca and r2_cca count them); each measure's details, a component dim named after the measure
         (``svcca_dims_a``, ``svcca_dims_b``, ``svcca_rho`` (svcca_component), ``heldout_rho``
         (heldout_cca_component), ``predictivity_per_channel`` (channel_b)); with ``folds``, ``<measure>_se``
         and ``<measure>_ci`` (bound); with ``groupby``, a dim named after the coordinate; ``rows``.
@@ -700,6 +701,8 @@ def _compared(pair: PairSolves, names: Sequence[str], label: Any = None, groups:
                                                      f"(Student t, {len(pair.folds) - 1} degrees of freedom)"})
     if any(MEASURES[name].canonical for name in names):
         variables["rho"] = pair.cca["rho"]
+        # components beyond min(rank_a, rank_b) have ρ = 0 and count in mean_cca and r2_cca
+        variables["rank_a"], variables["rank_b"] = pair.cca["rank_a"], pair.cca["rank_b"]
         if "rho_freq_mean" in pair.cca:
             variables["rho_freq_mean"] = pair.cca["rho_freq_mean"]
     variables["rows"] = xr.DataArray(np.int64(pair.moments.n), attrs={"long_name": "rows the statistics were "

@@ -432,7 +432,8 @@ def _run_compare(args: argparse.Namespace) -> None:
             options |= {"groupby": args.groupby, "groups": _json_value(result[args.groupby].values.tolist())}
         if args.folds is not None:
             options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
-        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": result.attrs["rows"],
+        ranks = {key: _json_value(result[key].values.tolist()) for key in ("rank_a", "rank_b") if key in result}
+        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": result.attrs["rows"], **ranks,
                           "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
     else:
         table = [("measure", "value", "details")]
@@ -449,11 +450,28 @@ def _run_compare(args: argparse.Namespace) -> None:
             if dim in result.dims:
                 print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
         print(format_table(table, left=(0, 2)))
+        if {"mean_cca", "r2_cca"} & set(measures):
+            _note_zero_components(result, a.sizes["channel"], b.sizes["channel"])
     if args.plot:  # after the values, which a plot that cannot be saved must not take with it
         _save_plot(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
                    overwrite=args.overwrite)
         if not args.json:  # stdout holds one JSON document with --json
             print(f"plot: {args.plot}")
+
+
+def _note_zero_components(result: xr.Dataset, channels_a: int, channels_b: int) -> None:
+    """Say when the layers' ranks leave canonical correlations of 0 that mean_cca and r2_cca count (constant or
+    linearly dependent channels: dead units)."""
+    ranks_a, ranks_b = result["rank_a"].values, result["rank_b"].values
+    components = result.sizes["component"]
+    zeros = components - min(int(ranks_a.min()), int(ranks_b.min()))  # at most, over groups or frequencies
+    if zeros > 0:
+        def span(ranks: Any) -> str:
+            return f"{ranks.min()}" if ranks.min() == ranks.max() else f"{ranks.min()} to {ranks.max()}"
+
+        print(f"rank of a {span(ranks_a)} of {channels_a} channels, of b {span(ranks_b)} of {channels_b}: "
+              f"{zeros} of the {components} canonical correlations {'is' if zeros == 1 else 'are'} 0 (constant or "
+              f"dependent channels) and count{'s' if zeros == 1 else ''} in mean_cca and r2_cca")
 
 
 def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path], bool], what: str) -> None:

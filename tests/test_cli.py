@@ -425,6 +425,29 @@ def test_compare_passes_keep_and_alpha(files, capsys):
                                                            f"{chosen} products)")
 
 
+def test_compare_says_when_dead_units_leave_canonical_correlations_of_0(tmp_path, capsys):
+    """mean_cca counts the components beyond the smaller rank as 0 (documented); the command said nothing of a
+    constant channel, so its mean_cca read as lower similarity. JSON gives the ranks."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 4))
+    x[:, 2] = 1.0
+    store = str(tmp_path / "s.zarr")
+    chunkcca.write_activations(store, {"m0/fc": x, "m1/fc": x + rng.standard_normal((200, 4))})
+    assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "mean_cca", "cka", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == ("rank of a 3 of 4 channels, of b 4 of 4: 1 of the 4 canonical correlations is 0 "
+                                    "(constant or dependent channels) and counts in mean_cca and r2_cca")
+    assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "mean_cca", "--json", "--no-progress"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["rank_a"], shown["rank_b"]) == (3, 4)
+    result = chunkcca.compare(x, x + 1.0, measures=["mean_cca"])
+    assert (int(result["rank_a"]), int(result["rank_b"])) == (3, 3)
+    assert main(["compare", store, "m0/fc", "m0/fc", "--measure", "cka", "mean_cca", "--no-progress"]) == 0
+    assert "rank of a" in capsys.readouterr().out  # itself: rank 3 of 4 on both sides
+    assert main(["compare", store, "m1/fc", "m1/fc", "--measure", "mean_cca", "--no-progress"]) == 0
+    assert "rank" not in capsys.readouterr().out  # full rank: no note
+
+
 def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):
     chunkcca.write_activations(tmp_path / "s.zarr", {"fc": np.random.default_rng(0).standard_normal((20, 3))})
     url = (tmp_path / "s.zarr").as_uri()
