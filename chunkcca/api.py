@@ -33,7 +33,7 @@ from .measures import (
 )
 from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int, group_codes
-from .passes import GramSums, Streamed, gram_pass, minibatch_pass, stream_layers
+from .passes import GramSums, Streamed, gram_pass, minibatch_pass, pair_provenance, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 from .tiles import TiledMoments
 
@@ -133,22 +133,10 @@ def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = Fa
     return _with_provenance(streamed), groups
 
 
-def _rows_from(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> str:
-    """How a pair's rows are made, as its Moments record it: the adapter's attrs and, if any, the sides whose
-    padding masks select rows, e.g. ``"spatial='flatten', stride=2, mask='a'"``."""
-    made = dict(adapters[0].attrs)
-    masked = ",".join(side for side, layer in zip("ab", layers) if MASK in layer.coords)
-    if masked:
-        made["mask"] = masked
-    return ", ".join(f"{key}={value!r}" for key, value in made.items())
-
-
 def _with_provenance(streamed: Streamed) -> Streamed:
-    """``streamed`` with its Moments, and each group's, marked with the layers' names (as the results' ``layer_a``
-    and ``layer_b``) and how the rows were made, so that Moments of other layers or rows refuse to merge."""
-    mark = functools.partial(dataclasses.replace, layers=tuple(str(layer.name) for layer in streamed.layers),
-                             rows_from=_rows_from(streamed.layers, streamed.adapters),
-                             channel_labels=tuple(layer["channel"].values for layer in streamed.layers))
+    """``streamed`` with its Moments, and each group's, marked with where they come from (``pair_provenance``),
+    so that Moments of other layers or rows refuse to merge."""
+    mark = functools.partial(dataclasses.replace, **pair_provenance(streamed.layers, streamed.adapters))
     groups = None if streamed.groups is None else tuple(map(mark, streamed.groups))
     return dataclasses.replace(streamed, moments=mark(streamed.moments), groups=groups)
 

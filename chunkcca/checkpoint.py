@@ -101,7 +101,7 @@ def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
                     "an activation store" if ORDER_ATTR in saved.attrs else "another zarr store")
             raise CheckpointError(f"{path} is not a chunkcca checkpoint ({what}); pass another checkpoint path")
         done, fingerprint = int(saved.attrs["datapoints_done"]), str(saved.attrs["fingerprint"])
-    return read_saved(path)[0], done, fingerprint  # its value_rounding comes from the layers (passes)
+    return read_saved(path)[0], done, fingerprint  # older checkpoints lack value_rounding: the run adds it
 
 
 def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],

@@ -261,6 +261,21 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
                     tuple(map(rounded, parts)) if codes is not None else None)
 
 
+def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """What a pair's Moments record of where they come from (``Moments`` fields): the layers' names (as results'
+    ``layer_a`` and ``layer_b``), how the rows were made (``rows_from``: the adapter's attrs and the sides whose
+    padding masks select rows, e.g. ``"spatial='flatten', stride=2, mask='a'"``), the channel labels and the
+    values' rounding."""
+    made = dict(adapters[0].attrs)
+    masked = ",".join(side for side, layer in zip("ab", layers) if MASK in layer.coords)
+    if masked:
+        made["mask"] = masked
+    return {"layers": tuple(str(layer.name) for layer in layers),
+            "rows_from": ", ".join(f"{key}={value!r}" for key, value in made.items()),
+            "channel_labels": tuple(layer["channel"].values for layer in layers),
+            "value_rounding": tuple(value_eps(layer.dtype) for layer in layers)}
+
+
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:
     """Each layer's padding mask (a Dask array (datapoint, *positions)), or None."""
     return [da.asarray(layer.coords[MASK].data) if MASK in layer.coords else None for layer in layers]
@@ -339,7 +354,8 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     for start, stop in itertools.pairwise(edges):
         (part,) = moments_of(start, stop, precision, step=f", datapoints {start} to {stop - 1} of {edges[-1]}")
         total = part if total is None else total + part
-        save_progress(total, options.checkpoint, stop, fingerprint)
+        # marked as the run's result will be: loaded by Moments.load, it names its layers and rows
+        save_progress(replace(total, **pair_provenance(layers, adapters)), options.checkpoint, stop, fingerprint)
     assert total is not None  # as_activations refuses empty layers, so a fresh run streams at least one chunk
     return (total,)
 

@@ -373,3 +373,24 @@ def test_a_store_on_a_filesystem_without_modification_times_edited_in_place_does
             chunkcca.compute_moments(edited["a"], edited["b"], precision="float64", checkpoint=checkpoint)
     finally:
         memory.rm("/edited-in-place", recursive=True)
+
+
+def test_a_checkpoint_loaded_as_moments_names_its_layers_rows_and_rounding(tmp_path):
+    """A checkpoint loaded with Moments.load had no layers, rows_from, channel labels or rounding (it was saved
+    before the run marked its Moments): merging it with Moments of other rows (avgpool) gave n = 4800 + 300,
+    silently, and value_rounding 0 claimed exact values."""
+    rng = np.random.default_rng(0)
+    a = xr.DataArray(rng.standard_normal((30, 4, 4, 3)).astype("float32"), dims=("datapoint", "height", "width",
+                     "channel"), coords={"channel": ["x", "y", "z"]}, name="net/a").chunk({"datapoint": 10})
+    b = xr.DataArray(rng.standard_normal((30, 4, 4, 2)), dims=a.dims, name="net/b").chunk({"datapoint": 10})
+    path = tmp_path / "run.moments"
+    run = chunkcca.compute_moments(a, b, checkpoint=path, stride=2)
+    saved = Moments.load(path)
+    assert saved.layers == run.layers == ("net/a", "net/b") and saved.rows_from == run.rows_from
+    assert saved.rows_from == "spatial='flatten', stride=2"
+    assert saved.value_rounding == run.value_rounding == (chunkcca.moments.value_eps(np.float32), 0.0)
+    assert saved.channel_labels[0].tolist() == ["x", "y", "z"]
+    with pytest.raises(ValueError, match="cannot merge Moments whose rows were made differently"):
+        saved + chunkcca.compute_moments(a, b, spatial="avgpool")
+    np.testing.assert_allclose(chunkcca.cca_from_moments(saved)["rho"], chunkcca.cca(a, b, stride=2)["rho"],
+                               atol=1e-6)
