@@ -407,6 +407,11 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     location = str(path) if is_url(str(path)) else os.path.abspath(path)  # one Dask name for any spelling
     if storage_options and not is_url(location):
         raise ValueError(f"storage_options apply to fsspec URLs only, not to the local path {location}")
+    holder = None if is_url(location) else store_holding(location)
+    if holder is not None:  # opened alone, a group of a store is not checked against the store's list of layers
+        part = Path(location).relative_to(holder).as_posix()
+        raise ValueError(f"{location} is inside the activation store {holder}: open the store itself and take "
+                         f"{part!r} from it (a store opens only whole, so that every layer it lists is checked)")
     fs, root = filesystem(location, storage_options)
     if not fs.exists(f"{root}/zarr.json"):
         if fs.exists(f"{root}/.zgroup") or fs.exists(f"{root}/.zattrs"):

@@ -431,3 +431,21 @@ def test_the_store_wrapper_reads_a_missing_chunk_as_an_error_by_every_method(tmp
                  store.get_partial_values(prototype, [("a/activations/c/0/0", None), ("a/activations/c/99/0", None)])):
         with pytest.raises(FileNotFoundError, match=r"a/activations/c/99/0"):
             asyncio.run(read)
+
+
+def test_a_group_or_layer_inside_a_store_does_not_open_alone(tmp_path, capsys):
+    """model1/ of a store whose model1/pool2 lost its metadata opened as a store of one layer (conv2): the lost
+    layer dropped out of info and sweeps, as the whole store, which lists it, refuses. A part of a store is named
+    as such and the store given to open."""
+    rng = np.random.default_rng(0)
+    write_activations(tmp_path / "s.zarr", {"model1/conv2": rng.standard_normal((20, 4)),
+                                            "model1/pool2": rng.standard_normal((20, 3))})
+    (tmp_path / "s.zarr" / "model1" / "pool2" / "zarr.json").unlink()
+    for part in ("model1", "model1/conv2", "model1/conv2/activations"):
+        with pytest.raises(ValueError, match=rf"{tmp_path / 's.zarr' / part} is inside the activation store "
+                                             rf"{tmp_path / 's.zarr'}: open the store itself and take '{part}'"):
+            open_activations(tmp_path / "s.zarr" / part)
+    assert main(["info", str(tmp_path / "s.zarr" / "model1")]) == 2
+    assert "is inside the activation store" in capsys.readouterr().err
+    with pytest.raises(OSError, match="lists layer 'model1/pool2' but holds no readable"):
+        open_activations(tmp_path / "s.zarr")
