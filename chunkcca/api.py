@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from ._stack import user_stacklevel
-from .layers import align_layers, as_activations, layer_paths, named, node_name
+from .layers import VARIABLE, align_layers, as_activations, layer_paths, named, node_name
 from .measures import (
     MEASURES,
     SMALLEST_VARIANCE,
@@ -706,7 +706,16 @@ def as_layer_set(layers: Any, role: str) -> dict[str, Any]:
     if isinstance(layers, Mapping):
         return {str(name): layer for name, layer in layers.items()}
     if isinstance(layers, (list, tuple)) and all(isinstance(node, xr.DataTree) for node in layers):
-        return {node_name(node): node for node in layers}
+        named_nodes = [(node_name(node), node) for node in layers]
+        names = [name for name, _ in named_nodes]
+        repeated = next((name for name in names if names.count(name) > 1), None)
+        if repeated is not None:  # a dict of them kept the last alone, silently
+            where = [str(node[VARIABLE].encoding.get("store", "memory")) if VARIABLE in node.data_vars else "memory"
+                     for name, node in named_nodes if name == repeated]
+            raise ValueError(f"{role} names layer {repeated!r} {names.count(repeated)} times (from "
+                             f"{', '.join(where)}); give each its own name with a mapping, e.g. "
+                             f"{{'run0/{repeated}': node, ...}}")
+        return dict(named_nodes)
     raise TypeError(f"{role} must be a mapping of name to layer, a DataTree or a list of DataTree nodes, "
                     f"got {type(layers).__name__}")
 

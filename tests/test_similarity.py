@@ -161,6 +161,21 @@ def test_one_name_for_two_layers_keeps_them_apart():
                                                                                      rel=1e-12)
 
 
+def test_a_list_of_nodes_naming_one_layer_twice_is_refused(tmp_path):
+    """The same layer of two runs' stores, given as a list of nodes, kept only the last (a dict by name): one
+    row, the second store's value, silently. Refused, naming the stores; a mapping names them apart."""
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((50, 3)), rng.standard_normal((50, 2))
+    runs = [chunkcca.write_activations(tmp_path / f"run{i}.zarr", {"fc": a + i * b[:, :1]}) for i in (0, 1)]
+    other = chunkcca.write_activations(tmp_path / "other.zarr", {"fc2": b})
+    with pytest.raises(ValueError, match=rf"a_layers names layer 'fc' 2 times \(from {tmp_path / 'run0.zarr'}, "
+                                         rf"{tmp_path / 'run1.zarr'}\); give each its own name with a mapping"):
+        similarity([runs[0]["fc"], runs[1]["fc"]], [other["fc2"]], measures=["cka"])
+    apart = similarity({"run0/fc": runs[0]["fc"], "run1/fc": runs[1]["fc"]}, [other["fc2"]], measures=["cka"])
+    assert [float(apart["cka"].sel(layer_a=f"run{i}/fc").item()) for i in (0, 1)] == pytest.approx(
+        [float(cka(a + i * b[:, :1], b)["cka"]) for i in (0, 1)], rel=1e-12)
+
+
 def _counted_layer(name: str, reads: list, chunks: int = 5, size: int = 40) -> da.Array:
     """A (chunks · size, 3, 3, c) lazy layer whose every chunk read is logged in ``reads``."""
     channels = {"a": 4, "b": 3}[name]
