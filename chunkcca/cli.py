@@ -736,6 +736,11 @@ def _run(argv: list[str] | None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"chunkcca {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as error:  # a failure no check foresaw: still one line and status 2, never a traceback
+        said = str(error).splitlines()[0] if str(error) else ""
+        print(f"chunkcca {args.command}: error: unexpected {type(error).__name__}{': ' + said if said else ''} "
+              f"(a fault of chunkcca: please report it with the command)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -448,6 +448,22 @@ def test_compare_says_when_dead_units_leave_canonical_correlations_of_0(tmp_path
     assert "rank" not in capsys.readouterr().out  # full rank: no note
 
 
+def test_an_unforeseen_failure_is_one_line_and_status_2(files, capsys, monkeypatch):
+    """Any exception no check foresaw (a RuntimeError here) escaped as a traceback with exit status 1."""
+    folder, a, b = files
+    store = str(folder / "s.zarr")
+    chunkcca.write_activations(store, {"m0/conv": a, "m1/conv": b})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a task failed\nwith more lines")
+
+    monkeypatch.setattr(chunkcca, "compare", broken)
+    assert main(["compare", store, "m0/conv", "m1/conv", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("chunkcca compare: error: unexpected RuntimeError: a task failed (a fault of chunkcca: "
+                            "please report it with the command)\n") and captured.out == ""
+
+
 def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):
     chunkcca.write_activations(tmp_path / "s.zarr", {"fc": np.random.default_rng(0).standard_normal((20, 3))})
     url = (tmp_path / "s.zarr").as_uri()
