@@ -284,12 +284,19 @@ def _gram_attrs(gram: GramSums) -> dict[str, str]:
 
 
 def _in_group(solve: Callable[[], xr.Dataset], label: Any, groups: Groups) -> xr.Dataset:
-    """``solve()`` for one group; an undefined measure (or a group too small to solve) says which group."""
+    """``solve()`` for one group; an undefined measure (or a group too small to solve) says which group, and so
+    does each warning (a sweep's NaN for a pair undefined in this group), at the user's call."""
+    plain = label.item() if isinstance(label, np.generic) else label
+    where = f" in the group {groups.dim}={plain!r}"
     try:
-        return solve()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            solved = solve()
     except ValueError as error:  # UndefinedMeasure included: the same type, with the group named
-        plain = label.item() if isinstance(label, np.generic) else label
-        raise type(error)(f"{error} in the group {groups.dim}={plain!r}") from error
+        raise type(error)(f"{error}{where}") from error
+    for warning in caught:
+        warnings.warn(f"{warning.message}{where}", warning.category, stacklevel=user_stacklevel())
+    return solved
 
 
 @contextlib.contextmanager
@@ -873,7 +880,8 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
             dead = side_without_variance(moments)
             if dead is not None:  # every measure is undefined: NaN throughout, one warning
                 warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer "
-                              f"{(name_a, name_b)[dead]!r} has no varying channel", RuntimeWarning, stacklevel=3)
+                              f"{(name_a, name_b)[dead]!r} has no varying channel", RuntimeWarning,
+                              stacklevel=user_stacklevel())
                 continue
             pair = PairSolves(moments, solve, None if folds is None else
                               [fold.select([side_a, side_b]) for fold in folds])
@@ -882,7 +890,7 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
                     values[measure][i, j] = float(pair.value(measure))
                 except UndefinedMeasure as reason:  # one dead layer must not sink the whole sweep
                     warnings.warn(f"{measure} of {name_a!r} and {name_b!r} is NaN: {reason}", RuntimeWarning,
-                                  stacklevel=3)
+                                  stacklevel=user_stacklevel())
                     continue
                 if folds is not None:
                     try:
@@ -890,7 +898,7 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
                             values[measure][i, j], pair.leave_outs(measure), solve.confidence)
                     except UndefinedMeasure as reason:
                         warnings.warn(f"{measure}_se and {measure}_ci of {name_a!r} and {name_b!r} are NaN: {reason}",
-                                      RuntimeWarning, stacklevel=3)
+                                      RuntimeWarning, stacklevel=user_stacklevel())
     variables: dict[str, Any] = {
         measure: (("layer_a", "layer_b"), value, {"long_name": MEASURES[measure].description})
         for measure, value in values.items()}

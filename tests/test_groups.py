@@ -310,6 +310,25 @@ def test_a_fold_whose_every_row_is_omitted_leaves_the_jackknife_and_the_held_out
         compare(x, y, measures=["mean_cca"], folds=4, nan_policy="omit")
 
 
+def test_a_sweep_pair_undefined_in_a_group_is_nan_there_with_a_warning_naming_the_group():
+    """similarity's warning for a layer constant within groups 1 and 2 named neither group (twice the same line)
+    and pointed into chunkcca, not at the user's call; compare makes it an error naming the group."""
+    rng = np.random.default_rng(0)
+    x, z = rng.standard_normal((90, 4)), rng.standard_normal((90, 3))
+    z[30:] = 1.0
+    grp = ("datapoint", np.repeat([0, 1, 2], 30))
+    a, b = (xr.DataArray(v, dims=("datapoint", "channel"), coords={"grp": grp}) for v in (x, z))
+    with pytest.warns(RuntimeWarning) as caught:
+        result = similarity({"x": a}, {"z": b}, measures=["cka"], groupby="grp")
+    assert [str(w.message) for w in caught] == [f"cka of 'x' and 'z' are NaN: layer 'z' has no varying channel in the "
+                                                f"group grp={g}" for g in (1, 2)]
+    assert {w.filename for w in caught} == {__file__}
+    assert float(result["cka"].sel(grp=0).item()) == pytest.approx(float(cka(x[:30], z[:30])["cka"]), rel=GROUP_TOL)
+    assert np.isnan(result["cka"].sel(grp=[1, 2])).all()
+    with pytest.raises(ValueError, match=r"in the group grp=1"):
+        compare(a, b, measures=["cka"], groupby="grp")
+
+
 def test_independent_data_in_sample_cca_is_high_held_out_near_zero():
     """p/n = 0.1: the in-sample mean canonical correlation of independent noise is far from 0; held out, ~0."""
     rng = np.random.default_rng(0)
