@@ -695,7 +695,11 @@ def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) ->
                       f"or fewer channels or more rows", RuntimeWarning, stacklevel=user_stacklevel())
     per_fold = []
     for fold, train in enumerate(_leave_outs(folds)):
-        fitted = cca_from_moments(train, epsilon=epsilon)
+        try:
+            fitted = cca_from_moments(train, epsilon=epsilon)
+        except UndefinedMeasure as error:  # the layers vary, but not in the rows it is fitted on
+            raise UndefinedMeasure(f"heldout_cca cannot be fitted without fold {fold} (on the other folds' rows): "
+                                   f"{error}") from None
         per_fold.append(_variate_correlations(fitted["coef_a"].values, fitted["coef_b"].values,
                                               folds[fold].covariance(), p))
     held = np.array(per_fold)  # (fold, component)

@@ -210,6 +210,10 @@ def test_a_jackknife_replicate_that_is_undefined_says_so():
     with pytest.warns(RuntimeWarning, match=r"cka_se and cka_ci of 'x' and 'y' are NaN: the jackknife of cka"):
         swept = similarity({"x": x}, {"y": y}, measures=["cka"], folds=3)
     assert np.isfinite(swept["cka"]).all() and np.isnan(swept["cka_se"]).all()
+    # heldout_cca fitted without fold 0 said "layer 'b' has no variance", naming no fold, though b varies
+    with pytest.raises(ValueError, match=r"heldout_cca cannot be fitted without fold 0 \(on the other folds' rows\): "
+                                         r"CCA is undefined: layer 'b' has no variance"):
+        compare(x, y, measures=["heldout_cca"], folds=3)
 
 
 @pytest.mark.parametrize("k", [2, 3, 5, 8, 64])
