@@ -206,8 +206,9 @@ def _measure_names(names: list[str], option: str) -> list[str]:
     chosen: list[str] = []
     for name in names:
         if name in ALIASES:
-            print(f"chunkcca: {option} {name} is deprecated; it stands for {' '.join(ALIASES[name])}",
-                  file=sys.stderr)
+            # a line of the command's warnings (a UserWarning: Python hides DeprecationWarnings from users)
+            warnings.warn(f"{option} {name} is deprecated; it stands for {' '.join(ALIASES[name])}", UserWarning,
+                          stacklevel=2)
         for measure in ALIASES.get(name, (name,)):
             if measure not in chosen:
                 chosen.append(measure)

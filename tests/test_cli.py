@@ -63,7 +63,8 @@ def test_ingest_info_compare_sweep(files, capsys):
     assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "--precision", "float64",
                  "--stride", "2", "--no-progress"]) == 0
     shown = capsys.readouterr()
-    assert "--measure cca is deprecated; it stands for mean_cca r2_cca" in shown.err
+    # a line of the command's warnings (it was "chunkcca: --measure cca is deprecated …")
+    assert "chunkcca compare: warning: --measure cca is deprecated; it stands for mean_cca r2_cca\n" in shown.err
     assert f"mean_cca  {want.mean():.4f}" in shown.out and f"r2_cca    {(want**2).mean():.4f}" in shown.out
 
     assert main(["sweep", store, "--a", "m0", "--b", "m1/conv", "m1/fc", "--measures", "cka", "mean_cca",
