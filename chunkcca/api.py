@@ -570,7 +570,8 @@ def _check_minibatch_options(given: Mapping[str, Any]) -> None:
     """Refuse the streaming options minibatch CKA has no use for."""
     unused = sorted(set(given) & set(_NOT_MINIBATCH))
     if unused:
-        raise TypeError(f"{', '.join(unused)} do not apply to minibatch CKA (float64 Gram matrices of "
+        raise TypeError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to minibatch CKA "
+                        f"(float64 Gram matrices of "
                         f"minibatch x minibatch values, summed in one pass over all rows; no Moments to checkpoint "
                         f"or to group)")
 

@@ -720,7 +720,7 @@ def test_minibatch_feature_cka_of_every_pair_of_a_sweep_in_one_pass():
     assert int(sweep["minibatches"]) == 4 and int(sweep["rows_left_out"]) == 10 and sweep.attrs["minibatch"] == 20
     with pytest.raises(ValueError, match=r"minibatch applies to measures=\['cka'\] only, got \['mean_cca', 'cka'\]"):
         similarity(layers_a, layers_b, minibatch=20)
-    with pytest.raises(TypeError, match="precision do not apply to minibatch CKA"):
+    with pytest.raises(TypeError, match="precision does not apply to minibatch CKA"):
         similarity(layers_a, layers_b, measures=["cka"], minibatch=20, precision="float64")
     dead = {"dead": np.zeros_like(y)}
     with pytest.warns(RuntimeWarning, match="minibatch CKA of layer 'dead' is NaN: it has no variance"):

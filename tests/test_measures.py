@@ -379,7 +379,7 @@ def test_epsilon_and_interp_options_reach_every_measure():
 
 def test_minibatch_cka_refuses_checkpoints_by_name():
     x = np.random.default_rng(0).standard_normal((100, 3))
-    with pytest.raises(TypeError, match="checkpoint do not apply to minibatch CKA"):
+    with pytest.raises(TypeError, match="checkpoint does not apply to minibatch CKA"):
         cka(x, x[:, :2], minibatch=20, checkpoint="run.moments")
 
 
@@ -400,7 +400,7 @@ def test_minibatch_takes_dims_and_refuses_options_it_ignores():
     nchw = rng.standard_normal((40, 3, 4, 4))
     result = cka(nchw, nchw[:, :2], minibatch=16, dims=("datapoint", "channel", "height", "width"))
     assert int(result["minibatches"]) == 40 * 16 // 16
-    with pytest.raises(TypeError, match="precision do not apply to minibatch CKA"):
+    with pytest.raises(TypeError, match="precision does not apply to minibatch CKA"):
         cka(nchw, nchw, minibatch=16, precision="float64", dims=("datapoint", "channel", "height", "width"))
     for grouping in ({"folds": 4}, {"groupby": "datapoint"}):  # one pass over all rows: never per group
         with pytest.raises(TypeError, match=f"{next(iter(grouping))} do not apply to minibatch CKA"):
