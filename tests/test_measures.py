@@ -403,7 +403,7 @@ def test_minibatch_takes_dims_and_refuses_options_it_ignores():
     with pytest.raises(TypeError, match="precision does not apply to minibatch CKA"):
         cka(nchw, nchw, minibatch=16, precision="float64", dims=("datapoint", "channel", "height", "width"))
     for grouping in ({"folds": 4}, {"groupby": "datapoint"}):  # one pass over all rows: never per group
-        with pytest.raises(TypeError, match=f"{next(iter(grouping))} do not apply to minibatch CKA"):
+        with pytest.raises(TypeError, match=f"{next(iter(grouping))} does not apply to minibatch CKA"):
             cka(nchw, nchw, minibatch=16, dims=("datapoint", "channel", "height", "width"), **grouping)
 
 
