@@ -141,6 +141,7 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    _check_signature(path)
     try:
         if path.suffix == ".npy":
             yield "", np.load(path, mmap_mode="r", allow_pickle=False)
@@ -158,11 +159,29 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
         raise ValueError(f"cannot read {path} as a {kind} file: {type(error).__name__}: {error}") from error
 
 
+#: The first bytes of a .npy file (NumPy's format) and of a .npz (a zip archive).
+SIGNATURES = {".npy": b"\x93NUMPY", ".npz": b"PK"}
+
+
+def _check_signature(path: Path) -> None:
+    """Refuse a .npy or .npz file that does not begin as one (numpy took a text file for pickled objects and
+    advised allow_pickle=True)."""
+    signature = SIGNATURES.get(path.suffix)
+    if signature is None or path.is_dir():
+        return
+    with open(path, "rb") as file:
+        head = file.read(len(signature))
+    if head != signature:
+        raise ValueError(f"{path} is not a {path.suffix} file: it does not begin as one (written by numpy.save"
+                         f"{'z' if path.suffix == '.npz' else ''}); is it text or another format?")
+
+
 def _array_names(path: str | os.PathLike) -> list[str]:
     """The names ``iter_arrays()`` gives for a file, without loading any array (an .npz's directory only)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    _check_signature(path)
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:

@@ -186,7 +186,7 @@ def test_ingest_reads_channels_first_files(tmp_path, capsys):
 def test_unreadable_files_are_named_and_store_layers_keep_their_paths(tmp_path, capsys):
     (tmp_path / "text.npy").write_text("not an array")
     assert main(["ingest", str(tmp_path / "s.zarr"), f"m0={tmp_path / 'text.npy'}"]) == 2
-    assert f"cannot read {tmp_path / 'text.npy'} as a .npy file" in capsys.readouterr().err
+    assert f"{tmp_path / 'text.npy'} is not a .npy file: it does not begin as one" in capsys.readouterr().err
     rng = np.random.default_rng(0)
     tree = chunkcca.write_activations(tmp_path / "t.zarr", {"m0/fc": rng.standard_normal((30, 3)),
                                                              "m1/fc": rng.standard_normal((30, 2))})
@@ -244,6 +244,12 @@ def test_a_text_file_is_named(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("layer,value\n1,2\n")
     assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'notes.txt'}"]) == 2
     assert f"cannot read {tmp_path / 'notes.txt'} as a pickled array file" in capsys.readouterr().err
+    for suffix, writer in ((".npy", "numpy.save"), (".npz", "numpy.savez")):  # numpy took them for pickles
+        (tmp_path / f"notes{suffix}").write_text("layer,value\n1,2\n")
+        assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / f'notes{suffix}'}"]) == 2
+        assert capsys.readouterr().err == (f"chunkcca ingest: error: {tmp_path / f'notes{suffix}'} is not a {suffix} "
+                                           f"file: it does not begin as one (written by {writer}); is it text or "
+                                           f"another format?\n")
 
 
 def test_ingest_takes_sequences_and_their_masks(tmp_path, capsys):
