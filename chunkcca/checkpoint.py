@@ -120,6 +120,11 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
     except CheckpointError:
         raise
     except Exception as error:  # not a zarr store, a file, unreadable: say so, not "reading layers … failed"
+        if not (path / "zarr.json").is_file():  # someone else's file or folder: never advise removing it
+            what = ("a folder without zarr.json" if path.is_dir() else "a file" if path.is_file()
+                    else "not a regular file")
+            raise CheckpointError(f"checkpoint {path} is not a chunkcca checkpoint ({what}); pass another checkpoint "
+                                  f"path") from error
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); remove it or "
                               f"pass another path") from error
     if saved_fingerprint != fingerprint:

@@ -193,8 +193,18 @@ def test_an_unreadable_or_older_checkpoint_is_named_as_such(tmp_path):
 
     x = np.random.default_rng(0).standard_normal((40, 3))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match=r"checkpoint .*empty cannot be read"):
+    (tmp_path / "notes.txt").write_text("mine")
+    # someone else's folder or file: named, and never "remove it" (as for a damaged checkpoint)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*empty is not a chunkcca checkpoint \(a folder without "
+                                              r"zarr.json\); pass another checkpoint path$"):
         cca(x, x[:, :2], checkpoint=tmp_path / "empty")
+    with pytest.raises(CheckpointError, match=r"notes.txt is not a chunkcca checkpoint \(a file\); pass another"):
+        cca(x, x[:, :2], checkpoint=tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "zarr.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*broken cannot be read .*; remove it or pass another"):
+        cca(x, x[:, :2], checkpoint=tmp_path / "broken")
     cca(x, x[:, :2], checkpoint=tmp_path / "run")
     moments, done, fingerprint = load_progress(tmp_path / "run")
     older = json.loads(fingerprint)
