@@ -165,7 +165,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
     check_replaceable(path, overwrite, replaceable, what)
     with temporary_beside(path) as tmp:
         target = tmp / "data"
-        write(target)
+        try:
+            write(target)
+        except OSError as error:  # a full disk said "[Errno 28] No space left on device", naming no path
+            if error.errno is None or str(path) in str(error):
+                raise
+            raise type(error)(error.errno, f"writing {what} {path} failed: {error.strerror}") from error
         if not overwrite:
             rename_no_replace(target, path)
             return
@@ -189,7 +194,10 @@ def check_replaceable(path: Path, overwrite: bool, replaceable: Callable[[Path],
         return
     if not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if path.is_symlink() or (replaceable is not None and not replaceable(path)):
+    if path.is_symlink():
+        raise FileExistsError(f"{path} exists and is a symbolic link; overwrite=True never replaces one (nor what it "
+                              f"points to): choose another path")
+    if replaceable is not None and not replaceable(path):
         raise FileExistsError(f"{path} exists and is not {what} chunkcca wrote; overwrite=True replaces only "
                               f"that, never anything else: choose another path")
 

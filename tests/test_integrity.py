@@ -449,3 +449,27 @@ def test_a_group_or_layer_inside_a_store_does_not_open_alone(tmp_path, capsys):
     assert "is inside the activation store" in capsys.readouterr().err
     with pytest.raises(OSError, match="lists layer 'model1/pool2' but holds no readable"):
         open_activations(tmp_path / "s.zarr")
+
+
+def test_a_full_disk_names_the_path_and_a_symlink_is_named_as_such(tmp_path):
+    """A full disk said "[Errno 28] No space left on device", naming nothing; a symbolic link to a store given
+    with overwrite=True was said to be "not an activation store chunkcca wrote", which it points to."""
+    import errno
+
+    from chunkcca._fs import write_atomically
+
+    def full(target: Path) -> None:
+        target.mkdir()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError, match=rf"writing an activation store {tmp_path / 'new.zarr'} failed: No space left "
+                                      rf"on device") as raised:
+        write_atomically(tmp_path / "new.zarr", full, overwrite=False, what="an activation store")
+    assert raised.value.errno == errno.ENOSPC and not (tmp_path / "new.zarr").exists()
+    assert not any(tmp_path.iterdir())  # nothing left behind
+    store = _store(tmp_path)
+    (tmp_path / "link.zarr").symlink_to(store)
+    with pytest.raises(FileExistsError, match=r"link.zarr exists and is a symbolic link; overwrite=True never "
+                                              r"replaces one"):
+        write_activations(tmp_path / "link.zarr", {"a": np.zeros((10, 2))}, overwrite=True)
+    assert open_activations(store)["a"]["activations"].shape == (400, 4)
