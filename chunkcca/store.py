@@ -204,12 +204,17 @@ def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
     """A padding mask for ``layer``: dims (datapoint, *positions), named as the layer's, boolean."""
     dims = ("datapoint", *layer.dims[1:-1])
     name = str(layer.name)
+    if len(dims) == 1:  # every measure then refused it: "datapoint 0 has no real position"
+        raise ValueError(f"layer {name!r} has no positions (dims {tuple(map(str, layer.dims))}), so nothing to pad: "
+                         f"a mask marks the real positions of each datapoint; leave its mask out")
     if isinstance(mask, xr.DataArray):
         if set(mask.dims) != set(dims):
             raise ValueError(f"layer {name!r}: its mask must have dims {dims}, got {tuple(map(str, mask.dims))}")
-        if mask.sizes["datapoint"] != layer.sizes["datapoint"]:
-            raise ValueError(f"layer {name!r}: its mask has {mask.sizes['datapoint']} datapoints, the layer "
-                             f"{layer.sizes['datapoint']}")
+        for dim in dims:  # xarray said "conflicting sizes for dimension 'token'", naming no layer
+            if mask.sizes[dim] != layer.sizes[dim]:
+                counted = "datapoints" if dim == "datapoint" else f"{dim} positions"
+                raise ValueError(f"layer {name!r}: its mask has {mask.sizes[dim]} {counted}, the layer "
+                                 f"{layer.sizes[dim]}")
         if "datapoint" in mask.coords and "datapoint" in layer.coords:  # by label, as layers are aligned: a
             labels, own = layer.indexes["datapoint"], mask.indexes["datapoint"]  # mask in another order was taken
             if not own.equals(labels):  # by position, silently

@@ -436,6 +436,14 @@ def test_a_mask_given_as_a_dataarray_is_aligned_by_its_datapoint_labels(tmp_path
         write_activations(tmp_path / "x.zarr", {"a": a}, masks={"a": mask.assign_coords(datapoint=np.arange(n) + n)})
     with pytest.raises(ValueError, match="layer 'a': its mask has 100 datapoints, the layer 200"):
         write_activations(tmp_path / "y.zarr", {"a": a}, masks={"a": mask.isel(datapoint=slice(100))})
+    # xarray's "conflicting sizes for dimension 'token'" named no layer
+    with pytest.raises(ValueError, match=rf"layer 'a': its mask has 3 token positions, the layer {x.shape[1]}$"):
+        write_activations(tmp_path / "y.zarr", {"a": a}, masks={"a": mask.isel(token=slice(3))})
+    # a layer without positions has nothing to pad: every measure refused it ("datapoint 0 has no real position")
+    with pytest.raises(ValueError, match=r"layer 'fc' has no positions \(dims \('datapoint', 'channel'\)\), so "
+                                         r"nothing to pad"):
+        write_activations(tmp_path / "y.zarr", {"fc": x[:, 0]}, masks={"fc": real[:, 0]})
+    assert not (tmp_path / "y.zarr").exists()
 
 
 def test_overwrite_never_replaces_a_group_or_layer_inside_a_store(tmp_path, rng, capsys):
