@@ -432,8 +432,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     except Exception as error:
         with contextlib.suppress(ValueError):  # a label's chunk file lost (xarray reads labels): name it
             check_store_files(location, storage_options, (), ())
-        raise ValueError(f"cannot open {location} as a zarr activation store: {_unreadable_metadata(fs, root) or error}"
-                         ) from error
+        why = _unreadable_metadata(fs, root) or _unreadable_label(fs, root, location, storage_options) or error
+        raise ValueError(f"cannot open {location} as a zarr activation store: {why}") from error
     found = layer_paths(tree)
     if not found:
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
@@ -462,6 +462,24 @@ def _unreadable_metadata(fs: Any, root: str) -> str | None:
                 json.loads(fs.cat(name))
             except ValueError as error:
                 return f"its metadata file {name.removeprefix(root).lstrip('/')} is damaged (not JSON: {error})"
+    return None
+
+
+def _unreadable_label(fs: Any, root: str, location: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    """Which label array (a coordinate: not activations, not a mask) of the store at ``root`` cannot be read, and
+    why (a chunk failing its checksum); None if all can. Labels are small: each is read whole."""
+    import zarr
+
+    store = WholeStore.at(location, storage_options)
+    for name in sorted(fs.find(root)):
+        folder = name.removeprefix(root).strip("/").removesuffix("zarr.json").strip("/")
+        if not name.endswith("zarr.json") or PurePosixPath(folder).name in (VARIABLE, MASK, ""):
+            continue
+        try:
+            if json.loads(fs.cat(name)).get("node_type") == "array":
+                zarr.open_array(store, path=folder, mode="r")[...]
+        except Exception as error:
+            return f"its label array {folder} cannot be read ({type(error).__name__}: {error})"
     return None
 
 

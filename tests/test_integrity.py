@@ -473,3 +473,12 @@ def test_a_full_disk_names_the_path_and_a_symlink_is_named_as_such(tmp_path):
                                               r"replaces one"):
         write_activations(tmp_path / "link.zarr", {"a": np.zeros((10, 2))}, overwrite=True)
     assert open_activations(store)["a"]["activations"].shape == (400, 4)
+
+
+def test_a_label_chunk_that_fails_its_checksum_is_named(tmp_path):
+    """An emptied chunk of a coordinate said only "Stored and computed checksum do not match", naming no array."""
+    write_activations(tmp_path / "s.zarr", {"m/conv": np.zeros((10, 3, 3, 2), "float32")}, masks=None)
+    (tmp_path / "s.zarr" / "m" / "conv" / "height" / "c" / "0").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot open .*s.zarr as a zarr activation store: its label array "
+                                         r"m/conv/height cannot be read \(ValueError: Stored and computed checksum"):
+        open_activations(tmp_path / "s.zarr")
