@@ -233,6 +233,8 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
                          f"if (N, T, C)")
     if getattr(tensor, "is_nested", False):  # PyTorch's transformer fast path leaves padding out: put it back
         tensor = tensor.to_padded_tensor(0.0)
+    if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16 ("unsupported ScalarType"): float32 holds it
+        tensor = tensor.float()           # exactly (bfloat16 is float32 with its last 16 bits cut)
     return _channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first")
 
 

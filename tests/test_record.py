@@ -547,3 +547,15 @@ def test_a_linear_is_channels_last_whatever_the_tensors_of_its_shape_before(tmp_
     assert tree["head"]["activations"].dims == ("datapoint", "height", "width", "channel")
     np.testing.assert_array_equal(tree["head"]["activations"].values, want)
     assert tree["conv"]["activations"].shape == (2, 6, 8, 4)
+
+
+def test_a_bfloat16_layer_is_recorded_as_float32_exactly(tmp_path):
+    """numpy has no bfloat16: record failed with "Got unsupported ScalarType BFloat16", naming no layer. float32
+    holds every bfloat16 value exactly (the same exponent, 16 more bits of mantissa)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3)).bfloat16()
+    inputs = torch.randn(8, 5).bfloat16()
+    tree = record(model, ["0"], [inputs[:4], inputs[4:]], tmp_path / "bf.zarr")
+    recorded = tree["0"]["activations"]
+    assert recorded.dtype == np.float32
+    np.testing.assert_array_equal(recorded.values, model(inputs).detach().float().numpy())
