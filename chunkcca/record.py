@@ -293,7 +293,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
            output: Callable[[Any], Any] = first_tensor, mask: Callable[[Any], Any] | None = attention_mask,
            chunks: int | str = "auto", compression: str | None = "lz4", overwrite: bool = False,
            layouts: Mapping[str, Layout] | None = None) -> xr.DataTree:
-    """Run ``model`` over ``batches`` and write the outputs of ``layers`` to a store at ``path``.
+    """Run ``model`` over ``batches`` and write the outputs of ``layers`` to a store at ``path``, in their
+    dtype (bfloat16, which numpy lacks, as float32: exactly).
 
     Parameters
     ----------
