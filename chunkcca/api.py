@@ -59,6 +59,8 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whi
     if stride > 1 and rows < 2 <= total:
         raise ValueError(f"stride {stride} leaves {rows} of the {total} rows of layers {names}: every measure needs "
                          f"at least 2; use a smaller stride")
+    if total < 2:  # one datapoint of an fc layer: the solve said "covariance needs more than 1 rows", naming none
+        raise ValueError(f"layers {names} give {total} row{'' if total == 1 else 's'}: every measure needs at least 2")
     if rows > channels or not whitens:
         return
     fewer = ""
@@ -791,7 +793,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     adapters = plan_sweep_adapters(aligned, stream)
     rows = adapters[0].row_count(first.sizes["datapoint"])
     if rows < 4:
-        raise ValueError(f"the layers give {rows} rows; similarity needs at least 4")
+        raise ValueError(f"the layers give {rows} row{'' if rows == 1 else 's'}; similarity needs at least 4")
     if minibatch is not None:
         return _minibatch_similarity(aligned, adapters, minibatch, stream, sides, set_a, set_b)
     if by_gram(stream.spatial):

@@ -159,6 +159,15 @@ def test_cka_of_a_stride_leaving_fewer_rows_than_channels_is_measured():
     assert got == pytest.approx(cka_reference(x[::16], y[::16], False), abs=1e-12)
 
 
+def test_one_datapoint_is_refused_naming_the_layers():
+    """One datapoint of fc layers gave "covariance needs more than 1 rows, have 1", naming no layer, after a
+    warning and the pass."""
+    x, y = _pair(9, n=1)
+    for measure in (cca, cka, procrustes):
+        with pytest.raises(ValueError, match=r"^layers 'a', 'b' give 1 row: every measure needs at least 2$"):
+            measure(x, y)
+
+
 def test_debiased_cka_float32_on_offset_data():
     x, y = _pair(6, n=2000, offset=50.0)
     got = float(cka(x.astype(np.float32), y.astype(np.float32), debiased=True)["cka"])
