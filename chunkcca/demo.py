@@ -25,6 +25,9 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
     """Write the demo store under ``out`` (replacing only a store an earlier demo wrote there), run the
     comparisons, print a table and save the plot."""
     out = Path(out)
+    if out.exists() and not out.is_dir():  # it said "[Errno 17] File exists" after writing nothing
+        raise FileExistsError(f"{out} exists and is not a folder: the demo writes its store and plot into a folder; "
+                              f"choose another --out")
     store_path = out / "demo.zarr"
     print(f"writing {datapoints} datapoints x 2 models x (conv2 16x16x64, pool2 8x8x64) to {store_path}")
     layers = demo_layers(datapoints, chunk=chunk, seed=seed)

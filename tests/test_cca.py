@@ -153,7 +153,7 @@ def test_flatten_of_different_spatial_sizes_names_both_and_suggests_avgpool():
     a = xr.DataArray(np.zeros((4, 16, 16, 2)), dims=("datapoint", "height", "width", "channel"), name="conv2")
     b = xr.DataArray(np.zeros((4, 8, 8, 2)), dims=("datapoint", "height", "width", "channel"), name="pool2")
     message = (r"layer 'conv2' is 16x16 \(height, width\) and layer 'pool2' is 8x8 \(height, width\); use "
-               r"spatial='avgpool' \(any positions\), or 'interp' or 'dft'")
+               r"spatial='avgpool' \(--spatial avgpool: any positions\), or 'interp' or 'dft'")
     with pytest.raises(ValueError, match=message):
         cca(a, b)
 

@@ -56,6 +56,11 @@ def test_demo_replaces_only_a_store_it_wrote(tmp_path, capsys):
             in capsys.readouterr().err)
     after = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(store.rglob("*")) if path.is_file()))
     assert after.hexdigest() == before.hexdigest() and not (tmp_path / "cca_coefficients.png").exists()
+    (tmp_path / "results.nc").write_text("mine")  # a file as --out said "[Errno 17] File exists: 'results.nc'"
+    assert main(["demo", "--datapoints", "12", "--out", str(tmp_path / "results.nc"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"chunkcca demo: error: {tmp_path / 'results.nc'} exists and is not a folder: "
+                                       f"the demo writes its store and plot into a folder; choose another --out\n")
+    assert (tmp_path / "results.nc").read_text() == "mine"
 
 
 def test_demo_layers_do_not_depend_on_chunking():

@@ -256,7 +256,7 @@ def test_errors_that_are_not_reading_errors_are_not_called_so(tmp_path):
 
     tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.random.default_rng(0).standard_normal((40, 3))})
     (tmp_path / "blocked").write_text("a file where the checkpoint would go")
-    with pytest.raises(CheckpointError, match=r"cannot be written|cannot be read|is not a chunkcca checkpoint") as raised:
+    with pytest.raises(CheckpointError, match=r"is not a chunkcca checkpoint \(a file\)") as raised:
         cca(tree["a"], tree["a"], checkpoint=tmp_path / "blocked")
     assert "reading layers" not in str(raised.value)
 
