@@ -409,6 +409,9 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         One node per layer (e.g. ``tree["model0/conv2"]``), each holding ``activations``; pass nodes to
         the measures, or groups to [`similarity()`][chunkcca.similarity].
     """
+    if not isinstance(path, (str, os.PathLike)):  # a DataTree got "expected str, bytes or os.PathLike" from abspath
+        raise TypeError(f"a store is given by its path or URL (str or os.PathLike), got {type(path).__name__}"
+                        + ("; an opened store's layers are already at hand" if isinstance(path, xr.DataTree) else ""))
     location = str(path) if is_url(str(path)) else os.path.abspath(path)  # one Dask name for any spelling
     if storage_options and not is_url(location):
         raise ValueError(f"storage_options apply to fsspec URLs only, not to the local path {location}")

@@ -493,3 +493,14 @@ def test_a_path_that_is_not_a_store_and_a_complex_result_in_netcdf_are_named(tmp
         chunkcca.save_result(result, tmp_path / "dft.nc")
     assert not (tmp_path / "dft.nc").exists()
     chunkcca.save_result(result, tmp_path / "dft.zarr")
+
+
+def test_a_store_is_given_by_its_path(tmp_path):
+    """describe_store(tree) failed inside os.path.abspath: "expected str, bytes or os.PathLike object, not
+    DataTree"."""
+    tree = write_activations(tmp_path / "s.zarr", {"fc": np.zeros((4, 2))})
+    for call in (chunkcca.describe_store, open_activations):
+        with pytest.raises(TypeError, match=r"a store is given by its path or URL \(str or os.PathLike\), got "
+                                            r"DataTree; an opened store's layers are already at hand"):
+            call(tree)
+    assert chunkcca.describe_store(tmp_path / "s.zarr")[0]["layer"] == "fc"
