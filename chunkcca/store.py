@@ -54,6 +54,9 @@ IMAGE_ATTR = "chunkcca_image_size"
 #: The lock file beside a store (``.<store name>.append-lock``) that serialises the last step of appends to it.
 APPEND_LOCK = ".{name}.append-lock"
 GENERATION_ATTR = "chunkcca_generation"
+#: Root attribute: per layer, a digest of each of its arrays' metadata (all but their attributes) as written, by
+#: which an edit since (another dtype, shape, dim order or codec list, read silently as other numbers) is refused.
+METADATA_ATTR = "chunkcca_metadata"
 WriteMode = Literal["w", "a"]
 #: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
 #: centres in (None for a new store); returns the layer paths it wrote, in order, and the image size it used.
@@ -311,6 +314,9 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     metadata = json.loads(metadata_path.read_text())
     attributes = metadata.setdefault("attributes", {})
     attributes[ORDER_ATTR] = list(order)
+    recorded = attributes.get(METADATA_ATTR, {})  # appended layers get theirs; the layers there keep theirs
+    fs, root = filesystem(store)
+    attributes[METADATA_ATTR] = {layer: recorded.get(layer) or metadata_digests(fs, root, layer) for layer in order}
     if generation is not None:
         attributes[GENERATION_ATTR] = generation
     if image is not None:
@@ -318,6 +324,30 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     fresh = metadata_path.with_name(".zarr.json.tmp")
     fresh.write_text(json.dumps(metadata, indent=2))
     os.replace(fresh, metadata_path)
+
+
+def metadata_digests(fs: Any, root: str, layer: str) -> dict[str, str]:
+    """Each array of ``layer`` (activations, mask, labels) → a digest of its zarr.json, attributes left out."""
+    digests = {}
+    for name in sorted(fs.glob(f"{root}/{layer}/*/zarr.json")):
+        metadata = json.loads(fs.cat(name))
+        if metadata.get("node_type") == "array":
+            kept = {key: value for key, value in metadata.items() if key != "attributes"}
+            digests[PurePosixPath(name).parent.name] = hashlib.sha256(
+                json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    return digests
+
+
+def _check_metadata(fs: Any, root: str, recorded: Mapping[str, Any], location: str) -> None:
+    """Refuse a layer whose arrays' metadata is not what its writer recorded (``METADATA_ATTR``)."""
+    for layer, digests in recorded.items():
+        now = metadata_digests(fs, root, layer)
+        # an array whose metadata is gone is named by the checks of a store's files (check_store_files)
+        changed = sorted(name for name in now if digests.get(name) != now[name])
+        if changed:
+            raise OSError(f"{location}: the metadata of array {changed[0]!r} of layer {layer!r} is not what chunkcca "
+                          f"wrote (its dtype, shape, dims, chunks or codecs were edited, or the array replaced): "
+                          f"read as it is it would give other numbers; the store is damaged: write it again")
 
 
 def move_layer(part: Path, store: Path, layer: str) -> None:
@@ -429,6 +459,9 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
             raise FileNotFoundError(f"no activation store at {location}")
         raise ValueError(f"{location} is not an activation store: a zarr v3 store is a folder with a zarr.json, and "
                          f"this is {'a file' if Path(location).is_file() else 'a folder without one'}")
+    with contextlib.suppress(ValueError):  # a root zarr.json that is not JSON is named below
+        recorded = json.loads(fs.cat(f"{root}/zarr.json")).get("attributes", {}).get(METADATA_ATTR) or {}
+        _check_metadata(fs, root, recorded, location)  # before xarray reads labels by it
     try:
         tree = xr.open_datatree(WholeStore.at(location, storage_options), engine="zarr", chunks={},
                                 consolidated=False)
