@@ -681,10 +681,40 @@ def _cluster_failure(error: BaseException, args: argparse.Namespace, *, lost: bo
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
-    status = _run(argv)
+    try:
+        status = _run(argv)
+    except OSError:  # the line itself could not be written (stderr to a full device too): the status still says
+        status = 2
     if _as_command():  # all is said: a Ctrl-C while the process tears down (0.35 s) ends it at once, status kept
         signal.signal(signal.SIGINT, lambda *_: _exit_now(status))
     return status
+
+
+class _StandardOutput:
+    """``sys.stdout`` whose failures to take a write (> /dev/full) say so: "[Errno 28] No space left on device"
+    read as if a file of the command could not be written. A reader that left (BrokenPipeError) passes as is."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self._said(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._said(self.stream.flush)
+
+    def _said(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            failed = OSError(f"writing to standard output failed: {error.strerror or error}")
+            failed.errno = error.errno
+            raise failed from error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _exit_now(status: int) -> None:
@@ -707,7 +737,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"chunkcca {args.command}: warning: {str(message).splitlines()[0]}", file=sys.stderr)
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_StandardOutput(sys.stdout)):
             warnings.showwarning = one_line
             if args.command == "demo":
                 with _connected(args) as scheduler:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 import time
 
 import numpy as np
@@ -463,6 +464,24 @@ def test_an_unforeseen_failure_is_one_line_and_status_2(files, capsys, monkeypat
     captured = capsys.readouterr()
     assert captured.err == ("chunkcca compare: error: unexpected RuntimeError: a task failed (a fault of chunkcca: "
                             "please report it with the command)\n") and captured.out == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_output_to_a_full_device_says_it_was_standard_output(tmp_path):
+    """> /dev/full gave "[Errno 28] No space left on device", as if a file of the command could not be written
+    (the store was); with stderr full too, the status was 1 (the error line itself failed)."""
+    import subprocess
+
+    np.save(tmp_path / "a.npy", np.ones((10, 3)))
+    command = [sys.executable, "-c", "import sys; from chunkcca.cli import main; sys.exit(main())", "ingest",
+               str(tmp_path / "s.zarr"), f"x={tmp_path / 'a.npy'}", "--no-progress"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert (done.returncode, done.stderr) == (2, "chunkcca ingest: error: writing to standard output failed: "
+                                                     "No space left on device\n")
+        assert chunkcca.layer_paths(chunkcca.open_activations(tmp_path / "s.zarr")) == ["x"]
+        command[-3] = str(tmp_path / "t.zarr")
+        assert subprocess.run(command, stdout=full, stderr=full, timeout=120).returncode == 2
 
 
 def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):
