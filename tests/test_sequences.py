@@ -264,3 +264,15 @@ def test_whole_maps_of_masked_layers_are_refused_in_pairs_and_sweeps():
         with pytest.raises(ValueError, match=message):
             call()
             pytest.fail(f"{name} took the padding")
+
+
+def test_first_and_last_name_the_layer_without_positions():
+    """The error listed both layers ("a layer has none: 'conv' 4x4 (height, width), 'fc' fc (no positions)")."""
+    rng = np.random.default_rng(0)
+    conv, fc = rng.standard_normal((20, 4, 4, 3)), rng.standard_normal((20, 3))
+    for spatial in ("first", "last"):
+        with pytest.raises(ValueError, match=rf"^spatial='{spatial}' takes a position of each datapoint, but layer 'b' "
+                                             r"has none \(fc, no positions\); use spatial='avgpool'"):
+            cca(conv, fc, spatial=spatial)
+    with pytest.raises(ValueError, match=r"but layers 'a' and 'b' have none"):
+        cca(fc, fc, spatial="first")
