@@ -47,7 +47,8 @@ def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray,
     return layer_a, layer_b, plan_adapters(layer_a, layer_b, options)
 
 
-def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True) -> None:
+def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True, *,
+                measured: bool = True) -> None:
     """Before streaming: refuse a stride that leaves fewer than 2 rows; warn, for measures that invert a covariance
     (``whitens``), when the rows are no more than the widest layer's channels (a singular covariance, which a ridge
     can still make sense of), naming the largest stride that gives more where a stride took them below."""
@@ -59,7 +60,7 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whi
     if stride > 1 and rows < 2 <= total:
         raise ValueError(f"stride {stride} leaves {rows} of the {total} rows of layers {names}: every measure needs "
                          f"at least 2; use a smaller stride")
-    if total < 2:  # one datapoint of an fc layer: the solve said "covariance needs more than 1 rows", naming none
+    if measured and total < 2:  # one datapoint of fc layers: the solve said "covariance needs more than 1 rows"
         raise ValueError(f"layers {names} give {total} row{'' if total == 1 else 's'}: every measure needs at least 2")
     if rows > channels or not whitens:
         return
@@ -120,12 +121,12 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
                   folds=option == "folds")
 
 
-def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False,
-                 whitens: bool = True) -> tuple[Streamed, Groups | None]:
+def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False, whitens: bool = True,
+                 measured: bool = True) -> tuple[Streamed, Groups | None]:
     """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints
-    (``whitens``: as for ``stream_layers``)."""
+    (``whitens``: as for ``stream_layers``; not ``measured``: Moments to keep, which one row may make)."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
-    _check_rows((layer_a, layer_b), adapters, whitens)
+    _check_rows((layer_a, layer_b), adapters, whitens, measured=measured)
     groups = _groups((layer_a, layer_b), options)
     streamed = stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
@@ -343,7 +344,7 @@ def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) 
         raise ValueError("compute_moments(): spatial='features' makes each datapoint's whole map one row, too wide "
                          "for Moments (a covariance); measure linear CKA with cka(..., spatial='features') or "
                          "similarity(..., measures=['cka'], spatial='features')")
-    streamed, groups = _stream_pair(a, b, stream, row_norms=row_norms)
+    streamed, groups = _stream_pair(a, b, stream, row_norms=row_norms, measured=False)
     if groups is None:
         return streamed.moments
     return dict(zip(groups.labels.tolist(), streamed.groups))

@@ -166,6 +166,9 @@ def test_one_datapoint_is_refused_naming_the_layers():
     for measure in (cca, cka, procrustes):
         with pytest.raises(ValueError, match=r"^layers 'a', 'b' give 1 row: every measure needs at least 2$"):
             measure(x, y)
+    one = chunkcca.compute_moments(x, y)  # Moments are kept to merge: one row is a start
+    x2, y2 = _pair(9, n=20)
+    assert (one + chunkcca.compute_moments(x2, y2)).n == 21
 
 
 def test_debiased_cka_float32_on_offset_data():
