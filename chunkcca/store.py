@@ -316,7 +316,8 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     attributes[ORDER_ATTR] = list(order)
     recorded = attributes.get(METADATA_ATTR, {})  # appended layers get theirs; the layers there keep theirs
     fs, root = filesystem(store)
-    attributes[METADATA_ATTR] = {layer: recorded.get(layer) or metadata_digests(fs, root, layer) for layer in order}
+    unrecorded = metadata_digests(fs, root, [layer for layer in order if layer not in recorded])
+    attributes[METADATA_ATTR] = {layer: recorded.get(layer) or unrecorded[layer] for layer in order}
     if generation is not None:
         attributes[GENERATION_ATTR] = generation
     if image is not None:
@@ -326,28 +327,49 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     os.replace(fresh, metadata_path)
 
 
-def metadata_digests(fs: Any, root: str, layer: str) -> dict[str, str]:
-    """Each array of ``layer`` (activations, mask, labels) → a digest of its zarr.json, attributes left out."""
-    digests = {}
-    for name in sorted(fs.glob(f"{root}/{layer}/*/zarr.json")):
-        metadata = json.loads(fs.cat(name))
-        if metadata.get("node_type") == "array":
-            kept = {key: value for key, value in metadata.items() if key != "attributes"}
-            digests[PurePosixPath(name).parent.name] = hashlib.sha256(
-                json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+#: Codecs whose settings do not change the numbers read (how hard a compressor worked): only their names count.
+COMPRESSORS = ("blosc", "zstd", "gzip", "numcodecs.blosc", "numcodecs.zstd", "numcodecs.gzip", "numcodecs.lz4")
+
+
+def metadata_digests(fs: Any, root: str, layers: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Per layer of ``layers``, each of its arrays (activations, mask, labels) → a digest of what its values are
+    read by: shape, data type, chunks and their keys, dims, fill value and codecs (a compressor's by name), from
+    one listing and one batched read of the store at ``root`` (a round trip each for a URL)."""
+    wanted = set(layers)
+    files = {}
+    for name in fs.find(root):
+        parts = PurePosixPath(name.removeprefix(root).strip("/")).parts
+        if len(parts) >= 3 and parts[-1] == "zarr.json" and "/".join(parts[:-2]) in wanted:
+            files[name] = ("/".join(parts[:-2]), parts[-2])
+    digests: dict[str, dict[str, str]] = {layer: {} for layer in layers}
+    for name, text in (fs.cat(sorted(files)) if files else {}).items():
+        metadata = json.loads(text)
+        if metadata.get("node_type") != "array":
+            continue
+        read_by = {key: metadata.get(key) for key in ("shape", "data_type", "chunk_grid", "chunk_key_encoding",
+                                                        "dimension_names", "fill_value")}
+        read_by["codecs"] = [codec.get("name") if codec.get("name") in COMPRESSORS else codec
+                             for codec in metadata.get("codecs", [])]
+        layer, array = files[name]
+        digests[layer][array] = hashlib.sha256(json.dumps(read_by, sort_keys=True).encode()).hexdigest()[:16]
     return digests
 
 
-def _check_metadata(fs: Any, root: str, recorded: Mapping[str, Any], location: str) -> None:
-    """Refuse a layer whose arrays' metadata is not what its writer recorded (``METADATA_ATTR``)."""
+def _check_metadata(fs: Any, root: str, recorded: Mapping[str, Mapping[str, str]], location: str) -> None:
+    """Refuse a layer whose arrays' metadata is not what its writer recorded (``METADATA_ATTR``): edited, gone
+    (a lost mask read every position as real) or added."""
+    found = metadata_digests(fs, root, list(recorded))
     for layer, digests in recorded.items():
-        now = metadata_digests(fs, root, layer)
-        # an array whose metadata is gone is named by the checks of a store's files (check_store_files)
-        changed = sorted(name for name in now if digests.get(name) != now[name])
-        if changed:
-            raise OSError(f"{location}: the metadata of array {changed[0]!r} of layer {layer!r} is not what chunkcca "
-                          f"wrote (its dtype, shape, dims, chunks or codecs were edited, or the array replaced): "
-                          f"read as it is it would give other numbers; the store is damaged: write it again")
+        now = found[layer]
+        for array in sorted(set(digests) | set(now)):
+            if array == VARIABLE and array not in now:
+                continue  # a layer without its activations' metadata is named by check_store_files
+            if digests.get(array) != now.get(array):
+                how = ("is missing" if array not in now else "was added since" if array not in digests else
+                       "is not what chunkcca wrote (its dtype, shape, dims, chunks or codecs were edited, or the "
+                       "array replaced)")
+                raise OSError(f"{location}: the metadata of array {array!r} of layer {layer!r} {how}: read as it "
+                              f"is it would give other numbers; the store is damaged: write it again")
 
 
 def move_layer(part: Path, store: Path, layer: str) -> None:

@@ -529,3 +529,17 @@ def test_appended_layers_keep_the_metadata_record_of_the_layers_there(tmp_path):
     path.write_text(json.dumps(edited))  # a's record is still the one written with it
     with pytest.raises(OSError, match=r"array 'activations' of layer 'a' is not what chunkcca wrote"):
         open_activations(tmp_path / "s.zarr")
+
+
+def test_a_layers_lost_mask_or_label_metadata_is_refused(tmp_path):
+    """A deleted mask/zarr.json opened without error and read every position as real (CKA 0.359 against 0.297);
+    a deleted datapoint/zarr.json dropped the layer's labels. Both are named now."""
+    rng = np.random.default_rng(0)
+    real = np.arange(5)[None] < rng.integers(1, 6, 20)[:, None]
+    for array in ("mask", "datapoint"):
+        store = tmp_path / f"{array}.zarr"
+        write_activations(store, {"t": rng.standard_normal((20, 5, 3)), "u": rng.standard_normal((20, 5, 2))},
+                          masks={"t": real})
+        (store / "t" / array / "zarr.json").unlink()
+        with pytest.raises(OSError, match=rf"the metadata of array '{array}' of layer 't' is missing"):
+            open_activations(store)
