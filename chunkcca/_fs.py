@@ -165,12 +165,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
     check_replaceable(path, overwrite, replaceable, what)
     with temporary_beside(path) as tmp:
         target = tmp / "data"
-        try:
+        with naming_target(path, what):
             write(target)
-        except OSError as error:  # a full disk said "[Errno 28] No space left on device", naming no path
-            if error.errno is None or str(path) in str(error):
-                raise
-            raise type(error)(error.errno, f"writing {what} {path} failed: {error.strerror}") from error
         if not overwrite:
             rename_no_replace(target, path)
             return
@@ -185,6 +181,20 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
                 if not path.exists() and (tmp / "old").exists():
                     os.replace(tmp / "old", path)
                 raise
+
+
+@contextlib.contextmanager
+def naming_target(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Name ``path`` (``what`` is written there) in an OS error of the block that names no file: a full disk said
+    "[Errno 28] No space left on device". An error naming a file (an input that could not be read) passes as is."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None or error.filename is not None or str(path) in str(error):
+            raise
+        failed = type(error)(f"writing {what} {path} failed: {error.strerror or error}")
+        failed.errno = error.errno
+        raise failed from error
 
 
 def check_replaceable(path: Path, overwrite: bool, replaceable: Callable[[Path], bool] | None, what: str) -> None:

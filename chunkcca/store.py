@@ -30,6 +30,7 @@ from ._fs import (
     filesystem,
     is_url,
     leftovers,
+    naming_target,
     store_holding,
     temporary_beside,
     write_atomically,
@@ -281,7 +282,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
         raise ValueError(f"{path}: chunkcca writes to local paths only")
     _, stored = _existing_order(path)
     store = Path(path)
-    with temporary_beside(store) as tmp:
+    with temporary_beside(store) as tmp, naming_target(store, "layers into the activation store"):
         names, image = build(tmp / "data", stored)
         _set_root_attrs(tmp / "data", names, image)
         open_activations(tmp / "data")

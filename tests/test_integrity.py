@@ -467,7 +467,20 @@ def test_a_full_disk_names_the_path_and_a_symlink_is_named_as_such(tmp_path):
         write_atomically(tmp_path / "new.zarr", full, overwrite=False, what="an activation store")
     assert raised.value.errno == errno.ENOSPC and not (tmp_path / "new.zarr").exists()
     assert not any(tmp_path.iterdir())  # nothing left behind
+
+    def unreadable_input(target: Path) -> None:  # an input the build reads: its own name stays (review)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/images/img_0042.png")
+
+    with pytest.raises(FileNotFoundError, match=r"No such file or directory: '/data/images/img_0042.png'"):
+        write_atomically(tmp_path / "new.zarr", unreadable_input, overwrite=False, what="an activation store")
     store = _store(tmp_path)
+    from chunkcca.store import write_store
+
+    def full_append(target: Path, image: object) -> tuple[list[str], None]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError, match=rf"writing layers into the activation store {store} failed: No space left"):
+        write_store(store, full_append, mode="a")
     (tmp_path / "link.zarr").symlink_to(store)
     with pytest.raises(FileExistsError, match=r"link.zarr exists and is a symbolic link; overwrite=True never "
                                               r"replaces one"):
