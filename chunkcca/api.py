@@ -287,19 +287,16 @@ def _gram_attrs(gram: GramSums) -> dict[str, str]:
 
 
 def _in_group(solve: Callable[[], xr.Dataset], label: Any, groups: Groups) -> xr.Dataset:
-    """``solve()`` for one group; an undefined measure (or a group too small to solve) says which group, and so
-    does each warning (a sweep's NaN for a pair undefined in this group), at the user's call."""
-    plain = label.item() if isinstance(label, np.generic) else label
-    where = f" in the group {groups.dim}={plain!r}"
+    """``solve()`` for one group; an undefined measure (or a group too small to solve) says which group."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            solved = solve()
+        return solve()
     except ValueError as error:  # UndefinedMeasure included: the same type, with the group named
-        raise type(error)(f"{error}{where}") from error
-    for warning in caught:
-        warnings.warn(f"{warning.message}{where}", warning.category, stacklevel=user_stacklevel())
-    return solved
+        raise type(error)(f"{error}{_group_named(label, groups)}") from error
+
+
+def _group_named(label: Any, groups: Groups) -> str:
+    """`` in the group digit=3``: what a message of one group's solve ends with."""
+    return f" in the group {groups.dim}={label.item() if isinstance(label, np.generic) else label!r}"
 
 
 @contextlib.contextmanager
@@ -819,8 +816,9 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
     if groups is not None and not groups.folds:
-        result = _by_group([_in_group(functools.partial(_pairwise, part, labels, sides, names, solve, coords), label,
-                                      groups) for part, label in zip(streamed.groups, groups.labels)], groups)
+        result = _by_group([_in_group(functools.partial(_pairwise, part, labels, sides, names, solve, coords,
+                                                        where=_group_named(label, groups)), label, groups)
+                            for part, label in zip(streamed.groups, groups.labels)], groups)
     else:
         folds = None if groups is None else streamed.groups
         result = _pairwise(streamed.moments, labels, sides, names, solve, coords, folds)
@@ -869,10 +867,11 @@ def _pair_coords(set_a: Mapping[str, Any], set_b: Mapping[str, Any]) -> dict[str
 
 def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str, list[int]], measures: Sequence[str],
               solve: SolveOptions, coords: dict[str, np.ndarray],
-              folds: Sequence[Moments | TiledMoments] | None = None) -> xr.Dataset:
+              folds: Sequence[Moments | TiledMoments] | None = None, *, where: str = "") -> xr.Dataset:
     """Each measure's (layer_a, layer_b) values from the Moments of all layers (one side each, named by
     ``labels``); ``sides`` lists the sides of set a and of set b. With ``folds`` (each fold's Moments of all
-    layers) also each measure's jackknife ``_se`` and ``_ci`` (bound), and the held-out measures."""
+    layers) also each measure's jackknife ``_se`` and ``_ci`` (bound), and the held-out measures. ``where`` ends
+    each warning (the group, for a sweep per group)."""
     shape = (len(sides["a"]), len(sides["b"]))
     values = {measure: np.full(shape, np.nan) for measure in measures}
     errors = {measure: np.full(shape, np.nan) for measure in measures}
@@ -884,7 +883,7 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
             dead = side_without_variance(moments)
             if dead is not None:  # every measure is undefined: NaN throughout, one warning
                 warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer "
-                              f"{(name_a, name_b)[dead]!r} has no varying channel", RuntimeWarning,
+                              f"{(name_a, name_b)[dead]!r} has no varying channel{where}", RuntimeWarning,
                               stacklevel=user_stacklevel())
                 continue
             pair = PairSolves(moments, solve, None if folds is None else
@@ -893,7 +892,7 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
                 try:
                     values[measure][i, j] = float(pair.value(measure))
                 except UndefinedMeasure as reason:  # one dead layer must not sink the whole sweep
-                    warnings.warn(f"{measure} of {name_a!r} and {name_b!r} is NaN: {reason}", RuntimeWarning,
+                    warnings.warn(f"{measure} of {name_a!r} and {name_b!r} is NaN: {reason}{where}", RuntimeWarning,
                                   stacklevel=user_stacklevel())
                     continue
                 if folds is not None:
@@ -901,8 +900,8 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
                         errors[measure][i, j], intervals[measure][i, j] = jackknife(
                             values[measure][i, j], pair.leave_outs(measure), solve.confidence)
                     except UndefinedMeasure as reason:
-                        warnings.warn(f"{measure}_se and {measure}_ci of {name_a!r} and {name_b!r} are NaN: {reason}",
-                                      RuntimeWarning, stacklevel=user_stacklevel())
+                        warnings.warn(f"{measure}_se and {measure}_ci of {name_a!r} and {name_b!r} are NaN: "
+                                      f"{reason}{where}", RuntimeWarning, stacklevel=user_stacklevel())
     variables: dict[str, Any] = {
         measure: (("layer_a", "layer_b"), value, {"long_name": MEASURES[measure].description})
         for measure, value in values.items()}
