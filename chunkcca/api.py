@@ -660,7 +660,7 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
             result = _by_group([_compared(PairSolves(part, solve), names, label, groups)
                                 for part, label in zip(streamed.groups, groups.labels)], groups)
         else:
-            folds = None if groups is None else streamed.groups
+            folds = None if groups is None else dict(zip(groups.labels.tolist(), streamed.groups))  # by name
             result = _compared(PairSolves(streamed.moments, solve, folds), names)
     result.attrs = {"measures": ",".join(names), **_solve_attrs(solve, names, stream.folds is not None),
                     **_fold_attrs(stream, groups)}
@@ -820,7 +820,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                                                         where=_group_named(label, groups)), label, groups)
                             for part, label in zip(streamed.groups, groups.labels)], groups)
     else:
-        folds = None if groups is None else streamed.groups
+        folds = None if groups is None else dict(zip(groups.labels.tolist(), streamed.groups))  # by name
         result = _pairwise(streamed.moments, labels, sides, names, solve, coords, folds)
     attrs = {"measures": ",".join(names), **_solve_attrs(solve, names, stream.folds is not None),
              **_fold_attrs(stream, groups), **_streaming_attrs(streamed)}
@@ -867,11 +867,11 @@ def _pair_coords(set_a: Mapping[str, Any], set_b: Mapping[str, Any]) -> dict[str
 
 def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str, list[int]], measures: Sequence[str],
               solve: SolveOptions, coords: dict[str, np.ndarray],
-              folds: Sequence[Moments | TiledMoments] | None = None, *, where: str = "") -> xr.Dataset:
+              folds: Mapping[Any, Moments | TiledMoments] | None = None, *, where: str = "") -> xr.Dataset:
     """Each measure's (layer_a, layer_b) values from the Moments of all layers (one side each, named by
     ``labels``); ``sides`` lists the sides of set a and of set b. With ``folds`` (each fold's Moments of all
-    layers) also each measure's jackknife ``_se`` and ``_ci`` (bound), and the held-out measures. ``where`` ends
-    each warning (the group, for a sweep per group)."""
+    layers, by the fold's name) also each measure's jackknife ``_se`` and ``_ci`` (bound), and the held-out
+    measures. ``where`` ends each warning (the group, for a sweep per group)."""
     shape = (len(sides["a"]), len(sides["b"]))
     values = {measure: np.full(shape, np.nan) for measure in measures}
     errors = {measure: np.full(shape, np.nan) for measure in measures}
@@ -887,7 +887,7 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
                               stacklevel=user_stacklevel())
                 continue
             pair = PairSolves(moments, solve, None if folds is None else
-                              [fold.select([side_a, side_b]) for fold in folds])
+                              {name: fold.select([side_a, side_b]) for name, fold in folds.items()})
             for measure in measures:
                 try:
                     values[measure][i, j] = float(pair.value(measure))

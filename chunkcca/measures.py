@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -619,14 +619,25 @@ def _leave_outs(folds: Sequence[Moments]) -> Iterator[Moments]:
     return without(0, len(folds), None)
 
 
-def _fold_covariances(folds: Sequence[Moments], measure: str) -> None:
+#: Each fold's Moments, in a list (fold i named i) or by name (a dict, as compute_moments(..., folds=...) gives).
+Folds = Sequence[Moments] | Mapping[Any, Moments]
+
+
+def fold_names(folds: Folds) -> tuple[list[Any], list[Moments]]:
+    """The folds' names (their labels, or their positions 0, 1, …) and their Moments, in order."""
+    if isinstance(folds, Mapping):
+        return list(folds), list(folds.values())
+    return list(range(len(folds))), list(folds)
+
+
+def _fold_covariances(folds: Sequence[Moments], measure: str, names: Sequence[Any]) -> None:
     if len(folds) < 2:
         raise ValueError(f"{measure} needs folds=K with K >= 2")
     small = [i for i, part in enumerate(folds) if part.n < 2]
     if small:
         rows = folds[small[0]].n
-        raise ValueError(f"{measure}: fold {small[0]} holds {rows} row{'' if rows == 1 else 's'}; every fold needs at "
-                         f"least 2")
+        raise ValueError(f"{measure}: fold {names[small[0]]!r} holds {rows} row{'' if rows == 1 else 's'}; every fold "
+                         f"needs at least 2")
 
 
 def _variate_correlations(left: np.ndarray, right: np.ndarray, cov: np.ndarray, p: int) -> np.ndarray:
@@ -640,16 +651,16 @@ def _variate_correlations(left: np.ndarray, right: np.ndarray, cov: np.ndarray, 
     return np.divide(cross, spread, out=np.where(fitted, np.nan, 0.0), where=spread > 0)
 
 
-def _warn_undefined(values: np.ndarray, fold_axis: int, measure: str, what: str) -> None:
+def _warn_undefined(values: np.ndarray, fold_axis: int, measure: str, what: str, names: Sequence[Any]) -> None:
     """Warn how many held-out correlations are NaN (undefined: a fold where a layer, a channel or a variate does
     not vary), naming their folds: the means over folds (``_of_defined``) are of the others, never a 0 averaged
     in."""
     undefined = np.isnan(values)
     if undefined.any():
-        folds = sorted(set(np.nonzero(undefined)[fold_axis].tolist()))
+        folds = [names[i] for i in sorted(set(np.nonzero(undefined)[fold_axis].tolist()))]
         warnings.warn(f"{measure}: {undefined.sum()} held-out correlation{'s are' if undefined.sum() > 1 else ' is'} "
                       f"undefined ({what} does not vary in the held-out fold{'s' if len(folds) > 1 else ''} "
-                      f"{', '.join(map(str, folds))}): each mean over folds is of the others", RuntimeWarning,
+                      f"{', '.join(map(repr, folds))}): each mean over folds is of the others", RuntimeWarning,
                       stacklevel=user_stacklevel())
 
 
@@ -661,7 +672,7 @@ def _of_defined(reduce: Callable[..., np.ndarray], values: np.ndarray, axis: int
         return reduce(values, axis=axis)
 
 
-def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) -> xr.Dataset:
+def heldout_cca_from_folds(folds: Folds, *, epsilon: float = 0.0) -> xr.Dataset:
     """Held-out CCA: for each fold, canonical directions fitted on the other folds' Moments and the correlation of
     each pair of canonical variates on the held-out fold's.
 
@@ -671,7 +682,8 @@ def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) ->
     Parameters
     ----------
     folds
-        The Moments of each fold (``compute_moments(..., folds=K)``), K >= 2, two real sides.
+        The Moments of each fold (``compute_moments(..., folds=K)``), K >= 2, two real sides: a list (the folds
+        named 0, 1, …) or a dict by name (the results' ``fold`` coordinate and messages use the names).
     epsilon
         Ridge of the fitted CCA, >= 0.
 
@@ -684,37 +696,39 @@ def heldout_cca_from_folds(folds: Sequence[Moments], *, epsilon: float = 0.0) ->
         fold) is NaN in that fold and left out of the means over folds, with a warning.
     """
     check_epsilon(epsilon)
-    _fold_covariances(folds, "heldout_cca")
+    names, folds = fold_names(folds)
+    _fold_covariances(folds, "heldout_cca", names)
     p = folds[0].sizes[0]
     rows, channels = sum(part.n for part in folds), sum(folds[0].sizes)
     few = [fold for fold, part in enumerate(folds) if rows - part.n <= channels]
     if few and epsilon == 0:
-        warnings.warn(f"heldout_cca: without fold {few[0]} the fit has {rows - folds[few[0]].n} rows for {channels} "
-                      f"channels, so in-sample correlations reach 1 and the fitted directions are not unique: the "
-                      f"held-out value then depends on the channels' scales, order and chunking; pass epsilon > 0, "
-                      f"or fewer channels or more rows", RuntimeWarning, stacklevel=user_stacklevel())
+        warnings.warn(f"heldout_cca: without fold {names[few[0]]!r} the fit has {rows - folds[few[0]].n} rows for "
+                      f"{channels} channels, so in-sample correlations reach 1 and the fitted directions are not "
+                      f"unique: the held-out value then depends on the channels' scales, order and chunking; pass "
+                      f"epsilon > 0, or fewer channels or more rows", RuntimeWarning, stacklevel=user_stacklevel())
     per_fold = []
     for fold, train in enumerate(_leave_outs(folds)):
         try:
             fitted = cca_from_moments(train, epsilon=epsilon)
         except UndefinedMeasure as error:  # the layers vary, but not in the rows it is fitted on
-            raise UndefinedMeasure(f"heldout_cca cannot be fitted without fold {fold} (on the other folds' rows): "
+            raise UndefinedMeasure(f"heldout_cca cannot be fitted without fold {names[fold]!r} (on the other folds' "
+                                   f"rows): "
                                    f"{error}") from None
         per_fold.append(_variate_correlations(fitted["coef_a"].values, fitted["coef_b"].values,
                                               folds[fold].covariance(), p))
     held = np.array(per_fold)  # (fold, component)
-    _warn_undefined(held, 0, "heldout_cca", "a canonical variate")
+    _warn_undefined(held, 0, "heldout_cca", "a canonical variate", names)
     rho = _of_defined(np.nanmean, held, 0)
     return xr.Dataset(
         {"heldout_rho": ("component", rho, {"long_name": "held-out canonical correlation, mean over folds"}),
          "heldout_cca": ((), float(rho.mean()) if rho.size else np.nan, {"long_name": "mean held-out CCA"}),
          "heldout_cca_per_fold": ("fold", _of_defined(np.nanmean, held, 1)),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
-        coords={"component": np.arange(rho.size), "fold": np.arange(len(folds))},
+        coords={"component": np.arange(rho.size), "fold": names},
         attrs={"measure": "heldout_cca", "epsilon": float(epsilon), "folds": len(folds), **_layer_attrs(*folds)})
 
 
-def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence[float] = 0.01) -> xr.Dataset:
+def predictivity_from_folds(folds: Folds, *, ridge: float | Sequence[float] = 0.01) -> xr.Dataset:
     """Ridge predictivity a → b: for each fold, ridge regression from a's channels to each of b's, fitted on the
     other folds' Moments, scored on the held-out fold by the Pearson correlation of prediction and truth.
 
@@ -724,7 +738,7 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
     Parameters
     ----------
     folds
-        The Moments of each fold, K >= 2, two real sides (a predicts b).
+        The Moments of each fold, K >= 2, two real sides (a predicts b), as for ``heldout_cca_from_folds()``.
     ridge
         λ, relative to the mean variance of a's channels; several values give a ``ridge`` dim.
 
@@ -740,7 +754,8 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
         A correlation undefined in a fold (the channel, or its prediction, constant there: a dead unit) is
         NaN there and left out of the means over folds and of the medians over channels, with a warning.
     """
-    _fold_covariances(folds, "predictivity")
+    names, folds = fold_names(folds)
+    _fold_covariances(folds, "predictivity", names)
     ridges = tuple(ridge) if isinstance(ridge, (list, tuple, np.ndarray)) else (ridge,)
     p = folds[0].sizes[0]
     scores = np.zeros((len(ridges), len(folds), folds[0].sizes[1]))
@@ -754,7 +769,7 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
             cross = np.einsum("ij,ij->j", weights, test[:p, p:])
             spread = np.sqrt(np.einsum("ij,ik,kj->j", weights, test[:p, :p], weights) * np.diag(test[p:, p:]))
             scores[r, fold] = np.divide(cross, spread, out=np.full_like(cross, np.nan), where=spread > 0)
-    _warn_undefined(scores, 1, "predictivity", "a channel of b, or its prediction,")
+    _warn_undefined(scores, 1, "predictivity", "a channel of b, or its prediction,", names)
     per_channel = _of_defined(np.nanmean, scores, 1)
     result = xr.Dataset(
         {"predictivity_per_channel": (("ridge", "channel_b"), per_channel,
@@ -764,7 +779,7 @@ def predictivity_from_folds(folds: Sequence[Moments], *, ridge: float | Sequence
          "predictivity_per_fold": (("ridge", "fold"), _of_defined(np.nanmedian, scores, -1)),
          "predictivity_per_fold_channel": (("ridge", "fold", "channel_b"), scores),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
-        coords={"ridge": list(ridges), "fold": np.arange(len(folds)),
+        coords={"ridge": list(ridges), "fold": names,
                 **{key: value for key, value in _channel_coords(*folds).items() if key == "channel_b"}},
         attrs={"measure": "predictivity", "folds": len(folds), **_layer_attrs(*folds)})
     return result if isinstance(ridge, (list, tuple, np.ndarray)) else result.squeeze("ridge")
@@ -802,7 +817,7 @@ class PairSolves:
     Moments, whose merge is ``moments``) serve the held-out measures and the jackknife.
     """
 
-    def __init__(self, moments: Moments, options: SolveOptions, folds: Sequence[Moments] | None = None) -> None:
+    def __init__(self, moments: Moments, options: SolveOptions, folds: Folds | None = None) -> None:
         self.moments, self.options, self.folds = moments, options, folds
         self._results: dict[str, xr.Dataset] = {}
 
@@ -839,15 +854,16 @@ class PairSolves:
                 values.append(solves.value(measure))
             except UndefinedMeasure as error:
                 raise UndefinedMeasure(f"the jackknife of {measure} needs it with each fold left out in turn, and "
-                                       f"without fold {fold} it is undefined: {error}") from None
+                                       f"without fold {fold_names(self.folds)[0][fold]!r} it is undefined: "
+                                       f"{error}") from None
         return np.stack(values)
 
     @functools.cached_property
     def _left_out(self) -> list[PairSolves]:
         """The solves of every fold but one, one per fold, shared by every measure's jackknife (one CCA each)."""
-        return [PairSolves(train, self.options) for train in _leave_outs(self.folds)]
+        return [PairSolves(train, self.options) for train in _leave_outs(fold_names(self.folds)[1])]
 
-    def needed_folds(self, measure: str) -> Sequence[Moments]:
+    def needed_folds(self, measure: str) -> Folds:
         if self.folds is None:
             raise ValueError(f"{measure} needs folds: pass folds=K (K >= 2)")
         return self.folds

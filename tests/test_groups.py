@@ -304,6 +304,10 @@ def test_a_fold_whose_every_row_is_omitted_leaves_the_jackknife_and_the_held_out
                          nan_policy="omit", precision="float64")
     assert float(result["mean_cca_se"]) == pytest.approx(se, rel=FOLD_TOL) and result.attrs["folds"] == 3
     assert float(result["heldout_cca"]) == pytest.approx(np.mean(held), abs=FOLD_TOL)
+    flat = y.copy()
+    flat[:60] = 1.0  # b varies in fold 3 alone: fitted without it, undefined (it said "without fold 2", review)
+    with pytest.warns(RuntimeWarning, match=message), pytest.raises(ValueError, match=r"without fold 3 \(on the"):
+        compare(x, flat, measures=["heldout_cca"], folds=4, nan_policy="omit", precision="float64")
     with pytest.warns(RuntimeWarning, match=message):
         sweep = similarity({"x": x}, {"y": y}, measures=["mean_cca"], folds=4, nan_policy="omit", precision="float64")
     assert float(sweep["mean_cca_se"].item()) == pytest.approx(se, rel=FOLD_TOL) and sweep.attrs["folds"] == 3
