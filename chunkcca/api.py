@@ -582,8 +582,10 @@ def _solve_options(measures: Sequence[str], given: Mapping[str, Any], where: str
     with ``folds``, the jackknife's ``confidence``)."""
     unused = sorted(set(given) - _read_options(measures, folds))
     if unused:
-        raise TypeError(f"{where}(): {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not read by "
-                        f"{', '.join(measures)}")
+        error = TypeError(f"{where}(): {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not read by "
+                          f"{', '.join(measures)}")
+        error.unread, error.measures = unused, list(measures)  # the command says it in its flags' words
+        raise error
     return SolveOptions(**given)
 
 
