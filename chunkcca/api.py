@@ -159,11 +159,9 @@ def _without_emptied_folds(streamed: Streamed, groups: Groups | None) -> tuple[S
         raise ValueError(f"{lost}: {kept.size} of the {len(groups.labels)} folds keep rows; folds need at least 2")
     warnings.warn(f"{lost}; the jackknife and held-out measures use the other {kept.size} folds", RuntimeWarning,
                   stacklevel=user_stacklevel())
-    renumbered = np.full(len(groups.labels), -1, dtype=np.int64)  # the emptied folds' datapoints were all left out
-    renumbered[kept] = np.arange(kept.size)
-    folds = dataclasses.replace(groups, codes=groups.codes.map_blocks(renumbered.__getitem__, dtype=np.int64),
-                                labels=groups.labels[kept])
-    return dataclasses.replace(streamed, groups=tuple(streamed.groups[index] for index in kept)), folds
+    # the codes keep the pass's numbering: no pass follows
+    return (dataclasses.replace(streamed, groups=tuple(streamed.groups[index] for index in kept)),
+            dataclasses.replace(groups, labels=groups.labels[kept]))
 
 
 def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool) -> None:
@@ -523,8 +521,9 @@ def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Data
 TINY_GRAM_ADVICE = ("multiply the layer by a large factor (CKA does not change with a layer's scale), or measure the "
                     "full-data CKA (no minibatch)")
 #: Why a minibatch CKA is undefined for a layer whose HSIC with itself is 0.
-NO_MINIBATCH_VARIANCE = ("it has no variance within minibatches, or values too small for float64 products of its "
-                         f"Gram matrices: then {TINY_GRAM_ADVICE}")
+NO_MINIBATCH_VARIANCE = ("it has no variance within minibatches (a dead layer), or values so small that the "
+                         f"products of its Gram matrices underflow float64 (about 1e-80 and below: then "
+                         f"{TINY_GRAM_ADVICE})")
 
 
 def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], size: Any,

@@ -774,8 +774,10 @@ def _run(argv: list[str] | None) -> int:
         return 2
     except Exception as error:  # a failure no check foresaw: still one line and status 2, never a traceback
         said = str(error).splitlines()[0] if str(error) else ""
-        print(f"chunkcca {args.command}: error: unexpected {type(error).__name__}{': ' + said if said else ''} "
-              f"(a fault of chunkcca: please report it with the command)", file=sys.stderr)
+        report = ("" if isinstance(error, Warning) else  # python -W error made a warning an error
+                  " (if the input does not explain it, please report it with the command)")
+        print(f"chunkcca {args.command}: error: {type(error).__name__}{': ' + said if said else ''}{report}",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -462,7 +462,7 @@ def test_an_unforeseen_failure_is_one_line_and_status_2(files, capsys, monkeypat
     monkeypatch.setattr(chunkcca, "compare", broken)
     assert main(["compare", store, "m0/conv", "m1/conv", "--no-progress"]) == 2
     captured = capsys.readouterr()
-    assert captured.err == ("chunkcca compare: error: unexpected RuntimeError: a task failed (a fault of chunkcca: "
+    assert captured.err == ("chunkcca compare: error: RuntimeError: a task failed (if the input does not explain it, "
                             "please report it with the command)\n") and captured.out == ""
 
 

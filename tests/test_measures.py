@@ -228,8 +228,9 @@ def test_minibatch_cka_of_values_whose_gram_products_lose_digits_is_refused():
             cka(x * scale, y, minibatch=50)
     with pytest.raises(ValueError, match=r"layer 'x': its values are too small"):
         chunkcca.similarity({"x": x * 1e-80}, {"y": y}, measures=["cka"], minibatch=50)
-    with pytest.raises(ValueError, match=r"undefined for layer 'a': it has no variance within minibatches, or "
-                                         r"values too small for float64 products"):
+    with pytest.raises(ValueError, match=r"undefined for layer 'a': it has no variance within minibatches \(a dead "
+                                         r"layer\), or values so small that the products of its Gram matrices "
+                                         r"underflow float64"):
         cka(x * 1e-90, y, minibatch=50)
 
 
