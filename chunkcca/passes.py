@@ -98,6 +98,29 @@ def _raised_while_reading(error: BaseException) -> bool:
     return False
 
 
+def _read_at_fault(error: BaseException) -> str | None:
+    """Which array and datapoints a failed read was of, from the zarr array and selection in the frames of
+    ``error``'s traceback (``"array 'model1/conv2/activations', datapoints 250 to 299"``); None where they are
+    not there (another reader, a worker's error whose frames were not kept)."""
+    import zarr
+
+    traceback, found = error.__traceback__, None
+    while traceback is not None:
+        frame = traceback.tb_frame.f_locals
+        array, selection = frame.get("self"), frame.get("selection")
+        if isinstance(array, zarr.Array) and isinstance(selection, tuple) and selection:
+            found = array, selection[0]
+        traceback = traceback.tb_next
+    if found is None:
+        return None
+    array, rows = found
+    where = f"array {array.path!r}"
+    if isinstance(rows, slice) and rows.step in (None, 1):
+        start, stop, _ = rows.indices(array.shape[0])
+        where += f", datapoints {start} to {stop - 1}"
+    return where
+
+
 @contextmanager
 def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
     """Re-raise a failure to read store-backed layers (a corrupt chunk, a vanished file) naming the layers
@@ -112,8 +135,9 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
         if not sources or not _raised_while_reading(error):
             raise
         names = ", ".join(repr(str(layer.name)) for layer in layers)
-        raise OSError(f"reading layers {names} from {', '.join(sources)} failed: "
-                      f"{type(error).__name__}: {error}") from error
+        at_fault = _read_at_fault(error)  # the layers' one array, and its chunk, whose read failed
+        raise OSError(f"reading layers {names} from {', '.join(sources)} failed"
+                      f"{' (' + at_fault + ')' if at_fault else ''}: {type(error).__name__}: {error}") from error
 
 
 #: The most chains a pass is planned for (more threads than this fold in this many chains).
