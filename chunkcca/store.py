@@ -15,6 +15,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -316,8 +317,7 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     attributes = metadata.setdefault("attributes", {})
     attributes[ORDER_ATTR] = list(order)
     recorded = attributes.get(METADATA_ATTR, {})  # appended layers get theirs; the layers there keep theirs
-    fs, root = filesystem(store)
-    unrecorded = metadata_digests(fs, root, [layer for layer in order if layer not in recorded])
+    unrecorded = metadata_digests(Listing.of(*filesystem(store)), [layer for layer in order if layer not in recorded])
     attributes[METADATA_ATTR] = {layer: recorded.get(layer) or unrecorded[layer] for layer in order}
     if generation is not None:
         attributes[GENERATION_ATTR] = generation
@@ -332,34 +332,43 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
 COMPRESSORS = ("blosc", "zstd", "gzip", "numcodecs.blosc", "numcodecs.zstd", "numcodecs.gzip", "numcodecs.lz4")
 
 
-def metadata_digests(fs: Any, root: str, layers: Sequence[str]) -> dict[str, dict[str, str]]:
+@dataclass(frozen=True)
+class Listing:
+    """One listing of a store: every file (relative to its root) and the metadata of each array, by folder,
+    from one ``find`` and one batched read of the ``zarr.json`` files (a round trip each for a URL)."""
+
+    files: list[str]
+    arrays: dict[str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, fs: Any, root: str) -> Listing:
+        files = [name.removeprefix(root).lstrip("/") for name in fs.find(root)]
+        paths = sorted(name for name in files if name == "zarr.json" or name.endswith("/zarr.json"))
+        texts = fs.cat([f"{root}/{name}" for name in paths]) if paths else {}
+        metadata = {str(PurePosixPath(name).parent): json.loads(texts[f"{root}/{name}"]) for name in paths}
+        return cls(files, {folder: meta for folder, meta in metadata.items() if meta.get("node_type") == "array"})
+
+
+def metadata_digests(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, str]]:
     """Per layer of ``layers``, each of its arrays (activations, mask, labels) → a digest of what its values are
-    read by: shape, data type, chunks and their keys, dims, fill value and codecs (a compressor's by name), from
-    one listing and one batched read of the store at ``root`` (a round trip each for a URL)."""
-    wanted = set(layers)
-    files = {}
-    for name in fs.find(root):
-        parts = PurePosixPath(name.removeprefix(root).strip("/")).parts
-        if len(parts) >= 3 and parts[-1] == "zarr.json" and "/".join(parts[:-2]) in wanted:
-            files[name] = ("/".join(parts[:-2]), parts[-2])
+    read by: shape, data type, chunks and their keys, dims, fill value and codecs (a compressor's by name)."""
     digests: dict[str, dict[str, str]] = {layer: {} for layer in layers}
-    for name, text in (fs.cat(sorted(files)) if files else {}).items():
-        metadata = json.loads(text)
-        if metadata.get("node_type") != "array":
+    for folder, metadata in listing.arrays.items():
+        layer, _, array = folder.rpartition("/")
+        if layer not in digests:
             continue
         read_by = {key: metadata.get(key) for key in ("shape", "data_type", "chunk_grid", "chunk_key_encoding",
                                                         "dimension_names", "fill_value")}
         read_by["codecs"] = [codec.get("name") if codec.get("name") in COMPRESSORS else codec
                              for codec in metadata.get("codecs", [])]
-        layer, array = files[name]
         digests[layer][array] = hashlib.sha256(json.dumps(read_by, sort_keys=True).encode()).hexdigest()[:16]
     return digests
 
 
-def _check_metadata(fs: Any, root: str, recorded: Mapping[str, Mapping[str, str]], location: str) -> None:
+def _check_metadata(listing: Listing, recorded: Mapping[str, Mapping[str, str]], location: str) -> None:
     """Refuse a layer whose arrays' metadata is not what its writer recorded (``METADATA_ATTR``): edited, gone
     (a lost mask read every position as real) or added."""
-    found = metadata_digests(fs, root, list(recorded))
+    found = metadata_digests(listing, list(recorded))
     for layer, digests in recorded.items():
         now = found[layer]
         for array in sorted(set(digests) | set(now)):
@@ -482,21 +491,26 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
             raise FileNotFoundError(f"no activation store at {location}")
         raise ValueError(f"{location} is not an activation store: a zarr v3 store is a folder with a zarr.json, and "
                          f"this is {'a file' if Path(location).is_file() else 'a folder without one'}")
-    with contextlib.suppress(ValueError):  # a root zarr.json that is not JSON is named below
-        recorded = json.loads(fs.cat(f"{root}/zarr.json")).get("attributes", {}).get(METADATA_ATTR) or {}
-        _check_metadata(fs, root, recorded, location)  # before xarray reads labels by it
+    try:
+        listing = Listing.of(fs, root)
+    except ValueError:  # a zarr.json that is not JSON: named below, where xarray fails on it
+        listing = None
+    if listing is not None:  # before xarray reads labels by the metadata
+        root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))
+        _check_metadata(listing, root_metadata.get("attributes", {}).get(METADATA_ATTR) or {}, location)
     try:
         tree = xr.open_datatree(WholeStore.at(location, storage_options), engine="zarr", chunks={},
                                 consolidated=False)
     except Exception as error:
-        with contextlib.suppress(ValueError):  # a label's chunk file lost (xarray reads labels): name it
-            check_store_files(location, storage_options, (), ())
+        if listing is not None:  # a label's chunk file lost (xarray reads labels): name it
+            check_store_files(location, listing, (), ())
         why = _unreadable_metadata(fs, root) or _unreadable_label(fs, root, location, storage_options) or error
         raise ValueError(f"cannot open {location} as a zarr activation store: {why}") from error
     found = layer_paths(tree)
     if not found:
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
-    check_store_files(location, storage_options, tree.attrs.get(ORDER_ATTR) or (), found)
+    assert listing is not None  # xarray opened the store, so its metadata is JSON
+    check_store_files(location, listing, tree.attrs.get(ORDER_ATTR) or (), found)
     order = {layer: i for i, layer in enumerate(found)}  # network order, which a node's copies keep (isel, sel)
     for layer in found:
         if MASK in tree[layer].data_vars:  # a coordinate, so that tree[layer]["activations"] carries its padding
@@ -676,24 +690,18 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
                               f"{LOST_CHUNKS}")
 
 
-def check_store_files(location: str, storage_options: Mapping[str, Any] | None, listed: Sequence[str],
-                      found: Sequence[str]) -> None:
+def check_store_files(location: str, listing: Listing, listed: Sequence[str], found: Sequence[str]) -> None:
     """At open: every layer the store lists (``listed``, its root's order) is among those ``found``, and every array
-    in it (layers, masks, labels) has each of its chunk files; else an OSError naming what is missing. One listing
-    of the store and its arrays' metadata (fetched together), no data."""
+    in it (layers, masks, labels) has each of its chunk files (``listing``); else an OSError naming what is
+    missing. No data is read."""
     lost = [layer for layer in listed if layer not in found]
     if lost:
         raise OSError(f"{location} lists layer{'s' if len(lost) > 1 else ''} {', '.join(map(repr, lost))} but holds "
                       f"no readable {VARIABLE!r} for {'them' if len(lost) > 1 else 'it'} (its metadata is missing): "
                       f"the store is damaged; write {'them' if len(lost) > 1 else 'it'} again")
-    fs, root = filesystem(location, storage_options)
-    files = [name.removeprefix(root).lstrip("/") for name in fs.find(root)]
-    paths = sorted(name for name in files if name == "zarr.json" or name.endswith("/zarr.json"))
-    texts = fs.cat([f"{root}/{name}" for name in paths])
-    arrays = {str(PurePosixPath(name).parent): json.loads(texts[f"{root}/{name}"]) for name in paths}
-    arrays = {folder: metadata for folder, metadata in arrays.items() if metadata.get("node_type") == "array"}
+    arrays = listing.arrays
     present: dict[str, set[str]] = {folder: set() for folder in arrays}
-    for file in files:  # each file to the array holding it: the nearest folder up that is one
+    for file in listing.files:  # each file to the array holding it: the nearest folder up that is one
         for folder in PurePosixPath(file).parents:
             if str(folder) in present:
                 present[str(folder)].add(file.removeprefix(f"{folder}/"))

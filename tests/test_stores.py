@@ -285,7 +285,8 @@ def test_corrupt_chunk_names_store_and_layer(tmp_path):
     with pytest.raises(OSError, match=r"reading layers 'm0/conv', 'm1/conv' from .*s.zarr failed"):
         cca(tree["m0/conv"], tree["m1/conv"])
     renamed = tree["m1/conv"]["activations"].rename("x")  # the store is named, not derived from the layer's name
-    with pytest.raises(OSError, match=r"reading layers 'm0/conv', 'x' from .*s\.zarr failed: "):
+    with pytest.raises(OSError, match=r"reading layers 'm0/conv', 'x' from .*s\.zarr failed \(array "
+                                      r"'m1/conv/activations', datapoints 20 to 29\): "):
         cca(tree["m0/conv"], renamed)
 
 
