@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -183,14 +184,19 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
                 raise
 
 
+#: OS errors only a write gives: no space, over a quota, a read-only filesystem, a file too large.
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
 @contextlib.contextmanager
 def naming_target(path: str | os.PathLike, what: str) -> Iterator[None]:
-    """Name ``path`` (``what`` is written there) in an OS error of the block that names no file: a full disk said
-    "[Errno 28] No space left on device". An error naming a file (an input that could not be read) passes as is."""
+    """Name ``path`` (``what`` is written there) in an OS error of the block that only a write gives and that
+    names no file: a full disk said "[Errno 28] No space left on device". Any other error (an input that could
+    not be read, named or not) passes as is."""
     try:
         yield
     except OSError as error:
-        if error.errno is None or error.filename is not None or str(path) in str(error):
+        if error.errno not in WRITE_ERRORS or error.filename is not None or str(path) in str(error):
             raise
         failed = type(error)(f"writing {what} {path} failed: {error.strerror or error}")
         failed.errno = error.errno

@@ -689,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = _run(argv)
     except OSError:  # the line itself could not be written (stderr to a full device too): the status still says
+        for stream in (sys.stdout, sys.stderr):  # what they hold would fail the exit's flush (status 120): dropped
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         status = 2
     if _as_command():  # all is said: a Ctrl-C while the process tears down (0.35 s) ends it at once, status kept
         signal.signal(signal.SIGINT, lambda *_: _exit_now(status))
@@ -714,6 +717,8 @@ class _StandardOutput:
         except BrokenPipeError:
             raise
         except OSError as error:
+            with contextlib.suppress(OSError, ValueError):  # what it could not take would fail the exit's flush
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # too (status 120): dropped
             failed = OSError(f"writing to standard output failed: {error.strerror or error}")
             failed.errno = error.errno
             raise failed from error
@@ -742,7 +747,10 @@ def _run(argv: list[str] | None) -> int:
         print(f"chunkcca {args.command}: warning: {str(message).splitlines()[0]}", file=sys.stderr)
 
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(_StandardOutput(sys.stdout)):
+        # stdout that says when it takes no writes; none where the process has no stdout (>&-, pythonw)
+        output = contextlib.nullcontext() if sys.stdout is None else contextlib.redirect_stdout(
+            _StandardOutput(sys.stdout))
+        with warnings.catch_warnings(), output:
             warnings.showwarning = one_line
             if args.command == "demo":
                 with _connected(args) as scheduler:
@@ -751,6 +759,8 @@ def _run(argv: list[str] | None) -> int:
             else:
                 {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare,
                  "sweep": _run_sweep}[args.command](args)
+            if sys.stdout is not None:  # what is buffered fails here, said in one line, not at the exit
+                sys.stdout.flush()
     except KeyboardInterrupt:  # Ctrl-C
         print(_interrupted_line([args.command]) + _resume_note(args), file=sys.stderr)
         if _as_command():

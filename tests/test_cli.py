@@ -475,13 +475,19 @@ def test_output_to_a_full_device_says_it_was_standard_output(tmp_path):
     np.save(tmp_path / "a.npy", np.ones((10, 3)))
     command = [sys.executable, "-c", "import sys; from chunkcca.cli import main; sys.exit(main())", "ingest",
                str(tmp_path / "s.zarr"), f"x={tmp_path / 'a.npy'}", "--no-progress"]
+    buffered = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # as in a shell
     with open("/dev/full", "w") as full:
-        done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, env=buffered)
         assert (done.returncode, done.stderr) == (2, "chunkcca ingest: error: writing to standard output failed: "
                                                      "No space left on device\n")
         assert chunkcca.layer_paths(chunkcca.open_activations(tmp_path / "s.zarr")) == ["x"]
         command[-3] = str(tmp_path / "t.zarr")
-        assert subprocess.run(command, stdout=full, stderr=full, timeout=120).returncode == 2
+        assert subprocess.run(command, stdout=full, stderr=full, timeout=120, env=buffered).returncode == 2
+    # no stdout at all (>&-, cron, pythonw): print writes nothing, as before, and the command succeeds
+    command[-3] = str(tmp_path / "u.zarr")
+    done = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=120, env=buffered,
+                          preexec_fn=lambda: os.close(1))
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):
