@@ -345,8 +345,18 @@ class Listing:
         files = [name.removeprefix(root).lstrip("/") for name in fs.find(root)]
         paths = sorted(name for name in files if name == "zarr.json" or name.endswith("/zarr.json"))
         texts = fs.cat([f"{root}/{name}" for name in paths]) if paths else {}
-        metadata = {str(PurePosixPath(name).parent): json.loads(texts[f"{root}/{name}"]) for name in paths}
-        return cls(files, {folder: meta for folder, meta in metadata.items() if meta.get("node_type") == "array"})
+        arrays = {}
+        for name in paths:
+            try:
+                metadata = json.loads(texts[f"{root}/{name}"])
+            except ValueError as error:  # xarray said "Expecting value: line 1 column 1", naming no file
+                raise ValueError(f"its metadata file {name} is damaged (not JSON: {error})") from error
+            if not isinstance(metadata, dict):
+                raise ValueError(f"its metadata file {name} is damaged (a JSON {type(metadata).__name__}, not an "
+                                 f"object)")
+            if metadata.get("node_type") == "array":
+                arrays[str(PurePosixPath(name).parent)] = metadata
+        return cls(files, arrays)
 
 
 def metadata_digests(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -493,23 +503,20 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
                          f"this is {'a file' if Path(location).is_file() else 'a folder without one'}")
     try:
         listing = Listing.of(fs, root)
-    except ValueError:  # a zarr.json that is not JSON: named below, where xarray fails on it
-        listing = None
-    if listing is not None:  # before xarray reads labels by the metadata
-        root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))
-        _check_metadata(listing, root_metadata.get("attributes", {}).get(METADATA_ATTR) or {}, location)
+    except ValueError as error:  # a damaged metadata file, named
+        raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
+    root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))  # before xarray reads labels by the metadata:
+    _check_metadata(listing, root_metadata.get("attributes", {}).get(METADATA_ATTR) or {}, location)
     try:
         tree = xr.open_datatree(WholeStore.at(location, storage_options), engine="zarr", chunks={},
                                 consolidated=False)
     except Exception as error:
-        if listing is not None:  # a label's chunk file lost (xarray reads labels): name it
-            check_store_files(location, listing, (), ())
-        why = _unreadable_metadata(fs, root) or _unreadable_label(fs, root, location, storage_options) or error
+        check_store_files(location, listing, (), ())  # a label's chunk file lost (xarray reads labels): named
+        why = _unreadable_label(fs, root, location, storage_options) or error
         raise ValueError(f"cannot open {location} as a zarr activation store: {why}") from error
     found = layer_paths(tree)
     if not found:
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
-    assert listing is not None  # xarray opened the store, so its metadata is JSON
     check_store_files(location, listing, tree.attrs.get(ORDER_ATTR) or (), found)
     order = {layer: i for i, layer in enumerate(found)}  # network order, which a node's copies keep (isel, sel)
     for layer in found:
@@ -525,17 +532,6 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         if MASK in tree[layer].coords:  # which Dask array reads its own mask (checkpoint.store_signature)
             tree[layer][VARIABLE].encoding["mask_dask_name"] = tree[layer][MASK].data.name
     return tree
-
-
-def _unreadable_metadata(fs: Any, root: str) -> str | None:
-    """Which metadata file (``zarr.json``) of the store at ``root`` is not JSON, and why; None if all are."""
-    for name in sorted(fs.find(root)):
-        if name.endswith("zarr.json"):
-            try:
-                json.loads(fs.cat(name))
-            except ValueError as error:
-                return f"its metadata file {name.removeprefix(root).lstrip('/')} is damaged (not JSON: {error})"
-    return None
 
 
 def _unreadable_label(fs: Any, root: str, location: str, storage_options: Mapping[str, Any] | None) -> str | None:

@@ -375,9 +375,17 @@ def test_a_zarr_v2_store_a_damaged_metadata_file_or_a_store_given_as_checkpoint_
     assert main(["info", str(tmp_path / "v2.zarr")]) == 2
     store = _store(tmp_path)
     metadata = store / "b" / "channel" / "zarr.json"
-    metadata.write_text(metadata.read_text()[:40])
+    original = metadata.read_text()
+    metadata.write_text(original[:40])
     with pytest.raises(ValueError, match=r"its metadata file b/channel/zarr.json is damaged \(not JSON"):
         open_activations(store)
+    # one inside an array's folder, which xarray does not read: it was a bare AssertionError (second review)
+    metadata.write_text(original)
+    metadata = store / "b" / "activations" / "c" / "zarr.json"
+    for damaged, why in (("\0garbage", r"not JSON"), ("[1]", r"a JSON list, not an object")):
+        metadata.write_text(damaged)
+        with pytest.raises(ValueError, match=rf"its metadata file b/activations/c/zarr.json is damaged \({why}"):
+            open_activations(store)
     good = _store(tmp_path / "good")
     tree = open_activations(good)
     with pytest.raises(chunkcca.checkpoint.CheckpointError, match=r"s.zarr is not a chunkcca checkpoint \(an "
