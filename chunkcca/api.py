@@ -581,10 +581,8 @@ def _solve_options(measures: Sequence[str], given: Mapping[str, Any], where: str
     with ``folds``, the jackknife's ``confidence``)."""
     unused = sorted(set(given) - _read_options(measures, folds))
     if unused:
-        error = TypeError(f"{where}(): {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not read by "
-                          f"{', '.join(measures)}")
-        error.unread, error.measures = unused, list(measures)  # the command says it in its flags' words
-        raise error
+        raise TypeError(f"{where}(): {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not read by "
+                        f"{', '.join(measures)}")
     return SolveOptions(**given)
 
 

@@ -177,8 +177,17 @@ def _add_solve_options(parser: argparse.ArgumentParser) -> None:
                                                     "default)")
 
 
-def _check_fold_flags(args: argparse.Namespace, measures: list[str]) -> None:
-    """Before any work, in flag words: the held-out measures and ``--confidence`` need ``--folds``."""
+def _check_measure_flags(args: argparse.Namespace, measures: list[str]) -> None:
+    """Before any work (opening stores, connecting to a scheduler), in flag words: each measure option given is
+    read by a chosen measure (the library's own check, in its words, comes later), and the held-out measures
+    and ``--confidence`` need ``--folds``."""
+    unread = [option for option in _given_solve_options(args).keys() - {"confidence"}
+              if not any(option in chunkcca.MEASURES[name].options for name in measures)]
+    if unread:
+        flags = [f"--{option.replace('_', '-')} (read by "
+                 f"{', '.join(name for name, measure in chunkcca.MEASURES.items() if option in measure.options)})"
+                 for option in sorted(unread)]
+        raise ValueError(f"not read by {', '.join(measures)}: {'; '.join(flags)}; choose with --measure")
     if args.folds is not None:
         return
     held_out = [name for name in measures if chunkcca.MEASURES[name].per_fold is not None]
@@ -186,17 +195,6 @@ def _check_fold_flags(args: argparse.Namespace, measures: list[str]) -> None:
         raise ValueError(f"{held_out[0]} is measured on held-out folds: pass --folds K (K >= 2) or --folds COORDINATE")
     if args.confidence is not None:
         raise ValueError("--confidence sets the level of the intervals --folds gives, which is not given")
-
-
-def _unread_flags(error: Exception) -> str | None:
-    """The library's refusal of a measure option no chosen measure reads, in flag words, with the measures that
-    read it (it said "compare(): alpha is not read by cka"); None for any other error."""
-    unread = getattr(error, "unread", None)
-    if not unread:
-        return None
-    readers = [name for name, measure in chunkcca.MEASURES.items() if unread[0] in measure.options]
-    return (f"--{unread[0].replace('_', '-')} is not read by {', '.join(error.measures)}, only by "
-            f"{', '.join(readers)} (choose with --measure)")
 
 
 def _given_solve_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -412,7 +410,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         _check_plot(args)
     if args.checkpoint_every is not None and args.checkpoint is None:
         raise ValueError("--checkpoint-every applies only with --checkpoint, which is not given")
-    _check_fold_flags(args, measures)
+    _check_measure_flags(args, measures)
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
@@ -586,7 +584,7 @@ def _select(tree: Any, names: list[str], store: str) -> dict[str, Any]:
 
 def _run_sweep(args: argparse.Namespace) -> None:
     measures = _measure_names(args.measures, "--measures")
-    _check_fold_flags(args, measures)
+    _check_measure_flags(args, measures)
     out = Path(args.out)
     if "://" in args.out or Path(args.out).suffix not in (".nc", ".zarr"):
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")
@@ -779,7 +777,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"chunkcca {args.command}: error: {missing}: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, KeyError, pickle.UnpicklingError) as error:
-        message = _unread_flags(error) or (str(error).splitlines()[0] if str(error) else type(error).__name__)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"chunkcca {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as error:  # a failure no check foresaw: still one line and status 2, never a traceback

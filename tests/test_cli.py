@@ -414,12 +414,16 @@ def test_compare_passes_keep_and_alpha(files, capsys):
     assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "shape", "--alpha", "2"]) == 2
     assert "alpha must be in [0, 1], got 2.0" in capsys.readouterr().err
     assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cka", "--alpha", "0.5"]) == 2
-    assert capsys.readouterr().err == ("chunkcca compare: error: --alpha is not read by cka, only by shape (choose "
-                                       "with --measure)\n")  # in flag words: it said "compare(): alpha is not ..."
+    assert capsys.readouterr().err == ("chunkcca compare: error: not read by cka: --alpha (read by shape); choose "
+                                       "with --measure\n")  # in flag words: it said "compare(): alpha is not ..."
     assert main(["sweep", store, "--a", "m0/conv", "--b", "m1/conv", "--measure", "cka", "mean_cca", "--keep-by",
-                 "singular_values", "--out", str(folder / "s.nc")]) == 2
-    assert capsys.readouterr().err.startswith("chunkcca sweep: error: --keep-by is not read by cka, mean_cca, only by "
-                                              "svcca")
+                 "singular_values", "--alpha", "1", "--out", str(folder / "s.nc")]) == 2
+    assert capsys.readouterr().err == ("chunkcca sweep: error: not read by cka, mean_cca: --alpha (read by shape); "
+                                       "--keep-by (read by svcca); choose with --measure\n")  # every flag at once
+    # before any work: not after connecting to a scheduler that does not answer
+    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cka", "--keep", "0.5", "--scheduler",
+                 "tcp://10.255.255.1:8786", "--connect-timeout", "30"]) == 2
+    assert "not read by cka: --keep (read by svcca)" in capsys.readouterr().err
     for precision in ("auto", "float64"):  # "one pass", also after auto's pilot and second pass
         assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cka", "--precision", precision]) == 0
         chosen = "float32" if precision == "auto" else precision  # auto: well conditioned, 800 rows of 11 channels
