@@ -49,15 +49,16 @@ def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray,
 
 def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True, *,
                 measured: bool = True) -> None:
-    """Before streaming: refuse a stride that leaves fewer than 2 rows; warn, for measures that invert a covariance
-    (``whitens``), when the rows are no more than the widest layer's channels (a singular covariance, which a ridge
-    can still make sense of), naming the largest stride that gives more where a stride took them below."""
+    """Before streaming: refuse, for a measure (``measured``), fewer than 2 rows; warn, for measures that invert a
+    covariance (``whitens``), when the rows are no more than the widest layer's channels (a singular covariance,
+    which a ridge can still make sense of), naming the largest stride that gives more where a stride took them
+    below."""
     datapoints = layers[0].sizes["datapoint"]
     rows = adapters[0].row_count(datapoints)
     channels = max(layer.sizes["channel"] for layer in layers)
     names = ", ".join(repr(str(x.name)) for x in layers)
     stride, total = adapters[0].stride, dataclasses.replace(adapters[0], stride=1).row_count(datapoints)
-    if stride > 1 and rows < 2 <= total:
+    if measured and stride > 1 and rows < 2 <= total:
         raise ValueError(f"stride {stride} leaves {rows} of the {total} rows of layers {names}: every measure needs "
                          f"at least 2; use a smaller stride")
     if measured and total < 2:  # one datapoint of fc layers: the solve said "covariance needs more than 1 rows"

@@ -177,7 +177,10 @@ class Moments:
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """Covariance ``scatter / (n − ddof)``, shape (*batch, p, p)."""
         if self.n - ddof <= 0:
-            raise ValueError(f"covariance needs more than {ddof} rows, have {self.n}")
+            named = [layer for layer in self.layers if layer]
+            of = f" of layers {', '.join(map(repr, named))}" if named else ""
+            raise ValueError(f"the Moments{of} hold {self.n} row{'' if self.n == 1 else 's'}: a covariance needs "
+                             f"more than {ddof}")
         return self.scatter / (self.n - ddof)
 
     def side_slices(self) -> list[slice]:

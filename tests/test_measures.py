@@ -169,6 +169,10 @@ def test_one_datapoint_is_refused_naming_the_layers():
     one = chunkcca.compute_moments(x, y)  # Moments are kept to merge: one row is a start
     x2, y2 = _pair(9, n=20)
     assert (one + chunkcca.compute_moments(x2, y2)).n == 21
+    assert chunkcca.compute_moments(x2[:2], y2[:2], stride=2).n == 1  # as one datapoint (the rules disagreed)
+    with pytest.raises(ValueError, match=r"^the Moments of layers 'a', 'b' hold 1 row: a covariance needs more "
+                                         r"than 1$"):  # solved alone, they name their layers too
+        chunkcca.cca_from_moments(one)
 
 
 def test_debiased_cka_float32_on_offset_data():
