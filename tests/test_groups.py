@@ -371,8 +371,8 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
     with pytest.raises(TypeError, match=r"cca\(\) takes groupby, not folds"):
         cca(x, x + 1, folds=3)
     kinds = xr.DataArray(x, dims=("datapoint", "channel")).assign_coords(kind=("datapoint", ["p"] * 99 + ["q"]))
-    with pytest.raises(ValueError, match=r"have 1 in the group kind='q'"), pytest.warns(RuntimeWarning,
-                                                                                        match=r"'q' \(1\)"):
+    with (pytest.raises(ValueError, match=r"hold 1 row: a covariance needs more than 1 in the group kind='q'"),
+          pytest.warns(RuntimeWarning, match=r"'q' \(1\)")):
         cca(kinds, kinds + np.arange(40), groupby="kind")
 
 

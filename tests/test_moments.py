@@ -135,7 +135,7 @@ def test_moments_validates_shapes():
         Moments(n=3, mean=np.zeros(2), scatter=np.zeros((3, 3)))
     with pytest.raises(ValueError, match="do not add up"):
         Moments(n=3, mean=np.zeros(2), scatter=np.zeros((2, 2)), sizes=(1, 2))
-    with pytest.raises(ValueError, match="needs more than 1 rows"):
+    with pytest.raises(ValueError, match="the Moments hold 1 row: a covariance needs more than 1"):
         Moments(n=1, mean=np.zeros(2), scatter=np.zeros((2, 2))).covariance()
 
 
