@@ -218,7 +218,7 @@ def test_correlations_rounded_past_one_are_one():
 def test_fewer_rows_than_channels_warns_for_measures_that_invert_a_covariance():
     rng = np.random.default_rng(9)
     x, y = rng.standard_normal((6, 8)), rng.standard_normal((6, 3))
-    with pytest.warns(RuntimeWarning, match="only 6 rows for 8 channels"):
+    with pytest.warns(RuntimeWarning, match="only 6 rows for 11 channels of a pair"):
         cca(x, y)
     with warnings.catch_warnings():  # CKA and Procrustes invert none: their values stand ("correlations are
         warnings.simplefilter("error")  # meaningless" was said of them too)
