@@ -605,6 +605,13 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         write_atomically(path, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False),
                          overwrite=overwrite, replaceable=is_saved_result, what="a zarr result")
     elif suffix == ".nc":
+        limit = np.iinfo(np.int32)
+        wide = next((str(name) for name, variable in result.variables.items() if variable.dtype.kind in "iu"
+                     and variable.size and (variable.values.min() < limit.min or variable.values.max() > limit.max)),
+                    None)
+        if wide is not None:  # netCDF3 (scipy's writer) holds 32-bit integers: it failed in numpy's words on datetimes
+            raise ValueError(f"{path}: netCDF files as xarray writes them here (netCDF3) hold 32-bit integers, and "
+                             f"{wide!r} holds {int(abs(result[wide]).max())}; save to a zarr store (.zarr), which can")
         complex_values = [str(name) for name, variable in result.variables.items() if variable.dtype.kind == "c"]
         if complex_values:  # netCDF3, which xarray writes without a netCDF4 library, has no complex type
             raise ValueError(f"{path}: netCDF files cannot hold the complex values of {', '.join(complex_values)} "

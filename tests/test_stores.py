@@ -505,3 +505,16 @@ def test_a_store_is_given_by_its_path(tmp_path):
                                             r"DataTree; an opened store's layers are already at hand"):
             call(tree)
     assert chunkcca.describe_store(tmp_path / "s.zarr")[0]["layer"] == "fc"
+
+
+def test_integers_netcdf_cannot_hold_are_named_before_writing(tmp_path):
+    """A result of more than 2**31 rows (1M images x 56 x 56, flattened) failed in numpy's words about datetimes
+    ("could not safely cast array from int64 to int32"), naming neither the file nor the variable."""
+    result = xr.Dataset({"cka": ((), 0.5), "rows": ((), np.int64(3_000_000_000))})
+    with pytest.raises(ValueError, match=r"big.nc: netCDF files as xarray writes them here \(netCDF3\) hold 32-bit "
+                                         r"integers, and 'rows' holds 3000000000; save to a zarr store"):
+        chunkcca.save_result(result, tmp_path / "big.nc")
+    assert not (tmp_path / "big.nc").exists()
+    chunkcca.save_result(result, tmp_path / "big.zarr")
+    assert int(xr.open_zarr(tmp_path / "big.zarr", consolidated=False)["rows"]) == 3_000_000_000
+    chunkcca.save_result(result.assign(rows=np.int64(2**31 - 1)), tmp_path / "fits.nc")  # within int32: written
