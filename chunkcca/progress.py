@@ -8,6 +8,7 @@ not a terminal (a log file, CI, a pipe) it writes one line when the computation 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from timeit import default_timer
 from typing import Any, TextIO
@@ -37,9 +38,19 @@ class Progress(ProgressBar):
         if not self.terminal:
             return
         bar = "#" * int(self._width * frac)
+        tail = f": [{bar:<{self._width}}] {int(100 * frac):3d}% | {format_time(elapsed)}"
+        room = self._columns() - len(tail) - 1  # a line longer than the terminal wraps, and \r redraws its last row
+        label = self.label if len(self.label) <= room else self.label[: max(room - 1, 0)] + "…"
         with contextlib.suppress(ValueError):
-            self._file.write(f"\r{self.label}: [{bar:<{self._width}}] {int(100 * frac):3d}% | {format_time(elapsed)}")
+            self._file.write(f"\r{label}{tail}")
             self._file.flush()
+
+    def _columns(self) -> int:
+        """The width of the terminal ``out`` is (80 where it cannot be told)."""
+        try:
+            return os.get_terminal_size(self._file.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return 80
 
     def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
         if self.terminal:

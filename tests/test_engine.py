@@ -346,6 +346,14 @@ def test_progress_says_what_it_reads_and_writes_one_line_into_logs(capsys):
     with Progress("reading 'x'", out=terminal):
         x.sum().compute()
     assert terminal.getvalue().startswith("\rreading 'x': [") and "100% |" in terminal.getvalue()
+    # a long label (a sweep's ten layer names) is cut to the terminal: 238-character lines wrapped on 80 columns,
+    # and each \r redrew only their last row, filling the screen
+    terminal = _Terminal()
+    with Progress("reading " + ", ".join(f"'model{i}/conv{i}'" for i in range(20)), out=terminal):
+        x.sum().compute()
+    redraws = [line for line in terminal.getvalue().split("\r") if line.strip()]
+    assert redraws and all(len(line.rstrip("\n")) < 80 for line in redraws)
+    assert redraws[-1].startswith("reading 'model0/") and "…: [" in redraws[-1]
 
 
 def _made_on_read(array: np.ndarray, chunks: int) -> da.Array:
