@@ -9,6 +9,7 @@ for; ``minibatch_pass()`` runs another declared reduction (minibatch CKA) the sa
 from __future__ import annotations
 
 import itertools
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -372,6 +373,9 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     run_options = {"spatial": adapters[0].kind, "stride": adapters[0].stride, "precision": precision,
                    "nan_policy": options.nan_policy, "row_norms": row_norms}
     total, done, fingerprint = resume(options.checkpoint, layers, adapters, run_options, boundaries)
+    if done and options.progress:  # with the progress lines: a resumed or finished run said nothing of it
+        print(f"resuming from the checkpoint {options.checkpoint}: {done} of {boundaries[-1]} datapoints done"
+              + (", nothing left to read" if done == boundaries[-1] else ""), file=sys.stderr)
     edges = boundaries[boundaries.index(done) :: options.checkpoint_every]
     if edges[-1] != boundaries[-1]:
         edges.append(boundaries[-1])

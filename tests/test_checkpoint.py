@@ -404,3 +404,19 @@ def test_a_checkpoint_loaded_as_moments_names_its_layers_rows_and_rounding(tmp_p
         saved + chunkcca.compute_moments(a, b, spatial="avgpool")
     np.testing.assert_allclose(chunkcca.cca_from_moments(saved)["rho"], chunkcca.cca(a, b, stride=2)["rho"],
                                atol=1e-6)
+
+
+def test_a_resumed_run_says_so_with_its_progress(tmp_path, capsys):
+    """A resumed or finished checkpoint gave no sign of it: a finished one printed its result at once, silently."""
+    rng = np.random.default_rng(0)
+    a = xr.DataArray(rng.standard_normal((40, 3)), dims=("datapoint", "channel"), name="a").chunk({"datapoint": 10})
+    b = a[:, :2] + rng.standard_normal((40, 2))
+    path = tmp_path / "run.moments"
+    first = chunkcca.cca(a, b, checkpoint=path, progress=True)
+    assert "resuming" not in capsys.readouterr().err
+    again = chunkcca.cca(a, b, checkpoint=path, progress=True)
+    assert capsys.readouterr().err == (f"resuming from the checkpoint {path}: 40 of 40 datapoints done, nothing left "
+                                       f"to read\n")
+    np.testing.assert_array_equal(again["rho"], first["rho"])
+    chunkcca.cca(a, b, checkpoint=path, progress=False)
+    assert capsys.readouterr().err == ""  # no progress asked: nothing said
