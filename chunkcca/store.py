@@ -512,7 +512,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
                                 consolidated=False)
     except Exception as error:
         check_store_files(location, listing, (), ())  # a label's chunk file lost (xarray reads labels): named
-        why = _unreadable_label(fs, root, location, storage_options) or error
+        why = _unreadable_label(listing, location, storage_options) or error
         raise ValueError(f"cannot open {location} as a zarr activation store: {why}") from error
     found = layer_paths(tree)
     if not found:
@@ -534,19 +534,17 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     return tree
 
 
-def _unreadable_label(fs: Any, root: str, location: str, storage_options: Mapping[str, Any] | None) -> str | None:
-    """Which label array (a coordinate: not activations, not a mask) of the store at ``root`` cannot be read, and
-    why (a chunk failing its checksum); None if all can. Labels are small: each is read whole."""
+def _unreadable_label(listing: Listing, location: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    """Which label array (a coordinate: not activations, not a mask) of the store ``listing`` lists cannot be
+    read, and why (a chunk failing its checksum); None if all can. Labels are small: each is read whole."""
     import zarr
 
     store = WholeStore.at(location, storage_options)
-    for name in sorted(fs.find(root)):
-        folder = name.removeprefix(root).strip("/").removesuffix("zarr.json").strip("/")
-        if not name.endswith("zarr.json") or PurePosixPath(folder).name in (VARIABLE, MASK, ""):
+    for folder in sorted(listing.arrays):
+        if PurePosixPath(folder).name in (VARIABLE, MASK):
             continue
         try:
-            if json.loads(fs.cat(name)).get("node_type") == "array":
-                zarr.open_array(store, path=folder, mode="r")[...]
+            zarr.open_array(store, path=folder, mode="r")[...]
         except Exception as error:
             return f"its label array {folder} cannot be read ({type(error).__name__}: {error})"
     return None
