@@ -7,8 +7,9 @@ import sys
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning given by the caller name the first frame outside chunkcca (the
-    user's call, whichever entry point it went through)."""
+    user's call, whichever entry point it went through; the standard library's ``functools``, whose cached
+    properties and partials chunkcca calls through, is passed over too)."""
     frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "chunkcca":
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("chunkcca", "functools"):
         frame, level = frame.f_back, level + 1
     return level

@@ -30,6 +30,12 @@ from .options import SolveOptions, check_epsilon
 #: variance comes out exactly 0 in every chunking and precision measured (its rows shift to 0); 1e-12 pruned a
 #: real channel of mean 1e12 and spread 0.98, 8000 rounding units of its mean.
 CONSTANT_RTOL = 64 * float(np.finfo(np.float64).eps)
+#: Above this condition number of the correlation matrix a measure inverts (one side's, its directions as kept),
+#: covariances resolve the weakest directions to worse than 1e-8, whatever the products' precision: measured
+#: against an in-memory QR reference, the weakest canonical correlation moved by 2e-10 at 4e6, 2e-7 at 4e8, 4e-6
+#: at 4e10, 6e-4 at 4e12 and 1e-2 at 4e14 (a channel repeated with 1e-7 of noise: ρ 0.0067), with the chunking.
+#: ``_warn_ill_conditioned`` says so.
+WHITENING_CONDITION = 1e8
 
 
 #: Why finite-looking statistics can hold NaN or Inf (nan_policy=None, or values beyond float32's range).
@@ -100,8 +106,9 @@ def _correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
     return int((values > floor.tolerance(values, vectors)).sum())
 
 
-def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> tuple[np.ndarray, int]:
-    """Hermitian pseudo-inverse square root of a covariance (p, p) and its numerical rank.
+def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> tuple[np.ndarray, int, float]:
+    """Hermitian pseudo-inverse square root of a covariance (p, p), its numerical rank and the condition number of
+    what it inverts (largest / smallest kept eigenvalue; 1 when none is kept).
 
     Eigenvalues at most ``p · eps64 · max`` count as zero (as ``numpy.linalg.pinv``). For a correlation
     matrix from float32 products, ``floor.products`` = eps32 also cuts eigenvalues at most
@@ -115,7 +122,8 @@ def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> tuple[np.ndar
     keep = values > floor.tolerance(values, vectors)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
-    return (vectors * scale) @ vectors.conj().T, int(keep.sum())
+    condition = float(values[keep].max() / values[keep].min()) if keep.any() else 1.0
+    return (vectors * scale) @ vectors.conj().T, int(keep.sum()), condition
 
 
 def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -123,21 +131,23 @@ def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return (variance > 0) & (variance > (CONSTANT_RTOL * np.abs(mean)) ** 2)
 
 
-def _whitener(cov: np.ndarray, epsilon: float, floor: Rounding) -> tuple[np.ndarray, int]:
-    """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; and the rank.
+def _whitener(cov: np.ndarray, epsilon: float, floor: Rounding) -> tuple[np.ndarray, int, float]:
+    """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; the rank and the condition
+    number of the (regularised) correlation matrix as inverted.
 
     ``floor`` (``Rounding``: of float32 products and of the values) applies without a ridge only: with
     ``epsilon > 0`` the user's regularisation decides. Zero-variance channels get zero weight.
     """
     regularised = cov + epsilon * np.eye(cov.shape[0])
     scale = _inverse_std(regularised)
-    root, rank = inverse_sqrt(_scaled(regularised, scale), floor if epsilon == 0 else Rounding())
-    return scale[:, None] * root, rank
+    root, rank, condition = inverse_sqrt(_scaled(regularised, scale), floor if epsilon == 0 else Rounding())
+    return scale[:, None] * root, rank, condition
 
 
 def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np.ndarray | None = None,
                floors: tuple[Rounding, Rounding] = (Rounding(), Rounding())) -> dict[str, np.ndarray]:
-    """CCA of one covariance (p + q, p + q), real or Hermitian: rho, coefficients, pruned, ranks.
+    """CCA of one covariance (p + q, p + q), real or Hermitian: rho, coefficients, pruned, ranks, and the condition
+    numbers of the correlation matrices it inverts (``condition_a``, ``condition_b``).
 
     Each side is whitened through its correlation matrix (``D (Σ + εI) D``, D the inverse standard
     deviations), so the result does not depend on the channels' units; with ``coef = D R^(−1/2) U``
@@ -154,16 +164,34 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np
     coef_a = np.zeros((p, n_components), dtype=cov.dtype)
     coef_b = np.zeros((q, n_components), dtype=cov.dtype)
     rank_a = rank_b = 0
+    condition_a = condition_b = 1.0
     if index_a.size and index_b.size:
-        whiten_a, rank_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, floors[0].kept(index_a))
-        whiten_b, rank_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon, floors[1].kept(index_b - p))
+        whiten_a, rank_a, condition_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, floors[0].kept(index_a))
+        whiten_b, rank_b, condition_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon,
+                                                  floors[1].kept(index_b - p))
         u, s, vh = np.linalg.svd(whiten_a.conj().T @ cov[np.ix_(index_a, index_b)] @ whiten_b)
         k = min(rank_a, rank_b)
         rho[:k] = np.minimum(s[:k], 1.0)  # a correlation; rounding (float32, few rows) can pass 1
         coef_a[index_a, :k] = whiten_a @ u[:, :k]
         coef_b[index_b - p, :k] = whiten_b @ vh.conj().T[:, :k]
     return {"rho": rho, "coef_a": coef_a, "coef_b": coef_b, "pruned_a": ~kept_a, "pruned_b": ~kept_b,
-            "rank_a": np.int64(rank_a), "rank_b": np.int64(rank_b)}
+            "rank_a": np.int64(rank_a), "rank_b": np.int64(rank_b), "condition_a": condition_a,
+            "condition_b": condition_b}
+
+
+def _warn_ill_conditioned(moments: Moments, conditions: Sequence[float], remedy: str = "epsilon (a ridge)") -> None:
+    """Warn, per side, when the correlation matrix a measure inverted (its worst over frequencies) has a condition
+    number above ``WHITENING_CONDITION``: its weakest directions, and the canonical correlations resting on them,
+    are then known to about κ · 1e-16 only. ``remedy``: the option that would bound it."""
+    for side, condition in enumerate(conditions):
+        if condition > WHITENING_CONDITION:
+            name = (f"layer {moments.layers[side]!r}" if len(moments.layers) > side and moments.layers[side]
+                    else f"side {'ab'[side]}")
+            warnings.warn(f"{name} has a correlation matrix of condition number about 1e{round(np.log10(condition))} "
+                          f"(near-duplicate channels): covariances resolve its weakest directions only to about its "
+                          f"condition number x 1e-16, and canonical correlations resting on them can be off by that "
+                          f"much (2e-7 was measured at 4e8, 6e-4 at 4e12); {remedy} bounds it", RuntimeWarning,
+                          stacklevel=user_stacklevel())
 
 
 def default_batch_dims(count: int) -> tuple[str, ...]:
@@ -240,6 +268,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     stacked = {key: np.stack([s[key] for s in solved]).reshape((*batch, *np.shape(solved[0][key])))
                for key in solved[0]}
     rho = stacked["rho"]
+    _warn_ill_conditioned(moments, (stacked["condition_a"].max(), stacked["condition_b"].max()))
     result = xr.Dataset(
         {
             "rho": ((*dims, "component"), rho, {"long_name": "canonical correlation"}),
@@ -381,6 +410,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
                             [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ cov_bb @ basis_b]])
         solved = _solve_cca(reduced, (ka, kb), float(epsilon))
+    _warn_ill_conditioned(moments, (solved["condition_a"], solved["condition_b"]))
     rho = solved["rho"]
     return xr.Dataset(
         {
@@ -551,9 +581,9 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     )
 
 
-def _partial_whitener(cov: np.ndarray, alpha: float, floor: Rounding) -> tuple[np.ndarray, int]:
-    """((1 − α) Σ + α (tr Σ / p) I)^(−1/2), and its rank: α = 0 whitens, α = 1 only rescales (pseudo-inverse if
-    singular).
+def _partial_whitener(cov: np.ndarray, alpha: float, floor: Rounding) -> tuple[np.ndarray, int, float]:
+    """((1 − α) Σ + α (tr Σ / p) I)^(−1/2), its rank and the condition number of what it inverts: α = 0 whitens,
+    α = 1 only rescales (pseudo-inverse if singular).
 
     At α = 0 any whitener gives the same metric (they differ by a rotation), so it whitens through the
     correlation matrix, where the rank does not depend on channel units (and ``floor`` cuts float32 rounding).
@@ -588,10 +618,11 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     require_variance(moments, "the shape metric")
     with solve_threads(moments.channels):
-        (t_a, rank_a), (t_b, rank_b) = (_partial_whitener(cov, alpha, rounding(moments, side))
-                                        for side, cov in enumerate((cov_aa, cov_bb)))
+        (t_a, rank_a, condition_a), (t_b, rank_b, condition_b) = (
+            _partial_whitener(cov, alpha, rounding(moments, side)) for side, cov in enumerate((cov_aa, cov_bb)))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
         norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
+    _warn_ill_conditioned(moments, (condition_a, condition_b), "a larger alpha")
     angle = float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))
     return xr.Dataset(
         {"shape_distance": ((), angle, {"long_name": "angular shape distance", "units": "radians"}),

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reference import canonical_correlations, cka_reference, flatten_rows
 
-from chunkcca import cca, cka, compare, similarity
+from chunkcca import cca, cka, compare, compute_moments, shape_metric_from_moments, similarity, svcca_from_moments
 
 
 def _with_nan(seed: int = 0) -> tuple[np.ndarray, xr.DataArray]:
@@ -148,6 +148,41 @@ def test_large_offset_and_ill_conditioning_float64(condition):
     x, y = _ill_conditioned(condition)
     result = cca(da.from_array(x, chunks=3000), y, precision="float64")
     np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1e-8)
+
+
+def test_float64_past_the_conditioning_covariances_resolve_warns_naming_the_layer():
+    """Past 1e8 (``WHITENING_CONDITION``) covariances no longer give the weakest ρ to 1e-8: at 1e12 float64
+    products gave ρ off by 1e-4 against the QR reference, moving with the chunking, silently. Now each measure
+    that inverts the matrix warns at the user's call, naming the layer and the option that bounds it; a ridge
+    that conditions the matrix, and conditioning the covariances resolve, pass without a warning."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((4096, 6))
+    x = np.column_stack([z[:, :4], z[:, 0] + 1e-6 * z[:, 4]])  # a near-duplicate channel: condition number 4e12
+    y = np.column_stack([z[:, [0, 1, 4]] + 0.5 * rng.standard_normal((4096, 3)), z[:, 5]])  # reads z4, through it
+    reference = canonical_correlations(x, y)
+    off = []
+    for chunks in (64, 4096):
+        with pytest.warns(RuntimeWarning, match=r"layer 'a' has a correlation matrix of condition number about "
+                                                r"1e1[1-3] \(near-duplicate channels\).*epsilon \(a ridge\) bounds "
+                                                r"it") as caught:
+            off.append(np.abs(cca(da.from_array(x, chunks=chunks), y, precision="float64")["rho"] - reference).max())
+        assert {record.filename for record in caught} == {__file__}
+    assert max(off) > 1e-6, "the weakest canonical correlation really is imprecise here"
+    a, b = da.from_array(x, chunks=1024), da.from_array(y, chunks=1024)
+    for call in (lambda: compare(a, b, measures=["pwcca", "mean_cca"]),
+                 lambda: similarity({"a": a}, {"b": b}, measures=["mean_cca"]),
+                 lambda: compare(b, a, measures=["heldout_cca"], folds=3)):
+        with pytest.warns(RuntimeWarning, match="has a correlation matrix of condition number about 1e1") as caught:
+            call()
+        assert {record.filename for record in caught} == {__file__}
+    with pytest.warns(RuntimeWarning, match="layer 'a' has a correlation matrix.*a larger alpha bounds it"):
+        shape_metric_from_moments(compute_moments(x, y, precision="float64"), alpha=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cca(a, b, precision="float64", epsilon=1e-4)
+        compare(a, b, measures=["cka", "procrustes"])  # nothing inverted
+        svcca_from_moments(compute_moments(x, y, precision="float64"))  # its kept directions only
+        cca(*_ill_conditioned(1e6), precision="float64")
 
 
 def test_precision_auto_switches_to_float64_when_float32_cannot_hold_and_says_so():
