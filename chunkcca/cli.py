@@ -30,7 +30,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     import re
     import signal
     import warnings
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
     from pathlib import Path
     from typing import Any, NoReturn
 
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--mask", action="append", default=[], metavar="LAYER=FILE",
                         help="a layer's padding mask (datapoint, *positions) from a .npy file, True at real "
                              "positions (e.g. an attention mask); repeat for more layers")
+    ingest.add_argument("--coord", action="append", default=[], metavar="NAME=FILE",
+                        help="a coordinate on datapoint for every layer written, one number or string per "
+                             "datapoint from a .npy file (e.g. label=labels.npy, for --groupby label); repeat for more")
     ingest.add_argument("--chunk", type=_positive_int, help="datapoints per chunk (default: about 16 MiB)")
     written = ingest.add_mutually_exclusive_group()
     written.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -327,30 +330,31 @@ def _stores(args: argparse.Namespace) -> tuple[Any, Any]:
 def _run_ingest(args: argparse.Namespace) -> None:
     if os.path.lexists(args.store) and not (args.overwrite or args.append):
         raise ValueError(f"{args.store} exists; pass --overwrite to replace it, or --append to add layers to it")
-    sources = {}
-    for item in args.layers:
-        layer, separator, file = item.partition("=")
-        if not separator or not layer or not file:
-            raise ValueError(f"expected LAYER=FILE, got {item!r}")
-        if layer in sources:
-            raise ValueError(f"layer {layer!r} is given twice ({sources[layer]} and {file})")
-        sources[layer] = file
-    masks = {}
-    for item in args.mask:
-        layer, separator, file = item.partition("=")
-        if not separator or not layer or not file:
-            raise ValueError(f"--mask: expected LAYER=FILE, got {item!r}")
-        if layer in masks:
-            raise ValueError(f"--mask: layer {layer!r} is given twice ({masks[layer]} and {file})")
-        masks[layer] = file
+    sources = _named_files(args.layers, "", "LAYER", "layer")
+    masks = _named_files(args.mask, "--mask: ", "LAYER", "layer")
+    coords = _named_files(args.coord, "--coord: ", "NAME", "coordinate")
     tree = ingest(args.store, sources, layout=args.layout, masks=masks, mode="a" if args.append else "w",
-                  chunks=args.chunk or "auto", overwrite=args.overwrite, progress=not args.no_progress)
+                  chunks=args.chunk or "auto", coords=coords, overwrite=args.overwrite, progress=not args.no_progress)
     written = [path for path in chunkcca.layer_paths(tree)
                if any(path == layer.strip("/") or path.startswith(layer.strip("/") + "/") for layer in sources)]
     print(f"wrote {args.store}:")
     for path in written:  # the dims each file was read as (a 3-d file is tokens unless --layout says otherwise)
         activations = tree[path]["activations"]
         print(f"  {path}  ({', '.join(f'{dim} {size}' for dim, size in activations.sizes.items())})")
+
+
+def _named_files(items: Sequence[str], flag: str, key: str, what: str) -> dict[str, str]:
+    """``KEY=FILE`` arguments as a mapping, in order; a ValueError (prefixed by ``flag``) for a malformed one or a
+    key given twice."""
+    files: dict[str, str] = {}
+    for item in items:
+        name, separator, file = item.partition("=")
+        if not separator or not name or not file:
+            raise ValueError(f"{flag}expected {key}=FILE, got {item!r}")
+        if name in files:
+            raise ValueError(f"{flag}{what} {name!r} is given twice ({files[name]} and {file})")
+        files[name] = file
+    return files
 
 
 def _run_info(args: argparse.Namespace) -> None:
@@ -365,6 +369,13 @@ def _run_info(args: argparse.Namespace) -> None:
                       str(row["chunks"]), row["dtype"], f"{row['bytes'] / 2**20:.1f}",
                       f"{row['bytes_on_disk'] / 2**20:.1f}"))
     print(format_table(table))
+    labelled: dict[tuple[str, ...], list[str]] = {}  # coordinate names → the layers that have them
+    for row in rows:
+        labelled.setdefault(tuple(row["coords"]), []).append(row["layer"])
+    for names, layers in labelled.items():
+        if names:
+            where = "every layer" if len(layers) == len(rows) else ", ".join(layers)
+            print(f"coordinates on datapoint (for --groupby, --folds): {', '.join(names)} ({where})")
     left = chunkcca.leftover_writes(args.store)
     if left:
         stale = sum(folder["stale"] for folder in left)

@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .layers import DEFAULT_DIMS, datapoints_per_chunk, layer_path, memmap_to_dask, unnamed_layout
+from .layers import (
+    DEFAULT_DIMS,
+    check_datapoint_coords,
+    datapoints_per_chunk,
+    layer_path,
+    memmap_to_dask,
+    unnamed_layout,
+)
 from .rows import pixel_centres
 from .store import WriteMode, check_new_layers, move_layer, open_activations, write_activations, write_store
 
@@ -261,6 +268,16 @@ def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> Any:
     return memmap_to_dask(mask, _MASK_BLOCK).astype(bool)
 
 
+def _coord_file(name: str, values: Any) -> Any:
+    """A datapoint coordinate's values: read from a .npy file (a path), or as given."""
+    if not isinstance(values, (str, os.PathLike)):
+        return values
+    try:
+        return np.load(values, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read coordinate {name!r} from {values} as a .npy file: {error}") from error
+
+
 def _named_axes(values: Any, dims: tuple[str, ...] | None) -> Any:
     """``values`` with its axes named as ``_as_layer()`` laid them out (an array of another rank is left for
     [`chunkcca.write_activations()`][chunkcca.write_activations] to refuse with its own message)."""
@@ -301,7 +318,7 @@ class _Loaded:
 
 def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *, layout: str | None = None,
            masks: Mapping[str, str | os.PathLike] | None = None, mode: WriteMode = "w", chunks: int | str = "auto",
-           overwrite: bool = False, progress: bool = False) -> xr.DataTree:
+           coords: Mapping[str, Any] | None = None, overwrite: bool = False, progress: bool = False) -> xr.DataTree:
     """Write the arrays of files into a store: layer path → file (.npy, .npz, or a pickled array).
 
     Parameters
@@ -325,6 +342,10 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
         at ``path`` without touching its own (a layer path it holds already is an error).
     chunks, progress
         As for [`chunkcca.write_activations()`][chunkcca.write_activations].
+    coords
+        Coordinates on ``datapoint`` for every layer written (for ``groupby=`` and ``folds=``): name → a .npy file
+        of one number or string per datapoint (e.g. each input's class), or those values, in the files'
+        datapoint order.
 
     Returns
     -------
@@ -355,6 +376,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     for source in (*sources.values(), *masks.values()):
         if output == Path(source).resolve() or output in Path(source).resolve().parents:
             raise ValueError(f"{path} is where {source} is read from: write the store elsewhere")
+    labels = check_datapoint_coords({name: _coord_file(name, values) for name, values in (coords or {}).items()})
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
@@ -374,12 +396,12 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                     mask = {name: _mask_file(masks[name], values.shape[:-1])} if name in masks else None
                     if isinstance(values, np.memmap):  # write_activations streams it from the file
                         write_activations(part, {name: _named_axes(values, dims)}, masks=mask, chunks=chunks,
-                                          progress=progress)
+                                          coords=labels, progress=progress)
                     else:
                         loaded = _Loaded(values)
                         try:
                             write_activations(part, {name: _named_axes(loaded.as_dask(chunks), dims)}, masks=mask,
-                                              chunks=chunks, progress=progress)
+                                              chunks=chunks, coords=labels, progress=progress)
                         finally:
                             loaded.release()
                     del array, values  # before the next one is loaded

@@ -38,6 +38,61 @@ STANDARD_POSITIONS: tuple[str, ...] = ("time", "token", "depth", "height", "widt
 CHUNK_BYTES = 16 * 2**20
 
 
+def check_datapoint_coords(coords: Mapping[str, Any] | None, dims: Sequence[str] = ()) -> dict[str, xr.DataArray]:
+    """``coords`` (name → one label per datapoint: each input's class, a split; in the layers' datapoint order, or
+    a DataArray on ``datapoint`` labelled as the layers are) as DataArrays of numbers or strings; a ValueError
+    naming the coordinate at fault. ``dims``: names it must not take (the layers' dims). Their datapoints are
+    checked against each layer by ``with_datapoint_coords``."""
+    checked: dict[str, xr.DataArray] = {}
+    for name, values in (coords or {}).items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"coords: a coordinate's name is a non-empty string without '/', got {name!r}")
+        if name in (*dims, "datapoint", "channel", *STANDARD_POSITIONS, MASK, VARIABLE):
+            raise ValueError(f"coords: {name!r} names a dim or variable of a layer; call the coordinate otherwise")
+        if isinstance(values, xr.DataArray) and values.dims != ("datapoint",):
+            raise ValueError(f"coords[{name!r}] has dims {tuple(map(str, values.dims))}; give it dims ('datapoint',)")
+        array = values if isinstance(values, xr.DataArray) else np.asarray(values)
+        if array.dtype.kind == "O" and all(isinstance(value, str) for value in np.ravel(array)):
+            array = array.astype(str)
+        if array.ndim != 1 or array.dtype.kind not in "biufU":
+            raise ValueError(f"coords[{name!r}] must be one number or string per datapoint (1-d), got "
+                             f"{array.ndim}-d {array.dtype} values")
+        array = array if isinstance(array, xr.DataArray) else xr.DataArray(array, dims="datapoint")
+        checked[name] = array.drop_vars([key for key in array.coords if key != "datapoint"]).rename(name)
+    return checked
+
+
+def coord_values(coords: Mapping[str, xr.DataArray], labels: Any, layer: str) -> dict[str, np.ndarray]:
+    """The values of ``coords`` (``check_datapoint_coords``) for the datapoints of ``layer`` labelled ``labels`` (a
+    sequence, in order), taken by label when they carry datapoint labels; a ValueError naming the layer and the
+    coordinate that does not fit."""
+    labels = xr.Variable("datapoint", np.asarray(labels)).to_index()
+    values = {}
+    for key, coord in coords.items():
+        if coord.sizes["datapoint"] != len(labels):
+            raise ValueError(f"coords[{key!r}] has {coord.sizes['datapoint']} labels and layer {layer!r} "
+                             f"{len(labels)} datapoints: give one label per datapoint, in order")
+        if "datapoint" in coord.coords and not coord.indexes["datapoint"].equals(labels):
+            own = coord.indexes["datapoint"]
+            if not (own.is_unique and labels.isin(own).all()):
+                raise ValueError(f"coords[{key!r}] labels its datapoints otherwise than layer {layer!r} (e.g. "
+                                 f"{labels.difference(own)[:5].tolist()} are not among them)")
+            coord = coord.sel(datapoint=labels)
+        values[key] = coord.values
+    return values
+
+
+def with_datapoint_coords(layer: xr.DataArray, coords: Mapping[str, xr.DataArray]) -> xr.DataArray:
+    """``layer`` with ``coords`` (``check_datapoint_coords``) on its datapoints (``coord_values``); a ValueError
+    when the layer holds another coordinate of one's name."""
+    name = str(layer.name)
+    values = coord_values(coords, layer["datapoint"].values, name)
+    for key, own in values.items():
+        if key in layer.coords and not np.array_equal(np.asarray(layer.coords[key].values), own):
+            raise ValueError(f"layer {name!r} has a coordinate {key!r} of its own, and coords gives other values")
+    return layer.assign_coords({key: ("datapoint", own) for key, own in values.items()})
+
+
 def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | str = "auto") -> int:
     """Datapoints per chunk: ``chunks`` itself, or for "auto" as many as fit ``CHUNK_BYTES``."""
     if chunks == "auto":

@@ -43,7 +43,7 @@ import numpy as np
 import xarray as xr
 
 from ._stack import user_stacklevel
-from .layers import FC_DIMS, VARIABLE, datapoints_per_chunk
+from .layers import FC_DIMS, VARIABLE, check_datapoint_coords, coord_values, datapoints_per_chunk
 from .options import MASK
 from .store import (
     WriteMode,
@@ -292,7 +292,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
            path: str | os.PathLike, *, datapoints: Sequence[Any] | None = None, mode: WriteMode = "w",
            output: Callable[[Any], Any] = first_tensor, mask: Callable[[Any], Any] | None = attention_mask,
            chunks: int | str = "auto", compression: str | None = "lz4", overwrite: bool = False,
-           layouts: Mapping[str, Layout] | None = None) -> xr.DataTree:
+           layouts: Mapping[str, Layout] | None = None, coords: Mapping[str, Any] | None = None) -> xr.DataTree:
     """Run ``model`` over ``batches`` and write the outputs of ``layers`` to a store at ``path``, in their
     dtype (bfloat16, which numpy lacks, as float32: exactly).
 
@@ -329,6 +329,10 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         wrong or cannot tell (it refuses a parameter-free module, e.g. a ReLU, given a 3-d tensor no module made;
         it takes a 4-d or 5-d output it cannot tell for channels first). A (T, N, C) output it finds (an RNN's
         with ``batch_first=False``) is made (N, T, C) first.
+    coords
+        Coordinates on ``datapoint`` for every recorded layer (for ``groupby=`` and ``folds=``): name → one number
+        or string per datapoint, in the order of ``batches`` (e.g. ``{"label": dataset.targets}``), or a DataArray
+        on ``datapoint`` labelled as ``datapoints``. Checked before the model runs; their count, once it has.
 
     Returns
     -------
@@ -339,6 +343,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     import torch
     import zarr
     modules = _modules(model, layers)
+    labelled = check_datapoint_coords(coords)
     compressors = codecs_for(compression)
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
     given = {str(layer).strip("/"): layout for layer, layout in (layouts or {}).items()}
@@ -428,13 +433,14 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         labels = np.arange(count["datapoints"]) if datapoints is None else np.asarray(datapoints)
         if labels.shape != (count["datapoints"],):
             raise ValueError(f"datapoints has {labels.size} labels for {count['datapoints']} recorded datapoints")
+        extra = coord_values(labelled, labels, next(iter(modules)))
         extent = stored or image.get("size")
         with every_chunk_written():  # the last chunks and the labels too (a label 0 equals the fill value)
             for writer in writers.values():
                 writer.flush()
             for path, array in arrays.items():
                 _write_coords(root[path], array.shape, labels, extent, tuple(array.metadata.dimension_names),
-                              compressors)
+                              compressors, extra)
         return list(modules), extent
 
     try:
@@ -445,15 +451,19 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     return open_activations(path)
 
 
-def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray,
-                  image_size: tuple[int, int] | None, dims: tuple[str, ...], compressors: tuple[Any, ...]) -> None:
-    """Coordinates of one recorded layer: the datapoint labels and ``default_coords`` (pixel centres in input-image
-    units, the map's own pixels if the input is not an image); checksummed as the activations are."""
+def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray, image_size: tuple[int, int] | None,
+                  dims: tuple[str, ...], compressors: tuple[Any, ...], extra: Mapping[str, np.ndarray]) -> None:
+    """Coordinates of one recorded layer: the datapoint labels, ``default_coords`` (pixel centres in input-image
+    units, the map's own pixels if the input is not an image) and ``extra`` ones on datapoint (named in the
+    activations' ``coordinates`` attribute, as xarray writes them); checksummed as the activations are."""
     coords = {**default_coords(dict(zip(dims, shape)), image_size), "datapoint": labels}
-    for name, values in coords.items():
+    for name, values in {**coords, **extra}.items():
         values = np.asarray(values)
+        dim = name if name in coords else "datapoint"
         if values.dtype.kind in "UO":  # variable-length strings have a stable zarr v3 spec; fixed-width do not
-            group.create_array(name, shape=values.shape, dtype=str, dimension_names=(name,),
+            group.create_array(name, shape=values.shape, dtype=str, dimension_names=(dim,),
                                compressors=compressors)[:] = values.astype(object)
         else:
-            group.create_array(name, data=values, dimension_names=(name,), compressors=compressors)
+            group.create_array(name, data=values, dimension_names=(dim,), compressors=compressors)
+    if extra:
+        group[VARIABLE].attrs["coordinates"] = " ".join(extra)

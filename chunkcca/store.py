@@ -40,10 +40,12 @@ from ._fs import (
 from .layers import (
     VARIABLE,
     as_activations,
+    check_datapoint_coords,
     check_layer_paths,
     datapoints_per_chunk,
     layer_path,
     layer_paths,
+    with_datapoint_coords,
     zarr_arrays,
 )
 from .options import MASK, check_choice
@@ -116,7 +118,8 @@ def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataAr
 def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mode: WriteMode = "w",
                       masks: Mapping[str, Any] | None = None, chunks: int | str = "auto",
                       image_size: int | tuple[int, int] | None = None, overwrite: bool = False,
-                      compression: str | None = "lz4", progress: bool = False) -> xr.DataTree:
+                      compression: str | None = "lz4", coords: Mapping[str, Any] | None = None,
+                      progress: bool = False) -> xr.DataTree:
     """Write layers to a zarr (v3) store at ``path`` and return it opened with
         [`open_activations()`][chunkcca.open_activations].
 
@@ -149,6 +152,11 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     compression
         "lz4" (default: Blosc-LZ4 with byte shuffle, which decodes fast), "zstd" (smaller files,
         slower reads) or None (no compression: the fastest reads when decoding is the bottleneck).
+    coords
+        Coordinates on ``datapoint`` put on every layer written: name → one label per datapoint (numbers or
+        strings, e.g. each input's class), in the layers' datapoint order or as a DataArray on ``datapoint``
+        labelled as they are. ``groupby=`` and ``folds=`` (``--groupby``, ``--folds`` on the command line)
+        take them by name. A DataArray layer's own coordinates on ``datapoint`` are written too.
     progress
         Show a progress bar (on stderr).
 
@@ -160,9 +168,10 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     if not layers:
         raise ValueError("write_activations needs at least one layer")
     compressors = codecs_for(compression)
+    labels = check_datapoint_coords(coords)
     paths = check_new_layers(path, list(layers), mode=mode, overwrite=overwrite)
-    arrays = {path_: as_activations(value, path_, chunks=chunks, guess_layout=False)  # a store keeps no guess
-              for path_, value in zip(paths, layers.values())}
+    arrays = {path_: with_datapoint_coords(as_activations(value, path_, chunks=chunks, guess_layout=False), labels)
+              for path_, value in zip(paths, layers.values())}  # a store keeps no guess of a layout
     for name, mask in (masks or {}).items():
         key = layer_path(name)
         if key not in arrays:
@@ -563,7 +572,8 @@ def describe_store(path: str | os.PathLike, *,
     -------
     list of dict
         Per layer, in network order: ``layer``, ``shape``, ``dims``, ``datapoints_per_chunk``, ``chunks``,
-        ``dtype``, ``bytes`` and ``bytes_on_disk``.
+        ``dtype``, ``bytes``, ``bytes_on_disk`` and ``coords`` (the names of its coordinates on datapoint other than
+        the datapoint labels, e.g. a class label, which ``groupby=`` and ``folds=`` take).
     """
     tree = open_activations(path, storage_options=storage_options)
     fs, root = filesystem(tree[layer_paths(tree)[0]][VARIABLE].encoding["store"], storage_options)
@@ -573,7 +583,9 @@ def describe_store(path: str | os.PathLike, *,
         rows.append({"layer": layer, "shape": list(array.shape), "dims": list(map(str, array.dims)),
                      "datapoints_per_chunk": int(array.data.chunks[0][0]), "chunks": int(array.data.numblocks[0]),
                      "dtype": str(array.dtype), "bytes": int(array.nbytes),
-                     "bytes_on_disk": int(fs.du(f"{root}/{layer}"))})
+                     "bytes_on_disk": int(fs.du(f"{root}/{layer}")),
+                     "coords": sorted(str(name) for name, coord in array.coords.items()
+                                      if coord.dims == ("datapoint",) and name != "datapoint")})
     return rows
 
 

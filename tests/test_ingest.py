@@ -309,3 +309,38 @@ def test_a_pytorch_npz_of_conv_and_fc_layers_is_ingested_with_channels_first(tmp
     tree = chunkcca.open_activations(tmp_path / "b.zarr")
     np.testing.assert_array_equal(tree["net/conv"]["activations"].values, conv.transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(tree["net/fc"]["activations"].values, fc)
+
+
+def test_ingest_writes_datapoint_coordinates_that_compare_groups_by(tmp_path, capsys):
+    """The command could write no class label, so `--groupby` had nothing to take in a store it ingested:
+    `--coord NAME=FILE` puts one on every layer, `info` lists it, and compare groups by it."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 6)).astype("float32")
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", x[:, :4] + rng.standard_normal((40, 4)).astype("float32"))
+    np.save(tmp_path / "label.npy", np.arange(40) % 2)
+    np.save(tmp_path / "split.npy", np.array(["train"] * 30 + ["test"] * 10))
+    store = str(tmp_path / "s.zarr")
+    assert main(["ingest", store, f"a={tmp_path / 'a.npy'}", f"b={tmp_path / 'b.npy'}", "--coord",
+                 f"label={tmp_path / 'label.npy'}", "--coord", f"split={tmp_path / 'split.npy'}",
+                 "--no-progress"]) == 0
+    tree = chunkcca.open_activations(store)
+    np.testing.assert_array_equal(tree["b"]["activations"]["label"], np.arange(40) % 2)
+    capsys.readouterr()
+    assert main(["info", store]) == 0
+    assert "coordinates on datapoint (for --groupby, --folds): label, split (every layer)" in capsys.readouterr().out
+    assert main(["compare", store, "a", "b", "--groupby", "split", "--measure", "cka", "--json",
+                 "--no-progress"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["options"]["groups"] == ["test", "train"]
+    want = [float(chunkcca.cka(x[30:], np.load(tmp_path / "b.npy")[30:], precision="float64")["cka"]),
+            float(chunkcca.cka(x[:30], np.load(tmp_path / "b.npy")[:30], precision="float64")["cka"])]
+    np.testing.assert_allclose(shown["results"]["cka"]["value"], want, atol=1e-6)  # float32 activations, auto
+    for flag, message in ((f"label={tmp_path / 'none.npy'}", "cannot read coordinate 'label' from"),
+                          ("label", "--coord: expected NAME=FILE, got 'label'"),
+                          (f"label={tmp_path / 'a.npy'}", "coords['label'] must be one number or string per "
+                                                          "datapoint (1-d), got 2-d float32 values")):
+        assert main(["ingest", str(tmp_path / "t.zarr"), f"a={tmp_path / 'a.npy'}", "--coord", flag,
+                     "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "t.zarr").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
@@ -559,3 +560,33 @@ def test_a_bfloat16_layer_is_recorded_as_float32_exactly(tmp_path):
     recorded = tree["0"]["activations"]
     assert recorded.dtype == np.float32
     np.testing.assert_array_equal(recorded.values, model(inputs).detach().float().numpy())
+
+
+def test_records_datapoint_coordinates_for_groupby(tmp_path):
+    """record could write no class label (a groupby needed it assigned to each layer by hand): ``coords`` puts one
+    on every layer, as write_activations does; a bad name is refused before the model runs, a wrong count after."""
+    net = _net()
+    inputs, targets = torch.randn(23, 1, 8, 8), torch.arange(23) % 3
+    batches = [(inputs[start : start + 5], targets[start : start + 5]) for start in range(0, 23, 5)]
+    tree = record(net, {"net/conv": "1", "net/fc": "4"}, batches, tmp_path / "r.zarr", chunks=4,
+                  coords={"label": targets.numpy(), "split": ["train"] * 20 + ["test"] * 3})
+    for layer in ("net/conv", "net/fc"):
+        np.testing.assert_array_equal(tree[layer]["activations"]["label"], targets.numpy())
+    assert [row["coords"] for row in chunkcca.describe_store(tmp_path / "r.zarr")] == [["label", "split"]] * 2
+    assert list(tree["net/fc"]["activations"]["split"].values[[19, 20]]) == ["train", "test"]
+    grouped = chunkcca.cka(tree["net/conv"], tree["net/fc"], spatial="avgpool", groupby="label", precision="float64")
+    with torch.no_grad():
+        conv, fc = net[1](net[0](inputs)).numpy().mean(axis=(2, 3)), net(inputs).numpy()
+    for group in range(3):
+        alone = chunkcca.cka(conv[targets.numpy() == group], fc[targets.numpy() == group], precision="float64")
+        assert float(grouped["cka"].sel(label=group)) == pytest.approx(float(alone["cka"]), abs=1e-6)  # float32 maps
+
+    def never() -> Any:
+        raise AssertionError("the model ran")
+        yield
+
+    with pytest.raises(ValueError, match="'channel' names a dim or variable of a layer"):
+        record(net, ["4"], never(), tmp_path / "s.zarr", coords={"channel": np.arange(23)})
+    with pytest.raises(ValueError, match=r"coords\['label'\] has 22 labels and layer '4' 23 datapoints"):
+        record(net, ["4"], batches, tmp_path / "s.zarr", coords={"label": np.arange(22)})
+    assert not (tmp_path / "s.zarr").exists()

@@ -518,3 +518,48 @@ def test_integers_netcdf_cannot_hold_are_named_before_writing(tmp_path):
     chunkcca.save_result(result, tmp_path / "big.zarr")
     assert int(xr.open_zarr(tmp_path / "big.zarr", consolidated=False)["rows"]) == 3_000_000_000
     chunkcca.save_result(result.assign(rows=np.int64(2**31 - 1)), tmp_path / "fits.nc")  # within int32: written
+
+
+def test_datapoint_coordinates_are_written_on_every_layer_for_groupby(tmp_path, rng):
+    """A store could carry a class label only on DataArray layers assigned it one by one; `coords=` puts it on
+    every layer written (by label for a labelled DataArray), and each group's value equals the in-memory one."""
+    x = rng.standard_normal((60, 2, 2, 5))
+    y = x[:, 0, 0, :3] + 0.3 * rng.standard_normal((60, 3))
+    digit = np.arange(60) % 3
+    split = xr.DataArray(np.where(np.arange(60) < 30, "train", "test"), dims="datapoint",
+                         coords={"datapoint": np.arange(60)})[::-1]  # in another order: taken by label
+    tree = write_activations(tmp_path / "s.zarr", {"m/conv": x, "m/fc": y}, chunks=7,
+                             coords={"digit": digit, "split": split})
+    for layer in ("m/conv", "m/fc"):
+        np.testing.assert_array_equal(tree[layer]["activations"]["digit"], digit)
+        assert list(tree[layer]["activations"]["split"].values[[0, 59]]) == ["train", "test"]
+    grouped = chunkcca.cka(tree["m/conv"], tree["m/fc"], spatial="avgpool", groupby="digit", precision="float64")
+    for group in range(3):
+        alone = chunkcca.cka(x[digit == group], y[digit == group], spatial="avgpool", precision="float64")
+        assert float(grouped["cka"].sel(digit=group)) == pytest.approx(float(alone["cka"]), abs=1e-12)
+    assert [row["coords"] for row in chunkcca.describe_store(tmp_path / "s.zarr")] == [["digit", "split"]] * 2
+
+
+@pytest.mark.parametrize(("coords", "message"), [
+    ({"digit": np.arange(59)}, r"coords\['digit'\] has 59 labels and layer 'fc' 60 datapoints"),
+    ({"channel": np.arange(60)}, "'channel' names a dim or variable of a layer"),
+    ({"mask": np.arange(60)}, "'mask' names a dim or variable of a layer"),
+    ({"a/b": np.arange(60)}, "a non-empty string without '/'"),
+    ({"digit": np.zeros((60, 2))}, r"coords\['digit'\] must be one number or string per datapoint \(1-d\), got 2-d"),
+    ({"digit": [object()] * 60}, "got 1-d object values"),
+    ({"digit": xr.DataArray(np.arange(60), dims="sample")}, r"has dims \('sample',\)"),
+    ({"digit": xr.DataArray(np.arange(60), dims="datapoint", coords={"datapoint": np.arange(1, 61)})},
+     r"labels its datapoints otherwise than layer 'fc' \(e.g. \[0\] are not among them\)"),
+])
+def test_bad_datapoint_coordinates_are_named_before_anything_is_written(tmp_path, coords, message):
+    with pytest.raises(ValueError, match=message):
+        write_activations(tmp_path / "s.zarr", {"fc": np.ones((60, 3))}, coords=coords)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_layer_s_own_coordinate_is_not_replaced_by_other_values(tmp_path):
+    layer = xr.DataArray(np.ones((6, 2)), dims=("datapoint", "channel"), coords={"digit": ("datapoint", [0] * 6)})
+    with pytest.raises(ValueError, match="layer 'fc' has a coordinate 'digit' of its own, and coords gives other"):
+        write_activations(tmp_path / "s.zarr", {"fc": layer}, coords={"digit": np.arange(6)})
+    tree = write_activations(tmp_path / "s.zarr", {"fc": layer}, coords={"digit": np.zeros(6, int)})
+    np.testing.assert_array_equal(tree["fc"]["activations"]["digit"], 0)
