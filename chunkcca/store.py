@@ -14,8 +14,10 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -593,7 +595,8 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
     """Write a result to a local netCDF file or zarr store, atomically.
 
     A temporary file beside ``path`` is renamed into place, so an interrupted write leaves any older file
-    whole.
+    whole. Reopen it with ``xarray.open_dataset(path)`` (.nc) or ``xarray.open_zarr(path)`` (.zarr, written with
+    consolidated metadata).
 
     Parameters
     ----------
@@ -612,8 +615,8 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         texts = {name: variable.astype(object) for name, variable in result.variables.items()
                  if variable.dtype.kind == "U"}
         result = result.assign(texts) if texts else result
-        write_atomically(path, lambda tmp: result.to_zarr(tmp, zarr_format=3, consolidated=False),
-                         overwrite=overwrite, replaceable=is_saved_result, what="a zarr result")
+        write_atomically(path, partial(_to_consolidated_zarr, result), overwrite=overwrite,
+                         replaceable=is_saved_result, what="a zarr result")
     elif suffix == ".nc":
         limit = np.iinfo(np.int32)
         wide = next((str(name) for name, variable in result.variables.items() if variable.dtype.kind in "iu"
@@ -630,6 +633,15 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
                          replaceable=is_saved_result, what="a netCDF result")
     else:
         raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
+
+
+def _to_consolidated_zarr(result: xr.Dataset, path: Path) -> None:
+    """Write a (small) result as a zarr v3 store with consolidated metadata, so that ``xarray.open_zarr(path)``
+    opens it without its warning that there is none (zarr-python's own extension, marked must_understand=false:
+    other readers read the arrays' metadata themselves)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        result.to_zarr(path, zarr_format=3, consolidated=True)
 
 
 #: The attribute ``save_result`` marks its files with, and its value: what ``overwrite=True`` may replace.

@@ -494,6 +494,11 @@ def test_a_path_that_is_not_a_store_and_a_complex_result_in_netcdf_are_named(tmp
         chunkcca.save_result(result, tmp_path / "dft.nc")
     assert not (tmp_path / "dft.nc").exists()
     chunkcca.save_result(result, tmp_path / "dft.zarr")
+    with warnings.catch_warnings():  # it opened with xarray's warning that the store has no consolidated metadata
+        warnings.simplefilter("error")
+        with xr.open_zarr(tmp_path / "dft.zarr") as reopened:
+            xr.testing.assert_identical(reopened.load().drop_attrs(), result.drop_attrs())
+            assert reopened.attrs == {**result.attrs, "chunkcca": "result"}
 
 
 def test_a_store_is_given_by_its_path(tmp_path):
