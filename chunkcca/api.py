@@ -765,10 +765,12 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     Returns
     -------
     xarray.Dataset
-        One variable per measure with dims (layer_a, layer_b), plus ``rows``; with ``folds``, each
-        measure's ``<measure>_se`` and ``<measure>_ci`` (bound). A pair a measure is undefined for (e.g. a
-        layer without variance) is NaN, with a warning. attrs as [`compare()`][chunkcca.compare]'s, without
-        ``layer_a`` and ``layer_b``.
+        One variable per measure with dims (layer_a, layer_b), plus ``rows``; with a CCA-family measure, each
+        pair's ``rank_a`` and ``rank_b`` as for [`compare()`][chunkcca.compare] (the least over frequencies; -1
+        where its CCA is undefined): canonical correlations beyond the smaller are 0 and count in mean_cca and
+        r2_cca; with ``folds``, each measure's ``<measure>_se`` and ``<measure>_ci`` (bound). A pair a measure
+        is undefined for (e.g. a layer without variance) is NaN, with a warning. attrs as
+        [`compare()`][chunkcca.compare]'s, without ``layer_a`` and ``layer_b``.
     """
     solve_given, stream_given = _split_options(dict(options))
     if minibatch is not None:
@@ -884,6 +886,8 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
     values = {measure: np.full(shape, np.nan) for measure in measures}
     errors = {measure: np.full(shape, np.nan) for measure in measures}
     intervals = {measure: np.full((*shape, 2), np.nan) for measure in measures}
+    canonical = any(MEASURES[measure].canonical for measure in measures)
+    ranks = {side: np.full(shape, -1, dtype=np.int64) for side in "ab"} if canonical else {}
     for i, side_a in enumerate(sides["a"]):
         for j, side_b in enumerate(sides["b"]):
             name_a, name_b = labels[side_a], labels[side_b]
@@ -910,9 +914,16 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
                     except UndefinedMeasure as reason:
                         warnings.warn(f"{measure}_se and {measure}_ci of {name_a!r} and {name_b!r} are NaN: "
                                       f"{reason}{where}", RuntimeWarning, stacklevel=user_stacklevel())
+            for side, rank in ranks.items():  # as compare() gives them, from the pair's CCA
+                with contextlib.suppress(UndefinedMeasure):  # warned of above: -1
+                    rank[i, j] = int(pair.cca[f"rank_{side}"].min())
     variables: dict[str, Any] = {
         measure: (("layer_a", "layer_b"), value, {"long_name": MEASURES[measure].description})
         for measure, value in values.items()}
+    for side, rank in ranks.items():
+        variables[f"rank_{side}"] = (("layer_a", "layer_b"), rank,
+                                     {"long_name": f"rank of layer_{side}'s covariance in the pair, as its canonical "
+                                                   f"correlations used it (-1: not solved)"})
     if folds is not None:
         for measure in measures:
             variables[f"{measure}_se"] = (("layer_a", "layer_b"), errors[measure],

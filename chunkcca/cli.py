@@ -34,6 +34,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     from pathlib import Path
     from typing import Any, NoReturn
 
+    import numpy as np
     import xarray as xr
 
     import chunkcca
@@ -489,6 +490,31 @@ def _note_zero_components(result: xr.Dataset, channels_a: int, channels_b: int) 
               f"dependent channels) and count{'s' if zeros == 1 else ''} in mean_cca and r2_cca")
 
 
+def _note_sweep_ranks(result: xr.Dataset, set_a: dict[str, Any], set_b: dict[str, Any]) -> None:
+    """Say how many pairs of a sweep have canonical correlations of 0 that mean_cca and r2_cca count, because a
+    layer's rank is below the pair's components (constant or dependent channels: dead units), and name those
+    layers with their least rank, as compare's note does for one pair."""
+    sides = {"a": list(set_a.items()), "b": list(set_b.items())}
+    ranks = {side: result[f"rank_{side}"].transpose("layer_a", "layer_b", ...).values for side in "ab"}
+    short: dict[tuple[str, str], tuple[int, int]] = {}  # (side, layer) → (least rank, channels)
+    pairs = 0
+    for i, j in np.ndindex(len(set_a), len(set_b)):
+        layers = {"a": sides["a"][i], "b": sides["b"][j]}
+        channels = {side: layer["activations"].sizes["channel"] for side, (_, layer) in layers.items()}
+        solved = {side: np.ravel(ranks[side][i, j]) for side in "ab"}  # one per group, if any; -1: not solved
+        rank = {side: int(values[values >= 0].min(initial=channels[side])) for side, values in solved.items()}
+        if min(rank.values()) >= min(channels.values()):
+            continue
+        pairs += 1
+        for side, (name, _) in layers.items():
+            if rank[side] < channels[side]:
+                short[side, name] = (min(rank[side], short.get((side, name), (rank[side],))[0]), channels[side])
+    if pairs:
+        named = ", ".join(f"{side} {name} {rank} of {width}" for (side, name), (rank, width) in short.items())
+        print(f"{pairs} of {len(set_a) * len(set_b)} pairs have canonical correlations of 0 that mean_cca and r2_cca "
+              f"count: the rank is below the channels (constant or dependent channels) of {named}")
+
+
 def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path], bool], what: str) -> None:
     """Refuse, before any work (and again before writing), an output that exists, unless ``overwrite`` (the flag
     ``--overwrite``) is given and ``ours(path)`` says it is ``what`` chunkcca wrote: never another file or folder."""
@@ -604,10 +630,10 @@ def _run_sweep(args: argparse.Namespace) -> None:
     if args.plot:
         _check_plot(args)
     tree_a, tree_b = _stores(args)
+    set_a, set_b = _select(tree_a, args.a, args.store), _select(tree_b, args.b, args.b_store or args.store)
     with _connected(args) as scheduler:
-        result = chunkcca.similarity(_select(tree_a, args.a, args.store), _select(tree_b, args.b, args.b_store or
-                                                                                      args.store), measures=measures,
-                                     **_given_solve_options(args), **_streaming(args, scheduler))
+        result = chunkcca.similarity(set_a, set_b, measures=measures, **_given_solve_options(args),
+                                     **_streaming(args, scheduler))
     # again before writing (the run took a while): save_result replaces any result it wrote, a sweep's only here
     _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
     try:
@@ -620,6 +646,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
     if "folds" in result.attrs:
         print(f"_se: jackknife standard error over {result.attrs['folds']} folds; "
               f"{result.attrs['confidence']:g} intervals (_ci) in the results")
+    if {"mean_cca", "r2_cca"} & set(measures) and "rank_a" in result:
+        _note_sweep_ranks(result, set_a, set_b)
     print(f"results: {out}")
     if args.plot:
         _save_plot(lambda: plot_similarity(result, measures[0]).figure, args.plot, overwrite=args.overwrite)

@@ -528,6 +528,28 @@ def test_sweep_passes_keep_epsilon_and_alpha(files, capsys):
     assert saved.attrs["keep"] == 0.5 and saved.attrs["alpha"] == 0.3
 
 
+def test_sweep_says_which_pairs_dead_units_leave_zero_canonical_correlations_in(tmp_path, capsys):
+    """compare said when dead units leave canonical correlations of 0 that mean_cca counts; sweep did not (a
+    heatmap of ReLU layers read as dissimilar). It now counts the pairs and names the layers, per side."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((120, 6))
+    half_dead = x.copy()
+    half_dead[:, :2] = 0.0
+    layers = {"m0/l1": half_dead, "m0/l2": x, "m1/l1": x[:, :4] + 0.1 * rng.standard_normal((120, 4)),
+              "m1/l2": x + rng.standard_normal((120, 6))}
+    store = str(tmp_path / "s.zarr")
+    chunkcca.write_activations(store, layers)
+    sweep = ["sweep", store, "--a", "m0", "--b", "m1", "--out", str(tmp_path / "s.nc"), "--no-progress"]
+    assert main([*sweep, "--measures", "mean_cca", "cka"]) == 0
+    out = capsys.readouterr().out
+    # m0/l1 (rank 4 of 6) against m1/l1 (4 channels) has 4 components, all live; against m1/l2, 6 with 2 at 0
+    assert ("1 of 4 pairs have canonical correlations of 0 that mean_cca and r2_cca count: the rank is below the "
+            "channels (constant or dependent channels) of a m0/l1 4 of 6\n") in out
+    assert xr.open_dataset(tmp_path / "s.nc")["rank_a"].values.tolist() == [[4, 4], [6, 6]]
+    assert main([*sweep, "--measures", "cka", "--overwrite"]) == 0
+    assert "pairs have canonical correlations of 0" not in capsys.readouterr().out
+
+
 def test_two_recorded_models_compared_across_stores(tmp_path, capsys):
     """Each model in its own store, layers of the same names: compare and sweep take b's from --b-store, in
     network order."""
@@ -827,7 +849,7 @@ def test_sweep_overwrite_replaces_only_a_sweep_result(tmp_path, capsys):
         assert main([*sweep[:-1], "--measures", "mean_cca", "--out", out, "--overwrite"]) == 0
         opened = xr.open_zarr(out, consolidated=False) if name.endswith(".zarr") else xr.open_dataset(out)
         with opened as saved:
-            assert sorted(saved.data_vars) == ["mean_cca", "rows"]  # replaced by the second sweep's
+            assert sorted(saved.data_vars) == ["mean_cca", "rank_a", "rank_b", "rows"]  # the second sweep's
     capsys.readouterr()
 
 

@@ -133,6 +133,30 @@ def test_an_undefined_pair_is_nan_with_a_warning_not_the_end_of_the_sweep():
     assert np.isnan(result["mean_cca"].sel(layer_a="live", layer_b="dead").item())
 
 
+def test_a_sweep_gives_each_pair_s_ranks_as_compare_does():
+    """compare() gave rank_a and rank_b (dead units leave canonical correlations of 0 that mean_cca counts) and a
+    sweep did not: the same ranks per pair now, -1 where the pair's CCA is undefined, and none without a
+    CCA-family measure."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((80, 6))
+    half_dead = x.copy()
+    half_dead[:, :2] = 0.0  # two dead units: rank 4 of 6
+    layers = {name: xr.DataArray(values, dims=("datapoint", "channel"), name=name) for name, values in
+              (("half_dead", half_dead), ("dependent", x[:, :3] @ rng.standard_normal((3, 5))),
+               ("live", x + rng.standard_normal((80, 6))), ("dead", np.zeros((80, 2))))}
+    set_a = {name: layers[name] for name in ("half_dead", "dependent")}
+    set_b = {name: layers[name] for name in ("live", "dead")}
+    with pytest.warns(RuntimeWarning, match="layer 'dead' has no varying channel"):
+        result = similarity(set_a, set_b, measures=["svcca", "cka"], precision="float64")
+    for name_a, a in set_a.items():
+        pair = chunkcca.compare(a, layers["live"], measures=["mean_cca"], precision="float64")
+        for side in ("a", "b"):
+            assert int(result[f"rank_{side}"].sel(layer_a=name_a, layer_b="live")) == int(pair[f"rank_{side}"])
+        assert int(result["rank_b"].sel(layer_a=name_a, layer_b="dead")) == -1
+    assert result["rank_a"].sel(layer_b="live").values.tolist() == [4, 3]
+    assert "rank_a" not in similarity(set_a, {"live": layers["live"]}, measures=["cka"])
+
+
 def test_a_measure_undefined_for_one_pair_is_nan_there(monkeypatch):
     """E.g. debiased CKA when a side's unbiased HSIC with itself is not positive (few rows)."""
     import dataclasses
