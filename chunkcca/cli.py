@@ -429,10 +429,11 @@ def _run_compare(args: argparse.Namespace) -> None:
     with _connected(args) as scheduler:
         result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint, **every,
                                   **_given_solve_options(args), **_streaming(args, scheduler))
-    drawn = {"cca": {"mean_cca", "r2_cca", "pwcca"} & set(measures), "svcca": {"svcca"} & set(measures)}
-    curves = {name: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
-              for name, variable in (("cca", "rho"), ("svcca", "svcca_rho"))
-              if drawn[name] and variable in result and result[variable].ndim == 1}
+    # the curves, named in the legend by what they are: CCA's of every component, SVCCA's of its kept directions
+    drawn = {"rho": {"mean_cca", "r2_cca", "pwcca"} & set(measures), "svcca_rho": {"svcca"} & set(measures)}
+    curves = {legend: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
+              for legend, variable in (("CCA", "rho"), ("SVCCA, kept directions", "svcca_rho"))
+              if drawn[variable] and variable in result and result[variable].ndim == 1}
     values = {name: {"value": _scalar(result[name]),
                      **({"se": _scalar(result[f"{name}_se"]), "ci": result[f"{name}_ci"].values.tolist()}
                         if f"{name}_se" in result else {}),

@@ -705,7 +705,8 @@ def test_compare_shows_details_per_group_ridges_by_value_and_plots_only_the_curv
     drawn = []
     monkeypatch.setattr(chunkcca.cli, "plot_rho", lambda curves, **_: drawn.append(sorted(curves)) or
                         chunkcca.plot.plot_rho(curves))
-    for measures, curves in ((["svcca"], ["svcca"]), (["pwcca"], ["cca"]), (["svcca", "mean_cca"], ["cca", "svcca"])):
+    svcca = "SVCCA, kept directions"  # the legend said "cca" and "svcca", as if they were the measures' names
+    for measures, curves in ((["svcca"], [svcca]), (["pwcca"], ["CCA"]), (["svcca", "mean_cca"], ["CCA", svcca])):
         assert main([*base, "--measure", *measures, "--plot", str(tmp_path / "p.png"), "--overwrite"]) == 0
         assert drawn.pop() == curves
 
