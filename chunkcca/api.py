@@ -24,6 +24,7 @@ from .layers import VARIABLE, align_layers, as_activations, layer_paths, named, 
 from .measures import (
     MEASURES,
     SMALLEST_VARIANCE,
+    IllConditionedWarning,
     PairSolves,
     UndefinedMeasure,
     check_measures,
@@ -765,12 +766,12 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     Returns
     -------
     xarray.Dataset
-        One variable per measure with dims (layer_a, layer_b), plus ``rows``; with a CCA-family measure, each
-        pair's ``rank_a`` and ``rank_b`` as for [`compare()`][chunkcca.compare] (the least over frequencies; -1
-        where its CCA is undefined): canonical correlations beyond the smaller are 0 and count in mean_cca and
-        r2_cca; with ``folds``, each measure's ``<measure>_se`` and ``<measure>_ci`` (bound). A pair a measure
-        is undefined for (e.g. a layer without variance) is NaN, with a warning. attrs as
-        [`compare()`][chunkcca.compare]'s, without ``layer_a`` and ``layer_b``.
+        One variable per measure with dims (layer_a, layer_b), plus ``rows``; with mean_cca, r2_cca or pwcca,
+        each pair's ``rank_a`` and ``rank_b`` as [`compare()`][chunkcca.compare] gives them (-1 where its CCA
+        is undefined): canonical correlations beyond the smaller are 0 and count in mean_cca and r2_cca; with
+        ``folds``, each measure's ``<measure>_se`` and ``<measure>_ci`` (bound). A pair a measure is undefined
+        for (e.g. a layer without variance) is NaN, with a warning. attrs as [`compare()`][chunkcca.compare]'s,
+        without ``layer_a`` and ``layer_b``.
     """
     solve_given, stream_given = _split_options(dict(options))
     if minibatch is not None:
@@ -886,37 +887,47 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
     values = {measure: np.full(shape, np.nan) for measure in measures}
     errors = {measure: np.full(shape, np.nan) for measure in measures}
     intervals = {measure: np.full((*shape, 2), np.nan) for measure in measures}
-    canonical = any(MEASURES[measure].canonical for measure in measures)
-    ranks = {side: np.full(shape, -1, dtype=np.int64) for side in "ab"} if canonical else {}
-    for i, side_a in enumerate(sides["a"]):
-        for j, side_b in enumerate(sides["b"]):
-            name_a, name_b = labels[side_a], labels[side_b]
-            moments = stats.select([side_a, side_b])
-            dead = side_without_variance(moments)
-            if dead is not None:  # every measure is undefined: NaN throughout, one warning
-                warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer "
-                              f"{(name_a, name_b)[dead]!r} has no varying channel{where}", RuntimeWarning,
-                              stacklevel=user_stacklevel())
-                continue
-            pair = PairSolves(moments, solve, None if folds is None else
-                              {name: fold.select([side_a, side_b]) for name, fold in folds.items()})
-            for measure in measures:
-                try:
-                    values[measure][i, j] = float(pair.value(measure))
-                except UndefinedMeasure as reason:  # one dead layer must not sink the whole sweep
-                    warnings.warn(f"{measure} of {name_a!r} and {name_b!r} is NaN: {reason}{where}", RuntimeWarning,
+    ranks = ({side: np.full(shape, -1, dtype=np.int64) for side in "ab"}
+             if any(MEASURES[measure].from_cca for measure in measures) else {})
+    with warnings.catch_warnings(record=True) as caught:  # each said once, below: not once per pair
+        warnings.simplefilter("always")
+        for i, side_a in enumerate(sides["a"]):
+            for j, side_b in enumerate(sides["b"]):
+                name_a, name_b = labels[side_a], labels[side_b]
+                moments = dataclasses.replace(stats.select([side_a, side_b]), layers=(name_a, name_b))
+                dead = side_without_variance(moments)
+                if dead is not None:  # every measure is undefined: NaN throughout, one warning
+                    warnings.warn(f"{', '.join(measures)} of {name_a!r} and {name_b!r} are NaN: layer "
+                                  f"{(name_a, name_b)[dead]!r} has no varying channel{where}", RuntimeWarning,
                                   stacklevel=user_stacklevel())
                     continue
-                if folds is not None:
+                pair = PairSolves(moments, solve, None if folds is None else
+                                  {name: dataclasses.replace(fold.select([side_a, side_b]), layers=(name_a, name_b))
+                                   for name, fold in folds.items()})
+                for measure in measures:
                     try:
-                        errors[measure][i, j], intervals[measure][i, j] = jackknife(
-                            values[measure][i, j], pair.leave_outs(measure), solve.confidence)
-                    except UndefinedMeasure as reason:
-                        warnings.warn(f"{measure}_se and {measure}_ci of {name_a!r} and {name_b!r} are NaN: "
-                                      f"{reason}{where}", RuntimeWarning, stacklevel=user_stacklevel())
-            for side, rank in ranks.items():  # as compare() gives them, from the pair's CCA
-                with contextlib.suppress(UndefinedMeasure):  # warned of above: -1
-                    rank[i, j] = int(pair.cca[f"rank_{side}"].min())
+                        values[measure][i, j] = float(pair.value(measure))
+                    except UndefinedMeasure as reason:  # one dead layer must not sink the whole sweep
+                        warnings.warn(f"{measure} of {name_a!r} and {name_b!r} is NaN: {reason}{where}",
+                                      RuntimeWarning, stacklevel=user_stacklevel())
+                        continue
+                    if folds is not None:
+                        try:
+                            errors[measure][i, j], intervals[measure][i, j] = jackknife(
+                                values[measure][i, j], pair.leave_outs(measure), solve.confidence)
+                        except UndefinedMeasure as reason:
+                            warnings.warn(f"{measure}_se and {measure}_ci of {name_a!r} and {name_b!r} are NaN: "
+                                          f"{reason}{where}", RuntimeWarning, stacklevel=user_stacklevel())
+                for side, rank in ranks.items():  # as compare() gives them, from the CCA the measures used
+                    with contextlib.suppress(UndefinedMeasure):  # warned of above: -1
+                        rank[i, j] = int(pair.cca[f"rank_{side}"])
+    said: set[tuple[type[Warning], str]] = set()
+    for record in caught:  # a layer's conditioning, say, once for the sweep (or group), not for each pair
+        message = f"{record.message}{where}" if issubclass(record.category, IllConditionedWarning) else \
+            str(record.message)
+        if (record.category, message) not in said:
+            said.add((record.category, message))
+            warnings.warn(message, record.category, stacklevel=user_stacklevel())
     variables: dict[str, Any] = {
         measure: (("layer_a", "layer_b"), value, {"long_name": MEASURES[measure].description})
         for measure, value in values.items()}

@@ -476,25 +476,37 @@ def _run_compare(args: argparse.Namespace) -> None:
             print(f"plot: {args.plot}")
 
 
+def _zero_components(rank_a: Any, rank_b: Any, channels_a: int, channels_b: int) -> int:
+    """How many of a pair's canonical correlations its ranks (arrays: over groups or frequencies; -1 where not
+    solved) leave at 0, at most: min(channels) − min(ranks)."""
+    solved = [ranks[ranks >= 0] for ranks in (np.ravel(rank_a), np.ravel(rank_b))]
+    if not all(ranks.size for ranks in solved):
+        return 0
+    return min(channels_a, channels_b) - min(int(solved[0].min()), int(solved[1].min()))
+
+
+#: What ranks below the channels come from.
+RANK_CAUSES = "constant or dependent channels, or fewer rows than channels"
+
+
 def _note_zero_components(result: xr.Dataset, channels_a: int, channels_b: int) -> None:
     """Say when the layers' ranks leave canonical correlations of 0 that mean_cca and r2_cca count (constant or
     linearly dependent channels: dead units)."""
     ranks_a, ranks_b = result["rank_a"].values, result["rank_b"].values
     components = result.sizes["component"]
-    zeros = components - min(int(ranks_a.min()), int(ranks_b.min()))  # at most, over groups or frequencies
+    zeros = _zero_components(ranks_a, ranks_b, channels_a, channels_b)
     if zeros > 0:
         def span(ranks: Any) -> str:
             return f"{ranks.min()}" if ranks.min() == ranks.max() else f"{ranks.min()} to {ranks.max()}"
 
         print(f"rank of a {span(ranks_a)} of {channels_a} channels, of b {span(ranks_b)} of {channels_b}: "
-              f"{zeros} of the {components} canonical correlations {'is' if zeros == 1 else 'are'} 0 (constant or "
-              f"dependent channels) and count{'s' if zeros == 1 else ''} in mean_cca and r2_cca")
+              f"{zeros} of the {components} canonical correlations {'is' if zeros == 1 else 'are'} 0 ({RANK_CAUSES}) "
+              f"and count{'s' if zeros == 1 else ''} in mean_cca and r2_cca")
 
 
 def _note_sweep_ranks(result: xr.Dataset, set_a: dict[str, Any], set_b: dict[str, Any]) -> None:
-    """Say how many pairs of a sweep have canonical correlations of 0 that mean_cca and r2_cca count, because a
-    layer's rank is below the pair's components (constant or dependent channels: dead units), and name those
-    layers with their least rank, as compare's note does for one pair."""
+    """Say how many pairs of a sweep have canonical correlations of 0 that mean_cca and r2_cca count
+    (``_zero_components``), and name the layers whose rank is below their channels, with their least rank."""
     sides = {"a": list(set_a.items()), "b": list(set_b.items())}
     ranks = {side: result[f"rank_{side}"].transpose("layer_a", "layer_b", ...).values for side in "ab"}
     short: dict[tuple[str, str], tuple[int, int]] = {}  # (side, layer) → (least rank, channels)
@@ -502,18 +514,18 @@ def _note_sweep_ranks(result: xr.Dataset, set_a: dict[str, Any], set_b: dict[str
     for i, j in np.ndindex(len(set_a), len(set_b)):
         layers = {"a": sides["a"][i], "b": sides["b"][j]}
         channels = {side: layer["activations"].sizes["channel"] for side, (_, layer) in layers.items()}
-        solved = {side: np.ravel(ranks[side][i, j]) for side in "ab"}  # one per group, if any; -1: not solved
-        rank = {side: int(values[values >= 0].min(initial=channels[side])) for side, values in solved.items()}
-        if min(rank.values()) >= min(channels.values()):
+        if _zero_components(ranks["a"][i, j], ranks["b"][i, j], channels["a"], channels["b"]) <= 0:
             continue
         pairs += 1
         for side, (name, _) in layers.items():
-            if rank[side] < channels[side]:
-                short[side, name] = (min(rank[side], short.get((side, name), (rank[side],))[0]), channels[side])
+            solved = np.ravel(ranks[side][i, j])
+            least = min(int(solved[solved >= 0].min()), short.get((side, name), (channels[side],))[0])
+            if least < channels[side]:
+                short[side, name] = (least, channels[side])
     if pairs:
         named = ", ".join(f"{side} {name} {rank} of {width}" for (side, name), (rank, width) in short.items())
         print(f"{pairs} of {len(set_a) * len(set_b)} pairs have canonical correlations of 0 that mean_cca and r2_cca "
-              f"count: the rank is below the channels (constant or dependent channels) of {named}")
+              f"count: the rank is below the channels ({RANK_CAUSES}) of {named}")
 
 
 def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path], bool], what: str) -> None:

@@ -33,7 +33,15 @@ from .layers import (
     unnamed_layout,
 )
 from .rows import pixel_centres
-from .store import WriteMode, check_new_layers, move_layer, open_activations, write_activations, write_store
+from .store import (
+    WriteMode,
+    check_new_layers,
+    check_store_coords,
+    move_layer,
+    open_activations,
+    write_activations,
+    write_store,
+)
 
 #: The only globals a pickle may name: what numpy needs to rebuild arrays (numpy 1 and 2 module paths), in
 #: every pickle protocol: ``_frombuffer`` (protocol 5) and ``_codecs.encode`` (the bytes of protocols 0–2, admitted
@@ -378,6 +386,8 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
             raise ValueError(f"{path} is where {source} is read from: write the store elsewhere")
     labels = check_datapoint_coords({name: _coord_file(name, values) for name, values in (coords or {}).items()})
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
+    if mode == "a":
+        check_store_coords(path, labels)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
         parts = tmp.parent / ".parts"  # beside the store being built (in the same temporary folder), not in it

@@ -38,16 +38,15 @@ STANDARD_POSITIONS: tuple[str, ...] = ("time", "token", "depth", "height", "widt
 CHUNK_BYTES = 16 * 2**20
 
 
-def check_datapoint_coords(coords: Mapping[str, Any] | None, dims: Sequence[str] = ()) -> dict[str, xr.DataArray]:
+def check_datapoint_coords(coords: Mapping[str, Any] | None) -> dict[str, xr.DataArray]:
     """``coords`` (name → one label per datapoint: each input's class, a split; in the layers' datapoint order, or
     a DataArray on ``datapoint`` labelled as the layers are) as DataArrays of numbers or strings; a ValueError
-    naming the coordinate at fault. ``dims``: names it must not take (the layers' dims). Their datapoints are
-    checked against each layer by ``with_datapoint_coords``."""
+    naming the coordinate at fault. Their datapoints are checked against each layer by ``coord_values``."""
     checked: dict[str, xr.DataArray] = {}
     for name, values in (coords or {}).items():
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"coords: a coordinate's name is a non-empty string without '/', got {name!r}")
-        if name in (*dims, "datapoint", "channel", *STANDARD_POSITIONS, MASK, VARIABLE):
+        if name in ("datapoint", "channel", *STANDARD_POSITIONS, MASK, VARIABLE):
             raise ValueError(f"coords: {name!r} names a dim or variable of a layer; call the coordinate otherwise")
         if isinstance(values, xr.DataArray) and values.dims != ("datapoint",):
             raise ValueError(f"coords[{name!r}] has dims {tuple(map(str, values.dims))}; give it dims ('datapoint',)")
@@ -82,12 +81,22 @@ def coord_values(coords: Mapping[str, xr.DataArray], labels: Any, layer: str) ->
     return values
 
 
+def labelled_as(coords: Mapping[str, xr.DataArray], layer: xr.DataArray) -> dict[str, xr.DataArray]:
+    """``coords`` given in datapoint order (plain arrays) labelled with the datapoints of ``layer``, the first
+    written, so that a layer listing the same datapoints in another order gets each label by datapoint."""
+    coord_values(coords, layer["datapoint"].values, str(layer.name))  # their count checked
+    return {key: coord if "datapoint" in coord.coords else coord.assign_coords(datapoint=layer["datapoint"].values)
+            for key, coord in coords.items()}
+
+
 def with_datapoint_coords(layer: xr.DataArray, coords: Mapping[str, xr.DataArray]) -> xr.DataArray:
     """``layer`` with ``coords`` (``check_datapoint_coords``) on its datapoints (``coord_values``); a ValueError
     when the layer holds another coordinate of one's name."""
     name = str(layer.name)
     values = coord_values(coords, layer["datapoint"].values, name)
     for key, own in values.items():
+        if key in layer.dims:
+            raise ValueError(f"coords: {key!r} names a dim of layer {name!r}; call the coordinate otherwise")
         if key in layer.coords and not np.array_equal(np.asarray(layer.coords[key].values), own):
             raise ValueError(f"layer {name!r} has a coordinate {key!r} of its own, and coords gives other values")
     return layer.assign_coords({key: ("datapoint", own) for key, own in values.items()})

@@ -179,6 +179,11 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np
             "condition_b": condition_b}
 
 
+class IllConditionedWarning(RuntimeWarning):
+    """A measure inverted a correlation matrix too ill-conditioned for its weakest directions to be known to 1e-8
+    (``WHITENING_CONDITION``)."""
+
+
 def _warn_ill_conditioned(moments: Moments, conditions: Sequence[float], remedy: str = "epsilon (a ridge)") -> None:
     """Warn, per side, when the correlation matrix a measure inverted (its worst over frequencies) has a condition
     number above ``WHITENING_CONDITION``: its weakest directions, and the canonical correlations resting on them,
@@ -190,8 +195,8 @@ def _warn_ill_conditioned(moments: Moments, conditions: Sequence[float], remedy:
             warnings.warn(f"{name} has a correlation matrix of condition number about 1e{round(np.log10(condition))} "
                           f"(near-duplicate channels): covariances resolve its weakest directions only to about its "
                           f"condition number x 1e-16, and canonical correlations resting on them can be off by that "
-                          f"much (2e-7 was measured at 4e8, 6e-4 at 4e12); {remedy} bounds it", RuntimeWarning,
-                          stacklevel=user_stacklevel())
+                          f"much (2e-7 was measured at 4e8, 6e-4 at 4e12); {remedy} bounds it",
+                          IllConditionedWarning, stacklevel=user_stacklevel())
 
 
 def default_batch_dims(count: int) -> tuple[str, ...]:
@@ -409,8 +414,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
                             [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ cov_bb @ basis_b]])
-        solved = _solve_cca(reduced, (ka, kb), float(epsilon))
-    _warn_ill_conditioned(moments, (solved["condition_a"], solved["condition_b"]))
+        solved = _solve_cca(reduced, (ka, kb), float(epsilon))  # of uncorrelated directions: conditioned
     rho = solved["rho"]
     return xr.Dataset(
         {
@@ -622,7 +626,8 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
             _partial_whitener(cov, alpha, rounding(moments, side)) for side, cov in enumerate((cov_aa, cov_bb)))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
         norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
-    _warn_ill_conditioned(moments, (condition_a, condition_b), "a larger alpha")
+    if alpha == 0:  # a correlation matrix inverted; with alpha > 0 the user's regularisation decides
+        _warn_ill_conditioned(moments, (condition_a, condition_b), "alpha > 0")
     angle = float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))
     return xr.Dataset(
         {"shape_distance": ((), angle, {"long_name": "angular shape distance", "units": "radians"}),
@@ -934,6 +939,9 @@ class Measure:
     whitens
         It inverts (part of) a covariance, so float32 products lose its weak directions on an ill-conditioned layer
         (``precision="auto"`` then takes float64); CKA and Procrustes invert none.
+    from_cca
+        Its value comes from the CCA of all channels (``PairSolves.cca``), whose ranks
+        [`chunkcca.similarity()`][chunkcca.similarity] reports (components beyond them are 0 and count in it).
     """
 
     name: str
@@ -948,6 +956,7 @@ class Measure:
     per_fold: str | None = None
     per_fold_summary: Callable[[np.ndarray], np.ndarray] | None = None
     whitens: bool = True
+    from_cca: bool = False
 
     def detail_name(self, detail: str) -> str:
         """The name [`compare()`][chunkcca.compare] gives a detail: ``<measure>_<detail>``, or the detail's own
@@ -958,15 +967,15 @@ class Measure:
 #: Every measure, by name, in the order they are documented.
 MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
     Measure("mean_cca", lambda pair: pair.cca, "rho_mean", "mean canonical correlation", ("epsilon",),
-            per_frequency=True, canonical=True),
+            per_frequency=True, canonical=True, from_cca=True),
     Measure("r2_cca", lambda pair: pair.cca, "r2_cca", "mean squared canonical correlation (R²_CCA)", ("epsilon",),
-            per_frequency=True, canonical=True),
+            per_frequency=True, canonical=True, from_cca=True),
     Measure("svcca", lambda pair: svcca_from_moments(pair.moments, keep=pair.options.keep,
                                                       keep_by=pair.options.keep_by, epsilon=pair.options.epsilon),
             "rho_mean", "SVCCA similarity (mean canonical correlation of the kept directions)",
             ("epsilon", "keep", "keep_by"), canonical=True, details=("dims_a", "dims_b", "rho")),
     Measure("pwcca", lambda pair: pwcca_from_moments(pair.moments, epsilon=pair.options.epsilon, solved=pair.cca),
-            "pwcca", "projection-weighted mean canonical correlation", ("epsilon",), canonical=True),
+            "pwcca", "projection-weighted mean canonical correlation", ("epsilon",), canonical=True, from_cca=True),
     Measure("cka", lambda pair: cka_from_moments(pair.moments), "cka", "linear CKA", whitens=False),
     Measure("cka_debiased", lambda pair: cka_from_moments(pair.moments, debiased=True), "cka",
             "linear CKA (debiased)", row_norms=True, whitens=False),

@@ -48,6 +48,7 @@ from .options import MASK
 from .store import (
     WriteMode,
     check_new_layers,
+    check_store_coords,
     codecs_for,
     default_coords,
     every_chunk_written,
@@ -346,6 +347,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     labelled = check_datapoint_coords(coords)
     compressors = codecs_for(compression)
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
+    if mode == "a":
+        check_store_coords(path, labelled)
     given = {str(layer).strip("/"): layout for layer, layout in (layouts or {}).items()}
     for layer, layout in given.items():
         if layer not in modules:

@@ -44,7 +44,9 @@ from .layers import (
     as_activations,
     check_datapoint_coords,
     check_layer_paths,
+    coord_values,
     datapoints_per_chunk,
+    labelled_as,
     layer_path,
     layer_paths,
     with_datapoint_coords,
@@ -156,9 +158,11 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         slower reads) or None (no compression: the fastest reads when decoding is the bottleneck).
     coords
         Coordinates on ``datapoint`` put on every layer written: name → one label per datapoint (numbers or
-        strings, e.g. each input's class), in the layers' datapoint order or as a DataArray on ``datapoint``
-        labelled as they are. ``groupby=`` and ``folds=`` (``--groupby``, ``--folds`` on the command line)
-        take them by name. A DataArray layer's own coordinates on ``datapoint`` are written too.
+        strings, e.g. each input's class), in the first layer's datapoint order (the others take theirs by
+        datapoint label) or as a DataArray on ``datapoint`` labelled as the layers are. ``groupby=`` and
+        ``folds=`` (``--groupby``, ``--folds`` on the command line) take them by name. A DataArray layer's own
+        coordinates on ``datapoint`` are written too. With ``mode="a"`` a coordinate the store's layers hold
+        must have their labels.
     progress
         Show a progress bar (on stderr).
 
@@ -170,10 +174,13 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     if not layers:
         raise ValueError("write_activations needs at least one layer")
     compressors = codecs_for(compression)
-    labels = check_datapoint_coords(coords)
     paths = check_new_layers(path, list(layers), mode=mode, overwrite=overwrite)
-    arrays = {path_: with_datapoint_coords(as_activations(value, path_, chunks=chunks, guess_layout=False), labels)
-              for path_, value in zip(paths, layers.values())}  # a store keeps no guess of a layout
+    arrays = {path_: as_activations(value, path_, chunks=chunks, guess_layout=False)  # a store keeps no guess
+              for path_, value in zip(paths, layers.values())}
+    labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))
+    if mode == "a":
+        check_store_coords(path, labels)
+    arrays = {path_: with_datapoint_coords(array, labels) for path_, array in arrays.items()}
     for name, mask in (masks or {}).items():
         key = layer_path(name)
         if key not in arrays:
@@ -214,6 +221,24 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
 
     write_store(path, build, mode=mode, overwrite=overwrite)
     return open_activations(path)
+
+
+def check_store_coords(path: str | os.PathLike, coords: Mapping[str, xr.DataArray]) -> None:
+    """Before layers are added to the store at ``path`` with ``coords`` (``check_datapoint_coords``): a ValueError
+    if one of its layers holds a coordinate of one's name with other labels (groupby would refuse the pair only
+    when it is measured). Reads the coordinates of its first layer holding each, no activations."""
+    if not coords:
+        return
+    tree = open_activations(path)
+    for key in coords:
+        holder = next((layer for layer in layer_paths(tree) if key in tree[layer][VARIABLE].coords), None)
+        if holder is None:
+            continue
+        held = tree[holder][VARIABLE]
+        given = coord_values({key: coords[key]}, held["datapoint"].values, holder)[key]
+        if not np.array_equal(np.asarray(held.coords[key].values), given):
+            raise ValueError(f"coords[{key!r}]: layer {holder!r} of {path} holds {key!r} with other labels; the "
+                             f"layers of a store share their datapoints' labels")
 
 
 def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:

@@ -442,7 +442,8 @@ def test_compare_says_when_dead_units_leave_canonical_correlations_of_0(tmp_path
     assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "mean_cca", "cka", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == ("rank of a 3 of 4 channels, of b 4 of 4: 1 of the 4 canonical correlations is 0 "
-                                    "(constant or dependent channels) and counts in mean_cca and r2_cca")
+                                    "(constant or dependent channels, or fewer rows than channels) and counts in "
+                                    "mean_cca and r2_cca")
     assert main(["compare", store, "m0/fc", "m1/fc", "--measure", "mean_cca", "--json", "--no-progress"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["rank_a"], shown["rank_b"]) == (3, 4)
@@ -544,7 +545,7 @@ def test_sweep_says_which_pairs_dead_units_leave_zero_canonical_correlations_in(
     out = capsys.readouterr().out
     # m0/l1 (rank 4 of 6) against m1/l1 (4 channels) has 4 components, all live; against m1/l2, 6 with 2 at 0
     assert ("1 of 4 pairs have canonical correlations of 0 that mean_cca and r2_cca count: the rank is below the "
-            "channels (constant or dependent channels) of a m0/l1 4 of 6\n") in out
+            "channels (constant or dependent channels, or fewer rows than channels) of a m0/l1 4 of 6\n") in out
     assert xr.open_dataset(tmp_path / "s.nc")["rank_a"].values.tolist() == [[4, 4], [6, 6]]
     assert main([*sweep, "--measures", "cka", "--overwrite"]) == 0
     assert "pairs have canonical correlations of 0" not in capsys.readouterr().out

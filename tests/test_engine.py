@@ -175,11 +175,23 @@ def test_float64_past_the_conditioning_covariances_resolve_warns_naming_the_laye
         with pytest.warns(RuntimeWarning, match="has a correlation matrix of condition number about 1e1") as caught:
             call()
         assert {record.filename for record in caught} == {__file__}
-    with pytest.warns(RuntimeWarning, match="layer 'a' has a correlation matrix.*a larger alpha bounds it"):
+    with pytest.warns(RuntimeWarning, match="layer 'a' has a correlation matrix.*alpha > 0 bounds it"):
         shape_metric_from_moments(compute_moments(x, y, precision="float64"), alpha=0.0)
+    # a sweep says it once per layer (and group), naming it: it said "side a", once for every pair and group
+    labelled = {name: xr.DataArray(values, dims=("datapoint", "channel"), coords={"g": ("datapoint", groups)})
+                for name, values, groups in (("a", x, np.arange(4096) % 2), ("b", y, np.arange(4096) % 2),
+                                             ("c", y[:, ::-1], np.arange(4096) % 2))}
+    with pytest.warns(RuntimeWarning) as caught:
+        similarity({"a": labelled["a"]}, {"b": labelled["b"], "c": labelled["c"]}, measures=["mean_cca"],
+                   groupby="g")
+    said = [str(record.message) for record in caught if "correlation matrix" in str(record.message)]
+    assert len(said) == 2 and all(message.startswith("layer 'a' has") for message in said)
+    assert sorted(message.rsplit(" in the group ", 1)[-1] for message in said) == ["g=0", "g=1"]
+    assert {record.filename for record in caught} == {__file__}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cca(a, b, precision="float64", epsilon=1e-4)
+        shape_metric_from_moments(compute_moments(x, y, precision="float64"), alpha=1e-9)  # the user's choice
         compare(a, b, measures=["cka", "procrustes"])  # nothing inverted
         svcca_from_moments(compute_moments(x, y, precision="float64"))  # its kept directions only
         cca(*_ill_conditioned(1e6), precision="float64")

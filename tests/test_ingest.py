@@ -344,3 +344,8 @@ def test_ingest_writes_datapoint_coordinates_that_compare_groups_by(tmp_path, ca
                      "--no-progress"]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "t.zarr").exists()
+    np.save(tmp_path / "other.npy", np.arange(40) % 3)
+    assert main(["ingest", store, f"c={tmp_path / 'a.npy'}", "--coord", f"label={tmp_path / 'other.npy'}",
+                 "--append", "--no-progress"]) == 2
+    assert f"coords['label']: layer 'a' of {store} holds 'label' with other labels" in capsys.readouterr().err
+    assert chunkcca.layer_paths(chunkcca.open_activations(store)) == ["a", "b"]

@@ -135,8 +135,8 @@ def test_an_undefined_pair_is_nan_with_a_warning_not_the_end_of_the_sweep():
 
 def test_a_sweep_gives_each_pair_s_ranks_as_compare_does():
     """compare() gave rank_a and rank_b (dead units leave canonical correlations of 0 that mean_cca counts) and a
-    sweep did not: the same ranks per pair now, -1 where the pair's CCA is undefined, and none without a
-    CCA-family measure."""
+    sweep did not: the same ranks per pair now, -1 where the pair's CCA is undefined, and none without a measure
+    taken from the CCA of all channels."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((80, 6))
     half_dead = x.copy()
@@ -147,14 +147,15 @@ def test_a_sweep_gives_each_pair_s_ranks_as_compare_does():
     set_a = {name: layers[name] for name in ("half_dead", "dependent")}
     set_b = {name: layers[name] for name in ("live", "dead")}
     with pytest.warns(RuntimeWarning, match="layer 'dead' has no varying channel"):
-        result = similarity(set_a, set_b, measures=["svcca", "cka"], precision="float64")
+        result = similarity(set_a, set_b, measures=["pwcca", "cka"], precision="float64")
     for name_a, a in set_a.items():
         pair = chunkcca.compare(a, layers["live"], measures=["mean_cca"], precision="float64")
         for side in ("a", "b"):
             assert int(result[f"rank_{side}"].sel(layer_a=name_a, layer_b="live")) == int(pair[f"rank_{side}"])
         assert int(result["rank_b"].sel(layer_a=name_a, layer_b="dead")) == -1
     assert result["rank_a"].sel(layer_b="live").values.tolist() == [4, 3]
-    assert "rank_a" not in similarity(set_a, {"live": layers["live"]}, measures=["cka"])
+    for measures in (["cka"], ["svcca"]):  # svcca's value needs no CCA of all channels: none is solved for ranks
+        assert "rank_a" not in similarity(set_a, {"live": layers["live"]}, measures=measures)
 
 
 def test_a_measure_undefined_for_one_pair_is_nan_there(monkeypatch):

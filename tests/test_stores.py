@@ -568,3 +568,25 @@ def test_a_layer_s_own_coordinate_is_not_replaced_by_other_values(tmp_path):
         write_activations(tmp_path / "s.zarr", {"fc": layer}, coords={"digit": np.arange(6)})
     tree = write_activations(tmp_path / "s.zarr", {"fc": layer}, coords={"digit": np.zeros(6, int)})
     np.testing.assert_array_equal(tree["fc"]["activations"]["digit"], 0)
+
+
+def test_plain_coordinates_follow_each_layer_s_datapoints_and_appends_agree_with_the_store(tmp_path, rng):
+    """A plain array of labels was put on each layer in that layer's own order: two DataArray layers listing their
+    datapoints otherwise got the same label on different datapoints. It now labels the first layer's datapoints
+    and the others take theirs by label. Layers added to a store with a coordinate it holds with other labels are
+    refused before writing (groupby refused the pair only when it was measured); a name that is a layer's dim too."""
+    x = rng.standard_normal((6, 2))
+    first = xr.DataArray(x, dims=("datapoint", "channel"), coords={"datapoint": list("uvwxyz")})
+    second = first.isel(datapoint=[5, 4, 3, 2, 1, 0])
+    tree = write_activations(tmp_path / "s.zarr", {"first": first, "second": second},
+                             coords={"digit": [0, 1, 2, 3, 4, 5]})
+    for name in ("first", "second"):
+        layer = tree[name]["activations"]
+        assert dict(zip(layer["datapoint"].values, layer["digit"].values.tolist())) == dict(zip("uvwxyz", range(6)))
+    with pytest.raises(ValueError, match=r"coords\['digit'\]: layer 'first' of .* holds 'digit' with other labels"):
+        write_activations(tmp_path / "s.zarr", {"third": first}, mode="a", coords={"digit": [0, 0, 0, 1, 1, 1]})
+    assert "third" not in layer_paths(open_activations(tmp_path / "s.zarr"))
+    write_activations(tmp_path / "s.zarr", {"third": first}, mode="a", coords={"digit": np.arange(6)})
+    tokens = xr.DataArray(np.ones((6, 3, 2)), dims=("datapoint", "head", "channel"))
+    with pytest.raises(ValueError, match="coords: 'head' names a dim of layer 'heads'; call the coordinate otherwise"):
+        write_activations(tmp_path / "t.zarr", {"heads": tokens}, coords={"head": np.arange(6)})
