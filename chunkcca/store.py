@@ -9,6 +9,7 @@ chunked, so each chunk holds whole spatial maps.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -65,6 +66,11 @@ GENERATION_ATTR = "chunkcca_generation"
 #: Root attribute: per layer, a digest of each of its arrays' metadata (all but their attributes) as written, by
 #: which an edit since (another dtype, shape, dim order or codec list, read silently as other numbers) is refused.
 METADATA_ATTR = "chunkcca_metadata"
+#: Root attribute: per layer, per chunked array it is read through (activations, mask), each chunk file's CRC32C
+#: (its last 4 bytes, which zarr's crc32c codec appends), in chunk order (base64 of little-endian uint32). A chunk
+#: file moved to another chunk's place passes its own checksum and would be read as other datapoints' values:
+#: ``check_complete`` finds it before reading (a chunk edited in place, which matches no other, is the user's).
+CHUNKS_ATTR = "chunkcca_chunks"
 WriteMode = Literal["w", "a"]
 #: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
 #: centres in (None for a new store); returns the layer paths it wrote, in order, and the image size it used.
@@ -353,8 +359,20 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     attributes = metadata.setdefault("attributes", {})
     attributes[ORDER_ATTR] = list(order)
     recorded = attributes.get(METADATA_ATTR, {})  # appended layers get theirs; the layers there keep theirs
-    unrecorded = metadata_digests(Listing.of(*filesystem(store)), [layer for layer in order if layer not in recorded])
+    fs, root = filesystem(store)
+    listing = Listing.of(fs, root)
+    new = [layer for layer in order if layer not in recorded]
+    unrecorded = metadata_digests(listing, new)
     attributes[METADATA_ATTR] = {layer: recorded.get(layer) or unrecorded[layer] for layer in order}
+    chunks = attributes.get(CHUNKS_ATTR, {})  # of a store written before they were recorded: the new layers only
+    for layer in new:
+        chunks[layer] = {}
+        for variable in (VARIABLE, MASK):
+            array, folder = listing.arrays.get(f"{layer}/{variable}"), f"{root}/{layer}/{variable}"
+            checksums = None if array is None else chunk_checksums(fs, folder, array, file_sizes(fs, folder))
+            if checksums is not None:
+                chunks[layer][variable] = base64.b64encode(checksums.tobytes()).decode()
+    attributes[CHUNKS_ATTR] = {layer: chunks[layer] for layer in order if layer in chunks}
     if generation is not None:
         attributes[GENERATION_ATTR] = generation
     if image is not None:
@@ -721,17 +739,23 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
     """Before reading: every chunk file of each store-backed layer is there, or, for a layer computed from one
     (``layer.astype(...)``, arithmetic, selections lose the store in their encoding), of every zarr array its
     graph reads. zarr reads a missing chunk as its fill value, which would be a wrong number; here it is an error
-    naming the layer (and, for a store's layer, its datapoints). One listing of each array's folder, no data."""
+    naming the layer (and, for a store's layer, its datapoints). A chunk file moved to another chunk's place is
+    an error too (``CHUNKS_ATTR``). One listing of each array's folder and a small read per chunk file, no data."""
     for layer in layers:
         encoding = layer.encoding
         if "store" in encoding and "layer" in encoding:
             fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
+            written = json.loads(fs.cat(f"{root}/zarr.json")).get("attributes", {}).get(CHUNKS_ATTR, {})
             for variable in (VARIABLE, MASK) if MASK in layer.coords else (VARIABLE,):
                 folder = f"{root}/{encoding['layer']}/{variable}".rstrip("/")
                 metadata = json.loads(fs.cat(f"{folder}/zarr.json"))
-                present = {name.removeprefix(folder).lstrip("/") for name in fs.find(folder)}
+                sizes = file_sizes(fs, folder)
                 what = f"layer {encoding['layer']!r}" + ("" if variable == VARIABLE else f"'s {variable}")
-                _check_chunks(metadata, present, what, encoding["store"])
+                _check_chunks(metadata, set(sizes), what, encoding["store"])
+                recorded = written.get(encoding["layer"], {}).get(variable)
+                checksums = None if recorded is None else chunk_checksums(fs, folder, metadata, sizes)
+                if checksums is not None:
+                    _check_places(checksums, recorded, metadata, what, encoding["store"])
             continue  # its folder is listed: not again through its graph
         for array in zarr_arrays(layer.data) if hasattr(layer.data, "__dask_graph__") else []:
             if array.nchunks_initialized < array.nchunks:
@@ -761,6 +785,48 @@ def check_store_files(location: str, listing: Listing, listed: Sequence[str], fo
         what = (f"layer {node!r}" if variable == VARIABLE else f"layer {node!r}'s {variable}" if variable == MASK
                 else f"the labels {variable!r} of {node or 'the store'!r}")
         _check_chunks(metadata, present[folder], what, location)
+
+
+def chunk_checksums(fs: Any, folder: str, metadata: dict[str, Any], sizes: Mapping[str, int]) -> np.ndarray | None:
+    """The CRC32C of each chunk file of the zarr array in ``folder`` (its ``metadata``; ``sizes``: each chunk
+    file's size, by its name there), in chunk order, as ``CHUNKS_ATTR`` records them: one small read per chunk
+    file. None when its chunks carry none (its last codec) to tell them apart by."""
+    codecs = metadata.get("codecs") or [{}]
+    if codecs[-1].get("name") != "crc32c":
+        return None
+    keys = list(_chunk_keys(metadata).values())
+    ends = [sizes[key] for key in keys]
+    tails = fs.cat_ranges([f"{folder}/{key}" for key in keys], [end - 4 for end in ends], ends) if keys else []
+    return np.frombuffer(b"".join(tails), dtype="<u4")
+
+
+def file_sizes(fs: Any, folder: str) -> dict[str, int]:
+    """Every file under ``folder``, by its name there, and its size: one listing."""
+    return {name.removeprefix(folder).lstrip("/"): int(info["size"])
+            for name, info in fs.find(folder, detail=True).items()}
+
+
+def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any], what: str, store: str) -> None:
+    """An OSError naming ``what`` and the chunks whose file now holds another chunk's checksum as written
+    (``recorded``, ``CHUNKS_ATTR``): moved or swapped, read as other datapoints' values."""
+    written = np.frombuffer(base64.b64decode(recorded), dtype="<u4")
+    if written.shape != checksums.shape:
+        return  # another grid: the metadata check names it
+    moved = np.flatnonzero((checksums != written) & np.isin(checksums, written))
+    if not moved.size:
+        return
+    shape, chunk_shape = metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"]
+    grid = [-(-size // chunk) for size, chunk in zip(shape, chunk_shape)]
+
+    def datapoints(index: int) -> str:
+        start = int(np.unravel_index(index, grid)[0]) * chunk_shape[0]
+        return f"datapoints {start} to {min(start + chunk_shape[0], shape[0]) - 1}"
+
+    origin = int(np.flatnonzero(written == checksums[moved[0]])[0])
+    raise OSError(f"{what} of {store}: the chunk file of {datapoints(int(moved[0]))} holds the chunk written for "
+                  f"{datapoints(origin)} ({moved.size} chunk file{'s' if moved.size > 1 else ''} moved to another "
+                  f"chunk's place, each passing its own checksum): read, they would give other datapoints' values; "
+                  f"the store is damaged: write it again")
 
 
 def _check_chunks(metadata: dict[str, Any], present: set[str], what: str, store: str) -> None:

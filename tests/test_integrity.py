@@ -137,6 +137,50 @@ def test_a_flipped_bit_is_an_error_not_a_number(tmp_path, compression):
     assert float(cca(tree["a"], tree["b"])["rho_mean"]) == want
 
 
+def test_a_chunk_file_moved_to_another_chunk_s_place_is_an_error_not_other_datapoints(tmp_path):
+    """Two chunk files swapped (each with a valid CRC32C) were read as each other's datapoints: rho_mean 0.42
+    against 0.56, silently. The store records each chunk's CRC32C by place (a mask's too), compared before
+    reading; a chunk edited in place (a checksum written for no chunk) is left to the user; layers appended get
+    theirs; stores written before it read as they did."""
+    store = _store(tmp_path, dtype="float32")
+    tree = open_activations(store)
+    want = float(cca(tree["a"], tree["b"], precision="float64")["rho_mean"])
+    chunks = store / "b" / "activations" / "c"
+    first, second = (chunks / "1" / "0").read_bytes(), (chunks / "5" / "0").read_bytes()
+    (chunks / "1" / "0").write_bytes(second)
+    (chunks / "5" / "0").write_bytes(first)
+    message = (r"layer 'b' of .*s\.zarr: the chunk file of datapoints 50 to 99 holds the chunk written for datapoints "
+               r"250 to 299 \(2 chunk files moved to another chunk's place")
+    with pytest.raises(OSError, match=message):
+        cca(open_activations(store)["a"], open_activations(store)["b"])
+    assert main(["compare", str(store), "a", "b", "--no-progress"]) == 2
+    (chunks / "1" / "0").write_bytes(first)
+    (chunks / "5" / "0").write_bytes(first)  # a copy over another: one moved
+    with pytest.raises(OSError, match=r"datapoints 250 to 299 holds the chunk written for datapoints 50 to 99 \(1 "):
+        chunkcca.compute_moments(open_activations(store)["b"], open_activations(store)["a"])
+    (chunks / "5" / "0").write_bytes(second)
+    assert float(cca(open_activations(store)["a"], open_activations(store)["b"],
+                     precision="float64")["rho_mean"]) == want
+    (chunks / "1" / "0").write_bytes(second)  # swapped again, in a store that records no checksums (written before)
+    (chunks / "5" / "0").write_bytes(first)
+    root = json.loads((store / "zarr.json").read_text())
+    del root["attributes"]["chunkcca_chunks"]
+    (store / "zarr.json").write_text(json.dumps(root))
+    swapped = float(cca(open_activations(store)["a"], open_activations(store)["b"], precision="float64")["rho_mean"])
+    assert abs(swapped - want) > 0.1, "what the check prevents: other datapoints' values, read silently"
+    tokens = np.random.default_rng(2).standard_normal((400, 5, 2)).astype("float32")
+    lengths = np.random.default_rng(3).integers(1, 6, (400, 1))
+    write_activations(store, {"t": tokens}, mode="a", chunks=50, masks={"t": np.arange(5) < lengths})
+    assert set(json.loads((store / "zarr.json").read_text())["attributes"]["chunkcca_chunks"]) == {"t"}
+    masks = store / "t" / "mask" / "c"
+    first, second = (masks / "0" / "0").read_bytes(), (masks / "7" / "0").read_bytes()
+    (masks / "0" / "0").write_bytes(second)
+    (masks / "7" / "0").write_bytes(first)
+    with pytest.raises(OSError, match=r"layer 't''s mask of .*: the chunk file of datapoints 0 to 49 holds the chunk "
+                                      r"written for datapoints 350 to 399"):
+        chunkcca.compute_moments(open_activations(store)["t"], open_activations(store)["t"], spatial="avgpool")
+
+
 def test_overwrite_replaces_only_an_activation_store(tmp_path, capsys):
     """--overwrite once removed a folder holding thesis.tex, and replaced the input .npy it was pointed at."""
     project = tmp_path / "project"
