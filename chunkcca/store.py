@@ -819,18 +819,24 @@ def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any]
     moved = np.flatnonzero((checksums != written) & np.isin(checksums, written))
     if not moved.size:
         return
-    shape, chunk_shape = metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"]
-    grid = [-(-size // chunk) for size, chunk in zip(shape, chunk_shape)]
+    grid = list(_chunk_keys(metadata))  # each chunk's grid index, in the order of the checksums
 
     def datapoints(index: int) -> str:
-        start = int(np.unravel_index(index, grid)[0]) * chunk_shape[0]
-        return f"datapoints {start} to {min(start + chunk_shape[0], shape[0]) - 1}"
+        first, last = _datapoint_span(metadata, grid[index])
+        return f"datapoints {first} to {last}"
 
     origin = int(np.flatnonzero(written == checksums[moved[0]])[0])
     raise OSError(f"{what} of {store}: the chunk file of {datapoints(int(moved[0]))} holds the bytes written for "
                   f"{datapoints(origin)} ({moved.size} chunk file{'s' if moved.size > 1 else ''} moved to another "
                   f"chunk's place, each passing its own checksum, or edited to equal another): read, they would give "
                   f"other datapoints' values; the store is damaged: write it again")
+
+
+def _datapoint_span(metadata: dict[str, Any], index: tuple[int, ...]) -> tuple[int, int]:
+    """The first and last datapoint of the chunk at grid ``index`` of a zarr array (its ``metadata``) whose first
+    dim is datapoint."""
+    per_chunk, total = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], metadata["shape"][0]
+    return index[0] * per_chunk, min((index[0] + 1) * per_chunk, total) - 1
 
 
 def _check_chunks(metadata: dict[str, Any], present: set[str], what: str, store: str) -> None:
@@ -841,8 +847,7 @@ def _check_chunks(metadata: dict[str, Any], present: set[str], what: str, store:
         return
     many = "s" if len(missing) > 1 else ""
     if (metadata.get("dimension_names") or [None])[0] == "datapoint":
-        per_chunk, total = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], metadata["shape"][0]
-        spans = sorted({(i[0] * per_chunk, min((i[0] + 1) * per_chunk, total) - 1) for i in missing})
+        spans = sorted({_datapoint_span(metadata, index) for index in missing})
         where = ", of datapoints " + ", ".join(f"{first} to {last}" for first, last in spans[:5])
         where += " …" if len(spans) > 5 else ""
     else:
