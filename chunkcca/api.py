@@ -98,7 +98,8 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     if isinstance(options.folds, int):
         datapoints = layer.sizes["datapoint"]
         if options.folds > datapoints:
-            raise ValueError(f"folds={options.folds} is more than the {datapoints} datapoints")
+            raise ValueError(f"folds={options.folds} (--folds {options.folds}) is more than the {datapoints} "
+                             f"datapoints")
         sizes = [len(part) for part in np.array_split(np.arange(datapoints), options.folds)]
         codes = np.repeat(np.arange(options.folds), sizes)
         return Groups(da.from_array(codes, chunks=chunks), np.arange(options.folds), "fold", folds=True)
@@ -106,20 +107,21 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     if name is None:
         return None
     option = "groupby" if options.groupby is not None else "folds"
+    asked = f"{option}={name!r} (--{option} {name})"  # in the API's words and the command's
     layer = next((held for held in layers if name in held.coords and held.coords[name].dims == ("datapoint",)),
                  layer)
     if name not in layer.coords or layer.coords[name].dims != ("datapoint",):
         found = [str(c) for c, coord in layer.coords.items() if coord.dims == ("datapoint",) and c != "datapoint"]
-        raise ValueError(f"{option}={name!r}: layer {str(layer.name)!r} has no coordinate {name!r} on datapoint "
+        raise ValueError(f"{asked}: layer {str(layer.name)!r} has no coordinate {name!r} on datapoint "
                          f"(it has {', '.join(found) or 'none but datapoint'})")
     for other in layers:  # xarray's equality: NaN labels equal NaN
         if (name in other.coords and other.coords[name].dims == ("datapoint",)
                 and not other.coords[name].variable.equals(layer.coords[name].variable)):
-            raise ValueError(f"{option}={name!r}: layers {str(layer.name)!r} and {str(other.name)!r} label their "
+            raise ValueError(f"{asked}: layers {str(layer.name)!r} and {str(other.name)!r} label their "
                              f"datapoints differently in {name!r}; give them the same labels")
     labels, codes = group_codes(layer.coords[name].values, option, name, str(layer.name))
     if option == "folds" and len(labels) < 2:
-        raise ValueError(f"folds={name!r} gives {len(labels)} fold; folds need at least 2")
+        raise ValueError(f"{asked} gives {len(labels)} fold; folds need at least 2")
     return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels, name if option == "groupby" else "fold",
                   folds=option == "folds")
 
@@ -682,7 +684,7 @@ def _checked_measures(measures: Any, stream: StreamOptions, *, batched: bool = T
     names = check_measures(measures, batched=batched and is_batched(stream.spatial))
     needing = [name for name in names if MEASURES[name].per_fold is not None]
     if needing and stream.folds is None:
-        raise ValueError(f"{needing[0]} is measured on held-out folds: pass folds=K (K >= 2)")
+        raise ValueError(f"{needing[0]} is measured on held-out folds: pass folds=K (--folds K), K >= 2")
     return names
 
 

@@ -901,7 +901,7 @@ class PairSolves:
 
     def needed_folds(self, measure: str) -> Folds:
         if self.folds is None:
-            raise ValueError(f"{measure} needs folds: pass folds=K (K >= 2)")
+            raise ValueError(f"{measure} needs folds: pass folds=K (--folds K), K >= 2")
         return self.folds
 
 

@@ -154,15 +154,16 @@ def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.nda
     datapoint's index into them, from the coordinate's ``values`` on ``layer``; a ValueError naming the coordinate
     when its values cannot be sorted (None or NaN among strings) or some are NaN (no group)."""
     values = np.asarray(values).reshape(-1)
+    asked = f"{option}={name!r} (--{option} {name})"  # in the API's words and the command's
     try:
         labels, codes = np.unique(values, return_inverse=True)
     except TypeError:
         kinds = sorted({type(value).__name__ for value in values})
-        raise ValueError(f"{option}={name!r}: the coordinate {name!r} of layer {layer!r} mixes values of types "
+        raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} mixes values of types "
                          f"{', '.join(kinds)} (None or NaN among labels?), which cannot be sorted into groups; give "
                          f"every datapoint a label of one type") from None
     if labels.dtype.kind in "fc" and np.isnan(labels).any():
-        raise ValueError(f"{option}={name!r}: the coordinate {name!r} of layer {layer!r} is NaN for "
+        raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} is NaN for "
                          f"{int(np.isnan(values).sum())} datapoints, which then belong to no group; select the others "
                          f"(layer.isel(datapoint=...)) or label them")
     return labels, codes.reshape(-1)

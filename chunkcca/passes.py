@@ -164,8 +164,8 @@ def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequen
         raise ValueError(
             f"comparing {' and '.join(map(repr, names))}: {statistics}{per} = {format_bytes(partial)} per partial; "
             f"reading one chunk at a time holds {reduction.partials_held} of them with the chunks and rows in work "
-            f"({format_bytes(one)}), over memory_limit={format_bytes(limit)}; raise memory_limit, compare fewer "
-            f"channels, read smaller chunks{fewer_rows}")
+            f"({format_bytes(one)}), over memory_limit={format_bytes(limit)}; raise memory_limit (--memory-limit), "
+            f"compare fewer channels, read smaller chunks{fewer_rows}")
     return affordable_chains(reduction, sides, adapters, limit)
 
 
@@ -428,7 +428,7 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
             raise ValueError(f"minibatch CKA of {', '.join(map(repr, names))}: {what} of {max(chunks)} datapoints "
                              f"(whole minibatches of {size} rows) read at a time, with the store chunks it lies in, "
                              f"holds {format_bytes(one)}, over memory_limit={format_bytes(limit)}; raise "
-                             f"memory_limit, compare fewer layers, or take smaller minibatches")
+                             f"memory_limit (--memory-limit), compare fewer layers, or take smaller minibatches")
         chunk, previous = max(chunks) // 2, chunks
     _warn_small_chunks(layers)
     check_complete(layers)
@@ -639,8 +639,8 @@ def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int, i
         raise ValueError(f"exact CKA of whole maps (spatial='features') of {names}: one datapoint of every layer "
                          f"as centred {kinds} rows, with the store chunks it lies in ({format_bytes(stores)}), "
                          f"holds {format_bytes(fixed + per_chunk)}, over memory_limit={format_bytes(memory_limit)}; "
-                         f"raise memory_limit, compare fewer layers, store them in smaller chunks, or use "
-                         f"minibatch CKA (cka(..., minibatch=m))")
+                         f"raise memory_limit (--memory-limit), compare fewer layers, store them in smaller "
+                         f"chunks, or use minibatch CKA (cka(..., minibatch=m))")
     return min(plans, key=_estimated_time)
 
 

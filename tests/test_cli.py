@@ -191,11 +191,13 @@ def test_a_coordinate_whose_labels_cannot_be_sorted_is_named(tmp_path, capsys, m
     monkeypatch.setattr(chunkcca, "open_activations", lambda *_, **__: tree)  # a store as read, in memory
     assert main(["compare", "s.zarr", "m0/fc", "m1/fc", "--groupby", "split", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("chunkcca compare: error: groupby='split': the coordinate 'split' of layer 'm0/fc' mixes "
-                          "values of types float, str (None or NaN among labels?)") and err.count("\n") == 1
+    assert err.startswith("chunkcca compare: error: groupby='split' (--groupby split): the coordinate 'split' of layer "
+                          "'m0/fc' mixes values of types float, str (None or NaN among labels?)")
+    assert err.count("\n") == 1
     assert main(["sweep", "s.zarr", "--a", "m0", "--b", "m1", "--folds", "split", "--out", str(tmp_path / "s.nc"),
                  "--no-progress"]) == 2
-    assert capsys.readouterr().err.startswith("chunkcca sweep: error: folds='split': the coordinate 'split'")
+    assert capsys.readouterr().err.startswith("chunkcca sweep: error: folds='split' (--folds split): the coordinate "
+                                              "'split'")
 
 
 def test_ctrl_c_is_one_line_that_says_whether_a_checkpoint_resumes(files):

@@ -56,7 +56,8 @@ def test_the_group_coordinate_may_be_on_either_layer():
     want = cca(a, b, groupby="label", precision="float64")["rho_mean"]
     for pair in ((a, b.drop_vars("label")), (a.drop_vars("label"), b)):
         xr.testing.assert_allclose(cca(*pair, groupby="label", precision="float64")["rho_mean"], want, rtol=1e-12)
-    with pytest.raises(ValueError, match=r"groupby='label': layer 'a' has no coordinate 'label' on datapoint"):
+    with pytest.raises(ValueError, match=r"groupby='label' \(--groupby label\): layer 'a' has no coordinate 'label' on "
+                                         r"datapoint"):
         cca(a.drop_vars("label"), b.drop_vars("label"), groupby="label")
 
 
@@ -382,7 +383,7 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
         compare(x, x + 1, measures=["cka"], folds=10, memory_limit=3 * one * 5)
     with pytest.raises(ValueError, match="heldout_cca is measured on held-out folds: pass folds=K"):
         compare(x, x + 1, measures=["heldout_cca"])
-    with pytest.raises(ValueError, match=r"groupby='kind': layer 'a' has no coordinate 'kind' on datapoint"):
+    with pytest.raises(ValueError, match=r"groupby='kind' \(--groupby kind\): layer 'a' has no coordinate 'kind'"):
         cca(x, x + 1, groupby="kind")
     with pytest.raises(TypeError, match=r"cca\(\) takes groupby, not folds"):
         cca(x, x + 1, folds=3)
@@ -460,7 +461,7 @@ def test_layers_that_label_their_groups_differently_are_refused():
     x, y = rng.standard_normal((90, 3)), rng.standard_normal((90, 2))
     a = xr.DataArray(x, dims=("datapoint", "channel"), name="a", coords={"g": ("datapoint", np.arange(90) % 3)})
     b = xr.DataArray(y, dims=("datapoint", "channel"), name="b", coords={"g": ("datapoint", np.arange(90) // 30)})
-    message = r"groupby='g': layers '(a|b)' and '(a|b)' label their datapoints differently in 'g'"
+    message = r"groupby='g' \(--groupby g\): layers '(a|b)' and '(a|b)' label their datapoints differently in 'g'"
     for call in (lambda: cca(a, b, groupby="g"), lambda: cca(b, a, groupby="g"),
                  lambda: similarity({"a": a}, {"b": b}, measures=["cka"], groupby="g")):
         with pytest.raises(ValueError, match=message):
@@ -476,9 +477,10 @@ def test_a_nan_group_label_is_refused():
     a = xr.DataArray(rng.standard_normal((120, 3)), dims=("datapoint", "channel"), name="a",
                      coords={"g": ("datapoint", labels)})
     b = a.rename("b")[:, :2]
-    with pytest.raises(ValueError, match=r"groupby='g': the coordinate 'g' of layer 'a' is NaN for 10 datapoints"):
+    with pytest.raises(ValueError, match=r"groupby='g' \(--groupby g\): the coordinate 'g' of layer 'a' is NaN for 10 "
+                                         r"datapoints"):
         cca(a, b, groupby="g")
-    with pytest.raises(ValueError, match=r"folds='g': the coordinate 'g' of layer 'a' is NaN for 10 datapoints"):
+    with pytest.raises(ValueError, match=r"folds='g' \(--folds g\): the coordinate 'g' of layer 'a' is NaN for 10"):
         compare(a, b, measures=["cka"], folds="g")
 
 
