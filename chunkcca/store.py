@@ -354,7 +354,7 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
                     generation: str | None = None) -> None:
     """Record the layers' order, the image size, (for a new store) its generation, and for new layers their arrays'
     metadata digests (``METADATA_ATTR``) and chunk checksums (``CHUNKS_ATTR``) in the store's root metadata,
-    replacing the file in one step."""
+    replacing the file in one step. One listing of the store serves both."""
     metadata_path = store / "zarr.json"
     metadata = json.loads(metadata_path.read_text())
     attributes = metadata.setdefault("attributes", {})
@@ -369,8 +369,9 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     for layer in new:
         chunks[layer] = {}
         for variable in (VARIABLE, MASK):
-            array, folder = listing.arrays.get(f"{layer}/{variable}"), f"{root}/{layer}/{variable}"
-            checksums = None if array is None else chunk_checksums(fs, folder, array, file_sizes(fs, folder))
+            array = listing.arrays.get(f"{layer}/{variable}")
+            checksums = None if array is None else chunk_checksums(fs, f"{root}/{layer}/{variable}", array,
+                                                                   listing.sizes(f"{layer}/{variable}"))
             if checksums is not None:
                 chunks[layer][variable] = base64.b64encode(checksums.tobytes()).decode()
     attributes[CHUNKS_ATTR] = {layer: chunks[layer] for layer in order if layer in chunks}
@@ -392,12 +393,13 @@ class Listing:
     """One listing of a store: every file (relative to its root) and the metadata of each array, by folder,
     from one ``find`` and one batched read of the ``zarr.json`` files (a round trip each for a URL)."""
 
-    files: list[str]
+    files: dict[str, int]  # each file, relative to the root, and its size
     arrays: dict[str, dict[str, Any]]
 
     @classmethod
     def of(cls, fs: Any, root: str) -> Listing:
-        files = [name.removeprefix(root).lstrip("/") for name in fs.find(root)]
+        files = {name.removeprefix(root).lstrip("/"): int(info["size"])
+                 for name, info in fs.find(root, detail=True).items()}
         paths = sorted(name for name in files if name == "zarr.json" or name.endswith("/zarr.json"))
         texts = fs.cat([f"{root}/{name}" for name in paths]) if paths else {}
         arrays = {}
@@ -412,6 +414,11 @@ class Listing:
             if metadata.get("node_type") == "array":
                 arrays[str(PurePosixPath(name).parent)] = metadata
         return cls(files, arrays)
+
+    def sizes(self, folder: str) -> dict[str, int]:
+        """Every file under ``folder`` (relative to the root), by its name there, and its size."""
+        return {name.removeprefix(f"{folder}/"): size for name, size in self.files.items()
+                if name.startswith(f"{folder}/")}
 
 
 def metadata_digests(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, str]]:
