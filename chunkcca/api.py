@@ -74,7 +74,7 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whi
     warnings.warn(f"only {rows} rows for {channels} channels of a pair (layers {names}){fewer}: the covariance is "
                   f"singular and "
                   f"correlations are meaningless; regularise with epsilon > 0 or keep fewer dimensions with "
-                  f"svcca(keep=...)", RuntimeWarning, stacklevel=4)
+                  f"svcca(keep=...)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -849,8 +849,7 @@ def _minibatch_similarity(aligned: Sequence[xr.DataArray], adapters: Sequence[Ad
     """Minibatch linear CKA of every pair (layer_a, layer_b) from one pass over all layers; NaN, with a warning,
     for a pair with a layer that has no variance within minibatches."""
     size, hsic, batches, left_over, rows = _minibatch_sums(aligned, adapters, size, stream)
-    values = _cka_of_pairs(hsic, aligned, sides, NO_MINIBATCH_VARIANCE, "minibatch CKA",
-                           stacklevel=4)
+    values = _cka_of_pairs(hsic, aligned, sides, NO_MINIBATCH_VARIANCE, "minibatch CKA")
     return xr.Dataset(
         {"cka": (("layer_a", "layer_b"), values, {"long_name": f"minibatch linear CKA ({size} rows)"}),
          "minibatches": ((), np.int64(batches)),
@@ -860,14 +859,14 @@ def _minibatch_similarity(aligned: Sequence[xr.DataArray], adapters: Sequence[Ad
 
 
 def _cka_of_pairs(sums: np.ndarray, layers: Sequence[xr.DataArray], sides: dict[str, list[int]], why: str,
-                  what: str = "CKA", stacklevel: int = 3) -> np.ndarray:
+                  what: str = "CKA") -> np.ndarray:
     """(layer_a, layer_b) linear CKA sums[a, b] / sqrt(sums[a, a] · sums[b, b]) from the (L, L) sums of every pair
     of ``layers`` (tr(K̃L̃), or summed HSICs); NaN, with a warning saying ``why``, for a layer whose own sum is
-    not positive (``stacklevel`` names the user's call)."""
+    not positive."""
     own = np.diag(sums)
     for index in np.flatnonzero(own <= 0):
         warnings.warn(f"{what} of layer {str(layers[index].name)!r} is NaN: {why}", RuntimeWarning,
-                      stacklevel=stacklevel)
+                      stacklevel=user_stacklevel())
     scale = np.sqrt(np.clip(own, 0, None))
     values = np.divide(sums, np.outer(scale, scale), out=np.full_like(sums, np.nan),
                        where=(scale[:, None] > 0) & (scale[None, :] > 0))

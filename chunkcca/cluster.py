@@ -12,6 +12,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ._stack import user_stacklevel
 from .blas import pin_blas
 
 
@@ -43,7 +44,7 @@ def prepare_workers(client: Any) -> None:
             return  # "Timed out trying to connect"): the run says so
         warnings.warn(f"could not limit BLAS to one thread on the workers ({type(error).__name__}: {error}); "
                       f"start them with a nanny, or set OPENBLAS_NUM_THREADS=1 for them", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
 
 
 def gathered(client: Any, futures: list[Any]) -> list[Any]:

@@ -43,6 +43,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ._stack import user_stacklevel
 from .api import compute_moments
 from .layers import as_activations
 from .moments import Moments
@@ -298,7 +299,7 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
         warnings.warn(f"compute_pwcca: {gram.shape[0] - independent.size} of the {gram.shape[0]} directions of "
                       f"{'acts1' if use_x else 'acts2'} depend on earlier ones (duplicate or collinear neurons); the "
                       f"reference's QR gives them rounding noise as weights, here they weigh 0", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=user_stacklevel())
     upper = cholesky(gram[np.ix_(independent, independent)], lower=False)
     projections = solve_triangular(upper, (coef @ scatter + n * np.outer(shift, true_mean))[independent], trans="T")
     weights = np.zeros(gram.shape[0])

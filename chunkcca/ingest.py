@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ._stack import user_stacklevel
 from .layers import (
     DEFAULT_DIMS,
     check_datapoint_coords,
@@ -235,7 +236,7 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
         if array.shape[0] >= array.shape[1]:
             warnings.warn(f"{source}: layout 'neurons' reads shape {array.shape} as {array.shape[0]} neurons of "
                           f"{array.shape[1]} datapoints, no more datapoints than neurons; if its rows are "
-                          f"datapoints, leave the layout out", RuntimeWarning, stacklevel=4)
+                          f"datapoints, leave the layout out", RuntimeWarning, stacklevel=user_stacklevel())
         return array.T
     if layout == "channels_first":
         if array.ndim == 2:  # (datapoint, channel) in either layout: a fully connected layer beside conv ones

@@ -350,7 +350,7 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
     warnings.warn(
         f"layer {name_b!r} holds the datapoints of layer {name_a!r} in another order; chunkcca reorders it "
         f"lazily, which reads its chunks several times and may hold much of it in memory: store both layers "
-        f"in one order for large data", PerformanceWarning, stacklevel=3)
+        f"in one order for large data", PerformanceWarning, stacklevel=user_stacklevel())
     return a, b.isel(datapoint=labels_b.get_indexer(labels_a))
 
 

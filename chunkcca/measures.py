@@ -666,7 +666,8 @@ def fold_names(folds: Folds) -> tuple[list[Any], list[Moments]]:
     return list(range(len(folds))), list(folds)
 
 
-def _fold_covariances(folds: Sequence[Moments], measure: str, names: Sequence[Any]) -> None:
+def _check_folds(folds: Sequence[Moments], measure: str, names: Sequence[Any]) -> None:
+    """Refuse fewer than 2 folds, or a fold (named by ``names``) of fewer than 2 rows."""
     if len(folds) < 2:
         raise ValueError(f"{measure} needs folds=K with K >= 2")
     small = [i for i, part in enumerate(folds) if part.n < 2]
@@ -733,7 +734,7 @@ def heldout_cca_from_folds(folds: Folds, *, epsilon: float = 0.0) -> xr.Dataset:
     """
     check_epsilon(epsilon)
     names, folds = fold_names(folds)
-    _fold_covariances(folds, "heldout_cca", names)
+    _check_folds(folds, "heldout_cca", names)
     p = folds[0].sizes[0]
     rows, channels = sum(part.n for part in folds), sum(folds[0].sizes)
     few = [fold for fold, part in enumerate(folds) if rows - part.n <= channels]
@@ -791,8 +792,8 @@ def predictivity_from_folds(folds: Folds, *, ridge: float | Sequence[float] = 0.
         NaN there and left out of the means over folds and of the medians over channels, with a warning.
     """
     names, folds = fold_names(folds)
-    _fold_covariances(folds, "predictivity", names)
-    ridges = tuple(ridge) if isinstance(ridge, (list, tuple, np.ndarray)) else (ridge,)
+    _check_folds(folds, "predictivity", names)
+    ridges = SolveOptions(ridge=ridge).ridges
     p = folds[0].sizes[0]
     scores = np.zeros((len(ridges), len(folds), folds[0].sizes[1]))
     for fold, left_in in enumerate(_leave_outs(folds)):

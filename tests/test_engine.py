@@ -599,3 +599,42 @@ def test_precision_auto_judges_neither_folds_nor_groups_too_small_to_tell():
                   groupby="label")
     assert grouped.attrs["precision"] == "float32", grouped.attrs["precision_auto"]
     assert "in each group's with enough rows to tell" in grouped.attrs["precision_auto"]
+
+
+def test_warnings_from_every_entry_point_name_the_users_line(tmp_path):
+    """The few-rows warning, the reordering warning and the NaN CKA warnings named a line inside chunkcca (fixed
+    stack levels counted from one entry point: cca's few-rows warning pointed at api.py, similarity's reordering
+    warning at api.py too); now each names the user's call, whichever function it came through."""
+    from chunkcca.compat import compute_pwcca
+    from chunkcca.ingest import ingest
+
+    rng = np.random.default_rng(0)
+    few, base = rng.standard_normal((12, 8)), rng.standard_normal((3, 300))
+    noise = rng.standard_normal((6, 300))
+    layer = xr.DataArray(rng.standard_normal((64, 4, 4, 3)), dims=DIMS, coords={"datapoint": np.arange(64)})
+    reordered = layer.isel(datapoint=slice(None, None, -1)).chunk({"datapoint": 16})
+    dead = xr.zeros_like(layer)
+    calls = {
+        "few rows, cca": (lambda: cca(few, few[:, ::-1]), "only 12 rows for 16 channels"),
+        "few rows, similarity": (lambda: similarity({"a": few}, {"b": few[:, ::-1]}, measures=["mean_cca"]),
+                                 "only 12 rows for 16 channels"),
+        "reordered, cca": (lambda: cca(layer, reordered), "in another order"),
+        "reordered, similarity": (lambda: similarity({"a": layer}, {"b": reordered}, measures=["cka"]),
+                                  "in another order"),
+        "dead, features": (lambda: similarity({"a": layer}, {"b": dead}, measures=["cka"], spatial="features"),
+                           "CKA of layer 'b' is NaN"),
+        "dead, minibatch": (lambda: similarity({"a": layer}, {"b": dead}, measures=["cka"], spatial="features",
+                                               minibatch=16), "minibatch CKA of layer 'b' is NaN"),
+        "compat pwcca": (lambda: compute_pwcca(np.vstack([base, base]), np.vstack([base, base]) + noise),
+                         "depend on earlier ones"),
+    }
+    np.save(tmp_path / "square.npy", rng.standard_normal((8, 8)))
+    calls["ingest, neurons"] = (lambda: ingest(tmp_path / "store", {"a": tmp_path / "square.npy"}, layout="neurons"),
+                                "no more datapoints than neurons")
+    for what, (call, message) in calls.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        named = [record.filename for record in caught if message in str(record.message)]
+        assert named, f"{what}: no warning saying {message!r}"
+        assert set(named) == {__file__}, f"{what}: the warning names {named}"

@@ -433,6 +433,21 @@ def test_unridged_predictivity_of_a_layer_with_a_repeated_channel_is_that_withou
     np.testing.assert_allclose(repeated["predictivity_per_channel"], plain["predictivity_per_channel"], atol=1e-10)
 
 
+@pytest.mark.parametrize("ridge", [-0.5, float("nan"), [0.1, -2.0], []])
+def test_predictivity_from_folds_refuses_a_ridge_compare_refuses(ridge):
+    """predictivity_from_folds took any ridge: a NaN gave the unridged solution and a negative one a result,
+    silently, where compare(ridge=...) refuses both."""
+    from chunkcca.measures import predictivity_from_folds
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((90, 3))
+    folds = list(compute_moments(x, x[:, :2] + rng.standard_normal((90, 2)), folds=3).values())
+    with pytest.raises(ValueError, match="ridge"):
+        compare(x, x[:, :2], folds=3, measures=["predictivity"], ridge=ridge)
+    with pytest.raises(ValueError, match="ridge"):
+        predictivity_from_folds(folds, ridge=ridge)
+
+
 def test_a_group_with_no_more_rows_than_channels_is_named_in_a_warning():
     """A group of 3 rows and 5 channels gave svcca and pwcca 1.0 silently, while the same rows ungrouped warn."""
     rng = np.random.default_rng(9)
