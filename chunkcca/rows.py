@@ -64,6 +64,12 @@ def frequency_dim(position: str) -> str:
     return _FREQUENCY_DIMS.get(position, f"freq_{position}")
 
 
+#: What the FFT's rounding can make of a coefficient that is 0, per log2 of the map's positions, relative to the
+#: norm of the datapoint's channel over its positions: numpy's FFT of maps uniform along an axis gave at most
+#: 1.6 · eps64 · log2(positions) at its other frequencies (sizes 3 to 56 × 56); ten times that is 0.
+FFT_RTOL = 16 * float(np.finfo(np.float64).eps)
+
+
 @dataclass(frozen=True)
 class Adapter:
     """How one layer's blocks become rows.
@@ -238,7 +244,14 @@ class Adapter:
         # complex128 runs faster from a complex128 copy than from float64 (the cast is exact either way)
         spectrum = np.fft.fftn(block.astype(np.complex128, copy=False), axes=axes)
         # one gather, straight into (*frequencies, datapoint, channel) C order
-        return np.moveaxis(spectrum, 0, -2)[np.ix_(*self.frequencies)]
+        kept = np.moveaxis(spectrum, 0, -2)[np.ix_(*self.frequencies)]
+        # a coefficient within the FFT's rounding of 0 is 0: a channel uniform along an axis has none at that
+        # axis's other frequencies, and its rounding noise, whitened, counted as a direction
+        flat = block.reshape(block.shape[0], -1, block.shape[-1])
+        norms = np.sqrt(np.einsum("dpc,dpc->dc", flat, flat, dtype=np.float64))  # (datapoint, channel)
+        noise = FFT_RTOL * max(1.0, np.log2(flat.shape[1])) * np.where(np.isfinite(norms), norms, 0.0)
+        kept[np.abs(kept) <= noise] = 0
+        return kept
 
 
 class SpectrumRows:
