@@ -147,6 +147,13 @@ def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_local(path: str | os.PathLike) -> None:
+    """Refuse an fsspec URL as a place to write: chunkcca's writes are atomic renames of finished folders."""
+    if is_url(str(path)):
+        raise ValueError(f"{path}: chunkcca writes to local paths only (the write is made atomic by renaming a "
+                         f"finished folder into place); write locally and copy, or to a mounted filesystem")
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool,
                      replaceable: Callable[[Path], bool] | None = None, what: str = "a file") -> None:
     """Call ``write(tmp_path)`` on a fresh temporary path beside ``path``, then move it into place.
@@ -158,9 +165,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
     one back if the second fails), and only if ``replaceable(path)`` says it is ``what`` (e.g. an activation
     store), never whatever else stands there.
     """
-    if is_url(str(path)):
-        raise ValueError(f"{path}: chunkcca writes to local paths only (the write is made atomic by renaming a "
-                         f"finished folder into place); write locally and copy, or to a mounted filesystem")
+    check_local(path)
     check_outside_stores(path, what)
     path = Path(path)
     check_replaceable(path, overwrite, replaceable, what)

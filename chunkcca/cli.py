@@ -41,15 +41,18 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     from chunkcca.demo import run_demo
     from chunkcca.ingest import LAYOUTS, ingest
     from chunkcca.options import (
+        CONNECT_TIMEOUT,
         KEEP_BY,
         MEMORY_LIMIT,
         NAN_POLICIES,
         PER_FREQUENCY,
         PRECISIONS,
         READ_AHEAD,
+        SCHEDULER_NAMES,
         SOLVE_NAMES,
         SPATIAL,
         SWEEP_SPATIAL,
+        check_number,
         check_output_place,
     )
     from chunkcca.plot import plot_rho, plot_similarity
@@ -66,7 +69,7 @@ ALIASES: dict[str, tuple[str, ...]] = {"cca": ("mean_cca", "r2_cca")}
 
 SCHEDULER_HELP = "a Dask scheduler address (tcp://host:port), or 'threads', 'synchronous' or 'processes'"
 #: The local schedulers' names Dask knows (``distributed`` needs a Client, which only Python code can make).
-LOCAL_SCHEDULERS = ("threads", "threading", "sync", "synchronous", "single-threaded", "processes", "multiprocessing")
+LOCAL_SCHEDULERS = tuple(name for name in SCHEDULER_NAMES if "distributed" not in name)
 #: Protocols a scheduler listens on (inproc:// is within one process).
 PROTOCOLS = ("tcp", "tls", "ws", "wss", "ucx")
 STORE_HELP = "the store: a local path or an fsspec URL (file://, s3://, gs://, ...)"
@@ -140,8 +143,8 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
                         help="rows holding NaN or Inf: an error (raise, the default) or left out of every measure "
                              "(omit)")
     parser.add_argument("--scheduler", type=_scheduler, help=SCHEDULER_HELP)
-    parser.add_argument("--connect-timeout", type=float, default=10.0,
-                        help="seconds (> 0) to wait for a scheduler given by address (default 10)")
+    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT,
+                        help=f"seconds (> 0) to wait for a scheduler given by address (default {CONNECT_TIMEOUT:g})")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -591,9 +594,7 @@ def _connected(args: argparse.Namespace) -> Iterator[Any]:
     if args.scheduler is None or args.scheduler in LOCAL_SCHEDULERS:
         yield args.scheduler
         return
-    timeout = getattr(args, "connect_timeout", 10.0)
-    if not (math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"connect_timeout must be a finite number > 0, got {timeout}")
+    timeout = check_number("connect_timeout", getattr(args, "connect_timeout", CONNECT_TIMEOUT), 0.0, low_open=True)
     from chunkcca.cluster import close_quietly, connect, lost_scheduler_unlogged
 
     client = connect(args.scheduler, timeout=timeout)
@@ -695,12 +696,18 @@ def _quiet_teardown() -> None:
 
 def _resume_note(args: argparse.Namespace) -> str:
     """What an interrupted run's --checkpoint holds for the next one."""
+    then = _checkpoint_note(args)
+    return f"; {then}" if then else ""
+
+
+def _checkpoint_note(args: argparse.Namespace) -> str:
+    """What the next run of the same command does with the run's --checkpoint ("" without one)."""
     checkpoint = getattr(args, "checkpoint", None)
     if not checkpoint:
         return ""
     if os.path.exists(checkpoint):
-        return f"; run the same command again to resume from the checkpoint {checkpoint}"
-    return f"; no checkpoint was saved to {checkpoint} yet, so the same command starts again"
+        return f"run the same command again to resume from the checkpoint {checkpoint}"
+    return f"no checkpoint was saved to {checkpoint} yet, so the same command starts again"
 
 
 def _cluster_failure(error: BaseException, args: argparse.Namespace, *, lost: bool = False) -> str | None:
@@ -723,14 +730,8 @@ def _cluster_failure(error: BaseException, args: argparse.Namespace, *, lost: bo
     happened = (f"a task of the run killed workers of the Dask cluster at {args.scheduler}"
                 if type(cause).__name__ == "KilledWorker" else
                 f"lost the Dask cluster at {args.scheduler} during the run")
-    checkpoint = getattr(args, "checkpoint", None)
-    if checkpoint and os.path.exists(checkpoint):
-        then = f"run the same command again to resume from the checkpoint {checkpoint}"
-    elif checkpoint:
-        then = f"no checkpoint was saved to {checkpoint} yet, so the same command starts again"
-    else:
-        then = "nothing of the run was kept, so the same command starts again" + (
-            " (--checkpoint keeps a run's progress)" if args.command == "compare" else "")
+    then = _checkpoint_note(args) or "nothing of the run was kept, so the same command starts again" + (
+        " (--checkpoint keeps a run's progress)" if args.command == "compare" else "")
     return f"{happened} ({type(cause).__name__}{': ' + reason if reason else ''}); {then}"
 
 

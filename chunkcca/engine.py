@@ -35,8 +35,18 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .blas import one_thread, pin_blas
 from .minibatch import Hollow, check_boundary, chunk_hsic, minibatch_gram, minibatch_partial
-from .moments import RowCheck, fold_rows, merge_into, partial_from_rows, unpack
-from .options import READ_AHEAD, ProductPrecision, is_address
+from .moments import (
+    MADE_SUBBLOCK_BYTES,
+    OUTER_BYTES,
+    PRODUCT_BYTES,
+    SUBBLOCK_BYTES,
+    RowCheck,
+    fold_rows,
+    merge_into,
+    partial_from_rows,
+    unpack,
+)
+from .options import CONNECT_TIMEOUT, READ_AHEAD, ProductPrecision, is_address
 from .progress import Progress
 from .rows import Adapter
 
@@ -160,10 +170,9 @@ def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, pre
     are complex (dft's, or a layer of complex values).
     """
     p = sum(widths)
-    is_complex = complex_rows
-    row_norms = row_norms and not is_complex
+    row_norms = row_norms and not complex_rows
     shape = (*adapters[0].batch_shape, p + 2 + (2 * len(widths) if row_norms else 0), p)
-    dtype = np.complex128 if is_complex else np.float64
+    dtype = np.complex128 if complex_rows else np.float64
     return Reduction(
         name="moments",
         fold=partial(_moments_fold, precision=precision, row_norms=row_norms, sizes=tuple(widths), shape=shape,
@@ -378,6 +387,12 @@ def _minibatch_hsic(layers: list[tuple[list[Hollow], int]], *, size: int) -> np.
                       size)
 
 
+def minibatch_window(tasks: int, layers: int) -> int:
+    """How many minibatch chunks ``minibatch_layers_graph``'s layer tasks run ahead of the HSICs: those of chunk
+    c wait for the HSIC of chunk c − window (``tasks`` tasks at once over ``layers`` layers)."""
+    return -(-tasks // layers) + 1
+
+
 def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array | None],
                            adapters: Sequence[Adapter], chunks: Sequence[int], *, size: int, names: Sequence[str],
                            tasks: int, split_every: int) -> Delayed:
@@ -396,7 +411,7 @@ def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array |
     token = tokenize([array.name for array in arrays], tuple(adapters), tuple(chunks), size, tuple(names), tasks,
                      split_every)
     grams_name, part_name, sum_name = (f"chunkcca-minibatch-{what}-{token}" for what in ("grams", "part", "sum"))
-    window = -(-tasks // len(sides)) + 1
+    window = minibatch_window(tasks, len(sides))
     layer: dict[Any, Any] = {}
     layer_tasks: list[Any] = []
     for c, first in enumerate(firsts):
@@ -529,8 +544,6 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     drift apart). ``stored``: each side's chunks in its store, when the sides were rechunked for the pass
     (else their own).
     """
-    from .moments import MADE_SUBBLOCK_BYTES, OUTER_BYTES, PRODUCT_BYTES, SUBBLOCK_BYTES
-
     common = common_blockdim([side.chunks[0] for side in sides])
     largest = max(common)
     shared = chunk = 0
@@ -774,7 +787,7 @@ def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduc
 
 
 @contextlib.contextmanager
-def connected(scheduler: Any, *, timeout: float = 10.0) -> Iterator[Any]:
+def connected(scheduler: Any, *, timeout: float = CONNECT_TIMEOUT) -> Iterator[Any]:
     """A ``distributed.Client`` connected for the block when ``scheduler`` is an address (an OSError naming it
     after ``timeout`` seconds if it does not answer), else ``scheduler``."""
     if not is_address(scheduler):

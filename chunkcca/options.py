@@ -70,6 +70,8 @@ MODAL: dict[str, tuple[str, tuple[Any, ...] | None]] = {
 }
 #: Predictivity's default ridge, relative to the mean variance of the predicting layer's channels.
 RIDGE = 0.01
+#: Seconds to wait for a Dask scheduler to answer (``connect_timeout``).
+CONNECT_TIMEOUT = 10.0
 #: Scheduler names dask.compute takes.
 SCHEDULER_NAMES = ("threads", "threading", "sync", "synchronous", "single-threaded", "processes",
                    "multiprocessing", "distributed", "dask.distributed")
@@ -267,7 +269,7 @@ class StreamOptions:
     dims: Any = None
     checkpoint: str | os.PathLike | None = None
     checkpoint_every: int = CHECKPOINT_EVERY
-    connect_timeout: float = 10.0
+    connect_timeout: float = CONNECT_TIMEOUT
     groupby: str | None = None
     folds: int | str | None = None
 

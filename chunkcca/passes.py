@@ -38,6 +38,7 @@ from .engine import (
     means_reduction,
     minibatch_layers_graph,
     minibatch_reduction,
+    minibatch_window,
     moments_reduction,
     pass_bytes,
     reads_ahead,
@@ -457,7 +458,7 @@ def minibatch_layer_bytes(layers: Sequence[xr.DataArray], widths: Sequence[int],
     two store chunks that straddle its chunks' ends; the Gram matrices of the chunks in work and waiting for
     their HSIC (``window`` + 1 chunks of every layer's)."""
     largest, gram = max(chunks), size * size * 8
-    window = -(-tasks // len(layers)) + 1
+    window = minibatch_window(tasks, len(layers))
     per_task = max(held_store_bytes(layer.data, layer.data.chunks, chunks, largest, 1)
                    + 2 * largest * int(np.prod(layer.shape[1:])) * layer.dtype.itemsize + size * width * 8
                    for layer, width in zip(layers, widths)) + 2 * gram

@@ -28,6 +28,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ._fs import (
     ORDER_ATTR,
+    check_local,
     check_outside_stores,
     check_replaceable,
     exclusive,
@@ -289,9 +290,8 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
     ([`check_layer_paths`][chunkcca.layers.check_layer_paths]); with "w", ``path`` is free or (``overwrite``)
     an activation store; with "a", it is a store holding none of ``names``. Returns the normalised paths."""
     check_choice("mode", mode, ("w", "a"))
+    check_local(path)
     if mode == "w":
-        if is_url(str(path)):
-            raise ValueError(f"{path}: chunkcca writes to local paths only")
         check_replaceable(Path(path), overwrite, is_activation_store, "an activation store")
         return check_layer_paths(names)
     if overwrite:
@@ -321,8 +321,6 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
 
         write_atomically(path, write, overwrite=overwrite, replaceable=is_activation_store, what="an activation store")
         return
-    if is_url(str(path)):
-        raise ValueError(f"{path}: chunkcca writes to local paths only")
     _, stored = _existing_order(path)
     store = Path(path)
     with temporary_beside(store) as tmp, naming_target(store, "layers into the activation store"):
@@ -398,8 +396,7 @@ class Listing:
 
     @classmethod
     def of(cls, fs: Any, root: str) -> Listing:
-        files = {name.removeprefix(root).lstrip("/"): int(info["size"])
-                 for name, info in fs.find(root, detail=True).items()}
+        files = file_sizes(fs, root)
         paths = sorted(name for name in files if name == "zarr.json" or name.endswith("/zarr.json"))
         texts = fs.cat([f"{root}/{name}" for name in paths]) if paths else {}
         arrays = {}

@@ -175,6 +175,7 @@ def test_stores_open_from_fsspec_urls(tmp_path, rng):
     with pytest.raises(ValueError, match="storage_options apply to fsspec URLs only"):
         open_activations(tmp_path / "s.zarr", storage_options={"anon": True})
     for write in (lambda: write_activations(f"{url}2", {"m0/conv": a}),
+                  lambda: write_activations(url, {"m1/conv": a}, mode="a"),
                   lambda: write_activations(Path("file://" + str(tmp_path / "p.zarr")), {"m0/conv": a}),
                   lambda: Moments(1, np.zeros(2), np.zeros((2, 2))).save(f"{url}3")):
         with pytest.raises(ValueError, match="writes to local paths only"):
