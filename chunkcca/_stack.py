@@ -7,9 +7,10 @@ import sys
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning given by the caller name the first frame outside chunkcca (the
-    user's call, whichever entry point it went through; the standard library's ``functools``, whose cached
-    properties and partials chunkcca calls through, is passed over too)."""
+    user's call, whichever entry point it went through; the standard library's ``functools`` and ``contextlib``,
+    whose cached properties, partials and context managers chunkcca calls through, are passed over too)."""
     frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("chunkcca", "functools"):
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("chunkcca", "functools",
+                                                                                          "contextlib"):
         frame, level = frame.f_back, level + 1
     return level

@@ -142,6 +142,18 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
                       f"{' (' + at_fault + ')' if at_fault else ''}: {type(error).__name__}: {error}") from error
 
 
+@contextmanager
+def _pass(layers: Sequence[xr.DataArray], options: StreamOptions) -> Iterator[Any]:
+    """Around a pass over ``layers``: before it, a warning for chunks too small to stream well and the check that
+    every chunk file is there and in its place; during it, the scheduler of ``options`` (yielded; an address is one
+    connection) and read failures named by layer; after it, the check that no file changed meanwhile."""
+    _warn_small_chunks(layers)
+    check_complete(layers)
+    with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
+        yield scheduler
+    check_unchanged(layers)
+
+
 #: The most chains a pass is planned for (more threads than this fold in this many chains).
 MOST_CHAINS = 64
 
@@ -250,10 +262,8 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     chains = fit_chains(budget, data, adapters, options, names)
     masks = _masks(layers)
     datapoints = layers[0].sizes["datapoint"]
-    _warn_small_chunks(layers)
-    check_complete(layers)
     reading_what = f"reading {', '.join(map(repr, names))}"
-    with connected(options.scheduler, timeout=options.connect_timeout) as scheduler:  # an address: one connection
+    with _pass(layers, options) as scheduler:
         chains = min(chains, scheduler_threads(scheduler))
         ahead = _ahead(budget, data, adapters, options, chains, scheduler)
 
@@ -267,9 +277,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
                          start=None if after is None else _packed(after, codes is not None))
             return tuple(result) if codes is not None else (result,)
 
-        with reading(layers):
-            parts, note = _one_pass(layers, adapters, options, row_norms, moments_of, whitens)
-    check_unchanged(layers)
+        parts, note = _one_pass(layers, adapters, options, row_norms, moments_of, whitens)
     stats = _merged(parts)
     if stats.n == 0:
         raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
@@ -431,10 +439,8 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
                              f"holds {format_bytes(one)}, over memory_limit={format_bytes(limit)}; raise "
                              f"memory_limit (--memory-limit), compare fewer layers, or take smaller minibatches")
         chunk, previous = max(chunks) // 2, chunks
-    _warn_small_chunks(layers)
-    check_complete(layers)
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
-    with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
+    with _pass(layers, options) as scheduler:
         if by_layer:
             tasks = max(t for t in range(1, scheduler_threads(scheduler) + 1) if holds(chunks, t, True) <= limit)
             graph = minibatch_layers_graph([layer.data for layer in layers], _masks(layers), adapters, chunks,
@@ -445,7 +451,6 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
             result = run(sides, adapters, reduction, scheduler=scheduler, progress=label,
                          chains=affordable_chains(reduction, sides, adapters, limit, stored=stored),
                          nan_policy="refuse", names=names, masks=_masks(layers))
-    check_unchanged(layers)
     return result
 
 
@@ -526,10 +531,9 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     names = tuple(str(layer.name) for layer in layers)
     widths = [int(np.prod(layer.shape[1:])) for layer in layers]
     data = [layer.data for layer in layers]
-    check_complete(layers)
     label = f"reading {', '.join(map(repr, names))}" if options.progress else None
     single = 8 if options.precision == "float64" else 4  # a layer's range may yet ask for float64
-    with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
+    with _pass(layers, options) as scheduler:
         threads, limit = scheduler_threads(scheduler), int(options.memory_limit)
         plan = gram_plan(layers, limit, threads, [single] * len(layers))  # refuses before reading, in the
         # precision asked for (a layer that must stay float64 can make the plan refuse after the means pass)
@@ -553,7 +557,6 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
             (part,) = compute(graph, scheduler=scheduler, threads=plan.tasks,
                               progress=None if label is None else f"{label} ({step})")
             sums += part
-    check_unchanged(layers)
     return GramSums(sums, precision, note)
 
 

@@ -263,9 +263,14 @@ def test_errors_that_are_not_reading_errors_are_not_called_so(tmp_path):
 
 
 def test_many_tiny_chunks_are_named(tmp_path):
-    x = np.random.default_rng(0).standard_normal((600, 3))
-    with pytest.warns(da.PerformanceWarning, match=r"layer 'a' is read in 600 chunks of 24.0 B"):
-        cca(da.from_array(x, chunks=1), x[:, :2] + 1)
+    """In every pass (the Gram pass of spatial="features" said nothing), naming the user's line."""
+    x = np.random.default_rng(0).standard_normal((300, 3))
+    tiny = da.from_array(x, chunks=1)
+    for call in (lambda: cca(tiny, x[:, :2] + 1), lambda: chunkcca.cka(tiny, x[:, :2] + 1, spatial="features"),
+                 lambda: chunkcca.cka(tiny, x[:, :2] + 1, minibatch=50)):
+        with pytest.warns(da.PerformanceWarning, match=r"layer 'a' is read in 300 chunks of 24.0 B") as caught:
+            call()
+        assert {record.filename for record in caught if "300 chunks" in str(record.message)} == {__file__}
 
 
 def test_a_dask_array_with_chunks_of_unknown_size_is_named():
