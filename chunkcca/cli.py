@@ -633,6 +633,23 @@ def _select(tree: Any, names: list[str], store: str) -> dict[str, Any]:
     return {path: tree[path] for name in names for path in chunkcca.layer_paths(_layer(tree, name, store))}
 
 
+#: The largest integer a netCDF3 file (xarray's writer without a netCDF4 library) holds: a result's row count.
+NETCDF_LARGEST_INT = int(np.iinfo(np.int32).max)
+
+
+def _check_netcdf_rows(args: argparse.Namespace, nodes: Sequence[Any]) -> None:
+    """Refuse, before the run, a netCDF ``--out`` that the sweep's row count would not fit: a flatten sweep counts
+    a row per position (every ``--stride``-th), the others one per datapoint. (save_result refuses it too, after.)"""
+    if Path(args.out).suffix != ".nc":
+        return
+    layers = [node["activations"] for node in nodes]
+    rows = max(-(-layer.sizes["datapoint"] * (int(np.prod(layer.shape[1:-1])) if args.spatial == "flatten" else 1)
+                 // args.stride) for layer in layers)
+    if rows > NETCDF_LARGEST_INT:
+        raise ValueError(f"--out {args.out}: netCDF files as xarray writes them here (netCDF3) hold 32-bit integers, "
+                         f"and this sweep counts up to {rows} rows; save to a zarr store (.zarr), which can")
+
+
 def _run_sweep(args: argparse.Namespace) -> None:
     measures = _measure_names(args.measures, "--measures")
     _check_measure_flags(args, measures)
@@ -645,9 +662,18 @@ def _run_sweep(args: argparse.Namespace) -> None:
         _check_plot(args)
     tree_a, tree_b = _stores(args)
     set_a, set_b = _select(tree_a, args.a, args.store), _select(tree_b, args.b, args.b_store or args.store)
+    _check_netcdf_rows(args, [*set_a.values(), *set_b.values()])
     with _connected(args) as scheduler:
         result = chunkcca.similarity(set_a, set_b, measures=measures, **_given_solve_options(args),
                                      **_streaming(args, scheduler))
+    # the table first: a result that cannot be saved (a full disk) is still seen
+    shown = [variable for name in measures for variable in (name, f"{name}_se") if variable in result]
+    print(result[shown].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"), flush=True)
+    if "folds" in result.attrs:
+        print(f"_se: jackknife standard error over {result.attrs['folds']} folds; "
+              f"{result.attrs['confidence']:g} intervals (_ci) in the results")
+    if {"mean_cca", "r2_cca"} & set(measures) and "rank_a" in result:
+        _note_sweep_ranks(result, set_a, set_b)
     # again before writing (the run took a while): save_result replaces any result it wrote, a sweep's only here
     _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
     try:
@@ -655,13 +681,6 @@ def _run_sweep(args: argparse.Namespace) -> None:
     except FileExistsError:  # put there while the sweep ran
         _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
         raise
-    shown = [variable for name in measures for variable in (name, f"{name}_se") if variable in result]
-    print(result[shown].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"))
-    if "folds" in result.attrs:
-        print(f"_se: jackknife standard error over {result.attrs['folds']} folds; "
-              f"{result.attrs['confidence']:g} intervals (_ci) in the results")
-    if {"mean_cca", "r2_cca"} & set(measures) and "rank_a" in result:
-        _note_sweep_ranks(result, set_a, set_b)
     print(f"results: {out}")
     if args.plot:
         _save_plot(lambda: plot_similarity(result, measures[0]).figure, args.plot, overwrite=args.overwrite)

@@ -831,6 +831,40 @@ def test_sweep_refuses_an_existing_out_before_computing_unless_overwrite(tmp_pat
     assert {name: _contents(tmp_path / name) for name in before} == before
 
 
+def test_sweep_refuses_a_netcdf_out_its_rows_overflow_before_computing_and_shows_a_result_it_cannot_save(
+        tmp_path, capsys, monkeypatch):
+    """A flatten sweep of more than 2**31 rows ran every pair, then save_result refused the netCDF3 file's 32-bit
+    integers, and nothing came out (the table was printed after saving). Now the row count is checked first, and
+    a result that fails to save (a full disk) is shown before the error."""
+    import chunkcca.cli
+
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s.zarr"
+    dims = ("datapoint", "height", "width", "channel")
+    chunkcca.write_activations(store, {"m0/conv": xr.DataArray(rng.standard_normal((40, 2, 3, 4)), dims=dims),
+                                       "m1/conv": xr.DataArray(rng.standard_normal((40, 2, 3, 5)), dims=dims)})
+    monkeypatch.setattr(chunkcca.cli, "NETCDF_LARGEST_INT", 239)  # 40 datapoints x 6 positions = 240 rows
+    with monkeypatch.context() as patched:
+        patched.setattr(chunkcca, "similarity", lambda *_, **__: pytest.fail("computed before refusing"))
+        args = ["sweep", str(store), "--a", "m0", "--b", "m1", "--no-progress", "--out"]
+        assert main([*args, str(tmp_path / "r.nc")]) == 2
+        assert capsys.readouterr().err == (f"chunkcca sweep: error: --out {tmp_path / 'r.nc'}: netCDF files as xarray "
+                                           f"writes them here (netCDF3) hold 32-bit integers, and this sweep counts up "
+                                           f"to 240 rows; save to a zarr store (.zarr), which can\n")
+    assert main([*args, str(tmp_path / "r.nc"), "--stride", "2"]) == 0  # 120 rows
+    assert main([*args, str(tmp_path / "p.nc"), "--spatial", "avgpool"]) == 0  # 40 rows
+    capsys.readouterr()
+
+    def full_disk(*_, **__):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(chunkcca, "save_result", full_disk)
+    assert main([*args, str(tmp_path / "r.zarr")]) == 2
+    shown = capsys.readouterr()
+    assert "m0/conv" in shown.out and "mean_cca" in shown.out and "results:" not in shown.out
+    assert "No space left on device" in shown.err and shown.err.count("\n") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.nc", "r.nc", "s.zarr"]
+
+
 def test_sweep_overwrite_replaces_only_a_sweep_result(tmp_path, capsys):
     """With --overwrite, a sweep result (.nc or .zarr) is replaced; anything else is refused and left as it was,
     and a result of another kind (save_result's mark says only that chunkcca wrote it) is refused too."""
