@@ -703,6 +703,22 @@ def size_decode_pool() -> None:
         zarr.config.set({"threading.max_workers": (os.cpu_count() or 2) * max(1, READ_AHEAD)})
 
 
+@contextlib.contextmanager
+def _notices() -> Iterator[None]:
+    """chunkcca's notices (its log at INFO: a run resumed from its checkpoint) on stderr while the command runs,
+    also under --no-progress."""
+    handler, logger = logging.StreamHandler(sys.stderr), logging.getLogger("chunkcca")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _quiet_teardown() -> None:
     """After a Ctrl-C, let what it cut short (zarr's reads pending on its event loop) be torn down at exit without
     asyncio's "Task was destroyed but it is pending!", "coroutine … was never awaited" and "Exception ignored"
@@ -820,7 +836,7 @@ def _run(argv: list[str] | None) -> int:
         # stdout that says when it takes no writes; none where the process has no stdout (>&-, pythonw)
         output = contextlib.nullcontext() if sys.stdout is None else contextlib.redirect_stdout(
             _StandardOutput(sys.stdout))
-        with warnings.catch_warnings(), output:
+        with warnings.catch_warnings(), output, _notices():
             warnings.showwarning = one_line
             if args.command == "demo":
                 with _connected(args) as scheduler:

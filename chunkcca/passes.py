@@ -9,6 +9,7 @@ for; ``minibatch_pass()`` runs another declared reduction (minibatch CKA) the sa
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -152,6 +153,10 @@ def _pass(layers: Sequence[xr.DataArray], options: StreamOptions) -> Iterator[An
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):
         yield scheduler
     check_unchanged(layers)
+
+
+#: What a pass says that is neither progress nor a warning (a run resumed from its checkpoint), at INFO level.
+NOTICES = logging.getLogger("chunkcca")
 
 
 #: The most chains a pass is planned for (more threads than this fold in this many chains).
@@ -382,9 +387,13 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     run_options = {"spatial": adapters[0].kind, "stride": adapters[0].stride, "precision": precision,
                    "nan_policy": options.nan_policy, "row_norms": row_norms}
     total, done, fingerprint = resume(options.checkpoint, layers, adapters, run_options, boundaries)
-    if done and options.progress:  # with the progress lines: a resumed or finished run said nothing of it
-        print(f"resuming from the checkpoint {options.checkpoint}: {done} of {boundaries[-1]} datapoints done"
-              + (", nothing left to read" if done == boundaries[-1] else ""), file=sys.stderr)
+    if done:  # a resumed or finished run said nothing of it
+        said = (f"resuming from the checkpoint {options.checkpoint}: {done} of {boundaries[-1]} datapoints done"
+                + (", nothing left to read" if done == boundaries[-1] else ""))
+        if options.progress:  # with the progress lines
+            print(said, file=sys.stderr)
+        else:  # where the program shows chunkcca's log (the command does)
+            NOTICES.info(said)
     edges = boundaries[boundaries.index(done) :: options.checkpoint_every]
     if edges[-1] != boundaries[-1]:
         edges.append(boundaries[-1])

@@ -405,8 +405,10 @@ def test_a_checkpoint_loaded_as_moments_names_its_layers_rows_and_rounding(tmp_p
                                atol=1e-6)
 
 
-def test_a_resumed_run_says_so_with_its_progress(tmp_path, capsys):
-    """A resumed or finished checkpoint gave no sign of it: a finished one printed its result at once, silently."""
+def test_a_resumed_run_says_so_with_its_progress(tmp_path, capsys, caplog):
+    """A resumed or finished checkpoint gave no sign of it: a finished one printed its result at once, silently.
+    With the progress lines it says so on stderr; without them, in chunkcca's log (INFO), which the command
+    shows."""
     rng = np.random.default_rng(0)
     a = xr.DataArray(rng.standard_normal((40, 3)), dims=("datapoint", "channel"), name="a").chunk({"datapoint": 10})
     b = a[:, :2] + rng.standard_normal((40, 2))
@@ -417,5 +419,8 @@ def test_a_resumed_run_says_so_with_its_progress(tmp_path, capsys):
     assert capsys.readouterr().err == (f"resuming from the checkpoint {path}: 40 of 40 datapoints done, nothing left "
                                        f"to read\n")
     np.testing.assert_array_equal(again["rho"], first["rho"])
-    chunkcca.cca(a, b, checkpoint=path, progress=False)
-    assert capsys.readouterr().err == ""  # no progress asked: nothing said
+    with caplog.at_level("INFO", logger="chunkcca"):
+        chunkcca.cca(a, b, checkpoint=path, progress=False)
+    assert capsys.readouterr().err == ""  # no progress asked: nothing printed
+    assert [(record.name, record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("chunkcca", "INFO", f"resuming from the checkpoint {path}: 40 of 40 datapoints done, nothing left to read")]

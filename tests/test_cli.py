@@ -376,11 +376,15 @@ def test_compare_checkpoints_and_resumes(files, capsys):
     argv = ["compare", store, "m0/conv", "m1/conv", "--measure", "cca", "--precision", "float64", "--json",
             "--no-progress", "--checkpoint", str(folder / "run.ckpt"), "--checkpoint-every", "2"]
     assert main(argv) == 0
-    first = capsys.readouterr().out
+    first = capsys.readouterr()
+    assert "resuming" not in first.err
     saved = chunkcca.Moments.load(folder / "run.ckpt")
     assert saved.n == 50 * 16
-    assert main(argv) == 0  # a finished checkpoint: solved again without streaming
-    assert capsys.readouterr().out == first
+    assert main(argv) == 0  # a finished checkpoint: solved again without streaming, saying so (it did only
+    again = capsys.readouterr()  # with the progress lines, which --no-progress hides)
+    assert again.out == first.out
+    assert again.err.splitlines()[-1] == (f"resuming from the checkpoint {folder / 'run.ckpt'}: 50 of 50 "
+                                          f"datapoints done, nothing left to read")
     assert main([*argv[:-4], "--precision", "float32", "--checkpoint", str(folder / "run.ckpt")]) == 2
     assert "belongs to another run" in capsys.readouterr().err
     assert main([*argv[:-4], "--checkpoint", "s3://bucket/run.ckpt"]) == 2
