@@ -380,6 +380,10 @@ def _run_info(args: argparse.Namespace) -> None:
         if names:
             where = "every layer" if len(layers) == len(rows) else ", ".join(layers)
             print(f"coordinates on datapoint (for --groupby, --folds): {', '.join(names)} ({where})")
+    masked = [row["layer"] for row in rows if row["mask"]]
+    if masked:
+        print(f"padding masks (padded positions left out of every measure): "
+              f"{'every layer' if len(masked) == len(rows) else ', '.join(masked)}")
     left = chunkcca.leftover_writes(args.store)
     if left:
         stale = sum(folder["stale"] for folder in left)

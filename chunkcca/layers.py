@@ -44,8 +44,9 @@ def check_datapoint_coords(coords: Mapping[str, Any] | None) -> dict[str, xr.Dat
     naming the coordinate at fault. Their datapoints are checked against each layer by ``coord_values``."""
     checked: dict[str, xr.DataArray] = {}
     for name, values in (coords or {}).items():
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ValueError(f"coords: a coordinate's name is a non-empty string without '/', got {name!r}")
+        if not isinstance(name, str) or not name or "/" in name or any(char.isspace() for char in name):
+            # a store lists a layer's coordinates space-separated (CF's "coordinates" attribute)
+            raise ValueError(f"coords: a coordinate's name is a non-empty string without '/' or spaces, got {name!r}")
         if name in ("datapoint", "channel", *STANDARD_POSITIONS, MASK, VARIABLE):
             raise ValueError(f"coords: {name!r} names a dim or variable of a layer; call the coordinate otherwise")
         if isinstance(values, xr.DataArray) and values.dims != ("datapoint",):

@@ -38,6 +38,11 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
 
     if isinstance(results, xr.Dataset):
         results = {results.attrs.get("layer_a", "a") + " vs " + results.attrs.get("layer_b", "b"): results}
+    for label, result in results.items():
+        if "rho" not in result:
+            raise ValueError(f"plot_rho draws canonical correlations (rho), which the result {label!r} has not "
+                             f"(its variables: {', '.join(map(str, result.data_vars))}): give it a result of cca(), or "
+                             f"of compare() with mean_cca or r2_cca")
     curves = {label: _with_dims(result["rho"], ("component",), f"plot_rho: the rho of {label!r}")
               for label, result in results.items()}
     if ax is None:
@@ -141,7 +146,8 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
         asked = str(result.attrs.get("measures", "")).split(",")
         measure = next((name for name in asked if name in layered), layered[0])
     if measure not in result:
-        raise ValueError(f"no measure {measure!r} in this result (has {sorted(map(str, result.data_vars))})")
+        raise ValueError(f"no variable {measure!r} in this result (its variables: "
+                         f"{', '.join(sorted(map(str, result.data_vars)))})")
     values = _with_dims(result[measure], ("layer_a", "layer_b"), f"plot_similarity: {measure!r}")
     data = np.asarray(values.values, dtype=float)
     vmin, vmax = _colour_range(data, vmin, vmax)

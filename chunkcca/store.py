@@ -622,8 +622,9 @@ def describe_store(path: str | os.PathLike, *,
     -------
     list of dict
         Per layer, in network order: ``layer``, ``shape``, ``dims``, ``datapoints_per_chunk``, ``chunks``,
-        ``dtype``, ``bytes``, ``bytes_on_disk`` and ``coords`` (the names of its coordinates on datapoint other than
-        the datapoint labels, e.g. a class label, which ``groupby=`` and ``folds=`` take).
+        ``dtype``, ``bytes``, ``bytes_on_disk``, ``coords`` (the names of its coordinates on datapoint other than
+        the datapoint labels, e.g. a class label, which ``groupby=`` and ``folds=`` take) and ``mask`` (whether it
+        has a padding mask: its padded positions are left out of every measure).
     """
     tree = open_activations(path, storage_options=storage_options)
     fs, root = filesystem(tree[layer_paths(tree)[0]][VARIABLE].encoding["store"], storage_options)
@@ -635,7 +636,8 @@ def describe_store(path: str | os.PathLike, *,
                      "dtype": str(array.dtype), "bytes": int(array.nbytes),
                      "bytes_on_disk": int(fs.du(f"{root}/{layer}")),
                      "coords": sorted(str(name) for name, coord in array.coords.items()
-                                      if coord.dims == ("datapoint",) and name != "datapoint")})
+                                      if coord.dims == ("datapoint",) and name != "datapoint"),
+                     "mask": MASK in array.coords})
     return rows
 
 

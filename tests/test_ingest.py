@@ -270,6 +270,11 @@ def test_ingest_takes_sequences_and_their_masks(tmp_path, capsys):
     tree = chunkcca.open_activations(store)
     assert tree["conv"]["activations"].dims == ("datapoint", "time", "channel")
     np.testing.assert_array_equal(tree["conv"]["activations"].values, tokens)
+    # info says which layers have a mask (it said nothing of masks, which change every result)
+    assert [row["mask"] for row in chunkcca.describe_store(store)] == [True, False]
+    capsys.readouterr()
+    assert main(["info", store]) == 0
+    assert "padding masks (padded positions left out of every measure): enc\n" in capsys.readouterr().out
     assert main(["ingest", str(tmp_path / "t.zarr"), f"enc={tmp_path / 'enc.npy'}", "--mask",
                  f"enc={tmp_path / 'conv.npy'}"]) == 2
     assert "its layer needs (datapoint, *positions) (20, 6)" in capsys.readouterr().err

@@ -221,3 +221,13 @@ def test_frequency_means_refuses_other_dims():
     with pytest.raises(ValueError, match=r"rho_freq_mean has dims \(digit, freq_h, freq_w\); the plot needs "
                                          r"\(freq_h, freq_w\); select one first, e\.g\. result\.isel\(digit=0\)"):
         plot_frequency_means(result)
+
+
+def test_rho_refuses_a_result_without_canonical_correlations_naming_it():
+    """A CKA result raised a bare KeyError "No variable named 'rho'"."""
+    cka_result = xr.Dataset({"cka": ((), 0.5)}, attrs={"layer_a": "a", "layer_b": "b"})
+    with pytest.raises(ValueError, match=r"the result 'a vs b' has not \(its variables: cka\): give it a result of "
+                                         r"cca\(\)"):
+        plot_rho(cka_result)
+    with pytest.raises(ValueError, match=r"no variable 'svcca' in this result \(its variables: cka\)"):
+        plot_similarity(xr.Dataset({"cka": (("layer_a", "layer_b"), np.ones((1, 1)))}), "svcca")

@@ -551,6 +551,7 @@ def test_datapoint_coordinates_are_written_on_every_layer_for_groupby(tmp_path, 
     ({"channel": np.arange(60)}, "'channel' names a dim or variable of a layer"),
     ({"mask": np.arange(60)}, "'mask' names a dim or variable of a layer"),
     ({"a/b": np.arange(60)}, "a non-empty string without '/'"),
+    ({"my label": np.arange(60)}, "without '/' or spaces, got 'my label'"),  # stored as a variable, not a coordinate
     ({"digit": np.zeros((60, 2))}, r"coords\['digit'\] must be one number or string per datapoint \(1-d\), got 2-d"),
     ({"digit": [object()] * 60}, "got 1-d object values"),
     ({"digit": xr.DataArray(np.arange(60), dims="sample")}, r"has dims \('sample',\)"),
