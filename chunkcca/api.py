@@ -265,7 +265,7 @@ def _check_gram(names: Sequence[str], stream: StreamOptions, where: str) -> None
     if others:
         raise ValueError(f"{where}: {others[0]} needs covariances, and spatial='features' makes each datapoint's "
                          f"whole map one row, too wide for them; with 'features' measure linear CKA (cka), exactly "
-                         f"from Gram matrices or with minibatch=")
+                         f"from Gram matrices or with minibatch=N (--minibatch N)")
     if stream.groupby is not None or stream.folds is not None:
         raise ValueError(f"{where}: spatial='features' takes no groupby or folds")
     if stream.checkpoint is not None:

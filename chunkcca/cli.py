@@ -42,8 +42,10 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     from chunkcca.ingest import LAYOUTS, ingest
     from chunkcca.options import (
         CONNECT_TIMEOUT,
+        GRIDS,
         KEEP_BY,
         MEMORY_LIMIT,
+        METHODS,
         NAN_POLICIES,
         PER_FREQUENCY,
         PRECISIONS,
@@ -171,6 +173,30 @@ def _folds(text: str) -> int | float | str:
     return number if math.isfinite(number) else text
 
 
+def _add_minibatch_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--minibatch", type=_positive_int, metavar="N",
+                        help="with --measure cka alone: linear CKA averaged over consecutive minibatches of N rows "
+                             "(N >= 4), as torch-cka and ckatorch compute it (default: exact, from all rows)")
+
+
+def _check_minibatch_flags(args: argparse.Namespace, measures: list[str]) -> None:
+    """Before any work, in flag words: --minibatch takes cka alone and none of the options minibatch CKA does not
+    read (it sums float64 Gram matrices in one pass: no products' precision, no Moments to group or save)."""
+    if args.minibatch is None:
+        return
+    if measures != ["cka"]:
+        raise ValueError(f"--minibatch {args.minibatch} gives minibatch linear CKA: pass --measure cka alone, not "
+                         f"{' '.join(measures)}")
+    given = [flag for flag, value in (("--groupby", args.groupby), ("--folds", args.folds),
+                                      ("--checkpoint", getattr(args, "checkpoint", None)),
+                                      ("--precision", None if args.precision == "auto" else args.precision))
+             if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --minibatch "
+                         f"(float64 Gram matrices of each minibatch, summed in one pass: no products' precision, no "
+                         f"Moments to group, fold or checkpoint)")
+
+
 def _add_solve_options(parser: argparse.ArgumentParser) -> None:
     """The measures' own options; only those given are passed on (one no chosen measure reads is an error)."""
     parser.add_argument("--epsilon", type=float, help="ridge for CCA-family measures (default 0)")
@@ -286,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_solve_options(compare)
     _add_group_options(compare)
     _streaming_options(compare)
+    compare.add_argument("--method", choices=METHODS, help="with --spatial interp: how the coarser map is resampled "
+                                                           "(default linear)")
+    compare.add_argument("--grid", choices=GRIDS, help="with --spatial interp: where its samples sit, the layers' "
+                                                       "height/width coordinates (coords, the default) or google/"
+                                                       "svcca's tutorial grid (svcca)")
+    _add_minibatch_option(compare)
     compare.add_argument("--checkpoint", help="save the running statistics to this path as the run goes; "
                          "running the same comparison again resumes from it (with --precision auto, in float64)")
     compare.add_argument("--checkpoint-every", type=_positive_int,
@@ -307,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_solve_options(sweep)
     _add_group_options(sweep)
     _streaming_options(sweep, spatial=SWEEP_SPATIAL)  # flatten needs one spatial size for all layers
+    _add_minibatch_option(sweep)
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
     sweep.add_argument("--plot", help="heatmap PNG of the first measure")
     sweep.add_argument("--overwrite", action="store_true",
@@ -394,10 +427,13 @@ def _run_info(args: argparse.Namespace) -> None:
 
 def _streaming(args: argparse.Namespace, scheduler: Any) -> dict[str, Any]:
     """The streaming options of compare and sweep, on ``scheduler`` (``--scheduler``, connected by ``_connected``)."""
-    return {"spatial": args.spatial, "stride": args.stride, "precision": args.precision,
-            "memory_limit": args.memory_limit, "scheduler": scheduler, "connect_timeout": args.connect_timeout,
-            "progress": not args.no_progress, "nan_policy": args.nan_policy,
-            "groupby": args.groupby, "folds": args.folds}
+    options = {"spatial": args.spatial, "stride": args.stride, "memory_limit": args.memory_limit,
+               "scheduler": scheduler, "connect_timeout": args.connect_timeout, "progress": not args.no_progress,
+               "nan_policy": args.nan_policy}
+    if args.minibatch is not None:  # the options it reads (_check_minibatch_flags refused the others)
+        return {**options, "minibatch": args.minibatch}
+    interp = {key: value for key in ("method", "grid") if (value := getattr(args, key, None)) is not None}
+    return {**options, **interp, "precision": args.precision, "groupby": args.groupby, "folds": args.folds}
 
 
 def _scalar(value: xr.DataArray) -> Any:
@@ -429,13 +465,22 @@ def _run_compare(args: argparse.Namespace) -> None:
         _check_plot(args)
     if args.checkpoint_every is not None and args.checkpoint is None:
         raise ValueError("--checkpoint-every applies only with --checkpoint, which is not given")
+    interp = [f"--{key}" for key in ("method", "grid") if getattr(args, key) is not None]
+    if interp and args.spatial != "interp":
+        raise ValueError(f"{' and '.join(interp)} appl{'y' if len(interp) > 1 else 'ies'} to --spatial interp, not "
+                         f"--spatial {args.spatial}")
     _check_measure_flags(args, measures)
+    _check_minibatch_flags(args, measures)
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
     with _connected(args) as scheduler:
-        result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint, **every,
-                                  **_given_solve_options(args), **_streaming(args, scheduler))
+        if args.minibatch is not None:
+            result = chunkcca.cka(a, b, **_streaming(args, scheduler))
+        else:
+            result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint, **every,
+                                      **_given_solve_options(args), **_streaming(args, scheduler))
+    rows = result.attrs["rows"] if "rows" in result.attrs else int(result["rows"])  # minibatch CKA's: a variable
     # the curves, named in the legend by what they are: CCA's of every component, SVCCA's of its kept directions
     drawn = {"rho": {"mean_cca", "r2_cca", "pwcca"} & set(measures), "svcca_rho": {"svcca"} & set(measures)}
     curves = {legend: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
@@ -448,8 +493,10 @@ def _run_compare(args: argparse.Namespace) -> None:
                         if (key := chunkcca.MEASURES[name].detail_name(detail)) in result
                         and set(result[key].dims) <= set(result[name].dims)}}
               for name in measures}
+    if args.minibatch is not None:
+        values["cka"] |= {key: int(result[key]) for key in ("minibatches", "rows_left_out")}
     if args.json:
-        options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", *SOLVE_NAMES)
+        options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", "minibatch", *SOLVE_NAMES)
                    if key in result.attrs} | {"scheduler": args.scheduler}
         results = {name: {key: _json_value(value) for key, value in shown.items()} for name, shown in values.items()}
         if args.groupby:  # each value is then a list, one per group
@@ -457,7 +504,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         if args.folds is not None:
             options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
         ranks = {key: _json_value(result[key].values.tolist()) for key in ("rank_a", "rank_b") if key in result}
-        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": result.attrs["rows"], **ranks,
+        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": rows, **ranks,
                           "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
     else:
         table = [("measure", "value", "details")]
@@ -468,8 +515,9 @@ def _run_compare(args: argparse.Namespace) -> None:
             details = ", ".join(f"{result.attrs.get('confidence', 0.95):g} interval {_shown(value)}" if key == "ci"
                                 else f"{key} {_shown(value)}" for key, value in shown.items() if key != "value")
             table.append((name, value, details))
-        print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, "
-              f"{result.attrs['rows']} rows, {result.attrs.get('precision', 'float64')} products)")
+        how = (f"minibatches of {args.minibatch} rows" if args.minibatch is not None
+               else f"{result.attrs.get('precision', 'float64')} products")
+        print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, {rows} rows, {how})")
         for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
             if dim in result.dims:
                 print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
@@ -657,6 +705,7 @@ def _check_netcdf_rows(args: argparse.Namespace, nodes: Sequence[Any]) -> None:
 def _run_sweep(args: argparse.Namespace) -> None:
     measures = _measure_names(args.measures, "--measures")
     _check_measure_flags(args, measures)
+    _check_minibatch_flags(args, measures)
     out = Path(args.out)
     if "://" in args.out or Path(args.out).suffix not in (".nc", ".zarr"):
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")

@@ -393,6 +393,50 @@ def test_compare_checkpoints_and_resumes(files, capsys):
     assert "name a local netCDF file (.nc) or zarr store (.zarr)" in capsys.readouterr().err
 
 
+def test_minibatch_cka_and_interpolation_options_from_the_command_line(tmp_path, capsys):
+    """The command had no --minibatch (its own error advised "minibatch=") and no --method/--grid for interp (the
+    google/svcca tutorial's grid could not be run from it): each now gives the library's value."""
+    rng = np.random.default_rng(0)
+    dims = ("datapoint", "height", "width", "channel")
+    a = rng.standard_normal((100, 8, 8, 5))
+    b = a[..., :3] + rng.standard_normal((100, 8, 8, 3))
+    store = str(tmp_path / "s.zarr")
+    tree = chunkcca.write_activations(store, {"m0/c": xr.DataArray(a, dims=dims), "m1/c": xr.DataArray(b, dims=dims),
+                                              "m1/p": xr.DataArray(b[:, ::2, ::2], dims=dims)})
+    layer = {name: tree[name] for name in ("m0/c", "m1/c", "m1/p")}
+
+    def compared(*flags):
+        assert main(["compare", store, *flags, "--no-progress", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    shown = compared("m0/c", "m1/c", "--measure", "cka", "--minibatch", "25", "--spatial", "avgpool")
+    want = chunkcca.cka(layer["m0/c"], layer["m1/c"], minibatch=25, spatial="avgpool")
+    assert shown["results"]["cka"] == {"value": float(want["cka"]), "minibatches": 4, "rows_left_out": 0}
+    assert shown["rows"] == 100 and shown["options"]["minibatch"] == 25
+    shown = compared("m0/c", "m1/p", "--spatial", "interp", "--method", "nearest", "--grid", "svcca")
+    want = chunkcca.compare(layer["m0/c"], layer["m1/p"], spatial="interp", method="nearest", grid="svcca")
+    assert shown["results"]["mean_cca"]["value"] == pytest.approx(float(want["mean_cca"]), abs=1e-12)
+    assert shown["results"]["mean_cca"]["value"] != pytest.approx(float(chunkcca.compare(
+        layer["m0/c"], layer["m1/p"], spatial="interp")["mean_cca"]), abs=1e-6)  # the flags are read
+    assert main(["sweep", store, "--a", "m0", "--b", "m1", "--measures", "cka", "--minibatch", "20", "--spatial",
+                 "avgpool", "--out", str(tmp_path / "sw.nc"), "--no-progress"]) == 0
+    want = chunkcca.similarity({"m0/c": layer["m0/c"]}, {"m1/c": layer["m1/c"], "m1/p": layer["m1/p"]},
+                               measures=["cka"], minibatch=20, spatial="avgpool")
+    with xr.open_dataset(tmp_path / "sw.nc") as saved:
+        np.testing.assert_allclose(saved["cka"], want["cka"], rtol=1e-12)
+    capsys.readouterr()
+    for flags, message in [
+            (["--measure", "cka", "mean_cca", "--minibatch", "25"],
+             "--minibatch 25 gives minibatch linear CKA: pass --measure cka alone, not cka mean_cca"),
+            (["--measure", "cka", "--minibatch", "25", "--precision", "float64", "--folds", "2"],
+             "--folds, --precision do not apply to --minibatch"),
+            (["--method", "cubic"], "--method applies to --spatial interp, not --spatial flatten"),
+            (["--measure", "cka", "--minibatch", "3"], "minibatch must be an integer >= 4")]:
+        assert main(["compare", store, "m0/c", "m1/c", "--no-progress", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
 def test_compare_json_writes_undefined_values_as_null(tmp_path, capsys):
     rng = np.random.default_rng(0)
     store = tmp_path / "s.zarr"
