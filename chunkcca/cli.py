@@ -251,7 +251,16 @@ def _measure_names(names: list[str], option: str) -> list[str]:
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error answered in one line like every other failure (``--help`` shows the usage)."""
 
+    #: The command line's words (set by ``_run``): a missing positional after an option of several values was
+    #: taken by it.
+    words: tuple[str, ...] = ()
+
     def error(self, message: str) -> NoReturn:
+        taking_several = [action.option_strings[0] for action in self._actions
+                          if action.nargs == "+" and set(action.option_strings) & set(self.words)]
+        if message.startswith("the following arguments are required") and taking_several:
+            message += (f" ({', '.join(taking_several)} take{'s' if len(taking_several) == 1 else ''} every word "
+                        f"after {'it' if len(taking_several) == 1 else 'them'}: give the store and layers first)")
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -345,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--overwrite", action="store_true",
                        help="replace an existing --out (a sweep result) and --plot that chunkcca wrote (never "
                             "another file)")
+    for command_parser in commands.choices.values():  # a stray argument is named by its command's parser
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -876,7 +887,10 @@ def _exit_now(status: int) -> None:
 
 def _run(argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        _Parser.words = tuple(sys.argv[1:] if argv is None else argv)
+        args, stray = build_parser().parse_known_args(argv)
+        if stray:
+            args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
         size_decode_pool()
     except KeyboardInterrupt:
         print(_interrupted_line(argv), file=sys.stderr)

@@ -414,8 +414,14 @@ def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), whe
         for other in (*paths, *existing):
             if other.startswith(path + "/") or path.startswith(other + "/"):
                 outer, inner = (path, other) if other.startswith(path + "/") else (other, path)
+                if outer in existing:  # the store's layer keeps its name: the new one goes beside it
+                    advice = f"name the new one beside it (e.g. {outer + '_' + inner.rsplit('/', 1)[-1]!r})"
+                elif inner in existing:
+                    advice = f"name the new one so that it holds none (e.g. {outer + '_out'!r})"
+                else:
+                    advice = f"name them side by side (e.g. {outer + '/out'!r} and {inner!r})"
                 raise ValueError(f"layer {outer!r} would hold layer {inner!r}{place}: a layer cannot hold another; "
-                                 f"name them side by side (e.g. {outer + '/out'!r} and {inner!r})")
+                                 f"{advice}")
     return paths
 
 

@@ -91,6 +91,13 @@ def test_ingest_info_compare_sweep(files, capsys):
          "chunkcca compare: error: argument --stride: must be >= 1, got 0 (see chunkcca compare --help)"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--spatial", "nope"], "argument --spatial: invalid choice"),
         ([], "chunkcca: error: the following arguments are required: command (see chunkcca --help)"),
+        # a stray argument is named by its command (it said "chunkcca: error", see chunkcca --help)
+        (["compare", "{store}", "m0/conv", "m0/conv", "--foo"],
+         "chunkcca compare: error: unrecognized arguments: --foo (see chunkcca compare --help)"),
+        # the store after --b was taken by it: "store is required", though given
+        (["sweep", "--a", "m0", "--b", "m0", "{store}"], "chunkcca sweep: error: the following arguments are "
+         "required: store (--a, --b take every word after them: give the store and layers first)"),
+        (["compare", "{store}", "m0/conv"], "required: layer_b (see chunkcca compare --help)"),
         (["ingest", "{folder}/x.zarr", "m0={folder}/a.npy", "--mask", "m0={folder}/a.npy", "--mask",
           "m0={folder}/b.npz"], "--mask: layer 'm0' is given twice"),
         (["ingest", "{folder}/x.zarr", "m0={folder}/a.npy", "m0={folder}/b.npz"], "layer 'm0' is given twice"),

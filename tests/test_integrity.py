@@ -227,8 +227,13 @@ def test_a_failed_ingest_leaves_the_old_store_whole(tmp_path, capsys):
     store = str(tmp_path / "s.zarr")
     assert main(["ingest", store, f"old={tmp_path / 'a.npy'}", "--no-progress"]) == 0
     assert main(["ingest", store, f"x={tmp_path / 'a.npy'}", f"x/y={tmp_path / 'b.npy'}", "--overwrite"]) == 2
-    assert "layer 'x' would hold layer 'x/y'" in capsys.readouterr().err
+    assert "layer 'x' would hold layer 'x/y': a layer cannot hold another; name them side by side (e.g. 'x/out' and " \
+           "'x/y')" in capsys.readouterr().err
     assert chunkcca.layer_paths(open_activations(store)) == ["old"]
+    # appended beside a layer of the store: the advice renames the new layer (it said to rename both, and the
+    # store's layer cannot be renamed by an append)
+    assert main(["ingest", store, f"old/y={tmp_path / 'b.npy'}", "--append"]) == 2
+    assert "name the new one beside it (e.g. 'old_y')" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("layers", "message"), [
