@@ -515,7 +515,8 @@ def _run_compare(args: argparse.Namespace) -> None:
         if args.folds is not None:
             options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
         ranks = {key: _json_value(result[key].values.tolist()) for key in ("rank_a", "rank_b") if key in result}
-        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "rows": rows, **ranks,
+        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "store_a": args.store,
+                          "store_b": args.b_store or args.store, "rows": rows, **ranks,
                           "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
     else:
         table = [("measure", "value", "details")]
@@ -528,7 +529,9 @@ def _run_compare(args: argparse.Namespace) -> None:
             table.append((name, value, details))
         how = (f"minibatches of {args.minibatch} rows" if args.minibatch is not None
                else f"{result.attrs.get('precision', 'float64')} products")
-        print(f"{args.layer_a} vs {args.layer_b} ({args.spatial}, stride {args.stride}, {rows} rows, {how})")
+        pair = (f"{args.store}: {args.layer_a} vs {args.b_store}: {args.layer_b}" if args.b_store
+                else f"{args.layer_a} vs {args.layer_b}")
+        print(f"{pair} ({args.spatial}, stride {args.stride}, {rows} rows, {how})")
         for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
             if dim in result.dims:
                 print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
@@ -730,6 +733,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     with _connected(args) as scheduler:
         result = chunkcca.similarity(set_a, set_b, measures=measures, **_given_solve_options(args),
                                      **_streaming(args, scheduler))
+    result.attrs.update(store_a=args.store, store_b=args.b_store or args.store)  # the layers' names are paths in them
     # the table first: a result that cannot be saved (a full disk) is still seen
     shown = [variable for name in measures for variable in (name, f"{name}_se") if variable in result]
     print(result[shown].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"), flush=True)

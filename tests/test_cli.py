@@ -623,10 +623,15 @@ def test_two_recorded_models_compared_across_stores(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     want = chunkcca.cka(layers[0]["fc"], layers[1]["conv10"], precision="float64")
     assert report["results"]["cka"]["value"] == pytest.approx(float(want["cka"]), rel=1e-12)
+    # which store each layer came from (the names alike, "fc vs fc" said nothing of it)
+    assert (report["store_a"], report["store_b"]) == (stores[0], stores[2])
+    assert main(["compare", stores[0], "fc", "fc", *stores[1:], "--measure", "cka", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(f"{stores[0]}: fc vs {stores[2]}: fc (flatten, stride 1, 60 rows")
     assert main(["sweep", stores[0], "--a", "/", "--b", "/", *stores[1:], "--measures", "cka", "--precision",
                  "float64", "--out", str(tmp_path / "s.nc"), "--no-progress"]) == 0
     saved = xr.open_dataset(tmp_path / "s.nc")
     assert list(saved["layer_a"].values) == list(saved["layer_b"].values) == ["conv2", "conv10", "fc"]
+    assert (saved.attrs["store_a"], saved.attrs["store_b"]) == (stores[0], stores[2])
     want = chunkcca.cka(layers[0]["conv2"], layers[1]["fc"], precision="float64")
     assert float(saved["cka"].sel(layer_a="conv2", layer_b="fc")) == pytest.approx(float(want["cka"]), rel=1e-12)
 
