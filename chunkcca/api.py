@@ -267,7 +267,8 @@ def _check_gram(names: Sequence[str], stream: StreamOptions, where: str) -> None
                          f"whole map one row, too wide for them; with 'features' measure linear CKA (cka), exactly "
                          f"from Gram matrices or with minibatch=N (--minibatch N)")
     if stream.groupby is not None or stream.folds is not None:
-        raise ValueError(f"{where}: spatial='features' takes no groupby or folds")
+        raise ValueError(f"{where}: spatial='features' (--spatial features) takes no groupby or folds (--groupby, "
+                         f"--folds)")
     if stream.checkpoint is not None:
         raise ValueError(f"{where}: spatial='features' takes no checkpoint: its Gram pass keeps no Moments to "
                          f"save; a larger memory_limit (fewer bands of chunks to read) is what shortens it")
@@ -544,7 +545,8 @@ def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     summed unbiased HSIC of every pair of their linear Gram matrices (L, L), the minibatches, the rows after
     the last whole one and all rows: one pass (see ``chunkcca.minibatch``)."""
     if options.nan_policy == "omit":
-        raise ValueError("minibatch CKA cannot omit rows (minibatches would shift); use nan_policy='raise'")
+        raise ValueError("minibatch CKA cannot omit rows (minibatches would shift); use nan_policy='raise' "
+                         "(--nan-policy raise, the default)")
     if is_batched(options.spatial):
         raise ValueError("minibatch CKA does not work per spatial frequency (spatial='dft'); use spatial='flatten', "
                          "'avgpool', 'interp', 'first', 'last' or 'features'")

@@ -385,7 +385,14 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     for source in (*sources.values(), *masks.values()):
         if output == Path(source).resolve() or output in Path(source).resolve().parents:
             raise ValueError(f"{path} is where {source} is read from: write the store elsewhere")
-    labels = check_datapoint_coords({name: _coord_file(name, values) for name, values in (coords or {}).items()})
+    labels = {}
+    for name, values in (coords or {}).items():  # each checked alone, so that a file's error names the file
+        try:
+            labels |= check_datapoint_coords({name: _coord_file(name, values)})
+        except ValueError as error:
+            if not isinstance(values, (str, os.PathLike)):
+                raise
+            raise ValueError(f"{error} (read from {values}, given as {name}={values})") from None
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
     if mode == "a":
         check_store_coords(path, labels)

@@ -294,7 +294,7 @@ class StreamOptions:
                 raise ValueError(f"folds must be an integer >= 2 or a coordinate on datapoint, got {self.folds!r}")
             object.__setattr__(self, "folds", int(self.folds))
         if self.groupby is not None and self.folds is not None:
-            raise ValueError("pass groupby or folds, not both")
+            raise ValueError("pass groupby or folds (--groupby or --folds), not both")
         if self.checkpoint is not None and (self.groupby is not None or self.folds is not None):
             raise ValueError("a checkpoint holds one Moments: run groupby or folds without checkpoint")
         object.__setattr__(self, "checkpoint_every", check_int("checkpoint_every", self.checkpoint_every))

@@ -292,7 +292,8 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
         warnings.warn(f"precision='float32' on ill-conditioned or rank-deficient layers ({why}): float32 "
                       f"products cannot tell directions weaker than about 4e-6 of the strongest from rounding, so "
                       f"they are dropped, and move correlations by 1e-3 and more near there; precision='auto' (the "
-                      f"default) or 'float64' keep them", RuntimeWarning, stacklevel=user_stacklevel())
+                      f"default) or 'float64' (--precision auto or float64) keep them", RuntimeWarning,
+                      stacklevel=user_stacklevel())
     # rows left out: none but padding under nan_policy="raise"; under "omit", non-finite rows and padding alike
     omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
     rounded = partial(replace, value_rounding=tuple(value_eps(layer.dtype) for layer in layers))
@@ -536,7 +537,7 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     it, each layer's blocks in the precision ``gram_precisions`` gives it."""
     if options.nan_policy == "omit":
         raise ValueError("spatial='features' cannot omit rows (the Gram matrices would shift); use "
-                         "nan_policy='raise'")
+                         "nan_policy='raise' (--nan-policy raise, the default)")
     names = tuple(str(layer.name) for layer in layers)
     widths = [int(np.prod(layer.shape[1:])) for layer in layers]
     data = [layer.data for layer in layers]
