@@ -511,7 +511,10 @@ def _run_compare(args: argparse.Namespace) -> None:
                    if key in result.attrs} | {"scheduler": args.scheduler}
         results = {name: {key: _json_value(value) for key, value in shown.items()} for name, shown in values.items()}
         if args.groupby:  # each value is then a list, one per group
-            options |= {"groupby": args.groupby, "groups": _json_value(result[args.groupby].values.tolist())}
+            options |= {"groupby": args.groupby, "groups": _json_value(result[args.groupby].values.tolist()),
+                        "rows_per_group": result["rows"].values.tolist()}
+        if result.attrs.get("rows_omitted"):  # --nan-policy omit left rows out
+            options |= {"rows_omitted": result.attrs["rows_omitted"]}
         if args.folds is not None:
             options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
         ranks = {key: _json_value(result[key].values.tolist()) for key in ("rank_a", "rank_b") if key in result}
@@ -531,7 +534,8 @@ def _run_compare(args: argparse.Namespace) -> None:
                else f"{result.attrs.get('precision', 'float64')} products")
         pair = (f"{args.store}: {args.layer_a} vs {args.b_store}: {args.layer_b}" if args.b_store
                 else f"{args.layer_a} vs {args.layer_b}")
-        print(f"{pair} ({args.spatial}, stride {args.stride}, {rows} rows, {how})")
+        omitted = f" ({result.attrs['rows_omitted']} left out: NaN or Inf)" if result.attrs.get("rows_omitted") else ""
+        print(f"{pair} ({args.spatial}, stride {args.stride}, {rows} rows{omitted}, {how})")
         for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
             if dim in result.dims:
                 print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")

@@ -665,8 +665,12 @@ def test_rows_holding_nan_are_an_error_or_left_out_with_nan_policy(tmp_path, cap
     assert "pass nan_policy='omit' (--nan-policy omit) to leave such rows out" in capsys.readouterr().err
     assert main([*argv, "--nan-policy", "omit"]) == 0
     want = chunkcca.cka(np.delete(a, 7, axis=0), np.delete(b, 7, axis=0), precision="float64")
-    assert json.loads(capsys.readouterr().out)["results"]["cka"]["value"] == pytest.approx(float(want["cka"]),
-                                                                                            rel=1e-12)
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["results"]["cka"]["value"] == pytest.approx(float(want["cka"]), rel=1e-12)
+    # how many rows were left out (the table and JSON gave the rows used alone)
+    assert (shown["rows"], shown["options"]["rows_omitted"]) == (59, 1)
+    assert main([*argv[:-2], "--no-progress", "--nan-policy", "omit"]) == 0
+    assert "59 rows (1 left out: NaN or Inf)" in capsys.readouterr().out
 
 
 def test_warnings_are_one_line(tmp_path, capsys):

@@ -338,6 +338,7 @@ def test_ingest_writes_datapoint_coordinates_that_compare_groups_by(tmp_path, ca
                  "--no-progress"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["options"]["groups"] == ["test", "train"]
+    assert shown["options"]["rows_per_group"] == [10, 30] and shown["rows"] == 40  # it gave the total alone
     want = [float(chunkcca.cka(x[30:], np.load(tmp_path / "b.npy")[30:], precision="float64")["cka"]),
             float(chunkcca.cka(x[:30], np.load(tmp_path / "b.npy")[:30], precision="float64")["cka"])]
     np.testing.assert_allclose(shown["results"]["cka"]["value"], want, atol=1e-6)  # float32 activations, auto
