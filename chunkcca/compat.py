@@ -70,8 +70,19 @@ def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
     return np.dot(vectors, np.dot(np.diag(np.sqrt(np.clip(values, 0, None))), np.conj(vectors).T))
 
 
-def _stream_neurons_first(acts1: Any, acts2: Any, *, epsilon: float, precision: str, scheduler: Any,
-                          memory_limit: int | str, progress: bool = False) -> Moments:
+def _check(epsilon: Any, precision: Any) -> None:
+    """Before any work: ``epsilon`` and a precision of ``PRECISIONS`` (google/svcca's functions have no "auto")."""
+    check_epsilon(epsilon)
+    check_choice("precision", precision, PRECISIONS)
+
+
+def _options(epsilon: Any, precision: Any, scheduler: Any, memory_limit: Any, progress: bool = False) -> StreamOptions:
+    """A compat function's streaming options, checked (``_check``) before any work."""
+    _check(epsilon, precision)
+    return StreamOptions(precision=precision, scheduler=scheduler, progress=progress, memory_limit=memory_limit)
+
+
+def _stream_neurons_first(acts1: Any, acts2: Any, options: StreamOptions) -> Moments:
     """Validate google/svcca-layout inputs (neurons, datapoints) and stream their Moments."""
     if getattr(acts1, "ndim", None) == 2 and acts1.shape[0] >= acts1.shape[1]:  # the reference asserts acts1 only
         raise ValueError(f"acts1 has shape {tuple(acts1.shape)}: input must be (neurons, datapoints) "
@@ -80,9 +91,6 @@ def _stream_neurons_first(acts1: Any, acts2: Any, *, epsilon: float, precision: 
     if layers[0].shape[0] != layers[1].shape[0]:
         raise ValueError(f"acts1 has {layers[0].shape[0]} datapoints but acts2 has {layers[1].shape[0]}; "
                          f"they must match")
-    check_epsilon(epsilon)
-    check_choice("precision", precision, PRECISIONS)
-    options = StreamOptions(precision=precision, scheduler=scheduler, progress=progress, memory_limit=memory_limit)
     return stream_layers(layers, plan_adapters(*layers, options), options).moments
 
 
@@ -155,11 +163,10 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         for Dask input).
     """
     _check_threshold(threshold)
+    options = _options(epsilon, precision, scheduler, memory_limit, progress=verbose)
     if verbose:
         print("streaming covariance")
-    stats = _stream_neurons_first(acts1, acts2, epsilon=epsilon, precision=precision, scheduler=scheduler,
-                                  memory_limit=memory_limit,
-                                  progress=verbose)
+    stats = _stream_neurons_first(acts1, acts2, options)
     solved = _solve(stats, epsilon, threshold, verbose)
     if solved is None:
         return _zero_result(compute_dirns, stats.n)
@@ -277,8 +284,7 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
         if np.iscomplexobj(np.empty(0, dtype=getattr(acts, "dtype", float))):
             raise TypeError(f"{name} has dtype {acts.dtype}; compute_pwcca takes real activations")
 
-    stats = _stream_neurons_first(acts1, acts2, epsilon=epsilon, precision=precision, scheduler=scheduler,
-                                  memory_limit=memory_limit)
+    stats = _stream_neurons_first(acts1, acts2, _options(epsilon, precision, scheduler, memory_limit))
     solved = _solve(stats, epsilon, 0.98)
     if solved is None:
         return np.float64(0.0), np.zeros(0), np.asarray(0)
@@ -394,13 +400,11 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
     for name, layer in (("conv_acts1", layer_a), ("conv_acts2", layer_b)):
         if layer.ndim != 4:
             raise ValueError(f"{name} must be (datapoint, height, width, channel), got shape {layer.shape}")
+    _check(epsilon, precision)
     if verbose:
         print("streaming per-frequency covariances")
-    check_epsilon(epsilon)
-    check_choice("precision", precision, PRECISIONS)
     stats = compute_moments(layer_a.data, layer_b.data, spatial="dft", precision=precision, scheduler=scheduler,
-                            memory_limit=memory_limit,
-                            progress=verbose)
+                            memory_limit=memory_limit, progress=verbose)
     records = []
     for location in np.ndindex(*stats.batch_shape):
         solved = _solve(stats[location], epsilon, threshold)
