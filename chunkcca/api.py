@@ -131,14 +131,25 @@ def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = Fa
     """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints
     (``whitens``: as for ``stream_layers``; not ``measured``: Moments to keep, which one row may make)."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
-    _check_rows((layer_a, layer_b), adapters, whitens, measured=measured)
-    groups = _groups((layer_a, layer_b), options)
-    streamed = stream_layers((layer_a, layer_b), adapters, options, row_norms=row_norms,
+    streamed, groups = _stream_grouped((layer_a, layer_b), adapters, options, row_norms=row_norms, whitens=whitens,
+                                       measured=measured)
+    return _with_provenance(streamed), groups
+
+
+def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, *,
+                    row_norms: bool, whitens: bool, measured: bool = True,
+                    pairs: Sequence[tuple[int, int]] | None = None) -> tuple[Streamed, Groups | None]:
+    """Aligned layers, their rows checked (``_check_rows``), in one pass → their Moments (``stream_layers``; only
+    ``pairs``' blocks if given), and each group's or fold's when ``options`` groups the datapoints: folds that
+    nan_policy="omit" emptied left out, groups too small for a covariance warned of."""
+    _check_rows(layers, adapters, whitens, measured=measured)
+    groups = _groups(layers, options)
+    streamed = stream_layers(layers, adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
-                             groups=0 if groups is None else len(groups.labels), whitens=whitens)
+                             groups=0 if groups is None else len(groups.labels), pairs=pairs, whitens=whitens)
     streamed, groups = _without_emptied_folds(streamed, groups)
     _warn_small_groups(streamed, groups, whitens)
-    return _with_provenance(streamed), groups
+    return streamed, groups
 
 
 def _with_provenance(streamed: Streamed) -> Streamed:
@@ -818,16 +829,10 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                            "rows": ((), np.int64(rows))},
                           coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "spatial": stream.spatial,
                                                                     "stride": stream.stride, **_gram_attrs(gram)})
-    whitens = any(MEASURES[name].whitens for name in names)
-    _check_rows(aligned, adapters, whitens)
-    groups = _groups([first, *aligned], stream)
-    streamed = stream_layers(aligned, adapters, stream, row_norms=any(MEASURES[name].row_norms for name in names),
-                             codes=None if groups is None else groups.codes,
-                             groups=0 if groups is None else len(groups.labels),
-                             pairs=[(a, b) for a in sides["a"] for b in sides["b"]],
-                             whitens=whitens)
-    streamed, groups = _without_emptied_folds(streamed, groups)
-    _warn_small_groups(streamed, groups, whitens)
+    streamed, groups = _stream_grouped(aligned, adapters, stream,
+                                       row_norms=any(MEASURES[name].row_norms for name in names),
+                                       whitens=any(MEASURES[name].whitens for name in names),
+                                       pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
     if groups is not None and not groups.folds:
