@@ -676,14 +676,25 @@ def fold_rows(into: np.ndarray, sides: Sequence[np.ndarray], precision: ProductP
     if sides[0].shape[-2] == 0:
         return into
     scatter = into[0, ..., 2 : p + 2, :]
-    shift, sums, count, _, _ = accumulate(partial(_add_products, scatter), sides, precision, check=check)
-    if count == 0:
-        return into
-    shifted_mean = sums / count
-    add_outer(scatter, shifted_mean, -count)  # the rows' own scatter, about their mean
-    into[0, ..., 0, 0] = move_centre(into[0, ..., 1, :], float(into[(0,) * into.ndim].real), count,
-                                     shift + shifted_mean, partial(add_outer, scatter))
+    into[0, ..., 0, 0] = fold_shifted(sides, precision, check, partial(_add_products, scatter),
+                                      partial(add_outer, scatter), into[0, ..., 1, :],
+                                      float(into[(0,) * into.ndim].real))
     return into
+
+
+def fold_shifted(sides: Sequence[np.ndarray], precision: ProductPrecision, check: RowCheck | None,
+                 add_products: AddProducts, add_outer_to: Callable[[np.ndarray, float], None], mean: np.ndarray,
+                 n_before: float) -> float:
+    """Fold the rows of ``sides`` into statistics of ``n_before`` rows whose scatter ``add_products`` (a sub-block's
+    ``Σ u uᴴ``) and ``add_outer_to`` (``w · v vᴴ``) add to, wherever it is kept, and whose ``mean`` moves in place:
+    the shifted rows' products (``accumulate``), their own scatter about their mean, then Chan et al.'s change of
+    centre (``move_centre``). Returns the rows now counted."""
+    shift, sums, count, _, _ = accumulate(add_products, sides, precision, check=check)
+    if count == 0:
+        return n_before
+    shifted_mean = sums / count
+    add_outer_to(shifted_mean, -count)  # the rows' own scatter, about their mean
+    return move_centre(mean, n_before, count, shift + shifted_mean, add_outer_to)
 
 
 def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision = "float32", *,

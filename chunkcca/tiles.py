@@ -20,7 +20,7 @@ from functools import cached_property, partial
 
 import numpy as np
 
-from .moments import OUTER_BYTES, Moments, RowCheck, accumulate, move_centre, side_slices, single_failed
+from .moments import OUTER_BYTES, Moments, RowCheck, fold_shifted, move_centre, side_slices, single_failed
 from .options import ProductPrecision
 
 #: A run of channels [start, stop) of the concatenated sides.
@@ -130,13 +130,8 @@ def fold_tiled(into: np.ndarray, sides: Sequence[np.ndarray], tiling: Tiling, pr
     ``moments.fold_rows`` does for a whole scatter, and return it."""
     if sides[0].shape[-2] == 0:
         return into
-    shift, sums, count, _, _ = accumulate(partial(tiling.add_products, into), sides, precision, check=check)
-    if count == 0:
-        return into
-    shifted_mean = sums / count
-    tiling.add_outer(into, shifted_mean, -count)  # the rows' own scatter, about their mean
-    into[0, 0] = move_centre(into[0, 1 : tiling.channels + 1], float(into[0, 0]), count, shift + shifted_mean,
-                             partial(tiling.add_outer, into))
+    into[0, 0] = fold_shifted(sides, precision, check, partial(tiling.add_products, into),
+                              partial(tiling.add_outer, into), into[0, 1 : tiling.channels + 1], float(into[0, 0]))
     return into
 
 
