@@ -46,7 +46,9 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         KEEP_BY,
         MEMORY_LIMIT,
         METHODS,
+        MODAL,
         NAN_POLICIES,
+        PER_DATAPOINT,
         PER_FREQUENCY,
         PRECISIONS,
         READ_AHEAD,
@@ -468,20 +470,7 @@ def _shown(value: Any) -> str:
 def _run_compare(args: argparse.Namespace) -> None:
     """One streamed pass over the two layers, every measure from the same Moments (chunkcca.compare)."""
     measures = _measure_names(args.measure, "--measure")
-    if args.plot:
-        if not any(chunkcca.MEASURES[name].canonical for name in measures) or args.spatial in PER_FREQUENCY:
-            raise ValueError("--plot draws canonical correlation curves: include a CCA-family measure (mean_cca, "
-                             "r2_cca, svcca, pwcca) in --measure, and not with --spatial dft (a matrix of "
-                             "frequencies)")
-        _check_plot(args)
-    if args.checkpoint_every is not None and args.checkpoint is None:
-        raise ValueError("--checkpoint-every applies only with --checkpoint, which is not given")
-    interp = [f"--{key}" for key in ("method", "grid") if getattr(args, key) is not None]
-    if interp and args.spatial != "interp":
-        raise ValueError(f"{' and '.join(interp)} appl{'y' if len(interp) > 1 else 'ies'} to --spatial interp, not "
-                         f"--spatial {args.spatial}")
-    _check_measure_flags(args, measures)
-    _check_minibatch_flags(args, measures)
+    _check_compare_flags(args, measures)
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
@@ -491,12 +480,43 @@ def _run_compare(args: argparse.Namespace) -> None:
         else:
             result = chunkcca.compare(a, b, measures=measures, checkpoint=args.checkpoint, **every,
                                       **_given_solve_options(args), **_streaming(args, scheduler))
-    rows = result.attrs["rows"] if "rows" in result.attrs else int(result["rows"])  # minibatch CKA's: a variable
-    # the curves, named in the legend by what they are: CCA's of every component, SVCCA's of its kept directions
-    drawn = {"rho": {"mean_cca", "r2_cca", "pwcca"} & set(measures), "svcca_rho": {"svcca"} & set(measures)}
-    curves = {legend: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
-              for legend, variable in (("CCA", "rho"), ("SVCCA, kept directions", "svcca_rho"))
-              if drawn[variable] and variable in result and result[variable].ndim == 1}
+    values = _compare_values(result, measures)
+    if args.json:
+        _print_compare_json(args, result, values)
+    else:
+        _print_compare_table(args, result, values)
+        if {"mean_cca", "r2_cca"} & set(measures):
+            _note_zero_components(result, a.sizes["channel"], b.sizes["channel"])
+    if args.plot:  # after the values, which a plot that cannot be saved must not take with it
+        curves = _rho_curves(result, measures)
+        _save_plot(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
+                   overwrite=args.overwrite)
+        if not args.json:  # stdout holds one JSON document with --json
+            print(f"plot: {args.plot}")
+
+
+def _check_compare_flags(args: argparse.Namespace, measures: list[str]) -> None:
+    """compare's flags that need others (--plot a CCA-family measure, --checkpoint-every --checkpoint, --method and
+    --grid --spatial interp), the measures' flags and --minibatch's: before any work, in flag words."""
+    if args.plot:
+        if not any(chunkcca.MEASURES[name].canonical for name in measures) or args.spatial in PER_FREQUENCY:
+            raise ValueError("--plot draws canonical correlation curves: include a CCA-family measure (mean_cca, "
+                             "r2_cca, svcca, pwcca) in --measure, and not with --spatial dft (a matrix of "
+                             "frequencies)")
+        _check_plot(args)
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        raise ValueError("--checkpoint-every applies only with --checkpoint, which is not given")
+    modal = [key for key in ("method", "grid") if getattr(args, key) is not None and args.spatial not in MODAL[key][1]]
+    if modal:
+        raise ValueError(f"{' and '.join(f'--{key}' for key in modal)} appl{'y' if len(modal) > 1 else 'ies'} to "
+                         f"--spatial {' or '.join(MODAL[modal[0]][1])}, not --spatial {args.spatial}")
+    _check_measure_flags(args, measures)
+    _check_minibatch_flags(args, measures)
+
+
+def _compare_values(result: xr.Dataset, measures: list[str]) -> dict[str, dict[str, Any]]:
+    """Each measure's value (a number, or a list per group or ridge) and details: its jackknife ``se`` and ``ci``,
+    its measure's details (e.g. ``dims_a``), and minibatch CKA's minibatches and rows left out."""
     values = {name: {"value": _scalar(result[name]),
                      **({"se": _scalar(result[f"{name}_se"]), "ci": result[f"{name}_ci"].values.tolist()}
                         if f"{name}_se" in result else {}),
@@ -504,49 +524,61 @@ def _run_compare(args: argparse.Namespace) -> None:
                         if (key := chunkcca.MEASURES[name].detail_name(detail)) in result
                         and set(result[key].dims) <= set(result[name].dims)}}
               for name in measures}
-    if args.minibatch is not None:
+    if "minibatch" in result.attrs:
         values["cka"] |= {key: int(result[key]) for key in ("minibatches", "rows_left_out")}
-    if args.json:
-        options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", "minibatch", *SOLVE_NAMES)
-                   if key in result.attrs} | {"scheduler": args.scheduler}
-        results = {name: {key: _json_value(value) for key, value in shown.items()} for name, shown in values.items()}
-        if args.groupby:  # each value is then a list, one per group
-            options |= {"groupby": args.groupby, "groups": _json_value(result[args.groupby].values.tolist()),
-                        "rows_per_group": result["rows"].values.tolist()}
-        if result.attrs.get("rows_omitted"):  # --nan-policy omit left rows out
-            options |= {"rows_omitted": result.attrs["rows_omitted"]}
-        if args.folds is not None:
-            options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
-        ranks = {key: _json_value(result[key].values.tolist()) for key in ("rank_a", "rank_b") if key in result}
-        print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "store_a": args.store,
-                          "store_b": args.b_store or args.store, "rows": rows, **ranks,
-                          "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
-    else:
-        table = [("measure", "value", "details")]
-        for name, shown in values.items():
-            value = _shown(shown["value"])
-            if "ci" in shown and not isinstance(shown["value"], list):  # per ridge or group: the intervals list
-                value += f" ± {(shown['ci'][1] - shown['ci'][0]) / 2:.4f}"
-            details = ", ".join(f"{result.attrs.get('confidence', 0.95):g} interval {_shown(value)}" if key == "ci"
-                                else f"{key} {_shown(value)}" for key, value in shown.items() if key != "value")
-            table.append((name, value, details))
-        how = (f"minibatches of {args.minibatch} rows" if args.minibatch is not None
-               else f"{result.attrs.get('precision', 'float64')} products")
-        pair = (f"{args.store}: {args.layer_a} vs {args.b_store}: {args.layer_b}" if args.b_store
-                else f"{args.layer_a} vs {args.layer_b}")
-        omitted = f" ({result.attrs['rows_omitted']} left out: NaN or Inf)" if result.attrs.get("rows_omitted") else ""
-        print(f"{pair} ({args.spatial}, stride {args.stride}, {rows} rows{omitted}, {how})")
-        for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
-            if dim in result.dims:
-                print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
-        print(format_table(table, left=(0, 2)))
-        if {"mean_cca", "r2_cca"} & set(measures):
-            _note_zero_components(result, a.sizes["channel"], b.sizes["channel"])
-    if args.plot:  # after the values, which a plot that cannot be saved must not take with it
-        _save_plot(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
-                   overwrite=args.overwrite)
-        if not args.json:  # stdout holds one JSON document with --json
-            print(f"plot: {args.plot}")
+    return values
+
+
+def _rows(result: xr.Dataset) -> int:
+    """The rows a result was measured on (minibatch CKA's are a variable, the others' an attribute)."""
+    return result.attrs["rows"] if "rows" in result.attrs else int(result["rows"])
+
+
+def _print_compare_json(args: argparse.Namespace, result: xr.Dataset, values: dict[str, dict[str, Any]]) -> None:
+    options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", "minibatch", *SOLVE_NAMES)
+               if key in result.attrs} | {"scheduler": args.scheduler}
+    results = {name: {key: _json_value(value) for key, value in shown.items()} for name, shown in values.items()}
+    if args.groupby:  # each value is then a list, one per group
+        options |= {"groupby": args.groupby, "groups": _json_value(result[args.groupby].values.tolist()),
+                    "rows_per_group": result["rows"].values.tolist()}
+    if result.attrs.get("rows_omitted"):  # --nan-policy omit left rows out
+        options |= {"rows_omitted": result.attrs["rows_omitted"]}
+    if args.folds is not None:
+        options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
+    ranks = {key: _json_value(result[key].values.tolist()) for key in ("rank_a", "rank_b") if key in result}
+    print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "store_a": args.store,
+                      "store_b": args.b_store or args.store, "rows": _rows(result), **ranks,
+                      "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
+
+
+def _print_compare_table(args: argparse.Namespace, result: xr.Dataset, values: dict[str, dict[str, Any]]) -> None:
+    table = [("measure", "value", "details")]
+    for name, shown in values.items():
+        value = _shown(shown["value"])
+        if "ci" in shown and not isinstance(shown["value"], list):  # per ridge or group: the intervals list
+            value += f" ± {(shown['ci'][1] - shown['ci'][0]) / 2:.4f}"
+        details = ", ".join(f"{result.attrs.get('confidence', 0.95):g} interval {_shown(value)}" if key == "ci"
+                            else f"{key} {_shown(value)}" for key, value in shown.items() if key != "value")
+        table.append((name, value, details))
+    how = (f"minibatches of {args.minibatch} rows" if args.minibatch is not None
+           else f"{result.attrs.get('precision', 'float64')} products")
+    pair = (f"{args.store}: {args.layer_a} vs {args.b_store}: {args.layer_b}" if args.b_store
+            else f"{args.layer_a} vs {args.layer_b}")
+    omitted = f" ({result.attrs['rows_omitted']} left out: NaN or Inf)" if result.attrs.get("rows_omitted") else ""
+    print(f"{pair} ({args.spatial}, stride {args.stride}, {_rows(result)} rows{omitted}, {how})")
+    for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
+        if dim in result.dims:
+            print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
+    print(format_table(table, left=(0, 2)))
+
+
+def _rho_curves(result: xr.Dataset, measures: list[str]) -> dict[str, xr.Dataset]:
+    """The curves --plot draws, named in the legend by what they are: CCA's of every component, SVCCA's of its
+    kept directions."""
+    drawn = {"rho": {"mean_cca", "r2_cca", "pwcca"} & set(measures), "svcca_rho": {"svcca"} & set(measures)}
+    return {legend: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
+            for legend, variable in (("CCA", "rho"), ("SVCCA, kept directions", "svcca_rho"))
+            if drawn[variable] and variable in result and result[variable].ndim == 1}
 
 
 def _zero_components(rank_a: Any, rank_b: Any, channels_a: int, channels_b: int) -> int:
@@ -713,7 +745,7 @@ def _check_netcdf_rows(args: argparse.Namespace, nodes: Sequence[Any]) -> None:
     if Path(args.out).suffix != ".nc":
         return
     layers = [node["activations"] for node in nodes]
-    rows = max(-(-layer.sizes["datapoint"] * (int(np.prod(layer.shape[1:-1])) if args.spatial == "flatten" else 1)
+    rows = max(-(-layer.sizes["datapoint"] * (1 if args.spatial in PER_DATAPOINT else int(np.prod(layer.shape[1:-1])))
                  // args.stride) for layer in layers)
     if rows > NETCDF_LARGEST_INT:
         raise ValueError(f"--out {args.out}: netCDF files as xarray writes them here (netCDF3) hold 32-bit integers, "

@@ -34,6 +34,8 @@ KeepBy = Literal["variance", "singular_values"]
 SPATIAL: tuple[str, ...] = get_args(Spatial)
 #: The adapters that give one set of statistics per spatial frequency (batch dims) rather than one.
 PER_FREQUENCY: tuple[str, ...] = ("dft",)
+#: The adapters that give one row per datapoint (the others, one per position).
+PER_DATAPOINT: tuple[str, ...] = ("avgpool", "dft", "first", "last", "features")
 #: The adapters whose rows of a layer do not depend on the layer it is compared with: those a sweep of every
 #: pair in one pass can use.
 SWEEP_SPATIAL: tuple[str, ...] = ("flatten", "avgpool", "first", "last", "features")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .options import MASK, METHODS, PER_FREQUENCY, SWEEP_SPATIAL, StreamOptions
+from .options import MASK, METHODS, PER_DATAPOINT, PER_FREQUENCY, SWEEP_SPATIAL, StreamOptions
 
 
 def by_gram(spatial: str) -> bool:
@@ -278,10 +278,6 @@ class SpectrumRows:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         rows = self[..., :, :]
         return rows if dtype is None else rows.astype(dtype)
-
-
-#: The adapters that give one row per datapoint.
-PER_DATAPOINT = ("avgpool", "dft", "first", "last", "features")
 
 
 def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> tuple[Adapter, Adapter]:
