@@ -575,7 +575,11 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         raise ValueError(f"cannot open {location} as a zarr activation store: {why}") from error
     found = layer_paths(tree)
     if not found:
-        raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})")
+        written_as = {RESULT: "a result chunkcca saved (save_result, sweep --out): open it with xarray.open_zarr",
+                      "Moments": "Moments chunkcca saved: load them with chunkcca.Moments.load"}
+        what = written_as.get(tree.attrs.get(RESULT_ATTR), "")
+        raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
+                         + (f"; it is {what}" if what else ""))
     check_store_files(location, listing, tree.attrs.get(ORDER_ATTR) or (), found)
     order = {layer: i for i, layer in enumerate(found)}  # network order, which a node's copies keep (isel, sel)
     for layer in found:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 import tracemalloc
 import warnings
@@ -154,8 +155,18 @@ def test_open_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no activation store at"):
         open_activations(tmp_path / "missing.zarr")
     xr.Dataset({"x": ("a", np.arange(3))}).to_zarr(tmp_path / "other.zarr", zarr_format=3, consolidated=False)
-    with pytest.raises(ValueError, match="holds no layer"):
+    with pytest.raises(ValueError, match=r"holds no layer \(no node with a variable 'activations'\)$"):
         open_activations(tmp_path / "other.zarr")
+    # what chunkcca wrote there is said, with how to read it (info said "holds no layer" alone)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 3))
+    chunkcca.compute_moments(x, x[:, :2]).save(tmp_path / "run.moments")
+    chunkcca.save_result(chunkcca.similarity({"a": x}, {"b": x[:, :2]}, measures=["cka"]), tmp_path / "sweep.zarr")
+    for name, said in (("run.moments", "it is Moments chunkcca saved: load them with chunkcca.Moments.load"),
+                       ("sweep.zarr", "it is a result chunkcca saved (save_result, sweep --out): open it with "
+                                      "xarray.open_zarr")):
+        with pytest.raises(ValueError, match=f"holds no layer .*; {re.escape(said)}$"):
+            open_activations(tmp_path / name)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "zarr.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"cannot open .*junk as a zarr activation store"):
