@@ -257,7 +257,7 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
     stream = StreamOptions.from_kwargs(where, options)
     check_measures([name], batched=is_batched(stream.spatial), where=f"{where}()")
     if by_gram(stream.spatial):
-        _check_gram([name], stream, f"{where}()")
+        _check_gram([name], f"{where}()")
         return _gram_cka(a, b, stream)
     if stream.folds is not None:
         raise TypeError(f"{where}() takes groupby, not folds: folds give error bars and held-out measures in "
@@ -270,19 +270,13 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
                                  for part, label in zip(streamed.groups, groups.labels)], groups), streamed)
 
 
-def _check_gram(names: Sequence[str], stream: StreamOptions, where: str) -> None:
+def _check_gram(names: Sequence[str], where: str) -> None:
     """spatial="features" gives linear CKA from Gram matrices only (the rows are too wide for a covariance)."""
     others = [name for name in names if name != "cka"]
     if others:
         raise ValueError(f"{where}: {others[0]} needs covariances, and spatial='features' makes each datapoint's "
                          f"whole map one row, too wide for them; with 'features' measure linear CKA (cka), exactly "
                          f"from Gram matrices or with minibatch=N (--minibatch N)")
-    if stream.groupby is not None or stream.folds is not None:
-        raise ValueError(f"{where}: spatial='features' (--spatial features) takes no groupby or folds (--groupby, "
-                         f"--folds)")
-    if stream.checkpoint is not None:
-        raise ValueError(f"{where}: spatial='features' takes no checkpoint: its Gram pass keeps no Moments to "
-                         f"save; a larger memory_limit (fewer bands of chunks to read) is what shortens it")
 
 
 def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
@@ -673,7 +667,7 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
     names = _checked_measures(measures, stream)
     solve = _solve_options(names, solve_given, "compare", folds=stream.folds is not None)
     if by_gram(stream.spatial):
-        _check_gram(names, stream, "compare()")
+        _check_gram(names, "compare()")
         result = _gram_cka(a, b, stream)
         result.attrs["measures"] = "cka"
         return result
@@ -821,7 +815,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     if minibatch is not None:
         return _minibatch_similarity(aligned, adapters, minibatch, stream, sides, set_a, set_b)
     if by_gram(stream.spatial):
-        _check_gram(names, stream, "similarity()")
+        _check_gram(names, "similarity()")
         gram = gram_pass(aligned, adapters, stream)
         values = _cka_of_pairs(gram.sums, aligned, sides, "its whole maps do not vary")
         return xr.Dataset({"cka": (("layer_a", "layer_b"), values,

@@ -304,6 +304,20 @@ class StreamOptions:
             if is_url(str(self.checkpoint)):
                 raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
             check_output_place(self.checkpoint, "checkpoint")
+        if self.spatial == "features":
+            self._check_features()
+
+    def _check_features(self) -> None:
+        """spatial="features" sums Gram matrices of each datapoint's whole map over all rows in one pass: no
+        groups, folds or checkpoint, and no rows left out (the Gram matrices would shift)."""
+        if self.groupby is not None or self.folds is not None:
+            raise ValueError("spatial='features' (--spatial features) takes no groupby or folds (--groupby, --folds)")
+        if self.checkpoint is not None:
+            raise ValueError("spatial='features' takes no checkpoint: its Gram pass keeps no Moments to save; a larger "
+                             "memory_limit (fewer bands of chunks to read) is what shortens it")
+        if self.nan_policy == "omit":
+            raise ValueError("spatial='features' cannot omit rows (the Gram matrices would shift); use "
+                             "nan_policy='raise' (--nan-policy raise, the default)")
 
     @classmethod
     def from_kwargs(cls, where: str, options: Mapping[str, Any], *, reads: Sequence[str] = ()) -> StreamOptions:

@@ -535,9 +535,6 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     (spatial="features": each datapoint's whole map): one pass for the features' means and ranges, then one per
     band of datapoint chunks (``gram_plan``), each over the pairs of a chunk of the band and a chunk at or after
     it, each layer's blocks in the precision ``gram_precisions`` gives it."""
-    if options.nan_policy == "omit":
-        raise ValueError("spatial='features' cannot omit rows (the Gram matrices would shift); use "
-                         "nan_policy='raise' (--nan-policy raise, the default)")
     names = tuple(str(layer.name) for layer in layers)
     widths = [int(np.prod(layer.shape[1:])) for layer in layers]
     data = [layer.data for layer in layers]

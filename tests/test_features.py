@@ -464,6 +464,26 @@ def test_exact_feature_cka_of_a_dead_layer_is_nan_with_a_warning():
     assert np.isnan(sweep["cka"].sel(layer_a="x", layer_b="dead").item())
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"groupby": "label"}, r"spatial='features' \(--spatial features\) takes no groupby or folds"),
+    ({"folds": 2}, r"spatial='features' \(--spatial features\) takes no groupby or folds"),
+    ({"checkpoint": "run.moments"}, "spatial='features' takes no checkpoint"),
+    ({"nan_policy": "omit"}, "spatial='features' cannot omit rows"),
+])
+def test_features_refuses_what_its_gram_pass_cannot_do_from_every_entry_point(tmp_path, options, message):
+    """Checked once, where the options are made (StreamOptions), for a pair, a comparison and a sweep alike (the
+    checks were in three places: the API's, and the Gram pass's for rows left out)."""
+    x, y = _maps(3)
+    labels = {"label": ("datapoint", np.arange(len(x)) % 2)}
+    x, y = (xr.DataArray(v, dims=("datapoint", "height", "width", "channel"), coords=labels) for v in (x, y))
+    options = {key: str(tmp_path / value) if key == "checkpoint" else value for key, value in options.items()}
+    for call in (lambda: cka(x, y, spatial="features", **options),
+                 lambda: compare(x, y, spatial="features", measures=["cka"], **options),
+                 lambda: similarity({"x": x}, {"y": y}, spatial="features", measures=["cka"], **options)):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_covariance_measures_refuse_features_and_say_why():
     x, y = _maps(3)
     with pytest.raises(ValueError, match="mean_cca needs covariances, and spatial='features' makes each datapoint's "
