@@ -48,6 +48,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         METHODS,
         MODAL,
         NAN_POLICIES,
+        NETCDF_LARGEST_INT,
         PER_DATAPOINT,
         PER_FREQUENCY,
         PRECISIONS,
@@ -58,6 +59,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         SWEEP_SPATIAL,
         check_number,
         check_output_place,
+        netcdf_int_error,
     )
     from chunkcca.plot import plot_rho, plot_similarity
     from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
@@ -86,6 +88,14 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _minibatch_size(text: str) -> int:
+    """--minibatch: an integer >= 4 (the unbiased HSIC of a minibatch needs 4 rows)."""
+    value = _positive_int(text)
+    if value < 4:
+        raise argparse.ArgumentTypeError(f"must be >= 4 (the unbiased HSIC of a minibatch needs 4 rows), got {value}")
     return value
 
 
@@ -176,7 +186,7 @@ def _folds(text: str) -> int | float | str:
 
 
 def _add_minibatch_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--minibatch", type=_positive_int, metavar="N",
+    parser.add_argument("--minibatch", type=_minibatch_size, metavar="N",
                         help="with --measure cka alone: linear CKA averaged over consecutive minibatches of N rows "
                              "(N >= 4), as torch-cka and ckatorch compute it (default: exact, from all rows)")
 
@@ -253,14 +263,16 @@ def _measure_names(names: list[str], option: str) -> list[str]:
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error answered in one line like every other failure (``--help`` shows the usage)."""
 
-    #: The command line's words (set by ``_run``): a missing positional after an option of several values was
-    #: taken by it.
+    #: The command line's words (set by ``_run``): a positional missing where the command's words begin with
+    #: options, one of which takes several values, was taken by it.
     words: tuple[str, ...] = ()
 
     def error(self, message: str) -> NoReturn:
+        command = self.prog.rsplit(" ", 1)[-1]
+        after = self.words[self.words.index(command) + 1 :] if command in self.words else self.words
         taking_several = [action.option_strings[0] for action in self._actions
-                          if action.nargs == "+" and set(action.option_strings) & set(self.words)]
-        if message.startswith("the following arguments are required") and taking_several:
+                          if action.nargs == "+" and set(action.option_strings) & set(after)]
+        if message.startswith("the following arguments are required") and taking_several and after[0].startswith("-"):
             message += (f" ({', '.join(taking_several)} take{'s' if len(taking_several) == 1 else ''} every word "
                         f"after {'it' if len(taking_several) == 1 else 'them'}: give the store and layers first)")
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -443,10 +455,10 @@ def _streaming(args: argparse.Namespace, scheduler: Any) -> dict[str, Any]:
     options = {"spatial": args.spatial, "stride": args.stride, "memory_limit": args.memory_limit,
                "scheduler": scheduler, "connect_timeout": args.connect_timeout, "progress": not args.no_progress,
                "nan_policy": args.nan_policy}
+    options |= {key: value for key in ("method", "grid") if (value := getattr(args, key, None)) is not None}
     if args.minibatch is not None:  # the options it reads (_check_minibatch_flags refused the others)
         return {**options, "minibatch": args.minibatch}
-    interp = {key: value for key in ("method", "grid") if (value := getattr(args, key, None)) is not None}
-    return {**options, **interp, "precision": args.precision, "groupby": args.groupby, "folds": args.folds}
+    return {**options, "precision": args.precision, "groupby": args.groupby, "folds": args.folds}
 
 
 def _scalar(value: xr.DataArray) -> Any:
@@ -535,8 +547,8 @@ def _rows(result: xr.Dataset) -> int:
 
 
 def _print_compare_json(args: argparse.Namespace, result: xr.Dataset, values: dict[str, dict[str, Any]]) -> None:
-    options = {key: result.attrs[key] for key in ("spatial", "stride", "precision", "minibatch", *SOLVE_NAMES)
-               if key in result.attrs} | {"scheduler": args.scheduler}
+    options = {key: result.attrs[key] for key in ("spatial", "method", "grid", "stride", "precision", "minibatch",
+                                                  *SOLVE_NAMES) if key in result.attrs} | {"scheduler": args.scheduler}
     results = {name: {key: _json_value(value) for key, value in shown.items()} for name, shown in values.items()}
     if args.groupby:  # each value is then a list, one per group
         options |= {"groupby": args.groupby, "groups": _json_value(result[args.groupby].values.tolist()),
@@ -564,8 +576,11 @@ def _print_compare_table(args: argparse.Namespace, result: xr.Dataset, values: d
            else f"{result.attrs.get('precision', 'float64')} products")
     pair = (f"{args.store}: {args.layer_a} vs {args.b_store}: {args.layer_b}" if args.b_store
             else f"{args.layer_a} vs {args.layer_b}")
-    omitted = f" ({result.attrs['rows_omitted']} left out: NaN or Inf)" if result.attrs.get("rows_omitted") else ""
-    print(f"{pair} ({args.spatial}, stride {args.stride}, {_rows(result)} rows{omitted}, {how})")
+    omitted = (f" ({result.attrs['rows_omitted']} left out: NaN, Inf or padding)" if result.attrs.get("rows_omitted")
+               else "")
+    spatial = " ".join(str(result.attrs[key]) for key in ("spatial", "method") if key in result.attrs) + (
+        f" on the {result.attrs['grid']} grid" if "grid" in result.attrs else "")
+    print(f"{pair} ({spatial}, stride {args.stride}, {_rows(result)} rows{omitted}, {how})")
     for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
         if dim in result.dims:
             print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
@@ -735,10 +750,6 @@ def _select(tree: Any, names: list[str], store: str) -> dict[str, Any]:
     return {path: tree[path] for name in names for path in chunkcca.layer_paths(_layer(tree, name, store))}
 
 
-#: The largest integer a netCDF3 file (xarray's writer without a netCDF4 library) holds: a result's row count.
-NETCDF_LARGEST_INT = int(np.iinfo(np.int32).max)
-
-
 def _check_netcdf_rows(args: argparse.Namespace, nodes: Sequence[Any]) -> None:
     """Refuse, before the run, a netCDF ``--out`` that the sweep's row count would not fit: a flatten sweep counts
     a row per position (every ``--stride``-th), the others one per datapoint. (save_result refuses it too, after.)"""
@@ -748,8 +759,7 @@ def _check_netcdf_rows(args: argparse.Namespace, nodes: Sequence[Any]) -> None:
     rows = max(-(-layer.sizes["datapoint"] * (1 if args.spatial in PER_DATAPOINT else int(np.prod(layer.shape[1:-1])))
                  // args.stride) for layer in layers)
     if rows > NETCDF_LARGEST_INT:
-        raise ValueError(f"--out {args.out}: netCDF files as xarray writes them here (netCDF3) hold 32-bit integers, "
-                         f"and this sweep counts up to {rows} rows; save to a zarr store (.zarr), which can")
+        raise netcdf_int_error(f"--out {args.out}", f"this sweep counts up to {rows} rows")
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
@@ -770,25 +780,33 @@ def _run_sweep(args: argparse.Namespace) -> None:
         result = chunkcca.similarity(set_a, set_b, measures=measures, **_given_solve_options(args),
                                      **_streaming(args, scheduler))
     result.attrs.update(store_a=args.store, store_b=args.b_store or args.store)  # the layers' names are paths in them
-    # the table first: a result that cannot be saved (a full disk) is still seen
+    try:
+        # again before writing (the run took a while): save_result replaces any result it wrote, a sweep's only here
+        _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
+        try:
+            chunkcca.save_result(result, out, overwrite=args.overwrite)
+        except FileExistsError:  # put there while the sweep ran
+            _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
+            raise
+    except Exception:
+        _show_sweep(result, measures, set_a, set_b)  # a result that cannot be saved (a full disk) is still seen
+        raise
+    _show_sweep(result, measures, set_a, set_b)
+    print(f"results: {out}")
+    if args.plot:
+        _save_plot(lambda: plot_similarity(result, measures[0]).figure, args.plot, overwrite=args.overwrite)
+        print(f"plot: {args.plot}")
+
+
+def _show_sweep(result: xr.Dataset, measures: list[str], set_a: dict[str, Any], set_b: dict[str, Any]) -> None:
+    """A sweep's table (each measure and its jackknife error per pair) and its notes."""
     shown = [variable for name in measures for variable in (name, f"{name}_se") if variable in result]
-    print(result[shown].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"), flush=True)
+    print(result[shown].to_dataframe().to_string(float_format=lambda v: f"{v:.4f}"))
     if "folds" in result.attrs:
         print(f"_se: jackknife standard error over {result.attrs['folds']} folds; "
               f"{result.attrs['confidence']:g} intervals (_ci) in the results")
     if {"mean_cca", "r2_cca"} & set(measures) and "rank_a" in result:
         _note_sweep_ranks(result, set_a, set_b)
-    # again before writing (the run took a while): save_result replaces any result it wrote, a sweep's only here
-    _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
-    try:
-        chunkcca.save_result(result, out, overwrite=args.overwrite)
-    except FileExistsError:  # put there while the sweep ran
-        _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
-        raise
-    print(f"results: {out}")
-    if args.plot:
-        _save_plot(lambda: plot_similarity(result, measures[0]).figure, args.plot, overwrite=args.overwrite)
-        print(f"plot: {args.plot}")
 
 
 def size_decode_pool() -> None:
@@ -813,14 +831,16 @@ def _notices() -> Iterator[None]:
     also under --no-progress."""
     handler, logger = logging.StreamHandler(sys.stderr), logging.getLogger("chunkcca")
     handler.setFormatter(logging.Formatter("%(message)s"))
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # said once, also in a program whose own logging shows INFO
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _quiet_teardown() -> None:

@@ -386,13 +386,14 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
         if output == Path(source).resolve() or output in Path(source).resolve().parents:
             raise ValueError(f"{path} is where {source} is read from: write the store elsewhere")
     labels = {}
-    for name, values in (coords or {}).items():  # each checked alone, so that a file's error names the file
+    for name, values in (coords or {}).items():  # each checked alone, so that bad values name their file
+        check_datapoint_coords({name: []})  # the name first, before its file is read
         try:
             labels |= check_datapoint_coords({name: _coord_file(name, values)})
         except ValueError as error:
-            if not isinstance(values, (str, os.PathLike)):
+            if not isinstance(values, (str, os.PathLike)) or not str(error).startswith(f"coords[{name!r}]"):
                 raise
-            raise ValueError(f"{error} (read from {values}, given as {name}={values})") from None
+            raise ValueError(f"{error} (from the file {values})") from error
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
     if mode == "a":
         check_store_coords(path, labels)

@@ -79,6 +79,16 @@ SCHEDULER_NAMES = ("threads", "threading", "sync", "synchronous", "single-thread
                    "multiprocessing", "distributed", "dask.distributed")
 
 
+#: The largest integer a netCDF3 file (what xarray writes without a netCDF4 library) holds.
+NETCDF_LARGEST_INT = int(np.iinfo(np.int32).max)
+
+
+def netcdf_int_error(target: str, holding: str) -> ValueError:
+    """The error for a netCDF ``target`` whose integers ``holding`` says exceed ``NETCDF_LARGEST_INT``."""
+    return ValueError(f"{target}: netCDF files as xarray writes them here (netCDF3) hold 32-bit integers, and "
+                      f"{holding}; save to a zarr store (.zarr), which can")
+
+
 def check_output_place(path: str | os.PathLike, what: str) -> None:
     """Refuse, before any work, an output ``path`` (``what``: its option, for the message) whose folder does not
     exist (a typo in a folder is not a new folder) or that lies inside an activation store."""

@@ -241,14 +241,15 @@ class Adapter:
         in single precision take these rows less their shift, then rounded (``moments``), so an offset common to
         the values costs no digits."""
         axes = tuple(range(1, block.ndim - 1))
+        flat = block.reshape(block.shape[0], -1, block.shape[-1])
+        norms = np.sqrt(np.einsum("dpc,dpc->dc", flat, flat, dtype=np.float64))  # (datapoint, channel)
         # complex128 runs faster from a complex128 copy than from float64 (the cast is exact either way)
         spectrum = np.fft.fftn(block.astype(np.complex128, copy=False), axes=axes)
         # one gather, straight into (*frequencies, datapoint, channel) C order
         kept = np.moveaxis(spectrum, 0, -2)[np.ix_(*self.frequencies)]
+        del spectrum
         # a coefficient within the FFT's rounding of 0 is 0: a channel uniform along an axis has none at that
         # axis's other frequencies, and its rounding noise, whitened, counted as a direction
-        flat = block.reshape(block.shape[0], -1, block.shape[-1])
-        norms = np.sqrt(np.einsum("dpc,dpc->dc", flat, flat, dtype=np.float64))  # (datapoint, channel)
         noise = FFT_RTOL * max(1.0, np.log2(flat.shape[1])) * np.where(np.isfinite(norms), norms, 0.0)
         kept[np.abs(kept) <= noise] = 0
         return kept

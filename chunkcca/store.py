@@ -54,7 +54,7 @@ from .layers import (
     with_datapoint_coords,
     zarr_arrays,
 )
-from .options import MASK, check_choice
+from .options import MASK, NETCDF_LARGEST_INT, check_choice, netcdf_int_error
 from .progress import Progress
 from .rows import pixel_centres
 
@@ -672,13 +672,11 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         write_atomically(path, partial(_to_consolidated_zarr, result), overwrite=overwrite,
                          replaceable=is_saved_result, what="a zarr result")
     elif suffix == ".nc":
-        limit = np.iinfo(np.int32)
         wide = next((str(name) for name, variable in result.variables.items() if variable.dtype.kind in "iu"
-                     and variable.size and (variable.values.min() < limit.min or variable.values.max() > limit.max)),
-                    None)
+                     and variable.size and not -NETCDF_LARGEST_INT - 1 <= int(variable.min()) <= int(variable.max())
+                     <= NETCDF_LARGEST_INT), None)
         if wide is not None:  # netCDF3 (scipy's writer) holds 32-bit integers: it failed in numpy's words on datetimes
-            raise ValueError(f"{path}: netCDF files as xarray writes them here (netCDF3) hold 32-bit integers, and "
-                             f"{wide!r} holds {int(abs(result[wide]).max())}; save to a zarr store (.zarr), which can")
+            raise netcdf_int_error(str(path), f"{wide!r} holds {int(abs(result[wide]).max())}")
         complex_values = [str(name) for name, variable in result.variables.items() if variable.dtype.kind == "c"]
         if complex_values:  # netCDF3, which xarray writes without a netCDF4 library, has no complex type
             raise ValueError(f"{path}: netCDF files cannot hold the complex values of {', '.join(complex_values)} "

@@ -98,6 +98,7 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["sweep", "--a", "m0", "--b", "m0", "{store}"], "chunkcca sweep: error: the following arguments are "
          "required: store (--a, --b take every word after them: give the store and layers first)"),
         (["compare", "{store}", "m0/conv"], "required: layer_b (see chunkcca compare --help)"),
+        (["compare", "{store}", "m0/conv", "--measure", "cka"], "required: layer_b (see chunkcca compare --help)"),
         (["ingest", "{folder}/x.zarr", "m0={folder}/a.npy", "--mask", "m0={folder}/a.npy", "--mask",
           "m0={folder}/b.npz"], "--mask: layer 'm0' is given twice"),
         (["ingest", "{folder}/x.zarr", "m0={folder}/a.npy", "m0={folder}/b.npz"], "layer 'm0' is given twice"),
@@ -387,8 +388,18 @@ def test_compare_checkpoints_and_resumes(files, capsys):
     assert "resuming" not in first.err
     saved = chunkcca.Moments.load(folder / "run.ckpt")
     assert saved.n == 50 * 16
-    assert main(argv) == 0  # a finished checkpoint: solved again without streaming, saying so (it did only
-    again = capsys.readouterr()  # with the progress lines, which --no-progress hides)
+    root = logging.getLogger()
+    shown_by_the_program = logging.StreamHandler(sys.stderr)  # a program whose own logging shows INFO
+    root.addHandler(shown_by_the_program)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        assert main(argv) == 0  # a finished checkpoint: solved again without streaming, saying so (it did only
+    finally:  # with the progress lines, which --no-progress hides), once
+        root.removeHandler(shown_by_the_program)
+        root.setLevel(level)
+    again = capsys.readouterr()
+    assert again.err.count("resuming from the checkpoint") == 1
     assert again.out == first.out
     assert again.err.splitlines()[-1] == (f"resuming from the checkpoint {folder / 'run.ckpt'}: 50 of 50 "
                                           f"datapoints done, nothing left to read")
@@ -423,8 +434,16 @@ def test_minibatch_cka_and_interpolation_options_from_the_command_line(tmp_path,
     shown = compared("m0/c", "m1/p", "--spatial", "interp", "--method", "nearest", "--grid", "svcca")
     want = chunkcca.compare(layer["m0/c"], layer["m1/p"], spatial="interp", method="nearest", grid="svcca")
     assert shown["results"]["mean_cca"]["value"] == pytest.approx(float(want["mean_cca"]), abs=1e-12)
+    assert (shown["options"]["method"], shown["options"]["grid"]) == ("nearest", "svcca")
     assert shown["results"]["mean_cca"]["value"] != pytest.approx(float(chunkcca.compare(
         layer["m0/c"], layer["m1/p"], spatial="interp")["mean_cca"]), abs=1e-6)  # the flags are read
+    # with --minibatch too (they were dropped, silently: linear on coords)
+    shown = compared("m0/c", "m1/p", "--spatial", "interp", "--method", "nearest", "--grid", "svcca", "--measure",
+                     "cka", "--minibatch", "25")
+    want = chunkcca.cka(layer["m0/c"], layer["m1/p"], spatial="interp", method="nearest", grid="svcca", minibatch=25)
+    assert shown["results"]["cka"]["value"] == pytest.approx(float(want["cka"]), abs=1e-12)
+    assert main(["compare", store, "m0/c", "m1/p", "--spatial", "interp", "--method", "cubic", "--no-progress"]) == 0
+    assert "m0/c vs m1/p (interp cubic on the coords grid, stride 1, 6400 rows" in capsys.readouterr().out
     assert main(["sweep", store, "--a", "m0", "--b", "m1", "--measures", "cka", "--minibatch", "20", "--spatial",
                  "avgpool", "--out", str(tmp_path / "sw.nc"), "--no-progress"]) == 0
     want = chunkcca.similarity({"m0/c": layer["m0/c"]}, {"m1/c": layer["m1/c"], "m1/p": layer["m1/p"]},
@@ -438,8 +457,13 @@ def test_minibatch_cka_and_interpolation_options_from_the_command_line(tmp_path,
             (["--measure", "cka", "--minibatch", "25", "--precision", "float64", "--folds", "2"],
              "--folds, --precision do not apply to --minibatch"),
             (["--method", "cubic"], "--method applies to --spatial interp, not --spatial flatten"),
-            (["--measure", "cka", "--minibatch", "3"], "minibatch must be an integer >= 4")]:
-        assert main(["compare", store, "m0/c", "m1/c", "--no-progress", *flags]) == 2
+            (["--measure", "cka", "--minibatch", "3"], "argument --minibatch: must be >= 4 (the unbiased HSIC of a "
+                                                       "minibatch needs 4 rows), got 3")]:
+        try:
+            status = main(["compare", store, "m0/c", "m1/c", "--no-progress", *flags])
+        except SystemExit as exit_info:  # argparse's own errors (usage), one line too
+            status = exit_info.code
+        assert status == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
 
@@ -670,7 +694,7 @@ def test_rows_holding_nan_are_an_error_or_left_out_with_nan_policy(tmp_path, cap
     # how many rows were left out (the table and JSON gave the rows used alone)
     assert (shown["rows"], shown["options"]["rows_omitted"]) == (59, 1)
     assert main([*argv[:-2], "--no-progress", "--nan-policy", "omit"]) == 0
-    assert "59 rows (1 left out: NaN or Inf)" in capsys.readouterr().out
+    assert "59 rows (1 left out: NaN, Inf or padding)" in capsys.readouterr().out
 
 
 def test_warnings_are_one_line(tmp_path, capsys):

@@ -345,9 +345,9 @@ def test_ingest_writes_datapoint_coordinates_that_compare_groups_by(tmp_path, ca
     for flag, message in ((f"label={tmp_path / 'none.npy'}", "cannot read coordinate 'label' from"),
                           ("label", "--coord: expected NAME=FILE, got 'label'"),
                           (f"label={tmp_path / 'a.npy'}", f"coords['label'] must be one number or string per "
-                                                          f"datapoint (1-d), got 2-d float32 values (read from "
-                                                          f"{tmp_path / 'a.npy'}, given as "
-                                                          f"label={tmp_path / 'a.npy'})")):
+                                                          f"datapoint (1-d), got 2-d float32 values (from the file "
+                                                          f"{tmp_path / 'a.npy'})\n"),
+                          (f"my label={tmp_path / 'none.npy'}", "without '/' or spaces, got 'my label'\n")):
         assert main(["ingest", str(tmp_path / "t.zarr"), f"a={tmp_path / 'a.npy'}", "--coord", flag,
                      "--no-progress"]) == 2
         assert message in capsys.readouterr().err

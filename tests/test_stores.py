@@ -173,7 +173,7 @@ def test_open_errors_name_the_path(tmp_path):
         open_activations(tmp_path / "junk")
 
 
-def test_stores_open_from_fsspec_urls(tmp_path, rng):
+def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
     a = rng.standard_normal((12, 3, 3, 4)).astype(np.float32)
     write_activations(tmp_path / "s.zarr", {"m0/conv": a}, chunks=5)
     url = (tmp_path / "s.zarr").as_uri()  # file:///...
@@ -186,12 +186,17 @@ def test_stores_open_from_fsspec_urls(tmp_path, rng):
     with pytest.raises(ValueError, match="storage_options apply to fsspec URLs only"):
         open_activations(tmp_path / "s.zarr", storage_options={"anon": True})
     for write in (lambda: write_activations(f"{url}2", {"m0/conv": a}),
-                  lambda: write_activations(url, {"m1/conv": a}, mode="a"),
                   lambda: write_activations(Path("file://" + str(tmp_path / "p.zarr")), {"m0/conv": a}),
                   lambda: Moments(1, np.zeros(2), np.zeros((2, 2))).save(f"{url}3")):
         with pytest.raises(ValueError, match="writes to local paths only"):
             write()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no local folder named "file:"
+    # an append to a URL is refused before the store is opened and its layers listed (it was after)
+    import chunkcca.store
+
+    monkeypatch.setattr(chunkcca.store, "_existing_order", lambda *_: pytest.fail("opened the store first"))
+    with pytest.raises(ValueError, match="writes to local paths only"):
+        write_activations(url, {"m1/conv": a}, mode="a")
 
 
 def test_repeated_datapoint_or_channel_labels_are_refused_when_written(tmp_path):
