@@ -207,10 +207,11 @@ def _packed(output: Any) -> Any:
 
 
 def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select: Callable[[Any], Any],
-              layout: Layout | None, made: _Made) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), and its dims; laid out
-    as ``layout`` (from ``layouts=``) says, else as ``_layout`` finds (4-d and 5-d: channels first by default); a
-    (T, N, C) sequence is made batch first either way."""
+              layout: Layout | None, made: _Made) -> tuple[np.ndarray, tuple[str, ...], bool]:
+    """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), its dims, and whether
+    it was a nested tensor (padded here to its longest sequence only); laid out as ``layout`` (from ``layouts=``)
+    says, else as ``_layout`` finds (4-d and 5-d: channels first by default); a (T, N, C) sequence is made batch
+    first either way."""
     tensor = select(output)
     if tensor is None:
         raise ValueError(f"layer {path!r} gives a {type(output).__name__} holding no tensor; pass output= to say "
@@ -232,11 +233,12 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
                          f"transpose), or its shape is square, where a transpose cannot be told; pass "
                          f"layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), 'channels_last' "
                          f"if (N, T, C)")
-    if getattr(tensor, "is_nested", False):  # PyTorch's transformer fast path leaves padding out: put it back
+    nested = getattr(tensor, "is_nested", False)
+    if nested:  # PyTorch's transformer fast path leaves padding out: put it back
         tensor = tensor.to_padded_tensor(0.0)
     if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16 ("unsupported ScalarType"): float32 holds it
         tensor = tensor.float()           # exactly (bfloat16 is float32 with its last 16 bits cut)
-    return _channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first")
+    return (*_channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first"), nested)
 
 
 def attention_mask(batch: Any) -> Any:
@@ -349,13 +351,18 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
     if mode == "a":
         check_store_coords(path, labelled)
+    if isinstance(getattr(batches, "sampler", None), torch.utils.data.RandomSampler):
+        warnings.warn("batches is a DataLoader that shuffles: the datapoints are recorded in an order that another "
+                      "recording (another model, mode='a') and labels in the dataset's order (coords=, datapoints=) "
+                      "do not share, so they would pair the wrong inputs; use shuffle=False", RuntimeWarning,
+                      stacklevel=user_stacklevel())
     given = {str(layer).strip("/"): layout for layer, layout in (layouts or {}).items()}
     for layer, layout in given.items():
         if layer not in modules:
             raise ValueError(f"layouts names {layer!r}, which is not a recorded layer ({', '.join(modules)})")
         if layout not in LAYOUTS:
             raise ValueError(f"layouts[{layer!r}] is {layout!r}; choose from {', '.join(LAYOUTS)}")
-    captured: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
+    captured: dict[str, tuple[np.ndarray, tuple[str, ...], bool]] = {}
     made = _Made()
 
     def track(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -400,8 +407,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")
-                        values, dims = captured[path]
-                        if padding is not None and values.ndim == 3 and dims[1] == "token" \
+                        values, dims, nested = captured[path]
+                        if nested and padding is not None and values.ndim == 3 and dims[1] == "token" \
                                 and values.shape[0] == padding.shape[0] and values.shape[1] < padding.shape[1]:
                             # a nested output padded to its longest sequence only: to the batch's length
                             values = np.pad(values, ((0, 0), (0, padding.shape[1] - values.shape[1]), (0, 0)))
@@ -437,6 +444,11 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         if labels.shape != (count["datapoints"],):
             raise ValueError(f"datapoints has {labels.size} labels for {count['datapoints']} recorded datapoints")
         extra = coord_values(labelled, labels, next(iter(modules)))
+        if stored is not None and "size" in image and tuple(image["size"]) != tuple(stored):
+            raise ValueError(f"{path}: the store's layers have pixel centres in units of {stored[0]}x{stored[1]} input "
+                             f"images, and these inputs are {image['size'][0]}x{image['size'][1]}: the layers added "
+                             f"would be placed on the wrong grid (interp reads it); record them into a store of "
+                             f"their own")
         extent = stored or image.get("size")
         with every_chunk_written():  # the last chunks and the labels too (a label 0 equals the fill value)
             for writer in writers.values():

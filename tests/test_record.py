@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any
 
 import numpy as np
@@ -142,6 +143,13 @@ def test_two_models_recorded_into_one_store_in_network_order(tmp_path):
         record(second, {"m1/fc": "4"}, [inputs], tmp_path / "r.zarr", mode="a")
     result = chunkcca.similarity(tree["m0"], tree["m1"], measures=["cka"], spatial="avgpool")
     assert list(result["layer_a"].values) == ["m0/conv", "m0/fc"]
+    # inputs of another size: their pixel centres were put in the store's units (0.5, 1.5, ... for 1, 3, ...)
+    convolution = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
+    with pytest.raises(ValueError, match=r"units of 8x8 input images, and these inputs are 16x16: the layers added "
+                                         r"would be placed on the wrong grid"):
+        record(convolution, {"m2/conv": "0"}, [torch.randn(4, 1, 16, 16)], tmp_path / "r.zarr", mode="a")
+    assert chunkcca.layer_paths(chunkcca.open_activations(tmp_path / "r.zarr")) == ["m0/conv", "m0/fc", "m1/conv",
+                                                                                    "m1/fc"]
 
 
 class _Sequences(torch.nn.Module):
@@ -214,6 +222,38 @@ def test_a_layer_of_another_length_than_the_mask_is_recorded_with_a_warning(tmp_
         tree = record(_Strided(), {"embed": "embed", "conv": "conv"}, [{"x": x, "attention_mask": mask}],
                       tmp_path / "r.zarr")
     assert "mask" in tree["embed"]["activations"].coords and "mask" not in tree["conv"]["activations"].coords
+
+
+class _Cut(torch.nn.Module):
+    """Token layers shorter than the batch's mask: the CLS token dropped (5 of 6), every second token (3 of 6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.body, self.pool = torch.nn.Linear(3, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embedded = self.embed(x)
+        self.pool(embedded[:, ::2])
+        return self.body(embedded[:, 1:])
+
+
+def test_a_channels_last_token_layer_shorter_than_the_mask_is_not_padded_to_it(tmp_path):
+    """Such layers were padded with zeros to the mask's 6 tokens and given the batch's mask, silently: positions
+    that do not exist counted as real, and every second token's mask was the first tokens'. Only a nested tensor
+    (PyTorch's fast path, padded to its longest sequence) is padded to the batch's length."""
+    x = torch.randn(3, 6, 3)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    with pytest.warns(RuntimeWarning, match="recorded without a mask") as caught:
+        tree = record(_Cut(), ["body", "pool"], [{"x": x, "attention_mask": mask}], tmp_path / "r.zarr")
+    assert len([w for w in caught if "recorded without a mask" in str(w.message)]) == 2
+    net = _Cut().eval()
+    with torch.inference_mode():
+        embedded = net.embed(x)
+        want = {"body": net.body(embedded[:, 1:]).numpy(), "pool": net.pool(embedded[:, ::2]).numpy()}
+    for name, values in want.items():
+        assert "mask" not in tree[name]["activations"].coords
+        np.testing.assert_allclose(tree[name]["activations"].values, values, atol=1e-6)
 
 
 class _Block(torch.nn.Module):
@@ -590,3 +630,17 @@ def test_records_datapoint_coordinates_for_groupby(tmp_path):
     with pytest.raises(ValueError, match=r"coords\['label'\] has 22 labels and layer '4' 23 datapoints"):
         record(net, ["4"], batches, tmp_path / "s.zarr", coords={"label": np.arange(22)})
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_shuffling_data_loader_is_warned_of(tmp_path):
+    """A DataLoader with shuffle=True recorded its inputs in a random order, silently: labels in the dataset's order
+    (coords=) then sat on other inputs, and a second model recorded with mode='a' paired other inputs (rho 0.5 for
+    one model with itself)."""
+    dataset = torch.utils.data.TensorDataset(torch.randn(12, 1, 8, 8), torch.zeros(12))
+    shuffled = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True)
+    with pytest.warns(RuntimeWarning, match="batches is a DataLoader that shuffles.*use shuffle=False") as caught:
+        record(_net(), {"conv": "0"}, shuffled, tmp_path / "r.zarr")
+    assert {w.filename for w in caught if "shuffles" in str(w.message)} == {__file__}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        record(_net(), {"conv": "0"}, torch.utils.data.DataLoader(dataset, batch_size=4), tmp_path / "s.zarr")
