@@ -94,8 +94,8 @@ def first_tensor(output: Any) -> Any:
     return None
 
 
-Layout = Literal["channels_first", "channels_last"]
-LAYOUTS: tuple[Layout, ...] = ("channels_first", "channels_last")
+Layout = Literal["channels_first", "channels_last", "time_first"]
+LAYOUTS: tuple[Layout, ...] = ("channels_first", "channels_last", "time_first")
 Found = Literal["channels_first", "channels_last", "time_first"]  # time first: (T, N, C), channels last
 CHANNELS_FIRST_MODULES = ("GroupNorm", "SyncBatchNorm", "LocalResponseNorm")  # (N, C, *) whatever the rank
 POSITIONS = {3: ("time",), 4: ("height", "width"), 5: ("depth", "height", "width")}
@@ -222,9 +222,12 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
                          f"together, not datapoints; record it padded: pass output=lambda out: torch.nn.utils.rnn."
                          f"pad_packed_sequence(out[0], batch_first=True, total_length=T)[0] (and mask= for the "
                          f"padding), or record a module after the model's own pad_packed_sequence")
-    found = _layout(module, inputs, tensor, made) if tensor.dim() in POSITIONS else None
-    if found == "time_first":  # (T, N, C) → (N, T, C)
-        tensor, found = tensor.transpose(0, 1), "channels_last"
+    if layout == "time_first" and tensor.dim() != 3:
+        raise ValueError(f"layouts[{path!r}] is 'time_first', (T, N, C), but its output has shape "
+                         f"{tuple(tensor.shape)}")
+    found = None if layout else _layout(module, inputs, tensor, made) if tensor.dim() in POSITIONS else None
+    if "time_first" in (layout, found):  # (T, N, C) → (N, T, C)
+        tensor, found, layout = tensor.transpose(0, 1), "channels_last", None
     layout = layout or found
     if layout is None and tensor.dim() == 3:
         raise ValueError(f"layer {path!r}: where the channels of its {tuple(tensor.shape)} output are is "
@@ -232,7 +235,7 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
                          f"model made a tensor of its shape before it (a function of the model's input, a "
                          f"transpose), or its shape is square, where a transpose cannot be told; pass "
                          f"layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), 'channels_last' "
-                         f"if (N, T, C)")
+                         f"if (N, T, C), 'time_first' if (T, N, C)")
     nested = getattr(tensor, "is_nested", False)
     if nested:  # PyTorch's transformer fast path leaves padding out: put it back
         tensor = tensor.to_padded_tensor(0.0)
@@ -328,10 +331,11 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         As for [`chunkcca.write_activations()`][chunkcca.write_activations].
     layouts
         Store path → ``"channels_first"`` ((N, C, L), (N, C, H, W), (N, C, D, H, W)) or ``"channels_last"``
-        ((N, T, C), (N, H, W, C), (N, D, H, W, C)) for layers whose layout the rule of ``chunkcca.record`` gets
-        wrong or cannot tell (it refuses a parameter-free module, e.g. a ReLU, given a 3-d tensor no module made;
-        it takes a 4-d or 5-d output it cannot tell for channels first). A (T, N, C) output it finds (an RNN's
-        with ``batch_first=False``) is made (N, T, C) first.
+        ((N, T, C), (N, H, W, C), (N, D, H, W, C)) or ``"time_first"`` ((T, N, C), made (N, T, C)) for layers
+        whose layout the rule of ``chunkcca.record`` gets wrong or cannot tell (it refuses a parameter-free module,
+        e.g. a ReLU, given a 3-d tensor no module made; it takes a 4-d or 5-d output it cannot tell for channels
+        first; a Linear applied to a function of an RNN's (T, N, C) output, e.g. ``F.relu(out)``, looks (N, T, C)).
+        A (T, N, C) output it finds (an RNN's with ``batch_first=False``) is made (N, T, C) first.
     coords
         Coordinates on ``datapoint`` for every recorded layer (for ``groupby=`` and ``folds=``): name → one number
         or string per datapoint, in the order of ``batches`` (e.g. ``{"label": dataset.targets}``), or a DataArray
@@ -404,6 +408,12 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                         image.setdefault("size", (int(inputs.shape[-2]), int(inputs.shape[-1])))
                     padding = mask(batch) if mask is not None else None
                     padding = None if padding is None else padding.detach().cpu().numpy().astype(bool)
+                    counts = {layer: len(captured[layer][0]) for layer in modules if layer in captured}
+                    if len(set(counts.values())) > 1:  # xarray said "conflicting sizes for dimension 'datapoint'"
+                        raise ValueError(f"the layers give different numbers of datapoints for one batch ("
+                                         f"{', '.join(f'{layer!r} {count}' for layer, count in counts.items())}): "
+                                         f"one is laid out otherwise than found, e.g. (T, N, C) read as (N, T, C); "
+                                         f"pass layouts={{layer: 'time_first'}} (or 'channels_last') for it")
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")

@@ -644,3 +644,37 @@ def test_a_shuffling_data_loader_is_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         record(_net(), {"conv": "0"}, torch.utils.data.DataLoader(dataset, batch_size=4), tmp_path / "s.zarr")
+
+
+class _TimeFirstHead(torch.nn.Module):
+    """An LSTM with batch_first=False and a Linear head on F.relu of its (T, N, 8) output: no module made the head's
+    input, so the rule reads the head's (T, N, 5) as (N, T, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.fc = torch.nn.LSTM(3, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.fc(torch.nn.functional.relu(out))
+
+
+def test_layouts_time_first_and_layers_that_disagree_on_the_datapoints(tmp_path):
+    """Such a head was stored with T as its datapoints (21 of 12), silently when recorded alone, and beside the
+    LSTM with xarray's "conflicting sizes for dimension 'datapoint'"; layouts= had no way to say (T, N, C)."""
+    batches = [torch.randn(7, 4, 3) for _ in range(3)]  # T = 7, N = 4
+    net = _TimeFirstHead().eval()
+    with pytest.raises(ValueError, match=r"different numbers of datapoints for one batch \('rnn' 4, 'fc' 7\).*"
+                                         r"layouts=\{layer: 'time_first'\}"):
+        record(net, ["rnn", "fc"], batches, tmp_path / "bad.zarr")
+    assert not (tmp_path / "bad.zarr").exists()
+    tree = record(net, ["rnn", "fc"], batches, tmp_path / "r.zarr", layouts={"fc": "time_first"})
+    with torch.inference_mode():
+        want = np.concatenate([net(x).numpy().transpose(1, 0, 2) for x in batches])
+    assert tree["fc"]["activations"].dims == ("datapoint", "token", "channel")
+    np.testing.assert_allclose(tree["fc"]["activations"].values, want, atol=1e-6)
+    with pytest.raises(ValueError, match=r"layouts\['rnn'\] is 'time_first', \(T, N, C\), but its output has shape "
+                                         r"\(4, 8\)"):
+        record(net, ["rnn"], batches, tmp_path / "h.zarr", layouts={"rnn": "time_first"},
+               output=lambda out: out[1][0][0])
