@@ -251,10 +251,12 @@ def attention_mask(batch: Any) -> Any:
 
 def _call(model: Any, batch: Any) -> Any:
     """Run the model on a batch: a dict as keyword arguments, a tuple or list by its first element (e.g. a
-    ``DataLoader``'s (inputs, targets)), else the batch itself; returns the inputs."""
+    ``DataLoader``'s (inputs, targets)), else the batch itself; returns the inputs (of a dict, its first image
+    or volume, e.g. ``pixel_values`` after ``labels``, else its first value)."""
     if isinstance(batch, Mapping):
         model(**batch)
-        return next(iter(batch.values()))
+        values = list(batch.values())
+        return next((value for value in values if getattr(value, "ndim", 0) in (4, 5)), values[0])
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
     model(inputs)
     return inputs

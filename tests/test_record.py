@@ -678,3 +678,22 @@ def test_layouts_time_first_and_layers_that_disagree_on_the_datapoints(tmp_path)
                                          r"\(4, 8\)"):
         record(net, ["rnn"], batches, tmp_path / "h.zarr", layouts={"rnn": "time_first"},
                output=lambda out: out[1][0][0])
+
+
+class _Keywords(torch.nn.Module):
+    """A model called with keywords, its labels first (as a dataset's dict may order them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, labels: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values)
+
+
+def test_the_image_of_a_dict_batch_sets_the_pixel_centres(tmp_path):
+    """The image size was read from a dict batch's first value only: with labels first, the pooled map's centres
+    fell back to its own pixels (0.5, 1.5, ...) instead of the 8-pixel input's (1, 3, 5, 7)."""
+    batches = [{"labels": torch.zeros(5), "pixel_values": torch.randn(5, 1, 8, 8)} for _ in range(2)]
+    tree = record(_Keywords(), {"pool": "net.2"}, batches, tmp_path / "r.zarr")
+    np.testing.assert_allclose(tree["pool"]["height"], [1, 3, 5, 7])
