@@ -32,6 +32,7 @@ when recording ends.
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -222,12 +223,13 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
                          f"together, not datapoints; record it padded: pass output=lambda out: torch.nn.utils.rnn."
                          f"pad_packed_sequence(out[0], batch_first=True, total_length=T)[0] (and mask= for the "
                          f"padding), or record a module after the model's own pad_packed_sequence")
-    if layout == "time_first" and tensor.dim() != 3:
-        raise ValueError(f"layouts[{path!r}] is 'time_first', (T, N, C), but its output has shape "
-                         f"{tuple(tensor.shape)}")
-    found = None if layout else _layout(module, inputs, tensor, made) if tensor.dim() in POSITIONS else None
-    if "time_first" in (layout, found):  # (T, N, C) → (N, T, C)
-        tensor, found, layout = tensor.transpose(0, 1), "channels_last", None
+    if layout == "time_first" and (tensor.dim() != 3 or tensor.is_nested):
+        raise ValueError(f"layouts[{path!r}] is 'time_first', (T, N, C), but its output is "
+                         + ("a nested tensor, which PyTorch makes batch first" if tensor.is_nested else
+                            f"of shape {tuple(tensor.shape)}"))
+    found = _layout(module, inputs, tensor, made) if tensor.dim() in POSITIONS and layout != "time_first" else None
+    if "time_first" in (layout, found):  # (T, N, C) → (N, T, C); a layout given applies to that
+        tensor, found, layout = tensor.transpose(0, 1), "channels_last", None if layout == "time_first" else layout
     layout = layout or found
     if layout is None and tensor.dim() == 3:
         raise ValueError(f"layer {path!r}: where the channels of its {tuple(tensor.shape)} output are is "
@@ -244,6 +246,34 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
     return (*_channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first"), nested)
 
 
+def _shuffles(batches: Any) -> bool:
+    """Whether ``batches`` is a DataLoader whose sampler, or its batch sampler's, draws the data in a random
+    order (random, subset-random, weighted or shuffling distributed sampling)."""
+    from torch.utils.data import DistributedSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    samplers = (getattr(batches, "sampler", None), getattr(getattr(batches, "batch_sampler", None), "sampler", None))
+    return any(isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
+               or (isinstance(sampler, DistributedSampler) and sampler.shuffle) for sampler in samplers)
+
+
+def _check_datapoint_counts(outputs: Mapping[str, np.ndarray]) -> None:
+    """Every recorded layer's output of a batch has the batch's datapoints first; else an error naming each layer
+    at odds with the most and what gives its datapoints first (xarray said "conflicting sizes for dimension
+    'datapoint'" when the store was opened)."""
+    counts = {layer: len(values) for layer, values in outputs.items()}
+    most = collections.Counter(counts.values()).most_common(1)[0][0]
+    odd = [layer for layer, count in counts.items() if count != most]
+    if not odd:
+        return
+    advice = [f"{layer!r} gives {counts[layer]} ("
+              + (f"a (T, N, C) output read as (N, T, C)? pass layouts={{{layer!r}: 'time_first'}}"
+                 if outputs[layer].ndim == 3 and outputs[layer].shape[1] == most else
+                 "pass output= a function giving its output with the datapoints first")
+              + ")" for layer in odd]
+    raise ValueError(f"the layers give different numbers of datapoints for one batch: {most} for most, but "
+                     f"{'; '.join(advice)}")
+
+
 def attention_mask(batch: Any) -> Any:
     """A batch's attention mask: its ``"attention_mask"`` entry when the batch is a dict, else None."""
     return batch.get("attention_mask") if isinstance(batch, Mapping) else None
@@ -252,11 +282,12 @@ def attention_mask(batch: Any) -> Any:
 def _call(model: Any, batch: Any) -> Any:
     """Run the model on a batch: a dict as keyword arguments, a tuple or list by its first element (e.g. a
     ``DataLoader``'s (inputs, targets)), else the batch itself; returns the inputs (of a dict, its first image
-    or volume, e.g. ``pixel_values`` after ``labels``, else its first value)."""
+    or volume but an ``attention_mask``, e.g. ``pixel_values`` after ``labels``, else its first value)."""
     if isinstance(batch, Mapping):
         model(**batch)
         values = list(batch.values())
-        return next((value for value in values if getattr(value, "ndim", 0) in (4, 5)), values[0])
+        return next((value for key, value in batch.items() if getattr(value, "ndim", 0) in (4, 5)
+                     and key != "attention_mask"), values[0])
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
     model(inputs)
     return inputs
@@ -357,7 +388,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
     if mode == "a":
         check_store_coords(path, labelled)
-    if isinstance(getattr(batches, "sampler", None), torch.utils.data.RandomSampler):
+    if _shuffles(batches):
         warnings.warn("batches is a DataLoader that shuffles: the datapoints are recorded in an order that another "
                       "recording (another model, mode='a') and labels in the dataset's order (coords=, datapoints=) "
                       "do not share, so they would pair the wrong inputs; use shuffle=False", RuntimeWarning,
@@ -410,12 +441,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                         image.setdefault("size", (int(inputs.shape[-2]), int(inputs.shape[-1])))
                     padding = mask(batch) if mask is not None else None
                     padding = None if padding is None else padding.detach().cpu().numpy().astype(bool)
-                    counts = {layer: len(captured[layer][0]) for layer in modules if layer in captured}
-                    if len(set(counts.values())) > 1:  # xarray said "conflicting sizes for dimension 'datapoint'"
-                        raise ValueError(f"the layers give different numbers of datapoints for one batch ("
-                                         f"{', '.join(f'{layer!r} {count}' for layer, count in counts.items())}): "
-                                         f"one is laid out otherwise than found, e.g. (T, N, C) read as (N, T, C); "
-                                         f"pass layouts={{layer: 'time_first'}} (or 'channels_last') for it")
+                    _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured})
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")
@@ -456,11 +482,6 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         if labels.shape != (count["datapoints"],):
             raise ValueError(f"datapoints has {labels.size} labels for {count['datapoints']} recorded datapoints")
         extra = coord_values(labelled, labels, next(iter(modules)))
-        if stored is not None and "size" in image and tuple(image["size"]) != tuple(stored):
-            raise ValueError(f"{path}: the store's layers have pixel centres in units of {stored[0]}x{stored[1]} input "
-                             f"images, and these inputs are {image['size'][0]}x{image['size'][1]}: the layers added "
-                             f"would be placed on the wrong grid (interp reads it); record them into a store of "
-                             f"their own")
         extent = stored or image.get("size")
         with every_chunk_written():  # the last chunks and the labels too (a label 0 equals the fill value)
             for writer in writers.values():

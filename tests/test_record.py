@@ -143,13 +143,6 @@ def test_two_models_recorded_into_one_store_in_network_order(tmp_path):
         record(second, {"m1/fc": "4"}, [inputs], tmp_path / "r.zarr", mode="a")
     result = chunkcca.similarity(tree["m0"], tree["m1"], measures=["cka"], spatial="avgpool")
     assert list(result["layer_a"].values) == ["m0/conv", "m0/fc"]
-    # inputs of another size: their pixel centres were put in the store's units (0.5, 1.5, ... for 1, 3, ...)
-    convolution = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
-    with pytest.raises(ValueError, match=r"units of 8x8 input images, and these inputs are 16x16: the layers added "
-                                         r"would be placed on the wrong grid"):
-        record(convolution, {"m2/conv": "0"}, [torch.randn(4, 1, 16, 16)], tmp_path / "r.zarr", mode="a")
-    assert chunkcca.layer_paths(chunkcca.open_activations(tmp_path / "r.zarr")) == ["m0/conv", "m0/fc", "m1/conv",
-                                                                                    "m1/fc"]
 
 
 class _Sequences(torch.nn.Module):
@@ -641,6 +634,11 @@ def test_a_shuffling_data_loader_is_warned_of(tmp_path):
     with pytest.warns(RuntimeWarning, match="batches is a DataLoader that shuffles.*use shuffle=False") as caught:
         record(_net(), {"conv": "0"}, shuffled, tmp_path / "r.zarr")
     assert {w.filename for w in caught if "shuffles" in str(w.message)} == {__file__}
+    data = torch.utils.data
+    for loader in (data.DataLoader(dataset, batch_size=4, sampler=data.SubsetRandomSampler(range(12))),
+                   data.DataLoader(dataset, batch_sampler=data.BatchSampler(data.RandomSampler(dataset), 4, False))):
+        with pytest.warns(RuntimeWarning, match="batches is a DataLoader that shuffles"):
+            record(_net(), {"conv": "0"}, loader, tmp_path / "r.zarr", overwrite=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         record(_net(), {"conv": "0"}, torch.utils.data.DataLoader(dataset, batch_size=4), tmp_path / "s.zarr")
@@ -665,17 +663,22 @@ def test_layouts_time_first_and_layers_that_disagree_on_the_datapoints(tmp_path)
     LSTM with xarray's "conflicting sizes for dimension 'datapoint'"; layouts= had no way to say (T, N, C)."""
     batches = [torch.randn(7, 4, 3) for _ in range(3)]  # T = 7, N = 4
     net = _TimeFirstHead().eval()
-    with pytest.raises(ValueError, match=r"different numbers of datapoints for one batch \('rnn' 4, 'fc' 7\).*"
-                                         r"layouts=\{layer: 'time_first'\}"):
+    with pytest.raises(ValueError, match=r"different numbers of datapoints for one batch: 4 for most, but 'fc' gives "
+                                         r"7 \(a \(T, N, C\) output read as \(N, T, C\)\? pass layouts=\{'fc': "
+                                         r"'time_first'\}\)"):
         record(net, ["rnn", "fc"], batches, tmp_path / "bad.zarr")
     assert not (tmp_path / "bad.zarr").exists()
-    tree = record(net, ["rnn", "fc"], batches, tmp_path / "r.zarr", layouts={"fc": "time_first"})
+    tree = record(net, ["rnn", "fc"], batches, tmp_path / "r.zarr", layouts={"fc": "time_first",
+                                                                              "rnn": "channels_last"})
+    with torch.inference_mode():
+        own = np.concatenate([net.rnn(x)[0].numpy().transpose(1, 0, 2) for x in batches])
+    np.testing.assert_allclose(tree["rnn"]["activations"].values, own, atol=1e-6)  # found (T, N, C), then the layout
     with torch.inference_mode():
         want = np.concatenate([net(x).numpy().transpose(1, 0, 2) for x in batches])
     assert tree["fc"]["activations"].dims == ("datapoint", "token", "channel")
     np.testing.assert_allclose(tree["fc"]["activations"].values, want, atol=1e-6)
-    with pytest.raises(ValueError, match=r"layouts\['rnn'\] is 'time_first', \(T, N, C\), but its output has shape "
-                                         r"\(4, 8\)"):
+    with pytest.raises(ValueError, match=r"layouts\['rnn'\] is 'time_first', \(T, N, C\), but its output is of "
+                                         r"shape \(4, 8\)"):
         record(net, ["rnn"], batches, tmp_path / "h.zarr", layouts={"rnn": "time_first"},
                output=lambda out: out[1][0][0])
 
@@ -697,3 +700,33 @@ def test_the_image_of_a_dict_batch_sets_the_pixel_centres(tmp_path):
     batches = [{"labels": torch.zeros(5), "pixel_values": torch.randn(5, 1, 8, 8)} for _ in range(2)]
     tree = record(_Keywords(), {"pool": "net.2"}, batches, tmp_path / "r.zarr")
     np.testing.assert_allclose(tree["pool"]["height"], [1, 3, 5, 7])
+
+
+def test_a_nested_output_is_padded_to_the_batch_s_mask(tmp_path):
+    """PyTorch's fast path gives a nested tensor padded to the batch's longest sequence (4 of 6 here): it is padded
+    to the mask's 6 tokens and keeps the mask (as no other layer shorter than the mask is)."""
+    torch.manual_seed(0)
+    embed = torch.nn.Linear(3, 8)
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.encoder = embed, encoder
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.encoder(self.embed(x), src_key_padding_mask=~attention_mask)
+
+    x = torch.randn(4, 6, 3)
+    mask = torch.arange(6)[None] < torch.tensor([4, 3, 2, 4])[:, None]
+    tree = record(Encoder().eval(), {"l0": "encoder.layers.0"}, [{"x": x, "attention_mask": mask}], tmp_path / "r.zarr")
+    assert tree["l0"]["activations"].shape == (4, 6, 8)
+    np.testing.assert_array_equal(tree["l0"]["mask"].values, mask.numpy())
+    with torch.inference_mode():
+        want = encoder.layers[0](embed(x), src_key_padding_mask=~mask).numpy()
+    real = mask.numpy()
+    np.testing.assert_allclose(tree["l0"]["activations"].values[real], want[real], atol=1e-5)
+    with pytest.raises(ValueError, match=r"layouts\['l0'\] is 'time_first', \(T, N, C\), but its output is a nested "
+                                         r"tensor, which PyTorch makes batch first"):
+        record(Encoder().eval(), {"l0": "encoder.layers.0"}, [{"x": x, "attention_mask": mask}], tmp_path / "t.zarr",
+               layouts={"l0": "time_first"})
