@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     _streaming_options(sweep, spatial=SWEEP_SPATIAL)  # flatten needs one spatial size for all layers
     _add_minibatch_option(sweep)
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
-    sweep.add_argument("--plot", help="heatmap PNG of the first measure")
+    sweep.add_argument("--plot", help="heatmap PNG of one measure (--plot-measure, default the first of --measures)")
+    sweep.add_argument("--plot-measure", metavar="MEASURE", help="the measure --plot draws, one of --measures")
     sweep.add_argument("--overwrite", action="store_true",
                        help="replace an existing --out (a sweep result) and --plot that chunkcca wrote (never "
                             "another file)")
@@ -773,6 +774,10 @@ def _run_sweep(args: argparse.Namespace) -> None:
     _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
     if args.plot:
         _check_plot(args)
+    drawn = args.plot_measure or measures[0]
+    if args.plot_measure is not None and (args.plot is None or args.plot_measure not in measures):
+        raise ValueError(f"--plot-measure {args.plot_measure} names the measure --plot draws: "
+                         + ("pass --plot too" if args.plot is None else f"one of --measures {' '.join(measures)}"))
     tree_a, tree_b = _stores(args)
     set_a, set_b = _select(tree_a, args.a, args.store), _select(tree_b, args.b, args.b_store or args.store)
     _check_netcdf_rows(args, [*set_a.values(), *set_b.values()])
@@ -794,7 +799,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     _show_sweep(result, measures, set_a, set_b)
     print(f"results: {out}")
     if args.plot:
-        _save_plot(lambda: plot_similarity(result, measures[0]).figure, args.plot, overwrite=args.overwrite)
+        _save_plot(lambda: plot_similarity(result, drawn).figure, args.plot, overwrite=args.overwrite)
         print(f"plot: {args.plot}")
 
 

@@ -1174,3 +1174,28 @@ def test_a_failure_to_reconnect_to_a_lost_scheduler_is_named_as_the_cluster_lost
     assert main(argv) == 2
     assert capfd.readouterr().err == ("chunkcca compare: error: Timed out trying to connect to tcp://127.0.0.1:8786 "
                                        "after 2 s\n")
+
+
+def test_sweep_plots_the_measure_asked_for(tmp_path, capsys, monkeypatch):
+    """--plot drew the first of --measures only; --plot-measure chooses, and is refused without --plot or for a
+    measure not measured, before any work."""
+    import chunkcca.cli
+
+    store, _ = _sweep_layers(tmp_path)
+    drawn = []
+    plot = chunkcca.cli.plot_similarity
+    monkeypatch.setattr(chunkcca.cli, "plot_similarity", lambda result, measure: drawn.append(measure)
+                        or plot(result, measure))
+    sweep = ["sweep", str(store), "--a", "m0", "--b", "m1", "--measures", "mean_cca", "cka", "--no-progress"]
+    assert main([*sweep, "--out", str(tmp_path / "a.nc"), "--plot", str(tmp_path / "a.png"),
+                 "--plot-measure", "cka"]) == 0
+    assert main([*sweep, "--out", str(tmp_path / "b.nc"), "--plot", str(tmp_path / "b.png")]) == 0
+    assert drawn == ["cka", "mean_cca"] and (tmp_path / "a.png").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(chunkcca, "similarity", lambda *_, **__: pytest.fail("computed before refusing"))
+    for flags, message in (([ "--plot-measure", "cka"], "--plot-measure cka names the measure --plot draws: pass "
+                                                        "--plot too"),
+                           (["--plot", str(tmp_path / "c.png"), "--plot-measure", "svcca"],
+                            "--plot-measure svcca names the measure --plot draws: one of --measures mean_cca cka")):
+        assert main([*sweep, "--out", str(tmp_path / "c.nc"), *flags]) == 2
+        assert capsys.readouterr().err == f"chunkcca sweep: error: {message}\n"
