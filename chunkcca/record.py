@@ -265,13 +265,11 @@ def _check_datapoint_counts(outputs: Mapping[str, np.ndarray]) -> None:
     odd = [layer for layer, count in counts.items() if count != most]
     if not odd:
         return
-    advice = [f"{layer!r} gives {counts[layer]} ("
-              + (f"a (T, N, C) output read as (N, T, C)? pass layouts={{{layer!r}: 'time_first'}}"
-                 if outputs[layer].ndim == 3 and outputs[layer].shape[1] == most else
-                 "pass output= a function giving its output with the datapoints first")
-              + ")" for layer in odd]
-    raise ValueError(f"the layers give different numbers of datapoints for one batch: {most} for most, but "
-                     f"{'; '.join(advice)}")
+    advice = [(f"if {layer!r} is (T, N, C) read as (N, T, C), pass layouts={{{layer!r}: 'time_first'}}"
+               if outputs[layer].ndim == 3 and outputs[layer].shape[1] == most else
+               f"pass output= a function giving {layer!r} with its datapoints first") for layer in odd]
+    raise ValueError(f"the layers give different numbers of datapoints for one batch "
+                     f"({', '.join(f'{layer!r} {count}' for layer, count in counts.items())}); {'; '.join(advice)}")
 
 
 def attention_mask(batch: Any) -> Any:

@@ -663,9 +663,9 @@ def test_layouts_time_first_and_layers_that_disagree_on_the_datapoints(tmp_path)
     LSTM with xarray's "conflicting sizes for dimension 'datapoint'"; layouts= had no way to say (T, N, C)."""
     batches = [torch.randn(7, 4, 3) for _ in range(3)]  # T = 7, N = 4
     net = _TimeFirstHead().eval()
-    with pytest.raises(ValueError, match=r"different numbers of datapoints for one batch: 4 for most, but 'fc' gives "
-                                         r"7 \(a \(T, N, C\) output read as \(N, T, C\)\? pass layouts=\{'fc': "
-                                         r"'time_first'\}\)"):
+    with pytest.raises(ValueError, match=r"different numbers of datapoints for one batch \('rnn' 4, 'fc' 7\); if "
+                                         r"'fc' is \(T, N, C\) read as \(N, T, C\), pass layouts=\{'fc': "
+                                         r"'time_first'\}$"):
         record(net, ["rnn", "fc"], batches, tmp_path / "bad.zarr")
     assert not (tmp_path / "bad.zarr").exists()
     tree = record(net, ["rnn", "fc"], batches, tmp_path / "r.zarr", layouts={"fc": "time_first",
