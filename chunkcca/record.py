@@ -6,7 +6,9 @@ height, width, channel), a 1-d conv's (N, C, L) → (datapoint, time, channel), 
 the batch's attention mask becomes the layer's padding mask. A recurrent module's (``torch.nn.RNNBase``: RNN,
 LSTM, GRU) output is (datapoint, token, channel): with ``batch_first=False`` its (T, N, C) is transposed, as are
 those of attention and transformer modules with ``batch_first=False`` and of the modules that keep the (T, N)
-leading dims of such a tensor (a Dropout, a Linear after it). A ``PackedSequence`` is refused, naming the layer.
+leading dims of such a tensor (a Dropout, a Linear after it). Its final states ``h_n`` and ``c_n`` (picked with
+``output=``) are (D · layers, N, H) whatever ``batch_first``: they become (datapoint, token, channel), one token
+per layer and direction. A ``PackedSequence`` is refused, naming the layer.
 
 Where the channels of an output of 3 to 5 dims are is decided in this order: channels first from a module whose
 class ends in ``1d``, ``2d`` or ``3d`` as its output has 3, 4 or 5 dims (conv, pooling, batch norm) or is a
@@ -143,6 +145,17 @@ def _time_first(module: Any) -> bool:
     return False
 
 
+def _final_state(module: Any, output: Any, tensor: Any) -> bool:
+    """Whether ``tensor`` is a torch RNN's final hidden or cell state (``h_n``, ``c_n``), which is
+    (D · layers, N, H) whatever ``batch_first``: its datapoints are second, as in a (T, N, C) sequence."""
+    from torch import nn
+
+    if not isinstance(module, nn.RNNBase) or not isinstance(output, tuple) or len(output) < 2:
+        return False
+    states = output[1] if isinstance(output[1], tuple) else (output[1],)
+    return any(tensor is state for state in states)
+
+
 def _acts_on_last_dim(module: Any) -> bool:
     """Whether a module works on the last dim of a tensor of any rank, so its output is channels last: a torch
     Linear, Bilinear, Embedding, or LayerNorm or RMSNorm over one dim, with torch's own ``forward`` (a subclass
@@ -227,7 +240,9 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
         raise ValueError(f"layouts[{path!r}] is 'time_first', (T, N, C), but its output is "
                          + ("a nested tensor, which PyTorch makes batch first" if tensor.is_nested else
                             f"of shape {tuple(tensor.shape)}"))
-    found = _layout(module, inputs, tensor, made) if tensor.dim() in POSITIONS and layout != "time_first" else None
+    found = None if tensor.dim() not in POSITIONS or layout == "time_first" else \
+        "time_first" if tensor.dim() == 3 and _final_state(module, output, tensor) else \
+        _layout(module, inputs, tensor, made)
     if "time_first" in (layout, found):  # (T, N, C) → (N, T, C); a layout given applies to that
         tensor, found, layout = tensor.transpose(0, 1), "channels_last", None if layout == "time_first" else layout
     layout = layout or found

@@ -514,6 +514,26 @@ def test_recurrent_outputs_are_datapoint_token_channel(tmp_path, batch_first):
         np.testing.assert_array_equal(tree[layer]["activations"].values, values.numpy(), err_msg=layer)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kind, state", [("GRU", 1), ("LSTM", (1, 0)), ("LSTM", (1, 1))])
+def test_a_recurrent_module_s_final_states_are_datapoint_first(tmp_path, batch_first, kind, state):
+    """h_n and c_n are (D · layers, N, H) whatever batch_first: a GRU's h_n of 2 layers over batches of 6 was
+    stored as 4 datapoints of 6 tokens, silently (its layers read as datapoints, its datapoints as tokens)."""
+    torch.manual_seed(0)
+    rnn = getattr(torch.nn, kind)(3, 5, num_layers=2, bidirectional=True, batch_first=batch_first)
+    batches = [torch.randn(6, 7, 3) if batch_first else torch.randn(7, 6, 3) for _ in range(2)]
+
+    def pick(out: Any) -> torch.Tensor:
+        return out[1] if isinstance(state, int) else out[1][state[1]]
+
+    tree = record(rnn, {"rnn": rnn}, batches, tmp_path / "s.zarr", output=pick)
+    with torch.inference_mode():
+        want = np.concatenate([pick(rnn(x)).numpy().transpose(1, 0, 2) for x in batches])
+    assert want.shape == (12, 4, 5)
+    assert tree["rnn"]["activations"].dims == ("datapoint", "token", "channel")
+    np.testing.assert_array_equal(tree["rnn"]["activations"].values, want)
+
+
 def test_sequence_first_attention_and_transformer_layers_are_made_batch_first(tmp_path):
     """A TransformerEncoderLayer with batch_first=False and its attention, norm, feed-forward Linear and the Dropout
     after its F.relu give (T, N, C): they were stored as if T were the datapoints."""
