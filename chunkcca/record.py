@@ -8,7 +8,8 @@ LSTM, GRU) output is (datapoint, token, channel): with ``batch_first=False`` its
 those of attention and transformer modules with ``batch_first=False`` and of the modules that keep the (T, N)
 leading dims of such a tensor (a Dropout, a Linear after it). Its final states ``h_n`` and ``c_n`` (picked with
 ``output=``) are (D · layers, N, H) whatever ``batch_first``: they become (datapoint, token, channel), one token
-per layer and direction. A ``PackedSequence`` is refused, naming the layer.
+per layer and direction; attention's averaged weights (``out[1]``) are (N, L, S) whatever ``batch_first``
+and are kept so. A ``PackedSequence`` is refused, naming the layer.
 
 Where the channels of an output of 3 to 5 dims are is decided in this order: channels first from a module whose
 class ends in ``1d``, ``2d`` or ``3d`` as its output has 3, 4 or 5 dims (conv, pooling, batch norm) or is a
@@ -25,7 +26,15 @@ not taken for one).
 Failing all these, a 3-d output is channels last from any other module with parameters (attention, a transformer
 layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
 transpose; an Upsample), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first
-unless ``layouts=`` says otherwise. Each layer's batches are gathered in a buffer of one zarr chunk and appended
+unless ``layouts=`` says otherwise.
+Where a batch shows how many datapoints it holds (``batch_datapoints``: a DataLoader's default collation, an image
+input, a dict batch's ``attention_mask`` or ``input_ids``), that count decides which of a 3-d output's first two
+dims holds the datapoints, whatever the rule above found (a block of a CLIP-like model, which permutes its
+embeddings to (T, N, C) with a function, is time first); when both hold as many (T = N), the layer keeps the order
+an earlier batch showed, and a first such batch is refused in a model with modules that put time first unless
+``layouts=`` names the layer. A layer whose outputs do not then have the batch's datapoints first is an error
+(e.g. ``output=`` picking (C, N, H, W)); where the batch does not show its count, the layers must agree on it.
+Each layer's batches are gathered in a buffer of one zarr chunk and appended
 a whole chunk at a time (the rest when recording ends), so no more than one chunk per layer and one batch are
 ever held, and no chunk is written twice: appending batches smaller than a chunk would make zarr read, decode and
 rewrite the partial last chunk on every batch. The store is written to a temporary folder and renamed into place
@@ -105,14 +114,20 @@ POSITIONS = {3: ("time",), 4: ("height", "width"), 5: ("depth", "height", "width
 
 
 class _Made:
-    """The tensors of 3 to 5 dims the model's modules made so far in one forward pass, with their layouts, and the
-    layout of the latest one of each shape."""
+    """The tensors of 3 to 5 dims the model's modules made so far in one forward pass, with their layouts, the
+    layout of the latest one of each shape and the datapoints of the pass's batch, where they show (``datapoints``,
+    see ``batch_datapoints``); and, across passes, whether the datapoints of each recorded layer's 3-d outputs came
+    second (``time_first``), as a batch's count showed it."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: Any) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
 
         self.tensors: Any = WeakIdKeyDictionary()
         self.shapes: dict[tuple[int, ...], Found] = {}
+        self.datapoints: int | None = None
+        self.time_first: dict[str, bool] = {}
+        #: whether a module of the model gives (T, N, C) sequences, so that a 3-d tensor may be either way round
+        self.has_time_first = any(_time_first(module) for module in model.modules())
 
     def add(self, tensor: Any, layout: Found) -> None:
         self.tensors[tensor] = layout
@@ -127,9 +142,37 @@ class _Made:
         square = shape[0] == shape[1] if layout == "time_first" else shape[1] == shape[-1]
         return None if square else layout
 
-    def clear(self) -> None:
+    def clear(self, datapoints: int | None) -> None:
+        """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
         self.tensors.clear()
         self.shapes.clear()
+        self.datapoints = datapoints
+
+    def by_count(self, found: Found | None, tensor: Any, path: str | None = None) -> Found | None:
+        """``found`` for an output ``tensor``, set right by the batch's datapoints where a 3-d one shows them: time
+        first when only its second dim has as many, not when only its first has; when both have (T = N), as an
+        earlier batch showed for the recorded layer at ``path`` (if none did, as found when that is channels first
+        or no module of the model puts time first; else an error: which dim holds the datapoints cannot be told)."""
+        n = self.datapoints
+        if n is None or tensor.dim() != 3 or tensor.is_nested or n not in tensor.shape[:2]:
+            return found  # a nested tensor is batch first
+        shape = tuple(tensor.shape)
+        if shape[0] != shape[1]:
+            time_first = shape[1] == n
+            if path is not None:
+                self.time_first[path] = time_first
+        elif path is not None and path in self.time_first:
+            time_first = self.time_first[path]
+        elif path is None or found == "channels_first" or not self.has_time_first:  # (N, C, L): datapoints first
+            return found
+        else:
+            raise ValueError(f"layer {path!r}: its {shape} output has as many positions as the batch has "
+                             f"datapoints ({n}), and the model has modules that put time first: which of its first "
+                             f"two dims holds the datapoints cannot be told; pass layouts={{{path!r}: 'time_first'}} "
+                             f"if it is (T, N, C), or record batches of another size first")
+        if time_first:
+            return "time_first"
+        return "channels_last" if found == "time_first" else found
 
 
 def _time_first(module: Any) -> bool:
@@ -145,15 +188,22 @@ def _time_first(module: Any) -> bool:
     return False
 
 
-def _final_state(module: Any, output: Any, tensor: Any) -> bool:
-    """Whether ``tensor`` is a torch RNN's final hidden or cell state (``h_n``, ``c_n``), which is
-    (D · layers, N, H) whatever ``batch_first``: its datapoints are second, as in a (T, N, C) sequence."""
+def _documented(module: Any, output: Any, tensor: Any) -> Found | None:
+    """The layout torch documents for a 3-d ``tensor`` of a module's ``output``, if it does: a time-first module's
+    (T, N, C) sequence (``_time_first``); a torch RNN's final hidden or cell state (``h_n``, ``c_n``), which is
+    (D · layers, N, H) whatever ``batch_first`` (its datapoints second, as in a (T, N, C) sequence); attention's
+    averaged weights, (N, L, S) whatever ``batch_first``."""
     from torch import nn
 
-    if not isinstance(module, nn.RNNBase) or not isinstance(output, tuple) or len(output) < 2:
-        return False
+    if _time_first(module) and tensor is first_tensor(output):
+        return "time_first"
+    if not isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) or not isinstance(output, tuple) \
+            or len(output) < 2:
+        return None
+    if isinstance(module, nn.MultiheadAttention):
+        return "channels_last" if tensor is output[1] else None
     states = output[1] if isinstance(output[1], tuple) else (output[1],)
-    return any(tensor is state for state in states)
+    return "time_first" if any(tensor is state for state in states) else None
 
 
 def _acts_on_last_dim(module: Any) -> bool:
@@ -240,9 +290,13 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
         raise ValueError(f"layouts[{path!r}] is 'time_first', (T, N, C), but its output is "
                          + ("a nested tensor, which PyTorch makes batch first" if tensor.is_nested else
                             f"of shape {tuple(tensor.shape)}"))
-    found = None if tensor.dim() not in POSITIONS or layout == "time_first" else \
-        "time_first" if tensor.dim() == 3 and _final_state(module, output, tensor) else \
-        _layout(module, inputs, tensor, made)
+    if tensor.dim() not in POSITIONS or layout == "time_first":
+        found = None
+    elif tensor.dim() == 3 and (documented := _documented(module, output, tensor)) is not None:
+        found = documented
+    else:
+        # where the batch's count cannot tell (T = N), a layout given decides with the rule
+        found = made.by_count(_layout(module, inputs, tensor, made), tensor, path if layout is None else None)
     if "time_first" in (layout, found):  # (T, N, C) → (N, T, C); a layout given applies to that
         tensor, found, layout = tensor.transpose(0, 1), "channels_last", None if layout == "time_first" else layout
     layout = layout or found
@@ -271,20 +325,51 @@ def _shuffles(batches: Any) -> bool:
                or (isinstance(sampler, DistributedSampler) and sampler.shuffle) for sampler in samplers)
 
 
-def _check_datapoint_counts(outputs: Mapping[str, np.ndarray]) -> None:
-    """Every recorded layer's output of a batch has the batch's datapoints first; else an error naming each layer
-    at odds with the most and what gives its datapoints first (xarray said "conflicting sizes for dimension
-    'datapoint'" when the store was opened)."""
+def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int | None) -> None:
+    """Every recorded layer's output of a batch has the batch's ``datapoints`` first (where unknown, as many as
+    most layers have); else an error naming each layer at odds and what gives its datapoints first (xarray said
+    "conflicting sizes for dimension 'datapoint'" when the store was opened)."""
     counts = {layer: len(values) for layer, values in outputs.items()}
-    most = collections.Counter(counts.values()).most_common(1)[0][0]
+    most = collections.Counter(counts.values()).most_common(1)[0][0] if datapoints is None else datapoints
     odd = [layer for layer, count in counts.items() if count != most]
     if not odd:
         return
     advice = [(f"if {layer!r} is (T, N, C) read as (N, T, C), pass layouts={{{layer!r}: 'time_first'}}"
                if outputs[layer].ndim == 3 and outputs[layer].shape[1] == most else
                f"pass output= a function giving {layer!r} with its datapoints first") for layer in odd]
-    raise ValueError(f"the layers give different numbers of datapoints for one batch "
-                     f"({', '.join(f'{layer!r} {count}' for layer, count in counts.items())}); {'; '.join(advice)}")
+    listed = ", ".join(f"{layer!r} {count}" for layer, count in counts.items())
+    if datapoints is None:
+        raise ValueError(f"the layers give different numbers of datapoints for one batch ({listed}); "
+                         f"{'; '.join(advice)}")
+    raise ValueError(f"a batch of {datapoints} datapoints gave layers of other numbers of datapoints ({listed}); "
+                     f"{'; '.join(advice)}")
+
+
+def _collates(batches: Any) -> bool:
+    """Whether ``batches`` is a DataLoader that stacks its samples along a first dim (default collation)."""
+    from torch.utils.data import DataLoader, default_collate
+
+    return isinstance(batches, DataLoader) and batches.batch_size is not None \
+        and batches.collate_fn is default_collate
+
+
+def batch_datapoints(batch: Any, collated: bool) -> int | None:
+    """How many datapoints a batch holds, where that shows: the first dim of a tensor that a DataLoader's default
+    collation stacked (``collated``), of an image or volume input (N, C, H, W), (N, C, D, H, W), or of a dict
+    batch's ``attention_mask`` or ``input_ids`` (Hugging Face's, batch first); else None (a sequence model's
+    inputs may be (T, N, …))."""
+    import torch
+
+    if isinstance(batch, Mapping):
+        named = [batch.get("attention_mask"), batch.get("input_ids")]
+        candidates = [(tensor, True) for tensor in named] + [(tensor, False) for tensor in batch.values()]
+    else:
+        candidates = [(batch[0] if isinstance(batch, (tuple, list)) and batch else batch, False)]
+    for tensor, batch_first in candidates:
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 \
+                and (collated or batch_first or tensor.dim() in (4, 5)):
+            return int(tensor.shape[0])
+    return None
 
 
 def attention_mask(batch: Any) -> Any:
@@ -381,7 +466,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         whose layout the rule of ``chunkcca.record`` gets wrong or cannot tell (it refuses a parameter-free module,
         e.g. a ReLU, given a 3-d tensor no module made; it takes a 4-d or 5-d output it cannot tell for channels
         first; a Linear applied to a function of an RNN's (T, N, C) output, e.g. ``F.relu(out)``, looks (N, T, C)).
-        A (T, N, C) output it finds (an RNN's with ``batch_first=False``) is made (N, T, C) first.
+        A (T, N, C) output it finds (an RNN's with ``batch_first=False``, or as the batch's count shows) is made
+        (N, T, C) first.
     coords
         Coordinates on ``datapoint`` for every recorded layer (for ``groupby=`` and ``folds=``): name → one number
         or string per datapoint, in the order of ``batches`` (e.g. ``{"label": dataset.targets}``), or a DataArray
@@ -413,13 +499,15 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         if layout not in LAYOUTS:
             raise ValueError(f"layouts[{layer!r}] is {layout!r}; choose from {', '.join(LAYOUTS)}")
     captured: dict[str, tuple[np.ndarray, tuple[str, ...], bool]] = {}
-    made = _Made()
+    made = _Made(model)
+    collated = _collates(batches)
 
     def track(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         tensor = first_tensor(out)
         if tensor is not None and tensor.dim() in POSITIONS:
             time_first = tensor.dim() == 3 and _time_first(module)  # its own output, not one output= makes
-            layout = "time_first" if time_first else _layout(module, [*args, *kwargs.values()], tensor, made)
+            layout = "time_first" if time_first else made.by_count(_layout(module, [*args, *kwargs.values()],
+                                                                            tensor, made), tensor)
             if layout is not None:
                 made.add(tensor, layout)
 
@@ -448,13 +536,14 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             with torch.inference_mode(), every_chunk_written():
                 for batch in batches:
                     captured.clear()
-                    made.clear()
+                    made.clear(batch_datapoints(batch, collated))
                     inputs = _call(model, batch)
                     if getattr(inputs, "ndim", 0) in (4, 5):  # images (N, C, H, W), volumes (N, C, D, H, W)
                         image.setdefault("size", (int(inputs.shape[-2]), int(inputs.shape[-1])))
                     padding = mask(batch) if mask is not None else None
                     padding = None if padding is None else padding.detach().cpu().numpy().astype(bool)
-                    _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured})
+                    _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured},
+                                            made.datapoints)
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")

@@ -750,3 +750,129 @@ def test_a_nested_output_is_padded_to_the_batch_s_mask(tmp_path):
                                          r"tensor, which PyTorch makes batch first"):
         record(Encoder().eval(), {"l0": "encoder.layers.0"}, [{"x": x, "attention_mask": mask}], tmp_path / "t.zarr",
                layouts={"l0": "time_first"})
+
+
+class _SequenceFirstBlock(torch.nn.Module):
+    """A CLIP-like residual block on (T, N, C): attention with batch_first=False, LayerNorms and an MLP."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, 2)
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _SequenceFirst(torch.nn.Module):
+    """CLIP's text and image transformers: batch-first embeddings permuted to (T, N, C) for the blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.ln_pre = torch.nn.Linear(3, 8), torch.nn.LayerNorm(8)
+        self.blocks = torch.nn.Sequential(_SequenceFirstBlock(8), _SequenceFirstBlock(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.ln_pre(self.embed(x)).permute(1, 0, 2)).permute(1, 0, 2)
+
+    def own(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Each block's output and the first block's ln_1, (N, T, C)."""
+        with torch.inference_mode():
+            first = self.ln_pre(self.embed(x)).permute(1, 0, 2)
+            outputs = {"ln_1": self.blocks[0].ln_1(first), "block0": self.blocks[0](first)}
+            outputs["block1"] = self.blocks[1](outputs["block0"])
+        return {name: out.permute(1, 0, 2).numpy() for name, out in outputs.items()}
+
+
+LAYERS = {"ln_1": "blocks.0.ln_1", "block0": "blocks.0", "block1": "blocks.1"}
+
+
+@pytest.mark.parametrize("datapoints, batch, tokens", [(11, 4, 6), (9, 5, 4)])
+def test_sequence_first_blocks_are_made_batch_first_by_the_batch_s_count(tmp_path, datapoints, batch, tokens):
+    """A block of such a model (a sum, after a permute) was stored as 6 datapoints of 4 tokens, silently, when a
+    batch of 4 had 6 tokens; its first LayerNorm, whose input no module made, in every batch; and a last batch
+    of 4 datapoints of 4 tokens (9 in batches of 5) read the other way from the batches before it."""
+    net = _SequenceFirst().eval()
+    inputs = torch.randn(datapoints, tokens, 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, torch.arange(datapoints)),
+                                         batch_size=batch)
+    tree = record(net, LAYERS, loader, tmp_path / "s.zarr")
+    parts = [net.own(inputs[start : start + batch]) for start in range(0, datapoints, batch)]
+    for name in LAYERS:
+        want = np.concatenate([part[name] for part in parts])
+        assert tree[name]["activations"].shape == (datapoints, tokens, 8), name
+        np.testing.assert_allclose(tree[name]["activations"].values, want, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_a_first_batch_as_long_as_it_is_large_is_refused_in_a_sequence_first_model(tmp_path):
+    """Batches of 5 datapoints of 5 tokens: which dim holds the datapoints cannot be told, and the blocks were
+    stored transposed, silently. A layout given decides."""
+    net = _SequenceFirst().eval()
+    inputs = torch.randn(10, 5, 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=5)
+    with pytest.raises(ValueError, match=r"^layer 'ln_1': its \(5, 5, 8\) output has as many positions as the "
+                                         r"batch has datapoints \(5\), and the model has modules that put time "
+                                         r"first: .* pass layouts=\{'ln_1': 'time_first'\} if it is \(T, N, C\)"):
+        record(net, LAYERS, loader, tmp_path / "bad.zarr")
+    assert not (tmp_path / "bad.zarr").exists()
+    tree = record(net, LAYERS, loader, tmp_path / "s.zarr", layouts=dict.fromkeys(LAYERS, "time_first"))
+    want = [net.own(inputs[:5]), net.own(inputs[5:])]
+    for name in LAYERS:
+        np.testing.assert_allclose(tree[name]["activations"].values,
+                                   np.concatenate([part[name] for part in want]), rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_a_layer_without_the_batch_s_datapoints_first_is_refused(tmp_path):
+    """A conv output picked channels first, (C, N, H, W), recorded alone: 4 datapoints a batch of 2, silently."""
+    with pytest.raises(ValueError, match=r"^a batch of 2 datapoints gave layers of other numbers of datapoints "
+                                         r"\('conv' 4\); pass output= a function giving 'conv' with its "
+                                         r"datapoints first$"):
+        record(_net(), {"conv": "0"}, [torch.randn(2, 1, 8, 8)], tmp_path / "bad.zarr",
+               output=lambda out: out.transpose(0, 1))
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_where_a_batch_shows_its_datapoints():
+    from chunkcca.record import batch_datapoints
+
+    tokens, images = torch.zeros(7, 3, dtype=torch.long), torch.zeros(2, 3, 8, 8)
+    assert batch_datapoints({"labels": torch.zeros(7), "input_ids": tokens}, False) == 7
+    assert batch_datapoints({"labels": torch.zeros(4), "pixel_values": images}, False) == 2
+    assert batch_datapoints((images, torch.zeros(2)), False) == 2
+    assert batch_datapoints(tokens, True) == 7
+    # a sequence model's inputs may be (T, N) or (T, N, C): unknown unless a DataLoader stacked them
+    assert batch_datapoints(tokens, False) is None
+    assert batch_datapoints((torch.zeros(7, 3, 5), torch.zeros(3)), False) is None
+    assert batch_datapoints({"src": torch.zeros(7, 3)}, False) is None
+    assert batch_datapoints(["some text"], True) is None
+
+
+@pytest.mark.parametrize("length", [4, 6])
+def test_sequence_first_attention_weights_are_stored_as_torch_gives_them(tmp_path, length):
+    """nn.MultiheadAttention's averaged weights are (N, L, S) whatever batch_first; with L = N (batches of 4)
+    they must neither be transposed nor refused."""
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(8, 2).eval()
+    inputs = torch.randn(8, length, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=4)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.transpose(0, 1)
+            return self.attention(x, x, x)[0]
+
+    tree = record(Model(), ["attention"], loader, tmp_path / "w.zarr", output=lambda out: out[1])
+    with torch.inference_mode():
+        want = np.concatenate([attention(*[x.transpose(0, 1)] * 3)[1].numpy() for x in (inputs[:4], inputs[4:])])
+    assert want.shape == (8, length, length)
+    np.testing.assert_array_equal(tree["attention"]["activations"].values, want)
+
