@@ -27,13 +27,11 @@ Failing all these, a 3-d output is channels last from any other module with para
 layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
 transpose; an Upsample), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first
 unless ``layouts=`` says otherwise.
-Where a batch shows how many datapoints it holds (``batch_datapoints``: a DataLoader's default collation, an image
-input, a dict batch's ``attention_mask`` or ``input_ids``), that count decides which of a 3-d output's first two
-dims holds the datapoints, whatever the rule above found (a block of a CLIP-like model, which permutes its
-embeddings to (T, N, C) with a function, is time first); when both hold as many (T = N), the layer keeps the order
-an earlier batch showed, and a first such batch is refused in a model with modules that put time first unless
-``layouts=`` names the layer. A layer whose outputs do not then have the batch's datapoints first is an error
-(e.g. ``output=`` picking (C, N, H, W)); where the batch does not show its count, the layers must agree on it.
+In a model with modules that put time first, where a batch shows how many datapoints it holds (its tensors'
+first dim, when a DataLoader's default collation stacked them or the input is an image), that count decides
+which of a 3-d output's first two dims holds the datapoints unless ``layouts=`` names the layer (a block of a
+CLIP-like model, which permutes its embeddings to (T, N, C) with a function, is time first, and so is its first
+LayerNorm); when both hold as many (T = N), the layer keeps the order an earlier batch showed, else the rule's.
 Each layer's batches are gathered in a buffer of one zarr chunk and appended
 a whole chunk at a time (the rest when recording ends), so no more than one chunk per layer and one batch are
 ever held, and no chunk is written twice: appending batches smaller than a chunk would make zarr read, decode and
@@ -113,11 +111,13 @@ CHANNELS_FIRST_MODULES = ("GroupNorm", "SyncBatchNorm", "LocalResponseNorm")  # 
 POSITIONS = {3: ("time",), 4: ("height", "width"), 5: ("depth", "height", "width")}
 
 
-class _Made:
-    """The tensors of 3 to 5 dims the model's modules made so far in one forward pass, with their layouts, the
-    layout of the latest one of each shape and the datapoints of the pass's batch, where they show (``datapoints``,
-    see ``batch_datapoints``); and, across passes, whether the datapoints of each recorded layer's 3-d outputs came
-    second (``time_first``), as a batch's count showed it."""
+class _Seen:
+    """What recording has seen of where tensors hold their datapoints and channels. In one forward pass: the
+    tensors of 3 to 5 dims the model's modules made, with their layouts, the layout of the latest one of each shape
+    and the batch's datapoints where it shows them (``datapoints``, see ``_batch_datapoints``). Across passes:
+    whether any module of the model puts time first (``has_time_first``) and, for each recorded layer, whether a
+    batch's count showed its datapoints second (``time_first``) or, before one did, the rule found them so
+    (``guessed``)."""
 
     def __init__(self, model: Any) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
@@ -125,9 +125,9 @@ class _Made:
         self.tensors: Any = WeakIdKeyDictionary()
         self.shapes: dict[tuple[int, ...], Found] = {}
         self.datapoints: int | None = None
-        self.time_first: dict[str, bool] = {}
-        #: whether a module of the model gives (T, N, C) sequences, so that a 3-d tensor may be either way round
         self.has_time_first = any(_time_first(module) for module in model.modules())
+        self.time_first: dict[str, bool] = {}
+        self.guessed: dict[str, bool] = {}  # the rule's, for a layer no batch's count has shown yet
 
     def add(self, tensor: Any, layout: Found) -> None:
         self.tensors[tensor] = layout
@@ -149,27 +149,29 @@ class _Made:
         self.datapoints = datapoints
 
     def by_count(self, found: Found | None, tensor: Any, path: str | None = None) -> Found | None:
-        """``found`` for an output ``tensor``, set right by the batch's datapoints where a 3-d one shows them: time
-        first when only its second dim has as many, not when only its first has; when both have (T = N), as an
-        earlier batch showed for the recorded layer at ``path`` (if none did, as found when that is channels first
-        or no module of the model puts time first; else an error: which dim holds the datapoints cannot be told)."""
+        """``found`` for a 3-d output ``tensor`` in a model with modules that put time first, set right by the
+        batch's datapoints where it shows them: time first when only its second dim has as many, not when only its
+        first has; when both have (T = N), as an earlier batch showed for the recorded layer at ``path``, else as
+        found (a later batch that shows the other order is then an error: the earlier ones are written)."""
         n = self.datapoints
-        if n is None or tensor.dim() != 3 or tensor.is_nested or n not in tensor.shape[:2]:
+        if n is None or not self.has_time_first or tensor.dim() != 3 or tensor.is_nested or n not in tensor.shape[:2]:
             return found  # a nested tensor is batch first
-        shape = tuple(tensor.shape)
-        if shape[0] != shape[1]:
-            time_first = shape[1] == n
+        if tensor.shape[0] != tensor.shape[1]:
+            time_first = tensor.shape[1] == n
+            if path is not None and self.guessed.get(path, time_first) != time_first:
+                raise ValueError(f"layer {path!r}: this batch of {n} datapoints shows its {tuple(tensor.shape)} "
+                                 f"output {'time' if time_first else 'datapoints'} first, but an earlier batch, with "
+                                 f"as many datapoints as positions, was read the other way round; "
+                                 + (f"pass layouts={{{path!r}: 'time_first'}}, or " if time_first else "")
+                                 + "record a batch of another size first")
             if path is not None:
                 self.time_first[path] = time_first
-        elif path is not None and path in self.time_first:
+        elif path in self.time_first:
             time_first = self.time_first[path]
-        elif path is None or found == "channels_first" or not self.has_time_first:  # (N, C, L): datapoints first
-            return found
         else:
-            raise ValueError(f"layer {path!r}: its {shape} output has as many positions as the batch has "
-                             f"datapoints ({n}), and the model has modules that put time first: which of its first "
-                             f"two dims holds the datapoints cannot be told; pass layouts={{{path!r}: 'time_first'}} "
-                             f"if it is (T, N, C), or record batches of another size first")
+            if path is not None:
+                self.guessed[path] = found == "time_first"
+            return found
         if time_first:
             return "time_first"
         return "channels_last" if found == "time_first" else found
@@ -219,7 +221,7 @@ def _acts_on_last_dim(module: Any) -> bool:
     return False
 
 
-def _layout(module: Any, inputs: Sequence[Any], tensor: Any, made: _Made) -> Found | None:
+def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> Found | None:
     """Where the channels of a module's output ``tensor`` of 3 to 5 dims are (see the module docstring), or
     "time_first" for a (T, N, C) sequence (one that ``record``'s hook noted as made by a ``_time_first`` module,
     or of its T and N); None if it cannot tell (a 4-d or 5-d output is then channels first)."""
@@ -228,15 +230,15 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, made: _Made) -> Fou
     name = type(module).__name__
     if name.endswith(f"{tensor.dim() - 2}d") or name in CHANNELS_FIRST_MODULES:
         return "channels_first"
-    if tensor in made.tensors:  # returned as a submodule made it
-        return made.tensors[tensor]
+    if tensor in seen.tensors:  # returned as a submodule made it
+        return seen.tensors[tensor]
     source = first_tensor(list(inputs))
-    if source is not None and source in made.tensors and not source.is_nested:
+    if source is not None and source in seen.tensors and not source.is_nested:
         if source.shape == tensor.shape:
-            return made.tensors[source]
-        if made.tensors[source] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
+            return seen.tensors[source]
+        if seen.tensors[source] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
             return "time_first"  # a Linear on (T, N, C) keeps T and N
-    shaped = made.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
+    shaped = seen.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
     if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
         return shaped
     if _acts_on_last_dim(module):  # whatever the layout of earlier tensors of its shape
@@ -271,7 +273,7 @@ def _packed(output: Any) -> Any:
 
 
 def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select: Callable[[Any], Any],
-              layout: Layout | None, made: _Made) -> tuple[np.ndarray, tuple[str, ...], bool]:
+              layout: Layout | None, seen: _Seen) -> tuple[np.ndarray, tuple[str, ...], bool]:
     """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), its dims, and whether
     it was a nested tensor (padded here to its longest sequence only); laid out as ``layout`` (from ``layouts=``)
     says, else as ``_layout`` finds (4-d and 5-d: channels first by default); a (T, N, C) sequence is made batch
@@ -295,8 +297,9 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
     elif tensor.dim() == 3 and (documented := _documented(module, output, tensor)) is not None:
         found = documented
     else:
-        # where the batch's count cannot tell (T = N), a layout given decides with the rule
-        found = made.by_count(_layout(module, inputs, tensor, made), tensor, path if layout is None else None)
+        found = _layout(module, inputs, tensor, seen)
+        if layout is None:  # a layout given decides alone
+            found = seen.by_count(found, tensor, path)
     if "time_first" in (layout, found):  # (T, N, C) → (N, T, C); a layout given applies to that
         tensor, found, layout = tensor.transpose(0, 1), "channels_last", None if layout == "time_first" else layout
     layout = layout or found
@@ -325,24 +328,20 @@ def _shuffles(batches: Any) -> bool:
                or (isinstance(sampler, DistributedSampler) and sampler.shuffle) for sampler in samplers)
 
 
-def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int | None) -> None:
-    """Every recorded layer's output of a batch has the batch's ``datapoints`` first (where unknown, as many as
-    most layers have); else an error naming each layer at odds and what gives its datapoints first (xarray said
-    "conflicting sizes for dimension 'datapoint'" when the store was opened)."""
+def _check_datapoint_counts(outputs: Mapping[str, np.ndarray]) -> None:
+    """Every recorded layer's output of a batch has the batch's datapoints first; else an error naming each layer
+    at odds with the most and what gives its datapoints first (xarray said "conflicting sizes for dimension
+    'datapoint'" when the store was opened)."""
     counts = {layer: len(values) for layer, values in outputs.items()}
-    most = collections.Counter(counts.values()).most_common(1)[0][0] if datapoints is None else datapoints
+    most = collections.Counter(counts.values()).most_common(1)[0][0]
     odd = [layer for layer, count in counts.items() if count != most]
     if not odd:
         return
     advice = [(f"if {layer!r} is (T, N, C) read as (N, T, C), pass layouts={{{layer!r}: 'time_first'}}"
                if outputs[layer].ndim == 3 and outputs[layer].shape[1] == most else
                f"pass output= a function giving {layer!r} with its datapoints first") for layer in odd]
-    listed = ", ".join(f"{layer!r} {count}" for layer, count in counts.items())
-    if datapoints is None:
-        raise ValueError(f"the layers give different numbers of datapoints for one batch ({listed}); "
-                         f"{'; '.join(advice)}")
-    raise ValueError(f"a batch of {datapoints} datapoints gave layers of other numbers of datapoints ({listed}); "
-                     f"{'; '.join(advice)}")
+    raise ValueError(f"the layers give different numbers of datapoints for one batch "
+                     f"({', '.join(f'{layer!r} {count}' for layer, count in counts.items())}); {'; '.join(advice)}")
 
 
 def _collates(batches: Any) -> bool:
@@ -353,23 +352,19 @@ def _collates(batches: Any) -> bool:
         and batches.collate_fn is default_collate
 
 
-def batch_datapoints(batch: Any, collated: bool) -> int | None:
-    """How many datapoints a batch holds, where that shows: the first dim of a tensor that a DataLoader's default
-    collation stacked (``collated``), of an image or volume input (N, C, H, W), (N, C, D, H, W), or of a dict
-    batch's ``attention_mask`` or ``input_ids`` (Hugging Face's, batch first); else None (a sequence model's
-    inputs may be (T, N, …))."""
+def _batch_datapoints(batch: Any, collated: bool) -> int | None:
+    """How many datapoints a batch holds, where that shows: the first dim of its tensors (a dict's values, a tuple's
+    items, or the batch itself) when they all have one and a DataLoader's default collation stacked them
+    (``collated``) or one is an image or volume (N, C, H, W), (N, C, D, H, W); else None (a sequence model's inputs
+    may be (T, N, …); two inputs of different sizes, K captions and N images, may feed layers of either)."""
     import torch
 
-    if isinstance(batch, Mapping):
-        named = [batch.get("attention_mask"), batch.get("input_ids")]
-        candidates = [(tensor, True) for tensor in named] + [(tensor, False) for tensor in batch.values()]
-    else:
-        candidates = [(batch[0] if isinstance(batch, (tuple, list)) and batch else batch, False)]
-    for tensor, batch_first in candidates:
-        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 \
-                and (collated or batch_first or tensor.dim() in (4, 5)):
-            return int(tensor.shape[0])
-    return None
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    tensors = [item for item in items if isinstance(item, torch.Tensor) and item.dim() > 0]
+    sizes = {int(tensor.shape[0]) for tensor in tensors}
+    if len(sizes) != 1 or not (collated or any(tensor.dim() in (4, 5) for tensor in tensors)):
+        return None
+    return sizes.pop()
 
 
 def attention_mask(batch: Any) -> Any:
@@ -499,17 +494,16 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         if layout not in LAYOUTS:
             raise ValueError(f"layouts[{layer!r}] is {layout!r}; choose from {', '.join(LAYOUTS)}")
     captured: dict[str, tuple[np.ndarray, tuple[str, ...], bool]] = {}
-    made = _Made(model)
+    seen = _Seen(model)
     collated = _collates(batches)
 
     def track(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         tensor = first_tensor(out)
         if tensor is not None and tensor.dim() in POSITIONS:
-            time_first = tensor.dim() == 3 and _time_first(module)  # its own output, not one output= makes
-            layout = "time_first" if time_first else made.by_count(_layout(module, [*args, *kwargs.values()],
-                                                                            tensor, made), tensor)
+            layout = (_documented(module, out, tensor) if tensor.dim() == 3 else None) \
+                or seen.by_count(_layout(module, [*args, *kwargs.values()], tensor, seen), tensor)
             if layout is not None:
-                made.add(tensor, layout)
+                seen.add(tensor, layout)
 
     # every module but TorchScript ones, which take no hooks (their insides are not seen: a layout after one is
     # told by its own rule)
@@ -519,7 +513,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         if path in captured:  # a module used twice (shared weights): which call is the layer?
             raise ValueError(f"layer {path!r} ran more than once in one forward pass; record one call: wrap it in a "
                              f"module of its own (e.g. nn.Identity() after it) and record that")
-        captured[path] = _recorded(module, [*args, *kwargs.values()], out, path, output, given.get(path), made)
+        captured[path] = _recorded(module, [*args, *kwargs.values()], out, path, output, given.get(path), seen)
 
     hooks += [module.register_forward_hook(partial(capture, path), with_kwargs=True)
               for path, module in modules.items()]
@@ -536,14 +530,13 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             with torch.inference_mode(), every_chunk_written():
                 for batch in batches:
                     captured.clear()
-                    made.clear(batch_datapoints(batch, collated))
+                    seen.clear(_batch_datapoints(batch, collated))
                     inputs = _call(model, batch)
                     if getattr(inputs, "ndim", 0) in (4, 5):  # images (N, C, H, W), volumes (N, C, D, H, W)
                         image.setdefault("size", (int(inputs.shape[-2]), int(inputs.shape[-1])))
                     padding = mask(batch) if mask is not None else None
                     padding = None if padding is None else padding.detach().cpu().numpy().astype(bool)
-                    _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured},
-                                            made.datapoints)
+                    _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured})
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")

@@ -809,47 +809,75 @@ def test_sequence_first_blocks_are_made_batch_first_by_the_batch_s_count(tmp_pat
         np.testing.assert_allclose(tree[name]["activations"].values, want, rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_a_first_batch_as_long_as_it_is_large_is_refused_in_a_sequence_first_model(tmp_path):
-    """Batches of 5 datapoints of 5 tokens: which dim holds the datapoints cannot be told, and the blocks were
-    stored transposed, silently. A layout given decides."""
-    net = _SequenceFirst().eval()
-    inputs = torch.randn(10, 5, 3)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=5)
-    with pytest.raises(ValueError, match=r"^layer 'ln_1': its \(5, 5, 8\) output has as many positions as the "
-                                         r"batch has datapoints \(5\), and the model has modules that put time "
-                                         r"first: .* pass layouts=\{'ln_1': 'time_first'\} if it is \(T, N, C\)"):
-        record(net, LAYERS, loader, tmp_path / "bad.zarr")
-    assert not (tmp_path / "bad.zarr").exists()
-    tree = record(net, LAYERS, loader, tmp_path / "s.zarr", layouts=dict.fromkeys(LAYERS, "time_first"))
-    want = [net.own(inputs[:5]), net.own(inputs[5:])]
-    for name in LAYERS:
-        np.testing.assert_allclose(tree[name]["activations"].values,
-                                   np.concatenate([part[name] for part in want]), rtol=0, atol=1e-6, err_msg=name)
+def test_a_batch_whose_count_cannot_tell_keeps_the_rule_s_layout(tmp_path):
+    """Batch-first layers beside a default (time-first) attention pooling head, in dict batches of as many
+    datapoints as tokens, and a batch-first vision tower fed N images beside K captions of as many tokens as it has
+    patches: each is stored as the model gives it (refused, and transposed, by a first version of the count)."""
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.pool = torch.nn.Embedding(50, 8), torch.nn.MultiheadAttention(8, 2)
+            self.patch = torch.nn.Conv2d(3, 8, 4, 4)  # 8 x 8 images: 4 patches
+            self.vision = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+
+        def forward(self, input_ids, attention_mask=None, pixel_values=None):
+            if pixel_values is not None:
+                return self.vision(self.patch(pixel_values).flatten(2).transpose(1, 2)), self.embed(input_ids)
+            hidden = self.embed(input_ids).transpose(0, 1)
+            return self.pool(hidden[:1], hidden, hidden)[0]
+
+    net = Pooled().eval()
+    texts = [{"input_ids": torch.randint(0, 50, (4, 4)), "attention_mask": torch.ones(4, 4)} for _ in range(2)]
+    tree = record(net, ["embed"], texts, tmp_path / "t.zarr")
+    with torch.inference_mode():
+        want = np.concatenate([net.embed(batch["input_ids"]).numpy() for batch in texts])
+    np.testing.assert_array_equal(tree["embed"]["activations"].values, want)
+    pairs = [{"input_ids": torch.randint(0, 50, (4, 3)), "pixel_values": torch.randn(2, 3, 8, 8)} for _ in range(2)]
+    tree = record(net, ["vision"], pairs, tmp_path / "v.zarr", mask=None)
+    with torch.inference_mode():
+        want = np.concatenate([net(**batch)[0].numpy() for batch in pairs])
+    np.testing.assert_array_equal(tree["vision"]["activations"].values, want)
 
 
-def test_a_layer_without_the_batch_s_datapoints_first_is_refused(tmp_path):
-    """A conv output picked channels first, (C, N, H, W), recorded alone: 4 datapoints a batch of 2, silently."""
-    with pytest.raises(ValueError, match=r"^a batch of 2 datapoints gave layers of other numbers of datapoints "
-                                         r"\('conv' 4\); pass output= a function giving 'conv' with its "
-                                         r"datapoints first$"):
-        record(_net(), {"conv": "0"}, [torch.randn(2, 1, 8, 8)], tmp_path / "bad.zarr",
-               output=lambda out: out.transpose(0, 1))
-    assert not (tmp_path / "bad.zarr").exists()
+def test_layers_of_frames_folded_into_the_batch_are_recorded_as_they_are(tmp_path):
+    """A video model folding its frames into the batch (N·F, C, H, W) for a 2-d CNN: its layers have N·F rows a
+    batch, recorded as the model gives them (refused by a first version of the count)."""
+
+    class Frames(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, video: torch.Tensor) -> torch.Tensor:
+            return self.conv(video.flatten(0, 1))
+
+    net = Frames().eval()
+    batches = [torch.randn(2, 3, 3, 8, 8) for _ in range(2)]  # (N, F, C, H, W)
+    tree = record(net, ["conv"], batches, tmp_path / "f.zarr")
+    with torch.inference_mode():
+        want = np.concatenate([net(batch).permute(0, 2, 3, 1).numpy() for batch in batches])
+    np.testing.assert_array_equal(tree["conv"]["activations"].values, want)
 
 
 def test_where_a_batch_shows_its_datapoints():
-    from chunkcca.record import batch_datapoints
+    from chunkcca.record import _batch_datapoints
 
     tokens, images = torch.zeros(7, 3, dtype=torch.long), torch.zeros(2, 3, 8, 8)
-    assert batch_datapoints({"labels": torch.zeros(7), "input_ids": tokens}, False) == 7
-    assert batch_datapoints({"labels": torch.zeros(4), "pixel_values": images}, False) == 2
-    assert batch_datapoints((images, torch.zeros(2)), False) == 2
-    assert batch_datapoints(tokens, True) == 7
+    assert _batch_datapoints((images, torch.zeros(2)), False) == 2
+    assert _batch_datapoints({"labels": torch.zeros(2), "pixel_values": images}, False) == 2
+    assert _batch_datapoints(images, False) == 2
+    assert _batch_datapoints(tokens, True) == 7
+    assert _batch_datapoints({"input_ids": tokens, "attention_mask": tokens}, True) == 7
     # a sequence model's inputs may be (T, N) or (T, N, C): unknown unless a DataLoader stacked them
-    assert batch_datapoints(tokens, False) is None
-    assert batch_datapoints((torch.zeros(7, 3, 5), torch.zeros(3)), False) is None
-    assert batch_datapoints({"src": torch.zeros(7, 3)}, False) is None
-    assert batch_datapoints(["some text"], True) is None
+    assert _batch_datapoints(tokens, False) is None
+    assert _batch_datapoints({"input_ids": tokens, "attention_mask": tokens}, False) is None
+    assert _batch_datapoints((torch.zeros(7, 3, 5), torch.zeros(3)), True) is None
+    # K captions beside N images: which a layer follows cannot be told
+    assert _batch_datapoints({"input_ids": tokens, "pixel_values": images}, False) is None
+    assert _batch_datapoints(["some text"], True) is None
 
 
 @pytest.mark.parametrize("length", [4, 6])
@@ -876,3 +904,45 @@ def test_sequence_first_attention_weights_are_stored_as_torch_gives_them(tmp_pat
     assert want.shape == (8, length, length)
     np.testing.assert_array_equal(tree["attention"]["activations"].values, want)
 
+
+
+class _TransposingLM(torch.nn.Module):
+    """A language model taking (N, T) token ids, as a DataLoader stacks them, into a time-first LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.rnn, self.head = torch.nn.Embedding(50, 8), torch.nn.LSTM(8, 6), torch.nn.Linear(6, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(ids.T))
+        return self.head(torch.relu(out))
+
+
+def test_a_batch_s_count_puts_a_transposing_model_s_layers_datapoints_first(tmp_path):
+    """Token ids transposed to (T, N) in the model: its Embedding and the Linear on F.relu of the LSTM were
+    refused (they disagreed with the LSTM on the datapoints); a DataLoader's batches show N."""
+    net = _TransposingLM().eval()
+    ids = torch.randint(0, 50, (13, 5))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
+    tree = record(net, ["embed", "rnn", "head"], loader, tmp_path / "l.zarr")
+    with torch.inference_mode():
+        parts = [ids[start : start + 4].T for start in range(0, 13, 4)]
+        embedded = [net.embed(x) for x in parts]
+        outs = [net.rnn(x)[0] for x in embedded]
+        want = {"embed": embedded, "rnn": outs, "head": [net.head(torch.relu(out)) for out in outs]}
+    for name, values in want.items():
+        np.testing.assert_allclose(tree[name]["activations"].values,
+                                   np.concatenate([value.transpose(0, 1).numpy() for value in values]),
+                                   rtol=0, atol=1e-6, err_msg=name)
+    # batches of 5 tokens by 5 datapoints: the rule read the Embedding batch first; the last, of 3, shows otherwise
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=5)
+    with pytest.raises(ValueError, match=r"^layer 'embed': this batch of 3 datapoints shows its \(5, 3, 8\) output "
+                                         r"time first, but an earlier batch, with as many datapoints as positions, "
+                                         r"was read the other way round; pass layouts=\{'embed': 'time_first'\}"):
+        record(net, ["embed", "rnn", "head"], loader, tmp_path / "bad.zarr")
+    assert not (tmp_path / "bad.zarr").exists()
+    tree = record(net, ["embed", "rnn", "head"], loader, tmp_path / "given.zarr",
+                  layouts={"embed": "time_first", "head": "time_first"})
+    np.testing.assert_array_equal(tree["embed"]["activations"].values,
+                                  net.embed(ids).detach().numpy())
