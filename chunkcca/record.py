@@ -27,11 +27,14 @@ Failing all these, a 3-d output is channels last from any other module with para
 layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
 transpose; an Upsample), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first
 unless ``layouts=`` says otherwise.
-In a model with modules that put time first, where a batch shows how many datapoints it holds (its tensors'
-first dim, when a DataLoader's default collation stacked them or the input is an image), that count decides
-which of a 3-d output's first two dims holds the datapoints unless ``layouts=`` names the layer (a block of a
-CLIP-like model, which permutes its embeddings to (T, N, C) with a function, is time first, and so is its first
-LayerNorm); when both hold as many (T = N), the layer keeps the order an earlier batch showed, else the rule's.
+Which of a 3-d output's first two dims holds the datapoints (its time order) is told by the rule where it
+follows a module's tensors (a time-first module's output, a Linear on one, a function keeping its shape, a conv).
+Where it does not (a module acting on the last dim, a default), in a model with modules that put time first, the
+batch's count of datapoints tells it when only one of those dims has as many (a count shown by a DataLoader's
+default collation or an image input (N, C, H, W), all the batch's tensors agreeing): a CLIP-like model's blocks,
+which permute their embeddings to (T, N, C) with a function, and their first LayerNorm are time first. When both
+dims have one size (T = N) the layer keeps the order a batch told, and a layer told one order after a batch was
+read in the other is an error naming it. ``layouts=`` naming a layer decides alone.
 Each layer's batches are gathered in a buffer of one zarr chunk and appended
 a whole chunk at a time (the rest when recording ends), so no more than one chunk per layer and one batch are
 ever held, and no chunk is written twice: appending batches smaller than a chunk would make zarr read, decode and
@@ -115,9 +118,9 @@ class _Seen:
     """What recording has seen of where tensors hold their datapoints and channels. In one forward pass: the
     tensors of 3 to 5 dims the model's modules made, with their layouts, the layout of the latest one of each shape
     and the batch's datapoints where it shows them (``datapoints``, see ``_batch_datapoints``). Across passes:
-    whether any module of the model puts time first (``has_time_first``) and, for each recorded layer, whether a
-    batch's count showed its datapoints second (``time_first``) or, before one did, the rule found them so
-    (``guessed``)."""
+    whether any module of the model puts time first (``has_time_first``) and, for each recorded layer (by path)
+    and module, whether its 3-d outputs had their datapoints second (``orders``), as a batch told it (``told``)
+    or, before one did, as read."""
 
     def __init__(self, model: Any) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
@@ -126,8 +129,8 @@ class _Seen:
         self.shapes: dict[tuple[int, ...], Found] = {}
         self.datapoints: int | None = None
         self.has_time_first = any(_time_first(module) for module in model.modules())
-        self.time_first: dict[str, bool] = {}
-        self.guessed: dict[str, bool] = {}  # the rule's, for a layer no batch's count has shown yet
+        self.orders: dict[Any, bool] = {}
+        self.told: set[Any] = set()
 
     def add(self, tensor: Any, layout: Found) -> None:
         self.tensors[tensor] = layout
@@ -148,33 +151,33 @@ class _Seen:
         self.shapes.clear()
         self.datapoints = datapoints
 
-    def by_count(self, found: Found | None, tensor: Any, path: str | None = None) -> Found | None:
-        """``found`` for a 3-d output ``tensor`` in a model with modules that put time first, set right by the
-        batch's datapoints where it shows them: time first when only its second dim has as many, not when only its
-        first has; when both have (T = N), as an earlier batch showed for the recorded layer at ``path``, else as
-        found (a later batch that shows the other order is then an error: the earlier ones are written)."""
+    def time_order(self, found: Found | None, told: bool, tensor: Any, key: Any) -> Found | None:
+        """``found`` for a 3-d ``tensor`` of the recorded layer (a str ``key``) or module ``key``, with its time
+        order (whether its datapoints are second) set where the rule did not tell it (``told``): by the batch's
+        datapoints where only one of its first two dims has as many, in a model with modules that put time
+        first; else as a batch that told it showed for ``key`` (for a module, only when both dims have one size).
+        A recorded layer told one order in a batch after another was read in the other is an error (that batch
+        is written)."""
         n = self.datapoints
-        if n is None or not self.has_time_first or tensor.dim() != 3 or tensor.is_nested or n not in tensor.shape[:2]:
-            return found  # a nested tensor is batch first
-        if tensor.shape[0] != tensor.shape[1]:
-            time_first = tensor.shape[1] == n
-            if path is not None and self.guessed.get(path, time_first) != time_first:
-                raise ValueError(f"layer {path!r}: this batch of {n} datapoints shows its {tuple(tensor.shape)} "
-                                 f"output {'time' if time_first else 'datapoints'} first, but an earlier batch, with "
-                                 f"as many datapoints as positions, was read the other way round; "
-                                 + (f"pass layouts={{{path!r}: 'time_first'}}, or " if time_first else "")
-                                 + "record a batch of another size first")
-            if path is not None:
-                self.time_first[path] = time_first
-        elif path in self.time_first:
-            time_first = self.time_first[path]
-        else:
-            if path is not None:
-                self.guessed[path] = found == "time_first"
+        if not told and self.has_time_first and n is not None and (tensor.shape[0] == n) != (tensor.shape[1] == n):
+            found, told = "time_first" if tensor.shape[1] == n else found, True
+        if not told:
+            # a module (run on other tensors too, perhaps) takes it only where a transpose can hide (T = N)
+            if key in self.told and (isinstance(key, str) or tensor.shape[0] == tensor.shape[1]):
+                return "time_first" if self.orders[key] else found
+            self.orders.setdefault(key, found == "time_first")
             return found
-        if time_first:
-            return "time_first"
-        return "channels_last" if found == "time_first" else found
+        time_first = found == "time_first"
+        if isinstance(key, str) and self.orders.get(key, time_first) != time_first:
+            raise ValueError(f"layer {key!r}: this batch shows its {tuple(tensor.shape)} output "
+                             f"{'time' if time_first else 'datapoints'} first, but an earlier batch was read the "
+                             f"other way round (it had as many datapoints as positions, or the model's tensors "
+                             f"told otherwise); "
+                             + (f"pass layouts={{{key!r}: 'time_first'}}, or " if time_first else "")
+                             + "record a batch of another size first")
+        self.orders[key] = time_first
+        self.told.add(key)
+        return found
 
 
 def _time_first(module: Any) -> bool:
@@ -221,33 +224,47 @@ def _acts_on_last_dim(module: Any) -> bool:
     return False
 
 
-def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> Found | None:
+def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tuple[Found | None, bool]:
     """Where the channels of a module's output ``tensor`` of 3 to 5 dims are (see the module docstring), or
     "time_first" for a (T, N, C) sequence (one that ``record``'s hook noted as made by a ``_time_first`` module,
-    or of its T and N); None if it cannot tell (a 4-d or 5-d output is then channels first)."""
+    or of its T and N); None if it cannot tell (a 4-d or 5-d output is then channels first). And whether that
+    tells a 3-d tensor's time order (which of its first two dims holds the datapoints), not only where its
+    channels are (a module acting on the last dim) or nothing (a default)."""
     if tensor.is_nested:  # PyTorch's nested sequences: (N, T, C) with T ragged
-        return "channels_last"
+        return "channels_last", True
     name = type(module).__name__
     if name.endswith(f"{tensor.dim() - 2}d") or name in CHANNELS_FIRST_MODULES:
-        return "channels_first"
+        return "channels_first", True
     if tensor in seen.tensors:  # returned as a submodule made it
-        return seen.tensors[tensor]
+        return seen.tensors[tensor], True
     source = first_tensor(list(inputs))
     if source is not None and source in seen.tensors and not source.is_nested:
         if source.shape == tensor.shape:
-            return seen.tensors[source]
+            return seen.tensors[source], True
         if seen.tensors[source] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
-            return "time_first"  # a Linear on (T, N, C) keeps T and N
+            return "time_first", True  # a Linear on (T, N, C) keeps T and N
     shaped = seen.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
     if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
-        return shaped
+        return shaped, True
     if _acts_on_last_dim(module):  # whatever the layout of earlier tensors of its shape
-        return "channels_last"
-    if shaped is not None:
-        return shaped
+        return "channels_last", False
+    if shaped is not None:  # (T, N, C) with T = N has the shape of (N, T, C)
+        return shaped, tensor.shape[0] != tensor.shape[1]
     if tensor.dim() > 3 or next(module.parameters(), None) is None:  # 4-d, 5-d: channels first by default
-        return None
-    return "channels_last"
+        return None, False
+    return "channels_last", False
+
+
+def _found(module: Any, inputs: Sequence[Any], output: Any, tensor: Any, seen: _Seen, key: Any) -> Found | None:
+    """Where a module's output ``tensor`` (of its ``output``) of 3 to 5 dims holds its channels, or "time_first":
+    as torch documents it (``_documented``), else by the rule (``_layout``), a 3-d tensor's time order set where
+    the rule does not tell it (``seen.time_order``) for the recorded layer or module ``key`` (None: not set)."""
+    if tensor.dim() == 3 and (documented := _documented(module, output, tensor)) is not None:
+        return documented
+    found, told = _layout(module, inputs, tensor, seen)
+    if key is None or tensor.dim() != 3 or tensor.is_nested:
+        return found
+    return seen.time_order(found, told, tensor, key)
 
 
 def _channels_last(array: np.ndarray, path: str, layout: Layout) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -294,12 +311,8 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
                             f"of shape {tuple(tensor.shape)}"))
     if tensor.dim() not in POSITIONS or layout == "time_first":
         found = None
-    elif tensor.dim() == 3 and (documented := _documented(module, output, tensor)) is not None:
-        found = documented
-    else:
-        found = _layout(module, inputs, tensor, seen)
-        if layout is None:  # a layout given decides alone
-            found = seen.by_count(found, tensor, path)
+    else:  # a layout given decides alone
+        found = _found(module, inputs, output, tensor, seen, path if layout is None else None)
     if "time_first" in (layout, found):  # (T, N, C) → (N, T, C); a layout given applies to that
         tensor, found, layout = tensor.transpose(0, 1), "channels_last", None if layout == "time_first" else layout
     layout = layout or found
@@ -355,14 +368,14 @@ def _collates(batches: Any) -> bool:
 def _batch_datapoints(batch: Any, collated: bool) -> int | None:
     """How many datapoints a batch holds, where that shows: the first dim of its tensors (a dict's values, a tuple's
     items, or the batch itself) when they all have one and a DataLoader's default collation stacked them
-    (``collated``) or one is an image or volume (N, C, H, W), (N, C, D, H, W); else None (a sequence model's inputs
-    may be (T, N, …); two inputs of different sizes, K captions and N images, may feed layers of either)."""
+    (``collated``) or one is an image (N, C, H, W); else None (a sequence model's inputs may be (T, N, …), a
+    video's (T, N, C, H, W); two inputs of different sizes, K captions and N images, may feed layers of either)."""
     import torch
 
     items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
     tensors = [item for item in items if isinstance(item, torch.Tensor) and item.dim() > 0]
     sizes = {int(tensor.shape[0]) for tensor in tensors}
-    if len(sizes) != 1 or not (collated or any(tensor.dim() in (4, 5) for tensor in tensors)):
+    if len(sizes) != 1 or not (collated or any(tensor.dim() == 4 for tensor in tensors)):
         return None
     return sizes.pop()
 
@@ -500,8 +513,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     def track(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         tensor = first_tensor(out)
         if tensor is not None and tensor.dim() in POSITIONS:
-            layout = (_documented(module, out, tensor) if tensor.dim() == 3 else None) \
-                or seen.by_count(_layout(module, [*args, *kwargs.values()], tensor, seen), tensor)
+            layout = _found(module, [*args, *kwargs.values()], out, tensor, seen, module)
             if layout is not None:
                 seen.add(tensor, layout)
 

@@ -937,12 +937,61 @@ def test_a_batch_s_count_puts_a_transposing_model_s_layers_datapoints_first(tmp_
                                    rtol=0, atol=1e-6, err_msg=name)
     # batches of 5 tokens by 5 datapoints: the rule read the Embedding batch first; the last, of 3, shows otherwise
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=5)
-    with pytest.raises(ValueError, match=r"^layer 'embed': this batch of 3 datapoints shows its \(5, 3, 8\) output "
-                                         r"time first, but an earlier batch, with as many datapoints as positions, "
-                                         r"was read the other way round; pass layouts=\{'embed': 'time_first'\}"):
+    with pytest.raises(ValueError, match=r"^layer 'embed': this batch shows its \(5, 3, 8\) output time first, but "
+                                         r"an earlier batch was read the other way round \(.*\); pass "
+                                         r"layouts=\{'embed': 'time_first'\}, or record a batch of another size "
+                                         r"first$"):
         record(net, ["embed", "rnn", "head"], loader, tmp_path / "bad.zarr")
     assert not (tmp_path / "bad.zarr").exists()
     tree = record(net, ["embed", "rnn", "head"], loader, tmp_path / "given.zarr",
                   layouts={"embed": "time_first", "head": "time_first"})
     np.testing.assert_array_equal(tree["embed"]["activations"].values,
                                   net.embed(ids).detach().numpy())
+
+
+class _CharWords(torch.nn.Module):
+    """A character CNN over words folded into the batch (N·T, C, W), then a time-first LSTM over the words."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.chars, self.conv, self.rnn = torch.nn.Embedding(30, 5), torch.nn.Conv1d(5, 8, 3), torch.nn.LSTM(8, 6)
+
+    def forward(self, words: torch.Tensor) -> torch.Tensor:  # (N, T, W) characters
+        n, t, w = words.shape
+        conv = self.conv(self.chars(words.reshape(n * t, w)).transpose(1, 2))
+        return self.rnn(conv.max(-1).values.view(n, t, -1).transpose(0, 1))[0]
+
+
+class _TimeFirstVideo(torch.nn.Module):
+    """Frames (T, N, C, H, W) through a 2-d CNN, then a time-first LSTM and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.rnn, self.head = torch.nn.LSTM(4, 6), torch.nn.Linear(6, 5)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        frames = self.cnn(video.flatten(0, 1)).view(*video.shape[:2], -1)
+        return self.head(self.rnn(frames)[0])
+
+
+def test_the_batch_s_count_does_not_override_what_the_model_tells(tmp_path):
+    """Where the rule tells a 3-d output's order, the count does not: a Conv1d of 8 channels over words folded into
+    the batch, in batches of 8, and a Linear on a time-first LSTM over (T, N, C, H, W) video (5-d: not read as an
+    image) were stored transposed by a first version of the count."""
+    words = torch.randint(0, 30, (16, 5, 9))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(words), batch_size=8)
+    net = _CharWords().eval()
+    tree = record(net, ["conv"], loader, tmp_path / "w.zarr")
+    with torch.inference_mode():
+        want = [net.conv(net.chars(batch.reshape(40, 9)).transpose(1, 2)) for batch in (words[:8], words[8:])]
+    np.testing.assert_array_equal(tree["conv"]["activations"].values,
+                                  np.concatenate([out.transpose(1, 2).numpy() for out in want]))
+    video = [torch.randn(7, 4, 3, 8, 8) for _ in range(2)]
+    net = _TimeFirstVideo().eval()
+    tree = record(net, ["head"], video, tmp_path / "v.zarr")
+    with torch.inference_mode():
+        want = np.concatenate([net(batch).transpose(0, 1).numpy() for batch in video])
+    np.testing.assert_allclose(tree["head"]["activations"].values, want, rtol=0, atol=1e-6)
