@@ -33,8 +33,9 @@ Where it does not (a module acting on the last dim, a default), in a model with 
 batch's count of datapoints tells it when only one of those dims has as many (a count shown by a DataLoader's
 default collation or an image input (N, C, H, W), all the batch's tensors agreeing): a CLIP-like model's blocks,
 which permute their embeddings to (T, N, C) with a function, and their first LayerNorm are time first. When both
-dims have one size (T = N) the layer keeps the order a batch told, and a layer told one order after a batch was
-read in the other is an error naming it. ``layouts=`` naming a layer decides alone.
+dims have one size (T = N) the layer keeps the order a batch told; layers told one order after a batch was read
+in the other are an error naming them, and layers no batch told (every batch as many datapoints as positions)
+are warned of by name. ``layouts=`` naming a layer decides alone.
 Each layer's batches are gathered in a buffer of one zarr chunk and appended
 a whole chunk at a time (the rest when recording ends), so no more than one chunk per layer and one batch are
 ever held, and no chunk is written twice: appending batches smaller than a chunk would make zarr read, decode and
@@ -118,9 +119,9 @@ class _Seen:
     """What recording has seen of where tensors hold their datapoints and channels. In one forward pass: the
     tensors of 3 to 5 dims the model's modules made, with their layouts, the layout of the latest one of each shape
     and the batch's datapoints where it shows them (``datapoints``, see ``_batch_datapoints``). Across passes:
-    whether any module of the model puts time first (``has_time_first``) and, for each recorded layer (by path)
-    and module, whether its 3-d outputs had their datapoints second (``orders``), as a batch told it (``told``)
-    or, before one did, as read."""
+    whether any module of the model puts time first (``has_time_first``) and, for each recorded layer and each
+    module, whether its 3-d outputs have their datapoints second, as a batch told it or, for a layer before one
+    did, as read (``time_order``)."""
 
     def __init__(self, model: Any) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
@@ -129,11 +130,15 @@ class _Seen:
         self.shapes: dict[tuple[int, ...], Found] = {}
         self.datapoints: int | None = None
         self.has_time_first = any(_time_first(module) for module in model.modules())
-        self.orders: dict[Any, bool] = {}
-        self.told: set[Any] = set()
+        self.layer_orders: dict[str, bool] = {}  # whether time first, as told or as first read
+        self.layers_told: set[str] = set()
+        self.module_orders: dict[Any, bool] = {}  # as told
+        self.misread: dict[str, bool] = {}  # this pass: as told, after a batch read the other way round
+        self.untold: set[str] = set()
 
-    def add(self, tensor: Any, layout: Found) -> None:
-        self.tensors[tensor] = layout
+    def add(self, tensor: Any, layout: Found, told: bool) -> None:
+        """Note a tensor a module made, its layout and whether that tells its time order (``_layout``)."""
+        self.tensors[tensor] = layout, told
         if not tensor.is_nested:
             self.shapes[tuple(tensor.shape)] = layout
 
@@ -149,35 +154,57 @@ class _Seen:
         """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
         self.tensors.clear()
         self.shapes.clear()
+        self.misread.clear()
         self.datapoints = datapoints
 
-    def time_order(self, found: Found | None, told: bool, tensor: Any, key: Any) -> Found | None:
+    def misread_error(self) -> ValueError:
+        """The error for the layers in ``misread``, naming each and what helps."""
+        listed = ", ".join(f"{layer!r} ({'time' if first else 'datapoints'} first)"
+                           for layer, first in self.misread.items())
+        given = {layer: "time_first" for layer, first in self.misread.items() if first}
+        return ValueError(f"this batch shows the outputs of {listed}, the other way round from how an earlier batch "
+                          f"was read (it had as many datapoints as positions, or the model's tensors told "
+                          f"otherwise); " + (f"pass layouts={given}, or " if given else "")
+                          + "record batches of another size")
+
+    def untold_warning(self) -> str:
+        """The warning for the layers in ``untold``."""
+        layers = sorted(self.untold)
+        return (f"every batch had as many datapoints as positions for {', '.join(map(repr, layers))}, in a model "
+                f"with modules that put time first: which of their first two dims holds the datapoints could not "
+                f"be told, and they were read datapoints first; if they are (T, N, C), record them again with "
+                f"layouts={dict.fromkeys(layers, 'time_first')}, or with batches of another size")
+
+    def time_order(self, found: Found | None, told: bool, tensor: Any, key: Any) -> tuple[Found | None, bool]:
         """``found`` for a 3-d ``tensor`` of the recorded layer (a str ``key``) or module ``key``, with its time
         order (whether its datapoints are second) set where the rule did not tell it (``told``): by the batch's
         datapoints where only one of its first two dims has as many, in a model with modules that put time
         first; else as a batch that told it showed for ``key`` (for a module, only when both dims have one size).
-        A recorded layer told one order in a batch after another was read in the other is an error (that batch
-        is written)."""
-        n = self.datapoints
+        A recorded layer told one order after a batch was read in the other goes to ``misread``; one read in a
+        batch of as many datapoints as positions, with no batch telling, to ``untold``. Returns the layout and
+        whether its time order is known (told now or by an earlier batch)."""
+        n, square = self.datapoints, tensor.shape[0] == tensor.shape[1]
         if not told and self.has_time_first and n is not None and (tensor.shape[0] == n) != (tensor.shape[1] == n):
             found, told = "time_first" if tensor.shape[1] == n else found, True
-        if not told:
-            # a module (run on other tensors too, perhaps) takes it only where a transpose can hide (T = N)
-            if key in self.told and (isinstance(key, str) or tensor.shape[0] == tensor.shape[1]):
-                return "time_first" if self.orders[key] else found
-            self.orders.setdefault(key, found == "time_first")
-            return found
         time_first = found == "time_first"
-        if isinstance(key, str) and self.orders.get(key, time_first) != time_first:
-            raise ValueError(f"layer {key!r}: this batch shows its {tuple(tensor.shape)} output "
-                             f"{'time' if time_first else 'datapoints'} first, but an earlier batch was read the "
-                             f"other way round (it had as many datapoints as positions, or the model's tensors "
-                             f"told otherwise); "
-                             + (f"pass layouts={{{key!r}: 'time_first'}}, or " if time_first else "")
-                             + "record a batch of another size first")
-        self.orders[key] = time_first
-        self.told.add(key)
-        return found
+        if isinstance(key, str):
+            if told:
+                if self.layer_orders.get(key, time_first) != time_first:
+                    self.misread[key] = time_first
+                self.layer_orders[key] = time_first
+                self.layers_told.add(key)
+                self.untold.discard(key)
+            elif key in self.layers_told:
+                return "time_first" if self.layer_orders[key] else found, True
+            else:
+                self.layer_orders.setdefault(key, time_first)
+                if square and n == tensor.shape[0] and self.has_time_first:
+                    self.untold.add(key)
+        elif told:
+            self.module_orders[key] = time_first
+        elif square and key in self.module_orders:  # a module may run on other tensors too
+            return "time_first" if self.module_orders[key] else found, True
+        return found, told
 
 
 def _time_first(module: Any) -> bool:
@@ -235,13 +262,13 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     name = type(module).__name__
     if name.endswith(f"{tensor.dim() - 2}d") or name in CHANNELS_FIRST_MODULES:
         return "channels_first", True
-    if tensor in seen.tensors:  # returned as a submodule made it
-        return seen.tensors[tensor], True
+    if tensor in seen.tensors:  # returned as a submodule made it (or as the module's own hook noted it)
+        return seen.tensors[tensor]
     source = first_tensor(list(inputs))
     if source is not None and source in seen.tensors and not source.is_nested:
         if source.shape == tensor.shape:
-            return seen.tensors[source], True
-        if seen.tensors[source] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
+            return seen.tensors[source]
+        if seen.tensors[source][0] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
             return "time_first", True  # a Linear on (T, N, C) keeps T and N
     shaped = seen.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
     if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
@@ -255,15 +282,17 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     return "channels_last", False
 
 
-def _found(module: Any, inputs: Sequence[Any], output: Any, tensor: Any, seen: _Seen, key: Any) -> Found | None:
-    """Where a module's output ``tensor`` (of its ``output``) of 3 to 5 dims holds its channels, or "time_first":
-    as torch documents it (``_documented``), else by the rule (``_layout``), a 3-d tensor's time order set where
-    the rule does not tell it (``seen.time_order``) for the recorded layer or module ``key`` (None: not set)."""
+def _found(module: Any, inputs: Sequence[Any], output: Any, tensor: Any, seen: _Seen,
+           key: Any) -> tuple[Found | None, bool]:
+    """Where a module's output ``tensor`` (of its ``output``) of 3 to 5 dims holds its channels, or "time_first",
+    and whether its time order was told: as torch documents it (``_documented``), else by the rule (``_layout``),
+    a 3-d tensor's time order set where the rule does not tell it (``seen.time_order``) for the recorded layer or
+    module ``key`` (None: not set)."""
     if tensor.dim() == 3 and (documented := _documented(module, output, tensor)) is not None:
-        return documented
+        return documented, True
     found, told = _layout(module, inputs, tensor, seen)
     if key is None or tensor.dim() != 3 or tensor.is_nested:
-        return found
+        return found, told
     return seen.time_order(found, told, tensor, key)
 
 
@@ -312,7 +341,7 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
     if tensor.dim() not in POSITIONS or layout == "time_first":
         found = None
     else:  # a layout given decides alone
-        found = _found(module, inputs, output, tensor, seen, path if layout is None else None)
+        found = _found(module, inputs, output, tensor, seen, path if layout is None else None)[0]
     if "time_first" in (layout, found):  # (T, N, C) → (N, T, C); a layout given applies to that
         tensor, found, layout = tensor.transpose(0, 1), "channels_last", None if layout == "time_first" else layout
     layout = layout or found
@@ -513,9 +542,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     def track(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         tensor = first_tensor(out)
         if tensor is not None and tensor.dim() in POSITIONS:
-            layout = _found(module, [*args, *kwargs.values()], out, tensor, seen, module)
+            layout, told = _found(module, [*args, *kwargs.values()], out, tensor, seen, module)
             if layout is not None:
-                seen.add(tensor, layout)
+                seen.add(tensor, layout, told)
 
     # every module but TorchScript ones, which take no hooks (their insides are not seen: a layout after one is
     # told by its own rule)
@@ -544,6 +573,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     captured.clear()
                     seen.clear(_batch_datapoints(batch, collated))
                     inputs = _call(model, batch)
+                    if seen.misread:
+                        raise seen.misread_error()
                     if getattr(inputs, "ndim", 0) in (4, 5):  # images (N, C, H, W), volumes (N, C, D, H, W)
                         image.setdefault("size", (int(inputs.shape[-2]), int(inputs.shape[-1])))
                     padding = mask(batch) if mask is not None else None
@@ -585,6 +616,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             model.train(was_training)
         if not arrays:
             raise ValueError("record got no batches")
+        if seen.untold:
+            warnings.warn(seen.untold_warning(), RuntimeWarning, stacklevel=user_stacklevel())
         labels = np.arange(count["datapoints"]) if datapoints is None else np.asarray(datapoints)
         if labels.shape != (count["datapoints"],):
             raise ValueError(f"datapoints has {labels.size} labels for {count['datapoints']} recorded datapoints")

@@ -809,6 +809,27 @@ def test_sequence_first_blocks_are_made_batch_first_by_the_batch_s_count(tmp_pat
         np.testing.assert_allclose(tree[name]["activations"].values, want, rtol=0, atol=1e-6, err_msg=name)
 
 
+def test_layers_whose_order_no_batch_tells_are_warned_of(tmp_path):
+    """Every batch of as many datapoints as tokens (10 inputs of 5 tokens in batches of 5) in a model with
+    time-first modules: the CLIP-like blocks were stored transposed, silently; they still are, with a warning
+    naming them (the attention, whose order torch documents, is not named)."""
+    net = _SequenceFirst().eval()
+    inputs = torch.randn(10, 5, 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=5)
+    layers = {**LAYERS, "attn": "blocks.0.attn"}
+    with pytest.warns(RuntimeWarning, match=r"^every batch had as many datapoints as positions for 'block0', "
+                                            r"'block1', 'ln_1', in a model with modules that put time first: .* "
+                                            r"layouts=\{'block0': 'time_first', 'block1': 'time_first', 'ln_1': "
+                                            r"'time_first'\}, or with batches of another size$") as caught:
+        record(net, layers, loader, tmp_path / "s.zarr")
+    assert all("test_record.py" in warning.filename for warning in caught)
+    tree = record(net, LAYERS, loader, tmp_path / "given.zarr", layouts=dict.fromkeys(LAYERS, "time_first"))
+    want = [net.own(inputs[:5]), net.own(inputs[5:])]
+    for name in LAYERS:
+        np.testing.assert_allclose(tree[name]["activations"].values,
+                                   np.concatenate([part[name] for part in want]), rtol=0, atol=1e-6, err_msg=name)
+
+
 def test_a_batch_whose_count_cannot_tell_keeps_the_rule_s_layout(tmp_path):
     """Batch-first layers beside a default (time-first) attention pooling head, in dict batches of as many
     datapoints as tokens, and a batch-first vision tower fed N images beside K captions of as many tokens as it has
@@ -935,12 +956,13 @@ def test_a_batch_s_count_puts_a_transposing_model_s_layers_datapoints_first(tmp_
         np.testing.assert_allclose(tree[name]["activations"].values,
                                    np.concatenate([value.transpose(0, 1).numpy() for value in values]),
                                    rtol=0, atol=1e-6, err_msg=name)
-    # batches of 5 tokens by 5 datapoints: the rule read the Embedding batch first; the last, of 3, shows otherwise
+    # batches of 5 tokens by 5 datapoints: the rule read the Embedding and head batch first; the last, of 3, tells
+    # otherwise
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=5)
-    with pytest.raises(ValueError, match=r"^layer 'embed': this batch shows its \(5, 3, 8\) output time first, but "
-                                         r"an earlier batch was read the other way round \(.*\); pass "
-                                         r"layouts=\{'embed': 'time_first'\}, or record a batch of another size "
-                                         r"first$"):
+    with pytest.raises(ValueError, match=r"^this batch shows the outputs of 'embed' \(time first\), 'head' \(time "
+                                         r"first\), the other way round from how an earlier batch was read \(.*\); "
+                                         r"pass layouts=\{'embed': 'time_first', 'head': 'time_first'\}, or record "
+                                         r"batches of another size$"):
         record(net, ["embed", "rnn", "head"], loader, tmp_path / "bad.zarr")
     assert not (tmp_path / "bad.zarr").exists()
     tree = record(net, ["embed", "rnn", "head"], loader, tmp_path / "given.zarr",
