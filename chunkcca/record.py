@@ -27,6 +27,7 @@ Failing all these, a 3-d output is channels last from any other module with para
 layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
 transpose; an Upsample), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first
 unless ``layouts=`` says otherwise.
+
 Which of a 3-d output's first two dims holds the datapoints (its time order) is told by the rule where it
 follows a module's tensors (a time-first module's output, a Linear on one, a function keeping its shape, a conv).
 Where it does not (a module acting on the last dim, a default), in a model with modules that put time first, the
@@ -36,11 +37,11 @@ which permute their embeddings to (T, N, C) with a function, and their first Lay
 dims have one size (T = N) the layer keeps the order a batch told; layers told one order after a batch was read
 in the other are an error naming them, and layers no batch told (every batch as many datapoints as positions)
 are warned of by name. ``layouts=`` naming a layer decides alone.
-Each layer's batches are gathered in a buffer of one zarr chunk and appended
-a whole chunk at a time (the rest when recording ends), so no more than one chunk per layer and one batch are
-ever held, and no chunk is written twice: appending batches smaller than a chunk would make zarr read, decode and
-rewrite the partial last chunk on every batch. The store is written to a temporary folder and renamed into place
-when recording ends.
+
+Each layer's batches are gathered in a buffer of one zarr chunk and appended a whole chunk at a time (the rest
+when recording ends), so no more than one chunk per layer and one batch are ever held, and no chunk is written
+twice: appending batches smaller than a chunk would make zarr read, decode and rewrite the partial last chunk on
+every batch. The store is written to a temporary folder and renamed into place when recording ends.
 """
 
 from __future__ import annotations
