@@ -36,7 +36,8 @@ default collation or an image input (N, C, H, W), all the batch's tensors agreei
 which permute their embeddings to (T, N, C) with a function, and their first LayerNorm are time first. When both
 dims have one size (T = N) the layer keeps the order a batch told; layers told one order after a batch was read
 in the other are an error naming them, and layers no batch told (every batch as many datapoints as positions)
-are warned of by name. ``layouts=`` naming a layer decides alone.
+are warned of by name. ``layouts=`` says where a layer's channels are once its order is settled, or, with
+``"time_first"``, settles it.
 
 Each layer's batches are gathered in a buffer of one zarr chunk and appended a whole chunk at a time (the rest
 when recording ends), so no more than one chunk per layer and one batch are ever held, and no chunk is written
@@ -131,11 +132,10 @@ class _Seen:
         self.shapes: dict[tuple[int, ...], Found] = {}
         self.datapoints: int | None = None
         self.has_time_first = any(_time_first(module) for module in model.modules())
-        self.layer_orders: dict[str, bool] = {}  # whether time first, as told or as first read
-        self.layers_told: set[str] = set()
-        self.module_orders: dict[Any, bool] = {}  # as told
-        self.misread: dict[str, bool] = {}  # this pass: as told, after a batch read the other way round
-        self.untold: set[str] = set()
+        self.orders: dict[Any, bool] = {}  # recorded layer (its path) or module → whether time first, as told
+        self.read: set[str] = set()  # recorded layers read datapoints first in a batch that did not tell
+        self.misread: dict[str, bool] = {}  # layer → whether time first, as told after being read the other way
+        self.untold: set[str] = set()  # layers read in batches of as many datapoints as positions, never told
 
     def add(self, tensor: Any, layout: Found, told: bool) -> None:
         """Note a tensor a module made, its layout and whether that tells its time order (``_layout``)."""
@@ -155,7 +155,6 @@ class _Seen:
         """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
         self.tensors.clear()
         self.shapes.clear()
-        self.misread.clear()
         self.datapoints = datapoints
 
     def misread_error(self) -> ValueError:
@@ -177,35 +176,31 @@ class _Seen:
                 f"layouts={dict.fromkeys(layers, 'time_first')}, or with batches of another size")
 
     def time_order(self, found: Found | None, told: bool, tensor: Any, key: Any) -> tuple[Found | None, bool]:
-        """``found`` for a 3-d ``tensor`` of the recorded layer (a str ``key``) or module ``key``, with its time
-        order (whether its datapoints are second) set where the rule did not tell it (``told``): by the batch's
-        datapoints where only one of its first two dims has as many, in a model with modules that put time
-        first; else as a batch that told it showed for ``key`` (for a module, only when both dims have one size).
-        A recorded layer told one order after a batch was read in the other goes to ``misread``; one read in a
-        batch of as many datapoints as positions, with no batch telling, to ``untold``. Returns the layout and
-        whether its time order is known (told now or by an earlier batch)."""
-        n, square = self.datapoints, tensor.shape[0] == tensor.shape[1]
+        """``found`` for a 3-d ``tensor`` of the recorded layer (a str ``key``) or module ``key``, and whether its
+        time order (whether its datapoints are second) is known: told by the rule (``told``); else by the batch's
+        datapoints where only one of its first two dims has as many, in a model with modules that put time first;
+        else as a batch told it for ``key`` (for a module, only when both dims have one size: a module may run on
+        other tensors too). A layer told one order after a batch read it the other goes to ``misread``; one read
+        in a batch of as many datapoints as positions and not told, to ``untold``."""
+        n = self.datapoints
         if not told and self.has_time_first and n is not None and (tensor.shape[0] == n) != (tensor.shape[1] == n):
             found, told = "time_first" if tensor.shape[1] == n else found, True
-        time_first = found == "time_first"
-        if isinstance(key, str):
-            if told:
-                if self.layer_orders.get(key, time_first) != time_first:
-                    self.misread[key] = time_first
-                self.layer_orders[key] = time_first
-                self.layers_told.add(key)
-                self.untold.discard(key)
-            elif key in self.layers_told:
-                return "time_first" if self.layer_orders[key] else found, True
-            else:
-                self.layer_orders.setdefault(key, time_first)
-                if square and n == tensor.shape[0] and self.has_time_first:
-                    self.untold.add(key)
-        elif told:
-            self.module_orders[key] = time_first
-        elif square and key in self.module_orders:  # a module may run on other tensors too
-            return "time_first" if self.module_orders[key] else found, True
-        return found, told
+        layer = isinstance(key, str)
+        if told:
+            time_first = found == "time_first"
+            if layer and self.orders.get(key, False if key in self.read else time_first) != time_first:
+                self.misread[key] = time_first
+            self.orders[key] = time_first
+            self.untold.discard(key)
+            return found, True
+        # not told, found is not "time_first": the rule tells every time-first reading
+        if key in self.orders and (layer or tensor.shape[0] == tensor.shape[1]):
+            return "time_first" if self.orders[key] else found, True
+        if layer:
+            self.read.add(key)
+            if tensor.shape[0] == tensor.shape[1] == n and self.has_time_first:
+                self.untold.add(key)
+        return found, False
 
 
 def _time_first(module: Any) -> bool:
@@ -288,11 +283,11 @@ def _found(module: Any, inputs: Sequence[Any], output: Any, tensor: Any, seen: _
     """Where a module's output ``tensor`` (of its ``output``) of 3 to 5 dims holds its channels, or "time_first",
     and whether its time order was told: as torch documents it (``_documented``), else by the rule (``_layout``),
     a 3-d tensor's time order set where the rule does not tell it (``seen.time_order``) for the recorded layer or
-    module ``key`` (None: not set)."""
+    module ``key``."""
     if tensor.dim() == 3 and (documented := _documented(module, output, tensor)) is not None:
         return documented, True
     found, told = _layout(module, inputs, tensor, seen)
-    if key is None or tensor.dim() != 3 or tensor.is_nested:
+    if tensor.dim() != 3 or tensor.is_nested:
         return found, told
     return seen.time_order(found, told, tensor, key)
 
@@ -322,9 +317,9 @@ def _packed(output: Any) -> Any:
 def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select: Callable[[Any], Any],
               layout: Layout | None, seen: _Seen) -> tuple[np.ndarray, tuple[str, ...], bool]:
     """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), its dims, and whether
-    it was a nested tensor (padded here to its longest sequence only); laid out as ``layout`` (from ``layouts=``)
-    says, else as ``_layout`` finds (4-d and 5-d: channels first by default); a (T, N, C) sequence is made batch
-    first either way."""
+    it was a nested tensor (padded here to its longest sequence only); a (T, N, C) sequence (as ``_found`` finds,
+    or as ``layout`` from ``layouts=`` says) made batch first, then laid out as ``layout`` says, else as found
+    (4-d and 5-d: channels first by default)."""
     tensor = select(output)
     if tensor is None:
         raise ValueError(f"layer {path!r} gives a {type(output).__name__} holding no tensor; pass output= to say "
@@ -341,8 +336,8 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
                             f"of shape {tuple(tensor.shape)}"))
     if tensor.dim() not in POSITIONS or layout == "time_first":
         found = None
-    else:  # a layout given decides alone
-        found = _found(module, inputs, output, tensor, seen, path if layout is None else None)[0]
+    else:  # its time order settled, a layout given says where its channels are
+        found = _found(module, inputs, output, tensor, seen, path)[0]
     if "time_first" in (layout, found):  # (T, N, C) → (N, T, C); a layout given applies to that
         tensor, found, layout = tensor.transpose(0, 1), "channels_last", None if layout == "time_first" else layout
     layout = layout or found
@@ -388,10 +383,11 @@ def _check_datapoint_counts(outputs: Mapping[str, np.ndarray]) -> None:
 
 
 def _collates(batches: Any) -> bool:
-    """Whether ``batches`` is a DataLoader that stacks its samples along a first dim (default collation)."""
+    """Whether ``batches`` is a DataLoader that stacks its samples along a first dim (batches of samples, by
+    ``batch_size`` or a ``batch_sampler``, and the default collation)."""
     from torch.utils.data import DataLoader, default_collate
 
-    return isinstance(batches, DataLoader) and batches.batch_size is not None \
+    return isinstance(batches, DataLoader) and batches.batch_sampler is not None \
         and batches.collate_fn is default_collate
 
 

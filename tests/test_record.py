@@ -803,10 +803,13 @@ def test_sequence_first_blocks_are_made_batch_first_by_the_batch_s_count(tmp_pat
                                          batch_size=batch)
     tree = record(net, LAYERS, loader, tmp_path / "s.zarr")
     parts = [net.own(inputs[start : start + batch]) for start in range(0, datapoints, batch)]
+    given = record(net, LAYERS, loader, tmp_path / "given.zarr", layouts={"ln_1": "channels_last"})
     for name in LAYERS:
         want = np.concatenate([part[name] for part in parts])
         assert tree[name]["activations"].shape == (datapoints, tokens, 8), name
         np.testing.assert_allclose(tree[name]["activations"].values, want, rtol=0, atol=1e-6, err_msg=name)
+    # a layout given says where the channels are once the order is settled
+    np.testing.assert_array_equal(given["ln_1"]["activations"].values, tree["ln_1"]["activations"].values)
 
 
 def test_layers_whose_order_no_batch_tells_are_warned_of(tmp_path):
@@ -831,9 +834,10 @@ def test_layers_whose_order_no_batch_tells_are_warned_of(tmp_path):
 
 
 def test_a_batch_whose_count_cannot_tell_keeps_the_rule_s_layout(tmp_path):
-    """Batch-first layers beside a default (time-first) attention pooling head, in dict batches of as many
-    datapoints as tokens, and a batch-first vision tower fed N images beside K captions of as many tokens as it has
-    patches: each is stored as the model gives it (refused, and transposed, by a first version of the count)."""
+    """Batch-first layers beside a default (time-first) attention pooling head, in a DataLoader's dict batches of
+    as many datapoints as tokens, and a batch-first vision tower fed N images beside K captions of as many tokens
+    as it has patches: each is stored as the model gives it (refused, and transposed, by a first version of the
+    count); the Embedding, whose order no batch tells, with a warning."""
 
     class Pooled(torch.nn.Module):
         def __init__(self) -> None:
@@ -850,37 +854,19 @@ def test_a_batch_whose_count_cannot_tell_keeps_the_rule_s_layout(tmp_path):
             return self.pool(hidden[:1], hidden, hidden)[0]
 
     net = Pooled().eval()
-    texts = [{"input_ids": torch.randint(0, 50, (4, 4)), "attention_mask": torch.ones(4, 4)} for _ in range(2)]
-    tree = record(net, ["embed"], texts, tmp_path / "t.zarr")
+    ids = torch.randint(0, 50, (8, 4))
+    texts = torch.utils.data.DataLoader([{"input_ids": row, "attention_mask": torch.ones(4)} for row in ids],
+                                        batch_size=4)
+    with pytest.warns(RuntimeWarning, match=r"^every batch had as many datapoints as positions for 'embed'"):
+        tree = record(net, ["embed"], texts, tmp_path / "t.zarr")
     with torch.inference_mode():
-        want = np.concatenate([net.embed(batch["input_ids"]).numpy() for batch in texts])
+        want = net.embed(ids).numpy()
     np.testing.assert_array_equal(tree["embed"]["activations"].values, want)
     pairs = [{"input_ids": torch.randint(0, 50, (4, 3)), "pixel_values": torch.randn(2, 3, 8, 8)} for _ in range(2)]
     tree = record(net, ["vision"], pairs, tmp_path / "v.zarr", mask=None)
     with torch.inference_mode():
         want = np.concatenate([net(**batch)[0].numpy() for batch in pairs])
     np.testing.assert_array_equal(tree["vision"]["activations"].values, want)
-
-
-def test_layers_of_frames_folded_into_the_batch_are_recorded_as_they_are(tmp_path):
-    """A video model folding its frames into the batch (N·F, C, H, W) for a 2-d CNN: its layers have N·F rows a
-    batch, recorded as the model gives them (refused by a first version of the count)."""
-
-    class Frames(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-
-        def forward(self, video: torch.Tensor) -> torch.Tensor:
-            return self.conv(video.flatten(0, 1))
-
-    net = Frames().eval()
-    batches = [torch.randn(2, 3, 3, 8, 8) for _ in range(2)]  # (N, F, C, H, W)
-    tree = record(net, ["conv"], batches, tmp_path / "f.zarr")
-    with torch.inference_mode():
-        want = np.concatenate([net(batch).permute(0, 2, 3, 1).numpy() for batch in batches])
-    np.testing.assert_array_equal(tree["conv"]["activations"].values, want)
 
 
 def test_where_a_batch_shows_its_datapoints():
@@ -899,6 +885,19 @@ def test_where_a_batch_shows_its_datapoints():
     # K captions beside N images: which a layer follows cannot be told
     assert _batch_datapoints({"input_ids": tokens, "pixel_values": images}, False) is None
     assert _batch_datapoints(["some text"], True) is None
+    assert _batch_datapoints(torch.zeros(7, 4, 3, 8, 8), False) is None  # a video may be (T, N, C, H, W)
+
+
+def test_which_data_loaders_stack_their_samples():
+    from chunkcca.record import _collates
+
+    data = torch.utils.data.TensorDataset(torch.zeros(6, 2))
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), 4, False)
+    assert _collates(torch.utils.data.DataLoader(data, batch_size=4))
+    assert _collates(torch.utils.data.DataLoader(data, batch_sampler=sampler))
+    assert not _collates(torch.utils.data.DataLoader(data, batch_size=None))  # samples are the batches
+    assert not _collates(torch.utils.data.DataLoader(data, batch_size=4, collate_fn=list))
+    assert not _collates([torch.zeros(4, 2)])
 
 
 @pytest.mark.parametrize("length", [4, 6])
@@ -985,24 +984,23 @@ class _CharWords(torch.nn.Module):
         return self.rnn(conv.max(-1).values.view(n, t, -1).transpose(0, 1))[0]
 
 
-class _TimeFirstVideo(torch.nn.Module):
-    """Frames (T, N, C, H, W) through a 2-d CNN, then a time-first LSTM and a Linear."""
+class _SentencePairs(torch.nn.Module):
+    """A sentence-pair encoder: (N, 2, T) token ids, both sentences of each pair folded into one time-first LSTM
+    over (T, 2N), then a Linear per step."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-        self.rnn, self.head = torch.nn.LSTM(4, 6), torch.nn.Linear(6, 5)
+        self.embed, self.rnn, self.proj = torch.nn.Embedding(50, 6), torch.nn.LSTM(6, 5), torch.nn.Linear(5, 4)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        frames = self.cnn(video.flatten(0, 1)).view(*video.shape[:2], -1)
-        return self.head(self.rnn(frames)[0])
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.rnn(self.embed(torch.cat([pairs[:, 0], pairs[:, 1]]).T))[0])
 
 
 def test_the_batch_s_count_does_not_override_what_the_model_tells(tmp_path):
     """Where the rule tells a 3-d output's order, the count does not: a Conv1d of 8 channels over words folded into
-    the batch, in batches of 8, and a Linear on a time-first LSTM over (T, N, C, H, W) video (5-d: not read as an
-    image) were stored transposed by a first version of the count."""
+    the batch, in batches of 8, and a Linear on a time-first LSTM over 8-token sentence pairs folded into the
+    batch, (8, 16, 4) in batches of 8, were stored transposed by a first version of the count."""
     words = torch.randint(0, 30, (16, 5, 9))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(words), batch_size=8)
     net = _CharWords().eval()
@@ -1011,9 +1009,10 @@ def test_the_batch_s_count_does_not_override_what_the_model_tells(tmp_path):
         want = [net.conv(net.chars(batch.reshape(40, 9)).transpose(1, 2)) for batch in (words[:8], words[8:])]
     np.testing.assert_array_equal(tree["conv"]["activations"].values,
                                   np.concatenate([out.transpose(1, 2).numpy() for out in want]))
-    video = [torch.randn(7, 4, 3, 8, 8) for _ in range(2)]
-    net = _TimeFirstVideo().eval()
-    tree = record(net, ["head"], video, tmp_path / "v.zarr")
+    pairs = torch.randint(0, 50, (16, 2, 8))  # 8 tokens, batches of 8 pairs: (T, 2N) = (8, 16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(pairs), batch_size=8)
+    net = _SentencePairs().eval()
+    tree = record(net, ["proj"], loader, tmp_path / "p.zarr")
     with torch.inference_mode():
-        want = np.concatenate([net(batch).transpose(0, 1).numpy() for batch in video])
-    np.testing.assert_allclose(tree["head"]["activations"].values, want, rtol=0, atol=1e-6)
+        want = np.concatenate([net(batch).transpose(0, 1).numpy() for batch in (pairs[:8], pairs[8:])])
+    np.testing.assert_allclose(tree["proj"]["activations"].values, want, rtol=0, atol=1e-6)
