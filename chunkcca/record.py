@@ -501,7 +501,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         e.g. a ReLU, given a 3-d tensor no module made; it takes a 4-d or 5-d output it cannot tell for channels
         first; a Linear applied to a function of an RNN's (T, N, C) output, e.g. ``F.relu(out)``, looks (N, T, C)).
         A (T, N, C) output it finds (an RNN's with ``batch_first=False``, or as the batch's count shows) is made
-        (N, T, C) first.
+        (N, T, C) first; the layout given then says where its channels are.
     coords
         Coordinates on ``datapoint`` for every recorded layer (for ``groupby=`` and ``folds=``): name → one number
         or string per datapoint, in the order of ``batches`` (e.g. ``{"label": dataset.targets}``), or a DataArray
