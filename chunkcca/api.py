@@ -507,7 +507,7 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
         As [`cka_from_moments()`][chunkcca.cka_from_moments] (``cka``, ``rows``); with ``minibatch``, also
         ``minibatches`` and ``rows_left_out`` (rows after the last whole minibatch). attrs as
         [`cca()`][chunkcca.cca]'s (with ``debiased``; no ``rows_omitted`` with spatial="features"); with
-        ``minibatch``, the layers, ``spatial``, ``stride`` and ``minibatch`` only.
+        ``minibatch``, the layers, ``spatial``, ``stride``, ``minibatch`` and ``rows`` only.
     """
     if minibatch is None:
         return _measure("cka_debiased" if debiased else "cka", a, b, SolveOptions(), options, "cka")
@@ -531,7 +531,7 @@ def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Data
          "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
          "rows": ((), np.int64(rows))},
         attrs={"measure": "cka", "minibatch": int(size), "layer_a": str(layer_a.name), "layer_b": str(layer_b.name),
-               **adapters[0].attrs},
+               **adapters[0].attrs, "rows": int(rows)},
     )
 
 

@@ -542,11 +542,6 @@ def _compare_values(result: xr.Dataset, measures: list[str]) -> dict[str, dict[s
     return values
 
 
-def _rows(result: xr.Dataset) -> int:
-    """The rows a result was measured on (minibatch CKA's are a variable, the others' an attribute)."""
-    return result.attrs["rows"] if "rows" in result.attrs else int(result["rows"])
-
-
 def _print_compare_json(args: argparse.Namespace, result: xr.Dataset, values: dict[str, dict[str, Any]]) -> None:
     options = {key: result.attrs[key] for key in ("spatial", "method", "grid", "stride", "precision", "minibatch",
                                                   *SOLVE_NAMES) if key in result.attrs} | {"scheduler": args.scheduler}
@@ -560,7 +555,7 @@ def _print_compare_json(args: argparse.Namespace, result: xr.Dataset, values: di
         options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
     ranks = {key: _json_value(result[key].values.tolist()) for key in ("rank_a", "rank_b") if key in result}
     print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "store_a": args.store,
-                      "store_b": args.b_store or args.store, "rows": _rows(result), **ranks,
+                      "store_b": args.b_store or args.store, "rows": result.attrs["rows"], **ranks,
                       "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
 
 
@@ -581,7 +576,7 @@ def _print_compare_table(args: argparse.Namespace, result: xr.Dataset, values: d
                else "")
     spatial = " ".join(str(result.attrs[key]) for key in ("spatial", "method") if key in result.attrs) + (
         f" on the {result.attrs['grid']} grid" if "grid" in result.attrs else "")
-    print(f"{pair} ({spatial}, stride {args.stride}, {_rows(result)} rows{omitted}, {how})")
+    print(f"{pair} ({spatial}, stride {args.stride}, {result.attrs['rows']} rows{omitted}, {how})")
     for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
         if dim in result.dims:
             print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
@@ -793,10 +788,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
         except FileExistsError:  # put there while the sweep ran
             _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
             raise
-    except Exception:
-        _show_sweep(result, measures, set_a, set_b)  # a result that cannot be saved (a full disk) is still seen
-        raise
-    _show_sweep(result, measures, set_a, set_b)
+    finally:  # saved first (a reader of the table that leaves cannot stop it); shown also if saving failed
+        _show_sweep(result, measures, set_a, set_b)
     print(f"results: {out}")
     if args.plot:
         _save_plot(lambda: plot_similarity(result, drawn).figure, args.plot, overwrite=args.overwrite)

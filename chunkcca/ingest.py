@@ -27,6 +27,7 @@ import xarray as xr
 from ._stack import user_stacklevel
 from .layers import (
     DEFAULT_DIMS,
+    check_coord_name,
     check_datapoint_coords,
     datapoints_per_chunk,
     layer_path,
@@ -387,7 +388,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
             raise ValueError(f"{path} is where {source} is read from: write the store elsewhere")
     labels = {}
     for name, values in (coords or {}).items():  # each checked alone, so that bad values name their file
-        check_datapoint_coords({name: []})  # the name first, before its file is read
+        check_coord_name(name)  # before its file is read
         try:
             labels |= check_datapoint_coords({name: _coord_file(name, values)})
         except ValueError as error:

@@ -38,17 +38,23 @@ STANDARD_POSITIONS: tuple[str, ...] = ("time", "token", "depth", "height", "widt
 CHUNK_BYTES = 16 * 2**20
 
 
+def check_coord_name(name: Any) -> None:
+    """A ValueError unless ``name`` can name a coordinate on datapoint: a non-empty string without '/' or spaces
+    that names no dim or variable of a layer."""
+    if not isinstance(name, str) or not name or "/" in name or any(char.isspace() for char in name):
+        # a store lists a layer's coordinates space-separated (CF's "coordinates" attribute)
+        raise ValueError(f"coords: a coordinate's name is a non-empty string without '/' or spaces, got {name!r}")
+    if name in ("datapoint", "channel", *STANDARD_POSITIONS, MASK, VARIABLE):
+        raise ValueError(f"coords: {name!r} names a dim or variable of a layer; call the coordinate otherwise")
+
+
 def check_datapoint_coords(coords: Mapping[str, Any] | None) -> dict[str, xr.DataArray]:
     """``coords`` (name → one label per datapoint: each input's class, a split; in the layers' datapoint order, or
     a DataArray on ``datapoint`` labelled as the layers are) as DataArrays of numbers or strings; a ValueError
     naming the coordinate at fault. Their datapoints are checked against each layer by ``coord_values``."""
     checked: dict[str, xr.DataArray] = {}
     for name, values in (coords or {}).items():
-        if not isinstance(name, str) or not name or "/" in name or any(char.isspace() for char in name):
-            # a store lists a layer's coordinates space-separated (CF's "coordinates" attribute)
-            raise ValueError(f"coords: a coordinate's name is a non-empty string without '/' or spaces, got {name!r}")
-        if name in ("datapoint", "channel", *STANDARD_POSITIONS, MASK, VARIABLE):
-            raise ValueError(f"coords: {name!r} names a dim or variable of a layer; call the coordinate otherwise")
+        check_coord_name(name)
         if isinstance(values, xr.DataArray) and values.dims != ("datapoint",):
             raise ValueError(f"coords[{name!r}] has dims {tuple(map(str, values.dims))}; give it dims ('datapoint',)")
         array = values if isinstance(values, xr.DataArray) else np.asarray(values)

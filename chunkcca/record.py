@@ -417,9 +417,8 @@ def _call(model: Any, batch: Any) -> Any:
     or volume but an ``attention_mask``, e.g. ``pixel_values`` after ``labels``, else its first value)."""
     if isinstance(batch, Mapping):
         model(**batch)
-        values = list(batch.values())
         return next((value for key, value in batch.items() if getattr(value, "ndim", 0) in (4, 5)
-                     and key != "attention_mask"), values[0])
+                     and key != "attention_mask"), next(iter(batch.values())))
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
     model(inputs)
     return inputs
