@@ -508,21 +508,36 @@ def _run_compare(args: argparse.Namespace) -> None:
             print(f"plot: {args.plot}")
 
 
+def _check_modal_flags(args: argparse.Namespace) -> None:
+    """The flags of options only one mode reads (``MODAL``: --method and --grid, --checkpoint-every) given without
+    that mode: an error in flag words, before any work (the API says so in its own words)."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    misplaced: dict[str, list[str]] = {}
+    for name, (mode, values) in MODAL.items():
+        setting = getattr(args, mode, None)
+        if getattr(args, name, None) is not None and (setting is None if values is None else setting not in values):
+            misplaced.setdefault(mode, []).append(name)
+    for mode, names in misplaced.items():
+        listed, values = " and ".join(map(flag, names)), MODAL[names[0]][1]
+        verb = "applies" if len(names) == 1 else "apply"
+        if values is None:
+            raise ValueError(f"{listed} {verb} only with {flag(mode)}, which is not given")
+        raise ValueError(f"{listed} {verb} to {flag(mode)} {' or '.join(values)}, not {flag(mode)} "
+                         f"{getattr(args, mode)}")
+
+
 def _check_compare_flags(args: argparse.Namespace, measures: list[str]) -> None:
-    """compare's flags that need others (--plot a CCA-family measure, --checkpoint-every --checkpoint, --method and
-    --grid --spatial interp), the measures' flags and --minibatch's: before any work, in flag words."""
+    """compare's flags that need others (--plot a CCA-family measure; ``_check_modal_flags``), the measures' flags
+    and --minibatch's: before any work, in flag words."""
     if args.plot:
         if not any(chunkcca.MEASURES[name].canonical for name in measures) or args.spatial in PER_FREQUENCY:
             raise ValueError("--plot draws canonical correlation curves: include a CCA-family measure (mean_cca, "
                              "r2_cca, svcca, pwcca) in --measure, and not with --spatial dft (a matrix of "
                              "frequencies)")
         _check_plot(args)
-    if args.checkpoint_every is not None and args.checkpoint is None:
-        raise ValueError("--checkpoint-every applies only with --checkpoint, which is not given")
-    modal = [key for key in ("method", "grid") if getattr(args, key) is not None and args.spatial not in MODAL[key][1]]
-    if modal:
-        raise ValueError(f"{' and '.join(f'--{key}' for key in modal)} appl{'y' if len(modal) > 1 else 'ies'} to "
-                         f"--spatial {' or '.join(MODAL[modal[0]][1])}, not --spatial {args.spatial}")
+    _check_modal_flags(args)
     _check_measure_flags(args, measures)
     _check_minibatch_flags(args, measures)
 
