@@ -33,7 +33,7 @@ from .measures import (
     side_without_variance,
 )
 from .moments import Moments
-from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_int, group_codes
+from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, group_codes
 from .passes import GramSums, Streamed, gram_pass, minibatch_pass, pair_provenance, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 from .tiles import TiledMoments
@@ -478,10 +478,6 @@ def shape_metric(a: Any, b: Any, *, alpha: float = 1.0, **options: Any) -> xr.Da
     return _measure("shape", a, b, SolveOptions(alpha=alpha), options, "shape_metric")
 
 
-#: Streaming options that minibatch CKA has no use for.
-_NOT_MINIBATCH = ("precision", "checkpoint", "checkpoint_every", "groupby", "folds")
-
-
 def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None, **options: Any) -> xr.Dataset:
     """Linear CKA between two layers, streamed.
 
@@ -511,16 +507,18 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
     """
     if minibatch is None:
         return _measure("cka_debiased" if debiased else "cka", a, b, SolveOptions(), options, "cka")
+    stream = StreamOptions.from_kwargs("cka", {**options, "minibatch": minibatch})
     if debiased:
         raise ValueError("minibatch CKA is already built from unbiased HSIC; pass debiased=False")
-    _check_minibatch_options(options)
-    return _minibatch_cka(a, b, minibatch, StreamOptions.from_kwargs("cka", options, reads=("split_every",)))
+    return _minibatch_cka(a, b, stream)
 
 
-def _minibatch_cka(a: Any, b: Any, size: Any, options: StreamOptions) -> xr.Dataset:
-    """Minibatch linear CKA of two layers over minibatches of ``size`` rows (see ``chunkcca.minibatch``)."""
+def _minibatch_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
+    """Minibatch linear CKA of two layers over minibatches of ``options.minibatch`` rows (see
+    ``chunkcca.minibatch``)."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
-    size, hsic, batches, left_over, rows = _minibatch_sums([layer_a, layer_b], adapters, size, options)
+    hsic, batches, left_over, rows = _minibatch_sums([layer_a, layer_b], adapters, options)
+    size = options.minibatch
     if hsic[0, 0] <= 0 or hsic[1, 1] <= 0:
         raise ValueError(f"minibatch CKA is undefined for layer "
                          f"{str(layer_a.name if hsic[0, 0] <= 0 else layer_b.name)!r}: {NO_MINIBATCH_VARIANCE}")
@@ -544,21 +542,13 @@ NO_MINIBATCH_VARIANCE = ("it has no variance within minibatches (a dead layer), 
                          f"{TINY_GRAM_ADVICE})")
 
 
-def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], size: Any,
-                    options: StreamOptions) -> tuple[int, np.ndarray, int, int, int]:
-    """Checked minibatch ``size`` and, over consecutive minibatches of that many rows of aligned ``layers``, the
-    summed unbiased HSIC of every pair of their linear Gram matrices (L, L), the minibatches, the rows after
-    the last whole one and all rows: one pass (see ``chunkcca.minibatch``)."""
-    if options.nan_policy == "omit":
-        raise ValueError("minibatch CKA cannot omit rows (minibatches would shift); use nan_policy='raise' "
-                         "(--nan-policy raise, the default)")
-    if is_batched(options.spatial):
-        raise ValueError("minibatch CKA does not work per spatial frequency (spatial='dft'); use spatial='flatten', "
-                         "'avgpool', 'interp', 'first', 'last' or 'features'")
-    try:
-        size = check_int("minibatch", size, 4)
-    except ValueError:
-        raise ValueError(f"minibatch must be an integer >= 4 (the unbiased HSIC needs 4 rows), got {size!r}") from None
+def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
+                    options: StreamOptions) -> tuple[np.ndarray, int, int, int]:
+    """Over consecutive minibatches of ``options.minibatch`` rows of aligned ``layers``, the summed unbiased HSIC
+    of every pair of their linear Gram matrices (L, L), the minibatches, the rows after the last whole one and all
+    rows: one pass (see ``chunkcca.minibatch``)."""
+    size = options.minibatch
+    assert size is not None  # _minibatch_cka and _minibatch_similarity are called with it
     padded = [str(layer.name) for layer in layers if MASK in layer.coords]
     if padded and adapters[0].mask_rule == "pair":
         raise ValueError(f"minibatch CKA cuts the rows into minibatches of fixed size, which the padding of layer "
@@ -568,7 +558,7 @@ def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     if rows < size:
         raise ValueError(f"layers {', '.join(repr(str(layer.name)) for layer in layers)} give {rows} rows, fewer "
                          f"than one minibatch of {size}")
-    sums = minibatch_pass(layers, adapters, size, options)
+    sums = minibatch_pass(layers, adapters, options)
     if not np.all(np.isfinite(sums)):  # NaN and Inf in the values are refused while streaming: an overflow
         raise ValueError(f"minibatch CKA of layers {', '.join(repr(str(layer.name)) for layer in layers)}: the sums "
                          f"of products of their minibatches' Gram matrices overflow float64 (values too large); "
@@ -581,17 +571,7 @@ def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
         raise ValueError(f"minibatch CKA of layer {str(layers[tiny[0]].name)!r}: its values are too small for float64 "
                          f"products of its minibatches' Gram matrices (their HSIC, {hsic[tiny[0], tiny[0]]:.3g}, keeps "
                          f"fewer than 11 digits below {batches * SMALLEST_VARIANCE:.2g}); {TINY_GRAM_ADVICE}")
-    return size, hsic, batches, int(sums[-1]), rows
-
-
-def _check_minibatch_options(given: Mapping[str, Any]) -> None:
-    """Refuse the streaming options minibatch CKA has no use for."""
-    unused = sorted(set(given) & set(_NOT_MINIBATCH))
-    if unused:
-        raise TypeError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to minibatch CKA "
-                        f"(float64 Gram matrices of "
-                        f"minibatch x minibatch values, summed in one pass over all rows; no Moments to checkpoint "
-                        f"or to group)")
+    return hsic, batches, int(sums[-1]), rows
 
 
 def _solve_options(measures: Sequence[str], given: Mapping[str, Any], where: str, *,
@@ -783,11 +763,9 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         without ``layer_a`` and ``layer_b``.
     """
     solve_given, stream_given = _split_options(dict(options))
-    if minibatch is not None:
-        _check_minibatch_options(stream_given)
-    stream = StreamOptions.from_kwargs("similarity", stream_given, reads=("split_every",) if minibatch else ())
+    stream = StreamOptions.from_kwargs("similarity", {**stream_given, "minibatch": minibatch})
     names = _checked_measures(measures, stream, batched=False)
-    if minibatch is not None and names != ("cka",):
+    if stream.minibatch is not None and names != ("cka",):
         raise ValueError(f"minibatch applies to measures=['cka'] only, got {list(names)}: the others need the "
                          f"layers' covariances")
     solve = _solve_options(names, solve_given, "similarity", folds=stream.folds is not None)
@@ -812,8 +790,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     rows = adapters[0].row_count(first.sizes["datapoint"])
     if rows < 4:
         raise ValueError(f"the layers give {rows} row{'' if rows == 1 else 's'}; similarity needs at least 4")
-    if minibatch is not None:
-        return _minibatch_similarity(aligned, adapters, minibatch, stream, sides, set_a, set_b)
+    if stream.minibatch is not None:
+        return _minibatch_similarity(aligned, adapters, stream, sides, set_a, set_b)
     if by_gram(stream.spatial):
         _check_gram(names, "similarity()")
         gram = gram_pass(aligned, adapters, stream)
@@ -844,12 +822,13 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     return result
 
 
-def _minibatch_similarity(aligned: Sequence[xr.DataArray], adapters: Sequence[Adapter], size: Any,
-                          stream: StreamOptions, sides: dict[str, list[int]], set_a: Mapping[str, Any],
+def _minibatch_similarity(aligned: Sequence[xr.DataArray], adapters: Sequence[Adapter], stream: StreamOptions,
+                          sides: dict[str, list[int]], set_a: Mapping[str, Any],
                           set_b: Mapping[str, Any]) -> xr.Dataset:
     """Minibatch linear CKA of every pair (layer_a, layer_b) from one pass over all layers; NaN, with a warning,
     for a pair with a layer that has no variance within minibatches."""
-    size, hsic, batches, left_over, rows = _minibatch_sums(aligned, adapters, size, stream)
+    hsic, batches, left_over, rows = _minibatch_sums(aligned, adapters, stream)
+    size = stream.minibatch
     values = _cka_of_pairs(hsic, aligned, sides, NO_MINIBATCH_VARIANCE, "minibatch CKA")
     return xr.Dataset(
         {"cka": (("layer_a", "layer_b"), values, {"long_name": f"minibatch linear CKA ({size} rows)"}),

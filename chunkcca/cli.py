@@ -49,6 +49,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         MODAL,
         NAN_POLICIES,
         NETCDF_LARGEST_INT,
+        NOT_MINIBATCH,
         PER_DATAPOINT,
         PER_FREQUENCY,
         PRECISIONS,
@@ -146,7 +147,7 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
     parser.add_argument("--spatial", default=spatial[0], choices=spatial,
                         help=f"how spatial positions become rows (default {spatial[0]})")
     parser.add_argument("--stride", type=_positive_int, default=1, help="keep every n-th row (default 1)")
-    parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS),
                         help="dtype of the per-chunk products (default auto: float64 for the first datapoints, "
                              "4 rows per channel of the widest layer, and float32 for the rest unless they are "
                              "ill-conditioned; float64 throughout for runs with fewer rows)")
@@ -199,10 +200,7 @@ def _check_minibatch_flags(args: argparse.Namespace, measures: list[str]) -> Non
     if measures != ["cka"]:
         raise ValueError(f"--minibatch {args.minibatch} gives minibatch linear CKA: pass --measure cka alone, not "
                          f"{' '.join(measures)}")
-    given = [flag for flag, value in (("--groupby", args.groupby), ("--folds", args.folds),
-                                      ("--checkpoint", getattr(args, "checkpoint", None)),
-                                      ("--precision", None if args.precision == "auto" else args.precision))
-             if value is not None]
+    given = [_flag(name) for name in NOT_MINIBATCH if getattr(args, name, None) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --minibatch "
                          f"(float64 Gram matrices of each minibatch, summed in one pass: no products' precision, no "
@@ -459,7 +457,8 @@ def _streaming(args: argparse.Namespace, scheduler: Any) -> dict[str, Any]:
     options |= {key: value for key in ("method", "grid") if (value := getattr(args, key, None)) is not None}
     if args.minibatch is not None:  # the options it reads (_check_minibatch_flags refused the others)
         return {**options, "minibatch": args.minibatch}
-    return {**options, "precision": args.precision, "groupby": args.groupby, "folds": args.folds}
+    return {**options, "groupby": args.groupby, "folds": args.folds,
+            **({} if args.precision is None else {"precision": args.precision})}
 
 
 def _scalar(value: xr.DataArray) -> Any:
@@ -508,23 +507,25 @@ def _run_compare(args: argparse.Namespace) -> None:
             print(f"plot: {args.plot}")
 
 
+def _flag(option: str) -> str:
+    """The command's flag for an option of the API: ``checkpoint_every`` → ``--checkpoint-every``."""
+    return "--" + option.replace("_", "-")
+
+
 def _check_modal_flags(args: argparse.Namespace) -> None:
     """The flags of options only one mode reads (``MODAL``: --method and --grid, --checkpoint-every) given without
     that mode: an error in flag words, before any work (the API says so in its own words)."""
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
     misplaced: dict[str, list[str]] = {}
     for name, (mode, values) in MODAL.items():
         setting = getattr(args, mode, None)
         if getattr(args, name, None) is not None and (setting is None if values is None else setting not in values):
             misplaced.setdefault(mode, []).append(name)
     for mode, names in misplaced.items():
-        listed, values = " and ".join(map(flag, names)), MODAL[names[0]][1]
+        listed, values = " and ".join(map(_flag, names)), MODAL[names[0]][1]
         verb = "applies" if len(names) == 1 else "apply"
         if values is None:
-            raise ValueError(f"{listed} {verb} only with {flag(mode)}, which is not given")
-        raise ValueError(f"{listed} {verb} to {flag(mode)} {' or '.join(values)}, not {flag(mode)} "
+            raise ValueError(f"{listed} {verb} only with {_flag(mode)}, which is not given")
+        raise ValueError(f"{listed} {verb} to {_flag(mode)} {' or '.join(values)}, not {_flag(mode)} "
                          f"{getattr(args, mode)}")
 
 

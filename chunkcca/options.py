@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -70,6 +70,11 @@ MODAL: dict[str, tuple[str, tuple[Any, ...] | None]] = {
     "split_every": ("spatial", ("features",)),
     "checkpoint_every": ("checkpoint", None),
 }
+#: The streaming options minibatch CKA has no use for: it sums float64 Gram matrices of each minibatch in one pass
+#: (no products' precision, no Moments to group, fold or checkpoint). Given with ``minibatch``, a TypeError.
+NOT_MINIBATCH: tuple[str, ...] = ("groupby", "folds", "checkpoint", "checkpoint_every", "precision")
+#: The public functions that take ``minibatch`` (minibatch CKA).
+MINIBATCH_FUNCTIONS: tuple[str, ...] = ("cka", "similarity")
 #: Predictivity's default ridge, relative to the mean variance of the predicting layer's channels.
 RIDGE = 0.01
 #: Seconds to wait for a Dask scheduler to answer (``connect_timeout``).
@@ -232,6 +237,12 @@ class StreamOptions:
         NaN or Inf in the rows used raises an error naming the layer and the chunk's datapoints,
         or ("omit") such rows are left out of every side and counted in the ``rows_omitted`` attr (with
         padding masks, that count includes the padded positions, which are left out either way).
+    minibatch : int or None
+        The minibatch CKA of Nguyen, Raghu & Kornblith 2021 over consecutive minibatches of this many rows (>= 4)
+        rather than the full-data CKA (``cka()`` and ``similarity(measures=["cka"])`` only; None, the default:
+        full data). Its rows must not shift, so not with nan_policy="omit", "dft" or a padding mask on
+        per-position rows; ``precision``, checkpoints, ``groupby`` and ``folds`` do not apply to it
+        (``NOT_MINIBATCH``: given with it, a TypeError).
     split_every : int
         For spatial="features" and minibatch CKA only: Gram blocks summed per task of the tree that adds them
         up, at least 2 (default 8). The Moments need none: each chain folds its chunks into one accumulator.
@@ -274,6 +285,7 @@ class StreamOptions:
     method: Method = "linear"
     grid: Grid = "coords"
     nan_policy: NanPolicy = "raise"
+    minibatch: int | None = None
     split_every: int = SPLIT_EVERY
     memory_limit: int | float | str = MEMORY_LIMIT
     scheduler: Any = None
@@ -316,6 +328,8 @@ class StreamOptions:
             check_output_place(self.checkpoint, "checkpoint")
         if self.spatial == "features":
             self._check_features()
+        if self.minibatch is not None:
+            self._check_minibatch()
 
     def _check_features(self) -> None:
         """spatial="features" sums Gram matrices of each datapoint's whole map over all rows in one pass: no
@@ -329,16 +343,41 @@ class StreamOptions:
             raise ValueError("spatial='features' cannot omit rows (the Gram matrices would shift); use "
                              "nan_policy='raise' (--nan-policy raise, the default)")
 
+    def _check_minibatch(self) -> None:
+        """Minibatch CKA cuts the rows into minibatches of a fixed size (>= 4: the unbiased HSIC needs 4 rows) in
+        their order: none may be left out, and one set of rows (not one per frequency)."""
+        try:
+            object.__setattr__(self, "minibatch", check_int("minibatch", self.minibatch, 4))
+        except ValueError:
+            raise ValueError(f"minibatch must be an integer >= 4 (the unbiased HSIC needs 4 rows), got "
+                             f"{self.minibatch!r}") from None
+        if self.nan_policy == "omit":
+            raise ValueError("minibatch CKA cannot omit rows (minibatches would shift); use nan_policy='raise' "
+                             "(--nan-policy raise, the default)")
+        if self.spatial in PER_FREQUENCY:
+            raise ValueError("minibatch CKA does not work per spatial frequency (spatial='dft'); use "
+                             "spatial='flatten', 'avgpool', 'interp', 'first', 'last' or 'features'")
+
     @classmethod
-    def from_kwargs(cls, where: str, options: Mapping[str, Any], *, reads: Sequence[str] = ()) -> StreamOptions:
+    def from_kwargs(cls, where: str, options: Mapping[str, Any]) -> StreamOptions:
         """The options of a public function's ``**options``; an unknown name is a TypeError naming ``where``, and
-        so is an option given without the mode that reads it (``MODAL``; ``reads``: those ``where`` reads
-        anyway, e.g. ``split_every`` for minibatch CKA)."""
-        unknown = sorted(set(options) - set(NAMES))
+        so is an option given without the mode that reads it (``MODAL``; ``split_every`` is read by minibatch CKA
+        too), ``minibatch`` given to a function that has no minibatch CKA (``MINIBATCH_FUNCTIONS``) and, with it,
+        an option it has no use for (``NOT_MINIBATCH``)."""
+        takes = NAMES if where in MINIBATCH_FUNCTIONS else tuple(name for name in NAMES if name != "minibatch")
+        unknown = sorted(set(options) - set(takes))
         if unknown:
+            also = ("; minibatch CKA is cka(a, b, minibatch=N) or similarity(..., measures=['cka'], minibatch=N)"
+                    if "minibatch" in unknown else "")
             raise TypeError(f"{where}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} "
-                            f"{', '.join(map(repr, unknown))}; its streaming options are {', '.join(NAMES)}")
+                            f"{', '.join(map(repr, unknown))}; its streaming options are {', '.join(takes)}{also}")
+        unused = [name for name in NOT_MINIBATCH if name in options] if options.get("minibatch") is not None else []
+        if unused:
+            raise TypeError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to minibatch CKA "
+                            f"(float64 Gram matrices of minibatch x minibatch values, summed in one pass over all "
+                            f"rows; no Moments to checkpoint or to group)")
         made = cls(**options)
+        reads = ("split_every",) if made.minibatch is not None else ()
         misplaced: dict[str, list[str]] = {}
         for name, (mode, values) in MODAL.items():
             setting = getattr(made, mode)

@@ -407,10 +407,9 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     return (total,)
 
 
-def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], size: int,
-                   options: StreamOptions) -> np.ndarray:
+def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions) -> np.ndarray:
     """[Σ HSIC(Kₗ, Kₘ) of every pair, row-major (L²), minibatches, rows left over] over consecutive minibatches
-    of ``size`` rows of aligned layers (see ``chunkcca.minibatch``), in one pass over chunks of whole
+    of ``options.minibatch`` rows of aligned layers (see ``chunkcca.minibatch``), in one pass over chunks of whole
     minibatches, near the first layer's chunk and halved while ``options.memory_limit`` cannot hold one task.
 
     Where that holds less (wide layers of one row per datapoint: avgpool, first, last, features), a task reads
@@ -419,6 +418,8 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
     (narrow layers, whose Gram matrices of a chunk would outweigh it, or rows of many positions a datapoint)
     a chunk of every layer is folded at a time (``engine.minibatch_reduction``), in as many chains as fit. A
     clear error, before anything is read, if a chunk of one minibatch does not fit."""
+    size = options.minibatch
+    assert size is not None  # a minibatch CKA's options
     widths = [int(np.prod(layer.shape[1:])) if by_gram(options.spatial) else layer.sizes["channel"]
               for layer in layers]  # a row: a datapoint's whole map, or its channels
     reduction = minibatch_reduction(adapters, size, max(widths))

@@ -320,12 +320,45 @@ def test_options_with_their_mode_are_kept_and_left_out_take_their_defaults(tmp_p
     default = from_kwargs("cca", {})
     assert (default.method, default.grid, default.split_every, default.checkpoint_every) == ("linear", "coords", 8, 16)
     assert from_kwargs("cka", {"spatial": "features", "split_every": 3}).split_every == 3
-    assert from_kwargs("cka", {"split_every": 3}, reads=("split_every",)).split_every == 3  # minibatch CKA reads it
+    assert from_kwargs("cka", {"split_every": 3, "minibatch": 8}).split_every == 3  # minibatch CKA reads it
+    with pytest.raises(TypeError, match=r"^split_every applies only to spatial='features'"):
+        from_kwargs("cka", {"split_every": 3, "minibatch": None})
     run = from_kwargs("cca", {"checkpoint": tmp_path / "run.ckpt", "checkpoint_every": 3})
     assert run.checkpoint_every == 3
     assert dataclasses.replace(default, stride=2).stride == 2, "options are plain dataclasses"
     a, b, _, _ = _conv_pair(tmp_path)
     assert chunkcca.cka(a, b, minibatch=10, spatial="avgpool", split_every=4)["cka"].size == 1
+
+
+@pytest.mark.parametrize("call", ["cca", "compare", "compute_moments", "svcca", "pwcca", "procrustes",
+                                  "shape_metric"])
+def test_minibatch_is_refused_where_there_is_no_minibatch_cka(tmp_path, call):
+    """minibatch is a streaming option (StreamOptions.minibatch) that only cka() and similarity() read: given to
+    another function it would be ignored (the full-data measure, silently), so it is a TypeError saying where
+    minibatch CKA is."""
+    a, b, _, _ = _conv_pair(tmp_path)
+    with pytest.raises(TypeError, match=rf"^{call}\(\) got unexpected keyword argument 'minibatch'; its streaming "
+                                        r"options are .*; minibatch CKA is cka\(a, b, minibatch=N\)"):
+        getattr(chunkcca, call)(a, b, minibatch=16)
+    with pytest.raises(TypeError) as unknown:  # and its list of streaming options does not offer it
+        getattr(chunkcca, call)(a, b, bogus=1)
+    assert "minibatch" not in str(unknown.value)
+
+
+def test_minibatch_is_checked_once_with_the_streaming_options():
+    """minibatch is validated where every streaming option is (StreamOptions), before any layer is read: its size,
+    and the row rules it needs (no rows omitted, one set of rows rather than one per frequency)."""
+    options = chunkcca.options.StreamOptions
+    assert options(minibatch=np.int64(16)).minibatch == 16 and type(options(minibatch=16).minibatch) is int
+    for bad in (3, 0, 4.0, True, "8"):
+        with pytest.raises(ValueError, match=r"^minibatch must be an integer >= 4 \(the unbiased HSIC needs 4 rows\)"):
+            options(minibatch=bad)
+    with pytest.raises(ValueError, match=r"^minibatch CKA cannot omit rows"):
+        options(minibatch=8, nan_policy="omit")
+    with pytest.raises(ValueError, match=r"^minibatch CKA does not work per spatial frequency"):
+        options(minibatch=8, spatial="dft")
+    with pytest.raises(TypeError, match=r"^folds, precision do not apply to minibatch CKA"):
+        options.from_kwargs("similarity", {"minibatch": 8, "precision": "float64", "folds": 2})
 
 
 def test_the_cli_refuses_checkpoint_every_without_checkpoint(tmp_path, capsys):
