@@ -43,6 +43,7 @@ from .moments import (
     RowCheck,
     fold_rows,
     merge_into,
+    packed_shape,
     partial_from_rows,
     unpack,
 )
@@ -171,7 +172,7 @@ def moments_reduction(adapters: Sequence[Adapter], widths: Sequence[int], *, pre
     """
     p = sum(widths)
     row_norms = row_norms and not complex_rows
-    shape = (*adapters[0].batch_shape, p + 2 + (2 * len(widths) if row_norms else 0), p)
+    shape = packed_shape(adapters[0].batch_shape, p, len(widths) if row_norms else 0)[1:]
     dtype = np.complex128 if complex_rows else np.float64
     return Reduction(
         name="moments",

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import xarray as xr
@@ -331,34 +332,64 @@ def _side_traces(matrix: np.ndarray, slices: Sequence[slice]) -> np.ndarray:
     return np.array([np.trace(matrix[part, part]) for part in slices])
 
 
+class PackedParts(NamedTuple):
+    """Views into a packed partial (1, *batch, p + 2 [+ 2L], p) (see the module's docstring)."""
+
+    mean: np.ndarray  # (*batch, p)
+    scatter: np.ndarray  # (*batch, p, p)
+    norm_moments: np.ndarray | None  # (L, p), or None without row-norm sums
+    norm_products: np.ndarray | None  # (L, L)
+
+
+def packed_shape(batch: tuple[int, ...], p: int, norm_sides: int = 0) -> tuple[int, ...]:
+    """The shape (1, *batch, p + 2 + 2L, p) of a packed partial of ``p`` channels with the row-norm sums of
+    ``norm_sides`` = L sides (0: none)."""
+    return (1, *batch, p + 2 + 2 * norm_sides, p)
+
+
+def packed_parts(packed: np.ndarray) -> PackedParts:
+    """The mean, scatter and row-norm sums of a packed partial, as views (writing them writes it)."""
+    p = packed.shape[-1]
+    sides = (packed.shape[-2] - p - 2) // 2
+    return PackedParts(packed[0, ..., 1, :], packed[0, ..., 2 : p + 2, :],
+                       packed[0, p + 2 : p + 2 + sides] if sides else None,
+                       packed[0, p + 2 + sides :, :sides] if sides else None)
+
+
+def packed_count(packed: np.ndarray) -> float:
+    """The row count n of a packed partial."""
+    return float(packed[(0,) * packed.ndim].real)
+
+
+def set_count(packed: np.ndarray, count: float) -> None:
+    """Write the row count n of a packed partial (in every batch element's first entry)."""
+    packed[0, ..., 0, 0] = count
+
+
 def pack(moments: Moments) -> np.ndarray:
-    """Moments as one array (1, *batch, p + 2 [+ 2L], p): n, mean, scatter [, norm_moments, norm_products]."""
-    p = moments.channels
+    """Moments as one packed partial (1, *batch, p + 2 [+ 2L], p): n, mean, scatter [, norm_moments,
+    norm_products]."""
     sides = 0 if moments.norm_moments is None else len(moments.sizes)
-    packed = np.zeros((1, *moments.batch_shape, p + 2 + 2 * sides, p), dtype=moments.scatter.dtype)
-    packed[0, ..., 0, 0] = moments.n
-    packed[0, ..., 1, :] = moments.mean
-    packed[0, ..., 2 : p + 2, :] = moments.scatter
+    packed = np.zeros(packed_shape(moments.batch_shape, moments.channels, sides), dtype=moments.scatter.dtype)
+    set_count(packed, moments.n)
+    parts = packed_parts(packed)
+    parts.mean[...], parts.scatter[...] = moments.mean, moments.scatter
     if sides:
-        packed[0, p + 2 : p + 2 + sides] = moments.norm_moments
-        packed[0, p + 2 + sides :, :sides] = moments.norm_products
+        parts.norm_moments[...], parts.norm_products[...] = moments.norm_moments, moments.norm_products
     return packed
 
 
 def unpack(packed: np.ndarray, sizes: Sequence[int] = (), precision: str = "float64") -> Moments:
-    """Inverse of ``pack()`` for an array of shape (1, *batch, p + 2 [+ 2L], p), computed in ``precision``."""
-    p = packed.shape[-1]
-    sides = (packed.shape[-2] - p - 2) // 2
-    count = packed[(0,) + (0,) * (packed.ndim - 1)].real
-    norms = products = None
-    if sides:
-        norms = packed[0, p + 2 : p + 2 + sides].copy()
-        products = packed[0, p + 2 + sides :, :sides].copy()
-    scatter = packed[0, ..., 2 : p + 2, :].copy()
+    """Inverse of ``pack()`` for a packed partial (1, *batch, p + 2 [+ 2L], p), computed in ``precision``."""
+    parts = packed_parts(packed)
+    scatter = parts.scatter.copy()
     if np.iscomplexobj(scatter):
         _make_hermitian(scatter)
-    return Moments(n=int(count), mean=packed[0, ..., 1, :].copy(), scatter=scatter,
-                   sizes=tuple(sizes) or ((p,) if sides <= 1 else ()), norm_moments=norms, norm_products=products,
+    p, norms = packed.shape[-1], parts.norm_moments
+    return Moments(n=int(packed_count(packed)), mean=parts.mean.copy(), scatter=scatter,
+                   sizes=tuple(sizes) or ((p,) if norms is None or len(norms) == 1 else ()),
+                   norm_moments=None if norms is None else norms.copy(),
+                   norm_products=None if parts.norm_products is None else parts.norm_products.copy(),
                    precision=precision)
 
 
@@ -433,30 +464,25 @@ def merge_into(into: np.ndarray, part: np.ndarray, sizes: Sequence[int] = ()) ->
     Temporaries are O(batch · p) (and O(p · L) for row-norm sums), never a second p × p matrix.
     """
     p = into.shape[-1]
-    n_a = float(into[(0,) * into.ndim].real)
-    n_b = float(part[(0,) * part.ndim].real)
+    n_a, n_b = packed_count(into), packed_count(part)
     if n_b == 0:
         return into
     if n_a == 0:
         into[...] = part
         return into
     n = n_a + n_b
-    mean_a, mean_b = into[0, ..., 1, :], part[0, ..., 1, :]
-    scatter_a, scatter_b = into[0, ..., 2 : p + 2, :], part[0, ..., 2 : p + 2, :]
-    delta = mean_b - mean_a
-    sides = (into.shape[-2] - p - 2) // 2
-    if sides:  # real Moments, no batch: move both sides' row-norm sums to the merged mean before M_a changes
+    ours, theirs = packed_parts(into), packed_parts(part)
+    if ours.norm_moments is not None:  # real Moments, no batch: both sides' row-norm sums to the merged mean
         sizes = tuple(sizes) or (p,)
         slices = side_slices(sizes)
-        mean = mean_a + delta * (n_b / n)
-        shifted = [shift_norms(count, np.zeros(p), scatter, _side_traces(scatter, slices),
-                               packed[0, p + 2 : p + 2 + sides], packed[0, p + 2 + sides :, :sides],
-                               mean - packed[0, 1], sizes)
-                   for count, scatter, packed in ((n_a, scatter_a, into), (n_b, scatter_b, part))]
-        into[0, p + 2 : p + 2 + sides] = shifted[0][0] + shifted[1][0]
-        into[0, p + 2 + sides :, :sides] = shifted[0][1] + shifted[1][1]
-    scatter_a += scatter_b
-    into[0, ..., 0, 0] = move_centre(mean_a, n_a, n_b, mean_b, partial(add_outer, scatter_a))
+        mean = ours.mean + (theirs.mean - ours.mean) * (n_b / n)
+        shifted = [shift_norms(count, np.zeros(p), parts.scatter, _side_traces(parts.scatter, slices),
+                               parts.norm_moments, parts.norm_products, mean - parts.mean, sizes)
+                   for count, parts in ((n_a, ours), (n_b, theirs))]  # before M_a changes
+        ours.norm_moments[...] = shifted[0][0] + shifted[1][0]
+        ours.norm_products[...] = shifted[0][1] + shifted[1][1]
+    ours.scatter[...] += theirs.scatter
+    set_count(into, move_centre(ours.mean, n_a, n_b, theirs.mean, partial(add_outer, ours.scatter)))
     return into
 
 
@@ -672,13 +698,11 @@ def fold_rows(into: np.ndarray, sides: Sequence[np.ndarray], precision: ProductP
     ``M = M_a + Σ u uᴴ − n_b ū ūᴴ + (n_a n_b / n) δδᴴ``, δ = (shift + ū) − μ_a (Chan et al.). ``check`` as for
     ``accumulate()``.
     """
-    p = into.shape[-1]
     if sides[0].shape[-2] == 0:
         return into
-    scatter = into[0, ..., 2 : p + 2, :]
-    into[0, ..., 0, 0] = fold_shifted(sides, precision, check, partial(_add_products, scatter),
-                                      partial(add_outer, scatter), into[0, ..., 1, :],
-                                      float(into[(0,) * into.ndim].real))
+    parts = packed_parts(into)
+    set_count(into, fold_shifted(sides, precision, check, partial(_add_products, parts.scatter),
+                                 partial(add_outer, parts.scatter), parts.mean, packed_count(into)))
     return into
 
 
@@ -711,12 +735,13 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision =
     batch, p = sides[0].shape[:-2], sum(side.shape[-1] for side in sides)
     is_complex = any(np.iscomplexobj(side) for side in sides)
     n_sides = len(sides) if row_norms and not is_complex else 0
-    packed = np.zeros((1, *batch, p + 2 + 2 * n_sides, p), dtype=np.complex128 if is_complex else np.float64)
+    packed = np.zeros(packed_shape(batch, p, n_sides), dtype=np.complex128 if is_complex else np.float64)
     if sides[0].shape[-2] == 0:
         return packed
     if not n_sides:
         return fold_rows(packed, sides, precision, check=check)
-    products = packed[0, 2 : p + 2]
+    parts = packed_parts(packed)
+    products = parts.scatter
     shift, sums, count, norm_moments, norm_products = accumulate(partial(_add_products, products), sides, precision,
                                                                  check=check, row_norms=True)
     if count == 0:
@@ -726,10 +751,9 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision =
     widths = [side.shape[-1] for side in sides]
     moved, squares = shift_norms(count, sums, products, _side_traces(products, side_slices(widths)), norm_moments,
                                  norm_products, shifted_mean, widths)
-    packed[0, p + 2 : p + 2 + n_sides] = moved
-    packed[0, p + 2 + n_sides :, :n_sides] = squares
+    parts.norm_moments[...], parts.norm_products[...] = moved, squares
     add_outer(products, shifted_mean, -count)
-    packed[0, 0, 0] = move_centre(packed[0, 1], 0.0, count, shift + shifted_mean, partial(add_outer, products))
+    set_count(packed, move_centre(parts.mean, 0.0, count, shift + shifted_mean, partial(add_outer, products)))
     return packed
 
 
