@@ -224,7 +224,7 @@ def _check_measure_flags(args: argparse.Namespace, measures: list[str]) -> None:
     unread = [option for option in _given_solve_options(args).keys() - {"confidence"}
               if not any(option in chunkcca.MEASURES[name].options for name in measures)]
     if unread:
-        flags = [f"--{option.replace('_', '-')} (read by "
+        flags = [f"{_flag(option)} (read by "
                  f"{', '.join(name for name, measure in chunkcca.MEASURES.items() if option in measure.options)})"
                  for option in sorted(unread)]
         raise ValueError(f"not read by {', '.join(measures)}: {'; '.join(flags)}; choose with --measure")

@@ -340,6 +340,12 @@ class PackedParts(NamedTuple):
     norm_moments: np.ndarray | None  # (L, p), or None without row-norm sums
     norm_products: np.ndarray | None  # (L, L)
 
+    def norm_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """The row-norm sums (norm_moments, norm_products) of a partial that has them."""
+        if self.norm_moments is None or self.norm_products is None:
+            raise ValueError("this packed partial has no row-norm sums")
+        return self.norm_moments, self.norm_products
+
 
 def packed_shape(batch: tuple[int, ...], p: int, norm_sides: int = 0) -> tuple[int, ...]:
     """The shape (1, *batch, p + 2 + 2L, p) of a packed partial of ``p`` channels with the row-norm sums of
@@ -375,7 +381,8 @@ def pack(moments: Moments) -> np.ndarray:
     parts = packed_parts(packed)
     parts.mean[...], parts.scatter[...] = moments.mean, moments.scatter
     if sides:
-        parts.norm_moments[...], parts.norm_products[...] = moments.norm_moments, moments.norm_products
+        norms, products = parts.norm_sums()
+        norms[...], products[...] = moments.norm_moments, moments.norm_products
     return packed
 
 
@@ -477,10 +484,10 @@ def merge_into(into: np.ndarray, part: np.ndarray, sizes: Sequence[int] = ()) ->
         slices = side_slices(sizes)
         mean = ours.mean + (theirs.mean - ours.mean) * (n_b / n)
         shifted = [shift_norms(count, np.zeros(p), parts.scatter, _side_traces(parts.scatter, slices),
-                               parts.norm_moments, parts.norm_products, mean - parts.mean, sizes)
+                               *parts.norm_sums(), mean - parts.mean, sizes)
                    for count, parts in ((n_a, ours), (n_b, theirs))]  # before M_a changes
-        ours.norm_moments[...] = shifted[0][0] + shifted[1][0]
-        ours.norm_products[...] = shifted[0][1] + shifted[1][1]
+        norms, products = ours.norm_sums()
+        norms[...], products[...] = shifted[0][0] + shifted[1][0], shifted[0][1] + shifted[1][1]
     ours.scatter[...] += theirs.scatter
     set_count(into, move_centre(ours.mean, n_a, n_b, theirs.mean, partial(add_outer, ours.scatter)))
     return into
@@ -751,7 +758,8 @@ def partial_from_rows(sides: Sequence[np.ndarray], precision: ProductPrecision =
     widths = [side.shape[-1] for side in sides]
     moved, squares = shift_norms(count, sums, products, _side_traces(products, side_slices(widths)), norm_moments,
                                  norm_products, shifted_mean, widths)
-    parts.norm_moments[...], parts.norm_products[...] = moved, squares
+    packed_norms, packed_products = parts.norm_sums()
+    packed_norms[...], packed_products[...] = moved, squares
     add_outer(products, shifted_mean, -count)
     set_count(packed, move_centre(parts.mean, 0.0, count, shift + shifted_mean, partial(add_outer, products)))
     return packed

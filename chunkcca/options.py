@@ -242,7 +242,7 @@ class StreamOptions:
         rather than the full-data CKA (``cka()`` and ``similarity(measures=["cka"])`` only; None, the default:
         full data). Its rows must not shift, so not with nan_policy="omit", "dft" or a padding mask on
         per-position rows; ``precision``, checkpoints, ``groupby`` and ``folds`` do not apply to it
-        (``NOT_MINIBATCH``: given with it, a TypeError).
+        (``NOT_MINIBATCH``: given with it to a public function, a TypeError, from ``from_kwargs``).
     split_every : int
         For spatial="features" and minibatch CKA only: Gram blocks summed per task of the tree that adds them
         up, at least 2 (default 8). The Moments need none: each chain folds its chunks into one accumulator.
@@ -285,7 +285,6 @@ class StreamOptions:
     method: Method = "linear"
     grid: Grid = "coords"
     nan_policy: NanPolicy = "raise"
-    minibatch: int | None = None
     split_every: int = SPLIT_EVERY
     memory_limit: int | float | str = MEMORY_LIMIT
     scheduler: Any = None
@@ -296,6 +295,7 @@ class StreamOptions:
     connect_timeout: float = CONNECT_TIMEOUT
     groupby: str | None = None
     folds: int | str | None = None
+    minibatch: int | None = None  # last: the fields before keep their places for positional construction
 
     def __post_init__(self) -> None:
         check_choice("spatial", self.spatial, SPATIAL)

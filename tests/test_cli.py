@@ -456,6 +456,8 @@ def test_minibatch_cka_and_interpolation_options_from_the_command_line(tmp_path,
              "--minibatch 25 gives minibatch linear CKA: pass --measure cka alone, not cka mean_cca"),
             (["--measure", "cka", "--minibatch", "25", "--precision", "float64", "--folds", "2"],
              "--folds, --precision do not apply to --minibatch"),
+            (["--measure", "cka", "--minibatch", "25", "--precision", "auto"],  # given, though the default value
+             "--precision does not apply to --minibatch"),
             (["--method", "cubic"], "--method applies to --spatial interp, not --spatial flatten"),
             (["--measure", "cka", "--minibatch", "3"], "argument --minibatch: must be >= 4 (the unbiased HSIC of a "
                                                        "minibatch needs 4 rows), got 3")]:

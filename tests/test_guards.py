@@ -333,9 +333,9 @@ def test_options_with_their_mode_are_kept_and_left_out_take_their_defaults(tmp_p
 @pytest.mark.parametrize("call", ["cca", "compare", "compute_moments", "svcca", "pwcca", "procrustes",
                                   "shape_metric"])
 def test_minibatch_is_refused_where_there_is_no_minibatch_cka(tmp_path, call):
-    """minibatch is a streaming option (StreamOptions.minibatch) that only cka() and similarity() read: given to
-    another function it would be ignored (the full-data measure, silently), so it is a TypeError saying where
-    minibatch CKA is."""
+    """minibatch is a streaming option (StreamOptions.minibatch) that only cka() and similarity() read: the other
+    functions refuse it by name (it must never reach one that would give the full-data measure in its place), and
+    say where minibatch CKA is; their list of streaming options does not offer it."""
     a, b, _, _ = _conv_pair(tmp_path)
     with pytest.raises(TypeError, match=rf"^{call}\(\) got unexpected keyword argument 'minibatch'; its streaming "
                                         r"options are .*; minibatch CKA is cka\(a, b, minibatch=N\)"):
@@ -350,6 +350,8 @@ def test_minibatch_is_checked_once_with_the_streaming_options():
     and the row rules it needs (no rows omitted, one set of rows rather than one per frequency)."""
     options = chunkcca.options.StreamOptions
     assert options(minibatch=np.int64(16)).minibatch == 16 and type(options(minibatch=16).minibatch) is int
+    assert options("flatten", 1, "auto", "linear", "coords", "raise", 6).split_every == 6, "fields keep their places"
+    assert options("flatten", 1, "auto", "linear", "coords", "raise", 6).minibatch is None
     for bad in (3, 0, 4.0, True, "8"):
         with pytest.raises(ValueError, match=r"^minibatch must be an integer >= 4 \(the unbiased HSIC needs 4 rows\)"):
             options(minibatch=bad)
