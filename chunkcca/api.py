@@ -71,10 +71,9 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whi
         largest = -(-total // channels) - 1
         fewer = (f"; stride {stride} leaves {rows} of their {total} rows: "
                  + (f"a stride of at most {largest} gives more" if largest >= 1 else f"even stride 1 gives {total}"))
-    warnings.warn(f"only {rows} rows for {channels} channels of a pair (layers {names}){fewer}: the covariance is "
-                  f"singular and "
-                  f"correlations are meaningless; regularise with epsilon > 0 or keep fewer dimensions with "
-                  f"svcca(keep=...)", RuntimeWarning, stacklevel=user_stacklevel())
+    warnings.warn(f"only {rows} row{'' if rows == 1 else 's'} for {channels} channels of a pair (layers {names})"
+                  f"{fewer}: the covariance is singular and correlations are meaningless; regularise with epsilon > 0 "
+                  f"or keep fewer dimensions with svcca(keep=...)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +146,31 @@ def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     streamed = stream_layers(layers, adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels), pairs=pairs, whitens=whitens)
+    _check_rows_kept(streamed, options, whitens, measured=measured)
     streamed, groups = _without_emptied_folds(streamed, groups)
     _warn_small_groups(streamed, groups, whitens)
     return streamed, groups
+
+
+def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, *, measured: bool) -> None:
+    """After the pass, ``_check_rows`` again on the rows the Moments hold where padding or nan_policy="omit" left
+    some out (counted only then): fewer than 2 is an error for a measure; no more than the channels of a pair,
+    where the rows before were more, a warning for measures that invert a covariance."""
+    layers = streamed.layers
+    rows, kept = streamed.adapters[0].row_count(layers[0].sizes["datapoint"]), streamed.moments.n
+    if kept == rows:
+        return
+    names = ", ".join(repr(str(layer.name)) for layer in layers)
+    why = " and ".join([*(["padding"] if any(MASK in layer.coords for layer in layers) else []),
+                        *(["rows with NaN or Inf (nan_policy='omit')"] if options.nan_policy == "omit" else [])])
+    left = f"{why} left out {rows - kept} of the {rows} rows of layers {names}"
+    if measured and kept < 2:
+        raise ValueError(f"{left}: {kept} {'is' if kept == 1 else 'are'} left, and every measure needs at least 2")
+    channels = _paired_channels(layers)
+    if whitens and kept <= channels < rows:
+        warnings.warn(f"only {kept} row{'' if kept == 1 else 's'} for {channels} channels of a pair: {left}; the "
+                      f"covariance is singular and correlations are meaningless; regularise with epsilon > 0 or keep "
+                      f"fewer dimensions with svcca(keep=...)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _with_provenance(streamed: Streamed) -> Streamed:

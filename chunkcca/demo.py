@@ -41,9 +41,10 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
         ("pool2 vs pool2", "model0/pool2", "model1/pool2", "flatten", 1),
         ("conv2 vs pool2", "model0/conv2", "model1/pool2", "avgpool", 1),
     ]
-    if datapoints <= CHANNELS:
+    if datapoints <= 2 * CHANNELS:  # one row a datapoint for the pair's channels together: a singular covariance
         runs = runs[:-1]
-        print(f"(avgpool comparison skipped: {datapoints} datapoints give too few rows for {CHANNELS} channels)")
+        print(f"(avgpool comparison skipped: {datapoints} datapoints give too few rows for the pair's "
+              f"{2 * CHANNELS} channels)")
     results: dict[str, xr.Dataset] = {}
     table = [("comparison", "spatial", "stride", "rows", "mean rho", "seconds", "peak MiB")]
     for label, layer_a, layer_b, spatial, stride in runs:

@@ -225,6 +225,40 @@ def test_fewer_rows_than_channels_warns_for_measures_that_invert_a_covariance():
         chunkcca.compare(x, y, measures=["cka", "procrustes"])
 
 
+def test_the_rows_left_after_omission_and_padding_are_checked_as_the_rows_before():
+    """The check of rows against channels counted the rows before the pass: with rows left out by
+    nan_policy="omit" or padding, 2 rows of 2 + 2 channels gave mean ρ 0.5 and SVCCA 1.0, 15 rows of 10 + 10
+    channels ρ = 1, 1, 1, …, silently. Now the rows the Moments hold are checked again after the pass."""
+    rng = np.random.default_rng(12)
+    x, y = rng.standard_normal((40, 10)), rng.standard_normal((40, 10))
+    x[:25, 3] = np.nan
+    with pytest.warns(RuntimeWarning, match=r"^only 15 rows for 20 channels of a pair: rows with NaN or Inf "
+                                            r"\(nan_policy='omit'\) left out 25 of the 40 rows of layers 'a', 'b'; "
+                                            r"the covariance is singular"):
+        cca(x, y, nan_policy="omit")
+    with pytest.warns(RuntimeWarning, match=r"^only 15 rows for 20 channels of a pair: rows with NaN"):
+        chunkcca.similarity({"a": x}, {"b": y}, measures=["mean_cca"], nan_policy="omit")
+    x[:39, 3] = np.nan
+    with pytest.raises(ValueError, match=r"left out 39 of the 40 rows of layers 'a', 'b': 1 is left, and every "
+                                         r"measure needs at least 2"):
+        chunkcca.cka(x, y, nan_policy="omit")
+    with pytest.warns(RuntimeWarning, match=r"^only 1 row for 20 channels"):  # Moments to merge may hold one row
+        assert chunkcca.compute_moments(x, y, nan_policy="omit").n == 1
+    x[:, 3] = 0.0
+    x[:5, 3] = np.nan  # 35 rows of 20 channels are left: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cca(x, y, nan_policy="omit")
+        chunkcca.compare(x, y, measures=["cka", "procrustes"], nan_policy="omit")  # they invert no covariance
+    tokens = xr.DataArray(rng.standard_normal((8, 6, 5)), dims=("datapoint", "token", "channel"))
+    mask = np.zeros((8, 6), dtype=bool)
+    mask[:, :1] = True  # 8 real rows of 48
+    padded = tokens.assign_coords(mask=(("datapoint", "token"), mask))
+    with pytest.warns(RuntimeWarning, match=r"^only 8 rows for 10 channels of a pair: padding left out 40 of the 48 "
+                                            r"rows of layers 'a', 'b'"):
+        cca(padded.rename("a"), padded.rename("b") + rng.standard_normal(padded.shape))
+
+
 def test_store_layers_stream_and_are_never_modified(tmp_path):
     a, b = correlated_layers(np.random.default_rng(11), 40, (4, 4, 6), (4, 4, 3))
     tree = chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": a, "m1/conv": b}, chunks=9)
