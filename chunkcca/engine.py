@@ -52,8 +52,37 @@ from .progress import Progress
 from .rows import Adapter
 
 
-class NonFiniteError(ValueError):
+class DatapointError(ValueError):
+    """An error at one datapoint of a layer, raised in a task, which knows the datapoint's position in the pass's
+    order (the first layer's, to which the others are aligned) but not its label. ``message`` holds
+    ``{datapoint}``: "datapoint <position>" here, "the datapoint labelled <label>" once ``labelled()`` by the pass
+    (``passes.reading``), since a position in the first layer's order does not find the datapoint in another
+    layer stored in another order."""
+
+    def __init__(self, message: str, position: int, label: str | None = None) -> None:
+        self.message, self.position, self.label = message, position, label
+        where = f"datapoint {position}" if label is None else f"the datapoint labelled {label}"
+        super().__init__(message.replace("{datapoint}", where))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # whole when a cluster's worker sends it back
+        return type(self), (self.message, self.position, self.label)
+
+    def labelled(self, labels: Any) -> DatapointError:
+        """The same error naming its datapoint by its label in ``labels`` (the pass's datapoint labels, a
+        ``pandas.Index``); itself without labels."""
+        if labels is None or self.label is not None:
+            return self
+        value = labels[self.position]
+        value = value.item() if isinstance(value, np.generic) else value  # 'x', not np.str_('x')
+        return type(self)(self.message, self.position, repr(value) if isinstance(value, str) else str(value))
+
+
+class NonFiniteError(DatapointError):
     """Activations hold NaN or Inf where ``nan_policy="raise"``."""
+
+
+class NoRealPositionError(DatapointError):
+    """A datapoint's padding mask is False at every position: it has no row to give."""
 
 
 #: Merges one chunk's rows (a list, one (*batch, rows, channel) array per side) into an accumulated partial
@@ -107,11 +136,11 @@ def _fold_chunk(accumulated: np.ndarray | None, rows: list[np.ndarray], first_da
                 chunk: Callable[[list[np.ndarray], int], np.ndarray],
                 merge: Callable[[np.ndarray, np.ndarray], np.ndarray], nonfinite_shows: bool) -> np.ndarray:
     if not nonfinite_shows:
-        part = chunk(check(rows), first_datapoint)
+        part = chunk(check(rows, 0), first_datapoint)
     else:
         part = chunk(rows, first_datapoint)
         if not np.isfinite(part).all():
-            finite = check(rows)
+            finite = check(rows, 0)
             part = part if finite is rows else chunk(finite, first_datapoint)
     return part if accumulated is None else merge(accumulated, part)
 
@@ -374,8 +403,8 @@ def _layer_minibatches(first_datapoint: int, block: np.ndarray, mask: np.ndarray
     (mask,) = _side_masks([mask], [adapter], [name], first_datapoint)
     with np.errstate(invalid="ignore"):
         rows = adapter.block_rows(block, first_datapoint, mask)
-    finite_rows([rows], nan_policy="refuse", names=[name], first_datapoint=first_datapoint,
-                datapoints=block.shape[0])
+    finite_rows([rows], nan_policy="refuse", names=[name], datapoint_of=lambda row: first_datapoint + int(
+        adapter.block_datapoints(block.shape[0], first_datapoint, mask)[row]))
     check_boundary(adapter.row_count(first_datapoint), size, first_datapoint)
     return [minibatch_gram(rows, batch, size) for batch in range(rows.shape[0] // size)], rows.shape[0]
 
@@ -428,9 +457,11 @@ def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array |
                            width=max(1, tasks), split_every=split_every)
 
 
-def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str], first_datapoint: int,
-                datapoints: int) -> list[np.ndarray]:
-    """Check one chunk's rows for NaN/Inf: raise naming the layer and datapoints, or omit those rows from every side.
+def finite_rows(rows: list[np.ndarray], start: int = 0, *, nan_policy: str, names: Sequence[str],
+                datapoint_of: Callable[[int], int]) -> list[np.ndarray]:
+    """Check rows of a chunk (from its row ``start`` on) for NaN/Inf: raise naming the layer and the first
+    datapoint at fault (``datapoint_of``: a chunk row's datapoint, its position in the pass), or omit those rows
+    from every side.
 
     A row is omitted when any side's row (at any frequency, for dft) holds a non-finite value. ``nan_policy``:
     "raise", "omit", or "refuse" (raise, for passes that cannot leave rows out: minibatches, whole maps).
@@ -439,11 +470,11 @@ def finite_rows(rows: list[np.ndarray], *, nan_policy: str, names: Sequence[str]
     if all(mask.all() for mask in finite):
         return rows
     if nan_policy in ("raise", "refuse"):
-        name = next(n for n, mask in zip(names, finite) if not mask.all())
+        side = next(index for index, mask in enumerate(finite) if not mask.all())
         hint = ("; pass nan_policy='omit' (--nan-policy omit) to leave such rows out" if nan_policy == "raise"
                 else "")
-        raise NonFiniteError(f"layer {name!r} holds NaN or Inf in the chunk of datapoints {first_datapoint} to "
-                             f"{first_datapoint + datapoints - 1}{hint}")
+        raise NonFiniteError(f"layer {names[side]!r} holds NaN or Inf at {{datapoint}}{hint}",
+                             datapoint_of(start + int(np.flatnonzero(~finite[side])[0])))
     keep = np.logical_and.reduce(finite)
     return [side[..., keep, :] for side in rows]
 
@@ -456,8 +487,8 @@ def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], nam
         if mask is not None:
             empty = np.flatnonzero(~mask.reshape(mask.shape[0], -1).any(axis=1))
             if empty.size:
-                raise ValueError(f"layer {name!r}: datapoint {first_datapoint + int(empty[0])} has no real position "
-                                 f"(its mask is False everywhere); leave such datapoints out")
+                raise NoRealPositionError(f"layer {name!r}: {{datapoint}} has no real position (its mask is False "
+                                          f"everywhere); leave such datapoints out", first_datapoint + int(empty[0]))
     given = [mask for mask in masks if mask is not None]
     if not given or all(adapter.mask_rule == "own" for adapter in adapters):
         return masks
@@ -477,21 +508,26 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
     given = iter(blocks[len(adapters):])
     blocks = blocks[: len(adapters)]
     masks = _side_masks([next(given) if has else None for has in masked], adapters, names, first_datapoint)
-    check = partial(finite_rows, nan_policy=nan_policy, names=names, first_datapoint=first_datapoint,
-                    datapoints=blocks[0].shape[0])
+
+    def check_of(chunk_rows: np.ndarray | None = None) -> RowCheck:
+        """``finite_rows`` for rows that are the chunk's rows ``chunk_rows`` (None: all of them, in order)."""
+        def datapoint_of(row: int) -> int:
+            index = adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint, masks[0])
+            return first_datapoint + int(index[row if chunk_rows is None else chunk_rows[row]])
+        return partial(finite_rows, nan_policy=nan_policy, names=names, datapoint_of=datapoint_of)
     # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out)
     with np.errstate(invalid="ignore"):
         rows = [adapter.block_rows(block, first_datapoint, mask)
                 for block, adapter, mask in zip(blocks, adapters, masks)]
         if codes is None:
-            return reduction.fold(accumulated, rows, first_datapoint, check)
+            return reduction.fold(accumulated, rows, first_datapoint, check_of())
         row_codes = codes[adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint, masks[0])]
         if accumulated is None:  # every group's accumulator at once, each folded into in place
             accumulated = np.zeros((1, *reduction.shape), dtype=reduction.dtype)
         for group in range(reduction.groups):
-            target = accumulated[:, group]
-            _kept_in(target, reduction.fold(target, [side[..., row_codes == group, :] for side in rows],
-                                            first_datapoint, check))
+            target, chunk_rows = accumulated[:, group], np.flatnonzero(row_codes == group)
+            _kept_in(target, reduction.fold(target, [side[..., chunk_rows, :] for side in rows],
+                                            first_datapoint, check_of(chunk_rows)))
         return accumulated
 
 

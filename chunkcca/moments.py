@@ -497,9 +497,9 @@ def merge_into(into: np.ndarray, part: np.ndarray, sizes: Sequence[int] = ()) ->
 #: are made a few frequencies at a time (a single matrix larger than this is made whole).
 PRODUCT_BYTES = 8 * 2**20
 
-#: Checks one sub-block's rows (a list, one (*batch, rows, pᵢ) array per side) when they hold NaN or Inf: raises
-#: naming the layer, or returns them without the rows at fault.
-RowCheck = Callable[[list[np.ndarray]], list[np.ndarray]]
+#: Checks one sub-block's rows (a list, one (*batch, rows, pᵢ) array per side, and the index of its first row among
+#: the chunk's) when they hold NaN or Inf: raises naming the layer, or returns them without the rows at fault.
+RowCheck = Callable[[list[np.ndarray], int], list[np.ndarray]]
 
 
 def _flat(array: np.ndarray) -> np.ndarray:
@@ -672,7 +672,7 @@ def accumulate(add_products: AddProducts, sides: Sequence[np.ndarray], precision
             block = shifted.block(taken)
             block_sums = shifted.ones[: block.shape[-2]] @ block  # a GEMV: shifted values are small
             if check is not None and not np.isfinite(block_sums).all():
-                taken = check(taken)
+                taken = check(taken, start)
                 block = shifted.block(taken)
                 block_sums = shifted.ones[: block.shape[-2]] @ block
             if not np.isfinite(block_sums).all() or shifted.flushed(block, block_sums, taken):  # finite rows whose

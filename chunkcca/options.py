@@ -234,7 +234,7 @@ class StreamOptions:
         (default) places samples at the layers' ``height``/``width`` coordinates (pixel centres in input-image
         units), "svcca" at google/svcca's tutorial positions.
     nan_policy : {"raise", "omit"}
-        NaN or Inf in the rows used raises an error naming the layer and the chunk's datapoints,
+        NaN or Inf in the rows used raises an error naming the layer and the datapoint (by its label),
         or ("omit") such rows are left out of every side and counted in the ``rows_omitted`` attr (with
         padding masks, that count includes the padded positions, which are left out either way).
     minibatch : int or None

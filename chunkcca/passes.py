@@ -27,8 +27,8 @@ from dask.utils import format_bytes
 from ._stack import user_stacklevel
 from .checkpoint import CheckpointError, resume, save_progress
 from .engine import (
+    DatapointError,
     FeatureStats,
-    NonFiniteError,
     Reduction,
     common_boundaries,
     compute,
@@ -127,11 +127,14 @@ def _read_at_fault(error: BaseException) -> str | None:
 @contextmanager
 def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
     """Re-raise a failure to read store-backed layers (a corrupt chunk, a vanished file) naming the layers
-    and their stores; any other error (NaN/Inf, a checkpoint, a lost scheduler, a solve) passes through as it
+    and their stores, and an error at a datapoint (NaN/Inf, no real position) naming it by its label among the
+    aligned ``layers``' datapoints; any other error (a checkpoint, a lost scheduler, a solve) passes through as it
     is, naming its own cause."""
     try:
         yield
-    except (NonFiniteError, CheckpointError):
+    except DatapointError as error:  # named by its label: a position in the first layer's order finds it in no other
+        raise error.labelled(layers[0].indexes.get("datapoint")).with_traceback(error.__traceback__) from None
+    except CheckpointError:
         raise
     except Exception as error:
         sources = sorted({str(layer.encoding["store"]) for layer in layers if "store" in layer.encoding})

@@ -29,8 +29,8 @@ def _with_nan(seed: int = 0) -> tuple[np.ndarray, xr.DataArray]:
 def test_nan_raises_naming_layer_and_chunk():
     a, b = _with_nan()
     # chunks 10-19 and 30-39 both hold one; whichever a thread reaches first is reported
-    with pytest.raises(ValueError, match=r"layer 'model1/conv' holds NaN or Inf in the chunk of datapoints "
-                                         r"(10 to 19|30 to 39); pass nan_policy='omit'"):
+    with pytest.raises(ValueError, match=r"^layer 'model1/conv' holds NaN or Inf at datapoint (17|30); pass "
+                                         r"nan_policy='omit'"):
         cca(da.from_array(a, chunks=(10, -1, -1, -1)), b.chunk({"datapoint": 10}))
 
 
@@ -50,20 +50,58 @@ def test_nan_omit_drops_rows_from_both_sides_and_counts_them():
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_one_non_finite_value_anywhere_is_found(spatial, precision, value):
-    """Finite chunks are not searched (their partial is finite); one bad value still raises, naming its chunk."""
+    """Finite chunks are not searched (their partial is finite); one bad value still raises, naming its
+    datapoint."""
     rng = np.random.default_rng(5)
     a = rng.standard_normal((40, 4, 4, 3)) + 3
     b = rng.standard_normal((40, 4, 4, 2) if spatial == "flatten" else (40, 2, 2, 2))
     b[33, 1, 0, 1] = value
     layer_a = xr.DataArray(a, dims=DIMS, name="a").chunk({"datapoint": 10})
     layer_b = xr.DataArray(b, dims=DIMS, name="b").chunk({"datapoint": 10})
-    with pytest.raises(ValueError, match="layer 'b' holds NaN or Inf in the chunk of datapoints 30 to 39"):
+    with pytest.raises(ValueError, match=r"^layer 'b' holds NaN or Inf at datapoint 33; "):
         cca(layer_a, layer_b, spatial=spatial, precision=precision)
     if spatial in ("avgpool", "dft"):  # one row per datapoint: omitting it leaves datapoint 33 out
         omitted = cca(layer_a, layer_b, spatial=spatial, precision="float64", nan_policy="omit")
         expected = cca(np.delete(a, 33, axis=0), np.delete(b, 33, axis=0), spatial=spatial, precision="float64")
         assert omitted.attrs["rows_omitted"] == 1
         np.testing.assert_allclose(omitted["rho"], expected["rho"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("spatial", ["flatten", "avgpool"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_non_finite_value_is_named_by_its_datapoint_s_label_whatever_each_layer_s_order(spatial, grouped):
+    """Layer b stored in another order than a is read in a's: the error named a's positions ("the chunk of
+    datapoints 0 to 9", where b's own rows 0 to 9 were finite), and swapping a and b gave "20 to 29". Now it names
+    the datapoint's label, and its exact position where the layers have no labels."""
+    rng = np.random.default_rng(3)
+    labels = np.array([f"img{i:03d}" for i in range(40)])
+    a = xr.DataArray(rng.standard_normal((40, 2, 2, 3)), dims=DIMS, coords={"datapoint": labels}, name="a")
+    order = rng.permutation(40)
+    b = xr.DataArray(rng.standard_normal((40, 2, 2, 2)), dims=DIMS, coords={"datapoint": labels[order]}, name="b")
+    b[21, 1, 0, 1] = np.nan  # b's position 21
+    bad = repr(str(labels[order][21]))
+    options = {"spatial": spatial, **({"groupby": "half"} if grouped else {})}
+    if grouped:
+        a = a.assign_coords(half=("datapoint", np.arange(40) % 2))
+    for first, second in ((a, b), (b, a)):
+        with pytest.raises(ValueError, match=rf"^layer 'b' holds NaN or Inf at the datapoint labelled {bad}; "):
+            compare(first.chunk({"datapoint": 10}), second.chunk({"datapoint": 10}), measures=["cka"], **options)
+    b_values = b.values
+    with pytest.raises(ValueError, match=r"^layer 'b' holds NaN or Inf at datapoint 21; "):
+        compare(a.values, b_values, measures=["cka"], spatial=spatial)
+
+
+def test_datapoint_errors_keep_their_message_when_pickled():
+    """A worker of a cluster sends an error back pickled: the datapoint's position and label go with it."""
+    import pickle
+
+    from chunkcca.engine import NonFiniteError, NoRealPositionError
+
+    for error in (NonFiniteError("layer 'b' holds NaN or Inf at {datapoint}", 21),
+                  NoRealPositionError("layer 'a': {datapoint} has no real position", 3).labelled(np.array(["x"] * 4))):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error) and again.position == error.position
+    assert str(again) == "layer 'a': the datapoint labelled 'x' has no real position"
 
 
 def test_non_finite_value_after_the_shift_rows_is_found():
@@ -75,7 +113,7 @@ def test_non_finite_value_after_the_shift_rows_is_found():
     assert rows_per_chunk > SHIFT_ROWS + 16 * 20
     b = a[..., :2] * 2 + 1
     b[180, 3, 3, 1] = np.inf  # row 1295 of the chunk of datapoints 100 to 199
-    with pytest.raises(ValueError, match="layer 'b' holds NaN or Inf in the chunk of datapoints 100 to 199"):
+    with pytest.raises(ValueError, match=r"^layer 'b' holds NaN or Inf at datapoint 180; "):
         cca(xr.DataArray(a, dims=DIMS, name="a").chunk({"datapoint": 100}),
             xr.DataArray(b, dims=DIMS, name="b").chunk({"datapoint": 100}))
 

@@ -82,8 +82,15 @@ def test_first_and_last_follow_left_padding(chunk):
 def test_a_datapoint_with_no_real_position_is_named():
     x, y, mask, _ = _sequences(2)
     mask[23] = False
-    with pytest.raises(ValueError, match="layer 'a': datapoint 23 has no real position"):
+    with pytest.raises(ValueError, match=r"^layer 'a': datapoint 23 has no real position"):
         cca(_layer(x, mask, 10, "a"), _layer(y, None, 10, "b"), spatial="avgpool")
+    # b stored in another order is read in a's: its datapoint is named by label, not by a position in a's order
+    order = np.random.default_rng(4).permutation(len(x))
+    labels = np.array([f"s{i}" for i in range(len(x))])
+    named_a = _layer(y, None, 10, "a").assign_coords(datapoint=labels)
+    named_b = _layer(x[order], mask[order], 10, "b").assign_coords(datapoint=labels[order])
+    with pytest.raises(ValueError, match=r"^layer 'b': the datapoint labelled 's23' has no real position"):
+        cca(named_a, named_b, spatial="avgpool")
 
 
 def test_masks_are_stored_beside_the_layer_and_used_from_a_store(tmp_path):
