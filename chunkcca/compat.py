@@ -53,9 +53,13 @@ from .rows import plan_adapters
 
 
 def _as_layer(acts: Any, name: str) -> xr.DataArray:
-    """(neurons, datapoints) input → a validated layer (datapoint, channel) named ``name``, chunked by datapoint."""
+    """(neurons, datapoints) input → a validated layer (datapoint, channel) named ``name``, chunked by datapoint. As
+    google/svcca's, the axes are taken by position, a DataArray's too (its dims' names are not read)."""
+    acts = acts.data if isinstance(acts, xr.DataArray) else acts
     if not hasattr(acts, "ndim") or acts.ndim != 2:
-        raise ValueError(f"{name} must be a 2-d array (neurons, datapoints), got shape {getattr(acts, 'shape', None)}")
+        got = (f"shape {tuple(acts.shape)}" if hasattr(acts, "shape")
+               else f"a {type(acts).__name__}; give a numpy or Dask array (np.asarray)")
+        raise ValueError(f"{name} must be a 2-d array (neurons, datapoints), got {got}")
     return as_activations(acts, name, dims=("channel", "datapoint"), allow_complex=True)
 
 

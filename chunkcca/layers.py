@@ -318,8 +318,12 @@ def node_name(node: xr.DataTree) -> str:
 
 
 def named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
-    """``as_activations()`` of ``layer``, named by its node path or DataArray name, else ``default``."""
-    is_named = isinstance(layer, xr.DataTree) or (isinstance(layer, xr.DataArray) and layer.name is not None)
+    """``as_activations()`` of ``layer``, named by its node path or DataArray name, else ``default``. A DataArray
+    made from a Dask array without a name takes the array's key (``array-78735f9f…``), which names nothing to the
+    user: it is unnamed."""
+    is_named = isinstance(layer, xr.DataTree) or (
+        isinstance(layer, xr.DataArray) and layer.name is not None
+        and not (layer.chunks is not None and layer.name == getattr(layer.data, "name", None)))
     return as_activations(layer, None if is_named else default, dims=dims)
 
 

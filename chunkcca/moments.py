@@ -192,8 +192,10 @@ class Moments:
         if not isinstance(other, Moments):
             return NotImplemented
         if other.sizes != self.sizes or other.batch_shape != self.batch_shape:
-            raise ValueError(f"cannot merge Moments of sides {self.sizes} (batch {self.batch_shape}) and "
-                             f"{other.sizes} (batch {other.batch_shape})")
+            def known(moments: Moments) -> str:
+                return f", layers {moments.layers}" if any(moments.layers) else ""
+            raise ValueError(f"cannot merge Moments of sides {self.sizes} (batch {self.batch_shape}{known(self)}) and "
+                             f"{other.sizes} (batch {other.batch_shape}{known(other)})")
         if (self.norm_moments is None) != (other.norm_moments is None):
             raise ValueError("cannot merge Moments with and without row-norm sums; compute both with the same "
                              "row_norms setting")

@@ -259,6 +259,17 @@ def test_the_rows_left_after_omission_and_padding_are_checked_as_the_rows_before
         cca(padded.rename("a"), padded.rename("b") + rng.standard_normal(padded.shape))
 
 
+def test_an_unnamed_dask_backed_data_array_takes_the_default_name():
+    """xarray names a DataArray made from a Dask array after the array's key ('array-78735f9f…'), which errors,
+    results and Moments then carried as the layer's name."""
+    rng = np.random.default_rng(13)
+    a = xr.DataArray(da.from_array(rng.standard_normal((40, 3))), dims=("datapoint", "channel"))
+    assert a.name is not None and a.name.startswith("array-")
+    b = np.asarray(rng.standard_normal((40, 2)))
+    assert (cca(a, b).attrs["layer_a"], chunkcca.compute_moments(a, b).layers) == ("a", ("a", "b"))
+    assert cca(a.rename("conv1"), b).attrs["layer_a"] == "conv1"  # a name of the user's own stands
+
+
 def test_store_layers_stream_and_are_never_modified(tmp_path):
     a, b = correlated_layers(np.random.default_rng(11), 40, (4, 4, 6), (4, 4, 3))
     tree = chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": a, "m1/conv": b}, chunks=9)

@@ -15,6 +15,7 @@ import pickle
 import dask.array as da
 import numpy as np
 import pytest
+import xarray as xr
 from conftest import GOLDEN, SHARED_DATA
 from reference import (
     canonical_correlations,
@@ -129,6 +130,8 @@ def test_verbose_prints_steps(capsys):
         (np.zeros((5, 40)), np.zeros((5, 41)), {}, "acts1 has 40 datapoints but acts2 has 41"),
         (np.zeros((50, 40)), np.zeros((5, 40)), {}, r"acts1 has shape \(50, 40\): input must be \(neurons, datap"),
         (np.zeros((5, 4, 40)), np.zeros((5, 40)), {}, "acts1 must be a 2-d array"),
+        ([[0.0] * 40] * 5, np.zeros((5, 40)), {}, r"acts1 must be a 2-d array \(neurons, datapoints\), got a list; "
+                                                  r"give a numpy or Dask array \(np.asarray\)$"),
         (np.ones((2, 40)), np.ones((2, 40)), {"epsilon": -1.0}, "epsilon must be a finite number >= 0"),
         (np.ones((2, 40)), np.ones((2, 40)), {"threshold": 1.5}, "threshold must be between 0 and 1"),
         (np.ones((2, 40), dtype=bool), np.ones((2, 40)), {}, "layer 'acts1' has dtype bool"),
@@ -137,6 +140,14 @@ def test_verbose_prints_steps(capsys):
 def test_bad_input(acts1, acts2, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         get_cca_similarity(acts1, acts2, verbose=False, **kwargs)
+
+
+def test_a_data_array_is_read_by_position_as_google_svcca_reads_arrays():
+    """A DataArray of (neurons, datapoints) was told to "pass dims=", which these functions do not take."""
+    acts1, acts2, _ = _load("fc_gauss")
+    want = get_cca_similarity(acts1, acts2, verbose=False)["mean"]
+    labelled = [xr.DataArray(acts, dims=("unit", "image")) for acts in (acts1, acts2)]
+    np.testing.assert_allclose(get_cca_similarity(*labelled, verbose=False)["mean"], want, rtol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

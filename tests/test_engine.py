@@ -67,6 +67,7 @@ def test_one_non_finite_value_anywhere_is_found(spatial, precision, value):
         np.testing.assert_allclose(omitted["rho"], expected["rho"], rtol=0, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:layer '.' holds the datapoints of layer '.' in another order")
 @pytest.mark.parametrize("spatial", ["flatten", "avgpool"])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_a_non_finite_value_is_named_by_its_datapoint_s_label_whatever_each_layer_s_order(spatial, grouped):

@@ -128,6 +128,12 @@ def test_add_merges_and_checks_sides(rng):
     assert_moments_close(first + second, _moments_of(rows, (2, 3)), rtol=1e-13)
     with pytest.raises(ValueError, match="cannot merge Moments of sides"):
         first + unpack(partial_from_rows([rows], "float64"), (5,))
+    # sides swapped (b, a against a, b): the layers are named where the Moments know them
+    x, y = (xr.DataArray(part, dims=("datapoint", "channel"), name=name)
+            for part, name in ((rows[:, :2], "conv1"), (rows[:, 2:], "conv2")))
+    with pytest.raises(ValueError, match=r"^cannot merge Moments of sides \(2, 3\) \(batch \(\), layers \('conv1', "
+                                         r"'conv2'\)\) and \(3, 2\) \(batch \(\), layers \('conv2', 'conv1'\)\)$"):
+        chunkcca.compute_moments(x, y) + chunkcca.compute_moments(y, x)
 
 
 def test_moments_validates_shapes():

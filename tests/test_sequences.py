@@ -79,6 +79,7 @@ def test_first_and_last_follow_left_padding(chunk):
         np.testing.assert_allclose(got["rho"], canonical_correlations(x[rows, at], y[rows, at]), atol=TOL)
 
 
+@pytest.mark.filterwarnings("ignore:layer 'b' holds the datapoints of layer 'a' in another order")
 def test_a_datapoint_with_no_real_position_is_named():
     x, y, mask, _ = _sequences(2)
     mask[23] = False

@@ -171,6 +171,9 @@ def test_open_errors_name_the_path(tmp_path):
     (tmp_path / "junk" / "zarr.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"cannot open .*junk as a zarr activation store"):
         open_activations(tmp_path / "junk")
+    # a URL fsspec cannot open is named: zip:///x.zip (the archive belongs after "::") said "Is a directory: <cwd>"
+    with pytest.raises(OSError, match=r"^cannot open the store zip:///nowhere/s\.zip: IsADirectoryError: "):
+        open_activations("zip:///nowhere/s.zip")
 
 
 def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
