@@ -55,7 +55,10 @@ from .rows import plan_adapters
 def _as_layer(acts: Any, name: str) -> xr.DataArray:
     """(neurons, datapoints) input → a validated layer (datapoint, channel) named ``name``, chunked by datapoint. As
     google/svcca's, the axes are taken by position, a DataArray's too (its dims' names are not read)."""
-    acts = acts.data if isinstance(acts, xr.DataArray) else acts
+    if isinstance(acts, xr.DataArray):  # its dims by position, lazily (a file's array is not read here)
+        acts = acts.drop_vars(list(acts.coords)).rename(None)
+        acts = acts.rename(dict(zip(acts.dims, (f"_axis{i}" for i in range(acts.ndim)))))
+        acts = acts.rename(dict(zip(acts.dims, ("channel", "datapoint")))) if acts.ndim == 2 else acts
     if not hasattr(acts, "ndim") or acts.ndim != 2:
         got = (f"shape {tuple(acts.shape)}" if hasattr(acts, "shape")
                else f"a {type(acts).__name__}; give a numpy or Dask array (np.asarray)")

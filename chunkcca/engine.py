@@ -72,8 +72,11 @@ class DatapointError(ValueError):
         ``pandas.Index``); itself without labels."""
         if labels is None or self.label is not None:
             return self
+        def plain(value: Any) -> Any:  # 'x' and (2, 3), not np.str_('x') and (np.int64(2), np.int64(3))
+            return value.item() if isinstance(value, np.generic) else value
+
         value = labels[self.position]
-        value = value.item() if isinstance(value, np.generic) else value  # 'x', not np.str_('x')
+        value = tuple(map(plain, value)) if isinstance(value, tuple) else plain(value)
         return type(self)(self.message, self.position, repr(value) if isinstance(value, str) else str(value))
 
 
@@ -613,8 +616,9 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     merged into its chain's accumulator (in place, for Moments) by the task that makes it, and the chains'
     accumulators are merged by one last task, so at most ``chains`` accumulators and ``chains · (1 + ahead)``
     chunks in work are held whatever the number of chunks. Rows with NaN or Inf raise an error naming the
-    layer (from ``names``) and chunk, or are left out, as ``nan_policy`` says. ``offset`` is the global index of
-    the first datapoint of ``sides`` (for the stride pattern when streaming a slice). The graph's layers are named
+    layer (from ``names``) and the datapoint (``NonFiniteError``), or are left out, as ``nan_policy`` says.
+    ``offset`` is the global index of the first datapoint of ``sides`` (for the stride pattern when streaming a
+    slice). The graph's layers are named
     ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. A ``grouped()`` reduction takes
     ``codes``: each datapoint's group (datapoint,). ``masks``: per side, its padding mask (datapoint,
     *positions) or None. ``start``: a partial (1, *reduction.shape) the first chain folds into (an earlier

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -317,13 +317,16 @@ def node_name(node: xr.DataTree) -> str:
     return path or "/"
 
 
+#: A name Dask gives an array (``array-78735f9f…``: a token of 32 hex digits), which xarray takes for the name of a
+#: DataArray made from it without one (and keeps through arithmetic and selections).
+DASK_KEY = re.compile(r"[\w.\-]+-[0-9a-f]{32}")
+
+
 def named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
     """``as_activations()`` of ``layer``, named by its node path or DataArray name, else ``default``. A DataArray
-    made from a Dask array without a name takes the array's key (``array-78735f9f…``), which names nothing to the
-    user: it is unnamed."""
+    named after a Dask array's key names nothing to the user: it is unnamed."""
     is_named = isinstance(layer, xr.DataTree) or (
-        isinstance(layer, xr.DataArray) and layer.name is not None
-        and not (layer.chunks is not None and layer.name == getattr(layer.data, "name", None)))
+        isinstance(layer, xr.DataArray) and layer.name is not None and not DASK_KEY.fullmatch(str(layer.name)))
     return as_activations(layer, None if is_named else default, dims=dims)
 
 
@@ -378,15 +381,22 @@ def layer_paths(tree: xr.DataTree) -> list[str]:
     list of str
         Node paths without the leading '/', e.g. ``["model0/conv1", "model0/conv2"]``. A tree cut from a
         store (``tree["model0"].isel(...)``, whose root no longer lists the order) keeps the order its layers
-        had when opened; layers a store does not list (stores written before chunkcca recorded the order)
-        follow, sorted.
+        had when opened; layers no store lists (a tree built in memory, or made anew by xarray, e.g. with
+        ``map_over_datasets``) follow in the tree's own order, depth first (a tree built from a dict: the
+        dict's order).
     """
-    nodes = {node.path.strip("/"): node for node in tree.subtree if VARIABLE in node.data_vars}
-    rank = {path: i for i, path in enumerate(tree.root.attrs.get(ORDER_ATTR) or ())}
+    def depth_first(node: xr.DataTree) -> Iterator[xr.DataTree]:
+        yield node
+        for child in node.children.values():
+            yield from depth_first(child)
 
-    def place(path: str) -> tuple[int, int, str]:
+    nodes = {node.path.strip("/"): node for node in depth_first(tree) if VARIABLE in node.data_vars}
+    rank = {path: i for i, path in enumerate(tree.root.attrs.get(ORDER_ATTR) or ())}
+    walked = {path: i for i, path in enumerate(nodes)}
+
+    def place(path: str) -> tuple[int, int, int]:
         opened = nodes[path][VARIABLE].encoding.get("order")
-        return rank.get(path, len(rank)), len(nodes) if opened is None else int(opened), path
+        return rank.get(path, len(rank)), len(nodes) if opened is None else int(opened), walked[path]
     return sorted(nodes, key=place)
 
 

@@ -133,7 +133,8 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
     try:
         yield
     except DatapointError as error:  # named by its label: a position in the first layer's order finds it in no other
-        raise error.labelled(layers[0].indexes.get("datapoint")).with_traceback(error.__traceback__) from None
+        labels = next((layer.indexes["datapoint"] for layer in layers if "datapoint" in layer.indexes), None)
+        raise error.labelled(labels).with_traceback(error.__traceback__) from None
     except CheckpointError:
         raise
     except Exception as error:

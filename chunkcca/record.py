@@ -35,9 +35,9 @@ batch's count of datapoints tells it when only one of those dims has as many (a 
 default collation or an image input (N, C, H, W), all the batch's tensors agreeing): a CLIP-like model's blocks,
 which permute their embeddings to (T, N, C) with a function, and their first LayerNorm are time first. When both
 dims have one size (T = N) the layer keeps the order a batch told; layers told one order after a batch was read
-in the other are an error naming them, and layers no batch told (every batch as many datapoints as positions)
-are warned of by name. ``layouts=`` says where a layer's channels are once its order is settled, or, with
-``"time_first"``, settles it.
+in the other are an error naming them, and layers no batch told (every batch as many datapoints as positions,
+its count shown or not) are warned of by name. ``layouts=`` says where a layer's channels are once its order is
+settled, or, with ``"time_first"``, settles it.
 
 Each layer's batches are gathered in a buffer of one zarr chunk and appended a whole chunk at a time (the rest
 when recording ends), so no more than one chunk per layer and one batch are ever held, and no chunk is written
@@ -170,9 +170,10 @@ class _Seen:
     def untold_warning(self) -> str:
         """The warning for the layers in ``untold``."""
         layers = sorted(self.untold)
-        return (f"every batch had as many datapoints as positions for {', '.join(map(repr, layers))}, in a model "
-                f"with modules that put time first: which of their first two dims holds the datapoints could not "
-                f"be told, and they were read datapoints first; if they are (T, N, C), record them again with "
+        return (f"no batch told which of the first two dims of {', '.join(map(repr, layers))} holds the datapoints, "
+                f"in a model with modules that put time first (every batch had as many datapoints as positions, "
+                f"and a batch's count shows only in a DataLoader's default stacking or in 4-d images); they were "
+                f"read datapoints first: if they are (T, N, C), record them again with "
                 f"layouts={dict.fromkeys(layers, 'time_first')}, or with batches of another size")
 
     def time_order(self, found: Found | None, told: bool, tensor: Any, key: Any) -> tuple[Found | None, bool]:
@@ -198,8 +199,8 @@ class _Seen:
             return "time_first" if self.orders[key] else found, True
         if layer:
             self.read.add(key)
-            if tensor.shape[0] == tensor.shape[1] == n and self.has_time_first:
-                self.untold.add(key)
+            if tensor.shape[0] == tensor.shape[1] and n in (None, tensor.shape[0]) and self.has_time_first:
+                self.untold.add(key)  # a batch whose count is unknown (a collate_fn of its own) tells nothing either
         return found, False
 
 
@@ -469,7 +470,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     Parameters
     ----------
     model
-        A ``torch.nn.Module``; it is put in eval mode and run under ``torch.inference_mode()``.
+        A ``torch.nn.Module``; it is put in eval mode and run under ``torch.inference_mode()``, then each of its
+        modules is put back in the mode it was in.
     layers
         Module names (``["features.0", "classifier.1"]``, stored as ``features/0``…) or a mapping of store
         path → module name or module.
@@ -561,8 +563,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         arrays: dict[str, Any] = {}
         writers: dict[str, _ChunkWriter] = {}
-        was_training = model.training
-        model.eval()
+        modes = {module: module.training for module in model.modules()}  # each restored as it was (a frozen
+        model.eval()  # BatchNorm in a model in training mode stays in eval mode)
         try:
             with torch.inference_mode(), every_chunk_written():
                 for batch in batches:
@@ -609,7 +611,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                             writers[f"{path}/{MASK}"].add(padding)
                     count["datapoints"] += len(next(iter(captured.values()))[0])
         finally:
-            model.train(was_training)
+            for module, training in modes.items():
+                module.training = training
         if not arrays:
             raise ValueError("record got no batches")
         if seen.untold:

@@ -554,7 +554,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     try:
         fs, root = filesystem(location, storage_options)
     except (OSError, ValueError) as error:  # e.g. zip:///x.zip, whose archive is none: "Is a directory: <cwd>"
-        raise OSError(f"cannot open the store {location}: {type(error).__name__}: {error}") from error
+        kind = next(kind for kind in (FileNotFoundError, ValueError, OSError) if isinstance(error, kind))
+        raise kind(f"cannot open the store {location}: {type(error).__name__}: {error}") from error
     if not fs.exists(f"{root}/zarr.json"):
         if fs.exists(f"{root}/.zgroup") or fs.exists(f"{root}/.zattrs"):
             raise ValueError(f"{location} is a zarr v2 store; chunkcca reads zarr v3 activation stores: write its "

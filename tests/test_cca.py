@@ -232,15 +232,15 @@ def test_the_rows_left_after_omission_and_padding_are_checked_as_the_rows_before
     rng = np.random.default_rng(12)
     x, y = rng.standard_normal((40, 10)), rng.standard_normal((40, 10))
     x[:25, 3] = np.nan
-    with pytest.warns(RuntimeWarning, match=r"^only 15 rows for 20 channels of a pair: rows with NaN or Inf "
-                                            r"\(nan_policy='omit'\) left out 25 of the 40 rows of layers 'a', 'b'; "
+    with pytest.warns(RuntimeWarning, match=r"^only 15 rows for 20 channels of a pair: 25 of the 40 rows of layers "
+                                            r"'a', 'b' were left out as holding NaN or Inf \(nan_policy='omit'\); "
                                             r"the covariance is singular"):
         cca(x, y, nan_policy="omit")
-    with pytest.warns(RuntimeWarning, match=r"^only 15 rows for 20 channels of a pair: rows with NaN"):
+    with pytest.warns(RuntimeWarning, match=r"^only 15 rows for 20 channels of a pair: 25 of the 40 rows"):
         chunkcca.similarity({"a": x}, {"b": y}, measures=["mean_cca"], nan_policy="omit")
     x[:39, 3] = np.nan
-    with pytest.raises(ValueError, match=r"left out 39 of the 40 rows of layers 'a', 'b': 1 is left, and every "
-                                         r"measure needs at least 2"):
+    with pytest.raises(ValueError, match=r"^39 of the 40 rows of layers 'a', 'b' were left out as holding NaN or "
+                                         r"Inf \(nan_policy='omit'\): 1 is left, and every measure needs at least 2"):
         chunkcca.cka(x, y, nan_policy="omit")
     with pytest.warns(RuntimeWarning, match=r"^only 1 row for 20 channels"):  # Moments to merge may hold one row
         assert chunkcca.compute_moments(x, y, nan_policy="omit").n == 1
@@ -254,9 +254,15 @@ def test_the_rows_left_after_omission_and_padding_are_checked_as_the_rows_before
     mask = np.zeros((8, 6), dtype=bool)
     mask[:, :1] = True  # 8 real rows of 48
     padded = tokens.assign_coords(mask=(("datapoint", "token"), mask))
-    with pytest.warns(RuntimeWarning, match=r"^only 8 rows for 10 channels of a pair: padding left out 40 of the 48 "
-                                            r"rows of layers 'a', 'b'"):
+    with pytest.warns(RuntimeWarning, match=r"^only 8 rows for 10 channels of a pair: 40 of the 48 rows of layers "
+                                            r"'a', 'b' were left out as padding; "):
         cca(padded.rename("a"), padded.rename("b") + rng.standard_normal(padded.shape))
+    with pytest.warns(RuntimeWarning, match=r"left out as padding or as holding NaN or Inf \(nan_policy='omit'\);"):
+        cca(padded.rename("a"), padded.rename("b") + 1.0, nan_policy="omit")  # either may have left them out
+    with warnings.catch_warnings():  # avgpool keeps a row a datapoint: padding leaves none out
+        warnings.simplefilter("error")
+        pooled = tokens.assign_coords(mask=(("datapoint", "token"), np.ones((8, 6), dtype=bool)))
+        chunkcca.cka(pooled.rename("a"), pooled.rename("b") + 1.0, spatial="avgpool")
 
 
 def test_an_unnamed_dask_backed_data_array_takes_the_default_name():
@@ -268,6 +274,9 @@ def test_an_unnamed_dask_backed_data_array_takes_the_default_name():
     b = np.asarray(rng.standard_normal((40, 2)))
     assert (cca(a, b).attrs["layer_a"], chunkcca.compute_moments(a, b).layers) == ("a", ("a", "b"))
     assert cca(a.rename("conv1"), b).attrs["layer_a"] == "conv1"  # a name of the user's own stands
+    assert cca((a * 2).chunk({"datapoint": 20}), b).attrs["layer_a"] == "a"  # the key kept through arithmetic
+    own = xr.DataArray(da.from_array(rng.standard_normal((40, 3)), name="conv2"), dims=("datapoint", "channel"))
+    assert cca(own, b).attrs["layer_a"] == "conv2"  # the Dask array's name the user gave
 
 
 def test_store_layers_stream_and_are_never_modified(tmp_path):

@@ -148,6 +148,25 @@ def test_a_data_array_is_read_by_position_as_google_svcca_reads_arrays():
     want = get_cca_similarity(acts1, acts2, verbose=False)["mean"]
     labelled = [xr.DataArray(acts, dims=("unit", "image")) for acts in (acts1, acts2)]
     np.testing.assert_allclose(get_cca_similarity(*labelled, verbose=False)["mean"], want, rtol=1e-12)
+    swapped = [xr.DataArray(acts, dims=("datapoint", "channel")) for acts in (acts1, acts2)]  # names not read
+    np.testing.assert_allclose(get_cca_similarity(*swapped, verbose=False)["mean"], want, rtol=1e-12)
+
+
+def test_a_data_array_from_a_file_is_not_read_whole(tmp_path):
+    """Given a DataArray, compat took its .data: an array read lazily from a file was read whole into memory."""
+    import tracemalloc
+
+    from chunkcca.compat import _as_layer
+
+    path = tmp_path / "acts.nc"
+    xr.Dataset({"acts": (("unit", "image"), np.ones((100, 20_000)))}).to_netcdf(path)  # 16 MB
+    with xr.open_dataset(path) as opened:
+        tracemalloc.start()
+        layer = _as_layer(opened["acts"], "acts1")
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert layer.dims == ("datapoint", "channel") and layer.shape == (20_000, 100)
+        assert peak < 2**20, f"{peak / 2**20:.1f} MiB held"
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

@@ -8,6 +8,7 @@ import warnings
 import dask
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 from conftest import DIMS, correlated_layers
@@ -90,6 +91,8 @@ def test_a_non_finite_value_is_named_by_its_datapoint_s_label_whatever_each_laye
     b_values = b.values
     with pytest.raises(ValueError, match=r"^layer 'b' holds NaN or Inf at datapoint 21; "):
         compare(a.values, b_values, measures=["cka"], spatial=spatial)
+    with pytest.raises(ValueError, match=rf"^layer 'b' holds NaN or Inf at the datapoint labelled {bad}; "):
+        compare(a.values, b, measures=["cka"], spatial=spatial)  # the labels of the layer that has them
 
 
 def test_datapoint_errors_keep_their_message_when_pickled():
@@ -103,6 +106,8 @@ def test_datapoint_errors_keep_their_message_when_pickled():
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error) and again.position == error.position
     assert str(again) == "layer 'a': the datapoint labelled 'x' has no real position"
+    pairs = pd.MultiIndex.from_arrays([np.arange(4), np.array(["p", "q", "r", "s"])])
+    assert str(NonFiniteError("{datapoint}", 2).labelled(pairs)) == "the datapoint labelled (2, 'r')"
 
 
 def test_non_finite_value_after_the_shift_rows_is_found():

@@ -820,10 +820,10 @@ def test_layers_whose_order_no_batch_tells_are_warned_of(tmp_path):
     inputs = torch.randn(10, 5, 3)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=5)
     layers = {**LAYERS, "attn": "blocks.0.attn"}
-    with pytest.warns(RuntimeWarning, match=r"^every batch had as many datapoints as positions for 'block0', "
-                                            r"'block1', 'ln_1', in a model with modules that put time first: .* "
-                                            r"layouts=\{'block0': 'time_first', 'block1': 'time_first', 'ln_1': "
-                                            r"'time_first'\}, or with batches of another size$") as caught:
+    with pytest.warns(RuntimeWarning, match=r"^no batch told which of the first two dims of 'block0', 'block1', "
+                                            r"'ln_1' holds the datapoints, in a model with modules that put time "
+                                            r"first .* layouts=\{'block0': 'time_first', 'block1': 'time_first', "
+                                            r"'ln_1': 'time_first'\}, or with batches of another size$") as caught:
         record(net, layers, loader, tmp_path / "s.zarr")
     assert all("test_record.py" in warning.filename for warning in caught)
     tree = record(net, LAYERS, loader, tmp_path / "given.zarr", layouts=dict.fromkeys(LAYERS, "time_first"))
@@ -831,6 +831,55 @@ def test_layers_whose_order_no_batch_tells_are_warned_of(tmp_path):
     for name in LAYERS:
         np.testing.assert_allclose(tree[name]["activations"].values,
                                    np.concatenate([part[name] for part in want]), rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_square_batches_whose_count_does_not_show_are_warned_of(tmp_path):
+    """A time-first encoder (torch's tutorial layout) fed by a collate_fn of its own, every batch of as many
+    sequences as tokens: its inner LayerNorms were stored with tokens and datapoints swapped (CKA with the encoder's
+    output 0.056 against 0.906), without a warning, since the batch's count did not show. Now they are named."""
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(1)
+            self.embed = torch.nn.Embedding(50, 16)
+            self.encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0), 1,
+                                                 enable_nested_tensor=False)
+
+        def forward(self, input_ids, attention_mask):
+            return self.encoder(self.embed(input_ids).transpose(0, 1), src_key_padding_mask=~attention_mask.bool())
+
+    def collate(items):
+        ids = torch.stack(items)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    sequences = [torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    loader = torch.utils.data.DataLoader(sequences, batch_size=8, collate_fn=collate)
+    net = Encoder().eval()
+    with pytest.warns(RuntimeWarning, match=r"^no batch told which of the first two dims of 'norm1' holds the "
+                                            r"datapoints.* layouts=\{'norm1': 'time_first'\}"):
+        record(net, {"norm1": "encoder.layers.0.norm1"}, loader, tmp_path / "s.zarr")
+    tree = record(net, {"norm1": "encoder.layers.0.norm1"}, loader, tmp_path / "given.zarr",
+                  layouts={"norm1": "time_first"})
+    outputs = []
+    hook = net.encoder.layers[0].norm1.register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.inference_mode():
+        for batch in loader:
+            net(**batch)
+    hook.remove()
+    want = np.concatenate([out.transpose(0, 1).numpy() for out in outputs])  # (T, N, C) → (N, T, C)
+    np.testing.assert_allclose(tree["norm1"]["activations"].values, want, rtol=0, atol=1e-6)
+
+
+def test_record_leaves_each_module_in_its_own_mode(tmp_path):
+    """record runs the model in eval mode and restored the top module's mode to every module: a BatchNorm frozen
+    in eval mode inside a model in training mode was switched to training (the next step updated its running
+    statistics)."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    net.train()
+    net[1].eval()
+    record(net, ["2"], [torch.randn(6, 4)], tmp_path / "s.zarr")
+    assert (net.training, net[0].training, net[1].training, net[2].training) == (True, True, False, True)
 
 
 def test_a_batch_whose_count_cannot_tell_keeps_the_rule_s_layout(tmp_path):
@@ -857,7 +906,7 @@ def test_a_batch_whose_count_cannot_tell_keeps_the_rule_s_layout(tmp_path):
     ids = torch.randint(0, 50, (8, 4))
     texts = torch.utils.data.DataLoader([{"input_ids": row, "attention_mask": torch.ones(4)} for row in ids],
                                         batch_size=4)
-    with pytest.warns(RuntimeWarning, match=r"^every batch had as many datapoints as positions for 'embed'"):
+    with pytest.warns(RuntimeWarning, match=r"^no batch told which of the first two dims of 'embed' holds"):
         tree = record(net, ["embed"], texts, tmp_path / "t.zarr")
     with torch.inference_mode():
         want = net.embed(ids).numpy()

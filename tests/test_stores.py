@@ -174,6 +174,10 @@ def test_open_errors_name_the_path(tmp_path):
     # a URL fsspec cannot open is named: zip:///x.zip (the archive belongs after "::") said "Is a directory: <cwd>"
     with pytest.raises(OSError, match=r"^cannot open the store zip:///nowhere/s\.zip: IsADirectoryError: "):
         open_activations("zip:///nowhere/s.zip")
+    with pytest.raises(FileNotFoundError, match=r"^cannot open the store zip://s\.zarr::file:///nowhere\.zip: "):
+        open_activations("zip://s.zarr::file:///nowhere.zip")  # its kind kept, for the callers that catch it
+    with pytest.raises(ValueError, match=r"^cannot open the store nosuch://s\.zarr: ValueError: Protocol not known"):
+        open_activations("nosuch://s.zarr")
 
 
 def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
@@ -374,6 +378,15 @@ def test_a_store_keeps_its_layers_in_the_order_written(tmp_path, rng):
     assert layer_paths(first_half) == ["stem", "conv2", "conv10", "fc"]
     result = chunkcca.similarity(first_half, tree["model1"].isel(datapoint=slice(0, 6)), measures=["cka"])
     assert list(result["layer_a"].values) == order[:4], "named by their paths in the store, as cca names them"
+    # a tree built in memory keeps its own order, depth first (it came out sorted: block/inner, conv10, conv2, …)
+    def node(values: np.ndarray) -> xr.Dataset:
+        return xr.Dataset({"activations": (("datapoint", "channel"), values)})
+
+    built = xr.DataTree.from_dict({name: node(layers[f"model0/{name}"]) for name in ["stem", "conv2", "conv10", "fc"]})
+    built["block/inner"] = xr.DataTree(node(layers["model1/stem"]))
+    assert layer_paths(built) == ["stem", "conv2", "conv10", "fc", "block/inner"]
+    result = chunkcca.similarity(built, built, measures=["cka"])
+    assert list(result["layer_a"].values) == ["stem", "conv2", "conv10", "fc", "block/inner"]
 
 
 def test_a_node_cut_from_a_store_keeps_its_name(tmp_path, rng):
