@@ -41,6 +41,7 @@ from ._fs import (
     write_atomically,
     zarr_attributes,
 )
+from ._stack import user_stacklevel
 from .layers import (
     VARIABLE,
     as_activations,
@@ -141,8 +142,9 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     layers
         Layer path (e.g. ``"model0/conv2"``) → numpy array, Dask array or DataArray of dims
         (datapoint, *positions, channel): (datapoint, channel), (datapoint, token, channel),
-        (datapoint, height, width, channel), …. Dask inputs are written chunk by chunk, never
-        materialised. The store remembers their order (network order).
+        (datapoint, height, width, channel), …, or a Dataset or DataTree node holding ``activations`` (and
+        ``mask``; another variable is not written, with a warning naming it). Dask inputs are written chunk by
+        chunk, never materialised. The store remembers their order (network order).
     masks
         Layer path → boolean padding mask (datapoint, *positions), True at real positions (e.g. an
         attention mask), stored as the variable ``mask`` beside the layer's ``activations`` and used by
@@ -182,6 +184,14 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         raise ValueError("write_activations needs at least one layer")
     compressors = codecs_for(compression)
     paths = check_new_layers(path, list(layers), mode=mode, overwrite=overwrite)
+    for path_, value in zip(paths, layers.values()):
+        others = sorted(map(str, set(value.data_vars) - {VARIABLE, MASK})) if isinstance(
+            value, (xr.Dataset, xr.DataTree)) else []
+        if others:  # a store holds a layer's activations, its mask and its labels: the rest would vanish unsaid
+            warnings.warn(f"layer {path_!r}: {', '.join(map(repr, others))} {'is' if len(others) == 1 else 'are'} "
+                          f"not written (a store holds each layer's {VARIABLE!r}, its {MASK!r} and coordinates); "
+                          f"give a label per datapoint as coords=, or save other data apart", UserWarning,
+                          stacklevel=user_stacklevel())
     arrays = {path_: as_activations(value, path_, chunks=chunks, guess_layout=False)  # a store keeps no guess
               for path_, value in zip(paths, layers.values())}
     labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))

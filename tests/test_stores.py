@@ -545,6 +545,22 @@ def test_a_store_is_given_by_its_path(tmp_path):
     assert chunkcca.describe_store(tmp_path / "s.zarr")[0]["layer"] == "fc"
 
 
+def test_a_dataset_s_other_variables_are_said_not_to_be_written(tmp_path):
+    """A Dataset given as a layer kept its activations and mask; its other variables vanished without a word."""
+    rng = np.random.default_rng(5)
+    layer = xr.Dataset({"activations": (("datapoint", "channel"), rng.standard_normal((10, 3))),
+                        "logits": (("datapoint", "class"), rng.standard_normal((10, 2)))})
+    with pytest.warns(UserWarning, match=r"^layer 'm/fc': 'logits' is not written \(a store holds each layer's "
+                                         r"'activations', its 'mask' and coordinates\); give a label per datapoint as "
+                                         r"coords=, or save other data apart$") as caught:
+        tree = write_activations(tmp_path / "s.zarr", {"m/fc": layer})
+    assert all("test_stores.py" in warning.filename for warning in caught)
+    np.testing.assert_array_equal(tree["m/fc"]["activations"].values, layer["activations"].values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_activations(tmp_path / "t.zarr", {"m/fc": layer[["activations"]]})
+
+
 def test_integers_netcdf_cannot_hold_are_named_before_writing(tmp_path):
     """A result of more than 2**31 rows (1M images x 56 x 56, flattened) failed in numpy's words about datetimes
     ("could not safely cast array from int64 to int32"), naming neither the file nor the variable."""
