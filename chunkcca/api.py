@@ -314,8 +314,15 @@ def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
         {"cka": ((), sums[0, 1] / np.sqrt(sums[0, 0] * sums[1, 1]),
                  {"long_name": "linear CKA of whole per-datapoint maps (exact, from Gram blocks)"}),
          "rows": ((), np.int64(rows))},
-        attrs={"measure": "cka", "layer_a": str(layer_a.name), "layer_b": str(layer_b.name), **adapters[0].attrs,
-               **_gram_attrs(gram), "rows": int(rows)})
+        coords=_layer_coords(layer_a, layer_b),
+        attrs={"measure": "cka", **_layer_coords(layer_a, layer_b), **adapters[0].attrs, **_gram_attrs(gram),
+               "rows": int(rows)})
+
+
+def _layer_coords(layer_a: xr.DataArray, layer_b: xr.DataArray) -> dict[str, str]:
+    """A pair result's ``layer_a`` and ``layer_b``: its attrs, and scalar coordinates (so that ``xr.concat`` of
+    several pairs' results labels each by its layers), as ``measures`` puts them on results of Moments."""
+    return {"layer_a": str(layer_a.name), "layer_b": str(layer_b.name)}
 
 
 def _gram_attrs(gram: GramSums) -> dict[str, str]:
@@ -550,8 +557,9 @@ def _minibatch_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
          "minibatches": ((), np.int64(batches)),
          "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
          "rows": ((), np.int64(rows))},
-        attrs={"measure": "cka", "minibatch": int(size), "layer_a": str(layer_a.name), "layer_b": str(layer_b.name),
-               **adapters[0].attrs, "rows": int(rows)},
+        coords=_layer_coords(layer_a, layer_b),
+        attrs={"measure": "cka", "minibatch": int(size), **_layer_coords(layer_a, layer_b), **adapters[0].attrs,
+               "rows": int(rows)},
     )
 
 

@@ -217,6 +217,13 @@ def _channel_coords(*moments: Moments) -> dict[str, np.ndarray]:
     return coords
 
 
+def _with_layers(result: xr.Dataset, *moments: Moments) -> xr.Dataset:
+    """``result`` with the layers of ``moments`` as attrs and as scalar coordinates ``layer_a`` and ``layer_b``
+    (``_layer_attrs``), so that ``xr.concat`` of results of several pairs labels each by its layers."""
+    named = _layer_attrs(*moments)
+    return result.assign_coords(named).assign_attrs(named)
+
+
 def _layer_attrs(*moments: Moments) -> dict[str, str]:
     """``layer_a`` and ``layer_b`` of a result, as the streamed measures name them: the layer of each side of
     ``moments`` (over several, e.g. folds, the first that knows it), each only when known."""
@@ -274,7 +281,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
                for key in solved[0]}
     rho = stacked["rho"]
     _warn_ill_conditioned(moments, (stacked["condition_a"].max(), stacked["condition_b"].max()))
-    result = xr.Dataset(
+    result = _with_layers(xr.Dataset(
         {
             "rho": ((*dims, "component"), rho, {"long_name": "canonical correlation"}),
             "coef_a": ((*dims, "channel_a", "component"), stacked["coef_a"],
@@ -291,8 +298,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
                        {"long_name": "mean squared canonical correlation (R²_CCA)"}),
         },
         coords={"component": np.arange(rho.shape[-1]), **_channel_coords(moments)},
-        attrs={"measure": "cca", "epsilon": float(epsilon), **_layer_attrs(moments)},
-    )
+        attrs={"measure": "cca", "epsilon": float(epsilon)},
+    ), moments)
     if batch:
         result["rho_freq_mean"] = (dims, rho.mean(axis=-1), {"long_name": "mean canonical correlation per frequency"})
     return result
@@ -416,7 +423,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
                             [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ cov_bb @ basis_b]])
         solved = _solve_cca(reduced, (ka, kb), float(epsilon))  # of uncorrelated directions: conditioned
     rho = solved["rho"]
-    return xr.Dataset(
+    return _with_layers(xr.Dataset(
         {
             "rho": ("component", rho, {"long_name": "canonical correlation of the kept directions"}),
             "coef_a": (("channel_a", "component"), basis_a @ solved["coef_a"]),
@@ -429,9 +436,8 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
             "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"}),
         },
         coords={"component": np.arange(rho.size), **_channel_coords(moments)},
-        attrs={"measure": "svcca", "keep": float(keep), "keep_by": keep_by, "epsilon": float(epsilon),
-               **_layer_attrs(moments)},
-    )
+        attrs={"measure": "svcca", "keep": float(keep), "keep_by": keep_by, "epsilon": float(epsilon)},
+    ), moments)
 
 
 #: Canonical correlations closer than this are reported as tied (their directions are not unique).
@@ -479,7 +485,7 @@ def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0, solved: xr.Dat
     close = np.abs(gaps) <= TIE_TOLERANCE
     tied[:-1] |= close
     tied[1:] |= close
-    return xr.Dataset(
+    return _with_layers(xr.Dataset(
         {
             "pwcca": ((), float(weights @ rho), {"long_name": "projection-weighted mean canonical correlation"}),
             "weights": ("component", weights, {"long_name": "projection weight of each canonical variate"}),
@@ -491,8 +497,8 @@ def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0, solved: xr.Dat
             "rows": ((), np.int64(moments.n)),
         },
         coords={"component": cca_result["component"].values},
-        attrs={"measure": "pwcca", "epsilon": float(epsilon), **_layer_attrs(moments)},
-    )
+        attrs={"measure": "pwcca", "epsilon": float(epsilon)},
+    ), moments)
 
 
 def _debiased_hsic(cross: float, norm_product: float, trace_a: float, trace_b: float, n: int) -> float:
@@ -548,11 +554,11 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
     else:
         hsic = cross
     value = hsic["ab"] / np.sqrt(hsic["aa"] * hsic["bb"])
-    return xr.Dataset(
+    return _with_layers(xr.Dataset(
         {"cka": ((), value, {"long_name": "linear CKA" + (" (debiased)" if debiased else "")}),
          "rows": ((), np.int64(n))},
-        attrs={"measure": "cka", "debiased": int(debiased), **_layer_attrs(moments)},
-    )
+        attrs={"measure": "cka", "debiased": int(debiased)},
+    ), moments)
 
 
 def procrustes_from_moments(moments: Moments) -> xr.Dataset:
@@ -577,12 +583,12 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     require_variance(moments, "the Procrustes distance")
     with solve_threads(moments.channels):
         similarity = float(np.linalg.svd(cov_ab, compute_uv=False).sum() / scale)
-    return xr.Dataset(
+    return _with_layers(xr.Dataset(
         {"procrustes": ((), float(np.sqrt(max(0.0, 2 - 2 * similarity))), {"long_name": "Procrustes distance"}),
          "similarity": ((), similarity, {"long_name": "nuclear norm of the normalised cross-covariance"}),
          "rows": ((), np.int64(moments.n))},
-        attrs={"measure": "procrustes", **_layer_attrs(moments)},
-    )
+        attrs={"measure": "procrustes"},
+    ), moments)
 
 
 def _partial_whitener(cov: np.ndarray, alpha: float, floor: Rounding) -> tuple[np.ndarray, int, float]:
@@ -629,13 +635,13 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     if alpha == 0:  # a correlation matrix inverted; with alpha > 0 the user's regularisation decides
         _warn_ill_conditioned(moments, (condition_a, condition_b), "alpha > 0")
     angle = float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))
-    return xr.Dataset(
+    return _with_layers(xr.Dataset(
         {"shape_distance": ((), angle, {"long_name": "angular shape distance", "units": "radians"}),
          "rank_a": ((), np.int64(rank_a), {"long_name": "rank of side a's (partially) whitened covariance"}),
          "rank_b": ((), np.int64(rank_b), {"long_name": "rank of side b's (partially) whitened covariance"}),
          "rows": ((), np.int64(moments.n))},
-        attrs={"measure": "shape_metric", "alpha": float(alpha), **_layer_attrs(moments)},
-    )
+        attrs={"measure": "shape_metric", "alpha": float(alpha)},
+    ), moments)
 
 
 def _leave_outs(folds: Sequence[Moments]) -> Iterator[Moments]:
@@ -756,13 +762,13 @@ def heldout_cca_from_folds(folds: Folds, *, epsilon: float = 0.0) -> xr.Dataset:
     held = np.array(per_fold)  # (fold, component)
     _warn_undefined(held, 0, "heldout_cca", "a canonical variate", names)
     rho = _of_defined(np.nanmean, held, 0)
-    return xr.Dataset(
+    return _with_layers(xr.Dataset(
         {"heldout_rho": ("component", rho, {"long_name": "held-out canonical correlation, mean over folds"}),
          "heldout_cca": ((), float(rho.mean()) if rho.size else np.nan, {"long_name": "mean held-out CCA"}),
          "heldout_cca_per_fold": ("fold", _of_defined(np.nanmean, held, 1)),
          "rows": ((), np.int64(sum(part.n for part in folds)))},
         coords={"component": np.arange(rho.size), "fold": names},
-        attrs={"measure": "heldout_cca", "epsilon": float(epsilon), "folds": len(folds), **_layer_attrs(*folds)})
+        attrs={"measure": "heldout_cca", "epsilon": float(epsilon), "folds": len(folds)}), *folds)
 
 
 def predictivity_from_folds(folds: Folds, *, ridge: float | Sequence[float] = 0.01) -> xr.Dataset:
@@ -808,7 +814,7 @@ def predictivity_from_folds(folds: Folds, *, ridge: float | Sequence[float] = 0.
             scores[r, fold] = np.divide(cross, spread, out=np.full_like(cross, np.nan), where=spread > 0)
     _warn_undefined(scores, 1, "predictivity", "a channel of b, or its prediction,", names)
     per_channel = _of_defined(np.nanmean, scores, 1)
-    result = xr.Dataset(
+    result = _with_layers(xr.Dataset(
         {"predictivity_per_channel": (("ridge", "channel_b"), per_channel,
                                       {"long_name": "held-out Pearson r of ridge predictions, mean over folds"}),
          "predictivity": ("ridge", _of_defined(np.nanmedian, per_channel, -1),
@@ -818,7 +824,7 @@ def predictivity_from_folds(folds: Folds, *, ridge: float | Sequence[float] = 0.
          "rows": ((), np.int64(sum(part.n for part in folds)))},
         coords={"ridge": list(ridges), "fold": names,
                 **{key: value for key, value in _channel_coords(*folds).items() if key == "channel_b"}},
-        attrs={"measure": "predictivity", "folds": len(folds), **_layer_attrs(*folds)})
+        attrs={"measure": "predictivity", "folds": len(folds)}), *folds)
     return result if isinstance(ridge, (list, tuple, np.ndarray)) else result.squeeze("ridge")
 
 

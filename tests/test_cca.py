@@ -279,6 +279,24 @@ def test_an_unnamed_dask_backed_data_array_takes_the_default_name():
     assert cca(own, b).attrs["layer_a"] == "conv2"  # the Dask array's name the user gave
 
 
+def test_results_of_several_pairs_concatenate_labelled_by_their_layers(tmp_path):
+    """A pair's result named its layers in attrs only: xr.concat of cca(a, b1) and cca(a, b2) kept the first's
+    layer_b, labelling both 'b1', silently. The layers are scalar coordinates too, as xarray combines them."""
+    rng = np.random.default_rng(14)
+    layers = {name: xr.DataArray(rng.standard_normal((30, width)), dims=("datapoint", "channel"), name=name)
+              for name, width in (("a", 4), ("b1", 3), ("b2", 2))}
+    for measure in (cca, chunkcca.cka, chunkcca.procrustes, lambda x, y: chunkcca.compare(x, y, measures=["svcca"]),
+                    lambda x, y: chunkcca.cka(x, y, minibatch=10), lambda x, y: chunkcca.cka(x, y, spatial="features")):
+        both = xr.concat([measure(layers["a"], layers[name]) for name in ("b1", "b2")], dim="pair",
+                         join="outer")  # b1 and b2 have other channels
+        assert both["layer_b"].values.tolist() == ["b1", "b2"] and both["layer_a"].item() == "a"
+    moments = chunkcca.compute_moments(layers["a"], layers["b1"])
+    assert chunkcca.cka_from_moments(moments)["layer_b"].item() == "b1"  # results of Moments too
+    chunkcca.save_result(cca(layers["a"], layers["b1"]), tmp_path / "r.nc")
+    with xr.open_dataset(tmp_path / "r.nc") as saved:
+        assert saved["layer_a"].item() == "a" and saved.attrs["layer_b"] == "b1"
+
+
 def test_store_layers_stream_and_are_never_modified(tmp_path):
     a, b = correlated_layers(np.random.default_rng(11), 40, (4, 4, 6), (4, 4, 3))
     tree = chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": a, "m1/conv": b}, chunks=9)
