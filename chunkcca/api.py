@@ -164,7 +164,7 @@ def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, 
     padded = streamed.adapters[0].mask_rule == "pair" and any(MASK in layer.coords for layer in layers)
     why = " or as ".join([*(["padding"] if padded else []),  # avgpool, first, last keep a row per datapoint
                        *(["holding NaN or Inf (nan_policy='omit')"] if options.nan_policy == "omit" else [])])
-    left = f"{rows - kept} of the {rows} rows of layers {names} were left out as {why}"
+    left = f"{rows - kept} of the {rows} rows of layers {names} were left out" + (f" as {why}" if why else "")
     if measured and kept < 2:
         raise ValueError(f"{left}: {kept} {'is' if kept == 1 else 'are'} left, and every measure needs at least 2")
     channels = _paired_channels(layers)

@@ -59,17 +59,17 @@ class DatapointError(ValueError):
     (``passes.reading``), since a position in the first layer's order does not find the datapoint in another
     layer stored in another order."""
 
-    def __init__(self, message: str, position: int, label: str | None = None) -> None:
-        self.message, self.position, self.label = message, position, label
+    def __init__(self, message: str, position: int, layer: str, label: str | None = None) -> None:
+        self.message, self.position, self.layer, self.label = message, position, layer, label
         where = f"datapoint {position}" if label is None else f"the datapoint labelled {label}"
         super().__init__(message.replace("{datapoint}", where))
 
     def __reduce__(self) -> tuple[Any, ...]:  # whole when a cluster's worker sends it back
-        return type(self), (self.message, self.position, self.label)
+        return type(self), (self.message, self.position, self.layer, self.label)
 
     def labelled(self, labels: Any) -> DatapointError:
-        """The same error naming its datapoint by its label in ``labels`` (the pass's datapoint labels, a
-        ``pandas.Index``); itself without labels."""
+        """The same error naming its datapoint by its label in ``labels`` (the datapoint labels of its ``layer``,
+        aligned to the pass's order: a ``pandas.Index``); itself without labels."""
         if labels is None or self.label is not None:
             return self
         def plain(value: Any) -> Any:  # 'x' and (2, 3), not np.str_('x') and (np.int64(2), np.int64(3))
@@ -77,7 +77,8 @@ class DatapointError(ValueError):
 
         value = labels[self.position]
         value = tuple(map(plain, value)) if isinstance(value, tuple) else plain(value)
-        return type(self)(self.message, self.position, repr(value) if isinstance(value, str) else str(value))
+        return type(self)(self.message, self.position, self.layer,
+                          repr(value) if isinstance(value, str) else str(value))
 
 
 class NonFiniteError(DatapointError):
@@ -477,7 +478,7 @@ def finite_rows(rows: list[np.ndarray], start: int = 0, *, nan_policy: str, name
         hint = ("; pass nan_policy='omit' (--nan-policy omit) to leave such rows out" if nan_policy == "raise"
                 else "")
         raise NonFiniteError(f"layer {names[side]!r} holds NaN or Inf at {{datapoint}}{hint}",
-                             datapoint_of(start + int(np.flatnonzero(~finite[side])[0])))
+                             datapoint_of(start + int(np.flatnonzero(~finite[side])[0])), names[side])
     keep = np.logical_and.reduce(finite)
     return [side[..., keep, :] for side in rows]
 
@@ -491,7 +492,8 @@ def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], nam
             empty = np.flatnonzero(~mask.reshape(mask.shape[0], -1).any(axis=1))
             if empty.size:
                 raise NoRealPositionError(f"layer {name!r}: {{datapoint}} has no real position (its mask is False "
-                                          f"everywhere); leave such datapoints out", first_datapoint + int(empty[0]))
+                                          f"everywhere); leave such datapoints out", first_datapoint + int(empty[0]),
+                                          name)
     given = [mask for mask in masks if mask is not None]
     if not given or all(adapter.mask_rule == "own" for adapter in adapters):
         return masks

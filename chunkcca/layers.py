@@ -317,9 +317,10 @@ def node_name(node: xr.DataTree) -> str:
     return path or "/"
 
 
-#: A name Dask gives an array (``array-78735f9f…``: a token of 32 hex digits), which xarray takes for the name of a
+#: A name Dask gives an array (``array-78735f9f…``: a token of 32 hex digits, or a UUID for ``name=False``), which
+#: xarray takes for the name of a
 #: DataArray made from it without one (and keeps through arithmetic and selections).
-DASK_KEY = re.compile(r"[\w.\-]+-[0-9a-f]{32}")
+DASK_KEY = re.compile(r".+-([0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
 
 def named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
@@ -382,8 +383,9 @@ def layer_paths(tree: xr.DataTree) -> list[str]:
         Node paths without the leading '/', e.g. ``["model0/conv1", "model0/conv2"]``. A tree cut from a
         store (``tree["model0"].isel(...)``, whose root no longer lists the order) keeps the order its layers
         had when opened; layers no store lists (a tree built in memory, or made anew by xarray, e.g. with
-        ``map_over_datasets``) follow in the tree's own order, depth first (a tree built from a dict: the
-        dict's order).
+        ``map_over_datasets``) follow in the tree's own order, depth first: a dict's order for a tree built from
+        one, the network order for one made from an opened store (whose children ``open_activations`` puts in that
+        order; a store that lists no order opens with its layers sorted).
     """
     def depth_first(node: xr.DataTree) -> Iterator[xr.DataTree]:
         yield node

@@ -133,7 +133,8 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
     try:
         yield
     except DatapointError as error:  # named by its label: a position in the first layer's order finds it in no other
-        labels = next((layer.indexes["datapoint"] for layer in layers if "datapoint" in layer.indexes), None)
+        at_fault = next((layer for layer in layers if str(layer.name) == error.layer), None)
+        labels = None if at_fault is None else at_fault.indexes.get("datapoint")  # in the pass's order, as aligned
         raise error.labelled(labels).with_traceback(error.__traceback__) from None
     except CheckpointError:
         raise

@@ -136,6 +136,7 @@ class _Seen:
         self.read: set[str] = set()  # recorded layers read datapoints first in a batch that did not tell
         self.misread: dict[str, bool] = {}  # layer → whether time first, as told after being read the other way
         self.untold: set[str] = set()  # layers read in batches of as many datapoints as positions, never told
+        self.read_oblong: set[str] = set()  # layers read untold in a batch of other datapoints than positions
 
     def add(self, tensor: Any, layout: Found, told: bool) -> None:
         """Note a tensor a module made, its layout and whether that tells its time order (``_layout``)."""
@@ -199,7 +200,10 @@ class _Seen:
             return "time_first" if self.orders[key] else found, True
         if layer:
             self.read.add(key)
-            if tensor.shape[0] == tensor.shape[1] and n in (None, tensor.shape[0]) and self.has_time_first:
+            if tensor.shape[0] != tensor.shape[1]:  # read by the rule (the latest tensors' shapes), as always
+                self.read_oblong.add(key)
+                self.untold.discard(key)
+            elif n in (None, tensor.shape[0]) and self.has_time_first and key not in self.read_oblong:
                 self.untold.add(key)  # a batch whose count is unknown (a collate_fn of its own) tells nothing either
         return found, False
 

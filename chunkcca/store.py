@@ -594,7 +594,12 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         what = written_as.get(tree.attrs.get(RESULT_ATTR), "")
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
                          + (f"; it is {what}" if what else ""))
-    check_store_files(location, listing, tree.attrs.get(ORDER_ATTR) or (), found)
+    listed = tree.attrs.get(ORDER_ATTR) or ()
+    check_store_files(location, listing, listed, found)
+    # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
+    # groups in no fixed order
+    found = [layer for layer in found if layer in listed] + sorted(layer for layer in found if layer not in listed)
+    _in_order(tree, found)
     order = {layer: i for i, layer in enumerate(found)}  # network order, which a node's copies keep (isel, sel)
     for layer in found:
         if MASK in tree[layer].data_vars:  # a coordinate, so that tree[layer]["activations"] carries its padding
@@ -625,6 +630,21 @@ def _unreadable_label(listing: Listing, location: str, storage_options: Mapping[
         except Exception as error:
             return f"its label array {folder} cannot be read ({type(error).__name__}: {error})"
     return None
+
+
+def _in_order(tree: xr.DataTree, layers: Sequence[str]) -> None:
+    """Put each group's children in the order ``layers`` (paths, network order) first reaches them, so that a walk
+    of the tree meets its layers in that order: a tree xarray makes anew from it (``map_over_datasets``), which
+    keeps no encoding, keeps it (``layers.layer_paths``)."""
+    rank = {layer: i for i, layer in enumerate(layers)}
+
+    def first(node: xr.DataTree) -> int:
+        return min((rank.get(below.path.strip("/"), len(rank)) for below in node.subtree), default=len(rank))
+
+    for child in tree.children.values():
+        _in_order(child, layers)
+    if len(tree.children) > 1:
+        tree.children = dict(sorted(tree.children.items(), key=lambda item: first(item[1])))
 
 
 def describe_store(path: str | os.PathLike, *,

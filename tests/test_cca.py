@@ -277,6 +277,9 @@ def test_an_unnamed_dask_backed_data_array_takes_the_default_name():
     assert cca((a * 2).chunk({"datapoint": 20}), b).attrs["layer_a"] == "a"  # the key kept through arithmetic
     own = xr.DataArray(da.from_array(rng.standard_normal((40, 3)), name="conv2"), dims=("datapoint", "channel"))
     assert cca(own, b).attrs["layer_a"] == "conv2"  # the Dask array's name the user gave
+    for keyed in (da.from_array(rng.standard_normal((40, 3)), name=False),  # a UUID for a key
+                  da.from_array(rng.standard_normal((40, 3)), name="xarray-conv(1)-" + "0123456789abcdef" * 2)):
+        assert cca(xr.DataArray(keyed, dims=("datapoint", "channel")), b).attrs["layer_a"] == "a"
 
 
 def test_results_of_several_pairs_concatenate_labelled_by_their_layers(tmp_path):

@@ -93,6 +93,11 @@ def test_a_non_finite_value_is_named_by_its_datapoint_s_label_whatever_each_laye
         compare(a.values, b_values, measures=["cka"], spatial=spatial)
     with pytest.raises(ValueError, match=rf"^layer 'b' holds NaN or Inf at the datapoint labelled {bad}; "):
         compare(a.values, b, measures=["cka"], spatial=spatial)  # the labels of the layer that has them
+    if not grouped:  # aligned by position to an unlabelled first layer, each layer keeps its own labels' order
+        c = b.assign_coords(datapoint=labels[rng.permutation(40)]).rename("c")
+        with pytest.raises(ValueError, match=rf"^layer 'c' holds NaN or Inf at the datapoint labelled "
+                                             rf"{str(c['datapoint'].values[21])!r}; "):
+            similarity({"a": a.values}, {"b": b.fillna(0.0), "c": c}, measures=["cka"], spatial=spatial)
 
 
 def test_datapoint_errors_keep_their_message_when_pickled():
@@ -101,13 +106,14 @@ def test_datapoint_errors_keep_their_message_when_pickled():
 
     from chunkcca.engine import NonFiniteError, NoRealPositionError
 
-    for error in (NonFiniteError("layer 'b' holds NaN or Inf at {datapoint}", 21),
-                  NoRealPositionError("layer 'a': {datapoint} has no real position", 3).labelled(np.array(["x"] * 4))):
+    for error in (NonFiniteError("layer 'b' holds NaN or Inf at {datapoint}", 21, "b"),
+                  NoRealPositionError("layer 'a': {datapoint} has no real position", 3, "a").labelled(
+                      np.array(["x"] * 4))):
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error) and again.position == error.position
     assert str(again) == "layer 'a': the datapoint labelled 'x' has no real position"
     pairs = pd.MultiIndex.from_arrays([np.arange(4), np.array(["p", "q", "r", "s"])])
-    assert str(NonFiniteError("{datapoint}", 2).labelled(pairs)) == "the datapoint labelled (2, 'r')"
+    assert str(NonFiniteError("{datapoint}", 2, "a").labelled(pairs)) == "the datapoint labelled (2, 'r')"
 
 
 def test_non_finite_value_after_the_shift_rows_is_found():

@@ -871,6 +871,31 @@ def test_square_batches_whose_count_does_not_show_are_warned_of(tmp_path):
     np.testing.assert_allclose(tree["norm1"]["activations"].values, want, rtol=0, atol=1e-6)
 
 
+def test_a_layer_read_in_a_batch_of_other_sizes_is_not_said_to_be_untold(tmp_path):
+    """With a collate_fn of one's own (no count shown), batches of 16, 16 and 8 sequences of 8 tokens: the layers,
+    read by the rule in the first batches, were warned of after the last square one ("every batch had as many
+    datapoints as positions", false). Each is stored as the model gives it, without a warning."""
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(2)
+            self.embed, self.pool = torch.nn.Embedding(50, 8), torch.nn.MultiheadAttention(8, 2)
+
+        def forward(self, input_ids):
+            hidden = self.embed(input_ids).transpose(0, 1)
+            return self.pool(hidden[:1], hidden, hidden)[0]
+
+    sequences = [torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i)) for i in range(40)]
+    loader = torch.utils.data.DataLoader(sequences, batch_size=16, collate_fn=lambda items: torch.stack(items))
+    net = Pooled().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        tree = record(net, {"embed": "embed"}, loader, tmp_path / "s.zarr")
+    want = np.concatenate([net.embed(batch).detach().numpy() for batch in loader])
+    np.testing.assert_allclose(tree["embed"]["activations"].values, want, rtol=0, atol=1e-6)
+
+
 def test_record_leaves_each_module_in_its_own_mode(tmp_path):
     """record runs the model in eval mode and restored the top module's mode to every module: a BatchNorm frozen
     in eval mode inside a model in training mode was switched to training (the next step updated its running

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import sys
@@ -385,6 +386,16 @@ def test_a_store_keeps_its_layers_in_the_order_written(tmp_path, rng):
     built = xr.DataTree.from_dict({name: node(layers[f"model0/{name}"]) for name in ["stem", "conv2", "conv10", "fc"]})
     built["block/inner"] = xr.DataTree(node(layers["model1/stem"]))
     assert layer_paths(built) == ["stem", "conv2", "conv10", "fc", "block/inner"]
+    # a tree xarray makes anew from a store's (no encoding kept) keeps the network order: the tree's own order is it
+    mapped = tree["model0"].map_over_datasets(lambda ds: ds.astype("float32") if "activations" in ds else ds)
+    assert layer_paths(mapped) == ["stem", "conv2", "conv10", "fc"]
+    # a store that lists no order (written by xarray, or by an older chunkcca) opens sorted, every time (zarr lists
+    # groups in no fixed order: the tree's own order changed from one opening to the next)
+    metadata = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
+    del metadata["attributes"]["chunkcca_layers"]
+    (tmp_path / "s.zarr" / "zarr.json").write_text(json.dumps(metadata))
+    for _ in range(3):
+        assert layer_paths(open_activations(tmp_path / "s.zarr")) == sorted(order)
     result = chunkcca.similarity(built, built, measures=["cka"])
     assert list(result["layer_a"].values) == ["stem", "conv2", "conv10", "fc", "block/inner"]
 
