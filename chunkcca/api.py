@@ -31,6 +31,7 @@ from .measures import (
     default_batch_dims,
     jackknife,
     side_without_variance,
+    with_layers,
 )
 from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, group_codes
@@ -72,8 +73,12 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whi
         fewer = (f"; stride {stride} leaves {rows} of their {total} rows: "
                  + (f"a stride of at most {largest} gives more" if largest >= 1 else f"even stride 1 gives {total}"))
     warnings.warn(f"only {rows} row{'' if rows == 1 else 's'} for {channels} channels of a pair (layers {names})"
-                  f"{fewer}: the covariance is singular and correlations are meaningless; regularise with epsilon > 0 "
-                  f"or keep fewer dimensions with svcca(keep=...)", RuntimeWarning, stacklevel=user_stacklevel())
+                  f"{fewer}: {SINGULAR}", RuntimeWarning, stacklevel=user_stacklevel())
+
+
+#: What too few rows for a pair's channels mean, and what to do.
+SINGULAR = ("the covariance is singular and correlations are meaningless; regularise with epsilon > 0 or keep fewer "
+            "dimensions with svcca(keep=...)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +174,8 @@ def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, 
         raise ValueError(f"{left}: {kept} {'is' if kept == 1 else 'are'} left, and every measure needs at least 2")
     channels = _paired_channels(layers)
     if whitens and kept <= channels < rows:
-        warnings.warn(f"only {kept} row{'' if kept == 1 else 's'} for {channels} channels of a pair: {left}; the "
-                      f"covariance is singular and correlations are meaningless; regularise with epsilon > 0 or keep "
-                      f"fewer dimensions with svcca(keep=...)", RuntimeWarning, stacklevel=user_stacklevel())
+        warnings.warn(f"only {kept} row{'' if kept == 1 else 's'} for {channels} channels of a pair: {left}; "
+                      f"{SINGULAR}", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _with_provenance(streamed: Streamed) -> Streamed:
@@ -310,19 +314,12 @@ def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
         dead = layer_a.name if sums[0, 0] <= 0 else layer_b.name
         raise UndefinedMeasure(f"CKA is undefined: layer {str(dead)!r} has no variance (every feature constant)")
     rows = adapters[0].row_count(layer_a.sizes["datapoint"])
-    return xr.Dataset(
+    return with_layers(xr.Dataset(
         {"cka": ((), sums[0, 1] / np.sqrt(sums[0, 0] * sums[1, 1]),
                  {"long_name": "linear CKA of whole per-datapoint maps (exact, from Gram blocks)"}),
          "rows": ((), np.int64(rows))},
-        coords=_layer_coords(layer_a, layer_b),
-        attrs={"measure": "cka", **_layer_coords(layer_a, layer_b), **adapters[0].attrs, **_gram_attrs(gram),
-               "rows": int(rows)})
-
-
-def _layer_coords(layer_a: xr.DataArray, layer_b: xr.DataArray) -> dict[str, str]:
-    """A pair result's ``layer_a`` and ``layer_b``: its attrs, and scalar coordinates (so that ``xr.concat`` of
-    several pairs' results labels each by its layers), as ``measures`` puts them on results of Moments."""
-    return {"layer_a": str(layer_a.name), "layer_b": str(layer_b.name)}
+        attrs={"measure": "cka", **adapters[0].attrs, **_gram_attrs(gram), "rows": int(rows)}),
+        {"layer_a": str(layer_a.name), "layer_b": str(layer_b.name)})
 
 
 def _gram_attrs(gram: GramSums) -> dict[str, str]:
@@ -551,16 +548,14 @@ def _minibatch_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
     if hsic[0, 0] <= 0 or hsic[1, 1] <= 0:
         raise ValueError(f"minibatch CKA is undefined for layer "
                          f"{str(layer_a.name if hsic[0, 0] <= 0 else layer_b.name)!r}: {NO_MINIBATCH_VARIANCE}")
-    return xr.Dataset(
+    return with_layers(xr.Dataset(
         {"cka": ((), hsic[0, 1] / np.sqrt(hsic[0, 0] * hsic[1, 1]),
                  {"long_name": f"minibatch linear CKA ({size} rows)"}),
          "minibatches": ((), np.int64(batches)),
          "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
          "rows": ((), np.int64(rows))},
-        coords=_layer_coords(layer_a, layer_b),
-        attrs={"measure": "cka", "minibatch": int(size), **_layer_coords(layer_a, layer_b), **adapters[0].attrs,
-               "rows": int(rows)},
-    )
+        attrs={"measure": "cka", "minibatch": int(size), **adapters[0].attrs, "rows": int(rows)},
+    ), {"layer_a": str(layer_a.name), "layer_b": str(layer_b.name)})
 
 
 #: What to do about a layer whose minibatch Gram products underflow float64 (values of about 1e-80 and below).

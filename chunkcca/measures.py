@@ -217,11 +217,15 @@ def _channel_coords(*moments: Moments) -> dict[str, np.ndarray]:
     return coords
 
 
+def with_layers(result: xr.Dataset, layers: Mapping[str, str]) -> xr.Dataset:
+    """``result`` with ``layers`` (``layer_a``, ``layer_b`` → a layer's name) as attrs and as scalar coordinates,
+    so that ``xr.concat`` of results of several pairs labels each by its layers."""
+    return result.assign_coords(layers).assign_attrs(layers)
+
+
 def _with_layers(result: xr.Dataset, *moments: Moments) -> xr.Dataset:
-    """``result`` with the layers of ``moments`` as attrs and as scalar coordinates ``layer_a`` and ``layer_b``
-    (``_layer_attrs``), so that ``xr.concat`` of results of several pairs labels each by its layers."""
-    named = _layer_attrs(*moments)
-    return result.assign_coords(named).assign_attrs(named)
+    """``with_layers`` of the layers ``moments`` know (``_layer_attrs``)."""
+    return with_layers(result, _layer_attrs(*moments))
 
 
 def _layer_attrs(*moments: Moments) -> dict[str, str]:
