@@ -47,6 +47,18 @@ def prepare_workers(client: Any) -> None:
                       stacklevel=user_stacklevel())
 
 
+def cluster_threads(client: Any) -> int:
+    """Threads of ``client``'s workers, at least 1. With none yet, a warning that the run waits for a worker to
+    join: it is planned for one thread and is not refused, since an adaptive cluster starts its workers only once
+    the run's tasks reach it (waiting for one before submitting them would wait for ever)."""
+    threads = sum(client.nthreads().values())
+    if threads == 0:
+        address = getattr(getattr(client, "scheduler", None), "address", "its address")
+        warnings.warn(f"the Dask cluster at {address} has no workers: the run waits until one joins (and is "
+                      f"planned for one thread)", RuntimeWarning, stacklevel=user_stacklevel())
+    return max(1, threads)
+
+
 def gathered(client: Any, futures: list[Any]) -> list[Any]:
     """``client.gather(futures)``, except that a Client that lost its scheduler and closed raises a
     CommClosedError at once: its futures then never finish, and gather waited for them forever."""

@@ -751,11 +751,13 @@ def _sized_pool(scheduler: Any) -> bool:
 
 
 def scheduler_threads(scheduler: Any = None) -> int:
-    """Tasks the active or given scheduler runs at once: a cluster's threads, 1 for the synchronous scheduler,
-    else the local pool's workers (Dask's ``num_workers`` setting, or one per core)."""
+    """Tasks the active or given scheduler runs at once: a cluster's threads (warned of if none), 1 for the
+    synchronous scheduler, else the local pool's workers (Dask's ``num_workers`` setting, or one per core)."""
     client = _active_client(scheduler)
     if client is not None:
-        return max(1, sum(client.nthreads().values()))
+        from .cluster import cluster_threads
+
+        return cluster_threads(client)
     name = scheduler if isinstance(scheduler, str) else dask.config.get("scheduler", None)
     if name in ("synchronous", "sync", "single-threaded"):
         return 1

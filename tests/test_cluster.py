@@ -373,3 +373,26 @@ def test_a_scheduler_lost_mid_run_is_one_line_and_its_checkpoint_resumes(tmp_pat
     report = json.loads(resumed.stdout)
     for measure in ("mean_cca", "cka"):
         assert report["results"][measure]["value"] == pytest.approx(float(want[measure]), rel=1e-9)
+
+
+def test_a_cluster_without_workers_is_warned_of_and_the_run_waits_for_one():
+    """A scheduler with no workers made a run wait without a word (its connection answers, so the connect
+    timeout does not fire); now a warning says so, and the run, planned for one thread, ends once a worker
+    joins (as an adaptive cluster's do for the run's tasks), with the local result."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    a, b = correlated_layers(np.random.default_rng(3), 60, (4, 4, 5), (4, 4, 3))
+    local = cca(a, b, precision="float64")
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        joins = threading.Timer(1.0, cluster.scale, args=(1,))
+        joins.start()
+        try:
+            with pytest.warns(RuntimeWarning, match=r"Dask cluster at .* has no workers: the run waits until one "
+                                                     r"joins"):
+                remote = cca(a, b, precision="float64", scheduler=client)
+        finally:
+            joins.join()
+    np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
