@@ -425,9 +425,11 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
     if None not in spans and not np.isclose(spans[0], spans[1], rtol=1e-9, atol=0):
         raise ValueError(f"layer {a.name!r} spans {spans[0]:g} input pixels along {dim} and layer {b.name!r} "
                          f"{spans[1]:g}: their pixel centres are in units of inputs of different sizes (a store "
-                         f"written without image_size= takes its largest layer's size); write both into one store "
+                         f"written without image_size= takes its largest layer's size), or one is cropped from the "
+                         f"input's first pixel (centres alone cannot tell which); write both into one store "
                          f"(chunkcca ingest: one command, or --append to the first store) or with one image_size=, "
-                         f"or set their {dim} coordinates, or use grid='svcca'")
+                         f"crop the other layer to the same part of the input, or set their {dim} coordinates, or "
+                         f"use grid='svcca'")
     extent = fine_size  # what an unlabelled layer spans: one input, in the units of the labelled one's centres
     if sum(labelled) == 1:
         extent = spans[labelled.index(True)]

@@ -460,6 +460,13 @@ def test_interp_refuses_layers_whose_pixel_centres_are_of_inputs_of_different_si
     with pytest.raises(ValueError, match=r"layer 'conv' spans 8 input pixels along height and layer 'pool' 4: "
                                          r"their pixel centres are in units of inputs of different sizes"):
         cca(*apart, spatial="interp")
+    cropped = together["conv"].isel(height=slice(0, 4))  # centres 0.5 … 3.5: a 4-pixel input's, to look at
+    with pytest.raises(ValueError, match=r"spans 4 input pixels along height .* 8: .* or one is cropped from the "
+                                         r"input's first pixel .* crop the other layer to the same part"):
+        cca(cropped, together["conv"], spatial="interp")
+    np.testing.assert_allclose(  # cropped alike, both sit where they were: conv against itself, rho 1
+        cca(cropped, together["conv"]["activations"].isel(height=slice(0, 4)).rename("again"), spatial="interp",
+            precision="float64")["rho"], 1, atol=1e-9)
     given = [chunkcca.write_activations(tmp_path / f"{name}8.zarr", {name: value}, chunks=100, image_size=8)[name]
              for name, value in (("conv", conv), ("pool", pool))]
     np.testing.assert_allclose(cca(*given, spatial="interp", precision="float64")["rho"],
