@@ -174,7 +174,9 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np
         rho[:k] = np.minimum(s[:k], 1.0)  # a correlation; rounding (float32, few rows) can pass 1
         coef_a[index_a, :k] = whiten_a @ u[:, :k]
         coef_b[index_b - p, :k] = whiten_b @ vh.conj().T[:, :k]
-    return {"rho": rho, "coef_a": coef_a, "coef_b": coef_b, "pruned_a": ~kept_a, "pruned_b": ~kept_b,
+    # complex rows' scatter is Σ u uᴴ = Xᵀ X̄, whose directions w give the variates X w̄: their conjugates are
+    # returned, so that (x − mean) · coef is the variate for complex rows (dft) as for real ones
+    return {"rho": rho, "coef_a": coef_a.conj(), "coef_b": coef_b.conj(), "pruned_a": ~kept_a, "pruned_b": ~kept_b,
             "rank_a": np.int64(rank_a), "rank_b": np.int64(rank_b), "condition_a": condition_a,
             "condition_b": condition_b}
 
