@@ -28,7 +28,6 @@ from .measures import (
     PairSolves,
     UndefinedMeasure,
     check_measures,
-    default_batch_dims,
     jackknife,
     side_without_variance,
     with_layers,
@@ -268,12 +267,8 @@ def _streaming_attrs(streamed: Streamed) -> dict[str, Any]:
 
 
 def _label(result: xr.Dataset, streamed: Streamed) -> xr.Dataset:
-    """Put the frequencies and the streaming's attrs on a pair's result (the channel labels come with its
-    Moments, ``_with_provenance``)."""
-    batch = streamed.adapters[0].batch_coords  # the solves name frequency dims by default_batch_dims
-    result = result.rename({old: new for old, new in zip(default_batch_dims(len(batch)), batch)
-                            if old in result.dims and old != new})
-    result = result.assign_coords({k: v for k, v in batch.items() if k in result.dims})
+    """Put the streaming's attrs on a pair's result (the channel labels and frequencies come with its Moments,
+    ``_with_provenance``)."""
     result.attrs.update(_streaming_attrs(streamed))
     return result
 

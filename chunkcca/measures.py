@@ -260,8 +260,9 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     epsilon
         Ridge added to the diagonal of each side's covariance, >= 0.
     batch_dims
-        Names of the batch dims of batched Moments (default: ``freq_h``, ``freq_w`` for two, else
-        ``freq_0``, ``freq_1``, …).
+        Names of the batch dims of batched Moments (default: those of their ``batch_labels``, e.g. ``freq_h``,
+        ``freq_w``, labelled by frequency; for Moments that do not know them ``freq_h``, ``freq_w`` for two, else
+        ``freq_0``, ``freq_1``, …, unlabelled).
 
     Returns
     -------
@@ -276,7 +277,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     cov = _covariance(moments, "cca", batched=True)
     require_variance(moments, "CCA")
     batch = moments.batch_shape
-    dims = default_batch_dims(len(batch)) if batch_dims is None else tuple(batch_dims)
+    dims = (tuple(moments.batch_labels) or default_batch_dims(len(batch))) if batch_dims is None else tuple(batch_dims)
     if len(dims) != len(batch):
         raise ValueError(f"Moments have {len(batch)} batch dims, batch_dims names {len(dims)}: {dims}")
     with solve_threads(moments.channels):
@@ -303,7 +304,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
             "r2_cca": ((), (rho**2).mean() if rho.size else np.nan,
                        {"long_name": "mean squared canonical correlation (R²_CCA)"}),
         },
-        coords={"component": np.arange(rho.shape[-1]), **_channel_coords(moments)},
+        coords={"component": np.arange(rho.shape[-1]), **_channel_coords(moments),
+                **dict(zip(dims, moments.batch_labels.values()))},
         attrs={"measure": "cca", "epsilon": float(epsilon)},
     ), moments)
     if batch:

@@ -88,6 +88,10 @@ class Moments:
         Each side's channel labels (a layer's ``channel`` coordinate; None unknown, the default), which the
         results of ``*_from_moments`` carry as ``channel_a`` and ``channel_b``. Moments merge only when known
         labels agree.
+    batch_labels : dict of str to ndarray
+        The name and labels of each batch dim, in order (a dft's frequencies: ``{"freq_h": [0, 1, -2, -1], …}``,
+        cycles per map); empty unknown, the default. ``cca_from_moments`` names and labels its batch dims by
+        them. Moments merge only when known labels agree.
     """
 
     n: int
@@ -101,6 +105,7 @@ class Moments:
     rows_from: str = ""
     value_rounding: tuple[float, ...] = field(default=())
     channel_labels: tuple[np.ndarray | None, ...] = field(default=())
+    batch_labels: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         p = self.mean.shape[-1]
@@ -137,6 +142,11 @@ class Moments:
         if len(labels) != len(sizes) or any(x is not None and x.shape != (size,) for x, size in zip(labels, sizes)):
             raise ValueError(f"channel_labels must give each of the {len(sizes)} sides its {sizes} labels or None")
         object.__setattr__(self, "channel_labels", labels)
+        batch = {str(dim): np.asarray(values) for dim, values in dict(self.batch_labels).items()}
+        if batch and tuple(values.shape for values in batch.values()) != tuple((size,) for size in self.batch_shape):
+            raise ValueError(f"batch_labels must label each of the batch dims {self.batch_shape} (or none), got "
+                             f"{ {dim: values.shape for dim, values in batch.items()} }")
+        object.__setattr__(self, "batch_labels", batch)
 
     def __repr__(self) -> str:
         batch = f", batch={self.batch_shape}" if self.batch_shape else ""
@@ -159,10 +169,13 @@ class Moments:
         return self.mean.shape[:-1]
 
     def __getitem__(self, index: tuple[int, ...] | int) -> Moments:
-        """The statistics of one batch element (e.g. one spatial frequency)."""
+        """The statistics of one batch element (e.g. one spatial frequency), or of the batch dims after those
+        indexed."""
+        taken = len(index) if isinstance(index, tuple) else 1
         return Moments(self.n, self.mean[index], self.scatter[index], self.sizes, precision=self.precision,
                        layers=self.layers, rows_from=self.rows_from, value_rounding=self.value_rounding,
-                       channel_labels=self.channel_labels)
+                       channel_labels=self.channel_labels,
+                       batch_labels=dict(list(self.batch_labels.items())[taken:]))
 
     def select(self, sides: Sequence[int]) -> Moments:
         """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
@@ -173,7 +186,8 @@ class Moments:
         return Moments(self.n, self.mean[..., index], self.scatter[..., index[:, None], index],
                        tuple(self.sizes[i] for i in sides), norms, products, self.precision,
                        tuple(self.layers[i] for i in sides), self.rows_from,
-                       tuple(self.value_rounding[i] for i in sides), tuple(self.channel_labels[i] for i in sides))
+                       tuple(self.value_rounding[i] for i in sides), tuple(self.channel_labels[i] for i in sides),
+                       self.batch_labels)
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """Covariance ``scatter / (n − ddof)``, shape (*batch, p, p)."""
@@ -206,10 +220,16 @@ class Moments:
             if ours is not None and theirs is not None and not np.array_equal(ours, theirs):
                 raise ValueError(f"cannot merge Moments of channels labelled otherwise ({ours[:3].tolist()}… and "
                                  f"{theirs[:3].tolist()}…): they describe other channels")
+        if self.batch_labels and other.batch_labels and not (
+                list(self.batch_labels) == list(other.batch_labels)
+                and all(map(np.array_equal, self.batch_labels.values(), other.batch_labels.values()))):
+            raise ValueError(f"cannot merge Moments of batch dims labelled otherwise ({list(self.batch_labels)} and "
+                             f"{list(other.batch_labels)}): they are statistics of other frequencies")
         return replace(merged, layers=layers, rows_from=rows_from,
                        value_rounding=tuple(map(max, self.value_rounding, other.value_rounding)),
                        channel_labels=tuple(theirs if ours is None else ours
-                                            for ours, theirs in zip(self.channel_labels, other.channel_labels)))
+                                            for ours, theirs in zip(self.channel_labels, other.channel_labels)),
+                       batch_labels=self.batch_labels or other.batch_labels)
 
     def _merged_provenance(self, other: Moments) -> tuple[tuple[str, ...], str]:
         """The layers and ``rows_from`` of ``self + other``: the known value of each ("" is unknown); raises when
@@ -247,6 +267,8 @@ class Moments:
             if labels is not None:
                 variables[f"channel_labels{side}"] = ((f"channel{side}",), labels.astype(object)
                                                       if labels.dtype.kind == "U" else labels)
+        for dim, (name, labels) in zip(batch, self.batch_labels.items()):
+            variables[f"labels_{dim}"] = ((dim,), labels, {"name": name})
         dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision,
                                                "layers": list(self.layers), "rows_from": self.rows_from,
                                                "value_rounding": list(self.value_rounding)})
@@ -301,6 +323,8 @@ def read_saved(path: str | os.PathLike) -> tuple[Moments, bool]:
                 value_rounding=tuple(dataset.attrs.get("value_rounding", ())),
                 channel_labels=tuple(dataset[f"channel_labels{side}"].values if f"channel_labels{side}" in dataset
                                      else None for side in range(dataset.sizes["side"])),
+                batch_labels={dataset[name].attrs["name"]: dataset[name].values for name in sorted(dataset.data_vars)
+                              if name.startswith("labels_batch")},
             ), "value_rounding" in dataset.attrs
         except ValueError as error:
             if "checksum" not in str(error):

@@ -309,8 +309,8 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
 def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> dict[str, Any]:
     """What a pair's Moments record of where they come from (``Moments`` fields): the layers' names (as results'
     ``layer_a`` and ``layer_b``), how the rows were made (``rows_from``: the adapter's attrs and the sides whose
-    padding masks select rows, e.g. ``"spatial='flatten', stride=2, mask='a'"``), the channel labels and the
-    values' rounding."""
+    padding masks select rows, e.g. ``"spatial='flatten', stride=2, mask='a'"``), the channel labels, the
+    values' rounding and the frequencies of dft's batch dims."""
     made = dict(adapters[0].attrs)
     masked = ",".join(side for side, layer in zip("ab", layers) if MASK in layer.coords)
     if masked:
@@ -318,7 +318,8 @@ def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter])
     return {"layers": tuple(str(layer.name) for layer in layers),
             "rows_from": ", ".join(f"{key}={value!r}" for key, value in made.items()),
             "channel_labels": tuple(layer["channel"].values for layer in layers),
-            "value_rounding": tuple(value_eps(layer.dtype) for layer in layers)}
+            "value_rounding": tuple(value_eps(layer.dtype) for layer in layers),
+            "batch_labels": adapters[0].batch_coords}
 
 
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:

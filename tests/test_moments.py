@@ -321,6 +321,34 @@ def test_dft_moments_of_another_stride_refuse_to_merge():
     assert first[0, 1].layers == ("conv1", "conv2") and first[0, 1].rows_from == first.rows_from
 
 
+def test_dft_moments_know_their_frequencies_through_save_load_merge_and_index(tmp_path):
+    """``cca_from_moments`` of dft Moments named their dims freq_h, freq_w (freq_0 for a 1-d layer) without labels,
+    where ``cca`` labels them by frequency ([0, 1, -2, -1] on 4 positions): ``isel(freq_h=2)`` was frequency −2.
+    The Moments carry their frequencies, which a save keeps, a merge checks, and indexing drops with its dims."""
+    conv1, conv2, _ = _conv_layers()
+    direct = chunkcca.cca(conv1, conv2, spatial="dft", precision="float64")
+    first = chunkcca.compute_moments(conv1[:20], conv2[:20], spatial="dft", precision="float64")
+    second = chunkcca.compute_moments(conv1[20:], conv2[20:], spatial="dft", precision="float64")
+    assert list(first.batch_labels) == ["freq_h", "freq_w"]
+    first.save(tmp_path / "first.moments")
+    merged = chunkcca.Moments.load(tmp_path / "first.moments") + second
+    solved = chunkcca.cca_from_moments(merged)
+    assert solved["rho"].dims == direct["rho"].dims == ("freq_h", "freq_w", "component")
+    for dim in ("freq_h", "freq_w"):
+        np.testing.assert_array_equal(solved[dim], direct[dim])
+        np.testing.assert_array_equal(solved[dim], [0, 1, -2, -1])
+    np.testing.assert_allclose(solved["rho"], direct["rho"], atol=1e-12)
+    assert list(merged[1].batch_labels) == ["freq_w"] and merged[0, 1].batch_labels == {}
+    relabelled = dataclasses.replace(second, batch_labels={"freq_h": [0, 1, 2, 3], "freq_w": [0, 1, -2, -1]})
+    with pytest.raises(ValueError, match=r"cannot merge Moments of batch dims labelled otherwise"):
+        first + relabelled
+    unknown = dataclasses.replace(second, batch_labels={})  # as Moments saved before they knew them
+    assert list((first + unknown).batch_labels) == ["freq_h", "freq_w"]
+    assert chunkcca.cca_from_moments(unknown)["rho"].dims == ("freq_h", "freq_w", "component")
+    with pytest.raises(ValueError, match=r"batch_labels must label each of the batch dims \(4, 4\)"):
+        dataclasses.replace(second, batch_labels={"freq_h": [0, 1]})
+
+
 def test_matching_merge_equals_the_one_pass_moments_and_keeps_provenance():
     conv1, conv2, _ = _conv_layers(3)
     options = {"spatial": "avgpool", "precision": "float64"}

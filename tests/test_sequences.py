@@ -126,8 +126,9 @@ def test_one_dimensional_dft_per_frequency_matches_numpy_fft(chunk):
         np.testing.assert_allclose(got["rho"][i], canonical_correlations(*rows), atol=TOL)
     moments = chunkcca.compute_moments(_layer(x, None, chunk, "a", "time"), _layer(y, None, chunk, "b", "time"),
                                        spatial="dft", precision="float64")
-    solved = chunkcca.cca_from_moments(moments)  # Moments do not know their dims: generic, never freq_h
-    assert solved["rho"].dims == ("freq_0", "component")
+    solved = chunkcca.cca_from_moments(moments)  # Moments know their frequencies (it was freq_0, unlabelled)
+    assert solved["rho"].dims == ("freq_time", "component")
+    np.testing.assert_array_equal(solved["freq_time"], got["freq_time"])
     np.testing.assert_allclose(solved["rho"].values, got["rho"].values, atol=TOL)
     assert chunkcca.cca_from_moments(moments, batch_dims=("freq_time",))["rho"].dims == ("freq_time", "component")
     with pytest.raises(ValueError, match="Moments have 1 batch dims, batch_dims names 2"):
