@@ -252,7 +252,9 @@ class Moments:
         return NotImplemented
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, attrs: dict | None = None) -> None:
-        """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along."""
+        """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along.
+        Channel labels a store cannot hold (a MultiIndex's tuples, values of mixed types) are a ValueError."""
+        check_savable_labels(self.channel_labels, self.layers)
         batch = tuple(f"batch{i}" for i in range(len(self.batch_shape)))
         variables = {
             "n": ((), np.int64(self.n)),
@@ -330,6 +332,23 @@ def read_saved(path: str | os.PathLike) -> tuple[Moments, bool]:
             if "checksum" not in str(error):
                 raise
             raise ValueError(f"saved Moments at {path} are damaged: a file fails its checksum ({error})") from None
+
+
+def check_savable_labels(labels: Sequence[np.ndarray | None], layers: Sequence[str]) -> None:
+    """A ValueError naming the first side whose channel ``labels`` (one array or None per side, of ``layers``) a
+    saved Moments store cannot hold: objects other than text or numbers of one type (a MultiIndex's tuples, a mix
+    of numbers and text); zarr refused them only once the save was under way."""
+    for side, (values, layer) in enumerate(zip(labels, layers)):
+        if values is None or values.dtype != object:
+            continue
+        kinds = sorted({type(value).__name__ for value in values.tolist()})
+        if len(kinds) == 1 and kinds[0] in ("str", "int", "float", "bool"):
+            continue
+        named = f"layer {layer!r}" if layer else f"side {'ab'[side] if len(labels) == 2 else side}"
+        raise ValueError(f"the channel labels of {named} are {' and '.join(kinds)} values ({values[:2].tolist()}…), "
+                         f"which saved Moments and checkpoints cannot hold (labels of one type: text or numbers); "
+                         f"give the layer plain labels, e.g. layer.reset_index('channel') for a MultiIndex, or "
+                         f"layer.assign_coords(channel=layer['channel'].astype(str))")
 
 
 def value_eps(dtype: np.dtype) -> float:

@@ -47,7 +47,7 @@ from .engine import (
     scheduler_threads,
 )
 from .minibatch import aligned_chunks
-from .moments import Moments, RowCheck, pack, value_eps
+from .moments import Moments, RowCheck, check_savable_labels, pack, value_eps
 from .options import MASK, ProductPrecision, StreamOptions
 from .rows import Adapter, by_gram
 from .store import check_complete, check_unchanged
@@ -393,6 +393,8 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     precision: ProductPrecision = "float64" if options.precision == "auto" else options.precision
     run_options = {"spatial": adapters[0].kind, "stride": adapters[0].stride, "precision": precision,
                    "nan_policy": options.nan_policy, "row_norms": row_norms}
+    provenance = pair_provenance(layers, adapters)  # the checkpoint marked as the run's result will be
+    check_savable_labels(provenance["channel_labels"], provenance["layers"])  # before anything is read
     total, done, fingerprint = resume(options.checkpoint, layers, adapters, run_options, boundaries)
     if done:  # a resumed or finished run said nothing of it
         said = (f"resuming from the checkpoint {options.checkpoint}: {done} of {boundaries[-1]} datapoints done"
@@ -407,8 +409,8 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     for start, stop in itertools.pairwise(edges):
         (part,) = moments_of(start, stop, precision, step=f", datapoints {start} to {stop - 1} of {edges[-1]}")
         total = part if total is None else total + part
-        # marked as the run's result will be: loaded by Moments.load, it names its layers and rows
-        save_progress(replace(total, **pair_provenance(layers, adapters)), options.checkpoint, stop, fingerprint)
+        # loaded by Moments.load, it names its layers and rows
+        save_progress(replace(total, **provenance), options.checkpoint, stop, fingerprint)
     assert total is not None  # as_activations refuses empty layers, so a fresh run streams at least one chunk
     return (total,)
 

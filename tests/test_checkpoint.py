@@ -6,6 +6,7 @@ import contextlib
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -424,3 +425,33 @@ def test_a_resumed_run_says_so_with_its_progress(tmp_path, capsys, caplog):
     assert capsys.readouterr().err == ""  # no progress asked: nothing printed
     assert [(record.name, record.levelname, record.getMessage()) for record in caplog.records] == [
         ("chunkcca", "INFO", f"resuming from the checkpoint {path}: 40 of 40 datapoints done, nothing left to read")]
+
+
+@pytest.mark.parametrize("labels", [
+    pd.MultiIndex.from_arrays([[0, 0, 1], ["u", "v", "u"]], names=("group", "unit")),
+    pd.Index([1, "x", 2.0], dtype=object),
+])
+def test_channel_labels_a_save_cannot_hold_are_refused_before_any_read(tmp_path, labels):
+    """A MultiIndex's tuples, or labels of mixed types, streamed the first group of chunks and then failed in
+    zarr ("setting an array element with a sequence"; "unable to infer dtype"); now named before any read, and
+    Moments.save names them too. Measures without a checkpoint take them as they are."""
+    rng = np.random.default_rng(1)
+    a = xr.DataArray(rng.standard_normal((40, 3)), dims=("datapoint", "channel"), name="a")
+    a = a.assign_coords(xr.Coordinates.from_pandas_multiindex(labels, "channel") if isinstance(labels, pd.MultiIndex)
+                        else {"channel": labels})
+    b = xr.DataArray(rng.standard_normal((40, 2)), dims=("datapoint", "channel"), name="b")
+    reads: list[int] = []
+    counted = da.from_array(a.values, chunks=10).map_blocks(lambda block: reads.append(1) or block,
+                                                            meta=np.array((), dtype=float))
+    with pytest.raises(ValueError, match=r"the channel labels of layer 'a' are .* which saved Moments and "
+                                         r"checkpoints cannot hold"):
+        chunkcca.cca(a.copy(data=counted), b, checkpoint=tmp_path / "run.ckpt")
+    assert reads == [] and not (tmp_path / "run.ckpt").exists()
+    moments = chunkcca.compute_moments(a, b, precision="float64")
+    with pytest.raises(ValueError, match=r"the channel labels of layer 'a'"):
+        moments.save(tmp_path / "m.moments")
+    assert not (tmp_path / "m.moments").exists()
+    assert chunkcca.cca(a, b, precision="float64")["channel_a"].size == 3
+    plain = a.reset_index("channel") if isinstance(labels, pd.MultiIndex) else \
+        a.assign_coords(channel=a["channel"].astype(str))
+    chunkcca.cca(plain, b, checkpoint=tmp_path / "plain.ckpt")
