@@ -892,7 +892,11 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
              if any(MEASURES[measure].from_cca for measure in measures) else {})
     with warnings.catch_warnings(record=True) as caught:  # each said once, below: not once per pair
         warnings.simplefilter("always")
-        for i, side_a in enumerate(sides["a"]):
+        if stats.n < 2:  # a group whose rows nan_policy="omit" left out: no layer can vary, none is to blame
+            warnings.warn(f"{', '.join(measures)} of every pair are NaN: the layers hold {stats.n} "
+                          f"row{'' if stats.n == 1 else 's'}{where}, and a measure needs at least 2", RuntimeWarning,
+                          stacklevel=user_stacklevel())
+        for i, side_a in enumerate(sides["a"] if stats.n >= 2 else ()):
             for j, side_b in enumerate(sides["b"]):
                 name_a, name_b = labels[side_a], labels[side_b]
                 moments = dataclasses.replace(stats.select([side_a, side_b]), layers=(name_a, name_b))

@@ -338,6 +338,24 @@ def test_a_sweep_pair_undefined_in_a_group_is_nan_there_with_a_warning_naming_th
         compare(a, b, measures=["cka"], groupby="grp")
 
 
+def test_a_group_emptied_by_omission_is_said_to_hold_no_rows_not_a_dead_layer():
+    """Every row of group 1 holding a NaN, nan_policy="omit" left it none: the sweep warned that layer 'a' has
+    no varying channel there, sending one looking for dead units; it now says the group holds 0 rows, once for
+    all pairs."""
+    rng = np.random.default_rng(0)
+    x, z = rng.standard_normal((60, 3)), rng.standard_normal((60, 2))
+    grp = ("datapoint", np.arange(60) % 3)
+    x[grp[1] == 1, 0] = np.nan
+    a, b = (xr.DataArray(v, dims=("datapoint", "channel"), coords={"grp": grp}) for v in (x, z))
+    with pytest.warns(RuntimeWarning) as caught:
+        result = similarity({"a": a}, {"b": b, "b2": b * 2}, measures=["cka", "mean_cca"], groupby="grp",
+                            nan_policy="omit")
+    said = [str(w.message) for w in caught if "NaN" in str(w.message)]
+    assert said == ["cka, mean_cca of every pair are NaN: the layers hold 0 rows in the group grp=1, and a measure "
+                    "needs at least 2"]
+    assert np.isnan(result["cka"].sel(grp=1)).all() and not np.isnan(result["cka"].sel(grp=[0, 2])).any()
+
+
 def test_groups_with_no_more_rows_than_the_pairs_channels_are_warned_of():
     """40 rows a group of two independent 32-channel layers gave mean ρ 0.86 in every group (25 of 32 ρ exactly
     1), silently: the warning compared the rows with the widest layer's 32 channels, not the pair's 64."""
