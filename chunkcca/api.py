@@ -111,12 +111,15 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
         return None
     option = "groupby" if options.groupby is not None else "folds"
     asked = f"{option}={name!r} (--{option} {name})"  # in the API's words and the command's
+    if name == "datapoint":
+        raise ValueError(f"{asked}: the datapoint labels would make each datapoint a group of its own; name a "
+                         f"coordinate on datapoint that labels groups of them (e.g. a class label)")
     layer = next((held for held in layers if name in held.coords and held.coords[name].dims == ("datapoint",)),
                  layer)
     if name not in layer.coords or layer.coords[name].dims != ("datapoint",):
         found = [str(c) for c, coord in layer.coords.items() if coord.dims == ("datapoint",) and c != "datapoint"]
         raise ValueError(f"{asked}: layer {str(layer.name)!r} has no coordinate {name!r} on datapoint "
-                         f"(it has {', '.join(found) or 'none but datapoint'})")
+                         f"(it has {', '.join(found) or 'none but the datapoint labels'})")
     for other in layers:  # xarray's equality: NaN labels equal NaN
         if (name in other.coords and other.coords[name].dims == ("datapoint",)
                 and not other.coords[name].variable.equals(layer.coords[name].variable)):

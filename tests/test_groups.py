@@ -59,6 +59,9 @@ def test_the_group_coordinate_may_be_on_either_layer():
     with pytest.raises(ValueError, match=r"groupby='label' \(--groupby label\): layer 'a' has no coordinate 'label' on "
                                          r"datapoint"):
         cca(a.drop_vars("label"), b.drop_vars("label"), groupby="label")
+    with pytest.raises(ValueError, match=r"groupby='datapoint' \(--groupby datapoint\): the datapoint labels would "
+                                         r"make each datapoint a group of its own"):  # said "it has none but datapoint"
+        cca(a, b, groupby="datapoint")
 
 
 def test_groups_in_compare_similarity_and_compute_moments():
