@@ -224,12 +224,13 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
                          f"google/svcca's (neurons, datapoints) layout has: pass --layout neurons (layout='neurons') "
                          f"if its rows are neurons, or --layout datapoints (layout='datapoints') if they are "
                          f"datapoints")
-    unsure = layout is None and array.ndim == 4 and unnamed_layout(array.shape)
+    unsure = layout is None and array.ndim in (4, 5) and unnamed_layout(array.shape)
     if unsure in ("channels_first", "unsure"):  # (N, C, H, W) of a square map, or a map that is not square
-        raise ValueError(f"{source}: shape {array.shape} may be channels-first (datapoint, channel, height, width), "
+        positions = ", ".join(DEFAULT_DIMS[array.ndim][1:-1])
+        raise ValueError(f"{source}: shape {array.shape} may be channels-first (datapoint, channel, {positions}), "
                          f"PyTorch's ({'equal last two axes' if unsure == 'channels_first' else 'either layout fits'}"
                          f"): pass --layout channels_first (layout='channels_first') if it is, or --layout "
-                         f"datapoints (layout='datapoints') if it is (datapoint, height, width, channel)")
+                         f"datapoints (layout='datapoints') if it is (datapoint, {positions}, channel)")
     if layout == "neurons":
         if array.ndim != 2:
             raise ValueError(f"{source}: layout 'neurons' needs a 2-d (neurons, datapoints) array, got shape "

@@ -176,24 +176,25 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                     f"layer {name!r} has {layer.ndim} dims (shape {tuple(layer.shape)}); expected (datapoint, "
                     f"*positions, channel) with at most {MAX_POSITIONS} position dims, e.g. (datapoint, channel), "
                     f"(datapoint, token, channel), (datapoint, height, width, channel)")
-            layout = unnamed_layout(layer.shape) if layer.ndim == 4 else "channels_last"
-            name_axes = ("name its axes: dims=('datapoint', 'channel', 'height', 'width') if it is, or ('datapoint', "
-                         "'height', 'width', 'channel') if not, to the measures, or give write_activations an "
-                         "xarray.DataArray(array, dims=...)")
+            layout = unnamed_layout(layer.shape) if layer.ndim >= 4 else "channels_last"
+            positions = DEFAULT_DIMS[layer.ndim][1:-1]
+            first, last = (repr(("datapoint", *dims)) for dims in (("channel", *positions), (*positions, "channel")))
+            torch = "(N, C, H, W)" if layer.ndim == 4 else "(N, C, D, H, W)"
+            name_axes = (f"name its axes: dims={first} if it is, or {last} if not, to the measures, or give "
+                         f"write_activations an xarray.DataArray(array, dims=...)")
             if layout == "channels_first":
-                raise ValueError(f"layer {name!r} looks channels-first (PyTorch's (N, C, H, W)): shape "
+                raise ValueError(f"layer {name!r} looks channels-first (PyTorch's {torch}): shape "
                                  f"{tuple(layer.shape)} has equal last two axes; {name_axes}")
             if layout == "unsure" and not guess_layout:
                 raise ValueError(f"layer {name!r} of shape {tuple(layer.shape)} may be channels-first (PyTorch's "
-                                 f"(N, C, H, W)) or channels-last: either layout fits, and the store would record "
-                                 f"the guess as its dims; give an xarray.DataArray(array, dims=('datapoint', "
-                                 f"'height', 'width', 'channel')), or dims=('datapoint', 'channel', 'height', "
-                                 f"'width') if it is channels-first")
+                                 f"{torch}) or channels-last: either layout fits, and the store would record the "
+                                 f"guess as its dims; give an xarray.DataArray(array, dims={last}), or dims={first} "
+                                 f"if it is channels-first")
             if layout == "unsure":
-                _, height, width, channels = layer.shape
-                warnings.warn(f"layer {name!r} of shape {tuple(layer.shape)} is read as (datapoint, height {height}, "
-                              f"width {width}, channel {channels}), but may be channels-first (PyTorch's (N, C, H, "
-                              f"W)); {name_axes}", UserWarning, stacklevel=user_stacklevel())
+                read = ", ".join(f"{dim} {size}" for dim, size in zip(DEFAULT_DIMS[layer.ndim][1:], layer.shape[1:]))
+                warnings.warn(f"layer {name!r} of shape {tuple(layer.shape)} is read as (datapoint, {read}), but may "
+                              f"be channels-first (PyTorch's {torch}); {name_axes}", UserWarning,
+                              stacklevel=user_stacklevel())
             array = xr.DataArray(layer, dims=DEFAULT_DIMS[layer.ndim], name=name)
     if any(np.isnan(size) for sizes in array.chunks or () for size in sizes):  # .chunks reads nothing
         raise ValueError(f"layer {name!r} has chunks of unknown size (a Dask array selected by a mask, e.g. "
@@ -219,14 +220,18 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
 
 
 def unnamed_layout(shape: Sequence[int]) -> Literal["channels_first", "channels_last", "unsure"]:
-    """How an unnamed 4-d shape (N, ·, ·, ·) reads: "channels_first" when its last two axes are equal and axis 1
-    differs (PyTorch's (N, C, H, W) of a square map, (N, 64, 56, 56)), "channels_last" when its middle two are
-    equal and the last differs ((N, 56, 56, 64)), else "unsure" (a map that is not square, (N, 16, 12, 10), or
-    three equal axes): either layout fits."""
-    _, first, second, third = (int(size) for size in shape)
-    if second == third != first:
-        return "channels_first"
-    return "channels_last" if first == second != third else "unsure"
+    """How an unnamed 4-d or 5-d shape reads: the layout whose positions are the more regular, square maps (height
+    = width) before others and, among those, cubes (a volume's depth = height = width) before others:
+    "channels_first" for PyTorch's (N, 64, 56, 56) or (N, 6, 4, 4, 4), "channels_last" for (N, 56, 56, 64) or
+    (N, 16, 32, 32, 8), else "unsure" (maps that are not square, (N, 16, 12, 10), or equally regular either way,
+    (N, 4, 4, 4)): either layout fits."""
+    def regular(positions: Sequence[int]) -> tuple[bool, bool]:
+        return positions[-1] == positions[-2], len(set(positions)) == 1
+
+    first, last = regular([int(size) for size in shape[2:]]), regular([int(size) for size in shape[1:-1]])
+    if first != last:
+        return "channels_first" if first > last else "channels_last"
+    return "unsure"
 
 
 class _FileSlices:

@@ -219,6 +219,8 @@ def test_ingest_appends_to_a_store(tmp_path, capsys):
                           "axes): pass --layout channels_first"),
     ((12, 5, 4, 3), None, "may be channels-first (datapoint, channel, height, width), PyTorch's (either layout "
                           "fits): pass --layout channels_first"),  # a map that is not square: it was taken as NHWC
+    ((12, 6, 4, 4, 4), None, "may be channels-first (datapoint, channel, depth, height, width), PyTorch's (equal last "
+                             "two axes): pass --layout channels_first"),  # (N, C, D, H, W): read as NDHWC, silently
 ])
 def test_ingest_refuses_an_orientation_it_would_guess(tmp_path, capsys, shape, layout, message):
     """MNIST's logits (10, 10000) must not become 10 datapoints of 10000 channels; the advice names the option."""

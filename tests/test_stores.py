@@ -292,6 +292,14 @@ def test_channels_first_input_is_named_and_dims_fix_it(tmp_path):
         chunkcca.write_activations(tmp_path / "s.zarr", {"m0/conv": a})  # (N, 6, 6, 5): channels last
         cca(a, b)  # (N, 6, 6, 5): a square map, channels last
         cca(xr.DataArray(x, dims=("datapoint", "channel", "height", "width")), y, spatial="avgpool")
+    volume = np.random.default_rng(4).standard_normal((30, 6, 4, 4, 4))  # PyTorch's (N, C, D, H, W)
+    with pytest.raises(ValueError, match=r"layer 'a' looks channels-first \(PyTorch's \(N, C, D, H, W\)\): shape "
+                                         r"\(30, 6, 4, 4, 4\) has equal last two axes; name its axes: "
+                                         r"dims=\('datapoint', 'channel', 'depth', 'height', 'width'\) if it is"):
+        cca(volume, b)  # it was read as (datapoint, depth 6, height 4, width 4, channel 4), silently
+    with pytest.raises(ValueError, match=r"layer 'v' of shape \(30, 3, 4, 5, 6\) may be channels-first \(PyTorch's "
+                                         r"\(N, C, D, H, W\)\) or channels-last"):
+        chunkcca.write_activations(tmp_path / "v.zarr", {"v": np.zeros((30, 3, 4, 5, 6))})
     nchw_b = np.moveaxis(b, 3, 1)
     named = cca(nchw, nchw_b, dims=("datapoint", "channel", "height", "width"), precision="float64")
     np.testing.assert_allclose(named["rho"], cca(a, b, precision="float64")["rho"], atol=1e-12)
