@@ -298,15 +298,17 @@ def _found(module: Any, inputs: Sequence[Any], output: Any, tensor: Any, seen: _
 
 
 def _channels_last(array: np.ndarray, path: str, layout: Layout) -> tuple[np.ndarray, tuple[str, ...]]:
-    """A module's output as (datapoint, *positions, channel) and its dims, given where its channels are."""
+    """A module's output as (datapoint, *positions, channel), a copy of its own (the tensor's memory may change
+    later in the forward pass: ``ReLU(inplace=True)``, ``h += residual``), and its dims, given where its channels
+    are."""
     if array.ndim == 2:
-        return array, FC_DIMS
+        return np.array(array), FC_DIMS
     if array.ndim not in POSITIONS:
         raise ValueError(f"layer {path!r} gives outputs of shape {tuple(array.shape)}; expected (N, C), (N, T, C), "
                          f"(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
     if layout == "channels_last":
-        return array, ("datapoint", *(("token",) if array.ndim == 3 else POSITIONS[array.ndim]), "channel")
-    return np.ascontiguousarray(np.moveaxis(array, 1, -1)), ("datapoint", *POSITIONS[array.ndim], "channel")
+        return np.array(array), ("datapoint", *(("token",) if array.ndim == 3 else POSITIONS[array.ndim]), "channel")
+    return np.array(np.moveaxis(array, 1, -1), order="C"), ("datapoint", *POSITIONS[array.ndim], "channel")
 
 
 def _packed(output: Any) -> Any:

@@ -1090,3 +1090,39 @@ def test_the_batch_s_count_does_not_override_what_the_model_tells(tmp_path):
     with torch.inference_mode():
         want = np.concatenate([net(batch).transpose(0, 1).numpy() for batch in (pairs[:8], pairs[8:])])
     np.testing.assert_allclose(tree["proj"]["activations"].values, want, rtol=0, atol=1e-6)
+
+
+def test_an_output_changed_in_place_later_in_the_pass_is_stored_as_the_layer_gave_it(tmp_path):
+    """The hook kept a view of the output's memory until the pass ended, so ReLU(inplace=True) after a Linear (as
+    in VGG's classifier) or after a (N, C, 1, 1) squeeze-excitation conv, and ``h += residual``, changed what was
+    stored: the Linear's minimum read 0.0 (it is -1.93), CKA 0.799 against 0.631, silently."""
+    nn = torch.nn
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.g = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: Any) -> Any:
+            h = self.fc(x)
+            h += self.g(h)
+            return h
+
+    torch.manual_seed(0)
+    models = {"relu": nn.Sequential(nn.Linear(8, 6), nn.ReLU(inplace=True), nn.Linear(6, 4)),
+              "squeeze": nn.Sequential(nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 3, 1),
+                                       nn.ReLU(inplace=True)),
+              "residual": Residual()}
+    inputs = {"relu": torch.randn(60, 8), "squeeze": torch.randn(60, 8, 4, 4), "residual": torch.randn(60, 8)}
+    layer = {"relu": "0", "squeeze": "2", "residual": "fc"}
+    for kind, model in models.items():
+        seen: list[np.ndarray] = []
+        hook = dict(model.named_modules())[layer[kind]].register_forward_hook(
+            lambda module, args, out, seen=seen: seen.append(out.detach().clone().numpy()))
+        with torch.no_grad():
+            model(inputs[kind])
+        hook.remove()
+        want = seen[0].reshape(60, -1)
+        assert want.min() < 0, "the layer's own output has negative values"
+        stored = record(model, [layer[kind]], inputs[kind].split(20), tmp_path / f"{kind}.zarr")
+        np.testing.assert_array_equal(stored[layer[kind]]["activations"].values.reshape(60, -1), want)
