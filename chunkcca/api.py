@@ -797,18 +797,19 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     set_a, set_b = as_layer_set(a_layers, "a_layers"), as_layer_set(b_layers, "b_layers")
     if not set_a or not set_b:
         raise ValueError("similarity needs at least one layer on each side")
-    distinct: dict[str, xr.DataArray] = {}  # Dask name → layer: a layer given twice is streamed once
+    distinct: list[xr.DataArray] = []  # a layer given twice is streamed once
     sides: dict[str, list[int]] = {"a": [], "b": []}  # each set's layers, as indices into distinct
     for role, layer_set in (("a", set_a), ("b", set_b)):
         for name, layer in layer_set.items():
             array = as_activations(layer, name, dims=stream.dims)
-            if array.data.name not in distinct:
-                if any(other.name == array.name for other in distinct.values()):  # one name, two layers
+            index = next((i for i, other in enumerate(distinct) if _same_layer(array, other)), len(distinct))
+            if index == len(distinct):
+                if any(other.name == array.name for other in distinct):  # one name, two layers
                     array = array.rename(f"{name} ({role}_layers)")
-                distinct[array.data.name] = array
-            sides[role].append(list(distinct).index(array.data.name))
-    first, *_ = distinct.values()
-    aligned = [align_layers(first, layer)[1] for layer in distinct.values()]
+                distinct.append(array)
+            sides[role].append(index)
+    first, *_ = distinct
+    aligned = [align_layers(first, layer)[1] for layer in distinct]
     adapters = plan_sweep_adapters(aligned, stream)
     rows = adapters[0].row_count(first.sizes["datapoint"])
     if rows < 4:
@@ -874,6 +875,23 @@ def _cka_of_pairs(sums: np.ndarray, layers: Sequence[xr.DataArray], sides: dict[
     values = np.divide(sums, np.outer(scale, scale), out=np.full_like(sums, np.nan),
                        where=(scale[:, None] > 0) & (scale[None, :] > 0))
     return values[np.ix_(sides["a"], sides["b"])]
+
+
+def _same_layer(one: xr.DataArray, other: xr.DataArray) -> bool:
+    """Whether two layers are one: the same Dask data with the same dims and coordinates (datapoint labels, padding
+    mask, group labels), Dask-backed coordinates compared by their Dask names, so nothing is read. The same data
+    under other labels (a shuffled baseline) or without its mask is another layer."""
+    if one.data.name != other.data.name or one.dims != other.dims or set(one.coords) != set(other.coords):
+        return False
+    for key in one.coords:
+        ours, theirs = one.coords[key].variable, other.coords[key].variable
+        if isinstance(ours.data, da.Array) or isinstance(theirs.data, da.Array):
+            if not (isinstance(ours.data, da.Array) and isinstance(theirs.data, da.Array)
+                    and ours.data.name == theirs.data.name and ours.dims == theirs.dims):
+                return False
+        elif not ours.equals(theirs):
+            return False
+    return True
 
 
 def _pair_coords(set_a: Mapping[str, Any], set_b: Mapping[str, Any]) -> dict[str, np.ndarray]:

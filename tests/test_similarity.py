@@ -186,6 +186,30 @@ def test_one_name_for_two_layers_keeps_them_apart():
                                                                                      rel=1e-12)
 
 
+def test_the_same_data_under_other_labels_or_mask_is_another_layer():
+    """Layers were told apart by their Dask data alone: a shuffled baseline (the data relabelled) or the layer
+    without its padding mask was taken for the layer itself, CKA 1.0 against 0.06 and 0.85 pair by pair,
+    silently. The same data with the same coordinates is still one layer, read once."""
+    rng = np.random.default_rng(5)
+    a = xr.DataArray(da.from_array(rng.standard_normal((80, 4)), chunks=20), dims=("datapoint", "channel"),
+                     coords={"datapoint": np.arange(80)}, name="fc")
+    shuffled = a.assign_coords(datapoint=rng.permutation(80))
+    result = similarity({"fc": a}, {"shuffled": shuffled, "same": a.copy()}, measures=["cka"], precision="float64")
+    want = float(cka(a, shuffled, precision="float64")["cka"])
+    assert float(result["cka"].sel(layer_a="fc", layer_b="shuffled")) == pytest.approx(want, rel=1e-12)
+    assert float(result["cka"].sel(layer_a="fc", layer_b="shuffled")) < 0.5
+    assert float(result["cka"].sel(layer_a="fc", layer_b="same")) == pytest.approx(1.0, rel=1e-12)
+    tokens = rng.standard_normal((40, 6, 3))
+    mask = np.arange(6) < rng.integers(1, 7, size=40)[:, None]
+    masked = xr.DataArray(da.from_array(tokens, chunks=(10, -1, -1)), dims=("datapoint", "token", "channel"),
+                          name="enc").assign_coords(mask=(("datapoint", "token"), da.from_array(mask, chunks=(10, -1))))
+    unmasked = masked.drop_vars("mask")
+    options = {"spatial": "avgpool", "precision": "float64"}  # each layer pooled over its own real positions
+    swept = similarity({"masked": masked}, {"unmasked": unmasked}, measures=["cka"], **options)
+    want = float(cka(masked, unmasked, **options)["cka"])
+    assert float(swept["cka"].item()) == pytest.approx(want, rel=1e-12) and want < 1 - 1e-6
+
+
 def test_a_list_of_nodes_naming_one_layer_twice_is_refused(tmp_path):
     """The same layer of two runs' stores, given as a list of nodes, kept only the last (a dict by name): one
     row, the second store's value, silently. Refused, naming the stores; a mapping names them apart."""
