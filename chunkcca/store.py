@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
@@ -147,7 +148,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         chunk, never materialised. The store remembers their order (network order).
     masks
         Layer path → boolean padding mask (datapoint, *positions), True at real positions (e.g. an
-        attention mask), stored as the variable ``mask`` beside the layer's ``activations`` and used by
+        attention mask; 0/1 integers, as tokenizers give it, are taken as False/True), stored as the variable ``mask`` beside the layer's ``activations`` and used by
         every measure given the layer. A DataArray layer with a ``mask`` coordinate carries its own.
     mode
         "w" (default): a new store (see ``overwrite``); "a": add the layers to the existing store at
@@ -182,6 +183,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     """
     if not layers:
         raise ValueError("write_activations needs at least one layer")
+    image_size = _image_size(image_size)
     compressors = codecs_for(compression)
     paths = check_new_layers(path, list(layers), mode=mode, overwrite=overwrite)
     for path_, value in zip(paths, layers.values()):
@@ -203,8 +205,6 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         if key not in arrays:
             raise ValueError(f"masks names layer {name!r}, which is not among the layers written")
         arrays[key] = as_activations(arrays[key].assign_coords({MASK: _as_mask(mask, arrays[key])}), key)
-    if isinstance(image_size, (int, np.integer)):
-        image_size = (int(image_size), int(image_size))
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
         # the image's size: given, the store's, or its largest map (none: no layer has height and width yet; a
@@ -258,6 +258,20 @@ def check_store_coords(path: str | os.PathLike, coords: Mapping[str, xr.DataArra
                              f"layers of a store share their datapoints' labels")
 
 
+def _image_size(image_size: Any) -> tuple[float, float] | None:
+    """``image_size`` as (height, width): one positive number for both, or two; else a ValueError naming it, before
+    anything is written (0 gave every centre 0, and the store, written whole, then failed to open)."""
+    if image_size is None:
+        return None
+    sizes = [image_size] * 2 if isinstance(image_size, (int, float, np.integer, np.floating)) else image_size
+    if (isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) != 2
+            or not all(isinstance(size, (int, float, np.integer, np.floating)) and not isinstance(size, bool)
+                       and np.isfinite(size) and size > 0 for size in sizes)):
+        raise ValueError(f"image_size must be a positive number or two, (height, width), of the input images, got "
+                         f"{image_size!r}")
+    return tuple(int(size) if float(size).is_integer() else float(size) for size in sizes)
+
+
 def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
     """A padding mask for ``layer``: dims (datapoint, *positions), named as the layer's, boolean."""
     dims = ("datapoint", *layer.dims[1:-1])
@@ -281,11 +295,27 @@ def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
                     raise ValueError(f"layer {name!r}: its mask labels its datapoints otherwise ({len(missing)} of "
                                      f"the layer's are not in it, e.g. {missing[:5].tolist()})")
                 mask = mask.sel(datapoint=labels)
-        return mask.transpose(*dims).variable
+        variable = mask.transpose(*dims).variable
+        return variable.copy(data=_boolean(variable.data, name)) if variable.dtype.kind in "iu" else variable
     if getattr(mask, "shape", None) != tuple(layer.shape[:-1]):
         raise ValueError(f"layer {str(layer.name)!r}: its mask must have the shape (datapoint, *positions) "
                          f"{tuple(layer.shape[:-1])}, got {getattr(mask, 'shape', None)}")
-    return xr.Variable(dims, mask)
+    if not isinstance(mask, (np.ndarray, da.Array)):  # a torch tensor (a tokenizer's attention_mask), a list
+        mask = np.asarray(mask)
+    return xr.Variable(dims, _boolean(mask, name) if mask.dtype.kind in "iu" else mask)
+
+
+def _boolean(mask: np.ndarray | da.Array, name: str) -> np.ndarray | da.Array:
+    """A 0/1 integer mask (a tokenizer's ``attention_mask``) as booleans; any other value is an error naming the
+    layer, raised for a Dask mask as its block is written (the store then is not)."""
+    def checked(block: np.ndarray) -> np.ndarray:
+        if not np.isin(block, (0, 1)).all():
+            raise ValueError(f"layer {name!r}: its mask holds values other than 0 and 1 (e.g. "
+                             f"{block[~np.isin(block, (0, 1))][:3].tolist()}); a padding mask is True (1) at real "
+                             f"positions and False (0) at padded ones")
+        return block.astype(bool)
+
+    return mask.map_blocks(checked, dtype=bool) if isinstance(mask, da.Array) else checked(mask)
 
 
 def _existing_order(path: str | os.PathLike) -> tuple[list[str], tuple[int, int] | None]:

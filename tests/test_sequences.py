@@ -187,6 +187,27 @@ def test_minibatch_cka_of_padded_tokens_is_refused_but_pooled_rows_work():
     assert int(got["minibatches"]) == 6
 
 
+def test_a_zero_one_integer_mask_is_taken_as_record_and_ingest_take_it(tmp_path):
+    """A tokenizer's attention_mask is 0/1 integers (torch.int64): write_activations refused it ("must be
+    boolean"), while record and ingest took it. Numpy, Dask and DataArray masks of 0/1 are stored as booleans; any
+    other value is an error naming the layer, and no store is left."""
+    x, y, mask, _ = _sequences(3)
+    want = chunkcca.write_activations(tmp_path / "bool.zarr", {"a": x, "b": y}, masks={"a": mask, "b": mask})
+    given = {"numpy": mask.astype(np.int64), "dask": da.from_array(mask.astype(np.uint8), chunks=(16, -1)),
+             "dataarray": xr.DataArray(mask.astype(np.int32), dims=("datapoint", "token"))}
+    for kind, integers in given.items():
+        tree = chunkcca.write_activations(tmp_path / f"{kind}.zarr", {"a": x, "b": y},
+                                          masks={"a": integers, "b": mask})
+        assert tree["a"]["mask"].dtype == bool
+        np.testing.assert_array_equal(tree["a"]["mask"].values, mask)
+        assert float(cka(tree["a"], tree["b"])["cka"]) == float(cka(want["a"], want["b"])["cka"])
+    wrong = mask.astype(np.int64) * 2
+    for kind, bad in {"numpy": wrong, "dask": da.from_array(wrong, chunks=(16, -1))}.items():
+        with pytest.raises(ValueError, match=r"layer 'a': its mask holds values other than 0 and 1 \(e.g. \[2"):
+            chunkcca.write_activations(tmp_path / f"bad_{kind}.zarr", {"a": x}, masks={"a": bad})
+        assert not (tmp_path / f"bad_{kind}.zarr").exists()
+
+
 def test_masks_of_each_layer_its_own_under_avgpool_and_last_and_nan_padding_is_left_out():
     """avgpool and last read each layer's own mask (sizes and masks differ); padding may hold NaN."""
     x, y, mask_x, lengths = _sequences(9)

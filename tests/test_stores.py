@@ -464,6 +464,19 @@ def test_moments_print_short():
     assert repr(moments) == "Moments(n=10, sizes=(200, 100), precision='float64')"
 
 
+@pytest.mark.parametrize("image_size", [0, -8, (8, 0), "8", (8, 8, 8), float("nan"), True, [8, None]])
+def test_an_image_size_that_is_not_one_is_refused_before_anything_is_written(tmp_path, image_size):
+    """0 or a negative size wrote the whole store, whose open then blamed the layer's coordinates (layer.sortby);
+    a string gave a TypeError from inside; a third value was ignored."""
+    with pytest.raises(ValueError, match=r"image_size must be a positive number or two, \(height, width\)"):
+        chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.zeros((10, 4, 4, 3), "f4")}, image_size=image_size)
+    assert not (tmp_path / "s.zarr").exists()
+    for given in (np.float64(8), (8, np.int32(8)), 8.0):
+        tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.zeros((10, 4, 4, 3), "f4")},
+                                          image_size=given, overwrite=True)
+        np.testing.assert_array_equal(tree["a"]["height"].values, [1, 3, 5, 7])
+
+
 def test_a_mask_given_as_a_dataarray_is_aligned_by_its_datapoint_labels(tmp_path):
     """masks={"a": mask} with the layer's labels in another order was stored by position, silently: ρ̄ 0.704
     against 0.961 (the padding, at ±100, counted as real and real tokens left out). It is aligned by label now,
