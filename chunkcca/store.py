@@ -148,8 +148,9 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         chunk, never materialised. The store remembers their order (network order).
     masks
         Layer path → boolean padding mask (datapoint, *positions), True at real positions (e.g. an
-        attention mask; 0/1 integers, as tokenizers give it, are taken as False/True), stored as the variable ``mask`` beside the layer's ``activations`` and used by
-        every measure given the layer. A DataArray layer with a ``mask`` coordinate carries its own.
+        attention mask; 0/1 integers, as tokenizers give it, are taken as False/True), stored as the variable
+        ``mask`` beside the layer's ``activations`` and used by every measure given the layer. A DataArray layer
+        with a ``mask`` coordinate carries its own.
     mode
         "w" (default): a new store (see ``overwrite``); "a": add the layers to the existing store at
         ``path``, after its own, without touching them (a layer path it already holds is an error).
