@@ -163,14 +163,25 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+class _Gathered(argparse.Action):
+    """A list option given once or more (``--measure mean_cca --measure cka``: both), never added to its default:
+    argparse kept the last only, silently (a sweep of ``--a x --a y`` swept y alone)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = getattr(namespace, self.dest, None)
+        earlier = [] if given is None or given is self.default else list(given)
+        setattr(namespace, self.dest, [*earlier, *values])
+
+
 def _add_group_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groupby", help="a coordinate on datapoint (e.g. a class label): every measure per group")
     parser.add_argument("--folds", type=_folds, help="K >= 2 contiguous folds of the datapoints, or a coordinate "
                                                      "naming each one's fold: jackknife errors and intervals, and "
                                                      "the held-out measures heldout_cca and predictivity")
     parser.add_argument("--confidence", type=float, help="with --folds: the intervals' level, in (0, 1) (default 0.95)")
-    parser.add_argument("--ridge", type=float, nargs="+", help="predictivity: the ridge, relative to the mean "
-                                                               "variance (default 0.01)")
+    parser.add_argument("--ridge", type=float, nargs="+", action=_Gathered,
+                        help="predictivity: the ridge, relative to the mean variance (default 0.01)")
 
 
 def _folds(text: str) -> int | float | str:
@@ -327,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("layer_a")
     compare.add_argument("layer_b", help="a layer of the store, or of --b-store")
     compare.add_argument("--b-store", help="take layer_b from this store (e.g. another model's recording)")
-    compare.add_argument("--measure", "--measures", dest="measure", nargs="+", default=["mean_cca"],
+    compare.add_argument("--measure", "--measures", dest="measure", nargs="+", action=_Gathered, default=["mean_cca"],
                          choices=[*MEASURES, *ALIASES], metavar="MEASURE",
                          help=f"measures, from {', '.join(MEASURES)} (default mean_cca)")
     _add_solve_options(compare)
@@ -351,10 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="every layer pair of two groups: a heatmap and a netCDF/zarr",
                                 description="All pairs (layer_a, layer_b) in one pass over the store.")
     _store_argument(sweep)
-    sweep.add_argument("--a", required=True, nargs="+", help="layers or groups (e.g. model0) on the first axis")
-    sweep.add_argument("--b", required=True, nargs="+", help="layers or groups on the second axis")
+    sweep.add_argument("--a", required=True, nargs="+", action=_Gathered,
+                       help="layers or groups (e.g. model0) on the first axis")
+    sweep.add_argument("--b", required=True, nargs="+", action=_Gathered, help="layers or groups on the second axis")
     sweep.add_argument("--b-store", help="take the --b layers from this store (e.g. another model's recording)")
-    sweep.add_argument("--measures", "--measure", dest="measures", nargs="+", default=["mean_cca", "cka"],
+    sweep.add_argument("--measures", "--measure", dest="measures", nargs="+", action=_Gathered,
+                       default=["mean_cca", "cka"],
                        choices=[*MEASURES, *ALIASES], metavar="MEASURE",
                        help=f"measures, from {', '.join(MEASURES)} (default mean_cca cka)")
     _add_solve_options(sweep)

@@ -1201,3 +1201,24 @@ def test_sweep_plots_the_measure_asked_for(tmp_path, capsys, monkeypatch):
                             "--plot-measure svcca names the measure --plot draws: one of --measures mean_cca cka")):
         assert main([*sweep, "--out", str(tmp_path / "c.nc"), *flags]) == 2
         assert capsys.readouterr().err == f"chunkcca sweep: error: {message}\n"
+
+
+def test_a_list_option_given_twice_keeps_both(files, capsys):
+    """argparse kept only the last of ``--measure mean_cca --measure cka`` (cka alone) and of ``--a x --a y`` (a
+    sweep of y alone), silently; they gather, and a default is never added to."""
+    folder = files[0]
+    store = str(folder / "s.zarr")
+    assert main(["ingest", store, f"m0/conv={folder / 'a.npy'}", f"m1={folder / 'b.npz'}"]) == 0
+    capsys.readouterr()
+    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "mean_cca", "--measure", "cka", "r2_cca",
+                 "--json", "--no-progress"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["results"]) == ["mean_cca", "cka", "r2_cca"]
+    assert main(["compare", store, "m0/conv", "m1/conv", "--json", "--no-progress"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["results"]) == ["mean_cca"], "the default as it was"
+    out = folder / "sweep.nc"
+    assert main(["sweep", store, "--a", "m0/conv", "--a", "m1/conv", "--b", "m1/fc", "--measure", "cka",
+                 "--spatial", "avgpool", "--out", str(out), "--no-progress"]) == 0
+    import xarray as xr
+
+    with xr.open_dataset(out) as swept:
+        assert list(swept["layer_a"].values) == ["m0/conv", "m1/conv"] and list(swept.data_vars) == ["cka", "rows"]
