@@ -571,11 +571,18 @@ def test_output_to_a_full_device_says_it_was_standard_output(tmp_path):
         assert chunkcca.layer_paths(chunkcca.open_activations(tmp_path / "s.zarr")) == ["x"]
         command[-3] = str(tmp_path / "t.zarr")
         assert subprocess.run(command, stdout=full, stderr=full, timeout=120, env=buffered).returncode == 2
-    # no stdout at all (>&-, cron, pythonw): print writes nothing, as before, and the command succeeds
+    # no stdout at all (>&-, pythonw): ingest's report is dropped and the store written; compare's results would
+    # be lost, which exited 0 saying nothing: refused in one line before any work
     command[-3] = str(tmp_path / "u.zarr")
     done = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=120, env=buffered,
                           preexec_fn=lambda: os.close(1))
     assert (done.returncode, done.stderr) == (0, "")
+    compare = [*command[:3], "compare", str(tmp_path / "u.zarr"), "x", "x", "--no-progress"]
+    done = subprocess.run(compare, stderr=subprocess.PIPE, text=True, timeout=120, env=buffered,
+                          preexec_fn=lambda: os.close(1))
+    assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: standard output is closed, so the results "
+                                                 "compare prints would be lost and the status say all went well; "
+                                                 "redirect it to a file\n")
 
 
 def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):
