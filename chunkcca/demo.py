@@ -16,7 +16,7 @@ from ._fs import ORDER_ATTR, zarr_attributes
 from .api import cca
 from .datasets import CHANNELS, demo_layers
 from .plot import plot_rho
-from .report import PeakMemory, format_table, save_figure
+from .report import PeakMemory, format_table, is_chunkcca_plot, save_figure
 from .store import write_activations
 
 
@@ -28,7 +28,10 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
     if out.exists() and not out.is_dir():  # it said "[Errno 17] File exists" after writing nothing
         raise FileExistsError(f"{out} exists and is not a folder: the demo writes its store and plot into a folder; "
                               f"choose another --out")
-    store_path = out / "demo.zarr"
+    store_path, plot_path = out / "demo.zarr", out / "cca_coefficients.png"
+    if os.path.lexists(plot_path) and (plot_path.is_symlink() or not is_chunkcca_plot(plot_path)):  # said after all
+        raise FileExistsError(f"{plot_path} exists and is not a plot the demo drew: the demo replaces only its own; "
+                              f"choose another --out")  # the work, with a remedy of the API's (overwrite=True)
     print(f"writing {datapoints} datapoints x 2 models x (conv2 16x16x64, pool2 8x8x64) to {store_path}")
     layers = demo_layers(datapoints, chunk=chunk, seed=seed)
     if os.path.lexists(store_path) and zarr_attributes(store_path).get(ORDER_ATTR) != list(layers):
@@ -59,6 +62,6 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
                       f"{seconds:.2f}", f"{peak.mib:.0f}"))
     print(format_table(table))
     save_figure(lambda: plot_rho(results, title=f"chunkcca demo: {datapoints} datapoints, two models").figure,
-                out / "cca_coefficients.png", overwrite=True, dpi=120)  # its own plot of an earlier run, only
-    print(f"plot: {out / 'cca_coefficients.png'}")
+                plot_path, overwrite=True, dpi=120)  # its own plot of an earlier run, only
+    print(f"plot: {plot_path}")
     return results

@@ -62,6 +62,13 @@ def test_demo_replaces_only_a_store_it_wrote(tmp_path, capsys):
     assert capsys.readouterr().err == (f"chunkcca demo: error: {tmp_path / 'results.nc'} exists and is not a folder: "
                                        f"the demo writes its store and plot into a folder; choose another --out\n")
     assert (tmp_path / "results.nc").read_text() == "mine"
+    mine = tmp_path / "mine"  # a plot of the user's where the demo draws its own: refused after all the work,
+    mine.mkdir()  # naming overwrite=True, which the command has not
+    (mine / "cca_coefficients.png").write_bytes(b"my plot")
+    assert main(["demo", "--datapoints", "12", "--out", str(mine), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"chunkcca demo: error: {mine / 'cca_coefficients.png'} exists and is not a "
+                                       f"plot the demo drew: the demo replaces only its own; choose another --out\n")
+    assert not (mine / "demo.zarr").exists() and (mine / "cca_coefficients.png").read_bytes() == b"my plot"
 
 
 def test_demo_layers_do_not_depend_on_chunking():
