@@ -575,7 +575,8 @@ def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     padded = [str(layer.name) for layer in layers if MASK in layer.coords]
     if padded and adapters[0].mask_rule == "pair":
         raise ValueError(f"minibatch CKA cuts the rows into minibatches of fixed size, which the padding of layer "
-                         f"{padded[0]!r} would shift; use spatial='avgpool', 'first' or 'last', or the full-data CKA")
+                         f"{padded[0]!r} would shift; use spatial='avgpool', 'first' or 'last' (--spatial), or the "
+                         f"full-data CKA (without minibatch)")
     datapoints = layers[0].sizes["datapoint"]
     rows = adapters[0].row_count(datapoints)
     if rows < size:
@@ -793,7 +794,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                          f"layers' covariances")
     solve = _solve_options(names, solve_given, "similarity", folds=stream.folds is not None)
     if len(solve.ridges) > 1:
-        raise ValueError("similarity takes one ridge; compare one pair with several (a ridge dim)")
+        raise ValueError("similarity (the command's sweep) takes one ridge; compare one pair with several (a ridge "
+                         "dim)")
     set_a, set_b = as_layer_set(a_layers, "a_layers"), as_layer_set(b_layers, "b_layers")
     if not set_a or not set_b:
         raise ValueError("similarity needs at least one layer on each side")

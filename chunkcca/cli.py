@@ -386,11 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _layer(tree: Any, path: str, store: str) -> Any:
-    """The layer (or group) at ``path`` of ``tree``, the store opened from ``store``."""
+    """The layer (or group) at ``path`` of ``tree``, the store opened from ``store``: a node, not one of its
+    variables (``m0/fc/label`` was measured as a layer named 'label')."""
     try:
-        return tree[path.strip("/")]
+        found = tree[path.strip("/")]
     except KeyError:
-        raise ValueError(f"no layer {path!r} in {store}; it has {', '.join(chunkcca.layer_paths(tree))}") from None
+        found = None
+    if not isinstance(found, xr.DataTree):
+        held = f" ({path!r} is a variable of a layer, not a layer)" if found is not None else ""
+        raise ValueError(f"no layer {path!r} in {store}{held}; it has {', '.join(chunkcca.layer_paths(tree))}")
+    return found
 
 
 def _stores(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -183,8 +183,8 @@ def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.nda
                          f"every datapoint a label of one type") from None
     if labels.dtype.kind in "fc" and np.isnan(labels).any():
         raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} is NaN for "
-                         f"{int(np.isnan(values).sum())} datapoints, which then belong to no group; select the others "
-                         f"(layer.isel(datapoint=...)) or label them")
+                         f"{int(np.isnan(values).sum())} datapoints, which then belong to no group; give them labels "
+                         f"(for the command, in the store), or select the others (layer.isel(datapoint=...))")
     return labels, codes.reshape(-1)
 
 

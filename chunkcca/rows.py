@@ -360,7 +360,7 @@ def plan_sweep_adapters(layers: Sequence[xr.DataArray], options: StreamOptions) 
         if len(set(sizes.values())) > 1:
             listed = ", ".join(f"{name!r} {'x'.join(map(str, size)) or 'fc'}" for name, size in sizes.items())
             raise ValueError(f"spatial='flatten' needs one spatial size for all layers, got {listed}; use "
-                             f"spatial='avgpool'")
+                             f"spatial='avgpool' (--spatial avgpool)")
         _check_flatten_names(layers)
     return tuple(Adapter(options.spatial, spatial_shape(layer.shape), options.stride, tuple(map(str, layer.dims[1:-1])))
                  for layer in layers)

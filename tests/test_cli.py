@@ -80,6 +80,9 @@ def test_ingest_info_compare_sweep(files, capsys):
     ("argv", "message"),
     [
         (["compare", "{store}", "m0/conv", "nope"], "no layer 'nope' in {store}; it has m0/conv"),
+        (["compare", "{store}", "m0/conv/height", "m0/conv"],  # a variable of a layer, read as a layer
+         "no layer 'm0/conv/height' in {store} ('m0/conv/height' is a variable of a layer, not a layer); it has "
+         "m0/conv"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--measure", "heldout_cca"],
          "heldout_cca is measured on held-out folds: pass --folds K (K >= 2) or --folds COORDINATE"),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--confidence", "0.9", "--out", "{folder}/c.nc"],
