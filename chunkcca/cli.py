@@ -685,7 +685,10 @@ def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path]
         return
     if not overwrite:
         raise ValueError(f"{option} {path} exists; pass --overwrite to replace it")
-    if Path(path).is_symlink() or not ours(Path(path)):
+    if Path(path).is_symlink():  # what it points to may be anything, and is never written through it
+        raise ValueError(f"{option} {path} exists and is a symbolic link; --overwrite never replaces one (nor what it "
+                         f"points to): choose another path")
+    if not ours(Path(path)):
         raise ValueError(f"{option} {path} exists and is not {what} chunkcca wrote; --overwrite replaces only that, "
                          f"never another file or folder: choose another path")
 

@@ -989,6 +989,12 @@ def test_sweep_overwrite_replaces_only_a_sweep_result(tmp_path, capsys):
         with opened as saved:
             assert sorted(saved.data_vars) == ["mean_cca", "rank_a", "rank_b", "rows"]  # the second sweep's
     capsys.readouterr()
+    link = tmp_path / "link.nc"  # to a sweep result: named as a link (it was "not a sweep result chunkcca wrote")
+    link.symlink_to(tmp_path / "out.nc")
+    assert main([*sweep, "--out", str(link)]) == 2
+    assert capsys.readouterr().err == (f"chunkcca sweep: error: --out {link} exists and is a symbolic link; "
+                                       f"--overwrite never replaces one (nor what it points to): choose another path\n")
+    assert link.is_symlink()
 
 
 def test_plots_replace_only_a_plot_the_command_drew(tmp_path, capsys):
