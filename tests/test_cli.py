@@ -984,7 +984,9 @@ def test_sweep_overwrite_replaces_only_a_sweep_result(tmp_path, capsys):
         assert main([*sweep[:-1], "--out", out]) == 0  # new: no --overwrite needed
         assert main([*sweep[:-1], "--out", out]) == 2
         assert capsys.readouterr().err.endswith(f"--out {out} exists; pass --overwrite to replace it\n")
-        assert main([*sweep[:-1], "--measures", "mean_cca", "--out", out, "--overwrite"]) == 0
+        second = [*sweep[:-1], "--out", out, "--overwrite"]
+        second[second.index("cka")] = "mean_cca"
+        assert main(second) == 0
         opened = xr.open_zarr(out, consolidated=False) if name.endswith(".zarr") else xr.open_dataset(out)
         with opened as saved:
             assert sorted(saved.data_vars) == ["mean_cca", "rank_a", "rank_b", "rows"]  # the second sweep's
