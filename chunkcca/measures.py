@@ -339,6 +339,10 @@ def side_without_variance(moments: Moments) -> int | None:
 
 def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
     """The finite covariance of two-sided Moments (batched, i.e. per frequency, only if ``batched``)."""
+    if not isinstance(moments, Moments):  # a dict of them said "'dict' object has no attribute 'sizes'"
+        given = ("a dict (compute_moments gives one per group or fold: pass one of its Moments, or their sum)"
+                 if isinstance(moments, Mapping) else type(moments).__name__)
+        raise TypeError(f"{name} solves Moments, got {given}")
     if len(moments.sizes) != 2 or (moments.batch_shape and not batched):
         raise ValueError(f"{name} compares two sides of {'' if batched else 'real, unbatched '}Moments (got sides "
                          f"{moments.sizes}, batch {moments.batch_shape})"
@@ -546,7 +550,7 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
             raise ValueError("debiased CKA needs Moments with row-norm sums: compute them with "
                              "compute_moments(..., row_norms=True)")
         if n < 4:
-            raise ValueError(f"debiased CKA needs at least 4 rows, have {n}")
+            raise UndefinedMeasure(f"debiased CKA needs at least 4 rows, have {n}")
         products = moments.norm_products
         if not (np.isfinite(products).all() and (np.diag(products) > 0).all()):  # Σ‖u‖⁴ past float64's range
             went = "overflowed" if not np.isfinite(products).all() else "underflowed"
@@ -681,9 +685,17 @@ def fold_names(folds: Folds) -> tuple[list[Any], list[Moments]]:
 
 
 def _check_folds(folds: Sequence[Moments], measure: str, names: Sequence[Any]) -> None:
-    """Refuse fewer than 2 folds, or a fold (named by ``names``) of fewer than 2 rows."""
+    """Refuse fewer than 2 folds, a fold (named by ``names``) of fewer than 2 rows, or one of other channels,
+    layers or rows than the first (``Moments.check_mergeable``: two folds are never merged, so nothing else
+    compared them)."""
     if len(folds) < 2:
         raise ValueError(f"{measure} needs folds=K with K >= 2")
+    for name, fold in zip(names[1:], folds[1:]):
+        try:
+            folds[0].check_mergeable(fold)
+        except ValueError as error:
+            raise ValueError(f"{measure}: fold {name!r} is not of the same layers and rows as fold {names[0]!r}: "
+                             f"{error}") from None
     small = [i for i, part in enumerate(folds) if part.n < 2]
     if small:
         rows = folds[small[0]].n

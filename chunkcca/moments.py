@@ -205,6 +205,19 @@ class Moments:
     def __add__(self, other: Moments) -> Moments:
         if not isinstance(other, Moments):
             return NotImplemented
+        self.check_mergeable(other)
+        layers, rows_from = self._merged_provenance(other)
+        precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
+        merged = unpack(merge_into(pack(self), pack(other), self.sizes), self.sizes, precision)
+        return replace(merged, layers=layers, rows_from=rows_from,
+                       value_rounding=tuple(map(max, self.value_rounding, other.value_rounding)),
+                       channel_labels=tuple(theirs if ours is None else ours
+                                            for ours, theirs in zip(self.channel_labels, other.channel_labels)),
+                       batch_labels=self.batch_labels or other.batch_labels)
+
+    def check_mergeable(self, other: Moments) -> None:
+        """A ValueError saying why ``other`` describes other channels, layers, rows or frequencies than these
+        Moments (so that their merge, or fitting on one and testing on the other, would be a wrong number)."""
         if other.sizes != self.sizes or other.batch_shape != self.batch_shape:
             def known(moments: Moments) -> str:
                 return f", layers {moments.layers}" if any(moments.layers) else ""
@@ -213,9 +226,7 @@ class Moments:
         if (self.norm_moments is None) != (other.norm_moments is None):
             raise ValueError("cannot merge Moments with and without row-norm sums; compute both with the same "
                              "row_norms setting")
-        layers, rows_from = self._merged_provenance(other)
-        precision = "float32" if "float32" in (self.precision, other.precision) else "float64"
-        merged = unpack(merge_into(pack(self), pack(other), self.sizes), self.sizes, precision)
+        self._merged_provenance(other)
         for ours, theirs in zip(self.channel_labels, other.channel_labels):
             if ours is not None and theirs is not None and not np.array_equal(ours, theirs):
                 raise ValueError(f"cannot merge Moments of channels labelled otherwise ({ours[:3].tolist()}… and "
@@ -225,11 +236,6 @@ class Moments:
                 and all(map(np.array_equal, self.batch_labels.values(), other.batch_labels.values()))):
             raise ValueError(f"cannot merge Moments of batch dims labelled otherwise ({list(self.batch_labels)} and "
                              f"{list(other.batch_labels)}): they are statistics of other frequencies")
-        return replace(merged, layers=layers, rows_from=rows_from,
-                       value_rounding=tuple(map(max, self.value_rounding, other.value_rounding)),
-                       channel_labels=tuple(theirs if ours is None else ours
-                                            for ours, theirs in zip(self.channel_labels, other.channel_labels)),
-                       batch_labels=self.batch_labels or other.batch_labels)
 
     def _merged_provenance(self, other: Moments) -> tuple[tuple[str, ...], str]:
         """The layers and ``rows_from`` of ``self + other``: the known value of each ("" is unknown); raises when

@@ -469,6 +469,53 @@ def test_predictivity_from_folds_refuses_a_ridge_compare_refuses(ridge):
         predictivity_from_folds(folds, ridge=ridge)
 
 
+def test_two_folds_of_other_channels_layers_or_rows_are_refused_as_more_are():
+    """With K = 2 the folds were never merged, so nothing compared them: a fold whose channels came in another
+    order gave heldout_cca 0.149 for 0.587 and predictivity -0.046 for 0.858, silently (K >= 3 refused it)."""
+    from chunkcca.measures import heldout_cca_from_folds, predictivity_from_folds
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((200, 4))
+    y = x[:, :3] @ rng.standard_normal((3, 3)) + 0.5 * rng.standard_normal((200, 3))
+    a, b = (xr.DataArray(v, dims=("datapoint", "channel"), coords={"channel": np.arange(v.shape[1])}, name=name)
+            for v, name in ((x, "a"), (y, "b")))
+    first = compute_moments(a[:100], b[:100], precision="float64")
+    permuted = compute_moments(a[100:, ::-1], b[100:], precision="float64")  # a's channels in reverse, labelled so
+    other = compute_moments(a[100:], b[100:].rename("c"), precision="float64")
+    same = compute_moments(a[100:], b[100:], precision="float64")
+    for solve in (heldout_cca_from_folds, predictivity_from_folds):
+        for fold, why in ((permuted, "channels labelled otherwise"), (other, "layers")):
+            with pytest.raises(ValueError, match=rf"fold 1 is not of the same layers and rows as fold 0: .*{why}"):
+                solve([first, fold])
+            with pytest.raises(ValueError, match=why):
+                solve([first, same, fold])  # as K >= 3 refused it
+        solve([first, same])
+    with pytest.raises(TypeError, match=r"cca solves Moments, got a dict \(compute_moments gives one per group or "
+                                        r"fold: pass one of its Moments, or their sum\)"):  # an AttributeError
+        chunkcca.cca_from_moments(compute_moments(a, b, folds=2))
+
+
+def test_debiased_cka_of_fewer_than_4_rows_is_nan_in_a_sweep_as_documented():
+    """A group of 3 rows ended the whole sweep ("debiased CKA needs at least 4 rows, have 3"), and so did the
+    jackknife of 2 folds of 3 rows; the docs give the pair NaN there, with a warning."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((43, 3))
+    y = x[:, :2] + rng.standard_normal((43, 2))
+    grp = ("datapoint", np.array(["big"] * 40 + ["small"] * 3))
+    a, b = (xr.DataArray(v, dims=("datapoint", "channel"), coords={"grp": grp}) for v in (x, y))
+    with pytest.warns(RuntimeWarning, match=r"cka_debiased of .* is NaN: debiased CKA needs at least 4 rows, have 3 "
+                                            r"in the group grp='small'"):
+        swept = similarity({"a": a}, {"b": b}, measures=["cka", "cka_debiased"], groupby="grp", precision="float64")
+    assert np.isnan(float(swept["cka_debiased"].sel(grp="small").item()))
+    assert float(swept["cka_debiased"].sel(grp="big").item()) == pytest.approx(
+        float(cka(x[:40], y[:40], debiased=True, precision="float64")["cka"]), rel=1e-10)
+    assert not np.isnan(float(swept["cka"].sel(grp="small").item()))
+    with pytest.warns(RuntimeWarning, match=r"cka_debiased_se and cka_debiased_ci of .* are NaN: .*without fold 0 it "
+                                            r"is undefined: debiased CKA needs at least 4 rows, have 3"):
+        folded = similarity({"a": x[:6]}, {"b": y[:6]}, measures=["cka_debiased"], folds=2, precision="float64")
+    assert not np.isnan(float(folded["cka_debiased"].item())) and np.isnan(float(folded["cka_debiased_se"].item()))
+
+
 def test_a_group_with_no_more_rows_than_channels_is_named_in_a_warning():
     """A group of 3 rows and 5 channels gave svcca and pwcca 1.0 silently, while the same rows ungrouped warn."""
     rng = np.random.default_rng(9)
@@ -538,5 +585,6 @@ def test_a_measure_undefined_in_one_group_is_an_error_naming_the_group():
     message = r"debiased CKA needs at least 4 rows, have 3 in the group g=1"
     with pytest.raises(ValueError, match=message):
         compare(a, b, measures=["cka_debiased"], groupby="g")
-    with pytest.raises(ValueError, match=message):  # a sweep named no group
-        similarity({"a": a}, {"b": b}, measures=["cka_debiased"], groupby="g")
+    with pytest.warns(RuntimeWarning, match=message):  # a sweep named no group; it is NaN there, as documented
+        swept = similarity({"a": a}, {"b": b}, measures=["cka_debiased"], groupby="g")
+    assert np.isnan(swept["cka_debiased"].sel(g=1).item()) and not np.isnan(swept["cka_debiased"].sel(g=0).item())
