@@ -109,6 +109,12 @@ def test_threshold_rule_and_zero_threshold():
         n = next((i for i in range(len(rho)) if rho[:i].sum() / rho.sum() >= threshold), len(rho))
         assert result["mean"][0] == pytest.approx(rho[:n].mean(), abs=1e-12)
     assert get_cca_similarity(acts1, acts2, threshold=0.0, verbose=False)["mean"][0] == pytest.approx(rho[0])
+    # a threshold within rounding of a partial sum: the reference sums each prefix with np.sum (pairwise); a running
+    # sum differs in its last bit and took 9 coefficients where sum_threshold takes 8
+    from chunkcca.compat import _threshold_index
+
+    s = np.round(np.linspace(0.99, 0.01, 9) ** 1.005, 6)
+    assert _threshold_index(s, float(np.sum(s[:8]) / np.sum(s))) == 8
 
 
 def test_dirns_without_coefs_are_computed():
@@ -170,6 +176,17 @@ def test_a_data_array_from_a_file_is_not_read_whole(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_values_whose_products_overflow_are_an_error_not_the_zero_result():
+    """Activations of 1e160 overflowed the covariance to Inf and gave the zero result (cca_coef1 0, pwcca 0.0)
+    with a RuntimeWarning; the reference raises, and the true mean rho is about 0.9."""
+    rng = np.random.default_rng(0)
+    acts1 = rng.standard_normal((3, 200))
+    acts2 = acts1 + 0.3 * rng.standard_normal((3, 200))
+    for call in (get_cca_similarity, compute_pwcca):
+        with pytest.raises(ValueError, match=r"the statistics hold NaN or Inf: .* divide it by a large factor"):
+            call(acts1 * 1e160, acts2, verbose=False) if call is get_cca_similarity else call(acts1 * 1e160, acts2)
+
+
 def test_nan_names_the_input():
     acts = np.random.default_rng(2).standard_normal((2, 30))
     bad = acts.copy()
@@ -260,6 +277,9 @@ def test_compat_fourier_ccas_matches_reference_golden():
     np.testing.assert_allclose(means, golden["out_mean"], rtol=0, atol=1e-6)
     with_coefs = fourier_ccas(golden["in_acts1"], golden["in_acts2"], return_coefs=True)
     assert np.iscomplexobj(with_coefs["coef_x"][0]) and with_coefs["full_coef_x"][0].shape == (6, 6)
+    spectrum = np.fft.fft2(golden["in_acts1"].astype(np.float64), axes=(1, 2))  # the reference's per-frequency
+    np.testing.assert_allclose(with_coefs["neuron_means1"][5][:, 0], spectrum[:, 1, 1].mean(axis=0),  # keys too
+                               rtol=1e-10, atol=1e-10 * np.abs(spectrum).max())
     with pytest.raises(ValueError, match="does not offer compute_dirns"):
         fourier_ccas(golden["in_acts1"], golden["in_acts2"], compute_dirns=True)
 
