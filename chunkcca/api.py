@@ -112,8 +112,10 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     option = "groupby" if options.groupby is not None else "folds"
     asked = f"{option}={name!r} (--{option} {name})"  # in the API's words and the command's
     if name == "datapoint":
-        raise ValueError(f"{asked}: the datapoint labels would make each datapoint a group of its own; name a "
-                         f"coordinate on datapoint that labels groups of them (e.g. a class label)")
+        unit, remedy = (("group", "name a coordinate on datapoint that labels groups of them (e.g. a class label)")
+                        if option == "groupby" else
+                        ("fold", "give folds=K (--folds K), or a coordinate naming each datapoint's fold"))
+        raise ValueError(f"{asked}: the datapoint labels would make each datapoint a {unit} of its own; {remedy}")
     layer = next((held for held in layers if name in held.coords and held.coords[name].dims == ("datapoint",)),
                  layer)
     if name not in layer.coords or layer.coords[name].dims != ("datapoint",):

@@ -997,7 +997,7 @@ def _run(argv: list[str] | None) -> int:
     try:
         if sys.stdout is None and args.command in ("compare", "info"):  # >&-; sweep and demo write files
             raise OSError(f"standard output is closed, so the results {args.command} prints would be lost and the "
-                          f"status say all went well; redirect it to a file")
+                          f"status would say all went well; redirect it to a file")
         # stdout that says when it takes no writes; none where the process has none and its output is only a report
         output = contextlib.nullcontext() if sys.stdout is None else contextlib.redirect_stdout(
             _StandardOutput(sys.stdout))

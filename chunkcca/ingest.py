@@ -27,6 +27,7 @@ import xarray as xr
 from ._stack import user_stacklevel
 from .layers import (
     DEFAULT_DIMS,
+    boolean_mask,
     check_coord_name,
     check_datapoint_coords,
     datapoints_per_chunk,
@@ -271,11 +272,8 @@ def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> Any:
         raise ValueError(f"cannot read the mask {file} as a .npy file: {error}") from error
     if mask.shape != tuple(shape):
         raise ValueError(f"the mask {file} has shape {mask.shape}; its layer needs (datapoint, *positions) {shape}")
-    if mask.dtype != bool:
-        for start in range(0, mask.shape[0], _MASK_BLOCK):
-            if not np.isin(mask[start : start + _MASK_BLOCK], (0, 1)).all():
-                raise ValueError(f"the mask {file} holds values other than 0/1 or True/False (datapoints from "
-                                 f"{start})")
+    for start in range(0, mask.shape[0], _MASK_BLOCK):  # before anything is written
+        boolean_mask(mask[start : start + _MASK_BLOCK], f"the mask {file}, datapoints from {start},")
     return memmap_to_dask(mask, _MASK_BLOCK).astype(bool)
 
 

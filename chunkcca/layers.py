@@ -302,6 +302,24 @@ def _check_mask(array: xr.DataArray, name: str) -> None:
                          f"got {mask.dtype} {tuple(map(str, mask.dims))}")
 
 
+def boolean_mask(values: Any, what: str) -> Any:
+    """A padding mask (numpy or Dask) as booleans: booleans as they are; numbers (a tokenizer's 0/1 integers,
+    0.0/1.0) when each is 0 or 1, else a ValueError naming ``what``, raised for a Dask mask as each block is
+    computed (a write it feeds then leaves nothing). Other dtypes are left as they are, for ``_check_mask`` to
+    name. The one rule of ``write_activations``, ``record`` and ``ingest``."""
+    if values.dtype == bool or values.dtype.kind not in "iuf":
+        return values
+
+    def checked(block: np.ndarray) -> np.ndarray:
+        wrong = ~np.isin(block, (0, 1))
+        if wrong.any():
+            raise ValueError(f"{what} holds values other than 0/1 or True/False (e.g. {block[wrong][:3].tolist()}); "
+                             f"a padding mask is True (1) at real positions and False (0) at padded ones")
+        return block.astype(bool)
+
+    return values.map_blocks(checked, dtype=bool) if isinstance(values, da.Array) else checked(np.asarray(values))
+
+
 def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -> None:
     dtype = array.dtype
     complex_refused = np.issubdtype(dtype, np.complexfloating) and not allow_complex

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import xarray as xr
@@ -168,14 +168,19 @@ class Moments:
         """Leading dims (one set of statistics each), () for plain Moments."""
         return self.mean.shape[:-1]
 
-    def __getitem__(self, index: tuple[int, ...] | int) -> Moments:
-        """The statistics of one batch element (e.g. one spatial frequency), or of the batch dims after those
-        indexed."""
-        taken = len(index) if isinstance(index, tuple) else 1
-        return Moments(self.n, self.mean[index], self.scatter[index], self.sizes, precision=self.precision,
+    def __getitem__(self, index: Any) -> Moments:
+        """The statistics of one batch element (e.g. one spatial frequency), or of part of the batch: one integer,
+        slice or integer array per leading batch dim (an integer drops its dim and its labels)."""
+        entries = index if isinstance(index, tuple) else (index,)
+        if len(entries) > len(self.batch_shape) or any(entry is Ellipsis or entry is None for entry in entries):
+            raise IndexError(f"Moments of batch {self.batch_shape} take one integer, slice or array per batch dim, "
+                             f"at most {len(self.batch_shape)}, got {index!r}")
+        entries = (*entries, *(slice(None),) * (len(self.batch_shape) - len(entries)))
+        labels = {dim: values[entry] for (dim, values), entry in zip(self.batch_labels.items(), entries)
+                  if not isinstance(entry, (int, np.integer))}
+        return Moments(self.n, self.mean[entries], self.scatter[entries], self.sizes, precision=self.precision,
                        layers=self.layers, rows_from=self.rows_from, value_rounding=self.value_rounding,
-                       channel_labels=self.channel_labels,
-                       batch_labels=dict(list(self.batch_labels.items())[taken:]))
+                       channel_labels=self.channel_labels, batch_labels=labels)
 
     def select(self, sides: Sequence[int]) -> Moments:
         """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""

@@ -59,7 +59,7 @@ import numpy as np
 import xarray as xr
 
 from ._stack import user_stacklevel
-from .layers import FC_DIMS, VARIABLE, check_datapoint_coords, coord_values, datapoints_per_chunk
+from .layers import FC_DIMS, VARIABLE, boolean_mask, check_datapoint_coords, coord_values, datapoints_per_chunk
 from .options import MASK
 from .store import (
     WriteMode,
@@ -582,7 +582,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     if getattr(inputs, "ndim", 0) in (4, 5):  # images (N, C, H, W), volumes (N, C, D, H, W)
                         image.setdefault("size", (int(inputs.shape[-2]), int(inputs.shape[-1])))
                     padding = mask(batch) if mask is not None else None
-                    padding = None if padding is None else padding.detach().cpu().numpy().astype(bool)
+                    padding = None if padding is None else boolean_mask(padding.detach().cpu().numpy(),
+                                                                        "the padding mask of a batch (mask=)")
                     _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured})
                     for path in modules:
                         if path not in captured:

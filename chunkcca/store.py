@@ -46,6 +46,7 @@ from ._stack import user_stacklevel
 from .layers import (
     VARIABLE,
     as_activations,
+    boolean_mask,
     check_datapoint_coords,
     check_layer_paths,
     coord_values,
@@ -148,7 +149,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         chunk, never materialised. The store remembers their order (network order).
     masks
         Layer path → boolean padding mask (datapoint, *positions), True at real positions (e.g. an
-        attention mask; 0/1 integers, as tokenizers give it, are taken as False/True), stored as the variable
+        attention mask; 0/1 numbers, as tokenizers give it, are taken as False/True), stored as the variable
         ``mask`` beside the layer's ``activations`` and used by every measure given the layer. A DataArray layer
         with a ``mask`` coordinate carries its own.
     mode
@@ -264,6 +265,8 @@ def _image_size(image_size: Any) -> tuple[float, float] | None:
     anything is written (0 gave every centre 0, and the store, written whole, then failed to open)."""
     if image_size is None:
         return None
+    if isinstance(image_size, np.ndarray) and image_size.ndim == 0:  # np.array(8)
+        image_size = image_size.item()
     sizes = [image_size] * 2 if isinstance(image_size, (int, float, np.integer, np.floating)) else image_size
     if (isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) != 2
             or not all(isinstance(size, (int, float, np.integer, np.floating)) and not isinstance(size, bool)
@@ -297,26 +300,16 @@ def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
                                      f"the layer's are not in it, e.g. {missing[:5].tolist()})")
                 mask = mask.sel(datapoint=labels)
         variable = mask.transpose(*dims).variable
-        return variable.copy(data=_boolean(variable.data, name)) if variable.dtype.kind in "iu" else variable
+        if variable.dtype == bool:
+            return variable
+        variable = variable.chunk({"datapoint": layer.data.chunks[0]})  # a lazy file's: read block by block
+        return variable.copy(data=boolean_mask(variable.data, f"layer {name!r}: its mask"))
     if getattr(mask, "shape", None) != tuple(layer.shape[:-1]):
         raise ValueError(f"layer {str(layer.name)!r}: its mask must have the shape (datapoint, *positions) "
                          f"{tuple(layer.shape[:-1])}, got {getattr(mask, 'shape', None)}")
-    if not isinstance(mask, (np.ndarray, da.Array)):  # a torch tensor (a tokenizer's attention_mask), a list
+    if not isinstance(mask, (np.ndarray, da.Array)):  # a torch tensor (a tokenizer's attention_mask)
         mask = np.asarray(mask)
-    return xr.Variable(dims, _boolean(mask, name) if mask.dtype.kind in "iu" else mask)
-
-
-def _boolean(mask: np.ndarray | da.Array, name: str) -> np.ndarray | da.Array:
-    """A 0/1 integer mask (a tokenizer's ``attention_mask``) as booleans; any other value is an error naming the
-    layer, raised for a Dask mask as its block is written (the store then is not)."""
-    def checked(block: np.ndarray) -> np.ndarray:
-        if not np.isin(block, (0, 1)).all():
-            raise ValueError(f"layer {name!r}: its mask holds values other than 0 and 1 (e.g. "
-                             f"{block[~np.isin(block, (0, 1))][:3].tolist()}); a padding mask is True (1) at real "
-                             f"positions and False (0) at padded ones")
-        return block.astype(bool)
-
-    return mask.map_blocks(checked, dtype=bool) if isinstance(mask, da.Array) else checked(mask)
+    return xr.Variable(dims, boolean_mask(mask, f"layer {name!r}: its mask"))
 
 
 def _existing_order(path: str | os.PathLike) -> tuple[list[str], tuple[int, int] | None]:

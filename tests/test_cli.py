@@ -584,7 +584,7 @@ def test_output_to_a_full_device_says_it_was_standard_output(tmp_path):
     done = subprocess.run(compare, stderr=subprocess.PIPE, text=True, timeout=120, env=buffered,
                           preexec_fn=lambda: os.close(1))
     assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: standard output is closed, so the results "
-                                                 "compare prints would be lost and the status say all went well; "
+                                                 "compare prints would be lost and the status would say all went well; "
                                                  "redirect it to a file\n")
 
 

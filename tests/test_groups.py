@@ -62,6 +62,8 @@ def test_the_group_coordinate_may_be_on_either_layer():
     with pytest.raises(ValueError, match=r"groupby='datapoint' \(--groupby datapoint\): the datapoint labels would "
                                          r"make each datapoint a group of its own"):  # said "it has none but datapoint"
         cca(a, b, groupby="datapoint")
+    with pytest.raises(ValueError, match=r"folds='datapoint' .* each datapoint a fold of its own; give folds=K"):
+        compare(a, b, folds="datapoint")
 
 
 def test_groups_in_compare_similarity_and_compute_moments():

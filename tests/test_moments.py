@@ -339,6 +339,12 @@ def test_dft_moments_know_their_frequencies_through_save_load_merge_and_index(tm
         np.testing.assert_array_equal(solved[dim], [0, 1, -2, -1])
     np.testing.assert_allclose(solved["rho"], direct["rho"], atol=1e-12)
     assert list(merged[1].batch_labels) == ["freq_w"] and merged[0, 1].batch_labels == {}
+    part = merged[1:3, ::2]  # slices keep their dims and take their labels' part (m[0:2] failed, m[:, 0] lost both)
+    assert part.batch_shape == (2, 2) and [list(v) for v in part.batch_labels.values()] == [[1, -2], [0, -2]]
+    assert list(merged[:, 0].batch_labels) == ["freq_h"]
+    np.testing.assert_array_equal(merged[:, 0].scatter, merged.scatter[:, 0])
+    with pytest.raises(IndexError, match=r"one integer, slice or array per batch dim, at most 2"):
+        merged[0, 1, 2]
     relabelled = dataclasses.replace(second, batch_labels={"freq_h": [0, 1, 2, 3], "freq_w": [0, 1, -2, -1]})
     with pytest.raises(ValueError, match=r"cannot merge Moments of batch dims labelled otherwise"):
         first + relabelled

@@ -1126,3 +1126,26 @@ def test_an_output_changed_in_place_later_in_the_pass_is_stored_as_the_layer_gav
         assert want.min() < 0, "the layer's own output has negative values"
         stored = record(model, [layer[kind]], inputs[kind].split(20), tmp_path / f"{kind}.zarr")
         np.testing.assert_array_equal(stored[layer[kind]]["activations"].values.reshape(60, -1), want)
+
+
+def test_a_padding_mask_of_other_values_than_0_and_1_is_refused(tmp_path):
+    """record cast the batch's mask to booleans, so a mask holding 2 (or -1, 0.5) became True, silently, where
+    write_activations and ingest refuse it: one rule for the three."""
+    embed = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    x = torch.randn(10, 6, 3)
+    mask = (torch.arange(6)[None] < torch.randint(1, 7, (10,))[:, None]).long()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = embed
+
+        def forward(self, x: Any, attention_mask: Any) -> Any:
+            return self.embed(x)
+
+    tree = record(Wrapped(), ["embed"], [{"x": x, "attention_mask": mask}], tmp_path / "ok.zarr")
+    np.testing.assert_array_equal(tree["embed"]["mask"].values, mask.numpy() == 1)
+    with pytest.raises(ValueError, match=r"the padding mask of a batch \(mask=\) holds values other than 0/1 or "
+                                         r"True/False \(e.g. \[2"):
+        record(Wrapped(), ["embed"], [{"x": x, "attention_mask": mask * 2}], tmp_path / "bad.zarr")
+    assert not (tmp_path / "bad.zarr").exists()

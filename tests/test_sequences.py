@@ -194,7 +194,8 @@ def test_a_zero_one_integer_mask_is_taken_as_record_and_ingest_take_it(tmp_path)
     x, y, mask, _ = _sequences(3)
     want = chunkcca.write_activations(tmp_path / "bool.zarr", {"a": x, "b": y}, masks={"a": mask, "b": mask})
     given = {"numpy": mask.astype(np.int64), "dask": da.from_array(mask.astype(np.uint8), chunks=(16, -1)),
-             "dataarray": xr.DataArray(mask.astype(np.int32), dims=("datapoint", "token"))}
+             "dataarray": xr.DataArray(mask.astype(np.int32), dims=("datapoint", "token")),
+             "float": mask.astype(np.float32)}
     for kind, integers in given.items():
         tree = chunkcca.write_activations(tmp_path / f"{kind}.zarr", {"a": x, "b": y},
                                           masks={"a": integers, "b": mask})
@@ -203,7 +204,8 @@ def test_a_zero_one_integer_mask_is_taken_as_record_and_ingest_take_it(tmp_path)
         assert float(cka(tree["a"], tree["b"])["cka"]) == float(cka(want["a"], want["b"])["cka"])
     wrong = mask.astype(np.int64) * 2
     for kind, bad in {"numpy": wrong, "dask": da.from_array(wrong, chunks=(16, -1))}.items():
-        with pytest.raises(ValueError, match=r"layer 'a': its mask holds values other than 0 and 1 \(e.g. \[2"):
+        with pytest.raises(ValueError, match=r"layer 'a': its mask holds values other than 0/1 or True/False "
+                                             r"\(e.g. \[2"):
             chunkcca.write_activations(tmp_path / f"bad_{kind}.zarr", {"a": x}, masks={"a": bad})
         assert not (tmp_path / f"bad_{kind}.zarr").exists()
 

@@ -471,7 +471,7 @@ def test_an_image_size_that_is_not_one_is_refused_before_anything_is_written(tmp
     with pytest.raises(ValueError, match=r"image_size must be a positive number or two, \(height, width\)"):
         chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.zeros((10, 4, 4, 3), "f4")}, image_size=image_size)
     assert not (tmp_path / "s.zarr").exists()
-    for given in (np.float64(8), (8, np.int32(8)), 8.0):
+    for given in (np.float64(8), (8, np.int32(8)), 8.0, np.array(8)):
         tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.zeros((10, 4, 4, 3), "f4")},
                                           image_size=given, overwrite=True)
         np.testing.assert_array_equal(tree["a"]["height"].values, [1, 3, 5, 7])
