@@ -202,6 +202,14 @@ def test_a_zero_one_integer_mask_is_taken_as_record_and_ingest_take_it(tmp_path)
         assert tree["a"]["mask"].dtype == bool
         np.testing.assert_array_equal(tree["a"]["mask"].values, mask)
         assert float(cka(tree["a"], tree["b"])["cka"]) == float(cka(want["a"], want["b"])["cka"])
+    from chunkcca.layers import as_activations
+    from chunkcca.store import _as_mask
+
+    xr.DataArray(mask.astype(np.int64), dims=("datapoint", "token"), name="m").to_netcdf(tmp_path / "m.nc")
+    with xr.open_dataarray(tmp_path / "m.nc") as lazy:  # a file's integer mask: read block by block, not whole
+        made = _as_mask(lazy, as_activations(x, "a", chunks=16))
+        assert isinstance(made.data, da.Array) and made.data.chunks[0][0] == 16
+        np.testing.assert_array_equal(made.values, mask)
     wrong = mask.astype(np.int64) * 2
     for kind, bad in {"numpy": wrong, "dask": da.from_array(wrong, chunks=(16, -1))}.items():
         with pytest.raises(ValueError, match=r"layer 'a': its mask holds values other than 0/1 or True/False "
