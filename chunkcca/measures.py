@@ -690,6 +690,9 @@ def _check_folds(folds: Sequence[Moments], measure: str, names: Sequence[Any]) -
     compared them)."""
     if len(folds) < 2:
         raise ValueError(f"{measure} needs folds=K with K >= 2")
+    if folds[0].batch_shape or len(folds[0].sizes) != 2:  # dft's failed inside numpy's einsum
+        raise ValueError(f"{measure} compares two sides of real, unbatched Moments (got sides {folds[0].sizes}, batch "
+                         f"{folds[0].batch_shape}); spatial='dft' is offered by cca only")
     for name, fold in zip(names[1:], folds[1:]):
         try:
             folds[0].check_mergeable(fold)

@@ -492,6 +492,12 @@ def test_two_folds_of_other_channels_layers_or_rows_are_refused_as_more_are():
             with pytest.raises(ValueError, match=why):
                 solve([first, same, fold])  # as K >= 3 refused it
         solve([first, same])
+    spectra = list(compute_moments(np.random.default_rng(1).standard_normal((40, 4, 4, 2)),
+                                   np.random.default_rng(2).standard_normal((40, 4, 4, 3)), spatial="dft",
+                                   folds=2).values())
+    for solve in (heldout_cca_from_folds, predictivity_from_folds):  # dft's failed inside numpy's einsum
+        with pytest.raises(ValueError, match=r"compares two sides of real, unbatched Moments .* batch \(4, 4\)"):
+            solve(spectra)
     with pytest.raises(TypeError, match=r"cca solves Moments, got a dict \(compute_moments gives one per group or "
                                         r"fold: pass one of its Moments, or their sum\)"):  # an AttributeError
         chunkcca.cca_from_moments(compute_moments(a, b, folds=2))
