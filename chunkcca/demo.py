@@ -12,7 +12,7 @@ from pathlib import Path
 
 import xarray as xr
 
-from ._fs import ORDER_ATTR, zarr_attributes
+from ._fs import ORDER_ATTR, check_replaceable, zarr_attributes
 from .api import cca
 from .datasets import CHANNELS, demo_layers
 from .plot import plot_rho
@@ -29,9 +29,11 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
         raise FileExistsError(f"{out} exists and is not a folder: the demo writes its store and plot into a folder; "
                               f"choose another --out")
     store_path, plot_path = out / "demo.zarr", out / "cca_coefficients.png"
-    if os.path.lexists(plot_path) and (plot_path.is_symlink() or not is_chunkcca_plot(plot_path)):  # said after all
+    try:  # before the work, which it followed, naming a remedy of the API's (overwrite=True)
+        check_replaceable(plot_path, True, is_chunkcca_plot, "a plot")
+    except FileExistsError:
         raise FileExistsError(f"{plot_path} exists and is not a plot the demo drew: the demo replaces only its own; "
-                              f"choose another --out")  # the work, with a remedy of the API's (overwrite=True)
+                              f"choose another --out") from None
     print(f"writing {datapoints} datapoints x 2 models x (conv2 16x16x64, pool2 8x8x64) to {store_path}")
     layers = demo_layers(datapoints, chunk=chunk, seed=seed)
     if os.path.lexists(store_path) and zarr_attributes(store_path).get(ORDER_ATTR) != list(layers):
