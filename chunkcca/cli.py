@@ -269,12 +269,31 @@ def _measure_names(names: list[str], option: str) -> list[str]:
     return chosen
 
 
+class _Once(argparse._StoreAction):
+    """An option of one value, refused when given twice (``--stride 2 --stride 4``): argparse kept the last,
+    silently."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = namespace.__dict__.setdefault("_given_once", {})
+        if self.option_strings and self.dest in given:
+            raise argparse.ArgumentError(self, f"given twice ({given[self.dest]!r}, then {values!r}): give it once")
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error answered in one line like every other failure (``--help`` shows the usage)."""
+    """argparse, with a usage error answered in one line like every other failure (``--help`` shows the usage),
+    and an option of one value given twice refused (``_Once``)."""
 
     #: The command line's words (set by ``_run``): a positional missing where the command's words begin with
     #: options, one of which takes several values, was taken by it.
     words: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.rsplit(" ", 1)[-1]

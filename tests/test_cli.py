@@ -406,7 +406,8 @@ def test_compare_checkpoints_and_resumes(files, capsys):
     assert again.out == first.out
     assert again.err.splitlines()[-1] == (f"resuming from the checkpoint {folder / 'run.ckpt'}: 50 of 50 "
                                           f"datapoints done, nothing left to read")
-    assert main([*argv[:-4], "--precision", "float32", "--checkpoint", str(folder / "run.ckpt")]) == 2
+    other_precision = [word if word != "float64" else "float32" for word in argv[:-4]]
+    assert main([*other_precision, "--checkpoint", str(folder / "run.ckpt")]) == 2
     assert "belongs to another run" in capsys.readouterr().err
     assert main([*argv[:-4], "--checkpoint", "s3://bucket/run.ckpt"]) == 2
     assert "checkpoints are written to local paths only" in capsys.readouterr().err
@@ -1240,3 +1241,18 @@ def test_a_list_option_given_twice_keeps_both(files, capsys):
 
     with xr.open_dataset(out) as swept:
         assert list(swept["layer_a"].values) == ["m0/conv", "m1/conv"] and list(swept.data_vars) == ["cka", "rows"]
+
+
+@pytest.mark.parametrize("words", [["compare", "s.zarr", "a", "b", "--stride", "2", "--stride", "4"],
+                                   ["compare", "s.zarr", "a", "b", "--epsilon", "0.1", "--epsilon=0.1"],
+                                   ["demo", "--seed", "1", "--seed", "2"],
+                                   ["sweep", "s.zarr", "--a", "x", "--b", "y", "--out", "o.nc", "--out", "p.nc"]])
+def test_an_option_of_one_value_given_twice_is_refused(words, capsys):
+    """argparse kept the last of ``--stride 2 --stride 4`` (stride 4), silently: an option of one value given twice
+    is a usage error, in one line, before anything is read."""
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors (usage)
+        main(words)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    option = next(word for word in words[::-1] if word.startswith("--")).split("=")[0]
+    assert error.count("\n") == 1 and f"argument {option}: given twice" in error, error
