@@ -396,7 +396,10 @@ def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding
     total = weights.sum()
     if total == 0:
         return vectors[:, :0]
-    count = int(np.searchsorted(np.cumsum(weights) / total, keep - 1e-12) + 1)
+    if keep >= 1:  # every direction with variance, however small its share, up to the rank
+        count = len(values)
+    else:  # a share within the prefix sums' rounding (p ulps) of ``keep`` reaches it
+        count = int(np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
     rank = _correlation_rank(cov, floor)
     return vectors[:, : min(count, rank, int((values > 0).sum()))]
 

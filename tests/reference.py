@@ -111,7 +111,10 @@ def svcca_reference(x: np.ndarray, y: np.ndarray, keep: float, keep_by: str) -> 
     for side in (x, y):
         _, s, vt = np.linalg.svd(_centred(side), full_matrices=False)
         weights = s**2 if keep_by == "variance" else s
-        k = int(np.argmax(np.cumsum(weights) / weights.sum() >= keep - 1e-12)) + 1
+        if keep >= 1:  # every direction with variance: the rank
+            k = int((s > s[0] * max(side.shape) * np.finfo(float).eps).sum())
+        else:
+            k = int(np.argmax(np.cumsum(weights) / weights.sum() >= keep - 1e-12)) + 1
         reduced.append(_centred(side) @ vt[:k].T)
     return canonical_correlations(*reduced), reduced[0].shape[1], reduced[1].shape[1]
 

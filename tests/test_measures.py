@@ -62,6 +62,21 @@ def test_svcca_keep_all_is_cca_and_reports_zero_variance_channels():
     np.testing.assert_allclose(full["rho"], cca(x, y, precision="float64")["rho"][:4], atol=ATOL)
 
 
+def test_svcca_keep_all_keeps_a_direction_of_a_tiny_share_of_the_variance():
+    """keep=1.0 keeps every direction with variance: one holding 3e-15 of it (channels of 1e3 beside one of 1e-4
+    that carries the correlated signal) was dropped by a 1e-12 tolerance on the shares (mean ρ 0.03 for 0.35)."""
+    rng = np.random.default_rng(0)
+    signal = rng.standard_normal(2000)
+    x = np.c_[rng.standard_normal((2000, 3)) * 1e3, signal * 1e-4]
+    y = np.c_[rng.standard_normal((2000, 2)), signal + 0.1 * rng.standard_normal(2000)]
+    result = svcca(_chunked(x, 300), y, keep=1.0, precision="float64")
+    want, dims_a, dims_b = svcca_reference(x, y, 1.0, "variance")
+    assert (int(result["dims_a"]), int(result["dims_b"])) == (dims_a, dims_b) == (4, 3)
+    # the 1e-4 channel beside 1e3 ones: condition 1e14 in the covariance, 1e7 in the whitening (seen: 4e-16)
+    np.testing.assert_allclose(result["rho"], want, atol=1e-12)
+    np.testing.assert_allclose(result["rho"], cca(x, y, precision="float64")["rho"], atol=1e-12)
+
+
 @pytest.mark.parametrize(("p", "q"), [(4, 6), (6, 4), (5, 5)])
 @pytest.mark.parametrize("chunk", [400, 33])
 def test_pwcca_matches_in_memory(p, q, chunk):
