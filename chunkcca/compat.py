@@ -37,6 +37,8 @@ function does not run on Python 3 at all (see its docstring for each difference)
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import dask.array as da
@@ -45,6 +47,7 @@ import xarray as xr
 
 from ._stack import user_stacklevel
 from .api import compute_moments
+from .engine import NonFiniteError
 from .layers import as_activations
 from .measures import NONFINITE_STATISTICS
 from .moments import Moments
@@ -90,6 +93,17 @@ def _options(epsilon: Any, precision: Any, scheduler: Any, memory_limit: Any, pr
     return StreamOptions(precision=precision, scheduler=scheduler, progress=progress, memory_limit=memory_limit)
 
 
+@contextmanager
+def _finite_only() -> Iterator[None]:
+    """NaN or Inf in the activations an error, as in google/svcca, whose functions take no ``nan_policy``."""
+    try:
+        yield
+    except NonFiniteError as error:
+        raise NonFiniteError(f"{error.layer} holds NaN or Inf at {{datapoint}}: the google/svcca-compatible functions "
+                             f"take finite values (chunkcca.cca(..., nan_policy='omit') and the other measures leave "
+                             f"such datapoints out)", error.position, error.layer, error.label) from None
+
+
 def _stream_neurons_first(acts1: Any, acts2: Any, options: StreamOptions) -> Moments:
     """Validate google/svcca-layout inputs (neurons, datapoints) and stream their Moments."""
     if getattr(acts1, "ndim", None) == 2 and acts1.shape[0] >= acts1.shape[1]:  # the reference asserts acts1 only
@@ -99,7 +113,8 @@ def _stream_neurons_first(acts1: Any, acts2: Any, options: StreamOptions) -> Mom
     if layers[0].shape[0] != layers[1].shape[0]:
         raise ValueError(f"acts1 has {layers[0].shape[0]} datapoints but acts2 has {layers[1].shape[0]}; "
                          f"they must match")
-    return stream_layers(layers, plan_adapters(*layers, options), options).moments
+    with _finite_only():
+        return stream_layers(layers, plan_adapters(*layers, options), options).moments
 
 
 def _threshold_index(rho: np.ndarray, threshold: float) -> int:
@@ -419,8 +434,9 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
     _check(epsilon, precision)
     if verbose:
         print("streaming per-frequency covariances")
-    stats = compute_moments(layer_a.data, layer_b.data, spatial="dft", precision=precision, scheduler=scheduler,
-                            memory_limit=memory_limit, progress=verbose)
+    with _finite_only():
+        stats = compute_moments(layer_a, layer_b, spatial="dft", precision=precision, scheduler=scheduler,
+                                memory_limit=memory_limit, progress=verbose)
     records = []
     for location in np.ndindex(*stats.batch_shape):
         solved = _solve(stats[location], epsilon, threshold)

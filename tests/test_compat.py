@@ -187,12 +187,22 @@ def test_values_whose_products_overflow_are_an_error_not_the_zero_result():
             call(acts1 * 1e160, acts2, verbose=False) if call is get_cca_similarity else call(acts1 * 1e160, acts2)
 
 
-def test_nan_names_the_input():
+def test_nan_names_the_input_and_no_option_these_functions_lack():
+    """NaN or Inf is an error naming the input and datapoint; it suggested ``nan_policy='omit'``, which the
+    google/svcca-compatible functions do not take (a TypeError for a user who followed it)."""
     acts = np.random.default_rng(2).standard_normal((2, 30))
     bad = acts.copy()
     bad[1, 4] = np.inf
-    with pytest.raises(ValueError, match=r"^layer 'acts2' holds NaN or Inf at datapoint 4; "):
+    said = r"^acts2 holds NaN or Inf at datapoint 4: the google/svcca-compatible functions take finite values"
+    with pytest.raises(ValueError, match=said):
         get_cca_similarity(acts, bad, verbose=False)
+    with pytest.raises(ValueError, match=said):
+        compute_pwcca(acts, bad)
+    maps = np.random.default_rng(3).standard_normal((30, 4, 4, 2))
+    bad_maps = maps.copy()
+    bad_maps[11, 2, 3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"^conv_acts2 holds NaN or Inf at datapoint 11: .* nan_policy='omit'\) and"):
+        fourier_ccas(maps, bad_maps, verbose=False)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "svcca" / "SVHN").is_dir(),
