@@ -33,7 +33,7 @@ from .measures import (
     with_layers,
 )
 from .moments import Moments
-from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, group_codes
+from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_flag, group_codes
 from .passes import GramSums, Streamed, gram_pass, minibatch_pass, pair_provenance, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 from .tiles import TiledMoments
@@ -300,8 +300,9 @@ def _check_gram(names: Sequence[str], where: str) -> None:
     """spatial="features" gives linear CKA from Gram matrices only (the rows are too wide for a covariance)."""
     others = [name for name in names if name != "cka"]
     if others:
-        raise ValueError(f"{where}: {others[0]} needs covariances, and spatial='features' makes each datapoint's "
-                         f"whole map one row, too wide for them; with 'features' measure linear CKA (cka), exactly "
+        why = ("is not computed from Gram blocks (only the biased estimator is)" if others[0] == "cka_debiased" else
+               "needs covariances, and spatial='features' makes each datapoint's whole map one row, too wide for them")
+        raise ValueError(f"{where}: {others[0]} {why}; with 'features' measure linear CKA (cka), exactly "
                          f"from Gram matrices or with minibatch=N (--minibatch N)")
 
 
@@ -379,6 +380,7 @@ def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) 
         has batch dims (freq_h, freq_w) and complex statistics.
     """
     stream = StreamOptions.from_kwargs("compute_moments", options)
+    check_flag("row_norms", row_norms)
     if by_gram(stream.spatial):
         raise ValueError("compute_moments(): spatial='features' makes each datapoint's whole map one row, too wide "
                          "for Moments (a covariance); measure linear CKA with cka(..., spatial='features') or "
@@ -531,8 +533,10 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
         [`cca()`][chunkcca.cca]'s (with ``debiased``; no ``rows_omitted`` with spatial="features"); with
         ``minibatch``, the layers, ``spatial``, ``stride``, ``minibatch`` and ``rows`` only.
     """
+    if check_flag("debiased", debiased) and minibatch is None:
+        return _measure("cka_debiased", a, b, SolveOptions(), options, "cka")
     if minibatch is None:
-        return _measure("cka_debiased" if debiased else "cka", a, b, SolveOptions(), options, "cka")
+        return _measure("cka", a, b, SolveOptions(), options, "cka")
     stream = StreamOptions.from_kwargs("cka", {**options, "minibatch": minibatch})
     if debiased:
         raise ValueError("minibatch CKA is already built from unbiased HSIC; pass debiased=False")

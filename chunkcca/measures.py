@@ -23,7 +23,7 @@ import xarray as xr
 from ._stack import user_stacklevel
 from .blas import solve_threads
 from .moments import Moments
-from .options import SolveOptions, check_epsilon
+from .options import SolveOptions, check_epsilon, check_flag
 
 #: Channels whose standard deviation is at most this fraction of their mean's magnitude (64 float64 rounding
 #: units of it) are constant to rounding and pruned; exactly-zero variance is always pruned. A constant channel's
@@ -539,6 +539,7 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
         ``cka`` and ``rows``.
     """
     _pair(moments, "cka")
+    check_flag("debiased", debiased)
     require_variance(moments, "CKA")
     p = moments.sizes[0]
     scatter, n = moments.scatter, moments.n
@@ -1033,9 +1034,11 @@ def check_measures(measures: Any, *, batched: bool = False, where: str | None = 
     Moments) only measures that work per frequency. A ValueError naming the measure (or ``where``, the function
     computing it) at fault."""
     names = (measures,) if isinstance(measures, str) else tuple(measures)
+    if not names:
+        raise ValueError(f"no measure given; choose one or more from {', '.join(MEASURES)}")
     unknown = [name for name in names if name not in MEASURES]
-    if unknown or not names:
-        raise ValueError(f"unknown measure {unknown[0] if unknown else names!r}; choose from {', '.join(MEASURES)}")
+    if unknown:
+        raise ValueError(f"unknown measure {unknown[0]!r}; choose from {', '.join(MEASURES)}")
     if len(set(names)) != len(names):
         raise ValueError(f"measures {names!r} name a measure twice")
     if batched:

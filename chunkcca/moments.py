@@ -41,7 +41,7 @@ import xarray as xr
 
 from ._fs import write_atomically, zarr_attributes
 from ._stack import user_stacklevel
-from .options import PRECISIONS, ProductPrecision
+from .options import PRECISIONS, ProductPrecision, check_flag
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).
 SUBBLOCK_BYTES = 16 * 2**20
@@ -265,6 +265,7 @@ class Moments:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, attrs: dict | None = None) -> None:
         """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along.
         Channel labels a store cannot hold (a MultiIndex's tuples, values of mixed types) are a ValueError."""
+        check_flag("overwrite", overwrite)
         check_savable_labels(self.channel_labels, self.layers)
         batch = tuple(f"batch{i}" for i in range(len(self.batch_shape)))
         variables = {

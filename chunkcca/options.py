@@ -109,6 +109,14 @@ def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool (numpy's too), or a ValueError naming the argument: ``debiased="no"`` and
+    ``overwrite="no"`` are truthy, and were taken for True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` (bools refused), or a ValueError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -307,7 +315,7 @@ class StreamOptions:
         object.__setattr__(self, "split_every", check_int("split_every", self.split_every, 2))
         object.__setattr__(self, "memory_limit", memory_bytes(self.memory_limit))
         check_scheduler(self.scheduler)
-        object.__setattr__(self, "progress", bool(self.progress))
+        object.__setattr__(self, "progress", check_flag("progress", self.progress))
         object.__setattr__(self, "connect_timeout", check_number("connect_timeout", self.connect_timeout, 0.0,
                                                                  low_open=True))
         if self.groupby is not None and not isinstance(self.groupby, str):

@@ -57,7 +57,7 @@ from .layers import (
     with_datapoint_coords,
     zarr_arrays,
 )
-from .options import MASK, NETCDF_LARGEST_INT, check_choice, netcdf_int_error
+from .options import MASK, NETCDF_LARGEST_INT, check_choice, check_flag, netcdf_int_error
 from .progress import Progress
 from .rows import pixel_centres
 
@@ -186,6 +186,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     if not layers:
         raise ValueError("write_activations needs at least one layer")
     image_size = _image_size(image_size)
+    check_flag("progress", progress)
     compressors = codecs_for(compression)
     paths = check_new_layers(path, list(layers), mode=mode, overwrite=overwrite)
     for path_, value in zip(paths, layers.values()):
@@ -324,6 +325,7 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
     ([`check_layer_paths`][chunkcca.layers.check_layer_paths]); with "w", ``path`` is free or (``overwrite``)
     an activation store; with "a", it is a store holding none of ``names``. Returns the normalised paths."""
     check_choice("mode", mode, ("w", "a"))
+    check_flag("overwrite", overwrite)
     check_local(path)
     if mode == "w":
         check_replaceable(Path(path), overwrite, is_activation_store, "an activation store")
@@ -720,6 +722,7 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         Replace an existing result that ``save_result`` wrote (its attrs say ``chunkcca="result"``); never
         another file or store (a FileExistsError).
     """
+    check_flag("overwrite", overwrite)
     suffix = Path(path).suffix
     result = result.assign_attrs({RESULT_ATTR: RESULT})
     if suffix == ".zarr":

@@ -491,6 +491,8 @@ def test_covariance_measures_refuse_features_and_say_why():
         cca(x, y, spatial="features")
     with pytest.raises(ValueError, match="pwcca needs covariances"):
         compare(x, y, spatial="features", measures=["cka", "pwcca"])
+    with pytest.raises(ValueError, match=r"cka\(\): cka_debiased is not computed from Gram blocks"):  # it said
+        cka(x, y, spatial="features", debiased=True)  # "needs covariances", which debiased CKA does not
     with pytest.raises(ValueError, match="spatial='features' takes no checkpoint"):
         compare(x, y, spatial="features", measures=["cka"], checkpoint="run.moments")
     with pytest.raises(ValueError, match=r"compute_moments\(\): spatial='features' makes each datapoint's whole "

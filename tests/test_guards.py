@@ -371,3 +371,27 @@ def test_the_cli_refuses_checkpoint_every_without_checkpoint(tmp_path, capsys):
     assert main(["compare", store, "m0/conv", "m1/conv", "--no-progress", "--checkpoint-every", "4"]) == 2
     assert "--checkpoint-every applies only with --checkpoint, which is not given" in capsys.readouterr().err
     assert main(["compare", store, "m0/conv", "m1/conv", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("call", [
+    lambda store, x: chunkcca.cka(x, x, debiased="no"),
+    lambda store, x: chunkcca.cka_from_moments(chunkcca.compute_moments(x, x), debiased="no"),
+    lambda store, x: chunkcca.compute_moments(x, x, row_norms="no"),
+    lambda store, x: chunkcca.cca(x, x, progress="no"),
+    lambda store, x: chunkcca.write_activations(store, {"a": x}, overwrite="no"),
+    lambda store, x: chunkcca.write_activations(store.with_name("new.zarr"), {"a": x}, progress="no"),
+    lambda store, x: chunkcca.compute_moments(x, x).save(store.with_name("m.zarr"), overwrite="no"),
+    lambda store, x: chunkcca.save_result(chunkcca.cka(x, x), store.with_name("r.nc"), overwrite=1),
+])
+def test_a_flag_that_is_not_a_bool_is_refused(tmp_path, call):
+    """``debiased="no"`` computed the debiased CKA and ``overwrite="no"`` replaced a store: a flag is True or
+    False (numpy's bools too), else a ValueError naming it, before any work."""
+    x = np.random.default_rng(0).standard_normal((40, 3))
+    store = tmp_path / "s.zarr"
+    chunkcca.write_activations(store, {"a": x})
+    before = sorted(path.stat().st_mtime_ns for path in store.rglob("*"))
+    with pytest.raises(ValueError, match=r"must be True or False, got"):
+        call(store, x)
+    assert sorted(path.stat().st_mtime_ns for path in store.rglob("*")) == before
+    assert not {"new.zarr", "m.zarr", "r.nc"} & {path.name for path in tmp_path.iterdir()}
+    assert float(chunkcca.cka(x, x, debiased=np.True_)["cka"]) == pytest.approx(1.0)

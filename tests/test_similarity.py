@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 
 import chunkcca
-from chunkcca import cca, cka, procrustes, pwcca, shape_metric, similarity, svcca
+from chunkcca import cca, cka, compare, procrustes, pwcca, shape_metric, similarity, svcca
 from chunkcca.plot import plot_similarity
 
 matplotlib.use("Agg")
@@ -91,6 +91,8 @@ def test_bad_sweeps_are_rejected_before_streaming():
     small = xr.DataArray(np.zeros((60, 2, 2, 3)), dims=DIMS, name="small")
     with pytest.raises(ValueError, match=r"one spatial size for all layers, got 'model0/conv1' 4x4.*'small' 2x2"):
         similarity({"model0/conv1": layers["model0/conv1"]}, {"small": small})
+    with pytest.raises(ValueError, match="no measure given; choose one or more from mean_cca"):  # "unknown measure ()"
+        compare(np.ones((5, 2)), np.ones((5, 2)), measures=[])
     with pytest.raises(ValueError, match="unknown measure 'cca'; choose from mean_cca, r2_cca"):
         similarity(layers, layers, measures=["cca"])
     with pytest.raises(ValueError, match="similarity supports spatial='flatten' or 'avgpool'"):
