@@ -557,7 +557,7 @@ def _minibatch_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
                  {"long_name": f"minibatch linear CKA ({size} rows)"}),
          "minibatches": ((), np.int64(batches)),
          "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
-         "rows": ((), np.int64(rows))},
+         "rows": ((), np.int64(rows), {"long_name": "rows in whole minibatches, which CKA is computed from"})},
         attrs={"measure": "cka", "minibatch": int(size), **adapters[0].attrs, "rows": int(rows)},
     ), {"layer_a": str(layer_a.name), "layer_b": str(layer_b.name)})
 
@@ -574,8 +574,8 @@ NO_MINIBATCH_VARIANCE = ("it has no variance within minibatches (a dead layer), 
 def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
                     options: StreamOptions) -> tuple[np.ndarray, int, int, int]:
     """Over consecutive minibatches of ``options.minibatch`` rows of aligned ``layers``, the summed unbiased HSIC
-    of every pair of their linear Gram matrices (L, L), the minibatches, the rows after the last whole one and all
-    rows: one pass (see ``chunkcca.minibatch``)."""
+    of every pair of their linear Gram matrices (L, L), the minibatches, the rows after the last whole one (left
+    out) and the rows in whole minibatches (those CKA is computed from): one pass (see ``chunkcca.minibatch``)."""
     size = options.minibatch
     assert size is not None  # _minibatch_cka and _minibatch_similarity are called with it
     padded = [str(layer.name) for layer in layers if MASK in layer.coords]
@@ -601,7 +601,7 @@ def _minibatch_sums(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
         raise ValueError(f"minibatch CKA of layer {str(layers[tiny[0]].name)!r}: its values are too small for float64 "
                          f"products of its minibatches' Gram matrices (their HSIC, {hsic[tiny[0], tiny[0]]:.3g}, keeps "
                          f"fewer than 11 digits below {batches * SMALLEST_VARIANCE:.2g}); {TINY_GRAM_ADVICE}")
-    return hsic, batches, int(sums[-1]), rows
+    return hsic, batches, int(sums[-1]), rows - int(sums[-1])
 
 
 def _solve_options(measures: Sequence[str], given: Mapping[str, Any], where: str, *,
@@ -866,7 +866,7 @@ def _minibatch_similarity(aligned: Sequence[xr.DataArray], adapters: Sequence[Ad
         {"cka": (("layer_a", "layer_b"), values, {"long_name": f"minibatch linear CKA ({size} rows)"}),
          "minibatches": ((), np.int64(batches)),
          "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
-         "rows": ((), np.int64(rows))},
+         "rows": ((), np.int64(rows), {"long_name": "rows in whole minibatches, which CKA is computed from"})},
         coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "minibatch": int(size), **adapters[0].attrs})
 
 

@@ -695,6 +695,7 @@ def test_minibatch_cka_a_layer_at_a_time_counts_and_checks_the_rows_left_over(mo
     x, y = _maps(14, n=233)
     got = cka(da.from_array(x, chunks=50), y, spatial="features", minibatch=30)
     assert (int(got["minibatches"]), int(got["rows_left_out"])) == (7, 23)
+    assert int(got["rows"]) == got.attrs["rows"] == 210, "rows used, as every result's (233 counted those left out)"
     assert float(got["cka"]) == pytest.approx(_minibatch_gram_cka(x, y, 30), rel=1e-10)
     y[225, 1, 1, 0] = np.inf
     with pytest.raises(ValueError, match=r"^layer 'b' holds NaN or Inf at datapoint 225$"):
@@ -740,6 +741,7 @@ def test_minibatch_feature_cka_of_every_pair_of_a_sweep_in_one_pass():
             assert float(sweep["cka"].sel(layer_a=name_a, layer_b=name_b)) == pytest.approx(float(single["cka"]),
                                                                                              rel=1e-12)
     assert int(sweep["minibatches"]) == 4 and int(sweep["rows_left_out"]) == 10 and sweep.attrs["minibatch"] == 20
+    assert int(sweep["rows"]) == 80
     with pytest.raises(ValueError, match=r"minibatch applies to measures=\['cka'\] only, got \['mean_cca', 'cka'\]"):
         similarity(layers_a, layers_b, minibatch=20)
     with pytest.raises(TypeError, match="precision does not apply to minibatch CKA"):
