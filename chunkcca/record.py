@@ -25,7 +25,8 @@ them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise th
 not taken for one).
 Failing all these, a 3-d output is channels last from any other module with parameters (attention, a transformer
 layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
-transpose; an Upsample), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first
+transpose; an Upsample) or when a module made a tensor of its square shape (a block returning ``F.relu`` of its
+Conv1d's (N, C, L) with C = L), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first
 unless ``layouts=`` says otherwise.
 
 Which of a 3-d output's first two dims holds the datapoints (its time order) is told by the rule where it
@@ -280,6 +281,8 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return shaped, tensor.shape[0] != tensor.shape[1]
     if tensor.dim() > 3 or next(module.parameters(), None) is None:  # 4-d, 5-d: channels first by default
         return None, False
+    if tuple(tensor.shape) in seen.shapes:  # a square shape a module made ((N, C, C) of a conv through F.relu):
+        return None, False  # a transpose cannot be told, and the default could read its channels as positions
     return "channels_last", False
 
 
@@ -349,10 +352,13 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
         tensor, found, layout = tensor.transpose(0, 1), "channels_last", None if layout == "time_first" else layout
     layout = layout or found
     if layout is None and tensor.dim() == 3:
+        why = (f"{type(module).__name__} has no parameters to tell by, and no module of the model made a tensor of "
+               f"its shape before it (a function of the model's input, a transpose), or its shape is square, where "
+               f"a transpose cannot be told" if next(module.parameters(), None) is None else
+               "its shape is square, where a transpose cannot be told, and a module of the model made a tensor of "
+               "that shape before it (a Conv1d's (N, C, L) with C = L through a function)")
         raise ValueError(f"layer {path!r}: where the channels of its {tuple(tensor.shape)} output are is "
-                         f"unknown: {type(module).__name__} has no parameters to tell by, and no module of the "
-                         f"model made a tensor of its shape before it (a function of the model's input, a "
-                         f"transpose), or its shape is square, where a transpose cannot be told; pass "
+                         f"unknown: {why}; pass "
                          f"layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), 'channels_last' "
                          f"if (N, T, C), 'time_first' if (T, N, C)")
     nested = getattr(tensor, "is_nested", False)

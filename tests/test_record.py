@@ -390,6 +390,43 @@ def test_a_square_output_after_a_transpose_is_refused_not_guessed(tmp_path):
         record(Square(), ["act"], [torch.randn(4, 8, 64)], tmp_path / "s.zarr")
 
 
+def test_a_block_returning_a_function_of_its_square_conv_output_is_refused_not_guessed(tmp_path):
+    """A block returning ``F.relu(conv(x))`` of (N, C, L) with C = L, a module with parameters, took the default for
+    those (channels last), and the block and a ReLU after it were stored with time and channels swapped (C = 8,
+    L = 9 is read right)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv1d(6, channels, 3, padding=1)
+
+        def forward(self, x):
+            return torch.nn.functional.relu(self.conv(x))
+
+    class Net(torch.nn.Module):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.block, self.act = Block(channels), torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.block(x))
+
+    torch.manual_seed(0)
+    oblong, inputs = Net(8), torch.randn(16, 6, 9)
+    tree = record(oblong, ["block", "act"], [inputs[:8], inputs[8:]], tmp_path / "oblong.zarr")
+    with torch.no_grad():
+        want = oblong.block(inputs).transpose(1, 2).numpy()
+    assert tree["block"]["activations"].dims == ("datapoint", "time", "channel")
+    np.testing.assert_array_equal(tree["block"]["activations"].values, want)
+    np.testing.assert_array_equal(tree["act"]["activations"].values, want)
+    with pytest.raises(ValueError, match=r"layer 'block': where the channels of its \(8, 8, 8\) output are is unknown: "
+                                         r"its shape is square"):
+        record(Net(8), ["block", "act"], [inputs[:8, :, :8]], tmp_path / "square.zarr")
+    assert not (tmp_path / "square.zarr").exists()
+    tree = record(Net(8), ["block"], [inputs[:8, :, :8]], tmp_path / "told.zarr", layouts={"block": "channels_first"})
+    assert tree["block"]["activations"].dims == ("datapoint", "time", "channel")
+
+
 class _ConvNeXtBlock(torch.nn.Module):
     """A ConvNeXt-like block: a Conv2d, then LayerNorm, Linear, GELU, Linear on the (N, H, W, C) permutation of its
     output, permuted back, through a Dropout and added to the conv's output."""
