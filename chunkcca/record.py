@@ -33,7 +33,8 @@ Which of a 3-d output's first two dims holds the datapoints (its time order) is 
 follows a module's tensors (a time-first module's output, a Linear on one, a function keeping its shape, a conv).
 Where it does not (a module acting on the last dim, a default), in a model with modules that put time first, the
 batch's count of datapoints tells it when only one of those dims has as many (a count shown by a DataLoader's
-default collation or an image input (N, C, H, W), all the batch's tensors agreeing): a CLIP-like model's blocks,
+default collation or an image input (N, C, H, W), all the batch's tensors agreeing; else the N of the (T, N, C)
+outputs torch documents in the pass, all agreeing): a CLIP-like model's blocks,
 which permute their embeddings to (T, N, C) with a function, and their first LayerNorm are time first. When both
 dims have one size (T = N) the layer keeps the order a batch told; layers told one order after a batch was read
 in the other are an error naming them, and layers no batch told (every batch as many datapoints as positions,
@@ -48,10 +49,9 @@ every batch. The store is written to a temporary folder and renamed into place w
 
 from __future__ import annotations
 
-import collections
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +132,7 @@ class _Seen:
         self.tensors: Any = WeakIdKeyDictionary()
         self.shapes: dict[tuple[int, ...], Found] = {}
         self.datapoints: int | None = None
+        self.sequence_datapoints: int | None = None  # N of the (T, N, C) outputs torch documents, in this pass
         self.has_time_first = any(_time_first(module) for module in model.modules())
         self.orders: dict[Any, bool] = {}  # recorded layer (its path) or module → whether time first, as told
         self.read: set[str] = set()  # recorded layers read datapoints first in a batch that did not tell
@@ -158,6 +159,18 @@ class _Seen:
         self.tensors.clear()
         self.shapes.clear()
         self.datapoints = datapoints
+        self.sequence_datapoints = None
+
+    def note_time_first(self, tensor: Any) -> None:
+        """Note the datapoints (N) of a (T, N, C) output as torch documents it (an RNN's, attention's with
+        ``batch_first=False``): the pass's count where the batch does not show it, as long as they all agree
+        (0 once two disagree)."""
+        count = int(tensor.shape[1])
+        self.sequence_datapoints = count if self.sequence_datapoints in (None, count) else 0
+
+    def count(self) -> int | None:
+        """The pass's datapoints: as the batch shows them, else as the (T, N, C) outputs torch documents do."""
+        return self.datapoints if self.datapoints is not None else self.sequence_datapoints or None
 
     def misread_error(self) -> ValueError:
         """The error for the layers in ``misread``, naming each and what helps."""
@@ -185,7 +198,7 @@ class _Seen:
         else as a batch told it for ``key`` (for a module, only when both dims have one size: a module may run on
         other tensors too). A layer told one order after a batch read it the other goes to ``misread``; one read
         in a batch of as many datapoints as positions and not told, to ``untold``."""
-        n = self.datapoints
+        n = self.count()
         if not told and self.has_time_first and n is not None and (tensor.shape[0] == n) != (tensor.shape[1] == n):
             found, told = "time_first" if tensor.shape[1] == n else found, True
         layer = isinstance(key, str)
@@ -293,6 +306,8 @@ def _found(module: Any, inputs: Sequence[Any], output: Any, tensor: Any, seen: _
     a 3-d tensor's time order set where the rule does not tell it (``seen.time_order``) for the recorded layer or
     module ``key``."""
     if tensor.dim() == 3 and (documented := _documented(module, output, tensor)) is not None:
+        if documented == "time_first" and not tensor.is_nested:
+            seen.note_time_first(tensor)
         return documented, True
     found, told = _layout(module, inputs, tensor, seen)
     if tensor.dim() != 3 or tensor.is_nested:
@@ -379,20 +394,26 @@ def _shuffles(batches: Any) -> bool:
                or (isinstance(sampler, DistributedSampler) and sampler.shuffle) for sampler in samplers)
 
 
-def _check_datapoint_counts(outputs: Mapping[str, np.ndarray]) -> None:
+def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int | None, told: Collection[str]) -> None:
     """Every recorded layer's output of a batch has the batch's datapoints first; else an error naming each layer
-    at odds with the most and what gives its datapoints first (xarray said "conflicting sizes for dimension
-    'datapoint'" when the store was opened)."""
+    at odds with the batch's ``datapoints`` (None: unknown) or, failing that, with the layers whose time order was
+    ``told``, and what gives its datapoints first (xarray said "conflicting sizes for dimension 'datapoint'" when
+    the store was opened). When neither tells the count, every layer is named: the most may be the ones misread."""
     counts = {layer: len(values) for layer, values in outputs.items()}
-    most = collections.Counter(counts.values()).most_common(1)[0][0]
-    odd = [layer for layer, count in counts.items() if count != most]
-    if not odd:
+    if len(set(counts.values())) < 2:
         return
+    listed = ", ".join(f"{layer!r} {count}" for layer, count in counts.items())
+    known = datapoints if datapoints is not None else next((counts[layer] for layer in counts if layer in told), None)
+    if known is None:
+        raise ValueError(f"the layers give different numbers of datapoints for one batch ({listed}), and nothing "
+                         f"tells which is right; pass layouts={{layer: 'time_first'}} for each layer that is "
+                         f"(T, N, C), or output= a function giving a layer with its datapoints first")
     advice = [(f"if {layer!r} is (T, N, C) read as (N, T, C), pass layouts={{{layer!r}: 'time_first'}}"
-               if outputs[layer].ndim == 3 and outputs[layer].shape[1] == most else
-               f"pass output= a function giving {layer!r} with its datapoints first") for layer in odd]
-    raise ValueError(f"the layers give different numbers of datapoints for one batch "
-                     f"({', '.join(f'{layer!r} {count}' for layer, count in counts.items())}); {'; '.join(advice)}")
+               if outputs[layer].ndim == 3 and outputs[layer].shape[1] == known else
+               f"pass output= a function giving {layer!r} with its datapoints first")
+              for layer, count in counts.items() if count != known]
+    raise ValueError(f"the layers give different numbers of datapoints for one batch ({listed}; the batch holds "
+                     f"{known}); {'; '.join(advice)}")
 
 
 def _collates(batches: Any) -> bool:
@@ -590,7 +611,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     padding = mask(batch) if mask is not None else None
                     padding = None if padding is None else boolean_mask(padding.detach().cpu().numpy(),
                                                                         "the padding mask of a batch (mask=)")
-                    _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured})
+                    _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured},
+                                            seen.count(), [key for key in seen.orders if isinstance(key, str)])
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")

@@ -720,24 +720,58 @@ def test_layouts_time_first_and_layers_that_disagree_on_the_datapoints(tmp_path)
     LSTM with xarray's "conflicting sizes for dimension 'datapoint'"; layouts= had no way to say (T, N, C)."""
     batches = [torch.randn(7, 4, 3) for _ in range(3)]  # T = 7, N = 4
     net = _TimeFirstHead().eval()
-    with pytest.raises(ValueError, match=r"different numbers of datapoints for one batch \('rnn' 4, 'fc' 7\); if "
-                                         r"'fc' is \(T, N, C\) read as \(N, T, C\), pass layouts=\{'fc': "
-                                         r"'time_first'\}$"):
-        record(net, ["rnn", "fc"], batches, tmp_path / "bad.zarr")
-    assert not (tmp_path / "bad.zarr").exists()
-    tree = record(net, ["rnn", "fc"], batches, tmp_path / "r.zarr", layouts={"fc": "time_first",
-                                                                              "rnn": "channels_last"})
     with torch.inference_mode():
         own = np.concatenate([net.rnn(x)[0].numpy().transpose(1, 0, 2) for x in batches])
-    np.testing.assert_allclose(tree["rnn"]["activations"].values, own, atol=1e-6)  # found (T, N, C), then the layout
-    with torch.inference_mode():
         want = np.concatenate([net(x).numpy().transpose(1, 0, 2) for x in batches])
-    assert tree["fc"]["activations"].dims == ("datapoint", "token", "channel")
+    # the LSTM's documented (T, N, C) output tells the pass's N (4), which the head's (7, 4, C) has second
+    for layers in (["rnn", "fc"], ["fc"]):
+        tree = record(net, layers, batches, tmp_path / f"{len(layers)}.zarr")
+        assert tree["fc"]["activations"].dims == ("datapoint", "token", "channel")
+        np.testing.assert_allclose(tree["fc"]["activations"].values, want, atol=1e-6)
+    tree = record(net, ["rnn", "fc"], batches, tmp_path / "r.zarr", layouts={"fc": "time_first",
+                                                                              "rnn": "channels_last"})
+    np.testing.assert_allclose(tree["rnn"]["activations"].values, own, atol=1e-6)  # found (T, N, C), then the layout
     np.testing.assert_allclose(tree["fc"]["activations"].values, want, atol=1e-6)
     with pytest.raises(ValueError, match=r"layouts\['rnn'\] is 'time_first', \(T, N, C\), but its output is of "
                                          r"shape \(4, 8\)"):
         record(net, ["rnn"], batches, tmp_path / "h.zarr", layouts={"rnn": "time_first"},
                output=lambda out: out[1][0][0])
+
+
+class _Flattened(torch.nn.Module):
+    """An LSTM with batch_first=False, then Linears on its (T · N, 8) steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.rows, self.fc = torch.nn.LSTM(3, 8), torch.nn.Linear(8, 5), torch.nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rows(self.rnn(x)[0].reshape(-1, 8)))
+
+
+class _TwoCounts(torch.nn.Module):
+    """Linears on (N, T, C) and on its transpose (T, N, C), in a model with no module that puts time first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x).transpose(0, 1))
+
+
+def test_layers_that_disagree_on_the_datapoints_are_named_against_what_tells_the_count(tmp_path):
+    """The layers' most common count was taken for the batch's: with two layers misread beside one read right,
+    the error told the right one to change, and its advice gave the same error again. Against the LSTM's
+    documented count the misread layers are named; where nothing tells the count, every layer is."""
+    batches = [torch.randn(7, 4, 3) for _ in range(2)]  # T = 7, N = 4
+    with pytest.raises(ValueError, match=r"\('rnn' 4, 'rows' 28, 'fc' 28; the batch holds 4\); pass output= a "
+                                         r"function giving 'rows' with its datapoints first; pass output="):
+        record(_Flattened().eval(), ["rnn", "rows", "fc"], batches, tmp_path / "bad.zarr")
+    with pytest.raises(ValueError, match=r"\('first' 4, 'second' 6\), and nothing tells which is right; pass "
+                                         r"layouts=\{layer: 'time_first'\} for each layer that is \(T, N, C\)"):
+        record(_TwoCounts(), ["first", "second"], [torch.randn(4, 6, 3)], tmp_path / "two.zarr")
+    assert not {"bad.zarr", "two.zarr"} & {path.name for path in tmp_path.iterdir()}
 
 
 class _Keywords(torch.nn.Module):
