@@ -90,6 +90,7 @@ class Groups:
     labels: np.ndarray
     dim: str
     folds: bool = False
+    sizes: np.ndarray | None = None  # datapoints per group, in label order
 
 
 def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | None:
@@ -105,7 +106,8 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
                              f"datapoints")
         sizes = [len(part) for part in np.array_split(np.arange(datapoints), options.folds)]
         codes = np.repeat(np.arange(options.folds), sizes)
-        return Groups(da.from_array(codes, chunks=chunks), np.arange(options.folds), "fold", folds=True)
+        return Groups(da.from_array(codes, chunks=chunks), np.arange(options.folds), "fold", folds=True,
+                      sizes=np.asarray(sizes))
     name = options.groupby if options.groupby is not None else options.folds
     if name is None:
         return None
@@ -131,7 +133,23 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     if option == "folds" and len(labels) < 2:
         raise ValueError(f"{asked} gives {len(labels)} fold; folds need at least 2")
     return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels, name if option == "groupby" else "fold",
-                  folds=option == "folds")
+                  folds=option == "folds", sizes=np.bincount(codes.reshape(-1), minlength=len(labels)))
+
+
+def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions) -> None:
+    """Before the pass: every group of ``groupby`` can give the 2 rows a measure needs (at most
+    ceil(rows per datapoint / stride) per datapoint), else a ValueError naming the first that cannot (a group per
+    value of a continuous coordinate failed after the whole pass)."""
+    if groups is None or groups.folds or groups.sizes is None:
+        return
+    most = groups.sizes * -(-adapter.rows_per_datapoint // adapter.stride)
+    small = np.flatnonzero(most < 2)
+    if small.size:
+        label, size = groups.labels[small[0]].item(), int(groups.sizes[small[0]])
+        raise ValueError(f"groupby={options.groupby!r} (--groupby {options.groupby}): {small.size} of the "
+                         f"{len(groups.labels)} groups give fewer than the 2 rows every measure needs (the first, "
+                         f"{groups.dim}={label!r}, holds {size} datapoint{'' if size == 1 else 's'}); group by a "
+                         f"coordinate whose values label groups of datapoints (e.g. a class label)")
 
 
 def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False, whitens: bool = True,
@@ -152,6 +170,8 @@ def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     nan_policy="omit" emptied left out, groups too small for a covariance warned of."""
     _check_rows(layers, adapters, whitens, measured=measured)
     groups = _groups(layers, options)
+    if measured:
+        _check_group_rows(groups, adapters[0], options)
     streamed = stream_layers(layers, adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels), pairs=pairs, whitens=whitens)

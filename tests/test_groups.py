@@ -411,8 +411,8 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
     with pytest.raises(TypeError, match=r"cca\(\) takes groupby, not folds"):
         cca(x, x + 1, folds=3)
     kinds = xr.DataArray(x, dims=("datapoint", "channel")).assign_coords(kind=("datapoint", ["p"] * 99 + ["q"]))
-    with (pytest.raises(ValueError, match=r"hold 1 row: a covariance needs more than 1 in the group kind='q'"),
-          pytest.warns(RuntimeWarning, match=r"'q' \(1\)")):
+    with pytest.raises(ValueError, match=r"1 of the 2 groups give fewer than the 2 rows every measure needs \(the "
+                                         r"first, kind='q', holds 1 datapoint\)"):
         cca(kinds, kinds + np.arange(40), groupby="kind")
 
 
@@ -596,3 +596,24 @@ def test_a_measure_undefined_in_one_group_is_an_error_naming_the_group():
     with pytest.warns(RuntimeWarning, match=message):  # a sweep named no group; it is NaN there, as documented
         swept = similarity({"a": a}, {"b": b}, measures=["cka_debiased"], groupby="g")
     assert np.isnan(swept["cka_debiased"].sel(g=1).item()) and not np.isnan(swept["cka_debiased"].sel(g=0).item())
+
+
+def test_groups_too_small_for_a_measure_are_refused_before_the_pass(monkeypatch):
+    """groupby a continuous coordinate (a group per datapoint) failed only after the whole pass ("hold 1 row"):
+    the groups' datapoints are known from the coordinate, so a group that cannot give 2 rows is named first.
+    Under flatten one datapoint of 2 x 2 positions gives its 4 rows, and Moments may hold a row."""
+    rng = np.random.default_rng(0)
+    coords = {"t": ("datapoint", np.linspace(0, 1, 40))}
+    a = xr.DataArray(rng.standard_normal((40, 3)), dims=("datapoint", "channel"), coords=coords, name="a")
+    b = a.copy(data=rng.standard_normal((40, 3))).rename("b")
+    streamed = chunkcca.api.stream_layers
+    monkeypatch.setattr(chunkcca.api, "stream_layers", lambda *args, **kwargs: pytest.fail("streamed"))
+    for call in (lambda: chunkcca.cca(a, b, groupby="t"), lambda: chunkcca.similarity({"a": a}, {"b": b}, groupby="t")):
+        with pytest.raises(ValueError, match=r"^groupby='t' \(--groupby t\): 40 of the 40 groups give fewer than the 2 "
+                                             r"rows every measure needs \(the first, t=0.0, holds 1 datapoint\)"):
+            call()
+    monkeypatch.setattr(chunkcca.api, "stream_layers", streamed)
+    assert len(chunkcca.compute_moments(a, b, groupby="t")) == 40
+    maps = xr.DataArray(rng.standard_normal((40, 2, 2, 3)), dims=("datapoint", "height", "width", "channel"),
+                        coords=coords, name="maps")
+    assert chunkcca.cka(maps, maps.copy().rename("other"), groupby="t").sizes["t"] == 40
