@@ -161,6 +161,11 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         name = name or (str(layer.name) if layer.name is not None else "activations")
         if isinstance(dims, Mapping):
             layer = layer.rename({old: new for old, new in dims.items() if old in layer.dims})
+        elif dims is not None:  # a DataArray's axes have names: dims= as a tuple names those of arrays only
+            raise ValueError(f"layer {name!r} is a DataArray of dims {tuple(map(str, layer.dims))}: dims= as a tuple "
+                             f"names the axes of arrays; give a mapping from its dim names to chunkcca's, e.g. "
+                             f"dims={{{str(layer.dims[0])!r}: 'datapoint', ...}}, or rename them with "
+                             f"DataArray.rename")
         array = _order_dims(layer, name)
     else:
         if not hasattr(layer, "shape") or not hasattr(layer, "dtype"):
@@ -180,8 +185,8 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
             positions = DEFAULT_DIMS[layer.ndim][1:-1]
             first, last = (repr(("datapoint", *dims)) for dims in (("channel", *positions), (*positions, "channel")))
             torch = "(N, C, H, W)" if layer.ndim == 4 else "(N, C, D, H, W)"
-            name_axes = (f"name its axes: dims={first} if it is, or {last} if not, to the measures, or give "
-                         f"write_activations an xarray.DataArray(array, dims=...)")
+            name_axes = (f"name its axes: xarray.DataArray(array, dims={first}) if it is, or {last} if not (or "
+                         f"dims= to the measures, which names the axes of every array given)")
             if layout == "channels_first":
                 raise ValueError(f"layer {name!r} looks channels-first (PyTorch's {torch}): shape "
                                  f"{tuple(layer.shape)} has equal last two axes; {name_axes}")

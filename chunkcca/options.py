@@ -270,7 +270,9 @@ class StreamOptions:
         Show a progress bar (on stderr).
     dims
         Names of the axes of array inputs, e.g. ``("datapoint", "channel", "height", "width")``
-        for channels-first data, or a mapping from a DataArray's dim names to chunkcca's.
+        for channels-first data (every array given; wrap arrays of other layouts in
+        ``xarray.DataArray(array, dims=...)`` one by one), or a mapping from DataArrays' dim names to chunkcca's
+        (a tuple for a DataArray is an error).
     checkpoint, checkpoint_every
         A local path (in an existing folder) where the running Moments are saved (atomically) after every
         ``checkpoint_every`` datapoint chunks (default 16; given without ``checkpoint``, a TypeError); a

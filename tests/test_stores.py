@@ -276,7 +276,8 @@ def test_channels_first_input_is_named_and_dims_fix_it(tmp_path):
     a, b = correlated_layers(np.random.default_rng(1), 30, (6, 6, 5), (6, 6, 4), dtype=np.float64)
     nchw = np.moveaxis(a, 3, 1)  # (30, 5, 6, 6)
     with pytest.raises(ValueError, match=r"layer 'a' looks channels-first \(PyTorch's \(N, C, H, W\)\): shape "
-                                         r"\(30, 5, 6, 6\) has equal last two axes; name its axes: dims="):
+                                         r"\(30, 5, 6, 6\) has equal last two axes; name its axes: "
+                                         r"xarray.DataArray\(array, dims="):
         cca(nchw, b)
     x, y = np.random.default_rng(2).standard_normal((30, 6, 5, 3)), np.random.default_rng(3).standard_normal((30, 4))
     with pytest.warns(UserWarning, match=r"layer 'a' of shape \(30, 6, 5, 3\) is read as \(datapoint, height 6, "
@@ -295,7 +296,8 @@ def test_channels_first_input_is_named_and_dims_fix_it(tmp_path):
     volume = np.random.default_rng(4).standard_normal((30, 6, 4, 4, 4))  # PyTorch's (N, C, D, H, W)
     with pytest.raises(ValueError, match=r"layer 'a' looks channels-first \(PyTorch's \(N, C, D, H, W\)\): shape "
                                          r"\(30, 6, 4, 4, 4\) has equal last two axes; name its axes: "
-                                         r"dims=\('datapoint', 'channel', 'depth', 'height', 'width'\) if it is"):
+                                         r"xarray.DataArray\(array, dims=\('datapoint', 'channel', 'depth', 'height', "
+                                         r"'width'\)\) if it is"):
         cca(volume, b)  # it was read as (datapoint, depth 6, height 4, width 4, channel 4), silently
     with pytest.raises(ValueError, match=r"layer 'v' of shape \(30, 3, 4, 5, 6\) may be channels-first \(PyTorch's "
                                          r"\(N, C, D, H, W\)\) or channels-last"):
@@ -308,6 +310,9 @@ def test_channels_first_input_is_named_and_dims_fix_it(tmp_path):
     np.testing.assert_allclose(mapped["rho"], named["rho"], atol=1e-12)
     with pytest.raises(ValueError, match="dims names 3 axes but layer 'a' has 4"):
         cca(nchw, nchw_b, dims=("datapoint", "channel", "height"))
+    with pytest.raises(ValueError, match=r"layer 'a' is a DataArray of dims \('n', 'y', 'x', 'c'\): dims= as a tuple "
+                                         r"names the axes of arrays; give a mapping .* dims=\{'n': 'datapoint', "):
+        cca(renamed, b, dims=("datapoint", "height", "width", "channel"))  # it was left unread: "expected 'datapoint'"
 
 
 def test_corrupt_chunk_names_store_and_layer(tmp_path):
