@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import xarray as xr
 from dask.array import PerformanceWarning
 
@@ -161,7 +162,8 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         name = name or (str(layer.name) if layer.name is not None else "activations")
         if isinstance(dims, Mapping):
             layer = layer.rename({old: new for old, new in dims.items() if old in layer.dims})
-        elif dims is not None:  # a DataArray's axes have names: dims= as a tuple names those of arrays only
+        elif dims is not None and tuple(dims) != layer.dims:  # a DataArray's axes have names: a tuple names
+            # those of arrays only
             raise ValueError(f"layer {name!r} is a DataArray of dims {tuple(map(str, layer.dims))}: dims= as a tuple "
                              f"names the axes of arrays; give a mapping from its dim names to chunkcca's, e.g. "
                              f"dims={{{str(layer.dims[0])!r}: 'datapoint', ...}}, or rename them with "
@@ -363,7 +365,9 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
     """Put ``b``'s datapoints in ``a``'s order by label, and its position dims in ``a``'s order by name when both
     have the same ones (lazily); any datapoint label missing on one side is an error.
 
-    Layers without a datapoint coordinate are aligned by position and must have equal counts.
+    Layers without a datapoint coordinate are aligned by position and must have equal counts; beside one with
+    labels other than 0, 1, …, N − 1 in order (which position would pair as they say), an error: which pairing
+    is meant cannot be told.
     """
     positions = a.dims[1:-1]
     if b.dims[1:-1] != positions and sorted(map(str, b.dims[1:-1])) == sorted(map(str, positions)):
@@ -378,6 +382,15 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
             raise ValueError(
                 f"layer {name_a!r} has {a.sizes['datapoint']} datapoints but layer {name_b!r} has "
                 f"{b.sizes['datapoint']}; both must hold the same datapoints")
+        labelled, plain = (a, b) if "datapoint" in a.coords else (b, a)
+        if "datapoint" in labelled.coords and not labelled.indexes["datapoint"].equals(
+                pd.RangeIndex(labelled.sizes["datapoint"])):
+            raise ValueError(
+                f"layer {labelled.name!r} labels its datapoints (e.g. {labelled.indexes['datapoint'][:3].tolist()}) "
+                f"and layer {plain.name!r} does not (a store written without them, or an array): pairing them by "
+                f"position would ignore the labels; give {plain.name!r} its labels "
+                f"(layer.assign_coords(datapoint=...)), or drop those of {labelled.name!r} "
+                f"(layer.drop_vars('datapoint')) to pair by position")
         return a, b
     labels_a = a.indexes["datapoint"]
     labels_b = b.indexes["datapoint"]

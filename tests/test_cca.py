@@ -132,6 +132,26 @@ def test_labelled_layers_align_by_datapoint_label(conv_pair):
     assert result.attrs["layer_a"] == "net0/conv" and result.attrs["layer_b"] == "net1/conv"
 
 
+def test_labels_on_one_side_only_are_an_error_unless_they_are_the_positions(conv_pair, tmp_path):
+    """A layer labelled in a shuffled order beside one without labels (a store plain xarray wrote) was paired by
+    position, silently (mean ρ 0.11 for 0.84). Labels 0 … N − 1 in order pair as position does."""
+    a, b = conv_pair
+    dims = ("datapoint", "height", "width", "channel")
+    order = np.random.default_rng(5).permutation(60)
+    shuffled = xr.DataArray(a[order], dims=dims, coords={"datapoint": order}, name="net0/conv")
+    xr.Dataset({"activations": (dims, b)}).chunk(datapoint=20).to_zarr(tmp_path / "plain.zarr", group="net1/conv",
+                                                                       zarr_format=3, consolidated=False)
+    unlabelled = chunkcca.open_activations(tmp_path / "plain.zarr")["net1/conv"]
+    for first, second in ((shuffled, unlabelled), (unlabelled, shuffled), (shuffled, b)):
+        with pytest.raises(ValueError, match=r"layer 'net0/conv' labels its datapoints \(e.g. \[\d+, \d+, \d+\]\) and "
+                                             r"layer '(net1/conv|b)' does not .* by position would ignore"):
+            cca(first, second)
+    want = canonical_correlations(flatten_rows(a), flatten_rows(b))
+    in_order = shuffled.sortby("datapoint")
+    np.testing.assert_allclose(cca(in_order, unlabelled, precision="float64")["rho"], want, atol=1e-10)
+    np.testing.assert_allclose(cca(in_order, b, precision="float64")["rho"], want, atol=1e-10)
+
+
 def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):
     a, b = conv_pair
     dims = ("datapoint", "height", "width", "channel")
