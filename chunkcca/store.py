@@ -328,6 +328,10 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
     check_flag("overwrite", overwrite)
     check_local(path)
     if mode == "w":
+        if overwrite and written_by_chunkcca(Path(path)) and (foreign := foreign_files(Path(path))):
+            raise FileExistsError(f"{path} holds files chunkcca did not write ({', '.join(foreign)}"
+                                  f"{' …' if len(foreign) == 3 else ''}); overwrite=True replaces only what chunkcca "
+                                  f"wrote: move them out of it, or choose another path")
         check_replaceable(Path(path), overwrite, is_activation_store, "an activation store")
         return check_layer_paths(names)
     if overwrite:
@@ -375,13 +379,35 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
 
 
 def is_activation_store(path: Path) -> bool:
-    """Whether ``path`` is a folder holding a zarr group with at least one layer (an ``activations`` array)."""
+    """Whether ``path`` is a folder holding a zarr group that chunkcca wrote (its root records the layers' order)
+    and nothing else: no file but zarr metadata outside its arrays' chunk folders (a user's notes or results
+    inside it would go with it)."""
+    return (written_by_chunkcca(path) and not path.is_symlink() and store_holding(path) is None
+            and not foreign_files(path))
+
+
+def written_by_chunkcca(path: Path) -> bool:
+    """Whether ``path`` holds a zarr group whose root records the layers' order, as chunkcca's stores do."""
     try:
         metadata = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
         return False
-    return (metadata.get("node_type") == "group" and not path.is_symlink() and store_holding(path) is None
-            and (ORDER_ATTR in metadata.get("attributes", {}) or any(path.glob(f"**/{VARIABLE}/zarr.json"))))
+    return metadata.get("node_type") == "group" and ORDER_ATTR in metadata.get("attributes", {})
+
+
+def foreign_files(path: Path, most: int = 3) -> list[str]:
+    """Up to ``most`` files in the zarr store at ``path`` that are neither zarr metadata nor an array's chunks
+    (what zarr keeps under an array's ``c`` folder), as paths within it."""
+    found: list[str] = []
+    for folder, subfolders, files in os.walk(path):
+        foreign = [name for name in files if name != "zarr.json"]
+        if "zarr.json" in files and "c" in subfolders:  # an array: its chunks under c, not walked
+            foreign += [f"{name}/" for name in subfolders if name != "c"]
+            subfolders[:] = []
+        found += [str(Path(folder, name).relative_to(path)) for name in foreign]
+        if len(found) >= most:
+            break
+    return found[:most]
 
 
 def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None, *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -617,3 +618,32 @@ def test_a_layers_lost_mask_or_label_metadata_is_refused(tmp_path):
         (store / "t" / array / "zarr.json").unlink()
         with pytest.raises(OSError, match=rf"the metadata of array '{array}' of layer 't' is missing"):
             open_activations(store)
+
+
+def test_overwrite_replaces_neither_a_store_chunkcca_did_not_write_nor_files_put_in_one(tmp_path):
+    """overwrite=True replaced a store plain xarray wrote, and a chunkcca store with the user's files put inside it
+    (notes, results), which went with it: it replaces only what chunkcca wrote."""
+    import xarray as xr
+
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    plain = tmp_path / "plain.zarr"
+    xr.Dataset({"activations": (("datapoint", "channel"), x)}).to_zarr(plain, group="fc", zarr_format=3,
+                                                                      consolidated=False)
+    before = _contents(plain)
+    with pytest.raises(FileExistsError, match="is not an activation store chunkcca wrote"):
+        write_activations(plain, {"x": x}, overwrite=True)
+    assert _contents(plain) == before
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"x": x, "m/y": x}, chunks=10)
+    (store / "notes.txt").write_text("mine")
+    (store / "m" / "y" / "activations" / "analysis").mkdir()
+    (store / "m" / "y" / "activations" / "analysis" / "res.csv").write_text("1,2")
+    before = _contents(store)
+    with pytest.raises(FileExistsError, match=r"s.zarr holds files chunkcca did not write \(notes.txt, "
+                                              r"m/y/activations/analysis\); overwrite=True replaces only what"):
+        write_activations(store, {"z": x}, overwrite=True)
+    assert _contents(store) == before
+    (store / "notes.txt").unlink()
+    shutil.rmtree(store / "m" / "y" / "activations" / "analysis")
+    write_activations(store, {"z": x}, overwrite=True)
+    assert chunkcca.layer_paths(open_activations(store)) == ["z"]
