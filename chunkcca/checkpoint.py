@@ -171,12 +171,13 @@ def _mask_as_opened(array: xr.DataArray) -> bool:
 
 
 def store_signature(array: xr.DataArray) -> str | None:
-    """A hash of the names, sizes and modification times (or ETags) of the files that hold ``array`` and its
+    """A hash of the names, sizes and modification times (or ETags; on local disks, their last 4 bytes too) of the
+    files that hold ``array`` and its
     padding mask: of its layer's folder (and its mask's) for a store's layer as opened by ``open_activations()``,
     else of the folders of every zarr array their Dask graphs read; None for arrays that read none. It changes
     when the store is rewritten or edited, not when it is read or has its permissions changed, nor (for a layer
     as opened, named by its path within the store) when the store is moved or mounted elsewhere. Reads one
-    listing of each folder, no data."""
+    listing of each folder and, locally, 4 bytes per file."""
     options = array.encoding.get("storage_options")
     mask = array.coords[MASK].data if MASK in array.coords else None
     folders = []
@@ -192,6 +193,20 @@ def store_signature(array: xr.DataArray) -> str | None:
     for location, label in folders:
         fs, folder = filesystem(location, options)
         folder = folder.rstrip("/")
-        listing += sorted((label + name.removeprefix(folder), _file_signature(info))
-                          for name, info in fs.find(folder, detail=True).items())
+        files = fs.find(folder, detail=True)
+        tails = _local_tails(fs, files)
+        listing += sorted((label + name.removeprefix(folder), [*_file_signature(info), tails.get(name)])
+                          for name, info in files.items())
     return hashlib.sha1(json.dumps(listing, default=str).encode()).hexdigest()
+
+
+def _local_tails(fs: Any, files: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """On a local filesystem, the last 4 bytes of each file (a chunkcca chunk's CRC32C of its bytes), by name: a
+    chunk rewritten to the same size with its modification time set back (``cp -p``, ``rsync -t``, ``tar x``)
+    changes them. Object stores' ETags and versions change on every rewrite: nothing is read there."""
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return {}
+    names = [name for name, info in files.items() if int(info.get("size") or 0) >= 4]
+    ends = [int(files[name]["size"]) for name in names]
+    return dict(zip(names, (tail.hex() for tail in fs.cat_ranges(names, [end - 4 for end in ends], ends)))) \
+        if names else {}

@@ -489,8 +489,10 @@ def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), whe
 
 
 def zarr_arrays(data: Any) -> list[Any]:
-    """The zarr arrays a Dask array reads through xarray's zarr backend: the sources ``dask.array.from_array``
-    keeps under ``original-`` names in its graph, unwrapped from xarray's lazy indexing."""
+    """The zarr arrays a Dask array reads, through xarray's zarr backend or ``dask.array.from_zarr``: the sources
+    ``dask.array.from_array`` keeps under ``original-`` names in its graph, unwrapped from xarray's lazy
+    indexing."""
+    import zarr
     from xarray.backends.zarr import ZarrArrayWrapper
 
     found = []
@@ -502,4 +504,6 @@ def zarr_arrays(data: Any) -> list[Any]:
                 source = source.array
             if isinstance(source, ZarrArrayWrapper):
                 found.append(source.get_array())
+            elif isinstance(source, zarr.Array):  # dask.array.from_zarr's
+                found.append(source)
     return found

@@ -73,7 +73,8 @@ METADATA_ATTR = "chunkcca_metadata"
 #: Root attribute: per layer, per chunked array it is read through (activations, mask), each chunk file's CRC32C
 #: (its last 4 bytes, which zarr's crc32c codec appends), in chunk order (base64 of little-endian uint32). A chunk
 #: file moved to another chunk's place passes its own checksum and would be read as other datapoints' values:
-#: ``check_complete`` finds it before reading (a chunk edited in place to new bytes is the user's edit).
+#: ``check_complete`` finds it before reading (an error), and warns of a chunk holding other bytes (an edit in place
+#: with zarr is the user's; a chunk copied from another store is damage).
 CHUNKS_ATTR = "chunkcca_chunks"
 WriteMode = Literal["w", "a"]
 #: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
@@ -912,13 +913,20 @@ def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any]
     if written.shape != checksums.shape:
         return  # another grid: the metadata check names it
     moved = np.flatnonzero((checksums != written) & np.isin(checksums, written))
-    if not moved.size:
-        return
+    edited = np.flatnonzero(checksums != written)
     grid = list(_chunk_keys(metadata))  # each chunk's grid index, in the order of the checksums
 
     def datapoints(index: int) -> str:
         first, last = _datapoint_span(metadata, grid[index])
         return f"datapoints {first} to {last}"
+
+    if edited.size and not moved.size:
+        warnings.warn(f"{what} of {store}: {edited.size} chunk file{'s hold' if edited.size > 1 else ' holds'} other "
+                      f"bytes than chunkcca wrote (the first, of {datapoints(int(edited[0]))}): edited since (with "
+                      f"zarr, in place) or copied from another store; if you did not edit {what}, the store is "
+                      f"damaged: write it again", RuntimeWarning, stacklevel=user_stacklevel())
+    if not moved.size:
+        return
 
     origin = int(np.flatnonzero(written == checksums[moved[0]])[0])
     raise OSError(f"{what} of {store}: the chunk file of {datapoints(int(moved[0]))} holds the bytes written for "

@@ -87,7 +87,11 @@ def test_a_layer_computed_from_a_store_with_a_missing_chunk_is_an_error(tmp_path
     tree = open_activations(store)
     os.remove(store / "b" / "activations" / "c" / "3" / "0")
     layer = tree["b"]["activations"]
-    for derived in (layer.astype("float32"), layer * 2.0, layer.data):
+    import dask.array as da
+    import zarr
+
+    from_zarr = da.from_zarr(zarr.open_array(store / "b" / "activations", mode="r"))  # read as fill values too
+    for derived in (layer.astype("float32"), layer * 2.0, layer.data, from_zarr, from_zarr.astype("float32")):
         with pytest.raises(OSError, match=r"layer '\w+' reads .*s.zarr/b/activations, which lacks 1 of its 8 "
                                           r"chunk files: the store is damaged"):
             cca(tree["a"], derived, nan_policy="omit")
@@ -647,3 +651,20 @@ def test_overwrite_replaces_neither_a_store_chunkcca_did_not_write_nor_files_put
     shutil.rmtree(store / "m" / "y" / "activations" / "analysis")
     write_activations(store, {"z": x}, overwrite=True)
     assert chunkcca.layer_paths(open_activations(store)) == ["z"]
+
+
+def test_a_chunk_copied_from_another_store_is_warned_of(tmp_path):
+    """A chunk file of another store of the same shape (a botched merge of two runs) passed every check and gave
+    another number without a word: a chunk holding other bytes than chunkcca wrote is warned of, naming its
+    datapoints (an edit in place with zarr is the user's; a chunk moved to another's place is an error)."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    store = _store(tmp_path / "one", compression=None)
+    write_activations(tmp_path / "two" / "s.zarr", {"a": np.ones((400, 4), "int16"), "b": np.ones((400, 3), "int16")},
+                      chunks=50, compression=None)
+    chunk = store / "a" / "activations" / "c" / "5" / "0"
+    chunk.write_bytes((tmp_path / "two" / "s.zarr" / "a" / "activations" / "c" / "5" / "0").read_bytes())
+    tree = open_activations(store)
+    with pytest.warns(RuntimeWarning, match=r"layer 'a' of .*s.zarr: 1 chunk file holds other bytes than chunkcca "
+                                            r"wrote \(the first, of datapoints 250 to 299\): edited since"):
+        cca(tree["a"], tree["b"])
