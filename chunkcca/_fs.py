@@ -64,6 +64,15 @@ def check_outside_stores(path: str | os.PathLike, what: str) -> None:
                          f"store (it would no longer open as one): choose a path outside it")
 
 
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """New files can be made in the existing ``folder``, else a PermissionError naming ``what`` is to be written
+    there: a read-only file system or a folder without permission is named before any work, not by the temporary
+    file of the last step."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: the folder {folder} cannot be written to (a read-only file system, or no "
+                              f"permission)")
+
+
 def leftovers(path: str | os.PathLike) -> list[tuple[Path, bool]]:
     """The temporary folders beside ``path`` that writes of it left (``.<name>.*.tmp``), each with whether it is
     stale: its writer, a process of this machine, is gone (a folder with no owner, from an older chunkcca, is

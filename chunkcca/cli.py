@@ -789,7 +789,7 @@ def _check_plot(args: argparse.Namespace) -> None:
                          f"--groupby {args.groupby} without --plot")
     if Path(args.plot).is_dir():
         raise ValueError(f"--plot {args.plot}: is a folder; name an image file, e.g. plot.png")
-    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    formats = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})  # pgf runs LaTeX (xelatex)
     if Path(args.plot).suffix.lower().lstrip(".") not in formats:
         raise ValueError(f"--plot {args.plot}: name an image file ending in one of .{', .'.join(formats)}")
     check_output_place(args.plot, "--plot")

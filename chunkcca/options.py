@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from dask.utils import parse_bytes
 
-from ._fs import check_outside_stores, is_url
+from ._fs import check_outside_stores, check_writable, is_url
 
 Spatial = Literal["flatten", "avgpool", "interp", "dft", "first", "last", "features"]
 Precision = Literal["float32", "float64", "auto"]
@@ -96,10 +96,12 @@ def netcdf_int_error(target: str, holding: str) -> ValueError:
 
 def check_output_place(path: str | os.PathLike, what: str) -> None:
     """Refuse, before any work, an output ``path`` (``what``: its option, for the message) whose folder does not
-    exist (a typo in a folder is not a new folder) or that lies inside an activation store."""
+    exist (a typo in a folder is not a new folder) or cannot be written to, or that lies inside an activation
+    store."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"{what} {path}: no folder {folder}")
+    check_writable(folder, f"{what} {path}")
     check_outside_stores(path, what)
 
 

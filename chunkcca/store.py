@@ -32,6 +32,7 @@ from ._fs import (
     check_local,
     check_outside_stores,
     check_replaceable,
+    check_writable,
     exclusive,
     filesystem,
     is_url,
@@ -328,6 +329,9 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
     check_choice("mode", mode, ("w", "a"))
     check_flag("overwrite", overwrite)
     check_local(path)
+    for folder in (Path(path).absolute().parent, *((Path(path),) if mode == "a" else ())):  # built beside it
+        if folder.is_dir():
+            check_writable(folder, f"the store {path}")
     if mode == "w":
         if overwrite and written_by_chunkcca(Path(path)) and (foreign := foreign_files(Path(path))):
             raise FileExistsError(f"{path} holds files chunkcca did not write ({', '.join(foreign)}"

@@ -1256,3 +1256,28 @@ def test_an_option_of_one_value_given_twice_is_refused(words, capsys):
     error = capsys.readouterr().err
     option = next(word for word in words[::-1] if word.startswith("--")).split("=")[0]
     assert error.count("\n") == 1 and f"argument {option}: given twice" in error, error
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_before_any_work(files, capsys, monkeypatch):
+    """A read-only folder for --out, --plot, --checkpoint or a store failed after the whole run, naming only a
+    temporary file (".s.nc.htjf89dn.tmp"); a .pgf plot (which runs LaTeX) failed after it too. (os.access is
+    patched: as root, the tests' user in CI, permission bits do not refuse.)"""
+    folder = files[0]
+    store = str(folder / "s.zarr")
+    assert main(["ingest", store, f"m0/conv={folder / 'a.npy'}", f"m1={folder / 'b.npz'}"]) == 0
+    capsys.readouterr()
+    locked = folder / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(locked) and real(path, mode))
+    for words, option in ((["compare", store, "m0/conv", "m1/conv", "--plot", str(locked / "p.png")], "--plot"),
+                          (["compare", store, "m0/conv", "m1/conv", "--checkpoint", str(locked / "c")], "checkpoint"),
+                          (["sweep", store, "--a", "m0", "--b", "m1", "--out", str(locked / "s.nc")], "--out"),
+                          (["ingest", str(locked / "i.zarr"), f"x={folder / 'a.npy'}"], "the store")):
+        assert main([*words, "--no-progress"]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"{option} {locked}" in error and (
+            f"the folder {locked} cannot be written to" in error), error
+    assert not any(locked.iterdir())
+    assert main(["compare", store, "m0/conv", "m1/conv", "--plot", str(folder / "p.pgf"), "--no-progress"]) == 2
+    assert "name an image file ending in one of" in capsys.readouterr().err
