@@ -301,8 +301,9 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
         return Adapter(spatial, size_a, stride, dims_a), Adapter(spatial, size_b, stride, dims_b)
     if spatial == "flatten":
         if size_a != size_b:
+            masked = any(MASK in layer.coords for layer in (a, b))  # interp and dft refuse padding
             others = (", or 'interp' or 'dft' (the same position dims, of other sizes)" if dims_a == dims_b
-                      and dims_a else "")
+                      and dims_a and not masked else ", 'first' or 'last'" if masked else "")
             raise ValueError(
                 f"spatial='flatten' needs equal positions, but layer {a.name!r} is {described[a.name]} and layer "
                 f"{b.name!r} is {described[b.name]}; use spatial='avgpool' (--spatial avgpool: any positions){others}")

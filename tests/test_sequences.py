@@ -316,3 +316,14 @@ def test_first_and_last_name_the_layer_without_positions():
             cca(conv, fc, spatial=spatial)
     with pytest.raises(ValueError, match=r"but layers 'a' and 'b' have none"):
         cca(fc, fc, spatial="first")
+
+
+def test_padded_layers_of_other_lengths_are_pointed_to_modes_that_take_them():
+    """flatten of masked layers of 8 and 5 tokens pointed to 'interp' and 'dft', which then refused the masks."""
+    rng = np.random.default_rng(0)
+    padded = xr.DataArray(rng.standard_normal((20, 8, 3)), dims=("datapoint", "token", "channel"),
+                          coords={"mask": (("datapoint", "token"), np.ones((20, 8), bool))}, name="a")
+    shorter = xr.DataArray(rng.standard_normal((20, 5, 3)), dims=("datapoint", "token", "channel"), name="b")
+    with pytest.raises(ValueError, match=r"use spatial='avgpool' \(--spatial avgpool: any positions\), 'first' or "
+                                         r"'last'$"):
+        chunkcca.cca(padded, shorter)
