@@ -88,6 +88,12 @@ class NonFiniteError(DatapointError):
 class NoRealPositionError(DatapointError):
     """A datapoint's padding mask is False at every position: it has no row to give."""
 
+    @classmethod
+    def of(cls, layer: str, position: int) -> NoRealPositionError:
+        """The error for the datapoint at ``position`` of ``layer``."""
+        return cls(f"layer {layer!r}: {{datapoint}} has no real position (its mask is False everywhere); leave "
+                   f"such datapoints out", position, layer)
+
 
 #: Merges one chunk's rows (a list, one (*batch, rows, channel) array per side) into an accumulated partial
 #: (1, *shape) or, given None, makes the first: ``fold(accumulated, rows, first_datapoint, check)``, where
@@ -491,9 +497,7 @@ def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], nam
         if mask is not None:
             empty = np.flatnonzero(~mask.reshape(mask.shape[0], -1).any(axis=1))
             if empty.size:
-                raise NoRealPositionError(f"layer {name!r}: {{datapoint}} has no real position (its mask is False "
-                                          f"everywhere); leave such datapoints out", first_datapoint + int(empty[0]),
-                                          name)
+                raise NoRealPositionError.of(name, first_datapoint + int(empty[0]))
     given = [mask for mask in masks if mask is not None]
     if not given or all(adapter.mask_rule == "own" for adapter in adapters):
         return masks

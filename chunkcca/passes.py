@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import partial, reduce
 from typing import Any
 
 import dask.array as da
@@ -29,6 +29,7 @@ from .checkpoint import CheckpointError, resume, save_progress
 from .engine import (
     DatapointError,
     FeatureStats,
+    NoRealPositionError,
     Reduction,
     common_boundaries,
     compute,
@@ -277,6 +278,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     with _pass(layers, options) as scheduler:
         chains = min(chains, scheduler_threads(scheduler))
         ahead = _ahead(budget, data, adapters, options, chains, scheduler)
+        _check_masks(masks, adapters, names, scheduler)
 
         def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "",
                        after: Parts | None = None) -> Parts:
@@ -321,6 +323,34 @@ def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter])
             "channel_labels": tuple(layer["channel"].values for layer in layers),
             "value_rounding": tuple(value_eps(layer.dtype) for layer in layers),
             "batch_labels": adapters[0].batch_coords}
+
+
+def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], names: Sequence[str],
+                 scheduler: Any) -> None:
+    """Before the pass, from the padding masks alone (a small pass over them): a datapoint with no real position
+    in a layer is an error naming it (found when the pass reached its chunk), and a flatten sweep (more than two
+    layers) whose masks differ is warned of: its rows are the positions real in every layer, fewer than a pair
+    compared alone keeps."""
+    given = [(mask, name) for mask, name in zip(masks, names) if mask is not None]
+    if not given:
+        return
+    real = [mask.any(axis=tuple(range(1, mask.ndim))) for mask, _ in given]
+    checks: list[Any] = [(each.all(), da.argmin(each)) for each in real]
+    paired = len(masks) > 2 and adapters[0].mask_rule == "pair"
+    if paired:
+        together = reduce(da.logical_and, [mask for mask, _ in given])
+        checks.append([(mask != together).any() if mask is not None else ~together.all() for mask in masks])
+    found = compute(*checks, threads=scheduler_threads(scheduler), scheduler=scheduler)
+    for (every, first), (_, name) in zip(found[: len(given)], given):
+        if not every:
+            raise NoRealPositionError.of(name, int(first))
+    if paired and any(found[-1]):
+        differing = [name for name, differs in zip(names, found[-1]) if differs]
+        warnings.warn(f"a flatten sweep keeps the positions real in every layer, and the padding of layer"
+                      f"{'s' if len(differing) > 1 else ''} {', '.join(map(repr, differing[:3]))} differs from "
+                      f"that: each pair is measured on those positions, fewer than compare() of the pair alone keeps; "
+                      f"compare such pairs alone, or sweep layers of one padding", RuntimeWarning,
+                      stacklevel=user_stacklevel())
 
 
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:
