@@ -146,10 +146,11 @@ def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOp
     small = np.flatnonzero(most < 2)
     if small.size:
         label, size = groups.labels[small[0]].item(), int(groups.sizes[small[0]])
+        remedy = ("group by a coordinate whose values label groups of datapoints (e.g. a class label)"
+                  if small.size == len(groups.labels) else "leave their datapoints out (layer.isel(datapoint=...))")
         raise ValueError(f"groupby={options.groupby!r} (--groupby {options.groupby}): {small.size} of the "
                          f"{len(groups.labels)} groups give fewer than the 2 rows every measure needs (the first, "
-                         f"{groups.dim}={label!r}, holds {size} datapoint{'' if size == 1 else 's'}); group by a "
-                         f"coordinate whose values label groups of datapoints (e.g. a class label)")
+                         f"{groups.dim}={label!r}, holds {size} datapoint{'' if size == 1 else 's'}); {remedy}")
 
 
 def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False, whitens: bool = True,

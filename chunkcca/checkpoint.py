@@ -26,7 +26,7 @@ from .options import MASK
 from .rows import Adapter
 
 #: The layout of a checkpoint's fingerprint; a checkpoint of another layout was made by another chunkcca.
-FORMAT = 4
+FORMAT = 5
 
 
 class CheckpointError(ValueError):

@@ -187,7 +187,8 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         for Dask input).
     """
     _check_threshold(threshold)
-    options = _options(epsilon, precision, scheduler, memory_limit, progress=verbose)
+    # verbose=0 or 1 as the reference takes it (``if verbose``)
+    options = _options(epsilon, precision, scheduler, memory_limit, progress=bool(verbose))
     if verbose:
         print("streaming covariance")
     stats = _stream_neurons_first(acts1, acts2, options)
@@ -434,9 +435,12 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
     _check(epsilon, precision)
     if verbose:
         print("streaming per-frequency covariances")
+    # by position, as the reference reads arrays (no datapoint labels), named for errors
+    unlabelled = [xr.DataArray(layer.data, dims=layer.dims, name=name)
+                  for layer, name in ((layer_a, "conv_acts1"), (layer_b, "conv_acts2"))]
     with _finite_only():
-        stats = compute_moments(layer_a, layer_b, spatial="dft", precision=precision, scheduler=scheduler,
-                                memory_limit=memory_limit, progress=verbose)
+        stats = compute_moments(*unlabelled, spatial="dft", precision=precision, scheduler=scheduler,
+                                memory_limit=memory_limit, progress=bool(verbose))
     records = []
     for location in np.ndindex(*stats.batch_shape):
         solved = _solve(stats[location], epsilon, threshold)

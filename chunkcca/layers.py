@@ -162,12 +162,11 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         name = name or (str(layer.name) if layer.name is not None else "activations")
         if isinstance(dims, Mapping):
             layer = layer.rename({old: new for old, new in dims.items() if old in layer.dims})
-        elif dims is not None and tuple(dims) != layer.dims:  # a DataArray's axes have names: a tuple names
-            # those of arrays only
+        elif dims is not None and not {"datapoint", "channel"} <= set(layer.dims):  # a tuple names arrays' axes
             raise ValueError(f"layer {name!r} is a DataArray of dims {tuple(map(str, layer.dims))}: dims= as a tuple "
                              f"names the axes of arrays; give a mapping from its dim names to chunkcca's, e.g. "
                              f"dims={{{str(layer.dims[0])!r}: 'datapoint', ...}}, or rename them with "
-                             f"DataArray.rename")
+                             f"DataArray.rename (an array beside it: xarray.DataArray(array, dims=...))")
         array = _order_dims(layer, name)
     else:
         if not hasattr(layer, "shape") or not hasattr(layer, "dtype"):

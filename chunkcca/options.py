@@ -94,14 +94,15 @@ def netcdf_int_error(target: str, holding: str) -> ValueError:
                       f"{holding}; save to a zarr store (.zarr), which can")
 
 
-def check_output_place(path: str | os.PathLike, what: str) -> None:
+def check_output_place(path: str | os.PathLike, what: str, *, written: bool = True) -> None:
     """Refuse, before any work, an output ``path`` (``what``: its option, for the message) whose folder does not
-    exist (a typo in a folder is not a new folder) or cannot be written to, or that lies inside an activation
-    store."""
+    exist (a typo in a folder is not a new folder) or, if it is to be ``written`` (not a finished checkpoint only
+    read), cannot be written to, or that lies inside an activation store."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"{what} {path}: no folder {folder}")
-    check_writable(folder, f"{what} {path}")
+    if written:
+        check_writable(folder, f"{what} {path}")
     check_outside_stores(path, what)
 
 
@@ -337,7 +338,8 @@ class StreamOptions:
         if self.checkpoint is not None:
             if is_url(str(self.checkpoint)):
                 raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
-            check_output_place(self.checkpoint, "checkpoint")
+            # one there may be finished, only read: a run left to do checks its folder when it resumes
+            check_output_place(self.checkpoint, "checkpoint", written=not os.path.lexists(self.checkpoint))
         if self.spatial == "features":
             self._check_features()
         if self.minibatch is not None:

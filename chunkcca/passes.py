@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ import xarray as xr
 from dask.array import PerformanceWarning
 from dask.utils import format_bytes
 
+from ._fs import check_writable
 from ._stack import user_stacklevel
 from .checkpoint import CheckpointError, resume, save_progress
 from .engine import (
@@ -278,7 +280,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     with _pass(layers, options) as scheduler:
         chains = min(chains, scheduler_threads(scheduler))
         ahead = _ahead(budget, data, adapters, options, chains, scheduler)
-        _check_masks(masks, adapters, names, scheduler)
+        _check_masks(masks, adapters, names, scheduler, data)
 
         def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "",
                        after: Parts | None = None) -> Parts:
@@ -326,11 +328,15 @@ def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter])
 
 
 def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], names: Sequence[str],
-                 scheduler: Any) -> None:
+                 scheduler: Any, data: Sequence[da.Array]) -> None:
     """Before the pass, from the padding masks alone (a small pass over them): a datapoint with no real position
     in a layer is an error naming it (found when the pass reached its chunk), and a flatten sweep (more than two
     layers) whose masks differ is warned of: its rows are the positions real in every layer, fewer than a pair
-    compared alone keeps."""
+    compared alone keeps. Masks computed from the activations (``(layer != 0).any("channel")``) are left to the
+    pass, which finds the first and reads the activations once."""
+    read = {name for array in data for name in array.__dask_graph__().layers}
+    if any(mask is not None and read & set(mask.__dask_graph__().layers) for mask in masks):
+        return
     given = [(mask, name) for mask, name in zip(masks, names) if mask is not None]
     if not given:
         return
@@ -427,6 +433,8 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     provenance = pair_provenance(layers, adapters)  # the checkpoint marked as the run's result will be
     check_savable_labels(provenance["channel_labels"], provenance["layers"])  # before anything is read
     total, done, fingerprint = resume(options.checkpoint, layers, adapters, run_options, boundaries)
+    if done != boundaries[-1]:  # a run left to do saves there
+        check_writable(os.path.dirname(os.path.abspath(options.checkpoint)), f"checkpoint {options.checkpoint}")
     if done:  # a resumed or finished run said nothing of it
         said = (f"resuming from the checkpoint {options.checkpoint}: {done} of {boundaries[-1]} datapoints done"
                 + (", nothing left to read" if done == boundaries[-1] else ""))

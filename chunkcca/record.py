@@ -25,9 +25,9 @@ them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise th
 not taken for one).
 Failing all these, a 3-d output is channels last from any other module with parameters (attention, a transformer
 layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
-transpose; an Upsample) or when a module made a tensor of its square shape (a block returning ``F.relu`` of its
-Conv1d's (N, C, L) with C = L), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first
-unless ``layouts=`` says otherwise.
+transpose; an Upsample) or when a module made a channels-first tensor of its square shape (a block returning
+``F.relu`` of its Conv1d's (N, C, L) with C = L), naming the layer: ``layouts=`` gives its layout; a 4-d or
+5-d output is channels first unless ``layouts=`` says otherwise.
 
 Which of a 3-d output's first two dims holds the datapoints (its time order) is told by the rule where it
 follows a module's tensors (a time-first module's output, a Linear on one, a function keeping its shape, a conv).
@@ -294,8 +294,8 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return shaped, tensor.shape[0] != tensor.shape[1]
     if tensor.dim() > 3 or next(module.parameters(), None) is None:  # 4-d, 5-d: channels first by default
         return None, False
-    if tuple(tensor.shape) in seen.shapes:  # a square shape a module made ((N, C, C) of a conv through F.relu):
-        return None, False  # a transpose cannot be told, and the default could read its channels as positions
+    if seen.shapes.get(tuple(tensor.shape)) == "channels_first":  # a square (N, C, C) a conv made, through F.relu:
+        return None, False  # a transpose cannot be told, and the default would read its channels as positions
     return "channels_last", False
 
 

@@ -400,12 +400,16 @@ def written_by_chunkcca(path: Path) -> bool:
     return metadata.get("node_type") == "group" and ORDER_ATTR in metadata.get("attributes", {})
 
 
+#: What macOS's Finder leaves in every folder it shows (its view settings, AppleDouble files): not a user's.
+FINDER_FILES = (".DS_Store", "._")
+
+
 def foreign_files(path: Path, most: int = 3) -> list[str]:
     """Up to ``most`` files in the zarr store at ``path`` that are neither zarr metadata nor an array's chunks
     (what zarr keeps under an array's ``c`` folder), as paths within it."""
     found: list[str] = []
     for folder, subfolders, files in os.walk(path):
-        foreign = [name for name in files if name != "zarr.json"]
+        foreign = [name for name in files if name != "zarr.json" and not name.startswith(FINDER_FILES)]
         if "zarr.json" in files and "c" in subfolders:  # an array: its chunks under c, not walked
             foreign += [f"{name}/" for name in subfolders if name != "c"]
             subfolders[:] = []
@@ -833,7 +837,8 @@ def _chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
 #: What a lost chunk file means, and what to do.
 LOST_CHUNKS = ("the store is damaged (a chunk deleted), or its writer left out chunks equal to the fill value "
                "(zarr's default; chunkcca.record's labels and last chunks before 2026-12-02); chunkcca never reads "
-               "a missing chunk as a fill value: write the layer again")
+               "a missing chunk as a fill value: write the layer again (with zarr or xarray, "
+               "write_empty_chunks=True)")
 
 
 def check_complete(layers: Sequence[xr.DataArray]) -> None:

@@ -480,3 +480,22 @@ def test_a_chunk_rewritten_with_its_size_and_modification_time_kept_does_not_res
     edited = chunkcca.open_activations(tmp_path / "s.zarr")
     with pytest.raises(ValueError, match="belongs to another run: the files of layer 'a' changed since"):
         chunkcca.compute_moments(edited["a"], edited["b"], precision="float64", checkpoint=tmp_path / "ckpt")
+
+
+def test_a_finished_checkpoint_in_a_folder_that_cannot_be_written_is_read(tmp_path, monkeypatch):
+    """The check that a checkpoint's folder can be written refused a finished one on a read-only share, which is
+    only read; a run left to do is refused before it streams. (os.access is patched: as root, bits do not refuse.)"""
+    import chunkcca
+
+    rng = np.random.default_rng(0)
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((40, 3)),
+                                                            "b": rng.standard_normal((40, 2))}, chunks=10)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    done = chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=shared / "done")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(shared) and real(path, mode))
+    again = chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=shared / "done")
+    np.testing.assert_array_equal(again.scatter, done.scatter)
+    with pytest.raises(PermissionError, match=r"checkpoint .*shared/new: the folder .*shared cannot be written to"):
+        chunkcca.compute_moments(tree["a"], tree["b"], precision="float64", checkpoint=shared / "new")

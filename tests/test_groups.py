@@ -412,7 +412,7 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
         cca(x, x + 1, folds=3)
     kinds = xr.DataArray(x, dims=("datapoint", "channel")).assign_coords(kind=("datapoint", ["p"] * 99 + ["q"]))
     with pytest.raises(ValueError, match=r"1 of the 2 groups give fewer than the 2 rows every measure needs \(the "
-                                         r"first, kind='q', holds 1 datapoint\)"):
+                                         r"first, kind='q', holds 1 datapoint\); leave their datapoints out"):
         cca(kinds, kinds + np.arange(40), groupby="kind")
 
 

@@ -1220,3 +1220,35 @@ def test_a_padding_mask_of_other_values_than_0_and_1_is_refused(tmp_path):
                                          r"True/False \(e.g. \[2"):
         record(Wrapped(), ["embed"], [{"x": x, "attention_mask": mask * 2}], tmp_path / "bad.zarr")
     assert not (tmp_path / "bad.zarr").exists()
+
+
+class _PreNormBlock(torch.nn.Module):
+    """A pre-LayerNorm block: x + fc(ln(x)), its output a function of tensors channels last."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ln, self.fc = torch.nn.LayerNorm(width), torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc(self.ln(x))
+
+
+def test_a_square_output_of_channels_last_tensors_is_recorded(tmp_path):
+    """The refusal of square shapes a module made (a Conv1d's (N, C, C)) refused pre-norm transformer blocks whose
+    sequence length equals their width, whose earlier tensors of that shape are channels last."""
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.position = torch.nn.Linear(3, 16), torch.nn.Parameter(torch.randn(16, 16))
+            self.first, self.second = _PreNormBlock(16), _PreNormBlock(16)
+
+        def forward(self, x):
+            return self.second(self.first(self.embed(x) + self.position))
+
+    torch.manual_seed(0)
+    model, inputs = Encoder().eval(), torch.randn(30, 16, 3)
+    tree = record(model, ["first", "second"], [inputs[:15], inputs[15:]], tmp_path / "s.zarr")
+    with torch.no_grad():
+        want = model(inputs).numpy()
+    assert tree["second"]["activations"].dims == ("datapoint", "token", "channel")
+    np.testing.assert_allclose(tree["second"]["activations"].values, want, atol=1e-6)

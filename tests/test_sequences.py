@@ -356,3 +356,22 @@ def test_padded_layers_of_other_lengths_are_pointed_to_modes_that_take_them():
     with pytest.raises(ValueError, match=r"use spatial='avgpool' \(--spatial avgpool: any positions\), 'first' or "
                                          r"'last'$"):
         chunkcca.cca(padded, shorter)
+
+
+def test_a_mask_computed_from_the_activations_is_left_to_the_pass(monkeypatch):
+    """The masks' own pass read a mask computed from the activations ((layer != 0).any("channel")), and so the
+    activations, once more: such a mask is checked in the pass, which reads them once."""
+    from chunkcca import passes
+    from chunkcca.options import StreamOptions
+    from chunkcca.rows import plan_adapters
+
+    x, y, mask, _ = _sequences(2)
+    layer = _layer(x * mask[..., None], None, 10, "a")
+    derived = layer.assign_coords(mask=(layer != 0).any("channel"))
+    other = _layer(y, None, 10, "b")
+    monkeypatch.setattr(passes, "compute", lambda *args, **kwargs: pytest.fail("the masks were read apart"))
+    passes._check_masks([derived.coords["mask"].data, None], plan_adapters(derived, other, StreamOptions()),
+                        ["a", "b"], None, [derived.data, other.data])
+    with pytest.raises(pytest.fail.Exception, match="the masks were read apart"):  # a stored mask is
+        passes._check_masks([da.from_array(mask, chunks=10), None], plan_adapters(derived, other, StreamOptions()),
+                            ["a", "b"], None, [derived.data, other.data])

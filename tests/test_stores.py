@@ -313,6 +313,9 @@ def test_channels_first_input_is_named_and_dims_fix_it(tmp_path):
     with pytest.raises(ValueError, match=r"layer 'a' is a DataArray of dims \('n', 'y', 'x', 'c'\): dims= as a tuple "
                                          r"names the axes of arrays; give a mapping .* dims=\{'n': 'datapoint', "):
         cca(renamed, b, dims=("datapoint", "height", "width", "channel"))  # it was left unread: "expected 'datapoint'"
+    canonical = xr.DataArray(b, dims=("datapoint", "height", "width", "channel"))  # a store's layer, say
+    beside = cca(nchw, canonical, dims=("datapoint", "channel", "height", "width"), precision="float64")
+    np.testing.assert_allclose(beside["rho"], named["rho"], atol=1e-12)  # the tuple names the array's axes
 
 
 def test_corrupt_chunk_names_store_and_layer(tmp_path):
