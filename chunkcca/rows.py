@@ -310,9 +310,11 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
         _check_flatten_names([a, b])
         return Adapter("flatten", size_a, stride, dims_a), Adapter("flatten", size_b, stride, dims_b)
     if dims_a != dims_b or not dims_a:
-        raise ValueError(f"spatial={spatial!r} pairs layers position dim by position dim, but layer {a.name!r} is "
-                         f"{described[a.name]} and layer {b.name!r} is {described[b.name]}; use spatial='avgpool' "
-                         f"(--spatial avgpool)")
+        rename = (f" or rename one's dim (layer.rename({dims_b[0]}={dims_a[0]!r}))" if len(dims_a) == len(dims_b) == 1
+                  else "")
+        raise ValueError(f"spatial={spatial!r} pairs layers position dim by position dim, by name, but layer "
+                         f"{a.name!r} is {described[a.name]} and layer {b.name!r} is {described[b.name]}; use "
+                         f"spatial='avgpool' (--spatial avgpool){rename}")
     if spatial == "interp":
         method, grid = options.method, options.grid
         matrices = [_resample_axis(dim, a, b, method=method, grid=grid) for dim in dims_a]

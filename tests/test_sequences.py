@@ -203,8 +203,14 @@ def test_layers_of_different_ranks_pair_by_avgpool_only():
                                          r"and layer 'b' is 4x4 \(height, width\); use spatial='avgpool' "
                                          r"\(--spatial avgpool: any positions\)$"):
         cca(tokens, image)  # not interp or dft, which need the same position dims
-    with pytest.raises(ValueError, match="spatial='interp' pairs layers position dim by position dim"):
+    with pytest.raises(ValueError, match=r"spatial='interp' pairs layers position dim by position dim, by name, .*"
+                                         r"\(--spatial avgpool\)$"):
         cca(tokens, image, spatial="interp")
+    steps = xr.DataArray(tokens, dims=("datapoint", "time", "channel"), name="steps")
+    with pytest.raises(ValueError, match=r"layer 'a' is 5 \(token\) and layer 'steps' is 5 \(time\); use "
+                                         r"spatial='avgpool' \(--spatial avgpool\) or rename one's dim "
+                                         r"\(layer.rename\(time='token'\)\)$"):  # concepts.md said token pairs
+        cca(tokens, steps, spatial="interp")  # with time: so it does under flatten, not by name
 
 
 def test_minibatch_cka_of_padded_tokens_is_refused_but_pooled_rows_work():
