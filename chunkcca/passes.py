@@ -334,11 +334,11 @@ def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], 
     layers) whose masks differ is warned of: its rows are the positions real in every layer, fewer than a pair
     compared alone keeps. Masks computed from the activations (``(layer != 0).any("channel")``) are left to the
     pass, which finds the first and reads the activations once."""
-    read = {name for array in data for name in array.__dask_graph__().layers}
-    if any(mask is not None and read & set(mask.__dask_graph__().layers) for mask in masks):
-        return
     given = [(mask, name) for mask, name in zip(masks, names) if mask is not None]
     if not given:
+        return
+    read = {name for array in data for name in array.__dask_graph__().layers}
+    if any(read & set(mask.__dask_graph__().layers) for mask, _ in given):
         return
     real = [mask.any(axis=tuple(range(1, mask.ndim))) for mask, _ in given]
     checks: list[Any] = [(each.all(), da.argmin(each)) for each in real]

@@ -404,13 +404,22 @@ def written_by_chunkcca(path: Path) -> bool:
 FINDER_FILES = (".DS_Store", "._")
 
 
+def _is_array(folder: Path, has_chunks: bool) -> bool:
+    """Whether the zarr node in ``folder`` is an array (a group may hold a layer named ``c``); with metadata that
+    cannot be read, whether it holds a ``c`` folder (``has_chunks``), as a damaged array does."""
+    try:
+        return json.loads((folder / "zarr.json").read_text()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return has_chunks
+
+
 def foreign_files(path: Path, most: int = 3) -> list[str]:
     """Up to ``most`` files in the zarr store at ``path`` that are neither zarr metadata nor an array's chunks
     (what zarr keeps under an array's ``c`` folder), as paths within it."""
     found: list[str] = []
     for folder, subfolders, files in os.walk(path):
         foreign = [name for name in files if name != "zarr.json" and not name.startswith(FINDER_FILES)]
-        if "zarr.json" in files and "c" in subfolders:  # an array: its chunks under c, not walked
+        if "zarr.json" in files and _is_array(Path(folder), "c" in subfolders):  # its chunks under c, not walked
             foreign += [f"{name}/" for name in subfolders if name != "c"]
             subfolders[:] = []
         found += [str(Path(folder, name).relative_to(path)) for name in foreign]

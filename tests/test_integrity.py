@@ -651,7 +651,9 @@ def test_overwrite_replaces_neither_a_store_chunkcca_did_not_write_nor_files_put
     shutil.rmtree(store / "m" / "y" / "activations" / "analysis")
     for left_by_finder in (".DS_Store", "m/._y"):  # macOS's: not a user's
         (store / left_by_finder).write_bytes(b"\0")
-    write_activations(store, {"z": x}, overwrite=True)
+    write_activations(store, {"z": x, "c": x, "m/c": x}, overwrite=True)
+    assert chunkcca.layer_paths(open_activations(store)) == ["z", "c", "m/c"]
+    write_activations(store, {"z": x}, overwrite=True)  # a layer named c is not an array's chunks (it was)
     assert chunkcca.layer_paths(open_activations(store)) == ["z"]
 
 
