@@ -391,6 +391,10 @@ def is_activation_store(path: Path) -> bool:
             and not foreign_files(path))
 
 
+#: What macOS's Finder leaves in every folder it shows (its view settings, AppleDouble files): not a user's.
+FINDER_FILES = (".DS_Store", "._")
+
+
 def written_by_chunkcca(path: Path) -> bool:
     """Whether ``path`` holds a zarr group whose root records the layers' order, as chunkcca's stores do."""
     try:
@@ -400,32 +404,54 @@ def written_by_chunkcca(path: Path) -> bool:
     return metadata.get("node_type") == "group" and ORDER_ATTR in metadata.get("attributes", {})
 
 
-#: What macOS's Finder leaves in every folder it shows (its view settings, AppleDouble files): not a user's.
-FINDER_FILES = (".DS_Store", "._")
-
-
-def _is_array(folder: Path, has_chunks: bool) -> bool:
-    """Whether the zarr node in ``folder`` is an array (a group may hold a layer named ``c``); with metadata that
-    cannot be read, whether it holds a ``c`` folder (``has_chunks``), as a damaged array does."""
-    try:
-        return json.loads((folder / "zarr.json").read_text()).get("node_type") == "array"
-    except (OSError, ValueError, AttributeError):
-        return has_chunks
-
-
 def foreign_files(path: Path, most: int = 3) -> list[str]:
-    """Up to ``most`` files in the zarr store at ``path`` that are neither zarr metadata nor an array's chunks
-    (what zarr keeps under an array's ``c`` folder), as paths within it."""
+    """Up to ``most`` things in the chunkcca store at ``path`` that it did not write, as paths within it: anything
+    but the groups on the way to the layers its root lists, each layer's arrays (activations, mask, labels) and,
+    in each array, its metadata and the chunk files its grid names (a user's zarr group or array put inside it,
+    notes, files among the chunks)."""
+    attributes = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    layers, arrays = attributes.get(ORDER_ATTR, []), attributes.get(METADATA_ATTR, {})  # each layer's, as written
+    groups = {"/".join(layer.split("/")[:depth]) for layer in layers for depth in range(len(layer.split("/")))}
     found: list[str] = []
     for folder, subfolders, files in os.walk(path):
-        foreign = [name for name in files if name != "zarr.json" and not name.startswith(FINDER_FILES)]
-        if "zarr.json" in files and _is_array(Path(folder), "c" in subfolders):  # its chunks under c, not walked
-            foreign += [f"{name}/" for name in subfolders if name != "c"]
+        here = Path(folder).relative_to(path).as_posix()
+        here = "" if here == "." else here
+        ours = {"zarr.json"}
+        if here in layers:  # a layer's arrays: each checked whole, not walked
+            ours |= {name for name in subfolders if name in arrays.get(here, subfolders)
+                     and not _array_foreign(Path(folder, name), path, found)}
             subfolders[:] = []
-        found += [str(Path(folder, name).relative_to(path)) for name in foreign]
+        else:
+            subfolders[:] = [name for name in subfolders if f"{here}/{name}".lstrip("/") in groups | set(layers)]
+        found += [Path(folder, name).relative_to(path).as_posix()
+                  for name in sorted({*files, *os.listdir(folder)} - ours - set(subfolders))
+                  if not name.startswith(FINDER_FILES)]
         if len(found) >= most:
             break
     return found[:most]
+
+
+def _array_foreign(folder: Path, store: Path, found: list[str]) -> bool:
+    """Whether ``folder``, inside a layer of ``store``, is not an array; what an array holds besides its metadata
+    and the chunk files its grid names goes to ``found``, as paths within ``store``. A folder whose metadata cannot
+    be parsed is taken for a damaged array of chunkcca's, which an overwrite repairs."""
+    try:
+        metadata = json.loads((folder / "zarr.json").read_text())
+    except OSError:
+        return True
+    except ValueError:
+        return False
+    if metadata.get("node_type") != "array":
+        return True
+    held = set()
+    for root, dirs, names in os.walk(folder):
+        within = Path(root).relative_to(folder)
+        held |= {(within / name).as_posix() for name in names}
+        held |= {(within / name).as_posix() + "/" for name in dirs if not os.listdir(Path(root, name))}  # empty
+    found += [f"{folder.relative_to(store).as_posix()}/{name}" for name in
+              sorted(held - set(_chunk_keys(metadata).values()) - {"zarr.json"})
+              if not Path(name).name.startswith(FINDER_FILES)]
+    return False
 
 
 def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None, *,

@@ -628,6 +628,7 @@ def test_overwrite_replaces_neither_a_store_chunkcca_did_not_write_nor_files_put
     """overwrite=True replaced a store plain xarray wrote, and a chunkcca store with the user's files put inside it
     (notes, results), which went with it: it replaces only what chunkcca wrote."""
     import xarray as xr
+    import zarr
 
     x = np.random.default_rng(0).standard_normal((20, 3))
     plain = tmp_path / "plain.zarr"
@@ -644,17 +645,29 @@ def test_overwrite_replaces_neither_a_store_chunkcca_did_not_write_nor_files_put
     (store / "m" / "y" / "activations" / "analysis" / "res.csv").write_text("1,2")
     before = _contents(store)
     with pytest.raises(FileExistsError, match=r"s.zarr holds files chunkcca did not write \(notes.txt, "
-                                              r"m/y/activations/analysis\); overwrite=True replaces only what"):
+                                              r"m/y/activations/analysis/res.csv\); overwrite=True replaces only"):
         write_activations(store, {"z": x}, overwrite=True)
     assert _contents(store) == before
     (store / "notes.txt").unlink()
     shutil.rmtree(store / "m" / "y" / "activations" / "analysis")
+    for name, put in (("my_results", lambda: xr.Dataset({"r": ("k", np.arange(3.0))}).to_zarr(
+                          store, group="my_results", zarr_format=3, consolidated=False)),
+                      ("x/probe", lambda: zarr.open_array(store / "x" / "probe", mode="w", shape=(3,), dtype="f8",
+                                                          zarr_format=3).__setitem__(slice(None), 1.0))):
+        put()  # zarr nodes of the user's inside the store: they were taken for chunkcca's and went with it
+        with pytest.raises(FileExistsError, match=rf"holds files chunkcca did not write \({name}\)"):
+            write_activations(store, {"z": x}, overwrite=True)
+        shutil.rmtree(store / name)
     for left_by_finder in (".DS_Store", "m/._y"):  # macOS's: not a user's
         (store / left_by_finder).write_bytes(b"\0")
     write_activations(store, {"z": x, "c": x, "m/c": x}, overwrite=True)
     assert chunkcca.layer_paths(open_activations(store)) == ["z", "c", "m/c"]
     write_activations(store, {"z": x}, overwrite=True)  # a layer named c is not an array's chunks (it was)
     assert chunkcca.layer_paths(open_activations(store)) == ["z"]
+    tokens = write_activations(tmp_path / "t.zarr", {"t": np.zeros((6, 5, 3))})["t"]["activations"]
+    first = write_activations(tmp_path / "first.zarr", {"first": tokens.isel(token=0)})["first"]["activations"]
+    assert first.coords["token"].ndim == 0  # a 0-d coordinate's one chunk is a file named c
+    write_activations(tmp_path / "first.zarr", {"first": first.load()}, overwrite=True)
 
 
 def test_a_chunk_copied_from_another_store_is_warned_of(tmp_path):
