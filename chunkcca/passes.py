@@ -280,7 +280,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     with _pass(layers, options) as scheduler:
         chains = min(chains, scheduler_threads(scheduler))
         ahead = _ahead(budget, data, adapters, options, chains, scheduler)
-        _check_masks(masks, adapters, names, scheduler, data)
+        _check_masks(masks, adapters, names, scheduler, data, pairs)
 
         def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "",
                        after: Parts | None = None) -> Parts:
@@ -328,12 +328,12 @@ def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter])
 
 
 def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], names: Sequence[str],
-                 scheduler: Any, data: Sequence[da.Array]) -> None:
+                 scheduler: Any, data: Sequence[da.Array], pairs: Sequence[tuple[int, int]] | None = None) -> None:
     """Before the pass, from the padding masks alone (a small pass over them): a datapoint with no real position
-    in a layer is an error naming it (found when the pass reached its chunk), and a flatten sweep (more than two
-    layers) whose masks differ is warned of: its rows are the positions real in every layer, fewer than a pair
-    compared alone keeps. Masks computed from the activations (``(layer != 0).any("channel")``) are left to the
-    pass, which finds the first and reads the activations once."""
+    in a layer is an error naming it (found when the pass reached its chunk), and a flatten sweep whose rows (the
+    positions real in every layer) are fewer than some pair of its ``pairs`` compared alone keeps is warned of.
+    Masks computed from the activations (``(layer != 0).any("channel")``) are left to the pass, which finds the
+    first and reads the activations once."""
     given = [(mask, name) for mask, name in zip(masks, names) if mask is not None]
     if not given:
         return
@@ -342,21 +342,22 @@ def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], 
         return
     real = [mask.any(axis=tuple(range(1, mask.ndim))) for mask, _ in given]
     checks: list[Any] = [(each.all(), da.argmin(each)) for each in real]
-    paired = len(masks) > 2 and adapters[0].mask_rule == "pair"
+    swept = [(i, j) for i, j in pairs or () if masks[i] is not None or masks[j] is not None]
+    paired = len(masks) > 2 and adapters[0].mask_rule == "pair" and bool(swept)
     if paired:
         together = reduce(da.logical_and, [mask for mask, _ in given])
-        checks.append([(mask != together).any() if mask is not None else ~together.all() for mask in masks])
+        checks.append([(reduce(da.logical_and, [masks[k] for k in (i, j) if masks[k] is not None]) != together).any()
+                       for i, j in swept])
     found = compute(*checks, threads=scheduler_threads(scheduler), scheduler=scheduler)
     for (every, first), (_, name) in zip(found[: len(given)], given):
         if not every:
             raise NoRealPositionError.of(name, int(first))
     if paired and any(found[-1]):
-        differing = [name for name, differs in zip(names, found[-1]) if differs]
-        warnings.warn(f"a flatten sweep keeps the positions real in every layer, and the padding of layer"
-                      f"{'s' if len(differing) > 1 else ''} {', '.join(map(repr, differing[:3]))} differs from "
-                      f"that: each pair is measured on those positions, fewer than compare() of the pair alone keeps; "
-                      f"compare such pairs alone, or sweep layers of one padding", RuntimeWarning,
-                      stacklevel=user_stacklevel())
+        fewer = [f"{names[i]!r} with {names[j]!r}" for (i, j), differs in zip(swept, found[-1]) if differs]
+        warnings.warn(f"a flatten sweep keeps the positions real in every layer, fewer than {len(fewer)} of its "
+                      f"pairs compared alone keep ({', '.join(fewer[:3])}{', …' if len(fewer) > 3 else ''}): each "
+                      f"is measured on those positions; compare such pairs alone, or sweep layers of one padding",
+                      RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:
