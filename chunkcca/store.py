@@ -343,7 +343,13 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
         raise ValueError("mode='a' adds layers to a store and overwrite=True replaces it: pass one of them")
     check_outside_stores(path, "the store appended to")
     order, _ = _existing_order(path)
-    return check_layer_paths(names, existing=order, where=str(path))
+    paths = check_layer_paths(names, existing=order, where=str(path))
+    for layer in paths:  # the group each new layer is moved into (a read-only one failed midway, the store then
+        parts = layer.split("/")[:-1]  # holding the layers moved before it, unlisted)
+        while parts and not Path(path, *parts).is_dir():
+            parts.pop()
+        check_writable(Path(path, *parts), f"the store {path}")
+    return paths
 
 
 def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w", overwrite: bool = False) -> None:

@@ -685,3 +685,19 @@ def test_a_chunk_copied_from_another_store_is_warned_of(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"layer 'a' of .*s.zarr: 1 chunk file holds other bytes than chunkcca "
                                             r"wrote \(the first, of datapoints 250 to 299\): edited since"):
         cca(tree["a"], tree["b"])
+
+
+def test_an_append_into_a_group_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Appending n/x and m/c with m read-only moved n/x in, then failed on m/c, leaving the store holding a layer it
+    does not list. (os.access is patched: as root, permission bits do not refuse.)"""
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"m/a": x, "b": x})
+    before = _contents(store)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(store / "m") and real(path, mode))
+    with pytest.raises(PermissionError, match=r"the store .*s.zarr: the folder .*s.zarr/m cannot be written to"):
+        write_activations(store, {"n/x": x, "m/c": x}, mode="a")
+    assert _contents(store) == before
+    write_activations(store, {"n/x": x}, mode="a")  # a new group beside it: the store's own folder is written
+    assert chunkcca.layer_paths(open_activations(store)) == ["m/a", "b", "n/x"]
