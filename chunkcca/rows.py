@@ -290,12 +290,6 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
     dims_a, dims_b = tuple(map(str, a.dims[1:-1])), tuple(map(str, b.dims[1:-1]))
     described = {name: f"{'x'.join(map(str, size)) or 'fc'} ({', '.join(dims) or 'no positions'})"
                  for name, size, dims in ((a.name, size_a, dims_a), (b.name, size_b, dims_b))}
-    if spatial in ("first", "last") and (not size_a or not size_b):
-        bare = [str(layer.name) for layer, size in ((a, size_a), (b, size_b)) if not size]
-        raise ValueError(f"spatial={spatial!r} takes a position of each datapoint, but layer"
-                         f"{'s' if len(bare) > 1 else ''} {' and '.join(map(repr, bare))} "
-                         f"{'have' if len(bare) > 1 else 'has'} none (fc, no positions); use spatial='avgpool' "
-                         f"(--spatial avgpool), which takes an fc layer as it is")
     _refuse_masks([a, b], spatial)
     if spatial in ("avgpool", "first", "last", "features"):
         return Adapter(spatial, size_a, stride, dims_a), Adapter(spatial, size_b, stride, dims_b)

@@ -345,16 +345,18 @@ def test_whole_maps_of_masked_layers_are_refused_in_pairs_and_sweeps():
             pytest.fail(f"{name} took the padding")
 
 
-def test_first_and_last_name_the_layer_without_positions():
-    """The error listed both layers ("a layer has none: 'conv' 4x4 (height, width), 'fc' fc (no positions)")."""
+def test_first_and_last_take_a_layer_without_positions_as_it_is():
+    """A pair refused an fc layer under first and last, which a sweep took as it is (as avgpool does): both take
+    it as it is, beside the other layer's first or last position."""
     rng = np.random.default_rng(0)
     conv, fc = rng.standard_normal((20, 4, 4, 3)), rng.standard_normal((20, 3))
-    for spatial in ("first", "last"):
-        with pytest.raises(ValueError, match=rf"^spatial='{spatial}' takes a position of each datapoint, but layer 'b' "
-                                             r"has none \(fc, no positions\); use spatial='avgpool'"):
-            cca(conv, fc, spatial=spatial)
-    with pytest.raises(ValueError, match=r"but layers 'a' and 'b' have none"):
-        cca(fc, fc, spatial="first")
+    for spatial, at in (("first", 0), ("last", -1)):
+        want = canonical_correlations(conv[:, at, at], fc)
+        np.testing.assert_allclose(cca(conv, fc, spatial=spatial, precision="float64")["rho"], want, atol=TOL)
+        swept = similarity({"conv": conv}, {"fc": fc}, measures=["mean_cca"], spatial=spatial, precision="float64")
+        assert float(swept["mean_cca"].squeeze()) == pytest.approx(want.mean(), abs=TOL)
+    np.testing.assert_allclose(cca(fc, fc[:, ::-1], spatial="first", precision="float64")["rho"],
+                               canonical_correlations(fc, fc[:, ::-1]), atol=TOL)
 
 
 def test_padded_layers_of_other_lengths_are_pointed_to_modes_that_take_them():
