@@ -661,6 +661,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     holder = None if is_url(location) else store_holding(location)
     if holder is not None:  # opened alone, a group of a store is not checked against the store's list of layers
         part = Path(location).relative_to(holder).as_posix()
+        if not os.path.exists(location):
+            raise FileNotFoundError(f"{location}: the activation store {holder} holds no {part!r}")
         raise ValueError(f"{location} is inside the activation store {holder}: open the store itself and take "
                          f"{part!r} from it (a store opens only whole, so that every layer it lists is checked)")
     try:

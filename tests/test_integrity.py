@@ -513,6 +513,8 @@ def test_a_group_or_layer_inside_a_store_does_not_open_alone(tmp_path, capsys):
             open_activations(tmp_path / "s.zarr" / part)
     assert main(["info", str(tmp_path / "s.zarr" / "model1")]) == 2
     assert "is inside the activation store" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "s.zarr" / "blocks")]) == 2  # said "take 'blocks' from it", which is none
+    assert f"s.zarr/blocks: the activation store {tmp_path / 's.zarr'} holds no 'blocks'" in capsys.readouterr().err
     with pytest.raises(OSError, match="lists layer 'model1/pool2' but holds no readable"):
         open_activations(tmp_path / "s.zarr")
 
