@@ -147,7 +147,7 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
             below = layer_paths(layer)
             if below:
                 raise ValueError(f"{name!r} is a group, not a layer; its layers are {', '.join(below)}: pass one of "
-                                 f"them (or the group to similarity, for every pair)")
+                                 f"them (or the group to similarity, or to chunkcca sweep --a, for every pair)")
         layer = layer.to_dataset()
     if isinstance(layer, xr.Dataset):
         if VARIABLE not in layer:
