@@ -76,8 +76,11 @@ def _difference(saved: str, current: str) -> str:
                if key not in ("format", "layers", "adapters") and before.get(key) != now[key]]
     if changed:
         return "; ".join(changed)
-    for old_layer, new_layer in zip(before["layers"], now["layers"]):
+    for side, (old_layer, new_layer) in enumerate(zip(before["layers"], now["layers"])):
         for field, was, is_now in zip(fields, old_layer, new_layer):
+            if was != is_now and field == "name":  # the side, not the name that changed (nor "a (x)" of a pair)
+                return f"the {'ab'[side] if len(now['layers']) == 2 else side + 1} side's layer was {was!r} then, " \
+                       f"{is_now!r} now"
             if was != is_now:
                 if field == "files":
                     return f"the files of layer {new_layer[0]!r} changed since (its store was rewritten or edited)"
