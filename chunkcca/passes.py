@@ -333,7 +333,7 @@ def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], 
     in a layer is an error naming it (found when the pass reached its chunk), and a flatten sweep whose rows (the
     positions real in every layer) are fewer than some pair of its ``pairs`` compared alone keeps is warned of.
     Masks computed from the activations (``(layer != 0).any("channel")``) are left to the pass, which finds the
-    first and reads the activations once."""
+    first and reads the activations once (and so gives no such warning)."""
     given = [(mask, name) for mask, name in zip(masks, names) if mask is not None]
     if not given:
         return
@@ -342,22 +342,25 @@ def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], 
         return
     real = [mask.any(axis=tuple(range(1, mask.ndim))) for mask, _ in given]
     checks: list[Any] = [(each.all(), da.argmin(each)) for each in real]
-    swept = [(i, j) for i, j in pairs or () if masks[i] is not None or masks[j] is not None]
+    swept = sorted({(min(i, j), max(i, j)) for i, j in pairs or () if i != j})  # a layer with itself: trivial
     paired = len(masks) > 2 and adapters[0].mask_rule == "pair" and bool(swept)
     if paired:
         together = reduce(da.logical_and, [mask for mask, _ in given])
-        checks.append([(reduce(da.logical_and, [masks[k] for k in (i, j) if masks[k] is not None]) != together).any()
-                       for i, j in swept])
+
+        def fewer(i: int, j: int) -> Any:  # whether the pair alone keeps more positions (no mask: all of them)
+            own = [masks[k] for k in (i, j) if masks[k] is not None]
+            return (reduce(da.logical_and, own) != together).any() if own else ~together.all()
+        checks.append([fewer(i, j) for i, j in swept])
     found = compute(*checks, threads=scheduler_threads(scheduler), scheduler=scheduler)
     for (every, first), (_, name) in zip(found[: len(given)], given):
         if not every:
             raise NoRealPositionError.of(name, int(first))
     if paired and any(found[-1]):
-        fewer = [f"{names[i]!r} with {names[j]!r}" for (i, j), differs in zip(swept, found[-1]) if differs]
-        warnings.warn(f"a flatten sweep keeps the positions real in every layer, fewer than {len(fewer)} of its "
-                      f"pairs compared alone keep ({', '.join(fewer[:3])}{', …' if len(fewer) > 3 else ''}): each "
-                      f"is measured on those positions; compare such pairs alone, or sweep layers of one padding",
-                      RuntimeWarning, stacklevel=user_stacklevel())
+        losing = [f"{names[i]!r} with {names[j]!r}" for (i, j), differs in zip(swept, found[-1]) if differs]
+        warnings.warn(f"a flatten sweep keeps the positions real in every layer: {len(losing)} of its pairs, "
+                      f"compared alone, keep more ({', '.join(losing[:3])}{', …' if len(losing) > 3 else ''}), and "
+                      f"are measured on those positions here; compare such pairs alone, or sweep layers of one "
+                      f"padding", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:

@@ -334,9 +334,10 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
             check_writable(folder, f"the store {path}")
     if mode == "w":
         if overwrite and written_by_chunkcca(Path(path)) and (foreign := foreign_files(Path(path))):
-            raise FileExistsError(f"{path} holds files chunkcca did not write ({', '.join(foreign)}"
-                                  f"{' …' if len(foreign) == 3 else ''}); overwrite=True replaces only what chunkcca "
-                                  f"wrote: move them out of it, or choose another path")
+            raise FileExistsError(f"{path} holds what chunkcca did not write or list ({', '.join(foreign)}"
+                                  f"{' …' if len(foreign) == 3 else ''}: yours, or a layer an interrupted append "
+                                  f"left); overwrite=True replaces only what chunkcca wrote: move them out of it, or "
+                                  f"choose another path")
         check_replaceable(Path(path), overwrite, is_activation_store, "an activation store")
         return check_layer_paths(names)
     if overwrite:
@@ -431,7 +432,7 @@ def foreign_files(path: Path, most: int = 3) -> list[str]:
             subfolders[:] = [name for name in subfolders if f"{here}/{name}".lstrip("/") in groups | set(layers)]
         found += [Path(folder, name).relative_to(path).as_posix()
                   for name in sorted({*files, *os.listdir(folder)} - ours - set(subfolders))
-                  if not name.startswith(FINDER_FILES)]
+                  if not (name in files and name.startswith(FINDER_FILES))]
         if len(found) >= most:
             break
     return found[:most]

@@ -646,8 +646,8 @@ def test_overwrite_replaces_neither_a_store_chunkcca_did_not_write_nor_files_put
     (store / "m" / "y" / "activations" / "analysis").mkdir()
     (store / "m" / "y" / "activations" / "analysis" / "res.csv").write_text("1,2")
     before = _contents(store)
-    with pytest.raises(FileExistsError, match=r"s.zarr holds files chunkcca did not write \(notes.txt, "
-                                              r"m/y/activations/analysis/res.csv\); overwrite=True replaces only"):
+    with pytest.raises(FileExistsError, match=r"s.zarr holds what chunkcca did not write or list \(notes.txt, "
+                                              r"m/y/activations/analysis/res.csv: yours, or a layer"):
         write_activations(store, {"z": x}, overwrite=True)
     assert _contents(store) == before
     (store / "notes.txt").unlink()
@@ -657,11 +657,16 @@ def test_overwrite_replaces_neither_a_store_chunkcca_did_not_write_nor_files_put
                       ("x/probe", lambda: zarr.open_array(store / "x" / "probe", mode="w", shape=(3,), dtype="f8",
                                                           zarr_format=3).__setitem__(slice(None), 1.0))):
         put()  # zarr nodes of the user's inside the store: they were taken for chunkcca's and went with it
-        with pytest.raises(FileExistsError, match=rf"holds files chunkcca did not write \({name}\)"):
+        with pytest.raises(FileExistsError, match=rf"holds what chunkcca did not write or list \({name}:"):
             write_activations(store, {"z": x}, overwrite=True)
         shutil.rmtree(store / name)
     for left_by_finder in (".DS_Store", "m/._y"):  # macOS's: not a user's
         (store / left_by_finder).write_bytes(b"\0")
+    (store / "._results").mkdir()  # a folder, though named like one of Finder's files: a user's
+    (store / "._results" / "r.csv").write_text("1")
+    with pytest.raises(FileExistsError, match=r"holds what chunkcca did not write or list \(\._results:"):
+        write_activations(store, {"z": x}, overwrite=True)
+    shutil.rmtree(store / "._results")
     write_activations(store, {"z": x, "c": x, "m/c": x}, overwrite=True)
     assert chunkcca.layer_paths(open_activations(store)) == ["z", "c", "m/c"]
     write_activations(store, {"z": x}, overwrite=True)  # a layer named c is not an array's chunks (it was)

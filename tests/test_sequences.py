@@ -113,9 +113,13 @@ def test_masks_are_checked_before_the_pass(monkeypatch):
     shorter = mask.copy()
     shorter[:, mask.shape[1] // 2 :] = False
     layers = {"a": _layer(x, mask, 16, "a"), "b": _layer(y, mask, 16, "b"), "c": _layer(2 * x, shorter, 16, "c")}
-    with pytest.warns(RuntimeWarning, match=r"a flatten sweep keeps the positions real in every layer, fewer than "
-                                            r"1 of its pairs compared alone keep \('a' with 'b'\)"):
+    with pytest.warns(RuntimeWarning, match=r"a flatten sweep keeps the positions real in every layer: 1 of its "
+                                            r"pairs, compared alone, keep more \('a' with 'b'\)"):
         chunkcca.similarity({"a": layers["a"]}, {"b": layers["b"], "c": layers["c"]}, measures=["cka"])
+    unpadded_pair = {"d": _layer(x, None, 16, "d"), "e": _layer(y, None, 16, "e")}
+    with pytest.warns(RuntimeWarning, match=r"1 of its pairs, compared alone, keep more \('d' with 'e'\)"):
+        chunkcca.similarity({"c": layers["c"], "d": unpadded_pair["d"]}, {"e": unpadded_pair["e"]},
+                            measures=["cka"])  # d and e, unpadded, lose c's padded positions: it was missed
     unpadded = {"d": _layer(x, None, 16, "d"), "e": _layer(y, None, 16, "e")}
     with warnings.catch_warnings():  # every pair keeps what it keeps alone: a's padding (a review found a warning)
         warnings.simplefilter("error")
