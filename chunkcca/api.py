@@ -88,9 +88,9 @@ class Groups:
 
     codes: da.Array
     labels: np.ndarray
+    sizes: np.ndarray  # datapoints per group, in label order
     dim: str
     folds: bool = False
-    sizes: np.ndarray | None = None  # datapoints per group, in label order
 
 
 def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | None:
@@ -106,8 +106,8 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
                              f"datapoints")
         sizes = [len(part) for part in np.array_split(np.arange(datapoints), options.folds)]
         codes = np.repeat(np.arange(options.folds), sizes)
-        return Groups(da.from_array(codes, chunks=chunks), np.arange(options.folds), "fold", folds=True,
-                      sizes=np.asarray(sizes))
+        return Groups(da.from_array(codes, chunks=chunks), np.arange(options.folds), np.asarray(sizes), "fold",
+                      folds=True)
     name = options.groupby if options.groupby is not None else options.folds
     if name is None:
         return None
@@ -132,15 +132,16 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     labels, codes = group_codes(layer.coords[name].values, option, name, str(layer.name))
     if option == "folds" and len(labels) < 2:
         raise ValueError(f"{asked} gives {len(labels)} fold; folds need at least 2")
-    return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels, name if option == "groupby" else "fold",
-                  folds=option == "folds", sizes=np.bincount(codes.reshape(-1), minlength=len(labels)))
+    return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels,
+                  np.bincount(codes.reshape(-1), minlength=len(labels)), name if option == "groupby" else "fold",
+                  folds=option == "folds")
 
 
 def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions) -> None:
     """Before the pass: every group of ``groupby`` can give the 2 rows a measure needs (at most
     ceil(rows per datapoint / stride) per datapoint), else a ValueError naming the first that cannot (a group per
     value of a continuous coordinate failed after the whole pass)."""
-    if groups is None or groups.folds or groups.sizes is None:
+    if groups is None or groups.folds:
         return
     most = groups.sizes * -(-adapter.rows_per_datapoint // adapter.stride)
     small = np.flatnonzero(most < 2)
@@ -228,7 +229,7 @@ def _without_emptied_folds(streamed: Streamed, groups: Groups | None) -> tuple[S
                   stacklevel=user_stacklevel())
     # the codes keep the pass's numbering: no pass follows
     return (dataclasses.replace(streamed, groups=tuple(streamed.groups[index] for index in kept)),
-            dataclasses.replace(groups, labels=groups.labels[kept]))
+            dataclasses.replace(groups, labels=groups.labels[kept], sizes=groups.sizes[kept]))
 
 
 def _paired_channels(layers: Sequence[xr.DataArray]) -> int:

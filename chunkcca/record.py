@@ -315,17 +315,19 @@ def _found(module: Any, inputs: Sequence[Any], output: Any, tensor: Any, seen: _
     return seen.time_order(found, told, tensor, key)
 
 
-def _channels_last(array: np.ndarray, path: str, layout: Layout) -> tuple[np.ndarray, tuple[str, ...]]:
-    """A module's output as (datapoint, *positions, channel), a copy of its own (the tensor's memory may change
-    later in the forward pass: ``ReLU(inplace=True)``, ``h += residual``), and its dims, given where its channels
-    are."""
+def _channels_last(array: np.ndarray, path: str, layout: Layout, *,
+                   owned: bool = False) -> tuple[np.ndarray, tuple[str, ...]]:
+    """A module's output as (datapoint, *positions, channel), in memory of its own (the tensor's may change later
+    in the forward pass: ``ReLU(inplace=True)``, ``h += residual``; copied unless ``owned``: made for it, as
+    ``.cpu()`` of a GPU tensor is), and its dims, given where its channels are."""
     if array.ndim == 2:
-        return np.array(array), FC_DIMS
+        return array if owned else np.array(array), FC_DIMS
     if array.ndim not in POSITIONS:
         raise ValueError(f"layer {path!r} gives outputs of shape {tuple(array.shape)}; expected (N, C), (N, T, C), "
                          f"(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
     if layout == "channels_last":
-        return np.array(array), ("datapoint", *(("token",) if array.ndim == 3 else POSITIONS[array.ndim]), "channel")
+        dims = ("datapoint", *(("token",) if array.ndim == 3 else POSITIONS[array.ndim]), "channel")
+        return array if owned else np.array(array), dims
     return np.array(np.moveaxis(array, 1, -1), order="C"), ("datapoint", *POSITIONS[array.ndim], "channel")
 
 
@@ -377,11 +379,12 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
                          f"layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), 'channels_last' "
                          f"if (N, T, C), 'time_first' if (T, N, C)")
     nested = getattr(tensor, "is_nested", False)
+    owned = tensor.device.type != "cpu"  # .cpu() copies it to memory of its own
     if nested:  # PyTorch's transformer fast path leaves padding out: put it back
-        tensor = tensor.to_padded_tensor(0.0)
+        tensor, owned = tensor.to_padded_tensor(0.0), True
     if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16 ("unsupported ScalarType"): float32 holds it
-        tensor = tensor.float()           # exactly (bfloat16 is float32 with its last 16 bits cut)
-    return (*_channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first"), nested)
+        tensor, owned = tensor.float(), True  # exactly (bfloat16 is float32 with its last 16 bits cut)
+    return (*_channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first", owned=owned), nested)
 
 
 def _shuffles(batches: Any) -> bool:

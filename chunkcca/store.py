@@ -965,20 +965,21 @@ def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any]
     written = np.frombuffer(base64.b64decode(recorded), dtype="<u4")
     if written.shape != checksums.shape:
         return  # another grid: the metadata check names it
-    moved = np.flatnonzero((checksums != written) & np.isin(checksums, written))
     edited = np.flatnonzero(checksums != written)
+    if not edited.size:
+        return
+    moved = edited[np.isin(checksums[edited], written)]
     grid = list(_chunk_keys(metadata))  # each chunk's grid index, in the order of the checksums
 
     def datapoints(index: int) -> str:
         first, last = _datapoint_span(metadata, grid[index])
         return f"datapoints {first} to {last}"
 
-    if edited.size and not moved.size:
+    if not moved.size:
         warnings.warn(f"{what} of {store}: {edited.size} chunk file{'s hold' if edited.size > 1 else ' holds'} other "
                       f"bytes than chunkcca wrote (the first, of {datapoints(int(edited[0]))}): edited since (with "
                       f"zarr, in place) or copied from another store; if you did not edit {what}, the store is "
                       f"damaged: write it again", RuntimeWarning, stacklevel=user_stacklevel())
-    if not moved.size:
         return
 
     origin = int(np.flatnonzero(written == checksums[moved[0]])[0])
