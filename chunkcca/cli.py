@@ -537,8 +537,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         if {"mean_cca", "r2_cca"} & set(measures):
             _note_zero_components(result, a.sizes["channel"], b.sizes["channel"])
     if args.plot:  # after the values, which a plot that cannot be saved must not take with it
-        curves = _rho_curves(result, measures)
-        _save_plot(lambda: plot_rho(curves, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
+        _save_plot(lambda: plot_rho(result, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
                    overwrite=args.overwrite)
         if not args.json:  # stdout holds one JSON document with --json
             print(f"plot: {args.plot}")
@@ -634,15 +633,6 @@ def _print_compare_table(args: argparse.Namespace, result: xr.Dataset, values: d
         if dim in result.dims:
             print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
     print(format_table(table, left=(0, 2)))
-
-
-def _rho_curves(result: xr.Dataset, measures: list[str]) -> dict[str, xr.Dataset]:
-    """The curves --plot draws, named in the legend by what they are: CCA's of every component, SVCCA's of its
-    kept directions."""
-    drawn = {"rho": {"mean_cca", "r2_cca", "pwcca"} & set(measures), "svcca_rho": {"svcca"} & set(measures)}
-    return {legend: xr.Dataset({"rho": result[variable].rename({result[variable].dims[-1]: "component"})})
-            for legend, variable in (("CCA", "rho"), ("SVCCA, kept directions", "svcca_rho"))
-            if drawn[variable] and variable in result and result[variable].ndim == 1}
 
 
 def _zero_components(rank_a: Any, rank_b: Any, channels_a: int, channels_b: int) -> int:

@@ -23,8 +23,11 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
     Parameters
     ----------
     results
-        A result of [`chunkcca.cca()`][chunkcca.cca], or a mapping legend label → result; each ``rho`` must
-        have the one dim ``component`` (select one group or frequency of a groupby or dft result first).
+        A result of [`chunkcca.cca()`][chunkcca.cca] or [`chunkcca.svcca()`][chunkcca.svcca], or of
+        [`chunkcca.compare()`][chunkcca.compare] (drawn as the curves its measures name: CCA's ``rho`` for
+        mean_cca, r2_cca and pwcca, SVCCA's ``svcca_rho`` of the kept directions for svcca, each legend saying
+        which), or a mapping legend label → result; each curve must have the one dim ``component`` (select
+        one group or frequency of a groupby or dft result first).
     ax
         Axes to draw on (default: a new figure).
     title
@@ -38,13 +41,8 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
 
     if isinstance(results, xr.Dataset):
         results = {results.attrs.get("layer_a", "a") + " vs " + results.attrs.get("layer_b", "b"): results}
-    for label, result in results.items():
-        if "rho" not in result:
-            raise ValueError(f"plot_rho draws canonical correlations (rho), which the result {label!r} has not "
-                             f"(its variables: {', '.join(map(str, result.data_vars))}): give it a result of cca(), or "
-                             f"of compare() with mean_cca or r2_cca")
-    curves = {label: _with_dims(result["rho"], ("component",), f"plot_rho: the rho of {label!r}")
-              for label, result in results.items()}
+    curves = {name: _with_dims(rho, ("component",), f"plot_rho: the {variable} of {label!r}")
+              for label, result in results.items() for name, variable, rho in rho_curves(label, result)}
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
     first = len(ax.get_lines())  # curves already on ax keep theirs; new ones continue the cycle
@@ -61,6 +59,25 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
     if title:
         ax.set_title(title)
     return ax
+
+
+def rho_curves(label: str, result: xr.Dataset) -> list[tuple[str, str, xr.DataArray]]:
+    """The canonical correlation curves of ``result`` as (legend, variable, curve with dim ``component``): its
+    ``rho``, or for a result of ``compare()`` those its measures name, CCA's of every component (``rho``, for
+    mean_cca, r2_cca, pwcca) and SVCCA's of its kept directions (``svcca_rho``), each legend saying which."""
+    measures = set(str(result.attrs["measures"]).split(",")) if "measures" in result.attrs else None
+    if measures is None:
+        curves = [(label, "rho")] if "rho" in result else []
+    else:
+        curves = [(f"{label}: {legend}", variable) for legend, variable, names in (
+            ("CCA", "rho", {"mean_cca", "r2_cca", "pwcca"}), ("SVCCA, kept directions", "svcca_rho", {"svcca"}))
+            if measures & names and variable in result]
+    if not curves:
+        raise ValueError(f"plot_rho draws canonical correlations (rho), which the result {label!r} has not "
+                         f"(its variables: {', '.join(map(str, result.data_vars))}): give it a result of cca() or "
+                         f"svcca(), or of compare() with mean_cca, r2_cca, pwcca or svcca")
+    return [(legend, variable, result[variable].rename({"svcca_component": "component"})
+             if variable == "svcca_rho" else result[variable]) for legend, variable in curves]
 
 
 def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | None = None, vmin: float | None = None,

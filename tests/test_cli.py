@@ -807,12 +807,17 @@ def test_compare_shows_details_per_group_ridges_by_value_and_plots_only_the_curv
     shown = capsys.readouterr().out
     assert "per ridge: 0.1, 1.0" in shown and "se [" in shown and "0.95 interval [[" in shown  # errors per ridge
     drawn = []
-    monkeypatch.setattr(chunkcca.cli, "plot_rho", lambda curves, **_: drawn.append(sorted(curves)) or
-                        chunkcca.plot.plot_rho(curves))
+
+    def plot_rho(result, **options):
+        ax = chunkcca.plot.plot_rho(result, **options)
+        drawn.append([text.get_text().split(" (mean")[0] for text in ax.get_legend().get_texts()])
+        return ax
+
+    monkeypatch.setattr(chunkcca.cli, "plot_rho", plot_rho)
     svcca = "SVCCA, kept directions"  # the legend said "cca" and "svcca", as if they were the measures' names
     for measures, curves in ((["svcca"], [svcca]), (["pwcca"], ["CCA"]), (["svcca", "mean_cca"], ["CCA", svcca])):
         assert main([*base, "--measure", *measures, "--plot", str(tmp_path / "p.png"), "--overwrite"]) == 0
-        assert drawn.pop() == curves
+        assert drawn.pop() == [f"m0/fc vs m1/fc: {curve}" for curve in curves]
 
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path, capsys, monkeypatch):

@@ -231,3 +231,24 @@ def test_rho_refuses_a_result_without_canonical_correlations_naming_it():
         plot_rho(cka_result)
     with pytest.raises(ValueError, match=r"no variable 'svcca' in this result \(its variables: cka\)"):
         plot_similarity(xr.Dataset({"cka": (("layer_a", "layer_b"), np.ones((1, 1)))}), "svcca")
+
+
+def test_rho_draws_the_curves_a_compare_result_was_asked_for():
+    """compare(measures=["svcca"]) was drawn as plain CCA's rho (of every component), labelled with its mean as
+    if it were SVCCA's."""
+    import chunkcca
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 20))
+    b = a @ rng.standard_normal((20, 15)) + rng.standard_normal((300, 15))
+    result = chunkcca.compare(a, b, measures=["svcca"])
+    ax = plot_rho(result)
+    [line] = ax.get_lines()
+    np.testing.assert_array_equal(line.get_ydata(), result["svcca_rho"].values)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        f"a vs b: SVCCA, kept directions (mean {float(result['svcca']):.3f})"]
+    both = chunkcca.compare(a, b, measures=["mean_cca", "svcca"])
+    sizes = [line.get_ydata().size for line in plot_rho({"run": both}).get_lines()]
+    assert sizes == [15, both.sizes["svcca_component"]]
+    with pytest.raises(ValueError, match=r"the result 'a vs b' has not \(its variables: cka, rows\)"):
+        plot_rho(chunkcca.compare(a, b, measures=["cka"]))
