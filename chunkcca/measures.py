@@ -15,7 +15,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import xarray as xr
@@ -37,6 +37,12 @@ CONSTANT_RTOL = 64 * float(np.finfo(np.float64).eps)
 #: ``_warn_ill_conditioned`` says so.
 WHITENING_CONDITION = 1e8
 
+#: A direction cut as the rounding of the activations' values (``Rounding.cut()``: at or below e² (mean² +
+#: variance) per channel, 12 times the largest variance rounding to nearest makes) that holds more than this
+#: share of its cut, over 3 times what rounding alone makes, may be real: ``require_resolved`` warns of it. A
+#: float32 LayerNorm output's exact null direction came out at 1/14 of its cut; float16 values of mean 30 and
+#: spread 1 lost a real direction at 0.53 of it (mean ρ 0.46 for 0.91 on the values as stored).
+ROUNDING_DOUBT = 0.25
 
 #: Why finite-looking statistics can hold NaN or Inf (nan_policy=None, or values beyond float32's range).
 NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold values too large for the products' "
@@ -56,17 +62,20 @@ class Rounding:
         """The Rounding of the channels at ``index`` only (the side's kept channels, in that order)."""
         return self if self.channels is None else replace(self, channels=self.channels[index])
 
-    def tolerance(self, values: np.ndarray, vectors: np.ndarray | None = None) -> np.ndarray | float:
-        """The eigenvalue at or below which each direction of a (p, p) matrix with eigenvalues ``values`` (and
-        eigenvectors ``vectors``, columns) is rounding. Independent rounding of each channel's values puts
-        Σᵢ |vᵢₖ|² cᵢ on direction k (``channels`` c): a direction made of channels known to 7 digits is not cut
-        for a channel beside them known to fewer (a BatchNorm unit of mean 100 and spread 0.01)."""
+    def cut(self, values: np.ndarray, vectors: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Which directions of a (p, p) matrix with eigenvalues ``values`` (and eigenvectors ``vectors``, columns)
+        are kept, above rounding (bool, (p,)), and how many of those cut as the values' rounding hold more than
+        ``ROUNDING_DOUBT`` of their cut (``rounding_doubts()``). Independent rounding of each channel's values
+        puts Σᵢ |vᵢₖ|² cᵢ on direction k (``channels`` c): a direction made of channels known to 7 digits is not
+        cut for a channel beside them known to fewer (a BatchNorm unit of mean 100 and spread 0.01)."""
         largest = max(values.max(initial=0.0), 0.0)
         floor = max(largest * values.shape[-1] * np.finfo(np.float64).eps, 32 * self.products,
                     largest * self.products)
         if self.channels is None or vectors is None:
-            return floor
-        return np.maximum(floor, (np.abs(vectors) ** 2).T @ self.channels)
+            return values > floor, 0
+        by_values = (np.abs(vectors) ** 2).T @ self.channels
+        keep = values > np.maximum(floor, by_values)
+        return keep, int((~keep & (values > floor) & (values > ROUNDING_DOUBT * by_values)).sum())
 
 
 def rounding(moments: Moments, side: int, index: tuple[int, ...] = ()) -> Rounding:
@@ -100,15 +109,28 @@ def _scaled(cov: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return cov * scale[:, None] * scale[None, :]
 
 
-def _correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
-    """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``)."""
+class Inverse(NamedTuple):
+    """A pseudo-inverse square root (p, p) of a covariance and what it kept: the numerical ``rank``, the
+    ``condition`` number of what it inverts (largest / smallest kept eigenvalue; 1 when none is kept) and the
+    directions cut as the values' rounding that may be real (``doubts``, see ``Rounding.cut()``)."""
+
+    root: np.ndarray
+    rank: int
+    condition: float
+    doubts: int = 0
+
+
+def _correlation_rank(cov: np.ndarray, floor: Rounding) -> tuple[int, int]:
+    """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``), and the
+    directions cut as the values' rounding that may be real (``Rounding.cut()``)."""
     values, vectors = np.linalg.eigh(_scaled(cov, _inverse_std(cov)))
-    return int((values > floor.tolerance(values, vectors)).sum())
+    keep, doubts = floor.cut(values, vectors)
+    return int(keep.sum()), doubts
 
 
-def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> tuple[np.ndarray, int, float]:
-    """Hermitian pseudo-inverse square root of a covariance (p, p), its numerical rank and the condition number of
-    what it inverts (largest / smallest kept eigenvalue; 1 when none is kept).
+def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> Inverse:
+    """Hermitian pseudo-inverse square root of a covariance (p, p), with its numerical rank, the condition number
+    of what it inverts and the directions cut as the values' rounding that may be real (``Inverse``).
 
     Eigenvalues at most ``p · eps64 · max`` count as zero (as ``numpy.linalg.pinv``). For a correlation
     matrix from float32 products, ``floor.products`` = eps32 also cuts eigenvalues at most
@@ -119,11 +141,11 @@ def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> tuple[np.ndar
     for float32 values of a mean no larger than their spread.
     """
     values, vectors = np.linalg.eigh(cov)
-    keep = values > floor.tolerance(values, vectors)
+    keep, doubts = floor.cut(values, vectors)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     condition = float(values[keep].max() / values[keep].min()) if keep.any() else 1.0
-    return (vectors * scale) @ vectors.conj().T, int(keep.sum()), condition
+    return Inverse((vectors * scale) @ vectors.conj().T, int(keep.sum()), condition, doubts)
 
 
 def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -131,17 +153,17 @@ def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return (variance > 0) & (variance > (CONSTANT_RTOL * np.abs(mean)) ** 2)
 
 
-def _whitener(cov: np.ndarray, epsilon: float, floor: Rounding) -> tuple[np.ndarray, int, float]:
-    """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; the rank and the condition
-    number of the (regularised) correlation matrix as inverted.
+def _whitener(cov: np.ndarray, epsilon: float, floor: Rounding) -> Inverse:
+    """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; the rank, the condition
+    number and the doubts of the (regularised) correlation matrix as inverted.
 
     ``floor`` (``Rounding``: of float32 products and of the values) applies without a ridge only: with
     ``epsilon > 0`` the user's regularisation decides. Zero-variance channels get zero weight.
     """
     regularised = cov + epsilon * np.eye(cov.shape[0])
     scale = _inverse_std(regularised)
-    root, rank, condition = inverse_sqrt(_scaled(regularised, scale), floor if epsilon == 0 else Rounding())
-    return scale[:, None] * root, rank, condition
+    inverse = inverse_sqrt(_scaled(regularised, scale), floor if epsilon == 0 else Rounding())
+    return inverse._replace(root=scale[:, None] * inverse.root)
 
 
 def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np.ndarray | None = None,
@@ -163,12 +185,13 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np
     rho = np.zeros(n_components)
     coef_a = np.zeros((p, n_components), dtype=cov.dtype)
     coef_b = np.zeros((q, n_components), dtype=cov.dtype)
-    rank_a = rank_b = 0
+    rank_a = rank_b = doubts_a = doubts_b = 0
     condition_a = condition_b = 1.0
     if index_a.size and index_b.size:
-        whiten_a, rank_a, condition_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon, floors[0].kept(index_a))
-        whiten_b, rank_b, condition_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon,
-                                                  floors[1].kept(index_b - p))
+        whiten_a, rank_a, condition_a, doubts_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon,
+                                                            floors[0].kept(index_a))
+        whiten_b, rank_b, condition_b, doubts_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon,
+                                                            floors[1].kept(index_b - p))
         u, s, vh = np.linalg.svd(whiten_a.conj().T @ cov[np.ix_(index_a, index_b)] @ whiten_b)
         k = min(rank_a, rank_b)
         rho[:k] = np.minimum(s[:k], 1.0)  # a correlation; rounding (float32, few rows) can pass 1
@@ -178,7 +201,7 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np
     # returned, so that (x − mean) · coef is the variate for complex rows (dft) as for real ones
     return {"rho": rho, "coef_a": coef_a.conj(), "coef_b": coef_b.conj(), "pruned_a": ~kept_a, "pruned_b": ~kept_b,
             "rank_a": np.int64(rank_a), "rank_b": np.int64(rank_b), "condition_a": condition_a,
-            "condition_b": condition_b}
+            "condition_b": condition_b, "doubts_a": doubts_a, "doubts_b": doubts_b}
 
 
 class IllConditionedWarning(RuntimeWarning):
@@ -287,6 +310,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     stacked = {key: np.stack([s[key] for s in solved]).reshape((*batch, *np.shape(solved[0][key])))
                for key in solved[0]}
     rho = stacked["rho"]
+    require_resolved(moments, "CCA", (stacked["rank_a"], stacked["rank_b"]),
+                     (stacked["doubts_a"].max(), stacked["doubts_b"].max()))
     _warn_ill_conditioned(moments, (stacked["condition_a"].max(), stacked["condition_b"].max()))
     result = _with_layers(xr.Dataset(
         {
@@ -324,6 +349,48 @@ def require_variance(moments: Moments, measure: str) -> None:
     dead = side_without_variance(moments)
     if dead is not None:
         raise UndefinedMeasure(f"{measure} is undefined: side {'ab'[dead]} has no variance (every channel constant)")
+
+
+class RoundingWarning(RuntimeWarning):
+    """A measure left out directions of a layer as the rounding of its values (float32, float16) that hold more
+    variance than that rounding can make (``ROUNDING_DOUBT``): they may be real."""
+
+
+def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubts: Sequence[int]) -> None:
+    """A side whose every direction lies within the rounding of its values (rank 0 in ``ranks``, per side, at
+    every frequency; its channels vary, or ``require_variance`` would have said) makes ``measure`` undefined, an
+    ``UndefinedMeasure`` naming it; ``doubts`` (per side: directions cut as the values' rounding that may be
+    real) are warned of (``RoundingWarning``)."""
+    for side, (rank, doubtful) in enumerate(zip(ranks, doubts)):
+        eps = moments.value_rounding[side] if len(moments.value_rounding) > side else 0.0
+        if not eps:
+            continue
+        name = (f"layer {moments.layers[side]!r}" if len(moments.layers) > side and moments.layers[side]
+                else f"side {'ab'[side]}")
+        part = moments.side_slices()[side]
+        spread = np.sqrt(np.diagonal(moments.scatter, axis1=-2, axis2=-1).real[..., part] / max(moments.n - 1, 1))
+        ratio = np.max(np.abs(moments.mean[..., part]) / np.where(spread > 0, spread, np.inf))
+        values = (f"its {_value_type(eps)} values (relative rounding {eps:.1e}; its channels' means reach "
+                  f"{ratio:.2g} times their spread)")
+        if not np.any(np.asarray(rank) > 0):
+            raise UndefinedMeasure(f"{measure} is undefined: {name} varies only within the rounding of {values}; "
+                                   f"record it with its mean taken out, or in float64; if its values are exact "
+                                   f"(integers), pass it as float64 (.astype('float64')) to take them as they are")
+        if doubtful:
+            warnings.warn(f"{name}: {doubtful} direction{'s' if doubtful > 1 else ''} of its correlation matrix "
+                          f"{'were' if doubtful > 1 else 'was'} left out as within the rounding of {values}, but "
+                          f"hold{'' if doubtful > 1 else 's'} more than {ROUNDING_DOUBT * 12:g} times the variance "
+                          f"that rounding can make, so {'they' if doubtful > 1 else 'it'} may be real (the rank "
+                          f"as used is in the result); record the layer with its mean taken out, or in float64, "
+                          f"or, if its values are exact, pass it as float64 (.astype('float64')) to keep "
+                          f"{'them' if doubtful > 1 else 'it'}", RoundingWarning, stacklevel=user_stacklevel())
+
+
+def _value_type(eps: float) -> str:
+    """The name of the float type of relative rounding ``eps`` (float16, float32, bfloat16, …)."""
+    known = {float(np.finfo(np.float16).eps): "float16", float(np.finfo(np.float32).eps): "float32",
+             2.0**-7: "bfloat16"}
+    return known.get(eps, f"{eps:.1e}-rounded")
 
 
 def side_without_variance(moments: Moments) -> int | None:
@@ -386,22 +453,22 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 
-def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> np.ndarray:
+def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int, int]:
     """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values,
     and no more than the side's rank (counted on its correlation matrix, so rounding of float32 products is
-    not taken for directions whatever the channels' units)."""
+    not taken for directions whatever the channels' units); that rank and its doubts (``Rounding.cut()``)."""
     values, vectors = np.linalg.eigh(cov)
     values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
     weights = values if keep_by == "variance" else np.sqrt(values)
     total = weights.sum()
     if total == 0:
-        return vectors[:, :0]
+        return vectors[:, :0], 0, 0
     if keep >= 1:  # every direction with variance, however small its share, up to the rank
         count = len(values)
     else:  # a share within the prefix sums' rounding (p ulps) of ``keep`` reaches it
         count = int(np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
-    rank = _correlation_rank(cov, floor)
-    return vectors[:, : min(count, rank, int((values > 0).sum()))]
+    rank, doubts = _correlation_rank(cov, floor)
+    return vectors[:, : min(count, rank, int((values > 0).sum()))], rank, doubts
 
 
 def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "variance",
@@ -431,8 +498,10 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     require_variance(moments, "SVCCA")
     with solve_threads(moments.channels):
-        basis_a, basis_b = (_kept_directions(cov, keep, keep_by, rounding(moments, side))
-                            for side, cov in enumerate((cov_aa, cov_bb)))
+        (basis_a, rank_a, doubts_a), (basis_b, rank_b, doubts_b) = (
+            _kept_directions(cov, keep, keep_by, rounding(moments, side)) for side, cov in enumerate((cov_aa, cov_bb)))
+    require_resolved(moments, "SVCCA", (rank_a, rank_b), (doubts_a, doubts_b))
+    with solve_threads(moments.channels):
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
                             [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ cov_bb @ basis_b]])
@@ -607,7 +676,7 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     ), moments)
 
 
-def _partial_whitener(cov: np.ndarray, alpha: float, floor: Rounding) -> tuple[np.ndarray, int, float]:
+def _partial_whitener(cov: np.ndarray, alpha: float, floor: Rounding) -> Inverse:
     """((1 − α) Σ + α (tr Σ / p) I)^(−1/2), its rank and the condition number of what it inverts: α = 0 whitens,
     α = 1 only rescales (pseudo-inverse if singular).
 
@@ -644,8 +713,9 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     require_variance(moments, "the shape metric")
     with solve_threads(moments.channels):
-        (t_a, rank_a, condition_a), (t_b, rank_b, condition_b) = (
+        (t_a, rank_a, condition_a, doubts_a), (t_b, rank_b, condition_b, doubts_b) = (
             _partial_whitener(cov, alpha, rounding(moments, side)) for side, cov in enumerate((cov_aa, cov_bb)))
+        require_resolved(moments, "the shape metric", (rank_a, rank_b), (doubts_a, doubts_b))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
         norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
     if alpha == 0:  # a correlation matrix inverted; with alpha > 0 the user's regularisation decides
