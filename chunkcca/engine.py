@@ -85,6 +85,23 @@ class NonFiniteError(DatapointError):
     """Activations hold NaN or Inf where ``nan_policy="raise"``."""
 
 
+def declared(key: Any, shape: tuple[int, ...], name: str, first: int) -> tuple[Any, ...]:
+    """A task (inline in the task that takes it) giving the block at ``key`` of layer ``name`` (datapoints
+    ``first`` on) if it has the ``shape`` its Dask array declares for it, else raising: a block of another shape
+    (``da.from_delayed`` of a loader's short last batch) was paired with the other layers' rows by position."""
+    return (_declared, key, shape, name, first)
+
+
+def _declared(block: np.ndarray, shape: tuple[int, ...], name: str, first: int) -> np.ndarray:
+    if block.shape != shape:
+        raise ValueError(f"layer {name!r}: the block of its Dask array for datapoints {first} to "
+                         f"{first + shape[0] - 1} has shape {block.shape}, where the array declares {shape}: its "
+                         f"blocks are not the shapes its chunks say (da.from_delayed given another shape than the "
+                         f"block it loads, or map_blocks changing the shape without chunks=); declare each block's "
+                         f"true shape")
+    return block
+
+
 class NoRealPositionError(DatapointError):
     """A datapoint's padding mask is False at every position: it has no row to give."""
 
@@ -357,7 +374,7 @@ def _gram_block(rows_i: np.ndarray, rows_j: np.ndarray) -> np.ndarray:
 
 def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], means: Sequence[np.ndarray],
                     dtypes: Sequence[np.dtype], chunks: Sequence[int], band: range, *, split_every: int,
-                    threads: int) -> Delayed:
+                    threads: int, names: Sequence[str]) -> Delayed:
     """The lazy (L, L) sums ``Σ ⟨K̃ₗ, K̃ₘ⟩`` over the pairs of datapoint chunks (i, j) of ``chunks`` (the sides
     are cut to them), i in ``band`` (a range of chunk indices) and j ≥ i, the off-diagonal ones twice: summed
     over the bands that cover all chunks, tr(K̃ₗ K̃ₘ) of the centred n × n Gram matrices K̃ₗ = X̃ₗ X̃ₗᵀ, exactly
@@ -373,14 +390,18 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
                      [str(dtype) for dtype in dtypes], band.start, band.stop, split_every, threads)
     held_name, part_name, sum_name = (f"chunkcca-gram-{what}-{token}" for what in ("band", "part", "sum"))
     layer: dict[Any, Any] = {}
+    def blocks_of(chunk: int) -> list[Any]:
+        return [declared(keys[chunk], (chunks[chunk], *side.shape[1:]), name, firsts[chunk])
+                for keys, side, name in zip(block_keys, sides, names)]
+
     for i in band:
-        layer[(held_name, i)] = (partial(_centred, **context), firsts[i], [keys[i] for keys in block_keys])
+        layer[(held_name, i)] = (partial(_centred, **context), firsts[i], blocks_of(i))
     parts: list[Any] = []
     for j in range(band.start, len(chunks)):
         inside = j - band.start if j < band.stop else None
         within = list(band) if inside is None else list(band)[: inside + 1]
         weights = [2.0] * len(within) if inside is None else [2.0] * inside + [1.0]
-        blocks_j = [keys[j] for keys in block_keys] if inside is None else None
+        blocks_j = blocks_of(j) if inside is None else None
         layer[(part_name, j)] = (partial(_gram_band, **context), [(held_name, i) for i in within], weights,
                                  firsts[j], blocks_j, None if inside is None else (held_name, j))
         parts.append((part_name, j))
@@ -457,9 +478,11 @@ def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array |
     for c, first in enumerate(firsts):
         after = [(part_name, c - window)] if c >= window else []
         for index, (adapter, name) in enumerate(zip(adapters, names)):
-            mask = None if mask_keys[index] is None else mask_keys[index][c]
+            mask = None if mask_keys[index] is None else declared(
+                mask_keys[index][c], (chunks[c], *masks[index].shape[1:]), name, first)
             layer[(grams_name, c, index)] = (partial(_layer_minibatches, adapter=adapter, size=size, name=name),
-                                             first, keys[index][c], mask, *after)
+                                             first, declared(keys[index][c], (chunks[c], *sides[index].shape[1:]),
+                                                             name, first), mask, *after)
             layer_tasks.append((grams_name, c, index))
         layer[(part_name, c)] = (partial(_minibatch_hsic, size=size),
                                  [(grams_name, c, index) for index in range(len(sides))])
@@ -650,9 +673,13 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     if start is not None:
         last[0] = f"chunkcca-{reduction.name}-start-{token}"
         layer[last[0]] = start
+    own = [*(["codes"] if reduction.groups else []), *names, *(name for name, mask in zip(names, masks)
+                                                                 if mask is not None)]
     for index, first in enumerate(firsts):
         key = (chunk_name, index)
-        layer[key] = (task, last[index % chains], first, *(keys[index] for keys in block_keys))
+        layer[key] = (task, last[index % chains], first,
+                      *(declared(keys[index], (array.chunks[0][index], *array.shape[1:]), name, first)
+                        for keys, array, name in zip(block_keys, inputs, own)))
         last[index % chains] = key
     layer[merge_name] = (partial(_merge_chains, reduction=reduction), last)
     graph = HighLevelGraph.from_collections(merge_name, layer, dependencies=inputs)

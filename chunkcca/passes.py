@@ -612,7 +612,7 @@ def gram_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
             step = f"Gram blocks, band {number} of {len(bands)}" if len(bands) > 1 else "Gram blocks"
             graph = gram_band_graph(data, adapters, stats.means, dtypes, plan.chunks,
                                     range(start, min(start + plan.band, len(plan.chunks))),
-                                    split_every=options.split_every, threads=plan.tasks)
+                                    split_every=options.split_every, threads=plan.tasks, names=names)
             (part,) = compute(graph, scheduler=scheduler, threads=plan.tasks,
                               progress=None if label is None else f"{label} ({step})")
             sums += part
