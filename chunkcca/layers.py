@@ -205,6 +205,9 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     if any(np.isnan(size) for sizes in array.chunks or () for size in sizes):  # .chunks reads nothing
         raise ValueError(f"layer {name!r} has chunks of unknown size (a Dask array selected by a mask, e.g. "
                          f"x[x[:, 0] > 0]); call its .compute_chunk_sizes() first")
+    if array.chunks is not None and 0 in array.chunksizes.get("datapoint", ()) and array.sizes["datapoint"]:
+        # empty chunks (that .compute_chunk_sizes() leaves where a mask kept nothing) are no rows to fold
+        array = array.chunk({"datapoint": tuple(size for size in array.chunksizes["datapoint"] if size)})
     _check_values(array, name, allow_complex)
     _check_mask(array, name)
     for dim in ("datapoint", "channel") if unique_channels else ("datapoint",):  # results are labelled by them

@@ -12,7 +12,7 @@ import zipfile
 import dask.array as da
 import numpy as np
 import pytest
-from reference import canonical_correlations, flatten_rows
+from reference import avgpool_rows, canonical_correlations, cka_reference, flatten_rows
 
 import chunkcca
 from chunkcca import cca, shape_metric
@@ -423,3 +423,27 @@ def test_a_dask_block_of_another_shape_than_declared_is_an_error_naming_the_laye
     with pytest.raises(ValueError, match=r"layer 'a': the block .* has shape \(50, 5\), where the array declares "
                                          r"\(100, 5\)"):
         chunkcca.cka(halved, y)
+
+
+def test_empty_dask_chunks_are_no_rows():
+    """``x[keep].compute_chunk_sizes()``, the remedy chunkcca gives for unknown chunks, leaves empty chunks where
+    ``keep`` kept nothing: avgpool, first, last and features stopped inside a task ("cannot reshape array of
+    size 0"), naming no layer."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((400, 2, 2, 5))
+    y = x[..., :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((400, 2, 2, 4))
+    keep = np.ones(400, bool)
+    keep[100:200] = False
+    kept = da.from_array(keep, chunks=100)
+    a, b = (da.from_array(side, chunks=(100, 2, 2, side.shape[-1]))[kept].compute_chunk_sizes() for side in (x, y))
+    assert a.chunks[0] == (100, 0, 100, 100)
+    x, y = x[keep], y[keep]
+    tolerance = 1e-12  # float64 products of 300 rows: summation order only
+    got = chunkcca.cka(a, b, spatial="avgpool", precision="float64")
+    assert float(got["cka"]) == pytest.approx(cka_reference(avgpool_rows(x), avgpool_rows(y), False), abs=tolerance)
+    got = chunkcca.cka(a, b, spatial="features", precision="float64")
+    want = cka_reference(x.reshape(300, -1), y.reshape(300, -1), False)
+    assert float(got["cka"]) == pytest.approx(want, abs=tolerance)
+    got = cca(a, b, spatial="last", precision="float64")  # the last position, (1, 1)
+    np.testing.assert_allclose(got["rho"], canonical_correlations(x[:, 1, 1], y[:, 1, 1]), atol=tolerance)
+    assert int(got["rows"]) == 300
