@@ -210,6 +210,9 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         array = array.chunk({"datapoint": tuple(size for size in array.chunksizes["datapoint"] if size)})
     _check_values(array, name, allow_complex)
     _check_mask(array, name)
+    for dim in ("datapoint", "channel"):  # labels without an index (drop_indexes) are still the labels
+        if dim in array.coords and array.coords[dim].dims == (dim,) and dim not in array.indexes:
+            array = array.set_xindex(dim)
     for dim in ("datapoint", "channel") if unique_channels else ("datapoint",):  # results are labelled by them
         labels = array.indexes.get(dim)
         if labels is not None and not labels.is_unique:

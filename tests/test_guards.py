@@ -12,6 +12,7 @@ import zipfile
 import dask.array as da
 import numpy as np
 import pytest
+from dask.array import PerformanceWarning
 from reference import avgpool_rows, canonical_correlations, cka_reference, flatten_rows
 
 import chunkcca
@@ -447,3 +448,22 @@ def test_empty_dask_chunks_are_no_rows():
     got = cca(a, b, spatial="last", precision="float64")  # the last position, (1, 1)
     np.testing.assert_allclose(got["rho"], canonical_correlations(x[:, 1, 1], y[:, 1, 1]), atol=tolerance)
     assert int(got["rows"]) == 300
+
+
+def test_datapoint_labels_without_an_index_are_the_labels():
+    """A datapoint coordinate whose index was dropped (``drop_indexes``) stopped with a bare KeyError
+    'datapoint', naming no layer; its labels now align the layers, and repeated ones are refused."""
+    import xarray as xr
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((50, 3))
+    y = x @ rng.standard_normal((3, 3)) + 0.5 * rng.standard_normal((50, 3))
+    labels = np.arange(50)
+    a = xr.DataArray(x[::-1], dims=("datapoint", "channel"), coords={"datapoint": labels[::-1]})
+    b = xr.DataArray(y, dims=("datapoint", "channel"), coords={"datapoint": labels})
+    with pytest.warns(PerformanceWarning, match="layer 'b' holds the datapoints of layer 'a' in another order"):
+        got = chunkcca.cka(a.drop_indexes("datapoint"), b, precision="float64")
+    assert float(got["cka"]) == pytest.approx(cka_reference(x, y, False), abs=1e-12)
+    repeated = a.assign_coords(datapoint=np.zeros(50)).drop_indexes("datapoint")
+    with pytest.raises(ValueError, match=r"layer 'a' has repeated datapoint labels, e.g. \[0.0\]"):
+        chunkcca.cka(repeated, b)
