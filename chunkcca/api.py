@@ -552,7 +552,8 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
     xarray.Dataset
         As [`cka_from_moments()`][chunkcca.cka_from_moments] (``cka``, ``rows``); with ``minibatch``, also
         ``minibatches`` and ``rows_left_out`` (rows after the last whole minibatch). attrs as
-        [`cca()`][chunkcca.cca]'s (with ``debiased``; no ``rows_omitted`` with spatial="features"); with
+        [`cca()`][chunkcca.cca]'s (with ``debiased``, except with spatial="features", whose exact CKA is the
+        biased one, and no ``rows_omitted`` there); with
         ``minibatch``, the layers, ``spatial``, ``stride``, ``minibatch`` and ``rows`` only.
     """
     if check_flag("debiased", debiased) and minibatch is None:

@@ -71,8 +71,9 @@ class Moments:
         ``Σ ‖x̃_l‖² ‖x̃_m‖²`` per pair of sides (real Moments only).
     precision : {"float64", "float32"}
         dtype of the products the statistics were computed with (the coarser of merged ones). The
-        solves count eigenvalues below ``p · eps(precision) · largest`` as rounding, so float32
-        rounding noise is not taken for extra dimensions.
+        solves count eigenvalues of a correlation matrix at or below ``p · eps64 · largest`` as rounding and,
+        for float32 products, also those at or below ``max(32 · eps32, eps32 · largest)``, so float32
+        rounding noise is not taken for extra dimensions (see ``value_rounding`` for the values' own).
     layers : tuple of str
         The layer each side's channels came from ("" unknown; all unknown by default), one per side.
     rows_from : str

@@ -404,8 +404,10 @@ class StreamOptions:
                 raise TypeError(f"{listed} {verb} only with {mode}=, which is not given; pass {mode}= too or leave "
                                 f"{pronoun} out")
             wanted = " or ".join(f"{mode}={value!r}" for value in values)
-            raise TypeError(f"{listed} {verb} only to {wanted}, not {mode}={getattr(made, mode)!r}; pass {wanted} or "
-                            f"leave {pronoun} out")
+            also = (" (or to minibatch CKA, cka(..., minibatch=N))" if "split_every" in names
+                    and where in MINIBATCH_FUNCTIONS else "")
+            raise TypeError(f"{listed} {verb} only to {wanted}{also}, not {mode}={getattr(made, mode)!r}; pass "
+                            f"{wanted} or leave {pronoun} out")
         return made
 
 

@@ -322,8 +322,11 @@ def test_options_with_their_mode_are_kept_and_left_out_take_their_defaults(tmp_p
     assert (default.method, default.grid, default.split_every, default.checkpoint_every) == ("linear", "coords", 8, 16)
     assert from_kwargs("cka", {"spatial": "features", "split_every": 3}).split_every == 3
     assert from_kwargs("cka", {"split_every": 3, "minibatch": 8}).split_every == 3  # minibatch CKA reads it
-    with pytest.raises(TypeError, match=r"^split_every applies only to spatial='features'"):
-        from_kwargs("cka", {"split_every": 3, "minibatch": None})
+    with pytest.raises(TypeError, match=r"^split_every applies only to spatial='features' \(or to minibatch CKA, "
+                                        r"cka\(\.\.\., minibatch=N\)\), not spatial='flatten'"):
+        from_kwargs("cka", {"split_every": 3, "minibatch": None})  # the message left minibatch out
+    with pytest.raises(TypeError, match=r"^split_every applies only to spatial='features', not"):
+        from_kwargs("cca", {"split_every": 3})  # cca() has no minibatch
     run = from_kwargs("cca", {"checkpoint": tmp_path / "run.ckpt", "checkpoint_every": 3})
     assert run.checkpoint_every == 3
     assert dataclasses.replace(default, stride=2).stride == 2, "options are plain dataclasses"
