@@ -568,6 +568,7 @@ def _check_modal_flags(args: argparse.Namespace) -> None:
 def _check_compare_flags(args: argparse.Namespace, measures: list[str]) -> None:
     """compare's flags that need others (--plot a CCA-family measure; ``_check_modal_flags``), the measures' flags
     and --minibatch's: before any work, in flag words."""
+    _check_distinct_outputs(args)
     if args.plot:
         if not any(chunkcca.MEASURES[name].canonical for name in measures) or args.spatial in PER_FREQUENCY:
             raise ValueError("--plot draws canonical correlation curves: include a CCA-family measure (mean_cca, "
@@ -577,6 +578,20 @@ def _check_compare_flags(args: argparse.Namespace, measures: list[str]) -> None:
     _check_modal_flags(args)
     _check_measure_flags(args, measures)
     _check_minibatch_flags(args, measures)
+
+
+def _check_distinct_outputs(args: argparse.Namespace) -> None:
+    """Refuse outputs that name one path (``--checkpoint`` and ``--plot``): the second written found the first
+    there, after the run."""
+    given: dict[str, str] = {}
+    for flag in ("out", "plot", "checkpoint"):
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        place = os.path.realpath(path)
+        if place in given:
+            raise ValueError(f"--{given[place]} and --{flag} both name {path}; give each output its own path")
+        given[place] = flag
 
 
 def _compare_values(result: xr.Dataset, measures: list[str]) -> dict[str, dict[str, Any]]:
@@ -808,6 +823,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     measures = _measure_names(args.measures, "--measures")
     _check_measure_flags(args, measures)
     _check_minibatch_flags(args, measures)
+    _check_distinct_outputs(args)
     out = Path(args.out)
     if "://" in args.out or Path(args.out).suffix not in (".nc", ".zarr"):
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")

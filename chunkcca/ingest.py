@@ -161,9 +161,9 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
         raise FileNotFoundError(f"no such file: {path}")
     _check_signature(path)
     try:
-        if path.suffix == ".npy":
+        if _kind(path) == ".npy":
             yield "", np.load(path, mmap_mode="r", allow_pickle=False)
-        elif path.suffix == ".npz":
+        elif _kind(path) == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 for key in archive.files:
                     yield key, archive[key]
@@ -173,8 +173,13 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
             AttributeError) as error:  # numpy's and pickle's messages do not name the file
         if str(path) in str(error):
             raise
-        kind = path.suffix if path.suffix in (".npy", ".npz") else "pickled array"
-        raise ValueError(f"cannot read {path} as a {kind} file: {type(error).__name__}: {error}") from error
+        raise ValueError(f"cannot read {path} as a {_kind(path)} file: {type(error).__name__}: {error}") from error
+
+
+def _kind(path: Path) -> str:
+    """What a file is read as: ".npy", ".npz" (by its extension, in any case: X.NPY too) or "pickled array"."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in (".npy", ".npz") else "pickled array"
 
 
 #: The first bytes of a .npy file (NumPy's format) and of a .npz (a zip archive).
@@ -184,14 +189,14 @@ SIGNATURES = {".npy": b"\x93NUMPY", ".npz": b"PK"}
 def _check_signature(path: Path) -> None:
     """Refuse a .npy or .npz file that does not begin as one (numpy took a text file for pickled objects and
     advised allow_pickle=True)."""
-    signature = SIGNATURES.get(path.suffix)
+    signature = SIGNATURES.get(_kind(path))
     if signature is None or path.is_dir():
         return
     with open(path, "rb") as file:
         head = file.read(len(signature))
     if head != signature:
-        raise ValueError(f"{path} is not a {path.suffix} file: it does not begin as one (written by numpy.save"
-                         f"{'z' if path.suffix == '.npz' else ''}); is it text or another format?")
+        raise ValueError(f"{path} is not a {_kind(path)} file: it does not begin as one (written by numpy.save"
+                         f"{'z' if _kind(path) == '.npz' else ''}); is it text or another format?")
 
 
 def _array_names(path: str | os.PathLike) -> list[str]:
@@ -200,7 +205,7 @@ def _array_names(path: str | os.PathLike) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     _check_signature(path)
-    if path.suffix == ".npz":
+    if _kind(path) == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:
                 others = [member for member in archive.zip.namelist() if not member.endswith(".npy")]
@@ -213,18 +218,33 @@ def _array_names(path: str | os.PathLike) -> list[str]:
     return [""]
 
 
-def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
+#: A 2-d pickle read as (datapoints, neurons) without a layout is warned of below this many rows per column:
+#: google/svcca's own pickles come in both layouts (SVHN's fc (1000, 200) datapoints first, 5 rows per column;
+#: MNIST's logits (10, 10000) neurons first), and a (512, 200) one of neurons read as datapoints gave CKA 0.06 for
+#: 0.93, silently; CCA-family measures want several datapoints per neuron, so fewer is the doubtful reading.
+PICKLE_ROWS_PER_COLUMN = 4
+
+
+def _as_layer(array: np.ndarray, layout: str | None, source: str, *, pickled: bool = False) -> np.ndarray:
     """``array`` datapoint-first, channel-last (a view: a memory-mapped .npy stays on disk); ``layout="neurons"``
     means (neurons, datapoints) as google/svcca's, "channels_first" (datapoint, channel, *positions) as
     PyTorch's, a 2-d array as it is ([`ingest()`][chunkcca.ingest.ingest] has checked ``layout``); None is
     "datapoints" for arrays that do
     not look like
-    either. [`chunkcca.write_activations()`][chunkcca.write_activations] chunks it."""
+    either. [`chunkcca.write_activations()`][chunkcca.write_activations] chunks it. A ``pickled`` 2-d array
+    (google/svcca's format, whose own layout is (neurons, datapoints)) read as (datapoints, neurons) with fewer
+    than ``PICKLE_ROWS_PER_COLUMN`` rows per column, where either reading fits, is warned of."""
     if layout is None and array.ndim == 2 and array.shape[0] < array.shape[1]:
         raise ValueError(f"{source}: a 2-d array of shape {array.shape} has fewer rows than columns, as "
                          f"google/svcca's (neurons, datapoints) layout has: pass --layout neurons (layout='neurons') "
                          f"if its rows are neurons, or --layout datapoints (layout='datapoints') if they are "
                          f"datapoints")
+    if layout is None and pickled and array.ndim == 2 and array.shape[0] < PICKLE_ROWS_PER_COLUMN * array.shape[1]:
+        warnings.warn(f"{source}: reads shape {array.shape} as {array.shape[0]} datapoints of {array.shape[1]} "
+                      f"neurons, but google/svcca's pickles are often (neurons, datapoints), and this shape fits "
+                      f"either: pass --layout neurons (layout='neurons') if its rows are neurons, or --layout "
+                      f"datapoints (layout='datapoints') to say they are datapoints", RuntimeWarning,
+                      stacklevel=user_stacklevel())
     unsure = layout is None and array.ndim in (4, 5) and unnamed_layout(array.shape)
     if unsure in ("channels_first", "unsure"):  # (N, C, H, W) of a square map, or a map that is not square
         positions = ", ".join(DEFAULT_DIMS[array.ndim][1:-1])
@@ -239,7 +259,8 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
         if array.shape[0] >= array.shape[1]:
             warnings.warn(f"{source}: layout 'neurons' reads shape {array.shape} as {array.shape[0]} neurons of "
                           f"{array.shape[1]} datapoints, no more datapoints than neurons; if its rows are "
-                          f"datapoints, leave the layout out", RuntimeWarning, stacklevel=user_stacklevel())
+                          f"datapoints, pass --layout datapoints (layout='datapoints')", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         return array.T
     if layout == "channels_first":
         if array.ndim == 2:  # (datapoint, channel) in either layout: a fully connected layer beside conv ones
@@ -247,6 +268,12 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str) -> np.ndarray:
         if array.ndim not in (3, 4, 5):
             raise ValueError(f"{source}: layout 'channels_first' needs a (datapoint, channel, *positions) array of "
                              f"0 to 3 positions, got shape {array.shape}")
+        if array.ndim in (4, 5) and unnamed_layout(array.shape) == "channels_last":
+            warnings.warn(f"{source}: layout 'channels_first' reads shape {array.shape} as {array.shape[1]} "
+                          f"channels of {' x '.join(map(str, array.shape[2:]))} positions, though it reads as "
+                          f"channels-last ({' x '.join(map(str, array.shape[1:-1]))} positions of "
+                          f"{array.shape[-1]} channels, the more regular map); if it is, ingest it in a command of "
+                          f"its own without the layout", RuntimeWarning, stacklevel=user_stacklevel())
         return np.moveaxis(array, 1, -1)
     return array
 
@@ -408,7 +435,8 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                 # No zip/enumerate around iter_arrays: they keep their last item while fetching the next.
                 for key, array in iter_arrays(source):
                     name, part = _layer_name(layer, key), parts / str(written)
-                    values = _as_layer(array, layout, f"{source} ({key})" if key else str(source))
+                    values = _as_layer(array, layout, f"{source} ({key})" if key else str(source),
+                                       pickled=_kind(Path(source)) == "pickled array")
                     dims = _dims(values.ndim, layout)
                     if dims is not None and "height" in dims and "width" in dims:  # images and volumes
                         image[name] = (int(values.shape[dims.index("height")]), int(values.shape[dims.index("width")]))

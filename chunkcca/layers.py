@@ -205,9 +205,10 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     if any(np.isnan(size) for sizes in array.chunks or () for size in sizes):  # .chunks reads nothing
         raise ValueError(f"layer {name!r} has chunks of unknown size (a Dask array selected by a mask, e.g. "
                          f"x[x[:, 0] > 0]); call its .compute_chunk_sizes() first")
-    if array.chunks is not None and 0 in array.chunksizes.get("datapoint", ()) and array.sizes["datapoint"]:
+    sizes = array.chunks[array.dims.index("datapoint")] if array.chunks and "datapoint" in array.dims else ()
+    if 0 in sizes and array.sizes["datapoint"]:
         # empty chunks (that .compute_chunk_sizes() leaves where a mask kept nothing) are no rows to fold
-        array = array.chunk({"datapoint": tuple(size for size in array.chunksizes["datapoint"] if size)})
+        array = array.chunk({"datapoint": tuple(size for size in sizes if size)})
     _check_values(array, name, allow_complex)
     _check_mask(array, name)
     for dim in ("datapoint", "channel"):  # labels without an index (drop_indexes) are still the labels

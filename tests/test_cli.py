@@ -177,6 +177,11 @@ def test_bad_input_exits_2_with_one_line(files, capsys, argv, message: str):
          "--plot {folder}: is a folder; name an image file, e.g. plot.png"),
         (["compare", "{store}", "m0/fc", "m1/fc", "--checkpoint", "{folder}/none/run.moments"],
          "checkpoint {folder}/none/run.moments: no folder {folder}/none"),
+        # the checkpoint was written at the plot's path, and the plot refused after the run
+        (["compare", "{store}", "m0/fc", "m1/fc", "--checkpoint", "{folder}/o.png", "--plot", "{folder}/o.png"],
+         "--plot and --checkpoint both name {folder}/o.png; give each output its own path"),
+        (["sweep", "{store}", "--a", "m0", "--b", "m1", "--plot", "{folder}/s.nc"],
+         "--out and --plot both name"),
     ],
 )
 def test_outputs_that_cannot_be_written_are_refused_before_computing(tmp_path, capsys, argv, message):

@@ -242,6 +242,47 @@ def test_neurons_layout_of_more_neurons_than_datapoints_warns_in_one_line(tmp_pa
     assert len(err.strip().splitlines()) == 1
 
 
+def test_orientations_that_fit_either_reading_are_warned_of_in_one_line(tmp_path, capsys):
+    """A google/svcca pickle of 512 neurons of 200 datapoints became 512 datapoints (CKA 0.06 for 0.93), and
+    --layout channels_first turned an NHWC file of square maps beside NCHW ones, silently."""
+    rng = np.random.default_rng(0)
+    with gzip.open(tmp_path / "wide.p", "wb") as file:
+        pickle.dump(rng.standard_normal((512, 200)).astype("float32"), file)
+    store = str(tmp_path / "s.zarr")
+    assert main(["ingest", store, f"x={tmp_path / 'wide.p'}", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("chunkcca ingest: warning: ") and len(err.strip().splitlines()) == 1
+    assert "reads shape (512, 200) as 512 datapoints of 200 neurons" in err and "--layout neurons" in err
+    assert main(["ingest", store, f"x={tmp_path / 'wide.p'}", "--layout", "datapoints", "--overwrite",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""  # said so: taken as it is
+    assert chunkcca.open_activations(store)["x"]["activations"].shape == (512, 200)
+    np.save(tmp_path / "tall.npy", rng.standard_normal((512, 200)).astype("float32"))  # not a pickle: as it is
+    assert main(["ingest", store, f"x={tmp_path / 'tall.npy'}", "--overwrite", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    np.save(tmp_path / "nhwc.npy", rng.standard_normal((30, 6, 6, 8)).astype("float32"))
+    np.save(tmp_path / "nchw.npy", rng.standard_normal((30, 8, 6, 6)).astype("float32"))
+    assert main(["ingest", store, f"a={tmp_path / 'nchw.npy'}", f"b={tmp_path / 'nhwc.npy'}", "--layout",
+                 "channels_first", "--overwrite", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "nhwc.npy: layout 'channels_first' reads shape (30, 6, 6, 8) as 6 " \
+        "channels of 6 x 8 positions, though it reads as channels-last" in err
+
+
+def test_file_types_are_told_by_their_extension_in_any_case(tmp_path, capsys):
+    """X.NPY and X.NPZ were read as pickles ("unpickling stack underflow")."""
+    values = np.random.default_rng(1).standard_normal((30, 8)).astype("float32")
+    np.save(tmp_path / "x.npy", values)
+    np.savez(tmp_path / "y.npz", fc=values)
+    (tmp_path / "x.npy").rename(tmp_path / "X.NPY")
+    (tmp_path / "y.npz").rename(tmp_path / "Y.NPZ")
+    store = tmp_path / "s.zarr"
+    assert main(["ingest", str(store), f"x={tmp_path / 'X.NPY'}", f"y={tmp_path / 'Y.NPZ'}", "--no-progress"]) == 0
+    tree = chunkcca.open_activations(store)
+    for path in ("x", "y/fc"):
+        np.testing.assert_array_equal(tree[path]["activations"].values, values)
+
+
 def test_a_text_file_is_named(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("layer,value\n1,2\n")
     assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'notes.txt'}"]) == 2
