@@ -867,6 +867,10 @@ def _show_sweep(result: xr.Dataset, measures: list[str], set_a: dict[str, Any], 
               f"{result.attrs['confidence']:g} intervals (_ci) in the results")
     if {"mean_cca", "r2_cca"} & set(measures) and "rank_a" in result:
         _note_sweep_ranks(result, set_a, set_b)
+    if result.attrs.get("rows_omitted"):  # from every pair: a row holding NaN or Inf in any layer of the sweep
+        omitted = int(result.attrs["rows_omitted"])
+        print(f"{omitted} row{'s' if omitted > 1 else ''} left out of every pair (NaN, Inf or padding in any layer "
+              f"of the sweep); {result.attrs['rows']} used")
 
 
 def size_decode_pool() -> None:

@@ -713,6 +713,11 @@ def test_rows_holding_nan_are_an_error_or_left_out_with_nan_policy(tmp_path, cap
     assert (shown["rows"], shown["options"]["rows_omitted"]) == (59, 1)
     assert main([*argv[:-2], "--no-progress", "--nan-policy", "omit"]) == 0
     assert "59 rows (1 left out: NaN, Inf or padding)" in capsys.readouterr().out
+    # a sweep said nothing of it (the rows left out of every pair were in its --out's attrs only)
+    assert main(["sweep", str(tmp_path / "s.zarr"), "--a", "a", "--b", "b", "--out", str(tmp_path / "s.nc"),
+                 "--nan-policy", "omit", "--no-progress"]) == 0
+    assert "1 row left out of every pair (NaN, Inf or padding in any layer of the sweep); 59 used" in \
+        capsys.readouterr().out
 
 
 def test_warnings_are_one_line(tmp_path, capsys):
