@@ -49,8 +49,9 @@ def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray,
 
 
 def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True, *,
-                measured: bool = True) -> None:
-    """Before streaming: refuse, for a measure (``measured``), fewer than 2 rows; warn, for measures that invert a
+                least_rows: int = 2) -> None:
+    """Before streaming: refuse fewer rows than the measures need (``least_rows``: 2, 4 for debiased CKA, 0 for
+    Moments to keep, which one row may make; ``needs()`` says it); warn, for measures that invert a
     covariance (``whitens``), when the rows are no more than the channels of a pair (``paired_channels``: a
     singular covariance, which a ridge can still make sense of), naming the largest stride that gives more where
     a stride took them below."""
@@ -59,11 +60,11 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whi
     channels = _paired_channels(layers)
     names = ", ".join(repr(str(x.name)) for x in layers)
     stride, total = adapters[0].stride, dataclasses.replace(adapters[0], stride=1).row_count(datapoints)
-    if measured and stride > 1 and rows < 2 <= total:
-        raise ValueError(f"stride {stride} leaves {rows} of the {total} rows of layers {names}: every measure needs "
-                         f"at least 2; use a smaller stride")
-    if measured and total < 2:  # one datapoint of fc layers: the solve said "covariance needs more than 1 rows"
-        raise ValueError(f"layers {names} give {total} row{'' if total == 1 else 's'}: every measure needs at least 2")
+    if stride > 1 and rows < least_rows <= total:
+        raise ValueError(f"stride {stride} leaves {rows} of the {total} rows of layers {names}: {needs(least_rows)}; "
+                         f"use a smaller stride")
+    if total < least_rows:  # one datapoint of fc layers: the solve said "covariance needs more than 1 rows"
+        raise ValueError(f"layers {names} give {total} row{'' if total == 1 else 's'}: {needs(least_rows)}")
     if rows > channels or not whitens:
         return
     fewer = ""
@@ -137,55 +138,61 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
                   folds=option == "folds")
 
 
-def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions) -> None:
-    """Before the pass: every group of ``groupby`` can give the 2 rows a measure needs (at most
+def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions, least_rows: int) -> None:
+    """Before the pass: every group of ``groupby`` can give the ``least_rows`` rows the measures need (at most
     ceil(rows per datapoint / stride) per datapoint), else a ValueError naming the first that cannot (a group per
     value of a continuous coordinate failed after the whole pass)."""
-    if groups is None or groups.folds:
+    if groups is None or groups.folds or not least_rows:
         return
     most = groups.sizes * -(-adapter.rows_per_datapoint // adapter.stride)
-    small = np.flatnonzero(most < 2)
+    small = np.flatnonzero(most < least_rows)
     if small.size:
         label, size = groups.labels[small[0]].item(), int(groups.sizes[small[0]])
         remedy = ("group by a coordinate whose values label groups of datapoints (e.g. a class label)"
                   if small.size == len(groups.labels) else "leave their datapoints out (layer.isel(datapoint=...))")
         raise ValueError(f"groupby={options.groupby!r} (--groupby {options.groupby}): {small.size} of the "
-                         f"{len(groups.labels)} groups give fewer than the 2 rows every measure needs (the first, "
-                         f"{groups.dim}={label!r}, holds {size} datapoint{'' if size == 1 else 's'}); {remedy}")
+                         f"{len(groups.labels)} groups give fewer rows than the measures need ({needs(least_rows)}; "
+                         f"the first, {groups.dim}={label!r}, holds {size} datapoint{'' if size == 1 else 's'}); "
+                         f"{remedy}")
+
+
+def needs(least_rows: int) -> str:
+    """What the measures of a run need of its rows, said: 2 for every measure, 4 for debiased CKA."""
+    return ("every measure needs at least 2" if least_rows <= 2 else
+            f"debiased CKA (the unbiased HSIC) needs at least {least_rows}")
 
 
 def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False, whitens: bool = True,
-                 measured: bool = True) -> tuple[Streamed, Groups | None]:
+                 least_rows: int = 2) -> tuple[Streamed, Groups | None]:
     """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints
-    (``whitens``: as for ``stream_layers``; not ``measured``: Moments to keep, which one row may make)."""
+    (``whitens``: as for ``stream_layers``; ``least_rows``: as for ``_check_rows``)."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     streamed, groups = _stream_grouped((layer_a, layer_b), adapters, options, row_norms=row_norms, whitens=whitens,
-                                       measured=measured)
+                                       least_rows=least_rows)
     return _with_provenance(streamed), groups
 
 
 def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, *,
-                    row_norms: bool, whitens: bool, measured: bool = True,
+                    row_norms: bool, whitens: bool, least_rows: int = 2,
                     pairs: Sequence[tuple[int, int]] | None = None) -> tuple[Streamed, Groups | None]:
     """Aligned layers, their rows checked (``_check_rows``), in one pass → their Moments (``stream_layers``; only
     ``pairs``' blocks if given), and each group's or fold's when ``options`` groups the datapoints: folds that
     nan_policy="omit" emptied left out, groups too small for a covariance warned of."""
-    _check_rows(layers, adapters, whitens, measured=measured)
+    _check_rows(layers, adapters, whitens, least_rows=least_rows)
     groups = _groups(layers, options)
-    if measured:
-        _check_group_rows(groups, adapters[0], options)
+    _check_group_rows(groups, adapters[0], options, least_rows)
     streamed = stream_layers(layers, adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
                              groups=0 if groups is None else len(groups.labels), pairs=pairs, whitens=whitens)
-    _check_rows_kept(streamed, options, whitens, measured=measured)
+    _check_rows_kept(streamed, options, whitens, least_rows=least_rows)
     streamed, groups = _without_emptied_folds(streamed, groups)
     _warn_small_groups(streamed, groups, whitens)
     return streamed, groups
 
 
-def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, *, measured: bool) -> None:
+def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, *, least_rows: int) -> None:
     """After the pass, ``_check_rows`` again on the rows the Moments hold where padding or nan_policy="omit" left
-    some out (counted only then): fewer than 2 is an error for a measure; no more than the channels of a pair,
+    some out (counted only then): fewer than ``least_rows`` is an error; no more than the channels of a pair,
     where the rows before were more, a warning for measures that invert a covariance."""
     layers = streamed.layers
     rows, kept = streamed.adapters[0].row_count(layers[0].sizes["datapoint"]), streamed.moments.n
@@ -196,8 +203,8 @@ def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, 
     why = " or as ".join([*(["padding"] if padded else []),  # avgpool, first, last keep a row per datapoint
                        *(["holding NaN or Inf (nan_policy='omit')"] if options.nan_policy == "omit" else [])])
     left = f"{rows - kept} of the {rows} rows of layers {names} were left out" + (f" as {why}" if why else "")
-    if measured and kept < 2:
-        raise ValueError(f"{left}: {kept} {'is' if kept == 1 else 'are'} left, and every measure needs at least 2")
+    if kept < least_rows:
+        raise ValueError(f"{left}: {kept} {'is' if kept == 1 else 'are'} left, and {needs(least_rows)}")
     channels = _paired_channels(layers)
     if whitens and kept <= channels < rows:
         warnings.warn(f"only {kept} row{'' if kept == 1 else 's'} for {channels} channels of a pair: {left}; "
@@ -310,7 +317,8 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
     if stream.folds is not None:
         raise TypeError(f"{where}() takes groupby, not folds: folds give error bars and held-out measures in "
                         f"chunkcca.compare and chunkcca.similarity, and their Moments in compute_moments")
-    streamed, groups = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms, whitens=MEASURES[name].whitens)
+    streamed, groups = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms, whitens=MEASURES[name].whitens,
+                                    least_rows=MEASURES[name].least_rows)
     with _sides_named(streamed):
         if groups is None:
             return _label(PairSolves(streamed.moments, solve).result(name), streamed)
@@ -407,7 +415,7 @@ def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) 
         raise ValueError("compute_moments(): spatial='features' makes each datapoint's whole map one row, too wide "
                          "for Moments (a covariance); measure linear CKA with cka(..., spatial='features') or "
                          "similarity(..., measures=['cka'], spatial='features')")
-    streamed, groups = _stream_pair(a, b, stream, row_norms=row_norms, measured=False)
+    streamed, groups = _stream_pair(a, b, stream, row_norms=row_norms, least_rows=0)
     if groups is None:
         return streamed.moments
     return dict(zip(groups.labels.tolist(), streamed.groups))
@@ -705,7 +713,8 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
         result.attrs["measures"] = "cka"
         return result
     streamed, groups = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names),
-                                    whitens=any(MEASURES[name].whitens for name in names))
+                                    whitens=any(MEASURES[name].whitens for name in names),
+                                    least_rows=max(MEASURES[name].least_rows for name in names))
     with _sides_named(streamed):
         if groups is not None and not groups.folds:
             result = _by_group([_compared(PairSolves(part, solve), names, label, groups)

@@ -1046,6 +1046,8 @@ class Measure:
     from_cca
         Its value comes from the CCA of all channels (``PairSolves.cca``), whose ranks
         [`chunkcca.similarity()`][chunkcca.similarity] reports (components beyond them are 0 and count in it).
+    least_rows
+        The rows it needs, checked before the pass (a pair's and each group's): 2, 4 for the unbiased HSIC.
     """
 
     name: str
@@ -1061,6 +1063,7 @@ class Measure:
     per_fold_summary: Callable[[np.ndarray], np.ndarray] | None = None
     whitens: bool = True
     from_cca: bool = False
+    least_rows: int = 2
 
     def detail_name(self, detail: str) -> str:
         """The name [`compare()`][chunkcca.compare] gives a detail: ``<measure>_<detail>``, or the detail's own
@@ -1082,7 +1085,7 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
             "pwcca", "projection-weighted mean canonical correlation", ("epsilon",), canonical=True, from_cca=True),
     Measure("cka", lambda pair: cka_from_moments(pair.moments), "cka", "linear CKA", whitens=False),
     Measure("cka_debiased", lambda pair: cka_from_moments(pair.moments, debiased=True), "cka",
-            "linear CKA (debiased)", row_norms=True, whitens=False),
+            "linear CKA (debiased)", row_norms=True, whitens=False, least_rows=4),
     Measure("procrustes", lambda pair: procrustes_from_moments(pair.moments), "procrustes",
             "orthogonal Procrustes distance", whitens=False),
     Measure("shape", lambda pair: shape_metric_from_moments(pair.moments, alpha=pair.options.alpha),

@@ -411,8 +411,9 @@ def test_the_memory_of_every_group_is_checked_before_streaming():
     with pytest.raises(TypeError, match=r"cca\(\) takes groupby, not folds"):
         cca(x, x + 1, folds=3)
     kinds = xr.DataArray(x, dims=("datapoint", "channel")).assign_coords(kind=("datapoint", ["p"] * 99 + ["q"]))
-    with pytest.raises(ValueError, match=r"1 of the 2 groups give fewer than the 2 rows every measure needs \(the "
-                                         r"first, kind='q', holds 1 datapoint\); leave their datapoints out"):
+    with pytest.raises(ValueError, match=r"1 of the 2 groups give fewer rows than the measures need \(every measure "
+                                         r"needs at least 2; the first, kind='q', holds 1 datapoint\); leave their "
+                                         r"datapoints out"):
         cca(kinds, kinds + np.arange(40), groupby="kind")
 
 
@@ -590,9 +591,10 @@ def test_a_measure_undefined_in_one_group_is_an_error_naming_the_group():
     groups = np.repeat([0, 1], [37, 3])
     a, b = (xr.DataArray(rng.standard_normal((40, p)), dims=("datapoint", "channel"),
                          coords={"g": ("datapoint", groups)}) for p in (3, 2))
+    with pytest.raises(ValueError, match=r"1 of the 2 groups give fewer rows than the measures need \(debiased CKA "
+                                         r"\(the unbiased HSIC\) needs at least 4; the first, g=1, holds 3"):
+        compare(a, b, measures=["cka", "cka_debiased"], groupby="g")  # before the pass (it came after)
     message = r"debiased CKA needs at least 4 rows, have 3 in the group g=1"
-    with pytest.raises(ValueError, match=message):
-        compare(a, b, measures=["cka_debiased"], groupby="g")
     with pytest.warns(RuntimeWarning, match=message):  # a sweep named no group; it is NaN there, as documented
         swept = similarity({"a": a}, {"b": b}, measures=["cka_debiased"], groupby="g")
     assert np.isnan(swept["cka_debiased"].sel(g=1).item()) and not np.isnan(swept["cka_debiased"].sel(g=0).item())
@@ -609,9 +611,20 @@ def test_groups_too_small_for_a_measure_are_refused_before_the_pass(monkeypatch)
     streamed = chunkcca.api.stream_layers
     monkeypatch.setattr(chunkcca.api, "stream_layers", lambda *args, **kwargs: pytest.fail("streamed"))
     for call in (lambda: chunkcca.cca(a, b, groupby="t"), lambda: chunkcca.similarity({"a": a}, {"b": b}, groupby="t")):
-        with pytest.raises(ValueError, match=r"^groupby='t' \(--groupby t\): 40 of the 40 groups give fewer than the 2 "
-                                             r"rows every measure needs \(the first, t=0.0, holds 1 datapoint\)"):
+        with pytest.raises(ValueError, match=r"^groupby='t' \(--groupby t\): 40 of the 40 groups give fewer rows than "
+                                             r"the measures need \(every measure needs at least 2; the first, t=0.0, "
+                                             r"holds 1 datapoint\)"):
             call()
+    pairs = {"t": ("datapoint", np.repeat(np.arange(20), 2))}  # groups of 2 rows: 4 for debiased CKA
+    two, other = a.assign_coords(pairs), b.assign_coords(pairs)
+    for call in (lambda: chunkcca.cka(two, other, groupby="t", debiased=True),
+                 lambda: chunkcca.compare(two, other, measures=["cka_debiased"], groupby="t")):
+        with pytest.raises(ValueError, match=r"20 of the 20 groups give fewer rows than the measures need \(debiased "
+                                             r"CKA \(the unbiased HSIC\) needs at least 4; the first, t=0, holds 2"):
+            call()
+    with pytest.raises(ValueError, match=r"^layers 'a', 'b' give 3 rows: debiased CKA \(the unbiased HSIC\) needs at "
+                                         r"least 4$"):
+        chunkcca.cka(a[:3], b[:3], debiased=True)
     monkeypatch.setattr(chunkcca.api, "stream_layers", streamed)
     assert len(chunkcca.compute_moments(a, b, groupby="t")) == 40
     maps = xr.DataArray(rng.standard_normal((40, 2, 2, 3)), dims=("datapoint", "height", "width", "channel"),
