@@ -85,16 +85,17 @@ class NonFiniteError(DatapointError):
     """Activations hold NaN or Inf where ``nan_policy="raise"``."""
 
 
-def declared(key: Any, shape: tuple[int, ...], name: str, first: int) -> tuple[Any, ...]:
+def declared(key: Any, shape: tuple[int, ...], name: str, first: int, what: str = "its Dask array") -> tuple[Any, ...]:
     """A task (inline in the task that takes it) giving the block at ``key`` of layer ``name`` (datapoints
-    ``first`` on) if it has the ``shape`` its Dask array declares for it, else raising: a block of another shape
-    (``da.from_delayed`` of a loader's short last batch) was paired with the other layers' rows by position."""
-    return (_declared, key, shape, name, first)
+    ``first`` on; of ``what``: its activations' Dask array, or its padding mask) if it has the ``shape`` its Dask
+    array declares for it, else raising: a block of another shape (``da.from_delayed`` of a loader's short last
+    batch) was paired with the other layers' rows by position."""
+    return (_declared, key, shape, name, first, what)
 
 
-def _declared(block: np.ndarray, shape: tuple[int, ...], name: str, first: int) -> np.ndarray:
+def _declared(block: np.ndarray, shape: tuple[int, ...], name: str, first: int, what: str) -> np.ndarray:
     if block.shape != shape:
-        raise ValueError(f"layer {name!r}: the block of its Dask array for datapoints {first} to "
+        raise ValueError(f"layer {name!r}: the block of {what} for datapoints {first} to "
                          f"{first + shape[0] - 1} has shape {block.shape}, where the array declares {shape}: its "
                          f"blocks are not the shapes its chunks say (da.from_delayed given another shape than the "
                          f"block it loads, or map_blocks changing the shape without chunks=); declare each block's "
@@ -479,7 +480,7 @@ def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array |
         after = [(part_name, c - window)] if c >= window else []
         for index, (adapter, name) in enumerate(zip(adapters, names)):
             mask = None if mask_keys[index] is None else declared(
-                mask_keys[index][c], (chunks[c], *masks[index].shape[1:]), name, first)
+                mask_keys[index][c], (chunks[c], *masks[index].shape[1:]), name, first, "its padding mask")
             layer[(grams_name, c, index)] = (partial(_layer_minibatches, adapter=adapter, size=size, name=name),
                                              first, declared(keys[index][c], (chunks[c], *sides[index].shape[1:]),
                                                              name, first), mask, *after)
@@ -673,13 +674,14 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     if start is not None:
         last[0] = f"chunkcca-{reduction.name}-start-{token}"
         layer[last[0]] = start
-    own = [*(["codes"] if reduction.groups else []), *names, *(name for name, mask in zip(names, masks)
-                                                                 if mask is not None)]
+    owners = [*([("codes", "the group codes")] if reduction.groups else []),
+              *((name, "its Dask array") for name in names),
+              *((name, "its padding mask") for name, mask in zip(names, masks) if mask is not None)]
     for index, first in enumerate(firsts):
         key = (chunk_name, index)
         layer[key] = (task, last[index % chains], first,
-                      *(declared(keys[index], (array.chunks[0][index], *array.shape[1:]), name, first)
-                        for keys, array, name in zip(block_keys, inputs, own)))
+                      *(declared(keys[index], (array.chunks[0][index], *array.shape[1:]), name, first, what)
+                        for keys, array, (name, what) in zip(block_keys, inputs, owners)))
         last[index % chains] = key
     layer[merge_name] = (partial(_merge_chains, reduction=reduction), last)
     graph = HighLevelGraph.from_collections(merge_name, layer, dependencies=inputs)

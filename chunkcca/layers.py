@@ -208,7 +208,8 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
     sizes = array.chunks[array.dims.index("datapoint")] if array.chunks and "datapoint" in array.dims else ()
     if 0 in sizes and array.sizes["datapoint"]:
         # empty chunks (that .compute_chunk_sizes() leaves where a mask kept nothing) are no rows to fold
-        array = array.chunk({"datapoint": tuple(size for size in sizes if size)})
+        axis = array.dims.index("datapoint")  # the data's chunks only: numpy coordinates stay numpy
+        array = array.copy(data=array.data.rechunk({axis: tuple(size for size in sizes if size)}))
     _check_values(array, name, allow_complex)
     _check_mask(array, name)
     for dim in ("datapoint", "channel"):  # labels without an index (drop_indexes) are still the labels

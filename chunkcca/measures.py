@@ -38,11 +38,13 @@ CONSTANT_RTOL = 64 * float(np.finfo(np.float64).eps)
 WHITENING_CONDITION = 1e8
 
 #: A direction cut as the rounding of the activations' values (``Rounding.cut()``: at or below e² (mean² +
-#: variance) per channel, 12 times the largest variance rounding to nearest makes) that holds more than this
-#: share of its cut, over 3 times what rounding alone makes, may be real: ``require_resolved`` warns of it. A
-#: float32 LayerNorm output's exact null direction came out at 1/14 of its cut; float16 values of mean 30 and
-#: spread 1 lost a real direction at 0.53 of it (mean ρ 0.46 for 0.91 on the values as stored).
-ROUNDING_DOUBT = 0.25
+#: variance) per channel, 12 times the largest variance rounding to nearest makes) may be real, and CCA then loses
+#: what it shares with the other layer: float16 values of mean 30 and spread 1 lost a direction whose multiple
+#: correlation with the other layer was 0.92 (mean ρ 0.46 for the 0.91 of the values as stored). Rounding's own
+#: directions are no more correlated with the other layer than chance, about √(q / n) (a float32 softmax's
+#: sum-to-1 direction: 0.028 at a chance of 0.035, though its eigenvalue was at 0.53 of its cut, as the real
+#: one's): ``require_resolved`` warns of cut directions whose multiple correlation is above this many times chance.
+ROUNDING_DOUBT = 4.0
 
 #: Why finite-looking statistics can hold NaN or Inf (nan_policy=None, or values beyond float32's range).
 NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold values too large for the products' "
@@ -57,25 +59,25 @@ class Rounding:
 
     products: float = 0.0
     channels: np.ndarray | None = None
+    rows: int = 0  # the rows the statistics hold (chance correlations are about 1 / √rows)
 
     def kept(self, index: np.ndarray) -> Rounding:
         """The Rounding of the channels at ``index`` only (the side's kept channels, in that order)."""
         return self if self.channels is None else replace(self, channels=self.channels[index])
 
-    def cut(self, values: np.ndarray, vectors: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    def cut(self, values: np.ndarray, vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Which directions of a (p, p) matrix with eigenvalues ``values`` (and eigenvectors ``vectors``, columns)
-        are kept, above rounding (bool, (p,)), and how many of those cut as the values' rounding hold more than
-        ``ROUNDING_DOUBT`` of their cut (``rounding_doubts()``). Independent rounding of each channel's values
-        puts Σᵢ |vᵢₖ|² cᵢ on direction k (``channels`` c): a direction made of channels known to 7 digits is not
-        cut for a channel beside them known to fewer (a BatchNorm unit of mean 100 and spread 0.01)."""
+        are kept, above rounding, and which were cut as the values' rounding only (above the products' floor):
+        two bool arrays (p,). Independent rounding of each channel's values puts Σᵢ |vᵢₖ|² cᵢ on direction k
+        (``channels`` c): a direction made of channels known to 7 digits is not cut for a channel beside them
+        known to fewer (a BatchNorm unit of mean 100 and spread 0.01)."""
         largest = max(values.max(initial=0.0), 0.0)
         floor = max(largest * values.shape[-1] * np.finfo(np.float64).eps, 32 * self.products,
                     largest * self.products)
         if self.channels is None or vectors is None:
-            return values > floor, 0
-        by_values = (np.abs(vectors) ** 2).T @ self.channels
-        keep = values > np.maximum(floor, by_values)
-        return keep, int((~keep & (values > floor) & (values > ROUNDING_DOUBT * by_values)).sum())
+            return values > floor, np.zeros(values.shape, dtype=bool)
+        keep = values > np.maximum(floor, (np.abs(vectors) ** 2).T @ self.channels)
+        return keep, ~keep & (values > floor)
 
 
 def rounding(moments: Moments, side: int, index: tuple[int, ...] = ()) -> Rounding:
@@ -87,14 +89,14 @@ def rounding(moments: Moments, side: int, index: tuple[int, ...] = ()) -> Roundi
     products = float(np.finfo(np.float32).eps) if moments.precision == "float32" else 0.0
     eps = moments.value_rounding[side]
     if not eps:
-        return Rounding(products)
+        return Rounding(products, rows=int(moments.n))
     part = moments.side_slices()[side]
     variance = np.diagonal(moments.scatter[index]).real[part] / max(moments.n - 1, 1)
     mean = np.abs(moments.mean[index][part])
     varying = non_constant(variance, mean)
     channels = np.zeros(variance.shape)
     channels[varying] = eps**2 * (1 + mean[varying] ** 2 / variance[varying])
-    return Rounding(products, channels)
+    return Rounding(products, channels, int(moments.n))
 
 
 def _inverse_std(cov: np.ndarray) -> np.ndarray:
@@ -112,25 +114,24 @@ def _scaled(cov: np.ndarray, scale: np.ndarray) -> np.ndarray:
 class Inverse(NamedTuple):
     """A pseudo-inverse square root (p, p) of a covariance and what it kept: the numerical ``rank``, the
     ``condition`` number of what it inverts (largest / smallest kept eigenvalue; 1 when none is kept) and the
-    directions cut as the values' rounding that may be real (``doubts``, see ``Rounding.cut()``)."""
+    directions cut as the values' rounding only (``Rounding.cut()``), each scaled to unit variance: ``cut``
+    (p, k), whose correlations with the other side tell whether they may be real (``_real_cut()``)."""
 
     root: np.ndarray
     rank: int
     condition: float
-    doubts: int = 0
+    cut: np.ndarray
 
 
-def _correlation_rank(cov: np.ndarray, floor: Rounding) -> tuple[int, int]:
-    """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``), and the
-    directions cut as the values' rounding that may be real (``Rounding.cut()``)."""
+def _correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
+    """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``)."""
     values, vectors = np.linalg.eigh(_scaled(cov, _inverse_std(cov)))
-    keep, doubts = floor.cut(values, vectors)
-    return int(keep.sum()), doubts
+    return int(floor.cut(values, vectors)[0].sum())
 
 
 def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> Inverse:
     """Hermitian pseudo-inverse square root of a covariance (p, p), with its numerical rank, the condition number
-    of what it inverts and the directions cut as the values' rounding that may be real (``Inverse``).
+    of what it inverts and the directions cut as the values' rounding (``Inverse``).
 
     Eigenvalues at most ``p · eps64 · max`` count as zero (as ``numpy.linalg.pinv``). For a correlation
     matrix from float32 products, ``floor.products`` = eps32 also cuts eigenvalues at most
@@ -141,11 +142,12 @@ def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> Inverse:
     for float32 values of a mean no larger than their spread.
     """
     values, vectors = np.linalg.eigh(cov)
-    keep, doubts = floor.cut(values, vectors)
+    keep, by_values = floor.cut(values, vectors)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     condition = float(values[keep].max() / values[keep].min()) if keep.any() else 1.0
-    return Inverse((vectors * scale) @ vectors.conj().T, int(keep.sum()), condition, doubts)
+    return Inverse((vectors * scale) @ vectors.conj().T, int(keep.sum()), condition,
+                   vectors[:, by_values] / np.sqrt(values[by_values]))
 
 
 def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -163,7 +165,17 @@ def _whitener(cov: np.ndarray, epsilon: float, floor: Rounding) -> Inverse:
     regularised = cov + epsilon * np.eye(cov.shape[0])
     scale = _inverse_std(regularised)
     inverse = inverse_sqrt(_scaled(regularised, scale), floor if epsilon == 0 else Rounding())
-    return inverse._replace(root=scale[:, None] * inverse.root)
+    return inverse._replace(root=scale[:, None] * inverse.root, cut=scale[:, None] * inverse.cut)
+
+
+def _real_cut(correlations: np.ndarray, other_rank: int, rows: int) -> int:
+    """How many directions cut as the values' rounding may be real: those whose multiple correlation with the
+    other side (the norm of ``correlations``, (k, other side's whitened variates)) is above ``ROUNDING_DOUBT``
+    times chance, √(other_rank / rows)."""
+    if not correlations.shape[0] or rows <= 0:
+        return 0
+    chance = np.sqrt(max(other_rank, 1) / rows)
+    return int((np.linalg.norm(correlations, axis=1) > ROUNDING_DOUBT * chance).sum())
 
 
 def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np.ndarray | None = None,
@@ -188,11 +200,14 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np
     rank_a = rank_b = doubts_a = doubts_b = 0
     condition_a = condition_b = 1.0
     if index_a.size and index_b.size:
-        whiten_a, rank_a, condition_a, doubts_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon,
-                                                            floors[0].kept(index_a))
-        whiten_b, rank_b, condition_b, doubts_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon,
-                                                            floors[1].kept(index_b - p))
-        u, s, vh = np.linalg.svd(whiten_a.conj().T @ cov[np.ix_(index_a, index_b)] @ whiten_b)
+        whiten_a, rank_a, condition_a, cut_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon,
+                                                         floors[0].kept(index_a))
+        whiten_b, rank_b, condition_b, cut_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon,
+                                                         floors[1].kept(index_b - p))
+        cross = cov[np.ix_(index_a, index_b)]
+        doubts_a = _real_cut(cut_a.conj().T @ cross @ whiten_b, rank_b, floors[0].rows)
+        doubts_b = _real_cut(cut_b.conj().T @ cross.conj().T @ whiten_a, rank_a, floors[1].rows)
+        u, s, vh = np.linalg.svd(whiten_a.conj().T @ cross @ whiten_b)
         k = min(rank_a, rank_b)
         rho[:k] = np.minimum(s[:k], 1.0)  # a correlation; rounding (float32, few rows) can pass 1
         coef_a[index_a, :k] = whiten_a @ u[:, :k]
@@ -201,7 +216,8 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np
     # returned, so that (x − mean) · coef is the variate for complex rows (dft) as for real ones
     return {"rho": rho, "coef_a": coef_a.conj(), "coef_b": coef_b.conj(), "pruned_a": ~kept_a, "pruned_b": ~kept_b,
             "rank_a": np.int64(rank_a), "rank_b": np.int64(rank_b), "condition_a": condition_a,
-            "condition_b": condition_b, "doubts_a": doubts_a, "doubts_b": doubts_b}
+            "condition_b": condition_b, "doubts_a": doubts_a, "doubts_b": doubts_b,
+            "solved": bool(index_a.size and index_b.size)}
 
 
 class IllConditionedWarning(RuntimeWarning):
@@ -310,7 +326,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     stacked = {key: np.stack([s[key] for s in solved]).reshape((*batch, *np.shape(solved[0][key])))
                for key in solved[0]}
     rho = stacked["rho"]
-    require_resolved(moments, "CCA", (stacked["rank_a"], stacked["rank_b"]),
+    solved = stacked.pop("solved")  # where both sides vary: a frequency where one does not leaves the other's rank 0
+    require_resolved(moments, "CCA", (np.where(solved, stacked["rank_a"], 1), np.where(solved, stacked["rank_b"], 1)),
                      (stacked["doubts_a"].max(), stacked["doubts_b"].max()))
     _warn_ill_conditioned(moments, (stacked["condition_a"].max(), stacked["condition_b"].max()))
     result = _with_layers(xr.Dataset(
@@ -352,15 +369,16 @@ def require_variance(moments: Moments, measure: str) -> None:
 
 
 class RoundingWarning(RuntimeWarning):
-    """A measure left out directions of a layer as the rounding of its values (float32, float16) that hold more
-    variance than that rounding can make (``ROUNDING_DOUBT``): they may be real."""
+    """CCA left out directions of a layer as the rounding of its values (float32, float16) that correlate with the
+    other layer beyond chance (``ROUNDING_DOUBT``): they may be real."""
 
 
-def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubts: Sequence[int]) -> None:
+def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubts: Sequence[int] = (0, 0)) -> None:
     """A side whose every direction lies within the rounding of its values (rank 0 in ``ranks``, per side, at
     every frequency; its channels vary, or ``require_variance`` would have said) makes ``measure`` undefined, an
-    ``UndefinedMeasure`` naming it; ``doubts`` (per side: directions cut as the values' rounding that may be
-    real) are warned of (``RoundingWarning``)."""
+    ``UndefinedMeasure`` naming it; ``doubts`` (per side, from CCA's solve: directions cut as the values'
+    rounding that correlate with the other side beyond chance, ``ROUNDING_DOUBT``) are warned of
+    (``RoundingWarning``)."""
     for side, (rank, doubtful) in enumerate(zip(ranks, doubts)):
         eps = moments.value_rounding[side] if len(moments.value_rounding) > side else 0.0
         if not eps:
@@ -379,9 +397,10 @@ def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubt
         if doubtful:
             warnings.warn(f"{name}: {doubtful} direction{'s' if doubtful > 1 else ''} of its correlation matrix "
                           f"{'were' if doubtful > 1 else 'was'} left out as within the rounding of {values}, but "
-                          f"hold{'' if doubtful > 1 else 's'} more than {ROUNDING_DOUBT * 12:g} times the variance "
-                          f"that rounding can make, so {'they' if doubtful > 1 else 'it'} may be real (the rank "
-                          f"as used is in the result); record the layer with its mean taken out, or in float64, "
+                          f"correlate{'' if doubtful > 1 else 's'} with the other layer {ROUNDING_DOUBT:g} times "
+                          f"beyond chance, so {'they' if doubtful > 1 else 'it'} may be real and the canonical "
+                          f"correlations lack {'them' if doubtful > 1 else 'it'} (the rank as used is in the "
+                          f"result); record the layer with its mean taken out, or in float64, "
                           f"or, if its values are exact, pass it as float64 (.astype('float64')) to keep "
                           f"{'them' if doubtful > 1 else 'it'}", RoundingWarning, stacklevel=user_stacklevel())
 
@@ -453,22 +472,22 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 
-def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int, int]:
+def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int]:
     """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values,
     and no more than the side's rank (counted on its correlation matrix, so rounding of float32 products is
-    not taken for directions whatever the channels' units); that rank and its doubts (``Rounding.cut()``)."""
+    not taken for directions whatever the channels' units), and that rank."""
     values, vectors = np.linalg.eigh(cov)
     values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
     weights = values if keep_by == "variance" else np.sqrt(values)
     total = weights.sum()
     if total == 0:
-        return vectors[:, :0], 0, 0
+        return vectors[:, :0], 0
     if keep >= 1:  # every direction with variance, however small its share, up to the rank
         count = len(values)
     else:  # a share within the prefix sums' rounding (p ulps) of ``keep`` reaches it
         count = int(np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
-    rank, doubts = _correlation_rank(cov, floor)
-    return vectors[:, : min(count, rank, int((values > 0).sum()))], rank, doubts
+    rank = _correlation_rank(cov, floor)
+    return vectors[:, : min(count, rank, int((values > 0).sum()))], rank
 
 
 def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "variance",
@@ -498,9 +517,9 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     require_variance(moments, "SVCCA")
     with solve_threads(moments.channels):
-        (basis_a, rank_a, doubts_a), (basis_b, rank_b, doubts_b) = (
+        (basis_a, rank_a), (basis_b, rank_b) = (
             _kept_directions(cov, keep, keep_by, rounding(moments, side)) for side, cov in enumerate((cov_aa, cov_bb)))
-    require_resolved(moments, "SVCCA", (rank_a, rank_b), (doubts_a, doubts_b))
+    require_resolved(moments, "SVCCA", (rank_a, rank_b))
     with solve_threads(moments.channels):
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
@@ -713,9 +732,9 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     require_variance(moments, "the shape metric")
     with solve_threads(moments.channels):
-        (t_a, rank_a, condition_a, doubts_a), (t_b, rank_b, condition_b, doubts_b) = (
+        (t_a, rank_a, condition_a, _), (t_b, rank_b, condition_b, _) = (
             _partial_whitener(cov, alpha, rounding(moments, side)) for side, cov in enumerate((cov_aa, cov_bb)))
-        require_resolved(moments, "the shape metric", (rank_a, rank_b), (doubts_a, doubts_b))
+        require_resolved(moments, "the shape metric", (rank_a, rank_b))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
         norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
     if alpha == 0:  # a correlation matrix inverted; with alpha > 0 the user's regularisation decides

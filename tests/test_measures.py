@@ -375,8 +375,10 @@ def test_a_side_constant_to_rounding_is_undefined_for_every_measure():
 
 def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_real_and_none_left_is_undefined():
     """Rounding's cut (e² (mean² + variance) per channel, 12 times what rounding to nearest makes) took real
-    directions: float16 values of mean 30 lost one holding 0.53 of its cut (mean ρ 0.46 for 0.91 on the values
-    as stored), silently; float32 values of mean 3e5 and spread 0.02 lost all (rank 0: ρ̄ 0.0, SVCCA NaN)."""
+    directions: float16 values of mean 30 lost one correlated 0.92 with the other layer (mean ρ 0.46 for 0.91 on
+    the values as stored), silently; float32 values of mean 3e5 and spread 0.02 lost all (rank 0: ρ̄ 0.0, SVCCA
+    NaN). Rounding's own directions (a float32 softmax's sum to 1, a LayerNorm's with a bias) correlate with
+    the other layer no more than chance and are cut without a word."""
     from chunkcca import pwcca
     from chunkcca.measures import RoundingWarning, UndefinedMeasure
 
@@ -385,7 +387,7 @@ def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_re
     a = np.column_stack([z[:, 0], z[:, 1], z[:, 0] + 0.03 * z[:, 2] + 0.005 * noise[:, 0]]) + 30
     b = np.column_stack([z[:, 0] + 0.5 * noise[:, 1], z[:, 2] + 0.3 * noise[:, 2]]) + 30
     a16, b16 = a.astype(np.float16), b.astype(np.float16)
-    for call in (cca, svcca, pwcca, lambda x, y, **o: shape_metric(x, y, alpha=0, **o)):
+    for call in (cca, pwcca, lambda x, y, **o: compare(x, y, measures=["mean_cca"], **o)):
         with pytest.warns(RoundingWarning, match=r"layer 'a': 1 direction of its correlation matrix was left out "
                                                  r"as within the rounding of its float16 values .* may be real"):
             call(a16, b16, precision="float64")
@@ -394,9 +396,24 @@ def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_re
     np.testing.assert_allclose(exact["rho"], canonical_correlations(a16.astype(float), b16.astype(float)),
                                rtol=1e-12)
     assert int(exact["rank_a"]) == 3 and float(exact["rho_mean"]) > 0.9
-    with warnings.catch_warnings():  # values of mean 5: nothing real is cut, nothing to warn of
-        warnings.simplefilter("error", RoundingWarning)
-        assert int(cca((a - 25).astype(np.float16), (b - 25).astype(np.float16), precision="float64")["rank_a"]) == 3
+
+    def quiet(x: np.ndarray, y: np.ndarray, **options) -> xr.Dataset:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RoundingWarning)
+            return cca(x, y, **options)
+
+    assert int(quiet((a - 25).astype(np.float16), (b - 25).astype(np.float16), precision="float64")["rank_a"]) == 3
+    for seed in range(3):  # a float32 softmax: its sum-to-1 direction is rounding's, cut without a warning
+        generator = np.random.default_rng(seed)
+        logits = (4 * generator.standard_normal((5000, 10))).astype(np.float32)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = exp / exp.sum(axis=1, keepdims=True)
+        other = (logits @ generator.standard_normal((10, 6)) + generator.standard_normal((5000, 6))).astype(np.float32)
+        assert int(quiet(probabilities, other)["rank_a"]) == 9
+    hidden = (rng.standard_normal((5000, 64)) @ rng.standard_normal((64, 64))).astype(np.float32)
+    centred = hidden - hidden.mean(axis=1, keepdims=True)
+    normed = (centred / np.sqrt((centred**2).mean(axis=1, keepdims=True) + 1e-5) * 1.5 + 2).astype(np.float32)
+    quiet(normed, hidden[:, :8])  # a LayerNorm with a bias: its null direction is not the other layer's
 
     x, y = _pair(1, n=200)
     far = [(3e5 + 1e-2 * side).astype(np.float32) for side in (x, y)]
