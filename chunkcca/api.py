@@ -229,7 +229,12 @@ def _without_emptied_folds(streamed: Streamed, groups: Groups | None) -> tuple[S
     if kept.size == len(groups.labels):
         return streamed, groups
     emptied = ", ".join(repr(label) for label in np.delete(groups.labels, kept).tolist()[:5])
-    lost = f"nan_policy='omit' left out every row of fold{'s' if len(groups.labels) - kept.size > 1 else ''} {emptied}"
+    stride = streamed.adapters[0].stride
+    why = " or ".join([*([f"stride {stride} keeps none of their rows"] if stride > 1 else []),
+                       *(["nan_policy='omit' left them out"] if streamed.moments.n < streamed.adapters[0].row_count(
+                           streamed.layers[0].sizes["datapoint"]) else [])]) or "no row is left"
+    several = len(groups.labels) - kept.size > 1
+    lost = f"fold{'s' if several else ''} {emptied} keep{'' if several else 's'} no row ({why})"
     if kept.size < 2:
         raise ValueError(f"{lost}: {kept.size} of the {len(groups.labels)} folds keep rows; folds need at least 2")
     warnings.warn(f"{lost}; the jackknife and held-out measures use the other {kept.size} folds", RuntimeWarning,
@@ -252,7 +257,7 @@ def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool)
     if groups is None or streamed.groups is None:
         return
     if groups.folds:
-        _warn_small_folds(streamed, groups)
+        _warn_small_folds(streamed, groups, whitens)
         return
     if not whitens:
         return
@@ -265,10 +270,20 @@ def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool)
                       f"(regularise with epsilon > 0)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
-def _warn_small_folds(streamed: Streamed, groups: Groups) -> None:
+def _warn_small_folds(streamed: Streamed, groups: Groups, whitens: bool) -> None:
     """Warn when a fold holds fewer than half the rows of the median fold: its held-out correlations, measured on
-    its own rows, are the noisiest (those of two rows are ±1) and weigh as much as any fold's in the mean."""
+    its own rows, are the noisiest (those of two rows are ±1) and weigh as much as any fold's in the mean; and,
+    for measures that invert a covariance (``whitens``), when a fold's leave-out (the rest, which the jackknife
+    solves) has no more rows than the channels of a pair: its covariance is singular."""
     rows = [part.n for part in streamed.groups]
+    channels, total = _paired_channels(streamed.layers), sum(rows)
+    tight = [(label, total - n) for label, n in zip(groups.labels.tolist(), rows) if total - n <= channels]
+    if whitens and tight:
+        warnings.warn(f"{len(tight)} of the {len(rows)} folds leave no more rows than the {channels} channels of a "
+                      f"pair when left out: without {_rows_of(tight)}; those leave-outs' covariances are singular "
+                      f"(canonical correlations of 1 whatever the data), so the jackknife errors of measures that "
+                      f"invert one are meaningless: use fewer folds or regularise with epsilon > 0", RuntimeWarning,
+                      stacklevel=user_stacklevel())
     half = float(np.median(rows)) / 2
     small = [(label, n) for label, n in zip(groups.labels.tolist(), rows) if n < half]
     if small:
@@ -749,12 +764,14 @@ def _compared(pair: PairSolves, names: Sequence[str], label: Any = None, groups:
             variables[measure.detail_name(detail)] = result[detail].rename(
                 {dim: f"{name}_{dim}" for dim in result[detail].dims if dim == "component"})
         if pair.folds is not None:
-            se, interval = jackknife(result[measure.value].values, pair.leave_outs(name), pair.options.confidence)
+            leave_outs = pair.leave_outs(name)  # of the folds that count (a held-out measure's defined ones)
+            se, interval = jackknife(result[measure.value].values, leave_outs, pair.options.confidence)
             dims = result[measure.value].dims
             variables[f"{name}_se"] = (dims, se, {"long_name": f"jackknife standard error of {name}"})
+            freedom = f"{len(leave_outs) - 1} degree{'' if len(leave_outs) == 2 else 's'} of freedom"
             variables[f"{name}_ci"] = ((*dims, "bound"), interval,
                                        {"long_name": f"{pair.options.confidence:g} interval of {name} "
-                                                     f"(Student t, {len(pair.folds) - 1} degrees of freedom)"})
+                                                     f"(Student t, {freedom})"})
     if any(MEASURES[name].canonical for name in names):
         variables["rho"] = pair.cca["rho"]
         # components beyond min(rank_a, rank_b) have ρ = 0 and count in mean_cca and r2_cca
@@ -1007,6 +1024,8 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
                                           {"long_name": f"jackknife standard error of {measure}"})
             variables[f"{measure}_ci"] = (("layer_a", "layer_b", "bound"), intervals[measure],
                                           {"long_name": f"{solve.confidence:g} interval of {measure} (Student t, "
-                                                        f"{len(folds) - 1} degrees of freedom)"})
+                                                        f"{len(folds) - 1} degrees of freedom"
+                                                        + (", fewer where a fold's held-out value is undefined)"
+                                                           if MEASURES[measure].per_fold else ")")})
         coords = {**coords, "bound": ["lower", "upper"]}
     return xr.Dataset(variables | {"rows": ((), np.int64(stats.n))}, coords=coords)

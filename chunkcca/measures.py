@@ -819,7 +819,8 @@ def _warn_undefined(values: np.ndarray, fold_axis: int, measure: str, what: str,
         folds = [names[i] for i in sorted(set(np.nonzero(undefined)[fold_axis].tolist()))]
         warnings.warn(f"{measure}: {undefined.sum()} held-out correlation{'s are' if undefined.sum() > 1 else ' is'} "
                       f"undefined ({what} does not vary in the held-out fold{'s' if len(folds) > 1 else ''} "
-                      f"{', '.join(map(repr, folds))}): each mean over folds is of the others", RuntimeWarning,
+                      f"{', '.join(map(repr, folds))}): each mean over folds is of the others, and a fold with "
+                      f"none defined is not counted in the jackknife", RuntimeWarning,
                       stacklevel=user_stacklevel())
 
 
@@ -997,11 +998,17 @@ class PairSolves:
     def leave_outs(self, measure: str) -> np.ndarray:
         """``measure``'s value with each fold left out in turn (first axis: fold), for the jackknife. A measure of
         held-out folds averages its per-fold values (then, with ``per_fold_summary``, summarises them over units,
-        e.g. the median over channels), so its leave-one-out values do the same over the other folds."""
+        e.g. the median over channels), so its leave-one-out values do the same over the other folds, of the folds
+        with a defined value (NaN for all when fewer than 2 have one)."""
         declared = MEASURES[measure]
         if declared.per_fold is not None:
             per_fold = self.result(measure)[declared.per_fold]
             values = np.moveaxis(per_fold.values, per_fold.dims.index("fold"), 0)
+            # a fold with no defined value is in no mean over folds: it is not one of the jackknife's K either
+            # (its leave-out would be the full value, narrowing the interval)
+            values = values[~np.isnan(values).reshape(len(values), -1).all(axis=1)]
+            if len(values) < 2:
+                return np.full((2, *values.shape[1:]), np.nan)  # no spread to estimate
             defined = ~np.isnan(values)  # the means over folds are of the defined values (_of_defined)
             known = np.where(defined, values, 0.0)
             others = np.divide(known.sum(axis=0) - known, defined.sum(axis=0) - defined,

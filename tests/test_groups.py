@@ -304,7 +304,8 @@ def test_a_fold_whose_every_row_is_omitted_leaves_the_jackknife_and_the_held_out
         train = np.setdiff1d(np.concatenate(kept), test)
         wa, wb = _cca_directions(x[train], y[train])
         held.append(np.mean([np.corrcoef(x[test] @ wa[:, c], y[test] @ wb[:, c])[0, 1] for c in range(5)]))
-    message = r"nan_policy='omit' left out every row of fold 1; the jackknife and held-out measures use the other 3"
+    message = (r"fold 1 keeps no row \(nan_policy='omit' left them out\); the jackknife and held-out measures use "
+               r"the other 3")
     with pytest.warns(RuntimeWarning, match=message):
         result = compare(da.from_array(x, chunks=30), y, measures=["mean_cca", "heldout_cca"], folds=4,
                          nan_policy="omit", precision="float64")
@@ -319,8 +320,8 @@ def test_a_fold_whose_every_row_is_omitted_leaves_the_jackknife_and_the_held_out
     assert float(sweep["mean_cca_se"].item()) == pytest.approx(se, rel=FOLD_TOL) and sweep.attrs["folds"] == 3
     assert "2 degrees of freedom" in sweep["mean_cca_ci"].attrs["long_name"]
     x[40:, 0] = np.nan
-    with pytest.raises(ValueError, match=r"left out every row of folds 1, 2, 3: 1 of the 4 folds keep rows; folds "
-                                         r"need at least 2"):
+    with pytest.raises(ValueError, match=r"folds 1, 2, 3 keep no row \(nan_policy='omit' left them out\): 1 of the "
+                                         r"4 folds keep rows; folds need at least 2"):
         compare(x, y, measures=["mean_cca"], folds=4, nan_policy="omit")
 
 
@@ -655,3 +656,46 @@ def test_auto_precision_judges_each_folds_leave_out():
     assert auto.attrs["precision"] == "float64" and "without fold 0" in auto.attrs["precision_auto"]
     for name in ("mean_cca_se", "heldout_cca", "heldout_cca_se"):
         assert float(auto[name]) == pytest.approx(float(exact[name]), rel=1e-9), name
+
+
+def test_a_fold_with_no_held_out_value_is_not_counted_in_the_jackknife():
+    """Layer a constant within fold 0 of 3: its held-out value is undefined and the mean is of the other two,
+    but the jackknife still counted it (its leave-out the full value) with K − 1 = 2 degrees of freedom: an
+    interval 39% as wide as the two folds give."""
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((150, 3))
+    a = z @ rng.standard_normal((3, 3)) + rng.standard_normal((150, 3))
+    b = z @ rng.standard_normal((3, 3)) + rng.standard_normal((150, 3))
+    a[:50] = 1.0
+    with pytest.warns(RuntimeWarning, match="a fold with none defined is not counted in the jackknife"):
+        got = compare(a, b, measures=["heldout_cca"], folds=3, precision="float64")
+        per_fold = got["heldout_cca_per_fold"].values if "heldout_cca_per_fold" in got else None
+        moments = list(compute_moments(a, b, folds=3, precision="float64").values())
+        defined = chunkcca.measures.heldout_cca_from_folds(moments)["heldout_cca_per_fold"].values
+    assert per_fold is None or np.isnan(per_fold[0])
+    defined = defined[~np.isnan(defined)]
+    se = defined.std(ddof=1) / np.sqrt(len(defined))  # the jackknife of a mean is its standard error
+    half = student.ppf(0.975, len(defined) - 1) * se
+    assert float(got["heldout_cca_se"]) == pytest.approx(se, rel=1e-10)
+    np.testing.assert_allclose(got["heldout_cca_ci"].values, [defined.mean() - half, defined.mean() + half],
+                               rtol=1e-10)
+    assert "1 degree of freedom" in got["heldout_cca_ci"].attrs["long_name"]
+
+
+def test_folds_emptied_by_a_stride_and_leave_outs_of_too_few_rows_are_told_as_such():
+    """Folds a stride emptied were blamed on nan_policy='omit' (not given); and 60 rows of 25 + 25 channels in 5
+    folds left 48 rows in every leave-out (canonical correlations of 1: leave-outs 0.65 against 0.58 in all),
+    with no word, where heldout_cca warned of exactly this."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((40, 3)), rng.standard_normal((40, 3))  # stride 10: datapoints 0, 10, 20, 30
+    with pytest.warns(RuntimeWarning, match=r"folds 1, 3, 5, 7 keep no row \(stride 10 keeps none of their rows\); "
+                                            r"the jackknife and held-out measures use the other 4 folds"):
+        result = compare(x, y, measures=["cka"], folds=8, stride=10, precision="float64")
+    assert result.attrs["folds"] == 4
+    wide = rng.standard_normal((60, 25)), rng.standard_normal((60, 25))
+    with pytest.warns(RuntimeWarning, match=r"5 of the 5 folds leave no more rows than the 50 channels of a pair "
+                                            r"when left out: without 0 \(48\)"):
+        compare(*wide, measures=["mean_cca"], folds=5, precision="float64")
+    with warnings.catch_warnings():  # CKA inverts no covariance
+        warnings.simplefilter("error")
+        compare(*wide, measures=["cka"], folds=5, precision="float64")
