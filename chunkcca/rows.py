@@ -413,6 +413,13 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
                                       else dim not in ("height", "width")) for layer, known in zip((a, b), labelled)]
     if all(numbered) and size_a == size_b:  # position i of one is position i of the other
         return None, None
+    unplaced = [grid == "coords" and not known and dim not in ("height", "width") for known in labelled]
+    if any(unplaced) and not all(numbered) and size_a != size_b:  # a labelled layer says nothing of the other
+        plain, placed = (a, b) if unplaced[0] else (b, a)
+        raise ValueError(f"layer {plain.name!r} does not label its {dim} positions, beside layer {placed.name!r}, "
+                         f"which does, and they have {plain.sizes[dim]} and {placed.sizes[dim]}: interp cannot tell "
+                         f"where {plain.name!r}'s positions sit; set its {dim} coordinates to positions in the units "
+                         f"of {placed.name!r}'s, or use grid='svcca' (both spanning the same input)")
     if all(numbered):
         raise ValueError(f"layers {a.name!r} and {b.name!r} number their {dim} positions 0, 1, … or do not label "
                          f"them ({size_a} and {size_b} of them): that says nothing of where each sits in the input, "
@@ -476,7 +483,9 @@ def interpolation_matrix(source: np.ndarray, target: np.ndarray, method: str, *,
     if method == "nearest":
         upper = np.clip(np.searchsorted(source, clamped, side="left"), 1, source.size - 1)
         lower = upper - 1
-        choose_upper = (source[upper] - clamped) < (clamped - source[lower])
+        # a tie within rounding is a tie (pixel centres of 6 on 11 meet at 11/12 each side, 1 ulp apart)
+        tie = 8 * np.finfo(float).eps * np.abs(source).max()
+        choose_upper = (source[upper] - clamped) < (clamped - source[lower]) - tie
         matrix = np.zeros((target.size, source.size))
         matrix[np.arange(target.size), np.where(choose_upper, upper, lower)] = 1.0
         return matrix

@@ -521,3 +521,39 @@ def test_interp_refuses_positions_that_are_only_numbered():
     assert cca(fine, placed, spatial="interp")["rho"].size == 2
     assert cca(fine, coarse, spatial="interp", grid="svcca")["rho"].size == 2
     assert cca(fine.drop_vars("time"), coarse.drop_vars("time"), spatial="interp", grid="svcca")["rho"].size == 2
+
+
+def test_nearest_breaks_exact_ties_towards_the_lower_sample_whatever_the_rounding():
+    """Pixel centres of 6 on 11 (and 15 other size pairs up to 16 on 32) meet exactly half-way, but rounding of
+    (i + 0.5) · extent / size put some ties 1 ulp nearer the upper sample: whole rows of the resampled map came
+    from the other pixel than the documented rule says."""
+    from fractions import Fraction
+
+    from chunkcca.rows import interpolation_matrix, pixel_centres
+
+    for coarse in range(2, 17):
+        for fine in range(coarse + 1, 33):
+            source = [Fraction(2 * i + 1, 2 * coarse) * fine for i in range(coarse)]  # exact, in fine's units
+            want = []
+            for j in range(fine):
+                target = min(max(Fraction(2 * j + 1, 2), source[0]), source[-1])
+                distances = [abs(target - centre) for centre in source]
+                want.append(distances.index(min(distances)))  # the first (lower) of tied samples
+            got = interpolation_matrix(pixel_centres(coarse, fine), pixel_centres(fine, fine), "nearest").argmax(1)
+            assert got.tolist() == want, (coarse, fine)
+
+
+def test_interp_refuses_an_unlabelled_sequence_beside_a_labelled_one():
+    """A 5-token layer without coordinates beside a 10-token one labelled in the input's units was placed as if
+    it spanned the labelled one's input, a guess the docs say is refused (as for two unlabelled layers)."""
+    rng = np.random.default_rng(4)
+    dims = ("datapoint", "token", "channel")
+    placed = xr.DataArray(rng.standard_normal((40, 10, 3)), dims=dims, name="a",
+                          coords={"token": (np.arange(10) + 0.5) * 10})
+    plain = xr.DataArray(rng.standard_normal((40, 5, 2)), dims=dims, name="b")
+    with pytest.raises(ValueError, match=r"layer 'b' does not label its token positions, beside layer 'a', which "
+                                         r"does, and they have 5 and 10: interp cannot tell"):
+        cca(placed, plain, spatial="interp")
+    assert cca(placed, plain, spatial="interp", grid="svcca")["rho"].size == 2
+    same = xr.DataArray(rng.standard_normal((40, 10, 2)), dims=dims, name="c")  # as many: position i is i
+    assert cca(placed, same, spatial="interp")["rho"].size == 2
