@@ -156,8 +156,8 @@ def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 
 def _whitener(cov: np.ndarray, epsilon: float, floor: Rounding) -> Inverse:
-    """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter; the rank, the condition
-    number and the doubts of the (regularised) correlation matrix as inverted.
+    """(Σ + εI)^(−1/2) through the correlation matrix, so channel units do not matter, with the rank, the condition
+    number and the directions cut as the values' rounding (in the covariance's units) of what it inverted.
 
     ``floor`` (``Rounding``: of float32 products and of the values) applies without a ridge only: with
     ``epsilon > 0`` the user's regularisation decides. Zero-variance channels get zero weight.
