@@ -890,21 +890,26 @@ def size_decode_pool() -> None:
 
 
 @contextlib.contextmanager
-def _notices() -> Iterator[None]:
+def _notices(command: str) -> Iterator[None]:
     """chunkcca's notices (its log at INFO: a run resumed from its checkpoint) on stderr while the command runs,
-    also under --no-progress."""
-    handler, logger = logging.StreamHandler(sys.stderr), logging.getLogger("chunkcca")
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # said once, also in a program whose own logging shows INFO
+    also under --no-progress; matplotlib's warnings (an .eps plot's "does not support transparency") as the
+    command's other warnings are: one line after ``chunkcca <command>: warning:``."""
+    logged = []
+    for name, level, form in (("chunkcca", logging.INFO, "%(message)s"),
+                              ("matplotlib", logging.WARNING, f"chunkcca {command}: warning: %(message)s")):
+        handler, logger = logging.StreamHandler(sys.stderr), logging.getLogger(name)
+        handler.setFormatter(logging.Formatter(form))
+        logged.append((logger, handler, logger.level, logger.propagate))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False  # said once, also in a program whose own logging shows INFO
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
+        for logger, handler, level, propagate in logged:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def _quiet_teardown() -> None:
@@ -1030,7 +1035,7 @@ def _run(argv: list[str] | None) -> int:
         # stdout that says when it takes no writes; none where the process has none and its output is only a report
         output = contextlib.nullcontext() if sys.stdout is None else contextlib.redirect_stdout(
             _StandardOutput(sys.stdout))
-        with warnings.catch_warnings(), output, _notices():
+        with warnings.catch_warnings(), output, _notices(args.command):
             warnings.showwarning = one_line
             if args.command == "demo":
                 with _connected(args) as scheduler:

@@ -727,6 +727,13 @@ def test_warnings_are_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "s.zarr"), "a", "b", "--measure", "mean_cca", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.startswith("chunkcca compare: warning: only 6 rows for 11 channels of a pair") and err.count("\n") == 1
+    # matplotlib's own warnings (logged, not warned) came without the prefix
+    store = tmp_path / "t.zarr"
+    chunkcca.write_activations(store, {"a": rng.standard_normal((60, 3)), "b": rng.standard_normal((60, 2))})
+    assert main(["compare", str(store), "a", "b", "--plot", str(tmp_path / "p.eps"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("chunkcca compare: warning: The PostScript backend does not support transparency; partially "
+                   "transparent artists will be rendered opaque.\n")
 
 
 def test_a_url_whose_filesystem_package_is_missing_is_one_line(capsys):
