@@ -38,13 +38,15 @@ CONSTANT_RTOL = 64 * float(np.finfo(np.float64).eps)
 WHITENING_CONDITION = 1e8
 
 #: A direction cut as the rounding of the activations' values (``Rounding.cut()``: at or below e² (mean² +
-#: variance) per channel, 12 times the largest variance rounding to nearest makes) may be real, and CCA then loses
-#: what it shares with the other layer: float16 values of mean 30 and spread 1 lost a direction whose multiple
-#: correlation with the other layer was 0.92 (mean ρ 0.46 for the 0.91 of the values as stored). Rounding's own
-#: directions are no more correlated with the other layer than chance, about √(q / n) (a float32 softmax's
-#: sum-to-1 direction: 0.028 at a chance of 0.035, though its eigenvalue was at 0.53 of its cut, as the real
-#: one's): ``require_resolved`` warns of cut directions whose multiple correlation is above this many times chance.
-ROUNDING_DOUBT = 4.0
+#: variance) per channel, 12 times the largest variance rounding to nearest makes) may be real, and the measures
+#: then lose what it shares with the other layer: float16 values of mean 30 and spread 1 lost a direction whose
+#: multiple correlation with the other layer was 0.92 (mean ρ 0.46 for the 0.91 of the values as stored).
+#: Rounding's own directions are no more correlated with the other layer than chance (a float32 softmax's
+#: sum-to-1 direction: 0.028 against q = 6 channels over 5000 rows, though its eigenvalue was at 0.53 of its cut,
+#: as the real one's): ``require_resolved`` warns of a cut direction whose squared multiple correlation R² with the
+#: other layer's q directions over n rows is above what chance gives once in this many (R² of a direction
+#: independent of them is Beta(q / 2, (n − q − 1) / 2)).
+ROUNDING_DOUBT = 1e6
 
 #: Why finite-looking statistics can hold NaN or Inf (nan_policy=None, or values beyond float32's range).
 NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold values too large for the products' "
@@ -169,13 +171,25 @@ def _whitener(cov: np.ndarray, epsilon: float, floor: Rounding) -> Inverse:
 
 
 def _real_cut(correlations: np.ndarray, other_rank: int, rows: int) -> int:
-    """How many directions cut as the values' rounding may be real: those whose multiple correlation with the
-    other side (the norm of ``correlations``, (k, other side's whitened variates)) is above ``ROUNDING_DOUBT``
-    times chance, √(other_rank / rows)."""
-    if not correlations.shape[0] or rows <= 0:
+    """How many directions cut as the values' rounding may be real: those whose squared multiple correlation with
+    the other side (the squared norm of ``correlations``, (k, the other side's whitened variates)) chance would
+    pass less than once in ``ROUNDING_DOUBT`` (Beta(q / 2, (n − q − 1) / 2), q = ``other_rank``, n = ``rows``)."""
+    from scipy.stats import beta
+
+    q = max(other_rank, 1)
+    if not correlations.shape[0] or rows <= q + 1:
         return 0
-    chance = np.sqrt(max(other_rank, 1) / rows)
-    return int((np.linalg.norm(correlations, axis=1) > ROUNDING_DOUBT * chance).sum())
+    chance = beta.isf(1 / ROUNDING_DOUBT, q / 2, (rows - q - 1) / 2)
+    return int((np.linalg.norm(correlations, axis=1) ** 2 > chance).sum())
+
+
+def _real_cuts(cross: np.ndarray, whiteners: tuple[Inverse, Inverse],
+               floors: tuple[Rounding, Rounding]) -> tuple[int, int]:
+    """Per side, the directions its whitener (``Inverse``) cut as its values' rounding that correlate with the other
+    side beyond chance (``_real_cut()``); ``cross``: the cross-covariance (a's channels, b's) the whiteners are of."""
+    (root_a, rank_a, _, cut_a), (root_b, rank_b, _, cut_b) = whiteners
+    return (_real_cut(cut_a.conj().T @ cross @ root_b, rank_b, floors[0].rows),
+            _real_cut(cut_b.conj().T @ cross.conj().T @ root_a, rank_a, floors[1].rows))
 
 
 def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np.ndarray | None = None,
@@ -200,13 +214,12 @@ def _solve_cca(cov: np.ndarray, sizes: tuple[int, ...], epsilon: float, mean: np
     rank_a = rank_b = doubts_a = doubts_b = 0
     condition_a = condition_b = 1.0
     if index_a.size and index_b.size:
-        whiten_a, rank_a, condition_a, cut_a = _whitener(cov[np.ix_(index_a, index_a)], epsilon,
-                                                         floors[0].kept(index_a))
-        whiten_b, rank_b, condition_b, cut_b = _whitener(cov[np.ix_(index_b, index_b)], epsilon,
-                                                         floors[1].kept(index_b - p))
+        kept = floors[0].kept(index_a), floors[1].kept(index_b - p)
+        inverses = (_whitener(cov[np.ix_(index_a, index_a)], epsilon, kept[0]),
+                    _whitener(cov[np.ix_(index_b, index_b)], epsilon, kept[1]))
+        (whiten_a, rank_a, condition_a, _), (whiten_b, rank_b, condition_b, _) = inverses
         cross = cov[np.ix_(index_a, index_b)]
-        doubts_a = _real_cut(cut_a.conj().T @ cross @ whiten_b, rank_b, floors[0].rows)
-        doubts_b = _real_cut(cut_b.conj().T @ cross.conj().T @ whiten_a, rank_a, floors[1].rows)
+        doubts_a, doubts_b = _real_cuts(cross, inverses, kept)
         u, s, vh = np.linalg.svd(whiten_a.conj().T @ cross @ whiten_b)
         k = min(rank_a, rank_b)
         rho[:k] = np.minimum(s[:k], 1.0)  # a correlation; rounding (float32, few rows) can pass 1
@@ -369,15 +382,15 @@ def require_variance(moments: Moments, measure: str) -> None:
 
 
 class RoundingWarning(RuntimeWarning):
-    """CCA left out directions of a layer as the rounding of its values (float32, float16) that correlate with the
-    other layer beyond chance (``ROUNDING_DOUBT``): they may be real."""
+    """A whitening measure left out directions of a layer as the rounding of its values (float32, float16) that
+    correlate with the other layer beyond chance (``ROUNDING_DOUBT``): they may be real."""
 
 
 def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubts: Sequence[int] = (0, 0)) -> None:
     """A side whose every direction lies within the rounding of its values (rank 0 in ``ranks``, per side, at
     every frequency; its channels vary, or ``require_variance`` would have said) makes ``measure`` undefined, an
-    ``UndefinedMeasure`` naming it; ``doubts`` (per side, from CCA's solve: directions cut as the values'
-    rounding that correlate with the other side beyond chance, ``ROUNDING_DOUBT``) are warned of
+    ``UndefinedMeasure`` naming it; ``doubts`` (per side, from the solve: directions cut as the values'
+    rounding that correlate with the other side beyond chance, ``_real_cut()``) are warned of
     (``RoundingWarning``)."""
     for side, (rank, doubtful) in enumerate(zip(ranks, doubts)):
         eps = moments.value_rounding[side] if len(moments.value_rounding) > side else 0.0
@@ -397,11 +410,11 @@ def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubt
         if doubtful:
             warnings.warn(f"{name}: {doubtful} direction{'s' if doubtful > 1 else ''} of its correlation matrix "
                           f"{'were' if doubtful > 1 else 'was'} left out as within the rounding of {values}, but "
-                          f"correlate{'' if doubtful > 1 else 's'} with the other layer {ROUNDING_DOUBT:g} times "
-                          f"beyond chance, so {'they' if doubtful > 1 else 'it'} may be real and the canonical "
-                          f"correlations lack {'them' if doubtful > 1 else 'it'} (the rank as used is in the "
-                          f"result); record the layer with its mean taken out, or in float64, "
-                          f"or, if its values are exact, pass it as float64 (.astype('float64')) to keep "
+                          f"correlate{'' if doubtful > 1 else 's'} with the other layer beyond chance (once in "
+                          f"{ROUNDING_DOUBT:.0e}), so {'they' if doubtful > 1 else 'it'} may be real and {measure} "
+                          f"lacks {'them' if doubtful > 1 else 'it'} (the rank as used is in the result); record "
+                          f"the layer with its mean taken out, or in float64, or, if its values are exact, pass "
+                          f"it as float64 (.astype('float64')) to keep "
                           f"{'them' if doubtful > 1 else 'it'}", RoundingWarning, stacklevel=user_stacklevel())
 
 
@@ -472,22 +485,22 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 
-def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int]:
+def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int, bool]:
     """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values,
     and no more than the side's rank (counted on its correlation matrix, so rounding of float32 products is
-    not taken for directions whatever the channels' units), and that rank."""
+    not taken for directions whatever the channels' units), that rank, and whether it limited them."""
     values, vectors = np.linalg.eigh(cov)
     values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
     weights = values if keep_by == "variance" else np.sqrt(values)
     total = weights.sum()
     if total == 0:
-        return vectors[:, :0], 0
+        return vectors[:, :0], 0, False
     if keep >= 1:  # every direction with variance, however small its share, up to the rank
         count = len(values)
     else:  # a share within the prefix sums' rounding (p ulps) of ``keep`` reaches it
         count = int(np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
     rank = _correlation_rank(cov, floor)
-    return vectors[:, : min(count, rank, int((values > 0).sum()))], rank
+    return vectors[:, : min(count, rank, int((values > 0).sum()))], rank, count > rank
 
 
 def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "variance",
@@ -517,9 +530,14 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     require_variance(moments, "SVCCA")
     with solve_threads(moments.channels):
-        (basis_a, rank_a), (basis_b, rank_b) = (
-            _kept_directions(cov, keep, keep_by, rounding(moments, side)) for side, cov in enumerate((cov_aa, cov_bb)))
-    require_resolved(moments, "SVCCA", (rank_a, rank_b))
+        floors = rounding(moments, 0), rounding(moments, 1)
+        (basis_a, rank_a, limited_a), (basis_b, rank_b, limited_b) = (
+            _kept_directions(cov, keep, keep_by, floor) for cov, floor in zip((cov_aa, cov_bb), floors))
+        doubts = (0, 0)
+        if (limited_a or limited_b) and rank_a and rank_b:  # the rank, not keep, took directions: were they real?
+            found = _real_cuts(cov_ab, (_whitener(cov_aa, 0.0, floors[0]), _whitener(cov_bb, 0.0, floors[1])), floors)
+            doubts = (found[0] if limited_a else 0, found[1] if limited_b else 0)
+    require_resolved(moments, "SVCCA", (rank_a, rank_b), doubts)
     with solve_threads(moments.channels):
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
@@ -732,9 +750,10 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     cov_aa, cov_ab, cov_bb = _pair(moments, "shape_metric")
     require_variance(moments, "the shape metric")
     with solve_threads(moments.channels):
-        (t_a, rank_a, condition_a, _), (t_b, rank_b, condition_b, _) = (
-            _partial_whitener(cov, alpha, rounding(moments, side)) for side, cov in enumerate((cov_aa, cov_bb)))
-        require_resolved(moments, "the shape metric", (rank_a, rank_b))
+        floors = rounding(moments, 0), rounding(moments, 1)
+        inverses = (_partial_whitener(cov_aa, alpha, floors[0]), _partial_whitener(cov_bb, alpha, floors[1]))
+        (t_a, rank_a, condition_a, _), (t_b, rank_b, condition_b, _) = inverses
+        require_resolved(moments, "the shape metric", (rank_a, rank_b), _real_cuts(cov_ab, inverses, floors))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
         norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
     if alpha == 0:  # a correlation matrix inverted; with alpha > 0 the user's regularisation decides

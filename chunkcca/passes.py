@@ -790,15 +790,17 @@ def _pilot_end(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> t
     return own, str(layers[widest].name), widths[widest]
 
 
-def _choose_precision(pilot: Moments | TiledMoments, names: Sequence[str],
+def _choose_precision(pilot: Moments | TiledMoments | Sequence[Moments], names: Sequence[str],
                       where: str) -> tuple[ProductPrecision, str]:
     """float32 or float64 products for ``precision="auto"``, from the correlation matrices of Moments (the
-    pilot's, the whole run's or a group's: ``where``, e.g. "the first 100 datapoints"), and why."""
+    pilot's, the whole run's or a group's: ``where``, e.g. "the first 100 datapoints"; or each side's own, one
+    Moments a side), and why."""
+    sides = list(pilot) if isinstance(pilot, Sequence) else [pilot.select([side]) for side in range(len(names))]
     worst, worst_name = 0.0, ""
-    for side, name in enumerate(names):
-        scatter = pilot.select([side]).scatter
+    for own, name in zip(sides, names):
+        scatter = own.scatter
         kept = np.diagonal(scatter, axis1=-2, axis2=-1).real > 0
-        condition = np.inf if pilot.n <= int(kept.sum(axis=-1).max()) else _condition(scatter, kept)
+        condition = np.inf if own.n <= int(kept.sum(axis=-1).max()) else _condition(scatter, kept)
         if condition > worst:
             worst, worst_name = condition, name
     choice: ProductPrecision = "float64" if worst > AUTO_CONDITION else "float32"
@@ -821,10 +823,14 @@ def _whole_run_precision(parts: Parts, names: Sequence[str], datapoints: int,
         return choice, reason
     needed = GROUP_ROWS_PER_CHANNEL * max(parts[0].sizes)
     folds = options.folds is not None
+    # each side's own statistics: a leave-out merges each layer's block, not a sweep's every pair of them
+    own = [[part.select([side]) for side in range(len(names))] for part in parts] if folds else []
     for group, part in enumerate(parts):
-        judged = _merged([other for index, other in enumerate(parts) if index != group]) if folds else part
-        if judged.n >= needed:
-            where = f"the {judged.n} rows without fold {group}" if folds else f"the {judged.n} rows of group {group}"
+        judged = ([_merged([others[side] for index, others in enumerate(own) if index != group])
+                   for side in range(len(names))] if folds else part)
+        rows = judged[0].n if folds else part.n
+        if rows >= needed:
+            where = f"the {rows} rows without fold {group}" if folds else f"the {rows} rows of group {group}"
             choice, why = _choose_precision(judged, names, where)
             if choice == "float64":
                 return choice, why

@@ -387,7 +387,10 @@ def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_re
     a = np.column_stack([z[:, 0], z[:, 1], z[:, 0] + 0.03 * z[:, 2] + 0.005 * noise[:, 0]]) + 30
     b = np.column_stack([z[:, 0] + 0.5 * noise[:, 1], z[:, 2] + 0.3 * noise[:, 2]]) + 30
     a16, b16 = a.astype(np.float16), b.astype(np.float16)
-    for call in (cca, pwcca, lambda x, y, **o: compare(x, y, measures=["mean_cca"], **o)):
+    wide = np.column_stack([b, rng.standard_normal((4000, 300)) + 30]).astype(np.float16)  # q = 302 of n = 4000
+    for call in (cca, pwcca, lambda x, y, **o: compare(x, y, measures=["mean_cca"], **o),
+                 lambda x, y, **o: cca(x, wide, **o), lambda x, y, **o: svcca(x, y, keep=0.9999, **o),
+                 lambda x, y, **o: shape_metric(x, y, alpha=0, **o)):
         with pytest.warns(RoundingWarning, match=r"layer 'a': 1 direction of its correlation matrix was left out "
                                                  r"as within the rounding of its float16 values .* may be real"):
             call(a16, b16, precision="float64")
@@ -403,6 +406,9 @@ def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_re
             return cca(x, y, **options)
 
     assert int(quiet((a - 25).astype(np.float16), (b - 25).astype(np.float16), precision="float64")["rank_a"]) == 3
+    with warnings.catch_warnings():  # keep=0.99 leaves the direction out anyway: the rank took nothing
+        warnings.simplefilter("error", RoundingWarning)
+        svcca(a16, b16, precision="float64")
     for seed in range(3):  # a float32 softmax: its sum-to-1 direction is rounding's, cut without a warning
         generator = np.random.default_rng(seed)
         logits = (4 * generator.standard_normal((5000, 10))).astype(np.float32)
