@@ -142,9 +142,18 @@ def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOp
     """Before the pass: every group of ``groupby`` can give the ``least_rows`` rows the measures need (at most
     ceil(rows per datapoint / stride) per datapoint), else a ValueError naming the first that cannot (a group per
     value of a continuous coordinate failed after the whole pass)."""
-    if groups is None or groups.folds or not least_rows:
+    if groups is None or not least_rows:
         return
     most = groups.sizes * -(-adapter.rows_per_datapoint // adapter.stride)
+    if groups.folds:  # measured on the rest: each fold's leave-out
+        rest = groups.sizes.sum() - groups.sizes
+        short = np.flatnonzero(rest * -(-adapter.rows_per_datapoint // adapter.stride) < least_rows)
+        if short.size:
+            left = int(rest[short[0]])
+            raise ValueError(f"folds: without fold {groups.labels[short[0]].item()!r} the rest holds {left} "
+                             f"datapoint{'' if left == 1 else 's'}, fewer rows than the jackknife's "
+                             f"leave-outs need ({needs(least_rows)}); use fewer folds or more datapoints")
+        return
     small = np.flatnonzero(most < least_rows)
     if small.size:
         label, size = groups.labels[small[0]].item(), int(groups.sizes[small[0]])

@@ -626,6 +626,9 @@ def test_groups_too_small_for_a_measure_are_refused_before_the_pass(monkeypatch)
     with pytest.raises(ValueError, match=r"^layers 'a', 'b' give 3 rows: debiased CKA \(the unbiased HSIC\) needs at "
                                          r"least 4$"):
         chunkcca.cka(a[:3], b[:3], debiased=True)
+    with pytest.raises(ValueError, match=r"^folds: without fold 0 the rest holds 2 datapoints, fewer rows than the "
+                                         r"jackknife's leave-outs need \(debiased CKA"):
+        chunkcca.compare(a[:5], b[:5], measures=["cka_debiased"], folds=2)  # it came after the pass
     monkeypatch.setattr(chunkcca.api, "stream_layers", streamed)
     assert len(chunkcca.compute_moments(a, b, groupby="t")) == 40
     maps = xr.DataArray(rng.standard_normal((40, 2, 2, 3)), dims=("datapoint", "height", "width", "channel"),
