@@ -894,11 +894,15 @@ def _notices(command: str) -> Iterator[None]:
     """chunkcca's notices (its log at INFO: a run resumed from its checkpoint) on stderr while the command runs,
     also under --no-progress; matplotlib's warnings (an .eps plot's "does not support transparency") as the
     command's other warnings are: one line after ``chunkcca <command>: warning:``."""
+    class OneLine(logging.Formatter):  # as the command's warnings and errors: one line, said what it is
+        def format(self, record: logging.LogRecord) -> str:
+            return f"chunkcca {command}: {record.levelname.lower()}: {record.getMessage().splitlines()[0]}"
+
     logged = []
-    for name, level, form in (("chunkcca", logging.INFO, "%(message)s"),
-                              ("matplotlib", logging.WARNING, f"chunkcca {command}: warning: %(message)s")):
+    for name, level, formatter in (("chunkcca", logging.INFO, logging.Formatter("%(message)s")),
+                                   ("matplotlib", logging.WARNING, OneLine())):
         handler, logger = logging.StreamHandler(sys.stderr), logging.getLogger(name)
-        handler.setFormatter(logging.Formatter(form))
+        handler.setFormatter(formatter)
         logged.append((logger, handler, logger.level, logger.propagate))
         logger.addHandler(handler)
         logger.setLevel(level)

@@ -45,8 +45,13 @@ WHITENING_CONDITION = 1e8
 #: sum-to-1 direction: 0.028 against q = 6 channels over 5000 rows, though its eigenvalue was at 0.53 of its cut,
 #: as the real one's): ``require_resolved`` warns of a cut direction whose squared multiple correlation R² with the
 #: other layer's q directions over n rows is above what chance gives once in this many (R² of a direction
-#: independent of them is Beta(q / 2, (n − q − 1) / 2)).
+#: independent of them is Beta(q / 2, (n − q − 1) / 2)) and at least ``ROUNDING_DOUBT_R2``. Rounding is a fixed
+#: function of the inputs, and a layer computed from the rounded one carries it, so over many rows chance alone
+#: does not tell: a BatchNorm'd conv layer over inputs with a constant region had its rounding directions at R²
+#: 0.13 with the next conv layer (81 times the one-in-a-million level over 51,200 rows), a float32 softmax's at
+#: 3e-4 (6 times it over 1e6 rows); keeping them as float64 moved the shape metric from 0.95 to 1.17.
 ROUNDING_DOUBT = 1e6
+ROUNDING_DOUBT_R2 = 0.5
 
 #: Why finite-looking statistics can hold NaN or Inf (nan_policy=None, or values beyond float32's range).
 NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold values too large for the products' "
@@ -172,15 +177,16 @@ def _whitener(cov: np.ndarray, epsilon: float, floor: Rounding) -> Inverse:
 
 def _real_cut(correlations: np.ndarray, other_rank: int, rows: int) -> int:
     """How many directions cut as the values' rounding may be real: those whose squared multiple correlation with
-    the other side (the squared norm of ``correlations``, (k, the other side's whitened variates)) chance would
-    pass less than once in ``ROUNDING_DOUBT`` (Beta(q / 2, (n − q − 1) / 2), q = ``other_rank``, n = ``rows``)."""
+    the other side (the squared norm of ``correlations``, (k, the other side's whitened variates)) is at least
+    ``ROUNDING_DOUBT_R2`` and chance would pass less than once in ``ROUNDING_DOUBT`` (Beta(q / 2, (n − q − 1) / 2),
+    q = ``other_rank``, n = ``rows``)."""
     from scipy.stats import beta
 
     q = max(other_rank, 1)
     if not correlations.shape[0] or rows <= q + 1:
         return 0
-    chance = beta.isf(1 / ROUNDING_DOUBT, q / 2, (rows - q - 1) / 2)
-    return int((np.linalg.norm(correlations, axis=1) ** 2 > chance).sum())
+    least = max(ROUNDING_DOUBT_R2, beta.isf(1 / ROUNDING_DOUBT, q / 2, (rows - q - 1) / 2))
+    return int((np.linalg.norm(correlations, axis=1) ** 2 > least).sum())
 
 
 def _real_cuts(cross: np.ndarray, whiteners: tuple[Inverse, Inverse],

@@ -734,6 +734,13 @@ def test_warnings_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == ("chunkcca compare: warning: The PostScript backend does not support transparency; partially "
                    "transparent artists will be rendered opaque.\n")
+    import logging
+
+    from chunkcca.cli import _notices
+
+    with _notices("compare"):  # an error logged over lines: one line, said to be an error
+        logging.getLogger("matplotlib.backends").error("the backend failed\nTraceback (most recent call last)")
+    assert capsys.readouterr().err == "chunkcca compare: error: the backend failed\n"
 
 
 def test_a_url_whose_filesystem_package_is_missing_is_one_line(capsys):

@@ -432,6 +432,33 @@ def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_re
     assert np.isnan(similarity["mean_cca"]).all()  # a sweep makes the pair NaN, with a warning
 
 
+def test_rounding_directions_a_next_layer_carries_are_not_warned_of():
+    """A BatchNorm'd float32 conv layer over inputs with a constant region: the next conv layer, computed from the
+    rounded values, carries their rounding, so its directions correlated with it at R² 0.13, far beyond chance
+    over 51,200 rows; the warning said they may be real, and its advice (as float64) moved the shape metric from
+    0.95 to 1.17. A cut direction must also hold R² ≥ 0.5 (the float16 case's real one: 0.85)."""
+    torch = pytest.importorskip("torch")
+    from chunkcca.measures import RoundingWarning
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        images = torch.rand(200, 3, 16, 16)
+        images[:, :, :4, :] = 0.0
+        conv, norm = torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64)
+        norm.weight.copy_(0.3 + 0.2 * torch.rand(64))
+        norm.bias.copy_(3 + torch.randn(64))
+        norm(conv(images))  # training mode: running statistics from one batch
+        norm.eval()
+        first = norm(conv(images))
+        second = torch.nn.Conv2d(64, 32, 3, padding=1)(torch.relu(first))
+    a, b = (layer.permute(0, 2, 3, 1).reshape(-1, layer.shape[1]).numpy() for layer in (first, second))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RoundingWarning)
+        for call in (cca, lambda x, y, **o: svcca(x, y, keep=1.0, **o),
+                     lambda x, y, **o: shape_metric(x, y, alpha=0, **o)):
+            assert int(call(a, b, precision="float64")["rank_a"]) == 27
+
+
 def test_measures_reject_dft_and_bad_parameters():
     x, y = _pair(15)
     with pytest.raises(ValueError, match=r"cka\(\) does not work per spatial frequency \(spatial='dft'\); with "
