@@ -494,17 +494,21 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int, bool]:
     """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values,
     and no more than the side's rank (counted on its correlation matrix, so rounding of float32 products is
-    not taken for directions whatever the channels' units), that rank, and whether it limited them."""
+    not taken for directions whatever the channels' units), that rank, and whether it limited them. With
+    ``keep`` ≥ 1, every direction the correlation matrix keeps (a basis of them; SVCCA is then CCA)."""
+    if keep >= 1:  # every direction with variance, however small its share: the correlation matrix's kept ones
+        scale = _inverse_std(cov)  # (by covariance, a rounding direction of 4e-15 outranked a real one of 1e-18)
+        values, vectors = np.linalg.eigh(_scaled(cov, scale))
+        kept = floor.cut(values, vectors)[0]
+        return scale[:, None] * vectors[:, kept], int(kept.sum()), True  # the rank decided: were its cuts real?
     values, vectors = np.linalg.eigh(cov)
     values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
     weights = values if keep_by == "variance" else np.sqrt(values)
     total = weights.sum()
     if total == 0:
         return vectors[:, :0], 0, False
-    if keep >= 1:  # every direction with variance, however small its share, up to the rank
-        count = len(values)
-    else:  # a share within the prefix sums' rounding (p ulps) of ``keep`` reaches it
-        count = int(np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
+    # a share within the prefix sums' rounding (p ulps) of ``keep`` reaches it
+    count = int(np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
     rank = _correlation_rank(cov, floor)
     return vectors[:, : min(count, rank, int((values > 0).sum()))], rank, count > rank
 

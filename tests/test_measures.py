@@ -62,6 +62,20 @@ def test_svcca_keep_all_is_cca_and_reports_zero_variance_channels():
     np.testing.assert_allclose(full["rho"], cca(x, y, precision="float64")["rho"][:4], atol=ATOL)
 
 
+def test_svcca_keep_all_is_cca_whatever_the_channels_units():
+    """keep=1 took the top-rank directions by covariance: a float32 softmax pair's rounding direction (variance
+    4e-15) outranked a real channel in units of 1e-9 (variance 1e-18), and ρ was [0.966, 0.021] for CCA's
+    [0.966, 0.958], silently."""
+    rng = np.random.default_rng(0)
+    logit, latent = rng.standard_normal(5000), rng.standard_normal(5000)
+    share = 1 / (1 + np.exp(-2 * logit))
+    a = np.column_stack([share, 1 - share, 1e-9 * latent]).astype(np.float32)
+    b = np.column_stack([latent + 0.3 * rng.standard_normal(5000), logit]).astype(np.float32)
+    kept, plain = svcca(a, b, keep=1.0, precision="float64"), cca(a, b, precision="float64")
+    np.testing.assert_allclose(kept["rho"], plain["rho"], rtol=1e-10)  # the same CCA, solved on another basis
+    assert int(kept["dims_a"]) == int(plain["rank_a"]) == 2
+
+
 def test_svcca_keep_all_keeps_a_direction_of_a_tiny_share_of_the_variance():
     """keep=1.0 keeps every direction with variance: one holding 3e-15 of it (channels of 1e3 beside one of 1e-4
     that carries the correlated signal) was dropped by a 1e-12 tolerance on the shares (mean ρ 0.03 for 0.35)."""
