@@ -896,7 +896,8 @@ def _notices(command: str) -> Iterator[None]:
     command's other warnings are: one line after ``chunkcca <command>: warning:``."""
     class OneLine(logging.Formatter):  # as the command's warnings and errors: one line, said what it is
         def format(self, record: logging.LogRecord) -> str:
-            return f"chunkcca {command}: {record.levelname.lower()}: {record.getMessage().splitlines()[0]}"
+            first = (record.getMessage().strip().splitlines() or [""])[0]
+            return f"chunkcca {command}: {record.levelname.lower()}: {first}"
 
     logged = []
     for name, level, formatter in (("chunkcca", logging.INFO, logging.Formatter("%(message)s")),

@@ -49,9 +49,10 @@ WHITENING_CONDITION = 1e8
 #: function of the inputs, and a layer computed from the rounded one carries it, so over many rows chance alone
 #: does not tell: a BatchNorm'd conv layer over inputs with a constant region had its rounding directions at R²
 #: 0.13 with the next conv layer (81 times the one-in-a-million level over 51,200 rows), a float32 softmax's at
-#: 3e-4 (6 times it over 1e6 rows); keeping them as float64 moved the shape metric from 0.95 to 1.17.
+#: 3e-4 (6 times it over 1e6 rows); keeping them as float64 moved the shape metric from 0.95 to 1.17. Real
+#: directions below it (float16 values of mean 30 losing one at R² 0.13: ρ 0.36) cannot be told from those.
 ROUNDING_DOUBT = 1e6
-ROUNDING_DOUBT_R2 = 0.5
+ROUNDING_DOUBT_R2 = 0.25
 
 #: Why finite-looking statistics can hold NaN or Inf (nan_policy=None, or values beyond float32's range).
 NONFINITE_STATISTICS = ("the statistics hold NaN or Inf: the activations hold values too large for the products' "
@@ -550,9 +551,11 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     require_resolved(moments, "SVCCA", (rank_a, rank_b), doubts)
     with solve_threads(moments.channels):
         ka, kb = basis_a.shape[1], basis_b.shape[1]
-        reduced = np.block([[basis_a.T @ cov_aa @ basis_a, basis_a.T @ cov_ab @ basis_b],
-                            [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ cov_bb @ basis_b]])
-        solved = _solve_cca(reduced, (ka, kb), float(epsilon))  # of uncorrelated directions: conditioned
+        ridge_a, ridge_b = (float(epsilon) * np.eye(len(cov)) for cov in (cov_aa, cov_bb))
+        # the ridge in the channels' units, as cca's (the basis of keep=1 is not orthonormal)
+        reduced = np.block([[basis_a.T @ (cov_aa + ridge_a) @ basis_a, basis_a.T @ cov_ab @ basis_b],
+                            [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ (cov_bb + ridge_b) @ basis_b]])
+        solved = _solve_cca(reduced, (ka, kb), 0.0)  # of uncorrelated directions: conditioned
     rho = solved["rho"]
     return _with_layers(xr.Dataset(
         {

@@ -741,6 +741,9 @@ def test_warnings_are_one_line(tmp_path, capsys):
     with _notices("compare"):  # an error logged over lines: one line, said to be an error
         logging.getLogger("matplotlib.backends").error("the backend failed\nTraceback (most recent call last)")
     assert capsys.readouterr().err == "chunkcca compare: error: the backend failed\n"
+    with _notices("compare"):  # an empty message is still one line
+        logging.getLogger("matplotlib").warning("")
+    assert capsys.readouterr().err == "chunkcca compare: warning: \n"
 
 
 def test_a_url_whose_filesystem_package_is_missing_is_one_line(capsys):

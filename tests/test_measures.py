@@ -74,6 +74,11 @@ def test_svcca_keep_all_is_cca_whatever_the_channels_units():
     kept, plain = svcca(a, b, keep=1.0, precision="float64"), cca(a, b, precision="float64")
     np.testing.assert_allclose(kept["rho"], plain["rho"], rtol=1e-10)  # the same CCA, solved on another basis
     assert int(kept["dims_a"]) == int(plain["rank_a"]) == 2
+    z = rng.standard_normal((4000, 3))  # with a ridge, in the channels' units as cca's (not the basis')
+    x, y = 10 * z, z[:, :2] + rng.standard_normal((4000, 2))
+    want = cca(x, y, epsilon=1.0, precision="float64")["rho"]
+    for keep in (0.999999, 1.0):
+        np.testing.assert_allclose(svcca(x, y, keep=keep, epsilon=1.0, precision="float64")["rho"], want, rtol=1e-10)
 
 
 def test_svcca_keep_all_keeps_a_direction_of_a_tiny_share_of_the_variance():
@@ -413,6 +418,9 @@ def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_re
     np.testing.assert_allclose(exact["rho"], canonical_correlations(a16.astype(float), b16.astype(float)),
                                rtol=1e-12)
     assert int(exact["rank_a"]) == 3 and float(exact["rho_mean"]) > 0.9
+    noisier = (b + np.column_stack([np.zeros(4000), 0.95 * noise[:, 2]])).astype(np.float16)  # R² about 0.46
+    with pytest.warns(RoundingWarning, match=r"layer 'a': 1 direction .* may be real"):
+        cca(a16, noisier, precision="float64")
 
     def quiet(x: np.ndarray, y: np.ndarray, **options) -> xr.Dataset:
         with warnings.catch_warnings():
