@@ -495,13 +495,8 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int, bool]:
     """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values,
     and no more than the side's rank (counted on its correlation matrix, so rounding of float32 products is
-    not taken for directions whatever the channels' units), that rank, and whether it limited them. With
-    ``keep`` ≥ 1, every direction the correlation matrix keeps (a basis of them; SVCCA is then CCA)."""
-    if keep >= 1:  # every direction with variance, however small its share: the correlation matrix's kept ones
-        scale = _inverse_std(cov)  # (by covariance, a rounding direction of 4e-15 outranked a real one of 1e-18)
-        values, vectors = np.linalg.eigh(_scaled(cov, scale))
-        kept = floor.cut(values, vectors)[0]
-        return scale[:, None] * vectors[:, kept], int(kept.sum()), True  # the rank decided: were its cuts real?
+    not taken for directions whatever the channels' units), that rank, and whether it limited them (``keep``
+    < 1: with ``keep`` ≥ 1 SVCCA is CCA, ``svcca_from_moments``)."""
     values, vectors = np.linalg.eigh(cov)
     values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
     weights = values if keep_by == "variance" else np.sqrt(values)
@@ -512,6 +507,27 @@ def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding
     count = int(np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
     rank = _correlation_rank(cov, floor)
     return vectors[:, : min(count, rank, int((values > 0).sum()))], rank, count > rank
+
+
+def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float) -> xr.Dataset:
+    """SVCCA keeping every direction up to each side's rank (``keep`` = 1): the CCA of the Moments, its canonical
+    directions (min(rank_a, rank_b) of them) as SVCCA's result lists them."""
+    solved = cca_from_moments(moments, epsilon=epsilon)
+    rank_a, rank_b = int(solved["rank_a"]), int(solved["rank_b"])
+    directions = solved.isel(component=slice(min(rank_a, rank_b)))
+    rho = directions["rho"].values
+    return _with_layers(xr.Dataset(
+        {"rho": ("component", rho, {"long_name": "canonical correlation of the kept directions"}),
+         "coef_a": directions["coef_a"], "coef_b": directions["coef_b"],
+         "rank_a": ((), np.int64(rank_a), {"long_name": "rank of side a's kept directions, as used"}),
+         "rank_b": ((), np.int64(rank_b), {"long_name": "rank of side b's kept directions, as used"}),
+         "dims_a": ((), np.int64(rank_a), {"long_name": f"directions of side a holding 1.0 of the {keep_by}"}),
+         "dims_b": ((), np.int64(rank_b), {"long_name": f"directions of side b holding 1.0 of the {keep_by}"}),
+         "rows": ((), np.int64(moments.n)),
+         "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"})},
+        coords={"component": np.arange(rho.size), **_channel_coords(moments)},
+        attrs={"measure": "svcca", "keep": 1.0, "keep_by": keep_by, "epsilon": epsilon},
+    ), moments)
 
 
 def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "variance",
@@ -540,7 +556,9 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon)
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     require_variance(moments, "SVCCA")
-    with solve_threads(moments.channels):
+    if keep >= 1:  # every direction up to the rank, however small its share: CCA, its checks and warnings too
+        return _svcca_of_all(moments, keep_by, float(epsilon))  # (by covariance, a rounding direction of 4e-15
+    with solve_threads(moments.channels):  # outranked a real one of 1e-18 in a channel of units 1e-9)
         floors = rounding(moments, 0), rounding(moments, 1)
         (basis_a, rank_a, limited_a), (basis_b, rank_b, limited_b) = (
             _kept_directions(cov, keep, keep_by, floor) for cov, floor in zip((cov_aa, cov_bb), floors))

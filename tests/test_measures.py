@@ -79,6 +79,15 @@ def test_svcca_keep_all_is_cca_whatever_the_channels_units():
     want = cca(x, y, epsilon=1.0, precision="float64")["rho"]
     for keep in (0.999999, 1.0):
         np.testing.assert_allclose(svcca(x, y, keep=keep, epsilon=1.0, precision="float64")["rho"], want, rtol=1e-10)
+    # CCA's own rules too: a channel constant to rounding is pruned (svcca kept it: ρ [0.96, 0.70] for CCA's
+    # [0.70, 0.00]), and near-duplicate channels are warned of (svcca said nothing, 0.027 off)
+    flat = x.copy()
+    flat[:, 2] = 1e3 + 1e-12 * z[:, 0]
+    np.testing.assert_allclose(svcca(flat, y, keep=1.0, precision="float64")["rho"],
+                               cca(flat, y, precision="float64")["rho"][:2], rtol=1e-10)
+    twin = np.column_stack([z[:, 0], z[:, 0] + 1e-7 * z[:, 1], z[:, 2]])
+    with pytest.warns(chunkcca.measures.IllConditionedWarning):
+        svcca(twin, y, keep=1.0, precision="float64")
 
 
 def test_svcca_keep_all_keeps_a_direction_of_a_tiny_share_of_the_variance():
