@@ -511,9 +511,19 @@ def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding
 
 def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float) -> xr.Dataset:
     """SVCCA keeping every direction up to each side's rank (``keep`` = 1): the CCA of the Moments, its canonical
-    directions (min(rank_a, rank_b) of them) as SVCCA's result lists them."""
-    solved = cca_from_moments(moments, epsilon=epsilon)
-    rank_a, rank_b = int(solved["rank_a"]), int(solved["rank_b"])
+    directions (min(rank_a, rank_b) of them, the ranks without the ridge: a ridge makes every channel a
+    direction) as SVCCA's result lists them."""
+    try:
+        solved = cca_from_moments(moments, epsilon=epsilon)
+        if epsilon > 0:
+            with warnings.catch_warnings():  # said by the solve above
+                warnings.simplefilter("ignore")
+                unridged = cca_from_moments(moments)
+        else:
+            unridged = solved
+    except UndefinedMeasure as error:  # the measure asked for was SVCCA
+        raise UndefinedMeasure(str(error).replace("CCA is undefined", "SVCCA is undefined", 1)) from None
+    rank_a, rank_b = int(unridged["rank_a"]), int(unridged["rank_b"])
     directions = solved.isel(component=slice(min(rank_a, rank_b)))
     rho = directions["rho"].values
     return _with_layers(xr.Dataset(
@@ -570,7 +580,7 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
     with solve_threads(moments.channels):
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         ridge_a, ridge_b = (float(epsilon) * np.eye(len(cov)) for cov in (cov_aa, cov_bb))
-        # the ridge in the channels' units, as cca's (the basis of keep=1 is not orthonormal)
+        # the ridge in the channels' units, as cca's
         reduced = np.block([[basis_a.T @ (cov_aa + ridge_a) @ basis_a, basis_a.T @ cov_ab @ basis_b],
                             [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ (cov_bb + ridge_b) @ basis_b]])
         solved = _solve_cca(reduced, (ka, kb), 0.0)  # of uncorrelated directions: conditioned

@@ -85,6 +85,11 @@ def test_svcca_keep_all_is_cca_whatever_the_channels_units():
     flat[:, 2] = 1e3 + 1e-12 * z[:, 0]
     np.testing.assert_allclose(svcca(flat, y, keep=1.0, precision="float64")["rho"],
                                cca(flat, y, precision="float64")["rho"][:2], rtol=1e-10)
+    doubled = np.column_stack([z[:, 0], z[:, 0], z[:, 1]])  # a ridge makes no direction of a duplicate channel
+    ridged = svcca(doubled, y, keep=1.0, epsilon=0.1, precision="float64")
+    assert int(ridged["dims_a"]) == 2 and ridged.sizes["component"] == 2
+    np.testing.assert_allclose(ridged["rho"], svcca(doubled, y, keep=0.9999999, epsilon=0.1,
+                                                    precision="float64")["rho"], rtol=1e-10)
     twin = np.column_stack([z[:, 0], z[:, 0] + 1e-7 * z[:, 1], z[:, 2]])
     with pytest.warns(chunkcca.measures.IllConditionedWarning):
         svcca(twin, y, keep=1.0, precision="float64")
@@ -458,6 +463,8 @@ def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_re
         with pytest.raises(UndefinedMeasure, match=r"is undefined: layer 'a' varies only within the rounding of its "
                                                    r"float32 values"):
             call(*far, precision="float64")
+    with pytest.raises(UndefinedMeasure, match=r"^SVCCA is undefined: layer 'a' varies only"):
+        svcca(*far, keep=1.0, precision="float64")
     with pytest.warns(RuntimeWarning, match="mean_cca of 'a' and 'b' is NaN: CCA is undefined: layer 'a' varies"):
         similarity = chunkcca.similarity({"a": far[0]}, {"b": far[1]}, measures=["mean_cca"], precision="float64")
     assert np.isnan(similarity["mean_cca"]).all()  # a sweep makes the pair NaN, with a warning
