@@ -300,7 +300,12 @@ def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> Any:
     if mask.shape != tuple(shape):
         raise ValueError(f"the mask {file} has shape {mask.shape}; its layer needs (datapoint, *positions) {shape}")
     for start in range(0, mask.shape[0], _MASK_BLOCK):  # before anything is written
-        boolean_mask(mask[start : start + _MASK_BLOCK], f"the mask {file}, datapoints from {start},")
+        block = mask[start : start + _MASK_BLOCK]
+        boolean_mask(block, f"the mask {file}, datapoints from {start},")
+        empty = np.flatnonzero(~np.asarray(block, dtype=bool).reshape(len(block), -1).any(axis=1))
+        if empty.size:  # every measure refuses it, after the store is written
+            raise ValueError(f"the mask {file} is False at every position of datapoint {start + int(empty[0])}: it "
+                             f"has no real position, which every measure refuses; leave such datapoints out")
     return memmap_to_dask(mask, _MASK_BLOCK).astype(bool)
 
 

@@ -65,6 +65,12 @@ def check_datapoint_coords(coords: Mapping[str, Any] | None) -> dict[str, xr.Dat
             raise ValueError(f"coords[{name!r}] must be one number or string per datapoint (1-d), got "
                              f"{array.ndim}-d {array.dtype} values")
         array = array if isinstance(array, xr.DataArray) else xr.DataArray(array, dims="datapoint")
+        missing = int(np.isnan(array.values).sum()) if array.dtype.kind == "f" else 0
+        if missing:  # a store may keep them; groupby= and folds= by it refuse them, after it is written
+            warnings.warn(f"coords[{name!r}] is NaN for {missing} datapoint{'s' if missing > 1 else ''}: "
+                          f"groupby={name!r} and folds={name!r} (--groupby, --folds) refuse NaN labels (no group); "
+                          f"give those datapoints a label, or leave them out", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         checked[name] = array.drop_vars([key for key in array.coords if key != "datapoint"]).rename(name)
     return checked
 

@@ -342,6 +342,12 @@ def test_mask_files_are_read_in_blocks_and_checked_before_writing(tmp_path, caps
                  f"enc={tmp_path / 'bad.npy'}", "--no-progress"]) == 2
     assert "datapoints from 14, holds values other than 0/1 or True/False" in capsys.readouterr().err
     assert not (tmp_path / "t.zarr").exists()
+    mask[15] = 0  # a datapoint with no real position: refused by compare, after the store was written
+    np.save(tmp_path / "empty.npy", mask)
+    assert main(["ingest", str(tmp_path / "t.zarr"), f"enc={tmp_path / 'enc.npy'}", "--mask",
+                 f"enc={tmp_path / 'empty.npy'}", "--no-progress"]) == 2
+    assert "is False at every position of datapoint 15: it has no real position" in capsys.readouterr().err
+    assert not (tmp_path / "t.zarr").exists()
 
 
 def test_a_pytorch_npz_of_conv_and_fc_layers_is_ingested_with_channels_first(tmp_path, capsys):
@@ -400,3 +406,17 @@ def test_ingest_writes_datapoint_coordinates_that_compare_groups_by(tmp_path, ca
                  "--append", "--no-progress"]) == 2
     assert f"coords['label']: layer 'a' of {store} holds 'label' with other labels" in capsys.readouterr().err
     assert chunkcca.layer_paths(chunkcca.open_activations(store)) == ["a", "b"]
+
+
+def test_a_nan_coordinate_label_is_warned_of_when_written(tmp_path, capsys):
+    """A NaN label passed ingest and write_activations without a word, and every groupby or folds by it was
+    refused later, after the store was written."""
+    np.save(tmp_path / "fc.npy", np.random.default_rng(0).standard_normal((30, 4)).astype("float32"))
+    np.save(tmp_path / "label.npy", np.r_[np.zeros(29), np.nan])
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"fc={tmp_path / 'fc.npy'}", "--coord",
+                 f"label={tmp_path / 'label.npy'}", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("chunkcca ingest: warning: coords['label'] is NaN for 1 datapoint: groupby='label' and "
+                          "folds='label'") and len(err.strip().splitlines()) == 1
+    with pytest.warns(RuntimeWarning, match=r"coords\['label'\] is NaN for 2 datapoints"):
+        chunkcca.write_activations(tmp_path / "t.zarr", {"fc": np.ones((3, 2))}, coords={"label": [np.nan, 1, np.nan]})
