@@ -144,17 +144,17 @@ def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOp
     value of a continuous coordinate failed after the whole pass)."""
     if groups is None or not least_rows:
         return
-    most = groups.sizes * -(-adapter.rows_per_datapoint // adapter.stride)
+    per_datapoint = -(-adapter.rows_per_datapoint // adapter.stride)  # at most
     if groups.folds:  # measured on the rest: each fold's leave-out
         rest = groups.sizes.sum() - groups.sizes
-        short = np.flatnonzero(rest * -(-adapter.rows_per_datapoint // adapter.stride) < least_rows)
+        short = np.flatnonzero(rest * per_datapoint < least_rows)
         if short.size:
             left = int(rest[short[0]])
             raise ValueError(f"folds: without fold {groups.labels[short[0]].item()!r} the rest holds {left} "
                              f"datapoint{'' if left == 1 else 's'}, fewer rows than the jackknife's "
                              f"leave-outs need ({needs(least_rows)}); use fewer folds or more datapoints")
         return
-    small = np.flatnonzero(most < least_rows)
+    small = np.flatnonzero(groups.sizes * per_datapoint < least_rows)
     if small.size:
         label, size = groups.labels[small[0]].item(), int(groups.sizes[small[0]])
         remedy = ("group by a coordinate whose values label groups of datapoints (e.g. a class label)"

@@ -401,7 +401,8 @@ def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubt
     (``RoundingWarning``)."""
     for side, (rank, doubtful) in enumerate(zip(ranks, doubts)):
         eps = moments.value_rounding[side] if len(moments.value_rounding) > side else 0.0
-        if not eps:
+        resolved = np.any(np.asarray(rank) > 0)
+        if not eps or (resolved and not doubtful):  # nothing to say (the usual case): no message made
             continue
         name = (f"layer {moments.layers[side]!r}" if len(moments.layers) > side and moments.layers[side]
                 else f"side {'ab'[side]}")
@@ -410,7 +411,7 @@ def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubt
         ratio = np.max(np.abs(moments.mean[..., part]) / np.where(spread > 0, spread, np.inf))
         values = (f"its {_value_type(eps)} values (relative rounding {eps:.1e}; its channels' means reach "
                   f"{ratio:.2g} times their spread)")
-        if not np.any(np.asarray(rank) > 0):
+        if not resolved:
             raise UndefinedMeasure(f"{measure} is undefined: {name} varies only within the rounding of {values}; "
                                    f"record it with its mean taken out, or in float64; if its values are exact "
                                    f"(integers), pass it as float64 (.astype('float64')) to take them as they are")

@@ -817,8 +817,7 @@ def _whole_run_precision(parts: Parts, names: Sequence[str], datapoints: int,
     two were ill-conditioned together gave a jackknife error of 0.19 for 0.11 on float32 products). A group or
     leave-out with fewer than ``GROUP_ROWS_PER_CHANNEL`` rows per channel is not judged (sampling alone would make
     it ill-conditioned)."""
-    whole = _merged(parts)
-    choice, reason = _choose_precision(whole, names, f"all {datapoints} datapoints")
+    choice, reason = _choose_precision(_merged(parts), names, f"all {datapoints} datapoints")
     if choice == "float64" or len(parts) == 1:
         return choice, reason
     needed = GROUP_ROWS_PER_CHANNEL * max(parts[0].sizes)
