@@ -515,15 +515,16 @@ def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float) -> xr.Dataset:
     directions (min(rank_a, rank_b) of them, the ranks without the ridge: a ridge makes every channel a
     direction) as SVCCA's result lists them."""
     try:
-        solved = cca_from_moments(moments, epsilon=epsilon)
-        if epsilon > 0:
-            with warnings.catch_warnings():  # said by the solve above
-                warnings.simplefilter("ignore")
-                unridged = cca_from_moments(moments)
-        else:
-            unridged = solved
-    except UndefinedMeasure as error:  # the measure asked for was SVCCA
+        with warnings.catch_warnings(record=True) as caught:  # the measure asked for was SVCCA: said so below
+            warnings.simplefilter("always")
+            solved = cca_from_moments(moments, epsilon=epsilon)
+            said = list(caught)
+            unridged = cca_from_moments(moments) if epsilon > 0 else solved  # its warnings: the solve's above
+    except UndefinedMeasure as error:
         raise UndefinedMeasure(str(error).replace("CCA is undefined", "SVCCA is undefined", 1)) from None
+    for record in said:
+        warnings.warn(str(record.message).replace(" CCA lacks", " SVCCA lacks", 1), record.category,
+                      stacklevel=user_stacklevel())
     rank_a, rank_b = int(unridged["rank_a"]), int(unridged["rank_b"])
     directions = solved.isel(component=slice(min(rank_a, rank_b)))
     rho = directions["rho"].values
