@@ -390,6 +390,7 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
                          f"in one order (layer.transpose('datapoint', {', '.join(map(repr, map(str, positions)))}, "
                          f"'channel'))")
     name_a, name_b = a.name, b.name
+    _check_position_labels(a, b)
     if "datapoint" not in a.coords or "datapoint" not in b.coords:
         if a.sizes["datapoint"] != b.sizes["datapoint"]:
             raise ValueError(
@@ -421,6 +422,24 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
         f"lazily, which reads its chunks several times and may hold much of it in memory: store both layers "
         f"in one order for large data", PerformanceWarning, stacklevel=user_stacklevel())
     return a, b.isel(datapoint=labels_b.get_indexer(labels_a))
+
+
+def _check_position_labels(a: xr.DataArray, b: xr.DataArray) -> None:
+    """Positions pair by order; labels that are not numbers (an augmentation's or a head's names) are not
+    positions in some unit, so two layers labelling a shared position dim otherwise (the same names in another
+    order: each view paired with another) are an error naming the dim."""
+    for dim in set(a.dims[1:-1]) & set(b.dims[1:-1]):
+        if dim not in a.coords or dim not in b.coords or a.sizes[dim] != b.sizes[dim]:
+            continue
+        labels_a, labels_b = a[dim].values, b[dim].values
+        if {labels_a.dtype.kind, labels_b.dtype.kind} <= set("iufmM") or np.array_equal(labels_a, labels_b):
+            continue
+        reordered = sorted(map(str, labels_a)) == sorted(map(str, labels_b))
+        remedy = f"put them in one order (b.sel({dim}=a[{str(dim)!r}])), or " if reordered else ""
+        raise ValueError(f"layers {a.name!r} and {b.name!r} label their {str(dim)!r} positions "
+                         f"{'in another order' if reordered else 'otherwise'} ({labels_a[:4].tolist()} against "
+                         f"{labels_b[:4].tolist()}), and positions pair by order: {remedy}drop the labels to pair "
+                         f"them by order (layer.drop_vars({str(dim)!r}))")
 
 
 def layer_paths(tree: xr.DataTree) -> list[str]:

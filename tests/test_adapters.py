@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reference import avgpool_rows, canonical_correlations, dft_correlations, flatten_rows, interpolate_layer
 
-from chunkcca import cca, compute_moments
+from chunkcca import cca, compute_moments, similarity
 from chunkcca.options import StreamOptions
 from chunkcca.rows import Adapter, interpolation_matrix, plan_adapters, shared_frequencies
 
@@ -182,6 +182,30 @@ def test_position_coordinates_that_decrease_are_refused(spatial):
     unsigned = b.assign_coords(height=np.arange(4, dtype=np.uint32)).isel(height=slice(None, None, -1))
     with pytest.raises(ValueError, match="layer 'b': its 'height' coordinates do not increase"):  # np.diff wraps
         cca(a, unsigned, spatial=spatial)
+
+
+@pytest.mark.parametrize("spatial", ["flatten", "avgpool"])
+def test_position_labels_that_are_not_numbers_must_agree(spatial):
+    """Names are no positions in some unit: a layer of views labelled ["a", "b", "c"] beside the same views
+    reordered (``isel(aug=[2, 0, 1])``) paired each view with another, CCA 0.09 for 0.996, silently. Such labels
+    in another order, or other labels, are refused naming the dim and the remedy; equal ones, or none, pair."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 3, 5))
+    y = x @ rng.standard_normal((5, 4)) + 0.1 * rng.standard_normal((200, 3, 4))
+    views = {"aug": ["a", "b", "c"]}
+    a = xr.DataArray(x, dims=("datapoint", "aug", "channel"), coords=views, name="a")
+    b = xr.DataArray(y, dims=("datapoint", "aug", "channel"), coords=views, name="b")
+    with pytest.raises(ValueError, match=r"layers 'a' and 'b' label their 'aug' positions in another order "
+                                         r"\(\['a', 'b', 'c'\] against \['c', 'a', 'b'\]\), and positions pair by "
+                                         r"order: put them in one order \(b.sel\(aug=a\['aug'\]\)\)"):
+        cca(a, b.isel(aug=[2, 0, 1]), spatial=spatial)
+    with pytest.raises(ValueError, match=r"label their 'aug' positions otherwise .* drop the labels"):
+        similarity({"a": a}, {"b": b.assign_coords(aug=["x", "y", "z"])}, spatial=spatial)
+    want = cca(a, b, spatial=spatial, precision="float64")["rho"]
+    np.testing.assert_allclose(cca(a, b.isel(aug=[2, 0, 1]).sel(aug=a["aug"]), spatial=spatial,
+                                   precision="float64")["rho"], want, atol=1e-12)
+    np.testing.assert_allclose(cca(a, b.drop_vars("aug"), spatial=spatial, precision="float64")["rho"], want,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e6])
