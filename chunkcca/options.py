@@ -41,6 +41,9 @@ PER_DATAPOINT: tuple[str, ...] = ("avgpool", "dft", "first", "last", "features")
 SWEEP_SPATIAL: tuple[str, ...] = ("flatten", "avgpool", "first", "last", "features")
 #: The variable beside a layer's activations (and the coordinate on them) holding its padding mask.
 MASK = "mask"
+#: The attribute of a layer's activations giving the relative rounding of its values where their dtype is finer
+#: than the model's (a bfloat16 model's outputs, stored as float32 exactly, carry bfloat16's 2⁻⁷).
+VALUE_ROUNDING_ATTR = "chunkcca_value_rounding"
 PRECISIONS: tuple[str, ...] = get_args(ProductPrecision)
 METHODS: tuple[str, ...] = get_args(Method)
 GRIDS: tuple[str, ...] = get_args(Grid)

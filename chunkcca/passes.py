@@ -51,7 +51,7 @@ from .engine import (
 )
 from .minibatch import aligned_chunks
 from .moments import Moments, RowCheck, check_savable_labels, pack, value_eps
-from .options import MASK, ProductPrecision, StreamOptions
+from .options import MASK, VALUE_ROUNDING_ATTR, ProductPrecision, StreamOptions
 from .rows import Adapter, by_gram
 from .store import check_complete, check_unchanged
 from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
@@ -306,9 +306,17 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
                       stacklevel=user_stacklevel())
     # rows left out: none but padding under nan_policy="raise"; under "omit", non-finite rows and padding alike
     omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
-    rounded = partial(replace, value_rounding=tuple(value_eps(layer.dtype) for layer in layers))
+    rounded = partial(replace, value_rounding=tuple(map(layer_rounding, layers)))
     return Streamed(tuple(layers), tuple(adapters), rounded(stats), omitted, note,
                     tuple(map(rounded, parts)) if codes is not None else None)
+
+
+def layer_rounding(layer: xr.DataArray) -> float:
+    """The relative rounding of a layer's values (``Moments.value_rounding``): its dtype's (``value_eps``), or
+    coarser where its activations say so (``VALUE_ROUNDING_ATTR``: a bfloat16 model's outputs stored as float32).
+    float64 values are taken as exact, as said (``.astype("float64")``), whatever the attribute."""
+    own, told = value_eps(layer.dtype), layer.attrs.get(VALUE_ROUNDING_ATTR)
+    return max(own, float(told)) if own and told is not None else own
 
 
 def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter]) -> dict[str, Any]:
@@ -323,7 +331,7 @@ def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter])
     return {"layers": tuple(str(layer.name) for layer in layers),
             "rows_from": ", ".join(f"{key}={value!r}" for key, value in made.items()),
             "channel_labels": tuple(layer["channel"].values for layer in layers),
-            "value_rounding": tuple(value_eps(layer.dtype) for layer in layers),
+            "value_rounding": tuple(map(layer_rounding, layers)),
             "batch_labels": adapters[0].batch_coords}
 
 

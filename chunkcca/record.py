@@ -61,7 +61,7 @@ import xarray as xr
 
 from ._stack import user_stacklevel
 from .layers import FC_DIMS, VARIABLE, boolean_mask, check_datapoint_coords, coord_values, datapoints_per_chunk
-from .options import MASK
+from .options import MASK, VALUE_ROUNDING_ATTR
 from .store import (
     WriteMode,
     check_new_layers,
@@ -116,6 +116,8 @@ LAYOUTS: tuple[Layout, ...] = ("channels_first", "channels_last", "time_first")
 Found = Literal["channels_first", "channels_last", "time_first"]  # time first: (T, N, C), channels last
 CHANNELS_FIRST_MODULES = ("GroupNorm", "SyncBatchNorm", "LocalResponseNorm")  # (N, C, *) whatever the rank
 POSITIONS = {3: ("time",), 4: ("height", "width"), 5: ("depth", "height", "width")}
+#: bfloat16's relative rounding (8 bits of mantissa), which its values keep when held as float32.
+BFLOAT16_EPS = 2.0**-7
 
 
 class _Seen:
@@ -342,11 +344,12 @@ def _packed(output: Any) -> Any:
 
 
 def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select: Callable[[Any], Any],
-              layout: Layout | None, seen: _Seen) -> tuple[np.ndarray, tuple[str, ...], bool]:
-    """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), its dims, and whether
-    it was a nested tensor (padded here to its longest sequence only); a (T, N, C) sequence (as ``_found`` finds,
-    or as ``layout`` from ``layouts=`` says) made batch first, then laid out as ``layout`` says, else as found
-    (4-d and 5-d: channels first by default)."""
+              layout: Layout | None, seen: _Seen) -> tuple[np.ndarray, tuple[str, ...], bool, float]:
+    """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), its dims, whether
+    it was a nested tensor (padded here to its longest sequence only), and the relative rounding of its values
+    where the array's dtype is finer (bfloat16's 2⁻⁷, held as float32), else 0; a (T, N, C) sequence (as
+    ``_found`` finds, or as ``layout`` from ``layouts=`` says) made batch first, then laid out as ``layout``
+    says, else as found (4-d and 5-d: channels first by default)."""
     tensor = select(output)
     if tensor is None:
         raise ValueError(f"layer {path!r} gives a {type(output).__name__} holding no tensor; pass output= to say "
@@ -382,9 +385,11 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
     owned = tensor.device.type != "cpu"  # .cpu() copies it to memory of its own
     if nested:  # PyTorch's transformer fast path leaves padding out: put it back
         tensor, owned = tensor.to_padded_tensor(0.0), True
+    coarser = 0.0
     if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16 ("unsupported ScalarType"): float32 holds it
-        tensor, owned = tensor.float(), True  # exactly (bfloat16 is float32 with its last 16 bits cut)
-    return (*_channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first", owned=owned), nested)
+        tensor, owned, coarser = tensor.float(), True, BFLOAT16_EPS  # exactly (float32 with its last 16 bits cut)
+    return (*_channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first", owned=owned), nested,
+            coarser)
 
 
 def _shuffles(batches: Any) -> bool:
@@ -501,7 +506,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
            chunks: int | str = "auto", compression: str | None = "lz4", overwrite: bool = False,
            layouts: Mapping[str, Layout] | None = None, coords: Mapping[str, Any] | None = None) -> xr.DataTree:
     """Run ``model`` over ``batches`` and write the outputs of ``layers`` to a store at ``path``, in their
-    dtype (bfloat16, which numpy lacks, as float32: exactly).
+    dtype (bfloat16, which numpy lacks, as float32: exactly, marked with bfloat16's rounding, which the solves
+    then cut as they cut float32's; ``options.VALUE_ROUNDING_ATTR``).
 
     Parameters
     ----------
@@ -599,6 +605,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         arrays: dict[str, Any] = {}
         writers: dict[str, _ChunkWriter] = {}
+        rounded: dict[str, float] = {}  # layers whose values are rounded more coarsely than their dtype
         modes = {module: module.training for module in model.modules()}  # each restored as it was (a frozen
         model.eval()  # BatchNorm in a model in training mode stays in eval mode)
         try:
@@ -619,7 +626,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")
-                        values, dims, nested = captured[path]
+                        values, dims, nested, coarser = captured[path]
+                        if coarser:
+                            rounded[path] = max(rounded.get(path, 0.0), coarser)
                         if nested and padding is not None and values.ndim == 3 and dims[1] == "token" \
                                 and values.shape[0] == padding.shape[0] and values.shape[1] < padding.shape[1]:
                             # a nested output padded to its longest sequence only: to the batch's length
@@ -663,6 +672,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         with every_chunk_written():  # the last chunks and the labels too (a label 0 equals the fill value)
             for writer in writers.values():
                 writer.flush()
+            for path, coarser in rounded.items():  # the solves then cut bfloat16's rounding, not float32's
+                arrays[path].attrs[VALUE_ROUNDING_ATTR] = coarser
             for path, array in arrays.items():
                 _write_coords(root[path], array.shape, labels, extent, tuple(array.metadata.dimension_names),
                               compressors, extra)

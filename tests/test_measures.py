@@ -472,6 +472,42 @@ def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_re
     assert np.isnan(similarity["mean_cca"]).all()  # a sweep makes the pair NaN, with a warning
 
 
+def test_values_rounded_more_coarsely_than_their_dtype_are_cut_at_the_rounding_their_layer_declares():
+    """A bfloat16 model's outputs are stored as float32 (exactly; numpy has no bfloat16): its LayerNorm layers'
+    null directions, at bfloat16's rounding, were taken as real (ranks 16 and 16 for 8 and 15, mean ρ 0.445 for
+    0.418), silently. A layer whose activations carry ``VALUE_ROUNDING_ATTR`` (``record`` sets it) is cut at
+    that rounding; as float64 its values are taken as exact, as said."""
+    from chunkcca.options import VALUE_ROUNDING_ATTR
+
+    def bfloat16(x: np.ndarray) -> np.ndarray:  # round to nearest even, as torch's .bfloat16() does
+        bits = np.asarray(x, np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
+    def layer_norm(h: np.ndarray) -> np.ndarray:
+        centred = h - h.mean(axis=1, keepdims=True)
+        return centred / np.sqrt((centred**2).mean(axis=1, keepdims=True) + 1e-5)
+
+    rng = np.random.default_rng(0)
+    a = layer_norm(rng.standard_normal((2000, 8)) @ rng.standard_normal((8, 16)))
+    b = layer_norm(np.tanh(a @ rng.standard_normal((16, 16))))
+    exact = cca(a, b, precision="float64")
+    assert (int(exact["rank_a"]), int(exact["rank_b"])) == (8, 15)
+
+    def layer(x: np.ndarray, **attrs) -> xr.DataArray:
+        return xr.DataArray(bfloat16(x), dims=("datapoint", "channel"), attrs=attrs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", chunkcca.measures.IllConditionedWarning)
+        told = cca(layer(a, **{VALUE_ROUNDING_ATTR: 2.0**-7}), layer(b, **{VALUE_ROUNDING_ATTR: 2.0**-7}),
+                   precision="float64")
+        untold = cca(layer(a), layer(b), precision="float64")
+        as_exact = cca(layer(a, **{VALUE_ROUNDING_ATTR: 2.0**-7}).astype(np.float64), layer(b), precision="float64")
+    assert (int(told["rank_a"]), int(told["rank_b"])) == (8, 15)
+    np.testing.assert_allclose(told["rho"], exact["rho"], atol=1e-4)  # bfloat16's rounding moves them 5e-5
+    assert (int(untold["rank_a"]), int(untold["rank_b"])) == (16, 16)  # float32's rounding: every direction
+    assert int(as_exact["rank_a"]) == 16
+
+
 def test_rounding_directions_a_next_layer_carries_are_not_warned_of():
     """A BatchNorm'd float32 conv layer over inputs with a constant region: the next conv layer, computed from the
     rounded values, carries their rounding, so its directions correlated with it at R² 0.13, far beyond chance
