@@ -434,10 +434,10 @@ class SolveOptions:
     alpha : float
         Shape metric: partial whitening, 0 (CCA-like) to 1 (Procrustes-like).
     ridge : float or sequence of float
-        Predictivity: the ridge λ of ``B = (C_aa + λ · mean(diag C_aa) · I)⁻¹ C_ab``, >= 0, relative to the
-        mean variance of a's channels. Default 0.01: enough to make C_aa invertible when a's channels are
-        collinear or outnumber the training rows, while a direction holding more than about 1% of the mean
-        variance is shrunk by at most half. Several values give a ``ridge`` dim.
+        Predictivity: the ridge λ of ``B = (C_aa + λ · v̄ · I)⁻¹ C_ab``, >= 0, relative to v̄, the mean
+        variance of a's channels that vary (dead units left out). Default 0.01: enough to make C_aa invertible
+        when a's channels are collinear or outnumber the training rows, while a direction holding more than
+        about 1% of the mean variance is shrunk by at most half. Several values give a ``ridge`` dim.
     confidence : float
         With folds: the level of the jackknife intervals ``<measure>_ci``, in (0, 1).
     """

@@ -165,13 +165,14 @@ def procrustes_reference(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def shape_reference(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
-    """Williams et al.'s angular distance on the data: X̃ ((1−α)Σ + α (tr Σ/p) I)^(−1/2), then the
-    arccos of the normalised nuclear norm of the cross product."""
+    """Williams et al.'s angular distance on the data: X̃ ((1−α)Σ + α v̄ I)^(−1/2), v̄ the mean variance of the
+    channels that vary, then the arccos of the normalised nuclear norm of the cross product."""
     mapped = []
     for side in (x, y):
         centred = _centred(side)
         cov = centred.T @ centred / (centred.shape[0] - 1)
-        values, vectors = np.linalg.eigh((1 - alpha) * cov + alpha * np.trace(cov) / cov.shape[0] * np.eye(len(cov)))
+        varying = np.diag(cov)[np.diag(cov) > 0]
+        values, vectors = np.linalg.eigh((1 - alpha) * cov + alpha * varying.mean() * np.eye(len(cov)))
         mapped.append(centred @ vectors @ np.diag(values**-0.5) @ vectors.T)
     nuclear = np.linalg.norm(mapped[0].T @ mapped[1], ord="nuc")
     return float(np.arccos(min(1.0, nuclear / (np.linalg.norm(mapped[0]) * np.linalg.norm(mapped[1])))))

@@ -318,6 +318,29 @@ def test_shape_metric_matches_in_memory(alpha):
     assert float(result["shape_distance"]) == pytest.approx(shape_reference(x, y, alpha), abs=ATOL)
 
 
+def test_dead_channels_change_neither_the_shape_metric_nor_predictivity():
+    """Partial whitening and predictivity's ridge are scaled by the mean variance of a layer's channels: dead
+    (constant) units counted in it moved the shape metric at α = 0.5 from 0.629 to 0.665 (six dead beside six
+    live) and predictivity at ridge 1 from 0.808 to 0.831 (60 beside 20), silently. The mean is of the
+    channels that vary, as CCA and PWCCA prune the others."""
+    from chunkcca import compute_moments
+    from chunkcca.measures import predictivity_from_folds
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1000, 6)) @ rng.standard_normal((6, 6))
+    y = x @ rng.standard_normal((6, 6)) * 0.5 + rng.standard_normal((1000, 6))
+    dead_x, dead_y = (np.hstack([v, np.full((1000, 6), 3.0)]) for v in (x, y))
+    for alpha in (0.0, 0.5, 1.0):
+        live = float(shape_metric(x, y, alpha=alpha, precision="float64")["shape_distance"])
+        assert float(shape_metric(dead_x, dead_y, alpha=alpha, precision="float64")["shape_distance"]) == \
+            pytest.approx(live, abs=ATOL)
+        assert live == pytest.approx(shape_reference(x, y, alpha), abs=ATOL)
+    for ridge in (0.1, 1.0):
+        values = [predictivity_from_folds(list(compute_moments(a, y, folds=4, precision="float64").values()),
+                                          ridge=ridge)["predictivity"] for a in (x, dead_x)]
+        np.testing.assert_allclose(values[1], values[0], atol=1e-12)
+
+
 def test_shape_metric_limits_are_cca_and_procrustes():
     x, y = _pair(12, p=5, q=5)
     rho = canonical_correlations(x, y)
