@@ -58,7 +58,8 @@ from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
 
 #: precision="auto" keeps float32 products while every side's correlation matrix in the pilot has a
 #: condition number at most this: float32 products were measured to move correlations by up to ~1e-6 at
-#: condition numbers near 1e3 and by 1e-5 to 7e-5 near 1e4.
+#: condition numbers near 1e3 and by 1e-5 to 7e-5 near 1e4; a correlation resting on the weakest direction can
+#: move by more just under it (1.3e-5 at 985: docs/concepts.md).
 AUTO_CONDITION = 1e3
 #: The pilot (the first datapoints) of precision="auto" holds at least this many rows per channel of the widest
 #: layer (``_pilot_end``). Fewer make a correlation matrix ill-conditioned by sampling alone: at 4 rows per channel,
