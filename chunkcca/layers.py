@@ -318,8 +318,11 @@ def _check_mask(array: xr.DataArray, name: str) -> None:
         return
     mask = array.coords[MASK]
     if mask.dtype != bool or set(mask.dims) != {"datapoint", *positions(array)}:
+        numbers = mask.dtype.kind in "iuf" and set(mask.dims) == {"datapoint", *positions(array)}
         raise ValueError(f"layer {name!r}: its mask must be boolean with dims {('datapoint', *positions(array))}, "
-                         f"got {mask.dtype} {tuple(map(str, mask.dims))}")
+                         f"got {mask.dtype} {tuple(map(str, mask.dims))}"
+                         + ("; a tokenizer's 0/1 attention mask is mask == 1 (write_activations, record and "
+                            "ingest take 0/1 numbers and store booleans)" if numbers else ""))
 
 
 def boolean_mask(values: Any, what: str) -> Any:

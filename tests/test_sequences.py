@@ -259,6 +259,11 @@ def test_a_zero_one_integer_mask_is_taken_as_record_and_ingest_take_it(tmp_path)
                                              r"\(e.g. \[2"):
             chunkcca.write_activations(tmp_path / f"bad_{kind}.zarr", {"a": x}, masks={"a": bad})
         assert not (tmp_path / f"bad_{kind}.zarr").exists()
+    layer = xr.DataArray(x, dims=("datapoint", "token", "channel"), name="a").assign_coords(
+        mask=(("datapoint", "token"), mask.astype(np.int64)))
+    with pytest.raises(ValueError, match=r"layer 'a': its mask must be boolean .* got int64 .*; a tokenizer's 0/1 "
+                                         r"attention mask is mask == 1"):  # the measures take booleans only
+        cka(layer, y)
 
 
 def test_masks_of_each_layer_its_own_under_avgpool_and_last_and_nan_padding_is_left_out():
