@@ -478,7 +478,10 @@ class _ChunkWriter:
     def add(self, values: np.ndarray) -> None:
         if values.shape[1:] != self.buffer.shape[1:]:
             raise ValueError(f"layer {self.path!r} gave outputs of shape {tuple(values.shape)} after outputs of "
-                             f"shape (N, {', '.join(map(str, self.buffer.shape[1:]))})")
+                             f"shape (N, {', '.join(map(str, self.buffer.shape[1:]))}): every batch must give a "
+                             f"layer one shape past its datapoints; pad sequences to one length (a tokenizer's "
+                             f"padding='max_length' with max_length=, its attention mask recorded as the padding "
+                             f"mask), give images one size")
         start = 0
         while start < len(values):
             if self.filled == 0 and len(values) - start >= self.per_chunk:  # whole chunks straight from the batch
