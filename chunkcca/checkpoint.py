@@ -139,10 +139,12 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
     return saved, done, fingerprint
 
 
-def save_progress(moments: Moments, path: str | os.PathLike, done: int, fingerprint: str) -> None:
-    """Save the running Moments, atomically, with the datapoints they cover and the run's fingerprint."""
+def save_progress(moments: Moments, path: str | os.PathLike, done: int, total: int, fingerprint: str) -> None:
+    """Save the running Moments, atomically, with the datapoints they cover (the first ``done`` of the run's
+    ``total``; ``Moments.load`` warns of an unfinished run's) and the run's fingerprint."""
     try:
-        moments.save(path, overwrite=True, attrs={"datapoints_done": done, "fingerprint": fingerprint})
+        moments.save(path, overwrite=True, attrs={"datapoints_done": done, "datapoints_total": total,
+                                                  "fingerprint": fingerprint})
     except OSError as error:
         raise CheckpointError(f"checkpoint {path} cannot be written ({type(error).__name__}: {error})") from error
 

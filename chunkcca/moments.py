@@ -297,8 +297,16 @@ class Moments:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Moments:
         """Read Moments written by ``save()``."""
-        moments, rounding_known = read_saved(path)
-        if not rounding_known:  # saved before Moments recorded it
+        moments, attrs = read_saved(path)
+        done, total = attrs.get("datapoints_done"), attrs.get("datapoints_total")
+        if done is not None and (total is None or done < total):  # a checkpoint (checkpoint.save_progress)
+            warnings.warn(f"{path} is the checkpoint of a run that "
+                          + (f"stopped after {done} of its {total} datapoints" if total is not None else
+                             f"had done {done} datapoints when it was saved (saved by an earlier chunkcca, it does "
+                             f"not say of how many)")
+                          + ": these Moments hold those datapoints only; run the same call with the same "
+                            "checkpoint= to finish it", UserWarning, stacklevel=user_stacklevel())
+        if "value_rounding" not in attrs:  # saved before Moments recorded it
             warnings.warn(f"saved Moments at {path} do not record their activations' rounding (saved by an earlier "
                           f"chunkcca): directions within float32 rounding are kept as real; compute them again, or "
                           f"give each side's: dataclasses.replace(moments, value_rounding=(eps_a, eps_b)) with "
@@ -307,9 +315,9 @@ class Moments:
         return moments
 
 
-def read_saved(path: str | os.PathLike) -> tuple[Moments, bool]:
-    """Moments written by ``Moments.save()`` and whether they record ``value_rounding`` (saves before it do not:
-    theirs loads as 0, exact)."""
+def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
+    """Moments written by ``Moments.save()`` and the attributes saved with them (saves before ``value_rounding``
+    lack it: theirs loads as 0, exact; checkpoints have ``datapoints_done`` and ``datapoints_total``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no saved Moments at {path}")
@@ -340,7 +348,7 @@ def read_saved(path: str | os.PathLike) -> tuple[Moments, bool]:
                                      else None for side in range(dataset.sizes["side"])),
                 batch_labels={dataset[name].attrs["name"]: dataset[name].values for name in sorted(dataset.data_vars)
                               if name.startswith("labels_batch")},
-            ), "value_rounding" in dataset.attrs
+            ), dict(dataset.attrs)
         except ValueError as error:
             if "checksum" not in str(error):
                 raise

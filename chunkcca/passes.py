@@ -462,7 +462,7 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
         (part,) = moments_of(start, stop, precision, step=f", datapoints {start} to {stop - 1} of {edges[-1]}")
         total = part if total is None else total + part
         # loaded by Moments.load, it names its layers and rows
-        save_progress(replace(total, **provenance), options.checkpoint, stop, fingerprint)
+        save_progress(replace(total, **provenance), options.checkpoint, stop, boundaries[-1], fingerprint)
     assert total is not None  # as_activations refuses empty layers, so a fresh run streams at least one chunk
     return (total,)
 
