@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from ._stack import user_stacklevel
-from .layers import VARIABLE, align_layers, as_activations, layer_paths, named, node_name
+from .layers import VARIABLE, align_layers, as_activations, check_position_labels, layer_paths, named, node_name
 from .measures import (
     MEASURES,
     SMALLEST_VARIANCE,
@@ -45,6 +46,7 @@ def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray,
     if layer_a.name == layer_b.name:
         layer_a, layer_b = layer_a.rename(f"a ({layer_a.name})"), layer_b.rename(f"b ({layer_b.name})")
     layer_a, layer_b = align_layers(layer_a, layer_b)
+    check_position_labels(layer_a, layer_b, options.spatial)
     return layer_a, layer_b, plan_adapters(layer_a, layer_b, options)
 
 
@@ -876,6 +878,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
             sides[role].append(index)
     first, *_ = distinct
     aligned = [align_layers(first, layer)[1] for layer in distinct]
+    for index_a, index_b in itertools.product(sides["a"], sides["b"]):  # the pairs solved, in any mode with order
+        check_position_labels(aligned[index_a], aligned[index_b], stream.spatial)
     adapters = plan_sweep_adapters(aligned, stream)
     rows = adapters[0].row_count(first.sizes["datapoint"])
     if rows < 4:

@@ -393,7 +393,6 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
                          f"in one order (layer.transpose('datapoint', {', '.join(map(repr, map(str, positions)))}, "
                          f"'channel'))")
     name_a, name_b = a.name, b.name
-    _check_position_labels(a, b)
     if "datapoint" not in a.coords or "datapoint" not in b.coords:
         if a.sizes["datapoint"] != b.sizes["datapoint"]:
             raise ValueError(
@@ -427,15 +426,23 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
     return a, b.isel(datapoint=labels_b.get_indexer(labels_a))
 
 
-def _check_position_labels(a: xr.DataArray, b: xr.DataArray) -> None:
-    """Positions pair by order; labels that are not numbers (an augmentation's or a head's names) are not
-    positions in some unit, so two layers labelling a shared position dim otherwise (the same names in another
-    order: each view paired with another) are an error naming the dim."""
+#: Spatial modes whose rows do not depend on the order of a layer's positions (a mean over them; CKA of whole
+#: maps, which a permutation of the features leaves as it is).
+ORDERLESS = ("avgpool", "features")
+
+
+def check_position_labels(a: xr.DataArray, b: xr.DataArray, spatial: str) -> None:
+    """Where rows depend on the positions' order (not ``ORDERLESS``), positions pair by order; labels that are
+    not numbers (an augmentation's or a head's names) are not positions in some unit, so two layers labelling a
+    shared position dim otherwise (the same names in another order: each view paired with another) are an error
+    naming the dim."""
+    if spatial in ORDERLESS:
+        return
     for dim in set(a.dims[1:-1]) & set(b.dims[1:-1]):
         if dim not in a.coords or dim not in b.coords or a.sizes[dim] != b.sizes[dim]:
             continue
         labels_a, labels_b = a[dim].values, b[dim].values
-        if {labels_a.dtype.kind, labels_b.dtype.kind} <= set("iufmM") or np.array_equal(labels_a, labels_b):
+        if (_numbers(labels_a) and _numbers(labels_b)) or np.array_equal(labels_a, labels_b):
             continue
         reordered = sorted(map(str, labels_a)) == sorted(map(str, labels_b))
         remedy = f"put them in one order (b.sel({dim}=a[{str(dim)!r}])), or " if reordered else ""
@@ -443,6 +450,12 @@ def _check_position_labels(a: xr.DataArray, b: xr.DataArray) -> None:
                          f"{'in another order' if reordered else 'otherwise'} ({labels_a[:4].tolist()} against "
                          f"{labels_b[:4].tolist()}), and positions pair by order: {remedy}drop the labels to pair "
                          f"them by order (layer.drop_vars({str(dim)!r}))")
+
+
+def _numbers(labels: np.ndarray) -> bool:
+    """Whether position labels are numbers or times (also held as objects: ``[0, 1, 2]`` of dtype object)."""
+    return labels.dtype.kind in "iufmM" or pd.Index(labels).inferred_type in (
+        "integer", "floating", "mixed-integer-float", "decimal", "datetime64", "datetime", "timedelta64", "timedelta")
 
 
 def layer_paths(tree: xr.DataTree) -> list[str]:

@@ -184,11 +184,13 @@ def test_position_coordinates_that_decrease_are_refused(spatial):
         cca(a, unsigned, spatial=spatial)
 
 
-@pytest.mark.parametrize("spatial", ["flatten", "avgpool"])
+@pytest.mark.parametrize("spatial", ["flatten", "last"])
 def test_position_labels_that_are_not_numbers_must_agree(spatial):
     """Names are no positions in some unit: a layer of views labelled ["a", "b", "c"] beside the same views
-    reordered (``isel(aug=[2, 0, 1])``) paired each view with another, CCA 0.09 for 0.996, silently. Such labels
-    in another order, or other labels, are refused naming the dim and the remedy; equal ones, or none, pair."""
+    reordered (``isel(aug=[2, 0, 1])``) paired each view with another, CCA 0.09 for 0.996, silently. Where rows
+    depend on the positions' order, such labels in another order, or other labels, are refused naming the dim and
+    the remedy, for a pair and each pair of a sweep; equal ones, none, numbers held as objects, or a mode that
+    averages the positions, pair."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 3, 5))
     y = x @ rng.standard_normal((5, 4)) + 0.1 * rng.standard_normal((200, 3, 4))
@@ -201,6 +203,14 @@ def test_position_labels_that_are_not_numbers_must_agree(spatial):
         cca(a, b.isel(aug=[2, 0, 1]), spatial=spatial)
     with pytest.raises(ValueError, match=r"label their 'aug' positions otherwise .* drop the labels"):
         similarity({"a": a}, {"b": b.assign_coords(aug=["x", "y", "z"])}, spatial=spatial)
+    unlabelled = a.drop_vars("aug").rename("first")  # the sweep's first layer: each solved pair is checked
+    with pytest.raises(ValueError, match=r"layers 'a' and 'b' label their 'aug' positions in another order"):
+        similarity({"first": unlabelled, "a": a}, {"b": b.isel(aug=[2, 0, 1])}, spatial=spatial)
+    similarity({"a": a, "reordered": a.isel(aug=[2, 0, 1])}, {"b": b.drop_vars("aug")}, spatial=spatial)  # unpaired
+    numbered = b.assign_coords(aug=np.array([0, 1, 2], dtype=object))
+    cca(a.assign_coords(aug=[0.0, 0.5, 1.0]), numbered, spatial=spatial)  # numbers pair by order, as documented
+    averaged = cca(a, b.isel(aug=[2, 0, 1]), spatial="avgpool", precision="float64")["rho"]  # no order to pair
+    np.testing.assert_allclose(averaged, cca(a, b, spatial="avgpool", precision="float64")["rho"], atol=1e-12)
     want = cca(a, b, spatial=spatial, precision="float64")["rho"]
     np.testing.assert_allclose(cca(a, b.isel(aug=[2, 0, 1]).sel(aug=a["aug"]), spatial=spatial,
                                    precision="float64")["rho"], want, atol=1e-12)
