@@ -519,21 +519,22 @@ def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding
     return vectors[:, : min(count, rank, int((values > 0).sum()))], rank, count > rank
 
 
-def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float) -> xr.Dataset:
-    """SVCCA keeping every direction up to each side's rank (``keep`` = 1): the CCA of the Moments, its canonical
-    directions (min(rank_a, rank_b) of them, the ranks without the ridge: a ridge makes every channel a
-    direction) as SVCCA's result lists them."""
+def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float,
+                  solve_all: Callable[[], xr.Dataset] | None = None) -> xr.Dataset:
+    """SVCCA keeping every direction up to each side's rank (``keep`` = 1): the CCA of the Moments (by
+    ``solve_all``, if computed already), its canonical directions (min(rank_a, rank_b) of them, the ranks
+    without the ridge: a ridge makes every channel a direction) as SVCCA's result lists them."""
     try:
-        with warnings.catch_warnings(record=True) as caught:  # the measure asked for was SVCCA: said so below
-            warnings.simplefilter("always")
-            solved = cca_from_moments(moments, epsilon=epsilon)
-            said = list(caught)
-            unridged = cca_from_moments(moments) if epsilon > 0 else solved  # its warnings: the solve's above
-    except UndefinedMeasure as error:
+        solved = solve_all() if solve_all is not None else _told_as_svcca(
+            functools.partial(cca_from_moments, moments, epsilon=epsilon))
+        if epsilon > 0:
+            with warnings.catch_warnings():  # said by the solve with the ridge
+                warnings.simplefilter("ignore")
+                unridged = cca_from_moments(moments)
+        else:
+            unridged = solved
+    except UndefinedMeasure as error:  # the measure asked for was SVCCA
         raise UndefinedMeasure(str(error).replace("CCA is undefined", "SVCCA is undefined", 1)) from None
-    for record in said:
-        warnings.warn(str(record.message).replace(" CCA lacks", " SVCCA lacks", 1), record.category,
-                      stacklevel=user_stacklevel())
     rank_a, rank_b = int(unridged["rank_a"]), int(unridged["rank_b"])
     directions = solved.isel(component=slice(min(rank_a, rank_b)))
     rho = directions["rho"].values
@@ -549,6 +550,19 @@ def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float) -> xr.Dataset:
         coords={"component": np.arange(rho.size), **_channel_coords(moments)},
         attrs={"measure": "svcca", "keep": 1.0, "keep_by": keep_by, "epsilon": epsilon},
     ), moments)
+
+
+def _told_as_svcca(solve: Callable[[], xr.Dataset]) -> xr.Dataset:
+    """``solve()``, a CCA solve standing for SVCCA, its warnings (those before an error too) told as SVCCA's."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return solve()
+    finally:
+        for record in caught:
+            warnings.warn(str(record.message).replace(" CCA lacks", " SVCCA lacks", 1), record.category,
+                          stacklevel=user_stacklevel())
 
 
 def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "variance",
@@ -574,12 +588,20 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
         ``rho`` (component), ``dims_a``/``dims_b`` (directions kept), ``rho_mean``, ``rows``, and
         ``coef_a``/``coef_b`` over the original channels.
     """
+    return _svcca(moments, keep, keep_by, epsilon)
+
+
+def _svcca(moments: Moments, keep: float, keep_by: str, epsilon: float,
+           solve_all: Callable[[], xr.Dataset] | None = None) -> xr.Dataset:
+    """``svcca_from_moments()``; with ``keep`` = 1 (CCA) ``solve_all`` gives the CCA of the Moments with
+    ``epsilon`` where it is computed already (a pair's, ``PairSolves.cca``, its warnings said)."""
     SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon)
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     require_variance(moments, "SVCCA")
     if keep >= 1:  # every direction up to the rank, however small its share: CCA, its checks and warnings too
-        return _svcca_of_all(moments, keep_by, float(epsilon))  # (by covariance, a rounding direction of 4e-15
-    with solve_threads(moments.channels):  # outranked a real one of 1e-18 in a channel of units 1e-9)
+        # (by covariance, a rounding direction of 4e-15 outranked a real one of 1e-18 in a channel of units 1e-9)
+        return _svcca_of_all(moments, keep_by, float(epsilon), solve_all)
+    with solve_threads(moments.channels):
         floors = rounding(moments, 0), rounding(moments, 1)
         (basis_a, rank_a, limited_a), (basis_b, rank_b, limited_b) = (
             _kept_directions(cov, keep, keep_by, floor) for cov, floor in zip((cov_aa, cov_bb), floors))
@@ -1178,8 +1200,8 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
             per_frequency=True, canonical=True, from_cca=True),
     Measure("r2_cca", lambda pair: pair.cca, "r2_cca", "mean squared canonical correlation (R²_CCA)", ("epsilon",),
             per_frequency=True, canonical=True, from_cca=True),
-    Measure("svcca", lambda pair: svcca_from_moments(pair.moments, keep=pair.options.keep,
-                                                      keep_by=pair.options.keep_by, epsilon=pair.options.epsilon),
+    Measure("svcca", lambda pair: _svcca(pair.moments, pair.options.keep, pair.options.keep_by, pair.options.epsilon,
+                                         lambda: _told_as_svcca(lambda: pair.cca)),  # told as SVCCA's if solved here
             "rho_mean", "SVCCA similarity (mean canonical correlation of the kept directions)",
             ("epsilon", "keep", "keep_by"), canonical=True, details=("dims_a", "dims_b", "rho")),
     Measure("pwcca", lambda pair: pwcca_from_moments(pair.moments, epsilon=pair.options.epsilon, solved=pair.cca),

@@ -452,6 +452,10 @@ def test_directions_cut_as_the_values_rounding_are_warned_of_when_they_may_be_re
             call(a16, b16, precision="float64")
     with pytest.warns(RoundingWarning, match=r"layer 'a': 1 direction .* may be real and SVCCA lacks it"):
         svcca(a16, b16, keep=1, precision="float64")  # solved as CCA, told as SVCCA
+    with warnings.catch_warnings(record=True) as said:  # compare's rho is that CCA too: one solve, one warning
+        warnings.simplefilter("always")
+        compare(a16, b16, measures=["svcca"], keep=1, precision="float64")
+    assert [str(record.message).count("SVCCA lacks it") for record in said] == [1]
     # as float64 the values are taken as exact: the direction is kept, as in-memory float64 CCA finds it
     exact = cca(a16.astype(np.float64), b16.astype(np.float64), precision="float64")
     np.testing.assert_allclose(exact["rho"], canonical_correlations(a16.astype(float), b16.astype(float)),
