@@ -163,12 +163,13 @@ def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return (variance > 0) & (variance > (CONSTANT_RTOL * np.abs(mean)) ** 2)
 
 
-def mean_variance(cov: np.ndarray, mean: np.ndarray) -> float:
-    """The mean variance of the channels of a covariance (p, p) that vary (``non_constant``; 0 if none): the
-    scale of a ridge or of partial whitening, which dead (constant) channels would shrink (six dead ReLU units
-    beside six live ones moved the shape metric at α = 0.5 from 0.629 to 0.665)."""
+def mean_variance(cov: np.ndarray, mean: np.ndarray, eps: float = 0.0) -> float:
+    """The mean variance of the channels of a covariance (p, p) that vary (``non_constant``) beyond their values'
+    relative rounding ``eps`` (a saturated float32 unit's one-ulp dips; 0 if none vary): the scale of a ridge or
+    of partial whitening, which dead (constant) channels would shrink (six dead ReLU units beside six live ones
+    moved the shape metric at α = 0.5 from 0.629 to 0.665)."""
     variance = np.diagonal(cov).real
-    varying = non_constant(variance, mean)
+    varying = non_constant(variance, mean) & (variance > (eps * mean) ** 2)
     return float(variance[varying].mean()) if varying.any() else 0.0
 
 
@@ -787,17 +788,17 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     ), moments)
 
 
-def _partial_whitener(cov: np.ndarray, alpha: float, floor: Rounding, mean: np.ndarray) -> Inverse:
+def _partial_whitener(cov: np.ndarray, alpha: float, floor: Rounding, mean: np.ndarray, eps: float) -> Inverse:
     """((1 − α) Σ + α v̄ I)^(−1/2), v̄ the mean variance of the channels that vary (``mean_variance``; ``mean``
-    the channels' means), its rank and the condition number of what it inverts: α = 0 whitens, α = 1 only
-    rescales (pseudo-inverse if singular).
+    the channels' means, ``eps`` their values' relative rounding), its rank and the condition number of what it
+    inverts: α = 0 whitens, α = 1 only rescales (pseudo-inverse if singular).
 
     At α = 0 any whitener gives the same metric (they differ by a rotation), so it whitens through the
     correlation matrix, where the rank does not depend on channel units (and ``floor`` cuts float32 rounding).
     """
     if alpha == 0:
         return _whitener(cov, 0.0, floor)
-    regularised = (1 - alpha) * cov + alpha * mean_variance(cov, mean) * np.eye(cov.shape[0])
+    regularised = (1 - alpha) * cov + alpha * mean_variance(cov, mean, eps) * np.eye(cov.shape[0])
     return inverse_sqrt(regularised)
 
 
@@ -826,8 +827,9 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
     require_variance(moments, "the shape metric")
     with solve_threads(moments.channels):
         floors = rounding(moments, 0), rounding(moments, 1)
-        inverses = tuple(_partial_whitener(cov, alpha, floor, np.abs(moments.mean[part]))
-                         for cov, floor, part in zip((cov_aa, cov_bb), floors, moments.side_slices()))
+        inverses = tuple(_partial_whitener(cov, alpha, floor, np.abs(moments.mean[part]), eps)
+                         for cov, floor, part, eps in zip((cov_aa, cov_bb), floors, moments.side_slices(),
+                                                          moments.value_rounding))
         (t_a, rank_a, condition_a, _), (t_b, rank_b, condition_b, _) = inverses
         require_resolved(moments, "the shape metric", (rank_a, rank_b), _real_cuts(cov_ab, inverses, floors))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
@@ -1019,7 +1021,7 @@ def predictivity_from_folds(folds: Folds, *, ridge: float | Sequence[float] = 0.
         train = _covariance(left_in, "predictivity", batched=False)
         test = folds[fold].covariance()
         c_aa, c_ab = train[:p, :p], train[:p, p:]
-        scale = mean_variance(c_aa, np.abs(left_in.mean[:p]))
+        scale = mean_variance(c_aa, np.abs(left_in.mean[:p]), left_in.value_rounding[0])
         for r, value in enumerate(ridges):
             weights = (np.linalg.lstsq(c_aa + value * scale * np.eye(p), c_ab, rcond=None)[0]
                        if value > 0 else _least_squares(c_aa, c_ab))

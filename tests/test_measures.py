@@ -335,6 +335,13 @@ def test_dead_channels_change_neither_the_shape_metric_nor_predictivity():
         assert float(shape_metric(dead_x, dead_y, alpha=alpha, precision="float64")["shape_distance"]) == \
             pytest.approx(live, abs=ATOL)
         assert live == pytest.approx(shape_reference(x, y, alpha), abs=ATOL)
+    # float32 units saturated at 1.0 but for one-ulp dips vary within their values' rounding only: dead too
+    saturated = np.ones((1000, 6), np.float32)
+    saturated[rng.random((1000, 6)) < 0.01] = np.nextafter(np.float32(1), np.float32(0))
+    live32 = shape_metric(x.astype(np.float32), y.astype(np.float32), alpha=0.5, precision="float64")
+    with_saturated = shape_metric(np.hstack([x.astype(np.float32), saturated]),
+                                  np.hstack([y.astype(np.float32), saturated]), alpha=0.5, precision="float64")
+    assert float(with_saturated["shape_distance"]) == pytest.approx(float(live32["shape_distance"]), abs=1e-6)
     for ridge in (0.1, 1.0):
         values = [predictivity_from_folds(list(compute_moments(a, y, folds=4, precision="float64").values()),
                                           ridge=ridge)["predictivity"] for a in (x, dead_x)]
