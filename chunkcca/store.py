@@ -588,24 +588,46 @@ METADATA_FILES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmet
 class WholeStore(WrapperStore):
     """A read-only zarr store whose missing chunk is an error, where zarr reads it as the fill value: a Dask worker
     that cannot see the store's files (another machine's disk, a memory filesystem of the client's process) or a
-    file lost after the store was opened never gives fill values. Named and tokenized by its location (and, for a
-    local store, its folder's modification time, as xarray names a store opened by path)."""
+    file lost after the store was opened never gives fill values. With the ``generation`` it was opened at
+    (``GENERATION_ATTR``), each process that reads a chunk through it (a Dask worker, once) first checks that
+    the store it sees at that location is the same: a worker seeing another copy (a stale local one, a cache)
+    mixed its chunks into the result. Named and tokenized by its location (and, for a local store, its folder's
+    modification time, as xarray names a store opened by path)."""
 
-    def __init__(self, store: Any, location: str, token: tuple[Any, ...] = ()) -> None:
+    def __init__(self, store: Any, location: str, token: tuple[Any, ...] = (), generation: str | None = None) -> None:
         super().__init__(store)
-        self.location, self.token = location, token
+        self.location, self.token, self.generation = location, token, generation
+        self._seen = False  # this process found the store it reads at the generation it was opened at
 
     @classmethod
-    def at(cls, location: str, storage_options: Mapping[str, Any] | None = None) -> WholeStore:
+    def at(cls, location: str, storage_options: Mapping[str, Any] | None = None,
+           generation: str | None = None) -> WholeStore:
         """The store at a local path or fsspec URL, read-only."""
         if is_url(location):  # the options name the endpoint and account: two of them are two stores
             options = json.dumps(dict(storage_options or {}), sort_keys=True, default=str)
             return cls(FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=True),
-                       location, (hashlib.sha1(options.encode()).hexdigest(),))
-        return cls(LocalStore(location, read_only=True), location, (os.path.getmtime(location),))
+                       location, (hashlib.sha1(options.encode()).hexdigest(),), generation)
+        return cls(LocalStore(location, read_only=True), location, (os.path.getmtime(location),), generation)
 
     def _with_store(self, store: Any) -> WholeStore:
-        return type(self)(store, self.location, self.token)
+        return type(self)(store, self.location, self.token, self.generation)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_seen": False}  # sent to another process: checked there again
+
+    async def _check_generation(self, prototype: Any) -> None:
+        """An OSError if the store this process sees at the location is not the one opened (another
+        ``GENERATION_ATTR``)."""
+        raw = await self._store.get("zarr.json", prototype)
+        if raw is None:  # no store there at all: the chunk read next is missing, and ``_present`` says so
+            return
+        seen = json.loads(raw.to_bytes()).get("attributes", {}).get(GENERATION_ATTR)
+        if seen != self.generation:
+            raise OSError(f"{self.location} as this process reads it is another store than the one opened (written "
+                          f"at another time: generation {seen} for {self.generation}): a Dask worker sees another "
+                          f"copy at this path (a stale local copy, a cache), or the store was replaced; put one copy "
+                          f"where every worker reads it, and open it again")
+        self._seen = True
 
     def __str__(self) -> str:
         return self.location
@@ -617,10 +639,14 @@ class WholeStore(WrapperStore):
         return (type(self).__name__, self.location, *self.token)
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if not self._seen and self.generation is not None and PurePosixPath(key).name not in METADATA_FILES:
+            await self._check_generation(prototype)
         return self._present(key, await self._store.get(key, prototype, byte_range))
 
     async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
         key_ranges = list(key_ranges)
+        if not self._seen and self.generation is not None:
+            await self._check_generation(prototype)
         values = await self._store.get_partial_values(prototype, key_ranges)
         return [self._present(key, value) for (key, _), value in zip(key_ranges, values)]
 
@@ -686,8 +712,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))  # before xarray reads labels by the metadata:
     _check_metadata(listing, root_metadata.get("attributes", {}).get(METADATA_ATTR) or {}, location)
     try:
-        tree = xr.open_datatree(WholeStore.at(location, storage_options), engine="zarr", chunks={},
-                                consolidated=False)
+        tree = xr.open_datatree(WholeStore.at(location, storage_options, root_metadata.get("attributes", {}).get(
+            GENERATION_ATTR)), engine="zarr", chunks={}, consolidated=False)
     except Exception as error:
         check_store_files(location, listing, (), ())  # a label's chunk file lost (xarray reads labels): named
         why = _unreadable_label(listing, location, storage_options) or error

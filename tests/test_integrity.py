@@ -79,6 +79,49 @@ def test_a_worker_that_cannot_see_the_store_is_an_error_not_fill_values(tmp_path
         memory.rm("/worker-blind", recursive=True)
 
 
+def _put_in_memory(files: dict[str, bytes], root: str) -> None:
+    """Files (relative path → bytes) into this process's fsspec memory filesystem under ``root``."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for name, data in files.items():
+        memory.pipe(f"{root}/{name}", data)
+
+
+@pytest.mark.cluster
+def test_a_worker_that_sees_another_copy_of_the_store_is_an_error_not_a_mix(tmp_path):
+    """A worker seeing another copy of the store at the same location (a stale local copy, an NFS cache of a
+    store rewritten since) read its chunks, which pass their own checksums: mean ρ 0.623 for 0.479, CKA 0.350
+    for 0.470, silently. Each process reading through a store's wrapper checks first that it sees the store
+    opened (its generation), so the run is an error naming the location; a worker seeing the same store reads."""
+    import fsspec
+    from distributed import Client, LocalCluster
+
+    def files(store: Path) -> dict[str, bytes]:
+        return {str(file.relative_to(store)): file.read_bytes() for file in store.rglob("*") if file.is_file()}
+
+    opened = _store(tmp_path / "opened")
+    rng = np.random.default_rng(5)
+    write_activations(tmp_path / "other.zarr", {"a": rng.standard_normal((400, 4)).astype("int16"),
+                                                "b": rng.standard_normal((400, 3)).astype("int16")}, chunks=50)
+    _put_in_memory(files(opened), "/two-copies")
+    try:
+        tree = open_activations("memory://two-copies")
+        want = float(cca(tree["a"], tree["b"], precision="float64")["rho_mean"])
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            client.run(_put_in_memory, files(opened), "/two-copies")  # the worker's copy: the same store
+            assert float(cca(tree["a"], tree["b"], precision="float64", scheduler=client)["rho_mean"]) == \
+                pytest.approx(want, abs=1e-12)
+            client.restart()  # a fresh worker, whose copy is another store (written at another time)
+            client.run(_put_in_memory, files(tmp_path / "other.zarr"), "/two-copies")
+            with pytest.raises(OSError, match=r"memory://two-copies as this process reads it is another store than "
+                                              r"the one opened .* a Dask worker sees another copy at this path"):
+                cca(tree["a"], tree["b"], precision="float64", scheduler=client)
+    finally:  # the memory filesystem lives as long as the test process
+        fsspec.filesystem("memory").rm("/two-copies", recursive=True)
+
+
 def test_a_layer_computed_from_a_store_with_a_missing_chunk_is_an_error(tmp_path):
     """``astype``, arithmetic and ``.data`` drop the store from the encoding: an int16 layer missing a chunk gave
     rho_mean 0.64 against 0.68 (zarr's fill value, 0), and a float one suggested nan_policy='omit', which then
