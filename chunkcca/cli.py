@@ -27,7 +27,6 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     import logging
     import math
     import pickle
-    import re
     import signal
     import warnings
     from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +60,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         check_number,
         check_output_place,
         netcdf_int_error,
+        scheduler_address,
     )
     from chunkcca.plot import plot_rho, plot_similarity
     from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
@@ -78,7 +78,6 @@ SCHEDULER_HELP = "a Dask scheduler address (tcp://host:port), or 'threads', 'syn
 #: The local schedulers' names Dask knows (``distributed`` needs a Client, which only Python code can make).
 LOCAL_SCHEDULERS = tuple(name for name in SCHEDULER_NAMES if "distributed" not in name)
 #: Protocols a scheduler listens on (inproc:// is within one process).
-PROTOCOLS = ("tcp", "tls", "ws", "wss", "ucx")
 STORE_HELP = "the store: a local path or an fsspec URL (file://, s3://, gs://, ...)"
 
 
@@ -109,21 +108,10 @@ def _scheduler(text: str) -> str:
     if name.lower() in ("distributed", "dask.distributed"):
         raise argparse.ArgumentTypeError(f"{text!r} runs on a distributed.Client made in Python, which a command has "
                                          f"none of: give the scheduler's address, e.g. tcp://host:8786")
-    scheme, separator, location = name.partition("://")
-    if not separator:
-        scheme, location = "tcp", name
-    location = location.rstrip("/")
-    if not separator and not re.fullmatch(r"\[[0-9A-Fa-f:.]+\]:\d+|[\w.\-]+:\d+", location):
-        raise argparse.ArgumentTypeError(f"scheduler must be 'threads', 'synchronous', 'processes' or a Dask "
-                                         f"scheduler's address (tcp://host:8786), got {text!r}")
-    if scheme.lower() not in PROTOCOLS:
-        raise argparse.ArgumentTypeError(f"{text!r}: a Dask scheduler's address starts with "
-                                         f"{', '.join(f'{p}://' for p in PROTOCOLS)} (or is host:port), not {scheme}://")
-    host_port = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[\w.\-]+):(\d+)", location)
-    if host_port is None or not 0 < int(host_port[2]) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: a Dask scheduler's address is {scheme.lower()}://host:port, "
-                                         f"with a port from 1 to 65535 (e.g. {scheme.lower()}://10.0.0.5:8786)")
-    return f"{scheme.lower()}://{location}" if separator else location
+    try:
+        return scheduler_address(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _storage_options(text: str) -> dict[str, Any]:

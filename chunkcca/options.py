@@ -148,18 +148,46 @@ def check_epsilon(epsilon: Any) -> float:
     return check_number("epsilon", epsilon, 0.0)
 
 
+#: The protocols of a Dask scheduler's address.
+PROTOCOLS = ("tcp", "tls", "ws", "wss", "ucx")
+
+
 def is_address(scheduler: Any) -> bool:
     """Whether ``scheduler`` is the address of a Dask scheduler ("tcp://host:8786", "host:8786")."""
     return isinstance(scheduler, str) and ("://" in scheduler or re.fullmatch(r"[\w.\-\[\]:]+:\d+", scheduler)
                                            is not None)
 
 
-def check_scheduler(scheduler: Any) -> None:
-    """Refuse a ``scheduler`` that is neither None, a name Dask knows, an address, a Client nor a get function."""
-    if scheduler is None or callable(scheduler) or is_address(scheduler) or hasattr(scheduler, "get"):
-        return
-    if isinstance(scheduler, str) and scheduler.lower() in SCHEDULER_NAMES:
-        return
+def scheduler_address(text: str) -> str:
+    """A Dask scheduler's address checked before any work (distributed fails on a malformed one only when
+    connecting, with a traceback), a trailing ``/`` dropped: "tcp://host:8786", "host:8786"; else a ValueError."""
+    name = text.strip()
+    scheme, separator, location = name.partition("://")
+    if not separator:
+        scheme, location = "tcp", name
+    location = location.rstrip("/")
+    if not separator and not re.fullmatch(r"\[[0-9A-Fa-f:.]+\]:\d+|[\w.\-]+:\d+", location):
+        raise ValueError(f"scheduler must be 'threads', 'synchronous', 'processes' or a Dask scheduler's address "
+                         f"(tcp://host:8786), got {text!r}")
+    if scheme.lower() not in PROTOCOLS:
+        raise ValueError(f"{text!r}: a Dask scheduler's address starts with "
+                         f"{', '.join(f'{p}://' for p in PROTOCOLS)} (or is host:port), not {scheme}://")
+    host_port = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[\w.\-]+):(\d+)", location)
+    if host_port is None or not 0 < int(host_port[2]) < 65536:
+        raise ValueError(f"{text!r}: a Dask scheduler's address is {scheme.lower()}://host:port, with a port from 1 "
+                         f"to 65535 (e.g. {scheme.lower()}://10.0.0.5:8786)")
+    return f"{scheme.lower()}://{location}" if separator else location
+
+
+def check_scheduler(scheduler: Any) -> Any:
+    """``scheduler`` as given (an address checked, ``scheduler_address``), or a ValueError if it is neither None,
+    a name Dask knows, an address, an open Client nor a get function."""
+    if isinstance(scheduler, str):
+        return scheduler if scheduler.lower() in SCHEDULER_NAMES else scheduler_address(scheduler)
+    if getattr(scheduler, "status", None) in ("closing", "closed"):  # a Client: it failed inside distributed
+        raise ValueError("the distributed.Client given as scheduler is closed; give an open one, or its address")
+    if scheduler is None or callable(scheduler) or hasattr(scheduler, "get"):
+        return scheduler
     raise ValueError(f"scheduler must be 'threads', 'synchronous', 'processes', a Dask scheduler address "
                      f"('tcp://host:8786' or 'host:8786') or a distributed.Client, got {scheduler!r}")
 
@@ -322,7 +350,7 @@ class StreamOptions:
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         object.__setattr__(self, "split_every", check_int("split_every", self.split_every, 2))
         object.__setattr__(self, "memory_limit", memory_bytes(self.memory_limit))
-        check_scheduler(self.scheduler)
+        object.__setattr__(self, "scheduler", check_scheduler(self.scheduler))
         object.__setattr__(self, "progress", check_flag("progress", self.progress))
         object.__setattr__(self, "connect_timeout", check_number("connect_timeout", self.connect_timeout, 0.0,
                                                                  low_open=True))

@@ -309,6 +309,25 @@ def test_an_unknown_scheduler_is_named_before_reading(layers, call):
         call(a, b)
 
 
+def test_a_scheduler_address_is_read_as_the_command_reads_it_and_a_closed_client_is_named():
+    """The API took "tcp://host:8786/" to distributed ("invalid literal for int() with base 10: '8786/'"), where
+    the command drops the "/"; a closed Client gave "'NoneType' object has no attribute 'ncores'". One check
+    serves both: the address is read alike, a malformed one refused before any work, a closed Client named."""
+    from chunkcca.options import StreamOptions
+
+    distributed = pytest.importorskip("distributed")
+    assert StreamOptions(scheduler="tcp://127.0.0.1:8786/").scheduler == "tcp://127.0.0.1:8786"
+    assert StreamOptions(scheduler="host:8786/").scheduler == "host:8786"
+    with pytest.raises(ValueError, match=r"with a port from 1 to 65535"):
+        StreamOptions(scheduler="tcp://host:99999")
+    x = np.random.default_rng(0).standard_normal((60, 3))
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        client = distributed.Client(cluster)
+        client.close()
+        with pytest.raises(ValueError, match=r"the distributed.Client given as scheduler is closed"):
+            cca(x, x[:, :2], scheduler=client)
+
+
 def test_same_result_on_a_distributed_client():
     distributed = pytest.importorskip("distributed")
     a, b = correlated_layers(np.random.default_rng(7), 60, (5, 6, 7), (5, 6, 5))
