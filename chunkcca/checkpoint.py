@@ -72,6 +72,9 @@ def _difference(saved: str, current: str) -> str:
     fields = ("name", "shape", "dtype", "Dask name", "mask", "files", "labels")
     if len(before.get("layers", [])) != len(now["layers"]):
         return f"it has {len(before.get('layers', []))} layers, this run {len(now['layers'])}"
+    if now.get("row_norms") and before.get("row_norms") is False:
+        return ("it holds no row-norm sums, which cka_debiased needs: give it a checkpoint of its own (or make this "
+                "one with compute_moments(..., row_norms=True, checkpoint=...))")
     changed = [f"{key} {before.get(key)!r} then, {now[key]!r} now" for key in now
                if key not in ("format", "layers", "adapters") and before.get(key) != now[key]]
     if changed:

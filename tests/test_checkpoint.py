@@ -165,8 +165,9 @@ def test_every_measure_takes_a_checkpoint(tmp_path):
     assert 10 not in reads, "a finished checkpoint is solved without reading the layers again"
     assert float(svcca["rho_mean"]) == pytest.approx(float(chunkcca.svcca(a_layer, b_layer, precision="float64")
                                                            ["rho_mean"]), rel=1e-12)
-    with pytest.raises(ValueError, match="belongs to another run"):
-        chunkcca.cka(a_layer, b_layer, debiased=True, **options)  # needs the row-norm sums too
+    with pytest.raises(ValueError, match="belongs to another run: it holds no row-norm sums, which cka_debiased "
+                                         "needs: give it a checkpoint of its own"):  # said "row_norms False then"
+        chunkcca.cka(a_layer, b_layer, debiased=True, **options)
 
 
 def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
