@@ -481,8 +481,14 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
         chunks[layer] = {}
         for variable in (VARIABLE, MASK):
             array = listing.arrays.get(f"{layer}/{variable}")
-            checksums = None if array is None else chunk_checksums(fs, f"{root}/{layer}/{variable}", array,
-                                                                   listing.sizes(f"{layer}/{variable}"))
+            present = listing.sizes(f"{layer}/{variable}")
+            lost = [] if array is None else [key for key in _chunk_keys(array).values() if key not in present]
+            if lost:  # chunk_checksums gave a bare KeyError
+                raise OSError(f"layer {layer!r}{'' if variable == VARIABLE else ' (its mask)'}: {len(lost)} of its "
+                              f"chunk files are not where they were written (e.g. {lost[0]}): the Dask workers that "
+                              f"wrote them see another filesystem at this path; write to a path every worker "
+                              f"shares, or compute the layers in this process first")
+            checksums = None if array is None else chunk_checksums(fs, f"{root}/{layer}/{variable}", array, present)
             if checksums is not None:
                 chunks[layer][variable] = base64.b64encode(checksums.tobytes()).decode()
     attributes[CHUNKS_ATTR] = {layer: chunks[layer] for layer in order if layer in chunks}

@@ -122,6 +122,25 @@ def test_a_worker_that_sees_another_copy_of_the_store_is_an_error_not_a_mix(tmp_
         fsspec.filesystem("memory").rm("/two-copies", recursive=True)
 
 
+def test_chunk_files_that_workers_wrote_elsewhere_are_named_and_no_store_is_left(tmp_path, monkeypatch):
+    """Dask workers that see another filesystem at the store's path write its chunks there: the write failed
+    with a bare KeyError 'c/5/0'. It names the layer, a chunk and the cause; no store is left (here a chunk file
+    is taken away before the root is recorded, as a worker's would never arrive)."""
+    import chunkcca.store as store_module
+
+    record = store_module._set_root_attrs
+
+    def elsewhere(store: Path, *args, **kwargs) -> None:
+        (store / "b" / "activations" / "c" / "5" / "0").unlink()
+        record(store, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "_set_root_attrs", elsewhere)
+    with pytest.raises(OSError, match=r"layer 'b': 1 of its chunk files are not where they were written \(e.g. "
+                                      r"c/5/0\): the Dask workers that wrote them see another filesystem"):
+        _store(tmp_path)
+    assert not (tmp_path / "s.zarr").exists() and not leftovers(tmp_path / "s.zarr")
+
+
 def test_a_layer_computed_from_a_store_with_a_missing_chunk_is_an_error(tmp_path):
     """``astype``, arithmetic and ``.data`` drop the store from the encoding: an int16 layer missing a chunk gave
     rho_mean 0.64 against 0.68 (zarr's fill value, 0), and a float one suggested nan_policy='omit', which then
