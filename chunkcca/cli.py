@@ -77,7 +77,6 @@ ALIASES: dict[str, tuple[str, ...]] = {"cca": ("mean_cca", "r2_cca")}
 SCHEDULER_HELP = "a Dask scheduler address (tcp://host:port), or 'threads', 'synchronous' or 'processes'"
 #: The local schedulers' names Dask knows (``distributed`` needs a Client, which only Python code can make).
 LOCAL_SCHEDULERS = tuple(name for name in SCHEDULER_NAMES if "distributed" not in name)
-#: Protocols a scheduler listens on (inproc:// is within one process).
 STORE_HELP = "the store: a local path or an fsspec URL (file://, s3://, gs://, ...)"
 
 
@@ -109,7 +108,7 @@ def _scheduler(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} runs on a distributed.Client made in Python, which a command has "
                                          f"none of: give the scheduler's address, e.g. tcp://host:8786")
     try:
-        return scheduler_address(name)
+        return scheduler_address(name, in_process=False)  # a command has no cluster of its own to reach
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

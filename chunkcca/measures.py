@@ -169,7 +169,9 @@ def mean_variance(cov: np.ndarray, mean: np.ndarray, eps: float = 0.0) -> float:
     of partial whitening, which dead (constant) channels would shrink (six dead ReLU units beside six live ones
     moved the shape metric at α = 0.5 from 0.629 to 0.665)."""
     variance = np.diagonal(cov).real
-    varying = non_constant(variance, mean) & (variance > (eps * mean) ** 2)
+    varying = non_constant(variance, mean)
+    beyond = varying & (variance > (eps * mean) ** 2)
+    varying = beyond if beyond.any() else varying  # every channel within rounding: the scale of those that vary
     return float(variance[varying].mean()) if varying.any() else 0.0
 
 

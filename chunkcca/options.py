@@ -148,7 +148,8 @@ def check_epsilon(epsilon: Any) -> float:
     return check_number("epsilon", epsilon, 0.0)
 
 
-#: The protocols of a Dask scheduler's address.
+#: The protocols of a Dask scheduler's address that another process can reach (inproc:// is within one process:
+#: a ``LocalCluster(processes=False)``'s ``scheduler_address``, which the API takes as it is).
 PROTOCOLS = ("tcp", "tls", "ws", "wss", "ucx")
 
 
@@ -158,11 +159,14 @@ def is_address(scheduler: Any) -> bool:
                                            is not None)
 
 
-def scheduler_address(text: str) -> str:
+def scheduler_address(text: str, *, in_process: bool = True) -> str:
     """A Dask scheduler's address checked before any work (distributed fails on a malformed one only when
-    connecting, with a traceback), a trailing ``/`` dropped: "tcp://host:8786", "host:8786"; else a ValueError."""
+    connecting, with a traceback), a trailing ``/`` dropped: "tcp://host:8786", "host:8786"; an in-process one
+    ("inproc://…") as it is, where ``in_process``; else a ValueError."""
     name = text.strip()
     scheme, separator, location = name.partition("://")
+    if in_process and separator and scheme.lower() == "inproc":
+        return name
     if not separator:
         scheme, location = "tcp", name
     location = location.rstrip("/")

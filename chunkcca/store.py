@@ -591,6 +591,11 @@ def move_layer(part: Path, store: Path, layer: str) -> None:
 METADATA_FILES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
 
 
+#: The stores (location, generation) this process has found at their location as opened (``WholeStore``): each is
+#: checked once per process, however many copies of its wrapper the tasks unpickle.
+_GENERATIONS_SEEN: set[tuple[str, str | None]] = set()
+
+
 class WholeStore(WrapperStore):
     """A read-only zarr store whose missing chunk is an error, where zarr reads it as the fill value: a Dask worker
     that cannot see the store's files (another machine's disk, a memory filesystem of the client's process) or a
@@ -603,7 +608,6 @@ class WholeStore(WrapperStore):
     def __init__(self, store: Any, location: str, token: tuple[Any, ...] = (), generation: str | None = None) -> None:
         super().__init__(store)
         self.location, self.token, self.generation = location, token, generation
-        self._seen = False  # this process found the store it reads at the generation it was opened at
 
     @classmethod
     def at(cls, location: str, storage_options: Mapping[str, Any] | None = None,
@@ -618,8 +622,10 @@ class WholeStore(WrapperStore):
     def _with_store(self, store: Any) -> WholeStore:
         return type(self)(store, self.location, self.token, self.generation)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_seen": False}  # sent to another process: checked there again
+    @property
+    def _seen(self) -> bool:
+        """Whether this process found the store at the location at the generation it was opened at."""
+        return (self.location, self.generation) in _GENERATIONS_SEEN
 
     async def _check_generation(self, prototype: Any) -> None:
         """An OSError if the store this process sees at the location is not the one opened (another
@@ -633,7 +639,7 @@ class WholeStore(WrapperStore):
                           f"at another time: generation {seen} for {self.generation}): a Dask worker sees another "
                           f"copy at this path (a stale local copy, a cache), or the store was replaced; put one copy "
                           f"where every worker reads it, and open it again")
-        self._seen = True
+        _GENERATIONS_SEEN.add((self.location, self.generation))
 
     def __str__(self) -> str:
         return self.location

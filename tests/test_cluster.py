@@ -326,6 +326,8 @@ def test_a_scheduler_address_is_read_as_the_command_reads_it_and_a_closed_client
         client.close()
         with pytest.raises(ValueError, match=r"the distributed.Client given as scheduler is closed"):
             cca(x, x[:, :2], scheduler=client)
+        assert cluster.scheduler_address.startswith("inproc://")  # in-process: taken as it is
+        np.testing.assert_allclose(cca(x, x[:, :2], scheduler=cluster.scheduler_address)["rho"], [1, 1], atol=1e-6)
 
 
 def test_same_result_on_a_distributed_client():

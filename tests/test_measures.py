@@ -342,6 +342,13 @@ def test_dead_channels_change_neither_the_shape_metric_nor_predictivity():
     with_saturated = shape_metric(np.hstack([x.astype(np.float32), saturated]),
                                   np.hstack([y.astype(np.float32), saturated]), alpha=0.5, precision="float64")
     assert float(with_saturated["shape_distance"]) == pytest.approx(float(live32["shape_distance"]), abs=1e-6)
+    # a layer all of whose channels vary within their rounding keeps a scale: its ridge still acts
+    z = rng.standard_normal((1000, 4))
+    coarse = (3e5 + 0.02 * z).astype(np.float32)
+    target = z @ rng.standard_normal((4, 3)) + rng.standard_normal((1000, 3))
+    folds = list(compute_moments(coarse, target, folds=4, precision="float64").values())
+    ridged = [float(predictivity_from_folds(folds, ridge=ridge)["predictivity"]) for ridge in (0.0, 100.0)]
+    assert ridged[1] < ridged[0] - 1e-4
     for ridge in (0.1, 1.0):
         values = [predictivity_from_folds(list(compute_moments(a, y, folds=4, precision="float64").values()),
                                           ridge=ridge)["predictivity"] for a in (x, dead_x)]
