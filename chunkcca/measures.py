@@ -342,7 +342,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
         ρ = 0), ``coef_a`` (channel_a, component), ``coef_b`` (channel_b, component),
         ``pruned_a``/``pruned_b`` (zero-variance channels, coefficient 0), ``rank_a``/``rank_b``,
         ``rows``, ``rho_mean`` and ``r2_cca`` (over every frequency, for batched Moments, which also get
-        ``rho_freq_mean``).
+        ``rho_freq_mean``; a frequency where a side does not vary has no correlation: NaN there, left out of
+        the means, with a warning).
     """
     check_epsilon(epsilon)
     cov = _covariance(moments, "cca", batched=True)
@@ -361,6 +362,9 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     solved = stacked.pop("solved")  # where both sides vary: a frequency where one does not leaves the other's rank 0
     require_resolved(moments, "CCA", (np.where(solved, stacked["rank_a"], 1), np.where(solved, stacked["rank_b"], 1)),
                      (stacked["doubts_a"].max(), stacked["doubts_b"].max()))
+    if not solved.all():  # a frequency where a side has nothing (an upsampled map's highest): no correlation there
+        rho = np.where(solved[..., None], rho, np.nan)
+        _warn_unsolved_frequencies(moments, ~solved, dims)
     _warn_ill_conditioned(moments, (stacked["condition_a"].max(), stacked["condition_b"].max()))
     result = _with_layers(xr.Dataset(
         {
@@ -374,8 +378,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
             "rank_a": (dims, stacked["rank_a"], {"long_name": "rank of side a's covariance, as used"}),
             "rank_b": (dims, stacked["rank_b"], {"long_name": "rank of side b's covariance, as used"}),
             "rows": ((), np.int64(moments.n), {"long_name": "rows the statistics were computed from"}),
-            "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "mean canonical correlation"}),
-            "r2_cca": ((), (rho**2).mean() if rho.size else np.nan,
+            "rho_mean": ((), _of_defined(np.nanmean, rho, None), {"long_name": "mean canonical correlation"}),
+            "r2_cca": ((), _of_defined(np.nanmean, rho**2, None),
                        {"long_name": "mean squared canonical correlation (R²_CCA)"}),
         },
         coords={"component": np.arange(rho.shape[-1]), **_channel_coords(moments),
@@ -383,8 +387,24 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
         attrs={"measure": "cca", "epsilon": float(epsilon)},
     ), moments)
     if batch:
-        result["rho_freq_mean"] = (dims, rho.mean(axis=-1), {"long_name": "mean canonical correlation per frequency"})
+        result["rho_freq_mean"] = (dims, rho.mean(axis=-1), {"long_name": "mean canonical correlation per frequency "
+                                                                          "(NaN where a side does not vary)"})
     return result
+
+
+def _warn_unsolved_frequencies(moments: Moments, unsolved: np.ndarray, dims: Sequence[str]) -> None:
+    """Warn that CCA is undefined (NaN, left out of the means) at the frequencies ``unsolved`` (batch-shaped),
+    where a side does not vary, naming the side and the first such frequency by its labels."""
+    variance = np.diagonal(moments.scatter, axis1=-2, axis2=-1).real
+    first = tuple(int(i) for i in np.argwhere(unsolved)[0])
+    dead = [name or f"side {'ab'[side]}" for side, (name, part) in
+            enumerate(zip(moments.layers, moments.side_slices())) if not variance[first][part].any()]
+    labels = [moments.batch_labels[dim][i] if dim in moments.batch_labels else i for dim, i in zip(dims, first)]
+    where = ", ".join(f"{dim}={label}" for dim, label in zip(dims, labels))
+    warnings.warn(f"CCA is undefined at {int(unsolved.sum())} of {unsolved.size} frequencies, where "
+                  f"{' and '.join(map(repr, dead)) or 'a layer'} do{'es' if len(dead) == 1 else ''} not vary (the "
+                  f"first: {where}; a map upsampled by repeating its pixels has nothing at its highest frequencies): "
+                  f"rho is NaN there, left out of rho_mean and r2_cca", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 class UndefinedMeasure(ValueError):
@@ -923,7 +943,7 @@ def _warn_undefined(values: np.ndarray, fold_axis: int, measure: str, what: str,
                       stacklevel=user_stacklevel())
 
 
-def _of_defined(reduce: Callable[..., np.ndarray], values: np.ndarray, axis: int) -> np.ndarray:
+def _of_defined(reduce: Callable[..., np.ndarray], values: np.ndarray, axis: int | None) -> np.ndarray:
     """``reduce`` (``np.nanmean``, ``np.nanmedian``) of the defined values along ``axis``; NaN where none is (the
     warning is ``_warn_undefined``'s)."""
     with warnings.catch_warnings():

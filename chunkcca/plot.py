@@ -84,7 +84,8 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
                          vmax: float | None = None) -> Any:
     """Heatmap of the mean canonical correlation per spatial frequency of a ``spatial="dft"`` result.
 
-    Frequencies are shown in increasing order (zero in the middle). The title goes over the whole figure
+    Frequencies are shown in increasing order (zero in the middle); those where CCA is undefined (a layer does
+    not vary there: NaN) are light grey. The title goes over the whole figure
     when the plot makes the figure, else over ``ax``; the colour bar stops short of the axes' top, so the
     title does not run into it.
 
@@ -114,7 +115,8 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
     own_figure = ax is None
     if own_figure:
         _, ax = plt.subplots(figsize=(4.8, 4.0), layout="constrained")
-    image = ax.imshow(means.values, origin="lower", vmin=vmin, vmax=vmax, cmap="viridis",
+    image = ax.imshow(means.values, origin="lower", vmin=vmin, vmax=vmax,
+                      cmap=plt.get_cmap("viridis").with_extremes(bad="lightgrey"),
                       extent=(float(means.freq_w[0]) - 0.5, float(means.freq_w[-1]) + 0.5,
                               float(means.freq_h[0]) - 0.5, float(means.freq_h[-1]) + 0.5))
     ax.set_xlabel("frequency along width (cycles per map)")

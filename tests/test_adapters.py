@@ -407,6 +407,28 @@ def test_dft_of_channels_uniform_along_an_axis_counts_no_rounding_noise(precisio
     assert int(result["rank_b"].sel(freq_h=0, freq_w=0)) == 13
 
 
+def test_dft_frequencies_where_a_layer_does_not_vary_are_undefined_not_zero():
+    """A map upsampled by repeating its pixels (a decoder's nearest upsampling) has nothing at its highest
+    frequencies: ρ = 0 there was averaged into rho_mean (0.522 for the 0.682 of the frequencies where both
+    vary) and drawn as "uncorrelated", silently. Such frequencies are NaN, left out of the means, and warned of,
+    naming the layer and a frequency."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((500, 4, 4, 6))
+    a = np.maximum(np.repeat(np.repeat(z, 2, 1), 2, 2) @ rng.standard_normal((6, 8))
+                   + 0.5 * rng.standard_normal((500, 8, 8, 8)), 0)
+    b = np.repeat(np.repeat(np.maximum(z @ rng.standard_normal((6, 5)), 0), 2, 1), 2, 2)
+    layers = (xr.DataArray(a, dims=DIMS, name="a"), xr.DataArray(b, dims=DIMS, name="b"))
+    with pytest.warns(RuntimeWarning, match=r"CCA is undefined at 15 of 64 frequencies, where 'b' does not vary "
+                                            r"\(the first: freq_h=0, freq_w=-4; .*rho is NaN there"):
+        result = cca(*layers, spatial="dft", precision="float64")
+    undefined = np.isnan(result["rho_freq_mean"])
+    assert int(undefined.sum()) == 15 and bool((result["rank_b"].values[undefined.values] == 0).all())
+    want = dft_correlations(a, b)[~undefined.values]  # the frequencies where both vary
+    np.testing.assert_allclose(result["rho"].values[~undefined.values], want, atol=ATOL["float64"])
+    assert float(result["rho_mean"]) == pytest.approx(want.mean(), abs=1e-12)
+    assert float(result["r2_cca"]) == pytest.approx((want**2).mean(), abs=1e-12)
+
+
 def test_dft_matches_reference_golden():
     """Golden: the reference's fft_resize (complex64) and get_cca_similarity per frequency."""
     golden = np.load(GOLDEN / "conv_dft.npz")
