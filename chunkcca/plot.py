@@ -130,7 +130,9 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
                     title: str | None = None, vmin: float | None = None, vmax: float | None = None) -> Any:
     """Heatmap (layer_a × layer_b) of one measure of [`chunkcca.similarity()`][chunkcca.similarity].
 
-    Cell labels are dark on light cells and light on dark cells; undefined (NaN) pairs read "n/a".
+    Cell labels are dark on light cells and light on dark cells; undefined (NaN) pairs read "n/a". Brighter
+    is more alike: for a distance (Procrustes, the shape metric) the colour map runs the other way, as its
+    colour bar says.
 
     Parameters
     ----------
@@ -178,7 +180,9 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
     if own_figure:
         width = max(1.6 + 0.7 * values.sizes["layer_b"], 4.4, 0.1 * len(title))  # ~0.1 inch a title character
         _, ax = plt.subplots(figsize=(width, max(1.0 + 0.6 * values.sizes["layer_a"], 3.4)), layout="constrained")
-    cmap = plt.get_cmap("magma").with_extremes(bad="lightgrey")
+    # brighter is more alike for distances too (Procrustes, shape): their colour map runs the other way
+    distance = "distance" in str(values.attrs.get("long_name", ""))
+    cmap = plt.get_cmap("magma_r" if distance else "magma").with_extremes(bad="lightgrey")
     image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(values.sizes["layer_b"]), [str(v) for v in values["layer_b"].values], rotation=45, ha="right")
     ax.set_yticks(range(values.sizes["layer_a"]), [str(v) for v in values["layer_a"].values])
@@ -189,7 +193,7 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
             dark_cell = _luminance(cmap(image.norm(value))) < 0.18  # where white text contrasts more than black
             ax.text(j, i, f"{value:.2f}" if np.isfinite(value) else "n/a", ha="center", va="center",
                     color="white" if dark_cell else "black", fontsize="small")
-    _colorbar(ax, image, measure)
+    _colorbar(ax, image, f"{measure} (a distance: brighter is more alike)" if distance else measure)
     _title(ax, title, own_figure)
     return ax
 

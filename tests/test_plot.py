@@ -139,6 +139,18 @@ def test_similarity_labels_undefined_pairs():
     plot_similarity(_sweep(np.full((2, 2), np.nan)))  # nothing defined: no crash
 
 
+def test_distances_are_drawn_brighter_where_more_alike_as_similarities_are():
+    """One colour map for similarities and distances made bright mean alike for CKA and unlike for Procrustes,
+    with nothing saying so. A distance's map runs the other way, and its colour bar says it is a distance."""
+    sweep = _sweep(np.array([[0.1, 0.9]])).assign(
+        procrustes=(("layer_a", "layer_b"), np.array([[0.1, 0.9]]), {"long_name": "orthogonal Procrustes distance"}))
+    for measure, alike in (("cka", 1), ("procrustes", 0)):  # the more alike pair: CKA 0.9, distance 0.1
+        ax = plot_similarity(sweep, measure)
+        cells = [_luminance(ax.images[0].cmap(ax.images[0].norm(value))) for value in (0.1, 0.9)]
+        assert cells[alike] > cells[1 - alike]
+        assert ("a distance: brighter is more alike" in ax.figure.axes[-1].get_ylabel()) == (measure == "procrustes")
+
+
 def test_similarity_still_defaults_to_the_first_measure_asked():
     sweep = _sweep(np.array([[0.2, 0.4]])).assign(svcca=(("layer_a", "layer_b"), np.array([[0.3, 0.5]])))
     sweep.attrs["measures"] = "svcca,cka"
