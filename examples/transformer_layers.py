@@ -102,12 +102,16 @@ def main() -> None:
     model0 = [tree[f"model0/layer{i}"] for i in range(LAYERS)]
     model1 = [tree[f"model1/layer{i}"] for i in range(LAYERS)]
     figure, axes = plt.subplots(2, 4, figsize=(16, 7.5), layout="constrained")
-    for column, spatial in enumerate(("flatten", "avgpool", "first", "last")):
-        sweep = chunkcca.similarity(model0, model1, measures=["cka", "mean_cca"], spatial=spatial)
+    sweeps = {spatial: chunkcca.similarity(model0, model1, measures=["cka", "mean_cca"], spatial=spatial)
+              for spatial in ("flatten", "avgpool", "first", "last")}
+    for column, (spatial, sweep) in enumerate(sweeps.items()):
         print(f"{spatial}: CKA on the diagonal {np.round(np.diag(sweep['cka'].values), 3).tolist()}, "
               f"mean CCA {np.round(np.diag(sweep['mean_cca'].values), 3).tolist()}")
         for row, measure in enumerate(("cka", "mean_cca")):
-            plot_similarity(sweep, measure, ax=axes[row, column], title=f"{measure}, {spatial}")
+            # one colour range per measure across the four modes, so that their panels compare by colour too
+            values = np.concatenate([other[measure].values.ravel() for other in sweeps.values()])
+            plot_similarity(sweep, measure, ax=axes[row, column], title=f"{measure}, {spatial}",
+                            vmin=float(np.nanmin(values)), vmax=float(np.nanmax(values)))
     figure.suptitle("two transformer encoders (seeds 0 and 1), layer by layer, on padded digit sequences")
     figure.savefig(out / "transformer_layers.png", dpi=90)
     plt.close(figure)
