@@ -41,6 +41,11 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
 
     if isinstance(results, xr.Dataset):
         results = {results.attrs.get("layer_a", "a") + " vs " + results.attrs.get("layer_b", "b"): results}
+    if not isinstance(results, Mapping) or "cca_coef1" in results:  # get_cca_similarity's dict: no labels
+        raise TypeError(f"plot_rho draws results of chunkcca.cca() or compare() (xarray Datasets), or a dict of "
+                        f"them by label; got {type(results).__name__}"
+                        + (" of google/svcca's keys: draw chunkcca.cca(a, b) of the same layers (the same ρ)"
+                           if isinstance(results, Mapping) else ""))
     curves = {name: _with_dims(rho, ("component",), f"plot_rho: the {variable} of {label!r}")
               for label, result in results.items() for name, variable, rho in rho_curves(label, result)}
     if ax is None:

@@ -83,6 +83,15 @@ def test_rho_styles_stay_distinct_for_the_demos_four_curves_and_across_calls_on_
     assert len(set(styles)) == 5
 
 
+def test_rho_names_what_it_draws_when_given_google_svccas_dict():
+    """plot_rho(compat.get_cca_similarity(...)) failed with "'numpy.ndarray' object has no attribute 'attrs'"."""
+    with pytest.raises(TypeError, match=r"plot_rho draws results of chunkcca.cca\(\) or compare\(\) .* got dict of "
+                                        r"google/svcca's keys"):
+        plot_rho({"cca_coef1": np.array([0.9, 0.5]), "mean": (0.7, 0.7)})
+    with pytest.raises(TypeError, match="got ndarray"):
+        plot_rho(np.array([0.9, 0.5]))
+
+
 def test_rho_takes_a_single_result():
     ax = plot_rho(_rho(np.array([0.9, 0.5, 0.1]), layer_a="conv1", layer_b="conv2"), title="one")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["conv1 vs conv2 (mean 0.500)"]
