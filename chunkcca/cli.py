@@ -209,8 +209,9 @@ def _add_solve_options(parser: argparse.ArgumentParser) -> None:
     """The measures' own options; only those given are passed on (one no chosen measure reads is an error)."""
     parser.add_argument("--epsilon", type=float, help="ridge for CCA-family measures (default 0)")
     parser.add_argument("--keep", type=float, help="svcca: the share of each side's variance its kept directions "
-                                                   "hold (default 0.99)")
-    parser.add_argument("--keep-by", choices=KEEP_BY, help="svcca: count variance (default) or singular values")
+                                                   "hold (default 0.99); with --keep-by directions, their number")
+    parser.add_argument("--keep-by", choices=KEEP_BY, help="svcca: count variance (default) or singular values, or "
+                                                         "keep a number of directions")
     parser.add_argument("--alpha", type=float, help="shape: partial whitening, 0 (CCA-like) to 1 (Procrustes-like; "
                                                     "default)")
 

@@ -526,18 +526,20 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int, bool]:
-    """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values,
-    and no more than the side's rank (counted on its correlation matrix, so rounding of float32 products is
-    not taken for directions whatever the channels' units), that rank, and whether it limited them (``keep``
-    < 1: with ``keep`` ≥ 1 SVCCA is CCA, ``svcca_from_moments``)."""
+    """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values
+    (or the first ``keep`` of them, ``keep_by="directions"``), and no more than the side's rank (counted on its
+    correlation matrix, so rounding of float32 products is not taken for directions whatever the channels'
+    units), that rank, and whether it limited them (``keep`` < 1: with ``keep`` ≥ 1 of a share SVCCA is CCA,
+    ``svcca_from_moments``)."""
     values, vectors = np.linalg.eigh(cov)
     values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
-    weights = values if keep_by == "variance" else np.sqrt(values)
+    weights = values if keep_by != "singular_values" else np.sqrt(values)
     total = weights.sum()
     if total == 0:
         return vectors[:, :0], 0, False
     # a share within the prefix sums' rounding (p ulps) of ``keep`` reaches it
-    count = int(np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
+    count = int(keep) if keep_by == "directions" else int(
+        np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
     rank = _correlation_rank(cov, floor)
     return vectors[:, : min(count, rank, int((values > 0).sum()))], rank, count > rank
 
@@ -575,6 +577,13 @@ def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float,
     ), moments)
 
 
+def _kept_name(side: str, keep: float, keep_by: str) -> str:
+    """The long_name of SVCCA's ``dims_<side>``."""
+    if keep_by == "directions":
+        return f"principal directions of side {side} kept: the first {keep}, fewer where its rank is lower"
+    return f"directions of side {side} holding {keep} of the {keep_by}"
+
+
 def _told_as_svcca(solve: Callable[[], xr.Dataset]) -> xr.Dataset:
     """``solve()``, a CCA solve standing for SVCCA, its warnings (those before an error too) told as SVCCA's."""
     caught: list[warnings.WarningMessage] = []
@@ -598,10 +607,13 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
         Two-sided Moments, e.g. from [`compute_moments()`][chunkcca.compute_moments] or loaded with
         [`Moments.load`][chunkcca.Moments.load].
     keep
-        The share, in (0, 1], of each side's variance (or singular values) its kept directions hold.
+        The share, in (0, 1], of each side's variance (or singular values) its kept directions hold; with
+        ``keep_by="directions"``, the number of principal directions each side keeps (an integer >= 1; fewer
+        where its rank is lower), as the google/svcca tutorials' "top 50".
     keep_by
         "variance" counts eigenvalues of the covariance (variance explained), "singular_values" their
-        square roots (the singular values of the centred data, as google/svcca's SVD step).
+        square roots (the singular values of the centred data, as google/svcca's SVD step), "directions"
+        makes ``keep`` a count.
     epsilon
         Ridge of the CCA on the kept directions, >= 0.
 
@@ -618,10 +630,10 @@ def _svcca(moments: Moments, keep: float, keep_by: str, epsilon: float,
            solve_all: Callable[[], xr.Dataset] | None = None) -> xr.Dataset:
     """``svcca_from_moments()``; with ``keep`` = 1 (CCA) ``solve_all`` gives the CCA of the Moments with
     ``epsilon`` where it is computed already (a pair's, ``PairSolves.cca``, its warnings said)."""
-    SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon)
+    keep = SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon).keep  # a count of directions as an int
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     require_variance(moments, "SVCCA")
-    if keep >= 1:  # every direction up to the rank, however small its share: CCA, its checks and warnings too
+    if keep >= 1 and keep_by != "directions":  # every direction up to the rank: CCA, its checks and warnings too
         # (by covariance, a rounding direction of 4e-15 outranked a real one of 1e-18 in a channel of units 1e-9)
         return _svcca_of_all(moments, keep_by, float(epsilon), solve_all)
     with solve_threads(moments.channels):
@@ -648,13 +660,13 @@ def _svcca(moments: Moments, keep: float, keep_by: str, epsilon: float,
             "coef_b": (("channel_b", "component"), basis_b @ solved["coef_b"]),
             "rank_a": ((), np.int64(solved["rank_a"]), {"long_name": "rank of side a's kept directions, as used"}),
             "rank_b": ((), np.int64(solved["rank_b"]), {"long_name": "rank of side b's kept directions, as used"}),
-            "dims_a": ((), np.int64(ka), {"long_name": f"directions of side a holding {keep} of the {keep_by}"}),
-            "dims_b": ((), np.int64(kb), {"long_name": f"directions of side b holding {keep} of the {keep_by}"}),
+            "dims_a": ((), np.int64(ka), {"long_name": _kept_name("a", keep, keep_by)}),
+            "dims_b": ((), np.int64(kb), {"long_name": _kept_name("b", keep, keep_by)}),
             "rows": ((), np.int64(moments.n)),
             "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"}),
         },
         coords={"component": np.arange(rho.size), **_channel_coords(moments)},
-        attrs={"measure": "svcca", "keep": float(keep), "keep_by": keep_by, "epsilon": float(epsilon)},
+        attrs={"measure": "svcca", "keep": keep, "keep_by": keep_by, "epsilon": float(epsilon)},
     ), moments)
 
 

@@ -29,7 +29,7 @@ ProductPrecision = Literal["float32", "float64"]
 Method = Literal["linear", "nearest", "cubic"]
 Grid = Literal["coords", "svcca"]
 NanPolicy = Literal["raise", "omit"]
-KeepBy = Literal["variance", "singular_values"]
+KeepBy = Literal["variance", "singular_values", "directions"]
 
 SPATIAL: tuple[str, ...] = get_args(Spatial)
 #: The adapters that give one set of statistics per spatial frequency (batch dims) rather than one.
@@ -459,10 +459,12 @@ class SolveOptions:
     epsilon : float
         Ridge added to the diagonal of each side's covariance (CCA, SVCCA, PWCCA); >= 0.
     keep : float
-        SVCCA: each side keeps the fewest principal directions holding this share, in (0, 1].
-    keep_by : {"variance", "singular_values"}
+        SVCCA: each side keeps the fewest principal directions holding this share, in (0, 1]; with
+        ``keep_by="directions"``, this many (an integer >= 1; fewer where a side's rank is lower).
+    keep_by : {"variance", "singular_values", "directions"}
         SVCCA: ``keep`` counts variance (eigenvalues of the covariance) or singular values of the
-        centred data (their square roots, as google/svcca's SVD step).
+        centred data (their square roots, as google/svcca's SVD step), or is a number of directions (the
+        tutorials' "top 50").
     alpha : float
         Shape metric: partial whitening, 0 (CCA-like) to 1 (Procrustes-like).
     ridge : float or sequence of float
@@ -483,8 +485,15 @@ class SolveOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilon", check_epsilon(self.epsilon))
-        object.__setattr__(self, "keep", check_number("keep", self.keep, 0.0, 1.0, low_open=True))
         check_choice("keep_by", self.keep_by, KEEP_BY)
+        if self.keep_by == "directions":  # a count: 50.0 from the command line is 50
+            count = check_number("keep", self.keep, 1.0)
+            if count != int(count):
+                raise ValueError(f"keep with keep_by='directions' is a number of directions, an integer >= 1, got "
+                                 f"{self.keep!r}")
+            object.__setattr__(self, "keep", int(count))
+        else:
+            object.__setattr__(self, "keep", check_number("keep", self.keep, 0.0, 1.0, low_open=True))
         object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0.0, 1.0))
         ridges = self.ridge if isinstance(self.ridge, (list, tuple, np.ndarray)) else (self.ridge,)
         if not len(ridges):

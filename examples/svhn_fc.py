@@ -50,6 +50,8 @@ noise = np.random.default_rng(0).standard_normal(b["activations"].shape).astype(
 results["SVCCA vs Gaussian noise"] = chunkcca.svcca(a, noise, keep=0.99, precision="float64")
 for label, result in results.items():
     print(f"{label}: mean rho {float(result['rho_mean']):.4f}")
+top = chunkcca.svcca_from_moments(moments, keep=50, keep_by="directions")  # the tutorial's SVD, top 50 per side
+print(f"SVCCA (top 50 directions, as the tutorial): mean rho {float(top['rho_mean']):.4f}")
 print(f"PWCCA {float(chunkcca.pwcca_from_moments(moments)['pwcca']):.4f}, "
       f"CKA {float(chunkcca.cka_from_moments(moments)['cka']):.4f}, "
       f"debiased CKA {float(chunkcca.cka_from_moments(moments, debiased=True)['cka']):.4f}")

@@ -106,12 +106,15 @@ def _centred(a: np.ndarray) -> np.ndarray:
 
 def svcca_reference(x: np.ndarray, y: np.ndarray, keep: float, keep_by: str) -> tuple[np.ndarray, int, int]:
     """SVCCA from SVDs of the centred data: the fewest right singular directions holding ``keep`` of
-    the squared singular values ("variance") or of the singular values, then QR-based CCA."""
+    the squared singular values ("variance") or of the singular values (or the first ``keep``, "directions"),
+    then QR-based CCA."""
     reduced = []
     for side in (x, y):
         _, s, vt = np.linalg.svd(_centred(side), full_matrices=False)
         weights = s**2 if keep_by == "variance" else s
-        if keep >= 1:  # every direction with variance: the rank
+        if keep_by == "directions":  # the tutorials' "top k" singular directions
+            k = min(int(keep), int((s > s[0] * max(side.shape) * np.finfo(float).eps).sum()))
+        elif keep >= 1:  # every direction with variance: the rank
             k = int((s > s[0] * max(side.shape) * np.finfo(float).eps).sum())
         else:
             k = int(np.argmax(np.cumsum(weights) / weights.sum() >= keep - 1e-12)) + 1

@@ -61,6 +61,7 @@ def test_svhn_fc(tmp_path):
         pytest.skip("real SVHN activations absent (../shared/data, or the folder CHUNKCCA_TEST_DATA names)")
     out = _run(str(EXAMPLES / "svhn_fc.py"), str(svhn), "--out", str(tmp_path), cwd=tmp_path)
     assert "CCA: mean rho 0.5482" in out and "SVCCA (99% variance): mean rho 0.5500" in out
+    assert "SVCCA (top 50 directions, as the tutorial): mean rho 0.6985" in out  # google/svcca's tutorial: 0.6985
     assert (tmp_path / "svhn_fc.png").exists()
 
 

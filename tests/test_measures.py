@@ -54,6 +54,22 @@ def test_svcca_matches_in_memory(keep, keep_by):
     assert float(result["rho_mean"]) == pytest.approx(want.mean(), abs=ATOL)
 
 
+@pytest.mark.parametrize("keep", [1, 3, 5, 50])
+def test_svcca_keeps_a_number_of_directions_as_the_tutorials_do(keep):
+    """google/svcca's tutorials keep the top 50 singular directions, which a share could not say (the SVHN
+    tutorial's 0.6985 was out of reach): ``keep_by="directions"`` keeps the first ``keep`` (all of a side's rank
+    where it has fewer), as an SVD of the centred data does; a count that is not a whole number is refused."""
+    x, y = _pair(0)
+    result = svcca(_chunked(x, 37), y, keep=keep, keep_by="directions", precision="float64")
+    want, dims_a, dims_b = svcca_reference(x, y, keep, "directions")
+    assert (int(result["dims_a"]), int(result["dims_b"])) == (dims_a, dims_b) == (min(keep, 6), min(keep, 4))
+    np.testing.assert_allclose(result["rho"], want, atol=ATOL)
+    assert result.attrs["keep"] == keep and "the first" in result["dims_a"].attrs["long_name"]
+    with pytest.raises(ValueError, match=r"keep with keep_by='directions' is a number of directions, an integer "
+                                         r">= 1, got 2.5"):
+        svcca(x, y, keep=2.5, keep_by="directions")
+
+
 def test_svcca_keep_all_is_cca_and_reports_zero_variance_channels():
     x, y = _pair(1)
     x[:, 2] = 4.0
