@@ -493,7 +493,13 @@ class SolveOptions:
                                  f"{self.keep!r}")
             object.__setattr__(self, "keep", int(count))
         else:
-            object.__setattr__(self, "keep", check_number("keep", self.keep, 0.0, 1.0, low_open=True))
+            try:
+                object.__setattr__(self, "keep", check_number("keep", self.keep, 0.0, 1.0, low_open=True))
+            except ValueError as error:
+                if isinstance(self.keep, (int, float, np.integer, np.floating)) and self.keep > 1:
+                    raise ValueError(f"{error}: a share of the {self.keep_by}; to keep a number of directions, pass "
+                                     f"keep_by='directions'") from None
+                raise
         object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0.0, 1.0))
         ridges = self.ridge if isinstance(self.ridge, (list, tuple, np.ndarray)) else (self.ridge,)
         if not len(ridges):

@@ -597,9 +597,11 @@ def test_measures_reject_dft_and_bad_parameters():
     with pytest.raises(ValueError, match=r"cka\(\) does not work per spatial frequency \(spatial='dft'\); with "
                                          r"spatial='dft' choose from mean_cca, r2_cca"):
         cka(x, y, spatial="dft")
-    with pytest.raises(ValueError, match=r"keep must be in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"keep must be in \(0, 1\], got 1.5: a share of the variance; to keep a "
+                                         r"number of directions, pass keep_by='directions'"):
         svcca(x, y, keep=1.5)
-    with pytest.raises(ValueError, match="keep_by must be one of 'variance', 'singular_values', got 'energy'"):
+    with pytest.raises(ValueError, match="keep_by must be one of 'variance', 'singular_values', 'directions', got "
+                                         "'energy'"):
         svcca(x, y, keep_by="energy")
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
         shape_metric(x, y, alpha=2)
