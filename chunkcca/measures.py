@@ -482,10 +482,12 @@ def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
         given = ("a dict (compute_moments gives one per group or fold: pass one of its Moments, or their sum)"
                  if isinstance(moments, Mapping) else type(moments).__name__)
         raise TypeError(f"{name} solves Moments, got {given}")
-    if len(moments.sizes) != 2 or (moments.batch_shape and not batched):
+    complex_rows = np.iscomplexobj(moments.scatter)  # one frequency of dft Moments (m[i, j]) is unbatched
+    if len(moments.sizes) != 2 or ((moments.batch_shape or complex_rows) and not batched):
         raise ValueError(f"{name} compares two sides of {'' if batched else 'real, unbatched '}Moments (got sides "
-                         f"{moments.sizes}, batch {moments.batch_shape})"
-                         + ("" if batched else "; spatial='dft' is offered by cca only"))
+                         f"{moments.sizes}, batch {moments.batch_shape}{', complex' if complex_rows else ''})"
+                         + ("" if batched else "; spatial='dft' (and its frequencies, m[i, j]) is offered by cca "
+                                               "only"))
     cov = moments.covariance()
     if not np.all(np.isfinite(cov)):
         advice = " (use precision='float64', --precision float64)" if moments.precision == "float32" else ""
@@ -701,6 +703,14 @@ def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0, solved: xr.Dat
     """
     _covariance(moments, "pwcca", batched=False)
     cca_result = cca_from_moments(moments, epsilon=epsilon) if solved is None else solved
+    if solved is not None and not (isinstance(solved, xr.Dataset) and solved.attrs.get("measure") == "cca"
+                                   and solved.attrs.get("epsilon") == float(epsilon)
+                                   and solved["coef_a"].shape == (moments.sizes[0], min(moments.sizes))
+                                   and solved["coef_b"].shape == (moments.sizes[1], min(moments.sizes))):
+        raise ValueError(f"solved must be cca_from_moments() of these Moments with epsilon={float(epsilon):g} (its "
+                         f"attrs say epsilon "
+                         f"{solved.attrs.get('epsilon') if isinstance(solved, xr.Dataset) else type(solved).__name__}"
+                         f"; its coefficients must be of {moments.sizes} channels)")
     use_a = int((~cca_result["pruned_a"]).sum()) <= int((~cca_result["pruned_b"]).sum())
     part = moments.side_slices()[0 if use_a else 1]
     coef = cca_result["coef_a" if use_a else "coef_b"].values
@@ -914,9 +924,11 @@ def _check_folds(folds: Sequence[Moments], measure: str, names: Sequence[Any]) -
     compared them)."""
     if len(folds) < 2:
         raise ValueError(f"{measure} needs folds=K with K >= 2")
-    if folds[0].batch_shape or len(folds[0].sizes) != 2:  # dft's failed inside numpy's einsum
+    complex_rows = np.iscomplexobj(folds[0].scatter)  # one frequency of dft Moments (m[i, j]) is unbatched
+    if folds[0].batch_shape or complex_rows or len(folds[0].sizes) != 2:  # dft's failed inside numpy's einsum
         raise ValueError(f"{measure} compares two sides of real, unbatched Moments (got sides {folds[0].sizes}, batch "
-                         f"{folds[0].batch_shape}); spatial='dft' is offered by cca only")
+                         f"{folds[0].batch_shape}{', complex' if complex_rows else ''}); spatial='dft' (and its "
+                         f"frequencies, m[i, j]) is offered by cca only")
     for name, fold in zip(names[1:], folds[1:]):
         try:
             folds[0].check_mergeable(fold)

@@ -626,8 +626,24 @@ def test_epsilon_and_interp_options_reach_every_measure():
     pooled = conv.reshape(40, 2, 2, 2, 2, 3).mean(axis=(2, 4))
     result = svcca(conv, pooled, spatial="interp", method="nearest", precision="float64")
     assert result.attrs["method"] == "nearest" and result.attrs["grid"] == "coords"
+    spectra = compute_moments(conv, pooled, spatial="dft", precision="float64")
     with pytest.raises(ValueError, match="pwcca compares two sides of real, unbatched Moments"):
-        pwcca_from_moments(compute_moments(conv, pooled, spatial="dft", precision="float64"))
+        pwcca_from_moments(spectra)
+    # one frequency (m[i, j]) is unbatched but complex: CKA took its real part (0.519 for 0.522), silently
+    for solve in (chunkcca.cka_from_moments, svcca_from_moments, pwcca_from_moments,
+                  chunkcca.shape_metric_from_moments, chunkcca.procrustes_from_moments):
+        with pytest.raises(ValueError, match=r"compares two sides of real, unbatched Moments \(got sides \(3, 3\), "
+                                             r"batch \(\), complex\)"):
+            solve(spectra[1, 1])
+    assert float(chunkcca.cca_from_moments(spectra[1, 1])["rho_mean"]) == pytest.approx(
+        float(chunkcca.cca_from_moments(spectra)["rho_freq_mean"][1, 1]), abs=1e-12)
+    # pwcca's solved= is of these Moments and this epsilon (a result at epsilon 0 was labelled 0.5: 0.73 for 0.54)
+    with pytest.raises(ValueError, match=r"solved must be cca_from_moments\(\) of these Moments with epsilon=0.5"):
+        pwcca_from_moments(moments, epsilon=0.5, solved=chunkcca.cca_from_moments(moments))
+    with pytest.raises(ValueError, match="solved must be"):
+        pwcca_from_moments(moments, solved="x")
+    assert float(pwcca_from_moments(moments, epsilon=0.5, solved=chunkcca.cca_from_moments(moments, epsilon=0.5))[
+        "pwcca"]) == pytest.approx(float(pwcca_from_moments(moments, epsilon=0.5)["pwcca"]), abs=1e-15)
 
 
 def test_minibatch_cka_refuses_checkpoints_by_name():
