@@ -429,8 +429,8 @@ def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) 
     Moments or dict
         With ``groupby`` or ``folds``: a dict group label (fold number) → that group's Moments, in label
         order, whose merge ``sum(...)`` (or ``m1 + m2 + …``) is the full data's. Each can be saved, merged and
-        solved later, e.g. with ``heldout_cca_from_folds(list(d.values()))``. Otherwise one Moments, which
-        can be saved, merged with the Moments of more datapoints (``m1 + m2``) and solved with
+        solved later, e.g. with ``chunkcca.measures.heldout_cca_from_folds(list(d.values()))``. Otherwise one
+        Moments, which can be saved, merged with the Moments of more datapoints (``m1 + m2``) and solved with
         [`chunkcca.cca_from_moments()`][chunkcca.cca_from_moments] and the other ``*_from_moments``. For
         ``spatial="dft"`` it
         has batch dims (freq_h, freq_w) and complex statistics.

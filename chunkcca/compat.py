@@ -81,6 +81,14 @@ def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
     return np.dot(vectors, np.dot(np.diag(np.sqrt(np.clip(values, 0, None))), np.conj(vectors).T))
 
 
+def _check_switches(**switches: Any) -> None:
+    """google/svcca's on/off arguments, which it reads with ``if``: True/False or 0/1 (``verbose=0`` as its
+    tutorials pass it); anything else ("no", which ``if`` takes as on) is a TypeError naming the argument."""
+    for name, value in switches.items():
+        if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1))):
+            raise TypeError(f"{name} must be True or False (or 1 or 0), got {value!r}")
+
+
 def _check(epsilon: Any, precision: Any) -> None:
     """Before any work: ``epsilon`` and a precision of ``PRECISIONS`` (google/svcca's functions have no "auto")."""
     check_epsilon(epsilon)
@@ -187,6 +195,7 @@ def get_cca_similarity(acts1: Any, acts2: Any, epsilon: float = 0.0, threshold: 
         for Dask input).
     """
     _check_threshold(threshold)
+    _check_switches(compute_coefs=compute_coefs, compute_dirns=compute_dirns, verbose=verbose)
     # verbose=0 or 1 as the reference takes it (``if verbose``)
     options = _options(epsilon, precision, scheduler, memory_limit, progress=bool(verbose))
     if verbose:
@@ -408,7 +417,7 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
         Add the per-frequency complex coefficient keys of
         [`get_cca_similarity()`][chunkcca.compat.get_cca_similarity].
     compute_dirns
-        Refused (see below).
+        Refused (see above).
     verbose
         Print the steps and a progress bar.
     epsilon, threshold, precision, scheduler, memory_limit
@@ -423,6 +432,7 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
     """
     import pandas as pd
 
+    _check_switches(return_coefs=return_coefs, compute_dirns=compute_dirns, verbose=verbose)
     if compute_dirns:
         raise ValueError("fourier_ccas does not offer compute_dirns: the reference's inverse DFT of "
                          "(neurons, datapoints) directions has no spatial meaning; use chunkcca.cca(spatial='dft')")

@@ -1277,6 +1277,9 @@ def check_measures(measures: Any, *, batched: bool = False, where: str | None = 
     """``measures`` as a tuple of known names, at least one and none twice; with ``batched`` (per-frequency
     Moments) only measures that work per frequency. A ValueError naming the measure (or ``where``, the function
     computing it) at fault."""
+    if not isinstance(measures, (str, list, tuple)):  # None gave "'NoneType' object is not iterable"
+        raise TypeError(f"measures must be a measure's name or a list of them, got {type(measures).__name__}; "
+                        f"choose from {', '.join(MEASURES)}")
     names = (measures,) if isinstance(measures, str) else tuple(measures)
     if not names:
         raise ValueError(f"no measure given; choose one or more from {', '.join(MEASURES)}")

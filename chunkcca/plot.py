@@ -221,7 +221,10 @@ def _colour_range(data: np.ndarray, vmin: float | None, vmax: float | None) -> t
     finite = finite[np.isfinite(finite)]
     low = float(finite.min()) if finite.size else 0.0
     high = float(finite.max()) if finite.size else 1.0
-    return (low if vmin is None else float(vmin)), (high if vmax is None else float(vmax))
+    low, high = (low if vmin is None else float(vmin)), (high if vmax is None else float(vmax))
+    if vmin is not None and vmax is not None and not low <= high:  # matplotlib refused it once the figure was made
+        raise ValueError(f"vmin must be at most vmax, got vmin={vmin!r}, vmax={vmax!r}")
+    return low, high
 
 
 def _colorbar(ax: Any, image: Any, name: str) -> Any:

@@ -141,6 +141,9 @@ def test_verbose_prints_steps(capsys):
         (np.ones((2, 40)), np.ones((2, 40)), {"epsilon": -1.0}, "epsilon must be a finite number >= 0"),
         (np.ones((2, 40)), np.ones((2, 40)), {"threshold": 1.5}, "threshold must be between 0 and 1"),
         (np.ones((2, 40), dtype=bool), np.ones((2, 40)), {}, "layer 'acts1' has dtype bool"),
+        # taken as on by the reference's ``if``, silently
+        (np.ones((2, 40)), np.ones((2, 40)), {"compute_coefs": "no"}, r"compute_coefs must be True or False \(or 1 "),
+        (np.ones((2, 40)), np.ones((2, 40)), {"compute_dirns": "no"}, "compute_dirns must be True or False"),
     ],
 )
 def test_bad_input(acts1, acts2, kwargs, message):

@@ -600,6 +600,8 @@ def test_measures_reject_dft_and_bad_parameters():
     with pytest.raises(ValueError, match=r"keep must be in \(0, 1\], got 1.5: a share of the variance; to keep a "
                                          r"number of directions, pass keep_by='directions'"):
         svcca(x, y, keep=1.5)
+    with pytest.raises(TypeError, match=r"measures must be a measure's name or a list of them, got NoneType"):
+        compare(x, y, measures=None)
     with pytest.raises(ValueError, match="keep_by must be one of 'variance', 'singular_values', 'directions', got "
                                          "'energy'"):
         svcca(x, y, keep_by="energy")

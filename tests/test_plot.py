@@ -130,6 +130,15 @@ def test_similarity_takes_a_colour_range_and_a_title():
     assert ax.figure.get_suptitle() == "" and ax.get_title() == ""
 
 
+def test_a_colour_range_upside_down_is_refused_before_drawing():
+    """vmin above vmax failed inside matplotlib, once the figure was made."""
+    with pytest.raises(ValueError, match=r"vmin must be at most vmax, got vmin=0.5, vmax=0.2"):
+        plot_similarity(_sweep(np.array([[0.21, 0.5]])), vmin=0.5, vmax=0.2)
+    with pytest.raises(ValueError, match="vmin must be at most vmax"):
+        plot_frequency_means(_frequencies(np.random.default_rng(0).random((4, 4))), vmin=1, vmax=0)
+    assert not plt.get_fignums()
+
+
 def test_a_colour_range_of_one_value_is_stated_as_drawn():
     """One value throughout (every pair 1.0): matplotlib draws the bar from 0.9 to 1.1, and the label said
     "colour range 1.00 to 1.00"; it states the range drawn."""
