@@ -442,6 +442,10 @@ def test_dft_refuses_what_would_not_fit_the_memory_limit(conv_pool):
     with pytest.raises(ValueError, match=r"'net0/conv2' and 'net1/pool2': 9\^2 complex statistics at each of 64 "
                                          r"spatial frequencies = 99.00 kiB per partial.* over memory_limit"):
         cca(conv, pool, spatial="dft", memory_limit=3 * partial)  # the partials alone, without the chunk's work
+    with pytest.raises(ValueError, match=r"read smaller chunks$"):  # it advised avgpool to avgpool's refusal
+        cca(conv, pool, spatial="avgpool", memory_limit=1)
+    with pytest.raises(ValueError, match=r"or use spatial='avgpool' or 'interp' \(--spatial: one set of statistics"):
+        cca(conv, pool, spatial="dft", memory_limit=1)
     result = cca(conv, pool, spatial="dft", memory_limit="16MiB", precision="float64")
     assert result["rho"].shape == (8, 8, 4)
 
