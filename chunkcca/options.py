@@ -301,6 +301,9 @@ class StreamOptions:
         refused, naming the layers and sizes. It bounds the arrays a pass allocates (the tests trace
         them); the process's resident memory adds the interpreter and its libraries (about 120 MiB with
         a store open), the libraries' own buffers and what the allocator keeps (measured up to 11% of the limit).
+        Not counted yet: the buffers of a chunk while zarr reads it from a compressed store (its compressed
+        bytes and a decoded copy, about twice the chunk), which took runs at limits of 17–40 MiB to 1.2–2.8
+        times them (flat in datapoints; a fixed few tens of MiB at the default).
     scheduler
         The Dask scheduler: None (the active one: a current ``distributed.Client``, else the local
         threads), "threads", "synchronous", "processes", a ``distributed.Client`` or an address.
