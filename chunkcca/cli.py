@@ -655,6 +655,11 @@ def _note_zero_components(result: xr.Dataset, channels_a: int, channels_b: int) 
     """Say when the layers' ranks leave canonical correlations of 0 that mean_cca and r2_cca count (constant or
     linearly dependent channels: dead units)."""
     ranks_a, ranks_b = result["rank_a"].values, result["rank_b"].values
+    if "rho_freq_mean" in result:  # dft: frequencies where CCA is undefined are NaN, in no mean
+        defined = ~np.isnan(result["rho_freq_mean"].values)
+        ranks_a, ranks_b = ranks_a[defined], ranks_b[defined]
+        if not ranks_a.size:
+            return
     components = result.sizes["component"]
     zeros = _zero_components(ranks_a, ranks_b, channels_a, channels_b)
     if zeros > 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -362,9 +362,11 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     solved = stacked.pop("solved")  # where both sides vary: a frequency where one does not leaves the other's rank 0
     require_resolved(moments, "CCA", (np.where(solved, stacked["rank_a"], 1), np.where(solved, stacked["rank_b"], 1)),
                      (stacked["doubts_a"].max(), stacked["doubts_b"].max()))
-    if not solved.all():  # a frequency where a side has nothing (an upsampled map's highest): no correlation there
-        rho = np.where(solved[..., None], rho, np.nan)
-        _warn_unsolved_frequencies(moments, ~solved, dims)
+    # a frequency where a side has nothing (an upsampled map's highest), or nothing beyond its values' rounding
+    defined = solved & (stacked["rank_a"] > 0) & (stacked["rank_b"] > 0)
+    if not defined.all():  # no correlation there
+        rho = np.where(defined[..., None], rho, np.nan)
+        _warn_unsolved_frequencies(moments, ~defined, dims, (stacked["rank_a"], stacked["rank_b"]))
     _warn_ill_conditioned(moments, (stacked["condition_a"].max(), stacked["condition_b"].max()))
     result = _with_layers(xr.Dataset(
         {
@@ -392,19 +394,24 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     return result
 
 
-def _warn_unsolved_frequencies(moments: Moments, unsolved: np.ndarray, dims: Sequence[str]) -> None:
-    """Warn that CCA is undefined (NaN, left out of the means) at the frequencies ``unsolved`` (batch-shaped),
-    where a side does not vary, naming the side and the first such frequency by its labels."""
-    variance = np.diagonal(moments.scatter, axis1=-2, axis2=-1).real
-    first = tuple(int(i) for i in np.argwhere(unsolved)[0])
-    dead = [name or f"side {'ab'[side]}" for side, (name, part) in
-            enumerate(zip(moments.layers, moments.side_slices())) if not variance[first][part].any()]
+def _warn_unsolved_frequencies(moments: Moments, undefined: np.ndarray, dims: Sequence[str],
+                               ranks: tuple[np.ndarray, np.ndarray]) -> None:
+    """Warn that CCA is undefined (NaN, left out of the means) at the frequencies ``undefined`` (batch-shaped),
+    where a side does not vary (or only within its values' rounding: rank 0 in ``ranks``), naming the side and
+    the first such frequency by its labels."""
+    variance = np.diagonal(moments.scatter, axis1=-2, axis2=-1).real / max(moments.n - 1, 1)
+    first = tuple(int(i) for i in np.argwhere(undefined)[0])
+    parts = moments.side_slices()
+    flat = [not non_constant(variance[first][part], np.abs(moments.mean[first][part])).any() for part in parts]
+    sides = [side for side in (0, 1) if flat[side]] or [side for side in (0, 1) if ranks[side][first] == 0]
+    dead = [moments.layers[side] or f"side {'ab'[side]}" for side in sides]
     labels = [moments.batch_labels[dim][i] if dim in moments.batch_labels else i for dim, i in zip(dims, first)]
     where = ", ".join(f"{dim}={label}" for dim, label in zip(dims, labels))
-    warnings.warn(f"CCA is undefined at {int(unsolved.sum())} of {unsolved.size} frequencies, where "
-                  f"{' and '.join(map(repr, dead)) or 'a layer'} do{'es' if len(dead) == 1 else ''} not vary (the "
-                  f"first: {where}; a map upsampled by repeating its pixels has nothing at its highest frequencies): "
-                  f"rho is NaN there, left out of rho_mean and r2_cca", RuntimeWarning, stacklevel=user_stacklevel())
+    warnings.warn(f"CCA is undefined at {int(undefined.sum())} of {undefined.size} frequencies, where "
+                  f"{' and '.join(map(repr, dead))} do{'es' if len(dead) == 1 else ''} not vary, or only within "
+                  f"the rounding of {'its' if len(dead) == 1 else 'their'} values (the first: {where}; a map "
+                  f"upsampled by repeating its pixels has nothing at its highest frequencies): rho is NaN there, "
+                  f"left out of rho_mean and r2_cca", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 class UndefinedMeasure(ValueError):
@@ -1277,7 +1284,7 @@ def check_measures(measures: Any, *, batched: bool = False, where: str | None = 
     """``measures`` as a tuple of known names, at least one and none twice; with ``batched`` (per-frequency
     Moments) only measures that work per frequency. A ValueError naming the measure (or ``where``, the function
     computing it) at fault."""
-    if not isinstance(measures, (str, list, tuple)):  # None gave "'NoneType' object is not iterable"
+    if not isinstance(measures, Iterable):  # None gave "'NoneType' object is not iterable"
         raise TypeError(f"measures must be a measure's name or a list of them, got {type(measures).__name__}; "
                         f"choose from {', '.join(MEASURES)}")
     names = (measures,) if isinstance(measures, str) else tuple(measures)

@@ -490,10 +490,11 @@ class SolveOptions:
         object.__setattr__(self, "epsilon", check_epsilon(self.epsilon))
         check_choice("keep_by", self.keep_by, KEEP_BY)
         if self.keep_by == "directions":  # a count: 50.0 from the command line is 50
-            count = check_number("keep", self.keep, 1.0)
-            if count != int(count):
-                raise ValueError(f"keep with keep_by='directions' is a number of directions, an integer >= 1, got "
-                                 f"{self.keep!r}")
+            count = self.keep
+            if not (isinstance(count, (int, float, np.integer, np.floating)) and not isinstance(count, bool)
+                    and 1 <= count <= 2**31 - 1 and count == int(count)):
+                raise ValueError(f"keep with keep_by='directions' is a number of directions, an integer >= 1 (e.g. "
+                                 f"keep=50, --keep 50), got {self.keep!r}")
             object.__setattr__(self, "keep", int(count))
         else:
             try:

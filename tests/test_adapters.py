@@ -418,8 +418,9 @@ def test_dft_frequencies_where_a_layer_does_not_vary_are_undefined_not_zero():
                    + 0.5 * rng.standard_normal((500, 8, 8, 8)), 0)
     b = np.repeat(np.repeat(np.maximum(z @ rng.standard_normal((6, 5)), 0), 2, 1), 2, 2)
     layers = (xr.DataArray(a, dims=DIMS, name="a"), xr.DataArray(b, dims=DIMS, name="b"))
-    with pytest.warns(RuntimeWarning, match=r"CCA is undefined at 15 of 64 frequencies, where 'b' does not vary "
-                                            r"\(the first: freq_h=0, freq_w=-4; .*rho is NaN there"):
+    with pytest.warns(RuntimeWarning, match=r"CCA is undefined at 15 of 64 frequencies, where 'b' does not vary, or "
+                                            r"only within the rounding of its values \(the first: freq_h=0, "
+                                            r"freq_w=-4; .*rho is NaN there"):
         result = cca(*layers, spatial="dft", precision="float64")
     undefined = np.isnan(result["rho_freq_mean"])
     assert int(undefined.sum()) == 15 and bool((result["rank_b"].values[undefined.values] == 0).all())
@@ -427,6 +428,13 @@ def test_dft_frequencies_where_a_layer_does_not_vary_are_undefined_not_zero():
     np.testing.assert_allclose(result["rho"].values[~undefined.values], want, atol=ATOL["float64"])
     assert float(result["rho_mean"]) == pytest.approx(want.mean(), abs=1e-12)
     assert float(result["r2_cca"]) == pytest.approx((want**2).mean(), abs=1e-12)
+    # a fixed float32 pattern there (a transposed convolution's checkerboard) varies only within its rounding
+    checkerboard = 1e4 * (-1.0) ** (np.arange(8)[:, None] + np.arange(8)[None, :])
+    patterned = (b + checkerboard[None, :, :, None] + 1e-4 * rng.standard_normal(b.shape)).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match=r"CCA is undefined at \d+ of 64 frequencies, where 'b' does not vary, "
+                                            r"or only within the rounding of its values"):
+        rounded = cca(layers[0], xr.DataArray(patterned, dims=DIMS, name="b"), spatial="dft", precision="float64")
+    assert bool(np.isnan(rounded["rho_freq_mean"].sel(freq_h=-4, freq_w=-4)))  # it gave 0.0, counted in the mean
 
 
 def test_dft_matches_reference_golden():

@@ -545,6 +545,15 @@ def test_compare_says_when_dead_units_leave_canonical_correlations_of_0(tmp_path
     assert "rank of a" in capsys.readouterr().out  # itself: rank 3 of 4 on both sides
     assert main(["compare", store, "m1/fc", "m1/fc", "--measure", "mean_cca", "--no-progress"]) == 0
     assert "rank" not in capsys.readouterr().out  # full rank: no note
+    # dft: frequencies where a layer has nothing are NaN, in no mean: no note of zeros that "count" (it said so)
+    z = rng.standard_normal((300, 4, 4, 3))
+    upsampled = np.repeat(np.repeat(z, 2, 1), 2, 2)
+    chunkcca.write_activations(str(tmp_path / "d.zarr"), {"a": upsampled + 0.3 * rng.standard_normal(
+        (300, 8, 8, 3)), "b": upsampled @ rng.standard_normal((3, 2))})
+    assert main(["compare", str(tmp_path / "d.zarr"), "a", "b", "--spatial", "dft", "--precision", "float64",
+                 "--no-progress"]) == 0
+    shown = capsys.readouterr()
+    assert "CCA is undefined at" in shown.err and "rank of a" not in shown.out
 
 
 def test_an_unforeseen_failure_is_one_line_and_status_2(files, capsys, monkeypatch):

@@ -65,9 +65,10 @@ def test_svcca_keeps_a_number_of_directions_as_the_tutorials_do(keep):
     assert (int(result["dims_a"]), int(result["dims_b"])) == (dims_a, dims_b) == (min(keep, 6), min(keep, 4))
     np.testing.assert_allclose(result["rho"], want, atol=ATOL)
     assert result.attrs["keep"] == keep and "the first" in result["dims_a"].attrs["long_name"]
-    with pytest.raises(ValueError, match=r"keep with keep_by='directions' is a number of directions, an integer "
-                                         r">= 1, got 2.5"):
-        svcca(x, y, keep=2.5, keep_by="directions")
+    for keep_given in ({"keep": 2.5}, {}, {"keep": 1e300}):  # {}: the default share, 0.99
+        with pytest.raises(ValueError, match=r"keep with keep_by='directions' is a number of directions, an integer "
+                                             r">= 1 \(e.g. keep=50, --keep 50\), got"):
+            svcca(x, y, keep_by="directions", **keep_given)
 
 
 def test_svcca_keep_all_is_cca_and_reports_zero_variance_channels():
@@ -602,6 +603,7 @@ def test_measures_reject_dft_and_bad_parameters():
         svcca(x, y, keep=1.5)
     with pytest.raises(TypeError, match=r"measures must be a measure's name or a list of them, got NoneType"):
         compare(x, y, measures=None)
+    assert set(compare(x, y, measures=np.array(["mean_cca", "cka"]))) >= {"mean_cca", "cka"}  # any iterable
     with pytest.raises(ValueError, match="keep_by must be one of 'variance', 'singular_values', 'directions', got "
                                          "'energy'"):
         svcca(x, y, keep_by="energy")
