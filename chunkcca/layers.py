@@ -21,7 +21,7 @@ from dask.array import PerformanceWarning
 
 from ._fs import ORDER_ATTR
 from ._stack import user_stacklevel
-from .options import MASK
+from .options import MASK, ORDERLESS
 
 VARIABLE = "activations"
 #: At most this many position dims (volumes: depth, height, width).
@@ -424,11 +424,6 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
         f"lazily, which reads its chunks several times and may hold much of it in memory: store both layers "
         f"in one order for large data", PerformanceWarning, stacklevel=user_stacklevel())
     return a, b.isel(datapoint=labels_b.get_indexer(labels_a))
-
-
-#: Spatial modes whose rows do not depend on the order of a layer's positions (a mean over them; CKA of whole
-#: maps, which a permutation of the features leaves as it is).
-ORDERLESS = ("avgpool", "features")
 
 
 def check_position_labels(a: xr.DataArray, b: xr.DataArray, spatial: str) -> None:

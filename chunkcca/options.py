@@ -39,6 +39,9 @@ PER_DATAPOINT: tuple[str, ...] = ("avgpool", "dft", "first", "last", "features")
 #: The adapters whose rows of a layer do not depend on the layer it is compared with: those a sweep of every
 #: pair in one pass can use.
 SWEEP_SPATIAL: tuple[str, ...] = ("flatten", "avgpool", "first", "last", "features")
+#: Spatial modes whose rows do not depend on the order of a layer's positions (a mean over them; CKA of whole
+#: maps, which a permutation of the features leaves as it is).
+ORDERLESS: tuple[str, ...] = ("avgpool", "features")
 #: The variable beside a layer's activations (and the coordinate on them) holding its padding mask.
 MASK = "mask"
 #: The attribute of a layer's activations giving the relative rounding of its values where their dtype is finer

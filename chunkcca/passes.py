@@ -187,9 +187,9 @@ def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequen
                       else f"the statistics kept of {reduction.width} channels")
         per = f" at each of {int(np.prod(frequencies))} spatial frequencies" if frequencies and whole else ""
         per += f" for each of {reduction.groups} groups" if reduction.groups else ""
-        # dft's statistics are per frequency; other modes' do not shrink with fewer rows
+        # statistics per frequency (dft); other modes' do not shrink with other rows
         fewer_rows = (", or use spatial='avgpool' or 'interp' (--spatial: one set of statistics, not one per "
-                      "frequency)" if adapters[0].kind == "dft" else "")
+                      "frequency)" if frequencies else "")
         raise ValueError(
             f"comparing {' and '.join(map(repr, names))}: {statistics}{per} = {format_bytes(partial)} per partial; "
             f"reading one chunk at a time holds {reduction.partials_held} of them with the chunks and rows in work "
