@@ -483,18 +483,24 @@ def side_without_variance(moments: Moments) -> int | None:
     return None
 
 
+def _require_pair(moments: Moments, name: str, *, batched: bool = False) -> None:
+    """A ValueError unless ``moments`` have two sides and, unless ``batched``, are real and unbatched (one
+    frequency of dft Moments, ``m[i, j]``, is unbatched but complex: only CCA solves those)."""
+    complex_rows = np.iscomplexobj(moments.scatter)
+    if len(moments.sizes) != 2 or ((moments.batch_shape or complex_rows) and not batched):
+        raise ValueError(f"{name} compares two sides of {'' if batched else 'real, unbatched '}Moments (got sides "
+                         f"{moments.sizes}, batch {moments.batch_shape}{', complex' if complex_rows else ''})"
+                         + ("" if batched else "; spatial='dft' (and its frequencies, m[i, j]) is offered by cca "
+                                               "only"))
+
+
 def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
     """The finite covariance of two-sided Moments (batched, i.e. per frequency, only if ``batched``)."""
     if not isinstance(moments, Moments):  # a dict of them said "'dict' object has no attribute 'sizes'"
         given = ("a dict (compute_moments gives one per group or fold: pass one of its Moments, or their sum)"
                  if isinstance(moments, Mapping) else type(moments).__name__)
         raise TypeError(f"{name} solves Moments, got {given}")
-    complex_rows = np.iscomplexobj(moments.scatter)  # one frequency of dft Moments (m[i, j]) is unbatched
-    if len(moments.sizes) != 2 or ((moments.batch_shape or complex_rows) and not batched):
-        raise ValueError(f"{name} compares two sides of {'' if batched else 'real, unbatched '}Moments (got sides "
-                         f"{moments.sizes}, batch {moments.batch_shape}{', complex' if complex_rows else ''})"
-                         + ("" if batched else "; spatial='dft' (and its frequencies, m[i, j]) is offered by cca "
-                                               "only"))
+    _require_pair(moments, name, batched=batched)
     cov = moments.covariance()
     if not np.all(np.isfinite(cov)):
         advice = " (use precision='float64', --precision float64)" if moments.precision == "float32" else ""
@@ -553,14 +559,12 @@ def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding
     return vectors[:, : min(count, rank, int((values > 0).sum()))], rank, count > rank
 
 
-def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float,
-                  solve_all: Callable[[], xr.Dataset] | None = None) -> xr.Dataset:
-    """SVCCA keeping every direction up to each side's rank (``keep`` = 1): the CCA of the Moments (by
-    ``solve_all``, if computed already), its canonical directions (min(rank_a, rank_b) of them, the ranks
-    without the ridge: a ridge makes every channel a direction) as SVCCA's result lists them."""
+def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float, solve_all: Callable[[], xr.Dataset]) -> xr.Dataset:
+    """SVCCA keeping every direction up to each side's rank (``keep`` = 1): the CCA of the Moments with
+    ``epsilon`` (``solve_all()``), its canonical directions (min(rank_a, rank_b) of them, the ranks without the
+    ridge: a ridge makes every channel a direction) as SVCCA's result lists them."""
     try:
-        solved = solve_all() if solve_all is not None else _told_as_svcca(
-            functools.partial(cca_from_moments, moments, epsilon=epsilon))
+        solved = solve_all()
         if epsilon > 0:
             with warnings.catch_warnings():  # said by the solve with the ridge
                 warnings.simplefilter("ignore")
@@ -577,8 +581,8 @@ def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float,
          "coef_a": directions["coef_a"], "coef_b": directions["coef_b"],
          "rank_a": ((), np.int64(rank_a), {"long_name": "rank of side a's kept directions, as used"}),
          "rank_b": ((), np.int64(rank_b), {"long_name": "rank of side b's kept directions, as used"}),
-         "dims_a": ((), np.int64(rank_a), {"long_name": f"directions of side a holding 1.0 of the {keep_by}"}),
-         "dims_b": ((), np.int64(rank_b), {"long_name": f"directions of side b holding 1.0 of the {keep_by}"}),
+         "dims_a": ((), np.int64(rank_a), {"long_name": _kept_name("a", 1.0, keep_by)}),
+         "dims_b": ((), np.int64(rank_b), {"long_name": _kept_name("b", 1.0, keep_by)}),
          "rows": ((), np.int64(moments.n)),
          "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"})},
         coords={"component": np.arange(rho.size), **_channel_coords(moments)},
@@ -632,13 +636,15 @@ def svcca_from_moments(moments: Moments, *, keep: float = 0.99, keep_by: str = "
         ``rho`` (component), ``dims_a``/``dims_b`` (directions kept), ``rho_mean``, ``rows``, and
         ``coef_a``/``coef_b`` over the original channels.
     """
-    return _svcca(moments, keep, keep_by, epsilon)
+    return _svcca(moments, keep, keep_by, epsilon,
+                  lambda: _told_as_svcca(functools.partial(cca_from_moments, moments, epsilon=float(epsilon))))
 
 
 def _svcca(moments: Moments, keep: float, keep_by: str, epsilon: float,
-           solve_all: Callable[[], xr.Dataset] | None = None) -> xr.Dataset:
+           solve_all: Callable[[], xr.Dataset]) -> xr.Dataset:
     """``svcca_from_moments()``; with ``keep`` = 1 (CCA) ``solve_all`` gives the CCA of the Moments with
-    ``epsilon`` where it is computed already (a pair's, ``PairSolves.cca``, its warnings said)."""
+    ``epsilon`` (a pair's, ``PairSolves.cca``, where it is computed already, its warnings said), its warnings
+    told as SVCCA's."""
     keep = SolveOptions(keep=keep, keep_by=keep_by, epsilon=epsilon).keep  # a count of directions as an int
     cov_aa, cov_ab, cov_bb = _pair(moments, "svcca")
     require_variance(moments, "SVCCA")
@@ -931,11 +937,7 @@ def _check_folds(folds: Sequence[Moments], measure: str, names: Sequence[Any]) -
     compared them)."""
     if len(folds) < 2:
         raise ValueError(f"{measure} needs folds=K with K >= 2")
-    complex_rows = np.iscomplexobj(folds[0].scatter)  # one frequency of dft Moments (m[i, j]) is unbatched
-    if folds[0].batch_shape or complex_rows or len(folds[0].sizes) != 2:  # dft's failed inside numpy's einsum
-        raise ValueError(f"{measure} compares two sides of real, unbatched Moments (got sides {folds[0].sizes}, batch "
-                         f"{folds[0].batch_shape}{', complex' if complex_rows else ''}); spatial='dft' (and its "
-                         f"frequencies, m[i, j]) is offered by cca only")
+    _require_pair(folds[0], measure)  # dft's failed inside numpy's einsum
     for name, fold in zip(names[1:], folds[1:]):
         try:
             folds[0].check_mergeable(fold)

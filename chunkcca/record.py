@@ -116,8 +116,6 @@ LAYOUTS: tuple[Layout, ...] = ("channels_first", "channels_last", "time_first")
 Found = Literal["channels_first", "channels_last", "time_first"]  # time first: (T, N, C), channels last
 CHANNELS_FIRST_MODULES = ("GroupNorm", "SyncBatchNorm", "LocalResponseNorm")  # (N, C, *) whatever the rank
 POSITIONS = {3: ("time",), 4: ("height", "width"), 5: ("depth", "height", "width")}
-#: bfloat16's relative rounding (8 bits of mantissa), which its values keep when held as float32.
-BFLOAT16_EPS = 2.0**-7
 
 
 class _Seen:
@@ -387,7 +385,10 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
         tensor, owned = tensor.to_padded_tensor(0.0), True
     coarser = 0.0
     if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16 ("unsupported ScalarType"): float32 holds it
-        tensor, owned, coarser = tensor.float(), True, BFLOAT16_EPS  # exactly (float32 with its last 16 bits cut)
+        import torch
+
+        coarser = float(torch.finfo(tensor.dtype).eps)  # bfloat16's rounding (2⁻⁷), which its values keep
+        tensor, owned = tensor.float(), True  # exactly (float32 with its last 16 bits cut)
     return (*_channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first", owned=owned), nested,
             coarser)
 

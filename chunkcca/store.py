@@ -482,7 +482,7 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
         for variable in (VARIABLE, MASK):
             array = listing.arrays.get(f"{layer}/{variable}")
             present = listing.sizes(f"{layer}/{variable}")
-            lost = [] if array is None else [key for key in _chunk_keys(array).values() if key not in present]
+            lost = [] if array is None else list(_lost_chunks(array, set(present)).values())
             if lost:  # chunk_checksums gave a bare KeyError
                 raise OSError(f"layer {layer!r}{'' if variable == VARIABLE else ' (its mask)'}: {len(lost)} of its "
                               f"chunk files are not where they were written (e.g. {lost[0]}): the Dask workers that "
@@ -622,14 +622,11 @@ class WholeStore(WrapperStore):
     def _with_store(self, store: Any) -> WholeStore:
         return type(self)(store, self.location, self.token, self.generation)
 
-    @property
-    def _seen(self) -> bool:
-        """Whether this process found the store at the location at the generation it was opened at."""
-        return (self.location, self.generation) in _GENERATIONS_SEEN
-
     async def _check_generation(self, prototype: Any) -> None:
         """An OSError if the store this process sees at the location is not the one opened (another
-        ``GENERATION_ATTR``)."""
+        ``GENERATION_ATTR``); once per process and store (``_GENERATIONS_SEEN``), none for a store without one."""
+        if self.generation is None or (self.location, self.generation) in _GENERATIONS_SEEN:
+            return
         raw = await self._store.get("zarr.json", prototype)
         if raw is None:  # no store there at all: the chunk read next is missing, and ``_present`` says so
             return
@@ -651,14 +648,13 @@ class WholeStore(WrapperStore):
         return (type(self).__name__, self.location, *self.token)
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        if not self._seen and self.generation is not None and PurePosixPath(key).name not in METADATA_FILES:
+        if PurePosixPath(key).name not in METADATA_FILES:
             await self._check_generation(prototype)
         return self._present(key, await self._store.get(key, prototype, byte_range))
 
     async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
         key_ranges = list(key_ranges)
-        if not self._seen and self.generation is not None:
-            await self._check_generation(prototype)
+        await self._check_generation(prototype)
         values = await self._store.get_partial_values(prototype, key_ranges)
         return [self._present(key, value) for (key, _), value in zip(key_ranges, values)]
 
@@ -1034,10 +1030,15 @@ def _datapoint_span(metadata: dict[str, Any], index: tuple[int, ...]) -> tuple[i
     return index[0] * per_chunk, min((index[0] + 1) * per_chunk, total) - 1
 
 
+def _lost_chunks(metadata: dict[str, Any], present: set[str]) -> dict[tuple[int, ...], str]:
+    """The chunk files of one zarr array (its ``metadata``) not among the files ``present``, by grid index."""
+    return {index: key for index, key in _chunk_keys(metadata).items() if key not in present}
+
+
 def _check_chunks(metadata: dict[str, Any], present: set[str], what: str, store: str) -> None:
     """Every chunk file of one zarr array (its ``metadata``; ``present`` the names of its files) is there, or an
     OSError naming ``what`` it holds and, along datapoint, which datapoints are lost."""
-    missing = [index for index, key in _chunk_keys(metadata).items() if key not in present]
+    missing = list(_lost_chunks(metadata, present))
     if not missing:
         return
     many = "s" if len(missing) > 1 else ""
