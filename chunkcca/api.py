@@ -365,6 +365,7 @@ def _check_gram(names: Sequence[str], where: str) -> None:
 def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
     """Exact full-data linear CKA of two layers' per-datapoint feature vectors, from Gram blocks."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
+    _check_rows((layer_a, layer_b), adapters, whitens=False)
     gram = gram_pass((layer_a, layer_b), adapters, options)
     sums = gram.sums
     if sums[0, 0] <= 0 or sums[1, 1] <= 0:
@@ -881,9 +882,10 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     for index_a, index_b in itertools.product(sides["a"], sides["b"]):  # the pairs solved, in any mode with order
         check_position_labels(aligned[index_a], aligned[index_b], stream.spatial)
     adapters = plan_sweep_adapters(aligned, stream)
+    least_rows = max(MEASURES[name].least_rows for name in names)
+    if stream.minibatch is not None or by_gram(stream.spatial):  # (a covariance pass checks its rows itself)
+        _check_rows(aligned, adapters, whitens=False, least_rows=least_rows)
     rows = adapters[0].row_count(first.sizes["datapoint"])
-    if rows < 4:
-        raise ValueError(f"the layers give {rows} row{'' if rows == 1 else 's'}; similarity needs at least 4")
     if stream.minibatch is not None:
         return _minibatch_similarity(aligned, adapters, stream, sides, set_a, set_b)
     if by_gram(stream.spatial):
@@ -894,11 +896,12 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                                    {"long_name": "linear CKA of whole per-datapoint maps (exact)"}),
                            "rows": ((), np.int64(rows))},
                           coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "spatial": stream.spatial,
-                                                                    "stride": stream.stride, **_gram_attrs(gram)})
+                                                                    "stride": stream.stride, **_gram_attrs(gram),
+                                                                    "rows": int(rows)})
     streamed, groups = _stream_grouped(aligned, adapters, stream,
                                        row_norms=any(MEASURES[name].row_norms for name in names),
                                        whitens=any(MEASURES[name].whitens for name in names),
-                                       pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
+                                       least_rows=least_rows, pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
     if groups is not None and not groups.folds:
@@ -929,7 +932,8 @@ def _minibatch_similarity(aligned: Sequence[xr.DataArray], adapters: Sequence[Ad
          "minibatches": ((), np.int64(batches)),
          "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
          "rows": ((), np.int64(rows), {"long_name": "rows in whole minibatches, which CKA is computed from"})},
-        coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "minibatch": int(size), **adapters[0].attrs})
+        coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "minibatch": int(size), **adapters[0].attrs,
+                                                   "rows": int(rows)})
 
 
 def _cka_of_pairs(sums: np.ndarray, layers: Sequence[xr.DataArray], sides: dict[str, list[int]], why: str,

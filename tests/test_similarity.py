@@ -306,3 +306,34 @@ def test_plot_similarity_defaults_to_the_first_measure_asked(tmp_path):
         plt.close(ax.figure)
     with pytest.raises(ValueError, match=r"needs a result of chunkcca\.similarity"):
         plot_similarity(xr.Dataset({"x": ((), 1.0)}))
+
+
+def test_similarity_needs_as_many_rows_as_its_measures_do_as_compare():
+    """similarity refused fewer than 4 rows for every measure (compare takes 2, 4 for debiased CKA), and a
+    spatial="features" pair of one row blamed its values' range ("rescale it") for what was too few rows."""
+    layers = _layers(datapoints=3)
+    a, b = layers["model0/conv1"], layers["model1/conv2"]
+    swept = similarity({"a": a}, {"b": b}, measures=["cka", "mean_cca", "procrustes"], spatial="avgpool")
+    paired = compare(a, b, measures=["cka", "mean_cca", "procrustes"], spatial="avgpool")
+    for name in ("cka", "mean_cca", "procrustes"):  # float64 both, the same sums: within rounding (3 rows)
+        np.testing.assert_allclose(float(swept[name][0, 0]), float(paired[name]), rtol=1e-12, atol=1e-12)
+    assert int(swept["rows"]) == 3
+    with pytest.raises(ValueError, match=r"give 3 rows: debiased CKA .* needs at least 4"):
+        similarity({"a": a}, {"b": b}, measures=["cka_debiased"], spatial="avgpool")
+    one = {"a": a[:1]}, {"b": b[:1]}
+    for measure_options in ({"measures": ["cka"], "spatial": "features"}, {"measures": ["cka"], "spatial": "avgpool"}):
+        with pytest.raises(ValueError, match="give 1 row: every measure needs at least 2"):
+            similarity(*one, **measure_options)
+    with pytest.raises(ValueError, match="give 1 row: every measure needs at least 2"):
+        cka(a[:1], b[:1], spatial="features")
+
+
+def test_every_similarity_result_says_its_rows_in_its_attrs():
+    """The sweep's covariance result had attrs["rows"]; its features and minibatch results had not."""
+    layers = _layers(datapoints=12)
+    a, b = {"a": layers["model0/conv1"]}, {"b": layers["model1/conv2"]}
+    for options in ({"spatial": "features"}, {"spatial": "avgpool", "minibatch": 4}, {"spatial": "avgpool"},
+                    {"spatial": "flatten"}):
+        result = similarity(a, b, measures=["cka"], **options)
+        assert result.attrs["rows"] == int(result["rows"]), options
+    assert similarity(a, b, measures=["cka"], spatial="flatten").attrs["rows"] == 12 * 16
