@@ -79,8 +79,8 @@ def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whi
 
 
 #: What too few rows for a pair's channels mean, and what to do.
-SINGULAR = ("the covariance is singular and correlations are meaningless; regularise with epsilon > 0 or keep fewer "
-            "dimensions with svcca(keep=...)")
+SINGULAR = ("the covariance is singular: correlations are meaningless unless a ridge (epsilon > 0) regularises it, "
+            "and then they depend on its size; or keep fewer dimensions with svcca(keep=...)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -882,9 +882,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     for index_a, index_b in itertools.product(sides["a"], sides["b"]):  # the pairs solved, in any mode with order
         check_position_labels(aligned[index_a], aligned[index_b], stream.spatial)
     adapters = plan_sweep_adapters(aligned, stream)
-    least_rows = max(MEASURES[name].least_rows for name in names)
-    if stream.minibatch is not None or by_gram(stream.spatial):  # (a covariance pass checks its rows itself)
-        _check_rows(aligned, adapters, whitens=False, least_rows=least_rows)
+    if stream.minibatch is not None or by_gram(stream.spatial):  # (a covariance pass checks its rows itself; a
+        _check_rows(aligned, adapters, whitens=False)  # measure that needs more, debiased CKA, is NaN with a warning)
     rows = adapters[0].row_count(first.sizes["datapoint"])
     if stream.minibatch is not None:
         return _minibatch_similarity(aligned, adapters, stream, sides, set_a, set_b)
@@ -901,7 +900,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     streamed, groups = _stream_grouped(aligned, adapters, stream,
                                        row_norms=any(MEASURES[name].row_norms for name in names),
                                        whitens=any(MEASURES[name].whitens for name in names),
-                                       least_rows=least_rows, pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
+                                       pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
     if groups is not None and not groups.folds:
