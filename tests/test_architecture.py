@@ -21,7 +21,7 @@ TIERS: dict[str, int] = {
     **dict.fromkeys(("moments", "tiles", "rows", "minibatch", "measures"), 1),  # numpy core: no Dask graphs, no stores
     **dict.fromkeys(("layers", "store", "ingest", "record"), 2),  # inputs and storage
     **dict.fromkeys(("engine", "cluster", "checkpoint", "passes"), 3),  # the Dask engine
-    **dict.fromkeys(("api", "compat", "plot", "report", "datasets", "demo", "cli", "__init__"), 4),  # xarray front
+    **dict.fromkeys(("api", "compat", "plot", "report", "datasets", "demo", "cli", "__main__", "__init__"), 4),  # front
 }
 #: What the command line may import: the package and its documented modules.
 PUBLIC = {"__init__", "demo", "ingest", "record", "compat", "options", "plot", "report", "cluster"}

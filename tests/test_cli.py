@@ -1322,3 +1322,31 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_any_work(files,
     assert not any(locked.iterdir())
     assert main(["compare", store, "m0/conv", "m1/conv", "--plot", str(folder / "p.pgf"), "--no-progress"]) == 2
     assert "name an image file ending in one of" in capsys.readouterr().err
+
+
+def test_python_dash_m_chunkcca_is_the_command(tmp_path):
+    """``python -m chunkcca`` said "No module named chunkcca.__main__"; it is the command, a process of its own:
+    a failure and a Ctrl-C while the libraries load are one line each, exit status 2."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "chunkcca", "info", str(tmp_path / "none.zarr")],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"chunkcca info: error: no activation store at {tmp_path / 'none.zarr'}\n"
+    code = """
+import importlib.abc, os, runpy, signal, sys
+
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, *_):
+        if name == "xarray":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the test runner ignores SIGINT
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["-m", "compare", "s.zarr", "a", "b"]
+runpy.run_module("chunkcca", run_name="__main__", alter_sys=True)  # as python -m chunkcca does
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: interrupted\n")
