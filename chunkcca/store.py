@@ -77,6 +77,10 @@ METADATA_ATTR = "chunkcca_metadata"
 #: ``check_complete`` finds it before reading (an error), and warns of a chunk holding other bytes (an edit in place
 #: with zarr is the user's; a chunk copied from another store is damage).
 CHUNKS_ATTR = "chunkcca_chunks"
+#: Root attribute, while an append moves its layers in: their paths (``layers``) and the groups it makes for them
+#: (``groups``). Set before the first move and dropped with the list's update, so a store holding it was left by an
+#: append stopped midway (layers moved in but not listed): ``open_activations`` refuses it, the next append clears it.
+APPENDING_ATTR = "chunkcca_appending"
 WriteMode = Literal["w", "a"]
 #: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
 #: centres in (None for a new store); returns the layer paths it wrote, in order, and the image size it used.
@@ -343,6 +347,7 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
     if overwrite:
         raise ValueError("mode='a' adds layers to a store and overwrite=True replaces it: pass one of them")
     check_outside_stores(path, "the store appended to")
+    clear_unfinished_append(path)
     order, _ = _existing_order(path)
     paths = check_layer_paths(names, existing=order, where=str(path))
     for layer in paths:  # the group each new layer is moved into (a read-only one failed midway, the store then
@@ -359,7 +364,9 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     ``mode="w"``: the store is built in a temporary folder beside ``path`` and renamed into place
     (replacing an existing one only with ``overwrite``). ``mode="a"``: the new layers are built in a
     temporary store beside ``path``, checked against the layers ``path`` holds, and each moved into it by
-    one rename of its folder (so each arrives whole or not at all); the list of layers is updated last.
+    one rename of its folder (so each arrives whole or not at all); the list of layers is updated last. The
+    store's root records the append while it moves them (``APPENDING_ATTR``): a store an append was killed in
+    does not open, and the next append first removes what it left; an error or a Ctrl-C removes it at once.
     The layers already there are not touched. Appends to one store from several processes at once are
     serialised at that last step (a lock file ``.<store name>.append-lock`` beside the store while it is
     held), each re-reading the list, so none loses another's place in it.
@@ -385,9 +392,14 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
             if stored is None and now_stored is not None and image is not None and tuple(image) != now_stored:
                 raise ValueError(f"{path}: another append set the store's image size to {now_stored} while these "
                                  f"layers were written for {tuple(image)}; add them again")
-            for name in names:
-                move_layer(tmp / "data", store, name)
-            _set_root_attrs(store, [*order, *names], now_stored or image)
+            _mark_appending(store, names)
+            try:
+                for name in names:
+                    move_layer(tmp / "data", store, name)
+                _set_root_attrs(store, [*order, *names], now_stored or image)
+            except BaseException:  # an error or a Ctrl-C: the store as it was (a killed process: the next append)
+                _remove_unfinished_append(store)
+                raise
 
 
 def is_activation_store(path: Path) -> bool:
@@ -418,6 +430,7 @@ def foreign_files(path: Path, most: int = 3) -> list[str]:
     notes, files among the chunks)."""
     attributes = json.loads((path / "zarr.json").read_text()).get("attributes", {})
     layers, arrays = attributes.get(ORDER_ATTR, []), attributes.get(METADATA_ATTR, {})  # each layer's, as written
+    layers = [*layers, *attributes.get(APPENDING_ATTR, {}).get("layers", [])]  # and an unfinished append's
     groups = {"/".join(layer.split("/")[:depth]) for layer in layers for depth in range(len(layer.split("/")))}
     found: list[str] = []
     for folder, subfolders, files in os.walk(path):
@@ -496,9 +509,66 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
         attributes[GENERATION_ATTR] = generation
     if image is not None:
         attributes[IMAGE_ATTR] = [int(image[0]), int(image[1])]
-    fresh = metadata_path.with_name(".zarr.json.tmp")
+    attributes.pop(APPENDING_ATTR, None)
+    _replace_root_metadata(store, metadata)
+
+
+def _replace_root_metadata(store: Path, metadata: dict[str, Any]) -> None:
+    """Replace the root metadata file of ``store`` with ``metadata``, in one step."""
+    fresh = store / ".zarr.json.tmp"
     fresh.write_text(json.dumps(metadata, indent=2))
-    os.replace(fresh, metadata_path)
+    os.replace(fresh, store / "zarr.json")
+
+
+def _mark_appending(store: Path, names: Sequence[str]) -> None:
+    """Record in the root of ``store`` that an append is moving ``names`` in (``APPENDING_ATTR``), with the groups
+    it will make for them; a folder already at one of their paths (not a layer the store lists: a user's) is an
+    error, before anything is moved."""
+    for name in names:
+        if (store / name).exists():
+            raise FileExistsError(f"{store / name} exists, though {store} lists no layer {name!r}: move it out of "
+                                  f"the store, or name the new layer otherwise")
+    groups = sorted({parent.as_posix() for name in names for parent in PurePosixPath(name).parents
+                     if parent.as_posix() != "." and not (store / parent).exists()})
+    metadata = json.loads((store / "zarr.json").read_text())
+    metadata.setdefault("attributes", {})[APPENDING_ATTR] = {"layers": list(names), "groups": groups}
+    _replace_root_metadata(store, metadata)
+
+
+def clear_unfinished_append(path: str | os.PathLike) -> None:
+    """Remove what an append to the store at ``path`` stopped midway left (``_remove_unfinished_append``), once
+    no live append holds the store's lock."""
+    store = Path(path)
+    if (store / "zarr.json").is_file():
+        with exclusive(store.parent / APPEND_LOCK.format(name=store.name)):
+            _remove_unfinished_append(store)
+
+
+def _remove_unfinished_append(store: Path) -> None:
+    """Remove what an unfinished append to ``store`` left (``APPENDING_ATTR``: its layers' folders and the groups it
+    made for them, nothing else) and its record: the store is again as before it began. The caller holds the
+    store's append lock."""
+    import shutil
+
+    try:
+        metadata = json.loads((store / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return  # no store here to clear (opening it says why)
+    attributes = metadata.get("attributes", {})
+    left = attributes.get(APPENDING_ATTR)
+    if left is None:
+        return
+    listed = set(attributes.get(ORDER_ATTR, []))
+    for name in left["layers"]:
+        if name not in listed and (store / name).exists():
+            shutil.rmtree(store / name)
+    for group in sorted(left["groups"], key=lambda group: -group.count("/")):  # the deepest first
+        folder = store / group
+        if folder.is_dir() and {entry.name for entry in folder.iterdir()} <= {"zarr.json"}:
+            (folder / "zarr.json").unlink(missing_ok=True)
+            folder.rmdir()
+    del attributes[APPENDING_ATTR]
+    _replace_root_metadata(store, metadata)
 
 
 #: Codecs whose settings do not change the numbers read (how hard a compressor worked): only their names count.
@@ -578,13 +648,11 @@ def move_layer(part: Path, store: Path, layer: str) -> None:
     ``zarr.json``, so a node moves with its folder.
     """
     node = PurePosixPath(layer)
-    for group in [*reversed(node.parents), node]:
-        (store / group).mkdir(parents=True, exist_ok=True)
+    for group in reversed(node.parents):  # the root (".") first
+        (store / group).mkdir(exist_ok=True)
         if not (store / group / "zarr.json").exists():
             os.replace(part / group / "zarr.json", store / group / "zarr.json")
-    for child in (part / node).iterdir():
-        if child.name != "zarr.json":
-            os.replace(child, store / node / child.name)
+    os.replace(part / node, store / node)  # the layer's folder, whole, in one rename
 
 
 #: Names of zarr metadata files, which a reader may look for and not find; every other key is a chunk.
@@ -718,6 +786,12 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     except ValueError as error:  # a damaged metadata file, named
         raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
     root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))  # before xarray reads labels by the metadata:
+    appending = root_metadata.get("attributes", {}).get(APPENDING_ATTR)
+    if appending is not None:
+        raise ValueError(f"{location}: an append of layer{'s' if len(appending['layers']) > 1 else ''} "
+                         f"{', '.join(appending['layers'])} to it did not finish (its process stopped midway, or it is "
+                         f"finishing now): they may be part-moved in. The next append to the store (mode='a', "
+                         f"chunkcca ingest --append) removes what it left first; or open the store again in a moment")
     _check_metadata(listing, root_metadata.get("attributes", {}).get(METADATA_ATTR) or {}, location)
     try:
         tree = xr.open_datatree(WholeStore.at(location, storage_options, root_metadata.get("attributes", {}).get(

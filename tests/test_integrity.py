@@ -16,6 +16,7 @@ import pytest
 
 import chunkcca
 from chunkcca import cca, open_activations, write_activations
+from chunkcca import store as chunkcca_store
 from chunkcca._fs import leftovers
 from chunkcca.cli import main
 
@@ -770,3 +771,54 @@ def test_an_append_into_a_group_that_cannot_be_written_is_refused_before_any_wor
     assert _contents(store) == before
     write_activations(store, {"n/x": x}, mode="a")  # a new group beside it: the store's own folder is written
     assert chunkcca.layer_paths(open_activations(store)) == ["m/a", "b", "n/x"]
+
+
+def test_an_append_killed_midway_is_refused_and_the_next_append_clears_it(tmp_path):
+    """An append killed between its layers' moves left a layer part-moved in (its activations, not its mask or
+    labels) and unlisted: it opened and was measured with its padding taken as real (CKA 0.02765 for 0.02778),
+    and appending it again was refused ("already holds layer g/c")."""
+    store = _store(tmp_path)
+    rng = np.random.default_rng(1)
+    values, mask = rng.standard_normal((400, 5, 3)), np.arange(5) < rng.integers(1, 6, 400)[:, None]
+    np.save(tmp_path / "c.npy", values)
+    np.save(tmp_path / "mask.npy", mask)
+    killed = f"""
+import os, numpy as np, chunkcca, chunkcca.store
+moved = []
+real = chunkcca.store.move_layer
+def move_then_die(part, target, layer):
+    real(part, target, layer)
+    if target.name == "s.zarr":
+        os._exit(9)  # killed after its first layer
+chunkcca.store.move_layer = move_then_die
+chunkcca.write_activations({str(store)!r}, {{"g/c": np.load({str(tmp_path / 'c.npy')!r}), "d": np.ones((400, 2))}},
+                           masks={{"g/c": np.load({str(tmp_path / 'mask.npy')!r})}}, mode="a")
+"""
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 9, done.stderr
+    with pytest.raises(ValueError, match=r"an append of layers g/c, d to it did not finish"):
+        open_activations(store)
+    assert main(["info", str(store)]) == 2
+    layers = {"g/c": np.load(tmp_path / "c.npy"), "d": rng.standard_normal((400, 2))}
+    write_activations(store, layers, masks={"g/c": mask}, mode="a")  # clears what the killed one left
+    tree = open_activations(store)
+    assert chunkcca.layer_paths(tree) == ["a", "b", "g/c", "d"]
+    assert bool((tree["g/c"]["activations"].coords["mask"].values == mask).all())
+    # an error (or a Ctrl-C) midway removes what it moved at once: the store as it was
+    real = chunkcca_store.move_layer
+
+    def move_then_fail(part, target, layer):
+        real(part, target, layer)
+        raise OSError("disk gone")
+
+    before = _contents(store)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunkcca_store, "move_layer", move_then_fail)
+        with pytest.raises(OSError, match="disk gone"):
+            write_activations(store, {"e/f": values, "h": values}, mode="a")
+    assert _contents(store) == before
+    # a folder of the user's at a new layer's path is named, before anything moves
+    (store / "k").mkdir()
+    with pytest.raises(FileExistsError, match=r"lists no layer 'k': move it out"):
+        write_activations(store, {"k": values}, mode="a")
+    assert (store / "k").is_dir() and chunkcca.layer_paths(open_activations(store)) == ["a", "b", "g/c", "d"]
