@@ -396,7 +396,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
             try:
                 for name in names:
                     move_layer(tmp / "data", store, name)
-                _set_root_attrs(store, [*order, *names], now_stored or image)
+                _set_root_attrs(store, [*order, *names], now_stored or image, kept=order)
             except BaseException:  # an error or a Ctrl-C: the store as it was (a killed process: the next append)
                 _remove_unfinished_append(store)
                 raise
@@ -475,33 +475,33 @@ def _array_foreign(folder: Path, store: Path, found: list[str]) -> bool:
 
 
 def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None, *,
-                    generation: str | None = None) -> None:
-    """Record the layers' order, the image size, (for a new store) its generation, and for new layers their arrays'
-    metadata digests (``METADATA_ATTR``) and chunk checksums (``CHUNKS_ATTR``) in the store's root metadata,
-    replacing the file in one step. One listing of the store serves both."""
+                    generation: str | None = None, kept: Sequence[str] = ()) -> None:
+    """Record the layers' order, the image size, (for a new store) its generation, and for each layer but those
+    ``kept`` (an append's store's own, which keep theirs as written) its arrays' metadata digests
+    (``METADATA_ATTR``) and chunk checksums (``CHUNKS_ATTR``) in the store's root metadata, replacing the file in
+    one step. One listing of the store serves both."""
     metadata_path = store / "zarr.json"
     metadata = json.loads(metadata_path.read_text())
     attributes = metadata.setdefault("attributes", {})
     attributes[ORDER_ATTR] = list(order)
-    recorded = attributes.get(METADATA_ATTR, {})  # appended layers get theirs; the layers there keep theirs
+    recorded = attributes.get(METADATA_ATTR, {})  # (a root moved in from a part ingest wrote holds that part's)
     fs, root = filesystem(store)
     listing = Listing.of(fs, root)
-    new = [layer for layer in order if layer not in recorded]
+    new = [layer for layer in order if layer not in kept or layer not in recorded]  # (a store from before records)
     unrecorded = metadata_digests(listing, new)
-    attributes[METADATA_ATTR] = {layer: recorded.get(layer) or unrecorded[layer] for layer in order}
+    attributes[METADATA_ATTR] = {layer: unrecorded[layer] if layer in new else recorded[layer] for layer in order}
     chunks = attributes.get(CHUNKS_ATTR, {})  # of a store written before they were recorded: the new layers only
     for layer in new:
         chunks[layer] = {}
-        for variable in (VARIABLE, MASK):
-            array = listing.arrays.get(f"{layer}/{variable}")
-            present = listing.sizes(f"{layer}/{variable}")
-            lost = [] if array is None else list(_lost_chunks(array, set(present)).values())
+        for variable in _layer_arrays(listing, layer):  # activations, mask and labels
+            array, present = listing.arrays[f"{layer}/{variable}"], listing.sizes(f"{layer}/{variable}")
+            lost = list(_lost_chunks(array, set(present)).values())
             if lost:  # chunk_checksums gave a bare KeyError
-                raise OSError(f"layer {layer!r}{'' if variable == VARIABLE else ' (its mask)'}: {len(lost)} of its "
-                              f"chunk files are not where they were written (e.g. {lost[0]}): the Dask workers that "
-                              f"wrote them see another filesystem at this path; write to a path every worker "
+                raise OSError(f"layer {layer!r}{'' if variable == VARIABLE else f' (its {variable})'}: {len(lost)} of "
+                              f"its chunk files are not where they were written (e.g. {lost[0]}): the Dask workers "
+                              f"that wrote them see another filesystem at this path; write to a path every worker "
                               f"shares, or compute the layers in this process first")
-            checksums = None if array is None else chunk_checksums(fs, f"{root}/{layer}/{variable}", array, present)
+            checksums = chunk_checksums(fs, f"{root}/{layer}/{variable}", array, present)
             if checksums is not None:
                 chunks[layer][variable] = base64.b64encode(checksums.tobytes()).decode()
     attributes[CHUNKS_ATTR] = {layer: chunks[layer] for layer in order if layer in chunks}
@@ -511,6 +511,27 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
         attributes[IMAGE_ATTR] = [int(image[0]), int(image[1])]
     attributes.pop(APPENDING_ATTR, None)
     _replace_root_metadata(store, metadata)
+
+
+def _layer_arrays(listing: Listing, layer: str) -> list[str]:
+    """The names of the arrays of ``layer`` in ``listing``: its activations, its mask and its labels."""
+    return sorted(folder.rpartition("/")[2] for folder in listing.arrays if folder.rpartition("/")[0] == layer)
+
+
+def _check_label_places(fs: Any, root: str, listing: Listing, recorded: Mapping[str, Mapping[str, str]],
+                        location: str) -> None:
+    """At open, before the store's labels are used: no label chunk file of a layer holds another's bytes as
+    written (``recorded``: ``CHUNKS_ATTR``; activations and masks are checked before each read,
+    ``check_complete``); a swapped datapoint label chunk would pair other datapoints' rows."""
+    for layer, variables in recorded.items():
+        for variable, written in variables.items():
+            folder = f"{layer}/{variable}"
+            if variable in (VARIABLE, MASK) or folder not in listing.arrays:
+                continue
+            checksums = chunk_checksums(fs, f"{root}/{folder}", listing.arrays[folder], listing.sizes(folder))
+            if checksums is not None:
+                _check_places(checksums, written, listing.arrays[folder],
+                              f"the labels {variable!r} of layer {layer!r}", location)
 
 
 def _replace_root_metadata(store: Path, metadata: dict[str, Any]) -> None:
@@ -809,6 +830,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
                          + (f"; it is {what}" if what else ""))
     listed = tree.attrs.get(ORDER_ATTR) or ()
     check_store_files(location, listing, listed, found)
+    _check_label_places(fs, root, listing, root_metadata.get("attributes", {}).get(CHUNKS_ATTR, {}), location)
     # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
     # groups in no fixed order
     found = [layer for layer in found if layer in listed] + sorted(layer for layer in found if layer not in listed)
@@ -1080,8 +1102,11 @@ def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any]
     grid = list(_chunk_keys(metadata))  # each chunk's grid index, in the order of the checksums
 
     def datapoints(index: int) -> str:
+        if not metadata["shape"]:
+            return "its one chunk"
         first, last = _datapoint_span(metadata, grid[index])
-        return f"datapoints {first} to {last}"
+        dim = (metadata.get("dimension_names") or ["datapoint"])[0]
+        return f"{dim}s {first} to {last}" if dim == "datapoint" else f"{dim} {first} to {last}"
 
     if not moved.size:
         warnings.warn(f"{what} of {store}: {edited.size} chunk file{'s hold' if edited.size > 1 else ' holds'} other "
@@ -1098,8 +1123,8 @@ def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any]
 
 
 def _datapoint_span(metadata: dict[str, Any], index: tuple[int, ...]) -> tuple[int, int]:
-    """The first and last datapoint of the chunk at grid ``index`` of a zarr array (its ``metadata``) whose first
-    dim is datapoint."""
+    """The first and last index along its first dim (datapoint, for a layer's arrays and most labels) of the chunk
+    at grid ``index`` of a zarr array (its ``metadata``)."""
     per_chunk, total = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], metadata["shape"][0]
     return index[0] * per_chunk, min((index[0] + 1) * per_chunk, total) - 1
 
