@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -44,6 +45,11 @@ def zarr_attributes(path: Path) -> dict[str, Any]:
         return {}
     attributes = metadata.get("attributes", {}) if isinstance(metadata, dict) else {}
     return attributes if isinstance(attributes, dict) else {}
+
+
+def json_digest(value: Any) -> str:
+    """A digest of ``value`` as canonical JSON (keys sorted): the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def store_holding(path: str | os.PathLike) -> Path | None:

@@ -21,7 +21,7 @@ import xarray as xr
 
 from ._fs import ORDER_ATTR, filesystem
 from .layers import VARIABLE, zarr_arrays
-from .moments import Moments, read_saved
+from .moments import Moments, attributes_intact, read_saved
 from .options import MASK
 from .rows import Adapter
 
@@ -106,6 +106,10 @@ def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
             what = ("saved Moments without a run's progress" if saved.attrs.get("chunkcca") == "Moments" else
                     "an activation store" if ORDER_ATTR in saved.attrs else "another zarr store")
             raise CheckpointError(f"{path} is not a chunkcca checkpoint ({what}); pass another checkpoint path")
+        if not attributes_intact(path):
+            raise CheckpointError(f"checkpoint {path} cannot be resumed from: its metadata (the attributes in "
+                                  f"zarr.json: the datapoints done, the run's fingerprint, layers, rounding) was "
+                                  f"changed or damaged since it was written; remove it to start again")
         done, fingerprint = int(saved.attrs["datapoints_done"]), str(saved.attrs["fingerprint"])
     return read_saved(path)[0], done, fingerprint  # older checkpoints lack value_rounding: the run adds it
 

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import xarray as xr
 
-from ._fs import write_atomically, zarr_attributes
+from ._fs import json_digest, write_atomically, zarr_attributes
 from ._stack import user_stacklevel
 from .options import PRECISIONS, ProductPrecision, check_flag
 
@@ -50,6 +50,10 @@ MADE_SUBBLOCK_BYTES = 4 * 2**20
 SUBBLOCK_ROWS = 8192
 #: Rows whose mean is the per-chunk shift.
 SHIFT_ROWS = 1024
+#: Root attribute of saved Moments: a digest of the other root attributes as written (``attributes_digest``), by
+#: which an edit since (a checkpoint's datapoints done, the layers, the values' rounding) is refused. Saves made
+#: before it lack it and load as before.
+ATTRIBUTES_ATTR = "chunkcca_attributes"
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,8 @@ class Moments:
         return NotImplemented
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, attrs: dict | None = None) -> None:
-        """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along.
+        """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along,
+        and a digest of the root attributes (``ATTRIBUTES_ATTR``), which ``load`` checks.
         Channel labels a store cannot hold (a MultiIndex's tuples, values of mixed types) are a ValueError."""
         check_flag("overwrite", overwrite)
         check_savable_labels(self.channel_labels, self.layers)
@@ -291,8 +296,12 @@ class Moments:
 
         # a CRC32C of each chunk, which zarr checks on every read: a damaged file is an error, never other Moments
         encoding = {name: {"compressors": (Crc32cCodec(),)} for name in variables}
-        write_atomically(path, lambda tmp: dataset.to_zarr(tmp, zarr_format=3, consolidated=False, encoding=encoding),
-                         overwrite=overwrite, replaceable=_is_saved_moments, what="saved Moments")
+
+        def write(tmp: Path) -> None:
+            dataset.to_zarr(tmp, zarr_format=3, consolidated=False, encoding=encoding)
+            _record_attributes_digest(tmp)
+
+        write_atomically(path, write, overwrite=overwrite, replaceable=_is_saved_moments, what="saved Moments")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Moments:
@@ -328,6 +337,10 @@ def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
     with xr.open_zarr(path, consolidated=False, chunks=None) as dataset:  # numpy: read here, not on a cluster
         if dataset.attrs.get("chunkcca") != "Moments":
             raise ValueError(f"{path} is not a saved chunkcca Moments store")
+        if not attributes_intact(path):
+            raise ValueError(f"saved Moments at {path} are damaged: their metadata (the attributes in zarr.json: "
+                             f"layers, rounding, a checkpoint's progress) was changed or damaged since they were "
+                             f"written; read as it is it could give other numbers: compute them again")
         for name, array in zarr.open_group(path, mode="r").arrays():  # zarr reads a lost file as its fill value
             if array.nchunks_initialized < array.nchunks:
                 raise ValueError(f"saved Moments at {path} are damaged: {name!r} lacks "
@@ -380,6 +393,26 @@ def value_eps(dtype: np.dtype) -> float:
     if not np.issubdtype(dtype, np.inexact) or np.finfo(dtype).bits >= 64:
         return 0.0
     return float(np.finfo(dtype).eps)
+
+
+def attributes_digest(attributes: dict[str, Any]) -> str:
+    """The digest ``ATTRIBUTES_ATTR`` records of a saved Moments store's root ``attributes`` (all but itself)."""
+    return json_digest({key: value for key, value in attributes.items() if key != ATTRIBUTES_ATTR})
+
+
+def attributes_intact(path: str | os.PathLike) -> bool:
+    """Whether the root attributes of the saved Moments at ``path`` are those written: their digest is the one
+    recorded beside them (``ATTRIBUTES_ATTR``); True for saves made before it, which record none."""
+    attributes = zarr_attributes(Path(path))
+    return ATTRIBUTES_ATTR not in attributes or attributes[ATTRIBUTES_ATTR] == attributes_digest(attributes)
+
+
+def _record_attributes_digest(path: Path) -> None:
+    """Record beside the root attributes of the Moments store just written at ``path`` their digest as written
+    (as zarr encoded them: a user's numpy values as JSON)."""
+    import zarr
+
+    zarr.open_group(path, mode="r+", zarr_format=3).attrs[ATTRIBUTES_ATTR] = attributes_digest(zarr_attributes(path))
 
 
 def _is_saved_moments(path: Path) -> bool:

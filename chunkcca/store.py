@@ -36,6 +36,7 @@ from ._fs import (
     exclusive,
     filesystem,
     is_url,
+    json_digest,
     leftovers,
     naming_target,
     store_holding,
@@ -640,7 +641,7 @@ def metadata_digests(listing: Listing, layers: Sequence[str]) -> dict[str, dict[
                                                         "dimension_names", "fill_value")}
         read_by["codecs"] = [codec.get("name") if codec.get("name") in COMPRESSORS else codec
                              for codec in metadata.get("codecs", [])]
-        digests[layer][array] = hashlib.sha256(json.dumps(read_by, sort_keys=True).encode()).hexdigest()[:16]
+        digests[layer][array] = json_digest(read_by)
     return digests
 
 

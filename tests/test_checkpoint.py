@@ -232,7 +232,8 @@ def test_a_checkpoint_saved_before_value_rounding_resumes_quietly_with_the_layer
     y = x[:, :2] + 1
     chunkcca.cca(x, y, checkpoint=tmp_path / "run")
     metadata = json.loads((tmp_path / "run" / "zarr.json").read_text())
-    del metadata["attributes"]["value_rounding"]  # as saved then
+    del metadata["attributes"]["value_rounding"]  # as saved then, without the digest of the attributes too
+    del metadata["attributes"][chunkcca.moments.ATTRIBUTES_ATTR]
     (tmp_path / "run" / "zarr.json").write_text(json.dumps(metadata))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -518,3 +519,65 @@ def test_a_checkpoint_of_another_layer_names_the_side_that_changed(tmp_path):
     chunkcca.compute_moments(tree["x"], tree["x"], checkpoint=tmp_path / "ckpt")
     with pytest.raises(ValueError, match=r"belongs to another run: the a side's layer was 'a \(x\)' then, 'x' now"):
         chunkcca.compute_moments(tree["x"], tree["y"], checkpoint=tmp_path / "ckpt")
+
+
+def _edit_attribute(path, key, value):
+    """Set one root attribute in the ``zarr.json`` at ``path`` (the JSON stays valid)."""
+    import json
+
+    metadata = json.loads((path / "zarr.json").read_text())
+    metadata["attributes"][key] = value
+    (path / "zarr.json").write_text(json.dumps(metadata))
+
+
+@pytest.mark.parametrize(("key", "value"), [("datapoints_done", 100), ("value_rounding", [0.0, 0.5]),
+                                            ("layers", ["a", "c"])])
+def test_a_checkpoint_whose_attributes_were_edited_is_refused_not_resumed(tmp_path, key, value):
+    """The root attributes of saved Moments carried no checksum: a finished checkpoint's datapoints_done edited from
+    200 to 100 (one digit; the JSON stays valid) made the next run add datapoints 100-200 again, silently (rows 300
+    of 200, rho_mean 0.68973 against 0.69010). A digest of them is recorded beside them and checked on load."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 4))
+    y = x @ rng.standard_normal((4, 3)) + rng.standard_normal((200, 3))
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": x, "b": y}, chunks=20)
+    chunkcca.cca(tree["a"], tree["b"], checkpoint=tmp_path / "run")
+    _edit_attribute(tmp_path / "run", key, value)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*run cannot be resumed from: its metadata \(the "
+                                              r"attributes in zarr.json.*\) was changed or damaged since it was "
+                                              r"written; remove it to start again$"):
+        chunkcca.cca(tree["a"], tree["b"], checkpoint=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"saved Moments at .*run are damaged: their metadata \(the attributes in "
+                                         r"zarr.json.*\) was changed or damaged since they were written"):
+        Moments.load(tmp_path / "run")
+
+
+def test_a_checkpoint_saved_before_the_attributes_digest_resumes_as_before(tmp_path):
+    """Saves record a digest of their root attributes; one made before (without it) loads, and an unfinished
+    run's checkpoint resumes to the uninterrupted result."""
+    import json
+
+    import dask
+
+    fail_at = {"chunk": 5}
+
+    def block(i):
+        if i == fail_at["chunk"]:
+            fail_at["chunk"] = None
+            raise KeyboardInterrupt("interrupted")
+        return np.random.default_rng(i).standard_normal((10, 3)) + i
+
+    layer = da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(10, 3), dtype=float) for i in range(8)])
+    other = layer[:, :2] * 2 + 1
+    with pytest.raises(KeyboardInterrupt):
+        chunkcca.cca(layer, other, precision="float64", checkpoint=tmp_path / "run", checkpoint_every=2,
+                     scheduler="synchronous")
+    metadata = json.loads((tmp_path / "run" / "zarr.json").read_text())
+    del metadata["attributes"][chunkcca.moments.ATTRIBUTES_ATTR]  # as saved before it was recorded
+    (tmp_path / "run" / "zarr.json").write_text(json.dumps(metadata))
+    with pytest.warns(UserWarning, match="stopped after 40 of its 80 datapoints"):
+        assert Moments.load(tmp_path / "run").n == 40
+    resumed = chunkcca.cca(layer, other, precision="float64", checkpoint=tmp_path / "run", checkpoint_every=2,
+                           scheduler="synchronous")
+    whole = chunkcca.cca(layer, other, precision="float64")
+    assert resumed.rows.item() == whole.rows.item() == 80
+    np.testing.assert_allclose(resumed["rho"], whole["rho"], rtol=1e-12)

@@ -185,6 +185,23 @@ def test_load_rejects_missing_and_foreign(tmp_path):
         Moments.load(tmp_path / "other")
 
 
+def test_saved_moments_whose_attributes_were_edited_are_refused(tmp_path, rng):
+    """The root attributes of saved Moments carried no checksum (their arrays carry CRC32C): an edited precision or
+    rounding loaded as other Moments, silently. Their digest as written (a user's numpy attrs as JSON) is checked."""
+    import json
+
+    _moments_of(rng.standard_normal((20, 3)), (1, 2)).save(tmp_path / "m", attrs={"note": np.float32(0.5),
+                                                                                   "ids": np.arange(3)})
+    assert Moments.load(tmp_path / "m").n == 20
+    metadata_path = tmp_path / "m" / "zarr.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["attributes"]["precision"] = "float32"
+    metadata_path.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match=r"saved Moments at .*m are damaged: their metadata \(the attributes in "
+                                         r"zarr.json.*\) was changed or damaged since they were written"):
+        Moments.load(tmp_path / "m")
+
+
 def _norm_sums(rows: np.ndarray, sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Σ ‖x̃_l‖² x̃ (L, p) and Σ ‖x̃_l‖²‖x̃_m‖² (L, L) of the centred rows, directly in float64."""
     centred = rows - rows.mean(axis=0)
@@ -406,7 +423,7 @@ def test_saves_made_before_provenance_load_as_unknown(tmp_path, rng):
     old.save(tmp_path / "old")
     metadata_path = tmp_path / "old" / "zarr.json"
     metadata = json.loads(metadata_path.read_text())
-    for key in ("layers", "rows_from", "value_rounding"):  # as a save by an earlier version
+    for key in ("layers", "rows_from", "value_rounding", chunkcca.moments.ATTRIBUTES_ATTR):  # as an earlier save
         metadata["attributes"].pop(key)
     metadata_path.write_text(json.dumps(metadata))
     with pytest.warns(UserWarning, match=r"do not record their activations' rounding .* compute them again, or "
