@@ -840,3 +840,37 @@ def test_label_chunk_files_swapped_are_an_error_not_datapoints_relabelled(tmp_pa
     with pytest.raises(OSError, match=r"the labels 'datapoint' of layer 'b' of .*: the chunk file of datapoints 0 "
                                       r"to 29999 holds the bytes written for datapoints 30000 to 59999"):
         open_activations(tmp_path / "s.zarr")
+
+
+@pytest.mark.parametrize("edit", [{"_Unsigned": "true"}, {"scale_factor": 0.5}, {"add_offset": 3.0},
+                                  {"_FillValue": 7}])
+def test_an_edited_attribute_that_xarray_decodes_values_by_is_refused(tmp_path, edit):
+    """The metadata digest left attributes out, but xarray decodes values by some of them: an int16 layer given
+    ``_Unsigned`` read as uint16, mean ρ 0.641 for 0.970, silently. They are in the digest of stores written now;
+    a store written before (digests without them) opens as it did and is still checked for the rest."""
+    from chunkcca.store import METADATA_ATTR, Listing, metadata_digests
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((400, 4)) * 8000).astype("int16")
+    write_activations(tmp_path / "s.zarr", {"a": x, "b": x[:, :3].astype("float32")})
+    path = tmp_path / "s.zarr" / "a" / "activations" / "zarr.json"
+    written = path.read_text()
+    metadata = json.loads(written)
+    metadata["attributes"].update(edit)
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(OSError, match=r"the metadata of array 'activations' of layer 'a' is not what chunkcca "
+                                      r"wrote .*attributes xarray decodes its values by"):
+        open_activations(tmp_path / "s.zarr")
+    # a store written before: its digests without the attributes, as they were recorded then
+    root = tmp_path / "s.zarr" / "zarr.json"
+    stored = json.loads(root.read_text())
+    path.write_text(written)
+    stored["attributes"][METADATA_ATTR] = metadata_digests(Listing.of(*chunkcca_store.filesystem(tmp_path / "s.zarr")),
+                                                           ["a", "b"], decoding=False)
+    root.write_text(json.dumps(stored))
+    assert open_activations(tmp_path / "s.zarr")["a"]["activations"].dtype == np.int16
+    metadata = json.loads(written)
+    metadata["shape"] = [300, 4]
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(OSError, match=r"the metadata of array 'activations' of layer 'a' is not what chunkcca wrote"):
+        open_activations(tmp_path / "s.zarr")
