@@ -40,7 +40,7 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
     import matplotlib.pyplot as plt
 
     if isinstance(results, xr.Dataset):
-        results = {results.attrs.get("layer_a", "a") + " vs " + results.attrs.get("layer_b", "b"): results}
+        results = {f"{_layer_name(results, 'layer_a', 'a')} vs {_layer_name(results, 'layer_b', 'b')}": results}
     if not isinstance(results, Mapping) or "cca_coef1" in results:  # get_cca_similarity's dict: no labels
         raise TypeError(f"plot_rho draws results of chunkcca.cca() or compare() (xarray Datasets), or a dict of "
                         f"them by label; got {type(results).__name__}"
@@ -183,8 +183,11 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
         title = f"{measure}: layer_a vs layer_b" + (f" ({', '.join(details)})" if details else "")
     own_figure = ax is None
     if own_figure:
-        width = max(1.6 + 0.7 * values.sizes["layer_b"], 4.4, 0.1 * len(title))  # ~0.1 inch a title character
-        _, ax = plt.subplots(figsize=(width, max(1.0 + 0.6 * values.sizes["layer_a"], 3.4)), layout="constrained")
+        longest_a, longest_b = (max(len(str(name)) for name in values[dim].values) for dim in ("layer_a", "layer_b"))
+        # ~0.1 inch a title character, 0.075 a tick label's (layer_a's across, layer_b's at 45°: 0.055 down)
+        width = max(1.0 + 0.7 * values.sizes["layer_b"] + 0.075 * longest_a, 4.4, 0.1 * len(title))
+        height = max(0.8 + 0.6 * values.sizes["layer_a"] + 0.055 * longest_b, 3.4)
+        _, ax = plt.subplots(figsize=(width, height), layout="constrained")
     # brighter is more alike for distances too (Procrustes, shape): their colour map runs the other way
     distance = "distance" in str(values.attrs.get("long_name", ""))
     cmap = plt.get_cmap("magma_r" if distance else "magma").with_extremes(bad="lightgrey")
@@ -195,12 +198,21 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
     ax.set_ylabel("layer_a")
     if annotate:
         for (i, j), value in np.ndenumerate(data):
-            dark_cell = _luminance(cmap(image.norm(value))) < 0.18  # where white text contrasts more than black
+            # where white text contrasts more than black (a NaN cell is light grey, whatever the colour range)
+            dark_cell = np.isfinite(value) and _luminance(cmap(image.norm(value))) < 0.18
             ax.text(j, i, f"{value:.2f}" if np.isfinite(value) else "n/a", ha="center", va="center",
                     color="white" if dark_cell else "black", fontsize="small")
     _colorbar(ax, image, f"{measure} (a distance: brighter is more alike)" if distance else measure)
     _title(ax, title, own_figure)
     return ax
+
+
+def _layer_name(result: xr.Dataset, key: str, default: str) -> str:
+    """The layer of one side of a pair's ``result``: its scalar coordinate ``key``, which xarray keeps right through
+    ``concat`` and ``sel`` (the attrs keep the first result's), else its attr, else ``default``."""
+    if key in result.coords and result.coords[key].ndim == 0:
+        return str(result.coords[key].item())
+    return str(result.attrs.get(key, default))
 
 
 def _with_dims(values: xr.DataArray, dims: tuple[str, ...], what: str) -> xr.DataArray:

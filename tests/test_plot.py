@@ -282,3 +282,36 @@ def test_rho_draws_the_curves_a_compare_result_was_asked_for():
     assert sizes == [15, both.sizes["svcca_component"]]
     with pytest.raises(ValueError, match=r"the result 'a vs b' has not \(its variables: cka, rows\)"):
         plot_rho(chunkcca.compare(a, b, measures=["cka"]))
+
+
+def test_rho_names_the_layers_its_coordinates_name_after_a_concat():
+    """Results concatenated and one selected keep the first result's attrs: the legend named layer_b 'fc2' for
+    the pair with 'conv1'. The scalar coordinates, which xarray keeps right, name it."""
+    results = [_rho(np.array([0.9, 0.5]), layer_a="fc10", layer_b=name).assign_coords(layer_a="fc10", layer_b=name)
+               for name in ("fc2", "conv1")]
+    one = xr.concat(results, "layer_b").sel(layer_b="conv1")
+    assert one.attrs["layer_b"] == "fc2"  # as xarray leaves them
+    assert [t.get_text() for t in plot_rho(one).get_legend().get_texts()] == ["fc10 vs conv1 (mean 0.700)"]
+
+
+def test_an_undefined_pair_is_labelled_dark_on_its_light_grey_cell_whatever_the_range():
+    """One defined value (a 1 x 1 range): every label, "n/a" too, was white, as on the darkest cell."""
+    ax = plot_similarity(_sweep(np.array([[1.0, np.nan]])))
+    colours = {text.get_text(): _luminance(text.get_color()) for text in ax.texts}
+    assert colours["n/a"] < 0.2
+
+
+def test_long_layer_names_fit_in_the_figure_and_leave_the_cells_readable():
+    """Names of 60 characters (a transformer's modules) were cut at the figure's edge ("ction_0") and the heatmap
+    shrank to a dot: the figure grows with its longest tick labels."""
+    names = [f"model{m}/encoder.layers.11.self_attention.output.dense_projection_{i}" for m in (0, 1) for i in range(3)]
+    sweep = _sweep(np.random.default_rng(0).random((3, 3))).assign_coords(layer_a=names[:3], layer_b=names[3:])
+    ax = plot_similarity(sweep)
+    figure = ax.figure
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    for label in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+        box = label.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= figure.bbox.width and box.y1 <= figure.bbox.height
+    cells = ax.get_window_extent(renderer)
+    assert cells.width / 3 >= 0.5 * figure.dpi and cells.height / 3 >= 0.4 * figure.dpi  # inches a cell
