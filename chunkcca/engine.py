@@ -516,10 +516,11 @@ def finite_rows(rows: list[np.ndarray], start: int = 0, *, nan_policy: str, name
 def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], names: Sequence[str],
                 first_datapoint: int) -> list[np.ndarray | None]:
     """The mask each side's adapter applies: its own (avgpool, last), or where every side is real (flatten).
-    A datapoint with no real position in a layer is an error naming it."""
-    for mask, name in zip(masks, names):
+    A datapoint with no real position in a layer is an error naming it, unless the stride skips it."""
+    for mask, name, adapter in zip(masks, names, adapters):
         if mask is not None:
-            empty = np.flatnonzero(~mask.reshape(mask.shape[0], -1).any(axis=1))
+            used = adapter.strided(first_datapoint + np.arange(mask.shape[0]))
+            empty = np.flatnonzero(used & ~mask.reshape(mask.shape[0], -1).any(axis=1))
             if empty.size:
                 raise NoRealPositionError.of(name, first_datapoint + int(empty[0]))
     given = [mask for mask in masks if mask is not None]

@@ -340,17 +340,19 @@ def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter])
 def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], names: Sequence[str],
                  scheduler: Any, data: Sequence[da.Array], pairs: Sequence[tuple[int, int]] | None = None) -> None:
     """Before the pass, from the padding masks alone (a small pass over them): a datapoint with no real position
-    in a layer is an error naming it (found when the pass reached its chunk), and a flatten sweep whose rows (the
-    positions real in every layer) are fewer than some pair of its ``pairs`` compared alone keeps is warned of.
-    Masks computed from the activations (``(layer != 0).any("channel")``) are left to the pass, which finds the
-    first and reads the activations once (and so gives no such warning)."""
+    in a layer, unless the stride skips it, is an error naming it (found when the pass reached its chunk), and a
+    flatten sweep whose rows (the positions real in every layer) are fewer than some pair of its ``pairs``
+    compared alone keeps is warned of. Masks computed from the activations (``(layer != 0).any("channel")``) are
+    left to the pass, which finds the first and reads the activations once (and so gives no such warning)."""
     given = [(mask, name) for mask, name in zip(masks, names) if mask is not None]
     if not given:
         return
     read = {name for array in data for name in array.__dask_graph__().layers}
     if any(read & set(mask.__dask_graph__().layers) for mask, _ in given):
         return
-    real = [mask.any(axis=tuple(range(1, mask.ndim))) for mask, _ in given]
+    unused = [~adapter.strided(da.arange(mask.shape[0], chunks=mask.chunks[0])) for mask, adapter  # skipped by
+              in zip(masks, adapters) if mask is not None]  # the stride: no row to give
+    real = [mask.any(axis=tuple(range(1, mask.ndim))) | skipped for (mask, _), skipped in zip(given, unused)]
     checks: list[Any] = [(each.all(), da.argmin(each)) for each in real]
     swept = sorted({(min(i, j), max(i, j)) for i, j in pairs or () if i != j})  # a layer with itself: trivial
     paired = len(masks) > 2 and adapters[0].mask_rule == "pair" and bool(swept)

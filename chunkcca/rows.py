@@ -165,6 +165,12 @@ class Adapter:
         """Rows ``datapoints`` give (per frequency for dft) before any mask: ceil(N · rows_per_datapoint / stride)."""
         return -(-datapoints * self.rows_per_datapoint // self.stride)
 
+    def strided(self, datapoints: Any) -> Any:
+        """Whether each datapoint of ``datapoints`` (global indices, a numpy or Dask array) gives a row the stride
+        keeps (the global rows ≡ 0 mod ``stride``): every one when each gives at least ``stride`` rows."""
+        starts = datapoints * self.rows_per_datapoint
+        return -(-starts // self.stride) * self.stride < starts + self.rows_per_datapoint
+
     def _selected(self, first_datapoint: int, mask: np.ndarray | None) -> tuple[int, np.ndarray | None]:
         """The first kept row of a block (the stride's pattern over the global rows) and, with a mask that
         selects rows, which of the strided rows it keeps."""
@@ -202,7 +208,8 @@ class Adapter:
             if mask is None:
                 return per_datapoint.mean(axis=1, dtype=np.float64)
             real = mask.reshape(datapoints, -1, 1)  # padding may hold anything, NaN included: left out, not scaled
-            return np.where(real, per_datapoint, 0).sum(axis=1, dtype=np.float64) / real.sum(axis=1)
+            # (a datapoint without a real position is refused unless the stride skips it: 0 rows, not 0 / 0)
+            return np.where(real, per_datapoint, 0).sum(axis=1, dtype=np.float64) / np.maximum(real.sum(axis=1), 1)
         if self.kind == "first":
             if mask is None:
                 return per_datapoint[:, 0]

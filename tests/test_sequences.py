@@ -396,3 +396,31 @@ def test_a_mask_computed_from_the_activations_is_left_to_the_pass(monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="the masks were read apart"):  # a stored mask is
         passes._check_masks([da.from_array(mask, chunks=10), None], plan_adapters(derived, other, StreamOptions()),
                             ["a", "b"], None, [derived.data, other.data])
+
+
+@pytest.mark.parametrize("spatial", ["avgpool", "first", "last", "flatten"])
+@pytest.mark.parametrize("computed", [False, True])  # the mask stored (checked before the pass) or computed
+def test_a_datapoint_without_a_real_position_that_the_stride_skips_is_no_error(spatial, computed):
+    """Datapoint 23 of no real position, which stride 2 (avgpool, first, last: every second datapoint) or stride
+    20 (flatten of 9 tokens: every second or third datapoint) never reads, ended the run ("has no real
+    position"). The datapoints the stride reads are checked as before."""
+    x, y, mask, _ = _sequences(2)
+    mask[23] = False
+    stride = 20 if spatial == "flatten" else 2
+    if computed:
+        a = _layer(np.where(mask[..., None], x, 0), None, 10, "a")
+        a = a.assign_coords(mask=(a != 0).any("channel"))
+    else:
+        a = _layer(x, mask, 10, "a")
+    got = cca(a, _layer(y, None, 10, "b"), spatial=spatial, stride=stride, precision="float64")
+    if spatial == "flatten":
+        keep = (np.arange(60 * 9) % stride == 0) & mask.reshape(-1)
+        rows_a, rows_b = x.reshape(-1, 4)[keep], y.reshape(-1, 5)[keep]
+    else:
+        rows_a = {"avgpool": (x * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None],
+                  "first": x[np.arange(60), np.argmax(mask, 1)],
+                  "last": x[np.arange(60), 8 - np.argmax(mask[:, ::-1], 1)]}[spatial][::2]
+        rows_b = {"avgpool": y.mean(1), "first": y[:, 0], "last": y[:, -1]}[spatial][::2]
+    np.testing.assert_allclose(got["rho"], canonical_correlations(rows_a, rows_b), atol=TOL)
+    with pytest.raises(ValueError, match=r"^layer 'a': datapoint 23 has no real position"):
+        cca(a, _layer(y, None, 10, "b"), spatial=spatial, stride=stride + 1 if spatial == "flatten" else 1)
