@@ -93,8 +93,19 @@ def leftovers(path: str | os.PathLike) -> list[tuple[Path, bool]]:
         except (OSError, ValueError):
             found.append((folder, False))
             continue
-        found.append((folder, owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0)))))
+        found.append((folder, is_stale(owner)))
     return found
+
+
+def owner_record() -> dict[str, Any]:
+    """Who is writing (this process, on this machine) and since when: what ``is_stale`` reads."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+
+
+def is_stale(owner: Mapping[str, Any]) -> bool:
+    """Whether the writer ``owner`` (an ``owner_record()``) is gone: a process of this machine no longer running
+    (one of another machine cannot be told gone, and is not)."""
+    return owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0)))
 
 
 def _alive(pid: int) -> bool:
@@ -151,7 +162,7 @@ def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        (tmp / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+        (tmp / OWNER).write_text(json.dumps(owner_record()))
         yield tmp
     finally:  # the owner file last: a removal cut short (Ctrl-C) leaves a folder the next write knows is stale
         for child in tmp.iterdir() if tmp.is_dir() else ():

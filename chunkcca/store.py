@@ -35,10 +35,12 @@ from ._fs import (
     check_writable,
     exclusive,
     filesystem,
+    is_stale,
     is_url,
     json_digest,
     leftovers,
     naming_target,
+    owner_record,
     store_holding,
     temporary_beside,
     write_atomically,
@@ -78,9 +80,10 @@ METADATA_ATTR = "chunkcca_metadata"
 #: ``check_complete`` finds it before reading (an error), and warns of a chunk holding other bytes (an edit in place
 #: with zarr is the user's; a chunk copied from another store is damage).
 CHUNKS_ATTR = "chunkcca_chunks"
-#: Root attribute, while an append moves its layers in: their paths (``layers``) and the groups it makes for them
-#: (``groups``). Set before the first move and dropped with the list's update, so a store holding it was left by an
-#: append stopped midway (layers moved in but not listed): ``open_activations`` refuses it, the next append clears it.
+#: Root attribute, while an append moves its layers in: their paths (``layers``), the groups it makes for them
+#: (``groups``) and its process (``owner``, ``_fs.owner_record``). Set before the first move and dropped with the
+#: list's update. Readers leave those layers out (in flight, or left by an append killed midway); the next append
+#: removes what a killed one left (its process gone), an append that fails removes its own at once.
 APPENDING_ATTR = "chunkcca_appending"
 WriteMode = Literal["w", "a"]
 #: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
@@ -351,6 +354,7 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
     clear_unfinished_append(path)
     order, _ = _existing_order(path)
     paths = check_layer_paths(names, existing=order, where=str(path))
+    _check_free(Path(path), paths)
     for layer in paths:  # the group each new layer is moved into (a read-only one failed midway, the store then
         parts = layer.split("/")[:-1]  # holding the layers moved before it, unlisted)
         while parts and not Path(path, *parts).is_dir():
@@ -491,6 +495,8 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     new = [layer for layer in order if layer not in kept or layer not in recorded]  # (a store from before records)
     unrecorded = metadata_digests(listing, new)
     attributes[METADATA_ATTR] = {layer: unrecorded[layer] if layer in new else recorded[layer] for layer in order}
+    decoding = {**attributes.get(DECODING_ATTR, {}), **decoded_by(listing, new)}  # (kept layers: theirs, if any)
+    attributes[DECODING_ATTR] = {layer: decoding[layer] for layer in order if layer in decoding}
     chunks = attributes.get(CHUNKS_ATTR, {})  # of a store written before they were recorded: the new layers only
     for layer in new:
         chunks[layer] = {}
@@ -542,27 +548,37 @@ def _replace_root_metadata(store: Path, metadata: dict[str, Any]) -> None:
     os.replace(fresh, store / "zarr.json")
 
 
-def _mark_appending(store: Path, names: Sequence[str]) -> None:
-    """Record in the root of ``store`` that an append is moving ``names`` in (``APPENDING_ATTR``), with the groups
-    it will make for them; a folder already at one of their paths (not a layer the store lists: a user's) is an
-    error, before anything is moved."""
+def _check_free(store: Path, names: Sequence[str]) -> None:
+    """A FileExistsError for a folder at the path of a new layer ``names`` in ``store`` (not a layer the store
+    lists: a user's, or one another append is moving in)."""
     for name in names:
         if (store / name).exists():
-            raise FileExistsError(f"{store / name} exists, though {store} lists no layer {name!r}: move it out of "
-                                  f"the store, or name the new layer otherwise")
+            raise FileExistsError(f"{store / name} exists, though {store} lists no layer {name!r} (yours, or a layer "
+                                  f"another append is moving in): move it out of the store, or name the new layer "
+                                  f"otherwise")
+
+
+def _mark_appending(store: Path, names: Sequence[str]) -> None:
+    """Record in the root of ``store`` that this process's append is moving ``names`` in (``APPENDING_ATTR``), with
+    the groups it will make for them, once no folder is at their paths (``_check_free``)."""
+    _check_free(store, names)
     groups = sorted({parent.as_posix() for name in names for parent in PurePosixPath(name).parents
                      if parent.as_posix() != "." and not (store / parent).exists()})
     metadata = json.loads((store / "zarr.json").read_text())
-    metadata.setdefault("attributes", {})[APPENDING_ATTR] = {"layers": list(names), "groups": groups}
+    metadata.setdefault("attributes", {})[APPENDING_ATTR] = {"layers": list(names), "groups": groups,
+                                                             "owner": owner_record()}
     _replace_root_metadata(store, metadata)
 
 
 def clear_unfinished_append(path: str | os.PathLike) -> None:
-    """Remove what an append to the store at ``path`` stopped midway left (``_remove_unfinished_append``), once
-    no live append holds the store's lock."""
+    """Remove what an append to the store at ``path`` killed midway left (``_remove_unfinished_append``): one whose
+    process, on this machine, is gone (``_fs.is_stale``); a live one's layers are left to it."""
     store = Path(path)
-    if (store / "zarr.json").is_file():
-        with exclusive(store.parent / APPEND_LOCK.format(name=store.name)):
+    if not (store / "zarr.json").is_file():
+        return
+    with exclusive(store.parent / APPEND_LOCK.format(name=store.name)):
+        appending = zarr_attributes(store).get(APPENDING_ATTR)
+        if appending is not None and is_stale(appending.get("owner", {})):
             _remove_unfinished_append(store)
 
 
@@ -630,18 +646,18 @@ class Listing:
 
 
 #: Attributes by which xarray decodes an array's values (CF conventions): one edited reads other numbers (an int16
-#: layer given ``_Unsigned``: mean ρ 0.641 for 0.970).
-DECODED_BY = ("_FillValue", "missing_value", "scale_factor", "add_offset", "_Unsigned", "units", "calendar", "dtype",
-              "_Encoding")
-#: The prefix of a ``METADATA_ATTR`` digest that covers ``DECODED_BY`` too (stores written before: without it).
-WITH_DECODING = "2:"
+#: layer given ``_Unsigned``: mean ρ 0.641 for 0.970). ``units`` and ``calendar`` count only for times (a ``units``
+#: of "<unit> since <date>"); other attributes may change.
+DECODED_BY = ("_FillValue", "missing_value", "scale_factor", "add_offset", "_Unsigned", "dtype", "_Encoding")
+TIME_DECODED_BY = ("units", "calendar")
+#: Root attribute: per layer, each of its arrays' ``DECODED_BY`` attributes as written (``decoded_by``), checked
+#: at open beside ``METADATA_ATTR`` (apart from it, so that a store written now opens as before in older versions).
+DECODING_ATTR = "chunkcca_decoding"
 
 
-def metadata_digests(listing: Listing, layers: Sequence[str], *,
-                     decoding: bool = True) -> dict[str, dict[str, str]]:
+def metadata_digests(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, str]]:
     """Per layer of ``layers``, each of its arrays (activations, mask, labels) → a digest of what its values are
-    read by: shape, data type, chunks and their keys, dims, fill value, codecs (a compressor's by name) and, with
-    ``decoding``, the attributes xarray decodes them by (``DECODED_BY``; such a digest starts ``WITH_DECODING``)."""
+    read by: shape, data type, chunks and their keys, dims, fill value and codecs (a compressor's by name)."""
     digests: dict[str, dict[str, str]] = {layer: {} for layer in layers}
     for folder, metadata in listing.arrays.items():
         layer, _, array = folder.rpartition("/")
@@ -651,28 +667,50 @@ def metadata_digests(listing: Listing, layers: Sequence[str], *,
                                                         "dimension_names", "fill_value")}
         read_by["codecs"] = [codec.get("name") if codec.get("name") in COMPRESSORS else codec
                              for codec in metadata.get("codecs", [])]
-        if decoding:
-            attributes = metadata.get("attributes") or {}
-            read_by["decoded_by"] = {key: attributes[key] for key in DECODED_BY if key in attributes}
-        digests[layer][array] = (WITH_DECODING if decoding else "") + json_digest(read_by)
+        digests[layer][array] = json_digest(read_by)
     return digests
 
 
-def _check_metadata(listing: Listing, recorded: Mapping[str, Mapping[str, str]], location: str) -> None:
+def decoded_by(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per layer of ``layers``, each of its arrays → the attributes xarray decodes its values by (``DECODED_BY``,
+    and ``TIME_DECODED_BY`` for times), as they are."""
+    found: dict[str, dict[str, dict[str, Any]]] = {layer: {} for layer in layers}
+    for folder, metadata in listing.arrays.items():
+        layer, _, array = folder.rpartition("/")
+        if layer in found:
+            attributes = metadata.get("attributes") or {}
+            keys = DECODED_BY + (TIME_DECODED_BY if " since " in str(attributes.get("units", "")) else ())
+            found[layer][array] = {key: attributes[key] for key in keys if key in attributes}
+    return found
+
+
+def _check_metadata(listing: Listing, attributes: Mapping[str, Any], location: str) -> None:
     """Refuse a layer whose arrays' metadata is not what its writer recorded (``METADATA_ATTR``): edited, gone
-    (a lost mask read every position as real) or added."""
-    found = {decoding: metadata_digests(listing, list(recorded), decoding=decoding) for decoding in (False, True)}
+    (a lost mask read every position as real) or added; or whose attributes that xarray decodes values by are
+    not (``DECODING_ATTR``, where recorded)."""
+    recorded, decoding = attributes.get(METADATA_ATTR) or {}, attributes.get(DECODING_ATTR) or {}
+    found, decoded = metadata_digests(listing, list(recorded)), decoded_by(listing, list(decoding))
     for layer, digests in recorded.items():
-        for array in sorted(set(digests) | set(found[True][layer])):
-            now = found[digests.get(array, WITH_DECODING).startswith(WITH_DECODING)][layer]  # as it was recorded
+        now = found[layer]
+        for array in sorted(set(digests) | set(now)):
             if array == VARIABLE and array not in now:
                 continue  # a layer without its activations' metadata is named by check_store_files
             if digests.get(array) != now.get(array):
                 how = ("is missing" if array not in now else "was added since" if array not in digests else
-                       "is not what chunkcca wrote (its dtype, shape, dims, chunks, codecs or the attributes xarray "
-                       f"decodes its values by ({', '.join(DECODED_BY[:5])}, …) were edited, or the array replaced)")
+                       "is not what chunkcca wrote (its dtype, shape, dims, chunks or codecs were edited, or the "
+                       "array replaced)")
                 raise OSError(f"{location}: the metadata of array {array!r} of layer {layer!r} {how}: read as it "
                               f"is it would give other numbers; the store is damaged: write it again")
+    for layer, written in decoding.items():
+        for array in sorted(set(written) & set(decoded[layer])):
+            if written[array] != decoded[layer][array]:
+                edited = sorted(key for key in {*written[array], *decoded[layer][array]}
+                                if written[array].get(key) != decoded[layer][array].get(key))
+                raise OSError(f"{location}: the attribute{'s' if len(edited) > 1 else ''} {', '.join(edited)} of "
+                              f"array {array!r} of layer {layer!r}, by which xarray decodes its values, "
+                              f"{'are' if len(edited) > 1 else 'is'} not what chunkcca wrote: read as it is it "
+                              f"would give other numbers; if you did not edit it, the store is damaged: write it "
+                              f"again")
 
 
 def move_layer(part: Path, store: Path, layer: str) -> None:
@@ -821,13 +859,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     except ValueError as error:  # a damaged metadata file, named
         raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
     root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))  # before xarray reads labels by the metadata:
-    appending = root_metadata.get("attributes", {}).get(APPENDING_ATTR)
-    if appending is not None:
-        raise ValueError(f"{location}: an append of layer{'s' if len(appending['layers']) > 1 else ''} "
-                         f"{', '.join(appending['layers'])} to it did not finish (its process stopped midway, or it is "
-                         f"finishing now): they may be part-moved in. The next append to the store (mode='a', "
-                         f"chunkcca ingest --append) removes what it left first; or open the store again in a moment")
-    _check_metadata(listing, root_metadata.get("attributes", {}).get(METADATA_ATTR) or {}, location)
+    _check_metadata(listing, root_metadata.get("attributes", {}), location)
     try:
         tree = xr.open_datatree(WholeStore.at(location, storage_options, root_metadata.get("attributes", {}).get(
             GENERATION_ATTR)), engine="zarr", chunks={}, consolidated=False)
@@ -835,6 +867,10 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         check_store_files(location, listing, (), ())  # a label's chunk file lost (xarray reads labels): named
         why = _unreadable_label(listing, location, storage_options) or error
         raise ValueError(f"cannot open {location} as a zarr activation store: {why}") from error
+    appending = root_metadata.get("attributes", {}).get(APPENDING_ATTR, {}).get("layers", [])
+    in_flight = set(appending) - set(root_metadata.get("attributes", {}).get(ORDER_ATTR, []))
+    if in_flight:  # layers an append is moving in (or was, when it was killed): not the store's yet
+        tree = tree.filter(lambda node: node.path.strip("/") not in in_flight)
     found = layer_paths(tree)
     if not found:
         written_as = {RESULT: "a result chunkcca saved (save_result, sweep --out): open it with xarray.open_zarr",
