@@ -50,9 +50,9 @@ MADE_SUBBLOCK_BYTES = 4 * 2**20
 SUBBLOCK_ROWS = 8192
 #: Rows whose mean is the per-chunk shift.
 SHIFT_ROWS = 1024
-#: Root attribute of saved Moments: a digest of the other root attributes as written (``attributes_digest``), by
-#: which an edit since (a checkpoint's datapoints done, the layers, the values' rounding) is refused. Saves made
-#: before it lack it and load as before.
+#: Root attribute of saved Moments: a digest of the root attributes loading reads, as written
+#: (``attributes_digest``), by which an edit since (a checkpoint's datapoints done, the layers, the values'
+#: rounding) is refused. Saves made before it lack it and load as before.
 ATTRIBUTES_ATTR = "chunkcca_attributes"
 
 
@@ -395,9 +395,16 @@ def value_eps(dtype: np.dtype) -> float:
     return float(np.finfo(dtype).eps)
 
 
+#: The root attributes of saved Moments that loading reads (a checkpoint's too): what ``ATTRIBUTES_ATTR`` covers.
+#: Others (a user's notes) may change.
+READ_ATTRIBUTES = ("chunkcca", "precision", "layers", "rows_from", "value_rounding", "datapoints_done",
+                   "datapoints_total", "fingerprint")
+
+
 def attributes_digest(attributes: dict[str, Any]) -> str:
-    """The digest ``ATTRIBUTES_ATTR`` records of a saved Moments store's root ``attributes`` (all but itself)."""
-    return json_digest({key: value for key, value in attributes.items() if key != ATTRIBUTES_ATTR})
+    """The digest ``ATTRIBUTES_ATTR`` records of a saved Moments store's root ``attributes`` that loading reads
+    (``READ_ATTRIBUTES``)."""
+    return json_digest({key: attributes[key] for key in READ_ATTRIBUTES if key in attributes})
 
 
 def attributes_intact(path: str | os.PathLike) -> bool:

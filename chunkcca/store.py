@@ -530,15 +530,15 @@ def _check_label_places(fs: Any, root: str, listing: Listing, recorded: Mapping[
     """At open, before the store's labels are used: no label chunk file of a layer holds another's bytes as
     written (``recorded``: ``CHUNKS_ATTR``; activations and masks are checked before each read,
     ``check_complete``); a swapped datapoint label chunk would pair other datapoints' rows."""
-    for layer, variables in recorded.items():
-        for variable, written in variables.items():
-            folder = f"{layer}/{variable}"
-            if variable in (VARIABLE, MASK) or folder not in listing.arrays:
-                continue
-            checksums = chunk_checksums(fs, f"{root}/{folder}", listing.arrays[folder], listing.sizes(folder))
-            if checksums is not None:
-                _check_places(checksums, written, listing.arrays[folder],
-                              f"the labels {variable!r} of layer {layer!r}", location)
+    labels = [(layer, variable, written) for layer, variables in recorded.items()
+              for variable, written in variables.items()
+              if variable not in (VARIABLE, MASK) and f"{layer}/{variable}" in listing.arrays]
+    found = arrays_chunk_checksums(fs, [(f"{root}/{layer}/{variable}", listing.arrays[f"{layer}/{variable}"],
+                                         listing.sizes(f"{layer}/{variable}")) for layer, variable, _ in labels])
+    for (layer, variable, written), checksums in zip(labels, found):
+        if checksums is not None:
+            _check_places(checksums, written, listing.arrays[f"{layer}/{variable}"],
+                          f"the labels {variable!r} of layer {layer!r}", location)
 
 
 def _replace_root_metadata(store: Path, metadata: dict[str, Any]) -> None:
@@ -1121,15 +1121,24 @@ def chunk_checksums(fs: Any, folder: str, metadata: dict[str, Any], sizes: Mappi
     """The CRC32C of each chunk file of the zarr array in ``folder`` (its ``metadata``; ``sizes``: each chunk
     file's size, by its name there), in chunk order, as ``CHUNKS_ATTR`` records them: one small read per chunk
     file. None when its chunks carry none (its last codec) to tell them apart by."""
-    codecs = metadata.get("codecs") or [{}]
-    if codecs[-1].get("name") != "crc32c":
-        return None
-    keys = list(_chunk_keys(metadata).values())
-    if any(sizes[key] < 4 for key in keys):  # cut short: no checksum to compare; zarr's check names the chunk
-        return None
-    ends = [sizes[key] for key in keys]
-    tails = fs.cat_ranges([f"{folder}/{key}" for key in keys], [end - 4 for end in ends], ends) if keys else []
-    return np.frombuffer(b"".join(tails), dtype="<u4")
+    return arrays_chunk_checksums(fs, [(folder, metadata, sizes)])[0]
+
+
+def arrays_chunk_checksums(fs: Any, arrays: Sequence[tuple[str, dict[str, Any], Mapping[str, int]]]
+                           ) -> list[np.ndarray | None]:
+    """``chunk_checksums`` of each of ``arrays`` (folder, metadata, sizes), from one batched read of them all."""
+    files: list[list[str] | None] = []
+    for folder, metadata, sizes in arrays:
+        keys = list(_chunk_keys(metadata).values())
+        carried = ((metadata.get("codecs") or [{}])[-1].get("name") == "crc32c"
+                   and all(sizes[key] >= 4 for key in keys))  # cut short: zarr's own check names the chunk
+        files.append([f"{folder}/{key}" for key in keys] if carried else None)
+    paths = [path for each in files if each for path in each]
+    ends = [sizes[path.removeprefix(f"{folder}/")] for (folder, _, sizes), each in zip(arrays, files) if each
+            for path in each]
+    tails = iter(fs.cat_ranges(paths, [end - 4 for end in ends], ends) if paths else [])
+    return [None if each is None else np.frombuffer(b"".join(next(tails) for _ in each), dtype="<u4")
+            for each in files]
 
 
 def file_sizes(fs: Any, folder: str) -> dict[str, int]:

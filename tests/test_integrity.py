@@ -880,6 +880,19 @@ def test_label_chunk_files_swapped_are_an_error_not_datapoints_relabelled(tmp_pa
         open_activations(tmp_path / "s.zarr")
 
 
+def test_opening_reads_every_label_chunks_checksum_in_one_batched_read(tmp_path, monkeypatch):
+    """One read per label array (240 for 60 layers) would be 240 round trips to a store behind a URL."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    write_activations(tmp_path / "s.zarr", {f"l{i}": np.ones((50, 3)) * i for i in range(20)})
+    calls = []
+    batched = LocalFileSystem.cat_ranges
+    monkeypatch.setattr(LocalFileSystem, "cat_ranges", lambda fs, paths, *args, **kwargs: calls.append(len(paths))
+                        or batched(fs, paths, *args, **kwargs))
+    open_activations(tmp_path / "s.zarr")
+    assert len(calls) == 1 and calls[0] >= 40  # the datapoint and channel labels of 20 layers at least
+
+
 @pytest.mark.parametrize(("edit", "named"), [({"_Unsigned": "true"}, "_Unsigned"),
                                               ({"scale_factor": 0.5}, "scale_factor"),
                                               ({"add_offset": 3.0}, "add_offset"), ({"_FillValue": 7}, "_FillValue")])
