@@ -21,6 +21,7 @@ def _interrupted_line(argv: list[str] | None) -> str:
 try:  # the libraries load in the command's first second or so: a Ctrl-C then is one line too (as in main)
     import argparse
     import asyncio
+    import atexit
     import concurrent.futures
     import contextlib
     import json
@@ -972,6 +973,8 @@ def main(argv: list[str] | None = None) -> int:
         status = 2
     if _as_command():  # all is said: a Ctrl-C while the process tears down (0.35 s) ends it at once, status kept
         signal.signal(signal.SIGINT, lambda *_: _exit_now(status))
+        # and once Python's own teardown begins (which puts back the default handler: killed, status 130), ignored
+        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
     return status
 
 

@@ -1350,3 +1350,27 @@ runpy.run_module("chunkcca", run_name="__main__", alter_sys=True)  # as python -
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: interrupted\n")
+
+
+def test_a_ctrl_c_during_pythons_own_teardown_keeps_the_status(tmp_path):
+    """A Ctrl-C after the command had said all, while Python tore the process down (its default handler put
+    back), killed it: status 130 for a run that had finished (an .nc written, its table printed)."""
+    import subprocess
+    import sys
+
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.ones((10, 2))})
+    code = f"""
+import os, signal, sys, time
+sys.argv = ["chunkcca", "info", {str(tmp_path / 's.zarr')!r}]
+from chunkcca.cli import main
+
+class LateCtrlC:  # cleared with the module's globals, late in the teardown
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+
+late = LateCtrlC()
+sys.exit(main())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")
