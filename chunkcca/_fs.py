@@ -195,24 +195,37 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
     check_outside_stores(path, what)
     path = Path(path)
     check_replaceable(path, overwrite, replaceable, what)
-    with temporary_beside(path) as tmp:
-        target = tmp / "data"
-        with naming_target(path, what):
-            write(target)
-        if not overwrite:
-            rename_no_replace(target, path)
-            return
-        check_replaceable(path, overwrite, replaceable, what)
-        if not path.exists():
-            rename_no_replace(target, path)
-        elif not exchange_paths(target, path):  # swapped: the old one is at target now
-            try:
-                os.replace(path, tmp / "old")
-                os.replace(target, path)
-            except BaseException:
-                if not path.exists() and (tmp / "old").exists():
-                    os.replace(tmp / "old", path)
-                raise
+    written = False
+    try:
+        with temporary_beside(path) as tmp:
+            target = tmp / "data"
+            with naming_target(path, what):
+                write(target)
+            if not overwrite:
+                rename_no_replace(target, path)
+                written = True
+                return
+            check_replaceable(path, overwrite, replaceable, what)
+            if not path.exists():
+                rename_no_replace(target, path)
+            elif not exchange_paths(target, path):  # swapped: the old one is at target now
+                try:
+                    os.replace(path, tmp / "old")
+                    os.replace(target, path)
+                except BaseException:
+                    if not path.exists() and (tmp / "old").exists():
+                        os.replace(tmp / "old", path)
+                    raise
+            written = True
+    except KeyboardInterrupt:
+        if written:  # while the temporary folder (the old copy) was removed
+            raise InterruptedAfterWrite(f"{what} {path} was written whole before it (the removal of the temporary "
+                                        f"folder beside it was cut short; the next write removes it)") from None
+        raise
+
+
+class InterruptedAfterWrite(KeyboardInterrupt):
+    """A Ctrl-C that came once a write had put its result in place: the message says what was written."""
 
 
 #: OS errors only a write gives: no space, over a quota, a read-only filesystem, a file too large.

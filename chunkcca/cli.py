@@ -1047,8 +1047,9 @@ def _run(argv: list[str] | None) -> int:
                  "sweep": _run_sweep}[args.command](args)
             if sys.stdout is not None:  # what is buffered fails here, said in one line, not at the exit
                 sys.stdout.flush()
-    except KeyboardInterrupt:  # Ctrl-C
-        print(_interrupted_line([args.command]) + _resume_note(args), file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C (after a write: what it wrote)
+        done = f"; {interrupt}" if str(interrupt) else ""  # (a Ctrl-C raises one without a message)
+        print(_interrupted_line([args.command]) + done + _resume_note(args), file=sys.stderr)
         if _as_command():
             _quiet_teardown()
         return 2

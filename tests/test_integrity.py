@@ -926,3 +926,30 @@ def test_an_edited_attribute_that_xarray_decodes_values_by_is_refused(tmp_path, 
     path.write_text(json.dumps(metadata))
     with pytest.raises(OSError, match=r"the metadata of array 'activations' of layer 'a' is not what chunkcca wrote"):
         open_activations(tmp_path / "s.zarr")
+
+
+def test_a_ctrl_c_after_the_new_store_is_in_place_says_it_was_written(tmp_path, monkeypatch, capsys):
+    """ingest --overwrite interrupted while it removed the old copy (after the swap) said only "interrupted": the
+    user took the old store to be there still, the new one in its place."""
+    import shutil
+
+    from chunkcca import _fs
+
+    x = np.random.default_rng(0).standard_normal((20, 3)).astype("float32")
+    np.save(tmp_path / "a.npy", x)
+    store = tmp_path / "s.zarr"
+    assert main(["ingest", str(store), f"old={tmp_path / 'a.npy'}", "--no-progress"]) == 0
+    removing = shutil.rmtree
+
+    def interrupted(path, **kwargs):  # the old copy's removal, after the swap, cut short by a Ctrl-C
+        if (Path(path).parent / _fs.OWNER).exists() and Path(path).name == "data":
+            raise KeyboardInterrupt
+        return removing(path, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    assert main(["ingest", str(store), f"new={tmp_path / 'a.npy'}", "--overwrite", "--no-progress"]) == 2
+    monkeypatch.undo()
+    error = capsys.readouterr().err
+    assert error == (f"chunkcca ingest: error: interrupted; an activation store {store} was written whole before it "
+                     f"(the removal of the temporary folder beside it was cut short; the next write removes it)\n")
+    assert chunkcca.layer_paths(open_activations(store)) == ["new"]
