@@ -137,7 +137,16 @@ def _handshake(address: str, timeout: float) -> None:
         raise OSError(f"no Dask scheduler answered at {address} within {timeout:g} s (connect_timeout; a "
                       f"dashboard's port, 8787, is not the scheduler's): {type(error).__name__}: "
                       f"{_first_line(error)}") from error
-    except Exception as error:  # a malformed address; a server that sends first, read as a message of exabytes
+    except MemoryError as error:  # a server that sends first (HTTP's "400 Bad Request"), read as a length
+        raise ValueError(f"{address} does not answer as a Dask scheduler: the server there speaks another protocol "
+                         f"(its first bytes read as a message of exabytes: an HTTP server, a dashboard or a proxy?)"
+                         ) from error
+    except TypeError as error:  # distributed's UCX connector, abstract without its backend package
+        if "abstract" not in str(error):
+            raise
+        raise ValueError(f"{address}: its protocol is not installed for distributed ({_first_line(error)}; "
+                         f"ucx:// needs the distributed-ucxx package)") from error
+    except Exception as error:  # a malformed address
         raise ValueError(f"cannot connect to a Dask scheduler at {address}: {type(error).__name__}: "
                          f"{_first_line(error)}") from error
 

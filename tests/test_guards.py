@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -470,3 +471,32 @@ def test_datapoint_labels_without_an_index_are_the_labels():
     repeated = a.assign_coords(datapoint=np.zeros(50)).drop_indexes("datapoint")
     with pytest.raises(ValueError, match=r"layer 'a' has repeated datapoint labels, e.g. \[0.0\]"):
         chunkcca.cka(repeated, b)
+
+
+def test_a_server_of_another_protocol_or_a_protocol_not_installed_is_named_as_such():
+    """An HTTP server's port (a dashboard, a proxy) said "MemoryError: Unable to allocate 3.07 EiB", and ucx://
+    "TypeError: Can't instantiate abstract class UCXConnector"."""
+    pytest.importorskip("distributed")
+    import socket
+    import threading
+
+    x = np.random.default_rng(0).standard_normal((50, 3))
+    with socket.socket() as http:
+        http.bind(("127.0.0.1", 0))
+        http.listen()
+
+        def answer() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    connection, _ = http.accept()
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        with pytest.raises(ValueError, match=r"does not answer as a Dask scheduler: the server there speaks another "
+                                             r"protocol .*an HTTP server"):
+            cca(x, x[:, :2], scheduler=f"tcp://127.0.0.1:{http.getsockname()[1]}", connect_timeout=5)
+    try:
+        import distributed_ucxx  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"ucx://127.0.0.1:1: its protocol is not installed for distributed"):
+            cca(x, x[:, :2], scheduler="ucx://127.0.0.1:1", connect_timeout=5)
