@@ -81,22 +81,20 @@ LOCAL_SCHEDULERS = tuple(name for name in SCHEDULER_NAMES if "distributed" not i
 STORE_HELP = "the store: a local path or an fsspec URL (file://, s3://, gs://, ...)"
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, least: int = 1, why: str = "") -> int:
+    """An integer of at least ``least`` (``why``: what needs it, said in the message)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= {least}{why}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}{why}, got {value}")
     return value
 
 
 def _minibatch_size(text: str) -> int:
     """--minibatch: an integer >= 4 (the unbiased HSIC of a minibatch needs 4 rows)."""
-    value = _positive_int(text)
-    if value < 4:
-        raise argparse.ArgumentTypeError(f"must be >= 4 (the unbiased HSIC of a minibatch needs 4 rows), got {value}")
-    return value
+    return _positive_int(text, 4, " (the unbiased HSIC of a minibatch needs 4 rows)")
 
 
 def _scheduler(text: str) -> str:

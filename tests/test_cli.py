@@ -469,7 +469,9 @@ def test_minibatch_cka_and_interpolation_options_from_the_command_line(tmp_path,
              "--precision does not apply to --minibatch"),
             (["--method", "cubic"], "--method applies to --spatial interp, not --spatial flatten"),
             (["--measure", "cka", "--minibatch", "3"], "argument --minibatch: must be >= 4 (the unbiased HSIC of a "
-                                                       "minibatch needs 4 rows), got 3")]:
+                                                       "minibatch needs 4 rows), got 3"),
+            (["--measure", "cka", "--minibatch", "0"], "argument --minibatch: must be >= 4 (the unbiased HSIC of a "
+                                                       "minibatch needs 4 rows), got 0")]:  # (it said >= 1)
         try:
             status = main(["compare", store, "m0/c", "m1/c", "--no-progress", *flags])
         except SystemExit as exit_info:  # argparse's own errors (usage), one line too
