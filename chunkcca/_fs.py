@@ -77,6 +77,11 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{what}: the folder {folder} cannot be written to (a read-only file system, or no "
                               f"permission)")
+    try:  # what the permissions do not say (/sys, /proc, some network mounts): a file made and removed at once
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise PermissionError(f"{what}: no file can be made in the folder {folder} ({error.strerror or error})"
+                              ) from error
 
 
 def leftovers(path: str | os.PathLike) -> list[tuple[Path, bool]]:

@@ -1376,3 +1376,27 @@ sys.exit(main())
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_an_output_folder_that_makes_no_files_is_named_before_any_work(tmp_path, monkeypatch, capsys):
+    """A folder whose permissions allow writing but that makes no files (/sys, /proc, some network mounts): the
+    sweep ran whole, printed its table, then failed naming a temporary file."""
+    import tempfile
+
+    chunkcca.write_activations(tmp_path / "s.zarr", {"m0/a": np.ones((20, 2)).cumsum(0), "m1/b": np.ones((20, 2))})
+    refusing = tmp_path / "refusing"
+    refusing.mkdir()
+    making = tempfile.TemporaryFile
+
+    def made(*args, dir=None, **kwargs):
+        if dir is not None and os.path.samefile(dir, refusing):
+            raise PermissionError(1, "Operation not permitted")
+        return making(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", made)
+    assert main(["sweep", str(tmp_path / "s.zarr"), "--a", "m0", "--b", "m1", "--out", str(refusing / "x.nc"),
+                 "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing computed
+    assert captured.err == (f"chunkcca sweep: error: --out {refusing / 'x.nc'}: no file can be made in the folder "
+                            f"{refusing} (Operation not permitted)\n")
