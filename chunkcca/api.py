@@ -43,7 +43,7 @@ from .tiles import TiledMoments
 def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
     """Validate, name and align two layers and plan their adapters; nothing is read."""
     layer_a, layer_b = named(a, "a", options.dims), named(b, "b", options.dims)
-    if layer_a.name == layer_b.name:
+    if layer_a.name == layer_b.name and not _same_layer(layer_a, layer_b):  # one name, two layers: told apart
         layer_a, layer_b = layer_a.rename(f"a ({layer_a.name})"), layer_b.rename(f"b ({layer_b.name})")
     layer_a, layer_b = align_layers(layer_a, layer_b)
     check_position_labels(layer_a, layer_b, options.spatial)
@@ -954,7 +954,8 @@ def _same_layer(one: xr.DataArray, other: xr.DataArray) -> bool:
     """Whether two layers are one: the same Dask data with the same dims and coordinates (datapoint labels, padding
     mask, group labels), Dask-backed coordinates compared by their Dask names, so nothing is read. The same data
     under other labels (a shuffled baseline) or without its mask is another layer."""
-    if one.data.name != other.data.name or one.dims != other.dims or set(one.coords) != set(other.coords):
+    if (getattr(one.data, "name", None) is None or getattr(one.data, "name", None) != getattr(other.data, "name", None)
+            or one.dims != other.dims or set(one.coords) != set(other.coords)):
         return False
     for key in one.coords:
         ours, theirs = one.coords[key].variable, other.coords[key].variable

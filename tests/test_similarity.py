@@ -340,3 +340,17 @@ def test_every_similarity_result_says_its_rows_in_its_attrs():
         result = similarity(a, b, measures=["cka"], **options)
         assert result.attrs["rows"] == int(result["rows"]), options
     assert similarity(a, b, measures=["cka"], spatial="flatten").attrs["rows"] == 12 * 16
+
+
+def test_a_layer_against_itself_keeps_its_name_as_in_a_sweep():
+    """A layer measured against itself was named 'a (m0/conv1)' and 'b (m0/conv1)' in its result (a sweep keeps
+    the names): results of a row of pairs did not concat into a grid, nor select by the layer's name. Two layers of
+    one name that are not one (two models' 'conv2') are still told apart."""
+    layers = _layers()
+    layer = layers["model0/conv1"]
+    row = xr.concat([cka(layer, layers[name]) for name in ("model0/conv1", "model0/conv2")], "layer_b")
+    assert row["layer_b"].values.tolist() == ["model0/conv1", "model0/conv2"]
+    assert float(row["cka"].sel(layer_b="model0/conv1")) == pytest.approx(1.0, abs=1e-12)
+    assert compare(layer, layer, measures=["cka"]).attrs["layer_a"] == "model0/conv1"
+    other = layers["model1/conv1"].rename("model0/conv1")  # another layer of the same name
+    assert cka(layer, other).attrs["layer_b"] == "b (model0/conv1)"
