@@ -85,21 +85,32 @@ class NonFiniteError(DatapointError):
     """Activations hold NaN or Inf where ``nan_policy="raise"``."""
 
 
-def declared(key: Any, shape: tuple[int, ...], name: str, first: int, what: str = "its Dask array") -> tuple[Any, ...]:
+def declared(key: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, first: int,
+             what: str = "its Dask array") -> tuple[Any, ...]:
     """A task (inline in the task that takes it) giving the block at ``key`` of layer ``name`` (datapoints
-    ``first`` on; of ``what``: its activations' Dask array, or its padding mask) if it has the ``shape`` its Dask
-    array declares for it, else raising: a block of another shape (``da.from_delayed`` of a loader's short last
-    batch) was paired with the other layers' rows by position."""
-    return (_declared, key, shape, name, first, what)
+    ``first`` on; of ``what``: its activations' Dask array, or its padding mask) if it is a numpy array of the
+    ``shape`` its Dask array declares for it and of a ``dtype`` that casts to the declared one within its kind, else
+    raising: a block of another shape (``da.from_delayed`` of a loader's short last batch) was paired with the other
+    layers' rows by position, and a complex block declared real lost its imaginary part."""
+    return (_declared, key, shape, dtype, name, first, what)
 
 
-def _declared(block: np.ndarray, shape: tuple[int, ...], name: str, first: int, what: str) -> np.ndarray:
+def _declared(block: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, first: int, what: str) -> np.ndarray:
+    where = f"layer {name!r}: the block of {what} for datapoints {first} to {first + shape[0] - 1}"
+    if not isinstance(block, np.ndarray) or isinstance(block, (np.matrix, np.ma.MaskedArray)):
+        kind = "a masked array, whose mask would be ignored" if isinstance(block, np.ma.MaskedArray) else (
+            f"a {type(block).__module__}.{type(block).__qualname__}")
+        raise TypeError(f"{where} is {kind}, where a numpy array is declared: give plain numpy blocks (missing "
+                        f"values as NaN, padded positions as a padding mask)")
     if block.shape != shape:
-        raise ValueError(f"layer {name!r}: the block of {what} for datapoints {first} to "
-                         f"{first + shape[0] - 1} has shape {block.shape}, where the array declares {shape}: its "
-                         f"blocks are not the shapes its chunks say (da.from_delayed given another shape than the "
-                         f"block it loads, or map_blocks changing the shape without chunks=); declare each block's "
-                         f"true shape")
+        raise ValueError(f"{where} has shape {block.shape}, where the array declares {shape}: its blocks are not the "
+                         f"shapes its chunks say (da.from_delayed given another shape than the block it loads, or "
+                         f"map_blocks changing the shape without chunks=); declare each block's true shape")
+    if not np.can_cast(block.dtype, dtype, "same_kind"):
+        dropped = " (its imaginary part dropped)" if block.dtype.kind == "c" else ""
+        raise TypeError(f"{where} has dtype {block.dtype}, where the array declares {dtype}: its values would be cast"
+                        f"{dropped}; declare each block's true dtype (map_blocks(..., dtype=), "
+                        f"da.from_delayed(..., dtype=))")
     return block
 
 
@@ -392,7 +403,7 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
     held_name, part_name, sum_name = (f"chunkcca-gram-{what}-{token}" for what in ("band", "part", "sum"))
     layer: dict[Any, Any] = {}
     def blocks_of(chunk: int) -> list[Any]:
-        return [declared(keys[chunk], (chunks[chunk], *side.shape[1:]), name, firsts[chunk])
+        return [declared(keys[chunk], (chunks[chunk], *side.shape[1:]), side.dtype, name, firsts[chunk])
                 for keys, side, name in zip(block_keys, sides, names)]
 
     for i in band:
@@ -480,10 +491,11 @@ def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array |
         after = [(part_name, c - window)] if c >= window else []
         for index, (adapter, name) in enumerate(zip(adapters, names)):
             mask = None if mask_keys[index] is None else declared(
-                mask_keys[index][c], (chunks[c], *masks[index].shape[1:]), name, first, "its padding mask")
+                mask_keys[index][c], (chunks[c], *masks[index].shape[1:]), masks[index].dtype, name, first,
+                "its padding mask")
             layer[(grams_name, c, index)] = (partial(_layer_minibatches, adapter=adapter, size=size, name=name),
                                              first, declared(keys[index][c], (chunks[c], *sides[index].shape[1:]),
-                                                             name, first), mask, *after)
+                                                             sides[index].dtype, name, first), mask, *after)
             layer_tasks.append((grams_name, c, index))
         layer[(part_name, c)] = (partial(_minibatch_hsic, size=size),
                                  [(grams_name, c, index) for index in range(len(sides))])
@@ -681,7 +693,8 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     for index, first in enumerate(firsts):
         key = (chunk_name, index)
         layer[key] = (task, last[index % chains], first,
-                      *(declared(keys[index], (array.chunks[0][index], *array.shape[1:]), name, first, what)
+                      *(declared(keys[index], (array.chunks[0][index], *array.shape[1:]), array.dtype, name, first,
+                                 what)
                         for keys, array, (name, what) in zip(block_keys, inputs, owners)))
         last[index % chains] = key
     layer[merge_name] = (partial(_merge_chains, reduction=reduction), last)

@@ -21,7 +21,7 @@ from dask.array import PerformanceWarning
 
 from ._fs import ORDER_ATTR
 from ._stack import user_stacklevel
-from .options import MASK, ORDERLESS
+from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR
 
 VARIABLE = "activations"
 #: At most this many position dims (volumes: depth, height, width).
@@ -348,6 +348,12 @@ def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -
     complex_refused = np.issubdtype(dtype, np.complexfloating) and not allow_complex
     if dtype.kind == "b" or not np.issubdtype(dtype, np.number) or complex_refused:
         raise TypeError(f"layer {name!r} has dtype {dtype}; expected real numbers (float or integer)")
+    rounding = array.attrs.get(VALUE_ROUNDING_ATTR)
+    if rounding is not None and (isinstance(rounding, (bool, np.bool_)) or not isinstance(rounding, (int, float,
+                                 np.integer, np.floating)) or not 0 <= rounding < 1):  # NaN fails too
+        raise ValueError(f"layer {name!r} has attribute {VALUE_ROUNDING_ATTR} = {rounding!r}: it gives the relative "
+                         f"rounding of its values, a number in [0, 1) (bfloat16's is 2**-7 = 0.0078125); set it so, or "
+                         f"drop it: layer.attrs.pop({VALUE_ROUNDING_ATTR!r})")
     empty = [str(dim) for dim, size in array.sizes.items() if size == 0]
     if empty:
         raise ValueError(f"layer {name!r} is empty: dim {', '.join(empty)} has size 0 (shape {array.shape})")

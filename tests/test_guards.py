@@ -13,6 +13,7 @@ import zipfile
 import dask.array as da
 import numpy as np
 import pytest
+import xarray as xr
 from dask.array import PerformanceWarning
 from reference import avgpool_rows, canonical_correlations, cka_reference, flatten_rows
 
@@ -428,6 +429,42 @@ def test_a_dask_block_of_another_shape_than_declared_is_an_error_naming_the_laye
     with pytest.raises(ValueError, match=r"layer 'a': the block .* has shape \(50, 5\), where the array declares "
                                          r"\(100, 5\)"):
         chunkcca.cka(halved, y)
+
+
+def test_a_dask_block_of_another_kind_than_declared_is_an_error_naming_the_layer():
+    """A complex block declared float64 (``map_blocks`` without ``dtype=``) lost its imaginary part under avgpool
+    (CKA 0.0143, silently) and stopped in numpy's casting rules under flatten; a masked block's mask was ignored
+    (0.00471, the unmasked value); string, list and matrix blocks stopped in numpy, naming no layer. Blocks whose
+    values cast within their kind (float32 or ints declared float64) are read as before."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((300, 2, 2, 5))
+    y = x[..., :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((300, 2, 2, 4))
+    blocks = da.from_array(x, chunks=100)
+    wrong = {"has dtype complex128, where the array declares float64: its values would be cast \\(its imaginary":
+             blocks.map_blocks(lambda block: block + 1j * block, dtype=float),
+             "has dtype <U32, where the array declares float64": blocks.map_blocks(lambda block: block.astype(str),
+                                                                                     dtype=float),
+             "is a masked array, whose mask would be ignored": blocks.map_blocks(
+                 lambda block: np.ma.masked_greater(block, 1.0), dtype=float, meta=np.empty((0, 0, 0, 0))),
+             "is a builtins.list, where a numpy array is declared": blocks.map_blocks(
+                 lambda block: block.tolist(), dtype=float, meta=np.empty((0, 0, 0, 0)))}
+    runs = [lambda a: cca(a, y), lambda a: chunkcca.cka(a, y, spatial="avgpool"),
+            lambda a: chunkcca.cka(a, y, spatial="features"), lambda a: chunkcca.cka(a, y, minibatch=20),
+            lambda a: chunkcca.similarity({"a": a}, {"y": y}, measures=["cka"])]
+    for message, layer in wrong.items():
+        for run in runs:
+            with pytest.raises(TypeError, match=r"layer 'a': the block of its Dask array for datapoints \d+ to \d+ "
+                                                + message):
+                run(layer)
+    mask = xr.DataArray(np.ones((300, 2, 2), bool), dims=("datapoint", "height", "width")).chunk(100)
+    ones = mask.copy(data=mask.data.map_blocks(lambda block: block.astype(np.int8), dtype=bool))
+    padded = xr.DataArray(x, dims=("datapoint", "height", "width", "channel")).assign_coords(mask=ones)
+    with pytest.raises(TypeError, match=r"layer 'a': the block of its padding mask for datapoints \d+ to \d+ has dtype "
+                                        r"int8, where the array declares bool"):
+        chunkcca.cka(padded, y)
+    expected = float(chunkcca.cka(x, y, spatial="avgpool")["cka"])
+    cast = blocks.map_blocks(lambda block: block.astype(np.float32), dtype=float)
+    assert float(chunkcca.cka(cast, y, spatial="avgpool")["cka"]) == pytest.approx(expected, rel=1e-6)  # float32's
 
 
 def test_empty_dask_chunks_are_no_rows():

@@ -566,6 +566,24 @@ def test_values_rounded_more_coarsely_than_their_dtype_are_cut_at_the_rounding_t
     assert int(as_exact["rank_a"]) == 16
 
 
+@pytest.mark.parametrize("rounding", ["0.0078125", -0.1, 2.0, float("nan"), True, [0.0078125]])
+def test_a_malformed_value_rounding_attribute_is_refused_naming_the_layer_before_the_pass(rounding):
+    """``chunkcca_value_rounding`` of NaN or -0.1 was ignored (max with float32's own), silently; 'abc' or a list
+    stopped after the pass in float(), naming no layer. It is checked with the layer's dims, before any read."""
+    from chunkcca.options import VALUE_ROUNDING_ATTR
+
+    rng = np.random.default_rng(0)
+    ones = da.ones((100, 4), dtype=np.float32, chunks=50).map_blocks(_never_read, dtype=np.float32)
+    layer = xr.DataArray(ones, dims=("datapoint", "channel"), name="l1", attrs={VALUE_ROUNDING_ATTR: rounding})
+    with pytest.raises(ValueError, match=f"layer 'l1' has attribute {VALUE_ROUNDING_ATTR} = .*: it gives the relative "
+                                         r"rounding of its values, a number in \[0, 1\)"):
+        cca(layer, rng.standard_normal((100, 3)))
+
+
+def _never_read(block: np.ndarray) -> np.ndarray:
+    raise AssertionError("a block was read")
+
+
 def test_rounding_directions_a_next_layer_carries_are_not_warned_of():
     """A BatchNorm'd float32 conv layer over inputs with a constant region: the next conv layer, computed from the
     rounded values, carries their rounding, so its directions correlated with it at R² 0.13, far beyond chance
