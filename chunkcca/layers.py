@@ -421,10 +421,12 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
     missing_b = labels_a.difference(labels_b)
     missing_a = labels_b.difference(labels_a)
     if len(missing_a) or len(missing_b):
-        raise ValueError(
-            f"datapoint labels differ: {len(missing_b)} of layer {name_a!r} are not in layer {name_b!r} "
-            f"(e.g. {missing_b[:5].tolist()}) and {len(missing_a)} of layer {name_b!r} are not in layer "
-            f"{name_a!r} (e.g. {missing_a[:5].tolist()}); no datapoint is dropped silently")
+        parts = [f"{len(missing)} of layer {one!r} are not in layer {other!r} (e.g. {missing[:5].tolist()})"
+                 for missing, one, other in ((missing_b, name_a, name_b), (missing_a, name_b, name_a)) if len(missing)]
+        advice = ("; to compare the datapoints both hold, select them in both: a.sel(datapoint=shared) and "
+                  "b.sel(datapoint=shared), with shared = numpy.intersect1d(a.datapoint, b.datapoint)"
+                  if len(labels_a) > len(missing_b) else "")
+        raise ValueError(f"datapoint labels differ: {' and '.join(parts)}{advice}; no datapoint is dropped silently")
     warnings.warn(
         f"layer {name_b!r} holds the datapoints of layer {name_a!r} in another order; chunkcca reorders it "
         f"lazily, which reads its chunks several times and may hold much of it in memory: store both layers "

@@ -159,6 +159,22 @@ def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):
     layer_b = xr.DataArray(b, dims=dims, coords={"datapoint": np.arange(1, 61)}, name="net1/conv")
     with pytest.raises(ValueError, match=r"1 of layer 'net0/conv' are not in layer 'net1/conv' \(e.g. \[0\]\)"):
         cca(layer_a, layer_b)
+    # a subset names only what is missing (it said "and 0 of layer 'net1/conv' are not in ... (e.g. [])") and
+    # how to compare what both hold; layers that share nothing are not told to align
+    subset = layer_b.isel(datapoint=slice(0, 50))
+    with pytest.raises(ValueError, match=r"datapoint labels differ: 10 of layer 'net0/conv' are not in layer "
+                                         r"'net1/conv' \(e.g. \[0, 51, 52, 53, 54\]\); to compare the datapoints both "
+                                         r"hold, select them in both: a.sel\(datapoint=shared\) and b.sel.*"
+                                         r"intersect1d.*; no "):
+        cca(layer_a, subset)
+    with pytest.raises(ValueError, match=r"datapoint labels differ: 60 of layer 'net0/conv' .* \(e.g. \[0, 1, 2, 3, 4"
+                                         r"\]\) and 60 of layer 'net1/conv' .* \(e.g. \[100, 101, 102, 103, 104\]\); "
+                                         r"no datapoint"):
+        cca(layer_a, layer_b.assign_coords(datapoint=np.arange(100, 160)))
+    shared = np.intersect1d(layer_a.datapoint, subset.datapoint)
+    np.testing.assert_allclose(cca(layer_a.sel(datapoint=shared), subset.sel(datapoint=shared),
+                                   precision="float64")["rho"],
+                               canonical_correlations(flatten_rows(a[1:51]), flatten_rows(b[:50])), atol=1e-10)
     with pytest.raises(ValueError, match="layer 'a' has 60 datapoints but layer 'b' has 59"):
         cca(a, b[:59])
     repeated = layer_b.assign_coords(datapoint=np.r_[np.arange(59), 0])
