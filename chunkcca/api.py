@@ -21,7 +21,16 @@ import numpy as np
 import xarray as xr
 
 from ._stack import user_stacklevel
-from .layers import VARIABLE, align_layers, as_activations, check_position_labels, layer_paths, named, node_name
+from .layers import (
+    VARIABLE,
+    align_layers,
+    as_activations,
+    check_position_labels,
+    check_reordered,
+    layer_paths,
+    named,
+    node_name,
+)
 from .measures import (
     MEASURES,
     SMALLEST_VARIANCE,
@@ -45,7 +54,9 @@ def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray,
     layer_a, layer_b = named(a, "a", options.dims), named(b, "b", options.dims)
     if layer_a.name == layer_b.name and not _same_layer(layer_a, layer_b):  # one name, two layers: told apart
         layer_a, layer_b = layer_a.rename(f"a ({layer_a.name})"), layer_b.rename(f"b ({layer_b.name})")
+    given = layer_b
     layer_a, layer_b = align_layers(layer_a, layer_b)
+    check_reordered(str(layer_a.name), [layer_b] if layer_b is not given else [], int(options.memory_limit))
     check_position_labels(layer_a, layer_b, options.spatial)
     return layer_a, layer_b, plan_adapters(layer_a, layer_b, options)
 
@@ -879,6 +890,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
             sides[role].append(index)
     first, *_ = distinct
     aligned = [align_layers(first, layer)[1] for layer in distinct]
+    check_reordered(str(first.name), [layer for layer, given in zip(aligned, distinct) if layer is not given],
+                    int(stream.memory_limit))
     for index_a, index_b in itertools.product(sides["a"], sides["b"]):  # the pairs solved, in any mode with order
         check_position_labels(aligned[index_a], aligned[index_b], stream.spatial)
     adapters = plan_sweep_adapters(aligned, stream)

@@ -132,6 +132,64 @@ def test_labelled_layers_align_by_datapoint_label(conv_pair):
     assert result.attrs["layer_a"] == "net0/conv" and result.attrs["layer_b"] == "net1/conv"
 
 
+def test_a_reordering_over_memory_limit_is_refused_before_anything_is_read():
+    """Reordering a layer by label holds it in memory (Dask's take holds each of its chunks until every fold has its
+    piece): a 256 MiB layer in random order peaked at 17 GB, and 0.97 GB reading nothing ahead. Where
+    ``REORDER_HOLDS`` times the layers reordered is over ``memory_limit``, the run is refused before any read,
+    naming them; under it, it runs and the warning says what it holds."""
+    from chunkcca.layers import REORDER_HOLDS
+
+    def never_read(block: np.ndarray) -> np.ndarray:
+        raise AssertionError("a block was read")
+
+    rng = np.random.default_rng(0)
+    order = rng.permutation(4096)
+    unread = da.zeros((4096, 64), chunks=512).map_blocks(never_read, dtype=float)  # 2 MiB
+    a = xr.DataArray(unread, dims=("datapoint", "channel"), coords={"datapoint": np.arange(4096)}, name="a")
+    b, c = ((a + shift).assign_coords(datapoint=order).rename(name) for shift, name in ((0, "b"), (1, "c")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PerformanceWarning)
+        with pytest.raises(ValueError, match=rf"layer 'b' holds the datapoints of layer 'a' in another order: pairing "
+                                             rf"them by label holds about {REORDER_HOLDS} times its size in memory "
+                                             rf"\(6.00 MiB\), over memory_limit=5.00 MiB; store the layers in one "
+                                             rf"order"):
+            chunkcca.cka(a, b, memory_limit="5MiB")
+        with pytest.raises(ValueError, match=r"layers 'b', 'c' hold the datapoints of layer 'a' in another order: .* "
+                                             r"\(12.00 MiB\), over memory_limit=10.00 MiB"):
+            chunkcca.similarity({"a": a}, {"b": b, "c": c}, measures=["cka"], memory_limit="10MiB")
+    x = rng.standard_normal((4096, 64))
+    given = xr.DataArray(x, dims=("datapoint", "channel"), coords={"datapoint": np.arange(4096)}, name="a")
+    shuffled = given.isel(datapoint=order).rename("b")
+    with pytest.warns(PerformanceWarning, match=r"holds up to about 3 times layer 'b' in memory \(6.00 MiB\)"):
+        assert float(chunkcca.cka(given, shuffled, memory_limit="16MiB")["cka"]) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_a_layer_in_random_order_holds_a_few_times_its_size_not_every_piece_at_once():
+    """Reading chunks ahead of their folds held every piece Dask's take cut for later folds at once: 184 MiB
+    traced for an 8 MiB layer in random order over 128 chunks (17 GB for 256 MiB), 33 MiB reading nothing ahead,
+    which a pass now does when a read feeds folds far apart. The bound, 8 times the layer, is the chunks held and
+    their pieces (4 times traced here, 2.5 to 2.7 times measured at 256 MiB) with room for the pass's own."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16384, 128)).astype(np.float32)
+    order = rng.permutation(16384)
+    a = xr.DataArray(da.from_array(x, chunks=128), dims=("datapoint", "channel"),
+                     coords={"datapoint": np.arange(16384)}, name="a")
+    b = xr.DataArray(da.from_array(x[order], chunks=128), dims=("datapoint", "channel"),
+                     coords={"datapoint": order}, name="b")
+    tracemalloc.start()
+    try:
+        with pytest.warns(PerformanceWarning, match="in another order"):
+            result = chunkcca.cka(a, b)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert float(result["cka"]) == pytest.approx(1.0, abs=1e-6)  # float32 products
+    assert peak < 8 * x.nbytes, f"{peak / 2**20:.1f} MiB traced for a {x.nbytes / 2**20:.0f} MiB layer"
+
+
 def test_labels_on_one_side_only_are_an_error_unless_they_are_the_positions(conv_pair, tmp_path):
     """A layer labelled in a shuffled order beside one without labels (a store plain xarray wrote) was paired by
     position, silently (mean ρ 0.11 for 0.84). Labels 0 … N − 1 in order pair as position does."""
