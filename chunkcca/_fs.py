@@ -186,7 +186,8 @@ def check_local(path: str | os.PathLike) -> None:
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool,
-                     replaceable: Callable[[Path], bool] | None = None, what: str = "a file") -> None:
+                     replaceable: Callable[[Path], bool] | None = None, what: str = "a file",
+                     lock: Path | None = None) -> None:
     """Call ``write(tmp_path)`` on a fresh temporary path beside ``path``, then move it into place.
 
     A write killed midway leaves only a hidden ``.tmp`` folder (removed by the next write of ``path``). Without
@@ -194,7 +195,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
     one of two concurrent writers wins. With ``overwrite`` an existing ``path`` is replaced after the new one is
     complete, in one step where the OS can swap two folders (Linux), elsewhere by two renames (putting the old
     one back if the second fails), and only if ``replaceable(path)`` says it is ``what`` (e.g. an activation
-    store), never whatever else stands there.
+    store), never whatever else stands there. ``lock`` (a lock file, ``exclusive()``) is held while it is put in
+    place, so that a writer that changes ``path`` in place under that lock (an append) is not cut in two.
     """
     check_local(path)
     check_outside_stores(path, what)
@@ -206,22 +208,23 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
             target = tmp / "data"
             with naming_target(path, what):
                 write(target)
-            if not overwrite:
-                rename_no_replace(target, path)
+            with exclusive(lock) if lock is not None else contextlib.nullcontext():
+                if not overwrite:
+                    rename_no_replace(target, path)
+                    written = True
+                    return
+                check_replaceable(path, overwrite, replaceable, what)
+                if not path.exists():
+                    rename_no_replace(target, path)
+                elif not exchange_paths(target, path):  # swapped: the old one is at target now
+                    try:
+                        os.replace(path, tmp / "old")
+                        os.replace(target, path)
+                    except BaseException:
+                        if not path.exists() and (tmp / "old").exists():
+                            os.replace(tmp / "old", path)
+                        raise
                 written = True
-                return
-            check_replaceable(path, overwrite, replaceable, what)
-            if not path.exists():
-                rename_no_replace(target, path)
-            elif not exchange_paths(target, path):  # swapped: the old one is at target now
-                try:
-                    os.replace(path, tmp / "old")
-                    os.replace(target, path)
-                except BaseException:
-                    if not path.exists() and (tmp / "old").exists():
-                        os.replace(tmp / "old", path)
-                    raise
-            written = True
     except KeyboardInterrupt:
         if written:  # while the temporary folder (the old copy) was removed
             raise InterruptedAfterWrite(f"{what} {path} was written whole before it (the removal of the temporary "

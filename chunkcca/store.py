@@ -367,7 +367,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     """Write a store's layers with ``build`` and record their order, never leaving a partial store.
 
     ``mode="w"``: the store is built in a temporary folder beside ``path`` and renamed into place
-    (replacing an existing one only with ``overwrite``). ``mode="a"``: the new layers are built in a
+    (replacing an existing one only with ``overwrite``, and not while an append moves layers into it). ``mode="a"``: the new layers are built in a
     temporary store beside ``path``, checked against the layers ``path`` holds, and each moved into it by
     one rename of its folder (so each arrives whole or not at all); the list of layers is updated last. The
     store's root records the append while it moves them (``APPENDING_ATTR``): a store an append was killed in
@@ -383,7 +383,9 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
             _set_root_attrs(tmp, names, image, generation=uuid.uuid4().hex)
             open_activations(tmp)  # a store that would not open never replaces a good one
 
-        write_atomically(path, write, overwrite=overwrite, replaceable=is_activation_store, what="an activation store")
+        store = Path(path)  # an append moving its layers in holds the lock: a replacement waits for it to finish
+        write_atomically(path, write, overwrite=overwrite, replaceable=is_activation_store, what="an activation store",
+                         lock=store.parent / APPEND_LOCK.format(name=store.name))
         return
     _, stored = _existing_order(path)
     store = Path(path)

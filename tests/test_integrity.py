@@ -3,6 +3,7 @@ readers and writers, unsafe layer paths, leftovers of killed writes (docs/reliab
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -860,6 +861,55 @@ def test_readers_and_appends_go_on_while_an_append_moves_its_layers_in(tmp_path,
         thread.join(timeout=120)
     assert not errors, errors
     assert chunkcca.layer_paths(open_activations(store)) == ["a", "b", "x/one", "two", "three"]
+
+
+def test_a_replacement_waits_for_an_append_moving_its_layers_in(tmp_path, monkeypatch):
+    """``write_activations(overwrite=True)`` swapped the store while an append was moving its layers in: the
+    append's next layer went into the new store and the list it wrote named layers the new store never had. The
+    replacement now waits for the append's lock, and replaces the store once the append is done."""
+    import chunkcca._fs
+
+    store = _store(tmp_path)
+    values = np.random.default_rng(2).standard_normal((400, 2))
+    moving, go_on, asked = threading.Event(), threading.Event(), threading.Event()
+    real_move, real_exclusive = chunkcca_store.move_layer, chunkcca._fs.exclusive
+
+    def slow_move(part, target, layer):
+        real_move(part, target, layer)
+        if target == store:
+            moving.set()
+            assert go_on.wait(timeout=60)
+
+    @contextlib.contextmanager
+    def exclusive(lock_file):
+        asked.set()  # the replacement asks for the append's lock
+        with real_exclusive(lock_file):
+            append.join(timeout=60)  # and swaps once the append has read back what it wrote
+            yield
+
+    monkeypatch.setattr(chunkcca_store, "move_layer", slow_move)
+    monkeypatch.setattr(chunkcca._fs, "exclusive", exclusive)
+    errors: list[BaseException] = []
+
+    def run(layers: dict, **options) -> None:
+        try:
+            write_activations(store, layers, **options)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    append = threading.Thread(target=run, args=({"one": values, "two": values},), kwargs={"mode": "a"})
+    append.start()
+    assert moving.wait(timeout=60)
+    replace = threading.Thread(target=run, args=({"z": values},), kwargs={"overwrite": True})
+    replace.start()
+    while not asked.is_set() and replace.is_alive():  # at its lock, or (as before) done under the append
+        replace.join(timeout=0.05)
+    go_on.set()
+    for thread in (append, replace):
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert chunkcca.layer_paths(open_activations(store)) == ["z"]
+    assert sorted(path.name for path in store.iterdir() if not path.name.startswith(".")) == ["z", "zarr.json"]
 
 
 def test_label_chunk_files_swapped_are_an_error_not_datapoints_relabelled(tmp_path):
