@@ -387,19 +387,43 @@ def frequency_labels(size_a: int, size_b: int) -> np.ndarray:
     return np.where(index < (index.size + 1) // 2, index, index - index.size)
 
 
-def _positions(layer: xr.DataArray, dim: str, grid: str, extent: int) -> np.ndarray:
-    """Sample positions of ``layer`` along ``dim``: its coordinate, or svcca's index grid.
+def _positions(labels: np.ndarray | None, size: int, grid: str, extent: int) -> np.ndarray:
+    """Sample positions of a layer of ``size`` positions: its ``labels`` (as numbers, ``_labels_as_numbers``), or
+    svcca's index grid.
 
-    A layer without the coordinate is taken to span ``extent`` (the other layer's input, as its pixel centres
+    A layer without labels is taken to span ``extent`` (the other layer's input, as its pixel centres
     say, or the finer layer's size when neither is labelled), as ``chunkcca.write_activations()`` places pixel
     centres: (i + 0.5) · extent / size.
     """
-    size = layer.sizes.get(dim, 1)
     if grid == "svcca":
         return np.linspace(0, size, size, endpoint=False)
-    if dim in layer.coords:
-        return np.asarray(layer[dim].values, dtype=np.float64)
+    if labels is not None:
+        return labels
     return pixel_centres(size, extent)
+
+
+def _labels_as_numbers(a: xr.DataArray, b: xr.DataArray, dim: str) -> list[np.ndarray | None]:
+    """Each layer's ``dim`` labels as float64 numbers in one unit (None where a layer has none): times
+    (datetime64) as durations since the earlier first of the two, so that float64 keeps their resolution (as
+    nanoseconds since 1970 it rounds them to 256 ns), and times and durations (timedelta64) in the finer of the two
+    layers' units, so that one of nanoseconds is placed beside one of milliseconds as the same instants. Times
+    beside durations or plain numbers are an error naming the layers and the dim (NaT labels do not increase, so
+    ``as_activations`` refuses them)."""
+    labels = [np.asarray(layer[dim].values) if dim in layer.coords else None for layer in (a, b)]
+    kinds = {values.dtype.kind for values in labels if values is not None}
+    if not kinds & {"M", "m"}:
+        return [None if values is None else np.asarray(values, dtype=np.float64) for values in labels]
+    named = [f"{layer.name!r} ({values.dtype})" for layer, values in zip((a, b), labels) if values is not None]
+    if len(kinds) > 1:
+        raise ValueError(f"layers {' and '.join(named)} label their {dim} positions in different kinds (times, "
+                         f"durations, numbers): interp cannot place one on the other; give both {dim} coordinates "
+                         f"of one kind")
+    given = [values for values in labels if values is not None]
+    common = np.result_type(*given)  # the finer of the two units
+    unit = np.datetime_data(common)[0]
+    origin = min(values.astype(common).min() for values in given) if kinds == {"M"} else np.timedelta64(0, unit)
+    return [None if values is None else (values.astype(common) - origin) / np.timedelta64(1, unit)
+            for values in labels]
 
 
 def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
@@ -411,7 +435,7 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
     """
     size_a, size_b = a.sizes.get(dim, 1), b.sizes.get(dim, 1)
     fine_is_a = size_a >= size_b
-    fine, coarse = (a, b) if fine_is_a else (b, a)
+    coarse = b if fine_is_a else a
     fine_size, coarse_size = max(size_a, size_b), min(size_a, size_b)
     labelled = [grid == "coords" and dim in layer.coords for layer in (a, b)]
     # positions only numbered 0, 1, … (a store's tokens, time steps, depths), or, off the image's height and width
@@ -432,7 +456,8 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
                          f"them ({size_a} and {size_b} of them): that says nothing of where each sits in the input, "
                          f"so interp cannot place one on the other; set their {dim} coordinates to positions in the "
                          f"input (e.g. sample centres), or use grid='svcca' (both spanning the same input)")
-    spans = [_pixel_span(layer[dim].values) if known else None for layer, known in zip((a, b), labelled)]
+    numbers = _labels_as_numbers(a, b, dim) if grid == "coords" else [None, None]
+    spans = [_pixel_span(values) if known else None for values, known in zip(numbers, labelled)]
     if None not in spans and not np.isclose(spans[0], spans[1], rtol=1e-9, atol=0):
         raise ValueError(f"layer {a.name!r} spans {spans[0]:g} input pixels along {dim} and layer {b.name!r} "
                          f"{spans[1]:g}: their pixel centres are in units of inputs of different sizes (a store "
@@ -450,11 +475,12 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
                              f"of one input (a crop, an offset) and layer {unnamed.name!r} does not label them, so "
                              f"interp cannot tell where its samples sit; set its {dim} coordinates too, or use "
                              f"grid='svcca'")
-    source = _positions(coarse, dim, grid, extent)
+    fine_labels, coarse_labels = numbers if fine_is_a else numbers[::-1]
+    source = _positions(coarse_labels, coarse_size, grid, extent)
     if grid == "svcca":
         target = np.linspace(0, coarse_size, fine_size, endpoint=False)
     else:
-        target = _positions(fine, dim, grid, extent)
+        target = _positions(fine_labels, fine_size, grid, extent)
     matrix = interpolation_matrix(source, target, method, name=str(coarse.name), dim=dim)
     if fine_size == coarse_size and np.allclose(matrix, np.eye(fine_size)):
         matrix = None

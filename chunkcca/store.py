@@ -367,9 +367,10 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     """Write a store's layers with ``build`` and record their order, never leaving a partial store.
 
     ``mode="w"``: the store is built in a temporary folder beside ``path`` and renamed into place
-    (replacing an existing one only with ``overwrite``, and not while an append moves layers into it). ``mode="a"``: the new layers are built in a
-    temporary store beside ``path``, checked against the layers ``path`` holds, and each moved into it by
-    one rename of its folder (so each arrives whole or not at all); the list of layers is updated last. The
+    (replacing an existing one only with ``overwrite``, and not while an append moves layers into it).
+    ``mode="a"``: the new layers are built in a temporary store beside ``path``, checked against the layers
+    ``path`` holds, and each moved into it by one rename of its folder (so each arrives whole or not at all); the
+    list of layers is updated last. The
     store's root records the append while it moves them (``APPENDING_ATTR``): a store an append was killed in
     does not open, and the next append first removes what it left; an error or a Ctrl-C removes it at once.
     The layers already there are not touched. Appends to one store from several processes at once are
