@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -92,11 +92,16 @@ def declared(key: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, first
     ``shape`` its Dask array declares for it and of a ``dtype`` that casts to the declared one within its kind, else
     raising: a block of another shape (``da.from_delayed`` of a loader's short last batch) was paired with the other
     layers' rows by position, and a complex block declared real lost its imaginary part."""
-    return (_declared, key, shape, dtype, name, first, what)
+    return (as_declared, key, shape, dtype, name, first, what)
 
 
-def _declared(block: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, first: int, what: str) -> np.ndarray:
+def as_declared(block: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, first: int,
+                what: str = "its Dask array") -> np.ndarray:
+    """``block`` (of layer ``name``'s ``what``, datapoints ``first`` on) as a numpy array if it is one of ``shape``
+    and of a ``dtype`` that casts to ``dtype`` within its kind (``declared()``), else an error naming them."""
     where = f"layer {name!r}: the block of {what} for datapoints {first} to {first + shape[0] - 1}"
+    if isinstance(block, np.ma.MaskedArray) and not np.ma.is_masked(block):  # nothing masked (a netCDF4 variable)
+        block = block.data
     if not isinstance(block, np.ndarray) or isinstance(block, (np.matrix, np.ma.MaskedArray)):
         kind = "a masked array, whose mask would be ignored" if isinstance(block, np.ma.MaskedArray) else (
             f"a {type(block).__module__}.{type(block).__qualname__}")
@@ -715,15 +720,11 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahea
     wait for fold k − chains · (1 + n), and a chain's first n reads ahead each for the reads of its chunk
     before (so that they do not compete with the first chunks' reads, and the first folds start soon). A task
     several folds share (a store chunk cut into the common chunks of layers chunked differently) waits likewise
-    for the first fold that needs it.
+    for the first fold that needs it. Where a read feeds folds far apart, nothing is read ahead (``_kept_ahead``).
     """
     dsk = convert_legacy_graph(dict(graph))
     kept = {*tasks, *kept}  # not reads: neither fused into the tasks nor gated
-    if ahead and any(last - first >= chains * (1 + ahead) for first, last in _fold_spans(dsk, tasks, kept).values()):
-        # a read that folds far apart share (every chunk of a layer reordered by label feeds every fold) is held
-        # from its first fold to its last whatever the gates, and reads ahead of its pieces held them all at
-        # once: 17 GB for a 256 MiB layer in random order, 0.84 GB reading nothing ahead
-        ahead = 0
+    ahead = _kept_ahead(dsk, tasks, chains, ahead, kept)
     if not ahead:
         dependents = reverse_dict({key: node.dependencies for key, node in dsk.items()})
         for key in tasks:
@@ -760,20 +761,34 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahea
     return dsk
 
 
+def _kept_ahead(dsk: Mapping[Any, GraphNode], tasks: Sequence[Any], chains: int, ahead: int, kept: set[Any]) -> int:
+    """``ahead``, or 0 where a read feeds folds far apart (``_fold_spans``: every chunk of a layer reordered by
+    label feeds every fold). Such a read is held from its first fold to its last whatever the gates, and reading
+    the pieces of later folds ahead held them all at once: 17 GB for a 256 MiB layer in random order, 0.97 GB
+    reading nothing ahead."""
+    if ahead and any(last - first >= chains * (1 + ahead) for first, last in _fold_spans(dsk, tasks, kept).values()):
+        return 0
+    return ahead
+
+
 def _fold_spans(dsk: Mapping[Any, GraphNode], tasks: Sequence[Any], kept: set[Any]) -> dict[Any, tuple[int, int]]:
-    """Each task that ``tasks`` (the folds, in order) need and that is not ``kept``: the indices of the first and
-    the last fold that need it."""
-    spans: dict[Any, tuple[int, int]] = {}
-    for index, key in enumerate(tasks):
-        seen: set[Any] = set()
-        waiting = [dependency for dependency in dsk[key].dependencies if dependency not in kept]
-        while waiting:
-            dependency = waiting.pop()
-            if dependency in dsk and dependency not in seen:
-                seen.add(dependency)
-                spans[dependency] = (spans.get(dependency, (index, index))[0], index)
-                waiting.extend(d for d in dsk[dependency].dependencies if d not in kept)
-    return spans
+    """Each task that ``tasks`` (the folds, in order) need and that is not ``kept`` nor data (a store's array
+    object, which every read takes): the indices of the first and the last fold that need it. Two walks, each
+    visiting a task once."""
+
+    def reached(order: Iterable[int]) -> dict[Any, int]:  # each task: the first fold in ``order`` that needs it
+        found: dict[Any, int] = {}
+        for index in order:
+            waiting = [dependency for dependency in dsk[tasks[index]].dependencies if dependency not in kept]
+            while waiting:
+                dependency = waiting.pop()
+                if dependency in dsk and dependency not in found:
+                    found[dependency] = index
+                    waiting.extend(d for d in dsk[dependency].dependencies if d not in kept)
+        return found
+
+    first, last = reached(range(len(tasks))), reached(reversed(range(len(tasks))))
+    return {key: (index, last[key]) for key, index in first.items() if isinstance(dsk[key], Task)}
 
 
 def _token(key: Any, what: str) -> Any:

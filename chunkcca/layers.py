@@ -347,14 +347,8 @@ def boolean_mask(values: Any, what: str) -> Any:
 def _check_values(array: xr.DataArray, name: str, allow_complex: bool = False) -> None:
     dtype = array.dtype
     complex_refused = np.issubdtype(dtype, np.complexfloating) and not allow_complex
-    if dtype.kind == "b" or not np.issubdtype(dtype, np.number) or complex_refused:
+    if dtype.kind in "bmM" or not np.issubdtype(dtype, np.number) or complex_refused:  # timedelta64 is a number
         raise TypeError(f"layer {name!r} has dtype {dtype}; expected real numbers (float or integer)")
-    rounding = array.attrs.get(VALUE_ROUNDING_ATTR)
-    if rounding is not None and (isinstance(rounding, (bool, np.bool_)) or not isinstance(rounding, (int, float,
-                                 np.integer, np.floating)) or not 0 <= rounding < 1):  # NaN fails too
-        raise ValueError(f"layer {name!r} has attribute {VALUE_ROUNDING_ATTR} = {rounding!r}: it gives the relative "
-                         f"rounding of its values, a number in [0, 1) (bfloat16's is 2**-7 = 0.0078125); set it so, or "
-                         f"drop it: layer.attrs.pop({VALUE_ROUNDING_ATTR!r})")
     empty = [str(dim) for dim, size in array.sizes.items() if size == 0]
     if empty:
         raise ValueError(f"layer {name!r} is empty: dim {', '.join(empty)} has size 0 (shape {array.shape})")
@@ -377,16 +371,29 @@ DASK_KEY = re.compile(r".+-([0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-
 
 
 def named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
-    """``as_activations()`` of ``layer``, named by its node path or DataArray name, else ``default``. A DataArray
-    named after a Dask array's key names nothing to the user: it is unnamed."""
+    """``as_activations()`` of ``layer`` to be measured (``check_value_rounding``), named by its node path or
+    DataArray name, else ``default``. A DataArray named after a Dask array's key names nothing to the user: it is
+    unnamed."""
     is_named = isinstance(layer, xr.DataTree) or (
         isinstance(layer, xr.DataArray) and layer.name is not None and not DASK_KEY.fullmatch(str(layer.name)))
-    return as_activations(layer, None if is_named else default, dims=dims)
+    return check_value_rounding(as_activations(layer, None if is_named else default, dims=dims))
 
 
-def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
-    """Put ``b``'s datapoints in ``a``'s order by label, and its position dims in ``a``'s order by name when both
-    have the same ones (lazily); any datapoint label missing on one side is an error.
+def check_value_rounding(layer: xr.DataArray) -> xr.DataArray:
+    """``layer``, to be measured, if its ``VALUE_ROUNDING_ATTR`` (if any) is a number in [0, 1); else an error
+    naming it and the value. Not checked at open, so that one layer's attribute does not close the store."""
+    rounding = layer.attrs.get(VALUE_ROUNDING_ATTR)
+    if rounding is not None and (isinstance(rounding, (bool, np.bool_)) or not isinstance(rounding, (int, float,
+                                 np.integer, np.floating)) or not 0 <= rounding < 1):  # NaN fails too
+        raise ValueError(f"layer {layer.name!r} has attribute {VALUE_ROUNDING_ATTR} = {rounding!r}: it gives the "
+                         f"relative rounding of its values, a number in [0, 1) (bfloat16's is 2**-7 = 0.0078125); "
+                         f"set it so, or drop it: layer.attrs.pop({VALUE_ROUNDING_ATTR!r})")
+    return layer
+
+
+def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray, bool]:
+    """``a``, ``b`` with its datapoints in ``a``'s order by label (lazily), and whether that reordered them; any
+    datapoint label missing on one side, or position dims of other names in another order, is an error.
 
     Layers without a datapoint coordinate are aligned by position and must have equal counts; beside one with
     labels other than 0, 1, …, N − 1 in order (which position would pair as they say), an error: which pairing
@@ -414,11 +421,11 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
                 f"position would ignore the labels; give {plain.name!r} its labels "
                 f"(layer.assign_coords(datapoint=...)), or drop those of {labelled.name!r} "
                 f"(layer.drop_vars('datapoint')) to pair by position")
-        return a, b
+        return a, b, False
     labels_a = a.indexes["datapoint"]
     labels_b = b.indexes["datapoint"]
     if labels_a.equals(labels_b):  # labels are unique: as_activations refuses repeats
-        return a, b
+        return a, b, False
     missing_b = labels_a.difference(labels_b)
     missing_a = labels_b.difference(labels_a)
     if len(missing_a) or len(missing_b):
@@ -433,7 +440,7 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
         f"lazily, which holds up to about {REORDER_HOLDS} times layer {name_b!r} in memory "
         f"({format_bytes(REORDER_HOLDS * b.nbytes)}) while it is read: store both layers in one order for large data",
         PerformanceWarning, stacklevel=user_stacklevel())
-    return a, b.isel(datapoint=labels_b.get_indexer(labels_a))
+    return a, b.isel(datapoint=labels_b.get_indexer(labels_a)), True
 
 
 #: What a layer reordered by label holds while a pass reads it, as a multiple of its size: Dask's take holds each
@@ -442,18 +449,20 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
 REORDER_HOLDS = 3
 
 
-def check_reordered(first: str, reordered: Sequence[xr.DataArray], memory_limit: int) -> None:
-    """Refuse, before anything is read, layers reordered to the datapoints of layer ``first`` (``align_layers``)
-    whose reordering would hold more than ``memory_limit`` bytes (``REORDER_HOLDS`` times their size)."""
+def check_reordered(first: str, reordered: Sequence[xr.DataArray], memory_limit: int) -> int:
+    """What reordering layers to the datapoints of layer ``first`` (``align_layers``) holds (``REORDER_HOLDS``
+    times their size), which the pass then leaves out of its ``memory_limit``; refused before anything is read
+    where that is over half of it (the rest is the pass's own)."""
     held = REORDER_HOLDS * sum(layer.nbytes for layer in reordered)
-    if reordered and held > memory_limit:
+    if reordered and held > memory_limit // 2:
         names = ", ".join(repr(str(layer.name)) for layer in reordered)
         raise ValueError(f"layer{'s' if len(reordered) > 1 else ''} {names} hold{'' if len(reordered) > 1 else 's'} "
                          f"the datapoints of layer {first!r} in another order: pairing them by label holds about "
                          f"{REORDER_HOLDS} times {'their' if len(reordered) > 1 else 'its'} size in memory "
-                         f"({format_bytes(held)}), over memory_limit={format_bytes(memory_limit)}; store the layers "
-                         f"in one order (recorded through a DataLoader that does not shuffle), or raise memory_limit "
-                         f"(--memory-limit) where the machine has the memory")
+                         f"({format_bytes(held)}), over half of memory_limit={format_bytes(memory_limit)} (the rest "
+                         f"is the pass's); store the layers in one order (recorded through a DataLoader that does "
+                         f"not shuffle), or raise memory_limit (--memory-limit) where the machine has the memory")
+    return held
 
 
 def check_position_labels(a: xr.DataArray, b: xr.DataArray, spatial: str) -> None:

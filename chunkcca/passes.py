@@ -33,6 +33,7 @@ from .engine import (
     FeatureStats,
     NoRealPositionError,
     Reduction,
+    as_declared,
     common_boundaries,
     compute,
     connected,
@@ -344,12 +345,14 @@ def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], 
     flatten sweep whose rows (the positions real in every layer) are fewer than some pair of its ``pairs``
     compared alone keeps is warned of. Masks computed from the activations (``(layer != 0).any("channel")``) are
     left to the pass, which finds the first and reads the activations once (and so gives no such warning)."""
-    given = [(mask, name) for mask, name in zip(masks, names) if mask is not None]
-    if not given:
+    if all(mask is None for mask in masks):
         return
     read = {name for array in data for name in array.__dask_graph__().layers}
-    if any(read & set(mask.__dask_graph__().layers) for mask, _ in given):
+    if any(read & set(mask.__dask_graph__().layers) for mask in masks if mask is not None):
         return
+    masks = [None if mask is None else mask.map_blocks(_declared_mask, layer=name, dtype=bool)  # as the pass checks
+             for mask, name in zip(masks, names)]
+    given = [(mask, name) for mask, name in zip(masks, names) if mask is not None]
     unused = [~adapter.strided(da.arange(mask.shape[0], chunks=mask.chunks[0])) for mask, adapter  # skipped by
               in zip(masks, adapters) if mask is not None]  # the stride: no row to give
     real = [mask.any(axis=tuple(range(1, mask.ndim))) | skipped for (mask, _), skipped in zip(given, unused)]
@@ -373,6 +376,15 @@ def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], 
                       f"compared alone, keep more ({', '.join(losing[:3])}{', …' if len(losing) > 3 else ''}), and "
                       f"are measured on those positions here; compare such pairs alone, or sweep layers of one "
                       f"padding", RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def _declared_mask(block: Any, layer: str, block_info: dict[Any, Any] | None = None) -> np.ndarray:
+    """A block of ``layer``'s padding mask, if it has the shape and dtype its Dask array declares for it
+    (``engine.as_declared``)."""
+    assert block_info is not None  # map_blocks gives it
+    declared = block_info[None]
+    return as_declared(block, tuple(declared["chunk-shape"]), np.dtype(bool), layer,
+                       int(declared["array-location"][0][0]), "its padding mask")
 
 
 def _masks(layers: Sequence[xr.DataArray]) -> list[da.Array | None]:

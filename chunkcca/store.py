@@ -53,6 +53,7 @@ from .layers import (
     boolean_mask,
     check_datapoint_coords,
     check_layer_paths,
+    check_value_rounding,
     coord_values,
     datapoints_per_chunk,
     labelled_as,
@@ -207,7 +208,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
                           f"not written (a store holds each layer's {VARIABLE!r}, its {MASK!r} and coordinates); "
                           f"give a label per datapoint as coords=, or save other data apart", UserWarning,
                           stacklevel=user_stacklevel())
-    arrays = {path_: as_activations(value, path_, chunks=chunks, guess_layout=False)  # a store keeps no guess
+    arrays = {path_: check_value_rounding(as_activations(value, path_, chunks=chunks, guess_layout=False))  # no guess
               for path_, value in zip(paths, layers.values())}
     labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))
     if mode == "a":

@@ -429,13 +429,21 @@ def test_a_dask_block_of_another_shape_than_declared_is_an_error_naming_the_laye
     with pytest.raises(ValueError, match=r"layer 'a': the block .* has shape \(50, 5\), where the array declares "
                                          r"\(100, 5\)"):
         chunkcca.cka(halved, y)
+    # a padding mask's blocks, checked before the pass (it said "operands could not be broadcast together")
+    short_mask = da.from_array(np.ones((300, 4), bool), chunks=100).map_blocks(lambda block: block[:-1], dtype=bool)
+    tokens = xr.DataArray(x[:, None, :].repeat(4, axis=1), dims=("datapoint", "token", "channel"), name="a",
+                          coords={"mask": (("datapoint", "token"), short_mask)})
+    with pytest.raises(ValueError, match=r"layer 'a': the block of its padding mask for datapoints \d+ to \d+ has "
+                                         r"shape \(\d+, 4\), where the array declares"):
+        chunkcca.cka(tokens, y, spatial="avgpool")
 
 
 def test_a_dask_block_of_another_kind_than_declared_is_an_error_naming_the_layer():
     """A complex block declared float64 (``map_blocks`` without ``dtype=``) lost its imaginary part under avgpool
     (CKA 0.0143, silently) and stopped in numpy's casting rules under flatten; a masked block's mask was ignored
     (0.00471, the unmasked value); string, list and matrix blocks stopped in numpy, naming no layer. Blocks whose
-    values cast within their kind (float32 or ints declared float64) are read as before."""
+    values cast within their kind (float32 or ints declared float64), and masked ones with nothing masked (a
+    netCDF4 variable's), are read as before."""
     rng = np.random.default_rng(8)
     x = rng.standard_normal((300, 2, 2, 5))
     y = x[..., :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((300, 2, 2, 4))
@@ -463,6 +471,9 @@ def test_a_dask_block_of_another_kind_than_declared_is_an_error_naming_the_layer
                                         r"int8, where the array declares bool"):
         chunkcca.cka(padded, y)
     expected = float(chunkcca.cka(x, y, spatial="avgpool")["cka"])
+    unmasked = blocks.map_blocks(np.ma.masked_array, dtype=float, meta=np.ma.masked_array(np.empty((0, 0, 0, 0))))
+    assert float(chunkcca.cka(unmasked, y, spatial="avgpool")["cka"]) == float(
+        chunkcca.cka(blocks, y, spatial="avgpool")["cka"])  # nothing masked: read as the plain blocks
     cast = blocks.map_blocks(lambda block: block.astype(np.float32), dtype=float)
     assert float(chunkcca.cka(cast, y, spatial="avgpool")["cka"]) == pytest.approx(expected, rel=1e-6)  # float32's
 

@@ -567,17 +567,22 @@ def test_values_rounded_more_coarsely_than_their_dtype_are_cut_at_the_rounding_t
 
 
 @pytest.mark.parametrize("rounding", ["0.0078125", -0.1, 2.0, float("nan"), True, [0.0078125]])
-def test_a_malformed_value_rounding_attribute_is_refused_naming_the_layer_before_the_pass(rounding):
+def test_a_malformed_value_rounding_attribute_is_refused_naming_the_layer_before_the_pass(rounding, tmp_path):
     """``chunkcca_value_rounding`` of NaN or -0.1 was ignored (max with float32's own), silently; 'abc' or a list
-    stopped after the pass in float(), naming no layer. It is checked with the layer's dims, before any read."""
+    stopped after the pass in float(), naming no layer. It is checked where a layer is measured or written, before
+    any read (not at open, where it would close the whole store)."""
     from chunkcca.options import VALUE_ROUNDING_ATTR
 
     rng = np.random.default_rng(0)
     ones = da.ones((100, 4), dtype=np.float32, chunks=50).map_blocks(_never_read, dtype=np.float32)
     layer = xr.DataArray(ones, dims=("datapoint", "channel"), name="l1", attrs={VALUE_ROUNDING_ATTR: rounding})
-    with pytest.raises(ValueError, match=f"layer 'l1' has attribute {VALUE_ROUNDING_ATTR} = .*: it gives the relative "
-                                         r"rounding of its values, a number in \[0, 1\)"):
+    message = f"layer 'l1' has attribute {VALUE_ROUNDING_ATTR} = .*: it gives the relative rounding of its values"
+    with pytest.raises(ValueError, match=message + r", a number in \[0, 1\)"):
         cca(layer, rng.standard_normal((100, 3)))
+    with pytest.raises(ValueError, match=message):
+        chunkcca.similarity({"l1": layer}, {"b": rng.standard_normal((100, 3))}, measures=["cka"])
+    with pytest.raises(ValueError, match=message):  # nor written into a store
+        chunkcca.write_activations(tmp_path / "s.zarr", {"l1": layer})
 
 
 def _never_read(block: np.ndarray) -> np.ndarray:

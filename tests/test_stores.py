@@ -135,6 +135,8 @@ def test_failed_write_leaves_earlier_store_intact(tmp_path):
         (np.zeros((4, 2), dtype=complex), TypeError, "layer 'bad' has dtype complex128; expected real"),
         (np.zeros((4, 2), dtype=bool), TypeError, "layer 'bad' has dtype bool"),
         (np.array([["a"]]), TypeError, "layer 'bad' has dtype <U1"),
+        # durations are numbers to numpy: stored, then every measure stopped in numpy's promotion rules
+        (np.zeros((4, 2), dtype="m8[s]"), TypeError, r"layer 'bad' has dtype timedelta64\[s\]; expected real"),
         (np.zeros((0, 2)), ValueError, "layer 'bad' is empty: dim datapoint has size 0"),
         (np.zeros((3, 0)), ValueError, "layer 'bad' is empty: dim channel has size 0"),
         (xr.DataArray(np.zeros((3, 2)), dims=("x", "channel")), ValueError, r"layer 'bad' has dims \('x', 'channel'\)"),
