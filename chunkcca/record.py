@@ -16,13 +16,15 @@ class ends in ``1d``, ``2d`` or ``3d`` as its output has 3, 4 or 5 dims (conv, p
 GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a submodule made, when the module
 returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its input, when the output has the
 input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d
-or a Linear: every module but TorchScript ones is hooked while recording to know this); the layout of the latest
+or a Linear: every module but TorchScript ones is hooked while recording to know this), swapped where a
+parameter-free module swapped two of its dims (a Transpose module); the layout of the latest
 tensor of the output's shape a module made (a function in between, such as ``F.relu`` or a residual sum, keeps
 it; not for a square shape, where the first position and the channels have one size, (N, L, L) or (N, C, H, C),
 since a transpose cannot be told); channels last from a module that acts on the last dim, whatever the rank
 (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim: ConvNeXt and Swin blocks apply
 them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the channels of (N, C, H, W), is
-not taken for one).
+not taken for one); the layout of the latest tensor of its rank its submodules made in its call, where the output
+keeps its N and channels and is not square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp).
 Failing all these, a 3-d output is channels last from any other module with parameters (attention, a transformer
 layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
 transpose; an Upsample) or when a module made a channels-first tensor of its square shape (a block returning
@@ -31,8 +33,8 @@ transpose; an Upsample) or when a module made a channels-first tensor of its squ
 
 Which of a 3-d output's first two dims holds the datapoints (its time order) is told by the rule where it
 follows a module's tensors (a time-first module's output, a Linear on one, a function keeping its shape, a conv).
-Where it does not (a module acting on the last dim, a default), in a model with modules that put time first, the
-batch's count of datapoints tells it when only one of those dims has as many (a count shown by a DataLoader's
+Where it does not (a module acting on the last dim, a default), in any model, the batch's count of datapoints
+tells it when only one of those dims has as many (a count shown by a DataLoader's
 default collation or an image input (N, C, H, W), all the batch's tensors agreeing; else the N of the (T, N, C)
 outputs torch documents in the pass, all agreeing): a CLIP-like model's blocks,
 which permute their embeddings to (T, N, C) with a function, and their first LayerNorm are time first. When both
@@ -86,6 +88,10 @@ def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str,
                 raise ValueError(f"layer {path!r}: the model has no module {module!r}; it has "
                                  f"{', '.join(n for n in named if n) or 'none'}")
             module = named[module]
+        if type(module).__name__ in ("RecursiveScriptModule", "ScriptModule", "TopLevelTracedModule",
+                                     "TracedModule"):  # torch.jit's: they take no forward hooks
+            raise ValueError(f"layer {path!r} is a TorchScript module, whose outputs PyTorch gives no hook: record "
+                             f"the module that calls it, or a copy of it that is not scripted")
         modules[str(path).strip("/")] = module
     if not modules:
         raise ValueError("record needs at least one layer")
@@ -131,6 +137,8 @@ class _Seen:
 
         self.tensors: Any = WeakIdKeyDictionary()
         self.shapes: dict[tuple[int, ...], Found] = {}
+        self.made: list[tuple[tuple[int, ...], Found]] = []  # each tensor noted in this pass: its shape and layout
+        self.starts: dict[int, int] = {}  # a module (its id) → how many tensors were noted when its call began
         self.datapoints: int | None = None
         self.sequence_datapoints: int | None = None  # N of the (T, N, C) outputs torch documents, in this pass
         self.has_time_first = any(_time_first(module) for module in model.modules())
@@ -145,6 +153,19 @@ class _Seen:
         self.tensors[tensor] = layout, told
         if not tensor.is_nested:
             self.shapes[tuple(tensor.shape)] = layout
+            self.made.append((tuple(tensor.shape), layout))
+
+    def enter(self, module: Any) -> None:
+        """Note that a call of ``module`` begins (a forward pre-hook): the tensors noted from now until its output
+        are its submodules'."""
+        self.starts[id(module)] = len(self.made)
+
+    def made_within(self, module: Any, rank: int) -> tuple[tuple[int, ...], Found] | None:
+        """The shape and layout of the latest tensor of ``rank`` dims that ``module``'s submodules made in its
+        current call, if any."""
+        start = self.starts.get(id(module))
+        found = [made for made in self.made[start:] if len(made[0]) == rank] if start is not None else []
+        return found[-1] if found else None
 
     def of_shape(self, shape: tuple[int, ...]) -> Found | None:
         """The layout of the latest tensor of ``shape`` a module made; None when a transpose could hide behind it:
@@ -158,6 +179,8 @@ class _Seen:
         """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
         self.tensors.clear()
         self.shapes.clear()
+        self.made.clear()
+        self.starts.clear()
         self.datapoints = datapoints
         self.sequence_datapoints = None
 
@@ -198,8 +221,8 @@ class _Seen:
         else as a batch told it for ``key`` (for a module, only when both dims have one size: a module may run on
         other tensors too). A layer told one order after a batch read it the other goes to ``misread``; one read
         in a batch of as many datapoints as positions and not told, to ``untold``."""
-        n = self.count()
-        if not told and self.has_time_first and n is not None and (tensor.shape[0] == n) != (tensor.shape[1] == n):
+        n = self.count()  # a batch's count tells, in any model (a time-first block of the user's own, too)
+        if not told and n is not None and (tensor.shape[0] == n) != (tensor.shape[1] == n):
             found, told = "time_first" if tensor.shape[1] == n else found, True
         layer = isinstance(key, str)
         if told:
@@ -285,6 +308,9 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
             return seen.tensors[source]
         if seen.tensors[source][0] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
             return "time_first", True  # a Linear on (T, N, C) keeps T and N
+        if next(module.parameters(), None) is None and (swapped := _transposed(seen.tensors[source][0],
+                                                                               source.shape, tensor.shape)):
+            return swapped, True  # a Transpose or Rearrange module: (N, C, L) → (N, L, C), (T, N, C) → (N, T, C)
     shaped = seen.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
     if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
         return shaped, True
@@ -292,11 +318,32 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return "channels_last", False
     if shaped is not None:  # (T, N, C) with T = N has the shape of (N, T, C)
         return shaped, tensor.shape[0] != tensor.shape[1]
+    inner = seen.made_within(module, tensor.dim())  # a block's last submodule tensor, through functions that change
+    if inner is not None and tensor.shape[1] != tensor.shape[-1]:  # its positions only (F.max_pool1d, a causal
+        shape, layout = inner  # chomp, F.interpolate); not a square shape, which a transpose keeps
+        if layout == "channels_first" and shape[:2] == tuple(tensor.shape[:2]):
+            return "channels_first", True
+        if layout == "channels_last" and (shape[0], shape[-1]) == (tensor.shape[0], tensor.shape[-1]):
+            return "channels_last", False
     if tensor.dim() > 3 or next(module.parameters(), None) is None:  # 4-d, 5-d: channels first by default
         return None, False
     if seen.shapes.get(tuple(tensor.shape)) == "channels_first":  # a square (N, C, C) a conv made, through F.relu:
         return None, False  # a transpose cannot be told, and the default would read its channels as positions
     return "channels_last", False
+
+
+def _transposed(layout: Found, before: Any, after: Any) -> Found | None:
+    """The layout of a 3-d tensor of shape ``after`` that is one of shape ``before`` and ``layout`` with two dims
+    swapped, where only that swap gives its shape: channels first and last swap their last two dims, a (T, N, C)
+    sequence and its (N, T, C) their first two; else None."""
+    if len(before) != 3 or len(after) != 3:
+        return None
+    if layout in ("channels_first", "channels_last") and before[1] != before[2] \
+            and tuple(after) == (before[0], before[2], before[1]):
+        return "channels_last" if layout == "channels_first" else "channels_first"
+    if layout == "time_first" and before[0] != before[1] and tuple(after) == (before[1], before[0], before[2]):
+        return "channels_last"
+    return None
 
 
 def _found(module: Any, inputs: Sequence[Any], output: Any, tensor: Any, seen: _Seen,
@@ -379,6 +426,10 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
                          f"unknown: {why}; pass "
                          f"layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), 'channels_last' "
                          f"if (N, T, C), 'time_first' if (T, N, C)")
+    if tensor.device.type == "meta":
+        raise ValueError(f"layer {path!r} gives a tensor on PyTorch's meta device, which holds no values (a model "
+                         f"made without its weights): load them first (model.to_empty(device='cpu') and "
+                         f"load_state_dict)")
     nested = getattr(tensor, "is_nested", False)
     owned = tensor.device.type != "cpu"  # .cpu() copies it to memory of its own
     if nested:  # PyTorch's transformer fast path leaves padding out: put it back
@@ -592,8 +643,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
 
     # every module but TorchScript ones, which take no hooks (their insides are not seen: a layout after one is
     # told by its own rule)
-    hooks = [module.register_forward_hook(track, with_kwargs=True) for module in model.modules()
-             if not isinstance(module, torch.jit.ScriptModule)]
+    hooks = [hook for module in model.modules() if not isinstance(module, torch.jit.ScriptModule)
+             for hook in (module.register_forward_pre_hook(lambda module, args: seen.enter(module)),
+                          module.register_forward_hook(track, with_kwargs=True))]
     def capture(path: str, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         if path in captured:  # a module used twice (shared weights): which call is the layer?
             raise ValueError(f"layer {path!r} ran more than once in one forward pass; record one call: wrap it in a "
@@ -633,6 +685,14 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                         values, dims, nested, coarser = captured[path]
                         if coarser:
                             rounded[path] = max(rounded.get(path, 0.0), coarser)
+                        if nested and padding is None:
+                            raise ValueError(
+                                f"layer {path!r} comes from PyTorch's fast path as a nested tensor: the batch's "
+                                f"sequences are padded, but no padding mask was read from the batch (mask=, by "
+                                f"default a dict batch's 'attention_mask'), so the padded positions would count as "
+                                f"real tokens; pass mask= a function giving it, True at real tokens (for "
+                                f"src_key_padding_mask, True at padding: mask=lambda batch: "
+                                f"~batch['src_key_padding_mask'])")
                         if nested and padding is not None and values.ndim == 3 and dims[1] == "token" \
                                 and values.shape[0] == padding.shape[0] and values.shape[1] < padding.shape[1]:
                             # a nested output padded to its longest sequence only: to the batch's length

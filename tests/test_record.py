@@ -1285,3 +1285,135 @@ def test_a_square_output_of_channels_last_tensors_is_recorded(tmp_path):
         want = model(inputs).numpy()
     assert tree["second"]["activations"].dims == ("datapoint", "token", "channel")
     np.testing.assert_allclose(tree["second"]["activations"].values, want, atol=1e-6)
+
+
+class _PooledConv(torch.nn.Module):
+    """A conv block that changes its length with a function: (N, C, L) → (N, C', L / 2)."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(inputs, outputs, 3, padding=1)
+
+    def forward(self, x):
+        return torch.nn.functional.max_pool1d(torch.nn.functional.relu(self.conv(x)), 2)
+
+
+class _CausalConv(torch.nn.Module):
+    """A causal conv: its padding chomped off the end, (N, C, L + 2) → (N, C, L)."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(inputs, outputs, 3, padding=2)
+
+    def forward(self, x):
+        return self.conv(x)[:, :, :-2]
+
+
+class _Transpose(torch.nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def test_conv_blocks_that_change_their_length_with_a_function_are_stored_channels_last(tmp_path):
+    """A conv block pooling with ``F.max_pool1d``, or a causal conv chomping its padding, returned (N, C, L') that no
+    module made, and took the default for modules with parameters, (N, T, C): time and channels swapped, silently
+    (avgpool CKA 0.532 against 0.821). The latest tensor their submodules made, a Conv1d's (N, C, L), tells it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_PooledConv(3, 16), _PooledConv(16, 32), _CausalConv(32, 12)).eval()
+    inputs = torch.randn(40, 3, 64)
+    tree = record(model, {"b1": "0", "b2": "1", "causal": "2"}, [inputs[:20], inputs[20:]], tmp_path / "s.zarr")
+    with torch.no_grad():
+        first = model[0](inputs)
+        second = model[1](first)
+        wants = {"b1": first, "b2": second, "causal": model[2](second)}
+    for layer, want in wants.items():
+        stored = tree[layer]["activations"]
+        assert stored.dims == ("datapoint", "time", "channel"), layer
+        np.testing.assert_array_equal(stored.values, want.transpose(1, 2).numpy(), err_msg=layer)
+
+
+def test_a_transpose_module_after_a_conv_frontend_swaps_the_layout(tmp_path):
+    """A parameter-free Transpose module after a frontend whose channels double as its length halves gave a
+    (N, 32, 64) of the shape of the first conv's output, and took its layout (channels first): it, the Dropout and
+    the LayerNorm(64) after it were stored with their 64 channels as positions. A parameter-free module that swaps
+    two dims of a tensor a module made swaps its layout."""
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 32, 5, padding=2), torch.nn.GELU(),
+                                torch.nn.Conv1d(32, 64, 3, stride=2, padding=1), torch.nn.GELU(),
+                                _Transpose(), torch.nn.Dropout(0.1), torch.nn.LayerNorm(64)).eval()
+    inputs = torch.randn(20, 1, 64)
+    tree = record(model, {"transposed": "4", "dropout": "5", "norm": "6"}, [inputs[:10], inputs[10:]],
+                  tmp_path / "s.zarr")
+    with torch.no_grad():
+        frontend = model[:5](inputs)
+        wants = {"transposed": frontend, "dropout": frontend, "norm": model[6](frontend)}
+    for layer, want in wants.items():
+        stored = tree[layer]["activations"]
+        assert stored.shape == (20, 32, 64), layer
+        np.testing.assert_array_equal(stored.values, want.numpy(), err_msg=layer)
+
+
+def test_a_time_first_block_of_ones_own_is_told_by_the_batch_count(tmp_path):
+    """A fairseq-style block of one's own on (T, B, C), in a model with no torch time-first module, was stored with
+    its 12 time steps as datapoints, (60, 10, 32) for 50 inputs of 12 tokens, though the DataLoader's batches
+    showed N = 10: the batch's count tells a 3-d output's time order in any model."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class TimeFirstBlock(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.ff, self.norm = torch.nn.Linear(width, width), torch.nn.LayerNorm(width)
+
+        def forward(self, x):
+            return self.norm(x + torch.relu(self.ff(x)))
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.block = torch.nn.Embedding(100, 32), TimeFirstBlock(32)
+
+        def forward(self, ids):
+            return self.block(self.embed(ids).transpose(0, 1))
+
+    torch.manual_seed(0)
+    net, ids = Net().eval(), torch.randint(0, 100, (50, 12))
+    tree = record(net, ["block"], DataLoader(TensorDataset(ids, torch.zeros(50)), batch_size=10), tmp_path / "s.zarr")
+    with torch.no_grad():
+        want = net(ids).transpose(0, 1).numpy()
+    assert tree["block"]["activations"].shape == (50, 12, 32)
+    np.testing.assert_allclose(tree["block"]["activations"].values, want, rtol=1e-6, atol=1e-6)  # batched float32
+
+
+def test_padded_sequences_without_a_mask_meta_tensors_and_scripted_layers_are_refused(tmp_path):
+    """PyTorch's fast path gave nested tensors for a batch padded under ``src_key_padding_mask``: record padded
+    them with zeros and stored no mask, so flatten and avgpool counted the padding as tokens, silently. A meta
+    device's outputs (no values) stopped in torch's "Cannot copy out of meta tensor", and a TorchScript layer in
+    "register_forward_hook is not supported on ScriptModules", naming no layer."""
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(30, 32)
+            layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+        def forward(self, src, src_key_padding_mask):
+            return self.encoder(self.embed(src), src_key_padding_mask=src_key_padding_mask)
+
+    torch.manual_seed(0)
+    ids, lengths = torch.randint(1, 30, (16, 12)), torch.randint(3, 13, (16,))
+    lengths[::8] = 12
+    padding = torch.arange(12)[None] >= lengths[:, None]
+    batches = [{"src": ids[i : i + 8], "src_key_padding_mask": padding[i : i + 8]} for i in (0, 8)]
+    with pytest.raises(ValueError, match=r"layer 'l0' comes from PyTorch's fast path as a nested tensor: the batch's "
+                                         r"sequences are padded, but no padding mask was read"):
+        record(Encoder().eval(), {"l0": "encoder.layers.0"}, batches, tmp_path / "nested.zarr")
+    tree = record(Encoder().eval(), {"l0": "encoder.layers.0"}, batches, tmp_path / "masked.zarr",
+                  mask=lambda batch: ~batch["src_key_padding_mask"])
+    np.testing.assert_array_equal(tree["l0"]["mask"].values, ~padding.numpy())
+    with torch.device("meta"):
+        empty = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"layer '0' gives a tensor on PyTorch's meta device"):
+        record(empty, ["0"], [torch.randn(5, 4, device="meta")], tmp_path / "meta.zarr")
+    scripted = torch.nn.Sequential(torch.jit.script(torch.nn.Conv1d(1, 4, 3, padding=1)), torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"layer 'conv' is a TorchScript module, whose outputs PyTorch gives no hook"):
+        record(scripted, {"conv": "0"}, [torch.randn(5, 1, 8)], tmp_path / "scripted.zarr")
