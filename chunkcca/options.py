@@ -230,10 +230,12 @@ def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.nda
         raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} mixes values of types "
                          f"{', '.join(kinds)} (None or NaN among labels?), which cannot be sorted into groups; give "
                          f"every datapoint a label of one type") from None
-    if labels.dtype.kind in "fc" and np.isnan(labels).any():
-        raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} is NaN for "
-                         f"{int(np.isnan(values).sum())} datapoints, which then belong to no group; give them labels "
-                         f"(for the command, in the store), or select the others (layer.isel(datapoint=...))")
+    missing = np.isnan(values) if labels.dtype.kind in "fcmM" else None  # NaN, or NaT (not a time)
+    if missing is not None and missing.any():
+        raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} is "
+                         f"{'NaT' if labels.dtype.kind in 'mM' else 'NaN'} for {int(missing.sum())} datapoints, which "
+                         f"then belong to no group; give them labels (for the command, in the store), or select the "
+                         f"others (layer.isel(datapoint=...))")
     return labels, codes.reshape(-1)
 
 

@@ -564,7 +564,7 @@ def test_layers_that_label_their_groups_differently_are_refused():
 
 
 def test_a_nan_group_label_is_refused():
-    """A NaN label became a group of its own ("more than 1 rows" in group nan), or a fold of its own."""
+    """A NaN label became a group of its own ("more than 1 rows" in group nan), or a fold of its own; so did NaT."""
     rng = np.random.default_rng(12)
     labels = np.where(np.arange(120) < 110, np.arange(120) % 2, np.nan)
     a = xr.DataArray(rng.standard_normal((120, 3)), dims=("datapoint", "channel"), name="a",
@@ -575,6 +575,14 @@ def test_a_nan_group_label_is_refused():
         cca(a, b, groupby="g")
     with pytest.raises(ValueError, match=r"folds='g' \(--folds g\): the coordinate 'g' of layer 'a' is NaN for 10"):
         compare(a, b, measures=["cka"], folds="g")
+    # NaT, a time's NaN, was a group and a fold of its own
+    days = np.where(np.arange(120) < 110, np.datetime64("2020-01-01") + np.arange(120) % 2, np.datetime64("NaT"))
+    timed = a.assign_coords(g=("datapoint", days.astype("M8[ns]")))
+    with pytest.raises(ValueError, match=r"groupby='g' \(--groupby g\): the coordinate 'g' of layer 'a' is NaT for 10 "
+                                         r"datapoints"):
+        cca(timed, b.drop_vars("g"), groupby="g")
+    with pytest.raises(ValueError, match=r"folds='g' \(--folds g\): the coordinate 'g' of layer 'a' is NaT for 10"):
+        compare(timed, b.drop_vars("g"), measures=["cka"], folds="g")
 
 
 def test_each_groups_moments_record_the_layers_and_rows():
