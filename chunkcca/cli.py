@@ -509,6 +509,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     _check_compare_flags(args, measures)
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
+    args.layer_a, args.layer_b = a.path.strip("/"), b.path.strip("/")  # as stored ("/m0//conv/": m0/conv), as sweep
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
     with _connected(args) as scheduler:
         if args.minibatch is not None:

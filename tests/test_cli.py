@@ -54,9 +54,10 @@ def test_ingest_info_compare_sweep(files, capsys):
     assert main(["info", (folder / "s.zarr").as_uri(), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == info
 
-    assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "mean_cca", "cka", "--precision", "float64",
+    assert main(["compare", store, "/m0//conv/", "m1/conv", "--measure", "mean_cca", "cka", "--precision", "float64",
                  "--stride", "2", "--json", "--no-progress", "--plot", str(folder / "c.png")]) == 0
     report = json.loads(capsys.readouterr().out)  # one JSON document
+    assert report["layer_a"] == "m0/conv"  # as stored, as sweep names it (it repeated "/m0//conv/" as typed)
     want = canonical_correlations(flatten_rows(a, 2), flatten_rows(b, 2))
     assert report["results"]["mean_cca"]["value"] == pytest.approx(want.mean(), abs=1e-9)
     assert report["rows"] == 400
