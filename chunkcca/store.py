@@ -324,11 +324,13 @@ def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
     return xr.Variable(dims, boolean_mask(mask, f"layer {name!r}: its mask"))
 
 
-def _existing_order(path: str | os.PathLike) -> tuple[list[str], tuple[int, int] | None]:
-    """The layers of the store at ``path``, in order, and the image size it records (None if it records none)."""
+def _existing_order(path: str | os.PathLike) -> tuple[list[str], tuple[int, int] | None, str | None]:
+    """The layers of the store at ``path``, in order, the image size it records (None if it records none) and its
+    generation (``GENERATION_ATTR``: new each time the store is written whole; None for stores from before)."""
     tree = open_activations(path)
     stored = tree.attrs.get(IMAGE_ATTR)
-    return layer_paths(tree), (int(stored[0]), int(stored[1])) if stored is not None else None
+    return (layer_paths(tree), (int(stored[0]), int(stored[1])) if stored is not None else None,
+            tree.attrs.get(GENERATION_ATTR))
 
 
 def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str, overwrite: bool) -> list[str]:
@@ -353,7 +355,7 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
         raise ValueError("mode='a' adds layers to a store and overwrite=True replaces it: pass one of them")
     check_outside_stores(path, "the store appended to")
     clear_unfinished_append(path)
-    order, _ = _existing_order(path)
+    order, _, _ = _existing_order(path)
     paths = check_layer_paths(names, existing=order, where=str(path))
     _check_free(Path(path), paths)
     for layer in paths:  # the group each new layer is moved into (a read-only one failed midway, the store then
@@ -389,14 +391,17 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
         write_atomically(path, write, overwrite=overwrite, replaceable=is_activation_store, what="an activation store",
                          lock=store.parent / APPEND_LOCK.format(name=store.name))
         return
-    _, stored = _existing_order(path)
+    _, stored, generation = _existing_order(path)
     store = Path(path)
     with temporary_beside(store) as tmp, naming_target(store, "layers into the activation store"):
         names, image = build(tmp / "data", stored)
         _set_root_attrs(tmp / "data", names, image)
         open_activations(tmp / "data")
         with exclusive(store.parent / APPEND_LOCK.format(name=store.name)):
-            order, now_stored = _existing_order(path)  # another append may have finished meanwhile
+            order, now_stored, now_generation = _existing_order(path)  # another append may have finished meanwhile
+            if now_generation != generation:  # checked against (labels, image size) another store than this one
+                raise ValueError(f"{path} was replaced (written whole) while these layers were written for it; add "
+                                 f"them again")
             check_layer_paths(names, existing=order, where=str(path))
             if stored is None and now_stored is not None and image is not None and tuple(image) != now_stored:
                 raise ValueError(f"{path}: another append set the store's image size to {now_stored} while these "

@@ -912,6 +912,42 @@ def test_a_replacement_waits_for_an_append_moving_its_layers_in(tmp_path, monkey
     assert sorted(path.name for path in store.iterdir() if not path.name.startswith(".")) == ["z", "zarr.json"]
 
 
+def test_an_append_to_a_store_replaced_while_it_was_built_is_refused(tmp_path, monkeypatch):
+    """An append checks its layers against the store (labels, image size) before building them; a replacement
+    that came before it took the lock let it move them into the new store, unchecked. The store's generation,
+    read before the build, is compared under the lock."""
+    store = _store(tmp_path)
+    values = np.random.default_rng(2).standard_normal((400, 2))
+    built, go_on = threading.Event(), threading.Event()
+    real = chunkcca_store._set_root_attrs
+
+    def paused(target, *args, **kwargs):
+        real(target, *args, **kwargs)
+        if Path(target).name == "data":  # the append's own temporary store, built
+            built.set()
+            assert go_on.wait(timeout=60)
+
+    monkeypatch.setattr(chunkcca_store, "_set_root_attrs", paused)
+    errors: list[BaseException] = []
+
+    def append() -> None:
+        try:
+            write_activations(store, {"late": values}, mode="a")
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=append)
+    thread.start()
+    assert built.wait(timeout=60)
+    monkeypatch.setattr(chunkcca_store, "_set_root_attrs", real)  # the replacement runs as it always does
+    write_activations(store, {"z": values[:300]}, overwrite=True)
+    go_on.set()
+    thread.join(timeout=120)
+    assert len(errors) == 1 and isinstance(errors[0], ValueError), errors
+    assert "was replaced (written whole) while these layers were written for it" in str(errors[0])
+    assert chunkcca.layer_paths(open_activations(store)) == ["z"]
+
+
 def test_label_chunk_files_swapped_are_an_error_not_datapoints_relabelled(tmp_path):
     """Label arrays of 60,000 datapoints are stored in two chunks; swapped, each passed its own checksum and the
     layers were aligned by the wrong labels: mean ρ 0.0104 for 0.9465, no error. Their chunks' checksums are
