@@ -86,7 +86,8 @@ def _difference(saved: str, current: str) -> str:
                        f"{is_now!r} now"
             if was != is_now:
                 if field == "files":
-                    return f"the files of layer {new_layer[0]!r} changed since (its store was rewritten or edited)"
+                    return (f"the files of layer {new_layer[0]!r} changed since (its store was rewritten or edited, "
+                            f"or is a copy: their modification times count)")
                 if field == "labels":
                     return f"layer {new_layer[0]!r} has other datapoint, position or channel labels than then"
                 if field == "mask":

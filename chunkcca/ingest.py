@@ -212,6 +212,8 @@ def _array_names(path: str | os.PathLike) -> list[str]:
                 if others:
                     raise ValueError(f"{path} holds {others[0]!r}, which is not a .npy array; an .npz for chunkcca "
                                      f"holds arrays only")
+                if not archive.files:  # np.savez() of nothing: it said "ingest needs at least one layer"
+                    raise ValueError(f"{path} holds no arrays; an .npz gives one layer per array it holds")
                 return list(archive.files)
         except (OSError, EOFError, zipfile.BadZipFile) as error:
             raise ValueError(f"cannot read {path} as a .npz file: {type(error).__name__}: {error}") from error

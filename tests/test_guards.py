@@ -227,6 +227,9 @@ def test_an_npz_with_other_members_is_named(tmp_path, capsys):
         archive.writestr("notes.txt", "hello")
     assert main(["ingest", str(tmp_path / "s.zarr"), f"m={tmp_path / 'a.npz'}"]) == 2
     assert "holds 'notes.txt', which is not a .npy array" in capsys.readouterr().err
+    np.savez(tmp_path / "empty.npz")  # it said "ingest needs at least one layer", naming no file
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"m={tmp_path / 'empty.npz'}"]) == 2
+    assert f"{tmp_path / 'empty.npz'} holds no arrays" in capsys.readouterr().err
 
 
 def test_an_unreachable_scheduler_fails_fast_and_says_so(capsys):
