@@ -457,8 +457,12 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
                          f"so interp cannot place one on the other; set their {dim} coordinates to positions in the "
                          f"input (e.g. sample centres), or use grid='svcca' (both spanning the same input)")
     numbers = _labels_as_numbers(a, b, dim) if grid == "coords" else [None, None]
-    spans = [_pixel_span(values) if known else None for values, known in zip(numbers, labelled)]
-    if None not in spans and not np.isclose(spans[0], spans[1], rtol=1e-9, atol=0):
+    # labels agree to their own precision (float32 centres of a 14-pixel input are even to 1e-7 only: they were
+    # taken for a crop, and a layer of another input's centres went unrefused)
+    rtol = max([1e-9, *(8 * float(np.finfo(layer[dim].dtype).eps) for layer, known in zip((a, b), labelled)
+                        if known and layer[dim].dtype.kind == "f")])
+    spans = [_pixel_span(values, rtol) if known else None for values, known in zip(numbers, labelled)]
+    if None not in spans and not np.isclose(spans[0], spans[1], rtol=rtol, atol=0):
         raise ValueError(f"layer {a.name!r} spans {spans[0]:g} input pixels along {dim} and layer {b.name!r} "
                          f"{spans[1]:g}: their pixel centres are in units of inputs of different sizes (a store "
                          f"written without image_size= takes its largest layer's size), or one is cropped from the "
@@ -487,14 +491,15 @@ def _resample_axis(dim: str, a: xr.DataArray, b: xr.DataArray, *, method: str,
     return (None, matrix) if fine_is_a else (matrix, None)
 
 
-def _pixel_span(centres: Any) -> float | None:
+def _pixel_span(centres: Any, rtol: float = 1e-9) -> float | None:
     """The extent whose pixel centres ``centres`` are ((i + 0.5) · extent / size, as ``default_coords`` places
-    them), or None for other positions (a crop, an offset, uneven steps: then there is nothing to compare)."""
+    them, to ``rtol``), or None for other positions (a crop, an offset, uneven steps: then there is nothing to
+    compare)."""
     centres = np.asarray(centres, dtype=np.float64)
     if centres.size == 0 or not np.all(np.isfinite(centres)):
         return None
     step = centres[1] - centres[0] if centres.size > 1 else 2 * centres[0]
-    even = np.allclose(np.diff(centres), step, rtol=1e-9, atol=0) and np.isclose(centres[0], step / 2, rtol=1e-9)
+    even = np.allclose(np.diff(centres), step, rtol=rtol, atol=0) and np.isclose(centres[0], step / 2, rtol=rtol)
     return float(step * centres.size) if even and step > 0 else None
 
 

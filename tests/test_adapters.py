@@ -542,6 +542,33 @@ def test_interp_refuses_layers_whose_pixel_centres_are_of_inputs_of_different_si
                                atol=1e-12)
 
 
+def test_interp_reads_float32_pixel_centres_to_their_precision():
+    """float32 centres of a 14-pixel input are even to 1e-7 only: they were taken for a crop, so a 3 x 3 layer on
+    a 14-pixel input beside a 7 x 7 one on a 7-pixel input went unrefused (rho_mean 0.628 for 0.883, silently),
+    and float32 centres of one input beside an unlabelled layer were refused as a crop. Labels agree to their own
+    dtype's precision."""
+    rng = np.random.default_rng(20)
+    fine = rng.standard_normal((50, 7, 7, 3)).cumsum(1).cumsum(2)  # smooth maps
+    coarse = fine[:, 1::2, 1::2][:, :3, :3] + 0.1 * rng.standard_normal((50, 3, 3, 3))
+
+    def labelled(values, extent, dtype, name):
+        centres = ((np.arange(values.shape[1]) + 0.5) * extent / values.shape[1]).astype(dtype)
+        return xr.DataArray(values, dims=("datapoint", "height", "width", "channel"), name=name,
+                            coords={"height": centres, "width": centres})
+
+    for dtype in (np.float64, np.float32):
+        with pytest.raises(ValueError, match=r"layer 'fine' spans 7 input pixels along height and layer 'coarse' "
+                                             r"14"):
+            cca(labelled(fine, 7, dtype, "fine"), labelled(coarse, 14, dtype, "coarse"), spatial="interp")
+        want = cca(labelled(fine, 7, np.float64, "fine"), labelled(coarse, 7, np.float64, "coarse"),
+                   spatial="interp", precision="float64")["rho"]
+        got = cca(labelled(fine, 7, dtype, "fine"), labelled(coarse, 7, dtype, "coarse"), spatial="interp",
+                  precision="float64")["rho"]
+        np.testing.assert_allclose(got, want, atol=1e-5)  # float32 centres move the weights by ~1e-7
+        beside = cca(fine, labelled(coarse, 7, dtype, "coarse"), spatial="interp", precision="float64")["rho"]
+        np.testing.assert_allclose(beside, want, atol=1e-5)  # the unlabelled one spans the labelled one's input
+
+
 def test_interp_places_an_unlabelled_layer_on_the_labelled_ones_input(tmp_path):
     """An 8 x 8 layer from a store (centres 0.5 … 7.5, its own pixels) against an unlabelled 16 x 16 array: the
     unlabelled one was spread over 16 units, so the coarse map covered its first half (rho_mean 0.02 against 0.33
