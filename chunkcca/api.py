@@ -50,39 +50,16 @@ from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapte
 from .tiles import TiledMoments
 
 
-def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter],
-                                                                   StreamOptions]:
-    """Validate, name and align two layers and plan their adapters; nothing is read. The options for their pass:
-    ``options`` with what reordering ``b`` holds left out of ``memory_limit`` (``_reordering_left_out``)."""
+def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray, xr.DataArray, tuple[Adapter, Adapter]]:
+    """Validate, name and align two layers (a reordering over half of ``memory_limit`` refused) and plan their
+    adapters; nothing is read."""
     layer_a, layer_b = named(a, "a", options.dims), named(b, "b", options.dims)
     if layer_a.name == layer_b.name and not _same_layer(layer_a, layer_b):  # one name, two layers: told apart
         layer_a, layer_b = layer_a.rename(f"a ({layer_a.name})"), layer_b.rename(f"b ({layer_b.name})")
     layer_a, layer_b, reordered = align_layers(layer_a, layer_b)
-    options = _reordering_left_out(options, str(layer_a.name), [layer_b] if reordered else [])
+    check_reordered(str(layer_a.name), [layer_b] if reordered else [], int(options.memory_limit))
     check_position_labels(layer_a, layer_b, options.spatial)
-    return layer_a, layer_b, plan_adapters(layer_a, layer_b, options), options
-
-
-def _most_in_order(layers: Sequence[xr.DataArray]) -> xr.DataArray:
-    """The largest of the layers whose datapoints are in the order that holds the most bytes: the others are put
-    in its order, so that the least is reordered."""
-    orders: list[list[xr.DataArray]] = []  # layers with one datapoint order (or none labelled), the first its key
-    for layer in layers:
-        labels = layer.indexes.get("datapoint")
-        same = next((order for order in orders if (labels is None) == ("datapoint" not in order[0].indexes) and (
-            labels is None or labels.equals(order[0].indexes["datapoint"]))), None)
-        if same is None:
-            orders.append(same := [])
-        same.append(layer)
-    heaviest = max(orders, key=lambda order: sum(layer.nbytes for layer in order))
-    return max(heaviest, key=lambda layer: layer.nbytes)
-
-
-def _reordering_left_out(options: StreamOptions, first: str, reordered: Sequence[xr.DataArray]) -> StreamOptions:
-    """``options`` whose ``memory_limit`` leaves out what reordering layers to layer ``first``'s datapoints holds
-    (``check_reordered``, which refuses it over half the limit)."""
-    held = check_reordered(first, reordered, int(options.memory_limit))
-    return dataclasses.replace(options, memory_limit=int(options.memory_limit) - held) if held else options
+    return layer_a, layer_b, plan_adapters(layer_a, layer_b, options)
 
 
 def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True, *,
@@ -212,7 +189,7 @@ def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = Fa
                  least_rows: int = 2) -> tuple[Streamed, Groups | None]:
     """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints
     (``whitens``: as for ``stream_layers``; ``least_rows``: as for ``_check_rows``)."""
-    layer_a, layer_b, adapters, options = _prepare_pair(a, b, options)
+    layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     streamed, groups = _stream_grouped((layer_a, layer_b), adapters, options, row_norms=row_norms, whitens=whitens,
                                        least_rows=least_rows)
     return _with_provenance(streamed), groups
@@ -399,7 +376,7 @@ def _check_gram(names: Sequence[str], where: str) -> None:
 
 def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
     """Exact full-data linear CKA of two layers' per-datapoint feature vectors, from Gram blocks."""
-    layer_a, layer_b, adapters, options = _prepare_pair(a, b, options)
+    layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     _check_rows((layer_a, layer_b), adapters, whitens=False)
     gram = gram_pass((layer_a, layer_b), adapters, options)
     sums = gram.sums
@@ -639,7 +616,7 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
 def _minibatch_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
     """Minibatch linear CKA of two layers over minibatches of ``options.minibatch`` rows (see
     ``chunkcca.minibatch``)."""
-    layer_a, layer_b, adapters, options = _prepare_pair(a, b, options)
+    layer_a, layer_b, adapters = _prepare_pair(a, b, options)
     hsic, batches, left_over, rows = _minibatch_sums([layer_a, layer_b], adapters, options)
     size = options.minibatch
     if hsic[0, 0] <= 0 or hsic[1, 1] <= 0:
@@ -912,13 +889,13 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                     array = array.rename(f"{name} ({role}_layers)")
                 distinct.append(array)
             sides[role].append(index)
-    first = _most_in_order(distinct)
+    first, *_ = distinct  # its datapoint order: folds and minibatches follow it, as in compare(first, …)
     aligned, reordered = [], []
     for layer in distinct:
         _, in_order, moved = align_layers(first, layer)
         aligned.append(in_order)
         reordered += [in_order] if moved else []
-    stream = _reordering_left_out(stream, str(first.name), reordered)
+    check_reordered(str(first.name), reordered, int(stream.memory_limit))
     for index_a, index_b in itertools.product(sides["a"], sides["b"]):  # the pairs solved, in any mode with order
         check_position_labels(aligned[index_a], aligned[index_b], stream.spatial)
     adapters = plan_sweep_adapters(aligned, stream)

@@ -449,20 +449,20 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
 REORDER_HOLDS = 3
 
 
-def check_reordered(first: str, reordered: Sequence[xr.DataArray], memory_limit: int) -> int:
-    """What reordering layers to the datapoints of layer ``first`` (``align_layers``) holds (``REORDER_HOLDS``
-    times their size), which the pass then leaves out of its ``memory_limit``; refused before anything is read
-    where that is over half of it (the rest is the pass's own)."""
+def check_reordered(first: str, reordered: Sequence[xr.DataArray], memory_limit: int) -> None:
+    """Refuse, before anything is read, reordering layers to the datapoints of layer ``first`` (``align_layers``)
+    where what it holds (``REORDER_HOLDS`` times their size) is over half of ``memory_limit``: the pass plans
+    within ``memory_limit`` besides, so such a run holds at most 1.5 times it."""
     held = REORDER_HOLDS * sum(layer.nbytes for layer in reordered)
     if reordered and held > memory_limit // 2:
         names = ", ".join(repr(str(layer.name)) for layer in reordered)
         raise ValueError(f"layer{'s' if len(reordered) > 1 else ''} {names} hold{'' if len(reordered) > 1 else 's'} "
                          f"the datapoints of layer {first!r} in another order: pairing them by label holds about "
                          f"{REORDER_HOLDS} times {'their' if len(reordered) > 1 else 'its'} size in memory "
-                         f"({format_bytes(held)}), over half of memory_limit={format_bytes(memory_limit)} (the rest "
-                         f"is the pass's); store the layers in one order (recorded through a DataLoader that does "
-                         f"not shuffle), or raise memory_limit (--memory-limit) where the machine has the memory")
-    return held
+                         f"({format_bytes(held)}), over half of memory_limit={format_bytes(memory_limit)} (the pass "
+                         f"plans within it besides); store the layers in one order (recorded through a DataLoader "
+                         f"that does not shuffle), or raise memory_limit (--memory-limit) where the machine has the "
+                         f"memory")
 
 
 def check_position_labels(a: xr.DataArray, b: xr.DataArray, spatial: str) -> None:

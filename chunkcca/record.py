@@ -17,14 +17,16 @@ GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a s
 returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its input, when the output has the
 input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d
 or a Linear: every module but TorchScript ones is hooked while recording to know this), swapped where a
-parameter-free module swapped two of its dims (a Transpose module); the layout of the latest
+parameter-free module gives a view of it with two dims swapped (a Transpose module) and its layout was told;
+the layout of the latest
 tensor of the output's shape a module made (a function in between, such as ``F.relu`` or a residual sum, keeps
 it; not for a square shape, where the first position and the channels have one size, (N, L, L) or (N, C, H, C),
 since a transpose cannot be told); channels last from a module that acts on the last dim, whatever the rank
 (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim: ConvNeXt and Swin blocks apply
 them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the channels of (N, C, H, W), is
-not taken for one); the layout of the latest tensor of its rank its submodules made in its call, where the output
-keeps its N and channels and is not square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp).
+not taken for one); channels first from a block whose submodules made only channels-first 3-d tensors in its call,
+the last of the output's N and channels, its input not laid out otherwise and its shape not square (a conv block
+pooling with ``F.max_pool1d``, a causal conv's chomp).
 Failing all these, a 3-d output is channels last from any other module with parameters (attention, a transformer
 layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
 transpose; an Upsample) or when a module made a channels-first tensor of its square shape (a block returning
@@ -33,8 +35,9 @@ transpose; an Upsample) or when a module made a channels-first tensor of its squ
 
 Which of a 3-d output's first two dims holds the datapoints (its time order) is told by the rule where it
 follows a module's tensors (a time-first module's output, a Linear on one, a function keeping its shape, a conv).
-Where it does not (a module acting on the last dim, a default), in any model, the batch's count of datapoints
-tells it when only one of those dims has as many (a count shown by a DataLoader's
+Where it does not (a module acting on the last dim, a default), in a model with modules that put time first (in
+others only where the second dim has the count and the first is neither 1 nor a multiple of it), the batch's
+count of datapoints tells it when only one of those dims has as many (a count shown by a DataLoader's
 default collation or an image input (N, C, H, W), all the batch's tensors agreeing; else the N of the (T, N, C)
 outputs torch documents in the pass, all agreeing): a CLIP-like model's blocks,
 which permute their embeddings to (T, N, C) with a function, and their first LayerNorm are time first. When both
@@ -160,12 +163,11 @@ class _Seen:
         are its submodules'."""
         self.starts[id(module)] = len(self.made)
 
-    def made_within(self, module: Any, rank: int) -> tuple[tuple[int, ...], Found] | None:
-        """The shape and layout of the latest tensor of ``rank`` dims that ``module``'s submodules made in its
-        current call, if any."""
+    def made_within(self, module: Any, rank: int) -> list[tuple[tuple[int, ...], Found]]:
+        """The shapes and layouts of the tensors of ``rank`` dims that ``module``'s submodules made in its
+        current call, in order."""
         start = self.starts.get(id(module))
-        found = [made for made in self.made[start:] if len(made[0]) == rank] if start is not None else []
-        return found[-1] if found else None
+        return [made for made in self.made[start:] if len(made[0]) == rank] if start is not None else []
 
     def of_shape(self, shape: tuple[int, ...]) -> Found | None:
         """The layout of the latest tensor of ``shape`` a module made; None when a transpose could hide behind it:
@@ -221,9 +223,13 @@ class _Seen:
         else as a batch told it for ``key`` (for a module, only when both dims have one size: a module may run on
         other tensors too). A layer told one order after a batch read it the other goes to ``misread``; one read
         in a batch of as many datapoints as positions and not told, to ``untold``."""
-        n = self.count()  # a batch's count tells, in any model (a time-first block of the user's own, too)
-        if not told and n is not None and (tensor.shape[0] == n) != (tensor.shape[1] == n):
-            found, told = "time_first" if tensor.shape[1] == n else found, True
+        n = self.count()
+        first, second = int(tensor.shape[0]), int(tensor.shape[1])
+        # in a model with no torch time-first module, only a (T, N, C) whose T cannot be a batch of N folded or
+        # a table of one (a position embedding's (1, T, C), views folded into the batch: (N·V, T, C))
+        if not told and n is not None and (first == n) != (second == n) and (
+                self.has_time_first or (second == n and first != 1 and first % n)):
+            found, told = "time_first" if second == n else found, True
         layer = isinstance(key, str)
         if told:
             time_first = found == "time_first"
@@ -308,8 +314,8 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
             return seen.tensors[source]
         if seen.tensors[source][0] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
             return "time_first", True  # a Linear on (T, N, C) keeps T and N
-        if next(module.parameters(), None) is None and (swapped := _transposed(seen.tensors[source][0],
-                                                                               source.shape, tensor.shape)):
+        layout, told = seen.tensors[source]
+        if told and next(module.parameters(), None) is None and (swapped := _transposed(layout, source, tensor)):
             return swapped, True  # a Transpose or Rearrange module: (N, C, L) → (N, L, C), (T, N, C) → (N, T, C)
     shaped = seen.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
     if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
@@ -318,13 +324,11 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return "channels_last", False
     if shaped is not None:  # (T, N, C) with T = N has the shape of (N, T, C)
         return shaped, tensor.shape[0] != tensor.shape[1]
-    inner = seen.made_within(module, tensor.dim())  # a block's last submodule tensor, through functions that change
-    if inner is not None and tensor.shape[1] != tensor.shape[-1]:  # its positions only (F.max_pool1d, a causal
-        shape, layout = inner  # chomp, F.interpolate); not a square shape, which a transpose keeps
-        if layout == "channels_first" and shape[:2] == tuple(tensor.shape[:2]):
-            return "channels_first", True
-        if layout == "channels_last" and (shape[0], shape[-1]) == (tensor.shape[0], tensor.shape[-1]):
-            return "channels_last", False
+    inner = seen.made_within(module, 3) if tensor.dim() == 3 and tensor.shape[1] != tensor.shape[2] else []
+    given = seen.tensors[source][0] if source is not None and source in seen.tensors else None
+    if inner and all(layout == "channels_first" for _, layout in inner) and inner[-1][0][:2] == tuple(
+            tensor.shape[:2]) and given in (None, "channels_first"):  # a conv block's (N, C, L) through a function
+        return "channels_first", True  # changing L only (F.max_pool1d, a causal chomp): all its tensors (N, C, L)
     if tensor.dim() > 3 or next(module.parameters(), None) is None:  # 4-d, 5-d: channels first by default
         return None, False
     if seen.shapes.get(tuple(tensor.shape)) == "channels_first":  # a square (N, C, C) a conv made, through F.relu:
@@ -332,16 +336,17 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     return "channels_last", False
 
 
-def _transposed(layout: Found, before: Any, after: Any) -> Found | None:
-    """The layout of a 3-d tensor of shape ``after`` that is one of shape ``before`` and ``layout`` with two dims
-    swapped, where only that swap gives its shape: channels first and last swap their last two dims, a (T, N, C)
-    sequence and its (N, T, C) their first two; else None."""
-    if len(before) != 3 or len(after) != 3:
+def _transposed(layout: Found, source: Any, tensor: Any) -> Found | None:
+    """The layout of a 3-d ``tensor`` that is a view of ``source`` (of ``layout``) with two dims swapped (its
+    data, its strides exchanged: not a reshape of the same shape): channels first and last swap their last two
+    dims, a (T, N, C) sequence and its (N, T, C) their first two; else None."""
+    if source.dim() != 3 or tensor.dim() != 3 or tensor.data_ptr() != source.data_ptr():
         return None
-    if layout in ("channels_first", "channels_last") and before[1] != before[2] \
-            and tuple(after) == (before[0], before[2], before[1]):
+    (a, b, c), (first, second, third) = source.stride(), tensor.stride()
+    if layout in ("channels_first", "channels_last") and source.shape[1] != source.shape[2] \
+            and (first, second, third) == (a, c, b):
         return "channels_last" if layout == "channels_first" else "channels_first"
-    if layout == "time_first" and before[0] != before[1] and tuple(after) == (before[1], before[0], before[2]):
+    if layout == "time_first" and source.shape[0] != source.shape[1] and (first, second, third) == (b, a, c):
         return "channels_last"
     return None
 

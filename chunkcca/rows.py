@@ -410,6 +410,11 @@ def _labels_as_numbers(a: xr.DataArray, b: xr.DataArray, dim: str) -> list[np.nd
     beside durations or plain numbers are an error naming the layers and the dim (NaT labels do not increase, so
     ``as_activations`` refuses them)."""
     labels = [np.asarray(layer[dim].values) if dim in layer.coords else None for layer in (a, b)]
+    for layer, values in zip((a, b), labels):
+        if values is not None and values.dtype.kind not in "iufmM":  # cftime, datetime.date, names
+            raise ValueError(f"layer {layer.name!r} labels its {dim} positions with {values.dtype} values (e.g. "
+                             f"{values.flat[0]!r}): interp places positions by numbers, times (datetime64) or "
+                             f"durations (timedelta64); give its {dim} coordinates as one of them")
     kinds = {values.dtype.kind for values in labels if values is not None}
     if not kinds & {"M", "m"}:
         return [None if values is None else np.asarray(values, dtype=np.float64) for values in labels]

@@ -1417,3 +1417,57 @@ def test_padded_sequences_without_a_mask_meta_tensors_and_scripted_layers_are_re
     scripted = torch.nn.Sequential(torch.jit.script(torch.nn.Conv1d(1, 4, 3, padding=1)), torch.nn.ReLU())
     with pytest.raises(ValueError, match=r"layer 'conv' is a TorchScript module, whose outputs PyTorch gives no hook"):
         record(scripted, {"conv": "0"}, [torch.randn(5, 1, 8)], tmp_path / "scripted.zarr")
+
+
+def test_the_new_layout_rules_leave_alone_what_the_old_ones_got_right(tmp_path):
+    """The rules for Transpose modules, conv blocks and the batch count, first written too wide, stored an
+    MLP-Mixer's token mixing (a LayerNorm, a swap, a FeedForward on the swapped tokens, a swap back) with its
+    channels as positions, a block joining a Linear branch and a conv branch of as many channels as tokens as
+    (N, C, L), and a (1, T, C) position table of T = the batch's N as T datapoints. A swap follows a layout the
+    rules told (not a default), a conv block's rule takes blocks of channels-first tensors only, and the batch
+    count flips no (1, T, C)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Mixing(torch.nn.Module):  # tokens mixed: (N, P, D) → (N, D, P) → Linear over P → back
+        def __init__(self, patches: int, width: int) -> None:
+            super().__init__()
+            self.norm, self.swap, self.back = torch.nn.LayerNorm(width), _Transpose(), _Transpose()
+            self.mix = torch.nn.Sequential(torch.nn.Linear(patches, 32), torch.nn.GELU(), torch.nn.Linear(32, patches))
+
+        def forward(self, x):
+            return x + self.back(self.mix(self.swap(self.norm(x))))
+
+    class Hybrid(torch.nn.Module):  # a Linear branch and a conv branch of 16 channels, 16 tokens kept
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.conv = torch.nn.Linear(8, 24), torch.nn.Conv1d(8, 16, 3, padding=1)
+
+        def forward(self, x):
+            return torch.cat([self.linear(x), self.conv(x.transpose(1, 2)).transpose(1, 2)], -1)[:, 1:]
+
+    class Positions(torch.nn.Module):  # token embeddings and the position table they add
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens, self.table = torch.nn.Embedding(50, 16), torch.nn.Embedding(8, 16)
+
+        def forward(self, ids):
+            return self.tokens(ids) + self.table(torch.arange(ids.shape[1])[None])
+
+    torch.manual_seed(0)
+    mixer = torch.nn.Sequential(torch.nn.Linear(12, 24), Mixing(16, 24)).eval()
+    patches = torch.randn(20, 16, 12)
+    tree = record(mixer, {"mixing": "1", "back": "1.back"}, [patches[:10], patches[10:]], tmp_path / "mixer.zarr")
+    with torch.no_grad():
+        normed = mixer[1].norm(mixer[0](patches))
+        wants = {"mixing": mixer(patches), "back": mixer[1].mix(normed.transpose(1, 2)).transpose(1, 2)}
+    for layer, want in wants.items():  # each (N, 16 tokens, 24 channels)
+        np.testing.assert_array_equal(tree[layer]["activations"].values, want.numpy(), err_msg=layer)
+    hybrid, tokens = torch.nn.Sequential(Hybrid(), torch.nn.Linear(40, 5)).eval(), torch.randn(20, 17, 8)
+    tree = record(hybrid, {"block": "0"}, [tokens[:10], tokens[10:]], tmp_path / "hybrid.zarr")
+    with torch.no_grad():
+        np.testing.assert_array_equal(tree["block"]["activations"].values, hybrid[0](tokens).numpy())
+    ids = torch.randint(0, 50, (24, 8))
+    with pytest.raises(ValueError, match=r"the layers give different numbers of datapoints for one batch \('table' 1, "
+                                         r"'tokens' 8; the batch holds 8\)"):
+        record(Positions(), ["table", "tokens"], DataLoader(TensorDataset(ids, torch.zeros(24)), batch_size=8),
+               tmp_path / "positions.zarr")

@@ -216,6 +216,12 @@ def test_interp_places_times_and_durations_of_any_unit_as_the_same_instants():
     with pytest.raises(ValueError, match=r"layers 'a' \(timedelta64\[s\]\) and 'b' \(float64\) label their time "
                                          r"positions in different kinds"):
         cca(layer(x, seconds_a.astype("m8[s]"), "a"), layer(y, seconds_b, "b"), spatial="interp")
+    import datetime
+
+    dates = [datetime.date(2024, 1, 1) + datetime.timedelta(days=int(day)) for day in range(12)]  # objects
+    with pytest.raises(ValueError, match=r"layer 'a' labels its time positions with object values \(e.g. "
+                                         r"datetime.date\(2024, 1, 1\)\): interp places positions by numbers"):
+        cca(layer(x, np.array(dates, dtype=object), "a"), layer(y, seconds_b, "b"), spatial="interp")
     with pytest.raises(ValueError, match=r"layer 'a': its 'time' coordinates do not increase"):  # NaT
         cca(layer(x, np.r_[seconds_a[:-1], np.nan].astype("m8[s]"), "a"), layer(y, seconds_b.astype("m8[ms]"), "b"),
             spatial="interp")
