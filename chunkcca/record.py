@@ -17,16 +17,17 @@ GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a s
 returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its input, when the output has the
 input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d
 or a Linear: every module but TorchScript ones is hooked while recording to know this), swapped where a
-parameter-free module gives a view of it with two dims swapped (a Transpose module) and its layout was told;
+parameter-free module gives a view of a channels-first or time-first one with two dims swapped (a Transpose
+module) and its layout was told;
 the layout of the latest
 tensor of the output's shape a module made (a function in between, such as ``F.relu`` or a residual sum, keeps
 it; not for a square shape, where the first position and the channels have one size, (N, L, L) or (N, C, H, C),
 since a transpose cannot be told); channels last from a module that acts on the last dim, whatever the rank
 (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim: ConvNeXt and Swin blocks apply
 them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the channels of (N, C, H, W), is
-not taken for one); channels first from a block whose submodules made only channels-first 3-d tensors in its call,
-the last of the output's N and channels, its input not laid out otherwise and its shape not square (a conv block
-pooling with ``F.max_pool1d``, a causal conv's chomp).
+not taken for one); channels first from a block without weights of its own whose submodules made only
+channels-first 3-d tensors in its call, the last of the output's N and channels, its input not laid out otherwise
+and its shape not square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp).
 Failing all these, a 3-d output is channels last from any other module with parameters (attention, a transformer
 layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a
 transpose; an Upsample) or when a module made a channels-first tensor of its square shape (a block returning
@@ -219,7 +220,8 @@ class _Seen:
     def time_order(self, found: Found | None, told: bool, tensor: Any, key: Any) -> tuple[Found | None, bool]:
         """``found`` for a 3-d ``tensor`` of the recorded layer (a str ``key``) or module ``key``, and whether its
         time order (whether its datapoints are second) is known: told by the rule (``told``); else by the batch's
-        datapoints where only one of its first two dims has as many, in a model with modules that put time first;
+        datapoints where only one of its first two dims has as many, in a model with modules that put time first
+        (in others, where the second has as many and the first is neither 1 nor a multiple of them);
         else as a batch told it for ``key`` (for a module, only when both dims have one size: a module may run on
         other tensors too). A layer told one order after a batch read it the other goes to ``misread``; one read
         in a batch of as many datapoints as positions and not told, to ``untold``."""
@@ -327,8 +329,9 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     inner = seen.made_within(module, 3) if tensor.dim() == 3 and tensor.shape[1] != tensor.shape[2] else []
     given = seen.tensors[source][0] if source is not None and source in seen.tensors else None
     if inner and all(layout == "channels_first" for _, layout in inner) and inner[-1][0][:2] == tuple(
-            tensor.shape[:2]) and given in (None, "channels_first"):  # a conv block's (N, C, L) through a function
-        return "channels_first", True  # changing L only (F.max_pool1d, a causal chomp): all its tensors (N, C, L)
+            tensor.shape[:2]) and given in (None, "channels_first") \
+            and next(module.parameters(recurse=False), None) is None:  # a conv block's (N, C, L) through a
+        return "channels_first", True  # function changing L only (F.max_pool1d, a causal chomp), no weights its own
     if tensor.dim() > 3 or next(module.parameters(), None) is None:  # 4-d, 5-d: channels first by default
         return None, False
     if seen.shapes.get(tuple(tensor.shape)) == "channels_first":  # a square (N, C, C) a conv made, through F.relu:
@@ -338,14 +341,14 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
 
 def _transposed(layout: Found, source: Any, tensor: Any) -> Found | None:
     """The layout of a 3-d ``tensor`` that is a view of ``source`` (of ``layout``) with two dims swapped (its
-    data, its strides exchanged: not a reshape of the same shape): channels first and last swap their last two
-    dims, a (T, N, C) sequence and its (N, T, C) their first two; else None."""
+    data, its strides exchanged: not a reshape of the same shape): a channels-first (N, C, L) with its last two
+    swapped is channels last, a (T, N, C) sequence with its first two is (N, T, C); else None (a channels-last
+    layout may be a Linear's over positions, an MLP-Mixer's token mixing)."""
     if source.dim() != 3 or tensor.dim() != 3 or tensor.data_ptr() != source.data_ptr():
         return None
     (a, b, c), (first, second, third) = source.stride(), tensor.stride()
-    if layout in ("channels_first", "channels_last") and source.shape[1] != source.shape[2] \
-            and (first, second, third) == (a, c, b):
-        return "channels_last" if layout == "channels_first" else "channels_first"
+    if layout == "channels_first" and source.shape[1] != source.shape[2] and (first, second, third) == (a, c, b):
+        return "channels_last"  # not the other way: a Linear's (N, T, C) may be a mixer's (N, D, P)
     if layout == "time_first" and source.shape[0] != source.shape[1] and (first, second, third) == (b, a, c):
         return "channels_last"
     return None

@@ -1466,6 +1466,37 @@ def test_the_new_layout_rules_leave_alone_what_the_old_ones_got_right(tmp_path):
     tree = record(hybrid, {"block": "0"}, [tokens[:10], tokens[10:]], tmp_path / "hybrid.zarr")
     with torch.no_grad():
         np.testing.assert_array_equal(tree["block"]["activations"].values, hybrid[0](tokens).numpy())
+    class OwnWeights(torch.nn.Module):  # the Linear branch a function of its own weight
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.conv = torch.nn.Parameter(torch.randn(24, 8) / 3), torch.nn.Conv1d(8, 16, 3, padding=1)
+
+        def forward(self, x):
+            joined = [torch.nn.functional.linear(x, self.weight), self.conv(x.transpose(1, 2)).transpose(1, 2)]
+            return torch.cat(joined, -1)[:, 1:]
+
+    class Pooled(torch.nn.Module):  # the mixer, then attention pooling with torch's default (T, N, C)
+        def __init__(self) -> None:
+            super().__init__()
+            self.mixer = torch.nn.Sequential(torch.nn.Linear(12, 24), Mixing(16, 24))
+            self.pool = torch.nn.MultiheadAttention(24, 4)
+
+        def forward(self, x):
+            mixed = self.mixer(x).transpose(0, 1)
+            return self.pool(mixed[:1], mixed, mixed)[0]
+
+    own = torch.nn.Sequential(OwnWeights(), torch.nn.Linear(40, 5)).eval()
+    tree = record(own, {"block": "0"}, [tokens[:10], tokens[10:]], tmp_path / "own.zarr")
+    with torch.no_grad():
+        np.testing.assert_array_equal(tree["block"]["activations"].values, own[0](tokens).numpy())
+    pooled = Pooled().eval()
+    batches = DataLoader(TensorDataset(patches), batch_size=10)  # its count shown, in a model with time first
+    tree = record(pooled, {"back": "mixer.1.back", "mixing": "mixer.1"}, batches, tmp_path / "pooled.zarr")
+    with torch.no_grad():
+        normed = pooled.mixer[1].norm(pooled.mixer[0](patches))
+        back = pooled.mixer[1].mix(normed.transpose(1, 2)).transpose(1, 2)
+        np.testing.assert_array_equal(tree["back"]["activations"].values, back.numpy())
+        np.testing.assert_array_equal(tree["mixing"]["activations"].values, pooled.mixer(patches).numpy())
     ids = torch.randint(0, 50, (24, 8))
     with pytest.raises(ValueError, match=r"the layers give different numbers of datapoints for one batch \('table' 1, "
                                          r"'tokens' 8; the batch holds 8\)"):
