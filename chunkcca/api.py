@@ -971,8 +971,9 @@ def _same_layer(one: xr.DataArray, other: xr.DataArray) -> bool:
     """Whether two layers are one: the same Dask data with the same dims and coordinates (datapoint labels, padding
     mask, group labels), Dask-backed coordinates compared by their Dask names, so nothing is read. The same data
     under other labels (a shuffled baseline) or without its mask is another layer."""
-    if (getattr(one.data, "name", None) is None or getattr(one.data, "name", None) != getattr(other.data, "name", None)
-            or one.dims != other.dims or set(one.coords) != set(other.coords)):
+    name = getattr(one.data, "name", None)  # a Dask array's (numpy data has none: never one layer by name)
+    if name is None or name != getattr(other.data, "name", None) or one.dims != other.dims \
+            or set(one.coords) != set(other.coords):
         return False
     for key in one.coords:
         ours, theirs = one.coords[key].variable, other.coords[key].variable

@@ -85,14 +85,14 @@ class NonFiniteError(DatapointError):
     """Activations hold NaN or Inf where ``nan_policy="raise"``."""
 
 
-def declared(key: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, first: int,
+def declared(key: Any, array: da.Array, rows: int, name: str, first: int,
              what: str = "its Dask array") -> tuple[Any, ...]:
-    """A task (inline in the task that takes it) giving the block at ``key`` of layer ``name`` (datapoints
-    ``first`` on; of ``what``: its activations' Dask array, or its padding mask) if it is a numpy array of the
-    ``shape`` its Dask array declares for it and of a ``dtype`` that casts to the declared one within its kind, else
-    raising: a block of another shape (``da.from_delayed`` of a loader's short last batch) was paired with the other
-    layers' rows by position, and a complex block declared real lost its imaginary part."""
-    return (as_declared, key, shape, dtype, name, first, what)
+    """A task (inline in the task that takes it) giving the block at ``key`` of ``array`` (``rows`` datapoints from
+    ``first`` on; of layer ``name``'s ``what``: its activations, or its padding mask) if it is a numpy array of the
+    shape ``array`` declares for it and of a dtype that casts to ``array``'s within its kind, else raising: a block
+    of another shape (``da.from_delayed`` of a loader's short last batch) was paired with the other layers' rows by
+    position, and a complex block declared real lost its imaginary part."""
+    return (as_declared, key, (rows, *array.shape[1:]), array.dtype, name, first, what)
 
 
 def as_declared(block: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, first: int,
@@ -408,7 +408,7 @@ def gram_band_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], mean
     held_name, part_name, sum_name = (f"chunkcca-gram-{what}-{token}" for what in ("band", "part", "sum"))
     layer: dict[Any, Any] = {}
     def blocks_of(chunk: int) -> list[Any]:
-        return [declared(keys[chunk], (chunks[chunk], *side.shape[1:]), side.dtype, name, firsts[chunk])
+        return [declared(keys[chunk], side, chunks[chunk], name, firsts[chunk])
                 for keys, side, name in zip(block_keys, sides, names)]
 
     for i in band:
@@ -496,11 +496,10 @@ def minibatch_layers_graph(sides: Sequence[da.Array], masks: Sequence[da.Array |
         after = [(part_name, c - window)] if c >= window else []
         for index, (adapter, name) in enumerate(zip(adapters, names)):
             mask = None if mask_keys[index] is None else declared(
-                mask_keys[index][c], (chunks[c], *masks[index].shape[1:]), masks[index].dtype, name, first,
-                "its padding mask")
+                mask_keys[index][c], masks[index], chunks[c], name, first, "its padding mask")
             layer[(grams_name, c, index)] = (partial(_layer_minibatches, adapter=adapter, size=size, name=name),
-                                             first, declared(keys[index][c], (chunks[c], *sides[index].shape[1:]),
-                                                             sides[index].dtype, name, first), mask, *after)
+                                             first, declared(keys[index][c], sides[index], chunks[c], name, first),
+                                             mask, *after)
             layer_tasks.append((grams_name, c, index))
         layer[(part_name, c)] = (partial(_minibatch_hsic, size=size),
                                  [(grams_name, c, index) for index in range(len(sides))])
@@ -698,8 +697,7 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     for index, first in enumerate(firsts):
         key = (chunk_name, index)
         layer[key] = (task, last[index % chains], first,
-                      *(declared(keys[index], (array.chunks[0][index], *array.shape[1:]), array.dtype, name, first,
-                                 what)
+                      *(declared(keys[index], array, array.chunks[0][index], name, first, what)
                         for keys, array, (name, what) in zip(block_keys, inputs, owners)))
         last[index % chains] = key
     layer[merge_name] = (partial(_merge_chains, reduction=reduction), last)
@@ -735,14 +733,7 @@ def _reads_inside(graph: HighLevelGraph, tasks: Sequence[Any], chains: int, ahea
                     fused.append(dsk.pop(dependency))
                     waiting.extend(fused[-1].dependencies)
             dsk[key] = GraphNode.fuse(*fused, key=key) if len(fused) > 1 else fused[0]
-    first_use: dict[Any, int] = {}  # each task the folds need: the first fold that needs it
-    for index, key in enumerate(tasks):
-        waiting = [dependency for dependency in dsk[key].dependencies if dependency not in kept]
-        while waiting:
-            dependency = waiting.pop()
-            if dependency in dsk and dependency not in first_use:
-                first_use[dependency] = index
-                waiting.extend(d for d in dsk[dependency].dependencies if d not in kept)
+    first_use = _first_folds(dsk, tasks, kept, range(len(tasks)))  # each task the folds need: its first fold
     depth = chains * (1 + ahead)
     for key, first in first_use.items():
         if first < chains or not isinstance(dsk[key], Task):  # data (a constant) costs nothing to hold
@@ -773,22 +764,25 @@ def _kept_ahead(dsk: Mapping[Any, GraphNode], tasks: Sequence[Any], chains: int,
 
 def _fold_spans(dsk: Mapping[Any, GraphNode], tasks: Sequence[Any], kept: set[Any]) -> dict[Any, tuple[int, int]]:
     """Each task that ``tasks`` (the folds, in order) need and that is not ``kept`` nor data (a store's array
-    object, which every read takes): the indices of the first and the last fold that need it. Two walks, each
-    visiting a task once."""
-
-    def reached(order: Iterable[int]) -> dict[Any, int]:  # each task: the first fold in ``order`` that needs it
-        found: dict[Any, int] = {}
-        for index in order:
-            waiting = [dependency for dependency in dsk[tasks[index]].dependencies if dependency not in kept]
-            while waiting:
-                dependency = waiting.pop()
-                if dependency in dsk and dependency not in found:
-                    found[dependency] = index
-                    waiting.extend(d for d in dsk[dependency].dependencies if d not in kept)
-        return found
-
-    first, last = reached(range(len(tasks))), reached(reversed(range(len(tasks))))
+    object, which every read takes): the indices of the first and the last fold that need it."""
+    first = _first_folds(dsk, tasks, kept, range(len(tasks)))
+    last = _first_folds(dsk, tasks, kept, reversed(range(len(tasks))))
     return {key: (index, last[key]) for key, index in first.items() if isinstance(dsk[key], Task)}
+
+
+def _first_folds(dsk: Mapping[Any, GraphNode], tasks: Sequence[Any], kept: set[Any],
+                 order: Iterable[int]) -> dict[Any, int]:
+    """Each node that ``tasks`` (the folds) need and that is not ``kept``: the first fold in ``order`` (indices
+    into ``tasks``) that needs it. One walk, visiting each node once."""
+    found: dict[Any, int] = {}
+    for index in order:
+        waiting = [dependency for dependency in dsk[tasks[index]].dependencies if dependency not in kept]
+        while waiting:
+            dependency = waiting.pop()
+            if dependency in dsk and dependency not in found:
+                found[dependency] = index
+                waiting.extend(d for d in dsk[dependency].dependencies if d not in kept)
+    return found
 
 
 def _token(key: Any, what: str) -> Any:

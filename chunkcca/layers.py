@@ -22,7 +22,7 @@ from dask.utils import format_bytes
 
 from ._fs import ORDER_ATTR
 from ._stack import user_stacklevel
-from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR
+from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR, check_number
 
 VARIABLE = "activations"
 #: At most this many position dims (volumes: depth, height, width).
@@ -383,11 +383,13 @@ def check_value_rounding(layer: xr.DataArray) -> xr.DataArray:
     """``layer``, to be measured, if its ``VALUE_ROUNDING_ATTR`` (if any) is a number in [0, 1); else an error
     naming it and the value. Not checked at open, so that one layer's attribute does not close the store."""
     rounding = layer.attrs.get(VALUE_ROUNDING_ATTR)
-    if rounding is not None and (isinstance(rounding, (bool, np.bool_)) or not isinstance(rounding, (int, float,
-                                 np.integer, np.floating)) or not 0 <= rounding < 1):  # NaN fails too
-        raise ValueError(f"layer {layer.name!r} has attribute {VALUE_ROUNDING_ATTR} = {rounding!r}: it gives the "
-                         f"relative rounding of its values, a number in [0, 1) (bfloat16's is 2**-7 = 0.0078125); "
-                         f"set it so, or drop it: layer.attrs.pop({VALUE_ROUNDING_ATTR!r})")
+    if rounding is not None:
+        try:
+            check_number(VALUE_ROUNDING_ATTR, rounding, 0.0, 1.0, high_open=True)
+        except ValueError:
+            raise ValueError(f"layer {layer.name!r} has attribute {VALUE_ROUNDING_ATTR} = {rounding!r}: it gives the "
+                             f"relative rounding of its values, a number in [0, 1) (bfloat16's is 2**-7 = "
+                             f"0.0078125); set it so, or drop it: layer.attrs.pop({VALUE_ROUNDING_ATTR!r})") from None
     return layer
 
 

@@ -366,6 +366,11 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
     return paths
 
 
+def _append_lock(store: Path) -> Path:
+    """The lock file beside ``store`` that serialises appends to it (and a replacement with them)."""
+    return store.parent / APPEND_LOCK.format(name=store.name)
+
+
 def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w", overwrite: bool = False) -> None:
     """Write a store's layers with ``build`` and record their order, never leaving a partial store.
 
@@ -373,9 +378,9 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     (replacing an existing one only with ``overwrite``, and not while an append moves layers into it).
     ``mode="a"``: the new layers are built in a temporary store beside ``path``, checked against the layers
     ``path`` holds, and each moved into it by one rename of its folder (so each arrives whole or not at all); the
-    list of layers is updated last. The
-    store's root records the append while it moves them (``APPENDING_ATTR``): a store an append was killed in
-    does not open, and the next append first removes what it left; an error or a Ctrl-C removes it at once.
+    list of layers is updated last. The store's root records the append while it moves them
+    (``APPENDING_ATTR``): a store an append was killed in does not open, and the next append first removes what
+    it left; an error or a Ctrl-C removes it at once.
     The layers already there are not touched. Appends to one store from several processes at once are
     serialised at that last step (a lock file ``.<store name>.append-lock`` beside the store while it is
     held), each re-reading the list, so none loses another's place in it.
@@ -387,9 +392,9 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
             _set_root_attrs(tmp, names, image, generation=uuid.uuid4().hex)
             open_activations(tmp)  # a store that would not open never replaces a good one
 
-        store = Path(path)  # an append moving its layers in holds the lock: a replacement waits for it to finish
+        # an append moving its layers in holds the lock: a replacement waits for it to finish
         write_atomically(path, write, overwrite=overwrite, replaceable=is_activation_store, what="an activation store",
-                         lock=store.parent / APPEND_LOCK.format(name=store.name))
+                         lock=_append_lock(Path(path)))
         return
     _, stored, generation = _existing_order(path)
     store = Path(path)
@@ -397,7 +402,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
         names, image = build(tmp / "data", stored)
         _set_root_attrs(tmp / "data", names, image)
         open_activations(tmp / "data")
-        with exclusive(store.parent / APPEND_LOCK.format(name=store.name)):
+        with exclusive(_append_lock(store)):
             order, now_stored, now_generation = _existing_order(path)  # another append may have finished meanwhile
             if now_generation != generation:  # checked against (labels, image size) another store than this one
                 raise ValueError(f"{path} was replaced (written whole) while these layers were written for it; add "
@@ -585,7 +590,7 @@ def clear_unfinished_append(path: str | os.PathLike) -> None:
     store = Path(path)
     if not (store / "zarr.json").is_file():
         return
-    with exclusive(store.parent / APPEND_LOCK.format(name=store.name)):
+    with exclusive(_append_lock(store)):
         appending = zarr_attributes(store).get(APPENDING_ATTR)
         if appending is not None and is_stale(appending.get("owner", {})):
             _remove_unfinished_append(store)
