@@ -89,16 +89,18 @@ def declared(key: Any, array: da.Array, rows: int, name: str, first: int,
              what: str = "its Dask array") -> tuple[Any, ...]:
     """A task (inline in the task that takes it) giving the block at ``key`` of ``array`` (``rows`` datapoints from
     ``first`` on; of layer ``name``'s ``what``: its activations, or its padding mask) if it is a numpy array of the
-    shape ``array`` declares for it and of a dtype that casts to ``array``'s within its kind, else raising: a block
-    of another shape (``da.from_delayed`` of a loader's short last batch) was paired with the other layers' rows by
-    position, and a complex block declared real lost its imaginary part."""
+    shape ``array`` declares for it and of a dtype that casts to ``array``'s within its kind (floats no coarser),
+    else raising: a block of another shape (``da.from_delayed`` of a loader's short last batch) was paired with the
+    other layers' rows by position, a complex block declared real lost its imaginary part, and a float16 block
+    declared float32 was solved at float32's rounding floor."""
     return (as_declared, key, (rows, *array.shape[1:]), array.dtype, name, first, what)
 
 
 def as_declared(block: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, first: int,
                 what: str = "its Dask array") -> np.ndarray:
     """``block`` (of layer ``name``'s ``what``, datapoints ``first`` on) as a numpy array if it is one of ``shape``
-    and of a ``dtype`` that casts to ``dtype`` within its kind (``declared()``), else an error naming them."""
+    and of a ``dtype`` that casts to ``dtype`` within its kind, floats no coarser than declared (their rounding sets
+    the solves' floor), else an error naming them (``declared()``)."""
     where = f"layer {name!r}: the block of {what} for datapoints {first} to {first + shape[0] - 1}"
     if isinstance(block, np.ma.MaskedArray) and not np.ma.is_masked(block):  # nothing masked (a netCDF4 variable)
         block = block.data
@@ -116,6 +118,12 @@ def as_declared(block: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, 
         raise TypeError(f"{where} has dtype {block.dtype}, where the array declares {dtype}: its values would be cast"
                         f"{dropped}; declare each block's true dtype (map_blocks(..., dtype=), "
                         f"da.from_delayed(..., dtype=))")
+    if block.dtype.kind == "f" and dtype.kind in "fc" and np.finfo(block.dtype).eps > np.finfo(dtype).eps:
+        raise TypeError(f"{where} has dtype {block.dtype}, where the array declares {dtype}: its values carry "
+                        f"{block.dtype}'s rounding, which would be taken for {dtype}'s (a direction within it counted "
+                        f"as real); declare each block's true dtype (map_blocks(..., dtype=), da.from_delayed(..., "
+                        f"dtype=)), or cast the blocks themselves (block.astype({str(dtype)!r})) to measure their "
+                        f"values as exact")
     return block
 
 

@@ -473,12 +473,38 @@ def test_a_dask_block_of_another_kind_than_declared_is_an_error_naming_the_layer
     with pytest.raises(TypeError, match=r"layer 'a': the block of its padding mask for datapoints \d+ to \d+ has dtype "
                                         r"int8, where the array declares bool"):
         chunkcca.cka(padded, y)
-    expected = float(chunkcca.cka(x, y, spatial="avgpool")["cka"])
     unmasked = blocks.map_blocks(np.ma.masked_array, dtype=float, meta=np.ma.masked_array(np.empty((0, 0, 0, 0))))
     assert float(chunkcca.cka(unmasked, y, spatial="avgpool")["cka"]) == float(
         chunkcca.cka(blocks, y, spatial="avgpool")["cka"])  # nothing masked: read as the plain blocks
-    cast = blocks.map_blocks(lambda block: block.astype(np.float32), dtype=float)
-    assert float(chunkcca.cka(cast, y, spatial="avgpool")["cka"]) == pytest.approx(expected, rel=1e-6)  # float32's
+    counts = blocks.map_blocks(lambda block: np.rint(block * 100).astype(np.int64), dtype=float)
+    rounded = blocks.map_blocks(lambda block: np.rint(block * 100), dtype=float)
+    assert float(chunkcca.cka(counts, y, spatial="avgpool")["cka"]) == float(
+        chunkcca.cka(rounded, y, spatial="avgpool")["cka"])  # integers: the same values, exact
+
+
+def test_a_dask_block_coarser_than_its_declared_float_dtype_is_an_error_naming_the_layer():
+    """float16 blocks declared float32 (``da.from_delayed`` of a half-precision loader) were solved at float32's
+    rounding floor: a float16 LayerNorm output's exact null direction, rounded, counted as a real direction (rank 16
+    for 15, coefficients on noise). Blocks coarser than declared are refused naming the layer, the datapoints and
+    both dtypes; blocks cast to the declared dtype are measured as exact, as ``.astype`` says."""
+    rng = np.random.default_rng(9)
+    z = rng.standard_normal((400, 16))
+    z = (z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True) + rng.normal(0, 30, 16)  # a LayerNorm's, offset
+    y = z[:, :6] @ rng.standard_normal((6, 5)) + rng.standard_normal((400, 5))
+    blocks = da.from_array(z.astype(np.float16), chunks=100)
+    for coarse, declared in ((np.float16, np.float32), (np.float16, float), (np.float32, float)):
+        lying = blocks.map_blocks(lambda block, kind=coarse: block.astype(kind), dtype=declared)
+        coarse, declared = np.dtype(coarse), np.dtype(declared)
+        for run in (lambda a: cca(a, y), lambda a: chunkcca.cka(a, y), lambda a: chunkcca.cka(a, y, minibatch=50),
+                    lambda a: chunkcca.similarity({"a": a}, {"y": y}, measures=["mean_cca"])):
+            message = (rf"layer 'a': the block of its Dask array for datapoints \d+ to \d+ has dtype {coarse}, where "
+                       rf"the array declares {declared}: its values carry {coarse}'s rounding")
+            with pytest.raises(TypeError, match=message):
+                run(lying)
+    half = cca(blocks, y)  # declared float16: cut at float16's rounding, the null direction with it
+    assert int(half["rank_a"]) == 15
+    exact = cca(blocks.map_blocks(lambda block: block.astype(float), dtype=float), y)  # cast: taken as exact
+    assert int(exact["rank_a"]) == 16
 
 
 def test_empty_dask_chunks_are_no_rows():
