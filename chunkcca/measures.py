@@ -88,12 +88,15 @@ class Rounding:
         return keep, ~keep & (values > floor)
 
 
-def rounding(moments: Moments, side: int, index: tuple[int, ...] = ()) -> Rounding:
+def rounding(moments: Moments, side: int, index: tuple[int, ...] = (), spectrum: np.ndarray | None = None
+             ) -> Rounding:
     """The ``Rounding`` of one side of ``moments`` (of batch element ``index``). Values of relative rounding e
     (``Moments.value_rounding``) carry errors of variance up to e² (mean² + variance) in each channel: e² (1 +
     mean² / variance) in the correlation matrix's units, 12 times the variance of rounding to nearest (a float32
     LayerNorm output's exact null direction came out at 1e-15 of the largest eigenvalue, under 1.4e-14, and
-    chunkings counted it or not). Channels constant to rounding (pruned) get 0."""
+    chunkings counted it or not). A dft's frequency carries at least e² times its map's power (``spectrum``, per
+    channel: ``spectrum_power()``), the positions' own roundings summed. Channels constant to rounding (pruned)
+    get 0."""
     products = float(np.finfo(np.float32).eps) if moments.precision == "float32" else 0.0
     eps = moments.value_rounding[side]
     if not eps:
@@ -101,10 +104,27 @@ def rounding(moments: Moments, side: int, index: tuple[int, ...] = ()) -> Roundi
     part = moments.side_slices()[side]
     variance = np.diagonal(moments.scatter[index]).real[part] / max(moments.n - 1, 1)
     mean = np.abs(moments.mean[index][part])
+    power = variance + mean**2 if spectrum is None else np.maximum(variance + mean**2, spectrum)
     varying = non_constant(variance, mean)
     channels = np.zeros(variance.shape)
-    channels[varying] = eps**2 * (1 + mean[varying] ** 2 / variance[varying])
+    channels[varying] = eps**2 * power[varying] / variance[varying]
     return Rounding(products, channels, int(moments.n))
+
+
+def spectrum_power(moments: Moments, side: int) -> np.ndarray | None:
+    """Per channel of one side of a dft's Moments (``Moments.positions`` known), the power of its map per datapoint
+    as the held frequencies show it: Σ E|X|² over them, over the positions (Parseval; all of it when they are every
+    frequency of the map, less for a map larger than the other's). Each position's value rounds on its own, and
+    that rounding, e² times this in all, reaches every frequency: where a channel's spectrum is small beside its
+    mean (a LayerNorm output of large offsets), a float32 null direction stood above e² times that frequency's own
+    power and counted as real (rank 16 for 15 at every frequency but 0). None for Moments of other rows."""
+    positions = moments.positions[side]
+    if not (positions and moments.batch_shape and moments.value_rounding[side]):
+        return None
+    part = moments.side_slices()[side]
+    held = (np.diagonal(moments.scatter[..., part, part], axis1=-2, axis2=-1).real / max(moments.n - 1, 1)
+            + np.abs(moments.mean[..., part]) ** 2)
+    return held.reshape(-1, held.shape[-1]).sum(axis=0) / positions
 
 
 def _inverse_std(cov: np.ndarray) -> np.ndarray:
@@ -353,8 +373,9 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     if len(dims) != len(batch):
         raise ValueError(f"Moments have {len(batch)} batch dims, batch_dims names {len(dims)}: {dims}")
     with solve_threads(moments.channels):
+        spectra = spectrum_power(moments, 0), spectrum_power(moments, 1)
         solved = [_solve_cca(cov[index], moments.sizes, float(epsilon), np.abs(moments.mean[index]),
-                             (rounding(moments, 0, index), rounding(moments, 1, index)))
+                             (rounding(moments, 0, index, spectra[0]), rounding(moments, 1, index, spectra[1])))
                   for index in np.ndindex(*batch)]
     stacked = {key: np.stack([s[key] for s in solved]).reshape((*batch, *np.shape(solved[0][key])))
                for key in solved[0]}

@@ -97,6 +97,13 @@ class Moments:
         The name and labels of each batch dim, in order (a dft's frequencies: ``{"freq_h": [0, 1, -2, -1], …}``,
         cycles per map); empty unknown, the default. ``cca_from_moments`` names and labels its batch dims by
         them. Moments merge only when known labels agree.
+    positions : tuple of int
+        For a dft's Moments, the positions each side's spectra sum over (its map's size, ``height · width``; 0
+        unknown, the default, and for other rows), one per side. Each position's value carries its own rounding,
+        which reaches every frequency: the solves cut each frequency's directions at least at the rounding of
+        the map's power that the held frequencies show (Parseval: their power over the positions), so that a
+        float32 LayerNorm output's null direction is not counted at a frequency where its channels' spectra are
+        small beside their means. Moments merge only when known values agree.
     """
 
     n: int
@@ -111,6 +118,7 @@ class Moments:
     value_rounding: tuple[float, ...] = field(default=())
     channel_labels: tuple[np.ndarray | None, ...] = field(default=())
     batch_labels: dict[str, np.ndarray] = field(default_factory=dict)
+    positions: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
         p = self.mean.shape[-1]
@@ -152,6 +160,12 @@ class Moments:
             raise ValueError(f"batch_labels must label each of the batch dims {self.batch_shape} (or none), got "
                              f"{ {dim: values.shape for dim, values in batch.items()} }")
         object.__setattr__(self, "batch_labels", batch)
+        positions = tuple(self.positions) or (0,) * len(sizes)
+        if len(positions) != len(sizes) or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+                                                   and x >= 0 for x in positions):
+            raise ValueError(f"positions must give each of the {len(sizes)} sides a count of positions (an int >= 0, "
+                             f"0 unknown), got {self.positions!r}")
+        object.__setattr__(self, "positions", tuple(map(int, positions)))
 
     def __repr__(self) -> str:
         batch = f", batch={self.batch_shape}" if self.batch_shape else ""
@@ -160,8 +174,9 @@ class Moments:
         layers = f", layers={self.layers}" if any(self.layers) else ""
         rows = f", rows_from={self.rows_from!r}" if self.rows_from else ""
         rounding = f", value_rounding={self.value_rounding}" if any(self.value_rounding) else ""
+        positions = f", positions={self.positions}" if any(self.positions) else ""
         return (f"Moments(n={self.n}, sizes={self.sizes}{batch}, precision={self.precision!r}{kind}{norms}{layers}"
-                f"{rows}{rounding})")
+                f"{rows}{rounding}{positions})")
 
     @property
     def channels(self) -> int:
@@ -185,7 +200,7 @@ class Moments:
                   if not isinstance(entry, (int, np.integer))}
         return Moments(self.n, self.mean[entries], self.scatter[entries], self.sizes, precision=self.precision,
                        layers=self.layers, rows_from=self.rows_from, value_rounding=self.value_rounding,
-                       channel_labels=self.channel_labels, batch_labels=labels)
+                       channel_labels=self.channel_labels, batch_labels=labels, positions=self.positions)
 
     def select(self, sides: Sequence[int]) -> Moments:
         """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
@@ -197,7 +212,7 @@ class Moments:
                        tuple(self.sizes[i] for i in sides), norms, products, self.precision,
                        tuple(self.layers[i] for i in sides), self.rows_from,
                        tuple(self.value_rounding[i] for i in sides), tuple(self.channel_labels[i] for i in sides),
-                       self.batch_labels)
+                       self.batch_labels, tuple(self.positions[i] for i in sides))
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """Covariance ``scatter / (n − ddof)``, shape (*batch, p, p)."""
@@ -223,7 +238,8 @@ class Moments:
                        value_rounding=tuple(map(max, self.value_rounding, other.value_rounding)),
                        channel_labels=tuple(theirs if ours is None else ours
                                             for ours, theirs in zip(self.channel_labels, other.channel_labels)),
-                       batch_labels=self.batch_labels or other.batch_labels)
+                       batch_labels=self.batch_labels or other.batch_labels,
+                       positions=tuple(ours or theirs for ours, theirs in zip(self.positions, other.positions)))
 
     def check_mergeable(self, other: Moments) -> None:
         """A ValueError saying why ``other`` describes other channels, layers, rows or frequencies than these
@@ -246,6 +262,9 @@ class Moments:
                 and all(map(np.array_equal, self.batch_labels.values(), other.batch_labels.values()))):
             raise ValueError(f"cannot merge Moments of batch dims labelled otherwise ({list(self.batch_labels)} and "
                              f"{list(other.batch_labels)}): they are statistics of other frequencies")
+        if any(ours and theirs and ours != theirs for ours, theirs in zip(self.positions, other.positions)):
+            raise ValueError(f"cannot merge Moments of spectra over {self.positions} and {other.positions} positions: "
+                             f"they are statistics of maps of other sizes")
 
     def _merged_provenance(self, other: Moments) -> tuple[tuple[str, ...], str]:
         """The layers and ``rows_from`` of ``self + other``: the known value of each ("" is unknown); raises when
@@ -291,7 +310,8 @@ class Moments:
             variables[f"labels_{dim}"] = ((dim,), labels, {"name": name})
         dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision,
                                                "layers": list(self.layers), "rows_from": self.rows_from,
-                                               "value_rounding": list(self.value_rounding)})
+                                               "value_rounding": list(self.value_rounding),
+                                               "positions": list(self.positions)})
         from zarr.codecs import Crc32cCodec
 
         # a CRC32C of each chunk, which zarr checks on every read: a damaged file is an error, never other Moments
@@ -321,6 +341,12 @@ class Moments:
                           f"give each side's: dataclasses.replace(moments, value_rounding=(eps_a, eps_b)) with "
                           f"eps = chunkcca.moments.value_eps(dtype of its activations)", UserWarning,
                           stacklevel=user_stacklevel())
+        if "positions" not in attrs and moments.batch_shape and any(moments.value_rounding):  # a dft's, saved before
+            warnings.warn(f"saved Moments at {path} do not record the positions each side's spectra sum over (saved by "
+                          f"an earlier chunkcca): each frequency is cut at its own values' rounding only, which can "
+                          f"count a direction their rounding makes as real; compute them again, or give each side's: "
+                          f"dataclasses.replace(moments, positions=(positions_a, positions_b)), a map's height × "
+                          f"width", UserWarning, stacklevel=user_stacklevel())
         return moments
 
 
@@ -361,6 +387,7 @@ def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
                                      else None for side in range(dataset.sizes["side"])),
                 batch_labels={dataset[name].attrs["name"]: dataset[name].values for name in sorted(dataset.data_vars)
                               if name.startswith("labels_batch")},
+                positions=tuple(dataset.attrs.get("positions", ())),  # saves before it: unknown
             ), dict(dataset.attrs)
         except ValueError as error:
             if "checksum" not in str(error):
@@ -397,8 +424,8 @@ def value_eps(dtype: np.dtype) -> float:
 
 #: The root attributes of saved Moments that loading reads (a checkpoint's too): what ``ATTRIBUTES_ATTR`` covers.
 #: Others (a user's notes) may change.
-READ_ATTRIBUTES = ("chunkcca", "precision", "layers", "rows_from", "value_rounding", "datapoints_done",
-                   "datapoints_total", "fingerprint")
+READ_ATTRIBUTES = ("chunkcca", "precision", "layers", "rows_from", "value_rounding", "positions",
+                   "datapoints_done", "datapoints_total", "fingerprint")
 
 
 def attributes_digest(attributes: dict[str, Any]) -> str:

@@ -326,7 +326,7 @@ def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter])
     """What a pair's Moments record of where they come from (``Moments`` fields): the layers' names (as results'
     ``layer_a`` and ``layer_b``), how the rows were made (``rows_from``: the adapter's attrs and the sides whose
     padding masks select rows, e.g. ``"spatial='flatten', stride=2, mask='a'"``), the channel labels, the
-    values' rounding and the frequencies of dft's batch dims."""
+    values' rounding, and the frequencies of dft's batch dims and the positions each side's spectra sum over."""
     made = dict(adapters[0].attrs)
     masked = ",".join(side for side, layer in zip("ab", layers) if MASK in layer.coords)
     if masked:
@@ -335,7 +335,8 @@ def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter])
             "rows_from": ", ".join(f"{key}={value!r}" for key, value in made.items()),
             "channel_labels": tuple(layer["channel"].values for layer in layers),
             "value_rounding": tuple(map(layer_rounding, layers)),
-            "batch_labels": adapters[0].batch_coords}
+            "batch_labels": adapters[0].batch_coords,
+            "positions": tuple(adapter.spectrum_positions for adapter in adapters)}
 
 
 def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], names: Sequence[str],

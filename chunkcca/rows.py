@@ -124,6 +124,12 @@ class Adapter:
         return tuple(kept.size for kept in self.frequencies)
 
     @property
+    def spectrum_positions(self) -> int:
+        """The positions each row's spectrum sums over (dft: the map's size; ``Moments.positions``), 0 for rows of
+        other kinds."""
+        return int(np.prod(self.shape, dtype=np.int64)) if self.frequencies is not None else 0
+
+    @property
     def batch_coords(self) -> dict[str, np.ndarray]:
         """Labels of the batch dims: ``freq_h``/``freq_w`` (``freq_<dim>``) in cycles per map for dft."""
         if self.frequency_labels is None:

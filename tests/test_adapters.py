@@ -3,7 +3,9 @@ streamed measures under each adapter match in-memory float64 computations and go
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 
 import dask.array as da
 import numpy as np
@@ -15,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reference import avgpool_rows, canonical_correlations, dft_correlations, flatten_rows, interpolate_layer
 
+import chunkcca
 from chunkcca import cca, compute_moments, similarity
 from chunkcca.options import StreamOptions
 from chunkcca.rows import Adapter, interpolation_matrix, plan_adapters, shared_frequencies
@@ -405,6 +408,59 @@ def test_dft_of_channels_uniform_along_an_axis_counts_no_rounding_noise(precisio
     np.testing.assert_allclose(result["rho"], dft_correlations(a, b), atol=ATOL[precision.replace("auto", "float32")])
     assert int(result["rank_b"].sel(freq_h=1, freq_w=2)) == 3  # only b's first 3 channels vary there
     assert int(result["rank_b"].sel(freq_h=0, freq_w=0)) == 13
+
+
+def _offset_layernorm(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A LayerNorm output over channels (exactly one null direction: the channels sum to a constant) with offsets
+    of 100 times its spread, in float64."""
+    z = rng.standard_normal(shape)
+    return (z - z.mean(-1, keepdims=True)) / z.std(-1, keepdims=True) + rng.normal(0, 100, shape[-1])
+
+
+def test_dft_cuts_the_rounding_every_position_adds_at_every_frequency(tmp_path):
+    """A float32 LayerNorm output with offsets of 100 times its spread: its channels' spectra are small beside
+    their means everywhere but at frequency 0, and each frequency's floor, e² times that frequency's own power,
+    sat under the rounding the 64 positions' values add to it (e² times the map's power): the null direction
+    was counted at every frequency but 0 (rank 12 for 11; ρ 1e-3 from the exact values'). Each frequency is now
+    cut at least at the map's power that the frequencies show (Parseval, over each side's own positions,
+    ``Moments.positions``), for a map as large as the other's, larger (cropped) or smaller, in any chunking.
+    The reference is the exact float64 values' correlations, the null direction taken out; float32 values of
+    mean 100 carry 6e-6 of their unit spread, which moved ρ by 2e-7 here (1e-6 allowed)."""
+    rng = np.random.default_rng(4)
+    a = _offset_layernorm(rng, (400, 8, 8, 12))
+    small = _offset_layernorm(rng, (400, 4, 4, 12))
+    basis = np.linalg.qr(np.hstack([np.ones((12, 1)), rng.standard_normal((12, 11))]))[0][:, 1:]  # ⟂ the null one
+    pairs = {"same size": (a, a[..., :6] @ rng.standard_normal((6, 5)) + rng.standard_normal((400, 8, 8, 5))),
+             "a larger": (a, a.reshape(400, 4, 2, 4, 2, 12).mean((2, 4))[..., :6] @ rng.standard_normal((6, 5))
+                          + rng.standard_normal((400, 4, 4, 5))),
+             "a smaller": (small, np.repeat(np.repeat(small, 2, 1), 2, 2)[..., :6] @ rng.standard_normal((6, 5))
+                           + rng.standard_normal((400, 8, 8, 5)))}
+    for name, (exact, b) in pairs.items():
+        want = dft_correlations(exact @ basis, b)
+        for chunks in (50, 400):
+            result = cca(da.from_array(exact.astype(np.float32), chunks=(chunks, -1, -1, -1)), b, spatial="dft",
+                         precision="float64")
+            assert (result["rank_a"] == 11).all(), (name, chunks)
+            np.testing.assert_allclose(result["rho"], want, atol=1e-6, err_msg=f"{name}, chunks of {chunks}")
+    moments = compute_moments(a.astype(np.float32), pairs["a larger"][1], spatial="dft")
+    assert moments.positions == (64, 16) and moments[1, 2].positions == (64, 16)
+    assert moments.select([1]).positions == (16,) and (moments + moments).positions == (64, 16)
+    moments.save(tmp_path / "m")
+    assert chunkcca.Moments.load(tmp_path / "m").positions == (64, 16)
+    with pytest.raises(ValueError, match=r"cannot merge Moments of spectra over \(64, 16\) and \(16, 16\) positions"):
+        moments + dataclasses.replace(moments, positions=(16, 16))
+    assert (moments + dataclasses.replace(moments, positions=())).positions == (64, 16)  # unknown agrees
+    assert compute_moments(a, a).positions == (0, 0)  # rows of other kinds: none recorded
+    metadata = json.loads((tmp_path / "m" / "zarr.json").read_text())
+    for key in ("positions", chunkcca.moments.ATTRIBUTES_ATTR):  # as a save made before Moments recorded them
+        metadata["attributes"].pop(key)
+    (tmp_path / "m" / "zarr.json").write_text(json.dumps(metadata))
+    with pytest.warns(UserWarning, match=r"do not record the positions each side's spectra sum over .* "
+                                         r"dataclasses.replace\(moments, positions=\(positions_a, positions_b\)\)"):
+        old = chunkcca.Moments.load(tmp_path / "m")
+    with pytest.warns(RuntimeWarning, match="layer 'a' has a correlation matrix of condition number"):  # its noise
+        assert old.positions == (0, 0) and int(chunkcca.cca_from_moments(old)["rank_a"].max()) == 12
+    assert (chunkcca.cca_from_moments(dataclasses.replace(old, positions=(64, 16)))["rank_a"] == 11).all()
 
 
 def test_dft_frequencies_where_a_layer_does_not_vary_are_undefined_not_zero():
