@@ -39,7 +39,6 @@ from .rows import pixel_centres
 from .store import (
     WriteMode,
     check_new_layers,
-    check_store_coords,
     move_layer,
     open_activations,
     write_activations,
@@ -429,8 +428,6 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                 raise
             raise ValueError(f"{error} (from the file {values})") from error
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
-    if mode == "a":
-        check_store_coords(path, labels)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
         parts = tmp.parent / ".parts"  # beside the store being built (in the same temporary folder), not in it
@@ -465,7 +462,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
             shutil.rmtree(parts, ignore_errors=True)
         return seen, _place_pixels(tmp, image, stored)
 
-    write_store(path, build, mode=mode, overwrite=overwrite)
+    write_store(path, build, mode=mode, overwrite=overwrite, coords=labels)
     return open_activations(path)
 
 

@@ -69,7 +69,6 @@ from .options import MASK, VALUE_ROUNDING_ATTR
 from .store import (
     WriteMode,
     check_new_layers,
-    check_store_coords,
     codecs_for,
     default_coords,
     every_chunk_written,
@@ -623,8 +622,6 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     labelled = check_datapoint_coords(coords)
     compressors = codecs_for(compression)
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
-    if mode == "a":
-        check_store_coords(path, labelled)
     if _shuffles(batches):
         warnings.warn("batches is a DataLoader that shuffles: the datapoints are recorded in an order that another "
                       "recording (another model, mode='a') and labels in the dataset's order (coords=, datapoints=) "
@@ -750,7 +747,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         return list(modules), extent
 
     try:
-        write_store(path, build, mode=mode, overwrite=overwrite)
+        write_store(path, build, mode=mode, overwrite=overwrite, coords=labelled)
     finally:
         for hook in hooks:
             hook.remove()

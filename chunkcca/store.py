@@ -211,8 +211,6 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     arrays = {path_: check_value_rounding(as_activations(value, path_, chunks=chunks, guess_layout=False))  # no guess
               for path_, value in zip(paths, layers.values())}
     labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))
-    if mode == "a":
-        check_store_coords(path, labels)
     arrays = {path_: with_datapoint_coords(array, labels) for path_, array in arrays.items()}
     for name, mask in (masks or {}).items():
         key = layer_path(name)
@@ -250,7 +248,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
             tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
         return list(arrays), None if size is None else (int(size[0]), int(size[1]))
 
-    write_store(path, build, mode=mode, overwrite=overwrite)
+    write_store(path, build, mode=mode, overwrite=overwrite, coords=labels)
     return open_activations(path)
 
 
@@ -371,7 +369,8 @@ def _append_lock(store: Path) -> Path:
     return store.parent / APPEND_LOCK.format(name=store.name)
 
 
-def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w", overwrite: bool = False) -> None:
+def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w", overwrite: bool = False,
+                coords: Mapping[str, xr.DataArray] | None = None) -> None:
     """Write a store's layers with ``build`` and record their order, never leaving a partial store.
 
     ``mode="w"``: the store is built in a temporary folder beside ``path`` and renamed into place
@@ -383,7 +382,9 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     it left; an error or a Ctrl-C removes it at once.
     The layers already there are not touched. Appends to one store from several processes at once are
     serialised at that last step (a lock file ``.<store name>.append-lock`` beside the store while it is
-    held), each re-reading the list, so none loses another's place in it.
+    held), each re-reading the list, so none loses another's place in it. The new layers' datapoint ``coords``
+    (``check_datapoint_coords``) are checked against the store's (``check_store_coords``) before ``build``, once
+    the store's generation is read: a store replaced after it is found at that step, never appended to unchecked.
     """
     check_choice("mode", mode, ("w", "a"))
     if mode == "w":
@@ -397,6 +398,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
                          lock=_append_lock(Path(path)))
         return
     _, stored, generation = _existing_order(path)
+    check_store_coords(path, coords or {})
     store = Path(path)
     with temporary_beside(store) as tmp, naming_target(store, "layers into the activation store"):
         names, image = build(tmp / "data", stored)

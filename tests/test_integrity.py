@@ -948,6 +948,26 @@ def test_an_append_to_a_store_replaced_while_it_was_built_is_refused(tmp_path, m
     assert chunkcca.layer_paths(open_activations(store)) == ["z"]
 
 
+def test_an_append_checks_its_labels_against_the_store_whose_generation_it_holds(tmp_path, monkeypatch):
+    """An append checked its datapoint labels against the store, then read the store's generation: a store
+    replaced between the two (other labels for the same datapoints) took the new layer under its own labels,
+    unchecked, as the lock found the generation it had read. The generation is read first now, so the lock
+    finds the replacement."""
+    values = np.random.default_rng(2).standard_normal((400, 2))
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"a": values}, coords={"digit": np.arange(400) % 10})
+    real = chunkcca_store.check_store_coords
+
+    def replaced_after(path, coords):
+        real(path, coords)  # the labels agree with the store as it was
+        write_activations(store, {"z": values}, coords={"digit": np.arange(400) % 7}, overwrite=True)
+
+    monkeypatch.setattr(chunkcca_store, "check_store_coords", replaced_after)
+    with pytest.raises(ValueError, match="was replaced \\(written whole\\) while these layers were written for it"):
+        write_activations(store, {"late": values}, coords={"digit": np.arange(400) % 10}, mode="a")
+    assert chunkcca.layer_paths(open_activations(store)) == ["z"]
+
+
 def test_label_chunk_files_swapped_are_an_error_not_datapoints_relabelled(tmp_path):
     """Label arrays of 60,000 datapoints are stored in two chunks; swapped, each passed its own checksum and the
     layers were aligned by the wrong labels: mean ρ 0.0104 for 0.9465, no error. Their chunks' checksums are
