@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -447,6 +448,14 @@ def test_dft_cuts_the_rounding_every_position_adds_at_every_frequency(tmp_path):
     assert moments.select([1]).positions == (16,) and (moments + moments).positions == (64, 16)
     moments.save(tmp_path / "m")
     assert chunkcca.Moments.load(tmp_path / "m").positions == (64, 16)
+    for part in (moments[1, 2], moments[1:3, 1:3]):  # their power alone: the rank is not to be trusted, and said
+        with pytest.warns(RuntimeWarning) as said:
+            chunkcca.cca_from_moments(part)
+        assert any(isinstance(w.message, chunkcca.measures.RoundingWarning) and str(w.message).startswith(
+            "layer 'a': these dft Moments hold frequencies without frequency 0 (taken out of the whole") for w in said)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", chunkcca.measures.RoundingWarning)
+        assert (chunkcca.cca_from_moments(moments[:2, :3])["rank_a"] == 11).all()  # frequency 0 held: cut as whole
     with pytest.raises(ValueError, match=r"cannot merge Moments of spectra over \(64, 16\) and \(16, 16\) positions"):
         moments + dataclasses.replace(moments, positions=(16, 16))
     assert (moments + dataclasses.replace(moments, positions=())).positions == (64, 16)  # unknown agrees
