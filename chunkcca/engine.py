@@ -118,7 +118,7 @@ def as_declared(block: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, 
         raise TypeError(f"{where} has dtype {block.dtype}, where the array declares {dtype}: its values would be cast"
                         f"{dropped}; declare each block's true dtype (map_blocks(..., dtype=), "
                         f"da.from_delayed(..., dtype=))")
-    if block.dtype.kind == "f" and dtype.kind in "fc" and np.finfo(block.dtype).eps > np.finfo(dtype).eps:
+    if block.dtype.kind in "fc" and dtype.kind in "fc" and np.finfo(block.dtype).eps > np.finfo(dtype).eps:
         raise TypeError(f"{where} has dtype {block.dtype}, where the array declares {dtype}: its values carry "
                         f"{block.dtype}'s rounding, which would be taken for {dtype}'s (a direction within it counted "
                         f"as real); declare each block's true dtype (map_blocks(..., dtype=), da.from_delayed(..., "

@@ -122,9 +122,10 @@ def _warn_partial_spectrum(moments: Moments) -> None:
         if positions and eps:
             name = f"layer {moments.layers[side]!r}" if moments.layers[side] else f"side {'ab'[side]}"
             warnings.warn(f"{name}: these dft Moments hold frequencies without frequency 0 (taken out of the "
-                          f"whole, e.g. moments[i, j]), which show only part of its map's power: its values' rounding "
-                          f"is allowed for at that part only, and a direction the rounding makes may count as real; "
-                          f"solve the whole Moments and select the frequency from the result "
+                          f"whole, e.g. moments[i, j], whose frequency is not known after an integer index; "
+                          f"moments[i:i+1, j:j+1] keeps it), which show only part of its map's power: its values' "
+                          f"rounding is allowed for at that part only, and a direction the rounding makes may "
+                          f"count as real; solve the whole Moments and select the frequency from the result "
                           f"(cca_from_moments(moments).isel(...))", RoundingWarning, stacklevel=user_stacklevel())
 
 

@@ -501,6 +501,8 @@ def test_a_dask_block_coarser_than_its_declared_float_dtype_is_an_error_naming_t
                        rf"the array declares {declared}: its values carry {coarse}'s rounding")
             with pytest.raises(TypeError, match=message):
                 run(lying)
+    with pytest.raises(TypeError, match="has dtype complex64, where the array declares complex128"):  # complex too
+        chunkcca.engine.as_declared(np.zeros((2, 3), np.complex64), (2, 3), np.dtype(np.complex128), "a", 0)
     half = cca(blocks, y)  # declared float16: cut at float16's rounding, the null direction with it
     assert int(half["rank_a"]) == 15
     exact = cca(blocks.map_blocks(lambda block: block.astype(float), dtype=float), y)  # cast: taken as exact
