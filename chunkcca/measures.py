@@ -104,7 +104,9 @@ def rounding(moments: Moments, side: int, index: tuple[int, ...] = (), spectrum:
     part = moments.side_slices()[side]
     variance = np.diagonal(moments.scatter[index]).real[part] / max(moments.n - 1, 1)
     mean = np.abs(moments.mean[index][part])
-    power = variance + mean**2 if spectrum is None else np.maximum(variance + mean**2, spectrum)
+    power = variance + mean**2
+    if spectrum is not None:  # a dft's frequency: at least its map's power, every position's rounding summed
+        power = np.maximum(power, spectrum)
     varying = non_constant(variance, mean)
     channels = np.zeros(variance.shape)
     channels[varying] = eps**2 * power[varying] / variance[varying]
