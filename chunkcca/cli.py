@@ -28,6 +28,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     import logging
     import math
     import pickle
+    import re
     import signal
     import warnings
     from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +59,6 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         SOLVE_NAMES,
         SPATIAL,
         SWEEP_SPATIAL,
-        check_number,
         check_output_place,
         netcdf_int_error,
         scheduler_address,
@@ -90,6 +90,23 @@ def _positive_int(text: str, least: int = 1, why: str = "") -> int:
     if value < least:
         raise argparse.ArgumentTypeError(f"must be >= {least}{why}, got {value}")
     return value
+
+
+def _checked(name: str, convert: Callable[[str], Any] = float) -> Callable[[str], Any]:
+    """An argparse type for the option ``name``: the flag's text converted and checked where the library checks
+    it (``StreamOptions`` or ``SolveOptions``), whose message, worded for the keyword ("epsilon must be
+    …"), argparse says for the flag ("argument --epsilon: must be …"), before any work."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        try:
+            (chunkcca.SolveOptions if name in SOLVE_NAMES else chunkcca.StreamOptions)(**{name: value})
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{name} ")) from None
+        return value
+    return parse
 
 
 def _minibatch_size(text: str) -> int:
@@ -137,15 +154,16 @@ def _streaming_options(parser: argparse.ArgumentParser, spatial: tuple[str, ...]
                         help="dtype of the per-chunk products (default auto: float64 for the first datapoints, "
                              "4 rows per channel of the widest layer, and float32 for the rest unless they are "
                              "ill-conditioned; float64 throughout for runs with fewer rows)")
-    parser.add_argument("--memory-limit", default=MEMORY_LIMIT,
+    parser.add_argument("--memory-limit", default=MEMORY_LIMIT, type=_checked("memory_limit", str),
                         help=f"budget for what a pass holds at once, e.g. 4GiB (default {MEMORY_LIMIT}); a run that "
                              f"cannot fit says so before reading")
     parser.add_argument("--nan-policy", default="raise", choices=NAN_POLICIES,
                         help="rows holding NaN or Inf: an error (raise, the default) or left out of every measure "
                              "(omit)")
     parser.add_argument("--scheduler", type=_scheduler, help=SCHEDULER_HELP)
-    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT,
-                        help=f"seconds (> 0) to wait for a scheduler given by address (default {CONNECT_TIMEOUT:g})")
+    parser.add_argument("--connect-timeout", type=_checked("connect_timeout"),
+                        help=f"with --scheduler ADDRESS: seconds (> 0) to wait for the scheduler to answer (default "
+                             f"{CONNECT_TIMEOUT:g})")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -165,22 +183,23 @@ def _add_group_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=_folds, help="K >= 2 contiguous folds of the datapoints, or a coordinate "
                                                      "naming each one's fold: jackknife errors and intervals, and "
                                                      "the held-out measures heldout_cca and predictivity")
-    parser.add_argument("--confidence", type=float, help="with --folds: the intervals' level, in (0, 1) (default 0.95)")
-    parser.add_argument("--ridge", type=float, nargs="+", action=_Gathered,
+    parser.add_argument("--confidence", type=_checked("confidence"),
+                        help="with --folds: the intervals' level, in (0, 1) (default 0.95)")
+    parser.add_argument("--ridge", type=_checked("ridge"), nargs="+", action=_Gathered,
                         help="predictivity: the ridge, relative to the mean variance (default 0.01)")
 
 
-def _folds(text: str) -> int | float | str:
-    """--folds as given: a number (K, which StreamOptions checks) or a coordinate name."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
+def _folds(text: str) -> int | str:
+    """--folds as given: K (an integer >= 2) or a coordinate name (anything that is not a finite number)."""
     try:
         number = float(text)
     except ValueError:
         return text
-    return number if math.isfinite(number) else text
+    if not math.isfinite(number):
+        return text
+    if number != int(number) or number < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 or a coordinate on datapoint, got {text}")
+    return int(number)
 
 
 def _add_minibatch_option(parser: argparse.ArgumentParser) -> None:
@@ -206,13 +225,13 @@ def _check_minibatch_flags(args: argparse.Namespace, measures: list[str]) -> Non
 
 def _add_solve_options(parser: argparse.ArgumentParser) -> None:
     """The measures' own options; only those given are passed on (one no chosen measure reads is an error)."""
-    parser.add_argument("--epsilon", type=float, help="ridge for CCA-family measures (default 0)")
+    parser.add_argument("--epsilon", type=_checked("epsilon"), help="ridge for CCA-family measures (default 0)")
     parser.add_argument("--keep", type=float, help="svcca: the share of each side's variance its kept directions "
                                                    "hold (default 0.99); with --keep-by directions, their number")
     parser.add_argument("--keep-by", choices=KEEP_BY, help="svcca: count variance (default) or singular values, or "
                                                          "keep a number of directions")
-    parser.add_argument("--alpha", type=float, help="shape: partial whitening, 0 (CCA-like) to 1 (Procrustes-like; "
-                                                    "default)")
+    parser.add_argument("--alpha", type=_checked("alpha"),
+                        help="shape: partial whitening, 0 (CCA-like) to 1 (Procrustes-like; default)")
 
 
 def _check_measure_flags(args: argparse.Namespace, measures: list[str]) -> None:
@@ -290,6 +309,12 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("the following arguments are required") and taking_several and after[0].startswith("-"):
             message += (f" ({', '.join(taking_several)} take{'s' if len(taking_several) == 1 else ''} every word "
                         f"after {'it' if len(taking_several) == 1 else 'them'}: give the store and layers first)")
+        wanting = re.fullmatch(r"argument (\S+?)(?:/\S+)?: expected (?:one|at least one) argument", message)
+        if wanting and wanting[1] in after[:-1]:  # "--memory-limit -5GiB": its value read as an option
+            value = after[after.index(wanting[1]) + 1]
+            if value.startswith("-") and value not in self._option_string_actions:
+                message += (f" ({value} reads as an option; a value that starts with '-' is given as "
+                            f"{wanting[1]}={value})")
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -302,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--datapoints", type=_positive_int, default=2000, help="datapoints per layer (default 2000)")
     demo.add_argument("--chunk", type=_positive_int, default=250, help="datapoints per chunk (default 250)")
     demo.add_argument("--out", default="chunkcca-demo", help="output folder (default ./chunkcca-demo)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--seed", type=lambda text: _positive_int(text, 0), default=0,
+                      help="random seed, an integer >= 0 (default 0)")
     demo.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                       help="dtype of the per-chunk products (default auto)")
     demo.add_argument("--scheduler", type=_scheduler, help=SCHEDULER_HELP)
@@ -476,7 +502,7 @@ def _run_info(args: argparse.Namespace) -> None:
 def _streaming(args: argparse.Namespace, scheduler: Any) -> dict[str, Any]:
     """The streaming options of compare and sweep, on ``scheduler`` (``--scheduler``, connected by ``_connected``)."""
     options = {"spatial": args.spatial, "stride": args.stride, "memory_limit": args.memory_limit,
-               "scheduler": scheduler, "connect_timeout": args.connect_timeout, "progress": not args.no_progress,
+               "scheduler": scheduler, "progress": not args.no_progress,
                "nan_policy": args.nan_policy}
     options |= {key: value for key in ("method", "grid") if (value := getattr(args, key, None)) is not None}
     if args.minibatch is not None:  # the options it reads (_check_minibatch_flags refused the others)
@@ -556,6 +582,7 @@ def _check_modal_flags(args: argparse.Namespace) -> None:
 def _check_compare_flags(args: argparse.Namespace, measures: list[str]) -> None:
     """compare's flags that need others (--plot a CCA-family measure; ``_check_modal_flags``), the measures' flags
     and --minibatch's: before any work, in flag words."""
+    _check_scheduler_flags(args)
     _check_distinct_outputs(args)
     if args.plot:
         if not any(chunkcca.MEASURES[name].canonical for name in measures) or args.spatial in PER_FREQUENCY:
@@ -566,6 +593,15 @@ def _check_compare_flags(args: argparse.Namespace, measures: list[str]) -> None:
     _check_modal_flags(args)
     _check_measure_flags(args, measures)
     _check_minibatch_flags(args, measures)
+
+
+def _check_scheduler_flags(args: argparse.Namespace) -> None:
+    """--connect-timeout without a scheduler given by address, which it is the wait for: an error, before any work
+    (it was taken and read by nothing)."""
+    if args.connect_timeout is not None and (args.scheduler is None or args.scheduler in LOCAL_SCHEDULERS):
+        given = "is not given" if args.scheduler is None else f"is {args.scheduler}, which runs in this process"
+        raise ValueError(f"--connect-timeout {args.connect_timeout:g} is the wait for a scheduler given by address "
+                         f"(--scheduler tcp://host:port); --scheduler {given}")
 
 
 def _check_distinct_outputs(args: argparse.Namespace) -> None:
@@ -761,7 +797,7 @@ def _connected(args: argparse.Namespace) -> Iterator[Any]:
     if args.scheduler is None or args.scheduler in LOCAL_SCHEDULERS:
         yield args.scheduler
         return
-    timeout = check_number("connect_timeout", getattr(args, "connect_timeout", CONNECT_TIMEOUT), 0.0, low_open=True)
+    timeout = CONNECT_TIMEOUT if getattr(args, "connect_timeout", None) is None else args.connect_timeout
     from chunkcca.cluster import close_quietly, connect, lost_scheduler_unlogged
 
     client = connect(args.scheduler, timeout=timeout)
@@ -816,6 +852,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     measures = _measure_names(args.measures, "--measures")
     _check_measure_flags(args, measures)
     _check_minibatch_flags(args, measures)
+    _check_scheduler_flags(args)
     _check_distinct_outputs(args)
     out = Path(args.out)
     if "://" in args.out or Path(args.out).suffix not in (".nc", ".zarr"):

@@ -124,7 +124,9 @@ def _handshake(address: str, timeout: float) -> None:
 
     def run() -> None:  # a loop of its own, also under a running one (Jupyter)
         try:
-            outcome.set_result(asyncio.run(asyncio.wait_for(shake(), timeout)))
+            # distributed's connect gives up at ``timeout`` itself, saying why (a refused connection, retried until
+            # then); the grace second only bounds a handshake that never ends
+            outcome.set_result(asyncio.run(asyncio.wait_for(shake(), timeout + 1.0)))
         except BaseException as error:  # handed to the caller
             outcome.set_exception(error)
 
@@ -135,8 +137,7 @@ def _handshake(address: str, timeout: float) -> None:
         outcome.result()
     except (OSError, TimeoutError) as error:
         raise OSError(f"no Dask scheduler answered at {address} within {timeout:g} s (connect_timeout; a "
-                      f"dashboard's port, 8787, is not the scheduler's): {type(error).__name__}: "
-                      f"{_first_line(error)}") from error
+                      f"dashboard's port, 8787, is not the scheduler's): {_why_unanswered(error)}") from error
     except MemoryError as error:  # a server that sends first (HTTP's "400 Bad Request"), read as a length
         raise ValueError(f"{address} does not answer as a Dask scheduler: the server there speaks another protocol "
                          f"(its first bytes read as a message of exabytes: an HTTP server, a dashboard or a proxy?)"
@@ -190,6 +191,19 @@ def close_quietly(client: Any, timeout: float = 5.0) -> None:
             client.close(timeout=timeout)
     finally:
         quiet.setLevel(level)
+
+
+def _why_unanswered(error: BaseException) -> str:
+    """What a failed connection ran into, in one phrase: a refused connection (distributed retries one until its
+    timeout, then says only that it timed out), else the error's own first line."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError) or "ConnectionRefusedError" in str(cause):
+            return "the connection was refused (nothing listens at that port)"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, TimeoutError) and not str(error):  # asyncio's, without a message
+        return "the handshake did not finish"
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: BaseException) -> str:

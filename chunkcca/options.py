@@ -325,7 +325,8 @@ class StreamOptions:
         later run with the same path, layers and options resumes after the chunks done. Not
         for spatial="features", whose Gram pass keeps no Moments.
     connect_timeout : float
-        Seconds (> 0) to wait for a Dask scheduler given by address (default 10) before an error naming it.
+        Seconds (> 0) to wait for a Dask scheduler given by address (default 10) before an error naming it;
+        given with any other ``scheduler``, a TypeError (it would be read by nothing).
     groupby : str
         A coordinate on ``datapoint`` (a class label, a dataset split): one Moments per value, in the same
         pass, and every measure per group, along a dim named after the coordinate.
@@ -434,6 +435,11 @@ class StreamOptions:
                             f"(float64 Gram matrices of minibatch x minibatch values, summed in one pass over all "
                             f"rows; no Moments to checkpoint or to group)")
         made = cls(**options)
+        if "connect_timeout" in options and not is_address(made.scheduler):  # read by nothing else
+            given = made.scheduler if made.scheduler is None or isinstance(made.scheduler, str) else type(
+                made.scheduler).__name__
+            raise TypeError(f"connect_timeout is the wait for a scheduler given by address (scheduler='tcp://host:port'"
+                            f"); with scheduler={given!r} there is none to wait for: give an address or leave it out")
         reads = ("split_every",) if made.minibatch is not None else ()
         misplaced: dict[str, list[str]] = {}
         for name, (mode, values) in MODAL.items():

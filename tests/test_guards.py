@@ -232,6 +232,16 @@ def test_an_npz_with_other_members_is_named(tmp_path, capsys):
     assert f"{tmp_path / 'empty.npz'} holds no arrays" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("scheduler", [None, "threads", "synchronous"])
+def test_connect_timeout_without_an_address_to_wait_for_is_refused(scheduler):
+    """It was taken and read by nothing (the run went on in this process, as if the timeout applied)."""
+    x = np.random.default_rng(0).standard_normal((50, 3))
+    with pytest.raises(TypeError, match=rf"connect_timeout is the wait for a scheduler given by address \(scheduler="
+                                        rf"'tcp://host:port'\); with scheduler={scheduler!r} there is none"):
+        cca(x, x[:, :2], scheduler=scheduler, connect_timeout=5)
+    assert float(cca(x, x[:, :2], scheduler=scheduler)["rho_mean"]) == pytest.approx(1.0)
+
+
 def test_an_unreachable_scheduler_fails_fast_and_says_so(capsys):
     pytest.importorskip("distributed")
     x = np.random.default_rng(0).standard_normal((50, 3))
