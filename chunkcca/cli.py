@@ -12,10 +12,25 @@ def _as_command() -> bool:
     return __name__ == "__main__" or os.path.basename(sys.argv[0]) == "chunkcca"
 
 
+#: What stopped the command, when a signal other than Ctrl-C's did (``_terminate``).
+_SIGNALLED: list[str] = []
+
+
 def _interrupted_line(argv: list[str] | None) -> str:
-    """The one line of a Ctrl-C (``argv``: the command's arguments, None for the process's, which name it)."""
+    """The one line of a Ctrl-C or SIGTERM (``argv``: the command's arguments, None for the process's, which name
+    it)."""
     arguments = sys.argv[1:] if argv is None else argv
-    return f"chunkcca{''.join(f' {arg}' for arg in arguments[:1] if not arg.startswith('-'))}: error: interrupted"
+    stopped = _SIGNALLED[-1] if _SIGNALLED else "interrupted"
+    return f"chunkcca{''.join(f' {arg}' for arg in arguments[:1] if not arg.startswith('-'))}: error: {stopped}"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a batch system's time limit) stops the command as a Ctrl-C does: what it was writing is
+    removed and it says so in one line, status 2. It was killed without a word, leaving its temporary folders.
+    Once: a second (``timeout`` signals the process and then its group) would cut that removal short."""
+    if not _SIGNALLED:
+        _SIGNALLED.append("terminated (SIGTERM)")
+        raise KeyboardInterrupt
 
 
 try:  # the libraries load in the command's first second or so: a Ctrl-C then is one line too (as in main)
@@ -1000,6 +1015,8 @@ def _cluster_failure(error: BaseException, args: argparse.Namespace, *, lost: bo
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
+    if _as_command():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         status = _run(argv)
     except OSError:  # the line itself could not be written (stderr to a full device too): the status still says
@@ -1008,9 +1025,10 @@ def main(argv: list[str] | None = None) -> int:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         status = 2
     if _as_command():  # all is said: a Ctrl-C while the process tears down (0.35 s) ends it at once, status kept
-        signal.signal(signal.SIGINT, lambda *_: _exit_now(status))
-        # and once Python's own teardown begins (which puts back the default handler: killed, status 130), ignored
-        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, lambda *_: _exit_now(status))
+            # and once Python's own teardown begins (which puts back the default handler: killed), ignored
+            atexit.register(signal.signal, stop, signal.SIG_IGN)
     return status
 
 

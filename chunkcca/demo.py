@@ -7,17 +7,34 @@ itself never holds a whole layer.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
 import xarray as xr
+from dask.utils import format_bytes
 
 from ._fs import ORDER_ATTR, check_replaceable, zarr_attributes
 from .api import cca
-from .datasets import CHANNELS, demo_layers
+from .datasets import CHANNELS, SIZE, demo_layers
 from .plot import plot_rho
 from .report import PeakMemory, format_table, is_chunkcca_plot, save_figure
 from .store import write_activations
+
+
+def _check_room(out: Path, datapoints: int) -> None:
+    """Refuse, before writing, a store whose values take more than the free space where ``out`` is made: the demo
+    ran until the disk filled, or until the task list of its chunks filled memory and the process was killed
+    without a word (``--datapoints 10000000000``). LZ4 stores about 89% of the demo's values."""
+    values = datapoints * 2 * (SIZE * SIZE + (SIZE // 2) ** 2) * CHANNELS * 4  # two models' conv2 and pool2, float32
+    place = out.absolute()
+    while not place.exists():  # the folder it is made in
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if values > free:
+        raise OSError(f"{datapoints} datapoints make a demo store of up to {format_bytes(values)} (about 160 kiB a "
+                      f"datapoint), more than the {format_bytes(free)} free under {place}: choose fewer --datapoints "
+                      f"or another --out")
 
 
 def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk: int = 250, seed: int = 0,
@@ -34,6 +51,7 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
     except FileExistsError:
         raise FileExistsError(f"{plot_path} exists and is not a plot the demo drew: the demo replaces only its own; "
                               f"choose another --out") from None
+    _check_room(out, datapoints)
     print(f"writing {datapoints} datapoints x 2 models x (conv2 16x16x64, pool2 8x8x64) to {store_path}")
     layers = demo_layers(datapoints, chunk=chunk, seed=seed)
     if os.path.lexists(store_path) and zarr_attributes(store_path).get(ORDER_ATTR) != list(layers):

@@ -397,6 +397,32 @@ def test_ctrl_c_while_connecting_to_a_silent_scheduler_ends_the_command_at_once(
     assert (process.returncode, err) == (2, "chunkcca compare: error: interrupted\n")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [False, True])
+def test_sigterm_while_writing_removes_what_was_being_written_and_says_so(tmp_path, group):
+    """SIGTERM (kill, a batch system's time limit) killed the command without a word, leaving its temporary folder
+    (.demo.zarr.XXXX.tmp) beside the store. ``timeout`` signals the process and then its group: the second signal
+    cut the removal short."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    process = subprocess.Popen([sys.executable, "-m", "chunkcca.cli", "demo", "--out", str(out), "--datapoints",
+                                "20000", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".demo.zarr.*.tmp")) and time.monotonic() < deadline:  # writing by now
+        time.sleep(0.05)
+    assert list(out.glob(".demo.zarr.*.tmp")), "the demo did not start writing"
+    process.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert (process.returncode, err) == (2, "chunkcca demo: error: terminated (SIGTERM)\n")
+    assert list(out.iterdir()) == []
+
+
 def test_ctrl_c_while_the_command_reads_its_arguments_is_one_line(monkeypatch, capsys):
     import chunkcca.cli
 

@@ -71,6 +71,18 @@ def test_demo_replaces_only_a_store_it_wrote(tmp_path, capsys):
     assert not (mine / "demo.zarr").exists() and (mine / "cca_coefficients.png").read_bytes() == b"my plot"
 
 
+def test_a_demo_larger_than_the_free_space_is_refused_before_writing(tmp_path, capsys):
+    """--datapoints 10000000000 ran until the task list of its chunks filled memory and the kernel killed the
+    process (status 137, not a word); a store larger than the disk filled it."""
+    out = tmp_path / "new" / "demo"
+    assert main(["demo", "--datapoints", "10000000000", "--out", str(out), "--no-progress"]) == 2
+    shown = capsys.readouterr()
+    assert shown.out == "" and not (tmp_path / "new").exists()
+    assert shown.err.startswith("chunkcca demo: error: 10000000000 datapoints make a demo store of up to 1.46 PiB "
+                                "(about 160 kiB a datapoint), more than the ") and shown.err.count("\n") == 1
+    assert f"free under {tmp_path}: choose fewer --datapoints or another --out" in shown.err
+
+
 def test_demo_layers_do_not_depend_on_chunking():
     small = demo_layers(20, chunk=20)["model1/conv2"].compute()
     np.testing.assert_array_equal(small[:7], demo_layers(7, chunk=20)["model1/conv2"].compute())
