@@ -1013,6 +1013,15 @@ def _cluster_failure(error: BaseException, args: argparse.Namespace, *, lost: bo
     return f"{happened} ({type(cause).__name__}{': ' + reason if reason else ''}); {then}"
 
 
+def _error_line(error: BaseException) -> str:
+    """The first line of ``error``'s message; an OS error as the OS words it, after the file it names ("x.npy:
+    Permission denied", not "[Errno 13] Permission denied: 'x.npy'")."""
+    if isinstance(error, OSError) and error.strerror and str(error).startswith("[Errno"):
+        named = [str(name) for name in (error.filename, error.filename2) if name is not None]
+        return f"{' -> '.join(named)}: {error.strerror}" if named else error.strerror
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
     if _as_command():
@@ -1120,7 +1129,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"chunkcca {args.command}: error: {missing}: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, KeyError, pickle.UnpicklingError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = _error_line(error)
         print(f"chunkcca {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as error:  # a failure no check foresaw: still one line and status 2, never a traceback

@@ -152,12 +152,20 @@ def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
     return value
 
 
+def _check_file(path: Path) -> None:
+    """A FileNotFoundError for a missing ``path``, an IsADirectoryError for a folder (it said "[Errno 21] Is a
+    directory")."""
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; name a .npy, .npz or pickle file")
+
+
 def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
     """The arrays of one file by name, loaded one at a time as they are asked for: a .npy (memory-mapped) or
     a pickle gives one (named ""), a .npz its own, each member read only when its turn comes."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
+    _check_file(path)
     _check_signature(path)
     try:
         if _kind(path) == ".npy":
@@ -201,8 +209,7 @@ def _check_signature(path: Path) -> None:
 def _array_names(path: str | os.PathLike) -> list[str]:
     """The names ``iter_arrays()`` gives for a file, without loading any array (an .npz's directory only)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
+    _check_file(path)
     _check_signature(path)
     if _kind(path) == ".npz":
         try:
@@ -235,6 +242,8 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str, *, pickled: bo
     either. [`chunkcca.write_activations()`][chunkcca.write_activations] chunks it. A ``pickled`` 2-d array
     (google/svcca's format, whose own layout is (neurons, datapoints)) read as (datapoints, neurons) with fewer
     than ``PICKLE_ROWS_PER_COLUMN`` rows per column, where either reading fits, is warned of."""
+    if array.size == 0:  # before any reading of its layout (an empty (0, 5) was advised --layout neurons)
+        raise ValueError(f"{source}: holds an empty array of shape {array.shape}: no values to write")
     if layout is None and array.ndim == 2 and array.shape[0] < array.shape[1]:
         raise ValueError(f"{source}: a 2-d array of shape {array.shape} has fewer rows than columns, as "
                          f"google/svcca's (neurons, datapoints) layout has: pass --layout neurons (layout='neurons') "

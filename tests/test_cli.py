@@ -24,6 +24,7 @@ from chunkcca.cli import main
 def files(tmp_path):
     a, b = correlated_layers(np.random.default_rng(0), 50, (4, 4, 6), (4, 4, 5))
     np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "empty.npy", np.zeros((0, 5), "float32"))
     np.savez(tmp_path / "b.npz", conv=b, fc=b.mean(axis=(1, 2)))
     with gzip.open(tmp_path / "fc.p", "wb") as f:
         pickle.dump(np.ascontiguousarray(b.mean(axis=(1, 2)).T), f)  # svcca's layout: (neurons, datapoints)
@@ -91,6 +92,10 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["info", "{folder}/missing.zarr"], "no activation store at"),
         (["ingest", "{folder}/x.zarr", "m0/conv"], "expected LAYER=FILE, got 'm0/conv'"),
         (["ingest", "{folder}/x.zarr", "m0=nothing.npy"], "no such file: nothing.npy"),
+        (["ingest", "{folder}/x.zarr", "m0={folder}"], "is a folder; name a .npy, .npz or pickle file"),
+        # it advised --layout neurons for a (0, 5) array
+        (["ingest", "{folder}/x.zarr", "m0={folder}/empty.npy"], "empty.npy: holds an empty array of shape (0, 5): "
+                                                                "no values to write"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--stride", "0"],
          "chunkcca compare: error: argument --stride: must be >= 1, got 0 (see chunkcca compare --help)"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--spatial", "nope"], "argument --spatial: invalid choice"),
@@ -395,6 +400,18 @@ def test_ctrl_c_while_connecting_to_a_silent_scheduler_ends_the_command_at_once(
         _, err = process.communicate(timeout=50)
     assert time.monotonic() - start < 10
     assert (process.returncode, err) == (2, "chunkcca compare: error: interrupted\n")
+
+
+def test_an_os_error_is_said_as_the_os_words_it_on_the_file_it_names(tmp_path, monkeypatch, capsys):
+    """It printed Python's form: "[Errno 13] Permission denied: 'x.npy'"."""
+    import chunkcca.cli
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "x.npy")
+
+    monkeypatch.setattr(chunkcca.cli, "ingest", refused)
+    assert main(["ingest", str(tmp_path / "s.zarr"), "a=x.npy", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "chunkcca ingest: error: x.npy: Permission denied\n"
 
 
 @pytest.mark.slow
