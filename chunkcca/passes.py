@@ -54,7 +54,7 @@ from .minibatch import aligned_chunks
 from .moments import Moments, RowCheck, check_savable_labels, pack, value_eps
 from .options import MASK, VALUE_ROUNDING_ATTR, ProductPrecision, StreamOptions
 from .rows import Adapter, by_gram
-from .store import check_complete, check_unchanged
+from .store import check_complete, check_unchanged, read_failure
 from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
 
 #: precision="auto" keeps float32 products while every side's correlation matrix in the pilot has a
@@ -150,7 +150,7 @@ def reading(layers: Sequence[xr.DataArray]) -> Iterator[None]:
         names = ", ".join(repr(str(layer.name)) for layer in layers)
         at_fault = _read_at_fault(error)  # the layers' one array, and its chunk, whose read failed
         raise OSError(f"reading layers {names} from {', '.join(sources)} failed"
-                      f"{' (' + at_fault + ')' if at_fault else ''}: {type(error).__name__}: {error}") from error
+                      f"{' (' + at_fault + ')' if at_fault else ''}: {read_failure(error)}") from error
 
 
 @contextmanager

@@ -877,8 +877,11 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))  # before xarray reads labels by the metadata:
     _check_metadata(listing, root_metadata.get("attributes", {}), location)
     try:
-        tree = xr.open_datatree(WholeStore.at(location, storage_options, root_metadata.get("attributes", {}).get(
-            GENERATION_ATTR)), engine="zarr", chunks={}, consolidated=False)
+        with warnings.catch_warnings():  # a folder without zarr.json: a layer's is named below (check_store_files),
+            # and another (a user's own, "plots") is not the store's: zarr's warning was a second line beside ours
+            warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component of a Zarr")
+            tree = xr.open_datatree(WholeStore.at(location, storage_options, root_metadata.get("attributes", {}).get(
+                GENERATION_ATTR)), engine="zarr", chunks={}, consolidated=False)
     except Exception as error:
         check_store_files(location, listing, (), ())  # a label's chunk file lost (xarray reads labels): named
         why = _unreadable_label(listing, location, storage_options) or error
@@ -929,8 +932,18 @@ def _unreadable_label(listing: Listing, location: str, storage_options: Mapping[
         try:
             zarr.open_array(store, path=folder, mode="r")[...]
         except Exception as error:
-            return f"its label array {folder} cannot be read ({type(error).__name__}: {error})"
+            return f"its label array {folder} cannot be read: {read_failure(error)}"
     return None
+
+
+def read_failure(error: BaseException) -> str:
+    """What a failed read of a chunk ran into, in one phrase: a chunk failing its checksum is said to be damage
+    (zarr's "Stored and computed checksum do not match. Stored: b'…'" said nothing of that), another error as it
+    is."""
+    if "Stored and computed checksum do not match" in str(error):
+        return ("its chunk file fails its CRC32C checksum (its bytes changed since they were written): the store is "
+                "damaged; write it again")
+    return f"{type(error).__name__}: {error}"
 
 
 def _in_order(tree: xr.DataTree, layers: Sequence[str]) -> None:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -162,9 +163,11 @@ def test_a_layer_computed_from_a_store_with_a_missing_chunk_is_an_error(tmp_path
 
 
 @pytest.mark.filterwarnings("ignore:Object at activations is not recognized:UserWarning")  # zarr, of the lost file
-def test_a_store_missing_labels_or_a_layers_metadata_does_not_open(tmp_path):
+def test_a_store_missing_labels_or_a_layers_metadata_does_not_open(tmp_path, capsys):
     """A lost label chunk read as zeros (every channel label 0; a groupby of one group), and a lost layer
-    metadata file dropped the layer from ``info`` and sweeps though the store still listed it."""
+    metadata file dropped the layer from ``info`` and sweeps though the store still listed it (and zarr's warning
+    "Object at b is not recognized as a component of a Zarr hierarchy" came beside the error: a second line of
+    the command's)."""
     store = _store(tmp_path)
     os.remove(store / "b" / "channel" / "c" / "0")
     with pytest.raises(OSError, match=r"the labels 'channel' of 'b' of .*s.zarr lacks 1 chunk file \(\(0,\)\): "
@@ -175,6 +178,16 @@ def test_a_store_missing_labels_or_a_layers_metadata_does_not_open(tmp_path):
     with pytest.raises(OSError, match=r"lists layer 'b' but holds no readable 'activations' for it"):
         open_activations(store)
     assert main(["info", str(store)]) == 2
+    store = _store(tmp_path / "group")
+    os.remove(store / "b" / "zarr.json")  # the layer's group
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(OSError, match=r"lists layer 'b' but holds no readable 'activations' for it"):
+            open_activations(store)
+    assert [str(warning.message) for warning in said] == []
+    capsys.readouterr()
+    assert main(["info", str(store)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_every_chunk_is_written_even_one_of_zeros(tmp_path):
@@ -200,7 +213,9 @@ def test_a_flipped_bit_is_an_error_not_a_number(tmp_path, compression):
         damaged[position] ^= 1 << int(position % 8)
         chunk.write_bytes(bytes(damaged))
         # the array and datapoints at fault are named (it named both layers alone)
-        with pytest.raises(OSError, match=r"failed \(array 'b/activations', datapoints 100 to 149\): .*checksum"):
+        with pytest.raises(OSError, match=r"failed \(array 'b/activations', datapoints 100 to 149\): its chunk file "
+                                          r"fails its CRC32C checksum \(its bytes changed since they were written\): "
+                                          r"the store is damaged; write it again$"):
             cca(open_activations(store)["a"], open_activations(store)["b"])
     chunk.write_bytes(original)
     assert float(cca(tree["a"], tree["b"])["rho_mean"]) == want
@@ -625,7 +640,7 @@ def test_a_label_chunk_that_fails_its_checksum_is_named(tmp_path):
     write_activations(tmp_path / "s.zarr", {"m/conv": np.zeros((10, 3, 3, 2), "float32")}, masks=None)
     (tmp_path / "s.zarr" / "m" / "conv" / "height" / "c" / "0").write_bytes(b"")
     with pytest.raises(ValueError, match=r"cannot open .*s.zarr as a zarr activation store: its label array "
-                                         r"m/conv/height cannot be read \(ValueError: Stored and computed checksum"):
+                                         r"m/conv/height cannot be read: its chunk file fails its CRC32C checksum"):
         open_activations(tmp_path / "s.zarr")
 
 
