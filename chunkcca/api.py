@@ -55,11 +55,24 @@ def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray,
     adapters; nothing is read."""
     layer_a, layer_b = named(a, "a", options.dims), named(b, "b", options.dims)
     if layer_a.name == layer_b.name and not _same_layer(layer_a, layer_b):  # one name, two layers: told apart
-        layer_a, layer_b = layer_a.rename(f"a ({layer_a.name})"), layer_b.rename(f"b ({layer_b.name})")
+        layer_a, layer_b = _told_apart(layer_a, "as a", [layer_b]), _told_apart(layer_b, "as b", [layer_a])
     layer_a, layer_b, reordered = align_layers(layer_a, layer_b)
     check_reordered(str(layer_a.name), [layer_b] if reordered else [], int(options.memory_limit))
     check_position_labels(layer_a, layer_b, options.spatial)
     return layer_a, layer_b, plan_adapters(layer_a, layer_b, options)
+
+
+def _told_apart(layer: xr.DataArray, role: str, namesakes: Sequence[xr.DataArray]) -> xr.DataArray:
+    """``layer`` renamed apart from its ``namesakes`` (other layers of its name), in its messages and results: by
+    its store where theirs differ ("conv2 (m1.zarr)": two models recorded apart), else by ``role`` ("conv2 (as
+    b)"). It was "b (conv2)", read as a layer of that name ("layer 'b (conv2)'")."""
+    store = layer.encoding.get("store")
+    theirs = [str(other.encoding.get("store")) for other in namesakes]
+    if store is None or str(store) in theirs:
+        return layer.rename(f"{layer.name} ({role})")
+    folder = str(store).rstrip("/").rsplit("/", 1)[-1]
+    clash = any(other.rstrip("/").rsplit("/", 1)[-1] == folder for other in theirs)
+    return layer.rename(f"{layer.name} ({store if clash else folder})")
 
 
 def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True, *,
@@ -885,8 +898,9 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
             array = check_value_rounding(as_activations(layer, name, dims=stream.dims))
             index = next((i for i, other in enumerate(distinct) if _same_layer(array, other)), len(distinct))
             if index == len(distinct):
-                if any(other.name == array.name for other in distinct):  # one name, two layers
-                    array = array.rename(f"{name} ({role}_layers)")
+                namesakes = [other for other in distinct if other.name == array.name]
+                if namesakes:  # one name, two layers
+                    array = _told_apart(array, f"in {role}_layers", namesakes)
                 distinct.append(array)
             sides[role].append(index)
     first, *_ = distinct  # its datapoint order: folds and minibatches follow it, as in compare(first, …)

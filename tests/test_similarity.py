@@ -342,6 +342,25 @@ def test_every_similarity_result_says_its_rows_in_its_attrs():
     assert similarity(a, b, measures=["cka"], spatial="flatten").attrs["rows"] == 12 * 16
 
 
+def test_two_models_layers_of_one_name_are_told_apart_by_their_stores(tmp_path):
+    """Two recordings' 'conv' were named 'a (conv)' and 'b (conv)' ("datapoint labels differ: 100 of layer 'a
+    (conv)' are not in layer 'b (conv)'"), in a sweep 'conv (b_layers)': read as layers of those names."""
+    rng = np.random.default_rng(0)
+    stores = [tmp_path / "m0.zarr", tmp_path / "m1.zarr", tmp_path / "other" / "m1.zarr"]
+    for store, datapoints in zip(stores, (30, 20, 30)):
+        chunkcca.write_activations(store, {"conv": rng.standard_normal((datapoints, 4))})
+    conv0, conv1, conv2 = (chunkcca.open_activations(store)["conv"] for store in stores)
+    with pytest.raises(ValueError, match=r"10 of layer 'conv \(m0.zarr\)' are not in layer 'conv \(m1.zarr\)'"):
+        cka(conv0, conv1)
+    with pytest.raises(ValueError, match=r"10 of layer 'conv' are not in layer 'conv \(m1.zarr\)'"):
+        similarity({"conv": conv0}, {"conv": conv1}, measures=["cka"])
+    folder_named = cka(conv1, conv2.isel(datapoint=slice(0, 20)))  # one folder name: the whole paths
+    assert (folder_named.attrs["layer_a"], folder_named.attrs["layer_b"]) == (
+        f"conv ({stores[1]})", f"conv ({stores[2]})")
+    doubled = (conv0["activations"] * 2).rename("conv")  # no store of its own
+    assert cka(conv0, doubled).attrs["layer_b"] == "conv (as b)"
+
+
 def test_a_layer_against_itself_keeps_its_name_as_in_a_sweep():
     """A layer measured against itself was named 'a (m0/conv1)' and 'b (m0/conv1)' in its result (a sweep keeps
     the names): results of a row of pairs did not concat into a grid, nor select by the layer's name. Two layers of
@@ -353,4 +372,4 @@ def test_a_layer_against_itself_keeps_its_name_as_in_a_sweep():
     assert float(row["cka"].sel(layer_b="model0/conv1")) == pytest.approx(1.0, abs=1e-12)
     assert compare(layer, layer, measures=["cka"]).attrs["layer_a"] == "model0/conv1"
     other = layers["model1/conv1"].rename("model0/conv1")  # another layer of the same name
-    assert cka(layer, other).attrs["layer_b"] == "b (model0/conv1)"
+    assert cka(layer, other).attrs["layer_b"] == "model0/conv1 (as b)"
