@@ -313,10 +313,20 @@ def positions(layer: xr.DataArray) -> tuple[str, ...]:
     return tuple(str(dim) for dim in layer.dims[1:-1])
 
 
+def nothing_to_pad(name: str, dims: Sequence[Hashable], remedy: str = "leave its mask out") -> ValueError:
+    """The error for a padding mask given to a layer of no positions (every measure then refused each of its
+    datapoints as having "no real position")."""
+    return ValueError(f"layer {name!r} has no positions (dims {tuple(map(str, dims))}), so nothing to pad: a mask "
+                      f"marks the real positions of each datapoint; {remedy}")
+
+
 def _check_mask(array: xr.DataArray, name: str) -> None:
-    """A ``mask`` coordinate is boolean with dims (datapoint, *positions) (in that order once transposed)."""
+    """A ``mask`` coordinate is boolean with dims (datapoint, *positions) (in that order once transposed), on a
+    layer that has positions."""
     if MASK not in array.coords:
         return
+    if not positions(array):  # a (datapoint,) mask was written and stored, then every measure refused the layer
+        raise nothing_to_pad(name, array.dims, "drop its mask coordinate (layer.drop_vars('mask'))")
     mask = array.coords[MASK]
     if mask.dtype != bool or set(mask.dims) != {"datapoint", *positions(array)}:
         numbers = mask.dtype.kind in "iuf" and set(mask.dims) == {"datapoint", *positions(array)}

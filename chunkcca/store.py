@@ -59,6 +59,7 @@ from .layers import (
     labelled_as,
     layer_path,
     layer_paths,
+    nothing_to_pad,
     with_datapoint_coords,
     zarr_arrays,
 )
@@ -291,8 +292,7 @@ def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
     dims = ("datapoint", *layer.dims[1:-1])
     name = str(layer.name)
     if len(dims) == 1:  # every measure then refused it: "datapoint 0 has no real position"
-        raise ValueError(f"layer {name!r} has no positions (dims {tuple(map(str, layer.dims))}), so nothing to pad: "
-                         f"a mask marks the real positions of each datapoint; leave its mask out")
+        raise nothing_to_pad(name, layer.dims)
     if isinstance(mask, xr.DataArray):
         if set(mask.dims) != set(dims):
             raise ValueError(f"layer {name!r}: its mask must have dims {dims}, got {tuple(map(str, mask.dims))}")

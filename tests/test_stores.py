@@ -520,6 +520,14 @@ def test_a_mask_given_as_a_dataarray_is_aligned_by_its_datapoint_labels(tmp_path
                                          r"nothing to pad"):
         write_activations(tmp_path / "y.zarr", {"fc": x[:, 0]}, masks={"fc": real[:, 0]})
     assert not (tmp_path / "y.zarr").exists()
+    # so is one carried as the layer's mask coordinate: it was written, then every measure refused the layer
+    fc = xr.DataArray(x[:, 0], dims=("datapoint", "channel"), coords={"mask": ("datapoint", real[:, 0])},
+                      name="fc")
+    for refused in (lambda: write_activations(tmp_path / "y.zarr", {"fc": fc}), lambda: cca(fc, x[:, 0])):
+        with pytest.raises(ValueError, match=r"layer 'fc' has no positions \(dims \('datapoint', 'channel'\)\), so "
+                                             r"nothing to pad: .*; drop its mask coordinate"):
+            refused()
+    assert not (tmp_path / "y.zarr").exists()
 
 
 def test_overwrite_never_replaces_a_group_or_layer_inside_a_store(tmp_path, rng, capsys):
