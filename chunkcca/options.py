@@ -304,11 +304,14 @@ class StreamOptions:
         and that chunk's temporaries, and on the local pool the chunks it reads ahead where it costs
         little; fewer chains read when the budget affords fewer, and a pass that cannot fit one is
         refused, naming the layers and sizes. It bounds the arrays a pass allocates (the tests trace
-        them); the process's resident memory adds the interpreter and its libraries (about 120 MiB with
-        a store open), the libraries' own buffers and what the allocator keeps (measured up to 11% of the limit).
-        Not counted yet: the buffers of a chunk while zarr reads it from a compressed store (its compressed
-        bytes and a decoded copy, about twice the chunk), which took runs at limits of 17–40 MiB to 1.2–2.8
-        times them (flat in datapoints; a fixed few tens of MiB at the default).
+        them; 67 MiB traced at a limit of 100 MiB over two layers of 16 MiB LZ4 chunks); the process's resident
+        memory adds the interpreter and its libraries (about 120 MiB with a store open) and what the allocator
+        keeps of freed chunk buffers, up to a chunk or two for each thread that reads or folds (zarr's decode
+        pool, Dask's threads; glibc gives each its own arena): that run peaked 232 MiB above the interpreter,
+        139 MiB with ``MALLOC_ARENA_MAX=2`` in the environment; flat in datapoints, a smaller share of larger
+        limits. Not counted yet: the buffers of a chunk while zarr reads it from a compressed store (its
+        compressed bytes and a decoded copy, about twice the chunk), which took traced runs at limits of 17–40
+        MiB to 1.2–2.8 times them.
     scheduler
         The Dask scheduler: None (the active one: a current ``distributed.Client``, else the local
         threads), "threads", "synchronous", "processes", a ``distributed.Client`` or an address.
