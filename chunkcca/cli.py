@@ -87,6 +87,8 @@ except KeyboardInterrupt:
     raise SystemExit(2) from None
 
 MEASURES = tuple(chunkcca.MEASURES)
+#: The command's notices (chunkcca's log at INFO, which ``_notices`` shows on stderr).
+NOTICES = logging.getLogger("chunkcca")
 #: Old spellings of measures, kept working with a deprecation message.
 ALIASES: dict[str, tuple[str, ...]] = {"cca": ("mean_cca", "r2_cca")}
 
@@ -191,6 +193,41 @@ class _Gathered(argparse.Action):
         given = getattr(namespace, self.dest, None)
         earlier = [] if given is None or given is self.default else list(given)
         setattr(namespace, self.dest, [*earlier, *values])
+
+
+def _add_shared_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shared-datapoints", action="store_true",
+                        help="compare the datapoints (by label) that every layer holds, saying how many each leaves "
+                             "out (layers that hold different datapoints are otherwise an error)")
+
+
+def _shared_datapoints(layers: Sequence[tuple[str, Any]], shared: bool) -> list[Any]:
+    """The layers (``(name, store node)`` pairs) as compared: with --shared-datapoints, each selected to the
+    datapoints (by label) all of them hold, in the first one's order, and a line saying what each leaves out;
+    without it, layers that hold different datapoints are an error naming the flag, before any work (the
+    library's names Python's selection, ``a.sel(datapoint=shared)``, which a command cannot make)."""
+    labels = [layer.indexes.get("datapoint") for _, layer in layers]
+    if any(index is None for index in labels):  # unlabelled: paired by position, which the library checks
+        return [layer for _, layer in layers]
+    common = labels[0]
+    for index in labels[1:]:
+        common = common.intersection(index, sort=False)
+    if all(len(index) == len(common) for index in labels):
+        return [layer for _, layer in layers]
+    said = ", ".join(f"{len(index) - len(common)} of the {len(index)} of {name}"
+                     for (name, _), index in zip(layers, labels) if len(index) > len(common))
+    if not len(common):
+        raise ValueError(f"the layers share no datapoint (by label): {said} are not in every layer")
+    if not shared:
+        raise ValueError(f"the layers hold different datapoints (by label): {said} are not in every layer; pass "
+                         f"--shared-datapoints to compare the {len(common)} they share")
+    NOTICES.info(f"comparing the {len(common)} datapoints every layer holds; left out: {said}")  # on stderr: --json
+    chosen = []
+    for (_, layer), index in zip(layers, labels):
+        positions = index.get_indexer(common)
+        run = np.array_equal(positions, positions[0] + np.arange(len(positions)))  # a slice reads whole chunks
+        chosen.append(layer.isel(datapoint=slice(int(positions[0]), int(positions[-1]) + 1) if run else positions))
+    return chosen
 
 
 def _add_group_options(parser: argparse.ArgumentParser) -> None:
@@ -385,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("layer_a")
     compare.add_argument("layer_b", help="a layer of the store, or of --b-store")
     compare.add_argument("--b-store", help="take layer_b from this store (e.g. another model's recording)")
+    _add_shared_option(compare)
     compare.add_argument("--measure", "--measures", dest="measure", nargs="+", action=_Gathered, default=["mean_cca"],
                          choices=[*MEASURES, *ALIASES], metavar="MEASURE",
                          help=f"measures, from {', '.join(MEASURES)} (default mean_cca)")
@@ -413,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="layers or groups (e.g. model0) on the first axis")
     sweep.add_argument("--b", required=True, nargs="+", action=_Gathered, help="layers or groups on the second axis")
     sweep.add_argument("--b-store", help="take the --b layers from this store (e.g. another model's recording)")
+    _add_shared_option(sweep)
     sweep.add_argument("--measures", "--measure", dest="measures", nargs="+", action=_Gathered,
                        default=["mean_cca", "cka"],
                        choices=[*MEASURES, *ALIASES], metavar="MEASURE",
@@ -551,6 +590,8 @@ def _run_compare(args: argparse.Namespace) -> None:
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
     args.layer_a, args.layer_b = a.path.strip("/"), b.path.strip("/")  # as stored ("/m0//conv/": m0/conv), as sweep
+    a, b = _shared_datapoints([(f"{args.layer_a} in {args.store}", a),
+                               (f"{args.layer_b} in {args.b_store or args.store}", b)], args.shared_datapoints)
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
     with _connected(args) as scheduler:
         if args.minibatch is not None:
@@ -882,6 +923,10 @@ def _run_sweep(args: argparse.Namespace) -> None:
                          + ("pass --plot too" if args.plot is None else f"one of --measures {' '.join(measures)}"))
     tree_a, tree_b = _stores(args)
     set_a, set_b = _select(tree_a, args.a, args.store), _select(tree_b, args.b, args.b_store or args.store)
+    chosen = _shared_datapoints([(f"{name} in {store}", layer) for named, store in
+                                 ((set_a, args.store), (set_b, args.b_store or args.store))
+                                 for name, layer in named.items()], args.shared_datapoints)
+    set_a, set_b = dict(zip(set_a, chosen[: len(set_a)])), dict(zip(set_b, chosen[len(set_a) :]))
     _check_netcdf_rows(args, [*set_a.values(), *set_b.values()])
     with _connected(args) as scheduler:
         result = chunkcca.similarity(set_a, set_b, measures=measures, **_given_solve_options(args),

@@ -1487,3 +1487,47 @@ def test_an_output_folder_that_makes_no_files_is_named_before_any_work(tmp_path,
     assert captured.out == ""  # nothing computed
     assert captured.err == (f"chunkcca sweep: error: --out {refusing / 'x.nc'}: no file can be made in the folder "
                             f"{refusing} (Operation not permitted)\n")
+
+
+@pytest.mark.parametrize("kept", ["a run", "every other"])
+def test_two_recordings_of_other_datapoints_are_compared_on_those_they_share_when_asked(tmp_path, capsys, kept):
+    """Two stores holding different datapoints were refused with Python's remedy (``a.sel(datapoint=shared)``),
+    which a command cannot take: --shared-datapoints compares the datapoints every layer holds (by label), saying
+    what each leaves out; without it the error names the flag."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((60, 4, 3)), rng.standard_normal((60, 4, 2))
+    labels_b = np.arange(20, 80) if kept == "a run" else np.arange(0, 120, 2)[::-1]  # b's order differs too
+    chunkcca.write_activations(tmp_path / "m0.zarr", {"conv": xr.DataArray(
+        x, dims=("datapoint", "token", "channel"), coords={"datapoint": np.arange(60)})}, chunks=16)
+    chunkcca.write_activations(tmp_path / "m1.zarr", {"conv": xr.DataArray(
+        y, dims=("datapoint", "token", "channel"), coords={"datapoint": labels_b})}, chunks=16)
+    shared = np.intersect1d(np.arange(60), labels_b)
+    a_rows = flatten_rows(x[shared])
+    b_rows = flatten_rows(y[np.argsort(labels_b)][np.searchsorted(np.sort(labels_b), shared)])
+    want = np.linalg.norm(_centred(b_rows).T @ _centred(a_rows)) ** 2 / (
+        np.linalg.norm(_centred(a_rows).T @ _centred(a_rows)) * np.linalg.norm(_centred(b_rows).T @ _centred(b_rows)))
+    argv = ["compare", str(tmp_path / "m0.zarr"), "conv", "conv", "--b-store", str(tmp_path / "m1.zarr"),
+            "--measure", "cka", "--precision", "float64", "--no-progress", "--json"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"chunkcca compare: error: the layers hold different datapoints (by label): {60 - len(shared)} of the 60 of "
+        f"conv in {tmp_path / 'm0.zarr'}, {60 - len(shared)} of the 60 of conv in {tmp_path / 'm1.zarr'} are not "
+        f"in every layer; pass --shared-datapoints to compare the {len(shared)} they share\n")
+    assert main([*argv, "--shared-datapoints"]) == 0
+    shown = capsys.readouterr()
+    assert shown.err == (f"comparing the {len(shared)} datapoints every layer holds; left out: "
+                         f"{60 - len(shared)} of the 60 of conv in {tmp_path / 'm0.zarr'}, {60 - len(shared)} of "
+                         f"the 60 of conv in {tmp_path / 'm1.zarr'}\n")
+    result = json.loads(shown.out)  # stdout holds the JSON alone
+    assert result["rows"] == len(shared) * 4
+    assert result["results"]["cka"]["value"] == pytest.approx(want, rel=1e-12)  # float64 products
+    out = tmp_path / "s.nc"
+    assert main(["sweep", str(tmp_path / "m0.zarr"), "--a", "conv", "--b", "conv", "--b-store",
+                 str(tmp_path / "m1.zarr"), "--measures", "cka", "--precision", "float64", "--no-progress",
+                 "--out", str(out), "--shared-datapoints"]) == 0
+    with xr.open_dataset(out) as swept:
+        assert float(swept["cka"].squeeze()) == pytest.approx(want, rel=1e-12)
+
+
+def _centred(rows: np.ndarray) -> np.ndarray:
+    return rows - rows.mean(axis=0)
