@@ -114,37 +114,32 @@ def rounding(moments: Moments, side: int, index: tuple[int, ...] = (), spectrum:
 
 
 def _warn_partial_spectrum(moments: Moments) -> None:
-    """A ``RoundingWarning`` for dft Moments without frequency 0 (one frequency taken alone, ``moments[i, j]``):
-    the map's power they show leaves out its mean, so a direction the rounding of a side's values makes may be
-    counted as real there (rank 12 for 11 and ρ off by 1e-2 at a frequency of a float16 LayerNorm output)."""
+    """A ``RoundingWarning`` for dft Moments without frequency 0 that do not keep their map's power
+    (``Moments.map_power``: indexing sets it; Moments made by hand, or taken out of a whole and saved by an
+    earlier chunkcca, lack it): the map's power their frequencies show leaves out its mean, so a direction the
+    rounding of a side's values makes may be counted as real there (rank 12 for 11 and ρ off by 1e-2 at a
+    frequency of a float16 LayerNorm output)."""
     labels = moments.batch_labels
     if moments.batch_shape and (not labels or all(np.any(values == 0) for values in labels.values())):
         return
-    for side, (positions, eps) in enumerate(zip(moments.positions, moments.value_rounding)):
-        if positions and eps:
+    for side, (positions, eps, kept) in enumerate(zip(moments.positions, moments.value_rounding, moments.map_power)):
+        if positions and eps and kept is None:
             name = f"layer {moments.layers[side]!r}" if moments.layers[side] else f"side {'ab'[side]}"
-            warnings.warn(f"{name}: these dft Moments hold frequencies without frequency 0 (taken out of the "
-                          f"whole, e.g. moments[i, j], whose frequency is not known after an integer index; "
-                          f"moments[i:i+1, j:j+1] keeps it), which show only part of its map's power: its values' "
-                          f"rounding is allowed for at that part only, and a direction the rounding makes may "
-                          f"count as real; solve the whole Moments and select the frequency from the result "
-                          f"(cca_from_moments(moments).isel(...))", RoundingWarning, stacklevel=user_stacklevel())
+            warnings.warn(f"{name}: these dft Moments hold frequencies without frequency 0 and do not keep their "
+                          f"map's power (map_power, which indexing sets), so they show only part of it: its values' "
+                          f"rounding is allowed for at that part only, and a direction the rounding makes may count "
+                          f"as real; take them out of the whole Moments again (moments[i, j]), or solve the whole "
+                          f"and select the frequency from the result (cca_from_moments(moments).isel(...))",
+                          RoundingWarning, stacklevel=user_stacklevel())
 
 
 def spectrum_power(moments: Moments, side: int) -> np.ndarray | None:
-    """Per channel of one side of a dft's Moments (``Moments.positions`` known), the power of its map per datapoint
-    as the held frequencies show it: Σ E|X|² over them, over the positions (Parseval; all of it when they are every
-    frequency of the map, less for a map larger than the other's). Each position's value rounds on its own, and
-    that rounding, e² times this in all, reaches every frequency: where a channel's spectrum is small beside its
-    mean (a LayerNorm output of large offsets), a float32 null direction stood above e² times that frequency's own
-    power and counted as real (rank 16 for 15 at every frequency but 0). None for Moments of other rows."""
-    positions = moments.positions[side]
-    if not (positions and moments.batch_shape and moments.value_rounding[side]):
-        return None
-    part = moments.side_slices()[side]
-    held = (np.diagonal(moments.scatter[..., part, part], axis1=-2, axis2=-1).real / max(moments.n - 1, 1)
-            + np.abs(moments.mean[..., part]) ** 2)
-    return held.reshape(-1, held.shape[-1]).sum(axis=0) / positions
+    """Per channel of one side of a dft's Moments of rounded values, the power of its map per position
+    (``Moments.map_power_of()``). Each position's value rounds on its own, and that rounding, e² times this in
+    all, reaches every frequency: where a channel's spectrum is small beside its mean (a LayerNorm output of
+    large offsets), a float32 null direction stood above e² times that frequency's own power and counted as real
+    (rank 16 for 15 at every frequency but 0). None for Moments of other rows or of exact values."""
+    return moments.map_power_of(side) if moments.value_rounding[side] else None
 
 
 def _inverse_std(cov: np.ndarray) -> np.ndarray:

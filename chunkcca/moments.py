@@ -104,6 +104,11 @@ class Moments:
         the map's power that the held frequencies show (Parseval: their power over the positions), so that a
         float32 LayerNorm output's null direction is not counted at a frequency where its channels' spectra are
         small beside their means. Moments merge only when known values agree.
+    map_power : tuple of (ndarray or None)
+        For a dft's Moments taken out of a whole (``moments[i, j]``, ``moments[1:3]``), each side's power of its
+        map per position and channel (p_side,) as the whole's frequencies showed it (``map_power_of()``), which
+        the part's own frequencies show only in part (without frequency 0, not the map's mean); None unknown,
+        the default: then it is what the held frequencies show. Indexing sets it, merges weigh it by rows.
     """
 
     n: int
@@ -119,6 +124,7 @@ class Moments:
     channel_labels: tuple[np.ndarray | None, ...] = field(default=())
     batch_labels: dict[str, np.ndarray] = field(default_factory=dict)
     positions: tuple[int, ...] = field(default=())
+    map_power: tuple[np.ndarray | None, ...] = field(default=())
 
     def __post_init__(self) -> None:
         p = self.mean.shape[-1]
@@ -166,6 +172,14 @@ class Moments:
             raise ValueError(f"positions must give each of the {len(sizes)} sides a count of positions (an int >= 0, "
                              f"0 unknown), got {self.positions!r}")
         object.__setattr__(self, "positions", tuple(map(int, positions)))
+        power = tuple(None if x is None else np.asarray(x, dtype=np.float64) for x in self.map_power) or (
+            (None,) * len(sizes))
+        if len(power) != len(sizes) or any(x is not None and (x.shape != (size,) or not (np.isfinite(x) & (x >= 0)
+                                                                                           ).all())
+                                           for x, size in zip(power, sizes)):
+            raise ValueError(f"map_power must give each of the {len(sizes)} sides its {sizes} powers (finite, >= 0) "
+                             f"or None")
+        object.__setattr__(self, "map_power", power)
 
     def __repr__(self) -> str:
         batch = f", batch={self.batch_shape}" if self.batch_shape else ""
@@ -200,7 +214,23 @@ class Moments:
                   if not isinstance(entry, (int, np.integer))}
         return Moments(self.n, self.mean[entries], self.scatter[entries], self.sizes, precision=self.precision,
                        layers=self.layers, rows_from=self.rows_from, value_rounding=self.value_rounding,
-                       channel_labels=self.channel_labels, batch_labels=labels, positions=self.positions)
+                       channel_labels=self.channel_labels, batch_labels=labels, positions=self.positions,
+                       map_power=tuple(map(self.map_power_of, range(len(self.sizes)))))  # the whole's: kept
+
+    def map_power_of(self, side: int) -> np.ndarray | None:
+        """Per channel of one side of a dft's Moments (``positions`` known), the power of its map per position and
+        datapoint: ``map_power`` where kept, else as the held frequencies show it, Σ E|X|² over them, over the
+        positions (Parseval: all of it when they are every frequency of the map, less for a map larger than the
+        other's). None for Moments of other rows."""
+        if self.map_power[side] is not None:
+            return self.map_power[side]
+        positions = self.positions[side]
+        if not (positions and self.batch_shape):
+            return None
+        part = self.side_slices()[side]
+        held = (np.diagonal(self.scatter[..., part, part], axis1=-2, axis2=-1).real / max(self.n - 1, 1)
+                + np.abs(self.mean[..., part]) ** 2)
+        return held.reshape(-1, held.shape[-1]).sum(axis=0) / positions
 
     def select(self, sides: Sequence[int]) -> Moments:
         """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
@@ -212,7 +242,8 @@ class Moments:
                        tuple(self.sizes[i] for i in sides), norms, products, self.precision,
                        tuple(self.layers[i] for i in sides), self.rows_from,
                        tuple(self.value_rounding[i] for i in sides), tuple(self.channel_labels[i] for i in sides),
-                       self.batch_labels, tuple(self.positions[i] for i in sides))
+                       self.batch_labels, tuple(self.positions[i] for i in sides),
+                       tuple(self.map_power[i] for i in sides))
 
     def covariance(self, ddof: int = 1) -> np.ndarray:
         """Covariance ``scatter / (n − ddof)``, shape (*batch, p, p)."""
@@ -239,7 +270,18 @@ class Moments:
                        channel_labels=tuple(theirs if ours is None else ours
                                             for ours, theirs in zip(self.channel_labels, other.channel_labels)),
                        batch_labels=self.batch_labels or other.batch_labels,
-                       positions=tuple(ours or theirs for ours, theirs in zip(self.positions, other.positions)))
+                       positions=tuple(ours or theirs for ours, theirs in zip(self.positions, other.positions)),
+                       map_power=tuple(self._merged_power(other, side) for side in range(len(self.sizes))))
+
+    def _merged_power(self, other: Moments, side: int) -> np.ndarray | None:
+        """One side's ``map_power`` of ``self + other``: where either keeps one, both weighed by their rows (the
+        other's as its frequencies show it); None where neither does (the merge's frequencies show it)."""
+        if self.map_power[side] is None and other.map_power[side] is None:
+            return None
+        parts = [(moments.n, moments.map_power_of(side)) for moments in (self, other) if moments.n]
+        if not parts or any(power is None for _, power in parts):
+            return None
+        return sum(n * power for n, power in parts) / sum(n for n, _ in parts)
 
     def check_mergeable(self, other: Moments) -> None:
         """A ValueError saying why ``other`` describes other channels, layers, rows or frequencies than these
@@ -308,6 +350,9 @@ class Moments:
                                                       if labels.dtype.kind == "U" else labels)
         for dim, (name, labels) in zip(batch, self.batch_labels.items()):
             variables[f"labels_{dim}"] = ((dim,), labels, {"name": name})
+        for side, power in enumerate(self.map_power):
+            if power is not None:
+                variables[f"map_power{side}"] = ((f"channel{side}",), power)
         dataset = xr.Dataset(variables, attrs={**(attrs or {}), "chunkcca": "Moments", "precision": self.precision,
                                                "layers": list(self.layers), "rows_from": self.rows_from,
                                                "value_rounding": list(self.value_rounding),
@@ -388,6 +433,8 @@ def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
                 batch_labels={dataset[name].attrs["name"]: dataset[name].values for name in sorted(dataset.data_vars)
                               if name.startswith("labels_batch")},
                 positions=tuple(dataset.attrs.get("positions", ())),  # saves before it: unknown
+                map_power=tuple(dataset[f"map_power{side}"].values if f"map_power{side}" in dataset else None
+                                for side in range(dataset.sizes["side"])),
             ), dict(dataset.attrs)
         except ValueError as error:
             if "checksum" not in str(error):

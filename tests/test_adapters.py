@@ -448,14 +448,28 @@ def test_dft_cuts_the_rounding_every_position_adds_at_every_frequency(tmp_path):
     assert moments.select([1]).positions == (16,) and (moments + moments).positions == (64, 16)
     moments.save(tmp_path / "m")
     assert chunkcca.Moments.load(tmp_path / "m").positions == (64, 16)
-    for part in (moments[1, 2], moments[1:3, 1:3]):  # their power alone: the rank is not to be trusted, and said
-        with pytest.warns(RuntimeWarning) as said:
-            chunkcca.cca_from_moments(part)
-        assert any(isinstance(w.message, chunkcca.measures.RoundingWarning) and str(w.message).startswith(
-            "layer 'a': these dft Moments hold frequencies without frequency 0 (taken out of the whole") for w in said)
+    whole = chunkcca.cca_from_moments(moments)
+    # a frequency taken out of the whole keeps the whole's map power (Moments.map_power): it was cut at its own
+    # frequencies' power alone, which leaves out the map's mean, and only warned (rank 12 for 11 at a float16 one)
     with warnings.catch_warnings():
         warnings.simplefilter("error", chunkcca.measures.RoundingWarning)
-        assert (chunkcca.cca_from_moments(moments[:2, :3])["rank_a"] == 11).all()  # frequency 0 held: cut as whole
+        for part, at in ((moments[1, 2], {"freq_h": 1, "freq_w": 2}), (moments[1:3, 1:3], {}),
+                         (moments[1:3, 1:3][1, 0], {"freq_h": 2, "freq_w": 1}), (moments[:2, :3], {})):
+            solved = chunkcca.cca_from_moments(part)
+            assert (solved["rank_a"] == 11).all()
+            if at:
+                np.testing.assert_allclose(solved["rho"], whole["rho"].isel(at), rtol=0, atol=1e-12)
+        kept = moments[1, 2]
+        np.testing.assert_array_equal(kept.map_power[0], moments.map_power_of(0))
+        kept.save(tmp_path / "part")
+        loaded = chunkcca.Moments.load(tmp_path / "part")
+        np.testing.assert_array_equal(loaded.map_power[0], kept.map_power[0])
+        assert kept.select([0]).map_power[0] is kept.map_power[0]
+        np.testing.assert_allclose((kept + kept).map_power[0], kept.map_power[0], rtol=1e-15)
+        assert (moments + moments).map_power == (None, None)  # the whole's frequencies show it
+    with pytest.warns(chunkcca.measures.RoundingWarning,
+                      match=r"layer 'a': these dft Moments hold frequencies without frequency 0 and do not keep"):
+        chunkcca.cca_from_moments(dataclasses.replace(moments[1, 2], map_power=()))  # made otherwise: said
     with pytest.raises(ValueError, match=r"cannot merge Moments of spectra over \(64, 16\) and \(16, 16\) positions"):
         moments + dataclasses.replace(moments, positions=(16, 16))
     assert (moments + dataclasses.replace(moments, positions=())).positions == (64, 16)  # unknown agrees
