@@ -33,6 +33,11 @@ def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
+if _as_command():  # from the first moment: a SIGTERM while the libraries load is the same one line
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+
 try:  # the libraries load in the command's first second or so: a Ctrl-C then is one line too (as in main)
     import argparse
     import asyncio
@@ -1069,8 +1074,6 @@ def _error_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every failure is one line on stderr and exit status 2, every warning one line."""
-    if _as_command():
-        signal.signal(signal.SIGTERM, _terminate)
     try:
         status = _run(argv)
     except OSError:  # the line itself could not be written (stderr to a full device too): the status still says

@@ -312,6 +312,13 @@ sys.exit(main())
                               "    print('my handler')")
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout, done.stderr) == (0, "my handler\n", "")
+    # SIGTERM then too (it killed the command without a word); a program's own is left to its own handling
+    terminated = code.replace("os.kill(os.getpid(), signal.SIGINT)", "os.kill(os.getpid(), signal.SIGTERM)")
+    done = subprocess.run([sys.executable, "-c", terminated], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: terminated (SIGTERM)\n")
+    done = subprocess.run([sys.executable, "-c", terminated.replace('"chunkcca", "compare"', '"mine.py", "compare"')],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -15 and done.stderr == ""  # killed by it, as Python leaves SIGTERM
 
 
 def test_ctrl_c_leaves_no_asyncio_tracebacks_under_its_line():
