@@ -9,7 +9,10 @@ import sys
 def _as_command() -> bool:
     """Whether this process is the ``chunkcca`` command (the installed script, or ``python -m chunkcca.cli``),
     which owns its process, rather than a program that imports this module."""
-    return __name__ == "__main__" or os.path.basename(sys.argv[0]) == "chunkcca"
+    from multiprocessing import parent_process
+
+    # not a worker process that --scheduler processes spawned, which runs the script again as __mp_main__
+    return (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "chunkcca") and parent_process() is None
 
 
 #: What stopped the command, when a signal other than Ctrl-C's did (``_terminate``).
@@ -206,57 +209,57 @@ def _add_shared_option(parser: argparse.ArgumentParser) -> None:
                              "out (layers that hold different datapoints are otherwise an error)")
 
 
-def _shared_datapoints(layers: Sequence[tuple[str, Any]], shared: bool) -> list[Any]:
-    """The layers (``(name, store node)`` pairs) as compared: with --shared-datapoints, each selected to the
-    datapoints (by label) all of them hold, in the first one's order, and a line saying what each leaves out;
-    without it, layers that hold different datapoints are an error naming the flag, before any work (the
-    library's names Python's selection, ``a.sel(datapoint=shared)``, which a command cannot make)."""
-    labels = [layer.indexes.get("datapoint") for _, layer in layers]
-    if any(index is None for index in labels):  # unlabelled: paired by position, which the library checks
-        return [layer for _, layer in layers]
-    common = labels[0]
-    for index in labels[1:]:
+def _shared_datapoints(layers: dict[str, Any], shared: bool) -> tuple[dict[str, Any], str]:
+    """The layers (store nodes by name, each once) as compared, and what was left out (""): with
+    --shared-datapoints, each selected to the datapoints (by label) all of them hold, in its own stored order
+    (the library pairs them by label, and checks what a reordering holds); without it, layers that hold
+    different datapoints are an error naming the flag, before any work (the library's names Python's
+    selection, ``a.sel(datapoint=shared)``, which a command cannot make)."""
+    labels = {name: layer.indexes.get("datapoint") for name, layer in layers.items()}
+    if any(index is None for index in labels.values()):  # unlabelled: paired by position, which the library checks
+        return layers, ""
+    common = next(iter(labels.values()))
+    for index in labels.values():
         common = common.intersection(index, sort=False)
-    if all(len(index) == len(common) for index in labels):
-        return [layer for _, layer in layers]
+    if all(len(index) == len(common) for index in labels.values()):
+        return layers, ""
     said = ", ".join(f"{len(index) - len(common)} of the {len(index)} of {name}"
-                     for (name, _), index in zip(layers, labels) if len(index) > len(common))
+                     for name, index in labels.items() if len(index) > len(common))
     if not len(common):
         raise ValueError(f"the layers share no datapoint (by label): {said} are not in every layer")
     if not shared:
         raise ValueError(f"the layers hold different datapoints (by label): {said} are not in every layer; pass "
                          f"--shared-datapoints to compare the {len(common)} they share")
-    NOTICES.info(f"comparing the {len(common)} datapoints every layer holds; left out: {said}")  # on stderr: --json
-    chosen = []
-    for (_, layer), index in zip(layers, labels):
-        positions = index.get_indexer(common)
-        run = np.array_equal(positions, positions[0] + np.arange(len(positions)))  # a slice reads whole chunks
-        chosen.append(layer.isel(datapoint=slice(int(positions[0]), int(positions[-1]) + 1) if run else positions))
-    return chosen
+    chosen = {}
+    for name, layer in layers.items():
+        positions = np.sort(labels[name].get_indexer(common))
+        run = positions[-1] - positions[0] + 1 == len(positions)  # a slice reads whole chunks
+        chosen[name] = layer.isel(datapoint=slice(int(positions[0]), int(positions[-1]) + 1) if run else positions)
+    return chosen, f"compared the {len(common)} datapoints every layer holds; left out: {said}"
 
 
 def _add_group_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groupby", help="a coordinate on datapoint (e.g. a class label): every measure per group")
-    parser.add_argument("--folds", type=_folds, help="K >= 2 contiguous folds of the datapoints, or a coordinate "
-                                                     "naming each one's fold: jackknife errors and intervals, and "
-                                                     "the held-out measures heldout_cca and predictivity")
+    parser.add_argument("--folds", type=_checked("folds", _folds),
+                        help="K >= 2 contiguous folds of the datapoints, or a coordinate naming each one's fold: "
+                             "jackknife errors and intervals, and the held-out measures heldout_cca and predictivity")
     parser.add_argument("--confidence", type=_checked("confidence"),
                         help="with --folds: the intervals' level, in (0, 1) (default 0.95)")
     parser.add_argument("--ridge", type=_checked("ridge"), nargs="+", action=_Gathered,
                         help="predictivity: the ridge, relative to the mean variance (default 0.01)")
 
 
-def _folds(text: str) -> int | str:
-    """--folds as given: K (an integer >= 2) or a coordinate name (anything that is not a finite number)."""
+def _folds(text: str) -> int | float | str:
+    """--folds as given: a number (K, which StreamOptions checks) or a coordinate name."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
     try:
         number = float(text)
     except ValueError:
         return text
-    if not math.isfinite(number):
-        return text
-    if number != int(number) or number < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2 or a coordinate on datapoint, got {text}")
-    return int(number)
+    return number if math.isfinite(number) else text
 
 
 def _add_minibatch_option(parser: argparse.ArgumentParser) -> None:
@@ -295,7 +298,17 @@ def _check_measure_flags(args: argparse.Namespace, measures: list[str]) -> None:
     """Before any work (opening stores, connecting to a scheduler), in flag words: each measure option given is
     read by a chosen measure (the library's own check, in its words, comes later), and the held-out measures
     and ``--confidence`` need ``--folds``."""
-    unread = [option for option in _given_solve_options(args).keys() - {"confidence"}
+    given = _given_solve_options(args)
+    try:  # --keep, whose rule hangs on --keep-by (the others were checked as they were read)
+        chunkcca.SolveOptions(**given)
+    except ValueError as error:
+        named = next((name for name in given if str(error).startswith(f"{name} ")), None)
+        if named is None:
+            raise
+        values = given[named] if isinstance(given[named], (list, tuple)) else [given[named]]
+        shown = " ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values)
+        raise ValueError(f"{_flag(named)} {shown}: {str(error)[len(named) + 1:]}") from None
+    unread = [option for option in given.keys() - {"confidence"}
               if not any(option in chunkcca.MEASURES[name].options for name in measures)]
     if unread:
         flags = [f"{_flag(option)} (read by "
@@ -366,12 +379,14 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("the following arguments are required") and taking_several and after[0].startswith("-"):
             message += (f" ({', '.join(taking_several)} take{'s' if len(taking_several) == 1 else ''} every word "
                         f"after {'it' if len(taking_several) == 1 else 'them'}: give the store and layers first)")
-        wanting = re.fullmatch(r"argument (\S+?)(?:/\S+)?: expected (?:one|at least one) argument", message)
-        if wanting and wanting[1] in after[:-1]:  # "--memory-limit -5GiB": its value read as an option
-            value = after[after.index(wanting[1]) + 1]
-            if value.startswith("-") and value not in self._option_string_actions:
-                message += (f" ({value} reads as an option; a value that starts with '-' is given as "
-                            f"{wanting[1]}={value})")
+        wanting = re.fullmatch(r"argument (\S+): expected (?:one|at least one) argument", message)
+        spellings = wanting[1].split("/") if wanting else []
+        given = [i for i, word in enumerate(after[:-1]) if word in spellings and after[i + 1].startswith("-")]
+        if given:  # "--memory-limit -5GiB": its value read as an option, which none is (not --no-prog either)
+            flag, value = after[given[-1]], after[given[-1] + 1]
+            parsed = self._parse_optional(value)
+            if parsed is not None and parsed[0] is None:
+                message += f" ({value} reads as an option; a value that starts with '-' is given as {flag}={value})"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -595,8 +610,9 @@ def _run_compare(args: argparse.Namespace) -> None:
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
     args.layer_a, args.layer_b = a.path.strip("/"), b.path.strip("/")  # as stored ("/m0//conv/": m0/conv), as sweep
-    a, b = _shared_datapoints([(f"{args.layer_a} in {args.store}", a),
-                               (f"{args.layer_b} in {args.b_store or args.store}", b)], args.shared_datapoints)
+    named = {f"{args.layer_a} in {args.store}": a, f"{args.layer_b} in {args.b_store or args.store}": b}
+    chosen, left_out = _shared_datapoints(named, args.shared_datapoints)
+    a, b = (chosen[name] for name in named) if len(chosen) == 2 else (a, b)  # one layer against itself: as is
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
     with _connected(args) as scheduler:
         if args.minibatch is not None:
@@ -616,6 +632,8 @@ def _run_compare(args: argparse.Namespace) -> None:
                    overwrite=args.overwrite)
         if not args.json:  # stdout holds one JSON document with --json
             print(f"plot: {args.plot}")
+    if left_out:  # once all is done and written: a failure is its one line
+        NOTICES.info(left_out)  # on stderr, which --json leaves to it
 
 
 def _flag(option: str) -> str:
@@ -660,7 +678,7 @@ def _check_scheduler_flags(args: argparse.Namespace) -> None:
     """--connect-timeout without a scheduler given by address, which it is the wait for: an error, before any work
     (it was taken and read by nothing)."""
     if args.connect_timeout is not None and (args.scheduler is None or args.scheduler in LOCAL_SCHEDULERS):
-        given = "is not given" if args.scheduler is None else f"is {args.scheduler}, which runs in this process"
+        given = "is not given" if args.scheduler is None else f"is {args.scheduler}, a local one with no address"
         raise ValueError(f"--connect-timeout {args.connect_timeout:g} is the wait for a scheduler given by address "
                          f"(--scheduler tcp://host:port); --scheduler {given}")
 
@@ -928,10 +946,11 @@ def _run_sweep(args: argparse.Namespace) -> None:
                          + ("pass --plot too" if args.plot is None else f"one of --measures {' '.join(measures)}"))
     tree_a, tree_b = _stores(args)
     set_a, set_b = _select(tree_a, args.a, args.store), _select(tree_b, args.b, args.b_store or args.store)
-    chosen = _shared_datapoints([(f"{name} in {store}", layer) for named, store in
-                                 ((set_a, args.store), (set_b, args.b_store or args.store))
-                                 for name, layer in named.items()], args.shared_datapoints)
-    set_a, set_b = dict(zip(set_a, chosen[: len(set_a)])), dict(zip(set_b, chosen[len(set_a) :]))
+    stores = (args.store, args.b_store or args.store)
+    chosen, left_out = _shared_datapoints({f"{name} in {store}": layer for named, store in zip((set_a, set_b), stores)
+                                           for name, layer in named.items()}, args.shared_datapoints)  # each once
+    set_a, set_b = ({name: chosen[f"{name} in {store}"] for name in named} for named, store in zip((set_a, set_b),
+                                                                                                 stores))
     _check_netcdf_rows(args, [*set_a.values(), *set_b.values()])
     with _connected(args) as scheduler:
         result = chunkcca.similarity(set_a, set_b, measures=measures, **_given_solve_options(args),
@@ -951,6 +970,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
     if args.plot:
         _save_plot(lambda: plot_similarity(result, drawn).figure, args.plot, overwrite=args.overwrite)
         print(f"plot: {args.plot}")
+    if left_out:  # once all is done and written: a failure is its one line
+        NOTICES.info(left_out)
 
 
 def _show_sweep(result: xr.Dataset, measures: list[str], set_a: dict[str, Any], set_b: dict[str, Any]) -> None:

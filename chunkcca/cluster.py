@@ -124,9 +124,7 @@ def _handshake(address: str, timeout: float) -> None:
 
     def run() -> None:  # a loop of its own, also under a running one (Jupyter)
         try:
-            # distributed's connect gives up at ``timeout`` itself, saying why (a refused connection, retried until
-            # then); the grace second only bounds a handshake that never ends
-            outcome.set_result(asyncio.run(asyncio.wait_for(shake(), timeout + 1.0)))
+            outcome.set_result(asyncio.run(asyncio.wait_for(shake(), timeout)))
         except BaseException as error:  # handed to the caller
             outcome.set_exception(error)
 
@@ -137,7 +135,7 @@ def _handshake(address: str, timeout: float) -> None:
         outcome.result()
     except (OSError, TimeoutError) as error:
         raise OSError(f"no Dask scheduler answered at {address} within {timeout:g} s (connect_timeout; a "
-                      f"dashboard's port, 8787, is not the scheduler's): {_why_unanswered(error)}") from error
+                      f"dashboard's port, 8787, is not the scheduler's): {_why_unanswered(error, address)}") from error
     except MemoryError as error:  # a server that sends first (HTTP's "400 Bad Request"), read as a length
         raise ValueError(f"{address} does not answer as a Dask scheduler: the server there speaks another protocol "
                          f"(its first bytes read as a message of exabytes: an HTTP server, a dashboard or a proxy?)"
@@ -193,17 +191,41 @@ def close_quietly(client: Any, timeout: float = 5.0) -> None:
         quiet.setLevel(level)
 
 
-def _why_unanswered(error: BaseException) -> str:
-    """What a failed connection ran into, in one phrase: a refused connection (distributed retries one until its
-    timeout, then says only that it timed out), else the error's own first line."""
+def _why_unanswered(error: BaseException, address: str) -> str:
+    """What a connection to ``address`` that failed with ``error`` ran into, in one phrase: a refused connection
+    (distributed retries one until the timeout, then says only that it timed out), a server that accepts but
+    does not answer, or the error's own first line. A tcp:// address is tried once more, at once, to tell them."""
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, ConnectionRefusedError) or "ConnectionRefusedError" in str(cause):
-            return "the connection was refused (nothing listens at that port)"
+            return _REFUSED
         cause = cause.__cause__ or cause.__context__
-    if isinstance(error, TimeoutError) and not str(error):  # asyncio's, without a message
-        return "the handshake did not finish"
-    return f"{type(error).__name__}: {_first_line(error)}"
+    tried = _tried(address)
+    if tried is not None:
+        return tried
+    return f"{type(error).__name__}: {_first_line(error)}" if str(error) else "no answer"
+
+
+_REFUSED = "the connection was refused (nothing listens at that port)"
+
+
+def _tried(address: str) -> str | None:
+    """One plain TCP connection to a tcp:// ``address``: what it says of the server there, or None (another
+    protocol, or no connection made either way within a second)."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address) if "://" in address else ("tcp", address)
+    if scheme != "tcp":
+        return None
+    try:
+        with socket.create_connection(parse_host_port(location), timeout=1.0):
+            return "a server accepted the connection but did not answer as a Dask scheduler"
+    except ConnectionRefusedError:
+        return _REFUSED
+    except OSError:
+        return None
 
 
 def _first_line(error: BaseException) -> str:

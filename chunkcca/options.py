@@ -516,7 +516,7 @@ class SolveOptions:
             except ValueError as error:
                 if isinstance(self.keep, (int, float, np.integer, np.floating)) and self.keep > 1:
                     raise ValueError(f"{error}: a share of the {self.keep_by}; to keep a number of directions, pass "
-                                     f"keep_by='directions'") from None
+                                     f"keep_by='directions' (--keep-by directions)") from None
                 raise
         object.__setattr__(self, "alpha", check_number("alpha", self.alpha, 0.0, 1.0))
         ridges = self.ridge if isinstance(self.ridge, (list, tuple, np.ndarray)) else (self.ridge,)

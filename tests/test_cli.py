@@ -142,12 +142,24 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["compare", "{store}", "m0/conv", "m0/conv", "--memory-limit", "-5GiB"],
          "argument --memory-limit: expected one argument (-5GiB reads as an option; a value that starts with '-' "
          "is given as --memory-limit=-5GiB)"),
+        # an option's abbreviation is an option: the value was left out (it advised --stride=--no-prog)
+        (["compare", "{store}", "m0/conv", "m0/conv", "--stride", "--no-prog"],
+         "chunkcca compare: error: argument --stride: expected one argument (see chunkcca compare --help)"),
+        # the spelling typed, the occurrence at fault
+        (["compare", "{store}", "m0/conv", "m0/conv", "--measures", "-cka"],
+         "(-cka reads as an option; a value that starts with '-' is given as --measures=-cka)"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--measure", "predictivity", "--folds", "2", "--ridge", "1",
+          "--ridge", "-1e-3"], "(-1e-3 reads as an option; a value that starts with '-' is given as --ridge=-1e-3)"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--epsilon", "-1"],
          "argument --epsilon: must be a finite number >= 0, got -1.0"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--measure", "shape", "--alpha", "2"],
          "argument --alpha: must be in [0, 1], got 2.0"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--measure", "predictivity", "--folds", "2", "--ridge", "1",
           "-1"], "argument --ridge: must be a finite number >= 0, got -1.0"),
+        # --keep, whose rule hangs on --keep-by: named too (it said "keep must be in (0, 1] ... pass keep_by=...")
+        (["compare", "{store}", "m0/conv", "m0/conv", "--measure", "svcca", "--keep", "5"],
+         "chunkcca compare: error: --keep 5: must be in (0, 1], got 5.0: a share of the variance; to keep a number of "
+         "directions, pass keep_by='directions' (--keep-by directions)\n"),
         # numpy's seed error came after the demo began writing, naming no flag
         (["demo", "--out", "{folder}/demo", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
         # taken and read by nothing
@@ -155,7 +167,7 @@ def test_ingest_info_compare_sweep(files, capsys):
          "--connect-timeout 3 is the wait for a scheduler given by address (--scheduler tcp://host:port); "
          "--scheduler is not given"),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--scheduler", "threads", "--connect-timeout", "3", "--out",
-          "{folder}/f.nc"], "--scheduler is threads, which runs in this process"),
+          "{folder}/f.nc"], "--scheduler is threads, a local one with no address"),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--measures", "cka", "--spatial", "features",
           "--memory-limit", "1kB", "--out", "{folder}/f.nc"], "over memory_limit=0.98 kiB; raise memory_limit"),
         (["sweep", "{store}", "--a", "m0", "--b", "m0", "--out", "{folder}/x.csv"], "name a local netCDF file (.nc)"),
@@ -420,6 +432,23 @@ def test_an_os_error_is_said_as_the_os_words_it_on_the_file_it_names(tmp_path, m
     monkeypatch.setattr(chunkcca.cli, "ingest", refused)
     assert main(["ingest", str(tmp_path / "s.zarr"), "a=x.npy", "--no-progress"]) == 2
     assert capsys.readouterr().err == "chunkcca ingest: error: x.npy: Permission denied\n"
+
+
+def test_the_worker_processes_of_the_command_are_not_the_command(tmp_path):
+    """--scheduler processes spawns workers that run the script again (as __mp_main__, the same argv): they took
+    themselves for the command and a SIGTERM to the group printed its line once per worker, with a traceback."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "chunkcca"  # the installed script's name, as the workers see it too
+    script.write_text("import multiprocessing\n\n\ndef child(queue):\n    import chunkcca.cli\n"
+                      "    queue.put(chunkcca.cli._as_command())\n\n\n"
+                      "if __name__ == '__main__':\n    import chunkcca.cli\n"
+                      "    context = multiprocessing.get_context('spawn')\n    queue = context.Queue()\n"
+                      "    worker = context.Process(target=child, args=(queue,))\n    worker.start()\n"
+                      "    print(chunkcca.cli._as_command(), queue.get())\n    worker.join()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert (done.stdout, done.stderr) == ("True False\n", "")
 
 
 @pytest.mark.slow
@@ -1221,7 +1250,8 @@ def test_an_address_that_cannot_be_used_is_one_line_at_once_and_the_exit_does_no
 
 
 def test_a_server_that_accepts_but_never_answers_is_said_to_leave_the_handshake_unfinished(tmp_path, capsys):
-    """It said "... within 1 s (...): TimeoutError: TimeoutError" (asyncio's timeout, which has no message)."""
+    """It said "... within 1 s (...): TimeoutError: TimeoutError" (asyncio's timeout, which has no message); the
+    wait is the timeout."""
     import socket
 
     pytest.importorskip("distributed")
@@ -1230,12 +1260,15 @@ def test_a_server_that_accepts_but_never_answers_is_said_to_leave_the_handshake_
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
-        status = main(["compare", str(store), "m0/fc", "m1/fc", "--scheduler", address, "--connect-timeout", "1",
+        start = time.monotonic()
+        status = main(["compare", str(store), "m0/fc", "m1/fc", "--scheduler", address, "--connect-timeout", "2",
                        "--no-progress"])
+        assert time.monotonic() - start < 2.9  # the timeout and a plain connection's moment (it waited 3 s)
     err = capsys.readouterr().err
     assert status == 2
-    assert err == (f"chunkcca compare: error: no Dask scheduler answered at {address} within 1 s (connect_timeout; "
-                   f"a dashboard's port, 8787, is not the scheduler's): the handshake did not finish\n"), err
+    assert err == (f"chunkcca compare: error: no Dask scheduler answered at {address} within 2 s (connect_timeout; "
+                   f"a dashboard's port, 8787, is not the scheduler's): a server accepted the connection but did not "
+                   f"answer as a Dask scheduler\n"), err
 
 
 def test_a_client_that_fails_to_connect_is_closed_quietly():
@@ -1520,11 +1553,16 @@ def test_two_recordings_of_other_datapoints_are_compared_on_those_they_share_whe
         f"chunkcca compare: error: the layers hold different datapoints (by label): {60 - len(shared)} of the 60 of "
         f"conv in {tmp_path / 'm0.zarr'}, {60 - len(shared)} of the 60 of conv in {tmp_path / 'm1.zarr'} are not "
         f"in every layer; pass --shared-datapoints to compare the {len(shared)} they share\n")
+    assert main([*argv, "--shared-datapoints", "--memory-limit", "1kB"]) == 2  # a failure is its one line alone
+    assert capsys.readouterr().err.count("\n") == 1 + (kept == "every other")  # (and the reordering's warning)
     assert main([*argv, "--shared-datapoints"]) == 0
     shown = capsys.readouterr()
-    assert shown.err == (f"comparing the {len(shared)} datapoints every layer holds; left out: "
-                         f"{60 - len(shared)} of the 60 of conv in {tmp_path / 'm0.zarr'}, {60 - len(shared)} of "
-                         f"the 60 of conv in {tmp_path / 'm1.zarr'}\n")
+    reordered = ("chunkcca compare: warning: layer 'conv (m1.zarr)' holds the datapoints of layer 'conv (m0.zarr)' "
+                 "in another order; chunkcca reorders it lazily" if kept == "every other" else "")  # as without it
+    assert shown.err.startswith(reordered) and shown.err.endswith(
+        f"compared the {len(shared)} datapoints every layer holds; left out: {60 - len(shared)} of the 60 of conv in "
+        f"{tmp_path / 'm0.zarr'}, {60 - len(shared)} of the 60 of conv in {tmp_path / 'm1.zarr'}\n")
+    assert shown.err.count("\n") == 1 + bool(reordered)
     result = json.loads(shown.out)  # stdout holds the JSON alone
     assert result["rows"] == len(shared) * 4
     assert result["results"]["cka"]["value"] == pytest.approx(want, rel=1e-12)  # float64 products
@@ -1534,6 +1572,16 @@ def test_two_recordings_of_other_datapoints_are_compared_on_those_they_share_whe
                  "--out", str(out), "--shared-datapoints"]) == 0
     with xr.open_dataset(out) as swept:
         assert float(swept["cka"].squeeze()) == pytest.approx(want, rel=1e-12)
+    capsys.readouterr()
+    chunkcca.write_activations(tmp_path / "pq.zarr", {"p": xr.DataArray(x, dims=("datapoint", "token", "channel"),
+                                                                        coords={"datapoint": np.arange(60)}),
+                                                      "q": xr.DataArray(y, dims=("datapoint", "token", "channel"),
+                                                                        coords={"datapoint": labels_b})})
+    assert main(["sweep", str(tmp_path / "pq.zarr"), "--a", "p", "q", "--b", "p", "q", "--measures", "cka",
+                 "--no-progress", "--out", str(tmp_path / "pq.nc"), "--shared-datapoints"]) == 0
+    assert capsys.readouterr().err.endswith(  # each layer once, though on both sides
+        f"left out: {60 - len(shared)} of the 60 of p in {tmp_path / 'pq.zarr'}, {60 - len(shared)} of the 60 of q "
+        f"in {tmp_path / 'pq.zarr'}\n")
 
 
 def _centred(rows: np.ndarray) -> np.ndarray:
