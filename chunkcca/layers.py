@@ -447,12 +447,7 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
                   "b.sel(datapoint=shared), with shared = numpy.intersect1d(a.datapoint, b.datapoint)"
                   if len(labels_a) > len(missing_b) else "")
         raise ValueError(f"datapoint labels differ: {' and '.join(parts)}{advice}; no datapoint is dropped silently")
-    warnings.warn(
-        f"layer {name_b!r} holds the datapoints of layer {name_a!r} in another order; chunkcca reorders it "
-        f"lazily, which holds up to about {REORDER_HOLDS} times layer {name_b!r} in memory "
-        f"({format_bytes(REORDER_HOLDS * b.nbytes)}) while it is read: store both layers in one order for large data",
-        PerformanceWarning, stacklevel=user_stacklevel())
-    return a, b.isel(datapoint=labels_b.get_indexer(labels_a)), True
+    return a, b.isel(datapoint=labels_b.get_indexer(labels_a)), True  # check_reordered() warns of it
 
 
 #: What a layer reordered by label holds while a pass reads it, as a multiple of its size: Dask's take holds each
@@ -464,8 +459,15 @@ REORDER_HOLDS = 3
 def check_reordered(first: str, reordered: Sequence[xr.DataArray], memory_limit: int) -> None:
     """Refuse, before anything is read, reordering layers to the datapoints of layer ``first`` (``align_layers``)
     where what it holds (``REORDER_HOLDS`` times their size) is over half of ``memory_limit``: the pass plans
-    within ``memory_limit`` besides, so such a run holds at most 1.5 times it."""
+    within ``memory_limit`` besides, so such a run holds at most 1.5 times it; else a PerformanceWarning for
+    each."""
     held = REORDER_HOLDS * sum(layer.nbytes for layer in reordered)
+    for layer in reordered if held <= memory_limit // 2 else ():  # a refused run's error is its one word
+        warnings.warn(
+            f"layer {str(layer.name)!r} holds the datapoints of layer {first!r} in another order; chunkcca reorders "
+            f"it lazily, which holds up to about {REORDER_HOLDS} times layer {str(layer.name)!r} in memory "
+            f"({format_bytes(REORDER_HOLDS * layer.nbytes)}) while it is read: store both layers in one order for "
+            f"large data", PerformanceWarning, stacklevel=user_stacklevel())
     if reordered and held > memory_limit // 2:
         names = ", ".join(repr(str(layer.name)) for layer in reordered)
         raise ValueError(f"layer{'s' if len(reordered) > 1 else ''} {names} hold{'' if len(reordered) > 1 else 's'} "

@@ -148,8 +148,8 @@ def test_a_reordering_over_memory_limit_is_refused_before_anything_is_read():
     unread = da.zeros((4096, 64), chunks=512).map_blocks(never_read, dtype=float)  # 2 MiB
     a = xr.DataArray(unread, dims=("datapoint", "channel"), coords={"datapoint": np.arange(4096)}, name="a")
     b, c = ((a + shift).assign_coords(datapoint=order).rename(name) for shift, name in ((0, "b"), (1, "c")))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PerformanceWarning)
+    with warnings.catch_warnings():  # refused without the warning that the run holds it (two lines of a command)
+        warnings.simplefilter("error", PerformanceWarning)
         with pytest.raises(ValueError, match=rf"layer 'b' holds the datapoints of layer 'a' in another order: pairing "
                                              rf"them by label holds about {REORDER_HOLDS} times its size in memory "
                                              rf"\(6.00 MiB\), over half of memory_limit=10.00 MiB \(the pass plans "
