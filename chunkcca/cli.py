@@ -9,10 +9,12 @@ import sys
 def _as_command() -> bool:
     """Whether this process is the ``chunkcca`` command (the installed script, or ``python -m chunkcca.cli``),
     which owns its process, rather than a program that imports this module."""
-    from multiprocessing import parent_process
+    from multiprocessing import current_process
 
-    # not a worker process that --scheduler processes spawned, which runs the script again as __mp_main__
-    return (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "chunkcca") and parent_process() is None
+    # not a worker process that --scheduler processes spawned, which imports the script again (as __mp_main__, its
+    # name already set then, before it knows its parent)
+    return (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "chunkcca") and (
+        current_process().name == "MainProcess")
 
 
 #: What stopped the command, when a signal other than Ctrl-C's did (``_terminate``).
@@ -381,13 +383,21 @@ class _Parser(argparse.ArgumentParser):
                         f"after {'it' if len(taking_several) == 1 else 'them'}: give the store and layers first)")
         wanting = re.fullmatch(r"argument (\S+): expected (?:one|at least one) argument", message)
         spellings = wanting[1].split("/") if wanting else []
-        given = [i for i, word in enumerate(after[:-1]) if word in spellings and after[i + 1].startswith("-")]
-        if given:  # "--memory-limit -5GiB": its value read as an option, which none is (not --no-prog either)
-            flag, value = after[given[-1]], after[given[-1] + 1]
-            parsed = self._parse_optional(value)
-            if parsed is not None and parsed[0] is None:
-                message += f" ({value} reads as an option; a value that starts with '-' is given as {flag}={value})"
+        given = [i for i, word in enumerate(after[:-1]) if after[i + 1].startswith("-") and (
+            word in spellings or (word.startswith("--") and any(flag.startswith(word) for flag in spellings)))]
+        if given and self._no_option(after[given[-1] + 1]):  # "--memory-limit -5GiB": its value read as an option,
+            flag, value = after[given[-1]], after[given[-1] + 1]  # which none is (--no-prog is --no-progress)
+            message += f" ({value} reads as an option; a value that starts with '-' is given as {flag}={value})"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _no_option(self, word: str) -> bool:
+        """Whether ``word``, which argparse reads as an option (it starts with '-'), names none of this parser's,
+        nor abbreviates one. argparse's ``_parse_optional`` gives a tuple (action, …) up to Python 3.12, a list
+        of them since."""
+        parsed: Any = self._parse_optional(word)
+        if parsed is None:  # a negative number, which argparse reads as a value
+            return False
+        return all(option[0] is None for option in parsed) if isinstance(parsed, list) else parsed[0] is None
 
 
 def build_parser() -> argparse.ArgumentParser:

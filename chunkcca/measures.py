@@ -119,11 +119,8 @@ def _warn_partial_spectrum(moments: Moments) -> None:
     earlier chunkcca, lack it): the map's power their frequencies show leaves out its mean, so a direction the
     rounding of a side's values makes may be counted as real there (rank 12 for 11 and ρ off by 1e-2 at a
     frequency of a float16 LayerNorm output)."""
-    labels = moments.batch_labels
-    if moments.batch_shape and (not labels or all(np.any(values == 0) for values in labels.values())):
-        return
-    for side, (positions, eps, kept) in enumerate(zip(moments.positions, moments.value_rounding, moments.map_power)):
-        if positions and eps and kept is None:
+    for side, (positions, eps) in enumerate(zip(moments.positions, moments.value_rounding)):
+        if positions and eps and not moments.power_is_whole(side):
             name = f"layer {moments.layers[side]!r}" if moments.layers[side] else f"side {'ab'[side]}"
             warnings.warn(f"{name}: these dft Moments hold frequencies without frequency 0 and do not keep their "
                           f"map's power (map_power, which indexing sets), so they show only part of it: its values' "

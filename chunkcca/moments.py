@@ -212,10 +212,15 @@ class Moments:
         entries = (*entries, *(slice(None),) * (len(self.batch_shape) - len(entries)))
         labels = {dim: values[entry] for (dim, values), entry in zip(self.batch_labels.items(), entries)
                   if not isinstance(entry, (int, np.integer))}
+        # a dim an integer drops is said in rows_from: parts of other frequencies are not merged
+        dropped = [f"{dim}={values[entry].item()!r}" for (dim, values), entry in zip(self.batch_labels.items(), entries)
+                   if isinstance(entry, (int, np.integer))]
+        power = tuple(self.map_power_of(side) if self.value_rounding[side] else None  # read for rounded values only
+                      for side in range(len(self.sizes)))
         return Moments(self.n, self.mean[entries], self.scatter[entries], self.sizes, precision=self.precision,
-                       layers=self.layers, rows_from=self.rows_from, value_rounding=self.value_rounding,
-                       channel_labels=self.channel_labels, batch_labels=labels, positions=self.positions,
-                       map_power=tuple(map(self.map_power_of, range(len(self.sizes)))))  # the whole's: kept
+                       layers=self.layers, rows_from=", ".join(filter(None, (self.rows_from, *dropped))),
+                       value_rounding=self.value_rounding, channel_labels=self.channel_labels, batch_labels=labels,
+                       positions=self.positions, map_power=power)  # the whole's: kept
 
     def map_power_of(self, side: int) -> np.ndarray | None:
         """Per channel of one side of a dft's Moments (``positions`` known), the power of its map per position and
@@ -228,9 +233,19 @@ class Moments:
         if not (positions and self.batch_shape):
             return None
         part = self.side_slices()[side]
-        held = (np.diagonal(self.scatter[..., part, part], axis1=-2, axis2=-1).real / max(self.n - 1, 1)
-                + np.abs(self.mean[..., part]) ** 2)
-        return held.reshape(-1, held.shape[-1]).sum(axis=0) / positions
+        with np.errstate(over="ignore", invalid="ignore"):
+            held = (np.diagonal(self.scatter[..., part, part], axis1=-2, axis2=-1).real / max(self.n - 1, 1)
+                    + np.abs(self.mean[..., part]) ** 2)
+            power = held.reshape(-1, held.shape[-1]).sum(axis=0) / positions
+        return power if np.isfinite(power).all() else None  # values beyond float64's squares: the solve says so
+
+    def power_is_whole(self, side: int) -> bool:
+        """Whether ``map_power_of(side)`` is the whole map's power: kept (``map_power``), or shown by frequencies
+        that include frequency 0, the map's mean (all of them where their labels are unknown)."""
+        if self.map_power[side] is not None:
+            return True
+        labels = self.batch_labels
+        return bool(self.batch_shape) and (not labels or all(bool(np.any(values == 0)) for values in labels.values()))
 
     def select(self, sides: Sequence[int]) -> Moments:
         """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
@@ -278,8 +293,11 @@ class Moments:
         other's as its frequencies show it); None where neither does (the merge's frequencies show it)."""
         if self.map_power[side] is None and other.map_power[side] is None:
             return None
-        parts = [(moments.n, moments.map_power_of(side)) for moments in (self, other) if moments.n]
-        if not parts or any(power is None for _, power in parts):
+        held = [moments for moments in (self, other) if moments.n]
+        if not held or not all(moments.power_is_whole(side) for moments in held):  # a part's own is not: unknown
+            return None
+        parts = [(moments.n, moments.map_power_of(side)) for moments in held]
+        if any(power is None for _, power in parts):
             return None
         return sum(n * power for n, power in parts) / sum(n for n, _ in parts)
 

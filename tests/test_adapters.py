@@ -467,9 +467,17 @@ def test_dft_cuts_the_rounding_every_position_adds_at_every_frequency(tmp_path):
         assert kept.select([0]).map_power[0] is kept.map_power[0]
         np.testing.assert_allclose((kept + kept).map_power[0], kept.map_power[0], rtol=1e-15)
         assert (moments + moments).map_power == (None, None)  # the whole's frequencies show it
-    with pytest.warns(chunkcca.measures.RoundingWarning,
-                      match=r"layer 'a': these dft Moments hold frequencies without frequency 0 and do not keep"):
-        chunkcca.cca_from_moments(dataclasses.replace(moments[1, 2], map_power=()))  # made otherwise: said
+    unkept = dataclasses.replace(moments[1:2, 2:3], map_power=())  # made otherwise (saved by an earlier chunkcca)
+    for made in (unkept, moments[1:2, 2:3] + unkept):  # merged with a part that keeps it: not kept either (the
+        # part's own power, without the map's mean, was weighed in as the whole's: rank 12 for 11, unsaid)
+        with pytest.warns(chunkcca.measures.RoundingWarning, match=r"layer 'a': these dft Moments hold frequencies "
+                                                                   r"without frequency 0 and do not keep"):
+            chunkcca.cca_from_moments(made)
+    with pytest.raises(ValueError, match=r"cannot merge Moments whose rows were made differently, .*freq_h=1, "
+                                         r"freq_w=-2.* and .*freq_h=-2, freq_w=1"):  # one frequency and another
+        moments[1, 2] + moments[2, 1]
+    exact = compute_moments(a * 1e152, pairs["a larger"][1], spatial="dft")  # float64: no map power to keep
+    assert exact[1, 2].map_power == (None, None)  # (its squares overflowed, and indexing failed on them)
     with pytest.raises(ValueError, match=r"cannot merge Moments of spectra over \(64, 16\) and \(16, 16\) positions"):
         moments + dataclasses.replace(moments, positions=(16, 16))
     assert (moments + dataclasses.replace(moments, positions=())).positions == (64, 16)  # unknown agrees

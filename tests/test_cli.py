@@ -434,21 +434,39 @@ def test_an_os_error_is_said_as_the_os_words_it_on_the_file_it_names(tmp_path, m
     assert capsys.readouterr().err == "chunkcca ingest: error: x.npy: Permission denied\n"
 
 
+def test_the_dash_value_hint_reads_argparse_of_either_python(monkeypatch):
+    """argparse's _parse_optional gives a list of tuples in newer Pythons (a tuple in 3.11): the hint that a value
+    starting with '-' was read as an option never showed there."""
+    from chunkcca.cli import build_parser
+
+    compare = build_parser()._subparsers._group_actions[0].choices["compare"]
+    for form in ("tuple", "list"):
+        original = compare._parse_optional
+        if form == "list":
+            monkeypatch.setattr(compare, "_parse_optional", lambda word, read=original: (
+                None if (parsed := read(word)) is None else [(parsed[0], parsed[1], None, parsed[2])]))
+        assert compare._no_option("-5GiB") and compare._no_option("--nothing")
+        assert not compare._no_option("--no-prog") and not compare._no_option("--memory-limit")
+        assert not compare._no_option("-3")  # a negative number: a value
+
+
 def test_the_worker_processes_of_the_command_are_not_the_command(tmp_path):
     """--scheduler processes spawns workers that run the script again (as __mp_main__, the same argv): they took
     themselves for the command and a SIGTERM to the group printed its line once per worker, with a traceback."""
     import subprocess
     import sys
 
-    script = tmp_path / "chunkcca"  # the installed script's name, as the workers see it too
-    script.write_text("import multiprocessing\n\n\ndef child(queue):\n    import chunkcca.cli\n"
-                      "    queue.put(chunkcca.cli._as_command())\n\n\n"
-                      "if __name__ == '__main__':\n    import chunkcca.cli\n"
+    script = tmp_path / "chunkcca"  # the installed script's name, as the workers see it too, which import it again
+    script.write_text("import multiprocessing\nimport signal\n\nimport chunkcca.cli\n\n\n"
+                      "def taken():\n    handler = signal.getsignal(signal.SIGTERM)\n"
+                      "    return chunkcca.cli._as_command(), handler is chunkcca.cli._terminate\n"
+                      "\n\ndef child(queue):\n    queue.put(taken())\n\n\n"
+                      "if __name__ == '__main__':\n"
                       "    context = multiprocessing.get_context('spawn')\n    queue = context.Queue()\n"
                       "    worker = context.Process(target=child, args=(queue,))\n    worker.start()\n"
-                      "    print(chunkcca.cli._as_command(), queue.get())\n    worker.join()\n")
+                      "    print(taken(), queue.get())\n    worker.join()\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert (done.stdout, done.stderr) == ("True False\n", "")
+    assert (done.stdout, done.stderr) == ("(True, True) (False, False)\n", "")
 
 
 @pytest.mark.slow

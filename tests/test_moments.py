@@ -339,7 +339,9 @@ def test_dft_moments_of_another_stride_refuse_to_merge():
     assert first.batch_shape == second.batch_shape == (4, 4)
     with pytest.raises(ValueError, match="\"spatial='dft', stride=1\" and \"spatial='dft', stride=2\""):
         first + second
-    assert first[0, 1].layers == ("conv1", "conv2") and first[0, 1].rows_from == first.rows_from
+    assert first[0, 1].layers == ("conv1", "conv2")
+    assert first[0, 1].rows_from == first.rows_from + ", freq_h=0, freq_w=1"  # the frequency an integer drops
+    assert first[0:1, 1:2].rows_from == first.rows_from  # a slice keeps the dims and their labels
 
 
 def test_dft_moments_know_their_frequencies_through_save_load_merge_and_index(tmp_path):
