@@ -169,13 +169,35 @@ def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
     try:
         (tmp / OWNER).write_text(json.dumps(owner_record()))
         yield tmp
-    finally:  # the owner file last: a removal cut short (Ctrl-C) leaves a folder the next write knows is stale
+    except BaseException:
+        _remove(tmp, settle=SETTLE_SECONDS)
+        raise
+    else:
+        _remove(tmp)
+
+
+#: How long a write cut short (Ctrl-C, SIGTERM, an error) waits for its folder to stay removed: the threads of
+#: Dask's pool finish the tasks they were given, writing chunk files (and their folders) after the removal.
+SETTLE_SECONDS = 0.3
+
+
+def _remove(tmp: Path, settle: float = 0.0) -> None:
+    """Remove the folder ``tmp``, the owner file last (a removal cut short leaves a folder the next write knows is
+    stale); with ``settle``, again until it stays gone that long (at most 10 s): an interrupted write's threads
+    made it again (a SIGTERM left `.demo.zarr.XXXX.tmp` beside the store)."""
+    deadline = time.monotonic() + 10
+    while True:
         for child in tmp.iterdir() if tmp.is_dir() else ():
             if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
             elif child.name != OWNER:
                 child.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        if not settle or time.monotonic() > deadline:
+            return
+        time.sleep(settle)
+        if not tmp.exists():
+            return
 
 
 def check_local(path: str | os.PathLike) -> None:

@@ -1074,3 +1074,26 @@ def test_a_ctrl_c_after_the_new_store_is_in_place_says_it_was_written(tmp_path, 
     assert error == (f"chunkcca ingest: error: interrupted; an activation store {store} was written whole before it "
                      f"(the removal of the temporary folder beside it was cut short; the next write removes it)\n")
     assert chunkcca.layer_paths(open_activations(store)) == ["new"]
+
+
+def test_a_write_cut_short_removes_what_its_threads_write_after_the_interrupt(tmp_path):
+    """A SIGTERM while the demo wrote left `.demo.zarr.XXXX.tmp` beside the store (once in a full test run): Dask's
+    threads finish the tasks they were given, writing chunk files (and their folders) after the folder was
+    removed. The folder of a write cut short is removed again until it stays gone."""
+    import time
+
+    from chunkcca._fs import write_atomically
+
+    def cut_short(target: Path) -> None:
+        def late() -> None:  # a task of the write's pool, still running
+            time.sleep(0.05)
+            (target / "a" / "c").mkdir(parents=True)
+            (target / "a" / "c" / "0").write_bytes(b"chunk")
+
+        threading.Thread(target=late).start()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(tmp_path / "new.zarr", cut_short, overwrite=False, what="an activation store")
+    time.sleep(0.2)  # the late write long done
+    assert list(tmp_path.iterdir()) == []
