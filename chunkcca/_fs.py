@@ -187,11 +187,12 @@ def _remove(tmp: Path, settle: float = 0.0) -> None:
     made it again (a SIGTERM left `.demo.zarr.XXXX.tmp` beside the store)."""
     deadline = time.monotonic() + 10
     while True:
-        for child in tmp.iterdir() if tmp.is_dir() else ():
-            if child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-            elif child.name != OWNER:
-                child.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # files that late threads make and remove meanwhile: the next round's
+            for child in tmp.iterdir() if tmp.is_dir() else ():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                elif child.name != OWNER:
+                    child.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         if not settle or time.monotonic() > deadline:
             return
