@@ -2,7 +2,8 @@
 
 ``Progress`` is Dask's local progress bar (a scheduler callback) with a label: in a terminal it
 redraws one line, ``reading 'model0/conv', 'model1/conv': [#####     ] 50% | 1.2s``; on a stream that is
-not a terminal (a log file, CI, a pipe) it writes one line when the computation ends and nothing before.
+not a terminal (a log file, CI, a pipe) it writes one line when the computation is done and nothing before.
+A computation that fails leaves no bar or line: its error says what failed.
 """
 
 from __future__ import annotations
@@ -53,12 +54,15 @@ class Progress(ProgressBar):
             return 80
 
     def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
-        if self.terminal:
+        """A finished bar (a terminal's) or line (a log's) when done; when the computation failed, nothing: its error
+        is the one line the failure gets (the bar is wiped; a log's "failed after" line came before the error's)."""
+        if self.terminal and not errored:
             super()._finish(dsk, state, errored)
             return
         self._running = False
         self._timer.join()
         self.last_duration = elapsed = default_timer() - self._start_time
         with contextlib.suppress(ValueError):
-            self._file.write(f"{self.label}: {'failed after' if errored else 'done in'} {format_time(elapsed)}\n")
+            self._file.write(f"\r{' ' * (self._columns() - 1)}\r" if self.terminal and errored else
+                             "" if errored else f"{self.label}: done in {format_time(elapsed)}\n")
             self._file.flush()

@@ -450,6 +450,14 @@ def test_progress_says_what_it_reads_and_writes_one_line_into_logs(capsys):
     redraws = [line for line in terminal.getvalue().split("\r") if line.strip()]
     assert redraws and all(len(line.rstrip("\n")) < 80 for line in redraws)
     assert redraws[-1].startswith("reading 'model0/") and "…: [" in redraws[-1]
+    # a failure leaves its error the one line: a log's "failed after" line, a terminal's bar came before it
+    def broken(block: np.ndarray) -> np.ndarray:
+        raise ValueError("a chunk failed")
+
+    for out in (io.StringIO(), _Terminal()):
+        with pytest.raises(ValueError, match="a chunk failed"), Progress("reading 'x'", out=out):
+            x.map_blocks(broken, meta=np.empty((0, 0))).sum().compute()
+        assert out.getvalue().split("\r")[-1] == "", out.getvalue()  # nothing, or the bar wiped
 
 
 def _made_on_read(array: np.ndarray, chunks: int) -> da.Array:
