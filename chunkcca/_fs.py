@@ -154,6 +154,11 @@ def exclusive(lock_file: Path) -> Iterator[None]:
         os.close(descriptor)  # unlinked while held: the next holder makes a new file
 
 
+def fails_checksum(error: BaseException) -> bool:
+    """Whether ``error`` is zarr's for a chunk whose CRC32C does not match its bytes (a damaged file)."""
+    return "Stored and computed checksum do not match" in str(error)
+
+
 @contextlib.contextmanager
 def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
     """A fresh hidden folder beside ``path`` (so renames from it are atomic), naming its writer, removed afterwards.

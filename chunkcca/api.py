@@ -14,6 +14,7 @@ import functools
 import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import PurePosixPath
 from typing import Any
 
 import dask.array as da
@@ -70,8 +71,8 @@ def _told_apart(layer: xr.DataArray, role: str, namesakes: Sequence[xr.DataArray
     theirs = [str(other.encoding.get("store")) for other in namesakes]
     if store is None or str(store) in theirs:
         return layer.rename(f"{layer.name} ({role})")
-    folder = str(store).rstrip("/").rsplit("/", 1)[-1]
-    clash = any(other.rstrip("/").rsplit("/", 1)[-1] == folder for other in theirs)
+    folder = PurePosixPath(str(store)).name
+    clash = any(PurePosixPath(other).name == folder for other in theirs)
     return layer.rename(f"{layer.name} ({store if clash else folder})")
 
 

@@ -620,9 +620,9 @@ def _run_compare(args: argparse.Namespace) -> None:
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
     args.layer_a, args.layer_b = a.path.strip("/"), b.path.strip("/")  # as stored ("/m0//conv/": m0/conv), as sweep
-    named = {f"{args.layer_a} in {args.store}": a, f"{args.layer_b} in {args.b_store or args.store}": b}
-    chosen, left_out = _shared_datapoints(named, args.shared_datapoints)
-    a, b = (chosen[name] for name in named) if len(chosen) == 2 else (a, b)  # one layer against itself: as is
+    names = (f"{args.layer_a} in {args.store}", f"{args.layer_b} in {args.b_store or args.store}")
+    chosen, left_out = _shared_datapoints(dict(zip(names, (a, b))), args.shared_datapoints)  # a layer once
+    a, b = (chosen[name] for name in names)
     every = {} if args.checkpoint_every is None else {"checkpoint_every": args.checkpoint_every}  # only if given
     with _connected(args) as scheduler:
         if args.minibatch is not None:

@@ -462,12 +462,6 @@ def check_reordered(first: str, reordered: Sequence[xr.DataArray], memory_limit:
     within ``memory_limit`` besides, so such a run holds at most 1.5 times it; else a PerformanceWarning for
     each."""
     held = REORDER_HOLDS * sum(layer.nbytes for layer in reordered)
-    for layer in reordered if held <= memory_limit // 2 else ():  # a refused run's error is its one word
-        warnings.warn(
-            f"layer {str(layer.name)!r} holds the datapoints of layer {first!r} in another order; chunkcca reorders "
-            f"it lazily, which holds up to about {REORDER_HOLDS} times layer {str(layer.name)!r} in memory "
-            f"({format_bytes(REORDER_HOLDS * layer.nbytes)}) while it is read: store both layers in one order for "
-            f"large data", PerformanceWarning, stacklevel=user_stacklevel())
     if reordered and held > memory_limit // 2:
         names = ", ".join(repr(str(layer.name)) for layer in reordered)
         raise ValueError(f"layer{'s' if len(reordered) > 1 else ''} {names} hold{'' if len(reordered) > 1 else 's'} "
@@ -477,6 +471,12 @@ def check_reordered(first: str, reordered: Sequence[xr.DataArray], memory_limit:
                          f"plans within it besides); store the layers in one order (recorded through a DataLoader "
                          f"that does not shuffle), or raise memory_limit (--memory-limit) where the machine has the "
                          f"memory")
+    for layer in reordered:  # after the refusal: a refused run's error is its one line
+        warnings.warn(
+            f"layer {str(layer.name)!r} holds the datapoints of layer {first!r} in another order; chunkcca reorders "
+            f"it lazily, which holds up to about {REORDER_HOLDS} times layer {str(layer.name)!r} in memory "
+            f"({format_bytes(REORDER_HOLDS * layer.nbytes)}) while it is read: store both layers in one order for "
+            f"large data", PerformanceWarning, stacklevel=user_stacklevel())
 
 
 def check_position_labels(a: xr.DataArray, b: xr.DataArray, spatial: str) -> None:

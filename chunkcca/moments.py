@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import xarray as xr
 
-from ._fs import json_digest, write_atomically, zarr_attributes
+from ._fs import fails_checksum, json_digest, write_atomically, zarr_attributes
 from ._stack import user_stacklevel
 from .options import PRECISIONS, ProductPrecision, check_flag
 
@@ -455,7 +455,7 @@ def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
                                 for side in range(dataset.sizes["side"])),
             ), dict(dataset.attrs)
         except ValueError as error:
-            if "checksum" not in str(error):
+            if not fails_checksum(error):
                 raise
             raise ValueError(f"saved Moments at {path} are damaged: a file fails its checksum ({error})") from None
 

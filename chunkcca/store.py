@@ -34,6 +34,7 @@ from ._fs import (
     check_replaceable,
     check_writable,
     exclusive,
+    fails_checksum,
     filesystem,
     is_stale,
     is_url,
@@ -940,7 +941,7 @@ def read_failure(error: BaseException) -> str:
     """What a failed read of a chunk ran into, in one phrase: a chunk failing its checksum is said to be damage
     (zarr's "Stored and computed checksum do not match. Stored: b'…'" said nothing of that), another error as it
     is."""
-    if "Stored and computed checksum do not match" in str(error):
+    if fails_checksum(error):
         return ("its chunk file fails its CRC32C checksum (its bytes changed since they were written): the store is "
                 "damaged; write it again")
     return f"{type(error).__name__}: {error}"
