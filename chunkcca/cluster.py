@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.diagnostics.progressbar import TextProgressBar
 
+from . import progress
 from ._stack import user_stacklevel
 from .blas import pin_blas
 
@@ -28,6 +31,34 @@ class PinBlas(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         pin_blas()
+
+
+class ClusterProgress(TextProgressBar):
+    """distributed's progress bar for a cluster's futures, drawn and ended as the local ``progress.Progress``:
+    ``label on tcp://host:8786: [####    ]  50% | 1.2s`` redrawn in a terminal, one line when done where ``out``
+    (default stderr) is no terminal, and nothing left when the computation failed (its error is then the one line).
+    Blocks until the futures finish or fail."""
+
+    def __init__(self, futures: list[Any], client: Any, label: str, out: TextIO | None = None) -> None:
+        self.out = sys.stderr if out is None else out
+        self.label = f"{label} on {client.scheduler.address}"
+        self.terminal = progress.is_terminal(self.out)
+        self.ended = False
+        super().__init__(futures, scheduler=client.scheduler.address, start=False)
+        try:
+            self._loop_runner.run_sync(self.listen)
+        finally:
+            if not self.ended:  # the scheduler's connection closed first: the run's error says why
+                self._draw_stop(status="error")
+
+    def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:  # distributed calls it by these names
+        if self.terminal:
+            progress.draw(self.out, self.label, (1 - remaining / all) if all else 1.0, self.elapsed, self.width)
+
+    def _draw_stop(self, status: str = "error", **kwargs: Any) -> None:
+        self.ended = True
+        progress.end(self.out, self.label, self.elapsed, terminal=self.terminal, failed=status != "finished",
+                     width=self.width)
 
 
 def prepare_workers(client: Any) -> None:

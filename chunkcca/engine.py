@@ -933,20 +933,21 @@ def connected(scheduler: Any, *, timeout: float = CONNECT_TIMEOUT) -> Iterator[A
 
 
 def _cluster_progress(futures: list[Any], client: Any, label: str) -> None:
-    """distributed's progress bar for ``futures`` of ``client``, which need not be the default client, after
-    ``label``.
+    """A progress bar for ``futures`` of ``client``, which need not be the default client, labelled ``label`` and
+    the scheduler's address: in a terminal or log it blocks until the futures finish (``cluster.ClusterProgress``);
+    in a notebook it is distributed's widget, shown here."""
+    from distributed.utils import is_kernel
 
-    In a terminal the bar (on stderr) blocks until the futures finish; in a notebook it is a widget, shown here.
-    """
+    from .cluster import ClusterProgress
+
+    if not is_kernel():
+        ClusterProgress(futures, client, label)
+        return
     from distributed import progress as distributed_progress
+    from IPython.display import display
 
     print(f"{label} on {client.scheduler.address}", file=sys.stderr)
-    with contextlib.redirect_stdout(sys.stderr):  # the terminal bar prints to stdout, which stays for results
-        bar = distributed_progress(futures, scheduler=client.scheduler.address)
-    if bar is not None:  # a Jupyter widget
-        from IPython.display import display
-
-        display(bar)
+    display(distributed_progress(futures, scheduler=client.scheduler.address))
 
 
 def _active_client(scheduler: Any) -> Any:

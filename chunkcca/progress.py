@@ -33,36 +33,47 @@ class Progress(ProgressBar):
         out = sys.stderr if out is None else out
         super().__init__(out=out)
         self.label = label
-        self.terminal = bool(getattr(out, "isatty", lambda: False)())
+        self.terminal = is_terminal(out)
 
     def _draw_bar(self, frac: float, elapsed: float) -> None:
-        if not self.terminal:
-            return
-        bar = "#" * int(self._width * frac)
-        tail = f": [{bar:<{self._width}}] {int(100 * frac):3d}% | {format_time(elapsed)}"
-        room = self._columns() - len(tail) - 1  # a line longer than the terminal wraps, and \r redraws its last row
-        label = self.label if len(self.label) <= room else self.label[: max(room - 1, 0)] + "…"
-        with contextlib.suppress(ValueError):
-            self._file.write(f"\r{label}{tail}")
-            self._file.flush()
-
-    def _columns(self) -> int:
-        """The width of the terminal ``out`` is (80 where it cannot be told)."""
-        try:
-            return os.get_terminal_size(self._file.fileno()).columns
-        except (OSError, ValueError, AttributeError):
-            return 80
+        if self.terminal:
+            draw(self._file, self.label, frac, elapsed, self._width)
 
     def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
-        """A finished bar (a terminal's) or line (a log's) when done; when the computation failed, nothing: its error
-        is the one line the failure gets (the bar is wiped; a log's "failed after" line came before the error's)."""
-        if self.terminal and not errored:
-            super()._finish(dsk, state, errored)
-            return
         self._running = False
         self._timer.join()
         self.last_duration = elapsed = default_timer() - self._start_time
-        with contextlib.suppress(ValueError):
-            self._file.write(f"\r{' ' * (self._columns() - 1)}\r" if self.terminal and errored else
-                             "" if errored else f"{self.label}: done in {format_time(elapsed)}\n")
-            self._file.flush()
+        end(self._file, self.label, elapsed, terminal=self.terminal, failed=errored, width=self._width)
+
+
+def is_terminal(out: TextIO) -> bool:
+    return bool(getattr(out, "isatty", lambda: False)())
+
+
+def columns(out: TextIO) -> int:
+    """The width of the terminal ``out`` is (80 where it cannot be told)."""
+    try:
+        return os.get_terminal_size(out.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
+def draw(out: TextIO, label: str, frac: float, elapsed: float, width: int = 40) -> None:
+    """Redraw a terminal's bar line: ``label: [####    ]  50% | 1.2s``, the label cut to the terminal's width."""
+    tail = f": [{'#' * int(width * frac):<{width}}] {int(100 * frac):3d}% | {format_time(elapsed)}"
+    room = columns(out) - len(tail) - 1  # a line longer than the terminal wraps, and \r redraws its last row
+    label = label if len(label) <= room else label[: max(room - 1, 0)] + "…"
+    with contextlib.suppress(ValueError):
+        out.write(f"\r{label}{tail}")
+        out.flush()
+
+
+def end(out: TextIO, label: str, elapsed: float, *, terminal: bool, failed: bool, width: int = 40) -> None:
+    """End a bar: on a terminal, drawn whole and left, or wiped if the computation ``failed``; elsewhere (a log), the
+    one line ``label: done in 1.2s``, or nothing if it failed. Either way a failure's error is its one line."""
+    if terminal and not failed:
+        draw(out, label, 1.0, elapsed, width)
+    with contextlib.suppress(ValueError):
+        out.write("\n" if terminal and not failed else f"\r{' ' * (columns(out) - 1)}\r" if terminal else
+                  "" if failed else f"{label}: done in {format_time(elapsed)}\n")
+        out.flush()

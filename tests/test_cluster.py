@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -216,11 +217,51 @@ def test_progress_bars_locally_and_on_a_cluster(cluster, layers, capsys):
     printed = capsys.readouterr()
     assert "(float32 products): done in" in printed.err and printed.out == ""  # stdout stays for results
     chunkcca.cca(a, b, scheduler=cluster["address"], progress=True)
-    printed = capsys.readouterr()
-    assert f"(float32 products) on {cluster['address']}" in printed.err
-    assert "100% Completed" in printed.err and printed.out == ""
+    printed = capsys.readouterr()  # not a terminal: one line when done, as locally, no bar redrawn with \r
+    lines = printed.err.splitlines()  # a float32 run's passes: its first datapoints in float64, then the rest
+    assert f"(float32 products) on {cluster['address']}: done in " in lines[-1] and "\r" not in printed.err
+    assert all(f" on {cluster['address']}: done in " in line for line in lines) and printed.out == ""
     chunkcca.cca(a, b, scheduler=cluster["address"])
-    assert "Completed" not in capsys.readouterr().err
+    assert capsys.readouterr().err == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_cluster_bar_is_drawn_as_the_local_one_in_a_terminal_and_wiped_on_failure(cluster):
+    from distributed import Client
+
+    from chunkcca.cluster import ClusterProgress
+
+    def broken(block: np.ndarray) -> np.ndarray:
+        raise ValueError("a chunk failed")
+
+    x = da.ones((40, 3), chunks=10)
+    with Client(cluster["address"], set_as_default=False) as client:
+        terminal = _Terminal()
+        ClusterProgress(client.compute([x.sum()]), client, "reading 'x'", out=terminal)
+        drawn = terminal.getvalue()
+        assert drawn.startswith("\rreading 'x' on tcp") and drawn.endswith("\n")  # cut to 80 columns
+        assert "] 100% | " in drawn.split("\r")[-1]
+        terminal = _Terminal()
+        futures = client.compute([x.map_blocks(broken, meta=np.empty((0, 0))).sum()])
+        ClusterProgress(futures, client, "reading 'x'", out=terminal)
+        assert terminal.getvalue().split("\r")[-1] == "", terminal.getvalue()  # the bar wiped
+        with pytest.raises(ValueError, match="a chunk failed"):
+            client.gather(futures)
+
+
+def test_a_failed_run_on_a_cluster_leaves_its_error_the_one_line(cluster, tmp_path, capsys):
+    a, b = correlated_layers(np.random.default_rng(0), 40, (4, 4, 3), (4, 4, 2))
+    a[3, 1, 2, 0] = np.nan  # in the first pass (a float32 run reads its first datapoints in float64 first)
+    store = tmp_path / "s.zarr"
+    chunkcca.write_activations(store, {"m0/conv": a, "m1/conv": b}, chunks=10)
+    assert main(["compare", str(store), "m0/conv", "m1/conv", "--scheduler", cluster["address"]]) == 2
+    printed = capsys.readouterr()  # the bar said nothing: it was "reading … on tcp://…" and distributed's bar
+    assert printed.err.count("\n") == 1 and "\r" not in printed.err and "NaN" in printed.err, printed.err
+    assert "datapoint labelled 3;" in printed.err and printed.out == ""
 
 
 def test_the_command_line_runs_on_a_cluster(cluster, layers, capsys):
@@ -230,7 +271,7 @@ def test_the_command_line_runs_on_a_cluster(cluster, layers, capsys):
         assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "mean_cca", "cka", "--precision",
                      "float64", "--json", "--scheduler", scheduler]) == 0  # with the progress bar, the default
         printed = capsys.readouterr()
-        assert "100% Completed" in printed.err or "products): done in" in printed.err
+        assert printed.err.count("\n") == 1 and "products)" in printed.err and "done in" in printed.err
         reports.append(json.loads(printed.out))  # the progress bar does not break the JSON
     for measure in ("mean_cca", "cka"):
         for key, value in reports[0]["results"][measure].items():
