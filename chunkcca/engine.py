@@ -625,27 +625,39 @@ def held_store_bytes(array: da.Array, stored: tuple[tuple[int, ...], ...], chunk
     return min(len(stored[0]), held) * coarse * int(np.prod(array.shape[1:])) * array.dtype.itemsize
 
 
+@dataclass(frozen=True)
+class Stored:
+    """Where a side's chunks come from: ``chunks``, its chunks along every axis there (which a pass may cut or
+    join), and ``read``, the bytes of the buffers one read of a chunk makes beside the chunk it returns (a store's
+    stored bytes and decoded copy; 0 for an array in memory, which a read slices)."""
+
+    chunks: tuple[tuple[int, ...], ...]
+    read: int = 0
+
+
 def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, chains: int,
-               ahead: int = 0, stored: Sequence[tuple[tuple[int, ...], ...]] = ()) -> int:
+               ahead: int = 0, stored: Sequence[Stored] = ()) -> int:
     """Bytes a pass in ``chains`` chains, each reading ``ahead`` chunks ahead, holds at most.
 
     Each chain holds its ``reduction.partials_held`` partials, the temporaries that fold a chunk into them (one
     sub-block's products in at most float64, the sub-block buffer and its copy, a merge's outer products), the
     largest common chunk of the sides read whole for it and the ``ahead`` read for its next folds (for a side
     chunked more coarsely, the pieces cut from its store chunks), and what the adapters make for one sub-block
-    of rows (dft spectra), and the reduction's ``made`` bytes. Shared by the chains: the store chunks of sides
-    stored in other chunks than the common ones or chunked along other axes (``held_store_bytes()``): those
-    the chains' pieces in work and read ahead lie in, and the next one (two when reading ahead, as the chains
-    drift apart). ``stored``: each side's chunks in its store, when the sides were rechunked for the pass
-    (else their own).
+    of rows (dft spectra), and the reduction's ``made`` bytes; and the buffers of its reads in flight
+    (``Stored.read``): one at a time before the chunk's fold, or ``ahead`` beside it. Shared by the chains: the
+    store chunks of sides stored in other chunks than the common ones or chunked along other axes
+    (``held_store_bytes()``): those the chains' pieces in work and read ahead lie in, and the next one (two when
+    reading ahead, as the chains drift apart). ``stored``: where each side's chunks come from (else its own
+    chunks, in memory).
     """
     common = common_blockdim([side.chunks[0] for side in sides])
     largest = max(common)
-    shared = chunk = 0
-    for side, store in zip(sides, stored or [side.chunks for side in sides]):
+    shared = chunk = read = 0
+    for side, store in zip(sides, stored or [Stored(side.chunks) for side in sides]):
         chunk += (1 + ahead) * largest * int(np.prod(side.shape[1:])) * side.dtype.itemsize  # pieces are copies
         # and one more where chains that read ahead drift apart (each gates only its own reads)
-        shared += held_store_bytes(side, store, common, chains * (1 + ahead) * largest, 1 + bool(ahead))
+        shared += held_store_bytes(side, store.chunks, common, chains * (1 + ahead) * largest, 1 + bool(ahead))
+        read = max(read, store.read)  # a task reads one side's chunk
     itemsize = np.dtype(reduction.dtype).itemsize
     row_bytes = reduction.batch * max(reduction.width, 1) * itemsize
     sub_block = MADE_SUBBLOCK_BYTES if any(adapter.made_as_taken for adapter in adapters) else SUBBLOCK_BYTES
@@ -654,8 +666,9 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     made = sum(adapter.made_bytes(side.shape[-1], largest, rows_at_once) for adapter, side in zip(adapters, sides))
     products = min(reduction.batch * reduction.product, max(PRODUCT_BYTES // itemsize, reduction.product)) * itemsize
     temporaries = products + 2 * rows_at_once * row_bytes + min(OUTER_BYTES, reduction.product * itemsize)
-    return shared + chains * (reduction.partials_held * reduction.partial_bytes + temporaries + chunk + made
-                              + reduction.made)
+    work = temporaries + made + reduction.made
+    reading = ahead * read if ahead else 0  # read ahead beside the fold; else read before it, then freed
+    return shared + chains * (reduction.partials_held * reduction.partial_bytes + chunk + max(work, read) + reading)
 
 
 def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduction, *,

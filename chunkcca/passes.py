@@ -33,6 +33,7 @@ from .engine import (
     FeatureStats,
     NoRealPositionError,
     Reduction,
+    Stored,
     as_declared,
     common_boundaries,
     compute,
@@ -174,11 +175,12 @@ MOST_CHAINS = 64
 
 
 def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter], options: StreamOptions,
-               names: Sequence[str]) -> int:
+               names: Sequence[str], stored: Sequence[Stored]) -> int:
     """The chains (each an accumulator and its chunk in work) that ``options.memory_limit`` affords, at
-    least 1, or a clear error before anything is read (``engine.pass_bytes()`` says what a pass holds)."""
+    least 1, or a clear error before anything is read (``engine.pass_bytes()`` says what a pass holds, ``stored``
+    where the sides' chunks come from)."""
     limit = int(options.memory_limit)
-    one = pass_bytes(sides, adapters, reduction, 1)
+    one = pass_bytes(sides, adapters, reduction, 1, stored=stored)
     if one > limit:
         partial = reduction.partial_bytes
         frequencies = reduction.shape[1 if reduction.groups else 0 : -2]
@@ -196,11 +198,11 @@ def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequen
             f"reading one chunk at a time holds {reduction.partials_held} of them with the chunks and rows in work "
             f"({format_bytes(one)}), over memory_limit={format_bytes(limit)}; raise memory_limit (--memory-limit), "
             f"compare fewer channels, read smaller chunks{fewer_rows}")
-    return affordable_chains(reduction, sides, adapters, limit)
+    return affordable_chains(reduction, sides, adapters, limit, stored)
 
 
 def affordable_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter],
-                      limit: int, stored: Sequence[tuple[tuple[int, ...], ...]] = ()) -> int:
+                      limit: int, stored: Sequence[Stored]) -> int:
     """The most chains (up to ``MOST_CHAINS``) whose pass holds at most ``limit`` bytes; 1 if even one is over.
     ``stored`` as for ``pass_bytes()``."""
     chains = 1
@@ -216,13 +218,28 @@ READ_AHEAD_SHARE = 1 / 16
 
 
 def _ahead(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[Adapter], options: StreamOptions,
-           chains: int, scheduler: Any) -> int:
+           chains: int, scheduler: Any, stored: Sequence[Stored]) -> int:
     """Chunks each of ``chains`` chains reads ahead of the one it folds: as many as the scheduler takes
     (``engine.reads_ahead()``) and ``options.memory_limit`` affords, for a pass whose chain costs little."""
-    if pass_bytes(sides, adapters, reduction, 1) > options.memory_limit * READ_AHEAD_SHARE:
+    if pass_bytes(sides, adapters, reduction, 1, stored=stored) > options.memory_limit * READ_AHEAD_SHARE:
         return 0
     return next((ahead for ahead in range(reads_ahead(scheduler), 0, -1)
-                 if pass_bytes(sides, adapters, reduction, chains, ahead) <= options.memory_limit), 0)
+                 if pass_bytes(sides, adapters, reduction, chains, ahead, stored) <= options.memory_limit), 0)
+
+
+#: What a read of a chunk from a store allocates beside the array it returns, in that chunk's bytes: its stored
+#: bytes and the decoded copy zarr makes before copying it out (traced: an 8 MiB LZ4 chunk's read, 22.9 MiB).
+READ_BUFFERS = 2
+
+
+def stored_of(layer: xr.DataArray) -> Stored:
+    """Where the chunks of ``layer`` come from: a store, whose chunks (``encoding["chunks"]``) a read decodes
+    whole (xarray's backends give the variables they open the chunks they prefer, ``encoding["preferred_chunks"]``;
+    selections keep the encoding, arithmetic drops it), or memory."""
+    if "preferred_chunks" not in layer.encoding:
+        return Stored(layer.data.chunks)
+    chunk = layer.encoding.get("chunks") or [max(axis) for axis in layer.data.chunks]
+    return Stored(layer.data.chunks, READ_BUFFERS * int(np.prod(chunk)) * layer.dtype.itemsize)
 
 
 def _tiled_fold(accumulated: np.ndarray | None, rows: list[np.ndarray], first_datapoint: int, check: RowCheck, *,
@@ -276,23 +293,27 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
 
     data = [layer.data for layer in layers]
     budget = reduction_of("float64")  # what the budget is checked for: the widest products
-    chains = fit_chains(budget, data, adapters, options, names)
+    stored = [stored_of(layer) for layer in layers]
+    chains = fit_chains(budget, data, adapters, options, names, stored)
     masks = _masks(layers)
     datapoints = layers[0].sizes["datapoint"]
     reading_what = f"reading {', '.join(map(repr, names))}"
     with _pass(layers, options) as scheduler:
         chains = min(chains, scheduler_threads(scheduler))
-        ahead = _ahead(budget, data, adapters, options, chains, scheduler)
+        ahead = _ahead(budget, data, adapters, options, chains, scheduler, stored)
         _check_masks(masks, adapters, names, scheduler, data, pairs)
 
         def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "",
-                       after: Parts | None = None) -> Parts:
+                       after: list[Parts] | None = None) -> Parts:
+            """The Parts of datapoints ``start`` to ``stop``; ``after``: [an earlier pass's Parts], which the first
+            chain folds into, taken out of the list as they are packed so that they are not held beside it."""
             label = f"{reading_what}{step} ({product} products)" if options.progress else None
+            begin = _packed(after.pop(), codes is not None) if after else None
             result = run([d[start:stop] for d in data], adapters, reduction_of(product), chains=chains, ahead=ahead,
                          scheduler=scheduler, progress=label, nan_policy=options.nan_policy, names=names,
                          offset=start, codes=None if codes is None else codes[start:stop],
                          masks=[None if mask is None else mask[start:stop] for mask in masks],
-                         start=None if after is None else _packed(after, codes is not None))
+                         start=begin)
             return tuple(result) if codes is not None else (result,)
 
         parts, note = _one_pass(layers, adapters, options, row_norms, moments_of, whitens)
@@ -439,7 +460,9 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     if first == datapoints:
         return pilot, f"auto: float64 products, as the pilot is the whole run ({choice} for the rest); {reason}"
     # the pilot's statistics are the first chain's accumulator in the rest of the run: not held beside it
-    parts = moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest", after=pilot)
+    held = [pilot]
+    del pilot, merged
+    parts = moments_of(first, datapoints, choice, step=", pass 2 of 2: the rest", after=held)
     if choice == "float64" or not whitens:
         return parts, f"auto: {choice} products; {reason}"
     # the pilot may not show the whole run's conditioning (datapoints stored sorted by class), nor a group's
@@ -500,7 +523,7 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
               for layer in layers]  # a row: a datapoint's whole map, or its channels
     reduction = minibatch_reduction(adapters, size, max(widths))
     names = tuple(str(layer.name) for layer in layers)
-    limit, stored = int(options.memory_limit), [layer.data.chunks for layer in layers]
+    limit, stored = int(options.memory_limit), [stored_of(layer) for layer in layers]
 
     def holds(chunks: tuple[int, ...], tasks: int, a_layer_at_a_time: bool) -> int:
         if a_layer_at_a_time:
@@ -545,13 +568,13 @@ def minibatch_layer_bytes(layers: Sequence[xr.DataArray], widths: Sequence[int],
                           batches: int, tasks: int) -> int:
     """Bytes ``engine.minibatch_layers_graph`` over datapoint ``chunks`` (one row each, ``widths`` wide, at most
     ``batches`` minibatches of ``size`` rows a chunk) holds at most with ``tasks`` tasks at once. Each task:
-    the store chunks its layer's chunk lies in, that chunk (cut or joined from them) and its rows, one
-    minibatch in float64, its Gram matrix and product. Between tasks: per layer stored in other chunks, the
-    two store chunks that straddle its chunks' ends; the Gram matrices of the chunks in work and waiting for
-    their HSIC (``window`` + 1 chunks of every layer's)."""
+    the store chunks its layer's chunk lies in, that chunk (cut or joined from them) and its rows, the buffers
+    of its read (``Stored.read``), one minibatch in float64, its Gram matrix and product. Between tasks: per
+    layer stored in other chunks, the two store chunks that straddle its chunks' ends; the Gram matrices of the
+    chunks in work and waiting for their HSIC (``window`` + 1 chunks of every layer's)."""
     largest, gram = max(chunks), size * size * 8
     window = minibatch_window(tasks, len(layers))
-    per_task = max(held_store_bytes(layer.data, layer.data.chunks, chunks, largest, 1)
+    per_task = max(held_store_bytes(layer.data, layer.data.chunks, chunks, largest, 1) + stored_of(layer).read
                    + 2 * largest * int(np.prod(layer.shape[1:])) * layer.dtype.itemsize + size * width * 8
                    for layer, width in zip(layers, widths)) + 2 * gram
     straddling = store_bytes(layers, chunks, 1)
@@ -768,7 +791,8 @@ def gram_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], tasks: int
     """Bytes the Gram pass over datapoint ``chunks`` holds at most: (beside the band, per chunk of the band).
 
     Beside the band: ``tasks`` tasks at work that each hold a chunk of every layer as read (a copy, if cut from
-    or joined from store chunks) and one layer's centred rows at a time (``itemsizes``: bytes a value, per
+    or joined from store chunks) and the buffers of one read (``Stored.read``), and one layer's centred
+    rows at a time (``itemsizes``: bytes a value, per
     layer), and the store chunks they lie in, and the next, of the layers stored in other chunks or chunked
     along other axes (``held_store_bytes``). Per chunk of the band: its centred rows of every layer and, in
     each task, its chunk × chunk Gram blocks of every layer and their float64 stack. Not counted: on a
@@ -778,6 +802,7 @@ def gram_bytes(layers: Sequence[xr.DataArray], chunks: Sequence[int], tasks: int
     features = [int(np.prod(layer.shape[1:])) for layer in layers]
     at_work = largest * (sum(width * layer.dtype.itemsize for width, layer in zip(features, layers))
                          + max(width * size for width, size in zip(features, itemsizes)))
+    at_work += max(stored_of(layer).read for layer in layers)
     stores = store_bytes(layers, chunks, tasks * largest)
     per_chunk = (largest * sum(width * size for width, size in zip(features, itemsizes))
                  + tasks * 2 * len(layers) * largest * largest * 8)

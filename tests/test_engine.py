@@ -490,9 +490,9 @@ def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b, monkeypatch):
     stated: list[tuple[int, int]] = []  # (chunks read ahead, bytes the pass says it holds)
     choose = passes._ahead
 
-    def spy(reduction, sides, adapters, options, chains, scheduler) -> int:
-        picked = choose(reduction, sides, adapters, options, chains, scheduler)
-        stated.append((picked, passes.pass_bytes(sides, adapters, reduction, chains, picked)))
+    def spy(reduction, sides, adapters, options, chains, scheduler, stored) -> int:
+        picked = choose(reduction, sides, adapters, options, chains, scheduler, stored)
+        stated.append((picked, passes.pass_bytes(sides, adapters, reduction, chains, picked, stored)))
         return picked
 
     monkeypatch.setattr(passes, "_ahead", spy)
@@ -511,6 +511,87 @@ def test_chunks_are_read_as_their_chain_comes_to_them(chunk_b, monkeypatch):
     assert (none, ahead) == (0, READ_AHEAD)
     one_chunk = 50 * (16 + 8 * 8 * 16) * 8
     assert peaks[1] - peaks[0] <= holds_ahead - holds + 2 * one_chunk, (peaks, holds, holds_ahead)
+
+
+@pytest.fixture(scope="module")
+def compressed_store(tmp_path_factory):
+    """Two post-ReLU layers in an LZ4 store, in chunks of 8 and 4 MiB (2048 x 8x8x64 and 8x8x32 float32)."""
+    import chunkcca
+
+    a, b = correlated_layers(np.random.default_rng(3), 2048, (8, 8, 64), (8, 8, 32))
+    tree = chunkcca.write_activations(tmp_path_factory.mktemp("store") / "s.zarr", {"a": a, "b": b}, chunks=512)
+    return tree["a"]["activations"], tree["b"]["activations"]
+
+
+def _traced_peak(run) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+#: Runs whose every pass reads the store. Before the buffers of a read were counted, each traced 54.3–54.5 MiB at
+#: limits of 30 and 40 MiB (two chains or tasks planned where one fits); now 23.2–23.3 MiB.
+READS_FROM_A_STORE = {
+    "moments (avgpool)": (lambda a, b, limit: compute_moments(a, b, spatial="avgpool", precision="float64",
+                                                               memory_limit=limit)),
+    "minibatch, a chunk of every layer at a time": (lambda a, b, limit: cka(a, b, minibatch=256,
+                                                                          memory_limit=limit)),
+    "minibatch, a layer at a time": (lambda a, b, limit: cka(a, b, spatial="avgpool", minibatch=256,
+                                                           memory_limit=limit)),
+}
+
+
+@pytest.mark.parametrize("limit", [30, 40])
+@pytest.mark.parametrize("run", list(READS_FROM_A_STORE))
+def test_memory_limit_counts_the_buffers_of_a_compressed_chunk_while_it_is_read(compressed_store, run, limit):
+    """A read from a compressed store holds the chunk's stored bytes and zarr's decoded copy beside the array it
+    returns (``passes.READ_BUFFERS``): every pass's budget counts them. Bound: the limit itself."""
+    a, b = compressed_store
+    READS_FROM_A_STORE[run](a[:600], b[:600], "1GiB")  # what a first run imports is not traced
+    limit_bytes = limit * 2**20
+    peak = _traced_peak(lambda: READS_FROM_A_STORE[run](a, b, limit_bytes))
+    assert peak <= limit_bytes, f"{peak / 2**20:.1f} MiB traced at memory_limit={limit} MiB"
+
+
+def test_the_gram_pass_counts_the_buffers_of_a_compressed_chunk_while_it_is_read(compressed_store):
+    """Exact feature CKA reads a store chunk whole however finely it cuts it: at 40 MiB these 12 MiB chunk pairs,
+    their reads' buffers (24 MiB) and one datapoint's centred rows do not fit, and the run is refused before
+    reading (it ran, tracing 57.4 MiB); at 60 MiB it stays within (47.5 MiB)."""
+    a, b = compressed_store
+    with pytest.raises(ValueError, match=r"over memory_limit=40\.00 MiB"):
+        cka(a, b, spatial="features", memory_limit="40MiB")
+    cka(a[:600], b[:600], spatial="features")  # what a first run imports is not traced
+    peak = _traced_peak(lambda: cka(a, b, spatial="features", memory_limit="60MiB"))
+    assert peak <= 60 * 2**20, f"{peak / 2**20:.1f} MiB traced at memory_limit=60 MiB"
+
+
+def test_the_pilot_pass_statistics_are_not_held_beside_the_rest_of_the_run(compressed_store):
+    """precision="auto" reads its first datapoints in float64, then the rest into the same statistics: the pilot's
+    Moments (9.2 MiB of complex statistics per frequency here, spatial="dft") were held beside the second pass,
+    whose first chain folds into a packed copy of them: 59.9 MiB traced at a limit of 55 MiB, one chain planned
+    at 49 MiB; now 50.8 (the rest: Dask's and zarr's bookkeeping, traced too)."""
+    import tracemalloc
+
+    from chunkcca import passes
+
+    a, b = compressed_store
+    compute_moments(a[:600], b[:600], spatial="dft")  # what a first run imports is not traced
+    peaks_at_the_check = []  # after the passes, the whole run's conditioning is checked (a solve, not a pass)
+    check = passes._whole_run_precision
+
+    def peak_then_check(*args, **kwargs):
+        peaks_at_the_check.append(tracemalloc.get_traced_memory()[1])
+        return check(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(passes, "_whole_run_precision", peak_then_check)
+        _traced_peak(lambda: compute_moments(a, b, spatial="dft", memory_limit="55MiB"))
+    assert len(peaks_at_the_check) == 1 and peaks_at_the_check[0] <= 55 * 2**20, peaks_at_the_check
 
 
 def _read_and_folded(layers: list[xr.DataArray], **options) -> tuple[list[tuple[str, int]], xr.Dataset]:
@@ -593,7 +674,7 @@ def test_heavy_passes_and_tight_budgets_read_nothing_ahead(monkeypatch):
     one = parse_bytes(re.search(r"in work \(([^)]+)\)", str(refused.value)).group(1).replace(" ", ""))
     chunk = 200 * 4 * 4 * (24 + 20) * 8
     # light; a chain over 1/16 of the budget; light, but 16 chains (one per core) and no chunk more; room for
-    # one chunk ahead in each of 16 chains, not two
+    # one chunk ahead in each of 16 chains, not two (arrays in memory: no read buffers)
     for cores[0], limit in ((2, 64 * one), (2, 8 * one), (16, 16.5 * one), (16, 16 * (one + 1.5 * chunk))):
         cca(*layers, precision="float64", memory_limit=int(limit))
     assert chosen == [READ_AHEAD, 0, 0, 1]
