@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import dask.array as da
+import google_crc32c
 import numpy as np
 import xarray as xr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
@@ -554,8 +555,9 @@ def _check_label_places(fs: Any, root: str, listing: Listing, recorded: Mapping[
                                          listing.sizes(f"{layer}/{variable}")) for layer, variable, _ in labels])
     for (layer, variable, written), checksums in zip(labels, found):
         if checksums is not None:
-            _check_places(checksums, written, listing.arrays[f"{layer}/{variable}"],
-                          f"the labels {variable!r} of layer {layer!r}", location)
+            folder, metadata = f"{root}/{layer}/{variable}", listing.arrays[f"{layer}/{variable}"]
+            _check_places(checksums, written, metadata, f"the labels {variable!r} of layer {layer!r}", location,
+                          _chunk_reader(fs, folder, metadata))
 
 
 def _replace_root_metadata(store: Path, metadata: dict[str, Any]) -> None:
@@ -1074,6 +1076,13 @@ def _is_netcdf(path: Path) -> bool:
     return head[:3] == b"CDF" or head == b"\x89HDF\r\n\x1a\n"
 
 
+def _chunk_reader(fs: Any, folder: str, metadata: dict[str, Any]) -> Callable[[int], bytes]:
+    """Reads the bytes of the chunk file of the zarr array in ``folder`` (its ``metadata``) at a place in chunk
+    order (as ``chunk_checksums`` gives them)."""
+    keys = list(_chunk_keys(metadata).values())
+    return lambda index: fs.cat(f"{folder}/{keys[index]}")
+
+
 def _chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
     """Every stored object's key (chunk, or shard) of a zarr v3 array, by its grid index, from its metadata."""
     shape = metadata["shape"]
@@ -1115,7 +1124,8 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
                 recorded = places.get(encoding["layer"], {}).get(variable)
                 checksums = None if recorded is None else chunk_checksums(fs, folder, metadata, sizes)
                 if checksums is not None:
-                    _check_places(checksums, recorded, metadata, what, encoding["store"])
+                    _check_places(checksums, recorded, metadata, what, encoding["store"],
+                                  _chunk_reader(fs, folder, metadata))
             continue  # its folder is listed: not again through its graph
         for array in zarr_arrays(layer.data) if hasattr(layer.data, "__dask_graph__") else []:
             if array.nchunks_initialized < array.nchunks:
@@ -1177,10 +1187,24 @@ def file_sizes(fs: Any, folder: str) -> dict[str, int]:
             for name, info in fs.find(folder, detail=True).items()}
 
 
-def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any], what: str, store: str) -> None:
+#: Chunk files holding other bytes than written whose own CRC32C is checked before reading (a file cut short or
+#: overwritten fails it, an edit with zarr passes): damage is then one error before any work, not a warning of an
+#: edit and then zarr's error mid-run. Past these, zarr's check on reading still finds the rest.
+CHECKED_EDITS = 4
+
+
+def _fails_own_checksum(data: bytes) -> bool:
+    """Whether a chunk file's bytes fail the CRC32C that zarr's crc32c codec appends to them (their last 4 bytes)."""
+    return len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little")
+
+
+def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any], what: str, store: str,
+                  read: Callable[[int], bytes]) -> None:
     """An OSError naming ``what`` and the chunks whose file now holds another chunk's checksum as written
     (``recorded``, ``CHUNKS_ATTR``): moved or swapped, read as other datapoints' values. Within one array: a chunk
-    edited in place to equal bytes another chunk held is refused too; one copied in from another array passes."""
+    edited in place to equal bytes another chunk held is refused too; one copied in from another array passes.
+    Of the other chunk files edited, the first ``CHECKED_EDITS`` are read (``read``: a chunk file's bytes, by its
+    place in ``checksums``): one failing its own checksum is an OSError (damage), else the edits are warned of."""
     written = np.frombuffer(base64.b64decode(recorded), dtype="<u4")
     if written.shape != checksums.shape:
         return  # another grid: the metadata check names it
@@ -1198,6 +1222,11 @@ def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any]
         return f"{dim}s {first} to {last}" if dim == "datapoint" else f"{dim} {first} to {last}"
 
     if not moved.size:
+        for index in edited[:CHECKED_EDITS].tolist():
+            if _fails_own_checksum(read(index)):
+                raise OSError(f"{what} of {store}: the chunk file of {datapoints(index)} fails its CRC32C checksum "
+                              f"(its bytes changed since they were written: cut short or overwritten): the store is "
+                              f"damaged; write it again")
         warnings.warn(f"{what} of {store}: {edited.size} chunk file{'s hold' if edited.size > 1 else ' holds'} other "
                       f"bytes than chunkcca wrote (the first, of {datapoints(int(edited[0]))}): edited since (with "
                       f"zarr, in place) or copied from another store; if you did not edit {what}, the store is "

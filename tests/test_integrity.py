@@ -221,6 +221,28 @@ def test_a_flipped_bit_is_an_error_not_a_number(tmp_path, compression):
     assert float(cca(tree["a"], tree["b"])["rho_mean"]) == want
 
 
+@pytest.mark.parametrize("damage", ["cut short", "overwritten"])
+def test_a_chunk_file_cut_short_or_overwritten_is_one_error_before_reading(tmp_path, damage, capsys):
+    """A chunk file cut short (truncate) or overwritten with other bytes was warned of as an edit ("edited since
+    (with zarr, in place)"), then zarr's checksum failed mid-run: two lines for one damage. The chunk files
+    holding other bytes than written are checked against their own CRC32C before reading: damage is the one
+    error, naming the datapoints; an edit with zarr (a valid chunk) is still only warned of."""
+    store = _store(tmp_path, dtype="float32")
+    chunk = store / "b" / "activations" / "c" / "2" / "0"
+    original = chunk.read_bytes()
+    chunk.write_bytes(original[:20] if damage == "cut short" else
+                      np.random.default_rng(0).bytes(len(original)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning of an edit first
+        with pytest.raises(OSError, match=r"layer 'b' of .*s\.zarr: the chunk file of datapoints 100 to 149 fails "
+                                          r"its CRC32C checksum \(its bytes changed since they were written: cut "
+                                          r"short or overwritten\): the store is damaged; write it again$"):
+            cca(open_activations(store)["a"], open_activations(store)["b"])
+    assert main(["compare", str(store), "a", "b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cut short or overwritten" in err, err
+
+
 def test_a_chunk_file_moved_to_another_chunk_s_place_is_an_error_not_other_datapoints(tmp_path):
     """Two chunk files swapped (each with a valid CRC32C) were read as each other's datapoints: rho_mean 0.42
     against 0.56, silently. The store records each chunk's CRC32C by place (a mask's too), compared before
