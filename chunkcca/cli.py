@@ -470,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--checkpoint-every", type=_positive_int,
                          help="datapoint chunks between checkpoints (default 16)")
     compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    compare.add_argument("--plot", help="save the canonical correlation curves (CCA-family measures) to this PNG")
+    compare.add_argument("--plot", help="save the canonical correlation curves (CCA-family measures) to this image "
+                         "(.png, .svg, .pdf …: by its extension)")
     compare.add_argument("--overwrite", action="store_true",
                          help="replace an existing --plot that chunkcca drew (never another file)")
 
@@ -491,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     _streaming_options(sweep, spatial=SWEEP_SPATIAL)  # flatten needs one spatial size for all layers
     _add_minibatch_option(sweep)
     sweep.add_argument("--out", default="sweep.nc", help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
-    sweep.add_argument("--plot", help="heatmap PNG of one measure (--plot-measure, default the first of --measures)")
+    sweep.add_argument("--plot", help="heatmap of one measure (--plot-measure, default the first of --measures) "
+                       "as an image (.png, .svg, .pdf …: by its extension)")
     sweep.add_argument("--plot-measure", metavar="MEASURE", help="the measure --plot draws, one of --measures")
     sweep.add_argument("--overwrite", action="store_true",
                        help="replace an existing --out (a sweep result) and --plot that chunkcca wrote (never "
@@ -523,6 +525,9 @@ def _stores(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _run_ingest(args: argparse.Namespace) -> None:
+    folder = os.path.dirname(os.path.abspath(args.store))
+    if not os.path.isdir(folder):  # a typo in a folder is not a new folder (as for --out and --plot)
+        raise ValueError(f"{args.store}: no folder {folder}")
     if os.path.lexists(args.store) and not (args.overwrite or args.append):
         raise ValueError(f"{args.store} exists; pass --overwrite to replace it, or --append to add layers to it")
     sources = _named_files(args.layers, "", "LAYER", "layer")

@@ -11,6 +11,7 @@ loaded file (or .npz member) however many it ingests.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
@@ -189,19 +190,20 @@ def _kind(path: Path) -> str:
     return suffix if suffix in (".npy", ".npz") else "pickled array"
 
 
-#: The first bytes of a .npy file (NumPy's format) and of a .npz (a zip archive).
-SIGNATURES = {".npy": b"\x93NUMPY", ".npz": b"PK"}
+#: The first bytes of a .npy file (NumPy's format) and of a .npz (a zip archive: its first file's header, or the
+#: end of an empty one's directory), each as numpy.load tells them apart.
+SIGNATURES = {".npy": (b"\x93NUMPY",), ".npz": (b"PK\x03\x04", b"PK\x05\x06")}
 
 
 def _check_signature(path: Path) -> None:
     """Refuse a .npy or .npz file that does not begin as one (numpy took a text file for pickled objects and
     advised allow_pickle=True)."""
-    signature = SIGNATURES.get(_kind(path))
-    if signature is None or path.is_dir():
+    signatures = SIGNATURES.get(_kind(path))
+    if signatures is None or path.is_dir():
         return
     with open(path, "rb") as file:
-        head = file.read(len(signature))
-    if head != signature:
+        head = file.read(max(map(len, signatures)))
+    if not head.startswith(signatures):
         raise ValueError(f"{path} is not a {_kind(path)} file: it does not begin as one (written by numpy.save"
                          f"{'z' if _kind(path) == '.npz' else ''}); is it text or another format?")
 
@@ -443,7 +445,10 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
         image: dict[str, tuple[int, int]] = {}  # layer with height and width (images, volumes) → their sizes
         written = 0
         tmp.mkdir(parents=True, exist_ok=True)
-        try:
+        with contextlib.ExitStack() as cleanup, warnings.catch_warnings():
+            cleanup.callback(shutil.rmtree, parts, ignore_errors=True)
+            # each layer's write checks the coordinates again: what they are warned of was said once, above
+            warnings.filterwarnings("ignore", message=r"coords\[.*\] is NaN for", category=RuntimeWarning)
             for layer, source in sources.items():
                 # No zip/enumerate around iter_arrays: they keep their last item while fetching the next.
                 for key, array in iter_arrays(source):
@@ -467,8 +472,6 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                     del array, values  # before the next one is loaded
                     move_layer(part, tmp, name)
                     written += 1
-        finally:
-            shutil.rmtree(parts, ignore_errors=True)
         return seen, _place_pixels(tmp, image, stored)
 
     write_store(path, build, mode=mode, overwrite=overwrite, coords=labels)

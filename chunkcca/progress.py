@@ -51,9 +51,9 @@ def is_terminal(out: TextIO) -> bool:
 
 
 def columns(out: TextIO) -> int:
-    """The width of the terminal ``out`` is (80 where it cannot be told)."""
+    """The width of the terminal ``out`` is (80 where it cannot be told: a pseudo-terminal of no size says 0)."""
     try:
-        return os.get_terminal_size(out.fileno()).columns
+        return os.get_terminal_size(out.fileno()).columns or 80
     except (OSError, ValueError, AttributeError):
         return 80
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import dask
@@ -450,6 +451,14 @@ def test_progress_says_what_it_reads_and_writes_one_line_into_logs(capsys):
     redraws = [line for line in terminal.getvalue().split("\r") if line.strip()]
     assert redraws and all(len(line.rstrip("\n")) < 80 for line in redraws)
     assert redraws[-1].startswith("reading 'model0/") and "…: [" in redraws[-1]
+    # a pseudo-terminal of no size (script, some CI runners) says 0 columns: the label was cut to "…"
+    terminal = _Terminal()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(terminal, "fileno", lambda: 2, raising=False)
+        patch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((0, 0)))
+        with Progress("reading 'x'", out=terminal):
+            x.sum().compute()
+    assert terminal.getvalue().startswith("\rreading 'x': [")
     # a failure leaves its error the one line: a log's "failed after" line, a terminal's bar came before it
     def broken(block: np.ndarray) -> np.ndarray:
         raise ValueError("a chunk failed")

@@ -283,6 +283,16 @@ def test_file_types_are_told_by_their_extension_in_any_case(tmp_path, capsys):
         np.testing.assert_array_equal(tree[path]["activations"].values, values)
 
 
+def test_a_store_in_a_folder_that_does_not_exist_is_refused(tmp_path, capsys):
+    """A typo in the store's folder made that folder (and its parents) and wrote the store there, with status 0;
+    --out, --plot and --checkpoint refuse a missing folder."""
+    np.save(tmp_path / "a.npy", np.ones((10, 3)))
+    store = tmp_path / "no" / "such" / "s.zarr"
+    assert main(["ingest", str(store), f"a={tmp_path / 'a.npy'}", "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"chunkcca ingest: error: {store}: no folder {tmp_path / 'no' / 'such'}\n"
+    assert not (tmp_path / "no").exists()
+
+
 def test_a_text_file_is_named(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("layer,value\n1,2\n")
     assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'notes.txt'}"]) == 2
@@ -293,6 +303,14 @@ def test_a_text_file_is_named(tmp_path, capsys):
         assert capsys.readouterr().err == (f"chunkcca ingest: error: {tmp_path / f'notes{suffix}'} is not a {suffix} "
                                            f"file: it does not begin as one (written by {writer}); is it text or "
                                            f"another format?\n")
+    # a file beginning "PK" but no zip archive: numpy took it for a pickle too ("This file contains pickled
+    # (object) data. If you trust the file you can load it unsafely …"), naming no file
+    (tmp_path / "bad.npz").write_bytes(b"PK not a zip")
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'bad.npz'}"]) == 2
+    assert capsys.readouterr().err.startswith(f"chunkcca ingest: error: {tmp_path / 'bad.npz'} is not a .npz file: ")
+    np.savez(tmp_path / "empty.npz")  # a zip archive with nothing in it begins otherwise; refused for that
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"x={tmp_path / 'empty.npz'}"]) == 2
+    assert "holds no arrays" in capsys.readouterr().err
 
 
 def test_ingest_takes_sequences_and_their_masks(tmp_path, capsys):
@@ -413,9 +431,9 @@ def test_a_nan_coordinate_label_is_warned_of_when_written(tmp_path, capsys):
     refused later, after the store was written."""
     np.save(tmp_path / "fc.npy", np.random.default_rng(0).standard_normal((30, 4)).astype("float32"))
     np.save(tmp_path / "label.npy", np.r_[np.zeros(29), np.nan])
-    assert main(["ingest", str(tmp_path / "s.zarr"), f"fc={tmp_path / 'fc.npy'}", "--coord",
-                 f"label={tmp_path / 'label.npy'}", "--no-progress"]) == 0
-    err = capsys.readouterr().err
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"fc={tmp_path / 'fc.npy'}", f"fc2={tmp_path / 'fc.npy'}",
+                 f"fc3={tmp_path / 'fc.npy'}", "--coord", f"label={tmp_path / 'label.npy'}", "--no-progress"]) == 0
+    err = capsys.readouterr().err  # once, not once more per layer written (it was said three times for two)
     assert err.startswith("chunkcca ingest: warning: coords['label'] is NaN for 1 datapoint: groupby='label' and "
                           "folds='label'") and len(err.strip().splitlines()) == 1
     with pytest.warns(RuntimeWarning, match=r"coords\['label'\] is NaN for 2 datapoints"):
