@@ -711,6 +711,8 @@ def _check_metadata(listing: Listing, attributes: Mapping[str, Any], location: s
     found, decoded = metadata_digests(listing, list(recorded)), decoded_by(listing, list(decoding))
     for layer, digests in recorded.items():
         now = found[layer]
+        if not now:
+            continue  # the layer's folder is gone whole: check_store_files names the layer
         for array in sorted(set(digests) | set(now)):
             if array == VARIABLE and array not in now:
                 continue  # a layer without its activations' metadata is named by check_store_files
@@ -894,13 +896,14 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     if in_flight:  # layers an append is moving in (or was, when it was killed): not the store's yet
         tree = tree.filter(lambda node: node.path.strip("/") not in in_flight)
     found = layer_paths(tree)
+    listed = tree.attrs.get(ORDER_ATTR) or ()
     if not found:
+        check_store_files(location, listing, listed, found)  # the layers it lists, lost, are named as such
         written_as = {RESULT: "a result chunkcca saved (save_result, sweep --out): open it with xarray.open_zarr",
                       "Moments": "Moments chunkcca saved: load them with chunkcca.Moments.load"}
         what = written_as.get(tree.attrs.get(RESULT_ATTR), "")
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
                          + (f"; it is {what}" if what else ""))
-    listed = tree.attrs.get(ORDER_ATTR) or ()
     check_store_files(location, listing, listed, found)
     _check_label_places(fs, root, listing, root_metadata.get("attributes", {}).get(CHUNKS_ATTR, {}), location)
     # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
@@ -1140,8 +1143,9 @@ def check_store_files(location: str, listing: Listing, listed: Sequence[str], fo
     missing. No data is read."""
     lost = [layer for layer in listed if layer not in found]
     if lost:
+        why = "; ".join(_why_lost(listing, layer) for layer in lost)
         raise OSError(f"{location} lists layer{'s' if len(lost) > 1 else ''} {', '.join(map(repr, lost))} but holds "
-                      f"no readable {VARIABLE!r} for {'them' if len(lost) > 1 else 'it'} (its metadata is missing): "
+                      f"no readable {VARIABLE!r} for {'them' if len(lost) > 1 else 'it'} ({why}): "
                       f"the store is damaged; write {'them' if len(lost) > 1 else 'it'} again")
     arrays = listing.arrays
     present: dict[str, set[str]] = {folder: set() for folder in arrays}
@@ -1155,6 +1159,15 @@ def check_store_files(location: str, listing: Listing, listed: Sequence[str], fo
         what = (f"layer {node!r}" if variable == VARIABLE else f"layer {node!r}'s {variable}" if variable == MASK
                 else f"the labels {variable!r} of {node or 'the store'!r}")
         _check_chunks(metadata, present[folder], what, location)
+
+
+def _why_lost(listing: Listing, layer: str) -> str:
+    """What is gone of a layer the store lists but xarray finds no activations for: its folder, its activations'
+    folder, or their metadata (``zarr.json``)."""
+    for folder in (layer, f"{layer}/{VARIABLE}"):
+        if not any(name.startswith(f"{folder}/") for name in listing.files):
+            return f"the folder {folder!r} is gone"
+    return f"the metadata of {layer}/{VARIABLE} is missing"
 
 
 def chunk_checksums(fs: Any, folder: str, metadata: dict[str, Any], sizes: Mapping[str, int]) -> np.ndarray | None:

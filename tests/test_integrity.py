@@ -188,6 +188,19 @@ def test_a_store_missing_labels_or_a_layers_metadata_does_not_open(tmp_path, cap
     capsys.readouterr()
     assert main(["info", str(store)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    # a layer's folder or its activations' folder gone: named (it was "the metadata of array 'channel' of layer
+    # 'a' is missing", or, in a one-layer store, "holds no layer (no node with a variable 'activations')")
+    x = np.ones((20, 3))
+    for layers, lost, gone in (({"a": x, "b": x}, "a", "a"), ({"a": x}, "a", "a"), ({"a": x}, "a/activations",
+                                                                                   "a/activations")):
+        store = tmp_path / f"{len(layers)}-{lost.replace('/', '-')}.zarr"
+        write_activations(store, layers)
+        shutil.rmtree(store / lost)
+        with pytest.raises(OSError, match=rf"lists layer 'a' but holds no readable 'activations' for it \(the "
+                                          rf"folder '{gone}' is gone\): the store is damaged; write it again$"):
+            open_activations(store)
+    with pytest.raises(OSError, match=r"\(the metadata of b/activations is missing\)"):
+        open_activations(tmp_path / "again" / "s.zarr")
 
 
 def test_every_chunk_is_written_even_one_of_zeros(tmp_path):
