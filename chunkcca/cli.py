@@ -526,8 +526,8 @@ def _stores(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _run_ingest(args: argparse.Namespace) -> None:
     folder = os.path.dirname(os.path.abspath(args.store))
-    if not os.path.isdir(folder):  # a typo in a folder is not a new folder (as for --out and --plot)
-        raise ValueError(f"{args.store}: no folder {folder}")
+    if "://" not in args.store and not os.path.isdir(folder):  # a typo is no new folder (as for --out, --plot);
+        raise ValueError(f"{args.store}: no folder {folder}")  # a URL is refused by ingest, saying why
     if os.path.lexists(args.store) and not (args.overwrite or args.append):
         raise ValueError(f"{args.store} exists; pass --overwrite to replace it, or --append to add layers to it")
     sources = _named_files(args.layers, "", "LAYER", "layer")

@@ -627,9 +627,9 @@ def held_store_bytes(array: da.Array, stored: tuple[tuple[int, ...], ...], chunk
 
 @dataclass(frozen=True)
 class Stored:
-    """Where a side's chunks come from: ``chunks``, its chunks along every axis there (which a pass may cut or
-    join), and ``read``, the bytes of the buffers one read of a chunk makes beside the chunk it returns (a store's
-    stored bytes and decoded copy; 0 for an array in memory, which a read slices)."""
+    """Where a side's chunks come from: ``chunks``, its chunks along every axis as it was given (before a pass cuts
+    or joins them), and ``read``, the bytes of the buffers one read of such a chunk makes beside it (the stored
+    bytes and decoded copies of the store chunks it lies in; 0 for an array in memory, which a read slices)."""
 
     chunks: tuple[tuple[int, ...], ...]
     read: int = 0
@@ -667,7 +667,8 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     products = min(reduction.batch * reduction.product, max(PRODUCT_BYTES // itemsize, reduction.product)) * itemsize
     temporaries = products + 2 * rows_at_once * row_bytes + min(OUTER_BYTES, reduction.product * itemsize)
     work = temporaries + made + reduction.made
-    reading = ahead * read if ahead else 0  # read ahead beside the fold; else read before it, then freed
+    # read ahead beside the fold (a pool of chains · ahead threads for the reads), else read before it, then freed
+    reading = ahead * read
     return shared + chains * (reduction.partials_held * reduction.partial_bytes + chunk + max(work, read) + reading)
 
 

@@ -309,9 +309,8 @@ class StreamOptions:
         keeps of freed chunk buffers, up to a chunk or two for each thread that reads or folds (zarr's decode
         pool, Dask's threads; glibc gives each its own arena): that run peaked 232 MiB above the interpreter,
         139 MiB with ``MALLOC_ARENA_MAX=2`` in the environment; flat in datapoints, a smaller share of larger
-        limits. The buffers of a chunk while it is read from a store (its stored bytes and zarr's decoded copy)
-        are counted as twice the store's chunk for layers opened from a store (``encoding["preferred_chunks"]``,
-        which selections keep and arithmetic drops).
+        limits. The buffers of a chunk while it is read from a zarr store (its stored bytes and zarr's decoded
+        copy: twice each store chunk a task reads at once) are counted for layers whose Dask graph reads one.
     scheduler
         The Dask scheduler: None (the active one: a current ``distributed.Client``, else the local
         threads), "threads", "synchronous", "processes", a ``distributed.Client`` or an address.

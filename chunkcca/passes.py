@@ -51,6 +51,7 @@ from .engine import (
     run,
     scheduler_threads,
 )
+from .layers import zarr_arrays
 from .minibatch import aligned_chunks
 from .moments import Moments, RowCheck, check_savable_labels, pack, value_eps
 from .options import MASK, VALUE_ROUNDING_ATTR, ProductPrecision, StreamOptions
@@ -233,13 +234,20 @@ READ_BUFFERS = 2
 
 
 def stored_of(layer: xr.DataArray) -> Stored:
-    """Where the chunks of ``layer`` come from: a store, whose chunks (``encoding["chunks"]``) a read decodes
-    whole (xarray's backends give the variables they open the chunks they prefer, ``encoding["preferred_chunks"]``;
-    selections keep the encoding, arithmetic drops it), or memory."""
-    if "preferred_chunks" not in layer.encoding:
-        return Stored(layer.data.chunks)
-    chunk = layer.encoding.get("chunks") or [max(axis) for axis in layer.data.chunks]
-    return Stored(layer.data.chunks, READ_BUFFERS * int(np.prod(chunk)) * layer.dtype.itemsize)
+    """Where the chunks of ``layer`` come from: the zarr arrays its graph reads (``layers.zarr_arrays``: opened by
+    chunkcca or xarray, kept through selections and casts), or memory. A task reads the store chunks its chunk
+    lies in at once (zarr reads up to ``async.concurrency`` of them together), each beside its ``READ_BUFFERS``."""
+    import zarr
+
+    data = layer.data
+    arrays = zarr_arrays(data)
+    if not arrays:
+        return Stored(data.chunks)
+    store_chunk = min(int(np.prod(array.chunks)) for array in arrays)  # values; the largest in bytes, below
+    together = min(-(-int(np.prod([max(axis) for axis in data.chunks])) // store_chunk),
+                   int(zarr.config.get("async.concurrency") or 1))
+    buffers = max(int(np.prod(array.chunks)) * array.dtype.itemsize for array in arrays)
+    return Stored(data.chunks, READ_BUFFERS * buffers * together)
 
 
 def _tiled_fold(accumulated: np.ndarray | None, rows: list[np.ndarray], first_datapoint: int, check: RowCheck, *,

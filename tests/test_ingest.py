@@ -291,6 +291,8 @@ def test_a_store_in_a_folder_that_does_not_exist_is_refused(tmp_path, capsys):
     assert main(["ingest", str(store), f"a={tmp_path / 'a.npy'}", "--no-progress"]) == 2
     assert capsys.readouterr().err == f"chunkcca ingest: error: {store}: no folder {tmp_path / 'no' / 'such'}\n"
     assert not (tmp_path / "no").exists()
+    assert main(["ingest", "s3://bucket/s.zarr", f"a={tmp_path / 'a.npy'}", "--no-progress"]) == 2  # said as before
+    assert "chunkcca writes to local paths only" in capsys.readouterr().err
 
 
 def test_a_text_file_is_named(tmp_path, capsys):

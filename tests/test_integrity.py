@@ -234,17 +234,19 @@ def test_a_flipped_bit_is_an_error_not_a_number(tmp_path, compression):
     assert float(cca(tree["a"], tree["b"])["rho_mean"]) == want
 
 
-@pytest.mark.parametrize("damage", ["cut short", "overwritten"])
+@pytest.mark.parametrize("damage", ["cut short", "cut to 3 bytes", "emptied", "overwritten"])
 def test_a_chunk_file_cut_short_or_overwritten_is_one_error_before_reading(tmp_path, damage, capsys):
     """A chunk file cut short (truncate) or overwritten with other bytes was warned of as an edit ("edited since
     (with zarr, in place)"), then zarr's checksum failed mid-run: two lines for one damage. The chunk files
     holding other bytes than written are checked against their own CRC32C before reading: damage is the one
-    error, naming the datapoints; an edit with zarr (a valid chunk) is still only warned of."""
+    error, naming the datapoints (an edit with zarr, a valid chunk, is still only warned of:
+    test_a_chunk_copied_from_another_store_is_warned_of). A file of fewer than 4 bytes turned the checks of its
+    whole array off: two other chunk files swapped beside it were read as each other's datapoints."""
     store = _store(tmp_path, dtype="float32")
     chunk = store / "b" / "activations" / "c" / "2" / "0"
     original = chunk.read_bytes()
-    chunk.write_bytes(original[:20] if damage == "cut short" else
-                      np.random.default_rng(0).bytes(len(original)))
+    cut = {"cut short": 20, "cut to 3 bytes": 3, "emptied": 0}
+    chunk.write_bytes(original[: cut[damage]] if damage in cut else np.random.default_rng(0).bytes(len(original)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning of an edit first
         with pytest.raises(OSError, match=r"layer 'b' of .*s\.zarr: the chunk file of datapoints 100 to 149 fails "
@@ -254,6 +256,13 @@ def test_a_chunk_file_cut_short_or_overwritten_is_one_error_before_reading(tmp_p
     assert main(["compare", str(store), "a", "b"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cut short or overwritten" in err, err
+    first, second = (store / "b" / "activations" / "c" / str(index) / "0" for index in (0, 1))
+    one, two = first.read_bytes(), second.read_bytes()
+    first.write_bytes(two)
+    second.write_bytes(one)  # read from datapoints 0 to 99 alone, the damaged chunk is never read
+    with pytest.raises(OSError, match=r"holds the bytes written for datapoints 50 to 99"):
+        tree = open_activations(store)
+        cca(*(tree[name]["activations"].isel(datapoint=slice(0, 100)) for name in "ab"))
 
 
 def test_a_chunk_file_moved_to_another_chunk_s_place_is_an_error_not_other_datapoints(tmp_path):
@@ -277,8 +286,8 @@ def test_a_chunk_file_moved_to_another_chunk_s_place_is_an_error_not_other_datap
     (chunks / "5" / "0").write_bytes(first)  # a copy over another: one moved
     with pytest.raises(OSError, match=r"datapoints 250 to 299 holds the bytes written for datapoints 50 to 99 \(1 "):
         chunkcca.compute_moments(open_activations(store)["b"], open_activations(store)["a"])
-    (chunks / "5" / "0").write_bytes(second[:2])  # cut short: no checksum to place; zarr's check names it
-    with pytest.raises(OSError, match=r"array 'b/activations', datapoints 250 to 299"):
+    (chunks / "5" / "0").write_bytes(second[:2])  # cut short: no checksum to place; its own fails, before reading
+    with pytest.raises(OSError, match=r"layer 'b' of .*: the chunk file of datapoints 250 to 299 fails its CRC32C"):
         cca(open_activations(store)["a"], open_activations(store)["b"])
     (chunks / "5" / "0").write_bytes(second)
     assert float(cca(open_activations(store)["a"], open_activations(store)["b"],

@@ -165,9 +165,12 @@ def test_open_errors_name_the_path(tmp_path):
     x = rng.standard_normal((30, 3))
     chunkcca.compute_moments(x, x[:, :2]).save(tmp_path / "run.moments")
     chunkcca.save_result(chunkcca.similarity({"a": x}, {"b": x[:, :2]}, measures=["cka"]), tmp_path / "sweep.zarr")
+    result = chunkcca.cca(x, x[:, :2])
+    result["zeros"] = ("component", np.zeros(2))  # a chunk equal to the fill value: zarr writes no file for it
+    chunkcca.save_result(result, tmp_path / "cca.zarr")
     for name, said in (("run.moments", "it is Moments chunkcca saved: load them with chunkcca.Moments.load"),
-                       ("sweep.zarr", "it is a result chunkcca saved (save_result, sweep --out): open it with "
-                                      "xarray.open_zarr")):
+                       *((result, "it is a result chunkcca saved (save_result, sweep --out): open it with "
+                                  "xarray.open_zarr") for result in ("sweep.zarr", "cca.zarr"))):
         with pytest.raises(ValueError, match=f"holds no layer .*; {re.escape(said)}$"):
             open_activations(tmp_path / name)
     (tmp_path / "junk").mkdir()
