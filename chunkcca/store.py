@@ -970,7 +970,9 @@ def _in_order(tree: xr.DataTree, layers: Sequence[str]) -> None:
 
 def describe_store(path: str | os.PathLike, *,
                    storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The layers of a store, as ``chunkcca info`` prints them; reads metadata and a file listing, no data.
+    """The layers of a store, as ``chunkcca info`` prints them; reads metadata, a file listing and each chunk
+    file's checksum (its last 4 bytes), no data: a chunk file lost, moved or damaged is an error, as before a
+    run (``check_complete``), and one edited since it was written a warning.
 
     Parameters
     ----------
@@ -986,6 +988,7 @@ def describe_store(path: str | os.PathLike, *,
         has a padding mask: its padded positions are left out of every measure).
     """
     tree = open_activations(path, storage_options=storage_options)
+    check_complete([tree[layer][VARIABLE] for layer in layer_paths(tree)])
     fs, root = filesystem(tree[layer_paths(tree)[0]][VARIABLE].encoding["store"], storage_options)
     rows = []
     for layer in layer_paths(tree):
