@@ -585,21 +585,34 @@ def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), whe
 
 
 def zarr_arrays(data: Any) -> list[Any]:
-    """The zarr arrays a Dask array reads, through xarray's zarr backend or ``dask.array.from_zarr``: the sources
-    ``dask.array.from_array`` keeps under ``original-`` names in its graph, unwrapped from xarray's lazy
-    indexing."""
+    """The zarr arrays a Dask array reads, through xarray's zarr backend or ``dask.array.from_zarr``, wherever its
+    graph holds them: the sources ``dask.array.from_array`` keeps under ``original-`` names, or inside each task
+    (``inline_array=True``, an optimized graph), unwrapped from xarray's lazy indexing."""
     import zarr
+    from dask._task_spec import DataNode, Task
     from xarray.backends.zarr import ZarrArrayWrapper
 
-    found = []
-    for name, graph_layer in data.__dask_graph__().layers.items():
-        if not str(name).startswith("original-"):
+    found: dict[int, Any] = {}
+    seen: set[int] = set()
+    waiting: list[Any] = [value for graph_layer in data.__dask_graph__().layers.values()
+                          for value in graph_layer.values()]
+    while waiting:
+        item = waiting.pop()
+        if id(item) in seen or isinstance(item, (np.ndarray, str, bytes, int, float)):
             continue
-        for source in graph_layer.values():
-            while hasattr(source, "array") and not isinstance(source, ZarrArrayWrapper):
-                source = source.array
-            if isinstance(source, ZarrArrayWrapper):
-                found.append(source.get_array())
-            elif isinstance(source, zarr.Array):  # dask.array.from_zarr's
-                found.append(source)
-    return found
+        seen.add(id(item))
+        if isinstance(item, ZarrArrayWrapper):
+            item = item.get_array()
+        if isinstance(item, zarr.Array):
+            found.setdefault(id(item), item)
+        elif isinstance(item, (tuple, list)):
+            waiting.extend(item)
+        elif isinstance(item, dict):
+            waiting.extend(item.values())
+        elif isinstance(item, DataNode):
+            waiting.append(item.value)
+        elif isinstance(item, Task):
+            waiting.extend((*item.args, *item.kwargs.values()))
+        elif hasattr(item, "array"):  # xarray's lazy indexing wraps the backend's array
+            waiting.append(item.array)
+    return list(found.values())

@@ -235,19 +235,42 @@ READ_BUFFERS = 2
 
 def stored_of(layer: xr.DataArray) -> Stored:
     """Where the chunks of ``layer`` come from: the zarr arrays its graph reads (``layers.zarr_arrays``: opened by
-    chunkcca or xarray, kept through selections and casts), or memory. A task reads the store chunks its chunk
-    lies in at once (zarr reads up to ``async.concurrency`` of them together), each beside its ``READ_BUFFERS``."""
+    chunkcca or xarray, kept through selections and casts), or memory. A task reads the store chunks (shards, in
+    a sharded store) its chunk lies in at once, up to zarr's ``async.concurrency`` together, each beside its
+    ``READ_BUFFERS``; of several arrays (layers concatenated), the costliest read counts."""
     import zarr
 
-    data = layer.data
-    arrays = zarr_arrays(data)
-    if not arrays:
-        return Stored(data.chunks)
-    store_chunk = min(int(np.prod(array.chunks)) for array in arrays)  # values; the largest in bytes, below
-    together = min(-(-int(np.prod([max(axis) for axis in data.chunks])) // store_chunk),
-                   int(zarr.config.get("async.concurrency") or 1))
-    buffers = max(int(np.prod(array.chunks)) * array.dtype.itemsize for array in arrays)
-    return Stored(data.chunks, READ_BUFFERS * buffers * together)
+    concurrency = max(1, int(zarr.config.get("async.concurrency") or 1))
+    read = 0
+    for array in zarr_arrays(layer.data):
+        unit = tuple(array.shards or array.chunks)
+        together = min(_units_touched(layer, array, unit), concurrency)
+        read = max(read, READ_BUFFERS * int(np.prod(unit)) * array.dtype.itemsize * together)
+    return Stored(layer.data.chunks, read)
+
+
+def _units_touched(layer: xr.DataArray, array: Any, unit: tuple[int, ...]) -> int:
+    """The most store chunks of ``unit`` shape one Dask chunk of ``layer`` lies in, its axes matched to those of the
+    zarr ``array`` by name (zarr's ``dimension_names``) or, unnamed, in order (else unknown: a large number). Along
+    an axis the layer holds whole, its chunks start where the store's do; along one it holds part of, a chunk may
+    straddle one more."""
+    names = list(getattr(array.metadata, "dimension_names", None) or ())
+    dims = [str(dim) for dim in layer.dims]
+    if sorted(names) == sorted(dims):
+        axes = [names.index(dim) for dim in dims]
+    elif array.ndim == layer.ndim and not names:
+        axes = list(range(layer.ndim))
+    else:
+        return 2**31
+    touched = 1
+    for chunks, size, axis in zip(layer.data.chunks, layer.shape, axes):
+        step = unit[axis]
+        if size == array.shape[axis]:
+            ends = np.cumsum(chunks)
+            touched *= int(((ends - 1) // step - (ends - np.asarray(chunks)) // step + 1).max())
+        else:
+            touched *= -(-max(chunks) // step) + bool(max(chunks) % step)
+    return touched
 
 
 def _tiled_fold(accumulated: np.ndarray | None, rows: list[np.ndarray], first_datapoint: int, check: RowCheck, *,

@@ -971,8 +971,9 @@ def _in_order(tree: xr.DataTree, layers: Sequence[str]) -> None:
 def describe_store(path: str | os.PathLike, *,
                    storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The layers of a store, as ``chunkcca info`` prints them; reads metadata, a file listing and each chunk
-    file's checksum (its last 4 bytes), no data: a chunk file lost, moved or damaged is an error, as before a
-    run (``check_complete``), and one edited since it was written a warning.
+    file's checksum (its last 4 bytes; whole, the first ``CHECKED_EDITS`` of an array edited since it was
+    written): a chunk file lost, moved or damaged is an error, as before a run (``check_complete``), and one
+    edited a warning.
 
     Parameters
     ----------

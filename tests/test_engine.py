@@ -586,6 +586,37 @@ def test_a_task_reading_several_store_chunks_counts_the_buffers_of_each(compress
         compute_moments(opened("a", 2048), opened("b", 2048), spatial="avgpool", memory_limit="70MiB")
 
 
+def test_the_buffers_of_a_read_are_counted_for_each_store_chunk_a_task_reads(tmp_path):
+    """``passes.stored_of``: twice each store chunk (each shard, sharded) one task reads, up to zarr's
+    ``async.concurrency`` of them; found in the graph however the array is held (inline in each task it counted
+    nothing); of layers concatenated, the costliest read (the smallest store chunk's count with the largest
+    chunk's bytes counted ten times it)."""
+    import zarr
+
+    import chunkcca
+    from chunkcca.passes import READ_BUFFERS, stored_of
+
+    x = np.ones((2000, 256), dtype=np.float32)
+    dims = ("datapoint", "channel")
+    layer = chunkcca.write_activations(tmp_path / "s.zarr", {"a": x}, chunks=500)["a"]["activations"]
+    chunk = 500 * 256 * 4
+    assert stored_of(layer).read == stored_of(layer.isel(datapoint=slice(25, 1500))).read == READ_BUFFERS * chunk
+    assert stored_of(xr.DataArray(da.from_array(x, chunks=500), dims=dims)).read == 0  # in memory
+    tall = zarr.create_array(tmp_path / "tall.zarr", shape=(2000, 256), chunks=(2000, 16), dtype="f4")
+    tall[:] = x  # a task of (500, 256) reads 16 store chunks of (2000, 16): at most 10 at once
+    concurrency = zarr.config.get("async.concurrency")
+    assert stored_of(xr.DataArray(da.from_zarr(tall, chunks=(500, 256)), dims=dims)).read == \
+        READ_BUFFERS * 2000 * 16 * 4 * min(16, concurrency)
+    inline = xr.DataArray(da.from_zarr(tall, inline_array=True), dims=dims)
+    assert stored_of(inline).read == READ_BUFFERS * 2000 * 16 * 4
+    sharded = zarr.create_array(tmp_path / "sharded.zarr", shape=(8000, 256), chunks=(250, 256), shards=(8000, 256),
+                                dtype="f4")
+    assert stored_of(xr.DataArray(da.from_zarr(sharded, chunks=(8000, 256)), dims=dims)).read == \
+        READ_BUFFERS * 8000 * 256 * 4
+    fine = chunkcca.write_activations(tmp_path / "t.zarr", {"a": x}, chunks=5)["a"]["activations"]
+    assert stored_of(xr.concat([layer, fine], dim="datapoint")).read == READ_BUFFERS * chunk
+
+
 def test_the_gram_pass_counts_the_buffers_of_a_compressed_chunk_while_it_is_read(compressed_store):
     """Exact feature CKA reads a store chunk whole however finely it cuts it: at 40 MiB these 12 MiB chunk pairs,
     their reads' buffers (24 MiB) and one datapoint's centred rows do not fit, and the run is refused before

@@ -152,11 +152,15 @@ def test_a_layer_computed_from_a_store_with_a_missing_chunk_is_an_error(tmp_path
     tree = open_activations(store)
     os.remove(store / "b" / "activations" / "c" / "3" / "0")
     layer = tree["b"]["activations"]
+    import dask
     import dask.array as da
     import zarr
 
     from_zarr = da.from_zarr(zarr.open_array(store / "b" / "activations", mode="r"))  # read as fill values too
-    for derived in (layer.astype("float32"), layer * 2.0, layer.data, from_zarr, from_zarr.astype("float32")):
+    # the array held inside each task, not under an "original-" name, was not found: read as fill values
+    inline = da.from_zarr(zarr.open_array(store / "b" / "activations", mode="r"), inline_array=True)
+    for derived in (layer.astype("float32"), layer * 2.0, layer.data, from_zarr, from_zarr.astype("float32"), inline,
+                    dask.optimize(from_zarr * 1.0)[0]):
         with pytest.raises(OSError, match=r"layer '\w+' reads .*s.zarr/b/activations, which lacks 1 of its 8 "
                                           r"chunk files: the store is damaged"):
             cca(tree["a"], derived, nan_policy="omit")
