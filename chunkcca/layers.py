@@ -593,14 +593,14 @@ def zarr_arrays(data: Any) -> list[Any]:
     from xarray.backends.zarr import ZarrArrayWrapper
 
     found: dict[int, Any] = {}
-    seen: set[int] = set()
+    seen: dict[int, Any] = {}  # each object kept, so that no id is reused by another while walking
     waiting: list[Any] = [value for graph_layer in data.__dask_graph__().layers.values()
                           for value in graph_layer.values()]
     while waiting:
         item = waiting.pop()
         if id(item) in seen or isinstance(item, (np.ndarray, str, bytes, int, float)):
             continue
-        seen.add(id(item))
+        seen[id(item)] = item
         if isinstance(item, ZarrArrayWrapper):
             item = item.get_array()
         if isinstance(item, zarr.Array):
