@@ -585,19 +585,26 @@ def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), whe
 
 
 def zarr_arrays(data: Any) -> list[Any]:
-    """The zarr arrays a Dask array reads, through xarray's zarr backend or ``dask.array.from_zarr``, wherever its
-    graph holds them: the sources ``dask.array.from_array`` keeps under ``original-`` names, or inside each task
-    (``inline_array=True``, an optimized graph), unwrapped from xarray's lazy indexing."""
+    """The zarr arrays a Dask array reads, through xarray's zarr backend or ``dask.array.from_zarr``: the sources
+    ``dask.array.from_array`` keeps under ``original-`` names, or, where there are none, wherever its graph holds
+    them (inside each task: ``inline_array=True``, an optimized graph), unwrapped from xarray's lazy indexing."""
+    graph_layers = data.__dask_graph__().layers
+    originals = [graph_layer for name, graph_layer in graph_layers.items() if str(name).startswith("original-")]
+    return (_zarr_sources([value for graph_layer in originals for value in graph_layer.values()])
+            or _zarr_sources([value for graph_layer in graph_layers.values() for value in graph_layer.values()]))
+
+
+def _zarr_sources(values: list[Any]) -> list[Any]:
+    """The zarr arrays held in ``values`` (graph nodes and what their tasks take), each once."""
     import zarr
     from dask._task_spec import DataNode, Task
     from xarray.backends.zarr import ZarrArrayWrapper
+    from xarray.core.indexing import NDArrayMixin
 
     found: dict[int, Any] = {}
     seen: dict[int, Any] = {}  # each object kept, so that no id is reused by another while walking
-    waiting: list[Any] = [value for graph_layer in data.__dask_graph__().layers.values()
-                          for value in graph_layer.values()]
-    while waiting:
-        item = waiting.pop()
+    while values:
+        item = values.pop()
         if id(item) in seen or isinstance(item, (np.ndarray, str, bytes, int, float)):
             continue
         seen[id(item)] = item
@@ -606,13 +613,13 @@ def zarr_arrays(data: Any) -> list[Any]:
         if isinstance(item, zarr.Array):
             found.setdefault(id(item), item)
         elif isinstance(item, (tuple, list)):
-            waiting.extend(item)
+            values.extend(item)
         elif isinstance(item, dict):
-            waiting.extend(item.values())
+            values.extend(item.values())
         elif isinstance(item, DataNode):
-            waiting.append(item.value)
+            values.append(item.value)
         elif isinstance(item, Task):
-            waiting.extend((*item.args, *item.kwargs.values()))
-        elif hasattr(item, "array"):  # xarray's lazy indexing wraps the backend's array
-            waiting.append(item.array)
+            values.extend((*item.args, *item.kwargs.values()))
+        elif isinstance(item, NDArrayMixin):  # xarray's lazy indexing wraps the backend's array
+            values.append(item.array)
     return list(found.values())

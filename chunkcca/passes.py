@@ -233,11 +233,25 @@ def _ahead(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequence[A
 READ_BUFFERS = 2
 
 
+#: ``stored_of`` by Dask array name (a token of its graph and chunks) and dims: plans call it in loops, and a graph
+#: without ``original-`` sources is walked task by task.
+_STORED: dict[tuple[str, tuple[str, ...]], Stored] = {}
+
+
 def stored_of(layer: xr.DataArray) -> Stored:
     """Where the chunks of ``layer`` come from: the zarr arrays its graph reads (``layers.zarr_arrays``: opened by
     chunkcca or xarray, kept through selections and casts), or memory. A task reads the store chunks (shards, in
     a sharded store) its chunk lies in at once, up to zarr's ``async.concurrency`` together, each beside its
     ``READ_BUFFERS``; of several arrays (layers concatenated), the costliest read counts."""
+    key = (str(layer.data.name), tuple(str(dim) for dim in layer.dims))
+    if key not in _STORED:
+        if len(_STORED) >= 256:
+            _STORED.clear()
+        _STORED[key] = _stored(layer)
+    return _STORED[key]
+
+
+def _stored(layer: xr.DataArray) -> Stored:
     import zarr
 
     concurrency = max(1, int(zarr.config.get("async.concurrency") or 1))
@@ -251,17 +265,20 @@ def stored_of(layer: xr.DataArray) -> Stored:
 
 def _units_touched(layer: xr.DataArray, array: Any, unit: tuple[int, ...]) -> int:
     """The most store chunks of ``unit`` shape one Dask chunk of ``layer`` lies in, its axes matched to those of the
-    zarr ``array`` by name (zarr's ``dimension_names``) or, unnamed, in order (else unknown: a large number). Along
-    an axis the layer holds whole, its chunks start where the store's do; along one it holds part of, a chunk may
-    straddle one more."""
-    names = list(getattr(array.metadata, "dimension_names", None) or ())
+    zarr ``array`` by name (zarr's ``dimension_names``), else by length where one axis alone has it, else in order
+    (a layer renamed or transposed since it was opened). Along an axis the layer holds whole, its chunks start
+    where the store's do; along one it holds part of, a chunk may straddle one more."""
+    names = [str(name) for name in (getattr(array.metadata, "dimension_names", None) or ()) if name is not None]
     dims = [str(dim) for dim in layer.dims]
-    if sorted(names) == sorted(dims):
+    if array.ndim != layer.ndim:
+        return 2**31  # unknown: as many as zarr reads at once
+    if len(names) == array.ndim and sorted(names) == sorted(dims):
         axes = [names.index(dim) for dim in dims]
-    elif array.ndim == layer.ndim and not names:
-        axes = list(range(layer.ndim))
     else:
-        return 2**31
+        sizes = list(array.shape)
+        axes = [sizes.index(size) if sizes.count(size) == 1 else axis for axis, size in enumerate(layer.shape)]
+        if sorted(axes) != list(range(array.ndim)):
+            axes = list(range(array.ndim))
     touched = 1
     for chunks, size, axis in zip(layer.data.chunks, layer.shape, axes):
         step = unit[axis]
