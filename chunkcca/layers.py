@@ -588,10 +588,28 @@ def zarr_arrays(data: Any) -> list[Any]:
     """The zarr arrays a Dask array reads, through xarray's zarr backend or ``dask.array.from_zarr``: the sources
     ``dask.array.from_array`` keeps under ``original-`` names, or, where there are none, wherever its graph holds
     them (inside each task: ``inline_array=True``, an optimized graph), unwrapped from xarray's lazy indexing."""
-    graph_layers = data.__dask_graph__().layers
-    originals = [graph_layer for name, graph_layer in graph_layers.items() if str(name).startswith("original-")]
-    return (_zarr_sources([value for graph_layer in originals for value in graph_layer.values()])
-            or _zarr_sources([value for graph_layer in graph_layers.values() for value in graph_layer.values()]))
+    return [array for array, _ in zarr_reads(data)]
+
+
+def zarr_reads(data: Any) -> list[tuple[Any, tuple[tuple[int, ...], ...] | None]]:
+    """``zarr_arrays`` with the chunks its tasks read each in (along the array's own axes, from its first element:
+    those of the Dask array made from it, which rechunking, selections and casts leave beneath), or None where the
+    graph does not say (inside each task)."""
+    graph = data.__dask_graph__()
+    reads: dict[int, tuple[Any, tuple[tuple[int, ...], ...] | None]] = {}
+    for name, graph_layer in graph.layers.items():
+        if not str(name).startswith("original-"):
+            continue
+        for array in _zarr_sources(list(graph_layer.values())):
+            made = [graph.layers[other].collection_annotations or {} for other, needs in graph.dependencies.items()
+                    if name in needs]
+            chunks = next((tuple(map(tuple, info["chunks"])) for info in made
+                           if tuple(info.get("shape", ())) == tuple(array.shape) and "chunks" in info), None)
+            reads.setdefault(id(array), (array, chunks))
+    if not reads:
+        values = [value for graph_layer in graph.layers.values() for value in graph_layer.values()]
+        reads = {id(array): (array, None) for array in _zarr_sources(values)}
+    return list(reads.values())
 
 
 def _zarr_sources(values: list[Any]) -> list[Any]:

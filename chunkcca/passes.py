@@ -51,7 +51,7 @@ from .engine import (
     run,
     scheduler_threads,
 )
-from .layers import zarr_arrays
+from .layers import zarr_reads
 from .minibatch import aligned_chunks
 from .moments import Moments, RowCheck, check_savable_labels, pack, value_eps
 from .options import MASK, VALUE_ROUNDING_ATTR, ProductPrecision, StreamOptions
@@ -256,11 +256,21 @@ def _stored(layer: xr.DataArray) -> Stored:
 
     concurrency = max(1, int(zarr.config.get("async.concurrency") or 1))
     read = 0
-    for array in zarr_arrays(layer.data):
+    for array, chunks in zarr_reads(layer.data):
         unit = tuple(array.shards or array.chunks)
-        together = min(_units_touched(layer, array, unit), concurrency)
-        read = max(read, READ_BUFFERS * int(np.prod(unit)) * array.dtype.itemsize * together)
+        touched = _units_touched(layer, array, unit) if chunks is None else _units_under(chunks, unit)
+        read = max(read, READ_BUFFERS * int(np.prod(unit)) * array.dtype.itemsize * min(touched, concurrency))
     return Stored(layer.data.chunks, read)
+
+
+def _units_under(chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...]) -> int:
+    """The most store chunks of ``unit`` shape one of Dask ``chunks`` (along the array's axes, from its first
+    element) lies in."""
+    touched = 1
+    for axis, step in zip(chunks, unit):
+        ends = np.cumsum(axis)
+        touched *= int(((ends - 1) // step - (ends - np.asarray(axis)) // step + 1).max())
+    return touched
 
 
 def _units_touched(layer: xr.DataArray, array: Any, unit: tuple[int, ...]) -> int:
@@ -283,8 +293,7 @@ def _units_touched(layer: xr.DataArray, array: Any, unit: tuple[int, ...]) -> in
     for chunks, size, axis in zip(layer.data.chunks, layer.shape, axes):
         step = unit[axis]
         if size == array.shape[axis]:
-            ends = np.cumsum(chunks)
-            touched *= int(((ends - 1) // step - (ends - np.asarray(chunks)) // step + 1).max())
+            touched *= _units_under((chunks,), (step,))
         else:
             touched *= -(-max(chunks) // step) + bool(max(chunks) % step)
     return touched

@@ -587,6 +587,7 @@ def test_a_task_reading_several_store_chunks_counts_the_buffers_of_each(compress
         compute_moments(opened("a", 2048), opened("b", 2048), spatial="avgpool", memory_limit="70MiB")
 
 
+@pytest.mark.filterwarnings("ignore:The specified chunks separate the stored chunks:UserWarning")  # xarray's, meant
 def test_the_buffers_of_a_read_are_counted_for_each_store_chunk_a_task_reads(tmp_path):
     """``passes.stored_of``: twice each store chunk (each shard, sharded) one task reads, up to zarr's
     ``async.concurrency`` of them; found in the graph however the array is held (inline in each task it counted
@@ -616,6 +617,18 @@ def test_the_buffers_of_a_read_are_counted_for_each_store_chunk_a_task_reads(tmp
         READ_BUFFERS * 8000 * 256 * 4
     fine = chunkcca.write_activations(tmp_path / "t.zarr", {"a": x}, chunks=5)["a"]["activations"]
     assert stored_of(xr.concat([layer, fine], dim="datapoint")).read == READ_BUFFERS * chunk
+    # opened in chunks of other lengths: the reads are the opening's, whatever the layer is rechunked to after
+    # (250 counted 1 store chunk a task where 4 were read at once); rows 0 to 1099 lie in 3 store chunks of 500
+    def opened(datapoints: int) -> xr.DataArray:
+        return xr.open_zarr(tmp_path / "s.zarr" / "a", chunks={"datapoint": datapoints}, zarr_format=3,
+                            consolidated=False)["activations"]
+
+    assert stored_of(opened(1100).chunk(datapoint=250)).read == READ_BUFFERS * chunk * 3
+    small = chunkcca.write_activations(tmp_path / "u.zarr", {"a": x}, chunks=250)["a"]["activations"]
+    assert stored_of(xr.open_zarr(tmp_path / "u.zarr" / "a", chunks={"datapoint": 1000}, zarr_format=3,
+                                  consolidated=False)["activations"].chunk(datapoint=250)).read == \
+        READ_BUFFERS * 250 * 256 * 4 * 4
+    assert stored_of(small).read == READ_BUFFERS * 250 * 256 * 4
     # dims renamed since the store was written (as_activations(dims=...)): matched by length, not taken as unknown
     # (counted as many as zarr reads at once: ten times); zarr's dimension names may be None
     renamed = layer.rename({"datapoint": "sample", "channel": "feature"}).rename(
