@@ -594,21 +594,25 @@ def zarr_arrays(data: Any) -> list[Any]:
 def zarr_reads(data: Any) -> list[tuple[Any, tuple[tuple[int, ...], ...] | None]]:
     """``zarr_arrays`` with the chunks its tasks read each in (along the array's own axes, from its first element:
     those of the Dask array made from it, which rechunking, selections and casts leave beneath), or None where the
-    graph does not say (inside each task)."""
+    graph does not say (an optimized graph)."""
     graph = data.__dask_graph__()
+
+    def read_in(array: Any, readers: list[Any]) -> tuple[tuple[int, ...], ...] | None:
+        """The chunks of the first of the graph layers ``readers`` that is the Dask array made from ``array``."""
+        made = [graph.layers[name].collection_annotations or {} for name in readers]
+        return next((tuple(map(tuple, info["chunks"])) for info in made
+                     if tuple(info.get("shape", ())) == tuple(array.shape) and "chunks" in info), None)
+
     reads: dict[int, tuple[Any, tuple[tuple[int, ...], ...] | None]] = {}
-    for name, graph_layer in graph.layers.items():
-        if not str(name).startswith("original-"):
-            continue
-        for array in _zarr_sources(list(graph_layer.values())):
-            made = [graph.layers[other].collection_annotations or {} for other, needs in graph.dependencies.items()
-                    if name in needs]
-            chunks = next((tuple(map(tuple, info["chunks"])) for info in made
-                           if tuple(info.get("shape", ())) == tuple(array.shape) and "chunks" in info), None)
-            reads.setdefault(id(array), (array, chunks))
-    if not reads:
-        values = [value for graph_layer in graph.layers.values() for value in graph_layer.values()]
-        reads = {id(array): (array, None) for array in _zarr_sources(values)}
+    for name, graph_layer in graph.layers.items():  # from_array's sources, read by the layers that need them
+        if str(name).startswith("original-"):
+            readers = [other for other, needs in graph.dependencies.items() if name in needs]
+            for array in _zarr_sources(list(graph_layer.values())):
+                reads.setdefault(id(array), (array, read_in(array, readers)))
+    if not reads:  # held inside the tasks that read them
+        for name, graph_layer in graph.layers.items():
+            for array in _zarr_sources(list(graph_layer.values())):
+                reads.setdefault(id(array), (array, read_in(array, [name])))
     return list(reads.values())
 
 

@@ -242,7 +242,8 @@ def stored_of(layer: xr.DataArray) -> Stored:
     """Where the chunks of ``layer`` come from: the zarr arrays its graph reads (``layers.zarr_arrays``: opened by
     chunkcca or xarray, kept through selections and casts), or memory. A task reads the store chunks (shards, in
     a sharded store) its chunk lies in at once, up to zarr's ``async.concurrency`` together, each beside its
-    ``READ_BUFFERS``; of several arrays (layers concatenated), the costliest read counts."""
+    ``READ_BUFFERS``; of several arrays (layers concatenated), the costliest read counts. Where the graph does not
+    say in which chunks the array is read (an optimized graph), as many as zarr reads at once."""
     key = (str(layer.data.name), tuple(str(dim) for dim in layer.dims))
     if key not in _STORED:
         if len(_STORED) >= 256:
@@ -258,7 +259,7 @@ def _stored(layer: xr.DataArray) -> Stored:
     read = 0
     for array, chunks in zarr_reads(layer.data):
         unit = tuple(array.shards or array.chunks)
-        touched = _units_touched(layer, array, unit) if chunks is None else _units_under(chunks, unit)
+        touched = concurrency if chunks is None else _units_under(chunks, unit)  # unknown: as many as zarr reads
         read = max(read, READ_BUFFERS * int(np.prod(unit)) * array.dtype.itemsize * min(touched, concurrency))
     return Stored(layer.data.chunks, read)
 
@@ -270,32 +271,6 @@ def _units_under(chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...]) -> 
     for axis, step in zip(chunks, unit):
         ends = np.cumsum(axis)
         touched *= int(((ends - 1) // step - (ends - np.asarray(axis)) // step + 1).max())
-    return touched
-
-
-def _units_touched(layer: xr.DataArray, array: Any, unit: tuple[int, ...]) -> int:
-    """The most store chunks of ``unit`` shape one Dask chunk of ``layer`` lies in, its axes matched to those of the
-    zarr ``array`` by name (zarr's ``dimension_names``), else by length where one axis alone has it, else in order
-    (a layer renamed or transposed since it was opened). Along an axis the layer holds whole, its chunks start
-    where the store's do; along one it holds part of, a chunk may straddle one more."""
-    names = [str(name) for name in (getattr(array.metadata, "dimension_names", None) or ()) if name is not None]
-    dims = [str(dim) for dim in layer.dims]
-    if array.ndim != layer.ndim:
-        return 2**31  # unknown: as many as zarr reads at once
-    if len(names) == array.ndim and sorted(names) == sorted(dims):
-        axes = [names.index(dim) for dim in dims]
-    else:
-        sizes = list(array.shape)
-        axes = [sizes.index(size) if sizes.count(size) == 1 else axis for axis, size in enumerate(layer.shape)]
-        if sorted(axes) != list(range(array.ndim)):
-            axes = list(range(array.ndim))
-    touched = 1
-    for chunks, size, axis in zip(layer.data.chunks, layer.shape, axes):
-        step = unit[axis]
-        if size == array.shape[axis]:
-            touched *= _units_under((chunks,), (step,))
-        else:
-            touched *= -(-max(chunks) // step) + bool(max(chunks) % step)
     return touched
 
 

@@ -629,8 +629,8 @@ def test_the_buffers_of_a_read_are_counted_for_each_store_chunk_a_task_reads(tmp
                                   consolidated=False)["activations"].chunk(datapoint=250)).read == \
         READ_BUFFERS * 250 * 256 * 4 * 4
     assert stored_of(small).read == READ_BUFFERS * 250 * 256 * 4
-    # dims renamed since the store was written (as_activations(dims=...)): matched by length, not taken as unknown
-    # (counted as many as zarr reads at once: ten times); zarr's dimension names may be None
+    # dims renamed since the store was written (as_activations(dims=...)): counted in the chunks it was opened in
+    # (it was counted as many as zarr reads at once: ten times); zarr's dimension names may be None
     renamed = layer.rename({"datapoint": "sample", "channel": "feature"}).rename(
         {"sample": "datapoint", "feature": "channel"}).transpose("channel", "datapoint")
     assert stored_of(renamed.rename({"channel": "c", "datapoint": "d"})).read == READ_BUFFERS * chunk
