@@ -22,9 +22,8 @@ from dask.utils import format_bytes
 
 from ._fs import ORDER_ATTR
 from ._stack import user_stacklevel
-from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR, check_number
+from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR, VARIABLE, check_number
 
-VARIABLE = "activations"
 #: At most this many position dims (volumes: depth, height, width).
 MAX_POSITIONS = 3
 CONV_DIMS: tuple[str, ...] = ("datapoint", "height", "width", "channel")

@@ -42,6 +42,8 @@ SWEEP_SPATIAL: tuple[str, ...] = ("flatten", "avgpool", "first", "last", "featur
 #: Spatial modes whose rows do not depend on the order of a layer's positions (a mean over them; CKA of whole
 #: maps, which a permutation of the features leaves as it is).
 ORDERLESS: tuple[str, ...] = ("avgpool", "features")
+#: The variable of a layer's node holding its activations.
+VARIABLE = "activations"
 #: The variable beside a layer's activations (and the coordinate on them) holding its padding mask.
 MASK = "mask"
 #: The attribute of a layer's activations giving the relative rounding of its values where their dtype is finer

@@ -17,13 +17,11 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import dask.array as da
-import google_crc32c
 import numpy as np
 import xarray as xr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
@@ -39,7 +37,6 @@ from ._fs import (
     filesystem,
     is_stale,
     is_url,
-    json_digest,
     leftovers,
     naming_target,
     owner_record,
@@ -49,6 +46,25 @@ from ._fs import (
     zarr_attributes,
 )
 from ._stack import user_stacklevel
+from .integrity import (
+    CHUNKS_ATTR,
+    DECODING_ATTR,
+    LOST_CHUNKS,
+    METADATA_ATTR,
+    Listing,
+    check_chunks,
+    check_label_places,
+    check_metadata,
+    check_places,
+    check_store_files,
+    chunk_checksums,
+    chunk_keys,
+    chunk_reader,
+    decoded_by,
+    file_sizes,
+    lost_chunks,
+    metadata_digests,
+)
 from .layers import (
     VARIABLE,
     as_activations,
@@ -72,18 +88,9 @@ from .rows import pixel_centres
 #: Root attributes of a store: the input image size (height, width) its layers' pixel centres are measured in,
 #: and its generation (new each time the store is written whole), by which a reader sees a replacement.
 IMAGE_ATTR = "chunkcca_image_size"
+GENERATION_ATTR = "chunkcca_generation"
 #: The lock file beside a store (``.<store name>.append-lock``) that serialises the last step of appends to it.
 APPEND_LOCK = ".{name}.append-lock"
-GENERATION_ATTR = "chunkcca_generation"
-#: Root attribute: per layer, a digest of each of its arrays' metadata (all but their attributes) as written, by
-#: which an edit since (another dtype, shape, dim order or codec list, read silently as other numbers) is refused.
-METADATA_ATTR = "chunkcca_metadata"
-#: Root attribute: per layer, per chunked array it is read through (activations, mask), each chunk file's CRC32C
-#: (its last 4 bytes, which zarr's crc32c codec appends), in chunk order (base64 of little-endian uint32). A chunk
-#: file moved to another chunk's place passes its own checksum and would be read as other datapoints' values:
-#: ``check_complete`` finds it before reading (an error), and warns of a chunk holding other bytes (an edit in place
-#: with zarr is the user's; a chunk copied from another store is damage).
-CHUNKS_ATTR = "chunkcca_chunks"
 #: Root attribute, while an append moves its layers in: their paths (``layers``), the groups it makes for them
 #: (``groups``) and its process (``owner``, ``_fs.owner_record``). Set before the first move and dropped with the
 #: list's update. Readers leave those layers out (in flight, or left by an append killed midway); the next append
@@ -492,7 +499,7 @@ def _array_foreign(folder: Path, store: Path, found: list[str]) -> bool:
         held |= {(within / name).as_posix() for name in names}
         held |= {(within / name).as_posix() + "/" for name in dirs if not os.listdir(Path(root, name))}  # empty
     found += [f"{folder.relative_to(store).as_posix()}/{name}" for name in
-              sorted(held - set(_chunk_keys(metadata).values()) - {"zarr.json"})
+              sorted(held - set(chunk_keys(metadata).values()) - {"zarr.json"})
               if not Path(name).name.startswith(FINDER_FILES)]
     return False
 
@@ -520,7 +527,7 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
         chunks[layer] = {}
         for variable in _layer_arrays(listing, layer):  # activations, mask and labels
             array, present = listing.arrays[f"{layer}/{variable}"], listing.sizes(f"{layer}/{variable}")
-            lost = list(_lost_chunks(array, set(present)).values())
+            lost = list(lost_chunks(array, set(present)).values())
             if lost:  # chunk_checksums gave a bare KeyError
                 raise OSError(f"layer {layer!r}{'' if variable == VARIABLE else f' (its {variable})'}: {len(lost)} of "
                               f"its chunk files are not where they were written (e.g. {lost[0]}): the Dask workers "
@@ -541,23 +548,6 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
 def _layer_arrays(listing: Listing, layer: str) -> list[str]:
     """The names of the arrays of ``layer`` in ``listing``: its activations, its mask and its labels."""
     return sorted(folder.rpartition("/")[2] for folder in listing.arrays if folder.rpartition("/")[0] == layer)
-
-
-def _check_label_places(fs: Any, root: str, listing: Listing, recorded: Mapping[str, Mapping[str, str]],
-                        location: str) -> None:
-    """At open, before the store's labels are used: no label chunk file of a layer holds another's bytes as
-    written (``recorded``: ``CHUNKS_ATTR``; activations and masks are checked before each read,
-    ``check_complete``); a swapped datapoint label chunk would pair other datapoints' rows."""
-    labels = [(layer, variable, written) for layer, variables in recorded.items()
-              for variable, written in variables.items()
-              if variable not in (VARIABLE, MASK) and f"{layer}/{variable}" in listing.arrays]
-    found = arrays_chunk_checksums(fs, [(f"{root}/{layer}/{variable}", listing.arrays[f"{layer}/{variable}"],
-                                         listing.sizes(f"{layer}/{variable}")) for layer, variable, _ in labels])
-    for (layer, variable, written), checksums in zip(labels, found):
-        if checksums is not None:
-            folder, metadata = f"{root}/{layer}/{variable}", listing.arrays[f"{layer}/{variable}"]
-            _check_places(checksums, written, metadata, f"the labels {variable!r} of layer {layer!r}", location,
-                          _chunk_reader(fs, folder, metadata))
 
 
 def _replace_root_metadata(store: Path, metadata: dict[str, Any]) -> None:
@@ -626,112 +616,6 @@ def _remove_unfinished_append(store: Path) -> None:
             folder.rmdir()
     del attributes[APPENDING_ATTR]
     _replace_root_metadata(store, metadata)
-
-
-#: Codecs whose settings do not change the numbers read (how hard a compressor worked): only their names count.
-COMPRESSORS = ("blosc", "zstd", "gzip", "numcodecs.blosc", "numcodecs.zstd", "numcodecs.gzip", "numcodecs.lz4")
-
-
-@dataclass(frozen=True)
-class Listing:
-    """One listing of a store: every file (relative to its root) and the metadata of each array, by folder,
-    from one ``find`` and one batched read of the ``zarr.json`` files (a round trip each for a URL)."""
-
-    files: dict[str, int]  # each file, relative to the root, and its size
-    arrays: dict[str, dict[str, Any]]
-
-    @classmethod
-    def of(cls, fs: Any, root: str) -> Listing:
-        files = file_sizes(fs, root)
-        paths = sorted(name for name in files if name == "zarr.json" or name.endswith("/zarr.json"))
-        texts = fs.cat([f"{root}/{name}" for name in paths]) if paths else {}
-        arrays = {}
-        for name in paths:
-            try:
-                metadata = json.loads(texts[f"{root}/{name}"])
-            except ValueError as error:  # xarray said "Expecting value: line 1 column 1", naming no file
-                raise ValueError(f"its metadata file {name} is damaged (not JSON: {error})") from error
-            if not isinstance(metadata, dict):
-                raise ValueError(f"its metadata file {name} is damaged (a JSON {type(metadata).__name__}, not an "
-                                 f"object)")
-            if metadata.get("node_type") == "array":
-                arrays[str(PurePosixPath(name).parent)] = metadata
-        return cls(files, arrays)
-
-    def sizes(self, folder: str) -> dict[str, int]:
-        """Every file under ``folder`` (relative to the root), by its name there, and its size."""
-        return {name.removeprefix(f"{folder}/"): size for name, size in self.files.items()
-                if name.startswith(f"{folder}/")}
-
-
-#: Attributes by which xarray decodes an array's values (CF conventions): one edited reads other numbers (an int16
-#: layer given ``_Unsigned``: mean ρ 0.641 for 0.970). ``units`` and ``calendar`` count only for times (a ``units``
-#: of "<unit> since <date>"); other attributes may change.
-DECODED_BY = ("_FillValue", "missing_value", "scale_factor", "add_offset", "_Unsigned", "dtype", "_Encoding")
-TIME_DECODED_BY = ("units", "calendar")
-#: Root attribute: per layer, each of its arrays' ``DECODED_BY`` attributes as written (``decoded_by``), checked
-#: at open beside ``METADATA_ATTR`` (apart from it, so that a store written now opens as before in older versions).
-DECODING_ATTR = "chunkcca_decoding"
-
-
-def metadata_digests(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Per layer of ``layers``, each of its arrays (activations, mask, labels) → a digest of what its values are
-    read by: shape, data type, chunks and their keys, dims, fill value and codecs (a compressor's by name)."""
-    digests: dict[str, dict[str, str]] = {layer: {} for layer in layers}
-    for folder, metadata in listing.arrays.items():
-        layer, _, array = folder.rpartition("/")
-        if layer not in digests:
-            continue
-        read_by = {key: metadata.get(key) for key in ("shape", "data_type", "chunk_grid", "chunk_key_encoding",
-                                                        "dimension_names", "fill_value")}
-        read_by["codecs"] = [codec.get("name") if codec.get("name") in COMPRESSORS else codec
-                             for codec in metadata.get("codecs", [])]
-        digests[layer][array] = json_digest(read_by)
-    return digests
-
-
-def decoded_by(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per layer of ``layers``, each of its arrays → the attributes xarray decodes its values by (``DECODED_BY``,
-    and ``TIME_DECODED_BY`` for times), as they are."""
-    found: dict[str, dict[str, dict[str, Any]]] = {layer: {} for layer in layers}
-    for folder, metadata in listing.arrays.items():
-        layer, _, array = folder.rpartition("/")
-        if layer in found:
-            attributes = metadata.get("attributes") or {}
-            keys = DECODED_BY + (TIME_DECODED_BY if " since " in str(attributes.get("units", "")) else ())
-            found[layer][array] = {key: attributes[key] for key in keys if key in attributes}
-    return found
-
-
-def _check_metadata(listing: Listing, attributes: Mapping[str, Any], location: str) -> None:
-    """Refuse a layer whose arrays' metadata is not what its writer recorded (``METADATA_ATTR``): edited, gone
-    (a lost mask read every position as real) or added; or whose attributes that xarray decodes values by are
-    not (``DECODING_ATTR``, where recorded)."""
-    recorded, decoding = attributes.get(METADATA_ATTR) or {}, attributes.get(DECODING_ATTR) or {}
-    found, decoded = metadata_digests(listing, list(recorded)), decoded_by(listing, list(decoding))
-    for layer, digests in recorded.items():
-        now = found[layer]
-        if not now:
-            continue  # the layer's folder is gone whole: check_store_files names the layer
-        for array in sorted(set(digests) | set(now)):
-            if array == VARIABLE and array not in now:
-                continue  # a layer without its activations' metadata is named by check_store_files
-            if digests.get(array) != now.get(array):
-                how = ("is missing" if array not in now else "was added since" if array not in digests else
-                       "is not what chunkcca wrote (its dtype, shape, dims, chunks or codecs were edited, or the "
-                       "array replaced)")
-                raise OSError(f"{location}: the metadata of array {array!r} of layer {layer!r} {how}: read as it "
-                              f"is it would give other numbers; the store is damaged: write it again")
-    for layer, written in decoding.items():
-        for array in sorted(set(written) & set(decoded[layer])):
-            if written[array] != decoded[layer][array]:
-                edited = sorted(key for key in {*written[array], *decoded[layer][array]}
-                                if written[array].get(key) != decoded[layer][array].get(key))
-                raise OSError(f"{location}: the attribute{'s' if len(edited) > 1 else ''} {', '.join(edited)} of "
-                              f"array {array!r} of layer {layer!r}, by which xarray decodes its values, "
-                              f"{'are' if len(edited) > 1 else 'is'} not what chunkcca wrote: read as it is it "
-                              f"would give other numbers; if you did not edit it, the store is damaged: write it "
-                              f"again")
 
 
 def move_layer(part: Path, store: Path, layer: str) -> None:
@@ -880,7 +764,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     except ValueError as error:  # a damaged metadata file, named
         raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
     root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))  # before xarray reads labels by the metadata:
-    _check_metadata(listing, root_metadata.get("attributes", {}), location)
+    check_metadata(listing, root_metadata.get("attributes", {}), location)
     try:
         with warnings.catch_warnings():  # a folder without zarr.json: a layer's is named below (check_store_files),
             # and another (a user's own, "plots") is not the store's: zarr's warning was a second line beside ours
@@ -906,7 +790,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
                          + (f"; it is {what}" if what else ""))
     check_store_files(location, listing, listed, found)
-    _check_label_places(fs, root, listing, root_metadata.get("attributes", {}).get(CHUNKS_ATTR, {}), location)
+    check_label_places(fs, root, listing, root_metadata.get("attributes", {}).get(CHUNKS_ATTR, {}), location)
     # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
     # groups in no fixed order
     found = [layer for layer in found if layer in listed] + sorted(layer for layer in found if layer not in listed)
@@ -971,7 +855,7 @@ def _in_order(tree: xr.DataTree, layers: Sequence[str]) -> None:
 def describe_store(path: str | os.PathLike, *,
                    storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The layers of a store, as ``chunkcca info`` prints them; reads metadata, a file listing and each chunk
-    file's checksum (its last 4 bytes; whole, the first ``CHECKED_EDITS`` of an array edited since it was
+    file's checksum (its last 4 bytes; whole, the first ``integrity.CHECKED_EDITS`` of an array edited since it was
     written): a chunk file lost, moved or damaged is an error, as before a run (``check_complete``), and one
     edited a warning.
 
@@ -1084,34 +968,6 @@ def _is_netcdf(path: Path) -> bool:
     return head[:3] == b"CDF" or head == b"\x89HDF\r\n\x1a\n"
 
 
-def _chunk_reader(fs: Any, folder: str, metadata: dict[str, Any]) -> Callable[[int], bytes]:
-    """Reads the bytes of the chunk file of the zarr array in ``folder`` (its ``metadata``) at a place in chunk
-    order (as ``chunk_checksums`` gives them)."""
-    keys = list(_chunk_keys(metadata).values())
-    return lambda index: fs.cat(f"{folder}/{keys[index]}")
-
-
-def _chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
-    """Every stored object's key (chunk, or shard) of a zarr v3 array, by its grid index, from its metadata."""
-    shape = metadata["shape"]
-    chunk_shape = metadata["chunk_grid"]["configuration"]["chunk_shape"]
-    encoding = metadata.get("chunk_key_encoding", {"name": "default"})
-    separator = encoding.get("configuration", {}).get("separator", "/" if encoding["name"] == "default" else ".")
-    grid = [-(-size // chunk) for size, chunk in zip(shape, chunk_shape)]
-    keys = {}
-    for index in np.ndindex(*grid):
-        parts = separator.join(map(str, index))
-        keys[index] = (f"c{separator}{parts}" if parts else "c") if encoding["name"] == "default" else (parts or "0")
-    return keys
-
-
-#: What a lost chunk file means, and what to do.
-LOST_CHUNKS = ("the store is damaged (a chunk deleted), or its writer left out chunks equal to the fill value "
-               "(zarr's default; chunkcca.record's labels and last chunks before 2026-12-02); chunkcca never reads "
-               "a missing chunk as a fill value: write the layer again (with zarr or xarray, "
-               "write_empty_chunks=True)")
-
-
 def check_complete(layers: Sequence[xr.DataArray]) -> None:
     """Before reading: every chunk file of each store-backed layer is there, or, for a layer computed from one
     (``layer.astype(...)``, arithmetic, selections lose the store in their encoding), of every zarr array its
@@ -1128,162 +984,18 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
                 metadata = json.loads(fs.cat(f"{folder}/zarr.json"))
                 sizes = file_sizes(fs, folder)
                 what = f"layer {encoding['layer']!r}" + ("" if variable == VARIABLE else f"'s {variable}")
-                _check_chunks(metadata, set(sizes), what, encoding["store"])
+                check_chunks(metadata, set(sizes), what, encoding["store"])
                 recorded = places.get(encoding["layer"], {}).get(variable)
                 checksums = None if recorded is None else chunk_checksums(fs, folder, metadata, sizes)
                 if checksums is not None:
-                    _check_places(checksums, recorded, metadata, what, encoding["store"],
-                                  _chunk_reader(fs, folder, metadata))
+                    check_places(checksums, recorded, metadata, what, encoding["store"],
+                                 chunk_reader(fs, folder, metadata))
             continue  # its folder is listed: not again through its graph
         for array in zarr_arrays(layer.data) if hasattr(layer.data, "__dask_graph__") else []:
             if array.nchunks_initialized < array.nchunks:
                 raise OSError(f"layer {str(layer.name)!r} reads {array.store_path}, which lacks "
                               f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files: "
                               f"{LOST_CHUNKS}")
-
-
-def check_store_files(location: str, listing: Listing, listed: Sequence[str], found: Sequence[str]) -> None:
-    """At open: every layer the store lists (``listed``, its root's order) is among those ``found``, and every array
-    in it (layers, masks, labels) has each of its chunk files (``listing``); else an OSError naming what is
-    missing. No data is read."""
-    lost = [layer for layer in listed if layer not in found]
-    if lost:
-        why = "; ".join(_why_lost(listing, layer) for layer in lost)
-        raise OSError(f"{location} lists layer{'s' if len(lost) > 1 else ''} {', '.join(map(repr, lost))} but holds "
-                      f"no readable {VARIABLE!r} for {'them' if len(lost) > 1 else 'it'} ({why}): "
-                      f"the store is damaged; write {'them' if len(lost) > 1 else 'it'} again")
-    arrays = listing.arrays
-    present: dict[str, set[str]] = {folder: set() for folder in arrays}
-    for file in listing.files:  # each file to the array holding it: the nearest folder up that is one
-        for folder in PurePosixPath(file).parents:
-            if str(folder) in present:
-                present[str(folder)].add(file.removeprefix(f"{folder}/"))
-                break
-    for folder, metadata in arrays.items():
-        node, _, variable = folder.rpartition("/")
-        what = (f"layer {node!r}" if variable == VARIABLE else f"layer {node!r}'s {variable}" if variable == MASK
-                else f"the labels {variable!r} of {node or 'the store'!r}")
-        _check_chunks(metadata, present[folder], what, location)
-
-
-def _why_lost(listing: Listing, layer: str) -> str:
-    """What is gone of a layer the store lists but xarray finds no activations for: its folder, its activations'
-    folder, or their metadata (``zarr.json``)."""
-    for folder in (layer, f"{layer}/{VARIABLE}"):
-        if not any(name.startswith(f"{folder}/") for name in listing.files):
-            return f"the folder {folder!r} is gone"
-    return f"the metadata of {layer}/{VARIABLE} is missing"
-
-
-def chunk_checksums(fs: Any, folder: str, metadata: dict[str, Any], sizes: Mapping[str, int]) -> np.ndarray | None:
-    """The CRC32C of each chunk file of the zarr array in ``folder`` (its ``metadata``; ``sizes``: each chunk
-    file's size, by its name there), in chunk order, as ``CHUNKS_ATTR`` records them: one small read per chunk
-    file. None when its chunks carry none (its last codec) to tell them apart by."""
-    return arrays_chunk_checksums(fs, [(folder, metadata, sizes)])[0]
-
-
-def arrays_chunk_checksums(fs: Any, arrays: Sequence[tuple[str, dict[str, Any], Mapping[str, int]]]
-                           ) -> list[np.ndarray | None]:
-    """``chunk_checksums`` of each of ``arrays`` (folder, metadata, sizes), from one batched read of them all."""
-    files: list[list[str] | None] = []
-    for folder, metadata, _ in arrays:
-        carried = (metadata.get("codecs") or [{}])[-1].get("name") == "crc32c"
-        files.append([f"{folder}/{key}" for key in _chunk_keys(metadata).values()] if carried else None)
-    paths = [path for each in files if each for path in each]
-    ends = [sizes[path.removeprefix(f"{folder}/")] for (folder, _, sizes), each in zip(arrays, files) if each
-            for path in each]
-    tails = iter(fs.cat_ranges(paths, [max(end - 4, 0) for end in ends], ends) if paths else [])
-    # a file cut to fewer than 4 bytes, padded, almost surely differs from what was recorded: it is then read and
-    # fails its own checksum (``_check_places``)
-    return [None if each is None else np.frombuffer(b"".join(next(tails).rjust(4, b"\0") for _ in each),
-                                                    dtype="<u4") for each in files]
-
-
-def file_sizes(fs: Any, folder: str) -> dict[str, int]:
-    """Every file under ``folder``, by its name there, and its size: one listing."""
-    return {name.removeprefix(folder).lstrip("/"): int(info["size"])
-            for name, info in fs.find(folder, detail=True).items()}
-
-
-#: Chunk files holding other bytes than written whose own CRC32C is checked before reading (a file cut short or
-#: overwritten fails it, an edit with zarr passes): damage is then one error before any work, not a warning of an
-#: edit and then zarr's error mid-run. Past these, zarr's check on reading still finds the rest.
-CHECKED_EDITS = 4
-
-
-def _fails_own_checksum(data: bytes) -> bool:
-    """Whether a chunk file's bytes fail the CRC32C that zarr's crc32c codec appends to them (their last 4 bytes)."""
-    return len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little")
-
-
-def _check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any], what: str, store: str,
-                  read: Callable[[int], bytes]) -> None:
-    """An OSError naming ``what`` and the chunks whose file now holds another chunk's checksum as written
-    (``recorded``, ``CHUNKS_ATTR``): moved or swapped, read as other datapoints' values. Within one array: a chunk
-    edited in place to equal bytes another chunk held is refused too; one copied in from another array passes.
-    Of the other chunk files edited, the first ``CHECKED_EDITS`` are read (``read``: a chunk file's bytes, by its
-    place in ``checksums``): one failing its own checksum is an OSError (damage), else the edits are warned of."""
-    written = np.frombuffer(base64.b64decode(recorded), dtype="<u4")
-    if written.shape != checksums.shape:
-        return  # another grid: the metadata check names it
-    edited = np.flatnonzero(checksums != written)
-    if not edited.size:
-        return
-    moved = edited[np.isin(checksums[edited], written)]
-    grid = list(_chunk_keys(metadata))  # each chunk's grid index, in the order of the checksums
-
-    def datapoints(index: int) -> str:
-        if not metadata["shape"]:
-            return "its one chunk"
-        first, last = _datapoint_span(metadata, grid[index])
-        dim = (metadata.get("dimension_names") or ["datapoint"])[0]
-        return f"{dim}s {first} to {last}" if dim == "datapoint" else f"{dim} {first} to {last}"
-
-    if not moved.size:
-        for index in edited[:CHECKED_EDITS].tolist():
-            if _fails_own_checksum(read(index)):
-                raise OSError(f"{what} of {store}: the chunk file of {datapoints(index)} fails its CRC32C checksum "
-                              f"(its bytes changed since they were written: cut short or overwritten): the store is "
-                              f"damaged; write it again")
-        warnings.warn(f"{what} of {store}: {edited.size} chunk file{'s hold' if edited.size > 1 else ' holds'} other "
-                      f"bytes than chunkcca wrote (the first, of {datapoints(int(edited[0]))}): edited since (with "
-                      f"zarr, in place) or copied from another store; if you did not edit {what}, the store is "
-                      f"damaged: write it again", RuntimeWarning, stacklevel=user_stacklevel())
-        return
-
-    origin = int(np.flatnonzero(written == checksums[moved[0]])[0])
-    raise OSError(f"{what} of {store}: the chunk file of {datapoints(int(moved[0]))} holds the bytes written for "
-                  f"{datapoints(origin)} ({moved.size} chunk file{'s' if moved.size > 1 else ''} moved to another "
-                  f"chunk's place, each passing its own checksum, or edited to equal another): read, they would give "
-                  f"other datapoints' values; the store is damaged: write it again")
-
-
-def _datapoint_span(metadata: dict[str, Any], index: tuple[int, ...]) -> tuple[int, int]:
-    """The first and last index along its first dim (datapoint, for a layer's arrays and most labels) of the chunk
-    at grid ``index`` of a zarr array (its ``metadata``)."""
-    per_chunk, total = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], metadata["shape"][0]
-    return index[0] * per_chunk, min((index[0] + 1) * per_chunk, total) - 1
-
-
-def _lost_chunks(metadata: dict[str, Any], present: set[str]) -> dict[tuple[int, ...], str]:
-    """The chunk files of one zarr array (its ``metadata``) not among the files ``present``, by grid index."""
-    return {index: key for index, key in _chunk_keys(metadata).items() if key not in present}
-
-
-def _check_chunks(metadata: dict[str, Any], present: set[str], what: str, store: str) -> None:
-    """Every chunk file of one zarr array (its ``metadata``; ``present`` the names of its files) is there, or an
-    OSError naming ``what`` it holds and, along datapoint, which datapoints are lost."""
-    missing = list(_lost_chunks(metadata, present))
-    if not missing:
-        return
-    many = "s" if len(missing) > 1 else ""
-    if (metadata.get("dimension_names") or [None])[0] == "datapoint":
-        spans = sorted({_datapoint_span(metadata, index) for index in missing})
-        where = ", of datapoints " + ", ".join(f"{first} to {last}" for first, last in spans[:5])
-        where += " …" if len(spans) > 5 else ""
-    else:
-        where = f" ({', '.join(map(str, missing[:5]))}{' …' if len(missing) > 5 else ''})"
-    raise OSError(f"{what} of {store} lacks {len(missing)} chunk file{many}{where}: {LOST_CHUNKS}")
 
 
 def store_generation(location: str, storage_options: Mapping[str, Any] | None = None) -> str | None:

@@ -19,7 +19,7 @@ TIERS: dict[str, int] = {
     **dict.fromkeys(("_fs", "_stack", "options", "blas", "progress"), 0),  # plumbing: files, the user's frame,
     # options, BLAS, progress bars
     **dict.fromkeys(("moments", "tiles", "rows", "minibatch", "measures"), 1),  # numpy core: no Dask graphs, no stores
-    **dict.fromkeys(("layers", "store", "ingest", "record"), 2),  # inputs and storage
+    **dict.fromkeys(("layers", "integrity", "store", "ingest", "record"), 2),  # inputs and storage
     **dict.fromkeys(("engine", "cluster", "checkpoint", "passes"), 3),  # the Dask engine
     **dict.fromkeys(("api", "compat", "plot", "report", "datasets", "demo", "cli", "__main__", "__init__"), 4),  # front
 }

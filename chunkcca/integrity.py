@@ -1,0 +1,326 @@
+"""What a store's writer recorded, checked before it is read: one listing of the store (``Listing``), every chunk
+file present (``check_chunks``), each array's metadata and decoding attributes as written (``check_metadata``), and
+each chunk file's CRC32C in its place (``check_places``): a lost, moved, cut or edited chunk file is an error naming
+the layer and datapoints, never a fill value or another chunk's numbers.
+
+Files and metadata only: no activations are read here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+from ._fs import json_digest
+from ._stack import user_stacklevel
+from .options import MASK, VARIABLE
+
+#: Root attribute: per layer, a digest of each of its arrays' metadata (all but their attributes) as written, by
+#: which an edit since (another dtype, shape, dim order or codec list, read silently as other numbers) is refused.
+METADATA_ATTR = "chunkcca_metadata"
+
+#: Root attribute: per layer, per chunked array it is read through (activations, mask), each chunk file's CRC32C
+#: (its last 4 bytes, which zarr's crc32c codec appends), in chunk order (base64 of little-endian uint32). A chunk
+#: file moved to another chunk's place passes its own checksum and would be read as other datapoints' values:
+#: ``check_complete`` finds it before reading (an error), and warns of a chunk holding other bytes (an edit in place
+#: with zarr is the user's; a chunk copied from another store is damage).
+CHUNKS_ATTR = "chunkcca_chunks"
+
+#: Attributes by which xarray decodes an array's values (CF conventions): one edited reads other numbers (an int16
+#: layer given ``_Unsigned``: mean ρ 0.641 for 0.970). ``units`` and ``calendar`` count only for times (a ``units``
+#: of "<unit> since <date>"); other attributes may change.
+DECODED_BY = ("_FillValue", "missing_value", "scale_factor", "add_offset", "_Unsigned", "dtype", "_Encoding")
+TIME_DECODED_BY = ("units", "calendar")
+#: Root attribute: per layer, each of its arrays' ``DECODED_BY`` attributes as written (``decoded_by``), checked
+#: at open beside ``METADATA_ATTR`` (apart from it, so that a store written now opens as before in older versions).
+DECODING_ATTR = "chunkcca_decoding"
+
+#: Codecs whose settings do not change the numbers read (how hard a compressor worked): only their names count.
+COMPRESSORS = ("blosc", "zstd", "gzip", "numcodecs.blosc", "numcodecs.zstd", "numcodecs.gzip", "numcodecs.lz4")
+
+#: Chunk files holding other bytes than written whose own CRC32C is checked before reading (a file cut short or
+#: overwritten fails it, an edit with zarr passes): damage is then one error before any work, not a warning of an
+#: edit and then zarr's error mid-run. Past these, zarr's check on reading still finds the rest.
+CHECKED_EDITS = 4
+
+#: What a lost chunk file means, and what to do.
+LOST_CHUNKS = ("the store is damaged (a chunk deleted), or its writer left out chunks equal to the fill value "
+               "(zarr's default; chunkcca.record's labels and last chunks before 2026-12-02); chunkcca never reads "
+               "a missing chunk as a fill value: write the layer again (with zarr or xarray, "
+               "write_empty_chunks=True)")
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One listing of a store: every file (relative to its root) and the metadata of each array, by folder,
+    from one ``find`` and one batched read of the ``zarr.json`` files (a round trip each for a URL)."""
+
+    files: dict[str, int]  # each file, relative to the root, and its size
+    arrays: dict[str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, fs: Any, root: str) -> Listing:
+        files = file_sizes(fs, root)
+        paths = sorted(name for name in files if name == "zarr.json" or name.endswith("/zarr.json"))
+        texts = fs.cat([f"{root}/{name}" for name in paths]) if paths else {}
+        arrays = {}
+        for name in paths:
+            try:
+                metadata = json.loads(texts[f"{root}/{name}"])
+            except ValueError as error:  # xarray said "Expecting value: line 1 column 1", naming no file
+                raise ValueError(f"its metadata file {name} is damaged (not JSON: {error})") from error
+            if not isinstance(metadata, dict):
+                raise ValueError(f"its metadata file {name} is damaged (a JSON {type(metadata).__name__}, not an "
+                                 f"object)")
+            if metadata.get("node_type") == "array":
+                arrays[str(PurePosixPath(name).parent)] = metadata
+        return cls(files, arrays)
+
+    def sizes(self, folder: str) -> dict[str, int]:
+        """Every file under ``folder`` (relative to the root), by its name there, and its size."""
+        return {name.removeprefix(f"{folder}/"): size for name, size in self.files.items()
+                if name.startswith(f"{folder}/")}
+
+
+def file_sizes(fs: Any, folder: str) -> dict[str, int]:
+    """Every file under ``folder``, by its name there, and its size: one listing."""
+    return {name.removeprefix(folder).lstrip("/"): int(info["size"])
+            for name, info in fs.find(folder, detail=True).items()}
+
+
+def metadata_digests(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Per layer of ``layers``, each of its arrays (activations, mask, labels) → a digest of what its values are
+    read by: shape, data type, chunks and their keys, dims, fill value and codecs (a compressor's by name)."""
+    digests: dict[str, dict[str, str]] = {layer: {} for layer in layers}
+    for folder, metadata in listing.arrays.items():
+        layer, _, array = folder.rpartition("/")
+        if layer not in digests:
+            continue
+        read_by = {key: metadata.get(key) for key in ("shape", "data_type", "chunk_grid", "chunk_key_encoding",
+                                                        "dimension_names", "fill_value")}
+        read_by["codecs"] = [codec.get("name") if codec.get("name") in COMPRESSORS else codec
+                             for codec in metadata.get("codecs", [])]
+        digests[layer][array] = json_digest(read_by)
+    return digests
+
+
+def decoded_by(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per layer of ``layers``, each of its arrays → the attributes xarray decodes its values by (``DECODED_BY``,
+    and ``TIME_DECODED_BY`` for times), as they are."""
+    found: dict[str, dict[str, dict[str, Any]]] = {layer: {} for layer in layers}
+    for folder, metadata in listing.arrays.items():
+        layer, _, array = folder.rpartition("/")
+        if layer in found:
+            attributes = metadata.get("attributes") or {}
+            keys = DECODED_BY + (TIME_DECODED_BY if " since " in str(attributes.get("units", "")) else ())
+            found[layer][array] = {key: attributes[key] for key in keys if key in attributes}
+    return found
+
+
+def check_metadata(listing: Listing, attributes: Mapping[str, Any], location: str) -> None:
+    """Refuse a layer whose arrays' metadata is not what its writer recorded (``METADATA_ATTR``): edited, gone
+    (a lost mask read every position as real) or added; or whose attributes that xarray decodes values by are
+    not (``DECODING_ATTR``, where recorded)."""
+    recorded, decoding = attributes.get(METADATA_ATTR) or {}, attributes.get(DECODING_ATTR) or {}
+    found, decoded = metadata_digests(listing, list(recorded)), decoded_by(listing, list(decoding))
+    for layer, digests in recorded.items():
+        now = found[layer]
+        if not now:
+            continue  # the layer's folder is gone whole: check_store_files names the layer
+        for array in sorted(set(digests) | set(now)):
+            if array == VARIABLE and array not in now:
+                continue  # a layer without its activations' metadata is named by check_store_files
+            if digests.get(array) != now.get(array):
+                how = ("is missing" if array not in now else "was added since" if array not in digests else
+                       "is not what chunkcca wrote (its dtype, shape, dims, chunks or codecs were edited, or the "
+                       "array replaced)")
+                raise OSError(f"{location}: the metadata of array {array!r} of layer {layer!r} {how}: read as it "
+                              f"is it would give other numbers; the store is damaged: write it again")
+    for layer, written in decoding.items():
+        for array in sorted(set(written) & set(decoded[layer])):
+            if written[array] != decoded[layer][array]:
+                edited = sorted(key for key in {*written[array], *decoded[layer][array]}
+                                if written[array].get(key) != decoded[layer][array].get(key))
+                raise OSError(f"{location}: the attribute{'s' if len(edited) > 1 else ''} {', '.join(edited)} of "
+                              f"array {array!r} of layer {layer!r}, by which xarray decodes its values, "
+                              f"{'are' if len(edited) > 1 else 'is'} not what chunkcca wrote: read as it is it "
+                              f"would give other numbers; if you did not edit it, the store is damaged: write it "
+                              f"again")
+
+
+def chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
+    """Every stored object's key (chunk, or shard) of a zarr v3 array, by its grid index, from its metadata."""
+    shape = metadata["shape"]
+    chunk_shape = metadata["chunk_grid"]["configuration"]["chunk_shape"]
+    encoding = metadata.get("chunk_key_encoding", {"name": "default"})
+    separator = encoding.get("configuration", {}).get("separator", "/" if encoding["name"] == "default" else ".")
+    grid = [-(-size // chunk) for size, chunk in zip(shape, chunk_shape)]
+    keys = {}
+    for index in np.ndindex(*grid):
+        parts = separator.join(map(str, index))
+        keys[index] = (f"c{separator}{parts}" if parts else "c") if encoding["name"] == "default" else (parts or "0")
+    return keys
+
+
+def lost_chunks(metadata: dict[str, Any], present: set[str]) -> dict[tuple[int, ...], str]:
+    """The chunk files of one zarr array (its ``metadata``) not among the files ``present``, by grid index."""
+    return {index: key for index, key in chunk_keys(metadata).items() if key not in present}
+
+
+def _datapoint_span(metadata: dict[str, Any], index: tuple[int, ...]) -> tuple[int, int]:
+    """The first and last index along its first dim (datapoint, for a layer's arrays and most labels) of the chunk
+    at grid ``index`` of a zarr array (its ``metadata``)."""
+    per_chunk, total = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], metadata["shape"][0]
+    return index[0] * per_chunk, min((index[0] + 1) * per_chunk, total) - 1
+
+
+def check_chunks(metadata: dict[str, Any], present: set[str], what: str, store: str) -> None:
+    """Every chunk file of one zarr array (its ``metadata``; ``present`` the names of its files) is there, or an
+    OSError naming ``what`` it holds and, along datapoint, which datapoints are lost."""
+    missing = list(lost_chunks(metadata, present))
+    if not missing:
+        return
+    many = "s" if len(missing) > 1 else ""
+    if (metadata.get("dimension_names") or [None])[0] == "datapoint":
+        spans = sorted({_datapoint_span(metadata, index) for index in missing})
+        where = ", of datapoints " + ", ".join(f"{first} to {last}" for first, last in spans[:5])
+        where += " …" if len(spans) > 5 else ""
+    else:
+        where = f" ({', '.join(map(str, missing[:5]))}{' …' if len(missing) > 5 else ''})"
+    raise OSError(f"{what} of {store} lacks {len(missing)} chunk file{many}{where}: {LOST_CHUNKS}")
+
+
+def check_store_files(location: str, listing: Listing, listed: Sequence[str], found: Sequence[str]) -> None:
+    """At open: every layer the store lists (``listed``, its root's order) is among those ``found``, and every array
+    in it (layers, masks, labels) has each of its chunk files (``listing``); else an OSError naming what is
+    missing. No data is read."""
+    lost = [layer for layer in listed if layer not in found]
+    if lost:
+        why = "; ".join(_why_lost(listing, layer) for layer in lost)
+        raise OSError(f"{location} lists layer{'s' if len(lost) > 1 else ''} {', '.join(map(repr, lost))} but holds "
+                      f"no readable {VARIABLE!r} for {'them' if len(lost) > 1 else 'it'} ({why}): "
+                      f"the store is damaged; write {'them' if len(lost) > 1 else 'it'} again")
+    arrays = listing.arrays
+    present: dict[str, set[str]] = {folder: set() for folder in arrays}
+    for file in listing.files:  # each file to the array holding it: the nearest folder up that is one
+        for folder in PurePosixPath(file).parents:
+            if str(folder) in present:
+                present[str(folder)].add(file.removeprefix(f"{folder}/"))
+                break
+    for folder, metadata in arrays.items():
+        node, _, variable = folder.rpartition("/")
+        what = (f"layer {node!r}" if variable == VARIABLE else f"layer {node!r}'s {variable}" if variable == MASK
+                else f"the labels {variable!r} of {node or 'the store'!r}")
+        check_chunks(metadata, present[folder], what, location)
+
+
+def _why_lost(listing: Listing, layer: str) -> str:
+    """What is gone of a layer the store lists but xarray finds no activations for: its folder, its activations'
+    folder, or their metadata (``zarr.json``)."""
+    for folder in (layer, f"{layer}/{VARIABLE}"):
+        if not any(name.startswith(f"{folder}/") for name in listing.files):
+            return f"the folder {folder!r} is gone"
+    return f"the metadata of {layer}/{VARIABLE} is missing"
+
+
+def chunk_checksums(fs: Any, folder: str, metadata: dict[str, Any], sizes: Mapping[str, int]) -> np.ndarray | None:
+    """The CRC32C of each chunk file of the zarr array in ``folder`` (its ``metadata``; ``sizes``: each chunk
+    file's size, by its name there), in chunk order, as ``CHUNKS_ATTR`` records them: one small read per chunk
+    file. None when its chunks carry none (its last codec) to tell them apart by."""
+    return arrays_chunk_checksums(fs, [(folder, metadata, sizes)])[0]
+
+
+def arrays_chunk_checksums(fs: Any, arrays: Sequence[tuple[str, dict[str, Any], Mapping[str, int]]]
+                           ) -> list[np.ndarray | None]:
+    """``chunk_checksums`` of each of ``arrays`` (folder, metadata, sizes), from one batched read of them all."""
+    files: list[list[str] | None] = []
+    for folder, metadata, _ in arrays:
+        carried = (metadata.get("codecs") or [{}])[-1].get("name") == "crc32c"
+        files.append([f"{folder}/{key}" for key in chunk_keys(metadata).values()] if carried else None)
+    paths = [path for each in files if each for path in each]
+    ends = [sizes[path.removeprefix(f"{folder}/")] for (folder, _, sizes), each in zip(arrays, files) if each
+            for path in each]
+    tails = iter(fs.cat_ranges(paths, [max(end - 4, 0) for end in ends], ends) if paths else [])
+    # a file cut to fewer than 4 bytes, padded, almost surely differs from what was recorded: it is then read and
+    # fails its own checksum (``check_places``)
+    return [None if each is None else np.frombuffer(b"".join(next(tails).rjust(4, b"\0") for _ in each),
+                                                    dtype="<u4") for each in files]
+
+
+def chunk_reader(fs: Any, folder: str, metadata: dict[str, Any]) -> Callable[[int], bytes]:
+    """Reads the bytes of the chunk file of the zarr array in ``folder`` (its ``metadata``) at a place in chunk
+    order (as ``chunk_checksums`` gives them)."""
+    keys = list(chunk_keys(metadata).values())
+    return lambda index: fs.cat(f"{folder}/{keys[index]}")
+
+
+def _fails_own_checksum(data: bytes) -> bool:
+    """Whether a chunk file's bytes fail the CRC32C that zarr's crc32c codec appends to them (their last 4 bytes)."""
+    return len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little")
+
+
+def check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any], what: str, store: str,
+                 read: Callable[[int], bytes]) -> None:
+    """An OSError naming ``what`` and the chunks whose file now holds another chunk's checksum as written
+    (``recorded``, ``CHUNKS_ATTR``): moved or swapped, read as other datapoints' values. Within one array: a chunk
+    edited in place to equal bytes another chunk held is refused too; one copied in from another array passes.
+    Of the other chunk files edited, the first ``CHECKED_EDITS`` are read (``read``: a chunk file's bytes, by its
+    place in ``checksums``): one failing its own checksum is an OSError (damage), else the edits are warned of."""
+    written = np.frombuffer(base64.b64decode(recorded), dtype="<u4")
+    if written.shape != checksums.shape:
+        return  # another grid: the metadata check names it
+    edited = np.flatnonzero(checksums != written)
+    if not edited.size:
+        return
+    moved = edited[np.isin(checksums[edited], written)]
+    grid = list(chunk_keys(metadata))  # each chunk's grid index, in the order of the checksums
+
+    def datapoints(index: int) -> str:
+        if not metadata["shape"]:
+            return "its one chunk"
+        first, last = _datapoint_span(metadata, grid[index])
+        dim = (metadata.get("dimension_names") or ["datapoint"])[0]
+        return f"{dim}s {first} to {last}" if dim == "datapoint" else f"{dim} {first} to {last}"
+
+    if not moved.size:
+        for index in edited[:CHECKED_EDITS].tolist():
+            if _fails_own_checksum(read(index)):
+                raise OSError(f"{what} of {store}: the chunk file of {datapoints(index)} fails its CRC32C checksum "
+                              f"(its bytes changed since they were written: cut short or overwritten): the store is "
+                              f"damaged; write it again")
+        warnings.warn(f"{what} of {store}: {edited.size} chunk file{'s hold' if edited.size > 1 else ' holds'} other "
+                      f"bytes than chunkcca wrote (the first, of {datapoints(int(edited[0]))}): edited since (with "
+                      f"zarr, in place) or copied from another store; if you did not edit {what}, the store is "
+                      f"damaged: write it again", RuntimeWarning, stacklevel=user_stacklevel())
+        return
+
+    origin = int(np.flatnonzero(written == checksums[moved[0]])[0])
+    raise OSError(f"{what} of {store}: the chunk file of {datapoints(int(moved[0]))} holds the bytes written for "
+                  f"{datapoints(origin)} ({moved.size} chunk file{'s' if moved.size > 1 else ''} moved to another "
+                  f"chunk's place, each passing its own checksum, or edited to equal another): read, they would give "
+                  f"other datapoints' values; the store is damaged: write it again")
+
+
+def check_label_places(fs: Any, root: str, listing: Listing, recorded: Mapping[str, Mapping[str, str]],
+                       location: str) -> None:
+    """At open, before the store's labels are used: no label chunk file of a layer holds another's bytes as
+    written (``recorded``: ``CHUNKS_ATTR``; activations and masks are checked before each read,
+    ``check_complete``); a swapped datapoint label chunk would pair other datapoints' rows."""
+    labels = [(layer, variable, written) for layer, variables in recorded.items()
+              for variable, written in variables.items()
+              if variable not in (VARIABLE, MASK) and f"{layer}/{variable}" in listing.arrays]
+    found = arrays_chunk_checksums(fs, [(f"{root}/{layer}/{variable}", listing.arrays[f"{layer}/{variable}"],
+                                         listing.sizes(f"{layer}/{variable}")) for layer, variable, _ in labels])
+    for (layer, variable, written), checksums in zip(labels, found):
+        if checksums is not None:
+            folder, metadata = f"{root}/{layer}/{variable}", listing.arrays[f"{layer}/{variable}"]
+            check_places(checksums, written, metadata, f"the labels {variable!r} of layer {layer!r}", location,
+                         chunk_reader(fs, folder, metadata))
