@@ -490,6 +490,19 @@ def _collates(batches: Any) -> bool:
         and batches.collate_fn is default_collate
 
 
+def _known_datapoints(batches: Any) -> int | None:
+    """How many datapoints ``batches`` holds where it says so before it runs: a DataLoader stacking ``batch_size``
+    samples a batch (``_collates``) from a sampler of known length, less a last part batch it drops
+    (``drop_last``); None otherwise (an iterable dataset, a batch sampler of one's own, any other iterable)."""
+    if not _collates(batches) or batches.batch_size is None:
+        return None
+    try:
+        total = len(batches.sampler)
+    except TypeError:  # an IterableDataset's sampler has no length
+        return None
+    return total - total % batches.batch_size if batches.drop_last else total
+
+
 def _batch_datapoints(batch: Any, collated: bool) -> int | None:
     """How many datapoints a batch holds, where that shows: the first dim of its tensors (a dict's values, a tuple's
     items, or the batch itself) when they all have one and a DataLoader's default collation stacked them
@@ -608,7 +621,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     coords
         Coordinates on ``datapoint`` for every recorded layer (for ``groupby=`` and ``folds=``): name → one number
         or string per datapoint, in the order of ``batches`` (e.g. ``{"label": dataset.targets}``), or a DataArray
-        on ``datapoint`` labelled as ``datapoints``. Checked before the model runs; their count, once it has.
+        on ``datapoint`` labelled as ``datapoints``. Checked before the model runs, their count too where
+        ``batches`` tells it (a DataLoader: its sampler's length), else once the model has run, as is
+        ``datapoints``'s.
 
     Returns
     -------
@@ -620,6 +635,13 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     import zarr
     modules = _modules(model, layers)
     labelled = check_datapoint_coords(coords)
+    known = _known_datapoints(batches)
+    if known is not None:  # the labels' count checked before the model runs, where the DataLoader tells it
+        labels = np.arange(known) if datapoints is None else np.asarray(datapoints)
+        if labels.shape != (known,):
+            raise ValueError(f"datapoints has {labels.size} labels for the {known} datapoints batches holds (its "
+                             f"DataLoader's sampler): give one label per datapoint, in order")
+        coord_values(labelled, labels, next(iter(modules)))
     compressors = codecs_for(compression)
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
     if _shuffles(batches):

@@ -715,6 +715,44 @@ def test_records_datapoint_coordinates_for_groupby(tmp_path):
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_labels_of_the_wrong_count_for_a_data_loader_are_refused_before_the_model_runs(tmp_path):
+    """A DataLoader says how many datapoints it holds: ``datapoints`` or ``coords`` of another count were refused
+    only after every forward pass (hours, on a real model). Its sampler's length counts, less a dropped last part
+    batch; an iterable dataset, which says nothing, is checked after the run as before."""
+    data = torch.utils.data
+    dataset = data.TensorDataset(torch.randn(23, 1, 8, 8))
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.calls = _net(), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.net(x)
+
+    model = Counting()
+    loader = data.DataLoader(dataset, batch_size=5)
+    with pytest.raises(ValueError, match=r"datapoints has 22 labels for the 23 datapoints batches holds"):
+        record(model, {"fc": "net.4"}, loader, tmp_path / "r.zarr", datapoints=np.arange(22))
+    with pytest.raises(ValueError, match=r"coords\['label'\] has 22 labels and layer 'fc' 23 datapoints"):
+        record(model, {"fc": "net.4"}, loader, tmp_path / "r.zarr", coords={"label": np.arange(22)})
+    dropping = data.DataLoader(dataset, batch_size=5, drop_last=True)  # 20 datapoints recorded
+    with pytest.raises(ValueError, match=r"coords\['label'\] has 23 labels and layer 'fc' 20 datapoints"):
+        record(model, {"fc": "net.4"}, dropping, tmp_path / "r.zarr", coords={"label": np.arange(23)})
+    assert model.calls == 0 and not (tmp_path / "r.zarr").exists()
+    tree = record(model, {"fc": "net.4"}, dropping, tmp_path / "r.zarr", coords={"label": np.arange(20) % 2})
+    assert tree["fc"]["activations"].sizes["datapoint"] == 20 and model.calls == 4
+
+    class Stream(data.IterableDataset):
+        def __iter__(self):
+            return iter(dataset.tensors[0][:, None].unbind(0))
+
+    streamed = data.DataLoader(Stream(), batch_size=None)  # batches as they come: its count is known only after
+    with pytest.raises(ValueError, match=r"datapoints has 22 labels for 23 recorded datapoints"):
+        record(model, {"fc": "net.4"}, streamed, tmp_path / "s.zarr", datapoints=np.arange(22))
+
+
 def test_a_shuffling_data_loader_is_warned_of(tmp_path):
     """A DataLoader with shuffle=True recorded its inputs in a random order, silently: labels in the dataset's order
     (coords=) then sat on other inputs, and a second model recorded with mode='a' paired other inputs (rho 0.5 for
