@@ -756,7 +756,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
             raise ValueError(f"{location} is a zarr v2 store; chunkcca reads zarr v3 activation stores: write its "
                              f"layers again with chunkcca.write_activations (or chunkcca ingest)")
         if is_url(location) or not Path(location).exists():
-            raise FileNotFoundError(f"no activation store at {location}")
+            raise FileNotFoundError(f"no activation store at {location}{_unfinished_write(location)}")
         raise ValueError(f"{location} is not an activation store: a zarr v3 store is a folder with a zarr.json, and "
                          f"this is {'a file' if Path(location).is_file() else 'a folder without one'}")
     try:
@@ -825,6 +825,19 @@ def _unreadable_label(listing: Listing, location: str, storage_options: Mapping[
         except Exception as error:
             return f"its label array {folder} cannot be read: {read_failure(error)}"
     return None
+
+
+def _unfinished_write(location: str) -> str:
+    """What to say of a store not there whose write left its temporary folders beside it (``_fs.leftovers``):
+    killed (their writer gone) or maybe still under way; "" when none did."""
+    left = [] if is_url(location) else leftovers(location)
+    if not left:
+        return ""
+    folders = ", ".join(str(folder) for folder, _ in left)
+    if all(stale for _, stale in left):
+        return (f": a write of it was killed before it ended, leaving {folders}; write the store again (which "
+                f"removes {'them' if len(left) > 1 else 'it'})")
+    return f": a write of it has not ended (under way, or killed), leaving {folders}"
 
 
 def read_failure(error: BaseException) -> str:

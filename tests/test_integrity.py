@@ -19,7 +19,7 @@ import pytest
 import chunkcca
 from chunkcca import cca, open_activations, write_activations
 from chunkcca import store as chunkcca_store
-from chunkcca._fs import leftovers
+from chunkcca._fs import leftovers, owner_record
 from chunkcca.cli import main
 
 
@@ -456,6 +456,20 @@ def test_killed_writers_leave_folders_that_info_reports_and_the_next_write_remov
     assert leftovers(store) == [(stale, True)]
     assert main(["info", str(store)]) == 0
     assert "1 temporary folder beside it left by a killed write" in capsys.readouterr().out
+    # a first write killed: no store, only its folder; "no activation store at …" did not say why
+    never = tmp_path / "never.zarr"
+    os.rename(stale, tmp_path / ".never.zarr.abc123.tmp")
+    assert main(["info", str(never)]) == 2
+    assert capsys.readouterr().err == (f"chunkcca info: error: no activation store at {never}: a write of it was "
+                                       f"killed before it ended, leaving {tmp_path / '.never.zarr.abc123.tmp'}; "
+                                       f"write the store again (which removes it)\n")
+    owner = tmp_path / ".never.zarr.abc123.tmp" / "owner.json"
+    dead_owner = owner.read_text()
+    owner.write_text(json.dumps(owner_record()))  # its writer alive
+    with pytest.raises(FileNotFoundError, match="a write of it has not ended \\(under way, or killed\\), leaving"):
+        open_activations(never)
+    owner.write_text(dead_owner)
+    os.rename(tmp_path / ".never.zarr.abc123.tmp", stale)
     write_activations(store, {"c": np.zeros((10, 2))}, overwrite=True)
     assert not stale.exists()
 
