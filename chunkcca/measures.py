@@ -867,10 +867,12 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
         ``procrustes`` (the distance d), ``similarity`` (‖Σab‖_* / sqrt(tr Σaa · tr Σbb)) and ``rows``.
     """
     cov_aa, cov_ab, cov_bb = _pair(moments, "procrustes")
-    scale = np.sqrt(np.trace(cov_aa) * np.trace(cov_bb))
     require_variance(moments, "the Procrustes distance")
+    # each side's norm apart, as CKA's: tr Σaa · tr Σbb overflowed (layers of 1e80: d = √2) or underflowed (1e-150:
+    # d = 0) where the sides' own traces do not
+    normalised = cov_ab / np.sqrt(np.trace(cov_aa)) / np.sqrt(np.trace(cov_bb))
     with solve_threads(moments.channels):
-        similarity = float(np.linalg.svd(cov_ab, compute_uv=False).sum() / scale)
+        similarity = float(np.linalg.svd(normalised, compute_uv=False).sum())
     return _with_layers(xr.Dataset(
         {"procrustes": ((), float(np.sqrt(max(0.0, 2 - 2 * similarity))), {"long_name": "Procrustes distance"}),
          "similarity": ((), similarity, {"long_name": "nuclear norm of the normalised cross-covariance"}),

@@ -328,6 +328,17 @@ def test_procrustes_matches_scipy(p, q):
     assert float(result["procrustes"]) == pytest.approx(procrustes_reference(x, y), abs=ATOL)
 
 
+@pytest.mark.parametrize("scale", [1e80, 1e-150])
+def test_procrustes_does_not_depend_on_the_layers_scale(scale):
+    """The distance of unit-norm sides is the same at any scale float64 holds: tr Σaa · tr Σbb overflowed at 1e80
+    (d = √2, similarity 0) and underflowed at 1e-150 (d = 0, similarity inf), with numpy's warning only."""
+    x, y = _pair(10, p=6, q=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = procrustes(_chunked(x * scale, 64), y * scale, precision="float64")
+    assert float(result["procrustes"]) == pytest.approx(procrustes_reference(x, y), abs=ATOL)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_shape_metric_matches_in_memory(alpha):
     x, y = _pair(11)
