@@ -924,10 +924,14 @@ def run(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction: Reduc
     read ahead)."""
     threads = scheduler_threads(scheduler)
     chains = min(chains or threads, threads)
-    graph = reduction_graph(sides, adapters, reduction, chains=chains, nan_policy=nan_policy,
-                            names=names, offset=offset, codes=codes, masks=masks, start=start, ahead=ahead)
+    # on a cluster ``start`` stays with the client, merged after: in the graph it was sent to the scheduler
+    # (a dft pilot's 64 MiB, with distributed's "Sending large graph" warning), and it costs the workers nothing
+    kept = start if start is not None and _active_client(scheduler) is not None else None
+    graph = reduction_graph(sides, adapters, reduction, chains=chains, nan_policy=nan_policy, names=names,
+                            offset=offset, codes=codes, masks=masks, start=None if kept is not None else start,
+                            ahead=ahead)
     (merged,) = compute(graph, scheduler=scheduler, progress=progress, threads=chains * (1 + ahead))
-    return reduction.finalize(merged)
+    return reduction.finalize(merged if kept is None else reduction.merge(kept, merged))
 
 
 @contextlib.contextmanager

@@ -144,6 +144,29 @@ def test_every_entry_point_runs_on_a_cluster_and_equals_local(cluster, layers, e
             np.testing.assert_array_equal(got, want)
 
 
+def test_an_auto_precision_pilot_stays_with_the_client_on_a_cluster(cluster, layers, monkeypatch):
+    """precision="auto"'s pilot statistics, which the rest of a local run folds into, were put in the graph sent
+    to the scheduler: a dft pilot's 64 MiB came with distributed's "Sending large graph" warning. On a cluster
+    they stay with the client and are merged after; the result equals the local one."""
+    from chunkcca import engine
+
+    a, b, *_ = layers
+    starts: list[object] = []
+    build = engine.reduction_graph
+
+    def recording(*args, **kwargs):
+        starts.append(kwargs.get("start"))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "reduction_graph", recording)
+    for spatial in ("flatten", "dft"):
+        local = chunkcca.cca(a, b, spatial=spatial, scheduler="threads")
+        assert starts[-1] is not None  # locally the rest of the run folds into the pilot's statistics
+        remote = chunkcca.cca(a, b, spatial=spatial, scheduler=cluster["address"])
+        assert starts[-1] is None and remote.attrs["precision"] == local.attrs["precision"]
+        np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12, atol=1e-12)
+
+
 def test_workers_read_a_store_given_by_url(cluster, layers):
     *_, store = layers
     tree = chunkcca.open_activations(Path(store).as_uri())
