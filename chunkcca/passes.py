@@ -366,6 +366,11 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
                       f"they are dropped, and move correlations by 1e-3 and more near there; precision='auto' (the "
                       f"default) or 'float64' (--precision auto or float64) keep them", RuntimeWarning,
                       stacklevel=user_stacklevel())
+    coarse = _coarse_offset(stats, layers, "the run") if options.precision == "float32" else None
+    if coarse is not None:
+        warnings.warn(f"precision='float32' on values with few bits about their mean ({coarse}): correlations and CKA "
+                      f"may be off by up to ~1e-5; precision='auto' (the default) or 'float64' (--precision auto or "
+                      f"float64) take float64 products there", RuntimeWarning, stacklevel=user_stacklevel())
     # rows left out: none but padding under nan_policy="raise"; under "omit", non-finite rows and padding alike
     omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
     rounded = partial(replace, value_rounding=tuple(map(layer_rounding, layers)))
@@ -492,7 +497,7 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     merged = _merged(pilot)
     names = tuple(str(layer.name) for layer in layers)
     choice, reason = _choose_precision(merged, names, f"the first {first} datapoints")
-    coarse = _coarse_offset(merged, layers) if choice == "float32" else None
+    coarse = _coarse_offset(merged, layers, "the pilot") if choice == "float32" else None
     if coarse is not None:
         choice, reason = "float64", coarse
     if merged.n < needed:  # padding or omitted rows took some out
@@ -899,13 +904,13 @@ def _choose_precision(pilot: Moments | TiledMoments | Sequence[Moments], names: 
                     f"is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
 
 
-def _coarse_offset(pilot: Moments | TiledMoments, layers: Sequence[xr.DataArray]) -> str | None:
+def _coarse_offset(stats: Moments | TiledMoments, layers: Sequence[xr.DataArray], where: str) -> str | None:
     """Why float64 products, where a varying channel of a layer stored coarser than float64 keeps fewer than
-    ``AUTO_OFFSET_BITS`` bits once shifted by its mean in the ``pilot`` (its offset thousands of times its spread);
-    else None."""
+    ``AUTO_OFFSET_BITS`` bits once shifted by its mean in ``stats`` (of ``where``, e.g. "the pilot"): its offset
+    thousands of times its spread; else None."""
     for side, layer in enumerate(layers):
         eps = value_eps(layer.dtype)
-        own = pilot.select([side])
+        own = stats.select([side])
         if not eps or own.n == 0:
             continue
         spread = np.sqrt(np.maximum(np.diagonal(own.scatter, axis1=-2, axis2=-1).real, 0) / own.n)
@@ -917,7 +922,7 @@ def _coarse_offset(pilot: Moments | TiledMoments, layers: Sequence[xr.DataArray]
         if bits.min() < AUTO_OFFSET_BITS:
             ratio = float((np.abs(own.mean)[varying] / spread[varying]).max())
             return (f"a channel of layer {str(layer.name)!r} ({layer.dtype}) has a mean {ratio:.3g} times its spread "
-                    f"in the pilot: shifted by it, its values keep {bits.min():.1f} bits (under "
+                    f"in {where}: shifted by it, its values keep {bits.min():.1f} bits (under "
                     f"{AUTO_OFFSET_BITS}), whose float32 products sum with a bias")
     return None
 

@@ -364,7 +364,9 @@ def test_precision_auto_takes_float64_for_float32_values_on_a_coarse_grid_at_the
                                                        abs=1e-12 if products == "float64" else 1e-6)
     assert "mean 3.47e+04 times its spread" in cca(da.from_array((1e5 + 3 * x0).astype(np.float32), chunks=500),
                                                    y0).attrs["precision_auto"]
-    single = cca((1e5 + 3 * x0).astype(np.float32), (1e5 + 3 * y0).astype(np.float32), precision="float32")
+    with pytest.warns(RuntimeWarning, match="precision='float32' on values with few bits about their mean .*layer "
+                                            "'a' .* times its spread in the run"):
+        single = cca((1e5 + 3 * x0).astype(np.float32), (1e5 + 3 * y0).astype(np.float32), precision="float32")
     assert np.abs(single["rho"] - canonical_correlations((1e5 + 3 * x0).astype(np.float32),
                                                          (1e5 + 3 * y0).astype(np.float32))).max() > 2e-6
 
