@@ -165,8 +165,30 @@ class Inverse(NamedTuple):
 
 def _correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
     """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``)."""
-    values, vectors = np.linalg.eigh(_scaled(cov, _inverse_std(cov)))
+    values, vectors = np.linalg.eigh(_set_apart(_scaled(cov, _inverse_std(cov)), floor))
     return int(floor.cut(values, vectors)[0].sum())
+
+
+def _within_rounding(floor: Rounding) -> np.ndarray | None:
+    """The channels whose whole variance their values' rounding can make (``floor.channels`` at least 1, in the
+    correlation matrix's units: a float32 unit saturated at 1.0 but for one-ulp dips); None if none."""
+    if floor.channels is None or not (floor.channels >= 1).any():
+        return None
+    return floor.channels >= 1
+
+
+def _set_apart(correlation: np.ndarray, floor: Rounding) -> np.ndarray:
+    """``correlation`` with the rows and columns of the channels within their rounding (``_within_rounding``) set
+    to 0: left in, their unit variance mixed into the near-degenerate directions of the other channels (white
+    channels beside them), whose rounding then passed their eigenvalues, and every direction was cut (six N(0, 1)
+    channels and two saturated ones: "varies only within the rounding")."""
+    alone = _within_rounding(floor)
+    if alone is None:
+        return correlation
+    correlation = correlation.copy()
+    correlation[alone, :] = 0
+    correlation[:, alone] = 0
+    return correlation
 
 
 def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> Inverse:
@@ -181,13 +203,17 @@ def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> Inverse:
     cuts, direction by direction, what the activations' own rounding can make (``rounding()``): about 1.4e-14
     for float32 values of a mean no larger than their spread.
     """
-    values, vectors = np.linalg.eigh(cov)
+    values, vectors = np.linalg.eigh(_set_apart(cov, floor))
     keep, by_values = floor.cut(values, vectors)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     condition = float(values[keep].max() / values[keep].min()) if keep.any() else 1.0
-    return Inverse((vectors * scale) @ vectors.conj().T, int(keep.sum()), condition,
-                   vectors[:, by_values] / np.sqrt(values[by_values]))
+    cut = vectors[:, by_values] / np.sqrt(values[by_values])
+    alone = _within_rounding(floor)
+    if alone is not None:  # each such channel's own direction, cut as its values' rounding
+        own = np.eye(len(values), dtype=cov.dtype)[:, alone] / np.sqrt(np.diagonal(cov).real[alone])
+        cut = np.concatenate([cut, own], axis=1)
+    return Inverse((vectors * scale) @ vectors.conj().T, int(keep.sum()), condition, cut)
 
 
 def non_constant(variance: np.ndarray, mean: np.ndarray) -> np.ndarray:

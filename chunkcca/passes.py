@@ -915,7 +915,7 @@ def _coarse_offset(stats: Moments | TiledMoments, layers: Sequence[xr.DataArray]
             continue
         spread = np.sqrt(np.maximum(np.diagonal(own.scatter, axis1=-2, axis2=-1).real, 0) / own.n)
         offset = np.abs(own.mean) * eps
-        varying = (spread > 0) & (offset > 0)
+        varying = (spread > offset) & (offset > 0)  # not within the rounding of their mean (the measures drop those)
         if not varying.any():
             continue
         bits = np.log2(spread[varying] / offset[varying])

@@ -383,6 +383,31 @@ def test_dead_channels_change_neither_the_shape_metric_nor_predictivity():
         np.testing.assert_allclose(values[1], values[0], atol=1e-12)
 
 
+def test_saturated_units_beside_white_channels_are_left_out_not_the_whole_layer():
+    """float32 units saturated at 1.0 but for one-ulp dips vary within their values' rounding only. Beside channels
+    of near-equal variance (white, so their correlation matrix's eigenvalues are near-degenerate) their unit variance
+    mixed into every eigen-direction, whose rounding then passed its eigenvalue: every direction was cut and CCA,
+    PWCCA and SVCCA said the layer "varies only within the rounding". They are set apart: the measures equal those
+    of the other channels alone; a layer of saturated units only is still undefined."""
+    from chunkcca.measures import UndefinedMeasure
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((4000, 4))
+    x = (rng.standard_normal((4000, 6)) + 0.3 * latent[:, :1]).astype(np.float32)
+    saturated = np.ones((4000, 2), np.float32)
+    saturated[rng.random((4000, 2)) < 0.01] = np.nextafter(np.float32(1), np.float32(0))
+    y = (latent[:, :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((4000, 4))).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for measure, key in ((cca, "rho_mean"), (pwcca, "pwcca"), (svcca, "rho_mean")):
+            alone = float(measure(x, y, precision="float64")[key])
+            beside = measure(_chunked(np.hstack([x, saturated]), 500), y, precision="float64")
+            assert float(beside[key]) == pytest.approx(alone, abs=1e-12)
+        assert int(cca(np.hstack([x, saturated]), y, precision="float64")["rank_a"]) == 6
+    with pytest.raises(UndefinedMeasure, match="layer 'a' varies only within the rounding of its float32 values"):
+        cca(saturated, y, precision="float64")
+
+
 def test_shape_metric_limits_are_cca_and_procrustes():
     x, y = _pair(12, p=5, q=5)
     rho = canonical_correlations(x, y)
