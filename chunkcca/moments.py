@@ -792,8 +792,12 @@ class _Shifted:
                                     for side in leading], axis=-1)
         # what is subtracted, exactly: in the rows' own precision where it is finer than the products' (float64
         # rows, float32 products), so that a constant channel shifts to 0 and a common offset costs no digits;
-        # else in the products' (float32 rows: the subtraction stays in float32)
+        # else in the products' (float32 rows: the subtraction stays in float32), unless that leaves the shifted
+        # values on a coarse grid (``_coarse_after_shift``): then in float64, each value rounded once to float32
         finest = np.result_type(*(side.dtype for side in sides), self.dtype)
+        if finest.itemsize <= self.dtype.itemsize and not self.is_complex \
+                and _coarse_after_shift(leading, shift, self.dtype):
+            finest = np.dtype(self.wide)
         self.shift = shift.astype(finest if finest.itemsize > self.dtype.itemsize else self.dtype)[..., None, :]
         #: whether the rows are cast to a narrower type for the products (float64 rows, float32 products)
         self.narrowed = finest.itemsize > self.dtype.itemsize
@@ -838,6 +842,28 @@ class _Shifted:
         for side, part in zip(taken, self.slices):
             np.subtract(side, self.shift[..., part], out=block[..., part], casting="unsafe")
         return block
+
+
+#: Shifted in the products' precision, values must keep at least this many bits of their spread: on a coarser grid
+#: float32 sums of their products are biased (the grid's residues repeat): float32 values 1e5 + 3·N(0, 1), on steps
+#: of 2⁻⁷ there, moved ρ by 4.5e-6 and integers 3e4 + 20·N(0, 1) by 5e-6, against 1e-6 shifted in float64.
+SHIFT_BITS = 12
+
+
+def _coarse_after_shift(leading: Sequence[np.ndarray], shift: np.ndarray, precision: np.dtype) -> bool:
+    """Whether rows shifted by ``shift`` (float64, (*batch, p)) in ``precision`` would lie on a grid coarser than
+    2^-``SHIFT_BITS`` of some channel's spread in the ``leading`` rows (each side's, (*batch, rows, pᵢ)): the
+    shift's own rounding at its magnitude, or 1 for integer values (an integer dtype, or float values all whole)."""
+    rounded = np.spacing(np.abs(shift).astype(precision)).astype(np.float64)
+    spreads, grids = [], []
+    for side in leading:
+        values = np.asarray(side)
+        spreads.append(values.std(axis=-2, dtype=np.float64))
+        whole = np.issubdtype(values.dtype, np.integer) or bool(np.array_equal(values, np.round(values)))
+        grids.append(np.full(values.shape[:-2] + values.shape[-1:], 1.0 if whole else 0.0))
+    spread, grid = np.concatenate(spreads, axis=-1), np.maximum(np.concatenate(grids, axis=-1), rounded)
+    varying = spread > 0
+    return bool((spread[varying] < grid[varying] * 2.0**SHIFT_BITS).any())
 
 
 def _widened(made: list[np.ndarray], shifted: _Shifted, taken: list[np.ndarray]) -> np.ndarray:

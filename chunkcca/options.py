@@ -271,17 +271,17 @@ class StreamOptions:
         Keep every ``stride``-th row of the global row order (google/svcca's ``[::stride]``),
         whatever the chunking. For avgpool and dft the rows are datapoints.
     precision : {"auto", "float32", "float64"}
-        dtype of the per-chunk products. "auto" (default) computes the first datapoints (at least 4 rows, before padding
-        is left out, per channel of the widest layer) in float64 and keeps float32 for the rest unless a side's
-        correlation matrix there has a condition number above 1e3, or a float32 channel's mean is thousands of times its
-        spread (its values keep under 10 bits once shifted, and float32 sums of their products are biased) (the choice
-        is in the ``precision_auto`` attr; a checkpointed run, or one with fewer rows, takes float64); "float32" is 2–3×
-        faster than "float64", correlations good to about 1e-6 on well-conditioned data, but directions of
-        ill-conditioned layers can fall under its rounding. Accumulation and merging are always float64. With
-        spatial="features" (exact CKA from Gram blocks), "auto" and "float32" make each layer's Gram blocks in float32
-        (their inner products in float64), about twice as fast and with bands of twice the datapoints: linear CKA
-        inverts nothing, so no conditioning check is needed (measured up to 2e-7 from float64, absolute); a layer whose
-        values' ranges would overflow or underflow float32 products takes float64, as the ``precision_auto`` attr says.
+        dtype of the per-chunk products. "auto" (default) computes the first datapoints (at least 4 rows,
+        before padding is left out, per channel of the widest layer) in float64 and keeps float32 for the rest
+        unless a side's correlation matrix there has a condition number above 1e3 (the choice is in the
+        ``precision_auto`` attr; a checkpointed run, or one with fewer rows, takes float64); "float32" is
+        2–3× faster than "float64", correlations good to about 1e-6 on well-conditioned data, but
+        directions of ill-conditioned layers can fall under its rounding. Accumulation and merging are
+        always float64. With spatial="features" (exact CKA from Gram blocks), "auto" and "float32" make
+        each layer's Gram blocks in float32 (their inner products in float64), about twice as fast and
+        with bands of twice the datapoints: linear CKA inverts nothing, so no conditioning check is needed
+        (measured up to 2e-7 from float64, absolute); a layer whose values' ranges would overflow or
+        underflow float32 products takes float64, as the ``precision_auto`` attr says.
     method, grid
         For "interp" only: "linear" (default), "nearest" or "cubic" (tensor-product, per axis); "coords"
         (default) places samples at the layers' ``height``/``width`` coordinates (pixel centres in input-image

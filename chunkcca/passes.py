@@ -64,12 +64,6 @@ from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
 #: condition numbers near 1e3 and by 1e-5 to 7e-5 near 1e4; a correlation resting on the weakest direction can
 #: move by more just under it (1.3e-5 at 985: docs/concepts.md).
 AUTO_CONDITION = 1e3
-#: precision="auto" keeps float32 products while every channel of a float32 (or coarser) layer keeps at least this
-#: many bits once shifted by its mean: log2(spread / rounding of the mean), the values' own grid at their offset.
-#: Values on a coarser grid (1e5 + 3·N(0, 1) in float32: about 8 bits) make float32 sums of their products biased:
-#: the scatter's diagonal 2.5e-6 too small (1e-8 without an offset), ρ moved by up to 8e-6; at about 11 bits
-#: (1e4 + 3·N(0, 1)) ρ moved by 1e-6, as on data without an offset (docs/concepts.md).
-AUTO_OFFSET_BITS = 10
 #: The pilot (the first datapoints) of precision="auto" holds at least this many rows per channel of the widest
 #: layer (``_pilot_end``). Fewer make a correlation matrix ill-conditioned by sampling alone: at 4 rows per channel,
 #: white noise has a condition number near 9, ((1 + 1/2) / (1 − 1/2))² (Marchenko–Pastur); at 1 or fewer, the
@@ -366,11 +360,6 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
                       f"they are dropped, and move correlations by 1e-3 and more near there; precision='auto' (the "
                       f"default) or 'float64' (--precision auto or float64) keep them", RuntimeWarning,
                       stacklevel=user_stacklevel())
-    coarse = _coarse_offset(stats, layers, "the run") if options.precision == "float32" else None
-    if coarse is not None:
-        warnings.warn(f"precision='float32' on values with few bits about their mean ({coarse}): correlations and CKA "
-                      f"may be off by up to ~1e-5; precision='auto' (the default) or 'float64' (--precision auto or "
-                      f"float64) take float64 products there", RuntimeWarning, stacklevel=user_stacklevel())
     # rows left out: none but padding under nan_policy="raise"; under "omit", non-finite rows and padding alike
     omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
     rounded = partial(replace, value_rounding=tuple(map(layer_rounding, layers)))
@@ -497,9 +486,6 @@ def _one_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], optio
     merged = _merged(pilot)
     names = tuple(str(layer.name) for layer in layers)
     choice, reason = _choose_precision(merged, names, f"the first {first} datapoints")
-    coarse = _coarse_offset(merged, layers, "the pilot") if choice == "float32" else None
-    if coarse is not None:
-        choice, reason = "float64", coarse
     if merged.n < needed:  # padding or omitted rows took some out
         reason += (f"; only {merged.n} of its rows are real (padding and omitted rows are left out), "
                    f"fewer than the {needed} that show layer {widest!r}'s conditioning")
@@ -902,29 +888,6 @@ def _choose_precision(pilot: Moments | TiledMoments | Sequence[Moments], names: 
     choice: ProductPrecision = "float64" if worst > AUTO_CONDITION else "float32"
     return choice, (f"the largest correlation-matrix condition number in {where} "
                     f"is {worst:.3g}, of layer {worst_name!r} (threshold {AUTO_CONDITION:g})")
-
-
-def _coarse_offset(stats: Moments | TiledMoments, layers: Sequence[xr.DataArray], where: str) -> str | None:
-    """Why float64 products, where a varying channel of a layer stored coarser than float64 keeps fewer than
-    ``AUTO_OFFSET_BITS`` bits once shifted by its mean in ``stats`` (of ``where``, e.g. "the pilot"): its offset
-    thousands of times its spread; else None."""
-    for side, layer in enumerate(layers):
-        eps = value_eps(layer.dtype)
-        own = stats.select([side])
-        if not eps or own.n == 0:
-            continue
-        spread = np.sqrt(np.maximum(np.diagonal(own.scatter, axis1=-2, axis2=-1).real, 0) / own.n)
-        offset = np.abs(own.mean) * eps
-        varying = (spread > offset) & (offset > 0)  # not within the rounding of their mean (the measures drop those)
-        if not varying.any():
-            continue
-        bits = np.log2(spread[varying] / offset[varying])
-        if bits.min() < AUTO_OFFSET_BITS:
-            ratio = float((np.abs(own.mean)[varying] / spread[varying]).max())
-            return (f"a channel of layer {str(layer.name)!r} ({layer.dtype}) has a mean {ratio:.3g} times its spread "
-                    f"in {where}: shifted by it, its values keep {bits.min():.1f} bits (under "
-                    f"{AUTO_OFFSET_BITS}), whose float32 products sum with a bias")
-    return None
 
 
 def _whole_run_precision(parts: Parts, names: Sequence[str], datapoints: int,

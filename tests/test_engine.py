@@ -343,32 +343,30 @@ def test_precision_auto_keeps_float32_on_well_conditioned_offset_data():
     np.testing.assert_allclose(result["rho"], want, atol=3e-6)
 
 
-def test_precision_auto_takes_float64_for_float32_values_on_a_coarse_grid_at_their_offset():
-    """float32 values 1e5 + 3·N(0, 1) lie on float32's grid of 2⁻⁷ there: shifted by their mean they keep ~8 bits,
-    and float32 sums of their products are biased (the scatter's diagonal 2.5e-6 too small), moving ρ by ~5e-6
-    and CKA by ~1e-6 against a float64 reference on the same values, where "auto" kept float32 without a word.
-    It now takes float64 and says why; an offset of 1e4 (~11 bits) keeps float32 within its usual 1e-6."""
+@pytest.mark.parametrize(("offset", "spread", "dtype", "whole"), [
+    (1e5, 3.0, np.float32, False),  # float32's steps of 2⁻⁷ at 1e5: ~8 bits of the spread
+    (3e4, 20.0, np.int16, True),  # integers: steps of 1
+    (3e4, 20.0, np.float32, True),  # whole float values
+    (0.0, 3.0, np.float32, False),  # no offset: shifted in float32 as before
+])
+def test_float32_products_of_values_on_a_coarse_grid_at_their_offset_are_unbiased(offset, spread, dtype, whole):
+    """Shifted in float32, such values stay on a coarse grid and float32 sums of their products are biased (the
+    scatter's diagonal 2.5e-6 too small): ρ moved by 4.5e-6 to 5e-6 and CKA by 1e-6 against a float64 reference on
+    the same values, silently, "auto" keeping float32. Their chunks are shifted in float64 and each value rounded
+    once to float32: ρ within 1.5e-6 (1.2e-6 seen), CKA within 2e-7, as without an offset."""
     rng = np.random.default_rng(2)
-    latent = rng.standard_normal((4000, 6))
-    x0 = latent @ rng.standard_normal((6, 12)) + 0.5 * rng.standard_normal((4000, 12))
-    y0 = latent @ rng.standard_normal((6, 10)) + 0.5 * rng.standard_normal((4000, 10))
-    x0, y0 = x0 / x0.std(axis=0), y0 / y0.std(axis=0)
-    for offset, products in ((1e5, "float64"), (1e4, "float32")):
-        x, y = (offset + 3 * x0).astype(np.float32), (offset + 3 * y0).astype(np.float32)
-        want = canonical_correlations(x, y)
-        result = cca(da.from_array(x, chunks=500), da.from_array(y, chunks=500))
-        assert result.attrs["precision"] == products
-        np.testing.assert_allclose(result["rho"], want, atol=1e-10 if products == "float64" else 1e-6)
-        measured = cka(da.from_array(x, chunks=500), da.from_array(y, chunks=500))
-        assert float(measured["cka"]) == pytest.approx(cka_reference(x, y, debiased=False),
-                                                       abs=1e-12 if products == "float64" else 1e-6)
-    assert "mean 3.47e+04 times its spread" in cca(da.from_array((1e5 + 3 * x0).astype(np.float32), chunks=500),
-                                                   y0).attrs["precision_auto"]
-    with pytest.warns(RuntimeWarning, match="precision='float32' on values with few bits about their mean .*layer "
-                                            "'a' .* times its spread in the run"):
-        single = cca((1e5 + 3 * x0).astype(np.float32), (1e5 + 3 * y0).astype(np.float32), precision="float32")
-    assert np.abs(single["rho"] - canonical_correlations((1e5 + 3 * x0).astype(np.float32),
-                                                         (1e5 + 3 * y0).astype(np.float32))).max() > 2e-6
+    latent = rng.standard_normal((8000, 6))
+    x0 = latent @ rng.standard_normal((6, 12)) + 0.5 * rng.standard_normal((8000, 12))
+    y0 = latent @ rng.standard_normal((6, 10)) + 0.5 * rng.standard_normal((8000, 10))
+    x, y = (offset + spread * v / v.std(axis=0) for v in (x0, y0))
+    x, y = (np.round(v) if whole else v for v in (x, y))
+    x, y = x.astype(dtype), y.astype(dtype)
+    a, b = da.from_array(x, chunks=1000), da.from_array(y, chunks=1000)
+    result = cca(a, b)
+    assert result.attrs["precision"] == "float32"
+    np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1.5e-6)
+    assert float(cka(a, b, precision="float32")["cka"]) == pytest.approx(cka_reference(x, y, debiased=False),
+                                                                         abs=2e-7)
 
 
 def test_precision_auto_on_one_chunk_reports_the_float64_products_it_made():
