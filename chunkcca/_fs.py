@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -92,7 +93,7 @@ def leftovers(path: str | os.PathLike) -> list[tuple[Path, bool]]:
     if not path.parent.is_dir():
         return []
     found = []
-    for folder in sorted(path.parent.glob(f".{path.name}.*.tmp")):
+    for folder in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):  # a name may hold [ ] * ?
         try:
             owner = json.loads((folder / OWNER).read_text())
         except (OSError, ValueError):

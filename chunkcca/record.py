@@ -493,12 +493,15 @@ def _collates(batches: Any) -> bool:
 def _known_datapoints(batches: Any) -> int | None:
     """How many datapoints ``batches`` holds where it says so before it runs: a DataLoader stacking ``batch_size``
     samples a batch (``_collates``) from a sampler of known length, less a last part batch it drops
-    (``drop_last``); None otherwise (an iterable dataset, a batch sampler of one's own, any other iterable)."""
-    if not _collates(batches) or batches.batch_size is None:
+    (``drop_last``); None otherwise (an iterable dataset, a batch sampler of one's own, a subclass iterating
+    otherwise, e.g. over its first batches only, any other iterable)."""
+    from torch.utils.data import DataLoader
+
+    if not _collates(batches) or batches.batch_size is None or type(batches).__iter__ is not DataLoader.__iter__:
         return None
     try:
         total = len(batches.sampler)
-    except TypeError:  # an IterableDataset's sampler has no length
+    except (TypeError, NotImplementedError):  # an IterableDataset's sampler has no length
         return None
     return total - total % batches.batch_size if batches.drop_last else total
 
@@ -637,11 +640,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     labelled = check_datapoint_coords(coords)
     known = _known_datapoints(batches)
     if known is not None:  # the labels' count checked before the model runs, where the DataLoader tells it
-        labels = np.arange(known) if datapoints is None else np.asarray(datapoints)
-        if labels.shape != (known,):
-            raise ValueError(f"datapoints has {labels.size} labels for the {known} datapoints batches holds (its "
-                             f"DataLoader's sampler): give one label per datapoint, in order")
-        coord_values(labelled, labels, next(iter(modules)))
+        _check_labels(datapoints, labelled, known, next(iter(modules)), f"the {known} datapoints batches holds "
+                      f"(its sampler's length{', less the last part batch it drops' if batches.drop_last else ''})")
     compressors = codecs_for(compression)
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
     if _shuffles(batches):
@@ -753,10 +753,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             raise ValueError("record got no batches")
         if seen.untold:
             warnings.warn(seen.untold_warning(), RuntimeWarning, stacklevel=user_stacklevel())
-        labels = np.arange(count["datapoints"]) if datapoints is None else np.asarray(datapoints)
-        if labels.shape != (count["datapoints"],):
-            raise ValueError(f"datapoints has {labels.size} labels for {count['datapoints']} recorded datapoints")
-        extra = coord_values(labelled, labels, next(iter(modules)))
+        labels, extra = _check_labels(datapoints, labelled, count["datapoints"], next(iter(modules)),
+                                      f"{count['datapoints']} recorded datapoints")
         extent = stored or image.get("size")
         with every_chunk_written():  # the last chunks and the labels too (a label 0 equals the fill value)
             for writer in writers.values():
@@ -774,6 +772,16 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         for hook in hooks:
             hook.remove()
     return open_activations(path)
+
+
+def _check_labels(datapoints: Sequence[Any] | None, coords: Mapping[str, xr.DataArray], count: int, layer: str,
+                  what: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The datapoint labels (``datapoints``, default 0 … ``count`` − 1) and the values of ``coords`` for ``count``
+    datapoints (``what``: how they are counted, for the error), or a ValueError naming the one of another count."""
+    labels = np.arange(count) if datapoints is None else np.asarray(datapoints)
+    if labels.shape != (count,):
+        raise ValueError(f"datapoints has {labels.size} labels for {what}: give one label per datapoint, in order")
+    return labels, coord_values(coords, labels, layer)
 
 
 def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray, image_size: tuple[int, int] | None,

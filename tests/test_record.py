@@ -738,11 +738,32 @@ def test_labels_of_the_wrong_count_for_a_data_loader_are_refused_before_the_mode
     with pytest.raises(ValueError, match=r"coords\['label'\] has 22 labels and layer 'fc' 23 datapoints"):
         record(model, {"fc": "net.4"}, loader, tmp_path / "r.zarr", coords={"label": np.arange(22)})
     dropping = data.DataLoader(dataset, batch_size=5, drop_last=True)  # 20 datapoints recorded
+    with pytest.raises(ValueError, match=r"for the 20 datapoints batches holds \(its sampler's length, less the last"):
+        record(model, {"fc": "net.4"}, dropping, tmp_path / "r.zarr", datapoints=np.arange(23))
     with pytest.raises(ValueError, match=r"coords\['label'\] has 23 labels and layer 'fc' 20 datapoints"):
         record(model, {"fc": "net.4"}, dropping, tmp_path / "r.zarr", coords={"label": np.arange(23)})
     assert model.calls == 0 and not (tmp_path / "r.zarr").exists()
     tree = record(model, {"fc": "net.4"}, dropping, tmp_path / "r.zarr", coords={"label": np.arange(20) % 2})
     assert tree["fc"]["activations"].sizes["datapoint"] == 20 and model.calls == 4
+
+    class FirstBatches(data.DataLoader):  # iterates otherwise than its sampler says: its count is not told
+        def __iter__(self):
+            return itertools.islice(super().__iter__(), 2)
+
+    tree = record(model, {"fc": "net.4"}, FirstBatches(dataset, batch_size=5), tmp_path / "f.zarr",
+                  datapoints=np.arange(10))
+    assert tree["fc"]["activations"].sizes["datapoint"] == 10
+
+    class Unsized(data.Sampler):
+        def __iter__(self):
+            return iter(range(23))
+
+        def __len__(self):
+            raise NotImplementedError
+
+    tree = record(model, {"fc": "net.4"}, data.DataLoader(dataset, batch_size=5, sampler=Unsized()),
+                  tmp_path / "u.zarr")
+    assert tree["fc"]["activations"].sizes["datapoint"] == 23
 
     class Stream(data.IterableDataset):
         def __iter__(self):
