@@ -93,7 +93,9 @@ def leftovers(path: str | os.PathLike) -> list[tuple[Path, bool]]:
     if not path.parent.is_dir():
         return []
     found = []
-    for folder in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):  # a name may hold [ ] * ?
+    pattern = f".{glob.escape(path.name)}.*.tmp"  # a name may hold [ ] * ?; mkdtemp's own part holds no "."
+    for folder in sorted(candidate for candidate in path.parent.glob(pattern)
+                         if "." not in candidate.name[len(path.name) + 2 : -len(".tmp")]):
         try:
             owner = json.loads((folder / OWNER).read_text())
         except (OSError, ValueError):

@@ -169,12 +169,20 @@ def _correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
     return int(floor.cut(values, vectors)[0].sum())
 
 
+#: ``Rounding.channels`` at or above which a channel is set apart as its values' rounding (``_within_rounding``): a
+#: unit that takes two neighbouring values of its grid (steps u ≤ e · |mean|) has a variance of at most u² / 4, so
+#: its ``channels`` (e² (1 + mean² / variance)) is at least 4. Lower, channels of real signal went (float16 of mean
+#: 100 and spread 0.09 is at 1.2, its rounding 4% of its variance: sixteen sharing a factor were all set apart).
+WITHIN_ROUNDING = 4.0
+
+
 def _within_rounding(floor: Rounding) -> np.ndarray | None:
-    """The channels whose whole variance their values' rounding can make (``floor.channels`` at least 1, in the
-    correlation matrix's units: a float32 unit saturated at 1.0 but for one-ulp dips); None if none."""
-    if floor.channels is None or not (floor.channels >= 1).any():
+    """The channels that vary about as little as their values' grid allows (``floor.channels`` at least
+    ``WITHIN_ROUNDING``, in the correlation matrix's units: a float32 unit saturated at 1.0 but for one-ulp dips);
+    None if none."""
+    if floor.channels is None or not (floor.channels >= WITHIN_ROUNDING).any():
         return None
-    return floor.channels >= 1
+    return floor.channels >= WITHIN_ROUNDING
 
 
 def _set_apart(correlation: np.ndarray, floor: Rounding) -> np.ndarray:

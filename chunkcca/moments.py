@@ -858,9 +858,15 @@ def _coarse_after_shift(leading: Sequence[np.ndarray], shift: np.ndarray, precis
     spreads, grids = [], []
     for side in leading:
         values = np.asarray(side)
-        spreads.append(values.std(axis=-2, dtype=np.float64))
-        whole = np.issubdtype(values.dtype, np.integer) or bool(np.array_equal(values, np.round(values)))
-        grids.append(np.full(values.shape[:-2] + values.shape[-1:], 1.0 if whole else 0.0))
+        if np.issubdtype(values.dtype, np.integer):
+            spreads.append(values.std(axis=-2, dtype=np.float64))
+            grids.append(np.ones(spreads[-1].shape))
+            continue
+        finite = np.isfinite(values)  # rows left out (NaN, Inf) do not hide the others' grid
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a channel with no finite value: NaN, not judged
+            spreads.append(np.nanstd(np.where(finite, values, np.nan), axis=-2, dtype=np.float64))
+        grids.append(np.where(((values == np.round(values)) | ~finite).all(axis=-2), 1.0, 0.0))  # whole, per channel
     spread, grid = np.concatenate(spreads, axis=-1), np.maximum(np.concatenate(grids, axis=-1), rounded)
     varying = spread > 0
     return bool((spread[varying] < grid[varying] * 2.0**SHIFT_BITS).any())

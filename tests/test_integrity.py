@@ -473,6 +473,8 @@ def test_killed_writers_leave_folders_that_info_reports_and_the_next_write_remov
     bracketed = tmp_path / "run[1].zarr"  # a name glob would read as a pattern: its folders were not found
     (tmp_path / ".run[1].zarr.abc123.tmp").mkdir()
     assert [folder.name for folder, _ in leftovers(bracketed)] == [".run[1].zarr.abc123.tmp"]
+    (tmp_path / ".run[1].zarr.bak.abc123.tmp").mkdir()  # another store's (run[1].zarr.bak), not this one's
+    assert [folder.name for folder, _ in leftovers(bracketed)] == [".run[1].zarr.abc123.tmp"]
     write_activations(store, {"c": np.zeros((10, 2))}, overwrite=True)
     assert not stale.exists()
 
