@@ -863,9 +863,12 @@ def _coarse_after_shift(leading: Sequence[np.ndarray], shift: np.ndarray, precis
             grids.append(np.ones(spreads[-1].shape))
             continue
         finite = np.isfinite(values)  # rows left out (NaN, Inf) do not hide the others' grid
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a channel with no finite value: NaN, not judged
-            spreads.append(np.nanstd(np.where(finite, values, np.nan), axis=-2, dtype=np.float64))
+        # by hand, not nanstd, whose warning for a channel with no finite value would need warnings.catch_warnings,
+        # which is not thread-safe: in a fold's thread it dropped the user's warnings raised meanwhile
+        counted = np.maximum(finite.sum(axis=-2), 1)
+        mean = np.where(finite, values, 0).sum(axis=-2, dtype=np.float64) / counted
+        deviations = np.where(finite, values - mean[..., None, :], 0.0)
+        spreads.append(np.sqrt((deviations**2).sum(axis=-2) / counted))
         grids.append(np.where(((values == np.round(values)) | ~finite).all(axis=-2), 1.0, 0.0))  # whole, per channel
     spread, grid = np.concatenate(spreads, axis=-1), np.maximum(np.concatenate(grids, axis=-1), rounded)
     varying = spread > 0

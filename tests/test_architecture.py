@@ -144,3 +144,12 @@ def test_the_reliability_page_names_tests_that_exist():
         current = file or current
         source = (PACKAGE.parent / "tests" / current).read_text()
         assert f"def {test or continued}(" in source, f"{current}::{test or continued} is not a test"
+
+
+def test_code_that_runs_in_tasks_does_not_swap_the_warning_filters():
+    """``warnings.catch_warnings`` swaps the process's filters and is not thread-safe: in a fold's thread (a chunk's
+    grid judged with nanstd quieted) it restored filters another thread had changed, and a user's
+    ``catch_warnings(record=True)`` around a run intermittently recorded none of chunkcca's warnings."""
+    in_tasks = ("moments", "rows", "tiles", "minibatch", "engine")
+    used = [module for module in in_tasks if "catch_warnings" in (PACKAGE / f"{module}.py").read_text()]
+    assert not used
