@@ -165,7 +165,8 @@ class Inverse(NamedTuple):
 
 def _correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
     """Numerical rank of a covariance, counted on its correlation matrix (see ``inverse_sqrt()``)."""
-    values, vectors = np.linalg.eigh(_set_apart(_scaled(cov, _inverse_std(cov)), floor))
+    correlation = _scaled(cov, _inverse_std(cov))
+    values, vectors = np.linalg.eigh(_set_apart(correlation, _within_rounding(correlation, floor)))
     return int(floor.cut(values, vectors)[0].sum())
 
 
@@ -176,21 +177,23 @@ def _correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
 WITHIN_ROUNDING = 4.0
 
 
-def _within_rounding(floor: Rounding) -> np.ndarray | None:
+def _within_rounding(correlation: np.ndarray, floor: Rounding) -> np.ndarray | None:
     """The channels that vary about as little as their values' grid allows (``floor.channels`` at least
-    ``WITHIN_ROUNDING``, in the correlation matrix's units: a float32 unit saturated at 1.0 but for one-ulp dips);
-    None if none."""
+    ``WITHIN_ROUNDING``, in the ``correlation`` matrix's units: a float32 unit saturated at 1.0 but for one-ulp
+    dips), unless together they hold a direction above their rounding (sixteen float16 channels of mean 100 and
+    spread 0.03 sharing a factor): then None, as when there are none, and every direction is judged on its own."""
     if floor.channels is None or not (floor.channels >= WITHIN_ROUNDING).any():
         return None
-    return floor.channels >= WITHIN_ROUNDING
+    alone = floor.channels >= WITHIN_ROUNDING
+    values, vectors = np.linalg.eigh(correlation[np.ix_(alone, alone)])
+    return None if floor.kept(np.flatnonzero(alone)).cut(values, vectors)[0].any() else alone
 
 
-def _set_apart(correlation: np.ndarray, floor: Rounding) -> np.ndarray:
-    """``correlation`` with the rows and columns of the channels within their rounding (``_within_rounding``) set
-    to 0: left in, their unit variance mixed into the near-degenerate directions of the other channels (white
-    channels beside them), whose rounding then passed their eigenvalues, and every direction was cut (six N(0, 1)
-    channels and two saturated ones: "varies only within the rounding")."""
-    alone = _within_rounding(floor)
+def _set_apart(correlation: np.ndarray, alone: np.ndarray | None) -> np.ndarray:
+    """``correlation`` with the rows and columns of the channels ``alone`` (``_within_rounding``) set to 0: left
+    in, their unit variance mixed into the near-degenerate directions of the other channels (white channels beside
+    them), whose rounding then passed their eigenvalues, and every direction was cut (six N(0, 1) channels and two
+    saturated ones: "varies only within the rounding")."""
     if alone is None:
         return correlation
     correlation = correlation.copy()
@@ -211,13 +214,13 @@ def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> Inverse:
     cuts, direction by direction, what the activations' own rounding can make (``rounding()``): about 1.4e-14
     for float32 values of a mean no larger than their spread.
     """
-    values, vectors = np.linalg.eigh(_set_apart(cov, floor))
+    alone = _within_rounding(cov, floor)
+    values, vectors = np.linalg.eigh(_set_apart(cov, alone))
     keep, by_values = floor.cut(values, vectors)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     condition = float(values[keep].max() / values[keep].min()) if keep.any() else 1.0
     cut = vectors[:, by_values] / np.sqrt(values[by_values])
-    alone = _within_rounding(floor)
     if alone is not None:  # each such channel's own direction, cut as its values' rounding
         own = np.eye(len(values), dtype=cov.dtype)[:, alone] / np.sqrt(np.diagonal(cov).real[alone])
         cut = np.concatenate([cut, own], axis=1)

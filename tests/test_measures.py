@@ -408,10 +408,13 @@ def test_saturated_units_beside_white_channels_are_left_out_not_the_whole_layer(
         cca(saturated, y, precision="float64")
     # channels of real signal are not set apart: float16 of mean 100 and spread 0.09 (rounding 4% of the variance),
     # sixteen sharing a factor with y, keep that direction (all were set apart, "varies only within the rounding")
-    shared = (100 + 0.09 * (0.9 * latent[:, :1] + 0.44 * rng.standard_normal((4000, 16)))).astype(np.float16)
-    kept = cca(shared, y, precision="float64")
-    exact = float(cca(shared.astype(np.float64), y, precision="float64")["rho"][0])  # the values taken as exact
-    assert int(kept["rank_a"]) >= 1 and float(kept["rho"][0]) == pytest.approx(exact, abs=0.01)
+    # and at spread 0.03 each is within its rounding (two or three values of float16's steps of 1/16), but the
+    # factor they share rises above it: they are judged direction by direction, as before, not set apart
+    for spread in (0.09, 0.03):
+        shared = (100 + spread * (0.9 * latent[:, :1] + 0.44 * rng.standard_normal((4000, 16)))).astype(np.float16)
+        kept = cca(shared, y, precision="float64")
+        exact = float(cca(shared.astype(np.float64), y, precision="float64")["rho"][0])  # values taken as exact
+        assert int(kept["rank_a"]) >= 1 and float(kept["rho"][0]) == pytest.approx(exact, abs=0.02)
 
 
 def test_shape_metric_limits_are_cca_and_procrustes():
