@@ -72,7 +72,7 @@ __version__ = "0.1.0"
 #: The package's modules, each loaded as an attribute when first asked for (``chunkcca.measures``).
 _SUBMODULES = ("api", "blas", "checkpoint", "cli", "cluster", "compat", "datasets", "demo", "engine", "ingest",
                "integrity", "layers", "measures", "minibatch", "moments", "options", "passes", "plot", "progress",
-               "record", "report", "rows", "store", "tiles")
+               "record", "report", "rows", "store", "tiles", "whitening")
 
 if not TYPE_CHECKING:  # type checkers read the imports above; a module __getattr__ would make any name pass
 

@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chunkcca"
 TIERS: dict[str, int] = {
     **dict.fromkeys(("_fs", "_stack", "options", "blas", "progress"), 0),  # plumbing: files, the user's frame,
     # options, BLAS, progress bars
-    **dict.fromkeys(("moments", "tiles", "rows", "minibatch", "measures"), 1),  # numpy core: no Dask graphs, no stores
+    # numpy core: no Dask graphs, no stores
+    **dict.fromkeys(("moments", "tiles", "rows", "minibatch", "whitening", "measures"), 1),
     **dict.fromkeys(("layers", "integrity", "store", "ingest", "record"), 2),  # inputs and storage
     **dict.fromkeys(("engine", "cluster", "checkpoint", "passes"), 3),  # the Dask engine
     **dict.fromkeys(("api", "compat", "plot", "report", "datasets", "demo", "cli", "__main__", "__init__"), 4),  # front
