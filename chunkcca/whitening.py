@@ -142,28 +142,51 @@ def correlation_rank(cov: np.ndarray, floor: Rounding) -> int:
 WITHIN_ROUNDING = 4.0
 
 
-def _within_rounding(correlation: np.ndarray, floor: Rounding) -> np.ndarray | None:
+class Apart(NamedTuple):
+    """Directions set apart as their values' rounding (``_within_rounding``): ``channels`` (b,), the indices of the
+    channels within their values' grid, and ``directions`` (b, m), orthonormal in those channels' coordinates: the
+    identity (m = b) when no direction they share rises above their rounding, else the b − m directions that do
+    are kept."""
+
+    channels: np.ndarray
+    directions: np.ndarray
+
+
+def _within_rounding(correlation: np.ndarray, floor: Rounding) -> Apart | None:
     """The channels that vary about as little as their values' grid allows (``floor.channels`` at least
     ``WITHIN_ROUNDING``, in the ``correlation`` matrix's units: a float32 unit saturated at 1.0 but for one-ulp
-    dips), unless together they hold a direction above their rounding (sixteen float16 channels of mean 100 and
-    spread 0.03 sharing a factor): then None, as when there are none, and every direction is judged on its own."""
+    dips), and the directions among them to set apart: every one, unless together they hold directions above their
+    rounding (sixteen float16 channels of mean 100 and spread 0.03 sharing a factor), which are kept, and only the
+    rest set apart. None when there is nothing to set apart."""
     if floor.channels is None or not (floor.channels >= WITHIN_ROUNDING).any():
         return None
-    alone = floor.channels >= WITHIN_ROUNDING
-    values, vectors = np.linalg.eigh(correlation[np.ix_(alone, alone)])
-    return None if floor.kept(np.flatnonzero(alone)).cut(values, vectors)[0].any() else alone
+    channels = np.flatnonzero(floor.channels >= WITHIN_ROUNDING)
+    values, vectors = np.linalg.eigh(correlation[np.ix_(channels, channels)])
+    shared = floor.kept(channels).cut(values, vectors)[0]
+    if shared.all():
+        return None
+    return Apart(channels, vectors[:, ~shared] if shared.any() else np.eye(len(channels), dtype=vectors.dtype))
 
 
-def _set_apart(correlation: np.ndarray, alone: np.ndarray | None) -> np.ndarray:
-    """``correlation`` with the rows and columns of the channels ``alone`` (``_within_rounding``) set to 0: left
-    in, their unit variance mixed into the near-degenerate directions of the other channels (white channels beside
-    them), whose rounding then passed their eigenvalues, and every direction was cut (six N(0, 1) channels and two
-    saturated ones: "varies only within the rounding")."""
-    if alone is None:
+def _set_apart(correlation: np.ndarray, apart: Apart | None) -> np.ndarray:
+    """``correlation`` (p, p) without the directions ``apart`` (``_within_rounding``): ``P C P``, P projecting them
+    out (the rows and columns of channels set apart whole are 0). Left in, their unit variance mixed into the
+    near-degenerate directions of the other channels (white channels beside them), whose rounding then passed their
+    eigenvalues, and every direction was cut (six N(0, 1) channels and two saturated ones: "varies only within the
+    rounding"; beside sixteen float16 channels sharing a factor, rank 1 for 7, silently)."""
+    if apart is None:
         return correlation
+    channels, directions = apart
     correlation = correlation.copy()
-    correlation[alone, :] = 0
-    correlation[:, alone] = 0
+    if directions.shape[1] == len(channels):  # every direction of these channels: exactly 0
+        correlation[channels, :] = 0
+        correlation[:, channels] = 0
+        return correlation
+    towards = correlation[:, channels] @ directions  # C E (p, m), E the directions in the p channels
+    inner = directions.conj().T @ towards[channels]  # Eᴴ C E (m, m)
+    correlation[channels, :] -= directions @ towards.conj().T
+    correlation[:, channels] -= towards @ directions.conj().T
+    correlation[np.ix_(channels, channels)] += directions @ inner @ directions.conj().T
     return correlation
 
 
@@ -179,15 +202,18 @@ def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> Inverse:
     cuts, direction by direction, what the activations' own rounding can make (``rounding()``): about 1.4e-14
     for float32 values of a mean no larger than their spread.
     """
-    alone = _within_rounding(cov, floor)
-    values, vectors = np.linalg.eigh(_set_apart(cov, alone))
+    apart = _within_rounding(cov, floor)
+    values, vectors = np.linalg.eigh(_set_apart(cov, apart))
     keep, by_values = floor.cut(values, vectors)
     scale = np.zeros_like(values)
     scale[keep] = 1.0 / np.sqrt(values[keep])
     condition = float(values[keep].max() / values[keep].min()) if keep.any() else 1.0
     cut = vectors[:, by_values] / np.sqrt(values[by_values])
-    if alone is not None:  # each such channel's own direction, cut as its values' rounding
-        own = np.eye(len(values), dtype=cov.dtype)[:, alone] / np.sqrt(np.diagonal(cov).real[alone])
+    if apart is not None:  # each direction set apart, cut as its values' rounding
+        channels, directions = apart
+        block = cov[np.ix_(channels, channels)]
+        own = np.zeros((len(values), directions.shape[1]), dtype=np.result_type(cov, directions))
+        own[channels] = directions / np.sqrt(np.sum(directions.conj() * (block @ directions), axis=0).real)
         cut = np.concatenate([cut, own], axis=1)
     return Inverse((vectors * scale) @ vectors.conj().T, int(keep.sum()), condition, cut)
 
