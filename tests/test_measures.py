@@ -110,6 +110,15 @@ def test_svcca_keep_all_is_cca_whatever_the_channels_units():
     twin = np.column_stack([z[:, 0], z[:, 0] + 1e-7 * z[:, 1], z[:, 2]])
     with pytest.warns(chunkcca.measures.IllConditionedWarning):
         svcca(twin, y, keep=1.0, precision="float64")
+    # a rank-deficient side: the same correlations; SVCCA's mean is over the directions it keeps, CCA's over
+    # min(p, q), with ρ = 0 where a side lacks a direction (as docs/measures.md says)
+    deficient = np.column_stack([z[:, 0], z[:, 1], z[:, 0] + z[:, 1]])
+    wide = np.column_stack([z, rng.standard_normal(4000)])[:, 1:] + rng.standard_normal((4000, 3))
+    kept, plain = svcca(deficient, wide, keep=1.0, precision="float64"), cca(deficient, wide, precision="float64")
+    assert int(kept["dims_a"]) == 2 and plain.sizes["component"] == 3 and float(plain["rho"][2]) == 0
+    np.testing.assert_allclose(kept["rho"], plain["rho"][:2], rtol=1e-10)
+    assert float(kept["rho_mean"]) == pytest.approx(float(plain["rho"][:2].mean()), rel=1e-12)
+    assert float(plain["rho_mean"]) == pytest.approx(float(plain["rho"].sum()) / 3, rel=1e-12)
 
 
 def test_svcca_keep_all_keeps_a_direction_of_a_tiny_share_of_the_variance():
