@@ -78,6 +78,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         NOT_MINIBATCH,
         PER_DATAPOINT,
         PER_FREQUENCY,
+        POSITIONS_ATTR,
         PRECISIONS,
         READ_AHEAD,
         SCHEDULER_NAMES,
@@ -211,14 +212,25 @@ def _add_shared_option(parser: argparse.ArgumentParser) -> None:
                              "out (layers that hold different datapoints are otherwise an error)")
 
 
+def _given_labels(layer: Any) -> Any:
+    """The datapoint labels (a pandas Index) of a store's layer node, None where it has none: no datapoint
+    coordinate, or the positions a store gave a layer written without labels (``POSITIONS_ATTR``)."""
+    coord = layer.coords.get("datapoint")
+    return None if coord is None or coord.attrs.get(POSITIONS_ATTR) else layer.indexes["datapoint"]
+
+
 def _shared_datapoints(layers: dict[str, Any], shared: bool) -> tuple[dict[str, Any], str]:
     """The layers (store nodes by name, each once) as compared, and what was left out (""): with
     --shared-datapoints, each selected to the datapoints (by label) all of them hold, in its own stored order
     (the library pairs them by label, and checks what a reordering holds); without it, layers that hold
     different datapoints are an error naming the flag, before any work (the library's names Python's
     selection, ``a.sel(datapoint=shared)``, which a command cannot make)."""
-    labels = {name: layer.indexes.get("datapoint") for name, layer in layers.items()}
+    labels = {name: _given_labels(layer) for name, layer in layers.items()}
     if any(index is None for index in labels.values()):  # unlabelled: paired by position, which the library checks
+        if shared and len({layer.sizes["datapoint"] for layer in layers.values()}) > 1:
+            plain = next(name for name, index in labels.items() if index is None)
+            raise ValueError(f"--shared-datapoints takes the datapoints the layers share by label, and {plain} has "
+                             f"none (written without them: `chunkcca ingest --datapoints FILE` gives them)")
         return layers, ""
     common = next(iter(labels.values()))
     for index in labels.values():
@@ -434,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--coord", action="append", default=[], metavar="NAME=FILE",
                         help="a coordinate on datapoint for every layer written, one number or string per "
                              "datapoint from a .npy file (e.g. label=labels.npy, for --groupby label); repeat for more")
+    ingest.add_argument("--datapoints", metavar="FILE",
+                        help="the datapoint labels of every layer written, one number or string per datapoint from "
+                             "a .npy file (e.g. each input's index in its dataset), so that they pair by label with "
+                             "recorded layers; without it the layers pair by position only")
     ingest.add_argument("--chunk", type=_positive_int, help="datapoints per chunk (default: about 16 MiB)")
     written = ingest.add_mutually_exclusive_group()
     written.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -534,7 +550,8 @@ def _run_ingest(args: argparse.Namespace) -> None:
     masks = _named_files(args.mask, "--mask: ", "LAYER", "layer")
     coords = _named_files(args.coord, "--coord: ", "NAME", "coordinate")
     tree = ingest(args.store, sources, layout=args.layout, masks=masks, mode="a" if args.append else "w",
-                  chunks=args.chunk or "auto", coords=coords, overwrite=args.overwrite, progress=not args.no_progress)
+                  chunks=args.chunk or "auto", coords=coords, datapoints=args.datapoints, overwrite=args.overwrite,
+                  progress=not args.no_progress)
     written = [path for path in chunkcca.layer_paths(tree)
                if any(path == layer.strip("/") or path.startswith(layer.strip("/") + "/") for layer in sources)]
     print(f"wrote {args.store}:")

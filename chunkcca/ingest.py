@@ -331,10 +331,33 @@ def _coord_file(name: str, values: Any) -> Any:
         raise ValueError(f"cannot read coordinate {name!r} from {values} as a .npy file: {error}") from error
 
 
-def _named_axes(values: Any, dims: tuple[str, ...] | None) -> Any:
-    """``values`` with its axes named as ``_as_layer()`` laid them out (an array of another rank is left for
+def _datapoint_ids(datapoints: Any) -> np.ndarray:
+    """``ingest``'s ``datapoints``: one number or string per datapoint (from a .npy file, or as given); a
+    ValueError naming the file otherwise (repeated labels are refused where a layer takes them)."""
+    values = np.asarray(_coord_file("datapoints", datapoints))
+    finite = values.dtype.kind in "iuUO" or (values.dtype.kind == "f" and bool(np.isfinite(values).all()))
+    if values.ndim != 1 or not finite:
+        where = f" (from the file {datapoints})" if isinstance(datapoints, (str, os.PathLike)) else ""
+        raise ValueError(f"datapoints must be one finite number or string per datapoint (1-d){where}, got an array "
+                         f"of shape {values.shape} and dtype {values.dtype}")
+    return values
+
+
+def _check_count(datapoint_ids: np.ndarray | None, values: Any, name: str) -> None:
+    """A ValueError naming layer ``name`` when ``datapoint_ids`` (``ingest``'s ``datapoints``) does not label each
+    of its datapoints (axis 0 of ``values``) once."""
+    if datapoint_ids is not None and len(datapoint_ids) != values.shape[0]:
+        raise ValueError(f"datapoints gives {len(datapoint_ids)} labels, and layer {name!r} has {values.shape[0]} "
+                         f"datapoints: give one label per datapoint, in the files' order")
+
+
+def _named_axes(values: Any, dims: tuple[str, ...] | None, datapoint_ids: np.ndarray | None = None) -> Any:
+    """``values`` with its axes named as ``_as_layer()`` laid them out, and its datapoints labelled
+    ``datapoint_ids`` if given (an array of another rank is left for
     [`chunkcca.write_activations()`][chunkcca.write_activations] to refuse with its own message)."""
-    return values if dims is None else xr.DataArray(values, dims=dims)
+    if dims is None:
+        return values
+    return xr.DataArray(values, dims=dims, coords={} if datapoint_ids is None else {"datapoint": datapoint_ids})
 
 
 class _Loaded:
@@ -371,7 +394,8 @@ class _Loaded:
 
 def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *, layout: str | None = None,
            masks: Mapping[str, str | os.PathLike] | None = None, mode: WriteMode = "w", chunks: int | str = "auto",
-           coords: Mapping[str, Any] | None = None, overwrite: bool = False, progress: bool = False) -> xr.DataTree:
+           coords: Mapping[str, Any] | None = None, datapoints: Any = None, overwrite: bool = False,
+           progress: bool = False) -> xr.DataTree:
     """Write the arrays of files into a store: layer path → file (.npy, .npz, or a pickled array).
 
     Parameters
@@ -399,6 +423,11 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
         Coordinates on ``datapoint`` for every layer written (for ``groupby=`` and ``folds=``): name → a .npy file
         of one number or string per datapoint (e.g. each input's class), or those values, in the files'
         datapoint order.
+    datapoints
+        The datapoint labels of every layer written (e.g. each input's index in its dataset): a .npy file of one
+        number or string per datapoint, or those values, in the files' datapoint order. The layers then pair with
+        others by label, as recorded ones do (``chunkcca.record(datapoints=...)``); without it their labels are
+        their positions, marked so, and they pair by position only (beside a layer of other labels, an error).
 
     Returns
     -------
@@ -438,6 +467,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
             if not isinstance(values, (str, os.PathLike)) or not str(error).startswith(f"coords[{name!r}]"):
                 raise
             raise ValueError(f"{error} (from the file {values})") from error
+    datapoint_ids = None if datapoints is None else _datapoint_ids(datapoints)
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
@@ -459,14 +489,15 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                     if dims is not None and "height" in dims and "width" in dims:  # images and volumes
                         image[name] = (int(values.shape[dims.index("height")]), int(values.shape[dims.index("width")]))
                     mask = {name: _mask_file(masks[name], values.shape[:-1])} if name in masks else None
+                    _check_count(datapoint_ids, values, name)
                     if isinstance(values, np.memmap):  # write_activations streams it from the file
-                        write_activations(part, {name: _named_axes(values, dims)}, masks=mask, chunks=chunks,
-                                          coords=labels, progress=progress)
+                        write_activations(part, {name: _named_axes(values, dims, datapoint_ids)}, masks=mask,
+                                          chunks=chunks, coords=labels, progress=progress)
                     else:
                         loaded = _Loaded(values)
                         try:
-                            write_activations(part, {name: _named_axes(loaded.as_dask(chunks), dims)}, masks=mask,
-                                              chunks=chunks, coords=labels, progress=progress)
+                            write_activations(part, {name: _named_axes(loaded.as_dask(chunks), dims, datapoint_ids)},
+                                              masks=mask, chunks=chunks, coords=labels, progress=progress)
                         finally:
                             loaded.release()
                     del array, values  # before the next one is loaded

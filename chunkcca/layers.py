@@ -22,7 +22,7 @@ from dask.utils import format_bytes
 
 from ._fs import ORDER_ATTR
 from ._stack import user_stacklevel
-from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR, VARIABLE, check_number
+from .options import MASK, ORDERLESS, POSITIONS_ATTR, VALUE_ROUNDING_ATTR, VARIABLE, check_number
 
 #: At most this many position dims (volumes: depth, height, width).
 MAX_POSITIONS = 3
@@ -402,13 +402,30 @@ def check_value_rounding(layer: xr.DataArray) -> xr.DataArray:
     return layer
 
 
+def holds_positions(layer: xr.DataArray) -> bool:
+    """Whether the ``datapoint`` coordinate of ``layer`` holds the positions a store gave a layer written without
+    labels (``POSITIONS_ATTR``), not labels anyone gave."""
+    return "datapoint" in layer.coords and bool(layer.coords["datapoint"].attrs.get(POSITIONS_ATTR))
+
+
+def _unlabelled_beside(labelled: xr.DataArray, labels: pd.Index, plain: xr.DataArray) -> ValueError:
+    """The error for layer ``plain``, without labels, beside layer ``labelled``, whose ``labels`` position would
+    not pair as they say."""
+    return ValueError(
+        f"layer {labelled.name!r} labels its datapoints (e.g. {labels[:3].tolist()}) and layer {plain.name!r} does "
+        f"not (a store written without them, or an array): pairing them by position would ignore the labels; give "
+        f"{plain.name!r} its labels (layer.assign_coords(datapoint=...); `chunkcca ingest --datapoints FILE` for "
+        f"files), or drop those of {labelled.name!r} (layer.drop_vars('datapoint')) to pair by position")
+
+
 def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray, bool]:
     """``a``, ``b`` with its datapoints in ``a``'s order by label (lazily), and whether that reordered them; any
     datapoint label missing on one side, or position dims of other names in another order, is an error.
 
     Layers without a datapoint coordinate are aligned by position and must have equal counts; beside one with
     labels other than 0, 1, …, N − 1 in order (which position would pair as they say), an error: which pairing
-    is meant cannot be told.
+    is meant cannot be told. So is a layer holding the positions a store gave it (``holds_positions``) beside one
+    of other labels; two such layers pair by those positions (as xarray would, following a reordering of one).
     """
     positions = a.dims[1:-1]
     if b.dims[1:-1] != positions and sorted(map(str, b.dims[1:-1])) == sorted(map(str, positions)):
@@ -418,23 +435,20 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
                          f"in one order (layer.transpose('datapoint', {', '.join(map(repr, map(str, positions)))}, "
                          f"'channel'))")
     name_a, name_b = a.name, b.name
-    if "datapoint" not in a.coords or "datapoint" not in b.coords:
+    labels_a, labels_b = a.indexes.get("datapoint"), b.indexes.get("datapoint")
+    mixed = labels_a is not None and labels_b is not None and holds_positions(a) != holds_positions(b)
+    if mixed and not labels_a.equals(labels_b):  # a store's positions are no labels: refused as an array would be
+        (labelled, labels), plain = ((b, labels_b), a) if holds_positions(a) else ((a, labels_a), b)
+        raise _unlabelled_beside(labelled, labels, plain)
+    if labels_a is None or labels_b is None:
         if a.sizes["datapoint"] != b.sizes["datapoint"]:
             raise ValueError(
                 f"layer {name_a!r} has {a.sizes['datapoint']} datapoints but layer {name_b!r} has "
                 f"{b.sizes['datapoint']}; both must hold the same datapoints")
-        labelled, plain = (a, b) if "datapoint" in a.coords else (b, a)
-        if "datapoint" in labelled.coords and not labelled.indexes["datapoint"].equals(
-                pd.RangeIndex(labelled.sizes["datapoint"])):
-            raise ValueError(
-                f"layer {labelled.name!r} labels its datapoints (e.g. {labelled.indexes['datapoint'][:3].tolist()}) "
-                f"and layer {plain.name!r} does not (a store written without them, or an array): pairing them by "
-                f"position would ignore the labels; give {plain.name!r} its labels "
-                f"(layer.assign_coords(datapoint=...)), or drop those of {labelled.name!r} "
-                f"(layer.drop_vars('datapoint')) to pair by position")
+        (labelled, labels), plain = ((a, labels_a), b) if labels_a is not None else ((b, labels_b), a)
+        if labels is not None and not labels.equals(pd.RangeIndex(len(labels))):
+            raise _unlabelled_beside(labelled, labels, plain)
         return a, b, False
-    labels_a = a.indexes["datapoint"]
-    labels_b = b.indexes["datapoint"]
     if labels_a.equals(labels_b):  # labels are unique: as_activations refuses repeats
         return a, b, False
     missing_b = labels_a.difference(labels_b)

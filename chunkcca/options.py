@@ -46,6 +46,10 @@ ORDERLESS: tuple[str, ...] = ("avgpool", "features")
 VARIABLE = "activations"
 #: The variable beside a layer's activations (and the coordinate on them) holding its padding mask.
 MASK = "mask"
+#: An attribute of a stored layer's ``datapoint`` coordinate: its labels are the datapoints' positions as written
+#: (0, 1, …), given by no one (an array, a file without labels, ``record`` without ``datapoints=``). Such a layer
+#: pairs with others by position, as an array does, never by those labels.
+POSITIONS_ATTR = "chunkcca_positions"
 #: The attribute of a layer's activations giving the relative rounding of its values where their dtype is finer
 #: than the model's (a bfloat16 model's outputs, stored as float32 exactly, carry bfloat16's 2⁻⁷).
 VALUE_ROUNDING_ATTR = "chunkcca_value_rounding"

@@ -65,7 +65,7 @@ import xarray as xr
 
 from ._stack import user_stacklevel
 from .layers import FC_DIMS, VARIABLE, boolean_mask, check_datapoint_coords, coord_values, datapoints_per_chunk
-from .options import MASK, VALUE_ROUNDING_ATTR
+from .options import MASK, POSITIONS_ATTR, VALUE_ROUNDING_ATTR
 from .store import (
     WriteMode,
     check_new_layers,
@@ -598,7 +598,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         keyword arguments (``input_ids``, ``attention_mask``…). For image inputs (N, C, H, W) the layers'
         ``height``/``width`` coordinates are pixel centres in input pixels.
     datapoints
-        Labels of the datapoints, in order (default 0, 1, …).
+        Labels of the datapoints, in order (e.g. each input's index in its dataset). Without them the store holds
+        the positions 0, 1, …, marked as such, and the layers pair with others by position only (beside a layer
+        labelled in another order, an error).
     mode
         "w": a new store (``overwrite`` replaces an existing one); "a": add the layers to the existing store at
         ``path`` (e.g. a second model's, recorded on the same inputs) without touching its own; a layer path
@@ -763,7 +765,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                 arrays[path].attrs[VALUE_ROUNDING_ATTR] = coarser
             for path, array in arrays.items():
                 _write_coords(root[path], array.shape, labels, extent, tuple(array.metadata.dimension_names),
-                              compressors, extra)
+                              compressors, extra, positions=datapoints is None)
         return list(modules), extent
 
     try:
@@ -785,10 +787,12 @@ def _check_labels(datapoints: Sequence[Any] | None, coords: Mapping[str, xr.Data
 
 
 def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray, image_size: tuple[int, int] | None,
-                  dims: tuple[str, ...], compressors: tuple[Any, ...], extra: Mapping[str, np.ndarray]) -> None:
-    """Coordinates of one recorded layer: the datapoint labels, ``default_coords`` (pixel centres in input-image
-    units, the map's own pixels if the input is not an image) and ``extra`` ones on datapoint (named in the
-    activations' ``coordinates`` attribute, as xarray writes them); checksummed as the activations are."""
+                  dims: tuple[str, ...], compressors: tuple[Any, ...], extra: Mapping[str, np.ndarray], *,
+                  positions: bool) -> None:
+    """Coordinates of one recorded layer: the datapoint labels (the datapoints' ``positions``, marked so, where
+    none were given: ``POSITIONS_ATTR``), ``default_coords`` (pixel centres in input-image units, the map's own
+    pixels if the input is not an image) and ``extra`` ones on datapoint (named in the activations'
+    ``coordinates`` attribute, as xarray writes them); checksummed as the activations are."""
     coords = {**default_coords(dict(zip(dims, shape)), image_size), "datapoint": labels}
     for name, values in {**coords, **extra}.items():
         values = np.asarray(values)
@@ -798,5 +802,7 @@ def _write_coords(group: Any, shape: tuple[int, ...], labels: np.ndarray, image_
                                compressors=compressors)[:] = values.astype(object)
         else:
             group.create_array(name, data=values, dimension_names=(dim,), compressors=compressors)
+    if positions:
+        group["datapoint"].attrs[POSITIONS_ATTR] = True
     if extra:
         group[VARIABLE].attrs["coordinates"] = " ".join(extra)

@@ -81,7 +81,7 @@ from .layers import (
     with_datapoint_coords,
     zarr_arrays,
 )
-from .options import MASK, NETCDF_LARGEST_INT, check_choice, check_flag, netcdf_int_error
+from .options import MASK, NETCDF_LARGEST_INT, POSITIONS_ATTR, check_choice, check_flag, netcdf_int_error
 from .progress import Progress
 from .rows import pixel_centres
 
@@ -141,9 +141,12 @@ def default_coords(sizes: Mapping[Hashable, int], image_size: tuple[float, float
 
 
 def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataArray:
-    """Add default coordinates (``default_coords``) where missing."""
-    coords = {dim: values for dim, values in default_coords(array.sizes, image_size).items()
-              if dim not in array.coords}
+    """Add default coordinates (``default_coords``) where missing; datapoint positions marked as such
+    (``POSITIONS_ATTR``), so that the layer pairs by position, not by them."""
+    coords: dict[Hashable, Any] = {dim: values for dim, values in default_coords(array.sizes, image_size).items()
+                                   if dim not in array.coords}
+    if "datapoint" in coords:
+        coords["datapoint"] = xr.Variable("datapoint", coords["datapoint"], {POSITIONS_ATTR: True})
     for name, coord in array.coords.items():
         if coord.dtype.kind == "U":  # fixed-width unicode has no stable zarr v3 spec; vlen strings do
             coords[name] = coord.astype(object)
@@ -167,7 +170,9 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         (datapoint, *positions, channel): (datapoint, channel), (datapoint, token, channel),
         (datapoint, height, width, channel), …, or a Dataset or DataTree node holding ``activations`` (and
         ``mask``; another variable is not written, with a warning naming it). Dask inputs are written chunk by
-        chunk, never materialised. The store remembers their order (network order).
+        chunk, never materialised. The store remembers their order (network order). A DataArray's ``datapoint``
+        labels are written with it; a layer without them gets its positions 0, 1, …, marked as such, and pairs
+        with others by position only, as an array does.
     masks
         Layer path → boolean padding mask (datapoint, *positions), True at real positions (e.g. an
         attention mask; 0/1 numbers, as tokenizers give it, are taken as False/True), stored as the variable

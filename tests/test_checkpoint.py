@@ -313,7 +313,8 @@ def test_a_layer_chunkcca_transposes_or_reorders_does_not_resume_after_its_store
         b = b.transpose("datapoint", "width", "height", "channel")
     else:
         b = b.isel(datapoint=slice(None, None, -1)).assign_coords(datapoint=np.arange(40)[::-1])
-    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": xr.DataArray(x, dims=dims), "b": b}, chunks=10)
+    a = xr.DataArray(x, dims=dims, coords={"datapoint": np.arange(40)})  # labelled, so that b pairs by label
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": a, "b": b}, chunks=10)
     run = {"precision": "float64", "checkpoint": tmp_path / "run"}
     with pytest.warns() if change == "reordered" else contextlib.nullcontext():
         chunkcca.cca(tree["a"], tree["b"], **run)

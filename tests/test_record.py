@@ -144,6 +144,14 @@ def test_two_models_recorded_into_one_store_in_network_order(tmp_path):
         record(second, {"m1/fc": "4"}, [inputs], tmp_path / "r.zarr", mode="a")
     result = chunkcca.similarity(tree["m0"], tree["m1"], measures=["cka"], spatial="avgpool")
     assert list(result["layer_a"].values) == ["m0/conv", "m0/fc"]
+    # recorded without datapoints=, the labels are the batches' positions, marked so: such layers pair with
+    # others by position only (a layer labelled in shuffled order beside them is refused, not reordered to them)
+    assert tree["m1/fc"]["datapoint"].attrs == {"chunkcca_positions": True}
+    shuffled = tree["m0/fc"]["activations"].assign_coords(datapoint=np.random.default_rng(0).permutation(12))
+    with pytest.raises(ValueError, match=r"layer 'm0/fc' labels its datapoints .* and layer 'm1/fc' does not"):
+        chunkcca.cca(shuffled, tree["m1/fc"])
+    labelled = record(first, {"fc": "4"}, [inputs], tmp_path / "l.zarr", datapoints=np.arange(12))
+    assert "chunkcca_positions" not in labelled["fc"]["datapoint"].attrs
 
 
 class _Sequences(torch.nn.Module):
