@@ -857,6 +857,13 @@ def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path]
                          f"never another file or folder: choose another path")
 
 
+def _strays_in_result(path: Path) -> list[str]:
+    """What a zarr sweep result holds at its top besides its metadata and the arrays its consolidated metadata
+    lists (a user's notes or plots put inside it); ``chunkcca.save_result`` checks inside the arrays too."""
+    listed = json.loads((path / "zarr.json").read_text()).get("consolidated_metadata", {}).get("metadata", {})
+    return sorted(name for name in os.listdir(path) if name != "zarr.json" and name not in listed)
+
+
 def _is_sweep_result(path: Path) -> bool:
     """Whether ``path`` holds a result that ``chunkcca sweep`` wrote: a netCDF file (.nc) or zarr store (.zarr)
     that ``chunkcca.save_result`` marked (``chunkcca="result"``), with dims ``layer_a`` and ``layer_b`` (not saved
@@ -865,7 +872,9 @@ def _is_sweep_result(path: Path) -> bool:
         if path.suffix == ".zarr":
             if not (path / "zarr.json").is_file():
                 return False
-            opened = xr.open_zarr(path, consolidated=False, zarr_format=3, chunks=None)
+            with warnings.catch_warnings():  # zarr warns of each file not its own, which the caller names
+                warnings.simplefilter("ignore")
+                opened = xr.open_zarr(path, consolidated=False, zarr_format=3, chunks=None)
         elif path.is_file():
             opened = xr.open_dataset(path, cache=False)
         else:
@@ -970,6 +979,9 @@ def _run_sweep(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")
     check_output_place(args.out, "--out")
     _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
+    if args.overwrite and out.suffix == ".zarr" and out.is_dir() and (strays := _strays_in_result(out)):
+        raise ValueError(f"--out {out} holds what chunkcca did not write ({', '.join(strays)}); --overwrite replaces "
+                         f"only what chunkcca wrote: move them out of it, or choose another path")
     if args.plot:
         _check_plot(args)
     drawn = args.plot_measure or measures[0]

@@ -486,6 +486,20 @@ def foreign_files(path: Path, most: int = 3) -> list[str]:
     return found[:most]
 
 
+def result_foreign_files(path: Path, most: int = 3) -> list[str]:
+    """Up to ``most`` things in the zarr result at ``path`` (``save_result``) that it did not write, as paths
+    within it: anything but its metadata and the arrays its consolidated metadata lists, each with its metadata
+    and the chunk files its grid names (a user's notes or plots put inside it)."""
+    listed = json.loads((path / "zarr.json").read_text()).get("consolidated_metadata", {}).get("metadata", {})
+    found: list[str] = []
+    for name in sorted(os.listdir(path)):
+        if name == "zarr.json" or name.startswith(FINDER_FILES):
+            continue
+        if name not in listed or not (path / name).is_dir() or _array_foreign(path / name, path, found):
+            found.append(name)
+    return found[:most]
+
+
 def _array_foreign(folder: Path, store: Path, found: list[str]) -> bool:
     """Whether ``folder``, inside a layer of ``store``, is not an array; what an array holds besides its metadata
     and the chunk files its grid names goes to ``found``, as paths within ``store``. A folder whose metadata cannot
@@ -921,7 +935,7 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         A local ``.nc`` (netCDF) or ``.zarr`` path.
     overwrite
         Replace an existing result that ``save_result`` wrote (its attrs say ``chunkcca="result"``); never
-        another file or store (a FileExistsError).
+        another file or store, nor a zarr result holding anything else (a FileExistsError).
     """
     check_flag("overwrite", overwrite)
     suffix = Path(path).suffix
@@ -931,6 +945,10 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         texts = {name: variable.astype(object) for name, variable in result.variables.items()
                  if variable.dtype.kind == "U"}
         result = result.assign(texts) if texts else result
+        if overwrite and is_saved_result(Path(path)) and (foreign := result_foreign_files(Path(path))):
+            raise FileExistsError(f"{path} holds what chunkcca did not write ({', '.join(foreign)}"
+                                  f"{' …' if len(foreign) == 3 else ''}); overwrite=True replaces only a result "
+                                  f"save_result wrote: move them out of it, or choose another path")
         write_atomically(path, partial(_to_consolidated_zarr, result), overwrite=overwrite,
                          replaceable=is_saved_result, what="a zarr result")
     elif suffix == ".nc":

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import sys
 import time
 import warnings
@@ -1161,6 +1162,37 @@ def test_sweep_overwrite_replaces_only_a_sweep_result(tmp_path, capsys):
     assert capsys.readouterr().err == (f"chunkcca sweep: error: --out {link} exists and is a symbolic link; "
                                        f"--overwrite never replaces one (nor what it points to): choose another path\n")
     assert link.is_symlink()
+
+
+def test_sweep_overwrite_leaves_what_a_user_put_inside_a_zarr_result(tmp_path, capsys):
+    """A zarr sweep result holding a user's notes or plots was replaced whole by --overwrite, deleting them (zarr
+    warned of each file, twice). The command refuses before the sweep, and ``save_result(overwrite=True)`` refuses
+    what is put inside one of the result's arrays too; both leave the result as it was."""
+    store, _ = _sweep_layers(tmp_path)
+    out = tmp_path / "out.zarr"
+    sweep = ["sweep", str(store), "--a", "m0", "--b", "m1", "--measures", "cka", "--no-progress", "--out", str(out)]
+    assert main(sweep) == 0
+    (out / "NOTES.txt").write_text("mine")
+    (out / "plots").mkdir()
+    (out / "plots" / "a.png").write_bytes(b"png")
+    capsys.readouterr()
+    assert main([*sweep, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"chunkcca sweep: error: --out {out} holds what chunkcca did not write (NOTES.txt, plots); "
+                   f"--overwrite replaces only what chunkcca wrote: move them out of it, or choose another path\n")
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "plots" / "a.png").is_file()
+    (out / "NOTES.txt").unlink()
+    shutil.rmtree(out / "plots")
+    (out / "cka" / "stray.bin").write_bytes(b"x")
+    with xr.open_zarr(out) as saved:
+        result = saved.load()
+    with pytest.raises(FileExistsError, match=r"out.zarr holds what chunkcca did not write \(cka/stray.bin\); "
+                                              r"overwrite=True replaces only a result save_result wrote"):
+        chunkcca.save_result(result, out, overwrite=True)
+    assert (out / "cka" / "stray.bin").is_file()
+    (out / "cka" / "stray.bin").unlink()
+    chunkcca.save_result(result, out, overwrite=True)  # a result as it was written is replaced
+    assert main([*sweep, "--overwrite"]) == 0
 
 
 def test_plots_replace_only_a_plot_the_command_drew(tmp_path, capsys):
