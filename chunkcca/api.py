@@ -48,6 +48,7 @@ from .moments import Moments
 from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_flag, group_codes
 from .passes import GramSums, Streamed, gram_pass, minibatch_pass, pair_provenance, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
+from .store import read_coordinate
 from .tiles import TiledMoments
 
 
@@ -153,12 +154,13 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
         found = [str(c) for c, coord in layer.coords.items() if coord.dims == ("datapoint",) and c != "datapoint"]
         raise ValueError(f"{asked}: layer {str(layer.name)!r} has no coordinate {name!r} on datapoint "
                          f"(it has {', '.join(found) or 'none but the datapoint labels'})")
+    values = read_coordinate(layer, name)
     for other in layers:  # xarray's equality: NaN labels equal NaN
-        if (name in other.coords and other.coords[name].dims == ("datapoint",)
-                and not other.coords[name].variable.equals(layer.coords[name].variable)):
+        if (other is not layer and name in other.coords and other.coords[name].dims == ("datapoint",)
+                and not read_coordinate(other, name).equals(values)):
             raise ValueError(f"{asked}: layers {str(layer.name)!r} and {str(other.name)!r} label their "
                              f"datapoints differently in {name!r}; give them the same labels")
-    labels, codes = group_codes(layer.coords[name].values, option, name, str(layer.name))
+    labels, codes = group_codes(values.values, option, name, str(layer.name))
     if option == "folds" and len(labels) < 2:
         raise ValueError(f"{asked} gives {len(labels)} fold; folds need at least 2")
     return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels,

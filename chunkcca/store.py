@@ -859,6 +859,19 @@ def _unfinished_write(location: str) -> str:
     return f": a write of it has not ended (under way, or killed), leaving {folders}"
 
 
+def read_coordinate(layer: xr.DataArray, name: str) -> xr.Variable:
+    """The coordinate ``name`` of ``layer``, read (a store's labels other than the indexed ones are read when
+    used); an OSError naming both where a chunk of it fails its checksum (zarr's message named neither)."""
+    try:
+        return layer.coords[name].variable.compute()
+    except Exception as error:
+        if not fails_checksum(error):
+            raise
+        where = f" of {layer.encoding['store']}" if "store" in layer.encoding else ""
+        raise OSError(f"the coordinate {name!r} of layer {str(layer.name)!r}{where} cannot be read: "
+                      f"{read_failure(error)}") from error
+
+
 def read_failure(error: BaseException) -> str:
     """What a failed read of a chunk ran into, in one phrase: a chunk failing its checksum is said to be damage
     (zarr's "Stored and computed checksum do not match. Stored: b'…'" said nothing of that), another error as it

@@ -508,6 +508,28 @@ def test_a_corrupted_label_chunk_is_an_error_too(tmp_path):
         open_activations(tmp_path / "s.zarr")
 
 
+def test_a_coordinate_chunk_that_fails_its_checksum_is_named_where_it_is_read(tmp_path):
+    """A class label (a coordinate on datapoint, not an index) is read when groupby or folds use it, not at open:
+    a flipped bit in it stopped those with zarr's "Stored and computed checksum do not match", naming no array,
+    layer or store. Measures that do not read it are unaffected."""
+    import chunkcca
+
+    rng = np.random.default_rng(0)
+    layers = {name: rng.standard_normal((40, 3)) for name in ("m0/fc", "m1/fc")}
+    write_activations(tmp_path / "s.zarr", layers, coords={"label": np.arange(40) % 2})
+    chunk = tmp_path / "s.zarr" / "m0" / "fc" / "label" / "c" / "0"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 16
+    chunk.write_bytes(bytes(damaged))
+    tree = open_activations(tmp_path / "s.zarr")
+    want = float(chunkcca.cka(layers["m0/fc"], layers["m1/fc"], precision="float64")["cka"])
+    assert float(chunkcca.cka(tree["m0/fc"], tree["m1/fc"], precision="float64")["cka"]) == pytest.approx(want, 1e-12)
+    for option in ({"groupby": "label"}, {"folds": "label"}):
+        with pytest.raises(OSError, match=rf"the coordinate 'label' of layer 'm0/fc' of {tmp_path / 's.zarr'} cannot "
+                                          rf"be read: its chunk file fails its CRC32C checksum"):
+            chunkcca.compare(tree["m0/fc"], tree["m1/fc"], measures=["cka"], **option)
+
+
 def test_concurrent_appends_keep_every_layer_in_the_order(tmp_path, monkeypatch):
     """Two appends to one store at once: each re-reads the list of layers under a lock before adding its own,
     so neither loses the other's (before, the second to finish wrote the list it had read first)."""
