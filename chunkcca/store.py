@@ -60,6 +60,7 @@ from .integrity import (
     chunk_checksums,
     chunk_keys,
     chunk_reader,
+    chunk_records,
     decoded_by,
     file_sizes,
     lost_chunks,
@@ -809,7 +810,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
                          + (f"; it is {what}" if what else ""))
     check_store_files(location, listing, listed, found)
-    check_label_places(fs, root, listing, root_metadata.get("attributes", {}).get(CHUNKS_ATTR, {}), location)
+    check_label_places(fs, root, listing, chunk_records(root_metadata.get("attributes", {}), location), location)
     # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
     # groups in no fixed order
     found = [layer for layer in found if layer in listed] + sorted(layer for layer in found if layer not in listed)
@@ -1027,7 +1028,7 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
         encoding = layer.encoding
         if "store" in encoding and "layer" in encoding:
             fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
-            places = json.loads(fs.cat(f"{root}/zarr.json")).get("attributes", {}).get(CHUNKS_ATTR, {})
+            places = chunk_records(json.loads(fs.cat(f"{root}/zarr.json")).get("attributes", {}), encoding["store"])
             for variable in (VARIABLE, MASK) if MASK in layer.coords else (VARIABLE,):
                 folder = f"{root}/{encoding['layer']}/{variable}".rstrip("/")
                 metadata = json.loads(fs.cat(f"{folder}/zarr.json"))

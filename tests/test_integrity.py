@@ -297,17 +297,27 @@ def test_a_chunk_file_moved_to_another_chunk_s_place_is_an_error_not_other_datap
     (chunks / "5" / "0").write_bytes(second)
     assert float(cca(open_activations(store)["a"], open_activations(store)["b"],
                      precision="float64")["rho_mean"]) == want
-    (chunks / "1" / "0").write_bytes(second)  # swapped again, in a store that records no checksums (written before)
-    (chunks / "5" / "0").write_bytes(first)
+    (chunks / "1" / "0").write_bytes(second)  # swapped again, and the record of layer b's checksums lost from the
+    (chunks / "5" / "0").write_bytes(first)  # root (the other records there): refused, not read without the check
     root = json.loads((store / "zarr.json").read_text())
+    del root["attributes"]["chunkcca_chunks"]["b"]
+    (store / "zarr.json").write_text(json.dumps(root))
+    lost = r"s\.zarr: its root metadata \(zarr.json\) lacks the record of the chunk files of layer 'b' \(chunkcca_"
+    with pytest.raises(OSError, match=lost):
+        open_activations(store)
     del root["attributes"]["chunkcca_chunks"]
+    (store / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(OSError, match=r"layer 'a' and 1 more \(chunkcca_chunks\)"):
+        open_activations(store)
+    del root["attributes"]["chunkcca_metadata"]  # a store written before either was recorded reads as it did
     (store / "zarr.json").write_text(json.dumps(root))
     swapped = float(cca(open_activations(store)["a"], open_activations(store)["b"], precision="float64")["rho_mean"])
     assert abs(swapped - want) > 0.1, "what the check prevents: other datapoints' values, read silently"
     tokens = np.random.default_rng(2).standard_normal((400, 5, 2)).astype("float32")
     lengths = np.random.default_rng(3).integers(1, 6, (400, 1))
     write_activations(store, {"t": tokens}, mode="a", chunks=50, masks={"t": np.arange(5) < lengths})
-    assert set(json.loads((store / "zarr.json").read_text())["attributes"]["chunkcca_chunks"]) == {"t"}
+    # an append records every layer the store did not (as they are now: a and b too)
+    assert set(json.loads((store / "zarr.json").read_text())["attributes"]["chunkcca_chunks"]) == {"a", "b", "t"}
     masks = store / "t" / "mask" / "c"
     first, second = (masks / "0" / "0").read_bytes(), (masks / "7" / "0").read_bytes()
     (masks / "0" / "0").write_bytes(second)
