@@ -556,16 +556,24 @@ def layer_paths(tree: xr.DataTree) -> list[str]:
 _SAFE_PART = re.compile(r"[A-Za-z0-9_+=\-][A-Za-z0-9_+=.\-]*")
 
 
+#: The longest part of a layer path, in bytes: each is a folder's name, and filesystems take at most 255.
+LONGEST_PART = 255
+
+
 def layer_path(name: Any) -> str:
     """``name`` as a layer path: parts split by '/', leading and trailing '/' dropped; a ValueError naming it when a
     part is empty, hidden (starts with '.', which chunkcca keeps for its temporary folders), reserved by zarr
-    (starts with '__' or is 'zarr.json') or holds other characters than letters, digits and ``_ - . + =``."""
+    (starts with '__' or is 'zarr.json'), holds other characters than letters, digits and ``_ - . + =``, or is
+    longer than a folder's name can be (``LONGEST_PART`` bytes)."""
     path = str(name).strip("/")
     for part in path.split("/"):
         if not _SAFE_PART.fullmatch(part) or part.startswith("__") or part in (VARIABLE, "zarr.json", *CONV_DIMS):
             raise ValueError(f"layer path {name!r}: each part between '/' must be a name of letters, digits and "
                              f"_ - . + = that does not start with '.' or '__' and is not {VARIABLE!r}, 'zarr.json' "
                              f"or a dim name (part {part!r})")
+        if len(part.encode()) > LONGEST_PART:  # the write failed on the OS's "File name too long", naming a temp path
+            raise ValueError(f"layer path {str(name)[:40]!r}…: each part between '/' is a folder's name, at most "
+                             f"{LONGEST_PART} bytes (one part has {len(part.encode())})")
     return path
 
 

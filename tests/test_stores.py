@@ -573,6 +573,17 @@ def test_a_path_that_is_not_a_store_and_a_complex_result_in_netcdf_are_named(tmp
             open_activations(path)
         assert main(["info", str(path)]) == 2
         assert capsys.readouterr().err.count("\n") == 1
+    import zarr  # a bare array was said to be a store whose label array '.' lost a chunk: "the store is damaged"
+
+    zarr.create_array(tmp_path / "array.zarr", shape=(10, 3), dtype="f4")
+    with pytest.raises(ValueError, match=r"array.zarr is a zarr array, not an activation store \(a zarr group of "):
+        open_activations(tmp_path / "array.zarr")
+    # a layer path's part is a folder's name: 300 characters failed on the OS's "File name too long", naming a
+    # temporary folder
+    with pytest.raises(ValueError, match=r"each part between '/' is a folder's name, at most 255 bytes \(one part "
+                                         r"has 300\)"):
+        write_activations(tmp_path / "long.zarr", {"m/" + "a" * 300: np.ones((4, 2))})
+    assert not (tmp_path / "long.zarr").exists()
     with pytest.raises(ValueError, match="is not a saved chunkcca Moments store"):
         Moments.load(tmp_path / "a.npy")
     x, y = correlated_layers(rng, 60, (4, 4, 3), (4, 4, 2))
