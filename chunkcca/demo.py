@@ -14,7 +14,7 @@ from pathlib import Path
 import xarray as xr
 from dask.utils import format_bytes
 
-from ._fs import ORDER_ATTR, check_replaceable, zarr_attributes
+from ._fs import ORDER_ATTR, check_replaceable, check_writable, zarr_attributes
 from .api import cca
 from .datasets import CHANNELS, SIZE, demo_layers
 from .plot import plot_rho
@@ -30,6 +30,7 @@ def _check_room(out: Path, datapoints: int) -> None:
     place = out.absolute()
     while not place.exists():  # the folder it is made in
         place = place.parent
+    check_writable(place, f"--out {out}")  # a read-only mount was said to have too little room (0 bytes free)
     free = shutil.disk_usage(place).free
     if values > free:
         raise OSError(f"{datapoints} datapoints make a demo store of up to {format_bytes(values)} (about 160 kiB a "

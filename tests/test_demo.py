@@ -83,6 +83,20 @@ def test_a_demo_larger_than_the_free_space_is_refused_before_writing(tmp_path, c
     assert f"free under {tmp_path}: choose fewer --datapoints or another --out" in shown.err
 
 
+def test_a_demo_under_a_folder_that_cannot_be_written_is_refused_as_such(tmp_path, capsys, monkeypatch):
+    """On a full read-only mount the demo said its store would take "more than the 0 B free": the folder is
+    checked first, and named (os.access stands in for the mount: as root, permissions alone do not refuse)."""
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: False)
+    out = tmp_path / "new" / "demo"
+    assert main(["demo", "--datapoints", "10000000000", "--out", str(out), "--no-progress"]) == 2
+    shown = capsys.readouterr()
+    assert shown.err == (f"chunkcca demo: error: --out {out}: the folder {tmp_path} cannot be written to (a read-only "
+                         f"file system, or no permission)\n")
+    assert not (tmp_path / "new").exists()
+
+
 def test_demo_layers_do_not_depend_on_chunking():
     small = demo_layers(20, chunk=20)["model1/conv2"].compute()
     np.testing.assert_array_equal(small[:7], demo_layers(7, chunk=20)["model1/conv2"].compute())
