@@ -26,6 +26,7 @@ from .layers import (
     VARIABLE,
     align_layers,
     as_activations,
+    check_pairing,
     check_position_labels,
     check_reordered,
     check_value_rounding,
@@ -906,6 +907,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                     array = _told_apart(array, f"in {role}_layers", namesakes)
                 distinct.append(array)
             sides[role].append(index)
+    for index_a, index_b in itertools.product(sides["a"], sides["b"]):  # each pair solved as compare() would take it
+        check_pairing(distinct[index_a], distinct[index_b])  # (aligned through the first, a pair met unchecked)
     first, *_ = distinct  # its datapoint order: folds and minibatches follow it, as in compare(first, …)
     aligned, reordered = [], []
     for layer in distinct:

@@ -859,9 +859,11 @@ def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path]
 
 def _strays_in_result(path: Path) -> list[str]:
     """What a zarr sweep result holds at its top besides its metadata and the arrays its consolidated metadata
-    lists (a user's notes or plots put inside it); ``chunkcca.save_result`` checks inside the arrays too."""
+    lists (a user's notes or plots put inside it), before the sweep; ``chunkcca.save_result`` also finds what is
+    put inside the arrays, when it saves. Finder's files are left aside, as ``save_result`` leaves them."""
     listed = json.loads((path / "zarr.json").read_text()).get("consolidated_metadata", {}).get("metadata", {})
-    return sorted(name for name in os.listdir(path) if name != "zarr.json" and name not in listed)
+    return sorted(name for name in os.listdir(path)
+                  if name != "zarr.json" and name not in listed and not name.startswith((".DS_Store", "._")))
 
 
 def _is_sweep_result(path: Path) -> bool:

@@ -209,11 +209,12 @@ def inverse_sqrt(cov: np.ndarray, floor: Rounding = Rounding()) -> Inverse:
     scale[keep] = 1.0 / np.sqrt(values[keep])
     condition = float(values[keep].max() / values[keep].min()) if keep.any() else 1.0
     cut = vectors[:, by_values] / np.sqrt(values[by_values])
-    if apart is not None:  # each direction set apart, cut as its values' rounding
+    if apart is not None:  # each direction set apart that varies, cut as its values' rounding
         channels, directions = apart
-        block = cov[np.ix_(channels, channels)]
-        own = np.zeros((len(values), directions.shape[1]), dtype=np.result_type(cov, directions))
-        own[channels] = directions / np.sqrt(np.sum(directions.conj() * (block @ directions), axis=0).real)
+        spread = np.sum(directions.conj() * (cov[np.ix_(channels, channels)] @ directions), axis=0).real
+        varies = spread > max(values.max(initial=0.0), 0.0) * len(values) * np.finfo(np.float64).eps  # a duplicate
+        own = np.zeros((len(values), int(varies.sum())), dtype=np.result_type(cov, directions))  # channel's: none
+        own[channels] = directions[:, varies] / np.sqrt(spread[varies])
         cut = np.concatenate([cut, own], axis=1)
     return Inverse((vectors * scale) @ vectors.conj().T, int(keep.sum()), condition, cut)
 

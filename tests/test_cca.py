@@ -221,6 +221,15 @@ def test_labels_on_one_side_only_are_an_error_unless_they_are_the_positions(conv
         np.testing.assert_allclose(rho, want, atol=1e-10)
     given = written["activations"].assign_coords(datapoint=order)
     np.testing.assert_allclose(cca(shuffled, given, precision="float64")["rho"], want, atol=1e-10)
+    # a sweep checks each pair it solves: aligned through a first layer labelled 0 … N − 1, the shuffled layer met
+    # the unlabelled one unchecked (CKA 0.006 for 0.80, found by review)
+    with pytest.raises(ValueError, match=r"layer 'net0/conv' labels its datapoints .* and layer 'net1/conv' does not"):
+        chunkcca.similarity({"first": in_order.rename("first"), "net0/conv": shuffled}, {"net1/conv": written},
+                            measures=["cka"])
+    # a selection of a layer stored without labels is no labelled layer: said so beside an array
+    with pytest.raises(ValueError, match=r"layer 'net1/conv' holds the datapoints at positions \[10, 11, 12\], … of "
+                                         r"its store \(a selection or reordering of a layer stored without labels\)"):
+        cca(written["activations"].isel(datapoint=slice(10, 30)), b[10:30])
 
 
 def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):

@@ -1192,6 +1192,7 @@ def test_sweep_overwrite_leaves_what_a_user_put_inside_a_zarr_result(tmp_path, c
     assert (out / "cka" / "stray.bin").is_file()
     (out / "cka" / "stray.bin").unlink()
     chunkcca.save_result(result, out, overwrite=True)  # a result as it was written is replaced
+    (out / ".DS_Store").write_bytes(b"")  # Finder's, which both leave aside
     assert main([*sweep, "--overwrite"]) == 0
 
 

@@ -447,6 +447,10 @@ def test_saturated_units_beside_channels_sharing_a_factor_within_their_rounding_
             beside = measure(_chunked(np.hstack([x, saturated, shared]), 700), y, precision="float64")
             assert float(beside[key]) == pytest.approx(without, abs=1e-5)
         assert int(cca(np.hstack([x, saturated, shared]), y, precision="float64")["rank_a"]) == 7
+        # duplicates of three of them: their set-apart directions without variance are no directions (they were
+        # cut as rounding, 1/√0 wide, and warned of as correlating with the other layer: "may be real")
+        doubled = cca(np.hstack([x, saturated, shared, shared[:, :3]]), y, precision="float64")
+        assert int(doubled["rank_a"]) == 7 and np.isfinite(doubled["rho"]).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.complex128])
