@@ -562,10 +562,13 @@ def _run_ingest(args: argparse.Namespace) -> None:
 
 def _named_files(items: Sequence[str], flag: str, key: str, what: str) -> dict[str, str]:
     """``KEY=FILE`` arguments as a mapping, in order; a ValueError (prefixed by ``flag``) for a malformed one or a
-    key given twice."""
+    key given twice. A key holding '=' (layer paths may) ends at the first '=' after which a file exists."""
     files: dict[str, str] = {}
     for item in items:
         name, separator, file = item.partition("=")
+        if separator and not os.path.exists(file):  # "x=y=a.npy": no file y=a.npy, so layer x=y of a.npy
+            name, file = next(((item[:at], item[at + 1 :]) for at in range(len(name) + 1, len(item))
+                               if item[at] == "=" and os.path.exists(item[at + 1 :])), (name, file))
         if not separator or not name or not file:
             raise ValueError(f"{flag}expected {key}=FILE, got {item!r}")
         if name in files:

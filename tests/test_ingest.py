@@ -195,6 +195,14 @@ def test_unreadable_files_are_named_and_store_layers_keep_their_paths(tmp_path, 
     assert (result.attrs["layer_a"], result.attrs["layer_b"]) == ("m0/fc", "m1/fc")
     assert main(["info", str(tmp_path / "t.zarr")]) == 0
     assert "2 layers" in capsys.readouterr().out
+    # a layer path may hold '=' (lr=0.1): LAYER=FILE split at the first '=' ("no such file: lr=0.1/fc=…"); it ends
+    # at the first '=' after which a file exists, and a file whose path holds '=' is read as before
+    np.save(tmp_path / "fc.npy", rng.standard_normal((30, 3)))
+    (tmp_path / "run=2").mkdir()
+    np.save(tmp_path / "run=2" / "fc.npy", rng.standard_normal((30, 3)))
+    assert main(["ingest", str(tmp_path / "eq.zarr"), f"lr=0.1/fc={tmp_path / 'fc.npy'}",
+                 f"fc={tmp_path / 'run=2' / 'fc.npy'}", "--no-progress"]) == 0
+    assert chunkcca.layer_paths(chunkcca.open_activations(tmp_path / "eq.zarr")) == ["lr=0.1/fc", "fc"]
 
 
 def test_ingest_appends_to_a_store(tmp_path, capsys):
