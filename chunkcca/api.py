@@ -25,6 +25,7 @@ from ._stack import user_stacklevel
 from .layers import (
     VARIABLE,
     align_layers,
+    aligned_to,
     as_activations,
     check_pairing,
     check_position_labels,
@@ -911,8 +912,8 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         check_pairing(distinct[index_a], distinct[index_b])  # (aligned through the first, a pair met unchecked)
     first, *_ = distinct  # its datapoint order: folds and minibatches follow it, as in compare(first, …)
     aligned, reordered = [], []
-    for layer in distinct:
-        _, in_order, moved = align_layers(first, layer)
+    for layer in distinct:  # by label, each pair solved checked above (not the first with each: a pair not solved)
+        in_order, moved = aligned_to(first, layer)
         aligned.append(in_order)
         reordered += [in_order] if moved else []
     check_reordered(str(first.name), reordered, int(stream.memory_limit))

@@ -566,9 +566,11 @@ def _named_files(items: Sequence[str], flag: str, key: str, what: str) -> dict[s
     files: dict[str, str] = {}
     for item in items:
         name, separator, file = item.partition("=")
-        if separator and not os.path.exists(file):  # "x=y=a.npy": no file y=a.npy, so layer x=y of a.npy
-            name, file = next(((item[:at], item[at + 1 :]) for at in range(len(name) + 1, len(item))
-                               if item[at] == "=" and os.path.exists(item[at + 1 :])), (name, file))
+        if separator and not os.path.exists(file) and "=" in file:  # "x=y=a.npy": no y=a.npy, so x=y of a.npy
+            splits = [(item[:at], item[at + 1 :]) for at in range(len(name) + 1, len(item)) if item[at] == "="]
+            name, file = next(((key, path) for key, path in splits if os.path.exists(path)), (name, file))
+            if not os.path.exists(file):
+                raise ValueError(f"{flag}no such file after any '=' of {item!r} ({key}=FILE)")
         if not separator or not name or not file:
             raise ValueError(f"{flag}expected {key}=FILE, got {item!r}")
         if name in files:

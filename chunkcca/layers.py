@@ -430,14 +430,17 @@ def check_pairing(a: xr.DataArray, b: xr.DataArray) -> None:
     positions a store gave it (``holds_positions``) beside one of other labels. A sweep checks each pair it solves
     so: it aligns every layer to its first, through which such a pair met unchecked (CKA 0.006 for 0.80)."""
     labels_a, labels_b = a.indexes.get("datapoint"), b.indexes.get("datapoint")
-    if labels_a is not None and labels_b is not None:
-        if holds_positions(a) != holds_positions(b) and not labels_a.equals(labels_b):  # positions are no labels
-            (labelled, labels), plain = ((b, labels_b), a) if holds_positions(a) else ((a, labels_a), b)
-            raise _unlabelled_beside(labelled, labels, plain)
+    both = labels_a is not None and labels_b is not None
+    if both and holds_positions(a) != holds_positions(b) and not labels_a.equals(labels_b):  # positions: no labels
+        (labelled, labels), plain = ((b, labels_b), a) if holds_positions(a) else ((a, labels_a), b)
+        raise _unlabelled_beside(labelled, labels, plain)
+    if both and not (holds_positions(a) and holds_positions(b)):
         return
-    if a.sizes["datapoint"] != b.sizes["datapoint"]:
+    if a.sizes["datapoint"] != b.sizes["datapoint"]:  # no labels to share datapoints by ("labels differ" said so)
         raise ValueError(f"layer {a.name!r} has {a.sizes['datapoint']} datapoints but layer {b.name!r} has "
                          f"{b.sizes['datapoint']}; both must hold the same datapoints")
+    if both:  # two stores' positions: by those
+        return
     (labelled, labels), plain = ((a, labels_a), b) if labels_a is not None else ((b, labels_b), a)
     if labels is not None and not labels.equals(pd.RangeIndex(len(labels))):
         raise _unlabelled_beside(labelled, labels, plain)
@@ -451,6 +454,16 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
     two layers holding the positions a store gave them (``holds_positions``) pair by those positions, as xarray
     would, following a reordering of one.
     """
+    check_pairing(a, b)
+    if "datapoint" not in a.coords or "datapoint" not in b.coords:
+        _check_position_dims(a, b)
+        return a, b, False
+    in_order, moved = aligned_to(a, b)
+    return a, in_order, moved
+
+
+def _check_position_dims(a: xr.DataArray, b: xr.DataArray) -> None:
+    """Refuse position dims of other names in another order on ``a`` and ``b``: which order makes the rows?"""
     positions = a.dims[1:-1]
     if b.dims[1:-1] != positions and sorted(map(str, b.dims[1:-1])) == sorted(map(str, positions)):
         # names of STANDARD_POSITIONS are in one order already: which of two orders of others makes the rows?
@@ -458,13 +471,19 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
                          f"{tuple(map(str, b.dims[1:-1]))}: rows are taken in C order of the positions, so give both "
                          f"in one order (layer.transpose('datapoint', {', '.join(map(repr, map(str, positions)))}, "
                          f"'channel'))")
-    check_pairing(a, b)
-    name_a, name_b = a.name, b.name
-    labels_a, labels_b = a.indexes.get("datapoint"), b.indexes.get("datapoint")
-    if labels_a is None or labels_b is None:
-        return a, b, False
+
+
+def aligned_to(reference: xr.DataArray, layer: xr.DataArray) -> tuple[xr.DataArray, bool]:
+    """``layer`` with its datapoints in the order of ``reference`` (lazily), and whether that reordered them, by
+    their labels (or a store's positions; a layer without either by its rows' order 0, 1, …, which a sweep's
+    ``check_pairing`` of every pair it solves makes the order of each layer it is solved with). A label missing on
+    one side, or position dims of other names in another order, is an error."""
+    _check_position_dims(reference, layer)
+    name_a, name_b = reference.name, layer.name
+    labels_a, labels_b = (one.indexes.get("datapoint", pd.RangeIndex(one.sizes["datapoint"]))
+                          for one in (reference, layer))
     if labels_a.equals(labels_b):  # labels are unique: as_activations refuses repeats
-        return a, b, False
+        return layer, False
     missing_b = labels_a.difference(labels_b)
     missing_a = labels_b.difference(labels_a)
     if len(missing_a) or len(missing_b):
@@ -474,7 +493,7 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
                   "b.sel(datapoint=shared), with shared = numpy.intersect1d(a.datapoint, b.datapoint)"
                   if len(labels_a) > len(missing_b) else "")
         raise ValueError(f"datapoint labels differ: {' and '.join(parts)}{advice}; no datapoint is dropped silently")
-    return a, b.isel(datapoint=labels_b.get_indexer(labels_a)), True  # check_reordered() warns of it
+    return layer.isel(datapoint=labels_b.get_indexer(labels_a)), True  # check_reordered() warns of it
 
 
 #: What a layer reordered by label holds while a pass reads it, as a multiple of its size: Dask's take holds each

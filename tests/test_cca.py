@@ -230,6 +230,20 @@ def test_labels_on_one_side_only_are_an_error_unless_they_are_the_positions(conv
     with pytest.raises(ValueError, match=r"layer 'net1/conv' holds the datapoints at positions \[10, 11, 12\], … of "
                                          r"its store \(a selection or reordering of a layer stored without labels\)"):
         cca(written["activations"].isel(datapoint=slice(10, 30)), b[10:30])
+    # and written to another store, its positions there are labels (which of the first store's datapoints it
+    # holds): beside that store's own positions they were taken for them (CKA 0.013 for 0.574; found by review)
+    moved = chunkcca.write_activations(tmp_path / "moved.zarr", {
+        "net1/conv": written["activations"].isel(datapoint=np.argsort(order)),  # b's rows in order
+        "plain": xr.DataArray(a, dims=dims)})
+    assert "chunkcca_positions" not in moved["net1/conv"]["datapoint"].attrs
+    with pytest.raises(ValueError, match=r"layer 'net1/conv' labels its datapoints .* and layer 'plain' does not"):
+        cca(moved["net1/conv"], moved["plain"])
+    # a sweep aligns each layer to its first by label, checking only the pairs it solves: a layer without labels
+    # beside a shuffled one on the same side (never paired with it) was refused (found by review)
+    labelled_b = xr.DataArray(b, dims=dims, coords={"datapoint": np.arange(60)})
+    swept = chunkcca.similarity({"first": a, "net0/conv": shuffled}, {"net1/conv": labelled_b},
+                                measures=["mean_cca"], precision="float64")
+    np.testing.assert_allclose(swept["mean_cca"].values.ravel(), [want.mean(), want.mean()], atol=1e-10)
 
 
 def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):

@@ -203,6 +203,9 @@ def test_unreadable_files_are_named_and_store_layers_keep_their_paths(tmp_path, 
     assert main(["ingest", str(tmp_path / "eq.zarr"), f"lr=0.1/fc={tmp_path / 'fc.npy'}",
                  f"fc={tmp_path / 'run=2' / 'fc.npy'}", "--no-progress"]) == 0
     assert chunkcca.layer_paths(chunkcca.open_activations(tmp_path / "eq.zarr")) == ["lr=0.1/fc", "fc"]
+    assert main(["ingest", str(tmp_path / "no.zarr"), "lr=0.1/fc=missing.npy", "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("chunkcca ingest: error: no such file after any '=' of 'lr=0.1/fc=missing.npy' "
+                                       "(LAYER=FILE)\n")
 
 
 def test_ingest_appends_to_a_store(tmp_path, capsys):
@@ -487,6 +490,9 @@ def test_ingested_layers_pair_by_the_labels_datapoints_gives_and_by_position_wit
     assert main(["compare", plain, "fc", "fc", "--b-store", str(tmp_path / "short.zarr"), "--shared-datapoints",
                  "--no-progress"]) == 2
     assert "--shared-datapoints takes the datapoints the layers share by label, and fc in" in capsys.readouterr().err
+    assert main(["compare", plain, "fc", "fc", "--b-store", str(tmp_path / "short.zarr"), "--no-progress"]) == 2
+    err = capsys.readouterr().err  # positions are no labels to share: it said "datapoint labels differ", with advice
+    assert "has 60 datapoints but layer 'fc (short.zarr)' has 50; both must hold the same datapoints" in err
     for ids, message in ((np.arange(59), "datapoints gives 59 labels, and layer 'fc' has 60 datapoints"),
                          (np.zeros((60, 2)), "datapoints must be one finite number or string per datapoint (1-d) "
                                              f"(from the file {tmp_path / 'bad.npy'})"),
