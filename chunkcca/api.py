@@ -28,9 +28,11 @@ from .layers import (
     aligned_to,
     as_activations,
     check_pairing,
+    check_position_dims,
     check_position_labels,
     check_reordered,
     check_value_rounding,
+    holds_positions,
     layer_paths,
     named,
     node_name,
@@ -910,6 +912,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
             sides[role].append(index)
     for index_a, index_b in itertools.product(sides["a"], sides["b"]):  # each pair solved as compare() would take it
         check_pairing(distinct[index_a], distinct[index_b])  # (aligned through the first, a pair met unchecked)
+        check_position_dims(distinct[index_a], distinct[index_b])
     first, *_ = distinct  # its datapoint order: folds and minibatches follow it, as in compare(first, …)
     aligned, reordered = [], []
     for layer in distinct:  # by label, each pair solved checked above (not the first with each: a pair not solved)
@@ -991,10 +994,11 @@ def _cka_of_pairs(sums: np.ndarray, layers: Sequence[xr.DataArray], sides: dict[
 def _same_layer(one: xr.DataArray, other: xr.DataArray) -> bool:
     """Whether two layers are one: the same Dask data with the same dims and coordinates (datapoint labels, padding
     mask, group labels), Dask-backed coordinates compared by their Dask names, so nothing is read. The same data
-    under other labels (a shuffled baseline) or without its mask is another layer."""
+    under other labels (a shuffled baseline), without its mask, or with labels where it held a store's positions
+    (``holds_positions``, an attribute that xarray's equality leaves aside) is another layer."""
     name = getattr(one.data, "name", None)  # a Dask array's (numpy data has none: never one layer by name)
     if name is None or name != getattr(other.data, "name", None) or one.dims != other.dims \
-            or set(one.coords) != set(other.coords):
+            or set(one.coords) != set(other.coords) or holds_positions(one) != holds_positions(other):
         return False
     for key in one.coords:
         ours, theirs = one.coords[key].variable, other.coords[key].variable

@@ -455,15 +455,16 @@ def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.Dat
     would, following a reordering of one.
     """
     check_pairing(a, b)
+    check_position_dims(a, b)
     if "datapoint" not in a.coords or "datapoint" not in b.coords:
-        _check_position_dims(a, b)
         return a, b, False
     in_order, moved = aligned_to(a, b)
     return a, in_order, moved
 
 
-def _check_position_dims(a: xr.DataArray, b: xr.DataArray) -> None:
-    """Refuse position dims of other names in another order on ``a`` and ``b``: which order makes the rows?"""
+def check_position_dims(a: xr.DataArray, b: xr.DataArray) -> None:
+    """Refuse position dims of other names in another order on ``a`` and ``b`` (a pair solved): which order makes
+    the rows?"""
     positions = a.dims[1:-1]
     if b.dims[1:-1] != positions and sorted(map(str, b.dims[1:-1])) == sorted(map(str, positions)):
         # names of STANDARD_POSITIONS are in one order already: which of two orders of others makes the rows?
@@ -477,8 +478,7 @@ def aligned_to(reference: xr.DataArray, layer: xr.DataArray) -> tuple[xr.DataArr
     """``layer`` with its datapoints in the order of ``reference`` (lazily), and whether that reordered them, by
     their labels (or a store's positions; a layer without either by its rows' order 0, 1, …, which a sweep's
     ``check_pairing`` of every pair it solves makes the order of each layer it is solved with). A label missing on
-    one side, or position dims of other names in another order, is an error."""
-    _check_position_dims(reference, layer)
+    one side is an error."""
     name_a, name_b = reference.name, layer.name
     labels_a, labels_b = (one.indexes.get("datapoint", pd.RangeIndex(one.sizes["datapoint"]))
                           for one in (reference, layer))

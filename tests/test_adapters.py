@@ -134,6 +134,16 @@ def test_rows_take_height_before_width_whatever_order_a_layer_gives():
     with pytest.raises(ValueError, match=r"layers 'xy' and 'yx' hold position dims \('x', 'y'\) and \('y', 'x'\): "
                                          r"rows are taken in C order"):
         cca(xy, yx.transpose("datapoint", "y", "x", "channel"))
+    with pytest.raises(ValueError, match=r"layers 'xy' and 'yx' hold position dims"):  # in a pair a sweep solves
+        chunkcca.similarity({"xy": xy}, {"yx": yx.transpose("datapoint", "y", "x", "channel")}, measures=["cka"])
+    # on one side, never paired with each other, both are measured against a layer of no positions (a sweep refused
+    # them, checking each layer's dims against its first layer's; found by review)
+    fc = xr.DataArray(x[:, 0, 0], dims=("datapoint", "channel"), name="fc")
+    swept = chunkcca.similarity({"xy": xy, "yx": yx}, {"fc": fc}, measures=["cka"], spatial="avgpool",
+                                precision="float64")
+    for name, layer in (("xy", xy), ("yx", yx)):
+        alone = float(chunkcca.cka(layer, fc, spatial="avgpool", precision="float64")["cka"])
+        assert float(swept["cka"].sel(layer_a=name, layer_b="fc")) == pytest.approx(alone, abs=1e-12)
 
 
 def test_flatten_refuses_position_dims_named_otherwise_on_each_side():

@@ -244,6 +244,12 @@ def test_labels_on_one_side_only_are_an_error_unless_they_are_the_positions(conv
     swept = chunkcca.similarity({"first": a, "net0/conv": shuffled}, {"net1/conv": labelled_b},
                                 measures=["mean_cca"], precision="float64")
     np.testing.assert_allclose(swept["mean_cca"].values.ravel(), [want.mean(), want.mean()], atol=1e-10)
+    # the same data labelled 0 … N − 1 is another layer than the positions layer (xarray's equality leaves the mark
+    # aside): a sweep took one for the other, and paired the shuffled layer with the positions layer (found by review)
+    relabelled = written["activations"].assign_coords(datapoint=np.arange(60))
+    with pytest.raises(ValueError, match=r"layer 'net0/conv' labels its datapoints .* and layer 'net1/conv' does not"):
+        chunkcca.similarity({"relabelled": relabelled, "net0/conv": shuffled}, {"net1/conv": written},
+                            measures=["cka"])
 
 
 def test_mismatched_datapoints_are_an_error_naming_both_layers(conv_pair):
