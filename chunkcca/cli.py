@@ -602,6 +602,10 @@ def _run_info(args: argparse.Namespace) -> None:
     if masked:
         print(f"padding masks (padded positions left out of every measure): "
               f"{'every layer' if len(masked) == len(rows) else ', '.join(masked)}")
+    unlabelled = [row["layer"] for row in rows if not row["labelled"]]
+    if unlabelled:
+        print(f"stored without datapoint labels (paired with other layers by position only; `ingest --datapoints "
+              f"FILE` gives them): {'every layer' if len(unlabelled) == len(rows) else ', '.join(unlabelled)}")
     left = chunkcca.leftover_writes(args.store)
     if left:
         stale = sum(folder["stale"] for folder in left)

@@ -928,8 +928,9 @@ def describe_store(path: str | os.PathLike, *,
     list of dict
         Per layer, in network order: ``layer``, ``shape``, ``dims``, ``datapoints_per_chunk``, ``chunks``,
         ``dtype``, ``bytes``, ``bytes_on_disk``, ``coords`` (the names of its coordinates on datapoint other than
-        the datapoint labels, e.g. a class label, which ``groupby=`` and ``folds=`` take) and ``mask`` (whether it
-        has a padding mask: its padded positions are left out of every measure).
+        the datapoint labels, e.g. a class label, which ``groupby=`` and ``folds=`` take), ``mask`` (whether it
+        has a padding mask: its padded positions are left out of every measure) and ``labelled`` (whether its
+        datapoints carry labels, False for a layer stored without them, which pairs by position only).
     """
     tree = open_activations(path, storage_options=storage_options)
     check_complete([tree[layer][VARIABLE] for layer in layer_paths(tree)])
@@ -943,7 +944,7 @@ def describe_store(path: str | os.PathLike, *,
                      "bytes_on_disk": int(fs.du(f"{root}/{layer}")),
                      "coords": sorted(str(name) for name, coord in array.coords.items()
                                       if coord.dims == ("datapoint",) and name != "datapoint"),
-                     "mask": MASK in array.coords})
+                     "mask": MASK in array.coords, "labelled": not holds_positions(array)})
     return rows
 
 

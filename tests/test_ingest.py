@@ -476,7 +476,12 @@ def test_ingested_layers_pair_by_the_labels_datapoints_gives_and_by_position_wit
                  "--no-progress"]) == 0
     assert chunkcca.open_activations(plain)["fc"]["activations"]["datapoint"].attrs == {"chunkcca_positions": True}
     np.testing.assert_array_equal(chunkcca.open_activations(labelled)["fc"]["activations"]["datapoint"], order)
+    assert [row["labelled"] for row in chunkcca.describe_store(plain) + chunkcca.describe_store(labelled)] == [
+        False, True]
     capsys.readouterr()
+    assert main(["info", plain]) == 0 and main(["info", labelled]) == 0  # info says which layers have no labels
+    assert capsys.readouterr().out.count("stored without datapoint labels (paired with other layers by position "
+                                         "only; `ingest --datapoints FILE` gives them): every layer\n") == 1
     assert main(["compare", recorded, "fc", "fc", "--b-store", plain, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "labels its datapoints" in err and "`chunkcca ingest --datapoints FILE` for files" in err
