@@ -430,20 +430,19 @@ def check_pairing(a: xr.DataArray, b: xr.DataArray) -> None:
     positions a store gave it (``holds_positions``) beside one of other labels. A sweep checks each pair it solves
     so: it aligns every layer to its first, through which such a pair met unchecked (CKA 0.006 for 0.80)."""
     labels_a, labels_b = a.indexes.get("datapoint"), b.indexes.get("datapoint")
-    both = labels_a is not None and labels_b is not None
-    if both and holds_positions(a) != holds_positions(b) and not labels_a.equals(labels_b):  # positions: no labels
-        (labelled, labels), plain = ((b, labels_b), a) if holds_positions(a) else ((a, labels_a), b)
-        raise _unlabelled_beside(labelled, labels, plain)
-    if both and not (holds_positions(a) and holds_positions(b)):
-        return
+    positions_a, positions_b = holds_positions(a), holds_positions(b)
+    if labels_a is not None and labels_b is not None and not (positions_a and positions_b):
+        if positions_a != positions_b and not labels_a.equals(labels_b):  # a store's positions are no labels
+            (labelled, labels), plain = ((b, labels_b), a) if positions_a else ((a, labels_a), b)
+            raise _unlabelled_beside(labelled, labels, plain)
+        return  # labelled: by label
     if a.sizes["datapoint"] != b.sizes["datapoint"]:  # no labels to share datapoints by ("labels differ" said so)
         raise ValueError(f"layer {a.name!r} has {a.sizes['datapoint']} datapoints but layer {b.name!r} has "
                          f"{b.sizes['datapoint']}; both must hold the same datapoints")
-    if both:  # two stores' positions: by those
-        return
-    (labelled, labels), plain = ((a, labels_a), b) if labels_a is not None else ((b, labels_b), a)
-    if labels is not None and not labels.equals(pd.RangeIndex(len(labels))):
-        raise _unlabelled_beside(labelled, labels, plain)
+    if labels_a is None or labels_b is None:  # an array: by position, where the other's order says as much
+        (labelled, labels), plain = ((a, labels_a), b) if labels_a is not None else ((b, labels_b), a)
+        if labels is not None and not labels.equals(pd.RangeIndex(len(labels))):
+            raise _unlabelled_beside(labelled, labels, plain)
 
 
 def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray, bool]:

@@ -786,16 +786,12 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         raise ValueError(f"{location} is not an activation store: a zarr v3 store is a folder with a zarr.json, and "
                          f"this is {'a file' if Path(location).is_file() else 'a folder without one'}")
     try:
-        kind = json.loads(fs.cat(f"{root}/zarr.json")).get("node_type")
-    except (ValueError, AttributeError):  # a damaged metadata file: named below
-        kind = None
-    if kind == "array":  # its one array was taken for a label array that had lost a chunk: "the store is damaged"
-        raise ValueError(f"{location} is a zarr array, not an activation store (a zarr group of layers): write it "
-                         f"as a layer with chunkcca.write_activations (or chunkcca ingest)")
-    try:
         listing = Listing.of(fs, root)
     except ValueError as error:  # a damaged metadata file, named
         raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
+    if "." in listing.arrays:  # its root, an array, was taken for a label array that lost a chunk: "damaged"
+        raise ValueError(f"{location} is a zarr array, not an activation store (a zarr group of layers): write it "
+                         f"as a layer with chunkcca.write_activations (or chunkcca ingest)")
     root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))  # before xarray reads labels by the metadata:
     check_metadata(listing, root_metadata.get("attributes", {}), location)
     try:
