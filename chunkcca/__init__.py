@@ -23,7 +23,14 @@ if TYPE_CHECKING:
     )
     from .moments import Moments
     from .options import SolveOptions, StreamOptions
-    from .store import describe_store, leftover_writes, open_activations, save_result, write_activations
+    from .store import (
+        check_result_path,
+        describe_store,
+        leftover_writes,
+        open_activations,
+        save_result,
+        write_activations,
+    )
 
 #: Each public name → the module that defines it.
 _HOMES: dict[str, str] = {
@@ -34,8 +41,8 @@ _HOMES: dict[str, str] = {
                      "pwcca_from_moments", "shape_metric_from_moments", "svcca_from_moments"), "measures"),
     "Moments": "moments",
     **dict.fromkeys(("SolveOptions", "StreamOptions"), "options"),
-    **dict.fromkeys(("describe_store", "leftover_writes", "open_activations", "save_result", "write_activations"),
-                    "store"),
+    **dict.fromkeys(("check_result_path", "describe_store", "leftover_writes", "open_activations", "save_result",
+                     "write_activations"), "store"),
 }
 
 __all__ = [
@@ -45,6 +52,7 @@ __all__ = [
     "StreamOptions",
     "cca",
     "cca_from_moments",
+    "check_result_path",
     "cka",
     "cka_from_moments",
     "compare",

@@ -866,15 +866,6 @@ def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path]
                          f"never another file or folder: choose another path")
 
 
-def _strays_in_result(path: Path) -> list[str]:
-    """What a zarr sweep result holds at its top besides its metadata and the arrays its consolidated metadata
-    lists (a user's notes or plots put inside it), before the sweep; ``chunkcca.save_result`` also finds what is
-    put inside the arrays, when it saves. Finder's files are left aside, as ``save_result`` leaves them."""
-    listed = json.loads((path / "zarr.json").read_text()).get("consolidated_metadata", {}).get("metadata", {})
-    return sorted(name for name in os.listdir(path)
-                  if name != "zarr.json" and name not in listed and not name.startswith((".DS_Store", "._")))
-
-
 def _is_sweep_result(path: Path) -> bool:
     """Whether ``path`` holds a result that ``chunkcca sweep`` wrote: a netCDF file (.nc) or zarr store (.zarr)
     that ``chunkcca.save_result`` marked (``chunkcca="result"``), with dims ``layer_a`` and ``layer_b`` (not saved
@@ -990,9 +981,10 @@ def _run_sweep(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")
     check_output_place(args.out, "--out")
     _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")
-    if args.overwrite and out.suffix == ".zarr" and out.is_dir() and (strays := _strays_in_result(out)):
-        raise ValueError(f"--out {out} holds what chunkcca did not write ({', '.join(strays)}); --overwrite replaces "
-                         f"only what chunkcca wrote: move them out of it, or choose another path")
+    try:  # and what a zarr result holds, also inside its arrays (a user's notes and plots), which would go with it
+        chunkcca.check_result_path(out, overwrite=args.overwrite)
+    except FileExistsError as error:
+        raise ValueError(f"--out {error}") from None
     if args.plot:
         _check_plot(args)
     drawn = args.plot_measure or measures[0]

@@ -83,7 +83,15 @@ from .layers import (
     with_datapoint_coords,
     zarr_arrays,
 )
-from .options import MASK, NETCDF_LARGEST_INT, POSITIONS_ATTR, check_choice, check_flag, netcdf_int_error
+from .options import (
+    MASK,
+    NETCDF_LARGEST_INT,
+    POSITIONS_ATTR,
+    check_choice,
+    check_flag,
+    check_output_place,
+    netcdf_int_error,
+)
 from .progress import Progress
 from .rows import pixel_centres
 
@@ -944,6 +952,43 @@ def describe_store(path: str | os.PathLike, *,
     return rows
 
 
+def check_result_path(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse, before any work, a place that ``save_result(result, path, overwrite=overwrite)`` would refuse.
+
+    Run it before a long computation whose result is to be saved at ``path``; ``save_result`` checks again when it
+    writes (the place may change meanwhile).
+
+    Parameters
+    ----------
+    path
+        Where the result is to be saved: a local ``.nc`` (netCDF) or ``.zarr`` path.
+    overwrite
+        As for ``save_result``: whether an existing result that ``save_result`` wrote is to be replaced.
+
+    Raises
+    ------
+    ValueError
+        ``path`` is not a local ``.nc`` or ``.zarr`` path, its folder is missing or cannot be written to, or it
+        lies inside an activation store.
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False; or it is not a result ``save_result`` wrote; or it is a zarr
+        result holding anything chunkcca did not write (a user's notes or plots put inside it, also inside its
+        arrays: they would go with it).
+    """
+    check_flag("overwrite", overwrite)
+    if Path(path).suffix not in (".nc", ".zarr"):
+        raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
+    check_local(path)
+    check_output_place(path, "the result")
+    what = "a zarr result" if Path(path).suffix == ".zarr" else "a netCDF result"
+    check_replaceable(Path(path), overwrite, is_saved_result, what)
+    if Path(path).suffix == ".zarr" and overwrite and Path(path).exists() \
+            and (foreign := result_foreign_files(Path(path))):
+        raise FileExistsError(f"{path} holds what chunkcca did not write ({', '.join(foreign)}"
+                              f"{' …' if len(foreign) == 3 else ''}); an overwrite replaces only a result that "
+                              f"chunkcca saved: move them out of it, or choose another path")
+
+
 def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write a result to a local netCDF file or zarr store, atomically.
 
@@ -961,7 +1006,7 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         Replace an existing result that ``save_result`` wrote (its attrs say ``chunkcca="result"``); never
         another file or store, nor a zarr result holding anything else (a FileExistsError).
     """
-    check_flag("overwrite", overwrite)
+    check_result_path(path, overwrite=overwrite)
     suffix = Path(path).suffix
     result = result.assign_attrs({RESULT_ATTR: RESULT})
     if suffix == ".zarr":
@@ -969,13 +1014,9 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         texts = {name: variable.astype(object) for name, variable in result.variables.items()
                  if variable.dtype.kind == "U"}
         result = result.assign(texts) if texts else result
-        if overwrite and is_saved_result(Path(path)) and (foreign := result_foreign_files(Path(path))):
-            raise FileExistsError(f"{path} holds what chunkcca did not write ({', '.join(foreign)}"
-                                  f"{' …' if len(foreign) == 3 else ''}); overwrite=True replaces only a result "
-                                  f"save_result wrote: move them out of it, or choose another path")
         write_atomically(path, partial(_to_consolidated_zarr, result), overwrite=overwrite,
                          replaceable=is_saved_result, what="a zarr result")
-    elif suffix == ".nc":
+    else:  # .nc
         wide = next((str(name) for name, variable in result.variables.items() if variable.dtype.kind in "iu"
                      and variable.size and not -NETCDF_LARGEST_INT - 1 <= int(variable.min()) <= int(variable.max())
                      <= NETCDF_LARGEST_INT), None)
@@ -987,8 +1028,6 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
                              f"(spatial='dft' coefficients); save to a zarr store (.zarr), which can")
         write_atomically(path, lambda tmp: result.to_netcdf(tmp), overwrite=overwrite,
                          replaceable=is_saved_result, what="a netCDF result")
-    else:
-        raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
 
 
 def _to_consolidated_zarr(result: xr.Dataset, path: Path) -> None:

@@ -1166,8 +1166,8 @@ def test_sweep_overwrite_replaces_only_a_sweep_result(tmp_path, capsys):
 
 def test_sweep_overwrite_leaves_what_a_user_put_inside_a_zarr_result(tmp_path, capsys):
     """A zarr sweep result holding a user's notes or plots was replaced whole by --overwrite, deleting them (zarr
-    warned of each file, twice). The command refuses before the sweep, and ``save_result(overwrite=True)`` refuses
-    what is put inside one of the result's arrays too; both leave the result as it was."""
+    warned of each file, twice). ``save_result(overwrite=True)`` and the command (before the sweep, through
+    ``check_result_path``) refuse what is put at its top or inside one of its arrays, and leave it as it was."""
     store, _ = _sweep_layers(tmp_path)
     out = tmp_path / "out.zarr"
     sweep = ["sweep", str(store), "--a", "m0", "--b", "m1", "--measures", "cka", "--no-progress", "--out", str(out)]
@@ -1178,8 +1178,9 @@ def test_sweep_overwrite_leaves_what_a_user_put_inside_a_zarr_result(tmp_path, c
     capsys.readouterr()
     assert main([*sweep, "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"chunkcca sweep: error: --out {out} holds what chunkcca did not write (NOTES.txt, plots); "
-                   f"--overwrite replaces only what chunkcca wrote: move them out of it, or choose another path\n")
+    assert err == (f"chunkcca sweep: error: --out {out} holds what chunkcca did not write (NOTES.txt, plots); an "
+                   f"overwrite replaces only a result that chunkcca saved: move them out of it, or choose another "
+                   f"path\n")
     assert (out / "NOTES.txt").read_text() == "mine" and (out / "plots" / "a.png").is_file()
     (out / "NOTES.txt").unlink()
     shutil.rmtree(out / "plots")
@@ -1187,9 +1188,14 @@ def test_sweep_overwrite_leaves_what_a_user_put_inside_a_zarr_result(tmp_path, c
     with xr.open_zarr(out) as saved:
         result = saved.load()
     with pytest.raises(FileExistsError, match=r"out.zarr holds what chunkcca did not write \(cka/stray.bin\); "
-                                              r"overwrite=True replaces only a result save_result wrote"):
+                                              r"an overwrite replaces only a result that chunkcca saved"):
         chunkcca.save_result(result, out, overwrite=True)
     assert (out / "cka" / "stray.bin").is_file()
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patched:  # the command refuses it before the sweep too
+        patched.setattr(chunkcca, "similarity", lambda *_, **__: pytest.fail("computed before refusing"))
+        assert main([*sweep, "--overwrite"]) == 2
+    assert "holds what chunkcca did not write (cka/stray.bin)" in capsys.readouterr().err
     (out / "cka" / "stray.bin").unlink()
     chunkcca.save_result(result, out, overwrite=True)  # a result as it was written is replaced
     (out / ".DS_Store").write_bytes(b"")  # Finder's, which both leave aside

@@ -362,6 +362,38 @@ def test_overwrite_replaces_only_an_activation_store(tmp_path, capsys):
     chunkcca.save_result(result, tmp_path / "r.nc", overwrite=True)
 
 
+def test_check_result_path_refuses_before_any_work_what_save_result_would(tmp_path):
+    """A script saving a long computation's result learned only at the end that the place was refused (a missing
+    folder, an existing file, a user's notes inside a zarr result). ``check_result_path`` refuses each beforehand,
+    as ``save_result`` does when it writes, and passes a place ``save_result`` writes to."""
+    x = np.random.default_rng(0).standard_normal((20, 3)).astype("float32")
+    result = cca(x, x[:, :2])
+    write_activations(tmp_path / "s.zarr", {"x": x})
+    chunkcca.save_result(result, tmp_path / "r.zarr")
+    (tmp_path / "r.zarr" / "rho" / "notes.txt").write_text("mine")
+    (tmp_path / "mine.nc").write_bytes(b"mine")
+    refused = [
+        (tmp_path / "r.csv", False, ValueError, "name a netCDF file"),
+        (tmp_path / "no" / "r.nc", False, ValueError, "no folder"),
+        (tmp_path / "s.zarr" / "r.nc", False, ValueError, "inside the activation store"),
+        (tmp_path / "mine.nc", False, FileExistsError, "exists; pass overwrite=True"),
+        (tmp_path / "mine.nc", True, FileExistsError, "is not a netCDF result chunkcca wrote"),
+        (tmp_path / "s.zarr", True, FileExistsError, "is not a zarr result chunkcca wrote"),
+        (tmp_path / "r.zarr", True, FileExistsError, r"holds what chunkcca did not write \(rho/notes.txt\)"),
+    ]
+    for path, overwrite, error, message in refused:
+        with pytest.raises(error, match=message):
+            chunkcca.check_result_path(path, overwrite=overwrite)
+        with pytest.raises(error, match=message):
+            chunkcca.save_result(result, path, overwrite=overwrite)
+    with pytest.raises(ValueError, match="overwrite must be True or False"):
+        chunkcca.check_result_path(tmp_path / "new.nc", overwrite="no")
+    (tmp_path / "r.zarr" / "rho" / "notes.txt").unlink()
+    for path, overwrite in ((tmp_path / "new.nc", False), (tmp_path / "new.zarr", False), (tmp_path / "r.zarr", True)):
+        chunkcca.check_result_path(path, overwrite=overwrite)
+        chunkcca.save_result(result, path, overwrite=overwrite)
+
+
 def test_a_failed_ingest_leaves_the_old_store_whole(tmp_path, capsys):
     """Nested layers (x and x/y) once made ingest --overwrite replace a good store with one that would not open."""
     x = np.random.default_rng(0).standard_normal((20, 3)).astype("float32")
