@@ -491,7 +491,10 @@ def aligned_to(reference: xr.DataArray, layer: xr.DataArray) -> tuple[xr.DataArr
         advice = ("; to compare the datapoints both hold, select them in both: a.sel(datapoint=shared) and "
                   "b.sel(datapoint=shared), with shared = numpy.intersect1d(a.datapoint, b.datapoint)"
                   if len(labels_a) > len(missing_b) else "")
-        raise ValueError(f"datapoint labels differ: {' and '.join(parts)}{advice}; no datapoint is dropped silently")
+        what = ("datapoint positions differ (both layers were stored without datapoint labels, so they pair by their "
+                "positions in their stores)" if holds_positions(reference) and holds_positions(layer)
+                else "datapoint labels differ")
+        raise ValueError(f"{what}: {' and '.join(parts)}{advice}; no datapoint is dropped silently")
     return layer.isel(datapoint=labels_b.get_indexer(labels_a)), True  # check_reordered() warns of it
 
 

@@ -238,6 +238,13 @@ def test_labels_on_one_side_only_are_an_error_unless_they_are_the_positions(conv
     assert "chunkcca_positions" not in moved["net1/conv"]["datapoint"].attrs
     with pytest.raises(ValueError, match=r"layer 'net1/conv' labels its datapoints .* and layer 'plain' does not"):
         cca(moved["net1/conv"], moved["plain"])
+    # two selections of layers stored without labels that hold other positions: said so, not "labels differ"
+    plain = chunkcca.write_activations(tmp_path / "plain2.zarr", {"net0/conv": xr.DataArray(a, dims=dims)})
+    with pytest.raises(ValueError, match=r"^datapoint positions differ \(both layers were stored without datapoint "
+                                         r"labels, so they pair by their positions in their stores\): 10 of layer "
+                                         r"'net0/conv' are not in layer 'net1/conv' \(e.g. \[0, 1, 2, 3, 4\]\)"):
+        cca(plain["net0/conv"]["activations"].isel(datapoint=slice(0, 20)),
+            written["activations"].isel(datapoint=slice(10, 30)))
     # a sweep aligns each layer to its first by label, checking only the pairs it solves: a layer without labels
     # beside a shuffled one on the same side (never paired with it) was refused (found by review)
     labelled_b = xr.DataArray(b, dims=dims, coords={"datapoint": np.arange(60)})
