@@ -118,7 +118,9 @@ SINGULAR = ("the covariance is singular: correlations are meaningless unless a r
 class Groups:
     """Which group (or fold) each datapoint is in: ``codes`` (datapoint,) 0 … len(labels) − 1, chunked as the
     layers, the groups' ``labels``, the ``dim`` the results gain, and whether they are ``folds`` (measured on the
-    rest) rather than groups of ``groupby`` (which may be named "fold" too)."""
+    rest) rather than groups of ``groupby`` (which may be named "fold" too). A ``groupby``'s codes are (datapoint,
+    2): each datapoint's group and its index among the group's datapoints, so that the stride takes each group's
+    rows as it takes the group's alone (``engine._fold_task``); folds take the whole run's rows."""
 
     codes: da.Array
     labels: np.ndarray
@@ -167,14 +169,21 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     labels, codes = group_codes(values.values, option, name, str(layer.name))
     if option == "folds" and len(labels) < 2:
         raise ValueError(f"{asked} gives {len(labels)} fold; folds need at least 2")
-    return Groups(da.from_array(codes.reshape(-1), chunks=chunks), labels,
-                  np.bincount(codes.reshape(-1), minlength=len(labels)), name if option == "groupby" else "fold",
-                  folds=option == "folds")
+    codes = codes.reshape(-1)
+    sizes = np.bincount(codes, minlength=len(labels))
+    if option == "groupby":  # and each datapoint's index among its group's
+        order = np.argsort(codes, kind="stable")
+        ranks = np.empty_like(codes)
+        ranks[order] = np.arange(codes.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        codes = np.stack([codes, ranks], axis=1)
+    return Groups(da.from_array(codes, chunks=chunks + codes.shape[1:]), labels, sizes,
+                  name if option == "groupby" else "fold", folds=option == "folds")
 
 
 def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions, least_rows: int) -> None:
-    """Before the pass: every group of ``groupby`` can give the ``least_rows`` rows the measures need (at most
-    ceil(rows per datapoint / stride) per datapoint), else a ValueError naming the first that cannot (a group per
+    """Before the pass: every group of ``groupby`` can give the ``least_rows`` rows the measures need (those the
+    stride keeps of its datapoints, before padding; a fold's rest at most ceil(rows per datapoint / stride) per
+    datapoint), else a ValueError naming the first that cannot (a group per
     value of a continuous coordinate failed after the whole pass)."""
     if groups is None or not least_rows:
         return
@@ -188,7 +197,7 @@ def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOp
                              f"datapoint{'' if left == 1 else 's'}, fewer rows than the jackknife's "
                              f"leave-outs need ({needs(least_rows)}); use fewer folds or more datapoints")
         return
-    small = np.flatnonzero(groups.sizes * per_datapoint < least_rows)
+    small = np.flatnonzero([adapter.row_count(size) < least_rows for size in groups.sizes])  # each strided apart
     if small.size:
         label, size = groups.labels[small[0]].item(), int(groups.sizes[small[0]])
         remedy = ("group by a coordinate whose values label groups of datapoints (e.g. a class label)"
@@ -226,7 +235,7 @@ def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     _check_group_rows(groups, adapters[0], options, least_rows)
     streamed = stream_layers(layers, adapters, options, row_norms=row_norms,
                              codes=None if groups is None else groups.codes,
-                             groups=0 if groups is None else len(groups.labels), pairs=pairs, whitens=whitens)
+                             group_sizes=() if groups is None else groups.sizes, pairs=pairs, whitens=whitens)
     _check_rows_kept(streamed, options, whitens, least_rows=least_rows)
     streamed, groups = _without_emptied_folds(streamed, groups)
     _warn_small_groups(streamed, groups, whitens)
@@ -238,7 +247,7 @@ def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, 
     some out (counted only then): fewer than ``least_rows`` is an error; no more than the channels of a pair,
     where the rows before were more, a warning for measures that invert a covariance."""
     layers = streamed.layers
-    rows, kept = streamed.adapters[0].row_count(layers[0].sizes["datapoint"]), streamed.moments.n
+    rows, kept = streamed.rows_given, streamed.moments.n
     if kept == rows:
         return
     names = ", ".join(repr(str(layer.name)) for layer in layers)

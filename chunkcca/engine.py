@@ -538,15 +538,17 @@ def finite_rows(rows: list[np.ndarray], start: int = 0, *, nan_policy: str, name
 
 
 def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], names: Sequence[str],
-                first_datapoint: int) -> list[np.ndarray | None]:
+                first_datapoint: int, datapoints: np.ndarray | None = None) -> list[np.ndarray | None]:
     """The mask each side's adapter applies: its own (avgpool, last), or where every side is real (flatten).
-    A datapoint with no real position in a layer is an error naming it, unless the stride skips it."""
+    A datapoint with no real position in a layer is an error naming it (``datapoints``: the block's, as the
+    layer numbers them; None: ``first_datapoint`` on), unless the stride (from ``first_datapoint``) skips it."""
     for mask, name, adapter in zip(masks, names, adapters):
         if mask is not None:
             used = adapter.strided(first_datapoint + np.arange(mask.shape[0]))
             empty = np.flatnonzero(used & ~mask.reshape(mask.shape[0], -1).any(axis=1))
             if empty.size:
-                raise NoRealPositionError.of(name, first_datapoint + int(empty[0]))
+                raise NoRealPositionError.of(name, first_datapoint + int(empty[0]) if datapoints is None
+                                             else int(datapoints[empty[0]]))
     given = [mask for mask in masks if mask is not None]
     if not given or all(adapter.mask_rule == "own" for adapter in adapters):
         return masks
@@ -560,33 +562,57 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
     """One datapoint chunk of every side → rows per side (under the padding masks of the sides that are
     ``masked``, whose mask blocks follow the sides') → folded into the chain's accumulator ``accumulated`` (None
     for a chain's first chunk), which is returned. For a grouped reduction the first block is the datapoints'
-    group codes and each group's rows are folded into its own accumulator."""
+    group codes and each group's rows are folded into its own accumulator: the rows the stride keeps of the whole
+    chunk (codes (datapoint,): folds), or, codes (datapoint, 2) giving each datapoint's index among its group's
+    too (groupby), those it keeps of each group's datapoints taken apart, as of the group alone."""
     pin_blas()
     codes, blocks = (blocks[0], blocks[1:]) if reduction.groups else (None, blocks)
     given = iter(blocks[len(adapters):])
     blocks = blocks[: len(adapters)]
-    masks = _side_masks([next(given) if has else None for has in masked], adapters, names, first_datapoint)
-
-    def check_of(chunk_rows: np.ndarray | None = None) -> RowCheck:
-        """``finite_rows`` for rows that are the chunk's rows ``chunk_rows`` (None: all of them, in order)."""
-        def datapoint_of(row: int) -> int:
-            index = adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint, masks[0])
-            return first_datapoint + int(index[row if chunk_rows is None else chunk_rows[row]])
-        return partial(finite_rows, nan_policy=nan_policy, names=names, datapoint_of=datapoint_of)
+    masks = [next(given) if has else None for has in masked]
+    rows_of = partial(_chunk_rows, adapters=adapters, names=names, nan_policy=nan_policy)
     # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out)
     with np.errstate(invalid="ignore"):
-        rows = [adapter.block_rows(block, first_datapoint, mask)
-                for block, adapter, mask in zip(blocks, adapters, masks)]
         if codes is None:
-            return reduction.fold(accumulated, rows, first_datapoint, check_of())
-        row_codes = codes[adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint, masks[0])]
+            rows, check = rows_of(blocks, masks, first_datapoint)
+            return reduction.fold(accumulated, rows, first_datapoint, check)
         if accumulated is None:  # every group's accumulator at once, each folded into in place
             accumulated = np.zeros((1, *reduction.shape), dtype=reduction.dtype)
+        if codes.ndim == 2:  # groupby: each group's datapoints apart, strided from their index in the group
+            for group in np.unique(codes[:, 0]):
+                taken = np.flatnonzero(codes[:, 0] == group)
+                first = int(codes[taken[0], 1])
+                rows, check = rows_of([block[taken] for block in blocks],
+                                      [None if mask is None else mask[taken] for mask in masks], first,
+                                      first_datapoint + taken)
+                target = accumulated[:, group]
+                _kept_in(target, reduction.fold(target, rows, first, check))
+            return accumulated
+        rows, _ = rows_of(blocks, masks, first_datapoint)  # folds: the chunk's rows, each to its datapoint's fold
+        row_codes = codes[adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint, masks[0])]
         for group in range(reduction.groups):
             target, chunk_rows = accumulated[:, group], np.flatnonzero(row_codes == group)
-            _kept_in(target, reduction.fold(target, [side[..., chunk_rows, :] for side in rows],
-                                            first_datapoint, check_of(chunk_rows)))
+            _, check = rows_of(blocks, masks, first_datapoint, chunk_rows=chunk_rows)
+            _kept_in(target, reduction.fold(target, [side[..., chunk_rows, :] for side in rows], first_datapoint,
+                                            check))
         return accumulated
+
+
+def _chunk_rows(blocks: Sequence[np.ndarray], masks: list[np.ndarray | None], first: int,
+                datapoints: np.ndarray | None = None, *, adapters: Sequence[Adapter], names: Sequence[str],
+                nan_policy: str, chunk_rows: np.ndarray | None = None) -> tuple[list[np.ndarray], RowCheck]:
+    """The rows of ``blocks`` (one per side) under the padding ``masks``, the stride's pattern taken from ``first``
+    (the global index of the first datapoint, or its index among its group's), and the check of their finite
+    values (``finite_rows``), which names each row's datapoint: ``datapoints`` (the blocks', as the layers number
+    them; None: ``first`` on); ``chunk_rows``: the rows it is given, of those returned (None: all, in order)."""
+    masks = _side_masks(masks, adapters, names, first, datapoints)
+    rows = [adapter.block_rows(block, first, mask) for block, adapter, mask in zip(blocks, adapters, masks)]
+
+    def datapoint_of(row: int) -> int:
+        index = int(adapters[0].block_datapoints(blocks[0].shape[0], first, masks[0])[
+            row if chunk_rows is None else chunk_rows[row]])
+        return first + index if datapoints is None else int(datapoints[index])
+    return rows, partial(finite_rows, nan_policy=nan_policy, names=names, datapoint_of=datapoint_of)
 
 
 def _merge_chains(accumulators: list[np.ndarray], *, reduction: Reduction) -> np.ndarray:

@@ -273,7 +273,8 @@ class StreamOptions:
         cut), or minibatch CKA.
     stride : int
         Keep every ``stride``-th row of the global row order (google/svcca's ``[::stride]``),
-        whatever the chunking. For avgpool and dft the rows are datapoints.
+        whatever the chunking. For avgpool and dft the rows are datapoints. With ``groupby``, of each group's
+        rows on their own, as of the group alone.
     precision : {"auto", "float32", "float64"}
         dtype of the per-chunk products. "auto" (default) computes the first datapoints (at least 4 rows,
         before padding is left out, per channel of the widest layer) in float64 and keeps float32 for the rest

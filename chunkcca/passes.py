@@ -88,6 +88,7 @@ class Streamed:
     adapters: tuple[Adapter, ...]
     moments: Moments | TiledMoments
     rows_omitted: int
+    rows_given: int  # the rows the stride keeps, before padding and omitted rows are left out
     precision_note: str | None = None
     groups: tuple[Moments | TiledMoments, ...] | None = None
 
@@ -292,7 +293,7 @@ def tiled_reduction(tiling: Tiling, *, precision: ProductPrecision) -> Reduction
 
 
 def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, *,
-                  row_norms: bool = False, codes: da.Array | None = None, groups: int = 0,
+                  row_norms: bool = False, codes: da.Array | None = None, group_sizes: Sequence[int] = (),
                   pairs: Sequence[tuple[int, int]] | None = None, whitens: bool = True) -> Streamed:
     """Stream aligned, validated layers (one side each) into one Moments, in one pass over their chunks.
 
@@ -301,13 +302,15 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     them (``chunkcca.checkpoint``). ``precision="auto"`` computes float64 Moments of the first
     datapoints (the pilot, ``_pilot_end``), keeps float32 products for the rest unless a side's correlation
     matrix there has a condition number above ``AUTO_CONDITION``, and merges the two. A ValueError if no finite row
-    is left. With ``codes`` (each datapoint's group, 0 … ``groups`` − 1) the Moments of each group are kept
-    apart in the same pass (``Streamed.groups``; ``Streamed.moments`` is their merge), and the memory budget
-    is checked for all of them. With ``pairs`` (of indices into ``layers``), only the blocks of the scatter
-    those pairs read are kept (``TiledMoments``, whose ``select()`` gives a pair's Moments), unless row-norm
-    sums, complex rows or a checkpoint ask for whole Moments. ``whitens``: some measure to be taken inverts a
-    covariance (``measures.Measure.whitens``), so float32 products are checked against the whole run's
-    conditioning (and each ``groupby`` group's): "auto" reads again in float64, explicit float32 warns.
+    is left. With ``codes`` (each datapoint's group, 0 … len(``group_sizes``) − 1, which hold that many datapoints
+    each; or (datapoint, 2) with each datapoint's index among its group's, which the stride then takes each group
+    apart: ``engine._fold_task``) the Moments of each group are kept apart in the same pass (``Streamed.groups``;
+    ``Streamed.moments`` is their merge), and the memory budget is checked for all of them. With ``pairs`` (of
+    indices into ``layers``), only the blocks of the scatter those pairs read are kept (``TiledMoments``, whose
+    ``select()`` gives a pair's Moments), unless row-norm sums, complex rows or a checkpoint ask for whole Moments.
+    ``whitens``: some measure to be taken inverts a covariance (``measures.Measure.whitens``), so float32
+    products are checked against the whole run's conditioning (and each ``groupby`` group's): "auto" reads again
+    in float64, explicit float32 warns.
     """
     names = tuple(str(layer.name) for layer in layers)
     widths = [layer.sizes["channel"] for layer in layers]
@@ -321,7 +324,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
         reduction = (moments_reduction(adapters, widths, precision=product, row_norms=row_norms,
                                        complex_rows=complex_rows) if tiling is None
                      else tiled_reduction(tiling, precision=product))
-        return grouped(reduction, groups) if codes is not None else reduction
+        return grouped(reduction, len(group_sizes)) if codes is not None else reduction
 
     data = [layer.data for layer in layers]
     budget = reduction_of("float64")  # what the budget is checked for: the widest products
@@ -360,10 +363,12 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
                       f"they are dropped, and move correlations by 1e-3 and more near there; precision='auto' (the "
                       f"default) or 'float64' (--precision auto or float64) keep them", RuntimeWarning,
                       stacklevel=user_stacklevel())
+    given = (sum(map(adapters[0].row_count, group_sizes)) if codes is not None and codes.ndim == 2
+             else adapters[0].row_count(datapoints))
     # rows left out: none but padding under nan_policy="raise"; under "omit", non-finite rows and padding alike
-    omitted = adapters[0].row_count(datapoints) - stats.n if options.nan_policy == "omit" else 0
+    omitted = given - stats.n if options.nan_policy == "omit" else 0
     rounded = partial(replace, value_rounding=tuple(map(layer_rounding, layers)))
-    return Streamed(tuple(layers), tuple(adapters), rounded(stats), omitted, note,
+    return Streamed(tuple(layers), tuple(adapters), rounded(stats), omitted, given, note,
                     tuple(map(rounded, parts)) if codes is not None else None)
 
 

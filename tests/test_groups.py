@@ -32,21 +32,66 @@ def _labelled(seed: int = 0, n: int = 240, p: int = 5, q: int = 4) -> tuple[xr.D
             xr.DataArray(y, dims=dims, name="b", coords={"label": ("datapoint", labels)}).chunk({"datapoint": 50}))
 
 
-@pytest.mark.parametrize("stride", [1, 3])
-def test_each_group_equals_the_measure_on_its_datapoints_alone(stride):
+@pytest.mark.parametrize(("stride", "spatial"), [(1, "flatten"), (3, "flatten"), (4, "flatten"), (2, "avgpool")])
+def test_each_group_equals_the_measure_on_its_datapoints_alone(stride, spatial):
+    """With a stride that does not divide a datapoint's rows (6 here; avgpool's 1), each group was given the rows
+    the whole run's stride keeps, not its own: groups of datapoints in turn saw other positions (CKA 0.181 for 0.147
+    at stride 2 on 3 × 3 maps, rows 150 for 135; found by audit). Each group's rows are strided on their own."""
     a, b = _labelled()
     labels = a["label"].values
     calls = [(cca, "rho_mean", {}), (svcca, "rho_mean", {"keep": 0.9}), (pwcca, "pwcca", {}), (cka, "cka", {}),
              (cka, "cka", {"debiased": True}), (procrustes, "procrustes", {}), (shape_metric, "shape_distance",
                                                                                {"alpha": 0.5})]
     for call, variable, options in calls:
-        grouped = call(a, b, groupby="label", stride=stride, precision="float64", **options)
+        grouped = call(a, b, groupby="label", stride=stride, spatial=spatial, precision="float64", **options)
         assert list(grouped["label"].values) == ["cat", "dog", "eel"]
         for group in ("cat", "dog", "eel"):
-            alone = call(a.values[labels == group], b.values[labels == group], stride=stride, precision="float64",
-                         **options)
+            alone = call(a.values[labels == group], b.values[labels == group], stride=stride, spatial=spatial,
+                         precision="float64", **options)
             assert float(grouped[variable].sel(label=group)) == pytest.approx(float(alone[variable]), rel=GROUP_TOL,
                                                                               abs=GROUP_TOL), (call, options)
+            if "rows" in alone:
+                assert int(grouped["rows"].sel(label=group)) == int(alone["rows"])
+
+
+def test_groups_strided_apart_under_padding_and_omitted_rows():
+    """Each group's rows strided on their own also under a padding mask and nan_policy="omit": values and rows as
+    the group's datapoints alone give, in a sweep too, and the rows omitted counted against the rows each group's
+    stride keeps (not the whole run's, which would count rows never given as omitted)."""
+    rng = np.random.default_rng(3)
+    n, tokens = 90, 5
+    x = rng.standard_normal((n, tokens, 4))
+    y = x[..., :3] @ rng.standard_normal((3, 3)) + rng.standard_normal((n, tokens, 3))
+    x[7, 2, 1] = np.nan  # a row nan_policy="omit" leaves out
+    lengths = rng.integers(1, tokens + 1, n)
+    mask = np.arange(tokens) < lengths[:, None]
+    labels = np.arange(n) % 3  # groups in turn: the whole run's stride gave each group other tokens
+    dims = ("datapoint", "token", "channel")
+    coords = {"label": ("datapoint", labels), "mask": (("datapoint", "token"), mask)}
+    a = xr.DataArray(x, dims=dims, name="a", coords=coords).chunk({"datapoint": 17})
+    b = xr.DataArray(y, dims=dims, name="b", coords=coords).chunk({"datapoint": 40})
+    options = {"stride": 2, "precision": "float64", "nan_policy": "omit"}
+    grouped = cka(a, b, groupby="label", **options)
+    swept = similarity({"a": a}, {"b": b}, measures=["cka"], groupby="label", **options)
+    omitted = 0
+    for group in range(3):
+        alone = cka(a.isel(datapoint=labels == group), b.isel(datapoint=labels == group), **options)
+        assert float(grouped["cka"].sel(label=group)) == pytest.approx(float(alone["cka"]), abs=GROUP_TOL)
+        assert float(swept["cka"].sel(label=group).item()) == pytest.approx(float(alone["cka"]), abs=GROUP_TOL)
+        assert int(grouped["rows"].sel(label=group)) == int(alone["rows"])
+        omitted += alone.attrs["rows_omitted"]
+    assert grouped.attrs["rows_omitted"] == omitted > 0
+    # errors name the datapoint as the layers number it; a value the group's stride skips is not read as a row
+    x[7] = 1.0
+    x[40, 4, 1] = x[41, 1, 1] = np.nan  # 40: 14th of group 1, its row 69 skipped; 41: 14th of group 2, row 66 kept
+    a = xr.DataArray(x, dims=dims, name="a", coords={"label": ("datapoint", labels)}).chunk({"datapoint": 17})
+    with pytest.raises(chunkcca.engine.NonFiniteError, match="layer 'a' holds NaN or Inf at datapoint 41;"):
+        cka(a, b.drop_vars("mask"), groupby="label", stride=2)
+    empty = np.ones((n, tokens), dtype=bool)
+    empty[52] = False  # the 18th of group 1: its rows 85 to 89, two of which the stride keeps
+    a = a.fillna(0).assign_coords(mask=(("datapoint", "token"), empty))
+    with pytest.raises(ValueError, match="layer 'a': datapoint 52 has no real position"):
+        cka(a, b.drop_vars("mask"), groupby="label", stride=2)
 
 
 def test_the_group_coordinate_may_be_on_either_layer():
