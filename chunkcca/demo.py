@@ -46,6 +46,8 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
     if out.exists() and not out.is_dir():  # it said "[Errno 17] File exists" after writing nothing
         raise FileExistsError(f"{out} exists and is not a folder: the demo writes its store and plot into a folder; "
                               f"choose another --out")
+    if not out.absolute().parent.is_dir():  # a typo in a folder is not a new folder: it made the whole chain
+        raise ValueError(f"--out {out}: no folder {out.absolute().parent} to make it in")
     store_path, plot_path = out / "demo.zarr", out / "cca_coefficients.png"
     try:  # before the work, which it followed, naming a remedy of the API's (overwrite=True)
         check_replaceable(plot_path, True, is_chunkcca_plot, "a plot")
@@ -53,11 +55,11 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
         raise FileExistsError(f"{plot_path} exists and is not a plot the demo drew: the demo replaces only its own; "
                               f"choose another --out") from None
     _check_room(out, datapoints)
-    print(f"writing {datapoints} datapoints x 2 models x (conv2 16x16x64, pool2 8x8x64) to {store_path}")
     layers = demo_layers(datapoints, chunk=chunk, seed=seed)
     if os.path.lexists(store_path) and zarr_attributes(store_path).get(ORDER_ATTR) != list(layers):
         raise ValueError(f"{store_path} exists and is not a store the demo wrote (its layers are not "
                          f"{', '.join(layers)}): the demo replaces only its own; choose another --out")
+    print(f"writing {datapoints} datapoints x 2 models x (conv2 16x16x64, pool2 8x8x64) to {store_path}")
     tree = write_activations(store_path, layers, chunks=chunk, overwrite=True, progress=progress)
     runs = [
         ("conv2 vs conv2", "model0/conv2", "model1/conv2", "flatten", 1),

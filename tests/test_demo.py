@@ -53,8 +53,9 @@ def test_demo_replaces_only_a_store_it_wrote(tmp_path, capsys):
     chunkcca.write_activations(store, {"mydata/fc": np.random.default_rng(0).standard_normal((10, 3))})
     before = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(store.rglob("*")) if path.is_file()))
     assert main(["demo", "--datapoints", "12", "--chunk", "6", "--out", str(tmp_path), "--no-progress"]) == 2
-    assert (f"{store} exists and is not a store the demo wrote (its layers are not model0/conv2, "
-            in capsys.readouterr().err)
+    shown = capsys.readouterr()  # and before it says it writes one ("writing 12 datapoints … to …/demo.zarr")
+    assert f"{store} exists and is not a store the demo wrote (its layers are not model0/conv2, " in shown.err
+    assert shown.out == ""
     after = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(store.rglob("*")) if path.is_file()))
     assert after.hexdigest() == before.hexdigest() and not (tmp_path / "cca_coefficients.png").exists()
     (tmp_path / "results.nc").write_text("mine")  # a file as --out said "[Errno 17] File exists: 'results.nc'"
@@ -74,10 +75,10 @@ def test_demo_replaces_only_a_store_it_wrote(tmp_path, capsys):
 def test_a_demo_larger_than_the_free_space_is_refused_before_writing(tmp_path, capsys):
     """--datapoints 10000000000 ran until the task list of its chunks filled memory and the kernel killed the
     process (status 137, not a word); a store larger than the disk filled it."""
-    out = tmp_path / "new" / "demo"
+    out = tmp_path / "demo"
     assert main(["demo", "--datapoints", "10000000000", "--out", str(out), "--no-progress"]) == 2
     shown = capsys.readouterr()
-    assert shown.out == "" and not (tmp_path / "new").exists()
+    assert shown.out == "" and not out.exists()
     assert shown.err.startswith("chunkcca demo: error: 10000000000 datapoints make a demo store of up to 1.46 PiB "
                                 "(about 160 kiB a datapoint), more than the ") and shown.err.count("\n") == 1
     assert f"free under {tmp_path}: choose fewer --datapoints or another --out" in shown.err
@@ -89,12 +90,22 @@ def test_a_demo_under_a_folder_that_cannot_be_written_is_refused_as_such(tmp_pat
     import os
 
     monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: False)
-    out = tmp_path / "new" / "demo"
+    out = tmp_path / "demo"
     assert main(["demo", "--datapoints", "10000000000", "--out", str(out), "--no-progress"]) == 2
     shown = capsys.readouterr()
     assert shown.err == (f"chunkcca demo: error: --out {out}: the folder {tmp_path} cannot be written to (a read-only "
                          f"file system, or no permission)\n")
-    assert not (tmp_path / "new").exists()
+    assert not out.exists()
+
+
+def test_a_demo_out_in_a_folder_that_does_not_exist_is_refused(tmp_path, capsys):
+    """demo --out /nonexistent/dir made the whole chain of folders and wrote there: a typo in a folder is no new
+    folder, as for the other commands' outputs. The demo makes its --out folder only, in one that exists."""
+    out = tmp_path / "typo" / "demo"
+    assert main(["demo", "--datapoints", "12", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"chunkcca demo: error: --out {out}: no folder {tmp_path / 'typo'} to make it in\n"
+    assert not (tmp_path / "typo").exists()
 
 
 def test_demo_layers_do_not_depend_on_chunking():
