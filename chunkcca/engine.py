@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import dask
@@ -574,45 +574,51 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
     # arithmetic on NaN or Inf rows is expected while they are found and reported (or left out)
     with np.errstate(invalid="ignore"):
         if codes is None:
-            rows, check = rows_of(blocks, masks, first_datapoint)
-            return reduction.fold(accumulated, rows, first_datapoint, check)
+            rows, check_of, _ = rows_of(blocks, masks, first_datapoint)
+            return reduction.fold(accumulated, rows, first_datapoint, check_of(None))
         if accumulated is None:  # every group's accumulator at once, each folded into in place
             accumulated = np.zeros((1, *reduction.shape), dtype=reduction.dtype)
         if codes.ndim == 2:  # groupby: each group's datapoints apart, strided from their index in the group
             for group in np.unique(codes[:, 0]):
                 taken = np.flatnonzero(codes[:, 0] == group)
                 first = int(codes[taken[0], 1])
-                rows, check = rows_of([block[taken] for block in blocks],
-                                      [None if mask is None else mask[taken] for mask in masks], first,
-                                      first_datapoint + taken)
+                rows, check_of, _ = rows_of([block[taken] for block in blocks],
+                                            [None if mask is None else mask[taken] for mask in masks], first,
+                                            first_datapoint + taken)
                 target = accumulated[:, group]
-                _kept_in(target, reduction.fold(target, rows, first, check))
+                _kept_in(target, reduction.fold(target, rows, first, check_of(None)))
             return accumulated
-        rows, _ = rows_of(blocks, masks, first_datapoint)  # folds: the chunk's rows, each to its datapoint's fold
-        row_codes = codes[adapters[0].block_datapoints(blocks[0].shape[0], first_datapoint, masks[0])]
+        rows, check_of, row_datapoints = rows_of(blocks, masks, first_datapoint)  # folds: the chunk's rows, each
+        row_codes = codes[row_datapoints()]  # to its datapoint's fold
         for group in range(reduction.groups):
             target, chunk_rows = accumulated[:, group], np.flatnonzero(row_codes == group)
-            _, check = rows_of(blocks, masks, first_datapoint, chunk_rows=chunk_rows)
             _kept_in(target, reduction.fold(target, [side[..., chunk_rows, :] for side in rows], first_datapoint,
-                                            check))
+                                            check_of(chunk_rows)))
         return accumulated
 
 
 def _chunk_rows(blocks: Sequence[np.ndarray], masks: list[np.ndarray | None], first: int,
                 datapoints: np.ndarray | None = None, *, adapters: Sequence[Adapter], names: Sequence[str],
-                nan_policy: str, chunk_rows: np.ndarray | None = None) -> tuple[list[np.ndarray], RowCheck]:
+                nan_policy: str) -> tuple[list[np.ndarray], Callable[[np.ndarray | None], RowCheck],
+                                          Callable[[], np.ndarray]]:
     """The rows of ``blocks`` (one per side) under the padding ``masks``, the stride's pattern taken from ``first``
-    (the global index of the first datapoint, or its index among its group's), and the check of their finite
-    values (``finite_rows``), which names each row's datapoint: ``datapoints`` (the blocks', as the layers number
-    them; None: ``first`` on); ``chunk_rows``: the rows it is given, of those returned (None: all, in order)."""
+    (the global index of the first datapoint, or its index among its group's); the check of their finite values
+    (``finite_rows``) for the rows ``chunk_rows`` of them (None: all, in order), which names each row's datapoint
+    as the layers number them (``datapoints``, the blocks'; None: ``first`` on); and the block-local datapoint
+    each row comes from (rows,), made when asked for."""
     masks = _side_masks(masks, adapters, names, first, datapoints)
     rows = [adapter.block_rows(block, first, mask) for block, adapter, mask in zip(blocks, adapters, masks)]
 
-    def datapoint_of(row: int) -> int:
-        index = int(adapters[0].block_datapoints(blocks[0].shape[0], first, masks[0])[
-            row if chunk_rows is None else chunk_rows[row]])
-        return first + index if datapoints is None else int(datapoints[index])
-    return rows, partial(finite_rows, nan_policy=nan_policy, names=names, datapoint_of=datapoint_of)
+    @cache
+    def row_datapoints() -> np.ndarray:
+        return adapters[0].block_datapoints(blocks[0].shape[0], first, masks[0])
+
+    def check_of(chunk_rows: np.ndarray | None) -> RowCheck:
+        def datapoint_of(row: int) -> int:
+            index = int(row_datapoints()[row if chunk_rows is None else chunk_rows[row]])
+            return first + index if datapoints is None else int(datapoints[index])
+        return partial(finite_rows, nan_policy=nan_policy, names=names, datapoint_of=datapoint_of)
+    return rows, check_of, row_datapoints
 
 
 def _merge_chains(accumulators: list[np.ndarray], *, reduction: Reduction) -> np.ndarray:

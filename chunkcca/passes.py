@@ -336,7 +336,8 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     with _pass(layers, options) as scheduler:
         chains = min(chains, scheduler_threads(scheduler))
         ahead = _ahead(budget, data, adapters, options, chains, scheduler, stored)
-        _check_masks(masks, adapters, names, scheduler, data, pairs)
+        _check_masks(masks, adapters, names, scheduler, data, pairs,
+                     codes[:, 1] if codes is not None and codes.ndim == 2 else None)
 
         def moments_of(start: int, stop: int, product: ProductPrecision, step: str = "",
                        after: list[Parts] | None = None) -> Parts:
@@ -398,9 +399,11 @@ def pair_provenance(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter])
 
 
 def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], names: Sequence[str],
-                 scheduler: Any, data: Sequence[da.Array], pairs: Sequence[tuple[int, int]] | None = None) -> None:
+                 scheduler: Any, data: Sequence[da.Array], pairs: Sequence[tuple[int, int]] | None = None,
+                 strided_at: da.Array | None = None) -> None:
     """Before the pass, from the padding masks alone (a small pass over them): a datapoint with no real position
-    in a layer, unless the stride skips it, is an error naming it (found when the pass reached its chunk), and a
+    in a layer, unless the stride skips it (at its index, or at ``strided_at``, its index among its group's for
+    ``groupby``), is an error naming it (found when the pass reached its chunk), and a
     flatten sweep whose rows (the positions real in every layer) are fewer than some pair of its ``pairs``
     compared alone keeps is warned of. Masks computed from the activations (``(layer != 0).any("channel")``) are
     left to the pass, which finds the first and reads the activations once (and so gives no such warning)."""
@@ -412,8 +415,9 @@ def _check_masks(masks: Sequence[da.Array | None], adapters: Sequence[Adapter], 
     masks = [None if mask is None else mask.map_blocks(_declared_mask, layer=name, dtype=bool)  # as the pass checks
              for mask, name in zip(masks, names)]
     given = [(mask, name) for mask, name in zip(masks, names) if mask is not None]
-    unused = [~adapter.strided(da.arange(mask.shape[0], chunks=mask.chunks[0])) for mask, adapter  # skipped by
-              in zip(masks, adapters) if mask is not None]  # the stride: no row to give
+    unused = [~adapter.strided(da.arange(mask.shape[0], chunks=mask.chunks[0]) if strided_at is None  # skipped by
+                               else strided_at.rechunk({0: mask.chunks[0]}))  # the stride: no row to give
+              for mask, adapter in zip(masks, adapters) if mask is not None]
     real = [mask.any(axis=tuple(range(1, mask.ndim))) | skipped for (mask, _), skipped in zip(given, unused)]
     checks: list[Any] = [(each.all(), da.argmin(each)) for each in real]
     swept = sorted({(min(i, j), max(i, j)) for i, j in pairs or () if i != j})  # a layer with itself: trivial

@@ -94,6 +94,60 @@ def test_groups_strided_apart_under_padding_and_omitted_rows():
         cka(a, b.drop_vars("mask"), groupby="label", stride=2)
 
 
+@pytest.mark.parametrize("spatial", ["avgpool", "last"])
+def test_a_datapoint_without_real_positions_that_its_groups_stride_skips_is_no_error(spatial):
+    """The check before the pass took the whole run's stride: a datapoint with no real position that its group's
+    stride skips (the second of its group, stride 2) was refused, though the group alone gives a value (found by
+    review). One that its group's stride keeps is still refused, naming it."""
+    rng = np.random.default_rng(7)
+    n, tokens = 30, 4
+    x = rng.standard_normal((n, tokens, 2))
+    y = rng.standard_normal((n, tokens, 2)) + x
+    labels = np.arange(n) % 2  # datapoint 2 is the second of group 0
+    mask = np.ones((n, tokens), dtype=bool)
+    mask[2] = False  # the whole run's stride 2 keeps datapoint 2; group 0's skips it
+
+    def layers(mask: np.ndarray) -> tuple[xr.DataArray, xr.DataArray]:
+        coords = {"label": ("datapoint", labels), "mask": (("datapoint", "token"), mask)}
+        dims = ("datapoint", "token", "channel")
+        return (xr.DataArray(x, dims=dims, name="a", coords=coords).chunk({"datapoint": 7}),
+                xr.DataArray(y, dims=dims, name="b", coords=coords).chunk({"datapoint": 11}))
+    a, b = layers(mask)
+    grouped = cka(a, b, spatial=spatial, stride=2, groupby="label", precision="float64")
+    alone = cka(a.isel(datapoint=labels == 0), b.isel(datapoint=labels == 0), spatial=spatial, stride=2,
+                precision="float64")
+    assert float(grouped["cka"].sel(label=0)) == pytest.approx(float(alone["cka"]), abs=GROUP_TOL)
+    assert int(grouped["rows"].sel(label=0)) == int(alone["rows"]) == 8
+    mask[2], mask[4] = True, False  # datapoint 4, the third of group 0: its stride keeps it
+    with pytest.raises(ValueError, match="layer 'a': datapoint 4 has no real position"):
+        cka(*layers(mask), spatial=spatial, stride=2, groupby="label")
+
+
+def test_folds_under_flatten_with_other_paddings_on_each_side():
+    """Folds took each row's fold from the first side's own mask, not the positions real on both sides that
+    flatten keeps: layers padded differently failed with an IndexError (a regression found by review)."""
+    rng = np.random.default_rng(2)
+    n, tokens = 20, 4
+    x = rng.standard_normal((n, tokens, 2))
+    y = rng.standard_normal((n, tokens, 2)) + x
+    mask_b = np.ones((n, tokens), dtype=bool)
+    mask_b[3, 3] = False  # b pads a position a keeps
+    dims = ("datapoint", "token", "channel")
+    a = xr.DataArray(x, dims=dims, name="a").chunk({"datapoint": 20})
+    b = xr.DataArray(y, dims=dims, name="b", coords={"mask": (("datapoint", "token"), mask_b)}).chunk({"datapoint": 20})
+    folded = compare(a, b, measures=["cka"], folds=2, precision="float64")
+    assert float(folded["cka"]) == pytest.approx(float(cka(a, b, precision="float64")["cka"]), abs=1e-12)
+    kept = mask_b.reshape(-1)
+    rows_x, rows_y = x.reshape(-1, 2)[kept], y.reshape(-1, 2)[kept]
+    half = kept.reshape(n, tokens)[: n // 2].sum()  # the first fold's rows: its datapoints' real positions
+    leave_outs = []
+    for rest in (slice(half, None), slice(0, half)):
+        u, v = rows_x[rest] - rows_x[rest].mean(0), rows_y[rest] - rows_y[rest].mean(0)
+        leave_outs.append(np.linalg.norm(u.T @ v) ** 2 / (np.linalg.norm(u.T @ u) * np.linalg.norm(v.T @ v)))
+    assert float(folded["cka_se"]) == pytest.approx(np.sqrt(0.5 * np.sum((np.array(leave_outs)
+                                                                           - np.mean(leave_outs)) ** 2)), abs=1e-12)
+
+
 def test_the_group_coordinate_may_be_on_either_layer():
     """Labels on side a alone were taken, on side b alone refused (the first layer's coordinates were read): the
     labels name datapoints, which the layers share, so either side's serve, and the values are the same."""
