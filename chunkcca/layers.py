@@ -59,6 +59,8 @@ def check_datapoint_coords(coords: Mapping[str, Any] | None) -> dict[str, xr.Dat
         if isinstance(values, xr.DataArray) and values.dims != ("datapoint",):
             raise ValueError(f"coords[{name!r}] has dims {tuple(map(str, values.dims))}; give it dims ('datapoint',)")
         array = values if isinstance(values, xr.DataArray) else np.asarray(values)
+        if array.dtype.kind == "T":  # numpy's StringDType, as a store's strings are read back
+            array = array.astype(object)
         if array.dtype.kind == "O" and all(isinstance(value, str) for value in np.ravel(array)):
             array = array.astype(str)
         if array.ndim != 1 or array.dtype.kind not in "biufU":

@@ -658,6 +658,14 @@ def test_datapoint_coordinates_are_written_on_every_layer_for_groupby(tmp_path, 
         alone = chunkcca.cka(x[digit == group], y[digit == group], spatial="avgpool", precision="float64")
         assert float(grouped["cka"].sel(digit=group)) == pytest.approx(float(alone["cka"]), abs=1e-12)
     assert [row["coords"] for row in chunkcca.describe_store(tmp_path / "s.zarr")] == [["digit", "split"]] * 2
+    # a store's strings read back (numpy's StringDType) were refused as coords ("got 1-d StringDType() values"):
+    # copying class labels from one store to another failed (found by audit)
+    split_read = tree["m/fc"]["activations"]["split"]
+    assert split_read.dtype.kind == "T"
+    copied = write_activations(tmp_path / "copy.zarr", {"m/fc": y}, coords={"split": split_read.values,
+                                                                              "again": split_read})
+    for name in ("split", "again"):
+        assert list(copied["m/fc"]["activations"][name].values) == list(split_read.values)
 
 
 @pytest.mark.parametrize(("coords", "message"), [
