@@ -669,8 +669,10 @@ def _run_compare(args: argparse.Namespace) -> None:
         if {"mean_cca", "r2_cca"} & set(measures):
             _note_zero_components(result, a.sizes["channel"], b.sizes["channel"])
     if args.plot:  # after the values, which a plot that cannot be saved must not take with it
-        _save_plot(lambda: plot_rho(result, title=f"{args.layer_a} vs {args.layer_b}").figure, args.plot,
-                   overwrite=args.overwrite)
+        apart = args.layer_a == args.layer_b and args.b_store not in (None, args.store)  # one path in two stores
+        title = (f"{args.layer_a} ({args.store}) vs {args.layer_b} ({args.b_store})" if apart
+                 else f"{args.layer_a} vs {args.layer_b}")
+        _save_plot(lambda: plot_rho(result, title=title).figure, args.plot, overwrite=args.overwrite)
         if not args.json:  # stdout holds one JSON document with --json
             print(f"plot: {args.plot}")
     if left_out:  # once all is done and written: a failure is its one line

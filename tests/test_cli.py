@@ -800,6 +800,13 @@ def test_two_recorded_models_compared_across_stores(tmp_path, capsys):
     assert (report["store_a"], report["store_b"]) == (stores[0], stores[2])
     assert main(["compare", stores[0], "fc", "fc", *stores[1:], "--measure", "cka", "--no-progress"]) == 0
     assert capsys.readouterr().out.startswith(f"{stores[0]}: fc vs {stores[2]}: fc (flatten, stride 1, 60 rows")
+    titles = []  # and the plot's title ("fc vs fc" said nothing of it; found by audit)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(chunkcca.cli, "plot_rho", lambda result, title: titles.append(title) or chunkcca.plot.plot_rho(
+            result, title=title))
+        assert main(["compare", stores[0], "fc", "fc", *stores[1:], "--no-progress", "--plot",
+                     str(tmp_path / "fc.png")]) == 0
+    assert titles == [f"fc ({stores[0]}) vs fc ({stores[2]})"]
     assert main(["sweep", stores[0], "--a", "/", "--b", "/", *stores[1:], "--measures", "cka", "--precision",
                  "float64", "--out", str(tmp_path / "s.nc"), "--no-progress"]) == 0
     saved = xr.open_dataset(tmp_path / "s.nc")
