@@ -118,9 +118,7 @@ SINGULAR = ("the covariance is singular: correlations are meaningless unless a r
 class Groups:
     """Which group (or fold) each datapoint is in: ``codes`` (datapoint,) 0 … len(labels) − 1, chunked as the
     layers, the groups' ``labels``, the ``dim`` the results gain, and whether they are ``folds`` (measured on the
-    rest) rather than groups of ``groupby`` (which may be named "fold" too). A ``groupby``'s codes are (datapoint,
-    2): each datapoint's group and its index among the group's datapoints, so that the stride takes each group's
-    rows as it takes the group's alone (``engine._fold_task``); folds take the whole run's rows."""
+    rest) rather than groups of ``groupby`` (which may be named "fold" too)."""
 
     codes: da.Array
     labels: np.ndarray
@@ -169,15 +167,22 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     labels, codes = group_codes(values.values, option, name, str(layer.name))
     if option == "folds" and len(labels) < 2:
         raise ValueError(f"{asked} gives {len(labels)} fold; folds need at least 2")
-    codes = codes.reshape(-1)
-    sizes = np.bincount(codes, minlength=len(labels))
-    if option == "groupby":  # and each datapoint's index among its group's
-        order = np.argsort(codes, kind="stable")
-        ranks = np.empty_like(codes)
-        ranks[order] = np.arange(codes.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        codes = np.stack([codes, ranks], axis=1)
-    return Groups(da.from_array(codes, chunks=chunks + codes.shape[1:]), labels, sizes,
+    return Groups(da.from_array(codes, chunks=chunks), labels, np.bincount(codes, minlength=len(labels)),
                   name if option == "groupby" else "fold", folds=option == "folds")
+
+
+def _pass_codes(groups: Groups | None, adapter: Adapter) -> da.Array | None:
+    """The group codes a pass takes: each datapoint's group; for ``groupby`` with a stride that does not divide a
+    datapoint's rows, (datapoint, 2) with its index among its group's datapoints too, so that each group's rows
+    are strided as the group's alone would be (``engine._fold_task``): the whole run's stride gave groups of
+    datapoints in turn other positions. Where the stride divides a datapoint's rows, both keep the same rows."""
+    if groups is None or groups.folds or adapter.rows_per_datapoint % adapter.stride == 0:
+        return None if groups is None else groups.codes
+    codes = groups.codes.compute()  # the group labels' codes (from_array of them), not activations
+    ranks = np.empty_like(codes)
+    order = np.argsort(codes, kind="stable")
+    ranks[order] = np.arange(codes.size) - np.repeat(np.cumsum(groups.sizes) - groups.sizes, groups.sizes)
+    return da.from_array(np.stack([codes, ranks], axis=1), chunks=(groups.codes.chunks[0], 2))
 
 
 def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions, least_rows: int) -> None:
@@ -234,7 +239,7 @@ def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     groups = _groups(layers, options)
     _check_group_rows(groups, adapters[0], options, least_rows)
     streamed = stream_layers(layers, adapters, options, row_norms=row_norms,
-                             codes=None if groups is None else groups.codes,
+                             codes=_pass_codes(groups, adapters[0]),
                              group_sizes=() if groups is None else groups.sizes, pairs=pairs, whitens=whitens)
     _check_rows_kept(streamed, options, whitens, least_rows=least_rows)
     streamed, groups = _without_emptied_folds(streamed, groups)

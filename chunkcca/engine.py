@@ -564,7 +564,9 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
     for a chain's first chunk), which is returned. For a grouped reduction the first block is the datapoints'
     group codes and each group's rows are folded into its own accumulator: the rows the stride keeps of the whole
     chunk (codes (datapoint,): folds), or, codes (datapoint, 2) giving each datapoint's index among its group's
-    too (groupby), those it keeps of each group's datapoints taken apart, as of the group alone."""
+    too (groupby), those it keeps of each group's datapoints, as of the group alone: for a row a datapoint
+    (avgpool, first, last, dft) the datapoints each group's stride keeps, taken once; else each group's
+    datapoints taken apart."""
     pin_blas()
     codes, blocks = (blocks[0], blocks[1:]) if reduction.groups else (None, blocks)
     given = iter(blocks[len(adapters):])
@@ -578,7 +580,16 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
             return reduction.fold(accumulated, rows, first_datapoint, check_of(None))
         if accumulated is None:  # every group's accumulator at once, each folded into in place
             accumulated = np.zeros((1, *reduction.shape), dtype=reduction.dtype)
-        if codes.ndim == 2:  # groupby: each group's datapoints apart, strided from their index in the group
+        if codes.ndim == 2 and adapters[0].rows_per_datapoint == 1:  # groupby, a row a datapoint: the datapoints
+            kept = np.flatnonzero(codes[:, 1] % adapters[0].stride == 0)  # each group's stride keeps, taken once
+            if not kept.size:
+                return accumulated
+            rows, check_of, row_datapoints = _chunk_rows(
+                [block[kept] for block in blocks], [None if mask is None else mask[kept] for mask in masks], 0,
+                first_datapoint + kept, adapters=[replace(adapter, stride=1) for adapter in adapters], names=names,
+                nan_policy=nan_policy)
+            codes = codes[kept, 0][row_datapoints()]
+        elif codes.ndim == 2:  # groupby: each group's datapoints apart, strided from their index in the group
             for group in np.unique(codes[:, 0]):
                 taken = np.flatnonzero(codes[:, 0] == group)
                 first = int(codes[taken[0], 1])
@@ -588,10 +599,11 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
                 target = accumulated[:, group]
                 _kept_in(target, reduction.fold(target, rows, first, check_of(None)))
             return accumulated
-        rows, check_of, row_datapoints = rows_of(blocks, masks, first_datapoint)  # folds: the chunk's rows, each
-        row_codes = codes[row_datapoints()]  # to its datapoint's fold
-        for group in range(reduction.groups):
-            target, chunk_rows = accumulated[:, group], np.flatnonzero(row_codes == group)
+        else:  # folds: the chunk's rows, each to its datapoint's fold
+            rows, check_of, row_datapoints = rows_of(blocks, masks, first_datapoint)
+            codes = codes[row_datapoints()]
+        for group in range(reduction.groups):  # each row's group in codes now
+            target, chunk_rows = accumulated[:, group], np.flatnonzero(codes == group)
             _kept_in(target, reduction.fold(target, [side[..., chunk_rows, :] for side in rows], first_datapoint,
                                             check_of(chunk_rows)))
         return accumulated
@@ -673,7 +685,8 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
 
     Each chain holds its ``reduction.partials_held`` partials, the temporaries that fold a chunk into them (one
     sub-block's products in at most float64, the sub-block buffer and its copy, a merge's outer products), the
-    largest common chunk of the sides read whole for it and the ``ahead`` read for its next folds (for a side
+    largest common chunk of the sides read whole for it (and for a grouped reduction a copy of a group's part of
+    it) and the ``ahead`` read for its next folds (for a side
     chunked more coarsely, the pieces cut from its store chunks), and what the adapters make for one sub-block
     of rows (dft spectra), and the reduction's ``made`` bytes; and the buffers of its reads in flight
     (``Stored.read``): one at a time before the chunk's fold, or ``ahead`` beside it. Shared by the chains: the
@@ -686,7 +699,8 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     largest = max(common)
     shared = chunk = read = 0
     for side, store in zip(sides, stored or [Stored(side.chunks) for side in sides]):
-        chunk += (1 + ahead) * largest * int(np.prod(side.shape[1:])) * side.dtype.itemsize  # pieces are copies
+        # pieces are copies, and a grouped fold copies a group's datapoints (or rows) apart, one group at a time
+        chunk += (1 + ahead + bool(reduction.groups)) * largest * int(np.prod(side.shape[1:])) * side.dtype.itemsize
         # and one more where chains that read ahead drift apart (each gates only its own reads)
         shared += held_store_bytes(side, store.chunks, common, chains * (1 + ahead) * largest, 1 + bool(ahead))
         read = max(read, store.read)  # a task reads one side's chunk

@@ -81,6 +81,13 @@ def test_groups_strided_apart_under_padding_and_omitted_rows():
         assert int(grouped["rows"].sel(label=group)) == int(alone["rows"])
         omitted += alone.attrs["rows_omitted"]
     assert grouped.attrs["rows_omitted"] == omitted > 0
+    # a row a datapoint (last), in chunks of one datapoint: chunks none of whose datapoints a group's stride keeps
+    ones = {"datapoint": 1}
+    grouped = cka(a.chunk(ones), b.chunk(ones), groupby="label", spatial="last", **options)
+    for group in range(3):
+        alone = cka(a.isel(datapoint=labels == group), b.isel(datapoint=labels == group), spatial="last", **options)
+        assert float(grouped["cka"].sel(label=group)) == pytest.approx(float(alone["cka"]), abs=GROUP_TOL)
+        assert int(grouped["rows"].sel(label=group)) == int(alone["rows"])
     # errors name the datapoint as the layers number it; a value the group's stride skips is not read as a row
     x[7] = 1.0
     x[40, 4, 1] = x[41, 1, 1] = np.nan  # 40: 14th of group 1, its row 69 skipped; 41: 14th of group 2, row 66 kept
