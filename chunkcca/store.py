@@ -979,7 +979,7 @@ def check_result_path(path: str | os.PathLike, *, overwrite: bool = False) -> No
     if Path(path).suffix not in (".nc", ".zarr"):
         raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
     check_local(path)
-    check_output_place(path, "the result")
+    check_output_place(path, "the result's path")
     what = "a zarr result" if Path(path).suffix == ".zarr" else "a netCDF result"
     check_replaceable(Path(path), overwrite, is_saved_result, what)
     if Path(path).suffix == ".zarr" and overwrite and Path(path).exists() \
