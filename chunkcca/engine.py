@@ -735,7 +735,8 @@ def reduction_graph(sides: Sequence[da.Array], adapters: Sequence[Adapter], redu
     ``offset`` is the global index of the first datapoint of ``sides`` (for the stride pattern when streaming a
     slice). The graph's layers are named
     ``chunkcca-<reduction>-chunk`` and ``chunkcca-<reduction>-merge``. A ``grouped()`` reduction takes
-    ``codes``: each datapoint's group (datapoint,). ``masks``: per side, its padding mask (datapoint,
+    ``codes``: each datapoint's group (datapoint,), or (datapoint, 2) with its index among its group's too, whose
+    rows the stride then takes as of the group alone (``_fold_task``). ``masks``: per side, its padding mask (datapoint,
     *positions) or None. ``start``: a partial (1, *reduction.shape) the first chain folds into (an earlier
     pass's, so as not to hold it beside this one's), which it then owns. ``ahead``: chunks each chain reads
     ahead of the one it folds (see ``_reads_inside()``). Nothing is computed here.
