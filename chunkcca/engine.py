@@ -538,13 +538,15 @@ def finite_rows(rows: list[np.ndarray], start: int = 0, *, nan_policy: str, name
 
 
 def _side_masks(masks: list[np.ndarray | None], adapters: Sequence[Adapter], names: Sequence[str],
-                first_datapoint: int, datapoints: np.ndarray | None = None) -> list[np.ndarray | None]:
+                first_datapoint: int, datapoints: np.ndarray | None = None,
+                strided_at: np.ndarray | None = None) -> list[np.ndarray | None]:
     """The mask each side's adapter applies: its own (avgpool, last), or where every side is real (flatten).
     A datapoint with no real position in a layer is an error naming it (``datapoints``: the block's, as the
-    layer numbers them; None: ``first_datapoint`` on), unless the stride (from ``first_datapoint``) skips it."""
+    layer numbers them; None: ``first_datapoint`` on), unless the stride skips it (at ``first_datapoint`` on,
+    or at ``strided_at``: each datapoint's index among its group's, for groupby)."""
     for mask, name, adapter in zip(masks, names, adapters):
         if mask is not None:
-            used = adapter.strided(first_datapoint + np.arange(mask.shape[0]))
+            used = adapter.strided(first_datapoint + np.arange(mask.shape[0]) if strided_at is None else strided_at)
             empty = np.flatnonzero(used & ~mask.reshape(mask.shape[0], -1).any(axis=1))
             if empty.size:
                 raise NoRealPositionError.of(name, first_datapoint + int(empty[0]) if datapoints is None
@@ -565,8 +567,8 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
     group codes and each group's rows are folded into its own accumulator: the rows the stride keeps of the whole
     chunk (codes (datapoint,): folds), or, codes (datapoint, 2) giving each datapoint's index among its group's
     too (groupby), those it keeps of each group's datapoints, as of the group alone: for a row a datapoint
-    (avgpool, first, last, dft) the datapoints each group's stride keeps, taken once; else each group's
-    datapoints taken apart."""
+    (avgpool, first, last, dft) the datapoints each group's stride keeps, taken once; else the chunk's rows it
+    keeps, by each row's index among its group's rows (``_chunk_rows``)."""
     pin_blas()
     codes, blocks = (blocks[0], blocks[1:]) if reduction.groups else (None, blocks)
     given = iter(blocks[len(adapters):])
@@ -589,16 +591,10 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
                 first_datapoint + kept, adapters=[replace(adapter, stride=1) for adapter in adapters], names=names,
                 nan_policy=nan_policy)
             codes = codes[kept, 0][row_datapoints()]
-        elif codes.ndim == 2:  # groupby: each group's datapoints apart, strided from their index in the group
-            for group in np.unique(codes[:, 0]):
-                taken = np.flatnonzero(codes[:, 0] == group)
-                first = int(codes[taken[0], 1])
-                rows, check_of, _ = rows_of([block[taken] for block in blocks],
-                                            [None if mask is None else mask[taken] for mask in masks], first,
-                                            first_datapoint + taken)
-                target = accumulated[:, group]
-                _kept_in(target, reduction.fold(target, rows, first, check_of(None)))
-            return accumulated
+        elif codes.ndim == 2:  # groupby, several rows a datapoint: those each group's stride keeps, by their index
+            rows, check_of, row_datapoints = rows_of(blocks, masks, first_datapoint, ranks=codes[:, 1])  # in it
+            of_rows = row_datapoints()  # -1: a row its group's stride skips, folded into no group
+            codes = np.where(of_rows >= 0, codes[of_rows, 0], -1)
         else:  # folds: the chunk's rows, each to its datapoint's fold
             rows, check_of, row_datapoints = rows_of(blocks, masks, first_datapoint)
             codes = codes[row_datapoints()]
@@ -611,19 +607,32 @@ def _fold_task(accumulated: np.ndarray | None, first_datapoint: int, *blocks: np
 
 def _chunk_rows(blocks: Sequence[np.ndarray], masks: list[np.ndarray | None], first: int,
                 datapoints: np.ndarray | None = None, *, adapters: Sequence[Adapter], names: Sequence[str],
-                nan_policy: str) -> tuple[list[np.ndarray], Callable[[np.ndarray | None], RowCheck],
-                                          Callable[[], np.ndarray]]:
+                nan_policy: str, ranks: np.ndarray | None = None
+                ) -> tuple[list[np.ndarray], Callable[[np.ndarray | None], RowCheck], Callable[[], np.ndarray]]:
     """The rows of ``blocks`` (one per side) under the padding ``masks``, the stride's pattern taken from ``first``
     (the global index of the first datapoint, or its index among its group's); the check of their finite values
     (``finite_rows``) for the rows ``chunk_rows`` of them (None: all, in order), which names each row's datapoint
     as the layers number them (``datapoints``, the blocks'; None: ``first`` on); and the block-local datapoint
-    each row comes from (rows,), made when asked for."""
-    masks = _side_masks(masks, adapters, names, first, datapoints)
-    rows = [adapter.block_rows(block, first, mask) for block, adapter, mask in zip(blocks, adapters, masks)]
+    each row comes from (rows,), made when asked for. With ``ranks`` (each datapoint's index among its group's:
+    groupby) the rows are all the chunk's (a view for flatten), and the stride keeps those whose index among
+    their group's rows is ≡ 0 (mod stride), as of the group alone, in place of ``first``'s pattern (flatten,
+    interp: several rows a datapoint): the others' datapoint is given as −1."""
+    masks = _side_masks(masks, adapters, names, first, datapoints, strided_at=ranks)
+    if ranks is None:
+        rows = [adapter.block_rows(block, first, mask) for block, adapter, mask in zip(blocks, adapters, masks)]
+    else:
+        rows = [adapter.rows(block, mask if adapter.mask_rule == "own" else None)
+                for block, adapter, mask in zip(blocks, adapters, masks)]
 
     @cache
     def row_datapoints() -> np.ndarray:
-        return adapters[0].block_datapoints(blocks[0].shape[0], first, masks[0])
+        if ranks is None:
+            return adapters[0].block_datapoints(blocks[0].shape[0], first, masks[0])
+        per = adapters[0].rows_per_datapoint
+        kept = ((ranks[:, None] * per + np.arange(per)) % adapters[0].stride == 0).reshape(-1)
+        if masks[0] is not None and adapters[0].mask_rule == "pair":  # and real on every side
+            kept &= masks[0].reshape(-1)
+        return np.where(kept, np.arange(kept.size) // per, -1)
 
     def check_of(chunk_rows: np.ndarray | None) -> RowCheck:
         def datapoint_of(row: int) -> int:
@@ -685,7 +694,7 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
 
     Each chain holds its ``reduction.partials_held`` partials, the temporaries that fold a chunk into them (one
     sub-block's products in at most float64, the sub-block buffer and its copy, a merge's outer products), the
-    largest common chunk of the sides read whole for it (and for a grouped reduction a copy of a group's part of
+    largest common chunk of the sides read whole for it (and for a grouped reduction a copy of a group's rows of
     it) and the ``ahead`` read for its next folds (for a side
     chunked more coarsely, the pieces cut from its store chunks), and what the adapters make for one sub-block
     of rows (dft spectra), and the reduction's ``made`` bytes; and the buffers of its reads in flight
@@ -699,7 +708,8 @@ def pass_bytes(sides: Sequence[da.Array], adapters: Sequence[Adapter], reduction
     largest = max(common)
     shared = chunk = read = 0
     for side, store in zip(sides, stored or [Stored(side.chunks) for side in sides]):
-        # pieces are copies, and a grouped fold copies a group's datapoints (or rows) apart, one group at a time
+        # pieces are copies, and a grouped fold copies a group's rows apart (or the datapoints groupby's strides
+        # keep, for a row a datapoint), one group at a time
         chunk += (1 + ahead + bool(reduction.groups)) * largest * int(np.prod(side.shape[1:])) * side.dtype.itemsize
         # and one more where chains that read ahead drift apart (each gates only its own reads)
         shared += held_store_bytes(side, store.chunks, common, chains * (1 + ahead) * largest, 1 + bool(ahead))
