@@ -240,6 +240,11 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
                           stacklevel=user_stacklevel())
     arrays = {path_: check_value_rounding(as_activations(value, path_, chunks=chunks, guess_layout=False))  # no guess
               for path_, value in zip(paths, layers.values())}
+    wide = next((path_ for path_, array in arrays.items() if array.dtype.itemsize > 8 and array.dtype.kind == "f"),
+                None)
+    if wide is not None:  # zarr said "No Zarr data type found that matches dtype('float128')", naming no layer
+        raise TypeError(f"layer {wide!r} has dtype {arrays[wide].dtype} (long double), which a zarr store cannot hold: "
+                        f"cast it to float64 first (layer.astype('float64'))")
     labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))
     arrays = {path_: with_datapoint_coords(array, labels) for path_, array in arrays.items()}
     for name, mask in (masks or {}).items():
