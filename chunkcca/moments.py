@@ -41,7 +41,7 @@ import xarray as xr
 
 from ._fs import fails_checksum, json_digest, write_atomically, zarr_attributes
 from ._stack import user_stacklevel
-from .options import PRECISIONS, ProductPrecision, check_flag
+from .options import PRECISIONS, ProductPrecision, check_flag, check_moments_path
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).
 SUBBLOCK_BYTES = 16 * 2**20
@@ -351,6 +351,7 @@ class Moments:
         and a digest of the root attributes (``ATTRIBUTES_ATTR``), which ``load`` checks.
         Channel labels a store cannot hold (a MultiIndex's tuples, values of mixed types) are a ValueError."""
         check_flag("overwrite", overwrite)
+        check_moments_path(path, "Moments.save:")
         check_savable_labels(self.channel_labels, self.layers)
         batch = tuple(f"batch{i}" for i in range(len(self.batch_shape)))
         variables = {

@@ -118,6 +118,14 @@ def check_output_place(path: str | os.PathLike, what: str, *, written: bool = Tr
     check_outside_stores(path, what)
 
 
+def check_moments_path(path: str | os.PathLike, what: str) -> None:
+    """Refuse a path for saved Moments (a zarr store: a folder) named as a netCDF file (``.nc``), which they are
+    not: ``xarray.open_dataset`` of it failed, and the folder was taken for a file."""
+    if os.fspath(path).lower().endswith(".nc"):
+        raise ValueError(f"{what} {path}: saved Moments are a zarr store (a folder), not a netCDF file; name it "
+                         f"otherwise, e.g. {os.fspath(path)[:-3]}.moments")
+
+
 def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     """``value`` is one of ``allowed``, or a ValueError naming the argument."""
     if value not in allowed:
@@ -391,6 +399,7 @@ class StreamOptions:
         if self.checkpoint is not None:
             if is_url(str(self.checkpoint)):
                 raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
+            check_moments_path(self.checkpoint, "checkpoint")
             # one there may be finished, only read: a run left to do checks its folder when it resumes
             check_output_place(self.checkpoint, "checkpoint", written=not os.path.lexists(self.checkpoint))
         if self.spatial == "features":

@@ -583,3 +583,16 @@ def test_a_checkpoint_saved_before_the_attributes_digest_resumes_as_before(tmp_p
     whole = chunkcca.cca(layer, other, precision="float64")
     assert resumed.rows.item() == whole.rows.item() == 80
     np.testing.assert_allclose(resumed["rho"], whole["rho"], rtol=1e-12)
+
+
+def test_saved_moments_named_as_a_netcdf_file_are_refused(tmp_path):
+    """checkpoint="run.nc" wrote a zarr folder named as a netCDF file (xarray.open_dataset of it failed, and a
+    script's os.remove of it; found by audit): saved Moments and checkpoints refuse the .nc name, saying why."""
+    a = np.random.default_rng(0).standard_normal((50, 3))
+    moments = chunkcca.compute_moments(a, a[:, :2])
+    with pytest.raises(ValueError, match=r"Moments.save: .*m.nc: saved Moments are a zarr store \(a folder\), not a "
+                                         r"netCDF file; name it otherwise, e.g. .*m.moments"):
+        moments.save(tmp_path / "m.nc")
+    with pytest.raises(ValueError, match=r"checkpoint .*run.NC: saved Moments are a zarr store"):
+        chunkcca.cca(a, a[:, :2], checkpoint=tmp_path / "run.NC")
+    assert list(tmp_path.iterdir()) == []
