@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import warnings
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Any
 
 import google_crc32c
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from ._fs import json_digest
 from ._stack import user_stacklevel
@@ -100,16 +104,54 @@ class Listing:
                 arrays[str(PurePosixPath(name).parent)] = metadata
         return cls(files, arrays)
 
+    @cached_property
+    def _names(self) -> list[str]:
+        """The files' names, sorted: those under a folder are one run of them."""
+        return sorted(self.files)
+
     def sizes(self, folder: str) -> dict[str, int]:
         """Every file under ``folder`` (relative to the root), by its name there, and its size."""
-        return {name.removeprefix(f"{folder}/"): size for name, size in self.files.items()
-                if name.startswith(f"{folder}/")}
+        names = self._names  # "0" follows "/": the names from "folder/" up to "folder0" are those under it
+        return {name.removeprefix(f"{folder}/"): self.files[name]
+                for name in names[bisect_left(names, f"{folder}/") : bisect_left(names, f"{folder}0")]}
 
 
 def file_sizes(fs: Any, folder: str) -> dict[str, int]:
-    """Every file under ``folder``, by its name there, and its size: one listing."""
-    return {name.removeprefix(folder).lstrip("/"): int(info["size"])
-            for name, info in fs.find(folder, detail=True).items()}
+    """Every file under ``folder``, by its name there, and its size: one listing. On a local disk through
+    ``os.scandir`` (fsspec's ``find`` costs about 0.15 ms a file there, seconds for a store of 50,000 chunk
+    files), with fsspec's rules: anything but a folder is a file, a link has the size of what it points to (0 if
+    nothing), and a link to a folder is not followed."""
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(folder) or os.path.islink(folder):
+        return {name.removeprefix(folder).lstrip("/"): int(info["size"])
+                for name, info in fs.find(folder, detail=True).items()}
+    sizes: dict[str, int] = {}
+    waiting = [("", folder)]
+    while waiting:
+        prefix, place = waiting.pop()
+        try:
+            entries = list(os.scandir(place))
+        except (FileNotFoundError, NotADirectoryError):  # gone meanwhile
+            continue
+        for entry in entries:
+            name = f"{prefix}{entry.name}"
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    waiting.append((f"{name}/", entry.path))
+                elif entry.is_symlink():
+                    sizes[name] = _link_size(entry)
+                else:
+                    sizes[name] = entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:  # removed while listed
+                continue
+    return sizes
+
+
+def _link_size(entry: os.DirEntry) -> int:
+    """The size of what a link points to, 0 if nothing (fsspec's)."""
+    try:
+        return entry.stat(follow_symlinks=True).st_size
+    except OSError:
+        return 0
 
 
 def metadata_digests(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -227,9 +269,11 @@ def check_store_files(location: str, listing: Listing, listed: Sequence[str], fo
     arrays = listing.arrays
     present: dict[str, set[str]] = {folder: set() for folder in arrays}
     for file in listing.files:  # each file to the array holding it: the nearest folder up that is one
-        for folder in PurePosixPath(file).parents:
-            if str(folder) in present:
-                present[str(folder)].add(file.removeprefix(f"{folder}/"))
+        folder = file
+        while folder != ".":
+            folder = folder.rpartition("/")[0] or "."  # PurePosixPath's parents, cheaper for 50,000 chunk files
+            if folder in present:
+                present[folder].add(file.removeprefix(f"{folder}/"))
                 break
     for folder, metadata in arrays.items():
         node, _, variable = folder.rpartition("/")

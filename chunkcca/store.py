@@ -950,7 +950,7 @@ def describe_store(path: str | os.PathLike, *,
         rows.append({"layer": layer, "shape": list(array.shape), "dims": list(map(str, array.dims)),
                      "datapoints_per_chunk": int(array.data.chunks[0][0]), "chunks": int(array.data.numblocks[0]),
                      "dtype": str(array.dtype), "bytes": int(array.nbytes),
-                     "bytes_on_disk": int(fs.du(f"{root}/{layer}")),
+                     "bytes_on_disk": sum(file_sizes(fs, f"{root}/{layer}").values()),  # fsspec's du, faster
                      "coords": sorted(str(name) for name, coord in array.coords.items()
                                       if coord.dims == ("datapoint",) and name != "datapoint"),
                      "mask": MASK in array.coords, "labelled": not holds_positions(array)})
