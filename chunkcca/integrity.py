@@ -132,6 +132,9 @@ def file_sizes(fs: Any, folder: str) -> dict[str, int]:
             entries = list(os.scandir(place))
         except (FileNotFoundError, NotADirectoryError):  # gone meanwhile
             continue
+        except OSError as error:  # fsspec left such a folder out: its chunk files went unchecked, or "lacked"
+            raise OSError(f"cannot list the folder {place} ({error.strerror}): chunkcca lists every file of a store "
+                          f"to check its chunk files; make it readable, or move it out of the store") from error
         for entry in entries:
             name = f"{prefix}{entry.name}"
             try:
@@ -308,7 +311,11 @@ def arrays_chunk_checksums(fs: Any, arrays: Sequence[tuple[str, dict[str, Any], 
     paths = [path for each in files if each for path in each]
     ends = [sizes[path.removeprefix(f"{folder}/")] for (folder, _, sizes), each in zip(arrays, files) if each
             for path in each]
-    tails = iter(fs.cat_ranges(paths, [max(end - 4, 0) for end in ends], ends) if paths else [])
+    read = fs.cat_ranges(paths, [max(end - 4, 0) for end in ends], ends) if paths else []
+    lost = next((path for path, tail in zip(paths, read) if isinstance(tail, BaseException)), None)
+    if lost is not None:  # fsspec gives the error in its place (a link to nothing among the chunk files): it failed
+        raise OSError(f"chunk file {lost} cannot be read ({read[paths.index(lost)]!r}); {LOST_CHUNKS}")  # in .rjust
+    tails = iter(read)
     # a file cut to fewer than 4 bytes, padded, almost surely differs from what was recorded: it is then read and
     # fails its own checksum (``check_places``)
     return [None if each is None else np.frombuffer(b"".join(next(tails).rjust(4, b"\0") for _ in each),

@@ -1258,3 +1258,33 @@ def test_a_local_listing_lists_as_fsspec_does(tmp_path):
     listed = file_sizes(fs, str(odd))  # a link to a folder is a file of the folder's size, not followed
     assert sorted(listed) == ["a", "broken", "folder_link", "link", "sub/.hidden", "sub/deeper/c"]
     assert (listed["a"], listed["link"], listed["broken"], listed["sub/deeper/c"]) == (4, 4, 0, 6)
+
+
+def test_a_folder_that_cannot_be_listed_and_a_chunk_linked_to_nothing_are_named(tmp_path, monkeypatch):
+    """fsspec's listing left out a folder it could not list (a layer's chunk files then went unchecked at open, or
+    were said to be lost), and a chunk file that is a link to nothing failed in fsspec's words ("'FileNotFoundError'
+    object has no attribute 'rjust'"; both found by review). Both are errors naming the folder or the file."""
+    import chunkcca.integrity as integrity
+
+    x = np.random.default_rng(0).standard_normal((10, 3)).astype("float32")
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"m/a": x, "m/b": x}, chunks=3)
+    scandir = os.scandir
+
+    def refused(place):  # as a folder of mode 0311 is to a user other than root
+        if str(place) == str(store / "m" / "b"):
+            raise PermissionError(13, "Permission denied", str(place))
+        return scandir(place)
+    with monkeypatch.context() as patched:
+        patched.setattr(integrity.os, "scandir", refused)
+        with pytest.raises(OSError, match=r"cannot list the folder .*s.zarr/m/b \(Permission denied\): chunkcca lists "
+                                          r"every file of a store to check its chunk files"):
+            open_activations(store)
+    chunk = store / "m" / "a" / "activations" / "c" / "1" / "0"
+    chunk.unlink()
+    chunk.symlink_to(tmp_path / "nothing")
+    with pytest.raises(OSError, match=r"chunk file .*m/a/activations/c/1/0 cannot be read \(FileNotFoundError"):
+        chunkcca.describe_store(store)
+    tree = open_activations(store)
+    with pytest.raises(OSError, match=r"chunk file .*c/1/0 cannot be read"):
+        cca(tree["m/a"], tree["m/b"])
