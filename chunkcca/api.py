@@ -116,11 +116,11 @@ SINGULAR = ("the covariance is singular: correlations are meaningless unless a r
 
 @dataclasses.dataclass(frozen=True)
 class Groups:
-    """Which group (or fold) each datapoint is in: ``codes`` (datapoint,) 0 … len(labels) − 1, chunked as the
-    layers, the groups' ``labels``, the ``dim`` the results gain, and whether they are ``folds`` (measured on the
-    rest) rather than groups of ``groupby`` (which may be named "fold" too)."""
+    """Which group (or fold) each datapoint is in: ``codes`` (datapoint,) 0 … len(labels) − 1 (a pass takes them
+    by ``_pass_codes``), the groups' ``labels``, the ``dim`` the results gain, and whether they are ``folds``
+    (measured on the rest) rather than groups of ``groupby`` (which may be named "fold" too)."""
 
-    codes: da.Array
+    codes: np.ndarray
     labels: np.ndarray
     sizes: np.ndarray  # datapoints per group, in label order
     dim: str
@@ -132,7 +132,6 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     ``layers`` that holds it (every other layer holding it must agree) or the datapoints' order; None for
     neither. Reads the coordinate, not the data."""
     layer = layers[0]
-    chunks = (layer.data.chunks[0],)
     if isinstance(options.folds, int):
         datapoints = layer.sizes["datapoint"]
         if options.folds > datapoints:
@@ -140,7 +139,7 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
                              f"datapoints")
         sizes = [len(part) for part in np.array_split(np.arange(datapoints), options.folds)]
         codes = np.repeat(np.arange(options.folds), sizes)
-        return Groups(da.from_array(codes, chunks=chunks), np.arange(options.folds), np.asarray(sizes), "fold",
+        return Groups(codes, np.arange(options.folds), np.asarray(sizes), "fold",
                       folds=True)
     name = options.groupby if options.groupby is not None else options.folds
     if name is None:
@@ -167,22 +166,24 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
     labels, codes = group_codes(values.values, option, name, str(layer.name))
     if option == "folds" and len(labels) < 2:
         raise ValueError(f"{asked} gives {len(labels)} fold; folds need at least 2")
-    return Groups(da.from_array(codes, chunks=chunks), labels, np.bincount(codes, minlength=len(labels)),
+    return Groups(codes, labels, np.bincount(codes, minlength=len(labels)),
                   name if option == "groupby" else "fold", folds=option == "folds")
 
 
-def _pass_codes(groups: Groups | None, adapter: Adapter) -> da.Array | None:
-    """The group codes a pass takes: each datapoint's group; for ``groupby`` with a stride that does not divide a
+def _pass_codes(groups: Groups | None, adapter: Adapter, chunks: tuple[int, ...]) -> da.Array | None:
+    """The group codes a pass takes, in datapoint ``chunks``: each datapoint's group; for ``groupby`` with a stride
+    that does not divide a
     datapoint's rows, (datapoint, 2) with its index among its group's datapoints too, so that each group's rows
     are strided as the group's alone would be (``engine._fold_task``): the whole run's stride gave groups of
     datapoints in turn other positions. Where the stride divides a datapoint's rows, both keep the same rows."""
-    if groups is None or groups.folds or adapter.rows_per_datapoint % adapter.stride == 0:
-        return None if groups is None else groups.codes
-    codes = groups.codes.compute()  # the group labels' codes (from_array of them), not activations
-    ranks = np.empty_like(codes)
-    order = np.argsort(codes, kind="stable")
-    ranks[order] = np.arange(codes.size) - np.repeat(np.cumsum(groups.sizes) - groups.sizes, groups.sizes)
-    return da.from_array(np.stack([codes, ranks], axis=1), chunks=(groups.codes.chunks[0], 2))
+    if groups is None:
+        return None
+    if groups.folds or adapter.rows_per_datapoint % adapter.stride == 0:
+        return da.from_array(groups.codes, chunks=(chunks,))
+    ranks = np.empty_like(groups.codes)
+    order = np.argsort(groups.codes, kind="stable")
+    ranks[order] = np.arange(groups.codes.size) - np.repeat(np.cumsum(groups.sizes) - groups.sizes, groups.sizes)
+    return da.from_array(np.stack([groups.codes, ranks], axis=1), chunks=(chunks, 2))
 
 
 def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions, least_rows: int) -> None:
@@ -239,7 +240,7 @@ def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     groups = _groups(layers, options)
     _check_group_rows(groups, adapters[0], options, least_rows)
     streamed = stream_layers(layers, adapters, options, row_norms=row_norms,
-                             codes=_pass_codes(groups, adapters[0]),
+                             codes=_pass_codes(groups, adapters[0], layers[0].data.chunks[0]),
                              group_sizes=() if groups is None else groups.sizes, pairs=pairs, whitens=whitens)
     _check_rows_kept(streamed, options, whitens, least_rows=least_rows)
     streamed, groups = _without_emptied_folds(streamed, groups)

@@ -78,7 +78,6 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         NOT_MINIBATCH,
         PER_DATAPOINT,
         PER_FREQUENCY,
-        POSITIONS_ATTR,
         PRECISIONS,
         READ_AHEAD,
         SCHEDULER_NAMES,
@@ -86,6 +85,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         SPATIAL,
         SWEEP_SPATIAL,
         check_output_place,
+        holds_positions,
         netcdf_int_error,
         scheduler_address,
     )
@@ -214,9 +214,8 @@ def _add_shared_option(parser: argparse.ArgumentParser) -> None:
 
 def _given_labels(layer: Any) -> Any:
     """The datapoint labels (a pandas Index) of a store's layer node, None where it has none: no datapoint
-    coordinate, or the positions a store gave a layer written without labels (``POSITIONS_ATTR``)."""
-    coord = layer.coords.get("datapoint")
-    return None if coord is None or coord.attrs.get(POSITIONS_ATTR) else layer.indexes["datapoint"]
+    coordinate, or the positions a store gave a layer written without labels (``holds_positions``)."""
+    return None if "datapoint" not in layer.coords or holds_positions(layer) else layer.indexes["datapoint"]
 
 
 def _shared_datapoints(layers: dict[str, Any], shared: bool) -> tuple[dict[str, Any], str]:

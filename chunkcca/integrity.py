@@ -312,9 +312,9 @@ def arrays_chunk_checksums(fs: Any, arrays: Sequence[tuple[str, dict[str, Any], 
     ends = [sizes[path.removeprefix(f"{folder}/")] for (folder, _, sizes), each in zip(arrays, files) if each
             for path in each]
     read = fs.cat_ranges(paths, [max(end - 4, 0) for end in ends], ends) if paths else []
-    lost = next((path for path, tail in zip(paths, read) if isinstance(tail, BaseException)), None)
-    if lost is not None:  # fsspec gives the error in its place (a link to nothing among the chunk files): it failed
-        raise OSError(f"chunk file {lost} cannot be read ({read[paths.index(lost)]!r}); {LOST_CHUNKS}")  # in .rjust
+    for path, tail in zip(paths, read):  # fsspec gives an error in its place (a link to nothing among the chunk
+        if isinstance(tail, BaseException):  # files), which failed in .rjust below
+            raise OSError(f"chunk file {path} cannot be read ({tail!r}); {LOST_CHUNKS}")
     tails = iter(read)
     # a file cut to fewer than 4 bytes, padded, almost surely differs from what was recorded: it is then read and
     # fails its own checksum (``check_places``)

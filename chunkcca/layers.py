@@ -22,7 +22,7 @@ from dask.utils import format_bytes
 
 from ._fs import ORDER_ATTR
 from ._stack import user_stacklevel
-from .options import MASK, ORDERLESS, POSITIONS_ATTR, VALUE_ROUNDING_ATTR, VARIABLE, check_number
+from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR, VARIABLE, check_number, holds_positions
 
 #: At most this many position dims (volumes: depth, height, width).
 MAX_POSITIONS = 3
@@ -402,12 +402,6 @@ def check_value_rounding(layer: xr.DataArray) -> xr.DataArray:
                              f"relative rounding of its values, a number in [0, 1) (bfloat16's is 2**-7 = "
                              f"0.0078125); set it so, or drop it: layer.attrs.pop({VALUE_ROUNDING_ATTR!r})") from None
     return layer
-
-
-def holds_positions(layer: xr.DataArray) -> bool:
-    """Whether the ``datapoint`` coordinate of ``layer`` holds the positions a store gave a layer written without
-    labels (``POSITIONS_ATTR``), not labels anyone gave."""
-    return "datapoint" in layer.coords and bool(layer.coords["datapoint"].attrs.get(POSITIONS_ATTR))
 
 
 def _unlabelled_beside(labelled: xr.DataArray, labels: pd.Index, plain: xr.DataArray) -> ValueError:
