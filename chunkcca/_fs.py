@@ -30,6 +30,15 @@ def is_url(location: str) -> bool:
     return re.match(r"[A-Za-z][A-Za-z0-9+.\-]+:/", location) is not None
 
 
+def expanded(path: str | os.PathLike) -> str:
+    """``path`` as a str, a leading ``~`` or ``~user`` of a local path expanded to the home folder, as xarray opens
+    and writes stores (Python's ``open`` and ``pathlib`` take it as a folder named ``~``); a URL as given."""
+    location = os.fspath(path)
+    if not isinstance(location, str):
+        raise TypeError(f"a path is a str or os.PathLike of str, got {type(location).__name__} ({location!r})")
+    return location if is_url(location) else os.path.expanduser(location)
+
+
 def filesystem(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """The fsspec filesystem and root path of a local path or a URL."""
     from fsspec.core import url_to_fs

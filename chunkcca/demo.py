@@ -14,7 +14,7 @@ from pathlib import Path
 import xarray as xr
 from dask.utils import format_bytes
 
-from ._fs import ORDER_ATTR, check_replaceable, check_writable, zarr_attributes
+from ._fs import ORDER_ATTR, check_replaceable, check_writable, expanded, zarr_attributes
 from .api import cca
 from .datasets import CHANNELS, SIZE, demo_layers
 from .plot import plot_rho
@@ -42,7 +42,7 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
              precision: str = "auto", progress: bool = True, scheduler: str | None = None) -> dict[str, xr.Dataset]:
     """Write the demo store under ``out`` (replacing only a store an earlier demo wrote there), run the
     comparisons, print a table and save the plot."""
-    out = Path(out)
+    out = Path(expanded(out))
     if out.exists() and not out.is_dir():  # it said "[Errno 17] File exists" after writing nothing
         raise FileExistsError(f"{out} exists and is not a folder: the demo writes its store and plot into a folder; "
                               f"choose another --out")

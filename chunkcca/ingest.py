@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ._fs import expanded
 from ._stack import user_stacklevel
 from .layers import (
     DEFAULT_DIMS,
@@ -321,6 +322,11 @@ def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> Any:
     return memmap_to_dask(mask, _MASK_BLOCK).astype(bool)
 
 
+def _expanded_file(values: Any) -> Any:
+    """A coordinate's ``values`` given as a file (a path): the path ``expanded``; values as given."""
+    return expanded(values) if isinstance(values, (str, os.PathLike)) else values
+
+
 def _coord_file(name: str, values: Any) -> Any:
     """A datapoint coordinate's values: read from a .npy file (a path), or as given."""
     if not isinstance(values, (str, os.PathLike)):
@@ -441,6 +447,10 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    path, sources = expanded(path), {layer: expanded(source) for layer, source in sources.items()}
+    masks = {name: expanded(file) for name, file in (masks or {}).items()}
+    coords = {name: _expanded_file(values) for name, values in (coords or {}).items()}
+    datapoints = _expanded_file(datapoints)
     seen: list[str] = []
     for layer, source in sources.items():  # every file exists and no layer comes twice, before writing any
         for key in _array_names(source):
@@ -450,7 +460,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
             seen.append(name)
     if not seen:
         raise ValueError("ingest needs at least one layer")
-    masks = {layer_path(name): file for name, file in (masks or {}).items()}
+    masks = {layer_path(name): file for name, file in masks.items()}
     unknown = sorted(set(masks) - set(seen))
     if unknown:
         raise ValueError(f"masks name layer {unknown[0]!r}, which is not among the layers ingested")
@@ -459,7 +469,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
         if output == Path(source).resolve() or output in Path(source).resolve().parents:
             raise ValueError(f"{path} is where {source} is read from: write the store elsewhere")
     labels = {}
-    for name, values in (coords or {}).items():  # each checked alone, so that bad values name their file
+    for name, values in coords.items():  # each checked alone, so that bad values name their file
         check_coord_name(name)  # before its file is read
         try:
             labels |= check_datapoint_coords({name: _coord_file(name, values)})

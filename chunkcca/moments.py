@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import xarray as xr
 
-from ._fs import fails_checksum, json_digest, write_atomically, zarr_attributes
+from ._fs import expanded, fails_checksum, json_digest, write_atomically, zarr_attributes
 from ._stack import user_stacklevel
 from .options import PRECISIONS, ProductPrecision, check_flag, check_moments_path
 
@@ -351,6 +351,7 @@ class Moments:
         and a digest of the root attributes (``ATTRIBUTES_ATTR``), which ``load`` checks.
         Channel labels a store cannot hold (a MultiIndex's tuples, values of mixed types) are a ValueError."""
         check_flag("overwrite", overwrite)
+        path = expanded(path)
         check_moments_path(path, "Moments.save:")
         check_savable_labels(self.channel_labels, self.layers)
         batch = tuple(f"batch{i}" for i in range(len(self.batch_shape)))
@@ -390,6 +391,7 @@ class Moments:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Moments:
         """Read Moments written by ``save()``."""
+        path = expanded(path)
         moments, attrs = read_saved(path)
         done, total = attrs.get("datapoints_done"), attrs.get("datapoints_total")
         if done is not None and (total is None or done < total):  # a checkpoint (checkpoint.save_progress)
@@ -417,7 +419,7 @@ class Moments:
 def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
     """Moments written by ``Moments.save()`` and the attributes saved with them (saves before ``value_rounding``
     lack it: theirs loads as 0, exact; checkpoints have ``datapoints_done`` and ``datapoints_total``)."""
-    path = Path(path)
+    path = Path(expanded(path))
     if not path.exists():
         raise FileNotFoundError(f"no saved Moments at {path}")
     if not (path / "zarr.json").is_file():

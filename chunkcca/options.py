@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from dask.utils import parse_bytes
 
-from ._fs import check_outside_stores, check_writable, is_url
+from ._fs import check_outside_stores, check_writable, expanded, is_url
 
 Spatial = Literal["flatten", "avgpool", "interp", "dft", "first", "last", "features"]
 Precision = Literal["float32", "float64", "auto"]
@@ -403,7 +403,8 @@ class StreamOptions:
             raise ValueError("a checkpoint holds one Moments: run groupby or folds without checkpoint")
         object.__setattr__(self, "checkpoint_every", check_int("checkpoint_every", self.checkpoint_every))
         if self.checkpoint is not None:
-            if is_url(str(self.checkpoint)):
+            object.__setattr__(self, "checkpoint", expanded(self.checkpoint))
+            if is_url(self.checkpoint):
                 raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
             check_moments_path(self.checkpoint, "checkpoint")
             # one there may be finished, only read: a run left to do checks its folder when it resumes

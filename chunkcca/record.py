@@ -63,6 +63,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
+from ._fs import expanded
 from ._stack import user_stacklevel
 from .layers import FC_DIMS, VARIABLE, boolean_mask, check_datapoint_coords, coord_values, datapoints_per_chunk
 from .options import MASK, POSITIONS_ATTR, VALUE_ROUNDING_ATTR
@@ -638,6 +639,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     """
     import torch
     import zarr
+    path = expanded(path)
     modules = _modules(model, layers)
     labelled = check_datapoint_coords(coords)
     known = _known_datapoints(batches)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._fs import write_atomically
+from ._fs import expanded, write_atomically
 
 
 def format_table(rows: list[tuple[str, ...]], *, left: tuple[int, ...] = (0,)) -> str:
@@ -68,6 +68,7 @@ def save_figure(make_figure: Callable[[], Any], path: str | os.PathLike, *, over
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path = expanded(path)
     kind = plot_format(path)
     metadata = {"metadata": {PLOT_MARK_KEYS[kind]: PLOT_MARK}} if kind in PLOT_MARK_KEYS else {}
     figure = make_figure()

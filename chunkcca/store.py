@@ -33,6 +33,7 @@ from ._fs import (
     check_replaceable,
     check_writable,
     exclusive,
+    expanded,
     fails_checksum,
     filesystem,
     is_stale,
@@ -226,6 +227,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     """
     if not layers:
         raise ValueError("write_activations needs at least one layer")
+    path = expanded(path)
     image_size = _image_size(image_size)
     check_flag("progress", progress)
     compressors = codecs_for(compression)
@@ -420,6 +422,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     (``check_datapoint_coords``) are checked against the store's (``check_store_coords``) before ``build``, once
     the store's generation is read: a store replaced after it is found at that step, never appended to unchecked.
     """
+    path = expanded(path)
     check_choice("mode", mode, ("w", "a"))
     if mode == "w":
         def write(tmp: Path) -> None:
@@ -621,7 +624,7 @@ def _mark_appending(store: Path, names: Sequence[str]) -> None:
 def clear_unfinished_append(path: str | os.PathLike) -> None:
     """Remove what an append to the store at ``path`` killed midway left (``_remove_unfinished_append``): one whose
     process, on this machine, is gone (``_fs.is_stale``); a live one's layers are left to it."""
-    store = Path(path)
+    store = Path(expanded(path))
     if not (store / "zarr.json").is_file():
         return
     with exclusive(_append_lock(store)):
@@ -761,8 +764,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     Parameters
     ----------
     path
-        A local path or an fsspec URL (``"s3://bucket/acts.zarr"``, ``"file:///shared/acts.zarr"``; the
-        protocol's fsspec package must be installed).
+        A local path (``~`` is the home folder, as in xarray) or an fsspec URL (``"s3://bucket/acts.zarr"``,
+        ``"file:///shared/acts.zarr"``; the protocol's fsspec package must be installed).
     storage_options
         Options of a URL's filesystem (credentials, endpoint).
 
@@ -775,7 +778,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     if not isinstance(path, (str, os.PathLike)):  # a DataTree got "expected str, bytes or os.PathLike" from abspath
         raise TypeError(f"a store is given by its path or URL (str or os.PathLike), got {type(path).__name__}"
                         + ("; an opened store's layers are already at hand" if isinstance(path, xr.DataTree) else ""))
-    location = str(path) if is_url(str(path)) else os.path.abspath(path)  # one Dask name for any spelling
+    location = expanded(path)
+    location = location if is_url(location) else os.path.abspath(location)  # one Dask name for any spelling
     if storage_options and not is_url(location):
         raise ValueError(f"storage_options apply to fsspec URLs only, not to the local path {location}")
     holder = None if is_url(location) else store_holding(location)
@@ -981,6 +985,7 @@ def check_result_path(path: str | os.PathLike, *, overwrite: bool = False) -> No
         arrays: they would go with it).
     """
     check_flag("overwrite", overwrite)
+    path = expanded(path)
     if Path(path).suffix not in (".nc", ".zarr"):
         raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
     check_local(path)
@@ -1011,6 +1016,7 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
         Replace an existing result that ``save_result`` wrote (its attrs say ``chunkcca="result"``); never
         another file or store, nor a zarr result holding anything else (a FileExistsError).
     """
+    path = expanded(path)
     check_result_path(path, overwrite=overwrite)
     suffix = Path(path).suffix
     result = result.assign_attrs({RESULT_ATTR: RESULT})
@@ -1137,7 +1143,8 @@ def leftover_writes(path: str | os.PathLike) -> list[dict[str, Any]]:
         Per folder: ``path``, ``bytes`` and ``stale`` (its writer, a process of this machine, is gone: the next
         write of the store removes it; a folder whose writer is unknown is left for you to judge).
     """
-    if is_url(str(path)):
+    path = expanded(path)
+    if is_url(path):
         return []
     return [{"path": str(folder), "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
              "stale": stale} for folder, stale in leftovers(path)]
