@@ -5,7 +5,8 @@ Each solver is a small float64 (complex128 for the DFT adapter) computation on a
 datapoints. [`MEASURES`][chunkcca.measures.MEASURES] declares every measure once (its solver, the options it reads, the
 scalar it reports, the statistics it needs, whether it works per spatial frequency); the public
 functions, [`chunkcca.compare()`][chunkcca.compare], [`chunkcca.similarity()`][chunkcca.similarity] and the command
-line all read it. A result's attrs name the layers (``layer_a``, ``layer_b``) when its Moments know them.
+line all read it. A result's attrs name the layers (``layer_a``, ``layer_b``) and how its rows were made
+(``rows_from``) when its Moments know them, and the products' ``precision``.
 A new measure is a solver here and one ``Measure`` entry in [`MEASURES`][chunkcca.measures.MEASURES].
 """
 
@@ -153,8 +154,20 @@ def with_layers(result: xr.Dataset, layers: Mapping[str, str]) -> xr.Dataset:
 
 
 def _with_layers(result: xr.Dataset, *moments: Moments) -> xr.Dataset:
-    """``with_layers`` of the layers ``moments`` know (``_layer_attrs``)."""
-    return with_layers(result, _layer_attrs(*moments))
+    """``with_layers`` of the layers ``moments`` know (``_layer_attrs``), and what they know of their rows
+    (``_rows_attrs``) as attrs."""
+    return with_layers(result, _layer_attrs(*moments)).assign_attrs(_rows_attrs(*moments))
+
+
+def _rows_attrs(*moments: Moments) -> dict[str, str]:
+    """``precision`` of a result's products (the coarser over several Moments, e.g. folds) and, when known, how
+    its rows were made (``rows_from``, e.g. ``"spatial='avgpool', stride=2"``), which streamed results also say
+    as ``spatial`` and ``stride``."""
+    attrs = {"precision": "float32" if any(m.precision == "float32" for m in moments) else "float64"}
+    known = [m.rows_from for m in moments if m.rows_from]
+    if known:
+        attrs["rows_from"] = known[0]
+    return attrs
 
 
 def _layer_attrs(*moments: Moments) -> dict[str, str]:

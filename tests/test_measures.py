@@ -839,6 +839,30 @@ def test_results_from_moments_name_their_layers_as_the_streamed_ones():
         assert "layer_a" not in solve(anonymous).attrs and "layer_b" not in solve(anonymous).attrs
 
 
+def test_results_from_moments_say_how_their_rows_were_made():
+    """A result solved from saved Moments says its products' precision and how its rows were made, as the streamed
+    result of the same rows does (it carried only the layers: flatten or avgpool, stride 1 or 2, unsaid)."""
+    import xarray as xr
+
+    rng = np.random.default_rng(5)
+    dims = ("datapoint", "height", "width", "channel")
+    a = xr.DataArray(rng.normal(size=(60, 4, 4, 5)).astype("float32"), dims=dims, name="a")
+    b = xr.DataArray(rng.normal(size=(60, 4, 4, 3)).astype("float32"), dims=dims, name="b")
+    moments = chunkcca.compute_moments(a, b, spatial="avgpool", stride=2, precision="float32")
+    streamed = cca(a, b, spatial="avgpool", stride=2, precision="float32").attrs
+    assert (streamed["spatial"], streamed["stride"]) == ("avgpool", 2)
+    for solve in (chunkcca.cca_from_moments, chunkcca.svcca_from_moments, chunkcca.pwcca_from_moments,
+                  chunkcca.cka_from_moments, chunkcca.procrustes_from_moments, chunkcca.shape_metric_from_moments):
+        attrs = solve(moments).attrs
+        assert attrs["precision"] == streamed["precision"] == "float32", solve.__name__
+        assert attrs["rows_from"] == streamed["rows_from"] == "spatial='avgpool', stride=2", solve.__name__
+    folds = list(chunkcca.compute_moments(a, b, spatial="avgpool", folds=3, precision="float64").values())
+    attrs = heldout_cca_from_folds(folds).attrs
+    assert (attrs["precision"], attrs["rows_from"]) == ("float64", "spatial='avgpool', stride=1")
+    unknown = Moments(moments.n, moments.mean, moments.scatter, moments.sizes)
+    assert "rows_from" not in chunkcca.cca_from_moments(unknown).attrs
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_layer_against_itself_is_at_distance_zero_to_the_documented_resolution(seed):
     """measures.md: the distances are resolved to a few 1e-8 near 0 (√(k · 2.2e-16) for k units of rounding in
