@@ -85,8 +85,8 @@ def rho_curves(label: str, result: xr.Dataset) -> list[tuple[str, str, xr.DataAr
              if variable == "svcca_rho" else result[variable]) for legend, variable in curves]
 
 
-def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | None = None, vmin: float | None = None,
-                         vmax: float | None = None) -> Any:
+def plot_frequency_means(result: xr.Dataset | xr.DataArray, *, ax: Any = None, title: str | None = None,
+                         vmin: float | None = None, vmax: float | None = None) -> Any:
     """Heatmap of the mean canonical correlation per spatial frequency of a ``spatial="dft"`` result.
 
     Frequencies are shown in increasing order (zero in the middle); those where CCA is undefined (a layer does
@@ -98,7 +98,7 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
     ----------
     result
         A result of ``cca(..., spatial="dft")`` (with ``rho_freq_mean``, dims ``freq_h`` and ``freq_w`` in
-        either order; others are refused).
+        either order; others are refused), or its ``rho_freq_mean`` alone.
     ax
         Axes to draw on (default: a new figure).
     title
@@ -112,6 +112,7 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
     """
     import matplotlib.pyplot as plt
 
+    result = _as_dataset(result, "plot_frequency_means draws a result of cca(..., spatial='dft')")
     if "rho_freq_mean" not in result:
         raise ValueError("plot_frequency_means needs a result of cca(..., spatial='dft')")
     means = _with_dims(result["rho_freq_mean"], ("freq_h", "freq_w"), "plot_frequency_means: rho_freq_mean")
@@ -131,8 +132,9 @@ def plot_frequency_means(result: xr.Dataset, *, ax: Any = None, title: str | Non
     return ax
 
 
-def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any = None, annotate: bool = True,
-                    title: str | None = None, vmin: float | None = None, vmax: float | None = None) -> Any:
+def plot_similarity(result: xr.Dataset | xr.DataArray, measure: str | None = None, *, ax: Any = None,
+                    annotate: bool = True, title: str | None = None, vmin: float | None = None,
+                    vmax: float | None = None) -> Any:
     """Heatmap (layer_a × layer_b) of one measure of [`chunkcca.similarity()`][chunkcca.similarity].
 
     Cell labels are dark on light cells and light on dark cells; undefined (NaN) pairs read "n/a". Brighter
@@ -143,10 +145,10 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
     ----------
     result
         A result of [`chunkcca.similarity()`][chunkcca.similarity] (variables with dims ``layer_a`` and
-        ``layer_b``, in either order: cells are placed by the dims' names). A measure with other dims (e.g.
-        ``groupby``'s) is refused: select one group first.
+        ``layer_b``, in either order: cells are placed by the dims' names), or one of its variables
+        (``sweep["cka"]``). A measure with other dims (e.g. ``groupby``'s) is refused: select one group first.
     measure
-        The variable to draw (default: the first of ``attrs["measures"]``).
+        The variable to draw (default: the first of ``attrs["measures"]``; a variable given alone, itself).
     ax
         Axes to draw on (default: a new figure sized to the layers).
     annotate
@@ -164,6 +166,8 @@ def plot_similarity(result: xr.Dataset, measure: str | None = None, *, ax: Any =
     """
     import matplotlib.pyplot as plt
 
+    result = _as_dataset(result, "plot_similarity draws a result of chunkcca.similarity() (an xarray Dataset) or one "
+                                 "of its variables")
     if measure is None:
         layered = [str(name) for name, value in result.data_vars.items() if {"layer_a", "layer_b"} <= set(value.dims)]
         if not layered:
@@ -213,6 +217,17 @@ def _layer_name(result: xr.Dataset, key: str, default: str) -> str:
     if key in result.coords and result.coords[key].ndim == 0:
         return str(result.coords[key].item())
     return str(result.attrs.get(key, default))
+
+
+def _as_dataset(result: Any, what: str) -> xr.Dataset:
+    """A result to draw as a Dataset: a Dataset as it is, a DataArray (one variable of a result, ``sweep["cka"]``)
+    as a Dataset of it alone, by its name ("value" unnamed) and with its attrs; else a TypeError saying ``what``
+    the plot draws."""
+    if isinstance(result, xr.DataArray):
+        return result.to_dataset(name=result.name if result.name is not None else "value", promote_attrs=True)
+    if not isinstance(result, xr.Dataset):
+        raise TypeError(f"{what}; got {type(result).__name__}")
+    return result
 
 
 def _with_dims(values: xr.DataArray, dims: tuple[str, ...], what: str) -> xr.DataArray:

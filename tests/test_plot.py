@@ -175,6 +175,22 @@ def test_similarity_still_defaults_to_the_first_measure_asked():
     assert plot_similarity(sweep).figure.axes[-1].get_ylabel().startswith("svcca")
 
 
+def test_a_variable_of_a_result_is_drawn_as_the_result_is():
+    """``sweep["cka"]`` and ``result["rho_freq_mean"]``, as xarray users select them (plot_similarity failed with
+    "'DataArray' object has no attribute 'data_vars'")."""
+    sweep = _sweep(np.array([[0.2, 0.4], [0.6, 0.8]]))
+    whole, alone = plot_similarity(sweep), plot_similarity(sweep["cka"])
+    assert [t.get_text() for t in alone.texts] == [t.get_text() for t in whole.texts] == ["0.20", "0.40", "0.60",
+                                                                                         "0.80"]
+    assert alone.figure.axes[-1].get_ylabel() == whole.figure.axes[-1].get_ylabel()
+    means = _frequencies(np.arange(16.0).reshape(4, 4) / 16)
+    np.testing.assert_array_equal(plot_frequency_means(means["rho_freq_mean"]).images[0].get_array(),
+                                  plot_frequency_means(means).images[0].get_array())
+    for plot in (plot_similarity, plot_frequency_means):
+        with pytest.raises(TypeError, match=r"draws a result .*; got ndarray"):
+            plot(np.ones((2, 2)))
+
+
 def test_frequency_means_colour_range_follows_the_data():
     values = np.random.default_rng(0).uniform(0.3, 0.5, (6, 6))
     ax = plot_frequency_means(_frequencies(values))
