@@ -879,7 +879,7 @@ def _is_sweep_result(path: Path) -> bool:
     that ``chunkcca.save_result`` marked (``chunkcca="result"``), with dims ``layer_a`` and ``layer_b`` (not saved
     Moments, not an activation store, not another dataset or another command's result)."""
     try:
-        if path.suffix == ".zarr":
+        if path.suffix.lower() == ".zarr":
             if not (path / "zarr.json").is_file():
                 return False
             with warnings.catch_warnings():  # zarr warns of each file not its own, which the caller names
@@ -969,7 +969,7 @@ def _select(tree: Any, names: list[str], store: str) -> dict[str, Any]:
 def _check_netcdf_rows(args: argparse.Namespace, nodes: Sequence[Any]) -> None:
     """Refuse, before the run, a netCDF ``--out`` that the sweep's row count would not fit: a flatten sweep counts
     a row per position (every ``--stride``-th), the others one per datapoint. (save_result refuses it too, after.)"""
-    if Path(args.out).suffix != ".nc":
+    if Path(args.out).suffix.lower() != ".nc":
         return
     layers = [node["activations"] for node in nodes]
     rows = max(-(-layer.sizes["datapoint"] * (1 if args.spatial in PER_DATAPOINT else int(np.prod(layer.shape[1:-1])))
@@ -985,7 +985,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     _check_scheduler_flags(args)
     _check_distinct_outputs(args)
     out = Path(args.out)
-    if "://" in args.out or Path(args.out).suffix not in (".nc", ".zarr"):
+    if "://" in args.out or Path(args.out).suffix.lower() not in (".nc", ".zarr"):
         raise ValueError(f"--out {args.out}: name a local netCDF file (.nc) or zarr store (.zarr)")
     check_output_place(args.out, "--out")
     _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")

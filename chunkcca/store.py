@@ -986,13 +986,13 @@ def check_result_path(path: str | os.PathLike, *, overwrite: bool = False) -> No
     """
     check_flag("overwrite", overwrite)
     path = expanded(path)
-    if Path(path).suffix not in (".nc", ".zarr"):
+    if Path(path).suffix.lower() not in (".nc", ".zarr"):
         raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
     check_local(path)
     check_output_place(path, "the result's path")
-    what = "a zarr result" if Path(path).suffix == ".zarr" else "a netCDF result"
+    what = "a zarr result" if Path(path).suffix.lower() == ".zarr" else "a netCDF result"
     check_replaceable(Path(path), overwrite, is_saved_result, what)
-    if Path(path).suffix == ".zarr" and overwrite and Path(path).exists() \
+    if Path(path).suffix.lower() == ".zarr" and overwrite and Path(path).exists() \
             and (foreign := result_foreign_files(Path(path))):
         raise FileExistsError(f"{path} holds what chunkcca did not write ({', '.join(foreign)}"
                               f"{' …' if len(foreign) == 3 else ''}); an overwrite replaces only a result that "
@@ -1011,14 +1011,14 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
     result
         A result of chunkcca (or any Dataset whose attrs netCDF can hold).
     path
-        A local ``.nc`` (netCDF) or ``.zarr`` path.
+        A local ``.nc`` (netCDF) or ``.zarr`` path (the extension in any case).
     overwrite
         Replace an existing result that ``save_result`` wrote (its attrs say ``chunkcca="result"``); never
         another file or store, nor a zarr result holding anything else (a FileExistsError).
     """
     path = expanded(path)
     check_result_path(path, overwrite=overwrite)
-    suffix = Path(path).suffix
+    suffix = Path(path).suffix.lower()
     result = result.assign_attrs({RESULT_ATTR: RESULT})
     if suffix == ".zarr":
         # fixed-width unicode (pwcca's side, layer names) has no stable zarr v3 spec; vlen strings do
@@ -1058,7 +1058,7 @@ def is_saved_result(path: Path) -> bool:
     """Whether ``path`` holds a result ``save_result`` wrote: a zarr group or netCDF file whose attrs say so (not
     saved Moments, an activation store or another dataset). Reads metadata only."""
     try:
-        if path.suffix == ".zarr":
+        if path.suffix.lower() == ".zarr":
             return zarr_attributes(path).get(RESULT_ATTR) == RESULT
         if not (path.is_file() and _is_netcdf(path)):
             return False

@@ -20,6 +20,7 @@ from conftest import correlated_layers
 
 import chunkcca
 from chunkcca import Moments, cca, layer_paths, open_activations, write_activations
+from chunkcca.cli import main
 from chunkcca.layers import as_activations
 
 
@@ -194,6 +195,25 @@ def test_open_errors_name_the_path(tmp_path):
         open_activations("zip://s.zarr::file:///nowhere.zip")  # its kind kept, for the callers that catch it
     with pytest.raises(ValueError, match=r"^cannot open the store nosuch://s\.zarr: ValueError: Protocol not known"):
         open_activations("nosuch://s.zarr")
+
+
+def test_result_names_are_told_by_their_extension_in_any_case(tmp_path, capsys):
+    """``r.NC`` is a netCDF file and ``r.Zarr`` a zarr store, as ``--plot x.PNG`` is a PNG and ingest reads
+    ``X.NPY`` (they were refused: "name a netCDF file (.nc) or a zarr store (.zarr)")."""
+    x = np.random.default_rng(2).standard_normal((30, 3))
+    result = chunkcca.cca(x, x[:, :2])
+    for name in ("r.NC", "r.Zarr"):
+        chunkcca.check_result_path(tmp_path / name)
+        chunkcca.save_result(result, tmp_path / name)
+        chunkcca.save_result(result, tmp_path / name, overwrite=True)  # known as a result it wrote
+    assert (tmp_path / "r.Zarr" / "zarr.json").is_file() and (tmp_path / "r.NC").is_file()
+    with xr.open_dataset(tmp_path / "r.NC") as saved:
+        np.testing.assert_array_equal(saved["rho"], result["rho"])
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": x, "b": x[:, :2]})
+    assert main(["sweep", str(tmp_path / "s.zarr"), "--a", "a", "--b", "b", "--out", str(tmp_path / "w.NC")]) == 0
+    assert main(["sweep", str(tmp_path / "s.zarr"), "--a", "a", "--b", "b", "--out", str(tmp_path / "w.NC"),
+                 "--overwrite"]) == 0
+    assert "w.NC" in capsys.readouterr().out
 
 
 def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
