@@ -316,6 +316,9 @@ def plan_adapters(a: xr.DataArray, b: xr.DataArray, options: StreamOptions) -> t
                 f"{b.name!r} is {described[b.name]}; use spatial='avgpool' (--spatial avgpool: any positions){others}")
         _check_flatten_names([a, b])
         return Adapter("flatten", size_a, stride, dims_a), Adapter("flatten", size_b, stride, dims_b)
+    if not dims_a and not dims_b:  # it advised avgpool, which averages nothing here
+        raise ValueError(f"spatial={spatial!r} works on position dims, and layers {a.name!r} and {b.name!r} are fully "
+                         f"connected (no positions): use spatial='flatten' (the default: a row per datapoint)")
     if dims_a != dims_b or not dims_a:
         rename = (f" or rename one's dim (layer.rename({dims_b[0]}={dims_a[0]!r}))" if len(dims_a) == len(dims_b) == 1
                   else "")

@@ -260,6 +260,10 @@ def test_layers_of_different_ranks_pair_by_avgpool_only():
                                          r"spatial='avgpool' \(--spatial avgpool\) or rename one's dim "
                                          r"\(layer.rename\(time='token'\)\)$"):  # concepts.md said token pairs
         cca(tokens, steps, spatial="interp")  # with time: so it does under flatten, not by name
+    for spatial in ("interp", "dft"):  # two fc layers: avgpool, advised, averages nothing
+        with pytest.raises(ValueError, match=rf"^spatial='{spatial}' works on position dims, and layers 'a' and 'b' "
+                                             r"are fully connected \(no positions\): use spatial='flatten'"):
+            cca(tokens[:, 0], image[:, 0, 0], spatial=spatial)
 
 
 def test_minibatch_cka_of_padded_tokens_is_refused_but_pooled_rows_work():
