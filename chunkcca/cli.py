@@ -773,8 +773,8 @@ def _print_compare_json(args: argparse.Namespace, result: xr.Dataset, values: di
     if args.folds is not None:
         options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
     ranks = {key: _json_value(result[key].values.tolist()) for key in ("rank_a", "rank_b") if key in result}
-    print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "store_a": args.store,
-                      "store_b": args.b_store or args.store, "rows": result.attrs["rows"], **ranks,
+    print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "store_a": _recorded(args.store),
+                      "store_b": _recorded(args.b_store or args.store), "rows": result.attrs["rows"], **ranks,
                       "options": options, "results": results}, indent=1))  # undefined values (NaN) as null
 
 
@@ -872,6 +872,12 @@ def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path]
     if not ours(Path(path)):
         raise ValueError(f"{option} {path} exists and is not {what} chunkcca wrote; --overwrite replaces only that, "
                          f"never another file or folder: choose another path")
+
+
+def _recorded(store: str) -> str:
+    """A store as a result records it: a local path absolute (read from another folder, a relative one named
+    another store or none), a URL as given."""
+    return store if "://" in store else os.path.abspath(store)
 
 
 def _is_sweep_result(path: Path) -> bool:
@@ -1010,7 +1016,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
     with _connected(args) as scheduler:
         result = chunkcca.similarity(set_a, set_b, measures=measures, **_given_solve_options(args),
                                      **_streaming(args, scheduler))
-    result.attrs.update(store_a=args.store, store_b=args.b_store or args.store)  # the layers' names are paths in them
+    # the layers' names are paths in them
+    result.attrs.update(store_a=_recorded(args.store), store_b=_recorded(args.b_store or args.store))
     try:
         # again before writing (the run took a while): save_result replaces any result it wrote, a sweep's only here
         _check_output(args.out, "--out", args.overwrite, _is_sweep_result, "a sweep result")

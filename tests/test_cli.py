@@ -814,6 +814,17 @@ def test_two_recorded_models_compared_across_stores(tmp_path, capsys):
     assert (saved.attrs["store_a"], saved.attrs["store_b"]) == (stores[0], stores[2])
     want = chunkcca.cka(layers[0]["conv2"], layers[1]["fc"], precision="float64")
     assert float(saved["cka"].sel(layer_a="conv2", layer_b="fc")) == pytest.approx(float(want["cka"]), rel=1e-12)
+    saved.close()
+    with pytest.MonkeyPatch.context() as patched:  # typed relative, recorded absolute: read from elsewhere, the
+        patched.chdir(tmp_path)                    # relative path named another store or none (found by audit)
+        assert main(["sweep", "m0.zarr", "--a", "/", "--b", "/", "--b-store", "m1.zarr", "--measures", "cka",
+                     "--out", "r.nc", "--no-progress"]) == 0
+        capsys.readouterr()
+        assert main(["compare", "m0.zarr", "fc", "fc", "--b-store", "m1.zarr", "--json", "--no-progress"]) == 0
+    with xr.open_dataset(tmp_path / "r.nc") as relative:
+        assert (relative.attrs["store_a"], relative.attrs["store_b"]) == (stores[0], stores[2])
+    report = json.loads(capsys.readouterr().out)
+    assert (report["store_a"], report["store_b"]) == (stores[0], stores[2])
 
 
 def test_a_stride_that_leaves_too_few_rows_is_refused_or_warned_of_before_streaming(files, capsys):
