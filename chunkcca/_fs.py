@@ -31,12 +31,13 @@ def is_url(location: str) -> bool:
 
 
 def expanded(path: str | os.PathLike) -> str:
-    """``path`` as a str, a leading ``~`` or ``~user`` of a local path expanded to the home folder, as xarray opens
-    and writes stores (Python's ``open`` and ``pathlib`` take it as a folder named ``~``); a URL as given."""
+    """``path`` as a str, a leading ``~`` or ``~user`` expanded to the home folder, as xarray opens and writes
+    stores (Python's ``open`` and ``pathlib`` take it as a folder named ``~``; a URL, which starts with its
+    protocol, is as given)."""
     location = os.fspath(path)
     if not isinstance(location, str):
         raise TypeError(f"a path is a str or os.PathLike of str, got {type(location).__name__} ({location!r})")
-    return location if is_url(location) else os.path.expanduser(location)
+    return os.path.expanduser(location)
 
 
 def filesystem(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:

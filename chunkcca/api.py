@@ -375,7 +375,9 @@ def _streaming_attrs(streamed: Streamed) -> dict[str, Any]:
 
 def _label(result: xr.Dataset, streamed: Streamed) -> xr.Dataset:
     """Put the streaming's attrs on a pair's result (the channel labels and frequencies come with its Moments,
-    ``_with_provenance``)."""
+    ``_with_provenance``), which say how the rows were made as ``spatial`` and ``stride`` (not the ``rows_from``
+    of a result solved from Moments, ``measures._rows_attrs``)."""
+    result.attrs.pop("rows_from", None)
     result.attrs.update(_streaming_attrs(streamed))
     return result
 

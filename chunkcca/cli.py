@@ -87,6 +87,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         check_output_place,
         expanded,
         holds_positions,
+        is_url,
         netcdf_int_error,
         scheduler_address,
     )
@@ -877,7 +878,7 @@ def _check_output(path: str, option: str, overwrite: bool, ours: Callable[[Path]
 def _recorded(store: str) -> str:
     """A store as a result records it: a local path absolute (read from another folder, a relative one named
     another store or none), a URL as given."""
-    return store if "://" in store else os.path.abspath(store)
+    return store if is_url(store) else os.path.abspath(store)
 
 
 def _is_sweep_result(path: Path) -> bool:

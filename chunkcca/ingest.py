@@ -144,7 +144,7 @@ def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
     -------
     numpy.ndarray
     """
-    path = Path(path)
+    path = Path(expanded(path))
     with open(path, "rb") as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
     with (gzip.open(path, "rb") if compressed else open(path, "rb")) as file:
@@ -322,14 +322,19 @@ def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> Any:
     return memmap_to_dask(mask, _MASK_BLOCK).astype(bool)
 
 
-def _expanded_file(values: Any) -> Any:
-    """A coordinate's ``values`` given as a file (a path): the path ``expanded``; values as given."""
-    return expanded(values) if isinstance(values, (str, os.PathLike)) else values
+def _is_file(values: Any) -> bool:
+    """Whether a coordinate's ``values`` are given as a file (a path to a .npy file) rather than as values."""
+    return isinstance(values, (str, os.PathLike))
+
+
+def _as_file(values: Any) -> Any:
+    """A coordinate's ``values`` given as a file: the path ``expanded``; values as given."""
+    return expanded(values) if _is_file(values) else values
 
 
 def _coord_file(name: str, values: Any) -> Any:
     """A datapoint coordinate's values: read from a .npy file (a path), or as given."""
-    if not isinstance(values, (str, os.PathLike)):
+    if not _is_file(values):
         return values
     try:
         return np.load(values, allow_pickle=False)
@@ -343,7 +348,7 @@ def _datapoint_ids(datapoints: Any) -> np.ndarray:
     values = np.asarray(_coord_file("datapoints", datapoints))
     finite = values.dtype.kind in "iuUO" or (values.dtype.kind == "f" and bool(np.isfinite(values).all()))
     if values.ndim != 1 or not finite:
-        where = f" (from the file {datapoints})" if isinstance(datapoints, (str, os.PathLike)) else ""
+        where = f" (from the file {datapoints})" if _is_file(datapoints) else ""
         raise ValueError(f"datapoints must be one finite number or string per datapoint (1-d){where}, got an array "
                          f"of shape {values.shape} and dtype {values.dtype}")
     return values
@@ -449,8 +454,8 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     path, sources = expanded(path), {layer: expanded(source) for layer, source in sources.items()}
     masks = {name: expanded(file) for name, file in (masks or {}).items()}
-    coords = {name: _expanded_file(values) for name, values in (coords or {}).items()}
-    datapoints = _expanded_file(datapoints)
+    coords = {name: _as_file(values) for name, values in (coords or {}).items()}
+    datapoints = _as_file(datapoints)
     seen: list[str] = []
     for layer, source in sources.items():  # every file exists and no layer comes twice, before writing any
         for key in _array_names(source):
@@ -474,7 +479,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
         try:
             labels |= check_datapoint_coords({name: _coord_file(name, values)})
         except ValueError as error:
-            if not isinstance(values, (str, os.PathLike)) or not str(error).startswith(f"coords[{name!r}]"):
+            if not _is_file(values) or not str(error).startswith(f"coords[{name!r}]"):
                 raise
             raise ValueError(f"{error} (from the file {values})") from error
     datapoint_ids = None if datapoints is None else _datapoint_ids(datapoints)

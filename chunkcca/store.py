@@ -624,7 +624,7 @@ def _mark_appending(store: Path, names: Sequence[str]) -> None:
 def clear_unfinished_append(path: str | os.PathLike) -> None:
     """Remove what an append to the store at ``path`` killed midway left (``_remove_unfinished_append``): one whose
     process, on this machine, is gone (``_fs.is_stale``); a live one's layers are left to it."""
-    store = Path(expanded(path))
+    store = Path(path)
     if not (store / "zarr.json").is_file():
         return
     with exclusive(_append_lock(store)):
@@ -778,8 +778,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     if not isinstance(path, (str, os.PathLike)):  # a DataTree got "expected str, bytes or os.PathLike" from abspath
         raise TypeError(f"a store is given by its path or URL (str or os.PathLike), got {type(path).__name__}"
                         + ("; an opened store's layers are already at hand" if isinstance(path, xr.DataTree) else ""))
-    location = expanded(path)
-    location = location if is_url(location) else os.path.abspath(location)  # one Dask name for any spelling
+    path = expanded(path)
+    location = path if is_url(path) else os.path.abspath(path)  # one Dask name for any spelling
     if storage_options and not is_url(location):
         raise ValueError(f"storage_options apply to fsspec URLs only, not to the local path {location}")
     holder = None if is_url(location) else store_holding(location)
@@ -970,7 +970,7 @@ def check_result_path(path: str | os.PathLike, *, overwrite: bool = False) -> No
     Parameters
     ----------
     path
-        Where the result is to be saved: a local ``.nc`` (netCDF) or ``.zarr`` path.
+        Where the result is to be saved: a local ``.nc`` (netCDF) or ``.zarr`` path (the extension in any case).
     overwrite
         As for ``save_result``: whether an existing result that ``save_result`` wrote is to be replaced.
 

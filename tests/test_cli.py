@@ -825,6 +825,8 @@ def test_two_recorded_models_compared_across_stores(tmp_path, capsys):
         assert (relative.attrs["store_a"], relative.attrs["store_b"]) == (stores[0], stores[2])
     report = json.loads(capsys.readouterr().out)
     assert (report["store_a"], report["store_b"]) == (stores[0], stores[2])
+    assert main(["compare", f"file:{stores[0]}", "fc", "fc", *stores[1:], "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["store_a"] == f"file:{stores[0]}"  # a URL as given
 
 
 def test_a_stride_that_leaves_too_few_rows_is_refused_or_warned_of_before_streaming(files, capsys):

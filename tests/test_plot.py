@@ -175,9 +175,10 @@ def test_similarity_still_defaults_to_the_first_measure_asked():
     assert plot_similarity(sweep).figure.axes[-1].get_ylabel().startswith("svcca")
 
 
-def test_a_variable_of_a_result_is_drawn_as_the_result_is():
+def test_a_variable_of_a_result_is_drawn_in_the_cells_of_the_result():
     """``sweep["cka"]`` and ``result["rho_freq_mean"]``, as xarray users select them (plot_similarity failed with
-    "'DataArray' object has no attribute 'data_vars'")."""
+    "'DataArray' object has no attribute 'data_vars'"); the default title has what the variable carries, not the
+    result's spatial and stride."""
     sweep = _sweep(np.array([[0.2, 0.4], [0.6, 0.8]]))
     whole, alone = plot_similarity(sweep), plot_similarity(sweep["cka"])
     assert [t.get_text() for t in alone.texts] == [t.get_text() for t in whole.texts] == ["0.20", "0.40", "0.60",
