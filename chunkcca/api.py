@@ -41,6 +41,7 @@ from .measures import (
     MEASURES,
     SMALLEST_VARIANCE,
     IllConditionedWarning,
+    Needs,
     PairSolves,
     UndefinedMeasure,
     check_measures,
@@ -186,11 +187,12 @@ def _pass_codes(groups: Groups | None, adapter: Adapter, chunks: tuple[int, ...]
     return da.from_array(np.stack([groups.codes, ranks], axis=1), chunks=(chunks, 2))
 
 
-def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions, least_rows: int) -> None:
-    """Before the pass: every group of ``groupby`` can give the ``least_rows`` rows the measures need (those the
-    stride keeps of its datapoints, before padding; a fold's rest at most ceil(rows per datapoint / stride) per
-    datapoint), else a ValueError naming the first that cannot (a group per
-    value of a continuous coordinate failed after the whole pass)."""
+def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions, wanted: Needs) -> None:
+    """Before the pass: every group of ``groupby`` can give the rows the measures need (``wanted.least_rows``: those
+    the stride keeps of its datapoints, before padding; a fold's rest at most ceil(rows per datapoint / stride) per
+    datapoint), and every fold the 2 rows a held-out measure tests on, else a ValueError naming the first that
+    cannot (a group per value of a continuous coordinate, a fold of one row, failed after the whole pass)."""
+    least_rows = wanted.least_rows
     if groups is None or not least_rows:
         return
     per_datapoint = -(-adapter.rows_per_datapoint // adapter.stride)  # at most
@@ -202,6 +204,8 @@ def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOp
             raise ValueError(f"folds: without fold {groups.labels[short[0]].item()!r} the rest holds {left} "
                              f"datapoint{'' if left == 1 else 's'}, fewer rows than the jackknife's "
                              f"leave-outs need ({needs(least_rows)}); use fewer folds or more datapoints")
+        if wanted.held_out:
+            _check_fold_rows(groups, adapter, options, wanted.held_out)
         return
     small = np.flatnonzero([adapter.row_count(size) < least_rows for size in groups.sizes])  # each strided apart
     if small.size:
@@ -214,37 +218,53 @@ def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOp
                          f"{remedy}")
 
 
+def _check_fold_rows(groups: Groups, adapter: Adapter, options: StreamOptions, held_out: Sequence[str]) -> None:
+    """Before the pass: a ValueError naming the first fold whose own rows (those the whole run's stride keeps of
+    its datapoints, before padding) are 1, fewer than the 2 that the ``held_out`` measures test each fold on (a
+    fold the stride leaves no row is left out after the pass, with a warning: ``_without_emptied_folds``)."""
+    starts = np.arange(len(groups.codes) + 1, dtype=np.int64) * adapter.rows_per_datapoint
+    strided = np.diff((starts - 1) // adapter.stride)  # each datapoint's rows under the run's stride
+    rows = np.bincount(groups.codes, weights=strided, minlength=len(groups.labels))
+    short = np.flatnonzero(rows == 1)
+    if short.size:
+        label, held = groups.labels[short[0]].item(), int(rows[short[0]])
+        asked = f"folds={options.folds!r} (--folds {options.folds})"
+        remedy = "use fewer folds" if isinstance(options.folds, int) else "fold by a coordinate of larger folds"
+        raise ValueError(f"{asked}: fold {label!r} holds {held} row{'' if held == 1 else 's'} (of "
+                         f"{int(groups.sizes[short[0]])} datapoint{'' if groups.sizes[short[0]] == 1 else 's'}), and "
+                         f"{' and '.join(held_out)} test{'s' if len(held_out) == 1 else ''} on each fold, which needs "
+                         f"at least 2; {remedy}")
+
+
 def needs(least_rows: int) -> str:
     """What the measures of a run need of its rows, said: 2 for every measure, 4 for debiased CKA."""
     return ("every measure needs at least 2" if least_rows <= 2 else
             f"debiased CKA (the unbiased HSIC) needs at least {least_rows}")
 
 
-def _stream_pair(a: Any, b: Any, options: StreamOptions, *, row_norms: bool = False, whitens: bool = True,
-                 least_rows: int = 2) -> tuple[Streamed, Groups | None]:
-    """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints
-    (``whitens``: as for ``stream_layers``; ``least_rows``: as for ``_check_rows``)."""
+def _stream_pair(a: Any, b: Any, options: StreamOptions, wanted: Needs) -> tuple[Streamed, Groups | None]:
+    """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints, with what
+    the measures need (``wanted``)."""
     layer_a, layer_b, adapters = _prepare_pair(a, b, options)
-    streamed, groups = _stream_grouped((layer_a, layer_b), adapters, options, row_norms=row_norms, whitens=whitens,
-                                       least_rows=least_rows)
+    streamed, groups = _stream_grouped((layer_a, layer_b), adapters, options, wanted)
     return _with_provenance(streamed), groups
 
 
-def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions, *,
-                    row_norms: bool, whitens: bool, least_rows: int = 2,
-                    pairs: Sequence[tuple[int, int]] | None = None) -> tuple[Streamed, Groups | None]:
-    """Aligned layers, their rows checked (``_check_rows``), in one pass → their Moments (``stream_layers``; only
-    ``pairs``' blocks if given), and each group's or fold's when ``options`` groups the datapoints: folds that
-    nan_policy="omit" emptied left out, groups too small for a covariance warned of."""
-    _check_rows(layers, adapters, whitens, least_rows=least_rows)
+def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], options: StreamOptions,
+                    wanted: Needs, pairs: Sequence[tuple[int, int]] | None = None) -> tuple[Streamed, Groups | None]:
+    """Aligned layers, their rows checked for what the measures need (``wanted``: ``_check_rows``,
+    ``_check_group_rows``), in one pass → their Moments (``stream_layers``; only ``pairs``' blocks if given), and
+    each group's or fold's when ``options`` groups the datapoints: folds that nan_policy="omit" emptied left out,
+    groups too small for a covariance warned of."""
+    _check_rows(layers, adapters, wanted.whitens, least_rows=wanted.least_rows)
     groups = _groups(layers, options)
-    _check_group_rows(groups, adapters[0], options, least_rows)
-    streamed = stream_layers(layers, adapters, options, row_norms=row_norms,
+    _check_group_rows(groups, adapters[0], options, wanted)
+    streamed = stream_layers(layers, adapters, options, row_norms=wanted.row_norms,
                              codes=_pass_codes(groups, adapters[0], layers[0].data.chunks[0]),
-                             group_sizes=() if groups is None else groups.sizes, pairs=pairs, whitens=whitens)
-    _check_rows_kept(streamed, options, whitens, least_rows=least_rows)
+                             group_sizes=() if groups is None else groups.sizes, pairs=pairs, whitens=wanted.whitens)
+    _check_rows_kept(streamed, options, wanted.whitens, least_rows=wanted.least_rows)
     streamed, groups = _without_emptied_folds(streamed, groups)
-    _warn_small_groups(streamed, groups, whitens)
+    _warn_small_groups(streamed, groups, wanted.whitens)
     return streamed, groups
 
 
@@ -392,8 +412,7 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
     if stream.folds is not None:
         raise TypeError(f"{where}() takes groupby, not folds: folds give error bars and held-out measures in "
                         f"chunkcca.compare and chunkcca.similarity, and their Moments in compute_moments")
-    streamed, groups = _stream_pair(a, b, stream, row_norms=MEASURES[name].row_norms, whitens=MEASURES[name].whitens,
-                                    least_rows=MEASURES[name].least_rows)
+    streamed, groups = _stream_pair(a, b, stream, Needs.of([name]))
     with _sides_named(streamed):
         if groups is None:
             return _label(PairSolves(streamed.moments, solve).result(name), streamed)
@@ -491,7 +510,7 @@ def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) 
         raise ValueError("compute_moments(): spatial='features' makes each datapoint's whole map one row, too wide "
                          "for Moments (a covariance); measure linear CKA with cka(..., spatial='features') or "
                          "similarity(..., measures=['cka'], spatial='features')")
-    streamed, groups = _stream_pair(a, b, stream, row_norms=row_norms, least_rows=0)
+    streamed, groups = _stream_pair(a, b, stream, Needs(row_norms=row_norms, least_rows=0))
     if groups is None:
         return streamed.moments
     return dict(zip(groups.labels.tolist(), streamed.groups))
@@ -788,9 +807,7 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
         result = _gram_cka(a, b, stream)
         result.attrs["measures"] = "cka"
         return result
-    streamed, groups = _stream_pair(a, b, stream, row_norms=any(MEASURES[name].row_norms for name in names),
-                                    whitens=any(MEASURES[name].whitens for name in names),
-                                    least_rows=max(MEASURES[name].least_rows for name in names))
+    streamed, groups = _stream_pair(a, b, stream, Needs.of(names))
     with _sides_named(streamed):
         if groups is not None and not groups.folds:
             result = _by_group([_compared(PairSolves(part, solve), names, label, groups)
@@ -955,9 +972,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                           coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "spatial": stream.spatial,
                                                                     "stride": stream.stride, **_gram_attrs(gram),
                                                                     "rows": int(rows)})
-    streamed, groups = _stream_grouped(aligned, adapters, stream,
-                                       row_norms=any(MEASURES[name].row_norms for name in names),
-                                       whitens=any(MEASURES[name].whitens for name in names),
+    streamed, groups = _stream_grouped(aligned, adapters, stream, Needs.of(names, sweep=True),
                                        pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)

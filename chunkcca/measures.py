@@ -1141,6 +1141,37 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
 )}
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a run's measures need of its pass and its rows, read off their ``Measure`` entries (``of``).
+
+    Attributes
+    ----------
+    row_norms
+        The Moments' row-norm sums (debiased CKA).
+    whitens
+        A covariance inverted: no more rows than a pair's channels is warned of.
+    least_rows
+        The rows a solve needs at least (2; 4 for debiased CKA; 0 for Moments only, which one row may make).
+    held_out
+        The held-out measures asked for, which test on each fold: each needs 2 rows in every fold.
+    """
+
+    row_norms: bool = False
+    whitens: bool = True
+    least_rows: int = 2
+    held_out: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, names: Sequence[str], *, sweep: bool = False) -> Needs:
+        """What the measures ``names`` need; for a ``sweep``, 2 rows (a measure its rows cannot give is NaN there,
+        with a warning, beside the others)."""
+        measures = [MEASURES[name] for name in names]
+        return cls(row_norms=any(m.row_norms for m in measures), whitens=any(m.whitens for m in measures),
+                   least_rows=2 if sweep else max(m.least_rows for m in measures),
+                   held_out=tuple(m.name for m in measures if m.per_fold is not None))
+
+
 def check_measures(measures: Any, *, batched: bool = False, where: str | None = None) -> tuple[str, ...]:
     """``measures`` as a tuple of known names, at least one and none twice; with ``batched`` (per-frequency
     Moments) only measures that work per frequency. A ValueError naming the measure (or ``where``, the function

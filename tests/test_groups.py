@@ -799,6 +799,36 @@ def test_a_fold_with_no_held_out_value_is_not_counted_in_the_jackknife():
     assert "1 degree of freedom" in got["heldout_cca_ci"].attrs["long_name"]
 
 
+def test_a_fold_of_one_row_is_refused_before_the_pass_when_a_held_out_measure_tests_on_it(monkeypatch):
+    """heldout_cca and predictivity test on each fold: a fold of one row (of one datapoint, or one row a datapoint
+    under a stride) was refused only after the whole pass; a fold the stride leaves no row is still left out."""
+    rng = np.random.default_rng(8)
+    maps = [xr.DataArray(rng.standard_normal((60, 4, 4, 3)), dims=("datapoint", "height", "width", "channel"),
+                         name=name) for name in ("a", "b")]
+    fc = [layer.isel(height=0, width=0) for layer in maps]
+    streamed = chunkcca.api.stream_layers
+    monkeypatch.setattr(chunkcca.api, "stream_layers", lambda *args, **kwargs: pytest.fail("streamed"))
+    for call, said in ((lambda: compare(*fc, measures=["cka", "predictivity"], folds=40), "fold 20 holds 1 row "
+                        r"\(of 1 datapoint\), and predictivity tests on each fold"),
+                       (lambda: compare(*maps, measures=["heldout_cca"], folds=40, stride=16), "fold 20 holds 1 row "
+                        r"\(of 1 datapoint\), and heldout_cca tests on each fold"),
+                       (lambda: chunkcca.similarity({"a": fc[0]}, {"b": fc[1]}, folds=40,
+                                                    measures=["heldout_cca", "predictivity"]),
+                        "fold 20 holds 1 row .* and heldout_cca and "
+                        "predictivity test on each fold")):
+        with pytest.raises(ValueError, match=rf"^folds=40 \(--folds 40\): {said}, which needs at least 2; use fewer "
+                                             r"folds$"):
+            call()
+    monkeypatch.setattr(chunkcca.api, "stream_layers", streamed)
+    assert compare(*fc, measures=["predictivity"], folds=30).attrs["folds"] == 30  # 2 rows a fold
+    assert compare(*fc, measures=["cka"], folds=40).attrs["folds"] == 40  # the jackknife leaves each one out
+    labels = np.repeat([0, 1, 2], 20)
+    labels[[1, 2]] = 9  # stride 3 keeps none of datapoints 1 and 2: that fold is left out, as before
+    by_label = [layer.assign_coords(part=("datapoint", labels)) for layer in fc]
+    with pytest.warns(RuntimeWarning, match=r"fold 9 keeps no row \(stride 3 keeps none of their rows\)"):
+        assert compare(*by_label, measures=["heldout_cca"], folds="part", stride=3).attrs["folds"] == 3
+
+
 def test_folds_emptied_by_a_stride_and_leave_outs_of_too_few_rows_are_told_as_such():
     """Folds a stride emptied were blamed on nan_policy='omit' (not given); and 60 rows of 25 + 25 channels in 5
     folds left 48 rows in every leave-out (canonical correlations of 1: leave-outs 0.65 against 0.58 in all),
