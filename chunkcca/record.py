@@ -82,7 +82,11 @@ def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str,
     """Store path → module, from module names (``"features.0"``) or modules themselves."""
     named = dict(model.named_modules())
     if not isinstance(layers, Mapping):
-        layers = {str(name).replace(".", "/"): name for name in layers}
+        names = [str(name).replace(".", "/") for name in layers]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:  # one layer was recorded, unsaid
+            raise ValueError(f"layer {twice!r} is given twice in layers; name each module once")
+        layers = dict(zip(names, layers))
     modules = {}
     for path, module in layers.items():
         if isinstance(module, str):
@@ -647,6 +651,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         _check_labels(datapoints, labelled, known, next(iter(modules)), f"the {known} datapoints batches holds "
                       f"(its sampler's length{', less the last part batch it drops' if batches.drop_last else ''})")
     compressors = codecs_for(compression)
+    datapoints_per_chunk((1,), 1, chunks)  # its check, before the model runs (it came after the first batch)
     check_new_layers(path, list(modules), mode=mode, overwrite=overwrite)
     if _shuffles(batches):
         warnings.warn("batches is a DataLoader that shuffles: the datapoints are recorded in an order that another "

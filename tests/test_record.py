@@ -67,6 +67,21 @@ def test_module_names_and_errors(tmp_path):
         record(net, ["0"], [torch.randn(6, 1, 8, 8)], tmp_path / "u.zarr", datapoints=["a", "b", "c"])
 
 
+def test_layers_named_twice_and_bad_chunks_are_refused_before_the_model_runs(tmp_path):
+    """["4", "4"] recorded one layer, unsaid; chunks=0 was refused after the first batch ran (found by audit)."""
+    net = _net()
+
+    def batches():
+        pytest.fail("the model ran")
+        yield torch.randn(2, 1, 8, 8)
+
+    with pytest.raises(ValueError, match=r"^layer '4' is given twice in layers; name each module once$"):
+        record(net, ["0", "4", "4"], batches(), tmp_path / "r.zarr")
+    with pytest.raises(ValueError, match=r"^chunks must be a positive number of datapoints or 'auto', got 0$"):
+        record(net, ["0"], batches(), tmp_path / "r.zarr", chunks=0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
 def test_appends_whole_chunks_only_and_writes_each_chunk_once(tmp_path, monkeypatch):
     """Batches smaller and larger than a chunk are buffered into whole chunks: every activations chunk is written
     once and never read back (appending each batch made zarr read, decode and rewrite the partial last chunk), and
