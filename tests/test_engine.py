@@ -941,3 +941,20 @@ def test_a_store_backed_pass_reads_ahead_and_a_reordered_layer_does_not(tmp_path
     folds = list(dask.core.flatten(centred.__dask_keys__()))
     spans = engine._fold_spans(dsk, folds, set(folds))
     assert max(last - first for first, last in spans.values()) == len(folds) - 1  # the mean feeds every fold
+
+
+def test_local_schedulers_run_without_importing_distributed():
+    """Dask's lookup of a scheduler by name imports distributed (0.15 s a process, and its imports inside a caller's
+    memory trace: a minibatch memory test saw 20 to 99 MiB of them); a local one runs by its function."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dask, numpy as np, chunkcca\n"
+            "x = np.random.default_rng(0).standard_normal((40, 3))\n"
+            "for scheduler in (None, 'threads', 'synchronous', 'sync', 'single-threaded'):\n"
+            "    chunkcca.cca(x, x[:, :2], scheduler=scheduler)\n"
+            "    chunkcca.cka(x, x[:, :2], minibatch=10, scheduler=scheduler)\n"
+            "with dask.config.set(scheduler='synchronous'):\n"
+            "    chunkcca.cca(x, x[:, :2])\n"
+            "assert 'distributed' not in sys.modules, 'distributed was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
