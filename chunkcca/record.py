@@ -755,6 +755,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                                                  f"{values.shape[1]} tokens, after batches with one")
                             writers[f"{path}/{MASK}"].add(padding)
                     count["datapoints"] += len(next(iter(captured.values()))[0])
+                    _check_labels_left(datapoints, labelled, count["datapoints"])
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -781,6 +782,17 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         for hook in hooks:
             hook.remove()
     return open_activations(path)
+
+
+def _check_labels_left(datapoints: Sequence[Any] | None, coords: Mapping[str, xr.DataArray], count: int) -> None:
+    """As the batches run: a ValueError once they have given more datapoints (``count``) than ``datapoints`` or a
+    coordinate of ``coords`` labels, rather than after the last batch (its check, ``_check_labels``, follows)."""
+    given = {"datapoints": len(datapoints)} if datapoints is not None else {}
+    given |= {f"coords[{name!r}]": len(values) for name, values in coords.items()}
+    short = next((name for name, size in given.items() if size < count), None)
+    if short is not None:
+        raise ValueError(f"{short} has {given[short]} labels and the batches have given {count} datapoints so far: "
+                         f"give one label per datapoint, in order")
 
 
 def _check_labels(datapoints: Sequence[Any] | None, coords: Mapping[str, xr.DataArray], count: int, layer: str,

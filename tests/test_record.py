@@ -63,8 +63,20 @@ def test_module_names_and_errors(tmp_path):
     with pytest.raises(ValueError, match="record got no batches"):
         record(net, ["0"], [], tmp_path / "t.zarr")
     assert not (tmp_path / "t.zarr").exists()
-    with pytest.raises(ValueError, match="datapoints has 3 labels for 6 recorded datapoints"):
-        record(net, ["0"], [torch.randn(6, 1, 8, 8)], tmp_path / "u.zarr", datapoints=["a", "b", "c"])
+    with pytest.raises(ValueError, match="datapoints has 8 labels for 6 recorded datapoints"):
+        record(net, ["0"], [torch.randn(6, 1, 8, 8)], tmp_path / "u.zarr", datapoints=list("abcdefgh"))
+    ran = []
+
+    def batches():  # labels run out at the first batch: the others are not run (they were, all of them)
+        for _ in range(5):
+            ran.append(1)
+            yield torch.randn(6, 1, 8, 8)
+
+    for labels in ({"datapoints": ["a", "b", "c"]}, {"coords": {"label": np.arange(4)}}):
+        said = "datapoints has 3" if "datapoints" in labels else r"coords\['label'\] has 4"
+        with pytest.raises(ValueError, match=rf"^{said} labels and the batches have given 6 datapoints so far"):
+            record(net, ["0"], batches(), tmp_path / "u.zarr", **labels)
+    assert len(ran) == 2
 
 
 def test_layers_named_twice_and_bad_chunks_are_refused_before_the_model_runs(tmp_path):
