@@ -187,7 +187,8 @@ def _pass_codes(groups: Groups | None, adapter: Adapter, chunks: tuple[int, ...]
     return da.from_array(np.stack([groups.codes, ranks], axis=1), chunks=(chunks, 2))
 
 
-def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOptions, wanted: Needs) -> None:
+def _check_group_rows(groups: Groups | None, layers: Sequence[xr.DataArray], adapter: Adapter,
+                      options: StreamOptions, wanted: Needs) -> None:
     """Before the pass: every group of ``groupby`` can give the rows the measures need (``wanted.least_rows``: those
     the stride keeps of its datapoints, before padding; a fold's rest at most ceil(rows per datapoint / stride) per
     datapoint), and every fold the 2 rows a held-out measure tests on, else a ValueError naming the first that
@@ -204,7 +205,9 @@ def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOp
             raise ValueError(f"folds: without fold {groups.labels[short[0]].item()!r} the rest holds {left} "
                              f"datapoint{'' if left == 1 else 's'}, fewer rows than the jackknife's "
                              f"leave-outs need ({needs(least_rows)}); use fewer folds or more datapoints")
-        if wanted.held_out:
+        dropped = options.nan_policy == "omit" or (adapter.mask_rule == "pair" and any(MASK in layer.coords
+                                                                                         for layer in layers))
+        if wanted.held_out and not dropped:  # rows left out may empty a fold, which is then left out (a warning)
             _check_fold_rows(groups, adapter, options, wanted.held_out)
         return
     small = np.flatnonzero([adapter.row_count(size) < least_rows for size in groups.sizes])  # each strided apart
@@ -219,18 +222,19 @@ def _check_group_rows(groups: Groups | None, adapter: Adapter, options: StreamOp
 
 
 def _check_fold_rows(groups: Groups, adapter: Adapter, options: StreamOptions, held_out: Sequence[str]) -> None:
-    """Before the pass: a ValueError naming the first fold whose own rows (those the whole run's stride keeps of
-    its datapoints, before padding) are 1, fewer than the 2 that the ``held_out`` measures test each fold on (a
-    fold the stride leaves no row is left out after the pass, with a warning: ``_without_emptied_folds``)."""
+    """Before the pass, where no row is left out (padding, nan_policy="omit"): a ValueError naming the first fold
+    whose own rows (those the whole run's stride keeps of its datapoints) are 1, fewer than the 2 that the
+    ``held_out`` measures test each fold on (a fold the stride leaves no row is left out after the pass, with a
+    warning: ``_without_emptied_folds``)."""
     starts = np.arange(len(groups.codes) + 1, dtype=np.int64) * adapter.rows_per_datapoint
     strided = np.diff((starts - 1) // adapter.stride)  # each datapoint's rows under the run's stride
     rows = np.bincount(groups.codes, weights=strided, minlength=len(groups.labels))
     short = np.flatnonzero(rows == 1)
     if short.size:
-        label, held = groups.labels[short[0]].item(), int(rows[short[0]])
+        label = groups.labels[short[0]].item()
         asked = f"folds={options.folds!r} (--folds {options.folds})"
         remedy = "use fewer folds" if isinstance(options.folds, int) else "fold by a coordinate of larger folds"
-        raise ValueError(f"{asked}: fold {label!r} holds {held} row{'' if held == 1 else 's'} (of "
+        raise ValueError(f"{asked}: fold {label!r} holds 1 row (of "
                          f"{int(groups.sizes[short[0]])} datapoint{'' if groups.sizes[short[0]] == 1 else 's'}), and "
                          f"{' and '.join(held_out)} test{'s' if len(held_out) == 1 else ''} on each fold, which needs "
                          f"at least 2; {remedy}")
@@ -258,7 +262,7 @@ def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     groups too small for a covariance warned of."""
     _check_rows(layers, adapters, wanted.whitens, least_rows=wanted.least_rows)
     groups = _groups(layers, options)
-    _check_group_rows(groups, adapters[0], options, wanted)
+    _check_group_rows(groups, layers, adapters[0], options, wanted)
     streamed = stream_layers(layers, adapters, options, row_norms=wanted.row_norms,
                              codes=_pass_codes(groups, adapters[0], layers[0].data.chunks[0]),
                              group_sizes=() if groups is None else groups.sizes, pairs=pairs, whitens=wanted.whitens)
@@ -824,7 +828,7 @@ def _checked_measures(measures: Any, stream: StreamOptions, *, batched: bool = T
     """The measures, checked against the adapter (per frequency? unless ``batched`` is False: a sweep refuses
     such adapters itself) and the folds (held-out measures need them)."""
     names = check_measures(measures, batched=batched and is_batched(stream.spatial))
-    needing = [name for name in names if MEASURES[name].per_fold is not None]
+    needing = Needs.of(names).held_out
     if needing and stream.folds is None:
         raise ValueError(f"{needing[0]} is measured on held-out folds: pass folds=K (--folds K), K >= 2")
     return names

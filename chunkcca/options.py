@@ -390,7 +390,7 @@ class StreamOptions:
         object.__setattr__(self, "progress", check_flag("progress", self.progress))
         object.__setattr__(self, "connect_timeout", check_number("connect_timeout", self.connect_timeout, 0.0,
                                                                  low_open=True))
-        named_axes = isinstance(self.dims, (tuple, list)) and all(isinstance(dim, str) for dim in self.dims)
+        named_axes = isinstance(self.dims, (tuple, list, np.ndarray)) and all(isinstance(dim, str) for dim in self.dims)
         if self.dims is not None and not (named_axes or isinstance(self.dims, Mapping)):  # dims=5 was ignored
             raise TypeError(f"dims must be a tuple of the arrays' axis names, e.g. ('datapoint', 'channel', 'height', "
                             f"'width'), or a mapping from DataArrays' dim names to chunkcca's, got {self.dims!r}")

@@ -632,8 +632,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         Coordinates on ``datapoint`` for every recorded layer (for ``groupby=`` and ``folds=``): name → one number
         or string per datapoint, in the order of ``batches`` (e.g. ``{"label": dataset.targets}``), or a DataArray
         on ``datapoint`` labelled as ``datapoints``. Checked before the model runs, their count too where
-        ``batches`` tells it (a DataLoader: its sampler's length), else once the model has run, as is
-        ``datapoints``'s.
+        ``batches`` tells it (a DataLoader: its sampler's length), else as the batches run past them (too many
+        labels: once the model has run), as is ``datapoints``'s.
 
     Returns
     -------
@@ -755,7 +755,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                                                  f"{values.shape[1]} tokens, after batches with one")
                             writers[f"{path}/{MASK}"].add(padding)
                     count["datapoints"] += len(next(iter(captured.values()))[0])
-                    _check_labels_left(datapoints, labelled, count["datapoints"])
+                    _check_labels_left(datapoints, labelled, count["datapoints"], next(iter(modules)))
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -784,15 +784,18 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     return open_activations(path)
 
 
-def _check_labels_left(datapoints: Sequence[Any] | None, coords: Mapping[str, xr.DataArray], count: int) -> None:
-    """As the batches run: a ValueError once they have given more datapoints (``count``) than ``datapoints`` or a
-    coordinate of ``coords`` labels, rather than after the last batch (its check, ``_check_labels``, follows)."""
-    given = {"datapoints": len(datapoints)} if datapoints is not None else {}
-    given |= {f"coords[{name!r}]": len(values) for name, values in coords.items()}
-    short = next((name for name, size in given.items() if size < count), None)
+def _check_labels_left(datapoints: Sequence[Any] | None, coords: Mapping[str, xr.DataArray], count: int,
+                       layer: str) -> None:
+    """As the batches run: a ValueError once they have given ``layer`` more datapoints (``count``) than
+    ``datapoints`` or a coordinate of ``coords`` labels, rather than after the last batch (whose check,
+    ``_check_labels``, follows; and takes labels that tell no length)."""
+    if datapoints is not None and hasattr(datapoints, "__len__") and len(datapoints) < count:
+        raise ValueError(f"datapoints has {len(datapoints)} labels for {count} recorded datapoints so far: give one "
+                         f"label per datapoint, in order")
+    short = next((name for name, values in coords.items() if len(values) < count), None)
     if short is not None:
-        raise ValueError(f"{short} has {given[short]} labels and the batches have given {count} datapoints so far: "
-                         f"give one label per datapoint, in order")
+        raise ValueError(f"coords[{short!r}] has {len(coords[short])} labels and layer {layer!r} {count} datapoints "
+                         f"so far: give one label per datapoint, in order")
 
 
 def _check_labels(datapoints: Sequence[Any] | None, coords: Mapping[str, xr.DataArray], count: int, layer: str,

@@ -827,6 +827,11 @@ def test_a_fold_of_one_row_is_refused_before_the_pass_when_a_held_out_measure_te
     by_label = [layer.assign_coords(part=("datapoint", labels)) for layer in fc]
     with pytest.warns(RuntimeWarning, match=r"fold 9 keeps no row \(stride 3 keeps none of their rows\)"):
         assert compare(*by_label, measures=["heldout_cca"], folds="part", stride=3).attrs["folds"] == 3
+    labels[[1, 2]] = [1, 9]  # fold 9: one datapoint, all NaN: left out as nan_policy="omit" empties it, as before
+    by_label = [layer.assign_coords(part=("datapoint", labels)) for layer in fc]
+    by_label[0] = by_label[0].where(by_label[0].datapoint != 2)
+    with pytest.warns(RuntimeWarning, match=r"fold 9 keeps no row \(nan_policy='omit' left them out\)"):
+        assert compare(*by_label, measures=["heldout_cca"], folds="part", nan_policy="omit").attrs["folds"] == 3
 
 
 def test_folds_emptied_by_a_stride_and_leave_outs_of_too_few_rows_are_told_as_such():

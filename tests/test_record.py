@@ -73,8 +73,9 @@ def test_module_names_and_errors(tmp_path):
             yield torch.randn(6, 1, 8, 8)
 
     for labels in ({"datapoints": ["a", "b", "c"]}, {"coords": {"label": np.arange(4)}}):
-        said = "datapoints has 3" if "datapoints" in labels else r"coords\['label'\] has 4"
-        with pytest.raises(ValueError, match=rf"^{said} labels and the batches have given 6 datapoints so far"):
+        said = ("datapoints has 3 labels for 6 recorded datapoints so far" if "datapoints" in labels else
+                r"coords\['label'\] has 4 labels and layer '0' 6 datapoints so far")
+        with pytest.raises(ValueError, match=rf"^{said}: give one label per datapoint, in order$"):
             record(net, ["0"], batches(), tmp_path / "u.zarr", **labels)
     assert len(ran) == 2
 
@@ -753,7 +754,8 @@ def test_records_datapoint_coordinates_for_groupby(tmp_path):
 def test_labels_of_the_wrong_count_for_a_data_loader_are_refused_before_the_model_runs(tmp_path):
     """A DataLoader says how many datapoints it holds: ``datapoints`` or ``coords`` of another count were refused
     only after every forward pass (hours, on a real model). Its sampler's length counts, less a dropped last part
-    batch; an iterable dataset, which says nothing, is checked after the run as before."""
+    batch; an iterable dataset, which says nothing, is checked as its batches run past the labels, or after the
+    run."""
     data = torch.utils.data
     dataset = data.TensorDataset(torch.randn(23, 1, 8, 8))
 

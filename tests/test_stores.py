@@ -351,6 +351,8 @@ def test_channels_first_input_is_named_and_dims_fix_it(tmp_path):
     canonical = xr.DataArray(b, dims=("datapoint", "height", "width", "channel"))  # a store's layer, say
     beside = cca(nchw, canonical, dims=("datapoint", "channel", "height", "width"), precision="float64")
     np.testing.assert_allclose(beside["rho"], named["rho"], atol=1e-12)  # the tuple names the array's axes
+    given = np.array(["datapoint", "channel", "height", "width"])  # names in a numpy array, as a list or tuple
+    np.testing.assert_allclose(cca(nchw, nchw_b, dims=given, precision="float64")["rho"], named["rho"], atol=1e-12)
     for wrong in (5, "channel", ("datapoint", 3)):  # ignored where the layers had chunkcca's dims (found by audit)
         said = re.escape(repr(wrong))
         with pytest.raises(TypeError, match=rf"^dims must be a tuple of the arrays' axis names, .* got {said}$"):
