@@ -205,10 +205,9 @@ def _check_group_rows(groups: Groups | None, layers: Sequence[xr.DataArray], ada
             raise ValueError(f"folds: without fold {groups.labels[short[0]].item()!r} the rest holds {left} "
                              f"datapoint{'' if left == 1 else 's'}, fewer rows than the jackknife's "
                              f"leave-outs need ({needs(least_rows)}); use fewer folds or more datapoints")
-        dropped = options.nan_policy == "omit" or (adapter.mask_rule == "pair" and any(MASK in layer.coords
-                                                                                         for layer in layers))
-        if wanted.held_out and not dropped:  # rows left out may empty a fold, which is then left out (a warning)
-            _check_fold_rows(groups, adapter, options, wanted.held_out)
+        padded = adapter.mask_rule == "pair" and any(MASK in layer.coords for layer in layers)
+        if wanted.held_out and not padded and options.nan_policy != "omit":  # rows left out may empty a fold,
+            _check_fold_rows(groups, adapter, options, wanted.held_out)  # which is then left out (a warning)
         return
     small = np.flatnonzero([adapter.row_count(size) < least_rows for size in groups.sizes])  # each strided apart
     if small.size:
