@@ -165,8 +165,8 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         if mask is not None:
             layer = layer.assign_coords({MASK: mask.variable})
     if isinstance(layer, xr.DataArray):
-        if layer.name in (None, VARIABLE) and layer.encoding.get("layer"):  # a store's: named by its node path
-            name = name or layer.encoding["layer"]
+        if layer.name in (None, VARIABLE) and isinstance(layer.encoding.get("layer"), str):  # a store's: its node
+            name = name or layer.encoding["layer"] or "/"  # path ("/": the store's root, a plain zarr store's)
         name = name or (str(layer.name) if layer.name is not None else "activations")
         if isinstance(dims, Mapping):
             layer = layer.rename({old: new for old, new in dims.items() if old in layer.dims})
@@ -371,7 +371,7 @@ def node_name(node: xr.DataTree) -> str:
     path = node.path.strip("/")
     opened = node[VARIABLE].encoding.get("layer") if VARIABLE in node.data_vars else None
     if isinstance(opened, str) and (not path or opened == path or opened.endswith(f"/{path}")):
-        return opened
+        return opened or "/"
     return path or "/"
 
 
@@ -561,7 +561,8 @@ def layer_paths(tree: xr.DataTree) -> list[str]:
     Returns
     -------
     list of str
-        Node paths without the leading '/', e.g. ``["model0/conv1", "model0/conv2"]``. A tree cut from a
+        Node paths without the leading '/', e.g. ``["model0/conv1", "model0/conv2"]``; ``"/"`` for a layer at the
+        root (a plain zarr store of one layer, written with xarray), which ``tree["/"]`` selects. A tree cut from a
         store (``tree["model0"].isel(...)``, whose root no longer lists the order) keeps the order its layers
         had when opened; layers no store lists (a tree built in memory, or made anew by xarray, e.g. with
         ``map_over_datasets``) follow in the tree's own order, depth first: a dict's order for a tree built from
@@ -580,7 +581,7 @@ def layer_paths(tree: xr.DataTree) -> list[str]:
     def place(path: str) -> tuple[int, int, int]:
         opened = nodes[path][VARIABLE].encoding.get("order")
         return rank.get(path, len(rank)), len(nodes) if opened is None else int(opened), walked[path]
-    return sorted(nodes, key=place)
+    return [path or "/" for path in sorted(nodes, key=place)]  # "/": a layer at the root (a plain zarr store's)
 
 
 #: Characters a layer path's parts may hold: letters, digits and ``_ - . + =``.

@@ -216,6 +216,29 @@ def test_result_names_are_told_by_their_extension_in_any_case(tmp_path, capsys):
     assert "w.NC" in capsys.readouterr().out
 
 
+def test_a_layer_at_the_root_of_a_plain_zarr_store_is_named_slash(tmp_path, capsys):
+    """One layer a store, written with xarray: it was named "" in layer_paths, info, the sweep and compare's header
+    (" vs ") and 'activations' in errors (found by audit)."""
+    x = np.random.default_rng(1).standard_normal((30, 4)).astype("float32")
+    xr.Dataset({"activations": (("datapoint", "channel"), x)}).to_zarr(tmp_path / "plain.zarr", zarr_format=3,
+                                                                       consolidated=False)
+    tree = open_activations(tmp_path / "plain.zarr")
+    assert layer_paths(tree) == ["/"]
+    assert chunkcca.cka(tree["/"], tree["/"]).attrs["layer_a"] == "/"
+    x[3, 0] = np.nan
+    xr.Dataset({"activations": (("datapoint", "channel"), x)}).to_zarr(tmp_path / "nan.zarr", zarr_format=3,
+                                                                       consolidated=False)
+    with pytest.raises(ValueError, match=r"^layer '/ \(nan\.zarr\)' holds NaN or Inf at datapoint 3"):
+        chunkcca.cka(open_activations(tmp_path / "nan.zarr")["/"]["activations"], tree["/"])
+    store = str(tmp_path / "plain.zarr")
+    assert main(["info", store]) == 0 and capsys.readouterr().out.splitlines()[2].startswith("/ ")
+    assert main(["compare", store, "/", "/", "--measure", "cka", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("/ vs / (flatten")
+    assert main(["sweep", store, "--a", "/", "--b", "/", "--out", str(tmp_path / "s.nc"), "--no-progress"]) == 0
+    with xr.open_dataset(tmp_path / "s.nc") as saved:
+        assert saved["layer_a"].values.tolist() == saved["layer_b"].values.tolist() == ["/"]
+
+
 def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
     a = rng.standard_normal((12, 3, 3, 4)).astype(np.float32)
     write_activations(tmp_path / "s.zarr", {"m0/conv": a}, chunks=5)
