@@ -280,7 +280,8 @@ def check_store_files(location: str, listing: Listing, listed: Sequence[str], fo
                 break
     for folder, metadata in arrays.items():
         node, _, variable = folder.rpartition("/")
-        what = (f"layer {node!r}" if variable == VARIABLE else f"layer {node!r}'s {variable}" if variable == MASK
+        layer = node or "/"  # a layer at the root (a plain zarr store's), as layer_paths names it
+        what = (f"layer {layer!r}" if variable == VARIABLE else f"layer {layer!r}'s {variable}" if variable == MASK
                 else f"the labels {variable!r} of {node or 'the store'!r}")
         check_chunks(metadata, present[folder], what, location)
 

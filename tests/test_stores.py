@@ -237,6 +237,9 @@ def test_a_layer_at_the_root_of_a_plain_zarr_store_is_named_slash(tmp_path, caps
     assert main(["sweep", store, "--a", "/", "--b", "/", "--out", str(tmp_path / "s.nc"), "--no-progress"]) == 0
     with xr.open_dataset(tmp_path / "s.nc") as saved:
         assert saved["layer_a"].values.tolist() == saved["layer_b"].values.tolist() == ["/"]
+    (tmp_path / "plain.zarr" / "activations" / "c" / "0" / "0").unlink()
+    with pytest.raises(OSError, match=r"^layer '/' of .*plain\.zarr lacks 1 chunk file, of datapoints 0 to 29"):
+        open_activations(tmp_path / "plain.zarr")
 
 
 def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
