@@ -225,8 +225,7 @@ def _check_fold_rows(groups: Groups, adapter: Adapter, options: StreamOptions, h
     whose own rows (those the whole run's stride keeps of its datapoints) are 1, fewer than the 2 that the
     ``held_out`` measures test each fold on (a fold the stride leaves no row is left out after the pass, with a
     warning: ``_without_emptied_folds``)."""
-    starts = np.arange(len(groups.codes) + 1, dtype=np.int64) * adapter.rows_per_datapoint
-    strided = np.diff((starts - 1) // adapter.stride)  # each datapoint's rows under the run's stride
+    strided = np.diff(adapter.row_count(np.arange(len(groups.codes) + 1)))  # each datapoint's rows, as strided
     rows = np.bincount(groups.codes, weights=strided, minlength=len(groups.labels))
     short = np.flatnonzero(rows == 1)
     if short.size:

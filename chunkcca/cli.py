@@ -88,6 +88,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         expanded,
         holds_positions,
         is_url,
+        layer_name,
         netcdf_int_error,
         scheduler_address,
     )
@@ -657,8 +658,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     _check_compare_flags(args, measures)
     tree_a, tree_b = _stores(args)
     a, b = _layer(tree_a, args.layer_a, args.store), _layer(tree_b, args.layer_b, args.b_store or args.store)
-    # as stored ("/m0//conv/": m0/conv), as sweep; "/" a layer at the root (a plain zarr store's)
-    args.layer_a, args.layer_b = (a.path.strip("/") or "/"), (b.path.strip("/") or "/")
+    args.layer_a, args.layer_b = layer_name(a.path), layer_name(b.path)  # as stored ("/m0//conv/": m0/conv), as sweep
     names = (f"{args.layer_a} in {args.store}", f"{args.layer_b} in {args.b_store or args.store}")
     chosen, left_out = _shared_datapoints(dict(zip(names, (a, b))), args.shared_datapoints)  # a layer once
     a, b = (chosen[name] for name in names)

@@ -25,7 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ._fs import json_digest
 from ._stack import user_stacklevel
-from .options import MASK, VARIABLE
+from .options import MASK, VARIABLE, layer_name
 
 #: Root attribute: per layer, a digest of each of its arrays' metadata (all but their attributes) as written, by
 #: which an edit since (another dtype, shape, dim order or codec list, read silently as other numbers) is refused.
@@ -280,7 +280,7 @@ def check_store_files(location: str, listing: Listing, listed: Sequence[str], fo
                 break
     for folder, metadata in arrays.items():
         node, _, variable = folder.rpartition("/")
-        layer = node or "/"  # a layer at the root (a plain zarr store's), as layer_paths names it
+        layer = layer_name(node)
         what = (f"layer {layer!r}" if variable == VARIABLE else f"layer {layer!r}'s {variable}" if variable == MASK
                 else f"the labels {variable!r} of {node or 'the store'!r}")
         check_chunks(metadata, present[folder], what, location)

@@ -22,7 +22,7 @@ from dask.utils import format_bytes
 
 from ._fs import ORDER_ATTR
 from ._stack import user_stacklevel
-from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR, VARIABLE, check_number, holds_positions
+from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR, VARIABLE, check_number, holds_positions, layer_name
 
 #: At most this many position dims (volumes: depth, height, width).
 MAX_POSITIONS = 3
@@ -165,8 +165,8 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         if mask is not None:
             layer = layer.assign_coords({MASK: mask.variable})
     if isinstance(layer, xr.DataArray):
-        if layer.name in (None, VARIABLE) and isinstance(layer.encoding.get("layer"), str):  # a store's: its node
-            name = name or layer.encoding["layer"] or "/"  # path ("/": the store's root, a plain zarr store's)
+        if layer.name in (None, VARIABLE) and isinstance(layer.encoding.get("layer"), str):  # a store's: named by
+            name = name or layer_name(layer.encoding["layer"])  # its node path
         name = name or (str(layer.name) if layer.name is not None else "activations")
         if isinstance(dims, Mapping):
             layer = layer.rename({old: new for old, new in dims.items() if old in layer.dims})
@@ -371,8 +371,8 @@ def node_name(node: xr.DataTree) -> str:
     path = node.path.strip("/")
     opened = node[VARIABLE].encoding.get("layer") if VARIABLE in node.data_vars else None
     if isinstance(opened, str) and (not path or opened == path or opened.endswith(f"/{path}")):
-        return opened or "/"
-    return path or "/"
+        return layer_name(opened)
+    return layer_name(path)
 
 
 #: A name Dask gives an array (``array-78735f9f…``: a token of 32 hex digits, or a UUID for ``name=False``), which
@@ -581,7 +581,7 @@ def layer_paths(tree: xr.DataTree) -> list[str]:
     def place(path: str) -> tuple[int, int, int]:
         opened = nodes[path][VARIABLE].encoding.get("order")
         return rank.get(path, len(rank)), len(nodes) if opened is None else int(opened), walked[path]
-    return [path or "/" for path in sorted(nodes, key=place)]  # "/": a layer at the root (a plain zarr store's)
+    return [layer_name(path) for path in sorted(nodes, key=place)]
 
 
 #: Characters a layer path's parts may hold: letters, digits and ``_ - . + =``.

@@ -419,7 +419,7 @@ class Moments:
 def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
     """Moments written by ``Moments.save()`` and the attributes saved with them (saves before ``value_rounding``
     lack it: theirs loads as 0, exact; checkpoints have ``datapoints_done`` and ``datapoints_total``)."""
-    path = Path(expanded(path))
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no saved Moments at {path}")
     if not (path / "zarr.json").is_file():

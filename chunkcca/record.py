@@ -65,7 +65,15 @@ import xarray as xr
 
 from ._fs import expanded
 from ._stack import user_stacklevel
-from .layers import FC_DIMS, VARIABLE, boolean_mask, check_datapoint_coords, coord_values, datapoints_per_chunk
+from .layers import (
+    FC_DIMS,
+    VARIABLE,
+    boolean_mask,
+    check_datapoint_coords,
+    check_layer_paths,
+    coord_values,
+    datapoints_per_chunk,
+)
 from .options import MASK, POSITIONS_ATTR, VALUE_ROUNDING_ATTR
 from .store import (
     WriteMode,
@@ -82,11 +90,8 @@ def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str,
     """Store path → module, from module names (``"features.0"``) or modules themselves."""
     named = dict(model.named_modules())
     if not isinstance(layers, Mapping):
-        names = [str(name).replace(".", "/") for name in layers]
-        twice = next((name for name in names if names.count(name) > 1), None)
-        if twice is not None:  # one layer was recorded, unsaid
-            raise ValueError(f"layer {twice!r} is given twice in layers; name each module once")
-        layers = dict(zip(names, layers))
+        # a layer given twice is refused (one was recorded, unsaid), as the store refuses it
+        layers = dict(zip(check_layer_paths([str(name).replace(".", "/") for name in layers]), layers))
     modules = {}
     for path, module in layers.items():
         if isinstance(module, str):

@@ -167,8 +167,9 @@ class Adapter:
             return datapoints * 2 * max(positions, int(np.prod(self.out_shape, dtype=np.int64))) * channels * 8
         return 0
 
-    def row_count(self, datapoints: int) -> int:
-        """Rows ``datapoints`` give (per frequency for dft) before any mask: ceil(N · rows_per_datapoint / stride)."""
+    def row_count(self, datapoints: Any) -> Any:
+        """Rows the first ``datapoints`` datapoints give (per frequency for dft) before any mask: ceil(N ·
+        rows_per_datapoint / stride); an int, or an array of them for an array of counts."""
         return -(-datapoints * self.rows_per_datapoint // self.stride)
 
     def strided(self, datapoints: Any) -> Any:

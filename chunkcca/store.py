@@ -422,7 +422,6 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     (``check_datapoint_coords``) are checked against the store's (``check_store_coords``) before ``build``, once
     the store's generation is read: a store replaced after it is found at that step, never appended to unchecked.
     """
-    path = expanded(path)
     check_choice("mode", mode, ("w", "a"))
     if mode == "w":
         def write(tmp: Path) -> None:
@@ -986,13 +985,14 @@ def check_result_path(path: str | os.PathLike, *, overwrite: bool = False) -> No
     """
     check_flag("overwrite", overwrite)
     path = expanded(path)
-    if Path(path).suffix.lower() not in (".nc", ".zarr"):
+    suffix = Path(path).suffix.lower()  # in any case, as plots and ingest's files
+    if suffix not in (".nc", ".zarr"):
         raise ValueError(f"{path}: name a netCDF file (.nc) or a zarr store (.zarr)")
     check_local(path)
     check_output_place(path, "the result's path")
-    what = "a zarr result" if Path(path).suffix.lower() == ".zarr" else "a netCDF result"
+    what = "a zarr result" if suffix == ".zarr" else "a netCDF result"
     check_replaceable(Path(path), overwrite, is_saved_result, what)
-    if Path(path).suffix.lower() == ".zarr" and overwrite and Path(path).exists() \
+    if suffix == ".zarr" and overwrite and Path(path).exists() \
             and (foreign := result_foreign_files(Path(path))):
         raise FileExistsError(f"{path} holds what chunkcca did not write ({', '.join(foreign)}"
                               f"{' …' if len(foreign) == 3 else ''}); an overwrite replaces only a result that "

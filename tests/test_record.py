@@ -88,7 +88,7 @@ def test_layers_named_twice_and_bad_chunks_are_refused_before_the_model_runs(tmp
         pytest.fail("the model ran")
         yield torch.randn(2, 1, 8, 8)
 
-    with pytest.raises(ValueError, match=r"^layer '4' is given twice in layers; name each module once$"):
+    with pytest.raises(ValueError, match=r"^layer path '4' is given twice \('4' and '4'\)$"):
         record(net, ["0", "4", "4"], batches(), tmp_path / "r.zarr")
     with pytest.raises(ValueError, match=r"^chunks must be a positive number of datapoints or 'auto', got 0$"):
         record(net, ["0"], batches(), tmp_path / "r.zarr", chunks=0)
