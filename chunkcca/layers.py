@@ -384,9 +384,11 @@ DASK_KEY = re.compile(r".+-([0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-
 def named(layer: Any, default: str, dims: Any = None) -> xr.DataArray:
     """``as_activations()`` of ``layer`` to be measured (``check_value_rounding``), named by its node path or
     DataArray name, else ``default``. A DataArray named after a Dask array's key names nothing to the user: it is
-    unnamed."""
+    unnamed; so is one named ``activations`` that lost its store's path (``.astype``, ``.where`` drop the encoding
+    that holds it)."""
     is_named = isinstance(layer, xr.DataTree) or (
-        isinstance(layer, xr.DataArray) and layer.name is not None and not DASK_KEY.fullmatch(str(layer.name)))
+        isinstance(layer, xr.DataArray) and layer.name is not None and not DASK_KEY.fullmatch(str(layer.name))
+        and (layer.name != VARIABLE or isinstance(layer.encoding.get("layer"), str)))
     return check_value_rounding(as_activations(layer, None if is_named else default, dims=dims))
 
 

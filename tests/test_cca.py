@@ -449,6 +449,27 @@ def test_an_unnamed_dask_backed_data_array_takes_the_default_name():
         assert cca(xr.DataArray(keyed, dims=("datapoint", "channel")), b).attrs["layer_a"] == "a"
 
 
+def test_a_layer_derived_from_a_store_takes_the_default_name_not_activations(tmp_path):
+    """A store's layer is named by the path its encoding keeps; ``.astype`` and ``.where`` drop the encoding, and
+    errors and results then named the layer 'activations', the variable every layer of a store has."""
+    rng = np.random.default_rng(31)
+    dims = ("datapoint", "height", "width", "channel")
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {
+        f"net/conv{i}": xr.DataArray(rng.standard_normal((30, 2, 2, 2 + i)), dims=dims) for i in (1, 2)})
+    conv1, conv2 = (tree[f"net/{name}"]["activations"] for name in ("conv1", "conv2"))
+    assert cca(conv1, conv2).attrs["layer_a"] == "net/conv1"  # the path, while the encoding holds it
+    assert cca(conv1.isel(channel=[0, 1]), conv2).attrs["layer_a"] == "net/conv1"
+    derived = conv1.astype("float32")
+    assert derived.name == "activations" and "layer" not in derived.encoding
+    assert (cca(derived, conv2).attrs["layer_a"], cca(conv2, conv1.where(conv1 > -9)).attrs["layer_b"]) == ("a", "b")
+    with pytest.raises(TypeError, match=r"^layer 'a' has dtype complex64"):
+        cca(conv1.astype("complex64"), conv2)
+    with pytest.raises(ValueError, match="layer 'b' holds NaN or Inf"):
+        cca(conv2, conv1.where(conv1 > 0))
+    own = xr.DataArray(rng.standard_normal((30, 3)), dims=("datapoint", "channel"), name="activations")
+    assert cca(own, conv2.mean(("height", "width"))).attrs["layer_a"] == "a"  # the name every store's layer has
+
+
 def test_results_of_several_pairs_concatenate_labelled_by_their_layers(tmp_path):
     """A pair's result named its layers in attrs only: xr.concat of cca(a, b1) and cca(a, b2) kept the first's
     layer_b, labelling both 'b1', silently. The layers are scalar coordinates too, as xarray combines them."""
