@@ -644,7 +644,8 @@ def cka(a: Any, b: Any, *, debiased: bool = False, minibatch: int | None = None,
         The exact full-data debiased estimator (unbiased HSIC) instead of the biased one.
     minibatch
         The minibatch CKA of Nguyen, Raghu & Kornblith 2021 over consecutive minibatches of this many rows
-        (>= 4): memory O(minibatch²), not O(channels²), for layers too wide for a covariance; unbiased per
+        (>= 4): the unbiased HSIC terms summed over the minibatches, then one ratio (not the mean of each
+        minibatch's CKA); memory O(minibatch²), not O(channels²), for layers too wide for a covariance; unbiased per
         minibatch, so ``debiased`` does not apply, nor do ``precision``, checkpoints, ``groupby`` and
         ``folds``. Tasks read chunks of whole minibatches (a layer's, or both layers', whichever holds
         less); ``memory_limit`` sets their size and how many run at once, and a run over it with one task of

@@ -280,8 +280,9 @@ def _folds(text: str) -> int | float | str:
 
 def _add_minibatch_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minibatch", type=_minibatch_size, metavar="N",
-                        help="with --measure cka alone: linear CKA averaged over consecutive minibatches of N rows "
-                             "(N >= 4), as torch-cka and ckatorch compute it (default: exact, from all rows)")
+                        help="with --measure cka alone: minibatch linear CKA, one ratio of the unbiased HSIC summed "
+                             "over consecutive minibatches of N rows (N >= 4), as torch-cka and ckatorch compute it "
+                             "(default: exact, from all rows)")
 
 
 def _check_minibatch_flags(args: argparse.Namespace, measures: list[str]) -> None:
