@@ -21,7 +21,7 @@ import xarray as xr
 
 from ._fs import ORDER_ATTR, filesystem
 from .layers import VARIABLE, zarr_arrays
-from .moments import Moments, attributes_intact, read_saved
+from .moments import Moments, attributes_intact, check_only_moments, read_saved
 from .options import MASK
 from .rows import Adapter
 
@@ -138,6 +138,7 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
                                   f"path") from error
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); remove it or "
                               f"pass another path") from error
+    check_only_moments(path, "saving the run's progress")  # before the run, not at its first save
     if saved_fingerprint != fingerprint:
         raise CheckpointError(f"checkpoint {path} belongs to another run: "
                               f"{_difference(saved_fingerprint, fingerprint)}. Remove it or pass another path")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,7 @@ import xarray as xr
 
 from ._fs import expanded, fails_checksum, json_digest, write_atomically, zarr_attributes
 from ._stack import user_stacklevel
+from .integrity import group_foreign_files
 from .options import PRECISIONS, ProductPrecision, check_flag, check_moments_path
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).
@@ -348,12 +350,15 @@ class Moments:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, attrs: dict | None = None) -> None:
         """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along,
-        and a digest of the root attributes (``ATTRIBUTES_ATTR``), which ``load`` checks.
+        and a digest of the root attributes (``ATTRIBUTES_ATTR``), which ``load`` checks. ``overwrite`` replaces
+        only saved Moments holding nothing chunkcca did not write (a FileExistsError names what else is there).
         Channel labels a store cannot hold (a MultiIndex's tuples, values of mixed types) are a ValueError."""
         check_flag("overwrite", overwrite)
         path = expanded(path)
         check_moments_path(path, "Moments.save:")
         check_savable_labels(self.channel_labels, self.layers)
+        if overwrite:
+            check_only_moments(Path(path))
         batch = tuple(f"batch{i}" for i in range(len(self.batch_shape)))
         variables = {
             "n": ((), np.int64(self.n)),
@@ -518,8 +523,27 @@ def _record_attributes_digest(path: Path) -> None:
 
 
 def _is_saved_moments(path: Path) -> bool:
-    """Whether ``path`` holds Moments written by :meth:`Moments.save` (a zarr group so marked)."""
-    return zarr_attributes(path).get("chunkcca") == "Moments"
+    """Whether ``path`` holds Moments written by :meth:`Moments.save` (a zarr group so marked) and nothing else."""
+    return zarr_attributes(path).get("chunkcca") == "Moments" and not group_foreign_files(path, _saved_array)
+
+
+#: The arrays ``Moments.save`` writes.
+SAVED_ARRAYS = re.compile(r"n|mean|scatter|sizes|norm_moments|norm_products|channel_labels\d+|labels_batch\d+"
+                          r"|map_power\d+")
+
+
+def _saved_array(name: str) -> bool:
+    return SAVED_ARRAYS.fullmatch(name) is not None
+
+
+def check_only_moments(path: Path, what: str = "an overwrite") -> None:
+    """Before ``what`` replaces saved Moments (or a checkpoint) at ``path``: a FileExistsError naming what in it
+    chunkcca did not write (a user's notes or plots put inside it would go with it)."""
+    if path.is_dir() and zarr_attributes(path).get("chunkcca") == "Moments" \
+            and (foreign := group_foreign_files(path, _saved_array)):
+        raise FileExistsError(f"{path} holds what chunkcca did not write ({', '.join(foreign)}"
+                              f"{' …' if len(foreign) == 3 else ''}); {what} replaces only Moments that "
+                              f"chunkcca saved: move them out of it, or choose another path")
 
 
 def side_slices(sizes: Sequence[int]) -> list[slice]:

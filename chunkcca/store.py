@@ -50,20 +50,22 @@ from ._stack import user_stacklevel
 from .integrity import (
     CHUNKS_ATTR,
     DECODING_ATTR,
+    FINDER_FILES,
     LOST_CHUNKS,
     METADATA_ATTR,
     Listing,
+    array_foreign,
     check_chunks,
     check_label_places,
     check_metadata,
     check_places,
     check_store_files,
     chunk_checksums,
-    chunk_keys,
     chunk_reader,
     chunk_records,
     decoded_by,
     file_sizes,
+    group_foreign_files,
     lost_chunks,
     metadata_digests,
 )
@@ -467,10 +469,6 @@ def is_activation_store(path: Path) -> bool:
             and not foreign_files(path))
 
 
-#: What macOS's Finder leaves in every folder it shows (its view settings, AppleDouble files): not a user's.
-FINDER_FILES = (".DS_Store", "._")
-
-
 def written_by_chunkcca(path: Path) -> bool:
     """Whether ``path`` holds a zarr group whose root records the layers' order, as chunkcca's stores do."""
     try:
@@ -496,7 +494,7 @@ def foreign_files(path: Path, most: int = 3) -> list[str]:
         ours = {"zarr.json"}
         if here in layers:  # a layer's arrays: each checked whole, not walked
             ours |= {name for name in subfolders if name in arrays.get(here, subfolders)
-                     and not _array_foreign(Path(folder, name), path, found)}
+                     and not array_foreign(Path(folder, name), path, found)}
             subfolders[:] = []
         else:
             subfolders[:] = [name for name in subfolders if f"{here}/{name}".lstrip("/") in groups | set(layers)]
@@ -510,39 +508,9 @@ def foreign_files(path: Path, most: int = 3) -> list[str]:
 
 def result_foreign_files(path: Path, most: int = 3) -> list[str]:
     """Up to ``most`` things in the zarr result at ``path`` (``save_result``) that it did not write, as paths
-    within it: anything but its metadata and the arrays its consolidated metadata lists, each with its metadata
-    and the chunk files its grid names (a user's notes or plots put inside it)."""
+    within it: anything but its metadata and the arrays its consolidated metadata lists (``group_foreign_files``)."""
     listed = json.loads((path / "zarr.json").read_text()).get("consolidated_metadata", {}).get("metadata", {})
-    found: list[str] = []
-    for name in sorted(os.listdir(path)):
-        if name == "zarr.json" or name.startswith(FINDER_FILES):
-            continue
-        if name not in listed or not (path / name).is_dir() or _array_foreign(path / name, path, found):
-            found.append(name)
-    return found[:most]
-
-
-def _array_foreign(folder: Path, store: Path, found: list[str]) -> bool:
-    """Whether ``folder``, inside a layer of ``store``, is not an array; what an array holds besides its metadata
-    and the chunk files its grid names goes to ``found``, as paths within ``store``. A folder whose metadata cannot
-    be parsed is taken for a damaged array of chunkcca's, which an overwrite repairs."""
-    try:
-        metadata = json.loads((folder / "zarr.json").read_text())
-    except OSError:
-        return True
-    except ValueError:
-        return False
-    if metadata.get("node_type") != "array":
-        return True
-    held = set()
-    for root, dirs, names in os.walk(folder):
-        within = Path(root).relative_to(folder)
-        held |= {(within / name).as_posix() for name in names}
-        held |= {(within / name).as_posix() + "/" for name in dirs if not os.listdir(Path(root, name))}  # empty
-    found += [f"{folder.relative_to(store).as_posix()}/{name}" for name in
-              sorted(held - set(chunk_keys(metadata).values()) - {"zarr.json"})
-              if not Path(name).name.startswith(FINDER_FILES)]
-    return False
+    return group_foreign_files(path, listed.__contains__, most)
 
 
 def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | None, *,

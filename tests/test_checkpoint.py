@@ -596,3 +596,29 @@ def test_saved_moments_named_as_a_netcdf_file_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint .*run.NC: saved Moments are a zarr store"):
         chunkcca.cca(a, a[:, :2], checkpoint=tmp_path / "run.NC")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_holding_a_users_files_is_refused_before_the_run(tmp_path):
+    """A run resumed from a checkpoint saves over it: a user's notes put inside an interrupted run's checkpoint
+    went with the first save. Now refused before any chunk is read, naming them; the checkpoint is left whole."""
+    rng = np.random.default_rng(41)
+    a, b = rng.standard_normal((40, 3)), rng.standard_normal((40, 2))
+    reads: list[int] = []
+
+    def counted(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        reads.append(block_info[0]["chunk-location"][0])
+        return block
+
+    layer_a = xr.DataArray(da.from_array(a, chunks=(10, 3)).map_blocks(counted, meta=a[:0]),
+                           dims=("datapoint", "channel"))
+    path = tmp_path / "run.moments"
+    chunkcca.compute_moments(layer_a, b, checkpoint=path, checkpoint_every=1)
+    (path / "NOTES.txt").write_text("why this run stopped")
+    reads.clear()
+    with pytest.raises(FileExistsError, match=r"run\.moments holds what chunkcca did not write \(NOTES\.txt\); "
+                                              r"saving the run's progress replaces only Moments that chunkcca saved"):
+        chunkcca.compute_moments(layer_a, b, checkpoint=path, checkpoint_every=1)
+    assert reads == [] and (path / "NOTES.txt").read_text() == "why this run stopped"
+    (path / "NOTES.txt").unlink()
+    resumed = chunkcca.compute_moments(layer_a, b, checkpoint=path, checkpoint_every=1)
+    assert resumed.n == 40

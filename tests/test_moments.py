@@ -477,3 +477,40 @@ def test_moments_carry_channel_labels_into_results_from_moments(tmp_path):
     with pytest.raises(ValueError, match="cannot merge Moments of channels labelled otherwise"):
         moments + relabelled
     assert list((moments + dataclasses.replace(moments, channel_labels=())).channel_labels[0]) == ["u", "v", "w"]
+
+
+def _every_saved_array(rng: np.random.Generator) -> list[Moments]:
+    """Moments whose saves hold each kind of array ``Moments.save`` writes: labels, row norms, batch, map power."""
+    dims = ("datapoint", "height", "width", "channel")
+    a = xr.DataArray(rng.standard_normal((20, 4, 4, 2)).astype("float32"), dims=dims,
+                     coords={"channel": ["u", "v"]}, name="a")
+    b = xr.DataArray(rng.standard_normal((20, 4, 4, 3)).astype("float32"), dims=dims, name="b")
+    dft = chunkcca.compute_moments(a, b, spatial="dft")
+    return [chunkcca.compute_moments(a, b, row_norms=True), dft, dft[1:3]]
+
+
+def test_an_overwrite_of_saved_moments_refuses_what_chunkcca_did_not_write(tmp_path, rng):
+    """The overwrite checked only the root's mark: a user's notes and plots put inside saved Moments went with
+    them. Now refused, naming them, and the folder is left as it was; Moments that hold only what chunkcca wrote
+    (every kind of array it writes) are replaced as before."""
+    for index, moments in enumerate(_every_saved_array(rng)):
+        moments.save(tmp_path / f"m{index}")
+        moments.save(tmp_path / f"m{index}", overwrite=True)
+    assert Moments.load(tmp_path / "m2").map_power[0] is not None
+    path = tmp_path / "m0"
+    (path / "NOTES.txt").write_text("my notes")
+    (path / "plots").mkdir()
+    (path / "plots" / "fig.png").write_bytes(b"png")
+    (path / "scatter" / "mine.txt").write_text("inside an array")
+    before = sorted((p.relative_to(path).as_posix(), p.read_bytes() if p.is_file() else b"")
+                    for p in path.rglob("*"))
+    with pytest.raises(FileExistsError, match=r"m0 holds what chunkcca did not write \(NOTES\.txt, plots, "
+                                              r"scatter/mine\.txt …\); an overwrite replaces only Moments"):
+        _moments_of(rng.standard_normal((10, 2))).save(path, overwrite=True)
+    assert sorted((p.relative_to(path).as_posix(), p.read_bytes() if p.is_file() else b"")
+                  for p in path.rglob("*")) == before
+    import zarr
+
+    zarr.create_array(tmp_path / "m1" / "mine", shape=(2,), dtype="f8")  # a zarr array of the user's
+    with pytest.raises(FileExistsError, match=r"m1 holds what chunkcca did not write \(mine\)"):
+        _moments_of(rng.standard_normal((10, 2))).save(tmp_path / "m1", overwrite=True)
