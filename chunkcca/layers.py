@@ -621,6 +621,10 @@ def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), whe
             raise ValueError(f"layer path {path!r} is given twice ({seen[path]!r} and {name!r})")
         seen[path] = name
     place = f" in {where}" if where else ""
+    if paths and layer_name("") in existing:  # a layer at the store's root (a plain zarr store of one layer)
+        raise ValueError(f"{where or 'the store'} is one layer at its root ('/'), which would hold layer "
+                         f"{paths[0]!r}: a layer cannot hold another; write its layer and the new ones to a new "
+                         f"store, e.g. write_activations(path, {{'first': tree['/'], {paths[0]!r}: ...}})")
     for path in paths:
         if path in existing:
             raise ValueError(f"{where or 'the store'} already holds layer {path}; adding leaves every existing layer "

@@ -198,7 +198,10 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         with a ``mask`` coordinate carries its own.
     mode
         "w" (default): a new store (see ``overwrite``); "a": add the layers to the existing store at
-        ``path``, after its own, without touching them (a layer path it already holds is an error).
+        ``path``, after its own, without touching them (a layer path it already holds is an error, as is a
+        store of one layer at its root, which would hold them). A store with consolidated metadata (plain
+        xarray's default) loses it, as it would list the members without the new layers: readers list the
+        store, as they do chunkcca's.
     chunks
         Datapoints per zarr chunk, or "auto" for about 16 MiB per chunk. Only datapoint is chunked.
     image_size
@@ -518,7 +521,9 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     """Record the layers' order, the image size, (for a new store) its generation, and for each layer but those
     ``kept`` (an append's store's own, which keep theirs as written) its arrays' metadata digests
     (``METADATA_ATTR``) and chunk checksums (``CHUNKS_ATTR``) in the store's root metadata, replacing the file in
-    one step. One listing of the store serves both."""
+    one step. One listing of the store serves both. Consolidated metadata (a store plain xarray or
+    ``zarr.consolidate_metadata`` wrote) would list the members without the layers added: it is dropped, and
+    readers list the store, as they do chunkcca's own."""
     metadata_path = store / "zarr.json"
     metadata = json.loads(metadata_path.read_text())
     attributes = metadata.setdefault("attributes", {})
@@ -551,6 +556,7 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
     if image is not None:
         attributes[IMAGE_ATTR] = [int(image[0]), int(image[1])]
     attributes.pop(APPENDING_ATTR, None)
+    metadata.pop("consolidated_metadata", None)  # a listing of the members (xarray's default) left without new layers
     _replace_root_metadata(store, metadata)
 
 

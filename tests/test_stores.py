@@ -242,6 +242,36 @@ def test_a_layer_at_the_root_of_a_plain_zarr_store_is_named_slash(tmp_path, caps
         open_activations(tmp_path / "plain.zarr")
 
 
+def test_an_append_to_a_plain_zarr_store_keeps_it_whole_for_every_reader(tmp_path):
+    """A store xarray wrote with its default consolidated metadata: the append left the root's listing of members
+    without the new layer, so xarray and zarr no longer saw it (found by audit); now the stale listing is dropped.
+    A store of one layer at its root took a second, which the root layer then held: refused, naming both."""
+    import zarr
+
+    x = np.random.default_rng(3).standard_normal((30, 4)).astype("float32")
+    dims = ("datapoint", "channel")
+    xr.DataTree.from_dict({"m0/c": xr.Dataset({"activations": (dims, x)})}).to_zarr(tmp_path / "c.zarr",
+                                                                                     zarr_format=3)
+    assert "consolidated_metadata" in json.loads((tmp_path / "c.zarr" / "zarr.json").read_text())
+    before = (tmp_path / "c.zarr" / "m0" / "c" / "activations" / "c" / "0" / "0").read_bytes()
+    write_activations(tmp_path / "c.zarr", {"m1/c": x * 2}, mode="a")
+    assert layer_paths(open_activations(tmp_path / "c.zarr")) == ["m0/c", "m1/c"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # xarray: not consolidated, as chunkcca's stores are not
+        assert sorted(node.path for node in xr.open_datatree(tmp_path / "c.zarr", engine="zarr").leaves) == [
+            "/m0/c", "/m1/c"]
+        with xr.open_zarr(tmp_path / "c.zarr", group="m1/c") as added:
+            np.testing.assert_array_equal(added["activations"].values, x * 2)
+    assert "m1/c/activations" in dict(zarr.open_group(tmp_path / "c.zarr", mode="r").members(max_depth=None))
+    assert (tmp_path / "c.zarr" / "m0" / "c" / "activations" / "c" / "0" / "0").read_bytes() == before
+    xr.Dataset({"activations": (dims, x)}).to_zarr(tmp_path / "root.zarr", zarr_format=3, consolidated=False)
+    listing = sorted(path.relative_to(tmp_path).as_posix() for path in (tmp_path / "root.zarr").rglob("*"))
+    with pytest.raises(ValueError, match=r"root\.zarr is one layer at its root \('/'\), which would hold layer 'b': "
+                                         r"a layer cannot hold another"):
+        write_activations(tmp_path / "root.zarr", {"b": x}, mode="a")
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in (tmp_path / "root.zarr").rglob("*")) == listing
+
+
 def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
     a = rng.standard_normal((12, 3, 3, 4)).astype(np.float32)
     write_activations(tmp_path / "s.zarr", {"m0/conv": a}, chunks=5)
