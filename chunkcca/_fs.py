@@ -309,6 +309,10 @@ def check_replaceable(path: Path, overwrite: bool, replaceable: Callable[[Path],
     if replaceable is not None and not replaceable(path):
         raise FileExistsError(f"{path} exists and is not {what} chunkcca wrote; overwrite=True replaces only "
                               f"that, never anything else: choose another path")
+    if path.is_dir() and not os.access(path, os.W_OK):  # moving a folder aside rewrites its own entry ('..')
+        raise PermissionError(f"{path} cannot be replaced: the folder itself cannot be written to (made read-only "
+                              f"to keep it, or no permission); make it writable (chmod u+w) to replace it, or choose "
+                              f"another path")
 
 
 def rename_no_replace(source: Path, target: Path) -> None:

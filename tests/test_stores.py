@@ -272,6 +272,41 @@ def test_an_append_to_a_plain_zarr_store_keeps_it_whole_for_every_reader(tmp_pat
     assert sorted(path.relative_to(tmp_path).as_posix() for path in (tmp_path / "root.zarr").rglob("*")) == listing
 
 
+def test_a_read_only_store_saved_moments_or_result_is_refused_before_an_overwrite_works(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A folder made read-only (its parent writable) cannot be moved aside: the overwrite built the whole new store,
+    then failed naming a temporary path (found by audit). Now refused before any chunk is computed. (os.access is
+    patched: as root, permission bits refuse nothing.)"""
+    x = np.random.default_rng(5).standard_normal((40, 3)).astype("float32")
+    tree = write_activations(tmp_path / "s.zarr", {"a": x, "b": x[:, :2]}, chunks=10)
+    moments = chunkcca.compute_moments(tree["a"], tree["b"])
+    moments.save(tmp_path / "m.moments")
+    chunkcca.save_result(cca(tree["a"], tree["b"]), tmp_path / "r.zarr")
+    np.save(tmp_path / "a.npy", x)
+    computed: list[int] = []
+
+    def counted(block: np.ndarray) -> np.ndarray:
+        computed.append(len(block))
+        return block
+
+    layer = da.from_array(x, chunks=(10, 3)).map_blocks(counted, meta=x[:0])
+    read_only = {str(tmp_path / name) for name in ("s.zarr", "m.moments", "r.zarr")}
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (os.path.abspath(path) in read_only and mode & os.W_OK)
+                        and real(path, mode))
+    for write, name in ((lambda: write_activations(tmp_path / "s.zarr", {"a": layer}, overwrite=True), "s.zarr"),
+                        (lambda: moments.save(tmp_path / "m.moments", overwrite=True), "m.moments"),
+                        (lambda: chunkcca.save_result(cca(x, x), tmp_path / "r.zarr", overwrite=True), "r.zarr")):
+        with pytest.raises(PermissionError, match=rf"^{re.escape(str(tmp_path / name))} cannot be replaced: the "
+                                                  rf"folder itself cannot be written to"):
+            write()
+    assert computed == [] and sorted(path.name for path in tmp_path.iterdir()) == [
+        "a.npy", "m.moments", "r.zarr", "s.zarr"]
+    capsys.readouterr()
+    assert main(["ingest", str(tmp_path / "s.zarr"), f"a={tmp_path / 'a.npy'}", "--overwrite"]) == 2
+    assert "s.zarr cannot be replaced: the folder itself cannot be written to" in capsys.readouterr().err
+
+
 def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
     a = rng.standard_normal((12, 3, 3, 4)).astype(np.float32)
     write_activations(tmp_path / "s.zarr", {"m0/conv": a}, chunks=5)
