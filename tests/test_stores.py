@@ -307,6 +307,31 @@ def test_a_read_only_store_saved_moments_or_result_is_refused_before_an_overwrit
     assert "s.zarr cannot be replaced: the folder itself cannot be written to" in capsys.readouterr().err
 
 
+def test_a_store_or_moments_named_dot_from_inside_is_written_beside_not_inside(tmp_path, monkeypatch):
+    """``write_activations(".", overwrite=True)`` from inside a store built its temporary copy inside the store it
+    replaced and failed naming it; ``mode="a"`` likewise, and ``Moments.save(".")`` met EBUSY (found by audit).
+    A path ending in . or .. is taken as the folder it names."""
+    x = np.random.default_rng(6).standard_normal((30, 3)).astype("float32")
+    write_activations(tmp_path / "s.zarr", {"a": x})
+    monkeypatch.chdir(tmp_path / "s.zarr")
+    write_activations(".", {"b": x}, mode="a")
+    monkeypatch.chdir(tmp_path / "s.zarr" / "a")
+    write_activations("..", {"c": x}, mode="a")
+    assert layer_paths(open_activations(tmp_path / "s.zarr")) == ["a", "b", "c"]
+    monkeypatch.chdir(tmp_path / "s.zarr")
+    write_activations(".", {"a": x * 2}, overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    replaced = open_activations(tmp_path / "s.zarr")
+    assert layer_paths(replaced) == ["a"]
+    np.testing.assert_array_equal(replaced["a"]["activations"].values, x * 2)
+    chunkcca.compute_moments(x, x).save(tmp_path / "m.moments")
+    monkeypatch.chdir(tmp_path / "m.moments")
+    tripled = chunkcca.compute_moments(x * 3, x)
+    tripled.save(".", overwrite=True)
+    np.testing.assert_array_equal(Moments.load(tmp_path / "m.moments").scatter, tripled.scatter)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.moments", "s.zarr"]
+
+
 def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
     a = rng.standard_normal((12, 3, 3, 4)).astype(np.float32)
     write_activations(tmp_path / "s.zarr", {"m0/conv": a}, chunks=5)
