@@ -180,22 +180,35 @@ def fails_checksum(error: BaseException) -> bool:
 def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
     """A fresh hidden folder beside ``path`` (so renames from it are atomic), naming its writer, removed afterwards.
 
-    Stale folders that killed writes of ``path`` left are removed first.
+    Stale folders that killed writes of ``path`` left are removed first. Missing folders on the way to ``path``
+    are made (as xarray's ``to_zarr`` makes them), and removed again, if still empty, when the write fails.
     """
     path = Path(path)
+    made, folder = [], path.parent  # the missing folders, innermost first
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{path} cannot be written: {folder} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for folder, stale in leftovers(path):
-        if stale:
-            shutil.rmtree(folder, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        (tmp / OWNER).write_text(json.dumps(owner_record()))
-        yield tmp
+        for folder, stale in leftovers(path):
+            if stale:
+                shutil.rmtree(folder, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            (tmp / OWNER).write_text(json.dumps(owner_record()))
+            yield tmp
+        except BaseException:
+            _remove(tmp, settle=SETTLE_SECONDS)
+            raise
+        else:
+            _remove(tmp)
     except BaseException:
-        _remove(tmp, settle=SETTLE_SECONDS)
+        for folder in made:
+            with contextlib.suppress(OSError):  # one holding anything (another writer's) stays
+                folder.rmdir()
         raise
-    else:
-        _remove(tmp)
 
 
 #: How long a write cut short (Ctrl-C, SIGTERM, an error) waits for its folder to stay removed: the threads of

@@ -182,7 +182,8 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     Parameters
     ----------
     path
-        A local folder (the folders on the way to it are made, as ``xarray.Dataset.to_zarr`` makes them).
+        A local folder (the folders on the way to it are made, as ``xarray.Dataset.to_zarr`` makes them, and
+        removed again if the write fails).
     layers
         Layer path (e.g. ``"model0/conv2"``) → numpy array, Dask array or DataArray of dims
         (datapoint, *positions, channel): (datapoint, channel), (datapoint, token, channel),

@@ -332,6 +332,30 @@ def test_a_store_or_moments_named_dot_from_inside_is_written_beside_not_inside(t
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.moments", "s.zarr"]
 
 
+def test_a_failed_write_removes_the_folders_it_made_on_the_way(tmp_path):
+    """A write makes missing folders on the way to its store, as xarray's to_zarr does; a failed one left them
+    behind (found by audit). A file on the way was a bare "[Errno 17] File exists"."""
+    x = np.random.default_rng(7).standard_normal((40, 3)).astype("float32")
+
+    def failing(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        if block_info is not None and block_info[0]["chunk-location"][0] == 2:
+            raise RuntimeError("the loader failed on chunk 3")
+        return block
+
+    layer = da.from_array(x, chunks=(10, 3)).map_blocks(failing, meta=x[:0])
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="the loader failed on chunk 3"):
+        write_activations(tmp_path / "runs" / "2024" / "exp1" / "acts.zarr", {"x": layer}, chunks=10)
+    assert [path.relative_to(tmp_path).as_posix() for path in sorted(tmp_path.rglob("*"))] == [
+        "runs", "runs/notes.txt"]
+    write_activations(tmp_path / "runs" / "2024" / "exp1" / "acts.zarr", {"x": x}, chunks=10)  # made, and kept
+    assert layer_paths(open_activations(tmp_path / "runs" / "2024" / "exp1" / "acts.zarr")) == ["x"]
+    with pytest.raises(NotADirectoryError, match=r"notes\.txt/s\.zarr cannot be written: .*runs/notes\.txt is a "
+                                                 r"file, not a folder"):
+        write_activations(tmp_path / "runs" / "notes.txt" / "s.zarr", {"x": x})
+
+
 def test_stores_open_from_fsspec_urls(tmp_path, rng, monkeypatch):
     a = rng.standard_normal((12, 3, 3, 4)).astype(np.float32)
     write_activations(tmp_path / "s.zarr", {"m0/conv": a}, chunks=5)
