@@ -262,10 +262,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *
     check_replaceable(path, overwrite, replaceable, what)
     written = False
     try:
-        with temporary_beside(path) as tmp:
+        with naming_target(path, what), temporary_beside(path) as tmp:  # a full disk: named from the first folder
             target = tmp / "data"
-            with naming_target(path, what):
-                write(target)
+            write(target)
             with exclusive(lock) if lock is not None else contextlib.nullcontext():
                 if not overwrite:
                     rename_no_replace(target, path)
@@ -300,17 +299,25 @@ WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 @contextlib.contextmanager
 def naming_target(path: str | os.PathLike, what: str) -> Iterator[None]:
-    """Name ``path`` (``what`` is written there) in an OS error of the block that only a write gives and that
-    names no file: a full disk said "[Errno 28] No space left on device". Any other error (an input that could
-    not be read, named or not) passes as is."""
+    """Name ``path`` (``what`` is written there) in an OS error of the block that only a write gives (a full
+    disk, a quota, a read-only file system): it named no file ("[Errno 28] No space left on device") or one in the
+    write's temporary folder, or a part written inside it (ingest's). Any other error (an input that could not
+    be read, named or not) passes as is."""
     try:
         yield
     except OSError as error:
-        if error.errno not in WRITE_ERRORS or error.filename is not None or str(path) in str(error):
+        if error.errno not in WRITE_ERRORS:
             raise
-        failed = type(error)(f"writing {what} {path} failed: {error.strerror or error}")
-        failed.errno = error.errno
-        raise failed from error
+        cause = error.__cause__ if isinstance(error, NamedWriteError) else error  # an inner write's: the OS's own
+        failed = NamedWriteError(error.errno, f"writing {what} {path} failed: {cause.strerror or cause}")
+        raise failed from cause
+
+
+class NamedWriteError(OSError):
+    """A write error (``WRITE_ERRORS``) naming what was being written, not a temporary path."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def check_replaceable(path: Path, overwrite: bool, replaceable: Callable[[Path], bool] | None, what: str) -> None:

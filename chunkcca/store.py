@@ -442,7 +442,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     _, stored, generation = _existing_order(path)
     check_store_coords(path, coords or {})
     store = Path(path)
-    with temporary_beside(store) as tmp, naming_target(store, "layers into the activation store"):
+    with naming_target(store, "layers into the activation store"), temporary_beside(store) as tmp:
         names, image = build(tmp / "data", stored)
         _set_root_attrs(tmp / "data", names, image)
         open_activations(tmp / "data")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -765,6 +766,36 @@ def test_a_full_disk_names_the_path_and_a_symlink_is_named_as_such(tmp_path):
                                               r"replaces one"):
         write_activations(tmp_path / "link.zarr", {"a": np.zeros((10, 2))}, overwrite=True)
     assert open_activations(store)["a"]["activations"].shape == (400, 4)
+
+
+def test_a_full_disk_names_the_path_written_not_a_temporary_one(tmp_path, monkeypatch):
+    """A disk full before the temporary folder or its owner file was made said a bare "No space left on device";
+    a write nested in another's temporary folder (ingest's parts) named the part there, a path already gone
+    (found by audit). Both now name the path the user gave."""
+    import errno
+    import tempfile
+
+    from chunkcca._fs import write_atomically
+
+    def inner(target: Path) -> None:  # a part written inside the outer write's temporary folder, then the disk full
+        def full(part: Path) -> None:
+            part.mkdir()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(part / "c" / "0"))
+
+        write_atomically(target.parent / ".parts", full, overwrite=False, what="an activation store")
+
+    with pytest.raises(OSError, match=rf"^writing an activation store {re.escape(str(tmp_path / 's.zarr'))} failed: "
+                                      rf"No space left on device$") as raised:
+        write_atomically(tmp_path / "s.zarr", inner, overwrite=False, what="an activation store")
+    assert raised.value.errno == errno.ENOSPC and not any(tmp_path.iterdir())
+
+    def no_folder(*args: object, **kwargs: object) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".r.nc.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_folder)
+    with pytest.raises(OSError, match=rf"^writing a netCDF result {re.escape(str(tmp_path / 'r.nc'))} failed: No "
+                                      rf"space left on device$"):
+        chunkcca.save_result(chunkcca.cca(np.eye(6, 2), np.eye(6, 3)[::-1]), tmp_path / "r.nc")
 
 
 def test_a_label_chunk_that_fails_its_checksum_is_named(tmp_path):
