@@ -33,11 +33,14 @@ def is_url(location: str) -> bool:
 def expanded(path: str | os.PathLike) -> str:
     """``path`` as a str, a leading ``~`` or ``~user`` expanded to the home folder, as xarray opens and writes
     stores (Python's ``open`` and ``pathlib`` take it as a folder named ``~``; a URL, which starts with its
-    protocol, is as given). A local path ending in ``.`` or ``..`` (``"."``, ``"x/.."``) is made absolute: it names
-    a folder by no name of its own, so what is written beside it (a temporary copy) went inside it."""
+    protocol, is as given; an empty one is a ValueError). A local path ending in ``.`` or ``..`` (``"."``,
+    ``"x/.."``) is made absolute: it names a folder by no name of its own, so what is written beside it (a
+    temporary copy) went inside it."""
     location = os.fspath(path)
     if not isinstance(location, str):
         raise TypeError(f"a path is a str or os.PathLike of str, got {type(location).__name__} ({location!r})")
+    if not location:  # read as the current folder by some, as a file by others
+        raise ValueError("a path is empty: name a file or folder ('.' for the current folder)")
     location = os.path.expanduser(location)
     if not is_url(location) and os.path.basename(os.path.normpath(location)) in (".", ".."):
         return os.path.abspath(location)

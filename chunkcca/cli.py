@@ -171,7 +171,7 @@ def _storage_options(text: str) -> dict[str, Any]:
 
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", type=expanded, help=STORE_HELP)
+    parser.add_argument("store", type=_path, help=STORE_HELP)
     parser.add_argument("--storage-options", type=_storage_options, default=None,
                         help="for a store given by URL: its fsspec filesystem's options as JSON "
                              "(credentials, endpoint), e.g. '{\"anon\": true}'")
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Write a synthetic two-model store and run streamed CCAs over it.")
     demo.add_argument("--datapoints", type=_positive_int, default=2000, help="datapoints per layer (default 2000)")
     demo.add_argument("--chunk", type=_positive_int, default=250, help="datapoints per chunk (default 250)")
-    demo.add_argument("--out", type=expanded, default="chunkcca-demo", help="output folder (default ./chunkcca-demo)")
+    demo.add_argument("--out", type=_path, default="chunkcca-demo", help="output folder (default ./chunkcca-demo)")
     demo.add_argument("--seed", type=lambda text: _positive_int(text, 0), default=0,
                       help="random seed, an integer >= 0 (default 0)")
     demo.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", help="write .npy/.npz files or google/svcca pickles into a store",
                                  description="Write arrays from files into a zarr activation store. Pickles are "
                                              "read with an unpickler that admits numpy arrays only.")
-    ingest.add_argument("store", type=expanded, help="the store to write (a folder)")
+    ingest.add_argument("store", type=_path, help="the store to write (a folder)")
     ingest.add_argument("layers", nargs="+", metavar="LAYER=FILE",
                         help="layer path and file, e.g. model0/fc=model_0_lay06.p (a .npz gives LAYER/<name>)")
     ingest.add_argument("--layout", choices=LAYOUTS,
@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--coord", action="append", default=[], metavar="NAME=FILE",
                         help="a coordinate on datapoint for every layer written, one number or string per "
                              "datapoint from a .npy file (e.g. label=labels.npy, for --groupby label); repeat for more")
-    ingest.add_argument("--datapoints", type=expanded, metavar="FILE",
+    ingest.add_argument("--datapoints", type=_path, metavar="FILE",
                         help="the datapoint labels of every layer written, one number or string per datapoint from "
                              "a .npy file (e.g. each input's index in its dataset), so that they pair by label with "
                              "recorded layers; without it the layers pair by position only")
@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_argument(compare)
     compare.add_argument("layer_a")
     compare.add_argument("layer_b", help="a layer of the store, or of --b-store")
-    compare.add_argument("--b-store", type=expanded,
+    compare.add_argument("--b-store", type=_path,
                          help="take layer_b from this store (e.g. another model's recording)")
     _add_shared_option(compare)
     compare.add_argument("--measure", "--measures", dest="measure", nargs="+", action=_Gathered, default=["mean_cca"],
@@ -485,13 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "height/width coordinates (coords, the default) or google/"
                                                        "svcca's tutorial grid (svcca)")
     _add_minibatch_option(compare)
-    compare.add_argument("--checkpoint", type=expanded,
+    compare.add_argument("--checkpoint", type=_path,
                          help="save the running statistics to this path as the run goes; "
                          "running the same comparison again resumes from it (with --precision auto, in float64)")
     compare.add_argument("--checkpoint-every", type=_positive_int,
                          help="datapoint chunks between checkpoints (default 16)")
     compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    compare.add_argument("--plot", type=expanded,
+    compare.add_argument("--plot", type=_path,
                          help="save the canonical correlation curves (CCA-family measures) to this image "
                          "(.png, .svg, .pdf …: by its extension)")
     compare.add_argument("--overwrite", action="store_true",
@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--a", required=True, nargs="+", action=_Gathered,
                        help="layers or groups (e.g. model0) on the first axis")
     sweep.add_argument("--b", required=True, nargs="+", action=_Gathered, help="layers or groups on the second axis")
-    sweep.add_argument("--b-store", type=expanded,
+    sweep.add_argument("--b-store", type=_path,
                        help="take the --b layers from this store (e.g. another model's recording)")
     _add_shared_option(sweep)
     sweep.add_argument("--measures", "--measure", dest="measures", nargs="+", action=_Gathered,
@@ -514,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group_options(sweep)
     _streaming_options(sweep, spatial=SWEEP_SPATIAL)  # flatten needs one spatial size for all layers
     _add_minibatch_option(sweep)
-    sweep.add_argument("--out", type=expanded, default="sweep.nc",
+    sweep.add_argument("--out", type=_path, default="sweep.nc",
                        help="results file: .nc (netCDF) or .zarr (default sweep.nc)")
-    sweep.add_argument("--plot", type=expanded,
+    sweep.add_argument("--plot", type=_path,
                        help="heatmap of one measure (--plot-measure, default the first of --measures) "
                        "as an image (.png, .svg, .pdf …: by its extension)")
     sweep.add_argument("--plot-measure", metavar="MEASURE", help="the measure --plot draws, one of --measures")
@@ -686,6 +686,15 @@ def _run_compare(args: argparse.Namespace) -> None:
             print(f"plot: {args.plot}")
     if left_out:  # once all is done and written: a failure is its one line
         NOTICES.info(left_out)  # on stderr, which --json leaves to it
+
+
+def _path(text: str) -> str:
+    """A path given to the command, ``~`` expanded (bash leaves ``--out=~/x`` as it is); an empty one refused in
+    the flag's words."""
+    try:
+        return expanded(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _flag(option: str) -> str:

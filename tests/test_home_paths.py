@@ -1,5 +1,6 @@
 """Paths beginning with ``~``: every path chunkcca takes is the home folder's, as xarray opens and writes stores, and
-never a folder named ``~`` in the working folder (Python's ``open`` and ``pathlib`` take ``~`` literally)."""
+never a folder named ``~`` in the working folder (Python's ``open`` and ``pathlib`` take ``~`` literally). An
+empty path is refused."""
 
 from __future__ import annotations
 
@@ -101,6 +102,27 @@ def test_a_path_of_bytes_is_refused_naming_its_type():
 
     with pytest.raises(TypeError, match=r"a path is a str or os\.PathLike of str, got bytes"):
         expanded(b"~/acts.zarr")
+
+
+def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch, capsys):
+    """``demo --out ''`` wrote into the working folder, ``compare --plot ''`` drew nothing and exited 0, and
+    ``ingest ''`` said " is where a.npy is read from" (found by audit)."""
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(8).standard_normal((20, 3)).astype("float32")
+    chunkcca.write_activations("s.zarr", {"a": x, "b": x[:, :2]})
+    np.save("a.npy", x)
+    for argv in (["demo", "--out", "", "--datapoints", "64"], ["ingest", "", "a=a.npy"],
+                 ["compare", "s.zarr", "a", "b", "--plot", ""], ["sweep", "s.zarr", "--out", ""], ["info", ""]):
+        with pytest.raises(SystemExit) as exit_info:  # argparse's errors (usage), one line too
+            main(argv)
+        assert exit_info.value.code == 2
+        flag = "store" if argv[1] == "" else argv[argv.index("") - 1]
+        assert capsys.readouterr().err.startswith(f"chunkcca {argv[0]}: error: argument {flag}: a path is empty")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.npy", "s.zarr"]
+    for call in (lambda: chunkcca.open_activations(""), lambda: chunkcca.write_activations("", {"a": x}),
+                 lambda: chunkcca.save_result(chunkcca.cka(x, x), ""), lambda: chunkcca.Moments.load("")):
+        with pytest.raises(ValueError, match=r"^a path is empty: name a file or folder"):
+            call()
 
 
 def test_demo_and_record_write_under_home(home, capsys):
