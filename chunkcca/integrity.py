@@ -16,14 +16,14 @@ from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import google_crc32c
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from ._fs import json_digest
+from ._fs import chunk_keys, json_digest
 from ._stack import user_stacklevel
 from .options import MASK, VARIABLE, layer_name
 
@@ -215,60 +215,6 @@ def check_metadata(listing: Listing, attributes: Mapping[str, Any], location: st
                               f"{'are' if len(edited) > 1 else 'is'} not what chunkcca wrote: read as it is it "
                               f"would give other numbers; if you did not edit it, the store is damaged: write it "
                               f"again")
-
-
-#: What macOS's Finder leaves in every folder it shows (its view settings, AppleDouble files): not a user's.
-FINDER_FILES = (".DS_Store", "._")
-
-
-def group_foreign_files(path: Path, ours: Callable[[str], bool], most: int = 3) -> list[str]:
-    """Up to ``most`` things in the flat zarr group at ``path`` (a saved result, saved Moments) that chunkcca did
-    not write, as paths within it: anything but its metadata and the arrays that ``ours`` names, each holding
-    its metadata and the chunk files its grid names (a user's notes or plots put inside it)."""
-    found: list[str] = []
-    for name in sorted(os.listdir(path)):
-        if name == "zarr.json" or name.startswith(FINDER_FILES):
-            continue
-        if not ours(name) or not (path / name).is_dir() or array_foreign(path / name, path, found):
-            found.append(name)
-    return found[:most]
-
-
-def array_foreign(folder: Path, store: Path, found: list[str]) -> bool:
-    """Whether ``folder``, inside a layer of ``store``, is not an array; what an array holds besides its metadata
-    and the chunk files its grid names goes to ``found``, as paths within ``store``. A folder whose metadata cannot
-    be parsed is taken for a damaged array of chunkcca's, which an overwrite repairs."""
-    try:
-        metadata = json.loads((folder / "zarr.json").read_text())
-    except OSError:
-        return True
-    except ValueError:
-        return False
-    if metadata.get("node_type") != "array":
-        return True
-    held = set()
-    for root, dirs, names in os.walk(folder):
-        within = Path(root).relative_to(folder)
-        held |= {(within / name).as_posix() for name in names}
-        held |= {(within / name).as_posix() + "/" for name in dirs if not os.listdir(Path(root, name))}  # empty
-    found += [f"{folder.relative_to(store).as_posix()}/{name}" for name in
-              sorted(held - set(chunk_keys(metadata).values()) - {"zarr.json"})
-              if not Path(name).name.startswith(FINDER_FILES)]
-    return False
-
-
-def chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
-    """Every stored object's key (chunk, or shard) of a zarr v3 array, by its grid index, from its metadata."""
-    shape = metadata["shape"]
-    chunk_shape = metadata["chunk_grid"]["configuration"]["chunk_shape"]
-    encoding = metadata.get("chunk_key_encoding", {"name": "default"})
-    separator = encoding.get("configuration", {}).get("separator", "/" if encoding["name"] == "default" else ".")
-    grid = [-(-size // chunk) for size, chunk in zip(shape, chunk_shape)]
-    keys = {}
-    for index in np.ndindex(*grid):
-        parts = separator.join(map(str, index))
-        keys[index] = (f"c{separator}{parts}" if parts else "c") if encoding["name"] == "default" else (parts or "0")
-    return keys
 
 
 def lost_chunks(metadata: dict[str, Any], present: set[str]) -> dict[tuple[int, ...], str]:

@@ -40,9 +40,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import xarray as xr
 
-from ._fs import expanded, fails_checksum, json_digest, write_atomically, zarr_attributes
+from ._fs import expanded, fails_checksum, group_foreign_files, json_digest, write_atomically, zarr_attributes
 from ._stack import user_stacklevel
-from .integrity import group_foreign_files
 from .options import PRECISIONS, ProductPrecision, check_flag, check_moments_path
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).

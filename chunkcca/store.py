@@ -27,7 +27,9 @@ import xarray as xr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ._fs import (
+    FINDER_FILES,
     ORDER_ATTR,
+    array_foreign,
     check_local,
     check_outside_stores,
     check_replaceable,
@@ -36,6 +38,7 @@ from ._fs import (
     expanded,
     fails_checksum,
     filesystem,
+    group_foreign_files,
     is_stale,
     is_url,
     leftovers,
@@ -50,11 +53,9 @@ from ._stack import user_stacklevel
 from .integrity import (
     CHUNKS_ATTR,
     DECODING_ATTR,
-    FINDER_FILES,
     LOST_CHUNKS,
     METADATA_ATTR,
     Listing,
-    array_foreign,
     check_chunks,
     check_label_places,
     check_metadata,
@@ -65,7 +66,6 @@ from .integrity import (
     chunk_records,
     decoded_by,
     file_sizes,
-    group_foreign_files,
     lost_chunks,
     metadata_digests,
 )
