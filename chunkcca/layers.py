@@ -227,9 +227,14 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         labels = array.indexes.get(dim)
         if labels is not None and not labels.is_unique:
             repeated = labels[labels.duplicated()].unique()[:5].tolist()
+            positions = dim == "datapoint" and holds_positions(array)  # two unlabelled layers joined (xr.concat)
             raise ValueError(f"layer {name!r} has repeated {dim} labels, e.g. {repeated}"
                              + ("; give each channel its own label, or drop them: layer.drop_vars('channel')"
-                                if dim == "channel" else ""))
+                                if dim == "channel" else "")
+                             + ("; these are not labels but each datapoint's position in a store written without "
+                                "labels, so layers of two such stores joined repeat them: drop them to pair by "
+                                "position (layer.drop_vars('datapoint')), or write the stores with labels (coords=)"
+                                if positions else ""))
     if array.chunks is None:  # numpy, or a lazily indexed backend array: chunk it without reading it
         preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
         per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(

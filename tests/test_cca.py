@@ -449,6 +449,25 @@ def test_an_unnamed_dask_backed_data_array_takes_the_default_name():
         assert cca(xr.DataArray(keyed, dims=("datapoint", "channel")), b).attrs["layer_a"] == "a"
 
 
+def test_unlabelled_layers_of_two_stores_joined_are_told_to_drop_their_positions(tmp_path):
+    """Layers of two stores written without labels, joined with xr.concat, repeat the positions the stores gave
+    them (0, 1, …): refused as repeated labels, which they are not (found by audit); the message says so and how
+    to pair them by position."""
+    x = np.random.default_rng(32).standard_normal((30, 3))
+    halves = [chunkcca.write_activations(tmp_path / f"{name}.zarr", {"fc": x * scale})["fc"]["activations"]
+              for name, scale in (("first", 1), ("second", 2))]
+    joined = xr.concat(halves, "datapoint")
+    with pytest.raises(ValueError, match=r"layer 'fc' has repeated datapoint labels, e.g. \[0, 1, 2, 3, 4\]; these are "
+                                         r"not labels but each datapoint's position in a store written without "
+                                         r"labels.*layer\.drop_vars\('datapoint'\)"):
+        chunkcca.cka(joined, joined)
+    by_position = joined.drop_vars("datapoint")
+    assert chunkcca.cka(by_position, by_position + 1.0)["cka"] == pytest.approx(1.0, abs=1e-12)
+    labelled = xr.DataArray(x, dims=("datapoint", "channel"), coords={"datapoint": np.r_[np.arange(29), 0]})
+    with pytest.raises(ValueError, match=r"repeated datapoint labels, e.g. \[0\]$"):  # labels someone gave
+        chunkcca.cka(labelled, labelled)
+
+
 def test_a_layer_derived_from_a_store_takes_the_default_name_not_activations(tmp_path):
     """A store's layer is named by the path its encoding keeps; ``.astype`` and ``.where`` drop the encoding, and
     errors and results then named the layer 'activations', the variable every layer of a store has."""
