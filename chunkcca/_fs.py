@@ -306,15 +306,26 @@ def naming_target(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Name ``path`` (``what`` is written there) in an OS error of the block that only a write gives (a full
     disk, a quota, a read-only file system): it named no file ("[Errno 28] No space left on device") or one in the
     write's temporary folder, or a part written inside it (ingest's). Any other error (an input that could not
-    be read, named or not) passes as is."""
+    be read, named or not, a full disk elsewhere, e.g. where Dask spills) passes as is."""
     try:
         yield
     except OSError as error:
-        if error.errno not in WRITE_ERRORS:
+        if error.errno not in WRITE_ERRORS or (not isinstance(error, NamedWriteError) and error.filename is not None
+                                               and not _in_temporary(error.filename, path)):
             raise
         cause = error.__cause__ if isinstance(error, NamedWriteError) else error  # an inner write's: the OS's own
         failed = NamedWriteError(error.errno, f"writing {what} {path} failed: {cause.strerror or cause}")
         raise failed from cause
+
+
+def _in_temporary(filename: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``filename`` lies in a temporary folder beside ``path`` (``temporary_beside``)."""
+    try:
+        relative = Path(os.path.abspath(filename)).relative_to(Path(os.path.abspath(path)).parent)
+    except ValueError:
+        return False
+    first = relative.parts[0] if relative.parts else ""
+    return first.startswith(f".{Path(path).name}.") and first.endswith(".tmp")
 
 
 class NamedWriteError(OSError):

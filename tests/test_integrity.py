@@ -789,6 +789,12 @@ def test_a_full_disk_names_the_path_written_not_a_temporary_one(tmp_path, monkey
         write_atomically(tmp_path / "s.zarr", inner, overwrite=False, what="an activation store")
     assert raised.value.errno == errno.ENOSPC and not any(tmp_path.iterdir())
 
+    def spilled(target: Path) -> None:  # a disk full elsewhere (where Dask spills): named as the OS names it
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/scratch/dask-worker-space/spill/x")
+
+    with pytest.raises(OSError, match=r"^\[Errno 28\] No space left on device: '/scratch/dask-worker-space/"):
+        write_atomically(tmp_path / "s.zarr", spilled, overwrite=False, what="an activation store")
+
     def no_folder(*args: object, **kwargs: object) -> str:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".r.nc.x1y2.tmp"))
 
