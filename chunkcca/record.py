@@ -88,9 +88,13 @@ from .store import (
 
 def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
     """Store path → module, from module names (``"features.0"``) or modules themselves."""
+    import torch
+
     named = dict(model.named_modules())
-    if not isinstance(layers, Mapping):
-        # a layer given twice is refused (one was recorded, unsaid), as the store refuses it
+    # a layer given twice is refused (one was recorded, unsaid; also "a" and "a/" in a mapping), as the store does
+    if isinstance(layers, Mapping):
+        layers = dict(zip(check_layer_paths([str(path) for path in layers]), layers.values()))
+    else:
         layers = dict(zip(check_layer_paths([str(name).replace(".", "/") for name in layers]), layers))
     modules = {}
     for path, module in layers.items():
@@ -99,6 +103,10 @@ def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str,
                 raise ValueError(f"layer {path!r}: the model has no module {module!r}; it has "
                                  f"{', '.join(n for n in named if n) or 'none'}")
             module = named[module]
+        elif not isinstance(module, torch.nn.Module) or not any(module is own for own in named.values()):
+            what = "a module that is not the model's" if isinstance(module, torch.nn.Module) else repr(module)
+            raise ValueError(f"layer {path!r}: {what} is neither the name of one of the model's modules (a str, "
+                             f"e.g. {next((n for n in named if n), '0')!r}) nor one of its modules")
         if type(module).__name__ in ("RecursiveScriptModule", "ScriptModule", "TopLevelTracedModule",
                                      "TracedModule"):  # torch.jit's: they take no forward hooks
             raise ValueError(f"layer {path!r} is a TorchScript module, whose outputs PyTorch gives no hook: record "
@@ -475,7 +483,7 @@ def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int |
     ``told``, and what gives its datapoints first (xarray said "conflicting sizes for dimension 'datapoint'" when
     the store was opened). When neither tells the count, every layer is named: the most may be the ones misread."""
     counts = {layer: len(values) for layer, values in outputs.items()}
-    if len(set(counts.values())) < 2:
+    if len(set(counts.values())) < 2:  # a layer alone may fold the batch (words of sentences: not the batch's count)
         return
     listed = ", ".join(f"{layer!r} {count}" for layer, count in counts.items())
     known = datapoints if datapoints is not None else next((counts[layer] for layer in counts if layer in told), None)
@@ -598,7 +606,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     Parameters
     ----------
     model
-        A ``torch.nn.Module``; it is put in eval mode and run under ``torch.inference_mode()``, then each of its
+        A ``torch.nn.Module``; it is put in eval mode and run under ``torch.no_grad()`` (not inference mode,
+        whose tensors a lazy module's parameters made then would stay, unfit for training), then each of its
         modules is put back in the mode it was in.
     layers
         Module names (``["features.0", "classifier.1"]``, stored as ``features/0``…) or a mapping of store
@@ -680,19 +689,12 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             if layout is not None:
                 seen.add(tensor, layout, told)
 
-    # every module but TorchScript ones, which take no hooks (their insides are not seen: a layout after one is
-    # told by its own rule)
-    hooks = [hook for module in model.modules() if not isinstance(module, torch.jit.ScriptModule)
-             for hook in (module.register_forward_pre_hook(lambda module, args: seen.enter(module)),
-                          module.register_forward_hook(track, with_kwargs=True))]
     def capture(path: str, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         if path in captured:  # a module used twice (shared weights): which call is the layer?
             raise ValueError(f"layer {path!r} ran more than once in one forward pass; record one call: wrap it in a "
                              f"module of its own (e.g. nn.Identity() after it) and record that")
         captured[path] = _recorded(module, [*args, *kwargs.values()], out, path, output, given.get(path), seen)
 
-    hooks += [module.register_forward_hook(partial(capture, path), with_kwargs=True)
-              for path, module in modules.items()]
     count = {"datapoints": 0}
     image: dict[str, tuple[int, int]] = {}
 
@@ -701,10 +703,11 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         arrays: dict[str, Any] = {}
         writers: dict[str, _ChunkWriter] = {}
         rounded: dict[str, float] = {}  # layers whose values are rounded more coarsely than their dtype
+        unfit_masks: set[str] = set()  # layers recorded without a mask, their first batch's not fitting them
         modes = {module: module.training for module in model.modules()}  # each restored as it was (a frozen
         model.eval()  # BatchNorm in a model in training mode stays in eval mode)
         try:
-            with torch.inference_mode(), every_chunk_written():
+            with torch.no_grad(), every_chunk_written():
                 for batch in batches:
                     captured.clear()
                     seen.clear(_batch_datapoints(batch, collated))
@@ -744,6 +747,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                                 chunks=(per_chunk, *values.shape[1:]), compressors=compressors, dimension_names=dims)
                             writers[path] = _ChunkWriter(arrays[path], path)
                             if padding is not None and values.ndim == 3 and not masked:
+                                unfit_masks.add(path)
                                 warnings.warn(f"layer {path!r} has {values.shape[1]} positions and the batch's mask "
                                               f"{padding.shape[1]}: it is recorded without a mask, so its padded "
                                               f"positions count as real ones (spatial='avgpool', 'last' and "
@@ -753,6 +757,10 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                                     f"{path}/{MASK}", shape=(0, values.shape[1]), dtype=bool,
                                     chunks=(per_chunk, values.shape[1]), compressors=compressors,
                                     dimension_names=dims[:2]), path)
+                        elif masked and f"{path}/{MASK}" not in writers and path not in unfit_masks:
+                            raise ValueError(f"layer {path!r}: a batch with an attention mask of its "
+                                             f"{values.shape[1]} tokens, after batches without one, whose padded "
+                                             f"positions would count as real ones; give every batch its mask")
                         writers[path].add(values)
                         if f"{path}/{MASK}" in writers:
                             if not masked:
@@ -781,7 +789,16 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                               compressors, extra, positions=datapoints is None)
         return list(modules), extent
 
-    try:
+    hooks: list[Any] = []
+    try:  # every hook removed, also when one cannot be registered
+        # every module but TorchScript ones, which take no hooks (their insides are not seen: a layout after one is
+        # told by its own rule)
+        for module in model.modules():
+            if not isinstance(module, torch.jit.ScriptModule):
+                hooks.append(module.register_forward_pre_hook(lambda module, args: seen.enter(module)))
+                hooks.append(module.register_forward_hook(track, with_kwargs=True))
+        for layer, module in modules.items():
+            hooks.append(module.register_forward_hook(partial(capture, layer), with_kwargs=True))
         write_store(path, build, mode=mode, overwrite=overwrite, coords=labelled)
     finally:
         for hook in hooks:

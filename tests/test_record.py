@@ -1598,3 +1598,70 @@ def test_the_new_layout_rules_leave_alone_what_the_old_ones_got_right(tmp_path):
                                          r"'tokens' 8; the batch holds 8\)"):
         record(Positions(), ["table", "tokens"], DataLoader(TensorDataset(ids, torch.zeros(24)), batch_size=8),
                tmp_path / "positions.zarr")
+
+
+def test_layers_that_are_not_the_models_modules_are_refused_before_any_hook(tmp_path):
+    """``layers=[0]`` (an int) or a module of another model failed while hooks were being put on the model,
+    leaving six on it for good; ``{"a": "0", "a/": "2"}`` recorded one layer of the two, unsaid (found by
+    audit). Each is refused before the model runs, and no hook stays."""
+    net = _net()
+    calls = []
+    net.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def hooks() -> int:
+        return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in net.modules())
+
+    before = hooks()
+    for layers, message in (([0], r"layer '0': 0 is neither the name of one of the model's modules \(a str, e\.g\. "
+                                  r"'0'\) nor one of its modules"),
+                            ({"x": torch.nn.Linear(4, 3)}, r"layer 'x': a module that is not the model's is neither"),
+                            ({"x": 3}, r"layer 'x': 3 is neither"),
+                            ({"a": "0", "a/": "4"}, r"layer path 'a' is given twice \('a' and 'a/'\)")):
+        with pytest.raises(ValueError, match=message):
+            record(net, layers, [torch.randn(2, 1, 8, 8)], tmp_path / "r.zarr")
+    assert (calls, hooks(), list(tmp_path.iterdir())) == ([], before, [])
+
+    def fails(module: Any, args: Any) -> None:  # a hook of the user's that raises: every one of ours removed
+        raise RuntimeError("the user's hook")
+
+    net[4].register_forward_pre_hook(fails)
+    with pytest.raises(RuntimeError, match="the user's hook"):
+        record(net, ["1", "4"], [torch.randn(2, 1, 8, 8)], tmp_path / "r.zarr")
+    assert hooks() == before + 1 and list(tmp_path.iterdir()) == []
+
+
+def test_an_attention_mask_after_batches_without_one_is_refused(tmp_path):
+    """A batch with an attention mask after batches without one: the layer was stored without a mask, the later
+    batches' padding counted as real tokens (found by audit); the other way round was refused already."""
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            return self.fc(self.embed(input_ids))
+
+    ids = torch.randint(0, 10, (8, 5))
+    mask = torch.ones(8, 5, dtype=torch.long)
+    mask[:, 3:] = 0
+    for batches, message in (([{"input_ids": ids[:4]}, {"input_ids": ids[4:], "attention_mask": mask[4:]}],
+                              r"layer 'fc': a batch with an attention mask of its 5 tokens, after batches without one"),
+                             ([{"input_ids": ids[:4], "attention_mask": mask[:4]}, {"input_ids": ids[4:]}],
+                              r"layer 'fc': a batch without an attention mask of its 5 tokens, after batches with")):
+        with pytest.raises(ValueError, match=message):
+            record(Tokens(), ["fc"], batches, tmp_path / "r.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lazy_module_recorded_first_can_still_be_trained(tmp_path):
+    """Under inference mode the parameters a lazy module makes on its first call stayed inference tensors: the
+    model could not be trained after record (found by audit)."""
+    net = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    inputs = torch.randn(5, 4)
+    tree = record(net, ["0"], [inputs], tmp_path / "r.zarr")
+    assert not net[0].weight.is_inference()
+    net(torch.randn(5, 4)).sum().backward()
+    assert net[0].weight.grad is not None
+    with torch.no_grad():
+        np.testing.assert_array_equal(tree["0"]["activations"].values, net[0](inputs).numpy())
