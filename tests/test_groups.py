@@ -851,3 +851,22 @@ def test_folds_emptied_by_a_stride_and_leave_outs_of_too_few_rows_are_told_as_su
     with warnings.catch_warnings():  # CKA inverts no covariance
         warnings.simplefilter("error")
         compare(*wide, measures=["cka"], folds=5, precision="float64")
+
+
+def test_groups_and_folds_labelled_by_a_stores_strings_are_named_when_too_small(tmp_path):
+    """String labels opened from a store are Python str, which has no .item(): a group or fold too small raised
+    AttributeError in place of the error naming it (found by audit)."""
+    rng = np.random.default_rng(61)
+    tree = chunkcca.write_activations(
+        tmp_path / "s.zarr", {name: rng.standard_normal((10, 3)) for name in ("a", "b")}, chunks=5,
+        coords={"g": np.array(["x"] + ["y"] * 9), "f": np.array(["p", "q"] * 4 + ["r", "s"])})
+    a, b = tree["a"], tree["b"]
+    with pytest.raises(ValueError, match=r"groupby='g' .*1 of the 2 groups give fewer rows than the measures need .*"
+                                         r"the first, g='x', holds 1 datapoint"):
+        cka(a, b, groupby="g", spatial="avgpool")
+    with pytest.raises(ValueError, match=r"folds='f' \(--folds f\): fold 'r' holds 1 row"):
+        compare(a, b, measures=["heldout_cca"], folds="f")
+    few = chunkcca.write_activations(tmp_path / "few.zarr", {name: rng.standard_normal((5, 3)) for name in ("a", "b")},
+                                     coords={"f": np.array(["p", "q", "p", "q", "p"])})
+    with pytest.raises(ValueError, match=r"^folds: without fold 'p' the rest holds 2 datapoints"):
+        compare(few["a"], few["b"], measures=["cka_debiased"], folds="f")
