@@ -50,7 +50,7 @@ from .measures import (
     with_layers,
 )
 from .moments import Moments
-from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_flag, group_codes
+from .options import MASK, SOLVE_NAMES, SolveOptions, StreamOptions, check_flag, group_codes, plain
 from .passes import GramSums, Streamed, gram_pass, minibatch_pass, pair_provenance, stream_layers
 from .rows import Adapter, by_gram, is_batched, plan_adapters, plan_sweep_adapters
 from .store import read_coordinate
@@ -202,7 +202,7 @@ def _check_group_rows(groups: Groups | None, layers: Sequence[xr.DataArray], ada
         short = np.flatnonzero(rest * per_datapoint < least_rows)
         if short.size:
             left = int(rest[short[0]])
-            raise ValueError(f"folds: without fold {_plain(groups.labels[short[0]])!r} the rest holds {left} "
+            raise ValueError(f"folds: without fold {plain(groups.labels[short[0]])!r} the rest holds {left} "
                              f"datapoint{'' if left == 1 else 's'}, fewer rows than the jackknife's "
                              f"leave-outs need ({needs(least_rows)}); use fewer folds or more datapoints")
         padded = adapter.mask_rule == "pair" and any(MASK in layer.coords for layer in layers)
@@ -211,7 +211,7 @@ def _check_group_rows(groups: Groups | None, layers: Sequence[xr.DataArray], ada
         return
     small = np.flatnonzero([adapter.row_count(size) < least_rows for size in groups.sizes])  # each strided apart
     if small.size:
-        label, size = _plain(groups.labels[small[0]]), int(groups.sizes[small[0]])
+        label, size = plain(groups.labels[small[0]]), int(groups.sizes[small[0]])
         remedy = ("group by a coordinate whose values label groups of datapoints (e.g. a class label)"
                   if small.size == len(groups.labels) else "leave their datapoints out (layer.isel(datapoint=...))")
         raise ValueError(f"groupby={options.groupby!r} (--groupby {options.groupby}): {small.size} of the "
@@ -229,7 +229,7 @@ def _check_fold_rows(groups: Groups, adapter: Adapter, options: StreamOptions, h
     rows = np.bincount(groups.codes, weights=strided, minlength=len(groups.labels))
     short = np.flatnonzero(rows == 1)
     if short.size:
-        label = _plain(groups.labels[short[0]])
+        label = plain(groups.labels[short[0]])
         asked = f"folds={options.folds!r} (--folds {options.folds})"
         remedy = "use fewer folds" if isinstance(options.folds, int) else "fold by a coordinate of larger folds"
         raise ValueError(f"{asked}: fold {label!r} holds 1 row (of "
@@ -466,13 +466,7 @@ def _in_group(solve: Callable[[], xr.Dataset], label: Any, groups: Groups) -> xr
 
 def _group_named(label: Any, groups: Groups) -> str:
     """`` in the group digit=3``: what a message of one group's solve ends with."""
-    return f" in the group {groups.dim}={_plain(label)!r}"
-
-
-def _plain(label: Any) -> Any:
-    """A group's label as Python writes it ('x', 3), not np.str_('x'); labels opened from a store are Python
-    objects already (a str has no ``.item()``)."""
-    return label.item() if isinstance(label, np.generic) else label
+    return f" in the group {groups.dim}={plain(label)!r}"
 
 
 @contextlib.contextmanager

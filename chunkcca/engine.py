@@ -47,7 +47,7 @@ from .moments import (
     partial_from_rows,
     unpack,
 )
-from .options import CONNECT_TIMEOUT, READ_AHEAD, ProductPrecision, is_address
+from .options import CONNECT_TIMEOUT, READ_AHEAD, ProductPrecision, is_address, plain
 from .progress import Progress
 from .rows import Adapter
 
@@ -72,10 +72,7 @@ class DatapointError(ValueError):
         aligned to the pass's order: a ``pandas.Index``); itself without labels."""
         if labels is None or self.label is not None:
             return self
-        def plain(value: Any) -> Any:  # 'x' and (2, 3), not np.str_('x') and (np.int64(2), np.int64(3))
-            return value.item() if isinstance(value, np.generic) else value
-
-        value = labels[self.position]
+        value = labels[self.position]  # 'x' and (2, 3), not np.str_('x') and (np.int64(2), np.int64(3))
         value = tuple(map(plain, value)) if isinstance(value, tuple) else plain(value)
         return type(self)(self.message, self.position, self.layer,
                           repr(value) if isinstance(value, str) else str(value))

@@ -42,7 +42,7 @@ import xarray as xr
 
 from ._fs import expanded, fails_checksum, group_foreign_files, json_digest, write_atomically, zarr_attributes
 from ._stack import user_stacklevel
-from .options import PRECISIONS, ProductPrecision, check_flag, check_moments_path
+from .options import PRECISIONS, ProductPrecision, check_flag, check_moments_path, plain
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).
 SUBBLOCK_BYTES = 16 * 2**20
@@ -214,7 +214,7 @@ class Moments:
         labels = {dim: values[entry] for (dim, values), entry in zip(self.batch_labels.items(), entries)
                   if not isinstance(entry, (int, np.integer))}
         # a dim an integer drops is said in rows_from: parts of other frequencies are not merged
-        dropped = [f"{dim}={values[entry].item()!r}" for (dim, values), entry in zip(self.batch_labels.items(), entries)
+        dropped = [f"{dim}={plain(values[entry])!r}" for (dim, values), entry in zip(self.batch_labels.items(), entries)
                    if isinstance(entry, (int, np.integer))]
         power = tuple(self.map_power_of(side) if self.value_rounding[side] else None  # read for rounded values only
                       for side in range(len(self.sizes)))

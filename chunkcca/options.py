@@ -48,6 +48,12 @@ VARIABLE = "activations"
 MASK = "mask"
 
 
+def plain(value: Any) -> Any:
+    """A label as Python writes it ('x', 3), not np.str_('x') nor np.int64(3); labels held in an object array (a
+    store's strings) are Python objects already, without ``.item()``."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def layer_name(path: str) -> str:
     """A layer's name from its node path: without the leading and trailing '/', and "/" for a layer at the root
     (a plain zarr store of one layer, written with xarray), which ``tree["/"]`` selects."""

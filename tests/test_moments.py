@@ -514,3 +514,15 @@ def test_an_overwrite_of_saved_moments_refuses_what_chunkcca_did_not_write(tmp_p
     zarr.create_array(tmp_path / "m1" / "mine", shape=(2,), dtype="f8")  # a zarr array of the user's
     with pytest.raises(FileExistsError, match=r"m1 holds what chunkcca did not write \(mine\)"):
         _moments_of(rng.standard_normal((10, 2))).save(tmp_path / "m1", overwrite=True)
+
+
+def test_moments_indexed_at_a_string_batch_label_say_it_in_rows_from():
+    """Batch labels held in an object array (strings, as a store gives them back) have no .item(): indexing such
+    Moments by an integer raised AttributeError (found beside a group audit)."""
+    scatter = np.stack([np.eye(3), 2 * np.eye(3)])
+    for labels, said in ((np.array(["u", "v"], dtype=object), "k='v'"), (np.array(["u", "v"]), "k='v'"),
+                         (np.array([3, 4]), "k=4")):
+        moments = Moments(10, np.zeros((2, 3)), scatter, (2, 1), batch_labels={"k": labels})
+        second = moments[1]
+        assert second.rows_from == said
+        np.testing.assert_array_equal(second.scatter, 2 * np.eye(3))
