@@ -346,8 +346,7 @@ def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool)
     if small:
         warnings.warn(f"{len(small)} group{'s' if len(small) > 1 else ''} of {groups.dim} ha"
                       f"{'ve' if len(small) > 1 else 's'} no more rows than the {channels} channels of a pair of "
-                      f"layers: {_rows_of(small)}; their covariances are singular and their correlations meaningless "
-                      f"(regularise with epsilon > 0)", RuntimeWarning, stacklevel=user_stacklevel())
+                      f"layers: {_rows_of(small)}; in each, {SINGULAR}", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _warn_small_folds(streamed: Streamed, groups: Groups, whitens: bool) -> None:
@@ -362,7 +361,8 @@ def _warn_small_folds(streamed: Streamed, groups: Groups, whitens: bool) -> None
         warnings.warn(f"{len(tight)} of the {len(rows)} folds leave no more rows than the {channels} channels of a "
                       f"pair when left out: without {_rows_of(tight)}; those leave-outs' covariances are singular "
                       f"(canonical correlations of 1 whatever the data), so the jackknife errors of measures that "
-                      f"invert one are meaningless: use fewer folds or regularise with epsilon > 0", RuntimeWarning,
+                      f"invert one are meaningless unless a ridge (epsilon > 0) regularises them, and then depend "
+                      f"on its size: use fewer folds", RuntimeWarning,
                       stacklevel=user_stacklevel())
     half = float(np.median(rows)) / 2
     small = [(label, n) for label, n in zip(groups.labels.tolist(), rows) if n < half]

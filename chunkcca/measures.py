@@ -973,12 +973,14 @@ def _least_squares(c_aa: np.ndarray, c_ab: np.ndarray) -> np.ndarray:
 def jackknife(full: Any, leave_outs: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-fold-out jackknife: the standard error ``sqrt((K − 1)/K · Σ (θ₍ᵢ₎ − θ̄)²)`` of a measure θ from
     its K leave-one-out values θ₍ᵢ₎ (first axis), and the interval ``θ ± t · SE`` around the full-data value,
-    t the Student quantile of ``(1 + confidence)/2`` with K − 1 degrees of freedom (last axis: lower, upper)."""
+    t the Student quantile of ``(1 + confidence)/2`` with K − 1 degrees of freedom (last axis: lower, upper).
+    Where θ is undefined (NaN) so is its error: the leave-outs may agree on a value θ lacks."""
     from scipy.stats import t as student
 
     leave_outs = np.asarray(leave_outs, dtype=np.float64)
     folds = leave_outs.shape[0]
     spread = np.sqrt((folds - 1) / folds * ((leave_outs - leave_outs.mean(axis=0)) ** 2).sum(axis=0))
+    spread = np.where(np.isnan(np.asarray(full, dtype=np.float64)), np.nan, spread)
     half = student.ppf((1 + confidence) / 2, folds - 1) * spread
     return spread, np.stack([np.asarray(full) - half, np.asarray(full) + half], axis=-1)
 
@@ -1020,8 +1022,9 @@ class PairSolves:
             # a fold with no defined value is in no mean over folds: it is not one of the jackknife's K either
             # (its leave-out would be the full value, narrowing the interval)
             values = values[~np.isnan(values).reshape(len(values), -1).all(axis=1)]
-            if len(values) < 2:
-                return np.full((2, *values.shape[1:]), np.nan)  # no spread to estimate
+            if len(values) < 2:  # no spread to estimate: NaN, summarised as the values would be
+                undefined = np.full((2, *values.shape[1:]), np.nan)
+                return undefined if declared.per_fold_summary is None else declared.per_fold_summary(undefined)
             defined = ~np.isnan(values)  # the means over folds are of the defined values (_of_defined)
             known = np.where(defined, values, 0.0)
             others = np.divide(known.sum(axis=0) - known, defined.sum(axis=0) - defined,

@@ -476,7 +476,8 @@ def test_groups_with_no_more_rows_than_the_pairs_channels_are_warned_of():
     a, b = (xr.DataArray(rng.standard_normal((400, 32)), dims=("datapoint", "channel"), coords={"label": label})
             for _ in range(2))
     with pytest.warns(RuntimeWarning, match=r"10 groups of label have no more rows than the 64 channels of a pair "
-                                            r"of layers: 0 \(40\)"):
+                                            r"of layers: 0 \(40\).*; in each, the covariance is singular: "
+                                            r"correlations are meaningless unless a ridge \(epsilon > 0\)"):
         grouped = compare(a, b, measures=["mean_cca"], groupby="label", precision="float64")
     assert float(grouped["mean_cca"].min()) > 0.8  # what the warning is about: ρ of 1 whatever the data
     with warnings.catch_warnings():
@@ -870,3 +871,32 @@ def test_groups_and_folds_labelled_by_a_stores_strings_are_named_when_too_small(
                                      coords={"f": np.array(["p", "q", "p", "q", "p"])})
     with pytest.raises(ValueError, match=r"^folds: without fold 'p' the rest holds 2 datapoints"):
         compare(few["a"], few["b"], measures=["cka_debiased"], folds="f")
+
+
+def test_held_out_measures_undefined_in_every_fold_are_nan_with_their_errors(tmp_path):
+    """A layer constant within each fold (varying between them): every held-out correlation is undefined.
+    predictivity then failed building its result (the all-NaN leave-outs kept the channel axis its summary takes
+    off), and heldout_cca reported NaN ± a standard error of 0.0 (found by audit). Both are NaN, errors too."""
+    rng = np.random.default_rng(62)
+    fold = np.repeat([0, 1, 2], 40)
+    constant = np.outer(fold + rng.standard_normal(3)[fold], [1.0, 2.0])
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"b": rng.standard_normal((120, 3)), "e": constant},
+                                      chunks=40, coords={"g": fold})
+    for ridge in (0.01, [0.1, 1.0]):
+        with pytest.warns(RuntimeWarning, match="undefined"):
+            result = compare(tree["e"], tree["b"], measures=["heldout_cca", "predictivity"], folds="g", ridge=ridge)
+        for name in ("heldout_cca", "predictivity"):
+            for variable in (name, f"{name}_se", f"{name}_ci"):
+                assert np.isnan(result[variable].values).all(), variable
+        assert result["predictivity_se"].shape == np.shape(ridge)
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        swept = similarity({"e": tree["e"]}, {"b": tree["b"]}, measures=["heldout_cca", "predictivity"], folds="g")
+    assert np.isnan(swept["heldout_cca_se"].values).all() and np.isnan(swept["predictivity_se"].values).all()
+
+
+def test_the_jackknife_of_an_undefined_value_is_undefined():
+    from chunkcca.measures import jackknife
+
+    spread, interval = jackknife(np.array([np.nan, 0.5]), np.array([[0.0, 0.4], [0.0, 0.6], [0.0, 0.5]]), 0.95)
+    assert np.isnan(spread[0]) and np.isnan(interval[0]).all()
+    assert spread[1] == pytest.approx(np.sqrt(2 / 3 * 0.02)) and interval[1, 0] < 0.5 < interval[1, 1]
