@@ -35,16 +35,16 @@ def expanded(path: str | os.PathLike) -> str:
     """``path`` as a str, a leading ``~`` or ``~user`` expanded to the home folder, as xarray opens and writes
     stores (Python's ``open`` and ``pathlib`` take it as a folder named ``~``; a URL, which starts with its
     protocol, is as given; an empty one is a ValueError). A local path ending in ``.`` or ``..`` (``"."``,
-    ``"x/.."``) is made absolute: it names a folder by no name of its own, so what is written beside it (a
-    temporary copy) went inside it."""
+    ``"x/a/.."``) is resolved (``..`` through links, as the OS takes it): it names a folder by no name of its
+    own, so what is written beside it (a temporary copy) went inside it."""
     location = os.fspath(path)
     if not isinstance(location, str):
         raise TypeError(f"a path is a str or os.PathLike of str, got {type(location).__name__} ({location!r})")
     if not location:  # read as the current folder by some, as a file by others
         raise ValueError("a path is empty: name a file or folder ('.' for the current folder)")
     location = os.path.expanduser(location)
-    if not is_url(location) and os.path.basename(os.path.normpath(location)) in (".", ".."):
-        return os.path.abspath(location)
+    if not is_url(location) and os.path.basename(location.rstrip("/")) in (".", ".."):  # "x/a/..", not "x/../a"
+        return os.path.realpath(location)  # ".." through links, as the OS takes it
     return location
 
 
@@ -199,7 +199,14 @@ def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
         for folder, stale in leftovers(path):
             if stale:
                 shutil.rmtree(folder, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        for attempt in range(3):
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+                break
+            except FileNotFoundError:  # another writer's failed write removed a folder both found missing
+                if attempt == 2:
+                    raise
+                path.parent.mkdir(parents=True, exist_ok=True)
         try:
             (tmp / OWNER).write_text(json.dumps(owner_record()))
             yield tmp
@@ -210,7 +217,7 @@ def temporary_beside(path: str | os.PathLike) -> Iterator[Path]:
             _remove(tmp)
     except BaseException:
         for folder in made:
-            with contextlib.suppress(OSError):  # one holding anything (another writer's) stays
+            with contextlib.suppress(OSError):  # one holding anything (another writer's temporary folder) stays
                 folder.rmdir()
         raise
 

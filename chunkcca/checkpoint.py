@@ -19,7 +19,7 @@ from typing import Any
 import dask.base
 import xarray as xr
 
-from ._fs import ORDER_ATTR, filesystem
+from ._fs import ORDER_ATTR, filesystem, zarr_attributes
 from .layers import VARIABLE, zarr_arrays
 from .moments import Moments, attributes_intact, check_only_moments, read_saved
 from .options import MASK
@@ -126,6 +126,9 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
     fingerprint = _fingerprint(layers, adapters, options)
     if not path.exists():
         return None, 0, fingerprint
+    recorded = zarr_attributes(path)  # a run left to do saves over it: before the run (and zarr's warnings of
+    if recorded.get("datapoints_done") != recorded.get("datapoints_total"):  # what is not its own), not at a save
+        check_only_moments(path, "saving the run's progress")
     try:
         saved, done, saved_fingerprint = load_progress(path)
     except CheckpointError:
@@ -138,7 +141,6 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
                                   f"path") from error
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); remove it or "
                               f"pass another path") from error
-    check_only_moments(path, "saving the run's progress")  # before the run, not at its first save
     if saved_fingerprint != fingerprint:
         raise CheckpointError(f"checkpoint {path} belongs to another run: "
                               f"{_difference(saved_fingerprint, fingerprint)}. Remove it or pass another path")

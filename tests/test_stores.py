@@ -317,7 +317,14 @@ def test_a_store_or_moments_named_dot_from_inside_is_written_beside_not_inside(t
     write_activations(".", {"b": x}, mode="a")
     monkeypatch.chdir(tmp_path / "s.zarr" / "a")
     write_activations("..", {"c": x}, mode="a")
-    assert layer_paths(open_activations(tmp_path / "s.zarr")) == ["a", "b", "c"]
+    monkeypatch.chdir(tmp_path)
+    write_activations("s.zarr/a/..", {"d": x}, mode="a")  # normpath took it for "s.zarr" (review)
+    assert layer_paths(open_activations(tmp_path / "s.zarr")) == ["a", "b", "c", "d"]
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    from chunkcca._fs import expanded
+
+    assert expanded("link/..") == str((tmp_path / "real").resolve())  # as the OS takes "..", through the link
     monkeypatch.chdir(tmp_path / "s.zarr")
     write_activations(".", {"a": x * 2}, overwrite=True)
     monkeypatch.chdir(tmp_path)
@@ -329,7 +336,7 @@ def test_a_store_or_moments_named_dot_from_inside_is_written_beside_not_inside(t
     tripled = chunkcca.compute_moments(x * 3, x)
     tripled.save(".", overwrite=True)
     np.testing.assert_array_equal(Moments.load(tmp_path / "m.moments").scatter, tripled.scatter)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.moments", "s.zarr"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "m.moments", "real", "s.zarr"]
 
 
 def test_a_failed_write_removes_the_folders_it_made_on_the_way(tmp_path):
