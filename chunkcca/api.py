@@ -205,9 +205,9 @@ def _check_group_rows(groups: Groups | None, layers: Sequence[xr.DataArray], ada
             raise ValueError(f"folds: without fold {plain(groups.labels[short[0]])!r} the rest holds {left} "
                              f"datapoint{'' if left == 1 else 's'}, fewer rows than the jackknife's "
                              f"leave-outs need ({needs(least_rows)}); use fewer folds or more datapoints")
-        padded = adapter.mask_rule == "pair" and any(MASK in layer.coords for layer in layers)
-        if wanted.held_out and not padded and options.nan_policy != "omit":  # rows left out may empty a fold,
-            _check_fold_rows(groups, adapter, options, wanted.held_out)  # which is then left out (a warning)
+        left_out = _drops_padding(adapter, layers) or options.nan_policy == "omit"  # rows left out may empty a
+        if wanted.held_out and not left_out:  # fold, which is then left out (a warning)
+            _check_fold_rows(groups, adapter, options, wanted.held_out)
         return
     small = np.flatnonzero([adapter.row_count(size) < least_rows for size in groups.sizes])  # each strided apart
     if small.size:
@@ -236,6 +236,12 @@ def _check_fold_rows(groups: Groups, adapter: Adapter, options: StreamOptions, h
                          f"{int(groups.sizes[short[0]])} datapoint{'' if groups.sizes[short[0]] == 1 else 's'}), and "
                          f"{' and '.join(held_out)} test{'s' if len(held_out) == 1 else ''} on each fold, which needs "
                          f"at least 2; {remedy}")
+
+
+def _drops_padding(adapter: Adapter, layers: Sequence[xr.DataArray]) -> bool:
+    """Whether the pass leaves padded positions' rows out: a layer has a padding mask and ``adapter`` makes rows of
+    positions (flatten, interp; avgpool, first and last keep a row per datapoint)."""
+    return adapter.mask_rule == "pair" and any(MASK in layer.coords for layer in layers)
 
 
 def needs(least_rows: int) -> str:
@@ -279,8 +285,7 @@ def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, 
     if kept == rows:
         return
     names = ", ".join(repr(str(layer.name)) for layer in layers)
-    padded = streamed.adapters[0].mask_rule == "pair" and any(MASK in layer.coords for layer in layers)
-    why = " or as ".join([*(["padding"] if padded else []),  # avgpool, first, last keep a row per datapoint
+    why = " or as ".join([*(["padding"] if _drops_padding(streamed.adapters[0], layers) else []),
                        *(["holding NaN or Inf (nan_policy='omit')"] if options.nan_policy == "omit" else [])])
     left = f"{rows - kept} of the {rows} rows of layers {names} were left out" + (f" as {why}" if why else "")
     if kept < least_rows:

@@ -58,6 +58,8 @@ def layer_name(path: str) -> str:
     """A layer's name from its node path: without the leading and trailing '/', and "/" for a layer at the root
     (a plain zarr store of one layer, written with xarray), which ``tree["/"]`` selects."""
     return path.strip("/") or "/"
+
+
 #: An attribute of a stored layer's ``datapoint`` coordinate: its labels are the datapoints' positions as written
 #: (0, 1, …), given by no one (an array, a file without labels, ``record`` without ``datapoints=``). Such a layer
 #: pairs with others by position, as an array does, never by those labels.
