@@ -20,7 +20,7 @@ import dask.base
 import xarray as xr
 
 from ._fs import ORDER_ATTR, filesystem, zarr_attributes
-from .layers import VARIABLE, zarr_arrays
+from .layers import VARIABLE, as_opened, mask_as_opened, zarr_arrays
 from .moments import Moments, attributes_intact, check_only_moments, read_saved
 from .options import MASK
 from .rows import Adapter
@@ -46,10 +46,10 @@ def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], op
         files = store_signature(layer)
         labels = _labels_hash(layer) if files else None
         # a store's mask as opened by its files, an in-memory one by its values, a computed one by its Dask name
-        mask = (None if MASK not in layer.coords else "its store's" if _mask_as_opened(layer)
+        mask = (None if MASK not in layer.coords else "its store's" if mask_as_opened(layer)
                 else dask.base.tokenize(layer.coords[MASK].data))
         described.append((str(layer.name), list(layer.shape), str(layer.dtype),
-                          None if _as_opened(layer) else layer.data.name, mask, files, labels))
+                          None if as_opened(layer) else layer.data.name, mask, files, labels))
     tokens = [dask.base.tokenize(adapter) for adapter in adapters]
     return json.dumps({"format": FORMAT, "layers": described, "adapters": tokens, **dict(sorted(options.items()))},
                       default=str)
@@ -172,20 +172,6 @@ def _file_signature(info: dict[str, Any]) -> list[Any]:
     return fields if any(field is not None for field in fields[1:]) else [*fields, info.get("created")]
 
 
-def _as_opened(array: xr.DataArray) -> bool:
-    """Whether ``array`` is a store's layer as ``open_activations()`` opened it (not computed from one, which may
-    keep its encoding: a roll, ``copy(data=...)``, or chunkcca's own reordering or transposing to a partner)."""
-    encoding = array.encoding
-    return "store" in encoding and "layer" in encoding and getattr(array.data, "name", None) == encoding.get(
-        "dask_name")
-
-
-def _mask_as_opened(array: xr.DataArray) -> bool:
-    """Whether ``array``'s padding mask is its store's as ``open_activations()`` opened it."""
-    opened = array.encoding.get("mask_dask_name")
-    return opened is not None and MASK in array.coords and getattr(array.coords[MASK].data, "name", None) == opened
-
-
 def store_signature(array: xr.DataArray) -> str | None:
     """A hash of the names, sizes and modification times (or ETags; on local disks, their last 4 bytes too) of the
     files that hold ``array`` and its
@@ -197,9 +183,9 @@ def store_signature(array: xr.DataArray) -> str | None:
     options = array.encoding.get("storage_options")
     mask = array.coords[MASK].data if MASK in array.coords else None
     folders = []
-    for data, variable, as_opened in ((array.data, VARIABLE, _as_opened(array)),
-                                      (mask, MASK, mask is not None and _mask_as_opened(array))):
-        if as_opened:
+    for data, variable, opened in ((array.data, VARIABLE, as_opened(array)),
+                                   (mask, MASK, mask is not None and mask_as_opened(array))):
+        if opened:
             folders.append((f"{array.encoding['store']}/{array.encoding['layer']}/{variable}", variable))
         elif hasattr(data, "__dask_graph__"):
             folders += [(str(source.store_path), str(source.store_path)) for source in zarr_arrays(data)]

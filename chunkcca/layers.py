@@ -648,6 +648,20 @@ def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), whe
     return paths
 
 
+def as_opened(array: xr.DataArray) -> bool:
+    """Whether ``array`` is a store's layer as ``open_activations()`` opened it (not computed from one, which may
+    keep its encoding: a roll, ``copy(data=...)``, or chunkcca's own reordering or transposing to a partner)."""
+    encoding = array.encoding
+    return "store" in encoding and "layer" in encoding and getattr(array.data, "name", None) == encoding.get(
+        "dask_name")
+
+
+def mask_as_opened(array: xr.DataArray) -> bool:
+    """Whether ``array``'s padding mask is its store's as ``open_activations()`` opened it."""
+    opened = array.encoding.get("mask_dask_name")
+    return opened is not None and MASK in array.coords and getattr(array.coords[MASK].data, "name", None) == opened
+
+
 def zarr_arrays(data: Any) -> list[Any]:
     """The zarr arrays a Dask array reads, through xarray's zarr backend or ``dask.array.from_zarr``: the sources
     ``dask.array.from_array`` keeps under ``original-`` names, or, where there are none, wherever its graph holds

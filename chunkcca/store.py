@@ -82,6 +82,7 @@ from .layers import (
     labelled_as,
     layer_path,
     layer_paths,
+    mask_as_opened,
     nothing_to_pad,
     with_datapoint_coords,
     zarr_arrays,
@@ -1061,10 +1062,15 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
     an error too (``CHUNKS_ATTR``). One listing of each array's folder and a small read per chunk file, no data."""
     for layer in layers:
         encoding = layer.encoding
+        sources = [layer.data]  # Dask arrays whose zarr arrays are checked through their graphs
+        if MASK in layer.coords and not mask_as_opened(layer):
+            sources.append(layer.coords[MASK].data)  # a mask given in place of the store's, or to a layer without
         if "store" in encoding and "layer" in encoding:
+            sources = sources[1:]  # its folder is listed: not again through its graph
             fs, root = filesystem(encoding["store"], encoding.get("storage_options"))
             places = chunk_records(json.loads(fs.cat(f"{root}/zarr.json")).get("attributes", {}), encoding["store"])
-            for variable in (VARIABLE, MASK) if MASK in layer.coords else (VARIABLE,):
+            stored_mask = MASK in layer.coords and "mask_dask_name" in encoding  # the store has one: list it
+            for variable in (VARIABLE, MASK) if stored_mask else (VARIABLE,):
                 folder = f"{root}/{encoding['layer']}/{variable}".rstrip("/")
                 metadata = json.loads(fs.cat(f"{folder}/zarr.json"))
                 sizes = file_sizes(fs, folder)
@@ -1075,8 +1081,7 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
                 if checksums is not None:
                     check_places(checksums, recorded, metadata, what, encoding["store"],
                                  chunk_reader(fs, folder, metadata))
-            continue  # its folder is listed: not again through its graph
-        for array in zarr_arrays(layer.data) if hasattr(layer.data, "__dask_graph__") else []:
+        for array in (array for data in sources if hasattr(data, "__dask_graph__") for array in zarr_arrays(data)):
             if array.nchunks_initialized < array.nchunks:
                 raise OSError(f"layer {str(layer.name)!r} reads {array.store_path}, which lacks "
                               f"{array.nchunks - array.nchunks_initialized} of its {array.nchunks} chunk files: "

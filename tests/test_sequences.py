@@ -382,6 +382,30 @@ def test_a_stored_layers_activations_carry_its_padding_mask(tmp_path):
     assert float(alone["cka"]) == pytest.approx(want, abs=1e-12)
 
 
+
+def test_a_mask_given_to_a_stored_layer_without_one_is_used_and_its_own_chunks_checked(tmp_path):
+    """A store's layer keeps its encoding through ``assign_coords``; the check that every chunk file is there
+    looked for the store's mask folder, which a store without masks lacks (FileNotFoundError, found by audit)."""
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((120, 6, 3)), rng.standard_normal((120, 6, 2))
+    y[..., 0] += x[..., 0]
+    mask = np.arange(6)[None, :] < rng.integers(1, 7, 120)[:, None]
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": x, "b": y}, chunks=50)
+    dims = ("datapoint", "token")
+    for given in (mask, da.from_array(mask, chunks=(40, -1))):
+        a = tree["a"]["activations"].assign_coords(mask=(dims, given))
+        got = cka(a, tree["b"]["activations"], precision="float64")
+        assert int(got["rows"]) == mask.sum()
+        assert float(got["cka"]) == pytest.approx(cka_reference(x[mask], y[mask], debiased=False), abs=1e-12)
+        half = cka(a[:60], tree["b"]["activations"][:60], precision="float64")  # a selection keeps the encoding too
+        want = cka_reference(x[:60][mask[:60]], y[:60][mask[:60]], debiased=False)
+        assert float(half["cka"]) == pytest.approx(want, abs=1e-12)
+    da.from_array(mask, chunks=(40, -1)).to_zarr(str(tmp_path / "mask.zarr"))  # a user's own zarr array
+    (tmp_path / "mask.zarr" / "c" / "1" / "0").unlink()
+    lost = tree["a"]["activations"].assign_coords(mask=(dims, da.from_zarr(str(tmp_path / "mask.zarr"))))
+    with pytest.raises(OSError, match="lacks 1 of its 3 chunk files"):
+        cka(lost, tree["b"]["activations"])
+
 def test_whole_maps_of_masked_layers_are_refused_in_pairs_and_sweeps():
     """spatial='features' takes each datapoint's whole map, padding included: cka() and compare() refused a
     masked layer, but similarity() took its padding (CKA 0.99999746 with padding of ±1e3, against 0.619 with
