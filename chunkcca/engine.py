@@ -1032,24 +1032,23 @@ def _cluster_progress(futures: list[Any], client: Any, label: str) -> None:
 
 
 def _active_client(scheduler: Any) -> Any:
-    """The ``distributed.Client`` to run on: ``scheduler`` if it is one, else the current one.
+    """The ``distributed.Client`` to run on: ``scheduler`` if it is one, else the one Dask itself would compute on
+    (``dask.base.get_scheduler``: a scheduler in Dask's settings first, so ``dask.config.set(scheduler="threads")``
+    runs locally beside a default Client; inside a task on a worker, the worker's client), else None.
 
     A Client exists only once ``distributed`` is imported, so a local run does not import it
-    (the import costs about 0.15 s). Inside a task on a worker, Dask's own choice (``scheduler``
-    None) finds the worker's client.
+    (the import costs about 0.15 s).
     """
     if "distributed" not in sys.modules:
         return None
-    from distributed import Client, default_client
+    from distributed import Client
 
     if isinstance(scheduler, Client):
         return scheduler
     if scheduler is not None:
         return None
-    try:
-        return default_client()
-    except ValueError:
-        return None
+    client = getattr(dask.base.get_scheduler(), "__self__", None)  # a Client's bound ``get``
+    return client if isinstance(client, Client) else None
 
 
 def common_boundaries(sides: Sequence[da.Array]) -> list[int]:

@@ -227,11 +227,17 @@ def test_the_active_client_is_used_without_naming_it(cluster, layers):
 
     a, b, *_ = layers
     local = chunkcca.cca(a, b, precision="float64", scheduler="threads")
-    with Client(cluster["address"]) as client, get_task_stream(client) as stream:
-        remote = chunkcca.cca(a, b, precision="float64")
-    folds = [task for task in stream.data if "chunkcca-moments-chunk" in str(task["key"])]
-    assert len(folds) == 8  # the workers read and folded each of the 8 datapoint chunks
-    np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
+    with Client(cluster["address"]) as client:
+        with get_task_stream(client) as stream:
+            remote = chunkcca.cca(a, b, precision="float64")
+        folds = [task for task in stream.data if "chunkcca-moments-chunk" in str(task["key"])]
+        assert len(folds) == 8  # the workers read and folded each of the 8 datapoint chunks
+        np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
+        for name in ("synchronous", "threads"):  # Dask's settings name a local one: as dask.compute, run here
+            with dask.config.set(scheduler=name), get_task_stream(client) as stream:
+                here = chunkcca.cca(a, b, precision="float64")
+            assert not [task for task in stream.data if "chunkcca" in str(task["key"])]
+            np.testing.assert_allclose(here["rho"], local["rho"], rtol=1e-12)
 
 
 def test_progress_bars_locally_and_on_a_cluster(cluster, layers, capsys):

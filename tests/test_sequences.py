@@ -392,8 +392,8 @@ def test_a_mask_given_to_a_stored_layer_without_one_is_used_and_its_own_chunks_c
     mask = np.arange(6)[None, :] < rng.integers(1, 7, 120)[:, None]
     tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": x, "b": y}, chunks=50)
     dims = ("datapoint", "token")
-    for given in (mask, da.from_array(mask, chunks=(40, -1))):
-        a = tree["a"]["activations"].assign_coords(mask=(dims, given))
+    for values in (mask, da.from_array(mask, chunks=(40, -1))):
+        a = tree["a"]["activations"].assign_coords(mask=(dims, values))
         got = cka(a, tree["b"]["activations"], precision="float64")
         assert int(got["rows"]) == mask.sum()
         assert float(got["cka"]) == pytest.approx(cka_reference(x[mask], y[mask], debiased=False), abs=1e-12)
