@@ -247,7 +247,10 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
                           f"not written (a store holds each layer's {VARIABLE!r}, its {MASK!r} and coordinates); "
                           f"give a label per datapoint as coords=, or save other data apart", UserWarning,
                           stacklevel=user_stacklevel())
-    arrays = {path_: check_value_rounding(as_activations(value, path_, chunks=chunks, guess_layout=False))  # no guess
+    own_masks = {path_: xr.DataArray(value.coords[MASK].variable) for path_, value in zip(paths, layers.values())
+                 if isinstance(value, xr.DataArray) and MASK in value.coords}  # by place: 0/1 numbers taken too
+    arrays = {path_: check_value_rounding(as_activations(value.drop_vars(MASK) if path_ in own_masks else value, path_,
+                                                         chunks=chunks, guess_layout=False))  # no guess
               for path_, value in zip(paths, layers.values())}
     wide = next((path_ for path_, array in arrays.items() if array.dtype.itemsize > 8 and array.dtype.kind == "f"),
                 None)
@@ -256,11 +259,18 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
                         f"cast it to float64 first (layer.astype('float64'))")
     labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))
     arrays = {path_: with_datapoint_coords(array, labels) for path_, array in arrays.items()}
+    given_masks = dict(own_masks)
     for name, mask in (masks or {}).items():
         key = layer_path(name)
         if key not in arrays:
             raise ValueError(f"masks names layer {name!r}, which is not among the layers written")
-        arrays[key] = as_activations(arrays[key].assign_coords({MASK: _as_mask(mask, arrays[key])}), key)
+        if key in own_masks:  # the one given as masks= replaced the layer's own, silently
+            raise ValueError(f"layer {key!r} carries a {MASK!r} coordinate and masks= gives it another: give one "
+                             f"(layer.drop_vars('mask') to write the one in masks=)")
+        given_masks[key] = mask
+    for key, mask in given_masks.items():
+        arrays[key] = as_activations(arrays[key].assign_coords({MASK: _as_mask(mask, arrays[key], key in own_masks)}),
+                                     key)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
         # the image's size: given, the store's, or its largest map (none: no layer has height and width yet; a
@@ -330,12 +340,14 @@ def _image_size(image_size: Any) -> tuple[float, float] | None:
     return tuple(int(size) if float(size).is_integer() else float(size) for size in sizes)
 
 
-def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
-    """A padding mask for ``layer``: dims (datapoint, *positions), named as the layer's, boolean."""
+def _as_mask(mask: Any, layer: xr.DataArray, own: bool = False) -> xr.Variable:
+    """A padding mask for ``layer`` (``own``: its mask coordinate): dims (datapoint, *positions), named as the
+    layer's, boolean."""
     dims = ("datapoint", *layer.dims[1:-1])
     name = str(layer.name)
     if len(dims) == 1:  # every measure then refused it: "datapoint 0 has no real position"
-        raise nothing_to_pad(name, layer.dims)
+        remedy = "drop its mask coordinate (layer.drop_vars('mask'))" if own else "leave its mask out"
+        raise nothing_to_pad(name, layer.dims, remedy)
     if isinstance(mask, xr.DataArray):
         if set(mask.dims) != set(dims):
             raise ValueError(f"layer {name!r}: its mask must have dims {dims}, got {tuple(map(str, mask.dims))}")
@@ -344,22 +356,25 @@ def _as_mask(mask: Any, layer: xr.DataArray) -> xr.Variable:
                 counted = "datapoints" if dim == "datapoint" else f"{dim} positions"
                 raise ValueError(f"layer {name!r}: its mask has {mask.sizes[dim]} {counted}, the layer "
                                  f"{layer.sizes[dim]}")
-        if "datapoint" in mask.coords and "datapoint" in layer.coords:  # by label, as layers are aligned: a
-            labels, own = layer.indexes["datapoint"], mask.indexes["datapoint"]  # mask in another order was taken
+        for dim in (dim for dim in dims if dim in mask.indexes and dim in layer.indexes):  # by label, as layers
+            labels, own = layer.indexes[dim], mask.indexes[dim]  # are aligned: a mask in another order was taken
             if not own.equals(labels):  # by position, silently
                 missing = labels.difference(own)
                 if len(missing) or not own.is_unique:
-                    raise ValueError(f"layer {name!r}: its mask labels its datapoints otherwise ({len(missing)} of "
+                    counted = "datapoints" if dim == "datapoint" else f"{dim} positions"
+                    raise ValueError(f"layer {name!r}: its mask labels its {counted} otherwise ({len(missing)} of "
                                      f"the layer's are not in it, e.g. {missing[:5].tolist()})")
-                mask = mask.sel(datapoint=labels)
+                mask = mask.sel({dim: labels})
         variable = mask.transpose(*dims).variable
         if variable.dtype == bool:
             return variable
         variable = variable.chunk({"datapoint": layer.data.chunks[0]})  # a lazy file's: read block by block
         return variable.copy(data=boolean_mask(variable.data, f"layer {name!r}: its mask"))
-    if getattr(mask, "shape", None) != tuple(layer.shape[:-1]):
+    if not hasattr(mask, "shape"):  # nested lists
+        mask = np.asarray(mask)
+    if mask.shape != tuple(layer.shape[:-1]):
         raise ValueError(f"layer {str(layer.name)!r}: its mask must have the shape (datapoint, *positions) "
-                         f"{tuple(layer.shape[:-1])}, got {getattr(mask, 'shape', None)}")
+                         f"{tuple(layer.shape[:-1])}, got {mask.shape}")
     if not isinstance(mask, (np.ndarray, da.Array)):  # a torch tensor (a tokenizer's attention_mask)
         mask = np.asarray(mask)
     return xr.Variable(dims, boolean_mask(mask, f"layer {name!r}: its mask"))

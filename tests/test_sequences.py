@@ -283,7 +283,7 @@ def test_a_zero_one_integer_mask_is_taken_as_record_and_ingest_take_it(tmp_path)
     want = chunkcca.write_activations(tmp_path / "bool.zarr", {"a": x, "b": y}, masks={"a": mask, "b": mask})
     given = {"numpy": mask.astype(np.int64), "dask": da.from_array(mask.astype(np.uint8), chunks=(16, -1)),
              "dataarray": xr.DataArray(mask.astype(np.int32), dims=("datapoint", "token")),
-             "float": mask.astype(np.float32)}
+             "float": mask.astype(np.float32), "lists": mask.astype(int).tolist()}
     for kind, integers in given.items():
         tree = chunkcca.write_activations(tmp_path / f"{kind}.zarr", {"a": x, "b": y},
                                           masks={"a": integers, "b": mask})
@@ -309,6 +309,28 @@ def test_a_zero_one_integer_mask_is_taken_as_record_and_ingest_take_it(tmp_path)
     with pytest.raises(ValueError, match=r"layer 'a': its mask must be boolean .* got int64 .*; a tokenizer's 0/1 "
                                          r"attention mask is mask == 1"):  # the measures take booleans only
         cka(layer, y)
+    own = chunkcca.write_activations(tmp_path / "own.zarr", {"a": layer, "b": y}, masks={"b": mask})  # it was
+    np.testing.assert_array_equal(own["a"]["mask"].values, mask)  # refused, the error naming write_activations
+    assert float(cka(own["a"], own["b"])["cka"]) == float(cka(want["a"], want["b"])["cka"])
+
+
+def test_a_mask_is_placed_by_its_labels_and_a_layers_own_is_not_replaced(tmp_path):
+    """A mask DataArray given as masks= lines up with the layer by its positions' labels as by its datapoints'
+    (it was taken by place, padding counted as real), and one labelling other positions is refused; masks= for a
+    layer that carries its own mask is refused (it replaced it, silently). Found by audit."""
+    x, _, mask, _ = _sequences(4, n=20, tokens=5)
+    dims = ("datapoint", "token", "channel")
+    layer = xr.DataArray(x, dims=dims, coords={"token": [0, 1, 2, 3, 4]}, name="a")
+    reversed_ = xr.DataArray(mask[:, ::-1], dims=dims[:2], coords={"token": [4, 3, 2, 1, 0]})
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": layer}, masks={"a": reversed_})
+    np.testing.assert_array_equal(tree["a"]["mask"].values, mask)
+    elsewhere = reversed_.assign_coords(token=[10, 11, 12, 13, 14])
+    with pytest.raises(ValueError, match=r"layer 'a': its mask labels its token positions otherwise \(5 of"):
+        chunkcca.write_activations(tmp_path / "t.zarr", {"a": layer}, masks={"a": elsewhere})
+    carrying = layer.assign_coords(mask=(dims[:2], mask))
+    with pytest.raises(ValueError, match=r"layer 'a' carries a 'mask' coordinate and masks= gives it another"):
+        chunkcca.write_activations(tmp_path / "u.zarr", {"a": carrying}, masks={"a": np.ones_like(mask)})
+    assert not (tmp_path / "t.zarr").exists() and not (tmp_path / "u.zarr").exists()
 
 
 def test_masks_of_each_layer_its_own_under_avgpool_and_last_and_nan_padding_is_left_out():
