@@ -354,8 +354,12 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
 
         parts, note = _one_pass(layers, adapters, options, row_norms, moments_of, whitens)
     stats = _merged(parts)
-    if stats.n == 0:
-        raise ValueError(f"every row of layers {', '.join(map(repr, names))} holds NaN or Inf; nothing is left")
+    if stats.n == 0:  # the rows each side's padding leaves do not meet (or the stride keeps none of them)
+        why = " or as ".join([*(["padding (no row the stride keeps is real in every layer)"] if any(
+            mask is not None for mask in masks) else []), *(["holding NaN or Inf"] if options.nan_policy == "omit"
+                                                             else [])])
+        raise ValueError(f"every row of layers {', '.join(map(repr, names))} was left out"
+                         f"{f' as {why}' if why else ''}; nothing is left")
     wanted, why = (_whole_run_precision(parts, names, datapoints, options) if whitens
                    and options.precision == "float32" else ("", ""))
     if wanted == "float64":

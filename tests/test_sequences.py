@@ -314,6 +314,23 @@ def test_a_zero_one_integer_mask_is_taken_as_record_and_ingest_take_it(tmp_path)
     assert float(cka(own["a"], own["b"])["cka"]) == float(cka(want["a"], want["b"])["cka"])
 
 
+
+def test_masks_that_leave_no_row_both_keep_are_said_to_and_nan_is_not_blamed():
+    """Masks real at tokens no row shares, or only where the stride does not look, said "every row holds NaN or
+    Inf", of finite layers (found by audit)."""
+    x, y, _, _ = _sequences(5, n=30, tokens=6)
+    first = np.zeros((30, 6), bool)
+    first[:, :3] = True
+    odd = np.zeros((30, 6), bool)
+    odd[:, [1, 3]] = True
+    nothing = r"every row of layers 'a', 'b' was left out as padding \(no row the stride keeps is real in every layer\)"
+    with pytest.raises(ValueError, match=nothing + "; nothing is left$"):
+        cca(_layer(x, first, 10, "a"), _layer(y, ~first, 10, "b"))
+    with pytest.raises(ValueError, match=nothing):
+        cka(_layer(x, odd, 10, "a"), _layer(y, odd, 10, "b"), stride=2)
+    with pytest.raises(ValueError, match=r"left out as padding .* or as holding NaN or Inf; nothing is left$"):
+        cka(_layer(x, first, 10, "a"), _layer(y, ~first, 10, "b"), nan_policy="omit")
+
 def test_a_mask_is_placed_by_its_labels_and_a_layers_own_is_not_replaced(tmp_path):
     """A mask DataArray given as masks= lines up with the layer by its positions' labels as by its datapoints'
     (it was taken by place, padding counted as real), and one labelling other positions is refused; masks= for a
