@@ -115,6 +115,16 @@ def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
     return read_saved(path)[0], done, fingerprint  # older checkpoints lack value_rounding: the run adds it
 
 
+def holds_row_norms(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint at ``path`` was made with row-norm sums (for debiased CKA): a run that does not need
+    them keeps them, so that the checkpoint serves it and still serves debiased CKA. False where there is none (or
+    it is not a checkpoint: ``resume`` says so)."""
+    try:
+        return json.loads(str(zarr_attributes(Path(path)).get("fingerprint"))).get("row_norms") is True
+    except (ValueError, AttributeError):
+        return False
+
+
 def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
            options: dict[str, Any], boundaries: Sequence[int]) -> tuple[Moments | None, int, str]:
     """What a checkpointed run starts from: (saved Moments or None, datapoints done, this run's fingerprint).

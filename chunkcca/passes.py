@@ -27,7 +27,7 @@ from dask.utils import format_bytes
 
 from ._fs import check_writable
 from ._stack import user_stacklevel
-from .checkpoint import CheckpointError, resume, save_progress
+from .checkpoint import CheckpointError, holds_row_norms, resume, save_progress
 from .engine import (
     DatapointError,
     FeatureStats,
@@ -314,6 +314,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     """
     names = tuple(str(layer.name) for layer in layers)
     widths = [layer.sizes["channel"] for layer in layers]
+    row_norms = row_norms or (options.checkpoint is not None and holds_row_norms(options.checkpoint))
     complex_rows = (any(adapter.is_complex for adapter in adapters)  # dft's rows
                     or any(np.iscomplexobj(layer.data) for layer in layers))  # compat's complex activations
     tiling = None

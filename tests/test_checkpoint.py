@@ -171,6 +171,46 @@ def test_every_measure_takes_a_checkpoint(tmp_path):
         chunkcca.cka(a_layer, b_layer, debiased=True, **options)
 
 
+
+def test_a_checkpoint_with_row_norm_sums_serves_the_measures_that_do_not_need_them(tmp_path):
+    """A debiased CKA's checkpoint was refused by cca and plain cka as "another run: row_norms True then, False
+    now", an option they do not take (found by audit). A finished one now serves them; an unfinished one is
+    carried on with the sums, so that it still serves debiased CKA."""
+    import dask
+
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((60, 2, 2, 4))
+    b = a[..., :3] + rng.standard_normal((60, 2, 2, 3))
+    fail_at = {"chunk": 3}
+
+    def block(i):
+        if i == fail_at["chunk"]:
+            fail_at["chunk"] = None
+            raise KeyboardInterrupt("interrupted")
+        return a[10 * i : 10 * i + 10]
+
+    layer = da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(10, 2, 2, 4), dtype=float)
+                            for i in range(6)])
+    other = da.from_array(b, chunks=(10, 2, 2, -1))
+    options = dict(precision="float64", checkpoint_every=1, scheduler="synchronous")
+    finished = tmp_path / "finished"
+    debiased = chunkcca.cka(a, b, debiased=True, checkpoint=finished, precision="float64")
+    for measure in (chunkcca.cca, chunkcca.cka, chunkcca.pwcca):
+        plain = measure(a, b, precision="float64")
+        served = measure(a, b, checkpoint=finished, precision="float64")
+        for name in plain.data_vars:
+            if plain[name].dtype.kind in "fiu":
+                np.testing.assert_allclose(served[name], plain[name], rtol=1e-12, atol=1e-14)
+            else:
+                np.testing.assert_array_equal(served[name], plain[name])
+    unfinished = tmp_path / "unfinished"
+    with pytest.raises(KeyboardInterrupt):
+        chunkcca.cka(layer, other, debiased=True, checkpoint=unfinished, **options)
+    resumed = chunkcca.cca(layer, other, checkpoint=unfinished, **options)
+    np.testing.assert_allclose(resumed["rho"], chunkcca.cca(a, b, precision="float64")["rho"], rtol=1e-12)
+    again = chunkcca.cka(layer, other, debiased=True, checkpoint=unfinished, **options)
+    assert float(again["cka"]) == pytest.approx(float(debiased["cka"]), rel=1e-12)
+
 def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
     """Layers chunked differently (5 and 20 datapoints): checkpoint groups cut only where both have a chunk
     boundary, so each chunk of the wide-chunked layer is read once."""
