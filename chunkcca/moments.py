@@ -472,12 +472,16 @@ def check_savable_labels(labels: Sequence[np.ndarray | None], layers: Sequence[s
     saved Moments store cannot hold: objects other than text or numbers of one type (a MultiIndex's tuples, a mix
     of numbers and text); zarr refused them only once the save was under way."""
     for side, (values, layer) in enumerate(zip(labels, layers)):
+        named = f"layer {layer!r}" if layer else f"side {'ab'[side] if len(labels) == 2 else side}"
+        if values is not None and values.dtype == "S1":  # xarray reads one-byte strings back as characters of one
+            raise ValueError(f"the channel labels of {named} are one-byte strings ({values[:2].tolist()}…), which "
+                             f"saved Moments and checkpoints read back as one label; give them as text, "
+                             f"layer.assign_coords(channel=layer['channel'].astype(str))")
         if values is None or values.dtype != object:
             continue
         kinds = sorted({type(value).__name__ for value in values.tolist()})
         if len(kinds) == 1 and kinds[0] in ("str", "int", "float", "bool"):
             continue
-        named = f"layer {layer!r}" if layer else f"side {'ab'[side] if len(labels) == 2 else side}"
         raise ValueError(f"the channel labels of {named} are {' and '.join(kinds)} values ({values[:2].tolist()}…), "
                          f"which saved Moments and checkpoints cannot hold (labels of one type: text or numbers); "
                          f"give the layer plain labels, e.g. layer.reset_index('channel') for a MultiIndex, or "

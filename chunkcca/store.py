@@ -1010,6 +1010,14 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
     path = expanded(path)
     check_result_path(path, overwrite=overwrite)
     suffix = Path(path).suffix.lower()
+    nested = next(((str(name), variable) for name, variable in result.variables.items() if variable.dtype == object
+                   and any(isinstance(value, (tuple, list)) for value in variable.values.ravel().tolist())), None)
+    if nested is not None:  # a MultiIndex's labels (channel_a of a layer's): numpy's "setting an array element …"
+        name, variable = nested
+        raise ValueError(f"{path}: {name!r} holds tuples ({variable.values.ravel()[:2].tolist()}…), which netCDF "
+                         f"and zarr cannot hold, e.g. the labels of a layer's channel MultiIndex: give the layer "
+                         f"plain labels or none (layer.reset_index('channel')), or drop them from the result "
+                         f"(result.drop_vars({name!r}))")
     result = result.assign_attrs({RESULT_ATTR: RESULT})
     if suffix == ".zarr":
         # fixed-width unicode (pwcca's side, layer names) has no stable zarr v3 spec; vlen strings do

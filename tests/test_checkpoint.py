@@ -481,6 +481,7 @@ def test_a_resumed_run_says_so_with_its_progress(tmp_path, capsys, caplog):
 @pytest.mark.parametrize("labels", [
     pd.MultiIndex.from_arrays([[0, 0, 1], ["u", "v", "u"]], names=("group", "unit")),
     pd.Index([1, "x", 2.0], dtype=object),
+    np.array([b"u", b"v", b"w"]),  # read back as one label b"uvw" (found by audit)
 ])
 def test_channel_labels_a_save_cannot_hold_are_refused_before_any_read(tmp_path, labels):
     """A MultiIndex's tuples, or labels of mixed types, streamed the first group of chunks and then failed in
@@ -495,17 +496,25 @@ def test_channel_labels_a_save_cannot_hold_are_refused_before_any_read(tmp_path,
     counted = da.from_array(a.values, chunks=10).map_blocks(lambda block: reads.append(1) or block,
                                                             meta=np.array((), dtype=float))
     with pytest.raises(ValueError, match=r"the channel labels of layer 'a' are .* which saved Moments and "
-                                         r"checkpoints cannot hold"):
+                                         r"checkpoints (cannot hold|read back as one label)"):
         chunkcca.cca(a.copy(data=counted), b, checkpoint=tmp_path / "run.ckpt")
     assert reads == [] and not (tmp_path / "run.ckpt").exists()
     moments = chunkcca.compute_moments(a, b, precision="float64")
     with pytest.raises(ValueError, match=r"the channel labels of layer 'a'"):
         moments.save(tmp_path / "m.moments")
     assert not (tmp_path / "m.moments").exists()
-    assert chunkcca.cca(a, b, precision="float64")["channel_a"].size == 3
+    result = chunkcca.cca(a, b, precision="float64")
+    assert result["channel_a"].size == 3
+    if isinstance(labels, pd.MultiIndex):  # its tuples: numpy's "setting an array element with a sequence"
+        for name in ("r.nc", "r.zarr"):
+            with pytest.raises(ValueError, match=r"'channel_a' holds tuples \(\[\(0, 'u'\), \(0, 'v'\)\]…\), which "
+                                                 r"netCDF and zarr cannot hold.*reset_index\('channel'\)"):
+                chunkcca.save_result(result, tmp_path / name)
+            assert not (tmp_path / name).exists()
     plain = a.reset_index("channel") if isinstance(labels, pd.MultiIndex) else \
         a.assign_coords(channel=a["channel"].astype(str))
     chunkcca.cca(plain, b, checkpoint=tmp_path / "plain.ckpt")
+    chunkcca.save_result(chunkcca.cca(plain, b), tmp_path / "plain.nc")
 
 
 def test_a_chunk_rewritten_with_its_size_and_modification_time_kept_does_not_resume(tmp_path):
