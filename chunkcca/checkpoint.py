@@ -48,7 +48,10 @@ def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], op
         # a store's mask as opened by its files, an in-memory one by its values, a computed one by its Dask name
         mask = (None if MASK not in layer.coords else "its store's" if mask_as_opened(layer)
                 else dask.base.tokenize(layer.coords[MASK].data))
-        described.append((str(layer.name), list(layer.shape), str(layer.dtype),
+        # a store's layer as opened by its path in the store: its name may tell it from a namesake by the store's
+        # folder ("conv2 (m0.zarr)"), which a moved store renames
+        described.append((layer.encoding["layer"] if as_opened(layer) else str(layer.name), list(layer.shape),
+                          str(layer.dtype),
                           None if as_opened(layer) else layer.data.name, mask, files, labels))
     tokens = [dask.base.tokenize(adapter) for adapter in adapters]
     return json.dumps({"format": FORMAT, "layers": described, "adapters": tokens, **dict(sorted(options.items()))},
@@ -72,6 +75,9 @@ def _difference(saved: str, current: str) -> str:
     fields = ("name", "shape", "dtype", "Dask name", "mask", "files", "labels")
     if len(before.get("layers", [])) != len(now["layers"]):
         return f"it has {len(before.get('layers', []))} layers, this run {len(now['layers'])}"
+    old_layers = before.get("layers", [])
+    if old_layers != now["layers"] and sorted(map(json.dumps, old_layers)) == sorted(map(json.dumps, now["layers"])):
+        return "it took the same layers in another order (the sides are swapped)"
     if now.get("row_norms") and before.get("row_norms") is False:
         return ("it holds no row-norm sums, which cka_debiased needs: give it a checkpoint of its own (or make this "
                 "one with compute_moments(..., row_norms=True, checkpoint=...))")
@@ -87,7 +93,7 @@ def _difference(saved: str, current: str) -> str:
             if was != is_now:
                 if field == "files":
                     return (f"the files of layer {new_layer[0]!r} changed since (its store was rewritten or edited, "
-                            f"or is a copy: their modification times count)")
+                            f"or is a copy: their modification times count; or it is another store's)")
                 if field == "labels":
                     return f"layer {new_layer[0]!r} has other datapoint, position or channel labels than then"
                 if field == "mask":

@@ -121,7 +121,7 @@ def test_a_checkpoint_of_a_store_edited_or_rewritten_since_does_not_resume(tmp_p
     edited = chunkcca.open_activations(location)
     assert edited["a"]["activations"].data.name == tree["a"]["activations"].data.name or not as_url
     with pytest.raises(ValueError, match=r"belongs to another run: the files of layer 'a' changed since \(its store "
-                                         r"was rewritten or edited, or is a copy: their modification times count\)"):
+                                         r"was rewritten or edited, or is a copy: their modification times count;"):
         chunkcca.compute_moments(edited["a"], edited["b"], precision="float64", checkpoint=tmp_path / "ckpt")
 
 
@@ -210,6 +210,36 @@ def test_a_checkpoint_with_row_norm_sums_serves_the_measures_that_do_not_need_th
     np.testing.assert_allclose(resumed["rho"], chunkcca.cca(a, b, precision="float64")["rho"], rtol=1e-12)
     again = chunkcca.cka(layer, other, debiased=True, checkpoint=unfinished, **options)
     assert float(again["cka"]) == pytest.approx(float(debiased["cka"]), rel=1e-12)
+
+
+def test_namesake_layers_resume_from_a_renamed_store_and_swapped_sides_are_named(tmp_path):
+    """Layers of one path in two stores are told apart by their stores' folders ("conv2 (m0.zarr)"): the
+    fingerprint held that name, so a store renamed since did not resume, though a moved one does (found by audit).
+    It holds the path in the store now; the files tell the stores apart, and swapped sides are said to be."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((120, 4))
+    y = x[:, :3] + rng.standard_normal((120, 3))
+    for name, values in (("m0.zarr", x), ("m1.zarr", y), ("m2.zarr", y[:, ::-1] + 1), ("m3.zarr", y + 5)):
+        chunkcca.write_activations(tmp_path / name, {"conv2": values}, chunks=40)
+    checkpoint = tmp_path / "run.ckpt"
+    first = chunkcca.cca(chunkcca.open_activations(tmp_path / "m0.zarr")["conv2"],
+                         chunkcca.open_activations(tmp_path / "m1.zarr")["conv2"], precision="float64",
+                         checkpoint=checkpoint)
+    assert first.attrs["layer_a"] == "conv2 (m0.zarr)"
+    (tmp_path / "m0.zarr").rename(tmp_path / "model0.zarr")
+    a = chunkcca.open_activations(tmp_path / "model0.zarr")["conv2"]
+    b = chunkcca.open_activations(tmp_path / "m1.zarr")["conv2"]
+    resumed = chunkcca.cca(a, b, precision="float64", checkpoint=checkpoint)
+    np.testing.assert_array_equal(resumed["rho"], first["rho"])
+    assert resumed.attrs["layer_a"] == "conv2 (model0.zarr)"
+    swapped = tmp_path / "swapped.ckpt"
+    other = chunkcca.open_activations(tmp_path / "m2.zarr")["conv2"]
+    chunkcca.cca(b, other, precision="float64", checkpoint=swapped)
+    with pytest.raises(CheckpointError, match="it took the same layers in another order"):
+        chunkcca.cca(other, b, precision="float64", checkpoint=swapped)
+    with pytest.raises(CheckpointError, match=r"the files of layer 'conv2' changed since .*or it is another store's"):
+        chunkcca.cca(b, chunkcca.open_activations(tmp_path / "m3.zarr")["conv2"], precision="float64",
+                     checkpoint=swapped)
 
 def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
     """Layers chunked differently (5 and 20 datapoints): checkpoint groups cut only where both have a chunk
