@@ -66,6 +66,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     import chunkcca
     from chunkcca.demo import run_demo
     from chunkcca.ingest import LAYOUTS, ingest
+    from chunkcca.layers import check_coord_name
     from chunkcca.options import (
         CONNECT_TIMEOUT,
         GRIDS,
@@ -84,6 +85,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         SOLVE_NAMES,
         SPATIAL,
         SWEEP_SPATIAL,
+        check_checkpoint_place,
         check_output_place,
         expanded,
         holds_positions,
@@ -94,6 +96,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     )
     from chunkcca.plot import plot_rho, plot_similarity
     from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
+    from chunkcca.store import is_activation_store
 except KeyboardInterrupt:
     if not _as_command():  # imported by a program of its own: its KeyboardInterrupt
         raise
@@ -541,8 +544,17 @@ def _layer(tree: Any, path: str, store: str) -> Any:
     return found
 
 
+def _check_storage_options(args: argparse.Namespace) -> None:
+    """--storage-options apply to stores given by URL: with a local store, refused in the flag's words."""
+    local = next((store for store in (args.store, getattr(args, "b_store", None))
+                  if store is not None and not is_url(store)), None)
+    if args.storage_options and local is not None:
+        raise ValueError(f"--storage-options apply to stores given by URL only, not to the local path {local}")
+
+
 def _stores(args: argparse.Namespace) -> tuple[Any, Any]:
     """The store of the a layers and that of the b layers (--b-store, or the same one)."""
+    _check_storage_options(args)
     tree = chunkcca.open_activations(args.store, storage_options=args.storage_options)
     if args.b_store is None:
         return tree, tree
@@ -555,9 +567,16 @@ def _run_ingest(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.store}: no folder {folder}")  # a URL is refused by ingest, saying why
     if os.path.lexists(args.store) and not (args.overwrite or args.append):
         raise ValueError(f"{args.store} exists; pass --overwrite to replace it, or --append to add layers to it")
+    if args.overwrite:  # as ingest checks it, in the flag's words
+        _check_output(args.store, "store", True, is_activation_store, "an activation store")
     sources = _named_files(args.layers, "", "LAYER", "layer")
     masks = _named_files(args.mask, "--mask: ", "LAYER", "layer")
     coords = _named_files(args.coord, "--coord: ", "NAME", "coordinate")
+    for name in coords:
+        try:
+            check_coord_name(name)
+        except ValueError as error:
+            raise ValueError(f"--coord: {str(error).removeprefix('coords: ')}") from None
     tree = ingest(args.store, sources, layout=args.layout, masks=masks, mode="a" if args.append else "w",
                   chunks=args.chunk or "auto", coords=coords, datapoints=args.datapoints, overwrite=args.overwrite,
                   progress=not args.no_progress)
@@ -589,6 +608,7 @@ def _named_files(items: Sequence[str], flag: str, key: str, what: str) -> dict[s
 
 
 def _run_info(args: argparse.Namespace) -> None:
+    _check_storage_options(args)
     rows = chunkcca.describe_store(args.store, storage_options=args.storage_options)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -724,6 +744,8 @@ def _check_compare_flags(args: argparse.Namespace, measures: list[str]) -> None:
     and --minibatch's: before any work, in flag words."""
     _check_scheduler_flags(args)
     _check_distinct_outputs(args)
+    if args.checkpoint is not None:  # as the API checks it, in the flag's words
+        check_checkpoint_place(args.checkpoint, "--checkpoint")
     if args.plot:
         if not any(chunkcca.MEASURES[name].canonical for name in measures) or args.spatial in PER_FREQUENCY:
             raise ValueError("--plot draws canonical correlation curves: include a CCA-family measure (mean_cca, "

@@ -138,6 +138,16 @@ def check_output_place(path: str | os.PathLike, what: str, *, written: bool = Tr
     check_outside_stores(path, what)
 
 
+def check_checkpoint_place(path: str, what: str) -> None:
+    """Refuse, before any work, a checkpoint at ``path`` (``what``: its option, for the message) that is a URL, a
+    netCDF name, or in a folder that is missing or (for one not there yet) cannot be written to."""
+    if is_url(path):
+        raise ValueError(f"{what} {path}: checkpoints are written to local paths only")
+    check_moments_path(path, what)
+    # one there may be finished, only read: a run left to do checks its folder when it resumes
+    check_output_place(path, what, written=not os.path.lexists(path))
+
+
 def check_moments_path(path: str | os.PathLike, what: str) -> None:
     """Refuse a path for saved Moments (a zarr store: a folder) named as a netCDF file (``.nc``), which they are
     not: ``xarray.open_dataset`` of it failed, and the folder was taken for a file."""
@@ -422,11 +432,7 @@ class StreamOptions:
         object.__setattr__(self, "checkpoint_every", check_int("checkpoint_every", self.checkpoint_every))
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", expanded(self.checkpoint))
-            if is_url(self.checkpoint):
-                raise ValueError(f"checkpoint {self.checkpoint}: checkpoints are written to local paths only")
-            check_moments_path(self.checkpoint, "checkpoint")
-            # one there may be finished, only read: a run left to do checks its folder when it resumes
-            check_output_place(self.checkpoint, "checkpoint", written=not os.path.lexists(self.checkpoint))
+            check_checkpoint_place(self.checkpoint, "checkpoint")
         if self.spatial == "features":
             self._check_features()
         if self.minibatch is not None:

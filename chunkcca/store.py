@@ -918,8 +918,8 @@ def describe_store(path: str | os.PathLike, *,
                    storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The layers of a store, as ``chunkcca info`` prints them; reads metadata, a file listing and each chunk
     file's checksum (its last 4 bytes; whole, the first ``integrity.CHECKED_EDITS`` of an array edited since it was
-    written): a chunk file lost, moved or damaged is an error, as before a run (``check_complete``), and one
-    edited a warning.
+    written): a chunk file lost, cut short, overwritten or moved is an error, as before a run (``check_complete``),
+    and one edited a warning. Damage inside a file that leaves its last 4 bytes is found when a run reads it.
 
     Parameters
     ----------

@@ -94,6 +94,15 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["info", "{folder}/missing.zarr"], "no activation store at"),
         (["ingest", "{folder}/x.zarr", "m0/conv"], "expected LAYER=FILE, got 'm0/conv'"),
         (["ingest", "{folder}/x.zarr", "m0=nothing.npy"], "no such file: nothing.npy"),
+        # the API's words (coords:, overwrite=True, storage_options) where a flag was given (found by audit)
+        (["ingest", "{folder}/x.zarr", "m0={folder}/a.npy", "--coord", "datapoint={folder}/a.npy"],
+         "--coord: 'datapoint' names a dim or variable of a layer; call the coordinate otherwise"),
+        (["ingest", "{folder}", "m0={folder}/a.npy", "--overwrite"],
+         "store {folder} exists and is not an activation store chunkcca wrote; --overwrite replaces only that"),
+        (["info", "{store}", "--storage-options", '{{"anon": true}}'],
+         "--storage-options apply to stores given by URL only, not to the local path {store}"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--storage-options", '{{"anon": true}}'],
+         "--storage-options apply to stores given by URL only"),
         (["ingest", "{folder}/x.zarr", "m0={folder}"], "is a folder; name a .npy, .npz or pickle file"),
         # it advised --layout neurons for a (0, 5) array
         (["ingest", "{folder}/x.zarr", "m0={folder}/empty.npy"], "empty.npy: holds an empty array of shape (0, 5): "
@@ -199,7 +208,7 @@ def test_bad_input_exits_2_with_one_line(files, capsys, argv, message: str):
         status = exit_info.code
     assert status == 2
     shown = capsys.readouterr()
-    assert message.format(store=store) in shown.err and len(shown.err.strip().splitlines()) == 1
+    assert message.format(store=store, folder=folder) in shown.err and len(shown.err.strip().splitlines()) == 1
     assert shown.out == ""  # refused before computing anything
 
 
@@ -218,7 +227,9 @@ def test_bad_input_exits_2_with_one_line(files, capsys, argv, message: str):
         (["compare", "{store}", "m0/fc", "m1/fc", "--plot", "{folder}"],
          "--plot {folder}: is a folder; name an image file, e.g. plot.png"),
         (["compare", "{store}", "m0/fc", "m1/fc", "--checkpoint", "{folder}/none/run.moments"],
-         "checkpoint {folder}/none/run.moments: no folder {folder}/none"),
+         "--checkpoint {folder}/none/run.moments: no folder {folder}/none"),
+        (["compare", "{store}", "m0/fc", "m1/fc", "--checkpoint", "{folder}/run.nc"],
+         "--checkpoint {folder}/run.nc: saved Moments are a zarr store (a folder), not a netCDF file"),
         # the checkpoint was written at the plot's path, and the plot refused after the run
         (["compare", "{store}", "m0/fc", "m1/fc", "--checkpoint", "{folder}/o.png", "--plot", "{folder}/o.png"],
          "--plot and --checkpoint both name {folder}/o.png; give each output its own path"),
@@ -731,7 +742,7 @@ def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):
     assert main(["info", url, "--storage-options", '{"auto_mkdir": false}', "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["layer"] == "fc"
     assert main(["info", str(tmp_path / "s.zarr"), "--storage-options", '{"anon": true}']) == 2
-    assert "storage_options apply to fsspec URLs only" in capsys.readouterr().err
+    assert "--storage-options apply to stores given by URL only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["info", url, "--storage-options", "anon"])
     assert "must be a JSON object" in capsys.readouterr().err
