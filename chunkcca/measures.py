@@ -303,6 +303,12 @@ class RoundingWarning(RuntimeWarning):
     correlate with the other layer beyond chance (``ROUNDING_DOUBT``): they may be real."""
 
 
+def _side_named(moments: Moments, side: int) -> str:
+    """"layer 'x'" for a side of ``moments`` that knows its layer, else "side a" (or b)."""
+    return f"layer {moments.layers[side]!r}" if len(moments.layers) > side and moments.layers[side] \
+        else f"side {'ab'[side]}"
+
+
 def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubts: Sequence[int] = (0, 0)) -> None:
     """A side whose every direction lies within the rounding of its values (rank 0 in ``ranks``, per side, at
     every frequency; its channels vary, or ``require_variance`` would have said) makes ``measure`` undefined, an
@@ -314,8 +320,7 @@ def require_resolved(moments: Moments, measure: str, ranks: Sequence[Any], doubt
         resolved = np.any(np.asarray(rank) > 0)
         if not eps or (resolved and not doubtful):  # nothing to say (the usual case): no message made
             continue
-        name = (f"layer {moments.layers[side]!r}" if len(moments.layers) > side and moments.layers[side]
-                else f"side {'ab'[side]}")
+        name = _side_named(moments, side)
         part = moments.side_slices()[side]
         spread = np.sqrt(np.diagonal(moments.scatter, axis1=-2, axis2=-1).real[..., part] / max(moments.n - 1, 1))
         ratio = np.max(np.abs(moments.mean[..., part]) / np.where(spread > 0, spread, np.inf))
@@ -411,29 +416,37 @@ def _pair(moments: Moments, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return cov[:p, :p], cov[:p, p:], cov[p:, p:]
 
 
-def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int, bool]:
+def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding) -> tuple[np.ndarray, int, int, bool]:
     """Principal directions (p, k) of one side, the fewest explaining ``keep`` of the variance or singular values
     (or the first ``keep`` of them, ``keep_by="directions"``), and no more than the side's rank (counted on its
     correlation matrix, so rounding of float32 products is not taken for directions whatever the channels'
-    units), that rank, and whether it limited them (``keep`` < 1: with ``keep`` ≥ 1 of a share SVCCA is CCA,
-    ``svcca_from_moments``)."""
+    units), that rank, how many directions stand above the rounding of the covariance itself (its largest
+    eigenvalue's: directions of channels on scales far apart fall below it, their vectors then rounding), and
+    whether the rank limited them (``keep`` < 1: with ``keep`` ≥ 1 of a share SVCCA is CCA,
+    ``svcca_from_moments``). Where ``keep`` counts every direction of the side, the basis is its channels
+    themselves (the identity, p columns), which spans them exactly whatever their scales."""
     values, vectors = np.linalg.eigh(cov)
     values, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]
     weights = values if keep_by != "singular_values" else np.sqrt(values)
     total = weights.sum()
     if total == 0:
-        return vectors[:, :0], 0, False
+        return vectors[:, :0], 0, 0, False
     # a share within the prefix sums' rounding (p ulps) of ``keep`` reaches it
     count = int(keep) if keep_by == "directions" else int(
         np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
     rank = correlation_rank(cov, floor)
-    return vectors[:, : min(count, rank, int((values > 0).sum()))], rank, count > rank
+    resolved = int(Rounding(floor.products).cut(values)[0].sum())
+    if count >= len(cov):
+        return np.eye(len(cov), dtype=cov.dtype), rank, resolved, count > rank
+    return vectors[:, : min(count, rank)], rank, resolved, count > rank
 
 
-def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float, solve_all: Callable[[], xr.Dataset]) -> xr.Dataset:
-    """SVCCA keeping every direction up to each side's rank (``keep`` = 1): the CCA of the Moments with
-    ``epsilon`` (``solve_all()``), its canonical directions (min(rank_a, rank_b) of them, the ranks without the
-    ridge: a ridge makes every channel a direction) as SVCCA's result lists them."""
+def _svcca_of_all(moments: Moments, keep: float, keep_by: str, epsilon: float,
+                  solve_all: Callable[[], xr.Dataset]) -> xr.Dataset:
+    """SVCCA keeping every direction up to each side's rank (``keep`` = 1, or a count of every channel of both
+    sides): the CCA of the Moments with ``epsilon`` (``solve_all()``), its canonical directions (min(rank_a,
+    rank_b) of them, the ranks without the ridge: a ridge makes every channel a direction) as SVCCA's result
+    lists them."""
     try:
         solved = solve_all()
         if epsilon > 0:
@@ -452,12 +465,12 @@ def _svcca_of_all(moments: Moments, keep_by: str, epsilon: float, solve_all: Cal
          "coef_a": directions["coef_a"], "coef_b": directions["coef_b"],
          "rank_a": ((), np.int64(rank_a), {"long_name": "rank of side a's kept directions, as used"}),
          "rank_b": ((), np.int64(rank_b), {"long_name": "rank of side b's kept directions, as used"}),
-         "dims_a": ((), np.int64(rank_a), {"long_name": _kept_name("a", 1.0, keep_by)}),
-         "dims_b": ((), np.int64(rank_b), {"long_name": _kept_name("b", 1.0, keep_by)}),
+         "dims_a": ((), np.int64(rank_a), {"long_name": _kept_name("a", keep, keep_by)}),
+         "dims_b": ((), np.int64(rank_b), {"long_name": _kept_name("b", keep, keep_by)}),
          "rows": ((), np.int64(moments.n)),
          "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"})},
         coords={"component": np.arange(rho.size), **_channel_coords(moments)},
-        attrs={"measure": "svcca", "keep": 1.0, "keep_by": keep_by, "epsilon": epsilon},
+        attrs={"measure": "svcca", "keep": keep, "keep_by": keep_by, "epsilon": epsilon},
     ), moments)
 
 
@@ -521,23 +534,38 @@ def _svcca(moments: Moments, keep: float, keep_by: str, epsilon: float,
     require_variance(moments, "SVCCA")
     if keep >= 1 and keep_by != "directions":  # every direction up to the rank: CCA, its checks and warnings too
         # (by covariance, a rounding direction of 4e-15 outranked a real one of 1e-18 in a channel of units 1e-9)
-        return _svcca_of_all(moments, keep_by, float(epsilon), solve_all)
+        return _svcca_of_all(moments, 1.0, keep_by, float(epsilon), solve_all)
     with solve_threads(moments.channels):
         floors = rounding(moments, 0), rounding(moments, 1)
-        (basis_a, rank_a, limited_a), (basis_b, rank_b, limited_b) = (
+        (basis_a, rank_a, resolved_a, limited_a), (basis_b, rank_b, resolved_b, limited_b) = (
             _kept_directions(cov, keep, keep_by, floor) for cov, floor in zip((cov_aa, cov_bb), floors))
         doubts = (0, 0)
         if (limited_a or limited_b) and rank_a and rank_b:  # the rank, not keep, took directions: were they real?
             found = real_cuts(cov_ab, (whitener(cov_aa, 0.0, floors[0]), whitener(cov_bb, 0.0, floors[1])), floors)
             doubts = (found[0] if limited_a else 0, found[1] if limited_b else 0)
     require_resolved(moments, "SVCCA", (rank_a, rank_b), doubts)
+    whole = (basis_a.shape[1] == len(cov_aa), basis_b.shape[1] == len(cov_bb))  # every direction: the channels
+    if all(whole):  # every direction of both sides: CCA, its checks and warnings too
+        return _svcca_of_all(moments, keep, keep_by, float(epsilon), solve_all)
+    for side, (basis, resolved, values) in enumerate(((basis_a, resolved_a, cov_aa), (basis_b, resolved_b, cov_bb))):
+        if not whole[side] and basis.shape[1] > resolved:  # its last directions' vectors are the covariance's rounding
+            raise UndefinedMeasure(
+                f"SVCCA is undefined: it keeps {basis.shape[1]} principal directions of {_side_named(moments, side)}, "
+                f"but only {resolved} stand above the rounding of its covariance (channels on scales far apart: "
+                f"variances {np.diagonal(values).real.min():.3g} to {np.diagonal(values).real.max():.3g}), so "
+                f"which {basis.shape[1]} they are is rounding; keep at most {resolved}, or all (then SVCCA is CCA), "
+                f"or put its channels on comparable scales (SVCCA's directions depend on the channels' units)")
     with solve_threads(moments.channels):
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         ridge_a, ridge_b = (float(epsilon) * np.eye(len(cov)) for cov in (cov_aa, cov_bb))
         # the ridge in the channels' units, as cca's
         reduced = np.block([[basis_a.T @ (cov_aa + ridge_a) @ basis_a, basis_a.T @ cov_ab @ basis_b],
                             [basis_b.T @ cov_ab.T @ basis_a, basis_b.T @ (cov_bb + ridge_b) @ basis_b]])
-        solved = _solve_cca(reduced, (ka, kb), 0.0)  # of uncorrelated directions: conditioned
+        # kept directions are uncorrelated (conditioned); a side kept whole is its channels, whitened as cca's
+        mean = np.concatenate([moments.mean[:len(cov_aa)] if whole[0] else np.zeros(ka),
+                               moments.mean[len(cov_aa):] if whole[1] else np.zeros(kb)])
+        solved = _solve_cca(reduced, (ka, kb), 0.0, mean,
+                            tuple(floor if kept else Rounding() for floor, kept in zip(floors, whole)))
     rho = solved["rho"]
     return _with_layers(xr.Dataset(
         {

@@ -71,6 +71,30 @@ def test_svcca_keeps_a_number_of_directions_as_the_tutorials_do(keep):
             svcca(x, y, keep_by="directions", **keep_given)
 
 
+
+def test_svcca_by_directions_on_channels_of_scales_far_apart_is_exact_or_undefined():
+    """Channels on scales 1e-6 to 1e6: the covariance's eigenvalues span 1e24, and its last directions are its
+    rounding. keep=6 of 6 channels gave 0.537 for CCA's 0.695 (a direction dropped, the rest rounding); now every
+    direction is the channels themselves, exactly CCA. A count reaching into the rounding is undefined, not a
+    number; one above it matches principal directions from an SVD of the centred data (found by audit)."""
+    from chunkcca.measures import UndefinedMeasure
+
+    rng = np.random.default_rng(18)
+    x = rng.standard_normal((300, 6))
+    y = x[:, :4] @ rng.standard_normal((4, 5)) + rng.standard_normal((300, 5))
+    graded = x * np.logspace(-6, 6, 6)
+    every = svcca(graded, y, keep=6, keep_by="directions", precision="float64")
+    np.testing.assert_allclose(every["rho"], canonical_correlations(x, y), atol=1e-12)
+    assert int(every["dims_a"]) == 6 and every.attrs["keep"] == 6
+    with pytest.raises(UndefinedMeasure, match=r"SVCCA is undefined: it keeps 5 principal directions of layer 'a', but "
+                                               r"only 4 stand above the rounding of its covariance"):
+        svcca(graded, y, keep=5, keep_by="directions", precision="float64")
+    milder = x * np.logspace(-2, 2, 6)
+    centred = milder - milder.mean(axis=0)
+    scores = centred @ np.linalg.svd(centred, full_matrices=False)[2][:5].T  # the top 5 principal directions
+    kept = svcca(milder, y, keep=5, keep_by="directions", precision="float64")
+    np.testing.assert_allclose(kept["rho"], canonical_correlations(scores, y), atol=1e-10)
+
 def test_svcca_keep_all_is_cca_and_reports_zero_variance_channels():
     x, y = _pair(1)
     x[:, 2] = 4.0
