@@ -782,7 +782,13 @@ def single_failed(products: np.ndarray, block: np.ndarray) -> bool:
         return False
     if not np.isfinite(products).all():
         return True
-    squares = np.diagonal(products, axis1=-2, axis2=-1).real / max(block.shape[-2], 1)
+    return squares_failed(np.diagonal(products, axis1=-2, axis2=-1).real, block)
+
+
+def squares_failed(squares: np.ndarray, block: np.ndarray) -> bool:
+    """Whether the single-precision sums of squares (…, p) of the channels of the rows ``block`` (…, rows, p)
+    underflowed: a channel's averaging below ``SINGLE_UNDERFLOW``, or 0 while its values are not all 0."""
+    squares = squares / max(block.shape[-2], 1)
     if ((squares > 0) & (squares < SINGLE_UNDERFLOW)).any():
         return True
     zero = squares == 0  # (…, p): a dead channel, or values whose squares underflowed to 0

@@ -20,7 +20,7 @@ from functools import cached_property, partial
 
 import numpy as np
 
-from .moments import OUTER_BYTES, Moments, RowCheck, fold_shifted, move_centre, side_slices, single_failed
+from .moments import OUTER_BYTES, Moments, RowCheck, fold_shifted, move_centre, side_slices, squares_failed
 from .options import ProductPrecision
 
 #: A run of channels [start, stop) of the concatenated sides.
@@ -104,22 +104,29 @@ class Tiling:
 
     def add_products(self, packed: np.ndarray, block: np.ndarray, widen: Callable[[], np.ndarray]) -> bool:
         """Each tile += the products of the block's rows (rows, P) for its blocks, made in the block's precision
-        one span at a time; a tile whose own block failed in single precision (``moments.single_failed``) is made
-        from ``widen()`` (the rows in float64), as is any other span whose product did not stay finite. Returns
-        whether any was widened."""
+        one span at a time; a tile whose side failed in single precision (its squares under- or overflowed:
+        ``moments.squares_failed``) is made from ``widen()`` (the rows in float64), as is a span of another side
+        that failed (the cross block of two sides of small values underflows though neither side's own block
+        does), or any span whose product did not stay finite. Returns whether any was widened."""
+        parts = side_slices(self.sizes)
+        failed = [False] * len(parts)
+        if block.dtype == np.float32:  # each side's squares in single precision: one pass over the block
+            squares = np.einsum("ij,ij->j", block, block)
+            failed = [not np.isfinite(squares[part]).all() or squares_failed(squares[part], block[:, part])
+                      for part in parts]
+        ends = np.cumsum(self.sizes)
         widened = False
-        for side, (tile, part) in enumerate(zip(self.tiles(packed), side_slices(self.sizes))):
-            source, column = block, 0
+        for side, (tile, part) in enumerate(zip(self.tiles(packed), parts)):
+            wide = failed[side]
+            source, column = (widen() if wide else block), 0
             for start, stop in self.columns[side]:
+                first, last = np.searchsorted(ends, (start, stop - 1), "right")  # the sides the span holds
+                rows = widen() if not wide and any(failed[first : last + 1]) else source
                 with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-                    product = source[:, part].T @ source[:, start:stop]
-                failed = (single_failed(product[:, : part.stop - part.start], source[:, part])
-                          if column == 0 else product.dtype == np.float32 and not np.isfinite(product).all())
-                if failed:
-                    widened = True
-                    if column == 0:  # the whole tile from the rows in float64
-                        source = widen()
+                    product = rows[:, part].T @ rows[:, start:stop]
+                if product.dtype == np.float32 and not np.isfinite(product).all():
                     product = widen()[:, part].T @ widen()[:, start:stop]
+                widened |= rows is not block or product.dtype != block.dtype
                 tile[:, column : column + stop - start] += product
                 column += stop - start
         return widened
