@@ -875,7 +875,13 @@ def as_layer_set(layers: Any, role: str) -> dict[str, Any]:
     if isinstance(layers, xr.DataTree):  # named as the measures name them: a node cut from a store by its path there
         return {node_name(layers.root[path]): layers.root[path] for path in layer_paths(layers)}
     if isinstance(layers, Mapping):
-        return {str(name): layer for name, layer in layers.items()}
+        named = {str(name): layer for name, layer in layers.items()}
+        if len(named) < len(layers):  # keys alike as text (1 and "1"): one of them was left out, silently
+            texts = [str(name) for name in layers]
+            alike = [name for name in layers if texts.count(str(name)) > 1]
+            raise ValueError(f"{role} names layers by keys that read alike as text ({', '.join(map(repr, alike))}): "
+                             f"a layer's name is text; give each its own")
+        return named
     if isinstance(layers, (list, tuple)) and all(isinstance(node, xr.DataTree) for node in layers):
         named_nodes = [(node_name(node), node) for node in layers]
         names = [name for name, _ in named_nodes]

@@ -225,6 +225,8 @@ def test_a_list_of_nodes_naming_one_layer_twice_is_refused(tmp_path):
     apart = similarity({"run0/fc": runs[0]["fc"], "run1/fc": runs[1]["fc"]}, [other["fc2"]], measures=["cka"])
     assert [float(apart["cka"].sel(layer_a=f"run{i}/fc").item()) for i in (0, 1)] == pytest.approx(
         [float(cka(a + i * b[:, :1], b)["cka"]) for i in (0, 1)], rel=1e-12)
+    with pytest.raises(ValueError, match=r"b_layers names layers by keys that read alike as text \(1, '1'\)"):
+        similarity([other["fc2"]], {1: a, "1": a + b[:, :1]}, measures=["cka"])  # one was left out (found by audit)
 
 
 def _counted_layer(name: str, reads: list, chunks: int = 5, size: int = 40) -> da.Array:
