@@ -419,7 +419,7 @@ def _measure(name: str, a: Any, b: Any, solve: SolveOptions, options: Mapping[st
     if stream.folds is not None:
         raise TypeError(f"{where}() takes groupby, not folds: folds give error bars and held-out measures in "
                         f"chunkcca.compare and chunkcca.similarity, and their Moments in compute_moments")
-    streamed, groups = _stream_pair(a, b, stream, Needs.of([name]))
+    streamed, groups = _stream_pair(a, b, stream, Needs.of([name], solve=solve))
     with _sides_named(streamed):
         if groups is None:
             return _label(PairSolves(streamed.moments, solve).result(name), streamed)
@@ -448,7 +448,7 @@ def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
         raise UndefinedMeasure(f"CKA is undefined: layer {str(dead)!r} has no variance (every feature constant)")
     rows = adapters[0].row_count(layer_a.sizes["datapoint"])
     return with_layers(xr.Dataset(
-        {"cka": ((), sums[0, 1] / np.sqrt(sums[0, 0] * sums[1, 1]),
+        {"cka": ((), min(sums[0, 1] / np.sqrt(sums[0, 0] * sums[1, 1]), 1.0),  # past 1 by rounding only
                  {"long_name": "linear CKA of whole per-datapoint maps (exact, from Gram blocks)"}),
          "rows": ((), np.int64(rows))},
         attrs={"measure": "cka", **adapters[0].attrs, **_gram_attrs(gram), "rows": int(rows)}),
@@ -687,7 +687,7 @@ def _minibatch_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
         raise ValueError(f"minibatch CKA is undefined for layer "
                          f"{str(layer_a.name if hsic[0, 0] <= 0 else layer_b.name)!r}: {NO_MINIBATCH_VARIANCE}")
     return with_layers(xr.Dataset(
-        {"cka": ((), hsic[0, 1] / np.sqrt(hsic[0, 0] * hsic[1, 1]),
+        {"cka": ((), min(hsic[0, 1] / np.sqrt(hsic[0, 0] * hsic[1, 1]), 1.0),  # past 1 by rounding only
                  {"long_name": f"minibatch linear CKA ({size} rows)"}),
          "minibatches": ((), np.int64(batches)),
          "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),
@@ -815,7 +815,7 @@ def compare(a: Any, b: Any, *, measures: Sequence[str] | str = ("mean_cca",), **
         result = _gram_cka(a, b, stream)
         result.attrs["measures"] = "cka"
         return result
-    streamed, groups = _stream_pair(a, b, stream, Needs.of(names))
+    streamed, groups = _stream_pair(a, b, stream, Needs.of(names, solve=solve))
     with _sides_named(streamed):
         if groups is not None and not groups.folds:
             result = _by_group([_compared(PairSolves(part, solve), names, label, groups)
@@ -986,7 +986,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
                           coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "spatial": stream.spatial,
                                                                     "stride": stream.stride, **_gram_attrs(gram),
                                                                     "rows": int(rows)})
-    streamed, groups = _stream_grouped(aligned, adapters, stream, Needs.of(names, sweep=True),
+    streamed, groups = _stream_grouped(aligned, adapters, stream, Needs.of(names, sweep=True, solve=solve),
                                        pairs=[(a, b) for a in sides["a"] for b in sides["b"]])
     labels = [str(layer.name) for layer in aligned]
     coords = _pair_coords(set_a, set_b)
@@ -1034,7 +1034,7 @@ def _cka_of_pairs(sums: np.ndarray, layers: Sequence[xr.DataArray], sides: dict[
     scale = np.sqrt(np.clip(own, 0, None))
     values = np.divide(sums, np.outer(scale, scale), out=np.full_like(sums, np.nan),
                        where=(scale[:, None] > 0) & (scale[None, :] > 0))
-    return values[np.ix_(sides["a"], sides["b"])]
+    return np.minimum(values[np.ix_(sides["a"], sides["b"])], 1.0)  # past 1 by rounding only (Cauchy-Schwarz)
 
 
 def _same_layer(one: xr.DataArray, other: xr.DataArray) -> bool:

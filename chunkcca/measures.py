@@ -114,18 +114,17 @@ class IllConditionedWarning(RuntimeWarning):
     (``WHITENING_CONDITION``)."""
 
 
-def _warn_ill_conditioned(moments: Moments, conditions: Sequence[float], remedy: str = "epsilon (a ridge)") -> None:
-    """Warn, per side, when the correlation matrix a measure inverted (its worst over frequencies) has a condition
-    number above ``WHITENING_CONDITION``: its weakest directions, and the canonical correlations resting on them,
-    are then known to about κ · 1e-16 only. ``remedy``: the option that would bound it."""
+def _warn_ill_conditioned(moments: Moments, conditions: Sequence[float], remedy: str = "epsilon (a ridge)",
+                          matrix: str = "a correlation matrix") -> None:
+    """Warn, per side, when the ``matrix`` a measure inverted (its worst over frequencies) has a condition number
+    above ``WHITENING_CONDITION``: its weakest directions, and the values resting on them, are then known to about
+    κ · 1e-16 only. ``remedy``: the option that would bound it."""
     for side, condition in enumerate(conditions):
         if condition > WHITENING_CONDITION:
-            name = (f"layer {moments.layers[side]!r}" if len(moments.layers) > side and moments.layers[side]
-                    else f"side {'ab'[side]}")
-            warnings.warn(f"{name} has a correlation matrix of condition number about 1e{round(np.log10(condition))} "
-                          f"(near-duplicate channels): covariances resolve its weakest directions only to about its "
-                          f"condition number x 1e-16, and canonical correlations resting on them can be off by that "
-                          f"much (2e-7 was measured at 4e8, 6e-4 at 4e12); {remedy} bounds it",
+            warnings.warn(f"{_side_named(moments, side)} has {matrix} of condition number about "
+                          f"1e{round(np.log10(condition))} (near-duplicate channels): covariances resolve its weakest "
+                          f"directions only to about its condition number x 1e-16, and values resting on them can be "
+                          f"off by that much (2e-7 was measured at 4e8, 6e-4 at 4e12); {remedy} bounds it",
                           IllConditionedWarning, stacklevel=user_stacklevel())
 
 
@@ -706,7 +705,9 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
                                    f"which happens with few rows ({n}); use more rows or the biased estimator")
     else:
         hsic = cross
-    value = hsic["ab"] / np.sqrt(hsic["aa"] * hsic["bb"])
+    # at most 1 by Cauchy-Schwarz (the unbiased HSIC too is an inner product, of U-centred Grams): past it only by
+    # rounding (1 + 4e-16 for a layer against its rotation), as a correlation rounded past 1 is 1
+    value = min(hsic["ab"] / np.sqrt(hsic["aa"] * hsic["bb"]), 1.0)
     return _with_layers(xr.Dataset(
         {"cka": ((), value, {"long_name": "linear CKA" + (" (debiased)" if debiased else "")}),
          "rows": ((), np.int64(n))},
@@ -778,8 +779,11 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
         require_resolved(moments, "the shape metric", (rank_a, rank_b), real_cuts(cov_ab, inverses, floors))
         nuclear = np.linalg.svd(t_a.T @ cov_ab @ t_b, compute_uv=False).sum()  # Tᵀ: α = 0's T is not symmetric
         norm = np.sqrt(np.trace(t_a.T @ cov_aa @ t_a) * np.trace(t_b.T @ cov_bb @ t_b))
-    if alpha == 0:  # a correlation matrix inverted; with alpha > 0 the user's regularisation decides
+    if alpha == 0:  # a correlation matrix inverted
         _warn_ill_conditioned(moments, (condition_a, condition_b), "alpha > 0")
+    else:  # the regularised covariance, whose condition number a tiny alpha leaves near 1 / alpha (found by audit)
+        _warn_ill_conditioned(moments, (condition_a, condition_b), "a larger alpha",
+                              "a partially whitened covariance ((1 - alpha) cov + alpha v I)")
     angle = float(np.arccos(np.clip(nuclear / norm, -1.0, 1.0)))
     return _with_layers(xr.Dataset(
         {"shape_distance": ((), angle, {"long_name": "angular shape distance", "units": "radians"}),
@@ -1112,7 +1116,8 @@ class Measure:
         over units (the median of predictivity).
     whitens
         It inverts (part of) a covariance, so float32 products lose its weak directions on an ill-conditioned layer
-        (``precision="auto"`` then takes float64); CKA and Procrustes invert none.
+        (``precision="auto"`` then takes float64), and no more rows than channels is warned of; CKA and Procrustes
+        invert none. A function of the solve options where they decide (the shape metric at alpha = 1 inverts none).
     from_cca
         Its value comes from the CCA of all channels (``PairSolves.cca``), whose ranks
         [`chunkcca.similarity()`][chunkcca.similarity] reports (components beyond them are 0 and count in it).
@@ -1131,7 +1136,7 @@ class Measure:
     details: tuple[str, ...] = ()
     per_fold: str | None = None
     per_fold_summary: Callable[[np.ndarray], np.ndarray] | None = None
-    whitens: bool = True
+    whitens: bool | Callable[[SolveOptions], bool] = True
     from_cca: bool = False
     least_rows: int = 2
 
@@ -1159,7 +1164,7 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
     Measure("procrustes", lambda pair: procrustes_from_moments(pair.moments), "procrustes",
             "orthogonal Procrustes distance", whitens=False),
     Measure("shape", lambda pair: shape_metric_from_moments(pair.moments, alpha=pair.options.alpha),
-            "shape_distance", "angular shape distance (radians)", ("alpha",)),
+            "shape_distance", "angular shape distance (radians)", ("alpha",), whitens=lambda solve: solve.alpha < 1),
     Measure("heldout_cca", lambda pair: heldout_cca_from_folds(pair.needed_folds("heldout_cca"),
                                                               epsilon=pair.options.epsilon),
             "heldout_cca", "mean held-out canonical correlation", ("epsilon",), details=("heldout_rho",),
@@ -1194,11 +1199,12 @@ class Needs:
     held_out: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, names: Sequence[str], *, sweep: bool = False) -> Needs:
-        """What the measures ``names`` need; for a ``sweep``, 2 rows (a measure its rows cannot give is NaN there,
-        with a warning, beside the others)."""
-        measures = [MEASURES[name] for name in names]
-        return cls(row_norms=any(m.row_norms for m in measures), whitens=any(m.whitens for m in measures),
+    def of(cls, names: Sequence[str], *, sweep: bool = False, solve: SolveOptions | None = None) -> Needs:
+        """What the measures ``names`` need with the solve options ``solve``; for a ``sweep``, 2 rows (a measure its
+        rows cannot give is NaN there, with a warning, beside the others)."""
+        measures, solve = [MEASURES[name] for name in names], solve or SolveOptions()
+        whitens = any(m.whitens(solve) if callable(m.whitens) else m.whitens for m in measures)
+        return cls(row_norms=any(m.row_norms for m in measures), whitens=whitens,
                    least_rows=2 if sweep else max(m.least_rows for m in measures),
                    held_out=tuple(m.name for m in measures if m.per_fold is not None))
 

@@ -390,6 +390,11 @@ def test_fewer_rows_than_channels_warns_for_measures_that_invert_a_covariance():
     with warnings.catch_warnings():  # CKA and Procrustes invert none: their values stand ("correlations are
         warnings.simplefilter("error")  # meaningless" was said of them too)
         chunkcca.compare(x, y, measures=["cka", "procrustes"])
+        chunkcca.compare(x, y, measures=["procrustes", "shape"], alpha=1.0)  # nor the shape metric at alpha 1,
+        chunkcca.similarity({"x": x}, {"y": y}, measures=["shape"])  # its default (found by audit)
+        chunkcca.shape_metric(x, y)
+    with pytest.warns(RuntimeWarning, match="only 6 rows for 11 channels of a pair"):
+        chunkcca.shape_metric(x, y, alpha=0.0)
 
 
 def test_the_rows_left_after_omission_and_padding_are_checked_as_the_rows_before():

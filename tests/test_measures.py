@@ -379,6 +379,40 @@ def test_shape_metric_matches_in_memory(alpha):
     assert float(result["shape_distance"]) == pytest.approx(shape_reference(x, y, alpha), abs=ATOL)
 
 
+
+def test_a_tiny_alpha_on_dependent_channels_is_warned_of_as_alpha_0_is():
+    """alpha > 0 was taken as the user's regularisation and never warned of: at alpha 1e-12 on a layer with a
+    duplicated channel, the matrix inverted has a condition number near 1e12 and the distance was 9e-6 off,
+    silently (found by audit). Its condition number is checked as alpha = 0's correlation matrix is."""
+    from chunkcca.measures import IllConditionedWarning
+
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((200, 5))
+    x = np.column_stack([x, x[:, 0], x[:, 1] - x[:, 2]])
+    y = x[:, :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((200, 4))
+    with pytest.warns(IllConditionedWarning, match=r"layer 'a' has a partially whitened covariance .* of condition "
+                                                   r"number about 1e1[1-3] .*; a larger alpha bounds it"):
+        shape_metric(xr.DataArray(x, dims=("datapoint", "channel"), name="a"), y, alpha=1e-12, precision="float64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IllConditionedWarning)
+        result = shape_metric(x, y, alpha=1e-4, precision="float64")
+    assert float(result["shape_distance"]) == pytest.approx(shape_reference(x, y, 1e-4), abs=1e-10)
+
+
+def test_cka_of_a_layer_against_its_rotation_is_at_most_one():
+    """CKA is at most 1 (Cauchy-Schwarz); rounding gave 1.0000000000000004 for a layer against its rotation, in
+    about half of random rotations (found by audit). Each CKA (exact, debiased, of whole maps, minibatch, a
+    sweep's) is at most 1, as canonical correlations are."""
+    rng = np.random.default_rng(17)
+    for _ in range(10):
+        x = rng.standard_normal((60, 5)) * [1, 2, 3, 4, 5] + 10
+        y = x @ np.linalg.qr(rng.standard_normal((5, 5)))[0]
+        got = compare(x, y, measures=["cka", "cka_debiased"], precision="float64")
+        sweep = chunkcca.similarity({"x": x}, {"y": y}, measures=["cka"], precision="float64")
+        values = [float(got["cka"]), float(got["cka_debiased"]), float(sweep["cka"].item()),
+                  float(cka(x, y, minibatch=20)["cka"])]
+        assert max(values) <= 1.0 and min(values) == pytest.approx(1.0, abs=1e-12)
+
 def test_dead_channels_change_neither_the_shape_metric_nor_predictivity():
     """Partial whitening and predictivity's ridge are scaled by the mean variance of a layer's channels: dead
     (constant) units counted in it moved the shape metric at α = 0.5 from 0.629 to 0.665 (six dead beside six
