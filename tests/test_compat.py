@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -85,6 +86,24 @@ def test_cca_coefficients_are_the_true_canonical_correlations():
     result = get_cca_similarity(acts1, acts2, verbose=False)
     np.testing.assert_allclose(result["cca_coef1"], canonical_correlations(acts1.T, acts2.T), atol=1e-9)
 
+
+
+def test_neurons_on_scales_far_apart_are_warned_of_as_the_reference_route_loses_digits():
+    """At epsilon=0 the reference's pinv square root of a covariance of condition number 1e14 (neuron spreads
+    1 to 1e-7) is 3e-4 off, and at 1e16 the reference fails (LinAlgError) where this gave numbers 4e-3 off,
+    silently (found by audit): a warning says so and names chunkcca.cca, which is exact there."""
+    from chunkcca.measures import IllConditionedWarning
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((20, 300))
+    b = a[:10] + 0.5 * rng.standard_normal((10, 300))
+    with pytest.warns(IllConditionedWarning, match=r"acts1: its covariance.*condition number of about 1e1[3-5] "
+                                                   r".*chunkcca.cca gives them exactly"):
+        get_cca_similarity(a * np.logspace(0, -8, 20)[:, None], b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IllConditionedWarning)
+        got = get_cca_similarity(a * np.logspace(0, -2, 20)[:, None], b)["cca_coef1"]
+    np.testing.assert_allclose(got, canonical_correlations(a.T, b.T)[:10], atol=1e-12)
 
 def test_every_neuron_pruned_gives_the_zero_result():
     """The reference raises here (it unpacks six values into five); its intended zero dict is returned."""
