@@ -51,28 +51,38 @@ from .engine import NonFiniteError
 from .layers import as_activations
 from .measures import NONFINITE_STATISTICS, WHITENING_CONDITION, IllConditionedWarning
 from .moments import Moments
-from .options import MEMORY_LIMIT, PRECISIONS, ProductPrecision, StreamOptions, check_choice, check_epsilon
+from .options import (
+    MEMORY_LIMIT,
+    PRECISIONS,
+    ProductPrecision,
+    StreamOptions,
+    check_choice,
+    check_epsilon,
+    check_number,
+)
 from .passes import stream_layers
 from .rows import plan_adapters
 
 
-def _as_layer(acts: Any, name: str) -> xr.DataArray:
-    """(neurons, datapoints) input → a validated layer (datapoint, channel) named ``name``, chunked by datapoint. As
-    google/svcca's, the axes are taken by position, a DataArray's too (its dims' names are not read)."""
+def _as_layer(acts: Any, name: str, axes: tuple[str, ...] = ("channel", "datapoint"),
+              layout: str = "(neurons, datapoints)") -> xr.DataArray:
+    """Input of google/svcca's ``layout`` (``axes``, by default (neurons, datapoints)) → a validated layer
+    (datapoint, …, channel) named ``name``, chunked by datapoint. As google/svcca's, the axes are taken by
+    position, a DataArray's too (its dims' names are not read), and no other layout is guessed."""
     if isinstance(acts, xr.DataArray):  # its dims by position, lazily (a file's array is not read here)
         acts = acts.drop_vars(list(acts.coords)).rename(None)
         acts = acts.rename(dict(zip(acts.dims, (f"_axis{i}" for i in range(acts.ndim)))))
-        acts = acts.rename(dict(zip(acts.dims, ("channel", "datapoint")))) if acts.ndim == 2 else acts
-    if not hasattr(acts, "ndim") or acts.ndim != 2:
+        acts = acts.rename(dict(zip(acts.dims, axes))) if acts.ndim == len(axes) else acts
+    if not hasattr(acts, "ndim") or acts.ndim != len(axes):
         got = (f"shape {tuple(acts.shape)}" if hasattr(acts, "shape")
                else f"a {type(acts).__name__}; give a numpy or Dask array (np.asarray)")
-        raise ValueError(f"{name} must be a 2-d array (neurons, datapoints), got {got}")
-    return as_activations(acts, name, dims=("channel", "datapoint"), allow_complex=True)
+        raise ValueError(f"{name} must be a {len(axes)}-d array {layout}, got {got}")
+    return as_activations(acts, name, dims=axes, allow_complex=True)
 
 
 def _check_threshold(threshold: Any) -> None:
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+    """google/svcca's ``threshold``: a number in [0, 1] (None or text: a ValueError naming it)."""
+    check_number("threshold", threshold, 0.0, 1.0)
 
 
 def _matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -399,11 +409,14 @@ def _independent_columns(gram: np.ndarray) -> np.ndarray:
 
 
 def _directions(acts: Any, transform: np.ndarray, means: np.ndarray) -> Any:
-    """``transform · (acts − means) + means`` (neurons, datapoints): lazy for Dask input.
+    """``transform · (acts − means) + means`` (neurons, datapoints): lazy for Dask input (a Dask-backed DataArray's
+    too: it was computed in memory).
 
     The directions are as large as the input; for numpy input they are computed in memory,
     like the input itself.
     """
+    if isinstance(acts, xr.DataArray) and isinstance(acts.data, da.Array):
+        acts = acts.data
     if isinstance(acts, da.Array):
         return da.dot(transform, acts - means) + means
     return np.dot(transform, acts - means) + means
@@ -462,11 +475,9 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
         raise ValueError("fourier_ccas does not offer compute_dirns: the reference's inverse DFT of "
                          "(neurons, datapoints) directions has no spatial meaning; use chunkcca.cca(spatial='dft')")
     _check_threshold(threshold)
-    layer_a = as_activations(conv_acts1, "conv_acts1")
-    layer_b = as_activations(conv_acts2, "conv_acts2")
-    for name, layer in (("conv_acts1", layer_a), ("conv_acts2", layer_b)):
-        if layer.ndim != 4:
-            raise ValueError(f"{name} must be (datapoint, height, width, channel), got shape {layer.shape}")
+    conv = ("datapoint", "height", "width", "channel")
+    layer_a, layer_b = (_as_layer(acts, name, conv, "(datapoints, height, width, channels)")
+                        for acts, name in ((conv_acts1, "conv_acts1"), (conv_acts2, "conv_acts2")))
     _check(epsilon, precision)
     if verbose:
         print("streaming per-frequency covariances")

@@ -366,8 +366,8 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     if wanted == "float64":
         warnings.warn(f"precision='float32' on ill-conditioned or rank-deficient layers ({why}): float32 "
                       f"products cannot tell directions weaker than about 4e-6 of the strongest from rounding, so "
-                      f"they are dropped, and move correlations by 1e-3 and more near there; precision='auto' (the "
-                      f"default) or 'float64' (--precision auto or float64) keep them", RuntimeWarning,
+                      f"they are dropped, and move correlations by 1e-3 and more near there; precision='float64' "
+                      f"keeps them (as does 'auto', the measures' and the command's default)", RuntimeWarning,
                       stacklevel=user_stacklevel())
     given = (sum(map(adapters[0].row_count, group_sizes)) if codes is not None and codes.ndim == 2
              else adapters[0].row_count(datapoints))

@@ -158,7 +158,10 @@ def test_verbose_prints_steps(capsys):
         ([[0.0] * 40] * 5, np.zeros((5, 40)), {}, r"acts1 must be a 2-d array \(neurons, datapoints\), got a list; "
                                                   r"give a numpy or Dask array \(np.asarray\)$"),
         (np.ones((2, 40)), np.ones((2, 40)), {"epsilon": -1.0}, "epsilon must be a finite number >= 0"),
-        (np.ones((2, 40)), np.ones((2, 40)), {"threshold": 1.5}, "threshold must be between 0 and 1"),
+        (np.ones((2, 40)), np.ones((2, 40)), {"threshold": 1.5}, r"threshold must be in \[0, 1\], got 1.5"),
+        # numpy's "'<=' not supported between instances of 'int' and 'NoneType'" (found by audit)
+        (np.ones((2, 40)), np.ones((2, 40)), {"threshold": None}, r"threshold must be in \[0, 1\], got None"),
+        (np.ones((2, 40)), np.ones((2, 40)), {"threshold": "0.9"}, r"threshold must be in \[0, 1\], got '0.9'"),
         (np.ones((2, 40), dtype=bool), np.ones((2, 40)), {}, "layer 'acts1' has dtype bool"),
         # taken as on by the reference's ``if``, silently
         (np.ones((2, 40)), np.ones((2, 40)), {"compute_coefs": "no"}, r"compute_coefs must be True or False \(or 1 "),
@@ -359,3 +362,18 @@ def test_data_arrays_are_read_by_position_and_verbose_takes_integers():
     acts1, acts2 = a.reshape(60, -1)[:, :5].T, b.reshape(60, -1)[:, :3].T
     quiet = get_cca_similarity(acts1, acts2, verbose=False)["mean"]
     assert get_cca_similarity(acts1, acts2, verbose=0)["mean"] == quiet
+    # by position whatever their dims' names (it advised "pass dims=", which it lacks), and the reference's own
+    # layout of numpy arrays without a warning that it may be channels-first (found by audit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = fourier_ccas(xr.DataArray(a, dims=("n", "h", "w", "c")), xr.DataArray(b, dims=("n", "h", "w", "c")))
+        wide = rng.standard_normal((60, 6, 4, 3))
+        fourier_ccas(wide, wide[..., :2] + rng.standard_normal((60, 6, 4, 2)))
+    np.testing.assert_allclose(np.stack(named["mean"].map(np.asarray)), np.stack(want["mean"].map(np.asarray)),
+                               atol=1e-12)
+    # a Dask-backed DataArray's directions are lazy, as a Dask array's (they were computed in memory)
+    lazy = xr.DataArray(da.from_array(acts1, chunks=(-1, 20)))
+    dirns = get_cca_similarity(lazy, acts2, verbose=False, compute_dirns=True)["cca_dirns1"]
+    assert isinstance(dirns, da.Array)
+    np.testing.assert_allclose(dirns.compute(), get_cca_similarity(acts1, acts2, verbose=False,
+                                                                   compute_dirns=True)["cca_dirns1"], atol=1e-12)

@@ -300,6 +300,11 @@ def test_explicit_float32_on_ill_conditioned_layers_warns_at_the_users_call():
                                                 r"datapoints is 3\.") as caught:
             call()
         assert {record.filename for record in caught} == {__file__}
+    from chunkcca.compat import get_cca_similarity
+
+    with pytest.warns(RuntimeWarning, match=r"precision='float64' keeps them \(as does 'auto', the measures' and "
+                                            r"the command's default\)"):  # compat offers no 'auto' (found by audit)
+        get_cca_similarity(a.T, b.T, verbose=False, precision="float32")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cca(a, b)  # auto: no warning, float64 where needed
