@@ -66,7 +66,6 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     import chunkcca
     from chunkcca.demo import run_demo
     from chunkcca.ingest import LAYOUTS, ingest
-    from chunkcca.layers import check_coord_name
     from chunkcca.options import (
         CONNECT_TIMEOUT,
         GRIDS,
@@ -96,7 +95,6 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     )
     from chunkcca.plot import plot_rho, plot_similarity
     from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
-    from chunkcca.store import is_activation_store
 except KeyboardInterrupt:
     if not _as_command():  # imported by a program of its own: its KeyboardInterrupt
         raise
@@ -567,19 +565,19 @@ def _run_ingest(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.store}: no folder {folder}")  # a URL is refused by ingest, saying why
     if os.path.lexists(args.store) and not (args.overwrite or args.append):
         raise ValueError(f"{args.store} exists; pass --overwrite to replace it, or --append to add layers to it")
-    if args.overwrite:  # as ingest checks it, in the flag's words
-        _check_output(args.store, "store", True, is_activation_store, "an activation store")
     sources = _named_files(args.layers, "", "LAYER", "layer")
     masks = _named_files(args.mask, "--mask: ", "LAYER", "layer")
     coords = _named_files(args.coord, "--coord: ", "NAME", "coordinate")
-    for name in coords:
-        try:
-            check_coord_name(name)
-        except ValueError as error:
-            raise ValueError(f"--coord: {str(error).removeprefix('coords: ')}") from None
-    tree = ingest(args.store, sources, layout=args.layout, masks=masks, mode="a" if args.append else "w",
-                  chunks=args.chunk or "auto", coords=coords, datapoints=args.datapoints, overwrite=args.overwrite,
-                  progress=not args.no_progress)
+    try:
+        tree = ingest(args.store, sources, layout=args.layout, masks=masks, mode="a" if args.append else "w",
+                      chunks=args.chunk or "auto", coords=coords, datapoints=args.datapoints, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+    except (ValueError, FileExistsError) as error:  # ingest's checks, before any work, in its keywords' words
+        said = str(error)
+        if said.startswith("coords: ") or "overwrite=True" in said:
+            raise type(error)(said.replace("coords: ", "--coord: ", 1).replace("overwrite=True", "--overwrite")
+                              ) from None
+        raise
     written = [path for path in chunkcca.layer_paths(tree)
                if any(path == layer.strip("/") or path.startswith(layer.strip("/") + "/") for layer in sources)]
     print(f"wrote {args.store}:")

@@ -97,8 +97,8 @@ def test_ingest_info_compare_sweep(files, capsys):
         # the API's words (coords:, overwrite=True, storage_options) where a flag was given (found by audit)
         (["ingest", "{folder}/x.zarr", "m0={folder}/a.npy", "--coord", "datapoint={folder}/a.npy"],
          "--coord: 'datapoint' names a dim or variable of a layer; call the coordinate otherwise"),
-        (["ingest", "{folder}", "m0={folder}/a.npy", "--overwrite"],
-         "store {folder} exists and is not an activation store chunkcca wrote; --overwrite replaces only that"),
+        (["ingest", "{folder}/b.npz", "m0={folder}/a.npy", "--overwrite"],
+         "{folder}/b.npz exists and is not an activation store chunkcca wrote; --overwrite replaces only that"),
         (["info", "{store}", "--storage-options", '{{"anon": true}}'],
          "--storage-options apply to stores given by URL only, not to the local path {store}"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--storage-options", '{{"anon": true}}'],
