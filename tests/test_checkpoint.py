@@ -719,3 +719,30 @@ def test_a_checkpoint_holding_a_users_files_is_refused_before_the_run(tmp_path):
                                      precision="float64")  # nothing saved over it
     np.testing.assert_array_equal(again.scatter, resumed.scatter)
     assert (path / "NOTES.txt").read_text() == "a finished run"
+
+
+def test_the_labels_hash_holds_a_few_labels_as_text_at_a_time():
+    """The fingerprint made every datapoint label text at once: 430 MiB for 4 million labels, more than the store
+    itself, just for passing checkpoint= (found by audit). It takes them a slice at a time, hashing the same
+    bytes, so checkpoints made before resume."""
+    import hashlib
+    import tracemalloc
+
+    from chunkcca.checkpoint import LABELS_AT_ONCE, _labels_hash
+
+    count = 1_000_000
+    layer = xr.DataArray(np.zeros((count, 1), np.float32), dims=("datapoint", "channel"),
+                         coords={"datapoint": np.arange(count) * 7})
+    whole = hashlib.sha256()  # all at once, as before
+    whole.update(b"channel:1:")
+    whole.update(b"0")
+    whole.update(f"datapoint:{count}:".encode())
+    whole.update("\x1f".join(map(str, layer.indexes["datapoint"].tolist())).encode())
+    tracemalloc.start()
+    try:
+        made = _labels_hash(layer.assign_coords(channel=[0]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert made == whole.hexdigest()
+    assert peak < 2 * LABELS_AT_ONCE * 100, peak  # a slice of labels as Python ints and text (it was ~100 MiB)
