@@ -86,6 +86,7 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
         SWEEP_SPATIAL,
         check_checkpoint_place,
         check_output_place,
+        check_storage_options,
         expanded,
         holds_positions,
         is_url,
@@ -544,10 +545,9 @@ def _layer(tree: Any, path: str, store: str) -> Any:
 
 def _check_storage_options(args: argparse.Namespace) -> None:
     """--storage-options apply to stores given by URL: with a local store, refused in the flag's words."""
-    local = next((store for store in (args.store, getattr(args, "b_store", None))
-                  if store is not None and not is_url(store)), None)
-    if args.storage_options and local is not None:
-        raise ValueError(f"--storage-options apply to stores given by URL only, not to the local path {local}")
+    for store in (args.store, getattr(args, "b_store", None)):
+        if store is not None:
+            check_storage_options(store, args.storage_options, "--storage-options")
 
 
 def _stores(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -572,12 +572,12 @@ def _run_ingest(args: argparse.Namespace) -> None:
         tree = ingest(args.store, sources, layout=args.layout, masks=masks, mode="a" if args.append else "w",
                       chunks=args.chunk or "auto", coords=coords, datapoints=args.datapoints, overwrite=args.overwrite,
                       progress=not args.no_progress)
-    except (ValueError, FileExistsError) as error:  # ingest's checks, before any work, in its keywords' words
-        said = str(error)
-        if said.startswith("coords: ") or "overwrite=True" in said:
-            raise type(error)(said.replace("coords: ", "--coord: ", 1).replace("overwrite=True", "--overwrite")
-                              ) from None
-        raise
+    except FileExistsError as error:  # its check of the store's place, before any work, in the API's words
+        raise FileExistsError(str(error).replace("overwrite=True", "--overwrite")) from None
+    except ValueError as error:  # its check of the coordinates' names, before any file is read
+        if not str(error).startswith("coords: "):
+            raise
+        raise ValueError(f"--coord: {str(error).removeprefix('coords: ')}") from None
     written = [path for path in chunkcca.layer_paths(tree)
                if any(path == layer.strip("/") or path.startswith(layer.strip("/") + "/") for layer in sources)]
     print(f"wrote {args.store}:")

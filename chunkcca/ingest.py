@@ -276,11 +276,11 @@ def _as_layer(array: np.ndarray, layout: str | None, source: str, *, pickled: bo
                           stacklevel=user_stacklevel())
         return array.T
     if layout == "channels_first":
-        if array.ndim == 2 and array.shape[0] < array.shape[1]:  # read as it is, unchecked (found by audit)
-            raise ValueError(f"{source}: a 2-d array of shape {array.shape} has fewer rows than columns, as "
-                             f"google/svcca's (neurons, datapoints) layout has, which layout 'channels_first' does "
-                             f"not say: ingest it on its own with --layout neurons (layout='neurons') if its rows are "
-                             f"neurons, or --layout datapoints (layout='datapoints') if they are datapoints")
+        if array.ndim == 2 and array.shape[0] < array.shape[1]:  # read as it is, unsaid (found by audit)
+            warnings.warn(f"{source}: layout 'channels_first' reads shape {array.shape} as it is, {array.shape[0]} "
+                          f"datapoints of {array.shape[1]} channels, though fewer rows than columns is google/svcca's "
+                          f"(neurons, datapoints) layout; if its rows are neurons, ingest it on its own with --layout "
+                          f"neurons (layout='neurons')", RuntimeWarning, stacklevel=user_stacklevel())
         if array.ndim == 2:  # (datapoint, channel) in either layout: a fully connected layer beside conv ones
             return array
         if array.ndim not in (3, 4, 5):
@@ -427,7 +427,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
         it may be PyTorch's (N, C, H, W). 3-d arrays are (datapoint, token, channel), 5-d (datapoint, depth,
         height, width, channel). "neurons": 2-d (neurons, datapoints), google/svcca's; "channels_first": PyTorch's
         (datapoint, channel, *positions), e.g. a 1-d conv's (N, C, L) or (N, C, H, W); both transposed lazily.
-        With "channels_first" a 2-d array is (datapoint, channel) as it is, refused with fewer rows than columns.
+        With "channels_first" a 2-d array is (datapoint, channel) as it is, warned of with fewer rows than columns.
     masks
         Layer path → a .npy file of its boolean padding mask (datapoint, *positions), True at real positions
         (e.g. the attention mask of padded sequences).

@@ -434,7 +434,8 @@ def _kept_directions(cov: np.ndarray, keep: float, keep_by: str, floor: Rounding
     count = int(keep) if keep_by == "directions" else int(
         np.searchsorted(np.cumsum(weights) / total, keep - len(weights) * np.finfo(float).eps) + 1)
     rank = correlation_rank(cov, floor)
-    resolved = int(Rounding(floor.products).cut(values)[0].sum())
+    # the covariance's rounding, relative to its largest eigenvalue (in the channels' units, not a correlation's)
+    resolved = int((values > values[0] * max(len(values) * np.finfo(np.float64).eps, floor.products)).sum())
     if count >= len(cov):
         return np.eye(len(cov), dtype=cov.dtype), rank, resolved, count > rank
     return vectors[:, : min(count, rank)], rank, resolved, count > rank
@@ -550,10 +551,12 @@ def _svcca(moments: Moments, keep: float, keep_by: str, epsilon: float,
         if not whole[side] and basis.shape[1] > resolved:  # its last directions' vectors are the covariance's rounding
             raise UndefinedMeasure(
                 f"SVCCA is undefined: it keeps {basis.shape[1]} principal directions of {_side_named(moments, side)}, "
-                f"but only {resolved} stand above the rounding of its covariance (channels on scales far apart: "
-                f"variances {np.diagonal(values).real.min():.3g} to {np.diagonal(values).real.max():.3g}), so "
-                f"which {basis.shape[1]} they are is rounding; keep at most {resolved}, or all (then SVCCA is CCA), "
-                f"or put its channels on comparable scales (SVCCA's directions depend on the channels' units)")
+                f"but only {resolved} stand above the rounding of its covariance (its channels' variances "
+                f"{np.diagonal(values).real.min():.3g} to {np.diagonal(values).real.max():.3g}"
+                f"{'; float32 products' if moments.precision == 'float32' else ''}), so which {basis.shape[1]} "
+                f"they are is rounding; keep fewer, or all (then SVCCA is CCA), or put its channels on comparable "
+                f"scales (SVCCA's directions depend on the channels' units)"
+                + ("" if moments.precision != "float32" else ", or take float64 products"))
     with solve_threads(moments.channels):
         ka, kb = basis_a.shape[1], basis_b.shape[1]
         ridge_a, ridge_b = (float(epsilon) * np.eye(len(cov)) for cov in (cov_aa, cov_bb))
@@ -1117,7 +1120,8 @@ class Measure:
     whitens
         It inverts (part of) a covariance, so float32 products lose its weak directions on an ill-conditioned layer
         (``precision="auto"`` then takes float64), and no more rows than channels is warned of; CKA and Procrustes
-        invert none. A function of the solve options where they decide (the shape metric at alpha = 1 inverts none).
+        invert none. A function of the solve options, which decide for some (the shape metric at alpha = 1 inverts
+        none).
     from_cca
         Its value comes from the CCA of all channels (``PairSolves.cca``), whose ranks
         [`chunkcca.similarity()`][chunkcca.similarity] reports (components beyond them are 0 and count in it).
@@ -1136,7 +1140,7 @@ class Measure:
     details: tuple[str, ...] = ()
     per_fold: str | None = None
     per_fold_summary: Callable[[np.ndarray], np.ndarray] | None = None
-    whitens: bool | Callable[[SolveOptions], bool] = True
+    whitens: Callable[[SolveOptions], bool] = lambda solve: True
     from_cca: bool = False
     least_rows: int = 2
 
@@ -1158,11 +1162,11 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
             ("epsilon", "keep", "keep_by"), canonical=True, details=("dims_a", "dims_b", "rho")),
     Measure("pwcca", lambda pair: pwcca_from_moments(pair.moments, epsilon=pair.options.epsilon, solved=pair.cca),
             "pwcca", "projection-weighted mean canonical correlation", ("epsilon",), canonical=True, from_cca=True),
-    Measure("cka", lambda pair: cka_from_moments(pair.moments), "cka", "linear CKA", whitens=False),
+    Measure("cka", lambda pair: cka_from_moments(pair.moments), "cka", "linear CKA", whitens=lambda solve: False),
     Measure("cka_debiased", lambda pair: cka_from_moments(pair.moments, debiased=True), "cka",
-            "linear CKA (debiased)", row_norms=True, whitens=False, least_rows=4),
+            "linear CKA (debiased)", row_norms=True, whitens=lambda solve: False, least_rows=4),
     Measure("procrustes", lambda pair: procrustes_from_moments(pair.moments), "procrustes",
-            "orthogonal Procrustes distance", whitens=False),
+            "orthogonal Procrustes distance", whitens=lambda solve: False),
     Measure("shape", lambda pair: shape_metric_from_moments(pair.moments, alpha=pair.options.alpha),
             "shape_distance", "angular shape distance (radians)", ("alpha",), whitens=lambda solve: solve.alpha < 1),
     Measure("heldout_cca", lambda pair: heldout_cca_from_folds(pair.needed_folds("heldout_cca"),
@@ -1203,7 +1207,7 @@ class Needs:
         """What the measures ``names`` need with the solve options ``solve``; for a ``sweep``, 2 rows (a measure its
         rows cannot give is NaN there, with a warning, beside the others)."""
         measures, solve = [MEASURES[name] for name in names], solve or SolveOptions()
-        whitens = any(m.whitens(solve) if callable(m.whitens) else m.whitens for m in measures)
+        whitens = any(m.whitens(solve) for m in measures)
         return cls(row_norms=any(m.row_norms for m in measures), whitens=whitens,
                    least_rows=2 if sweep else max(m.least_rows for m in measures),
                    held_out=tuple(m.name for m in measures if m.per_fold is not None))

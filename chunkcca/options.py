@@ -138,6 +138,14 @@ def check_output_place(path: str | os.PathLike, what: str, *, written: bool = Tr
     check_outside_stores(path, what)
 
 
+def check_storage_options(location: str, storage_options: Mapping[str, Any] | None,
+                          what: str = "storage_options") -> None:
+    """Refuse ``storage_options`` (``what``: its option, for the message) for a store at a local path: they are
+    an fsspec filesystem's, for stores given by URL."""
+    if storage_options and not is_url(location):
+        raise ValueError(f"{what} apply to stores given by URL (fsspec) only, not to the local path {location}")
+
+
 def check_checkpoint_place(path: str, what: str) -> None:
     """Refuse, before any work, a checkpoint at ``path`` (``what``: its option, for the message) that is a URL, a
     netCDF name, or in a folder that is missing or (for one not there yet) cannot be written to."""

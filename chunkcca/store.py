@@ -94,6 +94,7 @@ from .options import (
     check_choice,
     check_flag,
     check_output_place,
+    check_storage_options,
     netcdf_int_error,
 )
 from .progress import Progress
@@ -770,8 +771,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
                         + ("; an opened store's layers are already at hand" if isinstance(path, xr.DataTree) else ""))
     path = expanded(path)
     location = path if is_url(path) else os.path.abspath(path)  # one Dask name for any spelling
-    if storage_options and not is_url(location):
-        raise ValueError(f"storage_options apply to fsspec URLs only, not to the local path {location}")
+    check_storage_options(location, storage_options)
     holder = None if is_url(location) else store_holding(location)
     if holder is not None:  # opened alone, a group of a store is not checked against the store's list of layers
         part = Path(location).relative_to(holder).as_posix()

@@ -100,9 +100,9 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["ingest", "{folder}/b.npz", "m0={folder}/a.npy", "--overwrite"],
          "{folder}/b.npz exists and is not an activation store chunkcca wrote; --overwrite replaces only that"),
         (["info", "{store}", "--storage-options", '{{"anon": true}}'],
-         "--storage-options apply to stores given by URL only, not to the local path {store}"),
+         "--storage-options apply to stores given by URL (fsspec) only, not to the local path {store}"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--storage-options", '{{"anon": true}}'],
-         "--storage-options apply to stores given by URL only"),
+         "--storage-options apply to stores given by URL (fsspec) only"),
         (["ingest", "{folder}/x.zarr", "m0={folder}"], "is a folder; name a .npy, .npz or pickle file"),
         # it advised --layout neurons for a (0, 5) array
         (["ingest", "{folder}/x.zarr", "m0={folder}/empty.npy"], "empty.npy: holds an empty array of shape (0, 5): "
@@ -742,7 +742,7 @@ def test_storage_options_reach_the_filesystem_of_a_url_store(tmp_path, capsys):
     assert main(["info", url, "--storage-options", '{"auto_mkdir": false}', "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["layer"] == "fc"
     assert main(["info", str(tmp_path / "s.zarr"), "--storage-options", '{"anon": true}']) == 2
-    assert "--storage-options apply to stores given by URL only" in capsys.readouterr().err
+    assert "--storage-options apply to stores given by URL (fsspec) only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["info", url, "--storage-options", "anon"])
     assert "must be a JSON object" in capsys.readouterr().err

@@ -94,6 +94,12 @@ def test_svcca_by_directions_on_channels_of_scales_far_apart_is_exact_or_undefin
     scores = centred @ np.linalg.svd(centred, full_matrices=False)[2][:5].T  # the top 5 principal directions
     kept = svcca(milder, y, keep=5, keep_by="directions", precision="float64")
     np.testing.assert_allclose(kept["rho"], canonical_correlations(scores, y), atol=1e-10)
+    small = (x * 1e-4).astype(np.float32), (y * 1e-4).astype(np.float32)  # rounding relative to the largest
+    with warnings.catch_warnings():  # direction, not in units of 1 (every direction was "rounding" here)
+        warnings.simplefilter("ignore")
+        single = svcca(*small, keep=0.99, precision="float32")
+    assert float(single["rho_mean"]) == pytest.approx(float(svcca(*small, keep=0.99, precision="float64")
+                                                           ["rho_mean"]), abs=1e-6)
 
 def test_svcca_keep_all_is_cca_and_reports_zero_variance_channels():
     x, y = _pair(1)

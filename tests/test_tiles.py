@@ -120,10 +120,10 @@ def test_tiles_of_values_beyond_single_precision_are_made_in_float64(scale):
 
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_a_cross_block_of_two_sides_of_small_values_is_made_in_float64(order):
-    """Sides of values near 3e-17 and 3e-30: neither's own float32 squares underflow the first's, but their cross
-    products (1e-46) do, and the cross block lay in the first side's tile, checked for non-finite values only:
-    a sweep's CKA gave 0.368 for 0.624 in one order, silently (found by audit). A span of a side whose squares
-    fail is made from the rows in float64, as that side's own tile is."""
+    """Sides of values near 3e-17 and 3e-30: the first's own float32 squares hold, the second's underflow (its own
+    tile was made in float64), and so do their cross products (1e-46), in the first side's tile, checked for
+    non-finite values only: a sweep's CKA gave 0.368 for 0.624 in one order, silently (found by audit). A span of
+    a side whose squares fail is made from the rows in float64, as that side's own tile is."""
     rng = np.random.default_rng(11)
     z = rng.standard_normal((2000, 3))
     values = [(z @ rng.standard_normal((3, 4)) + 0.5 * rng.standard_normal((2000, 4))) * 3e-17,
