@@ -34,7 +34,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .blas import one_thread, pin_blas
-from .minibatch import Hollow, check_boundary, chunk_hsic, minibatch_gram, minibatch_partial
+from .minibatch import Hollow, check_boundary, chunk_hsic, minibatch_gram, minibatch_partial, within_mean_rounding
 from .moments import (
     MADE_SUBBLOCK_BYTES,
     OUTER_BYTES,
@@ -347,11 +347,12 @@ def _centred(first: int, blocks: list[np.ndarray], *after: Any, adapters: Sequen
 
 
 def _centred_side(first: int, block: np.ndarray, adapter: Adapter, mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """One side's rows less its (float64) mean, subtracted in float64 and stored in ``dtype`` (float32 or float64)."""
+    """One side's rows less its (float64) mean, subtracted in float64 and stored in ``dtype`` (float32 or float64);
+    values within the mean's rounding of it are 0 (``within_mean_rounding``)."""
     rows = adapter.block_rows(block, first)
     centred = np.empty(rows.shape, dtype=dtype)  # a new array even when the block is float64
     np.subtract(rows, mean, out=centred, dtype=np.float64, casting="unsafe")  # in float64, a buffer at a time
-    return centred
+    return within_mean_rounding(centred, mean)
 
 
 def _gram_band(band: list[list[np.ndarray]], weights: list[float], first_j: int, blocks_j: list[np.ndarray] | None,

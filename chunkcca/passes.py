@@ -726,7 +726,7 @@ def gram_precisions(stats: FeatureStats, widths: Sequence[int], names: Sequence[
     """
     for name, span, widest, width in zip(names, stats.spans, stats.widest, widths):
         overflows = span > np.sqrt(FLOAT64_LARGEST_SUM / (width * max(stats.rows, 1)))
-        if overflows or (0 < span and widest < FLOAT64_SMALLEST_RANGE):
+        if overflows or 0 < widest < FLOAT64_SMALLEST_RANGE:  # every column constant (0): no variance, said after
             raise ValueError(f"exact CKA of whole maps (spatial='features'): layer {name!r}'s values span {span:.3g} "
                              f"(its widest column at least {widest:.3g}), beyond what float64 Gram products of its "
                              f"{width} features over {stats.rows} rows hold; rescale it")

@@ -750,3 +750,26 @@ def test_minibatch_feature_cka_of_every_pair_of_a_sweep_in_one_pass():
     with pytest.warns(RuntimeWarning, match="minibatch CKA of layer 'dead' is NaN: it has no variance"):
         partial = similarity(layers_a, dead, measures=["cka"], minibatch=20)
     assert np.isnan(partial["cka"].values).all()
+
+
+@pytest.mark.parametrize("chunk", [7, 71])
+def test_a_layer_whose_maps_are_all_alike_has_no_cka_of_whole_maps_nor_of_minibatches(chunk):
+    """Every datapoint's map the same: its float64 mean, merged over chunks, was a few ulps off the values, and
+    that rounding squared into the Gram blocks gave CKA -8.8e-10 (or, in one chunk, a refusal to "rescale it");
+    rows alike within each minibatch gave a minibatch CKA of 2e-7 (found by audit). Values within the mean's
+    rounding are centred to 0: no variance, said so, NaN with a warning in a sweep."""
+    from chunkcca.measures import UndefinedMeasure
+
+    rng = np.random.default_rng(9)
+    dims = ("datapoint", "height", "width", "channel")
+    x = xr.DataArray(da.from_array(rng.standard_normal((71, 2, 2, 3)), chunks=(chunk, -1, -1, -1)), dims=dims)
+    alike = np.broadcast_to(np.array([0.1, 0.7, 1.3]) * np.array([[1.1], [0.3]])[:, None, :] + 0.1, (71, 2, 2, 3))
+    z = xr.DataArray(da.from_array(alike.copy(), chunks=(chunk, -1, -1, -1)), dims=dims, name="z")
+    for precision in ("auto", "float64"):
+        with pytest.raises(UndefinedMeasure, match="layer 'z' has no variance"):
+            cka(x, z, spatial="features", precision=precision)
+    with pytest.warns(RuntimeWarning, match="CKA of layer 'z' is NaN: its whole maps do not vary"):
+        assert np.isnan(similarity({"x": x}, {"z": z}, measures=["cka"], spatial="features")["cka"].item())
+    rows = np.repeat(rng.standard_normal((10, 3)), 5, axis=0)  # 10 minibatches of 5 rows alike
+    with pytest.raises(ValueError, match="no variance within"):
+        cka(rows, rng.standard_normal((50, 3)), minibatch=5)
