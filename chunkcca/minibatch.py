@@ -93,9 +93,23 @@ def chunk_hsic(minibatches: Iterable[Sequence[Hollow]], sides: int, rows: int, s
     return np.concatenate([hsic.ravel(), [count, rows - count * size]])
 
 
+def whole_datapoints_size(size: int, rows_per_datapoint: int, stride: int) -> int | None:
+    """The largest minibatch of at most ``size`` rows whose strided rows divide a datapoint's rows or are a
+    multiple of them (None if none is): the smallest chunk ``aligned_chunks`` makes for it is then one
+    minibatch's datapoints (for another, lcm(m · stride, rows) / rows datapoints: 257 of 16 × 16 positions for
+    m = 257)."""
+    return next((m for m in range(size, 0, -1)
+                 if (m * stride) % rows_per_datapoint == 0 or rows_per_datapoint % (m * stride) == 0), None)
+
+
+def aligned_unit(size: int, rows_per_datapoint: int, stride: int) -> int:
+    """The fewest datapoints whose strided rows are whole minibatches of ``size`` rows."""
+    return size * stride // math.gcd(rows_per_datapoint, size * stride)
+
+
 def aligned_chunks(datapoints: int, chunk: int, *, size: int, rows_per_datapoint: int, stride: int) -> tuple[int, ...]:
     """Datapoint chunks near ``chunk`` whose boundaries fall on minibatch boundaries of the strided rows."""
-    unit = size * stride // math.gcd(rows_per_datapoint, size * stride)
+    unit = aligned_unit(size, rows_per_datapoint, stride)
     per_chunk = max(1, round(chunk / unit)) * unit
     sizes = [per_chunk] * (datapoints // per_chunk)
     return tuple(sizes + ([datapoints % per_chunk] if datapoints % per_chunk else []))

@@ -52,7 +52,7 @@ from .engine import (
     scheduler_threads,
 )
 from .layers import zarr_reads
-from .minibatch import aligned_chunks
+from .minibatch import aligned_chunks, aligned_unit, whole_datapoints_size
 from .moments import Moments, RowCheck, check_savable_labels, pack, value_eps
 from .options import MASK, VALUE_ROUNDING_ATTR, ProductPrecision, StreamOptions
 from .rows import Adapter, by_gram
@@ -590,9 +590,15 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
             break
         if chunks == previous:  # one minibatch a chunk
             what = "one layer's chunk" if by_layer else "a chunk of every layer"
+            rows = adapters[0].rows_per_datapoint
+            fitting = whole_datapoints_size(size, rows, options.stride)
+            unit = aligned_unit(size, rows, options.stride)
+            aligned = "" if fitting in (None, size) else (
+                f", which end with a datapoint of {rows} rows only every {unit} datapoints; minibatches of {fitting} "
+                f"rows would take a chunk of one minibatch's datapoints")
             raise ValueError(f"minibatch CKA of {', '.join(map(repr, names))}: {what} of {max(chunks)} datapoints "
-                             f"(whole minibatches of {size} rows) read at a time, with the store chunks it lies in, "
-                             f"holds {format_bytes(one)}, over memory_limit={format_bytes(limit)}; raise "
+                             f"(whole minibatches of {size} rows{aligned}) read at a time, with the store chunks it "
+                             f"lies in, holds {format_bytes(one)}, over memory_limit={format_bytes(limit)}; raise "
                              f"memory_limit (--memory-limit), compare fewer layers, or take smaller minibatches")
         chunk, previous = max(chunks) // 2, chunks
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None

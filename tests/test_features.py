@@ -773,3 +773,22 @@ def test_a_layer_whose_maps_are_all_alike_has_no_cka_of_whole_maps_nor_of_miniba
     rows = np.repeat(rng.standard_normal((10, 3)), 5, axis=0)  # 10 minibatches of 5 rows alike
     with pytest.raises(ValueError, match="no variance within"):
         cka(rows, rng.standard_normal((50, 3)), minibatch=5)
+
+
+def test_a_flatten_minibatch_refused_for_memory_names_the_size_that_would_fit():
+    """With flatten, a task holds whole minibatches that end with whole datapoints: 257 rows of 16 x 16
+    positions take 257 datapoints a task, 256 one; the refusal said only "take smaller minibatches" (found by
+    audit). It names a size whose minibatches end with datapoints."""
+    from chunkcca.minibatch import whole_datapoints_size
+
+    assert [whole_datapoints_size(m, 256, 1) for m in (257, 600, 100, 256)] == [256, 512, 64, 256]
+    assert whole_datapoints_size(7, 9, 2) is None and whole_datapoints_size(9, 6, 2) == 9
+    rng = np.random.default_rng(0)
+    dims = ("datapoint", "height", "width", "channel")
+    x, y = (xr.DataArray(da.from_array(rng.standard_normal((68, 16, 16, 8)).astype(np.float32),
+                                       chunks=(1, -1, -1, -1)), dims=dims, name=name) for name in "xy")
+    with pytest.raises(ValueError, match=r"whole minibatches of 257 rows, which end with a datapoint of 256 rows only "
+                                         r"every 257 datapoints; minibatches of 256 rows would take a chunk of one "
+                                         r"minibatch's datapoints\) .* over memory_limit=3\.00 MiB"):
+        cka(x, y, minibatch=257, memory_limit="3MiB")
+    assert np.isfinite(float(cka(x, y, minibatch=256, memory_limit="3MiB")["cka"]))
