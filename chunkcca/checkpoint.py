@@ -48,11 +48,11 @@ def _fingerprint(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], op
         # a store's mask as opened by its files, an in-memory one by its values, a computed one by its Dask name
         mask = (None if MASK not in layer.coords else "its store's" if mask_as_opened(layer)
                 else dask.base.tokenize(layer.coords[MASK].data))
-        # a store's layer as opened by its path in the store: its name may tell it from a namesake by the store's
-        # folder ("conv2 (m0.zarr)"), which a moved store renames
-        described.append((layer.encoding["layer"] if as_opened(layer) else str(layer.name), list(layer.shape),
-                          str(layer.dtype),
-                          None if as_opened(layer) else layer.data.name, mask, files, labels))
+        # a store's layer as opened by its path in the store (its name may tell it from a namesake by the store's
+        # folder, "conv2 (m0.zarr)", which a moved store renames) and its files; another by its name and Dask name
+        name, dask_name = ((layer.encoding["layer"], None) if as_opened(layer)
+                           else (str(layer.name), layer.data.name))
+        described.append((name, list(layer.shape), str(layer.dtype), dask_name, mask, files, labels))
     tokens = [dask.base.tokenize(adapter) for adapter in adapters]
     return json.dumps({"format": FORMAT, "layers": described, "adapters": tokens, **dict(sorted(options.items()))},
                       default=str)
@@ -80,9 +80,9 @@ def _difference(saved: str, current: str) -> str:
     if before.get("format") != now["format"]:
         return "it was made by another version of chunkcca, whose checkpoints this one does not resume"
     fields = ("name", "shape", "dtype", "Dask name", "mask", "files", "labels")
-    if len(before.get("layers", [])) != len(now["layers"]):
-        return f"it has {len(before.get('layers', []))} layers, this run {len(now['layers'])}"
     old_layers = before.get("layers", [])
+    if len(old_layers) != len(now["layers"]):
+        return f"it has {len(old_layers)} layers, this run {len(now['layers'])}"
     if old_layers != now["layers"] and sorted(map(json.dumps, old_layers)) == sorted(map(json.dumps, now["layers"])):
         return "it took the same layers in another order (the sides are swapped)"
     if now.get("row_norms") and before.get("row_norms") is False:
@@ -92,7 +92,7 @@ def _difference(saved: str, current: str) -> str:
                if key not in ("format", "layers", "adapters") and before.get(key) != now[key]]
     if changed:
         return "; ".join(changed)
-    for side, (old_layer, new_layer) in enumerate(zip(before["layers"], now["layers"])):
+    for side, (old_layer, new_layer) in enumerate(zip(old_layers, now["layers"])):
         for field, was, is_now in zip(fields, old_layer, new_layer):
             if was != is_now and field == "name":  # the side, not the name that changed (nor "a (x)" of a pair)
                 return f"the {'ab'[side] if len(now['layers']) == 2 else side + 1} side's layer was {was!r} then, " \

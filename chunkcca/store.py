@@ -371,13 +371,11 @@ def _as_mask(mask: Any, layer: xr.DataArray, own: bool = False) -> xr.Variable:
             return variable
         variable = variable.chunk({"datapoint": layer.data.chunks[0]})  # a lazy file's: read block by block
         return variable.copy(data=boolean_mask(variable.data, f"layer {name!r}: its mask"))
-    if not hasattr(mask, "shape"):  # nested lists
+    if not isinstance(mask, (np.ndarray, da.Array)):  # nested lists, a torch tensor (a tokenizer's attention_mask)
         mask = np.asarray(mask)
     if mask.shape != tuple(layer.shape[:-1]):
         raise ValueError(f"layer {str(layer.name)!r}: its mask must have the shape (datapoint, *positions) "
                          f"{tuple(layer.shape[:-1])}, got {mask.shape}")
-    if not isinstance(mask, (np.ndarray, da.Array)):  # a torch tensor (a tokenizer's attention_mask)
-        mask = np.asarray(mask)
     return xr.Variable(dims, boolean_mask(mask, f"layer {name!r}: its mask"))
 
 
