@@ -109,6 +109,7 @@ def test_importing_chunkcca_changes_no_global_configuration():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_the_package_loads_its_public_names_on_first_use():
     """``import chunkcca`` loads no library (the command answers a Ctrl-C while they load); each public name
     comes from the module its table names, is listed in ``__all__`` and ``dir()``, and nothing else is offered."""

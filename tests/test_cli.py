@@ -269,6 +269,7 @@ def test_a_coordinate_whose_labels_cannot_be_sorted_is_named(tmp_path, capsys, m
                                               "'split'")
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_that_says_whether_a_checkpoint_resumes(files):
     """A real SIGINT while computing, in a fresh process (pytest would take it for its own): one line each, exit
     status 2, no traceback."""
@@ -304,6 +305,7 @@ print(main(["sweep", {store!r}, "--a", "m0", "--b", "m1", "--out", {str(folder /
     assert done.stdout.split() == ["2", "2", "2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loading", ["xarray", "dask.array", "chunkcca.api"])
 def test_ctrl_c_while_the_libraries_load_is_one_line(loading):
     """Ctrl-C during the command's first second or so, while Dask, xarray and chunkcca load (the package loads its
@@ -345,6 +347,7 @@ sys.exit(main())
     assert done.returncode == -15 and done.stderr == ""  # killed by it, as Python leaves SIGTERM
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_no_asyncio_tracebacks_under_its_line():
     """A Ctrl-C while zarr read a store's metadata left its tasks pending on zarr's event loop: at exit asyncio
     printed 20 lines ("Task was destroyed but it is pending!", "Exception ignored in ... Event loop is closed")
@@ -385,6 +388,7 @@ sys.exit(code)
     assert (done.returncode, done.stderr) == (2, "chunkcca info: error: interrupted\n")
 
 
+@pytest.mark.slow
 def test_ctrl_c_after_the_command_said_all_changes_nothing(tmp_path):
     """Ctrl-C in the third of a second between a command's last output and its exit killed it by the signal (exit
     status 130), with nothing said; the command has finished, so its status stands."""
@@ -462,6 +466,7 @@ def test_the_dash_value_hint_reads_argparse_of_either_python(monkeypatch):
         assert not compare._no_option("-3")  # a negative number: a value
 
 
+@pytest.mark.slow
 def test_the_worker_processes_of_the_command_are_not_the_command(tmp_path):
     """--scheduler processes spawns workers that run the script again (as __mp_main__, the same argv): they took
     themselves for the command and a SIGTERM to the group printed its line once per worker, with a traceback."""
@@ -705,6 +710,7 @@ def test_an_unforeseen_failure_is_one_line_and_status_2(files, capsys, monkeypat
                             "please report it with the command)\n") and captured.out == ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_output_to_a_full_device_says_it_was_standard_output(tmp_path):
     """> /dev/full gave "[Errno 28] No space left on device", as if a file of the command could not be written
@@ -956,6 +962,7 @@ def test_compare_and_sweep_with_folds_and_groups(tmp_path, capsys):
             in capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_the_command_gives_zarr_one_decode_thread_per_chunk_read_ahead():
     """The command sizes zarr's decode pool (made once per process) to READ_AHEAD threads per core, and keeps a
     size the user configured; in a fresh process, as the pool is the process's."""
@@ -1313,6 +1320,7 @@ def test_a_lost_cluster_is_one_line_that_says_whether_a_checkpoint_resumes(tmp_p
     assert closed == ["client of tcp://127.0.0.1:8786"] and shown.out == ""
 
 
+@pytest.mark.slow
 def test_an_address_that_cannot_be_used_is_one_line_at_once_and_the_exit_does_not_wait(tmp_path):
     """A trailing slash or tls:// printed the error, then a Client.__del__ traceback after a 20 s wait at exit."""
     import subprocess
@@ -1359,6 +1367,7 @@ def test_a_server_that_accepts_but_never_answers_is_said_to_leave_the_handshake_
                    f"answer as a Dask scheduler\n"), err
 
 
+@pytest.mark.slow
 def test_a_client_that_fails_to_connect_is_closed_quietly():
     """chunkcca.cluster.connect closes a Client whose __init__ failed (distributed left it for the exit)."""
     import subprocess
@@ -1541,6 +1550,7 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_any_work(files,
     assert "name an image file ending in one of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_dash_m_chunkcca_is_the_command(tmp_path):
     """``python -m chunkcca`` said "No module named chunkcca.__main__"; it is the command, a process of its own:
     a failure and a Ctrl-C while the libraries load are one line each, exit status 2."""
@@ -1569,6 +1579,7 @@ runpy.run_module("chunkcca", run_name="__main__", alter_sys=True)  # as python -
     assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: interrupted\n")
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_during_pythons_own_teardown_keeps_the_status(tmp_path):
     """A Ctrl-C after the command had said all, while Python tore the process down (its default handler put
     back), killed it: status 130 for a run that had finished (an .nc written, its table printed)."""

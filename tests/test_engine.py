@@ -841,6 +841,7 @@ def test_only_the_pool_chunkcca_sizes_reads_ahead():
         assert reads_ahead() == 0
 
 
+@pytest.mark.slow
 def test_wide_solves_use_every_core():
     """Dense solves of WIDE_SOLVE channels or more run BLAS on every core, smaller ones on one thread (in a fresh
     process: BLAS's thread count is the process's, which other tests' Dask threads set too)."""
@@ -949,6 +950,7 @@ def test_a_store_backed_pass_reads_ahead_and_a_reordered_layer_does_not(tmp_path
     assert max(last - first for first, last in spans.values()) == len(folds) - 1  # the mean feeds every fold
 
 
+@pytest.mark.slow
 def test_local_schedulers_run_without_importing_distributed():
     """Dask's lookup of a scheduler by name imports distributed (0.15 s a process, and its imports inside a caller's
     memory trace: a minibatch memory test saw 20 to 99 MiB of them); a local one runs by its function."""

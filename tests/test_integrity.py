@@ -489,6 +489,7 @@ def test_a_cleanup_cut_short_leaves_a_folder_that_still_names_its_writer(tmp_pat
     assert [folder for folder, _ in _fs.leftovers(tmp_path / "run.moments")] == [tmp]
 
 
+@pytest.mark.slow
 def test_killed_writers_leave_folders_that_info_reports_and_the_next_write_removes(tmp_path, capsys):
     store = _store(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -958,6 +959,7 @@ def test_an_append_into_a_group_that_cannot_be_written_is_refused_before_any_wor
     assert chunkcca.layer_paths(open_activations(store)) == ["m/a", "b", "n/x"]
 
 
+@pytest.mark.slow
 def test_an_append_killed_midway_is_never_read_and_the_next_append_clears_it(tmp_path):
     """An append killed between its layers' moves left a layer part-moved in (its activations, not its mask or
     labels) and unlisted: it opened and was measured with its padding taken as real (CKA 0.02765 for 0.02778),
