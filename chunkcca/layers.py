@@ -239,7 +239,9 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
         per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(
             array.shape, array.dtype.itemsize, chunks)
-        if isinstance(array.variable._data, np.memmap):  # numpy, maybe in a DataArray (not a lazy backend array)
+        data = array.variable._data
+        if isinstance(data, np.memmap) and data.filename is not None:  # numpy's, maybe in a DataArray (not a
+            # lazy backend array); a memmap's in-memory copy (m.astype, m.copy()) has no file: an array
             array = array.copy(data=memmap_to_dask(array.variable._data, per_chunk))
         else:
             array = array.chunk({dim: per_chunk if dim == "datapoint" else -1 for dim in array.dims})
@@ -273,7 +275,9 @@ class _FileSlices:
 
 
 def memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
-    """A memory-mapped array as Dask chunks read from its file on demand, named by file, offset and layout."""
+    """A memory-mapped array as Dask chunks read from its mapping on demand, named by file, offset and layout; a
+    copy-on-write mapping (mode "c", whose pages edited in memory differ from the file's) also by the mapping
+    itself, so that two of one file are never taken for one array (Dask's own name for a memmap is the file's)."""
     from dask.base import tokenize
 
     source = Path(str(data.filename))
@@ -281,8 +285,9 @@ def memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
     while isinstance(mapping.base, np.ndarray):  # up to the array over the whole mapping
         mapping = mapping.base
     start = data.__array_interface__["data"][0] - mapping.__array_interface__["data"][0]  # of a view, e.g. m[100:]
+    private = id(mapping.base) if data.mode == "c" else None  # the mmap object, held as long as the Dask array
     token = tokenize(str(source), source.stat().st_mtime_ns, data.offset, start, data.shape, data.strides,
-                     str(data.dtype))
+                     str(data.dtype), private)
     return da.from_array(_FileSlices(data), chunks=(per_chunk, *data.shape[1:]), name=f"memmap-{token}",
                          meta=np.empty((0,) * data.ndim, dtype=data.dtype))
 

@@ -454,6 +454,28 @@ def test_memory_mapped_views_and_wrapped_memmaps_stream_from_the_file(tmp_path):
     assert layer.data.name.startswith("memmap-") and peak < wrapped.nbytes / 100
 
 
+def test_a_copy_on_write_memmap_edited_in_memory_is_not_taken_for_its_file(tmp_path):
+    """Two memmaps of one file, one copy-on-write (mode "c") edited in memory, were given one Dask name (the
+    file's): CKA 1.0 for 0.704, and a store held the file's values under the edited layer's name. A memmap's
+    in-memory copy (``m.astype``, ``m.copy()``: no file) raised FileNotFoundError 'None' (found by audit)."""
+    from chunkcca import cka
+
+    x = np.random.default_rng(0).standard_normal((200, 6))
+    np.save(tmp_path / "x.npy", x)
+    edited = np.load(tmp_path / "x.npy", mmap_mode="c")
+    edited[:, :3] = np.tanh(3 * edited[:, :3]) ** 2
+    original = np.load(tmp_path / "x.npy", mmap_mode="r")
+    expected = float(cka(np.array(edited), x, precision="float64")["cka"])
+    assert expected < 0.9
+    assert float(cka(edited, original, precision="float64")["cka"]) == pytest.approx(expected, rel=0, abs=1e-13)
+    tree = write_activations(tmp_path / "s.zarr", {"edited": edited, "original": original})
+    np.testing.assert_array_equal(tree["edited"]["activations"].values, np.array(edited))
+    np.testing.assert_array_equal(tree["original"]["activations"].values, x)
+    for copy in (original.astype("float32"), original.copy()):
+        assert isinstance(copy, np.memmap) and copy.filename is None
+        assert float(cka(copy, x, precision="float64")["cka"]) == pytest.approx(1.0, rel=0, abs=1e-6)
+
+
 def test_channels_first_input_is_named_and_dims_fix_it(tmp_path):
     a, b = correlated_layers(np.random.default_rng(1), 30, (6, 6, 5), (6, 6, 4), dtype=np.float64)
     nchw = np.moveaxis(a, 3, 1)  # (30, 5, 6, 6)
