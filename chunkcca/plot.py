@@ -244,13 +244,21 @@ def _with_dims(values: xr.DataArray, dims: tuple[str, ...], what: str) -> xr.Dat
 
 def _colour_range(data: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
     """``vmin``/``vmax``, each defaulting to the finite data's min/max (0/1 if no value is finite)."""
+    for name, value in (("vmin", vmin), ("vmax", vmax)):
+        if value is not None and not np.isfinite(float(value)):  # NaN drew -0.1 to 0.1 in silence
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     finite = np.asarray(data, dtype=float)
     finite = finite[np.isfinite(finite)]
-    low = float(finite.min()) if finite.size else 0.0
-    high = float(finite.max()) if finite.size else 1.0
-    low, high = (low if vmin is None else float(vmin)), (high if vmax is None else float(vmax))
-    if vmin is not None and vmax is not None and not low <= high:  # matplotlib refused it once the figure was made
-        raise ValueError(f"vmin must be at most vmax, got vmin={vmin!r}, vmax={vmax!r}")
+    data_low = float(finite.min()) if finite.size else 0.0
+    data_high = float(finite.max()) if finite.size else 1.0
+    low, high = (data_low if vmin is None else float(vmin)), (data_high if vmax is None else float(vmax))
+    if not low <= high:  # matplotlib refused it once the figure was made, or drew a range nobody asked for
+        if vmin is not None and vmax is not None:
+            raise ValueError(f"vmin must be at most vmax, got vmin={vmin!r}, vmax={vmax!r}")
+        given, value, side, other = (("vmin", vmin, "above", "vmax") if vmin is not None else
+                                     ("vmax", vmax, "below", "vmin"))
+        raise ValueError(f"{given}={value!r} is {side} the data's finite values ({data_low:g} to {data_high:g}), "
+                         f"which set {other}: give {other} too")
     return low, high
 
 

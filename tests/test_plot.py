@@ -139,6 +139,24 @@ def test_a_colour_range_upside_down_is_refused_before_drawing():
     assert not plt.get_fignums()
 
 
+def test_one_end_of_the_colour_range_beyond_the_data_or_not_a_number_is_refused():
+    """vmin alone above the data failed inside matplotlib naming neither argument, or (annotate=False) drew a
+    range neither asked for nor the data's (0.63 to 0.80 for vmin=0.8 on 0.4 to 0.7); vmin=nan drew -0.1 to 0.1
+    (found by audit). One end inside the data's range is taken as before."""
+    sweep = _sweep(np.array([[0.4, 0.7]]))
+    with pytest.raises(ValueError, match=r"vmin=0.8 is above the data's finite values \(0.4 to 0.7\), which set "
+                                         r"vmax: give vmax too"):
+        plot_similarity(sweep, vmin=0.8, annotate=False)
+    with pytest.raises(ValueError, match=r"vmax=0.1 is below the data's finite values \(0.4 to 0.7\), which set "
+                                         r"vmin: give vmin too"):
+        plot_frequency_means(_frequencies(np.array([[0.4, 0.7], [0.5, 0.6]])), vmax=0.1)
+    for bad in ({"vmin": float("nan")}, {"vmax": float("inf")}):
+        with pytest.raises(ValueError, match=rf"{next(iter(bad))} must be a finite number"):
+            plot_similarity(sweep, **bad)
+    assert not plt.get_fignums()
+    assert plot_similarity(sweep, vmin=0.5).images[0].get_clim() == (0.5, 0.7)
+
+
 def test_a_colour_range_of_one_value_is_stated_as_drawn():
     """One value throughout (every pair 1.0): matplotlib draws the bar from 0.9 to 1.1, and the label said
     "colour range 1.00 to 1.00"; it states the range drawn."""
