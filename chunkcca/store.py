@@ -988,7 +988,7 @@ def check_result_path(path: str | os.PathLike, *, overwrite: bool = False) -> No
                               f"chunkcca saved: move them out of it, or choose another path")
 
 
-def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+def save_result(result: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write a result to a local netCDF file or zarr store, atomically.
 
     A temporary file beside ``path`` is renamed into place, so an interrupted write leaves any older file
@@ -998,23 +998,36 @@ def save_result(result: xr.Dataset, path: str | os.PathLike, *, overwrite: bool 
     Parameters
     ----------
     result
-        A result of chunkcca (or any Dataset whose attrs netCDF can hold).
+        A result of chunkcca (or any Dataset whose attrs netCDF can hold), or one variable of it (a DataArray,
+        ``sweep["cka"]``): saved as a Dataset of that variable alone, by its name ("value" if it has none).
     path
         A local ``.nc`` (netCDF) or ``.zarr`` path (the extension in any case).
     overwrite
         Replace an existing result that ``save_result`` wrote (its attrs say ``chunkcca="result"``); never
         another file or store, nor a zarr result holding anything else (a FileExistsError).
     """
+    if isinstance(result, xr.DataArray):  # one variable of a result (sweep["cka"]), as the plots take it
+        result = result.to_dataset(name=result.name if result.name is not None else "value", promote_attrs=True)
+    if not isinstance(result, xr.Dataset):
+        raise TypeError(f"save_result() saves a result (an xarray Dataset, or a DataArray of one); got "
+                        f"{type(result).__name__}")
     path = expanded(path)
     check_result_path(path, overwrite=overwrite)
     suffix = Path(path).suffix.lower()
+    # the encoding a result read from a file keeps is that file's (netCDF's text as 'S1' characters, which zarr v3
+    # wrote as null-terminated bytes without a stable spec): each format writes the values its own way
+    result = result.drop_encoding()
     nested = next(((str(name), variable) for name, variable in result.variables.items() if variable.dtype == object
                    and any(isinstance(value, (tuple, list)) for value in variable.values.ravel().tolist())), None)
     if nested is not None:  # a MultiIndex's labels (channel_a of a layer's): numpy's "setting an array element …"
         name, variable = nested
-        raise ValueError(f"{path}: {name!r} holds tuples ({variable.values.ravel()[:2].tolist()}…), which netCDF "
-                         f"and zarr cannot hold, e.g. the labels of a layer's channel MultiIndex: give the layer "
-                         f"plain labels or none (layer.reset_index('channel')), or drop them from the result "
+        held = (f"{path}: {name!r} holds tuples ({variable.values.ravel()[:2].tolist()}…), which netCDF and zarr "
+                f"cannot hold")
+        if isinstance(result.xindexes.get(name), xr.indexes.PandasMultiIndex):  # result.stack(pair=...)
+            raise ValueError(f"{held}: it is a MultiIndex of the result; save its levels as coordinates of their "
+                             f"own (result.reset_index({name!r}))")
+        raise ValueError(f"{held}, e.g. the labels of a layer's channel MultiIndex: give the layer plain labels or "
+                         f"none (layer.reset_index('channel')), or drop them from the result "
                          f"(result.drop_vars({name!r}))")
     result = result.assign_attrs({RESULT_ATTR: RESULT})
     if suffix == ".zarr":

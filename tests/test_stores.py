@@ -919,3 +919,32 @@ def test_plain_coordinates_follow_each_layer_s_datapoints_and_appends_agree_with
     tokens = xr.DataArray(np.ones((6, 3, 2)), dims=("datapoint", "head", "channel"))
     with pytest.raises(ValueError, match="coords: 'head' names a dim of layer 'heads'; call the coordinate otherwise"):
         write_activations(tmp_path / "t.zarr", {"heads": tokens}, coords={"head": np.arange(6)})
+
+
+def test_a_result_read_back_a_variable_of_one_and_a_stacked_one_are_saved_or_named(tmp_path, rng):
+    """A result read back from netCDF and saved to zarr kept netCDF's text encoding ('S1'): zarr v3 wrote its labels
+    as null-terminated bytes, with a warning per variable that other readers may not read them; a DataArray
+    (``sweep["cka"]``, as the plots take it) failed with AttributeError; a stacked result's MultiIndex was told to
+    be dropped (losing its levels) rather than reset (found by audit)."""
+    layers = {name: xr.DataArray(rng.standard_normal((50, 3)), dims=("datapoint", "channel")) for name in ("a1", "a2")}
+    sweep = chunkcca.similarity(layers, layers, measures=["cka"], progress=False)
+    chunkcca.save_result(sweep, tmp_path / "s.nc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with xr.open_dataset(tmp_path / "s.nc") as loaded:
+            chunkcca.save_result(loaded, tmp_path / "s.zarr")
+    assert json.loads((tmp_path / "s.zarr" / "layer_a" / "zarr.json").read_text())["data_type"] == "string"
+    with xr.open_zarr(tmp_path / "s.zarr") as reopened:
+        np.testing.assert_array_equal(reopened["cka"].values, sweep["cka"].values)
+        assert list(reopened["layer_b"].values) == ["a1", "a2"]
+    chunkcca.save_result(sweep["cka"], tmp_path / "cka.nc")
+    with xr.open_dataset(tmp_path / "cka.nc") as reopened:
+        np.testing.assert_array_equal(reopened["cka"].values, sweep["cka"].values)
+        assert list(reopened["layer_a"].values) == ["a1", "a2"]
+    with pytest.raises(TypeError, match=r"save_result\(\) saves a result \(an xarray Dataset, or a DataArray of "
+                                        r"one\); got ndarray"):
+        chunkcca.save_result(sweep["cka"].values, tmp_path / "x.nc")
+    with pytest.raises(ValueError, match=r"'pair' holds tuples .* it is a MultiIndex of the result; save its levels "
+                                         r"as coordinates of their own \(result.reset_index\('pair'\)\)"):
+        chunkcca.save_result(sweep.stack(pair=("layer_a", "layer_b")), tmp_path / "p.nc")
+    chunkcca.save_result(sweep.stack(pair=("layer_a", "layer_b")).reset_index("pair"), tmp_path / "p.nc")
