@@ -45,6 +45,7 @@ from .measures import (
     PairSolves,
     UndefinedMeasure,
     check_measures,
+    is_result_name,
     jackknife,
     side_without_variance,
     with_layers,
@@ -152,6 +153,9 @@ def _groups(layers: Sequence[xr.DataArray], options: StreamOptions) -> Groups | 
                         if option == "groupby" else
                         ("fold", "give folds=K (--folds K), or a coordinate naming each datapoint's fold"))
         raise ValueError(f"{asked}: the datapoint labels would make each datapoint a {unit} of its own; {remedy}")
+    if option == "groupby" and is_result_name(name):  # the groups' dim would be taken for the result's own
+        raise ValueError(f"{asked}: results name a dim or variable {name!r} of their own, which the groups' dim "
+                         f"would be taken for; rename the coordinate first (layer.rename({{{name!r}: 'group'}}))")
     layer = next((held for held in layers if name in held.coords and held.coords[name].dims == ("datapoint",)),
                  layer)
     if name not in layer.coords or layer.coords[name].dims != ("datapoint",):

@@ -1181,6 +1181,20 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
 )}
 
 
+
+def is_result_name(name: Any) -> bool:
+    """Whether ``name`` is one that chunkcca's results may give a dim, coordinate or variable (a group's coordinate
+    named so would be taken for it): the measures' values and details, their jackknife error bars, a DFT's
+    frequencies (``freq_<position>``) and the rest; not ``fold``, which only folds give, never beside groups."""
+    per_measure = {name for measure in MEASURES.values()
+                   for name in (measure.name, measure.value, measure.per_fold, f"{measure.name}_se",
+                                f"{measure.name}_ci", f"{measure.name}_component", *measure.details,
+                                *map(measure.detail_name, measure.details)) if name is not None}
+    others = {"layer_a", "layer_b", "channel_a", "channel_b", "component", "rho", "coef_a", "coef_b", "pruned_a",
+              "pruned_b", "rank_a", "rank_b", "rows", "rho_mean", "rho_freq_mean", "weights", "tied", "side",
+              "similarity", "bound", "ridge", "predictivity_per_fold", "minibatches", "rows_left_out"}
+    return isinstance(name, str) and (name in per_measure | others or name.startswith("freq_"))
+
 @dataclass(frozen=True)
 class Needs:
     """What a run's measures need of its pass and its rows, read off their ``Measure`` entries (``of``).

@@ -900,3 +900,44 @@ def test_the_jackknife_of_an_undefined_value_is_undefined():
     spread, interval = jackknife(np.array([np.nan, 0.5]), np.array([[0.0, 0.4], [0.0, 0.6], [0.0, 0.5]]), 0.95)
     assert np.isnan(spread[0]) and np.isnan(interval[0]).all()
     assert spread[1] == pytest.approx(np.sqrt(2 / 3 * 0.02)) and interval[1, 0] < 0.5 < interval[1, 1]
+
+
+def test_a_group_coordinate_named_like_a_part_of_the_result_is_refused_before_reading():
+    """groupby='layer_a' labelled the groups as layers (the sweep's layer 'conv1' gone, silently); 'rows' and
+    'component' failed in xarray's words after the whole pass (found by audit). Every name a result gives a dim,
+    coordinate or variable is one ``is_result_name`` knows, so none can be taken for a group's."""
+    from chunkcca.measures import MEASURES, is_result_name
+
+    rng = np.random.default_rng(5)
+    labels = np.where(np.arange(60) % 2 == 0, "even", "odd")
+
+    def layer(channels: int, name: str, extra: str = "cls") -> xr.DataArray:
+        return xr.DataArray(rng.standard_normal((60, 4, 4, channels)), dims=("datapoint", "height", "width", "channel"),
+                            coords={extra: ("datapoint", labels)}, name=name)
+
+    a, b = layer(3, "conv1"), layer(2, "fc")
+    held_out = ("heldout_cca", "predictivity")
+    results = [f(a, b, spatial="avgpool", groupby="cls") for f in (cca, svcca, pwcca, cka, procrustes, shape_metric)]
+    results += [cca(a, b, spatial="dft", groupby="cls"), cka(a, b, spatial="features"),
+                cka(a, b, minibatch=40), cka(a, b, spatial="avgpool", debiased=True, groupby="cls"),
+                compare(a, b, measures=list(MEASURES), spatial="avgpool", folds=3, progress=False),
+                compare(a, b, measures=[m for m in MEASURES if m not in held_out], spatial="avgpool", groupby="cls",
+                        progress=False),
+                similarity({"a": a}, {"b": b}, measures=list(MEASURES), spatial="avgpool", folds=3, progress=False),
+                similarity({"a": a}, {"b": b}, measures=["cka"], minibatch=40, progress=False)]
+    names = {str(name) for result in results for name in (*result.dims, *result.variables)} - {"cls"}
+    assert {name for name in names if not is_result_name(name)} == set()
+
+    reads: list[int] = []
+    for name in ("layer_a", "rows", "component", "cka_se", "freq_h"):
+        x, y = (layer(3, "x", name), layer(2, "y", name))
+        counted = da.from_array(x.values, chunks=(20, 4, 4, 3)).map_blocks(
+            lambda block: reads.append(1) or block, meta=np.empty((0, 0, 0, 0)))
+        x = x.copy(data=counted)
+        with pytest.raises(ValueError, match=rf"groupby='{name}' \(--groupby {name}\): results name a dim or "
+                                             rf"variable '{name}' of their own, .* rename the coordinate first "
+                                             rf"\(layer.rename\(\{{'{name}': 'group'\}}\)\)"):
+            similarity({"x": x}, {"y": y}, measures=["cka"], groupby=name, progress=False)
+        with pytest.raises(ValueError, match="results name a dim or variable"):
+            compare(x, y, measures=["cka", "mean_cca"], groupby=name, progress=False)
+        assert reads == []
