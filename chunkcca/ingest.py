@@ -434,7 +434,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     mode
         "w": a new store (``overwrite`` replaces an existing one); "a": add the layers to the existing store
         at ``path`` without touching its own (a layer path it holds already is an error).
-    chunks, progress
+    chunks, overwrite, progress
         As for [`chunkcca.write_activations()`][chunkcca.write_activations].
     coords
         Coordinates on ``datapoint`` for every layer written (for ``groupby=`` and ``folds=``): name → a .npy file

@@ -616,6 +616,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         Input tensors, tuples/lists whose first element is the input (e.g. a ``DataLoader``), or dicts of
         keyword arguments (``input_ids``, ``attention_mask``…). For image inputs (N, C, H, W) the layers'
         ``height``/``width`` coordinates are pixel centres in input pixels.
+    path
+        The store to write (a local folder), as for [`chunkcca.write_activations()`][chunkcca.write_activations].
     datapoints
         Labels of the datapoints, in order (e.g. each input's index in its dataset). Without them the store holds
         the positions 0, 1, …, marked as such, and the layers pair with others by position only (beside a layer
