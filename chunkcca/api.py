@@ -42,6 +42,7 @@ from .measures import (
     SMALLEST_VARIANCE,
     IllConditionedWarning,
     Needs,
+    NonFiniteStatistics,
     PairSolves,
     UndefinedMeasure,
     check_measures,
@@ -480,14 +481,14 @@ def _group_named(label: Any, groups: Groups) -> str:
 
 @contextlib.contextmanager
 def _sides_named(streamed: Streamed) -> Iterator[None]:
-    """An undefined measure's "side a"/"side b" named by the layers they are."""
+    """An undefined measure's or non-finite statistics' "side a"/"side b" named by the layers they are."""
     try:
         yield
-    except UndefinedMeasure as error:
+    except (UndefinedMeasure, NonFiniteStatistics) as error:
         message = str(error)
         for side, layer in zip(("side a", "side b"), streamed.layers):
             message = message.replace(side, f"layer {str(layer.name)!r}")
-        raise UndefinedMeasure(message) from error
+        raise type(error)(message) from error
 
 
 def compute_moments(a: Any, b: Any, *, row_norms: bool = False, **options: Any) -> Moments | dict[Any, Moments]:

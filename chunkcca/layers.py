@@ -180,9 +180,11 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
         if not hasattr(layer, "shape") or not hasattr(layer, "dtype"):
             raise TypeError(f"layer {name!r}: expected a numpy/Dask array or xarray object, got {type(layer).__name__}")
         name = name or "activations"
+        layer = _torch_as_numpy(layer, name)
         if dims is not None and not isinstance(dims, Mapping):
             if len(dims) != layer.ndim:
                 raise ValueError(f"dims names {len(dims)} axes but layer {name!r} has {layer.ndim}")
+            _check_dims_named_once(tuple(dims), name)
             array = _order_dims(xr.DataArray(layer, dims=tuple(dims), name=name), name)
         else:
             if layer.ndim not in DEFAULT_DIMS:
@@ -292,9 +294,35 @@ def memmap_to_dask(data: np.memmap, per_chunk: int) -> da.Array:
                          meta=np.empty((0,) * data.ndim, dtype=data.dtype))
 
 
+def _torch_as_numpy(layer: Any, name: str) -> Any:
+    """A PyTorch CPU tensor as the numpy array it shares memory with (detached: one requiring grad failed in
+    torch's words); one numpy cannot hold (bfloat16) or off the CPU is refused with the copy to make. Any other
+    array as it is."""
+    if not type(layer).__module__.startswith("torch") or not hasattr(layer, "detach"):
+        return layer
+    import torch
+
+    if layer.device.type != "cpu":
+        raise TypeError(f"layer {name!r} is a tensor on {layer.device}; chunkcca reads arrays in the computer's "
+                        f"memory: pass tensor.cpu() (or record it to a store with chunkcca.record)")
+    if layer.dtype == torch.bfloat16:
+        raise TypeError(f"layer {name!r} is a bfloat16 tensor, a type numpy lacks: pass tensor.float() (exact, "
+                        f"twice its memory), or record it to a store with chunkcca.record, which does the same")
+    return layer.detach().numpy()
+
+
+def _check_dims_named_once(dims: tuple[Hashable, ...], name: str) -> None:
+    """Each axis of a layer has a name of its own (xarray takes one named twice for one axis)."""
+    twice = next((dim for index, dim in enumerate(dims) if dim in dims[:index]), None)
+    if twice is not None:
+        raise ValueError(f"layer {name!r}: its dims {tuple(map(str, dims))} name {str(twice)!r} twice; give each "
+                         f"axis its own name")
+
+
 def _order_dims(array: xr.DataArray, name: str) -> xr.DataArray:
     """``array`` transposed to (datapoint, *positions, channel): positions named in ``STANDARD_POSITIONS`` in its
     order (rows are in C order of the positions, which ``stride`` picks from), other names as given."""
+    _check_dims_named_once(tuple(array.dims), name)
     positions = [dim for dim in array.dims if dim not in ("datapoint", "channel")]
     if "datapoint" not in array.dims or "channel" not in array.dims or len(positions) > MAX_POSITIONS:
         raise ValueError(

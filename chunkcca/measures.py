@@ -288,6 +288,10 @@ class UndefinedMeasure(ValueError):
     """The measure has no value for these statistics (e.g. a side without variance)."""
 
 
+class NonFiniteStatistics(ValueError):
+    """The statistics of a side (``side a``, ``side b``) hold NaN or Inf."""
+
+
 def require_variance(moments: Moments, measure: str) -> None:
     """The one rule for a side with no variance (every channel constant, to rounding): every measure is undefined,
     an [`UndefinedMeasure`][chunkcca.measures.UndefinedMeasure] naming the side (a sweep makes the pair NaN, with a
@@ -379,7 +383,10 @@ def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
     cov = moments.covariance()
     if not np.all(np.isfinite(cov)):
         advice = " (use precision='float64', --precision float64)" if moments.precision == "float32" else ""
-        raise ValueError(NONFINITE_STATISTICS + advice)
+        p = moments.sizes[0]
+        sides = [side for side, block in (("side a", cov[..., :p, :p]), ("side b", cov[..., p:, p:]))
+                 if not np.all(np.isfinite(block))]
+        raise NonFiniteStatistics(f"{' and '.join(sides) or 'sides a and b'}: " + NONFINITE_STATISTICS + advice)
     _check_normal_range(moments, np.diagonal(cov, axis1=-2, axis2=-1).real)
     return cov
 

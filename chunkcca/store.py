@@ -173,6 +173,28 @@ def _labelled(array: xr.DataArray, image_size: tuple[float, float]) -> xr.DataAr
     return array.assign_coords(coords)
 
 
+def _check_one_label_type(array: xr.DataArray, layer: str) -> None:
+    """Each text-or-object coordinate of ``array`` holds labels of one kind (text, bytes or numbers), as a zarr
+    array holds one type: mixed ones failed in xarray's words ("unable to infer dtype on variable None")."""
+    for name, coord in array.coords.items():
+        if coord.dtype != object:
+            continue
+        kinds = {_label_kind(value) for value in coord.values.ravel().tolist()}
+        if len(kinds) > 1:
+            raise TypeError(f"layer {layer!r}: its {str(name)!r} labels mix {' and '.join(sorted(kinds))}, which a "
+                            f"store cannot hold in one array; make them one kind, e.g. all text "
+                            f"(layer.assign_coords({name!s}=layer[{str(name)!r}].astype(str)))")
+
+
+def _label_kind(value: Any) -> str:
+    """What a label is, as a store holds it: "text", "bytes", "numbers" or its type's name."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bytes):
+        return "bytes"
+    return "numbers" if isinstance(value, (int, float, complex, np.number)) else type(value).__name__
+
+
 def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mode: WriteMode = "w",
                       masks: Mapping[str, Any] | None = None, chunks: int | str = "auto",
                       image_size: int | tuple[int, int] | None = None, overwrite: bool = False,
@@ -260,6 +282,8 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
                         f"cast it to float64 first (layer.astype('float64'))")
     labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))
     arrays = {path_: with_datapoint_coords(array, labels) for path_, array in arrays.items()}
+    for path_, array in arrays.items():
+        _check_one_label_type(array, path_)
     given_masks = dict(own_masks)
     for name, mask in (masks or {}).items():
         key = layer_path(name)

@@ -589,3 +589,49 @@ def test_a_server_of_another_protocol_or_a_protocol_not_installed_is_named_as_su
     except ImportError:
         with pytest.raises(ValueError, match=r"ucx://127.0.0.1:1: its protocol is not installed for distributed"):
             cca(x, x[:, :2], scheduler="ucx://127.0.0.1:1", connect_timeout=5)
+
+
+def test_torch_tensors_are_read_as_the_arrays_they_share_or_refused_with_the_copy_to_make():
+    """A tensor requiring grad failed in torch's words ("Can't call numpy() on Tensor that requires grad"), a
+    bfloat16 one in numpy's ("Got unsupported ScalarType BFloat16"), naming no layer (found by audit)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 6)).astype("float32")
+    y = (x @ rng.standard_normal((6, 4))).astype("float32")
+    tracked = torch.from_numpy(x).requires_grad_(True) * 1
+    assert float(chunkcca.cka(tracked, y)["cka"]) == pytest.approx(cka_reference(x, y, False), abs=1e-6)
+    with pytest.raises(TypeError, match=r"layer 'a' is a bfloat16 tensor, a type numpy lacks: pass tensor.float\(\)"):
+        chunkcca.cka(torch.from_numpy(x).bfloat16(), y)
+
+
+def test_an_axis_name_given_twice_is_refused_naming_the_layer():
+    """dims=('datapoint', 'height', 'height', 'channel') measured a square map (with xarray's warning) and failed
+    in xarray's words on another ("conflicting sizes for dimension 'height'") (found by audit)."""
+    x = np.ones((20, 2, 3, 4))
+    for layer in (x, x[:, :, :2]):
+        with pytest.raises(ValueError, match=r"layer 'a': its dims \('datapoint', 'height', 'height', 'channel'\) "
+                                             r"name 'height' twice; give each axis its own name"):
+            cca(layer, np.ones((20, 3)), dims=("datapoint", "height", "height", "channel"))
+
+
+def test_statistics_that_overflow_name_the_layer():
+    """Values whose squares overflow float64 (1e200) were refused without naming the layer (found by audit)."""
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((100, 3)), rng.standard_normal((100, 2))
+    with pytest.raises(ValueError, match=r"^layer 'big': the statistics hold NaN or Inf"):
+        cca(xr.DataArray(x * 1e200, dims=("datapoint", "channel"), name="big"), y, precision="float64")
+    with pytest.raises(ValueError, match=r"^side b: the statistics hold NaN or Inf"):
+        chunkcca.cca_from_moments(chunkcca.compute_moments(x, y * 1e200, precision="float64"))
+
+
+def test_labels_of_mixed_kinds_are_refused_before_writing_naming_the_layer(tmp_path):
+    """Datapoint labels mixing numbers and text (which cca takes) failed to write in xarray's words ("unable to
+    infer dtype on variable None") (found by audit)."""
+    labels = np.array([i if i % 2 else f"s{i}" for i in range(20)], dtype=object)
+    layer = xr.DataArray(np.ones((20, 3)), dims=("datapoint", "channel"), coords={"datapoint": labels})
+    with pytest.raises(TypeError, match=r"layer 'fc': its 'datapoint' labels mix numbers and text, which a store "
+                                        r"cannot hold in one array; make them one kind"):
+        chunkcca.write_activations(tmp_path / "s.zarr", {"fc": layer})
+    assert not (tmp_path / "s.zarr").exists()
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"fc": layer.assign_coords(datapoint=labels.astype(str))})
+    assert list(tree["fc"]["datapoint"].values) == [str(label) for label in labels]
