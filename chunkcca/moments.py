@@ -828,12 +828,24 @@ class _Shifted:
                                     for side in leading], axis=-1)
         # what is subtracted, exactly: in the rows' own precision where it is finer than the products' (float64
         # rows, float32 products), so that a constant channel shifts to 0 and a common offset costs no digits;
-        # else in the products' (float32 rows: the subtraction stays in float32), unless that leaves the shifted
-        # values on a coarse grid (``_coarse_after_shift``): then in float64, each value rounded once to float32
+        # else in the products' (float32 rows: the subtraction stays in float32). Channels whose values lie on a
+        # coarse grid (``coarse_grid``: integers, quantized levels, float32's own steps at a large offset) are
+        # shifted by a point of their grid, in float64: each value then shifts to a multiple of the grid, exact in
+        # float32, where a shift off the grid rounded each level the same way (ρ off by 1e-5)
         finest = np.result_type(*(side.dtype for side in sides), self.dtype)
-        if finest.itemsize <= self.dtype.itemsize and not self.is_complex \
-                and _coarse_after_shift(leading, shift, self.dtype):
-            finest = np.dtype(self.wide)
+        #: whether the products are made in float64 (complex128) whatever the precision: values on a grid too
+        #: fine for exact float32 sums and too coarse for their rounding to average out
+        self.widened = False
+        grid = coarse_grid(leading, shift) if self.dtype == np.float32 else None
+        if grid is not None and grid.any():
+            shift = np.where(grid > 0, np.round(shift / np.where(grid > 0, grid, 1.0)) * grid, shift)
+            finest = np.dtype(self.wide) if finest.itemsize <= self.dtype.itemsize else finest
+            exact = exact_rows(leading, self.slices, shift, grid)
+            if exact >= max(EXACT_ROWS_LEAST, fewest):
+                self.per_block = min(self.per_block, exact)
+                self.first = [side[..., : self.per_block, :] for side in self.first]  # the rest taken again
+            else:
+                self.widened = True
         self.shift = shift.astype(finest if finest.itemsize > self.dtype.itemsize else self.dtype)[..., None, :]
         #: whether the rows are cast to a narrower type for the products (float64 rows, float32 products)
         self.narrowed = finest.itemsize > self.dtype.itemsize
@@ -870,6 +882,12 @@ class _Shifted:
                 return True
         return False
 
+    def summed(self, taken: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The taken rows shifted (``block()``, in float64 if ``widened``) and their sums (*batch, p): in the product
+        precision a GEMV, as shifted values are small."""
+        block = self.block(taken, wide=self.widened)
+        return block, block.sum(axis=-2) if self.widened else self.ones[: block.shape[-2]] @ block
+
     def block(self, taken: list[np.ndarray], wide: bool = False) -> np.ndarray:
         """The taken rows shifted into the buffer (a new float64/complex128 array if ``wide``): (*batch, rows, p)."""
         rows = taken[0].shape[-2]
@@ -880,35 +898,62 @@ class _Shifted:
         return block
 
 
-#: Shifted in the products' precision, values must keep at least this many bits of their spread: on a coarser grid
-#: float32 sums of their products are biased (the grid's residues repeat): float32 values 1e5 + 3·N(0, 1), on steps
-#: of 2⁻⁷ there, moved ρ by 4.5e-6 and integers 3e4 + 20·N(0, 1) by 5e-6, against 1e-6 shifted in float64.
+#: Values lie on a coarse grid when every one is a multiple of 2^-``SHIFT_BITS`` of their channel's spread (or of a
+#: coarser step): float32 values 1e5 + 3·N(0, 1), on float32's steps of 2⁻⁷ there, integers 3e4 + 20·N(0, 1),
+#: uint8 activations and float64 values on a ¼ grid. Shifted off their grid, float32 sums of such values' products
+#: moved ρ by 4.5e-6 to 2.6e-5 (the same rounding, level after level); shifted by a point of it they are exact
+#: (``exact_rows``), or made in float64.
 SHIFT_BITS = 12
+#: Rows a channel's grid is first looked for in: continuous values are found off it in these.
+GRID_HEAD_ROWS = 32
 
 
-def _coarse_after_shift(leading: Sequence[np.ndarray], shift: np.ndarray, precision: np.dtype) -> bool:
-    """Whether rows shifted by ``shift`` (float64, (*batch, p)) in ``precision`` would lie on a grid coarser than
-    2^-``SHIFT_BITS`` of some channel's spread in the ``leading`` rows (each side's, (*batch, rows, pᵢ)): the
-    shift's own rounding at its magnitude, or 1 for integer values (an integer dtype, or float values all whole)."""
-    rounded = np.spacing(np.abs(shift).astype(precision)).astype(np.float64)
-    spreads, grids = [], []
+def coarse_grid(leading: Sequence[np.ndarray], shift: np.ndarray) -> np.ndarray:
+    """Each channel's grid in the ``leading`` rows (each side's, (*batch, rows, pᵢ); rows with NaN or Inf left out):
+    the largest power of 2 all its values are multiples of, where that is at least 2^-``SHIFT_BITS`` of its spread
+    (rounded down to a power of 2), else 0 (also for a constant channel); (*batch, p) float64, as ``shift``."""
+    grids = []
     for side in leading:
-        values = np.asarray(side)
-        if np.issubdtype(values.dtype, np.integer):
-            spreads.append(values.std(axis=-2, dtype=np.float64))
-            grids.append(np.ones(spreads[-1].shape))
-            continue
-        finite = np.isfinite(values)  # rows left out (NaN, Inf) do not hide the others' grid
+        values = np.asarray(side, dtype=np.float64)  # exactly: float32, float16 and integers (to 2⁵³) alike
+        finite = np.isfinite(values)
         # by hand, not nanstd, whose warning for a channel with no finite value would need warnings.catch_warnings,
         # which is not thread-safe: in a fold's thread it dropped the user's warnings raised meanwhile
         counted = np.maximum(finite.sum(axis=-2), 1)
         mean = np.where(finite, values, 0).sum(axis=-2, dtype=np.float64) / counted
-        deviations = np.where(finite, values - mean[..., None, :], 0.0)
-        spreads.append(np.sqrt((deviations**2).sum(axis=-2) / counted))
-        grids.append(np.where(((values == np.round(values)) | ~finite).all(axis=-2), 1.0, 0.0))  # whole, per channel
-    spread, grid = np.concatenate(spreads, axis=-1), np.maximum(np.concatenate(grids, axis=-1), rounded)
-    varying = spread > 0
-    return bool((spread[varying] < grid[varying] * 2.0**SHIFT_BITS).any())
+        spread = np.sqrt((np.where(finite, values - mean[..., None, :], 0.0) ** 2).sum(axis=-2) / counted)
+        least = np.exp2(np.floor(np.log2(np.where(spread > 0, spread, 1.0))) - SHIFT_BITS)
+        grid = np.zeros(spread.shape)
+        head = values[..., :GRID_HEAD_ROWS, :] / least[..., None, :]  # exact: a power of 2
+        if ((head == np.round(head)) | ~np.isfinite(head)).all(axis=-2).any():  # continuous values: no channel
+            # each value's largest power-of-2 divisor: its 53-bit significand's lowest set bit, at its exponent
+            fraction, exponent = np.frexp(np.where(finite, values, 0.0))
+            significand = (fraction * 2.0**53).astype(np.int64)
+            lowest = np.ldexp((significand & -significand).astype(np.float64), exponent - 53)
+            grid = np.where(significand != 0, lowest, np.inf).min(axis=-2)  # 0 is a multiple of every step
+        grids.append(np.where((spread > 0) & (grid >= least) & np.isfinite(grid), grid, 0.0))
+    return np.concatenate(grids, axis=-1).reshape(shift.shape)
+
+
+#: A sub-block of values on a coarse grid holds at least these rows (fewer: products in float64), so that the
+#: per-sub-block work (adding p × p products into float64, a few numpy calls) stays a small part of the products.
+EXACT_ROWS_LEAST = 2048
+
+
+def exact_rows(leading: Sequence[np.ndarray], slices: Sequence[slice], shift: np.ndarray, grid: np.ndarray) -> int:
+    """The rows a sub-block may hold for float32 sums of the products of the channels on a ``grid`` (> 0), shifted
+    by ``shift`` (a point of it), to be exact: whole numbers of grid steps below 2^24 (a sum of squares is the
+    largest of a block's sums, the others bounded by them), from the ``leading`` rows' mean square about the shift,
+    4 × for rows beyond them. Biased where rounded: squares of whole numbers are not uniform modulo a power of 2."""
+    squares = []
+    for side, part in zip(leading, slices):
+        on = grid[..., part] > 0
+        values = np.asarray(side, dtype=np.float64)
+        finite = np.isfinite(values)
+        units = np.where(finite, (values - shift[..., None, part]) / np.where(on, grid[..., part], 1.0)[..., None, :],
+                         0.0)
+        squares.append(np.where(on, (units**2).sum(axis=-2) / np.maximum(finite.sum(axis=-2), 1), 0.0))
+    largest = float(np.concatenate(squares, axis=-1).max())
+    return int(2.0**24 // max(4 * largest, 1.0))
 
 
 def _widened(made: list[np.ndarray], shifted: _Shifted, taken: list[np.ndarray]) -> np.ndarray:
@@ -938,12 +983,10 @@ def accumulate(add_products: AddProducts, sides: Sequence[np.ndarray], precision
     for start in range(0, shifted.rows, shifted.per_block):
         taken = shifted.taken(start)
         with np.errstate(over="ignore", invalid="ignore"):
-            block = shifted.block(taken)
-            block_sums = shifted.ones[: block.shape[-2]] @ block  # a GEMV: shifted values are small
+            block, block_sums = shifted.summed(taken)
             if check is not None and not np.isfinite(block_sums).all():
                 taken = check(taken, start)
-                block = shifted.block(taken)
-                block_sums = shifted.ones[: block.shape[-2]] @ block
+                block, block_sums = shifted.summed(taken)
             if not np.isfinite(block_sums).all() or shifted.flushed(block, block_sums, taken):  # finite rows whose
                 # single-precision sums overflowed, or whose values the cast flushed to 0
                 block = shifted.block(taken, wide=True)

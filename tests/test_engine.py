@@ -349,28 +349,34 @@ def test_precision_auto_keeps_float32_on_well_conditioned_offset_data():
     np.testing.assert_allclose(result["rho"], want, atol=3e-6)
 
 
-@pytest.mark.parametrize(("offset", "spread", "dtype", "whole"), [
-    (1e5, 3.0, np.float32, False),  # float32's steps of 2⁻⁷ at 1e5: ~8 bits of the spread
-    (3e4, 20.0, np.int16, True),  # integers: steps of 1
-    (3e4, 20.0, np.float32, True),  # whole float values
-    (0.0, 3.0, np.float32, False),  # no offset: shifted in float32 as before
+@pytest.mark.parametrize(("offset", "spread", "dtype", "whole", "tolerance"), [
+    (1e5, 3.0, np.float32, False, 1e-12),  # float32's steps of 2⁻⁷ at 1e5: 384 steps a spread, products in float64
+    (3e4, 20.0, np.int16, True, 1e-12),  # integers: steps of 1, exact float32 sums
+    (3e4, 20.0, np.float32, True, 1e-12),  # whole float values
+    (128.0, 20.0, np.uint8, True, 1e-12),  # quantized activations
+    (0.0, 40.0, np.int32, True, 1e-12),  # exact in sub-blocks of 2621 rows (sums of squares below 2^24)
+    (500.0, 2.0, np.float64, "quarter", 1e-12),  # float64 values on a ¼ grid
+    (0.0, 3.0, np.float32, False, 1.5e-6),  # continuous: float32's rounding averages out (1.2e-6 seen)
 ])
-def test_float32_products_of_values_on_a_coarse_grid_at_their_offset_are_unbiased(offset, spread, dtype, whole):
-    """Shifted in float32, such values stay on a coarse grid and float32 sums of their products are biased (the
-    scatter's diagonal 2.5e-6 too small): ρ moved by 4.5e-6 to 5e-6 and CKA by 1e-6 against a float64 reference on
-    the same values, silently, "auto" keeping float32. Their chunks are shifted in float64 and each value rounded
-    once to float32: ρ within 1.5e-6 (1.2e-6 seen), CKA within 2e-7, as without an offset."""
+@pytest.mark.parametrize("chunk", [1000, 4000])  # 4000: the pilot chunk and one chunk in float32
+def test_float32_products_of_values_on_a_coarse_grid_are_exact(offset, spread, dtype, whole, tolerance, chunk):
+    """Values on a grid coarse for their spread (integers, quantized levels, float32's own steps at a large offset)
+    take few values, and float32 sums of their products are biased (each level's rounding repeats; squares of
+    whole numbers are not uniform modulo a power of 2): ρ moved by 4.5e-6 to 2.6e-5, PWCCA by 2.5e-4, silently,
+    "auto" keeping float32 (chunks of 8000 rows: shifting them in float64 left 5.5e-6). Shifted by a point of
+    their grid, their products are whole numbers of grid steps, summed exactly in float32 (sub-blocks short enough
+    for sums below 2^24), or made in float64 where that would take sub-blocks too short: ρ and CKA to rounding."""
     rng = np.random.default_rng(2)
     latent = rng.standard_normal((8000, 6))
     x0 = latent @ rng.standard_normal((6, 12)) + 0.5 * rng.standard_normal((8000, 12))
     y0 = latent @ rng.standard_normal((6, 10)) + 0.5 * rng.standard_normal((8000, 10))
     x, y = (offset + spread * v / v.std(axis=0) for v in (x0, y0))
-    x, y = (np.round(v) if whole else v for v in (x, y))
+    x, y = (np.round(v * 4) / 4 if whole == "quarter" else np.round(v) if whole else v for v in (x, y))
     x, y = x.astype(dtype), y.astype(dtype)
-    a, b = da.from_array(x, chunks=1000), da.from_array(y, chunks=1000)
+    a, b = da.from_array(x, chunks=chunk), da.from_array(y, chunks=chunk)
     result = cca(a, b)
     assert result.attrs["precision"] == "float32"
-    np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=1.5e-6)
+    np.testing.assert_allclose(result["rho"], canonical_correlations(x, y), atol=tolerance, rtol=0)
     if dtype == np.float32 and offset:
         # the grid judged per channel and on the finite rows: one channel of fine values beside the others, and a
         # NaN row in each chunk's first rows (omitted), hid the coarse ones (ρ moved by 5.3e-6 and 3.9e-6)
@@ -378,12 +384,12 @@ def test_float32_products_of_values_on_a_coarse_grid_at_their_offset_are_unbiase
         holed = np.hstack([x, fine])
         holed[::1000] = np.nan
         kept = np.isfinite(holed).all(axis=1)
-        result = cca(da.from_array(holed, chunks=1000), da.from_array(np.hstack([y, fine]), chunks=1000),
+        result = cca(da.from_array(holed, chunks=chunk), da.from_array(np.hstack([y, fine]), chunks=chunk),
                      precision="float32", nan_policy="omit")
         np.testing.assert_allclose(result["rho"], canonical_correlations(holed[kept], np.hstack([y, fine])[kept]),
-                                   atol=1.5e-6)
+                                   atol=1.5e-6, rtol=0)
     assert float(cka(a, b, precision="float32")["cka"]) == pytest.approx(cka_reference(x, y, debiased=False),
-                                                                         abs=2e-7)
+                                                                         abs=max(tolerance, 2e-7))
 
 
 def test_precision_auto_on_one_chunk_reports_the_float64_products_it_made():
