@@ -1002,7 +1002,12 @@ def accumulate(add_products: AddProducts, sides: Sequence[np.ndarray], precision
         if n_sides:
             norms = np.stack([np.einsum("ij,ij->i", block[:, part], block[:, part]).astype(np.float64)
                               for part in shifted.slices], axis=1)  # (rows, L)
-            norm_moments += (norms.T.astype(block.dtype) @ block).astype(np.float64)
+            # Σ ‖u_l‖² uᵀ holds third powers, which float32 over- or underflows where the squares do not (values
+            # of 1e13, 1e-16): each side's norms are scaled by a power of 2 that brings its largest near 1, so the
+            # terms are of the values' own size, whose squares float32 holds (``single_failed``)
+            largest = norms.max(axis=0)
+            scales = np.exp2(-np.round(np.log2(np.where((largest > 0) & (largest < np.inf), largest, 1.0))))
+            norm_moments += ((norms * scales).T.astype(block.dtype) @ block).astype(np.float64) / scales[:, None]
             norm_products += norms.T @ norms
     return shifted.shift[..., 0, :].astype(shifted.wide), sums, counted, norm_moments, norm_products
 

@@ -285,6 +285,23 @@ def test_debiased_cka_float32_on_offset_data():
     assert got == pytest.approx(cka_reference(x.astype(np.float32), y.astype(np.float32), True), abs=3e-6)
 
 
+
+@pytest.mark.parametrize("scale", [1e-16, 1e13])
+def test_debiased_cka_with_float32_products_of_values_small_or_large(scale):
+    """Σ ‖u‖² uᵀ, third powers of the values, was kept in float32 with only the squares checked: values of 1e-16
+    underflowed (debiased CKA off by 2.4e-5 under "auto", silently), and of 1e13 overflowed (refused, blaming
+    float64, which holds them) (found by audit). Each side's norms are scaled near 1 first: to float32's
+    rounding of the sums (3e-8 at unit scale on these data), 1e-7 here."""
+    rng = np.random.default_rng(4)
+    latent = rng.standard_normal((200, 4))
+    a = (latent @ rng.standard_normal((4, 10)) + 0.5 * rng.standard_normal((200, 10)) + 3) * scale
+    b = latent @ rng.standard_normal((4, 8)) + 0.5 * rng.standard_normal((200, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = cka(da.from_array(a, chunks=100), da.from_array(b, chunks=100), debiased=True, precision="float32")
+    assert result.attrs["precision"] == "float32"
+    assert float(result["cka"]) == pytest.approx(cka_reference(a, b, True), abs=1e-7)
+
 def _minibatch_reference(x: np.ndarray, y: np.ndarray, size: int) -> float:
     batches = x.shape[0] // size
     hsic = np.zeros(3)
