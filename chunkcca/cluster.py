@@ -84,25 +84,42 @@ def cluster_threads(client: Any) -> int:
     the run's tasks reach it (waiting for one before submitting them would wait for ever)."""
     threads = sum(client.nthreads().values())
     if threads == 0:
-        address = getattr(getattr(client, "scheduler", None), "address", "its address")
-        warnings.warn(f"the Dask cluster at {address} has no workers: the run waits until one joins (and is "
+        warnings.warn(f"the Dask cluster at {_address(client)} has no workers: the run waits until one joins (and is "
                       f"planned for one thread)", RuntimeWarning, stacklevel=user_stacklevel())
     return max(1, threads)
 
 
+#: Seconds between two looks, while a run's futures are gathered, at whether its cluster still has workers.
+WORKERS_LOOK_SECONDS = 2.0
+
+
 def gathered(client: Any, futures: list[Any]) -> list[Any]:
     """``client.gather(futures)``, except that a Client that lost its scheduler and closed raises a
-    CommClosedError at once: its futures then never finish, and gather waited for them forever."""
+    CommClosedError at once: its futures then never finish, and gather waited for them forever. A cluster left
+    without workers during the run is warned of once (the run waited without a word): the run waits for one to
+    join, as it does for a cluster without workers at its start (``cluster_threads``)."""
     from distributed.comm.core import CommClosedError
 
-    pause = 0.001
+    pause, looked, warned = 0.001, time.monotonic(), False
     while not all(future.done() for future in futures):
         if getattr(client, "status", "running") in ("closing", "closed"):
-            address = getattr(getattr(client, "scheduler", None), "address", "its address")
-            raise CommClosedError(f"the Client lost its scheduler at {address} and closed")
+            raise CommClosedError(f"the Client lost its scheduler at {_address(client)} and closed")
+        if not warned and time.monotonic() - looked >= WORKERS_LOOK_SECONDS:
+            looked, workers = time.monotonic(), True
+            with contextlib.suppress(Exception):  # a scheduler lost meanwhile: the Client's status says so
+                workers = bool(client.nthreads())
+            if not workers:
+                warned = True
+                warnings.warn(f"the Dask cluster at {_address(client)} lost all its workers during the run: it "
+                              f"waits until one joins (Ctrl-C stops it)", RuntimeWarning, stacklevel=user_stacklevel())
         time.sleep(pause)
         pause = min(2 * pause, 0.05)
     return client.gather(futures)
+
+
+def _address(client: Any) -> str:
+    """The address of ``client``'s scheduler, as a message names it."""
+    return str(getattr(getattr(client, "scheduler", None), "address", "its address"))
 
 
 def connect(address: str, *, timeout: float) -> Any:
@@ -146,6 +163,8 @@ def _handshake(address: str, timeout: float) -> None:
 
     from distributed.comm import connect as open_comm
     from distributed.security import Security
+
+    _check_resolves(address)
 
     async def shake() -> None:
         comm = await open_comm(address, timeout=timeout, **Security().get_connection_args("client"))
@@ -257,6 +276,24 @@ def _tried(address: str) -> str | None:
         return _REFUSED
     except OSError:
         return None
+
+
+def _check_resolves(address: str) -> None:
+    """An OSError at once for a tcp:// ``address`` whose host name does not resolve: distributed retried it until
+    the connect timeout, then said only that nothing answered."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address) if "://" in address else ("tcp", address)
+    if scheme != "tcp":
+        return
+    host, port = parse_host_port(location)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise OSError(f"no Dask scheduler at {address}: its host name {host!r} does not resolve "
+                      f"({error.strerror})") from error
 
 
 def _first_line(error: BaseException) -> str:

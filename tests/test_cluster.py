@@ -487,3 +487,39 @@ def test_a_cluster_without_workers_is_warned_of_and_the_run_waits_for_one():
         finally:
             joins.join()
     np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
+
+
+def test_a_cluster_that_loses_all_its_workers_mid_run_is_warned_of_and_the_run_waits_for_one(monkeypatch):
+    """Every worker killed during a run left the run (and the command) waiting without a word (found by audit): a
+    warning now says so, as for a cluster without workers at the start, and the run ends once one joins, with
+    the local result."""
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from chunkcca import cluster as chunkcca_cluster
+
+    monkeypatch.setattr(chunkcca_cluster, "WORKERS_LOOK_SECONDS", 0.1)
+    a, b = correlated_layers(np.random.default_rng(4), 60, (4, 4, 5), (4, 4, 3))
+    local = cca(a, b, precision="float64")
+
+    def slowly(block: np.ndarray) -> np.ndarray:
+        time.sleep(0.3)
+        return block
+
+    slow_a = da.from_array(a, chunks=(10, 4, 4, 5)).map_blocks(slowly, meta=np.empty((0, 0, 0, 0), a.dtype))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        leaves = threading.Timer(0.6, cluster.scale, args=(0,))
+        joins = threading.Timer(2.5, cluster.scale, args=(1,))
+        leaves.start()
+        joins.start()
+        try:
+            with pytest.warns(RuntimeWarning, match=r"Dask cluster at .* lost all its workers during the run: it "
+                                                     r"waits until one joins"):
+                remote = cca(slow_a, b, precision="float64", scheduler=client)
+        finally:
+            leaves.join()
+            joins.join()
+    np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
