@@ -285,10 +285,13 @@ def _check_resolves(address: str) -> None:
 
     from distributed.comm.addressing import parse_address, parse_host_port
 
-    scheme, location = parse_address(address) if "://" in address else ("tcp", address)
+    try:
+        scheme, location = parse_address(address) if "://" in address else ("tcp", address)
+        host, port = parse_host_port(location)
+    except ValueError:  # malformed: the Client says how, as before
+        return
     if scheme != "tcp":
         return
-    host, port = parse_host_port(location)
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:

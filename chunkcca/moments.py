@@ -924,7 +924,8 @@ def coarse_grid(leading: Sequence[np.ndarray], shift: np.ndarray) -> np.ndarray:
         least = np.exp2(np.floor(np.log2(np.where(spread > 0, spread, 1.0))) - SHIFT_BITS)
         grid = np.zeros(spread.shape)
         head = values[..., :GRID_HEAD_ROWS, :] / least[..., None, :]  # exact: a power of 2
-        if ((head == np.round(head)) | ~np.isfinite(head)).all(axis=-2).any():  # continuous values: no channel
+        if (((head == np.round(head)) | ~np.isfinite(head)).all(axis=-2) & (spread > 0)).any():  # continuous
+            # values (and constant channels, a dead one's zeros): no channel
             # each value's largest power-of-2 divisor: its 53-bit significand's lowest set bit, at its exponent
             fraction, exponent = np.frexp(np.where(finite, values, 0.0))
             significand = (fraction * 2.0**53).astype(np.int64)
@@ -1002,6 +1003,9 @@ def accumulate(add_products: AddProducts, sides: Sequence[np.ndarray], precision
         if n_sides:
             norms = np.stack([np.einsum("ij,ij->i", block[:, part], block[:, part]).astype(np.float64)
                               for part in shifted.slices], axis=1)  # (rows, L)
+            if not np.isfinite(norms).all():  # a row's squared norm past float32's range, its channels' sums not
+                norms = np.stack([np.einsum("ij,ij->i", block[:, part], block[:, part], dtype=np.float64)
+                                  for part in shifted.slices], axis=1)
             # Σ ‖u_l‖² uᵀ holds third powers, which float32 over- or underflows where the squares do not (values
             # of 1e13, 1e-16): each side's norms are scaled by a power of 2 that brings its largest near 1, so the
             # terms are of the values' own size, whose squares float32 holds (``single_failed``)

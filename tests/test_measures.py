@@ -302,6 +302,28 @@ def test_debiased_cka_with_float32_products_of_values_small_or_large(scale):
     assert result.attrs["precision"] == "float32"
     assert float(result["cka"]) == pytest.approx(cka_reference(a, b, True), abs=1e-7)
 
+
+def test_debiased_cka_with_float32_products_of_a_row_whose_norm_float32_cannot_hold():
+    """A row whose squared norm (1.2e39) is past float32's range while no channel's sum of squares is: the row
+    norms, made in float32, overflowed and debiased CKA was refused, blaming float64 (found by review). Such
+    norms are made again in float64; float32's rounding of the sums remains (1.3e-8 seen)."""
+    rng = np.random.default_rng(3)
+    latent = rng.standard_normal((6000, 4))
+
+    def side(channels: int) -> np.ndarray:
+        values = latent @ rng.standard_normal((4, channels)) + rng.standard_normal((6000, channels))
+        return values / values.std(axis=0)
+
+    x, y = 1e17 * side(300), side(20)
+    x[4000] *= 20
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = cka(da.from_array(x, chunks=(3000, -1)), da.from_array(y, chunks=(3000, -1)), debiased=True,
+                     precision="float32")
+    assert float(result["cka"]) == pytest.approx(cka_reference(x.astype(np.float64), y.astype(np.float64), True),
+                                                 abs=1e-7)
+
 def _minibatch_reference(x: np.ndarray, y: np.ndarray, size: int) -> float:
     batches = x.shape[0] // size
     hsic = np.zeros(3)
