@@ -89,29 +89,45 @@ def cluster_threads(client: Any) -> int:
     return max(1, threads)
 
 
-#: Seconds between two looks, while a run's futures are gathered, at whether its cluster still has workers.
+#: Seconds between two looks, while a run's futures are awaited, at whether its cluster still has workers.
 WORKERS_LOOK_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def watching_workers(client: Any) -> Iterator[None]:
+    """While the body awaits a run's futures (a progress bar's wait, then ``gathered``), a thread looking every
+    ``WORKERS_LOOK_SECONDS`` at whether ``client``'s cluster still has workers: one left without any during the
+    run is warned of once (the run waited without a word), and the run waits for one to join, as it does for a
+    cluster without workers at its start (``cluster_threads``)."""
+    done = threading.Event()
+
+    def look() -> None:
+        while not done.wait(WORKERS_LOOK_SECONDS):
+            workers = True
+            with contextlib.suppress(Exception):  # a scheduler lost meanwhile: the Client's status says so
+                workers = bool(client.nthreads())
+            if not workers and not done.is_set():
+                warnings.warn(f"the Dask cluster at {_address(client)} lost all its workers during the run: it "
+                              f"waits until one joins (Ctrl-C stops it)", RuntimeWarning, stacklevel=2)
+                return
+
+    watcher = threading.Thread(target=look, name="chunkcca-workers", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def gathered(client: Any, futures: list[Any]) -> list[Any]:
     """``client.gather(futures)``, except that a Client that lost its scheduler and closed raises a
-    CommClosedError at once: its futures then never finish, and gather waited for them forever. A cluster left
-    without workers during the run is warned of once (the run waited without a word): the run waits for one to
-    join, as it does for a cluster without workers at its start (``cluster_threads``)."""
+    CommClosedError at once: its futures then never finish, and gather waited for them forever."""
     from distributed.comm.core import CommClosedError
 
-    pause, looked, warned = 0.001, time.monotonic(), False
+    pause = 0.001
     while not all(future.done() for future in futures):
         if getattr(client, "status", "running") in ("closing", "closed"):
             raise CommClosedError(f"the Client lost its scheduler at {_address(client)} and closed")
-        if not warned and time.monotonic() - looked >= WORKERS_LOOK_SECONDS:
-            looked, workers = time.monotonic(), True
-            with contextlib.suppress(Exception):  # a scheduler lost meanwhile: the Client's status says so
-                workers = bool(client.nthreads())
-            if not workers:
-                warned = True
-                warnings.warn(f"the Dask cluster at {_address(client)} lost all its workers during the run: it "
-                              f"waits until one joins (Ctrl-C stops it)", RuntimeWarning, stacklevel=user_stacklevel())
         time.sleep(pause)
         pause = min(2 * pause, 0.05)
     return client.gather(futures)

@@ -944,14 +944,15 @@ def compute(*graphs: Any, threads: int, scheduler: Any = None, progress: str | N
     client = _active_client(scheduler)
     with one_thread():
         if client is not None:
-            from .cluster import gathered, prepare_workers
+            from .cluster import gathered, prepare_workers, watching_workers
 
             prepare_workers(client)
             futures = client.compute(list(graphs))
             try:
-                if progress:
-                    _cluster_progress(futures, client, progress)
-                return tuple(gathered(client, futures))
+                with watching_workers(client):
+                    if progress:
+                        _cluster_progress(futures, client, progress)
+                    return tuple(gathered(client, futures))
             except BaseException:  # release them: an erred key kept would re-raise on the same call again
                 with contextlib.suppress(Exception):
                     client.cancel(futures)

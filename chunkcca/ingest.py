@@ -108,6 +108,7 @@ class _Bounded:
         self._spend(len(line))
         return line
 
+
 #: How a file's axes are laid out: datapoint first and channel last (chunkcca's), google/svcca's 2-d
 #: (neurons, datapoints), or PyTorch's channels-first (datapoint, channel, height, width).
 LAYOUTS = ("datapoints", "neurons", "channels_first")

@@ -1188,7 +1188,6 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
 )}
 
 
-
 def is_result_name(name: Any) -> bool:
     """Whether ``name`` is one that chunkcca's results may give a dim, coordinate or variable (a group's coordinate
     named so would be taken for it): the measures' values and details, their jackknife error bars, a DFT's
@@ -1201,6 +1200,7 @@ def is_result_name(name: Any) -> bool:
               "pruned_b", "rank_a", "rank_b", "rows", "rho_mean", "rho_freq_mean", "weights", "tied", "side",
               "similarity", "bound", "ridge", "predictivity_per_fold", "minibatches", "rows_left_out"}
     return isinstance(name, str) and (name in per_measure | others or name.startswith("freq_"))
+
 
 @dataclass(frozen=True)
 class Needs:

@@ -49,7 +49,7 @@ SUBBLOCK_BYTES = 16 * 2**20
 #: The same for rows made as they are taken (dft spectra, not ndarrays), whose making holds a few times as much.
 MADE_SUBBLOCK_BYTES = 4 * 2**20
 SUBBLOCK_ROWS = 8192
-#: Rows whose mean is the per-chunk shift.
+#: Rows whose mean is the per-chunk shift (spread over the chunk), and in which channels' grids are judged.
 SHIFT_ROWS = 1024
 #: Root attribute of saved Moments: a digest of the root attributes loading reads, as written
 #: (``attributes_digest``), by which an edit since (a checkpoint's datapoints done, the layers, the values'
@@ -817,7 +817,11 @@ class _Shifted:
         self.ones = np.ones(self.per_block, dtype=self.dtype)
         # dft rows are transformed as they are taken: the first sub-block is taken once, for the shift too
         self.first = [side[..., : self.per_block, :] for side in sides]
-        leading = [side[..., :SHIFT_ROWS, :] for side in self.first]
+        # the shift and grids from SHIFT_ROWS rows spread over the chunk where its rows are at hand (its first
+        # rows may be padding, or unlike the rest: zeros there left a layer of 128 ± 20 unshifted, ρ off by 2e-4)
+        every = max(1, self.rows // SHIFT_ROWS)
+        leading = [side[..., ::every, :][..., :SHIFT_ROWS, :] if isinstance(side, np.ndarray)
+                   else first[..., :SHIFT_ROWS, :] for side, first in zip(sides, self.first)]
         shift = np.concatenate([side.mean(axis=-2, dtype=self.wide) for side in leading], axis=-1)
         if not np.isfinite(shift).all():  # the mean of the finite rows among them (rows with NaN or Inf go to check)
             finite = np.logical_and.reduce([np.isfinite(side).all(axis=tuple(i for i in range(side.ndim)
@@ -836,6 +840,10 @@ class _Shifted:
         #: whether the products are made in float64 (complex128) whatever the precision: values on a grid too
         #: fine for exact float32 sums and too coarse for their rounding to average out
         self.widened = False
+        #: the channels on a coarse grid and the sums of their squares a sub-block's float32 products hold
+        #: exactly (2²⁴ grid steps²): a sub-block beyond them (rows far larger than the first) is made in float64
+        self.coarse: np.ndarray | None = None
+        self.exact_squares: np.ndarray | None = None
         grid = coarse_grid(leading, shift) if self.dtype == np.float32 else None
         if grid is not None and grid.any():
             shift = np.where(grid > 0, np.round(shift / np.where(grid > 0, grid, 1.0)) * grid, shift)
@@ -844,6 +852,8 @@ class _Shifted:
             if exact >= max(EXACT_ROWS_LEAST, fewest):
                 self.per_block = min(self.per_block, exact)
                 self.first = [side[..., : self.per_block, :] for side in self.first]  # the rest taken again
+                self.coarse = np.flatnonzero(grid.reshape(-1, grid.shape[-1]).any(axis=0))
+                self.exact_squares = 2.0**24 * grid[..., self.coarse] ** 2
             else:
                 self.widened = True
         self.shift = shift.astype(finest if finest.itemsize > self.dtype.itemsize else self.dtype)[..., None, :]
@@ -882,6 +892,14 @@ class _Shifted:
                 return True
         return False
 
+    def beyond_exact(self, block: np.ndarray) -> bool:
+        """Whether a float32 ``block``'s channels on a coarse grid hold squares whose sums float32 would round (a
+        sub-block's rows larger than the chunk's first rows promised): one pass over those channels."""
+        if self.coarse is None or block.dtype != self.dtype:
+            return False
+        columns = block[..., self.coarse]
+        return bool((np.einsum("...ij,...ij->...j", columns, columns) >= self.exact_squares).any())
+
     def summed(self, taken: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The taken rows shifted (``block()``, in float64 if ``widened``) and their sums (*batch, p): in the product
         precision a GEMV, as shifted values are small."""
@@ -911,7 +929,8 @@ GRID_HEAD_ROWS = 32
 def coarse_grid(leading: Sequence[np.ndarray], shift: np.ndarray) -> np.ndarray:
     """Each channel's grid in the ``leading`` rows (each side's, (*batch, rows, pᵢ); rows with NaN or Inf left out):
     the largest power of 2 all its values are multiples of, where that is at least 2^-``SHIFT_BITS`` of its spread
-    (rounded down to a power of 2), else 0 (also for a constant channel); (*batch, p) float64, as ``shift``."""
+    (rounded down to a power of 2), else 0 (a float channel constant there: its grid is not seen); 1 for every
+    channel of an integer dtype whose spread is below 2^``SHIFT_BITS``. (*batch, p) float64, as ``shift``."""
     grids = []
     for side in leading:
         values = np.asarray(side, dtype=np.float64)  # exactly: float32, float16 and integers (to 2⁵³) alike
@@ -922,17 +941,26 @@ def coarse_grid(leading: Sequence[np.ndarray], shift: np.ndarray) -> np.ndarray:
         mean = np.where(finite, values, 0).sum(axis=-2, dtype=np.float64) / counted
         spread = np.sqrt((np.where(finite, values - mean[..., None, :], 0.0) ** 2).sum(axis=-2) / counted)
         least = np.exp2(np.floor(np.log2(np.where(spread > 0, spread, 1.0))) - SHIFT_BITS)
-        grid = np.zeros(spread.shape)
+        if np.issubdtype(np.asarray(side).dtype, np.integer):
+            grids.append(np.where(least <= 1, 1.0, 0.0))
+            continue
         head = values[..., :GRID_HEAD_ROWS, :] / least[..., None, :]  # exact: a power of 2
-        if (((head == np.round(head)) | ~np.isfinite(head)).all(axis=-2) & (spread > 0)).any():  # continuous
-            # values (and constant channels, a dead one's zeros): no channel
-            # each value's largest power-of-2 divisor: its 53-bit significand's lowest set bit, at its exponent
-            fraction, exponent = np.frexp(np.where(finite, values, 0.0))
-            significand = (fraction * 2.0**53).astype(np.int64)
-            lowest = np.ldexp((significand & -significand).astype(np.float64), exponent - 53)
-            grid = np.where(significand != 0, lowest, np.inf).min(axis=-2)  # 0 is a multiple of every step
-        grids.append(np.where((spread > 0) & (grid >= least) & np.isfinite(grid), grid, 0.0))
+        # continuous values are found off the grid in the first rows; constant channels have none to find
+        candidates = ((head == np.round(head)) | ~np.isfinite(head)).all(axis=-2) & (spread > 0)
+        grid = np.zeros(spread.shape)
+        if candidates.any():
+            grid[candidates] = _largest_divisor(np.moveaxis(values, -2, -1)[candidates])
+        grids.append(np.where((grid >= least) & np.isfinite(grid), grid, 0.0))
     return np.concatenate(grids, axis=-1).reshape(shift.shape)
+
+
+def _largest_divisor(channels: np.ndarray) -> np.ndarray:
+    """The largest power of 2 every finite value of each row of ``channels`` (channels, rows) is a multiple of
+    (inf for a row of zeros): each value's 53-bit significand's lowest set bit, at its exponent."""
+    fraction, exponent = np.frexp(np.where(np.isfinite(channels), channels, 0.0))
+    significand = (fraction * 2.0**53).astype(np.int64)
+    lowest = np.ldexp((significand & -significand).astype(np.float64), exponent - 53)
+    return np.where(significand != 0, lowest, np.inf).min(axis=-1)  # 0 is a multiple of every step
 
 
 #: A sub-block of values on a coarse grid holds at least these rows (fewer: products in float64), so that the
@@ -988,8 +1016,9 @@ def accumulate(add_products: AddProducts, sides: Sequence[np.ndarray], precision
             if check is not None and not np.isfinite(block_sums).all():
                 taken = check(taken, start)
                 block, block_sums = shifted.summed(taken)
-            if not np.isfinite(block_sums).all() or shifted.flushed(block, block_sums, taken):  # finite rows whose
-                # single-precision sums overflowed, or whose values the cast flushed to 0
+            if not np.isfinite(block_sums).all() or shifted.flushed(block, block_sums, taken) \
+                    or shifted.beyond_exact(block):  # finite rows whose single-precision sums overflowed, whose
+                # values the cast flushed to 0, or whose grid's products float32 would round
                 block = shifted.block(taken, wide=True)
                 block_sums = block.sum(axis=-2)
         if block.shape[-2] == 0:  # every row of the sub-block left out

@@ -70,6 +70,8 @@ def holds_positions(layer: Any) -> bool:
     """Whether the ``datapoint`` coordinate of ``layer`` (a DataArray) holds the positions a store gave a layer
     written without labels (``POSITIONS_ATTR``), not labels anyone gave."""
     return "datapoint" in layer.coords and bool(layer.coords["datapoint"].attrs.get(POSITIONS_ATTR))
+
+
 #: The attribute of a layer's activations giving the relative rounding of its values where their dtype is finer
 #: than the model's (a bfloat16 model's outputs, stored as float32 exactly, carry bfloat16's 2⁻⁷).
 VALUE_ROUNDING_ATTR = "chunkcca_value_rounding"

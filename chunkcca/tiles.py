@@ -131,6 +131,7 @@ class Tiling:
                 column += stop - start
         return widened
 
+
 def fold_tiled(into: np.ndarray, sides: Sequence[np.ndarray], tiling: Tiling, precision: ProductPrecision, *,
                check: RowCheck | None = None) -> np.ndarray:
     """Merge the rows of each side (rows, pᵢ), real, into the packed tiled partial ``into`` in place, exactly, as

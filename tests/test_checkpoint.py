@@ -171,7 +171,6 @@ def test_every_measure_takes_a_checkpoint(tmp_path):
         chunkcca.cka(a_layer, b_layer, debiased=True, **options)
 
 
-
 def test_a_checkpoint_with_row_norm_sums_serves_the_measures_that_do_not_need_them(tmp_path):
     """A debiased CKA's checkpoint was refused by cca and plain cka as "another run: row_norms True then, False
     now", an option they do not take (found by audit). A finished one now serves them; an unfinished one is
@@ -240,6 +239,7 @@ def test_namesake_layers_resume_from_a_renamed_store_and_swapped_sides_are_named
     with pytest.raises(CheckpointError, match=r"the files of layer 'conv2' changed since .*or it is another store's"):
         chunkcca.cca(b, chunkcca.open_activations(tmp_path / "m3.zarr")["conv2"], precision="float64",
                      checkpoint=swapped)
+
 
 def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
     """Layers chunked differently (5 and 20 datapoints): checkpoint groups cut only where both have a chunk

@@ -489,10 +489,11 @@ def test_a_cluster_without_workers_is_warned_of_and_the_run_waits_for_one():
     np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
 
 
-def test_a_cluster_that_loses_all_its_workers_mid_run_is_warned_of_and_the_run_waits_for_one(monkeypatch):
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_cluster_that_loses_all_its_workers_mid_run_is_warned_of_and_the_run_waits_for_one(monkeypatch, progress):
     """Every worker killed during a run left the run (and the command) waiting without a word (found by audit): a
     warning now says so, as for a cluster without workers at the start, and the run ends once one joins, with
-    the local result."""
+    the local result; also under a progress bar, whose wait came first (found by review)."""
     import threading
     import time
 
@@ -518,7 +519,7 @@ def test_a_cluster_that_loses_all_its_workers_mid_run_is_warned_of_and_the_run_w
         try:
             with pytest.warns(RuntimeWarning, match=r"Dask cluster at .* lost all its workers during the run: it "
                                                      r"waits until one joins"):
-                remote = cca(slow_a, b, precision="float64", scheduler=client)
+                remote = cca(slow_a, b, precision="float64", scheduler=client, progress=progress)
         finally:
             leaves.join()
             joins.join()

@@ -87,7 +87,6 @@ def test_cca_coefficients_are_the_true_canonical_correlations():
     np.testing.assert_allclose(result["cca_coef1"], canonical_correlations(acts1.T, acts2.T), atol=1e-9)
 
 
-
 def test_neurons_on_scales_far_apart_are_warned_of_as_the_reference_route_loses_digits():
     """At epsilon=0 the reference's pinv square root of a covariance of condition number 1e14 (neuron spreads
     1 to 1e-7) is 3e-4 off, and at 1e16 the reference fails (LinAlgError) where this gave numbers 4e-3 off,
@@ -104,6 +103,7 @@ def test_neurons_on_scales_far_apart_are_warned_of_as_the_reference_route_loses_
         warnings.simplefilter("error", IllConditionedWarning)
         got = get_cca_similarity(a * np.logspace(0, -2, 20)[:, None], b)["cca_coef1"]
     np.testing.assert_allclose(got, canonical_correlations(a.T, b.T)[:10], atol=1e-12)
+
 
 def test_every_neuron_pruned_gives_the_zero_result():
     """The reference raises here (it unpacks six values into five); its intended zero dict is returned."""

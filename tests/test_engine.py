@@ -392,6 +392,29 @@ def test_float32_products_of_values_on_a_coarse_grid_are_exact(offset, spread, d
                                                                          abs=max(tolerance, 2e-7))
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_values_on_a_grid_after_padding_or_with_bursts_between_the_rows_sampled_are_exact(dtype):
+    """The shift and grids came from each chunk's first 1024 rows: zeros there (padding) left a layer of
+    128 ± 20 unshifted and its grid unseen, ρ off by 2e-4 with float32 products (found by review). They now come
+    from 1024 rows spread over the chunk, and a sub-block whose grid's squares float32 would round (rows far larger
+    than those sampled) is made in float64 (bursts between the sampled rows moved ρ by 2e-5)."""
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((32768, 6))
+    x0 = latent @ rng.standard_normal((6, 12)) + rng.standard_normal((32768, 12))
+    y0 = latent @ rng.standard_normal((6, 10)) + rng.standard_normal((32768, 10))
+    x, y = (np.round(v / v.std(axis=0) * 20 + 128) for v in (x0, y0))
+    padded_x, padded_y = x.copy(), y.copy()
+    for start in range(0, 32768, 16384):
+        padded_x[start : start + 1024] = padded_y[start : start + 1024] = 0
+        for row in range(start + 5, start + 16384, 16):  # the rows sampled are every 16th, from the first
+            x[row : row + 4] *= 40
+    for a, b in ((padded_x, padded_y), (x, y)):
+        a, b = a.astype(dtype), b.astype(dtype)
+        result = cca(da.from_array(a, chunks=16384), da.from_array(b, chunks=16384), precision="float32")
+        np.testing.assert_allclose(result["rho"], canonical_correlations(a.astype(float), b.astype(float)),
+                                   atol=1e-12, rtol=0)
+
+
 def test_precision_auto_on_one_chunk_reports_the_float64_products_it_made():
     """The pilot chunk is computed in float64; when it is the only chunk, every product was float64."""
     x, y = _ill_conditioned(10.0)

@@ -267,7 +267,6 @@ def test_an_unreachable_scheduler_fails_fast_and_says_so(capsys):
         assert failed and "no Dask scheduler answered" in str(failed[0]), "the handshake has no limit"
 
 
-
 def test_a_scheduler_host_name_that_does_not_resolve_is_said_so_at_once(monkeypatch):
     """A host name that does not resolve was retried until the connect timeout, then said to be "no answer"
     (found by audit). The name is looked up first (here a lookup that fails, as for a name no DNS knows)."""
@@ -285,6 +284,7 @@ def test_a_scheduler_host_name_that_does_not_resolve_is_said_so_at_once(monkeypa
     with pytest.raises(OSError, match=r"^no Dask scheduler at tcp://nosuchhost.invalid:8786: its host name "
                                       r"'nosuchhost.invalid' does not resolve \(Name or service not known\)$"):
         cca(x, x[:, :2], scheduler="tcp://nosuchhost.invalid:8786", connect_timeout=60)
+
 
 def test_errors_that_are_not_reading_errors_are_not_called_so(tmp_path):
     """A checkpoint that cannot be written is a checkpoint error, not 'reading layers … failed'."""

@@ -71,7 +71,6 @@ def test_svcca_keeps_a_number_of_directions_as_the_tutorials_do(keep):
             svcca(x, y, keep_by="directions", **keep_given)
 
 
-
 def test_svcca_by_directions_on_channels_of_scales_far_apart_is_exact_or_undefined():
     """Channels on scales 1e-6 to 1e6: the covariance's eigenvalues span 1e24, and its last directions are its
     rounding. keep=6 of 6 channels gave 0.537 for CCA's 0.695 (a direction dropped, the rest rounding); now every
@@ -100,6 +99,7 @@ def test_svcca_by_directions_on_channels_of_scales_far_apart_is_exact_or_undefin
         single = svcca(*small, keep=0.99, precision="float32")
     assert float(single["rho_mean"]) == pytest.approx(float(svcca(*small, keep=0.99, precision="float64")
                                                            ["rho_mean"]), abs=1e-6)
+
 
 def test_svcca_keep_all_is_cca_and_reports_zero_variance_channels():
     x, y = _pair(1)
@@ -285,7 +285,6 @@ def test_debiased_cka_float32_on_offset_data():
     assert got == pytest.approx(cka_reference(x.astype(np.float32), y.astype(np.float32), True), abs=3e-6)
 
 
-
 @pytest.mark.parametrize("scale", [1e-16, 1e13])
 def test_debiased_cka_with_float32_products_of_values_small_or_large(scale):
     """Σ ‖u‖² uᵀ, third powers of the values, was kept in float32 with only the squares checked: values of 1e-16
@@ -323,6 +322,7 @@ def test_debiased_cka_with_float32_products_of_a_row_whose_norm_float32_cannot_h
                      precision="float32")
     assert float(result["cka"]) == pytest.approx(cka_reference(x.astype(np.float64), y.astype(np.float64), True),
                                                  abs=1e-7)
+
 
 def _minibatch_reference(x: np.ndarray, y: np.ndarray, size: int) -> float:
     batches = x.shape[0] // size
@@ -424,7 +424,6 @@ def test_shape_metric_matches_in_memory(alpha):
     assert float(result["shape_distance"]) == pytest.approx(shape_reference(x, y, alpha), abs=ATOL)
 
 
-
 def test_a_tiny_alpha_on_dependent_channels_is_warned_of_as_alpha_0_is():
     """alpha > 0 was taken as the user's regularisation and never warned of: at alpha 1e-12 on a layer with a
     duplicated channel, the matrix inverted has a condition number near 1e12 and the distance was 9e-6 off,
@@ -457,6 +456,7 @@ def test_cka_of_a_layer_against_its_rotation_is_at_most_one():
         values = [float(got["cka"]), float(got["cka_debiased"]), float(sweep["cka"].item()),
                   float(cka(x, y, minibatch=20)["cka"])]
         assert max(values) <= 1.0 and min(values) == pytest.approx(1.0, abs=1e-12)
+
 
 def test_dead_channels_change_neither_the_shape_metric_nor_predictivity():
     """Partial whitening and predictivity's ridge are scaled by the mean variance of a layer's channels: dead

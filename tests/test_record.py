@@ -1199,7 +1199,6 @@ def test_sequence_first_attention_weights_are_stored_as_torch_gives_them(tmp_pat
     np.testing.assert_array_equal(tree["attention"]["activations"].values, want)
 
 
-
 class _TransposingLM(torch.nn.Module):
     """A language model taking (N, T) token ids, as a DataLoader stacks them, into a time-first LSTM."""
 

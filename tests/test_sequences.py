@@ -314,7 +314,6 @@ def test_a_zero_one_integer_mask_is_taken_as_record_and_ingest_take_it(tmp_path)
     assert float(cka(own["a"], own["b"])["cka"]) == float(cka(want["a"], want["b"])["cka"])
 
 
-
 def test_masks_that_leave_no_row_both_keep_are_said_to_and_nan_is_not_blamed():
     """Masks real at tokens no row shares, or only where the stride does not look, said "every row holds NaN or
     Inf", of finite layers (found by audit)."""
@@ -330,6 +329,7 @@ def test_masks_that_leave_no_row_both_keep_are_said_to_and_nan_is_not_blamed():
         cka(_layer(x, odd, 10, "a"), _layer(y, odd, 10, "b"), stride=2)
     with pytest.raises(ValueError, match=r"left out as padding .* or as holding NaN or Inf; nothing is left$"):
         cka(_layer(x, first, 10, "a"), _layer(y, ~first, 10, "b"), nan_policy="omit")
+
 
 def test_a_mask_is_placed_by_its_labels_and_a_layers_own_is_not_replaced(tmp_path):
     """A mask DataArray given as masks= lines up with the layer by its positions' labels as by its datapoints'
@@ -421,7 +421,6 @@ def test_a_stored_layers_activations_carry_its_padding_mask(tmp_path):
     assert float(alone["cka"]) == pytest.approx(want, abs=1e-12)
 
 
-
 def test_a_mask_given_to_a_stored_layer_without_one_is_used_and_its_own_chunks_checked(tmp_path):
     """A store's layer keeps its encoding through ``assign_coords``; the check that every chunk file is there
     looked for the store's mask folder, which a store without masks lacks (FileNotFoundError, found by audit)."""
@@ -444,6 +443,7 @@ def test_a_mask_given_to_a_stored_layer_without_one_is_used_and_its_own_chunks_c
     lost = tree["a"]["activations"].assign_coords(mask=(dims, da.from_zarr(str(tmp_path / "mask.zarr"))))
     with pytest.raises(OSError, match="lacks 1 of its 3 chunk files"):
         cka(lost, tree["b"]["activations"])
+
 
 def test_whole_maps_of_masked_layers_are_refused_in_pairs_and_sweeps():
     """spatial='features' takes each datapoint's whole map, padding included: cka() and compare() refused a
