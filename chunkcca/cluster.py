@@ -180,7 +180,7 @@ def _handshake(address: str, timeout: float) -> None:
     from distributed.comm import connect as open_comm
     from distributed.security import Security
 
-    _check_resolves(address)
+    _check_resolves(address, timeout)
 
     async def shake() -> None:
         comm = await open_comm(address, timeout=timeout, **Security().get_connection_args("client"))
@@ -294,9 +294,10 @@ def _tried(address: str) -> str | None:
         return None
 
 
-def _check_resolves(address: str) -> None:
+def _check_resolves(address: str, timeout: float) -> None:
     """An OSError at once for a tcp:// ``address`` whose host name does not resolve: distributed retried it until
-    the connect timeout, then said only that nothing answered."""
+    the connect timeout, then said only that nothing answered. A lookup still unanswered after ``timeout`` seconds
+    is left to the connection (a daemon thread: the exit does not wait for it)."""
     import socket
 
     from distributed.comm.addressing import parse_address, parse_host_port
@@ -308,11 +309,22 @@ def _check_resolves(address: str) -> None:
         return
     if scheme != "tcp":
         return
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
+    failed: list[socket.gaierror] = []
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            failed.append(error)
+        except OSError:  # anything else: the connection tells
+            pass
+
+    lookup = threading.Thread(target=look_up, name="chunkcca-lookup", daemon=True)
+    lookup.start()
+    lookup.join(timeout)
+    if failed:
         raise OSError(f"no Dask scheduler at {address}: its host name {host!r} does not resolve "
-                      f"({error.strerror})") from error
+                      f"({failed[0].strerror})") from failed[0]
 
 
 def _first_line(error: BaseException) -> str:
