@@ -16,7 +16,7 @@ import json
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -446,7 +446,9 @@ def check_new_layers(path: str | os.PathLike, names: Sequence[str], *, mode: str
 
 
 def _append_lock(store: Path) -> Path:
-    """The lock file beside ``store`` that serialises appends to it (and a replacement with them)."""
+    """The lock file beside ``store`` that serialises appends to it (and a replacement with them): beside the store
+    itself, also for a path through a symbolic link, so that one store has one lock however it is spelled."""
+    store = store.resolve()
     return store.parent / APPEND_LOCK.format(name=store.name)
 
 
@@ -480,7 +482,9 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
         return
     _, stored, generation = _existing_order(path)
     check_store_coords(path, coords or {})
-    store = Path(path)
+    # the store itself, also through a symbolic link: the new layers are built beside it, on its file system
+    # (beside a link on another file system, the moves in failed after all the work)
+    store = Path(path).resolve()
     with naming_target(store, "layers into the activation store"), temporary_beside(store) as tmp:
         names, image = build(tmp / "data", stored)
         _set_root_attrs(tmp / "data", names, image)
@@ -534,7 +538,7 @@ def foreign_files(path: Path, most: int = 3) -> list[str]:
     for folder, subfolders, files in os.walk(path):
         here = Path(folder).relative_to(path).as_posix()
         here = "" if here == "." else here
-        ours = {"zarr.json"}
+        ours = {"zarr.json", ROOT_METADATA_TMP} if here == "" else {"zarr.json"}
         if here in layers:  # a layer's arrays: each checked whole, not walked
             ours |= {name for name in subfolders if name in arrays.get(here, subfolders)
                      and not array_foreign(Path(folder, name), path, found)}
@@ -605,11 +609,20 @@ def _layer_arrays(listing: Listing, layer: str) -> list[str]:
     return sorted(folder.rpartition("/")[2] for folder in listing.arrays if folder.rpartition("/")[0] == layer)
 
 
+#: The file a store's new root metadata is written to before it replaces ``zarr.json``: chunkcca's own, where a
+#: write that failed (no space) or was killed left it.
+ROOT_METADATA_TMP = ".zarr.json.tmp"
+
+
 def _replace_root_metadata(store: Path, metadata: dict[str, Any]) -> None:
-    """Replace the root metadata file of ``store`` with ``metadata``, in one step."""
-    fresh = store / ".zarr.json.tmp"
-    fresh.write_text(json.dumps(metadata, indent=2))
-    os.replace(fresh, store / "zarr.json")
+    """Replace the root metadata file of ``store`` with ``metadata``, in one step; a failed write leaves nothing."""
+    fresh = store / ROOT_METADATA_TMP
+    try:
+        fresh.write_text(json.dumps(metadata, indent=2))
+        os.replace(fresh, store / "zarr.json")
+    except BaseException:
+        fresh.unlink(missing_ok=True)
+        raise
 
 
 def _check_free(store: Path, names: Sequence[str]) -> None:
@@ -815,40 +828,45 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         raise ValueError(f"{location} is not an activation store: a zarr v3 store is a folder with a zarr.json, and "
                          f"this is {'a file' if Path(location).is_file() else 'a folder without one'}")
     try:
-        listing = Listing.of(fs, root)
-    except ValueError as error:  # a damaged metadata file, named
-        raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
-    if "." in listing.arrays:  # its root, an array, was taken for a label array that lost a chunk: "damaged"
-        raise ValueError(f"{location} is a zarr array, not an activation store (a zarr group of layers): write it "
-                         f"as a layer with chunkcca.write_activations (or chunkcca ingest)")
-    root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))  # before xarray reads labels by the metadata:
-    check_metadata(listing, root_metadata.get("attributes", {}), location)
-    try:
-        with warnings.catch_warnings():  # a folder without zarr.json: a layer's is named below (check_store_files),
-            # and another (a user's own, "plots") is not the store's: zarr's warning was a second line beside ours
-            warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component of a Zarr")
-            tree = xr.open_datatree(WholeStore.at(location, storage_options, root_metadata.get("attributes", {}).get(
-                GENERATION_ATTR)), engine="zarr", chunks={}, consolidated=False)
-    except Exception as error:
-        check_store_files(location, listing, (), ())  # a label's chunk file lost (xarray reads labels): named
-        why = _unreadable_label(listing, location, storage_options) or error
-        raise ValueError(f"cannot open {location} as a zarr activation store: {why}") from error
-    appending = root_metadata.get("attributes", {}).get(APPENDING_ATTR, {}).get("layers", [])
-    in_flight = set(appending) - set(root_metadata.get("attributes", {}).get(ORDER_ATTR, []))
-    if in_flight:  # layers an append is moving in (or was, when it was killed): not the store's yet
-        tree = tree.filter(lambda node: node.path.strip("/") not in in_flight)
-    found = layer_paths(tree)
-    listed = tree.attrs.get(ORDER_ATTR) or ()
-    if not found:
-        if listed:  # the layers it lists, lost, are named as such
-            check_store_files(location, listing, listed, found)
-        written_as = {RESULT: "a result chunkcca saved (save_result, sweep --out): open it with xarray.open_zarr",
-                      "Moments": "Moments chunkcca saved: load them with chunkcca.Moments.load"}
-        what = written_as.get(tree.attrs.get(RESULT_ATTR), "")
-        raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
-                         + (f"; it is {what}" if what else ""))
-    check_store_files(location, listing, listed, found)
-    check_label_places(fs, root, listing, chunk_records(root_metadata.get("attributes", {}), location), location)
+        root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))
+    except ValueError as error:
+        raise ValueError(f"cannot open {location} as a zarr activation store: its zarr.json: {error}") from error
+    generation = root_metadata.get("attributes", {}).get(GENERATION_ATTR)
+    with replaced_meanwhile(location, storage_options, generation):  # another process replacing it: said so
+        try:
+            listing = Listing.of(fs, root)
+        except ValueError as error:  # a damaged metadata file, named
+            raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
+        if "." in listing.arrays:  # its root, an array, was taken for a label array that lost a chunk: "damaged"
+            raise ValueError(f"{location} is a zarr array, not an activation store (a zarr group of layers): write "
+                             f"it as a layer with chunkcca.write_activations (or chunkcca ingest)")
+        check_metadata(listing, root_metadata.get("attributes", {}), location)  # before xarray reads labels by it
+        try:
+            with warnings.catch_warnings():  # a folder without zarr.json: a layer's is named below (check_store_files),
+                # and another (a user's own, "plots") is not the store's: zarr's warning was a second line beside ours
+                warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component of a Zarr")
+                tree = xr.open_datatree(WholeStore.at(location, storage_options, generation), engine="zarr",
+                                        chunks={}, consolidated=False)
+        except Exception as error:
+            check_store_files(location, listing, (), ())  # a label's chunk file lost (xarray reads labels): named
+            why = _unreadable_label(listing, location, storage_options) or error
+            raise ValueError(f"cannot open {location} as a zarr activation store: {why}") from error
+        appending = root_metadata.get("attributes", {}).get(APPENDING_ATTR, {}).get("layers", [])
+        in_flight = set(appending) - set(root_metadata.get("attributes", {}).get(ORDER_ATTR, []))
+        if in_flight:  # layers an append is moving in (or was, when it was killed): not the store's yet
+            tree = tree.filter(lambda node: node.path.strip("/") not in in_flight)
+        found = layer_paths(tree)
+        listed = tree.attrs.get(ORDER_ATTR) or ()
+        if not found:
+            if listed:  # the layers it lists, lost, are named as such
+                check_store_files(location, listing, listed, found)
+            written_as = {RESULT: "a result chunkcca saved (save_result, sweep --out): open it with xarray.open_zarr",
+                          "Moments": "Moments chunkcca saved: load them with chunkcca.Moments.load"}
+            what = written_as.get(tree.attrs.get(RESULT_ATTR), "")
+            raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
+                             + (f"; it is {what}" if what else ""))
+        check_store_files(location, listing, listed, found)
+        check_label_places(fs, root, listing, chunk_records(root_metadata.get("attributes", {}), location), location)
     # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
     # groups in no fixed order
     found = [layer for layer in found if layer in listed] + sorted(layer for layer in found if layer not in listed)
@@ -958,8 +976,10 @@ def describe_store(path: str | os.PathLike, *,
         datapoints carry labels, False for a layer stored without them, which pairs by position only).
     """
     tree = open_activations(path, storage_options=storage_options)
-    check_complete([tree[layer][VARIABLE] for layer in layer_paths(tree)])
-    fs, root = filesystem(tree[layer_paths(tree)[0]][VARIABLE].encoding["store"], storage_options)
+    layers = [tree[layer][VARIABLE] for layer in layer_paths(tree)]
+    with replaced_meanwhile(layers[0].encoding["store"], storage_options, tree.attrs.get(GENERATION_ATTR)):
+        check_complete(layers)
+    fs, root = filesystem(layers[0].encoding["store"], storage_options)
     rows = []
     for layer in layer_paths(tree):
         array = tree[layer][VARIABLE]
@@ -970,6 +990,7 @@ def describe_store(path: str | os.PathLike, *,
                      "coords": sorted(str(name) for name, coord in array.coords.items()
                                       if coord.dims == ("datapoint",) and name != "datapoint"),
                      "mask": MASK in array.coords, "labelled": not holds_positions(array)})
+    check_unchanged(layers)  # sizes of another store's files are not this one's
     return rows
 
 
@@ -1150,6 +1171,25 @@ def store_generation(location: str, storage_options: Mapping[str, Any] | None = 
     """The generation a store's root metadata records (new at each whole write), None for a store with none."""
     fs, root = filesystem(location, storage_options)
     return json.loads(fs.cat(f"{root}/zarr.json")).get("attributes", {}).get(GENERATION_ATTR)
+
+
+@contextlib.contextmanager
+def replaced_meanwhile(location: str, storage_options: Mapping[str, Any] | None,
+                       generation: str | None) -> Iterator[None]:
+    """An OSError or ValueError raised while the store at ``location``, of ``generation``, is opened or checked is
+    said to come from its replacement, when another process wrote it again meanwhile (a chunk file gone or of
+    other bytes was called damage, "write it again")."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        try:
+            now = store_generation(location, storage_options)
+        except (OSError, ValueError):
+            now = None
+        if generation is not None and now != generation:
+            raise OSError(f"{location} was replaced (written again, by another process) while it was opened; open it "
+                          f"again") from error
+        raise
 
 
 def check_unchanged(layers: Sequence[xr.DataArray]) -> None:

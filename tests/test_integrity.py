@@ -1327,3 +1327,66 @@ def test_a_folder_that_cannot_be_listed_and_a_chunk_linked_to_nothing_are_named(
     tree = open_activations(store)
     with pytest.raises(OSError, match=r"chunk file .*c/1/0 cannot be read"):
         cca(tree["m/a"], tree["m/b"])
+
+
+def test_an_append_through_a_symbolic_link_takes_the_stores_own_lock_and_builds_beside_it(tmp_path, monkeypatch):
+    """An append through a link to a store took a lock beside the link, not the store's: two appends at once (one
+    through the link) lost one's place in the store's list, and an append beside a replacement damaged the store;
+    its layers were built beside the link, so a store on another file system failed to take them after all the
+    work (found by audit). Both are now the store's own, however its path is spelled."""
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"a": np.ones((6, 2))})
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "s.zarr").symlink_to(store)
+    locks, built = [], []
+    exclusive, beside = chunkcca_store.exclusive, chunkcca_store.temporary_beside
+    monkeypatch.setattr(chunkcca_store, "exclusive", lambda lock: locks.append(lock) or exclusive(lock))
+    monkeypatch.setattr(chunkcca_store, "temporary_beside", lambda path: built.append(path) or beside(path))
+    tree = write_activations(tmp_path / "links" / "s.zarr", {"b": np.zeros((6, 3))}, mode="a")
+    assert set(locks) == {tmp_path / ".s.zarr.append-lock"} and built == [store]
+    assert chunkcca.layer_paths(tree) == ["a", "b"] and chunkcca.layer_paths(open_activations(store)) == ["a", "b"]
+
+
+def test_a_root_metadata_write_that_fails_leaves_nothing_and_one_killed_does_not_block_an_overwrite(tmp_path,
+                                                                                                 monkeypatch):
+    """An append that ran out of space rewriting the store's root metadata left '.zarr.json.tmp' in it, which then
+    made overwrite=True refuse the store as holding a user's file (found by audit). A failed write now removes it,
+    and one a killed process left is the store's own."""
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"a": np.ones((6, 2))})
+    replace = os.replace
+
+    def full(source, target):
+        if Path(source).name == chunkcca_store.ROOT_METADATA_TMP:
+            raise OSError(28, "No space left on device")
+        return replace(source, target)
+
+    monkeypatch.setattr(chunkcca_store.os, "replace", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_activations(store, {"b": np.ones((6, 2))}, mode="a")
+    monkeypatch.setattr(chunkcca_store.os, "replace", replace)
+    assert not (store / chunkcca_store.ROOT_METADATA_TMP).exists()
+    assert chunkcca.layer_paths(open_activations(store)) == ["a"]
+    (store / chunkcca_store.ROOT_METADATA_TMP).write_text("{")  # as a killed process leaves it
+    tree = write_activations(store, {"c": np.zeros((6, 2))}, overwrite=True)
+    assert chunkcca.layer_paths(tree) == ["c"]
+
+
+def test_a_store_replaced_while_it_is_opened_is_said_so_not_called_damaged(tmp_path, monkeypatch):
+    """A reader opening a store while another process wrote it again was told the store was damaged ("a chunk
+    deleted … write the layer again"; found by audit): the store's generation is read again and the error says it
+    was replaced."""
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"a": np.ones((6, 2))}, chunks=2)
+    check = chunkcca_store.check_label_places
+
+    def replaced_first(*args, **kwargs):
+        monkeypatch.setattr(chunkcca_store, "check_label_places", check)
+        write_activations(store, {"b": np.zeros((8, 3))}, chunks=4, overwrite=True)  # as another process would
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(chunkcca_store, "check_label_places", replaced_first)
+    with pytest.raises(OSError, match=r"s\.zarr was replaced \(written again, by another process\) while it was "
+                                      r"opened; open it again"):
+        open_activations(store)
+    assert chunkcca.layer_paths(open_activations(store)) == ["b"]
