@@ -941,7 +941,7 @@ def coarse_grid(leading: Sequence[np.ndarray], shift: np.ndarray) -> np.ndarray:
         mean = np.where(finite, values, 0).sum(axis=-2, dtype=np.float64) / counted
         spread = np.sqrt((np.where(finite, values - mean[..., None, :], 0.0) ** 2).sum(axis=-2) / counted)
         least = np.exp2(np.floor(np.log2(np.where(spread > 0, spread, 1.0))) - SHIFT_BITS)
-        if np.issubdtype(np.asarray(side).dtype, np.integer):
+        if np.issubdtype(side.dtype, np.integer):
             grids.append(np.where(least <= 1, 1.0, 0.0))
             continue
         head = values[..., :GRID_HEAD_ROWS, :] / least[..., None, :]  # exact: a power of 2
