@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from types import FrameType
 
 
 def user_stacklevel() -> int:
@@ -14,3 +15,14 @@ def user_stacklevel() -> int:
                                                                                           "contextlib"):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def user_frame() -> FrameType | None:
+    """The first frame outside chunkcca (and ``functools``, ``contextlib``) above the caller, as
+    ``user_stacklevel`` finds it, for a warning given from another thread in the user's name
+    (``warnings.warn_explicit``)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("chunkcca", "functools",
+                                                                                          "contextlib"):
+        frame = frame.f_back
+    return frame

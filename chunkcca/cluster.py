@@ -15,7 +15,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.diagnostics.progressbar import TextProgressBar
 
 from . import progress
-from ._stack import user_stacklevel
+from ._stack import user_frame, user_stacklevel
 from .blas import pin_blas
 
 
@@ -97,9 +97,12 @@ WORKERS_LOOK_SECONDS = 2.0
 def watching_workers(client: Any) -> Iterator[None]:
     """While the body awaits a run's futures (a progress bar's wait, then ``gathered``), a thread looking every
     ``WORKERS_LOOK_SECONDS`` at whether ``client``'s cluster still has workers: one left without any during the
-    run is warned of once (the run waited without a word), and the run waits for one to join, as it does for a
-    cluster without workers at its start (``cluster_threads``)."""
-    done = threading.Event()
+    run is warned of once, in the name of the user's line (the run waited without a word), and the run waits for
+    one to join, as it does for a cluster without workers at its start (``cluster_threads``). A warning the
+    warnings filter makes an error is raised here once the body is done."""
+    done, raised = threading.Event(), []
+    frame = user_frame()
+    where = (frame.f_code.co_filename, frame.f_lineno, frame.f_globals) if frame is not None else ("", 0, {})
 
     def look() -> None:
         while not done.wait(WORKERS_LOOK_SECONDS):
@@ -107,8 +110,13 @@ def watching_workers(client: Any) -> Iterator[None]:
             with contextlib.suppress(Exception):  # a scheduler lost meanwhile: the Client's status says so
                 workers = bool(client.nthreads())
             if not workers and not done.is_set():
-                warnings.warn(f"the Dask cluster at {_address(client)} lost all its workers during the run: it "
-                              f"waits until one joins (Ctrl-C stops it)", RuntimeWarning, stacklevel=2)
+                try:
+                    warnings.warn_explicit(f"the Dask cluster at {_address(client)} lost all its workers during the "
+                                           f"run: it waits until one joins (Ctrl-C stops it)", RuntimeWarning,
+                                           where[0], where[1], module_globals=where[2],
+                                           registry=where[2].setdefault("__warningregistry__", {}))
+                except Warning as error:  # made an error by the filter: raised in the caller's thread
+                    raised.append(error)
                 return
 
     watcher = threading.Thread(target=look, name="chunkcca-workers", daemon=True)
@@ -117,6 +125,9 @@ def watching_workers(client: Any) -> Iterator[None]:
         yield
     finally:
         done.set()
+        watcher.join(WORKERS_LOOK_SECONDS)
+    if raised:
+        raise raised[0]
 
 
 def gathered(client: Any, futures: list[Any]) -> list[Any]:
@@ -309,14 +320,14 @@ def _check_resolves(address: str, timeout: float) -> None:
         return
     if scheme != "tcp":
         return
-    failed: list[socket.gaierror] = []
+    failed: list[Exception] = []
 
     def look_up() -> None:
         try:
             socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as error:
+        except (socket.gaierror, UnicodeError) as error:  # unknown, or no host name (an empty or overlong label)
             failed.append(error)
-        except OSError:  # anything else: the connection tells
+        except Exception:  # anything else: the connection tells
             pass
 
     lookup = threading.Thread(target=look_up, name="chunkcca-lookup", daemon=True)
@@ -324,7 +335,7 @@ def _check_resolves(address: str, timeout: float) -> None:
     lookup.join(timeout)
     if failed:
         raise OSError(f"no Dask scheduler at {address}: its host name {host!r} does not resolve "
-                      f"({failed[0].strerror})") from failed[0]
+                      f"({getattr(failed[0], 'strerror', None) or failed[0]})") from failed[0]
 
 
 def _first_line(error: BaseException) -> str:

@@ -78,6 +78,18 @@ def chunk_records(attributes: Mapping[str, Any], location: str) -> Mapping[str, 
     return places
 
 
+
+def parsed_metadata(text: str | bytes, name: str) -> dict[str, Any]:
+    """A zarr metadata file's text ``name`` as the object it holds; a ValueError saying it is damaged (not JSON, or
+    JSON of another kind) where it is not one (xarray said "Expecting value: line 1 column 1", naming no file)."""
+    try:
+        metadata = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"its metadata file {name} is damaged (not JSON: {error})") from error
+    if not isinstance(metadata, dict):
+        raise ValueError(f"its metadata file {name} is damaged (a JSON {type(metadata).__name__}, not an object)")
+    return metadata
+
 @dataclass(frozen=True)
 class Listing:
     """One listing of a store: every file (relative to its root) and the metadata of each array, by folder,
@@ -93,13 +105,7 @@ class Listing:
         texts = fs.cat([f"{root}/{name}" for name in paths]) if paths else {}
         arrays = {}
         for name in paths:
-            try:
-                metadata = json.loads(texts[f"{root}/{name}"])
-            except ValueError as error:  # xarray said "Expecting value: line 1 column 1", naming no file
-                raise ValueError(f"its metadata file {name} is damaged (not JSON: {error})") from error
-            if not isinstance(metadata, dict):
-                raise ValueError(f"its metadata file {name} is damaged (a JSON {type(metadata).__name__}, not an "
-                                 f"object)")
+            metadata = parsed_metadata(texts[f"{root}/{name}"], name)
             if metadata.get("node_type") == "array":
                 arrays[str(PurePosixPath(name).parent)] = metadata
         return cls(files, arrays)

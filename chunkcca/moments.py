@@ -33,7 +33,7 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -796,6 +796,16 @@ def squares_failed(squares: np.ndarray, block: np.ndarray) -> bool:
     return bool(zero.any()) and bool((np.logical_or.reduce(block, axis=-2) & zero).any())
 
 
+@lru_cache(maxsize=16)
+def sampled_rows(rows: int) -> np.ndarray:
+    """``SHIFT_ROWS`` of ``rows`` rows (all of them, if fewer), drawn at random with a fixed seed, in order (kept
+    for the chunks of a size; read-only)."""
+    sampled = np.arange(rows) if rows <= SHIFT_ROWS else np.sort(
+        np.random.default_rng(0).choice(rows, SHIFT_ROWS, replace=False))
+    sampled.flags.writeable = False
+    return sampled
+
+
 class _Shifted:
     """The rows of each side, shifted by ``shift`` and concatenated along channels, one sub-block of at most
     ``per_block`` rows at a time through one reused buffer of the product precision."""
@@ -817,11 +827,12 @@ class _Shifted:
         self.ones = np.ones(self.per_block, dtype=self.dtype)
         # dft rows are transformed as they are taken: the first sub-block is taken once, for the shift too
         self.first = [side[..., : self.per_block, :] for side in sides]
-        # the shift and grids from SHIFT_ROWS rows spread over the chunk where its rows are at hand (its first
-        # rows may be padding, or unlike the rest: zeros there left a layer of 128 ± 20 unshifted, ρ off by 2e-4)
-        every = max(1, self.rows // SHIFT_ROWS)
-        leading = [side[..., ::every, :][..., :SHIFT_ROWS, :] if isinstance(side, np.ndarray)
-                   else first[..., :SHIFT_ROWS, :] for side, first in zip(sides, self.first)]
+        # the shift and grids from SHIFT_ROWS rows drawn from the whole chunk where its rows are at hand (its first
+        # rows may be padding, or unlike the rest: zeros there left a layer of 128 ± 20 unshifted, ρ off by 2e-4),
+        # at random, with a fixed seed: rows at a fixed step fell on one position of every map (flatten's rows)
+        sampled = sampled_rows(self.rows)
+        leading = [side[..., sampled, :] if isinstance(side, np.ndarray) else first[..., :SHIFT_ROWS, :]
+                   for side, first in zip(sides, self.first)]
         shift = np.concatenate([side.mean(axis=-2, dtype=self.wide) for side in leading], axis=-1)
         if not np.isfinite(shift).all():  # the mean of the finite rows among them (rows with NaN or Inf go to check)
             finite = np.logical_and.reduce([np.isfinite(side).all(axis=tuple(i for i in range(side.ndim)
@@ -853,7 +864,8 @@ class _Shifted:
                 self.per_block = min(self.per_block, exact)
                 self.first = [side[..., : self.per_block, :] for side in self.first]  # the rest taken again
                 self.coarse = np.flatnonzero(grid.reshape(-1, grid.shape[-1]).any(axis=0))
-                self.exact_squares = 2.0**24 * grid[..., self.coarse] ** 2
+                coarse = grid[..., self.coarse]  # a batch element's channel off its grid: not checked
+                self.exact_squares = np.where(coarse > 0, 2.0**24 * coarse**2, np.inf)
             else:
                 self.widened = True
         self.shift = shift.astype(finest if finest.itemsize > self.dtype.itemsize else self.dtype)[..., None, :]
@@ -930,7 +942,7 @@ def coarse_grid(leading: Sequence[np.ndarray], shift: np.ndarray) -> np.ndarray:
     """Each channel's grid in the ``leading`` rows (each side's, (*batch, rows, pᵢ); rows with NaN or Inf left out):
     the largest power of 2 all its values are multiples of, where that is at least 2^-``SHIFT_BITS`` of its spread
     (rounded down to a power of 2), else 0 (a float channel constant there: its grid is not seen); 1 for every
-    channel of an integer dtype whose spread is below 2^``SHIFT_BITS``. (*batch, p) float64, as ``shift``."""
+    channel of an integer dtype whose spread is below 2^(``SHIFT_BITS`` + 1). (*batch, p) float64, as ``shift``."""
     grids = []
     for side in leading:
         values = np.asarray(side, dtype=np.float64)  # exactly: float32, float16 and integers (to 2⁵³) alike
@@ -1050,7 +1062,7 @@ def fold_rows(into: np.ndarray, sides: Sequence[np.ndarray], precision: ProductP
     """Merge the rows of each side (concatenated along channels) into the packed partial ``into``
     (1, *batch, p + 2, p, no row-norm sums) in place, exactly, and return it.
 
-    The rows' products (``Σ u uᴴ``, u the rows shifted by the mean of their first rows) are added straight into
+    The rows' products (``Σ u uᴴ``, u the rows shifted by the mean of ``SHIFT_ROWS`` of them) are added straight into
     its scatter, one sub-block at a time (no second p × p matrix is made); then the change of centre:
     ``M = M_a + Σ u uᴴ − n_b ū ūᴴ + (n_a n_b / n) δδᴴ``, δ = (shift + ū) − μ_a (Chan et al.). ``check`` as for
     ``accumulate()``.

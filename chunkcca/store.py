@@ -68,6 +68,7 @@ from .integrity import (
     file_sizes,
     lost_chunks,
     metadata_digests,
+    parsed_metadata,
 )
 from .layers import (
     VARIABLE,
@@ -828,9 +829,9 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         raise ValueError(f"{location} is not an activation store: a zarr v3 store is a folder with a zarr.json, and "
                          f"this is {'a file' if Path(location).is_file() else 'a folder without one'}")
     try:
-        root_metadata = json.loads(fs.cat(f"{root}/zarr.json"))
+        root_metadata = parsed_metadata(fs.cat(f"{root}/zarr.json"), "zarr.json")
     except ValueError as error:
-        raise ValueError(f"cannot open {location} as a zarr activation store: its zarr.json: {error}") from error
+        raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
     generation = root_metadata.get("attributes", {}).get(GENERATION_ATTR)
     with replaced_meanwhile(location, storage_options, generation):  # another process replacing it: said so
         try:
@@ -1182,14 +1183,18 @@ def replaced_meanwhile(location: str, storage_options: Mapping[str, Any] | None,
     try:
         yield
     except (OSError, ValueError) as error:
-        try:
-            now = store_generation(location, storage_options)
-        except (OSError, ValueError):
-            now = None
-        if generation is not None and now != generation:
+        if generation is not None and _replaced(location, storage_options, generation):
             raise OSError(f"{location} was replaced (written again, by another process) while it was opened; open it "
                           f"again") from error
         raise
+
+
+def _replaced(location: str, storage_options: Mapping[str, Any] | None, generation: str) -> bool:
+    """Whether the store at ``location`` is no longer of ``generation`` (written again, or gone)."""
+    try:
+        return store_generation(location, storage_options) != generation
+    except (OSError, ValueError):
+        return True
 
 
 def check_unchanged(layers: Sequence[xr.DataArray]) -> None:
@@ -1198,11 +1203,7 @@ def check_unchanged(layers: Sequence[xr.DataArray]) -> None:
     for location, generation, options in {(layer.encoding["store"], layer.encoding.get("generation"),
                                            json.dumps(layer.encoding.get("storage_options") or {}))
                                           for layer in layers if layer.encoding.get("generation")}:
-        try:
-            now = store_generation(location, json.loads(options))
-        except (OSError, ValueError):
-            now = None
-        if now != generation:
+        if _replaced(location, json.loads(options), generation):
             raise OSError(f"{location} was replaced while it was read, so the chunks read may mix the old store "
                           f"and the new one; open it again and run again")
 

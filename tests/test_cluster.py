@@ -524,3 +524,46 @@ def test_a_cluster_that_loses_all_its_workers_mid_run_is_warned_of_and_the_run_w
             leaves.join()
             joins.join()
     np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
+
+
+def test_the_lost_workers_warning_names_the_users_line_and_an_error_filter_stops_the_run_after(monkeypatch):
+    """Given from the watching thread, the warning named threading.py's line, and a filter making it an error
+    raised it inside that thread (a traceback, the run going on in silence) (found by review): it names the user's
+    line, and an error is raised in the caller's thread once the run is done."""
+    import threading
+    import time
+    import warnings
+
+    from distributed import Client, LocalCluster
+
+    from chunkcca import cluster as chunkcca_cluster
+
+    monkeypatch.setattr(chunkcca_cluster, "WORKERS_LOOK_SECONDS", 0.1)
+    a, b = correlated_layers(np.random.default_rng(5), 40, (4, 4, 5), (4, 4, 3))
+
+    def slowly(block: np.ndarray) -> np.ndarray:
+        time.sleep(0.3)
+        return block
+
+    slow_a = da.from_array(a, chunks=(10, 4, 4, 5)).map_blocks(slowly, meta=np.empty((0, 0, 0, 0), a.dtype))
+    for error in (False, True):
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+                Client(cluster, set_as_default=False) as client:
+            leaves = threading.Timer(0.6, cluster.scale, args=(0,))
+            joins = threading.Timer(2.0, cluster.scale, args=(1,))
+            leaves.start()
+            joins.start()
+            try:
+                with warnings.catch_warnings(record=not error) as caught:
+                    warnings.simplefilter("error" if error else "always")
+                    if error:
+                        with pytest.raises(RuntimeWarning, match="lost all its workers during the run"):
+                            cca(slow_a, b, precision="float64", scheduler=client)
+                    else:
+                        cca(slow_a, b, precision="float64", scheduler=client)
+            finally:
+                leaves.join()
+                joins.join()
+        if not error:
+            lost = [w for w in caught if "lost all its workers" in str(w.message)]
+            assert len(lost) == 1 and lost[0].filename == __file__

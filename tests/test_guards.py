@@ -284,6 +284,9 @@ def test_a_scheduler_host_name_that_does_not_resolve_is_said_so_at_once(monkeypa
     with pytest.raises(OSError, match=r"^no Dask scheduler at tcp://nosuchhost.invalid:8786: its host name "
                                       r"'nosuchhost.invalid' does not resolve \(Name or service not known\)$"):
         cca(x, x[:, :2], scheduler="tcp://nosuchhost.invalid:8786", connect_timeout=60)
+    # an empty label fails in the name's encoding: it printed the lookup thread's traceback (found by review)
+    with pytest.raises(OSError, match=r"its host name 'a\.\.b' does not resolve \(encoding with 'idna' codec failed"):
+        cca(x, x[:, :2], scheduler="tcp://a..b:8786", connect_timeout=60)
 
 
 def test_errors_that_are_not_reading_errors_are_not_called_so(tmp_path):

@@ -1390,3 +1390,15 @@ def test_a_store_replaced_while_it_is_opened_is_said_so_not_called_damaged(tmp_p
                                       r"opened; open it again"):
         open_activations(store)
     assert chunkcca.layer_paths(open_activations(store)) == ["b"]
+
+
+def test_a_root_metadata_file_of_another_json_kind_is_said_damaged(tmp_path):
+    """Read before the other metadata (for the store's generation), a root zarr.json holding a JSON list failed
+    with AttributeError ("'list' object has no attribute 'get'"; found by review): it is damaged, as before."""
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"a": np.ones((4, 2))})
+    for text, why in (("[1, 2]", r"a JSON list, not an object"), ("{", r"not JSON: ")):
+        (store / "zarr.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"cannot open .*s\.zarr as a zarr activation store: its metadata file "
+                                             rf"zarr\.json is damaged \({why}"):
+            open_activations(store)
