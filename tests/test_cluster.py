@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -489,27 +490,13 @@ def test_a_cluster_without_workers_is_warned_of_and_the_run_waits_for_one():
     np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
 
 
-@pytest.mark.parametrize("progress", [False, True])
-def test_a_cluster_that_loses_all_its_workers_mid_run_is_warned_of_and_the_run_waits_for_one(monkeypatch, progress):
-    """Every worker killed during a run left the run (and the command) waiting without a word (found by audit): a
-    warning now says so, as for a cluster without workers at the start, and the run ends once one joins, with
-    the local result; also under a progress bar, whose wait came first (found by review)."""
+@contextlib.contextmanager
+def _losing_its_worker():
+    """A Client of a cluster of one worker that leaves after 0.6 s, another joining at 2.5 s."""
     import threading
-    import time
 
     from distributed import Client, LocalCluster
 
-    from chunkcca import cluster as chunkcca_cluster
-
-    monkeypatch.setattr(chunkcca_cluster, "WORKERS_LOOK_SECONDS", 0.1)
-    a, b = correlated_layers(np.random.default_rng(4), 60, (4, 4, 5), (4, 4, 3))
-    local = cca(a, b, precision="float64")
-
-    def slowly(block: np.ndarray) -> np.ndarray:
-        time.sleep(0.3)
-        return block
-
-    slow_a = da.from_array(a, chunks=(10, 4, 4, 5)).map_blocks(slowly, meta=np.empty((0, 0, 0, 0), a.dtype))
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster, set_as_default=False) as client:
         leaves = threading.Timer(0.6, cluster.scale, args=(0,))
@@ -517,12 +504,42 @@ def test_a_cluster_that_loses_all_its_workers_mid_run_is_warned_of_and_the_run_w
         leaves.start()
         joins.start()
         try:
-            with pytest.warns(RuntimeWarning, match=r"Dask cluster at .* lost all its workers during the run: it "
-                                                     r"waits until one joins"):
-                remote = cca(slow_a, b, precision="float64", scheduler=client, progress=progress)
+            yield client
         finally:
             leaves.join()
             joins.join()
+
+
+def _slowly_read(layer: np.ndarray) -> da.Array:
+    """``layer`` as a Dask array in chunks of 10 datapoints, each read in 0.3 s: a run long enough to lose its
+    workers in."""
+    import time
+
+    def slowly(block: np.ndarray) -> np.ndarray:
+        time.sleep(0.3)
+        return block
+
+    return da.from_array(layer, chunks=(10, *layer.shape[1:])).map_blocks(slowly, meta=np.empty((0,) * layer.ndim,
+                                                                                                  layer.dtype))
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_cluster_that_loses_all_its_workers_mid_run_is_warned_of_and_the_run_waits_for_one(monkeypatch, progress):
+    """Every worker killed during a run left the run (and the command) waiting without a word (found by audit): a
+    warning now says so, as for a cluster without workers at the start, and the run ends once one joins, with
+    the local result; also under a progress bar, whose wait came first (found by review)."""
+
+
+    from chunkcca import cluster as chunkcca_cluster
+
+    monkeypatch.setattr(chunkcca_cluster, "WORKERS_LOOK_SECONDS", 0.1)
+    a, b = correlated_layers(np.random.default_rng(4), 60, (4, 4, 5), (4, 4, 3))
+    local = cca(a, b, precision="float64")
+
+    with _losing_its_worker() as client, pytest.warns(RuntimeWarning, match=r"Dask cluster at .* lost all its "
+                                                                            r"workers during the run: it waits until "
+                                                                            r"one joins"):
+        remote = cca(_slowly_read(a), b, precision="float64", scheduler=client, progress=progress)
     np.testing.assert_allclose(remote["rho"], local["rho"], rtol=1e-12)
 
 
@@ -530,40 +547,21 @@ def test_the_lost_workers_warning_names_the_users_line_and_an_error_filter_stops
     """Given from the watching thread, the warning named threading.py's line, and a filter making it an error
     raised it inside that thread (a traceback, the run going on in silence) (found by review): it names the user's
     line, and an error is raised in the caller's thread once the run is done."""
-    import threading
-    import time
     import warnings
-
-    from distributed import Client, LocalCluster
 
     from chunkcca import cluster as chunkcca_cluster
 
     monkeypatch.setattr(chunkcca_cluster, "WORKERS_LOOK_SECONDS", 0.1)
     a, b = correlated_layers(np.random.default_rng(5), 40, (4, 4, 5), (4, 4, 3))
 
-    def slowly(block: np.ndarray) -> np.ndarray:
-        time.sleep(0.3)
-        return block
-
-    slow_a = da.from_array(a, chunks=(10, 4, 4, 5)).map_blocks(slowly, meta=np.empty((0, 0, 0, 0), a.dtype))
     for error in (False, True):
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-                Client(cluster, set_as_default=False) as client:
-            leaves = threading.Timer(0.6, cluster.scale, args=(0,))
-            joins = threading.Timer(2.0, cluster.scale, args=(1,))
-            leaves.start()
-            joins.start()
-            try:
-                with warnings.catch_warnings(record=not error) as caught:
-                    warnings.simplefilter("error" if error else "always")
-                    if error:
-                        with pytest.raises(RuntimeWarning, match="lost all its workers during the run"):
-                            cca(slow_a, b, precision="float64", scheduler=client)
-                    else:
-                        cca(slow_a, b, precision="float64", scheduler=client)
-            finally:
-                leaves.join()
-                joins.join()
+        with _losing_its_worker() as client, warnings.catch_warnings(record=not error) as caught:
+            warnings.simplefilter("error" if error else "always")
+            if error:
+                with pytest.raises(RuntimeWarning, match="lost all its workers during the run"):
+                    cca(_slowly_read(a), b, precision="float64", scheduler=client)
+            else:
+                cca(_slowly_read(a), b, precision="float64", scheduler=client)
         if not error:
             lost = [w for w in caught if "lost all its workers" in str(w.message)]
             assert len(lost) == 1 and lost[0].filename == __file__
