@@ -855,11 +855,14 @@ class _Shifted:
         #: exactly (2²⁴ grid steps²): a sub-block beyond them (rows far larger than the first) is made in float64
         self.coarse: np.ndarray | None = None
         self.exact_squares: np.ndarray | None = None
-        grid = coarse_grid(leading, shift) if self.dtype == np.float32 else None
+        grid = None
+        if self.dtype == np.float32:
+            mean, spread = finite_spread(leading)
+            grid = coarse_grid(leading, mean, spread)
         if grid is not None and grid.any():
             shift = np.where(grid > 0, np.round(shift / np.where(grid > 0, grid, 1.0)) * grid, shift)
             finest = np.dtype(self.wide) if finest.itemsize <= self.dtype.itemsize else finest
-            exact = exact_rows(leading, self.slices, shift, grid)
+            exact = exact_rows(mean, spread, shift, grid)
             if exact >= max(EXACT_ROWS_LEAST, fewest):
                 self.per_block = min(self.per_block, exact)
                 self.first = [side[..., : self.per_block, :] for side in self.first]  # the rest taken again
@@ -938,32 +941,44 @@ SHIFT_BITS = 12
 GRID_HEAD_ROWS = 32
 
 
-def coarse_grid(leading: Sequence[np.ndarray], shift: np.ndarray) -> np.ndarray:
-    """Each channel's grid in the ``leading`` rows (each side's, (*batch, rows, pᵢ); rows with NaN or Inf left out):
-    the largest power of 2 all its values are multiples of, where that is at least 2^-``SHIFT_BITS`` of its spread
-    (rounded down to a power of 2), else 0 (a float channel constant there: its grid is not seen); 1 for every
-    channel of an integer dtype whose spread is below 2^(``SHIFT_BITS`` + 1). (*batch, p) float64, as ``shift``."""
-    grids = []
+def finite_spread(leading: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel's mean and spread (standard deviation) over the finite values of the ``leading`` rows (each
+    side's, (*batch, rows, pᵢ)), in float64: (*batch, p) each, the sides' channels concatenated."""
+    means, spreads = [], []
     for side in leading:
         values = np.asarray(side, dtype=np.float64)  # exactly: float32, float16 and integers (to 2⁵³) alike
         finite = np.isfinite(values)
         # by hand, not nanstd, whose warning for a channel with no finite value would need warnings.catch_warnings,
         # which is not thread-safe: in a fold's thread it dropped the user's warnings raised meanwhile
         counted = np.maximum(finite.sum(axis=-2), 1)
-        mean = np.where(finite, values, 0).sum(axis=-2, dtype=np.float64) / counted
-        spread = np.sqrt((np.where(finite, values - mean[..., None, :], 0.0) ** 2).sum(axis=-2) / counted)
-        least = np.exp2(np.floor(np.log2(np.where(spread > 0, spread, 1.0))) - SHIFT_BITS)
+        means.append(np.where(finite, values, 0).sum(axis=-2) / counted)
+        spreads.append(np.sqrt((np.where(finite, values - means[-1][..., None, :], 0.0) ** 2).sum(axis=-2) / counted))
+    return np.concatenate(means, axis=-1), np.concatenate(spreads, axis=-1)
+
+
+def coarse_grid(leading: Sequence[np.ndarray], mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """Each channel's grid in the ``leading`` rows (each side's, (*batch, rows, pᵢ); rows with NaN or Inf left out),
+    of ``spread`` (``finite_spread``; ``mean`` gives the shape): the largest power of 2 all its values are
+    multiples of, where that is at least 2^-``SHIFT_BITS`` of its spread (rounded down to a power of 2), else 0
+    (a float channel constant there: its grid is not seen); 1 for every channel of an integer dtype whose spread
+    is below 2^(``SHIFT_BITS`` + 1). (*batch, p) float64."""
+    least = np.exp2(np.floor(np.log2(np.where(spread > 0, spread, 1.0))) - SHIFT_BITS)
+    grids, start = [], 0
+    for side in leading:
+        part = slice(start, start + side.shape[-1])
+        start = part.stop
         if np.issubdtype(side.dtype, np.integer):
-            grids.append(np.where(least <= 1, 1.0, 0.0))
+            grids.append(np.where(least[..., part] <= 1, 1.0, 0.0))
             continue
-        head = values[..., :GRID_HEAD_ROWS, :] / least[..., None, :]  # exact: a power of 2
+        values = np.asarray(side, dtype=np.float64)
+        head = values[..., :GRID_HEAD_ROWS, :] / least[..., None, part]  # exact: a power of 2
         # continuous values are found off the grid in the first rows; constant channels have none to find
-        candidates = ((head == np.round(head)) | ~np.isfinite(head)).all(axis=-2) & (spread > 0)
-        grid = np.zeros(spread.shape)
+        candidates = ((head == np.round(head)) | ~np.isfinite(head)).all(axis=-2) & (spread[..., part] > 0)
+        grid = np.zeros(candidates.shape)
         if candidates.any():
             grid[candidates] = _largest_divisor(np.moveaxis(values, -2, -1)[candidates])
-        grids.append(np.where((grid >= least) & np.isfinite(grid), grid, 0.0))
-    return np.concatenate(grids, axis=-1).reshape(shift.shape)
+        grids.append(np.where((grid >= least[..., part]) & np.isfinite(grid), grid, 0.0))
+    return np.concatenate(grids, axis=-1).reshape(mean.shape)
 
 
 def _largest_divisor(channels: np.ndarray) -> np.ndarray:
@@ -980,20 +995,15 @@ def _largest_divisor(channels: np.ndarray) -> np.ndarray:
 EXACT_ROWS_LEAST = 2048
 
 
-def exact_rows(leading: Sequence[np.ndarray], slices: Sequence[slice], shift: np.ndarray, grid: np.ndarray) -> int:
+def exact_rows(mean: np.ndarray, spread: np.ndarray, shift: np.ndarray, grid: np.ndarray) -> int:
     """The rows a sub-block may hold for float32 sums of the products of the channels on a ``grid`` (> 0), shifted
     by ``shift`` (a point of it), to be exact: whole numbers of grid steps below 2^24 (a sum of squares is the
-    largest of a block's sums, the others bounded by them), from the ``leading`` rows' mean square about the shift,
-    4 × for rows beyond them. Biased where rounded: squares of whole numbers are not uniform modulo a power of 2."""
-    squares = []
-    for side, part in zip(leading, slices):
-        on = grid[..., part] > 0
-        values = np.asarray(side, dtype=np.float64)
-        finite = np.isfinite(values)
-        units = np.where(finite, (values - shift[..., None, part]) / np.where(on, grid[..., part], 1.0)[..., None, :],
-                         0.0)
-        squares.append(np.where(on, (units**2).sum(axis=-2) / np.maximum(finite.sum(axis=-2), 1), 0.0))
-    largest = float(np.concatenate(squares, axis=-1).max())
+    largest of a block's sums, the others bounded by them), from the sampled rows' mean square about the shift
+    (spread² + (mean − shift)², ``finite_spread``), 4 × for rows beyond them. Biased where rounded: squares of
+    whole numbers are not uniform modulo a power of 2."""
+    on = grid > 0
+    squares = (spread**2 + (mean - shift) ** 2) / np.where(on, grid, 1.0) ** 2
+    largest = float(np.where(on, squares, 0.0).max())
     return int(2.0**24 // max(4 * largest, 1.0))
 
 

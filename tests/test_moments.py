@@ -541,7 +541,7 @@ def test_the_grid_of_continuous_channels_beside_a_dead_one_is_judged_on_a_few_ro
     rng = np.random.default_rng(0)
     relu = np.maximum(rng.standard_normal((2048, 8)), 0).astype(np.float32)
     relu[:, 3] = 0
-    assert not moments.coarse_grid([relu], np.zeros(8)).any() and calls == []
+    assert not moments.coarse_grid([relu], *moments.finite_spread([relu])).any() and calls == []
     whole = np.round(relu * 20)
-    grid = moments.coarse_grid([whole], np.zeros(8))
+    grid = moments.coarse_grid([whole], *moments.finite_spread([whole]))
     assert calls and list(grid) == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
