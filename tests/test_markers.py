@@ -11,15 +11,20 @@ TESTS = Path(__file__).resolve().parent
 STARTS_A_PROCESS = ("subprocess.", "sys.executable", "Popen(", "multiprocessing")
 
 
-def _marks(decorators: list[ast.expr], source: str) -> str:
-    return " ".join(ast.get_source_segment(source, decorator) or "" for decorator in decorators)
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """The source lines of ``node`` (``ast.get_source_segment`` splits the whole file again at each call: 16 s)."""
+    return "\n".join(lines[node.lineno - 1 : node.end_lineno])
+
+
+def _marks(decorators: list[ast.expr], lines: list[str]) -> str:
+    return " ".join(_segment(lines, decorator) for decorator in decorators)
 
 
 def _unmarked_tests_starting_processes(path: Path) -> list[str]:
     """Tests in ``path`` that start a process themselves, or through a function of the same file, unmarked."""
     source = path.read_text()
-    tree = ast.parse(source)
-    module_marks = " ".join(ast.get_source_segment(source, node) or "" for node in tree.body
+    tree, lines = ast.parse(source), source.splitlines()
+    module_marks = " ".join(_segment(lines, node) for node in tree.body
                             if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark"
                                                                     for t in node.targets))
     if "slow" in module_marks or "cluster" in module_marks:
@@ -34,12 +39,12 @@ def _unmarked_tests_starting_processes(path: Path) -> list[str]:
             node = functions[name]
             called = {call.func.id for call in ast.walk(node)
                       if isinstance(call, ast.Call) and isinstance(call.func, ast.Name)} & functions.keys()
-            found[name] = (any(word in (ast.get_source_segment(source, node) or "") for word in STARTS_A_PROCESS)
+            found[name] = (any(word in _segment(lines, node) for word in STARTS_A_PROCESS)
                            or any(starts(other) for other in called))
         return found[name]
 
     return [name for name, node in functions.items() if name.startswith("test_") and starts(name)
-            and not any(word in _marks(node.decorator_list, source) for word in ("mark.slow", "mark.cluster"))]
+            and not any(word in _marks(node.decorator_list, lines) for word in ("mark.slow", "mark.cluster"))]
 
 
 def test_tests_that_start_a_process_are_not_in_the_unit_tier():
