@@ -75,13 +75,18 @@ def _told_apart(layer: xr.DataArray, role: str, namesakes: Sequence[xr.DataArray
     """``layer`` renamed apart from its ``namesakes`` (other layers of its name), in its messages and results: by
     its store where theirs differ ("conv2 (m1.zarr)": two models recorded apart), else by ``role`` ("conv2 (as
     b)"). It was "b (conv2)", read as a layer of that name ("layer 'b (conv2)'")."""
+    return layer.rename(f"{layer.name} ({_store_tag(layer, namesakes) or role})")
+
+
+def _store_tag(layer: xr.DataArray, namesakes: Sequence[xr.DataArray]) -> str | None:
+    """What tells ``layer`` apart from its ``namesakes`` by its store: the store's folder ("m1.zarr"), or its
+    whole path where theirs share the folder's name; None when they are of its store, or it has none."""
     store = layer.encoding.get("store")
     theirs = [str(other.encoding.get("store")) for other in namesakes]
     if store is None or str(store) in theirs:
-        return layer.rename(f"{layer.name} ({role})")
+        return None
     folder = PurePosixPath(str(store)).name
-    clash = any(PurePosixPath(other).name == folder for other in theirs)
-    return layer.rename(f"{layer.name} ({store if clash else folder})")
+    return str(store) if any(PurePosixPath(other).name == folder for other in theirs) else folder
 
 
 def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True, *,
@@ -953,6 +958,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         raise ValueError("similarity needs at least one layer on each side")
     distinct: list[xr.DataArray] = []  # a layer given twice is streamed once
     sides: dict[str, list[int]] = {"a": [], "b": []}  # each set's layers, as indices into distinct
+    tags: dict[str, str] = {}  # a store's tag (``_store_tag``), once a layer of it was told apart by it
     for role, layer_set in (("a", set_a), ("b", set_b)):
         for name, layer in layer_set.items():
             array = check_value_rounding(as_activations(layer, name, dims=stream.dims))
@@ -960,9 +966,14 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
             if index == len(distinct):
                 namesakes = [other for other in distinct if other.name == array.name]
                 if namesakes:  # one name, two layers
-                    array = _told_apart(array, f"in {role}_layers", namesakes)
+                    tag = _store_tag(array, namesakes)
+                    if tag is not None:
+                        tags[str(array.encoding["store"])] = tag
+                    array = array.rename(f"{array.name} ({tag or f'in {role}_layers'})")
                 distinct.append(array)
             sides[role].append(index)
+    # every layer of a store told apart is named with it, in messages ("'bconv' 4x4" was the other store's)
+    distinct = [_tagged(layer, tags) for layer in distinct]
     for index_a, index_b in itertools.product(sides["a"], sides["b"]):  # each pair solved as compare() would take it
         check_pairing(distinct[index_a], distinct[index_b])  # (aligned through the first, a pair met unchecked)
         check_position_dims(distinct[index_a], distinct[index_b])
@@ -1040,6 +1051,12 @@ def _cka_of_pairs(sums: np.ndarray, layers: Sequence[xr.DataArray], sides: dict[
     values = np.divide(sums, np.outer(scale, scale), out=np.full_like(sums, np.nan),
                        where=(scale[:, None] > 0) & (scale[None, :] > 0))
     return np.minimum(values[np.ix_(sides["a"], sides["b"])], 1.0)  # past 1 by rounding only (Cauchy-Schwarz)
+
+
+def _tagged(layer: xr.DataArray, tags: Mapping[str, str]) -> xr.DataArray:
+    """``layer`` named with its store's tag where ``tags`` holds one for its store and its name does not end in it."""
+    tag = tags.get(str(layer.encoding.get("store")))
+    return layer if tag is None or str(layer.name).endswith(f" ({tag})") else layer.rename(f"{layer.name} ({tag})")
 
 
 def _same_layer(one: xr.DataArray, other: xr.DataArray) -> bool:

@@ -364,6 +364,25 @@ def test_two_models_layers_of_one_name_are_told_apart_by_their_stores(tmp_path):
     assert cka(conv0, doubled).attrs["layer_b"] == "conv (as b)"
 
 
+def test_every_layer_of_a_store_told_apart_is_named_with_it(tmp_path):
+    """In a sweep over two recordings only the namesake was named with its store ("got 'conv' 3x3, 'pool' 2x2,
+    'conv (m1.zarr)' 3x3": m1's 'pool' read as m0's). Every layer of a store told apart now carries it, in
+    messages only: the result's labels are the sets' keys."""
+    rng = np.random.default_rng(0)
+    stores = [tmp_path / "m0.zarr", tmp_path / "m1.zarr"]
+    for store in stores:
+        chunkcca.write_activations(store, {"conv": rng.standard_normal((30, 3, 3, 4)),
+                                           "pool": rng.standard_normal((30, 2, 2, 4))})
+    (conv0, pool0), (conv1, pool1) = ([chunkcca.open_activations(store)[name] for name in ("conv", "pool")]
+                                      for store in stores)
+    with pytest.raises(ValueError, match=r"got 'conv' 3x3, 'pool \(m1.zarr\)' 2x2, 'conv \(m1.zarr\)' 3x3;"):
+        similarity({"conv": conv0}, {"pool": pool1, "conv": conv1}, spatial="flatten")
+    with pytest.raises(ValueError, match=r"got 'conv' 3x3, 'pool' 2x2, 'conv \(m1.zarr\)' 3x3;"):
+        similarity({"conv": conv0, "pool": pool0}, {"conv": conv1}, spatial="flatten")
+    result = similarity({"conv": conv0}, {"pool": pool1, "conv": conv1}, spatial="avgpool", measures=["cka"])
+    assert list(result.layer_b.values) == ["pool", "conv"]
+
+
 def test_a_layer_against_itself_keeps_its_name_as_in_a_sweep():
     """A layer measured against itself was named 'a (m0/conv1)' and 'b (m0/conv1)' in its result (a sweep keeps
     the names): results of a row of pairs did not concat into a grid, nor select by the layer's name. Two layers of
