@@ -66,6 +66,7 @@ def _prepare_pair(a: Any, b: Any, options: StreamOptions) -> tuple[xr.DataArray,
     if layer_a.name == layer_b.name and not _same_layer(layer_a, layer_b):  # one name, two layers: told apart
         layer_a, layer_b = _told_apart(layer_a, "as a", [layer_b]), _told_apart(layer_b, "as b", [layer_a])
     layer_a, layer_b, reordered = align_layers(layer_a, layer_b)
+    check_position_dims(layer_a, layer_b, options.spatial)
     check_reordered(str(layer_a.name), [layer_b] if reordered else [], int(options.memory_limit))
     check_position_labels(layer_a, layer_b, options.spatial)
     return layer_a, layer_b, plan_adapters(layer_a, layer_b, options)
@@ -976,7 +977,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
     distinct = [_tagged(layer, tags) for layer in distinct]
     for index_a, index_b in itertools.product(sides["a"], sides["b"]):  # each pair solved as compare() would take it
         check_pairing(distinct[index_a], distinct[index_b])  # (aligned through the first, a pair met unchecked)
-        check_position_dims(distinct[index_a], distinct[index_b])
+        check_position_dims(distinct[index_a], distinct[index_b], stream.spatial)
     first, *_ = distinct  # its datapoint order: folds and minibatches follow it, as in compare(first, …)
     aligned, reordered = [], []
     for layer in distinct:  # by label, each pair solved checked above (not the first with each: a pair not solved)

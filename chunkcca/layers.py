@@ -483,25 +483,25 @@ def check_pairing(a: xr.DataArray, b: xr.DataArray) -> None:
 
 def align_layers(a: xr.DataArray, b: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray, bool]:
     """``a``, ``b`` with its datapoints in ``a``'s order by label (lazily), and whether that reordered them; any
-    datapoint label missing on one side, or position dims of other names in another order, is an error.
+    datapoint label missing on one side is an error.
 
     Layers without a datapoint coordinate are aligned by position (``check_pairing`` says when that is refused);
     two layers holding the positions a store gave them (``holds_positions``) pair by those positions, as xarray
     would, following a reordering of one.
     """
     check_pairing(a, b)
-    check_position_dims(a, b)
     if "datapoint" not in a.coords or "datapoint" not in b.coords:
         return a, b, False
     in_order, moved = aligned_to(a, b)
     return a, in_order, moved
 
 
-def check_position_dims(a: xr.DataArray, b: xr.DataArray) -> None:
-    """Refuse position dims of other names in another order on ``a`` and ``b`` (a pair solved): which order makes
-    the rows?"""
+def check_position_dims(a: xr.DataArray, b: xr.DataArray, spatial: str) -> None:
+    """Refuse position dims of other names in another order on ``a`` and ``b`` (a pair solved) where the rows
+    depend on the positions' order (not ``ORDERLESS``): which order makes the rows?"""
     positions = a.dims[1:-1]
-    if b.dims[1:-1] != positions and sorted(map(str, b.dims[1:-1])) == sorted(map(str, positions)):
+    if spatial not in ORDERLESS and b.dims[1:-1] != positions \
+            and sorted(map(str, b.dims[1:-1])) == sorted(map(str, positions)):
         # names of STANDARD_POSITIONS are in one order already: which of two orders of others makes the rows?
         raise ValueError(f"layers {a.name!r} and {b.name!r} hold position dims {tuple(map(str, positions))} and "
                          f"{tuple(map(str, b.dims[1:-1]))}: rows are taken in C order of the positions, so give both "

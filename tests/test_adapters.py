@@ -115,7 +115,7 @@ def test_rows_take_height_before_width_whatever_order_a_layer_gives():
     """With a stride the rows kept depend on their order, which followed the first layer's order of its position
     dims: a layer given as (datapoint, width, height, channel) made cca(a, b) 0.4886 and cca(b, a) 0.4553, and a
     sweep's value of a pair changed with the layers beside it. Rows now take height before width (and depth
-    before both) in any layer; two orders of other names are refused, naming both."""
+    before both) in any layer; two orders of other names are refused, naming both, where the rows depend on them."""
     import chunkcca
 
     rng = np.random.default_rng(0)
@@ -136,6 +136,19 @@ def test_rows_take_height_before_width_whatever_order_a_layer_gives():
         cca(xy, yx.transpose("datapoint", "y", "x", "channel"))
     with pytest.raises(ValueError, match=r"layers 'xy' and 'yx' hold position dims"):  # in a pair a sweep solves
         chunkcca.similarity({"xy": xy}, {"yx": yx.transpose("datapoint", "y", "x", "channel")}, measures=["cka"])
+    # where a datapoint's rows do not depend on its positions' order (avgpool, features) either order is taken: it
+    # was refused, "rows are taken in C order"
+    other = xr.DataArray(y, dims=("datapoint", "x", "y", "channel"), name="other")
+    turned = other.transpose("datapoint", "y", "x", "channel")
+    for spatial in ("avgpool", "features"):
+        want = float(chunkcca.cka(xy, other, spatial=spatial, precision="float64")["cka"])
+        assert float(chunkcca.cka(xy, turned, spatial=spatial, precision="float64")["cka"]) == pytest.approx(
+            want, abs=1e-12)
+        swept = chunkcca.similarity({"xy": xy}, {"turned": turned}, measures=["cka"], spatial=spatial,
+                                    precision="float64")
+        assert float(swept["cka"].squeeze()) == pytest.approx(want, abs=1e-12)
+    assert float(cca(xy, turned, spatial="avgpool", precision="float64")["rho_mean"]) == pytest.approx(
+        float(cca(xy, other, spatial="avgpool", precision="float64")["rho_mean"]), abs=1e-12)
     # on one side, never paired with each other, both are measured against a layer of no positions (a sweep refused
     # them, checking each layer's dims against its first layer's; found by review)
     fc = xr.DataArray(x[:, 0, 0], dims=("datapoint", "channel"), name="fc")
