@@ -242,8 +242,8 @@ def test_namesake_layers_resume_from_a_renamed_store_and_swapped_sides_are_named
 
 
 def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
-    """Layers chunked differently (5 and 20 datapoints): checkpoint groups cut only where both have a chunk
-    boundary, so each chunk of the wide-chunked layer is read once."""
+    """Layers chunked differently (5 and 20 datapoints): checkpoint groups cut at the ends of the layer with the
+    fewest chunks, so each chunk of the wide-chunked layer is read once."""
     import dask
 
     import chunkcca
@@ -261,6 +261,40 @@ def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
     assert sorted(reads) == [0, 1, 2]
     want = chunkcca.compute_moments(narrow, wide, precision="float64")
     np.testing.assert_allclose(got.scatter, want.scatter, rtol=1e-12)
+
+
+def test_layers_chunked_apart_are_saved_at_the_longest_chunks_ends(tmp_path, monkeypatch):
+    """Layers in chunks of 64 and 100 datapoints end chunks together first at 1600: a checkpointed run of 600
+    was cut only where both do, so it was saved once, when done (a run stopped at 99% kept nothing). It is now cut
+    at the ends of the layer with the fewest chunks; an interrupted run resumes from there, equal to a whole run
+    (with a stride, whose rows continue across the cuts)."""
+    import chunkcca.passes
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 2, 2, 4))
+    narrow = da.from_array(x, chunks=(64, 2, 2, 4))
+    wide = da.from_array(x[..., :3] * 2 + rng.standard_normal((600, 2, 2, 3)), chunks=(100, 2, 2, 3))
+    saved: list[int] = []
+    save = chunkcca.passes.save_progress
+
+    def save_until_300(*args, **kwargs):
+        save(*args, **kwargs)
+        saved.append(args[2])
+        if args[2] == 300:
+            raise KeyboardInterrupt("interrupted")
+
+    monkeypatch.setattr(chunkcca.passes, "save_progress", save_until_300)
+    options = {"precision": "float64", "stride": 3, "checkpoint": tmp_path / "ckpt", "checkpoint_every": 1}
+    with pytest.raises(KeyboardInterrupt):
+        chunkcca.compute_moments(narrow, wide, **options)
+    assert saved == [100, 200, 300]
+    saved.clear()
+    resumed = chunkcca.compute_moments(narrow, wide, **options)
+    assert saved == [400, 500, 600]
+    whole = chunkcca.compute_moments(narrow, wide, precision="float64", stride=3)
+    assert resumed.n == whole.n
+    np.testing.assert_allclose(resumed.scatter, whole.scatter, rtol=1e-12)
+    np.testing.assert_allclose(resumed.mean, whole.mean, rtol=1e-12)
 
 
 def test_an_unreadable_or_older_checkpoint_is_named_as_such(tmp_path):
