@@ -91,15 +91,15 @@ def _store_tag(layer: xr.DataArray, namesakes: Sequence[xr.DataArray]) -> str | 
 
 
 def _check_rows(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], whitens: bool = True, *,
-                least_rows: int = 2) -> None:
+                least_rows: int = 2, channels: int | None = None) -> None:
     """Before streaming: refuse fewer rows than the measures need (``least_rows``: 2, 4 for debiased CKA, 0 for
     Moments to keep, which one row may make; ``needs()`` says it); warn, for measures that invert a
     covariance (``whitens``), when the rows are no more than the channels of a pair (``paired_channels``: a
     singular covariance, which a ridge can still make sense of), naming the largest stride that gives more where
-    a stride took them below."""
+    a stride took them below. ``channels``: of the widest pair solved (``paired_channels``; default, of two layers)."""
     datapoints = layers[0].sizes["datapoint"]
     rows = adapters[0].row_count(datapoints)
-    channels = _paired_channels(layers)
+    channels = _paired_channels(layers) if channels is None else channels
     names = ", ".join(repr(str(x.name)) for x in layers)
     stride, total = adapters[0].stride, dataclasses.replace(adapters[0], stride=1).row_count(datapoints)
     if stride > 1 and rows < least_rows <= total:
@@ -275,19 +275,21 @@ def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     ``_check_group_rows``), in one pass → their Moments (``stream_layers``; only ``pairs``' blocks if given), and
     each group's or fold's when ``options`` groups the datapoints: folds that nan_policy="omit" emptied left out,
     groups too small for a covariance warned of."""
-    _check_rows(layers, adapters, wanted.whitens, least_rows=wanted.least_rows)
+    channels = _paired_channels(layers, pairs)
+    _check_rows(layers, adapters, wanted.whitens, least_rows=wanted.least_rows, channels=channels)
     groups = _groups(layers, options)
     _check_group_rows(groups, layers, adapters[0], options, wanted)
     streamed = stream_layers(layers, adapters, options, row_norms=wanted.row_norms,
                              codes=_pass_codes(groups, adapters[0], layers[0].data.chunks[0]),
                              group_sizes=() if groups is None else groups.sizes, pairs=pairs, whitens=wanted.whitens)
-    _check_rows_kept(streamed, options, wanted.whitens, least_rows=wanted.least_rows)
+    _check_rows_kept(streamed, options, wanted.whitens, least_rows=wanted.least_rows, channels=channels)
     streamed, groups = _without_emptied_folds(streamed, groups)
-    _warn_small_groups(streamed, groups, wanted.whitens)
+    _warn_small_groups(streamed, groups, wanted.whitens, channels)
     return streamed, groups
 
 
-def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, *, least_rows: int) -> None:
+def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, *, least_rows: int,
+                     channels: int) -> None:
     """After the pass, ``_check_rows`` again on the rows the Moments hold where padding or nan_policy="omit" left
     some out (counted only then): fewer than ``least_rows`` is an error; no more than the channels of a pair,
     where the rows before were more, a warning for measures that invert a covariance."""
@@ -301,7 +303,6 @@ def _check_rows_kept(streamed: Streamed, options: StreamOptions, whitens: bool, 
     left = f"{rows - kept} of the {rows} rows of layers {names} were left out" + (f" as {why}" if why else "")
     if kept < least_rows:
         raise ValueError(f"{left}: {kept} {'is' if kept == 1 else 'are'} left, and {needs(least_rows)}")
-    channels = _paired_channels(layers)
     if whitens and kept <= channels < rows:
         warnings.warn(f"only {kept} row{'' if kept == 1 else 's'} for {channels} channels of a pair: {left}; "
                       f"{SINGULAR}", RuntimeWarning, stacklevel=user_stacklevel())
@@ -340,24 +341,27 @@ def _without_emptied_folds(streamed: Streamed, groups: Groups | None) -> tuple[S
             dataclasses.replace(groups, labels=groups.labels[kept], sizes=groups.sizes[kept]))
 
 
-def _paired_channels(layers: Sequence[xr.DataArray]) -> int:
-    """The channels of the two widest layers together, p + q: CCA of n ≤ p + q rows has canonical correlations of
-    exactly 1 whatever the data (40 rows of two independent 32-channel layers gave mean ρ 0.86)."""
+def _paired_channels(layers: Sequence[xr.DataArray], pairs: Sequence[tuple[int, int]] | None = None) -> int:
+    """The channels of the widest pair solved together, p + q: CCA of n ≤ p + q rows has canonical correlations
+    of exactly 1 whatever the data (40 rows of two independent 32-channel layers gave mean ρ 0.86). ``pairs``
+    (indices into ``layers``) are a sweep's; without them, the two widest layers. (A sweep took its two widest
+    layers, of one set and never paired: "only 60 rows for 75 channels of a pair" where the widest pair had 43.)"""
+    if pairs is not None:
+        return max(layers[a].sizes["channel"] + layers[b].sizes["channel"] for a, b in pairs)
     widest = sorted((layer.sizes["channel"] for layer in layers), reverse=True)
     return sum(widest[:2])
 
 
-def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool) -> None:
+def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool, channels: int) -> None:
     """Warn, as ``_check_rows`` does for a whole run, when a group (of ``groupby``; folds are measured on the
-    rest) has no more rows than the channels of a pair: its covariance is singular."""
+    rest) has no more rows than the ``channels`` of the widest pair: its covariance is singular."""
     if groups is None or streamed.groups is None:
         return
     if groups.folds:
-        _warn_small_folds(streamed, groups, whitens)
+        _warn_small_folds(streamed, groups, whitens, channels)
         return
     if not whitens:
         return
-    channels = _paired_channels(streamed.layers)
     small = [(label, part.n) for label, part in zip(groups.labels.tolist(), streamed.groups) if part.n <= channels]
     if small:
         warnings.warn(f"{len(small)} group{'s' if len(small) > 1 else ''} of {groups.dim} ha"
@@ -365,13 +369,13 @@ def _warn_small_groups(streamed: Streamed, groups: Groups | None, whitens: bool)
                       f"layers: {_rows_of(small)}; in each, {SINGULAR}", RuntimeWarning, stacklevel=user_stacklevel())
 
 
-def _warn_small_folds(streamed: Streamed, groups: Groups, whitens: bool) -> None:
+def _warn_small_folds(streamed: Streamed, groups: Groups, whitens: bool, channels: int) -> None:
     """Warn when a fold holds fewer than half the rows of the median fold: its held-out correlations, measured on
     its own rows, are the noisiest (those of two rows are ±1) and weigh as much as any fold's in the mean; and,
     for measures that invert a covariance (``whitens``), when a fold's leave-out (the rest, which the jackknife
     solves) has no more rows than the channels of a pair: its covariance is singular."""
     rows = [part.n for part in streamed.groups]
-    channels, total = _paired_channels(streamed.layers), sum(rows)
+    total = sum(rows)
     tight = [(label, total - n) for label, n in zip(groups.labels.tolist(), rows) if total - n <= channels]
     if whitens and tight:
         warnings.warn(f"{len(tight)} of the {len(rows)} folds leave no more rows than the {channels} channels of a "

@@ -3,6 +3,8 @@ computations; each chunk is read once."""
 
 from __future__ import annotations
 
+import warnings
+
 import dask
 import dask.array as da
 import matplotlib
@@ -381,6 +383,23 @@ def test_every_layer_of_a_store_told_apart_is_named_with_it(tmp_path):
         similarity({"conv": conv0, "pool": pool0}, {"conv": conv1}, spatial="flatten")
     result = similarity({"conv": conv0}, {"pool": pool1, "conv": conv1}, spatial="avgpool", measures=["cka"])
     assert list(result.layer_b.values) == ["pool", "conv"]
+
+
+def test_a_sweep_warns_of_too_few_rows_for_the_widest_pair_it_solves():
+    """A sweep counted its two widest layers as a pair, two of one set never solved together: 60 rows of a1 (40
+    channels) and a2 (35) against b (3) warned "only 60 rows for 75 channels of a pair" where the widest pair has
+    43 (and with groupby, groups of 30 rows against "40 channels" where pairs have 23). Found by audit."""
+    rng = np.random.default_rng(0)
+    a1, a2, b = (xr.DataArray(rng.standard_normal((60, p)), dims=("datapoint", "channel")) for p in (40, 35, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        similarity({"a1": a1, "a2": a2}, {"b": b}, measures=["mean_cca"], precision="float64")
+        grouped = {name: layer.assign_coords(g=("datapoint", np.repeat([0, 1], 30))) for name, layer in
+                   (("a1", a1[:, :20]), ("a2", a2[:, :20]), ("b", b))}
+        similarity({"a1": grouped["a1"], "a2": grouped["a2"]}, {"b": grouped["b"]}, measures=["mean_cca"],
+                   groupby="g", precision="float64")
+    with pytest.warns(RuntimeWarning, match="only 40 rows for 43 channels of a pair"):
+        similarity({"a1": a1[:40], "a2": a2[:40]}, {"b": b[:40]}, measures=["mean_cca"], precision="float64")
 
 
 def test_a_layer_against_itself_keeps_its_name_as_in_a_sweep():
