@@ -808,17 +808,20 @@ def _leave_outs(folds: Sequence[Moments]) -> Iterator[Moments]:
     """The Moments of every fold but fold i, for i = 0, 1, … in turn: each fold's training data. Each half of a
     range of folds is merged once and handed down to the other half's, so K folds take O(K log K) merges with
     O(log K) Moments held, not K − 1 merges each (--folds 500 of a 1000 x 200 pair did not end in 90 s)."""
+    return _without(folds, 0, len(folds), None)
 
-    def without(start: int, stop: int, rest: Moments | None) -> Iterator[Moments]:
-        if stop - start == 1:
-            yield rest  # K >= 2: some fold is always left in
-            return
-        middle = (start + stop) // 2
-        for part, other in (((start, middle), (middle, stop)), ((middle, stop), (start, middle))):
-            merged = sum(folds[other[0] + 1 : other[1]], folds[other[0]])
-            yield from without(*part, merged if rest is None else rest + merged)
 
-    return without(0, len(folds), None)
+def _without(folds: Sequence[Moments], start: int, stop: int, rest: Moments | None) -> Iterator[Moments]:
+    """``rest`` merged with every fold outside start … stop − 1 but fold i, for i in that range in turn. (A nested
+    function calling itself made a reference cycle holding the folds until the cyclic garbage collector ran: a
+    sweep with folds held every pair's fold Moments beside the next, 281–306 MiB for 175.)"""
+    if stop - start == 1:
+        yield rest  # K >= 2: some fold is always left in
+        return
+    middle = (start + stop) // 2
+    for part, other in (((start, middle), (middle, stop)), ((middle, stop), (start, middle))):
+        merged = sum(folds[other[0] + 1 : other[1]], folds[other[0]])
+        yield from _without(folds, *part, merged if rest is None else rest + merged)
 
 
 #: Each fold's Moments, in a list (fold i named i) or by name (a dict, as compute_moments(..., folds=...) gives).

@@ -941,3 +941,29 @@ def test_a_group_coordinate_named_like_a_part_of_the_result_is_refused_before_re
         with pytest.raises(ValueError, match="results name a dim or variable"):
             compare(x, y, measures=["cka", "mean_cca"], groupby=name, progress=False)
         assert reads == []
+
+
+def test_the_folds_leave_outs_hold_no_reference_cycle():
+    """The leave-outs came from a nested generator calling itself, a reference cycle holding every fold's Moments
+    until the cyclic garbage collector ran: a sweep with folds held each pair's folds beside the next pair's
+    (281–306 MiB for 175 in an audit's sweep of 12 layers). Nothing is left for the collector now."""
+    import gc
+
+    import chunkcca
+
+    rng = np.random.default_rng(0)
+    layers = {name: rng.standard_normal((90, width)) for name, width in (("a", 5), ("b", 4), ("c", 3))}
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        chunkcca.similarity({"a": layers["a"]}, {"b": layers["b"], "c": layers["c"]}, measures=["mean_cca", "cka"],
+                            folds=3, precision="float64")
+        gc.collect()
+        held = [found for found in gc.garbage if isinstance(found, chunkcca.Moments)
+                or (isinstance(found, list) and any(isinstance(item, chunkcca.Moments) for item in found))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert held == []
