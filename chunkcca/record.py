@@ -483,7 +483,11 @@ def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int |
     ``told``, and what gives its datapoints first (xarray said "conflicting sizes for dimension 'datapoint'" when
     the store was opened). When neither tells the count, every layer is named: the most may be the ones misread."""
     counts = {layer: len(values) for layer, values in outputs.items()}
-    if len(set(counts.values())) < 2:  # a layer alone may fold the batch (words of sentences: not the batch's count)
+    # a layer alone may fold the batch (words of sentences: not the batch's count), but not hold it second: a
+    # (T, N, C) read before the pass showed its N (an Embedding before a time-first LSTM) was stored T datapoints
+    turned = datapoints is not None and any(values.ndim == 3 and len(values) != datapoints
+                                            and values.shape[1] == datapoints for values in outputs.values())
+    if len(set(counts.values())) < 2 and not turned:
         return
     listed = ", ".join(f"{layer!r} {count}" for layer, count in counts.items())
     known = datapoints if datapoints is not None else next((counts[layer] for layer in counts if layer in told), None)
@@ -495,8 +499,13 @@ def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int |
                if outputs[layer].ndim == 3 and outputs[layer].shape[1] == known else
                f"pass output= a function giving {layer!r} with its datapoints first")
               for layer, count in counts.items() if count != known]
-    raise ValueError(f"the layers give different numbers of datapoints for one batch ({listed}; the batch holds "
-                     f"{known}); {'; '.join(advice)}")
+    if len(set(counts.values())) > 1:
+        said = f"the layers give different numbers of datapoints for one batch ({listed}; "
+    else:  # one count, in a batch of another
+        names = ", ".join(map(repr, counts))
+        said = (f"layer{'s' if len(counts) > 1 else ''} {names} give{'' if len(counts) > 1 else 's'} "
+                f"{next(iter(counts.values()))} datapoints for one batch (")
+    raise ValueError(f"{said}the batch holds {known}); {'; '.join(advice)}")
 
 
 def _collates(batches: Any) -> bool:

@@ -1478,6 +1478,34 @@ def test_a_time_first_block_of_ones_own_is_told_by_the_batch_count(tmp_path):
     np.testing.assert_allclose(tree["block"]["activations"].values, want, rtol=1e-6, atol=1e-6)  # batched float32
 
 
+def test_a_layer_read_before_a_time_first_module_showed_the_batch_s_count_is_not_stored_turned(tmp_path):
+    """PyTorch's word language model: (T, N) token ids, an Embedding, then a time-first LSTM. The Embedding
+    recorded alone was stored (28, 5, 8) for 4 batches of 5 sequences of 7 tokens, its time steps as datapoints,
+    silently: it runs before the LSTM shows N. Its (T, N, C) output against that N is now an error naming the
+    layout to give, and with it the layer is stored datapoints first (found by audit)."""
+
+    class WordModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.rnn = torch.nn.Embedding(30, 8), torch.nn.LSTM(8, 6)
+            self.decoder = torch.nn.Linear(6, 30)
+
+        def forward(self, ids):  # ids (T, N)
+            return self.decoder(self.rnn(self.encoder(ids))[0])
+
+    torch.manual_seed(0)
+    net, data = WordModel().eval(), torch.randint(0, 30, (7, 20))
+    batches = [data[:, start : start + 5] for start in range(0, 20, 5)]
+    with pytest.raises(ValueError, match=r"^layer 'encoder' gives 7 datapoints for one batch \(the batch holds 5\); "
+                                         r"if 'encoder' is \(T, N, C\) read as \(N, T, C\), pass "
+                                         r"layouts=\{'encoder': 'time_first'\}"):
+        record(net, ["encoder"], batches, tmp_path / "s.zarr")
+    tree = record(net, ["encoder"], batches, tmp_path / "s.zarr", layouts={"encoder": "time_first"}, overwrite=True)
+    with torch.no_grad():
+        want = np.concatenate([net.encoder(batch).transpose(0, 1).numpy() for batch in batches])
+    np.testing.assert_array_equal(tree["encoder"]["activations"].values, want)
+
+
 def test_padded_sequences_without_a_mask_meta_tensors_and_scripted_layers_are_refused(tmp_path):
     """PyTorch's fast path gave nested tensors for a batch padded under ``src_key_padding_mask``: record padded
     them with zeros and stored no mask, so flatten and avgpool counted the padding as tokens, silently. A meta
