@@ -483,10 +483,11 @@ def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int |
     ``told``, and what gives its datapoints first (xarray said "conflicting sizes for dimension 'datapoint'" when
     the store was opened). When neither tells the count, every layer is named: the most may be the ones misread."""
     counts = {layer: len(values) for layer, values in outputs.items()}
-    # a layer alone may fold the batch (words of sentences: not the batch's count), but not hold it second: a
-    # (T, N, C) read before the pass showed its N (an Embedding before a time-first LSTM) was stored T datapoints
-    turned = datapoints is not None and any(values.ndim == 3 and len(values) != datapoints
-                                            and values.shape[1] == datapoints for values in outputs.values())
+    # a layer alone may fold the batch (words of sentences: not the batch's count), but one read untold may not
+    # hold it second: a (T, N, C) read before the pass showed its N (an Embedding before a time-first LSTM) was
+    # stored with T datapoints (a layer told its order, (2N, T, C) sentence pairs folded, is as told)
+    turned = datapoints is not None and any(values.ndim == 3 and len(values) != datapoints and layer not in told
+                                            and values.shape[1] == datapoints for layer, values in outputs.items())
     if len(set(counts.values())) < 2 and not turned:
         return
     listed = ", ".join(f"{layer!r} {count}" for layer, count in counts.items())
