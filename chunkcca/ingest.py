@@ -33,6 +33,7 @@ from .layers import (
     check_coord_name,
     check_datapoint_coords,
     datapoints_per_chunk,
+    labelled_by,
     layer_path,
     memmap_to_dask,
     unnamed_layout,
@@ -440,7 +441,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     coords
         Coordinates on ``datapoint`` for every layer written (for ``groupby=`` and ``folds=``): name → a .npy file
         of one number or string per datapoint (e.g. each input's class), or those values, in the files'
-        datapoint order.
+        datapoint order (with ``mode="a"`` and ``datapoints``, checked against the store's by those labels).
     datapoints
         The datapoint labels of every layer written (e.g. each input's index in its dataset): a .npy file of one
         number or string per datapoint, or those values, in the files' datapoint order. The layers then pair with
@@ -490,6 +491,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                 raise
             raise ValueError(f"{error} (from the file {values})") from error
     datapoint_ids = None if datapoints is None else _datapoint_ids(datapoints)
+    labels = labelled_by(labels, datapoint_ids)
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:

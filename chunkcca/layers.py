@@ -105,6 +105,18 @@ def labelled_as(coords: Mapping[str, xr.DataArray], layer: xr.DataArray) -> dict
             for key, coord in coords.items()}
 
 
+def labelled_by(coords: dict[str, xr.DataArray], labels: np.ndarray | None) -> dict[str, xr.DataArray]:
+    """``coords`` (``check_datapoint_coords``) given in the order of the datapoints labelled ``labels`` (plain
+    values, as many) labelled with them, so that those added to a store are checked against its layers' by label
+    (``store.check_store_coords``): they were matched by position, refusing a model recorded (or layers ingested)
+    over the same inputs in another order with its right labels, and taking the store's order's (found by audit).
+    Unchanged without ``labels``."""
+    if labels is None:
+        return coords
+    return {key: coord.assign_coords(datapoint=labels) if "datapoint" not in coord.coords
+            and coord.sizes["datapoint"] == len(labels) else coord for key, coord in coords.items()}
+
+
 def with_datapoint_coords(layer: xr.DataArray, coords: Mapping[str, xr.DataArray]) -> xr.DataArray:
     """``layer`` with ``coords`` (``check_datapoint_coords``) on its datapoints (``coord_values``); a ValueError
     when the layer holds another coordinate of one's name."""

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from ._fs import expanded
@@ -73,6 +74,7 @@ from .layers import (
     check_layer_paths,
     coord_values,
     datapoints_per_chunk,
+    labelled_by,
 )
 from .options import MASK, POSITIONS_ATTR, VALUE_ROUNDING_ATTR
 from .store import (
@@ -657,9 +659,11 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     coords
         Coordinates on ``datapoint`` for every recorded layer (for ``groupby=`` and ``folds=``): name → one number
         or string per datapoint, in the order of ``batches`` (e.g. ``{"label": dataset.targets}``), or a DataArray
-        on ``datapoint`` labelled as ``datapoints``. Checked before the model runs, their count too where
-        ``batches`` tells it (a DataLoader: its sampler's length), else as the batches run past them (too many
-        labels: once the model has run), as is ``datapoints``'s.
+        on ``datapoint`` labelled as ``datapoints``; with ``mode="a"``, checked against the store's coordinates of
+        that name by the datapoints' labels (an order of one's own takes the values in that order). Checked before
+        the model runs, their count too where ``batches`` tells it (a DataLoader: its sampler's length), else as
+        the batches run past them (too many labels: once the model has run), as is ``datapoints``'s (one label
+        per datapoint, no label twice: before the model runs).
 
     Returns
     -------
@@ -671,7 +675,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     import zarr
     path = expanded(path)
     modules = _modules(model, layers)
-    labelled = check_datapoint_coords(coords)
+    labelled = labelled_by(check_datapoint_coords(coords), _checked_datapoints(datapoints))
     known = _known_datapoints(batches)
     if known is not None:  # the labels' count checked before the model runs, where the DataLoader tells it
         _check_labels(datapoints, labelled, known, next(iter(modules)), f"the {known} datapoints batches holds "
@@ -816,6 +820,21 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         for hook in hooks:
             hook.remove()
     return open_activations(path)
+
+
+def _checked_datapoints(datapoints: Sequence[Any] | None) -> np.ndarray | None:
+    """``datapoints`` as a 1-d array of distinct labels, before the model runs (a repeated label was refused after
+    the last batch; labels of 2 dims with a message of counts that agreed); None when not given."""
+    if datapoints is None:
+        return None
+    labels = np.asarray(datapoints)
+    if labels.ndim != 1:
+        raise ValueError(f"datapoints must be one label per datapoint (1-d), got shape {labels.shape}")
+    repeated = pd.Index(labels)
+    if not repeated.is_unique:
+        raise ValueError(f"datapoints repeats labels, e.g. {repeated[repeated.duplicated()].unique()[:5].tolist()}: "
+                         f"give each datapoint its own")
+    return labels
 
 
 def _check_labels_left(datapoints: Sequence[Any] | None, coords: Mapping[str, xr.DataArray], count: int,

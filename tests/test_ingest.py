@@ -512,3 +512,25 @@ def test_ingested_layers_pair_by_the_labels_datapoints_gives_and_by_position_wit
                      str(tmp_path / "bad.npy"), "--no-progress"]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_layers_ingested_in_another_order_have_their_coords_checked_by_label(tmp_path):
+    """Layers added to a store with ``datapoints`` in another order and ``coords`` in theirs were checked against
+    the store's coords by position: the right classes refused, those in the store's order taken (found by audit
+    of ``record``, which shares the check)."""
+    from chunkcca.ingest import ingest
+
+    rng = np.random.default_rng(0)
+    classes, order = np.arange(30) % 3, rng.permutation(30)
+    values = rng.standard_normal((30, 4))
+    np.save(tmp_path / "a.npy", values)
+    np.save(tmp_path / "b.npy", values[order])
+    for store in ("right.zarr", "wrong.zarr"):
+        ingest(tmp_path / store, {"a": tmp_path / "a.npy"}, datapoints=np.arange(30), coords={"cls": classes})
+    tree = ingest(tmp_path / "right.zarr", {"b": tmp_path / "b.npy"}, datapoints=order, coords={"cls": classes[order]},
+                  mode="a")
+    stored = tree["b"]["activations"]
+    np.testing.assert_array_equal(stored["cls"].values, stored["datapoint"].values % 3)
+    with pytest.raises(ValueError, match=r"coords\['cls'\]: layer 'a' of .* holds 'cls' with other labels"):
+        ingest(tmp_path / "wrong.zarr", {"b": tmp_path / "b.npy"}, datapoints=order, coords={"cls": classes},
+               mode="a")

@@ -1692,3 +1692,38 @@ def test_a_lazy_module_recorded_first_can_still_be_trained(tmp_path):
     assert net[0].weight.grad is not None
     with torch.no_grad():
         np.testing.assert_array_equal(tree["0"]["activations"].values, net[0](inputs).numpy())
+
+
+def test_an_appended_models_coords_are_checked_by_label_and_its_labels_before_it_runs(tmp_path):
+    """A second model recorded over the same inputs in another order (``datapoints=`` its labels) with ``coords=``
+    in its batches' order was checked against the store's coords by position: the right classes were refused
+    ("holds 'cls' with other labels") and classes in the store's order taken, at odds with its layers for 28 of
+    40 datapoints. Repeated or 2-d ``datapoints`` were refused after the last batch, or in words of counts that
+    agreed (found by audit)."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(6, 10), torch.nn.Linear(6, 9)
+    inputs, classes = torch.randn(40, 6), np.arange(40) % 3
+    order = np.random.default_rng(0).permutation(40)
+    shuffled = inputs[order]
+
+    def batches(x):
+        return [x[start : start + 8] for start in range(0, 40, 8)]
+
+    for store in ("right.zarr", "wrong.zarr"):
+        record(first, {"A": first}, batches(inputs), tmp_path / store, datapoints=np.arange(40),
+               coords={"cls": classes})
+    tree = record(second, {"B": second}, batches(shuffled), tmp_path / "right.zarr", mode="a", datapoints=order,
+                  coords={"cls": classes[order]})
+    stored = tree["B"]["activations"]
+    np.testing.assert_array_equal(stored["cls"].values, stored["datapoint"].values % 3)
+    with pytest.raises(ValueError, match=r"coords\['cls'\]: layer 'A' of .* holds 'cls' with other labels"):
+        record(second, {"B": second}, batches(shuffled), tmp_path / "wrong.zarr", mode="a", datapoints=order,
+               coords={"cls": classes})
+    ran: list[int] = []
+    second.register_forward_hook(lambda *_: ran.append(1))
+    for labels, message in ((np.r_[np.arange(20), np.arange(20)], r"datapoints repeats labels, e\.g\. \[0, 1, 2"),
+                            (np.arange(40)[:, None], r"datapoints must be one label per datapoint \(1-d\), got "
+                                                     r"shape \(40, 1\)")):
+        with pytest.raises(ValueError, match=message):
+            record(second, {"B": second}, batches(inputs), tmp_path / "new.zarr", datapoints=labels)
+    assert ran == []
