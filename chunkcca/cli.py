@@ -700,7 +700,9 @@ def _run_compare(args: argparse.Namespace) -> None:
         title = (f"{args.layer_a} ({args.store}) vs {args.layer_b} ({args.b_store})" if apart
                  else f"{args.layer_a} vs {args.layer_b}")
         _save_plot(lambda: plot_rho(result, title=title).figure, args.plot, overwrite=args.overwrite)
-        if not args.json:  # stdout holds one JSON document with --json
+        if args.json:  # stdout holds one JSON document: where the plot went is said on stderr, as notices are
+            NOTICES.info(f"plot: {args.plot}")
+        else:
             print(f"plot: {args.plot}")
     if left_out:  # once all is done and written: a failure is its one line
         NOTICES.info(left_out)  # on stderr, which --json leaves to it

@@ -198,17 +198,18 @@ def _kind(path: Path) -> str:
 SIGNATURES = {".npy": (b"\x93NUMPY",), ".npz": (b"PK\x03\x04", b"PK\x05\x06")}
 
 
-def _check_signature(path: Path) -> None:
-    """Refuse a .npy or .npz file that does not begin as one (numpy took a text file for pickled objects and
-    advised allow_pickle=True)."""
-    signatures = SIGNATURES.get(_kind(path))
+def _check_signature(path: Path, kind: str | None = None) -> None:
+    """Refuse a .npy or .npz file (``kind``, default: as its name says) that does not begin as one (numpy took a
+    text file for pickled objects and advised allow_pickle=True)."""
+    kind = kind or _kind(path)
+    signatures = SIGNATURES.get(kind)
     if signatures is None or path.is_dir():
         return
     with open(path, "rb") as file:
         head = file.read(max(map(len, signatures)))
     if not head.startswith(signatures):
-        raise ValueError(f"{path} is not a {_kind(path)} file: it does not begin as one (written by numpy.save"
-                         f"{'z' if _kind(path) == '.npz' else ''}); is it text or another format?")
+        raise ValueError(f"{path} is not a {kind} file: it does not begin as one (written by numpy.save"
+                         f"{'z' if kind == '.npz' else ''}); is it text or another format?")
 
 
 def _array_names(path: str | os.PathLike) -> list[str]:
@@ -314,6 +315,7 @@ def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> Any:
     """A padding mask from a .npy file, boolean, of the layer's (datapoint, *positions) shape, read from the file
     chunk by chunk (memory-mapped), or a clear error; its values are checked before anything is written."""
     try:
+        _check_signature(Path(file), ".npy")
         mask = np.load(file, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read the mask {file} as a .npy file: {error}") from error
@@ -344,6 +346,7 @@ def _coord_file(name: str, values: Any) -> Any:
     if not _is_file(values):
         return values
     try:
+        _check_signature(Path(values), ".npy")
         return np.load(values, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read coordinate {name!r} from {values} as a .npy file: {error}") from error

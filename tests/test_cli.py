@@ -59,7 +59,9 @@ def test_ingest_info_compare_sweep(files, capsys):
 
     assert main(["compare", store, "/m0//conv/", "m1/conv", "--measure", "mean_cca", "cka", "--precision", "float64",
                  "--stride", "2", "--json", "--no-progress", "--plot", str(folder / "c.png")]) == 0
-    report = json.loads(capsys.readouterr().out)  # one JSON document
+    shown = capsys.readouterr()
+    report = json.loads(shown.out)  # one JSON document
+    assert f"plot: {folder / 'c.png'}\n" in shown.err  # where the plot went, beside it (it said nothing)
     assert report["layer_a"] == "m0/conv"  # as stored, as sweep names it (it repeated "/m0//conv/" as typed)
     want = canonical_correlations(flatten_rows(a, 2), flatten_rows(b, 2))
     assert report["results"]["mean_cca"]["value"] == pytest.approx(want.mean(), abs=1e-9)
@@ -104,6 +106,11 @@ def test_ingest_info_compare_sweep(files, capsys):
         (["compare", "{store}", "m0/conv", "m0/conv", "--storage-options", '{{"anon": true}}'],
          "--storage-options apply to stores given by URL (fsspec) only"),
         (["ingest", "{folder}/x.zarr", "m0={folder}"], "is a folder; name a .npy, .npz or pickle file"),
+        # coordinates, labels and masks of other formats: numpy's advice to unpickle (allow_pickle=) was passed on
+        *((["ingest", "{folder}/x.zarr", "m0={folder}/a.npy", *flag],
+           "fc.p is not a .npy file: it does not begin as one (written by numpy.save); is it text or another format?")
+          for flag in (["--coord", "lab={folder}/fc.p"], ["--datapoints", "{folder}/fc.p"],
+                       ["--mask", "m0={folder}/fc.p"])),
         # it advised --layout neurons for a (0, 5) array
         (["ingest", "{folder}/x.zarr", "m0={folder}/empty.npy"], "empty.npy: holds an empty array of shape (0, 5): "
                                                                 "no values to write"),
