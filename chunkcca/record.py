@@ -479,18 +479,26 @@ def _shuffles(batches: Any) -> bool:
                or (isinstance(sampler, DistributedSampler) and sampler.shuffle) for sampler in samplers)
 
 
-def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int | None, told: Collection[str]) -> None:
+def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int | None, told: Collection[str],
+                            time_first_model: bool) -> None:
     """Every recorded layer's output of a batch has the batch's datapoints first; else an error naming each layer
     at odds with the batch's ``datapoints`` (None: unknown) or, failing that, with the layers whose time order was
     ``told``, and what gives its datapoints first (xarray said "conflicting sizes for dimension 'datapoint'" when
-    the store was opened). When neither tells the count, every layer is named: the most may be the ones misread."""
+    the store was opened). When neither tells the count, every layer is named: the most may be the ones misread.
+    A layer read untold that holds the count second is at odds with it too, as ``_Seen.time_order`` would have
+    read it had the count been known then (in a ``time_first_model``; in others, where its first dim is neither 1
+    nor a multiple of the count: views or sentence pairs folded into the batch, (kN, T, C), stay as read)."""
     counts = {layer: len(values) for layer, values in outputs.items()}
     # a layer alone may fold the batch (words of sentences: not the batch's count), but one read untold may not
     # hold it second: a (T, N, C) read before the pass showed its N (an Embedding before a time-first LSTM) was
     # stored with T datapoints (a layer told its order, (2N, T, C) sentence pairs folded, is as told)
-    turned = datapoints is not None and any(values.ndim == 3 and len(values) != datapoints and layer not in told
-                                            and values.shape[1] == datapoints for layer, values in outputs.items())
-    if len(set(counts.values())) < 2 and not turned:
+    def turned(layer: str, known: int) -> bool:  # a (T, N, C) read (N, T, C), by _Seen.time_order's rule
+        values = outputs[layer]
+        return values.ndim == 3 and values.shape[1] == known != len(values) and (
+            time_first_model or (len(values) != 1 and len(values) % known != 0))
+
+    turned_untold = datapoints is not None and any(turned(layer, datapoints) for layer in outputs if layer not in told)
+    if len(set(counts.values())) < 2 and not turned_untold:
         return
     listed = ", ".join(f"{layer!r} {count}" for layer, count in counts.items())
     known = datapoints if datapoints is not None else next((counts[layer] for layer in counts if layer in told), None)
@@ -499,7 +507,7 @@ def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int |
                          f"tells which is right; pass layouts={{layer: 'time_first'}} for each layer that is "
                          f"(T, N, C), or output= a function giving a layer with its datapoints first")
     advice = [(f"if {layer!r} is (T, N, C) read as (N, T, C), pass layouts={{{layer!r}: 'time_first'}}"
-               if outputs[layer].ndim == 3 and outputs[layer].shape[1] == known else
+               if turned(layer, known) else
                f"pass output= a function giving {layer!r} with its datapoints first")
               for layer, count in counts.items() if count != known]
     if len(set(counts.values())) > 1:
@@ -736,7 +744,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     padding = None if padding is None else boolean_mask(padding.detach().cpu().numpy(),
                                                                         "the padding mask of a batch (mask=)")
                     _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured},
-                                            seen.count(), [key for key in seen.orders if isinstance(key, str)])
+                                            seen.count(), [key for key in seen.orders if isinstance(key, str)],
+                                            seen.has_time_first)
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")

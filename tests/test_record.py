@@ -1505,6 +1505,20 @@ def test_a_layer_read_before_a_time_first_module_showed_the_batch_s_count_is_not
         want = np.concatenate([net.encoder(batch).transpose(0, 1).numpy() for batch in batches])
     np.testing.assert_array_equal(tree["encoder"]["activations"].values, want)
 
+    class Views(torch.nn.Module):  # (N, V, T, C) folded into the batch, (N·V, T, C): stored as the model gives it
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.lin(x.reshape(-1, *x.shape[2:]))
+
+    views, clips = Views().eval(), torch.randn(40, 3, 8, 6)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(clips), batch_size=8)  # T = N = 8
+    tree = record(views, ["lin"], loader, tmp_path / "v.zarr")  # refused by a first version of the check
+    with torch.no_grad():
+        np.testing.assert_array_equal(tree["lin"]["activations"].values, views(clips).numpy())
+
 
 def test_padded_sequences_without_a_mask_meta_tensors_and_scripted_layers_are_refused(tmp_path):
     """PyTorch's fast path gave nested tensors for a batch padded under ``src_key_padding_mask``: record padded
