@@ -142,8 +142,8 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
            options: dict[str, Any], boundaries: Sequence[int]) -> tuple[Moments | None, int, str]:
     """What a checkpointed run starts from: (saved Moments or None, datapoints done, this run's fingerprint).
 
-    A checkpoint of another run, or one that stopped where the layers have no common chunk boundary
-    (``boundaries``) now, is a ``CheckpointError`` saying why.
+    A checkpoint of another run, or one that stopped where this run is not cut (``boundaries``,
+    ``engine.checkpoint_boundaries``), is a ``CheckpointError`` saying why.
     """
     path = Path(path)
     fingerprint = _fingerprint(layers, adapters, options)
@@ -168,8 +168,9 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
         raise CheckpointError(f"checkpoint {path} belongs to another run: "
                               f"{_difference(saved_fingerprint, fingerprint)}. Remove it or pass another path")
     if done not in boundaries:
-        raise CheckpointError(f"checkpoint {path} stopped after datapoint {done}, which is not a chunk boundary of "
-                              f"every layer now; stream with the chunking it was made with")
+        raise CheckpointError(f"checkpoint {path} stopped after datapoint {done}, which is not a chunk end of the "
+                              f"layer with the most chunks now, where a run is cut; stream with the chunking it was "
+                              f"made with")
     return saved, done, fingerprint
 
 

@@ -241,9 +241,9 @@ def test_namesake_layers_resume_from_a_renamed_store_and_swapped_sides_are_named
                      checkpoint=swapped)
 
 
-def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
-    """Layers chunked differently (5 and 20 datapoints): checkpoint groups cut at the ends of the layer with the
-    fewest chunks, so each chunk of the wide-chunked layer is read once."""
+def test_checkpoint_groups_cut_a_chunk_only_where_its_ends_fall_between(tmp_path):
+    """Layers chunked differently (5 and 20 datapoints): checkpoint groups of 4 chunks of the layer with the most
+    cut where the other's chunks end too, so each chunk of the wide-chunked layer is read once."""
     import dask
 
     import chunkcca
@@ -257,17 +257,18 @@ def test_checkpoint_groups_never_split_a_layers_chunk(tmp_path):
     wide = da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(20, 3), dtype=float) for i in range(3)])
     narrow = da.from_array(np.random.default_rng(9).standard_normal((60, 2)), chunks=5)
     got = chunkcca.compute_moments(narrow, wide, precision="float64", checkpoint=tmp_path / "ckpt",
-                                   checkpoint_every=1)  # the narrow-chunked layer first
+                                   checkpoint_every=4)  # the narrow-chunked layer first
     assert sorted(reads) == [0, 1, 2]
     want = chunkcca.compute_moments(narrow, wide, precision="float64")
     np.testing.assert_allclose(got.scatter, want.scatter, rtol=1e-12)
 
 
-def test_layers_chunked_apart_are_saved_at_the_longest_chunks_ends(tmp_path, monkeypatch):
-    """Layers in chunks of 64 and 100 datapoints end chunks together first at 1600: a checkpointed run of 600
-    was cut only where both do, so it was saved once, when done (a run stopped at 99% kept nothing). It is now cut
-    at the ends of the layer with the fewest chunks; an interrupted run resumes from there, equal to a whole run
-    (with a stride, whose rows continue across the cuts)."""
+def test_layers_chunked_apart_are_saved_at_the_most_chunked_layers_ends(tmp_path, monkeypatch):
+    """Layers in chunks of 64 and 100 datapoints end chunks together first at 1600, and a conv layer beside an fc
+    layer of one chunk never: a checkpointed run was cut only where all do, so it was saved once, when done (a
+    run stopped at 99% kept nothing). It is now cut at the chunk ends of the layer with the most chunks (in a
+    store, the largest); an interrupted run resumes from there, equal to a whole run (with a stride, whose rows
+    continue across the cuts)."""
     import chunkcca.passes
 
     rng = np.random.default_rng(0)
@@ -277,24 +278,30 @@ def test_layers_chunked_apart_are_saved_at_the_longest_chunks_ends(tmp_path, mon
     saved: list[int] = []
     save = chunkcca.passes.save_progress
 
-    def save_until_300(*args, **kwargs):
+    def save_until_256(*args, **kwargs):
         save(*args, **kwargs)
         saved.append(args[2])
-        if args[2] == 300:
+        if args[2] == 256:
             raise KeyboardInterrupt("interrupted")
 
-    monkeypatch.setattr(chunkcca.passes, "save_progress", save_until_300)
-    options = {"precision": "float64", "stride": 3, "checkpoint": tmp_path / "ckpt", "checkpoint_every": 1}
+    monkeypatch.setattr(chunkcca.passes, "save_progress", save_until_256)
+    options = {"precision": "float64", "stride": 3, "checkpoint": tmp_path / "ckpt", "checkpoint_every": 2}
     with pytest.raises(KeyboardInterrupt):
-        chunkcca.compute_moments(narrow, wide, **options)
-    assert saved == [100, 200, 300]
+        chunkcca.compute_moments(wide, narrow, **options)  # the most-chunked layer second
+    assert saved == [128, 256]
     saved.clear()
-    resumed = chunkcca.compute_moments(narrow, wide, **options)
-    assert saved == [400, 500, 600]
-    whole = chunkcca.compute_moments(narrow, wide, precision="float64", stride=3)
+    resumed = chunkcca.compute_moments(wide, narrow, **options)
+    assert saved == [384, 512, 600]
+    whole = chunkcca.compute_moments(wide, narrow, precision="float64", stride=3)
     assert resumed.n == whole.n
     np.testing.assert_allclose(resumed.scatter, whole.scatter, rtol=1e-12)
     np.testing.assert_allclose(resumed.mean, whole.mean, rtol=1e-12)
+    saved.clear()
+    monkeypatch.setattr(chunkcca.passes, "save_progress", lambda *args, **kwargs: saved.append(args[2]))
+    fc = da.from_array(x[:, 0, 0, :2], chunks=600)  # one chunk beside five
+    chunkcca.compute_moments(narrow[:320], fc[:320], precision="float64", spatial="avgpool",
+                             checkpoint=tmp_path / "fc", checkpoint_every=1)
+    assert saved == [64, 128, 192, 256, 320]
 
 
 def test_an_unreadable_or_older_checkpoint_is_named_as_such(tmp_path):
