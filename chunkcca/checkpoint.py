@@ -169,8 +169,7 @@ def resume(path: str | os.PathLike, layers: Sequence[xr.DataArray], adapters: Se
                               f"{_difference(saved_fingerprint, fingerprint)}. Remove it or pass another path")
     if done not in boundaries:
         raise CheckpointError(f"checkpoint {path} stopped after datapoint {done}, which is not a chunk end of the "
-                              f"layer with the most chunks now, where a run is cut; stream with the chunking it was "
-                              f"made with")
+                              f"largest layer now, where a run is cut; stream with the chunking it was made with")
     return saved, done, fingerprint
 
 

@@ -378,7 +378,7 @@ class StreamOptions:
         (a tuple for a DataArray is an error).
     checkpoint, checkpoint_every
         A local path (in an existing folder) where the running Moments are saved (atomically) after every
-        ``checkpoint_every`` datapoint chunks of the layer with the most (default 16; given without
+        ``checkpoint_every`` datapoint chunks of the largest layer (default 16; given without
         ``checkpoint``, a TypeError); a
         later run with the same path, layers and options resumes after the chunks done. Not
         for spatial="features", whose Gram pass keeps no Moments.

@@ -525,7 +525,7 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
                   row_norms: bool, moments_of: MomentsOf) -> Parts:
     """Stream ``options.checkpoint_every`` datapoint chunks at a time, saving the running Moments after each
     group; a checkpoint of the same run is resumed after the datapoints it covers."""
-    boundaries = checkpoint_boundaries([layer.data for layer in layers])  # the most-chunked layer's ends
+    boundaries = checkpoint_boundaries([layer.data for layer in layers])  # the largest layer's chunk ends
     precision: ProductPrecision = "float64" if options.precision == "auto" else options.precision
     run_options = {"spatial": adapters[0].kind, "stride": adapters[0].stride, "precision": precision,
                    "nan_policy": options.nan_policy, "row_norms": row_norms}

@@ -242,8 +242,8 @@ def test_namesake_layers_resume_from_a_renamed_store_and_swapped_sides_are_named
 
 
 def test_checkpoint_groups_cut_a_chunk_only_where_its_ends_fall_between(tmp_path):
-    """Layers chunked differently (5 and 20 datapoints): checkpoint groups of 4 chunks of the layer with the most
-    cut where the other's chunks end too, so each chunk of the wide-chunked layer is read once."""
+    """Layers chunked differently (5 and 20 datapoints): checkpoint groups of 4 chunks of the largest layer cut
+    where the other's chunks end too, so each chunk of the wide-chunked layer is read once."""
     import dask
 
     import chunkcca
@@ -255,7 +255,7 @@ def test_checkpoint_groups_cut_a_chunk_only_where_its_ends_fall_between(tmp_path
         return np.random.default_rng(i).standard_normal((20, 3))
 
     wide = da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(20, 3), dtype=float) for i in range(3)])
-    narrow = da.from_array(np.random.default_rng(9).standard_normal((60, 2)), chunks=5)
+    narrow = da.from_array(np.random.default_rng(9).standard_normal((60, 6)), chunks=5)  # the larger
     got = chunkcca.compute_moments(narrow, wide, precision="float64", checkpoint=tmp_path / "ckpt",
                                    checkpoint_every=4)  # the narrow-chunked layer first
     assert sorted(reads) == [0, 1, 2]
@@ -263,11 +263,11 @@ def test_checkpoint_groups_cut_a_chunk_only_where_its_ends_fall_between(tmp_path
     np.testing.assert_allclose(got.scatter, want.scatter, rtol=1e-12)
 
 
-def test_layers_chunked_apart_are_saved_at_the_most_chunked_layers_ends(tmp_path, monkeypatch):
+def test_layers_chunked_apart_are_saved_at_the_largest_layers_chunk_ends(tmp_path, monkeypatch):
     """Layers in chunks of 64 and 100 datapoints end chunks together first at 1600, and a conv layer beside an fc
     layer of one chunk never: a checkpointed run was cut only where all do, so it was saved once, when done (a
-    run stopped at 99% kept nothing). It is now cut at the chunk ends of the layer with the most chunks (in a
-    store, the largest); an interrupted run resumes from there, equal to a whole run (with a stride, whose rows
+    run stopped at 99% kept nothing). It is now cut at the chunk ends of the largest layer (in a store, chunked by
+    bytes, the one with the most chunks); an interrupted run resumes from there, equal to a whole run (with a stride, whose rows
     continue across the cuts)."""
     import chunkcca.passes
 
@@ -287,7 +287,7 @@ def test_layers_chunked_apart_are_saved_at_the_most_chunked_layers_ends(tmp_path
     monkeypatch.setattr(chunkcca.passes, "save_progress", save_until_256)
     options = {"precision": "float64", "stride": 3, "checkpoint": tmp_path / "ckpt", "checkpoint_every": 2}
     with pytest.raises(KeyboardInterrupt):
-        chunkcca.compute_moments(wide, narrow, **options)  # the most-chunked layer second
+        chunkcca.compute_moments(wide, narrow, **options)  # the largest layer second
     assert saved == [128, 256]
     saved.clear()
     resumed = chunkcca.compute_moments(wide, narrow, **options)
