@@ -267,8 +267,8 @@ def test_layers_chunked_apart_are_saved_at_the_largest_layers_chunk_ends(tmp_pat
     """Layers in chunks of 64 and 100 datapoints end chunks together first at 1600, and a conv layer beside an fc
     layer of one chunk never: a checkpointed run was cut only where all do, so it was saved once, when done (a
     run stopped at 99% kept nothing). It is now cut at the chunk ends of the largest layer (in a store, chunked by
-    bytes, the one with the most chunks); an interrupted run resumes from there, equal to a whole run (with a stride, whose rows
-    continue across the cuts)."""
+    bytes, the one with the most chunks); an interrupted run resumes from there, equal to a whole run (with a
+    stride, whose rows continue across the cuts)."""
     import chunkcca.passes
 
     rng = np.random.default_rng(0)
