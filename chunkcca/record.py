@@ -479,23 +479,22 @@ def _shuffles(batches: Any) -> bool:
                or (isinstance(sampler, DistributedSampler) and sampler.shuffle) for sampler in samplers)
 
 
-def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int | None, told: Collection[str],
-                            time_first_model: bool) -> None:
+def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int | None, told: Collection[str]) -> None:
     """Every recorded layer's output of a batch has the batch's datapoints first; else an error naming each layer
     at odds with the batch's ``datapoints`` (None: unknown) or, failing that, with the layers whose time order was
     ``told``, and what gives its datapoints first (xarray said "conflicting sizes for dimension 'datapoint'" when
     the store was opened). When neither tells the count, every layer is named: the most may be the ones misread.
-    A layer read untold that holds the count second is at odds with it too, as ``_Seen.time_order`` would have
-    read it had the count been known then (in a ``time_first_model``; in others, where its first dim is neither 1
-    nor a multiple of the count: views or sentence pairs folded into the batch, (kN, T, C), stay as read)."""
+    A layer read untold (nor given a layout) that holds the count second is at odds with it too where its first
+    dim is neither 1 nor a multiple of the count: views or sentence pairs folded into the batch, (kN, T, C) with
+    T = N, and tables (1, T, C) stay as read."""
     counts = {layer: len(values) for layer, values in outputs.items()}
     # a layer alone may fold the batch (words of sentences: not the batch's count), but one read untold may not
     # hold it second: a (T, N, C) read before the pass showed its N (an Embedding before a time-first LSTM) was
     # stored with T datapoints (a layer told its order, (2N, T, C) sentence pairs folded, is as told)
-    def turned(layer: str, known: int) -> bool:  # a (T, N, C) read (N, T, C), by _Seen.time_order's rule
+    def turned(layer: str, known: int) -> bool:  # a (T, N, C) read (N, T, C), where it cannot be a fold
         values = outputs[layer]
-        return values.ndim == 3 and values.shape[1] == known != len(values) and (
-            time_first_model or (len(values) != 1 and len(values) % known != 0))
+        return values.ndim == 3 and values.shape[1] == known != len(values) and len(values) % known != 0 \
+            and len(values) != 1
 
     turned_untold = datapoints is not None and any(turned(layer, datapoints) for layer in outputs if layer not in told)
     if len(set(counts.values())) < 2 and not turned_untold:
@@ -744,8 +743,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     padding = None if padding is None else boolean_mask(padding.detach().cpu().numpy(),
                                                                         "the padding mask of a batch (mask=)")
                     _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured},
-                                            seen.count(), [key for key in seen.orders if isinstance(key, str)],
-                                            seen.has_time_first)
+                                            seen.count(), [*given, *(key for key in seen.orders
+                                                                     if isinstance(key, str))])
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")

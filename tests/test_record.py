@@ -1513,6 +1513,20 @@ def test_a_layer_read_before_a_time_first_module_showed_the_batch_s_count_is_not
         def forward(self, x):
             return self.lin(x.reshape(-1, *x.shape[2:]))
 
+    class Pairs(torch.nn.Module):  # sentence pairs folded, (2N, T, C) with T = N, before a time-first LSTM
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lstm = torch.nn.Embedding(20, 4), torch.nn.LSTM(8, 5)
+
+        def forward(self, ids):  # (N, 2, T)
+            n, _, t = ids.shape
+            folded = self.emb(ids.reshape(2 * n, t))
+            return self.lstm(folded.reshape(n, 2, t, 4).permute(2, 0, 1, 3).reshape(t, n, 8))[0]
+
+    pairs, ids = Pairs().eval(), torch.randint(0, 20, (16, 2, 8))
+    tree = record(pairs, ["emb"], [ids[:8], ids[8:]], tmp_path / "p.zarr")  # refused by a second version
+    with torch.no_grad():
+        np.testing.assert_array_equal(tree["emb"]["activations"].values, pairs.emb(ids.reshape(32, 8)).numpy())
     views, clips = Views().eval(), torch.randn(40, 3, 8, 6)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(clips), batch_size=8)  # T = N = 8
     tree = record(views, ["lin"], loader, tmp_path / "v.zarr")  # refused by a first version of the check
