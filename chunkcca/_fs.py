@@ -66,6 +66,14 @@ def zarr_attributes(path: Path) -> dict[str, Any]:
     return attributes if isinstance(attributes, dict) else {}
 
 
+def every_chunk_written() -> Any:
+    """A context in which zarr writes every chunk, also one equal to the fill value (so that a chunk file that
+    is missing is always damage, never a chunk of zeros left out)."""
+    import zarr
+
+    return zarr.config.set({"array.write_empty_chunks": True})
+
+
 def json_digest(value: Any) -> str:
     """A digest of ``value`` as canonical JSON (keys sorted): the first 16 hex digits of its SHA-256."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]

@@ -28,6 +28,7 @@ A float64 count is exact up to 2**53 rows.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import warnings
@@ -40,7 +41,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import xarray as xr
 
-from ._fs import expanded, fails_checksum, group_foreign_files, json_digest, write_atomically, zarr_attributes
+from ._fs import (
+    every_chunk_written,
+    expanded,
+    fails_checksum,
+    group_foreign_files,
+    json_digest,
+    write_atomically,
+    zarr_attributes,
+)
 from ._stack import user_stacklevel
 from .options import PRECISIONS, ProductPrecision, check_flag, check_moments_path, plain
 
@@ -387,7 +396,8 @@ class Moments:
         encoding = {name: {"compressors": (Crc32cCodec(),)} for name in variables}
 
         def write(tmp: Path) -> None:
-            dataset.to_zarr(tmp, zarr_format=3, consolidated=False, encoding=encoding)
+            with every_chunk_written():  # an array equal to the fill value (labels [0], n = 0): its file too
+                dataset.to_zarr(tmp, zarr_format=3, consolidated=False, encoding=encoding)
             _record_attributes_digest(tmp)
 
         write_atomically(path, write, overwrite=overwrite, replaceable=_is_saved_moments, what="saved Moments")
@@ -405,6 +415,11 @@ class Moments:
                              f"not say of how many)")
                           + ": these Moments hold those datapoints only; run the same call with the same "
                             "checkpoint= to finish it", UserWarning, stacklevel=user_stacklevel())
+        if "precision" not in attrs:  # saved before Moments recorded it: taken as float32, the default then
+            warnings.warn(f"saved Moments at {path} do not record their products' precision (saved by an earlier "
+                          f"chunkcca): taken as float32, the default then, so directions within its rounding are "
+                          f"cut; if they were made with float64 products, dataclasses.replace(moments, "
+                          f"precision='float64')", UserWarning, stacklevel=user_stacklevel())
         if "value_rounding" not in attrs:  # saved before Moments recorded it
             warnings.warn(f"saved Moments at {path} do not record their activations' rounding (saved by an earlier "
                           f"chunkcca): directions within float32 rounding are kept as real; compute them again, or "
@@ -430,13 +445,18 @@ def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
         raise ValueError(f"{path} is not a saved chunkcca Moments store (not a zarr store)")
     import zarr
 
+    if zarr_attributes(path).get("chunkcca") != "Moments":
+        raise ValueError(f"{path} is not a saved chunkcca Moments store")
+    if not attributes_intact(path):  # before xarray decodes what an edit put there
+        raise ValueError(f"saved Moments at {path} are damaged: their metadata (the attributes in zarr.json: "
+                         f"layers, rounding, a checkpoint's progress; an array's type or attributes) was changed or "
+                         f"damaged since they were written; read as it is it could give other numbers: compute "
+                         f"them again")
     with xr.open_zarr(path, consolidated=False, chunks=None) as dataset:  # numpy: read here, not on a cluster
-        if dataset.attrs.get("chunkcca") != "Moments":
-            raise ValueError(f"{path} is not a saved chunkcca Moments store")
-        if not attributes_intact(path):
-            raise ValueError(f"saved Moments at {path} are damaged: their metadata (the attributes in zarr.json: "
-                             f"layers, rounding, a checkpoint's progress) was changed or damaged since they were "
-                             f"written; read as it is it could give other numbers: compute them again")
+        lacking = [name for name in REQUIRED_ARRAYS if name not in dataset.variables]
+        if lacking:
+            raise ValueError(f"saved Moments at {path} are damaged: they lack the "
+                             f"array{'s' if len(lacking) > 1 else ''} {', '.join(map(repr, lacking))}")
         for name, array in zarr.open_group(path, mode="r").arrays():  # zarr reads a lost file as its fill value
             if array.nchunks_initialized < array.nchunks:
                 raise ValueError(f"saved Moments at {path} are damaged: {name!r} lacks "
@@ -449,7 +469,7 @@ def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
                 sizes=tuple(int(s) for s in dataset["sizes"].values),
                 norm_moments=dataset["norm_moments"].values if "norm_moments" in dataset else None,
                 norm_products=dataset["norm_products"].values if "norm_products" in dataset else None,
-                precision=dataset.attrs.get("precision", "float64"),
+                precision=dataset.attrs.get("precision", "float32"),  # saves before it: the default products
                 layers=tuple(dataset.attrs.get("layers", ())),  # saves before provenance: unknown
                 rows_from=dataset.attrs.get("rows_from", ""),
                 value_rounding=tuple(dataset.attrs.get("value_rounding", ())),
@@ -501,7 +521,11 @@ def value_eps(dtype: np.dtype) -> float:
 #: The root attributes of saved Moments that loading reads (a checkpoint's too): what ``ATTRIBUTES_ATTR`` covers.
 #: Others (a user's notes) may change.
 READ_ATTRIBUTES = ("chunkcca", "precision", "layers", "rows_from", "value_rounding", "positions",
-                   "datapoints_done", "datapoints_total", "fingerprint")
+                   "datapoints_done", "datapoints_total", "fingerprint", "chunkcca_arrays")
+#: The root attribute recording a digest of every saved array's metadata (``arrays_digest``).
+ARRAYS_ATTR = "chunkcca_arrays"
+#: The arrays every save holds.
+REQUIRED_ARRAYS = ("n", "mean", "scatter", "sizes")
 
 
 def attributes_digest(attributes: dict[str, Any]) -> str:
@@ -511,18 +535,37 @@ def attributes_digest(attributes: dict[str, Any]) -> str:
 
 
 def attributes_intact(path: str | os.PathLike) -> bool:
-    """Whether the root attributes of the saved Moments at ``path`` are those written: their digest is the one
-    recorded beside them (``ATTRIBUTES_ATTR``); True for saves made before it, which record none."""
+    """Whether the metadata of the saved Moments at ``path`` is that written: the root attributes' digest is the
+    one recorded beside them (``ATTRIBUTES_ATTR``), and the arrays' metadata's is (``ARRAYS_ATTR``; an array's
+    ``add_offset`` or ``units`` added, which xarray decodes, or its data type changed, gave other statistics);
+    True for saves made before each, which record none."""
     attributes = zarr_attributes(Path(path))
-    return ATTRIBUTES_ATTR not in attributes or attributes[ATTRIBUTES_ATTR] == attributes_digest(attributes)
+    return (ATTRIBUTES_ATTR not in attributes or attributes[ATTRIBUTES_ATTR] == attributes_digest(attributes)) \
+        and (ARRAYS_ATTR not in attributes or attributes[ARRAYS_ATTR] == arrays_digest(Path(path)))
+
+
+def arrays_digest(path: Path) -> str:
+    """A digest of the metadata (``zarr.json``, as JSON) of every array of the saved Moments store at ``path``, by
+    name: an array lost, added or edited changes it."""
+    metadata: dict[str, Any] = {}
+    for folder in sorted(path.iterdir()):
+        if (folder / "zarr.json").is_file():
+            text = (folder / "zarr.json").read_text(errors="replace")
+            try:
+                metadata[folder.name] = json.loads(text)
+            except ValueError:
+                metadata[folder.name] = text
+    return json_digest(metadata)
 
 
 def _record_attributes_digest(path: Path) -> None:
-    """Record beside the root attributes of the Moments store just written at ``path`` their digest as written
-    (as zarr encoded them: a user's numpy values as JSON)."""
+    """Record beside the root attributes of the Moments store just written at ``path`` the digest of its arrays'
+    metadata, then of those attributes as written (as zarr encoded them: a user's numpy values as JSON)."""
     import zarr
 
-    zarr.open_group(path, mode="r+", zarr_format=3).attrs[ATTRIBUTES_ATTR] = attributes_digest(zarr_attributes(path))
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    group.attrs[ARRAYS_ATTR] = arrays_digest(path)
+    group.attrs[ATTRIBUTES_ATTR] = attributes_digest(zarr_attributes(path))
 
 
 def _is_saved_moments(path: Path) -> bool:

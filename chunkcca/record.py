@@ -64,7 +64,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ._fs import expanded
+from ._fs import every_chunk_written, expanded
 from ._stack import user_stacklevel
 from .layers import (
     FC_DIMS,
@@ -82,7 +82,6 @@ from .store import (
     check_new_layers,
     codecs_for,
     default_coords,
-    every_chunk_written,
     open_activations,
     write_store,
 )

@@ -34,6 +34,7 @@ from ._fs import (
     check_outside_stores,
     check_replaceable,
     check_writable,
+    every_chunk_written,
     exclusive,
     expanded,
     fails_checksum,
@@ -132,14 +133,6 @@ def codecs_for(compression: str | None) -> tuple[Any, ...]:
         return (Crc32cCodec(),)
     return (BloscCodec(cname=compression, clevel=5 if compression == "lz4" else 3, shuffle="shuffle"),
             Crc32cCodec())
-
-
-def every_chunk_written() -> Any:
-    """A context in which zarr writes every chunk, also one equal to the fill value (so that a chunk file that
-    is missing is always damage, never a chunk of zeros left out)."""
-    import zarr
-
-    return zarr.config.set({"array.write_empty_chunks": True})
 
 
 def default_coords(sizes: Mapping[Hashable, int], image_size: tuple[float, float] | None = None,

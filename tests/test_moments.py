@@ -206,6 +206,58 @@ def test_saved_moments_whose_attributes_were_edited_are_refused(tmp_path, rng):
         Moments.load(tmp_path / "m")
 
 
+def test_saved_moments_of_fill_values_edited_arrays_or_lost_folders_are_not_other_moments(tmp_path, rng):
+    """Found by audit: zarr left out chunks equal to the fill value, so a one-channel layer's labels [0] (or n = 0)
+    saved without their file and loaded as "damaged", and its checkpoint was refused when the run resumed. An
+    array's attributes edited (``add_offset``, ``units``, which xarray decodes) loaded as other statistics, and an
+    array's folder lost (a copy cut short) loaded without it or failed in xarray's words."""
+    import json
+    import shutil
+
+    x = rng.standard_normal((60, 1))
+    y = x + rng.standard_normal((60, 1))
+    layers = [xr.DataArray(v, dims=("datapoint", "channel"), coords={"channel": [0]}) for v in (x, y)]
+    for attempt in range(2):  # a one-channel layer's checkpoint resumes (finished: served from it)
+        result = chunkcca.cca(*layers, precision="float64", checkpoint=tmp_path / "ck")
+        assert float(result["rho"][0]) == pytest.approx(abs(np.corrcoef(x[:, 0], y[:, 0])[0, 1]), abs=1e-12), attempt
+    empty = dataclasses.replace(_moments_of(rng.standard_normal((3, 2)), (1, 1)), n=0)
+    empty.save(tmp_path / "empty")
+    assert Moments.load(tmp_path / "empty").n == 0
+    saved = chunkcca.compute_moments(*layers, precision="float64")
+    damaged = r"saved Moments at .* are damaged"
+    for array, attributes in (("scatter", {"add_offset": 3.0}), ("n", {"units": "days since 2000-01-01"}),
+                              ("scatter", {"scale_factor": [1.0, 1.0]})):
+        saved.save(tmp_path / "edited", overwrite=True)
+        metadata_path = tmp_path / "edited" / array / "zarr.json"
+        metadata = json.loads(metadata_path.read_text())
+        metadata["attributes"].update(attributes)
+        metadata_path.write_text(json.dumps(metadata))
+        with pytest.raises(ValueError, match=damaged):
+            Moments.load(tmp_path / "edited")
+    for lost in ("channel_labels0", "scatter", "n"):
+        saved.save(tmp_path / "cut", overwrite=True)
+        shutil.rmtree(tmp_path / "cut" / lost)
+        with pytest.raises(ValueError, match=damaged):
+            Moments.load(tmp_path / "cut")
+
+
+def test_moments_saved_before_their_precision_was_recorded_load_as_float32_products(tmp_path, rng):
+    """Saves made before ``precision`` was recorded (the default products then float32) loaded as float64, so
+    their solves kept directions within float32's rounding (rank 5 for 3, found by audit): they load as float32,
+    with a warning saying how to say otherwise."""
+    import json
+
+    _moments_of(rng.standard_normal((20, 3)), (1, 2)).save(tmp_path / "m")
+    metadata_path = tmp_path / "m" / "zarr.json"
+    metadata = json.loads(metadata_path.read_text())
+    for key in ("precision", chunkcca.moments.ATTRIBUTES_ATTR, chunkcca.moments.ARRAYS_ATTR):  # as saved then
+        del metadata["attributes"][key]
+    metadata_path.write_text(json.dumps(metadata))
+    with pytest.warns(UserWarning, match=r"do not record their products' precision \(saved by an earlier chunkcca\): "
+                                         r"taken as float32"):
+        assert Moments.load(tmp_path / "m").precision == "float32"
+
+
 def _norm_sums(rows: np.ndarray, sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Σ ‖x̃_l‖² x̃ (L, p) and Σ ‖x̃_l‖²‖x̃_m‖² (L, L) of the centred rows, directly in float64."""
     centred = rows - rows.mean(axis=0)
