@@ -115,17 +115,20 @@ def _difference(saved: str, current: str) -> str:
 
 def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
     """The Moments saved in a checkpoint, the datapoints they cover and the run's fingerprint."""
-    with xr.open_zarr(path, consolidated=False, chunks=None) as saved:
-        if "datapoints_done" not in saved.attrs or "fingerprint" not in saved.attrs:
-            what = ("saved Moments without a run's progress" if saved.attrs.get("chunkcca") == "Moments" else
-                    "an activation store" if ORDER_ATTR in saved.attrs else "another zarr store")
-            raise CheckpointError(f"{path} is not a chunkcca checkpoint ({what}); pass another checkpoint path")
-        if not attributes_intact(path):
-            raise CheckpointError(f"checkpoint {path} cannot be resumed from: its metadata (the attributes in "
-                                  f"zarr.json: the datapoints done, the run's fingerprint, layers, rounding) was "
-                                  f"changed or damaged since it was written; remove it to start again")
-        done, fingerprint = int(saved.attrs["datapoints_done"]), str(saved.attrs["fingerprint"])
-    return read_saved(path)[0], done, fingerprint  # older checkpoints lack value_rounding: the run adds it
+    if not (Path(path) / "zarr.json").is_file():  # resume says what it is
+        raise FileNotFoundError(f"{path} holds no zarr.json")
+    metadata = json.loads((Path(path) / "zarr.json").read_text())  # not JSON: resume says it cannot be read
+    attributes = metadata.get("attributes", {}) if isinstance(metadata, dict) else {}
+    if "datapoints_done" not in attributes or "fingerprint" not in attributes:
+        what = ("saved Moments without a run's progress" if attributes.get("chunkcca") == "Moments" else
+                "an activation store" if ORDER_ATTR in attributes else "another zarr store")
+        raise CheckpointError(f"{path} is not a chunkcca checkpoint ({what}); pass another checkpoint path")
+    if not attributes_intact(path):  # before xarray decodes what an edit put there
+        raise CheckpointError(f"checkpoint {path} cannot be resumed from: its metadata (the attributes in "
+                              f"zarr.json: the datapoints done, the run's fingerprint, layers, rounding) was "
+                              f"changed or damaged since it was written; remove it to start again")
+    moments, saved = read_saved(path)  # older checkpoints lack value_rounding: the run adds it
+    return moments, int(saved["datapoints_done"]), str(saved["fingerprint"])  # as the Moments read
 
 
 def holds_row_norms(path: str | os.PathLike) -> bool:

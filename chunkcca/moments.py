@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import re
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -437,8 +438,22 @@ class Moments:
 
 def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
     """Moments written by ``Moments.save()`` and the attributes saved with them (saves before ``value_rounding``
-    lack it: theirs loads as 0, exact; checkpoints have ``datapoints_done`` and ``datapoints_total``)."""
+    lack it: theirs loads as 0, exact; checkpoints have ``datapoints_done`` and ``datapoints_total``). Read again
+    when a save replaced them meanwhile (``SAVE_ATTR``; a checkpoint watched while its run saves): its files read
+    one by one mixed two saves (``n`` of one, ``scatter`` of the other, silently); an error after
+    ``LOAD_ATTEMPTS``."""
     path = Path(path)
+    for _ in range(LOAD_ATTEMPTS):
+        before = zarr_attributes(path).get(SAVE_ATTR)
+        moments, attributes = _read_saved_once(path)
+        if zarr_attributes(path).get(SAVE_ATTR) == before:
+            return moments, attributes
+    raise ValueError(f"saved Moments at {path} were saved again each of {LOAD_ATTEMPTS} times they were read (a "
+                     f"checkpoint whose run is saving): load them once it is done")
+
+
+def _read_saved_once(path: Path) -> tuple[Moments, dict[str, Any]]:
+    """``read_saved``'s one reading of the store at ``path``."""
     if not path.exists():
         raise FileNotFoundError(f"no saved Moments at {path}")
     if not (path / "zarr.json").is_file():
@@ -521,9 +536,13 @@ def value_eps(dtype: np.dtype) -> float:
 #: The root attributes of saved Moments that loading reads (a checkpoint's too): what ``ATTRIBUTES_ATTR`` covers.
 #: Others (a user's notes) may change.
 READ_ATTRIBUTES = ("chunkcca", "precision", "layers", "rows_from", "value_rounding", "positions",
-                   "datapoints_done", "datapoints_total", "fingerprint", "chunkcca_arrays")
+                   "datapoints_done", "datapoints_total", "fingerprint", "chunkcca_arrays", "chunkcca_save")
 #: The root attribute recording a digest of every saved array's metadata (``arrays_digest``).
 ARRAYS_ATTR = "chunkcca_arrays"
+#: The root attribute naming each save (a random id): a load that saw it change was mixing two saves.
+SAVE_ATTR = "chunkcca_save"
+#: Times a load that met a save replacing the Moments reads them again.
+LOAD_ATTEMPTS = 3
 #: The arrays every save holds.
 REQUIRED_ARRAYS = ("n", "mean", "scatter", "sizes")
 
@@ -545,11 +564,11 @@ def attributes_intact(path: str | os.PathLike) -> bool:
 
 
 def arrays_digest(path: Path) -> str:
-    """A digest of the metadata (``zarr.json``, as JSON) of every array of the saved Moments store at ``path``, by
-    name: an array lost, added or edited changes it."""
+    """A digest of the metadata (``zarr.json``, as JSON) of every array ``Moments.save`` writes in the saved
+    Moments store at ``path``, by name: one lost or edited changes it (a user's own array inside does not)."""
     metadata: dict[str, Any] = {}
     for folder in sorted(path.iterdir()):
-        if (folder / "zarr.json").is_file():
+        if _saved_array(folder.name) and (folder / "zarr.json").is_file():
             text = (folder / "zarr.json").read_text(errors="replace")
             try:
                 metadata[folder.name] = json.loads(text)
@@ -564,6 +583,7 @@ def _record_attributes_digest(path: Path) -> None:
     import zarr
 
     group = zarr.open_group(path, mode="r+", zarr_format=3)
+    group.attrs[SAVE_ATTR] = uuid.uuid4().hex
     group.attrs[ARRAYS_ATTR] = arrays_digest(path)
     group.attrs[ATTRIBUTES_ATTR] = attributes_digest(zarr_attributes(path))
 

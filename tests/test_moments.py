@@ -239,6 +239,39 @@ def test_saved_moments_of_fill_values_edited_arrays_or_lost_folders_are_not_othe
         shutil.rmtree(tmp_path / "cut" / lost)
         with pytest.raises(ValueError, match=damaged):
             Moments.load(tmp_path / "cut")
+    import zarr
+
+    saved.save(tmp_path / "noted")  # a user's own array inside is not the Moments' metadata
+    zarr.create_array(str(tmp_path / "noted" / "notes"), shape=(2,), dtype="f8", dimension_names=["note"])[:] = [1, 2]
+    assert Moments.load(tmp_path / "noted").n == saved.n
+
+
+def test_moments_saved_again_while_loaded_are_read_again_never_mixed(tmp_path, rng, monkeypatch):
+    """A load read the store's files one by one, so one made while a save replaced it (a checkpoint watched while
+    its run saves) mixed two saves, ``n`` of one and ``scatter`` of the other, silently (43 of 1559 loads in an
+    audit's race). Each save has an id; a load that saw it change reads again, and says so after 3 tries."""
+    import chunkcca.moments as module
+
+    first, second = (_moments_of(rng.standard_normal((n, 3)), (1, 2)) for n in (20, 40))
+    first.save(tmp_path / "m")
+    read_once = module._read_saved_once
+    saves = iter([second] + [first, second] * 3)
+
+    def replaced_meanwhile(path):
+        read = read_once(path)
+        replacement = next(saves, None)
+        if replacement is not None and budget["saves"]:
+            budget["saves"] -= 1
+            replacement.save(tmp_path / "m", overwrite=True)
+        return read
+
+    budget = {"saves": 1}
+    monkeypatch.setattr(module, "_read_saved_once", replaced_meanwhile)
+    loaded = Moments.load(tmp_path / "m")
+    assert loaded.n == 40 and np.array_equal(loaded.scatter, second.scatter)
+    budget["saves"] = 3
+    with pytest.raises(ValueError, match=r"were saved again each of 3 times they were read"):
+        Moments.load(tmp_path / "m")
 
 
 def test_moments_saved_before_their_precision_was_recorded_load_as_float32_products(tmp_path, rng):
