@@ -243,6 +243,7 @@ def test_saved_moments_of_fill_values_edited_arrays_or_lost_folders_are_not_othe
 
     saved.save(tmp_path / "noted")  # a user's own array inside is not the Moments' metadata
     zarr.create_array(str(tmp_path / "noted" / "notes"), shape=(2,), dtype="f8", dimension_names=["note"])[:] = [1, 2]
+    zarr.create_array(str(tmp_path / "noted" / "zeros"), shape=(2,), dtype="f8", dimension_names=["note"])  # unwritten
     assert Moments.load(tmp_path / "noted").n == saved.n
 
 
