@@ -67,7 +67,7 @@ SHIFT_ROWS = 1024
 ATTRIBUTES_ATTR = "chunkcca_attributes"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object equals itself only: arrays compare element by element
 class Moments:
     """Row count, mean and centred scatter of the concatenated channels of one or more sides.
 
@@ -259,7 +259,15 @@ class Moments:
         return bool(self.batch_shape) and (not labels or all(bool(np.any(values == 0)) for values in labels.values()))
 
     def select(self, sides: Sequence[int]) -> Moments:
-        """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order."""
+        """The Moments of some sides only (e.g. one pair of layers out of a sweep), in the given order; ``sides``
+        a sequence of side indices (as Python's, negative from the end), else a ValueError naming it (it failed in
+        Python's words)."""
+        count = len(self.sizes)
+        if isinstance(sides, (str, bytes)) or not isinstance(sides, Sequence) or not sides or not all(
+                isinstance(side, (int, np.integer)) and not isinstance(side, bool) and -count <= side < count
+                for side in sides):
+            raise ValueError(f"select takes a non-empty sequence of side indices, from 0 to {count - 1} (these "
+                             f"Moments have {count} sides; negative ones count from the end), got {sides!r}")
         slices = self.side_slices()
         index = np.concatenate([np.arange(slices[i].start, slices[i].stop) for i in sides])
         norms = None if self.norm_moments is None else self.norm_moments[np.ix_(list(sides), index)]

@@ -275,6 +275,20 @@ def test_moments_saved_again_while_loaded_are_read_again_never_mixed(tmp_path, r
         Moments.load(tmp_path / "m")
 
 
+def test_moments_compare_as_objects_and_select_names_a_bad_side(rng):
+    """``a == b`` and ``b in [a]`` raised numpy's "truth value of an array … is ambiguous" (the dataclass compared
+    the arrays), and ``select([2])`` of two sides failed with IndexError, ``select([])`` in concatenate's words and
+    ``select(0)`` with "'int' object is not iterable" (found by audit)."""
+    one = _moments_of(rng.standard_normal((20, 3)), (1, 2))
+    other = _moments_of(rng.standard_normal((20, 3)), (1, 2))
+    assert one == one and one != other and one in [other, one] and len({one, other, one}) == 2
+    np.testing.assert_array_equal(one.select([-1]).scatter, one.select([1]).scatter)
+    for sides in ([2], [], 0, ["a"], [True]):
+        with pytest.raises(ValueError, match=r"select takes a non-empty sequence of side indices, from 0 to 1 "
+                                             r"\(these Moments have 2 sides"):
+            one.select(sides)
+
+
 def test_moments_saved_before_their_precision_was_recorded_load_as_float32_products(tmp_path, rng):
     """Saves made before ``precision`` was recorded (the default products then float32) loaded as float64, so
     their solves kept directions within float32's rounding (rank 5 for 3, found by audit): they load as float32,
