@@ -1057,7 +1057,8 @@ def checkpoint_boundaries(sides: Sequence[da.Array]) -> list[int]:
     """Datapoint offsets a checkpointed run is cut at: the chunk ends of the largest side (in bytes; of two, the
     one with more chunks), which hold every place where all sides' chunks end together (``common_boundaries``):
     its chunks are read once, and a chunk of a smaller side by each part it spans (all of them, for a side of one
-    chunk or reordered to its partner's datapoints). (Common ends
+    chunk; a side reordered to its partner's datapoints, the largest or not, has its stored chunks read by every
+    part). (Common ends
     alone left layers in chunks of 64 and 100 datapoints none before 1600, and a conv layer beside an fc layer of
     one chunk none at all: such runs were saved only once done.)"""
     largest = max(sides, key=lambda side: (side.nbytes, side.numblocks[0]))

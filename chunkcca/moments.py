@@ -366,8 +366,10 @@ class Moments:
         return NotImplemented
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, attrs: dict | None = None) -> None:
-        """Write to a small zarr store at ``path``, atomically (temporary folder, then rename); ``attrs`` go along,
-        and a digest of the root attributes (``ATTRIBUTES_ATTR``), which ``load`` checks. ``overwrite`` replaces
+        """Write to a small zarr store at ``path``, atomically (temporary folder, then rename), every chunk;
+        ``attrs`` go along, with a digest of the root attributes (``ATTRIBUTES_ATTR``) and of every array's
+        metadata (``ARRAYS_ATTR``), which ``load`` checks, and an id of the save (``SAVE_ATTR``), by which a load
+        that a save replaced meanwhile reads again. ``overwrite`` replaces
         only saved Moments holding nothing chunkcca did not write (a FileExistsError names what else is there).
         Channel labels a store cannot hold (a MultiIndex's tuples, values of mixed types) are a ValueError."""
         check_flag("overwrite", overwrite)
