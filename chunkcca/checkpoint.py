@@ -20,8 +20,9 @@ import dask.base
 import xarray as xr
 
 from ._fs import ORDER_ATTR, filesystem, zarr_attributes
+from .integrity import parsed_metadata
 from .layers import VARIABLE, as_opened, mask_as_opened, zarr_arrays
-from .moments import Moments, attributes_intact, check_only_moments, read_saved
+from .moments import MetadataEdited, Moments, check_only_moments, read_saved
 from .options import MASK
 from .rows import Adapter
 
@@ -117,19 +118,20 @@ def load_progress(path: str | os.PathLike) -> tuple[Moments, int, str]:
     """The Moments saved in a checkpoint, the datapoints they cover and the run's fingerprint."""
     if not (Path(path) / "zarr.json").is_file():  # resume says what it is
         raise FileNotFoundError(f"{path} holds no zarr.json")
-    metadata = json.loads((Path(path) / "zarr.json").read_text())  # not JSON: resume says it cannot be read
-    attributes = metadata.get("attributes") if isinstance(metadata, dict) else None
+    # damaged (not a JSON object): resume says it cannot be read
+    attributes = parsed_metadata((Path(path) / "zarr.json").read_text(), "zarr.json").get("attributes")
     attributes = attributes if isinstance(attributes, dict) else {}
     if "datapoints_done" not in attributes or "fingerprint" not in attributes:
         what = ("saved Moments without a run's progress" if attributes.get("chunkcca") == "Moments" else
                 "an activation store" if ORDER_ATTR in attributes else "another zarr store")
         raise CheckpointError(f"{path} is not a chunkcca checkpoint ({what}); pass another checkpoint path")
-    if not attributes_intact(path):  # before xarray decodes what an edit put there
+    try:
+        moments, saved = read_saved(path)  # older checkpoints lack value_rounding: the run adds it
+    except MetadataEdited as error:
         raise CheckpointError(f"checkpoint {path} cannot be resumed from: its metadata (the attributes in "
                               f"zarr.json: the datapoints done, the run's fingerprint, layers, rounding; an array's "
                               f"type or attributes) was changed or damaged since it was written; remove it to start "
-                              f"again")
-    moments, saved = read_saved(path)  # older checkpoints lack value_rounding: the run adds it
+                              f"again") from error
     return moments, int(saved["datapoints_done"]), str(saved["fingerprint"])  # as the Moments read
 
 

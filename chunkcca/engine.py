@@ -1058,9 +1058,8 @@ def checkpoint_boundaries(sides: Sequence[da.Array]) -> list[int]:
     one with more chunks), which hold every place where all sides' chunks end together (``common_boundaries``):
     its chunks are read once, and a chunk of a smaller side by each part it spans (all of them, for a side of one
     chunk; a side reordered to its partner's datapoints, the largest or not, has its stored chunks read by every
-    part). (Common ends
-    alone left layers in chunks of 64 and 100 datapoints none before 1600, and a conv layer beside an fc layer of
-    one chunk none at all: such runs were saved only once done.)"""
+    part). (Common ends alone left layers in chunks of 64 and 100 datapoints none before 1600, and a conv layer
+    beside an fc layer of one chunk none at all: such runs were saved only once done.)"""
     largest = max(sides, key=lambda side: (side.nbytes, side.numblocks[0]))
     return np.cumsum((0, *largest.chunks[0])).tolist()
 

@@ -101,8 +101,7 @@ def labelled_as(coords: Mapping[str, xr.DataArray], layer: xr.DataArray) -> dict
     """``coords`` given in datapoint order (plain arrays) labelled with the datapoints of ``layer``, the first
     written, so that a layer listing the same datapoints in another order gets each label by datapoint."""
     coord_values(coords, layer["datapoint"].values, str(layer.name))  # their count checked
-    return {key: coord if "datapoint" in coord.coords else coord.assign_coords(datapoint=layer["datapoint"].values)
-            for key, coord in coords.items()}
+    return labelled_by(dict(coords), layer["datapoint"].values)
 
 
 def labelled_by(coords: dict[str, xr.DataArray], labels: np.ndarray | None) -> dict[str, xr.DataArray]:

@@ -446,6 +446,10 @@ class Moments:
         return moments
 
 
+class MetadataEdited(ValueError):
+    """Saved Moments whose metadata is not that written (``attributes_intact``)."""
+
+
 def read_saved(path: str | os.PathLike) -> tuple[Moments, dict[str, Any]]:
     """Moments written by ``Moments.save()`` and the attributes saved with them (saves before ``value_rounding``
     lack it: theirs loads as 0, exact; checkpoints have ``datapoints_done`` and ``datapoints_total``). Read again
@@ -473,10 +477,10 @@ def _read_saved_once(path: Path) -> tuple[Moments, dict[str, Any]]:
     if zarr_attributes(path).get("chunkcca") != "Moments":
         raise ValueError(f"{path} is not a saved chunkcca Moments store")
     if not attributes_intact(path):  # before xarray decodes what an edit put there
-        raise ValueError(f"saved Moments at {path} are damaged: their metadata (the attributes in zarr.json: "
-                         f"layers, rounding, a checkpoint's progress; an array's type or attributes) was changed or "
-                         f"damaged since they were written; read as it is it could give other numbers: compute "
-                         f"them again")
+        raise MetadataEdited(f"saved Moments at {path} are damaged: their metadata (the attributes in zarr.json: "
+                             f"layers, rounding, a checkpoint's progress; an array's type or attributes) was changed "
+                             f"or damaged since they were written; read as it is it could give other numbers: "
+                             f"compute them again")
     with xr.open_zarr(path, consolidated=False, chunks=None) as dataset:  # numpy: read here, not on a cluster
         lacking = [name for name in REQUIRED_ARRAYS if name not in dataset.variables]
         if lacking:
