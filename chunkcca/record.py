@@ -43,7 +43,9 @@ which permute their embeddings to (T, N, C) with a function, and their first Lay
 dims have one size (T = N) the layer keeps the order a batch told; layers told one order after a batch was read
 in the other are an error naming them, and layers no batch told (every batch as many datapoints as positions,
 its count shown or not) are warned of by name. ``layouts=`` says where a layer's channels are once its order is
-settled, or, with ``"time_first"``, settles it.
+settled, or, with ``"time_first"`` or ``"batch_first"``, settles it. A layer the batch's count turned in every
+batch where its first dim was a multiple of the count (in a model with time-first modules, (k·N, N, C): time first,
+or views folded into the batch with T = N) is warned of by name.
 
 Each layer's batches are gathered in a buffer of one zarr chunk and appended a whole chunk at a time (the rest
 when recording ends), so no more than one chunk per layer and one batch are ever held, and no chunk is written
@@ -137,8 +139,9 @@ def first_tensor(output: Any) -> Any:
     return None
 
 
-Layout = Literal["channels_first", "channels_last", "time_first"]
-LAYOUTS: tuple[Layout, ...] = ("channels_first", "channels_last", "time_first")
+Layout = Literal["channels_first", "channels_last", "time_first", "batch_first"]
+LAYOUTS: tuple[Layout, ...] = ("channels_first", "channels_last", "time_first", "batch_first")
+ORDERS: tuple[Layout, ...] = ("time_first", "batch_first")  # layouts that settle a 3-d output's time order
 Found = Literal["channels_first", "channels_last", "time_first"]  # time first: (T, N, C), channels last
 CHANNELS_FIRST_MODULES = ("GroupNorm", "SyncBatchNorm", "LocalResponseNorm")  # (N, C, *) whatever the rank
 POSITIONS = {3: ("time",), 4: ("height", "width"), 5: ("depth", "height", "width")}
@@ -167,13 +170,28 @@ class _Seen:
         self.misread: dict[str, bool] = {}  # layer → whether time first, as told after being read the other way
         self.untold: set[str] = set()  # layers read in batches of as many datapoints as positions, never told
         self.read_oblong: set[str] = set()  # layers read untold in a batch of other datapoints than positions
+        self.guessed: Any = WeakIdKeyDictionary()  # tensors read time first only as the batch's count showed,
+        self.guessed_shapes: set[tuple[int, ...]] = set()  # (k·N, N, C), k ≥ 2, and those of their shapes made
+        self.sure_sequences: set[tuple[int, int]] = set()  # (T, N) of the time-first tensors not guessed
+        self.turned: dict[str, tuple[int, int] | None] = {}  # layers read time first in this pass: the (T, N) of
+        # their tensor where it was guessed, else None
+        self.folded_like: set[str] = set()  # layers read time first from a guessed tensor of a (T, N) no time-first
+        self.not_folded: set[str] = set()  # tensor the model told of in its pass showed; layers read so otherwise
 
     def add(self, tensor: Any, layout: Found, told: bool) -> None:
         """Note a tensor a module made, its layout and whether that tells its time order (``_layout``)."""
         self.tensors[tensor] = layout, told
         if not tensor.is_nested:
             self.shapes[tuple(tensor.shape)] = layout
+            (self.guessed_shapes.add if tensor in self.guessed else self.guessed_shapes.discard)(tuple(tensor.shape))
+            if layout == "time_first" and told and tensor not in self.guessed:
+                self.sure_sequences.add((int(tensor.shape[0]), int(tensor.shape[1])))
             self.made.append((tuple(tensor.shape), layout))
+
+    def inherit(self, tensor: Any, guessed: bool) -> None:
+        """Note that ``tensor``'s time-first reading follows one that rests on the batch's count alone (``guessed``)."""
+        if guessed:
+            self.guessed[tensor] = True
 
     def enter(self, module: Any) -> None:
         """Note that a call of ``module`` begins (a forward pre-hook): the tensors noted from now until its output
@@ -198,6 +216,10 @@ class _Seen:
         """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
         self.tensors.clear()
         self.shapes.clear()
+        self.guessed.clear()
+        self.guessed_shapes.clear()
+        self.sure_sequences.clear()
+        self.turned.clear()
         self.made.clear()
         self.starts.clear()
         self.datapoints = datapoints
@@ -218,11 +240,10 @@ class _Seen:
         """The error for the layers in ``misread``, naming each and what helps."""
         listed = ", ".join(f"{layer!r} ({'time' if first else 'datapoints'} first)"
                            for layer, first in self.misread.items())
-        given = {layer: "time_first" for layer, first in self.misread.items() if first}
+        given = {layer: "time_first" if first else "batch_first" for layer, first in self.misread.items()}
         return ValueError(f"this batch shows the outputs of {listed}, the other way round from how an earlier batch "
                           f"was read (it had as many datapoints as positions, or the model's tensors told "
-                          f"otherwise); " + (f"pass layouts={given}, or " if given else "")
-                          + "record batches of another size")
+                          f"otherwise); pass layouts={given}, or record batches of another size")
 
     def untold_warning(self) -> str:
         """The warning for the layers in ``untold``."""
@@ -231,7 +252,29 @@ class _Seen:
                 f"in a model with modules that put time first (every batch had as many datapoints as positions, "
                 f"and a batch's count shows only in a DataLoader's default stacking or in 4-d images); they were "
                 f"read datapoints first: if they are (T, N, C), record them again with "
-                f"layouts={dict.fromkeys(layers, 'time_first')}, or with batches of another size")
+                f"layouts={dict.fromkeys(layers, 'time_first')}, or with batches of another size; "
+                f"layouts={dict.fromkeys(layers, 'batch_first')} confirms the reading")
+
+    def settle_turned(self) -> None:
+        """At the end of a pass: its layers read time first go to ``folded_like`` where their tensor was guessed
+        and no time-first tensor of its T and N was told of in the pass (an LSTM's output after the Embedding),
+        else to ``not_folded``."""
+        for layer, sequence in self.turned.items():
+            (self.folded_like if sequence is not None and sequence not in self.sure_sequences
+             else self.not_folded).add(layer)
+
+    def folded_warning(self) -> str | None:
+        """The warning for the layers the batch's count turned in every batch where their first dim was a multiple
+        of it (``folded_like``), or None."""
+        layers = sorted(self.folded_like - self.not_folded)
+        if not layers:
+            return None
+        return (f"{', '.join(map(repr, layers))} held the batch's count of datapoints second and a multiple of it "
+                f"first in every batch, and were read time first, (T, N, C) with T = k·N, as the model has modules "
+                f"that put time first; if they are batch first with views folded into the batch, (k·N, T, C) with "
+                f"T = N, record them again with layouts={dict.fromkeys(layers, 'batch_first')} (k rows a "
+                f"datapoint, as made) or output= a function giving their datapoints first; "
+                f"layouts={dict.fromkeys(layers, 'time_first')} confirms the reading")
 
     def time_order(self, found: Found | None, told: bool, tensor: Any, key: Any) -> tuple[Found | None, bool]:
         """``found`` for a 3-d ``tensor`` of the recorded layer (a str ``key``) or module ``key``, and whether its
@@ -245,10 +288,16 @@ class _Seen:
         first, second = int(tensor.shape[0]), int(tensor.shape[1])
         # in a model with no torch time-first module, only a (T, N, C) whose T cannot be a batch of N folded or
         # a table of one (a position embedding's (1, T, C), views folded into the batch: (N·V, T, C))
+        layer = isinstance(key, str)
         if not told and n is not None and (first == n) != (second == n) and (
                 self.has_time_first or (second == n and first != 1 and first % n)):
             found, told = "time_first" if second == n else found, True
-        layer = isinstance(key, str)
+            # (k·N, N, C): time first, or views folded into the batch with T = N, unless a time-first tensor of
+            # this T and N was told so by the model (a Linear on F.relu of a time-first LSTM's output)
+            if second == n and first % n == 0 and (first, second) not in self.sure_sequences:
+                self.guessed[tensor] = True
+        if told and layer and found == "time_first":
+            self.turned[key] = (first, second) if tensor in self.guessed else None
         if told:
             time_first = found == "time_first"
             if layer and self.orders.get(key, False if key in self.read else time_first) != time_first:
@@ -329,14 +378,17 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     source = first_tensor(list(inputs))
     if source is not None and source in seen.tensors and not source.is_nested:
         if source.shape == tensor.shape:
+            seen.inherit(tensor, source in seen.guessed)
             return seen.tensors[source]
         if seen.tensors[source][0] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
+            seen.inherit(tensor, source in seen.guessed)
             return "time_first", True  # a Linear on (T, N, C) keeps T and N
         layout, told = seen.tensors[source]
         if told and next(module.parameters(), None) is None and (swapped := _transposed(layout, source, tensor)):
             return swapped, True  # a Transpose or Rearrange module: (N, C, L) → (N, L, C), (T, N, C) → (N, T, C)
     shaped = seen.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
     if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
+        seen.inherit(tensor, tuple(tensor.shape) in seen.guessed_shapes)
         return shaped, True
     if _acts_on_last_dim(module):  # whatever the layout of earlier tensors of its shape
         return "channels_last", False
@@ -396,7 +448,7 @@ def _channels_last(array: np.ndarray, path: str, layout: Layout, *,
     if array.ndim not in POSITIONS:
         raise ValueError(f"layer {path!r} gives outputs of shape {tuple(array.shape)}; expected (N, C), (N, T, C), "
                          f"(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
-    if layout == "channels_last":
+    if layout in ("channels_last", "batch_first"):
         dims = ("datapoint", *(("token",) if array.ndim == 3 else POSITIONS[array.ndim]), "channel")
         return array if owned else np.array(array), dims
     return np.array(np.moveaxis(array, 1, -1), order="C"), ("datapoint", *POSITIONS[array.ndim], "channel")
@@ -433,7 +485,10 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
         raise ValueError(f"layouts[{path!r}] is 'time_first', (T, N, C), but its output is "
                          + ("a nested tensor, which PyTorch makes batch first" if tensor.is_nested else
                             f"of shape {tuple(tensor.shape)}"))
-    if tensor.dim() not in POSITIONS or layout == "time_first":
+    if layout == "batch_first" and tensor.dim() != 3:
+        raise ValueError(f"layouts[{path!r}] is 'batch_first', (N, T, C), but its output is of shape "
+                         f"{tuple(tensor.shape)}")
+    if tensor.dim() not in POSITIONS or layout in ORDERS:
         found = None
     else:  # its time order settled, a layout given says where its channels are
         found = _found(module, inputs, output, tensor, seen, path)[0]
@@ -656,12 +711,14 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         As for [`chunkcca.write_activations()`][chunkcca.write_activations].
     layouts
         Store path → ``"channels_first"`` ((N, C, L), (N, C, H, W), (N, C, D, H, W)) or ``"channels_last"``
-        ((N, T, C), (N, H, W, C), (N, D, H, W, C)) or ``"time_first"`` ((T, N, C), made (N, T, C)) for layers
+        ((N, T, C), (N, H, W, C), (N, D, H, W, C)) or ``"time_first"`` ((T, N, C), made (N, T, C)) or
+        ``"batch_first"`` ((N, T, C) as it is: views folded into the batch, (k·N, T, C) with T = N) for layers
         whose layout the rule of ``chunkcca.record`` gets wrong or cannot tell (it refuses a parameter-free module,
         e.g. a ReLU, given a 3-d tensor no module made; it takes a 4-d or 5-d output it cannot tell for channels
         first; a Linear applied to a function of an RNN's (T, N, C) output, e.g. ``F.relu(out)``, looks (N, T, C)).
         A (T, N, C) output it finds (an RNN's with ``batch_first=False``, or as the batch's count shows) is made
-        (N, T, C) first; the layout given then says where its channels are.
+        (N, T, C) first; the layout given then says where its channels are (``"time_first"`` and ``"batch_first"``
+        settle a 3-d output's order themselves).
     coords
         Coordinates on ``datapoint`` for every recorded layer (for ``groupby=`` and ``folds=``): name → one number
         or string per datapoint, in the order of ``batches`` (e.g. ``{"label": dataset.targets}``), or a DataArray
@@ -734,6 +791,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     captured.clear()
                     seen.clear(_batch_datapoints(batch, collated))
                     inputs = _call(model, batch)
+                    seen.settle_turned()
                     if seen.misread:
                         raise seen.misread_error()
                     if getattr(inputs, "ndim", 0) in (4, 5):  # images (N, C, H, W), volumes (N, C, D, H, W)
@@ -799,6 +857,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             raise ValueError("record got no batches")
         if seen.untold:
             warnings.warn(seen.untold_warning(), RuntimeWarning, stacklevel=user_stacklevel())
+        if (folded := seen.folded_warning()) is not None:
+            warnings.warn(folded, RuntimeWarning, stacklevel=user_stacklevel())
         labels, extra = _check_labels(datapoints, labelled, count["datapoints"], next(iter(modules)),
                                       f"{count['datapoints']} recorded datapoints")
         extent = stored or image.get("size")
