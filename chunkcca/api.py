@@ -46,6 +46,7 @@ from .measures import (
     PairSolves,
     UndefinedMeasure,
     check_measures,
+    cka_ratio,
     is_result_name,
     jackknife,
     side_without_variance,
@@ -463,7 +464,7 @@ def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
         raise UndefinedMeasure(f"CKA is undefined: layer {str(dead)!r} has no variance (every feature constant)")
     rows = adapters[0].row_count(layer_a.sizes["datapoint"])
     return with_layers(xr.Dataset(
-        {"cka": ((), min(sums[0, 1] / np.sqrt(sums[0, 0] * sums[1, 1]), 1.0),  # past 1 by rounding only
+        {"cka": ((), cka_ratio(sums[0, 1], sums[0, 0], sums[1, 1]),
                  {"long_name": "linear CKA of whole per-datapoint maps (exact, from Gram blocks)"}),
          "rows": ((), np.int64(rows))},
         attrs={"measure": "cka", **adapters[0].attrs, **_gram_attrs(gram), "rows": int(rows)}),
@@ -702,7 +703,7 @@ def _minibatch_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
         raise ValueError(f"minibatch CKA is undefined for layer "
                          f"{str(layer_a.name if hsic[0, 0] <= 0 else layer_b.name)!r}: {NO_MINIBATCH_VARIANCE}")
     return with_layers(xr.Dataset(
-        {"cka": ((), min(hsic[0, 1] / np.sqrt(hsic[0, 0] * hsic[1, 1]), 1.0),  # past 1 by rounding only
+        {"cka": ((), cka_ratio(hsic[0, 1], hsic[0, 0], hsic[1, 1]),
                  {"long_name": f"minibatch linear CKA ({size} rows)"}),
          "minibatches": ((), np.int64(batches)),
          "rows_left_out": ((), np.int64(left_over), {"long_name": "rows after the last whole minibatch"}),

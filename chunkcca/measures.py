@@ -667,6 +667,14 @@ def _debiased_hsic(cross: float, norm_product: float, trace_a: float, trace_b: f
     return cross - n / (n - 2) * norm_product + trace_a * trace_b / ((n - 1) * (n - 2))
 
 
+def cka_ratio(cross: float, self_a: float, self_b: float) -> float:
+    """CKA from HSICs: ``cross / √(self_a · self_b)``, each root taken apart (their product of values of 1e-50
+    underflowed to 0, giving 1; of 1e50 overflowed, giving 0), and at most 1: by Cauchy-Schwarz (the unbiased HSIC
+    too is an inner product, of U-centred Grams) past it only by rounding (1 + 4e-16 for a layer against its
+    rotation), as a correlation rounded past 1 is 1."""
+    return min(cross / (np.sqrt(self_a) * np.sqrt(self_b)), 1.0)
+
+
 def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
     """Linear CKA (Kornblith et al. 2019) from Moments: ``‖Mab‖²_F / (‖Maa‖_F ‖Mbb‖_F)``.
 
@@ -702,7 +710,11 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
         if n < 4:
             raise UndefinedMeasure(f"debiased CKA needs at least 4 rows, have {n}")
         products = moments.norm_products
-        if not (np.isfinite(products).all() and (np.diag(products) > 0).all()):  # Σ‖u‖⁴ past float64's range
+        # Σ ‖u_l‖² ‖u_m‖² past float64's range, or with terms below its normal range, each off by up to 2⁻¹⁰⁷⁵
+        # (values of 1e-81: debiased CKA 5e-3 off, silently): the n terms' errors within 2⁻⁵² of the scale the
+        # sum is divided by, tr_l · tr_m (found by audit)
+        logs = np.log2([traces["a"], traces["b"]])
+        if not np.isfinite(products).all() or (np.add.outer(logs, logs) < np.log2(n) - 1023).any():
             went = "overflowed" if not np.isfinite(products).all() else "underflowed"
             raise UndefinedMeasure(f"debiased CKA needs fourth powers of the values in float64, which {went} "
                                    f"(total variances {traces['a'] / (n - 1):.3g} and {traces['b'] / (n - 1):.3g}): "
@@ -715,9 +727,7 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
                                    f"which happens with few rows ({n}); use more rows or the biased estimator")
     else:
         hsic = cross
-    # at most 1 by Cauchy-Schwarz (the unbiased HSIC too is an inner product, of U-centred Grams): past it only by
-    # rounding (1 + 4e-16 for a layer against its rotation), as a correlation rounded past 1 is 1
-    value = min(hsic["ab"] / np.sqrt(hsic["aa"] * hsic["bb"]), 1.0)
+    value = cka_ratio(hsic["ab"], hsic["aa"], hsic["bb"])
     return _with_layers(xr.Dataset(
         {"cka": ((), value, {"long_name": "linear CKA" + (" (debiased)" if debiased else "")}),
          "rows": ((), np.int64(n))},

@@ -217,6 +217,23 @@ def test_feature_cka_of_integer_layers_and_of_values_float64_cannot_hold():
         assert float(got["cka"]) == pytest.approx(_gram_cka(x, y), rel=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1e-50, 1e50])
+def test_gram_and_minibatch_cka_of_both_layers_scaled_far(scale):
+    """Both layers scaled by 1e-50 (or 1e50), within float64's reach: the reference's value; the product of the
+    layers' HSICs with themselves (a scale⁸) underflowed (overflowed), and CKA was 1.0 (0.0), silently, for exact
+    and minibatch feature CKA, minibatch CKA of rows and ``compare`` (found by audit)."""
+    x, y = _maps(11)
+    for got, want in [
+            (cka(x * scale, y * scale, spatial="features", precision="float64")["cka"], _gram_cka(x, y)),
+            (compare(x * scale, y * scale, measures=["cka"], spatial="features", precision="float64")["cka"],
+             _gram_cka(x, y)),
+            (cka(x * scale, y * scale, spatial="features", minibatch=20)["cka"],
+             _minibatch_gram_cka(x, y, 20)),
+            (cka(x[:, 0, 0] * scale, y[:, 0, 0] * scale, minibatch=20)["cka"],
+             _minibatch_gram_cka(x[:, 0, 0], y[:, 0, 0], 20))]:
+        assert float(got) == pytest.approx(want, rel=1e-9)  # float64 products of values scaled back exactly
+
+
 def test_float32_gram_products_add_their_slices_of_features_in_float64(monkeypatch):
     """Float32 Gram blocks sum at most FLOAT32_GEMM_FEATURES features in float32 (one GEMM each), the slices in
     float64 (262,144 features with four loud ones: 2e-6 off in one float32 GEMM, 1.4e-7 in slices). A block over

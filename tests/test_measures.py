@@ -219,6 +219,25 @@ def test_cka_of_values_at_the_ends_of_float64s_range(scale, debiased):
     assert got == pytest.approx(cka_reference(x, y, debiased), abs=1e-12)
 
 
+@pytest.mark.parametrize("exponent", [-77.0, -80.0, -80.6, -81.0, -81.4])
+def test_debiased_cka_of_values_whose_fourth_powers_fall_below_float64s_normal_range(exponent):
+    """Values of 1e-80.6 to 1e-81.4 have fourth powers below float64's normal range, each row's rounded by up to
+    2⁻¹⁰⁷⁵: debiased CKA was 3.4e-7 to 4.6e-3 off, silently, refused only from 1e-81.6 where the sums reached 0
+    (found by audit). The sums are now refused where their terms' rounding could reach 2⁻⁵² of the scale they are
+    divided by; above that, the value at unit scale to rounding."""
+    x, y = _pair(5, n=200)
+    want = cka_reference(x, y, True)
+    if exponent < -78:
+        for call in (lambda: cka(x * 10**exponent, y, debiased=True, precision="float64"),
+                     lambda: compare(x * 10**exponent, y, measures=["cka_debiased"], precision="float64")):
+            with pytest.raises(ValueError, match="debiased CKA needs fourth powers of the values in float64, which "
+                                                 "underflowed"):
+                call()
+        return
+    got = float(cka(x * 10**exponent, y, debiased=True, precision="float64")["cka"])
+    assert got == pytest.approx(want, abs=1e-12)
+
+
 @pytest.mark.parametrize("scale", [1e-155, 1e150])
 @pytest.mark.parametrize("precision", ["float64", "auto"])
 def test_whitening_measures_of_values_whose_variances_are_at_float64s_ends(scale, precision):
