@@ -43,9 +43,9 @@ which permute their embeddings to (T, N, C) with a function, and their first Lay
 dims have one size (T = N) the layer keeps the order a batch told; layers told one order after a batch was read
 in the other are an error naming them, and layers no batch told (every batch as many datapoints as positions,
 its count shown or not) are warned of by name. ``layouts=`` says where a layer's channels are once its order is
-settled, or, with ``"time_first"`` or ``"batch_first"``, settles it. A layer the batch's count turned in every
-batch where its first dim was a multiple of the count (in a model with time-first modules, (k·N, N, C): time first,
-or views folded into the batch with T = N) is warned of by name.
+settled, or, with ``"time_first"`` or ``"batch_first"``, settles it. A layer read datapoints first before the pass
+showed its count, whose first two dims are the (T, N) of a time-first output torch documents in the pass, is an
+error naming the layout to give.
 
 Each layer's batches are gathered in a buffer of one zarr chunk and appended a whole chunk at a time (the rest
 when recording ends), so no more than one chunk per layer and one batch are ever held, and no chunk is written
@@ -164,34 +164,20 @@ class _Seen:
         self.starts: dict[int, int] = {}  # a module (its id) → how many tensors were noted when its call began
         self.datapoints: int | None = None
         self.sequence_datapoints: int | None = None  # N of the (T, N, C) outputs torch documents, in this pass
+        self.sequences: set[tuple[int, int]] = set()  # their (T, N)
         self.has_time_first = any(_time_first(module) for module in model.modules())
         self.orders: dict[Any, bool] = {}  # recorded layer (its path) or module → whether time first, as told
         self.read: set[str] = set()  # recorded layers read datapoints first in a batch that did not tell
         self.misread: dict[str, bool] = {}  # layer → whether time first, as told after being read the other way
         self.untold: set[str] = set()  # layers read in batches of as many datapoints as positions, never told
         self.read_oblong: set[str] = set()  # layers read untold in a batch of other datapoints than positions
-        self.guessed: Any = WeakIdKeyDictionary()  # tensors read time first only as the batch's count showed,
-        self.guessed_shapes: set[tuple[int, ...]] = set()  # (k·N, N, C), k ≥ 2, and those of their shapes made
-        self.sure_sequences: set[tuple[int, int]] = set()  # (T, N) of the time-first tensors not guessed
-        self.turned: dict[str, tuple[int, int] | None] = {}  # layers read time first in this pass: the (T, N) of
-        # their tensor where it was guessed, else None
-        self.folded_like: set[str] = set()  # layers read time first from a guessed tensor of a (T, N) no time-first
-        self.not_folded: set[str] = set()  # tensor the model told of in its pass showed; layers read so otherwise
 
     def add(self, tensor: Any, layout: Found, told: bool) -> None:
         """Note a tensor a module made, its layout and whether that tells its time order (``_layout``)."""
         self.tensors[tensor] = layout, told
         if not tensor.is_nested:
             self.shapes[tuple(tensor.shape)] = layout
-            (self.guessed_shapes.add if tensor in self.guessed else self.guessed_shapes.discard)(tuple(tensor.shape))
-            if layout == "time_first" and told and tensor not in self.guessed:
-                self.sure_sequences.add((int(tensor.shape[0]), int(tensor.shape[1])))
             self.made.append((tuple(tensor.shape), layout))
-
-    def inherit(self, tensor: Any, guessed: bool) -> None:
-        """Note that ``tensor``'s time-first reading follows one that rests on the batch's count alone (``guessed``)."""
-        if guessed:
-            self.guessed[tensor] = True
 
     def enter(self, module: Any) -> None:
         """Note that a call of ``module`` begins (a forward pre-hook): the tensors noted from now until its output
@@ -216,21 +202,19 @@ class _Seen:
         """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
         self.tensors.clear()
         self.shapes.clear()
-        self.guessed.clear()
-        self.guessed_shapes.clear()
-        self.sure_sequences.clear()
-        self.turned.clear()
         self.made.clear()
         self.starts.clear()
         self.datapoints = datapoints
         self.sequence_datapoints = None
+        self.sequences.clear()
 
     def note_time_first(self, tensor: Any) -> None:
         """Note the datapoints (N) of a (T, N, C) output as torch documents it (an RNN's, attention's with
         ``batch_first=False``): the pass's count where the batch does not show it, as long as they all agree
-        (0 once two disagree)."""
+        (0 once two disagree), and its (T, N)."""
         count = int(tensor.shape[1])
         self.sequence_datapoints = count if self.sequence_datapoints in (None, count) else 0
+        self.sequences.add((int(tensor.shape[0]), count))
 
     def count(self) -> int | None:
         """The pass's datapoints: as the batch shows them, else as the (T, N, C) outputs torch documents do."""
@@ -255,27 +239,6 @@ class _Seen:
                 f"layouts={dict.fromkeys(layers, 'time_first')}, or with batches of another size; "
                 f"layouts={dict.fromkeys(layers, 'batch_first')} confirms the reading")
 
-    def settle_turned(self) -> None:
-        """At the end of a pass: its layers read time first go to ``folded_like`` where their tensor was guessed
-        and no time-first tensor of its T and N was told of in the pass (an LSTM's output after the Embedding),
-        else to ``not_folded``."""
-        for layer, sequence in self.turned.items():
-            (self.folded_like if sequence is not None and sequence not in self.sure_sequences
-             else self.not_folded).add(layer)
-
-    def folded_warning(self) -> str | None:
-        """The warning for the layers the batch's count turned in every batch where their first dim was a multiple
-        of it (``folded_like``), or None."""
-        layers = sorted(self.folded_like - self.not_folded)
-        if not layers:
-            return None
-        return (f"{', '.join(map(repr, layers))} held the batch's count of datapoints second and a multiple of it "
-                f"first in every batch, and were read time first, (T, N, C) with T = k·N, as the model has modules "
-                f"that put time first; if they are batch first with views folded into the batch, (k·N, T, C) with "
-                f"T = N, record them again with layouts={dict.fromkeys(layers, 'batch_first')} (k rows a "
-                f"datapoint, as made) or output= a function giving their datapoints first; "
-                f"layouts={dict.fromkeys(layers, 'time_first')} confirms the reading")
-
     def time_order(self, found: Found | None, told: bool, tensor: Any, key: Any) -> tuple[Found | None, bool]:
         """``found`` for a 3-d ``tensor`` of the recorded layer (a str ``key``) or module ``key``, and whether its
         time order (whether its datapoints are second) is known: told by the rule (``told``); else by the batch's
@@ -288,16 +251,10 @@ class _Seen:
         first, second = int(tensor.shape[0]), int(tensor.shape[1])
         # in a model with no torch time-first module, only a (T, N, C) whose T cannot be a batch of N folded or
         # a table of one (a position embedding's (1, T, C), views folded into the batch: (N·V, T, C))
-        layer = isinstance(key, str)
         if not told and n is not None and (first == n) != (second == n) and (
                 self.has_time_first or (second == n and first != 1 and first % n)):
             found, told = "time_first" if second == n else found, True
-            # (k·N, N, C): time first, or views folded into the batch with T = N, unless a time-first tensor of
-            # this T and N was told so by the model (a Linear on F.relu of a time-first LSTM's output)
-            if second == n and first % n == 0 and (first, second) not in self.sure_sequences:
-                self.guessed[tensor] = True
-        if told and layer and found == "time_first":
-            self.turned[key] = (first, second) if tensor in self.guessed else None
+        layer = isinstance(key, str)
         if told:
             time_first = found == "time_first"
             if layer and self.orders.get(key, False if key in self.read else time_first) != time_first:
@@ -378,17 +335,14 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     source = first_tensor(list(inputs))
     if source is not None and source in seen.tensors and not source.is_nested:
         if source.shape == tensor.shape:
-            seen.inherit(tensor, source in seen.guessed)
             return seen.tensors[source]
         if seen.tensors[source][0] == "time_first" and source.shape[:2] == tensor.shape[:2] and tensor.dim() == 3:
-            seen.inherit(tensor, source in seen.guessed)
             return "time_first", True  # a Linear on (T, N, C) keeps T and N
         layout, told = seen.tensors[source]
         if told and next(module.parameters(), None) is None and (swapped := _transposed(layout, source, tensor)):
             return swapped, True  # a Transpose or Rearrange module: (N, C, L) → (N, L, C), (T, N, C) → (N, T, C)
     shaped = seen.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
     if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
-        seen.inherit(tensor, tuple(tensor.shape) in seen.guessed_shapes)
         return shaped, True
     if _acts_on_last_dim(module):  # whatever the layout of earlier tensors of its shape
         return "channels_last", False
@@ -533,22 +487,24 @@ def _shuffles(batches: Any) -> bool:
                or (isinstance(sampler, DistributedSampler) and sampler.shuffle) for sampler in samplers)
 
 
-def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int | None, told: Collection[str]) -> None:
+def _check_datapoint_counts(outputs: Mapping[str, np.ndarray], datapoints: int | None, told: Collection[str],
+                            sequences: Collection[tuple[int, int]] = ()) -> None:
     """Every recorded layer's output of a batch has the batch's datapoints first; else an error naming each layer
     at odds with the batch's ``datapoints`` (None: unknown) or, failing that, with the layers whose time order was
     ``told``, and what gives its datapoints first (xarray said "conflicting sizes for dimension 'datapoint'" when
     the store was opened). When neither tells the count, every layer is named: the most may be the ones misread.
     A layer read untold (nor given a layout) that holds the count second is at odds with it too where its first
-    dim is neither 1 nor a multiple of the count: views or sentence pairs folded into the batch, (kN, T, C) with
-    T = N, and tables (1, T, C) stay as read."""
+    dim is neither 1 nor a multiple of the count, or where its first two dims are the (T, N) of a time-first
+    output torch documents in the pass (``sequences``: an LSTM's after the Embedding, with T = 2N); other views
+    or sentence pairs folded into the batch, (kN, T, C) with T = N, and tables (1, T, C) stay as read."""
     counts = {layer: len(values) for layer, values in outputs.items()}
     # a layer alone may fold the batch (words of sentences: not the batch's count), but one read untold may not
     # hold it second: a (T, N, C) read before the pass showed its N (an Embedding before a time-first LSTM) was
     # stored with T datapoints (a layer told its order, (2N, T, C) sentence pairs folded, is as told)
     def turned(layer: str, known: int) -> bool:  # a (T, N, C) read (N, T, C), where it cannot be a fold
         values = outputs[layer]
-        return values.ndim == 3 and values.shape[1] == known != len(values) and len(values) % known != 0 \
-            and len(values) != 1
+        return values.ndim == 3 and values.shape[1] == known != len(values) and (
+            (len(values) % known != 0 and len(values) != 1) or (len(values), known) in sequences)
 
     turned_untold = datapoints is not None and any(turned(layer, datapoints) for layer in outputs if layer not in told)
     if len(set(counts.values())) < 2 and not turned_untold:
@@ -712,7 +668,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     layouts
         Store path → ``"channels_first"`` ((N, C, L), (N, C, H, W), (N, C, D, H, W)) or ``"channels_last"``
         ((N, T, C), (N, H, W, C), (N, D, H, W, C)) or ``"time_first"`` ((T, N, C), made (N, T, C)) or
-        ``"batch_first"`` ((N, T, C) as it is: views folded into the batch, (k·N, T, C) with T = N) for layers
+        ``"batch_first"`` ((N, T, C) as made, whatever the rule and the batch's count would read) for layers
         whose layout the rule of ``chunkcca.record`` gets wrong or cannot tell (it refuses a parameter-free module,
         e.g. a ReLU, given a 3-d tensor no module made; it takes a 4-d or 5-d output it cannot tell for channels
         first; a Linear applied to a function of an RNN's (T, N, C) output, e.g. ``F.relu(out)``, looks (N, T, C)).
@@ -791,7 +747,6 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     captured.clear()
                     seen.clear(_batch_datapoints(batch, collated))
                     inputs = _call(model, batch)
-                    seen.settle_turned()
                     if seen.misread:
                         raise seen.misread_error()
                     if getattr(inputs, "ndim", 0) in (4, 5):  # images (N, C, H, W), volumes (N, C, D, H, W)
@@ -801,7 +756,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                                                                         "the padding mask of a batch (mask=)")
                     _check_datapoint_counts({layer: captured[layer][0] for layer in modules if layer in captured},
                                             seen.count(), [*given, *(key for key in seen.orders
-                                                                     if isinstance(key, str))])
+                                                                     if isinstance(key, str))], seen.sequences)
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")
@@ -829,9 +784,11 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                             writers[path] = _ChunkWriter(arrays[path], path)
                             if padding is not None and values.ndim == 3 and not masked:
                                 unfit_masks.add(path)
-                                warnings.warn(f"layer {path!r} has {values.shape[1]} positions and the batch's mask "
-                                              f"{padding.shape[1]}: it is recorded without a mask, so its padded "
-                                              f"positions count as real ones (spatial='avgpool', 'last' and "
+                                shapes = (f"{values.shape[1]} positions and the batch's mask {padding.shape[1]}"
+                                          if values.shape[1] != padding.shape[1] else
+                                          f"{values.shape[0]} rows and the batch's mask {padding.shape[0]}")
+                                warnings.warn(f"layer {path!r} has {shapes}: it is recorded without a mask, so its "
+                                              f"padded positions count as real ones (spatial='avgpool', 'last' and "
                                               f"'flatten' read them)", RuntimeWarning, stacklevel=user_stacklevel())
                             if masked:
                                 writers[f"{path}/{MASK}"] = _ChunkWriter(root.create_array(
@@ -857,8 +814,6 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
             raise ValueError("record got no batches")
         if seen.untold:
             warnings.warn(seen.untold_warning(), RuntimeWarning, stacklevel=user_stacklevel())
-        if (folded := seen.folded_warning()) is not None:
-            warnings.warn(folded, RuntimeWarning, stacklevel=user_stacklevel())
         labels, extra = _check_labels(datapoints, labelled, count["datapoints"], next(iter(modules)),
                                       f"{count['datapoints']} recorded datapoints")
         extent = stored or image.get("size")

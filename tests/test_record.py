@@ -1774,40 +1774,62 @@ class _FoldedViews(torch.nn.Module):
         return self.rnn(folded.mean(0, keepdim=True).transpose(0, 1))[0]
 
 
-def test_a_layer_folding_views_into_the_batch_with_as_many_positions_as_datapoints_is_warned_of(tmp_path):
-    """(2N, T, C) with T = N in a model with a time-first module: the batch's count is second and the first is a
-    multiple of it, which a time-first (T, N, C) with T = 2N shows too. It was stored turned, (T, 2N, C), its time
-    steps as datapoints, silently; it still is (a time-first reading of that shape is as likely), with a warning
-    naming it and what to do; ``layouts=`` 'time_first' confirms the reading, 'batch_first' keeps it as made
-    (2N rows a batch). Found by review."""
-    inputs = torch.randn(16, 2, 8, 5)
-    batches = [inputs[:8], inputs[8:]]
-    with pytest.warns(RuntimeWarning, match=r"^'views' held the batch's count of datapoints second and a multiple "
-                                            r"of it first in every batch, and were read time first, .* record them "
-                                            r"again with layouts=\{'views': 'batch_first'\} \(k rows a datapoint, "
-                                            r"as made\) or output= a function giving their datapoints first; "
-                                            r"layouts=\{'views': 'time_first'\} confirms the reading$"):
-        tree = record(_FoldedViews(), ["views"], batches, tmp_path / "w.zarr")
-    assert tree["views"]["activations"].shape == (16, 16, 6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        record(_FoldedViews(), ["views"], batches, tmp_path / "t.zarr", layouts={"views": "time_first"})
-        made = record(_FoldedViews(), ["views"], batches, tmp_path / "b.zarr", layouts={"views": "batch_first"})
-    net = _FoldedViews()
+def test_a_layer_read_before_a_time_first_module_of_its_t_and_n_is_not_stored_turned(tmp_path):
+    """PyTorch's word language model fed plain (bptt, N) batches with bptt = 2N: the Embedding, read before the
+    LSTM shows N, was stored (T, N, C) as T datapoints, silently, as its first dim is a multiple of N (which a
+    fold into the batch could make); the LSTM's output of that very T and N, which torch documents, tells it: an
+    error naming the layout to give, also beside the decoder (whose advice was output=). Found by review."""
+
+    class WordModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.encoder, self.rnn = torch.nn.Embedding(30, 8), torch.nn.LSTM(8, 6)
+            self.decoder = torch.nn.Linear(6, 30)
+
+        def forward(self, ids):  # ids (T, N)
+            return self.decoder(self.rnn(self.encoder(ids))[0])
+
+    net, data = WordModel().eval(), torch.randint(0, 30, (10, 15))
+    batches = [data[:, start : start + 5] for start in range(0, 15, 5)]
+    for layers in (["encoder"], ["encoder", "decoder"]):
+        with pytest.raises(ValueError, match=r"datapoints for one batch \(('encoder' 10, 'decoder' 5; )?the batch "
+                                             r"holds 5\); if 'encoder' is \(T, N, C\) read as \(N, T, C\), pass "
+                                             r"layouts=\{'encoder': 'time_first'\}$"):
+            record(net, layers, batches, tmp_path / "s.zarr", overwrite=True)
+    tree = record(net, ["encoder"], batches, tmp_path / "s.zarr", layouts={"encoder": "time_first"}, overwrite=True)
     with torch.no_grad():
-        want = np.concatenate([net.views(batch.reshape(16, 8, 5)).numpy() for batch in batches])
-    np.testing.assert_array_equal(made["views"]["activations"].values, want)
-    # a last batch of another size shows the turn: its time steps no longer match the earlier batches'
-    with pytest.raises(ValueError, match=r"^layer 'views' gave outputs of shape \(8, 6, 6\) after outputs of shape "
-                                         r"\(N, 16, 6\)"):
-        record(_FoldedViews(), ["views"], [inputs[:8], inputs[8:11]], tmp_path / "r.zarr")
+        want = np.concatenate([net.encoder(batch).transpose(0, 1).numpy() for batch in batches])
+    np.testing.assert_array_equal(tree["encoder"]["activations"].values, want)
 
 
-def test_a_guessed_time_first_layer_of_the_t_and_n_of_a_time_first_module_is_not_warned_of(tmp_path):
+class _FoldedViews(torch.nn.Module):
+    """Two views of each input folded into the batch, (2N, T, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.views = torch.nn.Linear(5, 6)
+
+    def forward(self, input_ids, attention_mask):  # input_ids (N, 2, T, 5)
+        n, v, t, c = input_ids.shape
+        return self.views(input_ids.reshape(n * v, t, c))
+
+
+def test_a_mask_unfit_for_a_layer_s_rows_is_said_to_be(tmp_path):
+    """A layer of 2N rows a batch of N masked sequences (views folded into the batch, kept as made) is recorded
+    without the mask, with a warning: it said the layer's positions and the mask's were 4 and 4."""
+    batches = [{"input_ids": torch.randn(4, 2, 4, 5), "attention_mask": torch.ones(4, 4)} for _ in range(2)]
+    with pytest.warns(RuntimeWarning, match=r"^layer 'views' has 8 rows and the batch's mask 4: it is recorded "
+                                            r"without a mask"):
+        tree = record(_FoldedViews(), ["views"], batches, tmp_path / "v.zarr", layouts={"views": "batch_first"})
+    assert tree["views"]["activations"].shape == (16, 4, 6)
+
+
+def test_a_time_first_layer_shown_by_the_batch_s_count_with_t_a_multiple_of_n_is_made_batch_first(tmp_path):
     """A language model that transposes its DataLoader's (N, T) ids for a time-first LSTM, T = 2N: its Embedding
-    (T, N, C) is read time first by the batch's count, as a fold into the batch would look, but the LSTM's
-    output of that T and N, which torch documents, settles it: no warning, stored datapoints first. So for a
-    Linear on ``F.relu`` of the LSTM's output."""
+    (T, N, C), read by the batch's count, and a Linear on ``F.relu`` of the LSTM's output are stored datapoints
+    first, with no warning."""
 
     class WordModel(torch.nn.Module):
         def __init__(self) -> None:
