@@ -24,7 +24,7 @@ from reference import (
 
 from chunkcca.compat import compute_pwcca, fourier_ccas, get_cca_similarity
 
-#: Cases of get_cca_similarity itself; the conv adapters' cases are checked in test_conv.
+#: Cases of get_cca_similarity itself; the conv adapters' cases are checked in test_adapters.
 CASES = sorted(p.stem for p in GOLDEN.glob("*.npz")
                if p.stem not in {"svhn_fc", "conv_avgpool", "conv_interp_svcca", "conv_dft"}
                and not p.stem.startswith("pwcca_"))
@@ -55,30 +55,33 @@ def test_matches_reference(case, chunk, precision):
         acts1, acts2 = da.from_array(acts1, chunks=(-1, chunk)), da.from_array(acts2, chunks=(-1, chunk))
     result = get_cca_similarity(acts1, acts2, float(golden["param_epsilon"]), float(golden["param_threshold"]),
                                 compute_dirns="out_cca_dirns1" in golden, verbose=False, precision=precision)
-    want_keys = {k[4:] for k in golden if k.startswith("out_")}
-    assert set(result) == want_keys
+    assert list(result) == [k[4:] for k in golden if k.startswith("out_")]  # the reference's keys, in its order
     atol = {"float64": 1e-6, "float32": 3e-6}[precision]
     np.testing.assert_allclose(result["cca_coef1"], golden["out_cca_coef1"], rtol=0, atol=atol)
+    np.testing.assert_allclose(result["cca_coef2"], golden["out_cca_coef2"], rtol=0, atol=atol)
     np.testing.assert_allclose(result["mean"], golden["out_mean"], rtol=0, atol=atol)
     np.testing.assert_allclose(result["sum"], golden["out_sum"], rtol=0, atol=atol * golden["out_cca_coef1"].size)
     np.testing.assert_array_equal(result["x_idxs"], golden["out_x_idxs"])
     np.testing.assert_array_equal(result["y_idxs"], golden["out_y_idxs"])
-    assert result["neuron_means1"].dtype == golden["out_neuron_means1"].dtype
-    assert result["neuron_means1"].shape == golden["out_neuron_means1"].shape
-    # The reference averages in the input dtype (pairwise summation: error up to eps·log2(n)
-    # of the values' size); ours rounds the shifted values to the product dtype. Allow the
-    # coarser of the two roundings, twice.
-    coarser = max(np.finfo(golden["out_neuron_means1"].dtype).eps, np.finfo(precision).eps)
-    rounding = 2 * coarser * np.log2(acts1.shape[1])
-    np.testing.assert_allclose(result["neuron_means1"], golden["out_neuron_means1"], rtol=0,
-                               atol=rounding * float(np.abs(golden["in_acts1"]).max()))
+    for side, acts in (("1", acts1), ("2", acts2)):
+        means = golden[f"out_neuron_means{side}"]
+        assert result[f"neuron_means{side}"].dtype == means.dtype
+        assert result[f"neuron_means{side}"].shape == means.shape
+        # The reference averages in the input dtype (pairwise summation: error up to eps·log2(n)
+        # of the values' size); ours rounds the shifted values to the product dtype. Allow the
+        # coarser of the two roundings, twice.
+        coarser = max(np.finfo(means.dtype).eps, np.finfo(precision).eps)
+        rounding = 2 * coarser * np.log2(acts.shape[1])
+        np.testing.assert_allclose(result[f"neuron_means{side}"], means, rtol=0,
+                                   atol=rounding * float(np.abs(acts).max()))
     if precision == "float64":  # same small solve on the same covariance: directions and signs agree
         for key in KEYS_SOLVE:
             np.testing.assert_allclose(result[key], golden[f"out_{key}"], rtol=0, atol=1e-8, err_msg=key)
-        if "out_cca_dirns1" in golden:
-            dirns = result["cca_dirns1"]
-            assert isinstance(dirns, da.Array) == (chunk is not None)
-            np.testing.assert_allclose(np.asarray(dirns), golden["out_cca_dirns1"], rtol=0, atol=1e-8)
+        for key in ("cca_dirns1", "cca_dirns2"):
+            if f"out_{key}" in golden:
+                dirns = result[key]
+                assert isinstance(dirns, da.Array) == (chunk is not None)
+                np.testing.assert_allclose(np.asarray(dirns), golden[f"out_{key}"], rtol=0, atol=1e-8, err_msg=key)
 
 
 def test_cca_coefficients_are_the_true_canonical_correlations():
@@ -362,6 +365,9 @@ def test_data_arrays_are_read_by_position_and_verbose_takes_integers():
     acts1, acts2 = a.reshape(60, -1)[:, :5].T, b.reshape(60, -1)[:, :3].T
     quiet = get_cca_similarity(acts1, acts2, verbose=False)["mean"]
     assert get_cca_similarity(acts1, acts2, verbose=0)["mean"] == quiet
+    # None, which the reference's ``if`` takes as off, was refused (found by audit)
+    off = get_cca_similarity(acts1, acts2, compute_dirns=None, verbose=None)
+    assert off["mean"] == quiet and "cca_dirns1" not in off
     # by position whatever their dims' names (it advised "pass dims=", which it lacks), and the reference's own
     # layout of numpy arrays without a warning that it may be channels-first (found by audit)
     with warnings.catch_warnings():
