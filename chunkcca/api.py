@@ -39,6 +39,7 @@ from .layers import (
 )
 from .measures import (
     MEASURES,
+    ROWS_ATTRS,
     SMALLEST_VARIANCE,
     IllConditionedWarning,
     Needs,
@@ -466,7 +467,7 @@ def _gram_cka(a: Any, b: Any, options: StreamOptions) -> xr.Dataset:
     return with_layers(xr.Dataset(
         {"cka": ((), cka_ratio(sums[0, 1], sums[0, 0], sums[1, 1]),
                  {"long_name": "linear CKA of whole per-datapoint maps (exact, from Gram blocks)"}),
-         "rows": ((), np.int64(rows))},
+         "rows": ((), np.int64(rows), ROWS_ATTRS)},
         attrs={"measure": "cka", **adapters[0].attrs, **_gram_attrs(gram), "rows": int(rows)}),
         {"layer_a": str(layer_a.name), "layer_b": str(layer_b.name)})
 
@@ -861,7 +862,7 @@ def _compared(pair: PairSolves, names: Sequence[str], label: Any = None, groups:
     for name in names:
         measure = MEASURES[name]
         result = pair.result(name) if groups is None else _in_group(functools.partial(pair.result, name), label, groups)
-        variables[name] = result[measure.value].assign_attrs(long_name=measure.description)
+        variables[name] = result[measure.value].assign_attrs(measure.attrs)
         for detail in measure.details:
             variables[measure.detail_name(detail)] = result[detail].rename(
                 {dim: f"{name}_{dim}" for dim in result[detail].dims if dim == "component"})
@@ -880,8 +881,7 @@ def _compared(pair: PairSolves, names: Sequence[str], label: Any = None, groups:
         variables["rank_a"], variables["rank_b"] = pair.cca["rank_a"], pair.cca["rank_b"]
         if "rho_freq_mean" in pair.cca:
             variables["rho_freq_mean"] = pair.cca["rho_freq_mean"]
-    variables["rows"] = xr.DataArray(np.int64(pair.moments.n), attrs={"long_name": "rows the statistics were "
-                                                                                     "computed from"})
+    variables["rows"] = xr.DataArray(np.int64(pair.moments.n), attrs=ROWS_ATTRS)
     coords = {"bound": ["lower", "upper"]} if pair.folds is not None else {}
     return xr.Dataset(variables, coords=coords)
 
@@ -1004,7 +1004,7 @@ def similarity(a_layers: Any, b_layers: Any, *, measures: Sequence[str] | str = 
         values = _cka_of_pairs(gram.sums, aligned, sides, "its whole maps do not vary")
         return xr.Dataset({"cka": (("layer_a", "layer_b"), values,
                                    {"long_name": "linear CKA of whole per-datapoint maps (exact)"}),
-                           "rows": ((), np.int64(rows))},
+                           "rows": ((), np.int64(rows), ROWS_ATTRS)},
                           coords=_pair_coords(set_a, set_b), attrs={"measures": "cka", "spatial": stream.spatial,
                                                                     "stride": stream.stride, **_gram_attrs(gram),
                                                                     "rows": int(rows)})
@@ -1146,7 +1146,7 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
             said.add((record.category, message))
             warnings.warn(message, record.category, stacklevel=user_stacklevel())
     variables: dict[str, Any] = {
-        measure: (("layer_a", "layer_b"), value, {"long_name": MEASURES[measure].description})
+        measure: (("layer_a", "layer_b"), value, MEASURES[measure].attrs)
         for measure, value in values.items()}
     for side, rank in ranks.items():
         variables[f"rank_{side}"] = (("layer_a", "layer_b"), rank,
@@ -1162,4 +1162,4 @@ def _pairwise(stats: Moments | TiledMoments, labels: list[str], sides: dict[str,
                                                         + (", fewer where a fold's held-out value is undefined)"
                                                            if MEASURES[measure].per_fold else ")")})
         coords = {**coords, "bound": ["lower", "upper"]}
-    return xr.Dataset(variables | {"rows": ((), np.int64(stats.n))}, coords=coords)
+    return xr.Dataset(variables | {"rows": ((), np.int64(stats.n), ROWS_ATTRS)}, coords=coords)

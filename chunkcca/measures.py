@@ -249,7 +249,7 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
             "pruned_b": ((*dims, "channel_b"), stacked["pruned_b"], {"long_name": "zero-variance channel, left out"}),
             "rank_a": (dims, stacked["rank_a"], {"long_name": "rank of side a's covariance, as used"}),
             "rank_b": (dims, stacked["rank_b"], {"long_name": "rank of side b's covariance, as used"}),
-            "rows": ((), np.int64(moments.n), {"long_name": "rows the statistics were computed from"}),
+            "rows": ((), np.int64(moments.n), ROWS_ATTRS),
             "rho_mean": ((), _of_defined(np.nanmean, rho, None), {"long_name": "mean canonical correlation"}),
             "r2_cca": ((), _of_defined(np.nanmean, rho**2, None),
                        {"long_name": "mean squared canonical correlation (R²_CCA)"}),
@@ -395,6 +395,8 @@ def _covariance(moments: Moments, name: str, *, batched: bool) -> np.ndarray:
 #: keep log2(v / 2**-1074) bits, so variances of values of 1e-155 (1e-310) keep 13 digits, of 1e-161 a few (1e-5
 #: of ρ̄), and of 1e-162 none (the channel then looks constant and is pruned).
 SMALLEST_VARIANCE = 2.0**-1074 * 2.0**36
+#: The attrs of a result's ``rows``.
+ROWS_ATTRS = {"long_name": "rows the statistics were computed from"}
 
 
 def _check_normal_range(moments: Moments, variance: np.ndarray) -> None:
@@ -474,7 +476,7 @@ def _svcca_of_all(moments: Moments, keep: float, keep_by: str, epsilon: float,
          "rank_b": ((), np.int64(rank_b), {"long_name": "rank of side b's kept directions, as used"}),
          "dims_a": ((), np.int64(rank_a), {"long_name": _kept_name("a", keep, keep_by)}),
          "dims_b": ((), np.int64(rank_b), {"long_name": _kept_name("b", keep, keep_by)}),
-         "rows": ((), np.int64(moments.n)),
+         "rows": ((), np.int64(moments.n), ROWS_ATTRS),
          "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"})},
         coords={"component": np.arange(rho.size), **_channel_coords(moments)},
         attrs={"measure": "svcca", "keep": keep, "keep_by": keep_by, "epsilon": epsilon},
@@ -585,7 +587,7 @@ def _svcca(moments: Moments, keep: float, keep_by: str, epsilon: float,
             "rank_b": ((), np.int64(solved["rank_b"]), {"long_name": "rank of side b's kept directions, as used"}),
             "dims_a": ((), np.int64(ka), {"long_name": _kept_name("a", keep, keep_by)}),
             "dims_b": ((), np.int64(kb), {"long_name": _kept_name("b", keep, keep_by)}),
-            "rows": ((), np.int64(moments.n)),
+            "rows": ((), np.int64(moments.n), ROWS_ATTRS),
             "rho_mean": ((), rho.mean() if rho.size else np.nan, {"long_name": "SVCCA similarity (mean rho)"}),
         },
         coords={"component": np.arange(rho.size), **_channel_coords(moments)},
@@ -655,7 +657,7 @@ def pwcca_from_moments(moments: Moments, *, epsilon: float = 0.0, solved: xr.Dat
             "side": ((), "a" if use_a else "b", {"long_name": "side whose canonical variates are weighted"}),
             "rank_a": cca_result["rank_a"],
             "rank_b": cca_result["rank_b"],
-            "rows": ((), np.int64(moments.n)),
+            "rows": ((), np.int64(moments.n), ROWS_ATTRS),
         },
         coords={"component": cca_result["component"].values},
         attrs={"measure": "pwcca", "epsilon": float(epsilon)},
@@ -730,7 +732,7 @@ def cka_from_moments(moments: Moments, *, debiased: bool = False) -> xr.Dataset:
     value = cka_ratio(hsic["ab"], hsic["aa"], hsic["bb"])
     return _with_layers(xr.Dataset(
         {"cka": ((), value, {"long_name": "linear CKA" + (" (debiased)" if debiased else "")}),
-         "rows": ((), np.int64(n))},
+         "rows": ((), np.int64(n), ROWS_ATTRS)},
         attrs={"measure": "cka", "debiased": int(debiased)},
     ), moments)
 
@@ -762,7 +764,7 @@ def procrustes_from_moments(moments: Moments) -> xr.Dataset:
     return _with_layers(xr.Dataset(
         {"procrustes": ((), float(np.sqrt(max(0.0, 2 - 2 * similarity))), {"long_name": "Procrustes distance"}),
          "similarity": ((), similarity, {"long_name": "nuclear norm of the normalised cross-covariance"}),
-         "rows": ((), np.int64(moments.n))},
+         "rows": ((), np.int64(moments.n), ROWS_ATTRS)},
         attrs={"measure": "procrustes"},
     ), moments)
 
@@ -809,8 +811,8 @@ def shape_metric_from_moments(moments: Moments, *, alpha: float = 1.0) -> xr.Dat
         {"shape_distance": ((), angle, {"long_name": "angular shape distance", "units": "radians"}),
          "rank_a": ((), np.int64(rank_a), {"long_name": "rank of side a's (partially) whitened covariance"}),
          "rank_b": ((), np.int64(rank_b), {"long_name": "rank of side b's (partially) whitened covariance"}),
-         "rows": ((), np.int64(moments.n))},
-        attrs={"measure": "shape_metric", "alpha": float(alpha)},
+         "rows": ((), np.int64(moments.n), ROWS_ATTRS)},
+        attrs={"measure": "shape", "alpha": float(alpha)},
     ), moments)
 
 
@@ -949,7 +951,7 @@ def heldout_cca_from_folds(folds: Folds, *, epsilon: float = 0.0) -> xr.Dataset:
         {"heldout_rho": ("component", rho, {"long_name": "held-out canonical correlation, mean over folds"}),
          "heldout_cca": ((), float(rho.mean()) if rho.size else np.nan, {"long_name": "mean held-out CCA"}),
          "heldout_cca_per_fold": ("fold", _of_defined(np.nanmean, held, 1)),
-         "rows": ((), np.int64(sum(part.n for part in folds)))},
+         "rows": ((), np.int64(sum(part.n for part in folds)), ROWS_ATTRS)},
         coords={"component": np.arange(rho.size), "fold": names},
         attrs={"measure": "heldout_cca", "epsilon": float(epsilon), "folds": len(folds)}), *folds)
 
@@ -1006,7 +1008,7 @@ def predictivity_from_folds(folds: Folds, *, ridge: float | Sequence[float] = 0.
                           {"long_name": "median over channels of the held-out prediction correlation"}),
          "predictivity_per_fold": (("ridge", "fold"), _of_defined(np.nanmedian, scores, -1)),
          "predictivity_per_fold_channel": (("ridge", "fold", "channel_b"), scores),
-         "rows": ((), np.int64(sum(part.n for part in folds)))},
+         "rows": ((), np.int64(sum(part.n for part in folds)), ROWS_ATTRS)},
         coords={"ridge": list(ridges), "fold": names,
                 **{key: value for key, value in _channel_coords(*folds).items() if key == "channel_b"}},
         attrs={"measure": "predictivity", "folds": len(folds)}), *folds)
@@ -1147,6 +1149,8 @@ class Measure:
         [`chunkcca.similarity()`][chunkcca.similarity] reports (components beyond them are 0 and count in it).
     least_rows
         The rows it needs, checked before the pass (a pair's and each group's): 2, 4 for the unbiased HSIC.
+    units
+        The units of its value, where it has any (the shape metric's radians).
     """
 
     name: str
@@ -1163,6 +1167,12 @@ class Measure:
     whitens: Callable[[SolveOptions], bool] = lambda solve: True
     from_cca: bool = False
     least_rows: int = 2
+    units: str | None = None
+
+    @property
+    def attrs(self) -> dict[str, str]:
+        """The attrs of its value in a result: its ``description`` as ``long_name``, and its ``units`` if any."""
+        return {"long_name": self.description, **({"units": self.units} if self.units else {})}
 
     def detail_name(self, detail: str) -> str:
         """The name [`compare()`][chunkcca.compare] gives a detail: ``<measure>_<detail>``, or the detail's own
@@ -1188,7 +1198,8 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
     Measure("procrustes", lambda pair: procrustes_from_moments(pair.moments), "procrustes",
             "orthogonal Procrustes distance", whitens=lambda solve: False),
     Measure("shape", lambda pair: shape_metric_from_moments(pair.moments, alpha=pair.options.alpha),
-            "shape_distance", "angular shape distance (radians)", ("alpha",), whitens=lambda solve: solve.alpha < 1),
+            "shape_distance", "angular shape distance", ("alpha",), whitens=lambda solve: solve.alpha < 1,
+            units="radians"),
     Measure("heldout_cca", lambda pair: heldout_cca_from_folds(pair.needed_folds("heldout_cca"),
                                                               epsilon=pair.options.epsilon),
             "heldout_cca", "mean held-out canonical correlation", ("epsilon",), details=("heldout_rho",),

@@ -40,7 +40,8 @@ def plot_rho(results: Mapping[str, xr.Dataset] | xr.Dataset, *, ax: Any = None, 
     import matplotlib.pyplot as plt
 
     if isinstance(results, xr.Dataset):
-        results = {f"{_layer_name(results, 'layer_a', 'a')} vs {_layer_name(results, 'layer_b', 'b')}": results}
+        results = {f"{_layer_name(results, 'layer_a', 'a')} vs {_layer_name(results, 'layer_b', 'b')}"
+                   + "".join(f", {selected}" for selected in _selected(results)): results}
     if not isinstance(results, Mapping) or "cca_coef1" in results:  # get_cca_similarity's dict: no labels
         raise TypeError(f"plot_rho draws results of chunkcca.cca() or compare() (xarray Datasets), or a dict of "
                         f"them by label; got {type(results).__name__}"
@@ -184,7 +185,9 @@ def plot_similarity(result: xr.Dataset | xr.DataArray, measure: str | None = Non
     if title is None:
         details = [str(result.attrs["spatial"])] if "spatial" in result.attrs else []
         details += [f"stride {result.attrs['stride']}"] if "stride" in result.attrs else []
-        title = f"{measure}: layer_a vs layer_b" + (f" ({', '.join(details)})" if details else "")
+        details += [f"minibatches of {result.attrs['minibatch']}"] if "minibatch" in result.attrs else []
+        title = (f"{measure}: layer_a vs layer_b" + "".join(f", {selected}" for selected in _selected(values))
+                 + (f" ({', '.join(details)})" if details else ""))
     own_figure = ax is None
     if own_figure:
         longest_a, longest_b = (max(len(str(name)) for name in values[dim].values) for dim in ("layer_a", "layer_b"))
@@ -198,17 +201,32 @@ def plot_similarity(result: xr.Dataset | xr.DataArray, measure: str | None = Non
     image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(values.sizes["layer_b"]), [str(v) for v in values["layer_b"].values], rotation=45, ha="right")
     ax.set_yticks(range(values.sizes["layer_a"]), [str(v) for v in values["layer_a"].values])
-    ax.set_xlabel("layer_b")
-    ax.set_ylabel("layer_a")
+    stores = [str(result.attrs.get(f"store_{side}", "")) for side in "ab"]
+    if all(stores) and stores[0] != stores[1]:  # layers of two stores (chunkcca sweep --b-store): which is which
+        stores = [f" ({store.rstrip('/').rsplit('/', 1)[-1]})" for store in stores]
+    else:
+        stores = ["", ""]
+    ax.set_xlabel(f"layer_b{stores[1]}")
+    ax.set_ylabel(f"layer_a{stores[0]}")
     if annotate:
+        finite = data[np.isfinite(data)]
+        # two decimals, or two significant digits where they would all read 0.00 (standard errors of 0.004)
+        digits = ".2f" if not finite.size or np.abs(finite).max() >= 0.095 else ".2g"
         for (i, j), value in np.ndenumerate(data):
             # where white text contrasts more than black (a NaN cell is light grey, whatever the colour range)
             dark_cell = np.isfinite(value) and _luminance(cmap(image.norm(value))) < 0.18
-            ax.text(j, i, f"{value:.2f}" if np.isfinite(value) else "n/a", ha="center", va="center",
+            ax.text(j, i, f"{value:{digits}}" if np.isfinite(value) else "n/a", ha="center", va="center",
                     color="white" if dark_cell else "black", fontsize="small")
     _colorbar(ax, image, f"{measure} (a distance: brighter is more alike)" if distance else measure)
     _title(ax, title, own_figure)
     return ax
+
+
+def _selected(result: xr.Dataset | xr.DataArray) -> list[str]:
+    """The scalar coordinates ``result`` was selected at beyond its layers (a group: ``sweep.sel(digit=0)``), as
+    "name value"."""
+    return [f"{name} {coord.item()}" for name, coord in result.coords.items()
+            if coord.ndim == 0 and name not in ("layer_a", "layer_b")]
 
 
 def _layer_name(result: xr.Dataset, key: str, default: str) -> str:
@@ -243,7 +261,8 @@ def _with_dims(values: xr.DataArray, dims: tuple[str, ...], what: str) -> xr.Dat
 
 
 def _colour_range(data: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
-    """``vmin``/``vmax``, each defaulting to the finite data's min/max (0/1 if no value is finite)."""
+    """``vmin``/``vmax``, each defaulting to the finite data's min/max (0/1 if no value is finite; 0 to 1 and the
+    value if all are one value)."""
     for name, value in (("vmin", vmin), ("vmax", vmax)):
         if value is not None and not np.isfinite(float(value)):  # NaN drew -0.1 to 0.1 in silence
             raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -252,6 +271,8 @@ def _colour_range(data: np.ndarray, vmin: float | None, vmax: float | None) -> t
     data_low = float(finite.min()) if finite.size else 0.0
     data_high = float(finite.max()) if finite.size else 1.0
     low, high = (data_low if vmin is None else float(vmin)), (data_high if vmax is None else float(vmax))
+    if low == high and vmin is None and vmax is None:  # one value (one pair): matplotlib drew it mid-colour on
+        low, high = min(0.0, low), max(1.0, high)  # value ± 0.1 (a distance of 0 on -0.1 to 0.1); 0 to 1 holds it
     if not low <= high:  # matplotlib refused it once the figure was made, or drew a range nobody asked for
         if vmin is not None and vmax is not None:
             raise ValueError(f"vmin must be at most vmax, got vmin={vmin!r}, vmax={vmax!r}")

@@ -1002,3 +1002,19 @@ def test_a_layer_against_itself_is_at_distance_zero_to_the_documented_resolution
     swept = chunkcca.similarity({"a": layer}, {"b": layer + 0}, measures=["procrustes", "shape"],
                                 precision="float64")
     assert float(swept["procrustes"][0, 0]) <= 3e-8 and float(swept["shape"][0, 0]) <= 3e-8
+
+
+def test_every_entry_point_describes_a_measure_and_its_rows_alike():
+    """The shape metric's distance had ``units`` from shape_metric() but not from similarity(), whose result is the
+    one saved, and its measure attr was "shape_metric" where the measures are named "shape"; ``rows`` had a
+    long_name only from cca() and compare() (found by audit)."""
+    x, y = _pair(5, n=120)
+    one = shape_metric(x, y)
+    assert one.attrs["measure"] == "shape"
+    for result in (one, compare(x, y, measures=["shape"]),
+                   chunkcca.similarity({"a": x}, {"b": y}, measures=["shape"])):
+        variable = result["shape_distance" if "shape_distance" in result else "shape"]
+        assert (variable.attrs["long_name"], variable.attrs["units"]) == ("angular shape distance", "radians")
+    for result in (cka(x, y), procrustes(x, y), one, svcca(x, y), pwcca(x, y), cca(x, y),
+                   chunkcca.similarity({"a": x}, {"b": y}, measures=["cka"])):
+        assert result["rows"].attrs["long_name"] == "rows the statistics were computed from", result.attrs

@@ -158,12 +158,39 @@ def test_one_end_of_the_colour_range_beyond_the_data_or_not_a_number_is_refused(
 
 
 def test_a_colour_range_of_one_value_is_stated_as_drawn():
-    """One value throughout (every pair 1.0): matplotlib draws the bar from 0.9 to 1.1, and the label said
-    "colour range 1.00 to 1.00"; it states the range drawn."""
-    ax = plot_similarity(_sweep(np.ones((2, 2))))
-    low, high = ax.figure.axes[-1].get_ylim()
-    assert (round(low, 2), round(high, 2)) == (0.9, 1.1)
-    assert "colour range 0.90 to 1.10" in ax.figure.axes[-1].get_ylabel()
+    """One value throughout (every pair 1.0): matplotlib drew the bar from 0.9 to 1.1, and the label said "colour
+    range 1.00 to 1.00"; then it stated 0.90 to 1.10, and a distance of 0 (identical layers) was drawn mid-colour on
+    -0.10 to 0.10. One value is drawn on 0 to 1 (or to the value), stated as drawn (found by audit)."""
+    distance = "orthogonal Procrustes distance"
+    for value, long_name, drawn in ((1.0, "linear CKA", (0.0, 1.0)), (0.0, distance, (0.0, 1.0)),
+                                    (1.3, distance, (0.0, 1.3))):
+        sweep = _sweep(np.full((1, 1), value))
+        sweep["cka"].attrs["long_name"] = long_name
+        ax = plot_similarity(sweep)
+        assert ax.figure.axes[-1].get_ylim() == pytest.approx(drawn)
+        assert f"colour range {drawn[0]:.2f} to {drawn[1]:.2f}" in ax.figure.axes[-1].get_ylabel()
+        bright_end = 0.0 if "distance" in long_name else 1.0  # brighter is more alike
+        assert ax.images[0].norm(value) == pytest.approx(bright_end if value in (0.0, 1.0) else 1.0)
+
+
+def test_a_figure_says_which_group_estimator_and_stores_it_draws():
+    """One group of a grouped sweep (``sel(digit=0)``), minibatch CKA and the layers of two stores were drawn with
+    the titles, legends and axis labels of the whole sweep, exact CKA and one store; standard errors all read 0.00
+    (found by audit)."""
+    sweep = _sweep(np.array([[0.3, 0.4]]), spatial="avgpool", stride=1)
+    sweep = xr.concat([sweep, sweep + 0.1], dim=xr.DataArray([0, 2], dims="digit", name="digit"),
+                      combine_attrs="override")
+    ax = plot_similarity(sweep.sel(digit=2))
+    assert ax.figure._suptitle.get_text() == "cka: layer_a vs layer_b, digit 2 (avgpool, stride 1)"
+    ax = plot_similarity(_sweep(np.array([[0.3]]), minibatch=100, store_a="/runs/run0.zarr", store_b="/runs/run1.zarr"))
+    assert ax.figure._suptitle.get_text() == "cka: layer_a vs layer_b (minibatches of 100)"
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("layer_a (run0.zarr)", "layer_b (run1.zarr)")
+    ax = plot_similarity(_sweep(np.array([[0.3]]), store_a="/runs/run0.zarr", store_b="/runs/run0.zarr"))
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("layer_a", "layer_b")
+    ax = plot_similarity(_sweep(np.array([[0.0038, 0.0049]])))
+    assert [text.get_text() for text in ax.texts] == ["0.0038", "0.0049"]
+    result = _rho(np.array([0.9, 0.5])).assign_coords(layer_a="conv", layer_b="conv", digit=0)
+    assert [t.get_text() for t in plot_rho(result).get_legend().get_texts()] == ["conv vs conv, digit 0 (mean 0.700)"]
 
 
 def test_similarity_labels_undefined_pairs():
