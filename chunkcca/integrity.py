@@ -195,8 +195,15 @@ def decoded_by(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, d
 def check_metadata(listing: Listing, attributes: Mapping[str, Any], location: str) -> None:
     """Refuse a layer whose arrays' metadata is not what its writer recorded (``METADATA_ATTR``): edited, gone
     (a lost mask read every position as real) or added; or whose attributes that xarray decodes values by are
-    not (``DECODING_ATTR``, where recorded)."""
+    not (``DECODING_ATTR``, where recorded); or whose record is gone where its chunks' or decoding's is not."""
     recorded, decoding = attributes.get(METADATA_ATTR) or {}, attributes.get(DECODING_ATTR) or {}
+    # every writer that records a layer's chunks or decoding attributes records its metadata, which came first
+    lost = [layer for layer in {**(attributes.get(CHUNKS_ATTR) or {}), **decoding} if layer not in recorded]
+    if lost:
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        raise OSError(f"{location}: its root metadata (zarr.json) lacks the record of the arrays' metadata of layer "
+                      f"{lost[0]!r}{more} ({METADATA_ATTR}), by which an edited dtype, shape, dim order or codec is "
+                      f"found: it was edited or damaged; write the store again")
     found, decoded = metadata_digests(listing, list(recorded)), decoded_by(listing, list(decoding))
     for layer, digests in recorded.items():
         now = found[layer]

@@ -510,10 +510,10 @@ def _read_saved_once(path: Path) -> tuple[Moments, dict[str, Any]]:
                 map_power=tuple(dataset[f"map_power{side}"].values if f"map_power{side}" in dataset else None
                                 for side in range(dataset.sizes["side"])),
             ), dict(dataset.attrs)
-        except ValueError as error:
-            if not fails_checksum(error):
-                raise
-            raise ValueError(f"saved Moments at {path} are damaged: a file fails its checksum ({error})") from None
+        except ValueError as error:  # a file failing its checksum, or another array's passing its own (zarr:
+            # "cannot reshape array of size 22 into shape (2,)"), or arrays that do not fit together
+            why = "a file fails its checksum" if fails_checksum(error) else "an array cannot be read as saved"
+            raise ValueError(f"saved Moments at {path} are damaged: {why} ({error})") from None
 
 
 def check_savable_labels(labels: Sequence[np.ndarray | None], layers: Sequence[str]) -> None:
@@ -571,9 +571,12 @@ def attributes_intact(path: str | os.PathLike) -> bool:
     """Whether the metadata of the saved Moments at ``path`` is that written: the root attributes' digest is the
     one recorded beside them (``ATTRIBUTES_ATTR``), and the arrays' metadata's is (``ARRAYS_ATTR``; an array's
     ``add_offset`` or ``units`` added, which xarray decodes, or its data type changed, gave other statistics);
-    True for saves made before each, which record none."""
+    True for saves made before each, which record none: a save holding what later saves added (``ARRAYS_ATTR``,
+    ``SAVE_ATTR``) without the attributes' digest had it taken out (its ``datapoints_done`` edited then loaded)."""
     attributes = zarr_attributes(Path(path))
-    return (ATTRIBUTES_ATTR not in attributes or attributes[ATTRIBUTES_ATTR] == attributes_digest(attributes)) \
+    if ATTRIBUTES_ATTR not in attributes:
+        return ARRAYS_ATTR not in attributes and SAVE_ATTR not in attributes
+    return attributes[ATTRIBUTES_ATTR] == attributes_digest(attributes) \
         and (ARRAYS_ATTR not in attributes or attributes[ARRAYS_ATTR] == arrays_digest(Path(path)))
 
 

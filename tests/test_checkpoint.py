@@ -345,7 +345,8 @@ def test_a_checkpoint_saved_before_value_rounding_resumes_quietly_with_the_layer
     chunkcca.cca(x, y, checkpoint=tmp_path / "run")
     metadata = json.loads((tmp_path / "run" / "zarr.json").read_text())
     del metadata["attributes"]["value_rounding"]  # as saved then, without the digest of the attributes too
-    del metadata["attributes"][chunkcca.moments.ATTRIBUTES_ATTR]
+    for key in (chunkcca.moments.ATTRIBUTES_ATTR, chunkcca.moments.ARRAYS_ATTR, chunkcca.moments.SAVE_ATTR):
+        del metadata["attributes"][key]
     (tmp_path / "run" / "zarr.json").write_text(json.dumps(metadata))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -400,6 +401,13 @@ def test_damaged_saved_moments_and_checkpoints_are_errors_not_other_numbers(tmp_
     moments.save(tmp_path / "m.moments", overwrite=True)
     os.remove(tmp_path / "m.moments" / "n" / "c")
     with pytest.raises(ValueError, match=r"are damaged: 'n' lacks 1 of its 1 chunk files"):
+        Moments.load(tmp_path / "m.moments")
+    # another array's chunk file, which passes its own checksum: zarr's bare "cannot reshape" (found by audit)
+    moments.save(tmp_path / "m.moments", overwrite=True)
+    saved = tmp_path / "m.moments"
+    (saved / "sizes" / "c" / "0").write_bytes((saved / "mean" / "c" / "0").read_bytes())
+    with pytest.raises(ValueError, match=r"^saved Moments at .*m.moments are damaged: an array cannot be read as "
+                                         r"saved \(cannot reshape"):
         Moments.load(tmp_path / "m.moments")
     chunkcca.cca(da.from_array(x, chunks=100), y, precision="float64", checkpoint=tmp_path / "run")
     os.remove(tmp_path / "run" / "mean" / "c" / "0")
@@ -654,16 +662,25 @@ def _edit_attribute(path, key, value):
 
 @pytest.mark.parametrize(("key", "value"), [("datapoints_done", 100), ("value_rounding", [0.0, 0.5]),
                                             ("layers", ["a", "c"])])
-def test_a_checkpoint_whose_attributes_were_edited_is_refused_not_resumed(tmp_path, key, value):
+@pytest.mark.parametrize("digest", ["kept", "taken out"])
+def test_a_checkpoint_whose_attributes_were_edited_is_refused_not_resumed(tmp_path, key, value, digest):
     """The root attributes of saved Moments carried no checksum: a finished checkpoint's datapoints_done edited from
     200 to 100 (one digit; the JSON stays valid) made the next run add datapoints 100-200 again, silently (rows 300
-    of 200, rho_mean 0.68973 against 0.69010). A digest of them is recorded beside them and checked on load."""
+    of 200, rho_mean 0.68973 against 0.69010). A digest of them is recorded beside them and checked on load; taken
+    out, the save was taken for one made before digests, and resumed (found by audit): a save holding what later
+    saves record (the arrays' digest, the save's id) without it is refused."""
+    import json
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 4))
     y = x @ rng.standard_normal((4, 3)) + rng.standard_normal((200, 3))
     tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": x, "b": y}, chunks=20)
     chunkcca.cca(tree["a"], tree["b"], checkpoint=tmp_path / "run")
     _edit_attribute(tmp_path / "run", key, value)
+    if digest == "taken out":
+        metadata = json.loads((tmp_path / "run" / "zarr.json").read_text())
+        del metadata["attributes"][chunkcca.moments.ATTRIBUTES_ATTR]
+        (tmp_path / "run" / "zarr.json").write_text(json.dumps(metadata))
     with pytest.raises(CheckpointError, match=r"checkpoint .*run cannot be resumed from: its metadata \(the "
                                               r"attributes in zarr.json.*\) was changed or damaged since it was "
                                               r"written; remove it to start again$"):
@@ -694,7 +711,8 @@ def test_a_checkpoint_saved_before_the_attributes_digest_resumes_as_before(tmp_p
         chunkcca.cca(layer, other, precision="float64", checkpoint=tmp_path / "run", checkpoint_every=2,
                      scheduler="synchronous")
     metadata = json.loads((tmp_path / "run" / "zarr.json").read_text())
-    del metadata["attributes"][chunkcca.moments.ATTRIBUTES_ATTR]  # as saved before it was recorded
+    for key in (chunkcca.moments.ATTRIBUTES_ATTR, chunkcca.moments.ARRAYS_ATTR, chunkcca.moments.SAVE_ATTR):
+        del metadata["attributes"][key]  # as saved before they were recorded
     (tmp_path / "run" / "zarr.json").write_text(json.dumps(metadata))
     with pytest.warns(UserWarning, match="stopped after 40 of its 80 datapoints"):
         assert Moments.load(tmp_path / "run").n == 40

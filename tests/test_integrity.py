@@ -310,7 +310,12 @@ def test_a_chunk_file_moved_to_another_chunk_s_place_is_an_error_not_other_datap
     (store / "zarr.json").write_text(json.dumps(root))
     with pytest.raises(OSError, match=r"layer 'a' and 1 more \(chunkcca_chunks\)"):
         open_activations(store)
-    del root["attributes"]["chunkcca_metadata"]  # a store written before either was recorded reads as it did
+    del root["attributes"]["chunkcca_metadata"]  # the arrays' metadata's record lost, the decoding attributes'
+    (store / "zarr.json").write_text(json.dumps(root))  # kept: an edit (the dims swapped then read silently)
+    with pytest.raises(OSError, match=r"s\.zarr: its root metadata \(zarr.json\) lacks the record of the arrays' "
+                                      r"metadata of layer 'a' and 1 more \(chunkcca_metadata\)"):
+        open_activations(store)  # (found by audit)
+    del root["attributes"]["chunkcca_decoding"]  # a store written before any was recorded reads as it did
     (store / "zarr.json").write_text(json.dumps(root))
     swapped = float(cca(open_activations(store)["a"], open_activations(store)["b"], precision="float64")["rho_mean"])
     assert abs(swapped - want) > 0.1, "what the check prevents: other datapoints' values, read silently"

@@ -298,7 +298,8 @@ def test_moments_saved_before_their_precision_was_recorded_load_as_float32_produ
     _moments_of(rng.standard_normal((20, 3)), (1, 2)).save(tmp_path / "m")
     metadata_path = tmp_path / "m" / "zarr.json"
     metadata = json.loads(metadata_path.read_text())
-    for key in ("precision", chunkcca.moments.ATTRIBUTES_ATTR, chunkcca.moments.ARRAYS_ATTR):  # as saved then
+    for key in ("precision", chunkcca.moments.ATTRIBUTES_ATTR, chunkcca.moments.ARRAYS_ATTR,
+                chunkcca.moments.SAVE_ATTR):  # as saved then
         del metadata["attributes"][key]
     metadata_path.write_text(json.dumps(metadata))
     with pytest.warns(UserWarning, match=r"do not record their products' precision \(saved by an earlier chunkcca\): "
@@ -529,7 +530,8 @@ def test_saves_made_before_provenance_load_as_unknown(tmp_path, rng):
     old.save(tmp_path / "old")
     metadata_path = tmp_path / "old" / "zarr.json"
     metadata = json.loads(metadata_path.read_text())
-    for key in ("layers", "rows_from", "value_rounding", chunkcca.moments.ATTRIBUTES_ATTR):  # as an earlier save
+    for key in ("layers", "rows_from", "value_rounding", chunkcca.moments.ATTRIBUTES_ATTR,
+                chunkcca.moments.ARRAYS_ATTR, chunkcca.moments.SAVE_ATTR):  # as an earlier save
         metadata["attributes"].pop(key)
     metadata_path.write_text(json.dumps(metadata))
     with pytest.warns(UserWarning, match=r"do not record their activations' rounding .* compute them again, or "
