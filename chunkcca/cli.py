@@ -38,10 +38,34 @@ def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
-if _as_command():  # from the first moment: a SIGTERM while the libraries load is the same one line
+#: Whether a Ctrl-C came (``_interrupt``): an error after it is reported as the interruption it may be.
+_CTRL_C: list[bool] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C, as Python's own handler takes it (a KeyboardInterrupt), and noted: one that an extension module's
+    initialisation turns into ``ImportError('initialization failed')`` (matplotlib's, loading for --plot) was
+    reported as "a package is missing"; any error after it is now the command's "interrupted"."""
+    _CTRL_C.append(True)
+    raise KeyboardInterrupt
+
+
+def _unraisable(unraisable: Any) -> None:
+    """A Ctrl-C that lands in a finaliser (``__del__``, as the libraries load) is swallowed there by Python, which
+    printed its traceback while the command ran on to status 0: it is noted, and the command stops at its next
+    look (``_stop_if_interrupted``). Other unraisable exceptions are Python's to report."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        _CTRL_C.append(True)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+if _as_command():  # from the first moment: a SIGTERM or Ctrl-C while the libraries load is the same one line
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
+    sys.unraisablehook = _unraisable
 
 try:  # the libraries load in the command's first second or so: a Ctrl-C then is one line too (as in main)
     import argparse
@@ -96,11 +120,15 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     )
     from chunkcca.plot import plot_rho, plot_similarity
     from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
-except KeyboardInterrupt:
-    if not _as_command():  # imported by a program of its own: its KeyboardInterrupt
+except (KeyboardInterrupt, ImportError) as stopped:
+    # imported by a program of its own: its KeyboardInterrupt; a module missing, not interrupted: said as it is
+    if not _as_command() or (not isinstance(stopped, KeyboardInterrupt) and not (_CTRL_C or _SIGNALLED)):
         raise
     print(_interrupted_line(None), file=sys.stderr)
     raise SystemExit(2) from None
+if _as_command() and _CTRL_C:  # a Ctrl-C a finaliser swallowed as the libraries loaded
+    print(_interrupted_line(None), file=sys.stderr)
+    raise SystemExit(2)
 
 MEASURES = tuple(chunkcca.MEASURES)
 #: The command's notices (chunkcca's log at INFO, which ``_notices`` shows on stderr).
@@ -1102,10 +1130,11 @@ def size_decode_pool() -> None:
 
 
 @contextlib.contextmanager
-def _notices(command: str) -> Iterator[None]:
+def _notices(command: str, before: Callable[[], None] = lambda: None) -> Iterator[None]:
     """chunkcca's notices (its log at INFO: a run resumed from its checkpoint) on stderr while the command runs,
     also under --no-progress; matplotlib's warnings (an .eps plot's "does not support transparency") as the
-    command's other warnings are: one line after ``chunkcca <command>: warning:``."""
+    command's other warnings are: one line after ``chunkcca <command>: warning:``. ``before`` is called before
+    each (the command's warnings held until then are said first)."""
     class OneLine(logging.Formatter):  # as the command's warnings and errors: one line, said what it is
         def format(self, record: logging.LogRecord) -> str:
             first = (record.getMessage().strip().splitlines() or [""])[0]
@@ -1116,6 +1145,7 @@ def _notices(command: str) -> Iterator[None]:
                                    ("matplotlib", logging.WARNING, OneLine())):
         handler, logger = logging.StreamHandler(sys.stderr), logging.getLogger(name)
         handler.setFormatter(formatter)
+        handler.addFilter(lambda record: (before(), True)[1])
         logged.append((logger, handler, logger.level, logger.propagate))
         logger.addHandler(handler)
         logger.setLevel(level)
@@ -1243,6 +1273,15 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def _stopped(args: argparse.Namespace, done: str = "") -> int:
+    """Say in one line that a Ctrl-C or SIGTERM stopped the command (``done``: what it wrote before), and what its
+    --checkpoint then holds; status 2."""
+    print(_interrupted_line([args.command]) + (f"; {done}" if done else "") + _resume_note(args), file=sys.stderr)
+    if _as_command():
+        _quiet_teardown()
+    return 2
+
+
 def _run(argv: list[str] | None) -> int:
     try:
         _Parser.words = tuple(sys.argv[1:] if argv is None else argv)
@@ -1250,12 +1289,28 @@ def _run(argv: list[str] | None) -> int:
         if stray:
             args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
         size_decode_pool()
+        if _CTRL_C:  # a Ctrl-C that a finaliser swallowed (``_unraisable``)
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         print(_interrupted_line(argv), file=sys.stderr)
         return 2
 
+    # warnings are held until the run starts computing (or ends): a check that fails before then is the one line
+    # of its failure, not the second after a warning of something else (a layer reordered, then "--folds 1000 …")
+    held: list[str] = []
+    computing: list[bool] = []
+
     def one_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-        print(f"chunkcca {args.command}: warning: {str(message).splitlines()[0]}", file=sys.stderr)
+        line = f"chunkcca {args.command}: warning: {str(message).splitlines()[0]}"
+        if computing:
+            print(line, file=sys.stderr)
+        else:
+            held.append(line)
+
+    def say_held(*_: Any) -> None:
+        computing.append(True)
+        while held:
+            print(held.pop(0), file=sys.stderr)
 
     try:
         if sys.stdout is None and args.command in ("compare", "info"):  # >&-; sweep and demo write files
@@ -1264,7 +1319,9 @@ def _run(argv: list[str] | None) -> int:
         # stdout that says when it takes no writes; none where the process has none and its output is only a report
         output = contextlib.nullcontext() if sys.stdout is None else contextlib.redirect_stdout(
             _StandardOutput(sys.stdout))
-        with warnings.catch_warnings(), output, _notices(args.command):
+        from dask.callbacks import Callback
+
+        with warnings.catch_warnings(), output, _notices(args.command, say_held), Callback(start=say_held):
             warnings.showwarning = one_line
             if args.command == "demo":
                 with _connected(args) as scheduler:
@@ -1273,31 +1330,38 @@ def _run(argv: list[str] | None) -> int:
             else:
                 {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare,
                  "sweep": _run_sweep}[args.command](args)
+            say_held()
             if sys.stdout is not None:  # what is buffered fails here, said in one line, not at the exit
                 sys.stdout.flush()
+        if _CTRL_C:  # a Ctrl-C that a finaliser swallowed (``_unraisable``): the run was asked to stop
+            raise KeyboardInterrupt
     except KeyboardInterrupt as interrupt:  # Ctrl-C (after a write: what it wrote)
-        done = f"; {interrupt}" if str(interrupt) else ""  # (a Ctrl-C raises one without a message)
-        print(_interrupted_line([args.command]) + done + _resume_note(args), file=sys.stderr)
-        if _as_command():
-            _quiet_teardown()
-        return 2
+        return _stopped(args, str(interrupt))
     except BrokenPipeError:  # the reader of our output left (| head): nothing more to say, nowhere to say it
         with contextlib.suppress(OSError, ValueError):  # the exit's flush of stdout then fails quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except MemoryError as error:
+        if _CTRL_C or _SIGNALLED:  # after a Ctrl-C or SIGTERM, which may have caused it: the interruption
+            return _stopped(args)
         print(f"chunkcca {args.command}: error: out of memory{': ' + str(error).splitlines()[0] if str(error) else ''}",
               file=sys.stderr)
         return 2
     except ImportError as error:  # e.g. the fsspec package of a URL's protocol (s3fs for s3://) is missing
+        if _CTRL_C or _SIGNALLED:  # after a Ctrl-C or SIGTERM, which may have caused it: the interruption
+            return _stopped(args)
         missing = f"the package {error.name!r} is not installed" if error.name else "a package is missing"
         print(f"chunkcca {args.command}: error: {missing}: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, KeyError, pickle.UnpicklingError) as error:
+        if _CTRL_C or _SIGNALLED:  # after a Ctrl-C or SIGTERM, which may have caused it: the interruption
+            return _stopped(args)
         message = _error_line(error)
         print(f"chunkcca {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as error:  # a failure no check foresaw: still one line and status 2, never a traceback
+        if _CTRL_C or _SIGNALLED:  # after a Ctrl-C or SIGTERM, which may have caused it: the interruption
+            return _stopped(args)
         said = str(error).splitlines()[0] if str(error) else ""
         report = ("" if isinstance(error, Warning) else  # python -W error made a warning an error
                   " (if the input does not explain it, please report it with the command)")

@@ -313,6 +313,64 @@ print(main(["sweep", {store!r}, "--a", "m0", "--b", "m1", "--out", {str(folder /
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["a finaliser as the libraries load", "a finaliser as the run starts",
+                                   "an extension module's initialisation"])
+def test_ctrl_c_that_a_finaliser_or_an_extension_module_swallows_is_one_line(tmp_path, where):
+    """A Ctrl-C landing in a finaliser (``__del__``: importlib-metadata's ZipFiles as dask and xarray load) was
+    swallowed by Python, which printed its traceback, and the command ran on to status 0; one landing while an
+    extension module initialised (matplotlib's for --plot; pybind11 makes it ``ImportError('initialization
+    failed')``) was "a package is missing". Each is the one line of an interruption, status 2 (found by audit)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((60, 3)),
+                                                     "b": rng.standard_normal((60, 2))}, chunks=30)
+    ctrl_c = "os.kill(os.getpid(), signal.SIGINT); sum(range(10000))"
+    patch = {
+        "a finaliser as the libraries load": f"""
+class Dropped:
+    def __del__(self):
+        {ctrl_c}
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, *_):
+        if name == "xarray":
+            Dropped()
+        return None
+sys.meta_path.insert(0, Finder())
+from chunkcca.cli import main
+""",
+        "a finaliser as the run starts": f"""
+class Dropped:
+    def __del__(self):
+        {ctrl_c}
+import chunkcca.cli
+from chunkcca.cli import main
+loaded = chunkcca.cli.size_decode_pool
+chunkcca.cli.size_decode_pool = lambda: (Dropped(), loaded())[1]
+""",
+        "an extension module's initialisation": f"""
+import chunkcca.cli
+from chunkcca.cli import main
+def plot_rho(*args, **kwargs):
+    try:
+        {ctrl_c}
+    except KeyboardInterrupt:
+        raise ImportError("initialization failed")
+chunkcca.cli.plot_rho = plot_rho
+"""}[where]
+    code = f"""
+import importlib.abc, os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the test runner ignores SIGINT
+sys.argv = ["chunkcca", "compare", "s.zarr", "a", "b", "--no-progress", "--plot", "p.png"]
+{patch}
+sys.exit(main())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: interrupted\n"), done.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("loading", ["xarray", "dask.array", "chunkcca.api"])
 def test_ctrl_c_while_the_libraries_load_is_one_line(loading):
     """Ctrl-C during the command's first second or so, while Dask, xarray and chunkcca load (the package loads its
@@ -1692,3 +1750,28 @@ def test_two_recordings_of_other_datapoints_are_compared_on_those_they_share_whe
 
 def _centred(rows: np.ndarray) -> np.ndarray:
     return rows - rows.mean(axis=0)
+
+
+def test_a_failed_check_is_one_line_without_the_warnings_before_it(tmp_path, capsys):
+    """A layer of another store holding the datapoints in another order is warned of; a check failing after that
+    warning (--folds more than the datapoints, a --groupby coordinate missing, a --stride leaving one row) printed
+    the warning and then its error, two lines for one failure. Warnings are held until the run starts computing
+    (or a notice, or the end), so a failed check is its one line, and a run says them as before (found by audit)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((60, 3)), rng.standard_normal((60, 2))
+    def labelled(values: np.ndarray, labels: np.ndarray) -> xr.DataArray:
+        return xr.DataArray(values, dims=("datapoint", "channel"), coords={"datapoint": labels})
+
+    chunkcca.write_activations(tmp_path / "one.zarr", {"x": labelled(a, np.arange(60))}, chunks=30)
+    chunkcca.write_activations(tmp_path / "two.zarr", {"x": labelled(b[::-1], np.arange(60)[::-1])}, chunks=30)
+    argv = ["compare", str(tmp_path / "one.zarr"), "x", "x", "--b-store", str(tmp_path / "two.zarr"), "--no-progress"]
+    for extra, said in ((["--folds", "1000"], "folds=1000 (--folds 1000) is more than the 60 datapoints"),
+                        (["--groupby", "nosuch"], "has no coordinate 'nosuch'"),
+                        (["--stride", "1000"], "stride 1000 leaves 1 of the 60 rows")):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and said in err, err
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("chunkcca compare: warning: layer 'x (two.zarr)' holds the datapoints of layer "
+                          "'x (one.zarr)' in another order"), err
