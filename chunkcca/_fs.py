@@ -363,7 +363,13 @@ def check_replaceable(path: Path, overwrite: bool, replaceable: Callable[[Path],
     if replaceable is not None and not replaceable(path):
         raise FileExistsError(f"{path} exists and is not {what} chunkcca wrote; overwrite=True replaces only "
                               f"that, never anything else: choose another path")
-    if path.is_dir() and not os.access(path, os.W_OK):  # moving a folder aside rewrites its own entry ('..')
+    check_folder_replaceable(path)
+
+
+def check_folder_replaceable(path: str | os.PathLike) -> None:
+    """A folder at ``path`` that cannot be moved aside (not writable itself: moving a folder rewrites its own
+    entry '..') is a PermissionError saying so."""
+    if os.path.isdir(path) and not os.access(path, os.W_OK):
         raise PermissionError(f"{path} cannot be replaced: the folder itself cannot be written to (made read-only "
                               f"to keep it, or no permission); make it writable (chmod u+w) to replace it, or choose "
                               f"another path")
@@ -442,13 +448,16 @@ def array_foreign(folder: Path, store: Path, found: list[str]) -> bool:
         return False
     if metadata.get("node_type") != "array":
         return True
+    keys = set(chunk_keys(metadata).values())
+    # the folders chunk files lie in: one left empty where its chunk file was lost is the array's, damaged (what
+    # reading it says), not a user's
+    places = {parent.as_posix() + "/" for key in keys for parent in Path(key).parents if parent != Path(".")}
     held = set()
     for root, dirs, names in os.walk(folder):
         within = Path(root).relative_to(folder)
         held |= {(within / name).as_posix() for name in names}
         held |= {(within / name).as_posix() + "/" for name in dirs if not os.listdir(Path(root, name))}  # empty
-    found += [f"{folder.relative_to(store).as_posix()}/{name}" for name in
-              sorted(held - set(chunk_keys(metadata).values()) - {"zarr.json"})
+    found += [f"{folder.relative_to(store).as_posix()}/{name}" for name in sorted(held - keys - places - {"zarr.json"})
               if not Path(name).name.startswith(FINDER_FILES)]
     return False
 

@@ -25,7 +25,7 @@ import xarray as xr
 from dask.array import PerformanceWarning
 from dask.utils import format_bytes
 
-from ._fs import check_writable
+from ._fs import check_folder_replaceable, check_writable
 from ._stack import user_stacklevel
 from .checkpoint import CheckpointError, holds_row_norms, resume, save_progress
 from .engine import (
@@ -532,8 +532,9 @@ def _checkpointed(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
     provenance = pair_provenance(layers, adapters)  # the checkpoint marked as the run's result will be
     check_savable_labels(provenance["channel_labels"], provenance["layers"])  # before anything is read
     total, done, fingerprint = resume(options.checkpoint, layers, adapters, run_options, boundaries)
-    if done != boundaries[-1]:  # a run left to do saves there
+    if done != boundaries[-1]:  # a run left to do saves there, replacing the checkpoint it resumes (found only
         check_writable(os.path.dirname(os.path.abspath(options.checkpoint)), f"checkpoint {options.checkpoint}")
+        check_folder_replaceable(options.checkpoint)  # at the first save, a group of chunks read in vain)
     if done:  # a resumed or finished run said nothing of it
         said = (f"resuming from the checkpoint {options.checkpoint}: {done} of {boundaries[-1]} datapoints done"
                 + (", nothing left to read" if done == boundaries[-1] else ""))

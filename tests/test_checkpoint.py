@@ -805,3 +805,57 @@ def test_the_labels_hash_holds_a_few_labels_as_text_at_a_time():
         tracemalloc.stop()
     assert made == whole.hexdigest()
     assert peak < 2 * LABELS_AT_ONCE * 100, peak  # a slice of labels as Python ints and text (it was ~100 MiB)
+
+
+def test_an_unfinished_checkpoint_that_lost_a_chunk_file_is_said_to_be_damaged(tmp_path):
+    """An unfinished checkpoint whose scatter lost its chunk file was said to hold "what chunkcca did not write
+    (scatter/c/0/)", the folder the file was in, and to be moved out of the way; then the same of scatter/c/ (found
+    by audit). Where a chunk file lies is the array's: the checkpoint is damaged, as a finished one is said to be."""
+    import os
+
+    import dask
+
+    def block(i):
+        if i == 5:
+            raise KeyboardInterrupt("interrupted")
+        return np.random.default_rng(i).standard_normal((10, 3)) + i
+
+    layer = da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(10, 3), dtype=float) for i in range(8)])
+    with pytest.raises(KeyboardInterrupt):
+        chunkcca.cca(layer, layer[:, :2] * 2 + 1, precision="float64", checkpoint=tmp_path / "run",
+                     checkpoint_every=2, scheduler="synchronous")
+    for chunk in (tmp_path / "run" / "scatter" / "c").rglob("*"):
+        if chunk.is_file():
+            os.remove(chunk)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*run cannot be read \(ValueError: saved Moments at .*run "
+                                              r"are damaged: 'scatter' lacks 1 of its 1 chunk files"):
+        chunkcca.cca(layer, layer[:, :2] * 2 + 1, precision="float64", checkpoint=tmp_path / "run",
+                     checkpoint_every=2, scheduler="synchronous")
+
+
+def test_an_unfinished_checkpoint_that_cannot_be_replaced_is_refused_before_reading(tmp_path, monkeypatch):
+    """An unfinished checkpoint whose own folder cannot be written (a colleague's, in a shared folder) was found
+    only at the run's first save, after a group of chunks had been read in vain (found by audit). (os.access is
+    patched: as root, bits do not refuse.)"""
+    import dask
+
+    def block(i):
+        if i == 5 and not done:
+            raise KeyboardInterrupt("interrupted")
+        read.append(i)
+        return np.random.default_rng(i).standard_normal((10, 3)) + i
+
+    done, read = [], []
+    layer = da.concatenate([da.from_delayed(dask.delayed(block)(i), shape=(10, 3), dtype=float) for i in range(8)])
+    with pytest.raises(KeyboardInterrupt):
+        chunkcca.cca(layer, layer[:, :2] * 2 + 1, checkpoint=tmp_path / "run", checkpoint_every=2,
+                     scheduler="synchronous")
+    done.append(True)
+    read.clear()
+    real = os.access
+    checkpoint = str(tmp_path / "run")
+    monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != checkpoint and real(path, mode))
+    with pytest.raises(PermissionError, match=r"run cannot be replaced: the folder itself cannot be written to"):
+        chunkcca.cca(layer, layer[:, :2] * 2 + 1, checkpoint=tmp_path / "run", checkpoint_every=2,
+                     scheduler="synchronous")
+    assert read == []
