@@ -602,10 +602,15 @@ def _run_ingest(args: argparse.Namespace) -> None:
                       progress=not args.no_progress)
     except FileExistsError as error:  # its check of the store's place, before any work, in the API's words
         raise FileExistsError(str(error).replace("overwrite=True", "--overwrite")) from None
-    except ValueError as error:  # its check of the coordinates' names, before any file is read
-        if not str(error).startswith("coords: "):
-            raise
-        raise ValueError(f"--coord: {str(error).removeprefix('coords: ')}") from None
+    except ValueError as error:  # its checks of the coordinates, in the API's words: the flag's and file's here
+        said = str(error)
+        if said.startswith("coords: "):
+            raise ValueError(f"--coord: {said.removeprefix('coords: ')}") from None
+        for name, file in coords.items():
+            if said.startswith(f"coords[{name!r}] "):  # (the file named once)
+                said = said.removeprefix(f"coords[{name!r}]").removesuffix(f" (from the file {file})")
+                raise ValueError(f"--coord {name}={file}{said}") from None
+        raise
     written = [path for path in chunkcca.layer_paths(tree)
                if any(path == layer.strip("/") or path.startswith(layer.strip("/") + "/") for layer in sources)]
     print(f"wrote {args.store}:")

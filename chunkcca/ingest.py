@@ -18,6 +18,7 @@ import pickle
 import shutil
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -147,12 +148,28 @@ def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
     numpy.ndarray
     """
     path = Path(expanded(path))
-    with open(path, "rb") as raw:
-        compressed = raw.read(2) == b"\x1f\x8b"
-    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as file:
-        value = ArrayOnlyUnpickler(_Bounded(file, _available_memory(), str(path)), source=str(path)).load()
+    try:
+        value = _unpickled(path)
+    except (gzip.BadGzipFile, zlib.error, EOFError) as error:  # gzip's own words name no file
+        raise ValueError(f"cannot read {path} as a pickled array file: {type(error).__name__}: {error}") from error
     if not isinstance(value, np.ndarray):
         raise ValueError(f"{path} holds a {type(value).__name__}, not a numpy array")
+    return value
+
+
+def _unpickled(path: Path) -> Any:
+    """The one object pickled in the (optionally gzip-compressed) file at ``path``, read with ``ArrayOnlyUnpickler``
+    through the memory budget, and the file read to its end."""
+    with open(path, "rb") as raw, contextlib.ExitStack() as opened:
+        # the file opened once, its first bytes looked at without taking them (a pipe's were lost to a second open)
+        compressed = raw.peek(2)[:2] == b"\x1f\x8b"
+        file = opened.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")) if compressed else raw
+        value = ArrayOnlyUnpickler(_Bounded(file, _available_memory(), str(path)), source=str(path)).load()
+        # read to the end: gzip checks its CRC-32 there (a bit flipped in a compressed pickle gave other values,
+        # silently, as the unpickler stops at its last opcode), and nothing may follow the array
+        if file.read(1):
+            raise ValueError(f"{path} holds more after its pickled array (a second pickle, or other bytes): a "
+                             f"pickled array file holds one array")
     return value
 
 
@@ -181,7 +198,7 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
         else:
             yield "", load_pickled_array(path)
     except (ValueError, OSError, EOFError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
-            AttributeError) as error:  # numpy's and pickle's messages do not name the file
+            AttributeError, zipfile.BadZipFile, zlib.error) as error:  # numpy's, pickle's and zip's do not name it
         if str(path) in str(error):
             raise
         raise ValueError(f"cannot read {path} as a {_kind(path)} file: {type(error).__name__}: {error}") from error
@@ -321,6 +338,9 @@ def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> Any:
         raise ValueError(f"cannot read the mask {file} as a .npy file: {error}") from error
     if mask.shape != tuple(shape):
         raise ValueError(f"the mask {file} has shape {mask.shape}; its layer needs (datapoint, *positions) {shape}")
+    if mask.dtype != bool and mask.dtype.kind not in "iuf":  # strings, complex, times: True as bools, even 'False'
+        raise ValueError(f"the mask {file} holds {mask.dtype} values; a padding mask is boolean or 0/1 numbers, True "
+                         f"(1) at real positions and False (0) at padded ones")
     for start in range(0, mask.shape[0], _MASK_BLOCK):  # before anything is written
         block = mask[start : start + _MASK_BLOCK]
         boolean_mask(block, f"the mask {file}, datapoints from {start},")

@@ -382,6 +382,46 @@ def test_mask_files_are_read_in_blocks_and_checked_before_writing(tmp_path, caps
     assert not (tmp_path / "t.zarr").exists()
 
 
+def test_damaged_or_ambiguous_input_files_are_refused_naming_them(tmp_path, capsys):
+    """Found by audit: a bit flipped in a gzip-compressed pickle loaded other values (1e33), silently (the
+    unpickler stops at its last opcode, before gzip's CRC-32); a second pickle after the first was left out; a
+    mask file of strings or complex values was taken as all real ('False' is True as a bool); a damaged .npz's
+    zip and zlib errors named no file and asked for a bug report; ``--coord`` of the wrong length spoke of
+    ``coords['cls']``."""
+    values = np.random.default_rng(0).standard_normal((40, 6))
+    packed = bytearray(gzip.compress(pickle.dumps(values)))
+    packed[len(packed) // 2] ^= 0x10
+    (tmp_path / "flipped.p").write_bytes(bytes(packed))
+    with pytest.raises(ValueError, match=r"cannot read .*flipped.p as a pickled array file: "):
+        load_pickled_array(tmp_path / "flipped.p")
+    for name, data in (("two.p", pickle.dumps(values) + pickle.dumps(values)),
+                       ("two.pgz", gzip.compress(pickle.dumps(values) + pickle.dumps(values)))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{name} holds more after its pickled array"):
+            load_pickled_array(tmp_path / name)
+    (tmp_path / "one.pgz").write_bytes(gzip.compress(pickle.dumps(values)))
+    np.testing.assert_array_equal(load_pickled_array(tmp_path / "one.pgz"), values)
+    np.save(tmp_path / "acts.npy", np.random.default_rng(1).standard_normal((20, 6, 4)).astype("float32"))
+    for mask in (np.where(np.arange(6) < 3, "True", "False")[None].repeat(20, 0), np.ones((20, 6), complex)):
+        np.save(tmp_path / "mask.npy", mask)
+        assert main(["ingest", str(tmp_path / "m.zarr"), f"a={tmp_path / 'acts.npy'}", "--mask",
+                     f"a={tmp_path / 'mask.npy'}", "--no-progress"]) == 2
+        assert f"the mask {tmp_path / 'mask.npy'} holds {mask.dtype} values; a padding mask is boolean or 0/1" \
+            in capsys.readouterr().err
+    np.savez_compressed(tmp_path / "packed.npz", x=values)
+    damaged = bytearray((tmp_path / "packed.npz").read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    (tmp_path / "packed.npz").write_bytes(bytes(damaged))
+    assert main(["ingest", str(tmp_path / "z.zarr"), f"m={tmp_path / 'packed.npz'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {tmp_path / 'packed.npz'} as a .npz file: " in err and "please report" not in err
+    np.save(tmp_path / "labels.npy", np.arange(19))
+    assert main(["ingest", str(tmp_path / "c.zarr"), f"a={tmp_path / 'acts.npy'}", "--coord",
+                 f"cls={tmp_path / 'labels.npy'}", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"chunkcca ingest: error: --coord cls={tmp_path / 'labels.npy'} has 19 labels "
+                                       f"and layer 'a' 20 datapoints: give one label per datapoint, in order\n")
+
+
 def test_a_pytorch_npz_of_conv_and_fc_layers_is_ingested_with_channels_first(tmp_path, capsys):
     """An .npz of a PyTorch CNN's conv (N, C, H, W) and fc (N, C) outputs could not be ingested: without --layout
     the conv array was refused, with --layout channels_first the fc one ("got shape (20, 10)"), and the error
@@ -430,9 +470,8 @@ def test_ingest_writes_datapoint_coordinates_that_compare_groups_by(tmp_path, ca
     np.testing.assert_allclose(shown["results"]["cka"]["value"], want, atol=1e-6)  # float32 activations, auto
     for flag, message in ((f"label={tmp_path / 'none.npy'}", "cannot read coordinate 'label' from"),
                           ("label", "--coord: expected NAME=FILE, got 'label'"),
-                          (f"label={tmp_path / 'a.npy'}", f"coords['label'] must be one number or string per "
-                                                          f"datapoint (1-d), got 2-d float32 values (from the file "
-                                                          f"{tmp_path / 'a.npy'})\n"),
+                          (f"label={tmp_path / 'a.npy'}", f"--coord label={tmp_path / 'a.npy'} must be one number "
+                                                          f"or string per datapoint (1-d), got 2-d float32 values\n"),
                           (f"my label={tmp_path / 'none.npy'}", "without '/' or spaces, got 'my label'\n")):
         assert main(["ingest", str(tmp_path / "t.zarr"), f"a={tmp_path / 'a.npy'}", "--coord", flag,
                      "--no-progress"]) == 2
