@@ -63,8 +63,9 @@ def _unraisable(unraisable: Any) -> None:
 if _as_command():  # from the first moment: a SIGTERM or Ctrl-C while the libraries load is the same one line
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _interrupt)
+    for _stop, _handler in ((signal.SIGTERM, _terminate), (signal.SIGINT, _interrupt)):
+        if signal.getsignal(_stop) is not signal.SIG_IGN:  # ignored as the parent said (a script's job run with
+            signal.signal(_stop, _handler)  # &: Ctrl-C is the script's), it stays ignored
     sys.unraisablehook = _unraisable
 
 try:  # the libraries load in the command's first second or so: a Ctrl-C then is one line too (as in main)
@@ -1302,8 +1303,11 @@ def _run(argv: list[str] | None) -> int:
 
     # warnings are held until the run starts computing (or ends): a check that fails before then is the one line
     # of its failure, not the second after a warning of something else (a layer reordered, then "--folds 1000 …")
+    # (on a cluster as they come: local callbacks see none of its computing, and a cluster's warnings of workers
+    # it waits for come before it)
     held: list[str] = []
-    computing: list[bool] = []
+    local = getattr(args, "scheduler", None) is None or args.scheduler in LOCAL_SCHEDULERS
+    computing: list[bool] = [] if local else [True]
 
     def one_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
         line = f"chunkcca {args.command}: warning: {str(message).splitlines()[0]}"

@@ -113,7 +113,8 @@ def watching_workers(client: Any) -> Iterator[None]:
                 try:
                     warnings.warn_explicit(f"the Dask cluster at {_address(client)} lost all its workers during the "
                                            f"run: it waits until one joins (Ctrl-C stops it)", RuntimeWarning,
-                                           where[0], where[1], module_globals=where[2],
+                                           where[0], where[1],  # (its source found by file name: a module's
+                                           # loader, given, failed on __main__ under ``python -m``, a traceback)
                                            registry=where[2].setdefault("__warningregistry__", {}))
                 except Warning as error:  # made an error by the filter: raised in the caller's thread
                     raised.append(error)

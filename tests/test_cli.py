@@ -1775,3 +1775,57 @@ def test_a_failed_check_is_one_line_without_the_warnings_before_it(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("chunkcca compare: warning: layer 'x (two.zarr)' holds the datapoints of layer "
                           "'x (one.zarr)' in another order"), err
+
+
+def test_a_cluster_run_s_warnings_are_said_as_they_come(tmp_path, capsys, monkeypatch):
+    """On a cluster, local Dask callbacks see none of the computing, and its warnings come before it (no workers:
+    the run waits): they were held, said only after a run that succeeded and lost with one that failed or was
+    stopped (found by review). With --scheduler ADDRESS they are said as they come; locally a failed check is
+    one line."""
+    import contextlib
+
+    import chunkcca.cli
+
+    rng = np.random.default_rng(0)
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((40, 3)),
+                                                     "b": rng.standard_normal((40, 2))}, chunks=20)
+
+    def warned_then_failed(*args, **kwargs):
+        warnings.warn("the Dask cluster at tcp://127.0.0.1:1 has no workers: the run waits until one joins",
+                      RuntimeWarning, stacklevel=2)
+        raise ValueError("the run failed")
+
+    monkeypatch.setattr(chunkcca, "compare", warned_then_failed)
+    monkeypatch.setattr(chunkcca.cli, "_connected", contextlib.contextmanager(lambda args: (yield "a client")))
+    argv = ["compare", str(tmp_path / "s.zarr"), "a", "b", "--no-progress"]
+    assert main([*argv, "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "chunkcca compare: warning: the Dask cluster at tcp://127.0.0.1:1 has no workers: the run waits until one "
+        "joins", "chunkcca compare: error: the run failed"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == ["chunkcca compare: error: the run failed"]
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_the_parent_ignores_is_ignored(tmp_path):
+    """A command started with SIGINT ignored (a script's job run with ``&``: Ctrl-C is the script's) was
+    interrupted by it once the command handled Ctrl-C itself (found by review): it runs on, as Python leaves it."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((60, 3)),
+                                                     "b": rng.standard_normal((60, 2))}, chunks=30)
+    code = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the shell starts a background job
+sys.argv = ["chunkcca", "compare", "s.zarr", "a", "b", "--no-progress"]
+import chunkcca.cli
+from chunkcca.cli import main
+loaded = chunkcca.cli.size_decode_pool
+chunkcca.cli.size_decode_pool = lambda: (os.kill(os.getpid(), signal.SIGINT), loaded())[1]
+sys.exit(main())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert "mean_cca" in done.stdout

@@ -565,3 +565,34 @@ def test_the_lost_workers_warning_names_the_users_line_and_an_error_filter_stops
         if not error:
             lost = [w for w in caught if "lost all its workers" in str(w.message)]
             assert len(lost) == 1 and lost[0].filename == __file__
+
+
+@pytest.mark.slow
+def test_the_command_run_as_a_module_warns_of_a_cluster_without_workers_without_a_traceback(tmp_path):
+    """``python -m chunkcca.cli`` against a cluster that has no workers printed a thread's traceback: the warning
+    of its lost workers, given in the user's name, asked __main__'s loader for its source, which that loader
+    cannot give (found by review). Both warnings are said, as they come, and the run ends once a worker joins."""
+    rng = np.random.default_rng(0)
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": rng.standard_normal((40, 3)),
+                                                     "b": rng.standard_normal((40, 2))}, chunks=20)
+    scheduler_file = tmp_path / "scheduler.json"
+    processes = [subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                                   ":0", "--scheduler-file", str(scheduler_file)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        address = _scheduler_address(scheduler_file)
+        run = subprocess.Popen([sys.executable, "-m", "chunkcca.cli", "compare", "s.zarr", "a", "b", "--no-progress",
+                                "--scheduler", address], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        time.sleep(4)  # the run waits, and its look at the workers (every 2 s) finds none
+        processes.append(subprocess.Popen([DASK, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+                                           "--dashboard-address", ":0", "--no-nanny"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        out, err = run.communicate(timeout=120)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=15)
+    assert run.returncode == 0 and "mean_cca" in out, err
+    assert "Traceback" not in err, err
+    assert f"chunkcca compare: warning: the Dask cluster at {address} has no workers" in err
