@@ -39,6 +39,7 @@ from .layers import (
     memmap_to_dask,
     unnamed_layout,
 )
+from .options import check_mapping
 from .rows import pixel_centres
 from .store import (
     WriteMode,
@@ -483,6 +484,9 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_mapping("sources", sources, "layer path to file")
+    check_mapping("masks", masks, "layer path to mask file")
+    check_mapping("coords", coords, "coordinate name to file or values")
     path, sources = expanded(path), {layer: expanded(source) for layer, source in sources.items()}
     masks = {name: expanded(file) for name, file in (masks or {}).items()}
     coords = {name: _as_file(values) for name, values in (coords or {}).items()}

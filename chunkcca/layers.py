@@ -352,6 +352,11 @@ def _check_position_coords(array: xr.DataArray, positions: Sequence[Hashable], n
     for dim in positions:
         if dim in array.coords and array[dim].dtype.kind in "iufmM" and array.sizes[dim] > 1:  # numbers, times
             values = array[dim].values
+            # an Inf position is placed nowhere (interp's nearest left it out, silently); NaN does not increase
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                raise ValueError(f"layer {name!r}: its {dim!r} coordinates hold NaN or Inf (e.g. "
+                                 f"{values[~np.isfinite(values)][0]}); positions are finite numbers: give it finite "
+                                 f"{dim} coordinates, or drop them (layer.drop_vars({str(dim)!r}))")
             if not (values[1:] > values[:-1]).all():  # not np.diff, which wraps around for unsigned integers
                 raise ValueError(f"layer {name!r}: its {dim!r} coordinates do not increase; layers pair positions "
                                  f"by their order, so put them in increasing order first "
@@ -620,6 +625,12 @@ def layer_paths(tree: xr.DataTree) -> list[str]:
         one, the network order for one made from an opened store (whose children ``open_activations`` puts in that
         order; a store that lists no order opens with its layers sorted).
     """
+    if not isinstance(tree, xr.DataTree):  # a path, a layer's DataArray or a dict failed on their attributes
+        raise TypeError(f"layer_paths lists the layers of an opened store (an xarray.DataTree from "
+                        f"chunkcca.open_activations), got a {type(tree).__name__}"
+                        + ("; open it first: chunkcca.layer_paths(chunkcca.open_activations(path))"
+                           if isinstance(tree, (str, Path)) else ""))
+
     def depth_first(node: xr.DataTree) -> Iterator[xr.DataTree]:
         yield node
         for child in node.children.values():

@@ -172,6 +172,14 @@ def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def check_mapping(name: str, value: Any, what: str) -> None:
+    """``value`` is a mapping (``what`` it maps) or None, or a TypeError naming the argument: an array, list or
+    text given there failed deep in numpy or pandas ("The truth value of an array … is ambiguous") or as "'list'
+    object has no attribute 'items'"."""
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping of {what} (a dict), got a {type(value).__name__}")
+
+
 def check_flag(name: str, value: Any) -> bool:
     """``value`` as a bool (numpy's too), or a ValueError naming the argument: ``debiased="no"`` and
     ``overwrite="no"`` are truthy, and were taken for True."""

@@ -78,7 +78,7 @@ from .layers import (
     datapoints_per_chunk,
     labelled_by,
 )
-from .options import MASK, POSITIONS_ATTR, VALUE_ROUNDING_ATTR
+from .options import MASK, POSITIONS_ATTR, VALUE_ROUNDING_ATTR, check_mapping
 from .store import (
     WriteMode,
     check_new_layers,
@@ -693,6 +693,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
     import torch
     import zarr
     path = expanded(path)
+    check_mapping("coords", coords, "coordinate name to one value per datapoint")
+    check_mapping("layouts", layouts, "layer path to layout")
     modules = _modules(model, layers)
     labelled = labelled_by(check_datapoint_coords(coords), _checked_datapoints(datapoints))
     known = _known_datapoints(batches)

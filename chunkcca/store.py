@@ -95,6 +95,7 @@ from .options import (
     POSITIONS_ATTR,
     check_choice,
     check_flag,
+    check_mapping,
     check_output_place,
     check_storage_options,
     netcdf_int_error,
@@ -249,6 +250,9 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     xarray.DataTree
         The store, opened lazily.
     """
+    check_mapping("layers", layers, "layer path to array")
+    check_mapping("masks", masks, "layer path to mask")
+    check_mapping("coords", coords, "coordinate name to one value per datapoint")
     if not layers:
         raise ValueError("write_activations needs at least one layer")
     path = expanded(path)

@@ -209,6 +209,12 @@ def test_position_coordinates_that_decrease_are_refused(spatial):
     unsigned = b.assign_coords(height=np.arange(4, dtype=np.uint32)).isel(height=slice(None, None, -1))
     with pytest.raises(ValueError, match="layer 'b': its 'height' coordinates do not increase"):  # np.diff wraps
         cca(a, unsigned, spatial=spatial)
+    # an Inf position increases, and interp's nearest left it out, silently (found by audit)
+    infinite = b.assign_coords(height=[0.5, 1.5, 2.5, np.inf])
+    for method in ("nearest", "linear"):
+        with pytest.raises(ValueError, match=r"layer 'b': its 'height' coordinates hold NaN or Inf \(e.g. inf\); "
+                                             r"positions are finite numbers"):
+            cca(a, infinite, spatial="interp", method=method)
 
 
 @pytest.mark.parametrize("spatial", ["flatten", "last"])

@@ -383,3 +383,17 @@ def test_data_arrays_are_read_by_position_and_verbose_takes_integers():
     assert isinstance(dirns, da.Array)
     np.testing.assert_allclose(dirns.compute(), get_cca_similarity(acts1, acts2, verbose=False,
                                                                    compute_dirns=True)["cca_dirns1"], atol=1e-12)
+
+
+def test_fourier_ccas_warns_of_an_array_that_looks_channels_first():
+    """fourier_ccas reads (datapoints, height, width, channels) by position, as the reference does: PyTorch's
+    (N, C, H, W) gave a mean of 0.42 for 0.81, silently, where chunkcca.cca refuses the array (found by audit)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((60, 8, 8, 6))
+    b = a[..., :4] @ rng.standard_normal((4, 6)) + rng.standard_normal((60, 8, 8, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fourier_ccas(a, b, verbose=False)
+    with pytest.warns(UserWarning, match=r"conv_acts1 of shape \(60, 6, 8, 8\) is read as \(datapoints, height, "
+                                         r"width, channels\), .* looks channels-first .* acts.transpose\(0, 2, 3, 1\)"):
+        fourier_ccas(a.transpose(0, 3, 1, 2), b, verbose=False)

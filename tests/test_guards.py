@@ -657,3 +657,35 @@ def test_labels_of_mixed_kinds_are_refused_before_writing_naming_the_layer(tmp_p
     assert not (tmp_path / "s.zarr").exists()
     tree = chunkcca.write_activations(tmp_path / "s.zarr", {"fc": layer.assign_coords(datapoint=labels.astype(str))})
     assert list(tree["fc"]["datapoint"].values) == [str(label) for label in labels]
+
+
+def test_arguments_that_must_be_mappings_or_names_say_so(tmp_path):
+    """Found by audit: an array, list or text where a mapping belongs failed deep in numpy or pandas ("The truth
+    value of an array … is ambiguous"), quoting the whole array, or as "'list' object has no attribute 'items'";
+    layer_paths of a path or a layer as "has no attribute 'data_vars'"; cca_from_moments' batch_dims named twice
+    or as a result's own dim failed in xarray after every frequency was solved, and "hw" was taken as ("h", "w")."""
+    from chunkcca.ingest import ingest
+
+    values = np.random.default_rng(0).standard_normal((40, 4))
+    np.save(tmp_path / "a.npy", values)
+    for call, message in (
+            (lambda: chunkcca.write_activations(tmp_path / "s.zarr", values), "layers must be a mapping of layer path "
+                                                                            "to array (a dict), got a ndarray"),
+            (lambda: chunkcca.write_activations(tmp_path / "s.zarr", {"x": values}, masks=[values > 0]),
+             "masks must be a mapping of layer path to mask (a dict), got a list"),
+            (lambda: chunkcca.write_activations(tmp_path / "s.zarr", {"x": values}, coords=np.arange(40)),
+             "coords must be a mapping of coordinate name to one value per datapoint"),
+            (lambda: ingest(tmp_path / "s.zarr", str(tmp_path / "a.npy")), "sources must be a mapping of layer path "
+                                                                           "to file (a dict), got a str"),
+            (lambda: chunkcca.layer_paths(str(tmp_path / "s.zarr")), "layer_paths lists the layers of an opened "
+                                                                     "store .* got a str; open it first")):
+        with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            call()
+    assert not (tmp_path / "s.zarr").exists()
+    rng = np.random.default_rng(1)
+    maps = rng.standard_normal((30, 4, 4, 3))
+    moments = chunkcca.compute_moments(maps, maps @ rng.standard_normal((3, 2)), spatial="dft")
+    for dims, error in ((("h", "h"), ValueError), (("component", "w"), ValueError), ("hw", TypeError)):
+        with pytest.raises(error, match="batch_dims must"):
+            chunkcca.cca_from_moments(moments, batch_dims=dims)
+    assert chunkcca.cca_from_moments(moments, batch_dims=("h", "w"))["rho"].dims == ("h", "w", "component")
