@@ -609,7 +609,7 @@ def _run_ingest(args: argparse.Namespace) -> None:
             raise ValueError(f"--coord: {said.removeprefix('coords: ')}") from None
         for name, file in coords.items():
             if said.startswith(f"coords[{name!r}] "):  # (the file named once)
-                said = said.removeprefix(f"coords[{name!r}]").removesuffix(f" (from the file {file})")
+                said = said.removeprefix(f"coords[{name!r}]").removesuffix(f" (from the file {expanded(file)})")
                 raise ValueError(f"--coord {name}={file}{said}") from None
         raise
     written = [path for path in chunkcca.layer_paths(tree)

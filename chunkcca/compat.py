@@ -488,8 +488,9 @@ def fourier_ccas(conv_acts1: Any, conv_acts2: Any, return_coefs: bool = False, c
         if unnamed_layout(layer.shape) == "channels_first":  # other numbers silently (ρ̄ 0.42 for 0.81)
             warnings.warn(f"{layer.name} of shape {layer.shape} is read as (datapoints, height, width, channels), "
                           f"as google/svcca's fourier_ccas reads it, but looks channels-first (PyTorch's (N, C, H, W): "
-                          f"equal last two axes); if it is, pass it as acts.transpose(0, 2, 3, 1)", UserWarning,
-                          stacklevel=user_stacklevel())
+                          f"its last two axes are a square map, its middle two not); if it is, pass it with its "
+                          f"axes moved to (N, H, W, C) (numpy's acts.transpose(0, 2, 3, 1)); if it is (N, H, W, C), "
+                          f"this warning can be filtered out", UserWarning, stacklevel=user_stacklevel())
     _check(epsilon, precision)
     if verbose:
         print("streaming per-frequency covariances")

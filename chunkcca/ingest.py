@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import os
 import pickle
 import shutil
+import stat
 import warnings
 import zipfile
 import zlib
@@ -162,9 +164,11 @@ def _unpickled(path: Path) -> Any:
     """The one object pickled in the (optionally gzip-compressed) file at ``path``, read with ``ArrayOnlyUnpickler``
     through the memory budget, and the file read to its end."""
     with open(path, "rb") as raw, contextlib.ExitStack() as opened:
-        # the file opened once, its first bytes looked at without taking them (a pipe's were lost to a second open)
-        compressed = raw.peek(2)[:2] == b"\x1f\x8b"
-        file = opened.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")) if compressed else raw
+        # the file opened once (a pipe's first bytes were lost to a second open), its first bytes looked at
+        # without taking them; a pipe, whose first write may be one byte, read whole first
+        source: Any = raw if stat.S_ISREG(os.fstat(raw.fileno()).st_mode) else io.BytesIO(raw.read())
+        compressed = source.peek(2)[:2] == b"\x1f\x8b" if source is raw else source.getvalue()[:2] == b"\x1f\x8b"
+        file = opened.enter_context(gzip.GzipFile(fileobj=source, mode="rb")) if compressed else source
         value = ArrayOnlyUnpickler(_Bounded(file, _available_memory(), str(path)), source=str(path)).load()
         # read to the end: gzip checks its CRC-32 there (a bit flipped in a compressed pickle gave other values,
         # silently, as the unpickler stops at its last opcode), and nothing may follow the array

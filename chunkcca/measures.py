@@ -222,8 +222,8 @@ def cca_from_moments(moments: Moments, *, epsilon: float = 0.0,
     dims = (tuple(moments.batch_labels) or default_batch_dims(len(batch))) if batch_dims is None else tuple(batch_dims)
     if len(dims) != len(batch):
         raise ValueError(f"Moments have {len(batch)} batch dims, batch_dims names {len(dims)}: {dims}")
-    # before the solves: a name twice, or one of the result's own dims, failed in xarray after every frequency
-    if len(set(dims)) < len(dims) or set(dims) & {"component", "channel_a", "channel_b"}:
+    # before the solves: a name given twice, or one of the result's own dims, failed in xarray after every frequency
+    if batch_dims is not None and (len(set(dims)) < len(dims) or set(dims) & {"component", "channel_a", "channel_b"}):
         raise ValueError(f"batch_dims must name each batch dim once, none 'component', 'channel_a' or 'channel_b' "
                          f"(the result's own dims), got {dims}")
     with solve_threads(moments.channels):

@@ -677,11 +677,22 @@ def test_arguments_that_must_be_mappings_or_names_say_so(tmp_path):
              "coords must be a mapping of coordinate name to one value per datapoint"),
             (lambda: ingest(tmp_path / "s.zarr", str(tmp_path / "a.npy")), "sources must be a mapping of layer path "
                                                                            "to file (a dict), got a str"),
+            (lambda: ingest(tmp_path / "s.zarr", {"x": tmp_path / "a.npy"}, masks=[tmp_path / "a.npy"]),
+             "masks must be a mapping of layer path to mask file (a dict), got a list"),
+            (lambda: ingest(tmp_path / "s.zarr", {"x": tmp_path / "a.npy"}, coords=np.arange(40)),
+             "coords must be a mapping of coordinate name to file or values (a dict), got a ndarray"),
             (lambda: chunkcca.layer_paths(str(tmp_path / "s.zarr")), "layer_paths lists the layers of an opened "
                                                                      "store .* got a str; open it first")):
         with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
             call()
     assert not (tmp_path / "s.zarr").exists()
+    torch = pytest.importorskip("torch", reason="torch (the optional 'torch' extra) is not installed")
+    from chunkcca.record import record
+
+    for given, message in (({"coords": np.arange(40)}, "coords must be a mapping of coordinate name to one value"),
+                           ({"layouts": ["channels_last"]}, "layouts must be a mapping of layer path to layout")):
+        with pytest.raises(TypeError, match=message):
+            record(torch.nn.Linear(4, 2), {"fc": ""}, [torch.ones(3, 4)], tmp_path / "r.zarr", **given)
     rng = np.random.default_rng(1)
     maps = rng.standard_normal((30, 4, 4, 3))
     moments = chunkcca.compute_moments(maps, maps @ rng.standard_normal((3, 2)), spatial="dft")
