@@ -87,8 +87,8 @@ def _difference(saved: str, current: str) -> str:
     if old_layers != now["layers"] and sorted(map(json.dumps, old_layers)) == sorted(map(json.dumps, now["layers"])):
         return "it took the same layers in another order (the sides are swapped)"
     if now.get("row_norms") and before.get("row_norms") is False:
-        return ("it holds no row-norm sums, which cka_debiased needs: give it a checkpoint of its own (or make this "
-                "one with compute_moments(..., row_norms=True, checkpoint=...))")
+        return ("it holds no row-norm sums, which cka_debiased needs: give it a checkpoint of its own, or make this "
+                "one afresh by a run with cka_debiased among its measures (compute_moments: row_norms=True)")
     changed = [f"{key} {before.get(key)!r} then, {now[key]!r} now" for key in now
                if key not in ("format", "layers", "adapters") and before.get(key) != now[key]]
     if changed:

@@ -780,6 +780,12 @@ def _check_compare_flags(args: argparse.Namespace, measures: list[str]) -> None:
     _check_distinct_outputs(args)
     if args.checkpoint is not None:  # as the API checks it, in the flag's words
         check_checkpoint_place(args.checkpoint, "--checkpoint")
+        if args.groupby or args.folds is not None:  # (the API's words named groupby, folds and checkpoint)
+            flag = "--groupby" if args.groupby else "--folds"
+            raise ValueError(f"--checkpoint keeps one Moments of the run: run {flag} without --checkpoint")
+        if args.spatial == "features":
+            raise ValueError("--spatial features takes no --checkpoint: its Gram pass keeps no Moments to save (a "
+                             "larger --memory-limit reads the layers fewer times)")
     if args.plot:
         if not any(chunkcca.MEASURES[name].canonical for name in measures) or args.spatial in PER_FREQUENCY:
             raise ValueError("--plot draws canonical correlation curves: include a CCA-family measure (mean_cca, "

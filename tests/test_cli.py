@@ -1829,3 +1829,26 @@ sys.exit(main())
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert (done.returncode, done.stderr) == (0, ""), done.stderr
     assert "mean_cca" in done.stdout
+
+
+def test_checkpoint_conflicts_are_said_in_flags(tmp_path, capsys):
+    """--checkpoint with --groupby or --folds, or with --spatial features, was refused in the API's words
+    ("run groupby or folds without checkpoint", "spatial='features' takes no checkpoint … memory_limit"); a
+    checkpoint without row-norm sums for cka_debiased advised compute_moments(..., row_norms=True) (found by
+    audit)."""
+    rng = np.random.default_rng(0)
+    layer = xr.DataArray(rng.standard_normal((40, 2, 2, 3)), dims=("datapoint", "height", "width", "channel"),
+                         coords={"label": ("datapoint", np.arange(40) % 2)})
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": layer, "b": layer * 2 + 1}, chunks=20)
+    argv = ["compare", str(tmp_path / "s.zarr"), "a", "b", "--no-progress", "--checkpoint", str(tmp_path / "run")]
+    for extra, said in ((["--groupby", "label"], "--checkpoint keeps one Moments of the run: run --groupby without "
+                                                  "--checkpoint"),
+                        (["--folds", "2"], "run --folds without --checkpoint"),
+                        (["--spatial", "features", "--measure", "cka"], "--spatial features takes no --checkpoint")):
+        assert main([*argv, *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert main([*argv, "--measure", "cka"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--measure", "cka_debiased"]) == 2
+    err = capsys.readouterr().err
+    assert "make this one afresh by a run with cka_debiased among its measures" in err and "row_norms=True," not in err
