@@ -686,13 +686,6 @@ def test_arguments_that_must_be_mappings_or_names_say_so(tmp_path):
         with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
             call()
     assert not (tmp_path / "s.zarr").exists()
-    torch = pytest.importorskip("torch", reason="torch (the optional 'torch' extra) is not installed")
-    from chunkcca.record import record
-
-    for given, message in (({"coords": np.arange(40)}, "coords must be a mapping of coordinate name to one value"),
-                           ({"layouts": ["channels_last"]}, "layouts must be a mapping of layer path to layout")):
-        with pytest.raises(TypeError, match=message):
-            record(torch.nn.Linear(4, 2), {"fc": ""}, [torch.ones(3, 4)], tmp_path / "r.zarr", **given)
     rng = np.random.default_rng(1)
     maps = rng.standard_normal((30, 4, 4, 3))
     moments = chunkcca.compute_moments(maps, maps @ rng.standard_normal((3, 2)), spatial="dft")
@@ -700,3 +693,10 @@ def test_arguments_that_must_be_mappings_or_names_say_so(tmp_path):
         with pytest.raises(error, match="batch_dims must"):
             chunkcca.cca_from_moments(moments, batch_dims=dims)
     assert chunkcca.cca_from_moments(moments, batch_dims=("h", "w"))["rho"].dims == ("h", "w", "component")
+    torch = pytest.importorskip("torch", reason="torch (the optional 'torch' extra) is not installed")  # last
+    from chunkcca.record import record
+
+    for given, message in (({"coords": np.arange(40)}, "coords must be a mapping of coordinate name to one value"),
+                           ({"layouts": ["channels_last"]}, "layouts must be a mapping of layer path to layout")):
+        with pytest.raises(TypeError, match=message):
+            record(torch.nn.Linear(4, 2), {"fc": ""}, [torch.ones(3, 4)], tmp_path / "r.zarr", **given)
