@@ -52,8 +52,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _unraisable(unraisable: Any) -> None:
     """A Ctrl-C that lands in a finaliser (``__del__``, as the libraries load) is swallowed there by Python, which
-    printed its traceback while the command ran on to status 0: it is noted, and the command stops at its next
-    look (``_stop_if_interrupted``). Other unraisable exceptions are Python's to report."""
+    printed its traceback while the command ran on to status 0: it is noted (``_CTRL_C``), and the command stops
+    where it next looks. Other unraisable exceptions are Python's to report."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
         _CTRL_C.append(True)
         return
@@ -1336,18 +1336,23 @@ def _run(argv: list[str] | None) -> int:
             _StandardOutput(sys.stdout))
         from dask.callbacks import Callback
 
-        with warnings.catch_warnings(), output, _notices(args.command, say_held), Callback(start=say_held):
-            warnings.showwarning = one_line
-            if args.command == "demo":
-                with _connected(args) as scheduler:
-                    run_demo(args.out, datapoints=args.datapoints, chunk=args.chunk, seed=args.seed,
-                             precision=args.precision, progress=not args.no_progress, scheduler=scheduler)
-            else:
-                {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare,
-                 "sweep": _run_sweep}[args.command](args)
-            say_held()
-            if sys.stdout is not None:  # what is buffered fails here, said in one line, not at the exit
-                sys.stdout.flush()
+        try:
+            with warnings.catch_warnings(), output, _notices(args.command, say_held), Callback(start=say_held):
+                warnings.showwarning = one_line
+                if args.command == "demo":
+                    with _connected(args) as scheduler:
+                        run_demo(args.out, datapoints=args.datapoints, chunk=args.chunk, seed=args.seed,
+                                 precision=args.precision, progress=not args.no_progress, scheduler=scheduler)
+                else:
+                    {"ingest": _run_ingest, "info": _run_info, "compare": _run_compare,
+                     "sweep": _run_sweep}[args.command](args)
+                say_held()
+                if sys.stdout is not None:  # what is buffered fails here, said in one line, not at the exit
+                    sys.stdout.flush()
+        except Exception as error:  # after a Ctrl-C or SIGTERM, which may have caused it (an extension module's
+            if _CTRL_C or _SIGNALLED:  # ImportError): the interruption
+                raise KeyboardInterrupt from error
+            raise
         if _CTRL_C:  # a Ctrl-C that a finaliser swallowed (``_unraisable``): the run was asked to stop
             raise KeyboardInterrupt
     except KeyboardInterrupt as interrupt:  # Ctrl-C (after a write: what it wrote)
@@ -1357,26 +1362,18 @@ def _run(argv: list[str] | None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except MemoryError as error:
-        if _CTRL_C or _SIGNALLED:  # after a Ctrl-C or SIGTERM, which may have caused it: the interruption
-            return _stopped(args)
         print(f"chunkcca {args.command}: error: out of memory{': ' + str(error).splitlines()[0] if str(error) else ''}",
               file=sys.stderr)
         return 2
     except ImportError as error:  # e.g. the fsspec package of a URL's protocol (s3fs for s3://) is missing
-        if _CTRL_C or _SIGNALLED:  # after a Ctrl-C or SIGTERM, which may have caused it: the interruption
-            return _stopped(args)
         missing = f"the package {error.name!r} is not installed" if error.name else "a package is missing"
         print(f"chunkcca {args.command}: error: {missing}: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, KeyError, pickle.UnpicklingError) as error:
-        if _CTRL_C or _SIGNALLED:  # after a Ctrl-C or SIGTERM, which may have caused it: the interruption
-            return _stopped(args)
         message = _error_line(error)
         print(f"chunkcca {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as error:  # a failure no check foresaw: still one line and status 2, never a traceback
-        if _CTRL_C or _SIGNALLED:  # after a Ctrl-C or SIGTERM, which may have caused it: the interruption
-            return _stopped(args)
         said = str(error).splitlines()[0] if str(error) else ""
         report = ("" if isinstance(error, Warning) else  # python -W error made a warning an error
                   " (if the input does not explain it, please report it with the command)")

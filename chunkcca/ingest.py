@@ -35,6 +35,7 @@ from .layers import (
     boolean_mask,
     check_coord_name,
     check_datapoint_coords,
+    check_mask_dtype,
     datapoints_per_chunk,
     labelled_by,
     layer_path,
@@ -343,9 +344,7 @@ def _mask_file(file: str | os.PathLike, shape: tuple[int, ...]) -> Any:
         raise ValueError(f"cannot read the mask {file} as a .npy file: {error}") from error
     if mask.shape != tuple(shape):
         raise ValueError(f"the mask {file} has shape {mask.shape}; its layer needs (datapoint, *positions) {shape}")
-    if mask.dtype != bool and mask.dtype.kind not in "iuf":  # strings, complex, times: True as bools, even 'False'
-        raise ValueError(f"the mask {file} holds {mask.dtype} values; a padding mask is boolean or 0/1 numbers, True "
-                         f"(1) at real positions and False (0) at padded ones")
+    check_mask_dtype(mask.dtype, f"the mask {file}")
     for start in range(0, mask.shape[0], _MASK_BLOCK):  # before anything is written
         block = mask[start : start + _MASK_BLOCK]
         boolean_mask(block, f"the mask {file}, datapoints from {start},")

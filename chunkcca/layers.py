@@ -391,12 +391,21 @@ def _check_mask(array: xr.DataArray, name: str) -> None:
                             "ingest take 0/1 numbers and store booleans)" if numbers else ""))
 
 
+def check_mask_dtype(dtype: np.dtype, what: str) -> None:
+    """A padding mask's dtype is boolean or numeric, else a ValueError naming ``what``: strings, complex values and
+    times are True as booleans ('False' too), so a mask of them read every position as real."""
+    if dtype.kind not in "biuf":
+        raise ValueError(f"{what} holds {dtype} values; a padding mask is boolean or 0/1 numbers, True (1) at real "
+                         f"positions and False (0) at padded ones")
+
+
 def boolean_mask(values: Any, what: str) -> Any:
     """A padding mask (numpy or Dask) as booleans: booleans as they are; numbers (a tokenizer's 0/1 integers,
     0.0/1.0) when each is 0 or 1, else a ValueError naming ``what``, raised for a Dask mask as each block is
-    computed (a write it feeds then leaves nothing). Other dtypes are left as they are, for ``_check_mask`` to
-    name. The one rule of ``write_activations``, ``record`` and ``ingest``."""
-    if values.dtype == bool or values.dtype.kind not in "iuf":
+    computed (a write it feeds then leaves nothing); other dtypes refused (``check_mask_dtype``). The one rule of
+    ``write_activations``, ``record`` and ``ingest``."""
+    check_mask_dtype(values.dtype, what)
+    if values.dtype == bool:
         return values
 
     def checked(block: np.ndarray) -> np.ndarray:

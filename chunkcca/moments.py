@@ -547,14 +547,14 @@ def value_eps(dtype: np.dtype) -> float:
     return float(np.finfo(dtype).eps)
 
 
-#: The root attributes of saved Moments that loading reads (a checkpoint's too): what ``ATTRIBUTES_ATTR`` covers.
-#: Others (a user's notes) may change.
-READ_ATTRIBUTES = ("chunkcca", "precision", "layers", "rows_from", "value_rounding", "positions",
-                   "datapoints_done", "datapoints_total", "fingerprint", "chunkcca_arrays", "chunkcca_save")
 #: The root attribute recording a digest of every saved array's metadata (``arrays_digest``).
 ARRAYS_ATTR = "chunkcca_arrays"
 #: The root attribute naming each save (a random id): a load that saw it change was mixing two saves.
 SAVE_ATTR = "chunkcca_save"
+#: The root attributes of saved Moments that loading reads (a checkpoint's too): what ``ATTRIBUTES_ATTR`` covers.
+#: Others (a user's notes) may change.
+READ_ATTRIBUTES = ("chunkcca", "precision", "layers", "rows_from", "value_rounding", "positions",
+                   "datapoints_done", "datapoints_total", "fingerprint", ARRAYS_ATTR, SAVE_ATTR)
 #: Times a load that met a save replacing the Moments reads them again.
 LOAD_ATTEMPTS = 3
 #: The arrays every save holds.

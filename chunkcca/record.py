@@ -163,8 +163,7 @@ class _Seen:
         self.made: list[tuple[tuple[int, ...], Found]] = []  # each tensor noted in this pass: its shape and layout
         self.starts: dict[int, int] = {}  # a module (its id) → how many tensors were noted when its call began
         self.datapoints: int | None = None
-        self.sequence_datapoints: int | None = None  # N of the (T, N, C) outputs torch documents, in this pass
-        self.sequences: set[tuple[int, int]] = set()  # their (T, N)
+        self.sequences: set[tuple[int, int]] = set()  # (T, N) of the (T, N, C) outputs torch documents, in this pass
         self.has_time_first = any(_time_first(module) for module in model.modules())
         self.orders: dict[Any, bool] = {}  # recorded layer (its path) or module → whether time first, as told
         self.read: set[str] = set()  # recorded layers read datapoints first in a batch that did not tell
@@ -205,20 +204,20 @@ class _Seen:
         self.made.clear()
         self.starts.clear()
         self.datapoints = datapoints
-        self.sequence_datapoints = None
         self.sequences.clear()
 
     def note_time_first(self, tensor: Any) -> None:
-        """Note the datapoints (N) of a (T, N, C) output as torch documents it (an RNN's, attention's with
-        ``batch_first=False``): the pass's count where the batch does not show it, as long as they all agree
-        (0 once two disagree), and its (T, N)."""
-        count = int(tensor.shape[1])
-        self.sequence_datapoints = count if self.sequence_datapoints in (None, count) else 0
-        self.sequences.add((int(tensor.shape[0]), count))
+        """Note the (T, N) of a (T, N, C) output as torch documents it (an RNN's, attention's with
+        ``batch_first=False``)."""
+        self.sequences.add((int(tensor.shape[0]), int(tensor.shape[1])))
 
     def count(self) -> int | None:
-        """The pass's datapoints: as the batch shows them, else as the (T, N, C) outputs torch documents do."""
-        return self.datapoints if self.datapoints is not None else self.sequence_datapoints or None
+        """The pass's datapoints: as the batch shows them, else the N of the (T, N, C) outputs torch documents,
+        as long as they all agree."""
+        if self.datapoints is not None:
+            return self.datapoints
+        counts = {count for _, count in self.sequences}
+        return counts.pop() if len(counts) == 1 else None
 
     def misread_error(self) -> ValueError:
         """The error for the layers in ``misread``, naming each and what helps."""
