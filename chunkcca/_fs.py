@@ -462,15 +462,39 @@ def array_foreign(folder: Path, store: Path, found: list[str]) -> bool:
     return False
 
 
-def chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
-    """Every stored object's key (chunk, or shard) of a zarr v3 array, by its grid index, from its metadata."""
-    shape = metadata["shape"]
+def _chunk_grid(metadata: dict[str, Any]) -> tuple[list[int], str, str]:
+    """A zarr v3 array's chunk grid (chunks along each dim), its chunk key encoding's name and its separator."""
     chunk_shape = metadata["chunk_grid"]["configuration"]["chunk_shape"]
     encoding = metadata.get("chunk_key_encoding", {"name": "default"})
     separator = encoding.get("configuration", {}).get("separator", "/" if encoding["name"] == "default" else ".")
-    grid = [-(-size // chunk) for size, chunk in zip(shape, chunk_shape)]
+    return [-(-size // chunk) for size, chunk in zip(metadata["shape"], chunk_shape)], encoding["name"], separator
+
+
+def chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
+    """Every stored object's key (chunk, or shard) of a zarr v3 array, by its grid index, from its metadata."""
+    grid, encoding, separator = _chunk_grid(metadata)
     keys = {}
     for index in itertools.product(*map(range, grid)):  # C order
         parts = separator.join(map(str, index))
-        keys[index] = (f"c{separator}{parts}" if parts else "c") if encoding["name"] == "default" else (parts or "0")
+        keys[index] = (f"c{separator}{parts}" if parts else "c") if encoding == "default" else (parts or "0")
     return keys
+
+
+def chunk_place(metadata: dict[str, Any], key: str) -> int | None:
+    """Where the stored object ``key`` of a zarr v3 array (its ``metadata``) comes in ``chunk_keys``' order (C
+    order of the grid); None for a key that names none of its chunks. Parsed, not looked up: no key list is built."""
+    grid, encoding, separator = _chunk_grid(metadata)
+    if encoding == "default":
+        if key != "c" and not key.startswith(f"c{separator}"):
+            return None
+        parts = key[2:].split(separator) if key != "c" else []
+    else:
+        parts = key.split(separator) if grid else ([] if key == "0" else ["not a chunk"])
+    if len(parts) != len(grid) or not all(part.isdigit() for part in parts):
+        return None
+    place = 0
+    for index, count in zip(map(int, parts), grid):
+        if index >= count:
+            return None
+        place = place * count + index
+    return place

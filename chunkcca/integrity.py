@@ -9,6 +9,7 @@ Files and metadata only: no activations are read here.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import warnings
@@ -23,7 +24,7 @@ import google_crc32c
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from ._fs import chunk_keys, json_digest
+from ._fs import chunk_keys, chunk_place, json_digest
 from ._stack import user_stacklevel
 from .options import MASK, VARIABLE, layer_name
 
@@ -242,6 +243,15 @@ def _datapoint_span(metadata: dict[str, Any], index: tuple[int, ...]) -> tuple[i
     return index[0] * per_chunk, min((index[0] + 1) * per_chunk, total) - 1
 
 
+def _chunk_datapoints(metadata: dict[str, Any], index: tuple[int, ...]) -> str:
+    """The chunk at grid ``index`` of a zarr array (its ``metadata``) in words: the span of its first dim."""
+    if not metadata["shape"]:
+        return "its one chunk"
+    first, last = _datapoint_span(metadata, index)
+    dim = (metadata.get("dimension_names") or ["datapoint"])[0]
+    return f"{dim}s {first} to {last}" if dim == "datapoint" else f"{dim} {first} to {last}"
+
+
 def check_chunks(metadata: dict[str, Any], present: set[str], what: str, store: str) -> None:
     """Every chunk file of one zarr array (its ``metadata``; ``present`` the names of its files) is there, or an
     OSError naming ``what`` it holds and, along datapoint, which datapoints are lost."""
@@ -351,11 +361,7 @@ def check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any],
     grid = list(chunk_keys(metadata))  # each chunk's grid index, in the order of the checksums
 
     def datapoints(index: int) -> str:
-        if not metadata["shape"]:
-            return "its one chunk"
-        first, last = _datapoint_span(metadata, grid[index])
-        dim = (metadata.get("dimension_names") or ["datapoint"])[0]
-        return f"{dim}s {first} to {last}" if dim == "datapoint" else f"{dim} {first} to {last}"
+        return _chunk_datapoints(metadata, grid[index])
 
     if not moved.size:
         for index in edited[:CHECKED_EDITS].tolist():
@@ -374,6 +380,47 @@ def check_places(checksums: np.ndarray, recorded: str, metadata: dict[str, Any],
                   f"{datapoints(origin)} ({moved.size} chunk file{'s' if moved.size > 1 else ''} moved to another "
                   f"chunk's place, each passing its own checksum, or edited to equal another): read, they would give "
                   f"other datapoints' values; the store is damaged: write it again")
+
+
+@dataclass(frozen=True)
+class ChunkPlaces:
+    """Each chunk file's CRC32C as written (``CHUNKS_ATTR``) of one zarr array, by which a chunk file is checked as
+    it is read: one copied over another after the checks before reading (a ``cp`` or ``rsync`` into a store in
+    use) passes its own checksum and would be read as other datapoints' values."""
+
+    metadata: dict[str, Any]  # the array's zarr.json: its grid and chunk key encoding
+    written: bytes  # each chunk's CRC32C as written, little-endian uint32, in chunk order
+
+    def check(self, key: str, tail: bytes, where: str) -> None:
+        """An OSError naming ``where`` (the file read) when the chunk file of ``key`` (within the array) ends in
+        ``tail`` (its last 4 bytes, its CRC32C) of another chunk's bytes as written, not of its own. A checksum
+        written for no chunk (an edit in place, which ``check_places`` warns of) passes."""
+        place = chunk_place(self.metadata, key)
+        if (place is None or len(tail) != 4 or 4 * place + 4 > len(self.written)  # cut short: zarr's check fails it
+                or self.written[4 * place : 4 * place + 4] == tail):
+            return
+        written = np.frombuffer(self.written, dtype="<u4")
+        origin = np.flatnonzero(written == int.from_bytes(tail, "little"))
+        if origin.size:
+            grid = list(chunk_keys(self.metadata))  # each chunk's grid index, in chunk order
+            own, theirs = grid[place], grid[int(origin[0])]
+            raise OSError(f"chunk file {where} holds the bytes written for {_chunk_datapoints(self.metadata, theirs)}, "
+                          f"not those of {_chunk_datapoints(self.metadata, own)} (copied or moved over it since the "
+                          f"store was written): read, they would give other datapoints' values; the store is damaged: "
+                          f"write it again")
+
+
+def chunk_places(listing: Listing, attributes: Mapping[str, Any]) -> dict[str, ChunkPlaces]:
+    """Per array folder (relative to the store's root) whose chunks a store's root ``attributes`` record
+    (``CHUNKS_ATTR``), its ``ChunkPlaces``. A record that is no base64 is left to ``check_places`` to fail on."""
+    places = {}
+    for layer, arrays in (attributes.get(CHUNKS_ATTR) or {}).items():
+        for array, recorded in arrays.items():
+            folder = f"{layer}/{array}"
+            if folder in listing.arrays:
+                with contextlib.suppress(ValueError, TypeError):  # binascii.Error is a ValueError
+                    places[folder] = ChunkPlaces(listing.arrays[folder], base64.b64decode(recorded, validate=True))
+    return places
 
 
 def check_label_places(fs: Any, root: str, listing: Listing, recorded: Mapping[str, Mapping[str, str]],

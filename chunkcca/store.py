@@ -56,6 +56,7 @@ from .integrity import (
     DECODING_ATTR,
     LOST_CHUNKS,
     METADATA_ATTR,
+    ChunkPlaces,
     Listing,
     check_chunks,
     check_label_places,
@@ -63,6 +64,7 @@ from .integrity import (
     check_places,
     check_store_files,
     chunk_checksums,
+    chunk_places,
     chunk_reader,
     chunk_records,
     decoded_by,
@@ -714,25 +716,29 @@ class WholeStore(WrapperStore):
     file lost after the store was opened never gives fill values. With the ``generation`` it was opened at
     (``GENERATION_ATTR``), each process that reads a chunk through it (a Dask worker, once) first checks that
     the store it sees at that location is the same: a worker seeing another copy (a stale local one, a cache)
-    mixed its chunks into the result. Named and tokenized by its location (and, for a local store, its folder's
+    mixed its chunks into the result. With the ``places`` of its arrays' chunks as written (``ChunkPlaces``, by
+    array folder), each chunk file read whole is checked to hold its own chunk's bytes, not another's copied over
+    it while the store is read. Named and tokenized by its location (and, for a local store, its folder's
     modification time, as xarray names a store opened by path)."""
 
-    def __init__(self, store: Any, location: str, token: tuple[Any, ...] = (), generation: str | None = None) -> None:
+    def __init__(self, store: Any, location: str, token: tuple[Any, ...] = (), generation: str | None = None,
+                 places: Mapping[str, ChunkPlaces] | None = None) -> None:
         super().__init__(store)
         self.location, self.token, self.generation = location, token, generation
+        self.places = dict(places or {})
 
     @classmethod
-    def at(cls, location: str, storage_options: Mapping[str, Any] | None = None,
-           generation: str | None = None) -> WholeStore:
+    def at(cls, location: str, storage_options: Mapping[str, Any] | None = None, generation: str | None = None,
+           places: Mapping[str, ChunkPlaces] | None = None) -> WholeStore:
         """The store at a local path or fsspec URL, read-only."""
         if is_url(location):  # the options name the endpoint and account: two of them are two stores
             options = json.dumps(dict(storage_options or {}), sort_keys=True, default=str)
             return cls(FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=True),
-                       location, (hashlib.sha1(options.encode()).hexdigest(),), generation)
-        return cls(LocalStore(location, read_only=True), location, (os.path.getmtime(location),), generation)
+                       location, (hashlib.sha1(options.encode()).hexdigest(),), generation, places)
+        return cls(LocalStore(location, read_only=True), location, (os.path.getmtime(location),), generation, places)
 
     def _with_store(self, store: Any) -> WholeStore:
-        return type(self)(store, self.location, self.token, self.generation)
+        return type(self)(store, self.location, self.token, self.generation, self.places)
 
     async def _check_generation(self, prototype: Any) -> None:
         """An OSError if the store this process sees at the location is not the one opened (another
@@ -760,15 +766,28 @@ class WholeStore(WrapperStore):
         return (type(self).__name__, self.location, *self.token)
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        if PurePosixPath(key).name not in METADATA_FILES:
-            await self._check_generation(prototype)
-        return self._present(key, await self._store.get(key, prototype, byte_range))
+        if PurePosixPath(key).name in METADATA_FILES:
+            return await self._store.get(key, prototype, byte_range)
+        await self._check_generation(prototype)
+        value = self._present(key, await self._store.get(key, prototype, byte_range))
+        if byte_range is None and self.places:  # a whole chunk file: its last 4 bytes are its CRC32C
+            self._check_place(key, value.as_numpy_array()[-4:].tobytes())
+        return value
 
     async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
         key_ranges = list(key_ranges)
         await self._check_generation(prototype)
         values = await self._store.get_partial_values(prototype, key_ranges)
         return [self._present(key, value) for (key, _), value in zip(key_ranges, values)]
+
+    def _check_place(self, key: str, tail: bytes) -> None:
+        """An OSError when the chunk file ``key`` (ending in ``tail``) holds another chunk's bytes as written."""
+        parts = key.split("/")
+        for cut in range(len(parts) - 1, 0, -1):  # the array's folder: the longest one of the store's it is in
+            places = self.places.get("/".join(parts[:cut]))
+            if places is not None:
+                places.check("/".join(parts[cut:]), tail, f"{key} of {self.location}")
+                return
 
     def _present(self, key: str, value: Any) -> Any:
         """``value`` read at ``key``; for a chunk (or shard) file that is missing, a FileNotFoundError naming it."""
@@ -829,7 +848,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         root_metadata = parsed_metadata(fs.cat(f"{root}/zarr.json"), "zarr.json")
     except ValueError as error:
         raise ValueError(f"cannot open {location} as a zarr activation store: {error}") from error
-    generation = root_metadata.get("attributes", {}).get(GENERATION_ATTR)
+    attributes = root_metadata.get("attributes", {})
+    generation = attributes.get(GENERATION_ATTR)
     with replaced_meanwhile(location, storage_options, generation):  # another process replacing it: said so
         try:
             listing = Listing.of(fs, root)
@@ -838,19 +858,22 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         if "." in listing.arrays:  # its root, an array, was taken for a label array that lost a chunk: "damaged"
             raise ValueError(f"{location} is a zarr array, not an activation store (a zarr group of layers): write "
                              f"it as a layer with chunkcca.write_activations (or chunkcca ingest)")
-        check_metadata(listing, root_metadata.get("attributes", {}), location)  # before xarray reads labels by it
+        check_metadata(listing, attributes, location)  # before xarray reads labels by it
         try:
             with warnings.catch_warnings():  # a folder without zarr.json: a layer's is named below (check_store_files),
                 # and another (a user's own, "plots") is not the store's: zarr's warning was a second line beside ours
                 warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component of a Zarr")
-                tree = xr.open_datatree(WholeStore.at(location, storage_options, generation), engine="zarr",
-                                        chunks={}, consolidated=False)
+                tree = xr.open_datatree(WholeStore.at(location, storage_options, generation,
+                                                      chunk_places(listing, attributes)),
+                                        engine="zarr", chunks={}, consolidated=False)
         except Exception as error:
             check_store_files(location, listing, (), ())  # a label's chunk file lost (xarray reads labels): named
-            why = _unreadable_label(listing, location, storage_options) or error
-            raise ValueError(f"cannot open {location} as a zarr activation store: {why}") from error
-        appending = root_metadata.get("attributes", {}).get(APPENDING_ATTR, {}).get("layers", [])
-        in_flight = set(appending) - set(root_metadata.get("attributes", {}).get(ORDER_ATTR, []))
+            why = _unreadable_label(listing, location, storage_options)
+            if why is None:  # each label's chunk files read: one holding another's bytes (``ChunkPlaces``), named
+                check_label_places(fs, root, listing, chunk_records(attributes, location), location)
+            raise ValueError(f"cannot open {location} as a zarr activation store: {why or error}") from error
+        appending = attributes.get(APPENDING_ATTR, {}).get("layers", [])
+        in_flight = set(appending) - set(attributes.get(ORDER_ATTR, []))
         if in_flight:  # layers an append is moving in (or was, when it was killed): not the store's yet
             tree = tree.filter(lambda node: node.path.strip("/") not in in_flight)
         found = layer_paths(tree)
@@ -864,7 +887,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
             raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
                              + (f"; it is {what}" if what else ""))
         check_store_files(location, listing, listed, found)
-        check_label_places(fs, root, listing, chunk_records(root_metadata.get("attributes", {}), location), location)
+        check_label_places(fs, root, listing, chunk_records(attributes, location), location)
     # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
     # groups in no fixed order
     found = [layer for layer in found if layer in listed] + sorted(layer for layer in found if layer not in listed)

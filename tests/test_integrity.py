@@ -333,6 +333,50 @@ def test_a_chunk_file_moved_to_another_chunk_s_place_is_an_error_not_other_datap
         chunkcca.compute_moments(open_activations(store)["t"], open_activations(store)["t"], spatial="avgpool")
 
 
+def test_a_chunk_file_copied_over_another_while_the_store_is_read_is_an_error_not_other_datapoints(tmp_path):
+    """A chunk file copied over another after the checks before reading (a ``cp`` or ``rsync`` into a store in
+    use) passes its own checksum, and the store's generation is unchanged: its datapoints were read with the other
+    chunk's values, silently (mean ρ 0.2639 for 0.2762 in a cluster audit). Each chunk file's checksum is compared,
+    as it is read, with the one written for its place: another chunk's is an error naming both; one written for no
+    chunk (an edit in place, as ``check_places`` leaves it) is read."""
+    from dask.callbacks import Callback
+
+    store = _store(tmp_path, dtype="float32")
+    tree = open_activations(store)
+    want = float(cca(tree["a"], tree["b"], precision="float64")["rho_mean"])
+    chunks = store / "b" / "activations" / "c"
+    second = (chunks / "5" / "0").read_bytes()
+
+    class CopyAsTheRunStarts(Callback):  # after every check before reading, before the first chunk is read
+        def __init__(self, source: Path) -> None:
+            super().__init__()
+            self.source = source
+
+        def _start(self, dsk: object) -> None:
+            shutil.copyfile(self.source, chunks / "5" / "0")
+
+    with CopyAsTheRunStarts(chunks / "1" / "0"), \
+            pytest.raises(OSError, match=r"reading layers 'a', 'b' from .*s\.zarr failed.*: chunk file "
+                                         r"b/activations/c/5/0 of .*s\.zarr holds the bytes written for datapoints 50 "
+                                         r"to 99, not those of datapoints 250 to 299"):
+        cca(tree["a"], tree["b"], precision="float64")
+    (chunks / "5" / "0").write_bytes(second)
+    other = tmp_path / "other"  # the same layer written again with other values: its chunk is no chunk's here
+    rng = np.random.default_rng(7)
+    write_activations(other / "s.zarr", {"a": rng.standard_normal((400, 4)).astype("float32"),
+                                         "b": rng.standard_normal((400, 3)).astype("float32")}, chunks=50)
+    with CopyAsTheRunStarts(other / "s.zarr" / "b" / "activations" / "c" / "5" / "0"):
+        edited = float(cca(tree["a"], tree["b"], precision="float64")["rho_mean"])
+    assert abs(edited - want) > 1e-6  # read as it is: an edit, the user's
+    (chunks / "5" / "0").write_bytes(second)
+    assert float(cca(open_activations(store)["a"], open_activations(store)["b"],
+                     precision="float64")["rho_mean"]) == want
+    shutil.copyfile(chunks / "1" / "0", chunks / "5" / "0")  # before the run, under a layer derived from the store's
+    with pytest.raises(OSError, match=r"chunk file b/activations/c/5/0 of .*s\.zarr holds the bytes written for "
+                                      r"datapoints 50 to 99"):  # whose chunk files are only counted before reading
+        cca(tree["a"], tree["b"]["activations"].astype("float64"), precision="float64")
+
+
 def test_overwrite_replaces_only_an_activation_store(tmp_path, capsys):
     """--overwrite once removed a folder holding thesis.tex, and replaced the input .npy it was pointed at."""
     project = tmp_path / "project"
