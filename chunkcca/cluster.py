@@ -183,9 +183,11 @@ def connect(address: str, *, timeout: float) -> Any:
 
 
 def _handshake(address: str, timeout: float) -> None:
-    """Open and close one connection to ``address`` within ``timeout`` seconds, handshake included, which a Client
-    waits for without a limit (a dashboard's port or any other server that does not answer as a scheduler: it
-    hung); else an OSError, or a ValueError for a malformed address or a server that answers otherwise."""
+    """Open one connection to ``address`` within ``timeout`` seconds, handshake included, which a Client waits for
+    without a limit (a dashboard's port or any other server that does not answer as a scheduler: it hung), and
+    ask the server what it is; else an OSError, or a ValueError for a malformed address, a server that answers
+    otherwise, or a Dask worker or nanny (a Client failed on it with "Worker.identity() got an unexpected
+    keyword argument")."""
     import asyncio
     import concurrent.futures
 
@@ -194,9 +196,13 @@ def _handshake(address: str, timeout: float) -> None:
 
     _check_resolves(address, timeout)
 
-    async def shake() -> None:
+    async def shake() -> Any:
         comm = await open_comm(address, timeout=timeout, **Security().get_connection_args("client"))
-        await comm.close()
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            await comm.close()
 
     outcome: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -210,7 +216,7 @@ def _handshake(address: str, timeout: float) -> None:
     # thread held the command for the whole --connect-timeout)
     threading.Thread(target=run, name="chunkcca-handshake", daemon=True).start()
     try:
-        outcome.result()
+        identity = outcome.result()
     except (OSError, TimeoutError) as error:
         raise OSError(f"no Dask scheduler answered at {address} within {timeout:g} s (connect_timeout; a "
                       f"dashboard's port, 8787, is not the scheduler's): {_why_unanswered(error, address)}") from error
@@ -226,6 +232,12 @@ def _handshake(address: str, timeout: float) -> None:
     except Exception as error:  # a malformed address
         raise ValueError(f"cannot connect to a Dask scheduler at {address}: {type(error).__name__}: "
                          f"{_first_line(error)}") from error
+    kind = identity.get("type") if isinstance(identity, dict) else None
+    if kind in ("Worker", "Nanny"):  # a scheduler says "Scheduler" (or its subclass's name)
+        scheduler = identity.get("scheduler")
+        raise ValueError(f"{address} is a Dask {kind.lower()}'s address, not a scheduler's"
+                         + (f": its scheduler is at {scheduler}; give that" if scheduler else
+                            ": give the scheduler's (its workers' logs name it, \"Registered to: …\")"))
 
 
 class _Unlogged(logging.Filter):

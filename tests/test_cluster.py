@@ -401,6 +401,29 @@ def test_a_scheduler_address_is_read_as_the_command_reads_it_and_a_closed_client
         np.testing.assert_allclose(cca(x, x[:, :2], scheduler=cluster.scheduler_address)["rho"], [1, 1], atol=1e-6)
 
 
+
+def test_a_workers_address_given_as_the_scheduler_is_said_to_be_one_and_where_its_scheduler_is(tmp_path, capsys):
+    """A worker's address (copied from its log line "Start worker at: tcp://…") answered the handshake, and the
+    Client's first request failed in distributed's words: "cannot connect to a Dask scheduler at …: TypeError:
+    Worker.identity() got an unexpected keyword argument 'n_workers'" (found by audit). The handshake asks the
+    server what it is; a worker is named as one, with its scheduler's address."""
+    distributed = pytest.importorskip("distributed")
+    x = np.random.default_rng(0).standard_normal((60, 3))
+    with distributed.LocalCluster(n_workers=1, processes=False, protocol="tcp://", host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        worker = next(iter(cluster.workers.values())).address
+        said = (rf"{worker} is a Dask worker's address, not a scheduler's: its scheduler is at "
+                rf"{cluster.scheduler_address}; give that")
+        with pytest.raises(ValueError, match=said):
+            cca(x, x[:, :2], scheduler=worker, connect_timeout=10)
+        chunkcca.write_activations(tmp_path / "s.zarr", {"a": x, "b": x[:, :2]}, chunks=20)
+        assert main(["compare", str(tmp_path / "s.zarr"), "a", "b", "--scheduler", worker, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"chunkcca compare: error: {worker} is a Dask worker's address") and err.count("\n") == 1
+        np.testing.assert_allclose(cca(x, x[:, :2], scheduler=cluster.scheduler_address, connect_timeout=10)["rho"],
+                                   [1, 1], atol=1e-6)  # the scheduler's own address connects as before
+
+
 def test_same_result_on_a_distributed_client():
     distributed = pytest.importorskip("distributed")
     a, b = correlated_layers(np.random.default_rng(7), 60, (5, 6, 7), (5, 6, 5))
