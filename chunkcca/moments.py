@@ -146,8 +146,12 @@ class Moments:
                              f"for mean of shape {self.mean.shape}")
         if sum(sizes) != p:
             raise ValueError(f"sizes {sizes} do not add up to the {p} channels of mean")
-        if self.n < 0:
-            raise ValueError(f"row count must be >= 0, got {self.n}")
+        count = self.n
+        integral = isinstance(count, (int, np.integer)) or (isinstance(count, (float, np.floating))
+                                                            and float(count).is_integer())
+        if isinstance(count, (bool, np.bool_)) or not integral or count < 0:  # a NaN passed "n < 0"
+            raise ValueError(f"row count must be an integer >= 0, got {count!r}")
+        object.__setattr__(self, "n", int(count))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if (self.norm_moments is None) != (self.norm_products is None):
