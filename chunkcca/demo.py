@@ -17,6 +17,7 @@ from dask.utils import format_bytes
 from ._fs import ORDER_ATTR, check_replaceable, check_writable, expanded, zarr_attributes
 from .api import cca
 from .datasets import CHANNELS, SIZE, demo_layers
+from .options import StreamOptions, check_flag, check_int
 from .plot import plot_rho
 from .report import PeakMemory, format_table, is_chunkcca_plot, save_figure
 from .store import write_activations
@@ -42,6 +43,10 @@ def run_demo(out: str | Path = "chunkcca-demo", *, datapoints: int = 2000, chunk
              precision: str = "auto", progress: bool = True, scheduler: str | None = None) -> dict[str, xr.Dataset]:
     """Write the demo store under ``out`` (replacing only a store an earlier demo wrote there), run the
     comparisons, print a table and save the plot."""
+    # every option before anything is written (a bad precision failed in the first comparison, after the store)
+    datapoints, chunk, seed = check_int("datapoints", datapoints), check_int("chunk", chunk), check_int("seed", seed, 0)
+    progress = check_flag("progress", progress)
+    StreamOptions.from_kwargs("run_demo", {"precision": precision, "scheduler": scheduler})
     out = Path(expanded(out))
     if out.exists() and not out.is_dir():  # it said "[Errno 17] File exists" after writing nothing
         raise FileExistsError(f"{out} exists and is not a folder: the demo writes its store and plot into a folder; "

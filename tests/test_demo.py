@@ -120,6 +120,23 @@ def test_bad_arguments_exit_nonzero_with_one_line(capsys):
     assert "must be >= 1, got 0" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"precision": "float16"}, r"precision must be one of"),
+    ({"scheduler": "no-such-scheduler"}, r"scheduler must be .threads., .synchronous., .processes. or a Dask "),
+    ({"datapoints": 0}, r"datapoints must be an integer >= 1, got 0"),
+    ({"chunk": 2.5}, r"chunk must be an integer >= 1, got 2.5"),
+    ({"seed": -1}, r"seed must be an integer >= 0, got -1"),
+    ({"progress": "no"}, r"progress must be True or False"),
+])
+def test_run_demo_refuses_a_bad_option_before_it_writes(tmp_path, option, message):
+    """``run_demo(precision="float16")`` wrote the 100 MB store, then failed in the first comparison (found by
+    audit); ``datapoints=0`` failed in Dask's concatenate. Each option is checked first, as the command does."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        run_demo(tmp_path / "demo", **option)
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.slow
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "chunkcca.cli", "demo", "--help"], capture_output=True, text=True,
