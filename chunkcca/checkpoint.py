@@ -218,18 +218,44 @@ def store_signature(array: xr.DataArray) -> str | None:
         if opened:
             folders.append((f"{array.encoding['store']}/{array.encoding['layer']}/{variable}", variable))
         elif hasattr(data, "__dask_graph__"):
-            folders += [(str(source.store_path), str(source.store_path)) for source in zarr_arrays(data)]
+            folders += [(_array_files(source, str(array.name)), str(source.store_path))
+                        for source in zarr_arrays(data)]
     if not folders:
         return None
     listing = []
     for location, label in folders:
-        fs, folder = filesystem(location, options)
+        fs, folder = filesystem(location, options) if isinstance(location, str) else location
         folder = folder.rstrip("/")
         files = fs.find(folder, detail=True)
+        if not files:  # listed elsewhere than read: a fingerprint of nothing resumed the run after any rewrite
+            raise CheckpointError(f"layer {str(array.name)!r} reads the zarr array {label}, whose files are not "
+                                  f"found at {folder}, so a checkpoint cannot tell a rewrite of them; open it by "
+                                  f"its path (zarr.open_array, xarray.open_zarr) or run without a checkpoint")
         tails = _local_tails(fs, files)
         listing += sorted((label + name.removeprefix(folder), [*_file_signature(info), tails.get(name)])
                           for name, info in files.items())
     return hashlib.sha1(json.dumps(listing, default=str).encode()).hexdigest()
+
+
+def _array_files(source: Any, layer: str) -> str | tuple[Any, str]:
+    """Where the files of the zarr array ``source`` that a layer computed from it reads are: a local path, or an
+    fsspec store's filesystem (synchronous, with the store's own options) and folder; a CheckpointError for a store
+    without files to list (in memory). A wrapper (``store.WholeStore``) lists the store it wraps."""
+    from zarr.storage import FsspecStore, LocalStore, WrapperStore
+
+    store = source.store_path.store
+    while isinstance(store, WrapperStore):
+        store = store._store
+    if isinstance(store, LocalStore):
+        return f"{store.root}/{source.store_path.path}"
+    if isinstance(store, FsspecStore):  # ``dask.array.from_zarr(path)``'s: named "<FsspecStore(…)>", no path
+        fs = getattr(store.fs, "sync_fs", store.fs)  # fsspec's AsyncFileSystemWrapper holds the sync one
+        if getattr(fs, "asynchronous", False):
+            fs = type(fs)(**{**fs.storage_options, "asynchronous": False})
+        return fs, f"{store.path}/{source.store_path.path}"
+    raise CheckpointError(f"layer {layer!r} reads the zarr array {source.store_path} from a "
+                          f"{type(store).__name__}, whose files a checkpoint cannot list to tell a rewrite: write "
+                          f"it to a store (chunkcca.write_activations) or run without a checkpoint")
 
 
 def _local_tails(fs: Any, files: dict[str, dict[str, Any]]) -> dict[str, str]:
