@@ -26,7 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ._fs import chunk_keys, chunk_place, json_digest
 from ._stack import user_stacklevel
-from .options import MASK, VARIABLE, layer_name
+from .options import MASK, POSITIONS_ATTR, VARIABLE, layer_name
 
 #: Root attribute: per layer, a digest of each of its arrays' metadata (all but their attributes) as written, by
 #: which an edit since (another dtype, shape, dim order or codec list, read silently as other numbers) is refused.
@@ -47,6 +47,11 @@ TIME_DECODED_BY = ("units", "calendar")
 #: Root attribute: per layer, each of its arrays' ``DECODED_BY`` attributes as written (``decoded_by``), checked
 #: at open beside ``METADATA_ATTR`` (apart from it, so that a store written now opens as before in older versions).
 DECODING_ATTR = "chunkcca_decoding"
+
+#: Root attribute: per layer, what its ``datapoint`` coordinate holds as written: "positions" (written without
+#: labels, ``POSITIONS_ATTR``: it pairs with other layers by position) or "labels". The attribute that says so is
+#: an array attribute no other record covers: deleted, a layer of positions paired by them with a labelled one.
+DATAPOINTS_ATTR = "chunkcca_datapoints"
 
 #: Codecs whose settings do not change the numbers read (how hard a compressor worked): only their names count.
 COMPRESSORS = ("blosc", "zstd", "gzip", "numcodecs.blosc", "numcodecs.zstd", "numcodecs.gzip", "numcodecs.lz4")
@@ -193,6 +198,33 @@ def decoded_by(listing: Listing, layers: Sequence[str]) -> dict[str, dict[str, d
     return found
 
 
+def datapoint_kinds(listing: Listing, layers: Sequence[str]) -> dict[str, str]:
+    """Per layer of ``layers`` with a ``datapoint`` coordinate, what it holds (``DATAPOINTS_ATTR``)."""
+    found = {layer: listing.arrays.get(f"{layer}/datapoint") for layer in layers}
+    return {layer: "positions" if (metadata.get("attributes") or {}).get(POSITIONS_ATTR) else "labels"
+            for layer, metadata in found.items() if metadata is not None}
+
+
+def _check_datapoint_kinds(listing: Listing, attributes: Mapping[str, Any], location: str) -> None:
+    """Refuse a layer whose datapoints are positions where labels were written, or labels where positions were
+    (``DATAPOINTS_ATTR``), or whose record is lost beside other layers' (a store from before it has none)."""
+    written = attributes.get(DATAPOINTS_ATTR)
+    if written is None:
+        return
+    layers = list(attributes.get(METADATA_ATTR) or {})
+    for layer, now in datapoint_kinds(listing, layers).items():
+        if layer not in written:
+            raise OSError(f"{location}: its root metadata (zarr.json) lacks the record of what the datapoint "
+                          f"coordinate of layer {layer!r} holds ({DATAPOINTS_ATTR}), which other layers have: it "
+                          f"was edited or damaged (or the layer appended by a chunkcca before 2026-12-05); write "
+                          f"the store again")
+        if written[layer] != now:
+            raise OSError(f"{location}: the datapoint coordinate of layer {layer!r} was written as {written[layer]} "
+                          f"and reads as {now}: its attribute {POSITIONS_ATTR} was edited (it decides whether the "
+                          f"layer pairs with others by position or by label); if you did not edit it, the store "
+                          f"is damaged: write it again")
+
+
 def check_metadata(listing: Listing, attributes: Mapping[str, Any], location: str) -> None:
     """Refuse a layer whose arrays' metadata is not what its writer recorded (``METADATA_ATTR``): edited, gone
     (a lost mask read every position as real) or added; or whose attributes that xarray decodes values by are
@@ -229,6 +261,7 @@ def check_metadata(listing: Listing, attributes: Mapping[str, Any], location: st
                               f"{'are' if len(edited) > 1 else 'is'} not what chunkcca wrote: read as it is it "
                               f"would give other numbers; if you did not edit it, the store is damaged: write it "
                               f"again")
+    _check_datapoint_kinds(listing, attributes, location)
 
 
 def lost_chunks(metadata: dict[str, Any], present: set[str]) -> dict[tuple[int, ...], str]:

@@ -53,6 +53,7 @@ from ._fs import (
 from ._stack import user_stacklevel
 from .integrity import (
     CHUNKS_ATTR,
+    DATAPOINTS_ATTR,
     DECODING_ATTR,
     LOST_CHUNKS,
     METADATA_ATTR,
@@ -67,6 +68,7 @@ from .integrity import (
     chunk_places,
     chunk_reader,
     chunk_records,
+    datapoint_kinds,
     decoded_by,
     file_sizes,
     lost_chunks,
@@ -595,6 +597,8 @@ def _set_root_attrs(store: Path, order: Sequence[str], image: tuple[int, int] | 
             if checksums is not None:
                 chunks[layer][variable] = base64.b64encode(checksums.tobytes()).decode()
     attributes[CHUNKS_ATTR] = {layer: chunks[layer] for layer in order if layer in chunks}
+    kinds = {**datapoint_kinds(listing, order), **attributes.get(DATAPOINTS_ATTR, {})}  # kept layers: as written
+    attributes[DATAPOINTS_ATTR] = {layer: kinds[layer] for layer in order if layer in kinds}
     if generation is not None:
         attributes[GENERATION_ATTR] = generation
     if image is not None:
