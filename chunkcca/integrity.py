@@ -9,7 +9,6 @@ Files and metadata only: no activations are read here.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import warnings
@@ -441,19 +440,6 @@ class ChunkPlaces:
                           f"not those of {_chunk_datapoints(self.metadata, own)} (copied or moved over it since the "
                           f"store was written): read, they would give other datapoints' values; the store is damaged: "
                           f"write it again")
-
-
-def chunk_places(listing: Listing, attributes: Mapping[str, Any]) -> dict[str, ChunkPlaces]:
-    """Per array folder (relative to the store's root) whose chunks a store's root ``attributes`` record
-    (``CHUNKS_ATTR``), its ``ChunkPlaces``. A record that is no base64 is left to ``check_places`` to fail on."""
-    places = {}
-    for layer, arrays in (attributes.get(CHUNKS_ATTR) or {}).items():
-        for array, recorded in arrays.items():
-            folder = f"{layer}/{array}"
-            if folder in listing.arrays:
-                with contextlib.suppress(ValueError, TypeError):  # binascii.Error is a ValueError
-                    places[folder] = ChunkPlaces(listing.arrays[folder], base64.b64decode(recorded, validate=True))
-    return places
 
 
 def check_label_places(fs: Any, root: str, listing: Listing, recorded: Mapping[str, Mapping[str, str]],

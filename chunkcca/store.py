@@ -65,7 +65,6 @@ from .integrity import (
     check_places,
     check_store_files,
     chunk_checksums,
-    chunk_places,
     chunk_reader,
     chunk_records,
     datapoint_kinds,
@@ -709,9 +708,13 @@ def move_layer(part: Path, store: Path, layer: str) -> None:
 METADATA_FILES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
 
 
-#: The stores (location, generation) this process has found at their location as opened (``WholeStore``): each is
-#: checked once per process, however many copies of its wrapper the tasks unpickle.
-_GENERATIONS_SEEN: set[tuple[str, str | None]] = set()
+#: Per process, each opening of a store (location, generation, opening) read through a ``WholeStore``: its chunk
+#: records by array folder, as its root holds them at the first read in this process (``CHUNKS_ATTR``, base64),
+#: each replaced by the folder's ``ChunkPlaces`` once a chunk of it is read (None: unusable, left to the checks
+#: before reading). Checked and read once per process however many copies of the wrapper the tasks unpickle; the
+#: latest ``OPENINGS_KEPT`` kept.
+_OPENINGS: dict[tuple[str, str | None, str | None], dict[str, str | ChunkPlaces | None]] = {}
+OPENINGS_KEPT = 256
 
 
 class WholeStore(WrapperStore):
@@ -720,45 +723,56 @@ class WholeStore(WrapperStore):
     file lost after the store was opened never gives fill values. With the ``generation`` it was opened at
     (``GENERATION_ATTR``), each process that reads a chunk through it (a Dask worker, once) first checks that
     the store it sees at that location is the same: a worker seeing another copy (a stale local one, a cache)
-    mixed its chunks into the result. With the ``places`` of its arrays' chunks as written (``ChunkPlaces``, by
-    array folder), each chunk file read whole is checked to hold its own chunk's bytes, not another's copied over
-    it while the store is read. Named and tokenized by its location (and, for a local store, its folder's
+    mixed its chunks into the result. With an ``opening`` (an id of one ``open_activations`` call), each chunk
+    file read whole is checked to hold its own chunk's bytes as the store records them, not another's copied over
+    it while the store is read; the records are read in each process, not carried in the tasks (a sweep's graph
+    grew by every layer's copy of them). Named and tokenized by its location (and, for a local store, its folder's
     modification time, as xarray names a store opened by path)."""
 
     def __init__(self, store: Any, location: str, token: tuple[Any, ...] = (), generation: str | None = None,
-                 places: Mapping[str, ChunkPlaces] | None = None) -> None:
+                 opening: str | None = None) -> None:
         super().__init__(store)
-        self.location, self.token, self.generation = location, token, generation
-        self.places = dict(places or {})
+        self.location, self.token, self.generation, self.opening = location, token, generation, opening
 
     @classmethod
     def at(cls, location: str, storage_options: Mapping[str, Any] | None = None, generation: str | None = None,
-           places: Mapping[str, ChunkPlaces] | None = None) -> WholeStore:
+           opening: str | None = None) -> WholeStore:
         """The store at a local path or fsspec URL, read-only."""
         if is_url(location):  # the options name the endpoint and account: two of them are two stores
             options = json.dumps(dict(storage_options or {}), sort_keys=True, default=str)
             return cls(FsspecStore.from_url(location, storage_options=dict(storage_options or {}), read_only=True),
-                       location, (hashlib.sha1(options.encode()).hexdigest(),), generation, places)
-        return cls(LocalStore(location, read_only=True), location, (os.path.getmtime(location),), generation, places)
+                       location, (hashlib.sha1(options.encode()).hexdigest(),), generation, opening)
+        return cls(LocalStore(location, read_only=True), location, (os.path.getmtime(location),), generation, opening)
 
     def _with_store(self, store: Any) -> WholeStore:
-        return type(self)(store, self.location, self.token, self.generation, self.places)
+        return type(self)(store, self.location, self.token, self.generation, self.opening)
 
-    async def _check_generation(self, prototype: Any) -> None:
-        """An OSError if the store this process sees at the location is not the one opened (another
-        ``GENERATION_ATTR``); once per process and store (``_GENERATIONS_SEEN``), none for a store without one."""
-        if self.generation is None or (self.location, self.generation) in _GENERATIONS_SEEN:
-            return
+    async def _opened(self, prototype: Any) -> dict[str, str | ChunkPlaces | None]:
+        """This opening's chunk records (``_OPENINGS``), after an OSError if the store this process sees at the
+        location is not the one opened (another ``GENERATION_ATTR``); read once per process and opening, none for
+        a store without a generation or opening."""
+        key = (self.location, self.generation, self.opening)
+        if key in _OPENINGS:
+            return _OPENINGS[key]
+        if self.generation is None and self.opening is None:
+            return {}
         raw = await self._store.get("zarr.json", prototype)
         if raw is None:  # no store there at all: the chunk read next is missing, and ``_present`` says so
-            return
-        seen = json.loads(raw.to_bytes()).get("attributes", {}).get(GENERATION_ATTR)
-        if seen != self.generation:
+            return {}
+        attributes = json.loads(raw.to_bytes()).get("attributes", {})
+        seen = attributes.get(GENERATION_ATTR)
+        if self.generation is not None and seen != self.generation:
             raise OSError(f"{self.location} as this process reads it is another store than the one opened (written "
                           f"at another time: generation {seen} for {self.generation}): a Dask worker sees another "
                           f"copy at this path (a stale local copy, a cache), or the store was replaced; put one copy "
                           f"where every worker reads it, and open it again")
-        _GENERATIONS_SEEN.add((self.location, self.generation))
+        records: dict[str, str | ChunkPlaces | None] = {} if self.opening is None else {
+            f"{layer}/{array}": recorded for layer, arrays in (attributes.get(CHUNKS_ATTR) or {}).items()
+            for array, recorded in arrays.items()}
+        _OPENINGS[key] = records
+        while len(_OPENINGS) > OPENINGS_KEPT:
+            del _OPENINGS[next(iter(_OPENINGS))]
+        return records
 
     def __str__(self) -> str:
         return self.location
@@ -772,26 +786,42 @@ class WholeStore(WrapperStore):
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         if PurePosixPath(key).name in METADATA_FILES:
             return await self._store.get(key, prototype, byte_range)
-        await self._check_generation(prototype)
+        records = await self._opened(prototype)
         value = self._present(key, await self._store.get(key, prototype, byte_range))
-        if byte_range is None and self.places:  # a whole chunk file: its last 4 bytes are its CRC32C
-            self._check_place(key, value.as_numpy_array()[-4:].tobytes())
+        if byte_range is None and records:  # a whole chunk file: its last 4 bytes are its CRC32C
+            await self._check_place(key, value.as_numpy_array()[-4:].tobytes(), records, prototype)
         return value
 
     async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
         key_ranges = list(key_ranges)
-        await self._check_generation(prototype)
+        await self._opened(prototype)
         values = await self._store.get_partial_values(prototype, key_ranges)
         return [self._present(key, value) for (key, _), value in zip(key_ranges, values)]
 
-    def _check_place(self, key: str, tail: bytes) -> None:
-        """An OSError when the chunk file ``key`` (ending in ``tail``) holds another chunk's bytes as written."""
+    async def _check_place(self, key: str, tail: bytes, records: dict[str, str | ChunkPlaces | None],
+                           prototype: Any) -> None:
+        """An OSError when the chunk file ``key`` (ending in ``tail``) holds another chunk's bytes as written
+        (``records``: this opening's, whose folder's entry becomes its ``ChunkPlaces`` at its first chunk)."""
         parts = key.split("/")
         for cut in range(len(parts) - 1, 0, -1):  # the array's folder: the longest one of the store's it is in
-            places = self.places.get("/".join(parts[:cut]))
+            folder = "/".join(parts[:cut])
+            if folder not in records:
+                continue
+            places = records[folder]
+            if isinstance(places, str):
+                records[folder] = places = await self._places(folder, places, prototype)
             if places is not None:
                 places.check("/".join(parts[cut:]), tail, f"{key} of {self.location}")
-                return
+            return
+
+    async def _places(self, folder: str, recorded: str, prototype: Any) -> ChunkPlaces | None:
+        """The ``ChunkPlaces`` of the array in ``folder`` from its metadata and its ``recorded`` checksums; None
+        where either is unusable (the checks before reading name a damaged record or metadata)."""
+        raw = await self._store.get(f"{folder}/zarr.json", prototype)
+        try:
+            return ChunkPlaces(json.loads(raw.to_bytes()), base64.b64decode(recorded, validate=True))
+        except (AttributeError, TypeError, ValueError):  # no metadata, not JSON, not base64 (binascii.Error)
+            return None
 
     def _present(self, key: str, value: Any) -> Any:
         """``value`` read at ``key``; for a chunk (or shard) file that is missing, a FileNotFoundError naming it."""
@@ -867,8 +897,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
             with warnings.catch_warnings():  # a folder without zarr.json: a layer's is named below (check_store_files),
                 # and another (a user's own, "plots") is not the store's: zarr's warning was a second line beside ours
                 warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component of a Zarr")
-                tree = xr.open_datatree(WholeStore.at(location, storage_options, generation,
-                                                      chunk_places(listing, attributes)),
+                tree = xr.open_datatree(WholeStore.at(location, storage_options, generation, uuid.uuid4().hex),
                                         engine="zarr", chunks={}, consolidated=False)
         except Exception as error:
             check_store_files(location, listing, (), ())  # a label's chunk file lost (xarray reads labels): named

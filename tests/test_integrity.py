@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -376,6 +377,30 @@ def test_a_chunk_file_copied_over_another_while_the_store_is_read_is_an_error_no
     with pytest.raises(OSError, match=r"chunk file b/activations/c/5/0 of .*s\.zarr holds the bytes written for "
                                       r"datapoints 50 to 99"):  # whose chunk files are only counted before reading
         cca(tree["a"], tree["b"]["activations"].astype("float64"), precision="float64")
+
+
+
+@pytest.mark.cluster
+def test_a_chunk_file_copied_over_another_is_found_as_a_worker_reads_it(tmp_path):
+    """The records are read in each worker process (not carried in the tasks, where every layer's node held the
+    whole store's: a 16-layer sweep's graph grew 18%, found by audit): a layer derived from a store's, whose chunk
+    files are only counted before reading, is checked by place as a worker reads it."""
+    from distributed import Client, LocalCluster
+
+    from chunkcca.layers import zarr_arrays
+
+    store = _store(tmp_path, dtype="float32")
+    tree = open_activations(store)
+    chunks = store / "b" / "activations" / "c"
+    shutil.copyfile(chunks / "1" / "0", chunks / "5" / "0")
+    derived = tree["b"]["activations"].astype("float64")
+    wrapper = zarr_arrays(derived.data)[0].store_path.store
+    assert len(pickle.dumps(wrapper)) < 1000  # no records in it, however many chunk files the store has
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(OSError, match=r"chunk file b/activations/c/5/0 of .*s\.zarr holds the bytes written for "
+                                          r"datapoints 50 to 99, not those of datapoints 250 to 299"):
+            cca(tree["a"], derived, precision="float64", scheduler=client)
 
 
 def test_overwrite_replaces_only_an_activation_store(tmp_path, capsys):
