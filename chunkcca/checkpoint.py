@@ -186,7 +186,7 @@ def save_progress(moments: Moments, path: str | os.PathLike, done: int, total: i
     try:
         moments.save(path, overwrite=True, attrs={"datapoints_done": done, "datapoints_total": total,
                                                   "fingerprint": fingerprint})
-    except OSError as error:
+    except (OSError, ValueError) as error:  # its folder gone meanwhile: a ValueError naming it
         raise CheckpointError(f"checkpoint {path} cannot be written ({type(error).__name__}: {error})") from error
 
 

@@ -52,7 +52,7 @@ from ._fs import (
     zarr_attributes,
 )
 from ._stack import user_stacklevel
-from .options import PRECISIONS, ProductPrecision, check_flag, check_moments_path, plain
+from .options import PRECISIONS, ProductPrecision, check_flag, check_moments_path, check_output_place, plain
 
 #: Bytes of the reused sub-block buffer of the per-chunk product (at most SUBBLOCK_ROWS rows).
 SUBBLOCK_BYTES = 16 * 2**20
@@ -379,6 +379,7 @@ class Moments:
         check_flag("overwrite", overwrite)
         path = expanded(path)
         check_moments_path(path, "Moments.save:")
+        check_output_place(path, "Moments.save:")  # a typo in a folder is no new folder (it made the chain)
         check_savable_labels(self.channel_labels, self.layers)
         if overwrite:
             check_only_moments(Path(path))

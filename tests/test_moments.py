@@ -203,6 +203,16 @@ def test_save_is_atomic_and_never_clobbers_by_default(tmp_path, rng):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stats"], "temporary folders must not remain"
 
 
+
+def test_save_into_a_folder_that_does_not_exist_is_refused(tmp_path, rng):
+    """``Moments.save("typo/run.moments")`` made the whole chain of folders (found by audit); ``save_result`` and
+    the command's outputs refuse it: a typo in a folder is no new folder."""
+    moments = _moments_of(rng.standard_normal((10, 2)))
+    with pytest.raises(ValueError, match=r"Moments.save: .*typo/run.moments: no folder .*typo$"):
+        moments.save(tmp_path / "typo" / "run.moments")
+    assert not (tmp_path / "typo").exists()
+
+
 def test_load_rejects_missing_and_foreign(tmp_path):
     with pytest.raises(FileNotFoundError, match="no saved Moments"):
         Moments.load(tmp_path / "nothing")
