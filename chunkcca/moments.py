@@ -43,6 +43,7 @@ import numpy as np
 import xarray as xr
 
 from ._fs import (
+    check_local,
     every_chunk_written,
     expanded,
     fails_checksum,
@@ -379,6 +380,7 @@ class Moments:
         check_flag("overwrite", overwrite)
         path = expanded(path)
         check_moments_path(path, "Moments.save:")
+        check_local(path)
         check_output_place(path, "Moments.save:")  # a typo in a folder is no new folder (it made the chain)
         check_savable_labels(self.channel_labels, self.layers)
         if overwrite:
