@@ -712,9 +712,10 @@ METADATA_FILES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmet
 #: records by array folder, as its root holds them at the first read in this process (``CHUNKS_ATTR``, base64),
 #: each replaced by the folder's ``ChunkPlaces`` once a chunk of it is read (None: unusable, left to the checks
 #: before reading). Checked and read once per process however many copies of the wrapper the tasks unpickle; the
-#: latest ``OPENINGS_KEPT`` kept.
+#: ``OPENINGS_KEPT`` read last are kept (an opening read again after it reads its records again: a store's records
+#: are 4 bytes a chunk file).
 _OPENINGS: dict[tuple[str, str | None, str | None], dict[str, str | ChunkPlaces | None]] = {}
-OPENINGS_KEPT = 256
+OPENINGS_KEPT = 8
 
 
 class WholeStore(WrapperStore):
@@ -753,6 +754,7 @@ class WholeStore(WrapperStore):
         a store without a generation or opening."""
         key = (self.location, self.generation, self.opening)
         if key in _OPENINGS:
+            _OPENINGS[key] = _OPENINGS.pop(key)  # read last: kept longest
             return _OPENINGS[key]
         if self.generation is None and self.opening is None:
             return {}
