@@ -18,7 +18,9 @@ returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its in
 input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d or a
 Linear: every module but TorchScript ones is hooked while recording to know this), swapped where a parameter-free
 module gives a view of a channels-first or time-first one with two dims swapped (a Transpose module) and its layout
-was told; the layout of the latest tensor of the output's shape a module made (a function in between, such as
+was told; channels last for a 3-d tensor lying in memory as a contiguous (N, C, L) with its last two dims swapped
+(``h.transpose(1, 2)`` in a forward) where the latest tensor of that (N, C, L) shape a module made is channels
+first; the layout of the latest tensor of the output's shape a module made (a function in between, such as
 ``F.relu`` or a residual sum, keeps it; not for a square shape, where the first position and the channels have one
 size, (N, L, L) or (N, C, H, C), since a transpose cannot be told); channels last from a module that acts on the
 last dim, whatever the rank (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim:
@@ -197,6 +199,18 @@ class _Seen:
         square = shape[0] == shape[1] if layout == "time_first" else shape[1] == shape[-1]
         return None if square else layout
 
+    def transposed(self, tensor: Any) -> Found | None:
+        """"channels_last" for a 3-d ``tensor`` that lies in memory as a contiguous (N, C, L) with its last two
+        dims swapped (``.transpose(1, 2)`` in a forward, of a conv's output or a function of it) where the latest
+        tensor of that (N, C, L) shape a module made is channels first; else None. (It took the layout of an older
+        tensor of its own shape: a conv encoder's first (N, 32, 64) for the second's (N, 64, 32) transposed.)"""
+        if tensor.dim() != 3 or tensor.is_nested:
+            return None
+        count, first, second = tensor.shape
+        if first == second or tensor.stride() != (first * second, 1, first):
+            return None
+        return "channels_last" if self.of_shape((count, second, first)) == "channels_first" else None
+
     def clear(self, datapoints: int | None) -> None:
         """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
         self.tensors.clear()
@@ -340,6 +354,8 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         layout, told = seen.tensors[source]
         if told and next(module.parameters(), None) is None and (swapped := _transposed(layout, source, tensor)):
             return swapped, True  # a Transpose or Rearrange module: (N, C, L) → (N, L, C), (T, N, C) → (N, T, C)
+    if (swapped := seen.transposed(tensor)) is not None:  # a conv's (N, C, L) viewed as (N, L, C)
+        return swapped, True
     shaped = seen.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
     if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
         return shaped, True

@@ -1450,6 +1450,48 @@ def test_a_transpose_module_after_a_conv_frontend_swaps_the_layout(tmp_path):
         np.testing.assert_array_equal(stored.values, want.numpy(), err_msg=layer)
 
 
+
+def test_a_conv_output_transposed_in_a_forward_is_stored_channels_last(tmp_path):
+    """A conv encoder whose channels double as its length halves, transposed in the forward to feed a
+    transformer (``h.transpose(1, 2)`` of a Conv1d's output, no Transpose module): the (N, T=32, C=64) view has the
+    shape of the first conv's (N, C=32, L=64) output and took its layout, channels first; a block returning it, a
+    Dropout and a GELU after it were stored with their 64 channels as positions, silently (avgpool CKA 0.31 for
+    0.96; found by audit). A view that is a contiguous (N, C, L) with its last two dims swapped is channels last."""
+
+    class Frontend(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv1d(1, 32, 3, padding=1)
+            self.conv2 = torch.nn.Conv1d(32, 64, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv2(torch.relu(self.conv1(x)))).transpose(1, 2)  # a function's output, viewed
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.front, self.conv = Frontend(), torch.nn.Conv1d(32, 64, 3, stride=2, padding=1)
+            self.drop, self.act, self.fc = torch.nn.Dropout(0.1), torch.nn.GELU(), torch.nn.Linear(64, 16)
+
+        def forward(self, x):
+            front = self.front(x)  # (N, 32, 64): time, then channels
+            h = self.act(self.drop(self.conv(torch.relu(self.front.conv1(x))).transpose(1, 2)))  # a module's, viewed
+            return self.fc(h + front)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    inputs = torch.randn(40, 1, 64)
+    tree = record(model, ["front", "drop", "act", "fc"], [inputs[:20], inputs[20:]], tmp_path / "s.zarr")
+    with torch.no_grad():
+        front = model.front(inputs)
+        dropped = model.conv(torch.relu(model.front.conv1(inputs))).transpose(1, 2)
+        wants = {"front": front, "drop": dropped, "act": model.act(dropped), "fc": model(inputs)}
+    for layer, want in wants.items():
+        stored = tree[layer]["activations"]
+        assert stored.dims[-1] == "channel" and stored.shape == tuple(want.shape), layer
+        np.testing.assert_array_equal(stored.values, want.numpy(), err_msg=layer)
+
+
 def test_a_time_first_block_of_ones_own_is_told_by_the_batch_count(tmp_path):
     """A fairseq-style block of one's own on (T, B, C), in a model with no torch time-first module, was stored with
     its 12 time steps as datapoints, (60, 10, 32) for 50 inputs of 12 tokens, though the DataLoader's batches
