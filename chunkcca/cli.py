@@ -1250,22 +1250,29 @@ def main(argv: list[str] | None = None) -> int:
 
 class _StandardOutput:
     """``sys.stdout`` whose failures to take a write (> /dev/full) say so: "[Errno 28] No space left on device"
-    read as if a file of the command could not be written. A reader that left (BrokenPipeError) passes as is."""
+    read as if a file of the command could not be written. Once its reader left (a BrokenPipeError: ``| head``),
+    what follows is dropped and the command goes on to write the files it was asked for (it stopped at the first
+    print: a --plot after the table was lost, with status 0)."""
 
     def __init__(self, stream: Any) -> None:
-        self.stream = stream
+        self.stream, self.left = stream, False
 
     def write(self, text: str) -> int:
-        return self._said(self.stream.write, text)
+        self._said(self.stream.write, text)
+        return len(text)
 
     def flush(self) -> None:
         self._said(self.stream.flush)
 
-    def _said(self, call: Callable[..., Any], *args: Any) -> Any:
+    def _said(self, call: Callable[..., Any], *args: Any) -> None:
+        if self.left:
+            return
         try:
-            return call(*args)
+            call(*args)
         except BrokenPipeError:
-            raise
+            self.left = True
+            with contextlib.suppress(OSError, ValueError):  # the exit's flush of what it holds then fails quietly
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
         except OSError as error:
             with contextlib.suppress(OSError, ValueError):  # what it could not take would fail the exit's flush
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # too (status 120): dropped

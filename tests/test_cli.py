@@ -1105,6 +1105,35 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path, capsys, m
     assert capsys.readouterr().err == ""
 
 
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_a_reader_that_leaves_early_does_not_cost_the_files_asked_for(tmp_path, capsys, monkeypatch, command):
+    """``compare ... --plot p.png | true`` and ``sweep ... --plot | head -1`` ended at the first print the reader
+    did not take, with status 0 and no plot (found by audit): what the reader leaves is dropped, and the command
+    goes on to write every file it was asked for."""
+    import io
+    import sys
+
+    store, _ = _sweep_layers(tmp_path)
+
+    class LeftEarly:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            raise io.UnsupportedOperation("fileno")
+
+    monkeypatch.setattr(sys, "stdout", LeftEarly())
+    plot = tmp_path / "p.png"
+    argv = (["compare", str(store), "m0/fc", "m1/fc"] if command == "compare" else
+            ["sweep", str(store), "--a", "m0", "--b", "m1", "--out", str(tmp_path / "s.nc")])
+    assert main([*argv, "--plot", str(plot), "--no-progress"]) == 0
+    assert plot.stat().st_size > 0 and capsys.readouterr().err == ""
+
+
 def test_scheduler_addresses_are_checked_and_normalised():
     """A trailing slash ended in distributed's int('8786/') and a Client that hung the exit for 20 s."""
     from chunkcca.cli import _scheduler
