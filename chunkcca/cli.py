@@ -121,11 +121,17 @@ try:  # the libraries load in the command's first second or so: a Ctrl-C then is
     )
     from chunkcca.plot import plot_rho, plot_similarity
     from chunkcca.report import PLOT_MARK_KEYS, format_table, is_chunkcca_plot, plot_format, save_figure
-except (KeyboardInterrupt, ImportError) as stopped:
-    # imported by a program of its own: its KeyboardInterrupt; a module missing, not interrupted: said as it is
-    if not _as_command() or (not isinstance(stopped, KeyboardInterrupt) and not (_CTRL_C or _SIGNALLED)):
+except (KeyboardInterrupt, Exception) as stopped:
+    # imported by a program of its own: its error as it is; a module missing, not interrupted: said as it is
+    if not _as_command() or (isinstance(stopped, ImportError) and not (_CTRL_C or _SIGNALLED)):
         raise
-    print(_interrupted_line(None), file=sys.stderr)
+    if isinstance(stopped, KeyboardInterrupt) or _CTRL_C or _SIGNALLED:
+        print(_interrupted_line(None), file=sys.stderr)
+    else:  # a library failing as it loads (a malformed Dask config file: a 30-line traceback, status 1)
+        lines = [line.strip() for line in str(stopped).splitlines() if line.strip()]
+        said = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])  # "…, original error message:"
+        print(f"chunkcca: error: its libraries failed to load: {type(stopped).__name__}"
+              f"{': ' + said if said else ''}", file=sys.stderr)
     raise SystemExit(2) from None
 if _as_command() and _CTRL_C:  # a Ctrl-C a finaliser swallowed as the libraries loaded
     print(_interrupted_line(None), file=sys.stderr)

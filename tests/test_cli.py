@@ -1673,6 +1673,25 @@ runpy.run_module("chunkcca", run_name="__main__", alter_sys=True)  # as python -
     assert (done.returncode, done.stderr) == (2, "chunkcca compare: error: interrupted\n")
 
 
+
+@pytest.mark.slow
+def test_a_library_that_fails_as_it_loads_is_one_line(tmp_path):
+    """A malformed Dask config file (``~/.config/dask/*.yaml``, ``DASK_CONFIG``) failed dask's import: every
+    command, ``--help`` too, printed a 23 to 32 line traceback with status 1 (found by audit). It is one line
+    naming the file, status 2."""
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.yaml").write_text("array:\n  chunk-size: [unclosed\n")
+    for argv in (["--help"], ["info", str(tmp_path / "none.zarr")]):
+        done = subprocess.run([sys.executable, "-m", "chunkcca", *argv], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "DASK_CONFIG": str(tmp_path / "bad.yaml")})
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr.startswith(f"chunkcca: error: its libraries failed to load: ValueError: A dask config "
+                                      f"file at '{tmp_path / 'bad.yaml'}' is malformed") and \
+            done.stderr.count("\n") == 1, done.stderr
+
+
 @pytest.mark.slow
 def test_a_ctrl_c_during_pythons_own_teardown_keeps_the_status(tmp_path):
     """A Ctrl-C after the command had said all, while Python tore the process down (its default handler put
