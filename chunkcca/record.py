@@ -14,13 +14,14 @@ and are kept so. A ``PackedSequence`` is refused, naming the layer.
 Where the channels of an output of 3 to 5 dims are is decided in this order: channels first from a module whose
 class ends in ``1d``, ``2d`` or ``3d`` as its output has 3, 4 or 5 dims (conv, pooling, batch norm) or is a
 GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a submodule made, when the module
-returns that tensor (a block ending in a Conv1d or a ReLU); the layout of its input, when the output has the
+returns that tensor (a block ending in a Conv1d or a ReLU), or a view of it with its last two dims swapped
+(``h.transpose(1, 2)`` in its forward: channels last); channels last from a block whose last 3-d tensor made in
+its call is a channels-first (N, C, L) and whose output is (N, L, C) (a conv block ending in a transpose, also
+through a function or a copy: a patch embedding); the layout of its input, when the output has the
 input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d or a
 Linear: every module but TorchScript ones is hooked while recording to know this), swapped where a parameter-free
 module gives a view of a channels-first or time-first one with two dims swapped (a Transpose module) and its layout
-was told; channels last for a 3-d tensor lying in memory as a contiguous (N, C, L) with its last two dims swapped
-(``h.transpose(1, 2)`` in a forward) where the latest tensor of that (N, C, L) shape a module made is channels
-first; the layout of the latest tensor of the output's shape a module made (a function in between, such as
+was told; the layout of the latest tensor of the output's shape a module made (a function in between, such as
 ``F.relu`` or a residual sum, keeps it; not for a square shape, where the first position and the channels have one
 size, (N, L, L) or (N, C, H, C), since a transpose cannot be told); channels last from a module that acts on the
 last dim, whatever the rank (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim:
@@ -199,17 +200,15 @@ class _Seen:
         square = shape[0] == shape[1] if layout == "time_first" else shape[1] == shape[-1]
         return None if square else layout
 
-    def transposed(self, tensor: Any) -> Found | None:
-        """"channels_last" for a 3-d ``tensor`` that lies in memory as a contiguous (N, C, L) with its last two
-        dims swapped (``.transpose(1, 2)`` in a forward, of a conv's output or a function of it) where the latest
-        tensor of that (N, C, L) shape a module made is channels first; else None. (It took the layout of an older
-        tensor of its own shape: a conv encoder's first (N, 32, 64) for the second's (N, 64, 32) transposed.)"""
-        if tensor.dim() != 3 or tensor.is_nested:
+    def view_of(self, tensor: Any) -> Found | None:
+        """The layout of a 3-d ``tensor`` that is a view, two dims swapped, of a tensor a module made whose layout
+        was told (``_transposed``: ``h.transpose(1, 2)`` of a conv's output in a forward), else None."""
+        if tensor.dim() != 3 or tensor.is_nested or tensor.is_contiguous():
             return None
-        count, first, second = tensor.shape
-        if first == second or tensor.stride() != (first * second, 1, first):
-            return None
-        return "channels_last" if self.of_shape((count, second, first)) == "channels_first" else None
+        for known, (layout, told) in list(self.tensors.items()):
+            if told and not known.is_nested and (swapped := _transposed(layout, known, tensor)) is not None:
+                return swapped
+        return None
 
     def clear(self, datapoints: int | None) -> None:
         """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
@@ -345,6 +344,11 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return "channels_first", True
     if tensor in seen.tensors:  # returned as a submodule made it (or as the module's own hook noted it)
         return seen.tensors[tensor]
+    if (viewed := seen.view_of(tensor)) is not None:  # a conv's (N, C, L) returned as h.transpose(1, 2)
+        return viewed, True
+    inner = seen.made_within(module, 3) if tensor.dim() == 3 and tensor.shape[1] != tensor.shape[2] else []
+    if inner and inner[-1] == ((tensor.shape[0], tensor.shape[2], tensor.shape[1]), "channels_first"):
+        return "channels_last", True  # a conv block ending in a transpose of its last (N, C, L): (N, L, C) tokens
     source = first_tensor(list(inputs))
     if source is not None and source in seen.tensors and not source.is_nested:
         if source.shape == tensor.shape:
@@ -354,8 +358,6 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         layout, told = seen.tensors[source]
         if told and next(module.parameters(), None) is None and (swapped := _transposed(layout, source, tensor)):
             return swapped, True  # a Transpose or Rearrange module: (N, C, L) → (N, L, C), (T, N, C) → (N, T, C)
-    if (swapped := seen.transposed(tensor)) is not None:  # a conv's (N, C, L) viewed as (N, L, C)
-        return swapped, True
     shaped = seen.of_shape(tuple(tensor.shape))  # a function of a module's output (F.relu) keeps its shape
     if shaped == "time_first":  # (T, N, C) through a function (a residual sum): still time first
         return shaped, True
@@ -363,7 +365,6 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return "channels_last", False
     if shaped is not None:  # (T, N, C) with T = N has the shape of (N, T, C)
         return shaped, tensor.shape[0] != tensor.shape[1]
-    inner = seen.made_within(module, 3) if tensor.dim() == 3 and tensor.shape[1] != tensor.shape[2] else []
     given = seen.tensors[source][0] if source is not None and source in seen.tensors else None
     if inner and all(layout == "channels_first" for _, layout in inner) and inner[-1][0][:2] == tuple(
             tensor.shape[:2]) and given in (None, "channels_first") \
