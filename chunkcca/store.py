@@ -922,6 +922,14 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
             raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
                              + (f"; it is {what}" if what else ""))
         check_store_files(location, listing, listed, found)
+        unlisted = [layer for layer in found if layer not in listed]
+        if unlisted and attributes.get(METADATA_ATTR):  # a store that records its layers holds no other
+            more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
+            raise OSError(f"{location} holds layer {unlisted[0]!r}{more}, which its root metadata (zarr.json) "
+                          f"neither lists nor records, where it lists and records every other layer: its root was "
+                          f"edited (its chunks would be read unchecked) or the layer written into the store by "
+                          f"another program; write it with chunkcca.write_activations(mode='a'), or write the store "
+                          f"again")
         check_label_places(fs, root, listing, chunk_records(attributes, location), location)
     # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
     # groups in no fixed order

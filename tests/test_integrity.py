@@ -976,6 +976,11 @@ def test_a_listed_layer_without_any_record_beside_recorded_ones_is_refused(tmp_p
     with pytest.raises(OSError, match=r"s\.zarr: its root metadata \(zarr.json\) lists layer 'b' and records "
                                       r"nothing of it, where it records every other layer's arrays"):
         open_activations(store)
+    root["attributes"]["chunkcca_layers"].remove("b")  # unlisted too: it was read as a layer xarray wrote, unchecked
+    (store / "zarr.json").write_text(json.dumps(root))  # (ρ̄ 0.47 for 0.64; found by review)
+    with pytest.raises(OSError, match=r"s\.zarr holds layer 'b', which its root metadata \(zarr.json\) neither "
+                                      r"lists nor records, where it lists and records every other layer"):
+        open_activations(store)
 
 
 def test_appended_layers_keep_the_metadata_record_of_the_layers_there(tmp_path):
