@@ -161,14 +161,34 @@ def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
     return value
 
 
+class _Prefixed(io.RawIOBase):
+    """A stream's ``head`` (bytes already taken from it) and then the rest of it (``rest``)."""
+
+    def __init__(self, head: bytes, rest: Any) -> None:
+        super().__init__()
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.head:
+            return self.rest.readinto(buffer)
+        taken = min(len(buffer), len(self.head))
+        buffer[:taken], self.head = self.head[:taken], self.head[taken:]
+        return taken
+
+
 def _unpickled(path: Path) -> Any:
     """The one object pickled in the (optionally gzip-compressed) file at ``path``, read with ``ArrayOnlyUnpickler``
     through the memory budget, and the file read to its end."""
     with open(path, "rb") as raw, contextlib.ExitStack() as opened:
         # the file opened once (a pipe's first bytes were lost to a second open), its first bytes looked at
-        # without taking them; a pipe, whose first write may be one byte, read whole first
-        source: Any = raw if stat.S_ISREG(os.fstat(raw.fileno()).st_mode) else io.BytesIO(raw.read())
-        compressed = source.peek(2)[:2] == b"\x1f\x8b" if source is raw else source.getvalue()[:2] == b"\x1f\x8b"
+        # without taking them; a pipe's or device's taken whole (its first write may be one byte, which a look
+        # sees alone) and given back before the rest (it was read whole first: /dev/zero to the OOM killer)
+        source: Any = raw if stat.S_ISREG(os.fstat(raw.fileno()).st_mode) else io.BufferedReader(
+            _Prefixed(raw.read(2), raw))
+        compressed = source.peek(2)[:2] == b"\x1f\x8b"
         file = opened.enter_context(gzip.GzipFile(fileobj=source, mode="rb")) if compressed else source
         value = ArrayOnlyUnpickler(_Bounded(file, _available_memory(), str(path)), source=str(path)).load()
         # read to the end: gzip checks its CRC-32 there (a bit flipped in a compressed pickle gave other values,

@@ -599,3 +599,34 @@ def test_a_pickled_array_from_a_pipe_is_read_once(tmp_path):
     finally:
         writer.join()
         os.close(read_end)
+
+
+
+def test_a_stream_that_is_no_pickle_is_refused_without_reading_it_whole(tmp_path):
+    """A pipe or device was read whole into memory before its first byte was looked at: ``ingest o.zarr
+    x=/dev/zero`` grew to 23 GB until the kernel killed it, 1 GB of zeros through ``<(…)`` took 1.1 GB (found by
+    audit). A stream is read as a file is: its pickle's first opcode refuses it, and what it declares is read
+    through the memory budget."""
+    import contextlib
+    import threading
+    import tracemalloc
+
+    read_end, write_end = os.pipe()
+
+    def write() -> None:  # 64 MiB of zeros, as much as the reader takes
+        with contextlib.suppress(BrokenPipeError), os.fdopen(write_end, "wb", buffering=0) as pipe:
+            for _ in range(64):
+                pipe.write(bytes(2**20))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    tracemalloc.start()
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="invalid load key"):
+            load_pickled_array(f"/dev/fd/{read_end}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        os.close(read_end)
+        writer.join()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB held"
