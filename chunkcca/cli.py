@@ -17,6 +17,15 @@ def _as_command() -> bool:
         current_process().name == "MainProcess")
 
 
+def _spawned_by_the_command() -> bool:
+    """Whether this process is a worker that the command's ``--scheduler processes`` spawned (importing the
+    command's script again: as ``__mp_main__``, or the installed script's import of this module)."""
+    from multiprocessing import current_process
+
+    return (__name__ == "__mp_main__" or os.path.basename(sys.argv[0]) == "chunkcca") and (
+        current_process().name != "MainProcess")
+
+
 #: What stopped the command, when a signal other than Ctrl-C's did (``_terminate``).
 _SIGNALLED: list[str] = []
 
@@ -67,6 +76,10 @@ if _as_command():  # from the first moment: a SIGTERM or Ctrl-C while the librar
         if signal.getsignal(_stop) is not signal.SIG_IGN:  # ignored as the parent said (a script's job run with
             signal.signal(_stop, _handler)  # &: Ctrl-C is the script's), it stays ignored
     sys.unraisablehook = _unraisable
+elif _spawned_by_the_command():  # a Ctrl-C in a terminal signals the whole process group: the command says the one
+    import signal  # line; a worker still loading the libraries printed a 40-line traceback (its own after, below)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 try:  # the libraries load in the command's first second or so: a Ctrl-C then is one line too (as in main)
     import argparse
@@ -136,6 +149,8 @@ except (KeyboardInterrupt, Exception) as stopped:
 if _as_command() and _CTRL_C:  # a Ctrl-C a finaliser swallowed as the libraries loaded
     print(_interrupted_line(None), file=sys.stderr)
     raise SystemExit(2)
+if _spawned_by_the_command():  # loaded: a Ctrl-C ends the worker as Python's default does (ignored, it outlived the
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # command, which waited on it at its exit)
 
 MEASURES = tuple(chunkcca.MEASURES)
 #: The command's notices (chunkcca's log at INFO, which ``_notices`` shows on stderr).
@@ -1298,6 +1313,18 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def _end_workers() -> None:
+    """End the worker processes the run started (``--scheduler processes``), before the command exits on an
+    interruption: one still starting once the command was gone printed a traceback (its semaphore gone)."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=5)
+
+
 def _stopped(args: argparse.Namespace, done: str = "") -> int:
     """Say in one line that a Ctrl-C or SIGTERM stopped the command (``done``: what it wrote before), and what its
     --checkpoint then holds; status 2."""
@@ -1369,6 +1396,7 @@ def _run(argv: list[str] | None) -> int:
         if _CTRL_C:  # a Ctrl-C that a finaliser swallowed (``_unraisable``): the run was asked to stop
             raise KeyboardInterrupt
     except KeyboardInterrupt as interrupt:  # Ctrl-C (after a write: what it wrote)
+        _end_workers()
         return _stopped(args, str(interrupt))
     except BrokenPipeError:  # the reader of our output left (| head): nothing more to say, nowhere to say it
         with contextlib.suppress(OSError, ValueError):  # the exit's flush of stdout then fails quietly

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -1690,6 +1691,33 @@ def test_a_library_that_fails_as_it_loads_is_one_line(tmp_path):
         assert done.stderr.startswith(f"chunkcca: error: its libraries failed to load: ValueError: A dask config "
                                       f"file at '{tmp_path / 'bad.yaml'}' is malformed") and \
             done.stderr.count("\n") == 1, done.stderr
+
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_while_the_processes_schedulers_workers_start_is_one_line(tmp_path):
+    """A Ctrl-C in a terminal signals the command's process group: with ``--scheduler processes``, a worker still
+    loading the libraries printed a 40-line traceback beside the command's one line (found by audit), and one still
+    starting after the command had gone another. Workers ignore it while they load; the command ends them."""
+    import signal
+    import subprocess
+    import sys
+
+    store, _ = _sweep_layers(tmp_path)
+    for delay in (1.0, 1.5, 2.0, 2.5):
+        command = subprocess.Popen([sys.executable, "-m", "chunkcca.cli", "compare", str(store), "m0/fc", "m1/fc",
+                                    "--scheduler", "processes", "--no-progress"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(command.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        err = command.communicate(timeout=120)[1]
+        assert (command.returncode, err) in ((2, "chunkcca compare: error: interrupted\n"), (0, "")), (delay, err)
+        deadline = time.monotonic() + 30  # no worker left behind (the exited wait a moment to be reaped)
+        with pytest.raises(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(command.pid, 0)
+                time.sleep(0.2)
 
 
 @pytest.mark.slow
