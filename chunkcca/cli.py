@@ -261,6 +261,13 @@ class _Gathered(argparse.Action):
         setattr(namespace, self.dest, [*earlier, *values])
 
 
+def _node(text: str) -> str:
+    """A layer's or group's path in a store, not blank ("" was taken for the whole store, silently)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a layer or group name is empty (the whole store is '/')")
+    return text
+
+
 def _add_shared_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-datapoints", action="store_true",
                         help="compare the datapoints (by label) that every layer holds, saying how many each leaves "
@@ -552,9 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="every layer pair of two groups: a heatmap and a netCDF/zarr",
                                 description="All pairs (layer_a, layer_b) in one pass over the store.")
     _store_argument(sweep)
-    sweep.add_argument("--a", required=True, nargs="+", action=_Gathered,
+    sweep.add_argument("--a", required=True, nargs="+", action=_Gathered, type=_node,
                        help="layers or groups (e.g. model0) on the first axis")
-    sweep.add_argument("--b", required=True, nargs="+", action=_Gathered, help="layers or groups on the second axis")
+    sweep.add_argument("--b", required=True, nargs="+", action=_Gathered, type=_node,
+                       help="layers or groups on the second axis")
     sweep.add_argument("--b-store", type=_path,
                        help="take the --b layers from this store (e.g. another model's recording)")
     _add_shared_option(sweep)

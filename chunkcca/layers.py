@@ -130,13 +130,14 @@ def with_datapoint_coords(layer: xr.DataArray, coords: Mapping[str, xr.DataArray
 
 
 def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | str = "auto") -> int:
-    """Datapoints per chunk: ``chunks`` itself, or for "auto" as many as fit ``CHUNK_BYTES``."""
+    """Datapoints per chunk: ``chunks`` itself (at most the ``shape[0]`` datapoints: 2**64 failed in Dask), or for
+    "auto" as many as fit ``CHUNK_BYTES``."""
     if chunks == "auto":
         per_datapoint = int(np.prod(shape[1:])) * itemsize
         return int(max(1, CHUNK_BYTES // max(per_datapoint, 1)))  # Dask clips it to the array's length
     if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
         raise ValueError(f"chunks must be a positive number of datapoints or 'auto', got {chunks!r}")
-    return int(chunks)
+    return int(min(chunks, max(shape[0], 1)))
 
 
 def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",

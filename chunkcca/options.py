@@ -265,8 +265,9 @@ def memory_bytes(memory_limit: Any) -> int:
     """``memory_limit`` ("4GiB", "200MB" or a positive number of bytes, at most ``MAX_MEMORY_LIMIT``) in bytes, or
     a ValueError naming it."""
     is_number = not isinstance(memory_limit, bool) and isinstance(memory_limit, (int, float, np.integer, np.floating))
+    text = isinstance(memory_limit, str) and memory_limit.strip() != ""  # dask reads "" as 1 byte
     try:
-        limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit if is_number else None
+        limit = parse_bytes(memory_limit) if text else memory_limit if is_number else None
     except ValueError:
         limit = None
     except OverflowError:  # a size beyond floats, such as "1e400"

@@ -879,7 +879,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         if is_url(location) or not Path(location).exists():
             raise FileNotFoundError(f"no activation store at {location}{_unfinished_write(location)}")
         raise ValueError(f"{location} is not an activation store: a zarr v3 store is a folder with a zarr.json, and "
-                         f"this is {'a file' if Path(location).is_file() else 'a folder without one'}")
+                         f"this is {_kind_of_path(Path(location))}")
     try:
         root_metadata = parsed_metadata(fs.cat(f"{root}/zarr.json"), "zarr.json")
     except ValueError as error:
@@ -949,6 +949,11 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         if MASK in tree[layer].coords:  # which Dask array reads its own mask (checkpoint.store_signature)
             tree[layer][VARIABLE].encoding["mask_dask_name"] = tree[layer][MASK].data.name
     return tree
+
+
+def _kind_of_path(path: Path) -> str:
+    """What is at an existing ``path`` that is no store, in words (/dev/null was called "a folder")."""
+    return "a folder without one" if path.is_dir() else "a file" if path.is_file() else "neither a file nor a folder"
 
 
 def _unreadable_label(listing: Listing, location: str, storage_options: Mapping[str, Any] | None) -> str | None:

@@ -154,6 +154,10 @@ def test_ingest_info_compare_sweep(files, capsys):
          "chunkcca compare: error: argument --memory-limit: must be a positive number of bytes or a size such as "
          "'4GiB', got 'lots' (see chunkcca compare --help)"),
         # the flags of measure and streaming options are named, not the API's keywords ("epsilon must be ...")
+        (["sweep", "{store}", "--a", "", "--b", "m0", "--out", "{store}.nc"],  # the whole store (found by audit)
+         "chunkcca sweep: error: argument --a: a layer or group name is empty (the whole store is '/')"),
+        (["compare", "{store}", "m0/conv", "m0/conv", "--memory-limit", " "],  # dask's 1 byte (found by audit)
+         "argument --memory-limit: must be a positive number of bytes or a size such as '4GiB', got ' '"),
         (["compare", "{store}", "m0/conv", "m0/conv", "--memory-limit=-5GiB"],
          "argument --memory-limit: must be a positive number of bytes or a size such as '4GiB', got '-5GiB'"),
         # argparse read the value as an option and said only "expected one argument"

@@ -420,6 +420,9 @@ def test_a_store_with_repeated_channel_labels_opens_and_refuses_only_that_layer(
 def test_bad_chunks_argument(tmp_path):
     with pytest.raises(ValueError, match="chunks must be a positive number of datapoints"):
         write_activations(tmp_path / "s.zarr", {"fc": np.ones((3, 2))}, chunks=0)
+    # more than the datapoints is one chunk of them all (2**64 failed in Dask's isnan, naming nothing; found by audit)
+    tree = write_activations(tmp_path / "s.zarr", {"fc": np.ones((3, 2))}, chunks=2**64)
+    assert tree["fc"]["activations"].data.chunks[0] == (3,)
     with pytest.raises(ValueError, match="at least one layer"):
         write_activations(tmp_path / "s.zarr", {})
 
@@ -774,7 +777,9 @@ def test_a_path_that_is_not_a_store_and_a_complex_result_in_netcdf_are_named(tmp
 
     np.save(tmp_path / "a.npy", np.ones((4, 2)))
     (tmp_path / "empty").mkdir()
-    for path, what in ((tmp_path / "a.npy", "a file"), (tmp_path / "empty", "a folder without one")):
+    # /dev/null was "a folder without one" (found by audit)
+    for path, what in ((tmp_path / "a.npy", "a file"), (tmp_path / "empty", "a folder without one"),
+                       (Path(os.devnull), "neither a file nor a folder")):
         with pytest.raises(ValueError, match=f"is not an activation store: a zarr v3 store is a folder with a "
                                              f"zarr.json, and this is {what}"):
             open_activations(path)
