@@ -248,6 +248,24 @@ def scheduler_address(text: str, *, in_process: bool = True) -> str:
     return f"{scheme.lower()}://{location}" if separator else location
 
 
+def check_dask_settings(scheduler: Any) -> None:
+    """Before a run: refuse a scheduler (where ``scheduler`` is None, which takes it) or ``num_workers`` in Dask's
+    settings (``DASK_SCHEDULER``, ``DASK_NUM_WORKERS``, a config file) that Dask cannot use, naming the setting:
+    they failed in Dask's words, "Expected one of [distributed, …]" or "invalid literal for int()"."""
+    import dask.config
+
+    configured = dask.config.get("scheduler", None) if scheduler is None else None
+    if isinstance(configured, str) and configured.lower() not in SCHEDULER_NAMES:
+        raise ValueError(f"Dask's settings give scheduler={configured!r} (DASK_SCHEDULER or a Dask config file), "
+                         f"which is none of Dask's schedulers ({', '.join(SCHEDULER_NAMES)}): unset it, or give "
+                         f"scheduler= (--scheduler)")
+    workers = dask.config.get("num_workers", None)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+                                or workers < 1):
+        raise ValueError(f"Dask's settings give num_workers={workers!r} (DASK_NUM_WORKERS or a Dask config file), "
+                         f"not a number of workers (an integer >= 1): unset it, or set it to one")
+
+
 def check_scheduler(scheduler: Any) -> Any:
     """``scheduler`` as given (an address checked, ``scheduler_address``), or a ValueError if it is neither None,
     a name Dask knows, an address, an open Client nor a get function."""

@@ -55,7 +55,7 @@ from .engine import (
 from .layers import zarr_reads
 from .minibatch import aligned_chunks, aligned_unit, whole_datapoints_size
 from .moments import Moments, RowCheck, check_savable_labels, pack, value_eps
-from .options import MASK, VALUE_ROUNDING_ATTR, ProductPrecision, StreamOptions
+from .options import MASK, VALUE_ROUNDING_ATTR, ProductPrecision, StreamOptions, check_dask_settings
 from .rows import Adapter, by_gram
 from .store import check_complete, check_unchanged, read_failure
 from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
@@ -162,6 +162,7 @@ def _pass(layers: Sequence[xr.DataArray], options: StreamOptions) -> Iterator[An
     """Around a pass over ``layers``: before it, a warning for chunks too small to stream well and the check that
     every chunk file is there and in its place; during it, the scheduler of ``options`` (yielded; an address is one
     connection) and read failures named by layer; after it, the check that no file changed meanwhile."""
+    check_dask_settings(options.scheduler)
     _warn_small_chunks(layers)
     check_complete(layers)
     with connected(options.scheduler, timeout=options.connect_timeout) as scheduler, reading(layers):

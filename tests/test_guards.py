@@ -700,3 +700,24 @@ def test_arguments_that_must_be_mappings_or_names_say_so(tmp_path):
                            ({"layouts": ["channels_last"]}, "layouts must be a mapping of layer path to layout")):
         with pytest.raises(TypeError, match=message):
             record(torch.nn.Linear(4, 2), {"fc": ""}, [torch.ones(3, 4)], tmp_path / "r.zarr", **given)
+
+
+def test_a_scheduler_or_worker_count_dask_cannot_use_in_its_settings_is_named(tmp_path, capsys):
+    """``DASK_SCHEDULER=bogus`` failed in Dask's words ("Expected one of [distributed, …]") and
+    ``DASK_NUM_WORKERS=abc`` as "invalid literal for int() with base 10: 'abc'", naming no setting (found by
+    audit): each is refused before any work, naming the setting and where it comes from."""
+    import dask
+
+    x = np.random.default_rng(0).standard_normal((30, 3))
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": x, "b": x[:, :2]})
+    for setting, said in (({"scheduler": "bogus"}, r"Dask's settings give scheduler='bogus' \(DASK_SCHEDULER or a "
+                                                   r"Dask config file\), which is none of Dask's schedulers"),
+                          ({"num_workers": "abc"}, r"Dask's settings give num_workers='abc' \(DASK_NUM_WORKERS or a "
+                                                   r"Dask config file\), not a number of workers")):
+        with dask.config.set(setting):
+            with pytest.raises(ValueError, match=said):
+                cca(x, x[:, :2])
+            assert main(["compare", str(tmp_path / "s.zarr"), "a", "b", "--no-progress"]) == 2
+            assert capsys.readouterr().err.count("\n") == 1
+    with dask.config.set(num_workers=1):  # a usable setting is used as before
+        assert float(cca(x, x[:, :2], precision="float64")["rho_mean"]) == pytest.approx(1.0, abs=1e-12)
