@@ -266,6 +266,20 @@ def check_dask_settings(scheduler: Any) -> None:
                          f"not a number of workers (an integer >= 1): unset it, or set it to one")
 
 
+def check_zarr_settings() -> None:
+    """Before a store is read or written: refuse zarr's thread pool or concurrency settings that zarr cannot use
+    (``ZARR_THREADING__MAX_WORKERS``, ``ZARR_ASYNC__CONCURRENCY``), naming them: 0 said a sound store's label array
+    could not be read, and a concurrency of 0 hung every read."""
+    import zarr
+
+    for key, variable in (("threading.max_workers", "ZARR_THREADING__MAX_WORKERS"),
+                          ("async.concurrency", "ZARR_ASYNC__CONCURRENCY")):
+        value = zarr.config.get(key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"zarr's settings give {key}={value!r} ({variable} or a zarr config file), not an "
+                             f"integer >= 1: unset it, or set it to one")
+
+
 def check_scheduler(scheduler: Any) -> Any:
     """``scheduler`` as given (an address checked, ``scheduler_address``), or a ValueError if it is neither None,
     a name Dask knows, an address, an open Client nor a get function."""

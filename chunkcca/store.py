@@ -101,6 +101,7 @@ from .options import (
     check_mapping,
     check_output_place,
     check_storage_options,
+    check_zarr_settings,
     netcdf_int_error,
 )
 from .progress import Progress
@@ -471,6 +472,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
     the store's generation is read: a store replaced after it is found at that step, never appended to unchecked.
     """
     check_choice("mode", mode, ("w", "a"))
+    check_zarr_settings()
     if mode == "w":
         def write(tmp: Path) -> None:
             names, image = build(tmp, None)
@@ -860,6 +862,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
     path = expanded(path)
     location = path if is_url(path) else os.path.abspath(path)  # one Dask name for any spelling
     check_storage_options(location, storage_options)
+    check_zarr_settings()
     holder = None if is_url(location) else store_holding(location)
     if holder is not None:  # opened alone, a group of a store is not checked against the store's list of layers
         part = Path(location).relative_to(holder).as_posix()

@@ -721,3 +721,21 @@ def test_a_scheduler_or_worker_count_dask_cannot_use_in_its_settings_is_named(tm
             assert capsys.readouterr().err.count("\n") == 1
     with dask.config.set(num_workers=1):  # a usable setting is used as before
         assert float(cca(x, x[:, :2], precision="float64")["rho_mean"]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_zarr_thread_or_concurrency_settings_zarr_cannot_use_are_named(tmp_path, capsys):
+    """``ZARR_THREADING__MAX_WORKERS=0`` said a sound store's label array could not be read ("max_workers must be
+    greater than 0") with a RuntimeWarning after it, and ``ZARR_ASYNC__CONCURRENCY=0`` hung every read (found by
+    audit): both are refused before a store is opened or written, naming the setting."""
+    import zarr
+
+    chunkcca.write_activations(tmp_path / "s.zarr", {"a": np.ones((10, 2))})
+    for key, value in (("threading.max_workers", 0), ("async.concurrency", 0), ("threading.max_workers", "abc")):
+        with zarr.config.set({key: value}):
+            with pytest.raises(ValueError, match=rf"zarr's settings give {key}={value!r} \(ZARR_"):
+                chunkcca.open_activations(tmp_path / "s.zarr")
+            with pytest.raises(ValueError, match=rf"zarr's settings give {key}="):
+                chunkcca.write_activations(tmp_path / "t.zarr", {"a": np.ones((10, 2))})
+            assert main(["info", str(tmp_path / "s.zarr")]) == 2
+            assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "t.zarr").exists()
