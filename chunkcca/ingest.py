@@ -36,7 +36,7 @@ from .layers import (
     check_coord_name,
     check_datapoint_coords,
     check_mask_dtype,
-    datapoints_per_chunk,
+    chunk_of,
     labelled_by,
     layer_path,
     memmap_to_dask,
@@ -449,7 +449,7 @@ class _Loaded:
             rechunk)."""
         import dask.array as da
 
-        per_chunk = datapoints_per_chunk(self.shape, self.dtype.itemsize, chunks)
+        per_chunk = chunk_of(self.shape, self.dtype.itemsize, chunks)
         return da.from_array(self, chunks=(per_chunk, *self.shape[1:]), name=False, asarray=False,
                              meta=np.empty((0,) * self.ndim, dtype=self.dtype))
 

@@ -130,14 +130,18 @@ def with_datapoint_coords(layer: xr.DataArray, coords: Mapping[str, xr.DataArray
 
 
 def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | str = "auto") -> int:
-    """Datapoints per chunk: ``chunks`` itself (at most the ``shape[0]`` datapoints: 2**64 failed in Dask), or for
-    "auto" as many as fit ``CHUNK_BYTES``."""
+    """Datapoints per chunk: ``chunks`` itself, or for "auto" as many as fit ``CHUNK_BYTES``."""
     if chunks == "auto":
         per_datapoint = int(np.prod(shape[1:])) * itemsize
         return int(max(1, CHUNK_BYTES // max(per_datapoint, 1)))  # Dask clips it to the array's length
     if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
         raise ValueError(f"chunks must be a positive number of datapoints or 'auto', got {chunks!r}")
-    return int(min(chunks, max(shape[0], 1)))
+    return int(chunks)
+
+
+def chunk_of(shape: tuple[int, ...], itemsize: int, chunks: int | str = "auto") -> int:
+    """``datapoints_per_chunk`` of a whole array of ``shape``, at most its datapoints (2**64 failed in Dask)."""
+    return min(datapoints_per_chunk(shape, itemsize, chunks), max(shape[0], 1))
 
 
 def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",
@@ -251,8 +255,8 @@ def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "
                                 if positions else ""))
     if array.chunks is None:  # numpy, or a lazily indexed backend array: chunk it without reading it
         preferred = array.encoding.get("preferred_chunks", {}).get("datapoint")
-        per_chunk = preferred if chunks == "auto" and preferred else datapoints_per_chunk(
-            array.shape, array.dtype.itemsize, chunks)
+        per_chunk = preferred if chunks == "auto" and preferred else chunk_of(array.shape, array.dtype.itemsize,
+                                                                              chunks)
         data = array.variable._data
         if isinstance(data, np.memmap) and data.filename is not None:  # numpy's, maybe in a DataArray (not a
             # lazy backend array); a memmap's in-memory copy (m.astype, m.copy()) has no file: an array

@@ -81,8 +81,8 @@ from .layers import (
     check_datapoint_coords,
     check_layer_paths,
     check_value_rounding,
+    chunk_of,
     coord_values,
-    datapoints_per_chunk,
     holds_positions,
     labelled_as,
     layer_path,
@@ -308,7 +308,7 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         encoding: dict[str, dict[str, Any]] = {}
         for key, array in arrays.items():
             array = _labelled(array, size)
-            per_chunk = datapoints_per_chunk(array.shape, array.dtype.itemsize, chunks)
+            per_chunk = chunk_of(array.shape, array.dtype.itemsize, chunks)
             array = array.chunk({dim: (per_chunk if dim == "datapoint" else -1) for dim in array.dims})
             # coordinates are labels, one per datapoint or channel: written as they are, not as Dask arrays
             array = array.assign_coords({name: coord.compute() for name, coord in array.coords.items()
