@@ -79,7 +79,7 @@ if _as_command():  # from the first moment: a SIGTERM or Ctrl-C while the librar
 elif _spawned_by_the_command():  # a Ctrl-C in a terminal signals the whole process group: the command says the one
     import signal  # line; a worker still loading the libraries printed a 40-line traceback (its own after, below)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _INHERITED = signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 try:  # the libraries load in the command's first second or so: a Ctrl-C then is one line too (as in main)
     import argparse
@@ -149,8 +149,8 @@ except (KeyboardInterrupt, Exception) as stopped:
 if _as_command() and _CTRL_C:  # a Ctrl-C a finaliser swallowed as the libraries loaded
     print(_interrupted_line(None), file=sys.stderr)
     raise SystemExit(2)
-if _spawned_by_the_command():  # loaded: a Ctrl-C ends the worker as Python's default does (ignored, it outlived the
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # command, which waited on it at its exit)
+if _spawned_by_the_command():  # loaded: its Ctrl-C as it came (ignored for good, it outlived the command, which
+    signal.signal(signal.SIGINT, _INHERITED)  # waited on it at its exit; a job's ignored one stays ignored)
 
 MEASURES = tuple(chunkcca.MEASURES)
 #: The command's notices (chunkcca's log at INFO, which ``_notices`` shows on stderr).

@@ -15,25 +15,26 @@ Where the channels of an output of 3 to 5 dims are is decided in this order: cha
 class ends in ``1d``, ``2d`` or ``3d`` as its output has 3, 4 or 5 dims (conv, pooling, batch norm) or is a
 GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a submodule made, when the module
 returns that tensor (a block ending in a Conv1d or a ReLU), or a view of it with its last two dims swapped
-(``h.transpose(1, 2)`` in its forward: channels last); channels last from a block whose last 3-d tensor made in
-its call is a channels-first (N, C, L) and whose output is (N, L, C) (a conv block ending in a transpose, also
-through a function or a copy: a patch embedding); the layout of its input, when the output has the
-input's shape and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d or a
-Linear: every module but TorchScript ones is hooked while recording to know this), swapped where a parameter-free
-module gives a view of a channels-first or time-first one with two dims swapped (a Transpose module) and its layout
-was told; the layout of the latest tensor of the output's shape a module made (a function in between, such as
-``F.relu`` or a residual sum, keeps it; not for a square shape, where the first position and the channels have one
-size, (N, L, L) or (N, C, H, C), since a transpose cannot be told); channels last from a module that acts on the
-last dim, whatever the rank (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim:
-ConvNeXt and Swin blocks apply them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the
-channels of (N, C, H, W), is not taken for one); channels first from a block without weights of its own whose
-submodules made only channels-first 3-d tensors in its call, the last of the output's N and channels, its input not
-laid out otherwise and its shape not square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp).
-Failing all these, a 3-d output is channels last from any other module with parameters (attention, a transformer
-layer, an RNN) and refused from a parameter-free one (a ReLU on a function of the model's input or on a transpose;
-an Upsample) or when a module made a channels-first tensor of its square shape (a block returning ``F.relu`` of its
-Conv1d's (N, C, L) with C = L), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels
-first unless ``layouts=`` says otherwise.
+(``h.transpose(1, 2)`` in its forward: channels last); channels last from a block whose last 3-d tensor made in its
+call is a channels-first (N, C, L) and whose output (N, L, C) lies in memory as that shape transposed (a conv block
+ending in ``F.relu(conv(x)).transpose(1, 2)``, or that plus a position embedding; a reshape to the transposed shape,
+a sub-pixel shuffle, is not taken for one, nor a copy); the layout of its input, when the output has the input's
+shape and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d or a Linear:
+every module but TorchScript ones is hooked while recording to know this), swapped where a parameter-free module
+gives a view of a channels-first or time-first one with two dims swapped (a Transpose module) and its layout was
+told; the layout of the latest tensor of the output's shape a module made (a function in between, such as ``F.relu``
+or a residual sum, keeps it; not for a square shape, where the first position and the channels have one size, (N, L,
+L) or (N, C, H, C), since a transpose cannot be told); channels last from a module that acts on the last dim,
+whatever the rank (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim: ConvNeXt and
+Swin blocks apply them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the channels of (N,
+C, H, W), is not taken for one); channels first from a block without weights of its own whose submodules made only
+channels-first 3-d tensors in its call, the last of the output's N and channels, its input not laid out otherwise
+and its shape not square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp). Failing all these, a
+3-d output is channels last from any other module with parameters (attention, a transformer layer, an RNN) and
+refused from a parameter-free one (a ReLU on a function of the model's input or on a transpose; an Upsample) or when
+a module made a channels-first tensor of its square shape (a block returning ``F.relu`` of its Conv1d's (N, C, L)
+with C = L), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first unless
+``layouts=`` says otherwise.
 
 Which of a 3-d output's first two dims holds the datapoints (its time order) is told by the rule where it
 follows a module's tensors (a time-first module's output, a Linear on one, a function keeping its shape, a conv).
@@ -346,9 +347,9 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return seen.tensors[tensor]
     if (viewed := seen.view_of(tensor)) is not None:  # a conv's (N, C, L) returned as h.transpose(1, 2)
         return viewed, True
-    inner = seen.made_within(module, 3) if tensor.dim() == 3 and tensor.shape[1] != tensor.shape[2] else []
+    inner = seen.made_within(module, 3) if _transposed_in_memory(tensor) else []
     if inner and inner[-1] == ((tensor.shape[0], tensor.shape[2], tensor.shape[1]), "channels_first"):
-        return "channels_last", True  # a conv block ending in a transpose of its last (N, C, L): (N, L, C) tokens
+        return "channels_last", True  # a conv block's last (N, C, L), transposed through a function: (N, L, C)
     source = first_tensor(list(inputs))
     if source is not None and source in seen.tensors and not source.is_nested:
         if source.shape == tensor.shape:
@@ -375,6 +376,15 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     if seen.shapes.get(tuple(tensor.shape)) == "channels_first":  # a square (N, C, C) a conv made, through F.relu:
         return None, False  # a transpose cannot be told, and the default would read its channels as positions
     return "channels_last", False
+
+
+def _transposed_in_memory(tensor: Any) -> bool:
+    """Whether a 3-d ``tensor`` (N, A, B), A ≠ B, lies in memory as a contiguous (N, B, A) with its last two dims
+    swapped: a transpose made it (``F.relu(conv(x)).transpose(1, 2)``, plus a position embedding), not a reshape."""
+    if tensor.dim() != 3 or tensor.is_nested or tensor.shape[1] == tensor.shape[2]:
+        return False
+    _, first, second = tensor.shape
+    return tensor.stride() == (first * second, 1, first)
 
 
 def _transposed(layout: Found, source: Any, tensor: Any) -> Found | None:

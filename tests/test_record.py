@@ -1503,7 +1503,7 @@ class _Tokens(torch.nn.Module):
 
     def forward(self, x):
         h = self.conv(x)
-        turned = {"view": h.transpose(1, 2), "contiguous": h.transpose(1, 2).contiguous(),
+        turned = {"view": h.transpose(1, 2), "relu_view": torch.relu(h).transpose(1, 2),
                   "plus_pos": h.transpose(1, 2) + self.pos}
         return turned[self.how]
 
@@ -1522,20 +1522,51 @@ class _Down(torch.nn.Module):
         return torch.nn.functional.gelu(h)
 
 
-@pytest.mark.parametrize("block", ["view", "contiguous", "plus_pos", "down"])
+class _SubPixelUp(torch.nn.Module):
+    """A 1-d U-Net decoder's sub-pixel upsampling (AudioUNet): its conv's (N, 64, 32) reshaped to a channels-first
+    (N, 32, 64), the transposed shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(32, 64, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x[:, :, ::2])  # (N, 64, 32)
+        count, channels, length = h.shape
+        return h.view(count, channels // 2, 2, length).permute(0, 1, 3, 2).reshape(count, channels // 2, length * 2)
+
+
+class _ResidualDownUp(torch.nn.Module):
+    """A channels-first residual block whose inner conv is (N, 64, 32): x + F.conv1d(F.interpolate(down(x)))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.Conv1d(32, 64, 3, stride=2, padding=1)
+        self.weight = torch.nn.Parameter(torch.randn(32, 64, 1) * 0.1)
+
+    def forward(self, x):
+        return x + torch.nn.functional.conv1d(torch.nn.functional.interpolate(self.down(x), scale_factor=2),
+                                              self.weight)
+
+
+@pytest.mark.parametrize("block", ["view", "relu_view", "plus_pos", "down", "subpixel", "residual"])
 def test_a_conv_blocks_tokens_are_channels_last_and_its_round_trip_channels_first(tmp_path, block):
-    """A block returning its conv's (N, 64, 32) as (N, T=32, C=64) tokens (a view, a copy, plus a position
-    embedding) took its input's layout, a conv's (N, 32, 64) of the same shape: stored with its 64 channels as
-    positions (avgpool CKA 0.34 for 1.0; found by review). A block whose last 3-d tensor is a channels-first
-    (N, C, L) and whose output is (N, L, C) is channels last; a stage transposing to normalise and back stays
-    channels first (a first fix of the above took it for channels last, by its strides)."""
+    """A block returning its conv's (N, 64, 32) as (N, T=32, C=64) tokens (a view, of F.relu of it too, plus a
+    position embedding) took its input's layout, a conv's (N, 32, 64) of the same shape: stored with its 64
+    channels as positions (avgpool CKA 0.34 for 1.0; found by review). Such a view, or a block's output lying in
+    memory as its last conv's (N, C, L) transposed, is channels last; blocks of the transposed shape made otherwise
+    stay channels first: a stage transposing to normalise and back, a sub-pixel upsampler's reshape, a residual
+    block (a first fix took the first for channels last by its strides, a second the other two by their shape;
+    found by reviews)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv1d(8, 32, 3, padding=1), _Down() if block == "down" else _Tokens(block))
+    blocks = {"down": _Down, "subpixel": _SubPixelUp, "residual": _ResidualDownUp}
+    model = torch.nn.Sequential(torch.nn.Conv1d(8, 32, 3, padding=1),
+                                blocks[block]() if block in blocks else _Tokens(block))
     inputs = torch.randn(40, 8, 64)
     tree = record(model, {"block": "1"}, [inputs[:20], inputs[20:]], tmp_path / "s.zarr")
     with torch.no_grad():
         want = model(inputs).numpy()
-    if block == "down":  # (N, 64 channels, 32 positions)
+    if block in blocks:  # channels first: (N, channels, positions)
         want = np.moveaxis(want, 1, 2)
     stored = tree["block"]["activations"]
     assert stored.dims[-1] == "channel" and stored.shape == want.shape
