@@ -347,8 +347,9 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return seen.tensors[tensor]
     if (viewed := seen.view_of(tensor)) is not None:  # a conv's (N, C, L) returned as h.transpose(1, 2)
         return viewed, True
-    inner = seen.made_within(module, 3) if _transposed_in_memory(tensor) else []
-    if inner and inner[-1] == ((tensor.shape[0], tensor.shape[2], tensor.shape[1]), "channels_first"):
+    inner = seen.made_within(module, 3) if tensor.dim() == 3 and tensor.shape[1] != tensor.shape[2] else []
+    if inner and _transposed_in_memory(tensor) and inner[-1] == (
+            (tensor.shape[0], tensor.shape[2], tensor.shape[1]), "channels_first"):
         return "channels_last", True  # a conv block's last (N, C, L), transposed through a function: (N, L, C)
     source = first_tensor(list(inputs))
     if source is not None and source in seen.tensors and not source.is_nested:
