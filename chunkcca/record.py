@@ -17,24 +17,27 @@ GroupNorm, SyncBatchNorm or LocalResponseNorm; the layout of the tensor that a s
 returns that tensor (a block ending in a Conv1d or a ReLU), or a view of it with its last two dims swapped
 (``h.transpose(1, 2)`` in its forward: channels last); channels last from a block whose last 3-d tensor made in its
 call is a channels-first (N, C, L) and whose output (N, L, C) lies in memory as that shape transposed (a conv block
-ending in ``F.relu(conv(x)).transpose(1, 2)``, or that plus a position embedding; a reshape to the transposed shape,
-a sub-pixel shuffle, is not taken for one, nor a copy); the layout of its input, when the output has the input's
-shape and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d or a Linear:
-every module but TorchScript ones is hooked while recording to know this), swapped where a parameter-free module
-gives a view of a channels-first or time-first one with two dims swapped (a Transpose module) and its layout was
-told; the layout of the latest tensor of the output's shape a module made (a function in between, such as ``F.relu``
-or a residual sum, keeps it; not for a square shape, where the first position and the channels have one size, (N, L,
-L) or (N, C, H, C), since a transpose cannot be told); channels last from a module that acts on the last dim,
-whatever the rank (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim: ConvNeXt and
-Swin blocks apply them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the channels of (N,
-C, H, W), is not taken for one); channels first from a block without weights of its own whose submodules made only
-channels-first 3-d tensors in its call, the last of the output's N and channels, its input not laid out otherwise
-and its shape not square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp). Failing all these, a
-3-d output is channels last from any other module with parameters (attention, a transformer layer, an RNN) and
-refused from a parameter-free one (a ReLU on a function of the model's input or on a transpose; an Upsample) or when
-a module made a channels-first tensor of its square shape (a block returning ``F.relu`` of its Conv1d's (N, C, L)
-with C = L), naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first unless
-``layouts=`` says otherwise.
+ending in ``F.relu(conv(x)).transpose(1, 2)``, or that plus a position embedding, its input not lying so itself: a
+residual sum keeps its input's strides; a reshape to the transposed shape, a sub-pixel shuffle, is not taken for
+one, nor a copy); channels last from a parameter-free module whose output so lies transposed where the latest tensor
+a module made of that (N, C, L) shape is channels first and later than any of its own shape (a Dropout or GELU given
+``F.gelu(conv(x)).transpose(1, 2)`` in a forward); the layout of its input, when the output has the input's shape
+and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d or a Linear: every
+module but TorchScript ones is hooked while recording to know this), swapped where a parameter-free module gives a
+view of a channels-first or time-first one with two dims swapped (a Transpose module) and its layout was told; the
+layout of the latest tensor of the output's shape a module made (a function in between, such as ``F.relu`` or a
+residual sum, keeps it; not for a square shape, where the first position and the channels have one size, (N, L, L)
+or (N, C, H, C), since a transpose cannot be told); channels last from a module that acts on the last dim, whatever
+the rank (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim: ConvNeXt and Swin blocks
+apply them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the channels of (N, C, H, W), is
+not taken for one); channels first from a block without weights of its own whose submodules made only channels-first
+3-d tensors in its call, the last of the output's N and channels, its input not laid out otherwise and its shape not
+square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp). Failing all these, a 3-d output is
+channels last from any other module with parameters (attention, a transformer layer, an RNN) and refused from a
+parameter-free one (a ReLU on a function of the model's input or on a transpose; an Upsample) or when a module made
+a channels-first tensor of its square shape (a block returning ``F.relu`` of its Conv1d's (N, C, L) with C = L),
+naming the layer: ``layouts=`` gives its layout; a 4-d or 5-d output is channels first unless ``layouts=`` says
+otherwise.
 
 Which of a 3-d output's first two dims holds the datapoints (its time order) is told by the rule where it
 follows a module's tensors (a time-first module's output, a Linear on one, a function keeping its shape, a conv).
@@ -211,6 +214,17 @@ class _Seen:
                 return swapped
         return None
 
+    def turned_latest(self, tensor: Any) -> bool:
+        """Whether the latest tensor a module made of a 3-d ``tensor``'s shape with its last two dims swapped, (N,
+        C, L), is channels first and later than any of the tensor's own shape: the tensor lying in memory as that
+        (N, C, L) transposed is then it, through functions (``F.gelu(conv(x)).transpose(1, 2) + pos``), not an
+        older tensor of its shape (a conv encoder's first (N, 32, 64) for its second's (N, 64, 32) transposed)."""
+        count, first, second = tensor.shape
+        turned, own = (count, second, first), (count, first, second)
+        latest = {shape: max((i for i, (made, _) in enumerate(self.made) if made == shape), default=-1)
+                  for shape in (turned, own)}
+        return latest[turned] > latest[own] and self.made[latest[turned]][1] == "channels_first"
+
     def clear(self, datapoints: int | None) -> None:
         """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
         self.tensors.clear()
@@ -348,10 +362,14 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     if (viewed := seen.view_of(tensor)) is not None:  # a conv's (N, C, L) returned as h.transpose(1, 2)
         return viewed, True
     inner = seen.made_within(module, 3) if tensor.dim() == 3 and tensor.shape[1] != tensor.shape[2] else []
-    if inner and _transposed_in_memory(tensor) and inner[-1] == (
-            (tensor.shape[0], tensor.shape[2], tensor.shape[1]), "channels_first"):
-        return "channels_last", True  # a conv block's last (N, C, L), transposed through a function: (N, L, C)
     source = first_tensor(list(inputs))
+    # a transpose in this call made the output's strides (not its input's, which a residual sum keeps: x + f(x))
+    turned = _transposed_in_memory(tensor) and not (source is not None and _transposed_in_memory(source))
+    if turned and inner and inner[-1] == ((tensor.shape[0], tensor.shape[2], tensor.shape[1]), "channels_first"):
+        return "channels_last", True  # a conv block's last (N, C, L), transposed through a function: (N, L, C)
+    if _transposed_in_memory(tensor) and (source is None or source not in seen.tensors) \
+            and next(module.parameters(), None) is None and seen.turned_latest(tensor):
+        return "channels_last", True  # a Dropout, a GELU on a conv's (N, C, L) transposed through a function
     if source is not None and source in seen.tensors and not source.is_nested:
         if source.shape == tensor.shape:
             return seen.tensors[source]

@@ -1549,6 +1549,20 @@ class _ResidualDownUp(torch.nn.Module):
                                               self.weight)
 
 
+class _ResidualOnATransposedView(torch.nn.Module):
+    """A text CNN's residual block, channels first, x + sub-pixel(relu(down(x))), whose input is a transposed
+    embedding (it lies in memory transposed, and so does the sum) and whose down conv makes the transposed shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.Conv1d(32, 64, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.down(x))  # (N, 64, 32)
+        count = h.shape[0]
+        return x + h.view(count, 32, 2, 32).permute(0, 1, 3, 2).reshape(count, 32, 64)
+
+
 @pytest.mark.parametrize("block", ["view", "relu_view", "plus_pos", "down", "subpixel", "residual"])
 def test_a_conv_blocks_tokens_are_channels_last_and_its_round_trip_channels_first(tmp_path, block):
     """A block returning its conv's (N, 64, 32) as (N, T=32, C=64) tokens (a view, of F.relu of it too, plus a
@@ -1571,6 +1585,57 @@ def test_a_conv_blocks_tokens_are_channels_last_and_its_round_trip_channels_firs
     stored = tree["block"]["activations"]
     assert stored.dims[-1] == "channel" and stored.shape == want.shape
     np.testing.assert_array_equal(stored.values, want)
+
+
+
+def test_modules_after_a_conv_output_transposed_by_functions_are_channels_last_and_a_residual_on_a_view_first(
+        tmp_path):
+    """A Dropout and a GELU given ``F.gelu(conv(h)).transpose(1, 2) + pos`` in the model's forward took the layout of
+    an older conv's (N, 32, 64) of their shape (channels first), and the LayerNorm after them theirs: stored with
+    their channels as positions (found by review; a first fix had them right, a second undid it). The latest
+    module tensor of their shape with its last two dims swapped, a channels-first (N, 64, 32), is what they lie in
+    memory as, transposed: channels last. A residual block whose input lies in memory transposed (a transposed
+    embedding through a Dropout1d) keeps its input's strides in its sum: channels first, as its input."""
+
+    class Front(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv1d(3, 32, 3, padding=1)
+            self.conv2 = torch.nn.Conv1d(32, 64, 3, stride=2, padding=1)
+            self.pos = torch.nn.Parameter(torch.randn(1, 32, 64))
+            self.drop, self.gelu, self.norm = torch.nn.Dropout(0.1), torch.nn.GELU(), torch.nn.LayerNorm(64)
+
+        def forward(self, x):
+            h = self.conv2(torch.relu(self.conv1(x)))
+            return self.norm(self.gelu(self.drop(torch.nn.functional.gelu(h).transpose(1, 2) + self.pos)))
+
+    class TextCNN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.sdrop = torch.nn.Linear(5, 32), torch.nn.Dropout1d(0.1)
+            self.block, self.act = _ResidualOnATransposedView(), torch.nn.ReLU()
+
+        def forward(self, x):  # (N, 64 tokens, 5)
+            return self.act(self.block(self.sdrop(self.emb(x).transpose(1, 2))))
+
+    torch.manual_seed(0)
+    for model, inputs, channels_last in ((Front().eval(), torch.randn(40, 3, 64), ("drop", "gelu", "norm")),
+                                         (TextCNN().eval(), torch.randn(40, 64, 5), ())):
+        names = [name for name in ("drop", "gelu", "norm", "sdrop", "block", "act") if hasattr(model, name)]
+        wants = {}
+        hooks = [getattr(model, name).register_forward_hook(
+            lambda module, args, out, name=name, wants=wants: wants.__setitem__(name, out.detach().clone()))
+            for name in names]
+        with torch.no_grad():
+            model(inputs)
+        for hook in hooks:
+            hook.remove()
+        tree = record(model, names, [inputs[:20], inputs[20:]], tmp_path / f"{type(model).__name__}.zarr")
+        for name in names:
+            want = wants[name].numpy() if name in channels_last else np.moveaxis(wants[name].numpy(), 1, 2)
+            stored = tree[name]["activations"]
+            assert stored.dims[-1] == "channel" and stored.shape == want.shape, name
+            np.testing.assert_allclose(stored.values, want, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_a_time_first_block_of_ones_own_is_told_by_the_batch_count(tmp_path):
