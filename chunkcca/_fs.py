@@ -482,7 +482,8 @@ def chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
 
 def chunk_place(metadata: dict[str, Any], key: str) -> int | None:
     """Where the stored object ``key`` of a zarr v3 array (its ``metadata``) comes in ``chunk_keys``' order (C
-    order of the grid); None for a key that names none of its chunks. Parsed, not looked up: no key list is built."""
+    order of the grid); None for a key that names none of its chunks. Parsed, not looked up: no key list is built
+    (zarr 3.1.6's ``decode_chunk_key`` fails on the default encoding's keys: "c/3/0" read as "/3/0")."""
     grid, encoding, separator = _chunk_grid(metadata)
     if encoding == "default":
         if key != "c" and not key.startswith(f"c{separator}"):

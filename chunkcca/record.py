@@ -363,11 +363,12 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return viewed, True
     inner = seen.made_within(module, 3) if tensor.dim() == 3 and tensor.shape[1] != tensor.shape[2] else []
     source = first_tensor(list(inputs))
+    lies_turned = _transposed_in_memory(tensor)
     # a transpose in this call made the output's strides (not its input's, which a residual sum keeps: x + f(x))
-    turned = _transposed_in_memory(tensor) and not (source is not None and _transposed_in_memory(source))
+    turned = lies_turned and not (source is not None and _transposed_in_memory(source))
     if turned and inner and inner[-1] == ((tensor.shape[0], tensor.shape[2], tensor.shape[1]), "channels_first"):
         return "channels_last", True  # a conv block's last (N, C, L), transposed through a function: (N, L, C)
-    if _transposed_in_memory(tensor) and (source is None or source not in seen.tensors) \
+    if lies_turned and (source is None or source not in seen.tensors) \
             and next(module.parameters(), None) is None and seen.turned_latest(tensor):
         return "channels_last", True  # a Dropout, a GELU on a conv's (N, C, L) transposed through a function
     if source is not None and source in seen.tensors and not source.is_nested:

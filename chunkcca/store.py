@@ -52,6 +52,7 @@ from ._fs import (
 )
 from ._stack import user_stacklevel
 from .integrity import (
+    APPENDING_ATTR,
     CHUNKS_ATTR,
     DATAPOINTS_ATTR,
     DECODING_ATTR,
@@ -113,11 +114,6 @@ IMAGE_ATTR = "chunkcca_image_size"
 GENERATION_ATTR = "chunkcca_generation"
 #: The lock file beside a store (``.<store name>.append-lock``) that serialises the last step of appends to it.
 APPEND_LOCK = ".{name}.append-lock"
-#: Root attribute, while an append moves its layers in: their paths (``layers``), the groups it makes for them
-#: (``groups``) and its process (``owner``, ``_fs.owner_record``). Set before the first move and dropped with the
-#: list's update. Readers leave those layers out (in flight, or left by an append killed midway); the next append
-#: removes what a killed one left (its process gone), an append that fails removes its own at once.
-APPENDING_ATTR = "chunkcca_appending"
 WriteMode = Literal["w", "a"]
 #: Builds a store's layers in a fresh folder, given the image size the existing store measures pixel
 #: centres in (None for a new store); returns the layer paths it wrote, in order, and the image size it used.
@@ -925,14 +921,6 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
             raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
                              + (f"; it is {what}" if what else ""))
         check_store_files(location, listing, listed, found)
-        unlisted = [layer for layer in found if layer not in listed]
-        if unlisted and attributes.get(METADATA_ATTR):  # a store that records its layers holds no other
-            more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
-            raise OSError(f"{location} holds layer {unlisted[0]!r}{more}, which its root metadata (zarr.json) "
-                          f"neither lists nor records, where it lists and records every other layer: its root was "
-                          f"edited (its chunks would be read unchecked) or the layer written into the store by "
-                          f"another program; write it with chunkcca.write_activations(mode='a'), or write the store "
-                          f"again")
         check_label_places(fs, root, listing, chunk_records(attributes, location), location)
     # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
     # groups in no fixed order
