@@ -73,6 +73,11 @@ LOST_CHUNKS = ("the store is damaged (a chunk deleted), or its writer left out c
                "write_empty_chunks=True)")
 
 
+def _first_and_more(layers: Sequence[str]) -> str:
+    """The first of ``layers`` and how many more: "'b'", "'b' and 2 more"."""
+    return f"{layers[0]!r}" + (f" and {len(layers) - 1} more" if len(layers) > 1 else "")
+
+
 def chunk_records(attributes: Mapping[str, Any], location: str) -> Mapping[str, Mapping[str, str]]:
     """The ``CHUNKS_ATTR`` of a store's root ``attributes``: per layer, its arrays' chunk checksums as written. A
     layer whose arrays' metadata the root records (``METADATA_ATTR``) but not their chunks (the writer records
@@ -81,10 +86,9 @@ def chunk_records(attributes: Mapping[str, Any], location: str) -> Mapping[str, 
     places = attributes.get(CHUNKS_ATTR, {})
     lost = [layer for layer in attributes.get(METADATA_ATTR, {}) if layer not in places]
     if lost:
-        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
         raise OSError(f"{location}: its root metadata (zarr.json) lacks the record of the chunk files of layer "
-                      f"{lost[0]!r}{more} ({CHUNKS_ATTR}), by which chunk files moved or swapped are found: it was "
-                      f"edited or damaged (or written by chunkcca before 2026-12-03, which did not record them); "
+                      f"{_first_and_more(lost)} ({CHUNKS_ATTR}), by which chunk files moved or swapped are found: it "
+                      f"was edited or damaged (or written by chunkcca before 2026-12-03, which did not record them); "
                       f"write the store again")
     return places
 
@@ -241,18 +245,16 @@ def _check_layers_recorded(listing: Listing, attributes: Mapping[str, Any], loca
     listed = list(attributes.get(ORDER_ATTR) or ())
     unrecorded = [layer for layer in listed if layer not in recorded]
     if unrecorded:
-        more = f" and {len(unrecorded) - 1} more" if len(unrecorded) > 1 else ""
-        raise OSError(f"{location}: its root metadata (zarr.json) lists layer {unrecorded[0]!r}{more} and records "
-                      f"nothing of it, where it records every other layer's arrays ({METADATA_ATTR}, {CHUNKS_ATTR}): "
-                      f"it was edited or damaged; write the store again")
+        raise OSError(f"{location}: its root metadata (zarr.json) lists layer {_first_and_more(unrecorded)} and "
+                      f"records nothing of it, where it records every other layer's arrays ({METADATA_ATTR}, "
+                      f"{CHUNKS_ATTR}): it was edited or damaged; write the store again")
     moving_in = set((attributes.get(APPENDING_ATTR) or {}).get("layers", []))
     held = sorted({folder.rpartition("/")[0] for folder in listing.arrays if PurePosixPath(folder).name == VARIABLE})
     unlisted = [layer for layer in held if layer and layer not in listed and layer not in moving_in]
     if unlisted:
-        more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
-        raise OSError(f"{location} holds layer {unlisted[0]!r}{more}, which its root metadata (zarr.json) neither "
-                      f"lists nor records, where it lists and records every other layer: its root was edited (its "
-                      f"chunks would be read unchecked) or the layer written into the store by another program; "
+        raise OSError(f"{location} holds layer {_first_and_more(unlisted)}, which its root metadata (zarr.json) "
+                      f"neither lists nor records, where it lists and records every other layer: its root was edited "
+                      f"(its chunks would be read unchecked) or the layer written into the store by another program; "
                       f"write it with chunkcca.write_activations(mode='a'), or write the store again")
 
 
@@ -264,10 +266,9 @@ def check_metadata(listing: Listing, attributes: Mapping[str, Any], location: st
     # every writer that records a layer's chunks or decoding attributes records its metadata, which came first
     lost = [layer for layer in {**(attributes.get(CHUNKS_ATTR) or {}), **decoding} if layer not in recorded]
     if lost:
-        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
         raise OSError(f"{location}: its root metadata (zarr.json) lacks the record of the arrays' metadata of layer "
-                      f"{lost[0]!r}{more} ({METADATA_ATTR}), by which an edited dtype, shape, dim order or codec is "
-                      f"found: it was edited or damaged; write the store again")
+                      f"{_first_and_more(lost)} ({METADATA_ATTR}), by which an edited dtype, shape, dim order or codec "
+                      f"is found: it was edited or damaged; write the store again")
     _check_layers_recorded(listing, attributes, location)
     found, decoded = metadata_digests(listing, list(recorded)), decoded_by(listing, list(decoding))
     for layer, digests in recorded.items():
