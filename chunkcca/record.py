@@ -23,7 +23,8 @@ one, nor a copy); channels last from a parameter-free module whose output so lie
 a module made of that (N, C, L) shape is channels first and later than any of its own shape (a Dropout or GELU given
 ``F.gelu(conv(x)).transpose(1, 2)`` in a forward); the layout of its input, when the output has the input's shape
 and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d or a Linear: every
-module but TorchScript ones is hooked while recording to know this), swapped where a parameter-free module gives a
+module but TorchScript ones is hooked while recording to know this), or a conv, pooling or norm of the first rule
+took the input (a residual block on ``emb(x).transpose(1, 2)``), swapped where a parameter-free module gives a
 view of a channels-first or time-first one with two dims swapped (a Transpose module) and its layout was told; the
 layout of the latest tensor of the output's shape a module made (a function in between, such as ``F.relu`` or a
 residual sum, keeps it; not for a square shape, where the first position and the channels have one size, (N, L, L)
@@ -32,7 +33,8 @@ the rank (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm ove
 apply them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the channels of (N, C, H, W), is
 not taken for one); channels first from a block without weights of its own whose submodules made only channels-first
 3-d tensors in its call, the last of the output's N and channels, its input not laid out otherwise and its shape not
-square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp). Failing all these, a 3-d output is
+square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp; pooled to a square shape and not a
+transposed view, it is refused: as well a copy of its transpose). Failing all these, a 3-d output is
 channels last from any other module with parameters (attention, a transformer layer, an RNN) and refused from a
 parameter-free one (a ReLU on a function of the model's input or on a transpose; an Upsample) or when a module made
 a channels-first tensor of its square shape (a block returning ``F.relu`` of its Conv1d's (N, C, L) with C = L),
@@ -185,10 +187,16 @@ class _Seen:
             self.shapes[tuple(tensor.shape)] = layout
             self.made.append((tuple(tensor.shape), layout))
 
-    def enter(self, module: Any) -> None:
+    def enter(self, module: Any, args: tuple[Any, ...]) -> None:
         """Note that a call of ``module`` begins (a forward pre-hook): the tensors noted from now until its output
-        are its submodules'."""
+        are its submodules'. An input of 3 to 5 dims that no module made is channels first where ``module`` takes
+        it so (``_takes_channels_first``: a Conv1d given ``emb(x).transpose(1, 2)`` in a block's forward), which
+        tells the layout of the block's output of its shape (a residual sum with it, a ReLU after it)."""
         self.starts[id(module)] = len(self.made)
+        source = first_tensor(list(args))
+        if source is not None and source.dim() in POSITIONS and not source.is_nested \
+                and source not in self.tensors and _takes_channels_first(module, source.dim()):
+            self.tensors[source] = "channels_first", True
 
     def made_within(self, module: Any, rank: int) -> list[tuple[tuple[int, ...], Found]]:
         """The shapes and layouts of the tensors of ``rank`` dims that ``module``'s submodules made in its
@@ -333,6 +341,14 @@ def _documented(module: Any, output: Any, tensor: Any) -> Found | None:
     return "time_first" if any(tensor is state for state in states) else None
 
 
+def _takes_channels_first(module: Any, rank: int) -> bool:
+    """Whether a module takes and gives tensors of ``rank`` dims channels first: its class ends in ``1d``, ``2d``
+    or ``3d`` as they have 3, 4 or 5 dims (conv, pooling, batch norm), or it is a GroupNorm, SyncBatchNorm or
+    LocalResponseNorm."""
+    name = type(module).__name__
+    return name.endswith(f"{rank - 2}d") or name in CHANNELS_FIRST_MODULES
+
+
 def _acts_on_last_dim(module: Any) -> bool:
     """Whether a module works on the last dim of a tensor of any rank, so its output is channels last: a torch
     Linear, Bilinear, Embedding, or LayerNorm or RMSNorm over one dim, with torch's own ``forward`` (a subclass
@@ -354,14 +370,13 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     channels are (a module acting on the last dim) or nothing (a default)."""
     if tensor.is_nested:  # PyTorch's nested sequences: (N, T, C) with T ragged
         return "channels_last", True
-    name = type(module).__name__
-    if name.endswith(f"{tensor.dim() - 2}d") or name in CHANNELS_FIRST_MODULES:
+    if _takes_channels_first(module, tensor.dim()):
         return "channels_first", True
     if tensor in seen.tensors:  # returned as a submodule made it (or as the module's own hook noted it)
         return seen.tensors[tensor]
     if (viewed := seen.view_of(tensor)) is not None:  # a conv's (N, C, L) returned as h.transpose(1, 2)
         return viewed, True
-    inner = seen.made_within(module, 3) if tensor.dim() == 3 and tensor.shape[1] != tensor.shape[2] else []
+    inner = seen.made_within(module, 3) if tensor.dim() == 3 else []
     source = first_tensor(list(inputs))
     lies_turned = _transposed_in_memory(tensor)
     # a transpose in this call made the output's strides (not its input's, which a residual sum keeps: x + f(x))
@@ -390,7 +405,10 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
     if inner and all(layout == "channels_first" for _, layout in inner) and inner[-1][0][:2] == tuple(
             tensor.shape[:2]) and given in (None, "channels_first") \
             and next(module.parameters(recurse=False), None) is None:  # a conv block's (N, C, L) through a
-        return "channels_first", True  # function changing L only (F.max_pool1d, a causal chomp), no weights its own
+        if tensor.shape[1] != tensor.shape[2]:  # function changing L only (F.max_pool1d, a causal chomp)
+            return "channels_first", True
+        if tensor.stride(1) > tensor.stride(2):  # pooled to a square (N, C, C), not a transpose's view: as
+            return None, False  # well a copy of its transpose (.transpose(1, 2).contiguous()), which cannot be told
     if tensor.dim() > 3 or next(module.parameters(), None) is None:  # 4-d, 5-d: channels first by default
         return None, False
     if seen.shapes.get(tuple(tensor.shape)) == "channels_first":  # a square (N, C, C) a conv made, through F.relu:
@@ -499,8 +517,9 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
         why = (f"{type(module).__name__} has no parameters to tell by, and no module of the model made a tensor of "
                f"its shape before it (a function of the model's input, a transpose), or its shape is square, where "
                f"a transpose cannot be told" if next(module.parameters(), None) is None else
-               "its shape is square, where a transpose cannot be told, and a module of the model made a tensor of "
-               "that shape before it (a Conv1d's (N, C, L) with C = L through a function)")
+               "its shape is square, where a transpose cannot be told, and it may come from a channels-first tensor "
+               "a module of the model made (a Conv1d's (N, C, L) with C = L through a function, a conv block's "
+               "pooled to L = C)")
         raise ValueError(f"layer {path!r}: where the channels of its {tuple(tensor.shape)} output are is "
                          f"unknown: {why}; pass "
                          f"layouts={{{path!r}: 'channels_first'}} if the output is (N, C, L), 'channels_last' "
@@ -881,7 +900,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         # told by its own rule)
         for module in model.modules():
             if not isinstance(module, torch.jit.ScriptModule):
-                hooks.append(module.register_forward_pre_hook(lambda module, args: seen.enter(module)))
+                hooks.append(module.register_forward_pre_hook(seen.enter))
                 hooks.append(module.register_forward_hook(track, with_kwargs=True))
         for layer, module in modules.items():
             hooks.append(module.register_forward_hook(partial(capture, layer), with_kwargs=True))

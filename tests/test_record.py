@@ -1551,16 +1551,18 @@ class _ResidualDownUp(torch.nn.Module):
 
 class _ResidualOnATransposedView(torch.nn.Module):
     """A text CNN's residual block, channels first, x + sub-pixel(relu(down(x))), whose input is a transposed
-    embedding (it lies in memory transposed, and so does the sum) and whose down conv makes the transposed shape."""
+    embedding (it lies in memory transposed, and so does the sum, unless f(x) + x) and whose down conv makes the
+    transposed shape."""
 
-    def __init__(self) -> None:
+    def __init__(self, sum_first: bool = True) -> None:
         super().__init__()
-        self.down = torch.nn.Conv1d(32, 64, 3, stride=2, padding=1)
+        self.down, self.sum_first = torch.nn.Conv1d(32, 64, 3, stride=2, padding=1), sum_first
 
     def forward(self, x):
         h = torch.relu(self.down(x))  # (N, 64, 32)
         count = h.shape[0]
-        return x + h.view(count, 32, 2, 32).permute(0, 1, 3, 2).reshape(count, 32, 64)
+        up = h.view(count, 32, 2, 32).permute(0, 1, 3, 2).reshape(count, 32, 64)
+        return x + up if self.sum_first else up + x
 
 
 @pytest.mark.parametrize("block", ["view", "relu_view", "plus_pos", "down", "subpixel", "residual"])
@@ -1636,6 +1638,59 @@ def test_modules_after_a_conv_output_transposed_by_functions_are_channels_last_a
             stored = tree[name]["activations"]
             assert stored.dims[-1] == "channel" and stored.shape == want.shape, name
             np.testing.assert_allclose(stored.values, want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+class _EmbeddingThenResidual(torch.nn.Module):
+    """A text CNN: a Linear embedding (N, 64 tokens, 32) transposed to (N, 32, 64) with no module between, into a
+    residual block whose down conv makes the transposed shape, then a ReLU."""
+
+    def __init__(self, sum_first: bool) -> None:
+        super().__init__()
+        self.emb, self.block = torch.nn.Linear(5, 32), _ResidualOnATransposedView(sum_first)
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.block(self.emb(x).transpose(1, 2)))
+
+
+@pytest.mark.parametrize("sum_first", [True, False])
+def test_a_residual_block_on_a_transposed_embedding_is_channels_first(tmp_path, sum_first):
+    """A residual block given a Linear's output transposed in the forward (no module between to tell its layout)
+    took the default of modules with parameters, (N, T, C): it and the ReLU after it were stored with their 32
+    channels as positions, silently (found by review). A tensor a Conv1d takes is channels first, as it reads it;
+    the block's sum of its shape and the ReLU keep that."""
+    torch.manual_seed(0)
+    model, inputs = _EmbeddingThenResidual(sum_first).eval(), torch.randn(40, 64, 5)
+    with torch.no_grad():
+        block = model.block(model.emb(inputs).transpose(1, 2))
+    tree = record(model, ["block", "act"], [inputs[:20], inputs[20:]], tmp_path / "s.zarr")
+    for name, want in (("block", block), ("act", torch.relu(block))):
+        stored = tree[name]["activations"]
+        assert stored.dims == ("datapoint", "time", "channel"), name
+        np.testing.assert_allclose(stored.values, want.transpose(1, 2).numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_a_conv_block_pooled_to_a_square_output_is_refused_unless_told(tmp_path):
+    """A conv block pooling its (N, 8, 16) to a square (N, 8, 8) with ``F.max_pool1d``, and the ReLU after it, took
+    the default of modules with parameters, (N, T, C): stored with channels and positions swapped, silently (found
+    by review). Square, it may as well be a copy of its transpose: refused, naming the layer and ``layouts=``;
+    told, recorded as told."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_PooledConv(3, 16), _PooledConv(16, 8), torch.nn.ReLU()).eval()
+    inputs = torch.randn(20, 3, 32)
+    for layers in (["square"], ["relu"]):
+        modules = {"square": "1", "relu": "2"}
+        with pytest.raises(ValueError, match=rf"layer '{layers[0]}': where the channels of its \(10, 8, 8\) output "
+                                             r"are is unknown: .*square.*layouts="):
+            record(model, {layer: modules[layer] for layer in layers}, [inputs[:10], inputs[10:]],
+                   tmp_path / f"{layers[0]}.zarr")
+        assert not (tmp_path / f"{layers[0]}.zarr").exists()
+    tree = record(model, {"square": "1", "relu": "2"}, [inputs[:10], inputs[10:]], tmp_path / "told.zarr",
+                  layouts={"square": "channels_first", "relu": "channels_first"})
+    with torch.no_grad():
+        square = model[:2](inputs)
+    for name, want in (("square", square), ("relu", torch.relu(square))):
+        np.testing.assert_array_equal(tree[name]["activations"].values, want.transpose(1, 2).numpy(), err_msg=name)
 
 
 def test_a_time_first_block_of_ones_own_is_told_by_the_batch_count(tmp_path):
