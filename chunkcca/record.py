@@ -4,7 +4,8 @@ Forward hooks catch each chosen module's output and lay it out channels-last: (N
 height, width, channel), a 1-d conv's (N, C, L) → (datapoint, time, channel), a 3-d conv's (N, C, D, H, W) →
 (datapoint, depth, height, width, channel); a transformer's (N, T, C) stays (datapoint, token, channel), and
 the batch's attention mask becomes the layer's padding mask. A recurrent module's (``torch.nn.RNNBase``: RNN,
-LSTM, GRU) output is (datapoint, token, channel): with ``batch_first=False`` its (T, N, C) is transposed, as are
+LSTM, GRU) output is (datapoint, token, channel), as are attention's and transformers' with ``batch_first``, as
+torch documents them: with ``batch_first=False`` its (T, N, C) is transposed, as are
 those of attention and transformer modules with ``batch_first=False`` and of the modules that keep the (T, N)
 leading dims of such a tensor (a Dropout, a Linear after it). Its final states ``h_n`` and ``c_n`` (picked with
 ``output=``) are (D · layers, N, H) whatever ``batch_first``: they become (datapoint, token, channel), one token
@@ -310,28 +311,35 @@ class _Seen:
         return found, False
 
 
-def _time_first(module: Any) -> bool:
-    """Whether a module gives (T, N, C) sequences: a torch RNN, attention or transformer with ``batch_first=False``."""
+def _batch_first(module: Any) -> bool | None:
+    """Whether a torch sequence module (an RNN, attention or transformer) gives (N, T, C) sequences, its
+    ``batch_first``, or (T, N, C); None for other modules."""
     from torch import nn
 
     if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)):
-        return not module.batch_first
+        return bool(module.batch_first)
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return not module.self_attn.batch_first
+        return bool(module.self_attn.batch_first)
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
-        return not module.layers[0].self_attn.batch_first
-    return False
+        return bool(module.layers[0].self_attn.batch_first)
+    return None
+
+
+def _time_first(module: Any) -> bool:
+    """Whether a module gives (T, N, C) sequences: a torch RNN, attention or transformer with ``batch_first=False``."""
+    return _batch_first(module) is False
 
 
 def _documented(module: Any, output: Any, tensor: Any) -> Found | None:
-    """The layout torch documents for a 3-d ``tensor`` of a module's ``output``, if it does: a time-first module's
-    (T, N, C) sequence (``_time_first``); a torch RNN's final hidden or cell state (``h_n``, ``c_n``), which is
-    (D · layers, N, H) whatever ``batch_first`` (its datapoints second, as in a (T, N, C) sequence); attention's
-    averaged weights, (N, L, S) whatever ``batch_first``."""
+    """The layout torch documents for a 3-d ``tensor`` of a module's ``output``, if it does: a torch sequence
+    module's (T, N, C) sequence, or (N, T, C) with ``batch_first`` (``_batch_first``: whatever the tensors of its
+    shape before it, a conv's (N, C, L) copied to tokens); a torch RNN's final hidden or cell state (``h_n``,
+    ``c_n``), which is (D · layers, N, H) whatever ``batch_first`` (its datapoints second, as in a (T, N, C)
+    sequence); attention's averaged weights, (N, L, S) whatever ``batch_first``."""
     from torch import nn
 
-    if _time_first(module) and tensor is first_tensor(output):
-        return "time_first"
+    if (batch_first := _batch_first(module)) is not None and tensor is first_tensor(output):
+        return "channels_last" if batch_first else "time_first"
     if not isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) or not isinstance(output, tuple) \
             or len(output) < 2:
         return None

@@ -1693,6 +1693,44 @@ def test_a_conv_block_pooled_to_a_square_output_is_refused_unless_told(tmp_path)
         np.testing.assert_array_equal(tree[name]["activations"].values, want.transpose(1, 2).numpy(), err_msg=name)
 
 
+class _ConvThenSequence(torch.nn.Module):
+    """A conv encoder whose channels double as its length halves, its (N, 64, 32) copied to (N, 32, 64) tokens
+    (the first conv's shape) for a batch-first attention, GRU or transformer layer."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv1d(3, 32, 3, padding=1)
+        self.conv2 = torch.nn.Conv1d(32, 64, 3, stride=2, padding=1)
+        self.sequence = {"attention": lambda: torch.nn.MultiheadAttention(64, 4, batch_first=True),
+                         "gru": lambda: torch.nn.GRU(64, 64, batch_first=True),
+                         "transformer": lambda: torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)}[kind]()
+
+    def forward(self, x):
+        tokens = self.conv2(torch.relu(self.conv1(x))).transpose(1, 2).contiguous()
+        out = self.sequence(tokens, tokens, tokens) if isinstance(self.sequence, torch.nn.MultiheadAttention) \
+            else self.sequence(tokens)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("kind", ["attention", "gru", "transformer"])
+def test_batch_first_sequence_modules_are_stored_as_torch_documents_them(tmp_path, kind):
+    """A batch-first MultiheadAttention or GRU given a conv's output copied to tokens of the first conv's (N, 32,
+    64) shape took that older tensor's layout, channels first: stored with its 64 channels as positions, silently
+    (found by review). torch documents their output as (N, T, C)."""
+    torch.manual_seed(0)
+    model, inputs = _ConvThenSequence(kind).eval(), torch.randn(20, 3, 64)
+    outputs = []
+    hook = model.sequence.register_forward_hook(
+        lambda module, args, out: outputs.append((out[0] if isinstance(out, tuple) else out).detach().clone()))
+    with torch.no_grad():
+        model(inputs)
+    hook.remove()
+    tree = record(model, ["sequence"], [inputs[:10], inputs[10:]], tmp_path / "s.zarr")
+    stored = tree["sequence"]["activations"]
+    assert stored.dims == ("datapoint", "token", "channel")
+    np.testing.assert_allclose(stored.values, outputs[0].numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_a_time_first_block_of_ones_own_is_told_by_the_batch_count(tmp_path):
     """A fairseq-style block of one's own on (T, B, C), in a model with no torch time-first module, was stored with
     its 12 time steps as datapoints, (60, 10, 32) for 50 inputs of 12 tokens, though the DataLoader's batches
