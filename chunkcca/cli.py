@@ -876,6 +876,8 @@ def _print_compare_json(args: argparse.Namespace, result: xr.Dataset, values: di
     if args.folds is not None:
         options |= {key: result.attrs[key] for key in ("folds", "folds_by", "confidence") if key in result.attrs}
     ranks = {key: _json_value(result[key].values.tolist()) for key in ("rank_a", "rank_b") if key in result}
+    options |= {dim: result[dim].values.tolist() for key in ranks for dim in result[key].dims  # --spatial dft's
+                if dim != args.groupby}  # freq_h and freq_w: the rank lists' order
     print(json.dumps({"layer_a": args.layer_a, "layer_b": args.layer_b, "store_a": _recorded(args.store),
                       "store_b": _recorded(args.b_store or args.store), "rows": result.attrs["rows"], **ranks,
                       "options": options, "results": results}, indent=1))  # undefined values (NaN) as null

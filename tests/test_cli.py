@@ -763,6 +763,16 @@ def test_compare_says_when_dead_units_leave_canonical_correlations_of_0(tmp_path
                  "--no-progress"]) == 0
     shown = capsys.readouterr()
     assert "CCA is undefined at" in shown.err and "rank of a" not in shown.out
+    # JSON's per-frequency ranks came as nested lists with no frequencies to read them by (found by audit)
+    assert main(["compare", str(tmp_path / "d.zarr"), "a", "b", "--spatial", "dft", "--precision", "float64",
+                 "--json", "--no-progress"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    result = chunkcca.compare(*(chunkcca.open_activations(str(tmp_path / "d.zarr"))[name] for name in "ab"),
+                              measures=["mean_cca"], spatial="dft", precision="float64")
+    assert shown["options"]["freq_h"] == shown["options"]["freq_w"] == [0, 1, 2, 3, -4, -3, -2, -1]
+    for key in ("rank_a", "rank_b"):
+        for h, row in zip(shown["options"]["freq_h"], shown[key]):
+            assert row == [int(result[key].sel(freq_h=h, freq_w=w)) for w in shown["options"]["freq_w"]]
 
 
 def test_an_unforeseen_failure_is_one_line_and_status_2(files, capsys, monkeypatch):
