@@ -116,6 +116,43 @@ def labelled_by(coords: dict[str, xr.DataArray], labels: np.ndarray | None) -> d
             and coord.sizes["datapoint"] == len(labels) else coord for key, coord in coords.items()}
 
 
+def differing_labels(one: xr.DataArray, other: xr.DataArray) -> pd.Index:
+    """The datapoints that two coordinates on ``datapoint``, each labelled by datapoint, both hold and give other
+    values (NaN as NaN; a string never as a number): a store's layers may hold other datapoints, never other
+    labels for one."""
+    shared = one.indexes["datapoint"].intersection(other.indexes["datapoint"])
+    first, second = one.sel(datapoint=shared).values, other.sel(datapoint=shared).values
+    if first.dtype.kind in "USTO" or second.dtype.kind in "USTO":  # compared as Python values: "1" is not 1
+        first, second = first.astype(object), second.astype(object)
+    differ = np.asarray(first != second) & ~(pd.isna(first) & pd.isna(second))
+    return shared[differ]
+
+
+def merged_datapoint_coords(layers: Mapping[str, xr.DataArray]) -> dict[str, xr.DataArray]:
+    """The coordinates on ``datapoint`` that ``layers`` (path → layer) hold, besides their labels and masks, each
+    labelled by datapoint and taken together over the layers (a datapoint once); a ValueError naming two layers
+    that give one datapoint other values of one."""
+    merged: dict[str, xr.DataArray] = {}
+    holders: dict[str, str] = {}
+    for path, layer in layers.items():
+        for name, coord in layer.coords.items():
+            if coord.dims != ("datapoint",) or name == "datapoint":
+                continue
+            own = xr.DataArray(np.asarray(coord.values), dims="datapoint", name=str(name),
+                               coords={"datapoint": layer["datapoint"].values})
+            if name not in merged:
+                merged[str(name)], holders[str(name)] = own, path
+                continue
+            differ = differing_labels(merged[str(name)], own)
+            if len(differ):
+                raise ValueError(f"layers {holders[str(name)]!r} and {path!r} give datapoints "
+                                 f"{differ[:5].tolist()} other values of {name!r}: the layers of a store share "
+                                 f"their datapoints' labels")
+            new = own.indexes["datapoint"].difference(merged[str(name)].indexes["datapoint"], sort=False)
+            merged[str(name)] = xr.concat([merged[str(name)], own.sel(datapoint=new)], "datapoint")
+    return merged
+
+
 def with_datapoint_coords(layer: xr.DataArray, coords: Mapping[str, xr.DataArray]) -> xr.DataArray:
     """``layer`` with ``coords`` (``check_datapoint_coords``) on its datapoints (``coord_values``); a ValueError
     when the layer holds another coordinate of one's name."""

@@ -83,12 +83,13 @@ from .layers import (
     check_layer_paths,
     check_value_rounding,
     chunk_of,
-    coord_values,
+    differing_labels,
     holds_positions,
     labelled_as,
     layer_path,
     layer_paths,
     mask_as_opened,
+    merged_datapoint_coords,
     nothing_to_pad,
     with_datapoint_coords,
     zarr_arrays,
@@ -240,8 +241,9 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         strings, e.g. each input's class), in the first layer's datapoint order (the others take theirs by
         datapoint label) or as a DataArray on ``datapoint`` labelled as the layers are. ``groupby=`` and
         ``folds=`` (``--groupby``, ``--folds`` on the command line) take them by name. A DataArray layer's own
-        coordinates on ``datapoint`` are written too. With ``mode="a"`` a coordinate the store's layers hold
-        must have their labels.
+        coordinates on ``datapoint`` are written too. The layers written, and with ``mode="a"`` the store's, must
+        give a datapoint they hold one label of each coordinate (layers of other datapoints are checked on those
+        they share).
     progress
         Show a progress bar (on stderr).
 
@@ -325,26 +327,30 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
             tree.to_zarr(tmp, encoding=encoding, zarr_format=3, consolidated=False)
         return list(arrays), None if size is None else (int(size[0]), int(size[1]))
 
-    write_store(path, build, mode=mode, overwrite=overwrite, coords=labels)
+    # the layers' own coordinates on datapoint too, as coords= gives them, checked against each other and the store's
+    write_store(path, build, mode=mode, overwrite=overwrite, coords=merged_datapoint_coords(arrays))
     return open_activations(path)
 
 
 def check_store_coords(path: str | os.PathLike, coords: Mapping[str, xr.DataArray]) -> None:
-    """Before layers are added to the store at ``path`` with ``coords`` (``check_datapoint_coords``): a ValueError
-    if one of its layers holds a coordinate of one's name with other labels (groupby would refuse the pair only
-    when it is measured). Reads the coordinates of its first layer holding each, no activations."""
+    """Before layers are added to the store at ``path`` with ``coords`` (``check_datapoint_coords``; labelled by
+    datapoint, or plain values for layers written without labels, whose datapoints are their positions,
+    ``default_coords``): a ValueError if one of its layers holds a coordinate of
+    one's name with other labels for a datapoint both hold (groupby would refuse the pair only when it is
+    measured). Layers of other datapoints (a run cut short) are checked on those they share. Reads the
+    coordinates of its layers, no activations."""
     if not coords:
         return
     tree = open_activations(path)
-    for key in coords:
-        holder = next((layer for layer in layer_paths(tree) if key in tree[layer][VARIABLE].coords), None)
-        if holder is None:
-            continue
-        held = tree[holder][VARIABLE]
-        given = coord_values({key: coords[key]}, held["datapoint"].values, holder)[key]
-        if not np.array_equal(np.asarray(held.coords[key].values), given):
-            raise ValueError(f"coords[{key!r}]: layer {holder!r} of {path} holds {key!r} with other labels; the "
-                             f"layers of a store share their datapoints' labels")
+    for key, given in coords.items():
+        if "datapoint" not in given.coords:  # plain values label the datapoints of a layer written without labels,
+            given = given.assign_coords(datapoint=np.arange(given.sizes["datapoint"]))  # its default: positions
+        for holder in (layer for layer in layer_paths(tree) if key in tree[layer][VARIABLE].coords):
+            differ = differing_labels(tree[holder][VARIABLE].coords[key], given)
+            if len(differ):
+                raise ValueError(f"coords[{key!r}]: layer {holder!r} of {path} holds {key!r} with other labels for "
+                                 f"datapoints {differ[:5].tolist()}; the layers of a store share their datapoints' "
+                                 f"labels")
 
 
 def _image_size(image_size: Any) -> tuple[float, float] | None:

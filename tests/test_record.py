@@ -1731,6 +1731,22 @@ def test_batch_first_sequence_modules_are_stored_as_torch_documents_them(tmp_pat
     np.testing.assert_allclose(stored.values, outputs[0].numpy(), rtol=1e-6, atol=1e-6)
 
 
+def test_a_model_recorded_on_fewer_inputs_adds_its_labels_to_the_store_s_by_datapoint(tmp_path):
+    """A second model recorded on the first 20 of the store's 30 inputs, with their classes, was refused as giving 20
+    labels for the store's 30 datapoints (found by audit). Plain labels are the datapoints' of a recording without
+    ``datapoints=``, its positions: checked against the store's on the datapoints both hold."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU()).eval()
+    inputs, classes = torch.randn(30, 5), np.arange(30) % 3
+    record(model, {"a": "0"}, [inputs[:15], inputs[15:]], tmp_path / "s.zarr", coords={"cls": classes})
+    tree = record(model, {"b": "1"}, [inputs[:10], inputs[10:20]], tmp_path / "s.zarr", coords={"cls": classes[:20]},
+                  mode="a")
+    np.testing.assert_array_equal(tree["b"]["activations"]["cls"], classes[:20])
+    with pytest.raises(ValueError, match=r"coords\['cls'\]: layer 'a' of .* holds 'cls' with other labels for "
+                                         r"datapoints \[0, 1, 2, 3, 4\]"):
+        record(model, {"c": "1"}, [inputs[:20]], tmp_path / "s.zarr", coords={"cls": (classes[:20] + 1) % 3}, mode="a")
+
+
 def test_a_time_first_block_of_ones_own_is_told_by_the_batch_count(tmp_path):
     """A fairseq-style block of one's own on (T, B, C), in a model with no torch time-first module, was stored with
     its 12 time steps as datapoints, (60, 10, 32) for 50 inputs of 12 tokens, though the DataLoader's batches

@@ -928,6 +928,41 @@ def test_plain_coordinates_follow_each_layer_s_datapoints_and_appends_agree_with
         write_activations(tmp_path / "t.zarr", {"heads": tokens}, coords={"head": np.arange(6)})
 
 
+def test_layers_of_other_datapoints_share_the_labels_of_those_they_hold(tmp_path, rng):
+    """A layer of fewer datapoints (a run cut short) added with its labels by datapoint was refused as if it gave
+    one label per datapoint of the store's first layer ("has 250 labels and layer 'a' 300 datapoints"), while the
+    same layer without them was taken; a layer's own coordinate was written unchecked, at odds with the store's
+    (and two layers written at once at odds with each other), refused only when a pair was measured by it (found by
+    audit). Coordinates are checked by datapoint, on the datapoints the layers share, whoever gives them."""
+    labels, classes = np.arange(300) + 1000, rng.integers(0, 3, 300)
+
+    def layer(count: int, **coords: np.ndarray) -> xr.DataArray:
+        return xr.DataArray(rng.standard_normal((count, 4)), dims=("datapoint", "channel"),
+                            coords={"datapoint": labels[:count]} | {key: ("datapoint", value)
+                                                                      for key, value in coords.items()})
+
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"a": layer(300)}, coords={"cls": classes})
+    tree = write_activations(store, {"cut": layer(250)}, mode="a", coords={"cls": xr.DataArray(
+        classes[:250], dims="datapoint", coords={"datapoint": labels[:250]})})
+    np.testing.assert_array_equal(tree["cut"]["activations"]["cls"], classes[:250])
+    tree = write_activations(store, {"own": layer(120, cls=classes[:120])}, mode="a")
+    np.testing.assert_array_equal(tree["own"]["activations"]["cls"], classes[:120])
+    other = (classes + 1) % 3
+    for name, given, coords in (("labelled", layer(250), {"cls": xr.DataArray(
+            other[:250], dims="datapoint", coords={"datapoint": labels[:250]})}),
+                                ("own", layer(300, cls=other), {}), ("short", layer(80, cls=other[:80]), {})):
+        with pytest.raises(ValueError, match=r"coords\['cls'\]: layer 'a' of .* holds 'cls' with other labels for "
+                                             r"datapoints \[1000, 1001, 1002, 1003, 1004\]"):
+            write_activations(store, {f"{name}2": given}, mode="a", coords=coords)
+        assert f"{name}2" not in layer_paths(open_activations(store))
+    same = classes.copy()
+    same[7] = (same[7] + 1) % 3  # one datapoint of the two layers written at once
+    with pytest.raises(ValueError, match=r"layers 'x' and 'y' give datapoints \[1007\] other values of 'cls'"):
+        write_activations(tmp_path / "t.zarr", {"x": layer(300, cls=classes), "y": layer(10, cls=same[:10])})
+    assert not (tmp_path / "t.zarr").exists()
+
+
 def test_a_result_read_back_a_variable_of_one_and_a_stacked_one_are_saved_or_named(tmp_path, rng):
     """A result read back from netCDF and saved to zarr kept netCDF's text encoding ('S1'): zarr v3 wrote its labels
     as null-terminated bytes, with a warning per variable that other readers may not read them; a DataArray
