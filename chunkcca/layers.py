@@ -37,6 +37,7 @@ DEFAULT_DIMS: dict[int, tuple[str, ...]] = {2: FC_DIMS, 3: ("datapoint", "token"
 STANDARD_POSITIONS: tuple[str, ...] = ("time", "token", "depth", "height", "width")
 #: Bytes per datapoint chunk that ``chunks="auto"`` aims for.
 CHUNK_BYTES = 16 * 2**20
+BLOSC_BUFFER_BYTES = 2**31 - 1 - 16  # the most Blosc compresses in one buffer (BLOSC_MAX_BUFFERSIZE)
 
 
 def check_coord_name(name: Any) -> None:
@@ -179,6 +180,21 @@ def datapoints_per_chunk(shape: tuple[int, ...], itemsize: int, chunks: int | st
 def chunk_of(shape: tuple[int, ...], itemsize: int, chunks: int | str = "auto") -> int:
     """``datapoints_per_chunk`` of a whole array of ``shape``, at most its datapoints (2**64 failed in Dask)."""
     return min(datapoints_per_chunk(shape, itemsize, chunks), max(shape[0], 1))
+
+
+def check_chunk_bytes(layer: str, shape: tuple[int, ...], itemsize: int, per_chunk: int, compressed: bool) -> None:
+    """A ValueError naming ``layer`` when a chunk of ``per_chunk`` datapoints of ``shape`` is more than its codec
+    takes in one buffer, Blosc's ``BLOSC_BUFFER_BYTES`` (numcodecs said "Codec does not support buffers of >
+    2147483647 bytes" at the first chunk's write), or more than an array can hold (zarr: "Maximum allowed
+    dimension exceeded"), before anything is written."""
+    per_datapoint = max(int(np.prod(shape[1:], dtype=object)) * itemsize, 1)
+    largest, what = (BLOSC_BUFFER_BYTES, "Blosc compresses in one buffer") if compressed else (
+        np.iinfo(np.intp).max, "an array holds")
+    if per_chunk * per_datapoint > largest:
+        raise ValueError(f"layer {layer!r}: chunks of {per_chunk} datapoints would be "
+                         f"{format_bytes(per_chunk * per_datapoint)} each, more than {what} ({format_bytes(largest)}): "
+                         f"give chunks={largest // per_datapoint} or fewer ('auto' makes them about "
+                         f"{format_bytes(CHUNK_BYTES)})")
 
 
 def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",

@@ -82,6 +82,7 @@ from .layers import (
     FC_DIMS,
     VARIABLE,
     boolean_mask,
+    check_chunk_bytes,
     check_datapoint_coords,
     check_layer_paths,
     coord_values,
@@ -737,7 +738,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         ``attention_mask``; None: no masks). Recorded as the ``mask`` of every layer of T positions; a layer of
         another length (a strided convolution, a prepended token) is recorded without one, with a warning.
     chunks, compression, overwrite
-        As for [`chunkcca.write_activations()`][chunkcca.write_activations].
+        As for [`chunkcca.write_activations()`][chunkcca.write_activations]; ``chunks`` at most the datapoints
+        of a ``DataLoader`` (its sampler's length), a chunk's size checked at the first batch.
     layouts
         Store path → ``"channels_first"`` ((N, C, L), (N, C, H, W), (N, C, D, H, W)) or ``"channels_last"``
         ((N, T, C), (N, H, W, C), (N, D, H, W, C)) or ``"time_first"`` ((T, N, C), made (N, T, C)) or
@@ -853,6 +855,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                         masked = padding is not None and values.ndim == 3 and padding.shape == values.shape[:2]
                         if path not in arrays:
                             per_chunk = datapoints_per_chunk(values.shape, values.dtype.itemsize, chunks)
+                            per_chunk = min(per_chunk, known) if known else per_chunk  # the DataLoader's count
+                            check_chunk_bytes(path, values.shape, values.dtype.itemsize, per_chunk,
+                                              compression is not None)
                             arrays[path] = root.create_array(
                                 f"{path}/{VARIABLE}", shape=(0, *values.shape[1:]), dtype=values.dtype,
                                 chunks=(per_chunk, *values.shape[1:]), compressors=compressors, dimension_names=dims)

@@ -79,6 +79,7 @@ from .layers import (
     VARIABLE,
     as_activations,
     boolean_mask,
+    check_chunk_bytes,
     check_datapoint_coords,
     check_layer_paths,
     check_value_rounding,
@@ -224,7 +225,8 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
         xarray's default) loses it, as it would list the members without the new layers: readers list the
         store, as they do chunkcca's.
     chunks
-        Datapoints per zarr chunk, or "auto" for about 16 MiB per chunk. Only datapoint is chunked.
+        Datapoints per zarr chunk, or "auto" for about 16 MiB per chunk. Only datapoint is chunked. A chunk
+        compressed holds at most 2 GiB (Blosc's buffer): more is refused, naming the layer.
     image_size
         Height and width of the input images, for the ``height``/``width`` pixel-centre
         coordinates of layers that have none: pixel i of an s-pixel map sits at
@@ -280,6 +282,9 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     if wide is not None:  # zarr said "No Zarr data type found that matches dtype('float128')", naming no layer
         raise TypeError(f"layer {wide!r} has dtype {arrays[wide].dtype} (long double), which a zarr store cannot hold: "
                         f"cast it to float64 first (layer.astype('float64'))")
+    for path_, array in arrays.items():  # each chunk one codec buffer, before anything is written
+        check_chunk_bytes(path_, array.shape, array.dtype.itemsize,
+                          chunk_of(array.shape, array.dtype.itemsize, chunks), compression is not None)
     labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))
     arrays = {path_: with_datapoint_coords(array, labels) for path_, array in arrays.items()}
     for path_, array in arrays.items():

@@ -95,6 +95,24 @@ def test_layers_named_twice_and_bad_chunks_are_refused_before_the_model_runs(tmp
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
+def test_chunks_beyond_what_a_chunk_can_hold_are_refused_and_a_data_loader_s_count_clips_them(tmp_path):
+    """chunks= far beyond the datapoints failed after the first batch in numpy's or zarr's words ("Unable to
+    allocate 954 GiB", "Maximum allowed dimension exceeded"; found by review): refused naming the layer and the
+    chunks that fit, before anything is written; a DataLoader's count of datapoints clips them."""
+    net, inputs = _net(), torch.randn(10, 1, 8, 8)
+    for chunks, compression, what in ((2 * 10**9, "lz4", "Blosc compresses in one buffer"),
+                                      (2**64, None, "an array holds")):
+        with pytest.raises(ValueError, match=rf"^layer '0': chunks of {chunks} datapoints would be .* each, more than "
+                                             rf"{what} \(.*\): give chunks=\d+ or fewer"):
+            record(net, ["0"], [inputs[:5], inputs[5:]], tmp_path / "r.zarr", chunks=chunks, compression=compression)
+        assert sorted(path.name for path in tmp_path.iterdir()) == []
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=4)
+    tree = record(net, ["0"], loader, tmp_path / "r.zarr", chunks=2 * 10**9)
+    assert tree["0"]["activations"].encoding["chunks"][0] == 10
+    with torch.no_grad():
+        np.testing.assert_array_equal(tree["0"]["activations"].values, net[0](inputs).permute(0, 2, 3, 1).numpy())
+
+
 def test_appends_whole_chunks_only_and_writes_each_chunk_once(tmp_path, monkeypatch):
     """Batches smaller and larger than a chunk are buffered into whole chunks: every activations chunk is written
     once and never read back (appending each batch made zarr read, decode and rewrite the partial last chunk), and

@@ -425,6 +425,13 @@ def test_bad_chunks_argument(tmp_path):
     assert tree["fc"]["activations"].data.chunks[0] == (3,)
     with pytest.raises(ValueError, match="at least one layer"):
         write_activations(tmp_path / "s.zarr", {})
+    # a chunk of more than Blosc compresses in one buffer failed in numcodecs' words at the first chunk's write
+    # (found by audit): refused naming the layer and the chunks that fit, before anything is computed or written
+    wide = da.zeros((600, 1000, 1000), dtype=np.float32, chunks=(1, 1000, 1000))  # 2.2 GiB, never computed
+    with pytest.raises(ValueError, match=r"^layer 'wide': chunks of 600 datapoints would be 2.24 GiB each, more "
+                                         r"than Blosc compresses in one buffer \(2.00 GiB\): give chunks=536 or fewer"):
+        write_activations(tmp_path / "w.zarr", {"wide": wide}, chunks=600)
+    assert not (tmp_path / "w.zarr").exists()
 
 
 def test_memory_mapped_views_and_wrapped_memmaps_stream_from_the_file(tmp_path):
