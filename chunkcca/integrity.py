@@ -457,23 +457,31 @@ class ChunkPlaces:
     metadata: dict[str, Any]  # the array's zarr.json: its grid and chunk key encoding
     written: bytes  # each chunk's CRC32C as written, little-endian uint32, in chunk order
 
-    def check(self, key: str, tail: bytes, where: str) -> None:
+    def check(self, key: str, tail: bytes, where: str) -> bool:
         """An OSError naming ``where`` (the file read) when the chunk file of ``key`` (within the array) ends in
-        ``tail`` (its last 4 bytes, its CRC32C) of another chunk's bytes as written, not of its own. A checksum
-        written for no chunk (an edit in place, which ``check_places`` warns of) passes."""
+        ``tail`` (its last 4 bytes, its CRC32C) of another chunk's bytes as written, not of its own. False where
+        that checksum was written for no chunk of the array (an edit in place, which ``check_places`` warns of, or
+        another array's chunk: ``written_for`` of the store's other arrays tells), else True."""
         place = chunk_place(self.metadata, key)
         if (place is None or len(tail) != 4 or 4 * place + 4 > len(self.written)  # cut short: zarr's check fails it
                 or self.written[4 * place : 4 * place + 4] == tail):
-            return
-        written = np.frombuffer(self.written, dtype="<u4")
-        origin = np.flatnonzero(written == int.from_bytes(tail, "little"))
-        if origin.size:
-            grid = list(chunk_keys(self.metadata))  # each chunk's grid index, in chunk order
-            own, theirs = grid[place], grid[int(origin[0])]
-            raise OSError(f"chunk file {where} holds the bytes written for {_chunk_datapoints(self.metadata, theirs)}, "
-                          f"not those of {_chunk_datapoints(self.metadata, own)} (copied or moved over it since the "
-                          f"store was written): read, they would give other datapoints' values; the store is damaged: "
-                          f"write it again")
+            return True
+        theirs = self.written_for(tail)
+        if theirs is None:
+            return False
+        own = list(chunk_keys(self.metadata))[place]  # its grid index
+        raise OSError(f"chunk file {where} holds the bytes written for {theirs}, not those of "
+                      f"{_chunk_datapoints(self.metadata, own)} (copied or moved over it since the store was "
+                      f"written): read, they would give other datapoints' values; the store is damaged: write it "
+                      f"again")
+
+    def written_for(self, tail: bytes) -> str | None:
+        """The chunk of the array whose bytes as written end in ``tail`` (its CRC32C), in words (its datapoints),
+        or None."""
+        origin = np.flatnonzero(np.frombuffer(self.written, dtype="<u4") == int.from_bytes(tail, "little"))
+        if not origin.size:
+            return None
+        return _chunk_datapoints(self.metadata, list(chunk_keys(self.metadata))[int(origin[0])])
 
 
 def check_label_places(fs: Any, root: str, listing: Listing, recorded: Mapping[str, Mapping[str, str]],

@@ -821,9 +821,23 @@ class WholeStore(WrapperStore):
             places = records[folder]
             if isinstance(places, str):
                 records[folder] = places = await self._places(folder, places, prototype)
-            if places is not None:
-                places.check("/".join(parts[cut:]), tail, f"{key} of {self.location}")
+            if places is not None and not places.check("/".join(parts[cut:]), tail, f"{key} of {self.location}"):
+                await self._check_other_arrays(folder, key, tail, records, prototype)
             return
+
+    async def _check_other_arrays(self, folder: str, key: str, tail: bytes,
+                                  records: dict[str, str | ChunkPlaces | None], prototype: Any) -> None:
+        """An OSError when the chunk file ``key`` of the array in ``folder``, whose checksum ``tail`` was written
+        for none of its chunks, holds the bytes written for a chunk of another array of the store (a layer's chunk
+        copied over another layer's of its shape while the store is read: it gave that layer's values)."""
+        for other in [name for name in records if name != folder]:
+            places = records[other]
+            if isinstance(places, str):
+                records[other] = places = await self._places(other, places, prototype)
+            if places is not None and (theirs := places.written_for(tail)) is not None:
+                raise OSError(f"chunk file {key} of {self.location} holds the bytes written for {theirs} of "
+                              f"{other} (copied over it since the store was written): read, they would give another "
+                              f"layer's values; the store is damaged: write it again")
 
     async def _places(self, folder: str, recorded: str, prototype: Any) -> ChunkPlaces | None:
         """The ``ChunkPlaces`` of the array in ``folder`` from its metadata and its ``recorded`` checksums; None

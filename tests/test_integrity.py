@@ -383,6 +383,32 @@ def test_a_chunk_file_copied_over_another_while_the_store_is_read_is_an_error_no
 
 
 
+def test_a_chunk_file_copied_in_from_another_layer_while_the_store_is_read_is_an_error(tmp_path):
+    """A chunk file of another layer of the store, of the same shape, copied over one after the checks before
+    reading passed zarr's checksum and the check by place (its checksum was written for no chunk of its own
+    layer, as an edit's is) and was read as that layer's values, silently (found by review). Its checksum is
+    looked for among the store's other arrays' where it is none of its own layer's."""
+    from dask.callbacks import Callback
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((400, 3))
+    layers = {name: (latent @ rng.standard_normal((3, 3)) + rng.standard_normal((400, 3))).astype("float32")
+              for name in ("a", "b", "c")}
+    store = tmp_path / "s.zarr"
+    write_activations(store, layers, chunks=50)
+    tree = open_activations(store)
+    chunks = store / "b" / "activations" / "c"
+
+    class CopyAsTheRunStarts(Callback):  # after every check before reading, before the first chunk is read
+        def _start(self, dsk: object) -> None:
+            shutil.copyfile(store / "c" / "activations" / "c" / "1" / "0", chunks / "5" / "0")
+
+    with CopyAsTheRunStarts(), pytest.raises(OSError, match=r"chunk file b/activations/c/5/0 of .*s\.zarr holds the "
+                                                           r"bytes written for datapoints 50 to 99 of c/activations "
+                                                           r"\(copied over it"):
+        cca(tree["a"], tree["b"], precision="float64")
+
+
 @pytest.mark.cluster
 def test_a_chunk_file_copied_over_another_is_found_as_a_worker_reads_it(tmp_path):
     """The records are read in each worker process (not carried in the tasks, where every layer's node held the
