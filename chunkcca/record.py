@@ -24,15 +24,16 @@ one, nor a copy); channels last from a parameter-free module whose output so lie
 a module made of that (N, C, L) shape is channels first and later than any of its own shape (a Dropout or GELU given
 ``F.gelu(conv(x)).transpose(1, 2)`` in a forward); the layout of its input, when the output has the input's shape
 and a module of the model made the input (a ReLU, GELU, Dropout or residual block after a Conv1d or a Linear: every
-module but TorchScript ones is hooked while recording to know this), or a conv, pooling or norm of the first rule
-took the input (a residual block on ``emb(x).transpose(1, 2)``), swapped where a parameter-free module gives a
+module but TorchScript ones is hooked while recording to know this), swapped where a parameter-free module gives a
 view of a channels-first or time-first one with two dims swapped (a Transpose module) and its layout was told; the
 layout of the latest tensor of the output's shape a module made (a function in between, such as ``F.relu`` or a
 residual sum, keeps it; not for a square shape, where the first position and the channels have one size, (N, L, L)
 or (N, C, H, C), since a transpose cannot be told); channels last from a module that acts on the last dim, whatever
 the rank (``torch.nn`` Linear, Bilinear, Embedding, and LayerNorm or RMSNorm over one dim: ConvNeXt and Swin blocks
 apply them to (N, H, W, C); a subclass that rewrites ``forward``, e.g. to normalise the channels of (N, C, H, W), is
-not taken for one); channels first from a block without weights of its own whose submodules made only channels-first
+not taken for one); channels first from a block whose output has the shape of its input, which no module made and
+a torch.nn conv, pooling or norm module takes (a residual block on ``emb(x).transpose(1, 2)``); channels first
+from a block without weights of its own whose submodules made only channels-first
 3-d tensors in its call, the last of the output's N and channels, its input not laid out otherwise and its shape not
 square (a conv block pooling with ``F.max_pool1d``, a causal conv's chomp; pooled to a square shape and not a
 transposed view, it is refused: as well a copy of its transpose). Failing all these, a 3-d output is
@@ -170,6 +171,7 @@ class _Seen:
         from torch.utils.weak import WeakIdKeyDictionary
 
         self.tensors: Any = WeakIdKeyDictionary()
+        self.taken: Any = WeakIdKeyDictionary()  # tensors no module made that a torch conv took channels first
         self.shapes: dict[tuple[int, ...], Found] = {}
         self.made: list[tuple[tuple[int, ...], Found]] = []  # each tensor noted in this pass: its shape and layout
         self.starts: dict[int, int] = {}  # a module (its id) → how many tensors were noted when its call began
@@ -191,14 +193,15 @@ class _Seen:
 
     def enter(self, module: Any, args: tuple[Any, ...]) -> None:
         """Note that a call of ``module`` begins (a forward pre-hook): the tensors noted from now until its output
-        are its submodules'. An input of 3 to 5 dims that no module made is channels first where ``module`` takes
-        it so (``_takes_channels_first``: a Conv1d given ``emb(x).transpose(1, 2)`` in a block's forward), which
-        tells the layout of the block's output of its shape (a residual sum with it, a ReLU after it)."""
+        are its submodules'. An input of 3 to 5 dims that no module made is noted in ``taken`` where a torch.nn
+        conv, pooling or norm module takes it channels first (``_takes_channels_first``: a Conv1d given
+        ``emb(x).transpose(1, 2)`` in a block's forward), which tells the layout of a block's output of its shape
+        where nothing else does (a residual sum with it)."""
         self.starts[id(module)] = len(self.made)
         source = first_tensor(list(args))
-        if source is not None and source.dim() in POSITIONS and not source.is_nested \
-                and source not in self.tensors and _takes_channels_first(module, source.dim()):
-            self.tensors[source] = "channels_first", True
+        if source is not None and source.dim() in POSITIONS and not source.is_nested and source not in self.tensors \
+                and type(module).__module__.startswith("torch.nn.") and _takes_channels_first(module, source.dim()):
+            self.taken[source] = True
 
     def made_within(self, module: Any, rank: int) -> list[tuple[tuple[int, ...], Found]]:
         """The shapes and layouts of the tensors of ``rank`` dims that ``module``'s submodules made in its
@@ -238,6 +241,7 @@ class _Seen:
     def clear(self, datapoints: int | None) -> None:
         """Forget the last pass's tensors, before a pass over a batch of ``datapoints`` (None: unknown)."""
         self.tensors.clear()
+        self.taken.clear()
         self.shapes.clear()
         self.made.clear()
         self.starts.clear()
@@ -410,6 +414,8 @@ def _layout(module: Any, inputs: Sequence[Any], tensor: Any, seen: _Seen) -> tup
         return "channels_last", False
     if shaped is not None:  # (T, N, C) with T = N has the shape of (N, T, C)
         return shaped, tensor.shape[0] != tensor.shape[1]
+    if source is not None and source in seen.taken and source.shape == tensor.shape and not tensor.is_nested:
+        return "channels_first", True  # a block summing its input, which its Conv1d takes, with its conv's output
     given = seen.tensors[source][0] if source is not None and source in seen.tensors else None
     if inner and all(layout == "channels_first" for _, layout in inner) and inner[-1][0][:2] == tuple(
             tensor.shape[:2]) and given in (None, "channels_first") \

@@ -1688,6 +1688,45 @@ def test_a_residual_block_on_a_transposed_embedding_is_channels_first(tmp_path, 
         np.testing.assert_allclose(stored.values, want.transpose(1, 2).numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+class _SensorModel1d(torch.nn.Module):
+    """A model of one's own named as torch's channels-first modules are, given (N, T, C) sensor readings that its
+    LayerNorm, Linear and Dropout take channels last; beside it, a mixer whose Conv1d(P, P, 1) takes a function's
+    (N, P, C) with its patches as channels, and whose Linear and LayerNorm take the same tensor channels last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.mix, self.drop = torch.nn.LayerNorm(6), torch.nn.Linear(6, 6), torch.nn.Dropout(0.1)
+        self.patches, self.tokens = torch.nn.Linear(6, 16), torch.nn.Conv1d(20, 20, 1)
+        self.channels, self.mixed_norm = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)
+
+    def forward(self, x):  # (N, T=20, C=6)
+        h = self.patches(self.norm(x) + self.mix(self.drop(x))) * 2.0
+        return self.tokens(h) + self.channels(h) + self.mixed_norm(h)
+
+
+def test_tensors_a_conv_takes_leave_modules_acting_on_channels_last_alone(tmp_path):
+    """Noting every tensor a module named ``*1d`` took as channels first (for a residual block on a transposed
+    embedding) stored the LayerNorm, Linear and Dropout a model of one's own named ``*1d`` gives its (N, T, C)
+    input, and a mixer's Linear and LayerNorm on a tensor its token-mixing Conv1d also takes, with time and
+    channels swapped, silently (found by review of that change). Only torch's own modules note it, and a module
+    acting on the last dim, or one of a shape a module made, is read as before."""
+    torch.manual_seed(0)
+    model, inputs = _SensorModel1d().eval(), torch.randn(8, 20, 6)
+    names = ["norm", "mix", "drop", "channels", "mixed_norm"]
+    wants = {}
+    hooks = [getattr(model, name).register_forward_hook(
+        lambda module, args, out, name=name: wants.__setitem__(name, out.detach().clone())) for name in names]
+    with torch.no_grad():
+        model(inputs)
+    for hook in hooks:
+        hook.remove()
+    tree = record(model, names, [inputs[:4], inputs[4:]], tmp_path / "s.zarr")
+    for name in names:
+        stored = tree[name]["activations"]
+        assert stored.dims == ("datapoint", "token", "channel"), name
+        np.testing.assert_allclose(stored.values, wants[name].numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 def test_a_conv_block_pooled_to_a_square_output_is_refused_unless_told(tmp_path):
     """A conv block pooling its (N, 8, 16) to a square (N, 8, 8) with ``F.max_pool1d``, and the ReLU after it, took
     the default of modules with parameters, (N, T, C): stored with channels and positions swapped, silently (found
