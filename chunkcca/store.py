@@ -340,10 +340,9 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
 def check_store_coords(path: str | os.PathLike, coords: Mapping[str, xr.DataArray]) -> None:
     """Before layers are added to the store at ``path`` with ``coords`` (``check_datapoint_coords``; labelled by
     datapoint, or plain values for layers written without labels, whose datapoints are their positions,
-    ``default_coords``): a ValueError if one of its layers holds a coordinate of
-    one's name with other labels for a datapoint both hold (groupby would refuse the pair only when it is
-    measured). Layers of other datapoints (a run cut short) are checked on those they share. Reads the
-    coordinates of its layers, no activations."""
+    ``default_coords``): a ValueError if one of its layers holds a coordinate of one's name with other labels for
+    a datapoint both hold (groupby would refuse the pair only when it is measured). Layers of other datapoints (a
+    run cut short) are checked on those they share. Reads the coordinates of its layers, no activations."""
     if not coords:
         return
     tree = open_activations(path)
