@@ -263,6 +263,11 @@ def needs(least_rows: int) -> str:
             f"debiased CKA (the unbiased HSIC) needs at least {least_rows}")
 
 
+#: How precision="auto" chose for a run with PWCCA (``measures.Measure.directions``).
+DIRECTIONS_NOTE = ("auto: float64 products, as pwcca's weights rest on the canonical directions, which float32 "
+                   "products move by their rounding over the gap between neighbouring correlations")
+
+
 def _stream_pair(a: Any, b: Any, options: StreamOptions, wanted: Needs) -> tuple[Streamed, Groups | None]:
     """Two layers → one pass → their Moments, and each group's when ``options`` groups the datapoints, with what
     the measures need (``wanted``)."""
@@ -281,9 +286,13 @@ def _stream_grouped(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter],
     _check_rows(layers, adapters, wanted.whitens, least_rows=wanted.least_rows, channels=channels)
     groups = _groups(layers, options)
     _check_group_rows(groups, layers, adapters[0], options, wanted)
-    streamed = stream_layers(layers, adapters, options, row_norms=wanted.row_norms,
+    exact = wanted.directions and options.precision == "auto"  # PWCCA's weights: float64 products
+    products = dataclasses.replace(options, precision="float64") if exact else options
+    streamed = stream_layers(layers, adapters, products, row_norms=wanted.row_norms,
                              codes=_pass_codes(groups, adapters[0], layers[0].data.chunks[0]),
                              group_sizes=() if groups is None else groups.sizes, pairs=pairs, whitens=wanted.whitens)
+    if exact:
+        streamed = dataclasses.replace(streamed, precision_note=DIRECTIONS_NOTE)
     _check_rows_kept(streamed, options, wanted.whitens, least_rows=wanted.least_rows, channels=channels)
     streamed, groups = _without_emptied_folds(streamed, groups)
     _warn_small_groups(streamed, groups, wanted.whitens, channels)

@@ -1173,6 +1173,11 @@ class Measure:
         (``precision="auto"`` then takes float64), and no more rows than channels is warned of; CKA and Procrustes
         invert none. A function of the solve options, which decide for some (the shape metric at alpha = 1 inverts
         none).
+    directions
+        Its value rests on the canonical directions themselves (PWCCA's weights), which float32 products move by
+        their rounding over the gap between neighbouring correlations, however well conditioned the layers
+        (2.8e-5 on a pair whose last two correlations are 3.4e-4 apart, condition number 129, found by audit):
+        ``precision="auto"`` takes float64 products.
     from_cca
         Its value comes from the CCA of all channels (``PairSolves.cca``), whose ranks
         [`chunkcca.similarity()`][chunkcca.similarity] reports (components beyond them are 0 and count in it).
@@ -1194,6 +1199,7 @@ class Measure:
     per_fold: str | None = None
     per_fold_summary: Callable[[np.ndarray], np.ndarray] | None = None
     whitens: Callable[[SolveOptions], bool] = lambda solve: True
+    directions: bool = False
     from_cca: bool = False
     least_rows: int = 2
     units: str | None = None
@@ -1220,7 +1226,8 @@ MEASURES: dict[str, Measure] = {measure.name: measure for measure in (
             "rho_mean", "SVCCA similarity (mean canonical correlation of the kept directions)",
             ("epsilon", "keep", "keep_by"), canonical=True, details=("dims_a", "dims_b", "rho")),
     Measure("pwcca", lambda pair: pwcca_from_moments(pair.moments, epsilon=pair.options.epsilon, solved=pair.cca),
-            "pwcca", "projection-weighted mean canonical correlation", ("epsilon",), canonical=True, from_cca=True),
+            "pwcca", "projection-weighted mean canonical correlation", ("epsilon",), canonical=True, from_cca=True,
+            directions=True),
     Measure("cka", lambda pair: cka_from_moments(pair.moments), "cka", "linear CKA", whitens=lambda solve: False),
     Measure("cka_debiased", lambda pair: cka_from_moments(pair.moments, debiased=True), "cka",
             "linear CKA (debiased)", row_norms=True, whitens=lambda solve: False, least_rows=4),
@@ -1269,12 +1276,16 @@ class Needs:
         The rows a solve needs at least (2; 4 for debiased CKA; 0 for Moments only, which one row may make).
     held_out
         The held-out measures asked for, which test on each fold: each needs 2 rows in every fold.
+    directions
+        A measure rests on the canonical directions (``Measure.directions``): ``precision="auto"`` takes float64
+        products.
     """
 
     row_norms: bool = False
     whitens: bool = True
     least_rows: int = 2
     held_out: tuple[str, ...] = ()
+    directions: bool = False
 
     @classmethod
     def of(cls, names: Sequence[str], *, sweep: bool = False, solve: SolveOptions | None = None) -> Needs:
@@ -1284,7 +1295,8 @@ class Needs:
         whitens = any(m.whitens(solve) for m in measures)
         return cls(row_norms=any(m.row_norms for m in measures), whitens=whitens,
                    least_rows=2 if sweep else max(m.least_rows for m in measures),
-                   held_out=tuple(m.name for m in measures if m.per_fold is not None))
+                   held_out=tuple(m.name for m in measures if m.per_fold is not None),
+                   directions=any(m.directions for m in measures))
 
 
 def check_measures(measures: Any, *, batched: bool = False, where: str | None = None) -> tuple[str, ...]:

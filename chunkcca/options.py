@@ -368,7 +368,8 @@ class StreamOptions:
         dtype of the per-chunk products. "auto" (default) computes the first datapoints (at least 4 rows,
         before padding is left out, per channel of the widest layer) in float64 and keeps float32 for the rest
         unless a side's correlation matrix there has a condition number above 1e3 (the choice is in the
-        ``precision_auto`` attr; a checkpointed run, or one with fewer rows, takes float64); "float32" is
+        ``precision_auto`` attr; a checkpointed run, one with fewer rows, or one measuring PWCCA, whose weights
+        rest on the canonical directions, takes float64); "float32" is
         2–3× faster than "float64", correlations good to about 1e-6 on well-conditioned data, but
         directions of ill-conditioned layers can fall under its rounding. Accumulation and merging are
         always float64. With spatial="features" (exact CKA from Gram blocks), "auto" and "float32" make

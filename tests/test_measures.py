@@ -182,7 +182,28 @@ def test_pwcca_matches_in_memory(p, q, chunk):
 def test_pwcca_float32_products():
     x, y = _pair(3)
     value, _, _ = pwcca_reference(x, y)
-    assert float(pwcca(x.astype(np.float32), y.astype(np.float32))["pwcca"]) == pytest.approx(value, abs=3e-6)
+    result = pwcca(x.astype(np.float32), y.astype(np.float32), precision="float32")
+    assert result.attrs["precision"] == "float32"
+    assert float(result["pwcca"]) == pytest.approx(value, abs=3e-6)  # correlations far apart: directions firm
+
+
+def test_pwcca_under_auto_precision_takes_float64_products(tmp_path):
+    """PWCCA's weights rest on the canonical directions, which float32 products move by their rounding over the
+    gap between neighbouring correlations: on well-conditioned float32 layers (condition number 129) whose last two
+    correlations are 3.4e-4 apart, precision="auto" gave 2.8e-5 off, silently (found by audit), where correlations
+    are good to 1e-6. "auto" takes float64 products when PWCCA is among the measures, and says so."""
+    rng = np.random.default_rng(12)
+    latent = rng.standard_normal((3000, 3))
+    x = (latent @ rng.standard_normal((3, 6)) + 0.3 * rng.standard_normal((3000, 6))).astype(np.float32)
+    y = (latent @ rng.standard_normal((3, 5)) + 0.3 * rng.standard_normal((3000, 5))).astype(np.float32)
+    value, _, _ = pwcca_reference(x.astype(np.float64), y.astype(np.float64))
+    tree = chunkcca.write_activations(tmp_path / "s.zarr", {"a": x, "b": y}, chunks=250)
+    for result in (pwcca(tree["a"], tree["b"]), chunkcca.compare(tree["a"], tree["b"], measures=["cka", "pwcca"]),
+                   chunkcca.similarity([tree["a"]], [tree["b"]], measures=["pwcca"], progress=False)):
+        assert result.attrs["precision"] == "float64"
+        assert result.attrs["precision_auto"].startswith("auto: float64 products, as pwcca's weights rest on")
+        assert float(result["pwcca"].squeeze()) == pytest.approx(value, abs=1e-12)
+    assert chunkcca.cka(tree["a"], tree["b"]).attrs["precision"] == "float32"  # no directions: float32 kept
 
 
 def test_pwcca_reports_ties():

@@ -121,7 +121,7 @@ def test_precision_auto_in_a_sweep_and_one_read_per_chunk():
     assert result.attrs["precision"] == "float32" and "first 10 datapoints" in result.attrs["precision_auto"]
     exact = chunkcca.cca(a, b, precision="float64")
     np.testing.assert_allclose(result["rho"], exact["rho"], rtol=0, atol=1e-6)  # float32 products after the pilot
-    swept = similarity({"a": a}, {"bb": b}, measures=["mean_cca", "pwcca"], precision="auto")
+    swept = similarity({"a": a}, {"bb": b}, measures=["mean_cca", "cka"], precision="auto")
     assert swept.attrs["precision"] == "float32" and "precision_auto" in swept.attrs
     assert float(swept["mean_cca"].item()) == pytest.approx(float(exact["rho_mean"]), abs=1e-6)
 
