@@ -270,7 +270,7 @@ def _solve(stats: Moments, epsilon: float, threshold: float, verbose: bool = Fal
     sigma_xy = sigma_xy[np.ix_(x_idxs, y_idxs)]
     if verbose:
         print("adding eps to diagonal and taking inverse")
-    _warn_ill_conditioned(sigma_xx, sigma_yy, stats.layers)
+    _warn_ill_conditioned(sigma_xx, sigma_yy, stats.layers, stats.n)
     invsqrt_xx = _matrix_sqrt(np.linalg.pinv(sigma_xx))
     invsqrt_yy = _matrix_sqrt(np.linalg.pinv(sigma_yy))
     if verbose:
@@ -297,20 +297,33 @@ def _solve(stats: Moments, epsilon: float, threshold: float, verbose: bool = Fal
 
 #: The relative cut of ``np.linalg.pinv`` (its ``rcond``): directions below it are dropped, the rest inverted.
 PINV_CUT = 1e-15
+#: Of a side with more neurons than datapoints less one, whose covariance is singular and made invertible by
+#: epsilon alone, the condition number past which its correlations are warned of: they rest on rounding amplified
+#: about as its square (120 neurons on 100 datapoints, found by audit: 1e-8 off at 3e5, epsilon 1e-5; 4e-6 at 3e6;
+#: 7e-4 at 3e7, where the reference's route is 3.5e-4 off).
+SINGULAR_CONDITION = 1e5
 
 
-def _warn_ill_conditioned(sigma_xx: np.ndarray, sigma_yy: np.ndarray, layers: tuple[str, ...]) -> None:
+def _warn_ill_conditioned(sigma_xx: np.ndarray, sigma_yy: np.ndarray, layers: tuple[str, ...], rows: int) -> None:
     """Warn (``IllConditionedWarning``) of a side whose covariance, as the reference's pinv inverts it (directions
     below ``PINV_CUT`` of the largest dropped), has a condition number above ``WHITENING_CONDITION``: its pinv
     square root, and the correlations resting on its weakest directions, are then known to about that number x
     1e-16 only (3e-4 off at 1e14, where the reference's own route is as far off or fails; ``chunkcca.cca``, which
-    whitens through the correlation matrix, is exact there)."""
+    whitens through the correlation matrix, is exact there). A side of more neurons than ``rows`` less one has a
+    singular covariance, which only epsilon makes invertible: warned of above ``SINGULAR_CONDITION``."""
     for side, sigma in enumerate((sigma_xx, sigma_yy)):
         values = np.linalg.eigvalsh(sigma)
         inverted = values[values > PINV_CUT * values[-1]]
         condition = values[-1] / inverted[0] if inverted.size else 1.0
-        if condition > WHITENING_CONDITION:
-            name = f"acts{side + 1}" + (f" (layer {layers[side]!r})" if len(layers) > side and layers[side] else "")
+        name = f"acts{side + 1}" + (f" (layer {layers[side]!r})" if len(layers) > side and layers[side] else "")
+        if sigma.shape[0] > rows - 1 and condition > SINGULAR_CONDITION:
+            warnings.warn(f"{name}: its {sigma.shape[0]} neurons outnumber the {rows} datapoints less one, so its "
+                          f"covariance is singular and epsilon alone makes it invertible, with a condition number of "
+                          f"about 1e{round(np.log10(condition))}: the canonical correlations rest on rounding "
+                          f"amplified about as its square (7e-4 off at 3e7; the reference's route is as far off); "
+                          f"a larger epsilon bounds it, and chunkcca.cca counts the rank", IllConditionedWarning,
+                          stacklevel=user_stacklevel())
+        elif condition > WHITENING_CONDITION:
             warnings.warn(f"{name}: its covariance, as the reference's pinv inverts it, has a condition number of "
                           f"about 1e{round(np.log10(condition))} (neurons on scales far apart, or near-duplicates): "
                           f"its square root, and the canonical correlations resting on its weakest directions, are "

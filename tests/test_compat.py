@@ -108,6 +108,31 @@ def test_neurons_on_scales_far_apart_are_warned_of_as_the_reference_route_loses_
     np.testing.assert_allclose(got, canonical_correlations(a.T, b.T)[:10], atol=1e-12)
 
 
+def test_a_side_wider_than_the_datapoints_under_a_small_epsilon_is_warned_of():
+    """acts2 of 120 neurons on 100 datapoints has a singular covariance that epsilon alone makes invertible: at
+    epsilon=1e-7 the correlations were 7e-4 off (the reference's route 3.5e-4), with no warning, its condition
+    number (3e7) under the 1e8 at which full-rank sides are warned of (found by audit). Such a side is warned of
+    past 1e5, as its error grows about as the square; at epsilon=1e-4 it is good to 1e-9 and not warned of."""
+    from chunkcca.measures import IllConditionedWarning
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 100)), rng.standard_normal((120, 100))
+    with pytest.warns(IllConditionedWarning, match=r"acts2: its 120 neurons outnumber the 100 datapoints less one, "
+                                                   r"so its covariance is singular and epsilon alone makes it "
+                                                   r"invertible, with a condition number of about 1e[78]"):
+        get_cca_similarity(a, b, epsilon=1e-7, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IllConditionedWarning)
+        got = get_cca_similarity(a, b, epsilon=1e-4, verbose=False)["cca_coef1"]
+    sigma = np.cov(np.vstack([a, b]))  # the reference's ridge CCA, in memory: well within float64 at 1e-4
+    xx, yy = sigma[:5, :5] / np.abs(sigma[:5, :5]).max(), sigma[5:, 5:] / np.abs(sigma[5:, 5:]).max()
+    xy = sigma[:5, 5:] / np.sqrt(np.abs(sigma[:5, :5]).max() * np.abs(sigma[5:, 5:]).max())
+    values_y, vectors_y = np.linalg.eigh(yy + 1e-4 * np.eye(120))
+    values_x, vectors_x = np.linalg.eigh(xx + 1e-4 * np.eye(5))
+    whitened = (vectors_x / np.sqrt(values_x)) @ vectors_x.T @ xy @ (vectors_y / np.sqrt(values_y)) @ vectors_y.T
+    np.testing.assert_allclose(got, np.linalg.svd(whitened, compute_uv=False), atol=1e-9)
+
+
 def test_every_neuron_pruned_gives_the_zero_result():
     """The reference raises here (it unpacks six values into five); its intended zero dict is returned."""
     acts1 = np.ones((3, 50))
