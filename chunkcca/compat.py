@@ -346,9 +346,12 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
     The reference forms "directions" ``D = coef · (acts − μ) + μ`` on the side with fewer kept
     neurons (``coef`` from its SVD, μ its neuron means in the input dtype), orthonormalises them
     with a QR (``D = P R``) and weights direction i by ``Σⱼ |Pᵢᵀ actsⱼ|``. All of it follows
-    from the statistics: ``DᵀD = C M Cᵀ + n w wᵀ`` and ``Dᵀ acts = C M + n w μᵀ`` with
-    ``w = C (μ_true − μ) + μ``, so ``R`` is the Cholesky factor of ``DᵀD`` (up to signs, which
-    the absolute value removes) and the weights are the row sums of ``|R⁻ᵀ Dᵀ acts|``. The
+    from the statistics: ``D = C X̃ + w 1ᵀ`` with ``X̃`` the centred activations (``X̃ 1 = 0``, scatter
+    ``M``) and ``w = C (μ_true − μ) + μ``, so ``Dᵀ = [1/√n, Q] S`` with ``S = [√n wᵀ; F]``, ``FᵀF = C M Cᵀ``
+    and ``Q`` orthonormal, orthogonal to ``1``; the QR of the small ``S`` (in column order) gives the reference's
+    ``P`` up to signs, which the absolute value removes, and ``Pᵀ actsᵀ`` is that QR's ``Q_Sᵀ [√n μᵀ; Q ᵀX̃ᵀ]``,
+    the means apart from the spread, as the reference's QR keeps them (through ``DᵀD`` they were squared: means
+    1e7 times the spread lost directions to rounding). The
     result depends on the SVD's signs exactly as the reference's does, and they mostly agree as the same matrix
     is decomposed; but a direction is unique only up to sign and LAPACK picks it from the matrix's rounding,
     which differs from the reference's (about 1e-15) and with the chunking: then a sign flips and the weights
@@ -373,8 +376,6 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
         ``(pwcca, weights, coefs)``: the weighted mean canonical correlation, the weight of each
         canonical direction, and the canonical correlations.
     """
-    from scipy.linalg import cholesky, solve_triangular
-
     for name, acts in (("acts1", acts1), ("acts2", acts2)):
         if np.iscomplexobj(np.empty(0, dtype=getattr(acts, "dtype", float))):
             raise TypeError(f"{name} has dtype {acts.dtype}; compute_pwcca takes real activations")
@@ -393,38 +394,46 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
     used_mean = true_mean.astype(_mean_dtype(acts.dtype)).astype(np.float64)
     shift = coef @ (true_mean - used_mean) + used_mean
     n = stats.n
-    gram = coef @ scatter @ coef.T + n * np.outer(shift, shift)
-    gram = (gram + gram.T) / 2
-    independent = _independent_columns(gram)
-    if independent.size < gram.shape[0]:
-        warnings.warn(f"compute_pwcca: {gram.shape[0] - independent.size} of the {gram.shape[0]} directions of "
+    # D = C X̃ + w 1ᵀ, and C X̃ 1 = 0: Dᵀ = [1/√n, Q_A] S with S = [√n wᵀ; F], FᵀF = C M Cᵀ, so the QR of D is
+    # that of the small S, the neuron means in a row of their own (DᵀD, the means squared, lost 16 of 30 directions
+    # to rounding at means 1e7 times the spread; found by audit)
+    centred = coef @ scatter @ coef.T
+    values, vectors = np.linalg.eigh((centred + centred.T) / 2)
+    spanned = values > max(values[-1], 0.0) * values.size * np.finfo(np.float64).eps
+    roots, vectors = np.sqrt(values[spanned]), vectors[:, spanned]
+    stacked = np.vstack([np.sqrt(n) * shift[None, :], roots[:, None] * vectors.T])
+    kept, basis = _orthonormal_in_order(stacked)
+    if kept.size < stacked.shape[1]:
+        warnings.warn(f"compute_pwcca: {stacked.shape[1] - kept.size} of the {stacked.shape[1]} directions of "
                       f"{'acts1' if use_x else 'acts2'} depend on earlier ones (duplicate or collinear neurons); the "
                       f"reference's QR gives them rounding noise as weights, here they weigh 0", RuntimeWarning,
                       stacklevel=user_stacklevel())
-    upper = cholesky(gram[np.ix_(independent, independent)], lower=False)
-    projections = solve_triangular(upper, (coef @ scatter + n * np.outer(shift, true_mean))[independent], trans="T")
-    weights = np.zeros(gram.shape[0])
-    weights[independent] = np.abs(projections).sum(axis=1)
+    # [1/√n, Q_A]ᵀ actsᵀ = [√n μᵀ; Q_Aᵀ X̃ᵀ], Q_Aᵀ X̃ᵀ = Λ^(-1/2) Vᵀ C M: each part at its own scale
+    within = (vectors.T @ (coef @ scatter)) / roots[:, None]
+    projections = basis.T @ np.vstack([np.sqrt(n) * true_mean[None, :], within])
+    weights = np.zeros(stacked.shape[1])
+    weights[kept] = np.abs(projections).sum(axis=1)
     weights = weights / np.sum(weights)
     coefs = solved["cca_coef1"]
     return np.sum(weights * coefs), weights, coefs
 
 
-def _independent_columns(gram: np.ndarray) -> np.ndarray:
-    """Indices of the columns of D (given DᵀD) that a Gram–Schmidt in order keeps: each one's residual after the
-    earlier kept ones is above rounding (k · eps · the largest squared norm). The QR of the kept columns gives
-    the same directions as the QR of all of them."""
-    tolerance = gram.shape[0] * np.finfo(np.float64).eps * max(float(np.max(np.diag(gram))), 0.0)
+def _orthonormal_in_order(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The columns a QR in order keeps (each one's residual after the earlier kept ones above rounding: k · eps ·
+    the largest column's norm) and an orthonormal basis of them (rows × kept), each basis vector the kept column's
+    residual, as the QR's Q column is up to sign. Gram–Schmidt twice over, for orthogonality to rounding."""
+    tolerance = columns.shape[1] * np.finfo(np.float64).eps * float(np.linalg.norm(columns, axis=0).max(initial=0.0))
     kept: list[int] = []
-    lower = np.zeros_like(gram)  # Cholesky rows of the kept columns
-    for column in range(gram.shape[0]):
-        row = np.linalg.solve(lower[np.ix_(kept, kept)], gram[kept, column]) if kept else np.zeros(0)
-        residual = gram[column, column] - row @ row
-        if residual > tolerance:
-            lower[column, kept] = row
-            lower[column, column] = np.sqrt(residual)
-            kept.append(column)
-    return np.asarray(kept, dtype=int)
+    basis = np.zeros((columns.shape[0], 0))
+    for index in range(columns.shape[1]):
+        residual = columns[:, index].astype(np.float64)
+        for _ in range(2):
+            residual = residual - basis @ (basis.T @ residual)
+        norm = float(np.linalg.norm(residual))
+        if norm > tolerance:
+            basis = np.column_stack([basis, residual / norm])
+            kept.append(index)
+    return np.asarray(kept, dtype=int), basis
 
 
 def _directions(acts: Any, transform: np.ndarray, means: np.ndarray) -> Any:

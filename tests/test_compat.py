@@ -133,6 +133,27 @@ def test_a_side_wider_than_the_datapoints_under_a_small_epsilon_is_warned_of():
     np.testing.assert_allclose(got, np.linalg.svd(whitened, compute_uv=False), atol=1e-9)
 
 
+def test_compute_pwcca_of_activations_far_from_zero_keeps_every_direction():
+    """Activations whose means are 1e7 times their spread: the weights came from the Cholesky factor of DᵀD, the
+    means squared, which lost 16 of 30 full-rank directions to rounding (weighted 0, warned of as duplicate or
+    collinear neurons; PWCCA 2.4e-7 off; found by audit). The QR of the directions with the means apart keeps them
+    all, as the reference's QR does: the weights of an in-memory float64 QR of the reference's directions."""
+    rng = np.random.default_rng(5)
+    latent = rng.standard_normal((10, 2000))
+    a = rng.standard_normal((30, 10)) @ latent + rng.standard_normal((30, 2000)) + 1e7 * rng.uniform(0.5, 1.5, (30, 1))
+    b = rng.standard_normal((40, 10)) @ latent + rng.standard_normal((40, 2000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value, weights, rho = compute_pwcca(a, b)
+    result = get_cca_similarity(a, b, epsilon=0.0, compute_dirns=False, verbose=False)
+    means = a.mean(axis=1, keepdims=True)
+    directions = result["coef_x"] @ (a - means) + means  # the reference's directions, in memory
+    basis, _ = np.linalg.qr(directions.T)
+    want = np.abs(basis.T @ a.T).sum(axis=1)
+    np.testing.assert_allclose(weights, want / want.sum(), rtol=1e-9, atol=1e-15)  # they sum to 1
+    assert float(value) == pytest.approx(float(np.sum(want / want.sum() * rho)), abs=1e-12)
+
+
 def test_every_neuron_pruned_gives_the_zero_result():
     """The reference raises here (it unpacks six values into five); its intended zero dict is returned."""
     acts1 = np.ones((3, 50))
