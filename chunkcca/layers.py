@@ -133,24 +133,24 @@ def merged_datapoint_coords(layers: Mapping[str, xr.DataArray]) -> dict[str, xr.
     """The coordinates on ``datapoint`` that ``layers`` (path → layer) hold, besides their labels and masks, each
     labelled by datapoint and taken together over the layers (a datapoint once); a ValueError naming two layers
     that give one datapoint other values of one."""
-    merged: dict[str, xr.DataArray] = {}
-    holders: dict[str, str] = {}
+    held: dict[str, list[tuple[str, xr.DataArray]]] = {}  # coordinate → each layer holding it, with its values
     for path, layer in layers.items():
         for name, coord in layer.coords.items():
             if coord.dims != ("datapoint",) or name == "datapoint":
                 continue
             own = xr.DataArray(np.asarray(coord.values), dims="datapoint", name=str(name),
                                coords={"datapoint": layer["datapoint"].values})
-            if name not in merged:
-                merged[str(name)], holders[str(name)] = own, path
-                continue
-            differ = differing_labels(merged[str(name)], own)
-            if len(differ):
-                raise ValueError(f"layers {holders[str(name)]!r} and {path!r} give datapoints "
-                                 f"{differ[:5].tolist()} other values of {name!r}: the layers of a store share "
-                                 f"their datapoints' labels")
-            new = own.indexes["datapoint"].difference(merged[str(name)].indexes["datapoint"], sort=False)
-            merged[str(name)] = xr.concat([merged[str(name)], own.sel(datapoint=new)], "datapoint")
+            for holder, values in held.get(str(name), []):
+                differ = differing_labels(values, own)
+                if len(differ):
+                    raise ValueError(f"layers {holder!r} and {path!r} give datapoints {differ[:5].tolist()} other "
+                                     f"values of {name!r}: the layers of a store share their datapoints' labels")
+            held.setdefault(str(name), []).append((path, own))
+    merged = {}
+    for name, holders in held.items():
+        values = [own for _, own in holders]
+        whole = xr.concat(values, "datapoint") if len(values) > 1 else values[0]
+        merged[name] = whole.isel(datapoint=~whole.indexes["datapoint"].duplicated())
     return merged
 
 
@@ -190,11 +190,15 @@ def check_chunk_bytes(layer: str, shape: tuple[int, ...], itemsize: int, per_chu
     per_datapoint = max(int(np.prod(shape[1:], dtype=object)) * itemsize, 1)
     largest, what = (BLOSC_BUFFER_BYTES, "Blosc compresses in one buffer") if compressed else (
         np.iinfo(np.intp).max, "an array holds")
-    if per_chunk * per_datapoint > largest:
-        raise ValueError(f"layer {layer!r}: chunks of {per_chunk} datapoints would be "
-                         f"{format_bytes(per_chunk * per_datapoint)} each, more than {what} ({format_bytes(largest)}): "
-                         f"give chunks={largest // per_datapoint} or fewer ('auto' makes them about "
-                         f"{format_bytes(CHUNK_BYTES)})")
+    if per_chunk * per_datapoint <= largest:
+        return
+    size = f"chunks of {per_chunk} datapoints would be {format_bytes(per_chunk * per_datapoint)} each"
+    if largest // per_datapoint == 0:  # one datapoint is more than a compressed chunk holds
+        raise ValueError(f"layer {layer!r}: {size}, more than {what} ({format_bytes(largest)}), and one datapoint "
+                         f"alone is {format_bytes(per_datapoint)}: store it without compression")
+    raise ValueError(f"layer {layer!r}: {size}, more than {what} ({format_bytes(largest)}): give at most "
+                     f"{largest // per_datapoint} datapoints per chunk ('auto' makes chunks of about "
+                     f"{format_bytes(CHUNK_BYTES)})")
 
 
 def as_activations(layer: Any, name: str | None = None, *, chunks: int | str = "auto",

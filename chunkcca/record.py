@@ -667,15 +667,22 @@ def _call(model: Any, batch: Any) -> Any:
 
 
 class _ChunkWriter:
-    """Appends one layer's batches to a zarr array in whole chunks only, through a buffer of one chunk."""
+    """Appends one layer's batches (or its mask's) to a zarr array in whole chunks only, through a buffer that grows
+    as batches fill it, up to one chunk. The array is made (``create``, given its datapoints per chunk) at the
+    first whole chunk, or at the end of the recording, in one chunk of the datapoints recorded where they fill
+    none: ``chunks=`` far beyond a recording cost a buffer of that size (14.6 TiB, refused by numpy) and left a
+    chunk that no run could read within its memory. A chunk larger than its codec takes is refused as the
+    batches reach that size (``check_chunk_bytes``)."""
 
-    def __init__(self, array: Any, path: str) -> None:
-        self.array, self.path = array, path
-        self.per_chunk = array.chunks[0]
-        self.buffer = np.empty((self.per_chunk, *array.shape[1:]), dtype=array.dtype)
+    def __init__(self, create: Callable[[int], Any], per_chunk: int, path: str, compressed: bool) -> None:
+        self.create, self.per_chunk, self.path, self.compressed = create, per_chunk, path, compressed
+        self.array: Any = None
+        self.buffer: np.ndarray | None = None
         self.filled = 0
 
     def add(self, values: np.ndarray) -> None:
+        if self.buffer is None:
+            self.buffer = np.empty((0, *values.shape[1:]), dtype=values.dtype)
         if values.shape[1:] != self.buffer.shape[1:]:
             raise ValueError(f"layer {self.path!r} gave outputs of shape {tuple(values.shape)} after outputs of "
                              f"shape (N, {', '.join(map(str, self.buffer.shape[1:]))}): every batch must give a "
@@ -686,21 +693,48 @@ class _ChunkWriter:
         while start < len(values):
             if self.filled == 0 and len(values) - start >= self.per_chunk:  # whole chunks straight from the batch
                 stop = start + (len(values) - start) // self.per_chunk * self.per_chunk
-                self.array.append(values[start:stop], axis=0)
+                self._append(values[start:stop])
                 start = stop
                 continue
             taken = min(self.per_chunk - self.filled, len(values) - start)
+            self._hold(self.filled + taken)
             self.buffer[self.filled : self.filled + taken] = values[start : start + taken]
             self.filled += taken
             start += taken
             if self.filled == self.per_chunk:
                 self.flush()
 
+    def _hold(self, count: int) -> None:
+        """Room in the buffer for ``count`` datapoints (at most a chunk), doubling it as batches come."""
+        assert self.buffer is not None
+        if count <= len(self.buffer):
+            return
+        shape, itemsize = self.buffer.shape, self.buffer.dtype.itemsize
+        check_chunk_bytes(self.path, (count, *shape[1:]), itemsize, count, self.compressed)  # as reached
+        grown = np.empty((min(self.per_chunk, max(count, 2 * len(self.buffer))), *shape[1:]), dtype=self.buffer.dtype)
+        grown[: self.filled] = self.buffer[: self.filled]
+        self.buffer = grown
+
     def flush(self) -> None:
-        """Append what the buffer holds (a whole chunk, or the last, partial one at the end)."""
+        """Append what the buffer holds: a whole chunk, or at the end of the recording the last, partial one."""
         if self.filled:
-            self.array.append(self.buffer[: self.filled], axis=0)
+            assert self.buffer is not None
+            self._append(self.buffer[: self.filled])
             self.filled = 0
+
+    def _append(self, values: np.ndarray) -> None:
+        if self.array is None:  # at the first whole chunk, or at the end: all the datapoints, in one chunk
+            per_chunk = min(self.per_chunk, len(values))
+            check_chunk_bytes(self.path, values.shape, values.dtype.itemsize, per_chunk, self.compressed)
+            self.array = self.create(per_chunk)
+        self.array.append(values, axis=0)
+
+
+def _create(root: Any, path: str, shape: tuple[int, ...], dtype: np.dtype, dims: tuple[str, ...],
+            compressors: tuple[Any, ...], per_chunk: int) -> Any:
+    """An empty zarr array at ``path`` of ``root`` for a layer's datapoints (or its mask's), ``per_chunk`` a chunk."""
+    return root.create_array(path, shape=(0, *shape), dtype=dtype, chunks=(per_chunk, *shape), compressors=compressors,
+                             dimension_names=dims)
 
 
 def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Iterable[Any],
@@ -745,7 +779,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         another length (a strided convolution, a prepended token) is recorded without one, with a warning.
     chunks, compression, overwrite
         As for [`chunkcca.write_activations()`][chunkcca.write_activations]; ``chunks`` at most the datapoints
-        of a ``DataLoader`` (its sampler's length), a chunk's size checked at the first batch.
+        recorded (a layer's array is made at its first whole chunk, or at the end in one chunk of them all), a
+        chunk its codec cannot take refused as the batches reach that size.
     layouts
         Store path → ``"channels_first"`` ((N, C, L), (N, C, H, W), (N, C, D, H, W)) or ``"channels_last"``
         ((N, T, C), (N, H, W, C), (N, D, H, W, C)) or ``"time_first"`` ((T, N, C), made (N, T, C)) or
@@ -859,15 +894,12 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                             # a nested output padded to its longest sequence only: to the batch's length
                             values = np.pad(values, ((0, 0), (0, padding.shape[1] - values.shape[1]), (0, 0)))
                         masked = padding is not None and values.ndim == 3 and padding.shape == values.shape[:2]
-                        if path not in arrays:
+                        if path not in writers:
                             per_chunk = datapoints_per_chunk(values.shape, values.dtype.itemsize, chunks)
                             per_chunk = min(per_chunk, known) if known else per_chunk  # the DataLoader's count
-                            check_chunk_bytes(path, values.shape, values.dtype.itemsize, per_chunk,
-                                              compression is not None)
-                            arrays[path] = root.create_array(
-                                f"{path}/{VARIABLE}", shape=(0, *values.shape[1:]), dtype=values.dtype,
-                                chunks=(per_chunk, *values.shape[1:]), compressors=compressors, dimension_names=dims)
-                            writers[path] = _ChunkWriter(arrays[path], path)
+                            writers[path] = _ChunkWriter(partial(
+                                _create, root, f"{path}/{VARIABLE}", values.shape[1:], values.dtype, dims,
+                                compressors), per_chunk, path, compression is not None)
                             if padding is not None and values.ndim == 3 and not masked:
                                 unfit_masks.add(path)
                                 shapes = (f"{values.shape[1]} positions and the batch's mask {padding.shape[1]}"
@@ -877,10 +909,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                                               f"padded positions count as real ones (spatial='avgpool', 'last' and "
                                               f"'flatten' read them)", RuntimeWarning, stacklevel=user_stacklevel())
                             if masked:
-                                writers[f"{path}/{MASK}"] = _ChunkWriter(root.create_array(
-                                    f"{path}/{MASK}", shape=(0, values.shape[1]), dtype=bool,
-                                    chunks=(per_chunk, values.shape[1]), compressors=compressors,
-                                    dimension_names=dims[:2]), path)
+                                writers[f"{path}/{MASK}"] = _ChunkWriter(partial(
+                                    _create, root, f"{path}/{MASK}", values.shape[1:2], np.dtype(bool), dims[:2],
+                                    compressors), per_chunk, path, compression is not None)
                         elif masked and f"{path}/{MASK}" not in writers and path not in unfit_masks:
                             raise ValueError(f"layer {path!r}: a batch with an attention mask of its "
                                              f"{values.shape[1]} tokens, after batches without one, whose padded "
@@ -896,7 +927,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         finally:
             for module, training in modes.items():
                 module.training = training
-        if not arrays:
+        if not writers:
             raise ValueError("record got no batches")
         if seen.untold:
             warnings.warn(seen.untold_warning(), RuntimeWarning, stacklevel=user_stacklevel())
@@ -906,6 +937,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         with every_chunk_written():  # the last chunks and the labels too (a label 0 equals the fill value)
             for writer in writers.values():
                 writer.flush()
+            arrays.update((path, writer.array) for path, writer in writers.items() if path in modules)
             for path, coarser in rounded.items():  # the solves then cut bfloat16's rounding, not float32's
                 arrays[path].attrs[VALUE_ROUNDING_ATTR] = coarser
             for path, array in arrays.items():

@@ -347,14 +347,21 @@ def check_store_coords(path: str | os.PathLike, coords: Mapping[str, xr.DataArra
         return
     tree = open_activations(path)
     for key, given in coords.items():
-        if "datapoint" not in given.coords:  # plain values label the datapoints of a layer written without labels,
-            given = given.assign_coords(datapoint=np.arange(given.sizes["datapoint"]))  # its default: positions
-        for holder in (layer for layer in layer_paths(tree) if key in tree[layer][VARIABLE].coords):
-            differ = differing_labels(tree[holder][VARIABLE].coords[key], given)
+        plain = "datapoint" not in given.coords
+        if plain:  # plain values label the datapoints of a layer written without labels, its default: positions
+            given = given.assign_coords(datapoint=np.arange(given.sizes["datapoint"]))
+        for holder in layer_paths(tree):
+            held = tree[holder][VARIABLE].coords.get(key)
+            if held is None or held.dims != ("datapoint",):  # another layer's dim or scalar of that name
+                continue
+            differ = differing_labels(held, given)
             if len(differ):
                 raise ValueError(f"coords[{key!r}]: layer {holder!r} of {path} holds {key!r} with other labels for "
                                  f"datapoints {differ[:5].tolist()}; the layers of a store share their datapoints' "
-                                 f"labels")
+                                 f"labels" + (f" (the {given.sizes['datapoint']} given without datapoint labels "
+                                              f"label datapoints 0 to {given.sizes['datapoint'] - 1}, as the layer "
+                                              f"written with them: for others, label them by datapoint)"
+                                              if plain else ""))
 
 
 def _image_size(image_size: Any) -> tuple[float, float] | None:

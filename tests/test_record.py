@@ -95,22 +95,31 @@ def test_layers_named_twice_and_bad_chunks_are_refused_before_the_model_runs(tmp
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
-def test_chunks_beyond_what_a_chunk_can_hold_are_refused_and_a_data_loader_s_count_clips_them(tmp_path):
+def test_chunks_beyond_the_recording_cost_nothing_and_one_its_codec_cannot_take_is_refused(tmp_path, monkeypatch):
     """chunks= far beyond the datapoints failed after the first batch in numpy's or zarr's words ("Unable to
-    allocate 954 GiB", "Maximum allowed dimension exceeded"; found by review): refused naming the layer and the
-    chunks that fit, before anything is written; a DataLoader's count of datapoints clips them."""
+    allocate 14.6 TiB", "Maximum allowed dimension exceeded") or, compressed, left a chunk of 1e8 datapoints that no
+    run could read within its memory (found by review and audit): the array is made at the first whole chunk, or at
+    the end in one chunk of the datapoints recorded. A chunk larger than its codec takes is refused naming the
+    layer as the batches reach that size, before it is written."""
+    import chunkcca.layers
+
     net, inputs = _net(), torch.randn(10, 1, 8, 8)
-    for chunks, compression, what in ((2 * 10**9, "lz4", "Blosc compresses in one buffer"),
-                                      (2**64, None, "an array holds")):
-        with pytest.raises(ValueError, match=rf"^layer '0': chunks of {chunks} datapoints would be .* each, more than "
-                                             rf"{what} \(.*\): give chunks=\d+ or fewer"):
-            record(net, ["0"], [inputs[:5], inputs[5:]], tmp_path / "r.zarr", chunks=chunks, compression=compression)
-        assert sorted(path.name for path in tmp_path.iterdir()) == []
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=4)
-    tree = record(net, ["0"], loader, tmp_path / "r.zarr", chunks=2 * 10**9)
-    assert tree["0"]["activations"].encoding["chunks"][0] == 10
     with torch.no_grad():
-        np.testing.assert_array_equal(tree["0"]["activations"].values, net[0](inputs).permute(0, 2, 3, 1).numpy())
+        want = net[0](inputs).permute(0, 2, 3, 1).numpy()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=4)
+    for chunks, compression, batches in ((10**12, None, [inputs[:5], inputs[5:]]), (2**64, "lz4", [inputs]),
+                                         (10**8, "lz4", [inputs[:3], inputs[3:]]), (2 * 10**9, "lz4", loader)):
+        tree = record(net, ["0"], batches, tmp_path / "r.zarr", chunks=chunks, compression=compression,
+                      overwrite=True)
+        assert tree["0"]["activations"].encoding["chunks"][0] == 10
+        np.testing.assert_array_equal(tree["0"]["activations"].values, want)
+    monkeypatch.setattr(chunkcca.layers, "BLOSC_BUFFER_BYTES", 6 * want[0].nbytes)  # six datapoints of layer 0
+    with pytest.raises(ValueError, match=r"^layer '0': chunks of 10 datapoints would be 10.00 kiB each, more than "
+                                         r"Blosc compresses in one buffer \(6.00 kiB\): give at most 6 datapoints"):
+        record(net, ["0"], [inputs[:5], inputs[5:]], tmp_path / "big.zarr", chunks=100)
+    assert not (tmp_path / "big.zarr").exists()
+    tree = record(net, ["0"], [inputs[:5], inputs[5:]], tmp_path / "six.zarr", chunks=6)
+    assert tree["0"]["activations"].encoding["chunks"][0] == 6
 
 
 def test_appends_whole_chunks_only_and_writes_each_chunk_once(tmp_path, monkeypatch):

@@ -429,7 +429,8 @@ def test_bad_chunks_argument(tmp_path):
     # (found by audit): refused naming the layer and the chunks that fit, before anything is computed or written
     wide = da.zeros((600, 1000, 1000), dtype=np.float32, chunks=(1, 1000, 1000))  # 2.2 GiB, never computed
     with pytest.raises(ValueError, match=r"^layer 'wide': chunks of 600 datapoints would be 2.24 GiB each, more "
-                                         r"than Blosc compresses in one buffer \(2.00 GiB\): give chunks=536 or fewer"):
+                                         r"than Blosc compresses in one buffer \(2.00 GiB\): give at most 536 "
+                                         r"datapoints per chunk"):
         write_activations(tmp_path / "w.zarr", {"wide": wide}, chunks=600)
     assert not (tmp_path / "w.zarr").exists()
 
@@ -968,6 +969,42 @@ def test_layers_of_other_datapoints_share_the_labels_of_those_they_hold(tmp_path
     with pytest.raises(ValueError, match=r"layers 'x' and 'y' give datapoints \[1007\] other values of 'cls'"):
         write_activations(tmp_path / "t.zarr", {"x": layer(300, cls=classes), "y": layer(10, cls=same[:10])})
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_coordinates_checked_by_datapoint_skip_other_dims_and_name_the_layer_at_odds(tmp_path, rng):
+    """The check by datapoint failed with KeyError 'datapoint' where a store's layer holds a coordinate of that
+    name on another dim (a sequence layer's ``time``) or none (a scalar); two layers written together at odds were
+    named with a third that held none of those datapoints; plain labels of another count were said to be at odds
+    with no word of what they label (found by review)."""
+    def fc(labels: np.ndarray, **coords: np.ndarray) -> xr.DataArray:
+        return xr.DataArray(rng.standard_normal((len(labels), 3)), dims=("datapoint", "channel"),
+                            coords={"datapoint": labels} | {key: ("datapoint", value) for key, value in coords.items()})
+
+    sequence = xr.DataArray(rng.standard_normal((10, 4, 3)), dims=("datapoint", "time", "channel"))
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"seq": sequence, "fc": fc(np.arange(10), time=np.arange(10) * 0.5)})
+    tree = write_activations(store, {"fc2": fc(np.arange(10), time=np.arange(10) * 0.5).assign_coords(run="r1")},
+                             mode="a")
+    np.testing.assert_array_equal(tree["fc2"]["activations"]["time"], np.arange(10) * 0.5)
+    write_activations(store, {"fc3": fc(np.arange(10))}, mode="a", coords={"run": np.zeros(10)})
+    with pytest.raises(ValueError, match=r"layer 'fc' of .* holds 'time' with other labels for datapoints \[1, 2"):
+        write_activations(store, {"fc4": fc(np.arange(10), time=np.arange(10) * 2.0)}, mode="a")
+    with pytest.raises(ValueError, match=r"layers 'y' and 'z' give datapoints \[10, 11, 12, 13, 14\] other values"):
+        write_activations(tmp_path / "t.zarr", {"x": fc(np.arange(10), cls=np.zeros(10)),
+                                                "y": fc(np.arange(10, 20), cls=np.ones(10)),
+                                                "z": fc(np.arange(10, 20), cls=np.full(10, 2.0))})
+    write_activations(tmp_path / "p.zarr", {"a": rng.standard_normal((10, 3))}, coords={"cls": np.arange(10) % 3})
+    np.save(tmp_path / "b.npy", rng.standard_normal((9, 3)))
+    with pytest.raises(ValueError, match=r"holds 'cls' with other labels for datapoints \[0, 1, 2, 3, 4\]; .* "
+                                         r"\(the 9 given without datapoint labels label datapoints 0 to 8, as the "
+                                         r"layer written with them: for others, label them by datapoint\)"):
+        chunkcca.ingest.ingest(tmp_path / "p.zarr", {"b": tmp_path / "b.npy"}, mode="a",
+                               coords={"cls": np.arange(1, 10) % 3})  # one label off: a file of another selection
+    with pytest.raises(ValueError, match=r"^layer 'huge': chunks of 1 datapoints would be 2.24 GiB each, more than "
+                                         r"Blosc compresses in one buffer \(2.00 GiB\), and one datapoint alone is "
+                                         r"2.24 GiB: store it without compression$"):
+        write_activations(tmp_path / "h.zarr", {"huge": da.zeros((3, 600_000_000), dtype=np.float32,
+                                                                 chunks=(1, 10_000_000))}, chunks=1)
 
 
 def test_a_result_read_back_a_variable_of_one_and_a_stacked_one_are_saved_or_named(tmp_path, rng):
