@@ -121,8 +121,13 @@ def differing_labels(one: xr.DataArray, other: xr.DataArray) -> pd.Index:
     """The datapoints that two coordinates on ``datapoint``, each labelled by datapoint, both hold and give other
     values (NaN as NaN; a string never as a number): a store's layers may hold other datapoints, never other
     labels for one."""
-    shared = one.indexes["datapoint"].intersection(other.indexes["datapoint"])
-    first, second = one.sel(datapoint=shared).values, other.sel(datapoint=shared).values
+    labels, others = one.indexes["datapoint"], other.indexes["datapoint"]
+    if labels.equals(others):  # a layer of the same datapoints, in the same order: as they are
+        shared, first, second = labels, np.asarray(one.values), np.asarray(other.values)
+    else:
+        shared = labels.intersection(others)
+        first = np.asarray(one.values)[labels.get_indexer(shared)]
+        second = np.asarray(other.values)[others.get_indexer(shared)]
     if first.dtype.kind in "USTO" or second.dtype.kind in "USTO":  # compared as Python values: "1" is not 1
         first, second = first.astype(object), second.astype(object)
     differ = np.asarray(first != second) & ~(pd.isna(first) & pd.isna(second))
@@ -133,24 +138,29 @@ def merged_datapoint_coords(layers: Mapping[str, xr.DataArray]) -> dict[str, xr.
     """The coordinates on ``datapoint`` that ``layers`` (path → layer) hold, besides their labels and masks, each
     labelled by datapoint and taken together over the layers (a datapoint once); a ValueError naming two layers
     that give one datapoint other values of one."""
-    held: dict[str, list[tuple[str, xr.DataArray]]] = {}  # coordinate → each layer holding it, with its values
+    merged: dict[str, xr.DataArray] = {}
+    holders: dict[str, list[tuple[str, xr.DataArray]]] = {}  # each layer holding it, with its values
     for path, layer in layers.items():
         for name, coord in layer.coords.items():
             if coord.dims != ("datapoint",) or name == "datapoint":
                 continue
-            own = xr.DataArray(np.asarray(coord.values), dims="datapoint", name=str(name),
+            name = str(name)
+            own = xr.DataArray(np.asarray(coord.values), dims="datapoint", name=name,
                                coords={"datapoint": layer["datapoint"].values})
-            for holder, values in held.get(str(name), []):
-                differ = differing_labels(values, own)
-                if len(differ):
-                    raise ValueError(f"layers {holder!r} and {path!r} give datapoints {differ[:5].tolist()} other "
-                                     f"values of {name!r}: the layers of a store share their datapoints' labels")
-            held.setdefault(str(name), []).append((path, own))
-    merged = {}
-    for name, holders in held.items():
-        values = [own for _, own in holders]
-        whole = xr.concat(values, "datapoint") if len(values) > 1 else values[0]
-        merged[name] = whole.isel(datapoint=~whole.indexes["datapoint"].duplicated())
+            if name in merged and len(differing_labels(merged[name], own)):  # the layer at odds with it, named
+                holder, values = next((holder, values) for holder, values in holders[name]
+                                      if len(differing_labels(values, own)))
+                raise ValueError(f"layers {holder!r} and {path!r} give datapoints "
+                                 f"{differing_labels(values, own)[:5].tolist()} other values of {name!r}: the "
+                                 f"layers of a store share their datapoints' labels")
+            holders.setdefault(name, []).append((path, own))
+            if name not in merged:
+                merged[name] = own
+                continue
+            new = own.indexes["datapoint"].difference(merged[name].indexes["datapoint"], sort=False)
+            if len(new):
+                merged[name] = xr.concat([merged[name], own.isel(datapoint=own.indexes["datapoint"].get_indexer(new))],
+                                         "datapoint")
     return merged
 
 
