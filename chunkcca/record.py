@@ -929,6 +929,8 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                 module.training = training
         if not writers:
             raise ValueError("record got no batches")
+        if not count["datapoints"]:  # no chunk filled, no array made (it said so naming the layer when opened)
+            raise ValueError(f"record got batches of no datapoints: layer {next(iter(modules))!r} would be empty")
         if seen.untold:
             warnings.warn(seen.untold_warning(), RuntimeWarning, stacklevel=user_stacklevel())
         labels, extra = _check_labels(datapoints, labelled, count["datapoints"], next(iter(modules)),

@@ -120,6 +120,9 @@ def test_chunks_beyond_the_recording_cost_nothing_and_one_its_codec_cannot_take_
     assert not (tmp_path / "big.zarr").exists()
     tree = record(net, ["0"], [inputs[:5], inputs[5:]], tmp_path / "six.zarr", chunks=6)
     assert tree["0"]["activations"].encoding["chunks"][0] == 6
+    # batches of no datapoints: no chunk filled, no array made (a first form failed in zarr's words, KeyError '0')
+    with pytest.raises(ValueError, match=r"^record got batches of no datapoints: layer '0' would be empty$"):
+        record(net, ["0"], [inputs[:0]], tmp_path / "empty.zarr", chunks=2)
 
 
 def test_appends_whole_chunks_only_and_writes_each_chunk_once(tmp_path, monkeypatch):
