@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import xarray as xr
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
@@ -350,10 +351,15 @@ def check_store_coords(path: str | os.PathLike, coords: Mapping[str, xr.DataArra
         plain = "datapoint" not in given.coords
         if plain:  # plain values label the datapoints of a layer written without labels, its default: positions
             given = given.assign_coords(datapoint=np.arange(given.sizes["datapoint"]))
+        compared: list[pd.Index] = []  # the datapoints of the layers compared: one of each set is read
         for holder in layer_paths(tree):
             held = tree[holder][VARIABLE].coords.get(key)
             if held is None or held.dims != ("datapoint",):  # another layer's dim or scalar of that name
                 continue
+            labels = held.indexes["datapoint"]
+            if any(labels.equals(seen) for seen in compared):  # the datapoints of a layer compared: the store's
+                continue  # layers agree (each checked as it was added); reading each took 15-35 ms at 300k
+            compared.append(labels)
             differ = differing_labels(held, given)
             if len(differ):
                 raise ValueError(f"coords[{key!r}]: layer {holder!r} of {path} holds {key!r} with other labels for "
