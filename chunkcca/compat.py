@@ -347,9 +347,9 @@ def compute_pwcca(acts1: Any, acts2: Any, epsilon: float = 0.0, *, precision: Pr
     neurons (``coef`` from its SVD, μ its neuron means in the input dtype), orthonormalises them
     with a QR (``D = P R``) and weights direction i by ``Σⱼ |Pᵢᵀ actsⱼ|``. All of it follows
     from the statistics: ``D = C X̃ + w 1ᵀ`` with ``X̃`` the centred activations (``X̃ 1 = 0``, scatter
-    ``M``) and ``w = C (μ_true − μ) + μ``, so ``Dᵀ = [1/√n, Q] S`` with ``S = [√n wᵀ; F]``, ``FᵀF = C M Cᵀ``
-    and ``Q`` orthonormal, orthogonal to ``1``; the QR of the small ``S`` (in column order) gives the reference's
-    ``P`` up to signs, which the absolute value removes, and ``Pᵀ actsᵀ`` is that QR's ``Q_Sᵀ [√n μᵀ; Q ᵀX̃ᵀ]``,
+    ``M``) and ``w = C (μ_true − μ) + μ``, so ``Dᵀ = [1/√n, Q_A] S`` with ``S = [√n wᵀ; F]``, ``FᵀF = C M Cᵀ``
+    and ``Q_A`` orthonormal, orthogonal to ``1``; the QR of the small ``S`` (in column order) gives the
+    reference's ``P`` up to signs, which the absolute value removes, and ``Pᵀ actsᵀ`` is ``Q_Sᵀ [√n μᵀ; Q_Aᵀ X̃ᵀ]``,
     the means apart from the spread, as the reference's QR keeps them (through ``DᵀD`` they were squared: means
     1e7 times the spread lost directions to rounding). The
     result depends on the SVD's signs exactly as the reference's does, and they mostly agree as the same matrix
