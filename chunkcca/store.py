@@ -841,8 +841,16 @@ class WholeStore(WrapperStore):
                                   records: dict[str, str | ChunkPlaces | None], prototype: Any) -> None:
         """An OSError when the chunk file ``key`` of the array in ``folder``, whose checksum ``tail`` was written
         for none of its chunks, holds the bytes written for a chunk of another array of the store (a layer's chunk
-        copied over another layer's of its shape while the store is read: it gave that layer's values)."""
-        for other in [name for name in records if name != folder]:
+        copied over another layer's of its shape while the store is read: it gave that layer's values): of the
+        arrays whose records this process holds, then of those appended since it read them (a layer added to the
+        store after it was opened, read as an edit; found by audit)."""
+        await self._check_among([name for name in records if name != folder], key, tail, records, prototype)
+        await self._check_among(await self._appended_since(records, prototype), key, tail, records, prototype)
+
+    async def _check_among(self, names: list[str], key: str, tail: bytes,
+                           records: dict[str, str | ChunkPlaces | None], prototype: Any) -> None:
+        """An OSError when ``tail`` is the checksum written for a chunk of one of the arrays ``names``."""
+        for other in names:
             places = records[other]
             if isinstance(places, str):
                 records[other] = places = await self._places(other, places, prototype)
@@ -850,6 +858,19 @@ class WholeStore(WrapperStore):
                 raise OSError(f"chunk file {key} of {self.location} holds the bytes written for {theirs} of "
                               f"{other} (copied over it since the store was written): read, they would give another "
                               f"layer's values; the store is damaged: write it again")
+
+    async def _appended_since(self, records: dict[str, str | ChunkPlaces | None], prototype: Any) -> list[str]:
+        """The arrays of layers appended to the store since this process read its chunk records (``records``,
+        which they join), as its root records them now."""
+        raw = await self._store.get("zarr.json", prototype)
+        if raw is None:
+            return []
+        now = {f"{layer}/{array}": recorded
+               for layer, arrays in (json.loads(raw.to_bytes()).get("attributes", {}).get(CHUNKS_ATTR) or {}).items()
+               for array, recorded in arrays.items()}
+        added = [name for name in now if name not in records]
+        records.update((name, now[name]) for name in added)
+        return added
 
     async def _places(self, folder: str, recorded: str, prototype: Any) -> ChunkPlaces | None:
         """The ``ChunkPlaces`` of the array in ``folder`` from its metadata and its ``recorded`` checksums; None
