@@ -136,31 +136,29 @@ def differing_labels(one: xr.DataArray, other: xr.DataArray) -> pd.Index:
 
 def merged_datapoint_coords(layers: Mapping[str, xr.DataArray]) -> dict[str, xr.DataArray]:
     """The coordinates on ``datapoint`` that ``layers`` (path → layer) hold, besides their labels and masks, each
-    labelled by datapoint and taken together over the layers (a datapoint once); a ValueError naming two layers
-    that give one datapoint other values of one."""
-    merged: dict[str, xr.DataArray] = {}
-    holders: dict[str, list[tuple[str, xr.DataArray]]] = {}  # each layer holding it, with its values
+    labelled by datapoint and taken together over the layers (a datapoint once; as Python values where the layers'
+    dtypes differ, so that no value is rounded: int64 ids past 2⁵³ beside float ones); a ValueError naming two
+    layers that give one datapoint other values of one."""
+    held: dict[str, list[tuple[str, xr.DataArray]]] = {}  # coordinate → each layer holding it, with its values
     for path, layer in layers.items():
         for name, coord in layer.coords.items():
             if coord.dims != ("datapoint",) or name == "datapoint":
                 continue
-            name = str(name)
-            own = xr.DataArray(np.asarray(coord.values), dims="datapoint", name=name,
+            own = xr.DataArray(np.asarray(coord.values), dims="datapoint", name=str(name),
                                coords={"datapoint": layer["datapoint"].values})
-            if name in merged and len(differing_labels(merged[name], own)):  # the layer at odds with it, named
-                holder, values = next((holder, values) for holder, values in holders[name]
-                                      if len(differing_labels(values, own)))
-                raise ValueError(f"layers {holder!r} and {path!r} give datapoints "
-                                 f"{differing_labels(values, own)[:5].tolist()} other values of {name!r}: the "
-                                 f"layers of a store share their datapoints' labels")
-            holders.setdefault(name, []).append((path, own))
-            if name not in merged:
-                merged[name] = own
-                continue
-            new = own.indexes["datapoint"].difference(merged[name].indexes["datapoint"], sort=False)
-            if len(new):
-                merged[name] = xr.concat([merged[name], own.isel(datapoint=own.indexes["datapoint"].get_indexer(new))],
-                                         "datapoint")
+            for holder, values in held.get(str(name), []):  # each alone: a merge would promote their dtypes
+                differ = differing_labels(values, own)
+                if len(differ):
+                    raise ValueError(f"layers {holder!r} and {path!r} give datapoints {differ[:5].tolist()} other "
+                                     f"values of {name!r}: the layers of a store share their datapoints' labels")
+            held.setdefault(str(name), []).append((path, own))
+    merged = {}
+    for name, holders in held.items():
+        values = [own for _, own in holders]
+        if len({own.dtype for own in values}) > 1:
+            values = [own.astype(object) for own in values]
+        whole = xr.concat(values, "datapoint") if len(values) > 1 else values[0]
+        merged[name] = whole.isel(datapoint=~whole.indexes["datapoint"].duplicated())
     return merged
 
 

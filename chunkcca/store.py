@@ -502,7 +502,7 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
         write_atomically(path, write, overwrite=overwrite, replaceable=is_activation_store, what="an activation store",
                          lock=_append_lock(Path(path)))
         return
-    _, stored, generation = _existing_order(path)
+    first_order, stored, generation = _existing_order(path)
     check_store_coords(path, coords or {})
     # the store itself, also through a symbolic link: the new layers are built beside it, on its file system
     # (beside a link on another file system, the moves in failed after all the work)
@@ -517,6 +517,8 @@ def write_store(path: str | os.PathLike, build: Build, *, mode: WriteMode = "w",
                 raise ValueError(f"{path} was replaced (written whole) while these layers were written for it; add "
                                  f"them again")
             check_layer_paths(names, existing=order, where=str(path))
+            if order != first_order:  # layers another append added meanwhile: their labels too (two at odds landed)
+                check_store_coords(path, coords or {})
             if stored is None and now_stored is not None and image is not None and tuple(image) != now_stored:
                 raise ValueError(f"{path}: another append set the store's image size to {now_stored} while these "
                                  f"layers were written for {tuple(image)}; add them again")
@@ -737,6 +739,9 @@ METADATA_FILES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmet
 #: are 4 bytes a chunk file).
 _OPENINGS: dict[tuple[str, str | None, str | None], dict[str, str | ChunkPlaces | None]] = {}
 OPENINGS_KEPT = 8
+#: Each opening's store root (its ``zarr.json`` bytes) as last read, to read its records again only where they
+#: changed (``WholeStore._check_other_arrays``).
+_ROOTS: dict[tuple[str, str | None, str | None], bytes] = {}
 
 
 class WholeStore(WrapperStore):
@@ -779,23 +784,35 @@ class WholeStore(WrapperStore):
             return _OPENINGS[key]
         if self.generation is None and self.opening is None:
             return {}
-        raw = await self._store.get("zarr.json", prototype)
-        if raw is None:  # no store there at all: the chunk read next is missing, and ``_present`` says so
+        root = await self._root(prototype)
+        if root is None:  # no store there at all: the chunk read next is missing, and ``_present`` says so
             return {}
-        attributes = json.loads(raw.to_bytes()).get("attributes", {})
+        records: dict[str, str | ChunkPlaces | None] = {} if self.opening is None else dict(root[1])
+        _OPENINGS[key], _ROOTS[key] = records, root[0]
+        while len(_OPENINGS) > OPENINGS_KEPT:
+            oldest = next(iter(_OPENINGS))
+            del _OPENINGS[oldest], _ROOTS[oldest]
+        return records
+
+    async def _root(self, prototype: Any) -> tuple[bytes, dict[str, str]] | None:
+        """The store root's bytes and its chunk records by array folder (``CHUNKS_ATTR``, base64; an entry of
+        another form left out, as the checks before reading name it), after an OSError if the store this process
+        sees at the location is not the one opened; None where there is no root."""
+        raw = await self._store.get("zarr.json", prototype)
+        if raw is None:
+            return None
+        data = raw.to_bytes()
+        attributes = json.loads(data).get("attributes", {})
         seen = attributes.get(GENERATION_ATTR)
         if self.generation is not None and seen != self.generation:
             raise OSError(f"{self.location} as this process reads it is another store than the one opened (written "
                           f"at another time: generation {seen} for {self.generation}): a Dask worker sees another "
                           f"copy at this path (a stale local copy, a cache), or the store was replaced; put one copy "
                           f"where every worker reads it, and open it again")
-        records: dict[str, str | ChunkPlaces | None] = {} if self.opening is None else {
-            f"{layer}/{array}": recorded for layer, arrays in (attributes.get(CHUNKS_ATTR) or {}).items()
-            for array, recorded in arrays.items()}
-        _OPENINGS[key] = records
-        while len(_OPENINGS) > OPENINGS_KEPT:
-            del _OPENINGS[next(iter(_OPENINGS))]
-        return records
+        layers = attributes.get(CHUNKS_ATTR)
+        return data, {f"{layer}/{array}": recorded
+                      for layer, arrays in (layers.items() if isinstance(layers, dict) else ())
+                      if isinstance(arrays, dict) for array, recorded in arrays.items() if isinstance(recorded, str)}
 
     def __str__(self) -> str:
         return self.location
@@ -842,10 +859,20 @@ class WholeStore(WrapperStore):
         """An OSError when the chunk file ``key`` of the array in ``folder``, whose checksum ``tail`` was written
         for none of its chunks, holds the bytes written for a chunk of another array of the store (a layer's chunk
         copied over another layer's of its shape while the store is read: it gave that layer's values): of the
-        arrays whose records this process holds, then of those appended since it read them (a layer added to the
-        store after it was opened, read as an edit; found by audit)."""
-        await self._check_among([name for name in records if name != folder], key, tail, records, prototype)
-        await self._check_among(await self._appended_since(records, prototype), key, tail, records, prototype)
+        arrays whose records this process holds, then of those the store's root records now, where it changed
+        since it was read (a layer appended after the store was opened was read as an edit; found by audit). A
+        store replaced since is the OSError that names it so."""
+        checked = {folder}
+        await self._check_among([name for name in records if name not in checked], key, tail, records, prototype)
+        checked.update(records)
+        opening = (self.location, self.generation, self.opening)
+        root = await self._root(prototype)
+        if root is not None and root[0] != _ROOTS.get(opening):  # read again only where it changed
+            _ROOTS[opening] = root[0]
+            for name, recorded in root[1].items():
+                records.setdefault(name, recorded)
+        # another read may have added the appended layers' records meanwhile: those this one has not compared
+        await self._check_among([name for name in records if name not in checked], key, tail, records, prototype)
 
     async def _check_among(self, names: list[str], key: str, tail: bytes,
                            records: dict[str, str | ChunkPlaces | None], prototype: Any) -> None:
@@ -858,19 +885,6 @@ class WholeStore(WrapperStore):
                 raise OSError(f"chunk file {key} of {self.location} holds the bytes written for {theirs} of "
                               f"{other} (copied over it since the store was written): read, they would give another "
                               f"layer's values; the store is damaged: write it again")
-
-    async def _appended_since(self, records: dict[str, str | ChunkPlaces | None], prototype: Any) -> list[str]:
-        """The arrays of layers appended to the store since this process read its chunk records (``records``,
-        which they join), as its root records them now."""
-        raw = await self._store.get("zarr.json", prototype)
-        if raw is None:
-            return []
-        now = {f"{layer}/{array}": recorded
-               for layer, arrays in (json.loads(raw.to_bytes()).get("attributes", {}).get(CHUNKS_ATTR) or {}).items()
-               for array, recorded in arrays.items()}
-        added = [name for name in now if name not in records]
-        records.update((name, now[name]) for name in added)
-        return added
 
     async def _places(self, folder: str, recorded: str, prototype: Any) -> ChunkPlaces | None:
         """The ``ChunkPlaces`` of the array in ``folder`` from its metadata and its ``recorded`` checksums; None

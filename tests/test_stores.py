@@ -1007,6 +1007,37 @@ def test_coordinates_checked_by_datapoint_skip_other_dims_and_name_the_layer_at_
                                                                  chunks=(1, 10_000_000))}, chunks=1)
 
 
+def test_appends_at_once_at_odds_and_ids_past_float64s_digits_are_refused(tmp_path, rng):
+    """Two appends at once, giving the same datapoints other labels, were both checked against the store before
+    either landed, and both landed; layers written together were compared against their merge, which a float
+    layer made float64, rounding int64 ids past 2⁵³ into agreement (found by review). An append that finds layers
+    added meanwhile checks their labels under the store's lock; each layer is compared with each, as it is."""
+    store = tmp_path / "s.zarr"
+    write_activations(store, {"a": np.ones((6, 2))})
+    landed = []
+
+    def meanwhile(block: np.ndarray) -> np.ndarray:  # while the first append builds: another lands
+        if not landed and block.size:
+            landed.append(write_activations(store, {"c": np.ones((6, 2))}, mode="a", coords={"y": np.full(6, 2)}))
+        return block
+
+    slow = da.map_blocks(meanwhile, da.ones((6, 2), chunks=(6, 2)), dtype=float)
+    with pytest.raises(ValueError, match=r"coords\['y'\]: layer 'c' of .* holds 'y' with other labels for "
+                                         r"datapoints \[0, 1, 2, 3, 4\]"):
+        write_activations(store, {"b": xr.DataArray(slow, dims=("datapoint", "channel"))}, mode="a",
+                          coords={"y": np.full(6, 1)})
+    assert landed and layer_paths(open_activations(store)) == ["a", "c"]
+    ids = [2**53 + 1, 5, 6]
+
+    def fc(labels: list[int], values: list[float], dtype: str) -> xr.DataArray:
+        return xr.DataArray(np.ones((len(labels), 2)), dims=("datapoint", "channel"),
+                            coords={"datapoint": labels, "id": ("datapoint", np.array(values, dtype=dtype))})
+
+    with pytest.raises(ValueError, match=r"layers 'a' and 'c' give datapoints \[0\] other values of 'id'"):
+        write_activations(tmp_path / "t.zarr", {"a": fc([0, 1, 2], ids, "int64"),
+                                                "b": fc([1, 2], [5.0, 6.0], "float64"), "c": fc([0], [2**53], "int64")})
+
+
 def test_a_result_read_back_a_variable_of_one_and_a_stacked_one_are_saved_or_named(tmp_path, rng):
     """A result read back from netCDF and saved to zarr kept netCDF's text encoding ('S1'): zarr v3 wrote its labels
     as null-terminated bytes, with a warning per variable that other readers may not read them; a DataArray
