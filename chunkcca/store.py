@@ -739,9 +739,9 @@ METADATA_FILES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmet
 #: are 4 bytes a chunk file).
 _OPENINGS: dict[tuple[str, str | None, str | None], dict[str, str | ChunkPlaces | None]] = {}
 OPENINGS_KEPT = 8
-#: Each opening's store root (its ``zarr.json`` bytes) as last read, to read its records again only where they
-#: changed (``WholeStore._check_other_arrays``).
-_ROOTS: dict[tuple[str, str | None, str | None], bytes] = {}
+#: Each opening's store root as last read (``WholeStore._root_version``: a local file's identity, size and time,
+#: else its bytes), to read its records again only where they changed (``WholeStore._check_other_arrays``).
+_ROOTS: dict[tuple[str, str | None, str | None], Any] = {}
 
 
 class WholeStore(WrapperStore):
@@ -784,15 +784,28 @@ class WholeStore(WrapperStore):
             return _OPENINGS[key]
         if self.generation is None and self.opening is None:
             return {}
+        version = self._root_version()  # before the read: a change after it is read again
         root = await self._root(prototype)
         if root is None:  # no store there at all: the chunk read next is missing, and ``_present`` says so
             return {}
         records: dict[str, str | ChunkPlaces | None] = {} if self.opening is None else dict(root[1])
-        _OPENINGS[key], _ROOTS[key] = records, root[0]
+        _OPENINGS[key], _ROOTS[key] = records, root[0] if version is None else version
         while len(_OPENINGS) > OPENINGS_KEPT:
             oldest = next(iter(_OPENINGS))
             del _OPENINGS[oldest], _ROOTS[oldest]
         return records
+
+    def _root_version(self) -> tuple[int, int, int] | None:
+        """A local store root's identity, size and modification time (a write replaces it by a rename: another
+        file), which tell a change without reading it (2000 chunks edited in place, each read reading the root
+        again: 6.8-7.2 s against 5.5-6.0 s); None for other stores, or where there is no root."""
+        if not isinstance(self._store, LocalStore):
+            return None
+        try:
+            status = os.stat(Path(self._store.root) / "zarr.json")
+        except OSError:
+            return None
+        return status.st_ino, status.st_size, status.st_mtime_ns
 
     async def _root(self, prototype: Any) -> tuple[bytes, dict[str, str]] | None:
         """The store root's bytes and its chunk records by array folder (``CHUNKS_ATTR``, base64; an entry of
@@ -862,15 +875,17 @@ class WholeStore(WrapperStore):
         arrays whose records this process holds, then of those the store's root records now, where it changed
         since it was read (a layer appended after the store was opened was read as an edit; found by audit). A
         store replaced since is the OSError that names it so."""
-        checked = {folder}
-        await self._check_among([name for name in records if name not in checked], key, tail, records, prototype)
-        checked.update(records)
+        known = [name for name in records if name != folder]
+        await self._check_among(known, key, tail, records, prototype)
+        checked = {folder, *known}  # not what another read added meanwhile: compared below
         opening = (self.location, self.generation, self.opening)
-        root = await self._root(prototype)
-        if root is not None and root[0] != _ROOTS.get(opening):  # read again only where it changed
-            _ROOTS[opening] = root[0]
-            for name, recorded in root[1].items():
-                records.setdefault(name, recorded)
+        version = self._root_version()
+        if version is None or version != _ROOTS.get(opening):  # read again only where it changed
+            root = await self._root(prototype)
+            if root is not None and (version is not None or root[0] != _ROOTS.get(opening)):
+                _ROOTS[opening] = root[0] if version is None else version
+                for name, recorded in root[1].items():
+                    records.setdefault(name, recorded)
         # another read may have added the appended layers' records meanwhile: those this one has not compared
         await self._check_among([name for name in records if name not in checked], key, tail, records, prototype)
 
