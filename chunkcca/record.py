@@ -896,7 +896,6 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                         masked = padding is not None and values.ndim == 3 and padding.shape == values.shape[:2]
                         if path not in writers:
                             per_chunk = datapoints_per_chunk(values.shape, values.dtype.itemsize, chunks)
-                            per_chunk = min(per_chunk, known) if known else per_chunk  # the DataLoader's count
                             writers[path] = _ChunkWriter(partial(
                                 _create, root, f"{path}/{VARIABLE}", values.shape[1:], values.dtype, dims,
                                 compressors), per_chunk, path, compression is not None)

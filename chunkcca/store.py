@@ -739,9 +739,9 @@ METADATA_FILES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmet
 #: are 4 bytes a chunk file).
 _OPENINGS: dict[tuple[str, str | None, str | None], dict[str, str | ChunkPlaces | None]] = {}
 OPENINGS_KEPT = 8
-#: Each opening's store root as last read (``WholeStore._root_version``: a local file's identity, size and time,
-#: else its bytes), to read its records again only where they changed (``WholeStore._check_other_arrays``).
-_ROOTS: dict[tuple[str, str | None, str | None], Any] = {}
+#: Each opening's local store root as last read (``WholeStore._root_version``), to read its records again only
+#: where it changed (``WholeStore._check_other_arrays``).
+_ROOTS: dict[tuple[str, str | None, str | None], tuple[int, int, int]] = {}
 
 
 class WholeStore(WrapperStore):
@@ -785,14 +785,17 @@ class WholeStore(WrapperStore):
         if self.generation is None and self.opening is None:
             return {}
         version = self._root_version()  # before the read: a change after it is read again
-        root = await self._root(prototype)
-        if root is None:  # no store there at all: the chunk read next is missing, and ``_present`` says so
+        recorded = await self._root(prototype)
+        if recorded is None:  # no store there at all: the chunk read next is missing, and ``_present`` says so
             return {}
-        records: dict[str, str | ChunkPlaces | None] = {} if self.opening is None else dict(root[1])
-        _OPENINGS[key], _ROOTS[key] = records, root[0] if version is None else version
+        records: dict[str, str | ChunkPlaces | None] = {} if self.opening is None else dict(recorded)
+        _OPENINGS[key] = records
+        if version is not None:
+            _ROOTS[key] = version
         while len(_OPENINGS) > OPENINGS_KEPT:
             oldest = next(iter(_OPENINGS))
-            del _OPENINGS[oldest], _ROOTS[oldest]
+            del _OPENINGS[oldest]
+            _ROOTS.pop(oldest, None)
         return records
 
     def _root_version(self) -> tuple[int, int, int] | None:
@@ -807,15 +810,14 @@ class WholeStore(WrapperStore):
             return None
         return status.st_ino, status.st_size, status.st_mtime_ns
 
-    async def _root(self, prototype: Any) -> tuple[bytes, dict[str, str]] | None:
-        """The store root's bytes and its chunk records by array folder (``CHUNKS_ATTR``, base64; an entry of
-        another form left out, as the checks before reading name it), after an OSError if the store this process
-        sees at the location is not the one opened; None where there is no root."""
+    async def _root(self, prototype: Any) -> dict[str, str] | None:
+        """The store root's chunk records by array folder (``CHUNKS_ATTR``, base64; an entry of another form left
+        out, as the checks before reading name it), after an OSError if the store this process sees at the
+        location is not the one opened; None where there is no root."""
         raw = await self._store.get("zarr.json", prototype)
         if raw is None:
             return None
-        data = raw.to_bytes()
-        attributes = json.loads(data).get("attributes", {})
+        attributes = json.loads(raw.to_bytes()).get("attributes", {})
         seen = attributes.get(GENERATION_ATTR)
         if self.generation is not None and seen != self.generation:
             raise OSError(f"{self.location} as this process reads it is another store than the one opened (written "
@@ -823,7 +825,7 @@ class WholeStore(WrapperStore):
                           f"copy at this path (a stale local copy, a cache), or the store was replaced; put one copy "
                           f"where every worker reads it, and open it again")
         layers = attributes.get(CHUNKS_ATTR)
-        return data, {f"{layer}/{array}": recorded
+        return {f"{layer}/{array}": recorded
                       for layer, arrays in (layers.items() if isinstance(layers, dict) else ())
                       if isinstance(arrays, dict) for array, recorded in arrays.items() if isinstance(recorded, str)}
 
@@ -880,12 +882,11 @@ class WholeStore(WrapperStore):
         checked = {folder, *known}  # not what another read added meanwhile: compared below
         opening = (self.location, self.generation, self.opening)
         version = self._root_version()
-        if version is None or version != _ROOTS.get(opening):  # read again only where it changed
-            root = await self._root(prototype)
-            if root is not None and (version is not None or root[0] != _ROOTS.get(opening)):
-                _ROOTS[opening] = root[0] if version is None else version
-                for name, recorded in root[1].items():
-                    records.setdefault(name, recorded)
+        if version is None or version != _ROOTS.get(opening):  # a local root read again only where it changed
+            for name, recorded in (await self._root(prototype) or {}).items():
+                records.setdefault(name, recorded)
+            if version is not None:
+                _ROOTS[opening] = version
         # another read may have added the appended layers' records meanwhile: those this one has not compared
         await self._check_among([name for name in records if name not in checked], key, tail, records, prototype)
 
