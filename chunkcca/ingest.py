@@ -40,6 +40,7 @@ from .layers import (
     labelled_by,
     layer_path,
     memmap_to_dask,
+    nothing_to_pad,
     unnamed_layout,
 )
 from .options import check_mapping
@@ -47,6 +48,7 @@ from .rows import pixel_centres
 from .store import (
     WriteMode,
     check_new_layers,
+    checked_layers,
     move_layer,
     open_activations,
     write_activations,
@@ -228,6 +230,29 @@ def iter_arrays(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
         if str(path) in str(error):
             raise
         raise ValueError(f"cannot read {path} as a {_kind(path)} file: {type(error).__name__}: {error}") from error
+
+
+def _stand_ins(path: Path) -> Iterator[tuple[str, np.ndarray | None]]:
+    """The arrays of a file as ``iter_arrays()`` names them, each as a stand-in of its shape and dtype holding no
+    values of its own (a .npy memory-mapped, a .npz member a read-only broadcast of one zero, from its header),
+    so that every layer is checked before any is written; None where only loading tells its shape (a pickled
+    array, a .npz member in header version 3)."""
+    if _kind(path) == ".npy":
+        yield from iter_arrays(path)  # memory-mapped: reads the header only
+        return
+    if _kind(path) != ".npz":
+        yield "", None
+        return
+    for key in _array_names(path):
+        try:
+            with np.load(path, allow_pickle=False) as archive, archive.zip.open(f"{key}.npy") as member:
+                version = np.lib.format.read_magic(member)
+                header = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                shape, _, dtype = header(member) if header else (None, None, None)
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+            raise ValueError(f"cannot read {path} as a .npz file: {type(error).__name__}: {error}") from error
+        yield key, None if shape is None else np.broadcast_to(np.zeros((), dtype), shape)
 
 
 def _kind(path: Path) -> str:
@@ -504,6 +529,8 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     at once, but it is
     written layer by layer, so at most one pickle or .npz member is in memory at a time (a .npy is
     memory-mapped and streamed chunk by chunk). It is written to a temporary folder and renamed into place.
+    Every .npy and .npz layer is checked (layout, dims, dtype, datapoint count, mask, chunk size) from its file's
+    header before any layer is written; a pickled array, whose shape only loading tells, as it is loaded.
     """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -543,6 +570,32 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
     datapoint_ids = None if datapoints is None else _datapoint_ids(datapoints)
     labels = labelled_by(labels, datapoint_ids)
     check_new_layers(path, seen, mode=mode, overwrite=overwrite)
+    checked_masks: dict[str, Any] = {}  # layer → its mask, checked once (its values are read to check them)
+
+    def laid_out(name: str, array: np.ndarray, source: str, key: str) -> tuple[Any, dict[str, Any] | None]:
+        """Layer ``name`` from ``array`` (``key`` of the file ``source``) with its axes named and datapoints
+        labelled, and its mask; or the error naming it."""
+        values = _as_layer(array, layout, f"{source} ({key})" if key else source,
+                           pickled=_kind(Path(source)) == "pickled array")
+        _check_count(datapoint_ids, values, name)
+        if name in masks and values.ndim == 2:  # before its values: "False at every position of datapoint 3"
+            raise nothing_to_pad(name, ("datapoint", "channel"))
+        if name in masks and name not in checked_masks:
+            checked_masks[name] = _mask_file(masks[name], values.shape[:-1])
+        return (_named_axes(values, _dims(values.ndim, layout), datapoint_ids),
+                {name: checked_masks[name]} if name in masks else None)
+
+    checked: set[str] = set()  # layers whose files' headers tell their shapes: all checked before any is written
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"coords\[.*\] is NaN for", category=RuntimeWarning)  # said once
+        for layer, source in sources.items():
+            for key, stand_in in _stand_ins(Path(source)):
+                if stand_in is not None:
+                    name = _layer_name(layer, key)
+                    named, mask = laid_out(name, stand_in, str(source), key)
+                    checked_layers({layer_path(name): named}, masks=mask, chunks=chunks, compressed=True,
+                                   coords=labels)
+                    checked.add(name)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
         parts = tmp.parent / ".parts"  # beside the store being built (in the same temporary folder), not in it
@@ -557,24 +610,25 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                 # No zip/enumerate around iter_arrays: they keep their last item while fetching the next.
                 for key, array in iter_arrays(source):
                     name, part = _layer_name(layer, key), parts / str(written)
-                    values = _as_layer(array, layout, f"{source} ({key})" if key else str(source),
-                                       pickled=_kind(Path(source)) == "pickled array")
-                    dims = _dims(values.ndim, layout)
-                    if dims is not None and "height" in dims and "width" in dims:  # images and volumes
-                        image[name] = (int(values.shape[dims.index("height")]), int(values.shape[dims.index("width")]))
-                    mask = {name: _mask_file(masks[name], values.shape[:-1])} if name in masks else None
-                    _check_count(datapoint_ids, values, name)
-                    if isinstance(values, np.memmap):  # write_activations streams it from the file
-                        write_activations(part, {name: _named_axes(values, dims, datapoint_ids)}, masks=mask,
-                                          chunks=chunks, coords=labels, progress=progress)
+                    with warnings.catch_warnings():
+                        if name in checked:  # its layout was warned of as it was checked
+                            warnings.simplefilter("ignore")
+                        named, mask = laid_out(name, array, str(source), key)
+                    dims = named.dims if isinstance(named, xr.DataArray) else ()
+                    if "height" in dims and "width" in dims:  # images and volumes
+                        image[name] = (int(named.sizes["height"]), int(named.sizes["width"]))
+                    if isinstance(array, np.memmap):  # write_activations streams it from the file
+                        write_activations(part, {name: named}, masks=mask, chunks=chunks, coords=labels,
+                                          progress=progress)
                     else:
-                        loaded = _Loaded(values)
+                        loaded = _Loaded(named.data if isinstance(named, xr.DataArray) else named)
                         try:
-                            write_activations(part, {name: _named_axes(loaded.as_dask(chunks), dims, datapoint_ids)},
+                            write_activations(part, {name: named.copy(data=loaded.as_dask(chunks))
+                                                     if isinstance(named, xr.DataArray) else loaded.as_dask(chunks)},
                                               masks=mask, chunks=chunks, coords=labels, progress=progress)
                         finally:
                             loaded.release()
-                    del array, values  # before the next one is loaded
+                    del array, named  # before the next one is loaded
                     move_layer(part, tmp, name)
                     written += 1
         return seen, _place_pixels(tmp, image, stored)

@@ -193,6 +193,51 @@ def _label_kind(value: Any) -> str:
     return "numbers" if isinstance(value, (int, float, complex, np.number)) else type(value).__name__
 
 
+def checked_layers(layers: Mapping[str, Any], *, masks: Mapping[str, Any] | None, chunks: int | str,
+                   compressed: bool, coords: Mapping[str, Any] | None) -> dict[str, xr.DataArray]:
+    """Layer path (``check_new_layers``) → the layer as ``write_activations`` writes it: (datapoint, *positions,
+    channel), labelled with ``coords``, its mask attached; or the error naming the layer at fault (dims, dtype,
+    chunk size, labels, mask), before anything is written. Reads no activations."""
+    for path_, value in layers.items():
+        others = sorted(map(str, set(value.data_vars) - {VARIABLE, MASK})) if isinstance(
+            value, (xr.Dataset, xr.DataTree)) else []
+        if others:  # a store holds a layer's activations, its mask and its labels: the rest would vanish unsaid
+            warnings.warn(f"layer {path_!r}: {', '.join(map(repr, others))} {'is' if len(others) == 1 else 'are'} "
+                          f"not written (a store holds each layer's {VARIABLE!r}, its {MASK!r} and coordinates); "
+                          f"give a label per datapoint as coords=, or save other data apart", UserWarning,
+                          stacklevel=user_stacklevel())
+    own_masks = {path_: xr.DataArray(value.coords[MASK].variable) for path_, value in layers.items()
+                 if isinstance(value, xr.DataArray) and MASK in value.coords}  # by place: 0/1 numbers taken too
+    arrays = {path_: check_value_rounding(as_activations(value.drop_vars(MASK) if path_ in own_masks else value, path_,
+                                                         chunks=chunks, guess_layout=False))  # no guess
+              for path_, value in layers.items()}
+    wide = next((path_ for path_, array in arrays.items() if array.dtype.itemsize > 8 and array.dtype.kind == "f"),
+                None)
+    if wide is not None:  # zarr said "No Zarr data type found that matches dtype('float128')", naming no layer
+        raise TypeError(f"layer {wide!r} has dtype {arrays[wide].dtype} (long double), which a zarr store cannot hold: "
+                        f"cast it to float64 first (layer.astype('float64'))")
+    for path_, array in arrays.items():  # each chunk one codec buffer, before anything is written
+        check_chunk_bytes(path_, array.shape, array.dtype.itemsize,
+                          chunk_of(array.shape, array.dtype.itemsize, chunks), compressed)
+    labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))
+    arrays = {path_: with_datapoint_coords(array, labels) for path_, array in arrays.items()}
+    for path_, array in arrays.items():
+        _check_one_label_type(array, path_)
+    given_masks = dict(own_masks)
+    for name, mask in (masks or {}).items():
+        key = layer_path(name)
+        if key not in arrays:
+            raise ValueError(f"masks names layer {name!r}, which is not among the layers written")
+        if key in own_masks:  # the one given as masks= replaced the layer's own, silently
+            raise ValueError(f"layer {key!r} carries a {MASK!r} coordinate and masks= gives it another: give one "
+                             f"(layer.drop_vars('mask') to write the one in masks=)")
+        given_masks[key] = mask
+    for key, mask in given_masks.items():
+        arrays[key] = as_activations(arrays[key].assign_coords({MASK: _as_mask(mask, arrays[key], key in own_masks)}),
+                                     key)
+    return arrays
+
+
 def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mode: WriteMode = "w",
                       masks: Mapping[str, Any] | None = None, chunks: int | str = "auto",
                       image_size: int | tuple[int, int] | None = None, overwrite: bool = False,
@@ -265,43 +310,8 @@ def write_activations(path: str | os.PathLike, layers: Mapping[str, Any], *, mod
     check_flag("progress", progress)
     compressors = codecs_for(compression)
     paths = check_new_layers(path, list(layers), mode=mode, overwrite=overwrite)
-    for path_, value in zip(paths, layers.values()):
-        others = sorted(map(str, set(value.data_vars) - {VARIABLE, MASK})) if isinstance(
-            value, (xr.Dataset, xr.DataTree)) else []
-        if others:  # a store holds a layer's activations, its mask and its labels: the rest would vanish unsaid
-            warnings.warn(f"layer {path_!r}: {', '.join(map(repr, others))} {'is' if len(others) == 1 else 'are'} "
-                          f"not written (a store holds each layer's {VARIABLE!r}, its {MASK!r} and coordinates); "
-                          f"give a label per datapoint as coords=, or save other data apart", UserWarning,
-                          stacklevel=user_stacklevel())
-    own_masks = {path_: xr.DataArray(value.coords[MASK].variable) for path_, value in zip(paths, layers.values())
-                 if isinstance(value, xr.DataArray) and MASK in value.coords}  # by place: 0/1 numbers taken too
-    arrays = {path_: check_value_rounding(as_activations(value.drop_vars(MASK) if path_ in own_masks else value, path_,
-                                                         chunks=chunks, guess_layout=False))  # no guess
-              for path_, value in zip(paths, layers.values())}
-    wide = next((path_ for path_, array in arrays.items() if array.dtype.itemsize > 8 and array.dtype.kind == "f"),
-                None)
-    if wide is not None:  # zarr said "No Zarr data type found that matches dtype('float128')", naming no layer
-        raise TypeError(f"layer {wide!r} has dtype {arrays[wide].dtype} (long double), which a zarr store cannot hold: "
-                        f"cast it to float64 first (layer.astype('float64'))")
-    for path_, array in arrays.items():  # each chunk one codec buffer, before anything is written
-        check_chunk_bytes(path_, array.shape, array.dtype.itemsize,
-                          chunk_of(array.shape, array.dtype.itemsize, chunks), compression is not None)
-    labels = labelled_as(check_datapoint_coords(coords), next(iter(arrays.values())))
-    arrays = {path_: with_datapoint_coords(array, labels) for path_, array in arrays.items()}
-    for path_, array in arrays.items():
-        _check_one_label_type(array, path_)
-    given_masks = dict(own_masks)
-    for name, mask in (masks or {}).items():
-        key = layer_path(name)
-        if key not in arrays:
-            raise ValueError(f"masks names layer {name!r}, which is not among the layers written")
-        if key in own_masks:  # the one given as masks= replaced the layer's own, silently
-            raise ValueError(f"layer {key!r} carries a {MASK!r} coordinate and masks= gives it another: give one "
-                             f"(layer.drop_vars('mask') to write the one in masks=)")
-        given_masks[key] = mask
-    for key, mask in given_masks.items():
-        arrays[key] = as_activations(arrays[key].assign_coords({MASK: _as_mask(mask, arrays[key], key in own_masks)}),
-                                     key)
+    arrays = checked_layers(dict(zip(paths, layers.values())), masks=masks, chunks=chunks,
+                            compressed=compression is not None, coords=coords)
 
     def build(tmp: Path, stored: tuple[int, int] | None) -> tuple[list[str], tuple[int, int] | None]:
         # the image's size: given, the store's, or its largest map (none: no layer has height and width yet; a
@@ -402,6 +412,14 @@ def _as_mask(mask: Any, layer: xr.DataArray, own: bool = False) -> xr.Variable:
                 counted = "datapoints" if dim == "datapoint" else f"{dim} positions"
                 raise ValueError(f"layer {name!r}: its mask has {mask.sizes[dim]} {counted}, the layer "
                                  f"{layer.sizes[dim]}")
+        for dim in (dim for dim in dims if dim in mask.indexes and dim not in layer.indexes):
+            if not mask.indexes[dim].equals(pd.RangeIndex(layer.sizes[dim])):  # was by position, its labels unsaid
+                counted = "datapoints" if dim == "datapoint" else f"{dim} positions"
+                raise ValueError(f"layer {name!r} has no {dim} labels and its mask labels its {counted} otherwise "
+                                 f"than 0, 1, … in order ({mask.indexes[dim][:3].tolist()}, …): which of the layer's "
+                                 f"{counted} each mask row is cannot be told; label the layer's {dim} (a DataArray "
+                                 f"with coords={{{dim!r}: ...}}), or give the mask in the layer's order without "
+                                 f"them (mask.drop_vars({dim!r}))")
         for dim in (dim for dim in dims if dim in mask.indexes and dim in layer.indexes):  # by label, as layers
             labels, own = layer.indexes[dim], mask.indexes[dim]  # are aligned: a mask in another order was taken
             if not own.equals(labels):  # by position, silently

@@ -136,6 +136,75 @@ def test_ingest_failing_midway_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "evil.p"]
 
 
+
+def _header_only_npz(path, shape, dtype="float32"):
+    """An .npz whose one member ``x`` has the header of a ``shape`` array and none of its values."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue())
+
+
+@pytest.mark.parametrize("fault", ["layout", "count", "dtype", "rank", "mask", "npz member", "chunk size"])
+def test_every_npy_and_npz_layer_is_checked_before_any_is_written(tmp_path, monkeypatch, fault):
+    """A fault in the last of the files given was found only once the layers before it were written (hours, for
+    large files): each .npy and .npz layer is checked from its header first, its values not read."""
+    import chunkcca.ingest as ingest_module
+
+    written = []
+    write = ingest_module.write_activations
+    monkeypatch.setattr(ingest_module, "write_activations", lambda *args, **kwargs: written.append(args[1]) or
+                        write(*args, **kwargs))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "first.npy", rng.standard_normal((40, 5)).astype("float32"))
+    last, options, message = tmp_path / "last.npy", {}, None
+    if fault == "layout":
+        np.save(last, rng.standard_normal((40, 8, 3, 3)))
+        message = r"last.npy: shape \(40, 8, 3, 3\) may be channels-first"
+    elif fault == "count":
+        np.save(last, rng.standard_normal((39, 5)))
+        options, message = {"datapoints": np.arange(40)}, r"datapoints gives 40 labels, and layer 'b' has 39"
+    elif fault == "dtype":
+        np.save(last, rng.standard_normal((40, 5)) > 0)
+        message = r"layer 'b' has dtype bool"
+    elif fault == "rank":
+        np.save(last, rng.standard_normal(40))
+        message = r"layer 'b' has 1 dims"
+    elif fault == "mask":
+        np.save(last, rng.standard_normal((40, 6, 5)))
+        np.save(tmp_path / "mask.npy", np.ones((40, 7), bool))
+        options, message = {"masks": {"b": tmp_path / "mask.npy"}}, r"has shape \(40, 7\); its layer needs"
+    elif fault == "npz member":
+        last = tmp_path / "last.npz"
+        np.savez_compressed(last, fine=rng.standard_normal((40, 5)), nchw=rng.standard_normal((40, 8, 3, 3)))
+        message = r"last.npz \(nchw\): shape \(40, 8, 3, 3\) may be channels-first"
+    else:  # 4 GiB a chunk, more than Blosc takes: its values are never read (the file holds none)
+        last = tmp_path / "last.npz"
+        _header_only_npz(last, (8, 2**28))
+        options = {"chunks": 4, "layout": "datapoints"}
+        message = r"layer 'b/x': chunks of 4 datapoints would be 4\.00 GiB each"
+    with pytest.raises((ValueError, TypeError), match=message):
+        ingest_module.ingest(tmp_path / "s.zarr", {"a": tmp_path / "first.npy", "b": last}, **options)
+    assert written == []
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_mask_on_a_layer_without_positions_is_refused_as_such(tmp_path, capsys):
+    """A mask of one False for a fully connected layer was refused as "False at every position of datapoint 3 …
+    leave such datapoints out", for a fault that is the mask itself (found by audit)."""
+    np.save(tmp_path / "fc.npy", np.random.default_rng(0).standard_normal((30, 2)).astype("float32"))
+    for real in (np.ones(30, bool), np.arange(30) != 3):
+        np.save(tmp_path / "mask.npy", real)
+        assert main(["ingest", str(tmp_path / "s.zarr"), f"fc={tmp_path / 'fc.npy'}", "--mask",
+                     f"fc={tmp_path / 'mask.npy'}", "--no-progress"]) == 2
+        assert capsys.readouterr().err == ("chunkcca ingest: error: layer 'fc' has no positions (dims ('datapoint', "
+                                           "'channel')), so nothing to pad: a mask marks the real positions of each "
+                                           "datapoint; leave its mask out\n")
+
 @pytest.mark.slow
 def test_ingest_holds_one_pickle_at_a_time(tmp_path):
     """Pickles are loaded whole but one at a time, each written before the next is loaded, and not copied.

@@ -735,6 +735,14 @@ def test_a_mask_given_as_a_dataarray_is_aligned_by_its_datapoint_labels(tmp_path
         write_activations(tmp_path / "x.zarr", {"a": a}, masks={"a": mask.assign_coords(datapoint=np.arange(n) + n)})
     with pytest.raises(ValueError, match="layer 'a': its mask has 100 datapoints, the layer 200"):
         write_activations(tmp_path / "y.zarr", {"a": a}, masks={"a": mask.isel(datapoint=slice(100))})
+    # beside a layer without labels, a labelled mask was placed by position, its labels ignored (found by audit)
+    for dim, reordered in (("datapoint", shuffled), ("token", mask.assign_coords(token=np.arange(t))[:, ::-1])):
+        with pytest.raises(ValueError, match=rf"layer 'x' has no {dim} labels and its mask labels its "
+                                             rf"{'datapoints' if dim == 'datapoint' else 'token positions'} otherwise "
+                                             rf"than 0, 1, … in order .*mask.drop_vars\('{dim}'\)"):
+            write_activations(tmp_path / "y.zarr", {"x": x}, masks={"x": reordered})
+    plain = write_activations(tmp_path / "p.zarr", {"x": x}, masks={"x": mask.assign_coords(datapoint=np.arange(n))})
+    np.testing.assert_array_equal(plain["x"]["mask"].values, real)  # labels 0, 1, … in order: the positions
     # xarray's "conflicting sizes for dimension 'token'" named no layer
     with pytest.raises(ValueError, match=rf"layer 'a': its mask has 3 token positions, the layer {x.shape[1]}$"):
         write_activations(tmp_path / "y.zarr", {"a": a}, masks={"a": mask.isel(token=slice(3))})
