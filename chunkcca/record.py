@@ -109,8 +109,16 @@ def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str,
     # a layer given twice is refused (one was recorded, unsaid; also "a" and "a/" in a mapping), as the store does
     if isinstance(layers, Mapping):
         layers = dict(zip(check_layer_paths([str(path) for path in layers]), layers.values()))
-    else:
-        layers = dict(zip(check_layer_paths([str(name).replace(".", "/") for name in layers]), layers))
+    else:  # each at its module's path: a module and one inside it ("layer1", "layer1.0.conv1") would nest
+        paths = [str(name).replace(".", "/") for name in layers]
+        for outer, path in zip(layers, paths):
+            inner, within = next(((name, other) for name, other in zip(layers, paths)
+                                  if other.startswith(path + "/")), (None, None))
+            if inner is not None:
+                raise ValueError(f"layers names module {outer!r} and module {inner!r} inside it, whose store paths "
+                                 f"would hold one another (a layer cannot hold another): give a mapping of store "
+                                 f"path to module, e.g. {{{path + '/out'!r}: {outer!r}, {within!r}: {inner!r}}}")
+        layers = dict(zip(check_layer_paths(paths), layers))
     modules = {}
     for path, module in layers.items():
         if isinstance(module, str):
@@ -345,13 +353,20 @@ def _documented(module: Any, output: Any, tensor: Any) -> Found | None:
 
     if (batch_first := _batch_first(module)) is not None and tensor is first_tensor(output):
         return "channels_last" if batch_first else "time_first"
-    if not isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) or not isinstance(output, tuple) \
-            or len(output) < 2:
-        return None
-    if isinstance(module, nn.MultiheadAttention):
+    if isinstance(module, nn.MultiheadAttention) and isinstance(output, tuple) and len(output) > 1:
         return "channels_last" if tensor is output[1] else None
+    return "time_first" if _final_state(module, output, tensor) else None
+
+
+def _final_state(module: Any, output: Any, tensor: Any) -> bool:
+    """Whether ``tensor`` is a torch RNN's final hidden or cell state (``h_n``, ``c_n``) in its ``output``: (D ·
+    layers, N, H), whose positions are its layers and directions, never padding."""
+    from torch import nn
+
+    if not isinstance(module, nn.RNNBase) or not isinstance(output, tuple) or len(output) < 2:
+        return False
     states = output[1] if isinstance(output[1], tuple) else (output[1],)
-    return "time_first" if any(tensor is state for state in states) else None
+    return any(tensor is state for state in states)
 
 
 def _takes_channels_first(module: Any, rank: int) -> bool:
@@ -498,16 +513,18 @@ def _packed(output: Any) -> Any:
 
 
 def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select: Callable[[Any], Any],
-              layout: Layout | None, seen: _Seen) -> tuple[np.ndarray, tuple[str, ...], bool, float]:
+              layout: Layout | None, seen: _Seen) -> tuple[np.ndarray, tuple[str, ...], bool, float, bool]:
     """The tensor ``select`` takes of a module's output, as (datapoint, *positions, channel), its dims, whether
-    it was a nested tensor (padded here to its longest sequence only), and the relative rounding of its values
-    where the array's dtype is finer (bfloat16's 2⁻⁷, held as float32), else 0; a (T, N, C) sequence (as
+    it was a nested tensor (padded here to its longest sequence only), the relative rounding of its values
+    where the array's dtype is finer (bfloat16's 2⁻⁷, held as float32), else 0, and whether its positions can
+    hold no padding (an RNN's final states: ``_final_state``); a (T, N, C) sequence (as
     ``_found`` finds, or as ``layout`` from ``layouts=`` says) made batch first, then laid out as ``layout``
     says, else as found (4-d and 5-d: channels first by default)."""
     tensor = select(output)
     if tensor is None:
         raise ValueError(f"layer {path!r} gives a {type(output).__name__} holding no tensor; pass output= to say "
                          f"which to record")
+    unpadded = _final_state(module, output, tensor)
     packed = _packed(output)
     if packed is not None and tensor is packed.data:
         raise ValueError(f"layer {path!r} gives a PackedSequence, whose rows are the steps of every sequence packed "
@@ -554,7 +571,7 @@ def _recorded(module: Any, inputs: Sequence[Any], output: Any, path: str, select
         coarser = float(torch.finfo(tensor.dtype).eps)  # bfloat16's rounding (2⁻⁷), which its values keep
         tensor, owned = tensor.float(), True  # exactly (float32 with its last 16 bits cut)
     return (*_channels_last(tensor.detach().cpu().numpy(), path, layout or "channels_first", owned=owned), nested,
-            coarser)
+            coarser, unpadded)
 
 
 def _shuffles(batches: Any) -> bool:
@@ -754,7 +771,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         modules is put back in the mode it was in.
     layers
         Module names (``["features.0", "classifier.1"]``, stored as ``features/0``…) or a mapping of store
-        path → module name or module.
+        path → module name or module. A layer cannot hold another, so a module and one inside it
+        (``"layer1"`` and ``"layer1.0.conv1"``) take a mapping: ``{"layer1/out": "layer1", "layer1/0/conv1":
+        "layer1.0.conv1"}``.
     batches
         Input tensors, tuples/lists whose first element is the input (e.g. a ``DataLoader``), or dicts of
         keyword arguments (``input_ids``, ``attention_mask``…). For image inputs (N, C, H, W) the layers'
@@ -775,8 +794,9 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
         ``lambda out: torch.nn.utils.rnn.pad_packed_sequence(out[0], batch_first=True, total_length=T)[0]``.
     mask
         The batch's padding mask (N, T), True (or 1) at real tokens, from a batch (default: a dict batch's
-        ``attention_mask``; None: no masks). Recorded as the ``mask`` of every layer of T positions; a layer of
-        another length (a strided convolution, a prepended token) is recorded without one, with a warning.
+        ``attention_mask``; None: no masks). Recorded as the ``mask`` of every layer of T positions but an RNN's
+        final states (one position per layer and direction, none of them padding); a layer of another length (a
+        strided convolution, a prepended token) is recorded without one, with a warning.
     chunks, compression, overwrite
         As for [`chunkcca.write_activations()`][chunkcca.write_activations]; ``chunks`` at most the datapoints
         recorded (a layer's array is made at its first whole chunk, or at the end in one chunk of them all), a
@@ -878,7 +898,7 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                     for path in modules:
                         if path not in captured:
                             raise ValueError(f"layer {path!r} produced no output for this batch")
-                        values, dims, nested, coarser = captured[path]
+                        values, dims, nested, coarser, unpadded = captured[path]
                         if coarser:
                             rounded[path] = max(rounded.get(path, 0.0), coarser)
                         if nested and padding is None:
@@ -893,13 +913,16 @@ def record(model: Any, layers: Mapping[str, Any] | Sequence[str], batches: Itera
                                 and values.shape[0] == padding.shape[0] and values.shape[1] < padding.shape[1]:
                             # a nested output padded to its longest sequence only: to the batch's length
                             values = np.pad(values, ((0, 0), (0, padding.shape[1] - values.shape[1]), (0, 0)))
-                        masked = padding is not None and values.ndim == 3 and padding.shape == values.shape[:2]
+                        # the mask of the batch's tokens: on each layer of as many positions but an RNN's final
+                        # states, one per layer and direction (taken for tokens where there were as many)
+                        padded = padding is not None and values.ndim == 3 and not unpadded
+                        masked = padded and padding.shape == values.shape[:2]
                         if path not in writers:
                             per_chunk = datapoints_per_chunk(values.shape, values.dtype.itemsize, chunks)
                             writers[path] = _ChunkWriter(partial(
                                 _create, root, f"{path}/{VARIABLE}", values.shape[1:], values.dtype, dims,
                                 compressors), per_chunk, path, compression is not None)
-                            if padding is not None and values.ndim == 3 and not masked:
+                            if padded and not masked:
                                 unfit_masks.add(path)
                                 shapes = (f"{values.shape[1]} positions and the batch's mask {padding.shape[1]}"
                                           if values.shape[1] != padding.shape[1] else

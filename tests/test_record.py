@@ -638,6 +638,49 @@ def test_a_recurrent_module_s_final_states_are_datapoint_first(tmp_path, batch_f
     np.testing.assert_array_equal(tree["rnn"]["activations"].values, want)
 
 
+@pytest.mark.parametrize("tokens", [4, 5])
+def test_a_recurrent_module_s_final_states_take_no_padding_mask(tmp_path, tokens):
+    """An LSTM's h_n of 2 layers in 2 directions (4 states) from batches whose attention mask has 4 tokens took
+    that mask, silently: a one-token sentence kept only its first state (avgpool CKA 0.489 for 0.506); with 5
+    tokens it was warned of as a layer whose padded positions would count as real. Its states are never padding
+    (found by audit)."""
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(30, 8)
+            self.rnn = torch.nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+            return self.rnn(self.embed(input_ids))
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    ids = torch.randint(1, 30, (12, tokens))
+    real = (torch.arange(tokens)[None] < torch.tensor([4, 2, 3, 1] * 3)[:, None]).long()
+    batches = [{"input_ids": ids[i:i + 4], "attention_mask": real[i:i + 4]} for i in range(0, 12, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = record(model, {"h_n": "rnn"}, batches, tmp_path / "s.zarr", output=lambda out: out[1][0])
+    with torch.inference_mode():
+        want = np.concatenate([model(**batch)[1][0].transpose(0, 1).numpy() for batch in batches])
+    assert "mask" not in tree["h_n"]["activations"].coords
+    np.testing.assert_array_equal(tree["h_n"]["activations"].values, want)
+
+
+def test_a_module_and_one_inside_it_named_in_a_list_are_told_to_take_a_mapping(tmp_path):
+    """["0", "0.0"] (ResNet's "layer1" and "layer1.0.conv1") was refused with "name them side by side (e.g. '0/out'
+    and '0/0')", which a list cannot do (found by audit); a mapping records both."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU()), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"^layers names module '0' and module '0\.0' inside it, whose store paths "
+                                         r"would hold one another .*: give a mapping of store path to module, e\.g\. "
+                                         r"\{'0/out': '0', '0/0': '0\.0'\}$"):
+        record(net, ["0", "0.0", "1"], [torch.randn(5, 3)], tmp_path / "r.zarr")
+    tree = record(net, {"0/out": "0", "0/0": "0.0"}, [torch.randn(5, 3)], tmp_path / "r.zarr")
+    assert tree["0/out"]["activations"].shape == tree["0/0"]["activations"].shape == (5, 4)
+
+
 def test_sequence_first_attention_and_transformer_layers_are_made_batch_first(tmp_path):
     """A TransformerEncoderLayer with batch_first=False and its attention, norm, feed-forward Linear and the Dropout
     after its F.relu give (T, N, C): they were stored as if T were the datapoints."""
