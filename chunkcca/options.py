@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 import numpy as np
+import pandas as pd
 from dask.utils import parse_bytes
 
 from ._fs import check_outside_stores, check_writable, expanded, is_url
@@ -325,7 +326,9 @@ def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.nda
         raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} mixes values of types "
                          f"{', '.join(kinds)} (None or NaN among labels?), which cannot be sorted into groups; give "
                          f"every datapoint a label of one type") from None
-    missing = np.isnan(values) if labels.dtype.kind in "fcmM" else None  # NaN, or NaT (not a time)
+    # NaN, or NaT (not a time); among Python objects too, where np.unique sorted NaN between the numbers and split
+    # one label into two groups, each NaN a group of its own, silently (found by audit)
+    missing = np.isnan(values) if labels.dtype.kind in "fcmM" else pd.isna(values) if values.dtype == object else None
     if missing is not None and missing.any():
         raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} is "
                          f"{'NaT' if labels.dtype.kind in 'mM' else 'NaN'} for {int(missing.sum())} datapoints, which "
