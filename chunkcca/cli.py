@@ -696,6 +696,11 @@ def _run_info(args: argparse.Namespace) -> None:
     if unlabelled:
         print(f"stored without datapoint labels (paired with other layers by position only; `ingest --datapoints "
               f"FILE` gives them): {'every layer' if len(unlabelled) == len(rows) else ', '.join(unlabelled)}")
+    unchecked = [row["layer"] for row in rows if not row["checksummed"]]
+    if unchecked:
+        print(f"stored without checksums (written by another tool: a chunk damaged on disk, cut short or a bit "
+              f"flipped, may read as other values; write them with chunkcca to checksum them): "
+              f"{'every layer' if len(unchecked) == len(rows) else ', '.join(unchecked)}")
     left = chunkcca.leftover_writes(args.store)
     if left:
         stale = sum(folder["stale"] for folder in left)

@@ -361,6 +361,62 @@ def check_store_files(location: str, listing: Listing, listed: Sequence[str], fo
         check_chunks(metadata, present[folder], what, location)
 
 
+def checksummed(metadata: dict[str, Any]) -> bool:
+    """Whether a zarr v3 array's chunks (its ``metadata``; a shard's inner chunks) carry a CRC32C checksum, as
+    chunkcca writes them: without one a chunk damaged on disk (cut short, a bit flipped) may decode to other values,
+    which no reader can tell."""
+    codecs = metadata.get("codecs") or []
+    if codecs and codecs[0].get("name") == "sharding_indexed":
+        codecs = codecs[0].get("configuration", {}).get("codecs") or []
+    return any(codec.get("name") == "crc32c" for codec in codecs)
+
+
+#: A shard index entry (offset, size) of an inner chunk the shard does not hold (zarr's sharding codec, v3 spec).
+EMPTY_INNER_CHUNK = 2**64 - 1
+
+
+def check_shards(fs: Any, root: str, listing: Listing, location: str) -> None:
+    """At open: every inner chunk of each shard of a sharded array (zarr's ``sharding_indexed`` codec) that holds
+    part of the array is in its shard's index, or an OSError naming the array and datapoints (zarr reads an inner
+    chunk its shard does not hold as the fill value, silently: a shard's file is there while a chunk of it is not).
+    Reads each shard's index (16 bytes an inner chunk), no data."""
+    for folder, metadata in listing.arrays.items():
+        codecs = metadata.get("codecs") or [{}]
+        if codecs[0].get("name") != "sharding_indexed":
+            continue
+        config = codecs[0].get("configuration", {})
+        node, _, variable = folder.rpartition("/")
+        what = f"layer {layer_name(node)!r}" if variable == VARIABLE else f"{variable!r} of {node or 'the store'!r}"
+        names = [codec.get("name") for codec in config.get("index_codecs", [])]
+        endian = config.get("index_codecs", [{}])[0].get("configuration", {}).get("endian", "little")
+        if names not in (["bytes"], ["bytes", "crc32c"]) or endian != "little":
+            raise OSError(f"{what} of {location} is sharded with its shard index encoded by {names} ({endian}), "
+                          f"which chunkcca cannot read to check that no chunk is lost: write it again without shards "
+                          f"or with zarr's default index")
+        inner, outer = config["chunk_shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"]
+        per_shard = [size // chunk for size, chunk in zip(outer, inner)]
+        index_bytes = 16 * int(np.prod(per_shard, dtype=np.int64)) + 4 * (names[-1] == "crc32c")
+        sizes = listing.sizes(folder)
+        for shard, key in chunk_keys(metadata).items():
+            if key not in sizes:  # a whole shard lost: check_store_files said so
+                continue
+            start = 0 if config.get("index_location", "end") == "start" else sizes[key] - index_bytes
+            raw = fs.cat_file(f"{root}/{folder}/{key}", start=start, end=start + index_bytes)
+            entries = np.frombuffer(raw[: index_bytes - 4 * (names[-1] == "crc32c")], dtype="<u8").reshape(
+                (*per_shard, 2))
+            lost = np.argwhere(entries[..., 0] == EMPTY_INNER_CHUNK)
+            first = [count * at for count, at in zip(per_shard, shard)]  # the shard's first inner chunk, by dim
+            held = [index for index in lost  # inner chunks of the array, not of the shard's overhang past its end
+                    if all((chunk + local) * size < total for chunk, local, size, total
+                           in zip(first, index, inner, metadata["shape"]))]
+            if held:
+                span = [(first[0] + int(index[0])) * inner[0] for index in held]
+                dim = (metadata.get("dimension_names") or ["datapoint"])[0]
+                raise OSError(f"{what} of {location} lacks {len(held)} chunk{'s' if len(held) > 1 else ''} in its "
+                              f"shard {key!r}, of {dim}s from {min(span)} to "
+                              f"{min(max(span) + inner[0], metadata['shape'][0]) - 1}: {LOST_CHUNKS}")
+
+
 def _why_lost(listing: Listing, layer: str) -> str:
     """What is gone of a layer the store lists but xarray finds no activations for: its folder, its activations'
     folder, or their metadata (``zarr.json``)."""

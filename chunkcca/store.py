@@ -65,7 +65,9 @@ from .integrity import (
     check_label_places,
     check_metadata,
     check_places,
+    check_shards,
     check_store_files,
+    checksummed,
     chunk_checksums,
     chunk_reader,
     chunk_records,
@@ -1000,6 +1002,8 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
             raise ValueError(f"{location} is a zarr array, not an activation store (a zarr group of layers): write "
                              f"it as a layer with chunkcca.write_activations (or chunkcca ingest)")
         check_metadata(listing, attributes, location)  # before xarray reads labels by it
+        _check_no_layer_holds_another(listing, location)
+        _check_consolidated_layers(root_metadata, listing, location)
         try:
             with warnings.catch_warnings():  # a folder without zarr.json: a layer's is named below (check_store_files),
                 # and another (a user's own, "plots") is not the store's: zarr's warning was a second line beside ours
@@ -1027,6 +1031,7 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
             raise ValueError(f"{location} holds no layer (no node with a variable {VARIABLE!r})"
                              + (f"; it is {what}" if what else ""))
         check_store_files(location, listing, listed, found)
+        check_shards(fs, root, listing, location)
         check_label_places(fs, root, listing, chunk_records(attributes, location), location)
     # layers the store does not list (written by xarray, or before chunkcca recorded its order) sorted: zarr lists
     # groups in no fixed order
@@ -1046,6 +1051,36 @@ def open_activations(path: str | os.PathLike, *, storage_options: Mapping[str, A
         if MASK in tree[layer].coords:  # which Dask array reads its own mask (checkpoint.store_signature)
             tree[layer][VARIABLE].encoding["mask_dask_name"] = tree[layer][MASK].data.name
     return tree
+
+
+def _check_consolidated_layers(root_metadata: Mapping[str, Any], listing: Listing, location: str) -> None:
+    """Refuse a store whose consolidated metadata (xarray's and zarr's default; chunkcca lists the store instead)
+    names a layer's activations that the store no longer holds: the layer was left out, unsaid (a sweep lost it)."""
+    consolidated = (root_metadata.get("consolidated_metadata") or {}).get("metadata") or {}
+    lost = sorted(str(PurePosixPath(path).parent) for path, node in consolidated.items()
+                  if PurePosixPath(path).name == VARIABLE and isinstance(node, Mapping)
+                  and node.get("node_type") == "array" and path.strip("/") not in listing.arrays)
+    if lost:
+        raise OSError(f"{location} lists layer{'s' if len(lost) > 1 else ''} {', '.join(map(repr, lost))} in its "
+                      f"consolidated metadata but holds no {VARIABLE!r} for {'them' if len(lost) > 1 else 'it'}: the "
+                      f"store is damaged; if {'they were' if len(lost) > 1 else 'it was'} removed on purpose, "
+                      f"consolidate its metadata again (zarr.consolidate_metadata({location!r}))")
+
+
+def _check_no_layer_holds_another(listing: Listing, location: str) -> None:
+    """Refuse a store (written by other tools: chunkcca's writers refuse it) where a layer's group holds another
+    layer: xarray gave the inner one the outer one's datapoint labels where it had none of its own (paired by them,
+    silently), and failed where it had others ("group '/child' is not aligned with its parents:")."""
+    layers = sorted(str(PurePosixPath(path).parent) for path in listing.arrays if PurePosixPath(path).name == VARIABLE)
+    for outer in layers:
+        inner = next((other for other in layers if other != outer and (outer == "." or other.startswith(outer + "/"))),
+                     None)
+        if inner is not None:
+            holder = "its root ('/'), a layer," if outer == "." else f"layer {outer!r}"
+            raise ValueError(f"{location}: {holder} holds layer {inner!r} in its group; a layer cannot hold "
+                             f"another (xarray would give {inner!r} the datapoint labels of the layer holding it): "
+                             f"write them side by side, e.g. as {(outer.strip('.') or 'root') + '/out'!r} and "
+                             f"{inner!r}")
 
 
 def _kind_of_path(path: Path) -> str:
@@ -1138,8 +1173,10 @@ def describe_store(path: str | os.PathLike, *,
         Per layer, in network order: ``layer``, ``shape``, ``dims``, ``datapoints_per_chunk``, ``chunks``,
         ``dtype``, ``bytes``, ``bytes_on_disk``, ``coords`` (the names of its coordinates on datapoint other than
         the datapoint labels, e.g. a class label, which ``groupby=`` and ``folds=`` take), ``mask`` (whether it
-        has a padding mask: its padded positions are left out of every measure) and ``labelled`` (whether its
-        datapoints carry labels, False for a layer stored without them, which pairs by position only).
+        has a padding mask: its padded positions are left out of every measure), ``labelled`` (whether its
+        datapoints carry labels, False for a layer stored without them, which pairs by position only) and
+        ``checksummed`` (whether its chunks carry a CRC32C checksum, as chunkcca writes them: False for a layer
+        written by other tools with their defaults, whose chunks damaged on disk may decode to other values).
     """
     tree = open_activations(path, storage_options=storage_options)
     layers = [tree[layer][VARIABLE] for layer in layer_paths(tree)]
@@ -1155,7 +1192,9 @@ def describe_store(path: str | os.PathLike, *,
                      "bytes_on_disk": sum(file_sizes(fs, f"{root}/{layer}").values()),  # fsspec's du, faster
                      "coords": sorted(str(name) for name, coord in array.coords.items()
                                       if coord.dims == ("datapoint",) and name != "datapoint"),
-                     "mask": MASK in array.coords, "labelled": not holds_positions(array)})
+                     "mask": MASK in array.coords, "labelled": not holds_positions(array),
+                     "checksummed": checksummed(parsed_metadata(fs.cat(f"{root}/{layer}/{VARIABLE}/zarr.json"),
+                                                                f"{layer}/{VARIABLE}/zarr.json"))})
     check_unchanged(layers)  # sizes of another store's files are not this one's
     return rows
 
