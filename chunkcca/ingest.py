@@ -243,16 +243,19 @@ def _stand_ins(path: Path) -> Iterator[tuple[str, np.ndarray | None]]:
     if _kind(path) != ".npz":
         yield "", None
         return
-    for key in _array_names(path):
-        try:
-            with np.load(path, allow_pickle=False) as archive, archive.zip.open(f"{key}.npy") as member:
-                version = np.lib.format.read_magic(member)
-                header = {(1, 0): np.lib.format.read_array_header_1_0,
-                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                shape, _, dtype = header(member) if header else (None, None, None)
-        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
-            raise ValueError(f"cannot read {path} as a .npz file: {type(error).__name__}: {error}") from error
-        yield key, None if shape is None else np.broadcast_to(np.zeros((), dtype), shape)
+    keys = _array_names(path)
+    stand_ins: list[tuple[str, np.ndarray | None]] = []
+    try:
+        with np.load(path, allow_pickle=False) as archive:  # its directory read once (per member: quadratic)
+            for key in keys:
+                with archive.zip.open(f"{key}.npy") as member:
+                    header = {(1, 0): np.lib.format.read_array_header_1_0,
+                              (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(member))
+                    shape, _, dtype = header(member) if header else (None, None, None)
+                stand_ins.append((key, None if shape is None else np.broadcast_to(np.zeros((), dtype), shape)))
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:  # a shape of -1
+        raise ValueError(f"cannot read {path} as a .npz file: {type(error).__name__}: {error}") from error
+    yield from stand_ins
 
 
 def _kind(path: Path) -> str:
@@ -612,7 +615,7 @@ def ingest(path: str | os.PathLike, sources: Mapping[str, str | os.PathLike], *,
                     name, part = _layer_name(layer, key), parts / str(written)
                     with warnings.catch_warnings():
                         if name in checked:  # its layout was warned of as it was checked
-                            warnings.simplefilter("ignore")
+                            warnings.simplefilter("ignore", RuntimeWarning)
                         named, mask = laid_out(name, array, str(source), key)
                     dims = named.dims if isinstance(named, xr.DataArray) else ()
                     if "height" in dims and "width" in dims:  # images and volumes

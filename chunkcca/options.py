@@ -330,8 +330,9 @@ def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.nda
     # one label into two groups, each NaN a group of its own, silently (found by audit)
     missing = np.isnan(values) if labels.dtype.kind in "fcmM" else pd.isna(values) if values.dtype == object else None
     if missing is not None and missing.any():
-        raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} is "
-                         f"{'NaT' if labels.dtype.kind in 'mM' else 'NaN'} for {int(missing.sum())} datapoints, which "
+        kind = {"m": "NaT", "M": "NaT", "f": "NaN", "c": "NaN"}.get(labels.dtype.kind, "missing (NaN, NaT or None)")
+        raise ValueError(f"{asked}: the coordinate {name!r} of layer {layer!r} is {kind} for {int(missing.sum())} "
+                         f"datapoints, which "
                          f"then belong to no group; give them labels (for the command, in the store), or select the "
                          f"others (layer.isel(datapoint=...))")
     return labels, codes.reshape(-1)

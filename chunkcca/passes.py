@@ -347,7 +347,7 @@ def stream_layers(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], o
             """The Parts of datapoints ``start`` to ``stop``; ``after``: [an earlier pass's Parts], which the first
             chain folds into, taken out of the list as they are packed so that they are not held beside it."""
             label = f"{reading_what}{step} ({product} products)" if options.progress else None
-            begin = _packed(list(after.pop()), codes is not None) if after else None
+            begin = _packed(after, codes is not None) if after else None
             result = run([d[start:stop] for d in data], adapters, reduction_of(product), chains=chains, ahead=ahead,
                          scheduler=scheduler, progress=label, nan_policy=options.nan_policy, names=names,
                          offset=start, codes=None if codes is None else codes[start:stop],
@@ -473,10 +473,12 @@ def _merged(parts: Parts) -> Moments | TiledMoments:
     return sum(parts[1:], parts[0])
 
 
-def _packed(parts: list[Moments | TiledMoments | None], grouped: bool) -> np.ndarray:
-    """A pass's Parts as the packed partial a reduction folds into: (1, *shape), or (1, groups, *shape); ``parts``
-    emptied as they are packed, so that one group's Moments at most is held twice (a copy of each, then their stack,
-    beside them held three times the groups' Moments, over ``memory_limit``: found by audit)."""
+def _packed(after: list[Parts], grouped: bool) -> np.ndarray:
+    """The Parts of an earlier pass, taken out of ``after`` (its one item), as the packed partial a reduction folds
+    into: (1, *shape), or (1, groups, *shape); each group's Moments let go as it is packed, so that one at most is
+    held twice (a copy of each, then their stack, beside them held three times the groups' Moments, over
+    ``memory_limit``: found by audit)."""
+    parts: list[Moments | TiledMoments | None] = list(after.pop())
 
     def taken(index: int) -> np.ndarray:
         part, parts[index] = parts[index], None

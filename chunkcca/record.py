@@ -101,6 +101,12 @@ from .store import (
 )
 
 
+def _no_module(path: str, module: str, named: Mapping[str, Any]) -> ValueError:
+    """The error for layer ``path`` naming a module the model (its ``named`` modules) does not have."""
+    return ValueError(f"layer {path!r}: the model has no module {module!r}; it has "
+                      f"{', '.join(name for name in named if name) or 'none'}")
+
+
 def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
     """Store path → module, from module names (``"features.0"``) or modules themselves."""
     import torch
@@ -111,6 +117,9 @@ def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str,
         layers = dict(zip(check_layer_paths([str(path) for path in layers]), layers.values()))
     else:  # each at its module's path: a module and one inside it ("layer1", "layer1.0.conv1") would nest
         paths = [str(name).replace(".", "/") for name in layers]
+        for name, path in zip(layers, paths):
+            if isinstance(name, str) and name not in named:  # before its path is read: "0/0" is no module's
+                raise _no_module(path, name, named)
         for outer, path in zip(layers, paths):
             inner, within = next(((name, other) for name, other in zip(layers, paths)
                                   if other.startswith(path + "/")), (None, None))
@@ -123,8 +132,7 @@ def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str,
     for path, module in layers.items():
         if isinstance(module, str):
             if module not in named:
-                raise ValueError(f"layer {path!r}: the model has no module {module!r}; it has "
-                                 f"{', '.join(n for n in named if n) or 'none'}")
+                raise _no_module(path, module, named)
             module = named[module]
         elif not isinstance(module, torch.nn.Module) or not any(module is own for own in named.values()):
             what = "a module that is not the model's" if isinstance(module, torch.nn.Module) else repr(module)

@@ -717,10 +717,11 @@ def test_a_nan_group_label_is_refused():
     # the same numbers held as Python objects: NaN sorted among them split a label into two groups and made each
     # NaN a group of its own, silently (found by audit)
     held = a.assign_coords(g=("datapoint", labels.astype(object)))
-    with pytest.raises(ValueError, match=r"groupby='g' \(--groupby g\): the coordinate 'g' of layer 'a' is NaN for 10 "
-                                         r"datapoints"):
+    with pytest.raises(ValueError, match=r"groupby='g' \(--groupby g\): the coordinate 'g' of layer 'a' is missing "
+                                         r"\(NaN, NaT or None\) for 10 datapoints"):
         cca(held, b.drop_vars("g"), groupby="g")
-    with pytest.raises(ValueError, match=r"folds='g' \(--folds g\): the coordinate 'g' of layer 'a' is NaN for 10"):
+    with pytest.raises(ValueError, match=r"folds='g' \(--folds g\): the coordinate 'g' of layer 'a' is missing "
+                                         r"\(NaN, NaT or None\) for 10"):
         compare(held, b.drop_vars("g"), measures=["cka"], folds="g")
 
 

@@ -149,7 +149,8 @@ def _header_only_npz(path, shape, dtype="float32"):
         archive.writestr("x.npy", header.getvalue())
 
 
-@pytest.mark.parametrize("fault", ["layout", "count", "dtype", "rank", "mask", "npz member", "chunk size"])
+@pytest.mark.parametrize("fault", ["layout", "count", "dtype", "rank", "mask", "npz member", "npz header",
+                                   "chunk size"])
 def test_every_npy_and_npz_layer_is_checked_before_any_is_written(tmp_path, monkeypatch, fault):
     """A fault in the last of the files given was found only once the layers before it were written (hours, for
     large files): each .npy and .npz layer is checked from its header first, its values not read."""
@@ -182,6 +183,10 @@ def test_every_npy_and_npz_layer_is_checked_before_any_is_written(tmp_path, monk
         last = tmp_path / "last.npz"
         np.savez_compressed(last, fine=rng.standard_normal((40, 5)), nchw=rng.standard_normal((40, 8, 3, 3)))
         message = r"last.npz \(nchw\): shape \(40, 8, 3, 3\) may be channels-first"
+    elif fault == "npz header":  # a shape no array has: named as the file's fault
+        last = tmp_path / "last.npz"
+        _header_only_npz(last, (-1, 5))
+        message = r"cannot read .*last\.npz as a \.npz file: ValueError: "
     else:  # 4 GiB a chunk, more than Blosc takes: its values are never read (the file holds none)
         last = tmp_path / "last.npz"
         _header_only_npz(last, (8, 2**28))

@@ -677,6 +677,8 @@ def test_a_module_and_one_inside_it_named_in_a_list_are_told_to_take_a_mapping(t
                                          r"would hold one another .*: give a mapping of store path to module, e\.g\. "
                                          r"\{'0/out': '0', '0/0': '0\.0'\}$"):
         record(net, ["0", "0.0", "1"], [torch.randn(5, 3)], tmp_path / "r.zarr")
+    with pytest.raises(ValueError, match=r"the model has no module '0/0'"):  # no mapping of a module it lacks
+        record(net, ["0", "0/0"], [torch.randn(5, 3)], tmp_path / "r.zarr")
     tree = record(net, {"0/out": "0", "0/0": "0.0"}, [torch.randn(5, 3)], tmp_path / "r.zarr")
     assert tree["0/out"]["activations"].shape == tree["0/0"]["activations"].shape == (5, 4)
 
