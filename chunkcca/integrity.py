@@ -400,6 +400,9 @@ def check_shards(fs: Any, root: str, listing: Listing, location: str) -> None:
         for shard, key in chunk_keys(metadata).items():
             if key not in sizes:  # a whole shard lost: check_store_files said so
                 continue
+            if sizes[key] < index_bytes:
+                raise OSError(f"{what} of {location}: its shard {key!r} is {sizes[key]} bytes, shorter than its "
+                              f"index ({index_bytes} bytes): the store is damaged; write it again")
             start = 0 if config.get("index_location", "end") == "start" else sizes[key] - index_bytes
             raw = fs.cat_file(f"{root}/{folder}/{key}", start=start, end=start + index_bytes)
             entries = np.frombuffer(raw[: index_bytes - 4 * (names[-1] == "crc32c")], dtype="<u8").reshape(

@@ -89,6 +89,11 @@ def test_a_chunk_missing_from_its_shard_is_an_error_naming_the_layer_and_datapoi
                                       r"datapoints from 100 to 199: the store is damaged"):
         open_activations(partial)
     assert main(["compare", str(partial), "a", "b", "--no-progress"]) == 2
+    shard = tmp_path / "whole.zarr" / "a" / "activations" / "c" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:40])  # shorter than its index of 4 chunks (68 bytes)
+    with pytest.raises(OSError, match=r"^layer 'a' of .*whole\.zarr: its shard 'c/0/0' is 40 bytes, shorter than its "
+                                      r"index \(68 bytes\): the store is damaged"):
+        open_activations(tmp_path / "whole.zarr")
 
 
 def test_info_names_the_layers_stored_without_checksums(tmp_path, capsys):
