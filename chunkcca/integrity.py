@@ -379,7 +379,10 @@ def check_shards(fs: Any, root: str, listing: Listing, location: str) -> None:
     """At open: every inner chunk of each shard of a sharded array (zarr's ``sharding_indexed`` codec) that holds
     part of the array is in its shard's index, or an OSError naming the array and datapoints (zarr reads an inner
     chunk its shard does not hold as the fill value, silently: a shard's file is there while a chunk of it is not).
-    Reads each shard's index (16 bytes an inner chunk), no data."""
+    Reads each shard's index (16 bytes an inner chunk), no data: all in one batch (a round trip each took 21 s for
+    2000 shards of a remote store)."""
+    shards = []  # (what, metadata, inner chunk shape, inner chunks per shard, index dtype, grid index, key)
+    paths, starts, ends = [], [], []  # of each shard's index, without its checksum
     for folder, metadata in listing.arrays.items():
         codecs = metadata.get("codecs") or [{}]
         if codecs[0].get("name") != "sharding_indexed":
@@ -389,13 +392,14 @@ def check_shards(fs: Any, root: str, listing: Listing, location: str) -> None:
         what = f"layer {layer_name(node)!r}" if variable == VARIABLE else f"{variable!r} of {node or 'the store'!r}"
         names = [codec.get("name") for codec in config.get("index_codecs", [])]
         endian = config.get("index_codecs", [{}])[0].get("configuration", {}).get("endian", "little")
-        if names not in (["bytes"], ["bytes", "crc32c"]) or endian != "little":
-            raise OSError(f"{what} of {location} is sharded with its shard index encoded by {names} ({endian}), "
-                          f"which chunkcca cannot read to check that no chunk is lost: write it again without shards "
-                          f"or with zarr's default index")
+        if names not in (["bytes"], ["bytes", "crc32c"]):
+            raise OSError(f"{what} of {location} is sharded with its shard index encoded by {names}, which chunkcca "
+                          f"cannot read to check that no chunk is lost: write it again without shards or with "
+                          f"zarr's default index")
         inner, outer = config["chunk_shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"]
         per_shard = [size // chunk for size, chunk in zip(outer, inner)]
-        index_bytes = 16 * int(np.prod(per_shard, dtype=np.int64)) + 4 * (names[-1] == "crc32c")
+        entries = 2 * int(np.prod(per_shard, dtype=np.int64))
+        index_bytes = 8 * entries + 4 * (names[-1] == "crc32c")
         sizes = listing.sizes(folder)
         for shard, key in chunk_keys(metadata).items():
             if key not in sizes:  # a whole shard lost: check_store_files said so
@@ -404,20 +408,24 @@ def check_shards(fs: Any, root: str, listing: Listing, location: str) -> None:
                 raise OSError(f"{what} of {location}: its shard {key!r} is {sizes[key]} bytes, shorter than its "
                               f"index ({index_bytes} bytes): the store is damaged; write it again")
             start = 0 if config.get("index_location", "end") == "start" else sizes[key] - index_bytes
-            raw = fs.cat_file(f"{root}/{folder}/{key}", start=start, end=start + index_bytes)
-            entries = np.frombuffer(raw[: index_bytes - 4 * (names[-1] == "crc32c")], dtype="<u8").reshape(
-                (*per_shard, 2))
-            lost = np.argwhere(entries[..., 0] == EMPTY_INNER_CHUNK)
-            first = [count * at for count, at in zip(per_shard, shard)]  # the shard's first inner chunk, by dim
-            held = [index for index in lost  # inner chunks of the array, not of the shard's overhang past its end
-                    if all((chunk + local) * size < total for chunk, local, size, total
-                           in zip(first, index, inner, metadata["shape"]))]
-            if held:
-                span = [(first[0] + int(index[0])) * inner[0] for index in held]
-                dim = (metadata.get("dimension_names") or ["datapoint"])[0]
-                raise OSError(f"{what} of {location} lacks {len(held)} chunk{'s' if len(held) > 1 else ''} in its "
-                              f"shard {key!r}, of {dim}s from {min(span)} to "
-                              f"{min(max(span) + inner[0], metadata['shape'][0]) - 1}: {LOST_CHUNKS}")
+            shards.append((what, metadata, inner, per_shard, np.dtype("<u8" if endian == "little" else ">u8"), shard,
+                           key))
+            paths.append(f"{root}/{folder}/{key}")
+            starts.append(start)
+            ends.append(start + 8 * entries)
+    indexes = fs.cat_ranges(paths, starts, ends) if paths else []
+    for (what, metadata, inner, per_shard, dtype, shard, key), raw in zip(shards, indexes, strict=True):
+        entries = np.frombuffer(raw, dtype=dtype).reshape((*per_shard, 2))
+        first = [count * at for count, at in zip(per_shard, shard)]  # the shard's first inner chunk, by dim
+        held = [index for index in np.argwhere(entries[..., 0] == EMPTY_INNER_CHUNK)  # inner chunks of the array,
+                if all((chunk + local) * length < total  # not of the shard's overhang past its end
+                       for chunk, local, length, total in zip(first, index, inner, metadata["shape"]))]
+        if held:
+            span = [(first[0] + int(index[0])) * inner[0] for index in held]
+            dim = (metadata.get("dimension_names") or ["datapoint"])[0]
+            raise OSError(f"{what} of {location} lacks {len(held)} chunk{'s' if len(held) > 1 else ''} in its "
+                          f"shard {key!r}, of {dim}s from {min(span)} to "
+                          f"{min(max(span) + inner[0], metadata['shape'][0]) - 1}: {LOST_CHUNKS}")
 
 
 def _why_lost(listing: Listing, layer: str) -> str:

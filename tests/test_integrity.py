@@ -89,6 +89,24 @@ def test_a_chunk_missing_from_its_shard_is_an_error_naming_the_layer_and_datapoi
                                       r"datapoints from 100 to 199: the store is damaged"):
         open_activations(partial)
     assert main(["compare", str(partial), "a", "b", "--no-progress"]) == 2
+    # a shard index in big-endian integers, with its checksum and at the shard's start: read as such
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    root = zarr.open_group(tmp_path / "big.zarr", mode="w", zarr_format=3)
+    for index_location in ("start", "end"):
+        array = root.create_group(index_location).create_array(
+            "activations", shape=a.shape, dtype="float32", chunks=(200, 8), compressors=None, fill_value=0.0,
+            serializer=ShardingCodec(chunk_shape=(50, 8), codecs=[BytesCodec()], index_location=index_location,
+                                     index_codecs=[BytesCodec(endian="big"), Crc32cCodec()]),
+            dimension_names=("datapoint", "channel"))
+        array[:100] = a[:100]
+        array[200:] = a[200:]
+    with pytest.raises(OSError, match=r"^layer 'end' of .*big\.zarr lacks 2 chunks in its shard 'c/0/0', of "
+                                      r"datapoints from 100 to 199"):
+        open_activations(tmp_path / "big.zarr")
+    shutil.rmtree(tmp_path / "big.zarr" / "end")
+    with pytest.raises(OSError, match=r"^layer 'start' of .*big\.zarr lacks 2 chunks in its shard 'c/0/0'"):
+        open_activations(tmp_path / "big.zarr")
     shard = tmp_path / "whole.zarr" / "a" / "activations" / "c" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:40])  # shorter than its index of 4 chunks (68 bytes)
     with pytest.raises(OSError, match=r"^layer 'a' of .*whole\.zarr: its shard 'c/0/0' is 40 bytes, shorter than its "
@@ -107,6 +125,15 @@ def test_info_names_the_layers_stored_without_checksums(tmp_path, capsys):
     write_activations(tmp_path / "x.zarr", {"ours": rng.standard_normal((40, 2))}, mode="a")
     rows = {row["layer"]: row["checksummed"] for row in chunkcca.describe_store(tmp_path / "x.zarr")}
     assert rows == {"ours": True, "plain": False}
+    # a store of one layer at its root, on fsspec's memory filesystem ("root.zarr///activations" was no path there)
+    xr.Dataset({"activations": (dims, rng.standard_normal((40, 3)))}).to_zarr("memory://root.zarr", zarr_format=3,
+                                                                             consolidated=False)
+    try:
+        assert [row["checksummed"] for row in chunkcca.describe_store("memory://root.zarr")] == [False]
+    finally:
+        import fsspec
+
+        fsspec.filesystem("memory").rm("/root.zarr", recursive=True)
     assert main(["info", str(tmp_path / "x.zarr")]) == 0
     assert "stored without checksums (written by another tool: a chunk damaged on disk, cut short or a bit flipped, " \
            "may read as other values; write them with chunkcca to checksum them): plain\n" in capsys.readouterr().out
