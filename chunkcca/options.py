@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
-from dask.utils import parse_bytes
+from dask.utils import format_bytes, parse_bytes
 
 from ._fs import check_outside_stores, check_writable, expanded, is_url
 
@@ -311,6 +311,13 @@ def memory_bytes(memory_limit: Any) -> int:
     if limit > MAX_MEMORY_LIMIT:
         raise ValueError(f"memory_limit must be at most 2**60 bytes ({MAX_MEMORY_LIMIT}), got {memory_limit!r}")
     return int(limit)
+
+
+def held_and_limit(held: int, limit: int) -> tuple[str, str]:
+    """What a run would hold and ``memory_limit`` in words (Dask's ``format_bytes``), in bytes where those read
+    alike: "holds 48.00 MiB, over memory_limit=48.00 MiB" (48 MiB and 1664 bytes) said neither how far."""
+    said = format_bytes(held), format_bytes(limit)
+    return said if said[0] != said[1] else (f"{held:,} bytes", f"{limit:,} bytes")
 
 
 def group_codes(values: Any, option: str, name: str, layer: str) -> tuple[np.ndarray, np.ndarray]:

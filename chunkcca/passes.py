@@ -55,7 +55,14 @@ from .engine import (
 from .layers import zarr_reads
 from .minibatch import aligned_chunks, aligned_unit, whole_datapoints_size
 from .moments import Moments, RowCheck, check_savable_labels, pack, value_eps
-from .options import MASK, VALUE_ROUNDING_ATTR, ProductPrecision, StreamOptions, check_dask_settings
+from .options import (
+    MASK,
+    VALUE_ROUNDING_ATTR,
+    ProductPrecision,
+    StreamOptions,
+    check_dask_settings,
+    held_and_limit,
+)
 from .rows import Adapter, by_gram
 from .store import check_complete, check_unchanged, read_failure
 from .tiles import TiledMoments, Tiling, fold_tiled, merge_tiled
@@ -197,10 +204,11 @@ def fit_chains(reduction: Reduction, sides: Sequence[da.Array], adapters: Sequen
         # statistics per frequency (dft); other modes' do not shrink with other rows
         fewer_rows = (", or use spatial='avgpool' or 'interp' (--spatial: one set of statistics, not one per "
                       "frequency)" if frequencies else "")
+        held, most = held_and_limit(one, limit)
         raise ValueError(
             f"comparing {' and '.join(map(repr, names))}: {statistics}{per} = {format_bytes(partial)} per partial; "
             f"reading one chunk at a time holds {reduction.partials_held} of them with the chunks and rows in work "
-            f"({format_bytes(one)}), over memory_limit={format_bytes(limit)}; raise memory_limit (--memory-limit), "
+            f"({held}), over memory_limit={most}; raise memory_limit (--memory-limit), "
             f"compare fewer channels, read smaller chunks{fewer_rows}")
     return affordable_chains(reduction, sides, adapters, limit, stored)
 
@@ -615,9 +623,10 @@ def minibatch_pass(layers: Sequence[xr.DataArray], adapters: Sequence[Adapter], 
             aligned = "" if fitting in (None, size) else (
                 f", which end with a datapoint of {rows} rows only every {unit} datapoints; minibatches of {fitting} "
                 f"rows would take a chunk of one minibatch's datapoints")
+            held, most = held_and_limit(one, limit)
             raise ValueError(f"minibatch CKA of {', '.join(map(repr, names))}: {what} of {max(chunks)} datapoints "
                              f"(whole minibatches of {size} rows{aligned}) read at a time, with the store chunks it "
-                             f"lies in, holds {format_bytes(one)}, over memory_limit={format_bytes(limit)}; raise "
+                             f"lies in, holds {held}, over memory_limit={most}; raise "
                              f"memory_limit (--memory-limit), compare fewer layers, or take smaller minibatches")
         chunk, previous = max(chunks) // 2, chunks
     label = f"reading {', '.join(map(repr, names))} ({reduction.name})" if options.progress else None
@@ -818,9 +827,10 @@ def gram_plan(layers: Sequence[xr.DataArray], memory_limit: int, threads: int, i
         fixed, per_chunk = gram_bytes(layers, pieces, 1, itemsizes)
         stores = store_bytes(layers, pieces, 1)
         kinds = " and ".join(sorted({f"float{8 * size}" for size in itemsizes}))
+        held, most = held_and_limit(fixed + per_chunk, memory_limit)
         raise ValueError(f"exact CKA of whole maps (spatial='features') of {names}: one datapoint of every layer "
                          f"as centred {kinds} rows, with the store chunks it lies in ({format_bytes(stores)}), "
-                         f"holds {format_bytes(fixed + per_chunk)}, over memory_limit={format_bytes(memory_limit)}; "
+                         f"holds {held}, over memory_limit={most}; "
                          f"raise memory_limit (--memory-limit), compare fewer layers, store them in smaller "
                          f"chunks, or use minibatch CKA (cka(..., minibatch=m))")
     return min(plans, key=_estimated_time)

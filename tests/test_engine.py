@@ -1015,3 +1015,28 @@ def test_local_schedulers_run_without_importing_distributed():
             "    chunkcca.cca(x, x[:, :2])\n"
             "assert 'distributed' not in sys.modules, 'distributed was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_a_memory_limit_just_too_small_says_by_how_much():
+    """A limit 1664 bytes under what a run holds was refused as "holds … (48.00 MiB), over memory_limit=48.00 MiB",
+    the two alike (found by audit): where Dask's words read alike, both are given in bytes."""
+    from chunkcca.options import held_and_limit
+
+    assert held_and_limit(48 * 2**20 + 1664, 48 * 2**20) == ("50,333,312 bytes", "50,331,648 bytes")
+    assert held_and_limit(50 * 2**20, 48 * 2**20) == ("50.00 MiB", "48.00 MiB")
+    x = da.random.RandomState(0).normal(size=(4000, 64), chunks=(1000, 64))
+    low, high = 1, 2**30  # the least limit the run fits: refused just under it, in bytes
+
+    def fits(limit: int) -> bool:
+        try:
+            compute_moments(x, x[:, :32] + 1, memory_limit=limit, precision="float64")
+            return True
+        except ValueError as error:
+            assert "over memory_limit" in str(error)
+            return False
+
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    with pytest.raises(ValueError, match=rf"over memory_limit={low:,} bytes; raise memory_limit"):
+        compute_moments(x, x[:, :32] + 1, memory_limit=low, precision="float64")
