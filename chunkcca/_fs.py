@@ -470,6 +470,12 @@ def _chunk_grid(metadata: dict[str, Any]) -> tuple[list[int], str, str]:
     return [-(-size // chunk) for size, chunk in zip(metadata["shape"], chunk_shape)], encoding["name"], separator
 
 
+def path_under(root: str, *parts: str) -> str:
+    """The path of ``parts`` (a layer, "/" for the store's root; its arrays, files) under a store's ``root``:
+    "root///activations" was no path on fsspec's memory filesystem."""
+    return "/".join([root, *(part.strip("/") for part in parts if part.strip("/"))])
+
+
 def chunk_keys(metadata: dict[str, Any]) -> dict[tuple[int, ...], str]:
     """Every stored object's key (chunk, or shard) of a zarr v3 array, by its grid index, from its metadata."""
     grid, encoding, separator = _chunk_grid(metadata)

@@ -19,7 +19,7 @@ from typing import Any
 import dask.base
 import xarray as xr
 
-from ._fs import ORDER_ATTR, filesystem, zarr_attributes
+from ._fs import ORDER_ATTR, filesystem, path_under, zarr_attributes
 from .integrity import parsed_metadata
 from .layers import VARIABLE, as_opened, mask_as_opened, zarr_arrays
 from .moments import MetadataEdited, Moments, check_only_moments, read_saved
@@ -216,7 +216,7 @@ def store_signature(array: xr.DataArray) -> str | None:
     for data, variable, opened in ((array.data, VARIABLE, as_opened(array)),
                                    (mask, MASK, mask is not None and mask_as_opened(array))):
         if opened:
-            folders.append((f"{array.encoding['store']}/{array.encoding['layer']}/{variable}", variable))
+            folders.append((path_under(array.encoding["store"], array.encoding["layer"], variable), variable))
         elif hasattr(data, "__dask_graph__"):
             folders += [(_array_files(source, str(array.name)), str(source.store_path))
                         for source in zarr_arrays(data)]

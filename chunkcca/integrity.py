@@ -414,7 +414,12 @@ def check_shards(fs: Any, root: str, listing: Listing, location: str) -> None:
             starts.append(start)
             ends.append(start + 8 * entries)
     indexes = fs.cat_ranges(paths, starts, ends) if paths else []
-    for (what, metadata, inner, per_shard, dtype, shard, key), raw in zip(shards, indexes, strict=True):
+    for (what, metadata, inner, per_shard, dtype, shard, key), path, start, end, raw in zip(
+            shards, paths, starts, ends, indexes, strict=True):
+        if isinstance(raw, BaseException) or len(raw) != end - start:  # fsspec gives an error in its place
+            why = repr(raw) if isinstance(raw, BaseException) else f"{len(raw)} of its {end - start} bytes read"
+            raise OSError(f"{what} of {location}: the index of its shard {path} cannot be read ({why}); "
+                          f"{LOST_CHUNKS}")
         entries = np.frombuffer(raw, dtype=dtype).reshape((*per_shard, 2))
         first = [count * at for count, at in zip(per_shard, shard)]  # the shard's first inner chunk, by dim
         held = [index for index in np.argwhere(entries[..., 0] == EMPTY_INNER_CHUNK)  # inner chunks of the array,

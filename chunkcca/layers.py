@@ -22,7 +22,16 @@ from dask.utils import format_bytes
 
 from ._fs import ORDER_ATTR
 from ._stack import user_stacklevel
-from .options import MASK, ORDERLESS, VALUE_ROUNDING_ATTR, VARIABLE, check_number, holds_positions, layer_name
+from .options import (
+    MASK,
+    ORDERLESS,
+    VALUE_ROUNDING_ATTR,
+    VARIABLE,
+    check_number,
+    held_and_limit,
+    holds_positions,
+    layer_name,
+)
 
 #: At most this many position dims (volumes: depth, height, width).
 MAX_POSITIONS = 3
@@ -643,10 +652,12 @@ def check_reordered(first: str, reordered: Sequence[xr.DataArray], memory_limit:
     held = REORDER_HOLDS * sum(layer.nbytes for layer in reordered)
     if reordered and held > memory_limit // 2:
         names = ", ".join(repr(str(layer.name)) for layer in reordered)
+        holds, _ = held_and_limit(held, memory_limit // 2)  # in bytes where it reads as half the limit
+        limit = f"{memory_limit:,} bytes" if holds.endswith(" bytes") else format_bytes(memory_limit)
         raise ValueError(f"layer{'s' if len(reordered) > 1 else ''} {names} hold{'' if len(reordered) > 1 else 's'} "
                          f"the datapoints of layer {first!r} in another order: pairing them by label holds about "
                          f"{REORDER_HOLDS} times {'their' if len(reordered) > 1 else 'its'} size in memory "
-                         f"({format_bytes(held)}), over half of memory_limit={format_bytes(memory_limit)} (the pass "
+                         f"({holds}), over half of memory_limit={limit} (the pass "
                          f"plans within it besides); store the layers in one order (recorded through a DataLoader "
                          f"that does not shuffle), or raise memory_limit (--memory-limit) where the machine has the "
                          f"memory")

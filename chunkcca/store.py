@@ -46,6 +46,7 @@ from ._fs import (
     leftovers,
     naming_target,
     owner_record,
+    path_under,
     store_holding,
     temporary_beside,
     write_atomically,
@@ -1067,12 +1068,6 @@ def _check_consolidated_layers(root_metadata: Mapping[str, Any], listing: Listin
                       f"consolidate its metadata again (zarr.consolidate_metadata({location!r}))")
 
 
-def _under(root: str, *parts: str) -> str:
-    """The path of ``parts`` (a layer, "/" for the store's root; its arrays, files) under a store's ``root``:
-    "root///activations" was no path on fsspec's memory filesystem."""
-    return "/".join([root, *(part.strip("/") for part in parts if part.strip("/"))])
-
-
 def _check_no_layer_holds_another(listing: Listing, location: str) -> None:
     """Refuse a store (written by other tools: chunkcca's writers refuse it) where a layer's group holds another
     layer: xarray gave the inner one the outer one's datapoint labels where it had none of its own (paired by them,
@@ -1195,11 +1190,11 @@ def describe_store(path: str | os.PathLike, *,
         rows.append({"layer": layer, "shape": list(array.shape), "dims": list(map(str, array.dims)),
                      "datapoints_per_chunk": int(array.data.chunks[0][0]), "chunks": int(array.data.numblocks[0]),
                      "dtype": str(array.dtype), "bytes": int(array.nbytes),
-                     "bytes_on_disk": sum(file_sizes(fs, _under(root, layer)).values()),  # fsspec's du, faster
+                     "bytes_on_disk": sum(file_sizes(fs, path_under(root, layer)).values()),  # fsspec's du, faster
                      "coords": sorted(str(name) for name, coord in array.coords.items()
                                       if coord.dims == ("datapoint",) and name != "datapoint"),
                      "mask": MASK in array.coords, "labelled": not holds_positions(array),
-                     "checksummed": checksummed(parsed_metadata(fs.cat(_under(root, layer, VARIABLE, "zarr.json")),
+                     "checksummed": checksummed(parsed_metadata(fs.cat(path_under(root, layer, VARIABLE, "zarr.json")),
                                                                 f"{layer}/{VARIABLE}/zarr.json"))})
     check_unchanged(layers)  # sizes of another store's files are not this one's
     return rows
@@ -1361,7 +1356,7 @@ def check_complete(layers: Sequence[xr.DataArray]) -> None:
             places = chunk_records(json.loads(fs.cat(f"{root}/zarr.json")).get("attributes", {}), encoding["store"])
             stored_mask = MASK in layer.coords and "mask_dask_name" in encoding  # the store has one: list it
             for variable in (VARIABLE, MASK) if stored_mask else (VARIABLE,):
-                folder = _under(root, encoding["layer"], variable)
+                folder = path_under(root, encoding["layer"], variable)
                 metadata = json.loads(fs.cat(f"{folder}/zarr.json"))
                 sizes = file_sizes(fs, folder)
                 what = f"layer {encoding['layer']!r}" + ("" if variable == VARIABLE else f"'s {variable}")

@@ -889,3 +889,21 @@ def test_an_unfinished_checkpoint_that_cannot_be_replaced_is_refused_before_read
         chunkcca.cca(layer, layer[:, :2] * 2 + 1, checkpoint=tmp_path / "run", checkpoint_every=2,
                      scheduler="synchronous")
     assert read == []
+
+
+def test_a_root_layer_on_fsspecs_memory_filesystem_is_checkpointed(tmp_path):
+    """Its files were looked for at "/store.zarr///activations", no path on the memory filesystem: the run was
+    refused as one whose files could not be listed (found by review)."""
+    import fsspec
+
+    x = np.random.default_rng(3).standard_normal((40, 3))
+    xr.Dataset({"activations": (("datapoint", "channel"), x)}).chunk({"datapoint": 10}).to_zarr(
+        "memory://root-layer.zarr", zarr_format=3, consolidated=False, mode="w")
+    try:
+        layer = chunkcca.open_activations("memory://root-layer.zarr")["/"]["activations"]
+        checkpointed = chunkcca.cca(layer, layer.isel(channel=[0, 1]), checkpoint=tmp_path / "c.ckpt",
+                                    precision="float64")
+        assert float(checkpointed["rho_mean"]) == pytest.approx(
+            float(chunkcca.cca(x, x[:, :2], precision="float64")["rho_mean"]), abs=1e-12)
+    finally:
+        fsspec.filesystem("memory").rm("/root-layer.zarr", recursive=True)

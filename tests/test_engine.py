@@ -1040,3 +1040,11 @@ def test_a_memory_limit_just_too_small_says_by_how_much():
         low, high = (low, middle) if fits(middle) else (middle, high)
     with pytest.raises(ValueError, match=rf"over memory_limit={low:,} bytes; raise memory_limit"):
         compute_moments(x, x[:, :32] + 1, memory_limit=low, precision="float64")
+    # pairing a layer held in another order by label holds 3 times its size, checked against half the limit
+    rng = np.random.default_rng(0)
+    a = xr.DataArray(rng.standard_normal((2000, 16)), dims=("datapoint", "channel"), name="a",
+                     coords={"datapoint": np.arange(2000)})
+    b = xr.DataArray(da.from_array(rng.standard_normal((2000, 8)), chunks=(500, 8)), dims=("datapoint", "channel"),
+                     name="b", coords={"datapoint": rng.permutation(2000)})
+    with pytest.raises(ValueError, match=r"in memory \(384,000 bytes\), over half of memory_limit=767,998 bytes "):
+        cca(a, b, memory_limit=2 * 384000 - 2)

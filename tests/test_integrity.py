@@ -107,6 +107,16 @@ def test_a_chunk_missing_from_its_shard_is_an_error_naming_the_layer_and_datapoi
     shutil.rmtree(tmp_path / "big.zarr" / "end")
     with pytest.raises(OSError, match=r"^layer 'start' of .*big\.zarr lacks 2 chunks in its shard 'c/0/0'"):
         open_activations(tmp_path / "big.zarr")
+    from fsspec.implementations.local import LocalFileSystem
+
+    def failing(self, paths, starts, ends, **kwargs):  # fsspec puts a read's error in its place: it failed in numpy
+        return [OSError(5, "I/O error") for _ in paths]  # as "a bytes-like object is required, not 'OSError'"
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LocalFileSystem, "cat_ranges", failing)
+        with pytest.raises(OSError, match=r"^layer 'a' of .*whole\.zarr: the index of its shard .*c/0/0 cannot be "
+                                          r"read \(OSError\(5, 'I/O error'\)\); the store is damaged"):
+            open_activations(tmp_path / "whole.zarr")
     shard = tmp_path / "whole.zarr" / "a" / "activations" / "c" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:40])  # shorter than its index of 4 chunks (68 bytes)
     with pytest.raises(OSError, match=r"^layer 'a' of .*whole\.zarr: its shard 'c/0/0' is 40 bytes, shorter than its "
