@@ -375,6 +375,14 @@ def _check_measure_flags(args: argparse.Namespace, measures: list[str]) -> None:
     read by a chosen measure (the library's own check, in its words, comes later), and the held-out measures
     and ``--confidence`` need ``--folds``."""
     given = _given_solve_options(args)
+    unread = [option for option in given.keys() - {"confidence"}
+              if not any(option in chunkcca.MEASURES[name].options for name in measures)]
+    if unread:  # before their values are checked together (--keep-by directions was refused for --keep 0.99,
+        # the default, where svcca was not asked for: found by audit)
+        flags = [f"{_flag(option)} (read by "
+                 f"{', '.join(name for name, measure in chunkcca.MEASURES.items() if option in measure.options)})"
+                 for option in sorted(unread)]
+        raise ValueError(f"not read by {', '.join(measures)}: {'; '.join(flags)}; choose with --measure")
     try:  # --keep, whose rule hangs on --keep-by (the others were checked as they were read)
         chunkcca.SolveOptions(**given)
     except ValueError as error:
@@ -384,13 +392,6 @@ def _check_measure_flags(args: argparse.Namespace, measures: list[str]) -> None:
         values = given[named] if isinstance(given[named], (list, tuple)) else [given[named]]
         shown = " ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values)
         raise ValueError(f"{_flag(named)} {shown}: {str(error)[len(named) + 1:]}") from None
-    unread = [option for option in given.keys() - {"confidence"}
-              if not any(option in chunkcca.MEASURES[name].options for name in measures)]
-    if unread:
-        flags = [f"{_flag(option)} (read by "
-                 f"{', '.join(name for name, measure in chunkcca.MEASURES.items() if option in measure.options)})"
-                 for option in sorted(unread)]
-        raise ValueError(f"not read by {', '.join(measures)}: {'; '.join(flags)}; choose with --measure")
     if args.folds is not None:
         return
     held_out = [name for name in measures if chunkcca.MEASURES[name].per_fold is not None]
@@ -908,7 +909,10 @@ def _print_compare_table(args: argparse.Namespace, result: xr.Dataset, values: d
     print(f"{pair} ({spatial}, stride {args.stride}, {result.attrs['rows']} rows{omitted}, {how})")
     for dim in (args.groupby, "ridge"):  # the dims of list values, in the order they nest
         if dim in result.dims:
-            print(f"per {dim}: {', '.join(map(str, result[dim].values.tolist()))}")
+            labels = list(map(str, result[dim].values.tolist()))
+            if any(", " in label for label in labels):  # "cat, dog" read as two groups, the values under others
+                labels = [repr(label) for label in result[dim].values.tolist()]
+            print(f"per {dim}: {', '.join(labels)}")
     print(format_table(table, left=(0, 2)))
 
 

@@ -725,6 +725,10 @@ def test_compare_passes_keep_and_alpha(files, capsys):
     assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cka", "--keep", "0.5", "--scheduler",
                  "tcp://10.255.255.1:8786", "--connect-timeout", "30"]) == 2
     assert "not read by cka: --keep (read by svcca)" in capsys.readouterr().err
+    # --keep-by directions without svcca was refused for the default --keep 0.99 (found by audit)
+    assert main(["compare", store, "m0/conv", "m1/conv", "--keep-by", "directions"]) == 2
+    assert capsys.readouterr().err == ("chunkcca compare: error: not read by mean_cca: --keep-by (read by svcca); "
+                                       "choose with --measure\n")
     for precision in ("auto", "float64"):  # "one pass", also after auto's pilot and second pass
         assert main(["compare", store, "m0/conv", "m1/conv", "--measure", "cka", "--precision", precision]) == 0
         chosen = "float32" if precision == "auto" else precision  # auto: well conditioned, 800 rows of 11 channels
@@ -1078,6 +1082,13 @@ def test_compare_shows_details_per_group_ridges_by_value_and_plots_only_the_curv
     assert main([*base, "--measure", "svcca", "--groupby", "digit"]) == 0
     shown = capsys.readouterr().out
     assert "per digit: 0, 1, 2" in shown and "dims_a [3, 3, 3], dims_b [3, 3, 3]" in shown
+    # a label holding ", " read as two groups, the values then under other names (found by audit): quoted
+    animal = ("datapoint", np.repeat(["bird", "cat, dog", "fish"], 100))
+    chunkcca.write_activations(tmp_path / "g.zarr", {name: xr.DataArray(
+        rng.standard_normal((300, 3)), dims=("datapoint", "channel"), coords={"animal": animal})
+        for name in ("m0/fc", "m1/fc")})
+    assert main(["compare", str(tmp_path / "g.zarr"), "m0/fc", "m1/fc", "--groupby", "animal", "--no-progress"]) == 0
+    assert "per animal: 'bird', 'cat, dog', 'fish'\n" in capsys.readouterr().out
     assert main([*base, "--measure", "svcca", "--groupby", "digit", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"]["svcca"]["dims_a"] == [3, 3, 3]
     assert main([*base, "--measure", "predictivity", "--folds", "3", "--ridge", "0.1", "1"]) == 0
