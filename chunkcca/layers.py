@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Hashable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import dask.array as da
@@ -779,18 +779,30 @@ def check_layer_paths(names: Sequence[str], *, existing: Sequence[str] = (), whe
         if path in existing:
             raise ValueError(f"{where or 'the store'} already holds layer {path}; adding leaves every existing layer "
                              f"as it is: choose another name")
-        for other in (*paths, *existing):
-            if other.startswith(path + "/") or path.startswith(other + "/"):
-                outer, inner = (path, other) if other.startswith(path + "/") else (other, path)
-                if outer in existing:  # the store's layer keeps its name: the new one goes beside it
-                    advice = f"name the new one beside it (e.g. {outer + '_' + inner.rsplit('/', 1)[-1]!r})"
-                elif inner in existing:
-                    advice = f"name the new one so that it holds none (e.g. {outer + '_out'!r})"
-                else:
-                    advice = f"name them side by side (e.g. {outer + '/out'!r} and {inner!r})"
-                raise ValueError(f"layer {outer!r} would hold layer {inner!r}{place}: a layer cannot hold another; "
-                                 f"{advice}")
+    nested = holding_pair(paths, existing)
+    if nested is not None:
+        outer, inner = nested
+        if outer in existing:  # the store's layer keeps its name: the new one goes beside it
+            advice = f"name the new one beside it (e.g. {outer + '_' + inner.rsplit('/', 1)[-1]!r})"
+        elif inner in existing:
+            advice = f"name the new one so that it holds none (e.g. {outer + '_out'!r})"
+        else:
+            advice = f"name them side by side (e.g. {outer + '/out'!r} and {inner!r})"
+        raise ValueError(f"layer {outer!r} would hold layer {inner!r}{place}: a layer cannot hold another; {advice}")
     return paths
+
+
+def holding_pair(paths: Iterable[str], others: Iterable[str] = ()) -> tuple[str, str] | None:
+    """Two layer paths of which the first holds the second (``"x"`` and ``"x/y"``; ``"."``, the store's root, holds
+    every other), one of them among ``paths`` and the other among ``paths`` or ``others``; None if no layer holds
+    another. Each path's folders are looked up, so it takes time linear in the paths."""
+    new = set(paths)
+    every = new | set(others)
+    for inner in sorted(every):
+        for folder in map(str, PurePosixPath(inner).parents):
+            if folder in every and (inner in new or folder in new):
+                return folder, inner
+    return None
 
 
 def as_opened(array: xr.DataArray) -> bool:

@@ -88,6 +88,7 @@ from .layers import (
     check_layer_paths,
     coord_values,
     datapoints_per_chunk,
+    holding_pair,
     labelled_by,
 )
 from .options import MASK, POSITIONS_ATTR, VALUE_ROUNDING_ATTR, check_mapping
@@ -120,13 +121,13 @@ def _modules(model: Any, layers: Mapping[str, Any] | Sequence[str]) -> dict[str,
         for name, path in zip(layers, paths):
             if isinstance(name, str) and name not in named:  # before its path is read: "0/0" is no module's
                 raise _no_module(path, name, named)
-        for outer, path in zip(layers, paths):
-            inner, within = next(((name, other) for name, other in zip(layers, paths)
-                                  if other.startswith(path + "/")), (None, None))
-            if inner is not None:
-                raise ValueError(f"layers names module {outer!r} and module {inner!r} inside it, whose store paths "
-                                 f"would hold one another (a layer cannot hold another): give a mapping of store "
-                                 f"path to module, e.g. {{{path + '/out'!r}: {outer!r}, {within!r}: {inner!r}}}")
+        nested = holding_pair(paths)
+        if nested is not None:
+            (path, within), module = nested, dict(zip(paths, layers))
+            raise ValueError(f"layers names module {module[path]!r} and module {module[within]!r} inside it, whose "
+                             f"store paths would hold one another (a layer cannot hold another): give a mapping of "
+                             f"store path to module, e.g. {{{path + '/out'!r}: {module[path]!r}, {within!r}: "
+                             f"{module[within]!r}}}")
         layers = dict(zip(check_layer_paths(paths), layers))
     modules = {}
     for path, module in layers.items():
